@@ -1,0 +1,121 @@
+//! The CPU backend: the reference implementation of the op set, multi-threaded with rayon and
+//! written so that the inner loops vectorise. Matrix products go through the `gemm` crate.
+
+mod attention;
+mod loss;
+pub mod math;
+mod matmul;
+mod norm;
+mod optim;
+mod pointwise;
+
+pub use loss::IGNORE_INDEX;
+
+use super::{AdamWStep, AttnImpl, AttnShape, Backend, LossRows};
+
+/// The CPU backend. Buffers are plain `Vec`s.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+    type Ids = Vec<i32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn zeros(&self, n: usize) -> Vec<f32> {
+        vec![0.0; n]
+    }
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn upload_ids(&self, data: &[i32]) -> Vec<i32> {
+        data.to_vec()
+    }
+    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn fill(&self, buf: &mut Vec<f32>, value: f32) {
+        buf.fill(value)
+    }
+    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        dst.copy_from_slice(src)
+    }
+
+    fn embedding_fwd(&self, out: &mut Vec<f32>, ids: &Vec<i32>, wte: &Vec<f32>, wpe: Option<(&Vec<f32>, &Vec<i32>)>, c: usize) {
+        pointwise::embedding_fwd(out, ids, wte, wpe.map(|(w, p)| (w.as_slice(), p.as_slice())), c)
+    }
+    fn embedding_bwd(&self, dwte: &mut Vec<f32>, dwpe: Option<(&mut Vec<f32>, &Vec<i32>)>, ids: &Vec<i32>, dout: &Vec<f32>, c: usize) {
+        pointwise::embedding_bwd(dwte, dwpe.map(|(w, p)| (w.as_mut_slice(), p.as_slice())), ids, dout, c)
+    }
+
+    fn layernorm_fwd(&self, out: &mut Vec<f32>, mean: &mut Vec<f32>, rstd: &mut Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, b: Option<&Vec<f32>>, c: usize, eps: f32) {
+        norm::layernorm_fwd(out, mean, rstd, x, w, b.map(|b| b.as_slice()), c, eps)
+    }
+    fn layernorm_bwd(&self, dx: &mut Vec<f32>, dw: &mut Vec<f32>, db: Option<&mut Vec<f32>>, dout: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, mean: &Vec<f32>, rstd: &Vec<f32>, c: usize) {
+        norm::layernorm_bwd(dx, dw, db.map(|b| b.as_mut_slice()), dout, x, w, mean, rstd, c)
+    }
+    fn rmsnorm_fwd(&self, out: &mut Vec<f32>, rstd: &mut Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, c: usize, eps: f32) {
+        norm::rmsnorm_fwd(out, rstd, x, w, c, eps)
+    }
+    fn rmsnorm_bwd(&self, dx: &mut Vec<f32>, dw: &mut Vec<f32>, dout: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, rstd: &Vec<f32>, c: usize) {
+        norm::rmsnorm_bwd(dx, dw, dout, x, w, rstd, c)
+    }
+
+    fn matmul_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, w: &Vec<f32>, bias: Option<&Vec<f32>>, n: usize, k: usize, m: usize) {
+        matmul::matmul_fwd(out, inp, w, bias.map(|b| b.as_slice()), n, k, m)
+    }
+    fn matmul_bwd(&self, dinp: Option<&mut Vec<f32>>, dw: &mut Vec<f32>, dbias: Option<&mut Vec<f32>>, dout: &Vec<f32>, inp: &Vec<f32>, w: &Vec<f32>, n: usize, k: usize, m: usize) {
+        matmul::matmul_bwd(dinp.map(|d| d.as_mut_slice()), dw, dbias.map(|d| d.as_mut_slice()), dout, inp, w, n, k, m)
+    }
+
+    fn attention_fwd(&self, out: &mut Vec<f32>, stats: &mut Vec<f32>, qkv: &Vec<f32>, key_mask: &Vec<i32>, shape: AttnShape, imp: AttnImpl) {
+        match imp {
+            AttnImpl::Eager => attention::eager_fwd(out, stats, qkv, key_mask, shape),
+            AttnImpl::Flash => attention::flash_fwd(out, stats, qkv, key_mask, shape),
+        }
+    }
+    fn attention_bwd(&self, dqkv: &mut Vec<f32>, dout: &Vec<f32>, qkv: &Vec<f32>, out: &Vec<f32>, stats: &Vec<f32>, key_mask: &Vec<i32>, shape: AttnShape, imp: AttnImpl) {
+        match imp {
+            AttnImpl::Eager => attention::eager_bwd(dqkv, dout, qkv, stats, shape),
+            AttnImpl::Flash => attention::flash_bwd(dqkv, dout, qkv, out, stats, key_mask, shape),
+        }
+    }
+    fn rope(&self, qkv: &mut Vec<f32>, positions: &Vec<i32>, shape: AttnShape, theta: f32, inverse: bool) {
+        attention::rope(qkv, positions, shape, theta, inverse)
+    }
+
+    fn gelu_fwd(&self, out: &mut Vec<f32>, x: &Vec<f32>) {
+        pointwise::gelu_fwd(out, x)
+    }
+    fn gelu_bwd(&self, dx: &mut Vec<f32>, x: &Vec<f32>, dout: &Vec<f32>) {
+        pointwise::gelu_bwd(dx, x, dout)
+    }
+    fn swiglu_fwd(&self, out: &mut Vec<f32>, x: &Vec<f32>, i: usize) {
+        pointwise::swiglu_fwd(out, x, i)
+    }
+    fn swiglu_bwd(&self, dx: &mut Vec<f32>, x: &Vec<f32>, dout: &Vec<f32>, i: usize) {
+        pointwise::swiglu_bwd(dx, x, dout, i)
+    }
+    fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
+        pointwise::add(out, a, b)
+    }
+
+    fn cross_entropy(&self, logits: &mut Vec<f32>, targets: &Vec<i32>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows {
+        loss::cross_entropy(logits, targets, v, smoothing, grad_scale)
+    }
+
+    fn sum_squares(&self, buf: &Vec<f32>) -> f64 {
+        optim::sum_squares(buf)
+    }
+    fn scale(&self, buf: &mut Vec<f32>, s: f32) {
+        optim::scale(buf, s)
+    }
+    fn adamw(&self, p: &mut Vec<f32>, g: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, hp: AdamWStep, decay: bool) {
+        optim::adamw(p, g, m, v, hp, decay)
+    }
+}

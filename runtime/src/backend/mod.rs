@@ -1,0 +1,150 @@
+//! The op set. Model code (`model::decoder`) is written once against [`Backend`]; the CPU backend
+//! is the reference implementation and the CUDA backend implements the same trait.
+//!
+//! Conventions: activations are row-major `[rows, width]` with `rows = batch * seq`. Linear weights
+//! are `[out, in]` (a GPT-2 `Conv1D` is transposed when loaded). Gradients of parameters are always
+//! *accumulated* (`+=`), so gradient accumulation needs no extra pass; gradients of activations are
+//! overwritten unless the method says otherwise.
+
+pub mod cpu;
+pub mod profiled;
+
+/// Shape of one attention call. The fused `qkv` activation holds, per row, the query heads, then
+/// the key heads, then the value heads: `(n_head + 2 * n_kv_head) * head_dim` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    pub fn qkv_width(&self) -> usize {
+        (self.n_head + 2 * self.n_kv_head) * self.head_dim
+    }
+    pub fn out_width(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+    /// Floats of the per-row statistics an attention implementation keeps for its backward pass.
+    pub fn stats_len(&self, imp: AttnImpl) -> usize {
+        match imp {
+            AttnImpl::Eager => self.batch * self.n_head * self.seq * self.seq,
+            AttnImpl::Flash => self.batch * self.n_head * self.seq,
+        }
+    }
+}
+
+/// `attn_implementation`: `eager` materialises the probabilities (HF's reference path); `sdpa` and
+/// `flash_attention_2` select the tiled kernel that keeps only the log-sum-exp per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnImpl {
+    Eager,
+    Flash,
+}
+
+impl AttnImpl {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "eager" => Some(AttnImpl::Eager),
+            "sdpa" | "flash_attention_2" | "flash" => Some(AttnImpl::Flash),
+            _ => None,
+        }
+    }
+}
+
+/// Per-row results of the fused cross-entropy.
+#[derive(Clone, Debug, Default)]
+pub struct LossRows {
+    /// Loss per row (0 for ignored rows), before any normalisation.
+    pub loss: Vec<f32>,
+    /// Number of rows whose target is not the ignore index.
+    pub n_targets: usize,
+}
+
+/// AdamW hyper-parameters for one step (PyTorch's `torch.optim.AdamW` semantics).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for bias correction.
+    pub step: u64,
+}
+
+pub trait Backend: Send + Sync {
+    /// A device buffer of f32.
+    type Buf: Send + Sync;
+    /// A device buffer of i32 (token ids, positions, targets, masks).
+    type Ids: Send + Sync;
+
+    fn name(&self) -> &'static str;
+    fn zeros(&self, n: usize) -> Self::Buf;
+    fn upload(&self, data: &[f32]) -> Self::Buf;
+    fn upload_ids(&self, data: &[i32]) -> Self::Ids;
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn fill(&self, buf: &mut Self::Buf, value: f32);
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
+
+    /// `out[r] = wte[ids[r]] (+ wpe[pos[r]])`, width `c`.
+    fn embedding_fwd(&self, out: &mut Self::Buf, ids: &Self::Ids, wte: &Self::Buf, wpe: Option<(&Self::Buf, &Self::Ids)>, c: usize);
+    /// `dwte[ids[r]] += dout[r]` (and `dwpe[pos[r]] += dout[r]`), in row order (deterministic).
+    fn embedding_bwd(&self, dwte: &mut Self::Buf, dwpe: Option<(&mut Self::Buf, &Self::Ids)>, ids: &Self::Ids, dout: &Self::Buf, c: usize);
+
+    /// LayerNorm over rows of width `c`; keeps `mean` and `rstd` per row.
+    #[allow(clippy::too_many_arguments)] // the op's inputs and saved statistics, as llm.c passes them
+    fn layernorm_fwd(&self, out: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, b: Option<&Self::Buf>, c: usize, eps: f32);
+    /// Accumulates into `dx`, `dw`, `db`.
+    #[allow(clippy::too_many_arguments)] // as above
+    fn layernorm_bwd(&self, dx: &mut Self::Buf, dw: &mut Self::Buf, db: Option<&mut Self::Buf>, dout: &Self::Buf, x: &Self::Buf, w: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, c: usize);
+    /// RMSNorm (Llama) over rows of width `c`; keeps `rstd` per row.
+    #[allow(clippy::too_many_arguments)] // as above
+    fn rmsnorm_fwd(&self, out: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, c: usize, eps: f32);
+    /// Accumulates into `dx` and `dw`.
+    #[allow(clippy::too_many_arguments)] // as above
+    fn rmsnorm_bwd(&self, dx: &mut Self::Buf, dw: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf, w: &Self::Buf, rstd: &Self::Buf, c: usize);
+
+    /// `out[n, m] = inp[n, k] @ w[m, k]^T + bias[m]`.
+    #[allow(clippy::too_many_arguments)] // a GEMM's operands and sizes
+    fn matmul_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, w: &Self::Buf, bias: Option<&Self::Buf>, n: usize, k: usize, m: usize);
+    /// `dinp = dout @ w` (overwritten), `dw += dout^T @ inp`, `dbias += colsum(dout)`.
+    #[allow(clippy::too_many_arguments)] // as above
+    fn matmul_bwd(&self, dinp: Option<&mut Self::Buf>, dw: &mut Self::Buf, dbias: Option<&mut Self::Buf>, dout: &Self::Buf, inp: &Self::Buf, w: &Self::Buf, n: usize, k: usize, m: usize);
+
+    /// Causal (grouped-query) attention with a key padding mask (`1` = attend). Writes `out`
+    /// (`[rows, n_head * head_dim]`) and the statistics its backward pass needs.
+    #[allow(clippy::too_many_arguments)] // the op's inputs, outputs and saved statistics
+    fn attention_fwd(&self, out: &mut Self::Buf, stats: &mut Self::Buf, qkv: &Self::Buf, key_mask: &Self::Ids, shape: AttnShape, imp: AttnImpl);
+    /// Writes `dqkv` (overwritten).
+    #[allow(clippy::too_many_arguments)] // as above
+    fn attention_bwd(&self, dqkv: &mut Self::Buf, dout: &Self::Buf, qkv: &Self::Buf, out: &Self::Buf, stats: &Self::Buf, key_mask: &Self::Ids, shape: AttnShape, imp: AttnImpl);
+    /// Rotary embedding (HF's `rotate_half` convention) applied in place to the query and key
+    /// heads of `qkv`; `inverse` rotates back (the backward pass).
+    fn rope(&self, qkv: &mut Self::Buf, positions: &Self::Ids, shape: AttnShape, theta: f32, inverse: bool);
+
+    /// GELU, tanh approximation (`gelu_new`).
+    fn gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf);
+    fn gelu_bwd(&self, dx: &mut Self::Buf, x: &Self::Buf, dout: &Self::Buf);
+    /// SwiGLU on a packed `[rows, 2 * i]` input (gate, then up): `out = silu(gate) * up`.
+    fn swiglu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf, i: usize);
+    fn swiglu_bwd(&self, dx: &mut Self::Buf, x: &Self::Buf, dout: &Self::Buf, i: usize);
+    /// `out = a + b`.
+    fn add(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf);
+
+    /// Fused softmax cross-entropy over rows of width `v` with ignore index -100 and label
+    /// smoothing. With `grad_scale = Some(s)` the logits are overwritten by `s * dloss/dlogits`.
+    fn cross_entropy(&self, logits: &mut Self::Buf, targets: &Self::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows;
+
+    /// Sum of squares, accumulated in f64.
+    fn sum_squares(&self, buf: &Self::Buf) -> f64;
+    fn scale(&self, buf: &mut Self::Buf, s: f32);
+    /// One AdamW step on one tensor (`decay` selects whether weight decay applies).
+    fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamWStep, decay: bool);
+}

@@ -1,0 +1,133 @@
+//! A backend decorator that times every op and counts matrix-product FLOPs, for the benchmark's
+//! "where does the time go" table. It wraps any backend; the CPU ops are synchronous, so wall time
+//! per call is the op's time.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::{AdamWStep, AttnImpl, AttnShape, Backend, LossRows};
+
+#[derive(Default)]
+struct Totals {
+    secs: BTreeMap<&'static str, f64>,
+    matmul_flops: f64,
+}
+
+pub struct Profiled<B> {
+    pub inner: B,
+    totals: Mutex<Totals>,
+}
+
+impl<B> Profiled<B> {
+    pub fn new(inner: B) -> Self {
+        Profiled { inner, totals: Mutex::new(Totals::default()) }
+    }
+    fn time<R>(&self, op: &'static str, flops: f64, f: impl FnOnce() -> R) -> R {
+        let t = Instant::now();
+        let r = f();
+        let dt = t.elapsed().as_secs_f64();
+        let mut tot = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        *tot.secs.entry(op).or_default() += dt;
+        tot.matmul_flops += flops;
+        r
+    }
+    /// Seconds per op name, and the matrix-product FLOPs, since the last reset.
+    pub fn report(&self) -> (Vec<(&'static str, f64)>, f64) {
+        let tot = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        (tot.secs.iter().map(|(k, v)| (*k, *v)).collect(), tot.matmul_flops)
+    }
+    pub fn reset(&self) {
+        *self.totals.lock().unwrap_or_else(|e| e.into_inner()) = Totals::default();
+    }
+}
+
+impl<B: Backend> Backend for Profiled<B> {
+    type Buf = B::Buf;
+    type Ids = B::Ids;
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn zeros(&self, n: usize) -> B::Buf {
+        self.inner.zeros(n)
+    }
+    fn upload(&self, data: &[f32]) -> B::Buf {
+        self.inner.upload(data)
+    }
+    fn upload_ids(&self, data: &[i32]) -> B::Ids {
+        self.inner.upload_ids(data)
+    }
+    fn download(&self, buf: &B::Buf) -> Vec<f32> {
+        self.inner.download(buf)
+    }
+    fn len(&self, buf: &B::Buf) -> usize {
+        self.inner.len(buf)
+    }
+    fn fill(&self, buf: &mut B::Buf, value: f32) {
+        self.time("fill", 0.0, || self.inner.fill(buf, value))
+    }
+    fn copy(&self, dst: &mut B::Buf, src: &B::Buf) {
+        self.inner.copy(dst, src)
+    }
+    fn embedding_fwd(&self, out: &mut B::Buf, ids: &B::Ids, wte: &B::Buf, wpe: Option<(&B::Buf, &B::Ids)>, c: usize) {
+        self.time("embedding", 0.0, || self.inner.embedding_fwd(out, ids, wte, wpe, c))
+    }
+    fn embedding_bwd(&self, dwte: &mut B::Buf, dwpe: Option<(&mut B::Buf, &B::Ids)>, ids: &B::Ids, dout: &B::Buf, c: usize) {
+        self.time("embedding", 0.0, || self.inner.embedding_bwd(dwte, dwpe, ids, dout, c))
+    }
+    fn layernorm_fwd(&self, out: &mut B::Buf, mean: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf, w: &B::Buf, b: Option<&B::Buf>, c: usize, eps: f32) {
+        self.time("norm", 0.0, || self.inner.layernorm_fwd(out, mean, rstd, x, w, b, c, eps))
+    }
+    fn layernorm_bwd(&self, dx: &mut B::Buf, dw: &mut B::Buf, db: Option<&mut B::Buf>, dout: &B::Buf, x: &B::Buf, w: &B::Buf, mean: &B::Buf, rstd: &B::Buf, c: usize) {
+        self.time("norm", 0.0, || self.inner.layernorm_bwd(dx, dw, db, dout, x, w, mean, rstd, c))
+    }
+    fn rmsnorm_fwd(&self, out: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf, w: &B::Buf, c: usize, eps: f32) {
+        self.time("norm", 0.0, || self.inner.rmsnorm_fwd(out, rstd, x, w, c, eps))
+    }
+    fn rmsnorm_bwd(&self, dx: &mut B::Buf, dw: &mut B::Buf, dout: &B::Buf, x: &B::Buf, w: &B::Buf, rstd: &B::Buf, c: usize) {
+        self.time("norm", 0.0, || self.inner.rmsnorm_bwd(dx, dw, dout, x, w, rstd, c))
+    }
+    fn matmul_fwd(&self, out: &mut B::Buf, inp: &B::Buf, w: &B::Buf, bias: Option<&B::Buf>, n: usize, k: usize, m: usize) {
+        self.time("matmul", 2.0 * (n * k * m) as f64, || self.inner.matmul_fwd(out, inp, w, bias, n, k, m))
+    }
+    fn matmul_bwd(&self, dinp: Option<&mut B::Buf>, dw: &mut B::Buf, dbias: Option<&mut B::Buf>, dout: &B::Buf, inp: &B::Buf, w: &B::Buf, n: usize, k: usize, m: usize) {
+        let gemms = if dinp.is_some() { 2.0 } else { 1.0 };
+        self.time("matmul", gemms * 2.0 * (n * k * m) as f64, || self.inner.matmul_bwd(dinp, dw, dbias, dout, inp, w, n, k, m))
+    }
+    fn attention_fwd(&self, out: &mut B::Buf, stats: &mut B::Buf, qkv: &B::Buf, key_mask: &B::Ids, shape: AttnShape, imp: AttnImpl) {
+        self.time("attention", 0.0, || self.inner.attention_fwd(out, stats, qkv, key_mask, shape, imp))
+    }
+    fn attention_bwd(&self, dqkv: &mut B::Buf, dout: &B::Buf, qkv: &B::Buf, out: &B::Buf, stats: &B::Buf, key_mask: &B::Ids, shape: AttnShape, imp: AttnImpl) {
+        self.time("attention", 0.0, || self.inner.attention_bwd(dqkv, dout, qkv, out, stats, key_mask, shape, imp))
+    }
+    fn rope(&self, qkv: &mut B::Buf, positions: &B::Ids, shape: AttnShape, theta: f32, inverse: bool) {
+        self.time("rope", 0.0, || self.inner.rope(qkv, positions, shape, theta, inverse))
+    }
+    fn gelu_fwd(&self, out: &mut B::Buf, x: &B::Buf) {
+        self.time("activation", 0.0, || self.inner.gelu_fwd(out, x))
+    }
+    fn gelu_bwd(&self, dx: &mut B::Buf, x: &B::Buf, dout: &B::Buf) {
+        self.time("activation", 0.0, || self.inner.gelu_bwd(dx, x, dout))
+    }
+    fn swiglu_fwd(&self, out: &mut B::Buf, x: &B::Buf, i: usize) {
+        self.time("activation", 0.0, || self.inner.swiglu_fwd(out, x, i))
+    }
+    fn swiglu_bwd(&self, dx: &mut B::Buf, x: &B::Buf, dout: &B::Buf, i: usize) {
+        self.time("activation", 0.0, || self.inner.swiglu_bwd(dx, x, dout, i))
+    }
+    fn add(&self, out: &mut B::Buf, a: &B::Buf, b: &B::Buf) {
+        self.time("residual", 0.0, || self.inner.add(out, a, b))
+    }
+    fn cross_entropy(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows {
+        self.time("cross_entropy", 0.0, || self.inner.cross_entropy(logits, targets, v, smoothing, grad_scale))
+    }
+    fn sum_squares(&self, buf: &B::Buf) -> f64 {
+        self.time("optimizer", 0.0, || self.inner.sum_squares(buf))
+    }
+    fn scale(&self, buf: &mut B::Buf, s: f32) {
+        self.time("optimizer", 0.0, || self.inner.scale(buf, s))
+    }
+    fn adamw(&self, p: &mut B::Buf, g: &B::Buf, m: &mut B::Buf, v: &mut B::Buf, hp: AdamWStep, decay: bool) {
+        self.time("optimizer", 0.0, || self.inner.adamw(p, g, m, v, hp, decay))
+    }
+}

@@ -1,0 +1,140 @@
+//! `runtime bench`: trains a few steps of a freshly initialised model on random tokens and reports
+//! tokens/s, peak memory, where the time goes per op, and the matrix products' FLOP rate against
+//! the machine's single-precision GEMM rate measured in the same run.
+
+use std::time::Instant;
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::backend::cpu::Cpu;
+use crate::backend::profiled::Profiled;
+use crate::backend::{AttnImpl, Backend};
+use crate::error::Result;
+use crate::model::{init::init_tensors, Activations, Batch, Grads, LoadOptions, LossOptions, Model, ModelConfig};
+use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// `gpt2` or `llama`.
+    pub arch: String,
+    pub n_layer: usize,
+    pub hidden: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub vocab: usize,
+    pub seq: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub attn: AttnImpl,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub arch: String,
+    pub parameters: usize,
+    pub tokens_per_step: usize,
+    pub step_seconds: f64,
+    pub tokens_per_second: f64,
+    pub peak_rss_mib: f64,
+    pub matmul_share: f64,
+    pub matmul_gflops: f64,
+    pub machine_gemm_gflops: f64,
+    pub ops: Vec<(String, f64)>,
+    pub threads: usize,
+    pub final_loss: f32,
+}
+
+impl BenchConfig {
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let raw = match self.arch.as_str() {
+            "gpt2" => json!({
+                "model_type": "gpt2", "n_layer": self.n_layer, "n_embd": self.hidden, "n_head": self.n_head,
+                "vocab_size": self.vocab, "n_positions": self.seq.max(1024),
+            }),
+            _ => json!({
+                "model_type": "llama", "num_hidden_layers": self.n_layer, "hidden_size": self.hidden,
+                "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head, "vocab_size": self.vocab,
+                // the same parameter count as GPT-2's 4x MLP: 3 * I * C = 8 * C^2
+                "intermediate_size": self.hidden * 8 / 3, "max_position_embeddings": self.seq.max(1024),
+            }),
+        };
+        let serde_json::Value::Object(map) = raw else { unreachable!("a JSON object literal") };
+        ModelConfig::from_json(std::path::Path::new("<bench>"), map)
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// The single-precision GEMM rate of this machine through the CPU backend's GEMM, in GFLOP/s
+/// (a square product of side `n`, best of `reps`).
+pub fn machine_gemm_gflops(n: usize, reps: usize) -> f64 {
+    let be = Cpu;
+    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
+    let b = a.clone();
+    let mut c = vec![0.0f32; n * n];
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        be.matmul_fwd(&mut c, &a, &b, None, n, n, n);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
+    let mcfg = cfg.model_config()?;
+    let layout = crate::model::Layout::new(&mcfg);
+    let tensors = init_tensors(&mcfg, &layout, 42);
+    let opts = LoadOptions { attn_implementation: cfg.attn, ..LoadOptions::default() };
+    let mut model = Model::from_tensors(Profiled::new(Cpu), mcfg, tensors, opts)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let rows = cfg.batch * cfg.seq;
+    let ids: Vec<i32> = (0..rows).map(|_| rng.random_range(0..cfg.vocab as i32)).collect();
+    let batch = Batch { batch: cfg.batch, seq: cfg.seq, input_ids: ids.clone(), labels: Some(ids), ..Batch::default() };
+    let mut acts = Activations::new(&model, cfg.batch, cfg.seq);
+    let mut grads = Grads::zeros(&model);
+    let mut opt = AdamW::new(&model, AdamWConfig { lr: 3e-4, weight_decay: 0.01, ..AdamWConfig::default() });
+    let mut loss = f32::NAN;
+    let mut elapsed = 0.0;
+    for step in 0..cfg.warmup + cfg.steps {
+        if step == cfg.warmup {
+            model.backend.reset();
+        }
+        let t = Instant::now();
+        grads.zero(&model.backend);
+        loss = model.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default())?.mean;
+        clip_grad_norm(&model.backend, &mut grads, 1.0);
+        opt.step(&mut model, &grads, 3e-4);
+        if step >= cfg.warmup {
+            elapsed += t.elapsed().as_secs_f64();
+        }
+    }
+    let (ops, flops) = model.backend.report();
+    let matmul_secs = ops.iter().find(|o| o.0 == "matmul").map_or(0.0, |o| o.1);
+    let step_seconds = elapsed / cfg.steps as f64;
+    let peak_rss_mib = peak_rss_mib();
+    Ok(BenchResult {
+        arch: cfg.arch.clone(),
+        parameters: model.num_parameters(),
+        tokens_per_step: rows,
+        step_seconds,
+        tokens_per_second: rows as f64 / step_seconds,
+        peak_rss_mib,
+        matmul_share: matmul_secs / elapsed,
+        matmul_gflops: flops / matmul_secs / 1e9,
+        machine_gemm_gflops: machine_gemm_gflops(2048, 5),
+        ops: ops.into_iter().map(|(k, v)| (k.to_string(), v / elapsed)).collect(),
+        threads: rayon::current_num_threads(),
+        final_loss: loss,
+    })
+}

@@ -1,0 +1,187 @@
+//! The `runtime` subcommands other than training: `init`, `inspect`, `convert`, `forward`, `bench`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::backend::cpu::Cpu;
+use crate::backend::AttnImpl;
+use crate::error::{Error, Result};
+use crate::model::{init::init_tensors, io, Activations, Batch, Device, Dtype, Layout, LoadOptions, LossOptions, Model, ModelConfig};
+
+pub fn parse_dtype(s: &str) -> Result<Dtype> {
+    Dtype::parse(s).ok_or_else(|| Error::Invalid(format!("unknown torch_dtype `{s}` (expected float32, float16 or bfloat16)")))
+}
+
+pub fn parse_attn(s: &str) -> Result<AttnImpl> {
+    AttnImpl::parse(s).ok_or_else(|| Error::Invalid(format!("unknown attn_implementation `{s}` (expected eager, sdpa or flash_attention_2)")))
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    Device::parse(s).ok_or_else(|| Error::Invalid(format!("unknown device `{s}` (expected cpu, cuda or auto)")))
+}
+
+pub fn parse_shard_size(s: &str) -> Result<u64> {
+    io::parse_size(s).ok_or_else(|| Error::Invalid(format!("invalid max_shard_size `{s}` (expected e.g. 5GB, 500MB or a byte count)")))
+}
+
+/// `runtime init`: a freshly initialised model folder.
+pub fn init(config: &Path, output_dir: &Path, seed: u64, dtype: Option<Dtype>, max_shard: u64, overwrite: bool) -> Result<usize> {
+    let cfg = ModelConfig::from_file(config)?;
+    let layout = Layout::new(&cfg);
+    let tensors = init_tensors(&cfg, &layout, seed);
+    let opts = LoadOptions { torch_dtype: dtype, ..LoadOptions::default() };
+    let model = Model::from_tensors(Cpu, cfg, tensors, opts)?;
+    model.save(output_dir, dtype, max_shard, overwrite)?;
+    Ok(model.num_parameters())
+}
+
+/// `runtime convert`: load a model folder and save it again (dtype change, resharding).
+pub fn convert(model: &Path, output_dir: &Path, dtype: Option<Dtype>, max_shard: u64, overwrite: bool) -> Result<()> {
+    let src = std::fs::canonicalize(model).map_err(|e| Error::io(model, e))?;
+    if std::fs::canonicalize(output_dir).is_ok_and(|d| d == src) {
+        return Err(Error::Invalid(format!("{}: the output folder is the model folder", output_dir.display())));
+    }
+    let m = Model::load(Cpu, model, LoadOptions { torch_dtype: dtype, ..LoadOptions::default() })?;
+    m.save(output_dir, dtype, max_shard, overwrite)
+}
+
+/// `runtime inspect`: a readable summary of a model folder, from the headers only.
+pub fn inspect(dir: &Path, device: Device) -> Result<String> {
+    let cfg = ModelConfig::from_dir(dir)?;
+    let layout = Layout::new(&cfg);
+    let headers = io::read_headers(dir)?;
+    let mut leaves: Vec<(String, Vec<usize>, String)> = Vec::new();
+    for spec in &layout.specs {
+        for part in &spec.parts {
+            let Some((dt, shape, file)) = headers.get(&part.name) else {
+                return Err(Error::tensor(&dir.join("config.json"), &part.name, "expected by the config but not in the weight files"));
+            };
+            if shape != &part.shape {
+                return Err(Error::tensor(file, &part.name, format!("shape {shape:?} does not match the config, which implies {:?}", part.shape)));
+            }
+            leaves.push((part.name.clone(), shape.clone(), dt.clone()));
+        }
+    }
+    let total: usize = layout.numel();
+    let mut dtypes: Vec<&str> = leaves.iter().map(|l| l.2.as_str()).collect();
+    dtypes.sort();
+    dtypes.dedup();
+    let device_name = match device.resolve() {
+        Ok(d) => d.to_string(),
+        Err(e) => format!("unavailable ({e})"),
+    };
+    let mut out = String::new();
+    let c = &cfg;
+    out += &format!("architecture   {} (model_type `{}`)\n", c.architecture_name(), c.model_type);
+    out += &format!(
+        "shape          {} layers, hidden {}, {} heads ({} key/value), head dim {}, MLP {}, vocab {}, context {}\n",
+        c.n_layer, c.hidden_size, c.n_head, c.n_kv_head, c.head_dim, c.intermediate_size, c.vocab_size, c.max_positions
+    );
+    out += &format!("embeddings     {}\n", if c.tie_word_embeddings { "tied (lm_head shares the input embedding)" } else { "untied" });
+    out += &format!("parameters     {} ({})\n", group(total), human(total));
+    out += &format!("dtype          {} on disk; computed in f32\n", dtypes.join(", "));
+    out += &format!("device         {device_name}\n\n");
+    out += &tree(&leaves);
+    Ok(out)
+}
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+fn group(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// The module tree: every module with its parameter count, every tensor with shape and dtype.
+fn tree(leaves: &[(String, Vec<usize>, String)]) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (name, shape, _) in leaves {
+        let n: usize = shape.iter().product();
+        let parts: Vec<&str> = name.split('.').collect();
+        for depth in 1..parts.len() {
+            *counts.entry(parts[..depth].join(".")).or_default() += n;
+        }
+    }
+    let mut out = String::new();
+    let mut printed: std::collections::HashSet<String> = Default::default();
+    for (name, shape, dt) in leaves {
+        let parts: Vec<&str> = name.split('.').collect();
+        for depth in 1..parts.len() {
+            let module = parts[..depth].join(".");
+            if printed.insert(module.clone()) {
+                let label = format!("{}{}", "  ".repeat(depth - 1), parts[depth - 1]);
+                out += &format!("{label:<48} {:>14}\n", group(counts[&module]));
+            }
+        }
+        let n: usize = shape.iter().product();
+        let label = format!("{}{}", "  ".repeat(parts.len() - 1), parts[parts.len() - 1]);
+        out += &format!("{label:<48} {:>14}  {:?} {}\n", group(n), shape, dt);
+    }
+    out
+}
+
+fn read_ids(st: &SafeTensors, path: &Path, name: &str) -> Result<Option<(Vec<i32>, usize, usize)>> {
+    let view = match st.tensor(name) {
+        Ok(v) => v,
+        Err(_) => return Ok(None),
+    };
+    let shape = view.shape();
+    if shape.len() != 2 {
+        return Err(Error::tensor(path, name, format!("expected shape [batch, seq], found {shape:?}")));
+    }
+    let data = view.data();
+    let ids: Vec<i32> = match view.dtype() {
+        StDtype::I64 => data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as i32).collect(),
+        StDtype::I32 => data.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
+        d => return Err(Error::tensor(path, name, format!("dtype {d:?} is not an integer type (expected I64 or I32)"))),
+    };
+    Ok(Some((ids, shape[0], shape[1])))
+}
+
+/// `runtime forward`: logits (and the loss, when `labels` are given) for the batch in a
+/// safetensors file holding `input_ids` and optionally `attention_mask`, `labels`, `position_ids`.
+pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions) -> Result<Option<f32>> {
+    let bytes = std::fs::read(inputs).map_err(|e| Error::io(inputs, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::weights(inputs, format!("not a valid safetensors file: {e}")))?;
+    let (input_ids, b, t) = read_ids(&st, inputs, "input_ids")?.ok_or_else(|| Error::tensor(inputs, "input_ids", "missing"))?;
+    let other = |name: &str| -> Result<Option<Vec<i32>>> {
+        match read_ids(&st, inputs, name)? {
+            Some((v, bb, tt)) if (bb, tt) == (b, t) => Ok(Some(v)),
+            Some((_, bb, tt)) => Err(Error::tensor(inputs, name, format!("shape [{bb}, {tt}] differs from input_ids' [{b}, {t}]"))),
+            None => Ok(None),
+        }
+    };
+    let batch = Batch { batch: b, seq: t, input_ids, attention_mask: other("attention_mask")?, labels: other("labels")?, position_ids: other("position_ids")? };
+    let model = Model::load(Cpu, model_dir, opts)?;
+    let mut acts = Activations::new(&model, b, t);
+    let loss = model.forward(&mut acts, &batch, LossOptions::default(), false)?;
+    let logits = &acts.logits;
+    let mut out_bytes: Vec<u8> = Vec::with_capacity(logits.len() * 4);
+    logits.iter().for_each(|v| out_bytes.extend_from_slice(&v.to_le_bytes()));
+    let v = model.config.vocab_size;
+    let mut tensors = vec![("logits".to_string(), TensorView::new(StDtype::F32, vec![b, t, v], &out_bytes).map_err(|e| Error::Invalid(e.to_string()))?)];
+    let loss_bytes = loss.map(|l| l.mean.to_le_bytes());
+    if let Some(lb) = &loss_bytes {
+        tensors.push(("loss".to_string(), TensorView::new(StDtype::F32, vec![1], lb).map_err(|e| Error::Invalid(e.to_string()))?));
+    }
+    let data = safetensors::serialize(tensors, None).map_err(|e| Error::weights(output, e.to_string()))?;
+    io::write_file(output, &data)?;
+    Ok(loss.map(|l| l.mean))
+}

@@ -1,0 +1,36 @@
+//! The library's error type: every failure names what was wrong and where (file, tensor, field).
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {msg}", path.display())]
+    Config { path: PathBuf, msg: String },
+    #[error("{}: tensor `{tensor}`: {msg}", path.display())]
+    Tensor { path: PathBuf, tensor: String, msg: String },
+    #[error("{}: {msg}", path.display())]
+    Weights { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io { path: path.to_path_buf(), source }
+    }
+    pub fn config(path: &Path, msg: impl Into<String>) -> Self {
+        Error::Config { path: path.to_path_buf(), msg: msg.into() }
+    }
+    pub fn tensor(path: &Path, tensor: &str, msg: impl Into<String>) -> Self {
+        Error::Tensor { path: path.to_path_buf(), tensor: tensor.to_string(), msg: msg.into() }
+    }
+    pub fn weights(path: &Path, msg: impl Into<String>) -> Self {
+        Error::Weights { path: path.to_path_buf(), msg: msg.into() }
+    }
+}

@@ -1,0 +1,163 @@
+//! The `runtime` command line: argument parsing and dispatch only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use runtime::bench::{self, BenchConfig};
+use runtime::commands::{self, parse_attn, parse_device, parse_dtype, parse_shard_size};
+use runtime::model::LoadOptions;
+
+#[derive(Parser)]
+#[command(name = "runtime", version, about = "A training runtime for Hugging Face format language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a freshly initialised model (transformers' init scheme) for training from scratch.
+    Init {
+        /// A config.json for gpt2, llama, mistral or qwen2.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "output_dir")]
+        output_dir: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// float32 (default) or bfloat16/float16: the dtype the weights are saved in.
+        #[arg(long = "torch_dtype")]
+        torch_dtype: Option<String>,
+        #[arg(long = "max_shard_size", default_value = "5GB")]
+        max_shard_size: String,
+        #[arg(long = "overwrite_output_dir")]
+        overwrite_output_dir: bool,
+    },
+    /// Show a model folder: architecture, module tree with shapes, parameter counts, dtypes, device.
+    Inspect {
+        dir: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Load a model folder and save it again: change the dtype or the sharding.
+    Convert {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long = "output_dir")]
+        output_dir: PathBuf,
+        #[arg(long = "torch_dtype")]
+        torch_dtype: Option<String>,
+        #[arg(long = "max_shard_size", default_value = "5GB")]
+        max_shard_size: String,
+        #[arg(long = "overwrite_output_dir")]
+        overwrite_output_dir: bool,
+    },
+    /// Run one forward pass on a batch stored as safetensors (input_ids, attention_mask, labels)
+    /// and write the logits (and loss) as safetensors.
+    Forward {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long = "attn_implementation", default_value = "sdpa")]
+        attn_implementation: String,
+        #[arg(long = "torch_dtype")]
+        torch_dtype: Option<String>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Train a few steps on random tokens and report tokens/s, peak memory and where the time goes.
+    Bench {
+        /// gpt2 or llama
+        #[arg(long, default_value = "gpt2")]
+        arch: String,
+        #[arg(long = "n_layer", default_value_t = 6)]
+        n_layer: usize,
+        #[arg(long, default_value_t = 384)]
+        hidden: usize,
+        #[arg(long = "n_head", default_value_t = 6)]
+        n_head: usize,
+        /// key/value heads (llama); defaults to n_head
+        #[arg(long = "n_kv_head")]
+        n_kv_head: Option<usize>,
+        #[arg(long, default_value_t = 8192)]
+        vocab: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long = "attn_implementation", default_value = "sdpa")]
+        attn_implementation: String,
+        /// print the result as one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { config, output_dir, seed, torch_dtype, max_shard_size, overwrite_output_dir } => {
+            let dtype = torch_dtype.as_deref().map(parse_dtype).transpose()?;
+            let n = commands::init(&config, &output_dir, seed, dtype, parse_shard_size(&max_shard_size)?, overwrite_output_dir)?;
+            println!("wrote {} ({n} parameters, seed {seed})", output_dir.display());
+        }
+        Command::Inspect { dir, device } => print!("{}", commands::inspect(&dir, parse_device(&device)?)?),
+        Command::Convert { model, output_dir, torch_dtype, max_shard_size, overwrite_output_dir } => {
+            let dtype = torch_dtype.as_deref().map(parse_dtype).transpose()?;
+            commands::convert(&model, &output_dir, dtype, parse_shard_size(&max_shard_size)?, overwrite_output_dir)?;
+            println!("wrote {}", output_dir.display());
+        }
+        Command::Forward { model, inputs, output, attn_implementation, torch_dtype, device } => {
+            let opts = LoadOptions {
+                torch_dtype: torch_dtype.as_deref().map(parse_dtype).transpose()?,
+                attn_implementation: parse_attn(&attn_implementation)?,
+                device: parse_device(&device)?,
+            };
+            match commands::forward(&model, &inputs, &output, opts)? {
+                Some(loss) => println!("loss {loss:.6}; logits written to {}", output.display()),
+                None => println!("logits written to {}", output.display()),
+            }
+        }
+        Command::Bench { arch, n_layer, hidden, n_head, n_kv_head, vocab, seq, batch, steps, warmup, attn_implementation, json } => {
+            if arch != "gpt2" && arch != "llama" {
+                anyhow::bail!("unknown --arch `{arch}` (expected gpt2 or llama)");
+            }
+            if steps == 0 || batch == 0 || seq < 2 {
+                anyhow::bail!("--steps and --batch must be at least 1 and --seq at least 2");
+            }
+            let cfg = BenchConfig { arch, n_layer, hidden, n_head, n_kv_head: n_kv_head.unwrap_or(n_head), vocab, seq, batch, steps, warmup, attn: parse_attn(&attn_implementation)? };
+            let r = bench::run(&cfg)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{} ({} parameters), batch {} x seq {}, {} threads", r.arch, r.parameters, cfg.batch, cfg.seq, r.threads);
+                println!("  {:.0} tokens/s, {:.3} s/step, peak RSS {:.0} MiB, final loss {:.4}", r.tokens_per_second, r.step_seconds, r.peak_rss_mib, r.final_loss);
+                println!("  matmul {:.1} GFLOP/s = {:.0}% of this machine's GEMM rate ({:.1} GFLOP/s)", r.matmul_gflops, 100.0 * r.matmul_gflops / r.machine_gemm_gflops, r.machine_gemm_gflops);
+                println!("  share of step time:");
+                let mut ops = r.ops.clone();
+                ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+                for (op, share) in ops {
+                    println!("    {op:<14} {:5.1}%", share * 100.0);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

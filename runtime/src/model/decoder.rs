@@ -1,0 +1,383 @@
+//! The decoder-only transformer, forward and backward, written once against the op set. GPT-2
+//! and the Llama family differ only in the choices this file branches on: LayerNorm or RMSNorm,
+//! learned positions or RoPE, GELU or SwiGLU, and which biases exist.
+//!
+//! As in llm.c there is no autograd graph: the forward pass keeps each layer's activations in an
+//! [`Activations`] workspace (reused across steps of the same shape) and the backward pass walks
+//! the layers in reverse, accumulating parameter gradients into [`Grads`].
+
+use super::config::Arch;
+use super::Model;
+use crate::backend::cpu::IGNORE_INDEX;
+use crate::backend::{AttnShape, Backend, LossRows};
+use crate::error::{Error, Result};
+
+/// One batch of token ids, row-major `[batch, seq]`.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub batch: usize,
+    pub seq: usize,
+    pub input_ids: Vec<i32>,
+    /// 1 = a real token, 0 = padding (keys with 0 are never attended to). All ones when absent.
+    pub attention_mask: Option<Vec<i32>>,
+    /// Labels aligned with `input_ids` (HF convention: the model shifts them); -100 = no loss.
+    pub labels: Option<Vec<i32>>,
+    /// Positions for RoPE / learned position embeddings; `0..seq` on every row when absent.
+    pub position_ids: Option<Vec<i32>>,
+}
+
+/// How the loss is reduced.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossOptions {
+    pub label_smoothing: f32,
+    /// Divide the summed loss (and gradients) by this many label tokens instead of this batch's
+    /// count: the number of label tokens in the whole gradient-accumulation window.
+    pub num_items_in_batch: Option<usize>,
+}
+
+/// The loss of one forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct LossOutput {
+    /// Sum of per-token losses.
+    pub sum: f64,
+    /// Label tokens in this batch.
+    pub n_tokens: usize,
+    /// `sum / n_tokens` (NaN when there are no label tokens).
+    pub mean: f32,
+}
+
+/// Parameter gradients, one buffer per [`super::layout::ParamSpec`].
+pub struct Grads<B: Backend> {
+    pub tensors: Vec<B::Buf>,
+}
+
+impl<B: Backend> Grads<B> {
+    pub fn zeros(model: &Model<B>) -> Self {
+        let be = &model.backend;
+        Grads { tensors: model.layout.specs.iter().map(|s| be.zeros(s.numel())).collect() }
+    }
+    pub fn zero(&mut self, be: &B) {
+        self.tensors.iter_mut().for_each(|t| be.fill(t, 0.0));
+    }
+}
+
+struct LayerActs<B: Backend> {
+    ln1: B::Buf,
+    ln1_mean: B::Buf,
+    ln1_rstd: B::Buf,
+    qkv: B::Buf,
+    att_stats: B::Buf,
+    att_out: B::Buf,
+    res1: B::Buf,
+    ln2: B::Buf,
+    ln2_mean: B::Buf,
+    ln2_rstd: B::Buf,
+    fc: B::Buf,
+    act: B::Buf,
+}
+
+/// The forward pass's saved activations and the backward pass's scratch, for one batch shape.
+pub struct Activations<B: Backend> {
+    batch: usize,
+    seq: usize,
+    ids: B::Ids,
+    pos: B::Ids,
+    mask: B::Ids,
+    targets: B::Ids,
+    /// `resid[0]` is the embedding output, `resid[l + 1]` the output of layer `l`.
+    resid: Vec<B::Buf>,
+    layers: Vec<LayerActs<B>>,
+    lnf: B::Buf,
+    lnf_mean: B::Buf,
+    lnf_rstd: B::Buf,
+    /// Logits `[rows, vocab]`; after a training forward pass, the gradient of the loss.
+    pub logits: B::Buf,
+    tmp: B::Buf,
+    dres: B::Buf,
+    dln: B::Buf,
+    datt: B::Buf,
+    dqkv: B::Buf,
+    dfc: B::Buf,
+    dact: B::Buf,
+    has_grad: bool,
+}
+
+impl<B: Backend> Activations<B> {
+    pub fn new(model: &Model<B>, batch: usize, seq: usize) -> Self {
+        let (be, c) = (&model.backend, &model.config);
+        let rows = batch * seq;
+        let shape = model.attn_shape(batch, seq);
+        let z = |n: usize| be.zeros(n);
+        let h = c.hidden_size;
+        let layers = (0..c.n_layer)
+            .map(|_| LayerActs {
+                ln1: z(rows * h),
+                ln1_mean: z(rows),
+                ln1_rstd: z(rows),
+                qkv: z(rows * c.qkv_width()),
+                att_stats: z(shape.stats_len(model.attn_impl)),
+                att_out: z(rows * shape.out_width()),
+                res1: z(rows * h),
+                ln2: z(rows * h),
+                ln2_mean: z(rows),
+                ln2_rstd: z(rows),
+                fc: z(rows * c.fc_width()),
+                act: z(rows * c.intermediate_size),
+            })
+            .collect();
+        Activations {
+            batch,
+            seq,
+            ids: be.upload_ids(&vec![0; rows]),
+            pos: be.upload_ids(&vec![0; rows]),
+            mask: be.upload_ids(&vec![1; rows]),
+            targets: be.upload_ids(&vec![IGNORE_INDEX; rows]),
+            resid: (0..=c.n_layer).map(|_| z(rows * h)).collect(),
+            layers,
+            lnf: z(rows * h),
+            lnf_mean: z(rows),
+            lnf_rstd: z(rows),
+            logits: z(rows * c.vocab_size),
+            tmp: z(rows * h),
+            dres: z(rows * h),
+            dln: z(rows * h),
+            datt: z(rows * shape.out_width()),
+            dqkv: z(rows * c.qkv_width()),
+            dfc: z(rows * c.fc_width()),
+            dact: z(rows * c.intermediate_size),
+            has_grad: false,
+        }
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.batch, self.seq)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    pub fn attn_shape(&self, batch: usize, seq: usize) -> AttnShape {
+        let c = &self.config;
+        AttnShape { batch, seq, n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim }
+    }
+
+    /// Checks a batch against the model before any work: sizes, id ranges, label ranges.
+    pub fn validate(&self, b: &Batch) -> Result<()> {
+        let rows = b.batch * b.seq;
+        let v = self.config.vocab_size;
+        if rows == 0 {
+            return Err(Error::Invalid("empty batch".into()));
+        }
+        let check_len = |name: &str, len: usize| {
+            if len != rows {
+                Err(Error::Invalid(format!("`{name}` has {len} values, expected batch {} x seq {} = {rows}", b.batch, b.seq)))
+            } else {
+                Ok(())
+            }
+        };
+        check_len("input_ids", b.input_ids.len())?;
+        if let Some((i, id)) = b.input_ids.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= v) {
+            return Err(Error::Invalid(format!("input_ids[{}][{}] = {id} is outside the vocabulary (size {v})", i / b.seq, i % b.seq)));
+        }
+        if let Some(m) = &b.attention_mask {
+            check_len("attention_mask", m.len())?;
+            if let Some((i, x)) = m.iter().enumerate().find(|(_, &x)| x != 0 && x != 1) {
+                return Err(Error::Invalid(format!("attention_mask[{}][{}] = {x}; expected 0 or 1", i / b.seq, i % b.seq)));
+            }
+        }
+        if let Some(l) = &b.labels {
+            check_len("labels", l.len())?;
+            if let Some((i, x)) = l.iter().enumerate().find(|(_, &x)| x != IGNORE_INDEX && (x < 0 || x as usize >= v)) {
+                return Err(Error::Invalid(format!("labels[{}][{}] = {x} is neither -100 nor a token id below {v}", i / b.seq, i % b.seq)));
+            }
+        }
+        let max_pos = match self.config.arch {
+            Arch::Gpt2 => self.config.max_positions,
+            Arch::Llama => usize::MAX,
+        };
+        match &b.position_ids {
+            Some(p) => {
+                check_len("position_ids", p.len())?;
+                if let Some((i, x)) = p.iter().enumerate().find(|(_, &x)| x < 0 || x as usize >= max_pos) {
+                    return Err(Error::Invalid(format!("position_ids[{}][{}] = {x} is outside 0..{max_pos}", i / b.seq, i % b.seq)));
+                }
+            }
+            None if b.seq > max_pos => {
+                return Err(Error::Invalid(format!("sequence length {} exceeds the model's n_positions ({max_pos})", b.seq)));
+            }
+            None => {}
+        }
+        if let Some(w) = self.config.sliding_window {
+            if b.seq > w {
+                return Err(Error::Unsupported(format!("sequence length {} exceeds sliding_window ({w}); sliding-window attention is not implemented", b.seq)));
+            }
+        }
+        Ok(())
+    }
+
+    fn upload_batch(&self, acts: &mut Activations<B>, b: &Batch) {
+        let be = &self.backend;
+        let rows = b.batch * b.seq;
+        acts.ids = be.upload_ids(&b.input_ids);
+        acts.pos = match &b.position_ids {
+            Some(p) => be.upload_ids(p),
+            None => be.upload_ids(&(0..rows).map(|r| (r % b.seq) as i32).collect::<Vec<_>>()),
+        };
+        acts.mask = match &b.attention_mask {
+            Some(m) => be.upload_ids(m),
+            None => be.upload_ids(&vec![1; rows]),
+        };
+        // the causal-LM shift: position t predicts label t + 1
+        let mut targets = vec![IGNORE_INDEX; rows];
+        if let Some(labels) = &b.labels {
+            for r in 0..b.batch {
+                for t in 0..b.seq - 1 {
+                    targets[r * b.seq + t] = labels[r * b.seq + t + 1];
+                }
+            }
+        }
+        acts.targets = be.upload_ids(&targets);
+    }
+
+    fn norm_fwd(&self, out: &mut B::Buf, mean: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf, w: usize, b: Option<usize>) {
+        let (p, c) = (&self.params, self.config.hidden_size);
+        match self.config.arch {
+            Arch::Gpt2 => self.backend.layernorm_fwd(out, mean, rstd, x, &p[w], b.map(|b| &p[b]), c, self.config.norm_eps),
+            Arch::Llama => self.backend.rmsnorm_fwd(out, rstd, x, &p[w], c, self.config.norm_eps),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // the norm's saved statistics and its parameters
+    fn norm_bwd(&self, grads: &mut Grads<B>, dx: &mut B::Buf, dout: &B::Buf, x: &B::Buf, mean: &B::Buf, rstd: &B::Buf, w: usize, b: Option<usize>) {
+        let c = self.config.hidden_size;
+        let (dw, db) = pair(&mut grads.tensors, w, b);
+        match self.config.arch {
+            Arch::Gpt2 => self.backend.layernorm_bwd(dx, dw, db, dout, x, &self.params[w], mean, rstd, c),
+            Arch::Llama => self.backend.rmsnorm_bwd(dx, dw, dout, x, &self.params[w], rstd, c),
+        }
+    }
+
+    /// The forward pass. With `labels` it returns the loss; with `train` it also leaves the loss
+    /// gradient in `acts.logits` for [`Model::backward`].
+    pub fn forward(&self, acts: &mut Activations<B>, b: &Batch, loss: LossOptions, train: bool) -> Result<Option<LossOutput>> {
+        self.validate(b)?;
+        if acts.shape() != (b.batch, b.seq) {
+            *acts = Activations::new(self, b.batch, b.seq);
+        }
+        self.upload_batch(acts, b);
+        let (be, c, lay, p) = (&self.backend, &self.config, &self.layout, &self.params);
+        let (rows, h) = (b.batch * b.seq, c.hidden_size);
+        let shape = self.attn_shape(b.batch, b.seq);
+        let wpe = lay.wpe.map(|i| (&p[i], &acts.pos));
+        be.embedding_fwd(&mut acts.resid[0], &acts.ids, &p[lay.wte], wpe, h);
+        for (l, lp) in lay.layers.iter().enumerate() {
+            let (done, rest) = acts.resid.split_at_mut(l + 1);
+            let (x, y) = (&done[l], &mut rest[0]);
+            let a = &mut acts.layers[l];
+            self.norm_fwd(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, x, lp.ln1_w, lp.ln1_b);
+            be.matmul_fwd(&mut a.qkv, &a.ln1, &p[lp.qkv_w], lp.qkv_b.map(|i| &p[i]), rows, h, c.qkv_width());
+            if c.arch == Arch::Llama {
+                be.rope(&mut a.qkv, &acts.pos, shape, c.rope_theta, false);
+            }
+            be.attention_fwd(&mut a.att_out, &mut a.att_stats, &a.qkv, &acts.mask, shape, self.attn_impl);
+            be.matmul_fwd(&mut acts.tmp, &a.att_out, &p[lp.o_w], lp.o_b.map(|i| &p[i]), rows, shape.out_width(), h);
+            be.add(&mut a.res1, x, &acts.tmp);
+            self.norm_fwd(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.res1, lp.ln2_w, lp.ln2_b);
+            be.matmul_fwd(&mut a.fc, &a.ln2, &p[lp.fc_w], lp.fc_b.map(|i| &p[i]), rows, h, c.fc_width());
+            match c.arch {
+                Arch::Gpt2 => be.gelu_fwd(&mut a.act, &a.fc),
+                Arch::Llama => be.swiglu_fwd(&mut a.act, &a.fc, c.intermediate_size),
+            }
+            be.matmul_fwd(&mut acts.tmp, &a.act, &p[lp.proj_w], lp.proj_b.map(|i| &p[i]), rows, c.intermediate_size, h);
+            be.add(y, &a.res1, &acts.tmp);
+        }
+        self.norm_fwd(&mut acts.lnf, &mut acts.lnf_mean, &mut acts.lnf_rstd, &acts.resid[c.n_layer], lay.lnf_w, lay.lnf_b);
+        let head = &p[lay.lm_head.unwrap_or(lay.wte)];
+        be.matmul_fwd(&mut acts.logits, &acts.lnf, head, None, rows, h, c.vocab_size);
+        acts.has_grad = false;
+        if b.labels.is_none() {
+            if train {
+                return Err(Error::Invalid("training needs labels".into()));
+            }
+            return Ok(None);
+        }
+        let n_tokens = b.labels.as_ref().map_or(0, |l| {
+            (0..b.batch).map(|r| l[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&x| x != IGNORE_INDEX).count()).sum()
+        });
+        let denom = loss.num_items_in_batch.unwrap_or(n_tokens);
+        if train && denom == 0 {
+            return Err(Error::Invalid("the batch has no label tokens (every label is -100 after the shift), so there is no loss to train on".into()));
+        }
+        let grad_scale = train.then(|| 1.0 / denom as f32);
+        let LossRows { loss: rows_loss, n_targets } = be.cross_entropy(&mut acts.logits, &acts.targets, c.vocab_size, loss.label_smoothing, grad_scale);
+        debug_assert_eq!(n_targets, n_tokens);
+        acts.has_grad = train;
+        let sum: f64 = rows_loss.iter().map(|&x| x as f64).sum();
+        Ok(Some(LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 }))
+    }
+
+    /// The backward pass after a training forward pass; accumulates into `grads`.
+    pub fn backward(&self, acts: &mut Activations<B>, grads: &mut Grads<B>) -> Result<()> {
+        if !acts.has_grad {
+            return Err(Error::Invalid("backward() needs a training forward pass first".into()));
+        }
+        acts.has_grad = false;
+        let (be, c, lay, p) = (&self.backend, &self.config, &self.layout, &self.params);
+        let (batch, seq) = acts.shape();
+        let (rows, h) = (batch * seq, c.hidden_size);
+        let shape = self.attn_shape(batch, seq);
+        let head = lay.lm_head.unwrap_or(lay.wte);
+        be.matmul_bwd(Some(&mut acts.dln), &mut grads.tensors[head], None, &acts.logits, &acts.lnf, &p[head], rows, h, c.vocab_size);
+        be.fill(&mut acts.dres, 0.0);
+        self.norm_bwd(grads, &mut acts.dres, &acts.dln, &acts.resid[c.n_layer], &acts.lnf_mean, &acts.lnf_rstd, lay.lnf_w, lay.lnf_b);
+        for (l, lp) in lay.layers.iter().enumerate().rev() {
+            let a = &acts.layers[l];
+            // dres holds d(layer output) = d(res1 + mlp(...))
+            let (dw, db) = pair(&mut grads.tensors, lp.proj_w, lp.proj_b);
+            be.matmul_bwd(Some(&mut acts.dact), dw, db, &acts.dres, &a.act, &p[lp.proj_w], rows, c.intermediate_size, h);
+            match c.arch {
+                Arch::Gpt2 => be.gelu_bwd(&mut acts.dfc, &a.fc, &acts.dact),
+                Arch::Llama => be.swiglu_bwd(&mut acts.dfc, &a.fc, &acts.dact, c.intermediate_size),
+            }
+            let (dw, db) = pair(&mut grads.tensors, lp.fc_w, lp.fc_b);
+            be.matmul_bwd(Some(&mut acts.dln), dw, db, &acts.dfc, &a.ln2, &p[lp.fc_w], rows, h, c.fc_width());
+            self.norm_bwd(grads, &mut acts.dres, &acts.dln, &a.res1, &a.ln2_mean, &a.ln2_rstd, lp.ln2_w, lp.ln2_b);
+            // dres now holds d(res1) = d(x + attn(...))
+            let (dw, db) = pair(&mut grads.tensors, lp.o_w, lp.o_b);
+            be.matmul_bwd(Some(&mut acts.datt), dw, db, &acts.dres, &a.att_out, &p[lp.o_w], rows, shape.out_width(), h);
+            be.attention_bwd(&mut acts.dqkv, &acts.datt, &a.qkv, &a.att_out, &a.att_stats, &acts.mask, shape, self.attn_impl);
+            if c.arch == Arch::Llama {
+                be.rope(&mut acts.dqkv, &acts.pos, shape, c.rope_theta, true);
+            }
+            let (dw, db) = pair(&mut grads.tensors, lp.qkv_w, lp.qkv_b);
+            be.matmul_bwd(Some(&mut acts.dln), dw, db, &acts.dqkv, &a.ln1, &p[lp.qkv_w], rows, h, c.qkv_width());
+            self.norm_bwd(grads, &mut acts.dres, &acts.dln, &acts.resid[l], &a.ln1_mean, &a.ln1_rstd, lp.ln1_w, lp.ln1_b);
+        }
+        let (dwte, dwpe) = pair(&mut grads.tensors, lay.wte, lay.wpe);
+        be.embedding_bwd(dwte, dwpe.map(|d| (d, &acts.pos)), &acts.ids, &acts.dres, h);
+        Ok(())
+    }
+
+    /// Forward, loss and backward for one micro-batch.
+    pub fn forward_backward(&self, acts: &mut Activations<B>, b: &Batch, grads: &mut Grads<B>, loss: LossOptions) -> Result<LossOutput> {
+        let out = self.forward(acts, b, loss, true)?.ok_or_else(|| Error::Invalid("training needs labels".into()))?;
+        self.backward(acts, grads)?;
+        Ok(out)
+    }
+}
+
+/// Two distinct elements of a slice, the second optional.
+fn pair<T>(v: &mut [T], a: usize, b: Option<usize>) -> (&mut T, Option<&mut T>) {
+    match b {
+        None => (&mut v[a], None),
+        Some(b) => {
+            assert_ne!(a, b, "a parameter paired with itself");
+            if a < b {
+                let (x, y) = v.split_at_mut(b);
+                (&mut x[a], Some(&mut y[0]))
+            } else {
+                let (x, y) = v.split_at_mut(a);
+                (&mut y[0], Some(&mut x[b]))
+            }
+        }
+    }
+}

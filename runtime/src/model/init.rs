@@ -1,0 +1,35 @@
+//! `runtime init`: fresh weights with transformers' `_init_weights` scheme: normal with
+//! `initializer_range` for linear and embedding weights (GPT-2's residual projections `c_proj` with
+//! `initializer_range / sqrt(2 * n_layer)`), zero biases, unit norm weights, and the Llama
+//! family's `padding_idx` embedding row set to zero.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use super::config::{Arch, ModelConfig};
+use super::layout::{Init, Layout};
+
+/// Deterministic for a given config and seed.
+pub fn init_tensors(cfg: &ModelConfig, layout: &Layout, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out: Vec<Vec<f32>> = layout
+        .specs
+        .iter()
+        .map(|spec| match spec.init {
+            Init::Zeros => vec![0.0; spec.numel()],
+            Init::Ones => vec![1.0; spec.numel()],
+            Init::Normal(std) => {
+                let dist = Normal::new(0.0f32, std.max(0.0)).unwrap_or(Normal::new(0.0, 0.0).expect("zero std is valid"));
+                (0..spec.numel()).map(|_| dist.sample(&mut rng)).collect()
+            }
+        })
+        .collect();
+    if cfg.arch == Arch::Llama {
+        if let Some(pad) = cfg.pad_token_id.filter(|&p| p < cfg.vocab_size) {
+            let h = cfg.hidden_size;
+            out[layout.wte][pad * h..(pad + 1) * h].fill(0.0);
+        }
+    }
+    out
+}

@@ -1,0 +1,332 @@
+//! Reading and writing Hugging Face weight files: `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`; f32, f16 or bf16 on disk, f32 in memory. Every problem with a
+//! file is an error naming the file and the tensor. Saving writes a complete folder or nothing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::SafeTensors;
+use serde_json::{json, Map, Value};
+
+use super::layout::{Layout, ParamSpec};
+use crate::error::{Error, Result};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// A floating-point storage type, under transformers' `torch_dtype` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Dtype {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.strip_prefix("torch.").unwrap_or(s) {
+            "float32" | "float" | "f32" => Some(Dtype::F32),
+            "float16" | "half" | "f16" => Some(Dtype::F16),
+            "bfloat16" | "bf16" => Some(Dtype::BF16),
+            _ => None,
+        }
+    }
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "float32",
+            Dtype::F16 => "float16",
+            Dtype::BF16 => "bfloat16",
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            _ => 2,
+        }
+    }
+    fn st(self) -> StDtype {
+        match self {
+            Dtype::F32 => StDtype::F32,
+            Dtype::F16 => StDtype::F16,
+            Dtype::BF16 => StDtype::BF16,
+        }
+    }
+    fn from_st(d: StDtype) -> Option<Self> {
+        match d {
+            StDtype::F32 => Some(Dtype::F32),
+            StDtype::F16 => Some(Dtype::F16),
+            StDtype::BF16 => Some(Dtype::BF16),
+            _ => None,
+        }
+    }
+    /// Rounds f32 values to this type's precision (round to nearest even), in place.
+    pub fn round(self, x: &mut [f32]) {
+        match self {
+            Dtype::F32 => {}
+            Dtype::F16 => x.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+            Dtype::BF16 => x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        }
+    }
+    fn encode(self, x: &[f32], out: &mut Vec<u8>) {
+        match self {
+            Dtype::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Dtype::F16 => x.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            Dtype::BF16 => x.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        }
+    }
+    fn decode(self, bytes: &[u8], out: &mut Vec<f32>) {
+        match self {
+            Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            Dtype::F16 => out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
+            Dtype::BF16 => out.extend(bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+        }
+    }
+}
+
+/// What `load_weights` found.
+pub struct LoadedWeights {
+    /// One f32 vector per [`ParamSpec`], in the engine's layout.
+    pub tensors: Vec<Vec<f32>>,
+    /// The storage type of the files (the first tensor's, when they differ).
+    pub dtype: Dtype,
+    /// The weight files read.
+    pub files: Vec<PathBuf>,
+}
+
+/// The weight files of a model folder, in order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join(SINGLE_FILE);
+    let index = dir.join(INDEX_FILE);
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| Error::weights(&index, format!("not valid JSON: {e}")))?;
+        let map = value
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::weights(&index, "missing object `weight_map`"))?;
+        let mut files: Vec<String> = Vec::new();
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| Error::weights(&index, format!("`weight_map.{name}` must be a file name")))?;
+            if file.contains('/') || file.contains('\\') || file == ".." {
+                return Err(Error::weights(&index, format!("`weight_map.{name}` points outside the folder: {file}")));
+            }
+            if !files.iter().any(|f| f == file) {
+                files.push(file.to_string());
+            }
+        }
+        files.sort();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    if !dir.is_dir() {
+        return Err(Error::Invalid(format!("{}: no such model folder", dir.display())));
+    }
+    let hint = if dir.join("pytorch_model.bin").exists() { " (pickled `pytorch_model.bin` weights are not read; save the model with safe_serialization=True)" } else { "" };
+    Err(Error::weights(dir, format!("no {SINGLE_FILE} or {INDEX_FILE} found{hint}")))
+}
+
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and private to this process for the duration of the load; a
+    // file truncated underneath us by another process is outside what any reader can guard.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// Reads every tensor of `layout` from the model folder `dir`.
+pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
+    let files = weight_files(dir)?;
+    let maps = files.iter().map(|f| map_file(f)).collect::<Result<Vec<_>>>()?;
+    let mut tables = Vec::new();
+    for (path, map) in files.iter().zip(&maps) {
+        let st = SafeTensors::deserialize(map).map_err(|e| Error::weights(path, format!("not a valid safetensors file: {e}")))?;
+        tables.push(st);
+    }
+    let mut location: HashMap<String, usize> = HashMap::new();
+    for (i, st) in tables.iter().enumerate() {
+        for name in st.names() {
+            if let Some(prev) = location.insert(name.to_string(), i) {
+                return Err(Error::tensor(&files[i], name, format!("also stored in {}", files[prev].display())));
+            }
+        }
+    }
+    let mut used: HashSet<&str> = HashSet::new();
+    let mut tensors = Vec::with_capacity(layout.specs.len());
+    let mut dtype = None;
+    for spec in &layout.specs {
+        let mut data = Vec::with_capacity(spec.numel());
+        for part in &spec.parts {
+            let Some(&fi) = location.get(&part.name) else {
+                let where_ = if files.len() == 1 { files[0].clone() } else { dir.join(INDEX_FILE) };
+                return Err(Error::tensor(&where_, &part.name, "missing"));
+            };
+            let view = tables[fi].tensor(&part.name).map_err(|e| Error::tensor(&files[fi], &part.name, e.to_string()))?;
+            let dt = Dtype::from_st(view.dtype())
+                .ok_or_else(|| Error::tensor(&files[fi], &part.name, format!("dtype {:?} is not supported (expected F32, F16 or BF16)", view.dtype())))?;
+            if view.shape() != part.shape.as_slice() {
+                return Err(Error::tensor(&files[fi], &part.name, format!("shape {:?} does not match the config, which implies {:?}", view.shape(), part.shape)));
+            }
+            dtype.get_or_insert(dt);
+            decode_part(spec, &view, dt, &mut data);
+            used.insert(part.name.as_str());
+        }
+        tensors.push(data);
+    }
+    for (i, st) in tables.iter().enumerate() {
+        let mut extra: Vec<&str> = st
+            .names()
+            .into_iter()
+            .filter(|n| !used.contains(n) && !Layout::is_ignored_buffer(n))
+            // a tied output projection that a checkpoint stores anyway is the embedding again
+            .filter(|n| !(*n == "lm_head.weight" && layout.lm_head.is_none()))
+            .collect();
+        if !extra.is_empty() {
+            extra.sort();
+            let shown: Vec<_> = extra.iter().take(5).copied().collect();
+            let more = if extra.len() > 5 { format!(" and {} more", extra.len() - 5) } else { String::new() };
+            return Err(Error::weights(&files[i], format!("unexpected tensor(s) for this config: {}{more}", shown.join(", "))));
+        }
+    }
+    Ok(LoadedWeights { tensors, dtype: dtype.unwrap_or(Dtype::F32), files })
+}
+
+fn decode_part(spec: &ParamSpec, view: &TensorView, dt: Dtype, out: &mut Vec<f32>) {
+    if !spec.conv1d {
+        dt.decode(view.data(), out);
+        return;
+    }
+    // stored [in, out]; the engine wants [out, in]
+    let (inp, outd) = (view.shape()[0], view.shape()[1]);
+    let mut tmp = Vec::with_capacity(inp * outd);
+    dt.decode(view.data(), &mut tmp);
+    let base = out.len();
+    out.resize(base + inp * outd, 0.0);
+    for i in 0..inp {
+        for o in 0..outd {
+            out[base + o * inp + i] = tmp[i * outd + o];
+        }
+    }
+}
+
+/// The transformers tensors of a model, in layout order: (name, shape, f32 values).
+pub fn hf_tensors(layout: &Layout, tensors: &[Vec<f32>]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut out = Vec::new();
+    for (spec, data) in layout.specs.iter().zip(tensors) {
+        let mut off = 0;
+        for part in &spec.parts {
+            let n: usize = part.shape.iter().product();
+            let chunk = &data[off..off + n];
+            off += n;
+            let values = if spec.conv1d {
+                let (inp, outd) = (part.shape[0], part.shape[1]);
+                let mut t = vec![0.0; n];
+                for o in 0..outd {
+                    for i in 0..inp {
+                        t[i * outd + o] = chunk[o * inp + i];
+                    }
+                }
+                t
+            } else {
+                chunk.to_vec()
+            };
+            out.push((part.name.clone(), part.shape.clone(), values));
+        }
+    }
+    out
+}
+
+/// Parses a transformers `max_shard_size`: an integer number of bytes or a string like `"5GB"`,
+/// `"500MB"`, `"2GiB"` (decimal units for B/KB/MB/GB, binary for KiB/MiB/GiB, as transformers).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let bytes = num * mult;
+    (bytes >= 1.0).then_some(bytes as u64)
+}
+
+/// Writes the weights of `layout` into the folder `dir` (which must exist): one file, or shards
+/// no larger than `max_shard_size` bytes plus the index, as `save_pretrained` does.
+pub fn write_weights(dir: &Path, layout: &Layout, tensors: &[Vec<f32>], dtype: Dtype, max_shard_size: u64) -> Result<Vec<PathBuf>> {
+    let mut encoded = Vec::new();
+    for (name, shape, values) in hf_tensors(layout, tensors) {
+        let mut bytes = Vec::with_capacity(values.len() * dtype.size());
+        dtype.encode(&values, &mut bytes);
+        encoded.push((name, shape, bytes));
+    }
+    // shard: greedily, in order, starting a new shard when the next tensor would overflow this one
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (i, (_, _, bytes)) in encoded.iter().enumerate() {
+        let n = bytes.len() as u64;
+        if size + n > max_shard_size && !shards.last().is_some_and(Vec::is_empty) {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().expect("at least one shard").push(i);
+        size += n;
+    }
+    let total: u64 = encoded.iter().map(|e| e.2.len() as u64).sum();
+    let n = shards.len();
+    let metadata: Option<HashMap<String, String>> = Some([("format".to_string(), "pt".to_string())].into());
+    let mut written = Vec::new();
+    let mut weight_map = BTreeMap::new();
+    for (k, shard) in shards.iter().enumerate() {
+        let file_name = if n == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", k + 1, n) };
+        let path = dir.join(&file_name);
+        let mut views = Vec::new();
+        for &i in shard {
+            let (name, shape, bytes) = &encoded[i];
+            let view = TensorView::new(dtype.st(), shape.clone(), bytes).map_err(|e| Error::tensor(&path, name, e.to_string()))?;
+            views.push((name.clone(), view));
+            weight_map.insert(name.clone(), Value::String(file_name.clone()));
+        }
+        let bytes = safetensors::serialize(views, metadata.clone()).map_err(|e| Error::weights(&path, e.to_string()))?;
+        write_file(&path, &bytes)?;
+        written.push(path);
+    }
+    if n > 1 {
+        let index = json!({ "metadata": { "total_size": total }, "weight_map": Value::Object(weight_map.into_iter().collect::<Map<_, _>>()) });
+        let path = dir.join(INDEX_FILE);
+        write_file(&path, format!("{}\n", serde_json::to_string_pretty(&index).expect("JSON of strings")).as_bytes())?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Writes and flushes one file to disk.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// Name, dtype and shape of every tensor in a model folder's weight files, read from the headers
+/// only (nothing is decoded), with the file that holds each.
+pub fn read_headers(dir: &Path) -> Result<BTreeMap<String, (String, Vec<usize>, PathBuf)>> {
+    let mut out = BTreeMap::new();
+    for path in weight_files(dir)? {
+        let map = map_file(&path)?;
+        let st = SafeTensors::deserialize(&map).map_err(|e| Error::weights(&path, format!("not a valid safetensors file: {e}")))?;
+        for (name, view) in st.tensors() {
+            out.insert(name, (format!("{:?}", view.dtype()), view.shape().to_vec(), path.clone()));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,204 @@
+//! Models: configuration, the parameter layout and its Hugging Face names, weight files, the
+//! initialiser, and the decoder's forward and backward passes.
+
+pub mod config;
+pub mod decoder;
+pub mod init;
+pub mod io;
+pub mod layout;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+pub use config::{Arch, ModelConfig};
+pub use decoder::{Activations, Batch, Grads, LossOptions, LossOutput};
+pub use io::Dtype;
+pub use layout::Layout;
+
+use crate::backend::{AttnImpl, Backend};
+use crate::error::{Error, Result};
+
+/// Where a model runs: `device` as transformers and accelerate spell it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl Device {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cpu" => Some(Device::Cpu),
+            "cuda" => Some(Device::Cuda),
+            "auto" => Some(Device::Auto),
+            _ => None,
+        }
+    }
+
+    /// The backend this build would use. CUDA is not compiled into this build yet: asking for it
+    /// is an error, `auto` falls back to the CPU.
+    pub fn resolve(self) -> Result<&'static str> {
+        match self {
+            Device::Cpu | Device::Auto => Ok("cpu"),
+            Device::Cuda => Err(Error::Unsupported("device `cuda`: this build has no CUDA backend yet; use `cpu` or `auto`".into())),
+        }
+    }
+}
+
+/// Loading options under transformers' names (`from_pretrained(torch_dtype=..., attn_implementation=...)`).
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// The precision of the weights. The CPU backend computes in f32; `bfloat16` rounds the weights
+    /// to bf16 on load (what transformers' bf16 model holds) and saves them as bf16. `None`: f32.
+    pub torch_dtype: Option<Dtype>,
+    pub attn_implementation: AttnImpl,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { torch_dtype: None, attn_implementation: AttnImpl::Flash, device: Device::Auto }
+    }
+}
+
+/// A model on a backend: config, layout, and one buffer per parameter tensor.
+pub struct Model<B: Backend> {
+    pub backend: B,
+    pub config: ModelConfig,
+    pub layout: Layout,
+    pub params: Vec<B::Buf>,
+    pub attn_impl: AttnImpl,
+    /// The dtype the weights were stored in (and are saved in by default).
+    pub dtype: Dtype,
+    /// The folder the model came from, if any (tokenizer files are copied from it on save).
+    pub source: Option<PathBuf>,
+}
+
+/// Files transformers keeps beside the weights that a saved model should carry along.
+const COMPANION_FILES: &[&str] = &[
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+];
+
+impl<B: Backend> Model<B> {
+    /// `from_pretrained`: reads `config.json` and the safetensors weights of a model folder.
+    pub fn load(backend: B, dir: &Path, opts: LoadOptions) -> Result<Self> {
+        opts.device.resolve()?;
+        let config = ModelConfig::from_dir(dir)?;
+        let layout = Layout::new(&config);
+        let loaded = io::load_weights(dir, &layout)?;
+        let mut tensors = loaded.tensors;
+        if let Some(dt) = opts.torch_dtype {
+            tensors.iter_mut().for_each(|t| dt.round(t));
+        }
+        let params = tensors.iter().map(|t| backend.upload(t)).collect();
+        Ok(Model {
+            backend,
+            config,
+            layout,
+            params,
+            attn_impl: opts.attn_implementation,
+            dtype: opts.torch_dtype.unwrap_or(loaded.dtype),
+            source: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// A model from given f32 tensors in the engine's layout.
+    pub fn from_tensors(backend: B, config: ModelConfig, tensors: Vec<Vec<f32>>, opts: LoadOptions) -> Result<Self> {
+        let layout = Layout::new(&config);
+        for (spec, t) in layout.specs.iter().zip(&tensors) {
+            if t.len() != spec.numel() {
+                return Err(Error::Invalid(format!("tensor `{}` has {} values, expected {}", spec.name, t.len(), spec.numel())));
+            }
+        }
+        if tensors.len() != layout.specs.len() {
+            return Err(Error::Invalid(format!("{} tensors given, the layout has {}", tensors.len(), layout.specs.len())));
+        }
+        let params = tensors.iter().map(|t| backend.upload(t)).collect();
+        Ok(Model { backend, config, layout, params, attn_impl: opts.attn_implementation, dtype: opts.torch_dtype.unwrap_or(Dtype::F32), source: None })
+    }
+
+    /// The parameters as host f32 vectors, in the engine's layout.
+    pub fn tensors(&self) -> Vec<Vec<f32>> {
+        self.params.iter().map(|p| self.backend.download(p)).collect()
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.layout.numel()
+    }
+
+    /// `save_pretrained`: writes `config.json`, the weights (sharded above `max_shard_size`
+    /// bytes) and the source folder's tokenizer/generation files into `dir`. The folder is built
+    /// under a temporary name and renamed into place, so it is either complete or absent.
+    pub fn save(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64, overwrite: bool) -> Result<()> {
+        let dtype = dtype.unwrap_or(self.dtype);
+        let mut raw = self.config.raw.clone();
+        let key = if raw.contains_key("torch_dtype") && !raw.contains_key("dtype") { "torch_dtype" } else { "dtype" };
+        raw.insert(key.into(), Value::String(dtype.hf_name().into()));
+        if !raw.contains_key("architectures") {
+            raw.insert("architectures".into(), Value::Array(vec![Value::String(self.config.architecture_name().into())]));
+        }
+        let tensors = self.tensors();
+        let source = self.source.clone();
+        let layout = &self.layout;
+        write_folder_atomically(dir, overwrite, |tmp| {
+            let text = serde_json::to_string_pretty(&Value::Object(raw)).expect("JSON of JSON");
+            io::write_file(&tmp.join("config.json"), format!("{text}\n").as_bytes())?;
+            io::write_weights(tmp, layout, &tensors, dtype, max_shard_size)?;
+            if let Some(src) = &source {
+                for name in COMPANION_FILES {
+                    let from = src.join(name);
+                    if from.is_file() {
+                        let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                        io::write_file(&tmp.join(name), &bytes)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Builds a folder under a temporary sibling name with `fill`, then renames it to `dir`. On any
+/// error the temporary folder is removed and `dir` is left as it was.
+pub fn write_folder_atomically(dir: &Path, overwrite: bool, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let occupied = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some();
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::Invalid(format!("{}: exists and is not a folder", dir.display())));
+    }
+    if occupied && !overwrite {
+        return Err(Error::Invalid(format!("{}: folder exists and is not empty (pass --overwrite_output_dir to replace it)", dir.display())));
+    }
+    let name = dir.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a folder name", dir.display())))?.to_string_lossy().to_string();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = fill(&tmp).and_then(|()| {
+        if dir.exists() {
+            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+            std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))
+        } else {
+            std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+        }
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}

@@ -1,0 +1,67 @@
+//! AdamW over all parameter tensors, with HF's rule that biases and normalisation weights get no
+//! weight decay, and global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_` does it.
+
+use crate::backend::{AdamWStep, Backend};
+use crate::model::{Grads, Model};
+
+/// `torch.optim.AdamW` hyper-parameters, with transformers' `TrainingArguments` defaults.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { lr: 5e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// Optimizer state: first and second moments per parameter tensor, and the step count.
+pub struct AdamW<B: Backend> {
+    pub config: AdamWConfig,
+    pub exp_avg: Vec<B::Buf>,
+    pub exp_avg_sq: Vec<B::Buf>,
+    pub step: u64,
+}
+
+impl<B: Backend> AdamW<B> {
+    pub fn new(model: &Model<B>, config: AdamWConfig) -> Self {
+        let z = || model.layout.specs.iter().map(|s| model.backend.zeros(s.numel())).collect();
+        AdamW { config, exp_avg: z(), exp_avg_sq: z(), step: 0 }
+    }
+
+    /// One step at learning rate `lr` (the scheduler's value).
+    pub fn step(&mut self, model: &mut Model<B>, grads: &Grads<B>, lr: f32) {
+        self.step += 1;
+        let c = self.config;
+        let hp = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: self.step };
+        for (i, spec) in model.layout.specs.iter().enumerate() {
+            model.backend.adamw(&mut model.params[i], &grads.tensors[i], &mut self.exp_avg[i], &mut self.exp_avg_sq[i], hp, spec.decay);
+        }
+    }
+}
+
+/// The global L2 norm of all gradients.
+pub fn grad_norm<B: Backend>(be: &B, grads: &Grads<B>) -> f32 {
+    // as torch: the norm of the per-tensor norms
+    let sum: f32 = grads.tensors.iter().map(|g| {
+        let n = be.sum_squares(g).sqrt() as f32;
+        n * n
+    }).sum();
+    sum.sqrt()
+}
+
+/// Scales gradients so their global norm is at most `max_norm`; returns the norm before
+/// clipping. As torch: `coef = min(1, max_norm / (norm + 1e-6))`, applied always.
+pub fn clip_grad_norm<B: Backend>(be: &B, grads: &mut Grads<B>, max_norm: f32) -> f32 {
+    let norm = grad_norm(be, grads);
+    let coef = (max_norm / (norm + 1e-6)).min(1.0);
+    if coef < 1.0 {
+        grads.tensors.iter_mut().for_each(|g| be.scale(g, coef));
+    }
+    norm
+}

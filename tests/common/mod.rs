@@ -1,0 +1,61 @@
+//! Helpers shared by the end-to-end tests: reading reference fixtures and comparing tensors.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// A reference tensor: shape and values as f64 (integers included).
+pub struct RefTensor {
+    pub shape: Vec<usize>,
+    pub values: Vec<f64>,
+}
+
+impl RefTensor {
+    pub fn f32s(&self) -> Vec<f32> {
+        self.values.iter().map(|&v| v as f32).collect()
+    }
+    pub fn i32s(&self) -> Vec<i32> {
+        self.values.iter().map(|&v| v as i32).collect()
+    }
+}
+
+pub fn read_reference(path: &Path) -> HashMap<String, RefTensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).expect("valid reference file");
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let d = view.data();
+        let values: Vec<f64> = match view.dtype() {
+            Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            Dtype::F64 => d.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
+            Dtype::I64 => d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            other => panic!("{name}: unexpected dtype {other:?}"),
+        };
+        out.insert(name, RefTensor { shape: view.shape().to_vec(), values });
+    }
+    out
+}
+
+/// `||a - b|| / ||b||` (absolute when `b` is zero).
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x as f64) - (*y as f64)).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
+
+pub fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f64) {
+    let e = rel_err(ours, reference);
+    assert!(e <= tol, "{what}: relative error {e:.3e} exceeds {tol:.0e}");
+}

@@ -121,6 +121,7 @@ fn three_adamw_steps_match_torch() {
                 assert_eq!(spec.decay, !no_decay.contains(&part.name.as_str()), "{name}: decay flag of {}", part.name);
             }
         }
+        let initial = hf_tensors(&model.layout, &model.tensors());
         let mut opt = AdamW::new(&model, cfg);
         let mut acts = Activations::new(&model, batch.batch, batch.seq);
         let mut grads = Grads::zeros(&model);
@@ -146,7 +147,7 @@ fn three_adamw_steps_match_torch() {
         // (Qwen2's key bias is not exempt: RoPE rotates it differently per position.)
         let steps = meta["steps"].as_f64().unwrap() as f32;
         let mut noise_only = 0;
-        for ((((hf_name, _, p), (_, _, m)), (_, _, v)), (_, _, ours)) in params.iter().zip(&m).zip(&v).zip(&first_grads) {
+        for (((((hf_name, _, p), (_, _, m)), (_, _, v)), (_, _, ours)), (_, _, p0)) in params.iter().zip(&m).zip(&v).zip(&first_grads).zip(&initial) {
             let g0 = reference[&format!("grad.{hf_name}")].f32s();
             let h = model.config.hidden_size;
             let key_bias = |i: usize| hf_name.ends_with("attn.c_attn.bias") && (h..2 * h).contains(&i);
@@ -160,10 +161,17 @@ fn three_adamw_steps_match_torch() {
                     assert!((a - b).abs() <= 2.0 * steps * cfg.lr * 1.01, "{name} {hf_name}: zero-gradient element moved more than Adam can");
                 }
             }
-            // a key bias under RoPE is nearly as degenerate in its low-frequency pairs (angles of
-            // ~1e-4 radian at theta 1e6), so Adam amplifies rounding there too: a looser bound
-            let (tol_p, tol_m) = if hf_name.ends_with("k_proj.bias") { (1e-3, 1e-3) } else { (1e-5, 1e-4) };
-            assert_close(&format!("{name} {hf_name} after 3 steps"), &pick(p), &pick(&want_p), tol_p);
+            // Gradients agree to ~1e-5 and Adam divides by their running RMS, so updates agree to
+            // ~1e-4 (measured: <= 8.5e-5 on GPT-2, moments <= 6e-5). A key bias under RoPE is
+            // nearly as degenerate as GPT-2's in its low-frequency pairs (angles of ~1e-4 radian at
+            // theta 1e6), where Adam amplifies rounding: its update agrees to ~2e-3.
+            let (tol_p, tol_m) = if hf_name.ends_with("k_proj.bias") { (1e-2, 1e-3) } else { (3e-4, 2e-4) };
+            // the update itself (after - before), so the starting values cannot hide an error
+            let delta = |x: &[f32]| -> Vec<f32> { x.iter().zip(p0).map(|(a, b)| a - b).collect() };
+            if std::env::var("PARITY_VERBOSE").is_ok() {
+                eprintln!("{name} {hf_name}: update {:.2e} m {:.2e} v {:.2e}", rel_err(&pick(&delta(p)), &pick(&delta(&want_p))), rel_err(&pick(m), &pick(&reference[&format!("exp_avg.{hf_name}")].f32s())), rel_err(&pick(v), &pick(&reference[&format!("exp_avg_sq.{hf_name}")].f32s())));
+            }
+            assert_close(&format!("{name} {hf_name} update over 3 steps"), &pick(&delta(p)), &pick(&delta(&want_p)), tol_p);
             assert_close(&format!("{name} {hf_name} exp_avg"), &pick(m), &pick(&reference[&format!("exp_avg.{hf_name}")].f32s()), tol_m);
             assert_close(&format!("{name} {hf_name} exp_avg_sq"), &pick(v), &pick(&reference[&format!("exp_avg_sq.{hf_name}")].f32s()), tol_m);
         }

@@ -1,18 +1,38 @@
 //! Causal grouped-query attention on the CPU, two implementations that agree:
-//! - `eager`: materialises the probabilities `[batch, head, seq, seq]` (HF's reference path);
+//! - `eager`: materialises the probabilities `[batch, head, seq, seq]` (HF's reference path) and
+//!   reads them back in the backward pass;
 //! - `flash`: online softmax over key blocks, keeping only the log-sum-exp per query row; the
-//!   backward pass recomputes the probabilities. Memory is O(seq) per head instead of O(seq^2).
+//!   backward pass recomputes the probabilities block by block. Memory is O(seq) per head.
 //!
+//! Both work on tiles (64 queries x 128 keys) whose products go through single-threaded GEMM
+//! calls, skip tiles above the causal diagonal, and run one task per (batch, head) forward and per
+//! (batch, kv-head) backward, so a key/value gradient is only ever written by one task.
 //! A query row whose every key is masked (left padding) outputs zeros and passes no gradient.
-//! Parallel tasks are (batch, head) in the forward passes and (batch, kv-head) in the backward
-//! passes, so the key/value gradients of a group are written by exactly one task.
 
+use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::math::{axpy, dot, exp, SharedMut};
+use super::math::{exp, SharedMut};
 use crate::backend::AttnShape;
 
-const KEY_BLOCK: usize = 64;
+const Q_BLOCK: usize = 64;
+const K_BLOCK: usize = 128;
+
+/// A strided matrix operand: base pointer, row stride, column stride.
+#[derive(Clone, Copy)]
+struct M(*const f32, usize, usize);
+
+/// `dst[m, n] = (accumulate ? dst : 0) + alpha * lhs[m, k] @ rhs[k, n]`, single-threaded.
+///
+/// # Safety
+/// Every operand must be valid for the given sizes and strides, and `dst` must not alias them.
+#[allow(clippy::too_many_arguments)] // a strided GEMM's operands
+unsafe fn mm(dst: *mut f32, dst_rs: usize, accumulate: bool, alpha: f32, (m, n, k): (usize, usize, usize), lhs: M, rhs: M) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, lhs.0, lhs.2 as isize, lhs.1 as isize, rhs.0, rhs.2 as isize, rhs.1 as isize, 1.0, alpha, false, false, false, Parallelism::None);
+}
 
 struct Layout {
     s: AttnShape,
@@ -45,86 +65,59 @@ impl Layout {
     }
 }
 
+/// Scores of a tile: `s[r, c] = scale * q[i0 + r] . k[j0 + c]`, or `-inf` where the key is in the
+/// future or masked. `s` has row stride `ld`.
+#[allow(clippy::too_many_arguments)] // the tile's coordinates
+fn scores(l: &Layout, qkv: &[f32], mask: &[i32], s: &mut [f32], ld: usize, b: usize, h: usize, (i0, i1): (usize, usize), (j0, j1): (usize, usize)) {
+    let (g, d) = (h / l.group(), l.s.head_dim);
+    // SAFETY: the q rows i0..i1 and k rows j0..j1 of head h / group g lie inside `qkv`; `s` holds
+    // (i1 - i0) rows of stride ld >= j1 - j0.
+    unsafe {
+        mm(s.as_mut_ptr(), ld, false, l.scale, (i1 - i0, j1 - j0, d), M(qkv.as_ptr().add(l.q(b, i0, h)), l.stride, 1), M(qkv.as_ptr().add(l.k(b, j0, g)), 1, l.stride));
+    }
+    for r in 0..i1 - i0 {
+        let i = i0 + r;
+        let row = &mut s[r * ld..r * ld + (j1 - j0)];
+        for (c, x) in row.iter_mut().enumerate() {
+            let j = j0 + c;
+            if j > i || mask[l.row(b, j)] == 0 {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 pub fn eager_fwd(out: &mut [f32], probs: &mut [f32], qkv: &[f32], mask: &[i32], s: AttnShape) {
     let l = Layout::new(s);
     let (t_len, d) = (s.seq, s.head_dim);
     let out_ptr = SharedMut(out.as_mut_ptr());
-    probs.par_chunks_mut(t_len * t_len).enumerate().for_each(|(bh, probs)| {
+    probs.par_chunks_mut(t_len * t_len).enumerate().for_each(|(bh, p)| {
         let (b, h) = (bh / s.n_head, bh % s.n_head);
         let g = h / l.group();
-        for i in 0..t_len {
-            let q = &qkv[l.q(b, i, h)..][..d];
-            let prow = &mut probs[i * t_len..(i + 1) * t_len];
-            prow.fill(0.0);
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..=i {
-                if mask[l.row(b, j)] != 0 {
-                    let sc = dot(q, &qkv[l.k(b, j, g)..][..d]) * l.scale;
-                    prow[j] = sc;
-                    max = max.max(sc);
+        for i0 in (0..t_len).step_by(Q_BLOCK) {
+            let i1 = (i0 + Q_BLOCK).min(t_len);
+            let tile = &mut p[i0 * t_len..i1 * t_len];
+            scores(&l, qkv, mask, tile, t_len, b, h, (i0, i1), (0, i1));
+            for r in 0..i1 - i0 {
+                let row = &mut tile[r * t_len..(r + 1) * t_len];
+                row[i1..].fill(0.0);
+                let row = &mut row[..i1];
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                if max == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
                 }
+                let mut sum = 0.0;
+                for x in row.iter_mut() {
+                    *x = if *x == f32::NEG_INFINITY { 0.0 } else { exp(*x - max) };
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
             }
-            // SAFETY: task (b, h) alone writes head h of batch b's output rows.
-            let o = unsafe { out_ptr.slice(l.o(b, i, h), d) };
-            o.fill(0.0);
-            if max == f32::NEG_INFINITY {
-                continue;
-            }
-            let mut sum = 0.0;
-            for j in 0..=i {
-                if mask[l.row(b, j)] != 0 {
-                    let e = exp(prow[j] - max);
-                    prow[j] = e;
-                    sum += e;
-                }
-            }
-            let inv = 1.0 / sum;
-            for j in 0..=i {
-                prow[j] *= inv;
-                if prow[j] != 0.0 {
-                    axpy(o, prow[j], &qkv[l.v(b, j, g)..][..d]);
-                }
-            }
-        }
-    });
-}
-
-pub fn eager_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[f32], s: AttnShape) {
-    let l = Layout::new(s);
-    let (t_len, d) = (s.seq, s.head_dim);
-    let dptr = SharedMut(dqkv.as_mut_ptr());
-    (0..s.batch * s.n_kv_head).into_par_iter().for_each(|bg| {
-        let (b, g) = (bg / s.n_kv_head, bg % s.n_kv_head);
-        // SAFETY (all slices below): task (b, g) alone touches the query heads of group g and the
-        // key/value head g in batch b's rows.
-        for t in 0..t_len {
-            unsafe { dptr.slice(l.k(b, t, g), d) }.fill(0.0);
-            unsafe { dptr.slice(l.v(b, t, g), d) }.fill(0.0);
-        }
-        let mut dp = vec![0.0f32; t_len];
-        for h in g * l.group()..(g + 1) * l.group() {
-            let probs = &probs[(b * s.n_head + h) * t_len * t_len..][..t_len * t_len];
-            for i in 0..t_len {
-                let prow = &probs[i * t_len..(i + 1) * t_len];
-                let d_o = &dout[l.o(b, i, h)..][..d];
-                let mut sum_pdp = 0.0;
-                for j in 0..=i {
-                    if prow[j] != 0.0 {
-                        dp[j] = dot(d_o, &qkv[l.v(b, j, g)..][..d]);
-                        sum_pdp += prow[j] * dp[j];
-                        axpy(unsafe { dptr.slice(l.v(b, j, g), d) }, prow[j], d_o);
-                    }
-                }
-                let dq = unsafe { dptr.slice(l.q(b, i, h), d) };
-                dq.fill(0.0);
-                let q = &qkv[l.q(b, i, h)..][..d];
-                for j in 0..=i {
-                    if prow[j] != 0.0 {
-                        let ds = prow[j] * (dp[j] - sum_pdp) * l.scale;
-                        axpy(dq, ds, &qkv[l.k(b, j, g)..][..d]);
-                        axpy(unsafe { dptr.slice(l.k(b, j, g), d) }, ds, q);
-                    }
-                }
+            // SAFETY: task (b, h) alone writes head h of batch b's output rows; P and V in bounds.
+            unsafe {
+                mm(out_ptr.at(l.o(b, i0, h)), l.out_stride, false, 1.0, (i1 - i0, d, i1), M(tile.as_ptr(), t_len, 1), M(qkv.as_ptr().add(l.v(b, 0, g)), l.stride, 1));
             }
         }
     });
@@ -137,50 +130,132 @@ pub fn flash_fwd(out: &mut [f32], lse: &mut [f32], qkv: &[f32], mask: &[i32], s:
     lse.par_chunks_mut(t_len).enumerate().for_each(|(bh, lse)| {
         let (b, h) = (bh / s.n_head, bh % s.n_head);
         let g = h / l.group();
-        let mut scores = [0.0f32; KEY_BLOCK];
-        for i in 0..t_len {
-            let q = &qkv[l.q(b, i, h)..][..d];
-            // SAFETY: task (b, h) alone writes head h of batch b's output rows.
-            let acc = unsafe { out_ptr.slice(l.o(b, i, h), d) };
+        let mut sc = vec![0.0f32; Q_BLOCK * K_BLOCK];
+        let mut acc = vec![0.0f32; Q_BLOCK * d];
+        let mut m = [0.0f32; Q_BLOCK];
+        let mut sum = [0.0f32; Q_BLOCK];
+        for i0 in (0..t_len).step_by(Q_BLOCK) {
+            let i1 = (i0 + Q_BLOCK).min(t_len);
+            let nq = i1 - i0;
+            m.fill(f32::NEG_INFINITY);
+            sum.fill(0.0);
             acc.fill(0.0);
-            let (mut m, mut sum) = (f32::NEG_INFINITY, 0.0f32);
-            for j0 in (0..=i).step_by(KEY_BLOCK) {
-                let j1 = (j0 + KEY_BLOCK).min(i + 1);
-                let mut block_max = f32::NEG_INFINITY;
-                for j in j0..j1 {
-                    scores[j - j0] = if mask[l.row(b, j)] != 0 {
-                        let sc = dot(q, &qkv[l.k(b, j, g)..][..d]) * l.scale;
-                        block_max = block_max.max(sc);
-                        sc
-                    } else {
-                        f32::NEG_INFINITY
-                    };
+            for j0 in (0..i1).step_by(K_BLOCK) {
+                let j1 = (j0 + K_BLOCK).min(i1);
+                let nk = j1 - j0;
+                scores(&l, qkv, mask, &mut sc, K_BLOCK, b, h, (i0, i1), (j0, j1));
+                for r in 0..nq {
+                    let row = &mut sc[r * K_BLOCK..r * K_BLOCK + nk];
+                    let bmax = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                    if bmax == f32::NEG_INFINITY {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let new_m = m[r].max(bmax);
+                    if m[r] != f32::NEG_INFINITY && new_m != m[r] {
+                        let corr = exp(m[r] - new_m);
+                        sum[r] *= corr;
+                        acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= corr);
+                    }
+                    m[r] = new_m;
+                    let mut s_ = 0.0;
+                    for x in row.iter_mut() {
+                        *x = if *x == f32::NEG_INFINITY { 0.0 } else { exp(*x - new_m) };
+                        s_ += *x;
+                    }
+                    sum[r] += s_;
                 }
-                if block_max == f32::NEG_INFINITY {
+                // SAFETY: acc is nq x d; the tile is nq x nk with stride K_BLOCK; V rows in bounds.
+                unsafe {
+                    mm(acc.as_mut_ptr(), d, true, 1.0, (nq, d, nk), M(sc.as_ptr(), K_BLOCK, 1), M(qkv.as_ptr().add(l.v(b, j0, g)), l.stride, 1));
+                }
+            }
+            for r in 0..nq {
+                // SAFETY: task (b, h) alone writes head h of batch b's output rows.
+                let o = unsafe { out_ptr.slice(l.o(b, i0 + r, h), d) };
+                if sum[r] == 0.0 {
+                    o.fill(0.0);
+                    lse[i0 + r] = f32::INFINITY;
                     continue;
                 }
-                let new_m = m.max(block_max);
-                if m != f32::NEG_INFINITY && new_m != m {
-                    let corr = exp(m - new_m);
-                    sum *= corr;
-                    acc.iter_mut().for_each(|a| *a *= corr);
+                let inv = 1.0 / sum[r];
+                for (o, a) in o.iter_mut().zip(&acc[r * d..(r + 1) * d]) {
+                    *o = a * inv;
                 }
-                m = new_m;
-                for j in j0..j1 {
-                    if scores[j - j0] != f32::NEG_INFINITY {
-                        let p = exp(scores[j - j0] - m);
-                        sum += p;
-                        axpy(acc, p, &qkv[l.v(b, j, g)..][..d]);
-                    }
+                lse[i0 + r] = m[r] + sum[r].ln();
+            }
+        }
+    });
+}
+
+/// The part of the backward pass shared by both implementations, for one tile whose
+/// probabilities `p` (row stride `ld`) are known: accumulates dV, dQ and dK.
+#[allow(clippy::too_many_arguments)] // the tile's coordinates, inputs and scratch
+unsafe fn tile_bwd(l: &Layout, dq: SharedMut, qkv: &[f32], dout: &[f32], di: &[f32], p: &[f32], ld: usize, dp: &mut [f32], b: usize, h: usize, (i0, i1): (usize, usize), (j0, j1): (usize, usize)) {
+    let (g, d) = (h / l.group(), l.s.head_dim);
+    let (nq, nk) = (i1 - i0, j1 - j0);
+    let dq_base = dq.0;
+    // dV[j] += P^T @ dO
+    mm(dq_base.add(l.v(b, j0, g)), l.stride, true, 1.0, (nk, d, nq), M(p.as_ptr(), 1, ld), M(dout.as_ptr().add(l.o(b, i0, h)), l.out_stride, 1));
+    // dP = dO @ V^T
+    mm(dp.as_mut_ptr(), K_BLOCK, false, 1.0, (nq, nk, d), M(dout.as_ptr().add(l.o(b, i0, h)), l.out_stride, 1), M(qkv.as_ptr().add(l.v(b, j0, g)), 1, l.stride));
+    // dS = P * (dP - D) * scale, in place in dp
+    for r in 0..nq {
+        let (prow, drow) = (&p[r * ld..r * ld + nk], &mut dp[r * K_BLOCK..r * K_BLOCK + nk]);
+        for (x, &pv) in drow.iter_mut().zip(prow) {
+            *x = pv * (*x - di[r]) * l.scale;
+        }
+    }
+    // dQ += dS @ K ; dK += dS^T @ Q
+    mm(dq_base.add(l.q(b, i0, h)), l.stride, true, 1.0, (nq, d, nk), M(dp.as_ptr(), K_BLOCK, 1), M(qkv.as_ptr().add(l.k(b, j0, g)), l.stride, 1));
+    mm(dq_base.add(l.k(b, j0, g)), l.stride, true, 1.0, (nk, d, nq), M(dp.as_ptr(), 1, K_BLOCK), M(qkv.as_ptr().add(l.q(b, i0, h)), l.stride, 1));
+}
+
+/// Zeroes the gradient regions a (batch, kv-group) task owns: its query heads and its k/v head.
+fn zero_group(l: &Layout, dptr: SharedMut, b: usize, g: usize) {
+    let d = l.s.head_dim;
+    for t in 0..l.s.seq {
+        // SAFETY: task (b, g) owns these regions (see the module comment).
+        unsafe {
+            dptr.slice(l.k(b, t, g), d).fill(0.0);
+            dptr.slice(l.v(b, t, g), d).fill(0.0);
+            for h in g * l.group()..(g + 1) * l.group() {
+                dptr.slice(l.q(b, t, h), d).fill(0.0);
+            }
+        }
+    }
+}
+
+/// `D[i] = dO[i] . O[i]` for the rows of a query block.
+fn row_dots(l: &Layout, dout: &[f32], out: &[f32], b: usize, h: usize, (i0, i1): (usize, usize), di: &mut [f32]) {
+    let d = l.s.head_dim;
+    for (r, x) in di[..i1 - i0].iter_mut().enumerate() {
+        let o = l.o(b, i0 + r, h);
+        *x = super::math::dot(&dout[o..o + d], &out[o..o + d]);
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the op's inputs and saved statistics
+pub fn eager_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], probs: &[f32], s: AttnShape) {
+    let l = Layout::new(s);
+    let t_len = s.seq;
+    let dptr = SharedMut(dqkv.as_mut_ptr());
+    (0..s.batch * s.n_kv_head).into_par_iter().for_each(|bg| {
+        let (b, g) = (bg / s.n_kv_head, bg % s.n_kv_head);
+        zero_group(&l, dptr, b, g);
+        let mut dp = vec![0.0f32; Q_BLOCK * K_BLOCK];
+        let mut di = [0.0f32; Q_BLOCK];
+        for h in g * l.group()..(g + 1) * l.group() {
+            let p = &probs[(b * s.n_head + h) * t_len * t_len..][..t_len * t_len];
+            for i0 in (0..t_len).step_by(Q_BLOCK) {
+                let i1 = (i0 + Q_BLOCK).min(t_len);
+                row_dots(&l, dout, out, b, h, (i0, i1), &mut di);
+                for j0 in (0..i1).step_by(K_BLOCK) {
+                    let j1 = (j0 + K_BLOCK).min(i1);
+                    // SAFETY: task (b, g) owns the gradient regions tile_bwd writes.
+                    unsafe { tile_bwd(&l, dptr, qkv, dout, &di, &p[i0 * t_len + j0..], t_len, &mut dp, b, h, (i0, i1), (j0, j1)) };
                 }
             }
-            if sum == 0.0 {
-                lse[i] = f32::INFINITY;
-                continue;
-            }
-            let inv = 1.0 / sum;
-            acc.iter_mut().for_each(|a| *a *= inv);
-            lse[i] = m + sum.ln();
         }
     });
 }
@@ -188,37 +263,30 @@ pub fn flash_fwd(out: &mut [f32], lse: &mut [f32], qkv: &[f32], mask: &[i32], s:
 #[allow(clippy::too_many_arguments)] // the op's inputs and saved statistics
 pub fn flash_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], mask: &[i32], s: AttnShape) {
     let l = Layout::new(s);
-    let (t_len, d) = (s.seq, s.head_dim);
+    let t_len = s.seq;
     let dptr = SharedMut(dqkv.as_mut_ptr());
     (0..s.batch * s.n_kv_head).into_par_iter().for_each(|bg| {
         let (b, g) = (bg / s.n_kv_head, bg % s.n_kv_head);
-        // SAFETY (all slices below): as in `eager_bwd`, task (b, g) owns group g of batch b.
-        for t in 0..t_len {
-            unsafe { dptr.slice(l.k(b, t, g), d) }.fill(0.0);
-            unsafe { dptr.slice(l.v(b, t, g), d) }.fill(0.0);
-        }
+        zero_group(&l, dptr, b, g);
+        let mut p = vec![0.0f32; Q_BLOCK * K_BLOCK];
+        let mut dp = vec![0.0f32; Q_BLOCK * K_BLOCK];
+        let mut di = [0.0f32; Q_BLOCK];
         for h in g * l.group()..(g + 1) * l.group() {
             let lse = &lse[(b * s.n_head + h) * t_len..][..t_len];
-            for i in 0..t_len {
-                let dq = unsafe { dptr.slice(l.q(b, i, h), d) };
-                dq.fill(0.0);
-                if lse[i] == f32::INFINITY {
-                    continue;
-                }
-                let d_o = &dout[l.o(b, i, h)..][..d];
-                let di = dot(d_o, &out[l.o(b, i, h)..][..d]);
-                let q = &qkv[l.q(b, i, h)..][..d];
-                for j in 0..=i {
-                    if mask[l.row(b, j)] == 0 {
-                        continue;
+            for i0 in (0..t_len).step_by(Q_BLOCK) {
+                let i1 = (i0 + Q_BLOCK).min(t_len);
+                row_dots(&l, dout, out, b, h, (i0, i1), &mut di);
+                for j0 in (0..i1).step_by(K_BLOCK) {
+                    let j1 = (j0 + K_BLOCK).min(i1);
+                    scores(&l, qkv, mask, &mut p, K_BLOCK, b, h, (i0, i1), (j0, j1));
+                    for r in 0..i1 - i0 {
+                        let lr = lse[i0 + r];
+                        for x in &mut p[r * K_BLOCK..r * K_BLOCK + (j1 - j0)] {
+                            *x = if *x == f32::NEG_INFINITY || lr == f32::INFINITY { 0.0 } else { exp(*x - lr) };
+                        }
                     }
-                    let k = &qkv[l.k(b, j, g)..][..d];
-                    let p = exp(dot(q, k) * l.scale - lse[i]);
-                    let dp = dot(d_o, &qkv[l.v(b, j, g)..][..d]);
-                    axpy(unsafe { dptr.slice(l.v(b, j, g), d) }, p, d_o);
-                    let ds = p * (dp - di) * l.scale;
-                    axpy(dq, ds, k);
-                    axpy(unsafe { dptr.slice(l.k(b, j, g), d) }, ds, q);
+                    // SAFETY: task (b, g) owns the gradient regions tile_bwd writes.
+                    unsafe { tile_bwd(&l, dptr, qkv, dout, &di, &p, K_BLOCK, &mut dp, b, h, (i0, i1), (j0, j1)) };
                 }
             }
         }
@@ -249,4 +317,85 @@ pub fn rope(qkv: &mut [f32], positions: &[i32], s: AttnShape, theta: f32, invers
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plain definition, one query row at a time, in f64.
+    fn naive(qkv: &[f32], mask: &[i32], s: AttnShape) -> Vec<f32> {
+        let l = Layout::new(s);
+        let d = s.head_dim;
+        let mut out = vec![0.0f32; s.rows() * s.out_width()];
+        for b in 0..s.batch {
+            for h in 0..s.n_head {
+                let g = h / l.group();
+                for i in 0..s.seq {
+                    let keys: Vec<usize> = (0..=i).filter(|&j| mask[l.row(b, j)] != 0).collect();
+                    if keys.is_empty() {
+                        continue;
+                    }
+                    let sc: Vec<f64> = keys.iter().map(|&j| (0..d).map(|x| qkv[l.q(b, i, h) + x] as f64 * qkv[l.k(b, j, g) + x] as f64).sum::<f64>() * l.scale as f64).collect();
+                    let max = sc.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = sc.iter().map(|x| (x - max).exp()).sum();
+                    for x in 0..d {
+                        out[l.o(b, i, h) + x] = keys.iter().zip(&sc).map(|(&j, s)| (s - max).exp() / z * qkv[l.v(b, j, g) + x] as f64).sum::<f64>() as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }).collect()
+    }
+
+    #[test]
+    fn eager_and_flash_match_the_definition_and_each_other() {
+        // shapes that do not divide the tiles, GQA, odd head dims, left and right padding
+        for (batch, seq, n_head, n_kv_head, head_dim) in [(2, 37, 4, 2, 10), (1, 200, 3, 1, 16), (3, 130, 2, 2, 8)] {
+            let s = AttnShape { batch, seq, n_head, n_kv_head, head_dim };
+            let qkv: Vec<f32> = rand(s.rows() * s.qkv_width(), seq as u64).iter().map(|x| x * 2.0).collect();
+            let mut mask = vec![1i32; s.rows()];
+            for t in 0..seq / 3 {
+                mask[t] = 0; // row 0: left padding (its first queries see no key at all)
+                if batch > 1 {
+                    mask[2 * seq - 1 - t] = 0; // row 1: right padding
+                }
+            }
+            let want = naive(&qkv, &mask, s);
+            let (mut oe, mut of) = (vec![0.0; want.len()], vec![0.0; want.len()]);
+            let mut probs = vec![0.0; s.stats_len(crate::backend::AttnImpl::Eager)];
+            let mut lse = vec![0.0; s.stats_len(crate::backend::AttnImpl::Flash)];
+            eager_fwd(&mut oe, &mut probs, &qkv, &mask, s);
+            flash_fwd(&mut of, &mut lse, &qkv, &mask, s);
+            for (name, got) in [("eager", &oe), ("flash", &of)] {
+                let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(err < 2e-5, "{name} forward {s:?}: max error {err}");
+            }
+            let dout = rand(want.len(), 99);
+            let (mut de, mut df) = (vec![0.0; qkv.len()], vec![0.0; qkv.len()]);
+            eager_bwd(&mut de, &dout, &qkv, &oe, &probs, s);
+            flash_bwd(&mut df, &dout, &qkv, &of, &lse, &mask, s);
+            let err = de.iter().zip(&df).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 2e-5, "backward {s:?}: eager and flash differ by {err}");
+            // a direction check of the backward pass: <dout, dOut/dx . v> by finite differences
+            let dir = rand(qkv.len(), 7);
+            let h = 1e-3f32;
+            let plus: Vec<f32> = qkv.iter().zip(&dir).map(|(x, d)| x + h * d).collect();
+            let minus: Vec<f32> = qkv.iter().zip(&dir).map(|(x, d)| x - h * d).collect();
+            let f = |x: &[f32]| naive(x, &mask, s).iter().zip(&dout).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+            let fd = (f(&plus) - f(&minus)) / (2.0 * h as f64);
+            let an: f64 = df.iter().zip(&dir).map(|(a, b)| *a as f64 * *b as f64).sum();
+            assert!((fd - an).abs() < 1e-2 * an.abs().max(1.0), "backward {s:?}: directional derivative {an} vs finite difference {fd}");
+        }
+    }
 }

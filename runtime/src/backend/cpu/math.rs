@@ -78,6 +78,15 @@ impl SharedMut {
     pub unsafe fn slice(&self, off: usize, len: usize) -> &mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(off), len)
     }
+
+    /// The pointer `off` elements in (a method, so closures capture the `Sync` wrapper).
+    ///
+    /// # Safety
+    /// `off` must be in bounds.
+    #[inline(always)]
+    pub unsafe fn at(&self, off: usize) -> *mut f32 {
+        self.0.add(off)
+    }
 }
 
 /// Sums per-block partial vectors in a fixed order: rows are split into a fixed number of blocks

@@ -81,7 +81,7 @@ impl Backend for Cpu {
     }
     fn attention_bwd(&self, dqkv: &mut Vec<f32>, dout: &Vec<f32>, qkv: &Vec<f32>, out: &Vec<f32>, stats: &Vec<f32>, key_mask: &Vec<i32>, shape: AttnShape, imp: AttnImpl) {
         match imp {
-            AttnImpl::Eager => attention::eager_bwd(dqkv, dout, qkv, stats, shape),
+            AttnImpl::Eager => attention::eager_bwd(dqkv, dout, qkv, out, stats, shape),
             AttnImpl::Flash => attention::flash_bwd(dqkv, dout, qkv, out, stats, key_mask, shape),
         }
     }

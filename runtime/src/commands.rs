@@ -57,13 +57,25 @@ pub fn inspect(dir: &Path, device: Device) -> Result<String> {
     for spec in &layout.specs {
         for part in &spec.parts {
             let Some((dt, shape, file)) = headers.get(&part.name) else {
-                return Err(Error::tensor(&dir.join("config.json"), &part.name, "expected by the config but not in the weight files"));
+                let files = io::weight_files(dir)?;
+                let where_ = if files.len() == 1 { files[0].clone() } else { dir.join(io::INDEX_FILE) };
+                return Err(Error::tensor(&where_, &part.name, "missing"));
             };
             if shape != &part.shape {
                 return Err(Error::tensor(file, &part.name, format!("shape {shape:?} does not match the config, which implies {:?}", part.shape)));
             }
+            if !matches!(dt.as_str(), "F32" | "F16" | "BF16") {
+                return Err(Error::tensor(file, &part.name, format!("dtype {dt} is not supported (expected F32, F16 or BF16)")));
+            }
             leaves.push((part.name.clone(), shape.clone(), dt.clone()));
         }
+    }
+    let expected: std::collections::HashSet<&str> = leaves.iter().map(|l| l.0.as_str()).collect();
+    if let Some((name, (_, _, file))) = headers
+        .iter()
+        .find(|(n, _)| !expected.contains(n.as_str()) && !layout.tolerates_extra(n))
+    {
+        return Err(Error::tensor(file, name, "unexpected tensor for this config"));
     }
     let total: usize = layout.numel();
     let mut dtypes: Vec<&str> = leaves.iter().map(|l| l.2.as_str()).collect();
@@ -101,7 +113,7 @@ fn group(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -148,7 +160,15 @@ fn read_ids(st: &SafeTensors, path: &Path, name: &str) -> Result<Option<(Vec<i32
     }
     let data = view.data();
     let ids: Vec<i32> = match view.dtype() {
-        StDtype::I64 => data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as i32).collect(),
+        StDtype::I64 => {
+            // ids are i32 inside: a value outside that range is refused, not wrapped into a valid id
+            let cols = shape[1].max(1);
+            let narrow = |(i, b): (usize, &[u8])| {
+                let v = i64::from_le_bytes(b.try_into().expect("8 bytes"));
+                i32::try_from(v).map_err(|_| Error::tensor(path, name, format!("value {v} at [{}][{}] does not fit in 32 bits", i / cols, i % cols)))
+            };
+            data.chunks_exact(8).enumerate().map(narrow).collect::<Result<_>>()?
+        }
         StDtype::I32 => data.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
         d => return Err(Error::tensor(path, name, format!("dtype {d:?} is not an integer type (expected I64 or I32)"))),
     };
@@ -159,7 +179,7 @@ fn read_ids(st: &SafeTensors, path: &Path, name: &str) -> Result<Option<(Vec<i32
 /// safetensors file holding `input_ids` and optionally `attention_mask`, `labels`, `position_ids`.
 pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions) -> Result<Option<f32>> {
     let bytes = std::fs::read(inputs).map_err(|e| Error::io(inputs, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::weights(inputs, format!("not a valid safetensors file: {e}")))?;
+    let st = io::deserialize(inputs, &bytes)?;
     let (input_ids, b, t) = read_ids(&st, inputs, "input_ids")?.ok_or_else(|| Error::tensor(inputs, "input_ids", "missing"))?;
     let other = |name: &str| -> Result<Option<Vec<i32>>> {
         match read_ids(&st, inputs, name)? {
@@ -170,6 +190,7 @@ pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions
     };
     let batch = Batch { batch: b, seq: t, input_ids, attention_mask: other("attention_mask")?, labels: other("labels")?, position_ids: other("position_ids")? };
     let model = Model::load(Cpu, model_dir, opts)?;
+    model.validate(&batch).map_err(|e| Error::weights(inputs, e.to_string()))?;
     let mut acts = Activations::new(&model, b, t);
     let loss = model.forward(&mut acts, &batch, LossOptions::default(), false)?;
     let logits = &acts.logits;

@@ -103,6 +103,23 @@ def main():
             err = rel(ours[mask], theirs[mask])
             print(f"{case}: runtime init -> transformers logits vs runtime forward: rel err {err:.2e}")
             failures += err > 1e-5
+        # a Mistral config (Llama with grouped-query attention and a sliding window) through init
+        case = "mistral"
+        ref = load_file(FIXTURES / "llama" / "reference.safetensors")
+        mask = ref["attention_mask"].bool()
+        config = tmp / "mistral-config.json"
+        config.write_text(json.dumps(transformers.MistralConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=8, max_position_embeddings=64, sliding_window=32, rope_theta=5000.0).to_dict()))
+        out = tmp / "mistral-init"
+        run(args.runtime, "init", "--config", config, "--output_dir", out, "--seed", "9")
+        model = load_checked(out)
+        theirs = logits_of(model, ref)
+        run(args.runtime, "forward", "--model", out, "--inputs", FIXTURES / "llama" / "reference.safetensors", "--output", tmp / "out.safetensors")
+        ours = load_file(tmp / "out.safetensors")["logits"]
+        err = rel(ours[mask], theirs[mask])
+        print(f"{case}: runtime init -> transformers logits vs runtime forward: rel err {err:.2e}")
+        failures += err > 1e-5
     if failures:
         sys.exit(f"{failures} comparison(s) above 1e-5")
     print("all folders written by runtime load in transformers and give the same logits")

@@ -137,13 +137,43 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
 }
 
+/// Parses the safetensors file `path` (its bytes). When the file is invalid, the error names the
+/// tensor at fault where the header allows: a truncated file or a bad `data_offsets` entry names
+/// the first tensor whose data lies outside the file, rather than the library's generic message.
+pub fn deserialize<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| diagnose(path, bytes).unwrap_or_else(|| Error::weights(path, format!("not a valid safetensors file: {e}"))))
+}
+
+fn diagnose(path: &Path, bytes: &[u8]) -> Option<Error> {
+    let len = bytes.len() as u64;
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))) else {
+        return Some(Error::weights(path, format!("not a valid safetensors file: {len} bytes is too short for the 8-byte header length")));
+    };
+    if n > len - 8 {
+        return Some(Error::weights(path, format!("not a valid safetensors file: the header length field says {n} bytes, but only {} follow it (truncated or corrupt file?)", len - 8)));
+    }
+    let header: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n as usize]).ok()?;
+    let data_len = len - 8 - n;
+    let mut offsets: Vec<(&str, u64, u64)> = header
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .filter_map(|(name, info)| {
+            let o = info.get("data_offsets")?.as_array()?;
+            Some((name.as_str(), o.first()?.as_u64()?, o.get(1)?.as_u64()?))
+        })
+        .collect();
+    offsets.sort_by_key(|&(name, s, e)| (s, e, name));
+    let (name, s, e) = offsets.into_iter().find(|&(_, _, e)| e > data_len)?;
+    Some(Error::tensor(path, name, format!("data_offsets [{s}, {e}] lie outside the file's {data_len} bytes of tensor data (truncated file?)")))
+}
+
 /// Reads every tensor of `layout` from the model folder `dir`.
 pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
     let files = weight_files(dir)?;
     let maps = files.iter().map(|f| map_file(f)).collect::<Result<Vec<_>>>()?;
     let mut tables = Vec::new();
     for (path, map) in files.iter().zip(&maps) {
-        let st = SafeTensors::deserialize(map).map_err(|e| Error::weights(path, format!("not a valid safetensors file: {e}")))?;
+        let st = deserialize(path, map)?;
         tables.push(st);
     }
     let mut location: HashMap<String, usize> = HashMap::new();
@@ -180,9 +210,7 @@ pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
         let mut extra: Vec<&str> = st
             .names()
             .into_iter()
-            .filter(|n| !used.contains(n) && !Layout::is_ignored_buffer(n))
-            // a tied output projection that a checkpoint stores anyway is the embedding again
-            .filter(|n| !(*n == "lm_head.weight" && layout.lm_head.is_none()))
+            .filter(|n| !used.contains(n) && !layout.tolerates_extra(n))
             .collect();
         if !extra.is_empty() {
             extra.sort();
@@ -317,13 +345,16 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| Error::io(path, e))
 }
 
+/// A tensor's dtype (as safetensors spells it), shape and file.
+pub type TensorHeader = (String, Vec<usize>, PathBuf);
+
 /// Name, dtype and shape of every tensor in a model folder's weight files, read from the headers
 /// only (nothing is decoded), with the file that holds each.
-pub fn read_headers(dir: &Path) -> Result<BTreeMap<String, (String, Vec<usize>, PathBuf)>> {
+pub fn read_headers(dir: &Path) -> Result<BTreeMap<String, TensorHeader>> {
     let mut out = BTreeMap::new();
     for path in weight_files(dir)? {
         let map = map_file(&path)?;
-        let st = SafeTensors::deserialize(&map).map_err(|e| Error::weights(&path, format!("not a valid safetensors file: {e}")))?;
+        let st = deserialize(&path, &map)?;
         for (name, view) in st.tensors() {
             out.insert(name, (format!("{:?}", view.dtype()), view.shape().to_vec(), path.clone()));
         }

@@ -83,6 +83,12 @@ impl Layout {
         name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name.ends_with("rotary_emb.inv_freq")
     }
 
+    /// Whether a tensor in a weight file that the layout does not use may be ignored: a known
+    /// buffer, or the output projection of a tied model that a checkpoint stores anyway.
+    pub fn tolerates_extra(&self, name: &str) -> bool {
+        Self::is_ignored_buffer(name) || (name == "lm_head.weight" && self.lm_head.is_none())
+    }
+
     pub fn new(cfg: &ModelConfig) -> Self {
         let b = Builder { specs: Vec::new(), cfg };
         match cfg.arch {

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::math::exp;
+use super::math;
 use crate::backend::LossRows;
 
 pub const IGNORE_INDEX: i32 = -100;
@@ -19,16 +19,10 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[i32], v: usize, smoothing: f
             return;
         }
         let y = y as usize;
-        let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mean = z.iter().sum::<f32>() / v as f32;
+        let max = math::max(z);
+        let mean = math::sum(z) / v as f32;
         let zy = z[y];
-        let sum = match grad_scale {
-            Some(_) => z.iter_mut().fold(0.0, |s, x| {
-                *x = exp(*x - max);
-                s + *x
-            }),
-            None => z.iter().fold(0.0, |s, x| s + exp(*x - max)),
-        };
+        let sum = if grad_scale.is_some() { math::sum_exp::<true>(z, max) } else { math::sum_exp::<false>(z, max) };
         let lse = max + sum.ln();
         *loss = (1.0 - smoothing) * (lse - zy) + smoothing * (lse - mean);
         if let Some(scale) = grad_scale {

@@ -9,8 +9,12 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.3, 88.0);
-    // n = round(x / ln 2) with the 1.5 * 2^23 trick (no rounding call, so it vectorises)
-    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    // n = round(x / ln 2) with the 1.5 * 2^23 trick: adding it leaves n in the low mantissa bits,
+    // so both the float n and the integer n come without a rounding call or a float-to-int cast
+    // (Rust's saturating cast would keep the loop from vectorising)
+    let t = x * LOG2E + 12_582_912.0;
+    let n = t - 12_582_912.0;
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let r = x - n * LN2_HI - n * LN2_LO;
     // exp(r) on [-ln2/2, ln2/2], Cephes' expf polynomial
     let mut p = 1.987_569_1e-4_f32;
@@ -20,8 +24,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
-    e * f32::from_bits(bits)
+    e * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
 /// `tanh(x) = 1 - 2 / (e^{2x} + 1)`.
@@ -53,6 +56,59 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// Sum with eight independent accumulators (so the loop vectorises).
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut c = x.chunks_exact(8);
+    for v in &mut c {
+        for i in 0..8 {
+            acc[i] += v[i];
+        }
+    }
+    let tail: f32 = c.remainder().iter().sum();
+    tail + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// Maximum with eight independent lanes (`-inf` for an empty slice; NaN is not propagated).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut c = x.chunks_exact(8);
+    for v in &mut c {
+        for i in 0..8 {
+            acc[i] = if v[i] > acc[i] { v[i] } else { acc[i] };
+        }
+    }
+    let m = c.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    acc.iter().fold(m, |m, &v| if v > m { v } else { m })
+}
+
+/// `sum(exp(x - shift))`, optionally storing each `exp(x - shift)` back into `x`.
+#[inline(always)]
+pub fn sum_exp<const STORE: bool>(x: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut c = x.chunks_exact_mut(8);
+    for v in &mut c {
+        for i in 0..8 {
+            let e = exp(v[i] - shift);
+            if STORE {
+                v[i] = e;
+            }
+            acc[i] += e;
+        }
+    }
+    let mut tail = 0.0;
+    for v in c.into_remainder() {
+        let e = exp(*v - shift);
+        if STORE {
+            *v = e;
+        }
+        tail += e;
+    }
+    tail + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
 /// `y += a * x`.

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::math::reduce_rows;
+use super::math::{dot, reduce_rows, sum};
 
 #[allow(clippy::too_many_arguments)] // see Backend::layernorm_fwd
 pub fn layernorm_fwd(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, c: usize, eps: f32) {
@@ -11,8 +11,17 @@ pub fn layernorm_fwd(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], x: &[f
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
         .zip(x.par_chunks(c))
         .for_each(|((o, (mu, rs)), x)| {
-            let m = x.iter().sum::<f32>() / c as f32;
-            let var = x.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / c as f32;
+            let m = sum(x) / c as f32;
+            // two passes, as the definition: the variance of (x - mean)
+            let mut centered = [0.0f32; 8];
+            let mut chunks = x.chunks_exact(8);
+            for v in &mut chunks {
+                for i in 0..8 {
+                    centered[i] += (v[i] - m) * (v[i] - m);
+                }
+            }
+            let tail: f32 = chunks.remainder().iter().map(|v| (v - m) * (v - m)).sum();
+            let var = (sum(&centered) + tail) / c as f32;
             let s = 1.0 / (var + eps).sqrt();
             *mu = m;
             *rs = s;
@@ -74,7 +83,7 @@ pub fn layernorm_bwd(dx: &mut [f32], dw: &mut [f32], db: Option<&mut [f32]>, dou
 
 pub fn rmsnorm_fwd(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], c: usize, eps: f32) {
     out.par_chunks_mut(c).zip(rstd.par_iter_mut()).zip(x.par_chunks(c)).for_each(|((o, rs), x)| {
-        let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
+        let ms = dot(x, x) / c as f32;
         let s = 1.0 / (ms + eps).sqrt();
         *rs = s;
         for i in 0..c {

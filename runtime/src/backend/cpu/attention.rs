@@ -12,7 +12,7 @@
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::math::{exp, SharedMut};
+use super::math::{self, exp, SharedMut};
 use crate::backend::AttnShape;
 
 const Q_BLOCK: usize = 64;
@@ -75,16 +75,42 @@ fn scores(l: &Layout, qkv: &[f32], mask: &[i32], s: &mut [f32], ld: usize, b: us
     unsafe {
         mm(s.as_mut_ptr(), ld, false, l.scale, (i1 - i0, j1 - j0, d), M(qkv.as_ptr().add(l.q(b, i0, h)), l.stride, 1), M(qkv.as_ptr().add(l.k(b, j0, g)), 1, l.stride));
     }
+    // the causal limit is a suffix of each row; padded keys are looked up only when the row of
+    // the batch has any (so the common unpadded case is a fill)
+    let padded = mask[l.row(b, j0)..l.row(b, j1)].iter().any(|&m| m == 0);
     for r in 0..i1 - i0 {
-        let i = i0 + r;
+        let lim = (i0 + r + 1).saturating_sub(j0).min(j1 - j0);
         let row = &mut s[r * ld..r * ld + (j1 - j0)];
-        for (c, x) in row.iter_mut().enumerate() {
-            let j = j0 + c;
-            if j > i || mask[l.row(b, j)] == 0 {
-                *x = f32::NEG_INFINITY;
+        row[lim..].fill(f32::NEG_INFINITY);
+        if padded {
+            for (c, x) in row[..lim].iter_mut().enumerate() {
+                if mask[l.row(b, j0 + c)] == 0 {
+                    *x = f32::NEG_INFINITY;
+                }
             }
         }
     }
+}
+
+/// `x = exp(x - shift)`, with `-inf` (a masked score) giving exactly 0; returns the sum.
+#[inline(always)]
+fn exp_row(x: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut c = x.chunks_exact_mut(8);
+    for v in &mut c {
+        for i in 0..8 {
+            let e = exp(v[i] - shift);
+            v[i] = if v[i] == f32::NEG_INFINITY { 0.0 } else { e };
+            acc[i] += v[i];
+        }
+    }
+    let mut tail = 0.0;
+    for v in c.into_remainder() {
+        let e = exp(*v - shift);
+        *v = if *v == f32::NEG_INFINITY { 0.0 } else { e };
+        tail += *v;
+    }
+    tail + acc.iter().sum::<f32>()
 }
 
 pub fn eager_fwd(out: &mut [f32], probs: &mut [f32], qkv: &[f32], mask: &[i32], s: AttnShape) {
@@ -102,17 +128,12 @@ pub fn eager_fwd(out: &mut [f32], probs: &mut [f32], qkv: &[f32], mask: &[i32], 
                 let row = &mut tile[r * t_len..(r + 1) * t_len];
                 row[i1..].fill(0.0);
                 let row = &mut row[..i1];
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let max = math::max(row);
                 if max == f32::NEG_INFINITY {
                     row.fill(0.0);
                     continue;
                 }
-                let mut sum = 0.0;
-                for x in row.iter_mut() {
-                    *x = if *x == f32::NEG_INFINITY { 0.0 } else { exp(*x - max) };
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
+                let inv = 1.0 / exp_row(row, max);
                 row.iter_mut().for_each(|x| *x *= inv);
             }
             // SAFETY: task (b, h) alone writes head h of batch b's output rows; P and V in bounds.
@@ -146,7 +167,7 @@ pub fn flash_fwd(out: &mut [f32], lse: &mut [f32], qkv: &[f32], mask: &[i32], s:
                 scores(&l, qkv, mask, &mut sc, K_BLOCK, b, h, (i0, i1), (j0, j1));
                 for r in 0..nq {
                     let row = &mut sc[r * K_BLOCK..r * K_BLOCK + nk];
-                    let bmax = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                    let bmax = math::max(row);
                     if bmax == f32::NEG_INFINITY {
                         row.fill(0.0);
                         continue;
@@ -158,12 +179,7 @@ pub fn flash_fwd(out: &mut [f32], lse: &mut [f32], qkv: &[f32], mask: &[i32], s:
                         acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= corr);
                     }
                     m[r] = new_m;
-                    let mut s_ = 0.0;
-                    for x in row.iter_mut() {
-                        *x = if *x == f32::NEG_INFINITY { 0.0 } else { exp(*x - new_m) };
-                        s_ += *x;
-                    }
-                    sum[r] += s_;
+                    sum[r] += exp_row(row, new_m);
                 }
                 // SAFETY: acc is nq x d; the tile is nq x nk with stride K_BLOCK; V rows in bounds.
                 unsafe {
@@ -280,9 +296,11 @@ pub fn flash_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: 
                     let j1 = (j0 + K_BLOCK).min(i1);
                     scores(&l, qkv, mask, &mut p, K_BLOCK, b, h, (i0, i1), (j0, j1));
                     for r in 0..i1 - i0 {
-                        let lr = lse[i0 + r];
-                        for x in &mut p[r * K_BLOCK..r * K_BLOCK + (j1 - j0)] {
-                            *x = if *x == f32::NEG_INFINITY || lr == f32::INFINITY { 0.0 } else { exp(*x - lr) };
+                        let row = &mut p[r * K_BLOCK..r * K_BLOCK + (j1 - j0)];
+                        if lse[i0 + r] == f32::INFINITY {
+                            row.fill(0.0);
+                        } else {
+                            exp_row(row, lse[i0 + r]);
                         }
                     }
                     // SAFETY: task (b, g) owns the gradient regions tile_bwd writes.

@@ -101,3 +101,25 @@ fn qwen2_gradients_match_finite_differences() {
         "num_attention_heads": 6, "num_key_value_heads": 2, "initializer_range": 0.3});
     check("qwen2 flash", config(cfg), AttnImpl::Flash, 0.0, 31);
 }
+
+/// The same gradients, bit for bit, with 1 and 2 threads: every reduction's order is fixed.
+#[test]
+fn gradients_do_not_depend_on_the_thread_count() {
+    let cfg = json!({"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.1});
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let model = random_model(config(cfg.clone()), AttnImpl::Flash, 5);
+            let batch = random_batch(300, 4, 200, 6);
+            let mut acts = Activations::new(&model, batch.batch, batch.seq);
+            let mut grads = Grads::zeros(&model);
+            let loss = model.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default()).unwrap();
+            (loss.sum, grads.tensors)
+        })
+    };
+    let (l1, g1) = run(1);
+    let (l2, g2) = run(2);
+    assert_eq!(l1.to_bits(), l2.to_bits(), "loss differs between 1 and 2 threads");
+    assert!(g1 == g2, "gradients differ between 1 and 2 threads");
+}

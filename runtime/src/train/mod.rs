@@ -1,3 +1,5 @@
-//! Training: the optimizer for now; the loop, schedules and checkpoints arrive with the trainer.
+//! Training: the optimizer and learning-rate schedules (the loop and checkpoints arrive with the
+//! trainer).
 
 pub mod optimizer;
+pub mod schedule;

@@ -77,7 +77,7 @@ fn scores(l: &Layout, qkv: &[f32], mask: &[i32], s: &mut [f32], ld: usize, b: us
     }
     // the causal limit is a suffix of each row; padded keys are looked up only when the row of
     // the batch has any (so the common unpadded case is a fill)
-    let padded = mask[l.row(b, j0)..l.row(b, j1)].iter().any(|&m| m == 0);
+    let padded = mask[l.row(b, j0)..l.row(b, j1)].contains(&0);
     for r in 0..i1 - i0 {
         let lim = (i0 + r + 1).saturating_sub(j0).min(j1 - j0);
         let row = &mut s[r * ld..r * ld + (j1 - j0)];

@@ -4,6 +4,7 @@
 //! - [`backend`]: the op set and its CPU implementation;
 //! - [`train`]: the optimizer (the trainer loop arrives with its issue).
 
+pub mod args;
 pub mod backend;
 pub mod bench;
 pub mod commands;

@@ -69,6 +69,16 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Resolve the run's TrainingArguments (config file, then --name value overrides, validated)
+    /// and print them as training_args.json would hold them.
+    Args {
+        /// A TOML, JSON or YAML file of TrainingArguments.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// `--name value` settings that override the file (HF names).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        overrides: Vec<String>,
+    },
     /// Train a few steps on random tokens and report tokens/s, peak memory and where the time goes.
     Bench {
         /// gpt2 or llama
@@ -124,6 +134,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(loss) => println!("loss {loss:.6}; logits written to {}", output.display()),
                 None => println!("logits written to {}", output.display()),
             }
+        }
+        Command::Args { config, overrides } => {
+            let overrides = runtime::args::training::parse_overrides(&overrides)?;
+            let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
+            println!("{}", args.to_json());
         }
         Command::Bench { arch, n_layer, hidden, n_head, n_kv_head, vocab, seq, batch, steps, warmup, attn_implementation, json } => {
             if arch != "gpt2" && arch != "llama" {

@@ -1,0 +1,527 @@
+//! `TrainingArguments` with transformers' names and defaults, loaded from a config file plus
+//! command-line overrides, and validated the way `TrainingArguments.__post_init__` validates
+//! (conflicting settings are errors before any work starts). An unknown key is an error that names
+//! the closest known key; a transformers field this runtime does not implement is an error that
+//! says so, rather than being silently ignored.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::train::schedule::SchedulerType;
+
+/// `eval_strategy` / `logging_strategy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntervalStrategy {
+    No,
+    Steps,
+    Epoch,
+}
+
+/// `save_strategy`: an interval, or `best` (save whenever the tracked metric improves).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveStrategy {
+    No,
+    Steps,
+    Epoch,
+    Best,
+}
+
+/// What happens when a training loss is NaN or infinite (the runtime's addition to HF's
+/// `logging_nan_inf_filter`, which only affects logging): skip the update, or stop after keeping
+/// the last good checkpoint. A NaN update is never applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NanInfPolicy {
+    Skip,
+    Stop,
+}
+
+/// The run's arguments. Field names and defaults are transformers 5's; where transformers 4.x
+/// used another name that users still write (`warmup_ratio`, `evaluation_strategy`), it is
+/// accepted and folded in.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingArguments {
+    // --- run_clm.py model and data arguments
+    pub model_name_or_path: Option<String>,
+    pub config_name: Option<String>,
+    pub tokenizer_name: Option<String>,
+    pub train_file: Option<String>,
+    pub validation_file: Option<String>,
+    pub block_size: Option<usize>,
+    pub max_seq_length: Option<usize>,
+    pub torch_dtype: Option<String>,
+    pub attn_implementation: String,
+
+    // --- TrainingArguments
+    pub output_dir: String,
+    pub overwrite_output_dir: bool,
+    pub do_train: bool,
+    pub do_eval: bool,
+    pub do_predict: bool,
+    pub per_device_train_batch_size: usize,
+    pub per_device_eval_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub num_train_epochs: f64,
+    pub max_steps: i64,
+    pub learning_rate: f64,
+    pub lr_scheduler_type: String,
+    pub lr_scheduler_kwargs: Map<String, Value>,
+    /// A step count, or below 1 a ratio of the total steps (transformers 5).
+    pub warmup_steps: f64,
+    /// transformers 4.x's ratio; folded into `warmup_steps`.
+    pub warmup_ratio: Option<f64>,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub label_smoothing_factor: f64,
+    pub neftune_noise_alpha: Option<f64>,
+    pub gradient_checkpointing: bool,
+    pub auto_find_batch_size: bool,
+    pub bf16: bool,
+    pub fp16: bool,
+    pub logging_strategy: IntervalStrategy,
+    pub logging_steps: f64,
+    pub logging_first_step: bool,
+    pub logging_nan_inf_filter: bool,
+    pub nan_inf_policy: NanInfPolicy,
+    pub eval_strategy: IntervalStrategy,
+    /// transformers 4.x's name for `eval_strategy`.
+    pub evaluation_strategy: Option<IntervalStrategy>,
+    pub eval_steps: Option<f64>,
+    pub eval_delay: f64,
+    pub eval_on_start: bool,
+    pub prediction_loss_only: bool,
+    pub include_for_metrics: Vec<String>,
+    pub save_strategy: SaveStrategy,
+    pub save_steps: f64,
+    pub save_total_limit: Option<usize>,
+    pub save_only_model: bool,
+    pub load_best_model_at_end: bool,
+    pub metric_for_best_model: Option<String>,
+    pub greater_is_better: Option<bool>,
+    pub seed: u64,
+    pub data_seed: Option<u64>,
+    pub full_determinism: bool,
+    /// A checkpoint folder, or `true` for the newest complete checkpoint in `output_dir`.
+    pub resume_from_checkpoint: Option<Value>,
+    pub ignore_data_skip: bool,
+    pub dataloader_drop_last: bool,
+    pub remove_unused_columns: bool,
+    pub label_names: Option<Vec<String>>,
+    pub disable_tqdm: bool,
+    pub report_to: Value,
+    pub run_name: Option<String>,
+    pub use_cpu: bool,
+    pub device: String,
+
+    // --- Seq2SeqTrainingArguments
+    pub predict_with_generate: bool,
+    pub generation_max_length: Option<usize>,
+    pub generation_num_beams: Option<usize>,
+
+    // --- WASM plugins (`[[plugins]] path = ..., options = {...}`)
+    pub plugins: Vec<Value>,
+}
+
+impl Default for TrainingArguments {
+    fn default() -> Self {
+        TrainingArguments {
+            model_name_or_path: None,
+            config_name: None,
+            tokenizer_name: None,
+            train_file: None,
+            validation_file: None,
+            block_size: None,
+            max_seq_length: None,
+            torch_dtype: None,
+            attn_implementation: "sdpa".into(),
+            output_dir: "trainer_output".into(),
+            overwrite_output_dir: false,
+            do_train: false,
+            do_eval: false,
+            do_predict: false,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            num_train_epochs: 3.0,
+            max_steps: -1,
+            learning_rate: 5e-5,
+            lr_scheduler_type: "linear".into(),
+            lr_scheduler_kwargs: Map::new(),
+            warmup_steps: 0.0,
+            warmup_ratio: None,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            label_smoothing_factor: 0.0,
+            neftune_noise_alpha: None,
+            gradient_checkpointing: false,
+            auto_find_batch_size: false,
+            bf16: false,
+            fp16: false,
+            logging_strategy: IntervalStrategy::Steps,
+            logging_steps: 500.0,
+            logging_first_step: false,
+            logging_nan_inf_filter: true,
+            nan_inf_policy: NanInfPolicy::Skip,
+            eval_strategy: IntervalStrategy::No,
+            evaluation_strategy: None,
+            eval_steps: None,
+            eval_delay: 0.0,
+            eval_on_start: false,
+            prediction_loss_only: false,
+            include_for_metrics: Vec::new(),
+            save_strategy: SaveStrategy::Steps,
+            save_steps: 500.0,
+            save_total_limit: None,
+            save_only_model: false,
+            load_best_model_at_end: false,
+            metric_for_best_model: None,
+            greater_is_better: None,
+            seed: 42,
+            data_seed: None,
+            full_determinism: false,
+            resume_from_checkpoint: None,
+            ignore_data_skip: false,
+            dataloader_drop_last: false,
+            remove_unused_columns: true,
+            label_names: None,
+            disable_tqdm: false,
+            report_to: Value::Array(Vec::new()),
+            run_name: None,
+            use_cpu: false,
+            device: "auto".into(),
+            predict_with_generate: false,
+            generation_max_length: None,
+            generation_num_beams: None,
+            plugins: Vec::new(),
+        }
+    }
+}
+
+/// transformers `Seq2SeqTrainingArguments` fields that this runtime does not implement: naming
+/// one is an error that says so (rather than "unknown key" or silently ignoring it).
+const HF_UNSUPPORTED: &[&str] = &[
+    "optim", "optim_args", "optim_target_modules", "average_tokens_across_devices", "bf16_full_eval", "fp16_full_eval", "tf32",
+    "activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs", "torch_compile",
+    "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "liger_kernel_config", "use_cache", "torch_empty_cache_steps",
+    "log_on_each_node", "include_num_input_tokens_seen", "log_level", "log_level_replica", "project", "trackio_space_id",
+    "trackio_bucket_id", "trackio_static_space_id", "eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps",
+    "batch_eval_metrics", "save_on_each_node", "enable_jit_checkpoint", "push_to_hub", "hub_token", "hub_private_repo",
+    "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision", "restore_callback_states_from_checkpoint",
+    "accelerator_config", "parallelism_config", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "dataloader_in_order", "train_sampling_strategy",
+    "length_column_name", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
+    "ddp_backend", "ddp_timeout", "fsdp", "fsdp_config", "deepspeed", "debug", "skip_memory_metrics", "local_rank",
+    "sortish_sampler", "generation_config",
+];
+
+/// Every key a config may hold.
+pub fn known_keys() -> Vec<String> {
+    match serde_json::to_value(TrainingArguments::default()) {
+        Ok(Value::Object(m)) => m.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The known key closest to `key`, if any is close enough to be a likely typo.
+pub fn closest_key(key: &str) -> Option<String> {
+    known_keys()
+        .into_iter()
+        .map(|k| (strsim::jaro_winkler(key, &k), k))
+        .filter(|(score, _)| *score >= 0.85)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
+}
+
+fn check_key(key: &str, source: &str) -> Result<()> {
+    if known_keys().iter().any(|k| k == key) {
+        return Ok(());
+    }
+    if HF_UNSUPPORTED.contains(&key) {
+        return Err(Error::Invalid(format!("{source}: `{key}` is a transformers TrainingArguments field that runtime does not support")));
+    }
+    let hint = closest_key(key).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+    Err(Error::Invalid(format!("{source}: unknown key `{key}`{hint}")))
+}
+
+/// Reads a TOML, JSON or YAML file (by extension) into a JSON object.
+pub fn read_config_file(path: &Path) -> Result<Map<String, Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let value: Value = match ext.as_str() {
+        "toml" => toml::from_str(&text).map_err(|e| Error::config(path, format!("not valid TOML: {e}")))?,
+        "json" => serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?,
+        "yaml" | "yml" => serde_yaml_ng::from_str(&text).map_err(|e| Error::config(path, format!("not valid YAML: {e}")))?,
+        _ => return Err(Error::config(path, "unknown config format: use a .toml, .json, .yaml or .yml file")),
+    };
+    match value {
+        Value::Object(m) => Ok(m),
+        Value::Null => Ok(Map::new()),
+        _ => Err(Error::config(path, "expected a table of settings at the top level")),
+    }
+}
+
+/// Parses `--name value` / `--name=value` / `--flag` pairs. A value is read as JSON when it is a
+/// number, boolean, null, array or object, and as a string otherwise.
+pub fn parse_overrides(args: &[String]) -> Result<Vec<(String, Value)>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let Some(flag) = args[i].strip_prefix("--") else {
+            return Err(Error::Invalid(format!("unexpected argument `{}`: settings are given as --name value", args[i])));
+        };
+        let (key, raw) = match flag.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None if i + 1 < args.len() && !args[i + 1].starts_with("--") => {
+                i += 1;
+                (flag.to_string(), Some(args[i].clone()))
+            }
+            None => (flag.to_string(), None),
+        };
+        let value = match raw {
+            None => Value::Bool(true),
+            Some(r) => match serde_json::from_str::<Value>(&r) {
+                Ok(v @ (Value::Number(_) | Value::Bool(_) | Value::Null | Value::Array(_) | Value::Object(_))) => v,
+                _ => Value::String(r),
+            },
+        };
+        out.push((key, value));
+        i += 1;
+    }
+    Ok(out)
+}
+
+impl TrainingArguments {
+    /// The arguments from an optional config file and overrides (which win), validated.
+    pub fn load(file: Option<&Path>, overrides: &[(String, Value)]) -> Result<Self> {
+        let mut map = match file {
+            Some(p) => read_config_file(p)?,
+            None => Map::new(),
+        };
+        let file_name = file.map_or_else(|| "config".to_string(), |p| p.display().to_string());
+        for key in map.keys() {
+            check_key(key, &file_name)?;
+        }
+        for (key, value) in overrides {
+            check_key(key, "command line")?;
+            map.insert(key.clone(), value.clone());
+        }
+        Self::from_map(map, file.map(Path::to_path_buf))
+    }
+
+    fn from_map(map: Map<String, Value>, file: Option<PathBuf>) -> Result<Self> {
+        let de = Value::Object(map);
+        let args: TrainingArguments = serde_path_to_error::deserialize(de).map_err(|e| {
+            let msg = format!("setting `{}`: {}", e.path(), e.inner());
+            match &file {
+                Some(p) => Error::config(p, msg),
+                None => Error::Invalid(msg),
+            }
+        })?;
+        args.validated()
+    }
+
+    /// Normalises 4.x names and checks everything `TrainingArguments.__post_init__` checks.
+    pub fn validated(mut self) -> Result<Self> {
+        let bad = |msg: String| Err(Error::Invalid(msg));
+        if let Some(s) = self.evaluation_strategy.take() {
+            self.eval_strategy = s;
+        }
+        if let Some(r) = self.warmup_ratio.take() {
+            if !(0.0..=1.0).contains(&r) {
+                return bad(format!("warmup_ratio must lie in [0, 1], found {r}"));
+            }
+            if self.warmup_steps > 0.0 && r > 0.0 {
+                return bad("set only one of warmup_steps and warmup_ratio".into());
+            }
+            if r > 0.0 {
+                self.warmup_steps = r;
+            }
+        }
+        if self.warmup_steps < 0.0 {
+            return bad(format!("warmup_steps must be >= 0, found {}", self.warmup_steps));
+        }
+        SchedulerType::parse(&self.lr_scheduler_type)?;
+        for (name, v) in [("per_device_train_batch_size", self.per_device_train_batch_size), ("per_device_eval_batch_size", self.per_device_eval_batch_size), ("gradient_accumulation_steps", self.gradient_accumulation_steps)] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
+            return bad("set num_train_epochs > 0 or max_steps > 0".into());
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return bad(format!("learning_rate must be a finite number >= 0, found {}", self.learning_rate));
+        }
+        for (name, b) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(format!("{name} must lie in [0, 1), found {b}"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing_factor) {
+            return bad(format!("label_smoothing_factor must lie in [0, 1), found {}", self.label_smoothing_factor));
+        }
+        if self.bf16 && self.fp16 {
+            return bad("bf16 and fp16 cannot both be set".into());
+        }
+        if self.fp16 {
+            return bad("fp16 is not supported: use bf16 (the CUDA backend's mixed precision) or f32".into());
+        }
+        if self.logging_strategy == IntervalStrategy::Steps && self.logging_steps <= 0.0 {
+            return bad(format!("logging_strategy steps needs logging_steps > 0, found {}", self.logging_steps));
+        }
+        if self.eval_strategy == IntervalStrategy::Steps {
+            match self.eval_steps {
+                None | Some(0.0) if self.logging_steps > 0.0 => self.eval_steps = Some(self.logging_steps),
+                None | Some(0.0) => return bad("eval_strategy steps needs eval_steps (or logging_steps) > 0".into()),
+                _ => {}
+            }
+        }
+        if self.save_strategy == SaveStrategy::Steps && self.save_steps <= 0.0 {
+            return bad(format!("save_strategy steps needs save_steps > 0, found {}", self.save_steps));
+        }
+        if self.load_best_model_at_end && self.save_strategy != SaveStrategy::Best {
+            let same = matches!(
+                (self.eval_strategy, self.save_strategy),
+                (IntervalStrategy::No, SaveStrategy::No) | (IntervalStrategy::Steps, SaveStrategy::Steps) | (IntervalStrategy::Epoch, SaveStrategy::Epoch)
+            );
+            if !same {
+                return bad(format!(
+                    "load_best_model_at_end requires the save and eval strategy to match, but found eval_strategy {:?} and save_strategy {:?}",
+                    self.eval_strategy, self.save_strategy
+                )
+                .to_lowercase());
+            }
+            if self.eval_strategy == IntervalStrategy::Steps {
+                let eval = self.eval_steps.unwrap_or(self.logging_steps);
+                let ratio_mismatch = (eval < 1.0) != (self.save_steps < 1.0);
+                let not_multiple = if eval >= 1.0 { (self.save_steps % eval).abs() > 1e-9 } else { ((self.save_steps / eval) - (self.save_steps / eval).round()).abs() > 1e-9 };
+                if ratio_mismatch || not_multiple {
+                    return bad(format!("load_best_model_at_end requires save_steps to be a multiple of eval_steps, but found save_steps {} and eval_steps {eval}", self.save_steps));
+                }
+            }
+        }
+        if self.save_strategy == SaveStrategy::Best && self.eval_strategy == IntervalStrategy::No {
+            return bad("save_strategy best needs evaluation: set eval_strategy to steps or epoch".into());
+        }
+        if (self.load_best_model_at_end || self.save_strategy == SaveStrategy::Best) && self.metric_for_best_model.is_none() {
+            self.metric_for_best_model = Some("loss".into());
+        }
+        if self.greater_is_better.is_none() {
+            if let Some(m) = &self.metric_for_best_model {
+                self.greater_is_better = Some(!m.ends_with("loss"));
+            }
+        }
+        // as transformers: "none" means no integrations, kept as an empty list
+        if self.report_to == Value::String("none".into()) || self.report_to.is_null() {
+            self.report_to = Value::Array(Vec::new());
+        }
+        if let Some(n) = self.generation_num_beams {
+            if n == 0 {
+                return bad("generation_num_beams must be at least 1".into());
+            }
+        }
+        if !matches!(self.device.as_str(), "cpu" | "cuda" | "auto") {
+            return bad(format!("device `{}`: expected cpu, cuda or auto", self.device));
+        }
+        if crate::backend::AttnImpl::parse(&self.attn_implementation).is_none() {
+            return bad(format!("attn_implementation `{}`: expected eager, sdpa or flash_attention_2", self.attn_implementation));
+        }
+        Ok(self)
+    }
+
+    /// `training_args.json` as transformers writes it: every argument, sorted by name.
+    pub fn to_json(&self) -> String {
+        let v = serde_json::to_value(self).unwrap_or(Value::Null);
+        let sorted: std::collections::BTreeMap<String, Value> = match v {
+            Value::Object(m) => m.into_iter().collect(),
+            _ => Default::default(),
+        };
+        serde_json::to_string_pretty(&sorted).unwrap_or_default()
+    }
+
+    /// The metric name as HF compares it: `eval_` prefixed unless it already is.
+    pub fn best_metric_key(&self) -> Option<String> {
+        self.metric_for_best_model.as_ref().map(|m| if m.starts_with("eval_") { m.clone() } else { format!("eval_{m}") })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn load(v: Value) -> Result<TrainingArguments> {
+        let overrides: Vec<(String, Value)> = v.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        TrainingArguments::load(None, &overrides)
+    }
+
+    #[test]
+    fn typos_name_the_closest_key() {
+        let e = load(json!({"learnig_rate": 1e-3})).unwrap_err().to_string();
+        assert!(e.contains("unknown key `learnig_rate`") && e.contains("did you mean `learning_rate`"), "{e}");
+        let e = load(json!({"per_device_train_batchsize": 4})).unwrap_err().to_string();
+        assert!(e.contains("per_device_train_batch_size"), "{e}");
+        let e = load(json!({"zzzz": 1})).unwrap_err().to_string();
+        assert!(e.contains("unknown key `zzzz`") && !e.contains("did you mean"), "{e}");
+        let e = load(json!({"deepspeed": "ds.json"})).unwrap_err().to_string();
+        assert!(e.contains("does not support"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_setting() {
+        let e = load(json!({"learning_rate": "fast"})).unwrap_err().to_string();
+        assert!(e.contains("learning_rate"), "{e}");
+        let e = load(json!({"eval_strategy": "sometimes"})).unwrap_err().to_string();
+        assert!(e.contains("eval_strategy"), "{e}");
+    }
+
+    #[test]
+    fn conflicts_are_errors_as_in_transformers() {
+        let e = load(json!({"load_best_model_at_end": true, "eval_strategy": "epoch", "save_strategy": "steps"})).unwrap_err().to_string();
+        assert!(e.contains("save and eval strategy to match"), "{e}");
+        let e = load(json!({"load_best_model_at_end": true, "eval_strategy": "steps", "eval_steps": 30, "save_steps": 50})).unwrap_err().to_string();
+        assert!(e.contains("multiple of eval_steps"), "{e}");
+        assert!(load(json!({"bf16": true, "fp16": true})).is_err());
+        assert!(load(json!({"warmup_steps": 10, "warmup_ratio": 0.1})).is_err());
+        assert!(load(json!({"lr_scheduler_type": "cosinus"})).unwrap_err().to_string().contains("cosine"));
+        assert!(load(json!({"save_strategy": "best"})).is_err());
+    }
+
+    #[test]
+    fn derived_defaults_follow_transformers() {
+        let a = load(json!({"load_best_model_at_end": true, "eval_strategy": "steps", "eval_steps": 25, "save_steps": 50})).unwrap();
+        assert_eq!(a.metric_for_best_model.as_deref(), Some("loss"));
+        assert_eq!(a.greater_is_better, Some(false));
+        assert_eq!(a.best_metric_key().as_deref(), Some("eval_loss"));
+        let a = load(json!({"eval_strategy": "steps", "logging_steps": 20, "metric_for_best_model": "accuracy"})).unwrap();
+        assert_eq!(a.eval_steps, Some(20.0));
+        assert_eq!(a.greater_is_better, Some(true));
+        let a = load(json!({"warmup_ratio": 0.1, "evaluation_strategy": "epoch"})).unwrap();
+        assert_eq!(a.warmup_steps, 0.1);
+        assert_eq!(a.eval_strategy, IntervalStrategy::Epoch);
+    }
+
+    #[test]
+    fn overrides_parse_like_a_shell_user_expects() {
+        let args: Vec<String> = ["--learning_rate", "3e-4", "--bf16", "--run_name=x y", "--include_for_metrics", "[\"inputs\"]", "--output_dir", "out"].iter().map(|s| s.to_string()).collect();
+        let o = parse_overrides(&args).unwrap();
+        assert_eq!(o[0], ("learning_rate".into(), json!(3e-4)));
+        assert_eq!(o[1], ("bf16".into(), json!(true)));
+        assert_eq!(o[2], ("run_name".into(), json!("x y")));
+        assert_eq!(o[3], ("include_for_metrics".into(), json!(["inputs"])));
+        assert_eq!(o[4], ("output_dir".into(), json!("out")));
+        assert!(parse_overrides(&["stray".to_string()]).is_err());
+    }
+}

@@ -10,7 +10,7 @@ use runtime::backend::cpu::Cpu;
 use runtime::backend::AttnImpl;
 use runtime::model::io::hf_tensors;
 use runtime::model::{Activations, Batch, Grads, LoadOptions, LossOptions, Model};
-use runtime::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use runtime::train::optimizer::{clip_coefficient, clip_grad_norm, AdamW, AdamWConfig};
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -132,10 +132,20 @@ fn three_adamw_steps_match_torch() {
             if step == 0 {
                 first_grads = hf_tensors(&model.layout, &grads.tensors);
             }
-            let norm = clip_grad_norm(&model.backend, &mut grads, f("max_grad_norm"));
+            // the clipping coefficient fused into the step (steps 0 and 2) or applied to the
+            // gradients in place (step 1): both must give torch's result
+            let norm = if step % 2 == 0 {
+                let (norm, coef) = clip_coefficient(&model.backend, &grads, f("max_grad_norm"));
+                opt.step(&mut model, &grads, cfg.lr, coef);
+                norm
+            } else {
+                let norm = clip_grad_norm(&model.backend, &mut grads, f("max_grad_norm"));
+                opt.step(&mut model, &grads, cfg.lr, 1.0);
+                norm
+            };
             let want = reference["grad_norm"].values[step];
             assert!(((norm as f64 - want) / want).abs() < 1e-5, "{name} step {step}: grad norm {norm} vs {want}");
-            opt.step(&mut model, &grads, cfg.lr);
+            assert!(norm > f("max_grad_norm"), "{name} step {step}: the fixture should exercise clipping");
         }
         let params = hf_tensors(&model.layout, &model.tensors());
         let m = hf_tensors(&model.layout, &opt.exp_avg);

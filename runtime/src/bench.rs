@@ -14,7 +14,7 @@ use crate::backend::profiled::Profiled;
 use crate::backend::{AttnImpl, Backend};
 use crate::error::Result;
 use crate::model::{init::init_tensors, Activations, Batch, Grads, LoadOptions, LossOptions, Model, ModelConfig};
-use crate::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::optimizer::{clip_coefficient, AdamW, AdamWConfig};
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
@@ -113,8 +113,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         let t = Instant::now();
         grads.zero(&model.backend);
         loss = model.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default())?.mean;
-        clip_grad_norm(&model.backend, &mut grads, 1.0);
-        opt.step(&mut model, &grads, 3e-4);
+        let (_, coef) = clip_coefficient(&model.backend, &grads, 1.0);
+        opt.step(&mut model, &grads, 3e-4, coef);
         if step >= cfg.warmup {
             elapsed += t.elapsed().as_secs_f64();
         }

@@ -76,6 +76,9 @@ pub struct AdamWStep {
     pub weight_decay: f32,
     /// 1-based step number, for bias correction.
     pub step: u64,
+    /// Multiplies every gradient before use: the clipping coefficient, fused into the step
+    /// (1.0 when no clipping applies).
+    pub grad_scale: f32,
 }
 
 pub trait Backend: Send + Sync {

@@ -34,11 +34,12 @@ impl<B: Backend> AdamW<B> {
         AdamW { config, exp_avg: z(), exp_avg_sq: z(), step: 0 }
     }
 
-    /// One step at learning rate `lr` (the scheduler's value).
-    pub fn step(&mut self, model: &mut Model<B>, grads: &Grads<B>, lr: f32) {
+    /// One step at learning rate `lr` (the scheduler's value), with the gradients multiplied by
+    /// `grad_scale` on the fly (the clipping coefficient from [`clip_coefficient`]; 1.0 for none).
+    pub fn step(&mut self, model: &mut Model<B>, grads: &Grads<B>, lr: f32, grad_scale: f32) {
         self.step += 1;
         let c = self.config;
-        let hp = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: self.step };
+        let hp = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: self.step, grad_scale };
         for (i, spec) in model.layout.specs.iter().enumerate() {
             model.backend.adamw(&mut model.params[i], &grads.tensors[i], &mut self.exp_avg[i], &mut self.exp_avg_sq[i], hp, spec.decay);
         }
@@ -55,11 +56,18 @@ pub fn grad_norm<B: Backend>(be: &B, grads: &Grads<B>) -> f32 {
     sum.sqrt()
 }
 
-/// Scales gradients so their global norm is at most `max_norm`; returns the norm before
-/// clipping. As torch: `coef = min(1, max_norm / (norm + 1e-6))`, applied always.
-pub fn clip_grad_norm<B: Backend>(be: &B, grads: &mut Grads<B>, max_norm: f32) -> f32 {
+/// The global gradient norm and the clipping coefficient `min(1, max_norm / (norm + 1e-6))`
+/// that `torch.nn.utils.clip_grad_norm_` would multiply the gradients by. Pass the coefficient to
+/// [`AdamW::step`], which applies it in the same pass as the update.
+pub fn clip_coefficient<B: Backend>(be: &B, grads: &Grads<B>, max_norm: f32) -> (f32, f32) {
     let norm = grad_norm(be, grads);
-    let coef = (max_norm / (norm + 1e-6)).min(1.0);
+    (norm, (max_norm / (norm + 1e-6)).min(1.0))
+}
+
+/// Scales gradients in place so their global norm is at most `max_norm` and returns the norm
+/// before clipping, as `clip_grad_norm_` does (for callers that need the clipped gradients).
+pub fn clip_grad_norm<B: Backend>(be: &B, grads: &mut Grads<B>, max_norm: f32) -> f32 {
+    let (norm, coef) = clip_coefficient(be, grads, max_norm);
     if coef < 1.0 {
         grads.tensors.iter_mut().for_each(|g| be.scale(g, coef));
     }

@@ -29,9 +29,11 @@ pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamWSt
         .zip(m.par_chunks_mut(1 << 14).zip(v.par_chunks_mut(1 << 14)))
         .for_each(|((p, g), (m, v))| {
             for i in 0..p.len() {
+                // the clipped gradient, rounded to f32 as torch's in-place `grad.mul_(coef)` leaves it
+                let g = g[i] * hp.grad_scale;
                 p[i] *= decay_mul;
-                m[i] += w1 * (g[i] - m[i]);
-                v[i] = v[i] * hp.beta2 + w2 * (g[i] * g[i]);
+                m[i] += w1 * (g - m[i]);
+                v[i] = v[i] * hp.beta2 + w2 * (g * g);
                 let denom = v[i].sqrt() / bc2_sqrt + hp.eps;
                 p[i] -= step_size * (m[i] / denom);
             }

@@ -123,3 +123,28 @@ fn gradients_do_not_depend_on_the_thread_count() {
     assert_eq!(l1.to_bits(), l2.to_bits(), "loss differs between 1 and 2 threads");
     assert!(g1 == g2, "gradients differ between 1 and 2 threads");
 }
+
+/// Gradient checkpointing recomputes each layer in backward: the same gradients, bit for bit,
+/// with the per-layer activations held once instead of once per layer.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
+    for (cfg, attn) in [
+        (json!({"model_type": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 32, "n_layer": 4, "n_head": 4}), AttnImpl::Eager),
+        (json!({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}), AttnImpl::Flash),
+    ] {
+        let batch = random_batch(64, 3, 20, 8);
+        let mut results = Vec::new();
+        for ckpt in [false, true] {
+            let mut model = random_model(config(cfg.clone()), attn, 9);
+            model.gradient_checkpointing = ckpt;
+            let mut acts = Activations::new(&model, batch.batch, batch.seq);
+            let mut grads = Grads::zeros(&model);
+            let loss = model.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default()).unwrap();
+            results.push((loss.sum, grads.tensors, acts.bytes(&model.backend)));
+        }
+        let (full, ckpt) = (&results[0], &results[1]);
+        assert_eq!(full.0.to_bits(), ckpt.0.to_bits(), "{cfg}: loss");
+        assert!(full.1 == ckpt.1, "{cfg}: gradients differ with checkpointing");
+        assert!(ckpt.2 < full.2, "{cfg}: {} bytes with checkpointing vs {} without", ckpt.2, full.2);
+    }
+}

@@ -30,6 +30,7 @@ pub struct BenchConfig {
     pub steps: usize,
     pub warmup: usize,
     pub attn: AttnImpl,
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -40,6 +41,8 @@ pub struct BenchResult {
     pub step_seconds: f64,
     pub tokens_per_second: f64,
     pub peak_rss_mib: f64,
+    /// Activation and scratch buffers of the step (what gradient checkpointing reduces).
+    pub activation_mib: f64,
     pub matmul_share: f64,
     pub matmul_gflops: f64,
     pub machine_gemm_gflops: f64,
@@ -97,6 +100,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     let tensors = init_tensors(&mcfg, &layout, 42);
     let opts = LoadOptions { attn_implementation: cfg.attn, ..LoadOptions::default() };
     let mut model = Model::from_tensors(Profiled::new(Cpu), mcfg, tensors, opts)?;
+    model.gradient_checkpointing = cfg.gradient_checkpointing;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let rows = cfg.batch * cfg.seq;
     let ids: Vec<i32> = (0..rows).map(|_| rng.random_range(0..cfg.vocab as i32)).collect();
@@ -130,6 +134,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         step_seconds,
         tokens_per_second: rows as f64 / step_seconds,
         peak_rss_mib,
+        activation_mib: acts.bytes(&model.backend) as f64 / (1024.0 * 1024.0),
         matmul_share: matmul_secs / elapsed,
         matmul_gflops: flops / matmul_secs / 1e9,
         machine_gemm_gflops: machine_gemm_gflops(2048, 5),

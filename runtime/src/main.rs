@@ -105,6 +105,9 @@ enum Command {
         warmup: usize,
         #[arg(long = "attn_implementation", default_value = "sdpa")]
         attn_implementation: String,
+        /// keep only layer inputs and recompute each layer in the backward pass
+        #[arg(long = "gradient_checkpointing")]
+        gradient_checkpointing: bool,
         /// print the result as one JSON object
         #[arg(long)]
         json: bool,
@@ -140,20 +143,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
             println!("{}", args.to_json());
         }
-        Command::Bench { arch, n_layer, hidden, n_head, n_kv_head, vocab, seq, batch, steps, warmup, attn_implementation, json } => {
+        Command::Bench { arch, n_layer, hidden, n_head, n_kv_head, vocab, seq, batch, steps, warmup, attn_implementation, gradient_checkpointing, json } => {
             if arch != "gpt2" && arch != "llama" {
                 anyhow::bail!("unknown --arch `{arch}` (expected gpt2 or llama)");
             }
             if steps == 0 || batch == 0 || seq < 2 {
                 anyhow::bail!("--steps and --batch must be at least 1 and --seq at least 2");
             }
-            let cfg = BenchConfig { arch, n_layer, hidden, n_head, n_kv_head: n_kv_head.unwrap_or(n_head), vocab, seq, batch, steps, warmup, attn: parse_attn(&attn_implementation)? };
+            let cfg = BenchConfig { arch, n_layer, hidden, n_head, n_kv_head: n_kv_head.unwrap_or(n_head), vocab, seq, batch, steps, warmup, attn: parse_attn(&attn_implementation)?, gradient_checkpointing };
             let r = bench::run(&cfg)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("{} ({} parameters), batch {} x seq {}, {} threads", r.arch, r.parameters, cfg.batch, cfg.seq, r.threads);
-                println!("  {:.0} tokens/s, {:.3} s/step, peak RSS {:.0} MiB, final loss {:.4}", r.tokens_per_second, r.step_seconds, r.peak_rss_mib, r.final_loss);
+                println!("  {:.0} tokens/s, {:.3} s/step, peak RSS {:.0} MiB (activations {:.0} MiB), final loss {:.4}", r.tokens_per_second, r.step_seconds, r.peak_rss_mib, r.activation_mib, r.final_loss);
                 println!("  matmul {:.1} GFLOP/s = {:.0}% of this machine's GEMM rate ({:.1} GFLOP/s)", r.matmul_gflops, 100.0 * r.matmul_gflops / r.machine_gemm_gflops, r.machine_gemm_gflops);
                 println!("  share of step time:");
                 let mut ops = r.ops.clone();

@@ -4,7 +4,9 @@
 //!
 //! As in llm.c there is no autograd graph: the forward pass keeps each layer's activations in an
 //! [`Activations`] workspace (reused across steps of the same shape) and the backward pass walks
-//! the layers in reverse, accumulating parameter gradients into [`Grads`].
+//! the layers in reverse, accumulating parameter gradients into [`Grads`]. With gradient
+//! checkpointing only each layer's input is kept; one set of layer buffers is shared, and the
+//! backward pass recomputes a layer's forward just before its backward.
 
 use super::config::Arch;
 use super::Model;
@@ -100,6 +102,7 @@ pub struct Activations<B: Backend> {
     dfc: B::Buf,
     dact: B::Buf,
     has_grad: bool,
+    checkpointing: bool,
 }
 
 impl<B: Backend> Activations<B> {
@@ -109,7 +112,8 @@ impl<B: Backend> Activations<B> {
         let shape = model.attn_shape(batch, seq);
         let z = |n: usize| be.zeros(n);
         let h = c.hidden_size;
-        let layers = (0..c.n_layer)
+        let kept = if model.gradient_checkpointing { 1 } else { c.n_layer };
+        let layers = (0..kept)
             .map(|_| LayerActs {
                 ln1: z(rows * h),
                 ln1_mean: z(rows),
@@ -146,7 +150,17 @@ impl<B: Backend> Activations<B> {
             dfc: z(rows * c.fc_width()),
             dact: z(rows * c.intermediate_size),
             has_grad: false,
+            checkpointing: model.gradient_checkpointing,
         }
+    }
+
+    /// Bytes held by the activation and scratch buffers (what gradient checkpointing reduces).
+    pub fn bytes(&self, be: &B) -> usize {
+        let l = |a: &LayerActs<B>| {
+            [&a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att_stats, &a.att_out, &a.res1, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fc, &a.act].iter().map(|b| be.len(b)).sum::<usize>()
+        };
+        let bufs = [&self.lnf, &self.lnf_mean, &self.lnf_rstd, &self.logits, &self.tmp, &self.dres, &self.dln, &self.datt, &self.dqkv, &self.dfc, &self.dact];
+        4 * (self.layers.iter().map(l).sum::<usize>() + self.resid.iter().map(|b| be.len(b)).sum::<usize>() + bufs.iter().map(|b| be.len(b)).sum::<usize>())
     }
 
     pub fn shape(&self) -> (usize, usize) {
@@ -256,11 +270,38 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// Layer `l`'s forward pass from `resid[l]` into `resid[l + 1]`, keeping its activations in
+    /// its own buffers (or the shared ones under gradient checkpointing).
+    fn layer_fwd(&self, acts: &mut Activations<B>, l: usize, shape: AttnShape) {
+        let (be, c, p) = (&self.backend, &self.config, &self.params);
+        let lp = &self.layout.layers[l];
+        let (rows, h) = (shape.rows(), c.hidden_size);
+        let (done, rest) = acts.resid.split_at_mut(l + 1);
+        let (x, y) = (&done[l], &mut rest[0]);
+        let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
+        self.norm_fwd(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, x, lp.ln1_w, lp.ln1_b);
+        be.matmul_fwd(&mut a.qkv, &a.ln1, &p[lp.qkv_w], lp.qkv_b.map(|i| &p[i]), rows, h, c.qkv_width());
+        if c.arch == Arch::Llama {
+            be.rope(&mut a.qkv, &acts.pos, shape, c.rope_theta, false);
+        }
+        be.attention_fwd(&mut a.att_out, &mut a.att_stats, &a.qkv, &acts.mask, shape, self.attn_impl);
+        be.matmul_fwd(&mut acts.tmp, &a.att_out, &p[lp.o_w], lp.o_b.map(|i| &p[i]), rows, shape.out_width(), h);
+        be.add(&mut a.res1, x, &acts.tmp);
+        self.norm_fwd(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.res1, lp.ln2_w, lp.ln2_b);
+        be.matmul_fwd(&mut a.fc, &a.ln2, &p[lp.fc_w], lp.fc_b.map(|i| &p[i]), rows, h, c.fc_width());
+        match c.arch {
+            Arch::Gpt2 => be.gelu_fwd(&mut a.act, &a.fc),
+            Arch::Llama => be.swiglu_fwd(&mut a.act, &a.fc, c.intermediate_size),
+        }
+        be.matmul_fwd(&mut acts.tmp, &a.act, &p[lp.proj_w], lp.proj_b.map(|i| &p[i]), rows, c.intermediate_size, h);
+        be.add(y, &a.res1, &acts.tmp);
+    }
+
     /// The forward pass. With `labels` it returns the loss; with `train` it also leaves the loss
     /// gradient in `acts.logits` for [`Model::backward`].
     pub fn forward(&self, acts: &mut Activations<B>, b: &Batch, loss: LossOptions, train: bool) -> Result<Option<LossOutput>> {
         self.validate(b)?;
-        if acts.shape() != (b.batch, b.seq) {
+        if acts.shape() != (b.batch, b.seq) || acts.checkpointing != self.gradient_checkpointing {
             *acts = Activations::new(self, b.batch, b.seq);
         }
         self.upload_batch(acts, b);
@@ -269,26 +310,8 @@ impl<B: Backend> Model<B> {
         let shape = self.attn_shape(b.batch, b.seq);
         let wpe = lay.wpe.map(|i| (&p[i], &acts.pos));
         be.embedding_fwd(&mut acts.resid[0], &acts.ids, &p[lay.wte], wpe, h);
-        for (l, lp) in lay.layers.iter().enumerate() {
-            let (done, rest) = acts.resid.split_at_mut(l + 1);
-            let (x, y) = (&done[l], &mut rest[0]);
-            let a = &mut acts.layers[l];
-            self.norm_fwd(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, x, lp.ln1_w, lp.ln1_b);
-            be.matmul_fwd(&mut a.qkv, &a.ln1, &p[lp.qkv_w], lp.qkv_b.map(|i| &p[i]), rows, h, c.qkv_width());
-            if c.arch == Arch::Llama {
-                be.rope(&mut a.qkv, &acts.pos, shape, c.rope_theta, false);
-            }
-            be.attention_fwd(&mut a.att_out, &mut a.att_stats, &a.qkv, &acts.mask, shape, self.attn_impl);
-            be.matmul_fwd(&mut acts.tmp, &a.att_out, &p[lp.o_w], lp.o_b.map(|i| &p[i]), rows, shape.out_width(), h);
-            be.add(&mut a.res1, x, &acts.tmp);
-            self.norm_fwd(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.res1, lp.ln2_w, lp.ln2_b);
-            be.matmul_fwd(&mut a.fc, &a.ln2, &p[lp.fc_w], lp.fc_b.map(|i| &p[i]), rows, h, c.fc_width());
-            match c.arch {
-                Arch::Gpt2 => be.gelu_fwd(&mut a.act, &a.fc),
-                Arch::Llama => be.swiglu_fwd(&mut a.act, &a.fc, c.intermediate_size),
-            }
-            be.matmul_fwd(&mut acts.tmp, &a.act, &p[lp.proj_w], lp.proj_b.map(|i| &p[i]), rows, c.intermediate_size, h);
-            be.add(y, &a.res1, &acts.tmp);
+        for l in 0..c.n_layer {
+            self.layer_fwd(acts, l, shape);
         }
         self.norm_fwd(&mut acts.lnf, &mut acts.lnf_mean, &mut acts.lnf_rstd, &acts.resid[c.n_layer], lay.lnf_w, lay.lnf_b);
         let head = &p[lay.lm_head.unwrap_or(lay.wte)];
@@ -330,7 +353,11 @@ impl<B: Backend> Model<B> {
         be.fill(&mut acts.dres, 0.0);
         self.norm_bwd(grads, &mut acts.dres, &acts.dln, &acts.resid[c.n_layer], &acts.lnf_mean, &acts.lnf_rstd, lay.lnf_w, lay.lnf_b);
         for (l, lp) in lay.layers.iter().enumerate().rev() {
-            let a = &acts.layers[l];
+            if acts.checkpointing {
+                // recompute this layer's activations (its output, resid[l + 1], comes out the same)
+                self.layer_fwd(acts, l, shape);
+            }
+            let a = &acts.layers[if acts.checkpointing { 0 } else { l }];
             // dres holds d(layer output) = d(res1 + mlp(...))
             let (dw, db) = pair(&mut grads.tensors, lp.proj_w, lp.proj_b);
             be.matmul_bwd(Some(&mut acts.dact), dw, db, &acts.dres, &a.act, &p[lp.proj_w], rows, c.intermediate_size, h);

@@ -74,6 +74,9 @@ pub struct Model<B: Backend> {
     pub dtype: Dtype,
     /// The folder the model came from, if any (tokenizer files are copied from it on save).
     pub source: Option<PathBuf>,
+    /// `gradient_checkpointing`: keep only layer inputs and recompute each layer in backward.
+    /// Read when an [`Activations`] workspace is made.
+    pub gradient_checkpointing: bool,
 }
 
 /// Files transformers keeps beside the weights that a saved model should carry along.
@@ -109,6 +112,7 @@ impl<B: Backend> Model<B> {
             attn_impl: opts.attn_implementation,
             dtype: opts.torch_dtype.unwrap_or(loaded.dtype),
             source: Some(dir.to_path_buf()),
+            gradient_checkpointing: false,
         })
     }
 
@@ -124,7 +128,7 @@ impl<B: Backend> Model<B> {
             return Err(Error::Invalid(format!("{} tensors given, the layout has {}", tensors.len(), layout.specs.len())));
         }
         let params = tensors.iter().map(|t| backend.upload(t)).collect();
-        Ok(Model { backend, config, layout, params, attn_impl: opts.attn_implementation, dtype: opts.torch_dtype.unwrap_or(Dtype::F32), source: None })
+        Ok(Model { backend, config, layout, params, attn_impl: opts.attn_implementation, dtype: opts.torch_dtype.unwrap_or(Dtype::F32), source: None, gradient_checkpointing: false })
     }
 
     /// The parameters as host f32 vectors, in the engine's layout.

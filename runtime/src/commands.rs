@@ -206,3 +206,41 @@ pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions
     io::write_file(output, &data)?;
     Ok(loss.map(|l| l.mean))
 }
+
+/// `runtime tokenize`: what the tokenizer does with each text under the run's settings.
+pub fn tokenize(model_dir: &Path, texts: &[String], add_special_tokens: bool, pad: Option<crate::data::PadOptions>) -> Result<String> {
+    use crate::data::{pad_batch, Example, Tokenizer};
+    let tok = Tokenizer::from_dir(model_dir)?;
+    let mut out = String::new();
+    let name = |t: &Option<crate::data::tokenizer::SpecialToken>| t.as_ref().map_or("-".to_string(), |s| format!("{:?} ({})", s.text, s.id));
+    out += &format!("tokenizer      {} ({} tokens)\n", model_dir.join("tokenizer.json").display(), tok.len());
+    out += &format!("special        bos {}, eos {}, pad {}, unk {}\n", name(&tok.bos), name(&tok.eos), name(&tok.pad), name(&tok.unk));
+    out += &format!("padding side   {:?}; model_max_length {}\n", tok.padding_side, tok.model_max_length.map_or("-".into(), |l| l.to_string()));
+    let mut examples = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        let enc = tok.encode(text, add_special_tokens)?;
+        out += &format!("\n[{i}] {text:?}\n    {} tokens{}\n", enc.ids.len(), if add_special_tokens { " (special tokens added)" } else { "" });
+        for ((id, t), s) in enc.ids.iter().zip(&enc.tokens).zip(&enc.special) {
+            out += &format!("    {id:>7}  {t:?}{}\n", if *s == 1 { "  special" } else { "" });
+        }
+        let back = tok.decode(&enc.ids, false)?;
+        let clean = tok.decode(&enc.ids, true)?;
+        out += &format!("    decode                      {back:?}\n    decode(skip_special_tokens) {clean:?}{}\n", if clean == *text { "  (round trip exact)" } else { "" });
+        examples.push(Example { labels: enc.ids.iter().map(|&x| x as i32).collect(), input_ids: enc.ids });
+    }
+    if let Some(mut opts) = pad {
+        opts.pad_id = match (&tok.pad, &tok.eos) {
+            (Some(p), _) => p.id,
+            (None, Some(e)) => e.id,
+            (None, None) => return Err(Error::Invalid("padding needs a pad_token (or an eos_token) in tokenizer_config.json".into())),
+        };
+        let b = pad_batch(&examples, &opts)?;
+        out += &format!("\nbatch {} x {} ({:?} padding on the {:?}{})\n", b.batch, b.seq, opts.padding, opts.side, opts.max_length.map_or(String::new(), |l| format!(", max_length {l}{}", if opts.truncation { ", truncated" } else { "" })));
+        for r in 0..b.batch {
+            let row = &b.input_ids[r * b.seq..(r + 1) * b.seq];
+            let mask = &b.attention_mask.as_ref().expect("padded batches have a mask")[r * b.seq..(r + 1) * b.seq];
+            out += &format!("    input_ids      {row:?}\n    attention_mask {mask:?}\n");
+        }
+    }
+    Ok(out)
+}

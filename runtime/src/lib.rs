@@ -7,6 +7,7 @@
 pub mod args;
 pub mod backend;
 pub mod bench;
+pub mod data;
 pub mod commands;
 pub mod error;
 pub mod model;

@@ -69,6 +69,34 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Show what the model's tokenizer does with a text: tokens, ids, special tokens, the decode
+    /// round trip, and with --padding the padded batch and attention mask.
+    Tokenize {
+        /// A model folder with tokenizer.json (and tokenizer_config.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// A text to tokenize (repeatable).
+        #[arg(long)]
+        text: Vec<String>,
+        /// A file whose lines are tokenized, one text per line.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Do not add the tokenizer's special tokens (add_special_tokens=False).
+        #[arg(long = "no_special_tokens")]
+        no_special_tokens: bool,
+        /// longest, max_length or do_not_pad: collate the texts into one batch.
+        #[arg(long)]
+        padding: Option<String>,
+        #[arg(long = "max_length")]
+        max_length: Option<usize>,
+        #[arg(long)]
+        truncation: bool,
+        #[arg(long = "pad_to_multiple_of")]
+        pad_to_multiple_of: Option<usize>,
+        /// left or right (default: the tokenizer's padding_side).
+        #[arg(long = "padding_side")]
+        padding_side: Option<String>,
+    },
     /// Resolve the run's TrainingArguments (config file, then --name value overrides, validated)
     /// and print them as training_args.json would hold them.
     Args {
@@ -137,6 +165,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(loss) => println!("loss {loss:.6}; logits written to {}", output.display()),
                 None => println!("logits written to {}", output.display()),
             }
+        }
+        Command::Tokenize { model, mut text, file, no_special_tokens, padding, max_length, truncation, pad_to_multiple_of, padding_side } => {
+            if let Some(f) = &file {
+                let body = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                text.extend(body.lines().map(str::to_string));
+            }
+            if text.is_empty() {
+                anyhow::bail!("give --text TEXT (repeatable) or --file FILE");
+            }
+            let pad = match padding.as_deref() {
+                None => None,
+                Some(p) => {
+                    let padding = runtime::data::Padding::parse(p).ok_or_else(|| anyhow::anyhow!("--padding `{p}`: expected longest, max_length or do_not_pad"))?;
+                    let side = match padding_side.as_deref() {
+                        None => runtime::data::Tokenizer::from_dir(&model)?.padding_side,
+                        Some(s) => runtime::data::Side::parse(s).ok_or_else(|| anyhow::anyhow!("--padding_side `{s}`: expected left or right"))?,
+                    };
+                    Some(runtime::data::PadOptions { padding, side, pad_id: 0, max_length, truncation, pad_to_multiple_of })
+                }
+            };
+            print!("{}", commands::tokenize(&model, &text, !no_special_tokens, pad)?);
         }
         Command::Args { config, overrides } => {
             let overrides = runtime::args::training::parse_overrides(&overrides)?;

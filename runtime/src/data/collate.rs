@@ -1,0 +1,111 @@
+//! Collation: truncation and padding of tokenized examples into a rectangular batch, as
+//! transformers' `tokenizer.pad` / `DataCollatorForSeq2Seq` do it: pad to the longest example (or
+//! to `max_length`), rounded up to `pad_to_multiple_of`, on the tokenizer's padding side, with
+//! attention mask 0 and label -100 on the padding.
+
+use super::dataset::Example;
+use super::tokenizer::Side;
+use crate::error::{Error, Result};
+use crate::model::Batch;
+
+/// `padding=`: `longest` (transformers' `True`), `max_length`, or `do_not_pad`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Padding {
+    Longest,
+    MaxLength,
+    DoNotPad,
+}
+
+impl Padding {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "longest" | "true" | "True" => Some(Padding::Longest),
+            "max_length" => Some(Padding::MaxLength),
+            "do_not_pad" | "false" | "False" => Some(Padding::DoNotPad),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PadOptions {
+    pub padding: Padding,
+    pub side: Side,
+    pub pad_id: u32,
+    pub max_length: Option<usize>,
+    pub truncation: bool,
+    pub pad_to_multiple_of: Option<usize>,
+}
+
+impl PadOptions {
+    /// transformers' checks: `max_length` padding needs a length, and truncating to a length that
+    /// padding would round up is refused.
+    pub fn validate(&self) -> Result<()> {
+        if self.padding == Padding::MaxLength && self.max_length.is_none() {
+            return Err(Error::Invalid("padding `max_length` needs max_length".into()));
+        }
+        if self.truncation && self.max_length.is_none() {
+            return Err(Error::Invalid("truncation needs max_length".into()));
+        }
+        if let Some(m) = self.pad_to_multiple_of {
+            if m == 0 {
+                return Err(Error::Invalid("pad_to_multiple_of must be at least 1".into()));
+            }
+            if let (true, Some(l), false) = (self.truncation, self.max_length, self.padding == Padding::DoNotPad) {
+                if l % m != 0 {
+                    return Err(Error::Invalid(format!("truncation length ({l}) is not a multiple of pad_to_multiple_of ({m})")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Truncates one example to `max_length` on the right (transformers' default `truncation_side`).
+pub fn truncate(ex: &mut Example, max_length: usize) {
+    ex.input_ids.truncate(max_length);
+    ex.labels.truncate(max_length);
+}
+
+/// Pads `examples` into one batch. Without padding, every example must have the same length.
+pub fn pad_batch(examples: &[Example], opts: &PadOptions) -> Result<Batch> {
+    opts.validate()?;
+    if examples.is_empty() {
+        return Err(Error::Invalid("cannot collate an empty batch".into()));
+    }
+    let mut exs: Vec<Example> = examples.to_vec();
+    if opts.truncation {
+        let l = opts.max_length.expect("validated");
+        exs.iter_mut().for_each(|e| truncate(e, l));
+    }
+    let longest = exs.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+    let mut seq = match opts.padding {
+        Padding::Longest => longest,
+        Padding::MaxLength => opts.max_length.expect("validated").max(longest),
+        Padding::DoNotPad => {
+            if exs.iter().any(|e| e.input_ids.len() != longest) {
+                return Err(Error::Invalid("examples of different lengths need padding".into()));
+            }
+            longest
+        }
+    };
+    if opts.padding != Padding::DoNotPad {
+        if let Some(m) = opts.pad_to_multiple_of {
+            seq = seq.div_ceil(m) * m;
+        }
+    }
+    let n = exs.len();
+    let mut input_ids = vec![opts.pad_id as i32; n * seq];
+    let mut attention_mask = vec![0i32; n * seq];
+    let mut labels = vec![-100i32; n * seq];
+    for (b, e) in exs.iter().enumerate() {
+        let len = e.input_ids.len();
+        let off = b * seq + if opts.side == Side::Left { seq - len } else { 0 };
+        for (t, (&id, &lab)) in e.input_ids.iter().zip(&e.labels).enumerate() {
+            input_ids[off + t] = id as i32;
+            attention_mask[off + t] = 1;
+            labels[off + t] = lab;
+        }
+    }
+    Ok(Batch { batch: n, seq, input_ids, attention_mask: Some(attention_mask), labels: Some(labels), position_ids: None })
+}

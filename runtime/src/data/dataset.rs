@@ -1,0 +1,193 @@
+//! Datasets: records from JSONL (one object per line) or JSON (an array of objects) files, and
+//! the causal-LM examples built from them: `text` records tokenized and packed into `block_size`
+//! blocks as `run_clm.py`'s `group_texts` does (or truncated one by one), and `prompt`/
+//! `completion` records with labels -100 on the prompt. Every problem names the file and line.
+
+use std::path::Path;
+
+use rayon::prelude::*;
+use serde_json::{Map, Value};
+
+use super::tokenizer::Tokenizer;
+use crate::backend::cpu::IGNORE_INDEX;
+use crate::error::{Error, Result};
+
+/// One record and where it came from (1-based line for JSONL, 1-based index for JSON arrays).
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub line: usize,
+    pub fields: Map<String, Value>,
+}
+
+/// What a dataset's records hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    Text,
+    PromptCompletion,
+    Messages,
+}
+
+/// A tokenized training example; `labels[i]` is `input_ids[i]` or -100 (no loss).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Example {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i32>,
+}
+
+fn located(path: &Path, line: usize, what: &str) -> String {
+    format!("{}:{line}: {what}", path.display())
+}
+
+/// Reads a `.jsonl` or `.json` dataset file.
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let mut out = Vec::new();
+    match ext.as_str() {
+        "jsonl" => {
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<Value>(line) {
+                    Ok(Value::Object(fields)) => out.push(Record { line: i + 1, fields }),
+                    Ok(other) => return Err(Error::Invalid(located(path, i + 1, &format!("expected a JSON object, found {}", kind_of(&other))))),
+                    Err(e) => return Err(Error::Invalid(located(path, i + 1, &format!("malformed JSON: {e}")))),
+                }
+            }
+        }
+        "json" => {
+            let value: Value = serde_json::from_str(&text).map_err(|e| Error::Invalid(located(path, e.line(), &format!("malformed JSON: {e}"))))?;
+            let Value::Array(items) = value else {
+                return Err(Error::Invalid(format!("{}: expected a JSON array of records", path.display())));
+            };
+            for (i, item) in items.into_iter().enumerate() {
+                match item {
+                    Value::Object(fields) => out.push(Record { line: i + 1, fields }),
+                    other => return Err(Error::Invalid(format!("{}: record {}: expected a JSON object, found {}", path.display(), i + 1, kind_of(&other)))),
+                }
+            }
+        }
+        _ => return Err(Error::Invalid(format!("{}: unknown dataset format (use .jsonl or .json)", path.display()))),
+    }
+    if out.is_empty() {
+        return Err(Error::Invalid(format!("{}: the dataset is empty", path.display())));
+    }
+    Ok(out)
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The kind of the first record; every record is then checked against it.
+pub fn detect_kind(path: &Path, records: &[Record]) -> Result<RecordKind> {
+    let first = &records[0];
+    let has = |k: &str| first.fields.contains_key(k);
+    if has("messages") {
+        Ok(RecordKind::Messages)
+    } else if has("prompt") && has("completion") {
+        Ok(RecordKind::PromptCompletion)
+    } else if has("text") {
+        Ok(RecordKind::Text)
+    } else {
+        let keys: Vec<&str> = first.fields.keys().map(String::as_str).collect();
+        Err(Error::Invalid(located(path, first.line, &format!("no `text`, `prompt`/`completion` or `messages` field (found: {})", keys.join(", ")))))
+    }
+}
+
+fn string_field<'a>(path: &Path, r: &'a Record, key: &str) -> Result<&'a str> {
+    match r.fields.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(Error::Invalid(located(path, r.line, &format!("field `{key}` must be a string, found {}", kind_of(other))))),
+        None => Err(Error::Invalid(located(path, r.line, &format!("missing field `{key}`")))),
+    }
+}
+
+/// Tokenizes the `text` field of every record (in parallel), with the tokenizer's special tokens.
+pub fn tokenize_texts(path: &Path, records: &[Record], tok: &Tokenizer) -> Result<Vec<Vec<u32>>> {
+    records
+        .par_iter()
+        .map(|r| {
+            let text = string_field(path, r, "text")?;
+            Ok(tok.encode(text, true).map_err(|e| Error::Invalid(located(path, r.line, &e.to_string())))?.ids)
+        })
+        .collect()
+}
+
+/// `run_clm.py`'s `group_texts`: concatenates everything and cuts blocks of `block_size`,
+/// dropping the remainder; labels are the inputs.
+pub fn group_texts(tokenized: &[Vec<u32>], block_size: usize) -> Vec<Example> {
+    let all: Vec<u32> = tokenized.iter().flatten().copied().collect();
+    let total = (all.len() / block_size.max(1)) * block_size;
+    all[..total]
+        .chunks(block_size.max(1))
+        .map(|c| Example { input_ids: c.to_vec(), labels: c.iter().map(|&x| x as i32).collect() })
+        .collect()
+}
+
+/// `prompt`/`completion` records: the prompt with the tokenizer's special tokens, then the
+/// completion and the EOS token; labels -100 over the prompt. Examples are truncated to
+/// `max_length`; one whose completion is cut away entirely is an error naming its line.
+pub fn prompt_completion(path: &Path, records: &[Record], tok: &Tokenizer, max_length: Option<usize>) -> Result<Vec<Example>> {
+    records
+        .par_iter()
+        .map(|r| {
+            let p = tok.encode(string_field(path, r, "prompt")?, true)?.ids;
+            let mut c = tok.encode(string_field(path, r, "completion")?, false)?.ids;
+            if let Some(eos) = &tok.eos {
+                c.push(eos.id);
+            }
+            let mut ex = Example { labels: std::iter::repeat_n(IGNORE_INDEX, p.len()).chain(c.iter().map(|&x| x as i32)).collect(), input_ids: [p, c].concat() };
+            if let Some(l) = max_length {
+                super::collate::truncate(&mut ex, l);
+            }
+            // the causal shift: position t predicts t + 1, so a label at position 0 is never used
+            if ex.labels.iter().skip(1).all(|&l| l == IGNORE_INDEX) {
+                return Err(Error::Invalid(located(path, r.line, "no completion tokens left to learn from (the prompt fills max_seq_length)")));
+            }
+            Ok(ex)
+        })
+        .collect()
+}
+
+/// A dataset file's examples for causal-LM training: packed blocks for `text` (when
+/// `block_size` is given; otherwise one truncated example per record), masked prompts for
+/// `prompt`/`completion`.
+pub fn load_examples(path: &Path, tok: &Tokenizer, block_size: Option<usize>, max_seq_length: Option<usize>) -> Result<(RecordKind, Vec<Example>)> {
+    let records = read_records(path)?;
+    let kind = detect_kind(path, &records)?;
+    let examples = match kind {
+        RecordKind::Text => {
+            let tokenized = tokenize_texts(path, &records, tok)?;
+            match block_size {
+                Some(b) => group_texts(&tokenized, b),
+                None => tokenized
+                    .into_iter()
+                    .map(|ids| {
+                        let mut ex = Example { labels: ids.iter().map(|&x| x as i32).collect(), input_ids: ids };
+                        if let Some(l) = max_seq_length {
+                            super::collate::truncate(&mut ex, l);
+                        }
+                        ex
+                    })
+                    .collect(),
+            }
+        }
+        RecordKind::PromptCompletion => prompt_completion(path, &records, tok, max_seq_length)?,
+        RecordKind::Messages => {
+            return Err(Error::Unsupported(format!("{}: `messages` datasets (chat templates) are not supported yet; use `text` or `prompt`/`completion`", path.display())));
+        }
+    };
+    if examples.is_empty() {
+        return Err(Error::Invalid(format!("{}: no examples after tokenization (the text is shorter than one block of {} tokens?)", path.display(), block_size.unwrap_or(0))));
+    }
+    Ok((kind, examples))
+}

@@ -1,0 +1,145 @@
+//! A model's tokenizer: `tokenizer.json` through the `tokenizers` crate, with the special tokens,
+//! padding side and length limit of `tokenizer_config.json` (and `special_tokens_map.json`), as
+//! transformers' `PreTrainedTokenizerFast` reads them.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// `padding_side` / `truncation_side`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Left,
+    Right,
+}
+
+impl Side {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "left" => Some(Side::Left),
+            "right" => Some(Side::Right),
+            _ => None,
+        }
+    }
+}
+
+/// One special token: its text and id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecialToken {
+    pub text: String,
+    pub id: u32,
+}
+
+/// The result of encoding one text.
+#[derive(Clone, Debug, Default)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub tokens: Vec<String>,
+    /// 1 where the token is a special token (added by the template or written in the text).
+    pub special: Vec<u8>,
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos: Option<SpecialToken>,
+    pub eos: Option<SpecialToken>,
+    pub pad: Option<SpecialToken>,
+    pub unk: Option<SpecialToken>,
+    pub padding_side: Side,
+    /// `model_max_length`, when the config sets a real one.
+    pub model_max_length: Option<usize>,
+    pub chat_template: Option<String>,
+    pub dir: PathBuf,
+}
+
+fn token_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn read_json_object(path: &Path) -> Result<Option<Map<String, Value>>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(m)) => Ok(Some(m)),
+        Ok(_) => Err(Error::config(path, "expected a JSON object")),
+        Err(e) => Err(Error::config(path, format!("not valid JSON: {e}"))),
+    }
+}
+
+impl Tokenizer {
+    /// Loads `DIR/tokenizer.json` and, when present, `DIR/tokenizer_config.json` and
+    /// `DIR/special_tokens_map.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::Invalid(format!("{}: no tokenizer.json (a fast tokenizer file is needed; save the tokenizer with transformers to get one)", dir.display())));
+        }
+        let mut inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::config(&path, format!("not a valid tokenizer file: {e}")))?;
+        // padding and truncation are the runtime's (collate.rs), not the file's
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| Error::config(&path, e.to_string()))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let mut cfg = read_json_object(&dir.join("special_tokens_map.json"))?.unwrap_or_default();
+        for (k, v) in read_json_object(&cfg_path)?.unwrap_or_default() {
+            cfg.insert(k, v);
+        }
+        let special = |field: &str| -> Result<Option<SpecialToken>> {
+            let Some(v) = cfg.get(field).filter(|v| !v.is_null()) else { return Ok(None) };
+            let text = token_text(v).ok_or_else(|| Error::config(&cfg_path, format!("`{field}` must be a token string, found {v}")))?;
+            let id = inner.token_to_id(&text).ok_or_else(|| Error::config(&cfg_path, format!("`{field}` {text:?} is not in the vocabulary of {}", path.display())))?;
+            Ok(Some(SpecialToken { text, id }))
+        };
+        let padding_side = match cfg.get("padding_side").and_then(Value::as_str) {
+            None => Side::Right,
+            Some(s) => Side::parse(s).ok_or_else(|| Error::config(&cfg_path, format!("`padding_side` must be \"left\" or \"right\", found {s:?}")))?,
+        };
+        let model_max_length = cfg.get("model_max_length").and_then(Value::as_f64).filter(|x| (1.0..1e9).contains(x)).map(|x| x as usize);
+        let chat_template = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        Ok(Tokenizer {
+            bos: special("bos_token")?,
+            eos: special("eos_token")?,
+            pad: special("pad_token")?,
+            unk: special("unk_token")?,
+            padding_side,
+            model_max_length,
+            chat_template,
+            dir: dir.to_path_buf(),
+            inner,
+        })
+    }
+
+    /// `tokenizer(text, add_special_tokens=...)`.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Encoded> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Invalid(format!("tokenizing {text:?}: {e}")))?;
+        Ok(Encoded { ids: enc.get_ids().to_vec(), tokens: enc.get_tokens().to_vec(), special: enc.get_special_tokens_mask().iter().map(|&m| m as u8).collect() })
+    }
+
+    /// `tokenizer.decode(ids, skip_special_tokens=...)`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Invalid(format!("decoding {ids:?}: {e}")))
+    }
+
+    /// Vocabulary size including added tokens (`len(tokenizer)`).
+    pub fn len(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod data;
 pub mod commands;
 pub mod error;
+pub mod example;
 pub mod model;
 pub mod train;
 

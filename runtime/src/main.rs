@@ -97,6 +97,39 @@ enum Command {
         #[arg(long = "padding_side")]
         padding_side: Option<String>,
     },
+    /// Train (or fine-tune) a model: `runtime train --config run.toml [--name value ...]` with
+    /// TrainingArguments under their HF names.
+    Train {
+        /// A TOML, JSON or YAML file of TrainingArguments.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// `--name value` settings that override the file (HF names).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        overrides: Vec<String>,
+    },
+    /// Generate a self-contained example (data, tokenizer, model config, run config):
+    /// `runtime example addition --output_dir DIR`.
+    Example {
+        /// The example to write: addition
+        name: String,
+        #[arg(long = "output_dir")]
+        output_dir: PathBuf,
+        #[arg(long = "n_train", default_value_t = 4000)]
+        n_train: usize,
+        #[arg(long = "n_eval", default_value_t = 200)]
+        n_eval: usize,
+        #[arg(long, default_value_t = 3)]
+        digits: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Evaluate a model or checkpoint (`model_name_or_path`) on `validation_file`.
+    Eval {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        overrides: Vec<String>,
+    },
     /// Resolve the run's TrainingArguments (config file, then --name value overrides, validated)
     /// and print them as training_args.json would hold them.
     Args {
@@ -186,6 +219,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             print!("{}", commands::tokenize(&model, &text, !no_special_tokens, pad)?);
+        }
+        Command::Train { config, overrides } => {
+            let overrides = runtime::args::training::parse_overrides(&overrides)?;
+            let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
+            let mut trainer = runtime::train::trainer::Trainer::new(args)?;
+            eprintln!(
+                "training {} ({} parameters) on {} examples for {} steps",
+                trainer.model.config.architecture_name(),
+                trainer.model.num_parameters(),
+                trainer.train_len(),
+                trainer.state.max_steps
+            );
+            let metrics = trainer.train()?;
+            for e in trainer.state.log_history.iter().filter(|e| e.contains_key("loss") || e.contains_key("eval_loss")) {
+                println!("{}", serde_json::to_string(e)?);
+            }
+            println!("{}", serde_json::to_string(&metrics)?);
+            println!("saved to {}", trainer.args.output_dir);
+        }
+        Command::Example { name, output_dir, n_train, n_eval, digits, seed } => {
+            if name != "addition" {
+                anyhow::bail!("unknown example `{name}` (available: addition)");
+            }
+            runtime::example::addition(&output_dir, n_train, n_eval, digits, seed)?;
+            println!("wrote {}; train with: runtime train --config {}", output_dir.display(), output_dir.join("train.toml").display());
+        }
+        Command::Eval { config, overrides } => {
+            let overrides = runtime::args::training::parse_overrides(&overrides)?;
+            let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
+            let mut trainer = runtime::train::trainer::Trainer::for_eval(args)?;
+            println!("{}", serde_json::to_string(&trainer.evaluate()?)?);
         }
         Command::Args { config, overrides } => {
             let overrides = runtime::args::training::parse_overrides(&overrides)?;

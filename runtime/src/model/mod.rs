@@ -144,6 +144,12 @@ impl<B: Backend> Model<B> {
     /// bytes) and the source folder's tokenizer/generation files into `dir`. The folder is built
     /// under a temporary name and renamed into place, so it is either complete or absent.
     pub fn save(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64, overwrite: bool) -> Result<()> {
+        write_folder_atomically(dir, overwrite, |tmp| self.write_into(tmp, dtype, max_shard_size))
+    }
+
+    /// Writes `config.json`, the weights and the companion files into the existing folder `dir`
+    /// (used by [`Model::save`] and by checkpoints, which build their own temporary folder).
+    pub fn write_into(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64) -> Result<()> {
         let dtype = dtype.unwrap_or(self.dtype);
         let mut raw = self.config.raw.clone();
         let key = if raw.contains_key("torch_dtype") && !raw.contains_key("dtype") { "torch_dtype" } else { "dtype" };
@@ -151,24 +157,19 @@ impl<B: Backend> Model<B> {
         if !raw.contains_key("architectures") {
             raw.insert("architectures".into(), Value::Array(vec![Value::String(self.config.architecture_name().into())]));
         }
-        let tensors = self.tensors();
-        let source = self.source.clone();
-        let layout = &self.layout;
-        write_folder_atomically(dir, overwrite, |tmp| {
-            let text = serde_json::to_string_pretty(&Value::Object(raw)).expect("JSON of JSON");
-            io::write_file(&tmp.join("config.json"), format!("{text}\n").as_bytes())?;
-            io::write_weights(tmp, layout, &tensors, dtype, max_shard_size)?;
-            if let Some(src) = &source {
-                for name in COMPANION_FILES {
-                    let from = src.join(name);
-                    if from.is_file() {
-                        let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
-                        io::write_file(&tmp.join(name), &bytes)?;
-                    }
+        let text = serde_json::to_string_pretty(&Value::Object(raw)).expect("JSON of JSON");
+        io::write_file(&dir.join("config.json"), format!("{text}\n").as_bytes())?;
+        io::write_weights(dir, &self.layout, &self.tensors(), dtype, max_shard_size)?;
+        if let Some(src) = &self.source {
+            for name in COMPANION_FILES {
+                let from = src.join(name);
+                if from.is_file() {
+                    let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                    io::write_file(&dir.join(name), &bytes)?;
                 }
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 }
 

@@ -1,5 +1,8 @@
-//! Training: the optimizer and learning-rate schedules (the loop and checkpoints arrive with the
-//! trainer).
+//! Training: the optimizer, learning-rate schedules, the deterministic sampler, the trainer state
+//! and the training loop with checkpoints.
 
 pub mod optimizer;
+pub mod sampler;
 pub mod schedule;
+pub mod state;
+pub mod trainer;

@@ -1,0 +1,480 @@
+//! The training loop: HF `Trainer` semantics on the engine. Gradient accumulation normalised by
+//! the label tokens of the whole window, clipping fused into AdamW, the schedule, logging into
+//! `log_history`, evaluation, checkpoints written atomically and rotated (never the best), exact
+//! resume from the sampler's position, and HF-format output.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use serde_json::{json, Map, Value};
+
+use super::optimizer::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
+use super::sampler::{Sampler, SamplerState};
+use super::schedule::{warmup_steps, Schedule, SchedulerType};
+use super::state::TrainerState;
+use crate::args::{IntervalStrategy, SaveStrategy, TrainingArguments};
+use crate::args::training::NanInfPolicy;
+use crate::backend::cpu::{Cpu, IGNORE_INDEX};
+use crate::backend::AttnImpl;
+use crate::data::dataset::load_examples;
+use crate::data::{pad_batch, Example, PadOptions, Padding, Tokenizer};
+use crate::error::{Error, Result};
+use crate::model::{init::init_tensors, io, write_folder_atomically, Activations, Batch, Device, Dtype, Grads, Layout, LoadOptions, LossOptions, Model, ModelConfig};
+
+pub struct Trainer {
+    pub args: TrainingArguments,
+    pub model: Model<Cpu>,
+    pub tokenizer: Tokenizer,
+    pub state: TrainerState,
+    train: Vec<Example>,
+    eval: Option<Vec<Example>>,
+    pad: PadOptions,
+    opt: AdamW<Cpu>,
+    schedule: Schedule,
+    sampler: Sampler,
+    output_dir: PathBuf,
+    logging_steps: u64,
+    eval_steps: u64,
+    save_steps: u64,
+}
+
+/// A step interval: at least 1 is a step count, below 1 a ratio of `max_steps` (rounded up).
+fn interval(v: f64, max_steps: u64) -> u64 {
+    if v >= 1.0 {
+        v as u64
+    } else {
+        ((v * max_steps as f64).ceil() as u64).max(1)
+    }
+}
+
+fn label_tokens(b: &Batch) -> usize {
+    let labels = b.labels.as_ref().expect("training batches carry labels");
+    (0..b.batch).map(|r| labels[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&l| l != IGNORE_INDEX).count()).sum()
+}
+
+fn num(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+impl Trainer {
+    /// Loads (or initialises) the model, the tokenizer and the datasets, and checks everything
+    /// before any training step.
+    pub fn new(args: TrainingArguments) -> Result<Self> {
+        Self::build(args, true)
+    }
+
+    /// For `runtime eval`: the model, tokenizer and validation set only.
+    pub fn for_eval(args: TrainingArguments) -> Result<Self> {
+        Self::build(args, false)
+    }
+
+    fn build(args: TrainingArguments, training: bool) -> Result<Self> {
+        let device = Device::parse(&args.device).unwrap_or(Device::Auto);
+        let opts = LoadOptions {
+            torch_dtype: args.torch_dtype.as_deref().map(|d| Dtype::parse(d).ok_or_else(|| Error::Invalid(format!("unknown torch_dtype `{d}`")))).transpose()?,
+            attn_implementation: AttnImpl::parse(&args.attn_implementation).unwrap_or(AttnImpl::Flash),
+            device: if args.use_cpu { Device::Cpu } else { device },
+        };
+        let (mut model, model_dir) = match (&args.model_name_or_path, &args.config_name) {
+            (Some(m), _) => (Model::load(Cpu, Path::new(m), opts)?, PathBuf::from(m)),
+            (None, Some(c)) => {
+                let path = if Path::new(c).is_dir() { Path::new(c).join("config.json") } else { PathBuf::from(c) };
+                let cfg = ModelConfig::from_file(&path)?;
+                let tensors = init_tensors(&cfg, &Layout::new(&cfg), args.seed);
+                let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                (Model::from_tensors(Cpu, cfg, tensors, opts)?, dir)
+            }
+            (None, None) => return Err(Error::Invalid("set model_name_or_path (a model folder) or config_name (a config.json to train from scratch)".into())),
+        };
+        model.gradient_checkpointing = args.gradient_checkpointing;
+        let tok_dir = args.tokenizer_name.clone().map(PathBuf::from).unwrap_or(model_dir);
+        let tokenizer = Tokenizer::from_dir(&tok_dir)?;
+        if model.source.is_none() {
+            model.source = Some(tok_dir.clone()); // the tokenizer files travel with the saved model
+        }
+        if tokenizer.len() > model.config.vocab_size {
+            return Err(Error::Invalid(format!("the tokenizer in {} has {} tokens but the model's vocab_size is {}", tok_dir.display(), tokenizer.len(), model.config.vocab_size)));
+        }
+        let train_file = match (&args.train_file, training) {
+            (Some(f), true) => Some(f.clone()),
+            (None, true) => return Err(Error::Invalid("set train_file (a .jsonl or .json dataset)".into())),
+            (_, false) => None,
+        };
+        let block = match (args.block_size, args.max_seq_length) {
+            (Some(b), _) => Some(b),
+            (None, Some(_)) => None,
+            // run_clm.py's default: min(1024, the model's context)
+            (None, None) => Some(1024.min(tokenizer.model_max_length.unwrap_or(usize::MAX)).min(model.config.max_positions)),
+        };
+        let train = match &train_file {
+            Some(f) => load_examples(Path::new(f), &tokenizer, block, args.max_seq_length)?.1,
+            None => Vec::new(),
+        };
+        let eval = match &args.validation_file {
+            Some(f) => Some(load_examples(Path::new(f), &tokenizer, block, args.max_seq_length)?.1),
+            None => None,
+        };
+        if (args.eval_strategy != IntervalStrategy::No || !training) && eval.is_none() {
+            return Err(Error::Invalid(format!("eval_strategy {:?} needs validation_file", args.eval_strategy).to_lowercase()));
+        }
+        let longest = train.iter().chain(eval.iter().flatten()).map(|e| e.input_ids.len()).max().unwrap_or(0);
+        if model.config.arch == crate::model::Arch::Gpt2 && longest > model.config.max_positions {
+            return Err(Error::Invalid(format!("examples of {longest} tokens exceed the model's n_positions ({}); set block_size or max_seq_length", model.config.max_positions)));
+        }
+        let pad_id = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |t| t.id);
+        let pad = PadOptions { padding: Padding::Longest, side: tokenizer.padding_side, pad_id, max_length: None, truncation: false, pad_to_multiple_of: None };
+        let sampler = Sampler { seed: args.data_seed.unwrap_or(args.seed), n_examples: train.len(), batch_size: args.per_device_train_batch_size, drop_last: args.dataloader_drop_last };
+        let batches = sampler.batches_per_epoch().max(usize::from(!training));
+        if batches == 0 {
+            return Err(Error::Invalid(format!("{} examples make no full batch of {} (dataloader_drop_last)", train.len(), args.per_device_train_batch_size)));
+        }
+        let windows = batches.div_ceil(args.gradient_accumulation_steps) as u64;
+        let max_steps = if args.max_steps > 0 { args.max_steps as u64 } else { (args.num_train_epochs * windows as f64).ceil() as u64 };
+        let schedule = Schedule::new(SchedulerType::parse(&args.lr_scheduler_type)?, args.learning_rate, warmup_steps(args.warmup_steps, max_steps), max_steps, &args.lr_scheduler_kwargs)?;
+        let opt = AdamW::new(&model, AdamWConfig { lr: args.learning_rate as f32, beta1: args.adam_beta1 as f32, beta2: args.adam_beta2 as f32, eps: args.adam_epsilon as f32, weight_decay: args.weight_decay as f32 });
+        let logging_steps = interval(args.logging_steps, max_steps);
+        let eval_steps = interval(args.eval_steps.unwrap_or(args.logging_steps), max_steps);
+        let save_steps = interval(args.save_steps, max_steps);
+        let state = TrainerState {
+            max_steps,
+            num_train_epochs: max_steps.div_ceil(windows),
+            logging_steps,
+            eval_steps,
+            save_steps,
+            train_batch_size: args.per_device_train_batch_size,
+            is_local_process_zero: true,
+            is_world_process_zero: true,
+            ..TrainerState::default()
+        };
+        let output_dir = PathBuf::from(&args.output_dir);
+        Ok(Trainer { args, model, tokenizer, state, train, eval, pad, opt, schedule, sampler, output_dir, logging_steps, eval_steps, save_steps })
+    }
+
+    /// Number of training examples (blocks, for packed text).
+    pub fn train_len(&self) -> usize {
+        self.train.len()
+    }
+
+    fn checkpoints(&self) -> Vec<(u64, PathBuf)> {
+        let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.output_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let step = name.strip_prefix("checkpoint-")?.parse::<u64>().ok()?;
+                Some((step, e.path()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The checkpoint to resume from, if `resume_from_checkpoint` asks for one.
+    fn resume_target(&self) -> Result<Option<PathBuf>> {
+        match &self.args.resume_from_checkpoint {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
+            Some(Value::String(s)) if s == "true" || s == "True" => self.newest_checkpoint().map(Some),
+            Some(Value::Bool(true)) => self.newest_checkpoint().map(Some),
+            Some(Value::String(s)) => Ok(Some(PathBuf::from(s))),
+            Some(v) => Err(Error::Invalid(format!("resume_from_checkpoint must be a checkpoint folder or true, found {v}"))),
+        }
+    }
+
+    fn newest_checkpoint(&self) -> Result<PathBuf> {
+        for (step, dir) in self.checkpoints().into_iter().rev() {
+            if dir.join("trainer_state.json").is_file() && dir.join("optimizer.safetensors").is_file() {
+                return Ok(dir);
+            }
+            eprintln!("skipping {} (step {step}): incomplete checkpoint", dir.display());
+        }
+        Err(Error::Invalid(format!("{}: no valid checkpoint found to resume from", self.output_dir.display())))
+    }
+
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let state = TrainerState::read(&dir.join("trainer_state.json"))?;
+        let loaded = Model::load(Cpu, dir, LoadOptions { torch_dtype: None, attn_implementation: self.model.attn_impl, device: Device::Cpu })?;
+        if loaded.layout.numel() != self.model.layout.numel() {
+            return Err(Error::Invalid(format!("{}: the checkpoint's model differs from the run's", dir.display())));
+        }
+        self.model.params = loaded.params;
+        let path = dir.join("optimizer.safetensors");
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let st = io::deserialize(&path, &bytes)?;
+        for (i, spec) in self.model.layout.specs.iter().enumerate() {
+            for (prefix, dst) in [("exp_avg", &mut self.opt.exp_avg[i]), ("exp_avg_sq", &mut self.opt.exp_avg_sq[i])] {
+                let name = format!("{prefix}.{}", spec.name);
+                let view = st.tensor(&name).map_err(|_| Error::tensor(&path, &name, "missing"))?;
+                if view.dtype() != StDtype::F32 || view.shape() != [spec.numel()] {
+                    return Err(Error::tensor(&path, &name, format!("expected F32 [{}], found {:?} {:?}", spec.numel(), view.dtype(), view.shape())));
+                }
+                dst.clear();
+                dst.extend(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            }
+        }
+        self.opt.step = state.optimizer_step;
+        let keep = (self.state.max_steps, self.state.num_train_epochs, self.state.logging_steps, self.state.eval_steps, self.state.save_steps);
+        self.state = state;
+        (self.state.max_steps, self.state.num_train_epochs, self.state.logging_steps, self.state.eval_steps, self.state.save_steps) = keep;
+        Ok(())
+    }
+
+    fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let dir = self.output_dir.join(format!("checkpoint-{}", self.state.global_step));
+        if self.state.best_global_step == Some(self.state.global_step) {
+            self.state.best_model_checkpoint = Some(dir.to_string_lossy().to_string());
+        }
+        self.state.optimizer_step = self.opt.step;
+        let (model, opt, state, args) = (&self.model, &self.opt, &self.state, &self.args);
+        write_folder_atomically(&dir, true, |tmp| {
+            // f32 whatever the model's dtype, so resume is exact
+            model.write_into(tmp, Some(Dtype::F32), u64::MAX)?;
+            let mut bytes: Vec<(String, Vec<u8>)> = Vec::new();
+            for (i, spec) in model.layout.specs.iter().enumerate() {
+                for (prefix, t) in [("exp_avg", &opt.exp_avg[i]), ("exp_avg_sq", &opt.exp_avg_sq[i])] {
+                    bytes.push((format!("{prefix}.{}", spec.name), t.iter().flat_map(|v| v.to_le_bytes()).collect()));
+                }
+            }
+            let views = bytes
+                .iter()
+                .map(|(n, b)| TensorView::new(StDtype::F32, vec![b.len() / 4], b).map(|v| (n.clone(), v)).map_err(|e| Error::Invalid(e.to_string())))
+                .collect::<Result<Vec<_>>>()?;
+            let path = tmp.join("optimizer.safetensors");
+            let data = safetensors::serialize(views, None).map_err(|e| Error::weights(&path, e.to_string()))?;
+            io::write_file(&path, &data)?;
+            io::write_file(&tmp.join("scheduler.json"), json!({"last_epoch": state.global_step, "lr_scheduler_type": args.lr_scheduler_type}).to_string().as_bytes())?;
+            io::write_file(&tmp.join("training_args.json"), args.to_json().as_bytes())?;
+            io::write_file(&tmp.join("trainer_state.json"), state.to_json().as_bytes())
+        })?;
+        self.rotate()?;
+        Ok(dir)
+    }
+
+    /// `save_total_limit`: delete the oldest checkpoints, never the best one.
+    fn rotate(&self) -> Result<()> {
+        let Some(limit) = self.args.save_total_limit else { return Ok(()) };
+        let mut cps = self.checkpoints();
+        let best = self.state.best_model_checkpoint.as_ref().map(PathBuf::from);
+        // as transformers: the best checkpoint counts as the most recent
+        if let Some(b) = &best {
+            if let Some(pos) = cps.iter().position(|c| &c.1 == b) {
+                let item = cps.remove(pos);
+                cps.push(item);
+            }
+        }
+        let limit = if self.args.load_best_model_at_end && limit == 1 && best.is_some() && cps.last().map(|c| &c.1) != best.as_ref() { 2 } else { limit.max(1) };
+        let excess = cps.len().saturating_sub(limit);
+        for (_, dir) in cps.into_iter().take(excess) {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(())
+    }
+
+    fn log(&mut self, mut entry: Map<String, Value>) {
+        entry.insert("epoch".into(), num(self.state.epoch));
+        entry.insert("step".into(), json!(self.state.global_step));
+        self.state.log_history.push(entry);
+    }
+
+    /// Mean loss over the validation set, weighted by batch size as transformers' evaluation
+    /// loop weights it; updates best-metric tracking.
+    pub fn evaluate(&mut self) -> Result<Map<String, Value>> {
+        let eval = self.eval.as_ref().ok_or_else(|| Error::Invalid("evaluation needs validation_file".into()))?;
+        let t = Instant::now();
+        let (mut total, mut count, mut batches) = (0.0f64, 0usize, 0usize);
+        let mut acts = Activations::new(&self.model, 1, 2);
+        for chunk in eval.chunks(self.args.per_device_eval_batch_size) {
+            let b = pad_batch(chunk, &self.pad)?;
+            if let Some(out) = self.model.forward(&mut acts, &b, LossOptions::default(), false)? {
+                if out.n_tokens > 0 {
+                    total += out.mean as f64 * chunk.len() as f64;
+                    count += chunk.len();
+                }
+            }
+            batches += 1;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let mut m = Map::new();
+        m.insert("eval_loss".into(), num(total / count.max(1) as f64));
+        m.insert("eval_runtime".into(), num((secs * 1e4).round() / 1e4));
+        m.insert("eval_samples_per_second".into(), num((eval.len() as f64 / secs * 1e3).round() / 1e3));
+        m.insert("eval_steps_per_second".into(), num((batches as f64 / secs * 1e3).round() / 1e3));
+        if let (Some(key), Some(greater)) = (self.args.best_metric_key(), self.args.greater_is_better) {
+            let v = m.get(&key).and_then(Value::as_f64).ok_or_else(|| Error::Invalid(format!("metric_for_best_model `{key}` is not among the evaluation metrics ({})", m.keys().cloned().collect::<Vec<_>>().join(", "))))?;
+            let better = match self.state.best_metric {
+                None => true,
+                Some(b) => if greater { v > b } else { v < b },
+            };
+            if better {
+                self.state.best_metric = Some(v);
+                self.state.best_global_step = Some(self.state.global_step);
+            }
+        }
+        self.log(m.clone());
+        Ok(m)
+    }
+
+    /// Trains to `max_steps` (resuming when asked), then writes the HF-format output.
+    pub fn train(&mut self) -> Result<Map<String, Value>> {
+        let occupied = self.output_dir.is_dir() && std::fs::read_dir(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?.next().is_some();
+        let resume = self.resume_target()?;
+        if occupied && resume.is_none() && !self.args.overwrite_output_dir {
+            return Err(Error::Invalid(format!("{}: output_dir exists and is not empty; pass --resume_from_checkpoint true to continue, or --overwrite_output_dir", self.output_dir.display())));
+        }
+        std::fs::create_dir_all(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?;
+        if let Some(dir) = &resume {
+            self.load_checkpoint(dir)?;
+            eprintln!("resuming from {} at step {}", dir.display(), self.state.global_step);
+        }
+        let started = Instant::now();
+        let start_step = self.state.global_step;
+        let accum = self.args.gradient_accumulation_steps;
+        let mut grads = Grads::zeros(&self.model);
+        let mut acts = Activations::new(&self.model, 1, 2);
+        let (mut log_loss, mut log_steps, mut total_loss, mut total_steps) = (0.0f64, 0u64, 0.0f64, 0u64);
+        let mut tokens = 0u64;
+        let bar = if self.args.disable_tqdm { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(self.state.max_steps) };
+        bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+        bar.set_position(start_step);
+        if self.args.eval_on_start && start_step == 0 && self.eval.is_some() {
+            self.evaluate()?;
+        }
+        'outer: while self.state.global_step < self.state.max_steps {
+            let SamplerState { epoch, batch: first } = self.state.sampler;
+            let batches = self.sampler.epoch_batches(epoch);
+            let mut b = first as usize;
+            while b < batches.len() {
+                if self.state.global_step >= self.state.max_steps {
+                    break 'outer;
+                }
+                let end = (b + accum).min(batches.len());
+                let micro = batches[b..end].iter().map(|ix| pad_batch(&ix.iter().map(|&i| self.train[i].clone()).collect::<Vec<_>>(), &self.pad)).collect::<Result<Vec<_>>>()?;
+                let items: usize = micro.iter().map(label_tokens).sum();
+                if items == 0 {
+                    return Err(Error::Invalid(format!("step {}: the batches of this accumulation window have no label tokens", self.state.global_step + 1)));
+                }
+                grads.zero(&self.model.backend);
+                let mut loss_sum = 0.0;
+                let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: Some(items) };
+                for mb in &micro {
+                    loss_sum += self.model.forward_backward(&mut acts, mb, &mut grads, opts)?.sum;
+                    tokens += mb.attention_mask.as_ref().map_or(0, |m| m.iter().filter(|&&x| x == 1).count() as u64);
+                }
+                let loss = loss_sum / items as f64;
+                let (norm, coef) = if self.args.max_grad_norm > 0.0 { clip_coefficient(&self.model.backend, &grads, self.args.max_grad_norm as f32) } else { (grad_norm(&self.model.backend, &grads), 1.0) };
+                let lr = self.schedule.lr(self.state.global_step);
+                let finite = loss.is_finite() && norm.is_finite();
+                if finite {
+                    self.opt.step(&mut self.model, &grads, lr as f32, coef);
+                } else if self.args.nan_inf_policy == NanInfPolicy::Stop {
+                    let last = self.checkpoints().last().map_or("none".to_string(), |c| c.1.display().to_string());
+                    return Err(Error::Invalid(format!("step {}: the loss is {loss} (gradient norm {norm}); stopping without applying the update. Last good checkpoint: {last}", self.state.global_step + 1)));
+                } else {
+                    eprintln!("step {}: the loss is {loss} (gradient norm {norm}); update skipped", self.state.global_step + 1);
+                }
+                b = end;
+                self.state.global_step += 1;
+                self.state.sampler = if b >= batches.len() { SamplerState { epoch: epoch + 1, batch: 0 } } else { SamplerState { epoch, batch: b as u64 } };
+                self.state.epoch = epoch as f64 + b as f64 / batches.len() as f64;
+                self.state.num_input_tokens_seen = tokens;
+                if finite || !self.args.logging_nan_inf_filter {
+                    log_loss += loss;
+                    total_loss += loss;
+                } else {
+                    // HF's logging_nan_inf_filter: a non-finite step counts as the running average
+                    let avg = if total_steps > 0 { total_loss / total_steps as f64 } else { 0.0 };
+                    log_loss += avg;
+                    total_loss += avg;
+                }
+                log_steps += 1;
+                total_steps += 1;
+                let step = self.state.global_step;
+                bar.set_position(step);
+                bar.set_message(format!("loss {:.4} lr {:.2e} grad norm {:.3} {:.0} tok/s", loss, lr, norm, tokens as f64 / started.elapsed().as_secs_f64()));
+                let epoch_end = b >= batches.len();
+                if self.args.logging_strategy == IntervalStrategy::Steps && (step % self.logging_steps == 0 || (self.args.logging_first_step && step == 1))
+                    || self.args.logging_strategy == IntervalStrategy::Epoch && epoch_end
+                {
+                    let mut e = Map::new();
+                    e.insert("loss".into(), num((log_loss / log_steps as f64 * 1e4).round() / 1e4));
+                    e.insert("grad_norm".into(), num(norm as f64));
+                    e.insert("learning_rate".into(), num(lr));
+                    self.log(e);
+                    (log_loss, log_steps) = (0.0, 0);
+                }
+                let do_eval = match self.args.eval_strategy {
+                    IntervalStrategy::Steps => step % self.eval_steps == 0 && step as f64 > self.args.eval_delay,
+                    IntervalStrategy::Epoch => epoch_end && (epoch + 1) as f64 > self.args.eval_delay,
+                    IntervalStrategy::No => false,
+                };
+                let best_before = self.state.best_global_step;
+                if do_eval {
+                    self.evaluate()?;
+                }
+                let do_save = match self.args.save_strategy {
+                    SaveStrategy::Steps => step % self.save_steps == 0,
+                    SaveStrategy::Epoch => epoch_end,
+                    SaveStrategy::Best => do_eval && self.state.best_global_step != best_before,
+                    SaveStrategy::No => false,
+                };
+                if do_save {
+                    self.save_checkpoint()?;
+                }
+            }
+            if b >= batches.len() {
+                self.state.sampler = SamplerState { epoch: epoch + 1, batch: 0 };
+            }
+        }
+        bar.finish_and_clear();
+        let secs = started.elapsed().as_secs_f64();
+        if self.args.load_best_model_at_end {
+            if let Some(best) = self.state.best_model_checkpoint.clone() {
+                let loaded = Model::load(Cpu, Path::new(&best), LoadOptions { torch_dtype: None, attn_implementation: self.model.attn_impl, device: Device::Cpu })?;
+                self.model.params = loaded.params;
+                eprintln!("loaded the best model from {best} ({} = {:?})", self.args.best_metric_key().unwrap_or_default(), self.state.best_metric);
+            }
+        }
+        let steps_run = (self.state.global_step - start_step).max(1) as f64;
+        let mut metrics = Map::new();
+        metrics.insert("epoch".into(), num(self.state.epoch));
+        metrics.insert("total_flos".into(), num(self.state.total_flos));
+        metrics.insert("train_loss".into(), num(total_loss / total_steps.max(1) as f64));
+        metrics.insert("train_runtime".into(), num((secs * 1e4).round() / 1e4));
+        metrics.insert("train_samples_per_second".into(), num(steps_run * (self.args.per_device_train_batch_size * accum) as f64 / secs));
+        metrics.insert("train_steps_per_second".into(), num(steps_run / secs));
+        metrics.insert("train_tokens_per_second".into(), num(tokens as f64 / secs));
+        self.log(metrics.clone());
+        self.save_output(&metrics)?;
+        Ok(metrics)
+    }
+
+    /// The final `output_dir`: the model in HF format, `trainer_state.json`,
+    /// `training_args.json`, `train_results.json` and `all_results.json`.
+    fn save_output(&self, train_metrics: &Map<String, Value>) -> Result<()> {
+        let out = &self.output_dir;
+        let tmp = out.join(format!(".final.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        self.model.write_into(&tmp, None, io::parse_size("5GB").unwrap_or(u64::MAX))?;
+        let mut all = train_metrics.clone();
+        if let Some(last_eval) = self.state.log_history.iter().rev().find(|e| e.contains_key("eval_loss")) {
+            for (k, v) in last_eval {
+                if k.starts_with("eval_") {
+                    all.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        io::write_file(&tmp.join("trainer_state.json"), self.state.to_json().as_bytes())?;
+        io::write_file(&tmp.join("training_args.json"), self.args.to_json().as_bytes())?;
+        io::write_file(&tmp.join("train_results.json"), serde_json::to_string_pretty(train_metrics).unwrap_or_default().as_bytes())?;
+        io::write_file(&tmp.join("all_results.json"), serde_json::to_string_pretty(&all).unwrap_or_default().as_bytes())?;
+        // each file renamed into place: a reader never sees a half-written file
+        for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
+            let entry = entry.map_err(|e| Error::io(&tmp, e))?;
+            let dst = out.join(entry.file_name());
+            std::fs::rename(entry.path(), &dst).map_err(|e| Error::io(&dst, e))?;
+        }
+        std::fs::remove_dir(&tmp).map_err(|e| Error::io(&tmp, e))
+    }
+}

@@ -114,9 +114,9 @@ enum Command {
         name: String,
         #[arg(long = "output_dir")]
         output_dir: PathBuf,
-        #[arg(long = "n_train", default_value_t = 4000)]
+        #[arg(long = "n_train", default_value_t = 20000)]
         n_train: usize,
-        #[arg(long = "n_eval", default_value_t = 200)]
+        #[arg(long = "n_eval", default_value_t = 500)]
         n_eval: usize,
         #[arg(long, default_value_t = 3)]
         digits: u32,

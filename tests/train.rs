@@ -1,0 +1,146 @@
+//! `runtime train` end to end on the generated addition example: HF-format output and logs,
+//! exact resume from a mid-run checkpoint (byte-identical weights), checkpoint rotation that keeps
+//! the best, accumulation that does not depend on how a batch is split, and bad runs refused.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn runtime(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_runtime")).args(args).output().unwrap()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A small addition example in `dir`.
+fn example(dir: &Path) -> PathBuf {
+    let d = dir.join("addition");
+    ok(runtime(&["example", "addition", "--output_dir", d.to_str().unwrap(), "--n_train", "256", "--n_eval", "32", "--digits", "2"]), "example");
+    d
+}
+
+fn train(ex: &Path, out: &Path, extra: &[&str]) -> Output {
+    let cfg = ex.join("train.toml");
+    let mut args = vec!["train", "--config", cfg.to_str().unwrap(), "--output_dir", out.to_str().unwrap(), "--disable_tqdm", "--per_device_train_batch_size", "16", "--logging_steps", "4"];
+    args.extend_from_slice(extra);
+    runtime(&args)
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+#[test]
+fn trains_evaluates_and_writes_hf_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let out = tmp.path().join("out");
+    ok(train(&ex, &out, &["--num_train_epochs", "3", "--eval_steps", "16", "--save_steps", "16"]), "train");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "trainer_state.json", "training_args.json", "train_results.json", "all_results.json"] {
+        assert!(out.join(f).is_file(), "{f} missing from output_dir");
+    }
+    let state = json(&out.join("trainer_state.json"));
+    assert_eq!(state["global_step"], 48, "3 epochs of 16 steps");
+    let losses: Vec<f64> = state["log_history"].as_array().unwrap().iter().filter_map(|e| e["loss"].as_f64()).collect();
+    assert_eq!(losses.len(), 12);
+    assert!(losses.last().unwrap() < &(losses[0] * 0.8), "the loss falls: {losses:?}");
+    let evals: Vec<&Value> = state["log_history"].as_array().unwrap().iter().filter(|e| e.get("eval_loss").is_some()).collect();
+    assert_eq!(evals.len(), 3);
+    // load_best_model_at_end with save_total_limit 2: the best checkpoint survives rotation
+    let best = state["best_model_checkpoint"].as_str().unwrap().to_string();
+    assert!(Path::new(&best).is_dir(), "best checkpoint {best} was rotated away");
+    let cps: Vec<_> = std::fs::read_dir(&out).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")).collect();
+    assert!(cps.len() <= 2, "{} checkpoints kept with save_total_limit 2", cps.len());
+    assert!(json(&out.join("all_results.json"))["eval_loss"].as_f64().is_some());
+    assert_eq!(json(&out.join("training_args.json"))["per_device_train_batch_size"], 16);
+    // the output is a model folder the rest of the runtime reads
+    ok(runtime(&["inspect", out.to_str().unwrap()]), "inspect output");
+    let eval = ok(runtime(&["eval", "--model_name_or_path", out.to_str().unwrap(), "--validation_file", ex.join("validation.jsonl").to_str().unwrap(), "--output_dir", tmp.path().join("e").to_str().unwrap()]), "eval");
+    assert!(eval.contains("eval_loss"), "{eval}");
+}
+
+#[test]
+fn resume_from_a_checkpoint_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let a = tmp.path().join("a");
+    let common = ["--max_steps", "24", "--save_steps", "12", "--eval_strategy", "no", "--load_best_model_at_end", "false", "--save_total_limit", "5"];
+    ok(train(&ex, &a, &common), "straight run");
+    let b = tmp.path().join("b");
+    let cp = a.join("checkpoint-12");
+    let mut args = common.to_vec();
+    args.extend(["--resume_from_checkpoint", cp.to_str().unwrap()]);
+    ok(train(&ex, &b, &args), "resumed run");
+    let wa = std::fs::read(a.join("model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("model.safetensors")).unwrap();
+    assert!(wa == wb, "resumed weights differ from the straight run's");
+    assert_eq!(json(&b.join("trainer_state.json"))["global_step"], 24);
+    // `true` picks the newest complete checkpoint and skips an incomplete one
+    let c = tmp.path().join("c");
+    std::fs::create_dir_all(c.join("checkpoint-99")).unwrap(); // incomplete: no state, no optimizer
+    copy_dir(&cp, &c.join("checkpoint-12"));
+    let mut args = common.to_vec();
+    args.extend(["--resume_from_checkpoint", "true"]);
+    let out = train(&ex, &c, &args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    ok(out, "resume true");
+    assert!(err.contains("checkpoint-99") && err.contains("incomplete"), "{err}");
+    assert!(std::fs::read(c.join("model.safetensors")).unwrap() == wa, "resume true: weights differ");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn accumulation_does_not_depend_on_the_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let runs = [("one", vec!["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1"]), ("two", vec!["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4"])];
+    let mut weights = Vec::new();
+    for (name, extra) in runs {
+        let out = tmp.path().join(name);
+        let mut args = vec!["--max_steps", "8", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"];
+        args.extend(extra);
+        // the later flag wins: the batch size here overrides the helper's 16
+        ok(train(&ex, &out, &args), name);
+        let st = safetensors::SafeTensors::deserialize(&std::fs::read(out.join("model.safetensors")).unwrap()).unwrap().tensor("model.layers.0.self_attn.q_proj.weight").unwrap().data().to_vec();
+        weights.push(st.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect::<Vec<f32>>());
+    }
+    let diff = weights[0].iter().zip(&weights[1]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let scale = weights[0].iter().map(|a| a.abs()).fold(0.0f32, f32::max);
+    assert!(diff <= 1e-5 * scale, "16x1 and 4x4 accumulation differ by {diff} (scale {scale})");
+}
+
+#[test]
+fn bad_runs_are_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "x").unwrap();
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--overwrite_output_dir", "false"], vec!["not empty", "resume_from_checkpoint"]),
+        (vec!["--learnig_rate", "1"], vec!["learning_rate"]),
+        (vec!["--train_file", "/nonexistent.jsonl", "--overwrite_output_dir", "true"], vec!["nonexistent.jsonl"]),
+        (vec!["--load_best_model_at_end", "true", "--eval_strategy", "epoch", "--save_strategy", "steps"], vec!["load_best_model_at_end"]),
+        (vec!["--resume_from_checkpoint", "true", "--overwrite_output_dir", "true"], vec!["no valid checkpoint"]),
+    ];
+    for (extra, needles) in cases {
+        let o = train(&ex, &out, &extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} accepted");
+        assert!(!err.contains("panicked"), "{err}");
+        for n in needles {
+            assert!(err.contains(n), "{extra:?}: `{n}` not in {err}");
+        }
+        assert!(out.join("keep.txt").exists());
+    }
+}

@@ -132,6 +132,8 @@ fn bad_runs_are_refused_before_any_work() {
         (vec!["--train_file", "/nonexistent.jsonl", "--overwrite_output_dir", "true"], vec!["nonexistent.jsonl"]),
         (vec!["--load_best_model_at_end", "true", "--eval_strategy", "epoch", "--save_strategy", "steps"], vec!["load_best_model_at_end"]),
         (vec!["--resume_from_checkpoint", "true", "--overwrite_output_dir", "true"], vec!["no valid checkpoint"]),
+        (vec!["--neftune_noise_alpha", "5", "--overwrite_output_dir", "true"], vec!["neftune_noise_alpha", "not supported"]),
+        (vec!["--bf16", "--overwrite_output_dir", "true"], vec!["bf16", "CUDA"]),
     ];
     for (extra, needles) in cases {
         let o = train(&ex, &out, &extra);

@@ -70,6 +70,22 @@ impl Trainer {
     }
 
     fn build(args: TrainingArguments, training: bool) -> Result<Self> {
+        // settings transformers honours that this build does not implement yet: refused, never
+        // silently ignored
+        let unsupported = [
+            (args.neftune_noise_alpha.is_some(), "neftune_noise_alpha"),
+            (args.auto_find_batch_size, "auto_find_batch_size"),
+            (args.predict_with_generate, "predict_with_generate"),
+            (!args.include_for_metrics.is_empty(), "include_for_metrics"),
+            (!args.plugins.is_empty(), "plugins"),
+            (args.report_to.as_array().is_some_and(|a| !a.is_empty()) || args.report_to.is_string(), "report_to (integrations)"),
+        ];
+        if let Some((_, name)) = unsupported.iter().find(|(set, _)| *set) {
+            return Err(Error::Unsupported(format!("`{name}` is not supported by this build yet")));
+        }
+        if args.bf16 {
+            return Err(Error::Unsupported("bf16 mixed precision needs the CUDA backend, which this build does not have; the CPU backend trains in f32".into()));
+        }
         let device = Device::parse(&args.device).unwrap_or(Device::Auto);
         let opts = LoadOptions {
             torch_dtype: args.torch_dtype.as_deref().map(|d| Dtype::parse(d).ok_or_else(|| Error::Invalid(format!("unknown torch_dtype `{d}`")))).transpose()?,
@@ -240,9 +256,11 @@ impl Trainer {
                 .iter()
                 .map(|(n, b)| TensorView::new(StDtype::F32, vec![b.len() / 4], b).map(|v| (n.clone(), v)).map_err(|e| Error::Invalid(e.to_string())))
                 .collect::<Result<Vec<_>>>()?;
-            let path = tmp.join("optimizer.safetensors");
-            let data = safetensors::serialize(views, None).map_err(|e| Error::weights(&path, e.to_string()))?;
-            io::write_file(&path, &data)?;
+            if !args.save_only_model {
+                let path = tmp.join("optimizer.safetensors");
+                let data = safetensors::serialize(views, None).map_err(|e| Error::weights(&path, e.to_string()))?;
+                io::write_file(&path, &data)?;
+            }
             io::write_file(&tmp.join("scheduler.json"), json!({"last_epoch": state.global_step, "lr_scheduler_type": args.lr_scheduler_type}).to_string().as_bytes())?;
             io::write_file(&tmp.join("training_args.json"), args.to_json().as_bytes())?;
             io::write_file(&tmp.join("trainer_state.json"), state.to_json().as_bytes())
@@ -325,6 +343,10 @@ impl Trainer {
         std::fs::create_dir_all(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?;
         if let Some(dir) = &resume {
             self.load_checkpoint(dir)?;
+            if self.args.ignore_data_skip {
+                // as transformers: restart the current epoch's data instead of skipping ahead
+                self.state.sampler.batch = 0;
+            }
             eprintln!("resuming from {} at step {}", dir.display(), self.state.global_step);
         }
         let started = Instant::now();
@@ -393,7 +415,7 @@ impl Trainer {
                 bar.set_position(step);
                 bar.set_message(format!("loss {:.4} lr {:.2e} grad norm {:.3} {:.0} tok/s", loss, lr, norm, tokens as f64 / started.elapsed().as_secs_f64()));
                 let epoch_end = b >= batches.len();
-                if self.args.logging_strategy == IntervalStrategy::Steps && (step % self.logging_steps == 0 || (self.args.logging_first_step && step == 1))
+                if self.args.logging_strategy == IntervalStrategy::Steps && (step.is_multiple_of(self.logging_steps) || (self.args.logging_first_step && step == 1))
                     || self.args.logging_strategy == IntervalStrategy::Epoch && epoch_end
                 {
                     let mut e = Map::new();
@@ -404,7 +426,7 @@ impl Trainer {
                     (log_loss, log_steps) = (0.0, 0);
                 }
                 let do_eval = match self.args.eval_strategy {
-                    IntervalStrategy::Steps => step % self.eval_steps == 0 && step as f64 > self.args.eval_delay,
+                    IntervalStrategy::Steps => step.is_multiple_of(self.eval_steps) && step as f64 > self.args.eval_delay,
                     IntervalStrategy::Epoch => epoch_end && (epoch + 1) as f64 > self.args.eval_delay,
                     IntervalStrategy::No => false,
                 };
@@ -413,7 +435,7 @@ impl Trainer {
                     self.evaluate()?;
                 }
                 let do_save = match self.args.save_strategy {
-                    SaveStrategy::Steps => step % self.save_steps == 0,
+                    SaveStrategy::Steps => step.is_multiple_of(self.save_steps),
                     SaveStrategy::Epoch => epoch_end,
                     SaveStrategy::Best => do_eval && self.state.best_global_step != best_before,
                     SaveStrategy::No => false,

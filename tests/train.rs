@@ -40,7 +40,7 @@ fn trains_evaluates_and_writes_hf_output() {
     let ex = example(tmp.path());
     let out = tmp.path().join("out");
     ok(train(&ex, &out, &["--num_train_epochs", "3", "--eval_steps", "16", "--save_steps", "16"]), "train");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "trainer_state.json", "training_args.json", "train_results.json", "all_results.json"] {
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "trainer_state.json", "training_args.json", "train_results.json", "all_results.json", "loss.svg"] {
         assert!(out.join(f).is_file(), "{f} missing from output_dir");
     }
     let state = json(&out.join("trainer_state.json"));

@@ -2,6 +2,7 @@
 //! and the training loop with checkpoints.
 
 pub mod optimizer;
+pub mod plot;
 pub mod sampler;
 pub mod schedule;
 pub mod state;

@@ -491,6 +491,10 @@ impl Trainer {
         io::write_file(&tmp.join("training_args.json"), self.args.to_json().as_bytes())?;
         io::write_file(&tmp.join("train_results.json"), serde_json::to_string_pretty(train_metrics).unwrap_or_default().as_bytes())?;
         io::write_file(&tmp.join("all_results.json"), serde_json::to_string_pretty(&all).unwrap_or_default().as_bytes())?;
+        let title = format!("{} - {}", self.model.config.architecture_name(), self.args.run_name.clone().unwrap_or_else(|| self.args.output_dir.clone()));
+        if let Some(svg) = super::plot::svg(&self.state.log_history, &title) {
+            io::write_file(&tmp.join("loss.svg"), svg.as_bytes())?;
+        }
         // each file renamed into place: a reader never sees a half-written file
         for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
             let entry = entry.map_err(|e| Error::io(&tmp, e))?;

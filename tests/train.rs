@@ -92,6 +92,36 @@ fn resume_from_a_checkpoint_is_exact() {
     assert!(std::fs::read(c.join("model.safetensors")).unwrap() == wa, "resume true: weights differ");
 }
 
+/// SIGKILL a run as soon as it has written a checkpoint (so mid-step or mid-write), resume it
+/// from the newest complete checkpoint, and get the straight run's weights to the byte.
+#[test]
+fn a_killed_run_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let args = ["--max_steps", "160", "--save_steps", "4", "--save_total_limit", "3", "--eval_strategy", "no", "--load_best_model_at_end", "false"];
+    let straight = tmp.path().join("straight");
+    ok(train(&ex, &straight, &args), "straight run");
+    let killed = tmp.path().join("killed");
+    let cfg = ex.join("train.toml");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runtime"));
+    cmd.args(["train", "--config", cfg.to_str().unwrap(), "--output_dir", killed.to_str().unwrap(), "--disable_tqdm", "--per_device_train_batch_size", "16", "--logging_steps", "4"]).args(args);
+    let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while !killed.join("checkpoint-8").join("trainer_state.json").exists() {
+        assert!(started.elapsed().as_secs() < 60, "no checkpoint-8 after a minute");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("model.safetensors").exists(), "the run finished before it was killed; the test needs a longer run");
+    let mut resume = args.to_vec();
+    resume.extend(["--resume_from_checkpoint", "true"]);
+    ok(train(&ex, &killed, &resume), "resume after SIGKILL");
+    assert!(std::fs::read(straight.join("model.safetensors")).unwrap() == std::fs::read(killed.join("model.safetensors")).unwrap(), "weights after kill + resume differ");
+    let leftovers: Vec<_> = std::fs::read_dir(&killed).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains(".partial-")).collect();
+    assert!(leftovers.is_empty(), "half-written folders left behind");
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap().flatten() {

@@ -341,6 +341,13 @@ impl Trainer {
             return Err(Error::Invalid(format!("{}: output_dir exists and is not empty; pass --resume_from_checkpoint true to continue, or --overwrite_output_dir", self.output_dir.display())));
         }
         std::fs::create_dir_all(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?;
+        // what a killed run left half-written (never picked up by resume): remove it
+        for e in std::fs::read_dir(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') && (name.contains(".partial-") || name.contains(".old-")) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
         if let Some(dir) = &resume {
             self.load_checkpoint(dir)?;
             if self.args.ignore_data_skip {

@@ -80,6 +80,8 @@ pub struct TrainingArguments {
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
+    /// `adamw_torch` / `adamw_torch_fused` (the same update here; transformers 5's default name).
+    pub optim: String,
     pub max_grad_norm: f64,
     pub label_smoothing_factor: f64,
     pub neftune_noise_alpha: Option<f64>,
@@ -114,6 +116,8 @@ pub struct TrainingArguments {
     pub resume_from_checkpoint: Option<Value>,
     pub ignore_data_skip: bool,
     pub dataloader_drop_last: bool,
+    /// `random` (a seeded permutation per epoch) or `sequential`.
+    pub train_sampling_strategy: String,
     pub remove_unused_columns: bool,
     pub label_names: Option<Vec<String>>,
     pub disable_tqdm: bool,
@@ -162,6 +166,7 @@ impl Default for TrainingArguments {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
+            optim: "adamw_torch_fused".into(),
             max_grad_norm: 1.0,
             label_smoothing_factor: 0.0,
             neftune_noise_alpha: None,
@@ -194,6 +199,7 @@ impl Default for TrainingArguments {
             resume_from_checkpoint: None,
             ignore_data_skip: false,
             dataloader_drop_last: false,
+            train_sampling_strategy: "random".into(),
             remove_unused_columns: true,
             label_names: None,
             disable_tqdm: false,
@@ -212,7 +218,7 @@ impl Default for TrainingArguments {
 /// transformers `Seq2SeqTrainingArguments` fields that this runtime does not implement: naming
 /// one is an error that says so (rather than "unknown key" or silently ignoring it).
 const HF_UNSUPPORTED: &[&str] = &[
-    "optim", "optim_args", "optim_target_modules", "average_tokens_across_devices", "bf16_full_eval", "fp16_full_eval", "tf32",
+    "optim_args", "optim_target_modules", "average_tokens_across_devices", "bf16_full_eval", "fp16_full_eval", "tf32",
     "activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs", "torch_compile",
     "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "liger_kernel_config", "use_cache", "torch_empty_cache_steps",
     "log_on_each_node", "include_num_input_tokens_seen", "log_level", "log_level_replica", "project", "trackio_space_id",
@@ -220,7 +226,7 @@ const HF_UNSUPPORTED: &[&str] = &[
     "batch_eval_metrics", "save_on_each_node", "enable_jit_checkpoint", "push_to_hub", "hub_token", "hub_private_repo",
     "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision", "restore_callback_states_from_checkpoint",
     "accelerator_config", "parallelism_config", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-    "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "dataloader_in_order", "train_sampling_strategy",
+    "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "dataloader_in_order",
     "length_column_name", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
     "ddp_backend", "ddp_timeout", "fsdp", "fsdp_config", "deepspeed", "debug", "skip_memory_metrics", "local_rank",
     "sortish_sampler", "generation_config",
@@ -431,6 +437,12 @@ impl TrainingArguments {
             if n == 0 {
                 return bad("generation_num_beams must be at least 1".into());
             }
+        }
+        if !matches!(self.optim.as_str(), "adamw_torch" | "adamw_torch_fused" | "adamw_hf") {
+            return bad(format!("optim `{}` is not supported (supported: adamw_torch, adamw_torch_fused)", self.optim));
+        }
+        if !matches!(self.train_sampling_strategy.as_str(), "random" | "sequential") {
+            return bad(format!("train_sampling_strategy `{}` is not supported (supported: random, sequential)", self.train_sampling_strategy));
         }
         if !matches!(self.device.as_str(), "cpu" | "cuda" | "auto") {
             return bad(format!("device `{}`: expected cpu, cuda or auto", self.device));

@@ -19,6 +19,8 @@ pub struct Sampler {
     pub n_examples: usize,
     pub batch_size: usize,
     pub drop_last: bool,
+    /// `train_sampling_strategy = "sequential"`: the file's order every epoch.
+    pub sequential: bool,
 }
 
 impl Sampler {
@@ -33,6 +35,9 @@ impl Sampler {
     /// The example indices of every batch of `epoch`, in order.
     pub fn epoch_batches(&self, epoch: u64) -> Vec<Vec<usize>> {
         let mut idx: Vec<usize> = (0..self.n_examples).collect();
+        if self.sequential {
+            return idx.chunks(self.batch_size).take(self.batches_per_epoch()).map(<[usize]>::to_vec).collect();
+        }
         // one stream per (seed, epoch): resuming at any epoch needs no earlier draws
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         idx.shuffle(&mut rng);
@@ -46,7 +51,7 @@ mod tests {
 
     #[test]
     fn epochs_are_permutations_that_differ_and_repeat() {
-        let s = Sampler { seed: 42, n_examples: 10, batch_size: 3, drop_last: false };
+        let s = Sampler { seed: 42, n_examples: 10, batch_size: 3, drop_last: false, sequential: false };
         let e0 = s.epoch_batches(0);
         assert_eq!(e0.len(), 4);
         let mut all: Vec<usize> = e0.concat();
@@ -56,5 +61,7 @@ mod tests {
         assert_eq!(e0, s.epoch_batches(0));
         let d = Sampler { drop_last: true, ..s };
         assert_eq!(d.epoch_batches(0).len(), 3);
+        let q = Sampler { sequential: true, ..s };
+        assert_eq!(q.epoch_batches(3), vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![9]]);
     }
 }

@@ -140,7 +140,7 @@ impl Trainer {
         }
         let pad_id = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |t| t.id);
         let pad = PadOptions { padding: Padding::Longest, side: tokenizer.padding_side, pad_id, max_length: None, truncation: false, pad_to_multiple_of: None };
-        let sampler = Sampler { seed: args.data_seed.unwrap_or(args.seed), n_examples: train.len(), batch_size: args.per_device_train_batch_size, drop_last: args.dataloader_drop_last };
+        let sampler = Sampler { seed: args.data_seed.unwrap_or(args.seed), n_examples: train.len(), batch_size: args.per_device_train_batch_size, drop_last: args.dataloader_drop_last, sequential: args.train_sampling_strategy == "sequential" };
         let batches = sampler.batches_per_epoch().max(usize::from(!training));
         if batches == 0 {
             return Err(Error::Invalid(format!("{} examples make no full batch of {} (dataloader_drop_last)", train.len(), args.per_device_train_batch_size)));
@@ -304,7 +304,9 @@ impl Trainer {
         let mut acts = Activations::new(&self.model, 1, 2);
         for chunk in eval.chunks(self.args.per_device_eval_batch_size) {
             let b = pad_batch(chunk, &self.pad)?;
-            if let Some(out) = self.model.forward(&mut acts, &b, LossOptions::default(), false)? {
+            // as transformers: the label smoother applies to the evaluation loss too
+            let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: None };
+            if let Some(out) = self.model.forward(&mut acts, &b, opts, false)? {
                 if out.n_tokens > 0 {
                     total += out.mean as f64 * chunk.len() as f64;
                     count += chunk.len();
@@ -421,28 +423,34 @@ impl Trainer {
                 let step = self.state.global_step;
                 bar.set_position(step);
                 bar.set_message(format!("loss {:.4} lr {:.2e} grad norm {:.3} {:.0} tok/s", loss, lr, norm, tokens as f64 / started.elapsed().as_secs_f64()));
-                let epoch_end = b >= batches.len();
-                if self.args.logging_strategy == IntervalStrategy::Steps && (step.is_multiple_of(self.logging_steps) || (self.args.logging_first_step && step == 1))
-                    || self.args.logging_strategy == IntervalStrategy::Epoch && epoch_end
-                {
+                // transformers' DefaultFlowCallback: on_step_end, then on_epoch_end at the end of an
+                // epoch (or of training, which also ends the epoch)
+                let last = step >= self.state.max_steps;
+                let epoch_end = b >= batches.len() || last;
+                let a = &self.args;
+                let do_log = (a.logging_strategy == IntervalStrategy::Steps && step.is_multiple_of(self.logging_steps))
+                    || (a.logging_first_step && step == 1)
+                    || (a.logging_strategy == IntervalStrategy::Epoch && epoch_end);
+                let do_eval = match a.eval_strategy {
+                    IntervalStrategy::Steps => (step.is_multiple_of(self.eval_steps) || last) && a.eval_delay <= step as f64,
+                    IntervalStrategy::Epoch => epoch_end && a.eval_delay <= self.state.epoch,
+                    IntervalStrategy::No => false,
+                };
+                let save_strategy = a.save_strategy;
+                if do_log {
                     let mut e = Map::new();
-                    e.insert("loss".into(), num((log_loss / log_steps as f64 * 1e4).round() / 1e4));
+                    e.insert("loss".into(), num(log_loss / log_steps as f64));
                     e.insert("grad_norm".into(), num(norm as f64));
                     e.insert("learning_rate".into(), num(lr));
                     self.log(e);
                     (log_loss, log_steps) = (0.0, 0);
                 }
-                let do_eval = match self.args.eval_strategy {
-                    IntervalStrategy::Steps => step.is_multiple_of(self.eval_steps) && step as f64 > self.args.eval_delay,
-                    IntervalStrategy::Epoch => epoch_end && (epoch + 1) as f64 > self.args.eval_delay,
-                    IntervalStrategy::No => false,
-                };
                 let best_before = self.state.best_global_step;
                 if do_eval {
                     self.evaluate()?;
                 }
-                let do_save = match self.args.save_strategy {
-                    SaveStrategy::Steps => step.is_multiple_of(self.save_steps),
+                let do_save = match save_strategy {
+                    SaveStrategy::Steps => step.is_multiple_of(self.save_steps) || last,
                     SaveStrategy::Epoch => epoch_end,
                     SaveStrategy::Best => do_eval && self.state.best_global_step != best_before,
                     SaveStrategy::No => false,

@@ -176,3 +176,27 @@ fn bad_runs_are_refused_before_any_work() {
         assert!(out.join("keep.txt").exists());
     }
 }
+
+/// A learning rate that blows the weights up makes the loss non-finite: the update is never
+/// applied; `skip` goes on with finite weights, `stop` ends with a clear error and no final model.
+#[test]
+fn non_finite_losses_never_update_the_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let base = ["--max_steps", "6", "--learning_rate", "1e30", "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"];
+    let skip = tmp.path().join("skip");
+    let o = train(&ex, &skip, &base);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    ok(o, "skip policy");
+    assert!(err.contains("update skipped"), "{err}");
+    let st = safetensors::SafeTensors::deserialize(&std::fs::read(skip.join("model.safetensors")).unwrap()).unwrap().tensors().into_iter().map(|(_, v)| v.data().to_vec()).collect::<Vec<_>>();
+    let all_finite = st.iter().all(|d| d.chunks_exact(4).all(|b| f32::from_le_bytes(b.try_into().unwrap()).is_finite()));
+    assert!(all_finite, "a non-finite value reached the saved weights");
+    let stop = tmp.path().join("stop");
+    let mut args = base.to_vec();
+    args.extend(["--nan_inf_policy", "stop"]);
+    let o = train(&ex, &stop, &args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("stopping without applying the update") && !err.contains("panicked"), "{err}");
+    assert!(!stop.join("model.safetensors").exists());
+}

@@ -133,7 +133,9 @@ fn bad_datasets_name_file_and_line() {
         ("array.json", "{\"text\": \"a\"}", vec!["array.json", "array"]),
         ("short.jsonl", "{\"text\": \"a\"}\n", vec!["short.jsonl", "no examples"]),
         ("data.csv", "text\na\n", vec!["data.csv", ".jsonl"]),
-        ("chat.jsonl", "{\"messages\": []}\n", vec!["chat.jsonl", "messages"]),
+        ("chat.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n", vec!["chat.jsonl:1", "no assistant tokens"]),
+        ("role.jsonl", "{\"messages\": [{\"role\": \"robot\", \"content\": \"hi\"}]}\n", vec!["role.jsonl:1", "unknown role robot"]),
+        ("shape.jsonl", "{\"messages\": [{\"content\": \"hi\"}]}\n", vec!["shape.jsonl:1", "messages[0]", "role"]),
     ];
     for (name, text, needles) in cases {
         let p = write(tmp.path(), name, text);
@@ -144,6 +146,30 @@ fn bad_datasets_name_file_and_line() {
     }
     let err = load_examples(&tmp.path().join("absent.jsonl"), &tok, None, None).unwrap_err().to_string();
     assert!(err.contains("absent.jsonl"), "{err}");
+}
+
+#[test]
+fn chat_template_matches_transformers_and_labels_assistant_turns() {
+    use runtime::data::chat::ChatTemplate;
+    let tok = tokenizer();
+    let tmpl = ChatTemplate::for_tokenizer(&tok).unwrap();
+    for case in reference()["chat"].as_array().unwrap() {
+        let messages = case["messages"].as_array().unwrap();
+        assert_eq!(tmpl.render(messages, false).unwrap(), case["text"].as_str().unwrap());
+        assert_eq!(tmpl.render(&messages[..messages.len() - 1], true).unwrap(), case["text_generation_prompt"].as_str().unwrap());
+        let ex = tmpl.tokenize(&tok, messages).unwrap();
+        assert_eq!(ex.input_ids, ids(&case["ids"]));
+        // the labelled tokens are exactly the assistant replies, each with its end of turn
+        let labelled: Vec<u32> = ex.labels.iter().filter(|&&l| l != -100).map(|&l| l as u32).collect();
+        let want: String = messages.iter().filter(|m| m["role"] == "assistant").map(|m| format!("{}<|eos|>\n", m["content"].as_str().unwrap().trim())).collect();
+        assert_eq!(tok.decode(&labelled, false).unwrap(), want);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let lines: String = reference()["chat"].as_array().unwrap().iter().map(|c| serde_json::json!({"messages": c["messages"]}).to_string() + "\n").collect();
+    let p = write(tmp.path(), "chat.jsonl", &lines);
+    let (kind, ex) = load_examples(&p, &tok, None, None).unwrap();
+    assert_eq!(kind, runtime::data::RecordKind::Messages);
+    assert_eq!(ex.len(), 2);
 }
 
 #[test]

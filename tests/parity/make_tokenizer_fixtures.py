@@ -17,6 +17,22 @@ from transformers import PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures"
 
+# a ChatML-like template using what real templates use: loops, conditionals, filters, a Python
+# string method, raise_exception, the special-token variables and add_generation_prompt
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ bos_token }}system\nYou add numbers.{{ eos_token }}\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "{{ bos_token }}{{ m['role'] }}\n{{ m['content'] | trim }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ bos_token + 'assistant\n' }}{% endif %}"
+)
+CONVERSATIONS = [
+    [{"role": "user", "content": "12+30="}, {"role": "assistant", "content": "42"}],
+    [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "7+8="}, {"role": "assistant", "content": "15"},
+     {"role": "user", "content": "and 1+1="}, {"role": "assistant", "content": "2 (über easy)"}],
+]
+
 
 def corpus(n, seed):
     rng = random.Random(seed)
@@ -37,6 +53,7 @@ def main():
     # a Llama-style template: BOS before every sequence
     tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", tok.token_to_id("<|bos|>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>", model_max_length=64)
+    fast.chat_template = CHAT_TEMPLATE
     out = ROOT / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
@@ -59,6 +76,13 @@ def main():
         fast.padding_side = side
         enc = fast(batch_texts, padding=True, pad_to_multiple_of=8, truncation=True, max_length=24)
         ref[f"batch_{side}"] = {"texts": batch_texts, "max_length": 24, "pad_to_multiple_of": 8, "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    ref["chat"] = [{
+        "messages": conv,
+        "text": fast.apply_chat_template(conv, tokenize=False),
+        "text_generation_prompt": fast.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True),
+        "ids": list(fast.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]),
+    } for conv in CONVERSATIONS]
 
     # run_clm.py's group_texts on a JSONL file of texts
     data = ROOT / "data"

@@ -158,6 +158,35 @@ pub fn prompt_completion(path: &Path, records: &[Record], tok: &Tokenizer, max_l
         .collect()
 }
 
+/// `messages` records rendered with the tokenizer's chat template; labels on assistant replies.
+pub fn conversations(path: &Path, records: &[Record], tok: &Tokenizer, max_length: Option<usize>) -> Result<Vec<Example>> {
+    let tmpl = super::chat::ChatTemplate::for_tokenizer(tok)?;
+    records
+        .iter()
+        .map(|r| {
+            let messages = match r.fields.get("messages") {
+                Some(Value::Array(m)) => m,
+                Some(other) => return Err(Error::Invalid(located(path, r.line, &format!("field `messages` must be a list, found {}", kind_of(other))))),
+                None => return Err(Error::Invalid(located(path, r.line, "missing field `messages`"))),
+            };
+            for (i, m) in messages.iter().enumerate() {
+                let ok = m.get("role").is_some_and(Value::is_string) && m.get("content").is_some_and(Value::is_string);
+                if !ok {
+                    return Err(Error::Invalid(located(path, r.line, &format!("messages[{i}] needs string `role` and `content` fields"))));
+                }
+            }
+            let mut ex = tmpl.tokenize(tok, messages).map_err(|e| Error::Invalid(located(path, r.line, &e.to_string())))?;
+            if let Some(l) = max_length {
+                super::collate::truncate(&mut ex, l);
+            }
+            if ex.labels.iter().skip(1).all(|&l| l == IGNORE_INDEX) {
+                return Err(Error::Invalid(located(path, r.line, "no assistant tokens to learn from (no assistant turn, or truncated away)")));
+            }
+            Ok(ex)
+        })
+        .collect()
+}
+
 /// A dataset file's examples for causal-LM training: packed blocks for `text` (when
 /// `block_size` is given; otherwise one truncated example per record), masked prompts for
 /// `prompt`/`completion`.
@@ -182,9 +211,7 @@ pub fn load_examples(path: &Path, tok: &Tokenizer, block_size: Option<usize>, ma
             }
         }
         RecordKind::PromptCompletion => prompt_completion(path, &records, tok, max_seq_length)?,
-        RecordKind::Messages => {
-            return Err(Error::Unsupported(format!("{}: `messages` datasets (chat templates) are not supported yet; use `text` or `prompt`/`completion`", path.display())));
-        }
+        RecordKind::Messages => conversations(path, &records, tok, max_seq_length)?,
     };
     if examples.is_empty() {
         return Err(Error::Invalid(format!("{}: no examples after tokenization (the text is shorter than one block of {} tokens?)", path.display(), block_size.unwrap_or(0))));

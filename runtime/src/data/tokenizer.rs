@@ -25,6 +25,9 @@ impl Side {
     }
 }
 
+/// A byte range `[start, end)` of a text.
+pub type Span = (usize, usize);
+
 /// One special token: its text and id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpecialToken {
@@ -126,7 +129,7 @@ impl Tokenizer {
     }
 
     /// Ids and the byte span of the text each token came from (empty for added template tokens).
-    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<Span>)> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Invalid(format!("tokenizing {text:?}: {e}")))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

@@ -190,3 +190,31 @@ fn tokenize_command_shows_tokens_padding_and_round_trip() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("tokenizer.json") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn tokenization_is_cached_by_data_tokenizer_and_settings() {
+    use runtime::data::cache::load_examples_cached;
+    let tok = tokenizer();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let data = write(tmp.path(), "d.jsonl", "{\"text\": \"12+30=42. then 7+8=15.\"}\n{\"text\": \"the model learns to add numbers quickly\"}\n");
+    let (k1, e1, hit1) = load_examples_cached(&data, &tok, Some(8), None, Some(&cache), false).unwrap();
+    let (k2, e2, hit2) = load_examples_cached(&data, &tok, Some(8), None, Some(&cache), false).unwrap();
+    assert!(!hit1 && hit2, "the second load comes from the cache");
+    assert_eq!((k1, &e1), (k2, &e2));
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+    // other settings, other data, or overwrite_cache: computed again
+    let (_, e3, hit3) = load_examples_cached(&data, &tok, Some(4), None, Some(&cache), false).unwrap();
+    assert!(!hit3 && e3 != e1);
+    std::fs::write(&data, "{\"text\": \"different text entirely, long enough for a block\"}\n").unwrap();
+    let (_, e4, hit4) = load_examples_cached(&data, &tok, Some(8), None, Some(&cache), false).unwrap();
+    assert!(!hit4 && e4 != e1);
+    let (_, _, hit5) = load_examples_cached(&data, &tok, Some(8), None, Some(&cache), true).unwrap();
+    assert!(!hit5, "overwrite_cache recomputes");
+    // a corrupt entry is ignored and rebuilt
+    for e in std::fs::read_dir(&cache).unwrap().flatten() {
+        std::fs::write(e.path(), b"garbage").unwrap();
+    }
+    let (_, e6, hit6) = load_examples_cached(&data, &tok, Some(8), None, Some(&cache), false).unwrap();
+    assert!(!hit6 && e6 == e4);
+}

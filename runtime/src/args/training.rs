@@ -55,6 +55,8 @@ pub struct TrainingArguments {
     pub validation_file: Option<String>,
     pub block_size: Option<usize>,
     pub max_seq_length: Option<usize>,
+    /// Re-tokenize instead of reading the tokenization cache (run_clm.py's name).
+    pub overwrite_cache: bool,
     pub torch_dtype: Option<String>,
     pub attn_implementation: String,
 
@@ -145,6 +147,7 @@ impl Default for TrainingArguments {
             validation_file: None,
             block_size: None,
             max_seq_length: None,
+            overwrite_cache: false,
             torch_dtype: None,
             attn_implementation: "sdpa".into(),
             output_dir: "trainer_output".into(),

@@ -2,6 +2,7 @@
 //! `tokenizer_config.json`, causal-LM example building (`group_texts` packing, prompt/completion
 //! masking), and collation into padded batches.
 
+pub mod cache;
 pub mod chat;
 pub mod collate;
 pub mod dataset;

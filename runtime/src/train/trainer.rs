@@ -17,7 +17,7 @@ use crate::args::{IntervalStrategy, SaveStrategy, TrainingArguments};
 use crate::args::training::NanInfPolicy;
 use crate::backend::cpu::{Cpu, IGNORE_INDEX};
 use crate::backend::AttnImpl;
-use crate::data::dataset::load_examples;
+use crate::data::cache::load_examples_cached;
 use crate::data::{pad_batch, Example, PadOptions, Padding, Tokenizer};
 use crate::error::{Error, Result};
 use crate::model::{init::init_tensors, io, write_folder_atomically, Activations, Batch, Device, Dtype, Grads, Layout, LoadOptions, LossOptions, Model, ModelConfig};
@@ -123,12 +123,20 @@ impl Trainer {
             // run_clm.py's default: min(1024, the model's context)
             (None, None) => Some(1024.min(tokenizer.model_max_length.unwrap_or(usize::MAX)).min(model.config.max_positions)),
         };
+        let cache_dir = crate::data::cache::default_dir();
+        let load = |f: &str| -> Result<Vec<Example>> {
+            let (_, examples, hit) = load_examples_cached(Path::new(f), &tokenizer, block, args.max_seq_length, cache_dir.as_deref(), args.overwrite_cache)?;
+            if hit {
+                eprintln!("{f}: tokenized examples from the cache");
+            }
+            Ok(examples)
+        };
         let train = match &train_file {
-            Some(f) => load_examples(Path::new(f), &tokenizer, block, args.max_seq_length)?.1,
+            Some(f) => load(f)?,
             None => Vec::new(),
         };
         let eval = match &args.validation_file {
-            Some(f) => Some(load_examples(Path::new(f), &tokenizer, block, args.max_seq_length)?.1),
+            Some(f) => Some(load(f)?),
             None => None,
         };
         if (args.eval_strategy != IntervalStrategy::No || !training) && eval.is_none() {

@@ -162,7 +162,7 @@ fn bad_runs_are_refused_before_any_work() {
         (vec!["--train_file", "/nonexistent.jsonl", "--overwrite_output_dir", "true"], vec!["nonexistent.jsonl"]),
         (vec!["--load_best_model_at_end", "true", "--eval_strategy", "epoch", "--save_strategy", "steps"], vec!["load_best_model_at_end"]),
         (vec!["--resume_from_checkpoint", "true", "--overwrite_output_dir", "true"], vec!["no valid checkpoint"]),
-        (vec!["--neftune_noise_alpha", "5", "--overwrite_output_dir", "true"], vec!["neftune_noise_alpha", "not supported"]),
+        (vec!["--auto_find_batch_size", "--overwrite_output_dir", "true"], vec!["auto_find_batch_size", "not supported"]),
         (vec!["--bf16", "--overwrite_output_dir", "true"], vec!["bf16", "CUDA"]),
     ];
     for (extra, needles) in cases {
@@ -199,4 +199,25 @@ fn non_finite_losses_never_update_the_weights() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("stopping without applying the update") && !err.contains("panicked"), "{err}");
     assert!(!stop.join("model.safetensors").exists());
+}
+
+/// NEFTune noise changes training, and comes from (seed, step), so a resumed run is still exact.
+#[test]
+fn neftune_changes_training_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let base = ["--max_steps", "12", "--save_steps", "6", "--eval_strategy", "no", "--load_best_model_at_end", "false", "--save_total_limit", "5"];
+    let run = |name: &str, extra: &[&str]| -> Vec<u8> {
+        let out = tmp.path().join(name);
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        ok(train(&ex, &out, &args), name);
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    };
+    let noisy = run("noisy", &["--neftune_noise_alpha", "5"]);
+    let plain = run("plain", &[]);
+    assert!(noisy != plain, "neftune_noise_alpha had no effect");
+    let cp = tmp.path().join("noisy").join("checkpoint-6");
+    let resumed = run("resumed", &["--neftune_noise_alpha", "5", "--resume_from_checkpoint", cp.to_str().unwrap()]);
+    assert!(resumed == noisy, "a resumed NEFTune run differs from the straight one");
 }

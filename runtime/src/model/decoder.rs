@@ -310,6 +310,14 @@ impl<B: Backend> Model<B> {
         let shape = self.attn_shape(b.batch, b.seq);
         let wpe = lay.wpe.map(|i| (&p[i], &acts.pos));
         be.embedding_fwd(&mut acts.resid[0], &acts.ids, &p[lay.wte], wpe, h);
+        if let (true, Some((alpha, seed))) = (train, self.neftune) {
+            use rand::{RngExt, SeedableRng};
+            let mag = alpha / ((b.seq * h) as f32).sqrt();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let noise: Vec<f32> = (0..rows * h).map(|_| rng.random_range(-mag..=mag)).collect();
+            be.copy(&mut acts.tmp, &acts.resid[0]);
+            be.add(&mut acts.resid[0], &acts.tmp, &be.upload(&noise));
+        }
         for l in 0..c.n_layer {
             self.layer_fwd(acts, l, shape);
         }

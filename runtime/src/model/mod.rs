@@ -77,6 +77,10 @@ pub struct Model<B: Backend> {
     /// `gradient_checkpointing`: keep only layer inputs and recompute each layer in backward.
     /// Read when an [`Activations`] workspace is made.
     pub gradient_checkpointing: bool,
+    /// NEFTune (`neftune_noise_alpha`): `(alpha, seed)` adds uniform noise of magnitude
+    /// `alpha / sqrt(seq * hidden)` to the input embeddings in training forward passes, as
+    /// transformers' hook does; the seed makes each micro-batch's noise reproducible.
+    pub neftune: Option<(f32, u64)>,
 }
 
 /// Files transformers keeps beside the weights that a saved model should carry along.
@@ -113,6 +117,7 @@ impl<B: Backend> Model<B> {
             dtype: opts.torch_dtype.unwrap_or(loaded.dtype),
             source: Some(dir.to_path_buf()),
             gradient_checkpointing: false,
+            neftune: None,
         })
     }
 
@@ -128,7 +133,7 @@ impl<B: Backend> Model<B> {
             return Err(Error::Invalid(format!("{} tensors given, the layout has {}", tensors.len(), layout.specs.len())));
         }
         let params = tensors.iter().map(|t| backend.upload(t)).collect();
-        Ok(Model { backend, config, layout, params, attn_impl: opts.attn_implementation, dtype: opts.torch_dtype.unwrap_or(Dtype::F32), source: None, gradient_checkpointing: false })
+        Ok(Model { backend, config, layout, params, attn_impl: opts.attn_implementation, dtype: opts.torch_dtype.unwrap_or(Dtype::F32), source: None, gradient_checkpointing: false, neftune: None })
     }
 
     /// The parameters as host f32 vectors, in the engine's layout.

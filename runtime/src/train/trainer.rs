@@ -73,7 +73,6 @@ impl Trainer {
         // settings transformers honours that this build does not implement yet: refused, never
         // silently ignored
         let unsupported = [
-            (args.neftune_noise_alpha.is_some(), "neftune_noise_alpha"),
             (args.auto_find_batch_size, "auto_find_batch_size"),
             (args.predict_with_generate, "predict_with_generate"),
             (!args.include_for_metrics.is_empty(), "include_for_metrics"),
@@ -396,7 +395,9 @@ impl Trainer {
                 grads.zero(&self.model.backend);
                 let mut loss_sum = 0.0;
                 let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: Some(items) };
-                for mb in &micro {
+                for (i, mb) in micro.iter().enumerate() {
+                    // NEFTune noise from (seed, step, micro-batch): the same after a resume
+                    self.model.neftune = self.args.neftune_noise_alpha.map(|a| (a as f32, self.args.seed ^ (self.state.global_step << 20) ^ i as u64));
                     loss_sum += self.model.forward_backward(&mut acts, mb, &mut grads, opts)?.sum;
                     tokens += mb.attention_mask.as_ref().map_or(0, |m| m.iter().filter(|&&x| x == 1).count() as u64);
                 }

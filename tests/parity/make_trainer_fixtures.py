@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 OUT = ROOT / "tests" / "fixtures" / "trainer"
@@ -30,6 +30,10 @@ CASES = {
     "accumulation": dict(gradient_accumulation_steps=2, max_steps=10),
     "label_smoothing": dict(gradient_accumulation_steps=1, max_steps=8, label_smoothing_factor=0.1),
 }
+
+
+EVENTS = ["on_init_end", "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_step_begin", "on_substep_end",
+          "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_evaluate", "on_save", "on_log", "on_prediction_step"]
 
 
 class Examples(torch.utils.data.Dataset):
@@ -75,6 +79,21 @@ def main():
         trainer.train()
         save_file({k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}, OUT / f"final_{name}.safetensors")
         refs["cases"][name] = {"args": {**COMMON, **extra}, "log_history": trainer.state.log_history}
+    # the order of callback events (with the step each sees) over a run that logs, evaluates,
+    # saves, accumulates and crosses an epoch boundary
+    events = []
+
+    class Recorder(TrainerCallback):
+        pass
+
+    for ev in EVENTS:
+        setattr(Recorder, ev, lambda self, args, state, control, _ev=ev, **kw: events.append([_ev, state.global_step]))
+    m = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
+    ev_args = {**COMMON, "save_strategy": "steps", "save_steps": 4, "eval_steps": 2, "logging_steps": 2, "gradient_accumulation_steps": 2, "max_steps": 7}
+    args = TrainingArguments(output_dir=str(OUT / "tmp" / "events"), **ev_args)
+    Trainer(model=m, args=args, train_dataset=train, eval_dataset=evals, callbacks=[Recorder()],
+            data_collator=DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)).train()
+    refs["events"] = {"args": ev_args, "events": events}
     shutil.rmtree(OUT / "tmp")
     (OUT / "reference.json").write_text(json.dumps(refs, indent=1) + "\n")
     print("wrote", OUT)

@@ -1,6 +1,7 @@
 //! Training: the optimizer, learning-rate schedules, the deterministic sampler, the trainer state
 //! and the training loop with checkpoints.
 
+pub mod callbacks;
 pub mod optimizer;
 pub mod plot;
 pub mod sampler;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 use serde_json::{json, Map, Value};
 
+use super::callbacks::{Event, TrainerCallback, TrainerControl};
 use super::optimizer::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
 use super::sampler::{Sampler, SamplerState};
 use super::schedule::{warmup_steps, Schedule, SchedulerType};
@@ -37,6 +38,8 @@ pub struct Trainer {
     logging_steps: u64,
     eval_steps: u64,
     save_steps: u64,
+    callbacks: Vec<Box<dyn TrainerCallback>>,
+    control: TrainerControl,
 }
 
 /// A step interval: at least 1 is a step count, below 1 a ratio of `max_steps` (rounded up).
@@ -51,6 +54,32 @@ fn interval(v: f64, max_steps: u64) -> u64 {
 fn label_tokens(b: &Batch) -> usize {
     let labels = b.labels.as_ref().expect("training batches carry labels");
     (0..b.batch).map(|r| labels[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&l| l != IGNORE_INDEX).count()).sum()
+}
+
+/// Running training losses: since the last log, and over the whole run.
+#[derive(Default)]
+struct LossLog {
+    sum: f64,
+    steps: u64,
+    total: f64,
+    total_steps: u64,
+    norm: f32,
+    lr: f64,
+}
+
+impl LossLog {
+    fn add(&mut self, loss: f64) {
+        (self.sum, self.steps, self.total, self.total_steps) = (self.sum + loss, self.steps + 1, self.total + loss, self.total_steps + 1);
+    }
+    /// transformers' `logging_nan_inf_filter`: a non-finite step is logged as the running average.
+    fn average(&self) -> f64 {
+        if self.total_steps > 0 { self.total / self.total_steps as f64 } else { 0.0 }
+    }
+    fn take(&mut self) -> f64 {
+        let mean = self.sum / self.steps as f64;
+        (self.sum, self.steps) = (0.0, 0);
+        mean
+    }
 }
 
 fn num(x: f64) -> Value {
@@ -171,7 +200,20 @@ impl Trainer {
             ..TrainerState::default()
         };
         let output_dir = PathBuf::from(&args.output_dir);
-        Ok(Trainer { args, model, tokenizer, state, train, eval, pad, opt, schedule, sampler, output_dir, logging_steps, eval_steps, save_steps })
+        Ok(Trainer { args, model, tokenizer, state, train, eval, pad, opt, schedule, sampler, output_dir, logging_steps, eval_steps, save_steps, callbacks: Vec::new(), control: TrainerControl::default() })
+    }
+
+    /// Adds a callback; it receives `on_init_end` when training starts, then every event.
+    pub fn add_callback(&mut self, cb: Box<dyn TrainerCallback>) {
+        self.callbacks.push(cb);
+    }
+
+    fn emit(&mut self, event: Event, logs: Option<&Map<String, Value>>) {
+        let mut control = self.control;
+        for cb in &mut self.callbacks {
+            cb.on_event(event, &self.args, &self.state, &mut control, logs);
+        }
+        self.control = control;
     }
 
     /// Number of training examples (blocks, for packed text).
@@ -273,6 +315,7 @@ impl Trainer {
             io::write_file(&tmp.join("trainer_state.json"), state.to_json().as_bytes())
         })?;
         self.rotate()?;
+        self.emit(Event::Save, None);
         Ok(dir)
     }
 
@@ -299,17 +342,19 @@ impl Trainer {
     fn log(&mut self, mut entry: Map<String, Value>) {
         entry.insert("epoch".into(), num(self.state.epoch));
         entry.insert("step".into(), json!(self.state.global_step));
-        self.state.log_history.push(entry);
+        self.state.log_history.push(entry.clone());
+        self.emit(Event::Log, Some(&entry));
     }
 
     /// Mean loss over the validation set, weighted by batch size as transformers' evaluation
     /// loop weights it; updates best-metric tracking.
     pub fn evaluate(&mut self) -> Result<Map<String, Value>> {
-        let eval = self.eval.as_ref().ok_or_else(|| Error::Invalid("evaluation needs validation_file".into()))?;
+        let eval = self.eval.clone().ok_or_else(|| Error::Invalid("evaluation needs validation_file".into()))?;
         let t = Instant::now();
         let (mut total, mut count, mut batches) = (0.0f64, 0usize, 0usize);
         let mut acts = Activations::new(&self.model, 1, 2);
-        for chunk in eval.chunks(self.args.per_device_eval_batch_size) {
+        let chunks: Vec<Vec<Example>> = eval.chunks(self.args.per_device_eval_batch_size).map(<[Example]>::to_vec).collect();
+        for chunk in &chunks {
             let b = pad_batch(chunk, &self.pad)?;
             // as transformers: the label smoother applies to the evaluation loss too
             let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: None };
@@ -320,6 +365,7 @@ impl Trainer {
                 }
             }
             batches += 1;
+            self.emit(Event::PredictionStep, None);
         }
         let secs = t.elapsed().as_secs_f64();
         let mut m = Map::new();
@@ -339,6 +385,7 @@ impl Trainer {
             }
         }
         self.log(m.clone());
+        self.emit(Event::Evaluate, Some(&m));
         Ok(m)
     }
 
@@ -370,28 +417,29 @@ impl Trainer {
         let accum = self.args.gradient_accumulation_steps;
         let mut grads = Grads::zeros(&self.model);
         let mut acts = Activations::new(&self.model, 1, 2);
-        let (mut log_loss, mut log_steps, mut total_loss, mut total_steps) = (0.0f64, 0u64, 0.0f64, 0u64);
         let mut tokens = 0u64;
         let bar = if self.args.disable_tqdm { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(self.state.max_steps) };
         bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
         bar.set_position(start_step);
+        self.emit(Event::InitEnd, None);
+        self.emit(Event::TrainBegin, None);
         if self.args.eval_on_start && start_step == 0 && self.eval.is_some() {
             self.evaluate()?;
         }
+        let mut logbook = LossLog::default();
         'outer: while self.state.global_step < self.state.max_steps {
             let SamplerState { epoch, batch: first } = self.state.sampler;
             let batches = self.sampler.epoch_batches(epoch);
+            self.emit(Event::EpochBegin, None);
             let mut b = first as usize;
             while b < batches.len() {
-                if self.state.global_step >= self.state.max_steps {
-                    break 'outer;
-                }
                 let end = (b + accum).min(batches.len());
                 let micro = batches[b..end].iter().map(|ix| pad_batch(&ix.iter().map(|&i| self.train[i].clone()).collect::<Vec<_>>(), &self.pad)).collect::<Result<Vec<_>>>()?;
                 let items: usize = micro.iter().map(label_tokens).sum();
                 if items == 0 {
                     return Err(Error::Invalid(format!("step {}: the batches of this accumulation window have no label tokens", self.state.global_step + 1)));
                 }
+                self.emit(Event::StepBegin, None);
                 grads.zero(&self.model.backend);
                 let mut loss_sum = 0.0;
                 let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: Some(items) };
@@ -400,13 +448,18 @@ impl Trainer {
                     self.model.neftune = self.args.neftune_noise_alpha.map(|a| (a as f32, self.args.seed ^ (self.state.global_step << 20) ^ i as u64));
                     loss_sum += self.model.forward_backward(&mut acts, mb, &mut grads, opts)?.sum;
                     tokens += mb.attention_mask.as_ref().map_or(0, |m| m.iter().filter(|&&x| x == 1).count() as u64);
+                    if i + 1 < micro.len() {
+                        self.emit(Event::SubstepEnd, None);
+                    }
                 }
                 let loss = loss_sum / items as f64;
                 let (norm, coef) = if self.args.max_grad_norm > 0.0 { clip_coefficient(&self.model.backend, &grads, self.args.max_grad_norm as f32) } else { (grad_norm(&self.model.backend, &grads), 1.0) };
                 let lr = self.schedule.lr(self.state.global_step);
                 let finite = loss.is_finite() && norm.is_finite();
                 if finite {
+                    self.emit(Event::PreOptimizerStep, None);
                     self.opt.step(&mut self.model, &grads, lr as f32, coef);
+                    self.emit(Event::OptimizerStep, None);
                 } else if self.args.nan_inf_policy == NanInfPolicy::Stop {
                     let last = self.checkpoints().last().map_or("none".to_string(), |c| c.1.display().to_string());
                     return Err(Error::Invalid(format!("step {}: the loss is {loss} (gradient norm {norm}); stopping without applying the update. Last good checkpoint: {last}", self.state.global_step + 1)));
@@ -418,60 +471,48 @@ impl Trainer {
                 self.state.sampler = if b >= batches.len() { SamplerState { epoch: epoch + 1, batch: 0 } } else { SamplerState { epoch, batch: b as u64 } };
                 self.state.epoch = epoch as f64 + b as f64 / batches.len() as f64;
                 self.state.num_input_tokens_seen = tokens;
-                if finite || !self.args.logging_nan_inf_filter {
-                    log_loss += loss;
-                    total_loss += loss;
-                } else {
-                    // HF's logging_nan_inf_filter: a non-finite step counts as the running average
-                    let avg = if total_steps > 0 { total_loss / total_steps as f64 } else { 0.0 };
-                    log_loss += avg;
-                    total_loss += avg;
-                }
-                log_steps += 1;
-                total_steps += 1;
+                logbook.add(if finite || !self.args.logging_nan_inf_filter { loss } else { logbook.average() });
+                logbook.norm = norm;
+                logbook.lr = lr;
                 let step = self.state.global_step;
                 bar.set_position(step);
                 bar.set_message(format!("loss {:.4} lr {:.2e} grad norm {:.3} {:.0} tok/s", loss, lr, norm, tokens as f64 / started.elapsed().as_secs_f64()));
-                // transformers' DefaultFlowCallback: on_step_end, then on_epoch_end at the end of an
-                // epoch (or of training, which also ends the epoch)
-                let last = step >= self.state.max_steps;
-                let epoch_end = b >= batches.len() || last;
-                let a = &self.args;
-                let do_log = (a.logging_strategy == IntervalStrategy::Steps && step.is_multiple_of(self.logging_steps))
-                    || (a.logging_first_step && step == 1)
-                    || (a.logging_strategy == IntervalStrategy::Epoch && epoch_end);
-                let do_eval = match a.eval_strategy {
-                    IntervalStrategy::Steps => (step.is_multiple_of(self.eval_steps) || last) && a.eval_delay <= step as f64,
-                    IntervalStrategy::Epoch => epoch_end && a.eval_delay <= self.state.epoch,
-                    IntervalStrategy::No => false,
-                };
-                let save_strategy = a.save_strategy;
-                if do_log {
-                    let mut e = Map::new();
-                    e.insert("loss".into(), num(log_loss / log_steps as f64));
-                    e.insert("grad_norm".into(), num(norm as f64));
-                    e.insert("learning_rate".into(), num(lr));
-                    self.log(e);
-                    (log_loss, log_steps) = (0.0, 0);
+                // transformers' DefaultFlowCallback.on_step_end
+                let (a, c) = (&self.args, &mut self.control);
+                c.should_log |= (a.logging_first_step && step == 1) || (a.logging_strategy == IntervalStrategy::Steps && step.is_multiple_of(self.logging_steps));
+                c.should_evaluate |= a.eval_strategy == IntervalStrategy::Steps && step.is_multiple_of(self.eval_steps) && a.eval_delay <= step as f64;
+                c.should_save |= a.save_strategy == SaveStrategy::Steps && step.is_multiple_of(self.save_steps);
+                if step >= self.state.max_steps {
+                    c.should_training_stop = true;
+                    c.should_evaluate |= a.eval_strategy == IntervalStrategy::Steps && a.eval_delay <= step as f64;
+                    c.should_save |= a.save_strategy == SaveStrategy::Steps;
                 }
-                let best_before = self.state.best_global_step;
-                if do_eval {
-                    self.evaluate()?;
+                self.emit(Event::StepEnd, None);
+                self.log_save_evaluate(&mut logbook)?;
+                let epoch_over = b >= batches.len() || self.control.should_training_stop || self.control.should_epoch_stop;
+                if epoch_over {
+                    // transformers' DefaultFlowCallback.on_epoch_end
+                    let (a, c) = (&self.args, &mut self.control);
+                    c.should_log |= a.logging_strategy == IntervalStrategy::Epoch;
+                    c.should_evaluate |= a.eval_strategy == IntervalStrategy::Epoch && a.eval_delay <= self.state.epoch;
+                    c.should_save |= a.save_strategy == SaveStrategy::Epoch;
+                    self.emit(Event::EpochEnd, None);
+                    self.log_save_evaluate(&mut logbook)?;
                 }
-                let do_save = match save_strategy {
-                    SaveStrategy::Steps => step.is_multiple_of(self.save_steps) || last,
-                    SaveStrategy::Epoch => epoch_end,
-                    SaveStrategy::Best => do_eval && self.state.best_global_step != best_before,
-                    SaveStrategy::No => false,
-                };
-                if do_save {
-                    self.save_checkpoint()?;
+                if self.control.should_training_stop {
+                    break 'outer;
+                }
+                if self.control.should_epoch_stop {
+                    self.control.should_epoch_stop = false;
+                    self.state.sampler = SamplerState { epoch: epoch + 1, batch: 0 };
+                    continue 'outer;
                 }
             }
             if b >= batches.len() {
                 self.state.sampler = SamplerState { epoch: epoch + 1, batch: 0 };
             }
         }
+        let (total_loss, total_steps) = (logbook.total, logbook.total_steps);
         bar.finish_and_clear();
         let secs = started.elapsed().as_secs_f64();
         if self.args.load_best_model_at_end {
@@ -492,7 +533,36 @@ impl Trainer {
         metrics.insert("train_tokens_per_second".into(), num(tokens as f64 / secs));
         self.log(metrics.clone());
         self.save_output(&metrics)?;
+        self.emit(Event::TrainEnd, None);
         Ok(metrics)
+    }
+
+    /// transformers' `_maybe_log_save_evaluate`: acts on the control flags (log, then evaluate,
+    /// then save) and clears them.
+    fn log_save_evaluate(&mut self, logbook: &mut LossLog) -> Result<()> {
+        if self.control.should_log && logbook.steps > 0 {
+            let mut e = Map::new();
+            e.insert("loss".into(), num(logbook.take()));
+            e.insert("grad_norm".into(), num(logbook.norm as f64));
+            e.insert("learning_rate".into(), num(logbook.lr));
+            self.log(e);
+        }
+        self.control.should_log = false;
+        let mut new_best = false;
+        if self.control.should_evaluate {
+            let before = self.state.best_global_step;
+            self.evaluate()?;
+            new_best = self.state.best_global_step != before;
+        }
+        self.control.should_evaluate = false;
+        if self.args.save_strategy == SaveStrategy::Best {
+            self.control.should_save = new_best;
+        }
+        if self.control.should_save {
+            self.save_checkpoint()?;
+        }
+        self.control.should_save = false;
+        Ok(())
     }
 
     /// The final `output_dir`: the model in HF format, `trainer_state.json`,

@@ -1,0 +1,66 @@
+//! Trainer callbacks: transformers' `TrainerCallback` events, emitted by the training loop at the
+//! points and in the order transformers emits them (checked against a recording of
+//! `transformers.Trainer` in `tests/trainer_parity.rs`), with the `TrainerControl` flags a
+//! callback may set. The plugin host's `callbacks` hook attaches here.
+
+use serde_json::{Map, Value};
+
+use super::state::TrainerState;
+use crate::args::TrainingArguments;
+
+/// One `TrainerCallback` event, under transformers' method names (`on_` + the snake-case name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    InitEnd,
+    TrainBegin,
+    TrainEnd,
+    EpochBegin,
+    EpochEnd,
+    StepBegin,
+    SubstepEnd,
+    PreOptimizerStep,
+    OptimizerStep,
+    StepEnd,
+    Evaluate,
+    Save,
+    Log,
+    PredictionStep,
+}
+
+impl Event {
+    /// transformers' method name, e.g. `on_step_end`.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Event::InitEnd => "on_init_end",
+            Event::TrainBegin => "on_train_begin",
+            Event::TrainEnd => "on_train_end",
+            Event::EpochBegin => "on_epoch_begin",
+            Event::EpochEnd => "on_epoch_end",
+            Event::StepBegin => "on_step_begin",
+            Event::SubstepEnd => "on_substep_end",
+            Event::PreOptimizerStep => "on_pre_optimizer_step",
+            Event::OptimizerStep => "on_optimizer_step",
+            Event::StepEnd => "on_step_end",
+            Event::Evaluate => "on_evaluate",
+            Event::Save => "on_save",
+            Event::Log => "on_log",
+            Event::PredictionStep => "on_prediction_step",
+        }
+    }
+}
+
+/// `TrainerControl`: what the loop should do next. The default flow sets these at `on_step_end`
+/// and `on_epoch_end` (as `DefaultFlowCallback` does) before the callbacks see them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrainerControl {
+    pub should_training_stop: bool,
+    pub should_epoch_stop: bool,
+    pub should_save: bool,
+    pub should_evaluate: bool,
+    pub should_log: bool,
+}
+
+/// A callback. `logs` carries the entry for `Log` and the metrics for `Evaluate`.
+pub trait TrainerCallback: Send {
+    fn on_event(&mut self, event: Event, args: &TrainingArguments, state: &TrainerState, control: &mut TrainerControl, logs: Option<&Map<String, Value>>);
+}

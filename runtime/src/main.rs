@@ -224,7 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let overrides = runtime::args::training::parse_overrides(&overrides)?;
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
             let mut trainer = runtime::train::trainer::Trainer::new(args)?;
-            eprintln!(
+            tracing::info!(
                 "training {} ({} parameters) on {} examples for {} steps",
                 trainer.model.config.architecture_name(),
                 trainer.model.num_parameters(),
@@ -284,6 +284,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // logs to stderr; RUST_LOG (e.g. `RUST_LOG=debug`) sets the level, `info` by default
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

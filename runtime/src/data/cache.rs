@@ -93,7 +93,7 @@ fn write(file: &Path, kind: RecordKind, examples: &[Example]) -> Result<()> {
 
 /// What [`load_examples`] returns, from the cache in `dir` when an entry exists (and `overwrite`
 /// is off), else computed and stored. Returns whether the cache answered. Failing to write the
-/// cache is reported on stderr, never an error: the examples are still right.
+/// cache is a logged warning, never an error: the examples are still right.
 pub fn load_examples_cached(path: &Path, tok: &Tokenizer, block_size: Option<usize>, max_seq_length: Option<usize>, dir: Option<&Path>, overwrite: bool) -> Result<(RecordKind, Vec<Example>, bool)> {
     let Some(dir) = dir else {
         let (k, e) = load_examples(path, tok, block_size, max_seq_length)?;
@@ -107,7 +107,7 @@ pub fn load_examples_cached(path: &Path, tok: &Tokenizer, block_size: Option<usi
     }
     let (k, e) = load_examples(path, tok, block_size, max_seq_length)?;
     if let Err(err) = write(&file, k, &e) {
-        eprintln!("warning: could not cache the tokenized {}: {err}", path.display());
+        tracing::warn!("could not cache the tokenized {}: {err}", path.display());
     }
     Ok((k, e, false))
 }

@@ -155,7 +155,7 @@ impl Trainer {
         let load = |f: &str| -> Result<Vec<Example>> {
             let (_, examples, hit) = load_examples_cached(Path::new(f), &tokenizer, block, args.max_seq_length, cache_dir.as_deref(), args.overwrite_cache)?;
             if hit {
-                eprintln!("{f}: tokenized examples from the cache");
+                tracing::info!("{f}: tokenized examples from the cache");
             }
             Ok(examples)
         };
@@ -252,7 +252,7 @@ impl Trainer {
             if dir.join("trainer_state.json").is_file() && dir.join("optimizer.safetensors").is_file() {
                 return Ok(dir);
             }
-            eprintln!("skipping {} (step {step}): incomplete checkpoint", dir.display());
+            tracing::warn!("skipping {} (step {step}): incomplete checkpoint", dir.display());
         }
         Err(Error::Invalid(format!("{}: no valid checkpoint found to resume from", self.output_dir.display())))
     }
@@ -410,7 +410,7 @@ impl Trainer {
                 // as transformers: restart the current epoch's data instead of skipping ahead
                 self.state.sampler.batch = 0;
             }
-            eprintln!("resuming from {} at step {}", dir.display(), self.state.global_step);
+            tracing::info!("resuming from {} at step {}", dir.display(), self.state.global_step);
         }
         let started = Instant::now();
         let start_step = self.state.global_step;
@@ -464,7 +464,7 @@ impl Trainer {
                     let last = self.checkpoints().last().map_or("none".to_string(), |c| c.1.display().to_string());
                     return Err(Error::Invalid(format!("step {}: the loss is {loss} (gradient norm {norm}); stopping without applying the update. Last good checkpoint: {last}", self.state.global_step + 1)));
                 } else {
-                    eprintln!("step {}: the loss is {loss} (gradient norm {norm}); update skipped", self.state.global_step + 1);
+                    tracing::warn!("step {}: the loss is {loss} (gradient norm {norm}); update skipped", self.state.global_step + 1);
                 }
                 b = end;
                 self.state.global_step += 1;
@@ -519,7 +519,7 @@ impl Trainer {
             if let Some(best) = self.state.best_model_checkpoint.clone() {
                 let loaded = Model::load(Cpu, Path::new(&best), LoadOptions { torch_dtype: None, attn_implementation: self.model.attn_impl, device: Device::Cpu })?;
                 self.model.params = loaded.params;
-                eprintln!("loaded the best model from {best} ({} = {:?})", self.args.best_metric_key().unwrap_or_default(), self.state.best_metric);
+                tracing::info!("loaded the best model from {best} ({} = {:?})", self.args.best_metric_key().unwrap_or_default(), self.state.best_metric);
             }
         }
         let steps_run = (self.state.global_step - start_step).max(1) as f64;

@@ -5,8 +5,10 @@ For each parity fixture it
      result with `AutoModelForCausalLM.from_pretrained(..., output_loading_info=True)`, requires no
      missing, unexpected or mismatched keys and no loading warnings, and compares transformers'
      logits with the fixture's reference logits;
-  2. writes a fresh model with `runtime init`, loads it in transformers the same way, and compares
-     transformers' logits with `runtime forward`'s on the fixture batch.
+  2. writes a fresh model with `runtime init` (also for a Mistral config), loads it in transformers
+     the same way, and compares transformers' logits with `runtime forward`'s on the fixture batch;
+  3. trains a few steps with `runtime train` and loads the output folder (model and tokenizer) in
+     transformers, comparing logits with `runtime forward`'s.
 
 Run from the repository root after `cargo build --release`, with a Python that has torch and
 transformers:
@@ -119,6 +121,26 @@ def main():
         ours = load_file(tmp / "out.safetensors")["logits"]
         err = rel(ours[mask], theirs[mask])
         print(f"{case}: runtime init -> transformers logits vs runtime forward: rel err {err:.2e}")
+        failures += err > 1e-5
+        # a folder written by `runtime train`: model, tokenizer and all, loads in transformers
+        fx = FIXTURES / "trainer"
+        out = tmp / "trained"
+        run(args.runtime, "train", "--model_name_or_path", fx / "init", "--train_file", fx / "data" / "train.jsonl",
+            "--validation_file", fx / "data" / "validation.jsonl", "--output_dir", out, "--max_steps", "6",
+            "--eval_strategy", "steps", "--eval_steps", "3", "--save_steps", "3", "--disable_tqdm")
+        model = load_checked(out)
+        tok = transformers.AutoTokenizer.from_pretrained(out)
+        enc = tok(["12+30=42", "7+8=15"], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            theirs = model(**enc).logits
+        inputs = tmp / "trained-inputs.safetensors"
+        from safetensors.torch import save_file
+        save_file({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, inputs)
+        run(args.runtime, "forward", "--model", out, "--inputs", inputs, "--output", tmp / "out.safetensors")
+        ours = load_file(tmp / "out.safetensors")["logits"]
+        m = enc["attention_mask"].bool()
+        err = rel(ours[m], theirs[m])
+        print(f"runtime train output -> transformers model + tokenizer, logits vs runtime forward: rel err {err:.2e}")
         failures += err > 1e-5
     if failures:
         sys.exit(f"{failures} comparison(s) above 1e-5")

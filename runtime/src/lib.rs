@@ -11,6 +11,7 @@ pub mod data;
 pub mod commands;
 pub mod error;
 pub mod example;
+pub mod generate;
 pub mod model;
 pub mod train;
 

@@ -130,6 +130,23 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         overrides: Vec<String>,
     },
+    /// Generate text greedily with the KV cache, streaming the tokens: `runtime generate --model DIR
+    /// --prompt TEXT`.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        /// A prompt (repeatable: a left-padded batch; the first one is streamed).
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// A file of prompts, one per line.
+        #[arg(long = "prompt_file")]
+        prompt_file: Option<PathBuf>,
+        /// Wrap each prompt as a user turn of the tokenizer's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long = "max_new_tokens")]
+        max_new_tokens: Option<usize>,
+    },
     /// Resolve the run's TrainingArguments (config file, then --name value overrides, validated)
     /// and print them as training_args.json would hold them.
     Args {
@@ -250,6 +267,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
             let mut trainer = runtime::train::trainer::Trainer::for_eval(args)?;
             println!("{}", serde_json::to_string(&trainer.evaluate()?)?);
+        }
+        Command::Generate { model, mut prompt, prompt_file, chat, max_new_tokens } => {
+            if let Some(f) = &prompt_file {
+                let body = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                prompt.extend(body.lines().filter(|l| !l.is_empty()).map(str::to_string));
+            }
+            if prompt.is_empty() {
+                anyhow::bail!("give --prompt TEXT (repeatable) or --prompt_file FILE");
+            }
+            commands::generate(&model, &prompt, chat, max_new_tokens, &mut std::io::stdout())?;
         }
         Command::Args { config, overrides } => {
             let overrides = runtime::args::training::parse_overrides(&overrides)?;

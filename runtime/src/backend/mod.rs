@@ -128,6 +128,14 @@ pub trait Backend: Send + Sync {
     /// Writes `dqkv` (overwritten).
     #[allow(clippy::too_many_arguments)] // as above
     fn attention_bwd(&self, dqkv: &mut Self::Buf, dout: &Self::Buf, qkv: &Self::Buf, out: &Self::Buf, stats: &Self::Buf, key_mask: &Self::Ids, shape: AttnShape, imp: AttnImpl);
+    /// Generation: writes the key and value heads of each row of `qkv` (one new token per
+    /// sequence; `shape.seq == 1`) into the caches `[batch, max_len, n_kv_head * head_dim]` at `slot`.
+    #[allow(clippy::too_many_arguments)] // the caches, the new token and where it goes
+    fn kv_append(&self, k_cache: &mut Self::Buf, v_cache: &mut Self::Buf, qkv: &Self::Buf, slot: usize, shape: AttnShape, max_len: usize);
+    /// Generation: each row's query (from `qkv`) attends to its cached keys `0..=slot` whose
+    /// `key_mask[row * max_len + j]` is 1. Writes `out` (`[batch, n_head * head_dim]`).
+    #[allow(clippy::too_many_arguments)] // as above
+    fn attention_decode(&self, out: &mut Self::Buf, qkv: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, key_mask: &Self::Ids, slot: usize, shape: AttnShape, max_len: usize);
     /// Rotary embedding (HF's `rotate_half` convention) applied in place to the query and key
     /// heads of `qkv`; `inverse` rotates back (the backward pass).
     fn rope(&self, qkv: &mut Self::Buf, positions: &Self::Ids, shape: AttnShape, theta: f32, inverse: bool);

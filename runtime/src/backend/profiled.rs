@@ -100,6 +100,12 @@ impl<B: Backend> Backend for Profiled<B> {
     fn attention_bwd(&self, dqkv: &mut B::Buf, dout: &B::Buf, qkv: &B::Buf, out: &B::Buf, stats: &B::Buf, key_mask: &B::Ids, shape: AttnShape, imp: AttnImpl) {
         self.time("attention", 0.0, || self.inner.attention_bwd(dqkv, dout, qkv, out, stats, key_mask, shape, imp))
     }
+    fn kv_append(&self, k_cache: &mut B::Buf, v_cache: &mut B::Buf, qkv: &B::Buf, slot: usize, shape: AttnShape, max_len: usize) {
+        self.time("attention", 0.0, || self.inner.kv_append(k_cache, v_cache, qkv, slot, shape, max_len))
+    }
+    fn attention_decode(&self, out: &mut B::Buf, qkv: &B::Buf, k_cache: &B::Buf, v_cache: &B::Buf, key_mask: &B::Ids, slot: usize, shape: AttnShape, max_len: usize) {
+        self.time("attention", 0.0, || self.inner.attention_decode(out, qkv, k_cache, v_cache, key_mask, slot, shape, max_len))
+    }
     fn rope(&self, qkv: &mut B::Buf, positions: &B::Ids, shape: AttnShape, theta: f32, inverse: bool) {
         self.time("rope", 0.0, || self.inner.rope(qkv, positions, shape, theta, inverse))
     }

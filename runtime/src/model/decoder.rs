@@ -252,7 +252,7 @@ impl<B: Backend> Model<B> {
         acts.targets = be.upload_ids(&targets);
     }
 
-    fn norm_fwd(&self, out: &mut B::Buf, mean: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf, w: usize, b: Option<usize>) {
+    pub(crate) fn norm_fwd(&self, out: &mut B::Buf, mean: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf, w: usize, b: Option<usize>) {
         let (p, c) = (&self.params, self.config.hidden_size);
         match self.config.arch {
             Arch::Gpt2 => self.backend.layernorm_fwd(out, mean, rstd, x, &p[w], b.map(|b| &p[b]), c, self.config.norm_eps),

@@ -311,6 +311,43 @@ pub fn flash_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: 
     });
 }
 
+/// Generation: copies each row's key and value heads into the caches at `slot`.
+pub fn kv_append(k_cache: &mut [f32], v_cache: &mut [f32], qkv: &[f32], slot: usize, s: AttnShape, max_len: usize) {
+    let l = Layout::new(s);
+    let kvd = s.n_kv_head * s.head_dim;
+    for b in 0..s.batch {
+        let dst = (b * max_len + slot) * kvd;
+        k_cache[dst..dst + kvd].copy_from_slice(&qkv[l.k(b, 0, 0)..][..kvd]);
+        v_cache[dst..dst + kvd].copy_from_slice(&qkv[l.v(b, 0, 0)..][..kvd]);
+    }
+}
+
+/// Generation: one query per row against its cache (keys `0..=slot` with mask 1).
+#[allow(clippy::too_many_arguments)] // see Backend::attention_decode
+pub fn attention_decode(out: &mut [f32], qkv: &[f32], k_cache: &[f32], v_cache: &[f32], mask: &[i32], slot: usize, s: AttnShape, max_len: usize) {
+    let l = Layout::new(s);
+    let (d, kvd) = (s.head_dim, s.n_kv_head * s.head_dim);
+    out.par_chunks_mut(d).enumerate().for_each(|(bh, o)| {
+        let (b, h) = (bh / s.n_head, bh % s.n_head);
+        let g = h / l.group();
+        let q = &qkv[l.q(b, 0, h)..][..d];
+        let mut scores: Vec<f32> = (0..=slot)
+            .map(|j| if mask[b * max_len + j] != 0 { super::math::dot(q, &k_cache[(b * max_len + j) * kvd + g * d..][..d]) * l.scale } else { f32::NEG_INFINITY })
+            .collect();
+        o.fill(0.0);
+        let max = math::max(&scores);
+        if max == f32::NEG_INFINITY {
+            return;
+        }
+        let inv = 1.0 / exp_row(&mut scores, max);
+        for (j, p) in scores.iter().enumerate() {
+            if *p != 0.0 {
+                super::math::axpy(o, p * inv, &v_cache[(b * max_len + j) * kvd + g * d..][..d]);
+            }
+        }
+    });
+}
+
 /// Rotary embedding in place on the query and key heads (HF's `rotate_half` layout: dimension `i`
 /// pairs with `i + head_dim / 2`). `inverse` applies the transpose rotation (the backward pass).
 pub fn rope(qkv: &mut [f32], positions: &[i32], s: AttnShape, theta: f32, inverse: bool) {

@@ -85,6 +85,12 @@ impl Backend for Cpu {
             AttnImpl::Flash => attention::flash_bwd(dqkv, dout, qkv, out, stats, key_mask, shape),
         }
     }
+    fn kv_append(&self, k_cache: &mut Vec<f32>, v_cache: &mut Vec<f32>, qkv: &Vec<f32>, slot: usize, shape: AttnShape, max_len: usize) {
+        attention::kv_append(k_cache, v_cache, qkv, slot, shape, max_len)
+    }
+    fn attention_decode(&self, out: &mut Vec<f32>, qkv: &Vec<f32>, k_cache: &Vec<f32>, v_cache: &Vec<f32>, key_mask: &Vec<i32>, slot: usize, shape: AttnShape, max_len: usize) {
+        attention::attention_decode(out, qkv, k_cache, v_cache, key_mask, slot, shape, max_len)
+    }
     fn rope(&self, qkv: &mut Vec<f32>, positions: &Vec<i32>, shape: AttnShape, theta: f32, inverse: bool) {
         attention::rope(qkv, positions, shape, theta, inverse)
     }

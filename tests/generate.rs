@@ -1,0 +1,67 @@
+//! Greedy generation with the KV cache against `transformers.generate` (the fixture from
+//! `tests/parity/make_generate_fixtures.py`): left-padded prompts of different lengths on the three
+//! parity models, token for token; and the cache against full forward passes.
+
+mod common;
+
+use runtime::backend::cpu::Cpu;
+use runtime::backend::AttnImpl;
+use runtime::generate::{decode_step, greedy, DecodeState, GreedyOptions};
+use runtime::model::{Activations, Batch, LoadOptions, LossOptions, Model};
+use serde_json::Value;
+
+fn load(case: &str) -> Model<Cpu> {
+    Model::load(Cpu, &common::fixtures().join(case).join("model"), LoadOptions { attn_implementation: AttnImpl::Eager, ..LoadOptions::default() }).unwrap()
+}
+
+#[test]
+fn greedy_matches_transformers_generate() {
+    for case in ["gpt2", "llama", "qwen2"] {
+        let model = load(case);
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(common::fixtures().join(case).join("generate.json")).unwrap()).unwrap();
+        let ids = |v: &Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+        let prompts: Vec<Vec<u32>> = r["prompts"].as_array().unwrap().iter().map(ids).collect();
+        let want: Vec<Vec<u32>> = r["generated"].as_array().unwrap().iter().map(ids).collect();
+        let opts = GreedyOptions { max_new_tokens: r["max_new_tokens"].as_u64().unwrap() as usize, eos_token_id: vec![r["eos_token_id"].as_u64().unwrap() as u32], pad_token_id: r["pad_token_id"].as_u64().unwrap() as u32 };
+        let mut streamed = vec![Vec::new(); prompts.len()];
+        let got = greedy(&model, &prompts, &opts, |b, t| streamed[b].push(t)).unwrap();
+        assert_eq!(got, want, "{case}: greedy tokens differ from transformers.generate");
+        assert_eq!(streamed, want, "{case}: streamed tokens");
+    }
+}
+
+/// The logits of each cached decoding step equal the full forward pass's at that position.
+#[test]
+fn kv_cache_steps_match_the_full_forward_pass() {
+    for case in ["gpt2", "llama", "qwen2"] {
+        let model = load(case);
+        let v = model.config.vocab_size;
+        let seq: Vec<i32> = (0..9).map(|i| (i * 7 + 3) % v as i32).collect();
+        let mut acts = Activations::new(&model, 1, seq.len());
+        let batch = Batch { batch: 1, seq: seq.len(), input_ids: seq.clone(), ..Batch::default() };
+        model.forward(&mut acts, &batch, LossOptions::default(), false).unwrap();
+        let mut st = DecodeState::new(&model, 1, seq.len());
+        for (t, &id) in seq.iter().enumerate() {
+            let step = decode_step(&model, &mut st, &[id], &[1]).unwrap();
+            common::assert_close(&format!("{case} position {t}"), &step, &acts.logits[t * v..(t + 1) * v], 1e-5);
+        }
+        assert!(decode_step(&model, &mut st, &[1], &[1]).unwrap_err().to_string().contains("full"));
+    }
+}
+
+#[test]
+fn generate_command_streams_text_and_reports_speed() {
+    let model = common::fixtures().join("trainer").join("init");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "12+30=", "--prompt", "7+8=", "--max_new_tokens", "4"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.lines().count() == 2 && stdout.contains("[1] "), "{stdout}");
+    assert!(stderr.contains("tokens/s"), "{stderr}");
+    // --chat needs a chat template, and says so
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime")).args(["generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--chat"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("chat_template") && !stderr.contains("panicked"), "{stderr}");
+}

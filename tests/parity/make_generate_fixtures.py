@@ -1,0 +1,38 @@
+"""Greedy generation references from `transformers.generate` on the parity models, for
+`tests/generate.rs`: left-padded prompts of different lengths, `do_sample=False`. Writes
+tests/fixtures/<case>/generate.json. Re-run from the repository root after make_fixtures.py:
+
+    python tests/parity/make_generate_fixtures.py
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def main():
+    g = torch.Generator().manual_seed(5)
+    for case in ["gpt2", "llama", "qwen2"]:
+        model = AutoModelForCausalLM.from_pretrained(FIXTURES / case / "model", dtype=torch.float32, attn_implementation="eager").eval()
+        vocab = model.config.vocab_size
+        lengths = [7, 4, 1]
+        pad = 0
+        prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+        width = max(lengths)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=1,
+                                 pad_token_id=pad, eos_token_id=2)
+        generated = [row[width:].tolist() for row in out]
+        (FIXTURES / case / "generate.json").write_text(json.dumps({"prompts": prompts, "pad_token_id": pad, "eos_token_id": 2,
+                                                                    "max_new_tokens": 10, "generated": generated}) + "\n")
+        print(case, generated)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,9 +9,7 @@ use runtime::args::TrainingArguments;
 use serde_json::Value;
 
 /// Where `runtime` deliberately differs from transformers' default, and why.
-const DELIBERATE: &[(&str, &str)] = &[
-    ("gradient_checkpointing", "None in transformers means off; runtime says false"),
-];
+const DELIBERATE: &[(&str, &str)] = &[("gradient_checkpointing", "None in transformers means off; runtime says false")];
 
 #[test]
 fn defaults_match_transformers() {
@@ -71,7 +69,11 @@ fn args_errors_name_the_file_and_the_key() {
         ("typo.toml", "learnig_rate = 1e-3\n", vec!["typo.toml", "learnig_rate", "learning_rate"]),
         ("type.yaml", "num_train_epochs: many\n", vec!["type.yaml", "num_train_epochs"]),
         ("broken.json", "{\"learning_rate\": ", vec!["broken.json", "JSON"]),
-        ("conflict.toml", "load_best_model_at_end = true\neval_strategy = \"epoch\"\nsave_strategy = \"steps\"\n", vec!["load_best_model_at_end", "epoch", "steps"]),
+        (
+            "conflict.toml",
+            "load_best_model_at_end = true\neval_strategy = \"epoch\"\nsave_strategy = \"steps\"\n",
+            vec!["load_best_model_at_end", "epoch", "steps"],
+        ),
         ("run.ini", "x=1\n", vec!["run.ini", ".toml"]),
     ];
     for (name, text, needles) in cases {

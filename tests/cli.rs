@@ -31,11 +31,7 @@ where
     S: AsRef<OsStr>,
 {
     let out = Command::new(env!("CARGO_BIN_EXE_runtime")).args(args).output().expect("the runtime binary runs");
-    Output {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Output { code: out.status.code(), stdout: String::from_utf8_lossy(&out.stdout).into_owned(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
 }
 
 /// Asserts success and returns stdout.
@@ -47,13 +43,7 @@ fn ok(out: Output, what: &str) -> String {
 /// Asserts a clean failure: non-zero exit, no panic, exactly one stderr line, starting with
 /// `error:` and containing every one of `needles`. Returns that line.
 fn error_line(out: Output, what: &str, needles: &[&str]) -> String {
-    assert!(
-        out.code.is_some_and(|c| c != 0),
-        "{what}: expected a non-zero exit, got {:?}\nstdout: {}\nstderr: {}",
-        out.code,
-        out.stdout,
-        out.stderr
-    );
+    assert!(out.code.is_some_and(|c| c != 0), "{what}: expected a non-zero exit, got {:?}\nstdout: {}\nstderr: {}", out.code, out.stdout, out.stderr);
     assert!(!out.stderr.contains("panicked"), "{what}: the binary panicked:\n{}", out.stderr);
     let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{what}: expected exactly one stderr line, got:\n{}", out.stderr);
@@ -110,20 +100,14 @@ fn read_entries(path: &Path) -> (Vec<Entry>, Option<HashMap<String, String>>) {
     let bytes = fs::read(path).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut entries: Vec<Entry> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| Entry { name, dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() })
-        .collect();
+    let mut entries: Vec<Entry> =
+        st.tensors().into_iter().map(|(name, v)| Entry { name, dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() }).collect();
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     (entries, meta.metadata().clone())
 }
 
 fn write_entries(path: &Path, entries: &[Entry], meta: Option<HashMap<String, String>>) {
-    let views: Vec<(String, TensorView)> = entries
-        .iter()
-        .map(|e| (e.name.clone(), TensorView::new(e.dtype, e.shape.clone(), &e.data).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> = entries.iter().map(|e| (e.name.clone(), TensorView::new(e.dtype, e.shape.clone(), &e.data).unwrap())).collect();
     fs::write(path, safetensors::serialize(views, meta).unwrap()).unwrap();
 }
 
@@ -169,16 +153,24 @@ fn header(path: &Path) -> HashMap<String, (Dtype, Vec<usize>)> {
     st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec()))).collect()
 }
 
-const CASES: [(&str, &str, &str); 3] = [
-    ("gpt2", "GPT2LMHeadModel", "29,568"),
-    ("llama", "LlamaForCausalLM", "21,664"),
-    ("qwen2", "Qwen2ForCausalLM", "37,296"),
-];
+const CASES: [(&str, &str, &str); 3] =
+    [("gpt2", "GPT2LMHeadModel", "29,568"), ("llama", "LlamaForCausalLM", "21,664"), ("qwen2", "Qwen2ForCausalLM", "37,296")];
 
 /// Runs `forward` on `model` with `inputs`, returning the logits' shape and values.
 fn forward_logits(model: &Path, inputs: &Path, output: &Path) -> (Vec<usize>, Vec<f32>) {
     let what = format!("forward {}", model.display());
-    ok(runtime([OsStr::new("forward"), "--model".as_ref(), model.as_os_str(), "--inputs".as_ref(), inputs.as_os_str(), "--output".as_ref(), output.as_os_str()]), &what);
+    ok(
+        runtime([
+            OsStr::new("forward"),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--inputs".as_ref(),
+            inputs.as_os_str(),
+            "--output".as_ref(),
+            output.as_os_str(),
+        ]),
+        &what,
+    );
     read_f32(output, "logits")
 }
 
@@ -219,7 +211,8 @@ fn init_is_reproducible_per_seed() {
     write_json(&config, &small_llama_config());
     let init = |name: &str, seed: &str| -> Vec<u8> {
         let out_dir = tmp.path().join(name);
-        let args = [OsStr::new("init"), "--config".as_ref(), config.as_os_str(), "--output_dir".as_ref(), out_dir.as_os_str(), "--seed".as_ref(), seed.as_ref()];
+        let args =
+            [OsStr::new("init"), "--config".as_ref(), config.as_os_str(), "--output_dir".as_ref(), out_dir.as_os_str(), "--seed".as_ref(), seed.as_ref()];
         ok(runtime(args), &format!("init seed {seed}"));
         assert!(out_dir.join("config.json").is_file(), "init wrote no config.json");
         fs::read(out_dir.join("model.safetensors")).unwrap()
@@ -248,7 +241,15 @@ fn convert_reshards_and_keeps_the_weights() {
     let tmp = TempDir::new().unwrap();
     let src = fixtures().join("llama").join("model");
     let out_dir = tmp.path().join("sharded");
-    let args = [OsStr::new("convert"), "--model".as_ref(), src.as_os_str(), "--output_dir".as_ref(), out_dir.as_os_str(), "--max_shard_size".as_ref(), "20KB".as_ref()];
+    let args = [
+        OsStr::new("convert"),
+        "--model".as_ref(),
+        src.as_os_str(),
+        "--output_dir".as_ref(),
+        out_dir.as_os_str(),
+        "--max_shard_size".as_ref(),
+        "20KB".as_ref(),
+    ];
     ok(runtime(args), "convert --max_shard_size 20KB");
 
     assert!(!out_dir.join("model.safetensors").exists(), "a sharded save has no single model.safetensors");
@@ -292,7 +293,15 @@ fn convert_to_bfloat16() {
     let tmp = TempDir::new().unwrap();
     let src = fixtures().join("llama").join("model");
     let out_dir = tmp.path().join("bf16");
-    let args = [OsStr::new("convert"), "--model".as_ref(), src.as_os_str(), "--output_dir".as_ref(), out_dir.as_os_str(), "--torch_dtype".as_ref(), "bfloat16".as_ref()];
+    let args = [
+        OsStr::new("convert"),
+        "--model".as_ref(),
+        src.as_os_str(),
+        "--output_dir".as_ref(),
+        out_dir.as_os_str(),
+        "--torch_dtype".as_ref(),
+        "bfloat16".as_ref(),
+    ];
     ok(runtime(args), "convert --torch_dtype bfloat16");
 
     // 21,664 bf16 values fit one file under the default 5GB shard size
@@ -425,9 +434,33 @@ fn config_missing_required_field() {
 fn init_with_bad_config_writes_nothing() {
     let tmp = TempDir::new().unwrap();
     let configs: [(&str, Value, &[&str]); 3] = [
-        ("missing_field.json", { let mut c = small_llama_config(); c.as_object_mut().unwrap().remove("hidden_size"); c }, &["missing_field.json", "hidden_size"]),
-        ("bert.json", { let mut c = small_llama_config(); c["model_type"] = json!("bert"); c }, &["bert.json", "model_type", "bert"]),
-        ("negative.json", { let mut c = small_llama_config(); c["vocab_size"] = json!(-5); c }, &["negative.json", "vocab_size"]),
+        (
+            "missing_field.json",
+            {
+                let mut c = small_llama_config();
+                c.as_object_mut().unwrap().remove("hidden_size");
+                c
+            },
+            &["missing_field.json", "hidden_size"],
+        ),
+        (
+            "bert.json",
+            {
+                let mut c = small_llama_config();
+                c["model_type"] = json!("bert");
+                c
+            },
+            &["bert.json", "model_type", "bert"],
+        ),
+        (
+            "negative.json",
+            {
+                let mut c = small_llama_config();
+                c["vocab_size"] = json!(-5);
+                c
+            },
+            &["negative.json", "vocab_size"],
+        ),
     ];
     for (file, cfg, needles) in configs {
         let config = tmp.path().join(file);
@@ -601,14 +634,7 @@ fn convert_refuses_a_non_empty_output_folder() {
     }
 
     // with --overwrite_output_dir the folder is replaced by the converted model
-    let args = [
-        OsStr::new("convert"),
-        "--model".as_ref(),
-        src.as_os_str(),
-        "--output_dir".as_ref(),
-        out_dir.as_os_str(),
-        "--overwrite_output_dir".as_ref(),
-    ];
+    let args = [OsStr::new("convert"), "--model".as_ref(), src.as_os_str(), "--output_dir".as_ref(), out_dir.as_os_str(), "--overwrite_output_dir".as_ref()];
     ok(runtime(args), "convert --overwrite_output_dir");
     assert!(out_dir.join("model.safetensors").is_file());
     assert!(!out_dir.join("keep.txt").exists(), "the old contents were replaced");
@@ -671,7 +697,8 @@ fn forward_rejects_a_broken_inputs_file() {
     let args = [OsStr::new("forward"), "--model".as_ref(), model.as_os_str(), "--inputs".as_ref(), inputs.as_os_str(), "--output".as_ref(), output.as_os_str()];
     error_line(runtime(args), "forward with a garbage inputs file", &["garbage.safetensors"]);
     let missing = tmp.path().join("absent.safetensors");
-    let args = [OsStr::new("forward"), "--model".as_ref(), model.as_os_str(), "--inputs".as_ref(), missing.as_os_str(), "--output".as_ref(), output.as_os_str()];
+    let args =
+        [OsStr::new("forward"), "--model".as_ref(), model.as_os_str(), "--inputs".as_ref(), missing.as_os_str(), "--output".as_ref(), output.as_os_str()];
     error_line(runtime(args), "forward with a missing inputs file", &["absent.safetensors"]);
     assert!(!output.exists());
 }

@@ -161,7 +161,8 @@ fn chat_template_matches_transformers_and_labels_assistant_turns() {
         assert_eq!(ex.input_ids, ids(&case["ids"]));
         // the labelled tokens are exactly the assistant replies, each with its end of turn
         let labelled: Vec<u32> = ex.labels.iter().filter(|&&l| l != -100).map(|&l| l as u32).collect();
-        let want: String = messages.iter().filter(|m| m["role"] == "assistant").map(|m| format!("{}<|eos|>\n", m["content"].as_str().unwrap().trim())).collect();
+        let want: String =
+            messages.iter().filter(|m| m["role"] == "assistant").map(|m| format!("{}<|eos|>\n", m["content"].as_str().unwrap().trim())).collect();
         assert_eq!(tok.decode(&labelled, false).unwrap(), want);
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -22,7 +22,11 @@ fn greedy_matches_transformers_generate() {
         let ids = |v: &Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
         let prompts: Vec<Vec<u32>> = r["prompts"].as_array().unwrap().iter().map(ids).collect();
         let want: Vec<Vec<u32>> = r["generated"].as_array().unwrap().iter().map(ids).collect();
-        let opts = GreedyOptions { max_new_tokens: r["max_new_tokens"].as_u64().unwrap() as usize, eos_token_id: vec![r["eos_token_id"].as_u64().unwrap() as u32], pad_token_id: r["pad_token_id"].as_u64().unwrap() as u32 };
+        let opts = GreedyOptions {
+            max_new_tokens: r["max_new_tokens"].as_u64().unwrap() as usize,
+            eos_token_id: vec![r["eos_token_id"].as_u64().unwrap() as u32],
+            pad_token_id: r["pad_token_id"].as_u64().unwrap() as u32,
+        };
         let mut streamed = vec![Vec::new(); prompts.len()];
         let got = greedy(&model, &prompts, &opts, |b, t| streamed[b].push(t)).unwrap();
         assert_eq!(got, want, "{case}: greedy tokens differ from transformers.generate");
@@ -61,7 +65,10 @@ fn generate_command_streams_text_and_reports_speed() {
     assert!(stdout.lines().count() == 2 && stdout.contains("[1] "), "{stdout}");
     assert!(stderr.contains("tokens/s"), "{stderr}");
     // --chat needs a chat template, and says so
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime")).args(["generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--chat"]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--chat"])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("chat_template") && !stderr.contains("panicked"), "{stderr}");
 }

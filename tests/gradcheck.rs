@@ -130,7 +130,10 @@ fn gradients_do_not_depend_on_the_thread_count() {
 fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
     for (cfg, attn) in [
         (json!({"model_type": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 32, "n_layer": 4, "n_head": 4}), AttnImpl::Eager),
-        (json!({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}), AttnImpl::Flash),
+        (
+            json!({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}),
+            AttnImpl::Flash,
+        ),
     ] {
         let batch = random_batch(64, 3, 20, 8);
         let mut results = Vec::new();

@@ -162,7 +162,10 @@ fn three_adamw_steps_match_torch() {
             let h = model.config.hidden_size;
             let key_bias = |i: usize| hf_name.ends_with("attn.c_attn.bias") && (h..2 * h).contains(&i);
             let live: Vec<bool> = (0..p.len()).map(|i| !key_bias(i)).collect();
-            assert!(g0.iter().zip(ours).zip(&live).all(|((g, o), l)| *l || (g.abs() < 1e-6 && o.abs() < 1e-6)), "{name} {hf_name}: key-bias gradient should be ~0");
+            assert!(
+                g0.iter().zip(ours).zip(&live).all(|((g, o), l)| *l || (g.abs() < 1e-6 && o.abs() < 1e-6)),
+                "{name} {hf_name}: key-bias gradient should be ~0"
+            );
             let pick = |x: &[f32]| -> Vec<f32> { x.iter().zip(&live).filter(|(_, &l)| l).map(|(v, _)| *v).collect() };
             let want_p = reference[&format!("after3.{hf_name}")].f32s();
             for ((a, b), l) in p.iter().zip(&want_p).zip(&live) {
@@ -179,7 +182,12 @@ fn three_adamw_steps_match_torch() {
             // the update itself (after - before), so the starting values cannot hide an error
             let delta = |x: &[f32]| -> Vec<f32> { x.iter().zip(p0).map(|(a, b)| a - b).collect() };
             if std::env::var("PARITY_VERBOSE").is_ok() {
-                eprintln!("{name} {hf_name}: update {:.2e} m {:.2e} v {:.2e}", rel_err(&pick(&delta(p)), &pick(&delta(&want_p))), rel_err(&pick(m), &pick(&reference[&format!("exp_avg.{hf_name}")].f32s())), rel_err(&pick(v), &pick(&reference[&format!("exp_avg_sq.{hf_name}")].f32s())));
+                eprintln!(
+                    "{name} {hf_name}: update {:.2e} m {:.2e} v {:.2e}",
+                    rel_err(&pick(&delta(p)), &pick(&delta(&want_p))),
+                    rel_err(&pick(m), &pick(&reference[&format!("exp_avg.{hf_name}")].f32s())),
+                    rel_err(&pick(v), &pick(&reference[&format!("exp_avg_sq.{hf_name}")].f32s()))
+                );
             }
             assert_close(&format!("{name} {hf_name} update over 3 steps"), &pick(&delta(p)), &pick(&delta(&want_p)), tol_p);
             assert_close(&format!("{name} {hf_name} exp_avg"), &pick(m), &pick(&reference[&format!("exp_avg.{hf_name}")].f32s()), tol_m);

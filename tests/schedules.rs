@@ -17,7 +17,8 @@ fn every_schedule_matches_transformers() {
         let kind = SchedulerType::parse(name).unwrap();
         kinds.insert(name);
         let kwargs = c["kwargs"].as_object().unwrap();
-        let s = Schedule::new(kind, c["learning_rate"].as_f64().unwrap(), c["warmup_steps"].as_u64().unwrap(), c["max_steps"].as_u64().unwrap(), kwargs).unwrap();
+        let s =
+            Schedule::new(kind, c["learning_rate"].as_f64().unwrap(), c["warmup_steps"].as_u64().unwrap(), c["max_steps"].as_u64().unwrap(), kwargs).unwrap();
         for (step, want) in c["lrs"].as_array().unwrap().iter().enumerate() {
             let want = want.as_f64().unwrap();
             let got = s.lr(step as u64);

@@ -25,7 +25,18 @@ fn example(dir: &Path) -> PathBuf {
 
 fn train(ex: &Path, out: &Path, extra: &[&str]) -> Output {
     let cfg = ex.join("train.toml");
-    let mut args = vec!["train", "--config", cfg.to_str().unwrap(), "--output_dir", out.to_str().unwrap(), "--disable_tqdm", "--per_device_train_batch_size", "16", "--logging_steps", "4"];
+    let mut args = vec![
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--disable_tqdm",
+        "--per_device_train_batch_size",
+        "16",
+        "--logging_steps",
+        "4",
+    ];
     args.extend_from_slice(extra);
     runtime(&args)
 }
@@ -40,7 +51,18 @@ fn trains_evaluates_and_writes_hf_output() {
     let ex = example(tmp.path());
     let out = tmp.path().join("out");
     ok(train(&ex, &out, &["--num_train_epochs", "3", "--eval_steps", "16", "--save_steps", "16"]), "train");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "trainer_state.json", "training_args.json", "train_results.json", "all_results.json", "loss.svg"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "trainer_state.json",
+        "training_args.json",
+        "train_results.json",
+        "all_results.json",
+        "loss.svg",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing from output_dir");
     }
     let state = json(&out.join("trainer_state.json"));
@@ -59,7 +81,18 @@ fn trains_evaluates_and_writes_hf_output() {
     assert_eq!(json(&out.join("training_args.json"))["per_device_train_batch_size"], 16);
     // the output is a model folder the rest of the runtime reads
     ok(runtime(&["inspect", out.to_str().unwrap()]), "inspect output");
-    let eval = ok(runtime(&["eval", "--model_name_or_path", out.to_str().unwrap(), "--validation_file", ex.join("validation.jsonl").to_str().unwrap(), "--output_dir", tmp.path().join("e").to_str().unwrap()]), "eval");
+    let eval = ok(
+        runtime(&[
+            "eval",
+            "--model_name_or_path",
+            out.to_str().unwrap(),
+            "--validation_file",
+            ex.join("validation.jsonl").to_str().unwrap(),
+            "--output_dir",
+            tmp.path().join("e").to_str().unwrap(),
+        ]),
+        "eval",
+    );
     assert!(eval.contains("eval_loss"), "{eval}");
 }
 
@@ -104,7 +137,19 @@ fn a_killed_run_resumes_exactly() {
     let killed = tmp.path().join("killed");
     let cfg = ex.join("train.toml");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_runtime"));
-    cmd.args(["train", "--config", cfg.to_str().unwrap(), "--output_dir", killed.to_str().unwrap(), "--disable_tqdm", "--per_device_train_batch_size", "16", "--logging_steps", "4"]).args(args);
+    cmd.args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--output_dir",
+        killed.to_str().unwrap(),
+        "--disable_tqdm",
+        "--per_device_train_batch_size",
+        "16",
+        "--logging_steps",
+        "4",
+    ])
+    .args(args);
     let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
     let started = std::time::Instant::now();
     while !killed.join("checkpoint-8").join("trainer_state.json").exists() {
@@ -117,7 +162,10 @@ fn a_killed_run_resumes_exactly() {
     let mut resume = args.to_vec();
     resume.extend(["--resume_from_checkpoint", "true"]);
     ok(train(&ex, &killed, &resume), "resume after SIGKILL");
-    assert!(std::fs::read(straight.join("model.safetensors")).unwrap() == std::fs::read(killed.join("model.safetensors")).unwrap(), "weights after kill + resume differ");
+    assert!(
+        std::fs::read(straight.join("model.safetensors")).unwrap() == std::fs::read(killed.join("model.safetensors")).unwrap(),
+        "weights after kill + resume differ"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(&killed).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains(".partial-")).collect();
     assert!(leftovers.is_empty(), "half-written folders left behind");
 }
@@ -133,7 +181,10 @@ fn copy_dir(from: &Path, to: &Path) {
 fn accumulation_does_not_depend_on_the_split() {
     let tmp = tempfile::tempdir().unwrap();
     let ex = example(tmp.path());
-    let runs = [("one", vec!["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1"]), ("two", vec!["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4"])];
+    let runs = [
+        ("one", vec!["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1"]),
+        ("two", vec!["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4"]),
+    ];
     let mut weights = Vec::new();
     for (name, extra) in runs {
         let out = tmp.path().join(name);
@@ -141,7 +192,12 @@ fn accumulation_does_not_depend_on_the_split() {
         args.extend(extra);
         // the later flag wins: the batch size here overrides the helper's 16
         ok(train(&ex, &out, &args), name);
-        let st = safetensors::SafeTensors::deserialize(&std::fs::read(out.join("model.safetensors")).unwrap()).unwrap().tensor("model.layers.0.self_attn.q_proj.weight").unwrap().data().to_vec();
+        let st = safetensors::SafeTensors::deserialize(&std::fs::read(out.join("model.safetensors")).unwrap())
+            .unwrap()
+            .tensor("model.layers.0.self_attn.q_proj.weight")
+            .unwrap()
+            .data()
+            .to_vec();
         weights.push(st.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect::<Vec<f32>>());
     }
     let diff = weights[0].iter().zip(&weights[1]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
@@ -183,13 +239,35 @@ fn bad_runs_are_refused_before_any_work() {
 fn non_finite_losses_never_update_the_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let ex = example(tmp.path());
-    let base = ["--max_steps", "6", "--learning_rate", "1e30", "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"];
+    let base = [
+        "--max_steps",
+        "6",
+        "--learning_rate",
+        "1e30",
+        "--warmup_steps",
+        "0",
+        "--lr_scheduler_type",
+        "constant",
+        "--max_grad_norm",
+        "0",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "false",
+    ];
     let skip = tmp.path().join("skip");
     let o = train(&ex, &skip, &base);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     ok(o, "skip policy");
     assert!(err.contains("update skipped"), "{err}");
-    let st = safetensors::SafeTensors::deserialize(&std::fs::read(skip.join("model.safetensors")).unwrap()).unwrap().tensors().into_iter().map(|(_, v)| v.data().to_vec()).collect::<Vec<_>>();
+    let st = safetensors::SafeTensors::deserialize(&std::fs::read(skip.join("model.safetensors")).unwrap())
+        .unwrap()
+        .tensors()
+        .into_iter()
+        .map(|(_, v)| v.data().to_vec())
+        .collect::<Vec<_>>();
     let all_finite = st.iter().all(|d| d.chunks_exact(4).all(|b| f32::from_le_bytes(b.try_into().unwrap()).is_finite()));
     assert!(all_finite, "a non-finite value reached the saved weights");
     let stop = tmp.path().join("stop");

@@ -84,8 +84,14 @@ fn callback_events_come_in_transformers_order() {
     let dir = common::fixtures().join("trainer");
     let refs: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut overrides: Vec<(String, Value)> = refs["events"]["args"].as_object().unwrap().iter().filter(|(k, _)| *k != "report_to").map(|(k, v)| (k.clone(), v.clone())).collect();
-    for (k, v) in [("model_name_or_path", dir.join("init")), ("train_file", dir.join("data/train.jsonl")), ("validation_file", dir.join("data/validation.jsonl")), ("output_dir", tmp.path().join("out"))] {
+    let mut overrides: Vec<(String, Value)> =
+        refs["events"]["args"].as_object().unwrap().iter().filter(|(k, _)| *k != "report_to").map(|(k, v)| (k.clone(), v.clone())).collect();
+    for (k, v) in [
+        ("model_name_or_path", dir.join("init")),
+        ("train_file", dir.join("data/train.jsonl")),
+        ("validation_file", dir.join("data/validation.jsonl")),
+        ("output_dir", tmp.path().join("out")),
+    ] {
         overrides.push((k.into(), Value::String(v.to_str().unwrap().into())));
     }
     overrides.push(("disable_tqdm".into(), Value::Bool(true)));
@@ -95,7 +101,8 @@ fn callback_events_come_in_transformers_order() {
     trainer.add_callback(Box::new(Recorder(events.clone())));
     trainer.train().unwrap();
     let ours = events.lock().unwrap().clone();
-    let theirs: Vec<(String, u64)> = refs["events"]["events"].as_array().unwrap().iter().map(|e| (e[0].as_str().unwrap().to_string(), e[1].as_u64().unwrap())).collect();
+    let theirs: Vec<(String, u64)> =
+        refs["events"]["events"].as_array().unwrap().iter().map(|e| (e[0].as_str().unwrap().to_string(), e[1].as_u64().unwrap())).collect();
     let fmt = |v: &[(String, u64)]| v.iter().map(|(n, s)| format!("{}@{s}", &n[3..])).collect::<Vec<_>>().join(" ");
     assert_eq!(fmt(&ours), fmt(&theirs));
 }

@@ -7,11 +7,13 @@ use std::time::Instant;
 
 fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
-    (0..reps).map(|_| {
-        let t = Instant::now();
-        f();
-        t.elapsed().as_secs_f64()
-    }).fold(f64::MAX, f64::min)
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
 }
 
 fn main() {
@@ -23,7 +25,27 @@ fn main() {
         let mut c = vec![0.0f32; n * m];
         let flops = 2.0 * (n * k * m) as f64;
         let t_gemm = best_of(5, || unsafe {
-            gemm::gemm(n, m, k, c.as_mut_ptr(), 1, m as isize, false, a.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::Rayon(rayon::current_num_threads()))
+            gemm::gemm(
+                n,
+                m,
+                k,
+                c.as_mut_ptr(),
+                1,
+                m as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            )
         });
         let t_mm = best_of(5, || unsafe {
             matrixmultiply::sgemm(n, k, m, 1.0, a.as_ptr(), k as isize, 1, w.as_ptr(), 1, k as isize, 0.0, c.as_mut_ptr(), m as isize, 1)

@@ -7,7 +7,13 @@ use std::time::Instant;
 
 fn best(mut f: impl FnMut()) -> f64 {
     f();
-    (0..5).map(|_| { let t = Instant::now(); f(); t.elapsed().as_secs_f64() }).fold(f64::MAX, f64::min)
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
 }
 
 fn main() {

@@ -7,7 +7,13 @@ use std::time::Instant;
 
 fn best(mut f: impl FnMut()) -> f64 {
     f();
-    (0..7).map(|_| { let t = Instant::now(); f(); t.elapsed().as_secs_f64() }).fold(f64::MAX, f64::min)
+    (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
 }
 
 fn main() {
@@ -33,5 +39,10 @@ fn main() {
     }
     let mut logits: Vec<f32> = (0..rows * 8192).map(|i| ((i % 101) as f32) * 0.01).collect();
     let targets: Vec<i32> = (0..rows as i32).map(|i| i % 8192).collect();
-    println!("cross entropy {:.1} ms", best(|| { be.cross_entropy(&mut logits, &targets, 8192, 0.0, Some(1e-3)); }) * 1e3);
+    println!(
+        "cross entropy {:.1} ms",
+        best(|| {
+            be.cross_entropy(&mut logits, &targets, 8192, 0.0, Some(1e-3));
+        }) * 1e3
+    );
 }

@@ -9,7 +9,29 @@ fn main() {
     let reps = 20000;
     let t = Instant::now();
     for _ in 0..reps {
-        unsafe { gemm::gemm(m, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, 1152, b.as_ptr(), 1152, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None) };
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                1152,
+                b.as_ptr(),
+                1152,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
     }
     let dt = t.elapsed().as_secs_f64() / reps as f64;
     println!("{m}x{n}x{k}: {:.1} us per call, {:.1} GFLOP/s", dt * 1e6, 2.0 * (m * n * k) as f64 / dt / 1e9);

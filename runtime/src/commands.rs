@@ -71,10 +71,7 @@ pub fn inspect(dir: &Path, device: Device) -> Result<String> {
         }
     }
     let expected: std::collections::HashSet<&str> = leaves.iter().map(|l| l.0.as_str()).collect();
-    if let Some((name, (_, _, file))) = headers
-        .iter()
-        .find(|(n, _)| !expected.contains(n.as_str()) && !layout.tolerates_extra(n))
-    {
+    if let Some((name, (_, _, file))) = headers.iter().find(|(n, _)| !expected.contains(n.as_str()) && !layout.tolerates_extra(n)) {
         return Err(Error::tensor(file, name, "unexpected tensor for this config"));
     }
     let total: usize = layout.numel();
@@ -225,7 +222,10 @@ pub fn tokenize(model_dir: &Path, texts: &[String], add_special_tokens: bool, pa
         }
         let back = tok.decode(&enc.ids, false)?;
         let clean = tok.decode(&enc.ids, true)?;
-        out += &format!("    decode                      {back:?}\n    decode(skip_special_tokens) {clean:?}{}\n", if clean == *text { "  (round trip exact)" } else { "" });
+        out += &format!(
+            "    decode                      {back:?}\n    decode(skip_special_tokens) {clean:?}{}\n",
+            if clean == *text { "  (round trip exact)" } else { "" }
+        );
         examples.push(Example { labels: enc.ids.iter().map(|&x| x as i32).collect(), input_ids: enc.ids });
     }
     if let Some(mut opts) = pad {
@@ -235,7 +235,14 @@ pub fn tokenize(model_dir: &Path, texts: &[String], add_special_tokens: bool, pa
             (None, None) => return Err(Error::Invalid("padding needs a pad_token (or an eos_token) in tokenizer_config.json".into())),
         };
         let b = pad_batch(&examples, &opts)?;
-        out += &format!("\nbatch {} x {} ({:?} padding on the {:?}{})\n", b.batch, b.seq, opts.padding, opts.side, opts.max_length.map_or(String::new(), |l| format!(", max_length {l}{}", if opts.truncation { ", truncated" } else { "" })));
+        out += &format!(
+            "\nbatch {} x {} ({:?} padding on the {:?}{})\n",
+            b.batch,
+            b.seq,
+            opts.padding,
+            opts.side,
+            opts.max_length.map_or(String::new(), |l| format!(", max_length {l}{}", if opts.truncation { ", truncated" } else { "" }))
+        );
         for r in 0..b.batch {
             let row = &b.input_ids[r * b.seq..(r + 1) * b.seq];
             let mask = &b.attention_mask.as_ref().expect("padded batches have a mask")[r * b.seq..(r + 1) * b.seq];
@@ -290,7 +297,10 @@ pub fn generate(model_dir: &Path, prompts: &[String], chat: bool, max_new_tokens
     if model.config.arch == crate::model::Arch::Gpt2 {
         let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);
         if longest + max_new > model.config.max_positions {
-            return Err(Error::Invalid(format!("a prompt of {longest} tokens plus {max_new} new tokens exceeds the model's context ({})", model.config.max_positions)));
+            return Err(Error::Invalid(format!(
+                "a prompt of {longest} tokens plus {max_new} new tokens exceeds the model's context ({})",
+                model.config.max_positions
+            )));
         }
     }
     let opts = GreedyOptions { max_new_tokens: max_new, eos_token_id: eos, pad_token_id: pad };
@@ -314,7 +324,10 @@ pub fn generate(model_dir: &Path, prompts: &[String], chat: bool, max_new_tokens
     })?;
     let secs = started.elapsed().as_secs_f64();
     let _ = writeln!(out);
-    let texts = generated.iter().map(|g| tok.decode(&g.iter().copied().filter(|t| !opts.eos_token_id.contains(t) && *t != opts.pad_token_id).collect::<Vec<_>>(), true)).collect::<Result<Vec<_>>>()?;
+    let texts = generated
+        .iter()
+        .map(|g| tok.decode(&g.iter().copied().filter(|t| !opts.eos_token_id.contains(t) && *t != opts.pad_token_id).collect::<Vec<_>>(), true))
+        .collect::<Result<Vec<_>>>()?;
     for (i, t) in texts.iter().enumerate().skip(1) {
         let _ = writeln!(out, "[{i}] {t}");
     }

@@ -75,7 +75,10 @@ pub fn addition(dir: &Path, n_train: usize, n_eval: usize, digits: u32, seed: u6
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "hidden_act": "silu"
     });
     write_file(&dir.join("config.json"), pretty(&config).as_bytes())?;
-    write_file(&dir.join("generation_config.json"), pretty(&json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_new_tokens": digits + 2})).as_bytes())?;
+    write_file(
+        &dir.join("generation_config.json"),
+        pretty(&json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_new_tokens": digits + 2})).as_bytes(),
+    )?;
     write_file(&dir.join("tokenizer.json"), pretty(&tokenizer_json()).as_bytes())?;
     let tok_cfg = json!({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "padding_side": "right", "model_max_length": ctx.next_power_of_two(), "tokenizer_class": "PreTrainedTokenizerFast"});
     write_file(&dir.join("tokenizer_config.json"), pretty(&tok_cfg).as_bytes())?;

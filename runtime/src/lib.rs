@@ -7,8 +7,8 @@
 pub mod args;
 pub mod backend;
 pub mod bench;
-pub mod data;
 pub mod commands;
+pub mod data;
 pub mod error;
 pub mod example;
 pub mod generate;

@@ -227,7 +227,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let pad = match padding.as_deref() {
                 None => None,
                 Some(p) => {
-                    let padding = runtime::data::Padding::parse(p).ok_or_else(|| anyhow::anyhow!("--padding `{p}`: expected longest, max_length or do_not_pad"))?;
+                    let padding =
+                        runtime::data::Padding::parse(p).ok_or_else(|| anyhow::anyhow!("--padding `{p}`: expected longest, max_length or do_not_pad"))?;
                     let side = match padding_side.as_deref() {
                         None => runtime::data::Tokenizer::from_dir(&model)?.padding_side,
                         Some(s) => runtime::data::Side::parse(s).ok_or_else(|| anyhow::anyhow!("--padding_side `{s}`: expected left or right"))?,
@@ -290,14 +291,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if steps == 0 || batch == 0 || seq < 2 {
                 anyhow::bail!("--steps and --batch must be at least 1 and --seq at least 2");
             }
-            let cfg = BenchConfig { arch, n_layer, hidden, n_head, n_kv_head: n_kv_head.unwrap_or(n_head), vocab, seq, batch, steps, warmup, attn: parse_attn(&attn_implementation)?, gradient_checkpointing };
+            let cfg = BenchConfig {
+                arch,
+                n_layer,
+                hidden,
+                n_head,
+                n_kv_head: n_kv_head.unwrap_or(n_head),
+                vocab,
+                seq,
+                batch,
+                steps,
+                warmup,
+                attn: parse_attn(&attn_implementation)?,
+                gradient_checkpointing,
+            };
             let r = bench::run(&cfg)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("{} ({} parameters), batch {} x seq {}, {} threads", r.arch, r.parameters, cfg.batch, cfg.seq, r.threads);
-                println!("  {:.0} tokens/s, {:.3} s/step, peak RSS {:.0} MiB (activations {:.0} MiB), final loss {:.4}", r.tokens_per_second, r.step_seconds, r.peak_rss_mib, r.activation_mib, r.final_loss);
-                println!("  matmul {:.1} GFLOP/s = {:.0}% of this machine's GEMM rate ({:.1} GFLOP/s)", r.matmul_gflops, 100.0 * r.matmul_gflops / r.machine_gemm_gflops, r.machine_gemm_gflops);
+                println!(
+                    "  {:.0} tokens/s, {:.3} s/step, peak RSS {:.0} MiB (activations {:.0} MiB), final loss {:.4}",
+                    r.tokens_per_second, r.step_seconds, r.peak_rss_mib, r.activation_mib, r.final_loss
+                );
+                println!(
+                    "  matmul {:.1} GFLOP/s = {:.0}% of this machine's GEMM rate ({:.1} GFLOP/s)",
+                    r.matmul_gflops,
+                    100.0 * r.matmul_gflops / r.machine_gemm_gflops,
+                    r.machine_gemm_gflops
+                );
                 println!("  share of step time:");
                 let mut ops = r.ops.clone();
                 ops.sort_by(|a, b| b.1.total_cmp(&a.1));

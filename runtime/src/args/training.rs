@@ -221,18 +221,67 @@ impl Default for TrainingArguments {
 /// transformers `Seq2SeqTrainingArguments` fields that this runtime does not implement: naming
 /// one is an error that says so (rather than "unknown key" or silently ignoring it).
 const HF_UNSUPPORTED: &[&str] = &[
-    "optim_args", "optim_target_modules", "average_tokens_across_devices", "bf16_full_eval", "fp16_full_eval", "tf32",
-    "activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs", "torch_compile",
-    "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "liger_kernel_config", "use_cache", "torch_empty_cache_steps",
-    "log_on_each_node", "include_num_input_tokens_seen", "log_level", "log_level_replica", "project", "trackio_space_id",
-    "trackio_bucket_id", "trackio_static_space_id", "eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps",
-    "batch_eval_metrics", "save_on_each_node", "enable_jit_checkpoint", "push_to_hub", "hub_token", "hub_private_repo",
-    "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision", "restore_callback_states_from_checkpoint",
-    "accelerator_config", "parallelism_config", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-    "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "dataloader_in_order",
-    "length_column_name", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
-    "ddp_backend", "ddp_timeout", "fsdp", "fsdp_config", "deepspeed", "debug", "skip_memory_metrics", "local_rank",
-    "sortish_sampler", "generation_config",
+    "optim_args",
+    "optim_target_modules",
+    "average_tokens_across_devices",
+    "bf16_full_eval",
+    "fp16_full_eval",
+    "tf32",
+    "activation_checkpointing",
+    "activation_checkpointing_kwargs",
+    "gradient_checkpointing_kwargs",
+    "torch_compile",
+    "torch_compile_backend",
+    "torch_compile_mode",
+    "use_liger_kernel",
+    "liger_kernel_config",
+    "use_cache",
+    "torch_empty_cache_steps",
+    "log_on_each_node",
+    "include_num_input_tokens_seen",
+    "log_level",
+    "log_level_replica",
+    "project",
+    "trackio_space_id",
+    "trackio_bucket_id",
+    "trackio_static_space_id",
+    "eval_do_concat_batches",
+    "eval_use_gather_object",
+    "eval_accumulation_steps",
+    "batch_eval_metrics",
+    "save_on_each_node",
+    "enable_jit_checkpoint",
+    "push_to_hub",
+    "hub_token",
+    "hub_private_repo",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_always_push",
+    "hub_revision",
+    "restore_callback_states_from_checkpoint",
+    "accelerator_config",
+    "parallelism_config",
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context",
+    "dataloader_in_order",
+    "length_column_name",
+    "ddp_find_unused_parameters",
+    "ddp_bucket_cap_mb",
+    "ddp_broadcast_buffers",
+    "ddp_static_graph",
+    "ddp_backend",
+    "ddp_timeout",
+    "fsdp",
+    "fsdp_config",
+    "deepspeed",
+    "debug",
+    "skip_memory_metrics",
+    "local_rank",
+    "sortish_sampler",
+    "generation_config",
 ];
 
 /// Every key a config may hold.
@@ -245,12 +294,7 @@ pub fn known_keys() -> Vec<String> {
 
 /// The known key closest to `key`, if any is close enough to be a likely typo.
 pub fn closest_key(key: &str) -> Option<String> {
-    known_keys()
-        .into_iter()
-        .map(|k| (strsim::jaro_winkler(key, &k), k))
-        .filter(|(score, _)| *score >= 0.85)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, k)| k)
+    known_keys().into_iter().map(|k| (strsim::jaro_winkler(key, &k), k)).filter(|(score, _)| *score >= 0.85).max_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, k)| k)
 }
 
 fn check_key(key: &str, source: &str) -> Result<()> {
@@ -362,7 +406,11 @@ impl TrainingArguments {
             return bad(format!("warmup_steps must be >= 0, found {}", self.warmup_steps));
         }
         SchedulerType::parse(&self.lr_scheduler_type)?;
-        for (name, v) in [("per_device_train_batch_size", self.per_device_train_batch_size), ("per_device_eval_batch_size", self.per_device_eval_batch_size), ("gradient_accumulation_steps", self.gradient_accumulation_steps)] {
+        for (name, v) in [
+            ("per_device_train_batch_size", self.per_device_train_batch_size),
+            ("per_device_eval_batch_size", self.per_device_eval_batch_size),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+        ] {
             if v == 0 {
                 return bad(format!("{name} must be at least 1"));
             }
@@ -415,9 +463,16 @@ impl TrainingArguments {
             if self.eval_strategy == IntervalStrategy::Steps {
                 let eval = self.eval_steps.unwrap_or(self.logging_steps);
                 let ratio_mismatch = (eval < 1.0) != (self.save_steps < 1.0);
-                let not_multiple = if eval >= 1.0 { (self.save_steps % eval).abs() > 1e-9 } else { ((self.save_steps / eval) - (self.save_steps / eval).round()).abs() > 1e-9 };
+                let not_multiple = if eval >= 1.0 {
+                    (self.save_steps % eval).abs() > 1e-9
+                } else {
+                    ((self.save_steps / eval) - (self.save_steps / eval).round()).abs() > 1e-9
+                };
                 if ratio_mismatch || not_multiple {
-                    return bad(format!("load_best_model_at_end requires save_steps to be a multiple of eval_steps, but found save_steps {} and eval_steps {eval}", self.save_steps));
+                    return bad(format!(
+                        "load_best_model_at_end requires save_steps to be a multiple of eval_steps, but found save_steps {} and eval_steps {eval}",
+                        self.save_steps
+                    ));
                 }
             }
         }
@@ -530,7 +585,10 @@ mod tests {
 
     #[test]
     fn overrides_parse_like_a_shell_user_expects() {
-        let args: Vec<String> = ["--learning_rate", "3e-4", "--bf16", "--run_name=x y", "--include_for_metrics", "[\"inputs\"]", "--output_dir", "out"].iter().map(|s| s.to_string()).collect();
+        let args: Vec<String> = ["--learning_rate", "3e-4", "--bf16", "--run_name=x y", "--include_for_metrics", "[\"inputs\"]", "--output_dir", "out"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let o = parse_overrides(&args).unwrap();
         assert_eq!(o[0], ("learning_rate".into(), json!(3e-4)));
         assert_eq!(o[1], ("bf16".into(), json!(true)));

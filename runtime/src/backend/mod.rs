@@ -103,10 +103,31 @@ pub trait Backend: Send + Sync {
 
     /// LayerNorm over rows of width `c`; keeps `mean` and `rstd` per row.
     #[allow(clippy::too_many_arguments)] // the op's inputs and saved statistics, as llm.c passes them
-    fn layernorm_fwd(&self, out: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, b: Option<&Self::Buf>, c: usize, eps: f32);
+    fn layernorm_fwd(
+        &self,
+        out: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: Option<&Self::Buf>,
+        c: usize,
+        eps: f32,
+    );
     /// Accumulates into `dx`, `dw`, `db`.
     #[allow(clippy::too_many_arguments)] // as above
-    fn layernorm_bwd(&self, dx: &mut Self::Buf, dw: &mut Self::Buf, db: Option<&mut Self::Buf>, dout: &Self::Buf, x: &Self::Buf, w: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, c: usize);
+    fn layernorm_bwd(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        db: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        c: usize,
+    );
     /// RMSNorm (Llama) over rows of width `c`; keeps `rstd` per row.
     #[allow(clippy::too_many_arguments)] // as above
     fn rmsnorm_fwd(&self, out: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, c: usize, eps: f32);
@@ -119,7 +140,18 @@ pub trait Backend: Send + Sync {
     fn matmul_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, w: &Self::Buf, bias: Option<&Self::Buf>, n: usize, k: usize, m: usize);
     /// `dinp = dout @ w` (overwritten), `dw += dout^T @ inp`, `dbias += colsum(dout)`.
     #[allow(clippy::too_many_arguments)] // as above
-    fn matmul_bwd(&self, dinp: Option<&mut Self::Buf>, dw: &mut Self::Buf, dbias: Option<&mut Self::Buf>, dout: &Self::Buf, inp: &Self::Buf, w: &Self::Buf, n: usize, k: usize, m: usize);
+    fn matmul_bwd(
+        &self,
+        dinp: Option<&mut Self::Buf>,
+        dw: &mut Self::Buf,
+        dbias: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        inp: &Self::Buf,
+        w: &Self::Buf,
+        n: usize,
+        k: usize,
+        m: usize,
+    );
 
     /// Causal (grouped-query) attention with a key padding mask (`1` = attend). Writes `out`
     /// (`[rows, n_head * head_dim]`) and the statistics its backward pass needs.
@@ -127,7 +159,17 @@ pub trait Backend: Send + Sync {
     fn attention_fwd(&self, out: &mut Self::Buf, stats: &mut Self::Buf, qkv: &Self::Buf, key_mask: &Self::Ids, shape: AttnShape, imp: AttnImpl);
     /// Writes `dqkv` (overwritten).
     #[allow(clippy::too_many_arguments)] // as above
-    fn attention_bwd(&self, dqkv: &mut Self::Buf, dout: &Self::Buf, qkv: &Self::Buf, out: &Self::Buf, stats: &Self::Buf, key_mask: &Self::Ids, shape: AttnShape, imp: AttnImpl);
+    fn attention_bwd(
+        &self,
+        dqkv: &mut Self::Buf,
+        dout: &Self::Buf,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        stats: &Self::Buf,
+        key_mask: &Self::Ids,
+        shape: AttnShape,
+        imp: AttnImpl,
+    );
     /// Generation: writes the key and value heads of each row of `qkv` (one new token per
     /// sequence; `shape.seq == 1`) into the caches `[batch, max_len, n_kv_head * head_dim]` at `slot`.
     #[allow(clippy::too_many_arguments)] // the caches, the new token and where it goes
@@ -135,7 +177,17 @@ pub trait Backend: Send + Sync {
     /// Generation: each row's query (from `qkv`) attends to its cached keys `0..=slot` whose
     /// `key_mask[row * max_len + j]` is 1. Writes `out` (`[batch, n_head * head_dim]`).
     #[allow(clippy::too_many_arguments)] // as above
-    fn attention_decode(&self, out: &mut Self::Buf, qkv: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, key_mask: &Self::Ids, slot: usize, shape: AttnShape, max_len: usize);
+    fn attention_decode(
+        &self,
+        out: &mut Self::Buf,
+        qkv: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        key_mask: &Self::Ids,
+        slot: usize,
+        shape: AttnShape,
+        max_len: usize,
+    );
     /// Rotary embedding (HF's `rotate_half` convention) applied in place to the query and key
     /// heads of `qkv`; `inverse` rotates back (the backward pass).
     fn rope(&self, qkv: &mut Self::Buf, positions: &Self::Ids, shape: AttnShape, theta: f32, inverse: bool);

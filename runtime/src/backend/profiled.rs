@@ -78,7 +78,18 @@ impl<B: Backend> Backend for Profiled<B> {
     fn layernorm_fwd(&self, out: &mut B::Buf, mean: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf, w: &B::Buf, b: Option<&B::Buf>, c: usize, eps: f32) {
         self.time("norm", 0.0, || self.inner.layernorm_fwd(out, mean, rstd, x, w, b, c, eps))
     }
-    fn layernorm_bwd(&self, dx: &mut B::Buf, dw: &mut B::Buf, db: Option<&mut B::Buf>, dout: &B::Buf, x: &B::Buf, w: &B::Buf, mean: &B::Buf, rstd: &B::Buf, c: usize) {
+    fn layernorm_bwd(
+        &self,
+        dx: &mut B::Buf,
+        dw: &mut B::Buf,
+        db: Option<&mut B::Buf>,
+        dout: &B::Buf,
+        x: &B::Buf,
+        w: &B::Buf,
+        mean: &B::Buf,
+        rstd: &B::Buf,
+        c: usize,
+    ) {
         self.time("norm", 0.0, || self.inner.layernorm_bwd(dx, dw, db, dout, x, w, mean, rstd, c))
     }
     fn rmsnorm_fwd(&self, out: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf, w: &B::Buf, c: usize, eps: f32) {
@@ -90,7 +101,18 @@ impl<B: Backend> Backend for Profiled<B> {
     fn matmul_fwd(&self, out: &mut B::Buf, inp: &B::Buf, w: &B::Buf, bias: Option<&B::Buf>, n: usize, k: usize, m: usize) {
         self.time("matmul", 2.0 * (n * k * m) as f64, || self.inner.matmul_fwd(out, inp, w, bias, n, k, m))
     }
-    fn matmul_bwd(&self, dinp: Option<&mut B::Buf>, dw: &mut B::Buf, dbias: Option<&mut B::Buf>, dout: &B::Buf, inp: &B::Buf, w: &B::Buf, n: usize, k: usize, m: usize) {
+    fn matmul_bwd(
+        &self,
+        dinp: Option<&mut B::Buf>,
+        dw: &mut B::Buf,
+        dbias: Option<&mut B::Buf>,
+        dout: &B::Buf,
+        inp: &B::Buf,
+        w: &B::Buf,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
         let gemms = if dinp.is_some() { 2.0 } else { 1.0 };
         self.time("matmul", gemms * 2.0 * (n * k * m) as f64, || self.inner.matmul_bwd(dinp, dw, dbias, dout, inp, w, n, k, m))
     }
@@ -103,7 +125,17 @@ impl<B: Backend> Backend for Profiled<B> {
     fn kv_append(&self, k_cache: &mut B::Buf, v_cache: &mut B::Buf, qkv: &B::Buf, slot: usize, shape: AttnShape, max_len: usize) {
         self.time("attention", 0.0, || self.inner.kv_append(k_cache, v_cache, qkv, slot, shape, max_len))
     }
-    fn attention_decode(&self, out: &mut B::Buf, qkv: &B::Buf, k_cache: &B::Buf, v_cache: &B::Buf, key_mask: &B::Ids, slot: usize, shape: AttnShape, max_len: usize) {
+    fn attention_decode(
+        &self,
+        out: &mut B::Buf,
+        qkv: &B::Buf,
+        k_cache: &B::Buf,
+        v_cache: &B::Buf,
+        key_mask: &B::Ids,
+        slot: usize,
+        shape: AttnShape,
+        max_len: usize,
+    ) {
         self.time("attention", 0.0, || self.inner.attention_decode(out, qkv, k_cache, v_cache, key_mask, slot, shape, max_len))
     }
     fn rope(&self, qkv: &mut B::Buf, positions: &B::Ids, shape: AttnShape, theta: f32, inverse: bool) {

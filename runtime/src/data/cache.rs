@@ -54,7 +54,8 @@ fn read(file: &Path) -> Option<(RecordKind, Vec<Example>)> {
         _ => return None,
     };
     let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
-    let u32s = |name: &str| -> Option<Vec<u32>> { Some(st.tensor(name).ok()?.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()) };
+    let u32s =
+        |name: &str| -> Option<Vec<u32>> { Some(st.tensor(name).ok()?.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()) };
     let (ids, labels, lengths) = (u32s("input_ids")?, u32s("labels")?, u32s("lengths")?);
     if ids.len() != labels.len() || lengths.iter().map(|&l| l as usize).sum::<usize>() != ids.len() {
         return None;
@@ -94,7 +95,14 @@ fn write(file: &Path, kind: RecordKind, examples: &[Example]) -> Result<()> {
 /// What [`load_examples`] returns, from the cache in `dir` when an entry exists (and `overwrite`
 /// is off), else computed and stored. Returns whether the cache answered. Failing to write the
 /// cache is a logged warning, never an error: the examples are still right.
-pub fn load_examples_cached(path: &Path, tok: &Tokenizer, block_size: Option<usize>, max_seq_length: Option<usize>, dir: Option<&Path>, overwrite: bool) -> Result<(RecordKind, Vec<Example>, bool)> {
+pub fn load_examples_cached(
+    path: &Path,
+    tok: &Tokenizer,
+    block_size: Option<usize>,
+    max_seq_length: Option<usize>,
+    dir: Option<&Path>,
+    overwrite: bool,
+) -> Result<(RecordKind, Vec<Example>, bool)> {
     let Some(dir) = dir else {
         let (k, e) = load_examples(path, tok, block_size, max_seq_length)?;
         return Ok((k, e, false));

@@ -18,13 +18,17 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     /// The tokenizer's `chat_template` (from `tokenizer_config.json` or `chat_template.jinja`).
     pub fn for_tokenizer(tok: &Tokenizer) -> Result<Self> {
-        let source = tok.chat_template.clone().ok_or_else(|| Error::Invalid(format!("{}: the tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)", tok.dir.display())))?;
+        let source = tok.chat_template.clone().ok_or_else(|| {
+            Error::Invalid(format!("{}: the tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)", tok.dir.display()))
+        })?;
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().map_err(|e| Error::Invalid(e.to_string()))?;
         env.set_syntax(syntax);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> { Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg)) });
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
         env.add_template_owned("chat", source).map_err(|e| Error::Invalid(format!("{}: chat_template does not parse: {e}", tok.dir.display())))?;
         let text = |t: &Option<super::tokenizer::SpecialToken>| t.as_ref().map_or(Value::Null, |s| Value::String(s.text.clone()));
         let specials = json!({"bos_token": text(&tok.bos), "eos_token": text(&tok.eos), "pad_token": text(&tok.pad), "unk_token": text(&tok.unk)});
@@ -53,7 +57,9 @@ impl ChatTemplate {
             let prefix = self.render(&messages[..i], true)?;
             let upto = self.render(&messages[..=i], false)?;
             if !upto.starts_with(&prefix) || !full.starts_with(&upto) {
-                return Err(Error::Invalid("the chat template does not render a conversation as a prefix of its continuation, so assistant turns cannot be located".into()));
+                return Err(Error::Invalid(
+                    "the chat template does not render a conversation as a prefix of its continuation, so assistant turns cannot be located".into(),
+                ));
             }
             spans.push((prefix.len(), upto.len()));
         }

@@ -127,10 +127,7 @@ pub fn tokenize_texts(path: &Path, records: &[Record], tok: &Tokenizer) -> Resul
 pub fn group_texts(tokenized: &[Vec<u32>], block_size: usize) -> Vec<Example> {
     let all: Vec<u32> = tokenized.iter().flatten().copied().collect();
     let total = (all.len() / block_size.max(1)) * block_size;
-    all[..total]
-        .chunks(block_size.max(1))
-        .map(|c| Example { input_ids: c.to_vec(), labels: c.iter().map(|&x| x as i32).collect() })
-        .collect()
+    all[..total].chunks(block_size.max(1)).map(|c| Example { input_ids: c.to_vec(), labels: c.iter().map(|&x| x as i32).collect() }).collect()
 }
 
 /// `prompt`/`completion` records: the prompt with the tokenizer's special tokens, then the
@@ -145,7 +142,8 @@ pub fn prompt_completion(path: &Path, records: &[Record], tok: &Tokenizer, max_l
             if let Some(eos) = &tok.eos {
                 c.push(eos.id);
             }
-            let mut ex = Example { labels: std::iter::repeat_n(IGNORE_INDEX, p.len()).chain(c.iter().map(|&x| x as i32)).collect(), input_ids: [p, c].concat() };
+            let mut ex =
+                Example { labels: std::iter::repeat_n(IGNORE_INDEX, p.len()).chain(c.iter().map(|&x| x as i32)).collect(), input_ids: [p, c].concat() };
             if let Some(l) = max_length {
                 super::collate::truncate(&mut ex, l);
             }
@@ -214,7 +212,11 @@ pub fn load_examples(path: &Path, tok: &Tokenizer, block_size: Option<usize>, ma
         RecordKind::Messages => conversations(path, &records, tok, max_seq_length)?,
     };
     if examples.is_empty() {
-        return Err(Error::Invalid(format!("{}: no examples after tokenization (the text is shorter than one block of {} tokens?)", path.display(), block_size.unwrap_or(0))));
+        return Err(Error::Invalid(format!(
+            "{}: no examples after tokenization (the text is shorter than one block of {} tokens?)",
+            path.display(),
+            block_size.unwrap_or(0)
+        )));
     }
     Ok((kind, examples))
 }

@@ -83,7 +83,10 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(Error::Invalid(format!("{}: no tokenizer.json (a fast tokenizer file is needed; save the tokenizer with transformers to get one)", dir.display())));
+            return Err(Error::Invalid(format!(
+                "{}: no tokenizer.json (a fast tokenizer file is needed; save the tokenizer with transformers to get one)",
+                dir.display()
+            )));
         }
         let mut inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::config(&path, format!("not a valid tokenizer file: {e}")))?;
         // padding and truncation are the runtime's (collate.rs), not the file's
@@ -97,7 +100,9 @@ impl Tokenizer {
         let special = |field: &str| -> Result<Option<SpecialToken>> {
             let Some(v) = cfg.get(field).filter(|v| !v.is_null()) else { return Ok(None) };
             let text = token_text(v).ok_or_else(|| Error::config(&cfg_path, format!("`{field}` must be a token string, found {v}")))?;
-            let id = inner.token_to_id(&text).ok_or_else(|| Error::config(&cfg_path, format!("`{field}` {text:?} is not in the vocabulary of {}", path.display())))?;
+            let id = inner
+                .token_to_id(&text)
+                .ok_or_else(|| Error::config(&cfg_path, format!("`{field}` {text:?} is not in the vocabulary of {}", path.display())))?;
             Ok(Some(SpecialToken { text, id }))
         };
         let padding_side = match cfg.get("padding_side").and_then(Value::as_str) {
@@ -125,7 +130,11 @@ impl Tokenizer {
     /// `tokenizer(text, add_special_tokens=...)`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Encoded> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Invalid(format!("tokenizing {text:?}: {e}")))?;
-        Ok(Encoded { ids: enc.get_ids().to_vec(), tokens: enc.get_tokens().to_vec(), special: enc.get_special_tokens_mask().iter().map(|&m| m as u8).collect() })
+        Ok(Encoded {
+            ids: enc.get_ids().to_vec(),
+            tokens: enc.get_tokens().to_vec(),
+            special: enc.get_special_tokens_mask().iter().map(|&m| m as u8).collect(),
+        })
     }
 
     /// Ids and the byte span of the text each token came from (empty for added template tokens).

@@ -76,11 +76,7 @@ impl Fields<'_> {
     fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
         match self.present(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .filter(|x| x.is_finite())
-                .map(|x| x as f32)
-                .ok_or_else(|| self.err(format!("field `{key}` must be a number, found {v}"))),
+            Some(v) => v.as_f64().filter(|x| x.is_finite()).map(|x| x as f32).ok_or_else(|| self.err(format!("field `{key}` must be a number, found {v}"))),
         }
     }
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {

@@ -157,7 +157,10 @@ impl<B: Backend> Activations<B> {
     /// Bytes held by the activation and scratch buffers (what gradient checkpointing reduces).
     pub fn bytes(&self, be: &B) -> usize {
         let l = |a: &LayerActs<B>| {
-            [&a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att_stats, &a.att_out, &a.res1, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fc, &a.act].iter().map(|b| be.len(b)).sum::<usize>()
+            [&a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att_stats, &a.att_out, &a.res1, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fc, &a.act]
+                .iter()
+                .map(|b| be.len(b))
+                .sum::<usize>()
         };
         let bufs = [&self.lnf, &self.lnf_mean, &self.lnf_rstd, &self.logits, &self.tmp, &self.dres, &self.dln, &self.datt, &self.dqkv, &self.dfc, &self.dact];
         4 * (self.layers.iter().map(l).sum::<usize>() + self.resid.iter().map(|b| be.len(b)).sum::<usize>() + bufs.iter().map(|b| be.len(b)).sum::<usize>())
@@ -331,9 +334,8 @@ impl<B: Backend> Model<B> {
             }
             return Ok(None);
         }
-        let n_tokens = b.labels.as_ref().map_or(0, |l| {
-            (0..b.batch).map(|r| l[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&x| x != IGNORE_INDEX).count()).sum()
-        });
+        let n_tokens =
+            b.labels.as_ref().map_or(0, |l| (0..b.batch).map(|r| l[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&x| x != IGNORE_INDEX).count()).sum());
         let denom = loss.num_items_in_batch.unwrap_or(n_tokens);
         if train && denom == 0 {
             return Err(Error::Invalid("the batch has no label tokens (every label is -100 after the shift), so there is no loss to train on".into()));

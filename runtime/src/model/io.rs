@@ -103,10 +103,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
         let value: Value = serde_json::from_str(&text).map_err(|e| Error::weights(&index, format!("not valid JSON: {e}")))?;
-        let map = value
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| Error::weights(&index, "missing object `weight_map`"))?;
+        let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::weights(&index, "missing object `weight_map`"))?;
         let mut files: Vec<String> = Vec::new();
         for (name, file) in map {
             let file = file.as_str().ok_or_else(|| Error::weights(&index, format!("`weight_map.{name}` must be a file name")))?;
@@ -126,7 +123,11 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
         return Err(Error::Invalid(format!("{}: no such model folder", dir.display())));
     }
-    let hint = if dir.join("pytorch_model.bin").exists() { " (pickled `pytorch_model.bin` weights are not read; save the model with safe_serialization=True)" } else { "" };
+    let hint = if dir.join("pytorch_model.bin").exists() {
+        " (pickled `pytorch_model.bin` weights are not read; save the model with safe_serialization=True)"
+    } else {
+        ""
+    };
     Err(Error::weights(dir, format!("no {SINGLE_FILE} or {INDEX_FILE} found{hint}")))
 }
 
@@ -150,7 +151,10 @@ fn diagnose(path: &Path, bytes: &[u8]) -> Option<Error> {
         return Some(Error::weights(path, format!("not a valid safetensors file: {len} bytes is too short for the 8-byte header length")));
     };
     if n > len - 8 {
-        return Some(Error::weights(path, format!("not a valid safetensors file: the header length field says {n} bytes, but only {} follow it (truncated or corrupt file?)", len - 8)));
+        return Some(Error::weights(
+            path,
+            format!("not a valid safetensors file: the header length field says {n} bytes, but only {} follow it (truncated or corrupt file?)", len - 8),
+        ));
     }
     let header: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n as usize]).ok()?;
     let data_len = len - 8 - n;
@@ -198,7 +202,11 @@ pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
             let dt = Dtype::from_st(view.dtype())
                 .ok_or_else(|| Error::tensor(&files[fi], &part.name, format!("dtype {:?} is not supported (expected F32, F16 or BF16)", view.dtype())))?;
             if view.shape() != part.shape.as_slice() {
-                return Err(Error::tensor(&files[fi], &part.name, format!("shape {:?} does not match the config, which implies {:?}", view.shape(), part.shape)));
+                return Err(Error::tensor(
+                    &files[fi],
+                    &part.name,
+                    format!("shape {:?} does not match the config, which implies {:?}", view.shape(), part.shape),
+                ));
             }
             dtype.get_or_insert(dt);
             decode_part(spec, &view, dt, &mut data);
@@ -207,11 +215,7 @@ pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
         tensors.push(data);
     }
     for (i, st) in tables.iter().enumerate() {
-        let mut extra: Vec<&str> = st
-            .names()
-            .into_iter()
-            .filter(|n| !used.contains(n) && !layout.tolerates_extra(n))
-            .collect();
+        let mut extra: Vec<&str> = st.names().into_iter().filter(|n| !used.contains(n) && !layout.tolerates_extra(n)).collect();
         if !extra.is_empty() {
             extra.sort();
             let shown: Vec<_> = extra.iter().take(5).copied().collect();

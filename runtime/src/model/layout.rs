@@ -128,10 +128,7 @@ impl Builder<'_> {
             Some(c) => vec![rows, c],
             None => vec![rows],
         };
-        let parts = parts
-            .into_iter()
-            .map(|(n, r)| HfPart { name: n, shape: inner.map_or(vec![r], |c| vec![r, c]) })
-            .collect();
+        let parts = parts.into_iter().map(|(n, r)| HfPart { name: n, shape: inner.map_or(vec![r], |c| vec![r, c]) }).collect();
         self.push(name, shape, parts, false, init)
     }
 
@@ -174,7 +171,13 @@ impl Builder<'_> {
         let mut layers = Vec::new();
         for l in 0..c.n_layer {
             let p = |s: &str| format!("model.layers.{l}.{s}");
-            let qkv = |suffix: &str| vec![(p(&format!("self_attn.q_proj.{suffix}")), q), (p(&format!("self_attn.k_proj.{suffix}")), kv), (p(&format!("self_attn.v_proj.{suffix}")), kv)];
+            let qkv = |suffix: &str| {
+                vec![
+                    (p(&format!("self_attn.q_proj.{suffix}")), q),
+                    (p(&format!("self_attn.k_proj.{suffix}")), kv),
+                    (p(&format!("self_attn.v_proj.{suffix}")), kv),
+                ]
+            };
             let fc = |suffix: &str| vec![(p(&format!("mlp.gate_proj.{suffix}")), i), (p(&format!("mlp.up_proj.{suffix}")), i)];
             layers.push(LayerParams {
                 ln1_w: self.single(p("input_layernorm.weight"), vec![h], Init::Ones),

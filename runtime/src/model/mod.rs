@@ -133,7 +133,17 @@ impl<B: Backend> Model<B> {
             return Err(Error::Invalid(format!("{} tensors given, the layout has {}", tensors.len(), layout.specs.len())));
         }
         let params = tensors.iter().map(|t| backend.upload(t)).collect();
-        Ok(Model { backend, config, layout, params, attn_impl: opts.attn_implementation, dtype: opts.torch_dtype.unwrap_or(Dtype::F32), source: None, gradient_checkpointing: false, neftune: None })
+        Ok(Model {
+            backend,
+            config,
+            layout,
+            params,
+            attn_impl: opts.attn_implementation,
+            dtype: opts.torch_dtype.unwrap_or(Dtype::F32),
+            source: None,
+            gradient_checkpointing: false,
+            neftune: None,
+        })
     }
 
     /// The parameters as host f32 vectors, in the engine's layout.

@@ -49,10 +49,14 @@ impl<B: Backend> AdamW<B> {
 /// The global L2 norm of all gradients.
 pub fn grad_norm<B: Backend>(be: &B, grads: &Grads<B>) -> f32 {
     // as torch: the norm of the per-tensor norms
-    let sum: f32 = grads.tensors.iter().map(|g| {
-        let n = be.sum_squares(g).sqrt() as f32;
-        n * n
-    }).sum();
+    let sum: f32 = grads
+        .tensors
+        .iter()
+        .map(|g| {
+            let n = be.sum_squares(g).sqrt() as f32;
+            n * n
+        })
+        .sum();
     sum.sqrt()
 }
 

@@ -73,7 +73,14 @@ pub fn svg(log_history: &[Map<String, Value>], title: &str) -> Option<String> {
             s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"{color}\"/>\n", px(x), py(y));
         }
         let ly = T + 16.0 + 16.0 * i as f64;
-        s += &format!("<line x1=\"{}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{}</text>\n", W - R - 150.0, W - R - 130.0, W - R - 124.0, ly + 4.0, esc(name));
+        s += &format!(
+            "<line x1=\"{}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{}</text>\n",
+            W - R - 150.0,
+            W - R - 130.0,
+            W - R - 124.0,
+            ly + 4.0,
+            esc(name)
+        );
     }
     s += "</svg>\n";
     Some(s)

@@ -161,11 +161,15 @@ impl Schedule {
                 };
             }
             WarmupStableDecay => {
-                s.decay_steps = steps(kwargs, "num_decay_steps")?.ok_or_else(|| Error::Invalid("warmup_stable_decay needs lr_scheduler_kwargs.num_decay_steps".into()))?;
+                s.decay_steps =
+                    steps(kwargs, "num_decay_steps")?.ok_or_else(|| Error::Invalid("warmup_stable_decay needs lr_scheduler_kwargs.num_decay_steps".into()))?;
                 s.stable_steps = match steps(kwargs, "num_stable_steps")? {
                     Some(n) => n,
                     None => total_steps.checked_sub(warmup_steps + s.decay_steps).ok_or_else(|| {
-                        Error::Invalid(format!("warmup_stable_decay: warmup ({warmup_steps}) + decay ({}) steps exceed the {total_steps} training steps", s.decay_steps))
+                        Error::Invalid(format!(
+                            "warmup_stable_decay: warmup ({warmup_steps}) + decay ({}) steps exceed the {total_steps} training steps",
+                            s.decay_steps
+                        ))
                     })?,
                 };
                 s.min_lr_rate = number(kwargs, "min_lr_ratio")?.unwrap_or(0.0);

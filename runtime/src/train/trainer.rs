@@ -14,14 +14,16 @@ use super::optimizer::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
 use super::sampler::{Sampler, SamplerState};
 use super::schedule::{warmup_steps, Schedule, SchedulerType};
 use super::state::TrainerState;
-use crate::args::{IntervalStrategy, SaveStrategy, TrainingArguments};
 use crate::args::training::NanInfPolicy;
+use crate::args::{IntervalStrategy, SaveStrategy, TrainingArguments};
 use crate::backend::cpu::{Cpu, IGNORE_INDEX};
 use crate::backend::AttnImpl;
 use crate::data::cache::load_examples_cached;
 use crate::data::{pad_batch, Example, PadOptions, Padding, Tokenizer};
 use crate::error::{Error, Result};
-use crate::model::{init::init_tensors, io, write_folder_atomically, Activations, Batch, Device, Dtype, Grads, Layout, LoadOptions, LossOptions, Model, ModelConfig};
+use crate::model::{
+    init::init_tensors, io, write_folder_atomically, Activations, Batch, Device, Dtype, Grads, Layout, LoadOptions, LossOptions, Model, ModelConfig,
+};
 
 pub struct Trainer {
     pub args: TrainingArguments,
@@ -73,7 +75,11 @@ impl LossLog {
     }
     /// transformers' `logging_nan_inf_filter`: a non-finite step is logged as the running average.
     fn average(&self) -> f64 {
-        if self.total_steps > 0 { self.total / self.total_steps as f64 } else { 0.0 }
+        if self.total_steps > 0 {
+            self.total / self.total_steps as f64
+        } else {
+            0.0
+        }
     }
     fn take(&mut self) -> f64 {
         let mean = self.sum / self.steps as f64;
@@ -112,11 +118,17 @@ impl Trainer {
             return Err(Error::Unsupported(format!("`{name}` is not supported by this build yet")));
         }
         if args.bf16 {
-            return Err(Error::Unsupported("bf16 mixed precision needs the CUDA backend, which this build does not have; the CPU backend trains in f32".into()));
+            return Err(Error::Unsupported(
+                "bf16 mixed precision needs the CUDA backend, which this build does not have; the CPU backend trains in f32".into(),
+            ));
         }
         let device = Device::parse(&args.device).unwrap_or(Device::Auto);
         let opts = LoadOptions {
-            torch_dtype: args.torch_dtype.as_deref().map(|d| Dtype::parse(d).ok_or_else(|| Error::Invalid(format!("unknown torch_dtype `{d}`")))).transpose()?,
+            torch_dtype: args
+                .torch_dtype
+                .as_deref()
+                .map(|d| Dtype::parse(d).ok_or_else(|| Error::Invalid(format!("unknown torch_dtype `{d}`"))))
+                .transpose()?,
             attn_implementation: AttnImpl::parse(&args.attn_implementation).unwrap_or(AttnImpl::Flash),
             device: if args.use_cpu { Device::Cpu } else { device },
         };
@@ -138,7 +150,12 @@ impl Trainer {
             model.source = Some(tok_dir.clone()); // the tokenizer files travel with the saved model
         }
         if tokenizer.len() > model.config.vocab_size {
-            return Err(Error::Invalid(format!("the tokenizer in {} has {} tokens but the model's vocab_size is {}", tok_dir.display(), tokenizer.len(), model.config.vocab_size)));
+            return Err(Error::Invalid(format!(
+                "the tokenizer in {} has {} tokens but the model's vocab_size is {}",
+                tok_dir.display(),
+                tokenizer.len(),
+                model.config.vocab_size
+            )));
         }
         let train_file = match (&args.train_file, training) {
             (Some(f), true) => Some(f.clone()),
@@ -172,19 +189,43 @@ impl Trainer {
         }
         let longest = train.iter().chain(eval.iter().flatten()).map(|e| e.input_ids.len()).max().unwrap_or(0);
         if model.config.arch == crate::model::Arch::Gpt2 && longest > model.config.max_positions {
-            return Err(Error::Invalid(format!("examples of {longest} tokens exceed the model's n_positions ({}); set block_size or max_seq_length", model.config.max_positions)));
+            return Err(Error::Invalid(format!(
+                "examples of {longest} tokens exceed the model's n_positions ({}); set block_size or max_seq_length",
+                model.config.max_positions
+            )));
         }
         let pad_id = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |t| t.id);
         let pad = PadOptions { padding: Padding::Longest, side: tokenizer.padding_side, pad_id, max_length: None, truncation: false, pad_to_multiple_of: None };
-        let sampler = Sampler { seed: args.data_seed.unwrap_or(args.seed), n_examples: train.len(), batch_size: args.per_device_train_batch_size, drop_last: args.dataloader_drop_last, sequential: args.train_sampling_strategy == "sequential" };
+        let sampler = Sampler {
+            seed: args.data_seed.unwrap_or(args.seed),
+            n_examples: train.len(),
+            batch_size: args.per_device_train_batch_size,
+            drop_last: args.dataloader_drop_last,
+            sequential: args.train_sampling_strategy == "sequential",
+        };
         let batches = sampler.batches_per_epoch().max(usize::from(!training));
         if batches == 0 {
             return Err(Error::Invalid(format!("{} examples make no full batch of {} (dataloader_drop_last)", train.len(), args.per_device_train_batch_size)));
         }
         let windows = batches.div_ceil(args.gradient_accumulation_steps) as u64;
         let max_steps = if args.max_steps > 0 { args.max_steps as u64 } else { (args.num_train_epochs * windows as f64).ceil() as u64 };
-        let schedule = Schedule::new(SchedulerType::parse(&args.lr_scheduler_type)?, args.learning_rate, warmup_steps(args.warmup_steps, max_steps), max_steps, &args.lr_scheduler_kwargs)?;
-        let opt = AdamW::new(&model, AdamWConfig { lr: args.learning_rate as f32, beta1: args.adam_beta1 as f32, beta2: args.adam_beta2 as f32, eps: args.adam_epsilon as f32, weight_decay: args.weight_decay as f32 });
+        let schedule = Schedule::new(
+            SchedulerType::parse(&args.lr_scheduler_type)?,
+            args.learning_rate,
+            warmup_steps(args.warmup_steps, max_steps),
+            max_steps,
+            &args.lr_scheduler_kwargs,
+        )?;
+        let opt = AdamW::new(
+            &model,
+            AdamWConfig {
+                lr: args.learning_rate as f32,
+                beta1: args.adam_beta1 as f32,
+                beta2: args.adam_beta2 as f32,
+                eps: args.adam_epsilon as f32,
+                weight_decay: args.weight_decay as f32,
+            },
+        );
         let logging_steps = interval(args.logging_steps, max_steps);
         let eval_steps = interval(args.eval_steps.unwrap_or(args.logging_steps), max_steps);
         let save_steps = interval(args.save_steps, max_steps);
@@ -200,7 +241,24 @@ impl Trainer {
             ..TrainerState::default()
         };
         let output_dir = PathBuf::from(&args.output_dir);
-        Ok(Trainer { args, model, tokenizer, state, train, eval, pad, opt, schedule, sampler, output_dir, logging_steps, eval_steps, save_steps, callbacks: Vec::new(), control: TrainerControl::default() })
+        Ok(Trainer {
+            args,
+            model,
+            tokenizer,
+            state,
+            train,
+            eval,
+            pad,
+            opt,
+            schedule,
+            sampler,
+            output_dir,
+            logging_steps,
+            eval_steps,
+            save_steps,
+            callbacks: Vec::new(),
+            control: TrainerControl::default(),
+        })
     }
 
     /// Adds a callback; it receives `on_init_end` when training starts, then every event.
@@ -310,7 +368,10 @@ impl Trainer {
                 let data = safetensors::serialize(views, None).map_err(|e| Error::weights(&path, e.to_string()))?;
                 io::write_file(&path, &data)?;
             }
-            io::write_file(&tmp.join("scheduler.json"), json!({"last_epoch": state.global_step, "lr_scheduler_type": args.lr_scheduler_type}).to_string().as_bytes())?;
+            io::write_file(
+                &tmp.join("scheduler.json"),
+                json!({"last_epoch": state.global_step, "lr_scheduler_type": args.lr_scheduler_type}).to_string().as_bytes(),
+            )?;
             io::write_file(&tmp.join("training_args.json"), args.to_json().as_bytes())?;
             io::write_file(&tmp.join("trainer_state.json"), state.to_json().as_bytes())
         })?;
@@ -331,7 +392,8 @@ impl Trainer {
                 cps.push(item);
             }
         }
-        let limit = if self.args.load_best_model_at_end && limit == 1 && best.is_some() && cps.last().map(|c| &c.1) != best.as_ref() { 2 } else { limit.max(1) };
+        let limit =
+            if self.args.load_best_model_at_end && limit == 1 && best.is_some() && cps.last().map(|c| &c.1) != best.as_ref() { 2 } else { limit.max(1) };
         let excess = cps.len().saturating_sub(limit);
         for (_, dir) in cps.into_iter().take(excess) {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -374,10 +436,21 @@ impl Trainer {
         m.insert("eval_samples_per_second".into(), num((eval.len() as f64 / secs * 1e3).round() / 1e3));
         m.insert("eval_steps_per_second".into(), num((batches as f64 / secs * 1e3).round() / 1e3));
         if let (Some(key), Some(greater)) = (self.args.best_metric_key(), self.args.greater_is_better) {
-            let v = m.get(&key).and_then(Value::as_f64).ok_or_else(|| Error::Invalid(format!("metric_for_best_model `{key}` is not among the evaluation metrics ({})", m.keys().cloned().collect::<Vec<_>>().join(", "))))?;
+            let v = m.get(&key).and_then(Value::as_f64).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "metric_for_best_model `{key}` is not among the evaluation metrics ({})",
+                    m.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })?;
             let better = match self.state.best_metric {
                 None => true,
-                Some(b) => if greater { v > b } else { v < b },
+                Some(b) => {
+                    if greater {
+                        v > b
+                    } else {
+                        v < b
+                    }
+                }
             };
             if better {
                 self.state.best_metric = Some(v);
@@ -394,7 +467,10 @@ impl Trainer {
         let occupied = self.output_dir.is_dir() && std::fs::read_dir(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?.next().is_some();
         let resume = self.resume_target()?;
         if occupied && resume.is_none() && !self.args.overwrite_output_dir {
-            return Err(Error::Invalid(format!("{}: output_dir exists and is not empty; pass --resume_from_checkpoint true to continue, or --overwrite_output_dir", self.output_dir.display())));
+            return Err(Error::Invalid(format!(
+                "{}: output_dir exists and is not empty; pass --resume_from_checkpoint true to continue, or --overwrite_output_dir",
+                self.output_dir.display()
+            )));
         }
         std::fs::create_dir_all(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?;
         // what a killed run left half-written (never picked up by resume): remove it
@@ -419,7 +495,9 @@ impl Trainer {
         let mut acts = Activations::new(&self.model, 1, 2);
         let mut tokens = 0u64;
         let bar = if self.args.disable_tqdm { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(self.state.max_steps) };
-        bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
         bar.set_position(start_step);
         self.emit(Event::InitEnd, None);
         self.emit(Event::TrainBegin, None);
@@ -434,7 +512,10 @@ impl Trainer {
             let mut b = first as usize;
             while b < batches.len() {
                 let end = (b + accum).min(batches.len());
-                let micro = batches[b..end].iter().map(|ix| pad_batch(&ix.iter().map(|&i| self.train[i].clone()).collect::<Vec<_>>(), &self.pad)).collect::<Result<Vec<_>>>()?;
+                let micro = batches[b..end]
+                    .iter()
+                    .map(|ix| pad_batch(&ix.iter().map(|&i| self.train[i].clone()).collect::<Vec<_>>(), &self.pad))
+                    .collect::<Result<Vec<_>>>()?;
                 let items: usize = micro.iter().map(label_tokens).sum();
                 if items == 0 {
                     return Err(Error::Invalid(format!("step {}: the batches of this accumulation window have no label tokens", self.state.global_step + 1)));
@@ -453,7 +534,11 @@ impl Trainer {
                     }
                 }
                 let loss = loss_sum / items as f64;
-                let (norm, coef) = if self.args.max_grad_norm > 0.0 { clip_coefficient(&self.model.backend, &grads, self.args.max_grad_norm as f32) } else { (grad_norm(&self.model.backend, &grads), 1.0) };
+                let (norm, coef) = if self.args.max_grad_norm > 0.0 {
+                    clip_coefficient(&self.model.backend, &grads, self.args.max_grad_norm as f32)
+                } else {
+                    (grad_norm(&self.model.backend, &grads), 1.0)
+                };
                 let lr = self.schedule.lr(self.state.global_step);
                 let finite = loss.is_finite() && norm.is_finite();
                 if finite {
@@ -462,7 +547,10 @@ impl Trainer {
                     self.emit(Event::OptimizerStep, None);
                 } else if self.args.nan_inf_policy == NanInfPolicy::Stop {
                     let last = self.checkpoints().last().map_or("none".to_string(), |c| c.1.display().to_string());
-                    return Err(Error::Invalid(format!("step {}: the loss is {loss} (gradient norm {norm}); stopping without applying the update. Last good checkpoint: {last}", self.state.global_step + 1)));
+                    return Err(Error::Invalid(format!(
+                        "step {}: the loss is {loss} (gradient norm {norm}); stopping without applying the update. Last good checkpoint: {last}",
+                        self.state.global_step + 1
+                    )));
                 } else {
                     tracing::warn!("step {}: the loss is {loss} (gradient norm {norm}); update skipped", self.state.global_step + 1);
                 }
@@ -479,7 +567,8 @@ impl Trainer {
                 bar.set_message(format!("loss {:.4} lr {:.2e} grad norm {:.3} {:.0} tok/s", loss, lr, norm, tokens as f64 / started.elapsed().as_secs_f64()));
                 // transformers' DefaultFlowCallback.on_step_end
                 let (a, c) = (&self.args, &mut self.control);
-                c.should_log |= (a.logging_first_step && step == 1) || (a.logging_strategy == IntervalStrategy::Steps && step.is_multiple_of(self.logging_steps));
+                c.should_log |=
+                    (a.logging_first_step && step == 1) || (a.logging_strategy == IntervalStrategy::Steps && step.is_multiple_of(self.logging_steps));
                 c.should_evaluate |= a.eval_strategy == IntervalStrategy::Steps && step.is_multiple_of(self.eval_steps) && a.eval_delay <= step as f64;
                 c.should_save |= a.save_strategy == SaveStrategy::Steps && step.is_multiple_of(self.save_steps);
                 if step >= self.state.max_steps {
@@ -517,7 +606,8 @@ impl Trainer {
         let secs = started.elapsed().as_secs_f64();
         if self.args.load_best_model_at_end {
             if let Some(best) = self.state.best_model_checkpoint.clone() {
-                let loaded = Model::load(Cpu, Path::new(&best), LoadOptions { torch_dtype: None, attn_implementation: self.model.attn_impl, device: Device::Cpu })?;
+                let loaded =
+                    Model::load(Cpu, Path::new(&best), LoadOptions { torch_dtype: None, attn_implementation: self.model.attn_impl, device: Device::Cpu })?;
                 self.model.params = loaded.params;
                 tracing::info!("loaded the best model from {best} ({} = {:?})", self.args.best_metric_key().unwrap_or_default(), self.state.best_metric);
             }

@@ -31,7 +31,27 @@ unsafe fn mm(dst: *mut f32, dst_rs: usize, accumulate: bool, alpha: f32, (m, n, 
     if m == 0 || n == 0 {
         return;
     }
-    gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, lhs.0, lhs.2 as isize, lhs.1 as isize, rhs.0, rhs.2 as isize, rhs.1 as isize, 1.0, alpha, false, false, false, Parallelism::None);
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        1.0,
+        alpha,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
 }
 
 struct Layout {
@@ -73,7 +93,15 @@ fn scores(l: &Layout, qkv: &[f32], mask: &[i32], s: &mut [f32], ld: usize, b: us
     // SAFETY: the q rows i0..i1 and k rows j0..j1 of head h / group g lie inside `qkv`; `s` holds
     // (i1 - i0) rows of stride ld >= j1 - j0.
     unsafe {
-        mm(s.as_mut_ptr(), ld, false, l.scale, (i1 - i0, j1 - j0, d), M(qkv.as_ptr().add(l.q(b, i0, h)), l.stride, 1), M(qkv.as_ptr().add(l.k(b, j0, g)), 1, l.stride));
+        mm(
+            s.as_mut_ptr(),
+            ld,
+            false,
+            l.scale,
+            (i1 - i0, j1 - j0, d),
+            M(qkv.as_ptr().add(l.q(b, i0, h)), l.stride, 1),
+            M(qkv.as_ptr().add(l.k(b, j0, g)), 1, l.stride),
+        );
     }
     // the causal limit is a suffix of each row; padded keys are looked up only when the row of
     // the batch has any (so the common unpadded case is a fill)
@@ -138,7 +166,15 @@ pub fn eager_fwd(out: &mut [f32], probs: &mut [f32], qkv: &[f32], mask: &[i32], 
             }
             // SAFETY: task (b, h) alone writes head h of batch b's output rows; P and V in bounds.
             unsafe {
-                mm(out_ptr.at(l.o(b, i0, h)), l.out_stride, false, 1.0, (i1 - i0, d, i1), M(tile.as_ptr(), t_len, 1), M(qkv.as_ptr().add(l.v(b, 0, g)), l.stride, 1));
+                mm(
+                    out_ptr.at(l.o(b, i0, h)),
+                    l.out_stride,
+                    false,
+                    1.0,
+                    (i1 - i0, d, i1),
+                    M(tile.as_ptr(), t_len, 1),
+                    M(qkv.as_ptr().add(l.v(b, 0, g)), l.stride, 1),
+                );
             }
         }
     });
@@ -207,14 +243,35 @@ pub fn flash_fwd(out: &mut [f32], lse: &mut [f32], qkv: &[f32], mask: &[i32], s:
 /// The part of the backward pass shared by both implementations, for one tile whose
 /// probabilities `p` (row stride `ld`) are known: accumulates dV, dQ and dK.
 #[allow(clippy::too_many_arguments)] // the tile's coordinates, inputs and scratch
-unsafe fn tile_bwd(l: &Layout, dq: SharedMut, qkv: &[f32], dout: &[f32], di: &[f32], p: &[f32], ld: usize, dp: &mut [f32], b: usize, h: usize, (i0, i1): (usize, usize), (j0, j1): (usize, usize)) {
+unsafe fn tile_bwd(
+    l: &Layout,
+    dq: SharedMut,
+    qkv: &[f32],
+    dout: &[f32],
+    di: &[f32],
+    p: &[f32],
+    ld: usize,
+    dp: &mut [f32],
+    b: usize,
+    h: usize,
+    (i0, i1): (usize, usize),
+    (j0, j1): (usize, usize),
+) {
     let (g, d) = (h / l.group(), l.s.head_dim);
     let (nq, nk) = (i1 - i0, j1 - j0);
     let dq_base = dq.0;
     // dV[j] += P^T @ dO
     mm(dq_base.add(l.v(b, j0, g)), l.stride, true, 1.0, (nk, d, nq), M(p.as_ptr(), 1, ld), M(dout.as_ptr().add(l.o(b, i0, h)), l.out_stride, 1));
     // dP = dO @ V^T
-    mm(dp.as_mut_ptr(), K_BLOCK, false, 1.0, (nq, nk, d), M(dout.as_ptr().add(l.o(b, i0, h)), l.out_stride, 1), M(qkv.as_ptr().add(l.v(b, j0, g)), 1, l.stride));
+    mm(
+        dp.as_mut_ptr(),
+        K_BLOCK,
+        false,
+        1.0,
+        (nq, nk, d),
+        M(dout.as_ptr().add(l.o(b, i0, h)), l.out_stride, 1),
+        M(qkv.as_ptr().add(l.v(b, j0, g)), 1, l.stride),
+    );
     // dS = P * (dP - D) * scale, in place in dp
     for r in 0..nq {
         let (prow, drow) = (&p[r * ld..r * ld + nk], &mut dp[r * K_BLOCK..r * K_BLOCK + nk]);
@@ -331,9 +388,16 @@ pub fn attention_decode(out: &mut [f32], qkv: &[f32], k_cache: &[f32], v_cache: 
         let (b, h) = (bh / s.n_head, bh % s.n_head);
         let g = h / l.group();
         let q = &qkv[l.q(b, 0, h)..][..d];
-        let mut scores: Vec<f32> = (0..=slot)
-            .map(|j| if mask[b * max_len + j] != 0 { super::math::dot(q, &k_cache[(b * max_len + j) * kvd + g * d..][..d]) * l.scale } else { f32::NEG_INFINITY })
-            .collect();
+        let mut scores: Vec<f32> =
+            (0..=slot)
+                .map(|j| {
+                    if mask[b * max_len + j] != 0 {
+                        super::math::dot(q, &k_cache[(b * max_len + j) * kvd + g * d..][..d]) * l.scale
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
         o.fill(0.0);
         let max = math::max(&scores);
         if max == f32::NEG_INFINITY {
@@ -391,7 +455,10 @@ mod tests {
                     if keys.is_empty() {
                         continue;
                     }
-                    let sc: Vec<f64> = keys.iter().map(|&j| (0..d).map(|x| qkv[l.q(b, i, h) + x] as f64 * qkv[l.k(b, j, g) + x] as f64).sum::<f64>() * l.scale as f64).collect();
+                    let sc: Vec<f64> = keys
+                        .iter()
+                        .map(|&j| (0..d).map(|x| qkv[l.q(b, i, h) + x] as f64 * qkv[l.k(b, j, g) + x] as f64).sum::<f64>() * l.scale as f64)
+                        .collect();
                     let max = sc.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = sc.iter().map(|x| (x - max).exp()).sum();
                     for x in 0..d {
@@ -405,12 +472,14 @@ mod tests {
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n).map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }).collect()
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
     }
 
     #[test]

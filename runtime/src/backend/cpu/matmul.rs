@@ -73,17 +73,7 @@ pub fn matmul_fwd(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>,
 
 /// `dinp = dout @ w`, `dw += dout^T @ inp`, `dbias += colsum(dout)`.
 #[allow(clippy::too_many_arguments)] // see Backend::matmul_bwd
-pub fn matmul_bwd(
-    dinp: Option<&mut [f32]>,
-    dw: &mut [f32],
-    dbias: Option<&mut [f32]>,
-    dout: &[f32],
-    inp: &[f32],
-    w: &[f32],
-    n: usize,
-    k: usize,
-    m: usize,
-) {
+pub fn matmul_bwd(dinp: Option<&mut [f32]>, dw: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
     if let Some(dinp) = dinp {
         strided(dinp, false, (n, k, m), k, dout, (m, 1), w, (k, 1));
     }

@@ -53,10 +53,31 @@ impl Backend for Cpu {
         pointwise::embedding_bwd(dwte, dwpe.map(|(w, p)| (w.as_mut_slice(), p.as_slice())), ids, dout, c)
     }
 
-    fn layernorm_fwd(&self, out: &mut Vec<f32>, mean: &mut Vec<f32>, rstd: &mut Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, b: Option<&Vec<f32>>, c: usize, eps: f32) {
+    fn layernorm_fwd(
+        &self,
+        out: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: Option<&Vec<f32>>,
+        c: usize,
+        eps: f32,
+    ) {
         norm::layernorm_fwd(out, mean, rstd, x, w, b.map(|b| b.as_slice()), c, eps)
     }
-    fn layernorm_bwd(&self, dx: &mut Vec<f32>, dw: &mut Vec<f32>, db: Option<&mut Vec<f32>>, dout: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, mean: &Vec<f32>, rstd: &Vec<f32>, c: usize) {
+    fn layernorm_bwd(
+        &self,
+        dx: &mut Vec<f32>,
+        dw: &mut Vec<f32>,
+        db: Option<&mut Vec<f32>>,
+        dout: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        mean: &Vec<f32>,
+        rstd: &Vec<f32>,
+        c: usize,
+    ) {
         norm::layernorm_bwd(dx, dw, db.map(|b| b.as_mut_slice()), dout, x, w, mean, rstd, c)
     }
     fn rmsnorm_fwd(&self, out: &mut Vec<f32>, rstd: &mut Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, c: usize, eps: f32) {
@@ -69,7 +90,18 @@ impl Backend for Cpu {
     fn matmul_fwd(&self, out: &mut Vec<f32>, inp: &Vec<f32>, w: &Vec<f32>, bias: Option<&Vec<f32>>, n: usize, k: usize, m: usize) {
         matmul::matmul_fwd(out, inp, w, bias.map(|b| b.as_slice()), n, k, m)
     }
-    fn matmul_bwd(&self, dinp: Option<&mut Vec<f32>>, dw: &mut Vec<f32>, dbias: Option<&mut Vec<f32>>, dout: &Vec<f32>, inp: &Vec<f32>, w: &Vec<f32>, n: usize, k: usize, m: usize) {
+    fn matmul_bwd(
+        &self,
+        dinp: Option<&mut Vec<f32>>,
+        dw: &mut Vec<f32>,
+        dbias: Option<&mut Vec<f32>>,
+        dout: &Vec<f32>,
+        inp: &Vec<f32>,
+        w: &Vec<f32>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
         matmul::matmul_bwd(dinp.map(|d| d.as_mut_slice()), dw, dbias.map(|d| d.as_mut_slice()), dout, inp, w, n, k, m)
     }
 
@@ -79,7 +111,17 @@ impl Backend for Cpu {
             AttnImpl::Flash => attention::flash_fwd(out, stats, qkv, key_mask, shape),
         }
     }
-    fn attention_bwd(&self, dqkv: &mut Vec<f32>, dout: &Vec<f32>, qkv: &Vec<f32>, out: &Vec<f32>, stats: &Vec<f32>, key_mask: &Vec<i32>, shape: AttnShape, imp: AttnImpl) {
+    fn attention_bwd(
+        &self,
+        dqkv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        qkv: &Vec<f32>,
+        out: &Vec<f32>,
+        stats: &Vec<f32>,
+        key_mask: &Vec<i32>,
+        shape: AttnShape,
+        imp: AttnImpl,
+    ) {
         match imp {
             AttnImpl::Eager => attention::eager_bwd(dqkv, dout, qkv, out, stats, shape),
             AttnImpl::Flash => attention::flash_bwd(dqkv, dout, qkv, out, stats, key_mask, shape),
@@ -88,7 +130,17 @@ impl Backend for Cpu {
     fn kv_append(&self, k_cache: &mut Vec<f32>, v_cache: &mut Vec<f32>, qkv: &Vec<f32>, slot: usize, shape: AttnShape, max_len: usize) {
         attention::kv_append(k_cache, v_cache, qkv, slot, shape, max_len)
     }
-    fn attention_decode(&self, out: &mut Vec<f32>, qkv: &Vec<f32>, k_cache: &Vec<f32>, v_cache: &Vec<f32>, key_mask: &Vec<i32>, slot: usize, shape: AttnShape, max_len: usize) {
+    fn attention_decode(
+        &self,
+        out: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        key_mask: &Vec<i32>,
+        slot: usize,
+        shape: AttnShape,
+        max_len: usize,
+    ) {
         attention::attention_decode(out, qkv, k_cache, v_cache, key_mask, slot, shape, max_len)
     }
     fn rope(&self, qkv: &mut Vec<f32>, positions: &Vec<i32>, shape: AttnShape, theta: f32, inverse: bool) {

@@ -7,37 +7,34 @@ use super::math::{dot, reduce_rows, sum};
 
 #[allow(clippy::too_many_arguments)] // see Backend::layernorm_fwd
 pub fn layernorm_fwd(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, c: usize, eps: f32) {
-    out.par_chunks_mut(c)
-        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
-        .zip(x.par_chunks(c))
-        .for_each(|((o, (mu, rs)), x)| {
-            let m = sum(x) / c as f32;
-            // two passes, as the definition: the variance of (x - mean)
-            let mut centered = [0.0f32; 8];
-            let mut chunks = x.chunks_exact(8);
-            for v in &mut chunks {
-                for i in 0..8 {
-                    centered[i] += (v[i] - m) * (v[i] - m);
+    out.par_chunks_mut(c).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).zip(x.par_chunks(c)).for_each(|((o, (mu, rs)), x)| {
+        let m = sum(x) / c as f32;
+        // two passes, as the definition: the variance of (x - mean)
+        let mut centered = [0.0f32; 8];
+        let mut chunks = x.chunks_exact(8);
+        for v in &mut chunks {
+            for i in 0..8 {
+                centered[i] += (v[i] - m) * (v[i] - m);
+            }
+        }
+        let tail: f32 = chunks.remainder().iter().map(|v| (v - m) * (v - m)).sum();
+        let var = (sum(&centered) + tail) / c as f32;
+        let s = 1.0 / (var + eps).sqrt();
+        *mu = m;
+        *rs = s;
+        match b {
+            Some(b) => {
+                for i in 0..c {
+                    o[i] = (x[i] - m) * s * w[i] + b[i];
                 }
             }
-            let tail: f32 = chunks.remainder().iter().map(|v| (v - m) * (v - m)).sum();
-            let var = (sum(&centered) + tail) / c as f32;
-            let s = 1.0 / (var + eps).sqrt();
-            *mu = m;
-            *rs = s;
-            match b {
-                Some(b) => {
-                    for i in 0..c {
-                        o[i] = (x[i] - m) * s * w[i] + b[i];
-                    }
-                }
-                None => {
-                    for i in 0..c {
-                        o[i] = (x[i] - m) * s * w[i];
-                    }
+            None => {
+                for i in 0..c {
+                    o[i] = (x[i] - m) * s * w[i];
                 }
             }
-        });
+        }
+    });
 }
 
 #[allow(clippy::too_many_arguments)] // see Backend::layernorm_bwd

@@ -24,18 +24,15 @@ pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamWSt
     let decay_mul = if decay { (1.0 - lr * hp.weight_decay as f64) as f32 } else { 1.0 };
     let w1 = (1.0 - b1) as f32;
     let w2 = (1.0 - b2) as f32;
-    p.par_chunks_mut(1 << 14)
-        .zip(g.par_chunks(1 << 14))
-        .zip(m.par_chunks_mut(1 << 14).zip(v.par_chunks_mut(1 << 14)))
-        .for_each(|((p, g), (m, v))| {
-            for i in 0..p.len() {
-                // the clipped gradient, rounded to f32 as torch's in-place `grad.mul_(coef)` leaves it
-                let g = g[i] * hp.grad_scale;
-                p[i] *= decay_mul;
-                m[i] += w1 * (g - m[i]);
-                v[i] = v[i] * hp.beta2 + w2 * (g * g);
-                let denom = v[i].sqrt() / bc2_sqrt + hp.eps;
-                p[i] -= step_size * (m[i] / denom);
-            }
-        });
+    p.par_chunks_mut(1 << 14).zip(g.par_chunks(1 << 14)).zip(m.par_chunks_mut(1 << 14).zip(v.par_chunks_mut(1 << 14))).for_each(|((p, g), (m, v))| {
+        for i in 0..p.len() {
+            // the clipped gradient, rounded to f32 as torch's in-place `grad.mul_(coef)` leaves it
+            let g = g[i] * hp.grad_scale;
+            p[i] *= decay_mul;
+            m[i] += w1 * (g - m[i]);
+            v[i] = v[i] * hp.beta2 + w2 * (g * g);
+            let denom = v[i].sqrt() / bc2_sqrt + hp.eps;
+            p[i] -= step_size * (m[i] / denom);
+        }
+    });
 }

@@ -6,7 +6,7 @@ mod common;
 
 use runtime::backend::cpu::Cpu;
 use runtime::backend::AttnImpl;
-use runtime::generate::{decode_step, greedy, DecodeState, GreedyOptions};
+use runtime::generate::{decode_step, generate, greedy, DecodeState, GenerationConfig, GreedyOptions};
 use runtime::model::{Activations, Batch, LoadOptions, LossOptions, Model};
 use serde_json::Value;
 
@@ -31,6 +31,41 @@ fn greedy_matches_transformers_generate() {
         let got = greedy(&model, &prompts, &opts, |b, t| streamed[b].push(t)).unwrap();
         assert_eq!(got, want, "{case}: greedy tokens differ from transformers.generate");
         assert_eq!(streamed, want, "{case}: streamed tokens");
+        // with transformers' logits processors: repetition penalty, n-gram ban, minimum length
+        for run in r["processed"].as_array().unwrap() {
+            let mut cfg: GenerationConfig = serde_json::from_value(run["settings"].clone()).unwrap();
+            cfg.max_new_tokens = Some(opts.max_new_tokens);
+            cfg.eos_token_id = serde_json::json!(opts.eos_token_id);
+            cfg.pad_token_id = Some(opts.pad_token_id);
+            let want: Vec<Vec<u32>> = run["generated"].as_array().unwrap().iter().map(ids).collect();
+            assert_eq!(generate(&model, &prompts, &cfg, |_, _| {}).unwrap(), want, "{case} with {}", run["settings"]);
+        }
+    }
+}
+
+#[test]
+fn sampling_is_seeded_and_top_k_one_is_greedy() {
+    let model = load("llama");
+    let prompts = vec![vec![5, 9, 17], vec![40]];
+    let base = GenerationConfig { max_new_tokens: Some(12), eos_token_id: serde_json::json!(2), pad_token_id: Some(0), ..GenerationConfig::default() };
+    let greedy_out = generate(&model, &prompts, &base, |_, _| {}).unwrap();
+    let top1 = GenerationConfig { do_sample: true, top_k: 1, seed: Some(3), ..base.clone() };
+    assert_eq!(generate(&model, &prompts, &top1, |_, _| {}).unwrap(), greedy_out);
+    let hot = GenerationConfig { do_sample: true, temperature: 5.0, top_k: 0, top_p: 0.95, seed: Some(3), ..base.clone() };
+    let a = generate(&model, &prompts, &hot, |_, _| {}).unwrap();
+    assert_eq!(a, generate(&model, &prompts, &hot, |_, _| {}).unwrap(), "same seed, same samples");
+    assert_ne!(a, greedy_out, "sampling at temperature 5 stayed greedy");
+    let other = GenerationConfig { seed: Some(4), ..hot.clone() };
+    assert_ne!(a, generate(&model, &prompts, &other, |_, _| {}).unwrap(), "another seed, other samples");
+    // bad settings are refused before any work
+    for (cfg, needle) in [
+        (GenerationConfig { top_p: 1.5, ..base.clone() }, "top_p"),
+        (GenerationConfig { do_sample: true, temperature: 0.0, ..base.clone() }, "temperature"),
+        (GenerationConfig { num_beams: 0, ..base.clone() }, "num_beams"),
+        (GenerationConfig { eos_token_id: serde_json::json!([2, 5000]), ..base.clone() }, "5000"),
+    ] {
+        let e = generate(&model, &prompts, &cfg, |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
     }
 }
 

@@ -252,36 +252,30 @@ pub fn tokenize(model_dir: &Path, texts: &[String], add_special_tokens: bool, pa
     Ok(out)
 }
 
-/// `runtime generate`: greedy decoding with the KV cache, streaming the first prompt's tokens to
-/// `out` as they come. Settings come from the flags, then the model's `generation_config.json`,
-/// then transformers' defaults (`max_new_tokens` 20... as `max_length` 20 implies).
-pub fn generate(model_dir: &Path, prompts: &[String], chat: bool, max_new_tokens: Option<usize>, out: &mut dyn std::io::Write) -> Result<Vec<String>> {
+/// `runtime generate`: decoding with the KV cache under a `GenerationConfig` (the model's
+/// `generation_config.json`, overridden by `overrides`), streaming the first prompt's tokens to
+/// `out` as they come.
+pub fn generate(
+    model_dir: &Path,
+    prompts: &[String],
+    chat: bool,
+    overrides: &[(String, serde_json::Value)],
+    out: &mut dyn std::io::Write,
+) -> Result<Vec<String>> {
     use crate::data::chat::ChatTemplate;
     use crate::data::Tokenizer;
-    use crate::generate::{greedy, GreedyOptions};
+    use crate::generate::{generate as decode, GenerationConfig};
     let model = Model::load(Cpu, model_dir, LoadOptions::default())?;
     let tok = Tokenizer::from_dir(model_dir)?;
-    let gen_path = model_dir.join("generation_config.json");
-    let gen: serde_json::Value = match std::fs::read_to_string(&gen_path) {
-        Ok(t) => serde_json::from_str(&t).map_err(|e| Error::config(&gen_path, format!("not valid JSON: {e}")))?,
-        Err(_) => serde_json::Value::Null,
-    };
-    let ids_of = |v: &serde_json::Value| -> Vec<u32> {
-        match v {
-            serde_json::Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
-            _ => Vec::new(),
-        }
-    };
-    let mut eos = ids_of(&gen["eos_token_id"]);
-    if eos.is_empty() {
-        eos.extend(ids_of(model.config.raw.get("eos_token_id").unwrap_or(&serde_json::Value::Null)));
+    let mut cfg = GenerationConfig::load(model_dir, overrides)?;
+    if cfg.eos_ids().is_empty() {
+        cfg.eos_token_id =
+            model.config.raw.get("eos_token_id").cloned().filter(|v| !v.is_null()).unwrap_or_else(|| serde_json::json!(tok.eos.as_ref().map(|e| e.id)));
     }
-    if eos.is_empty() {
-        eos.extend(tok.eos.as_ref().map(|e| e.id));
+    if cfg.pad_token_id.is_none() {
+        cfg.pad_token_id = tok.pad.as_ref().map(|t| t.id).or(cfg.eos_ids().first().copied());
     }
-    let pad = ids_of(&gen["pad_token_id"]).first().copied().or(tok.pad.as_ref().map(|t| t.id)).or(eos.first().copied()).unwrap_or(0);
-    let max_new = max_new_tokens.or(gen["max_new_tokens"].as_u64().map(|x| x as usize)).unwrap_or(20);
+    cfg.validate(model.config.vocab_size)?;
     let encoded = prompts
         .iter()
         .map(|p| {
@@ -294,8 +288,9 @@ pub fn generate(model_dir: &Path, prompts: &[String], chat: bool, max_new_tokens
             }
         })
         .collect::<Result<Vec<_>>>()?;
+    let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);
+    let max_new = cfg.new_tokens(longest);
     if model.config.arch == crate::model::Arch::Gpt2 {
-        let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);
         if longest + max_new > model.config.max_positions {
             return Err(Error::Invalid(format!(
                 "a prompt of {longest} tokens plus {max_new} new tokens exceeds the model's context ({})",
@@ -303,14 +298,15 @@ pub fn generate(model_dir: &Path, prompts: &[String], chat: bool, max_new_tokens
             )));
         }
     }
-    let opts = GreedyOptions { max_new_tokens: max_new, eos_token_id: eos, pad_token_id: pad };
+    let eos = cfg.eos_ids();
+    let pad = cfg.pad_token_id.unwrap_or(0);
     let started = std::time::Instant::now();
     let mut shown = String::new();
     let mut first: Vec<u32> = Vec::new();
     let mut count = 0usize;
-    let generated = greedy(&model, &encoded, &opts, |b, t| {
+    let generated = decode(&model, &encoded, &cfg, |b, t| {
         count += 1;
-        if b == 0 && !opts.eos_token_id.contains(&t) {
+        if b == 0 && !eos.contains(&t) {
             first.push(t);
             // print what the decoded text gained (tokens may not be whole characters alone)
             if let Ok(text) = tok.decode(&first, true) {
@@ -326,7 +322,7 @@ pub fn generate(model_dir: &Path, prompts: &[String], chat: bool, max_new_tokens
     let _ = writeln!(out);
     let texts = generated
         .iter()
-        .map(|g| tok.decode(&g.iter().copied().filter(|t| !opts.eos_token_id.contains(t) && *t != opts.pad_token_id).collect::<Vec<_>>(), true))
+        .map(|g| tok.decode(&g.iter().copied().filter(|t| !eos.contains(t) && *t != pad).collect::<Vec<_>>(), true))
         .collect::<Result<Vec<_>>>()?;
     for (i, t) in texts.iter().enumerate().skip(1) {
         let _ = writeln!(out, "[{i}] {t}");

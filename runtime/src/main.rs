@@ -144,8 +144,10 @@ enum Command {
         /// Wrap each prompt as a user turn of the tokenizer's chat template.
         #[arg(long)]
         chat: bool,
-        #[arg(long = "max_new_tokens")]
-        max_new_tokens: Option<usize>,
+        /// GenerationConfig settings under transformers' names, overriding the model's
+        /// generation_config.json: `--max_new_tokens 32 --do_sample --temperature 0.7 --top_p 0.9 --seed 1`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        settings: Vec<String>,
     },
     /// Resolve the run's TrainingArguments (config file, then --name value overrides, validated)
     /// and print them as training_args.json would hold them.
@@ -269,7 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut trainer = runtime::train::trainer::Trainer::for_eval(args)?;
             println!("{}", serde_json::to_string(&trainer.evaluate()?)?);
         }
-        Command::Generate { model, mut prompt, prompt_file, chat, max_new_tokens } => {
+        Command::Generate { model, mut prompt, prompt_file, chat, settings } => {
             if let Some(f) = &prompt_file {
                 let body = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
                 prompt.extend(body.lines().filter(|l| !l.is_empty()).map(str::to_string));
@@ -277,7 +279,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if prompt.is_empty() {
                 anyhow::bail!("give --prompt TEXT (repeatable) or --prompt_file FILE");
             }
-            commands::generate(&model, &prompt, chat, max_new_tokens, &mut std::io::stdout())?;
+            let overrides = runtime::args::training::parse_overrides(&settings)?;
+            commands::generate(&model, &prompt, chat, &overrides, &mut std::io::stdout())?;
         }
         Command::Args { config, overrides } => {
             let overrides = runtime::args::training::parse_overrides(&overrides)?;

@@ -25,13 +25,16 @@ def main():
         width = max(lengths)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=1,
-                                 pad_token_id=pad, eos_token_id=2)
-        generated = [row[width:].tolist() for row in out]
+        runs = []
+        for settings in [{}, {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "min_new_tokens": 6}]:
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=1,
+                                     pad_token_id=pad, eos_token_id=2, **settings)
+            runs.append({"settings": settings, "generated": [row[width:].tolist() for row in out]})
         (FIXTURES / case / "generate.json").write_text(json.dumps({"prompts": prompts, "pad_token_id": pad, "eos_token_id": 2,
-                                                                    "max_new_tokens": 10, "generated": generated}) + "\n")
-        print(case, generated)
+                                                                    "max_new_tokens": 10, "generated": runs[0]["generated"],
+                                                                    "processed": runs[1:]}) + "\n")
+        print(case, runs)
 
 
 if __name__ == "__main__":

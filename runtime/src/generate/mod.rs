@@ -2,6 +2,10 @@
 //! decoding (transformers' `do_sample=False, num_beams=1`) over left-padded batches, with
 //! transformers' position ids for left padding and its handling of finished rows.
 
+pub mod config;
+
+pub use config::GenerationConfig;
+
 use crate::backend::{AttnShape, Backend};
 use crate::error::{Error, Result};
 use crate::model::{Arch, Model};
@@ -123,50 +127,127 @@ pub struct GreedyOptions {
     pub pad_token_id: u32,
 }
 
-/// Greedy decoding of a batch of prompts (left-padded together). `on_token(row, id)` sees each
+/// Greedy decoding: [`generate`] with `do_sample = false` and no logits processors.
+pub fn greedy<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], opts: &GreedyOptions, on_token: impl FnMut(usize, u32)) -> Result<Vec<Vec<u32>>> {
+    let cfg = GenerationConfig {
+        max_new_tokens: Some(opts.max_new_tokens),
+        eos_token_id: serde_json::json!(opts.eos_token_id),
+        pad_token_id: Some(opts.pad_token_id),
+        ..GenerationConfig::default()
+    };
+    generate(model, prompts, &cfg, on_token)
+}
+
+/// transformers' logits processors for one row, in its order: repetition penalty, n-gram ban,
+/// minimum length; then, when sampling, temperature, top-k and top-p.
+fn process(cfg: &GenerationConfig, eos: &[u32], history: &[u32], new_tokens: usize, scores: &mut [f32]) {
+    if cfg.repetition_penalty != 1.0 {
+        let mut seen = history.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for &t in &seen {
+            let x = &mut scores[t as usize];
+            *x = if *x < 0.0 { *x * cfg.repetition_penalty } else { *x / cfg.repetition_penalty };
+        }
+    }
+    let n = cfg.no_repeat_ngram_size;
+    if n > 0 && history.len() + 1 >= n {
+        let prefix = &history[history.len() + 1 - n..];
+        for i in 0..(history.len() + 1).saturating_sub(n) {
+            if &history[i..i + n - 1] == prefix {
+                scores[history[i + n - 1] as usize] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    if new_tokens < cfg.min_new_tokens {
+        eos.iter().for_each(|&e| scores[e as usize] = f32::NEG_INFINITY);
+    }
+}
+
+/// Picks the next token: the first maximum, or a sample after temperature, top-k and top-p.
+fn pick(cfg: &GenerationConfig, scores: &mut [f32], rng: &mut rand_chacha::ChaCha8Rng) -> u32 {
+    if !cfg.do_sample {
+        return scores.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0 as u32;
+    }
+    use rand::RngExt;
+    scores.iter_mut().for_each(|x| *x /= cfg.temperature);
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let k = if cfg.top_k == 0 { scores.len() } else { cfg.top_k.min(scores.len()) };
+    order.truncate(k);
+    let max = scores[order[0]];
+    let probs: Vec<f64> = order.iter().map(|&i| ((scores[i] - max) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    // top-p: the smallest prefix (by probability) whose mass reaches top_p, at least one token
+    let mut keep = probs.len();
+    if cfg.top_p < 1.0 {
+        let mut acc = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p / total;
+            if acc >= cfg.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    let mass: f64 = probs[..keep].iter().sum();
+    let mut u = rng.random::<f64>() * mass;
+    for (i, p) in probs[..keep].iter().enumerate() {
+        if u < *p {
+            return order[i] as u32;
+        }
+        u -= p;
+    }
+    order[keep - 1] as u32
+}
+
+/// Decodes a batch of prompts (left-padded together) under `cfg`. `on_token(row, id)` sees each
 /// generated token as it is produced. Returns the generated tokens per row; a row that emitted
 /// EOS is padded with `pad_token_id` while the others go on, as transformers does.
-pub fn greedy<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], opts: &GreedyOptions, mut on_token: impl FnMut(usize, u32)) -> Result<Vec<Vec<u32>>> {
+pub fn generate<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &GenerationConfig, mut on_token: impl FnMut(usize, u32)) -> Result<Vec<Vec<u32>>> {
+    use rand::SeedableRng;
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(Error::Invalid("every prompt needs at least one token".into()));
     }
+    let v = model.config.vocab_size;
+    cfg.validate(v)?;
+    if let Some(id) = prompts.iter().flatten().find(|&&id| id as usize >= v) {
+        return Err(Error::Invalid(format!("prompt token {id} is outside the vocabulary (size {v})")));
+    }
+    let eos = cfg.eos_ids();
+    let pad = cfg.pad_token_id.or(eos.first().copied()).unwrap_or(0);
     let n = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut st = DecodeState::new(model, n, width + opts.max_new_tokens);
-    let v = model.config.vocab_size;
+    let max_new = cfg.new_tokens(width);
+    let mut st = DecodeState::new(model, n, width + max_new.max(1));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed.unwrap_or(0));
+    // each row's sequence so far, left padding included (transformers' processors see it too)
+    let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();
     let mut logits = Vec::new();
     for t in 0..width {
-        let (mut ids, mut attend) = (vec![opts.pad_token_id as i32; n], vec![0; n]);
-        for (b, p) in prompts.iter().enumerate() {
-            let off = width - p.len();
-            if t >= off {
-                ids[b] = p[t - off] as i32;
-                attend[b] = 1;
-            }
-        }
+        let ids: Vec<i32> = history.iter().map(|h| h[t] as i32).collect();
+        let attend: Vec<i32> = prompts.iter().map(|p| i32::from(t >= width - p.len())).collect();
         logits = decode_step(model, &mut st, &ids, &attend)?;
     }
     let mut out = vec![Vec::new(); n];
     let mut finished = vec![false; n];
-    for step in 0..opts.max_new_tokens {
-        let next: Vec<u32> = (0..n)
-            .map(|b| {
-                if finished[b] {
-                    return opts.pad_token_id;
-                }
-                let row = &logits[b * v..(b + 1) * v];
-                // the first maximum, as torch.argmax
-                row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0 as u32
-            })
-            .collect();
+    for step in 0..max_new {
+        let mut next = vec![pad; n];
         for b in 0..n {
-            if !finished[b] {
-                on_token(b, next[b]);
-                finished[b] = opts.eos_token_id.contains(&next[b]);
+            if finished[b] {
+                continue;
             }
-            out[b].push(next[b]);
+            let scores = &mut logits[b * v..(b + 1) * v];
+            process(cfg, &eos, &history[b], step, scores);
+            next[b] = pick(cfg, scores, &mut rng);
+            on_token(b, next[b]);
+            finished[b] = eos.contains(&next[b]);
         }
-        if finished.iter().all(|&f| f) || step + 1 == opts.max_new_tokens {
+        for b in 0..n {
+            out[b].push(next[b]);
+            history[b].push(next[b]);
+        }
+        if finished.iter().all(|&f| f) || step + 1 == max_new {
             break;
         }
         logits = decode_step(model, &mut st, &next.iter().map(|&x| x as i32).collect::<Vec<_>>(), &vec![1; n])?;

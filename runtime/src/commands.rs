@@ -290,13 +290,11 @@ pub fn generate(
         .collect::<Result<Vec<_>>>()?;
     let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);
     let max_new = cfg.new_tokens(longest);
-    if model.config.arch == crate::model::Arch::Gpt2 {
-        if longest + max_new > model.config.max_positions {
-            return Err(Error::Invalid(format!(
-                "a prompt of {longest} tokens plus {max_new} new tokens exceeds the model's context ({})",
-                model.config.max_positions
-            )));
-        }
+    // a prompt longer than the context is refused for every model; GPT-2's learned positions also
+    // bound the generated tokens
+    let ctx = model.config.max_positions;
+    if longest > ctx || (model.config.arch == crate::model::Arch::Gpt2 && longest + max_new > ctx) {
+        return Err(Error::Invalid(format!("a prompt of {longest} tokens plus {max_new} new tokens exceeds the model's context ({ctx})")));
     }
     let eos = cfg.eos_ids();
     let pad = cfg.pad_token_id.unwrap_or(0);

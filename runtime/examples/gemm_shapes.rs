@@ -3,18 +3,7 @@
 
 use runtime::backend::cpu::Cpu;
 use runtime::backend::Backend;
-use std::time::Instant;
-
-fn best(mut f: impl FnMut()) -> f64 {
-    f();
-    (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::MAX, f64::min)
-}
+use runtime::bench::best_seconds;
 
 fn main() {
     let be = Cpu;
@@ -27,9 +16,9 @@ fn main() {
         let mut dinp = vec![0.0f32; n * k];
         let mut dw = vec![0.0f32; m * k];
         let f = 2.0 * (n * k * m) as f64 / 1e9;
-        let t_fwd = best(|| be.matmul_fwd(&mut out, &inp, &w, Some(&b), n, k, m));
-        let t_dinp = best(|| be.matmul_bwd(Some(&mut dinp), &mut dw, None, &dout, &inp, &w, n, k, m));
-        let t_dw = best(|| be.matmul_bwd(None, &mut dw, None, &dout, &inp, &w, n, k, m));
+        let t_fwd = best_seconds(5, || be.matmul_fwd(&mut out, &inp, &w, Some(&b), n, k, m));
+        let t_dinp = best_seconds(5, || be.matmul_bwd(Some(&mut dinp), &mut dw, None, &dout, &inp, &w, n, k, m));
+        let t_dw = best_seconds(5, || be.matmul_bwd(None, &mut dw, None, &dout, &inp, &w, n, k, m));
         println!("{n}x{k}x{m}: fwd {:.0} GF/s, dW {:.0} GF/s, dinp {:.0} GF/s", f / t_fwd, f / t_dw, f / (t_dinp - t_dw));
     }
 }

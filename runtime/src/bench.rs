@@ -70,6 +70,18 @@ impl BenchConfig {
     }
 }
 
+/// The best wall time of `reps` runs of `f`, after one warm-up run (for the benchmark examples).
+pub fn best_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
+}
+
 /// Peak resident memory of this process (Linux `VmHWM`), in MiB.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -85,12 +97,7 @@ pub fn machine_gemm_gflops(n: usize, reps: usize) -> f64 {
     let a: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
     let b = a.clone();
     let mut c = vec![0.0f32; n * n];
-    let mut best = f64::MAX;
-    for _ in 0..reps {
-        let t = Instant::now();
-        be.matmul_fwd(&mut c, &a, &b, None, n, n, n);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
+    let best = best_seconds(reps, || be.matmul_fwd(&mut c, &a, &b, None, n, n, n));
     2.0 * (n * n * n) as f64 / best / 1e9
 }
 

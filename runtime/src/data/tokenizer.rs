@@ -156,8 +156,4 @@ impl Tokenizer {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
-    }
 }

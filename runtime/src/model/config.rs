@@ -3,7 +3,7 @@
 //! optional fields take transformers' defaults. The file's JSON is kept as read so that a saved
 //! model carries the user's config unchanged.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Map, Value};
 
@@ -267,10 +267,5 @@ impl ModelConfig {
             Arch::Gpt2 => self.intermediate_size,
             Arch::Llama => 2 * self.intermediate_size,
         }
-    }
-
-    /// A path for messages when the config did not come from a file.
-    pub fn display_path(dir: &Path) -> PathBuf {
-        dir.join("config.json")
     }
 }

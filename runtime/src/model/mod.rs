@@ -107,18 +107,10 @@ impl<B: Backend> Model<B> {
         if let Some(dt) = opts.torch_dtype {
             tensors.iter_mut().for_each(|t| dt.round(t));
         }
-        let params = tensors.iter().map(|t| backend.upload(t)).collect();
-        Ok(Model {
-            backend,
-            config,
-            layout,
-            params,
-            attn_impl: opts.attn_implementation,
-            dtype: opts.torch_dtype.unwrap_or(loaded.dtype),
-            source: Some(dir.to_path_buf()),
-            gradient_checkpointing: false,
-            neftune: None,
-        })
+        let mut model = Self::from_tensors(backend, config, tensors, opts)?;
+        model.dtype = opts.torch_dtype.unwrap_or(loaded.dtype);
+        model.source = Some(dir.to_path_buf());
+        Ok(model)
     }
 
     /// A model from given f32 tensors in the engine's layout.

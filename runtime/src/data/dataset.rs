@@ -119,6 +119,9 @@ pub fn tokenize_texts(path: &Path, records: &[Record], tok: &Tokenizer) -> Resul
             let text = string_field(path, r, "text")?;
             Ok(tok.encode(text, true).map_err(|e| Error::Invalid(located(path, r.line, &e.to_string())))?.ids)
         })
+        .collect::<Vec<Result<_>>>()
+        // in record order, so the error reported is the first bad line whatever the threads did
+        .into_iter()
         .collect()
 }
 
@@ -153,6 +156,9 @@ pub fn prompt_completion(path: &Path, records: &[Record], tok: &Tokenizer, max_l
             }
             Ok(ex)
         })
+        .collect::<Vec<Result<_>>>()
+        // in record order, so the error reported is the first bad line whatever the threads did
+        .into_iter()
         .collect()
 }
 

@@ -185,7 +185,15 @@ pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions
             None => Ok(None),
         }
     };
-    let batch = Batch { batch: b, seq: t, input_ids, attention_mask: other("attention_mask")?, labels: other("labels")?, position_ids: other("position_ids")? };
+    let batch = Batch {
+        batch: b,
+        seq: t,
+        input_ids,
+        attention_mask: other("attention_mask")?,
+        labels: other("labels")?,
+        position_ids: other("position_ids")?,
+        columns: Vec::new(),
+    };
     let model = Model::load(Cpu, model_dir, opts)?;
     model.validate(&batch).map_err(|e| Error::weights(inputs, e.to_string()))?;
     let mut acts = Activations::new(&model, b, t);

@@ -16,6 +16,9 @@ pub enum Error {
     Invalid(String),
     #[error("{0}")]
     Unsupported(String),
+    /// A plugin failed or returned something invalid; the message names the plugin and hook.
+    #[error("{0}")]
+    Plugin(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

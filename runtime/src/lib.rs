@@ -2,7 +2,10 @@
 //!
 //! - [`model`]: configs, HF weight names and files, the decoder's forward and backward passes;
 //! - [`backend`]: the op set and its CPU implementation;
-//! - [`train`]: the optimizer (the trainer loop arrives with its issue).
+//! - [`train`]: the trainer: optimizer, schedules, loop, checkpoints;
+//! - [`data`]: datasets, tokenization, chat templates, collation;
+//! - [`generate`]: decoding with a KV cache;
+//! - [`plugin`]: the WebAssembly plugin host (loss, metrics, padding, callbacks).
 
 pub mod args;
 pub mod backend;
@@ -13,6 +16,7 @@ pub mod error;
 pub mod example;
 pub mod generate;
 pub mod model;
+pub mod plugin;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -16,6 +16,23 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum PluginAction {
+    /// The interface version, hooks, imports and exports of a plugin, and its load time.
+    Inspect { file: PathBuf },
+    /// Runs each hook the plugin declares once on synthetic input; a loss hook's gradient is
+    /// checked against finite differences.
+    Check {
+        file: PathBuf,
+        /// A plugin option, `key=value` (repeatable), as `[[plugins]] options` gives them.
+        #[arg(long = "option")]
+        options: Vec<String>,
+        /// A model or tokenizer folder whose tokenizer the plugin's `decode` uses.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Write a freshly initialised model (transformers' init scheme) for training from scratch.
     Init {
@@ -148,6 +165,11 @@ enum Command {
         /// generation_config.json: `--max_new_tokens 32 --do_sample --temperature 0.7 --top_p 0.9 --seed 1`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         settings: Vec<String>,
+    },
+    /// Inspect or check a WebAssembly plugin (`runtime plugin inspect FILE.wasm`).
+    Plugin {
+        #[command(subcommand)]
+        action: PluginAction,
     },
     /// Resolve the run's TrainingArguments (config file, then --name value overrides, validated)
     /// and print them as training_args.json would hold them.
@@ -282,6 +304,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let overrides = runtime::args::training::parse_overrides(&settings)?;
             commands::generate(&model, &prompt, chat, &overrides, &mut std::io::stdout())?;
         }
+        Command::Plugin { action } => match action {
+            PluginAction::Inspect { file } => print!("{}", runtime::plugin::check::inspect(&runtime::plugin::PluginSpec::new(file))?),
+            PluginAction::Check { file, options, tokenizer } => {
+                let mut spec = runtime::plugin::PluginSpec::new(file);
+                for o in options {
+                    let (k, v) = o.split_once('=').ok_or_else(|| anyhow::anyhow!("--option `{o}`: expected key=value"))?;
+                    spec.options.insert(k.to_string(), v.to_string());
+                }
+                let tok = tokenizer.map(|d| runtime::data::Tokenizer::from_dir(&d).map(std::sync::Arc::new)).transpose()?;
+                print!("{}", runtime::plugin::check::check(&spec, tok)?);
+            }
+        },
         Command::Args { config, overrides } => {
             let overrides = runtime::args::training::parse_overrides(&overrides)?;
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;

@@ -367,6 +367,15 @@ impl TrainingArguments {
             check_key(key, &file_name)?;
         }
         for (key, value) in overrides {
+            // `--plugin FILE.wasm` (repeatable) adds to the config's `plugins`
+            if key == "plugin" {
+                let list = map.entry("plugins").or_insert_with(|| Value::Array(Vec::new()));
+                match list {
+                    Value::Array(a) => a.push(value.clone()),
+                    other => return Err(Error::Invalid(format!("`plugins` must be a list, found {other}"))),
+                }
+                continue;
+            }
             check_key(key, "command line")?;
             map.insert(key.clone(), value.clone());
         }

@@ -9,6 +9,37 @@
 pub mod cpu;
 pub mod profiled;
 
+/// Which per-token statistics [`Backend::token_stats`] computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsWanted {
+    pub label_logprob: bool,
+    pub logsumexp: bool,
+    pub mean_logprob: bool,
+    pub entropy: bool,
+    pub argmax: bool,
+}
+
+/// Per-token statistics of the logits, one value per row (empty when not requested). For logits
+/// `z`, `p = softmax(z)` and target `y`: `log p[y]`, `logsumexp(z)`, `mean(log p)`,
+/// `-sum(p log p)` and `argmax z`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenStats {
+    pub label_logprob: Vec<f32>,
+    pub logsumexp: Vec<f32>,
+    pub mean_logprob: Vec<f32>,
+    pub entropy: Vec<f32>,
+    pub argmax: Vec<u32>,
+}
+
+/// `dloss/dstatistic` per row for [`Backend::token_stats_bwd`] (empty = zero).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StatGrads {
+    pub label_logprob: Vec<f32>,
+    pub logsumexp: Vec<f32>,
+    pub mean_logprob: Vec<f32>,
+    pub entropy: Vec<f32>,
+}
+
 /// Shape of one attention call. The fused `qkv` activation holds, per row, the query heads, then
 /// the key heads, then the value heads: `(n_head + 2 * n_kv_head) * head_dim` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,6 +235,14 @@ pub trait Backend: Send + Sync {
     /// Fused softmax cross-entropy over rows of width `v` with ignore index -100 and label
     /// smoothing. With `grad_scale = Some(s)` the logits are overwritten by `s * dloss/dlogits`.
     fn cross_entropy(&self, logits: &mut Self::Buf, targets: &Self::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows;
+
+    /// Per-token statistics of rows of logits of width `v`, at rows whose target is not -100
+    /// (0 elsewhere); only the requested ones are computed (the others come back empty). The
+    /// plugin `loss` hook's input.
+    fn token_stats(&self, logits: &Self::Buf, targets: &Self::Ids, v: usize, want: StatsWanted) -> TokenStats;
+    /// The chain rule of [`Backend::token_stats`]: overwrites `logits` with `dloss/dlogits` given
+    /// `dloss/dstatistic` per row (empty = zero); rows whose target is -100 get 0.
+    fn token_stats_bwd(&self, logits: &mut Self::Buf, targets: &Self::Ids, v: usize, grads: &StatGrads);
 
     /// Sum of squares, accumulated in f64.
     fn sum_squares(&self, buf: &Self::Buf) -> f64;

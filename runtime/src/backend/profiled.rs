@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::{AdamWStep, AttnImpl, AttnShape, Backend, LossRows};
+use super::{AdamWStep, AttnImpl, AttnShape, Backend, LossRows, StatGrads, StatsWanted, TokenStats};
 
 #[derive(Default)]
 struct Totals {
@@ -158,6 +158,12 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn cross_entropy(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows {
         self.time("cross_entropy", 0.0, || self.inner.cross_entropy(logits, targets, v, smoothing, grad_scale))
+    }
+    fn token_stats(&self, logits: &B::Buf, targets: &B::Ids, v: usize, want: StatsWanted) -> TokenStats {
+        self.time("cross_entropy", 0.0, || self.inner.token_stats(logits, targets, v, want))
+    }
+    fn token_stats_bwd(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, grads: &StatGrads) {
+        self.time("cross_entropy", 0.0, || self.inner.token_stats_bwd(logits, targets, v, grads))
     }
     fn sum_squares(&self, buf: &B::Buf) -> f64 {
         self.time("optimizer", 0.0, || self.inner.sum_squares(buf))

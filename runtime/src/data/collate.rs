@@ -107,5 +107,5 @@ pub fn pad_batch(examples: &[Example], opts: &PadOptions) -> Result<Batch> {
             labels[off + t] = lab;
         }
     }
-    Ok(Batch { batch: n, seq, input_ids, attention_mask: Some(attention_mask), labels: Some(labels), position_ids: None })
+    Ok(Batch { batch: n, seq, input_ids, attention_mask: Some(attention_mask), labels: Some(labels), position_ids: None, columns: Vec::new() })
 }

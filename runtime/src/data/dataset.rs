@@ -226,3 +226,20 @@ pub fn load_examples(path: &Path, tok: &Tokenizer, block_size: Option<usize>, ma
     }
     Ok((kind, examples))
 }
+
+/// The dataset's numeric columns: the top-level number fields present in every record, as
+/// `(name, one value per record)`, sorted by name. Plugins receive them per example (e.g. a
+/// `weight` column for a weighted loss). Text packed into blocks has no per-example columns.
+pub fn numeric_columns(path: &Path) -> Result<Vec<(String, Vec<f64>)>> {
+    let records = read_records(path)?;
+    let mut names: Vec<String> = records[0].fields.iter().filter(|(_, v)| v.is_number()).map(|(k, _)| k.clone()).collect();
+    names.retain(|n| records.iter().all(|r| r.fields.get(n).is_some_and(Value::is_number)));
+    names.sort();
+    Ok(names
+        .into_iter()
+        .map(|n| {
+            let values = records.iter().map(|r| r.fields[&n].as_f64().unwrap_or(f64::NAN)).collect();
+            (n, values)
+        })
+        .collect())
+}

@@ -11,8 +11,51 @@
 use super::config::Arch;
 use super::Model;
 use crate::backend::cpu::IGNORE_INDEX;
-use crate::backend::{AttnShape, Backend, LossRows};
+use crate::backend::{AttnShape, Backend, LossRows, StatGrads, StatsWanted, TokenStats};
 use crate::error::{Error, Result};
+
+/// Label tokens of a batch after the causal-LM shift.
+pub fn label_tokens(b: &Batch) -> usize {
+    b.labels.as_ref().map_or(0, |l| (0..b.batch).map(|r| l[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&x| x != IGNORE_INDEX).count()).sum())
+}
+
+/// The causal-LM shift: position `t` of a row predicts label `t + 1`; the last position and
+/// batches without labels get -100.
+pub fn shifted_labels(b: &Batch) -> Vec<i32> {
+    let mut targets = vec![IGNORE_INDEX; b.batch * b.seq];
+    if let Some(labels) = &b.labels {
+        for r in 0..b.batch {
+            targets[r * b.seq..(r + 1) * b.seq - 1].copy_from_slice(&labels[r * b.seq + 1..(r + 1) * b.seq]);
+        }
+    }
+    targets
+}
+
+fn no_label_tokens() -> Error {
+    Error::Invalid("the batch has no label tokens (every label is -100 after the shift), so there is no loss to train on".into())
+}
+
+/// A loss computed outside the engine from per-token statistics (the plugin `loss` hook).
+pub trait StatsLoss {
+    fn wanted(&mut self) -> Result<StatsWanted>;
+    /// The micro-batch's loss and `dloss/dstatistic`; `targets` are the shifted labels and
+    /// `num_items_in_batch` the divisor the built-in loss would use.
+    fn loss(&mut self, b: &Batch, targets: &[i32], stats: TokenStats, num_items_in_batch: usize) -> Result<(f32, StatGrads)>;
+}
+
+/// A loss computed outside the engine from whole rows of logits (the plugin `loss-logits`
+/// hook), a chunk of labelled rows at a time; the losses of the chunks add up.
+pub trait RowsLoss {
+    /// `positions[i]` is row `i`'s index in the batch's `[batch * seq]` rows, `labels[i]` its
+    /// label, `logits[i * v..(i + 1) * v]` its logits. Returns the chunk's loss and
+    /// `dloss/dlogits` for its rows.
+    fn chunk(&mut self, b: &Batch, positions: &[u32], labels: &[i32], logits: &[f32], v: usize, num_items_in_batch: usize) -> Result<(f32, Vec<f32>)>;
+}
+
+pub enum CustomLoss<'a> {
+    Stats(&'a mut dyn StatsLoss),
+    Rows(&'a mut dyn RowsLoss),
+}
 
 /// One batch of token ids, row-major `[batch, seq]`.
 #[derive(Clone, Debug, Default)]
@@ -26,6 +69,8 @@ pub struct Batch {
     pub labels: Option<Vec<i32>>,
     /// Positions for RoPE / learned position embeddings; `0..seq` on every row when absent.
     pub position_ids: Option<Vec<i32>>,
+    /// The dataset's numeric columns for these examples, one value per row (for plugins).
+    pub columns: Vec<(String, Vec<f64>)>,
 }
 
 /// How the loss is reduced.
@@ -243,16 +288,7 @@ impl<B: Backend> Model<B> {
             Some(m) => be.upload_ids(m),
             None => be.upload_ids(&vec![1; rows]),
         };
-        // the causal-LM shift: position t predicts label t + 1
-        let mut targets = vec![IGNORE_INDEX; rows];
-        if let Some(labels) = &b.labels {
-            for r in 0..b.batch {
-                for t in 0..b.seq - 1 {
-                    targets[r * b.seq + t] = labels[r * b.seq + t + 1];
-                }
-            }
-        }
-        acts.targets = be.upload_ids(&targets);
+        acts.targets = be.upload_ids(&shifted_labels(b));
     }
 
     pub(crate) fn norm_fwd(&self, out: &mut B::Buf, mean: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf, w: usize, b: Option<usize>) {
@@ -303,6 +339,100 @@ impl<B: Backend> Model<B> {
     /// The forward pass. With `labels` it returns the loss; with `train` it also leaves the loss
     /// gradient in `acts.logits` for [`Model::backward`].
     pub fn forward(&self, acts: &mut Activations<B>, b: &Batch, loss: LossOptions, train: bool) -> Result<Option<LossOutput>> {
+        self.forward_logits(acts, b, train)?;
+        let c = &self.config;
+        let be = &self.backend;
+        if b.labels.is_none() {
+            if train {
+                return Err(Error::Invalid("training needs labels".into()));
+            }
+            return Ok(None);
+        }
+        let n_tokens = label_tokens(b);
+        let denom = loss.num_items_in_batch.unwrap_or(n_tokens);
+        if train && denom == 0 {
+            return Err(no_label_tokens());
+        }
+        let grad_scale = train.then(|| 1.0 / denom as f32);
+        let LossRows { loss: rows_loss, n_targets } = be.cross_entropy(&mut acts.logits, &acts.targets, c.vocab_size, loss.label_smoothing, grad_scale);
+        debug_assert_eq!(n_targets, n_tokens);
+        acts.has_grad = train;
+        let sum: f64 = rows_loss.iter().map(|&x| x as f64).sum();
+        Ok(Some(LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 }))
+    }
+
+    /// The forward pass with a loss computed outside the engine (a plugin's): from per-token
+    /// statistics, or from whole rows of logits a chunk at a time. `num_items_in_batch` as in
+    /// [`LossOptions`]. The returned `sum` is the custom loss times the divisor, so that
+    /// `sum / num_items_in_batch` is the loss the hook returned.
+    pub fn forward_custom(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        custom: &mut CustomLoss,
+        num_items_in_batch: Option<usize>,
+        train: bool,
+    ) -> Result<LossOutput> {
+        self.forward_logits(acts, b, train)?;
+        if b.labels.is_none() {
+            return Err(Error::Invalid("a loss needs labels".into()));
+        }
+        let (be, v) = (&self.backend, self.config.vocab_size);
+        let n_tokens = label_tokens(b);
+        let denom = num_items_in_batch.unwrap_or(n_tokens);
+        if denom == 0 {
+            return Err(no_label_tokens());
+        }
+        let targets = shifted_labels(b);
+        let loss = match custom {
+            CustomLoss::Stats(hook) => {
+                let want = hook.wanted()?;
+                let stats = be.token_stats(&acts.logits, &acts.targets, v, want);
+                let (loss, grads) = hook.loss(b, &targets, stats, denom)?;
+                if train {
+                    be.token_stats_bwd(&mut acts.logits, &acts.targets, v, &grads);
+                }
+                loss
+            }
+            CustomLoss::Rows(hook) => {
+                let logits = be.download(&acts.logits);
+                let rows: Vec<u32> = (0..targets.len() as u32).filter(|&r| targets[r as usize] != IGNORE_INDEX).collect();
+                let mut dlogits = if train { vec![0.0f32; logits.len()] } else { Vec::new() };
+                let per_chunk = ((1usize << 22) / v).max(1);
+                let mut loss = 0.0f64;
+                for chunk in rows.chunks(per_chunk) {
+                    let mut z = Vec::with_capacity(chunk.len() * v);
+                    for &r in chunk {
+                        z.extend_from_slice(&logits[r as usize * v..(r as usize + 1) * v]);
+                    }
+                    let labels: Vec<i32> = chunk.iter().map(|&r| targets[r as usize]).collect();
+                    let (l, d) = hook.chunk(b, chunk, &labels, &z, v, denom)?;
+                    loss += l as f64;
+                    if train {
+                        for (i, &r) in chunk.iter().enumerate() {
+                            dlogits[r as usize * v..(r as usize + 1) * v].copy_from_slice(&d[i * v..(i + 1) * v]);
+                        }
+                    }
+                }
+                if train {
+                    acts.logits = be.upload(&dlogits);
+                }
+                loss as f32
+            }
+        };
+        acts.has_grad = train;
+        let sum = loss as f64 * denom as f64;
+        Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens.max(1) as f64) as f32 })
+    }
+
+    /// Per-token statistics of the logits of the last forward pass, at labelled positions (for
+    /// evaluation metrics). Call before a backward pass overwrites the logits with gradients.
+    pub fn token_stats(&self, acts: &Activations<B>, want: StatsWanted) -> TokenStats {
+        self.backend.token_stats(&acts.logits, &acts.targets, self.config.vocab_size, want)
+    }
+
+    /// Everything up to the logits (left in `acts.logits`).
+    fn forward_logits(&self, acts: &mut Activations<B>, b: &Batch, train: bool) -> Result<()> {
         self.validate(b)?;
         if acts.shape() != (b.batch, b.seq) || acts.checkpointing != self.gradient_checkpointing {
             *acts = Activations::new(self, b.batch, b.seq);
@@ -328,24 +458,7 @@ impl<B: Backend> Model<B> {
         let head = &p[lay.lm_head.unwrap_or(lay.wte)];
         be.matmul_fwd(&mut acts.logits, &acts.lnf, head, None, rows, h, c.vocab_size);
         acts.has_grad = false;
-        if b.labels.is_none() {
-            if train {
-                return Err(Error::Invalid("training needs labels".into()));
-            }
-            return Ok(None);
-        }
-        let n_tokens =
-            b.labels.as_ref().map_or(0, |l| (0..b.batch).map(|r| l[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&x| x != IGNORE_INDEX).count()).sum());
-        let denom = loss.num_items_in_batch.unwrap_or(n_tokens);
-        if train && denom == 0 {
-            return Err(Error::Invalid("the batch has no label tokens (every label is -100 after the shift), so there is no loss to train on".into()));
-        }
-        let grad_scale = train.then(|| 1.0 / denom as f32);
-        let LossRows { loss: rows_loss, n_targets } = be.cross_entropy(&mut acts.logits, &acts.targets, c.vocab_size, loss.label_smoothing, grad_scale);
-        debug_assert_eq!(n_targets, n_tokens);
-        acts.has_grad = train;
-        let sum: f64 = rows_loss.iter().map(|&x| x as f64).sum();
-        Ok(Some(LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 }))
+        Ok(())
     }
 
     /// The backward pass after a training forward pass; accumulates into `grads`.

@@ -1,12 +1,13 @@
 //! Trainer callbacks: transformers' `TrainerCallback` events, emitted by the training loop at the
 //! points and in the order transformers emits them (checked against a recording of
 //! `transformers.Trainer` in `tests/trainer_parity.rs`), with the `TrainerControl` flags a
-//! callback may set. The plugin host's `callbacks` hook attaches here.
+//! callback may set. Plugins' `callbacks` hooks attach here (`train::plugins`).
 
 use serde_json::{Map, Value};
 
 use super::state::TrainerState;
 use crate::args::TrainingArguments;
+use crate::error::Result;
 
 /// One `TrainerCallback` event, under transformers' method names (`on_` + the snake-case name).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +61,27 @@ pub struct TrainerControl {
     pub should_log: bool,
 }
 
-/// A callback. `logs` carries the entry for `Log` and the metrics for `Evaluate`.
+/// A callback. `logs` carries the entry for `Log` and the metrics for `Evaluate`; what a
+/// callback adds to it is kept (in `log_history` for `Log`, in the evaluation's metrics for
+/// `Evaluate`). An error stops training with that error.
 pub trait TrainerCallback: Send {
-    fn on_event(&mut self, event: Event, args: &TrainingArguments, state: &TrainerState, control: &mut TrainerControl, logs: Option<&Map<String, Value>>);
+    fn on_event(
+        &mut self,
+        event: Event,
+        args: &TrainingArguments,
+        state: &TrainerState,
+        control: &mut TrainerControl,
+        logs: Option<&mut Map<String, Value>>,
+    ) -> Result<()>;
+
+    /// State to keep in checkpoints (in `trainer_state.json`'s `stateful_callbacks`, under the
+    /// returned name), as transformers' `ExportableState` does.
+    fn state(&mut self) -> Result<Option<(String, Value)>> {
+        Ok(None)
+    }
+
+    /// Restores what [`TrainerCallback::state`] saved, given all of `stateful_callbacks`.
+    fn load_state(&mut self, _saved: &Map<String, Value>) -> Result<()> {
+        Ok(())
+    }
 }

@@ -4,6 +4,7 @@
 pub mod callbacks;
 pub mod optimizer;
 pub mod plot;
+pub mod plugins;
 pub mod sampler;
 pub mod schedule;
 pub mod state;

@@ -4,6 +4,7 @@
 //! resume from the sampler's position, and HF-format output.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use safetensors::tensor::{Dtype as StDtype, TensorView};
@@ -11,27 +12,35 @@ use serde_json::{json, Map, Value};
 
 use super::callbacks::{Event, TrainerCallback, TrainerControl};
 use super::optimizer::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
+use super::plugins::Plugins;
 use super::sampler::{Sampler, SamplerState};
 use super::schedule::{warmup_steps, Schedule, SchedulerType};
 use super::state::TrainerState;
 use crate::args::training::NanInfPolicy;
 use crate::args::{IntervalStrategy, SaveStrategy, TrainingArguments};
-use crate::backend::cpu::{Cpu, IGNORE_INDEX};
+use crate::backend::cpu::Cpu;
 use crate::backend::AttnImpl;
+use crate::backend::StatsWanted;
 use crate::data::cache::load_examples_cached;
 use crate::data::{pad_batch, Example, PadOptions, Padding, Tokenizer};
 use crate::error::{Error, Result};
+use crate::model::decoder::{shifted_labels, CustomLoss};
 use crate::model::{
     init::init_tensors, io, write_folder_atomically, Activations, Batch, Device, Dtype, Grads, Layout, LoadOptions, LossOptions, Model, ModelConfig,
 };
+use crate::plugin::{EvalBatch, PredictionKind};
 
 pub struct Trainer {
     pub args: TrainingArguments,
     pub model: Model<Cpu>,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: Arc<Tokenizer>,
     pub state: TrainerState,
     train: Vec<Example>,
     eval: Option<Vec<Example>>,
+    /// The datasets' numeric columns, per example (empty when examples are packed blocks).
+    train_columns: Vec<(String, Vec<f64>)>,
+    eval_columns: Vec<(String, Vec<f64>)>,
+    plugins: Plugins,
     pad: PadOptions,
     opt: AdamW<Cpu>,
     schedule: Schedule,
@@ -53,9 +62,11 @@ fn interval(v: f64, max_steps: u64) -> u64 {
     }
 }
 
-fn label_tokens(b: &Batch) -> usize {
-    let labels = b.labels.as_ref().expect("training batches carry labels");
-    (0..b.batch).map(|r| labels[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&l| l != IGNORE_INDEX).count()).sum()
+use crate::model::decoder::label_tokens;
+
+/// The values of `columns` for the examples `ix`.
+fn column_rows(columns: &[(String, Vec<f64>)], ix: &[usize]) -> Vec<(String, Vec<f64>)> {
+    columns.iter().map(|(n, v)| (n.clone(), ix.iter().map(|&i| v[i]).collect())).collect()
 }
 
 /// Running training losses: since the last log, and over the whole run.
@@ -88,7 +99,7 @@ impl LossLog {
     }
 }
 
-fn num(x: f64) -> Value {
+pub(crate) fn num(x: f64) -> Value {
     serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
 }
 
@@ -110,8 +121,7 @@ impl Trainer {
         let unsupported = [
             (args.auto_find_batch_size, "auto_find_batch_size"),
             (args.predict_with_generate, "predict_with_generate"),
-            (!args.include_for_metrics.is_empty(), "include_for_metrics"),
-            (!args.plugins.is_empty(), "plugins"),
+            (args.include_for_metrics.iter().any(|x| x != "inputs"), "include_for_metrics other than \"inputs\""),
             (args.report_to.as_array().is_some_and(|a| !a.is_empty()) || args.report_to.is_string(), "report_to (integrations)"),
         ];
         if let Some((_, name)) = unsupported.iter().find(|(set, _)| *set) {
@@ -145,7 +155,7 @@ impl Trainer {
         };
         model.gradient_checkpointing = args.gradient_checkpointing;
         let tok_dir = args.tokenizer_name.clone().map(PathBuf::from).unwrap_or(model_dir);
-        let tokenizer = Tokenizer::from_dir(&tok_dir)?;
+        let tokenizer = Arc::new(Tokenizer::from_dir(&tok_dir)?);
         if model.source.is_none() {
             model.source = Some(tok_dir.clone()); // the tokenizer files travel with the saved model
         }
@@ -184,6 +194,20 @@ impl Trainer {
             Some(f) => Some(load(f)?),
             None => None,
         };
+        let plugins = Plugins::load(&args.plugins, Some(tokenizer.clone()))?;
+        // numeric columns travel with unpacked examples (one example per record), for plugins
+        let columns_of = |f: &Option<String>, n: usize| -> Result<Vec<(String, Vec<f64>)>> {
+            match f {
+                Some(f) if !plugins.is_empty() => {
+                    let cols = crate::data::dataset::numeric_columns(Path::new(f))?;
+                    Ok(if cols.first().is_some_and(|c| c.1.len() == n) { cols } else { Vec::new() })
+                }
+                _ => Ok(Vec::new()),
+            }
+        };
+        let train_columns = columns_of(&train_file, train.len())?;
+        let eval_columns = columns_of(&args.validation_file, eval.as_ref().map_or(0, Vec::len))?;
+        let callbacks = plugins.callbacks();
         if (args.eval_strategy != IntervalStrategy::No || !training) && eval.is_none() {
             return Err(Error::Invalid(format!("eval_strategy {:?} needs validation_file", args.eval_strategy).to_lowercase()));
         }
@@ -248,6 +272,9 @@ impl Trainer {
             state,
             train,
             eval,
+            train_columns,
+            eval_columns,
+            plugins,
             pad,
             opt,
             schedule,
@@ -256,7 +283,7 @@ impl Trainer {
             logging_steps,
             eval_steps,
             save_steps,
-            callbacks: Vec::new(),
+            callbacks,
             control: TrainerControl::default(),
         })
     }
@@ -266,12 +293,26 @@ impl Trainer {
         self.callbacks.push(cb);
     }
 
-    fn emit(&mut self, event: Event, logs: Option<&Map<String, Value>>) {
+    fn emit(&mut self, event: Event, mut logs: Option<&mut Map<String, Value>>) -> Result<()> {
         let mut control = self.control;
         for cb in &mut self.callbacks {
-            cb.on_event(event, &self.args, &self.state, &mut control, logs);
+            cb.on_event(event, &self.args, &self.state, &mut control, logs.as_deref_mut())?;
         }
         self.control = control;
+        Ok(())
+    }
+
+    /// Pads the examples `ix` of `examples` into a batch (through the padding plugin when there
+    /// is one) with their numeric columns.
+    fn collate(&self, examples: &[Example], columns: &[(String, Vec<f64>)], ix: &[usize]) -> Result<Batch> {
+        let chosen: Vec<Example> = ix.iter().map(|&i| examples[i].clone()).collect();
+        let c = &self.model.config;
+        let mut b = match self.plugins.pad(&chosen, &self.pad, c.vocab_size, c.max_positions) {
+            Some(b) => b?,
+            None => pad_batch(&chosen, &self.pad)?,
+        };
+        b.columns = column_rows(columns, ix);
+        Ok(b)
     }
 
     /// Number of training examples (blocks, for packed text).
@@ -337,6 +378,9 @@ impl Trainer {
             }
         }
         self.opt.step = state.optimizer_step;
+        for cb in &mut self.callbacks {
+            cb.load_state(&state.stateful_callbacks)?;
+        }
         let keep = (self.state.max_steps, self.state.num_train_epochs, self.state.logging_steps, self.state.eval_steps, self.state.save_steps);
         self.state = state;
         (self.state.max_steps, self.state.num_train_epochs, self.state.logging_steps, self.state.eval_steps, self.state.save_steps) = keep;
@@ -349,6 +393,11 @@ impl Trainer {
             self.state.best_model_checkpoint = Some(dir.to_string_lossy().to_string());
         }
         self.state.optimizer_step = self.opt.step;
+        for cb in &mut self.callbacks {
+            if let Some((name, value)) = cb.state()? {
+                self.state.stateful_callbacks.insert(name, value);
+            }
+        }
         let (model, opt, state, args) = (&self.model, &self.opt, &self.state, &self.args);
         write_folder_atomically(&dir, true, |tmp| {
             // f32 whatever the model's dtype, so resume is exact
@@ -376,7 +425,7 @@ impl Trainer {
             io::write_file(&tmp.join("trainer_state.json"), state.to_json().as_bytes())
         })?;
         self.rotate()?;
-        self.emit(Event::Save, None);
+        self.emit(Event::Save, None)?;
         Ok(dir)
     }
 
@@ -401,65 +450,118 @@ impl Trainer {
         Ok(())
     }
 
-    fn log(&mut self, mut entry: Map<String, Value>) {
+    /// Appends an entry to `log_history` (with what callbacks add to it in `on_log`).
+    fn log(&mut self, mut entry: Map<String, Value>) -> Result<()> {
         entry.insert("epoch".into(), num(self.state.epoch));
+        self.emit(Event::Log, Some(&mut entry))?;
         entry.insert("step".into(), json!(self.state.global_step));
-        self.state.log_history.push(entry.clone());
-        self.emit(Event::Log, Some(&entry));
+        self.state.log_history.push(entry);
+        Ok(())
     }
 
     /// Mean loss over the validation set, weighted by batch size as transformers' evaluation
-    /// loop weights it; updates best-metric tracking.
+    /// loop weights it, and the metrics plugins' results (`eval_` + name). Logs them and calls
+    /// `on_evaluate`; best-model tracking happens after, as in transformers.
     pub fn evaluate(&mut self) -> Result<Map<String, Value>> {
-        let eval = self.eval.clone().ok_or_else(|| Error::Invalid("evaluation needs validation_file".into()))?;
+        let eval = self.eval.take().ok_or_else(|| Error::Invalid("evaluation needs validation_file".into()))?;
+        let r = self.evaluate_on(&eval);
+        self.eval = Some(eval);
+        let mut m = r?;
+        let n = self.state.log_history.len();
+        self.log(m.clone())?;
+        self.emit(Event::Evaluate, Some(&mut m))?;
+        // what on_evaluate added also goes into the logged entry
+        if let Some(entry) = self.state.log_history.get_mut(n) {
+            for (k, v) in &m {
+                entry.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        Ok(m)
+    }
+
+    fn evaluate_on(&mut self, eval: &[Example]) -> Result<Map<String, Value>> {
         let t = Instant::now();
         let (mut total, mut count, mut batches) = (0.0f64, 0usize, 0usize);
         let mut acts = Activations::new(&self.model, 1, 2);
-        let chunks: Vec<Vec<Example>> = eval.chunks(self.args.per_device_eval_batch_size).map(<[Example]>::to_vec).collect();
-        for chunk in &chunks {
-            let b = pad_batch(chunk, &self.pad)?;
-            // as transformers: the label smoother applies to the evaluation loss too
-            let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: None };
-            if let Some(out) = self.model.forward(&mut acts, &b, opts, false)? {
+        let with_metrics = !self.plugins.metrics.is_empty();
+        if with_metrics {
+            self.plugins.metrics_reset()?;
+        }
+        let mut hook = self.plugins.loss_hook();
+        let indices: Vec<usize> = (0..eval.len()).collect();
+        for ix in indices.chunks(self.args.per_device_eval_batch_size) {
+            let b = self.collate(eval, &self.eval_columns, ix)?;
+            // as transformers: the label smoother (or the custom loss) applies to the evaluation loss too
+            let out = match hook.as_mut() {
+                Some(h) if crate::model::decoder::label_tokens(&b) > 0 => {
+                    let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
+                    Some(self.model.forward_custom(&mut acts, &b, &mut custom, None, false)?)
+                }
+                _ => {
+                    let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: None };
+                    self.model.forward(&mut acts, &b, opts, false)?
+                }
+            };
+            if let Some(out) = out {
                 if out.n_tokens > 0 {
-                    total += out.mean as f64 * chunk.len() as f64;
-                    count += chunk.len();
+                    total += out.mean as f64 * ix.len() as f64;
+                    count += ix.len();
                 }
             }
+            if with_metrics {
+                let want = StatsWanted { label_logprob: true, argmax: true, ..StatsWanted::default() };
+                let stats = self.model.token_stats(&acts, want);
+                let include_inputs = self.args.include_for_metrics.iter().any(|x| x == "inputs");
+                let batch = EvalBatch {
+                    kind: PredictionKind::Argmax,
+                    batch_size: b.batch as u32,
+                    label_len: b.seq as u32,
+                    labels: shifted_labels(&b),
+                    prediction_len: b.seq as u32,
+                    predictions: stats.argmax,
+                    label_logprob: stats.label_logprob,
+                    inputs: include_inputs.then(|| b.input_ids.iter().map(|&x| x as u32).collect()),
+                    input_len: b.seq as u32,
+                    pad_token_id: Some(self.pad.pad_id),
+                };
+                self.plugins.metrics_update(&batch)?;
+            }
             batches += 1;
-            self.emit(Event::PredictionStep, None);
+            self.emit(Event::PredictionStep, None)?;
         }
         let secs = t.elapsed().as_secs_f64();
         let mut m = Map::new();
         m.insert("eval_loss".into(), num(total / count.max(1) as f64));
+        if with_metrics {
+            self.plugins.metrics_compute(&mut m)?;
+        }
         m.insert("eval_runtime".into(), num((secs * 1e4).round() / 1e4));
         m.insert("eval_samples_per_second".into(), num((eval.len() as f64 / secs * 1e3).round() / 1e3));
         m.insert("eval_steps_per_second".into(), num((batches as f64 / secs * 1e3).round() / 1e3));
-        if let (Some(key), Some(greater)) = (self.args.best_metric_key(), self.args.greater_is_better) {
-            let v = m.get(&key).and_then(Value::as_f64).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "metric_for_best_model `{key}` is not among the evaluation metrics ({})",
-                    m.keys().cloned().collect::<Vec<_>>().join(", ")
-                ))
-            })?;
-            let better = match self.state.best_metric {
-                None => true,
-                Some(b) => {
-                    if greater {
-                        v > b
-                    } else {
-                        v < b
-                    }
-                }
-            };
-            if better {
-                self.state.best_metric = Some(v);
-                self.state.best_global_step = Some(self.state.global_step);
-            }
-        }
-        self.log(m.clone());
-        self.emit(Event::Evaluate, Some(&m));
         Ok(m)
+    }
+
+    /// transformers' `_determine_best_metric`: whether `metrics` beat the best so far.
+    fn determine_best_metric(&mut self, m: &Map<String, Value>) -> Result<bool> {
+        let (Some(key), Some(greater)) = (self.args.best_metric_key(), self.args.greater_is_better) else { return Ok(false) };
+        let v = m.get(&key).and_then(Value::as_f64).ok_or_else(|| {
+            Error::Invalid(format!("metric_for_best_model `{key}` is not among the evaluation metrics ({})", m.keys().cloned().collect::<Vec<_>>().join(", ")))
+        })?;
+        let better = match self.state.best_metric {
+            None => true,
+            Some(b) => {
+                if greater {
+                    v > b
+                } else {
+                    v < b
+                }
+            }
+        };
+        if better {
+            self.state.best_metric = Some(v);
+            self.state.best_global_step = Some(self.state.global_step);
+        }
+        Ok(better)
     }
 
     /// Trains to `max_steps` (resuming when asked), then writes the HF-format output.
@@ -499,38 +601,45 @@ impl Trainer {
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_position(start_step);
-        self.emit(Event::InitEnd, None);
-        self.emit(Event::TrainBegin, None);
+        self.emit(Event::InitEnd, None)?;
+        self.emit(Event::TrainBegin, None)?;
         if self.args.eval_on_start && start_step == 0 && self.eval.is_some() {
-            self.evaluate()?;
+            let m = self.evaluate()?;
+            self.determine_best_metric(&m)?;
         }
         let mut logbook = LossLog::default();
+        let mut loss_hook = self.plugins.loss_hook();
         'outer: while self.state.global_step < self.state.max_steps {
             let SamplerState { epoch, batch: first } = self.state.sampler;
             let batches = self.sampler.epoch_batches(epoch);
-            self.emit(Event::EpochBegin, None);
+            self.emit(Event::EpochBegin, None)?;
             let mut b = first as usize;
             while b < batches.len() {
                 let end = (b + accum).min(batches.len());
-                let micro = batches[b..end]
-                    .iter()
-                    .map(|ix| pad_batch(&ix.iter().map(|&i| self.train[i].clone()).collect::<Vec<_>>(), &self.pad))
-                    .collect::<Result<Vec<_>>>()?;
+                let micro = batches[b..end].iter().map(|ix| self.collate(&self.train, &self.train_columns, ix)).collect::<Result<Vec<_>>>()?;
                 let items: usize = micro.iter().map(label_tokens).sum();
                 if items == 0 {
                     return Err(Error::Invalid(format!("step {}: the batches of this accumulation window have no label tokens", self.state.global_step + 1)));
                 }
-                self.emit(Event::StepBegin, None);
+                self.emit(Event::StepBegin, None)?;
                 grads.zero(&self.model.backend);
                 let mut loss_sum = 0.0;
                 let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: Some(items) };
                 for (i, mb) in micro.iter().enumerate() {
                     // NEFTune noise from (seed, step, micro-batch): the same after a resume
                     self.model.neftune = self.args.neftune_noise_alpha.map(|a| (a as f32, self.args.seed ^ (self.state.global_step << 20) ^ i as u64));
-                    loss_sum += self.model.forward_backward(&mut acts, mb, &mut grads, opts)?.sum;
+                    loss_sum += match loss_hook.as_mut() {
+                        Some(h) => {
+                            let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
+                            let out = self.model.forward_custom(&mut acts, mb, &mut custom, Some(items), true)?;
+                            self.model.backward(&mut acts, &mut grads)?;
+                            out.sum
+                        }
+                        None => self.model.forward_backward(&mut acts, mb, &mut grads, opts)?.sum,
+                    };
                     tokens += mb.attention_mask.as_ref().map_or(0, |m| m.iter().filter(|&&x| x == 1).count() as u64);
                     if i + 1 < micro.len() {
-                        self.emit(Event::SubstepEnd, None);
+                        self.emit(Event::SubstepEnd, None)?;
                     }
                 }
                 let loss = loss_sum / items as f64;
@@ -542,9 +651,9 @@ impl Trainer {
                 let lr = self.schedule.lr(self.state.global_step);
                 let finite = loss.is_finite() && norm.is_finite();
                 if finite {
-                    self.emit(Event::PreOptimizerStep, None);
+                    self.emit(Event::PreOptimizerStep, None)?;
                     self.opt.step(&mut self.model, &grads, lr as f32, coef);
-                    self.emit(Event::OptimizerStep, None);
+                    self.emit(Event::OptimizerStep, None)?;
                 } else if self.args.nan_inf_policy == NanInfPolicy::Stop {
                     let last = self.checkpoints().last().map_or("none".to_string(), |c| c.1.display().to_string());
                     return Err(Error::Invalid(format!(
@@ -576,7 +685,7 @@ impl Trainer {
                     c.should_evaluate |= a.eval_strategy == IntervalStrategy::Steps && a.eval_delay <= step as f64;
                     c.should_save |= a.save_strategy == SaveStrategy::Steps;
                 }
-                self.emit(Event::StepEnd, None);
+                self.emit(Event::StepEnd, None)?;
                 self.log_save_evaluate(&mut logbook)?;
                 let epoch_over = b >= batches.len() || self.control.should_training_stop || self.control.should_epoch_stop;
                 if epoch_over {
@@ -585,7 +694,7 @@ impl Trainer {
                     c.should_log |= a.logging_strategy == IntervalStrategy::Epoch;
                     c.should_evaluate |= a.eval_strategy == IntervalStrategy::Epoch && a.eval_delay <= self.state.epoch;
                     c.should_save |= a.save_strategy == SaveStrategy::Epoch;
-                    self.emit(Event::EpochEnd, None);
+                    self.emit(Event::EpochEnd, None)?;
                     self.log_save_evaluate(&mut logbook)?;
                 }
                 if self.control.should_training_stop {
@@ -621,9 +730,9 @@ impl Trainer {
         metrics.insert("train_samples_per_second".into(), num(steps_run * (self.args.per_device_train_batch_size * accum) as f64 / secs));
         metrics.insert("train_steps_per_second".into(), num(steps_run / secs));
         metrics.insert("train_tokens_per_second".into(), num(tokens as f64 / secs));
-        self.log(metrics.clone());
+        self.log(metrics.clone())?;
         self.save_output(&metrics)?;
-        self.emit(Event::TrainEnd, None);
+        self.emit(Event::TrainEnd, None)?;
         Ok(metrics)
     }
 
@@ -635,14 +744,13 @@ impl Trainer {
             e.insert("loss".into(), num(logbook.take()));
             e.insert("grad_norm".into(), num(logbook.norm as f64));
             e.insert("learning_rate".into(), num(logbook.lr));
-            self.log(e);
+            self.log(e)?;
         }
         self.control.should_log = false;
         let mut new_best = false;
         if self.control.should_evaluate {
-            let before = self.state.best_global_step;
-            self.evaluate()?;
-            new_best = self.state.best_global_step != before;
+            let m = self.evaluate()?;
+            new_best = self.determine_best_metric(&m)?;
         }
         self.control.should_evaluate = false;
         if self.args.save_strategy == SaveStrategy::Best {

@@ -11,7 +11,7 @@ mod pointwise;
 
 pub use loss::IGNORE_INDEX;
 
-use super::{AdamWStep, AttnImpl, AttnShape, Backend, LossRows};
+use super::{AdamWStep, AttnImpl, AttnShape, Backend, LossRows, StatGrads, StatsWanted, TokenStats};
 
 /// The CPU backend. Buffers are plain `Vec`s.
 #[derive(Clone, Copy, Debug, Default)]
@@ -167,6 +167,12 @@ impl Backend for Cpu {
         loss::cross_entropy(logits, targets, v, smoothing, grad_scale)
     }
 
+    fn token_stats(&self, logits: &Vec<f32>, targets: &Vec<i32>, v: usize, want: StatsWanted) -> TokenStats {
+        loss::token_stats(logits, targets, v, want)
+    }
+    fn token_stats_bwd(&self, logits: &mut Vec<f32>, targets: &Vec<i32>, v: usize, grads: &StatGrads) {
+        loss::token_stats_bwd(logits, targets, v, grads)
+    }
     fn sum_squares(&self, buf: &Vec<f32>) -> f64 {
         optim::sum_squares(buf)
     }

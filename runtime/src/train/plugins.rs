@@ -1,0 +1,299 @@
+//! The run's plugins, by role: at most one loss (`loss` or `loss-logits`), at most one padding,
+//! any number of metrics and callbacks (in the order given). Glue between the plugin host and
+//! the engine and trainer.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{Map, Value};
+
+use super::callbacks::{Event, TrainerCallback, TrainerControl};
+use super::state::TrainerState;
+use crate::args::TrainingArguments;
+use crate::backend::{StatGrads, StatsWanted, TokenStats};
+use crate::data::{Example, PadOptions, Tokenizer};
+use crate::error::{Error, Result};
+use crate::model::decoder::{RowsLoss, StatsLoss};
+use crate::model::Batch;
+use crate::plugin::{self, Column, EvalBatch, Hook, LogitsChunk, Plugin, PluginSpec, Statistics, TokenBatch};
+
+pub type Shared = Arc<Mutex<Plugin>>;
+
+fn lock(p: &Shared) -> MutexGuard<'_, Plugin> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Default)]
+pub struct Plugins {
+    pub all: Vec<Shared>,
+    pub loss: Option<Shared>,
+    pub padding: Option<Shared>,
+    pub metrics: Vec<Shared>,
+    pub callbacks: Vec<Shared>,
+}
+
+impl Plugins {
+    /// Loads the plugins the run config lists.
+    pub fn load(entries: &[Value], tokenizer: Option<Arc<Tokenizer>>) -> Result<Self> {
+        let mut out = Plugins::default();
+        for entry in entries {
+            let spec = PluginSpec::from_value(entry)?;
+            let p = Plugin::load(&spec, tokenizer.clone())?;
+            tracing::info!(
+                "plugin `{}` {} from {} ({:?}; {} in {:.1} ms)",
+                p.info.name,
+                p.info.version,
+                spec.path.display(),
+                p.info.hooks,
+                if p.cache_hit { "cached" } else { "compiled" },
+                p.load_time.as_secs_f64() * 1e3
+            );
+            let hooks = p.info.hooks.clone();
+            let name = p.info.name.clone();
+            let shared = Arc::new(Mutex::new(p));
+            if hooks.contains(&Hook::Loss) || hooks.contains(&Hook::LossLogits) {
+                if let Some(other) = &out.loss {
+                    return Err(Error::Plugin(format!("two loss plugins: `{}` and `{name}`; a run takes one", lock(other).name())));
+                }
+                out.loss = Some(shared.clone());
+            }
+            if hooks.contains(&Hook::Padding) {
+                if let Some(other) = &out.padding {
+                    return Err(Error::Plugin(format!("two padding plugins: `{}` and `{name}`; a run takes one", lock(other).name())));
+                }
+                out.padding = Some(shared.clone());
+            }
+            if hooks.contains(&Hook::Metrics) {
+                out.metrics.push(shared.clone());
+            }
+            if hooks.contains(&Hook::Callbacks) {
+                out.callbacks.push(shared.clone());
+            }
+            out.all.push(shared);
+        }
+        Ok(out)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    /// The loss plugin as the engine's custom loss.
+    pub fn loss_hook(&self) -> Option<LossHook> {
+        self.loss.clone().map(|p| LossHook { plugin: p, wanted: None })
+    }
+
+    /// Collates examples through the padding plugin.
+    pub fn pad(&self, examples: &[Example], opts: &PadOptions, vocab: usize, max_positions: usize) -> Option<Result<Batch>> {
+        let p = self.padding.as_ref()?;
+        let wit_examples: Vec<plugin::PadExample> =
+            examples.iter().map(|e| plugin::PadExample { input_ids: e.input_ids.clone(), labels: e.labels.clone() }).collect();
+        let options = plugin::WitPadOptions {
+            side: match opts.side {
+                crate::data::Side::Left => plugin::Side::Left,
+                crate::data::Side::Right => plugin::Side::Right,
+            },
+            pad_token_id: opts.pad_id,
+            max_length: opts.max_length.map(|m| m as u32),
+            pad_to_multiple_of: opts.pad_to_multiple_of.map(|m| m as u32),
+        };
+        Some(lock(p).pad(&wit_examples, &options, vocab, max_positions).map(|out| Batch {
+            batch: out.batch_size as usize,
+            seq: out.seq_len as usize,
+            input_ids: out.input_ids.iter().map(|&x| x as i32).collect(),
+            attention_mask: Some(out.attention_mask.iter().map(|&x| x as i32).collect()),
+            labels: Some(out.labels),
+            position_ids: out.position_ids.map(|p| p.into_iter().map(|x| x as i32).collect()),
+            columns: Vec::new(),
+        }))
+    }
+
+    /// Statistics the metrics plugins need per evaluation batch.
+    pub fn metrics_reset(&self) -> Result<()> {
+        self.metrics.iter().try_for_each(|p| lock(p).metrics_reset())
+    }
+
+    pub fn metrics_update(&self, batch: &EvalBatch) -> Result<()> {
+        self.metrics.iter().try_for_each(|p| lock(p).metrics_update(batch))
+    }
+
+    /// Every metrics plugin's results, prefixed with `eval_` (as transformers prefixes
+    /// `compute_metrics`' keys). Two plugins reporting the same name is an error.
+    pub fn metrics_compute(&self, into: &mut Map<String, Value>) -> Result<()> {
+        for p in &self.metrics {
+            let mut p = lock(p);
+            for m in p.metrics_compute()? {
+                let key = if m.name.starts_with("eval_") { m.name.clone() } else { format!("eval_{}", m.name) };
+                if into.contains_key(&key) {
+                    return Err(p.invalid("metrics.compute", format!("metric `{key}` is already reported")));
+                }
+                into.insert(key, super::trainer::num(m.value));
+            }
+        }
+        Ok(())
+    }
+
+    /// The callbacks plugins as trainer callbacks.
+    pub fn callbacks(&self) -> Vec<Box<dyn TrainerCallback>> {
+        self.callbacks.iter().map(|p| Box::new(PluginCallback(p.clone())) as Box<dyn TrainerCallback>).collect()
+    }
+}
+
+pub fn wanted(s: Statistics) -> StatsWanted {
+    StatsWanted {
+        label_logprob: s.contains(Statistics::LABEL_LOGPROB),
+        logsumexp: s.contains(Statistics::LOGSUMEXP),
+        mean_logprob: s.contains(Statistics::MEAN_LOGPROB),
+        entropy: s.contains(Statistics::ENTROPY),
+        argmax: s.contains(Statistics::ARGMAX),
+    }
+}
+
+fn columns(b: &Batch) -> Vec<Column> {
+    b.columns.iter().map(|(name, values)| Column { name: name.clone(), values: values.clone() }).collect()
+}
+
+/// The loss plugin, seen by the engine.
+pub struct LossHook {
+    plugin: Shared,
+    wanted: Option<StatsWanted>,
+}
+
+impl LossHook {
+    pub fn uses_rows(&self) -> bool {
+        let p = lock(&self.plugin);
+        !p.has_hook(Hook::Loss) && p.has_hook(Hook::LossLogits)
+    }
+}
+
+impl StatsLoss for LossHook {
+    fn wanted(&mut self) -> Result<StatsWanted> {
+        if let Some(w) = self.wanted {
+            return Ok(w);
+        }
+        let w = wanted(lock(&self.plugin).loss_statistics()?);
+        self.wanted = Some(w);
+        Ok(w)
+    }
+
+    fn loss(&mut self, b: &Batch, targets: &[i32], stats: TokenStats, num_items: usize) -> Result<(f32, StatGrads)> {
+        let batch = TokenBatch {
+            batch_size: b.batch as u32,
+            seq_len: b.seq as u32,
+            vocab_size: 0,
+            labels: targets.to_vec(),
+            label_logprob: stats.label_logprob,
+            logsumexp: stats.logsumexp,
+            mean_logprob: stats.mean_logprob,
+            entropy: stats.entropy,
+            argmax: stats.argmax,
+            columns: columns(b),
+            num_items_in_batch: num_items as u32,
+        };
+        let out = lock(&self.plugin).compute_loss(&batch)?;
+        let grads = StatGrads { label_logprob: out.d_label_logprob, logsumexp: out.d_logsumexp, mean_logprob: out.d_mean_logprob, entropy: out.d_entropy };
+        Ok((out.loss, grads))
+    }
+}
+
+impl RowsLoss for LossHook {
+    fn chunk(&mut self, b: &Batch, positions: &[u32], labels: &[i32], logits: &[f32], v: usize, num_items: usize) -> Result<(f32, Vec<f32>)> {
+        let chunk = LogitsChunk {
+            vocab_size: v as u32,
+            first_row: positions.first().copied().unwrap_or(0),
+            seq_len: b.seq as u32,
+            logits: logits.to_vec(),
+            positions: positions.to_vec(),
+            labels: labels.to_vec(),
+            columns: columns(b),
+            num_items_in_batch: num_items as u32,
+        };
+        let out = lock(&self.plugin).compute_chunk(&chunk)?;
+        Ok((out.loss, out.d_logits))
+    }
+}
+
+/// A `callbacks` plugin as a trainer callback.
+struct PluginCallback(Shared);
+
+fn wit_event(e: Event) -> plugin::WitEvent {
+    use plugin::WitEvent as W;
+    match e {
+        Event::InitEnd => W::OnInitEnd,
+        Event::TrainBegin => W::OnTrainBegin,
+        Event::TrainEnd => W::OnTrainEnd,
+        Event::EpochBegin => W::OnEpochBegin,
+        Event::EpochEnd => W::OnEpochEnd,
+        Event::StepBegin => W::OnStepBegin,
+        Event::SubstepEnd => W::OnSubstepEnd,
+        Event::PreOptimizerStep => W::OnPreOptimizerStep,
+        Event::OptimizerStep => W::OnOptimizerStep,
+        Event::StepEnd => W::OnStepEnd,
+        Event::Evaluate => W::OnEvaluate,
+        Event::Save => W::OnSave,
+        Event::Log => W::OnLog,
+        Event::PredictionStep => W::OnPredictionStep,
+    }
+}
+
+impl TrainerCallback for PluginCallback {
+    fn on_event(
+        &mut self,
+        event: Event,
+        args: &TrainingArguments,
+        state: &TrainerState,
+        control: &mut TrainerControl,
+        logs: Option<&mut Map<String, Value>>,
+    ) -> Result<()> {
+        let metrics =
+            logs.as_ref().map_or_else(Vec::new, |l| l.iter().filter_map(|(k, v)| v.as_f64().map(|x| plugin::Metric { name: k.clone(), value: x })).collect());
+        let ws = plugin::WitState {
+            global_step: state.global_step,
+            max_steps: state.max_steps,
+            epoch: state.epoch,
+            num_train_epochs: state.num_train_epochs,
+            best_metric: state.best_metric,
+            best_model_checkpoint: state.best_model_checkpoint.clone(),
+            metric_for_best_model: args.metric_for_best_model.clone(),
+            greater_is_better: args.greater_is_better,
+            logs: metrics,
+        };
+        let c = plugin::WitControl {
+            should_training_stop: control.should_training_stop,
+            should_epoch_stop: control.should_epoch_stop,
+            should_save: control.should_save,
+            should_evaluate: control.should_evaluate,
+            should_log: control.should_log,
+        };
+        let r = lock(&self.0).on_event(wit_event(event), &ws, c)?;
+        *control = TrainerControl {
+            should_training_stop: r.control.should_training_stop,
+            should_epoch_stop: r.control.should_epoch_stop,
+            should_save: r.control.should_save,
+            should_evaluate: r.control.should_evaluate,
+            should_log: r.control.should_log,
+        };
+        if let Some(l) = logs {
+            for m in r.logs {
+                l.insert(m.name, super::trainer::num(m.value));
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&mut self) -> Result<Option<(String, Value)>> {
+        let mut p = lock(&self.0);
+        let bytes = p.save_state()?;
+        Ok(Some((p.name().to_string(), serde_json::json!({ "plugin": p.path.display().to_string(), "state": hex::encode(bytes) }))))
+    }
+
+    fn load_state(&mut self, saved: &Map<String, Value>) -> Result<()> {
+        let mut p = lock(&self.0);
+        let Some(entry) = saved.get(p.name()) else { return Ok(()) };
+        let bytes = entry
+            .get("state")
+            .and_then(Value::as_str)
+            .and_then(|s| hex::decode(s).ok())
+            .ok_or_else(|| p.invalid("callbacks.load-state", "the checkpoint's saved state is not valid hex"))?;
+        p.load_state(&bytes)
+    }
+}

@@ -41,7 +41,7 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
             labels[b * seq + pos] = -100;
         }
     }
-    Batch { batch, seq, input_ids: ids, attention_mask: Some(mask), labels: Some(labels), position_ids: None }
+    Batch { batch, seq, input_ids: ids, attention_mask: Some(mask), labels: Some(labels), ..Batch::default() }
 }
 
 fn loss(model: &Model<Cpu>, batch: &Batch, opts: LossOptions) -> f64 {

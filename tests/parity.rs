@@ -35,6 +35,7 @@ fn load(name: &str, attn: AttnImpl) -> Case {
         attention_mask: Some(reference["attention_mask"].i32s()),
         labels: Some(reference["labels"].i32s()),
         position_ids: None,
+        columns: Vec::new(),
     };
     Case { model, reference, meta, batch }
 }

@@ -77,8 +77,16 @@ fn callback_events_come_in_transformers_order() {
 
     struct Recorder(Arc<Mutex<Vec<(String, u64)>>>);
     impl TrainerCallback for Recorder {
-        fn on_event(&mut self, e: Event, _: &TrainingArguments, s: &TrainerState, _: &mut TrainerControl, _: Option<&serde_json::Map<String, Value>>) {
+        fn on_event(
+            &mut self,
+            e: Event,
+            _: &TrainingArguments,
+            s: &TrainerState,
+            _: &mut TrainerControl,
+            _: Option<&mut serde_json::Map<String, Value>>,
+        ) -> runtime::Result<()> {
             self.0.lock().unwrap().push((e.hf_name().to_string(), s.global_step));
+            Ok(())
         }
     }
     let dir = common::fixtures().join("trainer");

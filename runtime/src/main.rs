@@ -30,6 +30,18 @@ enum PluginAction {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
+    /// What plugins cost: a loss plugin's training step against the built-in loss (the engine
+    /// benchmark's Llama shapes), a callback event, a metrics update, cold vs cached start.
+    Bench {
+        #[arg(long)]
+        loss: Option<PathBuf>,
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+        #[arg(long)]
+        callbacks: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -314,6 +326,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let tok = tokenizer.map(|d| runtime::data::Tokenizer::from_dir(&d).map(std::sync::Arc::new)).transpose()?;
                 print!("{}", runtime::plugin::check::check(&spec, tok)?);
+            }
+            PluginAction::Bench { loss, metrics, callbacks, steps } => {
+                let model = BenchConfig {
+                    arch: "llama".into(),
+                    n_layer: 6,
+                    hidden: 384,
+                    n_head: 6,
+                    n_kv_head: 6,
+                    vocab: 8192,
+                    seq: 256,
+                    batch: 8,
+                    steps: steps.max(1),
+                    warmup: 1,
+                    attn: runtime::backend::AttnImpl::Flash,
+                    gradient_checkpointing: false,
+                };
+                print!("{}", runtime::plugin::bench::run(&runtime::plugin::bench::PluginBenchArgs { loss, metrics, callbacks, model })?);
             }
         },
         Command::Args { config, overrides } => {

@@ -59,3 +59,35 @@ pub fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f64) {
     let e = rel_err(ours, reference);
     assert!(e <= tol, "{what}: relative error {e:.3e} exceeds {tol:.0e}");
 }
+
+/// The plugin components (`plugins/` and the hostile ones in `tests/plugins/`), built once per
+/// test binary with `cargo build --target wasm32-wasip2` into `target/wasm`; returns the folder
+/// holding the `.wasm` files.
+pub fn wasm_plugins() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let target = root.join("target/wasm");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            for manifest in ["plugins/Cargo.toml", "tests/plugins/Cargo.toml"] {
+                let out = std::process::Command::new(&cargo)
+                    .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2", "--manifest-path"])
+                    .arg(root.join(manifest))
+                    .arg("--target-dir")
+                    .arg(&target)
+                    // the host build's flags (target-cpu) are not for wasm
+                    .env_remove("RUSTFLAGS")
+                    .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                    .output()
+                    .expect("running cargo to build the plugins");
+                assert!(
+                    out.status.success(),
+                    "building {manifest} for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`):\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            target.join("wasm32-wasip2/release")
+        })
+        .clone()
+}

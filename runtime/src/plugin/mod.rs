@@ -9,6 +9,7 @@
 //!   host's own state is never touched.
 //! - Compiled components are cached by content hash and engine (see [`cache`]).
 
+pub mod bench;
 pub mod cache;
 mod capture;
 pub mod check;

@@ -149,3 +149,61 @@ pub fn token_stats_bwd(logits: &mut [f32], targets: &[i32], v: usize, g: &StatGr
         z[y as usize] += g_lp;
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    /// `sum_i g_i . stats_i` in f64, the scalar whose gradient `token_stats_bwd` computes.
+    fn weighted_stats(z: &[f32], t: &[i32], v: usize, g: &StatGrads) -> f64 {
+        let all = StatsWanted { label_logprob: true, logsumexp: true, mean_logprob: true, entropy: true, argmax: false };
+        let s = token_stats(z, t, v, all);
+        (0..t.len())
+            .map(|i| {
+                g.label_logprob[i] as f64 * s.label_logprob[i] as f64
+                    + g.logsumexp[i] as f64 * s.logsumexp[i] as f64
+                    + g.mean_logprob[i] as f64 * s.mean_logprob[i] as f64
+                    + g.entropy[i] as f64 * s.entropy[i] as f64
+            })
+            .sum()
+    }
+
+    #[test]
+    fn statistics_match_their_definitions_and_the_chain_rule_matches_finite_differences() {
+        let (rows, v) = (5, 9);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let z: Vec<f32> = (0..rows * v).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let t: Vec<i32> = vec![2, IGNORE_INDEX, 0, 8, 4];
+        // definitions, in f64
+        let s = token_stats(&z, &t, v, StatsWanted { label_logprob: true, logsumexp: true, mean_logprob: true, entropy: true, argmax: true });
+        for r in [0, 2, 3, 4] {
+            let row: Vec<f64> = z[r * v..(r + 1) * v].iter().map(|&x| x as f64).collect();
+            let lse = row.iter().map(|x| x.exp()).sum::<f64>().ln();
+            let logp: Vec<f64> = row.iter().map(|x| x - lse).collect();
+            let ent = -logp.iter().map(|l| l.exp() * l).sum::<f64>();
+            let arg = (0..v).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+            assert!((s.logsumexp[r] as f64 - lse).abs() < 1e-5);
+            assert!((s.label_logprob[r] as f64 - logp[t[r] as usize]).abs() < 1e-5);
+            assert!((s.mean_logprob[r] as f64 - logp.iter().sum::<f64>() / v as f64).abs() < 1e-5);
+            assert!((s.entropy[r] as f64 - ent).abs() < 1e-5);
+            assert_eq!(s.argmax[r] as usize, arg);
+        }
+        assert_eq!((s.label_logprob[1], s.entropy[1]), (0.0, 0.0), "ignored rows are 0");
+        // the chain rule against central differences, all four statistics at once
+        let mut gen = |_| (0..rows).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<f32>>();
+        let g = StatGrads { label_logprob: gen(0), logsumexp: gen(1), mean_logprob: gen(2), entropy: gen(3) };
+        let mut d = z.clone();
+        token_stats_bwd(&mut d, &t, v, &g);
+        assert!(d[v..2 * v].iter().all(|&x| x == 0.0), "ignored rows get no gradient");
+        let h = 1e-2f32;
+        for i in 0..z.len() {
+            let mut zp = z.clone();
+            zp[i] += h;
+            let mut zm = z.clone();
+            zm[i] -= h;
+            let fd = (weighted_stats(&zp, &t, v, &g) - weighted_stats(&zm, &t, v, &g)) / (2.0 * h as f64);
+            assert!((fd - d[i] as f64).abs() < 2e-3, "logit {i}: finite differences {fd} vs chain rule {}", d[i]);
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! Plugins: the shipped ones (built here from `plugins/` for wasm32-wasip2) against PyTorch and
+//! through `runtime train`, and the sandbox against the hostile ones in `tests/plugins/`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{assert_close, fixtures, read_reference, wasm_plugins};
+use runtime::backend::cpu::Cpu;
+use runtime::model::decoder::CustomLoss;
+use runtime::model::io::hf_tensors;
+use runtime::model::{Activations, Batch, Grads, LoadOptions, Model};
+use runtime::plugin::{Hook, Limits, Plugin, PluginSpec, TokenBatch};
+use runtime::train::plugins::Plugins;
+use serde_json::{json, Value};
+
+fn wasm(name: &str) -> PathBuf {
+    wasm_plugins().join(format!("{name}.wasm"))
+}
+
+// ---------------------------------------------------------------- loss plugins vs PyTorch
+
+/// Every parameter gradient of the Llama parity model under each loss plugin matches PyTorch
+/// autograd on the same loss (`tests/parity/make_plugin_fixtures.py`).
+#[test]
+fn loss_plugins_match_pytorch_gradients() {
+    let dir = fixtures().join("llama");
+    let reference = read_reference(&dir.join("reference.safetensors"));
+    let want = read_reference(&fixtures().join("plugins/reference.safetensors"));
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("plugins/reference.json")).unwrap()).unwrap();
+    let model = Model::load(Cpu, &dir.join("model"), LoadOptions::default()).unwrap();
+    let ids = &reference["input_ids"];
+    let weights: Vec<f64> = meta["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
+    let batch = Batch {
+        batch: ids.shape[0],
+        seq: ids.shape[1],
+        input_ids: ids.i32s(),
+        attention_mask: Some(reference["attention_mask"].i32s()),
+        labels: Some(reference["labels"].i32s()),
+        position_ids: None,
+        columns: vec![("weight".into(), weights)],
+    };
+    let cases = [
+        ("focal", "focal_loss", json!({"gamma": meta["gamma"]})),
+        ("weighted", "weighted_ce", json!({"column": "weight"})),
+        ("zloss", "z_loss", json!({"alpha": meta["alpha"]})),
+    ];
+    for (name, file, options) in cases {
+        let plugins = Plugins::load(&[json!({"path": wasm(file), "options": options})], None).unwrap();
+        let mut hook = plugins.loss_hook().unwrap();
+        let mut acts = Activations::new(&model, batch.batch, batch.seq);
+        let mut grads = Grads::zeros(&model);
+        let out = model.forward_custom(&mut acts, &batch, &mut CustomLoss::Stats(&mut hook), None, true).unwrap();
+        model.backward(&mut acts, &mut grads).unwrap();
+        let loss = want[&format!("{name}.loss")].values[0];
+        assert!(((out.mean as f64 - loss) / loss).abs() < 1e-5, "{name}: loss {} vs PyTorch {loss}", out.mean);
+        for (hf_name, _, g) in &hf_tensors(&model.layout, &grads.tensors) {
+            assert_close(&format!("{name} grad {hf_name}"), g, &want[&format!("{name}.grad.{hf_name}")].f32s(), 1e-4);
+        }
+    }
+}
+
+/// `runtime plugin check` passes on every shipped plugin (a loss's gradient is checked against
+/// finite differences there), and `inspect` reports the interface and hooks.
+#[test]
+fn every_shipped_plugin_passes_check() {
+    let tok = fixtures().join("tokenizer");
+    for (file, hook) in [
+        ("token_metrics", "metrics:"),
+        ("text_metrics", "metrics:"),
+        ("focal_loss", "finite differences"),
+        ("weighted_ce", "finite differences"),
+        ("z_loss", "finite differences"),
+        ("left_pad", "with position ids"),
+        ("early_stopping", "early_stopping_counter"),
+        ("loss_ema", "loss_ema"),
+    ] {
+        let path = wasm(file);
+        let out = runtime(&["plugin", "check", path.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap()]);
+        let text = ok(out, &format!("plugin check {file}"));
+        assert!(text.contains(hook), "{file}: {text}");
+        let text = ok(runtime(&["plugin", "inspect", path.to_str().unwrap()]), "inspect");
+        assert!(text.contains("interface: trainer:plugin@0.1.0"), "{text}");
+        assert!(!text.contains("wasi:filesystem") && !text.contains("wasi:sockets"), "{file} should need no files or sockets: {text}");
+    }
+}
+
+// ---------------------------------------------------------------- the sandbox
+
+fn hostile(mode: &str, limits: Limits) -> Plugin {
+    let mut spec = PluginSpec::new(wasm("hostile"));
+    spec.options.insert("mode".into(), mode.into());
+    spec.limits = limits;
+    Plugin::load(&spec, None).unwrap()
+}
+
+fn token_batch() -> TokenBatch {
+    TokenBatch {
+        batch_size: 1,
+        seq_len: 4,
+        vocab_size: 10,
+        labels: vec![1, 2, 3, -100],
+        label_logprob: vec![-1.0, -2.0, -0.5, 0.0],
+        logsumexp: vec![],
+        mean_logprob: vec![],
+        entropy: vec![],
+        argmax: vec![],
+        columns: vec![],
+        num_items_in_batch: 3,
+    }
+}
+
+/// The error from one hostile call, and how long it took.
+fn hostile_error(mode: &str, limits: Limits) -> (String, Duration, Plugin) {
+    let mut p = hostile(mode, limits);
+    let t = Instant::now();
+    let err = p.compute_loss(&token_batch()).expect_err(mode).to_string();
+    (err, t.elapsed(), p)
+}
+
+fn expect(err: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(err.contains(part), "expected `{part}` in: {err}");
+    }
+}
+
+/// After a failure the same plugin object answers the next call from a fresh instance.
+fn still_works(p: &mut Plugin) {
+    // the hostile plugin's metrics hook returns an infinite value: a checked, clean error
+    let err = p.metrics_compute().unwrap_err().to_string();
+    expect(&err, &["plugin `hostile`", "metrics.compute", "metric `bad` is inf"]);
+}
+
+#[test]
+fn an_infinite_loop_hits_the_time_cap() {
+    let limits = Limits { call_timeout: Duration::from_millis(300), ..Limits::default() };
+    let (err, took, mut p) = hostile_error("spin", limits);
+    expect(&err, &["plugin `hostile`", "loss.compute-loss", "time cap of 0.300 s"]);
+    assert!(took < Duration::from_secs(3), "the time cap took {took:?}");
+    still_works(&mut p);
+}
+
+#[test]
+fn unbounded_memory_growth_hits_the_memory_cap() {
+    let limits = Limits { memory_bytes: 64 << 20, ..Limits::default() };
+    let (err, _, mut p) = hostile_error("grow", limits);
+    expect(&err, &["plugin `hostile`", "loss.compute-loss", "memory cap of 64 MiB"]);
+    still_works(&mut p);
+}
+
+#[test]
+fn a_one_gib_return_value_is_stopped_by_the_default_memory_cap() {
+    let (err, _, mut p) = hostile_error("huge", Limits::default());
+    expect(&err, &["loss.compute-loss", "memory cap of 512 MiB"]);
+    still_works(&mut p);
+}
+
+#[test]
+fn a_trap_names_the_plugin_hook_and_panic_message() {
+    let (err, _, mut p) = hostile_error("trap", Limits::default());
+    expect(&err, &["plugin `hostile`", "loss.compute-loss", "trapped", "this plugin always panics"]);
+    still_works(&mut p);
+}
+
+#[test]
+fn invalid_results_are_refused() {
+    let (err, _, _) = hostile_error("bad-grad-len", Limits::default());
+    expect(&err, &["loss.compute-loss", "`d-label-logprob` has 5 values, expected 4"]);
+    let (err, _, _) = hostile_error("nan-loss", Limits::default());
+    expect(&err, &["loss.compute-loss", "the loss is NaN"]);
+}
+
+#[test]
+fn files_sockets_and_the_environment_are_out_of_reach() {
+    let (err, _, _) = hostile_error("read-file", Limits::default());
+    expect(&err, &["the plugin reported an error", "reading /etc/passwd failed"]);
+    assert!(!err.contains("BREACH"), "{err}");
+    let (err, _, _) = hostile_error("socket", Limits::default());
+    expect(&err, &["the plugin reported an error", "connecting to 127.0.0.1:22 failed"]);
+    assert!(!err.contains("BREACH"), "{err}");
+    // SAFETY: set before any thread of this test reads the environment; other tests do not
+    // depend on this variable
+    unsafe { std::env::set_var("PLUGIN_SANDBOX_SECRET", "1") };
+    let (err, _, _) = hostile_error("env", Limits::default());
+    expect(&err, &["sees 0 environment variables [] and 0 arguments"]);
+}
+
+#[test]
+fn output_is_captured_and_a_good_call_succeeds() {
+    let mut p = hostile("print", Limits::default());
+    let out = p.compute_loss(&token_batch()).unwrap();
+    assert_eq!(out.loss, 1.0);
+    assert!(p.has_hook(Hook::Loss) && p.has_hook(Hook::Metrics) && !p.has_hook(Hook::Padding));
+    // an undeclared hook is never called
+    let err =
+        p.pad(&[], &runtime::plugin::WitPadOptions { side: runtime::plugin::Side::Right, pad_token_id: 0, max_length: None, pad_to_multiple_of: None }, 10, 10);
+    expect(&err.unwrap_err().to_string(), &["padding.pad", "does not declare this hook"]);
+}
+
+#[test]
+fn an_unsupported_interface_version_is_refused_with_the_supported_list() {
+    let err = Plugin::load(&PluginSpec::new(wasm("wrong_version")), None).err().unwrap().to_string();
+    expect(&err, &["wrong_version.wasm", "built for trainer:plugin@9.0.0", "it supports trainer:plugin@0.1.0"]);
+    let junk = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(junk.path(), b"\0asm not really").unwrap();
+    let err = Plugin::load(&PluginSpec::new(junk.path()), None).err().unwrap().to_string();
+    expect(&err, &["not a loadable WebAssembly component"]);
+}
+
+#[test]
+fn the_compile_cache_makes_the_second_start_faster() {
+    let cache = tempfile::tempdir().unwrap();
+    // the cache folder is read from the environment at each load
+    // SAFETY: the variable only redirects the compile cache, which every test tolerates
+    unsafe { std::env::set_var("RUNTIME_PLUGIN_CACHE_DIR", cache.path()) };
+    let spec = PluginSpec::new(wasm("focal_loss"));
+    let cold = Plugin::load(&spec, None).unwrap();
+    let warm = Plugin::load(&spec, None).unwrap();
+    assert!(!cold.cache_hit && warm.cache_hit, "second load should come from the cache");
+    assert!(warm.load_time < cold.load_time, "cached start {:?} vs cold {:?}", warm.load_time, cold.load_time);
+    // a damaged cache entry is recompiled, not trusted
+    for e in std::fs::read_dir(cache.path()).unwrap().flatten() {
+        let mut b = std::fs::read(e.path()).unwrap();
+        let n = b.len() / 2;
+        b[n] ^= 0xff;
+        std::fs::write(e.path(), b).unwrap();
+    }
+    let again = Plugin::load(&spec, None).unwrap();
+    assert!(!again.cache_hit);
+}
+
+// ---------------------------------------------------------------- end to end through `runtime train`
+
+fn runtime(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_runtime")).args(args).output().unwrap()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn json_file(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+/// A prompt/completion run on the trainer fixture (a tiny Llama on addition problems), with a
+/// `weight` column added to the training data.
+fn train_run(tmp: &Path, name: &str, extra: &[&str]) -> (PathBuf, Output) {
+    let dir = fixtures().join("trainer");
+    let data = tmp.join("train.jsonl");
+    if !data.exists() {
+        let text = std::fs::read_to_string(dir.join("data/train.jsonl")).unwrap();
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let mut v: Value = serde_json::from_str(l).unwrap();
+                v["weight"] = json!(1.0);
+                v.to_string()
+            })
+            .collect();
+        std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    }
+    let out_dir = tmp.join(name);
+    let mut args = vec![
+        "train".to_string(),
+        "--model_name_or_path".into(),
+        dir.join("init").to_str().unwrap().into(),
+        "--tokenizer_name".into(),
+        dir.join("data").to_str().unwrap().into(),
+        "--train_file".into(),
+        data.to_str().unwrap().into(),
+        "--validation_file".into(),
+        dir.join("data/validation.jsonl").to_str().unwrap().into(),
+        "--output_dir".into(),
+        out_dir.to_str().unwrap().into(),
+        "--disable_tqdm".into(),
+        "--max_steps".into(),
+        "8".into(),
+        "--per_device_train_batch_size".into(),
+        "4".into(),
+        "--logging_steps".into(),
+        "2".into(),
+        "--learning_rate".into(),
+        "3e-3".into(),
+        "--save_strategy".into(),
+        "no".into(),
+    ];
+    // `--config FILE` belongs right after the subcommand
+    let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    if let Some(i) = extra.iter().position(|a| a == "--config") {
+        let file = extra.remove(i + 1);
+        extra.remove(i);
+        args.splice(1..1, ["--config".to_string(), file]);
+    }
+    args.extend(extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    (out_dir.clone(), runtime(&refs))
+}
+
+fn losses(out_dir: &Path) -> Vec<f64> {
+    json_file(&out_dir.join("trainer_state.json"))["log_history"].as_array().unwrap().iter().filter_map(|e| e.get("loss").and_then(Value::as_f64)).collect()
+}
+
+/// Left padding with position ids through the padding plugin computes the same losses as the
+/// built-in right padding; a weighted loss with all weights 1 equals plain cross-entropy.
+#[test]
+fn padding_and_weighted_loss_plugins_reproduce_the_builtin_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, out) = train_run(tmp.path(), "base", &[]);
+    ok(out, "baseline run");
+    let (left, out) = train_run(tmp.path(), "left", &["--plugin", wasm("left_pad").to_str().unwrap()]);
+    ok(out, "left-pad run");
+    let (weighted, out) = train_run(tmp.path(), "weighted", &["--plugin", wasm("weighted_ce").to_str().unwrap()]);
+    ok(out, "weighted-ce run");
+    let (b, l, w) = (losses(&base), losses(&left), losses(&weighted));
+    assert_eq!(b.len(), 4);
+    for ((x, y), z) in b.iter().zip(&l).zip(&w) {
+        assert!((x - y).abs() < 1e-4 * x.abs(), "left padding changed the loss: {b:?} vs {l:?}");
+        assert!((x - z).abs() < 1e-4 * x.abs(), "weights of 1 changed the loss: {b:?} vs {w:?}");
+    }
+}
+
+/// Metrics plugins add `eval_*` entries; a callbacks plugin adds a logged metric and asks for
+/// saves; a focal-loss run trains.
+#[test]
+fn metrics_callbacks_and_loss_plugins_run_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("plugins.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "eval_strategy = \"steps\"\neval_steps = 4\n\n[[plugins]]\npath = \"{}\"\n\n[[plugins]]\npath = \"{}\"\n\n[[plugins]]\npath = \"{}\"\noptions = {{ beta = 0.5 }}\n\n[[plugins]]\npath = \"{}\"\noptions = {{ gamma = 1.5 }}\n",
+            wasm("token_metrics").display(),
+            wasm("text_metrics").display(),
+            wasm("loss_ema").display(),
+            wasm("focal_loss").display(),
+        ),
+    )
+    .unwrap();
+    let (out_dir, out) = train_run(tmp.path(), "run", &["--config", cfg.to_str().unwrap()]);
+    ok(out, "run with plugins");
+    let state = json_file(&out_dir.join("trainer_state.json"));
+    let history = state["log_history"].as_array().unwrap();
+    let evals: Vec<&Value> = history.iter().filter(|e| e.get("eval_loss").is_some()).collect();
+    assert_eq!(evals.len(), 2);
+    for e in &evals {
+        let acc = e["eval_accuracy"].as_f64().unwrap();
+        let ppl = e["eval_perplexity"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc) && ppl > 1.0, "{e}");
+        assert!(e["eval_exact_match"].as_f64().is_some() && e["eval_f1"].as_f64().is_some(), "{e}");
+    }
+    let logged: Vec<&Value> = history.iter().filter(|e| e.get("loss").is_some()).collect();
+    assert!(logged.iter().all(|e| e["loss_ema"].as_f64().is_some()), "every training log entry has loss_ema: {logged:?}");
+    // loss-ema asks for a save at each new low of the average: checkpoints appear although
+    // save_strategy is "no"
+    let saved: Vec<u64> =
+        std::fs::read_dir(&out_dir).unwrap().flatten().filter_map(|e| e.file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok()).collect();
+    assert!(!saved.is_empty(), "the callback's save requests were ignored");
+    let ckpt_state = json_file(&out_dir.join(format!("checkpoint-{}/trainer_state.json", saved[0])));
+    assert!(ckpt_state["stateful_callbacks"]["loss-ema"]["state"].as_str().is_some(), "{}", ckpt_state["stateful_callbacks"]);
+}
+
+/// Early stopping ends the run after `patience` evaluations without improvement, and its
+/// counter survives a resume: resuming from a checkpoint stops at the same step.
+#[test]
+fn early_stopping_stops_and_its_counter_survives_a_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("es.toml");
+    // a learning rate that makes the evaluation loss get worse
+    std::fs::write(
+        &cfg,
+        format!(
+            "eval_strategy = \"steps\"\neval_steps = 1\nsave_strategy = \"steps\"\nsave_steps = 1\nmetric_for_best_model = \"loss\"\n\n[[plugins]]\npath = \"{}\"\noptions = {{ early_stopping_patience = 2 }}\n",
+            wasm("early_stopping").display()
+        ),
+    )
+    .unwrap();
+    let hot = ["--learning_rate", "0.5", "--max_steps", "20", "--save_strategy", "steps"];
+    let (full, out) = train_run(tmp.path(), "full", &[&["--config", cfg.to_str().unwrap()][..], &hot].concat());
+    ok(out, "early-stopping run");
+    let state = json_file(&full.join("trainer_state.json"));
+    let stopped_at = state["global_step"].as_u64().unwrap();
+    assert!(stopped_at < 20, "early stopping never stopped the run");
+    let counters: Vec<f64> = state["log_history"].as_array().unwrap().iter().filter_map(|e| e.get("early_stopping_counter").and_then(Value::as_f64)).collect();
+    assert_eq!(*counters.last().unwrap(), 2.0, "{counters:?}");
+    // resume from the checkpoint where the counter was 1: the run must stop one evaluation later
+    let one = counters.iter().rposition(|&c| c == 1.0).unwrap() as u64 + 1;
+    let resumed = tmp.path().join("resumed");
+    std::fs::create_dir_all(&resumed).unwrap();
+    let src = full.join(format!("checkpoint-{one}"));
+    let dst = resumed.join(format!("checkpoint-{one}"));
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    let (_, out) = train_run(tmp.path(), "resumed", &[&["--config", cfg.to_str().unwrap(), "--resume_from_checkpoint", "true"][..], &hot].concat());
+    ok(out, "resumed run");
+    let state = json_file(&resumed.join("trainer_state.json"));
+    assert_eq!(state["global_step"].as_u64().unwrap(), stopped_at, "the resumed run stopped elsewhere");
+}
+
+/// A failing plugin ends `runtime train` with one clear error and a non-zero exit.
+#[test]
+fn a_failing_plugin_fails_the_run_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, format!("[[plugins]]\npath = \"{}\"\ncall_timeout_s = 0.2\noptions = {{ mode = \"spin\" }}\n", wasm("hostile").display())).unwrap();
+    let (_, out) = train_run(tmp.path(), "bad", &["--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("plugin `hostile`") && err.contains("loss.compute-loss") && err.contains("time cap"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let (_, out) = train_run(tmp.path(), "missing", &["--plugin", "no/such/plugin.wasm"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no/such/plugin.wasm"), "{err}");
+}

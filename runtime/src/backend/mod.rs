@@ -29,6 +29,10 @@ pub struct TokenStats {
     pub mean_logprob: Vec<f32>,
     pub entropy: Vec<f32>,
     pub argmax: Vec<u32>,
+    /// For the backward pass (whatever was requested): `logsumexp(z)` per row when any
+    /// differentiable statistic was requested, and `E_p[z]` when the entropy was.
+    pub row_lse: Vec<f32>,
+    pub row_mean_z: Vec<f32>,
 }
 
 /// `dloss/dstatistic` per row for [`Backend::token_stats_bwd`] (empty = zero).
@@ -241,8 +245,9 @@ pub trait Backend: Send + Sync {
     /// plugin `loss` hook's input.
     fn token_stats(&self, logits: &Self::Buf, targets: &Self::Ids, v: usize, want: StatsWanted) -> TokenStats;
     /// The chain rule of [`Backend::token_stats`]: overwrites `logits` with `dloss/dlogits` given
-    /// `dloss/dstatistic` per row (empty = zero); rows whose target is -100 get 0.
-    fn token_stats_bwd(&self, logits: &mut Self::Buf, targets: &Self::Ids, v: usize, grads: &StatGrads);
+    /// `dloss/dstatistic` per row (empty = zero) and the forward's `row_lse`/`row_mean_z`; rows
+    /// whose target is -100 get 0. One pass over the logits.
+    fn token_stats_bwd(&self, logits: &mut Self::Buf, targets: &Self::Ids, v: usize, stats: &TokenStats, grads: &StatGrads);
 
     /// Sum of squares, accumulated in f64.
     fn sum_squares(&self, buf: &Self::Buf) -> f64;

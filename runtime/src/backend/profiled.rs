@@ -162,8 +162,8 @@ impl<B: Backend> Backend for Profiled<B> {
     fn token_stats(&self, logits: &B::Buf, targets: &B::Ids, v: usize, want: StatsWanted) -> TokenStats {
         self.time("cross_entropy", 0.0, || self.inner.token_stats(logits, targets, v, want))
     }
-    fn token_stats_bwd(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, grads: &StatGrads) {
-        self.time("cross_entropy", 0.0, || self.inner.token_stats_bwd(logits, targets, v, grads))
+    fn token_stats_bwd(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, stats: &TokenStats, grads: &StatGrads) {
+        self.time("cross_entropy", 0.0, || self.inner.token_stats_bwd(logits, targets, v, stats, grads))
     }
     fn sum_squares(&self, buf: &B::Buf) -> f64 {
         self.time("optimizer", 0.0, || self.inner.sum_squares(buf))

@@ -11,7 +11,7 @@ use rand::{RngExt, SeedableRng};
 
 use super::*;
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, StatGrads, StatsWanted};
+use crate::backend::{Backend, StatGrads, StatsWanted, TokenStats};
 
 /// `runtime plugin inspect FILE.wasm`.
 pub fn inspect(spec: &PluginSpec) -> Result<String> {
@@ -88,7 +88,8 @@ impl Synthetic {
 fn stats_loss(p: &mut Plugin, s: &Synthetic, logits: &[f32], want: StatsWanted, grad: bool) -> Result<(f64, Vec<f32>)> {
     let be = Cpu;
     let (z, t) = (logits.to_vec(), s.targets.clone());
-    let stats = be.token_stats(&z, &t, s.v, want);
+    let mut stats = be.token_stats(&z, &t, s.v, want);
+    let saved = TokenStats { row_lse: std::mem::take(&mut stats.row_lse), row_mean_z: std::mem::take(&mut stats.row_mean_z), ..TokenStats::default() };
     let batch = TokenBatch {
         batch_size: s.batch as u32,
         seq_len: s.seq as u32,
@@ -106,7 +107,13 @@ fn stats_loss(p: &mut Plugin, s: &Synthetic, logits: &[f32], want: StatsWanted, 
     let mut d = z;
     if grad {
         let g = StatGrads { label_logprob: out.d_label_logprob, logsumexp: out.d_logsumexp, mean_logprob: out.d_mean_logprob, entropy: out.d_entropy };
-        be.token_stats_bwd(&mut d, &t, s.v, &g);
+        if [(&g.label_logprob, want.label_logprob), (&g.logsumexp, want.logsumexp), (&g.mean_logprob, want.mean_logprob), (&g.entropy, want.entropy)]
+            .iter()
+            .any(|(d, asked)| !d.is_empty() && !asked)
+        {
+            return Err(p.invalid("loss.compute-loss", "returned a gradient for a statistic it did not request"));
+        }
+        be.token_stats_bwd(&mut d, &t, s.v, &saved, &g);
     }
     Ok((out.loss as f64, d))
 }

@@ -38,31 +38,36 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[i32], v: usize, smoothing: f
     LossRows { loss, n_targets }
 }
 
-/// `sum exp(z - shift) * z`, for the entropy's `E_p[z]`.
-fn sum_exp_times(z: &[f32], shift: f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = z.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] += math::exp(c[i] - shift) * c[i];
-        }
-    }
-    acc.iter().sum::<f32>() + rest.iter().map(|&x| math::exp(x - shift) * x).sum::<f32>()
-}
-
+/// The index of the largest value (the first one on ties), eight lanes at a time.
 fn argmax(z: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in z.iter().enumerate() {
-        if x > z[best] {
-            best = i;
+    let (mut best, mut at) = ([f32::NEG_INFINITY; 8], [0u32; 8]);
+    let mut c = z.chunks_exact(8);
+    let mut base = 0u32;
+    for v in &mut c {
+        for i in 0..8 {
+            let better = v[i] > best[i];
+            best[i] = if better { v[i] } else { best[i] };
+            at[i] = if better { base + i as u32 } else { at[i] };
+        }
+        base += 8;
+    }
+    let (mut m, mut k) = (f32::NEG_INFINITY, 0u32);
+    for i in 0..8 {
+        if best[i] > m || (best[i] == m && at[i] < k) {
+            (m, k) = (best[i], at[i]);
         }
     }
-    best as u32
+    for (j, &x) in c.remainder().iter().enumerate() {
+        if x > m {
+            (m, k) = (x, base + j as u32);
+        }
+    }
+    k
 }
 
 pub fn token_stats(logits: &[f32], targets: &[i32], v: usize, want: StatsWanted) -> TokenStats {
     let rows = targets.len();
+    let needs_lse = want.label_logprob || want.logsumexp || want.mean_logprob || want.entropy;
     let per = |on: bool| if on { vec![0.0f32; rows] } else { Vec::new() };
     let mut out = TokenStats {
         label_logprob: per(want.label_logprob),
@@ -70,52 +75,52 @@ pub fn token_stats(logits: &[f32], targets: &[i32], v: usize, want: StatsWanted)
         mean_logprob: per(want.mean_logprob),
         entropy: per(want.entropy),
         argmax: if want.argmax { vec![0; rows] } else { Vec::new() },
+        row_lse: per(needs_lse),
+        row_mean_z: per(want.entropy),
     };
-    let needs_lse = want.label_logprob || want.logsumexp || want.mean_logprob || want.entropy;
     // one row's values, computed in parallel, then scattered
-    let vals: Vec<Option<[f32; 5]>> = logits
+    let vals: Vec<Option<[f32; 6]>> = logits
         .par_chunks(v)
         .zip(targets.par_iter())
         .map(|(z, &y)| {
             if y == IGNORE_INDEX {
                 return None;
             }
-            let mut r = [0.0f32; 5];
+            let mut r = [0.0f32; 6];
+            // the argmax pass also gives the maximum
+            let top = want.argmax.then(|| argmax(z));
+            if let Some(k) = top {
+                r[4] = f32::from_bits(k);
+            }
             if needs_lse {
-                let max = math::max(z);
-                let mut sum = 0.0f32;
-                for &x in z {
-                    sum += math::exp(x - max);
-                }
-                let ez = if want.entropy { sum_exp_times(z, max) / sum } else { 0.0 };
+                let max = top.map_or_else(|| math::max(z), |k| z[k as usize]);
+                let (sum, sum_zx) = if want.entropy { math::sum_exp_ro::<true>(z, max) } else { math::sum_exp_ro::<false>(z, max) };
                 let lse = max + sum.ln();
+                let ez = sum_zx / sum;
                 r[0] = z[y as usize] - lse;
                 r[1] = lse;
                 if want.mean_logprob {
                     r[2] = math::sum(z) / v as f32 - lse;
                 }
                 r[3] = lse - ez;
-            }
-            if want.argmax {
-                r[4] = f32::from_bits(argmax(z));
+                r[5] = ez;
             }
             Some(r)
         })
         .collect();
     for (i, r) in vals.into_iter().enumerate() {
         let Some(r) = r else { continue };
-        if want.label_logprob {
-            out.label_logprob[i] = r[0];
-        }
-        if want.logsumexp {
-            out.logsumexp[i] = r[1];
-        }
-        if want.mean_logprob {
-            out.mean_logprob[i] = r[2];
-        }
-        if want.entropy {
-            out.entropy[i] = r[3];
-        }
+        let put = |x: &mut Vec<f32>, val: f32| {
+            if !x.is_empty() {
+                x[i] = val;
+            }
+        };
+        put(&mut out.label_logprob, r[0]);
+        put(&mut out.logsumexp, r[1]);
+        put(&mut out.row_lse, r[1]);
+        put(&mut out.mean_logprob, r[2]);
+        put(&mut out.entropy, r[3]);
+        put(&mut out.row_mean_z, r[5]);
         if want.argmax {
             out.argmax[i] = r[4].to_bits();
         }
@@ -124,8 +129,9 @@ pub fn token_stats(logits: &[f32], targets: &[i32], v: usize, want: StatsWanted)
 }
 
 /// With `p = softmax(z)`, per row: `d log p[y] = onehot(y) - p`, `d lse = p`,
-/// `d mean(log p) = 1/v - p`, `d H = -p * (z - E_p[z])`, combined into one pass over the row.
-pub fn token_stats_bwd(logits: &mut [f32], targets: &[i32], v: usize, g: &StatGrads) {
+/// `d mean(log p) = 1/v - p`, `d H = -p * (z - E_p[z])`, combined into one pass over the row
+/// with the forward's `lse` and `E_p[z]`.
+pub fn token_stats_bwd(logits: &mut [f32], targets: &[i32], v: usize, stats: &TokenStats, g: &StatGrads) {
     let at = |x: &Vec<f32>, i: usize| if x.is_empty() { 0.0 } else { x[i] };
     logits.par_chunks_mut(v).zip(targets.par_iter()).enumerate().for_each(|(i, (z, &y))| {
         let (g_lp, g_lse, g_mlp, g_h) = (at(&g.label_logprob, i), at(&g.logsumexp, i), at(&g.mean_logprob, i), at(&g.entropy, i));
@@ -133,18 +139,18 @@ pub fn token_stats_bwd(logits: &mut [f32], targets: &[i32], v: usize, g: &StatGr
             z.fill(0.0);
             return;
         }
-        let max = math::max(z);
-        let mut sum = 0.0f32;
-        for &x in z.iter() {
-            sum += math::exp(x - max);
-        }
-        let ez = if g_h != 0.0 { sum_exp_times(z, max) / sum } else { 0.0 };
-        let lse = max + sum.ln();
+        let lse = stats.row_lse[i];
+        let ez = at(&stats.row_mean_z, i);
         let a = g_lse - g_lp - g_mlp;
         let c = g_mlp / v as f32;
-        for x in z.iter_mut() {
-            let p = math::exp(*x - lse);
-            *x = p * (a - g_h * (*x - ez)) + c;
+        if g_h == 0.0 {
+            for x in z.iter_mut() {
+                *x = math::exp(*x - lse) * a + c;
+            }
+        } else {
+            for x in z.iter_mut() {
+                *x = math::exp(*x - lse) * (a - g_h * (*x - ez)) + c;
+            }
         }
         z[y as usize] += g_lp;
     });
@@ -194,7 +200,8 @@ mod tests {
         let mut gen = |_| (0..rows).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<f32>>();
         let g = StatGrads { label_logprob: gen(0), logsumexp: gen(1), mean_logprob: gen(2), entropy: gen(3) };
         let mut d = z.clone();
-        token_stats_bwd(&mut d, &t, v, &g);
+        let all = StatsWanted { label_logprob: true, logsumexp: true, mean_logprob: true, entropy: true, argmax: false };
+        token_stats_bwd(&mut d, &t, v, &token_stats(&z, &t, v, all), &g);
         assert!(d[v..2 * v].iter().all(|&x| x == 0.0), "ignored rows get no gradient");
         let h = 1e-2f32;
         for i in 0..z.len() {

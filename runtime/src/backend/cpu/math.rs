@@ -111,6 +111,30 @@ pub fn sum_exp<const STORE: bool>(x: &mut [f32], shift: f32) -> f32 {
     tail + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
+/// `sum(exp(x - shift))` and `sum(exp(x - shift) * x)` of a read-only row, eight lanes each.
+#[inline(always)]
+pub fn sum_exp_ro<const TIMES_X: bool>(x: &[f32], shift: f32) -> (f32, f32) {
+    let (mut acc, mut accx) = ([0.0f32; 8], [0.0f32; 8]);
+    let mut c = x.chunks_exact(8);
+    for v in &mut c {
+        for i in 0..8 {
+            let e = exp(v[i] - shift);
+            acc[i] += e;
+            if TIMES_X {
+                accx[i] += e * v[i];
+            }
+        }
+    }
+    let (mut tail, mut tailx) = (0.0, 0.0);
+    for &v in c.remainder() {
+        let e = exp(v - shift);
+        tail += e;
+        tailx += e * v;
+    }
+    let fold = |a: [f32; 8]| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    (tail + fold(acc), if TIMES_X { tailx + fold(accx) } else { 0.0 })
+}
+
 /// `y += a * x`.
 #[inline(always)]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {

@@ -170,8 +170,8 @@ impl Backend for Cpu {
     fn token_stats(&self, logits: &Vec<f32>, targets: &Vec<i32>, v: usize, want: StatsWanted) -> TokenStats {
         loss::token_stats(logits, targets, v, want)
     }
-    fn token_stats_bwd(&self, logits: &mut Vec<f32>, targets: &Vec<i32>, v: usize, grads: &StatGrads) {
-        loss::token_stats_bwd(logits, targets, v, grads)
+    fn token_stats_bwd(&self, logits: &mut Vec<f32>, targets: &Vec<i32>, v: usize, stats: &TokenStats, grads: &StatGrads) {
+        loss::token_stats_bwd(logits, targets, v, stats, grads)
     }
     fn sum_squares(&self, buf: &Vec<f32>) -> f64 {
         optim::sum_squares(buf)

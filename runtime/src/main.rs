@@ -159,6 +159,19 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         overrides: Vec<String>,
     },
+    /// Generate for every example of a test set (prompt/completion or messages records) and write
+    /// `generated_predictions.jsonl` and `predict_results.json` (with the metrics plugins'
+    /// results) to `--output_dir`: `runtime predict --model DIR --test_file F [--plugin M.wasm]`.
+    Predict {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long = "test_file")]
+        test_file: PathBuf,
+        /// TrainingArguments (`--output_dir`, `--per_device_eval_batch_size`,
+        /// `--generation_max_length`, `--generation_num_beams`, `--plugin F.wasm`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        overrides: Vec<String>,
+    },
     /// Generate text greedily with the KV cache, streaming the tokens: `runtime generate --model DIR
     /// --prompt TEXT`.
     Generate {
@@ -304,6 +317,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
             let mut trainer = runtime::train::trainer::Trainer::for_eval(args)?;
             println!("{}", serde_json::to_string(&trainer.evaluate()?)?);
+        }
+        Command::Predict { model, test_file, overrides } => {
+            let mut overrides = runtime::args::training::parse_overrides(&overrides)?;
+            overrides.insert(0, ("model_name_or_path".into(), serde_json::json!(model)));
+            overrides.insert(1, ("validation_file".into(), serde_json::json!(test_file)));
+            overrides.push(("predict_with_generate".into(), serde_json::json!(true)));
+            let args = runtime::args::TrainingArguments::load(None, &overrides)?;
+            let mut trainer = runtime::train::trainer::Trainer::for_eval(args)?;
+            let metrics = trainer.predict()?;
+            println!("{}", serde_json::to_string(&metrics)?);
+            println!("wrote {}", std::path::Path::new(&trainer.args.output_dir).join("generated_predictions.jsonl").display());
         }
         Command::Generate { model, mut prompt, prompt_file, chat, settings } => {
             if let Some(f) = &prompt_file {

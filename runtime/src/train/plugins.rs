@@ -116,13 +116,13 @@ impl Plugins {
         self.metrics.iter().try_for_each(|p| lock(p).metrics_update(batch))
     }
 
-    /// Every metrics plugin's results, prefixed with `eval_` (as transformers prefixes
-    /// `compute_metrics`' keys). Two plugins reporting the same name is an error.
-    pub fn metrics_compute(&self, into: &mut Map<String, Value>) -> Result<()> {
+    /// Every metrics plugin's results, prefixed with `{prefix}_` (`eval_` in evaluation, as
+    /// transformers prefixes `compute_metrics`' keys; `predict_` in `runtime predict`). Two plugins reporting the same name is an error.
+    pub fn metrics_compute(&self, into: &mut Map<String, Value>, prefix: &str) -> Result<()> {
         for p in &self.metrics {
             let mut p = lock(p);
             for m in p.metrics_compute()? {
-                let key = if m.name.starts_with("eval_") { m.name.clone() } else { format!("eval_{}", m.name) };
+                let key = if m.name.starts_with(&format!("{prefix}_")) { m.name.clone() } else { format!("{prefix}_{}", m.name) };
                 if into.contains_key(&key) {
                     return Err(p.invalid("metrics.compute", format!("metric `{key}` is already reported")));
                 }

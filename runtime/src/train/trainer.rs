@@ -24,6 +24,7 @@ use crate::backend::StatsWanted;
 use crate::data::cache::load_examples_cached;
 use crate::data::{pad_batch, Example, PadOptions, Padding, Tokenizer};
 use crate::error::{Error, Result};
+use crate::generate::GenerationConfig;
 use crate::model::decoder::{shifted_labels, CustomLoss};
 use crate::model::{
     init::init_tensors, io, write_folder_atomically, Activations, Batch, Device, Dtype, Grads, Layout, LoadOptions, LossOptions, Model, ModelConfig,
@@ -41,6 +42,8 @@ pub struct Trainer {
     train_columns: Vec<(String, Vec<f64>)>,
     eval_columns: Vec<(String, Vec<f64>)>,
     plugins: Plugins,
+    /// Where the model came from (its `generation_config.json`, for `predict_with_generate`).
+    model_dir: PathBuf,
     pad: PadOptions,
     opt: AdamW<Cpu>,
     schedule: Schedule,
@@ -120,7 +123,6 @@ impl Trainer {
         // silently ignored
         let unsupported = [
             (args.auto_find_batch_size, "auto_find_batch_size"),
-            (args.predict_with_generate, "predict_with_generate"),
             (args.include_for_metrics.iter().any(|x| x != "inputs"), "include_for_metrics other than \"inputs\""),
             (args.report_to.as_array().is_some_and(|a| !a.is_empty()) || args.report_to.is_string(), "report_to (integrations)"),
         ];
@@ -154,6 +156,7 @@ impl Trainer {
             (None, None) => return Err(Error::Invalid("set model_name_or_path (a model folder) or config_name (a config.json to train from scratch)".into())),
         };
         model.gradient_checkpointing = args.gradient_checkpointing;
+        let model_dir_kept = model_dir.clone();
         let tok_dir = args.tokenizer_name.clone().map(PathBuf::from).unwrap_or(model_dir);
         let tokenizer = Arc::new(Tokenizer::from_dir(&tok_dir)?);
         if model.source.is_none() {
@@ -275,6 +278,7 @@ impl Trainer {
             train_columns,
             eval_columns,
             plugins,
+            model_dir: model_dir_kept,
             pad,
             opt,
             schedule,
@@ -508,7 +512,12 @@ impl Trainer {
                     count += ix.len();
                 }
             }
-            if with_metrics {
+            if self.args.predict_with_generate {
+                let (batch, _) = self.generate_batch(eval, ix)?;
+                if with_metrics {
+                    self.plugins.metrics_update(&batch)?;
+                }
+            } else if with_metrics {
                 let want = StatsWanted { label_logprob: true, argmax: true, ..StatsWanted::default() };
                 let stats = self.model.token_stats(&acts, want);
                 let include_inputs = self.args.include_for_metrics.iter().any(|x| x == "inputs");
@@ -533,12 +542,143 @@ impl Trainer {
         let mut m = Map::new();
         m.insert("eval_loss".into(), num(total / count.max(1) as f64));
         if with_metrics {
-            self.plugins.metrics_compute(&mut m)?;
+            self.plugins.metrics_compute(&mut m, "eval")?;
         }
         m.insert("eval_runtime".into(), num((secs * 1e4).round() / 1e4));
         m.insert("eval_samples_per_second".into(), num((eval.len() as f64 / secs * 1e3).round() / 1e3));
         m.insert("eval_steps_per_second".into(), num((batches as f64 / secs * 1e3).round() / 1e3));
         Ok(m)
+    }
+
+    /// `runtime predict`: generates for every example of the evaluation set, writes
+    /// `output_dir/generated_predictions.jsonl` (per example: the prompt's ids, the reference's
+    /// ids, the generated ids, and both decoded) and `output_dir/predict_results.json` (the
+    /// metrics plugins' results with the `predict_` prefix, and timings). Returns the metrics.
+    pub fn predict(&mut self) -> Result<Map<String, Value>> {
+        let eval = self.eval.take().ok_or_else(|| Error::Invalid("predict needs a test file".into()))?;
+        let r = self.predict_on(&eval);
+        self.eval = Some(eval);
+        r
+    }
+
+    fn predict_on(&mut self, examples: &[Example]) -> Result<Map<String, Value>> {
+        let t = Instant::now();
+        let with_metrics = !self.plugins.metrics.is_empty();
+        if with_metrics {
+            self.plugins.metrics_reset()?;
+        }
+        let mut lines = String::new();
+        let indices: Vec<usize> = (0..examples.len()).collect();
+        let eos = self.generation_config()?.eos_ids();
+        for ix in indices.chunks(self.args.per_device_eval_batch_size) {
+            let (batch, generated) = self.generate_batch(examples, ix)?;
+            if with_metrics {
+                self.plugins.metrics_update(&batch)?;
+            }
+            for (&i, gen) in ix.iter().zip(&generated) {
+                let e = &examples[i];
+                let start = e.labels.iter().position(|&l| l >= 0).unwrap_or(0);
+                let reference: Vec<u32> = e.labels[start..].iter().filter(|&&l| l >= 0).map(|&l| l as u32).collect();
+                // up to and including the first EOS (a finished row is padded after it)
+                let end = gen.iter().position(|t| eos.contains(t)).map_or(gen.len(), |p| p + 1);
+                let line = json!({
+                    "index": i,
+                    "input_ids": &e.input_ids[..start],
+                    "label_ids": reference,
+                    "prediction_ids": &gen[..end],
+                    "label": self.tokenizer.decode(&reference, true)?,
+                    "prediction": self.tokenizer.decode(&gen[..end], true)?,
+                });
+                lines.push_str(&line.to_string());
+                lines.push('\n');
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let mut m = Map::new();
+        if with_metrics {
+            self.plugins.metrics_compute(&mut m, "predict")?;
+        }
+        m.insert("predict_runtime".into(), num((secs * 1e4).round() / 1e4));
+        m.insert("predict_samples".into(), json!(examples.len()));
+        m.insert("predict_samples_per_second".into(), num((examples.len() as f64 / secs * 1e3).round() / 1e3));
+        std::fs::create_dir_all(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?;
+        for (name, body) in [("generated_predictions.jsonl", lines), ("predict_results.json", serde_json::to_string_pretty(&m).unwrap_or_default() + "\n")] {
+            let path = self.output_dir.join(name);
+            let tmp = self.output_dir.join(format!(".{name}.partial-{}", std::process::id()));
+            io::write_file(&tmp, body.as_bytes())?;
+            std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(m)
+    }
+
+    /// The generation settings for evaluation: the model's `generation_config.json`, then
+    /// `generation_max_length` and `generation_num_beams` (as `Seq2SeqTrainer` passes them).
+    pub fn generation_config(&self) -> Result<GenerationConfig> {
+        let mut overrides = Vec::new();
+        if let Some(m) = self.args.generation_max_length {
+            overrides.push(("max_length".to_string(), json!(m)));
+        }
+        if let Some(b) = self.args.generation_num_beams {
+            overrides.push(("num_beams".to_string(), json!(b)));
+        }
+        let mut cfg = GenerationConfig::load(&self.model_dir, &overrides)?;
+        if cfg.eos_ids().is_empty() {
+            if let Some(e) = &self.tokenizer.eos {
+                cfg.eos_token_id = json!(e.id);
+            }
+        }
+        if cfg.pad_token_id.is_none() {
+            cfg.pad_token_id = Some(self.pad.pad_id);
+        }
+        Ok(cfg)
+    }
+
+    /// Generates for the examples `ix` of `examples`: each prompt is the example's unlabelled
+    /// prefix (a prompt/completion record's prompt, a conversation up to the reply), the
+    /// reference its labelled tokens. Returns the metrics batch (generated ids and references,
+    /// each padded with the pad id as `_pad_tensors_to_max_len` does) and the generated rows.
+    pub fn generate_batch(&self, examples: &[Example], ix: &[usize]) -> Result<(EvalBatch, Vec<Vec<u32>>)> {
+        let cfg = self.generation_config()?;
+        let pad = cfg.pad_token_id.unwrap_or(self.pad.pad_id);
+        let mut prompts = Vec::with_capacity(ix.len());
+        let mut refs = Vec::with_capacity(ix.len());
+        for &i in ix {
+            let e = &examples[i];
+            let start = e.labels.iter().position(|&l| l != crate::backend::cpu::IGNORE_INDEX);
+            match start {
+                Some(s) if s > 0 => {
+                    prompts.push(e.input_ids[..s].to_vec());
+                    refs.push(e.labels[s..].iter().filter(|&&l| l >= 0).map(|&l| l as u32).collect::<Vec<u32>>());
+                }
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "predict_with_generate: evaluation example {} has no prompt to generate from (it needs unlabelled prompt tokens followed by labelled ones: prompt/completion or messages records)",
+                        i + 1
+                    )))
+                }
+            }
+        }
+        let generated = crate::generate::generate(&self.model, &prompts, &cfg, |_, _| {})?;
+        let pred_len = generated.iter().map(Vec::len).max().unwrap_or(0);
+        let label_len = refs.iter().map(Vec::len).max().unwrap_or(0);
+        let padded = |rows: &[Vec<u32>], len: usize| -> Vec<u32> {
+            rows.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(pad, len - r.len()))).collect()
+        };
+        let include_inputs = self.args.include_for_metrics.iter().any(|x| x == "inputs");
+        let input_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let batch = EvalBatch {
+            kind: PredictionKind::Generated,
+            batch_size: ix.len() as u32,
+            label_len: label_len as u32,
+            labels: padded(&refs, label_len).into_iter().map(|x| x as i32).collect(),
+            prediction_len: pred_len as u32,
+            predictions: padded(&generated, pred_len),
+            label_logprob: Vec::new(),
+            inputs: include_inputs.then(|| padded(&prompts, input_len)),
+            input_len: input_len as u32,
+            pad_token_id: Some(pad),
+        };
+        Ok((batch, generated))
     }
 
     /// transformers' `_determine_best_metric`: whether `metrics` beat the best so far.

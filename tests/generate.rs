@@ -43,6 +43,27 @@ fn greedy_matches_transformers_generate() {
     }
 }
 
+/// Beam search against `transformers.generate` with `num_beams` > 1: length penalties of both
+/// signs, each early-stopping mode, logits processors and `num_return_sequences`, on a batch of
+/// left-padded prompts whose beams reach EOS at different steps.
+#[test]
+fn beam_search_matches_transformers_generate() {
+    for case in ["gpt2", "llama", "qwen2"] {
+        let model = load(case);
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(common::fixtures().join(case).join("generate.json")).unwrap()).unwrap();
+        let ids = |v: &Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+        let prompts: Vec<Vec<u32>> = r["prompts"].as_array().unwrap().iter().map(ids).collect();
+        for run in r["beams"].as_array().unwrap() {
+            let mut cfg: GenerationConfig = serde_json::from_value(run["settings"].clone()).unwrap();
+            cfg.max_new_tokens = Some(r["beam_max_new_tokens"].as_u64().unwrap() as usize);
+            cfg.eos_token_id = r["beam_eos_token_id"].clone();
+            cfg.pad_token_id = Some(r["pad_token_id"].as_u64().unwrap() as u32);
+            let want: Vec<Vec<u32>> = run["generated"].as_array().unwrap().iter().map(ids).collect();
+            assert_eq!(generate(&model, &prompts, &cfg, |_, _| {}).unwrap(), want, "{case} beam search with {}", run["settings"]);
+        }
+    }
+}
+
 #[test]
 fn sampling_is_seeded_and_top_k_one_is_greedy() {
     let model = load("llama");

@@ -1,5 +1,7 @@
-"""Greedy generation references from `transformers.generate` on the parity models, for
-`tests/generate.rs`: left-padded prompts of different lengths, `do_sample=False`. Writes
+"""Greedy and beam-search references from `transformers.generate` on the parity models, for
+`tests/generate.rs`: left-padded prompts of different lengths, `do_sample=False`; beam search
+with an EOS the models actually produce, under several length penalties, early-stopping modes
+and `num_return_sequences`. Writes
 tests/fixtures/<case>/generate.json. Re-run from the repository root after make_fixtures.py:
 
     python tests/parity/make_generate_fixtures.py
@@ -31,9 +33,24 @@ def main():
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=1,
                                      pad_token_id=pad, eos_token_id=2, **settings)
             runs.append({"settings": settings, "generated": [row[width:].tolist() for row in out]})
+        # beam search: an EOS that the greedy continuations contain, so beams finish early
+        beam_eos = runs[0]["generated"][0][2]
+        beams = []
+        for settings in [
+            {"num_beams": 3},
+            {"num_beams": 4, "length_penalty": 0.5, "early_stopping": True, "num_return_sequences": 2},
+            {"num_beams": 2, "length_penalty": 2.0, "early_stopping": "never", "no_repeat_ngram_size": 2},
+            {"num_beams": 5, "length_penalty": -1.0, "repetition_penalty": 1.3, "num_return_sequences": 3},
+        ]:
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                     pad_token_id=pad, eos_token_id=beam_eos, **settings)
+            beams.append({"settings": settings, "generated": [row[width:].tolist() for row in out]})
         (FIXTURES / case / "generate.json").write_text(json.dumps({"prompts": prompts, "pad_token_id": pad, "eos_token_id": 2,
                                                                     "max_new_tokens": 10, "generated": runs[0]["generated"],
-                                                                    "processed": runs[1:]}) + "\n")
+                                                                    "processed": runs[1:],
+                                                                    "beam_eos_token_id": beam_eos, "beam_max_new_tokens": 8,
+                                                                    "beams": beams}) + "\n")
         print(case, runs)
 
 

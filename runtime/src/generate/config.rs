@@ -108,11 +108,22 @@ impl GenerationConfig {
         if self.num_beams == 0 {
             return bad("num_beams must be at least 1".into());
         }
-        if self.num_beams > 1 {
-            return Err(Error::Unsupported("beam search (num_beams > 1) is not supported yet".into()));
+        if self.num_beams > 1 && self.do_sample {
+            return Err(Error::Unsupported("beam sampling (num_beams > 1 with do_sample) is not supported; use one or the other".into()));
         }
-        if self.num_return_sequences != 1 {
-            return Err(Error::Unsupported("num_return_sequences > 1 is not supported yet".into()));
+        if self.num_return_sequences == 0 || self.num_return_sequences > self.num_beams {
+            return bad(format!(
+                "num_return_sequences ({}) must be between 1 and num_beams ({}); sampling several sequences per prompt is not supported",
+                self.num_return_sequences, self.num_beams
+            ));
+        }
+        match &self.early_stopping {
+            Value::Bool(_) => {}
+            Value::String(s) if s == "never" => {}
+            other => return bad(format!("early_stopping must be true, false or \"never\", found {other}")),
+        }
+        if !self.length_penalty.is_finite() {
+            return bad(format!("length_penalty must be finite, found {}", self.length_penalty));
         }
         if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return bad(format!("temperature must be > 0 when sampling, found {}", self.temperature));

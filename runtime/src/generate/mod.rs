@@ -62,6 +62,27 @@ impl<B: Backend> DecodeState<B> {
     }
 }
 
+impl<B: Backend> DecodeState<B> {
+    /// Beam search: row `r` takes over the cache (keys, values, mask, positions) of row
+    /// `src[r]`.
+    pub fn reorder(&mut self, be: &B, src: &[usize]) {
+        debug_assert_eq!(src.len(), self.batch);
+        if src.iter().enumerate().all(|(r, &s)| r == s) {
+            return;
+        }
+        let per_row = |len: usize| len / self.batch;
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let host = be.download(buf);
+            let w = per_row(host.len());
+            let moved: Vec<f32> = src.iter().flat_map(|&s| host[s * w..(s + 1) * w].iter().copied()).collect();
+            *buf = be.upload(&moved);
+        }
+        let w = self.max_len;
+        self.mask = src.iter().flat_map(|&s| self.mask[s * w..(s + 1) * w].to_vec()).collect();
+        self.next_pos = src.iter().map(|&s| self.next_pos[s]).collect();
+    }
+}
+
 /// Feeds one token per row (`attend[b] = 0` for left padding) and returns the next-token logits,
 /// `[batch, vocab]`.
 pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &[i32], attend: &[i32]) -> Result<Vec<f32>> {
@@ -201,6 +222,153 @@ fn pick(cfg: &GenerationConfig, scores: &mut [f32], rng: &mut rand_chacha::ChaCh
     order[keep - 1] as u32
 }
 
+/// `early_stopping`: `true`, `false` or `"never"` (transformers' values).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EarlyStopping {
+    True,
+    False,
+    Never,
+}
+
+/// transformers' beam search (`_beam_search`, transformers 5): per prompt, `num_beams` running
+/// beams scored by summed log-probabilities (after the logits processors); each step keeps the
+/// best `max(2, 1 + #eos) * num_beams` continuations, moves those of the top `num_beams` that end
+/// in EOS (or reach the length limit) into the finished set with the length penalty
+/// `score / generated_len^length_penalty`, continues with the best `num_beams` unfinished ones,
+/// and stops as transformers' early-stopping heuristic says. Returns `num_return_sequences`
+/// rows per prompt (best first), each padded (with the pad id, or EOS when the pad id is 0, as
+/// transformers fills) to the longest returned sequence.
+fn beam_search<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<Vec<Vec<u32>>> {
+    let v = model.config.vocab_size;
+    let nb = cfg.num_beams;
+    let n = prompts.len();
+    let eos = cfg.eos_ids();
+    let pad = cfg.pad_token_id.or(eos.first().copied()).unwrap_or(0);
+    let fill = if pad != 0 || eos.is_empty() { pad } else { eos[0] };
+    let early = match &cfg.early_stopping {
+        serde_json::Value::Bool(true) => EarlyStopping::True,
+        serde_json::Value::String(s) if s == "never" => EarlyStopping::Never,
+        _ => EarlyStopping::False,
+    };
+    let lp = cfg.length_penalty;
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let max_new = cfg.new_tokens(width);
+    let max_length = width + max_new;
+    let keep = 2.max(1 + eos.len()) * nb;
+    // rows of the decode batch: prompt i's beams are rows i * nb .. (i + 1) * nb
+    let rows = n * nb;
+    let mut st = DecodeState::new(model, rows, max_length.max(width + 1));
+    let padded: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();
+    let mut logits = Vec::new();
+    for t in 0..width {
+        let ids: Vec<i32> = (0..rows).map(|r| padded[r / nb][t] as i32).collect();
+        let attend: Vec<i32> = (0..rows).map(|r| i32::from(t >= width - prompts[r / nb].len())).collect();
+        logits = decode_step(model, &mut st, &ids, &attend)?;
+    }
+    // running beams: generated tokens and scores; finished: up to nb hypotheses per prompt
+    let mut running: Vec<Vec<u32>> = vec![Vec::new(); rows];
+    let mut running_scores: Vec<f32> = (0..rows).map(|r| if r % nb == 0 { 0.0 } else { -1.0e9 }).collect();
+    let mut finished: Vec<Vec<(Vec<u32>, f32, bool)>> = vec![vec![(Vec::new(), -1.0e9f32, false); nb]; n];
+    let mut unsatisfied = vec![true; n];
+    let mut cur_len = width;
+    while cur_len < max_length {
+        let mut all_hit = true;
+        let mut src = vec![0usize; rows];
+        let mut next_running = vec![Vec::new(); rows];
+        let mut next_scores = vec![0.0f32; rows];
+        for i in 0..n {
+            // accumulated log-probabilities of every (beam, token) continuation
+            let mut acc = vec![0.0f32; nb * v];
+            for b in 0..nb {
+                let r = i * nb + b;
+                let z = &logits[r * v..(r + 1) * v];
+                let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let lse = max + z.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+                let row = &mut acc[b * v..(b + 1) * v];
+                for (o, &x) in row.iter_mut().zip(z) {
+                    *o = x - lse;
+                }
+                let history: Vec<u32> = padded[i].iter().chain(&running[r]).copied().collect();
+                process(cfg, &eos, &history, running[r].len(), row);
+                row.iter_mut().for_each(|x| *x += running_scores[r]);
+            }
+            let mut order: Vec<usize> = (0..nb * v).collect();
+            order.sort_by(|&a, &b| acc[b].total_cmp(&acc[a]).then(a.cmp(&b)));
+            order.truncate(keep);
+            // the stopping criteria on each candidate: EOS, or the length limit
+            let cand: Vec<(usize, u32, f32, bool)> = order
+                .iter()
+                .map(|&j| {
+                    let (b, tok) = (j / v, (j % v) as u32);
+                    (b, tok, acc[j], eos.contains(&tok) || cur_len + 1 >= max_length)
+                })
+                .collect();
+            all_hit &= cand.iter().all(|c| c.3);
+            // the next running beams: the best candidates that did not stop
+            let mut live: Vec<(usize, f32)> = cand.iter().enumerate().map(|(k, c)| (k, if c.3 { c.2 + -1.0e9 } else { c.2 })).collect();
+            live.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            for (slot, &(k, score)) in live.iter().take(nb).enumerate() {
+                let (b, tok, _, _) = cand[k];
+                let r = i * nb + slot;
+                src[r] = i * nb + b;
+                next_running[r] = running[i * nb + b].iter().copied().chain([tok]).collect();
+                next_scores[r] = score;
+            }
+            // finished hypotheses: the top `nb` candidates that stopped, length-penalised
+            let full = finished[i].iter().all(|f| f.2) && early == EarlyStopping::True;
+            let denom = ((cur_len + 1 - width) as f32).powf(lp);
+            let mut merged: Vec<(Vec<u32>, f32, bool)> = finished[i].clone();
+            for (k, &(b, tok, score, hit)) in cand.iter().enumerate() {
+                let done = hit && k < nb;
+                let mut s = score / denom;
+                if full {
+                    s += -1.0e9;
+                }
+                if !unsatisfied[i] {
+                    s += -1.0e9;
+                }
+                if !done {
+                    s += -1.0e9;
+                }
+                merged.push((running[i * nb + b].iter().copied().chain([tok]).collect(), s, done));
+            }
+            let mut idx: Vec<usize> = (0..merged.len()).collect();
+            idx.sort_by(|&a, &b| merged[b].1.total_cmp(&merged[a].1).then(a.cmp(&b)));
+            finished[i] = idx.iter().take(nb).map(|&k| merged[k].clone()).collect();
+        }
+        running = next_running;
+        running_scores = next_scores;
+        cur_len += 1;
+        // transformers' early-stopping heuristic: can a running beam still beat the worst
+        // finished one?
+        for i in 0..n {
+            let best_len = if early == EarlyStopping::Never && lp > 0.0 { max_length - width } else { cur_len - width };
+            let best_running = running_scores[i * nb] / (best_len as f32).powf(lp);
+            let worst = finished[i].iter().map(|f| f.1).fold(f32::INFINITY, f32::min);
+            let any = finished[i].iter().any(|f| best_running > if f.2 { worst } else { -1.0e9 });
+            unsatisfied[i] &= any;
+        }
+        let improvement = unsatisfied.iter().any(|&u| u);
+        let open = !(finished.iter().all(|f| f.iter().all(|x| x.2)) && early == EarlyStopping::True);
+        if !(improvement && open && !all_hit) {
+            break;
+        }
+        st.reorder(&model.backend, &src);
+        let ids: Vec<i32> = running.iter().map(|r| *r.last().expect("a running beam has a token") as i32).collect();
+        logits = decode_step(model, &mut st, &ids, &vec![1; rows])?;
+    }
+    let ret = cfg.num_return_sequences;
+    let out: Vec<Vec<u32>> = finished.iter().flat_map(|f| f.iter().take(ret).map(|h| h.0.clone())).collect();
+    let len = out.iter().map(Vec::len).max().unwrap_or(0);
+    Ok(out
+        .into_iter()
+        .map(|mut r| {
+            r.resize(len, fill);
+            r
+        })
+        .collect())
+}
+
 /// Decodes a batch of prompts (left-padded together) under `cfg`. `on_token(row, id)` sees each
 /// generated token as it is produced. Returns the generated tokens per row; a row that emitted
 /// EOS is padded with `pad_token_id` while the others go on, as transformers does.
@@ -213,6 +381,13 @@ pub fn generate<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Genera
     cfg.validate(v)?;
     if let Some(id) = prompts.iter().flatten().find(|&&id| id as usize >= v) {
         return Err(Error::Invalid(format!("prompt token {id} is outside the vocabulary (size {v})")));
+    }
+    if cfg.num_beams > 1 {
+        let out = beam_search(model, prompts, cfg)?;
+        for (r, row) in out.iter().enumerate() {
+            row.iter().for_each(|&t| on_token(r, t));
+        }
+        return Ok(out);
     }
     let eos = cfg.eos_ids();
     let pad = cfg.pad_token_id.or(eos.first().copied()).unwrap_or(0);

@@ -150,3 +150,76 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         final_loss: loss,
     })
 }
+
+/// What `runtime bench --decode N` measures: greedy decoding with the KV cache on a freshly
+/// initialised model, a batch of random prompts.
+#[derive(Debug, Serialize)]
+pub struct DecodeResult {
+    pub arch: String,
+    pub parameters: usize,
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// Generated tokens per second after the prompt (all rows).
+    pub decode_tokens_per_second: f64,
+    /// Generated tokens per second including the prompt's processing.
+    pub end_to_end_tokens_per_second: f64,
+    pub threads: usize,
+    /// Share of the op time per op kind (prefill and decode of the measured runs).
+    pub ops: Vec<(String, f64)>,
+}
+
+/// Greedy decoding of `new_tokens` tokens after random prompts of `prompt` tokens, batch
+/// `cfg.batch` (best of `cfg.steps` runs after `cfg.warmup`).
+pub fn run_decode(cfg: &BenchConfig, prompt: usize, new_tokens: usize) -> Result<DecodeResult> {
+    use crate::generate::{decode_step, prefill, DecodeState};
+    let mcfg = cfg.model_config()?;
+    let layout = crate::model::Layout::new(&mcfg);
+    let tensors = init_tensors(&mcfg, &layout, 42);
+    let model = Model::from_tensors(Profiled::new(Cpu), mcfg, tensors, LoadOptions { attn_implementation: cfg.attn, ..LoadOptions::default() })?;
+    let (n, v) = (cfg.batch, model.config.vocab_size);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let prompts: Vec<Vec<u32>> = (0..n).map(|_| (0..prompt).map(|_| rng.random_range(0..cfg.vocab as u32)).collect()).collect();
+    let (mut best_prefill, mut best_decode) = (f64::MAX, f64::MAX);
+    for run in 0..cfg.warmup + cfg.steps {
+        let t = Instant::now();
+        let mut st = DecodeState::new(&model, n, prompt + new_tokens);
+        let mut logits = prefill(&model, &mut st, &prompts, 0)?;
+        let prefill_s = t.elapsed().as_secs_f64();
+        if run == cfg.warmup {
+            model.backend.reset();
+        }
+        let t = Instant::now();
+        for step in 0..new_tokens {
+            let next: Vec<i32> = (0..n)
+                .map(|b| logits[b * v..(b + 1) * v].iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as i32)
+                .collect();
+            if step + 1 < new_tokens {
+                logits = decode_step(&model, &mut st, &next, &vec![1; n])?;
+            }
+        }
+        let decode_s = t.elapsed().as_secs_f64();
+        if run >= cfg.warmup {
+            best_prefill = best_prefill.min(prefill_s);
+            best_decode = best_decode.min(decode_s);
+        }
+    }
+    let generated = (n * new_tokens) as f64;
+    let (ops, _) = model.backend.report();
+    let total: f64 = ops.iter().map(|o| o.1).sum::<f64>().max(1e-12);
+    Ok(DecodeResult {
+        ops: ops.into_iter().map(|(k, v)| (k.to_string(), v / total)).collect(),
+        arch: cfg.arch.clone(),
+        parameters: model.num_parameters(),
+        batch: n,
+        prompt_tokens: prompt,
+        new_tokens,
+        prefill_seconds: best_prefill,
+        decode_seconds: best_decode,
+        decode_tokens_per_second: (n * new_tokens.saturating_sub(1)) as f64 / best_decode,
+        end_to_end_tokens_per_second: generated / (best_prefill + best_decode),
+        threads: rayon::current_num_threads(),
+    })
+}

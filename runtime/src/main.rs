@@ -238,6 +238,12 @@ enum Command {
         /// print the result as one JSON object
         #[arg(long)]
         json: bool,
+        /// benchmark generation instead: greedy decoding of this many new tokens with the KV
+        /// cache (batch `--batch`, random prompts of `--prompt` tokens)
+        #[arg(long)]
+        decode: Option<usize>,
+        #[arg(long, default_value_t = 32)]
+        prompt: usize,
     },
 }
 
@@ -374,7 +380,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
             println!("{}", args.to_json());
         }
-        Command::Bench { arch, n_layer, hidden, n_head, n_kv_head, vocab, seq, batch, steps, warmup, attn_implementation, gradient_checkpointing, json } => {
+        Command::Bench {
+            arch,
+            n_layer,
+            hidden,
+            n_head,
+            n_kv_head,
+            vocab,
+            seq,
+            batch,
+            steps,
+            warmup,
+            attn_implementation,
+            gradient_checkpointing,
+            json,
+            decode,
+            prompt,
+        } => {
             if arch != "gpt2" && arch != "llama" {
                 anyhow::bail!("unknown --arch `{arch}` (expected gpt2 or llama)");
             }
@@ -395,6 +417,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 attn: parse_attn(&attn_implementation)?,
                 gradient_checkpointing,
             };
+            if let Some(new_tokens) = decode {
+                if new_tokens == 0 || prompt == 0 {
+                    anyhow::bail!("--decode and --prompt must be at least 1");
+                }
+                let r = bench::run_decode(&cfg, prompt, new_tokens)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{} ({} parameters), batch {}, prompt {} tokens, {} new tokens, {} threads\n  decode {:.0} tokens/s, end to end {:.0} tokens/s (prefill {:.1} ms)",
+                        r.arch, r.parameters, r.batch, r.prompt_tokens, r.new_tokens, r.threads, r.decode_tokens_per_second, r.end_to_end_tokens_per_second, r.prefill_seconds * 1e3
+                    );
+                    let mut ops = r.ops.clone();
+                    ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    println!(
+                        "  op time: {}",
+                        ops.iter().filter(|o| o.1 >= 0.005).map(|(k, v)| format!("{k} {:.0}%", v * 100.0)).collect::<Vec<_>>().join(", ")
+                    );
+                }
+                return Ok(());
+            }
             let r = bench::run(&cfg)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);

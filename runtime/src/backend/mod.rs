@@ -205,8 +205,9 @@ pub trait Backend: Send + Sync {
         shape: AttnShape,
         imp: AttnImpl,
     );
-    /// Generation: writes the key and value heads of each row of `qkv` (one new token per
-    /// sequence; `shape.seq == 1`) into the caches `[batch, max_len, n_kv_head * head_dim]` at `slot`.
+    /// Generation: writes the key and value heads of `qkv` (`shape.seq` tokens per sequence: one
+    /// new token, or a whole prompt) into the caches `[batch, max_len, n_kv_head * head_dim]` at
+    /// slots `slot..slot + shape.seq`.
     #[allow(clippy::too_many_arguments)] // the caches, the new token and where it goes
     fn kv_append(&self, k_cache: &mut Self::Buf, v_cache: &mut Self::Buf, qkv: &Self::Buf, slot: usize, shape: AttnShape, max_len: usize);
     /// Generation: each row's query (from `qkv`) attends to its cached keys `0..=slot` whose

@@ -83,6 +83,54 @@ impl<B: Backend> DecodeState<B> {
     }
 }
 
+/// Processes the prompts, left-padded with `pad` to one width, in one batched forward pass
+/// that fills the cache (transformers' position ids for left padding: each row counts its own
+/// tokens from 0), and returns the next-token logits `[batch, vocab]`. The cache must be empty.
+pub fn prefill<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, prompts: &[Vec<u32>], pad: u32) -> Result<Vec<f32>> {
+    let n = st.batch;
+    if prompts.len() != n || st.slot != 0 {
+        return Err(Error::Invalid(format!("prefill: {} prompts for a batch of {n} (the cache must be empty)", prompts.len())));
+    }
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if width == 0 || width > st.max_len {
+        return Err(Error::Invalid(format!("prefill: prompts of 1 to {} tokens are needed, the longest has {width}", st.max_len)));
+    }
+    let v = model.config.vocab_size;
+    if let Some(id) = prompts.iter().flatten().find(|&&id| id as usize >= v) {
+        return Err(Error::Invalid(format!("token id {id} is outside the vocabulary (size {v})")));
+    }
+    let mut ids = Vec::with_capacity(n * width);
+    let mut mask = Vec::with_capacity(n * width);
+    let mut pos = Vec::with_capacity(n * width);
+    for p in prompts {
+        let padding = width - p.len();
+        ids.extend(std::iter::repeat_n(pad as i32, padding).chain(p.iter().map(|&x| x as i32)));
+        mask.extend(std::iter::repeat_n(0, padding).chain(std::iter::repeat_n(1, p.len())));
+        pos.extend(std::iter::repeat_n(1, padding).chain(0..p.len() as i32));
+    }
+    let batch =
+        crate::model::Batch { batch: n, seq: width, input_ids: ids.clone(), attention_mask: Some(mask.clone()), position_ids: Some(pos), ..Default::default() };
+    match model.prefill_into(&batch, &mut st.k, &mut st.v, st.max_len)? {
+        Some(logits) => {
+            for (b, p) in prompts.iter().enumerate() {
+                st.mask[b * st.max_len..b * st.max_len + width].copy_from_slice(&mask[b * width..(b + 1) * width]);
+                st.next_pos[b] = p.len() as i32;
+            }
+            st.slot = width;
+            Ok(logits)
+        }
+        None => {
+            let mut logits = Vec::new();
+            for t in 0..width {
+                let step: Vec<i32> = (0..n).map(|b| ids[b * width + t]).collect();
+                let attend: Vec<i32> = (0..n).map(|b| mask[b * width + t]).collect();
+                logits = decode_step(model, st, &step, &attend)?;
+            }
+            Ok(logits)
+        }
+    }
+}
+
 /// Feeds one token per row (`attend[b] = 0` for left padding) and returns the next-token logits,
 /// `[batch, vocab]`.
 pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &[i32], attend: &[i32]) -> Result<Vec<f32>> {
@@ -259,12 +307,8 @@ fn beam_search<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Generat
     let rows = n * nb;
     let mut st = DecodeState::new(model, rows, max_length.max(width + 1));
     let padded: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();
-    let mut logits = Vec::new();
-    for t in 0..width {
-        let ids: Vec<i32> = (0..rows).map(|r| padded[r / nb][t] as i32).collect();
-        let attend: Vec<i32> = (0..rows).map(|r| i32::from(t >= width - prompts[r / nb].len())).collect();
-        logits = decode_step(model, &mut st, &ids, &attend)?;
-    }
+    let expanded: Vec<Vec<u32>> = (0..rows).map(|r| prompts[r / nb].clone()).collect();
+    let mut logits = prefill(model, &mut st, &expanded, pad)?;
     // running beams: generated tokens and scores; finished: up to nb hypotheses per prompt
     let mut running: Vec<Vec<u32>> = vec![Vec::new(); rows];
     let mut running_scores: Vec<f32> = (0..rows).map(|r| if r % nb == 0 { 0.0 } else { -1.0e9 }).collect();
@@ -398,12 +442,7 @@ pub fn generate<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Genera
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed.unwrap_or(0));
     // each row's sequence so far, left padding included (transformers' processors see it too)
     let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();
-    let mut logits = Vec::new();
-    for t in 0..width {
-        let ids: Vec<i32> = history.iter().map(|h| h[t] as i32).collect();
-        let attend: Vec<i32> = prompts.iter().map(|p| i32::from(t >= width - p.len())).collect();
-        logits = decode_step(model, &mut st, &ids, &attend)?;
-    }
+    let mut logits = prefill(model, &mut st, prompts, pad)?;
     let mut out = vec![Vec::new(); n];
     let mut finished = vec![false; n];
     for step in 0..max_new {

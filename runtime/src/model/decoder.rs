@@ -441,6 +441,26 @@ impl<B: Backend> Model<B> {
         Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens.max(1) as f64) as f32 })
     }
 
+    /// Generation's prefill: the forward pass over a (left-padded) batch of prompts, writing
+    /// every layer's keys and values into the caches (`[batch, max_len, kv]` per layer, from
+    /// slot 0) and returning the logits at each row's last position, `[batch, vocab]`. `None`
+    /// when the model keeps no per-layer activations (gradient checkpointing): the caller then
+    /// feeds the prompt one token at a time.
+    pub fn prefill_into(&self, b: &Batch, k: &mut [B::Buf], v: &mut [B::Buf], max_len: usize) -> Result<Option<Vec<f32>>> {
+        if self.gradient_checkpointing {
+            return Ok(None);
+        }
+        let mut acts = Activations::new(self, b.batch, b.seq);
+        self.forward_logits(&mut acts, b, false)?;
+        let shape = self.attn_shape(b.batch, b.seq);
+        for (l, layer) in acts.layers.iter().enumerate() {
+            self.backend.kv_append(&mut k[l], &mut v[l], &layer.qkv, 0, shape, max_len);
+        }
+        let logits = self.backend.download(&acts.logits);
+        let vsz = self.config.vocab_size;
+        Ok(Some((0..b.batch).flat_map(|r| logits[((r + 1) * b.seq - 1) * vsz..((r + 1) * b.seq) * vsz].iter().copied()).collect()))
+    }
+
     /// Per-token statistics of the logits of the last forward pass, at labelled positions (for
     /// evaluation metrics). Call before a backward pass overwrites the logits with gradients.
     pub fn token_stats(&self, acts: &Activations<B>, want: StatsWanted) -> TokenStats {

@@ -373,9 +373,11 @@ pub fn kv_append(k_cache: &mut [f32], v_cache: &mut [f32], qkv: &[f32], slot: us
     let l = Layout::new(s);
     let kvd = s.n_kv_head * s.head_dim;
     for b in 0..s.batch {
-        let dst = (b * max_len + slot) * kvd;
-        k_cache[dst..dst + kvd].copy_from_slice(&qkv[l.k(b, 0, 0)..][..kvd]);
-        v_cache[dst..dst + kvd].copy_from_slice(&qkv[l.v(b, 0, 0)..][..kvd]);
+        for t in 0..s.seq {
+            let dst = (b * max_len + slot + t) * kvd;
+            k_cache[dst..dst + kvd].copy_from_slice(&qkv[l.k(b, t, 0)..][..kvd]);
+            v_cache[dst..dst + kvd].copy_from_slice(&qkv[l.v(b, t, 0)..][..kvd]);
+        }
     }
 }
 

@@ -65,10 +65,123 @@ fn strided(
 /// `out[n, m] = inp[n, k] @ w[m, k]^T + bias`.
 pub fn matmul_fwd(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, k: usize, m: usize) {
     let out = &mut out[..n * m];
+    if n <= SMALL_ROWS {
+        return matvec(out, inp, w, bias, n, k, m);
+    }
     if let Some(b) = bias {
         out.par_chunks_mut(m).for_each(|row| row.copy_from_slice(&b[..m]));
     }
     strided(out, bias.is_some(), (n, m, k), m, inp, (k, 1), w, (1, k));
+}
+
+/// Up to this many rows (a decoding step's batch), the product is a few matrix-vector products.
+const SMALL_ROWS: usize = 16;
+
+/// `out[n, m] = inp[n, k] @ w[m, k]^T (+ bias)` for small `n`: memory-bound on the weights,
+/// so each weight row is read once (in parallel over blocks of output columns) and dotted with
+/// every input row while it is in cache.
+fn matvec(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, k: usize, m: usize) {
+    const BLOCK: usize = 32;
+    let blocks: Vec<Vec<f32>> = (0..m.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|blk| {
+            let cols = blk * BLOCK..((blk + 1) * BLOCK).min(m);
+            let mut acc = vec![0.0f32; n * cols.len()];
+            let c = cols.len();
+            if n < 4 {
+                for (jj, j) in cols.clone().enumerate() {
+                    let wr = &w[j * k..(j + 1) * k];
+                    let b = bias.map_or(0.0, |b| b[j]);
+                    for i in 0..n {
+                        acc[i * c + jj] = super::math::dot(&inp[i * k..(i + 1) * k], wr) + b;
+                    }
+                }
+                return acc;
+            }
+            let mut jj = 0;
+            // pairs of weight rows against groups of four input rows: eight accumulator chains
+            while jj + 2 <= c {
+                let j = cols.start + jj;
+                let (w0, w1) = (&w[j * k..(j + 1) * k], &w[(j + 1) * k..(j + 2) * k]);
+                let (b0, b1) = bias.map_or((0.0, 0.0), |b| (b[j], b[j + 1]));
+                let mut i = 0;
+                while i + 4 <= n {
+                    let d = dot_4x2(&inp[i * k..(i + 4) * k], k, w0, w1);
+                    for r in 0..4 {
+                        acc[(i + r) * c + jj] = d[r][0] + b0;
+                        acc[(i + r) * c + jj + 1] = d[r][1] + b1;
+                    }
+                    i += 4;
+                }
+                for i in i..n {
+                    let x = &inp[i * k..(i + 1) * k];
+                    acc[i * c + jj] = super::math::dot(x, w0) + b0;
+                    acc[i * c + jj + 1] = super::math::dot(x, w1) + b1;
+                }
+                jj += 2;
+            }
+            if jj < c {
+                let j = cols.start + jj;
+                let wr = &w[j * k..(j + 1) * k];
+                let b = bias.map_or(0.0, |b| b[j]);
+                for i in 0..n {
+                    acc[i * c + jj] = super::math::dot(&inp[i * k..(i + 1) * k], wr) + b;
+                }
+            }
+            acc
+        })
+        .collect();
+    for (blk, acc) in blocks.iter().enumerate() {
+        let c0 = blk * BLOCK;
+        let width = acc.len() / n.max(1);
+        for i in 0..n {
+            out[i * m + c0..i * m + c0 + width].copy_from_slice(&acc[i * width..(i + 1) * width]);
+        }
+    }
+}
+
+/// Dot products of four consecutive rows of `x` (`[4, k]`) with two weight rows: eight
+/// independent accumulator chains, so the FMA units are kept busy instead of waiting on one
+/// chain's latency.
+#[inline(always)]
+fn dot_4x2(x: &[f32], k: usize, w0: &[f32], w1: &[f32]) -> [[f32; 2]; 4] {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    {
+        use std::arch::x86_64::*;
+        assert!(x.len() >= 4 * k && w0.len() >= k && w1.len() >= k);
+        let body = k / 8 * 8;
+        // SAFETY: AVX2 and FMA are enabled at compile time (the cfg above); every load reads
+        // 8 floats at offset t + 8 <= body <= k within slices checked to hold k (x: 4k) floats.
+        unsafe {
+            let (xp, p0, p1) = (x.as_ptr(), w0.as_ptr(), w1.as_ptr());
+            let mut a = [_mm256_setzero_ps(); 8];
+            let mut t = 0;
+            while t < body {
+                let (v0, v1) = (_mm256_loadu_ps(p0.add(t)), _mm256_loadu_ps(p1.add(t)));
+                for r in 0..4 {
+                    let xv = _mm256_loadu_ps(xp.add(r * k + t));
+                    a[2 * r] = _mm256_fmadd_ps(xv, v0, a[2 * r]);
+                    a[2 * r + 1] = _mm256_fmadd_ps(xv, v1, a[2 * r + 1]);
+                }
+                t += 8;
+            }
+            let mut out = [[0.0f32; 2]; 4];
+            for r in 0..4 {
+                for c in 0..2 {
+                    let mut lanes = [0.0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), a[2 * r + c]);
+                    let tail: f32 = (body..k).map(|t| x[r * k + t] * if c == 0 { w0[t] } else { w1[t] }).sum();
+                    out[r][c] = tail + ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+                }
+            }
+            out
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    {
+        let row = |r: usize| &x[r * k..(r + 1) * k];
+        std::array::from_fn(|r| [super::math::dot(row(r), w0), super::math::dot(row(r), w1)])
+    }
 }
 
 /// `dinp = dout @ w`, `dw += dout^T @ inp`, `dbias += colsum(dout)`.
@@ -144,6 +257,24 @@ mod tests {
         for j in 0..m {
             let s: f32 = (0..n).map(|r| dout[r * m + j]).sum();
             assert!((db[j] - 1.0 - s).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn the_few_rows_path_matches_naive() {
+        // decoding batches take the matrix-vector path; widths not a multiple of its blocks
+        for (n, k, m) in [(1, 37, 70), (3, 64, 33), (8, 19, 96), (16, 40, 31)] {
+            let inp = rand_vec(n * k, 5);
+            let w = rand_vec(m * k, 6);
+            let bias = rand_vec(m, 7);
+            let mut out = vec![f32::NAN; n * m];
+            matmul_fwd(&mut out, &inp, &w, Some(&bias), n, k, m);
+            let want = naive(&inp, &w, n, k, m);
+            for i in 0..n * m {
+                assert!((out[i] - want[i] - bias[i % m]).abs() < 1e-5, "n {n}: {} vs {}", out[i], want[i] + bias[i % m]);
+            }
+            matmul_fwd(&mut out, &inp, &w, None, n, k, m);
+            assert!(out.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
         }
     }
 }

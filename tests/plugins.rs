@@ -305,7 +305,8 @@ fn losses(out_dir: &Path) -> Vec<f64> {
 }
 
 /// Left padding with position ids through the padding plugin computes the same losses as the
-/// built-in right padding; a weighted loss with all weights 1 equals plain cross-entropy.
+/// built-in right padding; a weighted loss with all weights 1, and z-loss with alpha 0, equal
+/// plain cross-entropy.
 #[test]
 fn padding_and_weighted_loss_plugins_reproduce_the_builtin_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -315,11 +316,16 @@ fn padding_and_weighted_loss_plugins_reproduce_the_builtin_run() {
     ok(out, "left-pad run");
     let (weighted, out) = train_run(tmp.path(), "weighted", &["--plugin", wasm("weighted_ce").to_str().unwrap()]);
     ok(out, "weighted-ce run");
-    let (b, l, w) = (losses(&base), losses(&left), losses(&weighted));
+    let cfg = tmp.path().join("z0.toml");
+    std::fs::write(&cfg, format!("[[plugins]]\npath = \"{}\"\noptions = {{ alpha = 0.0 }}\n", wasm("z_loss").display())).unwrap();
+    let (z0, out) = train_run(tmp.path(), "z0", &["--config", cfg.to_str().unwrap()]);
+    ok(out, "z-loss run");
+    let (b, l, w, z) = (losses(&base), losses(&left), losses(&weighted), losses(&z0));
     assert_eq!(b.len(), 4);
-    for ((x, y), z) in b.iter().zip(&l).zip(&w) {
-        assert!((x - y).abs() < 1e-4 * x.abs(), "left padding changed the loss: {b:?} vs {l:?}");
-        assert!((x - z).abs() < 1e-4 * x.abs(), "weights of 1 changed the loss: {b:?} vs {w:?}");
+    for (i, x) in b.iter().enumerate() {
+        assert!((x - l[i]).abs() < 1e-4 * x.abs(), "left padding changed the loss: {b:?} vs {l:?}");
+        assert!((x - w[i]).abs() < 1e-4 * x.abs(), "weights of 1 changed the loss: {b:?} vs {w:?}");
+        assert!((x - z[i]).abs() < 1e-4 * x.abs(), "z-loss with alpha 0 is not cross-entropy: {b:?} vs {z:?}");
     }
 }
 
@@ -495,4 +501,126 @@ fn the_sdk_readme_walkthrough_builds_a_working_plugin() {
     let wasm = target.join("wasm32-wasip2/release/answer_length.wasm");
     let text = ok(runtime(&["plugin", "check", wasm.to_str().unwrap()]), "plugin check");
     assert!(text.contains("metrics: answer_tokens = ") && text.contains("answer_token_accuracy = "), "{text}");
+}
+
+/// `runtime predict` with the text-metrics plugin: one prediction per example, the decoded text
+/// consistent with the ids, and the plugin's exact match equal to the share of predictions that
+/// equal their references in the written file. Beam search runs through the same path.
+#[test]
+fn predict_writes_predictions_and_the_metrics_plugin_scores_them() {
+    let dir = fixtures().join("trainer");
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, beams) in [("greedy", "1"), ("beams", "3")] {
+        let out_dir = tmp.path().join(name);
+        let text = ok(
+            runtime(&[
+                "predict",
+                "--model",
+                dir.join("init").to_str().unwrap(),
+                "--test_file",
+                dir.join("data/validation.jsonl").to_str().unwrap(),
+                "--tokenizer_name",
+                dir.join("data").to_str().unwrap(),
+                "--output_dir",
+                out_dir.to_str().unwrap(),
+                "--generation_max_length",
+                "16",
+                "--generation_num_beams",
+                beams,
+                "--per_device_eval_batch_size",
+                "3",
+                "--plugin",
+                wasm("text_metrics").to_str().unwrap(),
+            ]),
+            "predict",
+        );
+        assert!(text.contains("predict_exact_match"), "{text}");
+        let lines: Vec<Value> =
+            std::fs::read_to_string(out_dir.join("generated_predictions.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let n_examples = std::fs::read_to_string(dir.join("data/validation.jsonl")).unwrap().lines().filter(|l| !l.trim().is_empty()).count();
+        assert_eq!(lines.len(), n_examples);
+        let mut exact = 0;
+        for (i, l) in lines.iter().enumerate() {
+            assert_eq!(l["index"].as_u64().unwrap() as usize, i);
+            assert!(!l["input_ids"].as_array().unwrap().is_empty() && !l["label_ids"].as_array().unwrap().is_empty());
+            exact += usize::from(l["prediction"].as_str().unwrap().trim() == l["label"].as_str().unwrap().trim());
+        }
+        let results = json_file(&out_dir.join("predict_results.json"));
+        let em = results["predict_exact_match"].as_f64().unwrap();
+        assert!((em - exact as f64 / n_examples as f64).abs() < 1e-12, "{name}: plugin {em} vs file {exact}/{n_examples}");
+    }
+}
+
+/// Evaluation with `predict_with_generate` hands generated ids to the metrics plugin during
+/// training; token-level metrics refuse generated predictions with a clear error.
+#[test]
+fn predict_with_generate_drives_evaluation_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gen = ["--eval_strategy", "steps", "--eval_steps", "4", "--predict_with_generate", "--generation_max_length", "16"];
+    let (out_dir, out) = train_run(tmp.path(), "gen", &[&gen[..], &["--plugin", wasm("text_metrics").to_str().unwrap()]].concat());
+    ok(out, "run with predict_with_generate");
+    let state = json_file(&out_dir.join("trainer_state.json"));
+    let evals: Vec<&Value> = state["log_history"].as_array().unwrap().iter().filter(|e| e.get("eval_loss").is_some()).collect();
+    assert_eq!(evals.len(), 2);
+    assert!(evals.iter().all(|e| e["eval_exact_match"].as_f64().is_some() && e["eval_f1"].as_f64().is_some()), "{evals:?}");
+    let (_, out) = train_run(tmp.path(), "tok", &[&gen[..], &["--plugin", wasm("token_metrics").to_str().unwrap()]].concat());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("token-metrics") && err.contains("metrics.update") && err.contains("use text-metrics"), "{err}");
+}
+
+/// The quickstart's evaluation scores generated answers: the addition example (small) trained
+/// with `predict_with_generate` and the text-metrics plugin reports `eval_exact_match`, which
+/// `runtime predict` on the trained model reproduces.
+#[test]
+fn the_quickstart_evaluation_reports_exact_match_from_generated_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = tmp.path().join("addition");
+    ok(runtime(&["example", "addition", "--output_dir", ex.to_str().unwrap(), "--n_train", "512", "--n_eval", "40", "--digits", "2"]), "example");
+    let out_dir = tmp.path().join("out");
+    let text_metrics = wasm("text_metrics");
+    ok(
+        runtime(&[
+            "train",
+            "--config",
+            ex.join("train.toml").to_str().unwrap(),
+            "--output_dir",
+            out_dir.to_str().unwrap(),
+            "--disable_tqdm",
+            "--max_steps",
+            "40",
+            "--eval_steps",
+            "40",
+            "--save_steps",
+            "40",
+            "--logging_steps",
+            "10",
+            "--predict_with_generate",
+            "--plugin",
+            text_metrics.to_str().unwrap(),
+        ]),
+        "quickstart training with predict_with_generate",
+    );
+    let state = json_file(&out_dir.join("trainer_state.json"));
+    let eval = state["log_history"].as_array().unwrap().iter().rev().find(|e| e.get("eval_loss").is_some()).unwrap().clone();
+    let em = eval["eval_exact_match"].as_f64().expect("eval_exact_match in the evaluation");
+    let pred = tmp.path().join("pred");
+    ok(
+        runtime(&[
+            "predict",
+            "--model",
+            out_dir.to_str().unwrap(),
+            "--test_file",
+            ex.join("validation.jsonl").to_str().unwrap(),
+            "--output_dir",
+            pred.to_str().unwrap(),
+            "--per_device_eval_batch_size",
+            "64",
+            "--plugin",
+            text_metrics.to_str().unwrap(),
+        ]),
+        "predict",
+    );
+    let again = json_file(&pred.join("predict_results.json"))["predict_exact_match"].as_f64().unwrap();
+    assert_eq!(em, again, "evaluation and predict disagree on the same model");
 }

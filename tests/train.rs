@@ -218,7 +218,9 @@ fn bad_runs_are_refused_before_any_work() {
         (vec!["--train_file", "/nonexistent.jsonl", "--overwrite_output_dir", "true"], vec!["nonexistent.jsonl"]),
         (vec!["--load_best_model_at_end", "true", "--eval_strategy", "epoch", "--save_strategy", "steps"], vec!["load_best_model_at_end"]),
         (vec!["--resume_from_checkpoint", "true", "--overwrite_output_dir", "true"], vec!["no valid checkpoint"]),
-        (vec!["--auto_find_batch_size", "--overwrite_output_dir", "true"], vec!["auto_find_batch_size", "not supported"]),
+        (vec!["--report_to", "wandb", "--overwrite_output_dir", "true"], vec!["report_to", "not supported"]),
+        (vec!["--plugin", "/nonexistent/focal.wasm", "--overwrite_output_dir", "true"], vec!["/nonexistent/focal.wasm"]),
+        (vec!["--plugins", "[{\"path\": \"x.wasm\", \"option\": {}}]", "--overwrite_output_dir", "true"], vec!["unknown key `option`", "options"]),
         (vec!["--bf16", "--overwrite_output_dir", "true"], vec!["bf16", "CUDA"]),
     ];
     for (extra, needles) in cases {
@@ -298,4 +300,37 @@ fn neftune_changes_training_and_resumes_exactly() {
     let cp = tmp.path().join("noisy").join("checkpoint-6");
     let resumed = run("resumed", &["--neftune_noise_alpha", "5", "--resume_from_checkpoint", cp.to_str().unwrap()]);
     assert!(resumed == noisy, "a resumed NEFTune run differs from the straight one");
+}
+
+/// `auto_find_batch_size`: under a memory budget the batch is divided and the accumulation
+/// multiplied by the same factor (the examples per step stay the same), with a log line; a budget
+/// too small for one example is a clear error.
+#[test]
+fn auto_find_batch_size_fits_the_batch_to_the_memory_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let run = |budget_mb: &str, out: &str| {
+        let cfg = ex.join("train.toml");
+        Command::new(env!("CARGO_BIN_EXE_runtime"))
+            .args(["train", "--config", cfg.to_str().unwrap(), "--output_dir", tmp.path().join(out).to_str().unwrap(), "--disable_tqdm"])
+            .args(["--per_device_train_batch_size", "32", "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no", "--auto_find_batch_size"])
+            .env("RUNTIME_MEMORY_BUDGET_MB", budget_mb)
+            .output()
+            .unwrap()
+    };
+    let out = run("100000", "roomy");
+    ok(out, "roomy run");
+    let args = json(&tmp.path().join("roomy/training_args.json"));
+    assert_eq!((args["per_device_train_batch_size"].as_u64(), args["gradient_accumulation_steps"].as_u64()), (Some(32), Some(1)));
+    let out = run("25", "tight");
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    ok(out, "tight run");
+    let args = json(&tmp.path().join("tight/training_args.json"));
+    let (b, acc) = (args["per_device_train_batch_size"].as_u64().unwrap(), args["gradient_accumulation_steps"].as_u64().unwrap());
+    assert!(b < 32 && b * acc == 32, "batch {b} x accumulation {acc}");
+    assert!(log.contains("auto_find_batch_size: per_device_train_batch_size 32 does not fit"), "{log}");
+    let out = run("4", "hopeless");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("auto_find_batch_size: even one example"), "{err}");
 }

@@ -199,6 +199,24 @@ impl<B: Backend> Activations<B> {
         }
     }
 
+    /// What [`Activations::new`] would allocate for `batch` x `seq`, in bytes, without
+    /// allocating (saturating; for planning the batch size).
+    pub fn estimate_bytes(model: &Model<B>, batch: usize, seq: usize) -> u128 {
+        let c = &model.config;
+        let rows = batch as u128 * seq as u128;
+        let shape = model.attn_shape(batch, seq);
+        let (h, qkv, out, fc, i, v) =
+            (c.hidden_size as u128, c.qkv_width() as u128, shape.out_width() as u128, c.fc_width() as u128, c.intermediate_size as u128, c.vocab_size as u128);
+        let stats = match model.attn_impl {
+            crate::backend::AttnImpl::Eager => rows * seq as u128 * c.n_head as u128,
+            crate::backend::AttnImpl::Flash => rows * c.n_head as u128,
+        };
+        let kept = if model.gradient_checkpointing { 1 } else { c.n_layer as u128 };
+        let per_layer = rows * (3 * h + 4 + qkv + out + fc + i) + stats;
+        let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + rows * v + 3 * rows * h + rows * (out + qkv + fc + i) + 4 * rows;
+        4 * (kept * per_layer + rest)
+    }
+
     /// Bytes held by the activation and scratch buffers (what gradient checkpointing reduces).
     pub fn bytes(&self, be: &B) -> usize {
         let l = |a: &LayerActs<B>| {

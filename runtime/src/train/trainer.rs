@@ -72,6 +72,38 @@ fn column_rows(columns: &[(String, Vec<f64>)], ix: &[usize]) -> Vec<(String, Vec
     columns.iter().map(|(n, v)| (n.clone(), ix.iter().map(|&i| v[i]).collect())).collect()
 }
 
+/// The memory `auto_find_batch_size` plans for, in bytes: `RUNTIME_MEMORY_BUDGET_MB` when set,
+/// else the system's available memory (`MemAvailable`), else unlimited.
+fn memory_budget() -> u128 {
+    if let Some(mb) = std::env::var("RUNTIME_MEMORY_BUDGET_MB").ok().and_then(|v| v.trim().parse::<u128>().ok()) {
+        return mb << 20;
+    }
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u128>().ok()))
+        .map_or(u128::MAX, |kb| kb << 10)
+}
+
+/// `auto_find_batch_size` on the CPU: the largest divisor of the batch size whose step (weights,
+/// gradients, AdamW's two moments and the activations at the longest example) fits in 90% of
+/// `budget`, with the accumulation raised by the same factor so the examples per step do not
+/// change (transformers only halves the batch). An error when even one example does not fit.
+fn fit_batch_size(model: &Model<Cpu>, batch: usize, accum: usize, seq: usize, budget: u128) -> Result<(usize, usize)> {
+    let fixed = 16 * model.layout.numel() as u128;
+    let usable = budget / 10 * 9;
+    for d in (1..=batch).filter(|&d| batch.is_multiple_of(d)) {
+        let b = batch / d;
+        if fixed + Activations::estimate_bytes(model, b, seq) <= usable {
+            return Ok((b, accum * d));
+        }
+    }
+    Err(Error::Invalid(format!(
+        "auto_find_batch_size: even one example of {seq} tokens needs about {:.1} GiB, more than the {:.1} GiB available",
+        (fixed + Activations::estimate_bytes(model, 1, seq)) as f64 / (1u64 << 30) as f64,
+        usable as f64 / (1u64 << 30) as f64
+    )))
+}
+
 /// Running training losses: since the last log, and over the whole run.
 #[derive(Default)]
 struct LossLog {
@@ -122,7 +154,6 @@ impl Trainer {
         // settings transformers honours that this build does not implement yet: refused, never
         // silently ignored
         let unsupported = [
-            (args.auto_find_batch_size, "auto_find_batch_size"),
             (args.include_for_metrics.iter().any(|x| x != "inputs"), "include_for_metrics other than \"inputs\""),
             (args.report_to.as_array().is_some_and(|a| !a.is_empty()) || args.report_to.is_string(), "report_to (integrations)"),
         ];
@@ -220,6 +251,18 @@ impl Trainer {
                 "examples of {longest} tokens exceed the model's n_positions ({}); set block_size or max_seq_length",
                 model.config.max_positions
             )));
+        }
+        let mut args = args;
+        if args.auto_find_batch_size && training {
+            let (b, acc) = fit_batch_size(&model, args.per_device_train_batch_size, args.gradient_accumulation_steps, longest.max(1), memory_budget())?;
+            if b != args.per_device_train_batch_size {
+                tracing::warn!(
+                    "auto_find_batch_size: per_device_train_batch_size {} does not fit in memory; training with {b} and gradient_accumulation_steps {acc} (the same {} examples per step)",
+                    args.per_device_train_batch_size,
+                    b * acc
+                );
+                (args.per_device_train_batch_size, args.gradient_accumulation_steps) = (b, acc);
+            }
         }
         let pad_id = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |t| t.id);
         let pad = PadOptions { padding: Padding::Longest, side: tokenizer.padding_side, pad_id, max_length: None, truncation: false, pad_to_multiple_of: None };

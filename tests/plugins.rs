@@ -624,3 +624,34 @@ fn the_quickstart_evaluation_reports_exact_match_from_generated_answers() {
     let again = json_file(&pred.join("predict_results.json"))["predict_exact_match"].as_f64().unwrap();
     assert_eq!(em, again, "evaluation and predict disagree on the same model");
 }
+
+/// `on_error = "continue"`: a loss plugin that always times out skips every step (the weights
+/// never move) and a metrics plugin that returns an infinite value is left out of the
+/// evaluation; the run itself completes.
+#[test]
+fn on_error_continue_skips_what_failed_and_finishes_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("tolerant.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "eval_strategy = \"steps\"\neval_steps = 4\n\n[[plugins]]\npath = \"{}\"\ncall_timeout_s = 0.2\non_error = \"continue\"\noptions = {{ mode = \"spin\" }}\n",
+            wasm("hostile").display()
+        ),
+    )
+    .unwrap();
+    let (out_dir, out) = train_run(tmp.path(), "tolerant", &["--config", cfg.to_str().unwrap(), "--max_steps", "4"]);
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    ok(out, "run with a failing plugin and on_error = continue");
+    assert!(log.contains("the step is skipped") && log.contains("time cap"), "{log}");
+    assert!(log.contains("its metrics are left out") || log.contains("going on without this result"), "{log}");
+    let state = json_file(&out_dir.join("trainer_state.json"));
+    let eval = state["log_history"].as_array().unwrap().iter().find(|e| e.get("eval_loss").is_some()).unwrap().clone();
+    assert!(eval.get("eval_bad").is_none(), "{eval}");
+    let init = std::fs::read(fixtures().join("trainer/init/model.safetensors")).unwrap();
+    let after = std::fs::read(out_dir.join("model.safetensors")).unwrap();
+    let (a, b) = (safetensors::SafeTensors::deserialize(&init).unwrap(), safetensors::SafeTensors::deserialize(&after).unwrap());
+    for (name, t) in a.tensors() {
+        assert_eq!(t.data(), b.tensor(&name).unwrap().data(), "{name} moved although every step was skipped");
+    }
+}

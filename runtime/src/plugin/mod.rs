@@ -64,13 +64,26 @@ impl Default for Limits {
     }
 }
 
-/// A plugin as the run config names it: `[[plugins]] path = "focal.wasm"`, with its options and
-/// optional limits (`memory_limit_mb`, `call_timeout_s`).
+/// What a run does when a plugin fails (a trap, a timeout, a cap, an invalid result, a reported
+/// error): `stop` (the default) ends the run with the error; `continue` logs it, gets a fresh
+/// instance for the next call, and goes on without that call's result (a loss plugin's step is
+/// skipped, a metrics plugin's results are left out of that evaluation, a callback's answer is
+/// ignored, a padding plugin's batch is padded by the runtime).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnError {
+    #[default]
+    Stop,
+    Continue,
+}
+
+/// A plugin as the run config names it: `[[plugins]] path = "focal.wasm"`, with its options,
+/// optional limits (`memory_limit_mb`, `call_timeout_s`) and failure policy (`on_error`).
 #[derive(Clone, Debug, Default)]
 pub struct PluginSpec {
     pub path: PathBuf,
     pub options: BTreeMap<String, String>,
     pub limits: Limits,
+    pub on_error: OnError,
 }
 
 impl PluginSpec {
@@ -110,8 +123,15 @@ impl PluginSpec {
                             let s = val.as_f64().filter(|&x| x > 0.0).ok_or_else(|| bad(format!("`call_timeout_s` must be a positive number, found {val}")))?;
                             spec.limits.call_timeout = Duration::from_secs_f64(s);
                         }
+                        "on_error" => {
+                            spec.on_error = match val.as_str() {
+                                Some("stop") => OnError::Stop,
+                                Some("continue") => OnError::Continue,
+                                _ => return Err(bad(format!("`on_error` must be \"stop\" or \"continue\", found {val}"))),
+                            }
+                        }
                         other => {
-                            return Err(bad(format!("unknown key `{other}` (known: path, options, memory_limit_mb, call_timeout_s)")));
+                            return Err(bad(format!("unknown key `{other}` (known: path, options, memory_limit_mb, call_timeout_s, on_error)")));
                         }
                     }
                 }
@@ -369,6 +389,11 @@ impl Plugin {
     /// The plugin's name (from `describe`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the run goes on after this plugin fails (`on_error = "continue"`).
+    pub fn continues(&self) -> bool {
+        self.spec.on_error == OnError::Continue
     }
 
     pub fn has_hook(&self, hook: Hook) -> bool {

@@ -29,6 +29,21 @@ pub struct Plugins {
     pub padding: Option<Shared>,
     pub metrics: Vec<Shared>,
     pub callbacks: Vec<Shared>,
+    /// Metrics plugins that failed during the current evaluation (`on_error = "continue"`).
+    metrics_failed: Mutex<Vec<bool>>,
+}
+
+/// `Err` passes through unless the plugin continues on errors: then it is logged and `None`
+/// comes back.
+fn tolerate<T>(p: &Plugin, r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if p.continues() => {
+            tracing::warn!("{e} (on_error = \"continue\": going on without this result)");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 impl Plugins {
@@ -96,7 +111,14 @@ impl Plugins {
             max_length: opts.max_length.map(|m| m as u32),
             pad_to_multiple_of: opts.pad_to_multiple_of.map(|m| m as u32),
         };
-        Some(lock(p).pad(&wit_examples, &options, vocab, max_positions).map(|out| Batch {
+        let mut plugin = lock(p);
+        let r = plugin.pad(&wit_examples, &options, vocab, max_positions);
+        let r = match tolerate(&plugin, r) {
+            Ok(None) => return None,
+            Ok(Some(out)) => Ok(out),
+            Err(e) => Err(e),
+        };
+        Some(r.map(|out| Batch {
             batch: out.batch_size as usize,
             seq: out.seq_len as usize,
             input_ids: out.input_ids.iter().map(|&x| x as i32).collect(),
@@ -109,19 +131,43 @@ impl Plugins {
 
     /// Statistics the metrics plugins need per evaluation batch.
     pub fn metrics_reset(&self) -> Result<()> {
-        self.metrics.iter().try_for_each(|p| lock(p).metrics_reset())
+        let mut failed = self.metrics_failed.lock().unwrap_or_else(|e| e.into_inner());
+        *failed = vec![false; self.metrics.len()];
+        for (i, p) in self.metrics.iter().enumerate() {
+            let mut p = lock(p);
+            let r = p.metrics_reset();
+            failed[i] = tolerate(&p, r)?.is_none();
+        }
+        Ok(())
     }
 
     pub fn metrics_update(&self, batch: &EvalBatch) -> Result<()> {
-        self.metrics.iter().try_for_each(|p| lock(p).metrics_update(batch))
+        let mut failed = self.metrics_failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.resize(self.metrics.len(), false);
+        for (i, p) in self.metrics.iter().enumerate() {
+            if failed[i] {
+                continue;
+            }
+            let mut p = lock(p);
+            let r = p.metrics_update(batch);
+            failed[i] = tolerate(&p, r)?.is_none();
+        }
+        Ok(())
     }
 
     /// Every metrics plugin's results, prefixed with `{prefix}_` (`eval_` in evaluation, as
     /// transformers prefixes `compute_metrics`' keys; `predict_` in `runtime predict`). Two plugins reporting the same name is an error.
     pub fn metrics_compute(&self, into: &mut Map<String, Value>, prefix: &str) -> Result<()> {
-        for p in &self.metrics {
+        let failed = self.metrics_failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (i, p) in self.metrics.iter().enumerate() {
             let mut p = lock(p);
-            for m in p.metrics_compute()? {
+            if failed.get(i).copied().unwrap_or(false) {
+                tracing::warn!("plugin `{}` failed during this evaluation; its metrics are left out", p.name());
+                continue;
+            }
+            let r = p.metrics_compute();
+            let Some(metrics) = tolerate(&p, r)? else { continue };
+            for m in metrics {
                 let key = if m.name.starts_with(&format!("{prefix}_")) { m.name.clone() } else { format!("{prefix}_{}", m.name) };
                 if into.contains_key(&key) {
                     return Err(p.invalid("metrics.compute", format!("metric `{key}` is already reported")));
@@ -159,6 +205,11 @@ pub struct LossHook {
 }
 
 impl LossHook {
+    /// Whether a failure of the loss plugin skips the step instead of ending the run.
+    pub fn continues(&self) -> bool {
+        lock(&self.plugin).continues()
+    }
+
     pub fn uses_rows(&self) -> bool {
         let p = lock(&self.plugin);
         !p.has_hook(Hook::Loss) && p.has_hook(Hook::LossLogits)
@@ -264,7 +315,9 @@ impl TrainerCallback for PluginCallback {
             should_evaluate: control.should_evaluate,
             should_log: control.should_log,
         };
-        let r = lock(&self.0).on_event(wit_event(event), &ws, c)?;
+        let mut plugin = lock(&self.0);
+        let r = plugin.on_event(wit_event(event), &ws, c);
+        let Some(r) = tolerate(&plugin, r)? else { return Ok(()) };
         *control = TrainerControl {
             should_training_stop: r.control.should_training_stop,
             should_epoch_stop: r.control.should_epoch_stop,

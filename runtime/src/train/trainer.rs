@@ -539,15 +539,21 @@ impl Trainer {
         for ix in indices.chunks(self.args.per_device_eval_batch_size) {
             let b = self.collate(eval, &self.eval_columns, ix)?;
             // as transformers: the label smoother (or the custom loss) applies to the evaluation loss too
+            let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: None };
             let out = match hook.as_mut() {
                 Some(h) if crate::model::decoder::label_tokens(&b) > 0 => {
+                    let continues = h.continues();
                     let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
-                    Some(self.model.forward_custom(&mut acts, &b, &mut custom, None, false)?)
+                    match self.model.forward_custom(&mut acts, &b, &mut custom, None, false) {
+                        Ok(out) => Some(out),
+                        Err(e @ Error::Plugin(_)) if continues => {
+                            tracing::warn!("evaluation: {e}; this batch's loss is the built-in one (on_error = \"continue\")");
+                            self.model.forward(&mut acts, &b, opts, false)?
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-                _ => {
-                    let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: None };
-                    self.model.forward(&mut acts, &b, opts, false)?
-                }
+                _ => self.model.forward(&mut acts, &b, opts, false)?,
             };
             if let Some(out) = out {
                 if out.n_tokens > 0 {
@@ -807,16 +813,27 @@ impl Trainer {
                 self.emit(Event::StepBegin, None)?;
                 grads.zero(&self.model.backend);
                 let mut loss_sum = 0.0;
+                let mut plugin_failed = false;
                 let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: Some(items) };
                 for (i, mb) in micro.iter().enumerate() {
                     // NEFTune noise from (seed, step, micro-batch): the same after a resume
                     self.model.neftune = self.args.neftune_noise_alpha.map(|a| (a as f32, self.args.seed ^ (self.state.global_step << 20) ^ i as u64));
                     loss_sum += match loss_hook.as_mut() {
                         Some(h) => {
+                            let continues = h.continues();
                             let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
-                            let out = self.model.forward_custom(&mut acts, mb, &mut custom, Some(items), true)?;
-                            self.model.backward(&mut acts, &mut grads)?;
-                            out.sum
+                            match self.model.forward_custom(&mut acts, mb, &mut custom, Some(items), true) {
+                                Ok(out) => {
+                                    self.model.backward(&mut acts, &mut grads)?;
+                                    out.sum
+                                }
+                                Err(e @ Error::Plugin(_)) if continues => {
+                                    tracing::warn!("step {}: {e}; the step is skipped (on_error = \"continue\")", self.state.global_step + 1);
+                                    plugin_failed = true;
+                                    break;
+                                }
+                                Err(e) => return Err(e),
+                            }
                         }
                         None => self.model.forward_backward(&mut acts, mb, &mut grads, opts)?.sum,
                     };
@@ -825,7 +842,7 @@ impl Trainer {
                         self.emit(Event::SubstepEnd, None)?;
                     }
                 }
-                let loss = loss_sum / items as f64;
+                let loss = if plugin_failed { f64::NAN } else { loss_sum / items as f64 };
                 let (norm, coef) = if self.args.max_grad_norm > 0.0 {
                     clip_coefficient(&self.model.backend, &grads, self.args.max_grad_norm as f32)
                 } else {
@@ -837,6 +854,8 @@ impl Trainer {
                     self.emit(Event::PreOptimizerStep, None)?;
                     self.opt.step(&mut self.model, &grads, lr as f32, coef);
                     self.emit(Event::OptimizerStep, None)?;
+                } else if plugin_failed {
+                    // logged above; the step's gradients are incomplete, so no update
                 } else if self.args.nan_inf_policy == NanInfPolicy::Stop {
                     let last = self.checkpoints().last().map_or("none".to_string(), |c| c.1.display().to_string());
                     return Err(Error::Invalid(format!(

@@ -81,11 +81,13 @@ const SMALL_ROWS: usize = 16;
 /// so each weight row is read once (in parallel over blocks of output columns) and dotted with
 /// every input row while it is in cache.
 fn matvec(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, k: usize, m: usize) {
-    const BLOCK: usize = 32;
-    let blocks: Vec<Vec<f32>> = (0..m.div_ceil(BLOCK))
+    // enough blocks of output columns to balance the threads, few enough to keep the per-block
+    // overhead small
+    let block = ((m / (rayon::current_num_threads() * 4)).clamp(16, 256)) & !1;
+    let blocks: Vec<Vec<f32>> = (0..m.div_ceil(block))
         .into_par_iter()
         .map(|blk| {
-            let cols = blk * BLOCK..((blk + 1) * BLOCK).min(m);
+            let cols = blk * block..((blk + 1) * block).min(m);
             let mut acc = vec![0.0f32; n * cols.len()];
             let c = cols.len();
             if n < 4 {
@@ -132,7 +134,7 @@ fn matvec(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, n: usiz
         })
         .collect();
     for (blk, acc) in blocks.iter().enumerate() {
-        let c0 = blk * BLOCK;
+        let c0 = blk * block;
         let width = acc.len() / n.max(1);
         for i in 0..n {
             out[i * m + c0..i * m + c0 + width].copy_from_slice(&acc[i * width..(i + 1) * width]);
@@ -165,13 +167,20 @@ fn dot_4x2(x: &[f32], k: usize, w0: &[f32], w1: &[f32]) -> [[f32; 2]; 4] {
                 }
                 t += 8;
             }
+            // the eight horizontal sums at once: pairwise adds, then the two 128-bit halves
+            let u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            let u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+            let sums = _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u0, u1), _mm256_permute2f128_ps::<0x31>(u0, u1));
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
             let mut out = [[0.0f32; 2]; 4];
             for r in 0..4 {
-                for c in 0..2 {
-                    let mut lanes = [0.0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), a[2 * r + c]);
-                    let tail: f32 = (body..k).map(|t| x[r * k + t] * if c == 0 { w0[t] } else { w1[t] }).sum();
-                    out[r][c] = tail + ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+                out[r] = [lanes[2 * r], lanes[2 * r + 1]];
+                if body < k {
+                    for t in body..k {
+                        out[r][0] += x[r * k + t] * w0[t];
+                        out[r][1] += x[r * k + t] * w1[t];
+                    }
                 }
             }
             out

@@ -76,6 +76,7 @@ fn every_shipped_plugin_passes_check() {
         ("left_pad", "with position ids"),
         ("early_stopping", "early_stopping_counter"),
         ("loss_ema", "loss_ema"),
+        ("rows_ce", "loss-logits: loss"),
     ] {
         let path = wasm(file);
         let out = runtime(&["plugin", "check", path.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap()]);
@@ -305,8 +306,8 @@ fn losses(out_dir: &Path) -> Vec<f64> {
 }
 
 /// Left padding with position ids through the padding plugin computes the same losses as the
-/// built-in right padding; a weighted loss with all weights 1, and z-loss with alpha 0, equal
-/// plain cross-entropy.
+/// built-in right padding; a weighted loss with all weights 1, z-loss with alpha 0, and
+/// cross-entropy through the full-logits hook (`loss-logits`) equal the built-in loss.
 #[test]
 fn padding_and_weighted_loss_plugins_reproduce_the_builtin_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -320,9 +321,12 @@ fn padding_and_weighted_loss_plugins_reproduce_the_builtin_run() {
     std::fs::write(&cfg, format!("[[plugins]]\npath = \"{}\"\noptions = {{ alpha = 0.0 }}\n", wasm("z_loss").display())).unwrap();
     let (z0, out) = train_run(tmp.path(), "z0", &["--config", cfg.to_str().unwrap()]);
     ok(out, "z-loss run");
-    let (b, l, w, z) = (losses(&base), losses(&left), losses(&weighted), losses(&z0));
+    let (rows, out) = train_run(tmp.path(), "rows", &["--plugin", wasm("rows_ce").to_str().unwrap()]);
+    ok(out, "loss-logits run");
+    let (b, l, w, z, r) = (losses(&base), losses(&left), losses(&weighted), losses(&z0), losses(&rows));
     assert_eq!(b.len(), 4);
     for (i, x) in b.iter().enumerate() {
+        assert!((x - r[i]).abs() < 1e-4 * x.abs(), "cross-entropy through the loss-logits hook differs: {b:?} vs {r:?}");
         assert!((x - l[i]).abs() < 1e-4 * x.abs(), "left padding changed the loss: {b:?} vs {l:?}");
         assert!((x - w[i]).abs() < 1e-4 * x.abs(), "weights of 1 changed the loss: {b:?} vs {w:?}");
         assert!((x - z[i]).abs() < 1e-4 * x.abs(), "z-loss with alpha 0 is not cross-entropy: {b:?} vs {z:?}");

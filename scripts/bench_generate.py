@@ -8,20 +8,10 @@ in one run on the same machine. Prints a markdown table with the ratios.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_json(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+from bench_cpu import ROOT, run_json
 
 
 def main():

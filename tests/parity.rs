@@ -27,16 +27,7 @@ fn load(name: &str, attn: AttnImpl) -> Case {
     let model = Model::load(Cpu, &dir.join("model"), opts).unwrap_or_else(|e| panic!("{name}: {e}"));
     let reference = read_reference(&dir.join("reference.safetensors"));
     let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let ids = &reference["input_ids"];
-    let batch = Batch {
-        batch: ids.shape[0],
-        seq: ids.shape[1],
-        input_ids: ids.i32s(),
-        attention_mask: Some(reference["attention_mask"].i32s()),
-        labels: Some(reference["labels"].i32s()),
-        position_ids: None,
-        columns: Vec::new(),
-    };
+    let batch = common::reference_batch(&reference);
     Case { model, reference, meta, batch }
 }
 

@@ -31,17 +31,8 @@ fn loss_plugins_match_pytorch_gradients() {
     let want = read_reference(&fixtures().join("plugins/reference.safetensors"));
     let meta: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("plugins/reference.json")).unwrap()).unwrap();
     let model = Model::load(Cpu, &dir.join("model"), LoadOptions::default()).unwrap();
-    let ids = &reference["input_ids"];
     let weights: Vec<f64> = meta["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
-    let batch = Batch {
-        batch: ids.shape[0],
-        seq: ids.shape[1],
-        input_ids: ids.i32s(),
-        attention_mask: Some(reference["attention_mask"].i32s()),
-        labels: Some(reference["labels"].i32s()),
-        position_ids: None,
-        columns: vec![("weight".into(), weights)],
-    };
+    let batch = Batch { columns: vec![("weight".into(), weights)], ..common::reference_batch(&reference) };
     let cases = [
         ("focal", "focal_loss", json!({"gamma": meta["gamma"]})),
         ("weighted", "weighted_ce", json!({"column": "weight"})),

@@ -26,6 +26,19 @@ impl RefTensor {
     }
 }
 
+/// The parity batch stored in a reference file (`input_ids`, `attention_mask`, `labels`).
+pub fn reference_batch(reference: &HashMap<String, RefTensor>) -> runtime::model::Batch {
+    let ids = &reference["input_ids"];
+    runtime::model::Batch {
+        batch: ids.shape[0],
+        seq: ids.shape[1],
+        input_ids: ids.i32s(),
+        attention_mask: Some(reference["attention_mask"].i32s()),
+        labels: Some(reference["labels"].i32s()),
+        ..Default::default()
+    }
+}
+
 pub fn read_reference(path: &Path) -> HashMap<String, RefTensor> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = SafeTensors::deserialize(&bytes).expect("valid reference file");

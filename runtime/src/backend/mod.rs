@@ -35,6 +35,14 @@ pub struct TokenStats {
     pub row_mean_z: Vec<f32>,
 }
 
+impl TokenStats {
+    /// Moves out what [`Backend::token_stats_bwd`] needs (`row_lse`, `row_mean_z`), leaving the
+    /// requested statistics to be handed over.
+    pub fn take_backward_state(&mut self) -> TokenStats {
+        TokenStats { row_lse: std::mem::take(&mut self.row_lse), row_mean_z: std::mem::take(&mut self.row_mean_z), ..TokenStats::default() }
+    }
+}
+
 /// `dloss/dstatistic` per row for [`Backend::token_stats_bwd`] (empty = zero).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StatGrads {
@@ -42,6 +50,28 @@ pub struct StatGrads {
     pub logsumexp: Vec<f32>,
     pub mean_logprob: Vec<f32>,
     pub entropy: Vec<f32>,
+}
+
+impl StatGrads {
+    /// Each gradient is empty, or one value per row for a statistic that was requested; the
+    /// message says what is wrong otherwise.
+    pub fn check(&self, want: StatsWanted, rows: usize) -> Result<(), String> {
+        for (name, d, asked) in [
+            ("label-logprob", &self.label_logprob, want.label_logprob),
+            ("logsumexp", &self.logsumexp, want.logsumexp),
+            ("mean-logprob", &self.mean_logprob, want.mean_logprob),
+            ("entropy", &self.entropy, want.entropy),
+        ] {
+            if !d.is_empty() && (!asked || d.len() != rows) {
+                return Err(format!(
+                    "the loss returned a gradient for `{name}` ({} values) but {}",
+                    d.len(),
+                    if asked { format!("the batch has {rows} positions") } else { "did not request that statistic".to_string() }
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Shape of one attention call. The fused `qkv` activation holds, per row, the query heads, then

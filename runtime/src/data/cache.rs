@@ -19,8 +19,13 @@ pub fn default_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("RUNTIME_CACHE_DIR") {
         return Some(PathBuf::from(d));
     }
+    Some(runtime_cache_dir()?.join("tokenized"))
+}
+
+/// The runtime's folder in the user's cache: `$XDG_CACHE_HOME/runtime`, else `~/.cache/runtime`.
+pub fn runtime_cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("runtime").join("tokenized"))
+    Some(base.join("runtime"))
 }
 
 fn key(path: &Path, tok: &Tokenizer, block_size: Option<usize>, max_seq_length: Option<usize>) -> Result<String> {

@@ -406,23 +406,9 @@ impl<B: Backend> Model<B> {
             CustomLoss::Stats(hook) => {
                 let want = hook.wanted()?;
                 let mut stats = be.token_stats(&acts.logits, &acts.targets, v, want);
-                let saved =
-                    TokenStats { row_lse: std::mem::take(&mut stats.row_lse), row_mean_z: std::mem::take(&mut stats.row_mean_z), ..TokenStats::default() };
+                let saved = stats.take_backward_state();
                 let (loss, grads) = hook.loss(b, &targets, stats, denom)?;
-                for (name, d, asked) in [
-                    ("label-logprob", &grads.label_logprob, want.label_logprob),
-                    ("logsumexp", &grads.logsumexp, want.logsumexp),
-                    ("mean-logprob", &grads.mean_logprob, want.mean_logprob),
-                    ("entropy", &grads.entropy, want.entropy),
-                ] {
-                    if !d.is_empty() && (!asked || d.len() != targets.len()) {
-                        return Err(Error::Plugin(format!(
-                            "the loss returned a gradient for `{name}` ({} values) but {}",
-                            d.len(),
-                            if asked { format!("the batch has {} positions", targets.len()) } else { "did not request that statistic".to_string() }
-                        )));
-                    }
-                }
+                grads.check(want, targets.len()).map_err(Error::Plugin)?;
                 if train {
                     be.token_stats_bwd(&mut acts.logits, &acts.targets, v, &saved, &grads);
                 }

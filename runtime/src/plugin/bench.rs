@@ -136,18 +136,7 @@ pub fn run(a: &PluginBenchArgs) -> Result<String> {
             stats = model.token_stats(&acts, want);
             Ok(())
         })?;
-        let eb = EvalBatch {
-            kind: PredictionKind::Argmax,
-            batch_size: cfg.batch as u32,
-            label_len: cfg.seq as u32,
-            labels: shifted_labels(&batch),
-            prediction_len: cfg.seq as u32,
-            predictions: stats.argmax.clone(),
-            label_logprob: stats.label_logprob.clone(),
-            inputs: None,
-            input_len: cfg.seq as u32,
-            pad_token_id: Some(0),
-        };
+        let eb = EvalBatch::argmax(cfg.batch, cfg.seq, shifted_labels(&batch), stats, None, Some(0));
         p.metrics_reset()?;
         let upd = best(20, || p.metrics_update(&eb))?;
         let fwd = best(3, || model.forward(&mut acts, &batch, LossOptions::default(), false).map(|_| ()))?;

@@ -16,8 +16,7 @@ pub fn default_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("RUNTIME_PLUGIN_CACHE_DIR") {
         return Some(PathBuf::from(d));
     }
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("runtime").join("plugins"))
+    Some(crate::data::cache::runtime_cache_dir()?.join("plugins"))
 }
 
 fn key(engine: &Engine, wasm: &[u8]) -> String {

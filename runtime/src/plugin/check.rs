@@ -11,7 +11,7 @@ use rand::{RngExt, SeedableRng};
 
 use super::*;
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, StatGrads, StatsWanted, TokenStats};
+use crate::backend::{Backend, StatGrads, StatsWanted};
 
 /// `runtime plugin inspect FILE.wasm`.
 pub fn inspect(spec: &PluginSpec) -> Result<String> {
@@ -89,7 +89,7 @@ fn stats_loss(p: &mut Plugin, s: &Synthetic, logits: &[f32], want: StatsWanted, 
     let be = Cpu;
     let (z, t) = (logits.to_vec(), s.targets.clone());
     let mut stats = be.token_stats(&z, &t, s.v, want);
-    let saved = TokenStats { row_lse: std::mem::take(&mut stats.row_lse), row_mean_z: std::mem::take(&mut stats.row_mean_z), ..TokenStats::default() };
+    let saved = stats.take_backward_state();
     let batch = TokenBatch {
         batch_size: s.batch as u32,
         seq_len: s.seq as u32,
@@ -107,12 +107,7 @@ fn stats_loss(p: &mut Plugin, s: &Synthetic, logits: &[f32], want: StatsWanted, 
     let mut d = z;
     if grad {
         let g = StatGrads { label_logprob: out.d_label_logprob, logsumexp: out.d_logsumexp, mean_logprob: out.d_mean_logprob, entropy: out.d_entropy };
-        if [(&g.label_logprob, want.label_logprob), (&g.logsumexp, want.logsumexp), (&g.mean_logprob, want.mean_logprob), (&g.entropy, want.entropy)]
-            .iter()
-            .any(|(d, asked)| !d.is_empty() && !asked)
-        {
-            return Err(p.invalid("loss.compute-loss", "returned a gradient for a statistic it did not request"));
-        }
+        g.check(want, t.len()).map_err(|e| p.invalid("loss.compute-loss", e))?;
         be.token_stats_bwd(&mut d, &t, s.v, &saved, &g);
     }
     Ok((out.loss as f64, d))
@@ -209,18 +204,7 @@ pub fn check(spec: &PluginSpec, tokenizer: Option<Arc<Tokenizer>>) -> Result<Str
                 let be = Cpu;
                 let stats = be.token_stats(&s.logits, &s.targets, s.v, StatsWanted { label_logprob: true, argmax: true, ..Default::default() });
                 p.metrics_reset()?;
-                let batch = EvalBatch {
-                    kind: PredictionKind::Argmax,
-                    batch_size: s.batch as u32,
-                    label_len: s.seq as u32,
-                    labels: s.targets.clone(),
-                    prediction_len: s.seq as u32,
-                    predictions: stats.argmax,
-                    label_logprob: stats.label_logprob,
-                    inputs: None,
-                    input_len: s.seq as u32,
-                    pad_token_id: Some(0),
-                };
+                let batch = EvalBatch::argmax(s.batch, s.seq, s.targets.clone(), stats, None, Some(0));
                 p.metrics_update(&batch)?;
                 let m = p.metrics_compute()?;
                 let _ = writeln!(out, "metrics: {}", m.iter().map(|m| format!("{} = {:.6}", m.name, m.value)).collect::<Vec<_>>().join(", "));

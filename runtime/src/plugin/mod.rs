@@ -248,6 +248,25 @@ impl bindings::trainer::plugin::host::Host for HostState {
     }
 }
 
+impl EvalBatch {
+    /// An evaluation batch of argmax predictions and label log-probabilities (from
+    /// [`crate::backend::Backend::token_stats`]) aligned with the shifted `labels`, `[rows, seq]`.
+    pub fn argmax(rows: usize, seq: usize, labels: Vec<i32>, stats: crate::backend::TokenStats, inputs: Option<Vec<u32>>, pad_token_id: Option<u32>) -> Self {
+        EvalBatch {
+            kind: PredictionKind::Argmax,
+            batch_size: rows as u32,
+            label_len: seq as u32,
+            labels,
+            prediction_len: seq as u32,
+            predictions: stats.argmax,
+            label_logprob: stats.label_logprob,
+            inputs,
+            input_len: seq as u32,
+            pad_token_id,
+        }
+    }
+}
+
 /// What `runtime plugin inspect` shows.
 #[derive(Clone, Debug)]
 pub struct Inspection {

@@ -104,6 +104,13 @@ fn fit_batch_size(model: &Model<Cpu>, batch: usize, accum: usize, seq: usize, bu
     )))
 }
 
+/// Generation's view of an example: the prompt is its unlabelled prefix, the reference its
+/// labelled tokens. `None` when there is no prompt or nothing labelled.
+fn prompt_and_reference(e: &Example) -> Option<(&[u32], Vec<u32>)> {
+    let start = e.labels.iter().position(|&l| l != crate::backend::cpu::IGNORE_INDEX).filter(|&s| s > 0)?;
+    Some((&e.input_ids[..start], e.labels[start..].iter().filter(|&&l| l >= 0).map(|&l| l as u32).collect()))
+}
+
 /// Running training losses: since the last log, and over the whole run.
 #[derive(Default)]
 struct LossLog {
@@ -570,18 +577,8 @@ impl Trainer {
                 let want = StatsWanted { label_logprob: true, argmax: true, ..StatsWanted::default() };
                 let stats = self.model.token_stats(&acts, want);
                 let include_inputs = self.args.include_for_metrics.iter().any(|x| x == "inputs");
-                let batch = EvalBatch {
-                    kind: PredictionKind::Argmax,
-                    batch_size: b.batch as u32,
-                    label_len: b.seq as u32,
-                    labels: shifted_labels(&b),
-                    prediction_len: b.seq as u32,
-                    predictions: stats.argmax,
-                    label_logprob: stats.label_logprob,
-                    inputs: include_inputs.then(|| b.input_ids.iter().map(|&x| x as u32).collect()),
-                    input_len: b.seq as u32,
-                    pad_token_id: Some(self.pad.pad_id),
-                };
+                let inputs = include_inputs.then(|| b.input_ids.iter().map(|&x| x as u32).collect());
+                let batch = EvalBatch::argmax(b.batch, b.seq, shifted_labels(&b), stats, inputs, Some(self.pad.pad_id));
                 self.plugins.metrics_update(&batch)?;
             }
             batches += 1;
@@ -625,14 +622,12 @@ impl Trainer {
                 self.plugins.metrics_update(&batch)?;
             }
             for (&i, gen) in ix.iter().zip(&generated) {
-                let e = &examples[i];
-                let start = e.labels.iter().position(|&l| l >= 0).unwrap_or(0);
-                let reference: Vec<u32> = e.labels[start..].iter().filter(|&&l| l >= 0).map(|&l| l as u32).collect();
+                let (prompt, reference) = prompt_and_reference(&examples[i]).expect("generate_batch checked every example");
                 // up to and including the first EOS (a finished row is padded after it)
                 let end = gen.iter().position(|t| eos.contains(t)).map_or(gen.len(), |p| p + 1);
                 let line = json!({
                     "index": i,
-                    "input_ids": &e.input_ids[..start],
+                    "input_ids": prompt,
                     "label_ids": reference,
                     "prediction_ids": &gen[..end],
                     "label": self.tokenizer.decode(&reference, true)?,
@@ -692,14 +687,12 @@ impl Trainer {
         let mut prompts = Vec::with_capacity(ix.len());
         let mut refs = Vec::with_capacity(ix.len());
         for &i in ix {
-            let e = &examples[i];
-            let start = e.labels.iter().position(|&l| l != crate::backend::cpu::IGNORE_INDEX);
-            match start {
-                Some(s) if s > 0 => {
-                    prompts.push(e.input_ids[..s].to_vec());
-                    refs.push(e.labels[s..].iter().filter(|&&l| l >= 0).map(|&l| l as u32).collect::<Vec<u32>>());
+            match prompt_and_reference(&examples[i]) {
+                Some((prompt, reference)) => {
+                    prompts.push(prompt.to_vec());
+                    refs.push(reference);
                 }
-                _ => {
+                None => {
                     return Err(Error::Invalid(format!(
                         "predict_with_generate: evaluation example {} has no prompt to generate from (it needs unlabelled prompt tokens followed by labelled ones: prompt/completion or messages records)",
                         i + 1

@@ -9,7 +9,7 @@ use safetensors::SafeTensors;
 use crate::backend::cpu::Cpu;
 use crate::backend::AttnImpl;
 use crate::error::{Error, Result};
-use crate::model::{init::init_tensors, io, Activations, Batch, Device, Dtype, Layout, LoadOptions, LossOptions, Model, ModelConfig};
+use crate::model::{init::init_tensors, io, Activations, Batch, Device, Dtype, Layout, LoadOptions, LossOptions, LossOutput, Model, ModelConfig};
 
 pub fn parse_dtype(s: &str) -> Result<Dtype> {
     Dtype::parse(s).ok_or_else(|| Error::Invalid(format!("unknown torch_dtype `{s}` (expected float32, float16 or bfloat16)")))
@@ -79,7 +79,7 @@ pub fn inspect(dir: &Path, device: Device) -> Result<String> {
     dtypes.sort();
     dtypes.dedup();
     let device_name = match device.resolve() {
-        Ok(d) => d.to_string(),
+        Ok(d) => d,
         Err(e) => format!("unavailable ({e})"),
     };
     let mut out = String::new();
@@ -194,14 +194,13 @@ pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions
         position_ids: other("position_ids")?,
         columns: Vec::new(),
     };
-    let model = Model::load(Cpu, model_dir, opts)?;
-    model.validate(&batch).map_err(|e| Error::weights(inputs, e.to_string()))?;
-    let mut acts = Activations::new(&model, b, t);
-    let loss = model.forward(&mut acts, &batch, LossOptions::default(), false)?;
-    let logits = &acts.logits;
+    let (logits, loss) = match opts.device.select(false)? {
+        crate::model::Selected::Cpu => forward_on(Cpu, model_dir, inputs, &batch, opts)?,
+        crate::model::Selected::Cuda(cuda) => forward_on(cuda, model_dir, inputs, &batch, opts)?,
+    };
     let mut out_bytes: Vec<u8> = Vec::with_capacity(logits.len() * 4);
     logits.iter().for_each(|v| out_bytes.extend_from_slice(&v.to_le_bytes()));
-    let v = model.config.vocab_size;
+    let v = logits.len() / (b * t).max(1);
     let mut tensors = vec![("logits".to_string(), TensorView::new(StDtype::F32, vec![b, t, v], &out_bytes).map_err(|e| Error::Invalid(e.to_string()))?)];
     let loss_bytes = loss.map(|l| l.mean.to_le_bytes());
     if let Some(lb) = &loss_bytes {
@@ -210,6 +209,14 @@ pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions
     let data = safetensors::serialize(tensors, None).map_err(|e| Error::weights(output, e.to_string()))?;
     io::write_file(output, &data)?;
     Ok(loss.map(|l| l.mean))
+}
+
+fn forward_on<B: crate::backend::Backend>(be: B, model_dir: &Path, inputs: &Path, batch: &Batch, opts: LoadOptions) -> Result<(Vec<f32>, Option<LossOutput>)> {
+    let model = Model::load(be, model_dir, opts)?;
+    model.validate(batch).map_err(|e| Error::weights(inputs, e.to_string()))?;
+    let mut acts = Activations::new(&model, batch.batch, batch.seq);
+    let loss = model.forward(&mut acts, batch, LossOptions::default(), false)?;
+    Ok((model.backend.download(&acts.logits), loss))
 }
 
 /// `runtime tokenize`: what the tokenizer does with each text under the run's settings.

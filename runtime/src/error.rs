@@ -19,6 +19,9 @@ pub enum Error {
     /// A plugin failed or returned something invalid; the message names the plugin and hook.
     #[error("{0}")]
     Plugin(String),
+    /// The CUDA device, driver or a CUDA library is missing or failed.
+    #[error("{0}")]
+    Device(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use runtime::backend::Backend;
 use runtime::bench::{self, BenchConfig};
 use runtime::commands::{self, parse_attn, parse_device, parse_dtype, parse_shard_size};
-use runtime::model::LoadOptions;
+use runtime::model::{Device, LoadOptions, Selected};
+use runtime::train::trainer::Trainer;
 
 #[derive(Parser)]
 #[command(name = "runtime", version, about = "A training runtime for Hugging Face format language models")]
@@ -244,6 +246,33 @@ enum Command {
         decode: Option<usize>,
         #[arg(long, default_value_t = 32)]
         prompt: usize,
+        /// cpu (default) or cuda
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// bf16 mixed precision (CUDA)
+        #[arg(long)]
+        bf16: bool,
+    },
+    /// Compile every CUDA kernel with NVRTC for the given architectures (no GPU needed): the
+    /// check the test suite runs.
+    Kernels {
+        /// e.g. sm_90 (repeatable; default sm_90 and sm_80)
+        #[arg(long)]
+        arch: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// On a machine with an NVIDIA GPU: every op of the CUDA backend against the CPU backend on
+    /// random inputs, then whole training steps; a table, and a non-zero exit on any mismatch.
+    CudaCheck {
+        /// bf16 mixed precision (limits 1e-2 where bf16 operands are involved)
+        #[arg(long)]
+        bf16: bool,
+        #[arg(long)]
+        json: bool,
+        /// also time the attention kernels and the fused AdamW step
+        #[arg(long)]
+        bench: bool,
     },
 }
 
@@ -296,20 +325,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train { config, overrides } => {
             let overrides = runtime::args::training::parse_overrides(&overrides)?;
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
-            let mut trainer = runtime::train::trainer::Trainer::new(args)?;
-            tracing::info!(
-                "training {} ({} parameters) on {} examples for {} steps",
-                trainer.model.config.architecture_name(),
-                trainer.model.num_parameters(),
-                trainer.train_len(),
-                trainer.state.max_steps
-            );
-            let metrics = trainer.train()?;
-            for e in trainer.state.log_history.iter().filter(|e| e.contains_key("loss") || e.contains_key("eval_loss")) {
-                println!("{}", serde_json::to_string(e)?);
+            match select_backend(&args)? {
+                Selected::Cpu => train_on(runtime::backend::cpu::Cpu, args)?,
+                Selected::Cuda(cuda) => train_on(cuda, args)?,
             }
-            println!("{}", serde_json::to_string(&metrics)?);
-            println!("saved to {}", trainer.args.output_dir);
         }
         Command::Example { name, output_dir, n_train, n_eval, digits, seed } => {
             if name != "addition" {
@@ -321,8 +340,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval { config, overrides } => {
             let overrides = runtime::args::training::parse_overrides(&overrides)?;
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
-            let mut trainer = runtime::train::trainer::Trainer::for_eval(args)?;
-            println!("{}", serde_json::to_string(&trainer.evaluate()?)?);
+            match select_backend(&args)? {
+                Selected::Cpu => eval_on(runtime::backend::cpu::Cpu, args)?,
+                Selected::Cuda(cuda) => eval_on(cuda, args)?,
+            }
         }
         Command::Predict { model, test_file, overrides } => {
             let mut overrides = runtime::args::training::parse_overrides(&overrides)?;
@@ -330,10 +351,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             overrides.insert(1, ("validation_file".into(), serde_json::json!(test_file)));
             overrides.push(("predict_with_generate".into(), serde_json::json!(true)));
             let args = runtime::args::TrainingArguments::load(None, &overrides)?;
-            let mut trainer = runtime::train::trainer::Trainer::for_eval(args)?;
-            let metrics = trainer.predict()?;
-            println!("{}", serde_json::to_string(&metrics)?);
-            println!("wrote {}", std::path::Path::new(&trainer.args.output_dir).join("generated_predictions.jsonl").display());
+            match select_backend(&args)? {
+                Selected::Cpu => predict_on(runtime::backend::cpu::Cpu, args)?,
+                Selected::Cuda(cuda) => predict_on(cuda, args)?,
+            }
         }
         Command::Generate { model, mut prompt, prompt_file, chat, settings } => {
             if let Some(f) = &prompt_file {
@@ -396,6 +417,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             decode,
             prompt,
+            device,
+            bf16,
         } => {
             if arch != "gpt2" && arch != "llama" {
                 anyhow::bail!("unknown --arch `{arch}` (expected gpt2 or llama)");
@@ -438,7 +461,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            let r = bench::run(&cfg)?;
+            let r = match parse_device(&device)?.select(bf16)? {
+                Selected::Cpu if bf16 => anyhow::bail!("--bf16 needs --device cuda"),
+                Selected::Cpu => bench::run(&cfg)?,
+                Selected::Cuda(cuda) => bench::run_cuda(&cfg, cuda)?,
+            };
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -461,6 +488,57 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Kernels { mut arch, json } => {
+            if arch.is_empty() {
+                arch = vec!["sm_90".into(), "sm_80".into()];
+            }
+            let reports = runtime::backend::cuda::kernels::compile_all(&arch)?;
+            if json {
+                println!("{}", serde_json::to_string(&reports)?);
+            } else {
+                let (major, minor) = runtime::backend::cuda::kernels::nvrtc_version()?;
+                println!("NVRTC {major}.{minor}");
+                for r in &reports {
+                    println!("{:<26} {:<6} {:>4} kernels {:>8} bytes of PTX  {:.2} s", r.file, r.arch, r.kernels.len(), r.ptx_bytes, r.seconds);
+                }
+            }
+        }
+        Command::CudaCheck { bf16, json, bench } => {
+            let cuda = runtime::backend::cuda::Cuda::new(0, bf16)?;
+            if bench {
+                let timings = runtime::backend::cuda::check::kernel_bench(&cuda);
+                if json {
+                    println!("{}", serde_json::to_string(&timings)?);
+                } else {
+                    for t in &timings {
+                        println!("{:<18} {:<28} {:8.3} ms  {:8.1} {}", t.kernel, t.case, t.ms, t.rate, t.unit);
+                    }
+                }
+                return Ok(());
+            }
+            let mut checks = runtime::backend::cuda::check::op_parity(&cuda);
+            checks.extend(runtime::backend::cuda::check::step_parity(&cuda)?);
+            let failed = checks.iter().filter(|c| !c.pass).count();
+            if json {
+                println!("{}", serde_json::to_string(&checks)?);
+            } else {
+                let info = cuda.info();
+                println!(
+                    "{} (compute capability {}.{}), {}",
+                    info.name,
+                    info.compute_capability.0,
+                    info.compute_capability.1,
+                    if bf16 { "bf16" } else { "f32" }
+                );
+                println!("| op | case | output | rel. error | limit | |\n|---|---|---|---|---|---|");
+                for c in &checks {
+                    println!("| {} | {} | {} | {:.2e} | {:.0e} | {} |", c.op, c.case, c.output, c.rel_err, c.limit, if c.pass { "ok" } else { "FAIL" });
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} CUDA checks failed", checks.len());
+            }
+        }
     }
     Ok(())
 }
@@ -480,4 +558,43 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The backend `device` (or `use_cpu`) and `bf16` ask for.
+fn select_backend(args: &runtime::args::TrainingArguments) -> anyhow::Result<Selected> {
+    let device = if args.use_cpu { Device::Cpu } else { parse_device(&args.device)? };
+    Ok(device.select(args.bf16)?)
+}
+
+fn train_on<B: Backend + Clone>(backend: B, args: runtime::args::TrainingArguments) -> anyhow::Result<()> {
+    let mut trainer = Trainer::new_on(backend, args, true)?;
+    tracing::info!(
+        "training {} ({} parameters) on {} examples for {} steps ({})",
+        trainer.model.config.architecture_name(),
+        trainer.model.num_parameters(),
+        trainer.train_len(),
+        trainer.state.max_steps,
+        trainer.model.backend.name()
+    );
+    let metrics = trainer.train()?;
+    for e in trainer.state.log_history.iter().filter(|e| e.contains_key("loss") || e.contains_key("eval_loss")) {
+        println!("{}", serde_json::to_string(e)?);
+    }
+    println!("{}", serde_json::to_string(&metrics)?);
+    println!("saved to {}", trainer.args.output_dir);
+    Ok(())
+}
+
+fn eval_on<B: Backend + Clone>(backend: B, args: runtime::args::TrainingArguments) -> anyhow::Result<()> {
+    let mut trainer = Trainer::new_on(backend, args, false)?;
+    println!("{}", serde_json::to_string(&trainer.evaluate()?)?);
+    Ok(())
+}
+
+fn predict_on<B: Backend + Clone>(backend: B, args: runtime::args::TrainingArguments) -> anyhow::Result<()> {
+    let mut trainer = Trainer::new_on(backend, args, false)?;
+    let metrics = trainer.predict()?;
+    println!("{}", serde_json::to_string(&metrics)?);
+    println!("wrote {}", std::path::Path::new(&trainer.args.output_dir).join("generated_predictions.jsonl").display());
+    Ok(())
 }

@@ -7,6 +7,7 @@
 //! overwritten unless the method says otherwise.
 
 pub mod cpu;
+pub mod cuda;
 pub mod profiled;
 
 /// Which per-token statistics [`Backend::token_stats`] computes.
@@ -144,6 +145,40 @@ pub struct AdamWStep {
     /// Multiplies every gradient before use: the clipping coefficient, fused into the step
     /// (1.0 when no clipping applies).
     pub grad_scale: f32,
+}
+
+/// One tensor of a multi-tensor AdamW step: parameter, gradient, first and second moments, and
+/// whether weight decay applies.
+pub type AdamWArgs<'a, B> = (&'a mut <B as Backend>::Buf, &'a <B as Backend>::Buf, &'a mut <B as Backend>::Buf, &'a mut <B as Backend>::Buf, bool);
+
+/// The per-step scalars of [`AdamWStep`], computed in double precision as PyTorch does in Python
+/// and rounded once, so every backend applies the same f32 values.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWScalars {
+    /// `lr / (1 - beta1^t)`
+    pub step_size: f32,
+    /// `sqrt(1 - beta2^t)`
+    pub bc2_sqrt: f32,
+    /// `1 - lr * weight_decay`, for tensors that decay
+    pub decay_mul: f32,
+    /// `1 - beta1`
+    pub w1: f32,
+    /// `1 - beta2`
+    pub w2: f32,
+}
+
+impl AdamWStep {
+    pub fn scalars(&self) -> AdamWScalars {
+        let t = self.step as i32;
+        let (lr, b1, b2) = (self.lr as f64, self.beta1 as f64, self.beta2 as f64);
+        AdamWScalars {
+            step_size: (lr / (1.0 - b1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+            decay_mul: (1.0 - lr * self.weight_decay as f64) as f32,
+            w1: (1.0 - b1) as f32,
+            w2: (1.0 - b2) as f32,
+        }
+    }
 }
 
 pub trait Backend: Send + Sync {
@@ -285,4 +320,20 @@ pub trait Backend: Send + Sync {
     fn scale(&self, buf: &mut Self::Buf, s: f32);
     /// One AdamW step on one tensor (`decay` selects whether weight decay applies).
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamWStep, decay: bool);
+    /// One AdamW step over many tensors (the CUDA backend fuses them into one kernel launch).
+    fn adamw_multi(&self, tensors: &mut [AdamWArgs<'_, Self>], hp: AdamWStep)
+    where
+        Self: Sized,
+    {
+        for (p, g, m, v, decay) in tensors.iter_mut() {
+            self.adamw(p, g, m, v, hp, *decay);
+        }
+    }
+
+    /// Whether the backend's attention supports this head dim (the message says why not).
+    fn check_head_dim(&self, _head_dim: usize) -> Result<(), String> {
+        Ok(())
+    }
+    /// Waits until every queued op has finished (for timing); a no-op on the CPU.
+    fn synchronize(&self) {}
 }

@@ -1,6 +1,6 @@
 //! A backend decorator that times every op and counts matrix-product FLOPs, for the benchmark's
 //! "where does the time go" table. It wraps any backend; the CPU ops are synchronous, so wall time
-//! per call is the op's time.
+//! per call is the op's time; on a GPU each op is waited for.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -19,13 +19,15 @@ pub struct Profiled<B> {
     totals: Mutex<Totals>,
 }
 
-impl<B> Profiled<B> {
+impl<B: Backend> Profiled<B> {
     pub fn new(inner: B) -> Self {
         Profiled { inner, totals: Mutex::new(Totals::default()) }
     }
     fn time<R>(&self, op: &'static str, flops: f64, f: impl FnOnce() -> R) -> R {
         let t = Instant::now();
         let r = f();
+        // GPU ops are queued: wait for this one so its time is its own
+        self.inner.synchronize();
         let dt = t.elapsed().as_secs_f64();
         let mut tot = self.totals.lock().unwrap_or_else(|e| e.into_inner());
         *tot.secs.entry(op).or_default() += dt;
@@ -173,5 +175,14 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn adamw(&self, p: &mut B::Buf, g: &B::Buf, m: &mut B::Buf, v: &mut B::Buf, hp: AdamWStep, decay: bool) {
         self.time("optimizer", 0.0, || self.inner.adamw(p, g, m, v, hp, decay))
+    }
+    fn adamw_multi(&self, tensors: &mut [super::AdamWArgs<'_, Self>], hp: AdamWStep) {
+        self.time("optimizer", 0.0, || self.inner.adamw_multi(tensors, hp))
+    }
+    fn check_head_dim(&self, head_dim: usize) -> Result<(), String> {
+        self.inner.check_head_dim(head_dim)
+    }
+    fn synchronize(&self) {
+        self.inner.synchronize()
     }
 }

@@ -37,14 +37,41 @@ impl Device {
         }
     }
 
-    /// The backend this build would use. CUDA is not compiled into this build yet: asking for it
-    /// is an error, `auto` falls back to the CPU.
-    pub fn resolve(self) -> Result<&'static str> {
+    /// A short description of the device this choice gives here (for `inspect`): `cpu`, or the
+    /// CUDA device's name; an error when `cuda` was asked for and none is usable.
+    pub fn resolve(self) -> Result<String> {
+        let cuda = |info: crate::backend::cuda::DeviceInfo| {
+            format!("cuda:{} ({}, compute capability {}.{})", info.ordinal, info.name, info.compute_capability.0, info.compute_capability.1)
+        };
         match self {
-            Device::Cpu | Device::Auto => Ok("cpu"),
-            Device::Cuda => Err(Error::Unsupported("device `cuda`: this build has no CUDA backend yet; use `cpu` or `auto`".into())),
+            Device::Cpu => Ok("cpu".into()),
+            Device::Cuda => crate::backend::cuda::probe(0).map(cuda),
+            Device::Auto => Ok(crate::backend::cuda::probe(0).map_or_else(|_| "cpu".into(), cuda)),
         }
     }
+
+    /// Opens the backend: the CPU, or CUDA device 0 with its kernels compiled (`bf16`: mixed
+    /// precision). `auto` takes CUDA when a device and its libraries are present and says why
+    /// not otherwise; `cuda` with no usable device is an error that says what is missing.
+    pub fn select(self, bf16: bool) -> Result<Selected> {
+        match self {
+            Device::Cpu => Ok(Selected::Cpu),
+            Device::Cuda => Ok(Selected::Cuda(crate::backend::cuda::Cuda::new(0, bf16)?)),
+            Device::Auto => match crate::backend::cuda::probe(0) {
+                Ok(_) => Ok(Selected::Cuda(crate::backend::cuda::Cuda::new(0, bf16)?)),
+                Err(why) => {
+                    tracing::debug!("device auto: using the CPU ({why})");
+                    Ok(Selected::Cpu)
+                }
+            },
+        }
+    }
+}
+
+/// An opened backend, as [`Device::select`] chose it.
+pub enum Selected {
+    Cpu,
+    Cuda(crate::backend::cuda::Cuda),
 }
 
 /// Loading options under transformers' names (`from_pretrained(torch_dtype=..., attn_implementation=...)`).
@@ -99,7 +126,6 @@ const COMPANION_FILES: &[&str] = &[
 impl<B: Backend> Model<B> {
     /// `from_pretrained`: reads `config.json` and the safetensors weights of a model folder.
     pub fn load(backend: B, dir: &Path, opts: LoadOptions) -> Result<Self> {
-        opts.device.resolve()?;
         let config = ModelConfig::from_dir(dir)?;
         let layout = Layout::new(&config);
         let loaded = io::load_weights(dir, &layout)?;
@@ -116,6 +142,7 @@ impl<B: Backend> Model<B> {
     /// A model from given f32 tensors in the engine's layout.
     pub fn from_tensors(backend: B, config: ModelConfig, tensors: Vec<Vec<f32>>, opts: LoadOptions) -> Result<Self> {
         let layout = Layout::new(&config);
+        backend.check_head_dim(config.head_dim).map_err(Error::Unsupported)?;
         for (spec, t) in layout.specs.iter().zip(&tensors) {
             if t.len() != spec.numel() {
                 return Err(Error::Invalid(format!("tensor `{}` has {} values, expected {}", spec.name, t.len(), spec.numel())));

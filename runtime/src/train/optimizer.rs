@@ -40,9 +40,15 @@ impl<B: Backend> AdamW<B> {
         self.step += 1;
         let c = self.config;
         let hp = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: self.step, grad_scale };
-        for (i, spec) in model.layout.specs.iter().enumerate() {
-            model.backend.adamw(&mut model.params[i], &grads.tensors[i], &mut self.exp_avg[i], &mut self.exp_avg_sq[i], hp, spec.decay);
-        }
+        let mut tensors: Vec<_> = model
+            .params
+            .iter_mut()
+            .zip(&grads.tensors)
+            .zip(self.exp_avg.iter_mut().zip(self.exp_avg_sq.iter_mut()))
+            .zip(&model.layout.specs)
+            .map(|(((p, g), (m, v)), spec)| (p, g, m, v, spec.decay))
+            .collect();
+        model.backend.adamw_multi(&mut tensors, hp);
     }
 }
 

@@ -20,6 +20,7 @@ use crate::args::training::NanInfPolicy;
 use crate::args::{IntervalStrategy, SaveStrategy, TrainingArguments};
 use crate::backend::cpu::Cpu;
 use crate::backend::AttnImpl;
+use crate::backend::Backend;
 use crate::backend::StatsWanted;
 use crate::data::cache::load_examples_cached;
 use crate::data::{pad_batch, Example, PadOptions, Padding, Tokenizer};
@@ -31,9 +32,10 @@ use crate::model::{
 };
 use crate::plugin::{EvalBatch, PredictionKind};
 
-pub struct Trainer {
+/// The trainer on a backend: the CPU by default, or the CUDA backend (see [`Trainer::new_on`]).
+pub struct Trainer<B: Backend = Cpu> {
     pub args: TrainingArguments,
-    pub model: Model<Cpu>,
+    pub model: Model<B>,
     pub tokenizer: Arc<Tokenizer>,
     pub state: TrainerState,
     train: Vec<Example>,
@@ -45,7 +47,7 @@ pub struct Trainer {
     /// Where the model came from (its `generation_config.json`, for `predict_with_generate`).
     model_dir: PathBuf,
     pad: PadOptions,
-    opt: AdamW<Cpu>,
+    opt: AdamW<B>,
     schedule: Schedule,
     sampler: Sampler,
     output_dir: PathBuf,
@@ -88,7 +90,7 @@ fn memory_budget() -> u128 {
 /// gradients, AdamW's two moments and the activations at the longest example) fits in 90% of
 /// `budget`, with the accumulation raised by the same factor so the examples per step do not
 /// change (transformers only halves the batch). An error when even one example does not fit.
-fn fit_batch_size(model: &Model<Cpu>, batch: usize, accum: usize, seq: usize, budget: u128) -> Result<(usize, usize)> {
+fn fit_batch_size<B: Backend>(model: &Model<B>, batch: usize, accum: usize, seq: usize, budget: u128) -> Result<(usize, usize)> {
     let fixed = 16 * model.layout.numel() as u128;
     let usable = budget / 10 * 9;
     for d in (1..=batch).filter(|&d| batch.is_multiple_of(d)) {
@@ -145,19 +147,23 @@ pub(crate) fn num(x: f64) -> Value {
     serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
 }
 
-impl Trainer {
-    /// Loads (or initialises) the model, the tokenizer and the datasets, and checks everything
-    /// before any training step.
+impl Trainer<Cpu> {
+    /// Loads (or initialises) the model, the tokenizer and the datasets on the CPU backend, and
+    /// checks everything before any training step.
     pub fn new(args: TrainingArguments) -> Result<Self> {
-        Self::build(args, true)
+        Self::new_on(Cpu, args, true)
     }
 
     /// For `runtime eval`: the model, tokenizer and validation set only.
     pub fn for_eval(args: TrainingArguments) -> Result<Self> {
-        Self::build(args, false)
+        Self::new_on(Cpu, args, false)
     }
+}
 
-    fn build(args: TrainingArguments, training: bool) -> Result<Self> {
+impl<B: Backend + Clone> Trainer<B> {
+    /// The trainer on `backend` (see [`crate::model::Device::select`]); `training = false` loads
+    /// what evaluation and prediction need only.
+    pub fn new_on(backend: B, args: TrainingArguments, training: bool) -> Result<Self> {
         // settings transformers honours that this build does not implement yet: refused, never
         // silently ignored
         let unsupported = [
@@ -167,10 +173,8 @@ impl Trainer {
         if let Some((_, name)) = unsupported.iter().find(|(set, _)| *set) {
             return Err(Error::Unsupported(format!("`{name}` is not supported by this build yet")));
         }
-        if args.bf16 {
-            return Err(Error::Unsupported(
-                "bf16 mixed precision needs the CUDA backend, which this build does not have; the CPU backend trains in f32".into(),
-            ));
+        if args.bf16 && backend.name() != "cuda" {
+            return Err(Error::Unsupported("bf16 mixed precision runs on the CUDA backend (`device = \"cuda\"`); the CPU backend trains in f32".into()));
         }
         let device = Device::parse(&args.device).unwrap_or(Device::Auto);
         let opts = LoadOptions {
@@ -183,13 +187,13 @@ impl Trainer {
             device: if args.use_cpu { Device::Cpu } else { device },
         };
         let (mut model, model_dir) = match (&args.model_name_or_path, &args.config_name) {
-            (Some(m), _) => (Model::load(Cpu, Path::new(m), opts)?, PathBuf::from(m)),
+            (Some(m), _) => (Model::load(backend.clone(), Path::new(m), opts)?, PathBuf::from(m)),
             (None, Some(c)) => {
                 let path = if Path::new(c).is_dir() { Path::new(c).join("config.json") } else { PathBuf::from(c) };
                 let cfg = ModelConfig::from_file(&path)?;
                 let tensors = init_tensors(&cfg, &Layout::new(&cfg), args.seed);
                 let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-                (Model::from_tensors(Cpu, cfg, tensors, opts)?, dir)
+                (Model::from_tensors(backend.clone(), cfg, tensors, opts)?, dir)
             }
             (None, None) => return Err(Error::Invalid("set model_name_or_path (a model folder) or config_name (a config.json to train from scratch)".into())),
         };
@@ -412,7 +416,8 @@ impl Trainer {
 
     fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let state = TrainerState::read(&dir.join("trainer_state.json"))?;
-        let loaded = Model::load(Cpu, dir, LoadOptions { torch_dtype: None, attn_implementation: self.model.attn_impl, device: Device::Cpu })?;
+        let loaded =
+            Model::load(self.model.backend.clone(), dir, LoadOptions { torch_dtype: None, attn_implementation: self.model.attn_impl, device: Device::Cpu })?;
         if loaded.layout.numel() != self.model.layout.numel() {
             return Err(Error::Invalid(format!("{}: the checkpoint's model differs from the run's", dir.display())));
         }
@@ -427,8 +432,8 @@ impl Trainer {
                 if view.dtype() != StDtype::F32 || view.shape() != [spec.numel()] {
                     return Err(Error::tensor(&path, &name, format!("expected F32 [{}], found {:?} {:?}", spec.numel(), view.dtype(), view.shape())));
                 }
-                dst.clear();
-                dst.extend(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+                let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                *dst = self.model.backend.upload(&values);
             }
         }
         self.opt.step = state.optimizer_step;
@@ -459,7 +464,7 @@ impl Trainer {
             let mut bytes: Vec<(String, Vec<u8>)> = Vec::new();
             for (i, spec) in model.layout.specs.iter().enumerate() {
                 for (prefix, t) in [("exp_avg", &opt.exp_avg[i]), ("exp_avg_sq", &opt.exp_avg_sq[i])] {
-                    bytes.push((format!("{prefix}.{}", spec.name), t.iter().flat_map(|v| v.to_le_bytes()).collect()));
+                    bytes.push((format!("{prefix}.{}", spec.name), model.backend.download(t).iter().flat_map(|v| v.to_le_bytes()).collect()));
                 }
             }
             let views = bytes
@@ -910,8 +915,11 @@ impl Trainer {
         let secs = started.elapsed().as_secs_f64();
         if self.args.load_best_model_at_end {
             if let Some(best) = self.state.best_model_checkpoint.clone() {
-                let loaded =
-                    Model::load(Cpu, Path::new(&best), LoadOptions { torch_dtype: None, attn_implementation: self.model.attn_impl, device: Device::Cpu })?;
+                let loaded = Model::load(
+                    self.model.backend.clone(),
+                    Path::new(&best),
+                    LoadOptions { torch_dtype: None, attn_implementation: self.model.attn_impl, device: Device::Cpu },
+                )?;
                 self.model.params = loaded.params;
                 tracing::info!("loaded the best model from {best} ({} = {:?})", self.args.best_metric_key().unwrap_or_default(), self.state.best_metric);
             }

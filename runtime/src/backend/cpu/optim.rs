@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::AdamWStep;
+use crate::backend::{AdamWScalars, AdamWStep};
 
 pub fn sum_squares(x: &[f32]) -> f64 {
     // fixed chunking keeps the summation order independent of the thread count
@@ -16,14 +16,8 @@ pub fn scale(x: &mut [f32], s: f32) {
 /// `torch.optim.AdamW` (single-tensor path): decoupled decay, `exp_avg.lerp_(g, 1 - beta1)`,
 /// `denom = sqrt(exp_avg_sq) / sqrt(1 - beta2^t) + eps`, `p -= lr / (1 - beta1^t) * exp_avg / denom`.
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamWStep, decay: bool) {
-    // the scalars are computed in double precision, as PyTorch does in Python
-    let t = hp.step as i32;
-    let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
-    let bc2_sqrt = (1.0 - b2.powi(t)).sqrt() as f32;
-    let step_size = (lr / (1.0 - b1.powi(t))) as f32;
-    let decay_mul = if decay { (1.0 - lr * hp.weight_decay as f64) as f32 } else { 1.0 };
-    let w1 = (1.0 - b1) as f32;
-    let w2 = (1.0 - b2) as f32;
+    let AdamWScalars { step_size, bc2_sqrt, decay_mul, w1, w2 } = hp.scalars();
+    let decay_mul = if decay { decay_mul } else { 1.0 };
     p.par_chunks_mut(1 << 14).zip(g.par_chunks(1 << 14)).zip(m.par_chunks_mut(1 << 14).zip(v.par_chunks_mut(1 << 14))).for_each(|((p, g), (m, v))| {
         for i in 0..p.len() {
             // the clipped gradient, rounded to f32 as torch's in-place `grad.mul_(coef)` leaves it

@@ -1,0 +1,164 @@
+// Shared helpers for every kernel file. The runtime compiles each `kernels/X.cu` with NVRTC after
+// prepending this text, so nothing here (or in any kernel file) may `#include` anything: bf16 is
+// carried as its raw bits (`unsigned short`) and converted by the helpers below.
+//
+// Conventions: every float buffer is f32; indices into large buffers are 64-bit (`long long`);
+// reductions use a fixed combination order (warp shuffles in a fixed butterfly, then the warps in
+// index order), so results do not depend on scheduling.
+
+typedef unsigned short bf16_t;
+
+#define IGNORE_INDEX (-100)
+
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// ---- bf16 <-> f32 ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t h) { return __uint_as_float(((unsigned int)h) << 16); }
+
+/// Round to nearest even; NaN stays a (quiet) NaN with its sign, infinities stay infinities.
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (bf16_t)((u >> 16) | 0x0040u);
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+/// Loads one element of an f32 or bf16 buffer as f32.
+__device__ __forceinline__ float load_f32(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float load_f32(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+
+// ---- reductions -----------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+}
+
+/// Sum over a block of `NT` threads (a multiple of 32, 1-D). `scratch` holds at least NT / 32
+/// floats. Every thread gets the same result. Contains __syncthreads (call from uniform code).
+template <int NT>
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NT / 32; ++w) t += scratch[w];
+    return t;
+}
+
+template <int NT>
+__device__ __forceinline__ double block_sum_d(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    double t = 0.0;
+#pragma unroll
+    for (int w = 0; w < NT / 32; ++w) t += scratch[w];
+    return t;
+}
+
+/// Maximum over a block (NaN is not propagated, as the CPU's `math::max`).
+template <int NT>
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = neg_inf();
+#pragma unroll
+    for (int w = 0; w < NT / 32; ++w) t = scratch[w] > t ? scratch[w] : t;
+    return t;
+}
+
+// ---- grid-stride loops ----------------------------------------------------------------------
+
+__device__ __forceinline__ long long grid_start() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x * blockDim.x; }
+
+// ---- deterministic column reductions over rows (the CPU's `math::reduce_rows`) ----------------
+//
+// The CPU splits the rows into fixed blocks of `per = max(ceil(rows / 16), 1)` rows, sums each
+// block sequentially from 0 (one partial per column), then adds the partials to the output in
+// block order. This helper does exactly the same with a (32, 8) thread block owning 32 columns:
+// thread row ty sums the row blocks ty and ty + 8, and the threads of row 0 add the partials in
+// order. With explicitly rounded operations in `Term`, the result is bitwise the CPU's.
+//
+// `Term` provides `NOUT` and `__device__ void term(long long r, int j, float* t) const`, writing
+// row r's contribution to column j of each output into t[0..NOUT].
+
+#define RR_BLOCKS 16
+
+template <class Term>
+__device__ __forceinline__ void reduce_rows_cols(float* const* outs, int rows, int c, const Term& f) {
+    constexpr int NOUT = Term::NOUT;
+    __shared__ float part[RR_BLOCKS][NOUT][32];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int j = blockIdx.x * 32 + tx;
+    const int per = rows > 0 ? (rows + RR_BLOCKS - 1) / RR_BLOCKS : 1;
+    const int nblocks = (rows + per - 1) / per;
+    for (int blk = ty; blk < RR_BLOCKS; blk += 8) {
+        float acc[NOUT];
+#pragma unroll
+        for (int o = 0; o < NOUT; ++o) acc[o] = 0.0f;
+        if (blk < nblocks && j < c) {
+            const int r0 = blk * per;
+            const int r1 = min(r0 + per, rows);
+            int r = r0;
+            // four rows' terms are computed ahead (independent loads), then added in row order
+            for (; r + 4 <= r1; r += 4) {
+                float t[4][NOUT];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) f.term((long long)(r + u), j, t[u]);
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+#pragma unroll
+                    for (int o = 0; o < NOUT; ++o) acc[o] = __fadd_rn(acc[o], t[u][o]);
+                }
+            }
+            for (; r < r1; ++r) {
+                float t[NOUT];
+                f.term((long long)r, j, t);
+#pragma unroll
+                for (int o = 0; o < NOUT; ++o) acc[o] = __fadd_rn(acc[o], t[o]);
+            }
+        }
+#pragma unroll
+        for (int o = 0; o < NOUT; ++o) part[blk][o][tx] = acc[o];
+    }
+    __syncthreads();
+    if (ty == 0 && j < c) {
+#pragma unroll
+        for (int o = 0; o < NOUT; ++o) {
+            if (outs[o] == nullptr) continue;
+            float v = outs[o][j];
+            for (int blk = 0; blk < nblocks; ++blk) v = __fadd_rn(v, part[blk][o][tx]);
+            outs[o][j] = v;
+        }
+    }
+}

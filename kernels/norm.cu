@@ -1,0 +1,147 @@
+// LayerNorm (GPT-2) and RMSNorm (Llama), forward and backward. CPU twins: cpu/norm.rs.
+//
+// *_fwd, *_bwd_dx: one block of 256 threads per row, grid rows. Row sums are block reductions in a
+//   fixed order; the elementwise arithmetic is in the CPU's order with explicitly rounded operations.
+//   The backward kernels ACCUMULATE into dx (dx += ...), as the CPU does.
+// *_bwd_params: block (32, 8), grid ceil(c / 32); dw (and db) += the CPU's fixed row-block sums
+//   (common.cuh `reduce_rows_cols`), bitwise equal to the CPU.
+
+#define NORM_THREADS 256
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_fwd(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b, int rows, int c, float eps) {
+    __shared__ float scratch[NORM_THREADS / 32];
+    const long long r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + r * c;
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < c; i += NORM_THREADS) acc = __fadd_rn(acc, xr[i]);
+    const float m = __fdiv_rn(block_sum<NORM_THREADS>(acc, scratch), (float)c);
+    // two passes, as the definition: the variance of (x - mean)
+    acc = 0.0f;
+    for (int i = threadIdx.x; i < c; i += NORM_THREADS) {
+        const float d = __fsub_rn(xr[i], m);
+        acc = __fadd_rn(acc, __fmul_rn(d, d));
+    }
+    const float var = __fdiv_rn(block_sum<NORM_THREADS>(acc, scratch), (float)c);
+    const float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
+    if (threadIdx.x == 0) {
+        mean[r] = m;
+        rstd[r] = s;
+    }
+    float* o = out + r * c;
+    for (int i = threadIdx.x; i < c; i += NORM_THREADS) {
+        const float y = __fmul_rn(__fmul_rn(__fsub_rn(xr[i], m), s), w[i]);
+        o[i] = b != nullptr ? __fadd_rn(y, b[i]) : y;
+    }
+}
+
+// dx += (w * dout - mean(w * dout) - n * mean(w * dout * n)) * rstd, n = (x - mean) * rstd
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_bwd_dx(float* dx, const float* dout, const float* x, const float* w, const float* mean, const float* rstd, int rows, int c) {
+    __shared__ float scratch[NORM_THREADS / 32];
+    const long long r = blockIdx.x;
+    if (r >= rows) return;
+    const float m = mean[r], s = rstd[r];
+    const float* xr = x + r * c;
+    const float* dr = dout + r * c;
+    float a0 = 0.0f, a1 = 0.0f;
+    for (int i = threadIdx.x; i < c; i += NORM_THREADS) {
+        const float n = __fmul_rn(__fsub_rn(xr[i], m), s);
+        const float dn = __fmul_rn(w[i], dr[i]);
+        a0 = __fadd_rn(a0, dn);
+        a1 = __fadd_rn(a1, __fmul_rn(dn, n));
+    }
+    const float dnorm_mean = __fdiv_rn(block_sum<NORM_THREADS>(a0, scratch), (float)c);
+    const float dnorm_norm_mean = __fdiv_rn(block_sum<NORM_THREADS>(a1, scratch), (float)c);
+    float* dxr = dx + r * c;
+    for (int i = threadIdx.x; i < c; i += NORM_THREADS) {
+        const float n = __fmul_rn(__fsub_rn(xr[i], m), s);
+        const float t = __fsub_rn(__fsub_rn(__fmul_rn(w[i], dr[i]), dnorm_mean), __fmul_rn(n, dnorm_norm_mean));
+        dxr[i] = __fadd_rn(dxr[i], __fmul_rn(t, s));
+    }
+}
+
+struct LayerNormParamTerm {
+    static constexpr int NOUT = 2;
+    const float* dout;
+    const float* x;
+    const float* mean;
+    const float* rstd;
+    int c;
+    __device__ __forceinline__ void term(long long r, int j, float* t) const {
+        const float d = dout[r * c + j];
+        t[0] = __fmul_rn(__fmul_rn(d, __fsub_rn(x[r * c + j], mean[r])), rstd[r]);
+        t[1] = d;
+    }
+};
+
+struct LayerNormParamTermNoBias {
+    static constexpr int NOUT = 1;
+    const float* dout;
+    const float* x;
+    const float* mean;
+    const float* rstd;
+    int c;
+    __device__ __forceinline__ void term(long long r, int j, float* t) const {
+        t[0] = __fmul_rn(__fmul_rn(dout[r * c + j], __fsub_rn(x[r * c + j], mean[r])), rstd[r]);
+    }
+};
+
+// dw += sum_r dout * (x - mean) * rstd; db += sum_r dout (when db is not null)
+extern "C" __global__ void __launch_bounds__(256) layernorm_bwd_params(float* dw, float* db, const float* dout, const float* x, const float* mean, const float* rstd, int rows, int c) {
+    if (db != nullptr) {
+        float* outs[2] = {dw, db};
+        reduce_rows_cols(outs, rows, c, LayerNormParamTerm{dout, x, mean, rstd, c});
+    } else {
+        float* outs[1] = {dw};
+        reduce_rows_cols(outs, rows, c, LayerNormParamTermNoBias{dout, x, mean, rstd, c});
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_fwd(float* out, float* rstd, const float* x, const float* w, int rows, int c, float eps) {
+    __shared__ float scratch[NORM_THREADS / 32];
+    const long long r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + r * c;
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < c; i += NORM_THREADS) acc = __fadd_rn(acc, __fmul_rn(xr[i], xr[i]));
+    const float ms = __fdiv_rn(block_sum<NORM_THREADS>(acc, scratch), (float)c);
+    const float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+    if (threadIdx.x == 0) rstd[r] = s;
+    float* o = out + r * c;
+    for (int i = threadIdx.x; i < c; i += NORM_THREADS) o[i] = __fmul_rn(w[i], __fmul_rn(xr[i], s));
+}
+
+// dx += rstd * (w * dout - x * rstd * mean(w * dout * x * rstd))
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_bwd_dx(float* dx, const float* dout, const float* x, const float* w, const float* rstd, int rows, int c) {
+    __shared__ float scratch[NORM_THREADS / 32];
+    const long long r = blockIdx.x;
+    if (r >= rows) return;
+    const float s = rstd[r];
+    const float* xr = x + r * c;
+    const float* dr = dout + r * c;
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < c; i += NORM_THREADS) acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(__fmul_rn(w[i], dr[i]), xr[i]), s));
+    const float dn_n = __fdiv_rn(block_sum<NORM_THREADS>(acc, scratch), (float)c);
+    float* dxr = dx + r * c;
+    for (int i = threadIdx.x; i < c; i += NORM_THREADS) {
+        const float t = __fsub_rn(__fmul_rn(w[i], dr[i]), __fmul_rn(__fmul_rn(xr[i], s), dn_n));
+        dxr[i] = __fadd_rn(dxr[i], __fmul_rn(s, t));
+    }
+}
+
+struct RmsNormParamTerm {
+    static constexpr int NOUT = 1;
+    const float* dout;
+    const float* x;
+    const float* rstd;
+    int c;
+    __device__ __forceinline__ void term(long long r, int j, float* t) const {
+        t[0] = __fmul_rn(__fmul_rn(dout[r * c + j], x[r * c + j]), rstd[r]);
+    }
+};
+
+// dw += sum_r dout * x * rstd
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_params(float* dw, const float* dout, const float* x, const float* rstd, int rows, int c) {
+    float* outs[1] = {dw};
+    reduce_rows_cols(outs, rows, c, RmsNormParamTerm{dout, x, rstd, c});
+}

@@ -1,0 +1,81 @@
+// Elementwise kernels: fill, scale, add, f32 -> bf16, GELU (tanh) and SwiGLU.
+// CPU twins: cpu/pointwise.rs (gelu_*, swiglu_*, add), cpu/optim.rs (scale), Backend::fill.
+// Launch: block 256, grid min(ceil(n / 256), 65535), grid-stride loops.
+//
+// The arithmetic is written in the CPU's order with explicitly rounded operations (__fmul_rn,
+// __fadd_rn, ...) so that no FMA contraction changes the result; the only differences from the CPU
+// come from expf/tanhf (CUDA's, about 1-2 ulp) against the CPU's polynomial exp.
+
+extern "C" __global__ void fill_f32(float* x, float v, long long n) {
+    for (long long i = grid_start(); i < n; i += grid_stride()) x[i] = v;
+}
+
+extern "C" __global__ void scale_f32(float* x, float s, long long n) {
+    for (long long i = grid_start(); i < n; i += grid_stride()) x[i] = __fmul_rn(x[i], s);
+}
+
+extern "C" __global__ void add_f32(float* out, const float* a, const float* b, long long n) {
+    for (long long i = grid_start(); i < n; i += grid_stride()) out[i] = __fadd_rn(a[i], b[i]);
+}
+
+extern "C" __global__ void cast_f32_bf16(bf16_t* y, const float* x, long long n) {
+    for (long long i = grid_start(); i < n; i += grid_stride()) y[i] = f32_to_bf16(x[i]);
+}
+
+#define GELU_K 0.7978846f  // sqrt(2 / pi), as cpu/pointwise.rs
+#define GELU_C 0.044715f
+
+// out = 0.5 * x * (1 + tanh(K * (x + C * x * x * x)))
+extern "C" __global__ void gelu_fwd(float* out, const float* x, long long n) {
+    for (long long i = grid_start(); i < n; i += grid_stride()) {
+        const float v = x[i];
+        const float cube = __fmul_rn(__fmul_rn(__fmul_rn(GELU_C, v), v), v);
+        const float t = tanhf(__fmul_rn(GELU_K, __fadd_rn(v, cube)));
+        out[i] = __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, t));
+    }
+}
+
+// dx = (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * K * (1 + 3 * C * x * x)) * dout (overwritten)
+extern "C" __global__ void gelu_bwd(float* dx, const float* x, const float* dout, long long n) {
+    for (long long i = grid_start(); i < n; i += grid_stride()) {
+        const float v = x[i];
+        const float cube = __fmul_rn(__fmul_rn(__fmul_rn(GELU_C, v), v), v);
+        const float t = tanhf(__fmul_rn(GELU_K, __fadd_rn(v, cube)));
+        const float sech2 = __fsub_rn(1.0f, __fmul_rn(t, t));
+        const float inner = __fadd_rn(1.0f, __fmul_rn(__fmul_rn(__fmul_rn(3.0f, GELU_C), v), v));
+        const float right = __fmul_rn(__fmul_rn(__fmul_rn(__fmul_rn(0.5f, v), sech2), GELU_K), inner);
+        const float grad = __fadd_rn(__fmul_rn(0.5f, __fadd_rn(1.0f, t)), right);
+        dx[i] = __fmul_rn(grad, dout[i]);
+    }
+}
+
+// x is [rows, 2 * i] (gate, then up); out is [rows, i]: out = gate * sigmoid(gate) * up.
+extern "C" __global__ void swiglu_fwd(float* out, const float* x, long long rows, int i) {
+    const long long n = rows * (long long)i;
+    for (long long e = grid_start(); e < n; e += grid_stride()) {
+        const long long r = e / i;
+        const long long k = e - r * i;
+        const float g = x[r * 2 * i + k];
+        const float up = x[r * 2 * i + i + k];
+        const float sig = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g)));
+        out[e] = __fmul_rn(__fmul_rn(g, sig), up);
+    }
+}
+
+// dx is [rows, 2 * i] (overwritten): d gate = dout * up * s * (1 + g * (1 - s)), d up = dout * silu(g).
+extern "C" __global__ void swiglu_bwd(float* dx, const float* x, const float* dout, long long rows, int i) {
+    const long long n = rows * (long long)i;
+    for (long long e = grid_start(); e < n; e += grid_stride()) {
+        const long long r = e / i;
+        const long long k = e - r * i;
+        const long long gi = r * 2 * i + k;
+        const float g = x[gi];
+        const float up = x[gi + i];
+        const float d = dout[e];
+        const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g)));
+        const float silu = __fmul_rn(g, s);
+        dx[gi + i] = __fmul_rn(d, silu);
+        const float tail = __fadd_rn(1.0f, __fmul_rn(g, __fsub_rn(1.0f, s)));
+        dx[gi] = __fmul_rn(__fmul_rn(__fmul_rn(d, up), s), tail);
+    }
+}

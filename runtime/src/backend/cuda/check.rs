@@ -1,0 +1,388 @@
+//! Op-by-op parity of the CUDA backend against the CPU backend on random inputs (never zeros),
+//! then whole training steps of small GPT-2 and Llama models: `runtime cuda-check` and the GPU
+//! tests. Every accumulating output starts from random values, so `+=` and `=` are told apart.
+//!
+//! The error measure is the largest absolute difference over the largest magnitude of the CPU
+//! result (`max|gpu - cpu| / max|cpu|`); limits are 1e-4 in f32 and 1e-2 where bf16 operands
+//! are involved.
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::Cuda;
+use crate::backend::cpu::Cpu;
+use crate::backend::{AdamWStep, AttnImpl, AttnShape, Backend, StatGrads, StatsWanted};
+use crate::error::Result;
+use crate::model::{init::init_tensors, Activations, Batch, Grads, Layout, LoadOptions, LossOptions, Model, ModelConfig};
+use crate::train::optimizer::{clip_coefficient, AdamW, AdamWConfig};
+
+/// One compared output.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub op: String,
+    pub case: String,
+    pub output: String,
+    pub rel_err: f64,
+    pub limit: f64,
+    pub pass: bool,
+}
+
+/// `max|a - b| / max|b|` (NaN anywhere counts as an infinite error).
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let scale = b.iter().fold(0f64, |m, &x| m.max((x as f64).abs())).max(1e-30);
+    let diff = a.iter().zip(b).fold(0f64, |m, (&x, &y)| if x.is_nan() || y.is_nan() { f64::INFINITY } else { m.max((x as f64 - y as f64).abs()) });
+    diff / scale
+}
+
+struct Rng(ChaCha8Rng);
+
+impl Rng {
+    /// Uniform in `[-s, s]`, never exactly zero.
+    fn vec(&mut self, n: usize, s: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| loop {
+                let x = self.0.random_range(-s..s);
+                if x != 0.0 {
+                    break x;
+                }
+            })
+            .collect()
+    }
+    fn ids(&mut self, n: usize, hi: i32) -> Vec<i32> {
+        (0..n).map(|_| self.0.random_range(0..hi)).collect()
+    }
+}
+
+/// The outputs of one op on one backend, downloaded.
+type Outs = Vec<(&'static str, Vec<f32>)>;
+
+struct Report {
+    checks: Vec<Check>,
+}
+
+impl Report {
+    fn compare(&mut self, op: &str, case: &str, gpu: Outs, cpu: Outs, limit: f64) {
+        for ((name, g), (_, c)) in gpu.into_iter().zip(cpu) {
+            let e = rel_err(&g, &c);
+            self.checks.push(Check { op: op.into(), case: case.into(), output: name.into(), rel_err: e, limit, pass: e <= limit });
+        }
+    }
+}
+
+fn pointwise<B: Backend>(be: &B, x: &[f32], y: &[f32], d: &[f32], dx0: &[f32], i: usize) -> Outs {
+    let (xb, yb, db) = (be.upload(x), be.upload(y), be.upload(d));
+    let mut out = be.upload(dx0);
+    let mut res = Vec::new();
+    be.gelu_fwd(&mut out, &xb);
+    res.push(("gelu_fwd", be.download(&out)));
+    be.gelu_bwd(&mut out, &xb, &db);
+    res.push(("gelu_bwd", be.download(&out)));
+    be.add(&mut out, &xb, &yb);
+    res.push(("add", be.download(&out)));
+    let mut s = be.upload(x);
+    be.scale(&mut s, 0.37);
+    res.push(("scale", be.download(&s)));
+    be.fill(&mut s, 1.25);
+    res.push(("fill", be.download(&s)));
+    res.push(("sum_squares", vec![be.sum_squares(&xb) as f32]));
+    // swiglu on [rows, 2i] input
+    let mut o = be.upload(&dx0[..x.len() / 2]);
+    be.swiglu_fwd(&mut o, &xb, i);
+    res.push(("swiglu_fwd", be.download(&o)));
+    let mut dxs = be.upload(dx0);
+    be.swiglu_bwd(&mut dxs, &xb, &be.upload(&d[..x.len() / 2]), i);
+    res.push(("swiglu_bwd", be.download(&dxs)));
+    res
+}
+
+#[allow(clippy::too_many_arguments)] // an op's inputs
+fn norms<B: Backend>(be: &B, x: &[f32], w: &[f32], bias: &[f32], d: &[f32], dx0: &[f32], dw0: &[f32], c: usize) -> Outs {
+    let rows = x.len() / c;
+    let (xb, wb, bb, db) = (be.upload(x), be.upload(w), be.upload(bias), be.upload(d));
+    let (mut out, mut mean, mut rstd) = (be.zeros(x.len()), be.zeros(rows), be.zeros(rows));
+    be.layernorm_fwd(&mut out, &mut mean, &mut rstd, &xb, &wb, Some(&bb), c, 1e-5);
+    let mut res = vec![("layernorm_fwd", be.download(&out)), ("layernorm_mean", be.download(&mean)), ("layernorm_rstd", be.download(&rstd))];
+    let (mut dx, mut dw, mut dbias) = (be.upload(dx0), be.upload(dw0), be.upload(dw0));
+    be.layernorm_bwd(&mut dx, &mut dw, Some(&mut dbias), &db, &xb, &wb, &mean, &rstd, c);
+    res.extend([("layernorm_dx", be.download(&dx)), ("layernorm_dw", be.download(&dw)), ("layernorm_db", be.download(&dbias))]);
+    be.rmsnorm_fwd(&mut out, &mut rstd, &xb, &wb, c, 1e-6);
+    res.extend([("rmsnorm_fwd", be.download(&out)), ("rmsnorm_rstd", be.download(&rstd))]);
+    let (mut dx, mut dw) = (be.upload(dx0), be.upload(dw0));
+    be.rmsnorm_bwd(&mut dx, &mut dw, &db, &xb, &wb, &rstd, c);
+    res.extend([("rmsnorm_dx", be.download(&dx)), ("rmsnorm_dw", be.download(&dw))]);
+    res
+}
+
+#[allow(clippy::too_many_arguments)] // an op's inputs
+fn matmul<B: Backend>(be: &B, inp: &[f32], w: &[f32], bias: &[f32], d: &[f32], dw0: &[f32], (n, k, m): (usize, usize, usize)) -> Outs {
+    let (ib, wb, bb, db) = (be.upload(inp), be.upload(w), be.upload(bias), be.upload(d));
+    let mut out = be.zeros(n * m);
+    be.matmul_fwd(&mut out, &ib, &wb, Some(&bb), n, k, m);
+    let mut res = vec![("out", be.download(&out))];
+    let (mut dinp, mut dw, mut dbias) = (be.zeros(n * k), be.upload(dw0), be.upload(&bias.iter().map(|x| x * 0.5).collect::<Vec<_>>()));
+    be.matmul_bwd(Some(&mut dinp), &mut dw, Some(&mut dbias), &db, &ib, &wb, n, k, m);
+    res.extend([("dinp", be.download(&dinp)), ("dw", be.download(&dw)), ("dbias", be.download(&dbias))]);
+    res
+}
+
+fn attention<B: Backend>(be: &B, qkv: &[f32], mask: &[i32], d: &[f32], s: AttnShape) -> Outs {
+    let (qb, mb, db) = (be.upload(qkv), be.upload_ids(mask), be.upload(d));
+    let (mut out, mut stats) = (be.zeros(s.rows() * s.out_width()), be.zeros(s.stats_len(AttnImpl::Flash)));
+    be.attention_fwd(&mut out, &mut stats, &qb, &mb, s, AttnImpl::Flash);
+    let mut dqkv = be.upload(&vec![7.0; qkv.len()]);
+    be.attention_bwd(&mut dqkv, &db, &qb, &out, &stats, &mb, s, AttnImpl::Flash);
+    vec![("out", be.download(&out)), ("dqkv", be.download(&dqkv))]
+}
+
+fn rope<B: Backend>(be: &B, qkv: &[f32], pos: &[i32], s: AttnShape) -> Outs {
+    let (mut qb, pb) = (be.upload(qkv), be.upload_ids(pos));
+    be.rope(&mut qb, &pb, s, 10000.0, false);
+    let fwd = be.download(&qb);
+    be.rope(&mut qb, &pb, s, 10000.0, true);
+    vec![("rope", fwd), ("rope_inverse", be.download(&qb))]
+}
+
+/// Appends a prompt to the KV cache, then decodes one token attending to it.
+fn decode<B: Backend>(be: &B, prompt_qkv: &[f32], tok_qkv: &[f32], mask: &[i32], s: AttnShape, max_len: usize) -> Outs {
+    let kvw = s.n_kv_head * s.head_dim;
+    let (mut kc, mut vc) = (be.zeros(s.batch * max_len * kvw), be.zeros(s.batch * max_len * kvw));
+    be.kv_append(&mut kc, &mut vc, &be.upload(prompt_qkv), 0, s, max_len);
+    let one = AttnShape { seq: 1, ..s };
+    be.kv_append(&mut kc, &mut vc, &be.upload(tok_qkv), s.seq, one, max_len);
+    let mut out = be.zeros(s.batch * s.out_width());
+    be.attention_decode(&mut out, &be.upload(tok_qkv), &kc, &vc, &be.upload_ids(mask), s.seq, one, max_len);
+    vec![("k_cache", be.download(&kc)), ("v_cache", be.download(&vc)), ("out", be.download(&out))]
+}
+
+fn embedding<B: Backend>(be: &B, ids: &[i32], pos: &[i32], wte: &[f32], wpe: &[f32], d: &[f32], c: usize) -> Outs {
+    let (ib, pb, wb, pwb) = (be.upload_ids(ids), be.upload_ids(pos), be.upload(wte), be.upload(wpe));
+    let mut out = be.zeros(ids.len() * c);
+    be.embedding_fwd(&mut out, &ib, &wb, Some((&pwb, &pb)), c);
+    let (mut dwte, mut dwpe) = (be.upload(wte), be.upload(wpe));
+    be.embedding_bwd(&mut dwte, Some((&mut dwpe, &pb)), &ib, &be.upload(d), c);
+    vec![("out", be.download(&out)), ("dwte", be.download(&dwte)), ("dwpe", be.download(&dwpe))]
+}
+
+fn losses<B: Backend>(be: &B, logits: &[f32], targets: &[i32], v: usize, g: &StatGrads) -> Outs {
+    let tb = be.upload_ids(targets);
+    let mut lb = be.upload(logits);
+    let rows = be.cross_entropy(&mut lb, &tb, v, 0.1, Some(0.5));
+    let mut res = vec![("ce_loss", rows.loss), ("ce_n_targets", vec![rows.n_targets as f32]), ("ce_grad", be.download(&lb))];
+    let want = StatsWanted { label_logprob: true, logsumexp: true, mean_logprob: true, entropy: true, argmax: true };
+    let lb = be.upload(logits);
+    let mut st = be.token_stats(&lb, &tb, v, want);
+    res.extend([
+        ("label_logprob", st.label_logprob.clone()),
+        ("logsumexp", st.logsumexp.clone()),
+        ("mean_logprob", st.mean_logprob.clone()),
+        ("entropy", st.entropy.clone()),
+        ("argmax", st.argmax.iter().map(|&a| a as f32).collect()),
+    ]);
+    let back = st.take_backward_state();
+    let mut lb = be.upload(logits);
+    be.token_stats_bwd(&mut lb, &tb, v, &back, g);
+    res.push(("token_stats_bwd", be.download(&lb)));
+    res
+}
+
+fn adamw<B: Backend>(be: &B, p: &[Vec<f32>], g: &[Vec<f32>], m: &[Vec<f32>], v: &[Vec<f32>]) -> Outs {
+    let up = |x: &[Vec<f32>]| x.iter().map(|t| be.upload(t)).collect::<Vec<_>>();
+    let (mut pb, gb, mut mb, mut vb) = (up(p), up(g), up(m), up(v));
+    let hp = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.7 };
+    let mut t: Vec<_> =
+        pb.iter_mut().zip(&gb).zip(mb.iter_mut().zip(vb.iter_mut())).enumerate().map(|(i, ((p, g), (m, v)))| (p, g, m, v, i % 2 == 0)).collect();
+    be.adamw_multi(&mut t, hp);
+    let cat = |x: &[B::Buf]| x.iter().flat_map(|b| be.download(b)).collect::<Vec<f32>>();
+    vec![("param", cat(&pb)), ("exp_avg", cat(&mb)), ("exp_avg_sq", cat(&vb))]
+}
+
+/// Every op of the set on the CPU and on `gpu`, compared.
+pub fn op_parity(gpu: &Cuda) -> Vec<Check> {
+    let cpu = Cpu;
+    let mut r = Report { checks: Vec::new() };
+    let mut rng = Rng(ChaCha8Rng::seed_from_u64(2024));
+    let lim = if gpu.bf16() { 1e-2 } else { 1e-4 };
+
+    let (rows, i) = (37, 300);
+    let (x, y, d, dx0) = (rng.vec(rows * 2 * i, 3.0), rng.vec(rows * 2 * i, 1.0), rng.vec(rows * 2 * i, 1.0), rng.vec(rows * 2 * i, 1.0));
+    r.compare("pointwise", &format!("{} values", x.len()), pointwise(gpu, &x, &y, &d, &dx0, i), pointwise(&cpu, &x, &y, &d, &dx0, i), 1e-4);
+
+    for c in [64, 768, 1000] {
+        let rows = 45;
+        let (x, w, b, d, dx0, dw0) =
+            (rng.vec(rows * c, 2.0), rng.vec(c, 1.0), rng.vec(c, 1.0), rng.vec(rows * c, 1.0), rng.vec(rows * c, 1.0), rng.vec(c, 1.0));
+        r.compare("norm", &format!("rows {rows}, width {c}"), norms(gpu, &x, &w, &b, &d, &dx0, &dw0, c), norms(&cpu, &x, &w, &b, &d, &dx0, &dw0, c), 1e-4);
+    }
+
+    for (n, k, m) in [(64, 48, 80), (257, 768, 300), (1024, 768, 2304)] {
+        let (inp, w, b, d, dw0) = (rng.vec(n * k, 1.0), rng.vec(m * k, 0.1), rng.vec(m, 1.0), rng.vec(n * m, 1.0), rng.vec(m * k, 1.0));
+        let case = format!("n {n}, k {k}, m {m}");
+        r.compare("matmul", &case, matmul(gpu, &inp, &w, &b, &d, &dw0, (n, k, m)), matmul(&cpu, &inp, &w, &b, &d, &dw0, (n, k, m)), lim);
+    }
+
+    for (batch, seq, n_head, n_kv_head, head_dim) in [(2, 70, 4, 2, 16), (1, 130, 2, 2, 64), (2, 100, 4, 1, 128), (1, 256, 12, 12, 64)] {
+        let s = AttnShape { batch, seq, n_head, n_kv_head, head_dim };
+        let qkv = rng.vec(s.rows() * s.qkv_width(), 1.0);
+        // left padding on the first sequence: a row with every key masked, and masked keys
+        let mask: Vec<i32> = (0..s.rows()).map(|r| i32::from(!(r < s.seq && r % s.seq < 5))).collect();
+        let d = rng.vec(s.rows() * s.out_width(), 1.0);
+        let case = format!("b {batch}, t {seq}, heads {n_head}/{n_kv_head}, d {head_dim}");
+        r.compare("attention", &case, attention(gpu, &qkv, &mask, &d, s), attention(&cpu, &qkv, &mask, &d, s), lim);
+        let pos: Vec<i32> = (0..s.rows()).map(|r| (r % s.seq) as i32 + 3).collect();
+        r.compare("rope", &case, rope(gpu, &qkv, &pos, s), rope(&cpu, &qkv, &pos, s), 1e-4);
+        let max_len = seq + 9;
+        let tok = rng.vec(batch * s.qkv_width(), 1.0);
+        let dmask: Vec<i32> = (0..batch * max_len).map(|j| i32::from(j % max_len >= 3 || j / max_len == 1)).collect();
+        r.compare("kv_append + attention_decode", &case, decode(gpu, &qkv, &tok, &dmask, s, max_len), decode(&cpu, &qkv, &tok, &dmask, s, max_len), 1e-4);
+    }
+
+    let (vocab, c, rows) = (1000, 96, 300);
+    let (ids, pos) = (rng.ids(rows, vocab as i32), rng.ids(rows, 64));
+    let (wte, wpe, d) = (rng.vec(vocab * c, 1.0), rng.vec(64 * c, 1.0), rng.vec(rows * c, 1.0));
+    r.compare(
+        "embedding",
+        &format!("rows {rows}, width {c}"),
+        embedding(gpu, &ids, &pos, &wte, &wpe, &d, c),
+        embedding(&cpu, &ids, &pos, &wte, &wpe, &d, c),
+        1e-4,
+    );
+
+    for v in [1000, 50257] {
+        let rows = 24;
+        let logits = rng.vec(rows * v, 8.0);
+        let targets: Vec<i32> = (0..rows).map(|r| if r % 5 == 3 { -100 } else { rng.0.random_range(0..v as i32) }).collect();
+        let g = StatGrads { label_logprob: rng.vec(rows, 1.0), logsumexp: rng.vec(rows, 1.0), mean_logprob: rng.vec(rows, 1.0), entropy: rng.vec(rows, 1.0) };
+        r.compare("loss", &format!("rows {rows}, vocab {v}"), losses(gpu, &logits, &targets, v, &g), losses(&cpu, &logits, &targets, v, &g), 1e-4);
+    }
+
+    let sizes = [1000, 4096 * 3 + 5, 17, 300_000];
+    let mk = |rng: &mut Rng, s: f32| sizes.iter().map(|&n| rng.vec(n, s)).collect::<Vec<_>>();
+    let (p, g, m) = (mk(&mut rng, 1.0), mk(&mut rng, 1.0), mk(&mut rng, 0.1));
+    let v: Vec<Vec<f32>> = mk(&mut rng, 0.01).into_iter().map(|t| t.into_iter().map(|x| x.abs()).collect()).collect();
+    r.compare("adamw_multi", &format!("{} tensors", sizes.len()), adamw(gpu, &p, &g, &m, &v), adamw(&cpu, &p, &g, &m, &v), 1e-5);
+    r.checks
+}
+
+/// One whole step (forward, backward, clipping, AdamW) of a small model on both backends: the
+/// loss, the gradient norm and every updated parameter compared.
+pub fn step_parity(gpu: &Cuda) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let lim = if gpu.bf16() { 1e-2 } else { 1e-4 };
+    for (arch, raw) in [
+        ("gpt2", serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 500, "n_positions": 128})),
+        (
+            "llama",
+            serde_json::json!({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 344, "vocab_size": 500, "max_position_embeddings": 128}),
+        ),
+    ] {
+        let serde_json::Value::Object(map) = raw else { unreachable!("a JSON object literal") };
+        let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
+        let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
+        let (b, t) = (3, 64);
+        let mut rng = Rng(ChaCha8Rng::seed_from_u64(9));
+        let ids = rng.ids(b * t, cfg.vocab_size as i32);
+        let mut labels = ids.clone();
+        labels[..7].iter_mut().for_each(|l| *l = -100);
+        let mut mask = vec![1; b * t];
+        mask[t..t + 4].iter_mut().for_each(|m| *m = 0);
+        let batch = Batch { batch: b, seq: t, input_ids: ids, labels: Some(labels), attention_mask: Some(mask), ..Batch::default() };
+        let cpu = one_step(Cpu, cfg.clone(), tensors.clone(), &batch)?;
+        let dev = one_step(gpu.clone(), cfg, tensors, &batch)?;
+        let case = format!("{arch}, 2 layers, batch {b}x{t}");
+        for (name, g, c) in [("loss", vec![dev.0], vec![cpu.0]), ("grad_norm", vec![dev.1], vec![cpu.1]), ("parameters after one step", dev.2, cpu.2)] {
+            let e = rel_err(&g, &c);
+            checks.push(Check { op: "training step".into(), case: case.clone(), output: name.into(), rel_err: e, limit: lim, pass: e <= lim });
+        }
+    }
+    Ok(checks)
+}
+
+fn one_step<B: Backend>(be: B, cfg: ModelConfig, tensors: Vec<Vec<f32>>, batch: &Batch) -> Result<(f32, f32, Vec<f32>)> {
+    let mut model = Model::from_tensors(be, cfg, tensors, LoadOptions::default())?;
+    let mut acts = Activations::new(&model, batch.batch, batch.seq);
+    let mut grads = Grads::zeros(&model);
+    let mut opt = AdamW::new(&model, AdamWConfig { lr: 1e-3, weight_decay: 0.01, ..AdamWConfig::default() });
+    let loss = model.forward_backward(&mut acts, batch, &mut grads, LossOptions { label_smoothing: 0.1, num_items_in_batch: None })?.mean;
+    let (norm, coef) = clip_coefficient(&model.backend, &grads, 1.0);
+    opt.step(&mut model, &grads, 1e-3, coef);
+    let params = model.params.iter().flat_map(|p| model.backend.download(p)).collect();
+    Ok((loss, norm, params))
+}
+
+/// One timed kernel case of [`kernel_bench`].
+#[derive(Clone, Debug, Serialize)]
+pub struct Timing {
+    pub kernel: String,
+    pub case: String,
+    pub ms: f64,
+    /// TFLOP/s for attention (causal FLOPs: forward `2*2*B*H*T*T*D/2`, backward 2.5x), GB/s of
+    /// bytes moved for AdamW.
+    pub rate: f64,
+    pub unit: String,
+}
+
+fn best_ms(gpu: &Cuda, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    gpu.synchronize();
+    (0..reps)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            gpu.synchronize();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+/// Attention forward+backward at head dims 64 and 128 and sequences 1024 and 4096 (about
+/// 98k query rows per head-batch, as `scripts/gpu_reference.py` times PyTorch's SDPA), and the
+/// fused AdamW step over GPT-2 124M's parameter count.
+pub fn kernel_bench(gpu: &Cuda) -> Vec<Timing> {
+    let mut out = Vec::new();
+    let mut rng = Rng(ChaCha8Rng::seed_from_u64(1));
+    for (d, t) in [(64, 1024), (128, 1024), (64, 4096), (128, 4096)] {
+        let h = 12;
+        let b = 8 * 1024 / t;
+        let s = AttnShape { batch: b, seq: t, n_head: h, n_kv_head: h, head_dim: d };
+        let qkv = gpu.upload(&rng.vec(s.rows() * s.qkv_width(), 1.0));
+        let mask = gpu.upload_ids(&vec![1; s.rows()]);
+        let dout = gpu.upload(&rng.vec(s.rows() * s.out_width(), 1.0));
+        let (mut o, mut st, mut dqkv) = (gpu.zeros(s.rows() * s.out_width()), gpu.zeros(s.stats_len(AttnImpl::Flash)), gpu.zeros(s.rows() * s.qkv_width()));
+        let fwd_flops = 2.0 * 2.0 * (b * h * t * t * d) as f64 / 2.0;
+        let case = format!("B {b}, H {h}, T {t}, D {d}");
+        let ms = best_ms(gpu, 5, || gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash));
+        out.push(Timing { kernel: "attention fwd".into(), case: case.clone(), ms, rate: fwd_flops / ms / 1e9, unit: "TFLOP/s".into() });
+        let ms = best_ms(gpu, 5, || {
+            gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash);
+            gpu.attention_bwd(&mut dqkv, &dout, &qkv, &o, &st, &mask, s, AttnImpl::Flash);
+        });
+        out.push(Timing { kernel: "attention fwd+bwd".into(), case, ms, rate: 3.5 * fwd_flops / ms / 1e9, unit: "TFLOP/s".into() });
+    }
+    // AdamW over 124M parameters in GPT-2-like tensors: reads p, g, m, v and writes p, m, v
+    let sizes: Vec<usize> =
+        std::iter::repeat_n([768 * 2304, 768 * 768, 768 * 3072, 3072 * 768, 768, 768], 12).flatten().chain([50257 * 768, 1024 * 768]).collect();
+    let n: usize = sizes.iter().sum();
+    let mk = |rng: &mut Rng| sizes.iter().map(|&k| gpu.upload(&rng.vec(k, 0.1))).collect::<Vec<_>>();
+    let (mut p, g, mut m, mut v) = (mk(&mut rng), mk(&mut rng), mk(&mut rng), mk(&mut rng));
+    let mut step = 0;
+    let ms = best_ms(gpu, 5, || {
+        step += 1;
+        let hp = AdamWStep { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 1.0 };
+        let mut t: Vec<_> = p.iter_mut().zip(&g).zip(m.iter_mut().zip(v.iter_mut())).map(|((p, g), (m, v))| (p, g, m, v, true)).collect();
+        gpu.adamw_multi(&mut t, hp);
+    });
+    let bytes = (n * 4 * 7) as f64;
+    out.push(Timing {
+        kernel: "adamw_multi".into(),
+        case: format!("{n} parameters, {} tensors", sizes.len()),
+        ms,
+        rate: bytes / ms / 1e6,
+        unit: "GB/s".into(),
+    });
+    out
+}

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, on a machine with an NVIDIA GPU, PyTorch and transformers and no
+# Rust toolchain. Takes a release binary built elsewhere (`cargo build --release`, then strip it):
+#
+#     scripts/gpu-check.sh [BINARY] [OUT_DIR]      (defaults: target/gpu/runtime, gpu-check-out)
+#
+# 1. every op of the CUDA backend against the CPU backend on random inputs, then whole training
+#    steps, in f32 and in bf16 (`runtime cuda-check`);
+# 2. the attention kernels and the fused AdamW step timed (`runtime cuda-check --bench`);
+# 3. GPT-2 124M training throughput (sequence 1024, bf16) with `runtime bench` and with
+#    `transformers.Trainer` (`scripts/gpu_reference.py`) on the same GPU, one after the other;
+# 4. a short table: tokens/s, MFU (llm.c's 6N + 12*L*C*T FLOPs per token, against the bf16
+#    matmul rate PyTorch reaches on this GPU in the same run), peak memory, attention against
+#    PyTorch's flash SDPA, AdamW against the device copy bandwidth.
+#
+# Every part runs even when an earlier one fails; the exit status is non-zero if any did.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/gpu/runtime}
+OUT=${2:-gpu-check-out}
+mkdir -p "$OUT"
+[ -x "$BIN" ] || { echo "no runtime binary at $BIN" >&2; exit 2; }
+PY=${PYTHON:-python3}
+
+# cudarc loads libcuda, libnvrtc and libcublasLt at run time: add the CUDA libraries that the
+# PyTorch install brings (the nvidia-* wheels) to the search path
+NV_LIBS=$($PY - <<'PY' 2>/dev/null
+import glob, os, site
+dirs = []
+for base in site.getsitepackages() + [site.getusersitepackages()]:
+    dirs += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib")))
+    dirs += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib")))
+print(":".join(dict.fromkeys(dirs)))
+PY
+)
+export LD_LIBRARY_PATH="${NV_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export RUNTIME_KERNEL_CACHE_DIR="$OUT/kernel-cache"
+status=0
+run() { # name, command...: runs, keeps stdout in $OUT/name, reports failure
+    local name=$1; shift
+    local t0=$SECONDS
+    if "$@" >"$OUT/$name" 2>"$OUT/$name.err"; then
+        echo "== $name: ok ($((SECONDS - t0)) s)"
+    else
+        echo "== $name: FAILED ($((SECONDS - t0)) s)"; tail -n 20 "$OUT/$name.err"; status=1
+    fi
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
+run parity_f32.md timeout 150 "$BIN" cuda-check
+run parity_bf16.md timeout 150 "$BIN" cuda-check --bf16
+cat "$OUT/parity_f32.md" "$OUT/parity_bf16.md" | grep -E "FAIL|^[A-Z]" || true
+run kernels.json timeout 120 "$BIN" cuda-check --bf16 --bench --json
+run ours.json timeout 150 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
+    --seq 1024 --batch 8 --steps 10 --warmup 3 --json
+run reference.json timeout 240 $PY scripts/gpu_reference.py
+
+$PY - "$OUT" <<'PY' | tee "$OUT/summary.md"
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except Exception as e:
+        return {"error": f"{name}: {e}"}
+ours, ref, kern = load("ours.json"), load("reference.json"), load("kernels.json")
+gpu = open(os.path.join(out, "gpu.txt")).read().strip() if os.path.exists(os.path.join(out, "gpu.txt")) else "?"
+print(f"GPU: {gpu}\n")
+peak = (ref.get("matmul") or {}).get("bf16_matmul_tflops")
+L, C, T = 12, 768, 1024
+def mfu(tps, n):
+    if not (peak and tps and n):
+        return None
+    return (6 * n + 12 * L * C * T) * tps / (peak * 1e12)
+tr = ref.get("trainer") or {}
+rows = [("runtime (bf16)", ours.get("tokens_per_second"), ours.get("parameters"), (ours.get("peak_rss_mib") or 0) * 2**20),
+        ("transformers.Trainer (bf16, sdpa)", tr.get("tokens_per_second"), tr.get("n_params"), tr.get("peak_memory_bytes"))]
+print("| GPT-2 124M, batch 8 x 1024 | tokens/s | MFU | memory (GiB) |\n|---|---|---|---|")
+for name, tps, n, mem in rows:
+    m = mfu(tps, n)
+    print(f"| {name} | {tps:,.0f} | {m*100:.1f}% | {mem/2**30:.2f} |" if tps and m is not None and mem else f"| {name} | {tps} | - | {mem} |")
+if ours.get("tokens_per_second") and tr.get("tokens_per_second"):
+    print(f"\nthroughput ratio runtime / Trainer: {ours['tokens_per_second'] / tr['tokens_per_second']:.2f}x (target 1.3x); "
+          f"MFU denominator: PyTorch bf16 matmul {peak:.0f} TFLOP/s" if peak else "")
+print("(runtime's memory is the device memory in use after the steps; the Trainer's is torch.cuda.max_memory_allocated)\n")
+sdpa = {(c["D"], c["T"]): c for c in (ref.get("sdpa") or {}).get("cases", []) if "fwd_bwd_ms" in c}
+if isinstance(kern, list):
+    print("| attention fwd+bwd | runtime ms | SDPA flash ms | ratio (SDPA / runtime) |\n|---|---|---|---|")
+    for k in kern:
+        if k["kernel"] != "attention fwd+bwd":
+            continue
+        parts = dict(p.split(" ") for p in k["case"].split(", "))
+        s = sdpa.get((int(parts["D"]), int(parts["T"])))
+        ratio = f"{s['fwd_bwd_ms'] / k['ms']:.2f}x" if s else "-"
+        print(f"| {k['case']} | {k['ms']:.3f} | {s['fwd_bwd_ms'] if s else '-'} | {ratio} (target 0.8x) |")
+    copy = (ref.get("copy") or {}).get("gb_per_s")
+    for k in kern:
+        if k["kernel"] == "adamw_multi":
+            share = f"{k['rate'] / copy * 100:.0f}% of the {copy:.0f} GB/s copy rate" if copy else ""
+            print(f"\nfused AdamW ({k['case']}): {k['ms']:.3f} ms, {k['rate']:.0f} GB/s {share} (target 80%)")
+else:
+    print(f"kernel timings missing: {kern}")
+PY
+exit $status

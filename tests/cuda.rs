@@ -1,0 +1,128 @@
+//! The CUDA backend. On every machine: each kernel file compiles with NVRTC for sm_90 and sm_80
+//! and exports every kernel the backend launches, and asking for `cuda` where there is no GPU is
+//! one clear error. On a machine with a GPU: every op against the CPU backend and whole training
+//! steps (skipped, saying so, without one).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The folder holding libnvrtc: `RUNTIME_CUDA_LIB_DIR`, or the `nvidia-cuda-nvrtc` wheel that
+/// `.ci/run` installs under `target/cuda-wheels`.
+fn nvrtc_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("RUNTIME_CUDA_LIB_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cuda-wheels/lib");
+    std::fs::read_dir(root).ok()?.flatten().map(|py| py.path().join("site-packages/nvidia/cu13/lib")).find(|lib| lib.join("libnvrtc.so.13").is_file())
+}
+
+#[test]
+fn every_kernel_compiles_with_nvrtc_for_sm90_and_sm80() {
+    let Some(dir) = nvrtc_dir() else {
+        assert!(
+            std::env::var_os("RUNTIME_REQUIRE_NVRTC").is_none(),
+            "RUNTIME_REQUIRE_NVRTC is set but no NVRTC was found (set RUNTIME_CUDA_LIB_DIR or run .ci/run)"
+        );
+        eprintln!("SKIPPED: no NVRTC library found (set RUNTIME_CUDA_LIB_DIR to a folder with libnvrtc.so.13, or run .ci/run)");
+        return;
+    };
+    let ld = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
+        _ => dir.display().to_string(),
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(["kernels", "--arch", "sm_90", "--arch", "sm_80", "--json"])
+        .env("LD_LIBRARY_PATH", ld)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "NVRTC compilation failed:\n{stderr}");
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reports = reports.as_array().unwrap();
+    let files: Vec<&str> = runtime::backend::cuda::kernels::SOURCES.iter().map(|(s, _)| *s).collect();
+    for arch in ["sm_90", "sm_80"] {
+        for f in &files {
+            let r = reports.iter().find(|r| r["arch"] == arch && r["file"] == format!("kernels/{f}.cu"));
+            assert!(r.is_some_and(|r| r["ptx_bytes"].as_u64().unwrap() > 0), "kernels/{f}.cu was not compiled for {arch}");
+        }
+        let compiled: Vec<&str> =
+            reports.iter().filter(|r| r["arch"] == arch).flat_map(|r| r["kernels"].as_array().unwrap()).map(|k| k.as_str().unwrap()).collect();
+        for k in runtime::backend::cuda::required_kernels() {
+            assert!(compiled.contains(&k.as_str()), "the backend launches `{k}` but no kernel file exports it for {arch}");
+        }
+    }
+}
+
+#[test]
+fn asking_for_cuda_without_a_gpu_is_one_clear_error() {
+    if runtime::backend::cuda::probe(0).is_ok() {
+        eprintln!("SKIPPED: this machine has a CUDA device");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(&cfg, r#"{"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 64, "n_positions": 64}"#).unwrap();
+    for args in [
+        vec!["bench".to_string(), "--device".into(), "cuda".into(), "--steps".into(), "1".into()],
+        vec![
+            "train".into(),
+            "--config_name".into(),
+            cfg.display().to_string(),
+            "--device".into(),
+            "cuda".into(),
+            "--output_dir".into(),
+            dir.path().join("out").display().to_string(),
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_runtime")).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded without a GPU");
+        assert!(stderr.contains("no CUDA device/driver found") || stderr.contains("was not found"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: one error line expected: {stderr}");
+    }
+    // `auto` (the default) falls back to the CPU
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args([
+            "bench",
+            "--device",
+            "auto",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--n_layer",
+            "1",
+            "--hidden",
+            "32",
+            "--n_head",
+            "2",
+            "--vocab",
+            "64",
+            "--seq",
+            "16",
+            "--batch",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["device"], "cpu");
+}
+
+#[test]
+fn cuda_ops_and_training_steps_match_the_cpu_backend() {
+    if let Err(why) = runtime::backend::cuda::probe(0) {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    for bf16 in [false, true] {
+        let cuda = runtime::backend::cuda::Cuda::new(0, bf16).unwrap();
+        let mut checks = runtime::backend::cuda::check::op_parity(&cuda);
+        checks.extend(runtime::backend::cuda::check::step_parity(&cuda).unwrap());
+        let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
+        assert!(failed.is_empty(), "bf16 {bf16}: {failed:#?}");
+    }
+}

@@ -317,6 +317,10 @@ pub trait Backend: Send + Sync {
 
     /// Sum of squares, accumulated in f64.
     fn sum_squares(&self, buf: &Self::Buf) -> f64;
+    /// [`Backend::sum_squares`] of many buffers (the CUDA backend waits for the device once).
+    fn sum_squares_multi(&self, bufs: &[&Self::Buf]) -> Vec<f64> {
+        bufs.iter().map(|b| self.sum_squares(b)).collect()
+    }
     fn scale(&self, buf: &mut Self::Buf, s: f32);
     /// One AdamW step on one tensor (`decay` selects whether weight decay applies).
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamWStep, decay: bool);
@@ -336,4 +340,8 @@ pub trait Backend: Send + Sync {
     }
     /// Waits until every queued op has finished (for timing); a no-op on the CPU.
     fn synchronize(&self) {}
+    /// Free memory of a device with its own (None: the host's memory, which the caller measures).
+    fn free_memory(&self) -> Option<u128> {
+        None
+    }
 }

@@ -176,6 +176,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn adamw(&self, p: &mut B::Buf, g: &B::Buf, m: &mut B::Buf, v: &mut B::Buf, hp: AdamWStep, decay: bool) {
         self.time("optimizer", 0.0, || self.inner.adamw(p, g, m, v, hp, decay))
     }
+    fn sum_squares_multi(&self, bufs: &[&B::Buf]) -> Vec<f64> {
+        self.time("optimizer", 0.0, || self.inner.sum_squares_multi(bufs))
+    }
     fn adamw_multi(&self, tensors: &mut [super::AdamWArgs<'_, Self>], hp: AdamWStep) {
         self.time("optimizer", 0.0, || self.inner.adamw_multi(tensors, hp))
     }
@@ -184,5 +187,8 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn synchronize(&self) {
         self.inner.synchronize()
+    }
+    fn free_memory(&self) -> Option<u128> {
+        self.inner.free_memory()
     }
 }

@@ -55,11 +55,12 @@ impl<B: Backend> AdamW<B> {
 /// The global L2 norm of all gradients.
 pub fn grad_norm<B: Backend>(be: &B, grads: &Grads<B>) -> f32 {
     // as torch: the norm of the per-tensor norms
-    let sum: f32 = grads
-        .tensors
-        .iter()
-        .map(|g| {
-            let n = be.sum_squares(g).sqrt() as f32;
+    let tensors: Vec<&B::Buf> = grads.tensors.iter().collect();
+    let sum: f32 = be
+        .sum_squares_multi(&tensors)
+        .into_iter()
+        .map(|s| {
+            let n = s.sqrt() as f32;
             n * n
         })
         .sum();

@@ -75,10 +75,14 @@ fn column_rows(columns: &[(String, Vec<f64>)], ix: &[usize]) -> Vec<(String, Vec
 }
 
 /// The memory `auto_find_batch_size` plans for, in bytes: `RUNTIME_MEMORY_BUDGET_MB` when set,
-/// else the system's available memory (`MemAvailable`), else unlimited.
-fn memory_budget() -> u128 {
+/// else the device's free memory (a GPU), else the system's available memory (`MemAvailable`),
+/// else unlimited.
+fn memory_budget(be: &impl Backend) -> u128 {
     if let Some(mb) = std::env::var("RUNTIME_MEMORY_BUDGET_MB").ok().and_then(|v| v.trim().parse::<u128>().ok()) {
         return mb << 20;
+    }
+    if let Some(free) = be.free_memory() {
+        return free;
     }
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -86,7 +90,7 @@ fn memory_budget() -> u128 {
         .map_or(u128::MAX, |kb| kb << 10)
 }
 
-/// `auto_find_batch_size` on the CPU: the largest divisor of the batch size whose step (weights,
+/// `auto_find_batch_size`: the largest divisor of the batch size whose step (weights,
 /// gradients, AdamW's two moments and the activations at the longest example) fits in 90% of
 /// `budget`, with the accumulation raised by the same factor so the examples per step do not
 /// change (transformers only halves the batch). An error when even one example does not fit.
@@ -265,7 +269,8 @@ impl<B: Backend + Clone> Trainer<B> {
         }
         let mut args = args;
         if args.auto_find_batch_size && training {
-            let (b, acc) = fit_batch_size(&model, args.per_device_train_batch_size, args.gradient_accumulation_steps, longest.max(1), memory_budget())?;
+            let (b, acc) =
+                fit_batch_size(&model, args.per_device_train_batch_size, args.gradient_accumulation_steps, longest.max(1), memory_budget(&model.backend))?;
             if b != args.per_device_train_batch_size {
                 tracing::warn!(
                     "auto_find_batch_size: per_device_train_batch_size {} does not fit in memory; training with {b} and gradient_accumulation_steps {acc} (the same {} examples per step)",

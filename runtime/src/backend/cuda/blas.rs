@@ -2,15 +2,18 @@
 //! as their transposes. Inputs are f32 or bf16, the output and the accumulation are always f32,
 //! and a bias can be added in the epilogue.
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of;
+use std::sync::Mutex;
 
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 /// The element type of the `a` and `b` operands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Ty {
     F32,
     Bf16,
@@ -44,12 +47,38 @@ pub struct Gemm {
     pub bias: Option<u64>,
 }
 
+/// What a product's plan depends on (the pointers and `beta` do not change it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    transa: bool,
+    transb: bool,
+    m: u64,
+    n: u64,
+    k: u64,
+    lda: i64,
+    ldb: i64,
+    ldd: i64,
+    ty: Ty,
+    bias: bool,
+}
+
+/// Descriptors and the algorithm chosen for one shape, made once and reused: the heuristic
+/// query costs more host time than launching the product.
+struct Plan {
+    a: Layout,
+    b: Layout,
+    d: Layout,
+    desc: Desc,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
+    plans: Mutex<HashMap<Key, Plan>>,
 }
 
-// SAFETY: the handle is used from one stream at a time, behind the backend's lock.
+// SAFETY: the handle and the plans are used from one stream; the plans sit behind a lock.
 unsafe impl Send for Lt {}
 unsafe impl Sync for Lt {}
 
@@ -58,39 +87,27 @@ impl Lt {
         let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
         // SAFETY: the workspace is only ever handed to cuBLASLt, which needs no initial contents.
         let workspace = unsafe { stream.alloc::<u8>(workspace_bytes) }.map_err(|e| format!("allocating the cuBLASLt workspace: {e:?}"))?;
-        Ok(Lt { handle, workspace })
+        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()) })
     }
 
-    /// Runs one product on `stream`.
-    ///
     /// # Safety
-    /// Every pointer must be valid for its operand's shape and leading dimension.
-    pub unsafe fn gemm(&self, stream: &CudaStream, g: &Gemm) -> Result<(), String> {
-        let (m, n, k) = (g.m, g.n, g.k);
+    /// The handle is live.
+    unsafe fn plan(&self, key: Key) -> Result<Plan, String> {
+        let (m, n, k) = (key.m, key.n, key.k);
         let err = |what: &'static str| move |e: lt::CublasError| format!("cuBLASLt {what} ({m}x{n}x{k}): {e:?}");
-        let (a_rows, a_cols) = if g.transa { (g.k, g.m) } else { (g.m, g.k) };
-        let (b_rows, b_cols) = if g.transb { (g.n, g.k) } else { (g.k, g.n) };
-        let a_l = Layout(lt::create_matrix_layout(g.ty.cuda(), a_rows, a_cols, g.lda).map_err(err("layout"))?);
-        let b_l = Layout(lt::create_matrix_layout(g.ty.cuda(), b_rows, b_cols, g.ldb).map_err(err("layout"))?);
-        let d_l = Layout(lt::create_matrix_layout(sys::cudaDataType_t::CUDA_R_32F, g.m, g.n, g.ldd).map_err(err("layout"))?);
+        let (a_rows, a_cols) = if key.transa { (k, m) } else { (m, k) };
+        let (b_rows, b_cols) = if key.transb { (n, k) } else { (k, n) };
+        let a = Layout(lt::create_matrix_layout(key.ty.cuda(), a_rows, a_cols, key.lda).map_err(err("layout"))?);
+        let b = Layout(lt::create_matrix_layout(key.ty.cuda(), b_rows, b_cols, key.ldb).map_err(err("layout"))?);
+        let d = Layout(lt::create_matrix_layout(sys::cudaDataType_t::CUDA_R_32F, m, n, key.ldd).map_err(err("layout"))?);
         let desc = Desc(lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F).map_err(err("descriptor"))?);
-        let set = |attr: sys::cublasLtMatmulDescAttributes_t, ptr: *const c_void, size: usize| lt::set_matmul_desc_attribute(desc.0, attr, ptr, size);
-        let (ta, tb) = (g.transa as i32, g.transb as i32);
-        set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, (&ta) as *const i32 as *const c_void, size_of::<i32>()).map_err(err("transa"))?;
-        set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, (&tb) as *const i32 as *const c_void, size_of::<i32>()).map_err(err("transb"))?;
-        if let Some(bias) = &g.bias {
-            let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
-            let bias_ty = sys::cudaDataType_t::CUDA_R_32F;
-            set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, (&epi) as *const _ as *const c_void, size_of::<sys::cublasLtEpilogue_t>())
+        let (ta, tb) = (key.transa as i32, key.transb as i32);
+        desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &ta).map_err(err("transa"))?;
+        desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &tb).map_err(err("transb"))?;
+        if key.bias {
+            desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS)
                 .map_err(err("epilogue"))?;
-            set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias as *const u64 as *const c_void, size_of::<u64>())
-                .map_err(err("bias"))?;
-            set(
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-                (&bias_ty) as *const _ as *const c_void,
-                size_of::<sys::cudaDataType>(),
-            )
-            .map_err(err("bias type"))?;
+            desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &sys::cudaDataType_t::CUDA_R_32F).map_err(err("bias type"))?;
         }
         let pref = Pref(lt::create_matmul_pref().map_err(err("preference"))?);
         let ws_size = self.workspace.len();
@@ -101,28 +118,45 @@ impl Lt {
             size_of::<usize>(),
         )
         .map_err(err("workspace"))?;
-        let heuristic = lt::get_matmul_algo_heuristic(self.handle, desc.0, a_l.0, b_l.0, d_l.0, d_l.0, pref.0).map_err(err("algorithm search"))?;
+        let heuristic = lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, d.0, d.0, pref.0).map_err(err("algorithm search"))?;
+        Ok(Plan { a, b, d, desc, algo: heuristic.algo })
+    }
+
+    /// Runs one product on `stream`.
+    ///
+    /// # Safety
+    /// Every pointer must be valid for its operand's shape and leading dimension.
+    pub unsafe fn gemm(&self, stream: &CudaStream, g: &Gemm) -> Result<(), String> {
+        let key = Key { transa: g.transa, transb: g.transb, m: g.m, n: g.n, k: g.k, lda: g.lda, ldb: g.ldb, ldd: g.ldd, ty: g.ty, bias: g.bias.is_some() };
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = match plans.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(self.plan(key)?),
+        };
+        if let Some(bias) = &g.bias {
+            plan.desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias).map_err(|e| format!("cuBLASLt bias pointer: {e:?}"))?;
+        }
         let (ws, _sync) = self.workspace.device_ptr(stream);
         let alpha = 1.0f32;
         lt::matmul(
             self.handle,
-            desc.0,
+            plan.desc.0,
             (&alpha) as *const f32 as *const c_void,
             (&g.beta) as *const f32 as *const c_void,
             g.a as *const c_void,
-            a_l.0,
+            plan.a.0,
             g.b as *const c_void,
-            b_l.0,
+            plan.b.0,
             g.d as *const c_void,
-            d_l.0,
+            plan.d.0,
             g.d as *mut c_void,
-            d_l.0,
-            &heuristic.algo,
+            plan.d.0,
+            &plan.algo,
             ws as *mut c_void,
-            ws_size,
+            self.workspace.len(),
             stream.cu_stream() as sys::cudaStream_t,
         )
-        .map_err(err("matmul"))
+        .map_err(|e| format!("cuBLASLt matmul ({}x{}x{}): {e:?}", g.m, g.n, g.k))
     }
 }
 
@@ -142,6 +176,13 @@ impl Drop for Layout {
 }
 
 struct Desc(sys::cublasLtMatmulDesc_t);
+impl Desc {
+    /// # Safety
+    /// `T` is the attribute's type.
+    unsafe fn set<T>(&self, attr: sys::cublasLtMatmulDescAttributes_t, value: &T) -> Result<(), lt::CublasError> {
+        lt::set_matmul_desc_attribute(self.0, attr, value as *const T as *const c_void, size_of::<T>())
+    }
+}
 impl Drop for Desc {
     fn drop(&mut self) {
         // SAFETY: as above.

@@ -89,6 +89,7 @@ fn pointwise<B: Backend>(be: &B, x: &[f32], y: &[f32], d: &[f32], dx0: &[f32], i
     be.fill(&mut s, 1.25);
     res.push(("fill", be.download(&s)));
     res.push(("sum_squares", vec![be.sum_squares(&xb) as f32]));
+    res.push(("sum_squares_multi", be.sum_squares_multi(&[&xb, &yb, &db]).into_iter().map(|v| v as f32).collect()));
     // swiglu on [rows, 2i] input
     let mut o = be.upload(&dx0[..x.len() / 2]);
     be.swiglu_fwd(&mut o, &xb, i);

@@ -667,7 +667,21 @@ impl Backend for Cuda {
     fn sum_squares(&self, buf: &CudaSlice<f32>) -> f64 {
         let scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         self.launch("sum_squares_partial", (SUMSQ_BLOCKS as u32, 1, 1), (256, 1, 1), &[self.p(&scratch.partial), self.p(buf), A::L(buf.len() as i64)]);
-        self.host(&scratch.partial).iter().sum()
+        self.host(&scratch.partial)[..SUMSQ_BLOCKS].iter().sum()
+    }
+    fn sum_squares_multi(&self, bufs: &[&CudaSlice<f32>]) -> Vec<f64> {
+        let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let n = bufs.len() * SUMSQ_BLOCKS;
+        if scratch.partial.len() < n {
+            scratch.partial = self.alloc(n);
+        }
+        let A::P(base) = self.p(&scratch.partial) else { unreachable!() };
+        for (i, b) in bufs.iter().enumerate() {
+            let at = base + (i * SUMSQ_BLOCKS * std::mem::size_of::<f64>()) as u64;
+            self.launch("sum_squares_partial", (SUMSQ_BLOCKS as u32, 1, 1), (256, 1, 1), &[A::P(at), self.p(b), A::L(b.len() as i64)]);
+        }
+        let host = self.host(&scratch.partial);
+        host[..n].chunks(SUMSQ_BLOCKS).map(|c| c.iter().sum()).collect()
     }
     fn scale(&self, buf: &mut CudaSlice<f32>, s: f32) {
         self.launch_n("scale_f32", buf.len(), &[self.p(buf), A::F(s), A::L(buf.len() as i64)]);
@@ -721,6 +735,9 @@ impl Backend for Cuda {
     }
     fn synchronize(&self) {
         Cuda::synchronize(self)
+    }
+    fn free_memory(&self) -> Option<u128> {
+        self.0.ctx.mem_get_info().ok().map(|(free, _)| free as u128)
     }
 }
 

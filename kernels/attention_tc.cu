@@ -1,0 +1,657 @@
+// Tensor-core flash attention for bf16 qkv and head_dim exactly 64 or 128 (sm_80+): the same
+// function as the FMA kernels of attention.cu (causal, key padding mask, grouped-query heads, rows
+// with no visible key output 0 with lse = +inf and pass no gradient), with the matrix products on
+// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` (bf16 operands, f32 accumulation).
+// CPU twins: cpu/attention.rs `flash_fwd`, `flash_bwd`.
+//
+// Layout as attention.cu: qkv [batch * seq, (n_head + 2 n_kv_head) * D] (query heads, key heads,
+// value heads; raw bf16 bits), out / dout [batch * seq, n_head * D] f32, lse / delta
+// [batch, n_head, seq] f32, key_mask [batch * seq] (1 = attend). `delta` comes from
+// `attention_bwd_delta` (attention.cu). qkv must be 16-byte aligned (rows are copied to shared
+// memory with 16-byte cp.async), dout 16-byte aligned (read as float4).
+//
+// Structure (FlashAttention-2): every warp owns 16 rows (query rows in the forward and dq, key rows
+// in dk/dv) and keeps its accumulators in the mma C fragments; tiles of the other operand are
+// staged in shared memory as bf16 with a 16-byte-chunk XOR swizzle (conflict-free ldmatrix) and read
+// with ldmatrix. Probabilities never leave registers: the C fragment of S = Q K^T is, after rounding
+// to bf16, directly the A fragment of the next product. Online softmax in base 2
+// (exp2(s * scale * log2 e - m)). Key tiles above the diagonal are skipped, per block and per warp.
+//
+// - forward: Q fragments in registers for the whole loop; K and V tiles in separate buffers, the
+//   load of V_j overlapping S_j = Q K_j^T and the load of K_{j+1} overlapping P_j V_j.
+// - dq: Q and dout (rounded to bf16) fragments in registers; (K, V) tiles double-buffered; per key
+//   tile S = Q K^T, P = exp(S - lse), dP = dout V^T, dS = P (dP - delta), dq += dS K.
+// - dk/dv: a block owns 64 keys of one kv head (K, V tiles resident in shared memory) and loops over
+//   the query heads of its group and the query tiles at or after its keys; each warp computes the
+//   transposed products for its 16 keys: S^T = K Q^T, dP^T = V dout^T, dv += P^T dout,
+//   dk += dS^T Q. No atomics: every element of dqkv is written once, deterministically.
+
+#define TC_LOG2E 1.4426950408889634f
+#define TC_LN2 0.6931471805599453f
+
+// ---- warp-level primitives (inline PTX) -----------------------------------------------------
+// The CPU emulation harness defines ATT_TC_EMULATED and supplies functions with the same
+// signatures and semantics (mma fragment layouts, ldmatrix, deferred cp.async groups).
+#ifndef ATT_TC_EMULATED
+
+/// d += A * B for one m16n8k16 tile. a: A (16 x 16, row major) as 4 registers of bf16 pairs
+/// (a0a1 = A[g][2t..], a2a3 = A[g + 8][2t..], a4a5 = A[g][2t + 8..], a6a7 = A[g + 8][2t + 8..]);
+/// b: B (16 x 8) as 2 registers (b0b1 = B[2t..][g], b2b3 = B[2t + 8..][g]); d: C/D (16 x 8) f32
+/// (d0d1 = D[g][2t..], d2d3 = D[g + 8][2t..]); g = lane / 4, t = lane % 4, low half = lower index.
+__device__ __forceinline__ void tc_mma(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+/// ldmatrix .x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i (16 bytes each); r[i] gets
+/// row lane / 4, columns 2 (lane % 4) + {0, 1} of matrix i.
+__device__ __forceinline__ void tc_ldsm(unsigned* r, const bf16_t* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+/// ldmatrix .x4.trans: as tc_ldsm, but r[i] gets rows 2 (lane % 4) + {0, 1}, column lane / 4.
+__device__ __forceinline__ void tc_ldsm_t(unsigned* r, const bf16_t* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+/// Two f32 rounded to bf16 (nearest even), `lo` in the low half.
+__device__ __forceinline__ unsigned tc_pack(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+/// Asynchronous 16-byte copy global -> shared; with !fill the destination is zero-filled (nothing
+/// is read).
+__device__ __forceinline__ void tc_cp16(bf16_t* dst, const bf16_t* src, bool fill) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src), "r"(fill ? 16 : 0) : "memory");
+}
+
+__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+/// Waits until at most N committed groups of this thread's copies are pending.
+template <int N>
+__device__ __forceinline__ void tc_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+#endif  // ATT_TC_EMULATED
+
+// ---- shared tiles ---------------------------------------------------------------------------
+// A tile is [rows][D] bf16; the 16-byte chunk c of row r is stored at chunk c ^ (r & 7), so the 8
+// row addresses of an ldmatrix matrix (8 consecutive rows, same chunk) hit 8 different bank groups.
+
+template <int D>
+__device__ __forceinline__ int tc_swz(int r, int c) { return r * D + ((c ^ (r & 7)) << 3); }
+
+/// ldmatrix addresses of the four 8x8 matrices (rows r0 + 0..7, r0 + 8..15) x (chunks c0, c0 + 1)
+/// in the order (r0-7, c0), (r8-15, c0), (r0-7, c1), (r8-15, c1): with tc_ldsm, the A fragment of
+/// rows r0..r0+15, columns 8 c0..8 c0 + 15; with tc_ldsm_t on a [k][n] tile, the B fragments of
+/// k = r0..r0+15 for the two n-tiles 8 c0 and 8 c0 + 8 (r[0..1] and r[2..3]). r0 multiple of 8, c0 even.
+template <int D>
+__device__ __forceinline__ const bf16_t* tc_at_a(const bf16_t* tile, int r0, int c0, int lane) {
+    return tile + tc_swz<D>(r0 + (lane & 15), c0 + (lane >> 4));
+}
+
+/// Order (r0-7, c0), (r0-7, c1), (r8-15, c0), (r8-15, c1): with tc_ldsm on an [n][k] tile, the B
+/// fragments of n-tiles r0 and r0 + 8 (r[0..1] and r[2..3]) for k = 8 c0..8 c0 + 15.
+template <int D>
+__device__ __forceinline__ const bf16_t* tc_at_b(const bf16_t* tile, int r0, int c0, int lane) {
+    return tile + tc_swz<D>(r0 + (lane & 7) + ((lane >> 4) << 3), c0 + ((lane >> 3) & 1));
+}
+
+/// Rows t0 .. t0 + NR of one head of qkv (column offset col, row width `width`, batch base row0)
+/// into a swizzled [NR][D] tile with cp.async (rows past seq zero-filled). Not committed.
+template <int D, int NR, int NT>
+__device__ __forceinline__ void tc_load_rows(bf16_t* dst, const bf16_t* qkv, long long row0, long long width, long long col, int t0, int seq) {
+    constexpr int CH = D / 8;
+    static_assert((NR * CH) % NT == 0, "whole chunks per thread");
+#pragma unroll
+    for (int k = 0; k < NR * CH / NT; ++k) {
+        const int e = k * NT + threadIdx.x;
+        const int r = e / CH, c = e % CH;
+        const int t = t0 + r;
+        const bool ok = t < seq;
+        const bf16_t* src = ok ? qkv + (row0 + t) * width + col + c * 8 : qkv;
+        tc_cp16(dst + tc_swz<D>(r, c), src, ok);
+    }
+}
+
+/// As tc_load_rows for an f32 matrix (dout), rounded to bf16, with ordinary loads and stores.
+template <int D, int NR, int NT>
+__device__ __forceinline__ void tc_stage_f32(bf16_t* dst, const float* src, long long row0, long long width, long long col, int t0, int seq) {
+    constexpr int CH = D / 8;
+    static_assert((NR * CH) % NT == 0, "whole chunks per thread");
+#pragma unroll
+    for (int k = 0; k < NR * CH / NT; ++k) {
+        const int e = k * NT + threadIdx.x;
+        const int r = e / CH, c = e % CH;
+        const int t = t0 + r;
+        float4 x0 = {0.0f, 0.0f, 0.0f, 0.0f}, x1 = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (t < seq) {
+            const float4* p = reinterpret_cast<const float4*>(src + (row0 + t) * width + col + c * 8);
+            x0 = p[0];
+            x1 = p[1];
+        }
+        uint4 u;
+        u.x = tc_pack(x0.x, x0.y);
+        u.y = tc_pack(x0.z, x0.w);
+        u.z = tc_pack(x1.x, x1.y);
+        u.w = tc_pack(x1.z, x1.w);
+        *reinterpret_cast<uint4*>(dst + tc_swz<D>(r, c)) = u;
+    }
+}
+
+/// A fragment (k = 16 kk .. 16 kk + 15) from the C fragments of n-tiles 2 kk and 2 kk + 1.
+__device__ __forceinline__ void tc_c_to_a(unsigned* a, const float* c0, const float* c1) {
+    a[0] = tc_pack(c0[0], c0[1]);
+    a[1] = tc_pack(c0[2], c0[3]);
+    a[2] = tc_pack(c1[0], c1[1]);
+    a[3] = tc_pack(c1[2], c1[3]);
+}
+
+__device__ __forceinline__ float tc_quad_max(float v) {
+    float w = __shfl_xor_sync(0xffffffffu, v, 1);
+    v = w > v ? w : v;
+    w = __shfl_xor_sync(0xffffffffu, v, 2);
+    return w > v ? w : v;
+}
+
+__device__ __forceinline__ float tc_quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// ---- forward --------------------------------------------------------------------------------
+// NW warps, each owning MT m-tiles of 16 consecutive query rows (BM = 16 NW MT rows per block);
+// key tiles of BN = 64. The K fragments read by ldmatrix serve the MT m-tiles of a warp.
+
+template <int D, int NW, int MT>
+__device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t* qkv, const int* key_mask, int seq, int n_head, int n_kv_head) {
+    constexpr int BN = 64, NT = 32 * NW, WR = 16 * MT, BM = WR * NW;
+    static_assert(BM <= 2 * BN, "the Q tile is staged in the K/V buffers");
+    __shared__ __align__(128) bf16_t sm[2 * BN * D];
+    __shared__ int kok[BN];
+    bf16_t* ks = sm;
+    bf16_t* vs = sm + BN * D;
+
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;  // the longest rows first
+    if (q0 >= seq) return;
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int kvh = h / (n_head / n_kv_head);
+    const long long width = (long long)(n_head + 2 * n_kv_head) * D, out_width = (long long)n_head * D;
+    const long long row0 = (long long)b * seq;
+    const long long qcol = (long long)h * D, kcol = (long long)(n_head + kvh) * D, vcol = (long long)(n_head + n_kv_head + kvh) * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const float sl2 = __fmul_rn(__fdiv_rn(1.0f, __fsqrt_rn((float)D)), TC_LOG2E);
+
+    // Q fragments (staged through the K/V buffers)
+    tc_load_rows<D, BM, NT>(sm, qkv, row0, width, qcol, q0, seq);
+    tc_commit();
+    tc_wait<0>();
+    __syncthreads();
+    unsigned qf[MT][D / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(qf[mt][kk], tc_at_a<D>(sm, warp * WR + mt * 16, 2 * kk, lane));
+    }
+    __syncthreads();
+
+    const int wr0 = q0 + warp * WR;  // first row of the warp
+    const bool warp_live = wr0 < seq;
+    const int key_end = min(q0 + BM, seq);  // keys any row of the block can see
+    float o[MT][D / 8][4];
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
+        m[mt][0] = m[mt][1] = neg_inf();
+        l[mt][0] = l[mt][1] = 0.0f;
+    }
+
+    tc_load_rows<D, BN, NT>(ks, qkv, row0, width, kcol, 0, seq);
+    tc_commit();
+    for (int j0 = 0; j0 < key_end; j0 += BN) {
+        // vs and kok are free (barrier at the end of the previous tile)
+        tc_load_rows<D, BN, NT>(vs, qkv, row0, width, vcol, j0, seq);
+        tc_commit();
+        for (int j = threadIdx.x; j < BN; j += NT) kok[j] = j0 + j < seq && key_mask[row0 + j0 + j] != 0;
+        tc_wait<1>();  // K_j
+        __syncthreads();
+
+        const bool active = warp_live && j0 <= wr0 + WR - 1;  // warp-uniform
+        unsigned pf[MT][BN / 16][4];
+        if (active) {
+            float s[MT][BN / 8][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+                for (int np = 0; np < BN / 16; ++np) {
+                    unsigned bf[4];
+                    tc_ldsm(bf, tc_at_b<D>(ks, 16 * np, 2 * kk, lane));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        tc_mma(s[mt][2 * np], qf[mt][kk], bf);
+                        tc_mma(s[mt][2 * np + 1], qf[mt][kk], bf + 2);
+                    }
+                }
+            }
+            const bool diag = j0 + BN - 1 > wr0;  // some key of the tile is after some row of the warp
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int r_lo = wr0 + mt * 16 + g, r_hi = r_lo + 8;
+                float mx_lo = neg_inf(), mx_hi = neg_inf();
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int c = 8 * n + 2 * tq + e;
+                        const bool ok = kok[c] != 0;
+                        const bool ok_lo = ok && (!diag || j0 + c <= r_lo);
+                        const bool ok_hi = ok && (!diag || j0 + c <= r_hi);
+                        s[mt][n][e] = ok_lo ? s[mt][n][e] : neg_inf();
+                        s[mt][n][2 + e] = ok_hi ? s[mt][n][2 + e] : neg_inf();
+                        mx_lo = s[mt][n][e] > mx_lo ? s[mt][n][e] : mx_lo;
+                        mx_hi = s[mt][n][2 + e] > mx_hi ? s[mt][n][2 + e] : mx_hi;
+                    }
+                }
+                mx_lo = tc_quad_max(mx_lo);
+                mx_hi = tc_quad_max(mx_hi);
+                // running maximum in units of s * scale * log2 e; `base` keeps exp2 away from
+                // inf - inf while a row has seen no visible key (then l and o are 0 anyway)
+                const float mn_lo = fmaxf(m[mt][0], __fmul_rn(mx_lo, sl2)), mn_hi = fmaxf(m[mt][1], __fmul_rn(mx_hi, sl2));
+                const float base_lo = mn_lo == neg_inf() ? 0.0f : mn_lo, base_hi = mn_hi == neg_inf() ? 0.0f : mn_hi;
+                const float corr_lo = exp2f(__fsub_rn(m[mt][0], base_lo)), corr_hi = exp2f(__fsub_rn(m[mt][1], base_hi));
+                m[mt][0] = mn_lo;
+                m[mt][1] = mn_hi;
+                float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        s[mt][n][e] = exp2f(__fmaf_rn(s[mt][n][e], sl2, -base_lo));
+                        s[mt][n][2 + e] = exp2f(__fmaf_rn(s[mt][n][2 + e], sl2, -base_hi));
+                        sum_lo = __fadd_rn(sum_lo, s[mt][n][e]);
+                        sum_hi = __fadd_rn(sum_hi, s[mt][n][2 + e]);
+                    }
+                }
+                l[mt][0] = __fmaf_rn(l[mt][0], corr_lo, sum_lo);  // per-thread partial row sums
+                l[mt][1] = __fmaf_rn(l[mt][1], corr_hi, sum_hi);
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n) {
+                    o[mt][n][0] = __fmul_rn(o[mt][n][0], corr_lo);
+                    o[mt][n][1] = __fmul_rn(o[mt][n][1], corr_lo);
+                    o[mt][n][2] = __fmul_rn(o[mt][n][2], corr_hi);
+                    o[mt][n][3] = __fmul_rn(o[mt][n][3], corr_hi);
+                }
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk) tc_c_to_a(pf[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
+            }
+        }
+        tc_wait<0>();  // V_j
+        __syncthreads();  // every warp is done with ks; V_j visible
+        if (j0 + BN < key_end) {
+            tc_load_rows<D, BN, NT>(ks, qkv, row0, width, kcol, j0 + BN, seq);
+            tc_commit();
+        }
+        if (active) {
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+                for (int np = 0; np < D / 16; ++np) {
+                    unsigned bf[4];
+                    tc_ldsm_t(bf, tc_at_a<D>(vs, 16 * kk, 2 * np, lane));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        tc_mma(o[mt][2 * np], pf[mt][kk], bf);
+                        tc_mma(o[mt][2 * np + 1], pf[mt][kk], bf + 2);
+                    }
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with vs and kok
+    }
+
+    if (!warp_live) return;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = wr0 + mt * 16 + g + 8 * half;
+            const float lt = tc_quad_sum(l[mt][half]);
+            if (r >= seq) continue;
+            const bool none = lt == 0.0f;  // no visible key: zeros, lse = +inf
+            const float inv = none ? 0.0f : __fdiv_rn(1.0f, lt);
+            float* orow = out + (row0 + r) * out_width + qcol;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                float2 v;
+                v.x = __fmul_rn(o[mt][n][2 * half], inv);
+                v.y = __fmul_rn(o[mt][n][2 * half + 1], inv);
+                *reinterpret_cast<float2*>(orow + 8 * n + 2 * tq) = v;
+            }
+            if (tq == 0) lse[((long long)b * n_head + h) * seq + r] = none ? pos_inf() : __fadd_rn(__fmul_rn(m[mt][half], TC_LN2), logf(lt));
+        }
+    }
+}
+
+// ---- backward: dQ ---------------------------------------------------------------------------
+// NW warps of 16 query rows (BM = 16 NW); key tiles of BN, (K, V) double-buffered.
+
+template <int D, int NW, int BN>
+__device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head) {
+    constexpr int NT = 32 * NW, BM = 16 * NW, STAGE = 2 * BN * D;
+    static_assert(BM * D <= 2 * STAGE, "the Q and dout tiles are staged in the K/V buffers");
+    __shared__ __align__(128) bf16_t sm[2 * STAGE];
+    __shared__ int kok[2][BN];
+
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    if (q0 >= seq) return;
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int kvh = h / (n_head / n_kv_head);
+    const long long width = (long long)(n_head + 2 * n_kv_head) * D, out_width = (long long)n_head * D;
+    const long long row0 = (long long)b * seq;
+    const long long qcol = (long long)h * D, kcol = (long long)(n_head + kvh) * D, vcol = (long long)(n_head + n_kv_head + kvh) * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const float scale = __fdiv_rn(1.0f, __fsqrt_rn((float)D));
+    const float sl2 = __fmul_rn(scale, TC_LOG2E);
+
+    unsigned qf[D / 16][4], df[D / 16][4];
+    tc_load_rows<D, BM, NT>(sm, qkv, row0, width, qcol, q0, seq);
+    tc_commit();
+    tc_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(qf[kk], tc_at_a<D>(sm, warp * 16, 2 * kk, lane));
+    __syncthreads();
+    tc_stage_f32<D, BM, NT>(sm, dout, row0, out_width, qcol, q0, seq);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(df[kk], tc_at_a<D>(sm, warp * 16, 2 * kk, lane));
+    __syncthreads();
+
+    const int wr0 = q0 + warp * 16;
+    const int r_lo = wr0 + g, r_hi = r_lo + 8;
+    const bool warp_live = wr0 < seq;
+    const long long sbase = ((long long)b * n_head + h) * seq;
+    // lse in base-2 units (+inf stays +inf: such a row gets P = 0)
+    const float l2_lo = r_lo < seq ? __fmul_rn(lse[sbase + r_lo], TC_LOG2E) : pos_inf();
+    const float l2_hi = r_hi < seq ? __fmul_rn(lse[sbase + r_hi], TC_LOG2E) : pos_inf();
+    const float d_lo = r_lo < seq ? delta[sbase + r_lo] : 0.0f;
+    const float d_hi = r_hi < seq ? delta[sbase + r_hi] : 0.0f;
+    const int key_end = min(q0 + BM, seq);
+    float dq[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+
+    tc_load_rows<D, BN, NT>(sm, qkv, row0, width, kcol, 0, seq);
+    tc_load_rows<D, BN, NT>(sm + BN * D, qkv, row0, width, vcol, 0, seq);
+    tc_commit();
+    for (int j = threadIdx.x; j < BN; j += NT) kok[0][j] = j < seq && key_mask[row0 + j] != 0;
+    int st = 0;
+    for (int j0 = 0; j0 < key_end; j0 += BN, st ^= 1) {
+        if (j0 + BN < key_end) {  // prefetch the next tile into the other stage (free since the last barrier)
+            bf16_t* nx = sm + (st ^ 1) * STAGE;
+            tc_load_rows<D, BN, NT>(nx, qkv, row0, width, kcol, j0 + BN, seq);
+            tc_load_rows<D, BN, NT>(nx + BN * D, qkv, row0, width, vcol, j0 + BN, seq);
+            tc_commit();
+            for (int j = threadIdx.x; j < BN; j += NT) {
+                const int t = j0 + BN + j;
+                kok[st ^ 1][j] = t < seq && key_mask[row0 + t] != 0;
+            }
+            tc_wait<1>();
+        } else {
+            tc_wait<0>();
+        }
+        __syncthreads();
+        const bf16_t* ks = sm + st * STAGE;
+        const bf16_t* vs = ks + BN * D;
+        if (warp_live && j0 <= wr0 + 15) {
+            float s[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) {
+                s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+                dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+                for (int np = 0; np < BN / 16; ++np) {
+                    unsigned bf[4];
+                    tc_ldsm(bf, tc_at_b<D>(ks, 16 * np, 2 * kk, lane));
+                    tc_mma(s[2 * np], qf[kk], bf);
+                    tc_mma(s[2 * np + 1], qf[kk], bf + 2);
+                    tc_ldsm(bf, tc_at_b<D>(vs, 16 * np, 2 * kk, lane));
+                    tc_mma(dp[2 * np], df[kk], bf);
+                    tc_mma(dp[2 * np + 1], df[kk], bf + 2);
+                }
+            }
+            const bool diag = j0 + BN - 1 > wr0;
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = 8 * n + 2 * tq + e;
+                    const bool ok = kok[st][c] != 0;
+                    const bool ok_lo = ok && (!diag || j0 + c <= r_lo);
+                    const bool ok_hi = ok && (!diag || j0 + c <= r_hi);
+                    const float p_lo = ok_lo ? exp2f(__fmaf_rn(s[n][e], sl2, -l2_lo)) : 0.0f;
+                    const float p_hi = ok_hi ? exp2f(__fmaf_rn(s[n][2 + e], sl2, -l2_hi)) : 0.0f;
+                    s[n][e] = __fmul_rn(p_lo, __fsub_rn(dp[n][e], d_lo));  // dS (without the scale)
+                    s[n][2 + e] = __fmul_rn(p_hi, __fsub_rn(dp[n][2 + e], d_hi));
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                unsigned af[4];
+                tc_c_to_a(af, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+                for (int np = 0; np < D / 16; ++np) {
+                    unsigned bf[4];
+                    tc_ldsm_t(bf, tc_at_a<D>(ks, 16 * kk, 2 * np, lane));
+                    tc_mma(dq[2 * np], af, bf);
+                    tc_mma(dq[2 * np + 1], af, bf + 2);
+                }
+            }
+        }
+        __syncthreads();  // this stage is free for the prefetch of the next iteration
+    }
+
+    if (!warp_live) return;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = r_lo + 8 * half;
+        if (r >= seq) continue;
+        float* row = dqkv + (row0 + r) * width + qcol;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            float2 v;
+            v.x = __fmul_rn(dq[n][2 * half], scale);
+            v.y = __fmul_rn(dq[n][2 * half + 1], scale);
+            *reinterpret_cast<float2*>(row + 8 * n + 2 * tq) = v;
+        }
+    }
+}
+
+// ---- backward: dK, dV -----------------------------------------------------------------------
+// 4 warps of 16 keys (64 keys per block, resident); query tiles of BQ.
+
+template <int D, int BQ>
+__device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head) {
+    constexpr int NW = 4, NT = 32 * NW, BN = 16 * NW, NQR = BQ / 32;
+    static_assert(BQ % 32 == 0 && BN % BQ == 0, "query tiles align with the key tile");
+    __shared__ __align__(128) bf16_t ks[BN * D];
+    __shared__ __align__(128) bf16_t vs[BN * D];
+    __shared__ __align__(128) bf16_t qs[BQ * D];
+    __shared__ __align__(128) bf16_t dos[BQ * D];
+
+    const int k0 = blockIdx.x * BN;  // block 0 has the most queries to visit: scheduled first
+    if (k0 >= seq) return;
+    const int b = blockIdx.z, kvh = blockIdx.y;
+    const int grp = n_head / n_kv_head;
+    const long long width = (long long)(n_head + 2 * n_kv_head) * D, out_width = (long long)n_head * D;
+    const long long row0 = (long long)b * seq;
+    const long long kcol = (long long)(n_head + kvh) * D, vcol = (long long)(n_head + n_kv_head + kvh) * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const float scale = __fdiv_rn(1.0f, __fsqrt_rn((float)D));
+    const float sl2 = __fmul_rn(scale, TC_LOG2E);
+
+    tc_load_rows<D, BN, NT>(ks, qkv, row0, width, kcol, k0, seq);
+    tc_load_rows<D, BN, NT>(vs, qkv, row0, width, vcol, k0, seq);
+    tc_commit();
+
+    const int wk0 = k0 + warp * 16;  // first key of the warp
+    const int key_lo = wk0 + g, key_hi = key_lo + 8;
+    const bool live_lo = key_lo < seq && key_mask[row0 + (key_lo < seq ? key_lo : 0)] != 0;
+    const bool live_hi = key_hi < seq && key_mask[row0 + (key_hi < seq ? key_hi : 0)] != 0;
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.0f;
+        dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.0f;
+    }
+
+    for (int h = kvh * grp; h < (kvh + 1) * grp; ++h) {
+        const long long qcol = (long long)h * D;
+        const long long sbase = ((long long)b * n_head + h) * seq;
+        for (int i0 = k0; i0 < seq; i0 += BQ) {
+            __syncthreads();  // the previous query tile is consumed
+            tc_load_rows<D, BQ, NT>(qs, qkv, row0, width, qcol, i0, seq);
+            tc_commit();
+            tc_stage_f32<D, BQ, NT>(dos, dout, row0, out_width, qcol, i0, seq);
+            // lane holds lse (base 2) and delta of queries i0 + 32 r + lane; shuffled out below
+            float lr[NQR], dr[NQR];
+#pragma unroll
+            for (int r = 0; r < NQR; ++r) {
+                const int q = i0 + 32 * r + lane;
+                lr[r] = q < seq ? __fmul_rn(lse[sbase + q], TC_LOG2E) : pos_inf();
+                dr[r] = q < seq ? delta[sbase + q] : 0.0f;
+            }
+            tc_wait<0>();
+            __syncthreads();
+            if (wk0 >= seq || i0 + BQ - 1 < wk0) continue;  // warp-uniform: nothing visible
+
+            float s[BQ / 8][4], dp[BQ / 8][4];
+#pragma unroll
+            for (int n = 0; n < BQ / 8; ++n) {
+                s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+                dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                unsigned ka[4], va[4];
+                tc_ldsm(ka, tc_at_a<D>(ks, warp * 16, 2 * kk, lane));
+                tc_ldsm(va, tc_at_a<D>(vs, warp * 16, 2 * kk, lane));
+#pragma unroll
+                for (int np = 0; np < BQ / 16; ++np) {
+                    unsigned bf[4];
+                    tc_ldsm(bf, tc_at_b<D>(qs, 16 * np, 2 * kk, lane));
+                    tc_mma(s[2 * np], ka, bf);
+                    tc_mma(s[2 * np + 1], ka, bf + 2);
+                    tc_ldsm(bf, tc_at_b<D>(dos, 16 * np, 2 * kk, lane));
+                    tc_mma(dp[2 * np], va, bf);
+                    tc_mma(dp[2 * np + 1], va, bf + 2);
+                }
+            }
+            const bool diag = i0 < wk0 + 15;  // some query of the tile is before some key of the warp
+#pragma unroll
+            for (int n = 0; n < BQ / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = 8 * n + 2 * tq + e;  // query i0 + c
+                    const float l2 = __shfl_sync(0xffffffffu, lr[(8 * n) / 32], c & 31);
+                    const float dl = __shfl_sync(0xffffffffu, dr[(8 * n) / 32], c & 31);
+                    const bool ok_lo = live_lo && (!diag || key_lo <= i0 + c);
+                    const bool ok_hi = live_hi && (!diag || key_hi <= i0 + c);
+                    const float p_lo = ok_lo ? exp2f(__fmaf_rn(s[n][e], sl2, -l2)) : 0.0f;
+                    const float p_hi = ok_hi ? exp2f(__fmaf_rn(s[n][2 + e], sl2, -l2)) : 0.0f;
+                    s[n][e] = p_lo;
+                    s[n][2 + e] = p_hi;
+                    dp[n][e] = __fmul_rn(p_lo, __fsub_rn(dp[n][e], dl));
+                    dp[n][2 + e] = __fmul_rn(p_hi, __fsub_rn(dp[n][2 + e], dl));
+                }
+            }
+#pragma unroll
+            for (int kq = 0; kq < BQ / 16; ++kq) {
+                unsigned pa[4], da[4];
+                tc_c_to_a(pa, s[2 * kq], s[2 * kq + 1]);
+                tc_c_to_a(da, dp[2 * kq], dp[2 * kq + 1]);
+#pragma unroll
+                for (int np = 0; np < D / 16; ++np) {
+                    unsigned bf[4];
+                    tc_ldsm_t(bf, tc_at_a<D>(dos, 16 * kq, 2 * np, lane));
+                    tc_mma(dv[2 * np], pa, bf);
+                    tc_mma(dv[2 * np + 1], pa, bf + 2);
+                    tc_ldsm_t(bf, tc_at_a<D>(qs, 16 * kq, 2 * np, lane));
+                    tc_mma(dk[2 * np], da, bf);
+                    tc_mma(dk[2 * np + 1], da, bf + 2);
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int key = key_lo + 8 * half;
+        if (key >= seq) continue;
+        float* krow = dqkv + (row0 + key) * width + kcol;
+        float* vrow = dqkv + (row0 + key) * width + vcol;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            float2 a, c;
+            a.x = __fmul_rn(dk[n][2 * half], scale);
+            a.y = __fmul_rn(dk[n][2 * half + 1], scale);
+            c.x = dv[n][2 * half];
+            c.y = dv[n][2 * half + 1];
+            *reinterpret_cast<float2*>(krow + 8 * n + 2 * tq) = a;
+            *reinterpret_cast<float2*>(vrow + 8 * n + 2 * tq) = c;
+        }
+    }
+}
+
+// ---- exported kernels -----------------------------------------------------------------------
+// head_dim must equal the D of the name (anything else returns without writing). Grids: fwd and dq
+// (ceil(seq / 128), n_head, batch); dkdv (ceil(seq / 64), n_kv_head, batch).
+
+#define ATT_TC_EXPORT(D, FWD_NW, FWD_MT, DQ_BN, DKDV_BQ)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * FWD_NW) attention_fwd_tc_d##D(                                      \
+        float* out, float* lse, const bf16_t* qkv, const int* key_mask, int batch, int seq, int n_head, int n_kv_head, int head_dim) { \
+        if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
+        attn_fwd_tc<D, FWD_NW, FWD_MT>(out, lse, qkv, key_mask, seq, n_head, n_kv_head);                              \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) attention_bwd_dq_tc_d##D(                                         \
+        float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
+        int seq, int n_head, int n_kv_head, int head_dim) {                                                            \
+        if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
+        attn_bwd_dq_tc<D, 8, DQ_BN>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);                     \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) attention_bwd_dkdv_tc_d##D(                                       \
+        float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
+        int seq, int n_head, int n_kv_head, int head_dim) {                                                            \
+        if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
+        attn_bwd_dkdv_tc<D, DKDV_BQ>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);                    \
+    }
+
+// Launch: attention_fwd_tc_d64: grid (ceil(seq / 128), n_head, batch), block 128 (4 warps x 32 rows).
+// Launch: attention_bwd_dq_tc_d64: grid (ceil(seq / 128), n_head, batch), block 256 (key tiles of 64).
+// Launch: attention_bwd_dkdv_tc_d64: grid (ceil(seq / 64), n_kv_head, batch), block 128 (query tiles of 64).
+ATT_TC_EXPORT(64, 4, 2, 64, 64)
+// Launch: attention_fwd_tc_d128: grid (ceil(seq / 128), n_head, batch), block 256 (8 warps x 16 rows).
+// Launch: attention_bwd_dq_tc_d128: grid (ceil(seq / 128), n_head, batch), block 256 (key tiles of 32).
+// Launch: attention_bwd_dkdv_tc_d128: grid (ceil(seq / 64), n_kv_head, batch), block 128 (query tiles of 32).
+ATT_TC_EXPORT(128, 8, 1, 32, 32)

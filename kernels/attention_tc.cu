@@ -29,6 +29,18 @@
 #define TC_LOG2E 1.4426950408889634f
 #define TC_LN2 0.6931471805599453f
 
+/// Softmax scale 1 / sqrt(D) as the CPU computes it in f32 (1 / sqrt(128) rounds to 0x3db504f3).
+template <int D>
+struct TcScale;
+template <>
+struct TcScale<64> {
+    static constexpr float v = 0.125f;
+};
+template <>
+struct TcScale<128> {
+    static constexpr float v = 0.0883883461356163025f;
+};
+
 // ---- warp-level primitives (inline PTX) -----------------------------------------------------
 // The CPU emulation harness defines ATT_TC_EMULATED and supplies functions with the same
 // signatures and semantics (mma fragment layouts, ldmatrix, deferred cp.async groups).
@@ -59,6 +71,14 @@ __device__ __forceinline__ void tc_ldsm_t(unsigned* r, const bf16_t* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
+}
+
+/// 2^x (MUFU.EX2, about 2 ulp; results below 2^-126 flush to 0, which no probability here needs).
+/// exp2(-inf) = 0.
+__device__ __forceinline__ float tc_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
 }
 
 /// Two f32 rounded to bf16 (nearest even), `lo` in the low half.
@@ -92,42 +112,49 @@ __device__ __forceinline__ void tc_wait() {
 template <int D>
 __device__ __forceinline__ int tc_swz(int r, int c) { return r * D + ((c ^ (r & 7)) << 3); }
 
-/// ldmatrix addresses of the four 8x8 matrices (rows r0 + 0..7, r0 + 8..15) x (chunks c0, c0 + 1)
-/// in the order (r0-7, c0), (r8-15, c0), (r0-7, c1), (r8-15, c1): with tc_ldsm, the A fragment of
-/// rows r0..r0+15, columns 8 c0..8 c0 + 15; with tc_ldsm_t on a [k][n] tile, the B fragments of
-/// k = r0..r0+15 for the two n-tiles 8 c0 and 8 c0 + 8 (r[0..1] and r[2..3]). r0 multiple of 8, c0 even.
+/// Per-lane part of the ldmatrix row addresses in a swizzled [rows][D] tile. A lane addresses row
+/// r0 + ro, chunk c0 + co of the tile (r0 a multiple of 8, c0 even); since (r0 + ro) & 7 = ro & 7 and
+/// c0 + co = c0 ^ co, the swizzled chunk is c0 ^ xo with xo = co ^ (ro & 7).
+///
+/// `x` pattern (ro = lane % 16, co = lane / 16): matrices (r0-7, c0), (r8-15, c0), (r0-7, c0+1),
+///   (r8-15, c0+1); with tc_ldsm the A fragment of rows r0..r0+15, columns 8 c0..8 c0 + 15; with
+///   tc_ldsm_t on a [k][n] tile the B fragments of k = r0..r0+15 for n-tiles 8 c0 and 8 c0 + 8.
+/// `y` pattern (ro = lane % 8 + 8 (lane / 16), co = (lane / 8) % 2): matrices (r0-7, c0),
+///   (r0-7, c0+1), (r8-15, c0), (r8-15, c0+1); with tc_ldsm on an [n][k] tile the B fragments of
+///   n-tiles r0 and r0 + 8 for k = 8 c0..8 c0 + 15.
+/// In both cases r[0..1] and r[2..3] are the two fragments.
 template <int D>
-__device__ __forceinline__ const bf16_t* tc_at_a(const bf16_t* tile, int r0, int c0, int lane) {
-    return tile + tc_swz<D>(r0 + (lane & 15), c0 + (lane >> 4));
-}
-
-/// Order (r0-7, c0), (r0-7, c1), (r8-15, c0), (r8-15, c1): with tc_ldsm on an [n][k] tile, the B
-/// fragments of n-tiles r0 and r0 + 8 (r[0..1] and r[2..3]) for k = 8 c0..8 c0 + 15.
+struct TcLane {
+    int row, xo;
+    __device__ __forceinline__ TcLane(int ro, int co) : row(ro * D), xo(co ^ (ro & 7)) {}
+    /// Element offset of this lane's row address for the matrices at (r0, c0).
+    __device__ __forceinline__ int at(int r0, int c0) const { return r0 * D + row + ((c0 ^ xo) << 3); }
+};
 template <int D>
-__device__ __forceinline__ const bf16_t* tc_at_b(const bf16_t* tile, int r0, int c0, int lane) {
-    return tile + tc_swz<D>(r0 + (lane & 7) + ((lane >> 4) << 3), c0 + ((lane >> 3) & 1));
-}
+__device__ __forceinline__ TcLane<D> tc_lane_x(int lane) { return TcLane<D>(lane & 15, lane >> 4); }
+template <int D>
+__device__ __forceinline__ TcLane<D> tc_lane_y(int lane) { return TcLane<D>((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1); }
 
-/// Rows t0 .. t0 + NR of one head of qkv (column offset col, row width `width`, batch base row0)
-/// into a swizzled [NR][D] tile with cp.async (rows past seq zero-filled). Not committed.
+/// Rows t0 .. t0 + NR of one head (`src`: the head's first column in row 0 of the sequence; rows
+/// `width` elements apart) into a swizzled [NR][D] tile with cp.async (rows past seq zero-filled).
+/// Not committed.
 template <int D, int NR, int NT>
-__device__ __forceinline__ void tc_load_rows(bf16_t* dst, const bf16_t* qkv, long long row0, long long width, long long col, int t0, int seq) {
+__device__ __forceinline__ void tc_load_rows(bf16_t* dst, const bf16_t* src, int width, int t0, int seq) {
     constexpr int CH = D / 8;
     static_assert((NR * CH) % NT == 0, "whole chunks per thread");
-#pragma unroll
-    for (int k = 0; k < NR * CH / NT; ++k) {
+#pragma unroll 1
+    for (int k = 0; k < NR * CH / NT; ++k) {  // rolled: keeps no per-chunk addresses live
         const int e = k * NT + threadIdx.x;
         const int r = e / CH, c = e % CH;
         const int t = t0 + r;
         const bool ok = t < seq;
-        const bf16_t* src = ok ? qkv + (row0 + t) * width + col + c * 8 : qkv;
-        tc_cp16(dst + tc_swz<D>(r, c), src, ok);
+        tc_cp16(dst + tc_swz<D>(r, c), ok ? src + (long long)t * width + c * 8 : src, ok);
     }
 }
 
 /// As tc_load_rows for an f32 matrix (dout), rounded to bf16, with ordinary loads and stores.
 template <int D, int NR, int NT>
-__device__ __forceinline__ void tc_stage_f32(bf16_t* dst, const float* src, long long row0, long long width, long long col, int t0, int seq) {
+__device__ __forceinline__ void tc_stage_f32(bf16_t* dst, const float* src, int width, int t0, int seq) {
     constexpr int CH = D / 8;
     static_assert((NR * CH) % NT == 0, "whole chunks per thread");
 #pragma unroll
@@ -137,7 +164,7 @@ __device__ __forceinline__ void tc_stage_f32(bf16_t* dst, const float* src, long
         const int t = t0 + r;
         float4 x0 = {0.0f, 0.0f, 0.0f, 0.0f}, x1 = {0.0f, 0.0f, 0.0f, 0.0f};
         if (t < seq) {
-            const float4* p = reinterpret_cast<const float4*>(src + (row0 + t) * width + col + c * 8);
+            const float4* p = reinterpret_cast<const float4*>(src + (long long)t * width + c * 8);
             x0 = p[0];
             x1 = p[1];
         }
@@ -156,6 +183,19 @@ __device__ __forceinline__ void tc_c_to_a(unsigned* a, const float* c0, const fl
     a[1] = tc_pack(c0[2], c0[3]);
     a[2] = tc_pack(c1[0], c1[1]);
     a[3] = tc_pack(c1[2], c1[3]);
+}
+
+/// Bit 2n + e: key column 8 n + 2 tq + e of the tile (the columns of this lane's C fragments) is
+/// allowed by the key mask (and inside the sequence).
+template <int BN>
+__device__ __forceinline__ unsigned tc_key_bits(const int* kok, int tq) {
+    unsigned bits = 0;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) bits |= (kok[8 * n + 2 * tq + e] != 0 ? 1u : 0u) << (2 * n + e);
+    }
+    return bits;
 }
 
 __device__ __forceinline__ float tc_quad_max(float v) {
@@ -187,14 +227,16 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
     if (q0 >= seq) return;
     const int b = blockIdx.z, h = blockIdx.y;
     const int kvh = h / (n_head / n_kv_head);
-    const long long width = (long long)(n_head + 2 * n_kv_head) * D, out_width = (long long)n_head * D;
+    const int width = (n_head + 2 * n_kv_head) * D, out_width = n_head * D;  // products taken in 64 bits
     const long long row0 = (long long)b * seq;
-    const long long qcol = (long long)h * D, kcol = (long long)(n_head + kvh) * D, vcol = (long long)(n_head + n_kv_head + kvh) * D;
+    const bf16_t* qkv_s = qkv + row0 * width;  // this sequence
+    const int qcol = h * D, kcol = (n_head + kvh) * D, vcol = (n_head + n_kv_head + kvh) * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const float sl2 = __fmul_rn(__fdiv_rn(1.0f, __fsqrt_rn((float)D)), TC_LOG2E);
+    const TcLane<D> lx = tc_lane_x<D>(lane), ly = tc_lane_y<D>(lane);
+    const float sl2 = __fmul_rn(TcScale<D>::v, TC_LOG2E);
 
     // Q fragments (staged through the K/V buffers)
-    tc_load_rows<D, BM, NT>(sm, qkv, row0, width, qcol, q0, seq);
+    tc_load_rows<D, BM, NT>(sm, qkv_s + qcol, width, q0, seq);
     tc_commit();
     tc_wait<0>();
     __syncthreads();
@@ -202,7 +244,7 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(qf[mt][kk], tc_at_a<D>(sm, warp * WR + mt * 16, 2 * kk, lane));
+        for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(qf[mt][kk], sm + lx.at(warp * WR + mt * 16, 2 * kk));
     }
     __syncthreads();
 
@@ -219,11 +261,11 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
         l[mt][0] = l[mt][1] = 0.0f;
     }
 
-    tc_load_rows<D, BN, NT>(ks, qkv, row0, width, kcol, 0, seq);
+    tc_load_rows<D, BN, NT>(ks, qkv_s + kcol, width, 0, seq);
     tc_commit();
     for (int j0 = 0; j0 < key_end; j0 += BN) {
         // vs and kok are free (barrier at the end of the previous tile)
-        tc_load_rows<D, BN, NT>(vs, qkv, row0, width, vcol, j0, seq);
+        tc_load_rows<D, BN, NT>(vs, qkv_s + vcol, width, j0, seq);
         tc_commit();
         for (int j = threadIdx.x; j < BN; j += NT) kok[j] = j0 + j < seq && key_mask[row0 + j0 + j] != 0;
         tc_wait<1>();  // K_j
@@ -243,7 +285,7 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
 #pragma unroll
                 for (int np = 0; np < BN / 16; ++np) {
                     unsigned bf[4];
-                    tc_ldsm(bf, tc_at_b<D>(ks, 16 * np, 2 * kk, lane));
+                    tc_ldsm(bf, ks + ly.at(16 * np, 2 * kk));
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         tc_mma(s[mt][2 * np], qf[mt][kk], bf);
@@ -252,6 +294,9 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
                 }
             }
             const bool diag = j0 + BN - 1 > wr0;  // some key of the tile is after some row of the warp
+            const unsigned kbits = tc_key_bits<BN>(kok, tq);
+            // warp-uniform: no masked key and no causal cut in this tile for this warp
+            const bool clean = __all_sync(0xffffffffu, kbits == (1u << (BN / 4)) - 1u) && !diag;
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 const int r_lo = wr0 + mt * 16 + g, r_hi = r_lo + 8;
@@ -260,14 +305,14 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
                 for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const int c = 8 * n + 2 * tq + e;
-                        const bool ok = kok[c] != 0;
-                        const bool ok_lo = ok && (!diag || j0 + c <= r_lo);
-                        const bool ok_hi = ok && (!diag || j0 + c <= r_hi);
-                        s[mt][n][e] = ok_lo ? s[mt][n][e] : neg_inf();
-                        s[mt][n][2 + e] = ok_hi ? s[mt][n][2 + e] : neg_inf();
-                        mx_lo = s[mt][n][e] > mx_lo ? s[mt][n][e] : mx_lo;
-                        mx_hi = s[mt][n][2 + e] > mx_hi ? s[mt][n][2 + e] : mx_hi;
+                        if (!clean) {
+                            const int c = 8 * n + 2 * tq + e;
+                            const bool ok = (kbits >> (2 * n + e)) & 1u;
+                            if (!(ok && j0 + c <= r_lo)) s[mt][n][e] = neg_inf();
+                            if (!(ok && j0 + c <= r_hi)) s[mt][n][2 + e] = neg_inf();
+                        }
+                        mx_lo = fmaxf(mx_lo, s[mt][n][e]);
+                        mx_hi = fmaxf(mx_hi, s[mt][n][2 + e]);
                     }
                 }
                 mx_lo = tc_quad_max(mx_lo);
@@ -276,7 +321,7 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
                 // inf - inf while a row has seen no visible key (then l and o are 0 anyway)
                 const float mn_lo = fmaxf(m[mt][0], __fmul_rn(mx_lo, sl2)), mn_hi = fmaxf(m[mt][1], __fmul_rn(mx_hi, sl2));
                 const float base_lo = mn_lo == neg_inf() ? 0.0f : mn_lo, base_hi = mn_hi == neg_inf() ? 0.0f : mn_hi;
-                const float corr_lo = exp2f(__fsub_rn(m[mt][0], base_lo)), corr_hi = exp2f(__fsub_rn(m[mt][1], base_hi));
+                const float corr_lo = tc_exp2(__fsub_rn(m[mt][0], base_lo)), corr_hi = tc_exp2(__fsub_rn(m[mt][1], base_hi));
                 m[mt][0] = mn_lo;
                 m[mt][1] = mn_hi;
                 float sum_lo = 0.0f, sum_hi = 0.0f;
@@ -284,8 +329,8 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
                 for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        s[mt][n][e] = exp2f(__fmaf_rn(s[mt][n][e], sl2, -base_lo));
-                        s[mt][n][2 + e] = exp2f(__fmaf_rn(s[mt][n][2 + e], sl2, -base_hi));
+                        s[mt][n][e] = tc_exp2(__fmaf_rn(s[mt][n][e], sl2, -base_lo));
+                        s[mt][n][2 + e] = tc_exp2(__fmaf_rn(s[mt][n][2 + e], sl2, -base_hi));
                         sum_lo = __fadd_rn(sum_lo, s[mt][n][e]);
                         sum_hi = __fadd_rn(sum_hi, s[mt][n][2 + e]);
                     }
@@ -306,7 +351,7 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
         tc_wait<0>();  // V_j
         __syncthreads();  // every warp is done with ks; V_j visible
         if (j0 + BN < key_end) {
-            tc_load_rows<D, BN, NT>(ks, qkv, row0, width, kcol, j0 + BN, seq);
+            tc_load_rows<D, BN, NT>(ks, qkv_s + kcol, width, j0 + BN, seq);
             tc_commit();
         }
         if (active) {
@@ -315,7 +360,7 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
 #pragma unroll
                 for (int np = 0; np < D / 16; ++np) {
                     unsigned bf[4];
-                    tc_ldsm_t(bf, tc_at_a<D>(vs, 16 * kk, 2 * np, lane));
+                    tc_ldsm_t(bf, vs + lx.at(16 * kk, 2 * np));
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         tc_mma(o[mt][2 * np], pf[mt][kk], bf);
@@ -364,25 +409,28 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
     if (q0 >= seq) return;
     const int b = blockIdx.z, h = blockIdx.y;
     const int kvh = h / (n_head / n_kv_head);
-    const long long width = (long long)(n_head + 2 * n_kv_head) * D, out_width = (long long)n_head * D;
+    const int width = (n_head + 2 * n_kv_head) * D, out_width = n_head * D;  // products taken in 64 bits
     const long long row0 = (long long)b * seq;
-    const long long qcol = (long long)h * D, kcol = (long long)(n_head + kvh) * D, vcol = (long long)(n_head + n_kv_head + kvh) * D;
+    const bf16_t* qkv_s = qkv + row0 * width;  // this sequence
+    const int qcol = h * D, kcol = (n_head + kvh) * D, vcol = (n_head + n_kv_head + kvh) * D;
+    const float* dout_s = dout + row0 * out_width;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const float scale = __fdiv_rn(1.0f, __fsqrt_rn((float)D));
+    const TcLane<D> lx = tc_lane_x<D>(lane), ly = tc_lane_y<D>(lane);
+    const float scale = TcScale<D>::v;
     const float sl2 = __fmul_rn(scale, TC_LOG2E);
 
     unsigned qf[D / 16][4], df[D / 16][4];
-    tc_load_rows<D, BM, NT>(sm, qkv, row0, width, qcol, q0, seq);
+    tc_load_rows<D, BM, NT>(sm, qkv_s + qcol, width, q0, seq);
     tc_commit();
     tc_wait<0>();
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(qf[kk], tc_at_a<D>(sm, warp * 16, 2 * kk, lane));
+    for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(qf[kk], sm + lx.at(warp * 16, 2 * kk));
     __syncthreads();
-    tc_stage_f32<D, BM, NT>(sm, dout, row0, out_width, qcol, q0, seq);
+    tc_stage_f32<D, BM, NT>(sm, dout_s + qcol, out_width, q0, seq);
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(df[kk], tc_at_a<D>(sm, warp * 16, 2 * kk, lane));
+    for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(df[kk], sm + lx.at(warp * 16, 2 * kk));
     __syncthreads();
 
     const int wr0 = q0 + warp * 16;
@@ -399,16 +447,16 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
 
-    tc_load_rows<D, BN, NT>(sm, qkv, row0, width, kcol, 0, seq);
-    tc_load_rows<D, BN, NT>(sm + BN * D, qkv, row0, width, vcol, 0, seq);
+    tc_load_rows<D, BN, NT>(sm, qkv_s + kcol, width, 0, seq);
+    tc_load_rows<D, BN, NT>(sm + BN * D, qkv_s + vcol, width, 0, seq);
     tc_commit();
     for (int j = threadIdx.x; j < BN; j += NT) kok[0][j] = j < seq && key_mask[row0 + j] != 0;
     int st = 0;
     for (int j0 = 0; j0 < key_end; j0 += BN, st ^= 1) {
         if (j0 + BN < key_end) {  // prefetch the next tile into the other stage (free since the last barrier)
             bf16_t* nx = sm + (st ^ 1) * STAGE;
-            tc_load_rows<D, BN, NT>(nx, qkv, row0, width, kcol, j0 + BN, seq);
-            tc_load_rows<D, BN, NT>(nx + BN * D, qkv, row0, width, vcol, j0 + BN, seq);
+            tc_load_rows<D, BN, NT>(nx, qkv_s + kcol, width, j0 + BN, seq);
+            tc_load_rows<D, BN, NT>(nx + BN * D, qkv_s + vcol, width, j0 + BN, seq);
             tc_commit();
             for (int j = threadIdx.x; j < BN; j += NT) {
                 const int t = j0 + BN + j;
@@ -433,25 +481,27 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
 #pragma unroll
                 for (int np = 0; np < BN / 16; ++np) {
                     unsigned bf[4];
-                    tc_ldsm(bf, tc_at_b<D>(ks, 16 * np, 2 * kk, lane));
+                    tc_ldsm(bf, ks + ly.at(16 * np, 2 * kk));
                     tc_mma(s[2 * np], qf[kk], bf);
                     tc_mma(s[2 * np + 1], qf[kk], bf + 2);
-                    tc_ldsm(bf, tc_at_b<D>(vs, 16 * np, 2 * kk, lane));
+                    tc_ldsm(bf, vs + ly.at(16 * np, 2 * kk));
                     tc_mma(dp[2 * np], df[kk], bf);
                     tc_mma(dp[2 * np + 1], df[kk], bf + 2);
                 }
             }
             const bool diag = j0 + BN - 1 > wr0;
+            const unsigned kbits = tc_key_bits<BN>(kok[st], tq);
+            const bool clean = __all_sync(0xffffffffu, kbits == (1u << (BN / 4)) - 1u) && !diag;  // warp-uniform
 #pragma unroll
             for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int c = 8 * n + 2 * tq + e;
-                    const bool ok = kok[st][c] != 0;
-                    const bool ok_lo = ok && (!diag || j0 + c <= r_lo);
-                    const bool ok_hi = ok && (!diag || j0 + c <= r_hi);
-                    const float p_lo = ok_lo ? exp2f(__fmaf_rn(s[n][e], sl2, -l2_lo)) : 0.0f;
-                    const float p_hi = ok_hi ? exp2f(__fmaf_rn(s[n][2 + e], sl2, -l2_hi)) : 0.0f;
+                    const bool ok = (kbits >> (2 * n + e)) & 1u;
+                    const bool ok_lo = clean || (ok && j0 + c <= r_lo);
+                    const bool ok_hi = clean || (ok && j0 + c <= r_hi);
+                    const float p_lo = ok_lo ? tc_exp2(__fmaf_rn(s[n][e], sl2, -l2_lo)) : 0.0f;
+                    const float p_hi = ok_hi ? tc_exp2(__fmaf_rn(s[n][2 + e], sl2, -l2_hi)) : 0.0f;
                     s[n][e] = __fmul_rn(p_lo, __fsub_rn(dp[n][e], d_lo));  // dS (without the scale)
                     s[n][2 + e] = __fmul_rn(p_hi, __fsub_rn(dp[n][2 + e], d_hi));
                 }
@@ -463,7 +513,7 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
 #pragma unroll
                 for (int np = 0; np < D / 16; ++np) {
                     unsigned bf[4];
-                    tc_ldsm_t(bf, tc_at_a<D>(ks, 16 * kk, 2 * np, lane));
+                    tc_ldsm_t(bf, ks + lx.at(16 * kk, 2 * np));
                     tc_mma(dq[2 * np], af, bf);
                     tc_mma(dq[2 * np + 1], af, bf + 2);
                 }
@@ -491,10 +541,10 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
 // ---- backward: dK, dV -----------------------------------------------------------------------
 // 4 warps of 16 keys (64 keys per block, resident); query tiles of BQ.
 
-template <int D, int BQ>
+template <int D, int BQ, int SQ>
 __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head) {
     constexpr int NW = 4, NT = 32 * NW, BN = 16 * NW, NQR = BQ / 32;
-    static_assert(BQ % 32 == 0 && BN % BQ == 0, "query tiles align with the key tile");
+    static_assert(BQ % 32 == 0 && BN % BQ == 0 && BQ % SQ == 0 && SQ % 16 == 0, "query tiles align with the key tile");
     __shared__ __align__(128) bf16_t ks[BN * D];
     __shared__ __align__(128) bf16_t vs[BN * D];
     __shared__ __align__(128) bf16_t qs[BQ * D];
@@ -504,15 +554,18 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
     if (k0 >= seq) return;
     const int b = blockIdx.z, kvh = blockIdx.y;
     const int grp = n_head / n_kv_head;
-    const long long width = (long long)(n_head + 2 * n_kv_head) * D, out_width = (long long)n_head * D;
+    const int width = (n_head + 2 * n_kv_head) * D, out_width = n_head * D;  // products taken in 64 bits
     const long long row0 = (long long)b * seq;
-    const long long kcol = (long long)(n_head + kvh) * D, vcol = (long long)(n_head + n_kv_head + kvh) * D;
+    const bf16_t* qkv_s = qkv + row0 * width;
+    const float* dout_s = dout + row0 * out_width;
+    const int kcol = (n_head + kvh) * D, vcol = (n_head + n_kv_head + kvh) * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const float scale = __fdiv_rn(1.0f, __fsqrt_rn((float)D));
+    const TcLane<D> lx = tc_lane_x<D>(lane), ly = tc_lane_y<D>(lane);
+    const float scale = TcScale<D>::v;
     const float sl2 = __fmul_rn(scale, TC_LOG2E);
 
-    tc_load_rows<D, BN, NT>(ks, qkv, row0, width, kcol, k0, seq);
-    tc_load_rows<D, BN, NT>(vs, qkv, row0, width, vcol, k0, seq);
+    tc_load_rows<D, BN, NT>(ks, qkv_s + kcol, width, k0, seq);
+    tc_load_rows<D, BN, NT>(vs, qkv_s + vcol, width, k0, seq);
     tc_commit();
 
     const int wk0 = k0 + warp * 16;  // first key of the warp
@@ -527,79 +580,84 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
     }
 
     for (int h = kvh * grp; h < (kvh + 1) * grp; ++h) {
-        const long long qcol = (long long)h * D;
-        const long long sbase = ((long long)b * n_head + h) * seq;
+        const int qcol = h * D;
+        const float* lse_h = lse + ((long long)b * n_head + h) * seq;
+        const float* delta_h = delta + ((long long)b * n_head + h) * seq;
         for (int i0 = k0; i0 < seq; i0 += BQ) {
             __syncthreads();  // the previous query tile is consumed
-            tc_load_rows<D, BQ, NT>(qs, qkv, row0, width, qcol, i0, seq);
+            tc_load_rows<D, BQ, NT>(qs, qkv_s + qcol, width, i0, seq);
             tc_commit();
-            tc_stage_f32<D, BQ, NT>(dos, dout, row0, out_width, qcol, i0, seq);
+            tc_stage_f32<D, BQ, NT>(dos, dout_s + qcol, out_width, i0, seq);
             // lane holds lse (base 2) and delta of queries i0 + 32 r + lane; shuffled out below
             float lr[NQR], dr[NQR];
 #pragma unroll
             for (int r = 0; r < NQR; ++r) {
                 const int q = i0 + 32 * r + lane;
-                lr[r] = q < seq ? __fmul_rn(lse[sbase + q], TC_LOG2E) : pos_inf();
-                dr[r] = q < seq ? delta[sbase + q] : 0.0f;
+                lr[r] = q < seq ? __fmul_rn(lse_h[q], TC_LOG2E) : pos_inf();
+                dr[r] = q < seq ? delta_h[q] : 0.0f;
             }
             tc_wait<0>();
             __syncthreads();
             if (wk0 >= seq || i0 + BQ - 1 < wk0) continue;  // warp-uniform: nothing visible
 
-            float s[BQ / 8][4], dp[BQ / 8][4];
-#pragma unroll
-            for (int n = 0; n < BQ / 8; ++n) {
-                s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-                dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
-            }
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                unsigned ka[4], va[4];
-                tc_ldsm(ka, tc_at_a<D>(ks, warp * 16, 2 * kk, lane));
-                tc_ldsm(va, tc_at_a<D>(vs, warp * 16, 2 * kk, lane));
-#pragma unroll
-                for (int np = 0; np < BQ / 16; ++np) {
-                    unsigned bf[4];
-                    tc_ldsm(bf, tc_at_b<D>(qs, 16 * np, 2 * kk, lane));
-                    tc_mma(s[2 * np], ka, bf);
-                    tc_mma(s[2 * np + 1], ka, bf + 2);
-                    tc_ldsm(bf, tc_at_b<D>(dos, 16 * np, 2 * kk, lane));
-                    tc_mma(dp[2 * np], va, bf);
-                    tc_mma(dp[2 * np + 1], va, bf + 2);
-                }
-            }
             const bool diag = i0 < wk0 + 15;  // some query of the tile is before some key of the warp
+            // SQ queries at a time (fewer live registers; the K, V fragments are re-read per block)
 #pragma unroll
-            for (int n = 0; n < BQ / 8; ++n) {
+            for (int q16 = 0; q16 < BQ; q16 += SQ) {
+                float s[SQ / 8][4], dp[SQ / 8][4];
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int c = 8 * n + 2 * tq + e;  // query i0 + c
-                    const float l2 = __shfl_sync(0xffffffffu, lr[(8 * n) / 32], c & 31);
-                    const float dl = __shfl_sync(0xffffffffu, dr[(8 * n) / 32], c & 31);
-                    const bool ok_lo = live_lo && (!diag || key_lo <= i0 + c);
-                    const bool ok_hi = live_hi && (!diag || key_hi <= i0 + c);
-                    const float p_lo = ok_lo ? exp2f(__fmaf_rn(s[n][e], sl2, -l2)) : 0.0f;
-                    const float p_hi = ok_hi ? exp2f(__fmaf_rn(s[n][2 + e], sl2, -l2)) : 0.0f;
-                    s[n][e] = p_lo;
-                    s[n][2 + e] = p_hi;
-                    dp[n][e] = __fmul_rn(p_lo, __fsub_rn(dp[n][e], dl));
-                    dp[n][2 + e] = __fmul_rn(p_hi, __fsub_rn(dp[n][2 + e], dl));
+                for (int n = 0; n < SQ / 8; ++n) {
+                    s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+                    dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
                 }
-            }
+#pragma unroll 2
+                for (int kk = 0; kk < D / 16; ++kk) {  // partly rolled: few fragments in flight
+                    unsigned ka[4], va[4];
+                    tc_ldsm(ka, ks + lx.at(warp * 16, 2 * kk));
+                    tc_ldsm(va, vs + lx.at(warp * 16, 2 * kk));
 #pragma unroll
-            for (int kq = 0; kq < BQ / 16; ++kq) {
-                unsigned pa[4], da[4];
-                tc_c_to_a(pa, s[2 * kq], s[2 * kq + 1]);
-                tc_c_to_a(da, dp[2 * kq], dp[2 * kq + 1]);
+                    for (int np = 0; np < SQ / 16; ++np) {
+                        unsigned bf[4];
+                        tc_ldsm(bf, qs + ly.at(q16 + 16 * np, 2 * kk));
+                        tc_mma(s[2 * np], ka, bf);
+                        tc_mma(s[2 * np + 1], ka, bf + 2);
+                        tc_ldsm(bf, dos + ly.at(q16 + 16 * np, 2 * kk));
+                        tc_mma(dp[2 * np], va, bf);
+                        tc_mma(dp[2 * np + 1], va, bf + 2);
+                    }
+                }
 #pragma unroll
-                for (int np = 0; np < D / 16; ++np) {
-                    unsigned bf[4];
-                    tc_ldsm_t(bf, tc_at_a<D>(dos, 16 * kq, 2 * np, lane));
-                    tc_mma(dv[2 * np], pa, bf);
-                    tc_mma(dv[2 * np + 1], pa, bf + 2);
-                    tc_ldsm_t(bf, tc_at_a<D>(qs, 16 * kq, 2 * np, lane));
-                    tc_mma(dk[2 * np], da, bf);
-                    tc_mma(dk[2 * np + 1], da, bf + 2);
+                for (int n = 0; n < SQ / 8; ++n) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int c = q16 + 8 * n + 2 * tq + e;  // query i0 + c
+                        const float l2 = __shfl_sync(0xffffffffu, lr[(q16 + 8 * n) / 32], c & 31);
+                        const float dl = __shfl_sync(0xffffffffu, dr[(q16 + 8 * n) / 32], c & 31);
+                        const bool ok_lo = live_lo && (!diag || key_lo <= i0 + c);
+                        const bool ok_hi = live_hi && (!diag || key_hi <= i0 + c);
+                        const float p_lo = ok_lo ? tc_exp2(__fmaf_rn(s[n][e], sl2, -l2)) : 0.0f;
+                        const float p_hi = ok_hi ? tc_exp2(__fmaf_rn(s[n][2 + e], sl2, -l2)) : 0.0f;
+                        s[n][e] = p_lo;
+                        s[n][2 + e] = p_hi;
+                        dp[n][e] = __fmul_rn(p_lo, __fsub_rn(dp[n][e], dl));  // dS (without the scale)
+                        dp[n][2 + e] = __fmul_rn(p_hi, __fsub_rn(dp[n][2 + e], dl));
+                    }
+                }
+#pragma unroll
+                for (int kq = 0; kq < SQ / 16; ++kq) {
+                    unsigned pa[4], da[4];
+                    tc_c_to_a(pa, s[2 * kq], s[2 * kq + 1]);
+                    tc_c_to_a(da, dp[2 * kq], dp[2 * kq + 1]);
+#pragma unroll
+                    for (int np = 0; np < D / 16; ++np) {
+                        unsigned bf[4];
+                        tc_ldsm_t(bf, dos + lx.at(q16 + 16 * kq, 2 * np));
+                        tc_mma(dv[2 * np], pa, bf);
+                        tc_mma(dv[2 * np + 1], pa, bf + 2);
+                        tc_ldsm_t(bf, qs + lx.at(q16 + 16 * kq, 2 * np));
+                        tc_mma(dk[2 * np], da, bf);
+                        tc_mma(dk[2 * np + 1], da, bf + 2);
+                    }
                 }
             }
         }
@@ -628,7 +686,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
 // head_dim must equal the D of the name (anything else returns without writing). Grids: fwd and dq
 // (ceil(seq / 128), n_head, batch); dkdv (ceil(seq / 64), n_kv_head, batch).
 
-#define ATT_TC_EXPORT(D, FWD_NW, FWD_MT, DQ_BN, DKDV_BQ)                                                                  \
+#define ATT_TC_EXPORT(D, FWD_NW, FWD_MT, DQ_BN, DKDV_BQ, DKDV_SQ)                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * FWD_NW) attention_fwd_tc_d##D(                                      \
         float* out, float* lse, const bf16_t* qkv, const int* key_mask, int batch, int seq, int n_head, int n_kv_head, int head_dim) { \
         if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
@@ -644,14 +702,14 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
         float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
         int seq, int n_head, int n_kv_head, int head_dim) {                                                            \
         if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
-        attn_bwd_dkdv_tc<D, DKDV_BQ>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);                    \
+        attn_bwd_dkdv_tc<D, DKDV_BQ, DKDV_SQ>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);                    \
     }
 
 // Launch: attention_fwd_tc_d64: grid (ceil(seq / 128), n_head, batch), block 128 (4 warps x 32 rows).
 // Launch: attention_bwd_dq_tc_d64: grid (ceil(seq / 128), n_head, batch), block 256 (key tiles of 64).
 // Launch: attention_bwd_dkdv_tc_d64: grid (ceil(seq / 64), n_kv_head, batch), block 128 (query tiles of 64).
-ATT_TC_EXPORT(64, 4, 2, 64, 64)
+ATT_TC_EXPORT(64, 4, 2, 64, 64, 64)
 // Launch: attention_fwd_tc_d128: grid (ceil(seq / 128), n_head, batch), block 256 (8 warps x 16 rows).
 // Launch: attention_bwd_dq_tc_d128: grid (ceil(seq / 128), n_head, batch), block 256 (key tiles of 32).
 // Launch: attention_bwd_dkdv_tc_d128: grid (ceil(seq / 64), n_kv_head, batch), block 128 (query tiles of 32).
-ATT_TC_EXPORT(128, 8, 1, 32, 32)
+ATT_TC_EXPORT(128, 8, 1, 32, 32, 32)

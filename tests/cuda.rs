@@ -3,8 +3,15 @@
 //! one clear error. On a machine with a GPU: every op against the CPU backend and whole training
 //! steps (skipped, saying so, without one).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Says why a test skips, on the real stderr (the test harness captures `eprintln!`, so a
+/// passing test's message would never be seen).
+fn skip(why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
 
 /// The folder holding libnvrtc: `RUNTIME_CUDA_LIB_DIR`, or the `nvidia-cuda-nvrtc` wheel that
 /// `.ci/run` installs under `target/cuda-wheels`.
@@ -23,7 +30,7 @@ fn every_kernel_compiles_with_nvrtc_for_sm90_and_sm80() {
             std::env::var_os("RUNTIME_REQUIRE_NVRTC").is_none(),
             "RUNTIME_REQUIRE_NVRTC is set but no NVRTC was found (set RUNTIME_CUDA_LIB_DIR or run .ci/run)"
         );
-        eprintln!("SKIPPED: no NVRTC library found (set RUNTIME_CUDA_LIB_DIR to a folder with libnvrtc.so.13, or run .ci/run)");
+        skip("no NVRTC library found (set RUNTIME_CUDA_LIB_DIR to a folder with libnvrtc.so.13, or run .ci/run)");
         return;
     };
     let ld = match std::env::var("LD_LIBRARY_PATH") {
@@ -43,7 +50,10 @@ fn every_kernel_compiles_with_nvrtc_for_sm90_and_sm80() {
     for arch in ["sm_90", "sm_80"] {
         for f in &files {
             let r = reports.iter().find(|r| r["arch"] == arch && r["file"] == format!("kernels/{f}.cu"));
-            assert!(r.is_some_and(|r| r["ptx_bytes"].as_u64().unwrap() > 0), "kernels/{f}.cu was not compiled for {arch}");
+            assert!(
+                r.is_some_and(|r| r["ptx_bytes"].as_u64().unwrap() > 0 && r["cubin_bytes"].as_u64().unwrap() > 0),
+                "kernels/{f}.cu was not compiled to PTX and CUBIN for {arch}"
+            );
         }
         let compiled: Vec<&str> =
             reports.iter().filter(|r| r["arch"] == arch).flat_map(|r| r["kernels"].as_array().unwrap()).map(|k| k.as_str().unwrap()).collect();
@@ -56,7 +66,7 @@ fn every_kernel_compiles_with_nvrtc_for_sm90_and_sm80() {
 #[test]
 fn asking_for_cuda_without_a_gpu_is_one_clear_error() {
     if runtime::backend::cuda::probe(0).is_ok() {
-        eprintln!("SKIPPED: this machine has a CUDA device");
+        skip("this machine has a CUDA device");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -115,7 +125,7 @@ fn asking_for_cuda_without_a_gpu_is_one_clear_error() {
 #[test]
 fn cuda_ops_and_training_steps_match_the_cpu_backend() {
     if let Err(why) = runtime::backend::cuda::probe(0) {
-        eprintln!("SKIPPED: {why}");
+        skip(&format!("the GPU parity test needs a CUDA device: {why}"));
         return;
     }
     for bf16 in [false, true] {

@@ -499,7 +499,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let (major, minor) = runtime::backend::cuda::kernels::nvrtc_version()?;
                 println!("NVRTC {major}.{minor}");
                 for r in &reports {
-                    println!("{:<26} {:<6} {:>4} kernels {:>8} bytes of PTX  {:.2} s", r.file, r.arch, r.kernels.len(), r.ptx_bytes, r.seconds);
+                    println!(
+                        "{:<26} {:<6} {:>4} kernels {:>8} bytes of PTX {:>8} bytes of CUBIN  {:.2} s",
+                        r.file,
+                        r.arch,
+                        r.kernels.len(),
+                        r.ptx_bytes,
+                        r.cubin_bytes,
+                        r.seconds
+                    );
                 }
             }
         }

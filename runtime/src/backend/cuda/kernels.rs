@@ -1,8 +1,9 @@
 //! The CUDA sources of `kernels/`, embedded in the binary, and their compilation by NVRTC for the
 //! device's architecture. Each file is compiled on its own with `kernels/common.cuh` prepended
-//! (the kernels include no toolkit header, so NVRTC needs no include path). Compiled PTX is cached
+//! (the kernels include no toolkit header, so NVRTC needs no include path). Compiled code is cached
 //! in the user cache folder, keyed by the source, the architecture, the options and the NVRTC
-//! version, so only the first start on a machine pays for compilation.
+//! version, so only the first start on a machine pays for compilation. The device code is
+//! CUBIN for the exact architecture, so loading needs no JIT.
 
 use std::ffi::c_int;
 use std::path::PathBuf;
@@ -56,21 +57,51 @@ pub fn arch_name((major, minor): (i32, i32)) -> String {
     format!("sm_{major}{minor}")
 }
 
+/// One file compiled for one architecture: the PTX (its `.entry` lines name the kernels) and,
+/// when asked for, the device code (CUBIN) that loads without the driver's JIT.
+pub struct Compiled {
+    pub ptx: String,
+    pub cubin: Option<Vec<u8>>,
+}
+
 /// Compiles one kernel file for `arch` (for example `sm_90`); the error carries NVRTC's log.
-pub fn compile(stem: &str, src: &str, arch: &str) -> Result<String> {
+pub fn compile(stem: &str, src: &str, arch: &str, cubin: bool) -> Result<Compiled> {
+    use cudarc::nvrtc::{result, sys};
     if !nvrtc_present() {
         return Err(Error::Device(NVRTC_MISSING.into()));
     }
+    let fail = |what: &str, e: result::NvrtcError| Error::Device(format!("kernels/{stem}.cu for {arch}: {what}: {e:?}"));
+    let source = std::ffi::CString::new(format!("{COMMON}\n{src}")).map_err(|_| Error::Device(format!("kernels/{stem}.cu holds a NUL byte")))?;
+    let name = std::ffi::CString::new(format!("{stem}.cu")).expect("no NUL in a file stem");
     let mut options: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
     options.push(format!("--gpu-architecture={arch}"));
-    let opts = cudarc::nvrtc::CompileOptions { options, name: Some(format!("{stem}.cu")), ..Default::default() };
-    match cudarc::nvrtc::compile_ptx_with_opts(format!("{COMMON}\n{src}"), opts) {
-        Ok(ptx) => Ok(ptx.to_src()),
-        Err(cudarc::nvrtc::CompileError::CompileError { log, .. }) => {
-            Err(Error::Device(format!("kernels/{stem}.cu does not compile for {arch}:\n{}", log.to_string_lossy().trim_end())))
+    let prog = result::create_program(&source, Some(&name)).map_err(|e| fail("nvrtcCreateProgram", e))?;
+    // SAFETY: `prog` is live until the destroy below; the buffers are sized by NVRTC's own
+    // size queries.
+    let out = unsafe {
+        let compiled = result::compile_program(prog, &options);
+        let log = || result::get_program_log(prog).map(|l| l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect::<Vec<u8>>()).unwrap_or_default();
+        match compiled {
+            Err(_) => Err(Error::Device(format!("kernels/{stem}.cu does not compile for {arch}:\n{}", String::from_utf8_lossy(&log()).trim_end()))),
+            Ok(()) => (|| {
+                let ptx = result::get_ptx(prog).map_err(|e| fail("nvrtcGetPTX", e))?;
+                let ptx: Vec<u8> = ptx.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+                let cubin = if cubin {
+                    let mut size = 0usize;
+                    sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| fail("nvrtcGetCUBINSize", e))?;
+                    let mut buf = vec![0u8; size];
+                    sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut std::ffi::c_char).result().map_err(|e| fail("nvrtcGetCUBIN", e))?;
+                    Some(buf)
+                } else {
+                    None
+                };
+                Ok(Compiled { ptx: String::from_utf8_lossy(&ptx).into_owned(), cubin })
+            })(),
         }
-        Err(e) => Err(Error::Device(format!("kernels/{stem}.cu for {arch}: NVRTC failed: {e:?}"))),
-    }
+    };
+    // SAFETY: created above, destroyed once.
+    let _ = unsafe { result::destroy_program(prog) };
+    out
 }
 
 fn cache_path(stem: &str, src: &str, arch: &str, version: (i32, i32)) -> Option<PathBuf> {
@@ -81,25 +112,44 @@ fn cache_path(stem: &str, src: &str, arch: &str, version: (i32, i32)) -> Option<
     }
     let hex: String = h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect();
     let dir = std::env::var_os("RUNTIME_KERNEL_CACHE_DIR").map(PathBuf::from).or_else(|| crate::data::cache::runtime_cache_dir().map(|d| d.join("kernels")))?;
-    Some(dir.join(format!("{stem}-{arch}-{hex}.ptx")))
+    Some(dir.join(format!("{stem}-{arch}-{hex}")))
 }
 
-/// [`compile`] through the on-disk cache. A cache that cannot be read or written is skipped.
-pub fn compile_cached(stem: &str, src: &str, arch: &str) -> Result<String> {
-    let version = nvrtc_version()?;
-    let path = cache_path(stem, src, arch, version);
-    if let Some(ptx) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).filter(|p| p.contains(".entry")) {
-        return Ok(ptx);
+/// Writes `bytes` to `path` through a temporary file and a rename (a reader sees all or nothing).
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> bool {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let ok = path.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) && std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, path).is_ok();
+    if !ok {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let ptx = compile(stem, src, arch)?;
-    if let Some(path) = path {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let written = path.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) && std::fs::write(&tmp, &ptx).is_ok();
-        if !written || std::fs::rename(&tmp, &path).is_err() {
-            let _ = std::fs::remove_file(&tmp);
+    ok
+}
+
+/// The kernel names and device code of one file for `arch`, through the on-disk cache (a cache
+/// that cannot be read or written is skipped).
+pub fn compile_cached(stem: &str, src: &str, arch: &str) -> Result<(Vec<String>, Vec<u8>)> {
+    let version = nvrtc_version()?;
+    let base = cache_path(stem, src, arch, version);
+    if let Some(base) = &base {
+        let names = std::fs::read_to_string(base.with_extension("names")).ok();
+        let cubin = std::fs::read(base.with_extension("cubin")).ok();
+        if let (Some(names), Some(cubin)) = (names, cubin) {
+            let names: Vec<String> = names.lines().map(str::to_string).collect();
+            if !names.is_empty() && !cubin.is_empty() {
+                return Ok((names, cubin));
+            }
         }
     }
-    Ok(ptx)
+    let c = compile(stem, src, arch, true)?;
+    let names = entries(&c.ptx);
+    let cubin = c.cubin.unwrap_or_default();
+    if let Some(base) = base {
+        // the names last: an entry counts only once both files are complete
+        if write_atomically(&base.with_extension("cubin"), &cubin) {
+            write_atomically(&base.with_extension("names"), names.join("\n").as_bytes());
+        }
+    }
+    Ok((names, cubin))
 }
 
 /// One compiled file, for `runtime kernels`.
@@ -108,6 +158,8 @@ pub struct CompileReport {
     pub file: String,
     pub arch: String,
     pub ptx_bytes: usize,
+    /// The device code NVRTC produced for the architecture (what the runtime loads).
+    pub cubin_bytes: usize,
     pub seconds: f64,
     pub kernels: Vec<String>,
 }
@@ -124,13 +176,14 @@ pub fn compile_all(archs: &[String]) -> Result<Vec<CompileReport>> {
     for arch in archs {
         for (stem, src) in SOURCES {
             let t = Instant::now();
-            let ptx = compile(stem, src, arch)?;
+            let c = compile(stem, src, arch, true)?;
             out.push(CompileReport {
                 file: format!("kernels/{stem}.cu"),
                 arch: arch.clone(),
-                ptx_bytes: ptx.len(),
+                ptx_bytes: c.ptx.len(),
+                cubin_bytes: c.cubin.as_ref().map_or(0, Vec::len),
                 seconds: t.elapsed().as_secs_f64(),
-                kernels: entries(&ptx),
+                kernels: entries(&c.ptx),
             });
         }
     }

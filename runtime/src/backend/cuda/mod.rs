@@ -127,10 +127,10 @@ impl Cuda {
         let arch = kernels::arch_name(info.compute_capability);
         let mut funcs = HashMap::new();
         for (stem, src) in kernels::SOURCES {
-            let ptx = kernels::compile_cached(stem, src, &arch)?;
-            let names = kernels::entries(&ptx);
-            let module =
-                ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| Error::Device(format!("loading kernels/{stem}.cu on {}: {e:?}", info.name)))?;
+            let (names, cubin) = kernels::compile_cached(stem, src, &arch)?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                .map_err(|e| Error::Device(format!("loading kernels/{stem}.cu on {}: {e:?}", info.name)))?;
             for name in names {
                 let f = module.load_function(&name).map_err(|e| Error::Device(format!("kernel `{name}`: {e:?}")))?;
                 funcs.insert(name, f);

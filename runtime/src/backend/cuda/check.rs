@@ -130,6 +130,19 @@ fn matmul<B: Backend>(be: &B, inp: &[f32], w: &[f32], bias: &[f32], d: &[f32], d
     res
 }
 
+/// A product with a weight the fused AdamW step just updated (on CUDA in bf16, through the
+/// step's bf16 working copy of the weight). Every buffer is made before the step, since making
+/// one drops the working copies.
+fn matmul_after_step<B: Backend>(be: &B, w: &[f32], g: &[f32], inp: &[f32], d: &[f32], (n, k, m): (usize, usize, usize)) -> Outs {
+    let (mut wb, gb, mut mb, mut vb) = (be.upload(w), be.upload(g), be.zeros(w.len()), be.zeros(w.len()));
+    let (ib, db, mut out, mut dinp, mut dw) = (be.upload(inp), be.upload(d), be.zeros(n * m), be.zeros(n * k), be.zeros(m * k));
+    let hp = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 1, grad_scale: 1.0 };
+    be.adamw_multi(&mut [(&mut wb, &gb, &mut mb, &mut vb, true)], hp);
+    be.matmul_fwd(&mut out, &ib, &wb, None, n, k, m);
+    be.matmul_bwd(Some(&mut dinp), &mut dw, None, &db, &ib, &wb, n, k, m);
+    vec![("out", be.download(&out)), ("dinp", be.download(&dinp))]
+}
+
 fn attention<B: Backend>(be: &B, qkv: &[f32], mask: &[i32], d: &[f32], s: AttnShape) -> Outs {
     let (qb, mb, db) = (be.upload(qkv), be.upload_ids(mask), be.upload(d));
     let (mut out, mut stats) = (be.zeros(s.rows() * s.out_width()), be.zeros(s.stats_len(AttnImpl::Flash)));
@@ -224,6 +237,16 @@ pub fn op_parity(gpu: &Cuda) -> Vec<Check> {
         let case = format!("n {n}, k {k}, m {m}");
         r.compare("matmul", &case, matmul(gpu, &inp, &w, &b, &d, &dw0, (n, k, m)), matmul(&cpu, &inp, &w, &b, &d, &dw0, (n, k, m)), lim);
     }
+
+    let (n, k, m) = (96, 256, 320);
+    let (w, g, inp, d) = (rng.vec(m * k, 0.1), rng.vec(m * k, 1.0), rng.vec(n * k, 1.0), rng.vec(n * m, 1.0));
+    r.compare(
+        "matmul after adamw",
+        &format!("n {n}, k {k}, m {m}"),
+        matmul_after_step(gpu, &w, &g, &inp, &d, (n, k, m)),
+        matmul_after_step(&cpu, &w, &g, &inp, &d, (n, k, m)),
+        lim,
+    );
 
     for (batch, seq, n_head, n_kv_head, head_dim) in [(2, 70, 4, 2, 16), (1, 130, 2, 2, 64), (2, 100, 4, 1, 128), (1, 256, 12, 12, 64)] {
         let s = AttnShape { batch, seq, n_head, n_kv_head, head_dim };

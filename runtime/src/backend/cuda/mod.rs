@@ -98,6 +98,9 @@ struct Inner {
     lt: Lt,
     bf16: bool,
     scratch: Mutex<Scratch>,
+    /// bf16 mode: the bf16 working copy of each parameter that the fused AdamW step writes, by
+    /// the parameter's device address. See [`Cuda::weight_copy`] for when an entry is trusted.
+    weights16: Mutex<HashMap<u64, CudaSlice<u16>>>,
 }
 
 /// The CUDA backend; cloning it shares the device, the stream and the compiled kernels.
@@ -143,7 +146,7 @@ impl Cuda {
             delta: stream.null::<f32>().map_err(dev_err)?,
             partial: stream.alloc_zeros::<f64>(SUMSQ_BLOCKS).map_err(dev_err)?,
         };
-        Ok(Cuda(Arc::new(Inner { info, ctx, stream, funcs, lt, bf16, scratch: Mutex::new(scratch) })))
+        Ok(Cuda(Arc::new(Inner { info, ctx, stream, funcs, lt, bf16, scratch: Mutex::new(scratch), weights16: Mutex::new(HashMap::new()) })))
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -207,12 +210,43 @@ impl Cuda {
         dst
     }
 
-    /// The operand pointers for a product: the f32 buffers, or bf16 copies in bf16 mode.
-    fn operands<const N: usize>(&self, scratch: &mut Scratch, bufs: [&CudaSlice<f32>; N]) -> ([u64; N], Ty) {
+    /// The bf16 working copy of a parameter, when the last write to it was the fused AdamW step.
+    ///
+    /// An entry is written by `adamw_multi` together with its parameter. Any other write drops it:
+    /// `copy`, `fill` and `scale` drop their destination's entry, and `zeros` and `upload` drop
+    /// every entry, because they are how a parameter buffer comes to exist and a new buffer may
+    /// reuse a freed parameter's address. The copy equals what the cast kernel would produce
+    /// (both round to nearest even), so a hit changes the speed, never the numbers.
+    fn weight_copy(&self, w: &CudaSlice<f32>) -> Option<u64> {
+        let map = self.0.weights16.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&self.ptr(w)).filter(|c| c.len() == w.len()).map(|c| {
+            let A::P(p) = self.p(c) else { unreachable!() };
+            p
+        })
+    }
+
+    fn forget_weight(&self, buf: &CudaSlice<f32>) {
+        if self.0.bf16 {
+            self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.ptr(buf));
+        }
+    }
+
+    fn forget_all_weights(&self) {
+        if self.0.bf16 {
+            self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
+    /// The operand pointers for a product: the f32 buffers, or bf16 copies in bf16 mode (the
+    /// weight's working copy when there is one: `weight` is the index of the weight operand).
+    fn operands<const N: usize>(&self, scratch: &mut Scratch, bufs: [&CudaSlice<f32>; N], weight: usize) -> ([u64; N], Ty) {
         let mut out = [0u64; N];
         for (i, b) in bufs.iter().enumerate() {
             out[i] = if self.0.bf16 {
-                self.bf16_copy(scratch, i, b)
+                match (i == weight).then(|| self.weight_copy(b)).flatten() {
+                    Some(p) => p,
+                    None => self.bf16_copy(scratch, i, b),
+                }
             } else {
                 let A::P(p) = self.p(b) else { unreachable!() };
                 p
@@ -302,9 +336,11 @@ impl Backend for Cuda {
         "cuda"
     }
     fn zeros(&self, n: usize) -> CudaSlice<f32> {
+        self.forget_all_weights();
         self.alloc(n)
     }
     fn upload(&self, data: &[f32]) -> CudaSlice<f32> {
+        self.forget_all_weights();
         self.dev(data)
     }
     fn upload_ids(&self, data: &[i32]) -> CudaSlice<i32> {
@@ -317,9 +353,11 @@ impl Backend for Cuda {
         buf.len()
     }
     fn fill(&self, buf: &mut CudaSlice<f32>, value: f32) {
+        self.forget_weight(buf);
         self.launch_n("fill_f32", buf.len(), &[self.p(buf), A::F(value), A::L(buf.len() as i64)]);
     }
     fn copy(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) {
+        self.forget_weight(dst);
         if !src.is_empty() {
             self.0.stream.memcpy_dtod(src, dst).unwrap_or_else(|e| die("copy", e));
         }
@@ -402,7 +440,7 @@ impl Backend for Cuda {
 
     fn matmul_fwd(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, w: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize, k: usize, m: usize) {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let ([w_p, inp_p], ty) = self.operands(&mut scratch, [w, inp]);
+        let ([w_p, inp_p], ty) = self.operands(&mut scratch, [w, inp], 0);
         let (m64, n64, k64) = (m as u64, n as u64, k as u64);
         let bias = bias.map(|b| self.ptr(b));
         let d = self.ptr(out);
@@ -436,7 +474,7 @@ impl Backend for Cuda {
         m: usize,
     ) {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let ([dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp]);
+        let ([dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1);
         let (m64, n64, k64) = (m as u64, n as u64, k as u64);
         if let Some(dinp) = dinp {
             let d = self.ptr(dinp);
@@ -684,12 +722,26 @@ impl Backend for Cuda {
         host[..n].chunks(SUMSQ_BLOCKS).map(|c| c.iter().sum()).collect()
     }
     fn scale(&self, buf: &mut CudaSlice<f32>, s: f32) {
+        self.forget_weight(buf);
         self.launch_n("scale_f32", buf.len(), &[self.p(buf), A::F(s), A::L(buf.len() as i64)]);
     }
     fn adamw(&self, p: &mut CudaSlice<f32>, g: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, hp: AdamWStep, decay: bool) {
         self.adamw_multi(&mut [(p, g, m, v, decay)], hp);
     }
     fn adamw_multi(&self, tensors: &mut [super::AdamWArgs<'_, Self>], hp: AdamWStep) {
+        // bf16 mode: the step also writes each parameter's bf16 working copy
+        let mut copies = self.0.weights16.lock().unwrap_or_else(|e| e.into_inner());
+        let mut copy_of = |p: &CudaSlice<f32>| -> u64 {
+            if !self.0.bf16 {
+                return 0;
+            }
+            let c = copies.entry(self.ptr(p)).or_insert_with(|| self.alloc::<u16>(p.len()));
+            if c.len() != p.len() {
+                *c = self.alloc::<u16>(p.len());
+            }
+            let A::P(ptr) = self.p(c) else { unreachable!() };
+            ptr
+        };
         let descs: Vec<AdamWTensor> = tensors
             .iter()
             .filter(|t| !t.0.is_empty())
@@ -698,7 +750,7 @@ impl Backend for Cuda {
                 g: self.ptr(g),
                 m: self.ptr(m),
                 v: self.ptr(v),
-                p_bf16: 0,
+                p_bf16: copy_of(p),
                 n: p.len() as i64,
                 decay: *decay as i32,
                 pad: 0,

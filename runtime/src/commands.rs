@@ -275,12 +275,27 @@ pub fn generate(
     prompts: &[String],
     chat: bool,
     overrides: &[(String, serde_json::Value)],
+    device: Device,
+    out: &mut dyn std::io::Write,
+) -> Result<Vec<String>> {
+    match device.select(false)? {
+        crate::model::Selected::Cpu => generate_on(Cpu, model_dir, prompts, chat, overrides, out),
+        crate::model::Selected::Cuda(cuda) => generate_on(cuda, model_dir, prompts, chat, overrides, out),
+    }
+}
+
+fn generate_on<B: crate::backend::Backend>(
+    be: B,
+    model_dir: &Path,
+    prompts: &[String],
+    chat: bool,
+    overrides: &[(String, serde_json::Value)],
     out: &mut dyn std::io::Write,
 ) -> Result<Vec<String>> {
     use crate::data::chat::ChatTemplate;
     use crate::data::Tokenizer;
     use crate::generate::{generate as decode, GenerationConfig};
-    let model = Model::load(Cpu, model_dir, LoadOptions::default())?;
+    let model = Model::load(be, model_dir, LoadOptions::default())?;
     let tok = Tokenizer::from_dir(model_dir)?;
     let mut cfg = GenerationConfig::load(model_dir, overrides)?;
     if cfg.eos_ids().is_empty() {

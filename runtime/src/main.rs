@@ -188,6 +188,9 @@ enum Command {
         /// Wrap each prompt as a user turn of the tokenizer's chat template.
         #[arg(long)]
         chat: bool,
+        /// cpu, cuda or auto
+        #[arg(long, default_value = "auto")]
+        device: String,
         /// GenerationConfig settings under transformers' names, overriding the model's
         /// generation_config.json: `--max_new_tokens 32 --do_sample --temperature 0.7 --top_p 0.9 --seed 1`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -356,7 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Selected::Cuda(cuda) => predict_on(cuda, args)?,
             }
         }
-        Command::Generate { model, mut prompt, prompt_file, chat, settings } => {
+        Command::Generate { model, mut prompt, prompt_file, chat, device, settings } => {
             if let Some(f) = &prompt_file {
                 let body = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
                 prompt.extend(body.lines().filter(|l| !l.is_empty()).map(str::to_string));
@@ -364,8 +367,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if prompt.is_empty() {
                 anyhow::bail!("give --prompt TEXT (repeatable) or --prompt_file FILE");
             }
-            let overrides = runtime::args::training::parse_overrides(&settings)?;
-            commands::generate(&model, &prompt, chat, &overrides, &mut std::io::stdout())?;
+            let mut overrides = runtime::args::training::parse_overrides(&settings)?;
+            // `--device` may come after the generation settings, which collect what follows them
+            let mut device = device;
+            if let Some(i) = overrides.iter().position(|(k, _)| k == "device") {
+                let (_, v) = overrides.remove(i);
+                device = v.as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("--device: expected cpu, cuda or auto"))?;
+            }
+            commands::generate(&model, &prompt, chat, &overrides, parse_device(&device)?, &mut std::io::stdout())?;
         }
         Command::Plugin { action } => match action {
             PluginAction::Inspect { file } => print!("{}", runtime::plugin::check::inspect(&runtime::plugin::PluginSpec::new(file))?),

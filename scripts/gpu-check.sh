@@ -50,6 +50,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 run parity_f32.md timeout 150 "$BIN" cuda-check
 run parity_bf16.md timeout 150 "$BIN" cuda-check --bf16
 cat "$OUT/parity_f32.md" "$OUT/parity_bf16.md" | grep -E "FAIL|^[A-Z]" || true
+# the trainer end to end on the GPU and on the CPU (same data, seed and steps): the logged losses
+# side by side, then the GPU's checkpoint resumed on the CPU
+TRAIN=(train --config examples/addition/train.toml --max_steps 200 --logging_steps 50 --eval_steps 100 --save_steps 100 --num_train_epochs 1)
+run train_cuda.jsonl timeout 120 "$BIN" "${TRAIN[@]}" --device cuda --output_dir "$OUT/addition_cuda"
+run train_cpu.jsonl timeout 120 "$BIN" "${TRAIN[@]}" --device cpu --output_dir "$OUT/addition_cpu"
+run resume_on_cpu.jsonl timeout 120 "$BIN" "${TRAIN[@]}" --device cpu --max_steps 250 --output_dir "$OUT/addition_cuda" \
+    --overwrite_output_dir false --resume_from_checkpoint "$OUT/addition_cuda/checkpoint-200"
 run kernels.json timeout 120 "$BIN" cuda-check --bf16 --bench --json
 run ours.json timeout 150 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
     --seq 1024 --batch 8 --steps 10 --warmup 3 --json
@@ -65,6 +72,17 @@ def load(name):
     except Exception as e:
         return {"error": f"{name}: {e}"}
 ours, ref, kern = load("ours.json"), load("reference.json"), load("kernels.json")
+def losses(name):
+    try:
+        rows = [json.loads(l) for l in open(os.path.join(out, name)) if l.startswith("{")]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r and "step" in r}
+    except Exception:
+        return {}
+lc, lp, lr = losses("train_cuda.jsonl"), losses("train_cpu.jsonl"), losses("resume_on_cpu.jsonl")
+print("| addition example, step | loss on CUDA (f32) | loss on CPU | resumed on CPU from the CUDA checkpoint |\n|---|---|---|---|")
+for step in sorted(set(lc) | set(lp) | set(lr)):
+    print(f"| {step} | {lc.get(step, '-')} | {lp.get(step, '-')} | {lr.get(step, '-')} |")
+print()
 gpu = open(os.path.join(out, "gpu.txt")).read().strip() if os.path.exists(os.path.join(out, "gpu.txt")) else "?"
 print(f"GPU: {gpu}\n")
 peak = (ref.get("matmul") or {}).get("bf16_matmul_tflops")

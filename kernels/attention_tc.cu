@@ -685,6 +685,8 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
 // ---- exported kernels -----------------------------------------------------------------------
 // head_dim must equal the D of the name (anything else returns without writing). Grids: fwd and dq
 // (ceil(seq / 128), n_head, batch); dkdv (ceil(seq / 64), n_kv_head, batch).
+// ATT_TC_EXPORT(D, forward warps, forward m-tiles per warp, dq key tile, dkdv query tile, dkdv
+// query sub-block): the forward handles FWD_NW * FWD_MT * 16 = 128 rows per block in both cases.
 
 #define ATT_TC_EXPORT(D, FWD_NW, FWD_MT, DQ_BN, DKDV_BQ, DKDV_SQ)                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * FWD_NW) attention_fwd_tc_d##D(                                      \
@@ -705,11 +707,17 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
         attn_bwd_dkdv_tc<D, DKDV_BQ, DKDV_SQ>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);                    \
     }
 
-// Launch: attention_fwd_tc_d64: grid (ceil(seq / 128), n_head, batch), block 128 (4 warps x 32 rows).
-// Launch: attention_bwd_dq_tc_d64: grid (ceil(seq / 128), n_head, batch), block 256 (key tiles of 64).
-// Launch: attention_bwd_dkdv_tc_d64: grid (ceil(seq / 64), n_kv_head, batch), block 128 (query tiles of 64).
+// Launch: attention_fwd_tc_d64: grid (ceil(seq / 128), n_head, batch), block 128 (4 warps x 32 query
+//   rows = 128 rows per block; key tiles of 64); static shared memory 16640 bytes.
+// Launch: attention_bwd_dq_tc_d64: grid (ceil(seq / 128), n_head, batch), block 256 (8 warps x 16 query
+//   rows = 128 rows per block; key tiles of 64, double-buffered); static shared memory 33280 bytes.
+// Launch: attention_bwd_dkdv_tc_d64: grid (ceil(seq / 64), n_kv_head, batch), block 128 (4 warps x 16
+//   keys = 64 keys per block; query tiles of 64); static shared memory 32768 bytes.
 ATT_TC_EXPORT(64, 4, 2, 64, 64, 64)
-// Launch: attention_fwd_tc_d128: grid (ceil(seq / 128), n_head, batch), block 256 (8 warps x 16 rows).
-// Launch: attention_bwd_dq_tc_d128: grid (ceil(seq / 128), n_head, batch), block 256 (key tiles of 32).
-// Launch: attention_bwd_dkdv_tc_d128: grid (ceil(seq / 64), n_kv_head, batch), block 128 (query tiles of 32).
+// Launch: attention_fwd_tc_d128: grid (ceil(seq / 128), n_head, batch), block 256 (8 warps x 16 query
+//   rows = 128 rows per block; key tiles of 64); static shared memory 33024 bytes.
+// Launch: attention_bwd_dq_tc_d128: grid (ceil(seq / 128), n_head, batch), block 256 (8 warps x 16
+//   query rows = 128 rows per block; key tiles of 32, double-buffered); static shared memory 33024 bytes.
+// Launch: attention_bwd_dkdv_tc_d128: grid (ceil(seq / 64), n_kv_head, batch), block 128 (4 warps x 16
+//   keys = 64 keys per block; query tiles of 32); static shared memory 49152 bytes (the 48 KB limit).
 ATT_TC_EXPORT(128, 8, 1, 32, 32, 32)

@@ -8,8 +8,8 @@
 #   pip wheels install it (`.../site-packages/nvidia/cu13`): lib/libnvrtc.so.* and, for the nvcc
 #   mode, bin/nvcc. Default: the `cu13` (or `cuda_nvrtc`) folder of an importable `nvidia` package.
 #   Env COMPILER=nvrtc (default): NVRTC through ctypes, with the runtime's options
-#     (-std=c++17 --gpu-architecture=sm_XX) plus -Xptxas -v. Needs python3.
-#   Env COMPILER=nvcc: `nvcc -std=c++17 -arch=sm_XX -cubin -Xptxas -v` (needs matching nvcc,
+#     (-std=c++17 --fmad=false --gpu-architecture=sm_XX) plus -Xptxas -v. Needs python3.
+#   Env COMPILER=nvcc: `nvcc -std=c++17 --fmad=false -arch=sm_XX -cubin -Xptxas -v` (needs matching nvcc,
 #     cicc and ptxas versions).
 set -euo pipefail
 
@@ -82,11 +82,11 @@ for src in "$root"/kernels/*.cu; do
         log="$tmp/${name%.cu}.$arch.log"
         if [[ "$compiler" == nvcc ]]; then
             ok=0
-            PATH="$wheel/bin:$PATH" nvcc -std=c++17 -arch="$arch" -cubin -Xptxas -v -o "$tmp/out.cubin" "$tmp/$name" >"$log" 2>&1 || ok=1
+            PATH="$wheel/bin:$PATH" nvcc -std=c++17 --fmad=false -arch="$arch" -cubin -Xptxas -v -o "$tmp/out.cubin" "$tmp/$name" >"$log" 2>&1 || ok=1
         else
             ok=0
             LD_LIBRARY_PATH="$wheel/lib:${LD_LIBRARY_PATH:-}" python3 "$tmp/nvrtc.py" "$wheel" "$tmp/$name" \
-                -std=c++17 "--gpu-architecture=$arch" -Xptxas -v >"$log" 2>&1 || ok=1
+                -std=c++17 --fmad=false "--gpu-architecture=$arch" -Xptxas -v >"$log" 2>&1 || ok=1
         fi
         if [[ $ok -ne 0 ]] || grep -qiE '(^|[^a-z])(warning|error)' "$log"; then
             echo "kernel-report: $name ($arch):" >&2
@@ -110,7 +110,7 @@ for src in "$root"/kernels/*.cu; do
     done
 done
 
-echo "Compiled with $version, \`-std=c++17\`, for ${archs[*]}."
+echo "Compiled with $version, \`-std=c++17 --fmad=false\` (the runtime's options), for ${archs[*]}."
 echo
 echo "| file | kernel | arch | registers | shared memory (bytes) | stack (bytes) | spill stores / loads (bytes) |"
 echo "|---|---|---|---:|---:|---:|---:|"

@@ -3,8 +3,8 @@
 //! tests. Every accumulating output starts from random values, so `+=` and `=` are told apart.
 //!
 //! The error measure is the largest absolute difference over the largest magnitude of the CPU
-//! result (`max|gpu - cpu| / max|cpu|`); limits are 1e-4 in f32 and 1e-2 where bf16 operands
-//! are involved.
+//! result (`max|gpu - cpu| / max|cpu|`), and the relative L2 error for parameters after an AdamW
+//! step (see [`rel_err_l2`]); limits are 1e-4 in f32 and 1e-2 where bf16 operands are involved.
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,6 +36,24 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0f64, |m, &x| m.max((x as f64).abs())).max(1e-30);
     let diff = a.iter().zip(b).fold(0f64, |m, (&x, &y)| if x.is_nan() || y.is_nan() { f64::INFINITY } else { m.max((x as f64 - y as f64).abs()) });
     diff / scale
+}
+
+/// `x` rounded to bf16 and back (round to nearest even, as the cast kernel does).
+fn bf16_round(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()
+}
+
+/// The relative L2 error `||a - b|| / ||b||`, for whole parameter vectors after an AdamW step:
+/// AdamW's first step moves each weight by about `lr * sign(g)`, so a gradient within rounding of
+/// zero can flip one weight by `2 lr` without anything being wrong; the L2 measure weighs that
+/// by how few such weights there are.
+pub fn rel_err_l2(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() || a.iter().any(|x| x.is_nan()) {
+        return f64::INFINITY;
+    }
+    let d: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+    let n: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    (d / n.max(1e-300)).sqrt()
 }
 
 struct Rng(ChaCha8Rng);
@@ -133,11 +151,19 @@ fn matmul<B: Backend>(be: &B, inp: &[f32], w: &[f32], bias: &[f32], d: &[f32], d
 /// A product with a weight the fused AdamW step just updated (on CUDA in bf16, through the
 /// step's bf16 working copy of the weight). Every buffer is made before the step, since making
 /// one drops the working copies.
-fn matmul_after_step<B: Backend>(be: &B, w: &[f32], g: &[f32], inp: &[f32], d: &[f32], (n, k, m): (usize, usize, usize)) -> Outs {
+///
+/// `round` (for the CPU side of a bf16 comparison) rounds the updated weight and the other
+/// operands to bf16, as the GPU's products see them.
+#[allow(clippy::too_many_arguments)] // an op's inputs
+fn matmul_after_step<B: Backend>(be: &B, w: &[f32], g: &[f32], inp: &[f32], d: &[f32], (n, k, m): (usize, usize, usize), round: bool) -> Outs {
+    let r = |x: &[f32]| if round { bf16_round(x) } else { x.to_vec() };
     let (mut wb, gb, mut mb, mut vb) = (be.upload(w), be.upload(g), be.zeros(w.len()), be.zeros(w.len()));
-    let (ib, db, mut out, mut dinp, mut dw) = (be.upload(inp), be.upload(d), be.zeros(n * m), be.zeros(n * k), be.zeros(m * k));
+    let (ib, db, mut out, mut dinp, mut dw) = (be.upload(&r(inp)), be.upload(&r(d)), be.zeros(n * m), be.zeros(n * k), be.zeros(m * k));
     let hp = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 1, grad_scale: 1.0 };
     be.adamw_multi(&mut [(&mut wb, &gb, &mut mb, &mut vb, true)], hp);
+    if round {
+        wb = be.upload(&bf16_round(&be.download(&wb)));
+    }
     be.matmul_fwd(&mut out, &ib, &wb, None, n, k, m);
     be.matmul_bwd(Some(&mut dinp), &mut dw, None, &db, &ib, &wb, n, k, m);
     vec![("out", be.download(&out)), ("dinp", be.download(&dinp))]
@@ -214,12 +240,20 @@ fn adamw<B: Backend>(be: &B, p: &[Vec<f32>], g: &[Vec<f32>], m: &[Vec<f32>], v: 
     vec![("param", cat(&pb)), ("exp_avg", cat(&mb)), ("exp_avg_sq", cat(&vb))]
 }
 
-/// Every op of the set on the CPU and on `gpu`, compared.
+/// Every op of the set on the CPU and on `gpu`, compared. In bf16 mode the products and the
+/// attention read bf16-rounded operands on the GPU; the CPU gets the same rounded operands, so
+/// the comparison measures the kernels, not the rounding of the inputs.
 pub fn op_parity(gpu: &Cuda) -> Vec<Check> {
+    op_parity_on(gpu, gpu.bf16())
+}
+
+/// [`op_parity`] against any backend (`bf16`: whether it rounds product and attention operands).
+pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Vec<Check> {
     let cpu = Cpu;
+    let rounded = |x: &[f32]| if bf16 { bf16_round(x) } else { x.to_vec() };
     let mut r = Report { checks: Vec::new() };
     let mut rng = Rng(ChaCha8Rng::seed_from_u64(2024));
-    let lim = if gpu.bf16() { 1e-2 } else { 1e-4 };
+    let lim = if bf16 { 1e-2 } else { 1e-4 };
 
     let (rows, i) = (37, 300);
     let (x, y, d, dx0) = (rng.vec(rows * 2 * i, 3.0), rng.vec(rows * 2 * i, 1.0), rng.vec(rows * 2 * i, 1.0), rng.vec(rows * 2 * i, 1.0));
@@ -235,7 +269,8 @@ pub fn op_parity(gpu: &Cuda) -> Vec<Check> {
     for (n, k, m) in [(64, 48, 80), (257, 768, 300), (1024, 768, 2304)] {
         let (inp, w, b, d, dw0) = (rng.vec(n * k, 1.0), rng.vec(m * k, 0.1), rng.vec(m, 1.0), rng.vec(n * m, 1.0), rng.vec(m * k, 1.0));
         let case = format!("n {n}, k {k}, m {m}");
-        r.compare("matmul", &case, matmul(gpu, &inp, &w, &b, &d, &dw0, (n, k, m)), matmul(&cpu, &inp, &w, &b, &d, &dw0, (n, k, m)), lim);
+        let (ri, rw, rd) = (rounded(&inp), rounded(&w), rounded(&d));
+        r.compare("matmul", &case, matmul(gpu, &inp, &w, &b, &d, &dw0, (n, k, m)), matmul(&cpu, &ri, &rw, &b, &rd, &dw0, (n, k, m)), lim);
     }
 
     let (n, k, m) = (96, 256, 320);
@@ -243,8 +278,8 @@ pub fn op_parity(gpu: &Cuda) -> Vec<Check> {
     r.compare(
         "matmul after adamw",
         &format!("n {n}, k {k}, m {m}"),
-        matmul_after_step(gpu, &w, &g, &inp, &d, (n, k, m)),
-        matmul_after_step(&cpu, &w, &g, &inp, &d, (n, k, m)),
+        matmul_after_step(gpu, &w, &g, &inp, &d, (n, k, m), false),
+        matmul_after_step(&cpu, &w, &g, &inp, &d, (n, k, m), bf16),
         lim,
     );
 
@@ -255,7 +290,7 @@ pub fn op_parity(gpu: &Cuda) -> Vec<Check> {
         let mask: Vec<i32> = (0..s.rows()).map(|r| i32::from(!(r < s.seq && r % s.seq < 5))).collect();
         let d = rng.vec(s.rows() * s.out_width(), 1.0);
         let case = format!("b {batch}, t {seq}, heads {n_head}/{n_kv_head}, d {head_dim}");
-        r.compare("attention", &case, attention(gpu, &qkv, &mask, &d, s), attention(&cpu, &qkv, &mask, &d, s), lim);
+        r.compare("attention", &case, attention(gpu, &qkv, &mask, &d, s), attention(&cpu, &rounded(&qkv), &mask, &rounded(&d), s), lim);
         let pos: Vec<i32> = (0..s.rows()).map(|r| (r % s.seq) as i32 + 3).collect();
         r.compare("rope", &case, rope(gpu, &qkv, &pos, s), rope(&cpu, &qkv, &pos, s), 1e-4);
         let max_len = seq + 9;
@@ -294,8 +329,13 @@ pub fn op_parity(gpu: &Cuda) -> Vec<Check> {
 /// One whole step (forward, backward, clipping, AdamW) of a small model on both backends: the
 /// loss, the gradient norm and every updated parameter compared.
 pub fn step_parity(gpu: &Cuda) -> Result<Vec<Check>> {
+    step_parity_on(gpu, gpu.bf16())
+}
+
+/// [`step_parity`] against any backend.
+pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    let lim = if gpu.bf16() { 1e-2 } else { 1e-4 };
+    let lim = if bf16 { 1e-2 } else { 1e-4 };
     for (arch, raw) in [
         ("gpt2", serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 500, "n_positions": 128})),
         (
@@ -318,24 +358,30 @@ pub fn step_parity(gpu: &Cuda) -> Result<Vec<Check>> {
         let cpu = one_step(Cpu, cfg.clone(), tensors.clone(), &batch)?;
         let dev = one_step(gpu.clone(), cfg, tensors, &batch)?;
         let case = format!("{arch}, 2 layers, batch {b}x{t}");
-        for (name, g, c) in [("loss", vec![dev.0], vec![cpu.0]), ("grad_norm", vec![dev.1], vec![cpu.1]), ("parameters after one step", dev.2, cpu.2)] {
-            let e = rel_err(&g, &c);
+        for (name, e) in [
+            ("loss", rel_err(&[dev.0], &[cpu.0])),
+            ("grad_norm", rel_err(&[dev.1], &[cpu.1])),
+            ("gradients", rel_err(&dev.2, &cpu.2)),
+            ("parameters after one step (L2)", rel_err_l2(&dev.3, &cpu.3)),
+        ] {
             checks.push(Check { op: "training step".into(), case: case.clone(), output: name.into(), rel_err: e, limit: lim, pass: e <= lim });
         }
     }
     Ok(checks)
 }
 
-fn one_step<B: Backend>(be: B, cfg: ModelConfig, tensors: Vec<Vec<f32>>, batch: &Batch) -> Result<(f32, f32, Vec<f32>)> {
+/// Loss, gradient norm, gradients and parameters after one step.
+fn one_step<B: Backend>(be: B, cfg: ModelConfig, tensors: Vec<Vec<f32>>, batch: &Batch) -> Result<(f32, f32, Vec<f32>, Vec<f32>)> {
     let mut model = Model::from_tensors(be, cfg, tensors, LoadOptions::default())?;
     let mut acts = Activations::new(&model, batch.batch, batch.seq);
     let mut grads = Grads::zeros(&model);
     let mut opt = AdamW::new(&model, AdamWConfig { lr: 1e-3, weight_decay: 0.01, ..AdamWConfig::default() });
     let loss = model.forward_backward(&mut acts, batch, &mut grads, LossOptions { label_smoothing: 0.1, num_items_in_batch: None })?.mean;
     let (norm, coef) = clip_coefficient(&model.backend, &grads, 1.0);
+    let g = grads.tensors.iter().flat_map(|t| model.backend.download(t)).collect();
     opt.step(&mut model, &grads, 1e-3, coef);
     let params = model.params.iter().flat_map(|p| model.backend.download(p)).collect();
-    Ok((loss, norm, params))
+    Ok((loss, norm, g, params))
 }
 
 /// One timed kernel case of [`kernel_bench`].
@@ -409,4 +455,45 @@ pub fn kernel_bench(gpu: &Cuda) -> Vec<Timing> {
         unit: "GB/s".into(),
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The harness itself, with the CPU standing in for the GPU: every op and the training steps
+    /// run, every output is compared, and a backend compared with itself agrees exactly.
+    #[test]
+    fn the_parity_harness_runs_every_check_and_the_cpu_agrees_with_itself() {
+        let mut checks = op_parity_on(&Cpu, false);
+        checks.extend(step_parity_on(&Cpu, false).unwrap());
+        let ops: std::collections::BTreeSet<&str> = checks.iter().map(|c| c.op.as_str()).collect();
+        for op in [
+            "pointwise",
+            "norm",
+            "matmul",
+            "matmul after adamw",
+            "attention",
+            "rope",
+            "kv_append + attention_decode",
+            "embedding",
+            "loss",
+            "adamw_multi",
+            "training step",
+        ] {
+            assert!(ops.contains(op), "no check of {op}");
+        }
+        assert!(checks.len() > 80, "{} checks", checks.len());
+        for c in &checks {
+            assert_eq!(c.rel_err, 0.0, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn the_error_measures_see_a_difference() {
+        assert_eq!(rel_err(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((rel_err(&[1.0, 2.2], &[1.0, 2.0]) - 0.1).abs() < 1e-6);
+        assert!(rel_err(&[f32::NAN], &[1.0]).is_infinite());
+        assert!((rel_err_l2(&[3.0, 4.0], &[3.0, 0.0]) - 4.0 / 3.0).abs() < 1e-9);
+    }
 }

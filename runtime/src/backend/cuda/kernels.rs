@@ -24,6 +24,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("norm", include_str!("../../../../kernels/norm.cu")),
     ("rope", include_str!("../../../../kernels/rope.cu")),
     ("attention", include_str!("../../../../kernels/attention.cu")),
+    ("attention_tc", include_str!("../../../../kernels/attention_tc.cu")),
     ("cross_entropy", include_str!("../../../../kernels/cross_entropy.cu")),
     ("adamw", include_str!("../../../../kernels/adamw.cu")),
 ];

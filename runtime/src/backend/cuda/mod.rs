@@ -285,6 +285,18 @@ impl Cuda {
         }
     }
 
+    /// The attention kernels for a shape: name suffix, and per kernel (forward, dq, dk/dv) the
+    /// rows per block and the threads per block. In bf16 mode, head dims 64 and 128 take the
+    /// tensor-core kernels of `kernels/attention_tc.cu`; everything else the tiled FMA kernels of
+    /// `kernels/attention.cu` (64 rows, 128 threads).
+    fn attn_kernels(&self, ty: &str, head_dim: usize) -> (String, [(usize, u32); 3]) {
+        match (self.0.bf16, head_dim) {
+            (true, 64) => ("tc_d64".into(), [(128, 128), (128, 256), (64, 128)]),
+            (true, 128) => ("tc_d128".into(), [(128, 256), (128, 256), (64, 128)]),
+            _ => (format!("{ty}_{}", Self::head_dim_suffix(head_dim)), [(ATTN_TILE, 128); 3]),
+        }
+    }
+
     fn shape_args(s: AttnShape) -> [A; 5] {
         [A::I(s.batch as i32), A::I(s.seq as i32), A::I(s.n_head as i32), A::I(s.n_kv_head as i32), A::I(s.head_dim as i32)]
     }
@@ -530,11 +542,11 @@ impl Backend for Cuda {
         // buffer is larger than needed and only its first `batch * n_head * seq` values are used
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let (q, ty) = self.attn_qkv(&mut scratch, qkv);
-        let name = format!("attention_fwd_{ty}_{}", Self::head_dim_suffix(shape.head_dim));
+        let (suffix, [(rows, threads), _, _]) = self.attn_kernels(ty, shape.head_dim);
         let mut args = vec![self.p(out), self.p(stats), A::P(q), self.p(key_mask)];
         args.extend(Self::shape_args(shape));
-        let grid = (shape.seq.div_ceil(ATTN_TILE) as u32, shape.n_head as u32, shape.batch as u32);
-        self.launch(&name, grid, (128, 1, 1), &args);
+        let grid = (shape.seq.div_ceil(rows) as u32, shape.n_head as u32, shape.batch as u32);
+        self.launch(&format!("attention_fwd_{suffix}"), grid, (threads, 1, 1), &args);
     }
     fn attention_bwd(
         &self,
@@ -561,12 +573,12 @@ impl Backend for Cuda {
             &[A::P(delta), self.p(dout), self.p(out), A::I(b), A::I(t), A::I(h), A::I(d)],
         );
         let (q, ty) = self.attn_qkv(&mut scratch, qkv);
-        let suffix = Self::head_dim_suffix(shape.head_dim);
+        let (suffix, [_, (dq_rows, dq_threads), (kv_rows, kv_threads)]) = self.attn_kernels(ty, shape.head_dim);
         let mut args = vec![self.p(dqkv), self.p(dout), A::P(q), self.p(stats), A::P(delta), self.p(key_mask)];
         args.extend(Self::shape_args(shape));
-        let tiles = shape.seq.div_ceil(ATTN_TILE) as u32;
-        self.launch(&format!("attention_bwd_dq_{ty}_{suffix}"), (tiles, shape.n_head as u32, shape.batch as u32), (128, 1, 1), &args);
-        self.launch(&format!("attention_bwd_dkdv_{ty}_{suffix}"), (tiles, shape.n_kv_head as u32, shape.batch as u32), (128, 1, 1), &args);
+        let (h, kv, b) = (shape.n_head as u32, shape.n_kv_head as u32, shape.batch as u32);
+        self.launch(&format!("attention_bwd_dq_{suffix}"), (shape.seq.div_ceil(dq_rows) as u32, h, b), (dq_threads, 1, 1), &args);
+        self.launch(&format!("attention_bwd_dkdv_{suffix}"), (shape.seq.div_ceil(kv_rows) as u32, kv, b), (kv_threads, 1, 1), &args);
     }
     fn kv_append(&self, k_cache: &mut CudaSlice<f32>, v_cache: &mut CudaSlice<f32>, qkv: &CudaSlice<f32>, slot: usize, shape: AttnShape, max_len: usize) {
         let mut args = vec![self.p(k_cache), self.p(v_cache), self.p(qkv), A::I(slot as i32)];
@@ -827,10 +839,12 @@ pub fn required_kernels() -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    for ty in ["f32", "bf16"] {
-        for d in ["d32", "d64", "d128"] {
-            for k in ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"] {
-                names.push(format!("{k}_{ty}_{d}"));
+    for k in ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"] {
+        for ty in ["f32", "bf16", "tc"] {
+            for d in ["d32", "d64", "d128"] {
+                if ty != "tc" || d != "d32" {
+                    names.push(format!("{k}_{ty}_{d}"));
+                }
             }
         }
     }

@@ -77,6 +77,21 @@ def release_memory():
         torch.cuda.empty_cache()
 
 
+def run_cases(cases, what, measure):
+    """Runs `measure(case)`, which fills in a case's numbers, for each case dict. A case that fails
+    records its error and the others still run."""
+    results = []
+    for case in cases:
+        try:
+            measure(case)
+        except Exception as e:
+            case["error"] = f"{type(e).__name__}: {e}"
+            log(f"{what} {case} failed: {case['error']}")
+        results.append(case)
+        release_memory()
+    return results
+
+
 def environment(device):
     env = {
         "torch": torch.__version__,
@@ -232,36 +247,30 @@ def part_sdpa(a, device):
     else:
         backend, ctx = "default dispatch (CPU dry run)", contextlib.nullcontext
 
-    results = []
-    for b, h, t, d in cases:
-        case = {"B": b, "H": h, "T": t, "D": d}
-        try:
-            g = torch.Generator(device=device).manual_seed(a.seed)
-            q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype, generator=g, requires_grad=True)
-                       for _ in range(3))
-            dout = torch.randn(b, h, t, d, device=device, dtype=dtype, generator=g)
+    def measure(case):
+        b, h, t, d = case["B"], case["H"], case["T"], case["D"]
+        g = torch.Generator(device=device).manual_seed(a.seed)
+        q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype, generator=g, requires_grad=True)
+                   for _ in range(3))
+        dout = torch.randn(b, h, t, d, device=device, dtype=dtype, generator=g)
 
-            def fwd():
-                with torch.no_grad():
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        def fwd():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-            def fwd_bwd():
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                torch.autograd.grad(out, (q, k, v), dout)
+        def fwd_bwd():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            torch.autograd.grad(out, (q, k, v), dout)
 
-            with ctx():
-                fwd_s = statistics.median(time_samples(fwd, device, warmup, iters))
-                fb_s = statistics.median(time_samples(fwd_bwd, device, warmup, iters))
-            fwd_flops = 2 * 2 * b * h * t * t * d / 2
-            total_flops = fwd_flops * 3.5  # fwd + bwd at 2.5x fwd
-            case.update(fwd_ms=fwd_s * 1e3, fwd_bwd_ms=fb_s * 1e3,
-                        fwd_tflops=fwd_flops / fwd_s / 1e12, fwd_bwd_tflops=total_flops / fb_s / 1e12)
-            del q, k, v, dout
-        except Exception as e:
-            case["error"] = f"{type(e).__name__}: {e}"
-            log(f"sdpa case {case} failed: {case['error']}")
-        results.append(case)
-        release_memory()
+        with ctx():
+            fwd_s = statistics.median(time_samples(fwd, device, warmup, iters))
+            fb_s = statistics.median(time_samples(fwd_bwd, device, warmup, iters))
+        fwd_flops = 2 * 2 * b * h * t * t * d / 2
+        total_flops = fwd_flops * 3.5  # fwd + bwd at 2.5x fwd
+        case.update(fwd_ms=fwd_s * 1e3, fwd_bwd_ms=fb_s * 1e3,
+                    fwd_tflops=fwd_flops / fwd_s / 1e12, fwd_bwd_tflops=total_flops / fb_s / 1e12)
+
+    results = run_cases([{"B": b, "H": h, "T": t, "D": d} for b, h, t, d in cases], "sdpa case", measure)
 
     ok = [c["fwd_bwd_tflops"] for c in results if "fwd_bwd_tflops" in c]
     return {
@@ -314,22 +323,16 @@ def part_matmul(a, device):
         ]
         dtype, warmup, iters, inner = torch.bfloat16, 5, 10, 10
 
-    results = []
-    for name, m, k, n in shapes:
-        case = {"name": name, "M": m, "K": k, "N": n}
-        try:
-            g = torch.Generator(device=device).manual_seed(a.seed)
-            x = torch.randn(m, k, device=device, dtype=dtype, generator=g)
-            w = torch.randn(k, n, device=device, dtype=dtype, generator=g)
-            out = torch.empty(m, n, device=device, dtype=dtype)
-            s = statistics.median(time_samples(lambda: torch.mm(x, w, out=out), device, warmup, iters, inner))
-            case.update(ms=s * 1e3, tflops=2 * m * k * n / s / 1e12)
-            del x, w, out
-        except Exception as e:
-            case["error"] = f"{type(e).__name__}: {e}"
-            log(f"matmul {name} failed: {case['error']}")
-        results.append(case)
-        release_memory()
+    def measure(case):
+        m, k, n = case["M"], case["K"], case["N"]
+        g = torch.Generator(device=device).manual_seed(a.seed)
+        x = torch.randn(m, k, device=device, dtype=dtype, generator=g)
+        w = torch.randn(k, n, device=device, dtype=dtype, generator=g)
+        out = torch.empty(m, n, device=device, dtype=dtype)
+        s = statistics.median(time_samples(lambda: torch.mm(x, w, out=out), device, warmup, iters, inner))
+        case.update(ms=s * 1e3, tflops=2 * m * k * n / s / 1e12)
+
+    results = run_cases([{"name": name, "M": m, "K": k, "N": n} for name, m, k, n in shapes], "matmul", measure)
 
     ok = [c["tflops"] for c in results if "tflops" in c]
     if not ok:

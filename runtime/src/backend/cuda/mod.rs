@@ -166,6 +166,8 @@ impl Cuda {
     /// Waits for every queued op.
     pub fn synchronize(&self) {
         self.0.stream.synchronize().unwrap_or_else(|e| die("synchronize", e));
+        // failures of asynchronous frees are recorded in the context rather than returned
+        self.0.ctx.check_err().unwrap_or_else(|e| die("a queued operation", e));
     }
 
     fn p<T>(&self, s: &CudaSlice<T>) -> A {

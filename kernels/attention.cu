@@ -114,6 +114,41 @@ __device__ __forceinline__ void stage_rows(float (*dst)[D], const T* src, long l
     }
 }
 
+/// The block's view of one sequence b and kv head group g, shared by the three kernels.
+template <int D>
+struct AttnBlock {
+    typedef Team<D> TM;
+    long long width;      // qkv row width
+    long long out_width;  // out / dout row width
+    long long row0;       // first row of sequence b
+    long long kcol, vcol; // columns of kv head g's keys and values
+    float scale;          // softmax scale 1 / sqrt(head_dim)
+    int lr, part;         // the thread's row in the pass and its part of the team
+    __device__ __forceinline__ AttnBlock(int b, int g, int seq, int n_head, int n_kv_head, int hd)
+        : width((long long)(n_head + 2 * n_kv_head) * hd),
+          out_width((long long)n_head * hd),
+          row0((long long)b * seq),
+          kcol((long long)(n_head + g) * hd),
+          vcol((long long)(n_head + n_kv_head + g) * hd),
+          scale(__fdiv_rn(1.0f, __fsqrt_rn((float)hd))),
+          lr(threadIdx.x / TM::TPR),
+          part(threadIdx.x % TM::TPR) {}
+};
+
+/// Stages keys and values j0 .. j0 + KT of the block's kv head and their mask bits (key_ok: key
+/// < seq and attended), after the previous tile is consumed; the tile is ready on return.
+template <int D, int KT, typename T>
+__device__ __forceinline__ void stage_kv_tile(float (*ks)[D], float (*vs)[D], int* key_ok, const T* qkv, const int* key_mask, const AttnBlock<D>& a, int j0, int seq, int hd) {
+    __syncthreads();  // the previous tile is consumed
+    stage_rows<D, KT>(ks, qkv, a.row0, a.width, a.kcol, j0, seq, hd);
+    stage_rows<D, KT>(vs, qkv, a.row0, a.width, a.vcol, j0, seq, hd);
+    if (threadIdx.x < KT) {
+        const int t = j0 + threadIdx.x;
+        key_ok[threadIdx.x] = t < seq && key_mask[a.row0 + t] != 0;
+    }
+    __syncthreads();
+}
+
 // ---- forward --------------------------------------------------------------------------------
 
 template <typename T, int D>
@@ -124,43 +159,30 @@ __device__ __forceinline__ void attn_fwd(float* out, float* lse, const T* qkv, c
     __shared__ __align__(16) float vs[KT][D];
     __shared__ int key_ok[KT];
     const int b = blockIdx.z, h = blockIdx.y;
-    const int g = h / (n_head / n_kv_head);
-    const long long width = (long long)(n_head + 2 * n_kv_head) * hd;
-    const long long out_width = (long long)n_head * hd;
-    const long long row0 = (long long)b * seq;
-    const long long kcol = (long long)(n_head + g) * hd, vcol = (long long)(n_head + n_kv_head + g) * hd;
-    const float scale = __fdiv_rn(1.0f, __fsqrt_rn((float)hd));
-    const int lr = threadIdx.x / TM::TPR, part = threadIdx.x % TM::TPR;
+    const AttnBlock<D> a(b, h / (n_head / n_kv_head), seq, n_head, n_kv_head, hd);
 
     for (int pass = 0; pass < TM::PASSES; ++pass) {
         const int base = blockIdx.x * ATT_ROWS + pass * TM::RSUB;
         if (base >= seq) break;  // uniform over the block
-        const int i = base + lr;
+        const int i = base + a.lr;
         const int key_end = min(base + TM::RSUB, seq);  // keys this pass's rows can see
         float q[TM::DPT], acc[TM::DPT];
-        load_own<D>(q, qkv + (row0 + i) * width + (long long)h * hd, hd, i < seq, part);
+        load_own<D>(q, qkv + (a.row0 + i) * a.width + (long long)h * hd, hd, i < seq, a.part);
 #pragma unroll
         for (int k = 0; k < TM::DPT; ++k) acc[k] = 0.0f;
         float m = neg_inf(), l = 0.0f;
 
         for (int j0 = 0; j0 < key_end; j0 += KT) {
-            __syncthreads();  // the previous tile is consumed
-            stage_rows<D, KT>(ks, qkv, row0, width, kcol, j0, seq, hd);
-            stage_rows<D, KT>(vs, qkv, row0, width, vcol, j0, seq, hd);
-            if (threadIdx.x < KT) {
-                const int t = j0 + threadIdx.x;
-                key_ok[threadIdx.x] = t < seq && key_mask[row0 + t] != 0;
-            }
-            __syncthreads();
+            stage_kv_tile<D, KT>(ks, vs, key_ok, qkv, key_mask, a, j0, seq, hd);
 
             float s[KT];
 #pragma unroll
-            for (int j = 0; j < KT; ++j) s[j] = dot_own<D>(q, ks[j], part);
+            for (int j = 0; j < KT; ++j) s[j] = dot_own<D>(q, ks[j], a.part);
             float bmax = neg_inf();
 #pragma unroll
             for (int j = 0; j < KT; ++j) {
                 const float x = team_sum<TM::TPR>(s[j]);
-                s[j] = (key_ok[j] && j0 + j <= i) ? x * scale : neg_inf();
+                s[j] = (key_ok[j] && j0 + j <= i) ? x * a.scale : neg_inf();
                 bmax = s[j] > bmax ? s[j] : bmax;
             }
             if (bmax == neg_inf()) continue;  // nothing visible in this tile (same for the whole team)
@@ -176,23 +198,23 @@ __device__ __forceinline__ void attn_fwd(float* out, float* lse, const T* qkv, c
 #pragma unroll
             for (int k = 0; k < TM::DPT; ++k) acc[k] *= corr;
 #pragma unroll
-            for (int j = 0; j < KT; ++j) axpy_own<D>(acc, s[j], vs[j], part);
+            for (int j = 0; j < KT; ++j) axpy_own<D>(acc, s[j], vs[j], a.part);
             m = new_m;
         }
 
         if (i < seq) {
-            float* o = out + (row0 + i) * out_width + (long long)h * hd;
+            float* o = out + (a.row0 + i) * a.out_width + (long long)h * hd;
             if (l == 0.0f) {
 #pragma unroll
                 for (int k = 0; k < TM::DPT; ++k) acc[k] = 0.0f;
-                if (part == 0) lse[((long long)b * n_head + h) * seq + i] = pos_inf();
+                if (a.part == 0) lse[((long long)b * n_head + h) * seq + i] = pos_inf();
             } else {
                 const float inv = 1.0f / l;
 #pragma unroll
                 for (int k = 0; k < TM::DPT; ++k) acc[k] *= inv;
-                if (part == 0) lse[((long long)b * n_head + h) * seq + i] = m + logf(l);
+                if (a.part == 0) lse[((long long)b * n_head + h) * seq + i] = m + logf(l);
             }
-            store_own<D>(o, acc, hd, part);
+            store_own<D>(o, acc, hd, a.part);
         }
     }
 }
@@ -221,23 +243,17 @@ __device__ __forceinline__ void attn_bwd_dq(float* dqkv, const float* dout, cons
     __shared__ __align__(16) float vs[KT][D];
     __shared__ int key_ok[KT];
     const int b = blockIdx.z, h = blockIdx.y;
-    const int g = h / (n_head / n_kv_head);
-    const long long width = (long long)(n_head + 2 * n_kv_head) * hd;
-    const long long out_width = (long long)n_head * hd;
-    const long long row0 = (long long)b * seq;
-    const long long kcol = (long long)(n_head + g) * hd, vcol = (long long)(n_head + n_kv_head + g) * hd;
-    const float scale = __fdiv_rn(1.0f, __fsqrt_rn((float)hd));
-    const int lr = threadIdx.x / TM::TPR, part = threadIdx.x % TM::TPR;
+    const AttnBlock<D> a(b, h / (n_head / n_kv_head), seq, n_head, n_kv_head, hd);
 
     for (int pass = 0; pass < TM::PASSES; ++pass) {
         const int base = blockIdx.x * ATT_ROWS + pass * TM::RSUB;
         if (base >= seq) break;
-        const int i = base + lr;
+        const int i = base + a.lr;
         const int key_end = min(base + TM::RSUB, seq);
         const bool row_ok = i < seq;
         float q[TM::DPT], dO[TM::DPT], dq[TM::DPT];
-        load_own<D>(q, qkv + (row0 + i) * width + (long long)h * hd, hd, row_ok, part);
-        load_own<D>(dO, dout + (row0 + i) * out_width + (long long)h * hd, hd, row_ok, part);
+        load_own<D>(q, qkv + (a.row0 + i) * a.width + (long long)h * hd, hd, row_ok, a.part);
+        load_own<D>(dO, dout + (a.row0 + i) * a.out_width + (long long)h * hd, hd, row_ok, a.part);
 #pragma unroll
         for (int k = 0; k < TM::DPT; ++k) dq[k] = 0.0f;
         const long long si = ((long long)b * n_head + h) * seq + i;
@@ -246,25 +262,18 @@ __device__ __forceinline__ void attn_bwd_dq(float* dqkv, const float* dout, cons
         const bool live = li != pos_inf();  // a row with no visible key passes no gradient
 
         for (int j0 = 0; j0 < key_end; j0 += KT) {
-            __syncthreads();
-            stage_rows<D, KT>(ks, qkv, row0, width, kcol, j0, seq, hd);
-            stage_rows<D, KT>(vs, qkv, row0, width, vcol, j0, seq, hd);
-            if (threadIdx.x < KT) {
-                const int t = j0 + threadIdx.x;
-                key_ok[threadIdx.x] = t < seq && key_mask[row0 + t] != 0;
-            }
-            __syncthreads();
+            stage_kv_tile<D, KT>(ks, vs, key_ok, qkv, key_mask, a, j0, seq, hd);
 #pragma unroll 4
             for (int j = 0; j < KT; ++j) {
-                const float s = team_sum<TM::TPR>(dot_own<D>(q, ks[j], part));
-                const float dp = team_sum<TM::TPR>(dot_own<D>(dO, vs[j], part));
+                const float s = team_sum<TM::TPR>(dot_own<D>(q, ks[j], a.part));
+                const float dp = team_sum<TM::TPR>(dot_own<D>(dO, vs[j], a.part));
                 const bool vis = live && key_ok[j] && j0 + j <= i;
-                const float p = vis ? expf(s * scale - li) : 0.0f;
-                const float ds = p * (dp - di) * scale;
-                axpy_own<D>(dq, ds, ks[j], part);
+                const float p = vis ? expf(s * a.scale - li) : 0.0f;
+                const float ds = p * (dp - di) * a.scale;
+                axpy_own<D>(dq, ds, ks[j], a.part);
             }
         }
-        if (row_ok) store_own<D>(dqkv + (row0 + i) * width + (long long)h * hd, dq, hd, part);
+        if (row_ok) store_own<D>(dqkv + (a.row0 + i) * a.width + (long long)h * hd, dq, hd, a.part);
     }
 }
 
@@ -282,22 +291,17 @@ __device__ __forceinline__ void attn_bwd_dkdv(float* dqkv, const float* dout, co
     __shared__ float del_s[QT];
     const int b = blockIdx.z, g = blockIdx.y;
     const int grp = n_head / n_kv_head;
-    const long long width = (long long)(n_head + 2 * n_kv_head) * hd;
-    const long long out_width = (long long)n_head * hd;
-    const long long row0 = (long long)b * seq;
-    const long long kcol = (long long)(n_head + g) * hd, vcol = (long long)(n_head + n_kv_head + g) * hd;
-    const float scale = __fdiv_rn(1.0f, __fsqrt_rn((float)hd));
-    const int lr = threadIdx.x / TM::TPR, part = threadIdx.x % TM::TPR;
+    const AttnBlock<D> a(b, g, seq, n_head, n_kv_head, hd);
 
     for (int pass = 0; pass < TM::PASSES; ++pass) {
         const int base = blockIdx.x * ATT_ROWS + pass * TM::RSUB;
         if (base >= seq) break;
-        const int jk = base + lr;  // this team's key
+        const int jk = base + a.lr;  // this team's key
         const bool key_in = jk < seq;
-        const bool key_live = key_in && key_mask[row0 + (key_in ? jk : 0)] != 0;
+        const bool key_live = key_in && key_mask[a.row0 + (key_in ? jk : 0)] != 0;
         float k[TM::DPT], v[TM::DPT], dk[TM::DPT], dv[TM::DPT];
-        load_own<D>(k, qkv + (row0 + jk) * width + kcol, hd, key_in, part);
-        load_own<D>(v, qkv + (row0 + jk) * width + vcol, hd, key_in, part);
+        load_own<D>(k, qkv + (a.row0 + jk) * a.width + a.kcol, hd, key_in, a.part);
+        load_own<D>(v, qkv + (a.row0 + jk) * a.width + a.vcol, hd, key_in, a.part);
 #pragma unroll
         for (int x = 0; x < TM::DPT; ++x) {
             dk[x] = 0.0f;
@@ -309,8 +313,8 @@ __device__ __forceinline__ void attn_bwd_dkdv(float* dqkv, const float* dout, co
             const long long sbase = ((long long)b * n_head + h) * seq;
             for (int i0 = base; i0 < seq; i0 += QT) {
                 __syncthreads();
-                stage_rows<D, QT>(qs, qkv, row0, width, qcol, i0, seq, hd);
-                stage_rows<D, QT>(dos, dout, row0, out_width, ocol, i0, seq, hd);
+                stage_rows<D, QT>(qs, qkv, a.row0, a.width, qcol, i0, seq, hd);
+                stage_rows<D, QT>(dos, dout, a.row0, a.out_width, ocol, i0, seq, hd);
                 if (threadIdx.x < QT) {
                     const int t = i0 + threadIdx.x;
                     lse_s[threadIdx.x] = t < seq ? lse[sbase + t] : pos_inf();
@@ -320,20 +324,20 @@ __device__ __forceinline__ void attn_bwd_dkdv(float* dqkv, const float* dout, co
                 const int nq = min(QT, seq - i0);
 #pragma unroll 1
                 for (int r = 0; r < nq; ++r) {
-                    const float s = team_sum<TM::TPR>(dot_own<D>(k, qs[r], part));
-                    const float dp = team_sum<TM::TPR>(dot_own<D>(v, dos[r], part));
+                    const float s = team_sum<TM::TPR>(dot_own<D>(k, qs[r], a.part));
+                    const float dp = team_sum<TM::TPR>(dot_own<D>(v, dos[r], a.part));
                     const float li = lse_s[r];
                     const bool vis = key_live && jk <= i0 + r && li != pos_inf();
-                    const float p = vis ? expf(s * scale - li) : 0.0f;
-                    const float ds = p * (dp - del_s[r]) * scale;
-                    axpy_own<D>(dv, p, dos[r], part);
-                    axpy_own<D>(dk, ds, qs[r], part);
+                    const float p = vis ? expf(s * a.scale - li) : 0.0f;
+                    const float ds = p * (dp - del_s[r]) * a.scale;
+                    axpy_own<D>(dv, p, dos[r], a.part);
+                    axpy_own<D>(dk, ds, qs[r], a.part);
                 }
             }
         }
         if (key_in) {
-            store_own<D>(dqkv + (row0 + jk) * width + kcol, dk, hd, part);
-            store_own<D>(dqkv + (row0 + jk) * width + vcol, dv, hd, part);
+            store_own<D>(dqkv + (a.row0 + jk) * a.width + a.kcol, dk, hd, a.part);
+            store_own<D>(dqkv + (a.row0 + jk) * a.width + a.vcol, dv, hd, a.part);
         }
     }
 }

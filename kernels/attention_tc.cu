@@ -105,6 +105,38 @@ __device__ __forceinline__ void tc_wait() {
 
 #endif  // ATT_TC_EMULATED
 
+/// The B fragments of a 16 x 16 tile (two n8 halves) from shared memory at p (TRANS: ldmatrix .trans).
+template <bool TRANS>
+__device__ __forceinline__ void tc_ldsm_b(unsigned* bf, const bf16_t* p) {
+    if (TRANS) {
+        tc_ldsm_t(bf, p);
+    } else {
+        tc_ldsm(bf, p);
+    }
+}
+
+/// Two m16n8k16 tiles with the same A: c0 += A * B[:, 0..8), c1 += A * B[:, 8..16), B loaded from p
+/// (tc_ldsm_b).
+template <bool TRANS>
+__device__ __forceinline__ void tc_mma_pair(float* c0, float* c1, const unsigned* a, const bf16_t* p) {
+    unsigned bf[4];
+    tc_ldsm_b<TRANS>(bf, p);
+    tc_mma(c0, a, bf);
+    tc_mma(c1, a, bf + 2);
+}
+
+/// tc_mma_pair for MT m-tiles sharing one B (loaded once): c[mt][n], c[mt][n + 1] += a[mt][k] * B.
+template <bool TRANS, int MT, int N, int K>
+__device__ __forceinline__ void tc_mma_pairs(float (&c)[MT][N][4], int n, const unsigned (&a)[MT][K][4], int k, const bf16_t* p) {
+    unsigned bf[4];
+    tc_ldsm_b<TRANS>(bf, p);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        tc_mma(c[mt][n], a[mt][k], bf);
+        tc_mma(c[mt][n + 1], a[mt][k], bf + 2);
+    }
+}
+
 // ---- shared tiles ---------------------------------------------------------------------------
 // A tile is [rows][D] bf16; the 16-byte chunk c of row r is stored at chunk c ^ (r & 7), so the 8
 // row addresses of an ldmatrix matrix (8 consecutive rows, same chunk) hit 8 different bank groups.
@@ -210,6 +242,22 @@ __device__ __forceinline__ float tc_quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+/// A block's view of qkv for sequence b and kv head kvh, shared by the three kernels.
+template <int D>
+struct TcBlock {
+    int width, out_width;  // row widths of qkv and of out / dout (products taken in 64 bits)
+    long long row0;        // first row of sequence b
+    const bf16_t* qkv_s;   // the rows of sequence b
+    int kcol, vcol;        // columns of kv head kvh's keys and values
+    __device__ __forceinline__ TcBlock(const bf16_t* qkv, int b, int kvh, int seq, int n_head, int n_kv_head)
+        : width((n_head + 2 * n_kv_head) * D),
+          out_width(n_head * D),
+          row0((long long)b * seq),
+          qkv_s(qkv + row0 * width),
+          kcol((n_head + kvh) * D),
+          vcol((n_head + n_kv_head + kvh) * D) {}
+};
+
 // ---- forward --------------------------------------------------------------------------------
 // NW warps, each owning MT m-tiles of 16 consecutive query rows (BM = 16 NW MT rows per block);
 // key tiles of BN = 64. The K fragments read by ldmatrix serve the MT m-tiles of a warp.
@@ -226,17 +274,14 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;  // the longest rows first
     if (q0 >= seq) return;
     const int b = blockIdx.z, h = blockIdx.y;
-    const int kvh = h / (n_head / n_kv_head);
-    const int width = (n_head + 2 * n_kv_head) * D, out_width = n_head * D;  // products taken in 64 bits
-    const long long row0 = (long long)b * seq;
-    const bf16_t* qkv_s = qkv + row0 * width;  // this sequence
-    const int qcol = h * D, kcol = (n_head + kvh) * D, vcol = (n_head + n_kv_head + kvh) * D;
+    const TcBlock<D> blk(qkv, b, h / (n_head / n_kv_head), seq, n_head, n_kv_head);
+    const int qcol = h * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const TcLane<D> lx = tc_lane_x<D>(lane), ly = tc_lane_y<D>(lane);
     const float sl2 = __fmul_rn(TcScale<D>::v, TC_LOG2E);
 
     // Q fragments (staged through the K/V buffers)
-    tc_load_rows<D, BM, NT>(sm, qkv_s + qcol, width, q0, seq);
+    tc_load_rows<D, BM, NT>(sm, blk.qkv_s + qcol, blk.width, q0, seq);
     tc_commit();
     tc_wait<0>();
     __syncthreads();
@@ -261,13 +306,13 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
         l[mt][0] = l[mt][1] = 0.0f;
     }
 
-    tc_load_rows<D, BN, NT>(ks, qkv_s + kcol, width, 0, seq);
+    tc_load_rows<D, BN, NT>(ks, blk.qkv_s + blk.kcol, blk.width, 0, seq);
     tc_commit();
     for (int j0 = 0; j0 < key_end; j0 += BN) {
         // vs and kok are free (barrier at the end of the previous tile)
-        tc_load_rows<D, BN, NT>(vs, qkv_s + vcol, width, j0, seq);
+        tc_load_rows<D, BN, NT>(vs, blk.qkv_s + blk.vcol, blk.width, j0, seq);
         tc_commit();
-        for (int j = threadIdx.x; j < BN; j += NT) kok[j] = j0 + j < seq && key_mask[row0 + j0 + j] != 0;
+        for (int j = threadIdx.x; j < BN; j += NT) kok[j] = j0 + j < seq && key_mask[blk.row0 + j0 + j] != 0;
         tc_wait<1>();  // K_j
         __syncthreads();
 
@@ -284,13 +329,7 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
             for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
                 for (int np = 0; np < BN / 16; ++np) {
-                    unsigned bf[4];
-                    tc_ldsm(bf, ks + ly.at(16 * np, 2 * kk));
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        tc_mma(s[mt][2 * np], qf[mt][kk], bf);
-                        tc_mma(s[mt][2 * np + 1], qf[mt][kk], bf + 2);
-                    }
+                    tc_mma_pairs<false>(s, 2 * np, qf, kk, ks + ly.at(16 * np, 2 * kk));
                 }
             }
             const bool diag = j0 + BN - 1 > wr0;  // some key of the tile is after some row of the warp
@@ -351,7 +390,7 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
         tc_wait<0>();  // V_j
         __syncthreads();  // every warp is done with ks; V_j visible
         if (j0 + BN < key_end) {
-            tc_load_rows<D, BN, NT>(ks, qkv_s + kcol, width, j0 + BN, seq);
+            tc_load_rows<D, BN, NT>(ks, blk.qkv_s + blk.kcol, blk.width, j0 + BN, seq);
             tc_commit();
         }
         if (active) {
@@ -359,13 +398,7 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
             for (int kk = 0; kk < BN / 16; ++kk) {
 #pragma unroll
                 for (int np = 0; np < D / 16; ++np) {
-                    unsigned bf[4];
-                    tc_ldsm_t(bf, vs + lx.at(16 * kk, 2 * np));
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        tc_mma(o[mt][2 * np], pf[mt][kk], bf);
-                        tc_mma(o[mt][2 * np + 1], pf[mt][kk], bf + 2);
-                    }
+                    tc_mma_pairs<true>(o, 2 * np, pf, kk, vs + lx.at(16 * kk, 2 * np));
                 }
             }
         }
@@ -382,7 +415,7 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
             if (r >= seq) continue;
             const bool none = lt == 0.0f;  // no visible key: zeros, lse = +inf
             const float inv = none ? 0.0f : __fdiv_rn(1.0f, lt);
-            float* orow = out + (row0 + r) * out_width + qcol;
+            float* orow = out + (blk.row0 + r) * blk.out_width + qcol;
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) {
                 float2 v;
@@ -408,26 +441,23 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;
     if (q0 >= seq) return;
     const int b = blockIdx.z, h = blockIdx.y;
-    const int kvh = h / (n_head / n_kv_head);
-    const int width = (n_head + 2 * n_kv_head) * D, out_width = n_head * D;  // products taken in 64 bits
-    const long long row0 = (long long)b * seq;
-    const bf16_t* qkv_s = qkv + row0 * width;  // this sequence
-    const int qcol = h * D, kcol = (n_head + kvh) * D, vcol = (n_head + n_kv_head + kvh) * D;
-    const float* dout_s = dout + row0 * out_width;
+    const TcBlock<D> blk(qkv, b, h / (n_head / n_kv_head), seq, n_head, n_kv_head);
+    const int qcol = h * D;
+    const float* dout_s = dout + blk.row0 * blk.out_width;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const TcLane<D> lx = tc_lane_x<D>(lane), ly = tc_lane_y<D>(lane);
     const float scale = TcScale<D>::v;
     const float sl2 = __fmul_rn(scale, TC_LOG2E);
 
     unsigned qf[D / 16][4], df[D / 16][4];
-    tc_load_rows<D, BM, NT>(sm, qkv_s + qcol, width, q0, seq);
+    tc_load_rows<D, BM, NT>(sm, blk.qkv_s + qcol, blk.width, q0, seq);
     tc_commit();
     tc_wait<0>();
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(qf[kk], sm + lx.at(warp * 16, 2 * kk));
     __syncthreads();
-    tc_stage_f32<D, BM, NT>(sm, dout_s + qcol, out_width, q0, seq);
+    tc_stage_f32<D, BM, NT>(sm, dout_s + qcol, blk.out_width, q0, seq);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(df[kk], sm + lx.at(warp * 16, 2 * kk));
@@ -447,20 +477,20 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
 
-    tc_load_rows<D, BN, NT>(sm, qkv_s + kcol, width, 0, seq);
-    tc_load_rows<D, BN, NT>(sm + BN * D, qkv_s + vcol, width, 0, seq);
+    tc_load_rows<D, BN, NT>(sm, blk.qkv_s + blk.kcol, blk.width, 0, seq);
+    tc_load_rows<D, BN, NT>(sm + BN * D, blk.qkv_s + blk.vcol, blk.width, 0, seq);
     tc_commit();
-    for (int j = threadIdx.x; j < BN; j += NT) kok[0][j] = j < seq && key_mask[row0 + j] != 0;
+    for (int j = threadIdx.x; j < BN; j += NT) kok[0][j] = j < seq && key_mask[blk.row0 + j] != 0;
     int st = 0;
     for (int j0 = 0; j0 < key_end; j0 += BN, st ^= 1) {
         if (j0 + BN < key_end) {  // prefetch the next tile into the other stage (free since the last barrier)
             bf16_t* nx = sm + (st ^ 1) * STAGE;
-            tc_load_rows<D, BN, NT>(nx, qkv_s + kcol, width, j0 + BN, seq);
-            tc_load_rows<D, BN, NT>(nx + BN * D, qkv_s + vcol, width, j0 + BN, seq);
+            tc_load_rows<D, BN, NT>(nx, blk.qkv_s + blk.kcol, blk.width, j0 + BN, seq);
+            tc_load_rows<D, BN, NT>(nx + BN * D, blk.qkv_s + blk.vcol, blk.width, j0 + BN, seq);
             tc_commit();
             for (int j = threadIdx.x; j < BN; j += NT) {
                 const int t = j0 + BN + j;
-                kok[st ^ 1][j] = t < seq && key_mask[row0 + t] != 0;
+                kok[st ^ 1][j] = t < seq && key_mask[blk.row0 + t] != 0;
             }
             tc_wait<1>();
         } else {
@@ -480,13 +510,8 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
             for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
                 for (int np = 0; np < BN / 16; ++np) {
-                    unsigned bf[4];
-                    tc_ldsm(bf, ks + ly.at(16 * np, 2 * kk));
-                    tc_mma(s[2 * np], qf[kk], bf);
-                    tc_mma(s[2 * np + 1], qf[kk], bf + 2);
-                    tc_ldsm(bf, vs + ly.at(16 * np, 2 * kk));
-                    tc_mma(dp[2 * np], df[kk], bf);
-                    tc_mma(dp[2 * np + 1], df[kk], bf + 2);
+                    tc_mma_pair<false>(s[2 * np], s[2 * np + 1], qf[kk], ks + ly.at(16 * np, 2 * kk));
+                    tc_mma_pair<false>(dp[2 * np], dp[2 * np + 1], df[kk], vs + ly.at(16 * np, 2 * kk));
                 }
             }
             const bool diag = j0 + BN - 1 > wr0;
@@ -512,10 +537,7 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
                 tc_c_to_a(af, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
                 for (int np = 0; np < D / 16; ++np) {
-                    unsigned bf[4];
-                    tc_ldsm_t(bf, ks + lx.at(16 * kk, 2 * np));
-                    tc_mma(dq[2 * np], af, bf);
-                    tc_mma(dq[2 * np + 1], af, bf + 2);
+                    tc_mma_pair<true>(dq[2 * np], dq[2 * np + 1], af, ks + lx.at(16 * kk, 2 * np));
                 }
             }
         }
@@ -527,7 +549,7 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
     for (int half = 0; half < 2; ++half) {
         const int r = r_lo + 8 * half;
         if (r >= seq) continue;
-        float* row = dqkv + (row0 + r) * width + qcol;
+        float* row = dqkv + (blk.row0 + r) * blk.width + qcol;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
             float2 v;
@@ -554,24 +576,21 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
     if (k0 >= seq) return;
     const int b = blockIdx.z, kvh = blockIdx.y;
     const int grp = n_head / n_kv_head;
-    const int width = (n_head + 2 * n_kv_head) * D, out_width = n_head * D;  // products taken in 64 bits
-    const long long row0 = (long long)b * seq;
-    const bf16_t* qkv_s = qkv + row0 * width;
-    const float* dout_s = dout + row0 * out_width;
-    const int kcol = (n_head + kvh) * D, vcol = (n_head + n_kv_head + kvh) * D;
+    const TcBlock<D> blk(qkv, b, kvh, seq, n_head, n_kv_head);
+    const float* dout_s = dout + blk.row0 * blk.out_width;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const TcLane<D> lx = tc_lane_x<D>(lane), ly = tc_lane_y<D>(lane);
     const float scale = TcScale<D>::v;
     const float sl2 = __fmul_rn(scale, TC_LOG2E);
 
-    tc_load_rows<D, BN, NT>(ks, qkv_s + kcol, width, k0, seq);
-    tc_load_rows<D, BN, NT>(vs, qkv_s + vcol, width, k0, seq);
+    tc_load_rows<D, BN, NT>(ks, blk.qkv_s + blk.kcol, blk.width, k0, seq);
+    tc_load_rows<D, BN, NT>(vs, blk.qkv_s + blk.vcol, blk.width, k0, seq);
     tc_commit();
 
     const int wk0 = k0 + warp * 16;  // first key of the warp
     const int key_lo = wk0 + g, key_hi = key_lo + 8;
-    const bool live_lo = key_lo < seq && key_mask[row0 + (key_lo < seq ? key_lo : 0)] != 0;
-    const bool live_hi = key_hi < seq && key_mask[row0 + (key_hi < seq ? key_hi : 0)] != 0;
+    const bool live_lo = key_lo < seq && key_mask[blk.row0 + (key_lo < seq ? key_lo : 0)] != 0;
+    const bool live_hi = key_hi < seq && key_mask[blk.row0 + (key_hi < seq ? key_hi : 0)] != 0;
     float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
@@ -585,9 +604,9 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
         const float* delta_h = delta + ((long long)b * n_head + h) * seq;
         for (int i0 = k0; i0 < seq; i0 += BQ) {
             __syncthreads();  // the previous query tile is consumed
-            tc_load_rows<D, BQ, NT>(qs, qkv_s + qcol, width, i0, seq);
+            tc_load_rows<D, BQ, NT>(qs, blk.qkv_s + qcol, blk.width, i0, seq);
             tc_commit();
-            tc_stage_f32<D, BQ, NT>(dos, dout_s + qcol, out_width, i0, seq);
+            tc_stage_f32<D, BQ, NT>(dos, dout_s + qcol, blk.out_width, i0, seq);
             // lane holds lse (base 2) and delta of queries i0 + 32 r + lane; shuffled out below
             float lr[NQR], dr[NQR];
 #pragma unroll
@@ -617,13 +636,8 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
                     tc_ldsm(va, vs + lx.at(warp * 16, 2 * kk));
 #pragma unroll
                     for (int np = 0; np < SQ / 16; ++np) {
-                        unsigned bf[4];
-                        tc_ldsm(bf, qs + ly.at(q16 + 16 * np, 2 * kk));
-                        tc_mma(s[2 * np], ka, bf);
-                        tc_mma(s[2 * np + 1], ka, bf + 2);
-                        tc_ldsm(bf, dos + ly.at(q16 + 16 * np, 2 * kk));
-                        tc_mma(dp[2 * np], va, bf);
-                        tc_mma(dp[2 * np + 1], va, bf + 2);
+                        tc_mma_pair<false>(s[2 * np], s[2 * np + 1], ka, qs + ly.at(q16 + 16 * np, 2 * kk));
+                        tc_mma_pair<false>(dp[2 * np], dp[2 * np + 1], va, dos + ly.at(q16 + 16 * np, 2 * kk));
                     }
                 }
 #pragma unroll
@@ -650,13 +664,8 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
                     tc_c_to_a(da, dp[2 * kq], dp[2 * kq + 1]);
 #pragma unroll
                     for (int np = 0; np < D / 16; ++np) {
-                        unsigned bf[4];
-                        tc_ldsm_t(bf, dos + lx.at(q16 + 16 * kq, 2 * np));
-                        tc_mma(dv[2 * np], pa, bf);
-                        tc_mma(dv[2 * np + 1], pa, bf + 2);
-                        tc_ldsm_t(bf, qs + lx.at(q16 + 16 * kq, 2 * np));
-                        tc_mma(dk[2 * np], da, bf);
-                        tc_mma(dk[2 * np + 1], da, bf + 2);
+                        tc_mma_pair<true>(dv[2 * np], dv[2 * np + 1], pa, dos + lx.at(q16 + 16 * kq, 2 * np));
+                        tc_mma_pair<true>(dk[2 * np], dk[2 * np + 1], da, qs + lx.at(q16 + 16 * kq, 2 * np));
                     }
                 }
             }
@@ -667,8 +676,8 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
     for (int half = 0; half < 2; ++half) {
         const int key = key_lo + 8 * half;
         if (key >= seq) continue;
-        float* krow = dqkv + (row0 + key) * width + kcol;
-        float* vrow = dqkv + (row0 + key) * width + vcol;
+        float* krow = dqkv + (blk.row0 + key) * blk.width + blk.kcol;
+        float* vrow = dqkv + (blk.row0 + key) * blk.width + blk.vcol;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
             float2 a, c;

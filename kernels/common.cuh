@@ -33,68 +33,55 @@ __device__ __forceinline__ float load_f32(const bf16_t* p, long long i) { return
 
 // ---- reductions -----------------------------------------------------------------------------
 
-__device__ __forceinline__ float warp_sum(float v) {
+/// Combining operations for the reductions below: `f(acc, x)`, in exactly the written form.
+struct SumOp {
+    template <class T>
+    static __device__ __forceinline__ T f(T acc, T x) { return acc + x; }
+};
+/// max without NaN propagation (a NaN x never replaces acc), as the CPU's `math::max`.
+struct MaxOp {
+    template <class T>
+    static __device__ __forceinline__ T f(T acc, T x) { return x > acc ? x : acc; }
+};
+
+/// Fixed xor butterfly over the warp: every lane gets bitwise the same result.
+template <class Op, class T>
+__device__ __forceinline__ T warp_reduce(T v) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = Op::f(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-__device__ __forceinline__ double warp_sum_d(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce<SumOp>(v); }
+__device__ __forceinline__ double warp_sum_d(double v) { return warp_reduce<SumOp>(v); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce<MaxOp>(v); }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = w > v ? w : v;
-    }
-    return v;
-}
-
-/// Sum over a block of `NT` threads (a multiple of 32, 1-D). `scratch` holds at least NT / 32
-/// floats. Every thread gets the same result. Contains __syncthreads (call from uniform code).
-template <int NT>
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+/// Reduction over a block of `NT` threads (a multiple of 32, 1-D): the warps' results combined in
+/// warp order starting from `init`. `scratch` holds at least NT / 32 values. Every thread gets the
+/// same result. Contains __syncthreads (call from uniform code).
+template <int NT, class Op, class T>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, T init) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum(v);
+    v = warp_reduce<Op>(v);
     __syncthreads();  // scratch may still be read by a previous reduction
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float t = 0.0f;
+    T t = init;
 #pragma unroll
-    for (int w = 0; w < NT / 32; ++w) t += scratch[w];
+    for (int w = 0; w < NT / 32; ++w) t = Op::f(t, scratch[w]);
     return t;
 }
 
+/// Sum over a block of `NT` threads (see `block_reduce`).
 template <int NT>
-__device__ __forceinline__ double block_sum_d(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum_d(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    double t = 0.0;
-#pragma unroll
-    for (int w = 0; w < NT / 32; ++w) t += scratch[w];
-    return t;
-}
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce<NT, SumOp>(v, scratch, 0.0f); }
+
+template <int NT>
+__device__ __forceinline__ double block_sum_d(double v, double* scratch) { return block_reduce<NT, SumOp>(v, scratch, 0.0); }
 
 /// Maximum over a block (NaN is not propagated, as the CPU's `math::max`).
 template <int NT>
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = neg_inf();
-#pragma unroll
-    for (int w = 0; w < NT / 32; ++w) t = scratch[w] > t ? scratch[w] : t;
-    return t;
-}
+__device__ __forceinline__ float block_max(float v, float* scratch) { return block_reduce<NT, MaxOp>(v, scratch, neg_inf()); }
 
 // ---- grid-stride loops ----------------------------------------------------------------------
 

@@ -60,8 +60,11 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_bwd_dx(floa
     }
 }
 
-struct LayerNormParamTerm {
-    static constexpr int NOUT = 2;
+/// Row r's terms of the norm parameter gradients (`reduce_rows_cols`): dw gets dout * (x - mean) *
+/// rstd (CENTER, layernorm) or dout * x * rstd (rmsnorm, `mean` unused); with N = 2, db gets dout.
+template <bool CENTER, int N>
+struct NormParamTerm {
+    static constexpr int NOUT = N;
     const float* dout;
     const float* x;
     const float* mean;
@@ -69,20 +72,9 @@ struct LayerNormParamTerm {
     int c;
     __device__ __forceinline__ void term(long long r, int j, float* t) const {
         const float d = dout[r * c + j];
-        t[0] = __fmul_rn(__fmul_rn(d, __fsub_rn(x[r * c + j], mean[r])), rstd[r]);
-        t[1] = d;
-    }
-};
-
-struct LayerNormParamTermNoBias {
-    static constexpr int NOUT = 1;
-    const float* dout;
-    const float* x;
-    const float* mean;
-    const float* rstd;
-    int c;
-    __device__ __forceinline__ void term(long long r, int j, float* t) const {
-        t[0] = __fmul_rn(__fmul_rn(dout[r * c + j], __fsub_rn(x[r * c + j], mean[r])), rstd[r]);
+        const float xc = CENTER ? __fsub_rn(x[r * c + j], mean[r]) : x[r * c + j];
+        t[0] = __fmul_rn(__fmul_rn(d, xc), rstd[r]);
+        if constexpr (N == 2) t[1] = d;
     }
 };
 
@@ -90,10 +82,10 @@ struct LayerNormParamTermNoBias {
 extern "C" __global__ void __launch_bounds__(256) layernorm_bwd_params(float* dw, float* db, const float* dout, const float* x, const float* mean, const float* rstd, int rows, int c) {
     if (db != nullptr) {
         float* outs[2] = {dw, db};
-        reduce_rows_cols(outs, rows, c, LayerNormParamTerm{dout, x, mean, rstd, c});
+        reduce_rows_cols(outs, rows, c, NormParamTerm<true, 2>{dout, x, mean, rstd, c});
     } else {
         float* outs[1] = {dw};
-        reduce_rows_cols(outs, rows, c, LayerNormParamTermNoBias{dout, x, mean, rstd, c});
+        reduce_rows_cols(outs, rows, c, NormParamTerm<true, 1>{dout, x, mean, rstd, c});
     }
 }
 
@@ -129,19 +121,8 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_bwd_dx(float*
     }
 }
 
-struct RmsNormParamTerm {
-    static constexpr int NOUT = 1;
-    const float* dout;
-    const float* x;
-    const float* rstd;
-    int c;
-    __device__ __forceinline__ void term(long long r, int j, float* t) const {
-        t[0] = __fmul_rn(__fmul_rn(dout[r * c + j], x[r * c + j]), rstd[r]);
-    }
-};
-
 // dw += sum_r dout * x * rstd
 extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_params(float* dw, const float* dout, const float* x, const float* rstd, int rows, int c) {
     float* outs[1] = {dw};
-    reduce_rows_cols(outs, rows, c, RmsNormParamTerm{dout, x, rstd, c});
+    reduce_rows_cols(outs, rows, c, NormParamTerm<false, 1>{dout, x, nullptr, rstd, c});
 }

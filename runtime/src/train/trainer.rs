@@ -177,6 +177,9 @@ impl<B: Backend + Clone> Trainer<B> {
         if let Some((_, name)) = unsupported.iter().find(|(set, _)| *set) {
             return Err(Error::Unsupported(format!("`{name}` is not supported by this build yet")));
         }
+        if args.device == "cuda" && !args.use_cpu && backend.name() != "cuda" {
+            return Err(Error::Invalid(format!("device `cuda` was asked for but the trainer was given the {} backend", backend.name())));
+        }
         if args.bf16 && backend.name() != "cuda" {
             return Err(Error::Unsupported("bf16 mixed precision runs on the CUDA backend (`device = \"cuda\"`); the CPU backend trains in f32".into()));
         }

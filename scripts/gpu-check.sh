@@ -14,8 +14,8 @@
 #    PyTorch's flash SDPA, AdamW against the device copy bandwidth.
 #
 # Every part runs even when an earlier one fails; the exit status is non-zero if any did. Each
-# part has its own time limit and together they stay under 9 minutes (typically about 6: the
-# first call compiles the kernels, about 20 s, and the PyTorch reference takes about 3 minutes).
+# part has its own time limit and together they stay under 8 minutes (typically about 5: the
+# first call compiles the kernels, about 20 s, and the PyTorch reference about 1 to 2 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/gpu/runtime}
@@ -49,7 +49,7 @@ run() { # name, command...: runs, keeps stdout in $OUT/name, reports failure
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
-run parity_f32.md timeout 75 "$BIN" cuda-check
+run parity_f32.md timeout 60 "$BIN" cuda-check
 run parity_bf16.md timeout 45 "$BIN" cuda-check --bf16
 cat "$OUT/parity_f32.md" "$OUT/parity_bf16.md" | grep -E "FAIL|^[A-Z]" || true
 # the trainer end to end on the GPU and on the CPU (same data, seed and steps): the logged losses
@@ -62,7 +62,7 @@ run resume_on_cpu.jsonl timeout 40 "$BIN" "${TRAIN[@]}" --device cpu --max_steps
 run kernels.json timeout 45 "$BIN" cuda-check --bf16 --bench --json
 run ours.json timeout 60 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
     --seq 1024 --batch 8 --steps 10 --warmup 3 --json
-run reference.json timeout 180 $PY scripts/gpu_reference.py
+run reference.json timeout 150 $PY scripts/gpu_reference.py
 
 $PY - "$OUT" <<'PY' | tee "$OUT/summary.md"
 import json, os, sys

@@ -170,8 +170,14 @@ impl Cuda {
         self.0.ctx.check_err().unwrap_or_else(|e| die("a queued operation", e));
     }
 
+    /// The device address of a buffer.
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(&self.0.stream).0
+    }
+
+    /// A buffer as a kernel argument.
     fn p<T>(&self, s: &CudaSlice<T>) -> A {
-        A::P(s.device_ptr(&self.0.stream).0)
+        A::P(self.ptr(s))
     }
 
     fn opt<T>(&self, s: Option<&CudaSlice<T>>) -> A {
@@ -207,7 +213,7 @@ impl Cuda {
         if scratch.bf16[slot].len() < n {
             scratch.bf16[slot] = self.0.stream.alloc_zeros::<u16>(n).unwrap_or_else(|e| die("allocating bf16 scratch", e));
         }
-        let A::P(dst) = self.p(&scratch.bf16[slot]) else { unreachable!() };
+        let dst = self.ptr(&scratch.bf16[slot]);
         self.launch_n("cast_f32_bf16", n, &[A::P(dst), self.p(src), A::L(n as i64)]);
         dst
     }
@@ -221,10 +227,7 @@ impl Cuda {
     /// (both round to nearest even), so a hit changes the speed, never the numbers.
     fn weight_copy(&self, w: &CudaSlice<f32>) -> Option<u64> {
         let map = self.0.weights16.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&self.ptr(w)).filter(|c| c.len() == w.len()).map(|c| {
-            let A::P(p) = self.p(c) else { unreachable!() };
-            p
-        })
+        map.get(&self.ptr(w)).filter(|c| c.len() == w.len()).map(|c| self.ptr(c))
     }
 
     fn forget_weight(&self, buf: &CudaSlice<f32>) {
@@ -250,8 +253,7 @@ impl Cuda {
                     None => self.bf16_copy(scratch, i, b),
                 }
             } else {
-                let A::P(p) = self.p(b) else { unreachable!() };
-                p
+                self.ptr(b)
             };
         }
         (out, if self.0.bf16 { Ty::Bf16 } else { Ty::F32 })
@@ -261,11 +263,6 @@ impl Cuda {
         // SAFETY: the callers derive every pointer and leading dimension from buffers whose sizes
         // the op's contract fixes.
         unsafe { self.0.lt.gemm(&self.0.stream, &g) }.unwrap_or_else(|e| die("matmul", e));
-    }
-
-    fn ptr(&self, s: &CudaSlice<f32>) -> u64 {
-        let A::P(p) = self.p(s) else { unreachable!() };
-        p
     }
 
     /// The attention kernels' instantiation for a head dim: `_d32`, `_d64` or `_d128`.
@@ -727,7 +724,7 @@ impl Backend for Cuda {
         if scratch.partial.len() < n {
             scratch.partial = self.alloc(n);
         }
-        let A::P(base) = self.p(&scratch.partial) else { unreachable!() };
+        let base = self.ptr(&scratch.partial);
         for (i, b) in bufs.iter().enumerate() {
             let at = base + (i * SUMSQ_BLOCKS * std::mem::size_of::<f64>()) as u64;
             self.launch("sum_squares_partial", (SUMSQ_BLOCKS as u32, 1, 1), (256, 1, 1), &[A::P(at), self.p(b), A::L(b.len() as i64)]);
@@ -753,8 +750,7 @@ impl Backend for Cuda {
             if c.len() != p.len() {
                 *c = self.alloc::<u16>(p.len());
             }
-            let A::P(ptr) = self.p(c) else { unreachable!() };
-            ptr
+            self.ptr(c)
         };
         let descs: Vec<AdamWTensor> = tensors
             .iter()

@@ -94,6 +94,61 @@ fn label_smoothing_matches_torch() {
     }
 }
 
+/// The LM head and loss in chunks (a chunk size that leaves a shorter last chunk, and single
+/// rows) give transformers' loss and gradients, and the unchunked head's to rounding; evaluation's
+/// chunked statistics equal those of the whole logits.
+#[test]
+fn chunked_lm_head_matches_transformers() {
+    use runtime::backend::StatsWanted;
+    for name in ["gpt2", "llama", "qwen2"] {
+        let Case { mut model, reference, batch, meta } = load(name, AttnImpl::Flash);
+        let rows = batch.batch * batch.seq;
+        let grads_of = |model: &Model<Cpu>, opts: LossOptions| {
+            let mut acts = Activations::new(model, batch.batch, batch.seq);
+            let mut grads = Grads::zeros(model);
+            let out = model.forward_backward(&mut acts, &batch, &mut grads, opts).unwrap();
+            (out, grads.tensors, acts.bytes(&model.backend))
+        };
+        let (whole, whole_grads, whole_bytes) = grads_of(&model, LossOptions::default());
+        let eps = meta["label_smoothing"].as_f64().unwrap() as f32;
+        let smoothed = LossOptions { label_smoothing: eps, num_items_in_batch: Some(rows) };
+        let (_, whole_smoothed, _) = grads_of(&model, smoothed);
+        for chunk in [rows / 3 + 1, 1] {
+            assert!(rows % chunk != 0 || chunk == 1, "{name}: the chunk size should leave a shorter last chunk");
+            model.loss_chunk_rows = Some(chunk);
+            let (out, grads, bytes) = grads_of(&model, LossOptions::default());
+            // a chunk's product may take another kernel (small row counts), so rounding differs
+            assert!(((out.sum - whole.sum) / whole.sum).abs() < 1e-6, "{name} chunk {chunk}: loss sum {} vs unchunked {}", out.sum, whole.sum);
+            assert_eq!(out.n_tokens, whole.n_tokens);
+            let want = reference["loss"].values[0];
+            assert!(((out.mean as f64 - want) / want).abs() < 1e-5, "{name} chunk {chunk}: loss {} vs {want}", out.mean);
+            let v = model.config.vocab_size;
+            assert!(bytes < whole_bytes, "{name} chunk {chunk}: {bytes} bytes, unchunked {whole_bytes}");
+            assert!(whole_bytes - bytes >= 4 * (rows - chunk) * v - 4 * 2 * chunk * model.config.hidden_size, "{name}: the logits shrink to one chunk");
+            for ((hf_name, _, g), (_, _, w)) in hf_tensors(&model.layout, &grads).iter().zip(hf_tensors(&model.layout, &whole_grads)) {
+                assert_close(&format!("{name} chunk {chunk} grad {hf_name} vs unchunked"), g, &w, 1e-5);
+                assert_close(&format!("{name} chunk {chunk} grad {hf_name}"), g, &reference[&format!("grad.{hf_name}")].f32s(), 1e-4);
+            }
+            let (_, grads, _) = grads_of(&model, smoothed);
+            for (g, w) in grads.iter().zip(&whole_smoothed) {
+                assert_close(&format!("{name} chunk {chunk} smoothed grads vs unchunked"), g, w, 1e-5);
+            }
+            // evaluation: loss and statistics in chunks against the whole logits
+            let want_stats = StatsWanted { label_logprob: true, argmax: true, entropy: true, ..StatsWanted::default() };
+            let mut acts = Activations::new(&model, batch.batch, batch.seq);
+            let (eval, stats) = model.eval_loss(&mut acts, &batch, LossOptions::default(), Some(want_stats)).unwrap();
+            assert!(((eval.unwrap().sum - whole.sum) / whole.sum).abs() < 1e-6, "{name} chunk {chunk}: evaluation loss");
+            let mut full = Activations::new(&model, batch.batch, batch.seq);
+            model.forward(&mut full, &batch, LossOptions::default(), false).unwrap();
+            let (got, expect) = (stats.unwrap(), model.token_stats(&full, want_stats));
+            assert_eq!(got.argmax, expect.argmax, "{name} chunk {chunk}: argmax");
+            assert_close(&format!("{name} chunk {chunk} label log-probs"), &got.label_logprob, &expect.label_logprob, 1e-5);
+            assert_close(&format!("{name} chunk {chunk} entropies"), &got.entropy, &expect.entropy, 1e-5);
+            assert_eq!(got.row_lse.len(), rows);
+        }
+    }
+}
+
 #[test]
 fn three_adamw_steps_match_torch() {
     for name in ["gpt2", "llama", "qwen2"] {

@@ -31,6 +31,8 @@ pub struct BenchConfig {
     pub warmup: usize,
     pub attn: AttnImpl,
     pub gradient_checkpointing: bool,
+    /// [`Model::loss_chunk_rows`] (`None`: automatic).
+    pub loss_chunk_rows: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -142,6 +144,7 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
     let opts = LoadOptions { attn_implementation: cfg.attn, ..LoadOptions::default() };
     let mut model = Model::from_tensors(be, mcfg, tensors, opts)?;
     model.gradient_checkpointing = cfg.gradient_checkpointing;
+    model.loss_chunk_rows = cfg.loss_chunk_rows;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let rows = cfg.batch * cfg.seq;
     let ids: Vec<i32> = (0..rows).map(|_| rng.random_range(0..cfg.vocab as i32)).collect();

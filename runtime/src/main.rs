@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use runtime::backend::cuda::DeviceFailure;
 use runtime::backend::Backend;
 use runtime::bench::{self, BenchConfig};
 use runtime::commands::{self, parse_attn, parse_device, parse_dtype, parse_shard_size};
@@ -240,6 +241,10 @@ enum Command {
         /// keep only layer inputs and recompute each layer in the backward pass
         #[arg(long = "gradient_checkpointing")]
         gradient_checkpointing: bool,
+        /// rows per chunk of the LM head and loss (0: one chunk, the whole logits at once;
+        /// default: as many rows as keep a chunk's logits within 128 MiB)
+        #[arg(long = "loss_chunk_rows")]
+        loss_chunk_rows: Option<usize>,
         /// print the result as one JSON object
         #[arg(long)]
         json: bool,
@@ -401,6 +406,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     warmup: 1,
                     attn: runtime::backend::AttnImpl::Flash,
                     gradient_checkpointing: false,
+                    loss_chunk_rows: None,
                 };
                 print!("{}", runtime::plugin::bench::run(&runtime::plugin::bench::PluginBenchArgs { loss, metrics, callbacks, model })?);
             }
@@ -423,6 +429,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             warmup,
             attn_implementation,
             gradient_checkpointing,
+            loss_chunk_rows,
             json,
             decode,
             prompt,
@@ -448,6 +455,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 warmup,
                 attn: parse_attn(&attn_implementation)?,
                 gradient_checkpointing,
+                loss_chunk_rows: loss_chunk_rows.map(|n| if n == 0 { batch * seq } else { n }),
             };
             if let Some(new_tokens) = decode {
                 if new_tokens == 0 || prompt == 0 {
@@ -568,12 +576,28 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
         .init();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    // A failed device operation (out of memory, above all) ends the command with a
+    // `DeviceFailure` panic: report it as one error line, without the panic banner.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.payload().downcast_ref::<DeviceFailure>().is_none() {
+            default_hook(info)
+        }
+    }));
+    let cli = Cli::parse();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+        Err(payload) => match payload.downcast::<DeviceFailure>() {
+            Ok(failure) => {
+                eprintln!("error: {}", failure.message);
+                ExitCode::FAILURE
+            }
+            Err(other) => std::panic::resume_unwind(other),
+        },
     }
 }
 

@@ -4,7 +4,9 @@
 //! Conventions: activations are row-major `[rows, width]` with `rows = batch * seq`. Linear weights
 //! are `[out, in]` (a GPT-2 `Conv1D` is transposed when loaded). Gradients of parameters are always
 //! *accumulated* (`+=`), so gradient accumulation needs no extra pass; gradients of activations are
-//! overwritten unless the method says otherwise.
+//! overwritten unless the method says otherwise. A buffer may be longer than an op's sizes say;
+//! the op then reads and writes only its leading elements (the chunked LM head reuses one set of
+//! chunk buffers for a shorter last chunk).
 
 pub mod cpu;
 pub mod cuda;
@@ -37,6 +39,17 @@ pub struct TokenStats {
 }
 
 impl TokenStats {
+    /// Appends the rows of `more` (statistics of the next chunk of rows, same requests).
+    pub fn append(&mut self, more: TokenStats) {
+        self.label_logprob.extend(more.label_logprob);
+        self.logsumexp.extend(more.logsumexp);
+        self.mean_logprob.extend(more.mean_logprob);
+        self.entropy.extend(more.entropy);
+        self.argmax.extend(more.argmax);
+        self.row_lse.extend(more.row_lse);
+        self.row_mean_z.extend(more.row_mean_z);
+    }
+
     /// Moves out what [`Backend::token_stats_bwd`] needs (`row_lse`, `row_mean_z`), leaving the
     /// requested statistics to be handed over.
     pub fn take_backward_state(&mut self) -> TokenStats {
@@ -195,6 +208,8 @@ pub trait Backend: Send + Sync {
     fn len(&self, buf: &Self::Buf) -> usize;
     fn fill(&self, buf: &mut Self::Buf, value: f32);
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// `dst[dst_off..dst_off + n] = src[src_off..src_off + n]`.
+    fn copy_range(&self, dst: &mut Self::Buf, dst_off: usize, src: &Self::Buf, src_off: usize, n: usize);
 
     /// `out[r] = wte[ids[r]] (+ wpe[pos[r]])`, width `c`.
     fn embedding_fwd(&self, out: &mut Self::Buf, ids: &Self::Ids, wte: &Self::Buf, wpe: Option<(&Self::Buf, &Self::Ids)>, c: usize);
@@ -305,6 +320,20 @@ pub trait Backend: Send + Sync {
     /// Fused softmax cross-entropy over rows of width `v` with ignore index -100 and label
     /// smoothing. With `grad_scale = Some(s)` the logits are overwritten by `s * dloss/dlogits`.
     fn cross_entropy(&self, logits: &mut Self::Buf, targets: &Self::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows;
+    /// [`Backend::cross_entropy`] over `targets.len()` rows that leaves the per-row losses on the
+    /// device, in `loss[row0..row0 + targets.len()]` (no wait for the device: the chunked LM head
+    /// downloads them once per batch).
+    #[allow(clippy::too_many_arguments)] // cross_entropy's operands and where the losses go
+    fn cross_entropy_into(
+        &self,
+        logits: &mut Self::Buf,
+        targets: &Self::Ids,
+        v: usize,
+        smoothing: f32,
+        grad_scale: Option<f32>,
+        loss: &mut Self::Buf,
+        row0: usize,
+    );
 
     /// Per-token statistics of rows of logits of width `v`, at rows whose target is not -100
     /// (0 elsewhere); only the requested ones are computed (the others come back empty). The

@@ -71,6 +71,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn copy(&self, dst: &mut B::Buf, src: &B::Buf) {
         self.inner.copy(dst, src)
     }
+    fn copy_range(&self, dst: &mut B::Buf, dst_off: usize, src: &B::Buf, src_off: usize, n: usize) {
+        self.time("copy", 0.0, || self.inner.copy_range(dst, dst_off, src, src_off, n))
+    }
     fn embedding_fwd(&self, out: &mut B::Buf, ids: &B::Ids, wte: &B::Buf, wpe: Option<(&B::Buf, &B::Ids)>, c: usize) {
         self.time("embedding", 0.0, || self.inner.embedding_fwd(out, ids, wte, wpe, c))
     }
@@ -160,6 +163,9 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn cross_entropy(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows {
         self.time("cross_entropy", 0.0, || self.inner.cross_entropy(logits, targets, v, smoothing, grad_scale))
+    }
+    fn cross_entropy_into(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>, loss: &mut B::Buf, row0: usize) {
+        self.time("cross_entropy", 0.0, || self.inner.cross_entropy_into(logits, targets, v, smoothing, grad_scale, loss, row0))
     }
     fn token_stats(&self, logits: &B::Buf, targets: &B::Ids, v: usize, want: StatsWanted) -> TokenStats {
         self.time("cross_entropy", 0.0, || self.inner.token_stats(logits, targets, v, want))

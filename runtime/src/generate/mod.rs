@@ -17,6 +17,9 @@ pub struct DecodeState<B: Backend> {
     slot: usize,
     k: Vec<B::Buf>,
     v: Vec<B::Buf>,
+    /// Beam search's reordering target, the size of one layer's key cache (swapped with each
+    /// cache it reorders). Empty until the first reordering.
+    spare: B::Buf,
     /// 1 where a cache slot holds a real token, per row: `[batch, max_len]`.
     mask: Vec<i32>,
     next_pos: Vec<i32>,
@@ -45,6 +48,7 @@ impl<B: Backend> DecodeState<B> {
             slot: 0,
             k: (0..c.n_layer).map(|_| z(batch * max_len * kvd)).collect(),
             v: (0..c.n_layer).map(|_| z(batch * max_len * kvd)).collect(),
+            spare: z(0),
             mask: vec![0; batch * max_len],
             next_pos: vec![0; batch],
             x: z(batch * c.hidden_size),
@@ -70,12 +74,18 @@ impl<B: Backend> DecodeState<B> {
         if src.iter().enumerate().all(|(r, &s)| r == s) {
             return;
         }
-        let per_row = |len: usize| len / self.batch;
+        // on the device: each row's cache is copied into the spare buffer, which then becomes
+        // the cache (no download, no upload)
         for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let host = be.download(buf);
-            let w = per_row(host.len());
-            let moved: Vec<f32> = src.iter().flat_map(|&s| host[s * w..(s + 1) * w].iter().copied()).collect();
-            *buf = be.upload(&moved);
+            let len = be.len(buf);
+            if be.len(&self.spare) != len {
+                self.spare = be.zeros(len);
+            }
+            let w = len / self.batch;
+            for (r, &s) in src.iter().enumerate() {
+                be.copy_range(&mut self.spare, r * w, buf, s * w, w);
+            }
+            std::mem::swap(buf, &mut self.spare);
         }
         let w = self.max_len;
         self.mask = src.iter().flat_map(|&s| self.mask[s * w..(s + 1) * w].to_vec()).collect();

@@ -7,12 +7,22 @@
 //! the layers in reverse, accumulating parameter gradients into [`Grads`]. With gradient
 //! checkpointing only each layer's input is kept; one set of layer buffers is shared, and the
 //! backward pass recomputes a layer's forward just before its backward.
+//!
+//! The LM head and the loss run a chunk of rows at a time in training ([`Model::forward_backward`])
+//! and evaluation ([`Model::eval_loss`]): each chunk's logits are computed, turned into losses and
+//! (in training) their gradient in place, and pushed through the head's backward pass before the
+//! next chunk, so the `[rows, vocab]` logits (1.6 GB in f32 at GPT-2's vocabulary and 8 x 1024
+//! tokens) never exist at once. [`Model::forward`] keeps the whole logits, for callers that want
+//! them.
 
 use super::config::Arch;
 use super::Model;
 use crate::backend::cpu::IGNORE_INDEX;
 use crate::backend::{AttnShape, Backend, LossRows, StatGrads, StatsWanted, TokenStats};
 use crate::error::{Error, Result};
+
+/// Logit floats one LM-head chunk may hold (128 MiB in f32); see [`Model::head_chunk_rows`].
+pub const LOGITS_CHUNK_FLOATS: usize = 1 << 25;
 
 /// Label tokens of a batch after the causal-LM shift.
 pub fn label_tokens(b: &Batch) -> usize {
@@ -137,8 +147,19 @@ pub struct Activations<B: Backend> {
     lnf: B::Buf,
     lnf_mean: B::Buf,
     lnf_rstd: B::Buf,
-    /// Logits `[rows, vocab]`; after a training forward pass, the gradient of the loss.
+    /// Logits: `[rows, vocab]` after [`Model::forward`] (and, with `train`, the gradient of the
+    /// loss); one chunk's `[head_rows, vocab]` in the chunked head.
     pub logits: B::Buf,
+    /// Rows per chunk of the LM head ([`Model::head_chunk_rows`]).
+    head_rows: usize,
+    /// With more than one chunk: a chunk's rows of `lnf` and the gradient with respect to them,
+    /// `[head_rows, hidden]` each (empty otherwise).
+    head_in: B::Buf,
+    head_din: B::Buf,
+    /// Each chunk's shifted labels (with more than one chunk).
+    chunk_targets: Vec<B::Ids>,
+    /// The loss of each row, `[rows]`, downloaded once per batch.
+    row_loss: B::Buf,
     tmp: B::Buf,
     dres: B::Buf,
     dln: B::Buf,
@@ -158,6 +179,8 @@ impl<B: Backend> Activations<B> {
         let z = |n: usize| be.zeros(n);
         let h = c.hidden_size;
         let kept = if model.gradient_checkpointing { 1 } else { c.n_layer };
+        let head_rows = model.head_chunk_rows(rows);
+        let chunked = head_rows < rows;
         let layers = (0..kept)
             .map(|_| LayerActs {
                 ln1: z(rows * h),
@@ -186,7 +209,12 @@ impl<B: Backend> Activations<B> {
             lnf: z(rows * h),
             lnf_mean: z(rows),
             lnf_rstd: z(rows),
-            logits: z(rows * c.vocab_size),
+            logits: z(head_rows * c.vocab_size),
+            head_rows,
+            head_in: z(if chunked { head_rows * h } else { 0 }),
+            head_din: z(if chunked { head_rows * h } else { 0 }),
+            chunk_targets: Vec::new(),
+            row_loss: z(rows),
             tmp: z(rows * h),
             dres: z(rows * h),
             dln: z(rows * h),
@@ -213,7 +241,9 @@ impl<B: Backend> Activations<B> {
         };
         let kept = if model.gradient_checkpointing { 1 } else { c.n_layer as u128 };
         let per_layer = rows * (3 * h + 4 + qkv + out + fc + i) + stats;
-        let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + rows * v + 3 * rows * h + rows * (out + qkv + fc + i) + 4 * rows;
+        let head_rows = model.head_chunk_rows(batch * seq) as u128;
+        let head = head_rows * v + if head_rows < rows { 2 * head_rows * h } else { 0 } + rows;
+        let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + head + 3 * rows * h + rows * (out + qkv + fc + i) + 4 * rows;
         4 * (kept * per_layer + rest)
     }
 
@@ -225,7 +255,22 @@ impl<B: Backend> Activations<B> {
                 .map(|b| be.len(b))
                 .sum::<usize>()
         };
-        let bufs = [&self.lnf, &self.lnf_mean, &self.lnf_rstd, &self.logits, &self.tmp, &self.dres, &self.dln, &self.datt, &self.dqkv, &self.dfc, &self.dact];
+        let bufs = [
+            &self.lnf,
+            &self.lnf_mean,
+            &self.lnf_rstd,
+            &self.logits,
+            &self.head_in,
+            &self.head_din,
+            &self.row_loss,
+            &self.tmp,
+            &self.dres,
+            &self.dln,
+            &self.datt,
+            &self.dqkv,
+            &self.dfc,
+            &self.dact,
+        ];
         4 * (self.layers.iter().map(l).sum::<usize>() + self.resid.iter().map(|b| be.len(b)).sum::<usize>() + bufs.iter().map(|b| be.len(b)).sum::<usize>())
     }
 
@@ -235,6 +280,15 @@ impl<B: Backend> Activations<B> {
 }
 
 impl<B: Backend> Model<B> {
+    /// Rows per chunk of the LM head and loss for a batch of `rows` rows: `loss_chunk_rows` when
+    /// set, otherwise as many as keep a chunk's logits within [`LOGITS_CHUNK_FLOATS`] (a multiple
+    /// of 64 when that is at least 64); `rows` when one chunk holds them all.
+    pub fn head_chunk_rows(&self, rows: usize) -> usize {
+        let fit = (LOGITS_CHUNK_FLOATS / self.config.vocab_size.max(1)).max(1);
+        let want = self.loss_chunk_rows.unwrap_or(if fit >= 64 { fit / 64 * 64 } else { fit });
+        want.clamp(1, rows.max(1))
+    }
+
     pub fn attn_shape(&self, batch: usize, seq: usize) -> AttnShape {
         let c = &self.config;
         AttnShape { batch, seq, n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim }
@@ -306,7 +360,9 @@ impl<B: Backend> Model<B> {
             Some(m) => be.upload_ids(m),
             None => be.upload_ids(&vec![1; rows]),
         };
-        acts.targets = be.upload_ids(&shifted_labels(b));
+        let targets = shifted_labels(b);
+        acts.targets = be.upload_ids(&targets);
+        acts.chunk_targets = if acts.head_rows < rows { targets.chunks(acts.head_rows).map(|t| be.upload_ids(t)).collect() } else { Vec::new() };
     }
 
     pub(crate) fn norm_fwd(&self, out: &mut B::Buf, mean: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf, w: usize, b: Option<usize>) {
@@ -471,8 +527,22 @@ impl<B: Backend> Model<B> {
         self.backend.token_stats(&acts.logits, &acts.targets, self.config.vocab_size, want)
     }
 
-    /// Everything up to the logits (left in `acts.logits`).
+    /// Everything up to the whole logits (left in `acts.logits`, grown to `[rows, vocab]` if the
+    /// workspace was made for chunks).
     fn forward_logits(&self, acts: &mut Activations<B>, b: &Batch, train: bool) -> Result<()> {
+        self.forward_hidden(acts, b, train)?;
+        let (be, c) = (&self.backend, &self.config);
+        let rows = b.batch * b.seq;
+        if be.len(&acts.logits) < rows * c.vocab_size {
+            acts.logits = be.zeros(rows * c.vocab_size);
+        }
+        let head = &self.params[self.layout.lm_head.unwrap_or(self.layout.wte)];
+        be.matmul_fwd(&mut acts.logits, &acts.lnf, head, None, rows, c.hidden_size, c.vocab_size);
+        Ok(())
+    }
+
+    /// Everything up to the final norm's output (`acts.lnf`).
+    fn forward_hidden(&self, acts: &mut Activations<B>, b: &Batch, train: bool) -> Result<()> {
         self.validate(b)?;
         if acts.shape() != (b.batch, b.seq) || acts.checkpointing != self.gradient_checkpointing {
             *acts = Activations::new(self, b.batch, b.seq);
@@ -495,10 +565,83 @@ impl<B: Backend> Model<B> {
             self.layer_fwd(acts, l, shape);
         }
         self.norm_fwd(&mut acts.lnf, &mut acts.lnf_mean, &mut acts.lnf_rstd, &acts.resid[c.n_layer], lay.lnf_w, lay.lnf_b);
-        let head = &p[lay.lm_head.unwrap_or(lay.wte)];
-        be.matmul_fwd(&mut acts.logits, &acts.lnf, head, None, rows, h, c.vocab_size);
         acts.has_grad = false;
         Ok(())
+    }
+
+    /// The LM head and the built-in loss after [`Model::forward_hidden`], a chunk of
+    /// `acts.head_rows` rows at a time (see the module docs), with the per-token statistics
+    /// `want`s for evaluation metrics. With `grads` (training) each chunk's logits become the
+    /// loss gradient in place and go through the head's backward pass at once: `acts.dln` gets
+    /// the gradient with respect to the final norm's output and the head's weight gradient is
+    /// accumulated. The loss is `None` when the batch has no labels.
+    fn head_loss(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        loss: LossOptions,
+        mut grads: Option<&mut Grads<B>>,
+        want: Option<StatsWanted>,
+    ) -> Result<(Option<LossOutput>, Option<TokenStats>)> {
+        let (be, c, p) = (&self.backend, &self.config, &self.params);
+        let (rows, h, v) = (b.batch * b.seq, c.hidden_size, c.vocab_size);
+        let n_tokens = label_tokens(b);
+        let denom = loss.num_items_in_batch.unwrap_or(n_tokens);
+        if grads.is_some() && (b.labels.is_none() || denom == 0) {
+            return Err(if b.labels.is_none() { Error::Invalid("training needs labels".into()) } else { no_label_tokens() });
+        }
+        if b.labels.is_none() && want.is_none() {
+            return Ok((None, None));
+        }
+        let grad_scale = grads.is_some().then(|| 1.0 / denom as f32);
+        let head = self.layout.lm_head.unwrap_or(self.layout.wte);
+        let cr = acts.head_rows;
+        if be.len(&acts.logits) < cr.min(rows) * v {
+            acts.logits = be.zeros(cr.min(rows) * v);
+        }
+        let mut stats: Option<TokenStats> = None;
+        if cr >= rows {
+            be.matmul_fwd(&mut acts.logits, &acts.lnf, &p[head], None, rows, h, v);
+            stats = want.map(|w| be.token_stats(&acts.logits, &acts.targets, v, w));
+            be.cross_entropy_into(&mut acts.logits, &acts.targets, v, loss.label_smoothing, grad_scale, &mut acts.row_loss, 0);
+            if let Some(g) = grads {
+                be.matmul_bwd(Some(&mut acts.dln), &mut g.tensors[head], None, &acts.logits, &acts.lnf, &p[head], rows, h, v);
+            }
+        } else {
+            for (i, targets) in acts.chunk_targets.iter().enumerate() {
+                let (r0, n) = (i * cr, cr.min(rows - i * cr));
+                be.copy_range(&mut acts.head_in, 0, &acts.lnf, r0 * h, n * h);
+                be.matmul_fwd(&mut acts.logits, &acts.head_in, &p[head], None, n, h, v);
+                if let Some(w) = want {
+                    let s = be.token_stats(&acts.logits, targets, v, w);
+                    stats.get_or_insert_with(TokenStats::default).append(s);
+                }
+                be.cross_entropy_into(&mut acts.logits, targets, v, loss.label_smoothing, grad_scale, &mut acts.row_loss, r0);
+                if let Some(g) = grads.as_deref_mut() {
+                    be.matmul_bwd(Some(&mut acts.head_din), &mut g.tensors[head], None, &acts.logits, &acts.head_in, &p[head], n, h, v);
+                    be.copy_range(&mut acts.dln, r0 * h, &acts.head_din, 0, n * h);
+                }
+            }
+        }
+        if b.labels.is_none() {
+            return Ok((None, stats));
+        }
+        let sum: f64 = be.download(&acts.row_loss).iter().map(|&x| x as f64).sum();
+        Ok((Some(LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 }), stats))
+    }
+
+    /// Evaluation: the forward pass and the built-in loss with the LM head in chunks (the whole
+    /// logits never exist), and the per-token statistics `want`s at labelled positions (all rows
+    /// when the batch has no labels: zeros). The loss is `None` when the batch has no labels.
+    pub fn eval_loss(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        loss: LossOptions,
+        want: Option<StatsWanted>,
+    ) -> Result<(Option<LossOutput>, Option<TokenStats>)> {
+        self.forward_hidden(acts, b, false)?;
+        self.head_loss(acts, b, loss, None, want)
     }
 
     /// The backward pass after a training forward pass; accumulates into `grads`.
@@ -510,9 +653,18 @@ impl<B: Backend> Model<B> {
         let (be, c, lay, p) = (&self.backend, &self.config, &self.layout, &self.params);
         let (batch, seq) = acts.shape();
         let (rows, h) = (batch * seq, c.hidden_size);
-        let shape = self.attn_shape(batch, seq);
         let head = lay.lm_head.unwrap_or(lay.wte);
         be.matmul_bwd(Some(&mut acts.dln), &mut grads.tensors[head], None, &acts.logits, &acts.lnf, &p[head], rows, h, c.vocab_size);
+        self.backward_body(acts, grads);
+        Ok(())
+    }
+
+    /// The backward pass from `acts.dln`, the gradient with respect to the final norm's output.
+    fn backward_body(&self, acts: &mut Activations<B>, grads: &mut Grads<B>) {
+        let (be, c, lay, p) = (&self.backend, &self.config, &self.layout, &self.params);
+        let (batch, seq) = acts.shape();
+        let (rows, h) = (batch * seq, c.hidden_size);
+        let shape = self.attn_shape(batch, seq);
         be.fill(&mut acts.dres, 0.0);
         self.norm_bwd(grads, &mut acts.dres, &acts.dln, &acts.resid[c.n_layer], &acts.lnf_mean, &acts.lnf_rstd, lay.lnf_w, lay.lnf_b);
         for (l, lp) in lay.layers.iter().enumerate().rev() {
@@ -544,13 +696,15 @@ impl<B: Backend> Model<B> {
         }
         let (dwte, dwpe) = pair(&mut grads.tensors, lay.wte, lay.wpe);
         be.embedding_bwd(dwte, dwpe.map(|d| (d, &acts.pos)), &acts.ids, &acts.dres, h);
-        Ok(())
     }
 
-    /// Forward, loss and backward for one micro-batch.
+    /// Forward, loss and backward for one micro-batch, with the LM head and loss in chunks (the
+    /// whole logits never exist).
     pub fn forward_backward(&self, acts: &mut Activations<B>, b: &Batch, grads: &mut Grads<B>, loss: LossOptions) -> Result<LossOutput> {
-        let out = self.forward(acts, b, loss, true)?.ok_or_else(|| Error::Invalid("training needs labels".into()))?;
-        self.backward(acts, grads)?;
+        self.forward_hidden(acts, b, true)?;
+        let (out, _) = self.head_loss(acts, b, loss, Some(grads), None)?;
+        let out = out.ok_or_else(|| Error::Invalid("training needs labels".into()))?;
+        self.backward_body(acts, grads);
         Ok(out)
     }
 }

@@ -108,6 +108,9 @@ pub struct Model<B: Backend> {
     /// `alpha / sqrt(seq * hidden)` to the input embeddings in training forward passes, as
     /// transformers' hook does; the seed makes each micro-batch's noise reproducible.
     pub neftune: Option<(f32, u64)>,
+    /// Rows per chunk of the LM head and loss in training and evaluation (`None`: as many as fit
+    /// in [`decoder::LOGITS_CHUNK_FLOATS`]). Read when an [`Activations`] workspace is made.
+    pub loss_chunk_rows: Option<usize>,
 }
 
 /// Files transformers keeps beside the weights that a saved model should carry along.
@@ -162,6 +165,7 @@ impl<B: Backend> Model<B> {
             source: None,
             gradient_checkpointing: false,
             neftune: None,
+            loss_chunk_rows: None,
         })
     }
 

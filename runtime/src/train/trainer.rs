@@ -560,20 +560,24 @@ impl<B: Backend + Clone> Trainer<B> {
             let b = self.collate(eval, &self.eval_columns, ix)?;
             // as transformers: the label smoother (or the custom loss) applies to the evaluation loss too
             let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: None };
-            let out = match hook.as_mut() {
+            // the argmax-aligned metrics read per-token statistics of the same forward pass
+            let want =
+                (with_metrics && !self.args.predict_with_generate).then_some(StatsWanted { label_logprob: true, argmax: true, ..StatsWanted::default() });
+            let (out, stats) = match hook.as_mut() {
                 Some(h) if crate::model::decoder::label_tokens(&b) > 0 => {
                     let continues = h.continues();
                     let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
                     match self.model.forward_custom(&mut acts, &b, &mut custom, None, false) {
-                        Ok(out) => Some(out),
+                        // the custom loss leaves the whole logits in place
+                        Ok(out) => (Some(out), want.map(|w| self.model.token_stats(&acts, w))),
                         Err(e @ Error::Plugin(_)) if continues => {
                             tracing::warn!("evaluation: {e}; this batch's loss is the built-in one (on_error = \"continue\")");
-                            self.model.forward(&mut acts, &b, opts, false)?
+                            self.model.eval_loss(&mut acts, &b, opts, want)?
                         }
                         Err(e) => return Err(e),
                     }
                 }
-                _ => self.model.forward(&mut acts, &b, opts, false)?,
+                _ => self.model.eval_loss(&mut acts, &b, opts, want)?,
             };
             if let Some(out) = out {
                 if out.n_tokens > 0 {
@@ -586,9 +590,7 @@ impl<B: Backend + Clone> Trainer<B> {
                 if with_metrics {
                     self.plugins.metrics_update(&batch)?;
                 }
-            } else if with_metrics {
-                let want = StatsWanted { label_logprob: true, argmax: true, ..StatsWanted::default() };
-                let stats = self.model.token_stats(&acts, want);
+            } else if let Some(stats) = stats {
                 let include_inputs = self.args.include_for_metrics.iter().any(|x| x == "inputs");
                 let inputs = include_inputs.then(|| b.input_ids.iter().map(|&x| x as u32).collect());
                 let batch = EvalBatch::argmax(b.batch, b.seq, shifted_labels(&b), stats, inputs, Some(self.pad.pad_id));

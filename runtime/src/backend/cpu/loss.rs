@@ -11,8 +11,16 @@ pub const IGNORE_INDEX: i32 = -100;
 
 pub fn cross_entropy(logits: &mut [f32], targets: &[i32], v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows {
     let mut loss = vec![0.0f32; targets.len()];
+    cross_entropy_rows(logits, targets, v, smoothing, grad_scale, &mut loss);
+    let n_targets = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+    LossRows { loss, n_targets }
+}
+
+/// [`cross_entropy`] writing the per-row losses into `loss` (one per target; 0 where ignored).
+pub fn cross_entropy_rows(logits: &mut [f32], targets: &[i32], v: usize, smoothing: f32, grad_scale: Option<f32>, loss: &mut [f32]) {
     logits.par_chunks_mut(v).zip(loss.par_iter_mut()).zip(targets.par_iter()).for_each(|((z, loss), &y)| {
         if y == IGNORE_INDEX {
+            *loss = 0.0;
             if grad_scale.is_some() {
                 z.fill(0.0);
             }
@@ -34,8 +42,6 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[i32], v: usize, smoothing: f
             z[y] -= scale * (1.0 - smoothing);
         }
     });
-    let n_targets = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-    LossRows { loss, n_targets }
 }
 
 /// The index of the largest value (the first one on ties), eight lanes at a time.

@@ -45,6 +45,9 @@ impl Backend for Cpu {
     fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
         dst.copy_from_slice(src)
     }
+    fn copy_range(&self, dst: &mut Vec<f32>, dst_off: usize, src: &Vec<f32>, src_off: usize, n: usize) {
+        dst[dst_off..dst_off + n].copy_from_slice(&src[src_off..src_off + n])
+    }
 
     fn embedding_fwd(&self, out: &mut Vec<f32>, ids: &Vec<i32>, wte: &Vec<f32>, wpe: Option<(&Vec<f32>, &Vec<i32>)>, c: usize) {
         pointwise::embedding_fwd(out, ids, wte, wpe.map(|(w, p)| (w.as_slice(), p.as_slice())), c)
@@ -165,6 +168,18 @@ impl Backend for Cpu {
 
     fn cross_entropy(&self, logits: &mut Vec<f32>, targets: &Vec<i32>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows {
         loss::cross_entropy(logits, targets, v, smoothing, grad_scale)
+    }
+    fn cross_entropy_into(
+        &self,
+        logits: &mut Vec<f32>,
+        targets: &Vec<i32>,
+        v: usize,
+        smoothing: f32,
+        grad_scale: Option<f32>,
+        loss: &mut Vec<f32>,
+        row0: usize,
+    ) {
+        loss::cross_entropy_rows(logits, targets, v, smoothing, grad_scale, &mut loss[row0..row0 + targets.len()])
     }
 
     fn token_stats(&self, logits: &Vec<f32>, targets: &Vec<i32>, v: usize, want: StatsWanted) -> TokenStats {

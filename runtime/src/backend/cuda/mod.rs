@@ -112,8 +112,26 @@ const SUMSQ_BLOCKS: usize = 512;
 /// Query and key rows per attention tile.
 const ATTN_TILE: usize = 64;
 
+/// The payload of the panic a failed device operation raises (see [`die`]). The ops have no error
+/// path of their own, so the binary's `main` catches this payload and turns it into one error line
+/// and exit status 1; files are written through temporary names, so nothing half-written is left.
+#[derive(Debug)]
+pub struct DeviceFailure {
+    pub message: String,
+}
+
+/// Ends the current command with a [`DeviceFailure`]: out of memory gets advice on what to lower.
 fn die(what: &str, e: impl std::fmt::Debug) -> ! {
-    panic!("CUDA failure in {what}: {e:?}")
+    let detail = format!("{e:?}");
+    let message = if detail.contains("OUT_OF_MEMORY") {
+        format!(
+            "CUDA out of memory in {what} ({detail}): lower per_device_train_batch_size or per_device_eval_batch_size, \
+             turn on gradient_checkpointing, or set auto_find_batch_size"
+        )
+    } else {
+        format!("CUDA failure in {what}: {detail}")
+    };
+    std::panic::panic_any(DeviceFailure { message })
 }
 
 impl Cuda {
@@ -318,7 +336,12 @@ impl Cuda {
         if n == 0 {
             return self.0.stream.null::<T>().unwrap_or_else(|e| die("alloc", e));
         }
-        self.0.stream.alloc_zeros::<T>(n).unwrap_or_else(|e| die(&format!("allocating {} bytes", n * std::mem::size_of::<T>()), e))
+        self.0.stream.alloc_zeros::<T>(n).unwrap_or_else(|e| {
+            let (free, total) = self.0.ctx.mem_get_info().unwrap_or((0, 0));
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            let bytes = n * std::mem::size_of::<T>();
+            die(&format!("allocating {:.2} GiB ({:.2} GiB free of {:.2} GiB)", gib(bytes), gib(free), gib(total)), e)
+        })
     }
 }
 
@@ -371,6 +394,13 @@ impl Backend for Cuda {
         self.forget_weight(dst);
         if !src.is_empty() {
             self.0.stream.memcpy_dtod(src, dst).unwrap_or_else(|e| die("copy", e));
+        }
+    }
+    fn copy_range(&self, dst: &mut CudaSlice<f32>, dst_off: usize, src: &CudaSlice<f32>, src_off: usize, n: usize) {
+        self.forget_weight(dst);
+        if n > 0 {
+            let (from, mut to) = (src.slice(src_off..src_off + n), dst.slice_mut(dst_off..dst_off + n));
+            self.0.stream.memcpy_dtod(&from, &mut to).unwrap_or_else(|e| die("copy_range", e));
         }
     }
 
@@ -644,11 +674,29 @@ impl Backend for Cuda {
     }
 
     fn cross_entropy(&self, logits: &mut CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows {
+        let mut loss: CudaSlice<f32> = self.alloc(targets.len());
+        self.cross_entropy_into(logits, targets, v, smoothing, grad_scale, &mut loss, 0);
+        let n_targets = self.host(targets).iter().filter(|&&t| t != super::cpu::IGNORE_INDEX).count();
+        LossRows { loss: self.host(&loss), n_targets }
+    }
+    fn cross_entropy_into(
+        &self,
+        logits: &mut CudaSlice<f32>,
+        targets: &CudaSlice<i32>,
+        v: usize,
+        smoothing: f32,
+        grad_scale: Option<f32>,
+        loss: &mut CudaSlice<f32>,
+        row0: usize,
+    ) {
         let rows = targets.len();
-        let loss: CudaSlice<f32> = self.alloc(rows);
+        if rows == 0 {
+            return;
+        }
+        assert!(row0 + rows <= loss.len(), "cross_entropy_into: {rows} losses from row {row0} do not fit in {}", loss.len());
         let args = [
             self.p(logits),
-            self.p(&loss),
+            A::P(self.ptr(loss) + (row0 * std::mem::size_of::<f32>()) as u64),
             self.p(targets),
             A::I(rows as i32),
             A::I(v as i32),
@@ -657,8 +705,6 @@ impl Backend for Cuda {
             A::I(grad_scale.is_some() as i32),
         ];
         self.launch("cross_entropy", (rows as u32, 1, 1), (512, 1, 1), &args);
-        let n_targets = self.host(targets).iter().filter(|&&t| t != super::cpu::IGNORE_INDEX).count();
-        LossRows { loss: self.host(&loss), n_targets }
     }
 
     fn token_stats(&self, logits: &CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, want: StatsWanted) -> TokenStats {
@@ -847,4 +893,22 @@ pub fn required_kernels() -> Vec<String> {
         }
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{die, DeviceFailure};
+
+    #[test]
+    fn a_device_failure_is_one_message_with_advice_when_out_of_memory() {
+        let fail = |what: &'static str, detail: &'static str| {
+            let payload = std::panic::catch_unwind(|| die(what, detail)).expect_err("die always panics");
+            payload.downcast::<DeviceFailure>().expect("the payload is a DeviceFailure").message
+        };
+        let oom = fail("allocating 3.00 GiB (0.50 GiB free of 80.00 GiB)", "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        assert!(oom.starts_with("CUDA out of memory in allocating 3.00 GiB"), "{oom}");
+        assert!(oom.contains("per_device_train_batch_size") && oom.contains("gradient_checkpointing"), "{oom}");
+        let other = fail("matmul", "CUBLAS_STATUS_EXECUTION_FAILED");
+        assert_eq!(other, "CUDA failure in matmul: \"CUBLAS_STATUS_EXECUTION_FAILED\"");
+    }
 }

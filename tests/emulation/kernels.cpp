@@ -1,0 +1,603 @@
+// Emulated validation of kernels/*.cu (every file but attention_tc.cu) through the same source
+// text NVRTC compiles, run on the CPU by shim.h (one std::thread per CUDA thread). Each kernel is
+// compared with a C++ port of its CPU-backend twin (bitwise where the CPU result is fixed by the
+// order of operations: column sums, norm parameter gradients, embedding backward, AdamW, add,
+// scale, fill, bf16 rounding) or with an f64 reference. Argument: one group to run (pointwise,
+// reduce, embedding, norm, rope, loss, adamw, decode, attention); none runs all. Exit status 1
+// on any failure. Driven by tests/emulation.rs.
+#include <cstdio>
+#include <cstdlib>
+#include <algorithm>
+#include <string>
+#include "shim.h"
+
+#include "common.cuh"
+#include "pointwise.cu"
+#include "reduce.cu"
+#include "embedding.cu"
+#include "norm.cu"
+#include "rope.cu"
+#include "attention.cu"
+#include "cross_entropy.cu"
+#include "adamw.cu"
+
+using std::vector;
+static int failures = 0;
+
+static uint64_t rs = 88172645463325252ull;
+static float frand() {  // [-1, 1)
+    rs ^= rs << 13;
+    rs ^= rs >> 7;
+    rs ^= rs << 17;
+    return ((rs >> 40) / float(1 << 24)) * 2.0f - 1.0f;
+}
+static vector<float> rvec(size_t n, float s = 1.0f) {
+    vector<float> v(n);
+    for (auto& x : v) x = frand() * s;
+    return v;
+}
+static void check(const char* what, bool ok) {
+    if (!ok) {
+        printf("FAIL: %s\n", what);
+        ++failures;
+    }
+}
+// max |a-b| / max(max|b|, floor)
+static double nerr(const vector<float>& a, const vector<double>& b, double floor = 1e-30) {
+    double m = floor, e = 0;
+    for (size_t i = 0; i < b.size(); ++i) m = std::max(m, std::fabs(b[i]));
+    for (size_t i = 0; i < b.size(); ++i) e = std::max(e, std::fabs((double)a[i] - b[i]));
+    return e / m;
+}
+static double nerr(const vector<float>& a, const vector<float>& b) {
+    vector<double> bd(b.begin(), b.end());
+    return nerr(a, bd);
+}
+static bool bitwise(const vector<float>& a, const vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+static dim3 g1(long long n) { return dim3{unsigned(std::min<long long>((n + 255) / 256, 65535)), 1, 1}; }
+
+// ---- CPU reference ports (f32, same op order, no contraction) ----
+static void reduce_rows_ref(int rows, int c, vector<vector<float>*> outs, std::function<void(int, int, vector<vector<float>>&)> f) {
+    const int BLOCKS = 16;
+    int per = std::max((rows + BLOCKS - 1) / BLOCKS, 1);
+    int nb = (rows + per - 1) / per;
+    for (int b = 0; b < nb; ++b) {
+        vector<vector<float>> acc(outs.size(), vector<float>(c, 0.0f));
+        f(b * per, std::min((b + 1) * per, rows), acc);
+        for (size_t o = 0; o < outs.size(); ++o)
+            for (int i = 0; i < c; ++i) (*outs[o])[i] += acc[o][i];
+    }
+}
+
+static void test_pointwise() {
+    const long long n = 1000;
+    auto x = rvec(n, 4.0f), d = rvec(n);
+    vector<float> out(n), dx(n);
+    launch(g1(n), dim3{256}, gelu_fwd, out.data(), (const float*)x.data(), n);
+    vector<double> ref(n), dref(n);
+    for (int i = 0; i < n; ++i) {
+        double v = x[i], t = std::tanh(0.7978846 * (v + 0.044715 * v * v * v));
+        ref[i] = 0.5 * v * (1 + t);
+        dref[i] = (0.5 * (1 + t) + 0.5 * v * (1 - t * t) * 0.7978846 * (1 + 3 * 0.044715 * v * v)) * d[i];
+    }
+    launch(g1(n), dim3{256}, gelu_bwd, dx.data(), (const float*)x.data(), (const float*)d.data(), n);
+    printf("gelu fwd %.2e bwd %.2e\n", nerr(out, ref), nerr(dx, dref));
+    check("gelu", nerr(out, ref) < 1e-6 && nerr(dx, dref) < 1e-6);
+
+    const int rows = 7, I = 37;
+    auto xs = rvec(rows * 2 * I, 5.0f), ds = rvec(rows * I);
+    vector<float> o(rows * I), dxs(rows * 2 * I, 123.0f);
+    launch(g1(rows * I), dim3{256}, swiglu_fwd, o.data(), (const float*)xs.data(), (long long)rows, I);
+    launch(g1(rows * I), dim3{256}, swiglu_bwd, dxs.data(), (const float*)xs.data(), (const float*)ds.data(), (long long)rows, I);
+    vector<double> oref(rows * I), dref2(rows * 2 * I);
+    for (int r = 0; r < rows; ++r)
+        for (int k = 0; k < I; ++k) {
+            double g = xs[r * 2 * I + k], up = xs[r * 2 * I + I + k], s = 1 / (1 + std::exp(-g)), dd = ds[r * I + k];
+            oref[r * I + k] = g * s * up;
+            dref2[r * 2 * I + I + k] = dd * g * s;
+            dref2[r * 2 * I + k] = dd * up * s * (1 + g * (1 - s));
+        }
+    printf("swiglu fwd %.2e bwd %.2e\n", nerr(o, oref), nerr(dxs, dref2));
+    check("swiglu", nerr(o, oref) < 1e-6 && nerr(dxs, dref2) < 1e-6);
+
+    vector<float> a = rvec(n), b = rvec(n), s(n);
+    launch(g1(n), dim3{256}, add_f32, s.data(), (const float*)a.data(), (const float*)b.data(), n);
+    bool ok = true;
+    for (int i = 0; i < n; ++i) ok &= s[i] == a[i] + b[i];
+    launch(g1(n), dim3{256}, scale_f32, s.data(), 0.37f, n);
+    for (int i = 0; i < n; ++i) ok &= s[i] == (a[i] + b[i]) * 0.37f;
+    launch(g1(n), dim3{256}, fill_f32, s.data(), 2.5f, n);
+    for (int i = 0; i < n; ++i) ok &= s[i] == 2.5f;
+    check("add/scale/fill", ok);
+
+    // bf16 rounding: ties to even, NaN, inf, overflow to inf
+    vector<float> cv = {1.0f, __uint_as_float(0x3f808000u), __uint_as_float(0x3f818000u), __uint_as_float(0x3f808001u), -0.0f,
+                        __int_as_float(0x7f800000), __uint_as_float(0x7f800001u), __uint_as_float(0x7f7fffffu), __uint_as_float(0xff810000u)};
+    vector<unsigned short> cb(cv.size());
+    launch(g1(cv.size()), dim3{256}, cast_f32_bf16, cb.data(), (const float*)cv.data(), (long long)cv.size());
+    vector<unsigned short> want = {0x3f80, 0x3f80, 0x3f82, 0x3f81, 0x8000, 0x7f80, 0x7fc0, 0x7f80, 0xffc1};
+    ok = cb == want;
+    if (!ok)
+        for (size_t i = 0; i < cb.size(); ++i) printf("  bf16 %08x -> %04x want %04x\n", __float_as_uint(cv[i]), cb[i], want[i]);
+    check("cast bf16", ok);
+}
+
+static void test_reduce() {
+    for (int rows : {0, 1, 5, 17, 100, 333}) {
+        const int c = 70;
+        auto src = rvec((size_t)rows * c);
+        auto dst = rvec(c), ref = dst;
+        launch(dim3{unsigned((c + 31) / 32)}, dim3{32, 8}, colsum_acc, dst.data(), (const float*)src.data(), rows, c);
+        reduce_rows_ref(rows, c, {&ref}, [&](int r0, int r1, vector<vector<float>>& acc) {
+            for (int r = r0; r < r1; ++r)
+                for (int j = 0; j < c; ++j) acc[0][j] += src[r * c + j];
+        });
+        check(("colsum bitwise rows=" + std::to_string(rows)).c_str(), bitwise(dst, ref));
+    }
+    const long long n = 300001;
+    auto x = rvec(n);
+    vector<double> part(512, -1);
+    launch(dim3{512}, dim3{256}, sum_squares_partial, part.data(), (const float*)x.data(), n);
+    double s = 0, r = 0;
+    for (double p : part) s += p;
+    for (float v : x) r += (double)v * v;
+    printf("sum_squares rel %.2e\n", std::fabs(s - r) / r);
+    check("sum_squares", std::fabs(s - r) / r < 1e-11);
+}
+
+static void test_embedding() {
+    const int rows = 29, c = 300, V = 5, P = 40;
+    vector<int> ids(rows), pos(rows);
+    for (int r = 0; r < rows; ++r) {
+        ids[r] = (r * 7) % V;
+        pos[r] = r % P;
+    }
+    ids[3] = ids[4] = ids[5] = ids[6] = ids[7] = ids[8] = ids[9] = ids[10] = 2;  // repeats inside a batch of 8
+    auto wte = rvec(V * c), wpe = rvec(P * c), dout = rvec(rows * c);
+    vector<float> out(rows * c), out2(rows * c);
+    launch(dim3{rows}, dim3{256}, embedding_fwd, out.data(), (const int*)ids.data(), (const float*)wte.data(), (const float*)wpe.data(), (const int*)pos.data(), rows, c);
+    launch(dim3{rows}, dim3{256}, embedding_fwd, out2.data(), (const int*)ids.data(), (const float*)wte.data(), (const float*)nullptr, (const int*)nullptr, rows, c);
+    bool ok = true;
+    for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < c; ++j) {
+            ok &= out[r * c + j] == wte[ids[r] * c + j] + wpe[pos[r] * c + j];
+            ok &= out2[r * c + j] == wte[ids[r] * c + j];
+        }
+    check("embedding fwd", ok);
+    auto dw = rvec(V * c), ref = dw;
+    launch(dim3{unsigned((c + 255) / 256)}, dim3{256}, embedding_bwd, dw.data(), (const int*)ids.data(), (const float*)dout.data(), rows, c);
+    for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < c; ++j) ref[ids[r] * c + j] += dout[r * c + j];
+    check("embedding bwd bitwise", bitwise(dw, ref));
+}
+
+static void test_norm() {
+    const int rows = 37, c = 300;
+    const float eps = 1e-5f;
+    auto x = rvec(rows * c, 3.0f), w = rvec(c), b = rvec(c), dout = rvec(rows * c);
+    for (int i = 0; i < c; ++i) x[i] += 5.0f;
+    vector<float> out(rows * c), mean(rows), rstd(rows);
+    launch(dim3{rows}, dim3{256}, layernorm_fwd, out.data(), mean.data(), rstd.data(), (const float*)x.data(), (const float*)w.data(), (const float*)b.data(), rows, c, eps);
+    vector<double> oref(rows * c);
+    for (int r = 0; r < rows; ++r) {
+        double m = 0, v = 0;
+        for (int i = 0; i < c; ++i) m += x[r * c + i];
+        m /= c;
+        for (int i = 0; i < c; ++i) v += (x[r * c + i] - m) * (x[r * c + i] - m);
+        v /= c;
+        double s = 1 / std::sqrt(v + eps);
+        for (int i = 0; i < c; ++i) oref[r * c + i] = (x[r * c + i] - m) * s * w[i] + b[i];
+    }
+    printf("layernorm fwd %.2e\n", nerr(out, oref));
+    check("layernorm fwd", nerr(out, oref) < 2e-6);
+    // backward: dx (accumulate) vs the CPU port in f32
+    auto dx = rvec(rows * c), dxr = dx;
+    launch(dim3{rows}, dim3{256}, layernorm_bwd_dx, dx.data(), (const float*)dout.data(), (const float*)x.data(), (const float*)w.data(), (const float*)mean.data(), (const float*)rstd.data(), rows, c);
+    for (int r = 0; r < rows; ++r) {
+        double m = mean[r], s = rstd[r], a0 = 0, a1 = 0;
+        for (int i = 0; i < c; ++i) {
+            double n = (x[r * c + i] - m) * s, dn = (double)w[i] * dout[r * c + i];
+            a0 += dn;
+            a1 += dn * n;
+        }
+        a0 /= c;
+        a1 /= c;
+        for (int i = 0; i < c; ++i) {
+            double n = (x[r * c + i] - m) * s;
+            dxr[r * c + i] = (float)(dxr[r * c + i] + ((double)w[i] * dout[r * c + i] - a0 - n * a1) * s);
+        }
+    }
+    printf("layernorm bwd_dx %.2e\n", nerr(dx, dxr));
+    check("layernorm bwd_dx", nerr(dx, dxr) < 2e-6);
+    for (int with_b = 0; with_b < 2; ++with_b) {
+        auto dw = rvec(c), db = rvec(c), dwr = dw, dbr = db;
+        launch(dim3{unsigned((c + 31) / 32)}, dim3{32, 8}, layernorm_bwd_params, dw.data(), with_b ? db.data() : (float*)nullptr, (const float*)dout.data(), (const float*)x.data(), (const float*)mean.data(), (const float*)rstd.data(), rows, c);
+        vector<vector<float>*> outs = {&dwr};
+        if (with_b) outs.push_back(&dbr);
+        reduce_rows_ref(rows, c, outs, [&](int r0, int r1, vector<vector<float>>& acc) {
+            for (int r = r0; r < r1; ++r) {
+                for (int i = 0; i < c; ++i) acc[0][i] += dout[r * c + i] * (x[r * c + i] - mean[r]) * rstd[r];
+                if (acc.size() > 1)
+                    for (int i = 0; i < c; ++i) acc[1][i] += dout[r * c + i];
+            }
+        });
+        check("layernorm params bitwise", bitwise(dw, dwr) && bitwise(db, dbr));
+    }
+    // rmsnorm
+    vector<float> ro(rows * c), rr(rows);
+    launch(dim3{rows}, dim3{256}, rmsnorm_fwd, ro.data(), rr.data(), (const float*)x.data(), (const float*)w.data(), rows, c, eps);
+    for (int r = 0; r < rows; ++r) {
+        double ms = 0;
+        for (int i = 0; i < c; ++i) ms += (double)x[r * c + i] * x[r * c + i];
+        double s = 1 / std::sqrt(ms / c + eps);
+        for (int i = 0; i < c; ++i) oref[r * c + i] = w[i] * (x[r * c + i] * s);
+    }
+    printf("rmsnorm fwd %.2e\n", nerr(ro, oref));
+    check("rmsnorm fwd", nerr(ro, oref) < 2e-6);
+    dx = rvec(rows * c);
+    dxr = dx;
+    launch(dim3{rows}, dim3{256}, rmsnorm_bwd_dx, dx.data(), (const float*)dout.data(), (const float*)x.data(), (const float*)w.data(), (const float*)rr.data(), rows, c);
+    for (int r = 0; r < rows; ++r) {
+        double s = rr[r], a = 0;
+        for (int i = 0; i < c; ++i) a += (double)w[i] * dout[r * c + i] * x[r * c + i] * s;
+        a /= c;
+        for (int i = 0; i < c; ++i) dxr[r * c + i] = (float)(dxr[r * c + i] + s * ((double)w[i] * dout[r * c + i] - x[r * c + i] * s * a));
+    }
+    printf("rmsnorm bwd_dx %.2e\n", nerr(dx, dxr));
+    check("rmsnorm bwd_dx", nerr(dx, dxr) < 2e-6);
+    auto dw = rvec(c), dwr = dw;
+    launch(dim3{unsigned((c + 31) / 32)}, dim3{32, 8}, rmsnorm_bwd_params, dw.data(), (const float*)dout.data(), (const float*)x.data(), (const float*)rr.data(), rows, c);
+    reduce_rows_ref(rows, c, {&dwr}, [&](int r0, int r1, vector<vector<float>>& acc) {
+        for (int r = r0; r < r1; ++r)
+            for (int i = 0; i < c; ++i) acc[0][i] += dout[r * c + i] * x[r * c + i] * rr[r];
+    });
+    check("rmsnorm params bitwise", bitwise(dw, dwr));
+}
+
+static void test_rope() {
+    for (int hd : {8, 10, 64, 128, 300}) {
+        const int rows = 6, nh = 3, nkv = 1;
+        const int W = (nh + 2 * nkv) * hd;
+        auto q = rvec(rows * W), q0 = q;
+        vector<int> pos = {0, 1, 7, 100, 2047, 40000};
+        const float theta = 10000.0f;
+        // CPU port (f32, glibc powf / cosf / sinf)
+        auto ref = q;
+        int half = hd / 2;
+        vector<float> inv(half);
+        for (int i = 0; i < half; ++i) inv[i] = 1.0f / std::pow(theta, (float)(2 * i) / (float)hd);
+        for (int r = 0; r < rows; ++r)
+            for (int h = 0; h < nh + nkv; ++h)
+                for (int i = 0; i < half; ++i) {
+                    float a = (float)pos[r] * inv[i], cs = std::cos(a), sn = std::sin(a);
+                    float& x1 = ref[r * W + h * hd + i];
+                    float& x2 = ref[r * W + h * hd + half + i];
+                    float u = x1, v = x2;
+                    x1 = u * cs - v * sn;
+                    x2 = v * cs + u * sn;
+                }
+        launch(dim3{rows}, dim3{128}, rope, q.data(), (const int*)pos.data(), rows, nh, nkv, hd, theta, 0);
+        int diff = 0;
+        for (size_t i = 0; i < q.size(); ++i) diff += q[i] != ref[i];
+        printf("rope hd=%d: %d of %zu differ from the f32 port, err %.2e\n", hd, diff, q.size(), nerr(q, ref));
+        check("rope fwd", nerr(q, ref) < (hd == 300 ? 1e-4 : 1e-6));
+        launch(dim3{rows}, dim3{128}, rope, q.data(), (const int*)pos.data(), rows, nh, nkv, hd, theta, 1);
+        check("rope inverse", nerr(q, q0) < 1e-5);
+    }
+}
+
+// ---- attention ----
+struct Shape {
+    int batch, seq, nh, nkv, hd;
+};
+static void attn_ref(const Shape& s, const vector<float>& qkv, const vector<int>& mask, const vector<float>& dout, vector<double>& out, vector<double>& lse, vector<double>& dqkv) {
+    const int W = (s.nh + 2 * s.nkv) * s.hd, OW = s.nh * s.hd, grp = s.nh / s.nkv, hd = s.hd;
+    const double scale = 1.0f / std::sqrt((float)hd);
+    out.assign((size_t)s.batch * s.seq * OW, 0);
+    lse.assign((size_t)s.batch * s.nh * s.seq, 0);
+    dqkv.assign(qkv.size(), 0);
+    auto Q = [&](int b, int t, int h, int d) { return (double)qkv[(size_t)(b * s.seq + t) * W + h * hd + d]; };
+    auto K = [&](int b, int t, int g, int d) { return (double)qkv[(size_t)(b * s.seq + t) * W + (s.nh + g) * hd + d]; };
+    auto V = [&](int b, int t, int g, int d) { return (double)qkv[(size_t)(b * s.seq + t) * W + (s.nh + s.nkv + g) * hd + d]; };
+    for (int b = 0; b < s.batch; ++b)
+        for (int h = 0; h < s.nh; ++h) {
+            int g = h / grp;
+            for (int i = 0; i < s.seq; ++i) {
+                vector<int> keys;
+                for (int j = 0; j <= i; ++j)
+                    if (mask[b * s.seq + j]) keys.push_back(j);
+                size_t li = ((size_t)b * s.nh + h) * s.seq + i;
+                if (keys.empty()) {
+                    lse[li] = INFINITY;
+                    continue;
+                }
+                vector<double> sc(keys.size()), p(keys.size());
+                double mx = -1e300;
+                for (size_t k = 0; k < keys.size(); ++k) {
+                    double a = 0;
+                    for (int d = 0; d < hd; ++d) a += Q(b, i, h, d) * K(b, keys[k], g, d);
+                    sc[k] = a * scale;
+                    mx = std::max(mx, sc[k]);
+                }
+                double z = 0;
+                for (size_t k = 0; k < keys.size(); ++k) z += std::exp(sc[k] - mx);
+                lse[li] = mx + std::log(z);
+                for (size_t k = 0; k < keys.size(); ++k) p[k] = std::exp(sc[k] - mx) / z;
+                double* o = &out[(size_t)(b * s.seq + i) * OW + h * hd];
+                for (size_t k = 0; k < keys.size(); ++k)
+                    for (int d = 0; d < hd; ++d) o[d] += p[k] * V(b, keys[k], g, d);
+                // backward
+                const float* dO = &dout[(size_t)(b * s.seq + i) * OW + h * hd];
+                double Di = 0;
+                for (int d = 0; d < hd; ++d) Di += dO[d] * o[d];
+                for (size_t k = 0; k < keys.size(); ++k) {
+                    int j = keys[k];
+                    double dp = 0;
+                    for (int d = 0; d < hd; ++d) dp += dO[d] * V(b, j, g, d);
+                    double ds = p[k] * (dp - Di) * scale;
+                    for (int d = 0; d < hd; ++d) {
+                        dqkv[(size_t)(b * s.seq + i) * W + h * hd + d] += ds * K(b, j, g, d);
+                        dqkv[(size_t)(b * s.seq + j) * W + (s.nh + g) * hd + d] += ds * Q(b, i, h, d);
+                        dqkv[(size_t)(b * s.seq + j) * W + (s.nh + s.nkv + g) * hd + d] += p[k] * dO[d];
+                    }
+                }
+            }
+        }
+}
+
+template <typename T>
+using FwdFn = void (*)(float*, float*, const T*, const int*, int, int, int, int, int);
+template <typename T>
+using BwdFn = void (*)(float*, const float*, const T*, const float*, const float*, const int*, int, int, int, int, int);
+
+template <typename T>
+static void run_attention(const char* tname, int D, FwdFn<T> fwd, BwdFn<T> dq, BwdFn<T> dkdv, const Shape& s) {
+    const int W = (s.nh + 2 * s.nkv) * s.hd, OW = s.nh * s.hd;
+    const size_t rows = (size_t)s.batch * s.seq;
+    auto qkv = rvec(rows * W, 2.0f);
+    // element type: the bf16 variant sees bf16-rounded inputs; the reference uses the same values
+    vector<T> qkv_t(qkv.size());
+    for (size_t i = 0; i < qkv.size(); ++i) {
+        if constexpr (sizeof(T) == 2) {
+            qkv_t[i] = f32_to_bf16(qkv[i]);
+            qkv[i] = bf16_to_f32(qkv_t[i]);
+        } else {
+            qkv_t[i] = qkv[i];
+        }
+    }
+    vector<int> mask(rows, 1);
+    for (int t = 0; t < s.seq / 3; ++t) {
+        mask[t] = 0;  // sequence 0: left padding
+        if (s.batch > 1) mask[2 * s.seq - 1 - t] = 0;  // sequence 1: right padding
+    }
+    if (s.batch > 2) mask[2 * s.seq + s.seq / 2] = 0;  // a hole
+    auto dout = rvec(rows * OW);
+    vector<double> oref, lref, dref;
+    attn_ref(s, qkv, mask, dout, oref, lref, dref);
+
+    vector<float> out(rows * OW, NAN), lse(s.batch * s.nh * s.seq, NAN), delta(s.batch * s.nh * s.seq, NAN), dqkv(rows * W, NAN);
+    const unsigned tiles = (s.seq + 63) / 64;
+    launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, fwd, out.data(), lse.data(), (const T*)qkv_t.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
+    launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)out.data(), s.batch, s.seq, s.nh, s.hd);
+    launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, dq, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
+    launch(dim3{tiles, (unsigned)s.nkv, (unsigned)s.batch}, dim3{128}, dkdv, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
+
+    bool lse_ok = true;
+    double lerr = 0;
+    for (size_t i = 0; i < lse.size(); ++i) {
+        if (std::isinf(lref[i])) lse_ok &= std::isinf(lse[i]) && lse[i] > 0;
+        else lerr = std::max(lerr, std::fabs(lse[i] - lref[i]) / std::max(1.0, std::fabs(lref[i])));
+    }
+    bool nan_free = true;
+    for (float v : dqkv) nan_free &= !std::isnan(v);
+    for (float v : out) nan_free &= !std::isnan(v);
+    double eo = nerr(out, oref), ed = nerr(dqkv, dref);
+    printf("attention %s d%d %dx%d h%d/%d hd%d: out %.2e lse %.2e dqkv %.2e\n", tname, D, s.batch, s.seq, s.nh, s.nkv, s.hd, eo, lerr, ed);
+    check("attention", lse_ok && nan_free && eo < 2e-6 && lerr < 2e-6 && ed < 2e-5);
+}
+
+static void test_attention() {
+    vector<Shape> shapes = {{2, 37, 4, 2, 10}, {1, 200, 3, 1, 16}, {3, 130, 2, 2, 8}, {2, 70, 4, 4, 32}};
+    for (auto& s : shapes) {
+        run_attention<float>("f32", 32, attention_fwd_f32_d32, attention_bwd_dq_f32_d32, attention_bwd_dkdv_f32_d32, s);
+        run_attention<float>("f32", 64, attention_fwd_f32_d64, attention_bwd_dq_f32_d64, attention_bwd_dkdv_f32_d64, s);
+        run_attention<float>("f32", 128, attention_fwd_f32_d128, attention_bwd_dq_f32_d128, attention_bwd_dkdv_f32_d128, s);
+    }
+    run_attention<float>("f32", 64, attention_fwd_f32_d64, attention_bwd_dq_f32_d64, attention_bwd_dkdv_f32_d64, {2, 100, 2, 1, 64});
+    run_attention<float>("f32", 128, attention_fwd_f32_d128, attention_bwd_dq_f32_d128, attention_bwd_dkdv_f32_d128, {2, 100, 4, 2, 128});
+    run_attention<float>("f32", 128, attention_fwd_f32_d128, attention_bwd_dq_f32_d128, attention_bwd_dkdv_f32_d128, {1, 65, 2, 1, 100});
+    run_attention<unsigned short>("bf16", 32, attention_fwd_bf16_d32, attention_bwd_dq_bf16_d32, attention_bwd_dkdv_bf16_d32, {2, 37, 4, 2, 10});
+    run_attention<unsigned short>("bf16", 64, attention_fwd_bf16_d64, attention_bwd_dq_bf16_d64, attention_bwd_dkdv_bf16_d64, {3, 130, 2, 1, 48});
+    run_attention<unsigned short>("bf16", 128, attention_fwd_bf16_d128, attention_bwd_dq_bf16_d128, attention_bwd_dkdv_bf16_d128, {2, 90, 2, 2, 128});
+}
+
+static void test_decode() {
+    const int batch = 3, nh = 4, nkv = 2, hd = 40, max_len = 300;
+    const int W = (nh + 2 * nkv) * hd, kvd = nkv * hd, grp = nh / nkv;
+    vector<float> kc(batch * max_len * kvd, NAN), vc(batch * max_len * kvd, NAN);
+    // a prompt of 200 tokens, then one token at slot 200
+    const int seq = 200;
+    auto qkv = rvec(batch * seq * W, 2.0f);
+    launch(dim3{batch * seq}, dim3{128}, kv_append, kc.data(), vc.data(), (const float*)qkv.data(), 0, batch, seq, nh, nkv, hd, max_len);
+    auto q1 = rvec(batch * W, 2.0f);
+    const int slot = 200;
+    launch(dim3{batch}, dim3{128}, kv_append, kc.data(), vc.data(), (const float*)q1.data(), slot, batch, 1, nh, nkv, hd, max_len);
+    bool ok = true;
+    for (int b = 0; b < batch; ++b)
+        for (int t = 0; t <= slot; ++t)
+            for (int x = 0; x < kvd; ++x) {
+                const float* row = t < seq ? &qkv[(b * seq + t) * W] : &q1[b * W];
+                ok &= kc[(b * max_len + t) * kvd + x] == row[nh * hd + x];
+                ok &= vc[(b * max_len + t) * kvd + x] == row[(nh + nkv) * hd + x];
+            }
+    check("kv_append", ok);
+    vector<int> mask(batch * max_len, 1);
+    for (int t = 0; t < 150; ++t) mask[t] = 0;  // sequence 0: left padding
+    for (int t = 0; t <= slot; ++t) mask[2 * max_len + t] = 0;  // sequence 2: nothing allowed
+    mask[max_len + 7] = 0;
+    vector<float> out(batch * nh * hd, NAN);
+    launch(dim3{nh, batch}, dim3{128}, attention_decode, out.data(), (const float*)q1.data(), (const float*)kc.data(), (const float*)vc.data(), (const int*)mask.data(), slot, batch, nh, nkv, hd, max_len);
+    vector<double> ref(out.size(), 0);
+    const double scale = 1.0f / std::sqrt((float)hd);
+    for (int b = 0; b < batch; ++b)
+        for (int h = 0; h < nh; ++h) {
+            int g = h / grp;
+            vector<double> sc;
+            vector<int> keys;
+            double mx = -1e300;
+            for (int j = 0; j <= slot; ++j)
+                if (mask[b * max_len + j]) {
+                    double a = 0;
+                    for (int d = 0; d < hd; ++d) a += (double)q1[b * W + h * hd + d] * kc[(b * max_len + j) * kvd + g * hd + d];
+                    sc.push_back(a * scale);
+                    keys.push_back(j);
+                    mx = std::max(mx, a * scale);
+                }
+            double z = 0;
+            for (double x : sc) z += std::exp(x - mx);
+            for (size_t k = 0; k < keys.size(); ++k)
+                for (int d = 0; d < hd; ++d) ref[(b * nh + h) * hd + d] += std::exp(sc[k] - mx) / z * vc[(b * max_len + keys[k]) * kvd + g * hd + d];
+        }
+    printf("decode err %.2e\n", nerr(out, ref));
+    check("decode", nerr(out, ref) < 2e-6);
+}
+
+static void test_loss() {
+    const int rows = 6, v = 1037;
+    auto z = rvec(rows * v, 6.0f);
+    vector<int> t = {5, IGNORE_INDEX, 0, 1036, 77, 3};
+    z[4 * v + 10] = z[4 * v + 900] = 50.0f;  // a tie for the argmax
+    for (float sm : {0.0f, 0.1f}) {
+        auto g = z;
+        vector<float> loss(rows, NAN);
+        launch(dim3{rows}, dim3{512}, cross_entropy, g.data(), loss.data(), (const int*)t.data(), rows, v, sm, 0.5f, 1);
+        vector<double> lref(rows, 0), gref(rows * v, 0);
+        for (int r = 0; r < rows; ++r) {
+            if (t[r] == IGNORE_INDEX) continue;
+            double mx = -1e300, sum = 0, mean = 0;
+            for (int j = 0; j < v; ++j) mx = std::max(mx, (double)z[r * v + j]), mean += z[r * v + j];
+            mean /= v;
+            for (int j = 0; j < v; ++j) sum += std::exp(z[r * v + j] - mx);
+            double lse = mx + std::log(sum);
+            lref[r] = (1 - sm) * (lse - z[r * v + t[r]]) + sm * (lse - mean);
+            for (int j = 0; j < v; ++j) gref[r * v + j] = 0.5 * (std::exp(z[r * v + j] - lse) - sm / v - (j == t[r] ? 1 - sm : 0));
+        }
+        auto l2 = loss;
+        auto g2 = z;
+        launch(dim3{rows}, dim3{512}, cross_entropy, g2.data(), l2.data(), (const int*)t.data(), rows, v, sm, 0.5f, 0);
+        printf("cross_entropy sm=%.1f loss %.2e grad %.2e\n", sm, nerr(loss, lref), nerr(g, gref));
+        check("cross_entropy", nerr(loss, lref) < 2e-6 && nerr(g, gref) < 2e-6 && bitwise(l2, loss) && bitwise(g2, z));
+    }
+    // token_stats, everything requested
+    vector<float> lp(rows, NAN), ls(rows, NAN), mlp(rows, NAN), ent(rows, NAN), rl(rows, NAN), rz(rows, NAN);
+    vector<int> am(rows, -1);
+    launch(dim3{rows}, dim3{512}, token_stats, lp.data(), ls.data(), mlp.data(), ent.data(), am.data(), rl.data(), rz.data(), (const float*)z.data(), (const int*)t.data(), rows, v);
+    vector<double> lpr(rows, 0), lsr(rows, 0), mlpr(rows, 0), entr(rows, 0), rzr(rows, 0);
+    vector<int> amr(rows, 0);
+    for (int r = 0; r < rows; ++r) {
+        if (t[r] == IGNORE_INDEX) continue;
+        double mx = -1e300, sum = 0, mean = 0, sx = 0;
+        int k = 0;
+        for (int j = 0; j < v; ++j) {
+            if (z[r * v + j] > mx) mx = z[r * v + j], k = j;
+            mean += z[r * v + j];
+        }
+        for (int j = 0; j < v; ++j) sum += std::exp(z[r * v + j] - mx), sx += std::exp(z[r * v + j] - mx) * z[r * v + j];
+        double lse = mx + std::log(sum);
+        lpr[r] = z[r * v + t[r]] - lse;
+        lsr[r] = lse;
+        mlpr[r] = mean / v - lse;
+        rzr[r] = sx / sum;
+        entr[r] = lse - sx / sum;
+        amr[r] = k;
+    }
+    printf("token_stats lp %.2e lse %.2e mlp %.2e ent %.2e ez %.2e argmax %s\n", nerr(lp, lpr), nerr(ls, lsr), nerr(mlp, mlpr), nerr(ent, entr), nerr(rz, rzr), am == amr ? "ok" : "DIFF");
+    check("token_stats", nerr(lp, lpr) < 2e-6 && nerr(ls, lsr) < 2e-6 && nerr(mlp, mlpr) < 2e-6 && nerr(ent, entr) < 1e-5 && nerr(rz, rzr) < 2e-6 && am == amr && bitwise(rl, ls));
+    // argmax only, with every other output null
+    vector<int> am2(rows, -1);
+    launch(dim3{rows}, dim3{512}, token_stats, (float*)nullptr, (float*)nullptr, (float*)nullptr, (float*)nullptr, am2.data(), (float*)nullptr, (float*)nullptr, (const float*)z.data(), (const int*)t.data(), rows, v);
+    check("token_stats argmax only", am2 == amr);
+    // backward vs the analytic chain rule
+    auto glp = rvec(rows), gls = rvec(rows), gml = rvec(rows), gh = rvec(rows);
+    gls[2] = glp[2] = gml[2] = gh[2] = 0.0f;  // a row with no gradient
+    gh[3] = 0.0f;  // a row on the g_h == 0 path
+    auto d = z;
+    launch(dim3{rows}, dim3{512}, token_stats_bwd, d.data(), (const int*)t.data(), (const float*)rl.data(), (const float*)rz.data(), (const float*)glp.data(), (const float*)gls.data(), (const float*)gml.data(), (const float*)gh.data(), rows, v);
+    vector<double> dr(rows * v, 0);
+    for (int r = 0; r < rows; ++r) {
+        if (t[r] == IGNORE_INDEX || r == 2) continue;
+        for (int j = 0; j < v; ++j) {
+            double p = std::exp(z[r * v + j] - lsr[r]);
+            dr[r * v + j] = glp[r] * ((j == t[r]) - p) + gls[r] * p + gml[r] * (1.0 / v - p) - gh[r] * p * (z[r * v + j] - rzr[r]);
+        }
+    }
+    printf("token_stats_bwd %.2e\n", nerr(d, dr));
+    check("token_stats_bwd", nerr(d, dr) < 2e-6);
+    auto d2 = z;
+    launch(dim3{rows}, dim3{512}, token_stats_bwd, d2.data(), (const int*)t.data(), (const float*)rl.data(), (const float*)nullptr, (const float*)nullptr, (const float*)gls.data(), (const float*)nullptr, (const float*)nullptr, rows, v);
+    for (int r = 0; r < rows; ++r) {
+        if (t[r] == IGNORE_INDEX || r == 2) continue;
+        for (int j = 0; j < v; ++j) dr[r * v + j] = gls[r] * std::exp(z[r * v + j] - lsr[r]);
+    }
+    check("token_stats_bwd (lse only)", nerr(d2, dr) < 2e-6);
+}
+
+static void test_adamw() {
+    const int NT = 3;
+    long long ns[NT] = {1000, 7, 2500};
+    vector<vector<float>> p(NT), g(NT), m(NT), v(NT);
+    vector<vector<unsigned short>> pb(NT);
+    vector<AdamWTensor> ts(NT);
+    for (int i = 0; i < NT; ++i) {
+        p[i] = rvec(ns[i]);
+        g[i] = rvec(ns[i], 0.1f);
+        m[i] = rvec(ns[i], 0.01f);
+        v[i] = rvec(ns[i], 0.001f);
+        for (auto& x : v[i]) x = std::fabs(x);
+        pb[i].assign(ns[i], 0);
+        ts[i] = AdamWTensor{p[i].data(), g[i].data(), m[i].data(), v[i].data(), i == 1 ? nullptr : pb[i].data(), ns[i], i != 1, 0};
+    }
+    auto p0 = p, g0 = g, m0 = m, v0 = v;
+    // the scalars as cpu/optim.rs computes them
+    const float lr = 3e-4f, b1 = 0.9f, b2 = 0.999f, wd = 0.1f, eps = 1e-8f, gs = 0.7f;
+    const int t = 5;
+    double lrd = lr, b1d = b1, b2d = b2;
+    float bc2 = (float)std::sqrt(1.0 - std::pow(b2d, t));
+    float step = (float)(lrd / (1.0 - std::pow(b1d, t)));
+    float dm = (float)(1.0 - lrd * (double)wd);
+    float w1 = (float)(1.0 - b1d), w2 = (float)(1.0 - b2d);
+    launch(dim3{4, NT}, dim3{256}, adamw_multi, (const AdamWTensor*)ts.data(), step, bc2, dm, w1, b2, w2, eps, gs);
+    bool ok = true;
+    for (int i = 0; i < NT; ++i) {
+        float dmi = i != 1 ? dm : 1.0f;
+        for (long long k = 0; k < ns[i]; ++k) {
+            float gg = g0[i][k] * gs;
+            float pp = p0[i][k] * dmi;
+            float mm = m0[i][k] + w1 * (gg - m0[i][k]);
+            float vv = v0[i][k] * b2 + w2 * (gg * gg);
+            float den = std::sqrt(vv) / bc2 + eps;
+            pp -= step * (mm / den);
+            ok &= pp == p[i][k] && mm == m[i][k] && vv == v[i][k];
+            if (i != 1) ok &= pb[i][k] == f32_to_bf16(pp);
+        }
+    }
+    check("adamw bitwise", ok);
+}
+
+int main(int argc, char** argv) {
+    std::string only = argc > 1 ? argv[1] : "";
+    auto want = [&](const char* n) { return only.empty() || only == n; };
+    if (want("pointwise")) test_pointwise();
+    if (want("reduce")) test_reduce();
+    if (want("embedding")) test_embedding();
+    if (want("norm")) test_norm();
+    if (want("rope")) test_rope();
+    if (want("loss")) test_loss();
+    if (want("adamw")) test_adamw();
+    if (want("decode")) test_decode();
+    if (want("attention")) test_attention();
+    printf(failures ? "%d FAILURES\n" : "all passed\n", failures);
+    return failures != 0;
+}

@@ -24,7 +24,9 @@
 // - dk/dv: a block owns 64 keys of one kv head (K, V tiles resident in shared memory) and loops over
 //   the query heads of its group and the query tiles at or after its keys; each warp computes the
 //   transposed products for its 16 keys: S^T = K Q^T, dP^T = V dout^T, dv += P^T dout,
-//   dk += dS^T Q. No atomics: every element of dqkv is written once, deterministically.
+//   dk += dS^T Q. Without atomics every element of dqkv is written once, deterministically (the
+//   dq and dkdv kernels, `full_determinism`); the dkdvq kernel instead adds dq += dS K atomically
+//   from the same pass (FlashAttention-2's single backward kernel, the default).
 
 #define TC_LOG2E 1.4426950408889634f
 #define TC_LN2 0.6931471805599453f
@@ -560,17 +562,28 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
     }
 }
 
-// ---- backward: dK, dV -----------------------------------------------------------------------
-// 4 warps of 16 keys (64 keys per block, resident); query tiles of BQ.
+// ---- backward: dK, dV (and dQ) -----------------------------------------------------------------
+// 4 warps of 16 keys (64 keys per block, resident); query tiles of BQ, in sub-blocks of SQ.
+//
+// With DQ (FlashAttention-2's single backward kernel) the block also adds its keys' part of dQ,
+// dq += scale * dS K, to dqkv's query columns with atomicAdd, so no separate dq kernel recomputes
+// S and dP: 5 products per tile instead of 7. dqkv's query columns must hold 0 before the launch,
+// and the order of the additions varies between runs (not deterministic). Per sub-block, every
+// warp writes its dS^T (rounded to bf16, as the dk product uses it) transposed into shared memory;
+// then the 4 warps compute dS K for SQ / 16 m-tiles of 16 queries, splitting D between them.
 
-template <int D, int BQ, int SQ>
+template <int D, int BQ, int SQ, bool DQ>
 __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head) {
-    constexpr int NW = 4, NT = 32 * NW, BN = 16 * NW, NQR = BQ / 32;
-    static_assert(BQ % 32 == 0 && BN % BQ == 0 && BQ % SQ == 0 && SQ % 16 == 0, "query tiles align with the key tile");
+    constexpr int NW = 4, NT = 32 * NW, BN = 16 * NW, NQR = BQ >= 32 ? BQ / 32 : 1;
+    static_assert((BQ % 32 == 0 || BQ == 16) && BN % BQ == 0 && BQ % SQ == 0 && SQ % 16 == 0, "query tiles align with the key tile");
+    // DQ: m-tiles of queries per sub-block, the warps per m-tile, and the columns of D each takes
+    constexpr int MTQ = SQ / 16, CS = NW / MTQ, DC = D / CS;
+    static_assert(!DQ || (NW % MTQ == 0 && DC % 16 == 0), "the dq product splits evenly over the warps");
     __shared__ __align__(128) bf16_t ks[BN * D];
     __shared__ __align__(128) bf16_t vs[BN * D];
     __shared__ __align__(128) bf16_t qs[BQ * D];
     __shared__ __align__(128) bf16_t dos[BQ * D];
+    __shared__ __align__(128) bf16_t dss[DQ ? SQ * BN : 8];  // dS of a sub-block, [SQ][BN] swizzled
 
     const int k0 = blockIdx.x * BN;  // block 0 has the most queries to visit: scheduled first
     if (k0 >= seq) return;
@@ -617,7 +630,10 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
             }
             tc_wait<0>();
             __syncthreads();
-            if (wk0 >= seq || i0 + BQ - 1 < wk0) continue;  // warp-uniform: nothing visible
+            // warp-uniform: no key of the warp is visible to the tile. With DQ the warp still takes
+            // part in the barriers below, with dS = 0.
+            const bool active = wk0 < seq && i0 + BQ - 1 >= wk0;
+            if (!DQ && !active) continue;
 
             const bool diag = i0 < wk0 + 15;  // some query of the tile is before some key of the warp
             // SQ queries at a time (fewer live registers; the K, V fragments are re-read per block)
@@ -630,7 +646,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
                     dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
                 }
 #pragma unroll 2
-                for (int kk = 0; kk < D / 16; ++kk) {  // partly rolled: few fragments in flight
+                for (int kk = 0; kk < (active ? D / 16 : 0); ++kk) {  // partly rolled: few fragments in flight
                     unsigned ka[4], va[4];
                     tc_ldsm(ka, ks + lx.at(warp * 16, 2 * kk));
                     tc_ldsm(va, vs + lx.at(warp * 16, 2 * kk));
@@ -657,16 +673,58 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
                         dp[n][2 + e] = __fmul_rn(p_hi, __fsub_rn(dp[n][2 + e], dl));
                     }
                 }
+                if (DQ) {
+                    // dS^T of the warp's keys, transposed into dss[query][key]
 #pragma unroll
-                for (int kq = 0; kq < SQ / 16; ++kq) {
-                    unsigned pa[4], da[4];
-                    tc_c_to_a(pa, s[2 * kq], s[2 * kq + 1]);
-                    tc_c_to_a(da, dp[2 * kq], dp[2 * kq + 1]);
+                    for (int n = 0; n < SQ / 8; ++n) {
 #pragma unroll
-                    for (int np = 0; np < D / 16; ++np) {
-                        tc_mma_pair<true>(dv[2 * np], dv[2 * np + 1], pa, dos + lx.at(q16 + 16 * kq, 2 * np));
-                        tc_mma_pair<true>(dk[2 * np], dk[2 * np + 1], da, qs + lx.at(q16 + 16 * kq, 2 * np));
+                        for (int e = 0; e < 2; ++e) {
+                            const int qr = 8 * n + 2 * tq + e, kc = warp * 16 + g;
+                            const unsigned pair = tc_pack(dp[n][e], dp[n][2 + e]);  // keys kc, kc + 8
+                            dss[tc_swz<BN>(qr, kc >> 3) + (kc & 7)] = (bf16_t)(pair & 0xffffu);
+                            dss[tc_swz<BN>(qr, (kc + 8) >> 3) + (kc & 7)] = (bf16_t)(pair >> 16);
+                        }
                     }
+                }
+                if (active) {
+#pragma unroll
+                    for (int kq = 0; kq < SQ / 16; ++kq) {
+                        unsigned pa[4], da[4];
+                        tc_c_to_a(pa, s[2 * kq], s[2 * kq + 1]);
+                        tc_c_to_a(da, dp[2 * kq], dp[2 * kq + 1]);
+#pragma unroll
+                        for (int np = 0; np < D / 16; ++np) {
+                            tc_mma_pair<true>(dv[2 * np], dv[2 * np + 1], pa, dos + lx.at(q16 + 16 * kq, 2 * np));
+                            tc_mma_pair<true>(dk[2 * np], dk[2 * np + 1], da, qs + lx.at(q16 + 16 * kq, 2 * np));
+                        }
+                    }
+                }
+                if (DQ) {
+                    __syncthreads();  // every warp's dS is in dss
+                    const int mt = warp % MTQ, c0 = (warp / MTQ) * DC;
+                    const TcLane<BN> lq = tc_lane_x<BN>(lane);
+                    float acc[DC / 8][4];
+#pragma unroll
+                    for (int n = 0; n < DC / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+#pragma unroll
+                    for (int kk = 0; kk < BN / 16; ++kk) {
+                        unsigned af[4];
+                        tc_ldsm(af, dss + lq.at(16 * mt, 2 * kk));
+#pragma unroll
+                        for (int np = 0; np < DC / 16; ++np) tc_mma_pair<true>(acc[2 * np], acc[2 * np + 1], af, ks + lx.at(16 * kk, c0 / 8 + 2 * np));
+                    }
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int q = i0 + q16 + 16 * mt + g + 8 * half;
+                        if (q >= seq) continue;
+                        float* row = dqkv + (blk.row0 + q) * blk.width + qcol + c0;
+#pragma unroll
+                        for (int n = 0; n < DC / 8; ++n) {
+                            atomicAdd(row + 8 * n + 2 * tq, __fmul_rn(acc[n][2 * half], scale));
+                            atomicAdd(row + 8 * n + 2 * tq + 1, __fmul_rn(acc[n][2 * half + 1], scale));
+                        }
+                    }
+                    __syncthreads();  // dss is free for the next sub-block
                 }
             }
         }
@@ -697,7 +755,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
 // ATT_TC_EXPORT(D, forward warps, forward m-tiles per warp, dq key tile, dkdv query tile, dkdv
 // query sub-block): the forward handles FWD_NW * FWD_MT * 16 = 128 rows per block in both cases.
 
-#define ATT_TC_EXPORT(D, FWD_NW, FWD_MT, DQ_BN, DKDV_BQ, DKDV_SQ)                                                                  \
+#define ATT_TC_EXPORT(D, FWD_NW, FWD_MT, DQ_BN, DKDV_BQ, DKDV_SQ, DKDVQ_BQ)                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * FWD_NW) attention_fwd_tc_d##D(                                      \
         float* out, float* lse, const bf16_t* qkv, const int* key_mask, int batch, int seq, int n_head, int n_kv_head, int head_dim) { \
         if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
@@ -713,7 +771,13 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
         float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
         int seq, int n_head, int n_kv_head, int head_dim) {                                                            \
         if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
-        attn_bwd_dkdv_tc<D, DKDV_BQ, DKDV_SQ>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);                    \
+        attn_bwd_dkdv_tc<D, DKDV_BQ, DKDV_SQ, false>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);             \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) attention_bwd_dkdvq_tc_d##D(                                      \
+        float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
+        int seq, int n_head, int n_kv_head, int head_dim) {                                                            \
+        if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
+        attn_bwd_dkdv_tc<D, DKDVQ_BQ, DKDVQ_BQ, true>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);          \
     }
 
 // Launch: attention_fwd_tc_d64: grid (ceil(seq / 128), n_head, batch), block 128 (4 warps x 32 query
@@ -722,11 +786,15 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
 //   rows = 128 rows per block; key tiles of 64, double-buffered); static shared memory 33280 bytes.
 // Launch: attention_bwd_dkdv_tc_d64: grid (ceil(seq / 64), n_kv_head, batch), block 128 (4 warps x 16
 //   keys = 64 keys per block; query tiles of 64); static shared memory 32768 bytes.
-ATT_TC_EXPORT(64, 4, 2, 64, 64, 64)
+// Launch: attention_bwd_dkdvq_tc_d64: as dkdv, with dq added atomically (query tiles of 64);
+//   static shared memory 40960 bytes.
+ATT_TC_EXPORT(64, 4, 2, 64, 64, 64, 64)
 // Launch: attention_fwd_tc_d128: grid (ceil(seq / 128), n_head, batch), block 256 (8 warps x 16 query
 //   rows = 128 rows per block; key tiles of 64); static shared memory 33024 bytes.
 // Launch: attention_bwd_dq_tc_d128: grid (ceil(seq / 128), n_head, batch), block 256 (8 warps x 16
 //   query rows = 128 rows per block; key tiles of 32, double-buffered); static shared memory 33024 bytes.
 // Launch: attention_bwd_dkdv_tc_d128: grid (ceil(seq / 64), n_kv_head, batch), block 128 (4 warps x 16
 //   keys = 64 keys per block; query tiles of 32); static shared memory 49152 bytes (the 48 KB limit).
-ATT_TC_EXPORT(128, 8, 1, 32, 32, 32)
+// Launch: attention_bwd_dkdvq_tc_d128: as dkdv, with dq added atomically (query tiles of 16, so
+//   that the dS tile fits beside K, V, Q and dout); static shared memory 43008 bytes.
+ATT_TC_EXPORT(128, 8, 1, 32, 32, 32, 16)

@@ -604,7 +604,11 @@ fn main() -> ExitCode {
 /// The backend `device` (or `use_cpu`) and `bf16` ask for.
 fn select_backend(args: &runtime::args::TrainingArguments) -> anyhow::Result<Selected> {
     let device = if args.use_cpu { Device::Cpu } else { parse_device(&args.device)? };
-    Ok(device.select(args.bf16)?)
+    let selected = device.select(args.bf16)?;
+    if let Selected::Cuda(cuda) = &selected {
+        cuda.set_deterministic(args.full_determinism);
+    }
+    Ok(selected)
 }
 
 fn train_on<B: Backend + Clone>(backend: B, args: runtime::args::TrainingArguments) -> anyhow::Result<()> {

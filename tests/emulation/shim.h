@@ -1,6 +1,7 @@
 // CPU emulation of the CUDA subset the kernels use: one std::thread per CUDA thread, one block at
 // a time, __shared__ = function-static, barriers for __syncthreads and warp shuffles.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +41,8 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
+// atomicAdd on f32: the emulation runs one block at a time, but the threads of a block run at once
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 #include <math.h>
 
 struct EmuBlock {

@@ -251,7 +251,18 @@ fn adamw<B: Backend>(be: &B, p: &[Vec<f32>], g: &[Vec<f32>], m: &[Vec<f32>], v: 
 /// attention read bf16-rounded operands on the GPU; the CPU gets the same rounded operands, so
 /// the comparison measures the kernels, not the rounding of the inputs.
 pub fn op_parity(gpu: &Cuda) -> Vec<Check> {
-    op_parity_on(gpu, gpu.bf16())
+    let was = gpu.deterministic();
+    gpu.set_deterministic(false);
+    let mut checks = op_parity_on(gpu, gpu.bf16());
+    if gpu.bf16() {
+        // the tensor-core backward's two forms: atomic dq (above) and full_determinism
+        gpu.set_deterministic(true);
+        let mut more: Vec<Check> = op_parity_on(gpu, true).into_iter().filter(|c| c.op == "attention").collect();
+        more.iter_mut().for_each(|c| c.case.push_str(", full_determinism"));
+        checks.extend(more);
+    }
+    gpu.set_deterministic(was);
+    checks
 }
 
 /// [`op_parity`] against any backend (`bf16`: whether it rounds product and attention operands).
@@ -439,11 +450,20 @@ pub fn kernel_bench(gpu: &Cuda) -> Vec<Timing> {
         let case = format!("B {b}, H {h}, T {t}, D {d}");
         let ms = best_ms(gpu, 5, || gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash));
         out.push(Timing { kernel: "attention fwd".into(), case: case.clone(), ms, rate: fwd_flops / ms / 1e9, unit: "TFLOP/s".into() });
-        let ms = best_ms(gpu, 5, || {
-            gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash);
-            gpu.attention_bwd(&mut dqkv, &dout, &qkv, &o, &st, &mask, s, AttnImpl::Flash);
-        });
-        out.push(Timing { kernel: "attention fwd+bwd".into(), case, ms, rate: 3.5 * fwd_flops / ms / 1e9, unit: "TFLOP/s".into() });
+        let was = gpu.deterministic();
+        // bf16 mode at these head dims: FlashAttention-2's single backward kernel (atomic dq),
+        // then the deterministic two-kernel form (full_determinism)
+        let modes = if gpu.bf16() { vec![false, true] } else { vec![was] };
+        for det in &modes {
+            gpu.set_deterministic(*det);
+            let ms = best_ms(gpu, 5, || {
+                gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash);
+                gpu.attention_bwd(&mut dqkv, &dout, &qkv, &o, &st, &mask, s, AttnImpl::Flash);
+            });
+            let kernel = if gpu.bf16() && *det { "attention fwd+bwd (full_determinism)" } else { "attention fwd+bwd" };
+            out.push(Timing { kernel: kernel.into(), case: case.clone(), ms, rate: 3.5 * fwd_flops / ms / 1e9, unit: "TFLOP/s".into() });
+        }
+        gpu.set_deterministic(was);
     }
     // AdamW over 124M parameters in GPT-2-like tensors: reads p, g, m, v and writes p, m, v
     let sizes: Vec<usize> =

@@ -97,6 +97,9 @@ struct Inner {
     funcs: HashMap<String, CudaFunction>,
     lt: Lt,
     bf16: bool,
+    /// `full_determinism`: the attention backward in bf16 mode uses the two-kernel form (dq and
+    /// dk/dv apart, no atomics) instead of FlashAttention-2's single kernel with atomic dq.
+    deterministic: std::sync::atomic::AtomicBool,
     scratch: Mutex<Scratch>,
     /// bf16 mode: the bf16 working copy of each parameter that the fused AdamW step writes, by
     /// the parameter's device address. See [`Cuda::weight_copy`] for when an entry is trusted.
@@ -164,7 +167,17 @@ impl Cuda {
             delta: stream.null::<f32>().map_err(dev_err)?,
             partial: stream.alloc_zeros::<f64>(SUMSQ_BLOCKS).map_err(dev_err)?,
         };
-        Ok(Cuda(Arc::new(Inner { info, ctx, stream, funcs, lt, bf16, scratch: Mutex::new(scratch), weights16: Mutex::new(HashMap::new()) })))
+        Ok(Cuda(Arc::new(Inner {
+            info,
+            ctx,
+            stream,
+            funcs,
+            lt,
+            bf16,
+            deterministic: std::sync::atomic::AtomicBool::new(false),
+            scratch: Mutex::new(scratch),
+            weights16: Mutex::new(HashMap::new()),
+        })))
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -173,6 +186,19 @@ impl Cuda {
 
     pub fn bf16(&self) -> bool {
         self.0.bf16
+    }
+
+    /// `full_determinism` (HF's name; off by default, as in transformers): with it, every op gives
+    /// the same bits run after run. Without it, the tensor-core attention backward (bf16 mode,
+    /// head dims 64 and 128) adds dq with atomics in FlashAttention-2's single backward kernel,
+    /// which does 5 matrix products per tile instead of 7, and the order of the additions varies.
+    /// Every other op is deterministic either way.
+    pub fn set_deterministic(&self, on: bool) {
+        self.0.deterministic.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn deterministic(&self) -> bool {
+        self.0.deterministic.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Bytes of device memory in use and in total.
@@ -606,6 +632,12 @@ impl Backend for Cuda {
         let mut args = vec![self.p(dqkv), self.p(dout), A::P(q), self.p(stats), A::P(delta), self.p(key_mask)];
         args.extend(Self::shape_args(shape));
         let (h, kv, b) = (shape.n_head as u32, shape.n_kv_head as u32, shape.batch as u32);
+        if suffix.starts_with("tc_") && !self.deterministic() {
+            // one kernel: dk, dv written, dq added atomically into zeroed query columns
+            self.launch_n("fill_f32", dqkv.len(), &[self.p(dqkv), A::F(0.0), A::L(dqkv.len() as i64)]);
+            self.launch(&format!("attention_bwd_dkdvq_{suffix}"), (shape.seq.div_ceil(kv_rows) as u32, kv, b), (kv_threads, 1, 1), &args);
+            return;
+        }
         self.launch(&format!("attention_bwd_dq_{suffix}"), (shape.seq.div_ceil(dq_rows) as u32, h, b), (dq_threads, 1, 1), &args);
         self.launch(&format!("attention_bwd_dkdv_{suffix}"), (shape.seq.div_ceil(kv_rows) as u32, kv, b), (kv_threads, 1, 1), &args);
     }
@@ -883,6 +915,7 @@ pub fn required_kernels() -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    names.extend(["attention_bwd_dkdvq_tc_d64".to_string(), "attention_bwd_dkdvq_tc_d128".to_string()]);
     for k in ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"] {
         for ty in ["f32", "bf16", "tc"] {
             for d in ["d32", "d64", "d128"] {

@@ -546,7 +546,8 @@ static void test_loss() {
 
 static void test_adamw() {
     const int NT = 3;
-    long long ns[NT] = {1000, 7, 2500};
+    // more than one chunk, a tensor shorter than a float4, and tails of 1-3 elements
+    long long ns[NT] = {2 * ADAMW_CHUNK + 1003, 7, 2502};
     vector<vector<float>> p(NT), g(NT), m(NT), v(NT);
     vector<vector<unsigned short>> pb(NT);
     vector<AdamWTensor> ts(NT);
@@ -568,7 +569,11 @@ static void test_adamw() {
     float step = (float)(lrd / (1.0 - std::pow(b1d, t)));
     float dm = (float)(1.0 - lrd * (double)wd);
     float w1 = (float)(1.0 - b1d), w2 = (float)(1.0 - b2d);
-    launch(dim3{4, NT}, dim3{256}, adamw_multi, (const AdamWTensor*)ts.data(), step, bc2, dm, w1, b2, w2, eps, gs);
+    // the host's chunk table (backend/cuda/mod.rs): ADAMW_CHUNK elements per block
+    vector<AdamWChunk> chunks;
+    for (int i = 0; i < NT; ++i)
+        for (long long a = 0; a < ns[i]; a += ADAMW_CHUNK) chunks.push_back(AdamWChunk{a, std::min(a + ADAMW_CHUNK, ns[i]), i, 0});
+    launch(dim3{(unsigned)chunks.size()}, dim3{256}, adamw_multi, (const AdamWTensor*)ts.data(), (const AdamWChunk*)chunks.data(), step, bc2, dm, w1, b2, w2, eps, gs);
     bool ok = true;
     for (int i = 0; i < NT; ++i) {
         float dmi = i != 1 ? dm : 1.0f;

@@ -88,6 +88,7 @@ struct Scratch {
     bf16: [CudaSlice<u16>; 3],
     delta: CudaSlice<f32>,
     partial: CudaSlice<f64>,
+    adamw: Option<AdamWTables>,
 }
 
 struct Inner {
@@ -166,6 +167,7 @@ impl Cuda {
             bf16: [null()?, null()?, null()?],
             delta: stream.null::<f32>().map_err(dev_err)?,
             partial: stream.alloc_zeros::<f64>(SUMSQ_BLOCKS).map_err(dev_err)?,
+            adamw: None,
         };
         Ok(Cuda(Arc::new(Inner {
             info,
@@ -371,9 +373,12 @@ impl Cuda {
     }
 }
 
+/// Elements per block of the fused AdamW step (`ADAMW_CHUNK` in `kernels/adamw.cu`).
+const ADAMW_CHUNK: usize = 8192;
+
 /// One tensor of the fused AdamW step, as `kernels/adamw.cu`'s `AdamWTensor`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct AdamWTensor {
     p: u64,
     g: u64,
@@ -387,6 +392,39 @@ struct AdamWTensor {
 
 // SAFETY: plain old data with the kernel's layout.
 unsafe impl cudarc::driver::DeviceRepr for AdamWTensor {}
+
+/// One block's share of the fused AdamW step, as `kernels/adamw.cu`'s `AdamWChunk`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct AdamWChunk {
+    start: i64,
+    end: i64,
+    tensor: i32,
+    pad: i32,
+}
+
+// SAFETY: plain old data with the kernel's layout.
+unsafe impl cudarc::driver::DeviceRepr for AdamWChunk {}
+
+/// The chunk table of the fused AdamW step: every tensor cut into `ADAMW_CHUNK`-element pieces.
+fn adamw_chunks(tensors: &[AdamWTensor]) -> Vec<AdamWChunk> {
+    let mut chunks = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        for start in (0..t.n).step_by(ADAMW_CHUNK) {
+            chunks.push(AdamWChunk { start, end: (start + ADAMW_CHUNK as i64).min(t.n), tensor: i as i32, pad: 0 });
+        }
+    }
+    chunks
+}
+
+/// The fused AdamW step's descriptor tables as last uploaded: the parameters, gradients and
+/// moments keep their addresses from step to step, so the tables are uploaded once.
+struct AdamWTables {
+    tensors: Vec<AdamWTensor>,
+    dev_tensors: CudaSlice<AdamWTensor>,
+    dev_chunks: CudaSlice<AdamWChunk>,
+    n_chunks: usize,
+}
 
 impl Backend for Cuda {
     type Buf = CudaSlice<f32>;
@@ -847,11 +885,19 @@ impl Backend for Cuda {
         if descs.is_empty() {
             return;
         }
-        let largest = descs.iter().map(|d| d.n as usize).max().unwrap_or(0);
-        let dev = self.dev(&descs);
+        drop(copies);
+        let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if scratch.adamw.as_ref().is_none_or(|t| t.tensors != descs) {
+            let chunks = adamw_chunks(&descs);
+            // the tables these replace may still be read by a queued step
+            self.synchronize();
+            scratch.adamw = Some(AdamWTables { dev_tensors: self.dev(&descs), dev_chunks: self.dev(&chunks), n_chunks: chunks.len(), tensors: descs });
+        }
+        let tables = scratch.adamw.as_ref().unwrap_or_else(|| die("adamw_multi", "the descriptor tables are missing"));
         let sc = hp.scalars();
         let args = [
-            self.p(&dev),
+            self.p(&tables.dev_tensors),
+            self.p(&tables.dev_chunks),
             A::F(sc.step_size),
             A::F(sc.bc2_sqrt),
             A::F(sc.decay_mul),
@@ -861,10 +907,7 @@ impl Backend for Cuda {
             A::F(hp.eps),
             A::F(hp.grad_scale),
         ];
-        let per_tensor = largest.div_ceil(256).clamp(1, 1024) as u32;
-        self.launch("adamw_multi", (per_tensor, descs.len() as u32, 1), (256, 1, 1), &args);
-        // the descriptor array must outlive the kernel that reads it
-        self.synchronize();
+        self.launch("adamw_multi", (tables.n_chunks as u32, 1, 1), (256, 1, 1), &args);
     }
 
     fn check_head_dim(&self, head_dim: usize) -> std::result::Result<(), String> {

@@ -574,7 +574,9 @@ impl<B: Backend> Model<B> {
     /// `want`s for evaluation metrics. With `grads` (training) each chunk's logits become the
     /// loss gradient in place and go through the head's backward pass at once: `acts.dln` gets
     /// the gradient with respect to the final norm's output and the head's weight gradient is
-    /// accumulated. The loss is `None` when the batch has no labels.
+    /// accumulated. Returns the number of label tokens (`None` when the batch has no labels)
+    /// and the statistics; the per-row losses stay in `acts.row_loss` ([`Model::loss_output`]),
+    /// so that nothing here waits for the device.
     fn head_loss(
         &self,
         acts: &mut Activations<B>,
@@ -582,7 +584,7 @@ impl<B: Backend> Model<B> {
         loss: LossOptions,
         mut grads: Option<&mut Grads<B>>,
         want: Option<StatsWanted>,
-    ) -> Result<(Option<LossOutput>, Option<TokenStats>)> {
+    ) -> Result<(Option<usize>, Option<TokenStats>)> {
         let (be, c, p) = (&self.backend, &self.config, &self.params);
         let (rows, h, v) = (b.batch * b.seq, c.hidden_size, c.vocab_size);
         let n_tokens = label_tokens(b);
@@ -623,11 +625,14 @@ impl<B: Backend> Model<B> {
                 }
             }
         }
-        if b.labels.is_none() {
-            return Ok((None, stats));
-        }
-        let sum: f64 = be.download(&acts.row_loss).iter().map(|&x| x as f64).sum();
-        Ok((Some(LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 }), stats))
+        Ok((b.labels.is_some().then_some(n_tokens), stats))
+    }
+
+    /// The loss of the last [`Model::head_loss`] over `n_tokens` label tokens: its per-row losses
+    /// downloaded and summed in row order (in f64).
+    fn loss_output(&self, acts: &Activations<B>, n_tokens: usize) -> LossOutput {
+        let sum: f64 = self.backend.download(&acts.row_loss).iter().map(|&x| x as f64).sum();
+        LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 }
     }
 
     /// Evaluation: the forward pass and the built-in loss with the LM head in chunks (the whole
@@ -641,7 +646,8 @@ impl<B: Backend> Model<B> {
         want: Option<StatsWanted>,
     ) -> Result<(Option<LossOutput>, Option<TokenStats>)> {
         self.forward_hidden(acts, b, false)?;
-        self.head_loss(acts, b, loss, None, want)
+        let (n_tokens, stats) = self.head_loss(acts, b, loss, None, want)?;
+        Ok((n_tokens.map(|n| self.loss_output(acts, n)), stats))
     }
 
     /// The backward pass after a training forward pass; accumulates into `grads`.
@@ -702,10 +708,11 @@ impl<B: Backend> Model<B> {
     /// whole logits never exist).
     pub fn forward_backward(&self, acts: &mut Activations<B>, b: &Batch, grads: &mut Grads<B>, loss: LossOptions) -> Result<LossOutput> {
         self.forward_hidden(acts, b, true)?;
-        let (out, _) = self.head_loss(acts, b, loss, Some(grads), None)?;
-        let out = out.ok_or_else(|| Error::Invalid("training needs labels".into()))?;
+        let (n_tokens, _) = self.head_loss(acts, b, loss, Some(grads), None)?;
+        let n_tokens = n_tokens.ok_or_else(|| Error::Invalid("training needs labels".into()))?;
         self.backward_body(acts, grads);
-        Ok(out)
+        // read the loss once the backward pass is queued, so a GPU is not left idle meanwhile
+        Ok(self.loss_output(acts, n_tokens))
     }
 }
 

@@ -63,6 +63,49 @@ fn every_kernel_compiles_with_nvrtc_for_sm90_and_sm80() {
     }
 }
 
+/// `runtime kernels --cache` fills the kernel cache the CUDA backend starts from; a second run
+/// finds every entry, and an entry whose device code was damaged is compiled again and repaired.
+#[test]
+fn the_kernel_cache_is_filled_reused_and_repaired() {
+    let Some(dir) = nvrtc_dir() else {
+        assert!(std::env::var_os("RUNTIME_REQUIRE_NVRTC").is_none(), "RUNTIME_REQUIRE_NVRTC is set but no NVRTC was found");
+        skip("no NVRTC library found (the kernel cache test needs it)");
+        return;
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let warm = || -> Vec<(String, bool)> {
+        let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+            .args(["kernels", "--cache", "--arch", "sm_80", "--json"])
+            .env("LD_LIBRARY_PATH", &dir)
+            .env("RUNTIME_KERNEL_CACHE_DIR", cache.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kernels --cache failed: {}", String::from_utf8_lossy(&out.stderr));
+        let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        reports.as_array().unwrap().iter().map(|r| (r["file"].as_str().unwrap().to_string(), r["cached"].as_bool().unwrap())).collect()
+    };
+    let first = warm();
+    assert_eq!(first.len(), runtime::backend::cuda::kernels::SOURCES.len());
+    assert!(first.iter().all(|(_, cached)| !cached), "an empty cache holds nothing: {first:?}");
+    assert!(warm().iter().all(|(_, cached)| *cached), "the second run compiles again");
+    // flip bytes in the middle of one file's device code
+    let entry = std::fs::read_dir(cache.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("rope-sm_80-") && p.extension().is_some_and(|x| x == "cubin"))
+        .expect("a cache entry for kernels/rope.cu");
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid..mid + 8].iter_mut().for_each(|b| *b ^= 0xff);
+    std::fs::write(&entry, bytes).unwrap();
+    let repaired = warm();
+    for (file, cached) in &repaired {
+        assert_eq!(*cached, file != "kernels/rope.cu", "{file}: a damaged entry is rebuilt, the others are reused");
+    }
+    assert!(warm().iter().all(|(_, cached)| *cached), "the rebuilt entry is sound");
+}
+
 #[test]
 fn asking_for_cuda_without_a_gpu_is_one_clear_error() {
     if runtime::backend::cuda::probe(0).is_ok() {

@@ -267,6 +267,10 @@ enum Command {
         /// e.g. sm_90 (repeatable; default sm_90 and sm_80)
         #[arg(long)]
         arch: Vec<String>,
+        /// fill the kernel cache for these architectures instead (what `--device cuda` compiles
+        /// at its first start), rebuilding damaged entries; says which files were cached already
+        #[arg(long)]
+        cache: bool,
         #[arg(long)]
         json: bool,
     },
@@ -505,9 +509,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Kernels { mut arch, json } => {
+        Command::Kernels { mut arch, cache, json } => {
             if arch.is_empty() {
                 arch = vec!["sm_90".into(), "sm_80".into()];
+            }
+            if cache {
+                let reports = runtime::backend::cuda::kernels::warm_cache(&arch)?;
+                if json {
+                    println!("{}", serde_json::to_string(&reports)?);
+                } else {
+                    for r in &reports {
+                        let how = if r.cached { "cached" } else { "compiled" };
+                        println!("{:<26} {:<6} {:>4} kernels  {how:<8}  {:.2} s", r.file, r.arch, r.kernels, r.seconds);
+                    }
+                }
+                return Ok(());
             }
             let reports = runtime::backend::cuda::kernels::compile_all(&arch)?;
             if json {

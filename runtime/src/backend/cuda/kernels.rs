@@ -126,31 +126,79 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> bool {
     ok
 }
 
+/// One file's kernels for one architecture, as [`compile_cached`] found or made them.
+pub struct CachedModule {
+    pub names: Vec<String>,
+    pub cubin: Vec<u8>,
+    /// Whether the entry came from the cache (otherwise NVRTC compiled it just now).
+    pub from_cache: bool,
+}
+
+fn digest(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A cache entry's kernel names, if the entry is complete and its device code matches the digest
+/// recorded beside the names (a damaged entry counts as missing and is rebuilt).
+fn read_entry(base: &std::path::Path) -> Option<(Vec<String>, Vec<u8>)> {
+    let names = std::fs::read_to_string(base.with_extension("names")).ok()?;
+    let cubin = std::fs::read(base.with_extension("cubin")).ok()?;
+    let mut lines = names.lines();
+    let recorded = lines.next()?.strip_prefix("sha256 ")?;
+    let names: Vec<String> = lines.map(str::to_string).collect();
+    (!names.is_empty() && !cubin.is_empty() && recorded == digest(&cubin)).then_some((names, cubin))
+}
+
 /// The kernel names and device code of one file for `arch`, through the on-disk cache (a cache
-/// that cannot be read or written is skipped).
-pub fn compile_cached(stem: &str, src: &str, arch: &str) -> Result<(Vec<String>, Vec<u8>)> {
+/// that cannot be read or written is skipped; `fresh` skips reading it).
+pub fn compile_cached(stem: &str, src: &str, arch: &str, fresh: bool) -> Result<CachedModule> {
     let version = nvrtc_version()?;
     let base = cache_path(stem, src, arch, version);
-    if let Some(base) = &base {
-        let names = std::fs::read_to_string(base.with_extension("names")).ok();
-        let cubin = std::fs::read(base.with_extension("cubin")).ok();
-        if let (Some(names), Some(cubin)) = (names, cubin) {
-            let names: Vec<String> = names.lines().map(str::to_string).collect();
-            if !names.is_empty() && !cubin.is_empty() {
-                return Ok((names, cubin));
-            }
-        }
+    if let Some((names, cubin)) = base.as_deref().filter(|_| !fresh).and_then(read_entry) {
+        return Ok(CachedModule { names, cubin, from_cache: true });
     }
     let c = compile(stem, src, arch, true)?;
     let names = entries(&c.ptx);
     let cubin = c.cubin.unwrap_or_default();
     if let Some(base) = base {
-        // the names last: an entry counts only once both files are complete
+        // the names (with the device code's digest) last: an entry counts only once both files
+        // are complete
         if write_atomically(&base.with_extension("cubin"), &cubin) {
-            write_atomically(&base.with_extension("names"), names.join("\n").as_bytes());
+            write_atomically(&base.with_extension("names"), format!("sha256 {}\n{}", digest(&cubin), names.join("\n")).as_bytes());
         }
     }
-    Ok((names, cubin))
+    Ok(CachedModule { names, cubin, from_cache: false })
+}
+
+/// One file of [`warm_cache`].
+#[derive(Debug, serde::Serialize)]
+pub struct CacheReport {
+    pub file: String,
+    pub arch: String,
+    /// Whether a sound cache entry was there already.
+    pub cached: bool,
+    pub kernels: usize,
+    pub seconds: f64,
+}
+
+/// `runtime kernels --cache`: fills the kernel cache for each architecture (as the CUDA backend's
+/// start would), so that a GPU job starts without compiling; damaged entries are rebuilt.
+pub fn warm_cache(archs: &[String]) -> Result<Vec<CacheReport>> {
+    let mut out = Vec::new();
+    for arch in archs {
+        for (stem, src) in SOURCES {
+            let t = Instant::now();
+            let m = compile_cached(stem, src, arch, false)?;
+            out.push(CacheReport {
+                file: format!("kernels/{stem}.cu"),
+                arch: arch.clone(),
+                cached: m.from_cache,
+                kernels: m.names.len(),
+                seconds: t.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// One compiled file, for `runtime kernels`.

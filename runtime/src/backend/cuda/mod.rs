@@ -152,10 +152,19 @@ impl Cuda {
         let arch = kernels::arch_name(info.compute_capability);
         let mut funcs = HashMap::new();
         for (stem, src) in kernels::SOURCES {
-            let (names, cubin) = kernels::compile_cached(stem, src, &arch)?;
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-                .map_err(|e| Error::Device(format!("loading kernels/{stem}.cu on {}: {e:?}", info.name)))?;
+            let mut m = kernels::compile_cached(stem, src, &arch, false)?;
+            let load = |m: &kernels::CachedModule| ctx.load_module(cudarc::nvrtc::Ptx::from_binary(m.cubin.clone()));
+            let module = match load(&m) {
+                // an entry the driver refuses is compiled afresh (and the cache entry replaced)
+                Err(e) if m.from_cache => {
+                    tracing::warn!("the cached device code of kernels/{stem}.cu does not load ({e:?}); compiling it again");
+                    m = kernels::compile_cached(stem, src, &arch, true)?;
+                    load(&m)
+                }
+                other => other,
+            }
+            .map_err(|e| Error::Device(format!("loading kernels/{stem}.cu on {}: {e:?}", info.name)))?;
+            let names = m.names;
             for name in names {
                 let f = module.load_function(&name).map_err(|e| Error::Device(format!("kernel `{name}`: {e:?}")))?;
                 funcs.insert(name, f);

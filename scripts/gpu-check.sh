@@ -4,6 +4,10 @@
 #
 #     scripts/gpu-check.sh [BINARY] [OUT_DIR]      (defaults: target/gpu/runtime, gpu-check-out)
 #
+# Build the binary with `cargo build --release && strip -o target/gpu/runtime target/release/runtime`,
+# and optionally compile the kernels ahead, so the first start loads them instead of compiling:
+# `RUNTIME_KERNEL_CACHE_DIR=target/gpu/kernel-cache target/release/runtime kernels --cache --arch sm_90`.
+#
 # 1. every op of the CUDA backend against the CPU backend on random inputs, then whole training
 #    steps, in f32 and in bf16 (`runtime cuda-check`);
 # 2. the attention kernels and the fused AdamW step timed (`runtime cuda-check --bench`);
@@ -37,6 +41,12 @@ PY
 )
 export LD_LIBRARY_PATH="${NV_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export RUNTIME_KERNEL_CACHE_DIR="$OUT/kernel-cache"
+# kernels compiled ahead of time beside the binary (`runtime kernels --cache --arch sm_90` with
+# RUNTIME_KERNEL_CACHE_DIR=target/gpu/kernel-cache): the first start then loads instead of compiling
+# (entries whose NVRTC version or architecture differ are simply not used)
+if [ -d "$(dirname "$BIN")/kernel-cache" ]; then
+    mkdir -p "$RUNTIME_KERNEL_CACHE_DIR" && cp -r "$(dirname "$BIN")/kernel-cache/." "$RUNTIME_KERNEL_CACHE_DIR/"
+fi
 status=0
 run() { # name, command...: runs, keeps stdout in $OUT/name, reports failure
     local name=$1; shift

@@ -209,7 +209,8 @@ impl<B: Backend> Activations<B> {
             lnf: z(rows * h),
             lnf_mean: z(rows),
             lnf_rstd: z(rows),
-            logits: z(head_rows * c.vocab_size),
+            // allocated by the first pass that needs it (generation's prefill never does)
+            logits: z(0),
             head_rows,
             head_in: z(if chunked { head_rows * h } else { 0 }),
             head_din: z(if chunked { head_rows * h } else { 0 }),
@@ -503,7 +504,8 @@ impl<B: Backend> Model<B> {
 
     /// Generation's prefill: the forward pass over a (left-padded) batch of prompts, writing
     /// every layer's keys and values into the caches (`[batch, max_len, kv]` per layer, from
-    /// slot 0) and returning the logits at each row's last position, `[batch, vocab]`. `None`
+    /// slot 0) and returning the logits at each row's last position, `[batch, vocab]` (the LM
+    /// head runs on those positions only). `None`
     /// when the model keeps no per-layer activations (gradient checkpointing): the caller then
     /// feeds the prompt one token at a time.
     pub fn prefill_into(&self, b: &Batch, k: &mut [B::Buf], v: &mut [B::Buf], max_len: usize) -> Result<Option<Vec<f32>>> {
@@ -511,14 +513,21 @@ impl<B: Backend> Model<B> {
             return Ok(None);
         }
         let mut acts = Activations::new(self, b.batch, b.seq);
-        self.forward_logits(&mut acts, b, false)?;
+        self.forward_hidden(&mut acts, b, false)?;
+        let (be, c) = (&self.backend, &self.config);
         let shape = self.attn_shape(b.batch, b.seq);
         for (l, layer) in acts.layers.iter().enumerate() {
-            self.backend.kv_append(&mut k[l], &mut v[l], &layer.qkv, 0, shape, max_len);
+            be.kv_append(&mut k[l], &mut v[l], &layer.qkv, 0, shape, max_len);
         }
-        let logits = self.backend.download(&acts.logits);
-        let vsz = self.config.vocab_size;
-        Ok(Some((0..b.batch).flat_map(|r| logits[((r + 1) * b.seq - 1) * vsz..((r + 1) * b.seq) * vsz].iter().copied()).collect()))
+        // the LM head on each row's last position only
+        let h = c.hidden_size;
+        let mut last = be.zeros(b.batch * h);
+        for r in 0..b.batch {
+            be.copy_range(&mut last, r * h, &acts.lnf, ((r + 1) * b.seq - 1) * h, h);
+        }
+        let mut logits = be.zeros(b.batch * c.vocab_size);
+        be.matmul_fwd(&mut logits, &last, &self.params[self.layout.lm_head.unwrap_or(self.layout.wte)], None, b.batch, h, c.vocab_size);
+        Ok(Some(be.download(&logits)))
     }
 
     /// Per-token statistics of the logits of the last forward pass, at labelled positions (for

@@ -53,6 +53,35 @@ fn loss_plugins_match_pytorch_gradients() {
     }
 }
 
+/// Cross-entropy through the `loss-logits` hook in training, with the LM head in chunks (one
+/// that leaves a shorter last chunk, and one chunk for the whole batch), gives the built-in
+/// loss's value and every parameter gradient.
+#[test]
+fn a_loss_logits_hook_in_lm_head_chunks_matches_the_built_in_loss() {
+    let dir = fixtures().join("llama");
+    let reference = read_reference(&dir.join("reference.safetensors"));
+    let mut model = Model::load(Cpu, &dir.join("model"), LoadOptions::default()).unwrap();
+    let batch = common::reference_batch(&reference);
+    let rows = batch.batch * batch.seq;
+    let mut acts = Activations::new(&model, batch.batch, batch.seq);
+    let mut want = Grads::zeros(&model);
+    let built_in = model.forward_backward(&mut acts, &batch, &mut want, Default::default()).unwrap();
+    let plugins = Plugins::load(&[json!({"path": wasm("rows_ce")})], None).unwrap();
+    let mut hook = plugins.loss_hook().unwrap();
+    assert!(hook.uses_rows());
+    for chunk in [rows / 3 + 1, rows] {
+        model.loss_chunk_rows = Some(chunk);
+        let mut acts = Activations::new(&model, batch.batch, batch.seq);
+        let mut grads = Grads::zeros(&model);
+        let out = model.forward_backward_custom(&mut acts, &batch, &mut grads, &mut CustomLoss::Rows(&mut hook), None).unwrap();
+        assert!(((out.sum - built_in.sum) / built_in.sum).abs() < 1e-5, "chunk {chunk}: loss sum {} vs built-in {}", out.sum, built_in.sum);
+        assert_eq!(out.n_tokens, built_in.n_tokens);
+        for ((name, _, g), (_, _, w)) in hf_tensors(&model.layout, &grads.tensors).iter().zip(hf_tensors(&model.layout, &want.tensors)) {
+            assert_close(&format!("chunk {chunk}: grad {name}"), g, &w, 1e-4);
+        }
+    }
+}
+
 /// `runtime plugin check` passes on every shipped plugin (a loss's gradient is checked against
 /// finite differences there), and `inspect` reports the interface and hooks.
 #[test]

@@ -713,6 +713,85 @@ impl<B: Backend> Model<B> {
         be.embedding_bwd(dwte, dwpe.map(|d| (d, &acts.pos)), &acts.ids, &acts.dres, h);
     }
 
+    /// Forward, a loss computed outside the engine and backward for one micro-batch (the
+    /// training form of [`Model::forward_custom`]). A `loss-logits` hook gets the labelled rows
+    /// of one LM-head chunk at a time, and each chunk's gradient goes through the head's backward
+    /// pass at once, so the whole logits never exist; a statistics hook needs every row's
+    /// statistics before any gradient, so it runs on the whole logits.
+    pub fn forward_backward_custom(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        grads: &mut Grads<B>,
+        custom: &mut CustomLoss,
+        num_items_in_batch: Option<usize>,
+    ) -> Result<LossOutput> {
+        let hook = match custom {
+            CustomLoss::Rows(hook) => hook,
+            CustomLoss::Stats(_) => {
+                let out = self.forward_custom(acts, b, custom, num_items_in_batch, true)?;
+                self.backward(acts, grads)?;
+                return Ok(out);
+            }
+        };
+        self.forward_hidden(acts, b, true)?;
+        if b.labels.is_none() {
+            return Err(Error::Invalid("a loss needs labels".into()));
+        }
+        let (be, c, p) = (&self.backend, &self.config, &self.params);
+        let (rows, h, v) = (b.batch * b.seq, c.hidden_size, c.vocab_size);
+        let n_tokens = label_tokens(b);
+        let denom = num_items_in_batch.unwrap_or(n_tokens);
+        if denom == 0 {
+            return Err(no_label_tokens());
+        }
+        let targets = shifted_labels(b);
+        let head = self.layout.lm_head.unwrap_or(self.layout.wte);
+        let cr = acts.head_rows.min(rows);
+        let one = cr >= rows;
+        let mut loss = 0.0f64;
+        for r0 in (0..rows).step_by(cr) {
+            let n = cr.min(rows - r0);
+            if be.len(&acts.logits) < n * v {
+                acts.logits = be.zeros(cr * v);
+            }
+            if !one {
+                be.copy_range(&mut acts.head_in, 0, &acts.lnf, r0 * h, n * h);
+            }
+            let inp = if one { &acts.lnf } else { &acts.head_in };
+            be.matmul_fwd(&mut acts.logits, inp, &p[head], None, n, h, v);
+            // the chunk's labelled rows go to the hook, in pieces of at most 4M logits
+            let logits = be.download(&acts.logits);
+            let labelled: Vec<u32> = (r0 as u32..(r0 + n) as u32).filter(|&r| targets[r as usize] != IGNORE_INDEX).collect();
+            let mut dlogits = vec![0.0f32; n * v];
+            for piece in labelled.chunks(((1usize << 22) / v).max(1)) {
+                let mut z = Vec::with_capacity(piece.len() * v);
+                for &r in piece {
+                    let i = r as usize - r0;
+                    z.extend_from_slice(&logits[i * v..(i + 1) * v]);
+                }
+                let labels: Vec<i32> = piece.iter().map(|&r| targets[r as usize]).collect();
+                let (l, d) = hook.chunk(b, piece, &labels, &z, v, denom)?;
+                loss += l as f64;
+                for (j, &r) in piece.iter().enumerate() {
+                    let i = r as usize - r0;
+                    dlogits[i * v..(i + 1) * v].copy_from_slice(&d[j * v..(j + 1) * v]);
+                }
+            }
+            acts.logits = be.upload(&dlogits);
+            if one {
+                be.matmul_bwd(Some(&mut acts.dln), &mut grads.tensors[head], None, &acts.logits, &acts.lnf, &p[head], n, h, v);
+            } else {
+                be.matmul_bwd(Some(&mut acts.head_din), &mut grads.tensors[head], None, &acts.logits, &acts.head_in, &p[head], n, h, v);
+                // the rows of d(final norm output) of this chunk
+                be.copy_range(&mut acts.dln, r0 * h, &acts.head_din, 0, n * h);
+            }
+        }
+        self.backward_body(acts, grads);
+        let sum = loss * denom as f64;
+        Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens.max(1) as f64) as f32 })
+    }
+
     /// Forward, loss and backward for one micro-batch, with the LM head and loss in chunks (the
     /// whole logits never exist).
     pub fn forward_backward(&self, acts: &mut Activations<B>, b: &Batch, grads: &mut Grads<B>, loss: LossOptions) -> Result<LossOutput> {

@@ -830,11 +830,8 @@ impl<B: Backend + Clone> Trainer<B> {
                         Some(h) => {
                             let continues = h.continues();
                             let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
-                            match self.model.forward_custom(&mut acts, mb, &mut custom, Some(items), true) {
-                                Ok(out) => {
-                                    self.model.backward(&mut acts, &mut grads)?;
-                                    out.sum
-                                }
+                            match self.model.forward_backward_custom(&mut acts, mb, &mut grads, &mut custom, Some(items)) {
+                                Ok(out) => out.sum,
                                 Err(e @ Error::Plugin(_)) if continues => {
                                     tracing::warn!("step {}: {e}; the step is skipped (on_error = \"continue\")", self.state.global_step + 1);
                                     plugin_failed = true;

@@ -82,6 +82,38 @@ fn a_loss_logits_hook_in_lm_head_chunks_matches_the_built_in_loss() {
     }
 }
 
+/// Evaluation with a custom loss and the LM head in chunks gives the loss and metric statistics
+/// of the whole-logits path, for a statistics hook (focal) and a `loss-logits` hook.
+#[test]
+fn evaluation_with_a_custom_loss_in_lm_head_chunks_matches_the_whole_logits() {
+    use runtime::backend::StatsWanted;
+    let dir = fixtures().join("llama");
+    let reference = read_reference(&dir.join("reference.safetensors"));
+    let mut model = Model::load(Cpu, &dir.join("model"), LoadOptions::default()).unwrap();
+    let batch = common::reference_batch(&reference);
+    let rows = batch.batch * batch.seq;
+    let want = StatsWanted { label_logprob: true, argmax: true, ..StatsWanted::default() };
+    for (file, options) in [("focal_loss", json!({"gamma": 2.0})), ("rows_ce", json!({}))] {
+        let plugins = Plugins::load(&[json!({"path": wasm(file), "options": options})], None).unwrap();
+        let mut hook = plugins.loss_hook().unwrap();
+        let uses_rows = hook.uses_rows();
+        model.loss_chunk_rows = None;
+        let mut full = Activations::new(&model, batch.batch, batch.seq);
+        let mut custom = if uses_rows { CustomLoss::Rows(&mut hook) } else { CustomLoss::Stats(&mut hook) };
+        let whole = model.forward_custom(&mut full, &batch, &mut custom, None, false).unwrap();
+        let whole_stats = model.token_stats(&full, want);
+        for chunk in [rows / 3 + 1, 1] {
+            model.loss_chunk_rows = Some(chunk);
+            let mut acts = Activations::new(&model, batch.batch, batch.seq);
+            let (out, stats) = model.eval_custom(&mut acts, &batch, &mut custom, Some(want)).unwrap();
+            assert!(((out.sum - whole.sum) / whole.sum).abs() < 1e-5, "{file} chunk {chunk}: loss {} vs {}", out.sum, whole.sum);
+            let stats = stats.unwrap();
+            assert_eq!(stats.argmax, whole_stats.argmax, "{file} chunk {chunk}: argmax");
+            assert_close(&format!("{file} chunk {chunk}: label log-probs"), &stats.label_logprob, &whole_stats.label_logprob, 1e-5);
+        }
+    }
+}
+
 /// `runtime plugin check` passes on every shipped plugin (a loss's gradient is checked against
 /// finite differences there), and `inspect` reports the interface and hooks.
 #[test]

@@ -502,6 +502,80 @@ impl<B: Backend> Model<B> {
         Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens.max(1) as f64) as f32 })
     }
 
+    /// Evaluation with a loss computed outside the engine (the no-gradient form of
+    /// [`Model::forward_custom`]), with the LM head in chunks so the whole logits never exist: a
+    /// statistics hook gets every row's statistics gathered chunk by chunk, a `loss-logits` hook
+    /// the labelled rows of one chunk at a time. Also returns the per-token statistics `want`s
+    /// (for evaluation metrics), as [`Model::eval_loss`] does.
+    pub fn eval_custom(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        custom: &mut CustomLoss,
+        want: Option<StatsWanted>,
+    ) -> Result<(LossOutput, Option<TokenStats>)> {
+        self.forward_hidden(acts, b, false)?;
+        if b.labels.is_none() {
+            return Err(Error::Invalid("a loss needs labels".into()));
+        }
+        let (be, c, p) = (&self.backend, &self.config, &self.params);
+        let (rows, h, v) = (b.batch * b.seq, c.hidden_size, c.vocab_size);
+        let n_tokens = label_tokens(b);
+        if n_tokens == 0 {
+            return Err(no_label_tokens());
+        }
+        let targets = shifted_labels(b);
+        let hook_want = match custom {
+            CustomLoss::Stats(hook) => Some(hook.wanted()?),
+            CustomLoss::Rows(_) => None,
+        };
+        let head = self.layout.lm_head.unwrap_or(self.layout.wte);
+        let cr = acts.head_rows.min(rows);
+        let one = cr >= rows;
+        if be.len(&acts.logits) < cr * v {
+            acts.logits = be.zeros(cr * v);
+        }
+        let (mut stats, mut hook_stats, mut rows_loss) = (None::<TokenStats>, TokenStats::default(), 0.0f64);
+        for (i, r0) in (0..rows).step_by(cr).enumerate() {
+            let n = cr.min(rows - r0);
+            if !one {
+                be.copy_range(&mut acts.head_in, 0, &acts.lnf, r0 * h, n * h);
+            }
+            be.matmul_fwd(&mut acts.logits, if one { &acts.lnf } else { &acts.head_in }, &p[head], None, n, h, v);
+            let tids = if one { &acts.targets } else { &acts.chunk_targets[i] };
+            if let Some(w) = want {
+                stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, tids, v, w));
+            }
+            match custom {
+                CustomLoss::Stats(_) => hook_stats.append(be.token_stats(&acts.logits, tids, v, hook_want.unwrap_or_default())),
+                CustomLoss::Rows(hook) => {
+                    let logits = be.download(&acts.logits);
+                    let labelled: Vec<u32> = (r0 as u32..(r0 + n) as u32).filter(|&r| targets[r as usize] != IGNORE_INDEX).collect();
+                    for piece in labelled.chunks(((1usize << 22) / v).max(1)) {
+                        let mut z = Vec::with_capacity(piece.len() * v);
+                        for &r in piece {
+                            let j = r as usize - r0;
+                            z.extend_from_slice(&logits[j * v..(j + 1) * v]);
+                        }
+                        let labels: Vec<i32> = piece.iter().map(|&r| targets[r as usize]).collect();
+                        rows_loss += hook.chunk(b, piece, &labels, &z, v, n_tokens)?.0 as f64;
+                    }
+                }
+            }
+        }
+        let loss = match custom {
+            CustomLoss::Stats(hook) => {
+                hook_stats.take_backward_state();
+                let (loss, grads) = hook.loss(b, &targets, hook_stats, n_tokens)?;
+                grads.check(hook_want.unwrap_or_default(), targets.len()).map_err(Error::Plugin)?;
+                loss as f64
+            }
+            CustomLoss::Rows(_) => rows_loss,
+        };
+        let sum = loss * n_tokens as f64;
+        Ok((LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 }, stats))
+    }
+
     /// Generation's prefill: the forward pass over a (left-padded) batch of prompts, writing
     /// every layer's keys and values into the caches (`[batch, max_len, kv]` per layer, from
     /// slot 0) and returning the logits at each row's last position, `[batch, vocab]` (the LM

@@ -567,9 +567,8 @@ impl<B: Backend + Clone> Trainer<B> {
                 Some(h) if crate::model::decoder::label_tokens(&b) > 0 => {
                     let continues = h.continues();
                     let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
-                    match self.model.forward_custom(&mut acts, &b, &mut custom, None, false) {
-                        // the custom loss leaves the whole logits in place
-                        Ok(out) => (Some(out), want.map(|w| self.model.token_stats(&acts, w))),
+                    match self.model.eval_custom(&mut acts, &b, &mut custom, want) {
+                        Ok((out, stats)) => (Some(out), stats),
                         Err(e @ Error::Plugin(_)) if continues => {
                             tracing::warn!("evaluation: {e}; this batch's loss is the built-in one (on_error = \"continue\")");
                             self.model.eval_loss(&mut acts, &b, opts, want)?

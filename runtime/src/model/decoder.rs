@@ -45,6 +45,53 @@ fn no_label_tokens() -> Error {
     Error::Invalid("the batch has no label tokens (every label is -100 after the shift), so there is no loss to train on".into())
 }
 
+/// What a custom loss needs of a batch: its label-token count, the divisor (`num_items_in_batch`,
+/// or that count) and the shifted labels; an error without labels or label tokens.
+fn custom_loss_setup(b: &Batch, num_items_in_batch: Option<usize>) -> Result<(usize, usize, Vec<i32>)> {
+    if b.labels.is_none() {
+        return Err(Error::Invalid("a loss needs labels".into()));
+    }
+    let n_tokens = label_tokens(b);
+    let denom = num_items_in_batch.unwrap_or(n_tokens);
+    if denom == 0 {
+        return Err(no_label_tokens());
+    }
+    Ok((n_tokens, denom, shifted_labels(b)))
+}
+
+/// Hands the labelled rows among `r0..r0 + n` (their logits `[n, v]` in `logits`, on the host)
+/// to a `loss-logits` hook in pieces of at most 4M logits. Returns the sum of the pieces' losses;
+/// with `dlogits` (`[n, v]`) the rows' gradients are written there (other rows untouched).
+fn rows_hook(
+    hook: &mut dyn RowsLoss,
+    b: &Batch,
+    targets: &[i32],
+    logits: &[f32],
+    (r0, n, v): (usize, usize, usize),
+    denom: usize,
+    mut dlogits: Option<&mut [f32]>,
+) -> Result<f64> {
+    let labelled: Vec<u32> = (r0 as u32..(r0 + n) as u32).filter(|&r| targets[r as usize] != IGNORE_INDEX).collect();
+    let mut loss = 0.0f64;
+    for piece in labelled.chunks(((1usize << 22) / v).max(1)) {
+        let mut z = Vec::with_capacity(piece.len() * v);
+        for &r in piece {
+            let i = r as usize - r0;
+            z.extend_from_slice(&logits[i * v..(i + 1) * v]);
+        }
+        let labels: Vec<i32> = piece.iter().map(|&r| targets[r as usize]).collect();
+        let (l, d) = hook.chunk(b, piece, &labels, &z, v, denom)?;
+        loss += l as f64;
+        if let Some(out) = dlogits.as_deref_mut() {
+            for (j, &r) in piece.iter().enumerate() {
+                let i = r as usize - r0;
+                out[i * v..(i + 1) * v].copy_from_slice(&d[j * v..(j + 1) * v]);
+            }
+        }
+    }
+    Ok(loss)
+}
+
 /// A loss computed outside the engine from per-token statistics (the plugin `loss` hook).
 pub trait StatsLoss {
     fn wanted(&mut self) -> Result<StatsWanted>;
@@ -449,16 +496,8 @@ impl<B: Backend> Model<B> {
         train: bool,
     ) -> Result<LossOutput> {
         self.forward_logits(acts, b, train)?;
-        if b.labels.is_none() {
-            return Err(Error::Invalid("a loss needs labels".into()));
-        }
+        let (n_tokens, denom, targets) = custom_loss_setup(b, num_items_in_batch)?;
         let (be, v) = (&self.backend, self.config.vocab_size);
-        let n_tokens = label_tokens(b);
-        let denom = num_items_in_batch.unwrap_or(n_tokens);
-        if denom == 0 {
-            return Err(no_label_tokens());
-        }
-        let targets = shifted_labels(b);
         let loss = match custom {
             CustomLoss::Stats(hook) => {
                 let want = hook.wanted()?;
@@ -473,24 +512,9 @@ impl<B: Backend> Model<B> {
             }
             CustomLoss::Rows(hook) => {
                 let logits = be.download(&acts.logits);
-                let rows: Vec<u32> = (0..targets.len() as u32).filter(|&r| targets[r as usize] != IGNORE_INDEX).collect();
-                let mut dlogits = if train { vec![0.0f32; logits.len()] } else { Vec::new() };
-                let per_chunk = ((1usize << 22) / v).max(1);
-                let mut loss = 0.0f64;
-                for chunk in rows.chunks(per_chunk) {
-                    let mut z = Vec::with_capacity(chunk.len() * v);
-                    for &r in chunk {
-                        z.extend_from_slice(&logits[r as usize * v..(r as usize + 1) * v]);
-                    }
-                    let labels: Vec<i32> = chunk.iter().map(|&r| targets[r as usize]).collect();
-                    let (l, d) = hook.chunk(b, chunk, &labels, &z, v, denom)?;
-                    loss += l as f64;
-                    if train {
-                        for (i, &r) in chunk.iter().enumerate() {
-                            dlogits[r as usize * v..(r as usize + 1) * v].copy_from_slice(&d[i * v..(i + 1) * v]);
-                        }
-                    }
-                }
+                let rows = targets.len();
+                let mut dlogits = if train { vec![0.0f32; rows * v] } else { Vec::new() };
+                let loss = rows_hook(*hook, b, &targets, &logits, (0, rows, v), denom, train.then_some(&mut dlogits[..]))?;
                 if train {
                     acts.logits = be.upload(&dlogits);
                 }
@@ -515,16 +539,9 @@ impl<B: Backend> Model<B> {
         want: Option<StatsWanted>,
     ) -> Result<(LossOutput, Option<TokenStats>)> {
         self.forward_hidden(acts, b, false)?;
-        if b.labels.is_none() {
-            return Err(Error::Invalid("a loss needs labels".into()));
-        }
+        let (n_tokens, _, targets) = custom_loss_setup(b, None)?;
         let (be, c, p) = (&self.backend, &self.config, &self.params);
         let (rows, h, v) = (b.batch * b.seq, c.hidden_size, c.vocab_size);
-        let n_tokens = label_tokens(b);
-        if n_tokens == 0 {
-            return Err(no_label_tokens());
-        }
-        let targets = shifted_labels(b);
         let hook_want = match custom {
             CustomLoss::Stats(hook) => Some(hook.wanted()?),
             CustomLoss::Rows(_) => None,
@@ -548,19 +565,7 @@ impl<B: Backend> Model<B> {
             }
             match custom {
                 CustomLoss::Stats(_) => hook_stats.append(be.token_stats(&acts.logits, tids, v, hook_want.unwrap_or_default())),
-                CustomLoss::Rows(hook) => {
-                    let logits = be.download(&acts.logits);
-                    let labelled: Vec<u32> = (r0 as u32..(r0 + n) as u32).filter(|&r| targets[r as usize] != IGNORE_INDEX).collect();
-                    for piece in labelled.chunks(((1usize << 22) / v).max(1)) {
-                        let mut z = Vec::with_capacity(piece.len() * v);
-                        for &r in piece {
-                            let j = r as usize - r0;
-                            z.extend_from_slice(&logits[j * v..(j + 1) * v]);
-                        }
-                        let labels: Vec<i32> = piece.iter().map(|&r| targets[r as usize]).collect();
-                        rows_loss += hook.chunk(b, piece, &labels, &z, v, n_tokens)?.0 as f64;
-                    }
-                }
+                CustomLoss::Rows(hook) => rows_loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits), (r0, n, v), n_tokens, None)?,
             }
         }
         let loss = match custom {
@@ -809,17 +814,9 @@ impl<B: Backend> Model<B> {
             }
         };
         self.forward_hidden(acts, b, true)?;
-        if b.labels.is_none() {
-            return Err(Error::Invalid("a loss needs labels".into()));
-        }
+        let (n_tokens, denom, targets) = custom_loss_setup(b, num_items_in_batch)?;
         let (be, c, p) = (&self.backend, &self.config, &self.params);
         let (rows, h, v) = (b.batch * b.seq, c.hidden_size, c.vocab_size);
-        let n_tokens = label_tokens(b);
-        let denom = num_items_in_batch.unwrap_or(n_tokens);
-        if denom == 0 {
-            return Err(no_label_tokens());
-        }
-        let targets = shifted_labels(b);
         let head = self.layout.lm_head.unwrap_or(self.layout.wte);
         let cr = acts.head_rows.min(rows);
         let one = cr >= rows;
@@ -834,24 +831,9 @@ impl<B: Backend> Model<B> {
             }
             let inp = if one { &acts.lnf } else { &acts.head_in };
             be.matmul_fwd(&mut acts.logits, inp, &p[head], None, n, h, v);
-            // the chunk's labelled rows go to the hook, in pieces of at most 4M logits
-            let logits = be.download(&acts.logits);
-            let labelled: Vec<u32> = (r0 as u32..(r0 + n) as u32).filter(|&r| targets[r as usize] != IGNORE_INDEX).collect();
+            // the chunk's labelled rows go to the hook; unlabelled rows get no gradient
             let mut dlogits = vec![0.0f32; n * v];
-            for piece in labelled.chunks(((1usize << 22) / v).max(1)) {
-                let mut z = Vec::with_capacity(piece.len() * v);
-                for &r in piece {
-                    let i = r as usize - r0;
-                    z.extend_from_slice(&logits[i * v..(i + 1) * v]);
-                }
-                let labels: Vec<i32> = piece.iter().map(|&r| targets[r as usize]).collect();
-                let (l, d) = hook.chunk(b, piece, &labels, &z, v, denom)?;
-                loss += l as f64;
-                for (j, &r) in piece.iter().enumerate() {
-                    let i = r as usize - r0;
-                    dlogits[i * v..(i + 1) * v].copy_from_slice(&d[j * v..(j + 1) * v]);
-                }
-            }
+            loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits), (r0, n, v), denom, Some(&mut dlogits))?;
             acts.logits = be.upload(&dlogits);
             if one {
                 be.matmul_bwd(Some(&mut acts.dln), &mut grads.tensors[head], None, &acts.logits, &acts.lnf, &p[head], n, h, v);

@@ -193,7 +193,7 @@ pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &
         be.add(&mut st.x, &st.res1, &st.tmp);
     }
     model.norm_fwd(&mut st.ln, &mut st.mean, &mut st.rstd, &st.x, lay.lnf_w, lay.lnf_b);
-    be.matmul_fwd(&mut st.logits, &st.ln, &p[lay.lm_head.unwrap_or(lay.wte)], None, n, h, v);
+    be.matmul_fwd(&mut st.logits, &st.ln, &p[lay.head()], None, n, h, v);
     st.slot += 1;
     Ok(be.download(&st.logits))
 }

@@ -92,6 +92,14 @@ fn rows_hook(
     Ok(loss)
 }
 
+/// The LM head's chunks of `acts`' batch: (index, first row, rows), `acts.head_rows` rows each
+/// (the last one possibly shorter).
+fn head_chunks<B: Backend>(acts: &Activations<B>) -> impl Iterator<Item = (usize, usize, usize)> {
+    let rows = acts.batch * acts.seq;
+    let cr = acts.head_rows.min(rows);
+    (0..rows).step_by(cr).enumerate().map(move |(i, r0)| (i, r0, cr.min(rows - r0)))
+}
+
 /// A loss computed outside the engine from per-token statistics (the plugin `loss` hook).
 pub trait StatsLoss {
     fn wanted(&mut self) -> Result<StatsWanted>;
@@ -540,26 +548,15 @@ impl<B: Backend> Model<B> {
     ) -> Result<(LossOutput, Option<TokenStats>)> {
         self.forward_hidden(acts, b, false)?;
         let (n_tokens, _, targets) = custom_loss_setup(b, None)?;
-        let (be, c, p) = (&self.backend, &self.config, &self.params);
-        let (rows, h, v) = (b.batch * b.seq, c.hidden_size, c.vocab_size);
+        let (be, v) = (&self.backend, self.config.vocab_size);
         let hook_want = match custom {
             CustomLoss::Stats(hook) => Some(hook.wanted()?),
             CustomLoss::Rows(_) => None,
         };
-        let head = self.layout.lm_head.unwrap_or(self.layout.wte);
-        let cr = acts.head_rows.min(rows);
-        let one = cr >= rows;
-        if be.len(&acts.logits) < cr * v {
-            acts.logits = be.zeros(cr * v);
-        }
         let (mut stats, mut hook_stats, mut rows_loss) = (None::<TokenStats>, TokenStats::default(), 0.0f64);
-        for (i, r0) in (0..rows).step_by(cr).enumerate() {
-            let n = cr.min(rows - r0);
-            if !one {
-                be.copy_range(&mut acts.head_in, 0, &acts.lnf, r0 * h, n * h);
-            }
-            be.matmul_fwd(&mut acts.logits, if one { &acts.lnf } else { &acts.head_in }, &p[head], None, n, h, v);
-            let tids = if one { &acts.targets } else { &acts.chunk_targets[i] };
+        for (i, r0, n) in head_chunks(acts) {
+            self.head_chunk_fwd(acts, r0, n);
+            let tids = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
             if let Some(w) = want {
                 stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, tids, v, w));
             }
@@ -605,7 +602,7 @@ impl<B: Backend> Model<B> {
             be.copy_range(&mut last, r * h, &acts.lnf, ((r + 1) * b.seq - 1) * h, h);
         }
         let mut logits = be.zeros(b.batch * c.vocab_size);
-        be.matmul_fwd(&mut logits, &last, &self.params[self.layout.lm_head.unwrap_or(self.layout.wte)], None, b.batch, h, c.vocab_size);
+        be.matmul_fwd(&mut logits, &last, &self.params[self.layout.head()], None, b.batch, h, c.vocab_size);
         Ok(Some(be.download(&logits)))
     }
 
@@ -624,8 +621,7 @@ impl<B: Backend> Model<B> {
         if be.len(&acts.logits) < rows * c.vocab_size {
             acts.logits = be.zeros(rows * c.vocab_size);
         }
-        let head = &self.params[self.layout.lm_head.unwrap_or(self.layout.wte)];
-        be.matmul_fwd(&mut acts.logits, &acts.lnf, head, None, rows, c.hidden_size, c.vocab_size);
+        be.matmul_fwd(&mut acts.logits, &acts.lnf, &self.params[self.layout.head()], None, rows, c.hidden_size, c.vocab_size);
         Ok(())
     }
 
@@ -657,6 +653,37 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// One chunk of the LM head after [`Model::forward_hidden`]: the logits of rows `r0..r0 + n`
+    /// into `acts.logits` (the whole batch reads `acts.lnf` directly; a chunk is copied out of it).
+    fn head_chunk_fwd(&self, acts: &mut Activations<B>, r0: usize, n: usize) {
+        let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
+        let rows = acts.batch * acts.seq;
+        if be.len(&acts.logits) < acts.head_rows.min(rows) * v {
+            acts.logits = be.zeros(acts.head_rows.min(rows) * v);
+        }
+        let w = &self.params[self.layout.head()];
+        if n == rows {
+            be.matmul_fwd(&mut acts.logits, &acts.lnf, w, None, n, h, v);
+        } else {
+            be.copy_range(&mut acts.head_in, 0, &acts.lnf, r0 * h, n * h);
+            be.matmul_fwd(&mut acts.logits, &acts.head_in, w, None, n, h, v);
+        }
+    }
+
+    /// The head's backward pass for the chunk of [`Model::head_chunk_fwd`], from the logits'
+    /// gradient in `acts.logits`: accumulates the head's weight gradient and writes the chunk's
+    /// rows of `acts.dln`.
+    fn head_chunk_bwd(&self, acts: &mut Activations<B>, grads: &mut Grads<B>, r0: usize, n: usize) {
+        let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
+        let (head, rows) = (self.layout.head(), acts.batch * acts.seq);
+        if n == rows {
+            be.matmul_bwd(Some(&mut acts.dln), &mut grads.tensors[head], None, &acts.logits, &acts.lnf, &self.params[head], n, h, v);
+        } else {
+            be.matmul_bwd(Some(&mut acts.head_din), &mut grads.tensors[head], None, &acts.logits, &acts.head_in, &self.params[head], n, h, v);
+            be.copy_range(&mut acts.dln, r0 * h, &acts.head_din, 0, n * h);
+        }
+    }
+
     /// The LM head and the built-in loss after [`Model::forward_hidden`], a chunk of
     /// `acts.head_rows` rows at a time (see the module docs), with the per-token statistics
     /// `want`s for evaluation metrics. With `grads` (training) each chunk's logits become the
@@ -673,8 +700,7 @@ impl<B: Backend> Model<B> {
         mut grads: Option<&mut Grads<B>>,
         want: Option<StatsWanted>,
     ) -> Result<(Option<usize>, Option<TokenStats>)> {
-        let (be, c, p) = (&self.backend, &self.config, &self.params);
-        let (rows, h, v) = (b.batch * b.seq, c.hidden_size, c.vocab_size);
+        let (be, v) = (&self.backend, self.config.vocab_size);
         let n_tokens = label_tokens(b);
         let denom = loss.num_items_in_batch.unwrap_or(n_tokens);
         if grads.is_some() && (b.labels.is_none() || denom == 0) {
@@ -684,33 +710,16 @@ impl<B: Backend> Model<B> {
             return Ok((None, None));
         }
         let grad_scale = grads.is_some().then(|| 1.0 / denom as f32);
-        let head = self.layout.lm_head.unwrap_or(self.layout.wte);
-        let cr = acts.head_rows;
-        if be.len(&acts.logits) < cr.min(rows) * v {
-            acts.logits = be.zeros(cr.min(rows) * v);
-        }
         let mut stats: Option<TokenStats> = None;
-        if cr >= rows {
-            be.matmul_fwd(&mut acts.logits, &acts.lnf, &p[head], None, rows, h, v);
-            stats = want.map(|w| be.token_stats(&acts.logits, &acts.targets, v, w));
-            be.cross_entropy_into(&mut acts.logits, &acts.targets, v, loss.label_smoothing, grad_scale, &mut acts.row_loss, 0);
-            if let Some(g) = grads {
-                be.matmul_bwd(Some(&mut acts.dln), &mut g.tensors[head], None, &acts.logits, &acts.lnf, &p[head], rows, h, v);
+        for (i, r0, n) in head_chunks(acts) {
+            self.head_chunk_fwd(acts, r0, n);
+            let targets = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
+            if let Some(w) = want {
+                stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, targets, v, w));
             }
-        } else {
-            for (i, targets) in acts.chunk_targets.iter().enumerate() {
-                let (r0, n) = (i * cr, cr.min(rows - i * cr));
-                be.copy_range(&mut acts.head_in, 0, &acts.lnf, r0 * h, n * h);
-                be.matmul_fwd(&mut acts.logits, &acts.head_in, &p[head], None, n, h, v);
-                if let Some(w) = want {
-                    let s = be.token_stats(&acts.logits, targets, v, w);
-                    stats.get_or_insert_with(TokenStats::default).append(s);
-                }
-                be.cross_entropy_into(&mut acts.logits, targets, v, loss.label_smoothing, grad_scale, &mut acts.row_loss, r0);
-                if let Some(g) = grads.as_deref_mut() {
-                    be.matmul_bwd(Some(&mut acts.head_din), &mut g.tensors[head], None, &acts.logits, &acts.head_in, &p[head], n, h, v);
-                    be.copy_range(&mut acts.dln, r0 * h, &acts.head_din, 0, n * h);
-                }
+            be.cross_entropy_into(&mut acts.logits, targets, v, loss.label_smoothing, grad_scale, &mut acts.row_loss, r0);
+            if let Some(g) = grads.as_deref_mut() {
+                self.head_chunk_bwd(acts, g, r0, n);
             }
         }
         Ok((b.labels.is_some().then_some(n_tokens), stats))
@@ -747,7 +756,7 @@ impl<B: Backend> Model<B> {
         let (be, c, lay, p) = (&self.backend, &self.config, &self.layout, &self.params);
         let (batch, seq) = acts.shape();
         let (rows, h) = (batch * seq, c.hidden_size);
-        let head = lay.lm_head.unwrap_or(lay.wte);
+        let head = lay.head();
         be.matmul_bwd(Some(&mut acts.dln), &mut grads.tensors[head], None, &acts.logits, &acts.lnf, &p[head], rows, h, c.vocab_size);
         self.backward_body(acts, grads);
         Ok(())
@@ -815,33 +824,15 @@ impl<B: Backend> Model<B> {
         };
         self.forward_hidden(acts, b, true)?;
         let (n_tokens, denom, targets) = custom_loss_setup(b, num_items_in_batch)?;
-        let (be, c, p) = (&self.backend, &self.config, &self.params);
-        let (rows, h, v) = (b.batch * b.seq, c.hidden_size, c.vocab_size);
-        let head = self.layout.lm_head.unwrap_or(self.layout.wte);
-        let cr = acts.head_rows.min(rows);
-        let one = cr >= rows;
+        let (be, v) = (&self.backend, self.config.vocab_size);
         let mut loss = 0.0f64;
-        for r0 in (0..rows).step_by(cr) {
-            let n = cr.min(rows - r0);
-            if be.len(&acts.logits) < n * v {
-                acts.logits = be.zeros(cr * v);
-            }
-            if !one {
-                be.copy_range(&mut acts.head_in, 0, &acts.lnf, r0 * h, n * h);
-            }
-            let inp = if one { &acts.lnf } else { &acts.head_in };
-            be.matmul_fwd(&mut acts.logits, inp, &p[head], None, n, h, v);
+        for (_, r0, n) in head_chunks(acts) {
+            self.head_chunk_fwd(acts, r0, n);
             // the chunk's labelled rows go to the hook; unlabelled rows get no gradient
             let mut dlogits = vec![0.0f32; n * v];
             loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits), (r0, n, v), denom, Some(&mut dlogits))?;
             acts.logits = be.upload(&dlogits);
-            if one {
-                be.matmul_bwd(Some(&mut acts.dln), &mut grads.tensors[head], None, &acts.logits, &acts.lnf, &p[head], n, h, v);
-            } else {
-                be.matmul_bwd(Some(&mut acts.head_din), &mut grads.tensors[head], None, &acts.logits, &acts.head_in, &p[head], n, h, v);
-                // the rows of d(final norm output) of this chunk
-                be.copy_range(&mut acts.dln, r0 * h, &acts.head_din, 0, n * h);
-            }
+            self.head_chunk_bwd(acts, grads, r0, n);
         }
         self.backward_body(acts, grads);
         let sum = loss * denom as f64;

@@ -73,6 +73,11 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The LM head's weight: `lm_head.weight`, or the token embedding when they are tied.
+    pub fn head(&self) -> usize {
+        self.lm_head.unwrap_or(self.wte)
+    }
+
     pub fn numel(&self) -> usize {
         self.specs.iter().map(ParamSpec::numel).sum()
     }

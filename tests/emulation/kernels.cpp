@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <string>
 #include "shim.h"
+#include "reference.h"
 
 #include "common.cuh"
 #include "pointwise.cu"
@@ -24,13 +25,6 @@
 using std::vector;
 static int failures = 0;
 
-static uint64_t rs = 88172645463325252ull;
-static float frand() {  // [-1, 1)
-    rs ^= rs << 13;
-    rs ^= rs >> 7;
-    rs ^= rs << 17;
-    return ((rs >> 40) / float(1 << 24)) * 2.0f - 1.0f;
-}
 static vector<float> rvec(size_t n, float s = 1.0f) {
     vector<float> v(n);
     for (auto& x : v) x = frand() * s;
@@ -289,63 +283,6 @@ static void test_rope() {
 }
 
 // ---- attention ----
-struct Shape {
-    int batch, seq, nh, nkv, hd;
-};
-static void attn_ref(const Shape& s, const vector<float>& qkv, const vector<int>& mask, const vector<float>& dout, vector<double>& out, vector<double>& lse, vector<double>& dqkv) {
-    const int W = (s.nh + 2 * s.nkv) * s.hd, OW = s.nh * s.hd, grp = s.nh / s.nkv, hd = s.hd;
-    const double scale = 1.0f / std::sqrt((float)hd);
-    out.assign((size_t)s.batch * s.seq * OW, 0);
-    lse.assign((size_t)s.batch * s.nh * s.seq, 0);
-    dqkv.assign(qkv.size(), 0);
-    auto Q = [&](int b, int t, int h, int d) { return (double)qkv[(size_t)(b * s.seq + t) * W + h * hd + d]; };
-    auto K = [&](int b, int t, int g, int d) { return (double)qkv[(size_t)(b * s.seq + t) * W + (s.nh + g) * hd + d]; };
-    auto V = [&](int b, int t, int g, int d) { return (double)qkv[(size_t)(b * s.seq + t) * W + (s.nh + s.nkv + g) * hd + d]; };
-    for (int b = 0; b < s.batch; ++b)
-        for (int h = 0; h < s.nh; ++h) {
-            int g = h / grp;
-            for (int i = 0; i < s.seq; ++i) {
-                vector<int> keys;
-                for (int j = 0; j <= i; ++j)
-                    if (mask[b * s.seq + j]) keys.push_back(j);
-                size_t li = ((size_t)b * s.nh + h) * s.seq + i;
-                if (keys.empty()) {
-                    lse[li] = INFINITY;
-                    continue;
-                }
-                vector<double> sc(keys.size()), p(keys.size());
-                double mx = -1e300;
-                for (size_t k = 0; k < keys.size(); ++k) {
-                    double a = 0;
-                    for (int d = 0; d < hd; ++d) a += Q(b, i, h, d) * K(b, keys[k], g, d);
-                    sc[k] = a * scale;
-                    mx = std::max(mx, sc[k]);
-                }
-                double z = 0;
-                for (size_t k = 0; k < keys.size(); ++k) z += std::exp(sc[k] - mx);
-                lse[li] = mx + std::log(z);
-                for (size_t k = 0; k < keys.size(); ++k) p[k] = std::exp(sc[k] - mx) / z;
-                double* o = &out[(size_t)(b * s.seq + i) * OW + h * hd];
-                for (size_t k = 0; k < keys.size(); ++k)
-                    for (int d = 0; d < hd; ++d) o[d] += p[k] * V(b, keys[k], g, d);
-                // backward
-                const float* dO = &dout[(size_t)(b * s.seq + i) * OW + h * hd];
-                double Di = 0;
-                for (int d = 0; d < hd; ++d) Di += dO[d] * o[d];
-                for (size_t k = 0; k < keys.size(); ++k) {
-                    int j = keys[k];
-                    double dp = 0;
-                    for (int d = 0; d < hd; ++d) dp += dO[d] * V(b, j, g, d);
-                    double ds = p[k] * (dp - Di) * scale;
-                    for (int d = 0; d < hd; ++d) {
-                        dqkv[(size_t)(b * s.seq + i) * W + h * hd + d] += ds * K(b, j, g, d);
-                        dqkv[(size_t)(b * s.seq + j) * W + (s.nh + g) * hd + d] += ds * Q(b, i, h, d);
-                        dqkv[(size_t)(b * s.seq + j) * W + (s.nh + s.nkv + g) * hd + d] += p[k] * dO[d];
-                    }
-                }
-            }
-        }
-}
 
 template <typename T>
 using FwdFn = void (*)(float*, float*, const T*, const int*, int, int, int, int, int);

@@ -184,18 +184,25 @@ pub struct CacheReport {
 /// `runtime kernels --cache`: fills the kernel cache for each architecture (as the CUDA backend's
 /// start would), so that a GPU job starts without compiling; damaged entries are rebuilt.
 pub fn warm_cache(archs: &[String]) -> Result<Vec<CacheReport>> {
+    per_file(archs, |stem, src, arch, t| {
+        let m = compile_cached(stem, src, arch, false)?;
+        Ok(CacheReport {
+            file: format!("kernels/{stem}.cu"),
+            arch: arch.into(),
+            cached: m.from_cache,
+            kernels: m.names.len(),
+            seconds: t.elapsed().as_secs_f64(),
+        })
+    })
+}
+
+/// `f(stem, source, arch, start)` for every kernel file and architecture, in order; stops at the
+/// first error.
+fn per_file<T>(archs: &[String], mut f: impl FnMut(&str, &str, &str, Instant) -> Result<T>) -> Result<Vec<T>> {
     let mut out = Vec::new();
     for arch in archs {
         for (stem, src) in SOURCES {
-            let t = Instant::now();
-            let m = compile_cached(stem, src, arch, false)?;
-            out.push(CacheReport {
-                file: format!("kernels/{stem}.cu"),
-                arch: arch.clone(),
-                cached: m.from_cache,
-                kernels: m.names.len(),
-                seconds: t.elapsed().as_secs_f64(),
-            });
+            out.push(f(stem, src, arch, Instant::now())?);
         }
     }
     Ok(out)
@@ -221,20 +228,15 @@ pub fn entries(ptx: &str) -> Vec<String> {
 /// Compiles every kernel file for every architecture given (no cache): the check that runs in
 /// the test suite on machines without a GPU. Stops at the first file that does not compile.
 pub fn compile_all(archs: &[String]) -> Result<Vec<CompileReport>> {
-    let mut out = Vec::new();
-    for arch in archs {
-        for (stem, src) in SOURCES {
-            let t = Instant::now();
-            let c = compile(stem, src, arch, true)?;
-            out.push(CompileReport {
-                file: format!("kernels/{stem}.cu"),
-                arch: arch.clone(),
-                ptx_bytes: c.ptx.len(),
-                cubin_bytes: c.cubin.as_ref().map_or(0, Vec::len),
-                seconds: t.elapsed().as_secs_f64(),
-                kernels: entries(&c.ptx),
-            });
-        }
-    }
-    Ok(out)
+    per_file(archs, |stem, src, arch, t| {
+        let c = compile(stem, src, arch, true)?;
+        Ok(CompileReport {
+            file: format!("kernels/{stem}.cu"),
+            arch: arch.into(),
+            ptx_bytes: c.ptx.len(),
+            cubin_bytes: c.cubin.as_ref().map_or(0, Vec::len),
+            seconds: t.elapsed().as_secs_f64(),
+            kernels: entries(&c.ptx),
+        })
+    })
 }

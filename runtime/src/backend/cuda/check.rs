@@ -251,18 +251,22 @@ fn adamw<B: Backend>(be: &B, p: &[Vec<f32>], g: &[Vec<f32>], m: &[Vec<f32>], v: 
 /// attention read bf16-rounded operands on the GPU; the CPU gets the same rounded operands, so
 /// the comparison measures the kernels, not the rounding of the inputs.
 pub fn op_parity(gpu: &Cuda) -> Vec<Check> {
-    let was = gpu.deterministic();
-    gpu.set_deterministic(false);
-    let mut checks = op_parity_on(gpu, gpu.bf16());
+    let mut checks = with_determinism(gpu, false, || op_parity_on(gpu, gpu.bf16()));
     if gpu.bf16() {
         // the tensor-core backward's two forms: atomic dq (above) and full_determinism
-        gpu.set_deterministic(true);
-        let mut more: Vec<Check> = op_parity_on(gpu, true).into_iter().filter(|c| c.op == "attention").collect();
-        more.iter_mut().for_each(|c| c.case.push_str(", full_determinism"));
-        checks.extend(more);
+        let more = with_determinism(gpu, true, || op_parity_on(gpu, true));
+        checks.extend(more.into_iter().filter(|c| c.op == "attention").map(|c| Check { case: format!("{}, full_determinism", c.case), ..c }));
     }
-    gpu.set_deterministic(was);
     checks
+}
+
+/// `f` with `gpu`'s `full_determinism` set to `on`, then restored.
+fn with_determinism<R>(gpu: &Cuda, on: bool, f: impl FnOnce() -> R) -> R {
+    let was = gpu.deterministic();
+    gpu.set_deterministic(on);
+    let r = f();
+    gpu.set_deterministic(was);
+    r
 }
 
 /// [`op_parity`] against any backend (`bf16`: whether it rounds product and attention operands).
@@ -354,39 +358,33 @@ pub fn step_parity(gpu: &Cuda) -> Result<Vec<Check>> {
 pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     let lim = if bf16 { 1e-2 } else { 1e-4 };
-    for (arch, raw) in [
-        ("gpt2", serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 500, "n_positions": 128})),
-        (
-            "llama",
-            serde_json::json!({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "intermediate_size": 344, "vocab_size": 500, "max_position_embeddings": 128}),
-        ),
-    ] {
-        let chunks = [None, Some(50)];
-        for chunk in if arch == "gpt2" { &chunks[..] } else { &chunks[..1] } {
-            let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
-            let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
-            let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
-            let (b, t) = (3, 64);
-            let mut rng = Rng(ChaCha8Rng::seed_from_u64(9));
-            let ids = rng.ids(b * t, cfg.vocab_size as i32);
-            let mut labels = ids.clone();
-            labels[..7].iter_mut().for_each(|l| *l = -100);
-            let mut mask = vec![1; b * t];
-            mask[t..t + 4].iter_mut().for_each(|m| *m = 0);
-            let batch = Batch { batch: b, seq: t, input_ids: ids, labels: Some(labels), attention_mask: Some(mask), ..Batch::default() };
-            let cpu = one_step(Cpu, cfg.clone(), tensors.clone(), &batch, *chunk)?;
-            let dev = one_step(gpu.clone(), cfg, tensors, &batch, *chunk)?;
-            let head = chunk.map_or(String::new(), |c| format!(", LM head in chunks of {c} rows"));
-            let case = format!("{arch}, 2 layers, batch {b}x{t}{head}");
-            for (name, e) in [
-                ("loss", rel_err(&[dev.0], &[cpu.0])),
-                ("grad_norm", rel_err(&[dev.1], &[cpu.1])),
-                ("gradients", rel_err(&dev.2, &cpu.2)),
-                ("parameters after one step (L2)", rel_err_l2(&dev.3, &cpu.3)),
-            ] {
-                checks.push(Check { op: "training step".into(), case: case.clone(), output: name.into(), rel_err: e, limit: lim, pass: e <= lim });
-            }
+    let gpt2 = serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 500, "n_positions": 128});
+    let llama = serde_json::json!({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 344, "vocab_size": 500, "max_position_embeddings": 128});
+    // (architecture, config, rows per LM-head chunk)
+    for (arch, raw, chunk) in [("gpt2", &gpt2, None), ("gpt2", &gpt2, Some(50)), ("llama", &llama, None)] {
+        let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
+        let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
+        let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
+        let (b, t) = (3, 64);
+        let mut rng = Rng(ChaCha8Rng::seed_from_u64(9));
+        let ids = rng.ids(b * t, cfg.vocab_size as i32);
+        let mut labels = ids.clone();
+        labels[..7].iter_mut().for_each(|l| *l = -100);
+        let mut mask = vec![1; b * t];
+        mask[t..t + 4].iter_mut().for_each(|m| *m = 0);
+        let batch = Batch { batch: b, seq: t, input_ids: ids, labels: Some(labels), attention_mask: Some(mask), ..Batch::default() };
+        let cpu = one_step(Cpu, cfg.clone(), tensors.clone(), &batch, chunk)?;
+        let dev = one_step(gpu.clone(), cfg, tensors, &batch, chunk)?;
+        let head = chunk.map_or(String::new(), |c| format!(", LM head in chunks of {c} rows"));
+        let case = format!("{arch}, 2 layers, batch {b}x{t}{head}");
+        for (name, e) in [
+            ("loss", rel_err(&[dev.0], &[cpu.0])),
+            ("grad_norm", rel_err(&[dev.1], &[cpu.1])),
+            ("gradients", rel_err(&dev.2, &cpu.2)),
+            ("parameters after one step (L2)", rel_err_l2(&dev.3, &cpu.3)),
+        ] {
+            checks.push(Check { op: "training step".into(), case: case.clone(), output: name.into(), rel_err: e, limit: lim, pass: e <= lim });
         }
     }
     Ok(checks)
@@ -450,20 +448,19 @@ pub fn kernel_bench(gpu: &Cuda) -> Vec<Timing> {
         let case = format!("B {b}, H {h}, T {t}, D {d}");
         let ms = best_ms(gpu, 5, || gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash));
         out.push(Timing { kernel: "attention fwd".into(), case: case.clone(), ms, rate: fwd_flops / ms / 1e9, unit: "TFLOP/s".into() });
-        let was = gpu.deterministic();
         // bf16 mode at these head dims: FlashAttention-2's single backward kernel (atomic dq),
         // then the deterministic two-kernel form (full_determinism)
-        let modes = if gpu.bf16() { vec![false, true] } else { vec![was] };
-        for det in &modes {
-            gpu.set_deterministic(*det);
-            let ms = best_ms(gpu, 5, || {
-                gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash);
-                gpu.attention_bwd(&mut dqkv, &dout, &qkv, &o, &st, &mask, s, AttnImpl::Flash);
+        let modes = if gpu.bf16() { vec![false, true] } else { vec![gpu.deterministic()] };
+        for det in modes {
+            let ms = with_determinism(gpu, det, || {
+                best_ms(gpu, 5, || {
+                    gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash);
+                    gpu.attention_bwd(&mut dqkv, &dout, &qkv, &o, &st, &mask, s, AttnImpl::Flash);
+                })
             });
-            let kernel = if gpu.bf16() && *det { "attention fwd+bwd (full_determinism)" } else { "attention fwd+bwd" };
+            let kernel = if gpu.bf16() && det { "attention fwd+bwd (full_determinism)" } else { "attention fwd+bwd" };
             out.push(Timing { kernel: kernel.into(), case: case.clone(), ms, rate: 3.5 * fwd_flops / ms / 1e9, unit: "TFLOP/s".into() });
         }
-        gpu.set_deterministic(was);
     }
     // AdamW over 124M parameters in GPT-2-like tensors: reads p, g, m, v and writes p, m, v
     let sizes: Vec<usize> =

@@ -681,7 +681,7 @@ impl Backend for Cuda {
         let (h, kv, b) = (shape.n_head as u32, shape.n_kv_head as u32, shape.batch as u32);
         if suffix.starts_with("tc_") && !self.deterministic() {
             // one kernel: dk, dv written, dq added atomically into zeroed query columns
-            self.launch_n("fill_f32", dqkv.len(), &[self.p(dqkv), A::F(0.0), A::L(dqkv.len() as i64)]);
+            self.fill(dqkv, 0.0);
             self.launch(&format!("attention_bwd_dkdvq_{suffix}"), (shape.seq.div_ceil(kv_rows) as u32, kv, b), (kv_threads, 1, 1), &args);
             return;
         }

@@ -173,8 +173,8 @@ fn cuda_ops_and_training_steps_match_the_cpu_backend() {
     }
     for bf16 in [false, true] {
         let cuda = runtime::backend::cuda::Cuda::new(0, bf16).unwrap();
-        let mut checks = runtime::backend::cuda::check::op_parity(&cuda);
-        checks.extend(runtime::backend::cuda::check::step_parity(&cuda).unwrap());
+        let mut checks = runtime::tools::cuda_check::op_parity(&cuda).unwrap();
+        checks.extend(runtime::tools::cuda_check::step_parity(&cuda).unwrap());
         let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
         assert!(failed.is_empty(), "bf16 {bf16}: {failed:#?}");
     }

@@ -97,10 +97,10 @@ fn kv_cache_steps_match_the_full_forward_pass() {
         let model = load(case);
         let v = model.config.vocab_size;
         let seq: Vec<i32> = (0..9).map(|i| (i * 7 + 3) % v as i32).collect();
-        let mut acts = Activations::new(&model, 1, seq.len());
+        let mut acts = Activations::new(&model, 1, seq.len()).unwrap();
         let batch = Batch { batch: 1, seq: seq.len(), input_ids: seq.clone(), ..Batch::default() };
         model.forward(&mut acts, &batch, LossOptions::default(), false).unwrap();
-        let mut st = DecodeState::new(&model, 1, seq.len());
+        let mut st = DecodeState::new(&model, 1, seq.len()).unwrap();
         for (t, &id) in seq.iter().enumerate() {
             let step = decode_step(&model, &mut st, &[id], &[1]).unwrap();
             common::assert_close(&format!("{case} position {t}"), &step, &acts.logits[t * v..(t + 1) * v], 1e-5);

@@ -45,7 +45,7 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
 }
 
 fn loss(model: &Model<Cpu>, batch: &Batch, opts: LossOptions) -> f64 {
-    let mut acts = Activations::new(model, batch.batch, batch.seq);
+    let mut acts = Activations::new(model, batch.batch, batch.seq).unwrap();
     let out = model.forward(&mut acts, batch, opts, false).unwrap().unwrap();
     out.sum / out.n_tokens as f64
 }
@@ -54,8 +54,8 @@ fn check(name: &str, cfg: ModelConfig, attn: AttnImpl, smoothing: f32, seed: u64
     let mut model = random_model(cfg, attn, seed);
     let batch = random_batch(model.config.vocab_size, 3, 9, seed + 2);
     let opts = LossOptions { label_smoothing: smoothing, num_items_in_batch: None };
-    let mut acts = Activations::new(&model, batch.batch, batch.seq);
-    let mut grads = Grads::zeros(&model);
+    let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
+    let mut grads = Grads::zeros(&model).unwrap();
     model.forward_backward(&mut acts, &batch, &mut grads, opts).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 3);
     let h = 1e-2f32;
@@ -112,8 +112,8 @@ fn gradients_do_not_depend_on_the_thread_count() {
         pool.install(|| {
             let model = random_model(config(cfg.clone()), AttnImpl::Flash, 5);
             let batch = random_batch(300, 4, 200, 6);
-            let mut acts = Activations::new(&model, batch.batch, batch.seq);
-            let mut grads = Grads::zeros(&model);
+            let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
+            let mut grads = Grads::zeros(&model).unwrap();
             let loss = model.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default()).unwrap();
             (loss.sum, grads.tensors)
         })
@@ -140,8 +140,8 @@ fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
         for ckpt in [false, true] {
             let mut model = random_model(config(cfg.clone()), attn, 9);
             model.gradient_checkpointing = ckpt;
-            let mut acts = Activations::new(&model, batch.batch, batch.seq);
-            let mut grads = Grads::zeros(&model);
+            let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
+            let mut grads = Grads::zeros(&model).unwrap();
             let loss = model.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default()).unwrap();
             results.push((loss.sum, grads.tensors, acts.bytes(&model.backend)));
         }

@@ -8,9 +8,9 @@ mod common;
 use common::{assert_close, fixtures, read_reference, rel_err, RefTensor};
 use runtime::backend::cpu::Cpu;
 use runtime::backend::AttnImpl;
+use runtime::engine::optimizer::{clip_coefficient, clip_grad_norm, AdamW, AdamWConfig};
 use runtime::model::io::hf_tensors;
 use runtime::model::{Activations, Batch, Grads, LoadOptions, LossOptions, Model};
-use runtime::train::optimizer::{clip_coefficient, clip_grad_norm, AdamW, AdamWConfig};
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -33,13 +33,13 @@ fn load(name: &str, attn: AttnImpl) -> Case {
 
 fn check_forward_backward(name: &str, attn: AttnImpl) {
     let Case { model, reference, batch, .. } = load(name, attn);
-    let mut acts = Activations::new(&model, batch.batch, batch.seq);
+    let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
     let out = model.forward(&mut acts, &batch, LossOptions::default(), false).unwrap().unwrap();
     assert_close(&format!("{name} logits"), &acts.logits, &reference["logits"].f32s(), 1e-5);
     let want = reference["loss"].values[0];
     assert!(((out.mean as f64 - want) / want).abs() < 1e-5, "{name} loss {} vs {want}", out.mean);
 
-    let mut grads = Grads::zeros(&model);
+    let mut grads = Grads::zeros(&model).unwrap();
     model.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default()).unwrap();
     let hf = hf_tensors(&model.layout, &grads.tensors);
     let n_params = reference.keys().filter(|k| k.starts_with("grad.")).count();
@@ -85,7 +85,7 @@ fn label_smoothing_matches_torch() {
     for name in ["gpt2", "llama", "qwen2"] {
         let Case { model, reference, batch, meta } = load(name, AttnImpl::Flash);
         let eps = meta["label_smoothing"].as_f64().unwrap() as f32;
-        let mut acts = Activations::new(&model, batch.batch, batch.seq);
+        let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
         let opts = LossOptions { label_smoothing: eps, num_items_in_batch: None };
         let out = model.forward(&mut acts, &batch, opts, true).unwrap().unwrap();
         let want = reference["loss_smoothed"].values[0];
@@ -104,8 +104,8 @@ fn chunked_lm_head_matches_transformers() {
         let Case { mut model, reference, batch, meta } = load(name, AttnImpl::Flash);
         let rows = batch.batch * batch.seq;
         let grads_of = |model: &Model<Cpu>, opts: LossOptions| {
-            let mut acts = Activations::new(model, batch.batch, batch.seq);
-            let mut grads = Grads::zeros(model);
+            let mut acts = Activations::new(model, batch.batch, batch.seq).unwrap();
+            let mut grads = Grads::zeros(model).unwrap();
             let out = model.forward_backward(&mut acts, &batch, &mut grads, opts).unwrap();
             (out, grads.tensors, acts.bytes(&model.backend))
         };
@@ -135,12 +135,12 @@ fn chunked_lm_head_matches_transformers() {
             }
             // evaluation: loss and statistics in chunks against the whole logits
             let want_stats = StatsWanted { label_logprob: true, argmax: true, entropy: true, ..StatsWanted::default() };
-            let mut acts = Activations::new(&model, batch.batch, batch.seq);
+            let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
             let (eval, stats) = model.eval_loss(&mut acts, &batch, LossOptions::default(), Some(want_stats)).unwrap();
             assert!(((eval.unwrap().sum - whole.sum) / whole.sum).abs() < 1e-6, "{name} chunk {chunk}: evaluation loss");
-            let mut full = Activations::new(&model, batch.batch, batch.seq);
+            let mut full = Activations::new(&model, batch.batch, batch.seq).unwrap();
             model.forward(&mut full, &batch, LossOptions::default(), false).unwrap();
-            let (got, expect) = (stats.unwrap(), model.token_stats(&full, want_stats));
+            let (got, expect) = (stats.unwrap(), model.token_stats(&full, want_stats).unwrap());
             assert_eq!(got.argmax, expect.argmax, "{name} chunk {chunk}: argmax");
             assert_close(&format!("{name} chunk {chunk} label log-probs"), &got.label_logprob, &expect.label_logprob, 1e-5);
             assert_close(&format!("{name} chunk {chunk} entropies"), &got.entropy, &expect.entropy, 1e-5);
@@ -168,10 +168,10 @@ fn three_adamw_steps_match_torch() {
                 assert_eq!(spec.decay, !no_decay.contains(&part.name.as_str()), "{name}: decay flag of {}", part.name);
             }
         }
-        let initial = hf_tensors(&model.layout, &model.tensors());
-        let mut opt = AdamW::new(&model, cfg);
-        let mut acts = Activations::new(&model, batch.batch, batch.seq);
-        let mut grads = Grads::zeros(&model);
+        let initial = hf_tensors(&model.layout, &model.tensors().unwrap());
+        let mut opt = AdamW::new(&model, cfg).unwrap();
+        let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
+        let mut grads = Grads::zeros(&model).unwrap();
         let mut first_grads = Vec::new();
         for step in 0..meta["steps"].as_u64().unwrap() as usize {
             grads.zero(&model.backend);
@@ -182,11 +182,11 @@ fn three_adamw_steps_match_torch() {
             // the clipping coefficient fused into the step (steps 0 and 2) or applied to the
             // gradients in place (step 1): both must give torch's result
             let norm = if step % 2 == 0 {
-                let (norm, coef) = clip_coefficient(&model.backend, &grads, f("max_grad_norm"));
+                let (norm, coef) = clip_coefficient(&model.backend, &grads, f("max_grad_norm")).unwrap();
                 opt.step(&mut model, &grads, cfg.lr, coef);
                 norm
             } else {
-                let norm = clip_grad_norm(&model.backend, &mut grads, f("max_grad_norm"));
+                let norm = clip_grad_norm(&model.backend, &mut grads, f("max_grad_norm")).unwrap();
                 opt.step(&mut model, &grads, cfg.lr, 1.0);
                 norm
             };
@@ -194,7 +194,7 @@ fn three_adamw_steps_match_torch() {
             assert!(((norm as f64 - want) / want).abs() < 1e-5, "{name} step {step}: grad norm {norm} vs {want}");
             assert!(norm > f("max_grad_norm"), "{name} step {step}: the fixture should exercise clipping");
         }
-        let params = hf_tensors(&model.layout, &model.tensors());
+        let params = hf_tensors(&model.layout, &model.tensors().unwrap());
         let m = hf_tensors(&model.layout, &opt.exp_avg);
         let v = hf_tensors(&model.layout, &opt.exp_avg_sq);
         // GPT-2's key bias has an exactly zero gradient (softmax ignores a constant added to every
@@ -249,7 +249,7 @@ fn three_adamw_steps_match_torch() {
 fn saved_folder_reloads_identically_in_every_dtype_and_sharding() {
     for name in ["gpt2", "llama", "qwen2"] {
         let Case { model, .. } = load(name, AttnImpl::Flash);
-        let orig = model.tensors();
+        let orig = model.tensors().unwrap();
         let tmp = tempfile::tempdir().unwrap();
         for (dtype, shard) in [(None, 5_000_000_000u64), (Some(runtime::model::Dtype::F32), 20_000), (Some(runtime::model::Dtype::BF16), 10_000)] {
             let out = tmp.path().join(format!("{name}-{dtype:?}-{shard}"));
@@ -257,7 +257,7 @@ fn saved_folder_reloads_identically_in_every_dtype_and_sharding() {
             let sharded = out.join("model.safetensors.index.json").exists();
             assert_eq!(sharded, shard < 50_000, "{name}: sharding at {shard} bytes");
             let back = Model::load(Cpu, &out, LoadOptions::default()).unwrap();
-            for ((spec, a), b) in model.layout.specs.iter().zip(&orig).zip(back.tensors()) {
+            for ((spec, a), b) in model.layout.specs.iter().zip(&orig).zip(back.tensors().unwrap()) {
                 let mut want = a.clone();
                 if let Some(dt) = dtype {
                     dt.round(&mut want);

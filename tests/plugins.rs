@@ -12,8 +12,8 @@ use runtime::backend::cpu::Cpu;
 use runtime::model::decoder::CustomLoss;
 use runtime::model::io::hf_tensors;
 use runtime::model::{Activations, Batch, Grads, LoadOptions, Model};
+use runtime::plugin::roles::Plugins;
 use runtime::plugin::{Hook, Limits, Plugin, PluginSpec, TokenBatch};
-use runtime::train::plugins::Plugins;
 use serde_json::{json, Value};
 
 fn wasm(name: &str) -> PathBuf {
@@ -41,8 +41,8 @@ fn loss_plugins_match_pytorch_gradients() {
     for (name, file, options) in cases {
         let plugins = Plugins::load(&[json!({"path": wasm(file), "options": options})], None).unwrap();
         let mut hook = plugins.loss_hook().unwrap();
-        let mut acts = Activations::new(&model, batch.batch, batch.seq);
-        let mut grads = Grads::zeros(&model);
+        let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
+        let mut grads = Grads::zeros(&model).unwrap();
         let out = model.forward_custom(&mut acts, &batch, &mut CustomLoss::Stats(&mut hook), None, true).unwrap();
         model.backward(&mut acts, &mut grads).unwrap();
         let loss = want[&format!("{name}.loss")].values[0];
@@ -63,16 +63,16 @@ fn a_loss_logits_hook_in_lm_head_chunks_matches_the_built_in_loss() {
     let mut model = Model::load(Cpu, &dir.join("model"), LoadOptions::default()).unwrap();
     let batch = common::reference_batch(&reference);
     let rows = batch.batch * batch.seq;
-    let mut acts = Activations::new(&model, batch.batch, batch.seq);
-    let mut want = Grads::zeros(&model);
+    let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
+    let mut want = Grads::zeros(&model).unwrap();
     let built_in = model.forward_backward(&mut acts, &batch, &mut want, Default::default()).unwrap();
     let plugins = Plugins::load(&[json!({"path": wasm("rows_ce")})], None).unwrap();
     let mut hook = plugins.loss_hook().unwrap();
     assert!(hook.uses_rows());
     for chunk in [rows / 3 + 1, rows] {
         model.loss_chunk_rows = Some(chunk);
-        let mut acts = Activations::new(&model, batch.batch, batch.seq);
-        let mut grads = Grads::zeros(&model);
+        let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
+        let mut grads = Grads::zeros(&model).unwrap();
         let out = model.forward_backward_custom(&mut acts, &batch, &mut grads, &mut CustomLoss::Rows(&mut hook), None).unwrap();
         assert!(((out.sum - built_in.sum) / built_in.sum).abs() < 1e-5, "chunk {chunk}: loss sum {} vs built-in {}", out.sum, built_in.sum);
         assert_eq!(out.n_tokens, built_in.n_tokens);
@@ -98,13 +98,13 @@ fn evaluation_with_a_custom_loss_in_lm_head_chunks_matches_the_whole_logits() {
         let mut hook = plugins.loss_hook().unwrap();
         let uses_rows = hook.uses_rows();
         model.loss_chunk_rows = None;
-        let mut full = Activations::new(&model, batch.batch, batch.seq);
+        let mut full = Activations::new(&model, batch.batch, batch.seq).unwrap();
         let mut custom = if uses_rows { CustomLoss::Rows(&mut hook) } else { CustomLoss::Stats(&mut hook) };
         let whole = model.forward_custom(&mut full, &batch, &mut custom, None, false).unwrap();
-        let whole_stats = model.token_stats(&full, want);
+        let whole_stats = model.token_stats(&full, want).unwrap();
         for chunk in [rows / 3 + 1, 1] {
             model.loss_chunk_rows = Some(chunk);
-            let mut acts = Activations::new(&model, batch.batch, batch.seq);
+            let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
             let (out, stats) = model.eval_custom(&mut acts, &batch, &mut custom, Some(want)).unwrap();
             assert!(((out.sum - whole.sum) / whole.sum).abs() < 1e-5, "{file} chunk {chunk}: loss {} vs {}", out.sum, whole.sum);
             let stats = stats.unwrap();

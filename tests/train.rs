@@ -334,3 +334,61 @@ fn auto_find_batch_size_fits_the_batch_to_the_memory_budget() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("auto_find_batch_size: even one example"), "{err}");
 }
+
+/// Out of memory is an error value (the CPU with a memory budget stands in for a device that
+/// runs out): without `auto_find_batch_size` the run ends with it; with it, the step is retried
+/// with the batch halved and the accumulation doubled, and the run trains exactly as one planned
+/// at that batch from the start (same weights, bit for bit), as transformers'
+/// `find_executable_batch_size` retries after CUDA's out-of-memory error.
+#[test]
+fn out_of_memory_is_a_value_and_auto_find_batch_size_retries_the_step_with_a_smaller_batch() {
+    use runtime::args::TrainingArguments;
+    use runtime::backend::budget::Budget;
+    use runtime::backend::cpu::Cpu;
+    use runtime::train::trainer::Trainer;
+    use runtime::Error;
+    use serde_json::json;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let args = |out: &str, batch: usize, accum: usize, auto: bool| {
+        let set = [
+            ("output_dir", json!(tmp.path().join(out))),
+            ("per_device_train_batch_size", json!(batch)),
+            ("gradient_accumulation_steps", json!(accum)),
+            ("auto_find_batch_size", json!(auto)),
+            ("max_steps", json!(3)),
+            ("eval_strategy", json!("no")),
+            ("save_strategy", json!("no")),
+            ("disable_tqdm", json!(true)),
+        ];
+        let set: Vec<(String, Value)> = set.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        TrainingArguments::load(Some(&ex.join("train.toml")), &set).unwrap()
+    };
+    let weights = |t: &Trainer<Budget<Cpu>>| t.model().tensors().unwrap().concat().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // the memory a run needs at batch 8 and at batch 4 x 2, measured with no limit
+    let measured = |out: &str, batch: usize, accum: usize| {
+        let be = Budget::new(Cpu, usize::MAX);
+        let mut t = Trainer::new_on(be.clone(), args(out, batch, accum, false), true).unwrap();
+        t.train().unwrap();
+        (be.peak(), weights(&t))
+    };
+    let (peak8, _) = measured("b8", 8, 1);
+    let (peak4, weights4) = measured("b4", 4, 2);
+    assert!(peak4 < peak8, "batch 4 peaks at {peak4} bytes, batch 8 at {peak8}");
+    let limit = (peak4 + peak8) / 2;
+
+    let mut t = Trainer::new_on(Budget::new(Cpu, limit), args("plain", 8, 1, false), true).unwrap();
+    match t.train() {
+        Err(Error::OutOfMemory(msg)) => assert!(msg.contains("budget"), "{msg}"),
+        other => panic!("expected an out-of-memory error, got {:?}", other.map(|_| ())),
+    }
+
+    let mut t = Trainer::new_on(Budget::new(Cpu, limit), args("auto", 8, 1, true), true).unwrap();
+    t.train().unwrap();
+    assert_eq!((t.args.per_device_train_batch_size, t.args.gradient_accumulation_steps), (4, 2));
+    assert_eq!(t.state.global_step, 3);
+    assert!(weights(&t) == weights4, "the retried run differs from a run at batch 4 x 2");
+    let saved = json(&tmp.path().join("auto/training_args.json"));
+    assert_eq!((saved["per_device_train_batch_size"].as_u64(), saved["gradient_accumulation_steps"].as_u64()), (Some(4), Some(2)));
+}

@@ -17,8 +17,8 @@ fn main() {
         let mut dw = vec![0.0f32; m * k];
         let f = 2.0 * (n * k * m) as f64 / 1e9;
         let t_fwd = best_seconds(5, || be.matmul_fwd(&mut out, &inp, &w, Some(&b), n, k, m));
-        let t_dinp = best_seconds(5, || be.matmul_bwd(Some(&mut dinp), &mut dw, None, &dout, &inp, &w, n, k, m));
-        let t_dw = best_seconds(5, || be.matmul_bwd(None, &mut dw, None, &dout, &inp, &w, n, k, m));
+        let t_dinp = best_seconds(5, || be.matmul_bwd(Some(&mut dinp), Some(&mut dw), None, &dout, &inp, &w, n, k, m));
+        let t_dw = best_seconds(5, || be.matmul_bwd(None, Some(&mut dw), None, &dout, &inp, &w, n, k, m));
         println!("{n}x{k}x{m}: fwd {:.0} GF/s, dW {:.0} GF/s, dinp {:.0} GF/s", f / t_fwd, f / t_dw, f / (t_dinp - t_dw));
     }
 }

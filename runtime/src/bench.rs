@@ -12,9 +12,9 @@ use serde_json::json;
 use crate::backend::cpu::Cpu;
 use crate::backend::profiled::Profiled;
 use crate::backend::{AttnImpl, Backend};
+use crate::engine::{AdamWConfig, Step};
 use crate::error::Result;
-use crate::model::{init::init_tensors, Activations, Batch, Grads, LoadOptions, LossOptions, Model, ModelConfig};
-use crate::train::optimizer::{clip_coefficient, AdamW, AdamWConfig};
+use crate::model::{init::init_tensors, Activations, Batch, LoadOptions, LossOptions, Model, ModelConfig};
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
@@ -125,12 +125,14 @@ pub fn run_cuda(cfg: &BenchConfig, be: crate::backend::cuda::Cuda) -> Result<Ben
     r.peak_rss_mib = be.memory_used().0 as f64 / (1024.0 * 1024.0);
     // the rate of this backend's own product (operands cast to bf16 when in bf16 mode)
     let n = 8192;
-    let a = be.upload(&vec![0.01f32; n * n]);
-    let mut c = be.zeros(n * n);
+    let a = be.upload(&vec![0.01f32; n * n])?;
+    let mut c = be.zeros(n * n)?;
     let best = best_seconds(5, || {
         be.matmul_fwd(&mut c, &a, &a, None, n, n, n);
-        be.synchronize();
+        // a failure is sticky: the check after the timing reports it
+        let _ = be.synchronize();
     });
+    be.synchronize()?;
     r.machine_gemm_gflops = 2.0 * (n * n * n) as f64 / best / 1e9;
     Ok(r)
 }
@@ -149,26 +151,24 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
     let rows = cfg.batch * cfg.seq;
     let ids: Vec<i32> = (0..rows).map(|_| rng.random_range(0..cfg.vocab as i32)).collect();
     let batch = Batch { batch: cfg.batch, seq: cfg.seq, input_ids: ids.clone(), labels: Some(ids), ..Batch::default() };
-    let mut acts = Activations::new(&model, cfg.batch, cfg.seq);
-    let mut grads = Grads::zeros(&model);
-    let mut opt = AdamW::new(&model, AdamWConfig { lr: 3e-4, weight_decay: 0.01, ..AdamWConfig::default() });
+    let mut step = Step::new(model, AdamWConfig { lr: 3e-4, weight_decay: 0.01, ..AdamWConfig::default() })?;
+    step.acts = Activations::new(&step.model, cfg.batch, cfg.seq)?;
+    let window = [batch];
     let mut loss = f32::NAN;
     let mut elapsed = 0.0;
-    for step in 0..cfg.warmup + cfg.steps {
-        if step == cfg.warmup {
-            model.backend.synchronize();
-            on_warm(&model.backend);
+    for i in 0..cfg.warmup + cfg.steps {
+        if i == cfg.warmup {
+            step.model.backend.synchronize()?;
+            on_warm(&step.model.backend);
         }
         let t = Instant::now();
-        grads.zero(&model.backend);
-        loss = model.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default())?.mean;
-        let (_, coef) = clip_coefficient(&model.backend, &grads, 1.0);
-        opt.step(&mut model, &grads, 3e-4, coef);
-        model.backend.synchronize();
-        if step >= cfg.warmup {
+        loss = step.run(&window, LossOptions::default(), 3e-4, 1.0)?.loss as f32;
+        step.model.backend.synchronize()?;
+        if i >= cfg.warmup {
             elapsed += t.elapsed().as_secs_f64();
         }
     }
+    let Step { model, acts, .. } = step;
     let step_seconds = elapsed / cfg.steps as f64;
     let r = BenchResult {
         arch: cfg.arch.clone(),
@@ -223,7 +223,7 @@ pub fn run_decode(cfg: &BenchConfig, prompt: usize, new_tokens: usize) -> Result
     let (mut best_prefill, mut best_decode) = (f64::MAX, f64::MAX);
     for run in 0..cfg.warmup + cfg.steps {
         let t = Instant::now();
-        let mut st = DecodeState::new(&model, n, prompt + new_tokens);
+        let mut st = DecodeState::new(&model, n, prompt + new_tokens)?;
         let mut logits = prefill(&model, &mut st, &prompts, 0)?;
         let prefill_s = t.elapsed().as_secs_f64();
         if run == cfg.warmup {

@@ -9,6 +9,7 @@ use safetensors::SafeTensors;
 use crate::backend::cpu::Cpu;
 use crate::backend::AttnImpl;
 use crate::error::{Error, Result};
+use crate::files::write_file;
 use crate::model::{init::init_tensors, io, Activations, Batch, Device, Dtype, Layout, LoadOptions, LossOptions, LossOutput, Model, ModelConfig};
 
 pub fn parse_dtype(s: &str) -> Result<Dtype> {
@@ -207,16 +208,16 @@ pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions
         tensors.push(("loss".to_string(), TensorView::new(StDtype::F32, vec![1], lb).map_err(|e| Error::Invalid(e.to_string()))?));
     }
     let data = safetensors::serialize(tensors, None).map_err(|e| Error::weights(output, e.to_string()))?;
-    io::write_file(output, &data)?;
+    write_file(output, &data)?;
     Ok(loss.map(|l| l.mean))
 }
 
 fn forward_on<B: crate::backend::Backend>(be: B, model_dir: &Path, inputs: &Path, batch: &Batch, opts: LoadOptions) -> Result<(Vec<f32>, Option<LossOutput>)> {
     let model = Model::load(be, model_dir, opts)?;
     model.validate(batch).map_err(|e| Error::weights(inputs, e.to_string()))?;
-    let mut acts = Activations::new(&model, batch.batch, batch.seq);
+    let mut acts = Activations::new(&model, batch.batch, batch.seq)?;
     let loss = model.forward(&mut acts, batch, LossOptions::default(), false)?;
-    Ok((model.backend.download(&acts.logits), loss))
+    Ok((model.backend.download(&acts.logits)?, loss))
 }
 
 /// `runtime tokenize`: what the tokenizer does with each text under the run's settings.

@@ -22,6 +22,10 @@ pub enum Error {
     /// The CUDA device, driver or a CUDA library is missing or failed.
     #[error("{0}")]
     Device(String),
+    /// A device (or a memory budget) could not hold an allocation; the message says how much
+    /// was asked for and what was free. `auto_find_batch_size` retries with a smaller batch.
+    #[error("{0}")]
+    OutOfMemory(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
-use crate::model::io::write_file;
+use crate::files::write_file;
 
 const SPECIAL: [&str; 4] = ["<pad>", "<bos>", "<eos>", "<unk>"];
 const CHARS: &str = "0123456789+=";

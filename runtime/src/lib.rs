@@ -12,11 +12,15 @@ pub mod backend;
 pub mod bench;
 pub mod commands;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod example;
+pub mod files;
 pub mod generate;
 pub mod model;
 pub mod plugin;
+pub mod protocol;
+pub mod tools;
 pub mod train;
 
 pub use error::{Error, Result};

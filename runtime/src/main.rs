@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use runtime::backend::cuda::DeviceFailure;
 use runtime::backend::Backend;
 use runtime::bench::{self, BenchConfig};
 use runtime::commands::{self, parse_attn, parse_device, parse_dtype, parse_shard_size};
@@ -386,15 +385,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::generate(&model, &prompt, chat, &overrides, parse_device(&device)?, &mut std::io::stdout())?;
         }
         Command::Plugin { action } => match action {
-            PluginAction::Inspect { file } => print!("{}", runtime::plugin::check::inspect(&runtime::plugin::PluginSpec::new(file))?),
+            PluginAction::Inspect { file } => print!("{}", runtime::tools::plugin_check::inspect(&runtime::plugin::PluginSpec::new(file))?),
             PluginAction::Check { file, options, tokenizer } => {
                 let mut spec = runtime::plugin::PluginSpec::new(file);
                 for o in options {
                     let (k, v) = o.split_once('=').ok_or_else(|| anyhow::anyhow!("--option `{o}`: expected key=value"))?;
                     spec.options.insert(k.to_string(), v.to_string());
                 }
-                let tok = tokenizer.map(|d| runtime::data::Tokenizer::from_dir(&d).map(std::sync::Arc::new)).transpose()?;
-                print!("{}", runtime::plugin::check::check(&spec, tok)?);
+                let tok = tokenizer
+                    .map(|d| runtime::data::Tokenizer::from_dir(&d).map(|t| std::sync::Arc::new(t) as std::sync::Arc<dyn runtime::protocol::TokenDecoder>))
+                    .transpose()?;
+                print!("{}", runtime::tools::plugin_check::check(&spec, tok)?);
             }
             PluginAction::Bench { loss, metrics, callbacks, steps } => {
                 let model = BenchConfig {
@@ -412,7 +413,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     gradient_checkpointing: false,
                     loss_chunk_rows: None,
                 };
-                print!("{}", runtime::plugin::bench::run(&runtime::plugin::bench::PluginBenchArgs { loss, metrics, callbacks, model })?);
+                print!("{}", runtime::tools::plugin_bench::run(&runtime::tools::plugin_bench::PluginBenchArgs { loss, metrics, callbacks, model })?);
             }
         },
         Command::Args { config, overrides } => {
@@ -547,7 +548,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CudaCheck { bf16, json, bench } => {
             let cuda = runtime::backend::cuda::Cuda::new(0, bf16)?;
             if bench {
-                let timings = runtime::backend::cuda::check::kernel_bench(&cuda);
+                let timings = runtime::tools::cuda_check::kernel_bench(&cuda)?;
                 if json {
                     println!("{}", serde_json::to_string(&timings)?);
                 } else {
@@ -557,8 +558,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            let mut checks = runtime::backend::cuda::check::op_parity(&cuda);
-            checks.extend(runtime::backend::cuda::check::step_parity(&cuda)?);
+            let mut checks = runtime::tools::cuda_check::op_parity(&cuda)?;
+            checks.extend(runtime::tools::cuda_check::step_parity(&cuda)?);
             let failed = checks.iter().filter(|c| !c.pass).count();
             if json {
                 println!("{}", serde_json::to_string(&checks)?);
@@ -592,28 +593,15 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
         .init();
-    // A failed device operation (out of memory, above all) ends the command with a
-    // `DeviceFailure` panic: report it as one error line, without the panic banner.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if info.payload().downcast_ref::<DeviceFailure>().is_none() {
-            default_hook(info)
-        }
-    }));
+    // every failure, a device's (out of memory, above all) included, comes back as a value:
+    // one error line and exit status 1
     let cli = Cli::parse();
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) => {
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
-        Err(payload) => match payload.downcast::<DeviceFailure>() {
-            Ok(failure) => {
-                eprintln!("error: {}", failure.message);
-                ExitCode::FAILURE
-            }
-            Err(other) => std::panic::resume_unwind(other),
-        },
     }
 }
 
@@ -631,11 +619,11 @@ fn train_on<B: Backend + Clone>(backend: B, args: runtime::args::TrainingArgumen
     let mut trainer = Trainer::new_on(backend, args, true)?;
     tracing::info!(
         "training {} ({} parameters) on {} examples for {} steps ({})",
-        trainer.model.config.architecture_name(),
-        trainer.model.num_parameters(),
+        trainer.step.model.config.architecture_name(),
+        trainer.step.model.num_parameters(),
         trainer.train_len(),
         trainer.state.max_steps,
-        trainer.model.backend.name()
+        trainer.step.model.backend.name()
     );
     let metrics = trainer.train()?;
     for e in trainer.state.log_history.iter().filter(|e| e.contains_key("loss") || e.contains_key("eval_loss")) {

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::scheduler::SchedulerType;
 use crate::error::{Error, Result};
-use crate::train::schedule::SchedulerType;
 
 /// `eval_strategy` / `logging_strategy`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,10 +7,26 @@
 //! overwritten unless the method says otherwise. A buffer may be longer than an op's sizes say;
 //! the op then reads and writes only its leading elements (the chunked LM head reuses one set of
 //! chunk buffers for a shorter last chunk).
+//!
+//! Errors: every op that allocates or waits for the device returns a `Result` (allocation,
+//! upload, download, the losses and norms that come back to the host, `synchronize`). The
+//! compute ops return nothing: a device failure inside one (a kernel launch, a scratch
+//! allocation) is recorded, every later op does nothing, and the failure is returned by the next
+//! op that returns a `Result`. Out of memory is [`Error::OutOfMemory`], so a caller can retry
+//! with less (`auto_find_batch_size`).
 
+#[cfg(doc)]
+use crate::error::Error;
+use crate::error::Result;
+
+pub mod budget;
 pub mod cpu;
 pub mod cuda;
+pub mod device;
 pub mod profiled;
+
+/// The target that takes no part in the loss ops (PyTorch's `ignore_index` default).
+pub const IGNORE_INDEX: i32 = -100;
 
 /// Which per-token statistics [`Backend::token_stats`] computes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -201,10 +217,12 @@ pub trait Backend: Send + Sync {
     type Ids: Send + Sync;
 
     fn name(&self) -> &'static str;
-    fn zeros(&self, n: usize) -> Self::Buf;
-    fn upload(&self, data: &[f32]) -> Self::Buf;
-    fn upload_ids(&self, data: &[i32]) -> Self::Ids;
-    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// A new buffer of `n` zeros.
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    fn upload_ids(&self, data: &[i32]) -> Result<Self::Ids>;
+    /// Waits for the queued ops that write `buf` and copies it to the host.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
     fn fill(&self, buf: &mut Self::Buf, value: f32);
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
@@ -253,12 +271,13 @@ pub trait Backend: Send + Sync {
     /// `out[n, m] = inp[n, k] @ w[m, k]^T + bias[m]`.
     #[allow(clippy::too_many_arguments)] // a GEMM's operands and sizes
     fn matmul_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, w: &Self::Buf, bias: Option<&Self::Buf>, n: usize, k: usize, m: usize);
-    /// `dinp = dout @ w` (overwritten), `dw += dout^T @ inp`, `dbias += colsum(dout)`.
+    /// `dinp = dout @ w` (overwritten), `dw += dout^T @ inp`, `dbias += colsum(dout)`; each
+    /// only when asked for (a frozen weight has no `dw`, and its product is not computed).
     #[allow(clippy::too_many_arguments)] // as above
     fn matmul_bwd(
         &self,
         dinp: Option<&mut Self::Buf>,
-        dw: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
         dbias: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         inp: &Self::Buf,
@@ -319,7 +338,7 @@ pub trait Backend: Send + Sync {
 
     /// Fused softmax cross-entropy over rows of width `v` with ignore index -100 and label
     /// smoothing. With `grad_scale = Some(s)` the logits are overwritten by `s * dloss/dlogits`.
-    fn cross_entropy(&self, logits: &mut Self::Buf, targets: &Self::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows;
+    fn cross_entropy(&self, logits: &mut Self::Buf, targets: &Self::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows>;
     /// [`Backend::cross_entropy`] over `targets.len()` rows that leaves the per-row losses on the
     /// device, in `loss[row0..row0 + targets.len()]` (no wait for the device: the chunked LM head
     /// downloads them once per batch).
@@ -338,16 +357,16 @@ pub trait Backend: Send + Sync {
     /// Per-token statistics of rows of logits of width `v`, at rows whose target is not -100
     /// (0 elsewhere); only the requested ones are computed (the others come back empty). The
     /// plugin `loss` hook's input.
-    fn token_stats(&self, logits: &Self::Buf, targets: &Self::Ids, v: usize, want: StatsWanted) -> TokenStats;
+    fn token_stats(&self, logits: &Self::Buf, targets: &Self::Ids, v: usize, want: StatsWanted) -> Result<TokenStats>;
     /// The chain rule of [`Backend::token_stats`]: overwrites `logits` with `dloss/dlogits` given
     /// `dloss/dstatistic` per row (empty = zero) and the forward's `row_lse`/`row_mean_z`; rows
     /// whose target is -100 get 0. One pass over the logits.
     fn token_stats_bwd(&self, logits: &mut Self::Buf, targets: &Self::Ids, v: usize, stats: &TokenStats, grads: &StatGrads);
 
     /// Sum of squares, accumulated in f64.
-    fn sum_squares(&self, buf: &Self::Buf) -> f64;
+    fn sum_squares(&self, buf: &Self::Buf) -> Result<f64>;
     /// [`Backend::sum_squares`] of many buffers (the CUDA backend waits for the device once).
-    fn sum_squares_multi(&self, bufs: &[&Self::Buf]) -> Vec<f64> {
+    fn sum_squares_multi(&self, bufs: &[&Self::Buf]) -> Result<Vec<f64>> {
         bufs.iter().map(|b| self.sum_squares(b)).collect()
     }
     fn scale(&self, buf: &mut Self::Buf, s: f32);
@@ -367,8 +386,11 @@ pub trait Backend: Send + Sync {
     fn check_head_dim(&self, _head_dim: usize) -> Result<(), String> {
         Ok(())
     }
-    /// Waits until every queued op has finished (for timing); a no-op on the CPU.
-    fn synchronize(&self) {}
+    /// Waits until every queued op has finished (for timing), and reports a failure of any of
+    /// them; a no-op on the CPU.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
     /// Free memory of a device with its own (None: the host's memory, which the caller measures).
     fn free_memory(&self) -> Option<u128> {
         None

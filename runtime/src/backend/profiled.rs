@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::error::Result;
+
 use super::{AdamWStep, AttnImpl, AttnShape, Backend, LossRows, StatGrads, StatsWanted, TokenStats};
 
 #[derive(Default)]
@@ -26,8 +28,9 @@ impl<B: Backend> Profiled<B> {
     fn time<R>(&self, op: &'static str, flops: f64, f: impl FnOnce() -> R) -> R {
         let t = Instant::now();
         let r = f();
-        // GPU ops are queued: wait for this one so its time is its own
-        self.inner.synchronize();
+        // GPU ops are queued: wait for this one so its time is its own (a failure is sticky: the
+        // next op that returns a `Result` reports it)
+        let _ = self.inner.synchronize();
         let dt = t.elapsed().as_secs_f64();
         let mut tot = self.totals.lock().unwrap_or_else(|e| e.into_inner());
         *tot.secs.entry(op).or_default() += dt;
@@ -50,16 +53,16 @@ impl<B: Backend> Backend for Profiled<B> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
-    fn zeros(&self, n: usize) -> B::Buf {
+    fn zeros(&self, n: usize) -> Result<B::Buf> {
         self.inner.zeros(n)
     }
-    fn upload(&self, data: &[f32]) -> B::Buf {
+    fn upload(&self, data: &[f32]) -> Result<B::Buf> {
         self.inner.upload(data)
     }
-    fn upload_ids(&self, data: &[i32]) -> B::Ids {
+    fn upload_ids(&self, data: &[i32]) -> Result<B::Ids> {
         self.inner.upload_ids(data)
     }
-    fn download(&self, buf: &B::Buf) -> Vec<f32> {
+    fn download(&self, buf: &B::Buf) -> Result<Vec<f32>> {
         self.inner.download(buf)
     }
     fn len(&self, buf: &B::Buf) -> usize {
@@ -109,7 +112,7 @@ impl<B: Backend> Backend for Profiled<B> {
     fn matmul_bwd(
         &self,
         dinp: Option<&mut B::Buf>,
-        dw: &mut B::Buf,
+        dw: Option<&mut B::Buf>,
         dbias: Option<&mut B::Buf>,
         dout: &B::Buf,
         inp: &B::Buf,
@@ -118,7 +121,7 @@ impl<B: Backend> Backend for Profiled<B> {
         k: usize,
         m: usize,
     ) {
-        let gemms = if dinp.is_some() { 2.0 } else { 1.0 };
+        let gemms = (usize::from(dinp.is_some()) + usize::from(dw.is_some())) as f64;
         self.time("matmul", gemms * 2.0 * (n * k * m) as f64, || self.inner.matmul_bwd(dinp, dw, dbias, dout, inp, w, n, k, m))
     }
     fn attention_fwd(&self, out: &mut B::Buf, stats: &mut B::Buf, qkv: &B::Buf, key_mask: &B::Ids, shape: AttnShape, imp: AttnImpl) {
@@ -161,19 +164,19 @@ impl<B: Backend> Backend for Profiled<B> {
     fn add(&self, out: &mut B::Buf, a: &B::Buf, b: &B::Buf) {
         self.time("residual", 0.0, || self.inner.add(out, a, b))
     }
-    fn cross_entropy(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows {
+    fn cross_entropy(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {
         self.time("cross_entropy", 0.0, || self.inner.cross_entropy(logits, targets, v, smoothing, grad_scale))
     }
     fn cross_entropy_into(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>, loss: &mut B::Buf, row0: usize) {
         self.time("cross_entropy", 0.0, || self.inner.cross_entropy_into(logits, targets, v, smoothing, grad_scale, loss, row0))
     }
-    fn token_stats(&self, logits: &B::Buf, targets: &B::Ids, v: usize, want: StatsWanted) -> TokenStats {
+    fn token_stats(&self, logits: &B::Buf, targets: &B::Ids, v: usize, want: StatsWanted) -> Result<TokenStats> {
         self.time("cross_entropy", 0.0, || self.inner.token_stats(logits, targets, v, want))
     }
     fn token_stats_bwd(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, stats: &TokenStats, grads: &StatGrads) {
         self.time("cross_entropy", 0.0, || self.inner.token_stats_bwd(logits, targets, v, stats, grads))
     }
-    fn sum_squares(&self, buf: &B::Buf) -> f64 {
+    fn sum_squares(&self, buf: &B::Buf) -> Result<f64> {
         self.time("optimizer", 0.0, || self.inner.sum_squares(buf))
     }
     fn scale(&self, buf: &mut B::Buf, s: f32) {
@@ -182,7 +185,7 @@ impl<B: Backend> Backend for Profiled<B> {
     fn adamw(&self, p: &mut B::Buf, g: &B::Buf, m: &mut B::Buf, v: &mut B::Buf, hp: AdamWStep, decay: bool) {
         self.time("optimizer", 0.0, || self.inner.adamw(p, g, m, v, hp, decay))
     }
-    fn sum_squares_multi(&self, bufs: &[&B::Buf]) -> Vec<f64> {
+    fn sum_squares_multi(&self, bufs: &[&B::Buf]) -> Result<Vec<f64>> {
         self.time("optimizer", 0.0, || self.inner.sum_squares_multi(bufs))
     }
     fn adamw_multi(&self, tensors: &mut [super::AdamWArgs<'_, Self>], hp: AdamWStep) {
@@ -191,7 +194,7 @@ impl<B: Backend> Backend for Profiled<B> {
     fn check_head_dim(&self, head_dim: usize) -> Result<(), String> {
         self.inner.check_head_dim(head_dim)
     }
-    fn synchronize(&self) {
+    fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()
     }
     fn free_memory(&self) -> Option<u128> {

@@ -19,13 +19,7 @@ pub fn default_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("RUNTIME_CACHE_DIR") {
         return Some(PathBuf::from(d));
     }
-    Some(runtime_cache_dir()?.join("tokenized"))
-}
-
-/// The runtime's folder in the user's cache: `$XDG_CACHE_HOME/runtime`, else `~/.cache/runtime`.
-pub fn runtime_cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("runtime"))
+    Some(crate::files::runtime_cache_dir()?.join("tokenized"))
 }
 
 fn key(path: &Path, tok: &Tokenizer, block_size: Option<usize>, max_seq_length: Option<usize>) -> Result<String> {
@@ -93,7 +87,7 @@ fn write(file: &Path, kind: RecordKind, examples: &[Example]) -> Result<()> {
     let dir = file.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tmp = file.with_extension(format!("partial-{}", std::process::id()));
-    crate::model::io::write_file(&tmp, &bytes)?;
+    crate::files::write_file(&tmp, &bytes)?;
     std::fs::rename(&tmp, file).map_err(|e| Error::io(file, e))
 }
 

@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 
 use super::dataset::Example;
 use super::tokenizer::Tokenizer;
-use crate::backend::cpu::IGNORE_INDEX;
 use crate::error::{Error, Result};
+use crate::protocol::IGNORE_INDEX;
 
 pub struct ChatTemplate {
     env: Environment<'static>,

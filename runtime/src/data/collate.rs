@@ -3,63 +3,8 @@
 //! to `max_length`), rounded up to `pad_to_multiple_of`, on the tokenizer's padding side, with
 //! attention mask 0 and label -100 on the padding.
 
-use super::dataset::Example;
-use super::tokenizer::Side;
 use crate::error::{Error, Result};
-use crate::model::Batch;
-
-/// `padding=`: `longest` (transformers' `True`), `max_length`, or `do_not_pad`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Padding {
-    Longest,
-    MaxLength,
-    DoNotPad,
-}
-
-impl Padding {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "longest" | "true" | "True" => Some(Padding::Longest),
-            "max_length" => Some(Padding::MaxLength),
-            "do_not_pad" | "false" | "False" => Some(Padding::DoNotPad),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct PadOptions {
-    pub padding: Padding,
-    pub side: Side,
-    pub pad_id: u32,
-    pub max_length: Option<usize>,
-    pub truncation: bool,
-    pub pad_to_multiple_of: Option<usize>,
-}
-
-impl PadOptions {
-    /// transformers' checks: `max_length` padding needs a length, and truncating to a length that
-    /// padding would round up is refused.
-    pub fn validate(&self) -> Result<()> {
-        if self.padding == Padding::MaxLength && self.max_length.is_none() {
-            return Err(Error::Invalid("padding `max_length` needs max_length".into()));
-        }
-        if self.truncation && self.max_length.is_none() {
-            return Err(Error::Invalid("truncation needs max_length".into()));
-        }
-        if let Some(m) = self.pad_to_multiple_of {
-            if m == 0 {
-                return Err(Error::Invalid("pad_to_multiple_of must be at least 1".into()));
-            }
-            if let (true, Some(l), false) = (self.truncation, self.max_length, self.padding == Padding::DoNotPad) {
-                if l % m != 0 {
-                    return Err(Error::Invalid(format!("truncation length ({l}) is not a multiple of pad_to_multiple_of ({m})")));
-                }
-            }
-        }
-        Ok(())
-    }
-}
+pub use crate::protocol::{Batch, Example, PadOptions, Padding, Side};
 
 /// Truncates one example to `max_length` on the right (transformers' default `truncation_side`).
 pub fn truncate(ex: &mut Example, max_length: usize) {

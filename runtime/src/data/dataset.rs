@@ -9,8 +9,9 @@ use rayon::prelude::*;
 use serde_json::{Map, Value};
 
 use super::tokenizer::Tokenizer;
-use crate::backend::cpu::IGNORE_INDEX;
 use crate::error::{Error, Result};
+pub use crate::protocol::Example;
+use crate::protocol::IGNORE_INDEX;
 
 /// One record and where it came from (1-based line for JSONL, 1-based index for JSON arrays).
 #[derive(Clone, Debug)]
@@ -25,13 +26,6 @@ pub enum RecordKind {
     Text,
     PromptCompletion,
     Messages,
-}
-
-/// A tokenized training example; `labels[i]` is `input_ids[i]` or -100 (no loss).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Example {
-    pub input_ids: Vec<u32>,
-    pub labels: Vec<i32>,
 }
 
 fn located(path: &Path, line: usize, what: &str) -> String {

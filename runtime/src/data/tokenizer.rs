@@ -7,23 +7,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-
-/// `padding_side` / `truncation_side`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    Left,
-    Right,
-}
-
-impl Side {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "left" => Some(Side::Left),
-            "right" => Some(Side::Right),
-            _ => None,
-        }
-    }
-}
+pub use crate::protocol::Side;
+use crate::protocol::TokenDecoder;
 
 /// A byte range `[start, end)` of a text.
 pub type Span = (usize, usize);
@@ -155,5 +140,11 @@ impl Tokenizer {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl TokenDecoder for Tokenizer {
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        Tokenizer::decode(self, ids, skip_special_tokens)
     }
 }

@@ -38,48 +38,48 @@ pub struct DecodeState<B: Backend> {
 
 impl<B: Backend> DecodeState<B> {
     /// Room for `max_len` tokens (prompt and generated) in each of `batch` rows.
-    pub fn new(model: &Model<B>, batch: usize, max_len: usize) -> Self {
+    pub fn new(model: &Model<B>, batch: usize, max_len: usize) -> Result<Self> {
         let (be, c) = (&model.backend, &model.config);
         let kvd = c.n_kv_head * c.head_dim;
         let z = |n: usize| be.zeros(n);
-        DecodeState {
+        Ok(DecodeState {
             batch,
             max_len,
             slot: 0,
-            k: (0..c.n_layer).map(|_| z(batch * max_len * kvd)).collect(),
-            v: (0..c.n_layer).map(|_| z(batch * max_len * kvd)).collect(),
-            spare: z(0),
+            k: (0..c.n_layer).map(|_| z(batch * max_len * kvd)).collect::<Result<_>>()?,
+            v: (0..c.n_layer).map(|_| z(batch * max_len * kvd)).collect::<Result<_>>()?,
+            spare: z(0)?,
             mask: vec![0; batch * max_len],
             next_pos: vec![0; batch],
-            x: z(batch * c.hidden_size),
-            ln: z(batch * c.hidden_size),
-            mean: z(batch),
-            rstd: z(batch),
-            qkv: z(batch * c.qkv_width()),
-            att: z(batch * c.n_head * c.head_dim),
-            tmp: z(batch * c.hidden_size),
-            res1: z(batch * c.hidden_size),
-            fc: z(batch * c.fc_width()),
-            act: z(batch * c.intermediate_size),
-            logits: z(batch * c.vocab_size),
-        }
+            x: z(batch * c.hidden_size)?,
+            ln: z(batch * c.hidden_size)?,
+            mean: z(batch)?,
+            rstd: z(batch)?,
+            qkv: z(batch * c.qkv_width())?,
+            att: z(batch * c.n_head * c.head_dim)?,
+            tmp: z(batch * c.hidden_size)?,
+            res1: z(batch * c.hidden_size)?,
+            fc: z(batch * c.fc_width())?,
+            act: z(batch * c.intermediate_size)?,
+            logits: z(batch * c.vocab_size)?,
+        })
     }
 }
 
 impl<B: Backend> DecodeState<B> {
     /// Beam search: row `r` takes over the cache (keys, values, mask, positions) of row
     /// `src[r]`.
-    pub fn reorder(&mut self, be: &B, src: &[usize]) {
+    pub fn reorder(&mut self, be: &B, src: &[usize]) -> Result<()> {
         debug_assert_eq!(src.len(), self.batch);
         if src.iter().enumerate().all(|(r, &s)| r == s) {
-            return;
+            return Ok(());
         }
         // on the device: each row's cache is copied into the spare buffer, which then becomes
         // the cache (no download, no upload)
         for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
             let len = be.len(buf);
             if be.len(&self.spare) != len {
-                self.spare = be.zeros(len);
+                self.spare = be.zeros(len)?;
             }
             let w = len / self.batch;
             for (r, &s) in src.iter().enumerate() {
@@ -90,6 +90,7 @@ impl<B: Backend> DecodeState<B> {
         let w = self.max_len;
         self.mask = src.iter().flat_map(|&s| self.mask[s * w..(s + 1) * w].to_vec()).collect();
         self.next_pos = src.iter().map(|&s| self.next_pos[s]).collect();
+        Ok(())
     }
 }
 
@@ -170,7 +171,7 @@ pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &
             return Err(Error::Invalid(format!("position {q} exceeds the model's n_positions ({})", c.max_positions)));
         }
     }
-    let (ids_b, pos_b, mask_b) = (be.upload_ids(ids), be.upload_ids(&pos), be.upload_ids(&st.mask));
+    let (ids_b, pos_b, mask_b) = (be.upload_ids(ids)?, be.upload_ids(&pos)?, be.upload_ids(&st.mask)?);
     let shape = AttnShape { batch: n, seq: 1, n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim };
     be.embedding_fwd(&mut st.x, &ids_b, &p[lay.wte], lay.wpe.map(|i| (&p[i], &pos_b)), h);
     for (l, lp) in lay.layers.iter().enumerate() {
@@ -195,7 +196,7 @@ pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &
     model.norm_fwd(&mut st.ln, &mut st.mean, &mut st.rstd, &st.x, lay.lnf_w, lay.lnf_b);
     be.matmul_fwd(&mut st.logits, &st.ln, &p[lay.head()], None, n, h, v);
     st.slot += 1;
-    Ok(be.download(&st.logits))
+    be.download(&st.logits)
 }
 
 /// Greedy decoding settings (transformers' names).
@@ -315,7 +316,7 @@ fn beam_search<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Generat
     let keep = 2.max(1 + eos.len()) * nb;
     // rows of the decode batch: prompt i's beams are rows i * nb .. (i + 1) * nb
     let rows = n * nb;
-    let mut st = DecodeState::new(model, rows, max_length.max(width + 1));
+    let mut st = DecodeState::new(model, rows, max_length.max(width + 1))?;
     let padded: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();
     let expanded: Vec<Vec<u32>> = (0..rows).map(|r| prompts[r / nb].clone()).collect();
     let mut logits = prefill(model, &mut st, &expanded, pad)?;
@@ -407,7 +408,7 @@ fn beam_search<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Generat
         if !(improvement && open && !all_hit) {
             break;
         }
-        st.reorder(&model.backend, &src);
+        st.reorder(&model.backend, &src)?;
         let ids: Vec<i32> = running.iter().map(|r| *r.last().expect("a running beam has a token") as i32).collect();
         logits = decode_step(model, &mut st, &ids, &vec![1; rows])?;
     }
@@ -448,7 +449,7 @@ pub fn generate<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Genera
     let n = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let max_new = cfg.new_tokens(width);
-    let mut st = DecodeState::new(model, n, width + max_new.max(1));
+    let mut st = DecodeState::new(model, n, width + max_new.max(1))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed.unwrap_or(0));
     // each row's sequence so far, left padding included (transformers' processors see it too)
     let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();

@@ -17,29 +17,13 @@
 
 use super::config::Arch;
 use super::Model;
-use crate::backend::cpu::IGNORE_INDEX;
-use crate::backend::{AttnShape, Backend, LossRows, StatGrads, StatsWanted, TokenStats};
+use crate::backend::{AttnShape, Backend, LossRows, StatsWanted, TokenStats};
 use crate::error::{Error, Result};
+use crate::protocol::IGNORE_INDEX;
+pub use crate::protocol::{label_tokens, shifted_labels, Batch, CustomLoss, RowsLoss, StatsLoss};
 
 /// Logit floats one LM-head chunk may hold (128 MiB in f32); see [`Model::head_chunk_rows`].
 pub const LOGITS_CHUNK_FLOATS: usize = 1 << 25;
-
-/// Label tokens of a batch after the causal-LM shift.
-pub fn label_tokens(b: &Batch) -> usize {
-    b.labels.as_ref().map_or(0, |l| (0..b.batch).map(|r| l[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&x| x != IGNORE_INDEX).count()).sum())
-}
-
-/// The causal-LM shift: position `t` of a row predicts label `t + 1`; the last position and
-/// batches without labels get -100.
-pub fn shifted_labels(b: &Batch) -> Vec<i32> {
-    let mut targets = vec![IGNORE_INDEX; b.batch * b.seq];
-    if let Some(labels) = &b.labels {
-        for r in 0..b.batch {
-            targets[r * b.seq..(r + 1) * b.seq - 1].copy_from_slice(&labels[r * b.seq + 1..(r + 1) * b.seq]);
-        }
-    }
-    targets
-}
 
 fn no_label_tokens() -> Error {
     Error::Invalid("the batch has no label tokens (every label is -100 after the shift), so there is no loss to train on".into())
@@ -100,44 +84,6 @@ fn head_chunks<B: Backend>(acts: &Activations<B>) -> impl Iterator<Item = (usize
     (0..rows).step_by(cr).enumerate().map(move |(i, r0)| (i, r0, cr.min(rows - r0)))
 }
 
-/// A loss computed outside the engine from per-token statistics (the plugin `loss` hook).
-pub trait StatsLoss {
-    fn wanted(&mut self) -> Result<StatsWanted>;
-    /// The micro-batch's loss and `dloss/dstatistic`; `targets` are the shifted labels and
-    /// `num_items_in_batch` the divisor the built-in loss would use.
-    fn loss(&mut self, b: &Batch, targets: &[i32], stats: TokenStats, num_items_in_batch: usize) -> Result<(f32, StatGrads)>;
-}
-
-/// A loss computed outside the engine from whole rows of logits (the plugin `loss-logits`
-/// hook), a chunk of labelled rows at a time; the losses of the chunks add up.
-pub trait RowsLoss {
-    /// `positions[i]` is row `i`'s index in the batch's `[batch * seq]` rows, `labels[i]` its
-    /// label, `logits[i * v..(i + 1) * v]` its logits. Returns the chunk's loss and
-    /// `dloss/dlogits` for its rows.
-    fn chunk(&mut self, b: &Batch, positions: &[u32], labels: &[i32], logits: &[f32], v: usize, num_items_in_batch: usize) -> Result<(f32, Vec<f32>)>;
-}
-
-pub enum CustomLoss<'a> {
-    Stats(&'a mut dyn StatsLoss),
-    Rows(&'a mut dyn RowsLoss),
-}
-
-/// One batch of token ids, row-major `[batch, seq]`.
-#[derive(Clone, Debug, Default)]
-pub struct Batch {
-    pub batch: usize,
-    pub seq: usize,
-    pub input_ids: Vec<i32>,
-    /// 1 = a real token, 0 = padding (keys with 0 are never attended to). All ones when absent.
-    pub attention_mask: Option<Vec<i32>>,
-    /// Labels aligned with `input_ids` (HF convention: the model shifts them); -100 = no loss.
-    pub labels: Option<Vec<i32>>,
-    /// Positions for RoPE / learned position embeddings; `0..seq` on every row when absent.
-    pub position_ids: Option<Vec<i32>>,
-    /// The dataset's numeric columns for these examples, one value per row (for plugins).
-    pub columns: Vec<(String, Vec<f64>)>,
-}
-
 /// How the loss is reduced.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LossOptions {
@@ -164,9 +110,9 @@ pub struct Grads<B: Backend> {
 }
 
 impl<B: Backend> Grads<B> {
-    pub fn zeros(model: &Model<B>) -> Self {
+    pub fn zeros(model: &Model<B>) -> Result<Self> {
         let be = &model.backend;
-        Grads { tensors: model.layout.specs.iter().map(|s| be.zeros(s.numel())).collect() }
+        Ok(Grads { tensors: model.layout.specs.iter().map(|s| be.zeros(s.numel())).collect::<Result<_>>()? })
     }
     pub fn zero(&mut self, be: &B) {
         self.tensors.iter_mut().for_each(|t| be.fill(t, 0.0));
@@ -227,7 +173,7 @@ pub struct Activations<B: Backend> {
 }
 
 impl<B: Backend> Activations<B> {
-    pub fn new(model: &Model<B>, batch: usize, seq: usize) -> Self {
+    pub fn new(model: &Model<B>, batch: usize, seq: usize) -> Result<Self> {
         let (be, c) = (&model.backend, &model.config);
         let rows = batch * seq;
         let shape = model.attn_shape(batch, seq);
@@ -237,50 +183,52 @@ impl<B: Backend> Activations<B> {
         let head_rows = model.head_chunk_rows(rows);
         let chunked = head_rows < rows;
         let layers = (0..kept)
-            .map(|_| LayerActs {
-                ln1: z(rows * h),
-                ln1_mean: z(rows),
-                ln1_rstd: z(rows),
-                qkv: z(rows * c.qkv_width()),
-                att_stats: z(shape.stats_len(model.attn_impl)),
-                att_out: z(rows * shape.out_width()),
-                res1: z(rows * h),
-                ln2: z(rows * h),
-                ln2_mean: z(rows),
-                ln2_rstd: z(rows),
-                fc: z(rows * c.fc_width()),
-                act: z(rows * c.intermediate_size),
+            .map(|_| -> Result<LayerActs<B>> {
+                Ok(LayerActs {
+                    ln1: z(rows * h)?,
+                    ln1_mean: z(rows)?,
+                    ln1_rstd: z(rows)?,
+                    qkv: z(rows * c.qkv_width())?,
+                    att_stats: z(shape.stats_len(model.attn_impl))?,
+                    att_out: z(rows * shape.out_width())?,
+                    res1: z(rows * h)?,
+                    ln2: z(rows * h)?,
+                    ln2_mean: z(rows)?,
+                    ln2_rstd: z(rows)?,
+                    fc: z(rows * c.fc_width())?,
+                    act: z(rows * c.intermediate_size)?,
+                })
             })
-            .collect();
-        Activations {
+            .collect::<Result<_>>()?;
+        Ok(Activations {
             batch,
             seq,
-            ids: be.upload_ids(&vec![0; rows]),
-            pos: be.upload_ids(&vec![0; rows]),
-            mask: be.upload_ids(&vec![1; rows]),
-            targets: be.upload_ids(&vec![IGNORE_INDEX; rows]),
-            resid: (0..=c.n_layer).map(|_| z(rows * h)).collect(),
+            ids: be.upload_ids(&vec![0; rows])?,
+            pos: be.upload_ids(&vec![0; rows])?,
+            mask: be.upload_ids(&vec![1; rows])?,
+            targets: be.upload_ids(&vec![IGNORE_INDEX; rows])?,
+            resid: (0..=c.n_layer).map(|_| z(rows * h)).collect::<Result<_>>()?,
             layers,
-            lnf: z(rows * h),
-            lnf_mean: z(rows),
-            lnf_rstd: z(rows),
+            lnf: z(rows * h)?,
+            lnf_mean: z(rows)?,
+            lnf_rstd: z(rows)?,
             // allocated by the first pass that needs it (generation's prefill never does)
-            logits: z(0),
+            logits: z(0)?,
             head_rows,
-            head_in: z(if chunked { head_rows * h } else { 0 }),
-            head_din: z(if chunked { head_rows * h } else { 0 }),
+            head_in: z(if chunked { head_rows * h } else { 0 })?,
+            head_din: z(if chunked { head_rows * h } else { 0 })?,
             chunk_targets: Vec::new(),
-            row_loss: z(rows),
-            tmp: z(rows * h),
-            dres: z(rows * h),
-            dln: z(rows * h),
-            datt: z(rows * shape.out_width()),
-            dqkv: z(rows * c.qkv_width()),
-            dfc: z(rows * c.fc_width()),
-            dact: z(rows * c.intermediate_size),
+            row_loss: z(rows)?,
+            tmp: z(rows * h)?,
+            dres: z(rows * h)?,
+            dln: z(rows * h)?,
+            datt: z(rows * shape.out_width())?,
+            dqkv: z(rows * c.qkv_width())?,
+            dfc: z(rows * c.fc_width())?,
+            dact: z(rows * c.intermediate_size)?,
             has_grad: false,
             checkpointing: model.gradient_checkpointing,
-        }
+        })
     }
 
     /// What [`Activations::new`] would allocate for `batch` x `seq`, in bytes, without
@@ -404,21 +352,22 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    fn upload_batch(&self, acts: &mut Activations<B>, b: &Batch) {
+    fn upload_batch(&self, acts: &mut Activations<B>, b: &Batch) -> Result<()> {
         let be = &self.backend;
         let rows = b.batch * b.seq;
-        acts.ids = be.upload_ids(&b.input_ids);
+        acts.ids = be.upload_ids(&b.input_ids)?;
         acts.pos = match &b.position_ids {
-            Some(p) => be.upload_ids(p),
-            None => be.upload_ids(&(0..rows).map(|r| (r % b.seq) as i32).collect::<Vec<_>>()),
+            Some(p) => be.upload_ids(p)?,
+            None => be.upload_ids(&(0..rows).map(|r| (r % b.seq) as i32).collect::<Vec<_>>())?,
         };
         acts.mask = match &b.attention_mask {
-            Some(m) => be.upload_ids(m),
-            None => be.upload_ids(&vec![1; rows]),
+            Some(m) => be.upload_ids(m)?,
+            None => be.upload_ids(&vec![1; rows])?,
         };
         let targets = shifted_labels(b);
-        acts.targets = be.upload_ids(&targets);
-        acts.chunk_targets = if acts.head_rows < rows { targets.chunks(acts.head_rows).map(|t| be.upload_ids(t)).collect() } else { Vec::new() };
+        acts.targets = be.upload_ids(&targets)?;
+        acts.chunk_targets = if acts.head_rows < rows { targets.chunks(acts.head_rows).map(|t| be.upload_ids(t)).collect::<Result<_>>()? } else { Vec::new() };
+        Ok(())
     }
 
     pub(crate) fn norm_fwd(&self, out: &mut B::Buf, mean: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf, w: usize, b: Option<usize>) {
@@ -484,7 +433,7 @@ impl<B: Backend> Model<B> {
             return Err(no_label_tokens());
         }
         let grad_scale = train.then(|| 1.0 / denom as f32);
-        let LossRows { loss: rows_loss, n_targets } = be.cross_entropy(&mut acts.logits, &acts.targets, c.vocab_size, loss.label_smoothing, grad_scale);
+        let LossRows { loss: rows_loss, n_targets } = be.cross_entropy(&mut acts.logits, &acts.targets, c.vocab_size, loss.label_smoothing, grad_scale)?;
         debug_assert_eq!(n_targets, n_tokens);
         acts.has_grad = train;
         let sum: f64 = rows_loss.iter().map(|&x| x as f64).sum();
@@ -509,7 +458,7 @@ impl<B: Backend> Model<B> {
         let loss = match custom {
             CustomLoss::Stats(hook) => {
                 let want = hook.wanted()?;
-                let mut stats = be.token_stats(&acts.logits, &acts.targets, v, want);
+                let mut stats = be.token_stats(&acts.logits, &acts.targets, v, want)?;
                 let saved = stats.take_backward_state();
                 let (loss, grads) = hook.loss(b, &targets, stats, denom)?;
                 grads.check(want, targets.len()).map_err(Error::Plugin)?;
@@ -519,12 +468,12 @@ impl<B: Backend> Model<B> {
                 loss
             }
             CustomLoss::Rows(hook) => {
-                let logits = be.download(&acts.logits);
+                let logits = be.download(&acts.logits)?;
                 let rows = targets.len();
                 let mut dlogits = if train { vec![0.0f32; rows * v] } else { Vec::new() };
                 let loss = rows_hook(*hook, b, &targets, &logits, (0, rows, v), denom, train.then_some(&mut dlogits[..]))?;
                 if train {
-                    acts.logits = be.upload(&dlogits);
+                    acts.logits = be.upload(&dlogits)?;
                 }
                 loss as f32
             }
@@ -555,14 +504,14 @@ impl<B: Backend> Model<B> {
         };
         let (mut stats, mut hook_stats, mut rows_loss) = (None::<TokenStats>, TokenStats::default(), 0.0f64);
         for (i, r0, n) in head_chunks(acts) {
-            self.head_chunk_fwd(acts, r0, n);
+            self.head_chunk_fwd(acts, r0, n)?;
             let tids = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
             if let Some(w) = want {
-                stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, tids, v, w));
+                stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, tids, v, w)?);
             }
             match custom {
-                CustomLoss::Stats(_) => hook_stats.append(be.token_stats(&acts.logits, tids, v, hook_want.unwrap_or_default())),
-                CustomLoss::Rows(hook) => rows_loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits), (r0, n, v), n_tokens, None)?,
+                CustomLoss::Stats(_) => hook_stats.append(be.token_stats(&acts.logits, tids, v, hook_want.unwrap_or_default())?),
+                CustomLoss::Rows(hook) => rows_loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits)?, (r0, n, v), n_tokens, None)?,
             }
         }
         let loss = match custom {
@@ -588,7 +537,7 @@ impl<B: Backend> Model<B> {
         if self.gradient_checkpointing {
             return Ok(None);
         }
-        let mut acts = Activations::new(self, b.batch, b.seq);
+        let mut acts = Activations::new(self, b.batch, b.seq)?;
         self.forward_hidden(&mut acts, b, false)?;
         let (be, c) = (&self.backend, &self.config);
         let shape = self.attn_shape(b.batch, b.seq);
@@ -597,18 +546,18 @@ impl<B: Backend> Model<B> {
         }
         // the LM head on each row's last position only
         let h = c.hidden_size;
-        let mut last = be.zeros(b.batch * h);
+        let mut last = be.zeros(b.batch * h)?;
         for r in 0..b.batch {
             be.copy_range(&mut last, r * h, &acts.lnf, ((r + 1) * b.seq - 1) * h, h);
         }
-        let mut logits = be.zeros(b.batch * c.vocab_size);
+        let mut logits = be.zeros(b.batch * c.vocab_size)?;
         be.matmul_fwd(&mut logits, &last, &self.params[self.layout.head()], None, b.batch, h, c.vocab_size);
-        Ok(Some(be.download(&logits)))
+        Ok(Some(be.download(&logits)?))
     }
 
     /// Per-token statistics of the logits of the last forward pass, at labelled positions (for
     /// evaluation metrics). Call before a backward pass overwrites the logits with gradients.
-    pub fn token_stats(&self, acts: &Activations<B>, want: StatsWanted) -> TokenStats {
+    pub fn token_stats(&self, acts: &Activations<B>, want: StatsWanted) -> Result<TokenStats> {
         self.backend.token_stats(&acts.logits, &acts.targets, self.config.vocab_size, want)
     }
 
@@ -619,7 +568,7 @@ impl<B: Backend> Model<B> {
         let (be, c) = (&self.backend, &self.config);
         let rows = b.batch * b.seq;
         if be.len(&acts.logits) < rows * c.vocab_size {
-            acts.logits = be.zeros(rows * c.vocab_size);
+            acts.logits = be.zeros(rows * c.vocab_size)?;
         }
         be.matmul_fwd(&mut acts.logits, &acts.lnf, &self.params[self.layout.head()], None, rows, c.hidden_size, c.vocab_size);
         Ok(())
@@ -629,9 +578,11 @@ impl<B: Backend> Model<B> {
     fn forward_hidden(&self, acts: &mut Activations<B>, b: &Batch, train: bool) -> Result<()> {
         self.validate(b)?;
         if acts.shape() != (b.batch, b.seq) || acts.checkpointing != self.gradient_checkpointing {
-            *acts = Activations::new(self, b.batch, b.seq);
+            // the old workspace is freed before the new one is made
+            *acts = Activations::new(self, 0, 0)?;
+            *acts = Activations::new(self, b.batch, b.seq)?;
         }
-        self.upload_batch(acts, b);
+        self.upload_batch(acts, b)?;
         let (be, c, lay, p) = (&self.backend, &self.config, &self.layout, &self.params);
         let (rows, h) = (b.batch * b.seq, c.hidden_size);
         let shape = self.attn_shape(b.batch, b.seq);
@@ -643,7 +594,7 @@ impl<B: Backend> Model<B> {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             let noise: Vec<f32> = (0..rows * h).map(|_| rng.random_range(-mag..=mag)).collect();
             be.copy(&mut acts.tmp, &acts.resid[0]);
-            be.add(&mut acts.resid[0], &acts.tmp, &be.upload(&noise));
+            be.add(&mut acts.resid[0], &acts.tmp, &be.upload(&noise)?);
         }
         for l in 0..c.n_layer {
             self.layer_fwd(acts, l, shape);
@@ -655,11 +606,11 @@ impl<B: Backend> Model<B> {
 
     /// One chunk of the LM head after [`Model::forward_hidden`]: the logits of rows `r0..r0 + n`
     /// into `acts.logits` (the whole batch reads `acts.lnf` directly; a chunk is copied out of it).
-    fn head_chunk_fwd(&self, acts: &mut Activations<B>, r0: usize, n: usize) {
+    fn head_chunk_fwd(&self, acts: &mut Activations<B>, r0: usize, n: usize) -> Result<()> {
         let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
         let rows = acts.batch * acts.seq;
         if be.len(&acts.logits) < acts.head_rows.min(rows) * v {
-            acts.logits = be.zeros(acts.head_rows.min(rows) * v);
+            acts.logits = be.zeros(acts.head_rows.min(rows) * v)?;
         }
         let w = &self.params[self.layout.head()];
         if n == rows {
@@ -668,6 +619,7 @@ impl<B: Backend> Model<B> {
             be.copy_range(&mut acts.head_in, 0, &acts.lnf, r0 * h, n * h);
             be.matmul_fwd(&mut acts.logits, &acts.head_in, w, None, n, h, v);
         }
+        Ok(())
     }
 
     /// The head's backward pass for the chunk of [`Model::head_chunk_fwd`], from the logits'
@@ -677,9 +629,9 @@ impl<B: Backend> Model<B> {
         let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
         let (head, rows) = (self.layout.head(), acts.batch * acts.seq);
         if n == rows {
-            be.matmul_bwd(Some(&mut acts.dln), &mut grads.tensors[head], None, &acts.logits, &acts.lnf, &self.params[head], n, h, v);
+            be.matmul_bwd(Some(&mut acts.dln), Some(&mut grads.tensors[head]), None, &acts.logits, &acts.lnf, &self.params[head], n, h, v);
         } else {
-            be.matmul_bwd(Some(&mut acts.head_din), &mut grads.tensors[head], None, &acts.logits, &acts.head_in, &self.params[head], n, h, v);
+            be.matmul_bwd(Some(&mut acts.head_din), Some(&mut grads.tensors[head]), None, &acts.logits, &acts.head_in, &self.params[head], n, h, v);
             be.copy_range(&mut acts.dln, r0 * h, &acts.head_din, 0, n * h);
         }
     }
@@ -712,10 +664,10 @@ impl<B: Backend> Model<B> {
         let grad_scale = grads.is_some().then(|| 1.0 / denom as f32);
         let mut stats: Option<TokenStats> = None;
         for (i, r0, n) in head_chunks(acts) {
-            self.head_chunk_fwd(acts, r0, n);
+            self.head_chunk_fwd(acts, r0, n)?;
             let targets = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
             if let Some(w) = want {
-                stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, targets, v, w));
+                stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, targets, v, w)?);
             }
             be.cross_entropy_into(&mut acts.logits, targets, v, loss.label_smoothing, grad_scale, &mut acts.row_loss, r0);
             if let Some(g) = grads.as_deref_mut() {
@@ -727,9 +679,9 @@ impl<B: Backend> Model<B> {
 
     /// The loss of the last [`Model::head_loss`] over `n_tokens` label tokens: its per-row losses
     /// downloaded and summed in row order (in f64).
-    fn loss_output(&self, acts: &Activations<B>, n_tokens: usize) -> LossOutput {
-        let sum: f64 = self.backend.download(&acts.row_loss).iter().map(|&x| x as f64).sum();
-        LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 }
+    fn loss_output(&self, acts: &Activations<B>, n_tokens: usize) -> Result<LossOutput> {
+        let sum: f64 = self.backend.download(&acts.row_loss)?.iter().map(|&x| x as f64).sum();
+        Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 })
     }
 
     /// Evaluation: the forward pass and the built-in loss with the LM head in chunks (the whole
@@ -744,7 +696,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<(Option<LossOutput>, Option<TokenStats>)> {
         self.forward_hidden(acts, b, false)?;
         let (n_tokens, stats) = self.head_loss(acts, b, loss, None, want)?;
-        Ok((n_tokens.map(|n| self.loss_output(acts, n)), stats))
+        Ok((n_tokens.map(|n| self.loss_output(acts, n)).transpose()?, stats))
     }
 
     /// The backward pass after a training forward pass; accumulates into `grads`.
@@ -757,7 +709,7 @@ impl<B: Backend> Model<B> {
         let (batch, seq) = acts.shape();
         let (rows, h) = (batch * seq, c.hidden_size);
         let head = lay.head();
-        be.matmul_bwd(Some(&mut acts.dln), &mut grads.tensors[head], None, &acts.logits, &acts.lnf, &p[head], rows, h, c.vocab_size);
+        be.matmul_bwd(Some(&mut acts.dln), Some(&mut grads.tensors[head]), None, &acts.logits, &acts.lnf, &p[head], rows, h, c.vocab_size);
         self.backward_body(acts, grads);
         Ok(())
     }
@@ -778,23 +730,23 @@ impl<B: Backend> Model<B> {
             let a = &acts.layers[if acts.checkpointing { 0 } else { l }];
             // dres holds d(layer output) = d(res1 + mlp(...))
             let (dw, db) = pair(&mut grads.tensors, lp.proj_w, lp.proj_b);
-            be.matmul_bwd(Some(&mut acts.dact), dw, db, &acts.dres, &a.act, &p[lp.proj_w], rows, c.intermediate_size, h);
+            be.matmul_bwd(Some(&mut acts.dact), Some(dw), db, &acts.dres, &a.act, &p[lp.proj_w], rows, c.intermediate_size, h);
             match c.arch {
                 Arch::Gpt2 => be.gelu_bwd(&mut acts.dfc, &a.fc, &acts.dact),
                 Arch::Llama => be.swiglu_bwd(&mut acts.dfc, &a.fc, &acts.dact, c.intermediate_size),
             }
             let (dw, db) = pair(&mut grads.tensors, lp.fc_w, lp.fc_b);
-            be.matmul_bwd(Some(&mut acts.dln), dw, db, &acts.dfc, &a.ln2, &p[lp.fc_w], rows, h, c.fc_width());
+            be.matmul_bwd(Some(&mut acts.dln), Some(dw), db, &acts.dfc, &a.ln2, &p[lp.fc_w], rows, h, c.fc_width());
             self.norm_bwd(grads, &mut acts.dres, &acts.dln, &a.res1, &a.ln2_mean, &a.ln2_rstd, lp.ln2_w, lp.ln2_b);
             // dres now holds d(res1) = d(x + attn(...))
             let (dw, db) = pair(&mut grads.tensors, lp.o_w, lp.o_b);
-            be.matmul_bwd(Some(&mut acts.datt), dw, db, &acts.dres, &a.att_out, &p[lp.o_w], rows, shape.out_width(), h);
+            be.matmul_bwd(Some(&mut acts.datt), Some(dw), db, &acts.dres, &a.att_out, &p[lp.o_w], rows, shape.out_width(), h);
             be.attention_bwd(&mut acts.dqkv, &acts.datt, &a.qkv, &a.att_out, &a.att_stats, &acts.mask, shape, self.attn_impl);
             if c.arch == Arch::Llama {
                 be.rope(&mut acts.dqkv, &acts.pos, shape, c.rope_theta, true);
             }
             let (dw, db) = pair(&mut grads.tensors, lp.qkv_w, lp.qkv_b);
-            be.matmul_bwd(Some(&mut acts.dln), dw, db, &acts.dqkv, &a.ln1, &p[lp.qkv_w], rows, h, c.qkv_width());
+            be.matmul_bwd(Some(&mut acts.dln), Some(dw), db, &acts.dqkv, &a.ln1, &p[lp.qkv_w], rows, h, c.qkv_width());
             self.norm_bwd(grads, &mut acts.dres, &acts.dln, &acts.resid[l], &a.ln1_mean, &a.ln1_rstd, lp.ln1_w, lp.ln1_b);
         }
         let (dwte, dwpe) = pair(&mut grads.tensors, lay.wte, lay.wpe);
@@ -827,11 +779,11 @@ impl<B: Backend> Model<B> {
         let (be, v) = (&self.backend, self.config.vocab_size);
         let mut loss = 0.0f64;
         for (_, r0, n) in head_chunks(acts) {
-            self.head_chunk_fwd(acts, r0, n);
+            self.head_chunk_fwd(acts, r0, n)?;
             // the chunk's labelled rows go to the hook; unlabelled rows get no gradient
             let mut dlogits = vec![0.0f32; n * v];
-            loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits), (r0, n, v), denom, Some(&mut dlogits))?;
-            acts.logits = be.upload(&dlogits);
+            loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits)?, (r0, n, v), denom, Some(&mut dlogits))?;
+            acts.logits = be.upload(&dlogits)?;
             self.head_chunk_bwd(acts, grads, r0, n);
         }
         self.backward_body(acts, grads);
@@ -847,7 +799,7 @@ impl<B: Backend> Model<B> {
         let n_tokens = n_tokens.ok_or_else(|| Error::Invalid("training needs labels".into()))?;
         self.backward_body(acts, grads);
         // read the loss once the backward pass is queued, so a GPU is not left idle meanwhile
-        Ok(self.loss_output(acts, n_tokens))
+        self.loss_output(acts, n_tokens)
     }
 }
 

@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype as StDtype, TensorView};
@@ -13,6 +12,7 @@ use serde_json::{json, Map, Value};
 
 use super::layout::{Layout, ParamSpec};
 use crate::error::{Error, Result};
+use crate::files::write_file;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -340,13 +340,6 @@ pub fn write_weights(dir: &Path, layout: &Layout, tensors: &[Vec<f32>], dtype: D
         written.push(path);
     }
     Ok(written)
-}
-
-/// Writes and flushes one file to disk.
-pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    f.sync_all().map_err(|e| Error::io(path, e))
 }
 
 /// A tensor's dtype (as safetensors spells it), shape and file.

@@ -16,63 +16,10 @@ pub use decoder::{Activations, Batch, Grads, LossOptions, LossOutput};
 pub use io::Dtype;
 pub use layout::Layout;
 
+pub use crate::backend::device::{Device, Selected};
 use crate::backend::{AttnImpl, Backend};
 use crate::error::{Error, Result};
-
-/// Where a model runs: `device` as transformers and accelerate spell it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Cuda,
-    Auto,
-}
-
-impl Device {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "cpu" => Some(Device::Cpu),
-            "cuda" => Some(Device::Cuda),
-            "auto" => Some(Device::Auto),
-            _ => None,
-        }
-    }
-
-    /// A short description of the device this choice gives here (for `inspect`): `cpu`, or the
-    /// CUDA device's name; an error when `cuda` was asked for and none is usable.
-    pub fn resolve(self) -> Result<String> {
-        let cuda = |info: crate::backend::cuda::DeviceInfo| {
-            format!("cuda:{} ({}, compute capability {}.{})", info.ordinal, info.name, info.compute_capability.0, info.compute_capability.1)
-        };
-        match self {
-            Device::Cpu => Ok("cpu".into()),
-            Device::Cuda => crate::backend::cuda::probe(0).map(cuda),
-            Device::Auto => Ok(crate::backend::cuda::probe(0).map_or_else(|_| "cpu".into(), cuda)),
-        }
-    }
-
-    /// Opens the backend: the CPU, or CUDA device 0 with its kernels compiled (`bf16`: mixed
-    /// precision). `auto` takes CUDA when a device and its libraries are present and says why
-    /// not otherwise; `cuda` with no usable device is an error that says what is missing.
-    pub fn select(self, bf16: bool) -> Result<Selected> {
-        match self {
-            Device::Cpu => Ok(Selected::Cpu),
-            Device::Cuda => Ok(Selected::Cuda(crate::backend::cuda::Cuda::new(0, bf16)?)),
-            Device::Auto => match crate::backend::cuda::probe(0) {
-                Ok(_) => Ok(Selected::Cuda(crate::backend::cuda::Cuda::new(0, bf16)?)),
-                Err(why) => {
-                    tracing::debug!("device auto: using the CPU ({why})");
-                    Ok(Selected::Cpu)
-                }
-            },
-        }
-    }
-}
-
-/// An opened backend, as [`Device::select`] chose it.
-pub enum Selected {
-    Cpu,
-    Cuda(crate::backend::cuda::Cuda),
-}
+use crate::files::write_file;
 
 /// Loading options under transformers' names (`from_pretrained(torch_dtype=..., attn_implementation=...)`).
 #[derive(Clone, Copy, Debug)]
@@ -154,7 +101,7 @@ impl<B: Backend> Model<B> {
         if tensors.len() != layout.specs.len() {
             return Err(Error::Invalid(format!("{} tensors given, the layout has {}", tensors.len(), layout.specs.len())));
         }
-        let params = tensors.iter().map(|t| backend.upload(t)).collect();
+        let params = tensors.iter().map(|t| backend.upload(t)).collect::<Result<_>>()?;
         Ok(Model {
             backend,
             config,
@@ -170,7 +117,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// The parameters as host f32 vectors, in the engine's layout.
-    pub fn tensors(&self) -> Vec<Vec<f32>> {
+    pub fn tensors(&self) -> Result<Vec<Vec<f32>>> {
         self.params.iter().map(|p| self.backend.download(p)).collect()
     }
 
@@ -182,7 +129,7 @@ impl<B: Backend> Model<B> {
     /// bytes) and the source folder's tokenizer/generation files into `dir`. The folder is built
     /// under a temporary name and renamed into place, so it is either complete or absent.
     pub fn save(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64, overwrite: bool) -> Result<()> {
-        write_folder_atomically(dir, overwrite, |tmp| self.write_into(tmp, dtype, max_shard_size))
+        crate::files::write_folder_atomically(dir, overwrite, |tmp| self.write_into(tmp, dtype, max_shard_size))
     }
 
     /// Writes `config.json`, the weights and the companion files into the existing folder `dir`
@@ -196,52 +143,17 @@ impl<B: Backend> Model<B> {
             raw.insert("architectures".into(), Value::Array(vec![Value::String(self.config.architecture_name().into())]));
         }
         let text = serde_json::to_string_pretty(&Value::Object(raw)).expect("JSON of JSON");
-        io::write_file(&dir.join("config.json"), format!("{text}\n").as_bytes())?;
-        io::write_weights(dir, &self.layout, &self.tensors(), dtype, max_shard_size)?;
+        write_file(&dir.join("config.json"), format!("{text}\n").as_bytes())?;
+        io::write_weights(dir, &self.layout, &self.tensors()?, dtype, max_shard_size)?;
         if let Some(src) = &self.source {
             for name in COMPANION_FILES {
                 let from = src.join(name);
                 if from.is_file() {
                     let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
-                    io::write_file(&dir.join(name), &bytes)?;
+                    write_file(&dir.join(name), &bytes)?;
                 }
             }
         }
         Ok(())
     }
-}
-
-/// Builds a folder under a temporary sibling name with `fill`, then renames it to `dir`. On any
-/// error the temporary folder is removed and `dir` is left as it was.
-pub fn write_folder_atomically(dir: &Path, overwrite: bool, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let occupied = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some();
-    if dir.exists() && !dir.is_dir() {
-        return Err(Error::Invalid(format!("{}: exists and is not a folder", dir.display())));
-    }
-    if occupied && !overwrite {
-        return Err(Error::Invalid(format!("{}: folder exists and is not empty (pass --overwrite_output_dir to replace it)", dir.display())));
-    }
-    let name = dir.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a folder name", dir.display())))?.to_string_lossy().to_string();
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = fill(&tmp).and_then(|()| {
-        if dir.exists() {
-            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-            std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))
-        } else {
-            std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
-        }
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
 }

@@ -16,7 +16,7 @@ pub fn default_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("RUNTIME_PLUGIN_CACHE_DIR") {
         return Some(PathBuf::from(d));
     }
-    Some(crate::data::cache::runtime_cache_dir()?.join("plugins"))
+    Some(crate::files::runtime_cache_dir()?.join("plugins"))
 }
 
 fn key(engine: &Engine, wasm: &[u8]) -> String {

@@ -9,11 +9,10 @@
 //!   host's own state is never touched.
 //! - Compiled components are cached by content hash and engine (see [`cache`]).
 
-pub mod bench;
 pub mod cache;
 mod capture;
-pub mod check;
 pub mod hooks;
+pub mod roles;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,8 +23,8 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::data::Tokenizer;
 use crate::error::{Error, Result};
+use crate::protocol::TokenDecoder;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -204,7 +203,7 @@ pub struct HostState {
     limiter: Limiter,
     name: Arc<str>,
     options: Arc<BTreeMap<String, String>>,
-    tokenizer: Option<Arc<Tokenizer>>,
+    tokenizer: Option<Arc<dyn TokenDecoder>>,
 }
 
 impl WasiView for HostState {
@@ -250,8 +249,8 @@ impl bindings::trainer::plugin::host::Host for HostState {
 
 impl EvalBatch {
     /// An evaluation batch of argmax predictions and label log-probabilities (from
-    /// [`crate::backend::Backend::token_stats`]) aligned with the shifted `labels`, `[rows, seq]`.
-    pub fn argmax(rows: usize, seq: usize, labels: Vec<i32>, stats: crate::backend::TokenStats, inputs: Option<Vec<u32>>, pad_token_id: Option<u32>) -> Self {
+    /// the backend's `token_stats`) aligned with the shifted `labels`, `[rows, seq]`.
+    pub fn argmax(rows: usize, seq: usize, labels: Vec<i32>, stats: crate::protocol::TokenStats, inputs: Option<Vec<u32>>, pad_token_id: Option<u32>) -> Self {
         EvalBatch {
             kind: PredictionKind::Argmax,
             batch_size: rows as u32,
@@ -302,7 +301,7 @@ pub struct Plugin {
     pre: bindings::PluginPre<HostState>,
     name: Arc<str>,
     options: Arc<BTreeMap<String, String>>,
-    tokenizer: Option<Arc<Tokenizer>>,
+    tokenizer: Option<Arc<dyn TokenDecoder>>,
     store: Store<HostState>,
     instance: bindings::Plugin,
     /// The live instance failed; the next call makes a fresh one.
@@ -319,7 +318,7 @@ fn short(path: &Path) -> String {
 
 impl Plugin {
     /// Loads, checks and instantiates a plugin, then asks it to `describe` itself.
-    pub fn load(spec: &PluginSpec, tokenizer: Option<Arc<Tokenizer>>) -> Result<Self> {
+    pub fn load(spec: &PluginSpec, tokenizer: Option<Arc<dyn TokenDecoder>>) -> Result<Self> {
         let t = Instant::now();
         let path = &spec.path;
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -384,7 +383,7 @@ impl Plugin {
         spec: &PluginSpec,
         name: &Arc<str>,
         options: &Arc<BTreeMap<String, String>>,
-        tokenizer: &Option<Arc<Tokenizer>>,
+        tokenizer: &Option<Arc<dyn TokenDecoder>>,
         output: &capture::Captured,
     ) -> wasmtime::Result<(Store<HostState>, bindings::Plugin)> {
         // no preopened directories, no environment, no arguments, no sockets, no stdin

@@ -1,11 +1,15 @@
 //! Training: the optimizer, learning-rate schedules, the deterministic sampler, the trainer state
 //! and the training loop with checkpoints.
 
+mod batch_size;
 pub mod callbacks;
-pub mod optimizer;
+mod checkpoint;
+mod evaluate;
+mod flow;
 pub mod plot;
-pub mod plugins;
+pub mod plugin_callbacks;
 pub mod sampler;
 pub mod schedule;
+mod setup;
 pub mod state;
 pub mod trainer;

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::math;
 use crate::backend::{LossRows, StatGrads, StatsWanted, TokenStats};
 
-pub const IGNORE_INDEX: i32 = -100;
+use crate::backend::IGNORE_INDEX;
 
 pub fn cross_entropy(logits: &mut [f32], targets: &[i32], v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows {
     let mut loss = vec![0.0f32; targets.len()];

@@ -195,11 +195,23 @@ fn dot_4x2(x: &[f32], k: usize, w0: &[f32], w1: &[f32]) -> [[f32; 2]; 4] {
 
 /// `dinp = dout @ w`, `dw += dout^T @ inp`, `dbias += colsum(dout)`.
 #[allow(clippy::too_many_arguments)] // see Backend::matmul_bwd
-pub fn matmul_bwd(dinp: Option<&mut [f32]>, dw: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
+pub fn matmul_bwd(
+    dinp: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    n: usize,
+    k: usize,
+    m: usize,
+) {
     if let Some(dinp) = dinp {
         strided(dinp, false, (n, k, m), k, dout, (m, 1), w, (k, 1));
     }
-    strided(dw, true, (m, k, n), k, dout, (1, m), inp, (k, 1));
+    if let Some(dw) = dw {
+        strided(dw, true, (m, k, n), k, dout, (1, m), inp, (k, 1));
+    }
     if let Some(db) = dbias {
         reduce_rows(n, m, &mut [db], |rows, acc| {
             for r in rows {
@@ -254,7 +266,7 @@ mod tests {
         let mut dinp = vec![0.0; n * k];
         let mut dw = vec![1.0; m * k];
         let mut db = vec![1.0; m];
-        matmul_bwd(Some(&mut dinp), &mut dw, Some(&mut db), &dout, &inp, &w, n, k, m);
+        matmul_bwd(Some(&mut dinp), Some(&mut dw), Some(&mut db), &dout, &inp, &w, n, k, m);
         // dinp = dout @ w  ==  dout[n,m] @ (w^T)[k,m]^T
         let wt: Vec<f32> = (0..k * m).map(|i| w[(i % m) * k + i / m]).collect();
         let want = naive(&dout, &wt, n, m, k);

@@ -9,7 +9,7 @@ mod norm;
 mod optim;
 mod pointwise;
 
-pub use loss::IGNORE_INDEX;
+use crate::error::Result;
 
 use super::{AdamWStep, AttnImpl, AttnShape, Backend, LossRows, StatGrads, StatsWanted, TokenStats};
 
@@ -24,17 +24,17 @@ impl Backend for Cpu {
     fn name(&self) -> &'static str {
         "cpu"
     }
-    fn zeros(&self, n: usize) -> Vec<f32> {
-        vec![0.0; n]
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
     }
-    fn upload(&self, data: &[f32]) -> Vec<f32> {
-        data.to_vec()
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
     }
-    fn upload_ids(&self, data: &[i32]) -> Vec<i32> {
-        data.to_vec()
+    fn upload_ids(&self, data: &[i32]) -> Result<Vec<i32>> {
+        Ok(data.to_vec())
     }
-    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
-        buf.clone()
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
     }
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
@@ -96,7 +96,7 @@ impl Backend for Cpu {
     fn matmul_bwd(
         &self,
         dinp: Option<&mut Vec<f32>>,
-        dw: &mut Vec<f32>,
+        dw: Option<&mut Vec<f32>>,
         dbias: Option<&mut Vec<f32>>,
         dout: &Vec<f32>,
         inp: &Vec<f32>,
@@ -105,7 +105,7 @@ impl Backend for Cpu {
         k: usize,
         m: usize,
     ) {
-        matmul::matmul_bwd(dinp.map(|d| d.as_mut_slice()), dw, dbias.map(|d| d.as_mut_slice()), dout, inp, w, n, k, m)
+        matmul::matmul_bwd(dinp.map(|d| d.as_mut_slice()), dw.map(|d| d.as_mut_slice()), dbias.map(|d| d.as_mut_slice()), dout, inp, w, n, k, m)
     }
 
     fn attention_fwd(&self, out: &mut Vec<f32>, stats: &mut Vec<f32>, qkv: &Vec<f32>, key_mask: &Vec<i32>, shape: AttnShape, imp: AttnImpl) {
@@ -166,8 +166,8 @@ impl Backend for Cpu {
         pointwise::add(out, a, b)
     }
 
-    fn cross_entropy(&self, logits: &mut Vec<f32>, targets: &Vec<i32>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows {
-        loss::cross_entropy(logits, targets, v, smoothing, grad_scale)
+    fn cross_entropy(&self, logits: &mut Vec<f32>, targets: &Vec<i32>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {
+        Ok(loss::cross_entropy(logits, targets, v, smoothing, grad_scale))
     }
     fn cross_entropy_into(
         &self,
@@ -182,14 +182,14 @@ impl Backend for Cpu {
         loss::cross_entropy_rows(logits, targets, v, smoothing, grad_scale, &mut loss[row0..row0 + targets.len()])
     }
 
-    fn token_stats(&self, logits: &Vec<f32>, targets: &Vec<i32>, v: usize, want: StatsWanted) -> TokenStats {
-        loss::token_stats(logits, targets, v, want)
+    fn token_stats(&self, logits: &Vec<f32>, targets: &Vec<i32>, v: usize, want: StatsWanted) -> Result<TokenStats> {
+        Ok(loss::token_stats(logits, targets, v, want))
     }
     fn token_stats_bwd(&self, logits: &mut Vec<f32>, targets: &Vec<i32>, v: usize, stats: &TokenStats, grads: &StatGrads) {
         loss::token_stats_bwd(logits, targets, v, stats, grads)
     }
-    fn sum_squares(&self, buf: &Vec<f32>) -> f64 {
-        optim::sum_squares(buf)
+    fn sum_squares(&self, buf: &Vec<f32>) -> Result<f64> {
+        Ok(optim::sum_squares(buf))
     }
     fn scale(&self, buf: &mut Vec<f32>, s: f32) {
         optim::scale(buf, s)

@@ -112,7 +112,7 @@ fn cache_path(stem: &str, src: &str, arch: &str, version: (i32, i32)) -> Option<
         h.update([0]);
     }
     let hex: String = h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect();
-    let dir = std::env::var_os("RUNTIME_KERNEL_CACHE_DIR").map(PathBuf::from).or_else(|| crate::data::cache::runtime_cache_dir().map(|d| d.join("kernels")))?;
+    let dir = std::env::var_os("RUNTIME_KERNEL_CACHE_DIR").map(PathBuf::from).or_else(|| crate::files::runtime_cache_dir().map(|d| d.join("kernels")))?;
     Some(dir.join(format!("{stem}-{arch}-{hex}")))
 }
 

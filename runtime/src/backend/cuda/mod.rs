@@ -16,7 +16,6 @@
 //! op: the trait's ops have no error path, and nothing downstream could use a half-done step.
 
 pub mod blas;
-pub mod check;
 pub mod kernels;
 
 use std::collections::HashMap;
@@ -105,6 +104,9 @@ struct Inner {
     /// bf16 mode: the bf16 working copy of each parameter that the fused AdamW step writes, by
     /// the parameter's device address. See [`Cuda::weight_copy`] for when an entry is trusted.
     weights16: Mutex<HashMap<u64, CudaSlice<u16>>>,
+    /// The first device failure of an op that cannot return it; sticky: every later op does
+    /// nothing, and every op that returns a `Result` returns it.
+    failure: Mutex<Option<Failure>>,
 }
 
 /// The CUDA backend; cloning it shares the device, the stream and the compiled kernels.
@@ -116,26 +118,25 @@ const SUMSQ_BLOCKS: usize = 512;
 /// Query and key rows per attention tile.
 const ATTN_TILE: usize = 64;
 
-/// The payload of the panic a failed device operation raises (see [`die`]). The ops have no error
-/// path of their own, so the binary's `main` catches this payload and turns it into one error line
-/// and exit status 1; files are written through temporary names, so nothing half-written is left.
-#[derive(Debug)]
-pub struct DeviceFailure {
-    pub message: String,
-}
-
-/// Ends the current command with a [`DeviceFailure`]: out of memory gets advice on what to lower.
-fn die(what: &str, e: impl std::fmt::Debug) -> ! {
+/// The error of a failed device operation: out of memory (with advice on what to lower) or any
+/// other CUDA failure, naming the operation.
+fn device_error(what: &str, e: impl std::fmt::Debug) -> Error {
     let detail = format!("{e:?}");
-    let message = if detail.contains("OUT_OF_MEMORY") {
-        format!(
+    if detail.contains("OUT_OF_MEMORY") {
+        Error::OutOfMemory(format!(
             "CUDA out of memory in {what} ({detail}): lower per_device_train_batch_size or per_device_eval_batch_size, \
              turn on gradient_checkpointing, or set auto_find_batch_size"
-        )
+        ))
     } else {
-        format!("CUDA failure in {what}: {detail}")
-    };
-    std::panic::panic_any(DeviceFailure { message })
+        Error::Device(format!("CUDA failure in {what}: {detail}"))
+    }
+}
+
+/// A recorded device failure (the first one): see [`Cuda::fail`].
+#[derive(Clone, Debug)]
+struct Failure {
+    out_of_memory: bool,
+    message: String,
 }
 
 impl Cuda {
@@ -188,6 +189,7 @@ impl Cuda {
             deterministic: std::sync::atomic::AtomicBool::new(false),
             scratch: Mutex::new(scratch),
             weights16: Mutex::new(HashMap::new()),
+            failure: Mutex::new(None),
         })))
     }
 
@@ -218,11 +220,37 @@ impl Cuda {
         (total - free, total)
     }
 
-    /// Waits for every queued op.
-    pub fn synchronize(&self) {
-        self.0.stream.synchronize().unwrap_or_else(|e| die("synchronize", e));
+    /// Waits for every queued op; the first failure of any of them, or of an op before.
+    pub fn synchronize(&self) -> Result<()> {
+        self.status()?;
+        let waited = self.0.stream.synchronize().map_err(|e| ("synchronize", e));
         // failures of asynchronous frees are recorded in the context rather than returned
-        self.0.ctx.check_err().unwrap_or_else(|e| die("a queued operation", e));
+        if let Err((what, e)) = waited.and_then(|()| self.0.ctx.check_err().map_err(|e| ("a queued operation", e))) {
+            self.fail(device_error(what, e));
+        }
+        self.status()
+    }
+
+    /// Records a failure of an op that cannot return it (the first one is kept: later ones are
+    /// usually its consequences). Every later op does nothing until the backend is dropped.
+    fn fail(&self, e: Error) {
+        let mut f = self.0.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(Failure { out_of_memory: matches!(e, Error::OutOfMemory(_)), message: e.to_string() });
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.0.failure.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// The recorded failure, if any, as an error.
+    fn status(&self) -> Result<()> {
+        match self.0.failure.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            None => Ok(()),
+            Some(f) if f.out_of_memory => Err(Error::OutOfMemory(f.message.clone())),
+            Some(f) => Err(Error::Device(f.message.clone())),
+        }
     }
 
     /// The device address of a buffer.
@@ -240,7 +268,12 @@ impl Cuda {
     }
 
     fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[A]) {
-        let f = self.0.funcs.get(name).unwrap_or_else(|| die(name, "the kernel is missing from the compiled modules"));
+        if self.failed() {
+            return;
+        }
+        let Some(f) = self.0.funcs.get(name) else {
+            return self.fail(device_error(name, "the kernel is missing from the compiled modules"));
+        };
         let mut b = self.0.stream.launch_builder(f);
         for a in args {
             match a {
@@ -253,7 +286,9 @@ impl Cuda {
         let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: 0 };
         // SAFETY: each call site passes the arguments of the kernel's signature in kernels/*.cu,
         // with buffers of the sizes the op's contract gives.
-        unsafe { b.launch(cfg) }.unwrap_or_else(|e| die(name, e));
+        if let Err(e) = unsafe { b.launch(cfg) } {
+            self.fail(device_error(name, e));
+        }
     }
 
     /// An elementwise kernel over `n` items: block 256, grid-stride.
@@ -266,7 +301,14 @@ impl Cuda {
     fn bf16_copy(&self, scratch: &mut Scratch, slot: usize, src: &CudaSlice<f32>) -> u64 {
         let n = src.len();
         if scratch.bf16[slot].len() < n {
-            scratch.bf16[slot] = self.0.stream.alloc_zeros::<u16>(n).unwrap_or_else(|e| die("allocating bf16 scratch", e));
+            match self.alloc::<u16>(n) {
+                Ok(b) => scratch.bf16[slot] = b,
+                // nothing runs after a failure, so the pointer is never used
+                Err(e) => {
+                    self.fail(e);
+                    return 0;
+                }
+            }
         }
         let dst = self.ptr(&scratch.bf16[slot]);
         self.launch_n("cast_f32_bf16", n, &[A::P(dst), self.p(src), A::L(n as i64)]);
@@ -315,18 +357,27 @@ impl Cuda {
     }
 
     fn gemm(&self, g: Gemm) {
+        if self.failed() {
+            return;
+        }
         // SAFETY: the callers derive every pointer and leading dimension from buffers whose sizes
         // the op's contract fixes.
-        unsafe { self.0.lt.gemm(&self.0.stream, &g) }.unwrap_or_else(|e| die("matmul", e));
+        if let Err(e) = unsafe { self.0.lt.gemm(&self.0.stream, &g) } {
+            self.fail(device_error("matmul", e));
+        }
     }
 
     /// The attention kernels' instantiation for a head dim: `_d32`, `_d64` or `_d128`.
-    fn head_dim_suffix(d: usize) -> &'static str {
+    /// Above 128 is a failure (`check_head_dim` refuses such a model before any op runs).
+    fn head_dim_suffix(&self, d: usize) -> &'static str {
         match d {
             0..=32 => "d32",
             33..=64 => "d64",
             65..=128 => "d128",
-            _ => die("attention", format!("head dim {d} is above 128, the largest the kernels support")),
+            _ => {
+                self.fail(device_error("attention", format!("head dim {d} is above 128, the largest the kernels support")));
+                "d128"
+            }
         }
     }
 
@@ -347,7 +398,7 @@ impl Cuda {
         match (self.0.bf16, head_dim) {
             (true, 64) => ("tc_d64".into(), [(128, 128), (128, 256), (64, 128)]),
             (true, 128) => ("tc_d128".into(), [(128, 256), (128, 256), (64, 128)]),
-            _ => (format!("{ty}_{}", Self::head_dim_suffix(head_dim)), [(ATTN_TILE, 128); 3]),
+            _ => (format!("{ty}_{}", self.head_dim_suffix(head_dim)), [(ATTN_TILE, 128); 3]),
         }
     }
 
@@ -355,29 +406,32 @@ impl Cuda {
         [A::I(s.batch as i32), A::I(s.seq as i32), A::I(s.n_head as i32), A::I(s.n_kv_head as i32), A::I(s.head_dim as i32)]
     }
 
-    fn host<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, buf: &CudaSlice<T>) -> Vec<T> {
+    fn host<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.status()?;
         if buf.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        self.0.stream.clone_dtoh(buf).unwrap_or_else(|e| die("download", e))
+        self.0.stream.clone_dtoh(buf).map_err(|e| device_error("download", e))
     }
 
-    fn dev<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> CudaSlice<T> {
+    fn dev<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.status()?;
         if data.is_empty() {
-            return self.0.stream.null::<T>().unwrap_or_else(|e| die("upload", e));
+            return self.0.stream.null::<T>().map_err(|e| device_error("upload", e));
         }
-        self.0.stream.clone_htod(data).unwrap_or_else(|e| die("upload", e))
+        self.0.stream.clone_htod(data).map_err(|e| device_error("upload", e))
     }
 
-    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> CudaSlice<T> {
+    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.status()?;
         if n == 0 {
-            return self.0.stream.null::<T>().unwrap_or_else(|e| die("alloc", e));
+            return self.0.stream.null::<T>().map_err(|e| device_error("alloc", e));
         }
-        self.0.stream.alloc_zeros::<T>(n).unwrap_or_else(|e| {
+        self.0.stream.alloc_zeros::<T>(n).map_err(|e| {
             let (free, total) = self.0.ctx.mem_get_info().unwrap_or((0, 0));
             let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
             let bytes = n * std::mem::size_of::<T>();
-            die(&format!("allocating {:.2} GiB ({:.2} GiB free of {:.2} GiB)", gib(bytes), gib(free), gib(total)), e)
+            device_error(&format!("allocating {:.2} GiB ({:.2} GiB free of {:.2} GiB)", gib(bytes), gib(free), gib(total)), e)
         })
     }
 }
@@ -442,18 +496,18 @@ impl Backend for Cuda {
     fn name(&self) -> &'static str {
         "cuda"
     }
-    fn zeros(&self, n: usize) -> CudaSlice<f32> {
+    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.forget_all_weights();
         self.alloc(n)
     }
-    fn upload(&self, data: &[f32]) -> CudaSlice<f32> {
+    fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
         self.forget_all_weights();
         self.dev(data)
     }
-    fn upload_ids(&self, data: &[i32]) -> CudaSlice<i32> {
+    fn upload_ids(&self, data: &[i32]) -> Result<CudaSlice<i32>> {
         self.dev(data)
     }
-    fn download(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
+    fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
         self.host(buf)
     }
     fn len(&self, buf: &CudaSlice<f32>) -> usize {
@@ -465,15 +519,19 @@ impl Backend for Cuda {
     }
     fn copy(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) {
         self.forget_weight(dst);
-        if !src.is_empty() {
-            self.0.stream.memcpy_dtod(src, dst).unwrap_or_else(|e| die("copy", e));
+        if !src.is_empty() && !self.failed() {
+            if let Err(e) = self.0.stream.memcpy_dtod(src, dst) {
+                self.fail(device_error("copy", e));
+            }
         }
     }
     fn copy_range(&self, dst: &mut CudaSlice<f32>, dst_off: usize, src: &CudaSlice<f32>, src_off: usize, n: usize) {
         self.forget_weight(dst);
-        if n > 0 {
+        if n > 0 && !self.failed() {
             let (from, mut to) = (src.slice(src_off..src_off + n), dst.slice_mut(dst_off..dst_off + n));
-            self.0.stream.memcpy_dtod(&from, &mut to).unwrap_or_else(|e| die("copy_range", e));
+            if let Err(e) = self.0.stream.memcpy_dtod(&from, &mut to) {
+                self.fail(device_error("copy_range", e));
+            }
         }
     }
 
@@ -578,7 +636,7 @@ impl Backend for Cuda {
     fn matmul_bwd(
         &self,
         dinp: Option<&mut CudaSlice<f32>>,
-        dw: &mut CudaSlice<f32>,
+        dw: Option<&mut CudaSlice<f32>>,
         dbias: Option<&mut CudaSlice<f32>>,
         dout: &CudaSlice<f32>,
         inp: &CudaSlice<f32>,
@@ -609,23 +667,25 @@ impl Backend for Cuda {
                 bias: None,
             });
         }
-        let d = self.ptr(dw);
-        self.gemm(Gemm {
-            transa: false,
-            transb: true,
-            m: k64,
-            n: m64,
-            k: n64,
-            a: inp_p,
-            lda: k as i64,
-            b: dout_p,
-            ldb: m as i64,
-            d,
-            ldd: k as i64,
-            ty,
-            beta: 1.0,
-            bias: None,
-        });
+        if let Some(dw) = dw {
+            let d = self.ptr(dw);
+            self.gemm(Gemm {
+                transa: false,
+                transb: true,
+                m: k64,
+                n: m64,
+                k: n64,
+                a: inp_p,
+                lda: k as i64,
+                b: dout_p,
+                ldb: m as i64,
+                d,
+                ldd: k as i64,
+                ty,
+                beta: 1.0,
+                bias: None,
+            });
+        }
         if let Some(db) = dbias {
             self.launch("colsum_acc", (m.div_ceil(32) as u32, 1, 1), (32, 8, 1), &[self.p(db), self.p(dout), A::I(n as i32), A::I(m as i32)]);
         }
@@ -664,7 +724,10 @@ impl Backend for Cuda {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let n_delta = shape.batch * shape.n_head * shape.seq;
         if scratch.delta.len() < n_delta {
-            scratch.delta = self.alloc(n_delta);
+            match self.alloc(n_delta) {
+                Ok(b) => scratch.delta = b,
+                Err(e) => return self.fail(e),
+            }
         }
         let delta = self.ptr(&scratch.delta);
         let (b, t, h, d) = (shape.batch as i32, shape.seq as i32, shape.n_head as i32, shape.head_dim as i32);
@@ -752,11 +815,11 @@ impl Backend for Cuda {
         self.launch_n("add_f32", a.len(), &[self.p(out), self.p(a), self.p(b), A::L(a.len() as i64)]);
     }
 
-    fn cross_entropy(&self, logits: &mut CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> LossRows {
-        let mut loss: CudaSlice<f32> = self.alloc(targets.len());
+    fn cross_entropy(&self, logits: &mut CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {
+        let mut loss: CudaSlice<f32> = self.alloc(targets.len())?;
         self.cross_entropy_into(logits, targets, v, smoothing, grad_scale, &mut loss, 0);
-        let n_targets = self.host(targets).iter().filter(|&&t| t != super::cpu::IGNORE_INDEX).count();
-        LossRows { loss: self.host(&loss), n_targets }
+        let n_targets = self.host(targets)?.iter().filter(|&&t| t != super::IGNORE_INDEX).count();
+        Ok(LossRows { loss: self.host(&loss)?, n_targets })
     }
     fn cross_entropy_into(
         &self,
@@ -786,13 +849,13 @@ impl Backend for Cuda {
         self.launch("cross_entropy", (rows as u32, 1, 1), (512, 1, 1), &args);
     }
 
-    fn token_stats(&self, logits: &CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, want: StatsWanted) -> TokenStats {
+    fn token_stats(&self, logits: &CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, want: StatsWanted) -> Result<TokenStats> {
         let rows = targets.len();
         let needs_lse = want.label_logprob || want.logsumexp || want.mean_logprob || want.entropy;
-        let buf = |on: bool| on.then(|| self.alloc::<f32>(rows));
+        let buf = |on: bool| on.then(|| self.alloc::<f32>(rows)).transpose();
         let (lp, lse, mlp, ent, rlse, rmz) =
-            (buf(want.label_logprob), buf(want.logsumexp), buf(want.mean_logprob), buf(want.entropy), buf(needs_lse), buf(want.entropy));
-        let am = want.argmax.then(|| self.alloc::<i32>(rows));
+            (buf(want.label_logprob)?, buf(want.logsumexp)?, buf(want.mean_logprob)?, buf(want.entropy)?, buf(needs_lse)?, buf(want.entropy)?);
+        let am = want.argmax.then(|| self.alloc::<i32>(rows)).transpose()?;
         let args = [
             self.opt(lp.as_ref()),
             self.opt(lse.as_ref()),
@@ -807,22 +870,30 @@ impl Backend for Cuda {
             A::I(v as i32),
         ];
         self.launch("token_stats", (rows as u32, 1, 1), (512, 1, 1), &args);
-        let get = |b: Option<CudaSlice<f32>>| b.map(|b| self.host(&b)).unwrap_or_default();
-        TokenStats {
-            label_logprob: get(lp),
-            logsumexp: get(lse),
-            mean_logprob: get(mlp),
-            entropy: get(ent),
-            argmax: am.map(|b| self.host(&b).into_iter().map(|x| x as u32).collect()).unwrap_or_default(),
-            row_lse: get(rlse),
-            row_mean_z: get(rmz),
-        }
+        let get = |b: Option<CudaSlice<f32>>| b.map(|b| self.host(&b)).transpose().map(Option::unwrap_or_default);
+        Ok(TokenStats {
+            label_logprob: get(lp)?,
+            logsumexp: get(lse)?,
+            mean_logprob: get(mlp)?,
+            entropy: get(ent)?,
+            argmax: am.map(|b| self.host(&b)).transpose()?.map(|a| a.into_iter().map(|x| x as u32).collect()).unwrap_or_default(),
+            row_lse: get(rlse)?,
+            row_mean_z: get(rmz)?,
+        })
     }
     fn token_stats_bwd(&self, logits: &mut CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, stats: &TokenStats, grads: &StatGrads) {
         let rows = targets.len();
-        let up = |x: &Vec<f32>| (!x.is_empty()).then(|| self.dev(x));
-        let (rlse, rmz) = (up(&stats.row_lse), up(&stats.row_mean_z));
-        let (g_lp, g_lse, g_mlp, g_h) = (up(&grads.label_logprob), up(&grads.logsumexp), up(&grads.mean_logprob), up(&grads.entropy));
+        let up = |x: &Vec<f32>| (!x.is_empty()).then(|| self.dev(x)).transpose();
+        let uploaded = (|| {
+            Ok::<_, Error>((
+                (up(&stats.row_lse)?, up(&stats.row_mean_z)?),
+                (up(&grads.label_logprob)?, up(&grads.logsumexp)?, up(&grads.mean_logprob)?, up(&grads.entropy)?),
+            ))
+        })();
+        let ((rlse, rmz), (g_lp, g_lse, g_mlp, g_h)) = match uploaded {
+            Ok(u) => u,
+            Err(e) => return self.fail(e),
+        };
         let args = [
             self.p(logits),
             self.p(targets),
@@ -838,24 +909,24 @@ impl Backend for Cuda {
         self.launch("token_stats_bwd", (rows as u32, 1, 1), (512, 1, 1), &args);
     }
 
-    fn sum_squares(&self, buf: &CudaSlice<f32>) -> f64 {
+    fn sum_squares(&self, buf: &CudaSlice<f32>) -> Result<f64> {
         let scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         self.launch("sum_squares_partial", (SUMSQ_BLOCKS as u32, 1, 1), (256, 1, 1), &[self.p(&scratch.partial), self.p(buf), A::L(buf.len() as i64)]);
-        self.host(&scratch.partial)[..SUMSQ_BLOCKS].iter().sum()
+        Ok(self.host(&scratch.partial)?[..SUMSQ_BLOCKS].iter().sum())
     }
-    fn sum_squares_multi(&self, bufs: &[&CudaSlice<f32>]) -> Vec<f64> {
+    fn sum_squares_multi(&self, bufs: &[&CudaSlice<f32>]) -> Result<Vec<f64>> {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let n = bufs.len() * SUMSQ_BLOCKS;
         if scratch.partial.len() < n {
-            scratch.partial = self.alloc(n);
+            scratch.partial = self.alloc(n)?;
         }
         let base = self.ptr(&scratch.partial);
         for (i, b) in bufs.iter().enumerate() {
             let at = base + (i * SUMSQ_BLOCKS * std::mem::size_of::<f64>()) as u64;
             self.launch("sum_squares_partial", (SUMSQ_BLOCKS as u32, 1, 1), (256, 1, 1), &[A::P(at), self.p(b), A::L(b.len() as i64)]);
         }
-        let host = self.host(&scratch.partial);
-        host[..n].chunks(SUMSQ_BLOCKS).map(|c| c.iter().sum()).collect()
+        let host = self.host(&scratch.partial)?;
+        Ok(host[..n].chunks(SUMSQ_BLOCKS).map(|c| c.iter().sum()).collect())
     }
     fn scale(&self, buf: &mut CudaSlice<f32>, s: f32) {
         self.forget_weight(buf);
@@ -871,11 +942,18 @@ impl Backend for Cuda {
             if !self.0.bf16 {
                 return 0;
             }
-            let c = copies.entry(self.ptr(p)).or_insert_with(|| self.alloc::<u16>(p.len()));
-            if c.len() != p.len() {
-                *c = self.alloc::<u16>(p.len());
+            let key = self.ptr(p);
+            if copies.get(&key).is_none_or(|c| c.len() != p.len()) {
+                match self.alloc::<u16>(p.len()) {
+                    Ok(c) => copies.insert(key, c),
+                    // nothing runs after a failure, so the pointer is never used
+                    Err(e) => {
+                        self.fail(e);
+                        return 0;
+                    }
+                };
             }
-            self.ptr(c)
+            copies.get(&key).map_or(0, |c| self.ptr(c))
         };
         let descs: Vec<AdamWTensor> = tensors
             .iter()
@@ -899,10 +977,17 @@ impl Backend for Cuda {
         if scratch.adamw.as_ref().is_none_or(|t| t.tensors != descs) {
             let chunks = adamw_chunks(&descs);
             // the tables these replace may still be read by a queued step
-            self.synchronize();
-            scratch.adamw = Some(AdamWTables { dev_tensors: self.dev(&descs), dev_chunks: self.dev(&chunks), n_chunks: chunks.len(), tensors: descs });
+            if self.synchronize().is_err() {
+                return;
+            }
+            match (self.dev(&descs), self.dev(&chunks)) {
+                (Ok(dev_tensors), Ok(dev_chunks)) => scratch.adamw = Some(AdamWTables { dev_tensors, dev_chunks, n_chunks: chunks.len(), tensors: descs }),
+                (Err(e), _) | (_, Err(e)) => return self.fail(e),
+            }
         }
-        let tables = scratch.adamw.as_ref().unwrap_or_else(|| die("adamw_multi", "the descriptor tables are missing"));
+        let Some(tables) = scratch.adamw.as_ref() else {
+            return self.fail(device_error("adamw_multi", "the descriptor tables are missing"));
+        };
         let sc = hp.scalars();
         let args = [
             self.p(&tables.dev_tensors),
@@ -925,7 +1010,7 @@ impl Backend for Cuda {
         }
         Ok(())
     }
-    fn synchronize(&self) {
+    fn synchronize(&self) -> Result<()> {
         Cuda::synchronize(self)
     }
     fn free_memory(&self) -> Option<u128> {
@@ -982,18 +1067,18 @@ pub fn required_kernels() -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{die, DeviceFailure};
+    use super::device_error;
+    use crate::error::Error;
 
     #[test]
     fn a_device_failure_is_one_message_with_advice_when_out_of_memory() {
-        let fail = |what: &'static str, detail: &'static str| {
-            let payload = std::panic::catch_unwind(|| die(what, detail)).expect_err("die always panics");
-            payload.downcast::<DeviceFailure>().expect("the payload is a DeviceFailure").message
-        };
-        let oom = fail("allocating 3.00 GiB (0.50 GiB free of 80.00 GiB)", "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let oom = device_error("allocating 3.00 GiB (0.50 GiB free of 80.00 GiB)", "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        assert!(matches!(oom, Error::OutOfMemory(_)), "{oom:?}");
+        let oom = oom.to_string();
         assert!(oom.starts_with("CUDA out of memory in allocating 3.00 GiB"), "{oom}");
         assert!(oom.contains("per_device_train_batch_size") && oom.contains("gradient_checkpointing"), "{oom}");
-        let other = fail("matmul", "CUBLAS_STATUS_EXECUTION_FAILED");
-        assert_eq!(other, "CUDA failure in matmul: \"CUBLAS_STATUS_EXECUTION_FAILED\"");
+        let other = device_error("matmul", "CUBLAS_STATUS_EXECUTION_FAILED");
+        assert!(matches!(other, Error::Device(_)), "{other:?}");
+        assert_eq!(other.to_string(), "CUDA failure in matmul: \"CUBLAS_STATUS_EXECUTION_FAILED\"");
     }
 }

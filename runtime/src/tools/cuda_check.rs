@@ -10,12 +10,12 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::Cuda;
 use crate::backend::cpu::Cpu;
+use crate::backend::cuda::Cuda;
 use crate::backend::{AdamWStep, AttnImpl, AttnShape, Backend, StatGrads, StatsWanted};
+use crate::engine::{AdamWConfig, MicroLoss, Step};
 use crate::error::Result;
-use crate::model::{init::init_tensors, Activations, Batch, Grads, Layout, LoadOptions, LossOptions, Model, ModelConfig};
-use crate::train::optimizer::{clip_coefficient, AdamW, AdamWConfig};
+use crate::model::{init::init_tensors, Batch, Layout, LoadOptions, LossOptions, Model, ModelConfig};
 
 /// One compared output.
 #[derive(Clone, Debug, Serialize)]
@@ -91,61 +91,61 @@ impl Report {
     }
 }
 
-fn pointwise<B: Backend>(be: &B, x: &[f32], y: &[f32], d: &[f32], dx0: &[f32], i: usize) -> Outs {
-    let (xb, yb, db) = (be.upload(x), be.upload(y), be.upload(d));
-    let mut out = be.upload(dx0);
+fn pointwise<B: Backend>(be: &B, x: &[f32], y: &[f32], d: &[f32], dx0: &[f32], i: usize) -> Result<Outs> {
+    let (xb, yb, db) = (be.upload(x)?, be.upload(y)?, be.upload(d)?);
+    let mut out = be.upload(dx0)?;
     let mut res = Vec::new();
     be.gelu_fwd(&mut out, &xb);
-    res.push(("gelu_fwd", be.download(&out)));
+    res.push(("gelu_fwd", be.download(&out)?));
     be.gelu_bwd(&mut out, &xb, &db);
-    res.push(("gelu_bwd", be.download(&out)));
+    res.push(("gelu_bwd", be.download(&out)?));
     be.add(&mut out, &xb, &yb);
-    res.push(("add", be.download(&out)));
-    let mut s = be.upload(x);
+    res.push(("add", be.download(&out)?));
+    let mut s = be.upload(x)?;
     be.scale(&mut s, 0.37);
-    res.push(("scale", be.download(&s)));
+    res.push(("scale", be.download(&s)?));
     be.fill(&mut s, 1.25);
-    res.push(("fill", be.download(&s)));
-    res.push(("sum_squares", vec![be.sum_squares(&xb) as f32]));
-    res.push(("sum_squares_multi", be.sum_squares_multi(&[&xb, &yb, &db]).into_iter().map(|v| v as f32).collect()));
+    res.push(("fill", be.download(&s)?));
+    res.push(("sum_squares", vec![be.sum_squares(&xb)? as f32]));
+    res.push(("sum_squares_multi", be.sum_squares_multi(&[&xb, &yb, &db])?.into_iter().map(|v| v as f32).collect()));
     // swiglu on [rows, 2i] input
-    let mut o = be.upload(&dx0[..x.len() / 2]);
+    let mut o = be.upload(&dx0[..x.len() / 2])?;
     be.swiglu_fwd(&mut o, &xb, i);
-    res.push(("swiglu_fwd", be.download(&o)));
-    let mut dxs = be.upload(dx0);
-    be.swiglu_bwd(&mut dxs, &xb, &be.upload(&d[..x.len() / 2]), i);
-    res.push(("swiglu_bwd", be.download(&dxs)));
-    res
+    res.push(("swiglu_fwd", be.download(&o)?));
+    let mut dxs = be.upload(dx0)?;
+    be.swiglu_bwd(&mut dxs, &xb, &be.upload(&d[..x.len() / 2])?, i);
+    res.push(("swiglu_bwd", be.download(&dxs)?));
+    Ok(res)
 }
 
 #[allow(clippy::too_many_arguments)] // an op's inputs
-fn norms<B: Backend>(be: &B, x: &[f32], w: &[f32], bias: &[f32], d: &[f32], dx0: &[f32], dw0: &[f32], c: usize) -> Outs {
+fn norms<B: Backend>(be: &B, x: &[f32], w: &[f32], bias: &[f32], d: &[f32], dx0: &[f32], dw0: &[f32], c: usize) -> Result<Outs> {
     let rows = x.len() / c;
-    let (xb, wb, bb, db) = (be.upload(x), be.upload(w), be.upload(bias), be.upload(d));
-    let (mut out, mut mean, mut rstd) = (be.zeros(x.len()), be.zeros(rows), be.zeros(rows));
+    let (xb, wb, bb, db) = (be.upload(x)?, be.upload(w)?, be.upload(bias)?, be.upload(d)?);
+    let (mut out, mut mean, mut rstd) = (be.zeros(x.len())?, be.zeros(rows)?, be.zeros(rows)?);
     be.layernorm_fwd(&mut out, &mut mean, &mut rstd, &xb, &wb, Some(&bb), c, 1e-5);
-    let mut res = vec![("layernorm_fwd", be.download(&out)), ("layernorm_mean", be.download(&mean)), ("layernorm_rstd", be.download(&rstd))];
-    let (mut dx, mut dw, mut dbias) = (be.upload(dx0), be.upload(dw0), be.upload(dw0));
+    let mut res = vec![("layernorm_fwd", be.download(&out)?), ("layernorm_mean", be.download(&mean)?), ("layernorm_rstd", be.download(&rstd)?)];
+    let (mut dx, mut dw, mut dbias) = (be.upload(dx0)?, be.upload(dw0)?, be.upload(dw0)?);
     be.layernorm_bwd(&mut dx, &mut dw, Some(&mut dbias), &db, &xb, &wb, &mean, &rstd, c);
-    res.extend([("layernorm_dx", be.download(&dx)), ("layernorm_dw", be.download(&dw)), ("layernorm_db", be.download(&dbias))]);
+    res.extend([("layernorm_dx", be.download(&dx)?), ("layernorm_dw", be.download(&dw)?), ("layernorm_db", be.download(&dbias)?)]);
     be.rmsnorm_fwd(&mut out, &mut rstd, &xb, &wb, c, 1e-6);
-    res.extend([("rmsnorm_fwd", be.download(&out)), ("rmsnorm_rstd", be.download(&rstd))]);
-    let (mut dx, mut dw) = (be.upload(dx0), be.upload(dw0));
+    res.extend([("rmsnorm_fwd", be.download(&out)?), ("rmsnorm_rstd", be.download(&rstd)?)]);
+    let (mut dx, mut dw) = (be.upload(dx0)?, be.upload(dw0)?);
     be.rmsnorm_bwd(&mut dx, &mut dw, &db, &xb, &wb, &rstd, c);
-    res.extend([("rmsnorm_dx", be.download(&dx)), ("rmsnorm_dw", be.download(&dw))]);
-    res
+    res.extend([("rmsnorm_dx", be.download(&dx)?), ("rmsnorm_dw", be.download(&dw)?)]);
+    Ok(res)
 }
 
 #[allow(clippy::too_many_arguments)] // an op's inputs
-fn matmul<B: Backend>(be: &B, inp: &[f32], w: &[f32], bias: &[f32], d: &[f32], dw0: &[f32], (n, k, m): (usize, usize, usize)) -> Outs {
-    let (ib, wb, bb, db) = (be.upload(inp), be.upload(w), be.upload(bias), be.upload(d));
-    let mut out = be.zeros(n * m);
+fn matmul<B: Backend>(be: &B, inp: &[f32], w: &[f32], bias: &[f32], d: &[f32], dw0: &[f32], (n, k, m): (usize, usize, usize)) -> Result<Outs> {
+    let (ib, wb, bb, db) = (be.upload(inp)?, be.upload(w)?, be.upload(bias)?, be.upload(d)?);
+    let mut out = be.zeros(n * m)?;
     be.matmul_fwd(&mut out, &ib, &wb, Some(&bb), n, k, m);
-    let mut res = vec![("out", be.download(&out))];
-    let (mut dinp, mut dw, mut dbias) = (be.zeros(n * k), be.upload(dw0), be.upload(&bias.iter().map(|x| x * 0.5).collect::<Vec<_>>()));
-    be.matmul_bwd(Some(&mut dinp), &mut dw, Some(&mut dbias), &db, &ib, &wb, n, k, m);
-    res.extend([("dinp", be.download(&dinp)), ("dw", be.download(&dw)), ("dbias", be.download(&dbias))]);
-    res
+    let mut res = vec![("out", be.download(&out)?)];
+    let (mut dinp, mut dw, mut dbias) = (be.zeros(n * k)?, be.upload(dw0)?, be.upload(&bias.iter().map(|x| x * 0.5).collect::<Vec<_>>())?);
+    be.matmul_bwd(Some(&mut dinp), Some(&mut dw), Some(&mut dbias), &db, &ib, &wb, n, k, m);
+    res.extend([("dinp", be.download(&dinp)?), ("dw", be.download(&dw)?), ("dbias", be.download(&dbias)?)]);
+    Ok(res)
 }
 
 /// A product with a weight the fused AdamW step just updated (on CUDA in bf16, through the
@@ -155,73 +155,73 @@ fn matmul<B: Backend>(be: &B, inp: &[f32], w: &[f32], bias: &[f32], d: &[f32], d
 /// `round` (for the CPU side of a bf16 comparison) rounds the updated weight and the other
 /// operands to bf16, as the GPU's products see them.
 #[allow(clippy::too_many_arguments)] // an op's inputs
-fn matmul_after_step<B: Backend>(be: &B, w: &[f32], g: &[f32], inp: &[f32], d: &[f32], (n, k, m): (usize, usize, usize), round: bool) -> Outs {
+fn matmul_after_step<B: Backend>(be: &B, w: &[f32], g: &[f32], inp: &[f32], d: &[f32], (n, k, m): (usize, usize, usize), round: bool) -> Result<Outs> {
     let r = |x: &[f32]| if round { bf16_round(x) } else { x.to_vec() };
-    let (mut wb, gb, mut mb, mut vb) = (be.upload(w), be.upload(g), be.zeros(w.len()), be.zeros(w.len()));
-    let (ib, db, mut out, mut dinp, mut dw) = (be.upload(&r(inp)), be.upload(&r(d)), be.zeros(n * m), be.zeros(n * k), be.zeros(m * k));
+    let (mut wb, gb, mut mb, mut vb) = (be.upload(w)?, be.upload(g)?, be.zeros(w.len())?, be.zeros(w.len())?);
+    let (ib, db, mut out, mut dinp, mut dw) = (be.upload(&r(inp))?, be.upload(&r(d))?, be.zeros(n * m)?, be.zeros(n * k)?, be.zeros(m * k)?);
     let hp = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 1, grad_scale: 1.0 };
     be.adamw_multi(&mut [(&mut wb, &gb, &mut mb, &mut vb, true)], hp);
     if round {
-        wb = be.upload(&bf16_round(&be.download(&wb)));
+        wb = be.upload(&bf16_round(&be.download(&wb)?))?;
     }
     be.matmul_fwd(&mut out, &ib, &wb, None, n, k, m);
-    be.matmul_bwd(Some(&mut dinp), &mut dw, None, &db, &ib, &wb, n, k, m);
-    vec![("out", be.download(&out)), ("dinp", be.download(&dinp))]
+    be.matmul_bwd(Some(&mut dinp), Some(&mut dw), None, &db, &ib, &wb, n, k, m);
+    Ok(vec![("out", be.download(&out)?), ("dinp", be.download(&dinp)?)])
 }
 
-fn attention<B: Backend>(be: &B, qkv: &[f32], mask: &[i32], d: &[f32], s: AttnShape) -> Outs {
-    let (qb, mb, db) = (be.upload(qkv), be.upload_ids(mask), be.upload(d));
-    let (mut out, mut stats) = (be.zeros(s.rows() * s.out_width()), be.zeros(s.stats_len(AttnImpl::Flash)));
+fn attention<B: Backend>(be: &B, qkv: &[f32], mask: &[i32], d: &[f32], s: AttnShape) -> Result<Outs> {
+    let (qb, mb, db) = (be.upload(qkv)?, be.upload_ids(mask)?, be.upload(d)?);
+    let (mut out, mut stats) = (be.zeros(s.rows() * s.out_width())?, be.zeros(s.stats_len(AttnImpl::Flash))?);
     be.attention_fwd(&mut out, &mut stats, &qb, &mb, s, AttnImpl::Flash);
-    let mut dqkv = be.upload(&vec![7.0; qkv.len()]);
+    let mut dqkv = be.upload(&vec![7.0; qkv.len()])?;
     be.attention_bwd(&mut dqkv, &db, &qb, &out, &stats, &mb, s, AttnImpl::Flash);
-    vec![("out", be.download(&out)), ("dqkv", be.download(&dqkv))]
+    Ok(vec![("out", be.download(&out)?), ("dqkv", be.download(&dqkv)?)])
 }
 
-fn rope<B: Backend>(be: &B, qkv: &[f32], pos: &[i32], s: AttnShape) -> Outs {
-    let (mut qb, pb) = (be.upload(qkv), be.upload_ids(pos));
+fn rope<B: Backend>(be: &B, qkv: &[f32], pos: &[i32], s: AttnShape) -> Result<Outs> {
+    let (mut qb, pb) = (be.upload(qkv)?, be.upload_ids(pos)?);
     be.rope(&mut qb, &pb, s, 10000.0, false);
-    let fwd = be.download(&qb);
+    let fwd = be.download(&qb)?;
     be.rope(&mut qb, &pb, s, 10000.0, true);
-    vec![("rope", fwd), ("rope_inverse", be.download(&qb))]
+    Ok(vec![("rope", fwd), ("rope_inverse", be.download(&qb)?)])
 }
 
 /// Appends a prompt to the KV cache, then decodes one token attending to it.
-fn decode<B: Backend>(be: &B, prompt_qkv: &[f32], tok_qkv: &[f32], mask: &[i32], s: AttnShape, max_len: usize) -> Outs {
+fn decode<B: Backend>(be: &B, prompt_qkv: &[f32], tok_qkv: &[f32], mask: &[i32], s: AttnShape, max_len: usize) -> Result<Outs> {
     let kvw = s.n_kv_head * s.head_dim;
-    let (mut kc, mut vc) = (be.zeros(s.batch * max_len * kvw), be.zeros(s.batch * max_len * kvw));
-    be.kv_append(&mut kc, &mut vc, &be.upload(prompt_qkv), 0, s, max_len);
+    let (mut kc, mut vc) = (be.zeros(s.batch * max_len * kvw)?, be.zeros(s.batch * max_len * kvw)?);
+    be.kv_append(&mut kc, &mut vc, &be.upload(prompt_qkv)?, 0, s, max_len);
     let one = AttnShape { seq: 1, ..s };
-    be.kv_append(&mut kc, &mut vc, &be.upload(tok_qkv), s.seq, one, max_len);
-    let mut out = be.zeros(s.batch * s.out_width());
-    be.attention_decode(&mut out, &be.upload(tok_qkv), &kc, &vc, &be.upload_ids(mask), s.seq, one, max_len);
-    vec![("k_cache", be.download(&kc)), ("v_cache", be.download(&vc)), ("out", be.download(&out))]
+    be.kv_append(&mut kc, &mut vc, &be.upload(tok_qkv)?, s.seq, one, max_len);
+    let mut out = be.zeros(s.batch * s.out_width())?;
+    be.attention_decode(&mut out, &be.upload(tok_qkv)?, &kc, &vc, &be.upload_ids(mask)?, s.seq, one, max_len);
+    Ok(vec![("k_cache", be.download(&kc)?), ("v_cache", be.download(&vc)?), ("out", be.download(&out)?)])
 }
 
-fn embedding<B: Backend>(be: &B, ids: &[i32], pos: &[i32], wte: &[f32], wpe: &[f32], d: &[f32], c: usize) -> Outs {
-    let (ib, pb, wb, pwb) = (be.upload_ids(ids), be.upload_ids(pos), be.upload(wte), be.upload(wpe));
-    let mut out = be.zeros(ids.len() * c);
+fn embedding<B: Backend>(be: &B, ids: &[i32], pos: &[i32], wte: &[f32], wpe: &[f32], d: &[f32], c: usize) -> Result<Outs> {
+    let (ib, pb, wb, pwb) = (be.upload_ids(ids)?, be.upload_ids(pos)?, be.upload(wte)?, be.upload(wpe)?);
+    let mut out = be.zeros(ids.len() * c)?;
     be.embedding_fwd(&mut out, &ib, &wb, Some((&pwb, &pb)), c);
-    let (mut dwte, mut dwpe) = (be.upload(wte), be.upload(wpe));
-    be.embedding_bwd(&mut dwte, Some((&mut dwpe, &pb)), &ib, &be.upload(d), c);
-    vec![("out", be.download(&out)), ("dwte", be.download(&dwte)), ("dwpe", be.download(&dwpe))]
+    let (mut dwte, mut dwpe) = (be.upload(wte)?, be.upload(wpe)?);
+    be.embedding_bwd(&mut dwte, Some((&mut dwpe, &pb)), &ib, &be.upload(d)?, c);
+    Ok(vec![("out", be.download(&out)?), ("dwte", be.download(&dwte)?), ("dwpe", be.download(&dwpe)?)])
 }
 
-fn losses<B: Backend>(be: &B, logits: &[f32], targets: &[i32], v: usize, g: &StatGrads) -> Outs {
-    let tb = be.upload_ids(targets);
-    let mut lb = be.upload(logits);
-    let rows = be.cross_entropy(&mut lb, &tb, v, 0.1, Some(0.5));
-    let mut res = vec![("ce_loss", rows.loss), ("ce_n_targets", vec![rows.n_targets as f32]), ("ce_grad", be.download(&lb))];
+fn losses<B: Backend>(be: &B, logits: &[f32], targets: &[i32], v: usize, g: &StatGrads) -> Result<Outs> {
+    let tb = be.upload_ids(targets)?;
+    let mut lb = be.upload(logits)?;
+    let rows = be.cross_entropy(&mut lb, &tb, v, 0.1, Some(0.5))?;
+    let mut res = vec![("ce_loss", rows.loss), ("ce_n_targets", vec![rows.n_targets as f32]), ("ce_grad", be.download(&lb)?)];
     // the chunked head's form: the losses of rows 5.. land at an offset of a longer buffer that
     // holds other values, and a range copy moves part of the logits
     let n = targets.len();
-    let (mut lb, mut into) = (be.upload(logits), be.upload(&(0..n + 9).map(|i| i as f32 + 0.5).collect::<Vec<_>>()));
-    be.cross_entropy_into(&mut lb, &be.upload_ids(&targets[5..]), v, 0.0, None, &mut into, 7);
-    be.copy_range(&mut lb, 3, &be.upload(&logits[v..]), 2 * v + 1, v + 5);
-    res.extend([("cross_entropy_into", be.download(&into)), ("copy_range", be.download(&lb))]);
+    let (mut lb, mut into) = (be.upload(logits)?, be.upload(&(0..n + 9).map(|i| i as f32 + 0.5).collect::<Vec<_>>())?);
+    be.cross_entropy_into(&mut lb, &be.upload_ids(&targets[5..])?, v, 0.0, None, &mut into, 7);
+    be.copy_range(&mut lb, 3, &be.upload(&logits[v..])?, 2 * v + 1, v + 5);
+    res.extend([("cross_entropy_into", be.download(&into)?), ("copy_range", be.download(&lb)?)]);
     let want = StatsWanted { label_logprob: true, logsumexp: true, mean_logprob: true, entropy: true, argmax: true };
-    let lb = be.upload(logits);
-    let mut st = be.token_stats(&lb, &tb, v, want);
+    let lb = be.upload(logits)?;
+    let mut st = be.token_stats(&lb, &tb, v, want)?;
     res.extend([
         ("label_logprob", st.label_logprob.clone()),
         ("logsumexp", st.logsumexp.clone()),
@@ -230,34 +230,34 @@ fn losses<B: Backend>(be: &B, logits: &[f32], targets: &[i32], v: usize, g: &Sta
         ("argmax", st.argmax.iter().map(|&a| a as f32).collect()),
     ]);
     let back = st.take_backward_state();
-    let mut lb = be.upload(logits);
+    let mut lb = be.upload(logits)?;
     be.token_stats_bwd(&mut lb, &tb, v, &back, g);
-    res.push(("token_stats_bwd", be.download(&lb)));
-    res
+    res.push(("token_stats_bwd", be.download(&lb)?));
+    Ok(res)
 }
 
-fn adamw<B: Backend>(be: &B, p: &[Vec<f32>], g: &[Vec<f32>], m: &[Vec<f32>], v: &[Vec<f32>]) -> Outs {
-    let up = |x: &[Vec<f32>]| x.iter().map(|t| be.upload(t)).collect::<Vec<_>>();
-    let (mut pb, gb, mut mb, mut vb) = (up(p), up(g), up(m), up(v));
+fn adamw<B: Backend>(be: &B, p: &[Vec<f32>], g: &[Vec<f32>], m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<Outs> {
+    let up = |x: &[Vec<f32>]| x.iter().map(|t| be.upload(t)).collect::<Result<Vec<_>>>();
+    let (mut pb, gb, mut mb, mut vb) = (up(p)?, up(g)?, up(m)?, up(v)?);
     let hp = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.7 };
     let mut t: Vec<_> =
         pb.iter_mut().zip(&gb).zip(mb.iter_mut().zip(vb.iter_mut())).enumerate().map(|(i, ((p, g), (m, v)))| (p, g, m, v, i % 2 == 0)).collect();
     be.adamw_multi(&mut t, hp);
-    let cat = |x: &[B::Buf]| x.iter().flat_map(|b| be.download(b)).collect::<Vec<f32>>();
-    vec![("param", cat(&pb)), ("exp_avg", cat(&mb)), ("exp_avg_sq", cat(&vb))]
+    let cat = |x: &[B::Buf]| x.iter().map(|b| be.download(b)).collect::<Result<Vec<_>>>().map(|v| v.concat());
+    Ok(vec![("param", cat(&pb)?), ("exp_avg", cat(&mb)?), ("exp_avg_sq", cat(&vb)?)])
 }
 
 /// Every op of the set on the CPU and on `gpu`, compared. In bf16 mode the products and the
 /// attention read bf16-rounded operands on the GPU; the CPU gets the same rounded operands, so
 /// the comparison measures the kernels, not the rounding of the inputs.
-pub fn op_parity(gpu: &Cuda) -> Vec<Check> {
-    let mut checks = with_determinism(gpu, false, || op_parity_on(gpu, gpu.bf16()));
+pub fn op_parity(gpu: &Cuda) -> Result<Vec<Check>> {
+    let mut checks = with_determinism(gpu, false, || op_parity_on(gpu, gpu.bf16()))?;
     if gpu.bf16() {
         // the tensor-core backward's two forms: atomic dq (above) and full_determinism
-        let more = with_determinism(gpu, true, || op_parity_on(gpu, true));
+        let more = with_determinism(gpu, true, || op_parity_on(gpu, true))?;
         checks.extend(more.into_iter().filter(|c| c.op == "attention").map(|c| Check { case: format!("{}, full_determinism", c.case), ..c }));
     }
-    checks
+    Ok(checks)
 }
 
 /// `f` with `gpu`'s `full_determinism` set to `on`, then restored.
@@ -270,7 +270,7 @@ fn with_determinism<R>(gpu: &Cuda, on: bool, f: impl FnOnce() -> R) -> R {
 }
 
 /// [`op_parity`] against any backend (`bf16`: whether it rounds product and attention operands).
-pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Vec<Check> {
+pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Result<Vec<Check>> {
     let cpu = Cpu;
     let rounded = |x: &[f32]| if bf16 { bf16_round(x) } else { x.to_vec() };
     let mut r = Report { checks: Vec::new() };
@@ -279,20 +279,20 @@ pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Vec<Check> {
 
     let (rows, i) = (37, 300);
     let (x, y, d, dx0) = (rng.vec(rows * 2 * i, 3.0), rng.vec(rows * 2 * i, 1.0), rng.vec(rows * 2 * i, 1.0), rng.vec(rows * 2 * i, 1.0));
-    r.compare("pointwise", &format!("{} values", x.len()), pointwise(gpu, &x, &y, &d, &dx0, i), pointwise(&cpu, &x, &y, &d, &dx0, i), 1e-4);
+    r.compare("pointwise", &format!("{} values", x.len()), pointwise(gpu, &x, &y, &d, &dx0, i)?, pointwise(&cpu, &x, &y, &d, &dx0, i)?, 1e-4);
 
     for c in [64, 768, 1000] {
         let rows = 45;
         let (x, w, b, d, dx0, dw0) =
             (rng.vec(rows * c, 2.0), rng.vec(c, 1.0), rng.vec(c, 1.0), rng.vec(rows * c, 1.0), rng.vec(rows * c, 1.0), rng.vec(c, 1.0));
-        r.compare("norm", &format!("rows {rows}, width {c}"), norms(gpu, &x, &w, &b, &d, &dx0, &dw0, c), norms(&cpu, &x, &w, &b, &d, &dx0, &dw0, c), 1e-4);
+        r.compare("norm", &format!("rows {rows}, width {c}"), norms(gpu, &x, &w, &b, &d, &dx0, &dw0, c)?, norms(&cpu, &x, &w, &b, &d, &dx0, &dw0, c)?, 1e-4);
     }
 
     for (n, k, m) in [(64, 48, 80), (257, 768, 300), (1024, 768, 2304)] {
         let (inp, w, b, d, dw0) = (rng.vec(n * k, 1.0), rng.vec(m * k, 0.1), rng.vec(m, 1.0), rng.vec(n * m, 1.0), rng.vec(m * k, 1.0));
         let case = format!("n {n}, k {k}, m {m}");
         let (ri, rw, rd) = (rounded(&inp), rounded(&w), rounded(&d));
-        r.compare("matmul", &case, matmul(gpu, &inp, &w, &b, &d, &dw0, (n, k, m)), matmul(&cpu, &ri, &rw, &b, &rd, &dw0, (n, k, m)), lim);
+        r.compare("matmul", &case, matmul(gpu, &inp, &w, &b, &d, &dw0, (n, k, m))?, matmul(&cpu, &ri, &rw, &b, &rd, &dw0, (n, k, m))?, lim);
     }
 
     let (n, k, m) = (96, 256, 320);
@@ -300,8 +300,8 @@ pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Vec<Check> {
     r.compare(
         "matmul after adamw",
         &format!("n {n}, k {k}, m {m}"),
-        matmul_after_step(gpu, &w, &g, &inp, &d, (n, k, m), false),
-        matmul_after_step(&cpu, &w, &g, &inp, &d, (n, k, m), bf16),
+        matmul_after_step(gpu, &w, &g, &inp, &d, (n, k, m), false)?,
+        matmul_after_step(&cpu, &w, &g, &inp, &d, (n, k, m), bf16)?,
         lim,
     );
 
@@ -312,13 +312,13 @@ pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Vec<Check> {
         let mask: Vec<i32> = (0..s.rows()).map(|r| i32::from(!(r < s.seq && r % s.seq < 5))).collect();
         let d = rng.vec(s.rows() * s.out_width(), 1.0);
         let case = format!("b {batch}, t {seq}, heads {n_head}/{n_kv_head}, d {head_dim}");
-        r.compare("attention", &case, attention(gpu, &qkv, &mask, &d, s), attention(&cpu, &rounded(&qkv), &mask, &rounded(&d), s), lim);
+        r.compare("attention", &case, attention(gpu, &qkv, &mask, &d, s)?, attention(&cpu, &rounded(&qkv), &mask, &rounded(&d), s)?, lim);
         let pos: Vec<i32> = (0..s.rows()).map(|r| (r % s.seq) as i32 + 3).collect();
-        r.compare("rope", &case, rope(gpu, &qkv, &pos, s), rope(&cpu, &qkv, &pos, s), 1e-4);
+        r.compare("rope", &case, rope(gpu, &qkv, &pos, s)?, rope(&cpu, &qkv, &pos, s)?, 1e-4);
         let max_len = seq + 9;
         let tok = rng.vec(batch * s.qkv_width(), 1.0);
         let dmask: Vec<i32> = (0..batch * max_len).map(|j| i32::from(j % max_len >= 3 || j / max_len == 1)).collect();
-        r.compare("kv_append + attention_decode", &case, decode(gpu, &qkv, &tok, &dmask, s, max_len), decode(&cpu, &qkv, &tok, &dmask, s, max_len), 1e-4);
+        r.compare("kv_append + attention_decode", &case, decode(gpu, &qkv, &tok, &dmask, s, max_len)?, decode(&cpu, &qkv, &tok, &dmask, s, max_len)?, 1e-4);
     }
 
     let (vocab, c, rows) = (1000, 96, 300);
@@ -327,8 +327,8 @@ pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Vec<Check> {
     r.compare(
         "embedding",
         &format!("rows {rows}, width {c}"),
-        embedding(gpu, &ids, &pos, &wte, &wpe, &d, c),
-        embedding(&cpu, &ids, &pos, &wte, &wpe, &d, c),
+        embedding(gpu, &ids, &pos, &wte, &wpe, &d, c)?,
+        embedding(&cpu, &ids, &pos, &wte, &wpe, &d, c)?,
         1e-4,
     );
 
@@ -337,15 +337,15 @@ pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Vec<Check> {
         let logits = rng.vec(rows * v, 8.0);
         let targets: Vec<i32> = (0..rows).map(|r| if r % 5 == 3 { -100 } else { rng.0.random_range(0..v as i32) }).collect();
         let g = StatGrads { label_logprob: rng.vec(rows, 1.0), logsumexp: rng.vec(rows, 1.0), mean_logprob: rng.vec(rows, 1.0), entropy: rng.vec(rows, 1.0) };
-        r.compare("loss", &format!("rows {rows}, vocab {v}"), losses(gpu, &logits, &targets, v, &g), losses(&cpu, &logits, &targets, v, &g), 1e-4);
+        r.compare("loss", &format!("rows {rows}, vocab {v}"), losses(gpu, &logits, &targets, v, &g)?, losses(&cpu, &logits, &targets, v, &g)?, 1e-4);
     }
 
     let sizes = [1000, 4096 * 3 + 5, 17, 300_000];
     let mk = |rng: &mut Rng, s: f32| sizes.iter().map(|&n| rng.vec(n, s)).collect::<Vec<_>>();
     let (p, g, m) = (mk(&mut rng, 1.0), mk(&mut rng, 1.0), mk(&mut rng, 0.1));
     let v: Vec<Vec<f32>> = mk(&mut rng, 0.01).into_iter().map(|t| t.into_iter().map(|x| x.abs()).collect()).collect();
-    r.compare("adamw_multi", &format!("{} tensors", sizes.len()), adamw(gpu, &p, &g, &m, &v), adamw(&cpu, &p, &g, &m, &v), 1e-5);
-    r.checks
+    r.compare("adamw_multi", &format!("{} tensors", sizes.len()), adamw(gpu, &p, &g, &m, &v)?, adamw(&cpu, &p, &g, &m, &v)?, 1e-5);
+    Ok(r.checks)
 }
 
 /// One whole step (forward, backward, clipping, AdamW) of a small model on both backends: the
@@ -394,14 +394,13 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
 fn one_step<B: Backend>(be: B, cfg: ModelConfig, tensors: Vec<Vec<f32>>, batch: &Batch, chunk: Option<usize>) -> Result<(f32, f32, Vec<f32>, Vec<f32>)> {
     let mut model = Model::from_tensors(be, cfg, tensors, LoadOptions::default())?;
     model.loss_chunk_rows = chunk;
-    let mut acts = Activations::new(&model, batch.batch, batch.seq);
-    let mut grads = Grads::zeros(&model);
-    let mut opt = AdamW::new(&model, AdamWConfig { lr: 1e-3, weight_decay: 0.01, ..AdamWConfig::default() });
-    let loss = model.forward_backward(&mut acts, batch, &mut grads, LossOptions { label_smoothing: 0.1, num_items_in_batch: None })?.mean;
-    let (norm, coef) = clip_coefficient(&model.backend, &grads, 1.0);
-    let g = grads.tensors.iter().flat_map(|t| model.backend.download(t)).collect();
-    opt.step(&mut model, &grads, 1e-3, coef);
-    let params = model.params.iter().flat_map(|p| model.backend.download(p)).collect();
+    let mut step = Step::new(model, AdamWConfig { lr: 1e-3, weight_decay: 0.01, ..AdamWConfig::default() })?;
+    step.zero_grad();
+    let loss = step.micro_batch(batch, MicroLoss::BuiltIn(LossOptions { label_smoothing: 0.1, num_items_in_batch: None }))?.mean;
+    let (norm, coef) = step.grad_norm(1.0)?;
+    let g = step.grads.tensors.iter().map(|t| step.model.backend.download(t)).collect::<Result<Vec<_>>>()?.concat();
+    step.apply(1e-3, coef)?;
+    let params = step.model.params.iter().map(|p| step.model.backend.download(p)).collect::<Result<Vec<_>>>()?.concat();
     Ok((loss, norm, g, params))
 }
 
@@ -417,36 +416,36 @@ pub struct Timing {
     pub unit: String,
 }
 
-fn best_ms(gpu: &Cuda, reps: usize, mut f: impl FnMut()) -> f64 {
+fn best_ms(gpu: &Cuda, reps: usize, mut f: impl FnMut()) -> Result<f64> {
     f();
-    gpu.synchronize();
-    (0..reps)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            f();
-            gpu.synchronize();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::MAX, f64::min)
+    gpu.synchronize()?;
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = std::time::Instant::now();
+        f();
+        gpu.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(best)
 }
 
 /// Attention forward+backward at head dims 64 and 128 and sequences 1024 and 4096 (about
 /// 98k query rows per head-batch, as `scripts/gpu_reference.py` times PyTorch's SDPA), and the
 /// fused AdamW step over GPT-2 124M's parameter count.
-pub fn kernel_bench(gpu: &Cuda) -> Vec<Timing> {
+pub fn kernel_bench(gpu: &Cuda) -> Result<Vec<Timing>> {
     let mut out = Vec::new();
     let mut rng = Rng(ChaCha8Rng::seed_from_u64(1));
     for (d, t) in [(64, 1024), (128, 1024), (64, 4096), (128, 4096)] {
         let h = 12;
         let b = 8 * 1024 / t;
         let s = AttnShape { batch: b, seq: t, n_head: h, n_kv_head: h, head_dim: d };
-        let qkv = gpu.upload(&rng.vec(s.rows() * s.qkv_width(), 1.0));
-        let mask = gpu.upload_ids(&vec![1; s.rows()]);
-        let dout = gpu.upload(&rng.vec(s.rows() * s.out_width(), 1.0));
-        let (mut o, mut st, mut dqkv) = (gpu.zeros(s.rows() * s.out_width()), gpu.zeros(s.stats_len(AttnImpl::Flash)), gpu.zeros(s.rows() * s.qkv_width()));
+        let qkv = gpu.upload(&rng.vec(s.rows() * s.qkv_width(), 1.0))?;
+        let mask = gpu.upload_ids(&vec![1; s.rows()])?;
+        let dout = gpu.upload(&rng.vec(s.rows() * s.out_width(), 1.0))?;
+        let (mut o, mut st, mut dqkv) = (gpu.zeros(s.rows() * s.out_width())?, gpu.zeros(s.stats_len(AttnImpl::Flash))?, gpu.zeros(s.rows() * s.qkv_width())?);
         let fwd_flops = 2.0 * 2.0 * (b * h * t * t * d) as f64 / 2.0;
         let case = format!("B {b}, H {h}, T {t}, D {d}");
-        let ms = best_ms(gpu, 5, || gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash));
+        let ms = best_ms(gpu, 5, || gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash))?;
         out.push(Timing { kernel: "attention fwd".into(), case: case.clone(), ms, rate: fwd_flops / ms / 1e9, unit: "TFLOP/s".into() });
         // bf16 mode at these head dims: FlashAttention-2's single backward kernel (atomic dq),
         // then the deterministic two-kernel form (full_determinism)
@@ -457,7 +456,7 @@ pub fn kernel_bench(gpu: &Cuda) -> Vec<Timing> {
                     gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash);
                     gpu.attention_bwd(&mut dqkv, &dout, &qkv, &o, &st, &mask, s, AttnImpl::Flash);
                 })
-            });
+            })?;
             let kernel = if gpu.bf16() && det { "attention fwd+bwd (full_determinism)" } else { "attention fwd+bwd" };
             out.push(Timing { kernel: kernel.into(), case: case.clone(), ms, rate: 3.5 * fwd_flops / ms / 1e9, unit: "TFLOP/s".into() });
         }
@@ -466,15 +465,15 @@ pub fn kernel_bench(gpu: &Cuda) -> Vec<Timing> {
     let sizes: Vec<usize> =
         std::iter::repeat_n([768 * 2304, 768 * 768, 768 * 3072, 3072 * 768, 768, 768], 12).flatten().chain([50257 * 768, 1024 * 768]).collect();
     let n: usize = sizes.iter().sum();
-    let mk = |rng: &mut Rng| sizes.iter().map(|&k| gpu.upload(&rng.vec(k, 0.1))).collect::<Vec<_>>();
-    let (mut p, g, mut m, mut v) = (mk(&mut rng), mk(&mut rng), mk(&mut rng), mk(&mut rng));
+    let mk = |rng: &mut Rng| sizes.iter().map(|&k| gpu.upload(&rng.vec(k, 0.1))).collect::<Result<Vec<_>>>();
+    let (mut p, g, mut m, mut v) = (mk(&mut rng)?, mk(&mut rng)?, mk(&mut rng)?, mk(&mut rng)?);
     let mut step = 0;
     let ms = best_ms(gpu, 5, || {
         step += 1;
         let hp = AdamWStep { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 1.0 };
         let mut t: Vec<_> = p.iter_mut().zip(&g).zip(m.iter_mut().zip(v.iter_mut())).map(|((p, g), (m, v))| (p, g, m, v, true)).collect();
         gpu.adamw_multi(&mut t, hp);
-    });
+    })?;
     let bytes = (n * 4 * 7) as f64;
     out.push(Timing {
         kernel: "adamw_multi".into(),
@@ -483,7 +482,7 @@ pub fn kernel_bench(gpu: &Cuda) -> Vec<Timing> {
         rate: bytes / ms / 1e6,
         unit: "GB/s".into(),
     });
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -494,7 +493,7 @@ mod tests {
     /// run, every output is compared, and a backend compared with itself agrees exactly.
     #[test]
     fn the_parity_harness_runs_every_check_and_the_cpu_agrees_with_itself() {
-        let mut checks = op_parity_on(&Cpu, false);
+        let mut checks = op_parity_on(&Cpu, false).unwrap();
         checks.extend(step_parity_on(&Cpu, false).unwrap());
         let ops: std::collections::BTreeSet<&str> = checks.iter().map(|c| c.op.as_str()).collect();
         for op in [

@@ -1,24 +1,24 @@
 //! The run's plugins, by role: at most one loss (`loss` or `loss-logits`), at most one padding,
-//! any number of metrics and callbacks (in the order given). Glue between the plugin host and
-//! the engine and trainer.
+//! any number of metrics and callbacks (in the order given). The loss role is what the models
+//! call out to ([`StatsLoss`], [`RowsLoss`]); padding and metrics speak the protocol's types.
+//! The trainer adapts the callbacks role to its own callback trait.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Map, Value};
 
-use super::callbacks::{Event, TrainerCallback, TrainerControl};
-use super::state::TrainerState;
-use crate::args::TrainingArguments;
-use crate::backend::{StatGrads, StatsWanted, TokenStats};
-use crate::data::{Example, PadOptions, Tokenizer};
 use crate::error::{Error, Result};
-use crate::model::decoder::{RowsLoss, StatsLoss};
-use crate::model::Batch;
 use crate::plugin::{self, Column, EvalBatch, Hook, LogitsChunk, Plugin, PluginSpec, Statistics, TokenBatch};
+use crate::protocol::{Batch, Example, PadOptions, RowsLoss, Side, StatGrads, StatsLoss, StatsWanted, TokenDecoder, TokenStats};
 
 pub type Shared = Arc<Mutex<Plugin>>;
 
-fn lock(p: &Shared) -> MutexGuard<'_, Plugin> {
+/// A JSON number (null when not finite).
+fn num(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+pub fn lock(p: &Shared) -> MutexGuard<'_, Plugin> {
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -35,7 +35,7 @@ pub struct Plugins {
 
 /// `Err` passes through unless the plugin continues on errors: then it is logged and `None`
 /// comes back.
-fn tolerate<T>(p: &Plugin, r: Result<T>) -> Result<Option<T>> {
+pub fn tolerate<T>(p: &Plugin, r: Result<T>) -> Result<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
         Err(e) if p.continues() => {
@@ -48,7 +48,7 @@ fn tolerate<T>(p: &Plugin, r: Result<T>) -> Result<Option<T>> {
 
 impl Plugins {
     /// Loads the plugins the run config lists.
-    pub fn load(entries: &[Value], tokenizer: Option<Arc<Tokenizer>>) -> Result<Self> {
+    pub fn load(entries: &[Value], tokenizer: Option<Arc<dyn TokenDecoder>>) -> Result<Self> {
         let mut out = Plugins::default();
         for entry in entries {
             let spec = PluginSpec::from_value(entry)?;
@@ -104,8 +104,8 @@ impl Plugins {
             examples.iter().map(|e| plugin::PadExample { input_ids: e.input_ids.clone(), labels: e.labels.clone() }).collect();
         let options = plugin::WitPadOptions {
             side: match opts.side {
-                crate::data::Side::Left => plugin::Side::Left,
-                crate::data::Side::Right => plugin::Side::Right,
+                Side::Left => plugin::Side::Left,
+                Side::Right => plugin::Side::Right,
             },
             pad_token_id: opts.pad_id,
             max_length: opts.max_length.map(|m| m as u32),
@@ -172,15 +172,10 @@ impl Plugins {
                 if into.contains_key(&key) {
                     return Err(p.invalid("metrics.compute", format!("metric `{key}` is already reported")));
                 }
-                into.insert(key, super::trainer::num(m.value));
+                into.insert(key, num(m.value));
             }
         }
         Ok(())
-    }
-
-    /// The callbacks plugins as trainer callbacks.
-    pub fn callbacks(&self) -> Vec<Box<dyn TrainerCallback>> {
-        self.callbacks.iter().map(|p| Box::new(PluginCallback(p.clone())) as Box<dyn TrainerCallback>).collect()
     }
 }
 
@@ -260,93 +255,5 @@ impl RowsLoss for LossHook {
         };
         let out = lock(&self.plugin).compute_chunk(&chunk)?;
         Ok((out.loss, out.d_logits))
-    }
-}
-
-/// A `callbacks` plugin as a trainer callback.
-struct PluginCallback(Shared);
-
-fn wit_event(e: Event) -> plugin::WitEvent {
-    use plugin::WitEvent as W;
-    match e {
-        Event::InitEnd => W::OnInitEnd,
-        Event::TrainBegin => W::OnTrainBegin,
-        Event::TrainEnd => W::OnTrainEnd,
-        Event::EpochBegin => W::OnEpochBegin,
-        Event::EpochEnd => W::OnEpochEnd,
-        Event::StepBegin => W::OnStepBegin,
-        Event::SubstepEnd => W::OnSubstepEnd,
-        Event::PreOptimizerStep => W::OnPreOptimizerStep,
-        Event::OptimizerStep => W::OnOptimizerStep,
-        Event::StepEnd => W::OnStepEnd,
-        Event::Evaluate => W::OnEvaluate,
-        Event::Save => W::OnSave,
-        Event::Log => W::OnLog,
-        Event::PredictionStep => W::OnPredictionStep,
-    }
-}
-
-impl TrainerCallback for PluginCallback {
-    fn on_event(
-        &mut self,
-        event: Event,
-        args: &TrainingArguments,
-        state: &TrainerState,
-        control: &mut TrainerControl,
-        logs: Option<&mut Map<String, Value>>,
-    ) -> Result<()> {
-        let metrics =
-            logs.as_ref().map_or_else(Vec::new, |l| l.iter().filter_map(|(k, v)| v.as_f64().map(|x| plugin::Metric { name: k.clone(), value: x })).collect());
-        let ws = plugin::WitState {
-            global_step: state.global_step,
-            max_steps: state.max_steps,
-            epoch: state.epoch,
-            num_train_epochs: state.num_train_epochs,
-            best_metric: state.best_metric,
-            best_model_checkpoint: state.best_model_checkpoint.clone(),
-            metric_for_best_model: args.metric_for_best_model.clone(),
-            greater_is_better: args.greater_is_better,
-            logs: metrics,
-        };
-        let c = plugin::WitControl {
-            should_training_stop: control.should_training_stop,
-            should_epoch_stop: control.should_epoch_stop,
-            should_save: control.should_save,
-            should_evaluate: control.should_evaluate,
-            should_log: control.should_log,
-        };
-        let mut plugin = lock(&self.0);
-        let r = plugin.on_event(wit_event(event), &ws, c);
-        let Some(r) = tolerate(&plugin, r)? else { return Ok(()) };
-        *control = TrainerControl {
-            should_training_stop: r.control.should_training_stop,
-            should_epoch_stop: r.control.should_epoch_stop,
-            should_save: r.control.should_save,
-            should_evaluate: r.control.should_evaluate,
-            should_log: r.control.should_log,
-        };
-        if let Some(l) = logs {
-            for m in r.logs {
-                l.insert(m.name, super::trainer::num(m.value));
-            }
-        }
-        Ok(())
-    }
-
-    fn state(&mut self) -> Result<Option<(String, Value)>> {
-        let mut p = lock(&self.0);
-        let bytes = p.save_state()?;
-        Ok(Some((p.name().to_string(), serde_json::json!({ "plugin": p.path.display().to_string(), "state": hex::encode(bytes) }))))
-    }
-
-    fn load_state(&mut self, saved: &Map<String, Value>) -> Result<()> {
-        let mut p = lock(&self.0);
-        let Some(entry) = saved.get(p.name()) else { return Ok(()) };
-        let bytes = entry
-            .get("state")
-            .and_then(Value::as_str)
-            .and_then(|s| hex::decode(s).ok())
-            .ok_or_else(|| p.invalid("callbacks.load-state", "the checkpoint's saved state is not valid hex"))?;
-        p.load_state(&bytes)
     }
 }

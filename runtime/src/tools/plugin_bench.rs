@@ -8,14 +8,17 @@ use std::time::Instant;
 
 use rand::{RngExt, SeedableRng};
 
-use super::*;
+use std::path::{Path, PathBuf};
+
 use crate::backend::cpu::Cpu;
 use crate::backend::{AttnImpl, StatsWanted};
 use crate::bench::BenchConfig;
+use crate::engine::{AdamWConfig, MicroLoss, Step};
+use crate::error::{Error, Result};
 use crate::model::decoder::{shifted_labels, CustomLoss};
-use crate::model::{init::init_tensors, Activations, Batch, Grads, LoadOptions, LossOptions, Model};
-use crate::train::optimizer::{clip_coefficient, AdamW, AdamWConfig};
-use crate::train::plugins::Plugins;
+use crate::model::{init::init_tensors, Activations, Batch, LoadOptions, LossOptions, Model};
+use crate::plugin::roles::Plugins;
+use crate::plugin::*;
 
 pub struct PluginBenchArgs {
     pub loss: Option<PathBuf>,
@@ -85,26 +88,20 @@ pub fn run(a: &PluginBenchArgs) -> Result<String> {
     if let Some(path) = &a.loss {
         let plugins = Plugins::load(&[serde_json::Value::String(path.display().to_string())], None)?;
         let mut hook = plugins.loss_hook().ok_or_else(|| Error::Invalid(format!("{}: declares no loss hook", path.display())))?;
-        let mut acts = Activations::new(&model, cfg.batch, cfg.seq);
-        let mut grads = Grads::zeros(&model);
-        let mut opt = AdamW::new(&model, AdamWConfig { lr: 1e-5, ..AdamWConfig::default() });
+        let mut step = Step::new(model, AdamWConfig { lr: 1e-5, ..AdamWConfig::default() })?;
         let (mut builtin, mut plugin, mut ratios) = (f64::MAX, f64::MAX, Vec::new());
+        // one training step as the trainer takes it, with the built-in loss or the plugin's
+        let one_step = |step: &mut Step<Cpu>, loss: MicroLoss| -> Result<()> {
+            step.zero_grad();
+            step.micro_batch(&batch, loss)?;
+            let (_, coef) = step.grad_norm(1.0)?;
+            step.apply(1e-5, coef)
+        };
         for round in 0..cfg.warmup + cfg.steps {
-            let b = best(1, || {
-                grads.zero(&model.backend);
-                model.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default())?;
-                let (_, coef) = clip_coefficient(&model.backend, &grads, 1.0);
-                opt.step(&mut model, &grads, 1e-5, coef);
-                Ok(())
-            })?;
+            let b = best(1, || one_step(&mut step, MicroLoss::BuiltIn(LossOptions::default())))?;
             let p = best(1, || {
-                grads.zero(&model.backend);
                 let mut custom = if hook.uses_rows() { CustomLoss::Rows(&mut hook) } else { CustomLoss::Stats(&mut hook) };
-                model.forward_custom(&mut acts, &batch, &mut custom, None, true)?;
-                model.backward(&mut acts, &mut grads)?;
-                let (_, coef) = clip_coefficient(&model.backend, &grads, 1.0);
-                opt.step(&mut model, &grads, 1e-5, coef);
-                Ok(())
+                one_step(&mut step, MicroLoss::Custom(&mut custom, None))
             })?;
             if round >= cfg.warmup {
                 builtin = builtin.min(b);
@@ -124,16 +121,17 @@ pub fn run(a: &PluginBenchArgs) -> Result<String> {
             (plugin / builtin - 1.0) * 100.0,
             (median - 1.0) * 100.0
         );
+        model = step.model;
     }
 
     if let Some(path) = &a.metrics {
         let mut p = Plugin::load(&PluginSpec::new(path), None)?;
-        let mut acts = Activations::new(&model, cfg.batch, cfg.seq);
+        let mut acts = Activations::new(&model, cfg.batch, cfg.seq)?;
         model.forward(&mut acts, &batch, LossOptions::default(), false)?;
         let want = StatsWanted { label_logprob: true, argmax: true, ..StatsWanted::default() };
-        let mut stats = model.token_stats(&acts, want);
+        let mut stats = model.token_stats(&acts, want)?;
         let stats_s = best(5, || {
-            stats = model.token_stats(&acts, want);
+            stats = model.token_stats(&acts, want)?;
             Ok(())
         })?;
         let eb = EvalBatch::argmax(cfg.batch, cfg.seq, shifted_labels(&batch), stats, None, Some(0));

@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use rand::{RngExt, SeedableRng};
 
-use super::*;
 use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, StatGrads, StatsWanted};
+use crate::error::{Error, Result};
+use crate::plugin::*;
 
 /// `runtime plugin inspect FILE.wasm`.
 pub fn inspect(spec: &PluginSpec) -> Result<String> {
@@ -88,7 +89,7 @@ impl Synthetic {
 fn stats_loss(p: &mut Plugin, s: &Synthetic, logits: &[f32], want: StatsWanted, grad: bool) -> Result<(f64, Vec<f32>)> {
     let be = Cpu;
     let (z, t) = (logits.to_vec(), s.targets.clone());
-    let mut stats = be.token_stats(&z, &t, s.v, want);
+    let mut stats = be.token_stats(&z, &t, s.v, want)?;
     let saved = stats.take_backward_state();
     let batch = TokenBatch {
         batch_size: s.batch as u32,
@@ -156,7 +157,7 @@ fn gradient_check(s: &Synthetic, mut f: impl FnMut(&[f32]) -> Result<f64>, analy
 }
 
 /// `runtime plugin check FILE.wasm`: each declared hook once, on synthetic input.
-pub fn check(spec: &PluginSpec, tokenizer: Option<Arc<Tokenizer>>) -> Result<String> {
+pub fn check(spec: &PluginSpec, tokenizer: Option<Arc<dyn crate::protocol::TokenDecoder>>) -> Result<String> {
     let mut p = Plugin::load(spec, tokenizer)?;
     let mut out = String::new();
     let _ = writeln!(
@@ -174,7 +175,7 @@ pub fn check(spec: &PluginSpec, tokenizer: Option<Arc<Tokenizer>>) -> Result<Str
         match hook {
             Hook::Loss => {
                 let st = p.loss_statistics()?;
-                let want = crate::train::plugins::wanted(st);
+                let want = crate::plugin::roles::wanted(st);
                 let (loss, d) = stats_loss(&mut p, &s, &s.logits, want, true)?;
                 let (err, scale) = gradient_check(&s, |z| stats_loss(&mut p, &s, z, want, false).map(|r| r.0), &d)?;
                 if err > TOL {
@@ -202,7 +203,7 @@ pub fn check(spec: &PluginSpec, tokenizer: Option<Arc<Tokenizer>>) -> Result<Str
             }
             Hook::Metrics => {
                 let be = Cpu;
-                let stats = be.token_stats(&s.logits, &s.targets, s.v, StatsWanted { label_logprob: true, argmax: true, ..Default::default() });
+                let stats = be.token_stats(&s.logits, &s.targets, s.v, StatsWanted { label_logprob: true, argmax: true, ..Default::default() })?;
                 p.metrics_reset()?;
                 let batch = EvalBatch::argmax(s.batch, s.seq, s.targets.clone(), stats, None, Some(0));
                 p.metrics_update(&batch)?;

@@ -2,6 +2,7 @@
 //! weight decay, and global-norm gradient clipping as `torch.nn.utils.clip_grad_norm_` does it.
 
 use crate::backend::{AdamWStep, Backend};
+use crate::error::Result;
 use crate::model::{Grads, Model};
 
 /// `torch.optim.AdamW` hyper-parameters, with transformers' `TrainingArguments` defaults.
@@ -29,9 +30,9 @@ pub struct AdamW<B: Backend> {
 }
 
 impl<B: Backend> AdamW<B> {
-    pub fn new(model: &Model<B>, config: AdamWConfig) -> Self {
-        let z = || model.layout.specs.iter().map(|s| model.backend.zeros(s.numel())).collect();
-        AdamW { config, exp_avg: z(), exp_avg_sq: z(), step: 0 }
+    pub fn new(model: &Model<B>, config: AdamWConfig) -> Result<Self> {
+        let z = || model.layout.specs.iter().map(|s| model.backend.zeros(s.numel())).collect::<Result<Vec<_>>>();
+        Ok(AdamW { config, exp_avg: z()?, exp_avg_sq: z()?, step: 0 })
     }
 
     /// One step at learning rate `lr` (the scheduler's value), with the gradients multiplied by
@@ -53,34 +54,34 @@ impl<B: Backend> AdamW<B> {
 }
 
 /// The global L2 norm of all gradients.
-pub fn grad_norm<B: Backend>(be: &B, grads: &Grads<B>) -> f32 {
+pub fn grad_norm<B: Backend>(be: &B, grads: &Grads<B>) -> Result<f32> {
     // as torch: the norm of the per-tensor norms
     let tensors: Vec<&B::Buf> = grads.tensors.iter().collect();
     let sum: f32 = be
-        .sum_squares_multi(&tensors)
+        .sum_squares_multi(&tensors)?
         .into_iter()
         .map(|s| {
             let n = s.sqrt() as f32;
             n * n
         })
         .sum();
-    sum.sqrt()
+    Ok(sum.sqrt())
 }
 
 /// The global gradient norm and the clipping coefficient `min(1, max_norm / (norm + 1e-6))`
 /// that `torch.nn.utils.clip_grad_norm_` would multiply the gradients by. Pass the coefficient to
 /// [`AdamW::step`], which applies it in the same pass as the update.
-pub fn clip_coefficient<B: Backend>(be: &B, grads: &Grads<B>, max_norm: f32) -> (f32, f32) {
-    let norm = grad_norm(be, grads);
-    (norm, (max_norm / (norm + 1e-6)).min(1.0))
+pub fn clip_coefficient<B: Backend>(be: &B, grads: &Grads<B>, max_norm: f32) -> Result<(f32, f32)> {
+    let norm = grad_norm(be, grads)?;
+    Ok((norm, (max_norm / (norm + 1e-6)).min(1.0)))
 }
 
 /// Scales gradients in place so their global norm is at most `max_norm` and returns the norm
 /// before clipping, as `clip_grad_norm_` does (for callers that need the clipped gradients).
-pub fn clip_grad_norm<B: Backend>(be: &B, grads: &mut Grads<B>, max_norm: f32) -> f32 {
-    let (norm, coef) = clip_coefficient(be, grads, max_norm);
+pub fn clip_grad_norm<B: Backend>(be: &B, grads: &mut Grads<B>, max_norm: f32) -> Result<f32> {
+    let (norm, coef) = clip_coefficient(be, grads, max_norm)?;
     if coef < 1.0 {
         grads.tensors.iter_mut().for_each(|g| be.scale(g, coef));
     }
-    norm
+    Ok(norm)
 }

@@ -1,0 +1,58 @@
+//! Writing files so that a reader never sees half of one: `write_file` flushes to disk, and
+//! `write_folder_atomically` builds a folder under a temporary name and renames it into place.
+//! Also where the runtime's caches live. The bottom layer: it imports nothing of the crate but
+//! the error type.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Writes `bytes` to `path` and flushes them to disk.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// The runtime's cache folder: `$XDG_CACHE_HOME/runtime`, else `~/.cache/runtime`.
+pub fn runtime_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("runtime"))
+}
+
+/// Builds a folder under a temporary sibling name with `fill`, then renames it to `dir`. On any
+/// error the temporary folder is removed and `dir` is left as it was.
+pub fn write_folder_atomically(dir: &Path, overwrite: bool, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let occupied = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some();
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::Invalid(format!("{}: exists and is not a folder", dir.display())));
+    }
+    if occupied && !overwrite {
+        return Err(Error::Invalid(format!("{}: folder exists and is not empty (pass --overwrite_output_dir to replace it)", dir.display())));
+    }
+    let name = dir.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a folder name", dir.display())))?.to_string_lossy().to_string();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = fill(&tmp).and_then(|()| {
+        if dir.exists() {
+            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+            std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))
+        } else {
+            std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+        }
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}

@@ -1,0 +1,150 @@
+//! The data both sides of a boundary share: a batch of token ids ([`Batch`]), the ignore index,
+//! a tokenized example and how examples are padded, and the loss hooks a model calls out to (a
+//! plugin's loss implements them). `data` produces these, the models and plugins consume them;
+//! this layer imports only the backend's types.
+
+pub use crate::backend::{StatGrads, StatsWanted, TokenStats};
+use crate::error::{Error, Result};
+
+/// The label that takes no part in the loss (PyTorch's `ignore_index` default), as the backend's
+/// loss ops know it.
+pub use crate::backend::IGNORE_INDEX;
+
+/// One batch of token ids, row-major `[batch, seq]`.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub batch: usize,
+    pub seq: usize,
+    pub input_ids: Vec<i32>,
+    /// 1 = a real token, 0 = padding (keys with 0 are never attended to). All ones when absent.
+    pub attention_mask: Option<Vec<i32>>,
+    /// Labels aligned with `input_ids` (HF convention: the model shifts them); -100 = no loss.
+    pub labels: Option<Vec<i32>>,
+    /// Positions for RoPE / learned position embeddings; `0..seq` on every row when absent.
+    pub position_ids: Option<Vec<i32>>,
+    /// The dataset's numeric columns for these examples, one value per row (for plugins).
+    pub columns: Vec<(String, Vec<f64>)>,
+}
+
+/// Label tokens of a batch after the causal-LM shift.
+pub fn label_tokens(b: &Batch) -> usize {
+    b.labels.as_ref().map_or(0, |l| (0..b.batch).map(|r| l[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&x| x != IGNORE_INDEX).count()).sum())
+}
+
+/// The causal-LM shift: position `t` of a row predicts label `t + 1`; the last position and
+/// batches without labels get -100.
+pub fn shifted_labels(b: &Batch) -> Vec<i32> {
+    let mut targets = vec![IGNORE_INDEX; b.batch * b.seq];
+    if let Some(labels) = &b.labels {
+        for r in 0..b.batch {
+            targets[r * b.seq..(r + 1) * b.seq - 1].copy_from_slice(&labels[r * b.seq + 1..(r + 1) * b.seq]);
+        }
+    }
+    targets
+}
+
+/// A tokenized training example; `labels[i]` is `input_ids[i]` or -100 (no loss).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Example {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i32>,
+}
+
+/// `padding_side` / `truncation_side`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Left,
+    Right,
+}
+
+impl Side {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "left" => Some(Side::Left),
+            "right" => Some(Side::Right),
+            _ => None,
+        }
+    }
+}
+
+/// `padding=`: `longest` (transformers' `True`), `max_length`, or `do_not_pad`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Padding {
+    Longest,
+    MaxLength,
+    DoNotPad,
+}
+
+impl Padding {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "longest" | "true" | "True" => Some(Padding::Longest),
+            "max_length" => Some(Padding::MaxLength),
+            "do_not_pad" | "false" | "False" => Some(Padding::DoNotPad),
+            _ => None,
+        }
+    }
+}
+
+/// How examples are padded into a batch (`tokenizer.pad`'s options).
+#[derive(Clone, Copy, Debug)]
+pub struct PadOptions {
+    pub padding: Padding,
+    pub side: Side,
+    pub pad_id: u32,
+    pub max_length: Option<usize>,
+    pub truncation: bool,
+    pub pad_to_multiple_of: Option<usize>,
+}
+
+impl PadOptions {
+    /// transformers' checks: `max_length` padding needs a length, and truncating to a length that
+    /// padding would round up is refused.
+    pub fn validate(&self) -> Result<()> {
+        if self.padding == Padding::MaxLength && self.max_length.is_none() {
+            return Err(Error::Invalid("padding `max_length` needs max_length".into()));
+        }
+        if self.truncation && self.max_length.is_none() {
+            return Err(Error::Invalid("truncation needs max_length".into()));
+        }
+        if let Some(m) = self.pad_to_multiple_of {
+            if m == 0 {
+                return Err(Error::Invalid("pad_to_multiple_of must be at least 1".into()));
+            }
+            if let (true, Some(l), false) = (self.truncation, self.max_length, self.padding == Padding::DoNotPad) {
+                if l % m != 0 {
+                    return Err(Error::Invalid(format!("truncation length ({l}) is not a multiple of pad_to_multiple_of ({m})")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Turns token ids back into text (the run's tokenizer; a plugin's `decode` import).
+pub trait TokenDecoder: Send + Sync {
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String>;
+}
+
+/// A loss computed outside the engine from per-token statistics (the plugin `loss` hook).
+pub trait StatsLoss {
+    fn wanted(&mut self) -> Result<StatsWanted>;
+    /// The micro-batch's loss and `dloss/dstatistic`; `targets` are the shifted labels and
+    /// `num_items_in_batch` the divisor the built-in loss would use.
+    fn loss(&mut self, b: &Batch, targets: &[i32], stats: TokenStats, num_items_in_batch: usize) -> Result<(f32, StatGrads)>;
+}
+
+/// A loss computed outside the engine from whole rows of logits (the plugin `loss-logits`
+/// hook), a chunk of labelled rows at a time; the losses of the chunks add up.
+pub trait RowsLoss {
+    /// `positions[i]` is row `i`'s index in the batch's `[batch * seq]` rows, `labels[i]` its
+    /// label, `logits[i * v..(i + 1) * v]` its logits. Returns the chunk's loss and
+    /// `dloss/dlogits` for its rows.
+    fn chunk(&mut self, b: &Batch, positions: &[u32], labels: &[i32], logits: &[f32], v: usize, num_items_in_batch: usize) -> Result<(f32, Vec<f32>)>;
+}
+
+/// A loss the model calls out to instead of its built-in cross-entropy.
+pub enum CustomLoss<'a> {
+    Stats(&'a mut dyn StatsLoss),
+    Rows(&'a mut dyn RowsLoss),
+}

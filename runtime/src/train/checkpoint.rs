@@ -1,0 +1,215 @@
+//! Checkpoints: `output_dir/checkpoint-N/` written under a temporary name and renamed into place
+//! (model, optimizer moments, scheduler, trainer state, arguments), the one to resume from, its
+//! loading, rotation under `save_total_limit`, and the final HF-format output folder.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use serde_json::{json, Map, Value};
+
+use super::callbacks::Event;
+use super::state::TrainerState;
+use super::trainer::Trainer;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::files::{write_file, write_folder_atomically};
+use crate::model::{io, Device, Dtype, LoadOptions, Model};
+
+impl<B: Backend + Clone> Trainer<B> {
+    /// The start of `train()`: refuses a non-empty `output_dir` unless resuming or overwriting,
+    /// removes what a killed run left half-written, and loads the checkpoint to resume from.
+    pub(super) fn begin_run(&mut self) -> Result<()> {
+        let occupied = self.output_dir.is_dir() && std::fs::read_dir(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?.next().is_some();
+        let resume = self.resume_target()?;
+        if occupied && resume.is_none() && !self.args.overwrite_output_dir {
+            return Err(Error::Invalid(format!(
+                "{}: output_dir exists and is not empty; pass --resume_from_checkpoint true to continue, or --overwrite_output_dir",
+                self.output_dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?;
+        // what a killed run left half-written (never picked up by resume): remove it
+        for e in std::fs::read_dir(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') && (name.contains(".partial-") || name.contains(".old-")) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        if let Some(dir) = &resume {
+            self.load_checkpoint(dir)?;
+            if self.args.ignore_data_skip {
+                // as transformers: restart the current epoch's data instead of skipping ahead
+                self.state.sampler.batch = 0;
+            }
+            tracing::info!("resuming from {} at step {}", dir.display(), self.state.global_step);
+        }
+        Ok(())
+    }
+
+    pub(super) fn checkpoints(&self) -> Vec<(u64, PathBuf)> {
+        let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.output_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let step = name.strip_prefix("checkpoint-")?.parse::<u64>().ok()?;
+                Some((step, e.path()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The checkpoint to resume from, if `resume_from_checkpoint` asks for one.
+    pub(super) fn resume_target(&self) -> Result<Option<PathBuf>> {
+        match &self.args.resume_from_checkpoint {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
+            Some(Value::String(s)) if s == "true" || s == "True" => self.newest_checkpoint().map(Some),
+            Some(Value::Bool(true)) => self.newest_checkpoint().map(Some),
+            Some(Value::String(s)) => Ok(Some(PathBuf::from(s))),
+            Some(v) => Err(Error::Invalid(format!("resume_from_checkpoint must be a checkpoint folder or true, found {v}"))),
+        }
+    }
+
+    pub(super) fn newest_checkpoint(&self) -> Result<PathBuf> {
+        for (step, dir) in self.checkpoints().into_iter().rev() {
+            if dir.join("trainer_state.json").is_file() && dir.join("optimizer.safetensors").is_file() {
+                return Ok(dir);
+            }
+            tracing::warn!("skipping {} (step {step}): incomplete checkpoint", dir.display());
+        }
+        Err(Error::Invalid(format!("{}: no valid checkpoint found to resume from", self.output_dir.display())))
+    }
+
+    pub(super) fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let state = TrainerState::read(&dir.join("trainer_state.json"))?;
+        let loaded = Model::load(
+            self.step.model.backend.clone(),
+            dir,
+            LoadOptions { torch_dtype: None, attn_implementation: self.step.model.attn_impl, device: Device::Cpu },
+        )?;
+        if loaded.layout.numel() != self.step.model.layout.numel() {
+            return Err(Error::Invalid(format!("{}: the checkpoint's model differs from the run's", dir.display())));
+        }
+        self.step.model.params = loaded.params;
+        let path = dir.join("optimizer.safetensors");
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let st = io::deserialize(&path, &bytes)?;
+        for (i, spec) in self.step.model.layout.specs.iter().enumerate() {
+            for (prefix, dst) in [("exp_avg", &mut self.step.opt.exp_avg[i]), ("exp_avg_sq", &mut self.step.opt.exp_avg_sq[i])] {
+                let name = format!("{prefix}.{}", spec.name);
+                let view = st.tensor(&name).map_err(|_| Error::tensor(&path, &name, "missing"))?;
+                if view.dtype() != StDtype::F32 || view.shape() != [spec.numel()] {
+                    return Err(Error::tensor(&path, &name, format!("expected F32 [{}], found {:?} {:?}", spec.numel(), view.dtype(), view.shape())));
+                }
+                let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                *dst = self.step.model.backend.upload(&values)?;
+            }
+        }
+        self.step.opt.step = state.optimizer_step;
+        for cb in &mut self.callbacks {
+            cb.load_state(&state.stateful_callbacks)?;
+        }
+        let keep = (self.state.max_steps, self.state.num_train_epochs, self.state.logging_steps, self.state.eval_steps, self.state.save_steps);
+        self.state = state;
+        (self.state.max_steps, self.state.num_train_epochs, self.state.logging_steps, self.state.eval_steps, self.state.save_steps) = keep;
+        Ok(())
+    }
+
+    pub(super) fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let dir = self.output_dir.join(format!("checkpoint-{}", self.state.global_step));
+        if self.state.best_global_step == Some(self.state.global_step) {
+            self.state.best_model_checkpoint = Some(dir.to_string_lossy().to_string());
+        }
+        self.state.optimizer_step = self.step.opt.step;
+        for cb in &mut self.callbacks {
+            if let Some((name, value)) = cb.state()? {
+                self.state.stateful_callbacks.insert(name, value);
+            }
+        }
+        let (model, opt, state, args) = (&self.step.model, &self.step.opt, &self.state, &self.args);
+        write_folder_atomically(&dir, true, |tmp| {
+            // f32 whatever the model's dtype, so resume is exact
+            model.write_into(tmp, Some(Dtype::F32), u64::MAX)?;
+            let mut bytes: Vec<(String, Vec<u8>)> = Vec::new();
+            for (i, spec) in model.layout.specs.iter().enumerate() {
+                for (prefix, t) in [("exp_avg", &opt.exp_avg[i]), ("exp_avg_sq", &opt.exp_avg_sq[i])] {
+                    bytes.push((format!("{prefix}.{}", spec.name), model.backend.download(t)?.iter().flat_map(|v| v.to_le_bytes()).collect()));
+                }
+            }
+            let views = bytes
+                .iter()
+                .map(|(n, b)| TensorView::new(StDtype::F32, vec![b.len() / 4], b).map(|v| (n.clone(), v)).map_err(|e| Error::Invalid(e.to_string())))
+                .collect::<Result<Vec<_>>>()?;
+            if !args.save_only_model {
+                let path = tmp.join("optimizer.safetensors");
+                let data = safetensors::serialize(views, None).map_err(|e| Error::weights(&path, e.to_string()))?;
+                write_file(&path, &data)?;
+            }
+            write_file(
+                &tmp.join("scheduler.json"),
+                json!({"last_epoch": state.global_step, "lr_scheduler_type": args.lr_scheduler_type}).to_string().as_bytes(),
+            )?;
+            write_file(&tmp.join("training_args.json"), args.to_json().as_bytes())?;
+            write_file(&tmp.join("trainer_state.json"), state.to_json().as_bytes())
+        })?;
+        self.rotate()?;
+        self.emit(Event::Save, None)?;
+        Ok(dir)
+    }
+
+    /// `save_total_limit`: delete the oldest checkpoints, never the best one.
+    pub(super) fn rotate(&self) -> Result<()> {
+        let Some(limit) = self.args.save_total_limit else { return Ok(()) };
+        let mut cps = self.checkpoints();
+        let best = self.state.best_model_checkpoint.as_ref().map(PathBuf::from);
+        // as transformers: the best checkpoint counts as the most recent
+        if let Some(b) = &best {
+            if let Some(pos) = cps.iter().position(|c| &c.1 == b) {
+                let item = cps.remove(pos);
+                cps.push(item);
+            }
+        }
+        let limit =
+            if self.args.load_best_model_at_end && limit == 1 && best.is_some() && cps.last().map(|c| &c.1) != best.as_ref() { 2 } else { limit.max(1) };
+        let excess = cps.len().saturating_sub(limit);
+        for (_, dir) in cps.into_iter().take(excess) {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// The final `output_dir`: the model in HF format, `trainer_state.json`,
+    /// `training_args.json`, `train_results.json` and `all_results.json`.
+    pub(super) fn save_output(&self, train_metrics: &Map<String, Value>) -> Result<()> {
+        let out = &self.output_dir;
+        let tmp = out.join(format!(".final.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        self.step.model.write_into(&tmp, None, io::parse_size("5GB").unwrap_or(u64::MAX))?;
+        let mut all = train_metrics.clone();
+        if let Some(last_eval) = self.state.log_history.iter().rev().find(|e| e.contains_key("eval_loss")) {
+            for (k, v) in last_eval {
+                if k.starts_with("eval_") {
+                    all.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        write_file(&tmp.join("trainer_state.json"), self.state.to_json().as_bytes())?;
+        write_file(&tmp.join("training_args.json"), self.args.to_json().as_bytes())?;
+        write_file(&tmp.join("train_results.json"), serde_json::to_string_pretty(train_metrics).unwrap_or_default().as_bytes())?;
+        write_file(&tmp.join("all_results.json"), serde_json::to_string_pretty(&all).unwrap_or_default().as_bytes())?;
+        let title = format!("{} - {}", self.step.model.config.architecture_name(), self.args.run_name.clone().unwrap_or_else(|| self.args.output_dir.clone()));
+        if let Some(svg) = super::plot::svg(&self.state.log_history, &title) {
+            write_file(&tmp.join("loss.svg"), svg.as_bytes())?;
+        }
+        // each file renamed into place: a reader never sees a half-written file
+        for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
+            let entry = entry.map_err(|e| Error::io(&tmp, e))?;
+            let dst = out.join(entry.file_name());
+            std::fs::rename(entry.path(), &dst).map_err(|e| Error::io(&dst, e))?;
+        }
+        std::fs::remove_dir(&tmp).map_err(|e| Error::io(&tmp, e))
+    }
+}

@@ -1,0 +1,238 @@
+//! Building a [`Trainer`]: the settings refused rather than ignored, the model (loaded, or
+//! initialised from a config), the tokenizer, the datasets and their numeric columns, the
+//! plugins, `auto_find_batch_size`'s plan, the sampler, the schedule and the optimizer. Everything
+//! is checked here, before any training step.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::batch_size::{fit_batch_size, memory_budget};
+use super::callbacks::TrainerControl;
+use super::flow::interval;
+use super::plugin_callbacks::plugin_callbacks;
+use super::sampler::Sampler;
+use super::schedule::{warmup_steps, Schedule, SchedulerType};
+use super::state::TrainerState;
+use super::trainer::Trainer;
+use crate::args::{IntervalStrategy, TrainingArguments};
+use crate::backend::{AttnImpl, Backend};
+use crate::data::cache::load_examples_cached;
+use crate::data::{Example, PadOptions, Padding, Tokenizer};
+use crate::engine::{AdamWConfig, Step};
+use crate::error::{Error, Result};
+use crate::model::{init::init_tensors, Device, Dtype, Layout, LoadOptions, Model, ModelConfig};
+use crate::plugin::roles::Plugins;
+use crate::protocol::TokenDecoder;
+
+/// Settings transformers honours that this build does not implement, and backends that cannot
+/// run what was asked: refused, never silently ignored.
+fn check_supported(args: &TrainingArguments, backend: &str) -> Result<()> {
+    let unsupported = [
+        (args.include_for_metrics.iter().any(|x| x != "inputs"), "include_for_metrics other than \"inputs\""),
+        (args.report_to.as_array().is_some_and(|a| !a.is_empty()) || args.report_to.is_string(), "report_to (integrations)"),
+    ];
+    if let Some((_, name)) = unsupported.iter().find(|(set, _)| *set) {
+        return Err(Error::Unsupported(format!("`{name}` is not supported by this build yet")));
+    }
+    if args.device == "cuda" && !args.use_cpu && backend != "cuda" {
+        return Err(Error::Invalid(format!("device `cuda` was asked for but the trainer was given the {backend} backend")));
+    }
+    if args.bf16 && backend != "cuda" {
+        return Err(Error::Unsupported("bf16 mixed precision runs on the CUDA backend (`device = \"cuda\"`); the CPU backend trains in f32".into()));
+    }
+    Ok(())
+}
+
+/// The model from `model_name_or_path`, or initialised from `config_name` with the run's seed;
+/// and the folder it came from.
+fn load_model<B: Backend>(backend: B, args: &TrainingArguments) -> Result<(Model<B>, PathBuf)> {
+    let device = Device::parse(&args.device).unwrap_or(Device::Auto);
+    let opts = LoadOptions {
+        torch_dtype: args.torch_dtype.as_deref().map(|d| Dtype::parse(d).ok_or_else(|| Error::Invalid(format!("unknown torch_dtype `{d}`")))).transpose()?,
+        attn_implementation: AttnImpl::parse(&args.attn_implementation).unwrap_or(AttnImpl::Flash),
+        device: if args.use_cpu { Device::Cpu } else { device },
+    };
+    let (mut model, dir) = match (&args.model_name_or_path, &args.config_name) {
+        (Some(m), _) => (Model::load(backend, Path::new(m), opts)?, PathBuf::from(m)),
+        (None, Some(c)) => {
+            let path = if Path::new(c).is_dir() { Path::new(c).join("config.json") } else { PathBuf::from(c) };
+            let cfg = ModelConfig::from_file(&path)?;
+            let tensors = init_tensors(&cfg, &Layout::new(&cfg), args.seed);
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            (Model::from_tensors(backend, cfg, tensors, opts)?, dir)
+        }
+        (None, None) => return Err(Error::Invalid("set model_name_or_path (a model folder) or config_name (a config.json to train from scratch)".into())),
+    };
+    model.gradient_checkpointing = args.gradient_checkpointing;
+    Ok((model, dir))
+}
+
+/// The tokenizer (`tokenizer_name`, else the model's folder), checked against the vocabulary;
+/// its files travel with the saved model.
+fn load_tokenizer<B: Backend>(args: &TrainingArguments, model: &mut Model<B>, model_dir: &Path) -> Result<Arc<Tokenizer>> {
+    let tok_dir = args.tokenizer_name.clone().map(PathBuf::from).unwrap_or(model_dir.to_path_buf());
+    let tokenizer = Arc::new(Tokenizer::from_dir(&tok_dir)?);
+    if model.source.is_none() {
+        model.source = Some(tok_dir.clone());
+    }
+    if tokenizer.len() > model.config.vocab_size {
+        return Err(Error::Invalid(format!(
+            "the tokenizer in {} has {} tokens but the model's vocab_size is {}",
+            tok_dir.display(),
+            tokenizer.len(),
+            model.config.vocab_size
+        )));
+    }
+    Ok(tokenizer)
+}
+
+/// The training and validation examples, tokenized once and cached.
+type Datasets = (Vec<Example>, Option<Vec<Example>>);
+
+fn load_datasets(args: &TrainingArguments, tokenizer: &Tokenizer, max_positions: usize, train_file: Option<&str>) -> Result<Datasets> {
+    let block = match (args.block_size, args.max_seq_length) {
+        (Some(b), _) => Some(b),
+        (None, Some(_)) => None,
+        // run_clm.py's default: min(1024, the model's context)
+        (None, None) => Some(1024.min(tokenizer.model_max_length.unwrap_or(usize::MAX)).min(max_positions)),
+    };
+    let cache_dir = crate::data::cache::default_dir();
+    let load = |f: &str| -> Result<Vec<Example>> {
+        let (_, examples, hit) = load_examples_cached(Path::new(f), tokenizer, block, args.max_seq_length, cache_dir.as_deref(), args.overwrite_cache)?;
+        if hit {
+            tracing::info!("{f}: tokenized examples from the cache");
+        }
+        Ok(examples)
+    };
+    let train = train_file.map(load).transpose()?.unwrap_or_default();
+    let eval = args.validation_file.as_deref().map(load).transpose()?;
+    Ok((train, eval))
+}
+
+/// A dataset file's numeric columns, when plugins may read them and there is one example per
+/// record (packed blocks have none).
+fn columns_of(file: Option<&str>, n: usize, plugins: &Plugins) -> Result<Vec<(String, Vec<f64>)>> {
+    match file {
+        Some(f) if !plugins.is_empty() => {
+            let cols = crate::data::dataset::numeric_columns(Path::new(f))?;
+            Ok(if cols.first().is_some_and(|c| c.1.len() == n) { cols } else { Vec::new() })
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// `auto_find_batch_size`'s plan before training: the batch and accumulation that fit.
+fn plan_batch_size<B: Backend>(args: &mut TrainingArguments, model: &Model<B>, longest: usize) -> Result<()> {
+    let (b, acc) = fit_batch_size(model, args.per_device_train_batch_size, args.gradient_accumulation_steps, longest.max(1), memory_budget(&model.backend))?;
+    if b != args.per_device_train_batch_size {
+        tracing::warn!(
+            "auto_find_batch_size: per_device_train_batch_size {} does not fit in memory; training with {b} and gradient_accumulation_steps {acc} (the same {} examples per step)",
+            args.per_device_train_batch_size,
+            b * acc
+        );
+        (args.per_device_train_batch_size, args.gradient_accumulation_steps) = (b, acc);
+    }
+    Ok(())
+}
+
+fn adamw_config(args: &TrainingArguments) -> AdamWConfig {
+    AdamWConfig {
+        lr: args.learning_rate as f32,
+        beta1: args.adam_beta1 as f32,
+        beta2: args.adam_beta2 as f32,
+        eps: args.adam_epsilon as f32,
+        weight_decay: args.weight_decay as f32,
+    }
+}
+
+impl<B: Backend + Clone> Trainer<B> {
+    /// The trainer on `backend` (see [`crate::backend::device::Device::select`]); `training =
+    /// false` loads what evaluation and prediction need only.
+    pub fn new_on(backend: B, args: TrainingArguments, training: bool) -> Result<Self> {
+        check_supported(&args, backend.name())?;
+        let (mut model, model_dir) = load_model(backend, &args)?;
+        let tokenizer = load_tokenizer(&args, &mut model, &model_dir)?;
+        let train_file = match (&args.train_file, training) {
+            (Some(f), true) => Some(f.as_str()),
+            (None, true) => return Err(Error::Invalid("set train_file (a .jsonl or .json dataset)".into())),
+            (_, false) => None,
+        };
+        let (train, eval) = load_datasets(&args, &tokenizer, model.config.max_positions, train_file)?;
+        let plugins = Plugins::load(&args.plugins, Some(tokenizer.clone() as Arc<dyn TokenDecoder>))?;
+        let train_columns = columns_of(train_file, train.len(), &plugins)?;
+        let eval_columns = columns_of(args.validation_file.as_deref(), eval.as_ref().map_or(0, Vec::len), &plugins)?;
+        if (args.eval_strategy != IntervalStrategy::No || !training) && eval.is_none() {
+            return Err(Error::Invalid(format!("eval_strategy {:?} needs validation_file", args.eval_strategy).to_lowercase()));
+        }
+        let longest = train.iter().chain(eval.iter().flatten()).map(|e| e.input_ids.len()).max().unwrap_or(0);
+        if model.config.arch == crate::model::Arch::Gpt2 && longest > model.config.max_positions {
+            return Err(Error::Invalid(format!(
+                "examples of {longest} tokens exceed the model's n_positions ({}); set block_size or max_seq_length",
+                model.config.max_positions
+            )));
+        }
+        let mut args = args;
+        if args.auto_find_batch_size && training {
+            plan_batch_size(&mut args, &model, longest)?;
+        }
+        let pad_id = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |t| t.id);
+        let pad = PadOptions { padding: Padding::Longest, side: tokenizer.padding_side, pad_id, max_length: None, truncation: false, pad_to_multiple_of: None };
+        let sampler = Sampler {
+            seed: args.data_seed.unwrap_or(args.seed),
+            n_examples: train.len(),
+            batch_size: args.per_device_train_batch_size,
+            drop_last: args.dataloader_drop_last,
+            sequential: args.train_sampling_strategy == "sequential",
+        };
+        let batches = sampler.batches_per_epoch().max(usize::from(!training));
+        if batches == 0 {
+            return Err(Error::Invalid(format!("{} examples make no full batch of {} (dataloader_drop_last)", train.len(), args.per_device_train_batch_size)));
+        }
+        let windows = batches.div_ceil(args.gradient_accumulation_steps) as u64;
+        let max_steps = if args.max_steps > 0 { args.max_steps as u64 } else { (args.num_train_epochs * windows as f64).ceil() as u64 };
+        let schedule = Schedule::new(
+            SchedulerType::parse(&args.lr_scheduler_type)?,
+            args.learning_rate,
+            warmup_steps(args.warmup_steps, max_steps),
+            max_steps,
+            &args.lr_scheduler_kwargs,
+        )?;
+        let step = Step::new(model, adamw_config(&args))?;
+        let (logging_steps, save_steps) = (interval(args.logging_steps, max_steps), interval(args.save_steps, max_steps));
+        let eval_steps = interval(args.eval_steps.unwrap_or(args.logging_steps), max_steps);
+        let state = TrainerState {
+            max_steps,
+            num_train_epochs: max_steps.div_ceil(windows),
+            logging_steps,
+            eval_steps,
+            save_steps,
+            train_batch_size: args.per_device_train_batch_size,
+            is_local_process_zero: true,
+            is_world_process_zero: true,
+            ..TrainerState::default()
+        };
+        let output_dir = PathBuf::from(&args.output_dir);
+        let callbacks = plugin_callbacks(&plugins);
+        Ok(Trainer {
+            args,
+            step,
+            tokenizer,
+            state,
+            train,
+            eval,
+            train_columns,
+            eval_columns,
+            plugins,
+            model_dir,
+            pad,
+            schedule,
+            sampler,
+            output_dir,
+            logging_steps,
+            eval_steps,
+            save_steps,
+            callbacks,
+            control: TrainerControl::default(),
+        })
+    }
+}

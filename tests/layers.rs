@@ -11,17 +11,18 @@ const LAYERS: &[(&str, &[&str], &[&str])] = &[
     ("base", &["error", "files"], &[]),
     ("backend", &["backend"], &["base"]),
     ("protocol", &["protocol"], &["base", "backend"]),
-    ("model", &["model"], &["base", "backend", "protocol"]),
+    ("nn", &["nn"], &["base", "backend", "protocol"]),
+    ("model", &["model"], &["base", "backend", "protocol", "nn"]),
     ("data", &["data"], &["base", "protocol"]),
     ("args", &["args"], &["base", "backend", "protocol"]),
     ("plugin", &["plugin"], &["base", "protocol"]),
-    ("engine", &["engine"], &["base", "backend", "protocol", "model"]),
-    ("generate", &["generate"], &["base", "backend", "protocol", "model", "engine"]),
-    ("train", &["train"], &["base", "backend", "protocol", "model", "engine", "data", "args", "plugin", "generate"]),
+    ("engine", &["engine"], &["base", "backend", "protocol", "nn", "model"]),
+    ("generate", &["generate"], &["base", "backend", "protocol", "nn", "model", "engine"]),
+    ("train", &["train"], &["base", "backend", "protocol", "nn", "model", "engine", "data", "args", "plugin", "generate"]),
     (
         "command line",
         &["main", "commands", "bench", "example", "tools"],
-        &["base", "backend", "protocol", "model", "engine", "data", "args", "plugin", "generate", "train"],
+        &["base", "backend", "protocol", "nn", "model", "engine", "data", "args", "plugin", "generate", "train"],
     ),
 ];
 
@@ -160,4 +161,56 @@ fn the_rule_sees_upward_imports_in_every_form() {
     assert!(v("model/mod.rs", "/// see [`crate::train::Trainer`]\nlet a = 1; // crate::train").is_empty());
     assert!(v("model/mod.rs", "let x = mycrate::train::X;").is_empty());
     assert!(v("main.rs", "use runtime::train::Trainer;").is_empty());
+}
+
+/// The length of each function in `src` (from its `fn` line to the brace that closes it at the
+/// same indentation), by file and name.
+fn function_lengths(src: &str) -> Vec<(String, usize)> {
+    let lines: Vec<&str> = src.lines().collect();
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim_start();
+        let indent = &l[..l.len() - t.len()];
+        let t = t.strip_prefix("pub ").or_else(|| t.strip_prefix("pub(super) ")).or_else(|| t.strip_prefix("pub(crate) ")).unwrap_or(t);
+        let Some(rest) = t.strip_prefix("fn ") else { continue };
+        if l.trim_end().ends_with(';') {
+            continue; // a trait method without a body
+        }
+        let close = format!("{indent}}}");
+        if let Some(end) = lines[i..].iter().position(|x| *x == close) {
+            out.push((ident_at(rest).to_string(), end + 1));
+        }
+    }
+    out
+}
+
+/// Files a reader can hold in mind: none over about 600 lines; and the trainer and the engine in
+/// functions of at most about 80 lines (what each function does fits on a screen).
+#[test]
+fn files_and_the_trainer_and_engine_functions_stay_small() {
+    const MAX_FILE_LINES: usize = 620;
+    const MAX_FN_LINES: usize = 80;
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut big = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let rel = f.strip_prefix(&src).unwrap();
+        let n = text.lines().count();
+        if n > MAX_FILE_LINES {
+            big.push(format!("{}: {n} lines (at most {MAX_FILE_LINES})", rel.display()));
+        }
+        if rel.starts_with("train") || rel.starts_with("engine") {
+            for (name, len) in function_lengths(&text) {
+                if len > MAX_FN_LINES {
+                    big.push(format!("{}: fn {name} is {len} lines (at most {MAX_FN_LINES})", rel.display()));
+                }
+            }
+        }
+    }
+    assert!(big.is_empty(), "too big:\n{}", big.join("\n"));
+    // the measure itself
+    let f = "fn a() {\n    x;\n}\n    pub(super) fn b(&self) -> u8 {\n        1\n    }\n    fn c(&self);\n";
+    assert_eq!(function_lengths(f), [("a".to_string(), 3), ("b".to_string(), 3)]);
 }

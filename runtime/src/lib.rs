@@ -18,6 +18,7 @@ pub mod example;
 pub mod files;
 pub mod generate;
 pub mod model;
+pub mod nn;
 pub mod plugin;
 pub mod protocol;
 pub mod tools;

@@ -514,73 +514,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if arch.is_empty() {
                 arch = vec!["sm_90".into(), "sm_80".into()];
             }
-            if cache {
-                let reports = runtime::backend::cuda::kernels::warm_cache(&arch)?;
-                if json {
-                    println!("{}", serde_json::to_string(&reports)?);
-                } else {
-                    for r in &reports {
-                        let how = if r.cached { "cached" } else { "compiled" };
-                        println!("{:<26} {:<6} {:>4} kernels  {how:<8}  {:.2} s", r.file, r.arch, r.kernels, r.seconds);
-                    }
-                }
-                return Ok(());
-            }
-            let reports = runtime::backend::cuda::kernels::compile_all(&arch)?;
-            if json {
-                println!("{}", serde_json::to_string(&reports)?);
-            } else {
-                let (major, minor) = runtime::backend::cuda::kernels::nvrtc_version()?;
-                println!("NVRTC {major}.{minor}");
-                for r in &reports {
-                    println!(
-                        "{:<26} {:<6} {:>4} kernels {:>8} bytes of PTX {:>8} bytes of CUBIN  {:.2} s",
-                        r.file,
-                        r.arch,
-                        r.kernels.len(),
-                        r.ptx_bytes,
-                        r.cubin_bytes,
-                        r.seconds
-                    );
-                }
-            }
+            runtime::tools::gpu::kernels(&arch, cache, json)?;
         }
-        Command::CudaCheck { bf16, json, bench } => {
-            let cuda = runtime::backend::cuda::Cuda::new(0, bf16)?;
-            if bench {
-                let timings = runtime::tools::cuda_check::kernel_bench(&cuda)?;
-                if json {
-                    println!("{}", serde_json::to_string(&timings)?);
-                } else {
-                    for t in &timings {
-                        println!("{:<18} {:<28} {:8.3} ms  {:8.1} {}", t.kernel, t.case, t.ms, t.rate, t.unit);
-                    }
-                }
-                return Ok(());
-            }
-            let mut checks = runtime::tools::cuda_check::op_parity(&cuda)?;
-            checks.extend(runtime::tools::cuda_check::step_parity(&cuda)?);
-            let failed = checks.iter().filter(|c| !c.pass).count();
-            if json {
-                println!("{}", serde_json::to_string(&checks)?);
-            } else {
-                let info = cuda.info();
-                println!(
-                    "{} (compute capability {}.{}), {}",
-                    info.name,
-                    info.compute_capability.0,
-                    info.compute_capability.1,
-                    if bf16 { "bf16" } else { "f32" }
-                );
-                println!("| op | case | output | rel. error | limit | |\n|---|---|---|---|---|---|");
-                for c in &checks {
-                    println!("| {} | {} | {} | {:.2e} | {:.0e} | {} |", c.op, c.case, c.output, c.rel_err, c.limit, if c.pass { "ok" } else { "FAIL" });
-                }
-            }
-            if failed > 0 {
-                anyhow::bail!("{failed} of {} CUDA checks failed", checks.len());
-            }
-        }
+        Command::CudaCheck { bf16, json, bench } => runtime::tools::gpu::cuda_check(bf16, json, bench)?,
     }
     Ok(())
 }

@@ -46,8 +46,9 @@ impl<B: Backend> AdamW<B> {
             .iter_mut()
             .zip(&grads.tensors)
             .zip(self.exp_avg.iter_mut().zip(self.exp_avg_sq.iter_mut()))
-            .zip(&model.layout.specs)
-            .map(|(((p, g), (m, v)), spec)| (p, g, m, v, spec.decay))
+            .zip(model.layout.specs.iter().zip(&model.trainable))
+            .filter(|(_, (_, &trainable))| trainable)
+            .map(|(((p, g), (m, v)), (spec, _))| (p, g, m, v, spec.decay))
             .collect();
         model.backend.adamw_multi(&mut tensors, hp);
     }
@@ -55,8 +56,17 @@ impl<B: Backend> AdamW<B> {
 
 /// The global L2 norm of all gradients.
 pub fn grad_norm<B: Backend>(be: &B, grads: &Grads<B>) -> Result<f32> {
+    norm_of(be, grads.tensors.iter().collect())
+}
+
+/// The global L2 norm of the gradients of the trainable parameters (`trainable[i]` for tensor
+/// `i`), as `clip_grad_norm_` over `model.parameters()` that require a gradient.
+pub fn trainable_grad_norm<B: Backend>(be: &B, grads: &Grads<B>, trainable: &[bool]) -> Result<f32> {
+    norm_of(be, grads.tensors.iter().zip(trainable).filter(|(_, &t)| t).map(|(g, _)| g).collect())
+}
+
+fn norm_of<B: Backend>(be: &B, tensors: Vec<&B::Buf>) -> Result<f32> {
     // as torch: the norm of the per-tensor norms
-    let tensors: Vec<&B::Buf> = grads.tensors.iter().collect();
     let sum: f32 = be
         .sum_squares_multi(&tensors)?
         .into_iter()

@@ -5,7 +5,7 @@
 //! coefficient; and, if the caller applies it, one fused AdamW update with the clipping folded in.
 
 use super::collective::{Collective, SingleProcess};
-use super::optimizer::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
+use super::optimizer::{trainable_grad_norm, AdamW, AdamWConfig};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::{Activations, Grads, LossOptions, LossOutput, Model};
@@ -67,12 +67,9 @@ impl<B: Backend> Step<B> {
     /// clipping coefficient for `max_grad_norm` (1.0 when it is not positive: no clipping).
     pub fn grad_norm(&mut self, max_grad_norm: f32) -> Result<(f32, f32)> {
         self.collective.all_reduce_grads(&self.model.backend, &mut self.grads)?;
-        let be = &self.model.backend;
-        if max_grad_norm > 0.0 {
-            clip_coefficient(be, &self.grads, max_grad_norm)
-        } else {
-            Ok((grad_norm(be, &self.grads)?, 1.0))
-        }
+        let norm = trainable_grad_norm(&self.model.backend, &self.grads, &self.model.trainable)?;
+        // as `clip_grad_norm_`: the coefficient `min(1, max_norm / (norm + 1e-6))`
+        Ok((norm, if max_grad_norm > 0.0 { (max_grad_norm / (norm + 1e-6)).min(1.0) } else { 1.0 }))
     }
 
     /// The AdamW update at learning rate `lr`, with the gradients multiplied by `clip_coef`.

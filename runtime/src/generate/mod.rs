@@ -6,9 +6,10 @@ pub mod config;
 
 pub use config::GenerationConfig;
 
-use crate::backend::{AttnShape, Backend};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::{Arch, Model};
+use crate::nn::{AttnCall, BlockBufs};
 
 /// The KV cache and the one-token activations of a batch being decoded.
 pub struct DecodeState<B: Backend> {
@@ -23,10 +24,15 @@ pub struct DecodeState<B: Backend> {
     /// 1 where a cache slot holds a real token, per row: `[batch, max_len]`.
     mask: Vec<i32>,
     next_pos: Vec<i32>,
+    /// One layer's input and output (swapped after each layer).
     x: B::Buf,
+    y: B::Buf,
     ln: B::Buf,
     mean: B::Buf,
     rstd: B::Buf,
+    ln2: B::Buf,
+    mean2: B::Buf,
+    rstd2: B::Buf,
     qkv: B::Buf,
     att: B::Buf,
     tmp: B::Buf,
@@ -52,9 +58,13 @@ impl<B: Backend> DecodeState<B> {
             mask: vec![0; batch * max_len],
             next_pos: vec![0; batch],
             x: z(batch * c.hidden_size)?,
+            y: z(batch * c.hidden_size)?,
             ln: z(batch * c.hidden_size)?,
             mean: z(batch)?,
             rstd: z(batch)?,
+            ln2: z(batch * c.hidden_size)?,
+            mean2: z(batch)?,
+            rstd2: z(batch)?,
             qkv: z(batch * c.qkv_width())?,
             att: z(batch * c.n_head * c.head_dim)?,
             tmp: z(batch * c.hidden_size)?,
@@ -145,8 +155,8 @@ pub fn prefill<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, prompts: &
 /// Feeds one token per row (`attend[b] = 0` for left padding) and returns the next-token logits,
 /// `[batch, vocab]`.
 pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &[i32], attend: &[i32]) -> Result<Vec<f32>> {
-    let (be, c, lay, p) = (&model.backend, &model.config, &model.layout, &model.params);
-    let (n, h, v) = (st.batch, c.hidden_size, c.vocab_size);
+    let (be, c) = (&model.backend, &model.config);
+    let (n, v) = (st.batch, c.vocab_size);
     if ids.len() != n || attend.len() != n {
         return Err(Error::Invalid(format!("decode step: {} ids for a batch of {n}", ids.len())));
     }
@@ -172,29 +182,30 @@ pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &
         }
     }
     let (ids_b, pos_b, mask_b) = (be.upload_ids(ids)?, be.upload_ids(&pos)?, be.upload_ids(&st.mask)?);
-    let shape = AttnShape { batch: n, seq: 1, n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim };
-    be.embedding_fwd(&mut st.x, &ids_b, &p[lay.wte], lay.wpe.map(|i| (&p[i], &pos_b)), h);
-    for (l, lp) in lay.layers.iter().enumerate() {
-        model.norm_fwd(&mut st.ln, &mut st.mean, &mut st.rstd, &st.x, lp.ln1_w, lp.ln1_b);
-        be.matmul_fwd(&mut st.qkv, &st.ln, &p[lp.qkv_w], lp.qkv_b.map(|i| &p[i]), n, h, c.qkv_width());
-        if c.arch == Arch::Llama {
-            be.rope(&mut st.qkv, &pos_b, shape, c.rope_theta, false);
-        }
-        be.kv_append(&mut st.k[l], &mut st.v[l], &st.qkv, st.slot, shape, st.max_len);
-        be.attention_decode(&mut st.att, &st.qkv, &st.k[l], &st.v[l], &mask_b, st.slot, shape, st.max_len);
-        be.matmul_fwd(&mut st.tmp, &st.att, &p[lp.o_w], lp.o_b.map(|i| &p[i]), n, shape.out_width(), h);
-        be.add(&mut st.res1, &st.x, &st.tmp);
-        model.norm_fwd(&mut st.ln, &mut st.mean, &mut st.rstd, &st.res1, lp.ln2_w, lp.ln2_b);
-        be.matmul_fwd(&mut st.fc, &st.ln, &p[lp.fc_w], lp.fc_b.map(|i| &p[i]), n, h, c.fc_width());
-        match c.arch {
-            Arch::Gpt2 => be.gelu_fwd(&mut st.act, &st.fc),
-            Arch::Llama => be.swiglu_fwd(&mut st.act, &st.fc, c.intermediate_size),
-        }
-        be.matmul_fwd(&mut st.tmp, &st.act, &p[lp.proj_w], lp.proj_b.map(|i| &p[i]), n, c.intermediate_size, h);
-        be.add(&mut st.x, &st.res1, &st.tmp);
+    let p = model.unit_params();
+    model.embedding().fwd(be, &p, &mut st.x, &ids_b, &pos_b);
+    for l in 0..c.n_layer {
+        let mut bufs = BlockBufs {
+            ln1: &mut st.ln,
+            ln1_mean: &mut st.mean,
+            ln1_rstd: &mut st.rstd,
+            qkv: &mut st.qkv,
+            att_out: &mut st.att,
+            res1: &mut st.res1,
+            ln2: &mut st.ln2,
+            ln2_mean: &mut st.mean2,
+            ln2_rstd: &mut st.rstd2,
+            fc: &mut st.fc,
+            act: &mut st.act,
+            tmp: &mut st.tmp,
+        };
+        let call = AttnCall::Decode { k_cache: &mut st.k[l], v_cache: &mut st.v[l], mask: &mask_b, pos: &pos_b, slot: st.slot, max_len: st.max_len, batch: n };
+        // the same block forward as training, one token per row
+        model.block(l).fwd(be, &p, &st.x, &mut st.y, &mut bufs, call);
+        std::mem::swap(&mut st.x, &mut st.y);
     }
-    model.norm_fwd(&mut st.ln, &mut st.mean, &mut st.rstd, &st.x, lay.lnf_w, lay.lnf_b);
-    be.matmul_fwd(&mut st.logits, &st.ln, &p[lay.head()], None, n, h, v);
+    model.final_norm().fwd(be, &p, &mut st.ln, &mut st.mean, &mut st.rstd, &st.x);
+    model.head().fwd(be, &p, &mut st.logits, &st.ln, n);
     st.slot += 1;
     be.download(&st.logits)
 }

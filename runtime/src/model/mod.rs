@@ -1,18 +1,23 @@
 //! Models: configuration, the parameter layout and its Hugging Face names, weight files, the
 //! initialiser, and the decoder's forward and backward passes.
 
+pub mod activations;
 pub mod config;
 pub mod decoder;
+pub mod head;
 pub mod init;
 pub mod io;
 pub mod layout;
+mod units;
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+pub use activations::{Activations, Grads};
 pub use config::{Arch, ModelConfig};
-pub use decoder::{Activations, Batch, Grads, LossOptions, LossOutput};
+pub use decoder::Batch;
+pub use head::{LossOptions, LossOutput};
 pub use io::Dtype;
 pub use layout::Layout;
 
@@ -43,6 +48,9 @@ pub struct Model<B: Backend> {
     pub config: ModelConfig,
     pub layout: Layout,
     pub params: Vec<B::Buf>,
+    /// Which parameters train (all, unless frozen): a frozen one gets no gradient product and
+    /// no optimizer state update.
+    pub trainable: Vec<bool>,
     pub attn_impl: AttnImpl,
     /// The dtype the weights were stored in (and are saved in by default).
     pub dtype: Dtype,
@@ -105,6 +113,7 @@ impl<B: Backend> Model<B> {
         Ok(Model {
             backend,
             config,
+            trainable: vec![true; layout.specs.len()],
             layout,
             params,
             attn_impl: opts.attn_implementation,

@@ -3,5 +3,6 @@
 //! `runtime plugin bench`. Like `main.rs`, this layer may import every other.
 
 pub mod cuda_check;
+pub mod gpu;
 pub mod plugin_bench;
 pub mod plugin_check;

@@ -145,6 +145,32 @@ fn adamw_config(args: &TrainingArguments) -> AdamWConfig {
     }
 }
 
+/// The sampler over the training examples, the accumulation windows per epoch, the number of
+/// optimizer steps and the learning-rate schedule.
+fn plan_steps(args: &TrainingArguments, n_train: usize, training: bool) -> Result<(Sampler, u64, u64, Schedule)> {
+    let sampler = Sampler {
+        seed: args.data_seed.unwrap_or(args.seed),
+        n_examples: n_train,
+        batch_size: args.per_device_train_batch_size,
+        drop_last: args.dataloader_drop_last,
+        sequential: args.train_sampling_strategy == "sequential",
+    };
+    let batches = sampler.batches_per_epoch().max(usize::from(!training));
+    if batches == 0 {
+        return Err(Error::Invalid(format!("{n_train} examples make no full batch of {} (dataloader_drop_last)", args.per_device_train_batch_size)));
+    }
+    let windows = batches.div_ceil(args.gradient_accumulation_steps) as u64;
+    let max_steps = if args.max_steps > 0 { args.max_steps as u64 } else { (args.num_train_epochs * windows as f64).ceil() as u64 };
+    let schedule = Schedule::new(
+        SchedulerType::parse(&args.lr_scheduler_type)?,
+        args.learning_rate,
+        warmup_steps(args.warmup_steps, max_steps),
+        max_steps,
+        &args.lr_scheduler_kwargs,
+    )?;
+    Ok((sampler, windows, max_steps, schedule))
+}
+
 impl<B: Backend + Clone> Trainer<B> {
     /// The trainer on `backend` (see [`crate::backend::device::Device::select`]); `training =
     /// false` loads what evaluation and prediction need only.
@@ -177,26 +203,7 @@ impl<B: Backend + Clone> Trainer<B> {
         }
         let pad_id = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |t| t.id);
         let pad = PadOptions { padding: Padding::Longest, side: tokenizer.padding_side, pad_id, max_length: None, truncation: false, pad_to_multiple_of: None };
-        let sampler = Sampler {
-            seed: args.data_seed.unwrap_or(args.seed),
-            n_examples: train.len(),
-            batch_size: args.per_device_train_batch_size,
-            drop_last: args.dataloader_drop_last,
-            sequential: args.train_sampling_strategy == "sequential",
-        };
-        let batches = sampler.batches_per_epoch().max(usize::from(!training));
-        if batches == 0 {
-            return Err(Error::Invalid(format!("{} examples make no full batch of {} (dataloader_drop_last)", train.len(), args.per_device_train_batch_size)));
-        }
-        let windows = batches.div_ceil(args.gradient_accumulation_steps) as u64;
-        let max_steps = if args.max_steps > 0 { args.max_steps as u64 } else { (args.num_train_epochs * windows as f64).ceil() as u64 };
-        let schedule = Schedule::new(
-            SchedulerType::parse(&args.lr_scheduler_type)?,
-            args.learning_rate,
-            warmup_steps(args.warmup_steps, max_steps),
-            max_steps,
-            &args.lr_scheduler_kwargs,
-        )?;
+        let (sampler, windows, max_steps, schedule) = plan_steps(&args, train.len(), training)?;
         let step = Step::new(model, adamw_config(&args))?;
         let (logging_steps, save_steps) = (interval(args.logging_steps, max_steps), interval(args.save_steps, max_steps));
         let eval_steps = interval(args.eval_steps.unwrap_or(args.logging_steps), max_steps);

@@ -240,3 +240,50 @@ pub fn compile_all(archs: &[String]) -> Result<Vec<CompileReport>> {
         })
     })
 }
+
+/// Every kernel name this backend launches (the test suite checks that the compiled modules
+/// export each of them, so a renamed kernel fails on machines without a GPU too).
+pub fn required_kernels() -> Vec<String> {
+    let mut names: Vec<String> = [
+        "fill_f32",
+        "scale_f32",
+        "add_f32",
+        "cast_f32_bf16",
+        "gelu_fwd",
+        "gelu_bwd",
+        "swiglu_fwd",
+        "swiglu_bwd",
+        "colsum_acc",
+        "sum_squares_partial",
+        "embedding_fwd",
+        "embedding_bwd",
+        "layernorm_fwd",
+        "layernorm_bwd_dx",
+        "layernorm_bwd_params",
+        "rmsnorm_fwd",
+        "rmsnorm_bwd_dx",
+        "rmsnorm_bwd_params",
+        "rope",
+        "attention_bwd_delta",
+        "kv_append",
+        "attention_decode",
+        "cross_entropy",
+        "token_stats",
+        "token_stats_bwd",
+        "adamw_multi",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    names.extend(["attention_bwd_dkdvq_tc_d64".to_string(), "attention_bwd_dkdvq_tc_d128".to_string()]);
+    for k in ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"] {
+        for ty in ["f32", "bf16", "tc"] {
+            for d in ["d32", "d64", "d128"] {
+                if ty != "tc" || d != "d32" {
+                    names.push(format!("{k}_{ty}_{d}"));
+                }
+            }
+        }
+    }
+    names
+}

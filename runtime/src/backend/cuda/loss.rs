@@ -1,0 +1,115 @@
+//! The fused losses on the device: softmax cross-entropy with the gradient written in place,
+//! and the per-token statistics of plugin losses with their chain rule.
+// the launchers take their trait method's operands one by one, as the op set passes them
+#![allow(clippy::too_many_arguments)]
+
+use cudarc::driver::CudaSlice;
+
+use super::{Cuda, A};
+use crate::backend::{Backend, LossRows, StatGrads, StatsWanted, TokenStats};
+use crate::error::{Error, Result};
+
+impl Cuda {
+    pub(super) fn cross_entropy_op(
+        &self,
+        logits: &mut CudaSlice<f32>,
+        targets: &CudaSlice<i32>,
+        v: usize,
+        smoothing: f32,
+        grad_scale: Option<f32>,
+    ) -> Result<LossRows> {
+        let mut loss: CudaSlice<f32> = self.alloc(targets.len())?;
+        self.cross_entropy_into(logits, targets, v, smoothing, grad_scale, &mut loss, 0);
+        let n_targets = self.host(targets)?.iter().filter(|&&t| t != crate::backend::IGNORE_INDEX).count();
+        Ok(LossRows { loss: self.host(&loss)?, n_targets })
+    }
+
+    pub(super) fn cross_entropy_into_op(
+        &self,
+        logits: &mut CudaSlice<f32>,
+        targets: &CudaSlice<i32>,
+        v: usize,
+        smoothing: f32,
+        grad_scale: Option<f32>,
+        loss: &mut CudaSlice<f32>,
+        row0: usize,
+    ) {
+        let rows = targets.len();
+        if rows == 0 {
+            return;
+        }
+        assert!(row0 + rows <= loss.len(), "cross_entropy_into: {rows} losses from row {row0} do not fit in {}", loss.len());
+        let args = [
+            self.p(logits),
+            A::P(self.ptr(loss) + (row0 * std::mem::size_of::<f32>()) as u64),
+            self.p(targets),
+            A::I(rows as i32),
+            A::I(v as i32),
+            A::F(smoothing),
+            A::F(grad_scale.unwrap_or(0.0)),
+            A::I(grad_scale.is_some() as i32),
+        ];
+        self.launch("cross_entropy", (rows as u32, 1, 1), (512, 1, 1), &args);
+    }
+
+    pub(super) fn token_stats_op(&self, logits: &CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, want: StatsWanted) -> Result<TokenStats> {
+        let rows = targets.len();
+        let needs_lse = want.label_logprob || want.logsumexp || want.mean_logprob || want.entropy;
+        let buf = |on: bool| on.then(|| self.alloc::<f32>(rows)).transpose();
+        let (lp, lse, mlp, ent, rlse, rmz) =
+            (buf(want.label_logprob)?, buf(want.logsumexp)?, buf(want.mean_logprob)?, buf(want.entropy)?, buf(needs_lse)?, buf(want.entropy)?);
+        let am = want.argmax.then(|| self.alloc::<i32>(rows)).transpose()?;
+        let args = [
+            self.opt(lp.as_ref()),
+            self.opt(lse.as_ref()),
+            self.opt(mlp.as_ref()),
+            self.opt(ent.as_ref()),
+            self.opt(am.as_ref()),
+            self.opt(rlse.as_ref()),
+            self.opt(rmz.as_ref()),
+            self.p(logits),
+            self.p(targets),
+            A::I(rows as i32),
+            A::I(v as i32),
+        ];
+        self.launch("token_stats", (rows as u32, 1, 1), (512, 1, 1), &args);
+        let get = |b: Option<CudaSlice<f32>>| b.map(|b| self.host(&b)).transpose().map(Option::unwrap_or_default);
+        Ok(TokenStats {
+            label_logprob: get(lp)?,
+            logsumexp: get(lse)?,
+            mean_logprob: get(mlp)?,
+            entropy: get(ent)?,
+            argmax: am.map(|b| self.host(&b)).transpose()?.map(|a| a.into_iter().map(|x| x as u32).collect()).unwrap_or_default(),
+            row_lse: get(rlse)?,
+            row_mean_z: get(rmz)?,
+        })
+    }
+
+    pub(super) fn token_stats_bwd_op(&self, logits: &mut CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, stats: &TokenStats, grads: &StatGrads) {
+        let rows = targets.len();
+        let up = |x: &Vec<f32>| (!x.is_empty()).then(|| self.dev(x)).transpose();
+        let uploaded = (|| {
+            Ok::<_, Error>((
+                (up(&stats.row_lse)?, up(&stats.row_mean_z)?),
+                (up(&grads.label_logprob)?, up(&grads.logsumexp)?, up(&grads.mean_logprob)?, up(&grads.entropy)?),
+            ))
+        })();
+        let ((rlse, rmz), (g_lp, g_lse, g_mlp, g_h)) = match uploaded {
+            Ok(u) => u,
+            Err(e) => return self.fail(e),
+        };
+        let args = [
+            self.p(logits),
+            self.p(targets),
+            self.opt(rlse.as_ref()),
+            self.opt(rmz.as_ref()),
+            self.opt(g_lp.as_ref()),
+            self.opt(g_lse.as_ref()),
+            self.opt(g_mlp.as_ref()),
+            self.opt(g_h.as_ref()),
+            A::I(rows as i32),
+            A::I(v as i32),
+        ];
+        self.launch("token_stats_bwd", (rows as u32, 1, 1), (512, 1, 1), &args);
+    }
+}

@@ -1,0 +1,97 @@
+//! Normalisation and embedding on the device: LayerNorm and RMSNorm forward and backward (the
+//! parameter gradients reduced in a fixed order), and the embedding lookup and its row-order
+//! backward.
+// the launchers take their trait method's operands one by one, as the op set passes them
+#![allow(clippy::too_many_arguments)]
+
+use cudarc::driver::CudaSlice;
+
+use super::{Cuda, A};
+
+impl Cuda {
+    pub(super) fn layernorm_fwd_op(
+        &self,
+        out: &mut CudaSlice<f32>,
+        mean: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: Option<&CudaSlice<f32>>,
+        c: usize,
+        eps: f32,
+    ) {
+        let rows = x.len() / c;
+        let args = [self.p(out), self.p(mean), self.p(rstd), self.p(x), self.p(w), self.opt(b), A::I(rows as i32), A::I(c as i32), A::F(eps)];
+        self.launch("layernorm_fwd", (rows as u32, 1, 1), (256, 1, 1), &args);
+    }
+
+    pub(super) fn layernorm_bwd_op(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+        db: Option<&mut CudaSlice<f32>>,
+        dout: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        mean: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        c: usize,
+    ) {
+        let rows = x.len() / c;
+        let (r, ci) = (A::I(rows as i32), A::I(c as i32));
+        self.launch("layernorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), &[self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(mean), self.p(rstd), r, ci]);
+        let args = [self.p(dw), self.opt(db.map(|d| &*d)), self.p(dout), self.p(x), self.p(mean), self.p(rstd), r, ci];
+        self.launch("layernorm_bwd_params", (c.div_ceil(32) as u32, 1, 1), (32, 8, 1), &args);
+    }
+
+    pub(super) fn rmsnorm_fwd_op(&self, out: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: &CudaSlice<f32>, c: usize, eps: f32) {
+        let rows = x.len() / c;
+        let args = [self.p(out), self.p(rstd), self.p(x), self.p(w), A::I(rows as i32), A::I(c as i32), A::F(eps)];
+        self.launch("rmsnorm_fwd", (rows as u32, 1, 1), (256, 1, 1), &args);
+    }
+
+    pub(super) fn rmsnorm_bwd_op(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        c: usize,
+    ) {
+        let rows = x.len() / c;
+        let (r, ci) = (A::I(rows as i32), A::I(c as i32));
+        self.launch("rmsnorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), &[self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(rstd), r, ci]);
+        self.launch("rmsnorm_bwd_params", (c.div_ceil(32) as u32, 1, 1), (32, 8, 1), &[self.p(dw), self.p(dout), self.p(x), self.p(rstd), r, ci]);
+    }
+
+    pub(super) fn embedding_fwd_op(
+        &self,
+        out: &mut CudaSlice<f32>,
+        ids: &CudaSlice<i32>,
+        wte: &CudaSlice<f32>,
+        wpe: Option<(&CudaSlice<f32>, &CudaSlice<i32>)>,
+        c: usize,
+    ) {
+        let rows = ids.len();
+        let args = [self.p(out), self.p(ids), self.p(wte), self.opt(wpe.map(|w| w.0)), self.opt(wpe.map(|w| w.1)), A::I(rows as i32), A::I(c as i32)];
+        self.launch("embedding_fwd", (rows as u32, 1, 1), (256, 1, 1), &args);
+    }
+
+    pub(super) fn embedding_bwd_op(
+        &self,
+        dwte: &mut CudaSlice<f32>,
+        dwpe: Option<(&mut CudaSlice<f32>, &CudaSlice<i32>)>,
+        ids: &CudaSlice<i32>,
+        dout: &CudaSlice<f32>,
+        c: usize,
+    ) {
+        let rows = ids.len();
+        let grid = (c.div_ceil(256) as u32, 1, 1);
+        self.launch("embedding_bwd", grid, (256, 1, 1), &[self.p(dwte), self.p(ids), self.p(dout), A::I(rows as i32), A::I(c as i32)]);
+        if let Some((dwpe, pos)) = dwpe {
+            self.launch("embedding_bwd", grid, (256, 1, 1), &[self.p(dwpe), self.p(pos), self.p(dout), A::I(rows as i32), A::I(c as i32)]);
+        }
+    }
+}

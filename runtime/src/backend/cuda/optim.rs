@@ -1,0 +1,154 @@
+//! The optimizer's ops on the device: sums of squares for the gradient norm (a fixed grid, so
+//! the order of the sum is too), and the fused multi-tensor AdamW step with its descriptor
+//! tables (uploaded once while the buffers keep their addresses).
+
+use cudarc::driver::CudaSlice;
+
+use super::{device_error, Cuda, A, SUMSQ_BLOCKS};
+use crate::backend::{AdamWArgs, AdamWStep};
+use crate::error::Result;
+
+/// Elements per block of the fused AdamW step (`ADAMW_CHUNK` in `kernels/adamw.cu`).
+const ADAMW_CHUNK: usize = 8192;
+
+/// One tensor of the fused AdamW step, as `kernels/adamw.cu`'s `AdamWTensor`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct AdamWTensor {
+    p: u64,
+    g: u64,
+    m: u64,
+    v: u64,
+    p_bf16: u64,
+    n: i64,
+    decay: i32,
+    pad: i32,
+}
+
+// SAFETY: plain old data with the kernel's layout.
+unsafe impl cudarc::driver::DeviceRepr for AdamWTensor {}
+
+/// One block's share of the fused AdamW step, as `kernels/adamw.cu`'s `AdamWChunk`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct AdamWChunk {
+    start: i64,
+    end: i64,
+    tensor: i32,
+    pad: i32,
+}
+
+// SAFETY: plain old data with the kernel's layout.
+unsafe impl cudarc::driver::DeviceRepr for AdamWChunk {}
+
+/// The chunk table of the fused AdamW step: every tensor cut into `ADAMW_CHUNK`-element pieces.
+fn adamw_chunks(tensors: &[AdamWTensor]) -> Vec<AdamWChunk> {
+    let mut chunks = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        for start in (0..t.n).step_by(ADAMW_CHUNK) {
+            chunks.push(AdamWChunk { start, end: (start + ADAMW_CHUNK as i64).min(t.n), tensor: i as i32, pad: 0 });
+        }
+    }
+    chunks
+}
+
+/// The fused AdamW step's descriptor tables as last uploaded: the parameters, gradients and
+/// moments keep their addresses from step to step, so the tables are uploaded once.
+pub(super) struct AdamWTables {
+    tensors: Vec<AdamWTensor>,
+    dev_tensors: CudaSlice<AdamWTensor>,
+    dev_chunks: CudaSlice<AdamWChunk>,
+    n_chunks: usize,
+}
+
+impl Cuda {
+    pub(super) fn sum_squares_op(&self, buf: &CudaSlice<f32>) -> Result<f64> {
+        let scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        self.launch("sum_squares_partial", (SUMSQ_BLOCKS as u32, 1, 1), (256, 1, 1), &[self.p(&scratch.partial), self.p(buf), A::L(buf.len() as i64)]);
+        Ok(self.host(&scratch.partial)?[..SUMSQ_BLOCKS].iter().sum())
+    }
+
+    pub(super) fn sum_squares_multi_op(&self, bufs: &[&CudaSlice<f32>]) -> Result<Vec<f64>> {
+        let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let n = bufs.len() * SUMSQ_BLOCKS;
+        if scratch.partial.len() < n {
+            scratch.partial = self.alloc(n)?;
+        }
+        let base = self.ptr(&scratch.partial);
+        for (i, b) in bufs.iter().enumerate() {
+            let at = base + (i * SUMSQ_BLOCKS * std::mem::size_of::<f64>()) as u64;
+            self.launch("sum_squares_partial", (SUMSQ_BLOCKS as u32, 1, 1), (256, 1, 1), &[A::P(at), self.p(b), A::L(b.len() as i64)]);
+        }
+        let host = self.host(&scratch.partial)?;
+        Ok(host[..n].chunks(SUMSQ_BLOCKS).map(|c| c.iter().sum()).collect())
+    }
+
+    pub(super) fn adamw_multi_op(&self, tensors: &mut [AdamWArgs<'_, Self>], hp: AdamWStep) {
+        // bf16 mode: the step also writes each parameter's bf16 working copy
+        let mut copies = self.0.weights16.lock().unwrap_or_else(|e| e.into_inner());
+        let mut copy_of = |p: &CudaSlice<f32>| -> u64 {
+            if !self.0.bf16 {
+                return 0;
+            }
+            let key = self.ptr(p);
+            if copies.get(&key).is_none_or(|c| c.len() != p.len()) {
+                match self.alloc::<u16>(p.len()) {
+                    Ok(c) => copies.insert(key, c),
+                    // nothing runs after a failure, so the pointer is never used
+                    Err(e) => {
+                        self.fail(e);
+                        return 0;
+                    }
+                };
+            }
+            copies.get(&key).map_or(0, |c| self.ptr(c))
+        };
+        let descs: Vec<AdamWTensor> = tensors
+            .iter()
+            .filter(|t| !t.0.is_empty())
+            .map(|(p, g, m, v, decay)| AdamWTensor {
+                p: self.ptr(p),
+                g: self.ptr(g),
+                m: self.ptr(m),
+                v: self.ptr(v),
+                p_bf16: copy_of(p),
+                n: p.len() as i64,
+                decay: *decay as i32,
+                pad: 0,
+            })
+            .collect();
+        if descs.is_empty() {
+            return;
+        }
+        drop(copies);
+        let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if scratch.adamw.as_ref().is_none_or(|t| t.tensors != descs) {
+            let chunks = adamw_chunks(&descs);
+            // the tables these replace may still be read by a queued step
+            if self.synchronize().is_err() {
+                return;
+            }
+            match (self.dev(&descs), self.dev(&chunks)) {
+                (Ok(dev_tensors), Ok(dev_chunks)) => scratch.adamw = Some(AdamWTables { dev_tensors, dev_chunks, n_chunks: chunks.len(), tensors: descs }),
+                (Err(e), _) | (_, Err(e)) => return self.fail(e),
+            }
+        }
+        let Some(tables) = scratch.adamw.as_ref() else {
+            return self.fail(device_error("adamw_multi", "the descriptor tables are missing"));
+        };
+        let sc = hp.scalars();
+        let args = [
+            self.p(&tables.dev_tensors),
+            self.p(&tables.dev_chunks),
+            A::F(sc.step_size),
+            A::F(sc.bc2_sqrt),
+            A::F(sc.decay_mul),
+            A::F(sc.w1),
+            A::F(hp.beta2),
+            A::F(sc.w2),
+            A::F(hp.eps),
+            A::F(hp.grad_scale),
+        ];
+        self.launch("adamw_multi", (tables.n_chunks as u32, 1, 1), (256, 1, 1), &args);
+    }
+}

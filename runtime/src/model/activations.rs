@@ -1,0 +1,210 @@
+//! The forward pass's saved state and the backward pass's scratch for one batch shape
+//! ([`Activations`]; with gradient checkpointing only each layer's input is kept and one set of
+//! layer buffers is shared), and the parameter gradients ([`Grads`]).
+
+use super::Model;
+use crate::backend::{AttnImpl, Backend};
+use crate::error::Result;
+use crate::nn::BlockBufs;
+use crate::protocol::IGNORE_INDEX;
+
+/// Parameter gradients, one buffer per [`super::layout::ParamSpec`].
+pub struct Grads<B: Backend> {
+    pub tensors: Vec<B::Buf>,
+}
+
+impl<B: Backend> Grads<B> {
+    pub fn zeros(model: &Model<B>) -> Result<Self> {
+        let be = &model.backend;
+        Ok(Grads { tensors: model.layout.specs.iter().map(|s| be.zeros(s.numel())).collect::<Result<_>>()? })
+    }
+    pub fn zero(&mut self, be: &B) {
+        self.tensors.iter_mut().for_each(|t| be.fill(t, 0.0));
+    }
+}
+
+pub(super) struct LayerActs<B: Backend> {
+    pub(super) ln1: B::Buf,
+    pub(super) ln1_mean: B::Buf,
+    pub(super) ln1_rstd: B::Buf,
+    pub(super) qkv: B::Buf,
+    pub(super) att_stats: B::Buf,
+    pub(super) att_out: B::Buf,
+    pub(super) res1: B::Buf,
+    pub(super) ln2: B::Buf,
+    pub(super) ln2_mean: B::Buf,
+    pub(super) ln2_rstd: B::Buf,
+    pub(super) fc: B::Buf,
+    pub(super) act: B::Buf,
+}
+
+impl<B: Backend> LayerActs<B> {
+    /// The block's view of these buffers (with the shared scratch `tmp`), and the attention
+    /// statistics.
+    pub(super) fn bufs<'a>(&'a mut self, tmp: &'a mut B::Buf) -> (BlockBufs<'a, B>, &'a mut B::Buf) {
+        let bufs = BlockBufs {
+            ln1: &mut self.ln1,
+            ln1_mean: &mut self.ln1_mean,
+            ln1_rstd: &mut self.ln1_rstd,
+            qkv: &mut self.qkv,
+            att_out: &mut self.att_out,
+            res1: &mut self.res1,
+            ln2: &mut self.ln2,
+            ln2_mean: &mut self.ln2_mean,
+            ln2_rstd: &mut self.ln2_rstd,
+            fc: &mut self.fc,
+            act: &mut self.act,
+            tmp,
+        };
+        (bufs, &mut self.att_stats)
+    }
+}
+
+/// The forward pass's saved activations and the backward pass's scratch, for one batch shape.
+pub struct Activations<B: Backend> {
+    pub(super) batch: usize,
+    pub(super) seq: usize,
+    pub(super) ids: B::Ids,
+    pub(super) pos: B::Ids,
+    pub(super) mask: B::Ids,
+    pub(super) targets: B::Ids,
+    /// `resid[0]` is the embedding output, `resid[l + 1]` the output of layer `l`.
+    pub(super) resid: Vec<B::Buf>,
+    pub(super) layers: Vec<LayerActs<B>>,
+    pub(super) lnf: B::Buf,
+    pub(super) lnf_mean: B::Buf,
+    pub(super) lnf_rstd: B::Buf,
+    /// Logits: `[rows, vocab]` after [`Model::forward`] (and, with `train`, the gradient of the
+    /// loss); one chunk's `[head_rows, vocab]` in the chunked head.
+    pub logits: B::Buf,
+    /// Rows per chunk of the LM head ([`Model::head_chunk_rows`]).
+    pub(super) head_rows: usize,
+    /// With more than one chunk: a chunk's rows of `lnf` and the gradient with respect to them,
+    /// `[head_rows, hidden]` each (empty otherwise).
+    pub(super) head_in: B::Buf,
+    pub(super) head_din: B::Buf,
+    /// Each chunk's shifted labels (with more than one chunk).
+    pub(super) chunk_targets: Vec<B::Ids>,
+    /// The loss of each row, `[rows]`, downloaded once per batch.
+    pub(super) row_loss: B::Buf,
+    pub(super) tmp: B::Buf,
+    pub(super) dres: B::Buf,
+    pub(super) dln: B::Buf,
+    pub(super) datt: B::Buf,
+    pub(super) dqkv: B::Buf,
+    pub(super) dfc: B::Buf,
+    pub(super) dact: B::Buf,
+    pub(super) has_grad: bool,
+    pub(super) checkpointing: bool,
+}
+
+impl<B: Backend> Activations<B> {
+    pub fn new(model: &Model<B>, batch: usize, seq: usize) -> Result<Self> {
+        let (be, c) = (&model.backend, &model.config);
+        let rows = batch * seq;
+        let shape = model.attn_shape(batch, seq);
+        let z = |n: usize| be.zeros(n);
+        let h = c.hidden_size;
+        let kept = if model.gradient_checkpointing { 1 } else { c.n_layer };
+        let head_rows = model.head_chunk_rows(rows);
+        let chunked = head_rows < rows;
+        let layers = (0..kept)
+            .map(|_| -> Result<LayerActs<B>> {
+                Ok(LayerActs {
+                    ln1: z(rows * h)?,
+                    ln1_mean: z(rows)?,
+                    ln1_rstd: z(rows)?,
+                    qkv: z(rows * c.qkv_width())?,
+                    att_stats: z(shape.stats_len(model.attn_impl))?,
+                    att_out: z(rows * shape.out_width())?,
+                    res1: z(rows * h)?,
+                    ln2: z(rows * h)?,
+                    ln2_mean: z(rows)?,
+                    ln2_rstd: z(rows)?,
+                    fc: z(rows * c.fc_width())?,
+                    act: z(rows * c.intermediate_size)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Activations {
+            batch,
+            seq,
+            ids: be.upload_ids(&vec![0; rows])?,
+            pos: be.upload_ids(&vec![0; rows])?,
+            mask: be.upload_ids(&vec![1; rows])?,
+            targets: be.upload_ids(&vec![IGNORE_INDEX; rows])?,
+            resid: (0..=c.n_layer).map(|_| z(rows * h)).collect::<Result<_>>()?,
+            layers,
+            lnf: z(rows * h)?,
+            lnf_mean: z(rows)?,
+            lnf_rstd: z(rows)?,
+            // allocated by the first pass that needs it (generation's prefill never does)
+            logits: z(0)?,
+            head_rows,
+            head_in: z(if chunked { head_rows * h } else { 0 })?,
+            head_din: z(if chunked { head_rows * h } else { 0 })?,
+            chunk_targets: Vec::new(),
+            row_loss: z(rows)?,
+            tmp: z(rows * h)?,
+            dres: z(rows * h)?,
+            dln: z(rows * h)?,
+            datt: z(rows * shape.out_width())?,
+            dqkv: z(rows * c.qkv_width())?,
+            dfc: z(rows * c.fc_width())?,
+            dact: z(rows * c.intermediate_size)?,
+            has_grad: false,
+            checkpointing: model.gradient_checkpointing,
+        })
+    }
+
+    /// What [`Activations::new`] would allocate for `batch` x `seq`, in bytes, without
+    /// allocating (saturating; for planning the batch size).
+    pub fn estimate_bytes(model: &Model<B>, batch: usize, seq: usize) -> u128 {
+        let c = &model.config;
+        let rows = batch as u128 * seq as u128;
+        let shape = model.attn_shape(batch, seq);
+        let (h, qkv, out, fc, i, v) =
+            (c.hidden_size as u128, c.qkv_width() as u128, shape.out_width() as u128, c.fc_width() as u128, c.intermediate_size as u128, c.vocab_size as u128);
+        let stats = match model.attn_impl {
+            AttnImpl::Eager => rows * seq as u128 * c.n_head as u128,
+            AttnImpl::Flash => rows * c.n_head as u128,
+        };
+        let kept = if model.gradient_checkpointing { 1 } else { c.n_layer as u128 };
+        let per_layer = rows * (3 * h + 4 + qkv + out + fc + i) + stats;
+        let head_rows = model.head_chunk_rows(batch * seq) as u128;
+        let head = head_rows * v + if head_rows < rows { 2 * head_rows * h } else { 0 } + rows;
+        let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + head + 3 * rows * h + rows * (out + qkv + fc + i) + 4 * rows;
+        4 * (kept * per_layer + rest)
+    }
+
+    /// Bytes held by the activation and scratch buffers (what gradient checkpointing reduces).
+    pub fn bytes(&self, be: &B) -> usize {
+        let l = |a: &LayerActs<B>| {
+            [&a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att_stats, &a.att_out, &a.res1, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fc, &a.act]
+                .iter()
+                .map(|b| be.len(b))
+                .sum::<usize>()
+        };
+        let bufs = [
+            &self.lnf,
+            &self.lnf_mean,
+            &self.lnf_rstd,
+            &self.logits,
+            &self.head_in,
+            &self.head_din,
+            &self.row_loss,
+            &self.tmp,
+            &self.dres,
+            &self.dln,
+            &self.datt,
+            &self.dqkv,
+            &self.dfc,
+            &self.dact,
+        ];
+        4 * (self.layers.iter().map(l).sum::<usize>() + self.resid.iter().map(|b| be.len(b)).sum::<usize>() + bufs.iter().map(|b| be.len(b)).sum::<usize>())
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.batch, self.seq)
+    }
+}

@@ -1,0 +1,359 @@
+//! The LM head and the losses: the built-in cross-entropy a chunk of rows at a time in training
+//! and evaluation (each chunk's logits are computed, turned into losses and, in training, their
+//! gradient in place, and pushed through the head's backward pass before the next chunk, so the
+//! `[rows, vocab]` logits never exist at once), losses from outside the engine (a plugin's, from
+//! per-token statistics or from rows of logits), and the whole-logits forward for callers that
+//! want the logits.
+
+use super::activations::{Activations, Grads};
+use super::Model;
+use crate::backend::{Backend, LossRows, StatsWanted, TokenStats};
+use crate::error::{Error, Result};
+use crate::nn::GradsMut;
+use crate::protocol::{label_tokens, shifted_labels, Batch, CustomLoss, RowsLoss, IGNORE_INDEX};
+
+fn no_label_tokens() -> Error {
+    Error::Invalid("the batch has no label tokens (every label is -100 after the shift), so there is no loss to train on".into())
+}
+
+/// What a custom loss needs of a batch: its label-token count, the divisor (`num_items_in_batch`,
+/// or that count) and the shifted labels; an error without labels or label tokens.
+fn custom_loss_setup(b: &Batch, num_items_in_batch: Option<usize>) -> Result<(usize, usize, Vec<i32>)> {
+    if b.labels.is_none() {
+        return Err(Error::Invalid("a loss needs labels".into()));
+    }
+    let n_tokens = label_tokens(b);
+    let denom = num_items_in_batch.unwrap_or(n_tokens);
+    if denom == 0 {
+        return Err(no_label_tokens());
+    }
+    Ok((n_tokens, denom, shifted_labels(b)))
+}
+
+/// Hands the labelled rows among `r0..r0 + n` (their logits `[n, v]` in `logits`, on the host)
+/// to a `loss-logits` hook in pieces of at most 4M logits. Returns the sum of the pieces' losses;
+/// with `dlogits` (`[n, v]`) the rows' gradients are written there (other rows untouched).
+fn rows_hook(
+    hook: &mut dyn RowsLoss,
+    b: &Batch,
+    targets: &[i32],
+    logits: &[f32],
+    (r0, n, v): (usize, usize, usize),
+    denom: usize,
+    mut dlogits: Option<&mut [f32]>,
+) -> Result<f64> {
+    let labelled: Vec<u32> = (r0 as u32..(r0 + n) as u32).filter(|&r| targets[r as usize] != IGNORE_INDEX).collect();
+    let mut loss = 0.0f64;
+    for piece in labelled.chunks(((1usize << 22) / v).max(1)) {
+        let mut z = Vec::with_capacity(piece.len() * v);
+        for &r in piece {
+            let i = r as usize - r0;
+            z.extend_from_slice(&logits[i * v..(i + 1) * v]);
+        }
+        let labels: Vec<i32> = piece.iter().map(|&r| targets[r as usize]).collect();
+        let (l, d) = hook.chunk(b, piece, &labels, &z, v, denom)?;
+        loss += l as f64;
+        if let Some(out) = dlogits.as_deref_mut() {
+            for (j, &r) in piece.iter().enumerate() {
+                let i = r as usize - r0;
+                out[i * v..(i + 1) * v].copy_from_slice(&d[j * v..(j + 1) * v]);
+            }
+        }
+    }
+    Ok(loss)
+}
+
+/// The LM head's chunks of `acts`' batch: (index, first row, rows), `acts.head_rows` rows each
+/// (the last one possibly shorter).
+fn head_chunks<B: Backend>(acts: &Activations<B>) -> impl Iterator<Item = (usize, usize, usize)> {
+    let rows = acts.batch * acts.seq;
+    let cr = acts.head_rows.min(rows);
+    (0..rows).step_by(cr).enumerate().map(move |(i, r0)| (i, r0, cr.min(rows - r0)))
+}
+
+/// How the loss is reduced.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossOptions {
+    pub label_smoothing: f32,
+    /// Divide the summed loss (and gradients) by this many label tokens instead of this batch's
+    /// count: the number of label tokens in the whole gradient-accumulation window.
+    pub num_items_in_batch: Option<usize>,
+}
+
+/// The loss of one forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct LossOutput {
+    /// Sum of per-token losses.
+    pub sum: f64,
+    /// Label tokens in this batch.
+    pub n_tokens: usize,
+    /// `sum / n_tokens` (NaN when there are no label tokens).
+    pub mean: f32,
+}
+
+impl<B: Backend> Model<B> {
+    /// The forward pass. With `labels` it returns the loss; with `train` it also leaves the loss
+    /// gradient in `acts.logits` for [`Model::backward`].
+    pub fn forward(&self, acts: &mut Activations<B>, b: &Batch, loss: LossOptions, train: bool) -> Result<Option<LossOutput>> {
+        self.forward_logits(acts, b, train)?;
+        let c = &self.config;
+        let be = &self.backend;
+        if b.labels.is_none() {
+            if train {
+                return Err(Error::Invalid("training needs labels".into()));
+            }
+            return Ok(None);
+        }
+        let n_tokens = label_tokens(b);
+        let denom = loss.num_items_in_batch.unwrap_or(n_tokens);
+        if train && denom == 0 {
+            return Err(no_label_tokens());
+        }
+        let grad_scale = train.then(|| 1.0 / denom as f32);
+        let LossRows { loss: rows_loss, n_targets } = be.cross_entropy(&mut acts.logits, &acts.targets, c.vocab_size, loss.label_smoothing, grad_scale)?;
+        debug_assert_eq!(n_targets, n_tokens);
+        acts.has_grad = train;
+        let sum: f64 = rows_loss.iter().map(|&x| x as f64).sum();
+        Ok(Some(LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 }))
+    }
+
+    /// The forward pass with a loss computed outside the engine (a plugin's): from per-token
+    /// statistics, or from whole rows of logits a chunk at a time. `num_items_in_batch` as in
+    /// [`LossOptions`]. The returned `sum` is the custom loss times the divisor, so that
+    /// `sum / num_items_in_batch` is the loss the hook returned.
+    pub fn forward_custom(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        custom: &mut CustomLoss,
+        num_items_in_batch: Option<usize>,
+        train: bool,
+    ) -> Result<LossOutput> {
+        self.forward_logits(acts, b, train)?;
+        let (n_tokens, denom, targets) = custom_loss_setup(b, num_items_in_batch)?;
+        let (be, v) = (&self.backend, self.config.vocab_size);
+        let loss = match custom {
+            CustomLoss::Stats(hook) => {
+                let want = hook.wanted()?;
+                let mut stats = be.token_stats(&acts.logits, &acts.targets, v, want)?;
+                let saved = stats.take_backward_state();
+                let (loss, grads) = hook.loss(b, &targets, stats, denom)?;
+                grads.check(want, targets.len()).map_err(Error::Plugin)?;
+                if train {
+                    be.token_stats_bwd(&mut acts.logits, &acts.targets, v, &saved, &grads);
+                }
+                loss
+            }
+            CustomLoss::Rows(hook) => {
+                let logits = be.download(&acts.logits)?;
+                let rows = targets.len();
+                let mut dlogits = if train { vec![0.0f32; rows * v] } else { Vec::new() };
+                let loss = rows_hook(*hook, b, &targets, &logits, (0, rows, v), denom, train.then_some(&mut dlogits[..]))?;
+                if train {
+                    acts.logits = be.upload(&dlogits)?;
+                }
+                loss as f32
+            }
+        };
+        acts.has_grad = train;
+        let sum = loss as f64 * denom as f64;
+        Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens.max(1) as f64) as f32 })
+    }
+
+    /// Evaluation with a loss computed outside the engine (the no-gradient form of
+    /// [`Model::forward_custom`]), with the LM head in chunks so the whole logits never exist: a
+    /// statistics hook gets every row's statistics gathered chunk by chunk, a `loss-logits` hook
+    /// the labelled rows of one chunk at a time. Also returns the per-token statistics `want`s
+    /// (for evaluation metrics), as [`Model::eval_loss`] does.
+    pub fn eval_custom(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        custom: &mut CustomLoss,
+        want: Option<StatsWanted>,
+    ) -> Result<(LossOutput, Option<TokenStats>)> {
+        self.forward_hidden(acts, b, false)?;
+        let (n_tokens, _, targets) = custom_loss_setup(b, None)?;
+        let (be, v) = (&self.backend, self.config.vocab_size);
+        let hook_want = match custom {
+            CustomLoss::Stats(hook) => Some(hook.wanted()?),
+            CustomLoss::Rows(_) => None,
+        };
+        let (mut stats, mut hook_stats, mut rows_loss) = (None::<TokenStats>, TokenStats::default(), 0.0f64);
+        for (i, r0, n) in head_chunks(acts) {
+            self.head_chunk_fwd(acts, r0, n)?;
+            let tids = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
+            if let Some(w) = want {
+                stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, tids, v, w)?);
+            }
+            match custom {
+                CustomLoss::Stats(_) => hook_stats.append(be.token_stats(&acts.logits, tids, v, hook_want.unwrap_or_default())?),
+                CustomLoss::Rows(hook) => rows_loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits)?, (r0, n, v), n_tokens, None)?,
+            }
+        }
+        let loss = match custom {
+            CustomLoss::Stats(hook) => {
+                hook_stats.take_backward_state();
+                let (loss, grads) = hook.loss(b, &targets, hook_stats, n_tokens)?;
+                grads.check(hook_want.unwrap_or_default(), targets.len()).map_err(Error::Plugin)?;
+                loss as f64
+            }
+            CustomLoss::Rows(_) => rows_loss,
+        };
+        let sum = loss * n_tokens as f64;
+        Ok((LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 }, stats))
+    }
+
+    /// Per-token statistics of the logits of the last forward pass, at labelled positions (for
+    /// evaluation metrics). Call before a backward pass overwrites the logits with gradients.
+    pub fn token_stats(&self, acts: &Activations<B>, want: StatsWanted) -> Result<TokenStats> {
+        self.backend.token_stats(&acts.logits, &acts.targets, self.config.vocab_size, want)
+    }
+
+    /// Everything up to the whole logits (left in `acts.logits`, grown to `[rows, vocab]` if the
+    /// workspace was made for chunks).
+    pub(super) fn forward_logits(&self, acts: &mut Activations<B>, b: &Batch, train: bool) -> Result<()> {
+        self.forward_hidden(acts, b, train)?;
+        let (be, c) = (&self.backend, &self.config);
+        let rows = b.batch * b.seq;
+        if be.len(&acts.logits) < rows * c.vocab_size {
+            acts.logits = be.zeros(rows * c.vocab_size)?;
+        }
+        be.matmul_fwd(&mut acts.logits, &acts.lnf, &self.params[self.layout.head()], None, rows, c.hidden_size, c.vocab_size);
+        Ok(())
+    }
+
+    /// One chunk of the LM head after [`Model::forward_hidden`]: the logits of rows `r0..r0 + n`
+    /// into `acts.logits` (the whole batch reads `acts.lnf` directly; a chunk is copied out of it).
+    pub(super) fn head_chunk_fwd(&self, acts: &mut Activations<B>, r0: usize, n: usize) -> Result<()> {
+        let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
+        let rows = acts.batch * acts.seq;
+        if be.len(&acts.logits) < acts.head_rows.min(rows) * v {
+            acts.logits = be.zeros(acts.head_rows.min(rows) * v)?;
+        }
+        let w = &self.params[self.layout.head()];
+        if n == rows {
+            be.matmul_fwd(&mut acts.logits, &acts.lnf, w, None, n, h, v);
+        } else {
+            be.copy_range(&mut acts.head_in, 0, &acts.lnf, r0 * h, n * h);
+            be.matmul_fwd(&mut acts.logits, &acts.head_in, w, None, n, h, v);
+        }
+        Ok(())
+    }
+
+    /// The head's backward pass for the chunk of [`Model::head_chunk_fwd`], from the logits'
+    /// gradient in `acts.logits`: accumulates the head's weight gradient and writes the chunk's
+    /// rows of `acts.dln`.
+    pub(super) fn head_chunk_bwd(&self, acts: &mut Activations<B>, grads: &mut Grads<B>, r0: usize, n: usize) {
+        let (be, h, rows) = (&self.backend, self.config.hidden_size, acts.batch * acts.seq);
+        let (head, p) = (self.head(), self.unit_params());
+        let mut g = GradsMut { bufs: &mut grads.tensors, trainable: &self.trainable };
+        if n == rows {
+            head.bwd(be, &p, &mut g, Some(&mut acts.dln), &acts.logits, &acts.lnf, n);
+        } else {
+            head.bwd(be, &p, &mut g, Some(&mut acts.head_din), &acts.logits, &acts.head_in, n);
+            be.copy_range(&mut acts.dln, r0 * h, &acts.head_din, 0, n * h);
+        }
+    }
+
+    /// The LM head and the built-in loss after [`Model::forward_hidden`], a chunk of
+    /// `acts.head_rows` rows at a time (see the module docs), with the per-token statistics
+    /// `want`s for evaluation metrics. With `grads` (training) each chunk's logits become the
+    /// loss gradient in place and go through the head's backward pass at once: `acts.dln` gets
+    /// the gradient with respect to the final norm's output and the head's weight gradient is
+    /// accumulated. Returns the number of label tokens (`None` when the batch has no labels)
+    /// and the statistics; the per-row losses stay in `acts.row_loss` ([`Model::loss_output`]),
+    /// so that nothing here waits for the device.
+    pub(super) fn head_loss(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        loss: LossOptions,
+        mut grads: Option<&mut Grads<B>>,
+        want: Option<StatsWanted>,
+    ) -> Result<(Option<usize>, Option<TokenStats>)> {
+        let (be, v) = (&self.backend, self.config.vocab_size);
+        let n_tokens = label_tokens(b);
+        let denom = loss.num_items_in_batch.unwrap_or(n_tokens);
+        if grads.is_some() && (b.labels.is_none() || denom == 0) {
+            return Err(if b.labels.is_none() { Error::Invalid("training needs labels".into()) } else { no_label_tokens() });
+        }
+        if b.labels.is_none() && want.is_none() {
+            return Ok((None, None));
+        }
+        let grad_scale = grads.is_some().then(|| 1.0 / denom as f32);
+        let mut stats: Option<TokenStats> = None;
+        for (i, r0, n) in head_chunks(acts) {
+            self.head_chunk_fwd(acts, r0, n)?;
+            let targets = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
+            if let Some(w) = want {
+                stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, targets, v, w)?);
+            }
+            be.cross_entropy_into(&mut acts.logits, targets, v, loss.label_smoothing, grad_scale, &mut acts.row_loss, r0);
+            if let Some(g) = grads.as_deref_mut() {
+                self.head_chunk_bwd(acts, g, r0, n);
+            }
+        }
+        Ok((b.labels.is_some().then_some(n_tokens), stats))
+    }
+
+    /// The loss of the last [`Model::head_loss`] over `n_tokens` label tokens: its per-row losses
+    /// downloaded and summed in row order (in f64).
+    pub(super) fn loss_output(&self, acts: &Activations<B>, n_tokens: usize) -> Result<LossOutput> {
+        let sum: f64 = self.backend.download(&acts.row_loss)?.iter().map(|&x| x as f64).sum();
+        Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens as f64) as f32 })
+    }
+
+    /// Evaluation: the forward pass and the built-in loss with the LM head in chunks (the whole
+    /// logits never exist), and the per-token statistics `want`s at labelled positions (all rows
+    /// when the batch has no labels: zeros). The loss is `None` when the batch has no labels.
+    pub fn eval_loss(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        loss: LossOptions,
+        want: Option<StatsWanted>,
+    ) -> Result<(Option<LossOutput>, Option<TokenStats>)> {
+        self.forward_hidden(acts, b, false)?;
+        let (n_tokens, stats) = self.head_loss(acts, b, loss, None, want)?;
+        Ok((n_tokens.map(|n| self.loss_output(acts, n)).transpose()?, stats))
+    }
+
+    /// Forward, a loss computed outside the engine and backward for one micro-batch (the
+    /// training form of [`Model::forward_custom`]). A `loss-logits` hook gets the labelled rows
+    /// of one LM-head chunk at a time, and each chunk's gradient goes through the head's backward
+    /// pass at once, so the whole logits never exist; a statistics hook needs every row's
+    /// statistics before any gradient, so it runs on the whole logits.
+    pub fn forward_backward_custom(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        grads: &mut Grads<B>,
+        custom: &mut CustomLoss,
+        num_items_in_batch: Option<usize>,
+    ) -> Result<LossOutput> {
+        let hook = match custom {
+            CustomLoss::Rows(hook) => hook,
+            CustomLoss::Stats(_) => {
+                let out = self.forward_custom(acts, b, custom, num_items_in_batch, true)?;
+                self.backward(acts, grads)?;
+                return Ok(out);
+            }
+        };
+        self.forward_hidden(acts, b, true)?;
+        let (n_tokens, denom, targets) = custom_loss_setup(b, num_items_in_batch)?;
+        let (be, v) = (&self.backend, self.config.vocab_size);
+        let mut loss = 0.0f64;
+        for (_, r0, n) in head_chunks(acts) {
+            self.head_chunk_fwd(acts, r0, n)?;
+            // the chunk's labelled rows go to the hook; unlabelled rows get no gradient
+            let mut dlogits = vec![0.0f32; n * v];
+            loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits)?, (r0, n, v), denom, Some(&mut dlogits))?;
+            acts.logits = be.upload(&dlogits)?;
+            self.head_chunk_bwd(acts, grads, r0, n);
+        }
+        self.backward_body(acts, grads);
+        let sum = loss * denom as f64;
+        Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens.max(1) as f64) as f32 })
+    }
+}

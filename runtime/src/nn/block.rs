@@ -1,0 +1,125 @@
+//! The pre-norm transformer block both decoder families use: `x + attn(norm(x))`, then
+//! `r + mlp(norm(r))`. One forward serves training (a whole sequence, keeping what the backward
+//! pass needs) and decoding (one token per row against the KV cache); the backward pass walks
+//! the same units in reverse.
+
+use super::{Activation, Attention, GradsMut, Linear, Norm, Params};
+use crate::backend::Backend;
+
+/// A block: its units, in the order the forward pass runs them.
+#[derive(Clone, Copy, Debug)]
+pub struct Block {
+    pub ln1: Norm,
+    pub qkv: Linear,
+    pub attn: Attention,
+    pub o: Linear,
+    pub ln2: Norm,
+    pub fc: Linear,
+    pub act: Activation,
+    pub proj: Linear,
+}
+
+/// The block's activations: written by the forward pass, read by the backward pass (`tmp` is
+/// scratch).
+pub struct BlockBufs<'a, B: Backend> {
+    pub ln1: &'a mut B::Buf,
+    pub ln1_mean: &'a mut B::Buf,
+    pub ln1_rstd: &'a mut B::Buf,
+    pub qkv: &'a mut B::Buf,
+    pub att_out: &'a mut B::Buf,
+    pub res1: &'a mut B::Buf,
+    pub ln2: &'a mut B::Buf,
+    pub ln2_mean: &'a mut B::Buf,
+    pub ln2_rstd: &'a mut B::Buf,
+    pub fc: &'a mut B::Buf,
+    pub act: &'a mut B::Buf,
+    pub tmp: &'a mut B::Buf,
+}
+
+/// How the block attends.
+pub enum AttnCall<'a, B: Backend> {
+    /// Whole sequences of `seq` tokens (`1` in `mask` = attend), keeping the statistics the
+    /// backward pass needs in `stats`.
+    Sequence { stats: &'a mut B::Buf, mask: &'a B::Ids, pos: &'a B::Ids, batch: usize, seq: usize },
+    /// One new token per row: its key and value go into the caches at `slot`, and its query
+    /// attends to the cached keys `0..=slot` whose `mask[row * max_len + j]` is 1.
+    Decode { k_cache: &'a mut B::Buf, v_cache: &'a mut B::Buf, mask: &'a B::Ids, pos: &'a B::Ids, slot: usize, max_len: usize, batch: usize },
+}
+
+/// The backward pass's scratch. `dres` holds the gradient with respect to the block's output on
+/// entry and with respect to its input on return.
+pub struct BlockGrads<'a, B: Backend> {
+    pub dres: &'a mut B::Buf,
+    pub dln: &'a mut B::Buf,
+    pub datt: &'a mut B::Buf,
+    pub dqkv: &'a mut B::Buf,
+    pub dfc: &'a mut B::Buf,
+    pub dact: &'a mut B::Buf,
+}
+
+impl Block {
+    /// `y = block(x)` over `rows` rows.
+    pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, x: &B::Buf, y: &mut B::Buf, a: &mut BlockBufs<B>, call: AttnCall<B>) {
+        let rows = match &call {
+            AttnCall::Sequence { batch, seq, .. } => batch * seq,
+            AttnCall::Decode { batch, .. } => *batch,
+        };
+        self.ln1.fwd(be, p, a.ln1, a.ln1_mean, a.ln1_rstd, x);
+        self.qkv.fwd(be, p, a.qkv, a.ln1, rows);
+        match call {
+            AttnCall::Sequence { stats, mask, pos, batch, seq } => {
+                let shape = self.attn.shape(batch, seq);
+                if let Some(theta) = self.attn.rope_theta {
+                    be.rope(a.qkv, pos, shape, theta, false);
+                }
+                be.attention_fwd(a.att_out, stats, a.qkv, mask, shape, self.attn.imp);
+            }
+            AttnCall::Decode { k_cache, v_cache, mask, pos, slot, max_len, batch } => {
+                let shape = self.attn.shape(batch, 1);
+                if let Some(theta) = self.attn.rope_theta {
+                    be.rope(a.qkv, pos, shape, theta, false);
+                }
+                be.kv_append(k_cache, v_cache, a.qkv, slot, shape, max_len);
+                be.attention_decode(a.att_out, a.qkv, k_cache, v_cache, mask, slot, shape, max_len);
+            }
+        }
+        self.o.fwd(be, p, a.tmp, a.att_out, rows);
+        be.add(a.res1, x, a.tmp);
+        self.ln2.fwd(be, p, a.ln2, a.ln2_mean, a.ln2_rstd, a.res1);
+        self.fc.fwd(be, p, a.fc, a.ln2, rows);
+        self.act.fwd(be, a.act, a.fc);
+        self.proj.fwd(be, p, a.tmp, a.act, rows);
+        be.add(y, a.res1, a.tmp);
+    }
+
+    /// The backward pass of a [`AttnCall::Sequence`] forward whose activations are `a` (and
+    /// attention statistics `stats`), from `d.dres` = d(output) to `d.dres` = d(`x`),
+    /// accumulating the trainable parameters' gradients.
+    #[allow(clippy::too_many_arguments)] // the block's input, saved state and the attention's inputs
+    pub fn bwd<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        g: &mut GradsMut<B>,
+        x: &B::Buf,
+        a: &BlockBufs<B>,
+        (stats, mask, pos): (&B::Buf, &B::Ids, &B::Ids),
+        (batch, seq): (usize, usize),
+        d: &mut BlockGrads<B>,
+    ) {
+        let rows = batch * seq;
+        let shape = self.attn.shape(batch, seq);
+        self.proj.bwd(be, p, g, Some(d.dact), d.dres, a.act, rows);
+        self.act.bwd(be, d.dfc, a.fc, d.dact);
+        self.fc.bwd(be, p, g, Some(d.dln), d.dfc, a.ln2, rows);
+        self.ln2.bwd(be, p, g, d.dres, d.dln, a.res1, a.ln2_mean, a.ln2_rstd);
+        // d.dres now holds d(res1) = d(x + attn(...))
+        self.o.bwd(be, p, g, Some(d.datt), d.dres, a.att_out, rows);
+        be.attention_bwd(d.dqkv, d.datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp);
+        if let Some(theta) = self.attn.rope_theta {
+            be.rope(d.dqkv, pos, shape, theta, true);
+        }
+        self.qkv.bwd(be, p, g, Some(d.dln), d.dqkv, a.ln1, rows);
+        self.ln1.bwd(be, p, g, d.dres, d.dln, x, a.ln1_mean, a.ln1_rstd);
+    }
+}

@@ -1,0 +1,176 @@
+//! Units with a forward and a backward pass over the op set, as the models compose them: a linear
+//! map (with a trainable flag: a frozen weight gets no gradient and its product is not computed),
+//! a normalisation (LayerNorm or RMSNorm), an activation (GELU or SwiGLU), attention (causal
+//! self-attention with optional RoPE, over a whole sequence or one decoding step against a KV
+//! cache), the token and position embedding, and the transformer block built from them.
+//!
+//! A unit holds indices into the model's parameter buffers and its sizes, not the buffers: the
+//! parameters, their gradients and the trainable mask are passed in ([`Params`], [`GradsMut`]),
+//! so one description serves training, evaluation and decoding. Units never allocate.
+
+mod block;
+
+pub use block::{AttnCall, Block, BlockBufs, BlockGrads};
+
+use crate::backend::{AttnImpl, AttnShape, Backend};
+
+/// The model's parameter buffers and which of them train.
+pub struct Params<'a, B: Backend> {
+    pub bufs: &'a [B::Buf],
+    pub trainable: &'a [bool],
+}
+
+/// The gradient buffers, one per parameter, accumulated into (`+=`).
+pub struct GradsMut<'a, B: Backend> {
+    pub bufs: &'a mut [B::Buf],
+    pub trainable: &'a [bool],
+}
+
+impl<B: Backend> GradsMut<'_, B> {
+    /// The gradients of `a` and `b` (when given), each `None` when frozen.
+    fn pair(&mut self, a: usize, b: Option<usize>) -> (Option<&mut B::Buf>, Option<&mut B::Buf>) {
+        let (ta, tb) = (self.trainable[a], b.is_some_and(|b| self.trainable[b]));
+        let (ga, gb) = pair(self.bufs, a, b);
+        (ta.then_some(ga), gb.filter(|_| tb))
+    }
+}
+
+/// Two distinct elements of a slice, the second optional.
+pub fn pair<T>(v: &mut [T], a: usize, b: Option<usize>) -> (&mut T, Option<&mut T>) {
+    match b {
+        None => (&mut v[a], None),
+        Some(b) => {
+            assert_ne!(a, b, "a parameter paired with itself");
+            if a < b {
+                let (x, y) = v.split_at_mut(b);
+                (&mut x[a], Some(&mut y[0]))
+            } else {
+                let (x, y) = v.split_at_mut(a);
+                (&mut y[0], Some(&mut x[b]))
+            }
+        }
+    }
+}
+
+/// `y = x W^T + b` with `W` `[out, in]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Linear {
+    pub w: usize,
+    pub b: Option<usize>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl Linear {
+    pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, inp: &B::Buf, rows: usize) {
+        be.matmul_fwd(out, inp, &p.bufs[self.w], self.b.map(|b| &p.bufs[b]), rows, self.in_features, self.out_features);
+    }
+
+    /// Writes `dinp` (when asked) and accumulates the trainable parameters' gradients.
+    #[allow(clippy::too_many_arguments)] // the unit's parameters, gradients, and the pass's tensors
+    pub fn bwd<B: Backend>(&self, be: &B, p: &Params<B>, g: &mut GradsMut<B>, dinp: Option<&mut B::Buf>, dout: &B::Buf, inp: &B::Buf, rows: usize) {
+        let (dw, db) = g.pair(self.w, self.b);
+        be.matmul_bwd(dinp, dw, db, dout, inp, &p.bufs[self.w], rows, self.in_features, self.out_features);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    LayerNorm,
+    RmsNorm,
+}
+
+/// LayerNorm (GPT-2) or RMSNorm (Llama) over rows of `width`; keeps the per-row statistics its
+/// backward pass needs (`mean` is unused by RMSNorm).
+#[derive(Clone, Copy, Debug)]
+pub struct Norm {
+    pub kind: NormKind,
+    pub w: usize,
+    pub b: Option<usize>,
+    pub width: usize,
+    pub eps: f32,
+}
+
+impl Norm {
+    pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, mean: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf) {
+        let (w, c) = (&p.bufs[self.w], self.width);
+        match self.kind {
+            NormKind::LayerNorm => be.layernorm_fwd(out, mean, rstd, x, w, self.b.map(|b| &p.bufs[b]), c, self.eps),
+            NormKind::RmsNorm => be.rmsnorm_fwd(out, rstd, x, w, c, self.eps),
+        }
+    }
+
+    /// Accumulates into `dx` and into the parameters' gradients (a frozen norm's gradient is
+    /// computed and left unused: the norm ops always produce it).
+    #[allow(clippy::too_many_arguments)] // the pass's tensors and the saved statistics
+    pub fn bwd<B: Backend>(&self, be: &B, p: &Params<B>, g: &mut GradsMut<B>, dx: &mut B::Buf, dout: &B::Buf, x: &B::Buf, mean: &B::Buf, rstd: &B::Buf) {
+        let (w, c) = (&p.bufs[self.w], self.width);
+        let (dw, db) = pair(g.bufs, self.w, self.b);
+        match self.kind {
+            NormKind::LayerNorm => be.layernorm_bwd(dx, dw, db, dout, x, w, mean, rstd, c),
+            NormKind::RmsNorm => be.rmsnorm_bwd(dx, dw, dout, x, w, rstd, c),
+        }
+    }
+}
+
+/// The MLP's activation: GELU (tanh approximation) on `[rows, i]`, or SwiGLU on a packed
+/// `[rows, 2i]` (gate, then up) giving `[rows, i]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Gelu,
+    SwiGlu { intermediate: usize },
+}
+
+impl Activation {
+    pub fn fwd<B: Backend>(&self, be: &B, out: &mut B::Buf, x: &B::Buf) {
+        match *self {
+            Activation::Gelu => be.gelu_fwd(out, x),
+            Activation::SwiGlu { intermediate } => be.swiglu_fwd(out, x, intermediate),
+        }
+    }
+
+    pub fn bwd<B: Backend>(&self, be: &B, dx: &mut B::Buf, x: &B::Buf, dout: &B::Buf) {
+        match *self {
+            Activation::Gelu => be.gelu_bwd(dx, x, dout),
+            Activation::SwiGlu { intermediate } => be.swiglu_bwd(dx, x, dout, intermediate),
+        }
+    }
+}
+
+/// Causal (grouped-query) self-attention over the fused `qkv` activation, with RoPE applied to
+/// the query and key heads when `rope_theta` is set.
+#[derive(Clone, Copy, Debug)]
+pub struct Attention {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub rope_theta: Option<f32>,
+    pub imp: AttnImpl,
+}
+
+impl Attention {
+    pub fn shape(&self, batch: usize, seq: usize) -> AttnShape {
+        AttnShape { batch, seq, n_head: self.n_head, n_kv_head: self.n_kv_head, head_dim: self.head_dim }
+    }
+}
+
+/// The token embedding and, for learned positions (GPT-2), the position embedding.
+#[derive(Clone, Copy, Debug)]
+pub struct Embedding {
+    pub wte: usize,
+    pub wpe: Option<usize>,
+    pub width: usize,
+}
+
+impl Embedding {
+    pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, ids: &B::Ids, pos: &B::Ids) {
+        be.embedding_fwd(out, ids, &p.bufs[self.wte], self.wpe.map(|i| (&p.bufs[i], pos)), self.width);
+    }
+
+    /// Accumulates into the embeddings' gradients (the lookup's gradient is a scatter-add, so a
+    /// frozen embedding's is computed and left unused).
+    pub fn bwd<B: Backend>(&self, be: &B, g: &mut GradsMut<B>, ids: &B::Ids, pos: &B::Ids, dout: &B::Buf) {
+        let (dwte, dwpe) = pair(g.bufs, self.wte, self.wpe);
+        be.embedding_bwd(dwte, dwpe.map(|d| (d, pos)), ids, dout, self.width);
+    }
+}

@@ -1,0 +1,77 @@
+//! The GPU commands of the command line: `runtime kernels` (compile every kernel with NVRTC, or
+//! fill the kernel cache) and `runtime cuda-check` (the CUDA backend against the CPU, or the
+//! kernels' timings), printing tables or JSON.
+
+use crate::error::{Error, Result};
+
+fn json_of<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// `runtime kernels --arch A ... [--cache] [--json]`.
+pub fn kernels(arch: &[String], cache: bool, json: bool) -> Result<()> {
+    if cache {
+        let reports = crate::backend::cuda::kernels::warm_cache(arch)?;
+        if json {
+            println!("{}", json_of(&reports)?);
+        } else {
+            for r in &reports {
+                let how = if r.cached { "cached" } else { "compiled" };
+                println!("{:<26} {:<6} {:>4} kernels  {how:<8}  {:.2} s", r.file, r.arch, r.kernels, r.seconds);
+            }
+        }
+        return Ok(());
+    }
+    let reports = crate::backend::cuda::kernels::compile_all(arch)?;
+    if json {
+        println!("{}", json_of(&reports)?);
+    } else {
+        let (major, minor) = crate::backend::cuda::kernels::nvrtc_version()?;
+        println!("NVRTC {major}.{minor}");
+        for r in &reports {
+            println!(
+                "{:<26} {:<6} {:>4} kernels {:>8} bytes of PTX {:>8} bytes of CUBIN  {:.2} s",
+                r.file,
+                r.arch,
+                r.kernels.len(),
+                r.ptx_bytes,
+                r.cubin_bytes,
+                r.seconds
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `runtime cuda-check [--bf16] [--json] [--bench]`: an error when any check fails.
+pub fn cuda_check(bf16: bool, json: bool, bench: bool) -> Result<()> {
+    let cuda = crate::backend::cuda::Cuda::new(0, bf16)?;
+    if bench {
+        let timings = crate::tools::cuda_check::kernel_bench(&cuda)?;
+        if json {
+            println!("{}", json_of(&timings)?);
+        } else {
+            for t in &timings {
+                println!("{:<18} {:<28} {:8.3} ms  {:8.1} {}", t.kernel, t.case, t.ms, t.rate, t.unit);
+            }
+        }
+        return Ok(());
+    }
+    let mut checks = crate::tools::cuda_check::op_parity(&cuda)?;
+    checks.extend(crate::tools::cuda_check::step_parity(&cuda)?);
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    if json {
+        println!("{}", json_of(&checks)?);
+    } else {
+        let info = cuda.info();
+        println!("{} (compute capability {}.{}), {}", info.name, info.compute_capability.0, info.compute_capability.1, if bf16 { "bf16" } else { "f32" });
+        println!("| op | case | output | rel. error | limit | |\n|---|---|---|---|---|---|");
+        for c in &checks {
+            println!("| {} | {} | {} | {:.2e} | {:.0e} | {} |", c.op, c.case, c.output, c.rel_err, c.limit, if c.pass { "ok" } else { "FAIL" });
+        }
+    }
+    if failed > 0 {
+        return Err(Error::Device(format!("{failed} of {} CUDA checks failed", checks.len())));
+    }
+    Ok(())
+}

@@ -14,7 +14,7 @@ use crate::backend::profiled::Profiled;
 use crate::backend::{AttnImpl, Backend};
 use crate::engine::{AdamWConfig, Step};
 use crate::error::Result;
-use crate::model::{init::init_tensors, Activations, Batch, LoadOptions, LossOptions, Model, ModelConfig};
+use crate::model::{init::init_tensors, Batch, LoadOptions, LossOptions, Model, ModelConfig};
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
@@ -151,8 +151,7 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
     let rows = cfg.batch * cfg.seq;
     let ids: Vec<i32> = (0..rows).map(|_| rng.random_range(0..cfg.vocab as i32)).collect();
     let batch = Batch { batch: cfg.batch, seq: cfg.seq, input_ids: ids.clone(), labels: Some(ids), ..Batch::default() };
-    let mut step = Step::new(model, AdamWConfig { lr: 3e-4, weight_decay: 0.01, ..AdamWConfig::default() })?;
-    step.acts = Activations::new(&step.model, cfg.batch, cfg.seq)?;
+    let mut step = Step::with_workspace(model, AdamWConfig { lr: 3e-4, weight_decay: 0.01, ..AdamWConfig::default() }, cfg.batch, cfg.seq)?;
     let window = [batch];
     let mut loss = f32::NAN;
     let mut elapsed = 0.0;

@@ -44,8 +44,14 @@ impl<B: Backend> Step<B> {
     /// A step for `model` in one process, with zeroed gradients and AdamW moments; the
     /// activation workspace is sized by the first micro-batch.
     pub fn new(model: Model<B>, opt: AdamWConfig) -> Result<Self> {
+        Self::with_workspace(model, opt, 1, 2)
+    }
+
+    /// [`Step::new`] with the activation workspace made for `batch` x `seq` up front (it is
+    /// allocated first, then the gradients and the moments).
+    pub fn with_workspace(model: Model<B>, opt: AdamWConfig, batch: usize, seq: usize) -> Result<Self> {
+        let acts = Activations::new(&model, batch, seq)?;
         let grads = Grads::zeros(&model)?;
-        let acts = Activations::new(&model, 1, 2)?;
         let opt = AdamW::new(&model, opt)?;
         Ok(Step { model, grads, acts, opt, collective: Box::new(SingleProcess) })
     }

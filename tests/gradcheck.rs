@@ -151,3 +151,82 @@ fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
         assert!(ckpt.2 < full.2, "{cfg}: {} bytes with checkpointing vs {} without", ckpt.2, full.2);
     }
 }
+
+/// The backward pass says when each group of gradients is complete: every parameter exactly
+/// once, the layers from the last to the first, and at that moment the group's gradients are
+/// already what the whole pass ends with (what a data-parallel collective needs to start
+/// reducing them while the backward pass goes on). Tied and untied heads, with and without
+/// gradient checkpointing.
+#[test]
+fn gradients_ready_reports_each_parameter_once_when_its_gradient_is_final() {
+    for (cfg, ckpt) in [
+        (json!({"model_type": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 32, "n_layer": 3, "n_head": 4}), false),
+        (
+            json!({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}),
+            true,
+        ),
+    ] {
+        let mut model = random_model(config(cfg.clone()), AttnImpl::Flash, 21);
+        model.gradient_checkpointing = ckpt;
+        let batch = random_batch(64, 2, 12, 22);
+        let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
+        let mut grads = Grads::zeros(&model).unwrap();
+        let mut seen: Vec<(Vec<usize>, Vec<Vec<f32>>)> = Vec::new();
+        model
+            .forward_backward_with(&mut acts, &batch, &mut grads, LossOptions::default(), &mut |group, bufs| {
+                seen.push((group.to_vec(), group.iter().map(|&i| bufs[i].clone()).collect()));
+            })
+            .unwrap();
+        let mut all: Vec<usize> = seen.iter().flat_map(|(g, _)| g.clone()).collect();
+        all.sort();
+        assert_eq!(all, (0..model.layout.specs.len()).collect::<Vec<_>>(), "{cfg}: every parameter exactly once");
+        for (group, at_the_time) in &seen {
+            for (&i, snapshot) in group.iter().zip(at_the_time) {
+                assert!(snapshot == &grads.tensors[i], "{cfg}: `{}` changed after it was reported ready", model.layout.specs[i].name);
+            }
+        }
+        // the layers come from the last to the first, between the final norm and the embeddings
+        let layer_of = |g: &[usize]| model.layout.layers.iter().position(|lp| lp.qkv_w == g[0] || g.contains(&lp.qkv_w));
+        let order: Vec<usize> = seen.iter().filter_map(|(g, _)| layer_of(g)).collect();
+        assert_eq!(order, vec![2, 1, 0], "{cfg}");
+        assert!(seen.first().unwrap().0.contains(&model.layout.lnf_w) && seen.last().unwrap().0.contains(&model.layout.wte), "{cfg}");
+    }
+}
+
+/// A frozen parameter (`Model::trainable` false) gets no gradient from the linear products and
+/// no update from the optimizer; the trainable ones get exactly the gradients and updates they
+/// get with nothing frozen.
+#[test]
+fn frozen_weights_get_no_gradient_and_no_update() {
+    use runtime::engine::{AdamWConfig, MicroLoss, Step};
+    let cfg = json!({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false});
+    let batch = random_batch(64, 2, 10, 31);
+    let run = |freeze: bool| {
+        let mut model = random_model(config(cfg.clone()), AttnImpl::Flash, 30);
+        let frozen: Vec<usize> = model.layout.layers.iter().flat_map(|lp| [lp.qkv_w, lp.fc_w]).collect();
+        if freeze {
+            frozen.iter().for_each(|&i| model.trainable[i] = false);
+        }
+        let before = model.tensors().unwrap();
+        let mut step = Step::new(model, AdamWConfig { lr: 1e-2, ..AdamWConfig::default() }).unwrap();
+        step.zero_grad();
+        step.micro_batch(&batch, MicroLoss::BuiltIn(LossOptions::default())).unwrap();
+        let (norm, coef) = step.grad_norm(0.0).unwrap();
+        let grads = step.grads.tensors.clone();
+        step.apply(1e-2, coef).unwrap();
+        (frozen, before, grads, step.model.tensors().unwrap(), norm)
+    };
+    let (frozen, before, g_frozen, after_frozen, norm_frozen) = run(true);
+    let (_, _, g_all, after_all, norm_all) = run(false);
+    for i in 0..before.len() {
+        if frozen.contains(&i) {
+            assert!(g_frozen[i].iter().all(|&x| x == 0.0), "frozen tensor {i} got a gradient");
+            assert!(after_frozen[i] == before[i], "frozen tensor {i} was updated");
+            assert!(after_all[i] != before[i], "tensor {i} is updated when trainable");
+        } else {
+            assert!(g_frozen[i] == g_all[i], "tensor {i}: a trainable gradient changed when others were frozen");
+            assert!(after_frozen[i] == after_all[i], "tensor {i}: a trainable update changed when others were frozen");
+        }
+    }
+    assert!(norm_frozen < norm_all, "the gradient norm covers trainable parameters only ({norm_frozen} vs {norm_all})");
+}

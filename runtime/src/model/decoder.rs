@@ -22,6 +22,10 @@ use crate::nn::{AttnCall, BlockGrads, GradsMut};
 use crate::protocol::IGNORE_INDEX;
 pub use crate::protocol::{label_tokens, shifted_labels, Batch, CustomLoss, RowsLoss, StatsLoss};
 
+/// Told, during a backward pass, a group of parameters (their indices) whose gradients are
+/// complete for the micro-batch, with every gradient buffer (the group's may be reduced in place).
+pub type GradsReady<'a, B> = dyn FnMut(&[usize], &mut [<B as Backend>::Buf]) + 'a;
+
 /// Logit floats one LM-head chunk may hold (128 MiB in f32); see [`Model::head_chunk_rows`].
 pub const LOGITS_CHUNK_FLOATS: usize = 1 << 25;
 
@@ -181,6 +185,11 @@ impl<B: Backend> Model<B> {
 
     /// The backward pass after a training forward pass; accumulates into `grads`.
     pub fn backward(&self, acts: &mut Activations<B>, grads: &mut Grads<B>) -> Result<()> {
+        self.backward_with(acts, grads, &mut |_, _| {})
+    }
+
+    /// [`Model::backward`], telling `ready` as each group of gradients is complete.
+    pub fn backward_with(&self, acts: &mut Activations<B>, grads: &mut Grads<B>, ready: &mut GradsReady<B>) -> Result<()> {
         if !acts.has_grad {
             return Err(Error::Invalid("backward() needs a training forward pass first".into()));
         }
@@ -188,17 +197,25 @@ impl<B: Backend> Model<B> {
         let rows = acts.batch * acts.seq;
         let mut g = GradsMut { bufs: &mut grads.tensors, trainable: &self.trainable };
         self.head().bwd(&self.backend, &self.unit_params(), &mut g, Some(&mut acts.dln), &acts.logits, &acts.lnf, rows);
-        self.backward_body(acts, grads);
+        self.backward_body(acts, grads, ready);
         Ok(())
     }
 
-    /// The backward pass from `acts.dln`, the gradient with respect to the final norm's output.
-    pub(super) fn backward_body(&self, acts: &mut Activations<B>, grads: &mut Grads<B>) {
+    /// The backward pass from `acts.dln`, the gradient with respect to the final norm's output
+    /// (the head's backward pass has run). `ready` is told each group of parameters whose
+    /// gradients are complete for this micro-batch, as soon as they are: the untied LM head and
+    /// the final norm, then each layer from the last, then the embeddings (with the head when it
+    /// is tied to them). A data-parallel collective can reduce a group while the rest of the
+    /// backward pass runs.
+    pub(super) fn backward_body(&self, acts: &mut Activations<B>, grads: &mut Grads<B>, ready: &mut GradsReady<B>) {
         let (be, n_layer) = (&self.backend, self.config.n_layer);
         let p = self.unit_params();
         let mut g = GradsMut { bufs: &mut grads.tensors, trainable: &self.trainable };
         be.fill(&mut acts.dres, 0.0);
-        self.final_norm().bwd(be, &p, &mut g, &mut acts.dres, &acts.dln, &acts.resid[n_layer], &acts.lnf_mean, &acts.lnf_rstd);
+        let lnf = self.final_norm();
+        lnf.bwd(be, &p, &mut g, &mut acts.dres, &acts.dln, &acts.resid[n_layer], &acts.lnf_mean, &acts.lnf_rstd);
+        let head = self.layout.lm_head.into_iter();
+        ready(&head.chain([lnf.w]).chain(lnf.b).collect::<Vec<_>>(), g.bufs);
         for l in (0..n_layer).rev() {
             if acts.checkpointing {
                 // recompute this layer's activations (its output, resid[l + 1], comes out the same)
@@ -209,18 +226,35 @@ impl<B: Backend> Model<B> {
             let mut d =
                 BlockGrads { dres: &mut acts.dres, dln: &mut acts.dln, datt: &mut acts.datt, dqkv: &mut acts.dqkv, dfc: &mut acts.dfc, dact: &mut acts.dact };
             let attn = (&*stats, &acts.mask, &acts.pos);
-            self.block(l).bwd(be, &p, &mut g, &acts.resid[l], &bufs, attn, (acts.batch, acts.seq), &mut d);
+            let block = self.block(l);
+            block.bwd(be, &p, &mut g, &acts.resid[l], &bufs, attn, (acts.batch, acts.seq), &mut d);
+            ready(&block.params(), g.bufs);
         }
-        self.embedding().bwd(be, &mut g, &acts.ids, &acts.pos, &acts.dres);
+        let emb = self.embedding();
+        emb.bwd(be, &mut g, &acts.ids, &acts.pos, &acts.dres);
+        ready(&[emb.wte].into_iter().chain(emb.wpe).collect::<Vec<_>>(), g.bufs);
     }
 
     /// Forward, loss and backward for one micro-batch, with the LM head and loss in chunks (the
     /// whole logits never exist).
     pub fn forward_backward(&self, acts: &mut Activations<B>, b: &Batch, grads: &mut Grads<B>, loss: LossOptions) -> Result<LossOutput> {
+        self.forward_backward_with(acts, b, grads, loss, &mut |_, _| {})
+    }
+
+    /// [`Model::forward_backward`], telling `ready` as each group of gradients is complete (see
+    /// `backward_body`).
+    pub fn forward_backward_with(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        grads: &mut Grads<B>,
+        loss: LossOptions,
+        ready: &mut GradsReady<B>,
+    ) -> Result<LossOutput> {
         self.forward_hidden(acts, b, true)?;
         let (n_tokens, _) = self.head_loss(acts, b, loss, Some(grads), None)?;
         let n_tokens = n_tokens.ok_or_else(|| Error::Invalid("training needs labels".into()))?;
-        self.backward_body(acts, grads);
+        self.backward_body(acts, grads, ready);
         // read the loss once the backward pass is queued, so a GPU is not left idle meanwhile
         self.loss_output(acts, n_tokens)
     }

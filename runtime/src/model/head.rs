@@ -352,7 +352,7 @@ impl<B: Backend> Model<B> {
             acts.logits = be.upload(&dlogits)?;
             self.head_chunk_bwd(acts, grads, r0, n);
         }
-        self.backward_body(acts, grads);
+        self.backward_body(acts, grads, &mut |_, _| {});
         let sum = loss * denom as f64;
         Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens.max(1) as f64) as f32 })
     }

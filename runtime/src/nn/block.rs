@@ -58,6 +58,19 @@ pub struct BlockGrads<'a, B: Backend> {
 }
 
 impl Block {
+    /// The indices of the block's parameters.
+    pub fn params(&self) -> Vec<usize> {
+        let units = [
+            (self.ln1.w, self.ln1.b),
+            (self.qkv.w, self.qkv.b),
+            (self.o.w, self.o.b),
+            (self.ln2.w, self.ln2.b),
+            (self.fc.w, self.fc.b),
+            (self.proj.w, self.proj.b),
+        ];
+        units.into_iter().flat_map(|(w, b)| std::iter::once(w).chain(b)).collect()
+    }
+
     /// `y = block(x)` over `rows` rows.
     pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, x: &B::Buf, y: &mut B::Buf, a: &mut BlockBufs<B>, call: AttnCall<B>) {
         let rows = match &call {

@@ -324,7 +324,7 @@ fn generate_on<B: crate::backend::Backend>(
     // a prompt longer than the context is refused for every model; GPT-2's learned positions also
     // bound the generated tokens
     let ctx = model.config.max_positions;
-    if longest > ctx || (model.config.arch == crate::model::Arch::Gpt2 && longest + max_new > ctx) {
+    if longest > ctx || (model.config.position_limit().is_some() && longest + max_new > ctx) {
         return Err(Error::Invalid(format!("a prompt of {longest} tokens plus {max_new} new tokens exceeds the model's context ({ctx})")));
     }
     let eos = cfg.eos_ids();

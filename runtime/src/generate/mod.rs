@@ -8,7 +8,7 @@ pub use config::GenerationConfig;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{Arch, Model};
+use crate::model::Model;
 use crate::nn::{AttnCall, BlockBufs};
 
 /// The KV cache and the one-token activations of a batch being decoded.
@@ -176,9 +176,9 @@ pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &
         }
         st.mask[b * st.max_len + st.slot] = i32::from(attend[b] != 0);
     }
-    if c.arch == Arch::Gpt2 {
-        if let Some(&q) = pos.iter().find(|&&q| q as usize >= c.max_positions) {
-            return Err(Error::Invalid(format!("position {q} exceeds the model's n_positions ({})", c.max_positions)));
+    if let Some(limit) = c.position_limit() {
+        if let Some(&q) = pos.iter().find(|&&q| q as usize >= limit) {
+            return Err(Error::Invalid(format!("position {q} exceeds the model's n_positions ({limit})")));
         }
     }
     let (ids_b, pos_b, mask_b) = (be.upload_ids(ids)?, be.upload_ids(&pos)?, be.upload_ids(&st.mask)?);

@@ -12,7 +12,6 @@
 //! `activations.rs`.
 
 use super::activations::{Activations, Grads};
-use super::config::Arch;
 use super::head::LossOptions;
 pub use super::head::LossOutput;
 use super::Model;
@@ -74,10 +73,7 @@ impl<B: Backend> Model<B> {
                 return Err(Error::Invalid(format!("labels[{}][{}] = {x} is neither -100 nor a token id below {v}", i / b.seq, i % b.seq)));
             }
         }
-        let max_pos = match self.config.arch {
-            Arch::Gpt2 => self.config.max_positions,
-            Arch::Llama => usize::MAX,
-        };
+        let max_pos = self.config.position_limit().unwrap_or(usize::MAX);
         match &b.position_ids {
             Some(p) => {
                 check_len("position_ids", p.len())?;

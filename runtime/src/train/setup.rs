@@ -191,11 +191,8 @@ impl<B: Backend + Clone> Trainer<B> {
             return Err(Error::Invalid(format!("eval_strategy {:?} needs validation_file", args.eval_strategy).to_lowercase()));
         }
         let longest = train.iter().chain(eval.iter().flatten()).map(|e| e.input_ids.len()).max().unwrap_or(0);
-        if model.config.arch == crate::model::Arch::Gpt2 && longest > model.config.max_positions {
-            return Err(Error::Invalid(format!(
-                "examples of {longest} tokens exceed the model's n_positions ({}); set block_size or max_seq_length",
-                model.config.max_positions
-            )));
+        if let Some(limit) = model.config.position_limit().filter(|&l| longest > l) {
+            return Err(Error::Invalid(format!("examples of {longest} tokens exceed the model's n_positions ({limit}); set block_size or max_seq_length")));
         }
         let mut args = args;
         if args.auto_find_batch_size && training {

@@ -256,13 +256,13 @@ impl ModelConfig {
         }
     }
 
-    /// Width of each row of the fused q/k/v projection.
     /// The positions a sequence may use: learned position embeddings (GPT-2) stop at
     /// `n_positions`; rotary positions (the Llama family) have no table to run off.
     pub fn position_limit(&self) -> Option<usize> {
         (self.arch == Arch::Gpt2).then_some(self.max_positions)
     }
 
+    /// Width of each row of the fused q/k/v projection.
     pub fn qkv_width(&self) -> usize {
         (self.n_head + 2 * self.n_kv_head) * self.head_dim
     }

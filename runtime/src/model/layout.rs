@@ -5,7 +5,7 @@
 //! stored `[in, out]` by transformers and transposed to `[out, in]` here. Loading concatenates the
 //! parts; saving splits them again, so the files are exactly transformers' layout.
 
-use super::config::{Arch, ModelConfig};
+use super::config::ModelConfig;
 
 /// One tensor as transformers names and shapes it.
 #[derive(Clone, Debug)]
@@ -95,39 +95,36 @@ impl Layout {
     }
 
     pub fn new(cfg: &ModelConfig) -> Self {
-        let b = Builder { specs: Vec::new(), cfg };
-        match cfg.arch {
-            Arch::Gpt2 => b.gpt2(),
-            Arch::Llama => b.llama(),
-        }
+        (super::registry::by_arch(cfg.arch).layout)(Builder { specs: Vec::new(), cfg })
     }
 }
 
-struct Builder<'a> {
-    specs: Vec<ParamSpec>,
-    cfg: &'a ModelConfig,
+/// Builds a family's layout tensor by tensor (`gpt2.rs`, `llama.rs`).
+pub(super) struct Builder<'a> {
+    pub specs: Vec<ParamSpec>,
+    pub cfg: &'a ModelConfig,
 }
 
 impl Builder<'_> {
-    fn push(&mut self, name: String, shape: Vec<usize>, parts: Vec<HfPart>, conv1d: bool, init: Init) -> usize {
+    pub(super) fn push(&mut self, name: String, shape: Vec<usize>, parts: Vec<HfPart>, conv1d: bool, init: Init) -> usize {
         let decay = shape.len() > 1;
         self.specs.push(ParamSpec { name, shape, parts, conv1d, decay, init });
         self.specs.len() - 1
     }
 
     /// A tensor that is exactly one transformers tensor.
-    fn single(&mut self, hf: String, shape: Vec<usize>, init: Init) -> usize {
+    pub(super) fn single(&mut self, hf: String, shape: Vec<usize>, init: Init) -> usize {
         let name = hf.clone();
         self.push(name, shape.clone(), vec![HfPart { name: hf, shape }], false, init)
     }
 
     /// A GPT-2 `Conv1D`: engine `[out, in]`, stored `[in, out]`.
-    fn conv1d(&mut self, hf: String, out: usize, inp: usize, std: f32) -> usize {
+    pub(super) fn conv1d(&mut self, hf: String, out: usize, inp: usize, std: f32) -> usize {
         self.push(hf.clone(), vec![out, inp], vec![HfPart { name: hf, shape: vec![inp, out] }], true, Init::Normal(std))
     }
 
     /// Rows of several transformers tensors stacked into one engine tensor.
-    fn stacked(&mut self, name: String, parts: Vec<(String, usize)>, inner: Option<usize>, init: Init) -> usize {
+    pub(super) fn stacked(&mut self, name: String, parts: Vec<(String, usize)>, inner: Option<usize>, init: Init) -> usize {
         let rows = parts.iter().map(|p| p.1).sum();
         let shape = match inner {
             Some(c) => vec![rows, c],
@@ -135,72 +132,5 @@ impl Builder<'_> {
         };
         let parts = parts.into_iter().map(|(n, r)| HfPart { name: n, shape: inner.map_or(vec![r], |c| vec![r, c]) }).collect();
         self.push(name, shape, parts, false, init)
-    }
-
-    fn gpt2(mut self) -> Layout {
-        let c = self.cfg;
-        let (h, i, std) = (c.hidden_size, c.intermediate_size, c.initializer_range);
-        let proj_std = std / (2.0 * c.n_layer as f32).sqrt();
-        let p = |s: &str| format!("transformer.{s}");
-        let wte = self.single(p("wte.weight"), vec![c.vocab_size, h], Init::Normal(std));
-        let wpe = Some(self.single(p("wpe.weight"), vec![c.max_positions, h], Init::Normal(std)));
-        let mut layers = Vec::new();
-        for l in 0..c.n_layer {
-            let p = |s: &str| format!("transformer.h.{l}.{s}");
-            layers.push(LayerParams {
-                ln1_w: self.single(p("ln_1.weight"), vec![h], Init::Ones),
-                ln1_b: Some(self.single(p("ln_1.bias"), vec![h], Init::Zeros)),
-                qkv_w: self.conv1d(p("attn.c_attn.weight"), 3 * h, h, std),
-                qkv_b: Some(self.single(p("attn.c_attn.bias"), vec![3 * h], Init::Zeros)),
-                o_w: self.conv1d(p("attn.c_proj.weight"), h, h, proj_std),
-                o_b: Some(self.single(p("attn.c_proj.bias"), vec![h], Init::Zeros)),
-                ln2_w: self.single(p("ln_2.weight"), vec![h], Init::Ones),
-                ln2_b: Some(self.single(p("ln_2.bias"), vec![h], Init::Zeros)),
-                fc_w: self.conv1d(p("mlp.c_fc.weight"), i, h, std),
-                fc_b: Some(self.single(p("mlp.c_fc.bias"), vec![i], Init::Zeros)),
-                proj_w: self.conv1d(p("mlp.c_proj.weight"), h, i, proj_std),
-                proj_b: Some(self.single(p("mlp.c_proj.bias"), vec![h], Init::Zeros)),
-            });
-        }
-        let lnf_w = self.single(p("ln_f.weight"), vec![h], Init::Ones);
-        let lnf_b = Some(self.single(p("ln_f.bias"), vec![h], Init::Zeros));
-        let lm_head = (!c.tie_word_embeddings).then(|| self.single("lm_head.weight".into(), vec![c.vocab_size, h], Init::Normal(std)));
-        Layout { specs: self.specs, wte, wpe, layers, lnf_w, lnf_b, lm_head }
-    }
-
-    fn llama(mut self) -> Layout {
-        let c = self.cfg;
-        let (h, i, std) = (c.hidden_size, c.intermediate_size, c.initializer_range);
-        let (q, kv) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
-        let wte = self.single("model.embed_tokens.weight".into(), vec![c.vocab_size, h], Init::Normal(std));
-        let mut layers = Vec::new();
-        for l in 0..c.n_layer {
-            let p = |s: &str| format!("model.layers.{l}.{s}");
-            let qkv = |suffix: &str| {
-                vec![
-                    (p(&format!("self_attn.q_proj.{suffix}")), q),
-                    (p(&format!("self_attn.k_proj.{suffix}")), kv),
-                    (p(&format!("self_attn.v_proj.{suffix}")), kv),
-                ]
-            };
-            let fc = |suffix: &str| vec![(p(&format!("mlp.gate_proj.{suffix}")), i), (p(&format!("mlp.up_proj.{suffix}")), i)];
-            layers.push(LayerParams {
-                ln1_w: self.single(p("input_layernorm.weight"), vec![h], Init::Ones),
-                ln1_b: None,
-                qkv_w: self.stacked(p("self_attn.qkv.weight"), qkv("weight"), Some(h), Init::Normal(std)),
-                qkv_b: c.qkv_bias.then(|| self.stacked(p("self_attn.qkv.bias"), qkv("bias"), None, Init::Zeros)),
-                o_w: self.single(p("self_attn.o_proj.weight"), vec![h, q], Init::Normal(std)),
-                o_b: c.o_bias.then(|| self.single(p("self_attn.o_proj.bias"), vec![h], Init::Zeros)),
-                ln2_w: self.single(p("post_attention_layernorm.weight"), vec![h], Init::Ones),
-                ln2_b: None,
-                fc_w: self.stacked(p("mlp.gate_up.weight"), fc("weight"), Some(h), Init::Normal(std)),
-                fc_b: c.mlp_bias.then(|| self.stacked(p("mlp.gate_up.bias"), fc("bias"), None, Init::Zeros)),
-                proj_w: self.single(p("mlp.down_proj.weight"), vec![h, i], Init::Normal(std)),
-                proj_b: c.mlp_bias.then(|| self.single(p("mlp.down_proj.bias"), vec![h], Init::Zeros)),
-            });
-        }
-        let lnf_w = self.single("model.norm.weight".into(), vec![h], Init::Ones);
-        let lm_head = (!c.tie_word_embeddings).then(|| self.single("lm_head.weight".into(), vec![c.vocab_size, h], Init::Normal(std)));
-        Layout { specs: self.specs, wte, wpe: None, layers, lnf_w, lnf_b: None, lm_head }
     }
 }

@@ -4,10 +4,13 @@
 pub mod activations;
 pub mod config;
 pub mod decoder;
+mod gpt2;
 pub mod head;
 pub mod init;
 pub mod io;
 pub mod layout;
+mod llama;
+pub mod registry;
 mod units;
 
 use std::path::{Path, PathBuf};

@@ -1,12 +1,10 @@
-//! The models as [`crate::nn`] units: each architecture's block description (which norm, which
-//! activation, RoPE or learned positions), built from its config and parameter layout. This is
-//! the only place the decoder's layer code learns what differs between GPT-2 and the Llama
-//! family.
+//! The models as [`crate::nn`] units: each layer's block, the embedding, the final norm and the
+//! head, built from the config, the parameter layout and what the family's block is made of
+//! (`registry::Kinds`: which norm, which activation, RoPE or learned positions).
 
-use super::config::Arch;
 use super::Model;
 use crate::backend::Backend;
-use crate::nn::{Activation, Attention, Block, Embedding, Linear, Norm, NormKind, Params};
+use crate::nn::{Attention, Block, Embedding, Linear, Norm, Params};
 
 impl<B: Backend> Model<B> {
     /// The parameters and the trainable mask, for the units.
@@ -14,16 +12,13 @@ impl<B: Backend> Model<B> {
         Params { bufs: &self.params, trainable: &self.trainable }
     }
 
-    fn norm_kind(&self) -> NormKind {
-        match self.config.arch {
-            Arch::Gpt2 => NormKind::LayerNorm,
-            Arch::Llama => NormKind::RmsNorm,
-        }
+    fn kinds(&self) -> super::registry::Kinds {
+        (super::registry::by_arch(self.config.arch).kinds)(&self.config)
     }
 
     /// A normalisation of the hidden state with weight `w` (and bias `b`).
     pub fn norm(&self, w: usize, b: Option<usize>) -> Norm {
-        Norm { kind: self.norm_kind(), w, b, width: self.config.hidden_size, eps: self.config.norm_eps }
+        Norm { kind: self.kinds().norm, w, b, width: self.config.hidden_size, eps: self.config.norm_eps }
     }
 
     /// Layer `l` as a block.
@@ -34,20 +29,11 @@ impl<B: Backend> Model<B> {
         Block {
             ln1: self.norm(lp.ln1_w, lp.ln1_b),
             qkv: linear(lp.qkv_w, lp.qkv_b, h, c.qkv_width()),
-            attn: Attention {
-                n_head: c.n_head,
-                n_kv_head: c.n_kv_head,
-                head_dim: c.head_dim,
-                rope_theta: (c.arch == Arch::Llama).then_some(c.rope_theta),
-                imp: self.attn_impl,
-            },
+            attn: Attention { n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim, rope_theta: self.kinds().rope_theta, imp: self.attn_impl },
             o: linear(lp.o_w, lp.o_b, c.n_head * c.head_dim, h),
             ln2: self.norm(lp.ln2_w, lp.ln2_b),
             fc: linear(lp.fc_w, lp.fc_b, h, c.fc_width()),
-            act: match c.arch {
-                Arch::Gpt2 => Activation::Gelu,
-                Arch::Llama => Activation::SwiGlu { intermediate: c.intermediate_size },
-            },
+            act: self.kinds().act,
             proj: linear(lp.proj_w, lp.proj_b, c.intermediate_size, h),
         }
     }

@@ -83,7 +83,13 @@ fn norm_of<B: Backend>(be: &B, tensors: Vec<&B::Buf>) -> Result<f32> {
 /// [`AdamW::step`], which applies it in the same pass as the update.
 pub fn clip_coefficient<B: Backend>(be: &B, grads: &Grads<B>, max_norm: f32) -> Result<(f32, f32)> {
     let norm = grad_norm(be, grads)?;
-    Ok((norm, (max_norm / (norm + 1e-6)).min(1.0)))
+    Ok((norm, clip_coef(norm, max_norm)))
+}
+
+/// `clip_grad_norm_`'s coefficient for gradients of global norm `norm`:
+/// `min(1, max_norm / (norm + 1e-6))`.
+pub fn clip_coef(norm: f32, max_norm: f32) -> f32 {
+    (max_norm / (norm + 1e-6)).min(1.0)
 }
 
 /// Scales gradients in place so their global norm is at most `max_norm` and returns the norm

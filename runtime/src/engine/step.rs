@@ -5,7 +5,7 @@
 //! coefficient; and, if the caller applies it, one fused AdamW update with the clipping folded in.
 
 use super::collective::{Collective, SingleProcess};
-use super::optimizer::{trainable_grad_norm, AdamW, AdamWConfig};
+use super::optimizer::{clip_coef, trainable_grad_norm, AdamW, AdamWConfig};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::{Activations, Grads, LossOptions, LossOutput, Model};
@@ -74,8 +74,7 @@ impl<B: Backend> Step<B> {
     pub fn grad_norm(&mut self, max_grad_norm: f32) -> Result<(f32, f32)> {
         self.collective.all_reduce_grads(&self.model.backend, &mut self.grads)?;
         let norm = trainable_grad_norm(&self.model.backend, &self.grads, &self.model.trainable)?;
-        // as `clip_grad_norm_`: the coefficient `min(1, max_norm / (norm + 1e-6))`
-        Ok((norm, if max_grad_norm > 0.0 { (max_grad_norm / (norm + 1e-6)).min(1.0) } else { 1.0 }))
+        Ok((norm, if max_grad_norm > 0.0 { clip_coef(norm, max_grad_norm) } else { 1.0 }))
     }
 
     /// The AdamW update at learning rate `lr`, with the gradients multiplied by `clip_coef`.

@@ -25,15 +25,17 @@ impl<B: Backend> Model<B> {
     pub fn block(&self, l: usize) -> Block {
         let (c, lp) = (&self.config, &self.layout.layers[l]);
         let h = c.hidden_size;
+        let kinds = self.kinds();
         let linear = |w: usize, b: Option<usize>, in_features: usize, out_features: usize| Linear { w, b, in_features, out_features };
+        let norm = |w: usize, b: Option<usize>| Norm { kind: kinds.norm, w, b, width: h, eps: c.norm_eps };
         Block {
-            ln1: self.norm(lp.ln1_w, lp.ln1_b),
+            ln1: norm(lp.ln1_w, lp.ln1_b),
             qkv: linear(lp.qkv_w, lp.qkv_b, h, c.qkv_width()),
-            attn: Attention { n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim, rope_theta: self.kinds().rope_theta, imp: self.attn_impl },
+            attn: Attention { n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim, rope_theta: kinds.rope_theta, imp: self.attn_impl },
             o: linear(lp.o_w, lp.o_b, c.n_head * c.head_dim, h),
-            ln2: self.norm(lp.ln2_w, lp.ln2_b),
+            ln2: norm(lp.ln2_w, lp.ln2_b),
             fc: linear(lp.fc_w, lp.fc_b, h, c.fc_width()),
-            act: self.kinds().act,
+            act: kinds.act,
             proj: linear(lp.proj_w, lp.proj_b, c.intermediate_size, h),
         }
     }

@@ -73,6 +73,8 @@ struct Inner {
     /// The first device failure of an op that cannot return it; sticky: every later op does
     /// nothing, and every op that returns a `Result` returns it.
     failure: Mutex<Option<Failure>>,
+    /// Whether `failure` is set: read before every launch, so without a lock.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 /// The CUDA backend; cloning it shares the device, the stream and the compiled kernels.
@@ -154,6 +156,7 @@ impl Cuda {
             scratch: Mutex::new(scratch),
             weights16: Mutex::new(HashMap::new()),
             failure: Mutex::new(None),
+            failed: std::sync::atomic::AtomicBool::new(false),
         })))
     }
 
@@ -201,15 +204,19 @@ impl Cuda {
         let mut f = self.0.failure.lock().unwrap_or_else(|e| e.into_inner());
         if f.is_none() {
             *f = Some(Failure { out_of_memory: matches!(e, Error::OutOfMemory(_)), message: e.to_string() });
+            self.0.failed.store(true, std::sync::atomic::Ordering::Release);
         }
     }
 
     fn failed(&self) -> bool {
-        self.0.failure.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.0.failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The recorded failure, if any, as an error.
     fn status(&self) -> Result<()> {
+        if !self.failed() {
+            return Ok(());
+        }
         match self.0.failure.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             None => Ok(()),
             Some(f) if f.out_of_memory => Err(Error::OutOfMemory(f.message.clone())),

@@ -576,6 +576,22 @@ fn weights_wrong_dtype() {
 }
 
 #[test]
+fn weights_holding_nan_or_inf_are_rejected() {
+    // bf16 NaN and +inf
+    for bits in [[0xc0u8, 0x7f], [0x80, 0x7f]] {
+        let tmp = TempDir::new().unwrap();
+        let dir = fixture_copy(&tmp, "gpt2");
+        edit_tensors(&dir.join("model.safetensors"), |entries| {
+            let e = entry(entries, "transformer.h.1.attn.c_proj.weight");
+            assert_eq!(e.dtype, Dtype::BF16);
+            e.data[10..12].copy_from_slice(&bits);
+        });
+        // inspect reads only the headers, so it does not see the values
+        assert_model_rejected(&dir, &["model.safetensors", "transformer.h.1.attn.c_proj.weight", "non-finite"], None);
+    }
+}
+
+#[test]
 fn weights_missing_tensor() {
     let tmp = TempDir::new().unwrap();
     let dir = fixture_copy(&tmp, "gpt2");

@@ -173,7 +173,7 @@ fn gradients_ready_reports_each_parameter_once_when_its_gradient_is_final() {
         let mut grads = Grads::zeros(&model).unwrap();
         let mut seen: Vec<(Vec<usize>, Vec<Vec<f32>>)> = Vec::new();
         model
-            .forward_backward_with(&mut acts, &batch, &mut grads, LossOptions::default(), &mut |group, bufs| {
+            .forward_backward_with(&mut acts, &batch, &mut grads, LossOptions::default(), None, &mut |group: &[usize], bufs: &mut [Vec<f32>]| {
                 seen.push((group.to_vec(), group.iter().map(|&i| bufs[i].clone()).collect()));
             })
             .unwrap();
@@ -195,38 +195,123 @@ fn gradients_ready_reports_each_parameter_once_when_its_gradient_is_final() {
 
 /// A frozen parameter (`Model::trainable` false) gets no gradient from the linear products and
 /// no update from the optimizer; the trainable ones get exactly the gradients and updates they
-/// get with nothing frozen.
+/// get with nothing frozen. A frozen linear weight or embedding holds no gradient buffer and no
+/// optimizer moments (a frozen norm keeps a gradient buffer: the norm ops always write it).
 #[test]
 fn frozen_weights_get_no_gradient_and_no_update() {
-    use runtime::engine::{AdamWConfig, MicroLoss, Step};
+    use runtime::engine::{AdamWConfig, MicroLoss, MicroOptions, Step};
     let cfg = json!({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false});
     let batch = random_batch(64, 2, 10, 31);
-    let run = |freeze: bool| {
-        let mut model = random_model(config(cfg.clone()), AttnImpl::Flash, 30);
-        let frozen: Vec<usize> = model.layout.layers.iter().flat_map(|lp| [lp.qkv_w, lp.fc_w]).collect();
-        if freeze {
-            frozen.iter().for_each(|&i| model.trainable[i] = false);
+    let linears = |m: &Model<Cpu>| m.layout.layers.iter().flat_map(|lp| [lp.qkv_w, lp.fc_w]).collect::<Vec<usize>>();
+    // everything but the LM head: embeddings and norms too
+    let all_but_head = |m: &Model<Cpu>| (0..m.layout.specs.len()).filter(|&i| Some(i) != m.layout.lm_head).collect::<Vec<usize>>();
+    for freeze_set in [linears as fn(&Model<Cpu>) -> Vec<usize>, all_but_head] {
+        let run = |freeze: bool| {
+            let mut model = random_model(config(cfg.clone()), AttnImpl::Flash, 30);
+            let frozen = freeze_set(&model);
+            if freeze {
+                frozen.iter().for_each(|&i| model.trainable[i] = false);
+            }
+            let norms: Vec<usize> = model.layout.layers.iter().flat_map(|lp| [lp.ln1_w, lp.ln2_w]).chain([model.layout.lnf_w]).collect();
+            let before = model.tensors().unwrap();
+            let mut step = Step::new(model, AdamWConfig { lr: 1e-2, ..AdamWConfig::default() }).unwrap();
+            for &i in frozen.iter().filter(|_| freeze) {
+                assert!(step.opt.exp_avg[i].is_none() && step.opt.exp_avg_sq[i].is_none(), "frozen tensor {i} has optimizer moments");
+                let want = if norms.contains(&i) { before[i].len() } else { 0 };
+                assert_eq!(step.grads.tensors[i].len(), want, "frozen tensor {i}'s gradient buffer");
+            }
+            step.zero_grad();
+            step.micro_batch(&batch, MicroLoss::BuiltIn(LossOptions::default()), MicroOptions::default()).unwrap();
+            let (norm, coef) = step.grad_norm(0.0).unwrap();
+            let grads = step.grads.tensors.clone();
+            step.apply(1e-2, coef).unwrap();
+            (frozen, before, grads, step.model.tensors().unwrap(), norm)
+        };
+        let (frozen, before, g_frozen, after_frozen, norm_frozen) = run(true);
+        let (_, _, g_all, after_all, norm_all) = run(false);
+        for i in 0..before.len() {
+            if frozen.contains(&i) {
+                assert!(after_frozen[i] == before[i], "frozen tensor {i} was updated");
+                assert!(after_all[i] != before[i], "tensor {i} is updated when trainable");
+            } else {
+                assert!(g_frozen[i] == g_all[i], "tensor {i}: a trainable gradient changed when others were frozen");
+                assert!(after_frozen[i] == after_all[i], "tensor {i}: a trainable update changed when others were frozen");
+            }
         }
-        let before = model.tensors().unwrap();
-        let mut step = Step::new(model, AdamWConfig { lr: 1e-2, ..AdamWConfig::default() }).unwrap();
-        step.zero_grad();
-        step.micro_batch(&batch, MicroLoss::BuiltIn(LossOptions::default())).unwrap();
-        let (norm, coef) = step.grad_norm(0.0).unwrap();
-        let grads = step.grads.tensors.clone();
-        step.apply(1e-2, coef).unwrap();
-        (frozen, before, grads, step.model.tensors().unwrap(), norm)
-    };
-    let (frozen, before, g_frozen, after_frozen, norm_frozen) = run(true);
-    let (_, _, g_all, after_all, norm_all) = run(false);
-    for i in 0..before.len() {
-        if frozen.contains(&i) {
-            assert!(g_frozen[i].iter().all(|&x| x == 0.0), "frozen tensor {i} got a gradient");
-            assert!(after_frozen[i] == before[i], "frozen tensor {i} was updated");
-            assert!(after_all[i] != before[i], "tensor {i} is updated when trainable");
-        } else {
-            assert!(g_frozen[i] == g_all[i], "tensor {i}: a trainable gradient changed when others were frozen");
-            assert!(after_frozen[i] == after_all[i], "tensor {i}: a trainable update changed when others were frozen");
+        assert!(norm_frozen < norm_all, "the gradient norm covers trainable parameters only ({norm_frozen} vs {norm_all})");
+    }
+}
+
+/// A collective that records what the step tells it.
+#[derive(Default)]
+struct Recorder {
+    ready: Vec<(Vec<usize>, Vec<Vec<f32>>)>,
+    reduced: usize,
+}
+
+impl runtime::engine::Collective<Cpu> for Recorder {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn grads_ready(&mut self, _: &Cpu, params: &[usize], grads: &mut [Vec<f32>]) -> runtime::error::Result<()> {
+        self.ready.push((params.to_vec(), params.iter().map(|&i| grads[i].clone()).collect()));
+        Ok(())
+    }
+    fn all_reduce_grads(&mut self, _: &Cpu, _: &mut Grads<Cpu>) -> runtime::error::Result<()> {
+        self.reduced += 1;
+        Ok(())
+    }
+}
+
+/// Through a whole step of two micro-batches, the step's collective is told each trainable
+/// parameter exactly once, in the last micro-batch's backward pass (the first one's gradients are
+/// not final), with the gradient the window ends with; frozen parameters are never told; and the
+/// all-reduce runs once, before the gradient norm.
+#[test]
+fn the_collective_is_told_each_trainable_gradient_once_when_final() {
+    use std::sync::{Arc, Mutex};
+    use runtime::engine::{AdamWConfig, Collective, Step};
+    struct Shared(Arc<Mutex<Recorder>>);
+    impl Collective<Cpu> for Shared {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            1
+        }
+        fn grads_ready(&mut self, be: &Cpu, params: &[usize], grads: &mut [Vec<f32>]) -> runtime::error::Result<()> {
+            self.0.lock().unwrap().grads_ready(be, params, grads)
+        }
+        fn all_reduce_grads(&mut self, be: &Cpu, grads: &mut Grads<Cpu>) -> runtime::error::Result<()> {
+            let mut r = self.0.lock().unwrap();
+            r.all_reduce_grads(be, grads)?;
+            // the step's gradients are final here: compare with what was reported
+            for (group, seen) in &r.ready {
+                for (&i, g) in group.iter().zip(seen) {
+                    assert!(g == &grads.tensors[i], "parameter {i} changed after it was reported ready");
+                }
+            }
+            Ok(())
         }
     }
-    assert!(norm_frozen < norm_all, "the gradient norm covers trainable parameters only ({norm_frozen} vs {norm_all})");
+    let cfg = json!({"model_type": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 4});
+    let mut model = random_model(config(cfg), AttnImpl::Flash, 40);
+    let frozen = [model.layout.wte, model.layout.layers[0].fc_w, model.layout.layers[1].ln1_w];
+    frozen.iter().for_each(|&i| model.trainable[i] = false);
+    let n = model.layout.specs.len();
+    let rec = Arc::new(Mutex::new(Recorder::default()));
+    let mut step = Step::new(model, AdamWConfig::default()).unwrap();
+    step.collective = Box::new(Shared(rec.clone()));
+    let window = [random_batch(64, 2, 12, 41), random_batch(64, 2, 12, 42)];
+    let report = step.run(&window, LossOptions::default(), 1e-3, 1.0).unwrap();
+    assert!(report.applied);
+    let r = rec.lock().unwrap();
+    assert_eq!(r.reduced, 1);
+    let mut told: Vec<usize> = r.ready.iter().flat_map(|(g, _)| g.clone()).collect();
+    told.sort();
+    let want: Vec<usize> = (0..n).filter(|i| !frozen.contains(i)).collect();
+    assert_eq!(told, want, "each trainable parameter once, no frozen one");
 }

@@ -73,7 +73,7 @@ fn a_loss_logits_hook_in_lm_head_chunks_matches_the_built_in_loss() {
         model.loss_chunk_rows = Some(chunk);
         let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
         let mut grads = Grads::zeros(&model).unwrap();
-        let out = model.forward_backward_custom(&mut acts, &batch, &mut grads, &mut CustomLoss::Rows(&mut hook), None).unwrap();
+        let out = model.forward_backward_custom(&mut acts, &batch, &mut grads, &mut CustomLoss::Rows(&mut hook), None, None, &mut |_, _| {}).unwrap();
         assert!(((out.sum - built_in.sum) / built_in.sum).abs() < 1e-5, "chunk {chunk}: loss sum {} vs built-in {}", out.sum, built_in.sum);
         assert_eq!(out.n_tokens, built_in.n_tokens);
         for ((name, _, g), (_, _, w)) in hf_tensors(&model.layout, &grads.tensors).iter().zip(hf_tensors(&model.layout, &want.tensors)) {

@@ -170,6 +170,47 @@ fn a_killed_run_resumes_exactly() {
     assert!(leftovers.is_empty(), "half-written folders left behind");
 }
 
+/// Each logged loss reaches a redirected stdout (a file) as one JSON line when it is logged, not
+/// at the end of the run: a run killed midway leaves the lines of the steps it logged.
+#[test]
+fn log_lines_reach_a_redirected_stdout_as_they_are_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let out = tmp.path().join("out");
+    let log = tmp.path().join("stdout.jsonl");
+    let cfg = ex.join("train.toml");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runtime"));
+    cmd.args(["train", "--config", cfg.to_str().unwrap(), "--output_dir", out.to_str().unwrap(), "--disable_tqdm"]).args([
+        "--max_steps",
+        "100000",
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "false",
+    ]);
+    let file = std::fs::File::create(&log).unwrap();
+    let mut child = cmd.stdout(file).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    let lines = || std::fs::read_to_string(&log).unwrap().lines().map(String::from).collect::<Vec<_>>();
+    while lines().len() < 3 {
+        assert!(started.elapsed().as_secs() < 120, "no log line in the redirected stdout after two minutes of training");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL: nothing is flushed at exit
+    child.wait().unwrap();
+    let got = lines();
+    for (i, line) in got.iter().enumerate() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("line {i} is not JSON ({e}): {line}"));
+        assert!(v["loss"].is_number() && v["step"] == i + 1, "line {i}: {line}");
+    }
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap().flatten() {
@@ -222,6 +263,9 @@ fn bad_runs_are_refused_before_any_work() {
         (vec!["--plugin", "/nonexistent/focal.wasm", "--overwrite_output_dir", "true"], vec!["/nonexistent/focal.wasm"]),
         (vec!["--plugins", "[{\"path\": \"x.wasm\", \"option\": {}}]", "--overwrite_output_dir", "true"], vec!["unknown key `option`", "options"]),
         (vec!["--bf16", "--overwrite_output_dir", "true"], vec!["bf16", "CUDA"]),
+        (vec!["--max_seq_length", "0", "--overwrite_output_dir", "true"], vec!["max_seq_length must be at least 2", "found 0"]),
+        (vec!["--max_seq_length", "1", "--overwrite_output_dir", "true"], vec!["max_seq_length must be at least 2", "found 1"]),
+        (vec!["--block_size", "0", "--overwrite_output_dir", "true"], vec!["block_size must be at least 2", "found 0"]),
     ];
     for (extra, needles) in cases {
         let o = train(&ex, &out, &extra);
@@ -279,6 +323,79 @@ fn non_finite_losses_never_update_the_weights() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("stopping without applying the update") && !err.contains("panicked"), "{err}");
     assert!(!stop.join("model.safetensors").exists());
+}
+
+/// Every safetensors file under `dir` (recursively), with whether all its F32 values are finite.
+fn safetensors_finite(dir: &Path) -> Vec<(PathBuf, bool)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(safetensors_finite(&path));
+        } else if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let finite = st.tensors().iter().all(|(_, v)| {
+                assert_eq!(v.dtype(), safetensors::Dtype::F32, "{}", path.display());
+                v.data().chunks_exact(4).all(|b| f32::from_le_bytes(b.try_into().unwrap()).is_finite())
+            });
+            out.push((path, finite));
+        }
+    }
+    out
+}
+
+/// An update that would make the weights non-finite (here an infinite learning rate: 1e300
+/// does not fit in f32) is refused like a non-finite loss: with `skip` the weights stay as they
+/// were and every checkpoint and the final model are finite (and equal, since every update was
+/// refused); with `stop` the run ends at once, naming the last checkpoint, and nothing
+/// non-finite was written either.
+#[test]
+fn an_update_that_would_make_weights_non_finite_is_refused_and_nothing_non_finite_is_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let base = [
+        "--max_steps",
+        "6",
+        "--learning_rate",
+        "1e300",
+        "--lr_scheduler_type",
+        "constant",
+        "--warmup_steps",
+        "0",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--load_best_model_at_end",
+        "false",
+        "--save_total_limit",
+        "0",
+    ];
+    let skip = tmp.path().join("skip");
+    let o = train(&ex, &skip, &base);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    ok(o, "skip policy");
+    assert_eq!(err.matches("would make a weight or an optimizer moment non-finite; update skipped").count(), 6, "{err}");
+    // save_total_limit 0 deletes nothing, as in transformers
+    for n in [2, 4, 6] {
+        assert!(skip.join(format!("checkpoint-{n}/trainer_state.json")).exists(), "checkpoint-{n} was deleted with save_total_limit 0");
+    }
+    let files = safetensors_finite(&skip);
+    assert!(files.len() >= 7, "final model and three checkpoints' weights and optimizer states: {files:?}");
+    assert!(files.iter().all(|(_, finite)| *finite), "{files:?}");
+    let read = |p: PathBuf| std::fs::read(p).unwrap();
+    assert!(read(skip.join("model.safetensors")) == read(skip.join("checkpoint-2/model.safetensors")), "a refused update changed the weights");
+    let stop = tmp.path().join("stop");
+    let mut args = base.to_vec();
+    args.extend(["--nan_inf_policy", "stop"]);
+    let o = train(&ex, &stop, &args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("step 1: the update at learning rate") && err.contains("Last good checkpoint: none"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(safetensors_finite(&stop).iter().all(|(_, finite)| *finite));
 }
 
 /// NEFTune noise changes training, and comes from (seed, step), so a resumed run is still exact.

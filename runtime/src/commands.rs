@@ -31,6 +31,8 @@ pub fn parse_shard_size(s: &str) -> Result<u64> {
 /// `runtime init`: a freshly initialised model folder.
 pub fn init(config: &Path, output_dir: &Path, seed: u64, dtype: Option<Dtype>, max_shard: u64, overwrite: bool) -> Result<usize> {
     let cfg = ModelConfig::from_file(config)?;
+    // the initialised tensors and the model's copy of them
+    cfg.check_memory(config, 8, "initialise")?;
     let layout = Layout::new(&cfg);
     let tensors = init_tensors(&cfg, &layout, seed);
     let opts = LoadOptions { torch_dtype: dtype, ..LoadOptions::default() };
@@ -52,6 +54,7 @@ pub fn convert(model: &Path, output_dir: &Path, dtype: Option<Dtype>, max_shard:
 /// `runtime inspect`: a readable summary of a model folder, from the headers only.
 pub fn inspect(dir: &Path, device: Device) -> Result<String> {
     let cfg = ModelConfig::from_dir(dir)?;
+    cfg.check_against_files(dir)?;
     let layout = Layout::new(&cfg);
     let headers = io::read_headers(dir)?;
     let mut leaves: Vec<(String, Vec<usize>, String)> = Vec::new();

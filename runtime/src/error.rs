@@ -26,6 +26,9 @@ pub enum Error {
     /// was asked for and what was free. `auto_find_batch_size` retries with a smaller batch.
     #[error("{0}")]
     OutOfMemory(String),
+    /// Training stopped when asked (SIGTERM, SIGINT) after writing a checkpoint to resume from.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

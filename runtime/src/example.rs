@@ -57,9 +57,16 @@ fn pretty(v: &Value) -> String {
 
 /// Writes the addition example into `dir`: `config.json`, tokenizer files, `train.jsonl`,
 /// `validation.jsonl` and `train.toml` (whose paths are `dir`-relative as given).
-pub fn addition(dir: &Path, n_train: usize, n_eval: usize, digits: u32, seed: u64) -> Result<()> {
+pub fn addition(dir: &Path, n_train: usize, n_eval: usize, digits: u32, seed: u64, overwrite: bool) -> Result<()> {
     if digits == 0 || digits > 9 {
         return Err(Error::Invalid("--digits must be between 1 and 9".into()));
+    }
+    let occupied = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some();
+    if occupied && !overwrite {
+        return Err(Error::Invalid(format!(
+            "{}: folder exists and is not empty; pass --overwrite_output_dir to write the example's files into it (files of the same names are replaced)",
+            dir.display()
+        )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let max = 10u64.pow(digits);

@@ -12,8 +12,21 @@ use crate::error::{Error, Result};
 /// Writes `bytes` to `path` and flushes them to disk.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    if disk_full_injected(path) {
+        // as a full disk does it: part of the file is written, then the write fails
+        let _ = f.write_all(&bytes[..bytes.len() / 2]);
+        return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::StorageFull)));
+    }
     f.write_all(bytes).map_err(|e| Error::io(path, e))?;
     f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// The environment variable of the full-disk fault injection (for tests): every [`write_file`]
+/// to a path containing its value fails as a full disk would, after writing half the bytes.
+pub const FAULT_DISK_FULL: &str = "RUNTIME_FAULT_DISK_FULL";
+
+fn disk_full_injected(path: &Path) -> bool {
+    std::env::var(FAULT_DISK_FULL).is_ok_and(|pattern| !pattern.is_empty() && path.to_string_lossy().contains(&pattern))
 }
 
 /// The runtime's cache folder: `$XDG_CACHE_HOME/runtime`, else `~/.cache/runtime`.

@@ -8,6 +8,7 @@ use runtime::backend::Backend;
 use runtime::bench::{self, BenchConfig};
 use runtime::commands::{self, parse_attn, parse_device, parse_dtype, parse_shard_size};
 use runtime::model::{Device, LoadOptions, Selected};
+use runtime::train::callbacks::PrinterCallback;
 use runtime::train::trainer::Trainer;
 
 #[derive(Parser)]
@@ -153,6 +154,9 @@ enum Command {
         digits: u32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Write into a non-empty folder (the example's files replace files of the same names).
+        #[arg(long = "overwrite_output_dir")]
+        overwrite_output_dir: bool,
     },
     /// Evaluate a model or checkpoint (`model_name_or_path`) on `validation_file`.
     Eval {
@@ -341,11 +345,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Selected::Cuda(cuda) => train_on(cuda, args)?,
             }
         }
-        Command::Example { name, output_dir, n_train, n_eval, digits, seed } => {
+        Command::Example { name, output_dir, n_train, n_eval, digits, seed, overwrite_output_dir } => {
             if name != "addition" {
                 anyhow::bail!("unknown example `{name}` (available: addition)");
             }
-            runtime::example::addition(&output_dir, n_train, n_eval, digits, seed)?;
+            runtime::example::addition(&output_dir, n_train, n_eval, digits, seed, overwrite_output_dir)?;
             println!("wrote {}; train with: runtime train --config {}", output_dir.display(), output_dir.join("train.toml").display());
         }
         Command::Eval { config, overrides } => {
@@ -534,11 +538,34 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<runtime::error::Error>() {
+            Some(runtime::error::Error::Interrupted(msg)) => {
+                eprintln!("stopped: {msg}");
+                ExitCode::from(STOPPED_RESUMABLE)
+            }
+            _ => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// The exit status of a training run stopped by SIGTERM or SIGINT after writing a checkpoint to
+/// resume from: 75, `EX_TEMPFAIL` ("a temporary failure; retry later").
+const STOPPED_RESUMABLE: u8 = 75;
+
+/// SIGTERM and SIGINT (what Slurm, Kubernetes and Ctrl-C send) set `stop`: the trainer finishes
+/// its optimizer step, writes a checkpoint and returns. A second signal exits at once (status
+/// 143 or 130, as the default action's would be).
+fn stop_on_signals(stop: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for (signal, status) in [(SIGTERM, 143), (SIGINT, 130)] {
+        // the exit is registered first, armed by the flag the first signal sets
+        signal_hook::flag::register_conditional_shutdown(signal, status, stop.clone())?;
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    Ok(())
 }
 
 /// The backend `device` (or `use_cpu`) and `bf16` ask for.
@@ -553,6 +580,8 @@ fn select_backend(args: &runtime::args::TrainingArguments) -> anyhow::Result<Sel
 
 fn train_on<B: Backend + Clone>(backend: B, args: runtime::args::TrainingArguments) -> anyhow::Result<()> {
     let mut trainer = Trainer::new_on(backend, args, true)?;
+    trainer.add_callback(Box::new(PrinterCallback { out: std::io::stdout() }));
+    stop_on_signals(&trainer.stop)?;
     tracing::info!(
         "training {} ({} parameters) on {} examples for {} steps ({})",
         trainer.step.model.config.architecture_name(),
@@ -562,9 +591,6 @@ fn train_on<B: Backend + Clone>(backend: B, args: runtime::args::TrainingArgumen
         trainer.step.model.backend.name()
     );
     let metrics = trainer.train()?;
-    for e in trainer.state.log_history.iter().filter(|e| e.contains_key("loss") || e.contains_key("eval_loss")) {
-        println!("{}", serde_json::to_string(e)?);
-    }
     println!("{}", serde_json::to_string(&metrics)?);
     println!("saved to {}", trainer.args.output_dir);
     Ok(())

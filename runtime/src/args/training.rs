@@ -424,6 +424,11 @@ impl TrainingArguments {
                 return bad(format!("{name} must be at least 1"));
             }
         }
+        for (name, v) in [("block_size", self.block_size), ("max_seq_length", self.max_seq_length)] {
+            if let Some(v) = v.filter(|&v| v < 2) {
+                return bad(format!("{name} must be at least 2 (a causal LM example needs two tokens to predict one), found {v}"));
+            }
+        }
         if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
             return bad("set num_train_epochs > 0 or max_steps > 0".into());
         }

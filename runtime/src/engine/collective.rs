@@ -1,6 +1,9 @@
 //! How a step's gradients are combined across processes. One process needs nothing; a data
-//! parallel run (MPI on CPUs, NCCL on GPUs) implements [`Collective`] and the step calls it
-//! between the last backward pass and the gradient norm.
+//! parallel run (MPI on CPUs, NCCL on GPUs) implements [`Collective`]. During the backward pass
+//! of a window's last micro-batch the step tells it each group of gradients as soon as it is
+//! final ([`Collective::grads_ready`], where a reduction can start while the rest of the backward
+//! pass runs), and between that pass and the gradient norm it calls
+//! [`Collective::all_reduce_grads`] (where the reductions are finished).
 
 use crate::backend::Backend;
 use crate::error::Result;
@@ -10,8 +13,15 @@ pub trait Collective<B: Backend>: Send {
     /// This process's rank and the number of processes.
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
-    /// Replaces each gradient with its sum over the processes (each has already divided by the
-    /// window's label tokens over all processes, so the sum is the mean gradient).
+    /// Told, in the backward pass of the window's last micro-batch, that the gradients of the
+    /// parameters `params` are final for this step (`grads` holds every gradient buffer; a
+    /// frozen parameter is never told). The default does nothing.
+    fn grads_ready(&mut self, _backend: &B, _params: &[usize], _grads: &mut [B::Buf]) -> Result<()> {
+        Ok(())
+    }
+    /// Replaces each trainable parameter's gradient with its sum over the processes (each has
+    /// already divided by the window's label tokens over all processes, so the sum is the mean
+    /// gradient).
     fn all_reduce_grads(&mut self, backend: &B, grads: &mut Grads<B>) -> Result<()>;
 }
 

@@ -9,4 +9,4 @@ pub mod step;
 
 pub use collective::{Collective, SingleProcess};
 pub use optimizer::{AdamW, AdamWConfig};
-pub use step::{MicroLoss, Step};
+pub use step::{MicroLoss, MicroOptions, Step, StepReport};

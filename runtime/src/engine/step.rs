@@ -5,10 +5,10 @@
 //! coefficient; and, if the caller applies it, one fused AdamW update with the clipping folded in.
 
 use super::collective::{Collective, SingleProcess};
-use super::optimizer::{clip_coef, trainable_grad_norm, AdamW, AdamWConfig};
+use super::optimizer::{bounds_after_update, clip_coef, trainable_grad_norm, AdamW, AdamWConfig};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{Activations, Grads, LossOptions, LossOutput, Model};
+use crate::model::{Activations, Grads, LossOptions, LossOutput, Model, Neftune};
 use crate::protocol::{label_tokens, Batch, CustomLoss};
 
 /// How a micro-batch's loss is computed: the built-in cross-entropy (with its options), or a
@@ -16,6 +16,16 @@ use crate::protocol::{label_tokens, Batch, CustomLoss};
 pub enum MicroLoss<'a, 'b> {
     BuiltIn(LossOptions),
     Custom(&'a mut CustomLoss<'b>, Option<usize>),
+}
+
+/// Per-micro-batch settings of [`Step::micro_batch`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MicroOptions {
+    /// NEFTune noise for this micro-batch's input embeddings.
+    pub neftune: Option<Neftune>,
+    /// More micro-batches of this window follow: their gradients are not final yet, so the
+    /// collective is not told of them (as DDP's `no_sync`).
+    pub accumulating: bool,
 }
 
 /// What one whole step ([`Step::run`]) did.
@@ -26,7 +36,8 @@ pub struct StepReport {
     /// The global gradient norm before clipping, and the clipping coefficient applied.
     pub grad_norm: f32,
     pub clip_coef: f32,
-    /// Whether the update was applied (not when the loss or the norm is not finite).
+    /// Whether the update was applied (not when the loss or the norm is not finite, nor when
+    /// the update would have made the state non-finite).
     pub applied: bool,
 }
 
@@ -38,6 +49,12 @@ pub struct Step<B: Backend> {
     pub acts: Activations<B>,
     pub opt: AdamW<B>,
     pub collective: Box<dyn Collective<B>>,
+    /// Bounds on the magnitude of every trainable parameter, first-moment and second-moment
+    /// element: measured, or carried forward through each update by [`bounds_after_update`]
+    /// (`None`: not known; measured at the next update).
+    bounds: Option<[f64; 3]>,
+    /// The gradient norm from the last [`Step::grad_norm`].
+    last_norm: Option<f32>,
 }
 
 impl<B: Backend> Step<B> {
@@ -53,7 +70,7 @@ impl<B: Backend> Step<B> {
         let acts = Activations::new(&model, batch, seq)?;
         let grads = Grads::zeros(&model)?;
         let opt = AdamW::new(&model, opt)?;
-        Ok(Step { model, grads, acts, opt, collective: Box::new(SingleProcess) })
+        Ok(Step { model, grads, acts, opt, collective: Box::new(SingleProcess), bounds: None, last_norm: None })
     }
 
     /// Zeroes the gradients: the start of a step.
@@ -61,12 +78,24 @@ impl<B: Backend> Step<B> {
         self.grads.zero(&self.model.backend);
     }
 
-    /// Forward and backward for one micro-batch, accumulating into the gradients.
-    pub fn micro_batch(&mut self, b: &Batch, loss: MicroLoss) -> Result<LossOutput> {
-        match loss {
-            MicroLoss::BuiltIn(opts) => self.model.forward_backward(&mut self.acts, b, &mut self.grads, opts),
-            MicroLoss::Custom(custom, items) => self.model.forward_backward_custom(&mut self.acts, b, &mut self.grads, custom, items),
-        }
+    /// Forward and backward for one micro-batch, accumulating into the gradients. Unless more
+    /// micro-batches follow, the collective is told each group of trainable gradients as soon as
+    /// the backward pass has finished it.
+    pub fn micro_batch(&mut self, b: &Batch, loss: MicroLoss, o: MicroOptions) -> Result<LossOutput> {
+        let Step { model, grads, acts, collective, .. } = self;
+        let (be, trainable) = (&model.backend, &model.trainable);
+        let mut failed = None;
+        let mut ready = |params: &[usize], bufs: &mut [B::Buf]| {
+            let params: Vec<usize> = params.iter().copied().filter(|&i| trainable[i]).collect();
+            if !o.accumulating && failed.is_none() && !params.is_empty() {
+                failed = collective.grads_ready(be, &params, bufs).err();
+            }
+        };
+        let out = match loss {
+            MicroLoss::BuiltIn(opts) => model.forward_backward_with(acts, b, grads, opts, o.neftune, &mut ready),
+            MicroLoss::Custom(custom, items) => model.forward_backward_custom(acts, b, grads, custom, items, o.neftune, &mut ready),
+        }?;
+        failed.map_or(Ok(out), Err)
     }
 
     /// Combines the gradients across processes, then returns the global gradient norm and the
@@ -74,13 +103,91 @@ impl<B: Backend> Step<B> {
     pub fn grad_norm(&mut self, max_grad_norm: f32) -> Result<(f32, f32)> {
         self.collective.all_reduce_grads(&self.model.backend, &mut self.grads)?;
         let norm = trainable_grad_norm(&self.model.backend, &self.grads, &self.model.trainable)?;
+        self.last_norm = Some(norm);
         Ok((norm, if max_grad_norm > 0.0 { clip_coef(norm, max_grad_norm) } else { 1.0 }))
     }
 
-    /// The AdamW update at learning rate `lr`, with the gradients multiplied by `clip_coef`.
-    pub fn apply(&mut self, lr: f32, clip_coef: f32) -> Result<()> {
-        self.opt.step(&mut self.model, &self.grads, lr, clip_coef);
-        Ok(())
+    /// The AdamW update at learning rate `lr`, with the gradients multiplied by `clip_coef`
+    /// (after [`Step::grad_norm`]; the gradients must be finite). Returns whether it was applied:
+    /// an update that would make a parameter or a moment non-finite (an absurd learning rate, an
+    /// overflow) is undone, and the parameters, moments and step count stay as they were.
+    ///
+    /// Bounds on the state's elements are carried from step to step ([`bounds_after_update`]),
+    /// so an update the bounds vouch for costs nothing extra. When they cannot vouch for it, the
+    /// state is measured (one pass over the trainable parameters and moments); if the measured
+    /// bounds cannot either, the state is copied to the host, the update applied and checked, and
+    /// undone when something came out non-finite.
+    pub fn apply(&mut self, lr: f32, clip_coef: f32) -> Result<bool> {
+        self.opt.allocate(&self.model)?;
+        let g = match self.last_norm {
+            Some(n) => n as f64,
+            None => trainable_grad_norm(&self.model.backend, &self.grads, &self.model.trainable)? as f64,
+        } * clip_coef as f64;
+        let hp = { self.opt.step += 1; let hp = self.opt.hyper(lr, clip_coef); self.opt.step -= 1; hp };
+        let mut next = self.bounds.and_then(|b| bounds_after_update(hp, b, g));
+        if next.is_none() {
+            let (finite, measured) = self.state_bounds()?;
+            if !finite {
+                return Err(Error::Invalid("a trainable parameter or an optimizer moment is non-finite before the update".into()));
+            }
+            next = bounds_after_update(hp, measured, g);
+        }
+        let backup = if next.is_none() { Some(self.download_state()?) } else { None };
+        self.opt.step(&mut self.model, &self.grads, lr, clip_coef)?;
+        if next.is_some() {
+            self.bounds = next;
+            return Ok(true);
+        }
+        let (finite, after) = self.state_bounds()?;
+        if finite {
+            self.bounds = Some(after);
+            return Ok(true);
+        }
+        for (i, [p, m, v]) in backup.unwrap_or_default() {
+            let be = &self.model.backend;
+            self.model.params[i] = be.upload(&p)?;
+            self.opt.exp_avg[i] = Some(be.upload(&m)?);
+            self.opt.exp_avg_sq[i] = Some(be.upload(&v)?);
+        }
+        self.opt.step -= 1;
+        Ok(false)
+    }
+
+    /// Forgets the bounds of the parameters and moments, after something replaced them (a
+    /// checkpoint was loaded): the next update measures them again.
+    pub fn state_replaced(&mut self) {
+        self.bounds = None;
+    }
+
+    /// The trainable parameters, first and second moments on the host, by parameter index.
+    fn download_state(&self) -> Result<Vec<(usize, [Vec<f32>; 3])>> {
+        let (be, opt) = (&self.model.backend, &self.opt);
+        let mut out = Vec::new();
+        for i in (0..self.model.params.len()).filter(|&i| self.model.trainable[i]) {
+            let (Some(m), Some(v)) = (&opt.exp_avg[i], &opt.exp_avg_sq[i]) else { continue };
+            out.push((i, [be.download(&self.model.params[i])?, be.download(m)?, be.download(v)?]));
+        }
+        Ok(out)
+    }
+
+    /// Whether every trainable parameter and moment is finite, and the largest L2 norm of a
+    /// parameter, of a first moment and of a second moment (a sum of squares in f64 is finite
+    /// exactly when every f32 element is).
+    fn state_bounds(&self) -> Result<(bool, [f64; 3])> {
+        let (model, opt) = (&self.model, &self.opt);
+        let mut bufs = Vec::new();
+        for i in (0..model.params.len()).filter(|&i| model.trainable[i]) {
+            if let (Some(m), Some(v)) = (&opt.exp_avg[i], &opt.exp_avg_sq[i]) {
+                bufs.extend([&model.params[i], m, v]);
+            }
+        }
+        let sums = model.backend.sum_squares_multi(&bufs)?;
+        let finite = sums.iter().all(|s| s.is_finite());
+        let mut bounds = [0.0f64; 3];
+        for (k, s) in sums.iter().enumerate() {
+            bounds[k % 3] = bounds[k % 3].max(s.sqrt());
+        }
+        Ok((finite, bounds))
     }
 
     /// A whole step with the built-in loss over the micro-batches of one accumulation window:
@@ -93,15 +200,13 @@ impl<B: Backend> Step<B> {
         }
         self.zero_grad();
         let mut sum = 0.0;
-        for b in window {
-            sum += self.micro_batch(b, MicroLoss::BuiltIn(LossOptions { num_items_in_batch: Some(items), ..loss }))?.sum;
+        for (i, b) in window.iter().enumerate() {
+            let o = MicroOptions { neftune: None, accumulating: i + 1 < window.len() };
+            sum += self.micro_batch(b, MicroLoss::BuiltIn(LossOptions { num_items_in_batch: Some(items), ..loss }), o)?.sum;
         }
         let loss = sum / items as f64;
         let (grad_norm, clip_coef) = self.grad_norm(max_grad_norm)?;
-        let applied = loss.is_finite() && grad_norm.is_finite();
-        if applied {
-            self.apply(lr, clip_coef)?;
-        }
+        let applied = loss.is_finite() && grad_norm.is_finite() && self.apply(lr, clip_coef)?;
         Ok(StepReport { loss, grad_norm, clip_coef, applied })
     }
 }

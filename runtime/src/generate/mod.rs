@@ -44,9 +44,23 @@ pub struct DecodeState<B: Backend> {
 
 impl<B: Backend> DecodeState<B> {
     /// Room for `max_len` tokens (prompt and generated) in each of `batch` rows.
+    /// An error before any allocation when the caches would not fit in the memory available.
     pub fn new(model: &Model<B>, batch: usize, max_len: usize) -> Result<Self> {
         let (be, c) = (&model.backend, &model.config);
         let kvd = c.n_kv_head * c.head_dim;
+        // the key and value caches (f32) and the cache mask (i32), in 128-bit arithmetic
+        let slots = batch as u128 * max_len as u128;
+        let needed = 4 * slots * (2 * c.n_layer as u128 * kvd as u128 + 1);
+        let available = if std::env::var_os("RUNTIME_MEMORY_BUDGET_MB").is_some() { None } else { be.free_memory() }
+            .or_else(crate::backend::device::host_memory_budget);
+        if let Some(available) = available.filter(|&a| needed > a) {
+            let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
+            return Err(Error::Invalid(format!(
+                "generation needs {:.2} GiB of key/value cache for {batch} rows (prompts x num_beams) of {max_len} tokens (the prompt and max_new_tokens), but {:.2} GiB of memory is available; lower max_new_tokens or num_beams",
+                gib(needed),
+                gib(available)
+            )));
+        }
         let z = |n: usize| be.zeros(n);
         Ok(DecodeState {
             batch,
@@ -261,7 +275,16 @@ fn pick(cfg: &GenerationConfig, scores: &mut [f32], rng: &mut rand_chacha::ChaCh
         return scores.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0 as u32;
     }
     use rand::RngExt;
+    let raw = scores.to_vec();
     scores.iter_mut().for_each(|x| *x /= cfg.temperature);
+    if scores.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+        // a temperature so small that the scaled scores overflow f32 (1e-39): scale the distance
+        // to the best score in f64 instead, which tends to greedy as the temperature goes to 0
+        let best = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for (x, r) in scores.iter_mut().zip(&raw) {
+            *x = ((*r as f64 - best as f64) / cfg.temperature as f64) as f32;
+        }
+    }
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     let k = if cfg.top_k == 0 { scores.len() } else { cfg.top_k.min(scores.len()) };
@@ -323,10 +346,10 @@ fn beam_search<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Generat
     let lp = cfg.length_penalty;
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let max_new = cfg.new_tokens(width);
-    let max_length = width + max_new;
+    let max_length = width.saturating_add(max_new);
     let keep = 2.max(1 + eos.len()) * nb;
     // rows of the decode batch: prompt i's beams are rows i * nb .. (i + 1) * nb
-    let rows = n * nb;
+    let rows = n.saturating_mul(nb);
     let mut st = DecodeState::new(model, rows, max_length.max(width + 1))?;
     let padded: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();
     let expanded: Vec<Vec<u32>> = (0..rows).map(|r| prompts[r / nb].clone()).collect();
@@ -460,7 +483,7 @@ pub fn generate<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Genera
     let n = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let max_new = cfg.new_tokens(width);
-    let mut st = DecodeState::new(model, n, width + max_new.max(1))?;
+    let mut st = DecodeState::new(model, n, width.saturating_add(max_new.max(1)))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed.unwrap_or(0));
     // each row's sequence so far, left padding included (transformers' processors see it too)
     let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();

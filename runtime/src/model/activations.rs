@@ -8,7 +8,8 @@ use crate::error::Result;
 use crate::nn::BlockBufs;
 use crate::protocol::IGNORE_INDEX;
 
-/// Parameter gradients, one buffer per [`super::layout::ParamSpec`].
+/// Parameter gradients, one buffer per [`super::layout::ParamSpec`]; a frozen parameter's is
+/// empty unless the ops write it anyway ([`Model::grad_needed`]).
 pub struct Grads<B: Backend> {
     pub tensors: Vec<B::Buf>,
 }
@@ -16,7 +17,9 @@ pub struct Grads<B: Backend> {
 impl<B: Backend> Grads<B> {
     pub fn zeros(model: &Model<B>) -> Result<Self> {
         let be = &model.backend;
-        Ok(Grads { tensors: model.layout.specs.iter().map(|s| be.zeros(s.numel())).collect::<Result<_>>()? })
+        let need = model.grad_needed();
+        let tensors = model.layout.specs.iter().zip(need).map(|(s, n)| be.zeros(if n { s.numel() } else { 0 })).collect::<Result<_>>()?;
+        Ok(Grads { tensors })
     }
     pub fn zero(&mut self, be: &B) {
         self.tensors.iter_mut().for_each(|t| be.fill(t, 0.0));

@@ -50,6 +50,10 @@ pub struct ModelConfig {
     pub raw: Map<String, Value>,
 }
 
+/// The largest value a size field of `config.json` may hold (2^31): larger ones are beyond any
+/// model, and keep every product of two sizes within 64 bits.
+const MAX_SIZE: u64 = 1 << 31;
+
 pub(super) struct Fields<'a> {
     path: &'a Path,
     map: &'a Map<String, Value>,
@@ -69,7 +73,8 @@ impl Fields<'_> {
         match self.present(key) {
             None => Ok(None),
             Some(v) => match v.as_u64() {
-                Some(n) if n > 0 => Ok(Some(n as usize)),
+                Some(n) if n > 0 && n <= MAX_SIZE => Ok(Some(n as usize)),
+                Some(n) if n > MAX_SIZE => Err(self.err(format!("field `{key}` = {n} is beyond any model's size (at most {MAX_SIZE})"))),
                 _ => Err(self.err(format!("field `{key}` must be a positive integer, found {v}"))),
             },
         }
@@ -133,7 +138,82 @@ impl ModelConfig {
             Some(Value::String(s)) => Some(s.clone()),
             _ => None,
         };
-        Ok(ModelConfig { dtype, raw: raw.clone(), ..cfg })
+        let cfg = ModelConfig { dtype, raw: raw.clone(), ..cfg };
+        let (eps_key, theta) = match cfg.arch {
+            Arch::Gpt2 => ("layer_norm_epsilon", None),
+            Arch::Llama => ("rms_norm_eps", Some(cfg.rope_theta)),
+        };
+        if cfg.norm_eps.is_nan() || cfg.norm_eps <= 0.0 {
+            return Err(f.err(format!("field `{eps_key}` must be positive, found {}", cfg.norm_eps)));
+        }
+        if let Some(t) = theta.filter(|t| t.is_nan() || *t <= 0.0) {
+            return Err(f.err(format!("field `rope_theta` must be positive, found {t}")));
+        }
+        if cfg.initializer_range.is_nan() || cfg.initializer_range < 0.0 {
+            return Err(f.err(format!("field `initializer_range` must be >= 0, found {}", cfg.initializer_range)));
+        }
+        Ok(cfg)
+    }
+
+    /// The number of parameters the config implies (the layout's count), without building a
+    /// layout of every layer: from the layouts of one and of two layers, in 128-bit arithmetic.
+    pub fn implied_parameters(&self) -> u128 {
+        let count = |n_layer: usize| {
+            let cfg = ModelConfig { n_layer, ..self.clone() };
+            super::Layout::new(&cfg).specs.iter().map(|s| s.shape.iter().map(|&d| d as u128).product::<u128>()).sum::<u128>()
+        };
+        let (one, two) = (count(1), count(2));
+        one + (two - one) * (self.n_layer as u128).saturating_sub(1)
+    }
+
+    /// The config's size fields under their names in `config.json`, for messages.
+    pub fn size_fields(&self) -> String {
+        let c = self;
+        match c.arch {
+            Arch::Gpt2 => format!("n_layer {}, n_embd {}, n_head {}, n_inner {}, vocab_size {}, n_positions {}", c.n_layer, c.hidden_size, c.n_head, c.intermediate_size, c.vocab_size, c.max_positions),
+            Arch::Llama => format!(
+                "num_hidden_layers {}, hidden_size {}, num_attention_heads {}, num_key_value_heads {}, intermediate_size {}, vocab_size {}",
+                c.n_layer, c.hidden_size, c.n_head, c.n_kv_head, c.intermediate_size, c.vocab_size
+            ),
+        }
+    }
+
+    /// Checks, before anything is allocated, that the config's sizes are not far beyond what the
+    /// weight files in `dir` hold (from the files' headers only): a config that implies more
+    /// than twice the files' parameters gets one error naming its sizes, instead of an
+    /// allocation of them. (A smaller shortfall is a missing or misshapen tensor, which loading
+    /// names.)
+    pub fn check_against_files(&self, dir: &Path) -> Result<()> {
+        let held: u128 = super::io::read_headers(dir)?.values().map(|(_, shape, _)| shape.iter().map(|&d| d as u128).product::<u128>()).sum();
+        let implied = self.implied_parameters();
+        if implied > 2 * held {
+            return Err(Error::config(
+                &dir.join("config.json"),
+                format!("its sizes ({}) imply {implied} parameters, but the weight files hold {held}", self.size_fields()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks, before anything is allocated, that `bytes_per_parameter` bytes per implied
+    /// parameter (to `what`: initialise, train) fit in the host memory available.
+    pub fn check_memory(&self, path: &Path, bytes_per_parameter: u128, what: &str) -> Result<()> {
+        let Some(available) = crate::backend::device::host_memory_budget() else { return Ok(()) };
+        let implied = self.implied_parameters();
+        let needed = implied.saturating_mul(bytes_per_parameter);
+        if needed > available {
+            let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
+            return Err(Error::config(
+                path,
+                format!(
+                    "its sizes ({}) imply {implied} parameters, {:.2} GiB to {what}, but {:.2} GiB of memory is available",
+                    self.size_fields(),
+                    gib(needed),
+                    gib(available)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The `architectures` entry transformers writes for this model type.

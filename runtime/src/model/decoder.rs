@@ -25,6 +25,15 @@ pub use crate::protocol::{label_tokens, shifted_labels, Batch, CustomLoss, RowsL
 /// complete for the micro-batch, with every gradient buffer (the group's may be reduced in place).
 pub type GradsReady<'a, B> = dyn FnMut(&[usize], &mut [<B as Backend>::Buf]) + 'a;
 
+/// NEFTune (`neftune_noise_alpha`) for one training pass: `alpha` and the seed of this
+/// micro-batch's noise. Uniform noise of magnitude `alpha / sqrt(seq * hidden)` is added to the
+/// input embeddings, as transformers' hook does; the seed makes it reproducible.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Neftune {
+    pub alpha: f32,
+    pub seed: u64,
+}
+
 /// Logit floats one LM-head chunk may hold (128 MiB in f32); see [`Model::head_chunk_rows`].
 pub const LOGITS_CHUNK_FLOATS: usize = 1 << 25;
 
@@ -134,7 +143,7 @@ impl<B: Backend> Model<B> {
             return Ok(None);
         }
         let mut acts = Activations::new(self, b.batch, b.seq)?;
-        self.forward_hidden(&mut acts, b, false)?;
+        self.forward_hidden(&mut acts, b, None)?;
         let (be, c) = (&self.backend, &self.config);
         let shape = self.attn_shape(b.batch, b.seq);
         for (l, layer) in acts.layers.iter().enumerate() {
@@ -151,8 +160,9 @@ impl<B: Backend> Model<B> {
         Ok(Some(be.download(&logits)?))
     }
 
-    /// Everything up to the final norm's output (`acts.lnf`).
-    pub(super) fn forward_hidden(&self, acts: &mut Activations<B>, b: &Batch, train: bool) -> Result<()> {
+    /// Everything up to the final norm's output (`acts.lnf`), with NEFTune noise on the input
+    /// embeddings when given (training passes only).
+    pub(super) fn forward_hidden(&self, acts: &mut Activations<B>, b: &Batch, neftune: Option<Neftune>) -> Result<()> {
         self.validate(b)?;
         if acts.shape() != (b.batch, b.seq) || acts.checkpointing != self.gradient_checkpointing {
             // the old workspace is freed before the new one is made
@@ -163,7 +173,7 @@ impl<B: Backend> Model<B> {
         let (be, c) = (&self.backend, &self.config);
         let (rows, h) = (b.batch * b.seq, c.hidden_size);
         self.embedding().fwd(be, &self.unit_params(), &mut acts.resid[0], &acts.ids, &acts.pos);
-        if let (true, Some((alpha, seed))) = (train, self.neftune) {
+        if let Some(Neftune { alpha, seed }) = neftune {
             use rand::{RngExt, SeedableRng};
             let mag = alpha / ((b.seq * h) as f32).sqrt();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -234,20 +244,21 @@ impl<B: Backend> Model<B> {
     /// Forward, loss and backward for one micro-batch, with the LM head and loss in chunks (the
     /// whole logits never exist).
     pub fn forward_backward(&self, acts: &mut Activations<B>, b: &Batch, grads: &mut Grads<B>, loss: LossOptions) -> Result<LossOutput> {
-        self.forward_backward_with(acts, b, grads, loss, &mut |_, _| {})
+        self.forward_backward_with(acts, b, grads, loss, None, &mut |_, _| {})
     }
 
-    /// [`Model::forward_backward`], telling `ready` as each group of gradients is complete (see
-    /// `backward_body`).
+    /// [`Model::forward_backward`] with NEFTune noise when given, telling `ready` as each group of
+    /// gradients is complete (see `backward_body`).
     pub fn forward_backward_with(
         &self,
         acts: &mut Activations<B>,
         b: &Batch,
         grads: &mut Grads<B>,
         loss: LossOptions,
+        neftune: Option<Neftune>,
         ready: &mut GradsReady<B>,
     ) -> Result<LossOutput> {
-        self.forward_hidden(acts, b, true)?;
+        self.forward_hidden(acts, b, neftune)?;
         let (n_tokens, _) = self.head_loss(acts, b, loss, Some(grads), None)?;
         let n_tokens = n_tokens.ok_or_else(|| Error::Invalid("training needs labels".into()))?;
         self.backward_body(acts, grads, ready);

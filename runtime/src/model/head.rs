@@ -6,6 +6,7 @@
 //! want the logits.
 
 use super::activations::{Activations, Grads};
+use super::decoder::{GradsReady, Neftune};
 use super::Model;
 use crate::backend::{Backend, LossRows, StatsWanted, TokenStats};
 use crate::error::{Error, Result};
@@ -95,7 +96,7 @@ impl<B: Backend> Model<B> {
     /// The forward pass. With `labels` it returns the loss; with `train` it also leaves the loss
     /// gradient in `acts.logits` for [`Model::backward`].
     pub fn forward(&self, acts: &mut Activations<B>, b: &Batch, loss: LossOptions, train: bool) -> Result<Option<LossOutput>> {
-        self.forward_logits(acts, b, train)?;
+        self.forward_logits(acts, b, None)?;
         let c = &self.config;
         let be = &self.backend;
         if b.labels.is_none() {
@@ -129,7 +130,20 @@ impl<B: Backend> Model<B> {
         num_items_in_batch: Option<usize>,
         train: bool,
     ) -> Result<LossOutput> {
-        self.forward_logits(acts, b, train)?;
+        self.custom_pass(acts, b, custom, num_items_in_batch, train.then_some(None))
+    }
+
+    /// [`Model::forward_custom`]; `train` is `Some(neftune)` in training.
+    fn custom_pass(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        custom: &mut CustomLoss,
+        num_items_in_batch: Option<usize>,
+        train: Option<Option<Neftune>>,
+    ) -> Result<LossOutput> {
+        self.forward_logits(acts, b, train.flatten())?;
+        let train = train.is_some();
         let (n_tokens, denom, targets) = custom_loss_setup(b, num_items_in_batch)?;
         let (be, v) = (&self.backend, self.config.vocab_size);
         let loss = match custom {
@@ -172,7 +186,7 @@ impl<B: Backend> Model<B> {
         custom: &mut CustomLoss,
         want: Option<StatsWanted>,
     ) -> Result<(LossOutput, Option<TokenStats>)> {
-        self.forward_hidden(acts, b, false)?;
+        self.forward_hidden(acts, b, None)?;
         let (n_tokens, _, targets) = custom_loss_setup(b, None)?;
         let (be, v) = (&self.backend, self.config.vocab_size);
         let hook_want = match custom {
@@ -212,8 +226,8 @@ impl<B: Backend> Model<B> {
 
     /// Everything up to the whole logits (left in `acts.logits`, grown to `[rows, vocab]` if the
     /// workspace was made for chunks).
-    pub(super) fn forward_logits(&self, acts: &mut Activations<B>, b: &Batch, train: bool) -> Result<()> {
-        self.forward_hidden(acts, b, train)?;
+    pub(super) fn forward_logits(&self, acts: &mut Activations<B>, b: &Batch, neftune: Option<Neftune>) -> Result<()> {
+        self.forward_hidden(acts, b, neftune)?;
         let (be, c) = (&self.backend, &self.config);
         let rows = b.batch * b.seq;
         if be.len(&acts.logits) < rows * c.vocab_size {
@@ -314,7 +328,7 @@ impl<B: Backend> Model<B> {
         loss: LossOptions,
         want: Option<StatsWanted>,
     ) -> Result<(Option<LossOutput>, Option<TokenStats>)> {
-        self.forward_hidden(acts, b, false)?;
+        self.forward_hidden(acts, b, None)?;
         let (n_tokens, stats) = self.head_loss(acts, b, loss, None, want)?;
         Ok((n_tokens.map(|n| self.loss_output(acts, n)).transpose()?, stats))
     }
@@ -323,7 +337,9 @@ impl<B: Backend> Model<B> {
     /// training form of [`Model::forward_custom`]). A `loss-logits` hook gets the labelled rows
     /// of one LM-head chunk at a time, and each chunk's gradient goes through the head's backward
     /// pass at once, so the whole logits never exist; a statistics hook needs every row's
-    /// statistics before any gradient, so it runs on the whole logits.
+    /// statistics before any gradient, so it runs on the whole logits. NEFTune noise and the
+    /// gradients-ready callback as in [`Model::forward_backward_with`].
+    #[allow(clippy::too_many_arguments)] // the pass's inputs, the loss and the training pass's options
     pub fn forward_backward_custom(
         &self,
         acts: &mut Activations<B>,
@@ -331,16 +347,18 @@ impl<B: Backend> Model<B> {
         grads: &mut Grads<B>,
         custom: &mut CustomLoss,
         num_items_in_batch: Option<usize>,
+        neftune: Option<Neftune>,
+        ready: &mut GradsReady<B>,
     ) -> Result<LossOutput> {
         let hook = match custom {
             CustomLoss::Rows(hook) => hook,
             CustomLoss::Stats(_) => {
-                let out = self.forward_custom(acts, b, custom, num_items_in_batch, true)?;
-                self.backward(acts, grads)?;
+                let out = self.custom_pass(acts, b, custom, num_items_in_batch, Some(neftune))?;
+                self.backward_with(acts, grads, ready)?;
                 return Ok(out);
             }
         };
-        self.forward_hidden(acts, b, true)?;
+        self.forward_hidden(acts, b, neftune)?;
         let (n_tokens, denom, targets) = custom_loss_setup(b, num_items_in_batch)?;
         let (be, v) = (&self.backend, self.config.vocab_size);
         let mut loss = 0.0f64;
@@ -352,7 +370,7 @@ impl<B: Backend> Model<B> {
             acts.logits = be.upload(&dlogits)?;
             self.head_chunk_bwd(acts, grads, r0, n);
         }
-        self.backward_body(acts, grads, &mut |_, _| {});
+        self.backward_body(acts, grads, ready);
         let sum = loss * denom as f64;
         Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens.max(1) as f64) as f32 })
     }

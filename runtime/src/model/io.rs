@@ -209,7 +209,11 @@ pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
                 ));
             }
             dtype.get_or_insert(dt);
+            let start = data.len();
             decode_part(spec, &view, dt, &mut data);
+            if let Some(x) = data[start..].iter().find(|x| !x.is_finite()) {
+                return Err(Error::tensor(&files[fi], &part.name, format!("holds a non-finite value ({x}); a model's weights must be finite")));
+            }
             used.insert(part.name.as_str());
         }
         tensors.push(data);
@@ -298,6 +302,9 @@ pub fn parse_size(s: &str) -> Option<u64> {
 pub fn write_weights(dir: &Path, layout: &Layout, tensors: &[Vec<f32>], dtype: Dtype, max_shard_size: u64) -> Result<Vec<PathBuf>> {
     let mut encoded = Vec::new();
     for (name, shape, values) in hf_tensors(layout, tensors) {
+        if let Some(x) = values.iter().find(|x| !x.is_finite()) {
+            return Err(Error::tensor(dir, &name, format!("holds a non-finite value ({x}); refusing to write it")));
+        }
         let mut bytes = Vec::with_capacity(values.len() * dtype.size());
         dtype.encode(&values, &mut bytes);
         encoded.push((name, shape, bytes));

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 pub use activations::{Activations, Grads};
 pub use config::{Arch, ModelConfig};
-pub use decoder::Batch;
+pub use decoder::{Batch, GradsReady, Neftune};
 pub use head::{LossOptions, LossOutput};
 pub use io::Dtype;
 pub use layout::Layout;
@@ -62,10 +62,6 @@ pub struct Model<B: Backend> {
     /// `gradient_checkpointing`: keep only layer inputs and recompute each layer in backward.
     /// Read when an [`Activations`] workspace is made.
     pub gradient_checkpointing: bool,
-    /// NEFTune (`neftune_noise_alpha`): `(alpha, seed)` adds uniform noise of magnitude
-    /// `alpha / sqrt(seq * hidden)` to the input embeddings in training forward passes, as
-    /// transformers' hook does; the seed makes each micro-batch's noise reproducible.
-    pub neftune: Option<(f32, u64)>,
     /// Rows per chunk of the LM head and loss in training and evaluation (`None`: as many as fit
     /// in [`decoder::LOGITS_CHUNK_FLOATS`]). Read when an [`Activations`] workspace is made.
     pub loss_chunk_rows: Option<usize>,
@@ -88,6 +84,7 @@ impl<B: Backend> Model<B> {
     /// `from_pretrained`: reads `config.json` and the safetensors weights of a model folder.
     pub fn load(backend: B, dir: &Path, opts: LoadOptions) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
+        config.check_against_files(dir)?;
         let layout = Layout::new(&config);
         let loaded = io::load_weights(dir, &layout)?;
         let mut tensors = loaded.tensors;
@@ -123,7 +120,6 @@ impl<B: Backend> Model<B> {
             dtype: opts.torch_dtype.unwrap_or(Dtype::F32),
             source: None,
             gradient_checkpointing: false,
-            neftune: None,
             loss_chunk_rows: None,
         })
     }

@@ -50,6 +50,26 @@ impl<B: Backend> Model<B> {
         self.norm(self.layout.lnf_w, self.layout.lnf_b)
     }
 
+    /// Which parameters need a gradient buffer: the trainable ones, and frozen ones whose
+    /// gradient the ops write regardless (a norm's weight and bias; the token embedding when the
+    /// position embedding trains). A frozen linear or embedding gets an empty buffer.
+    pub fn grad_needed(&self) -> Vec<bool> {
+        let mut need = self.trainable.clone();
+        let mut norms = vec![self.final_norm()];
+        for l in 0..self.config.n_layer {
+            let b = self.block(l);
+            norms.extend([b.ln1, b.ln2]);
+        }
+        for n in norms {
+            std::iter::once(n.w).chain(n.b).for_each(|i| need[i] = true);
+        }
+        let emb = self.embedding();
+        if emb.wpe.is_some_and(|i| self.trainable[i]) {
+            need[emb.wte] = true;
+        }
+        need
+    }
+
     /// The LM head: the output projection, or the token embedding when they are tied.
     pub fn head(&self) -> Linear {
         Linear { w: self.layout.head(), b: None, in_features: self.config.hidden_size, out_features: self.config.vocab_size }

@@ -167,9 +167,12 @@ impl Embedding {
         be.embedding_fwd(out, ids, &p.bufs[self.wte], self.wpe.map(|i| (&p.bufs[i], pos)), self.width);
     }
 
-    /// Accumulates into the embeddings' gradients (the lookup's gradient is a scatter-add, so a
-    /// frozen embedding's is computed and left unused).
+    /// Accumulates into the embeddings' gradients. Nothing runs when both are frozen; when only
+    /// one is, its gradient (a scatter-add the op always makes) is computed and left unused.
     pub fn bwd<B: Backend>(&self, be: &B, g: &mut GradsMut<B>, ids: &B::Ids, pos: &B::Ids, dout: &B::Buf) {
+        if !g.trainable[self.wte] && !self.wpe.is_some_and(|i| g.trainable[i]) {
+            return;
+        }
         let (dwte, dwpe) = pair(g.bufs, self.wte, self.wpe);
         be.embedding_bwd(dwte, dwpe.map(|d| (d, pos)), ids, dout, self.width);
     }

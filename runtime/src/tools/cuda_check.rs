@@ -13,8 +13,8 @@ use serde::Serialize;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
 use crate::backend::{AdamWStep, AttnImpl, AttnShape, Backend, StatGrads, StatsWanted};
-use crate::engine::{AdamWConfig, MicroLoss, Step};
-use crate::error::Result;
+use crate::engine::{AdamWConfig, MicroLoss, MicroOptions, Step};
+use crate::error::{Error, Result};
 use crate::model::{init::init_tensors, Batch, Layout, LoadOptions, LossOptions, Model, ModelConfig};
 
 /// One compared output.
@@ -396,10 +396,12 @@ fn one_step<B: Backend>(be: B, cfg: ModelConfig, tensors: Vec<Vec<f32>>, batch: 
     model.loss_chunk_rows = chunk;
     let mut step = Step::new(model, AdamWConfig { lr: 1e-3, weight_decay: 0.01, ..AdamWConfig::default() })?;
     step.zero_grad();
-    let loss = step.micro_batch(batch, MicroLoss::BuiltIn(LossOptions { label_smoothing: 0.1, num_items_in_batch: None }))?.mean;
+    let loss = step.micro_batch(batch, MicroLoss::BuiltIn(LossOptions { label_smoothing: 0.1, num_items_in_batch: None }), MicroOptions::default())?.mean;
     let (norm, coef) = step.grad_norm(1.0)?;
     let g = step.grads.tensors.iter().map(|t| step.model.backend.download(t)).collect::<Result<Vec<_>>>()?.concat();
-    step.apply(1e-3, coef)?;
+    if !step.apply(1e-3, coef)? {
+        return Err(Error::Invalid("the check's update made the state non-finite".into()));
+    }
     let params = step.model.params.iter().map(|p| step.model.backend.download(p)).collect::<Result<Vec<_>>>()?.concat();
     Ok((loss, norm, g, params))
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::backend::cpu::Cpu;
 use crate::backend::{AttnImpl, StatsWanted};
 use crate::bench::BenchConfig;
-use crate::engine::{AdamWConfig, MicroLoss, Step};
+use crate::engine::{AdamWConfig, MicroLoss, MicroOptions, Step};
 use crate::error::{Error, Result};
 use crate::model::decoder::{shifted_labels, CustomLoss};
 use crate::model::{init::init_tensors, Activations, Batch, LoadOptions, LossOptions, Model};
@@ -93,9 +93,9 @@ pub fn run(a: &PluginBenchArgs) -> Result<String> {
         // one training step as the trainer takes it, with the built-in loss or the plugin's
         let one_step = |step: &mut Step<Cpu>, loss: MicroLoss| -> Result<()> {
             step.zero_grad();
-            step.micro_batch(&batch, loss)?;
+            step.micro_batch(&batch, loss, MicroOptions::default())?;
             let (_, coef) = step.grad_norm(1.0)?;
-            step.apply(1e-5, coef)
+            step.apply(1e-5, coef).map(|_| ())
         };
         for round in 0..cfg.warmup + cfg.steps {
             let b = best(1, || one_step(&mut step, MicroLoss::BuiltIn(LossOptions::default())))?;

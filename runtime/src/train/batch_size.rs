@@ -11,16 +11,12 @@ use crate::model::{Activations, Model};
 /// else the device's free memory (a GPU), else the system's available memory (`MemAvailable`),
 /// else unlimited.
 pub(super) fn memory_budget(be: &impl Backend) -> u128 {
-    if let Some(mb) = std::env::var("RUNTIME_MEMORY_BUDGET_MB").ok().and_then(|v| v.trim().parse::<u128>().ok()) {
-        return mb << 20;
+    if std::env::var_os("RUNTIME_MEMORY_BUDGET_MB").is_none() {
+        if let Some(free) = be.free_memory() {
+            return free;
+        }
     }
-    if let Some(free) = be.free_memory() {
-        return free;
-    }
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u128>().ok()))
-        .map_or(u128::MAX, |kb| kb << 10)
+    crate::backend::device::host_memory_budget().unwrap_or(u128::MAX)
 }
 
 /// `auto_find_batch_size`: the largest divisor of the batch size whose step (weights,

@@ -85,3 +85,22 @@ pub trait TrainerCallback: Send {
         Ok(())
     }
 }
+
+/// transformers' `PrinterCallback`: each training-loss and evaluation log entry as one JSON line
+/// on `out` (with its `step`) the moment it is logged, flushed at once, so a redirected output
+/// keeps every line up to a crash, a signal or a kill.
+pub struct PrinterCallback<W: std::io::Write + Send> {
+    pub out: W,
+}
+
+impl<W: std::io::Write + Send> TrainerCallback for PrinterCallback<W> {
+    fn on_event(&mut self, event: Event, _: &TrainingArguments, state: &TrainerState, _: &mut TrainerControl, logs: Option<&mut Map<String, Value>>) -> Result<()> {
+        let Some(logs) = logs.filter(|l| event == Event::Log && (l.contains_key("loss") || l.contains_key("eval_loss"))) else { return Ok(()) };
+        let mut entry = logs.clone();
+        entry.insert("step".into(), Value::from(state.global_step));
+        let line = serde_json::to_string(&entry).expect("JSON of JSON");
+        // stdout closed (a pipe whose reader left) is not a training failure
+        let _ = writeln!(self.out, "{line}").and_then(|_| self.out.flush());
+        Ok(())
+    }
+}

@@ -8,6 +8,7 @@ use safetensors::tensor::{Dtype as StDtype, TensorView};
 use serde_json::{json, Map, Value};
 
 use super::callbacks::Event;
+use super::output_dir;
 use super::state::TrainerState;
 use super::trainer::Trainer;
 use crate::backend::Backend;
@@ -17,24 +18,32 @@ use crate::model::{io, Device, Dtype, LoadOptions, Model};
 
 impl<B: Backend + Clone> Trainer<B> {
     /// The start of `train()`: refuses a non-empty `output_dir` unless resuming or overwriting,
-    /// removes what a killed run left half-written, and loads the checkpoint to resume from.
+    /// takes the folder's lock, removes what an earlier run left half-done (and, when
+    /// overwriting without resuming, the earlier run's checkpoints, which rotation would otherwise
+    /// keep as the newest), checks the folder is writable with room for a checkpoint, and loads
+    /// the checkpoint to resume from.
     pub(super) fn begin_run(&mut self) -> Result<()> {
-        let occupied = self.output_dir.is_dir() && std::fs::read_dir(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?.next().is_some();
         let resume = self.resume_target()?;
-        if occupied && resume.is_none() && !self.args.overwrite_output_dir {
+        if output_dir::occupied(&self.output_dir)? && resume.is_none() && !self.args.overwrite_output_dir {
             return Err(Error::Invalid(format!(
                 "{}: output_dir exists and is not empty; pass --resume_from_checkpoint true to continue, or --overwrite_output_dir",
                 self.output_dir.display()
             )));
         }
         std::fs::create_dir_all(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?;
-        // what a killed run left half-written (never picked up by resume): remove it
-        for e in std::fs::read_dir(&self.output_dir).map_err(|e| Error::io(&self.output_dir, e))?.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with('.') && (name.contains(".partial-") || name.contains(".old-")) {
-                let _ = std::fs::remove_dir_all(e.path());
+        self.lock = Some(output_dir::lock(&self.output_dir)?);
+        output_dir::clean_leftovers(&self.output_dir)?;
+        if resume.is_none() && self.args.overwrite_output_dir {
+            let old = self.checkpoints();
+            for (_, dir) in &old {
+                output_dir::remove(dir)?;
+            }
+            if !old.is_empty() {
+                let names: Vec<String> = old.iter().map(|(s, _)| format!("checkpoint-{s}")).collect();
+                tracing::warn!("overwrite_output_dir: removed the earlier run's {}", names.join(", "));
             }
         }
+        output_dir::preflight(&self.output_dir, self.save_bytes())?;
         if let Some(dir) = &resume {
             self.load_checkpoint(dir)?;
             if self.args.ignore_data_skip {
@@ -46,19 +55,18 @@ impl<B: Backend + Clone> Trainer<B> {
         Ok(())
     }
 
+    /// Bytes one checkpoint (f32 weights, and the moments of the trainable parameters) and the
+    /// final model take on disk, roughly (the JSON files are small).
+    fn save_bytes(&self) -> u64 {
+        let model = &self.step.model;
+        let numel = model.layout.numel() as u64;
+        let trainable: u64 = model.layout.specs.iter().zip(&model.trainable).filter(|(_, &t)| t).map(|(s, _)| s.numel() as u64).sum();
+        let moments = if self.args.save_only_model { 0 } else { 8 * trainable };
+        4 * numel + moments + model.dtype.size() as u64 * numel
+    }
+
     pub(super) fn checkpoints(&self) -> Vec<(u64, PathBuf)> {
-        let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.output_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().to_string();
-                let step = name.strip_prefix("checkpoint-")?.parse::<u64>().ok()?;
-                Some((step, e.path()))
-            })
-            .collect();
-        out.sort();
-        out
+        output_dir::checkpoint_dirs(&self.output_dir)
     }
 
     /// The checkpoint to resume from, if `resume_from_checkpoint` asks for one.
@@ -97,6 +105,10 @@ impl<B: Backend + Clone> Trainer<B> {
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let st = io::deserialize(&path, &bytes)?;
         for (i, spec) in self.step.model.layout.specs.iter().enumerate() {
+            // a frozen parameter has no optimizer state (and a checkpoint holds none for it)
+            if !self.step.model.trainable[i] {
+                continue;
+            }
             for (prefix, dst) in [("exp_avg", &mut self.step.opt.exp_avg[i]), ("exp_avg_sq", &mut self.step.opt.exp_avg_sq[i])] {
                 let name = format!("{prefix}.{}", spec.name);
                 let view = st.tensor(&name).map_err(|_| Error::tensor(&path, &name, "missing"))?;
@@ -104,10 +116,11 @@ impl<B: Backend + Clone> Trainer<B> {
                     return Err(Error::tensor(&path, &name, format!("expected F32 [{}], found {:?} {:?}", spec.numel(), view.dtype(), view.shape())));
                 }
                 let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                *dst = self.step.model.backend.upload(&values)?;
+                *dst = Some(self.step.model.backend.upload(&values)?);
             }
         }
         self.step.opt.step = state.optimizer_step;
+        self.step.state_replaced();
         for cb in &mut self.callbacks {
             cb.load_state(&state.stateful_callbacks)?;
         }
@@ -135,7 +148,12 @@ impl<B: Backend + Clone> Trainer<B> {
             let mut bytes: Vec<(String, Vec<u8>)> = Vec::new();
             for (i, spec) in model.layout.specs.iter().enumerate() {
                 for (prefix, t) in [("exp_avg", &opt.exp_avg[i]), ("exp_avg_sq", &opt.exp_avg_sq[i])] {
-                    bytes.push((format!("{prefix}.{}", spec.name), model.backend.download(t)?.iter().flat_map(|v| v.to_le_bytes()).collect()));
+                    let Some(t) = t else { continue };
+                    let (name, values) = (format!("{prefix}.{}", spec.name), model.backend.download(t)?);
+                    if let Some(x) = values.iter().find(|x| !x.is_finite()) {
+                        return Err(Error::tensor(&tmp.join("optimizer.safetensors"), &name, format!("holds a non-finite value ({x}); refusing to write it")));
+                    }
+                    bytes.push((name, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
                 }
             }
             let views = bytes
@@ -159,9 +177,10 @@ impl<B: Backend + Clone> Trainer<B> {
         Ok(dir)
     }
 
-    /// `save_total_limit`: delete the oldest checkpoints, never the best one.
+    /// `save_total_limit`: delete the oldest checkpoints, never the best one. As in
+    /// transformers, no limit or a limit of 0 deletes nothing.
     pub(super) fn rotate(&self) -> Result<()> {
-        let Some(limit) = self.args.save_total_limit else { return Ok(()) };
+        let Some(limit) = self.args.save_total_limit.filter(|&l| l > 0) else { return Ok(()) };
         let mut cps = self.checkpoints();
         let best = self.state.best_model_checkpoint.as_ref().map(PathBuf::from);
         // as transformers: the best checkpoint counts as the most recent
@@ -175,7 +194,7 @@ impl<B: Backend + Clone> Trainer<B> {
             if self.args.load_best_model_at_end && limit == 1 && best.is_some() && cps.last().map(|c| &c.1) != best.as_ref() { 2 } else { limit.max(1) };
         let excess = cps.len().saturating_sub(limit);
         for (_, dir) in cps.into_iter().take(excess) {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            output_dir::remove(&dir)?;
         }
         Ok(())
     }
@@ -187,7 +206,19 @@ impl<B: Backend + Clone> Trainer<B> {
         let tmp = out.join(format!(".final.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        self.step.model.write_into(&tmp, None, io::parse_size("5GB").unwrap_or(u64::MAX))?;
+        let result = self.fill_output(&tmp, train_metrics);
+        if result.is_err() {
+            // a full disk or a failed write: the staging folder goes, the old output stays
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    /// Writes the final output into the staging folder `tmp`, then renames each file into
+    /// `output_dir`.
+    fn fill_output(&self, tmp: &Path, train_metrics: &Map<String, Value>) -> Result<()> {
+        let out = &self.output_dir;
+        self.step.model.write_into(tmp, None, io::parse_size("5GB").unwrap_or(u64::MAX))?;
         let mut all = train_metrics.clone();
         if let Some(last_eval) = self.state.log_history.iter().rev().find(|e| e.contains_key("eval_loss")) {
             for (k, v) in last_eval {
@@ -205,11 +236,11 @@ impl<B: Backend + Clone> Trainer<B> {
             write_file(&tmp.join("loss.svg"), svg.as_bytes())?;
         }
         // each file renamed into place: a reader never sees a half-written file
-        for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
-            let entry = entry.map_err(|e| Error::io(&tmp, e))?;
+        for entry in std::fs::read_dir(tmp).map_err(|e| Error::io(tmp, e))? {
+            let entry = entry.map_err(|e| Error::io(tmp, e))?;
             let dst = out.join(entry.file_name());
             std::fs::rename(entry.path(), &dst).map_err(|e| Error::io(&dst, e))?;
         }
-        std::fs::remove_dir(&tmp).map_err(|e| Error::io(&tmp, e))
+        std::fs::remove_dir(tmp).map_err(|e| Error::io(tmp, e))
     }
 }

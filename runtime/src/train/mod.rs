@@ -6,6 +6,7 @@ pub mod callbacks;
 mod checkpoint;
 mod evaluate;
 mod flow;
+pub mod output_dir;
 pub mod plot;
 pub mod plugin_callbacks;
 pub mod sampler;

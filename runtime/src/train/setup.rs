@@ -57,6 +57,7 @@ fn load_model<B: Backend>(backend: B, args: &TrainingArguments) -> Result<(Model
         (None, Some(c)) => {
             let path = if Path::new(c).is_dir() { Path::new(c).join("config.json") } else { PathBuf::from(c) };
             let cfg = ModelConfig::from_file(&path)?;
+            cfg.check_memory(&path, 16, "train (weights, gradients and AdamW's two moments, in f32)")?;
             let tensors = init_tensors(&cfg, &Layout::new(&cfg), args.seed);
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             (Model::from_tensors(backend, cfg, tensors, opts)?, dir)
@@ -237,6 +238,8 @@ impl<B: Backend + Clone> Trainer<B> {
             save_steps,
             callbacks,
             control: TrainerControl::default(),
+            lock: None,
+            stop: Default::default(),
         })
     }
 }

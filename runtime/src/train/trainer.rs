@@ -5,6 +5,7 @@
 //! evaluation and the flow rules have their own files.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,9 +22,9 @@ use crate::args::TrainingArguments;
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::data::{pad_batch, Example, PadOptions, Tokenizer};
-use crate::engine::{MicroLoss, Step};
+use crate::engine::{MicroLoss, MicroOptions, Step};
 use crate::error::{Error, Result};
-use crate::model::{Batch, Device, LoadOptions, LossOptions, Model};
+use crate::model::{Batch, Device, LoadOptions, LossOptions, Model, Neftune};
 use crate::plugin::roles::{LossHook, Plugins};
 use crate::protocol::{label_tokens, CustomLoss};
 
@@ -51,6 +52,12 @@ pub struct Trainer<B: Backend = Cpu> {
     pub(super) save_steps: u64,
     pub(super) callbacks: Vec<Box<dyn TrainerCallback>>,
     pub(super) control: TrainerControl,
+    /// The output folder's lock, held from the start of `train()` to the end of the trainer.
+    pub(super) lock: Option<std::fs::File>,
+    /// Set from outside (the command line's SIGTERM/SIGINT handler) to stop at the end of the
+    /// current optimizer step: a checkpoint is written and `train()` returns
+    /// [`Error::Interrupted`]; `resume_from_checkpoint` then continues exactly.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// The values of `columns` for the examples `ix`.
@@ -191,7 +198,12 @@ impl<B: Backend + Clone> Trainer<B> {
                     outcome.grad_norm,
                     clock.tokens as f64 / clock.started.elapsed().as_secs_f64()
                 ));
-                match self.after_step(epoch, b, batches.len(), &outcome, clock.tokens, &mut logbook)? {
+                let flow = self.after_step(epoch, b, batches.len(), &outcome, clock.tokens, &mut logbook)?;
+                if self.stop.load(Ordering::SeqCst) {
+                    bar.finish_and_clear();
+                    return Err(self.stop_with_checkpoint()?);
+                }
+                match flow {
                     Flow::Continue => {}
                     Flow::NextEpoch => continue 'outer,
                     Flow::Stop => break 'outer,
@@ -203,6 +215,17 @@ impl<B: Backend + Clone> Trainer<B> {
         }
         bar.finish_and_clear();
         self.finish(&clock, &logbook)
+    }
+
+    /// A stop asked from outside ([`Trainer::stop`]) after a finished step: a checkpoint of this
+    /// step (unless one was just written), and the error that says where to resume from.
+    fn stop_with_checkpoint(&mut self) -> Result<Error> {
+        let step = self.state.global_step;
+        let dir = match self.checkpoints().into_iter().find(|c| c.0 == step) {
+            Some((_, dir)) => dir,
+            None => self.save_checkpoint()?,
+        };
+        Ok(Error::Interrupted(format!("stopped after step {step}; {} holds it: rerun with --resume_from_checkpoint true to continue", dir.display())))
     }
 
     /// `auto_find_batch_size` after an out-of-memory error: the next smaller per-device batch
@@ -235,20 +258,25 @@ impl<B: Backend + Clone> Trainer<B> {
         let (grad_norm, coef) = self.step.grad_norm(self.args.max_grad_norm as f32)?;
         let lr = self.schedule.lr(self.state.global_step);
         let finite = loss.is_finite() && grad_norm.is_finite();
+        let mut refused = None;
         if finite {
             self.emit(Event::PreOptimizerStep, None)?;
-            self.step.apply(lr as f32, coef)?;
-            self.emit(Event::OptimizerStep, None)?;
-        } else if plugin_failed {
-            // logged where it failed; the step's gradients are incomplete, so no update
-        } else if self.args.nan_inf_policy == NanInfPolicy::Stop {
-            let last = self.checkpoints().last().map_or("none".to_string(), |c| c.1.display().to_string());
-            return Err(Error::Invalid(format!(
-                "step {}: the loss is {loss} (gradient norm {grad_norm}); stopping without applying the update. Last good checkpoint: {last}",
-                self.state.global_step + 1
-            )));
-        } else {
-            tracing::warn!("step {}: the loss is {loss} (gradient norm {grad_norm}); update skipped", self.state.global_step + 1);
+            if self.step.apply(lr as f32, coef)? {
+                self.emit(Event::OptimizerStep, None)?;
+            } else {
+                refused = Some(format!("the update at learning rate {lr:e} would make a weight or an optimizer moment non-finite"));
+            }
+        } else if !plugin_failed {
+            // (a failed plugin is logged where it failed; the step's gradients are incomplete)
+            refused = Some(format!("the loss is {loss} (gradient norm {grad_norm})"));
+        }
+        if let Some(why) = refused {
+            let step = self.state.global_step + 1;
+            if self.args.nan_inf_policy == NanInfPolicy::Stop {
+                let last = self.checkpoints().last().map_or("none".to_string(), |c| c.1.display().to_string());
+                return Err(Error::Invalid(format!("step {step}: {why}; stopping without applying the update. Last good checkpoint: {last}")));
+            }
+            tracing::warn!("step {step}: {why}; update skipped");
         }
         Ok(StepOutcome { loss, grad_norm, lr, finite, tokens })
     }
@@ -260,12 +288,13 @@ impl<B: Backend + Clone> Trainer<B> {
         let (mut sum, mut tokens) = (0.0, 0u64);
         for (i, mb) in micro.iter().enumerate() {
             // NEFTune noise from (seed, step, micro-batch): the same after a resume
-            self.step.model.neftune = self.args.neftune_noise_alpha.map(|a| (a as f32, self.args.seed ^ (self.state.global_step << 20) ^ i as u64));
+            let neftune = self.args.neftune_noise_alpha.map(|a| Neftune { alpha: a as f32, seed: self.args.seed ^ (self.state.global_step << 20) ^ i as u64 });
+            let o = MicroOptions { neftune, accumulating: i + 1 < micro.len() };
             sum += match loss_hook.as_mut() {
                 Some(h) => {
                     let continues = h.continues();
                     let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
-                    match self.step.micro_batch(mb, MicroLoss::Custom(&mut custom, Some(items))) {
+                    match self.step.micro_batch(mb, MicroLoss::Custom(&mut custom, Some(items)), o) {
                         Ok(out) => out.sum,
                         Err(e @ Error::Plugin(_)) if continues => {
                             tracing::warn!("step {}: {e}; the step is skipped (on_error = \"continue\")", self.state.global_step + 1);
@@ -274,7 +303,7 @@ impl<B: Backend + Clone> Trainer<B> {
                         Err(e) => return Err(e),
                     }
                 }
-                None => self.step.micro_batch(mb, MicroLoss::BuiltIn(opts))?.sum,
+                None => self.step.micro_batch(mb, MicroLoss::BuiltIn(opts), o)?.sum,
             };
             tokens += mb.attention_mask.as_ref().map_or(0, |m| m.iter().filter(|&&x| x == 1).count() as u64);
             if i + 1 < micro.len() {
@@ -321,6 +350,7 @@ impl<B: Backend + Clone> Trainer<B> {
             if let Some(best) = self.state.best_model_checkpoint.clone() {
                 let opts = LoadOptions { torch_dtype: None, attn_implementation: self.step.model.attn_impl, device: Device::Cpu };
                 self.step.model.params = Model::load(self.step.model.backend.clone(), Path::new(&best), opts)?.params;
+                self.step.state_replaced();
                 tracing::info!("loaded the best model from {best} ({} = {:?})", self.args.best_metric_key().unwrap_or_default(), self.state.best_metric);
             }
         }

@@ -25,13 +25,17 @@ impl Backend for Cpu {
         "cpu"
     }
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; n])
+        zeroed(n)
     }
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
-        Ok(data.to_vec())
+        let mut v = zeroed(data.len())?;
+        v.copy_from_slice(data);
+        Ok(v)
     }
     fn upload_ids(&self, data: &[i32]) -> Result<Vec<i32>> {
-        Ok(data.to_vec())
+        let mut v = zeroed(data.len())?;
+        v.copy_from_slice(data);
+        Ok(v)
     }
     fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())
@@ -198,3 +202,28 @@ impl Backend for Cpu {
         optim::adamw(p, g, m, v, hp, decay)
     }
 }
+
+/// A zeroed vector of `n` elements whose allocation failing is an [`Error::OutOfMemory`], not an
+/// abort (as `vec![0; n]` would be under a memory limit). Zeroed pages come from the system
+/// lazily, as with `vec!`.
+fn zeroed<T: Zeroable>(n: usize) -> Result<Vec<T>> {
+    let oom = || crate::error::Error::OutOfMemory(format!("allocating {:.2} GiB of host memory failed", (n as f64 * std::mem::size_of::<T>() as f64) / (1u64 << 30) as f64));
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(n).map_err(|_| oom())?;
+    // SAFETY: the layout has a non-zero size; all-zero bits are a valid value of every
+    // `Zeroable` type; the vector takes the allocation with the layout it was made with.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<T>();
+        if ptr.is_null() {
+            return Err(oom());
+        }
+        Ok(Vec::from_raw_parts(ptr, n, n))
+    }
+}
+
+/// Element types whose all-zero bit pattern is the value zero.
+trait Zeroable: Copy {}
+impl Zeroable for f32 {}
+impl Zeroable for i32 {}

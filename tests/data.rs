@@ -219,3 +219,22 @@ fn tokenization_is_cached_by_data_tokenizer_and_settings() {
     let (_, e6, hit6) = load_examples_cached(&data, &tok, Some(8), None, Some(&cache), false).unwrap();
     assert!(!hit6 && e6 == e4);
 }
+
+/// A text record longer than `LONG_TEXT_BYTES` is tokenized in pieces cut at whitespace (one
+/// huge string costs a fast tokenizer far more memory than its size), and gives the same ids as
+/// the whole text with byte-level BPE, the template's BOS once.
+#[test]
+fn a_huge_text_record_is_tokenized_in_pieces_with_the_same_ids() {
+    let tok = tokenizer();
+    let words = ["hello", "world,", "the", "quick", "brown", "fox's", "jumps!", "\u{fc}ber", "\u{1f642}", "12345", "  spaced"];
+    let mut text = String::new();
+    let mut i = 0;
+    while text.len() < 3 * runtime::data::tokenizer::LONG_TEXT_BYTES {
+        text += words[i % words.len()];
+        text += if i % 7 == 0 { "\n" } else { " " };
+        i += 1;
+    }
+    let whole = tok.encode(&text, true).unwrap().ids;
+    assert_eq!(whole[0], tok.bos.as_ref().unwrap().id);
+    assert!(tok.encode_text(&text).unwrap() == whole, "pieces and the whole text tokenize differently");
+}

@@ -272,8 +272,8 @@ impl runtime::engine::Collective<Cpu> for Recorder {
 /// all-reduce runs once, before the gradient norm.
 #[test]
 fn the_collective_is_told_each_trainable_gradient_once_when_final() {
-    use std::sync::{Arc, Mutex};
     use runtime::engine::{AdamWConfig, Collective, Step};
+    use std::sync::{Arc, Mutex};
     struct Shared(Arc<Mutex<Recorder>>);
     impl Collective<Cpu> for Shared {
         fn rank(&self) -> usize {

@@ -711,3 +711,25 @@ fn on_error_continue_skips_what_failed_and_finishes_the_run() {
         assert_eq!(t.data(), b.tensor(&name).unwrap().data(), "{name} moved although every step was skipped");
     }
 }
+
+/// A plugin path is checked before the file is read whole: a FIFO (which would block a read) and
+/// a folder are not regular files; a large file of anything else is refused on its first bytes.
+/// `plugin check` on a plugin that decodes text, run without `--tokenizer`, says to pass one.
+#[test]
+fn a_plugin_file_is_checked_before_it_is_read_and_check_asks_for_a_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("pipe.wasm");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let big = tmp.path().join("big.wasm");
+    std::fs::write(&big, vec![b'x'; 64 << 20]).unwrap();
+    for (path, needle) in [(&fifo, "not a regular file"), (&tmp.path().to_path_buf(), "not a regular file"), (&big, "not a WebAssembly file")] {
+        for cmd in ["inspect", "check"] {
+            let out = runtime(&["plugin", cmd, path.to_str().unwrap()]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && err.contains(needle), "plugin {cmd} {}: {err}", path.display());
+        }
+    }
+    let out = runtime(&["plugin", "check", wasm("text_metrics").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("pass --tokenizer"), "{err}");
+}

@@ -63,7 +63,7 @@ fn weights(dir: &Path) -> Vec<u8> {
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
     v.sort();
     v
 }
@@ -252,14 +252,17 @@ fn the_example_refuses_a_non_empty_folder() {
     assert_eq!(std::fs::read(dir.join("train.jsonl")).unwrap(), b"my data\n");
     assert_eq!(names(&dir), vec!["train.jsonl"]);
     std::fs::write(dir.join("notes.txt"), b"keep").unwrap();
-    ok(runtime(&["example", "addition", "--output_dir", dir.to_str().unwrap(), "--n_train", "16", "--n_eval", "4", "--overwrite_output_dir"]), "example into a non-empty folder");
+    ok(
+        runtime(&["example", "addition", "--output_dir", dir.to_str().unwrap(), "--n_train", "16", "--n_eval", "4", "--overwrite_output_dir"]),
+        "example into a non-empty folder",
+    );
     assert_eq!(std::fs::read(dir.join("notes.txt")).unwrap(), b"keep");
     assert!(dir.join("config.json").exists());
 }
 
 /// The binary under `ulimit -v 4000000` (4 GB of address space).
 fn limited(args: &[&str]) -> Output {
-    Command::new("sh").arg("-c").arg("ulimit -v 4000000 && exec \"$0\" \"$@\"").arg(env!("CARGO_BIN_EXE_runtime")).args(args).output().unwrap()
+    Command::new("sh").arg("-c").arg("ulimit -v 4000000 && exec timeout 120 \"$0\" \"$@\"").arg(env!("CARGO_BIN_EXE_runtime")).args(args).output().unwrap()
 }
 
 /// One clear error (exit status 1, no panic, no abort) holding every needle.
@@ -330,9 +333,21 @@ fn absurd_sizes_and_values_in_config_json_get_one_clear_error() {
     // sizes within what a field may hold, consistent with no file, beyond the memory
     let big = variant(&base, &tmp.path().join("big"), "num_hidden_layers", 10_000_000u64.into());
     let config = big.join("config.json");
-    refused(limited(&["init", "--config", config.to_str().unwrap(), "--output_dir", tmp.path().join("o").to_str().unwrap()]), "init", &["GiB to initialise", "of memory is available"]);
+    refused(
+        limited(&["init", "--config", config.to_str().unwrap(), "--output_dir", tmp.path().join("o").to_str().unwrap()]),
+        "init",
+        &["GiB to initialise", "of memory is available"],
+    );
     let cfg = ex.join("train.toml");
-    let o = limited(&["train", "--config", cfg.to_str().unwrap(), "--config_name", config.to_str().unwrap(), "--output_dir", tmp.path().join("o").to_str().unwrap()]);
+    let o = limited(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--config_name",
+        config.to_str().unwrap(),
+        "--output_dir",
+        tmp.path().join("o").to_str().unwrap(),
+    ]);
     refused(o, "train from the config", &["GiB to train", "of memory is available"]);
     // generation sizes: the key/value cache is checked against the memory first
     let b = base.to_str().unwrap();
@@ -362,5 +377,240 @@ fn sampling_at_a_vanishing_temperature_is_greedy() {
     assert!(!greedy.trim().is_empty());
     for seed in ["1", "2", "3"] {
         assert_eq!(gen(&["--do_sample", "--temperature", "1e-39", "--seed", seed]), greedy);
+    }
+}
+
+/// A tokenization cache entry whose bytes changed (but whose structure is still valid) is noticed
+/// by its checksum, said in the log and rebuilt: the run trains on the data, not on the altered
+/// entry, and ends as the first run did.
+#[test]
+fn an_altered_tokenization_cache_entry_is_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let cache = tmp.path().join("cache");
+    let run = |out: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_runtime"))
+            .args(train_args(&ex, &tmp.path().join(out), &["--max_steps", "4"]))
+            .env("RUNTIME_CACHE_DIR", &cache)
+            .output()
+            .unwrap();
+        let err = ok(o, out);
+        (err, weights(&tmp.path().join(out)))
+    };
+    let (_, first) = run("first");
+    let entries: Vec<PathBuf> = std::fs::read_dir(&cache).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(!entries.is_empty());
+    for entry in &entries {
+        // change one token id inside `input_ids`, keeping the file a valid entry
+        let mut bytes = std::fs::read(entry).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let at = 8 + n + header["input_ids"]["data_offsets"][0].as_u64().unwrap() as usize;
+        bytes[at] ^= 1;
+        std::fs::write(entry, bytes).unwrap();
+    }
+    let (err, second) = run("second");
+    assert!(err.contains("does not match its checksum; rebuilding it"), "{err}");
+    assert!(first == second, "the run trained on the altered cache");
+}
+
+/// Bad data and config files get one error naming the file and the place: invalid UTF-8 (the
+/// line), a key given twice (JSON and YAML run configs, `config.json`, a data line), a NaN or an
+/// infinity in a TOML config, and a bad value in `generation_config.json` (the file).
+#[test]
+fn bad_files_are_refused_naming_the_file_and_the_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    // invalid UTF-8 on line 3 of the training data
+    let data = tmp.path().join("bad.jsonl");
+    let mut bytes = Vec::new();
+    for line in std::fs::read_to_string(ex.join("train.jsonl")).unwrap().lines().take(2) {
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+    }
+    bytes.extend_from_slice(b"{\"prompt\": \"1\xff\", \"completion\": \"2\"}\n");
+    std::fs::write(&data, &bytes).unwrap();
+    refused(train(&ex, &out, &["--train_file", data.to_str().unwrap()]), "invalid UTF-8", &["bad.jsonl:3: invalid UTF-8"]);
+    // a data line with a key twice
+    std::fs::write(&data, "{\"prompt\": \"1+1=\", \"completion\": \"2\", \"prompt\": \"9\"}\n").unwrap();
+    refused(train(&ex, &out, &["--train_file", data.to_str().unwrap()]), "duplicate data key", &["bad.jsonl:1", "`prompt` appears twice"]);
+    // run configs with a key twice, and with NaN/inf
+    let toml = std::fs::read_to_string(ex.join("train.toml")).unwrap();
+    let cases = [
+        ("run.json", "{\"output_dir\": \"x\", \"learning_rate\": 1e-3, \"learning_rate\": 1}".to_string(), "`learning_rate` appears twice"),
+        ("run.yaml", "output_dir: x\nseed: 1\nseed: 2\n".to_string(), "`seed` appears twice"),
+        ("run.toml", toml.replace("learning_rate = 3e-3", "learning_rate = nan"), "`learning_rate` = NaN"),
+        ("run2.toml", toml.replace("weight_decay = 0.01", "weight_decay = inf"), "`weight_decay` = inf"),
+        ("run.yml", "output_dir: x\nlearning_rate: .nan\n".to_string(), "`learning_rate`: settings take finite numbers only"),
+    ];
+    for (name, text, needle) in cases {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let r = runtime(&["train", "--config", path.to_str().unwrap(), "--output_dir", o]);
+        refused(r, name, &[name, needle]);
+    }
+    // config.json with a key twice
+    let model = tmp.path().join("model");
+    ok(runtime(&["init", "--config", ex.join("config.json").to_str().unwrap(), "--output_dir", model.to_str().unwrap()]), "init");
+    let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
+    std::fs::write(model.join("config.json"), cfg.replacen('{', "{\"vocab_size\": 99,", 1)).unwrap();
+    refused(runtime(&["inspect", model.to_str().unwrap()]), "config.json", &["config.json", "`vocab_size` appears twice"]);
+    std::fs::write(model.join("config.json"), cfg).unwrap();
+    // a bad value in generation_config.json names the file
+    std::fs::write(model.join("generation_config.json"), "{\"num_beams\": \"four\"}").unwrap();
+    std::fs::copy(ex.join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    std::fs::copy(ex.join("tokenizer_config.json"), model.join("tokenizer_config.json")).unwrap();
+    refused(runtime(&["generate", "--model", model.to_str().unwrap(), "--prompt", "1+1="]), "generation_config.json", &["generation_config.json", "num_beams"]);
+}
+
+/// Examples longer than the model's positions are refused before training for the Llama family
+/// too (`max_position_embeddings`), as for GPT-2 (`n_positions`).
+#[test]
+fn examples_longer_than_the_models_positions_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let text = tmp.path().join("text.jsonl");
+    std::fs::write(&text, "{\"text\": \"12+34=64012+34=64012+34=64012+34=64012+34=640\"}\n".repeat(8)).unwrap();
+    let o = train(&ex, &tmp.path().join("out"), &["--train_file", text.to_str().unwrap(), "--block_size", "32", "--max_steps", "1"]);
+    refused(o, "block_size 32", &["examples of 32 tokens exceed the model's max_position_embeddings (16)"]);
+}
+
+/// Every complete `checkpoint-N` folder holds what a resume needs, nothing half-written is in
+/// view, and every weight and optimizer file in view is finite.
+fn assert_folder_sound(out: &Path, when: &str) {
+    for name in names(out) {
+        let path = out.join(&name);
+        if name.starts_with('.') {
+            assert!(name == ".runtime.lock" || name.contains(".partial-") || name.contains(".deleting-"), "{when}: unexpected {name}");
+            continue;
+        }
+        assert!(!name.contains(".partial"), "{when}: half-written {name} in view");
+        if name.starts_with("checkpoint-") {
+            for f in ["model.safetensors", "optimizer.safetensors", "trainer_state.json", "config.json"] {
+                assert!(path.join(f).is_file(), "{when}: {name} lacks {f}: {:?}", names(&path));
+            }
+            for st in ["model.safetensors", "optimizer.safetensors"] {
+                let bytes = std::fs::read(path.join(st)).unwrap();
+                let t = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{when}: {name}/{st}: {e}"));
+                for (tensor, v) in t.tensors() {
+                    let finite = v.data().chunks_exact(4).all(|b| f32::from_le_bytes(b.try_into().unwrap()).is_finite());
+                    assert!(finite, "{when}: {name}/{st}: `{tensor}` is not finite");
+                }
+            }
+        }
+    }
+}
+
+/// Fault injection: training is interrupted again and again, at random moments, by SIGKILL,
+/// SIGTERM or a full disk at a random checkpoint, and restarted each time (resuming when a
+/// checkpoint exists). After every interruption the folder is sound (only complete checkpoints in
+/// view, everything finite); at the end the weights equal the uninterrupted run's, byte for byte.
+#[test]
+fn training_under_random_kills_signals_and_full_disks_ends_as_the_uninterrupted_run() {
+    use rand::{RngExt, SeedableRng};
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let args = ["--max_steps", "96", "--save_steps", "3", "--save_total_limit", "2", "--logging_steps", "1"];
+    let straight = tmp.path().join("straight");
+    ok(train(&ex, &straight, &args), "uninterrupted run");
+    let out = tmp.path().join("faulty");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let mut faults = [0usize; 3];
+    for round in 0..40 {
+        if out.join("model.safetensors").exists() {
+            break;
+        }
+        let resumable = names(&out).iter().any(|n| n.starts_with("checkpoint-"));
+        let mut run_args = args.to_vec();
+        if resumable {
+            run_args.extend(["--resume_from_checkpoint", "true"]);
+        }
+        let log = tmp.path().join(format!("log{round}"));
+        let when = format!("round {round}");
+        // the kinds in turn; the moments at random
+        match round % 3 {
+            0 | 1 => {
+                let (sig, want) = if round % 3 == 0 { ("-KILL", None) } else { ("-TERM", Some(75)) };
+                let child = spawn(&ex, &out, &run_args, &log);
+                let lines = rng.random_range(1..9usize);
+                let started = Instant::now();
+                while std::fs::read_to_string(&log).unwrap_or_default().lines().count() < lines && started.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                std::thread::sleep(Duration::from_millis(rng.random_range(0..15)));
+                let _ = Command::new("kill").args([sig, &child.id().to_string()]).status();
+                let o = child.wait_with_output().unwrap();
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert!(!err.contains("panicked"), "{when}: {err}");
+                if o.status.success() {
+                    // it finished first
+                } else if let Some(code) = want {
+                    assert_eq!(o.status.code(), Some(code), "{when} ({sig}): {err}");
+                }
+                eprintln!("{when}: {sig} after {lines} lines: {:?}", o.status);
+                faults[if sig == "-KILL" { 0 } else { 1 }] += 1;
+            }
+            _ => {
+                // one of the next three checkpoints
+                let done = names(&out).iter().filter_map(|n| n.strip_prefix("checkpoint-")?.parse::<u64>().ok()).max().unwrap_or(0);
+                let at = (3 * (done / 3 + rng.random_range(1..=3u64))).min(96);
+                let o = Command::new(env!("CARGO_BIN_EXE_runtime"))
+                    .args(train_args(&ex, &out, &run_args))
+                    .env("RUNTIME_FAULT_DISK_FULL", format!(".checkpoint-{at}.partial"))
+                    .output()
+                    .unwrap();
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert!(!err.contains("panicked"), "{when}: {err}");
+                assert!(o.status.code() == Some(1) && err.contains(&format!("checkpoint-{at}")), "{when}: {err}");
+                eprintln!("{when}: disk full at checkpoint-{at}: {:?}", o.status);
+                faults[2] += 1;
+            }
+        }
+        assert_folder_sound(&out, &when);
+    }
+    if !out.join("model.safetensors").exists() {
+        let mut resume = args.to_vec();
+        resume.extend(["--resume_from_checkpoint", "true"]);
+        ok(train(&ex, &out, &resume), "the last resume");
+    }
+    assert_folder_sound(&out, "the end");
+    assert!(faults.iter().all(|&n| n >= 2), "too few faults of each kind: {faults:?}");
+    assert!(weights(&straight) == weights(&out), "after {faults:?} (kill, term, disk full) the weights differ from the uninterrupted run's");
+}
+
+/// Argument sizes far beyond the data or the memory, under a 4 GB address space: each run either
+/// trains (the size is clamped by the data, as a batch larger than the dataset is) or stops with
+/// one error line; never an abort (134) or a panic (101).
+#[test]
+fn absurd_argument_sizes_never_abort_or_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let cases: [&[&str]; 12] = [
+        &["--per_device_train_batch_size", "1000000000"],
+        &["--per_device_eval_batch_size", "1000000000", "--eval_strategy", "steps", "--eval_steps", "1"],
+        &["--gradient_accumulation_steps", "1000000000"],
+        &["--per_device_train_batch_size", "1000000000", "--auto_find_batch_size"],
+        &["--block_size", "1000000000"],
+        &["--max_seq_length", "1000000000"],
+        &["--warmup_steps", "1000000000000000000"],
+        &["--num_train_epochs", "1e300"],
+        &["--predict_with_generate", "--generation_max_length", "1000000000", "--eval_strategy", "steps", "--eval_steps", "1"],
+        &["--predict_with_generate", "--generation_num_beams", "100000000", "--eval_strategy", "steps", "--eval_steps", "1"],
+        &["--neftune_noise_alpha", "1e300"],
+        &["--learning_rate", "1e300", "--weight_decay", "1e300"],
+    ];
+    for (i, extra) in cases.iter().enumerate() {
+        let mut args: Vec<String> = train_args(&ex, &tmp.path().join(format!("o{i}")), &["--max_steps", "1"]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = limited(&refs);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(matches!(o.status.code(), Some(0 | 1)), "{extra:?}: {:?}\n{err}", o.status);
+        assert!(!err.contains("panicked") && !err.contains("memory allocation"), "{extra:?}: {err}");
+        if o.status.code() == Some(1) {
+            assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{extra:?}: {err}");
+        }
     }
 }

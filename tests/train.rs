@@ -266,6 +266,7 @@ fn bad_runs_are_refused_before_any_work() {
         (vec!["--max_seq_length", "0", "--overwrite_output_dir", "true"], vec!["max_seq_length must be at least 2", "found 0"]),
         (vec!["--max_seq_length", "1", "--overwrite_output_dir", "true"], vec!["max_seq_length must be at least 2", "found 1"]),
         (vec!["--block_size", "0", "--overwrite_output_dir", "true"], vec!["block_size must be at least 2", "found 0"]),
+        (vec!["--metric_for_best_model", "accuracy", "--overwrite_output_dir", "true"], vec!["metric_for_best_model `accuracy`", "without a metrics plugin"]),
     ];
     for (extra, needles) in cases {
         let o = train(&ex, &out, &extra);
@@ -446,7 +447,9 @@ fn auto_find_batch_size_fits_the_batch_to_the_memory_budget() {
     let (b, acc) = (args["per_device_train_batch_size"].as_u64().unwrap(), args["gradient_accumulation_steps"].as_u64().unwrap());
     assert!(b < 32 && b * acc == 32, "batch {b} x accumulation {acc}");
     assert!(log.contains("auto_find_batch_size: per_device_train_batch_size 32 does not fit"), "{log}");
-    let out = run("4", "hopeless");
+    // 13 MB: the weights, gradients and moments (11.9 MB) fit, which the start checks; with
+    // an example's activations they do not fit in 90% of it
+    let out = run("13", "hopeless");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("auto_find_batch_size: even one example"), "{err}");

@@ -308,52 +308,7 @@ fn check_key(key: &str, source: &str) -> Result<()> {
     Err(Error::Invalid(format!("{source}: unknown key `{key}`{hint}")))
 }
 
-/// Reads a TOML, JSON or YAML file (by extension) into a JSON object.
-pub fn read_config_file(path: &Path) -> Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let value: Value = match ext.as_str() {
-        "toml" => toml::from_str(&text).map_err(|e| Error::config(path, format!("not valid TOML: {e}")))?,
-        "json" => serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?,
-        "yaml" | "yml" => serde_yaml_ng::from_str(&text).map_err(|e| Error::config(path, format!("not valid YAML: {e}")))?,
-        _ => return Err(Error::config(path, "unknown config format: use a .toml, .json, .yaml or .yml file")),
-    };
-    match value {
-        Value::Object(m) => Ok(m),
-        Value::Null => Ok(Map::new()),
-        _ => Err(Error::config(path, "expected a table of settings at the top level")),
-    }
-}
-
-/// Parses `--name value` / `--name=value` / `--flag` pairs. A value is read as JSON when it is a
-/// number, boolean, null, array or object, and as a string otherwise.
-pub fn parse_overrides(args: &[String]) -> Result<Vec<(String, Value)>> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        let Some(flag) = args[i].strip_prefix("--") else {
-            return Err(Error::Invalid(format!("unexpected argument `{}`: settings are given as --name value", args[i])));
-        };
-        let (key, raw) = match flag.split_once('=') {
-            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-            None if i + 1 < args.len() && !args[i + 1].starts_with("--") => {
-                i += 1;
-                (flag.to_string(), Some(args[i].clone()))
-            }
-            None => (flag.to_string(), None),
-        };
-        let value = match raw {
-            None => Value::Bool(true),
-            Some(r) => match serde_json::from_str::<Value>(&r) {
-                Ok(v @ (Value::Number(_) | Value::Bool(_) | Value::Null | Value::Array(_) | Value::Object(_))) => v,
-                _ => Value::String(r),
-            },
-        };
-        out.push((key, value));
-        i += 1;
-    }
-    Ok(out)
-}
+pub use super::config_file::{parse_overrides, read_config_file};
 
 impl TrainingArguments {
     /// The arguments from an optional config file and overrides (which win), validated.
@@ -439,6 +394,9 @@ impl TrainingArguments {
             if !(0.0..1.0).contains(&b) {
                 return bad(format!("{name} must lie in [0, 1), found {b}"));
             }
+        }
+        if let Some(a) = self.neftune_noise_alpha.filter(|&a| !(a > 0.0 && (a as f32).is_finite())) {
+            return bad(format!("neftune_noise_alpha must be a positive number within f32's range, found {a}"));
         }
         if !(0.0..1.0).contains(&self.label_smoothing_factor) {
             return bad(format!("label_smoothing_factor must lie in [0, 1), found {}", self.label_smoothing_factor));

@@ -72,7 +72,8 @@ pub fn host_memory_budget() -> Option<u128> {
     // an address-space limit (`ulimit -v`) leaves less than that: its headroom above what this
     // process has mapped already
     let limits = std::fs::read_to_string("/proc/self/limits").ok();
-    let cap = limits.as_deref().and_then(|s| s.lines().find(|l| l.starts_with("Max address space"))).and_then(|l| l.split_whitespace().nth(3)?.parse::<u128>().ok());
+    let cap =
+        limits.as_deref().and_then(|s| s.lines().find(|l| l.starts_with("Max address space"))).and_then(|l| l.split_whitespace().nth(3)?.parse::<u128>().ok());
     let headroom = cap.map(|cap| cap.saturating_sub(field("/proc/self/status", "VmSize:").unwrap_or(0) << 10));
     match (available, headroom) {
         (Some(a), Some(h)) => Some(a.min(h)),

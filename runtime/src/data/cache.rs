@@ -1,8 +1,9 @@
 //! The on-disk tokenization cache: a dataset's examples are stored once, keyed by the SHA-256 of
 //! the data file, the tokenizer's files and the settings that shape the examples, so a second run
 //! (or a resume) skips tokenization. Entries are safetensors files written under a temporary name
-//! and renamed; an unreadable entry is ignored and rebuilt. `overwrite_cache` (run_clm.py's name)
-//! forces a rebuild.
+//! and renamed, with the SHA-256 of their contents in their metadata: an unreadable entry is
+//! ignored and rebuilt, and one whose contents do not match the checksum is rebuilt with a
+//! warning. `overwrite_cache` (run_clm.py's name) forces a rebuild.
 
 use std::path::{Path, PathBuf};
 
@@ -43,16 +44,42 @@ fn kind_name(k: RecordKind) -> &'static str {
     }
 }
 
-fn read(file: &Path) -> Option<(RecordKind, Vec<Example>)> {
+/// The SHA-256 of an entry's tensors' bytes, in order (stored in its metadata as `sha256`).
+fn checksum(tensors: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for t in tensors {
+        h.update((t.len() as u64).to_le_bytes());
+        h.update(t);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why an entry cannot be used: unreadable (ignored quietly, as a missing one), or readable but
+/// with contents that do not match its checksum (said in the log).
+enum Unusable {
+    Unreadable,
+    Altered,
+}
+
+fn read(file: &Path) -> std::result::Result<(RecordKind, Vec<Example>), Unusable> {
+    read_checked(file).ok_or(Unusable::Unreadable)?
+}
+
+fn read_checked(file: &Path) -> Option<std::result::Result<(RecordKind, Vec<Example>), Unusable>> {
     let bytes = std::fs::read(file).ok()?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+    let stored = meta.metadata().as_ref()?.get("sha256")?.clone();
+    let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
+    let data = |name: &str| st.tensor(name).ok().map(|t| t.data());
+    if checksum(&[data("input_ids")?, data("labels")?, data("lengths")?]) != stored {
+        return Some(Err(Unusable::Altered));
+    }
     let kind = match meta.metadata().as_ref()?.get("kind")?.as_str() {
         "text" => RecordKind::Text,
         "prompt_completion" => RecordKind::PromptCompletion,
         "messages" => RecordKind::Messages,
         _ => return None,
     };
-    let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
     let u32s =
         |name: &str| -> Option<Vec<u32>> { Some(st.tensor(name).ok()?.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()) };
     let (ids, labels, lengths) = (u32s("input_ids")?, u32s("labels")?, u32s("lengths")?);
@@ -66,7 +93,7 @@ fn read(file: &Path) -> Option<(RecordKind, Vec<Example>)> {
         out.push(Example { input_ids: ids[off..off + l].to_vec(), labels: labels[off..off + l].iter().map(|&x| x as i32).collect() });
         off += l;
     }
-    Some((kind, out))
+    Some(Ok((kind, out)))
 }
 
 fn view(b: &[u8], dtype: Dtype) -> Result<TensorView<'_>> {
@@ -82,7 +109,8 @@ fn write(file: &Path, kind: RecordKind, examples: &[Example]) -> Result<()> {
         le(&mut lengths, e.input_ids.len() as u32);
     }
     let tensors = vec![("input_ids", view(&ids, Dtype::U32)?), ("labels", view(&labels, Dtype::I32)?), ("lengths", view(&lengths, Dtype::U32)?)];
-    let meta = Some([("kind".to_string(), kind_name(kind).to_string())].into());
+    let sum = checksum(&[&ids, &labels, &lengths]);
+    let meta = Some([("kind".to_string(), kind_name(kind).to_string()), ("sha256".to_string(), sum)].into());
     let bytes = safetensors::serialize(tensors, meta).map_err(|e| Error::Invalid(e.to_string()))?;
     let dir = file.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -108,8 +136,10 @@ pub fn load_examples_cached(
     };
     let file = dir.join(format!("{}.safetensors", key(path, tok, block_size, max_seq_length)?));
     if !overwrite {
-        if let Some((k, e)) = read(&file) {
-            return Ok((k, e, true));
+        match read(&file) {
+            Ok((k, e)) => return Ok((k, e, true)),
+            Err(Unusable::Altered) => tracing::warn!("{}: the cached tokenization does not match its checksum; rebuilding it", file.display()),
+            Err(Unusable::Unreadable) => {}
         }
     }
     let (k, e) = load_examples(path, tok, block_size, max_seq_length)?;

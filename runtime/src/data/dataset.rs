@@ -34,7 +34,12 @@ fn located(path: &Path, line: usize, what: &str) -> String {
 
 /// Reads a `.jsonl` or `.json` dataset file.
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        Error::Invalid(located(path, line, &format!("invalid UTF-8 (byte {at} of the file)")))
+    })?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let mut out = Vec::new();
     match ext.as_str() {
@@ -42,6 +47,9 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
             for (i, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
+                }
+                if let Err(e) = crate::files::check_unique_keys(line, "json") {
+                    return Err(Error::Invalid(located(path, i + 1, &format!("malformed JSON: {e}"))));
                 }
                 match serde_json::from_str::<Value>(line) {
                     Ok(Value::Object(fields)) => out.push(Record { line: i + 1, fields }),
@@ -51,6 +59,7 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
             }
         }
         "json" => {
+            crate::files::check_unique_keys(&text, "json").map_err(|e| Error::Invalid(format!("{}: malformed JSON: {e}", path.display())))?;
             let value: Value = serde_json::from_str(&text).map_err(|e| Error::Invalid(located(path, e.line(), &format!("malformed JSON: {e}"))))?;
             let Value::Array(items) = value else {
                 return Err(Error::Invalid(format!("{}: expected a JSON array of records", path.display())));
@@ -111,7 +120,7 @@ pub fn tokenize_texts(path: &Path, records: &[Record], tok: &Tokenizer) -> Resul
         .par_iter()
         .map(|r| {
             let text = string_field(path, r, "text")?;
-            Ok(tok.encode(text, true).map_err(|e| Error::Invalid(located(path, r.line, &e.to_string())))?.ids)
+            tok.encode_text(text).map_err(|e| Error::Invalid(located(path, r.line, &e.to_string())))
         })
         .collect::<Vec<Result<_>>>()
         // in record order, so the error reported is the first bad line whatever the threads did

@@ -114,7 +114,7 @@ impl Tokenizer {
 
     /// `tokenizer(text, add_special_tokens=...)`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Encoded> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Invalid(format!("tokenizing {text:?}: {e}")))?;
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Invalid(format!("tokenizing {}: {e}", shown(text))))?;
         Ok(Encoded {
             ids: enc.get_ids().to_vec(),
             tokens: enc.get_tokens().to_vec(),
@@ -122,9 +122,44 @@ impl Tokenizer {
         })
     }
 
+    /// The ids of a `text` record, as [`Tokenizer::encode`] gives them, with a record longer than
+    /// [`LONG_TEXT_BYTES`] tokenized in pieces cut at whitespace (a fast tokenizer's memory grows
+    /// far faster than its input on one huge string: a 5 MB line took 1.9 GB). The special tokens
+    /// the template adds go around the whole, once. At whitespace a byte-level or word-level
+    /// tokenizer gives the same tokens as on the whole text; a piece with no whitespace in
+    /// [`LONG_TEXT_BYTES`] is cut at a character boundary, where a token may differ.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        if text.len() <= LONG_TEXT_BYTES {
+            return Ok(self.encode(text, true)?.ids);
+        }
+        // the template's tokens around a one-character text
+        let (with, without) = (self.encode("a", true)?.ids, self.encode("a", false)?.ids);
+        let at = with.windows(without.len().max(1)).position(|w| w == without.as_slice()).unwrap_or(with.len());
+        let (prefix, suffix) = (&with[..at], &with[(at + without.len()).min(with.len())..]);
+        let mut ids = prefix.to_vec();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let mut cut = rest.len().min(LONG_TEXT_BYTES);
+            while !rest.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            if cut < rest.len() {
+                // before the last whitespace, which stays with the next piece (as byte-level
+                // pre-tokenizers attach a space to the word after it)
+                if let Some(ws) = rest[..cut].rfind(char::is_whitespace).filter(|&w| w > 0) {
+                    cut = ws;
+                }
+            }
+            ids.extend(self.encode(&rest[..cut], false)?.ids);
+            rest = &rest[cut..];
+        }
+        ids.extend_from_slice(suffix);
+        Ok(ids)
+    }
+
     /// Ids and the byte span of the text each token came from (empty for added template tokens).
     pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<Span>)> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Invalid(format!("tokenizing {text:?}: {e}")))?;
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Invalid(format!("tokenizing {}: {e}", shown(text))))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
@@ -146,5 +181,16 @@ impl Tokenizer {
 impl TokenDecoder for Tokenizer {
     fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         Tokenizer::decode(self, ids, skip_special_tokens)
+    }
+}
+
+/// Records longer than this many bytes are tokenized in pieces ([`Tokenizer::encode_text`]).
+pub const LONG_TEXT_BYTES: usize = 1 << 18;
+
+/// A text for an error message: quoted, and cut after 80 characters.
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(80) {
+        Some((i, _)) => format!("{:?}... ({} bytes)", &text[..i], text.len()),
+        None => format!("{text:?}"),
     }
 }

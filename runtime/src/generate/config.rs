@@ -71,6 +71,12 @@ impl GenerationConfig {
                 _ => return Err(Error::config(&path, "expected a JSON object")),
             }
             map.retain(|k, _| Self::known(k));
+            crate::files::check_unique_keys(&text, "json").map_err(|e| Error::config(&path, e))?;
+            let mut own = map.clone();
+            own.retain(|k, _| !IGNORED.contains(&k.as_str()));
+            // the file's own values first, so that an error in them names the file
+            serde_path_to_error::deserialize::<_, GenerationConfig>(Value::Object(own))
+                .map_err(|e| Error::config(&path, format!("`{}`: {}", e.path(), e.inner())))?;
         }
         for (k, v) in overrides {
             if !Self::known(k) {

@@ -51,8 +51,8 @@ impl<B: Backend> DecodeState<B> {
         // the key and value caches (f32) and the cache mask (i32), in 128-bit arithmetic
         let slots = batch as u128 * max_len as u128;
         let needed = 4 * slots * (2 * c.n_layer as u128 * kvd as u128 + 1);
-        let available = if std::env::var_os("RUNTIME_MEMORY_BUDGET_MB").is_some() { None } else { be.free_memory() }
-            .or_else(crate::backend::device::host_memory_budget);
+        let available =
+            if std::env::var_os("RUNTIME_MEMORY_BUDGET_MB").is_some() { None } else { be.free_memory() }.or_else(crate::backend::device::host_memory_budget);
         if let Some(available) = available.filter(|&a| needed > a) {
             let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
             return Err(Error::Invalid(format!(

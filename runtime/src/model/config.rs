@@ -117,6 +117,7 @@ impl ModelConfig {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        crate::files::check_unique_keys(&text, "json").map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
         let value: Value = serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
         match value {
             Value::Object(map) => Self::from_json(path, map),
@@ -170,7 +171,10 @@ impl ModelConfig {
     pub fn size_fields(&self) -> String {
         let c = self;
         match c.arch {
-            Arch::Gpt2 => format!("n_layer {}, n_embd {}, n_head {}, n_inner {}, vocab_size {}, n_positions {}", c.n_layer, c.hidden_size, c.n_head, c.intermediate_size, c.vocab_size, c.max_positions),
+            Arch::Gpt2 => format!(
+                "n_layer {}, n_embd {}, n_head {}, n_inner {}, vocab_size {}, n_positions {}",
+                c.n_layer, c.hidden_size, c.n_head, c.intermediate_size, c.vocab_size, c.max_positions
+            ),
             Arch::Llama => format!(
                 "num_hidden_layers {}, hidden_size {}, num_attention_heads {}, num_key_value_heads {}, intermediate_size {}, vocab_size {}",
                 c.n_layer, c.hidden_size, c.n_head, c.n_kv_head, c.intermediate_size, c.vocab_size

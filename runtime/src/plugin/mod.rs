@@ -238,7 +238,7 @@ impl bindings::trainer::plugin::host::Host for HostState {
     fn decode(&mut self, ids: Vec<u32>, skip_special_tokens: bool) -> std::result::Result<String, String> {
         match &self.tokenizer {
             Some(t) => t.decode(&ids, skip_special_tokens).map_err(|e| e.to_string()),
-            None => Err("this run has no tokenizer".into()),
+            None => Err("this run has no tokenizer to decode with (for `runtime plugin check`, pass --tokenizer DIR: a model or tokenizer folder)".into()),
         }
     }
 
@@ -316,12 +316,37 @@ fn short(path: &Path) -> String {
     path.display().to_string()
 }
 
+/// The largest plugin file the runtime reads (a component is a few MiB).
+const MAX_PLUGIN_BYTES: u64 = 256 << 20;
+
+/// A plugin file's bytes, after checking that it is a regular file of a plausible size that
+/// starts as WebAssembly does, before reading it whole (a FIFO, a folder or a 2 GB file of
+/// anything gets one clear error instead of a hang or a read of all of it).
+pub fn read_plugin_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::Plugin(format!("{}: not a regular file (a plugin is a .wasm file)", short(path))));
+    }
+    if meta.len() > MAX_PLUGIN_BYTES {
+        return Err(Error::Plugin(format!("{}: {} bytes; a plugin file is at most {MAX_PLUGIN_BYTES} bytes", short(path), meta.len())));
+    }
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut magic = [0u8; 4];
+    if f.read_exact(&mut magic).is_err() || &magic != b"\0asm" {
+        return Err(Error::Plugin(format!("{}: not a WebAssembly file (it does not start with `\\0asm`)", short(path))));
+    }
+    let mut bytes = magic.to_vec();
+    f.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
 impl Plugin {
     /// Loads, checks and instantiates a plugin, then asks it to `describe` itself.
     pub fn load(spec: &PluginSpec, tokenizer: Option<Arc<dyn TokenDecoder>>) -> Result<Self> {
         let t = Instant::now();
         let path = &spec.path;
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = read_plugin_file(path)?;
         let (component, cache_hit) =
             cache::compile(engine(), &bytes).map_err(|e| Error::Plugin(format!("{}: not a loadable WebAssembly component: {e:#}", short(path))))?;
         let ins = inspect_component(&component);

@@ -129,6 +129,11 @@ impl Plugins {
         }))
     }
 
+    /// Whether a metrics plugin is loaded.
+    pub fn has_metrics(&self) -> bool {
+        !self.metrics.is_empty()
+    }
+
     /// Statistics the metrics plugins need per evaluation batch.
     pub fn metrics_reset(&self) -> Result<()> {
         let mut failed = self.metrics_failed.lock().unwrap_or_else(|e| e.into_inner());

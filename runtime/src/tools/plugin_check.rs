@@ -16,7 +16,7 @@ use crate::plugin::*;
 
 /// `runtime plugin inspect FILE.wasm`.
 pub fn inspect(spec: &PluginSpec) -> Result<String> {
-    let bytes = std::fs::read(&spec.path).map_err(|e| Error::io(&spec.path, e))?;
+    let bytes = read_plugin_file(&spec.path)?;
     let t = Instant::now();
     let (component, hit) =
         cache::compile(engine(), &bytes).map_err(|e| Error::Plugin(format!("{}: not a loadable WebAssembly component: {e:#}", spec.path.display())))?;

@@ -94,7 +94,14 @@ pub struct PrinterCallback<W: std::io::Write + Send> {
 }
 
 impl<W: std::io::Write + Send> TrainerCallback for PrinterCallback<W> {
-    fn on_event(&mut self, event: Event, _: &TrainingArguments, state: &TrainerState, _: &mut TrainerControl, logs: Option<&mut Map<String, Value>>) -> Result<()> {
+    fn on_event(
+        &mut self,
+        event: Event,
+        _: &TrainingArguments,
+        state: &TrainerState,
+        _: &mut TrainerControl,
+        logs: Option<&mut Map<String, Value>>,
+    ) -> Result<()> {
         let Some(logs) = logs.filter(|l| event == Event::Log && (l.contains_key("loss") || l.contains_key("eval_loss"))) else { return Ok(()) };
         let mut entry = logs.clone();
         entry.insert("step".into(), Value::from(state.global_step));

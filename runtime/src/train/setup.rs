@@ -192,9 +192,7 @@ impl<B: Backend + Clone> Trainer<B> {
             return Err(Error::Invalid(format!("eval_strategy {:?} needs validation_file", args.eval_strategy).to_lowercase()));
         }
         let longest = train.iter().chain(eval.iter().flatten()).map(|e| e.input_ids.len()).max().unwrap_or(0);
-        if let Some(limit) = model.config.position_limit().filter(|&l| longest > l) {
-            return Err(Error::Invalid(format!("examples of {longest} tokens exceed the model's n_positions ({limit}); set block_size or max_seq_length")));
-        }
+        check_lengths_and_metric(&args, &model.config, &plugins, longest)?;
         let mut args = args;
         if args.auto_find_batch_size && training {
             plan_batch_size(&mut args, &model, longest)?;
@@ -242,4 +240,27 @@ impl<B: Backend + Clone> Trainer<B> {
             stop: Default::default(),
         })
     }
+}
+
+/// Checks before training that the longest example fits the model's positions, and that
+/// `metric_for_best_model` names a metric the evaluation will report.
+fn check_lengths_and_metric(args: &TrainingArguments, config: &crate::model::ModelConfig, plugins: &Plugins, longest: usize) -> Result<()> {
+    if longest > config.max_positions {
+        // GPT-2's position table ends there; the Llama family's rotary positions would run
+        // past what the model was trained for (rope scaling is not implemented)
+        let field = if config.position_limit().is_some() { "n_positions" } else { "max_position_embeddings" };
+        return Err(Error::Invalid(format!(
+            "examples of {longest} tokens exceed the model's {field} ({}); set block_size or max_seq_length",
+            config.max_positions
+        )));
+    }
+    if let Some(m) = args.metric_for_best_model.as_deref() {
+        let known = ["loss", "runtime", "samples_per_second", "steps_per_second"];
+        if !known.contains(&m.strip_prefix("eval_").unwrap_or(m)) && !plugins.has_metrics() {
+            return Err(Error::Invalid(format!(
+                "metric_for_best_model `{m}`: without a metrics plugin, evaluation reports only eval_loss (load one with --plugin, or use metric_for_best_model loss)"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -207,7 +207,12 @@ impl Backend for Cpu {
 /// abort (as `vec![0; n]` would be under a memory limit). Zeroed pages come from the system
 /// lazily, as with `vec!`.
 fn zeroed<T: Zeroable>(n: usize) -> Result<Vec<T>> {
-    let oom = || crate::error::Error::OutOfMemory(format!("allocating {:.2} GiB of host memory failed", (n as f64 * std::mem::size_of::<T>() as f64) / (1u64 << 30) as f64));
+    let oom = || {
+        crate::error::Error::OutOfMemory(format!(
+            "allocating {:.2} GiB of host memory failed",
+            (n as f64 * std::mem::size_of::<T>() as f64) / (1u64 << 30) as f64
+        ))
+    };
     if n == 0 {
         return Ok(Vec::new());
     }

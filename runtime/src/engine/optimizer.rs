@@ -53,10 +53,10 @@ impl<B: Backend> AdamW<B> {
         Ok(())
     }
 
-    /// The hyper-parameters of the step numbered `self.step`.
-    pub(super) fn hyper(&self, lr: f32, grad_scale: f32) -> AdamWStep {
+    /// The hyper-parameters of the step numbered `step` (1-based).
+    pub(super) fn hyper(&self, step: u64, lr: f32, grad_scale: f32) -> AdamWStep {
         let c = self.config;
-        AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: self.step, grad_scale }
+        AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step, grad_scale }
     }
 
     /// One step at learning rate `lr` (the scheduler's value), with the gradients multiplied by
@@ -64,7 +64,7 @@ impl<B: Backend> AdamW<B> {
     pub fn step(&mut self, model: &mut Model<B>, grads: &Grads<B>, lr: f32, grad_scale: f32) -> Result<()> {
         self.allocate(model)?;
         self.step += 1;
-        let hp = self.hyper(lr, grad_scale);
+        let hp = self.hyper(self.step, lr, grad_scale);
         let mut tensors: Vec<_> = model
             .params
             .iter_mut()

@@ -123,12 +123,8 @@ impl<B: Backend> Step<B> {
             Some(n) => n as f64,
             None => trainable_grad_norm(&self.model.backend, &self.grads, &self.model.trainable)? as f64,
         } * clip_coef as f64;
-        let hp = {
-            self.opt.step += 1;
-            let hp = self.opt.hyper(lr, clip_coef);
-            self.opt.step -= 1;
-            hp
-        };
+        // the hyper-parameters of the step about to be taken
+        let hp = self.opt.hyper(self.opt.step + 1, lr, clip_coef);
         let mut next = self.bounds.and_then(|b| bounds_after_update(hp, b, g));
         if next.is_none() {
             let (finite, measured) = self.state_bounds()?;

@@ -61,8 +61,7 @@ pub fn addition(dir: &Path, n_train: usize, n_eval: usize, digits: u32, seed: u6
     if digits == 0 || digits > 9 {
         return Err(Error::Invalid("--digits must be between 1 and 9".into()));
     }
-    let occupied = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some();
-    if occupied && !overwrite {
+    if crate::files::non_empty_dir(dir)? && !overwrite {
         return Err(Error::Invalid(format!(
             "{}: folder exists and is not empty; pass --overwrite_output_dir to write the example's files into it (files of the same names are replaced)",
             dir.display()

@@ -35,10 +35,15 @@ pub fn runtime_cache_dir() -> Option<PathBuf> {
     Some(base.join("runtime"))
 }
 
+/// Whether `dir` is a folder holding anything.
+pub fn non_empty_dir(dir: &Path) -> Result<bool> {
+    Ok(dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some())
+}
+
 /// Builds a folder under a temporary sibling name with `fill`, then renames it to `dir`. On any
 /// error the temporary folder is removed and `dir` is left as it was.
 pub fn write_folder_atomically(dir: &Path, overwrite: bool, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let occupied = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some();
+    let occupied = non_empty_dir(dir)?;
     if dir.exists() && !dir.is_dir() {
         return Err(Error::Invalid(format!("{}: exists and is not a folder", dir.display())));
     }

@@ -21,7 +21,7 @@ const LAYERS: &[(&str, &[&str], &[&str])] = &[
     ("train", &["train"], &["base", "backend", "protocol", "nn", "model", "engine", "data", "args", "plugin", "generate"]),
     (
         "command line",
-        &["main", "commands", "bench", "example", "tools"],
+        &["main", "commands", "bench", "example", "jobs", "tools"],
         &["base", "backend", "protocol", "nn", "model", "engine", "data", "args", "plugin", "generate", "train"],
     ),
 ];

@@ -17,6 +17,7 @@ pub mod error;
 pub mod example;
 pub mod files;
 pub mod generate;
+pub mod jobs;
 pub mod model;
 pub mod nn;
 pub mod plugin;

@@ -4,12 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use runtime::backend::Backend;
 use runtime::bench::{self, BenchConfig};
 use runtime::commands::{self, parse_attn, parse_device, parse_dtype, parse_shard_size};
-use runtime::model::{Device, LoadOptions, Selected};
-use runtime::train::callbacks::PrinterCallback;
-use runtime::train::trainer::Trainer;
+use runtime::jobs;
+use runtime::model::{LoadOptions, Selected};
 
 #[derive(Parser)]
 #[command(name = "runtime", version, about = "A training runtime for Hugging Face format language models")]
@@ -158,6 +156,10 @@ enum Command {
         #[arg(long = "overwrite_output_dir")]
         overwrite_output_dir: bool,
     },
+    /// Search hyperparameters as `Trainer.hyperparameter_search` does: `runtime hp-search --config
+    /// run.toml --space space.toml --n_trials N`; each trial trains in `output_dir/run-N`.
+    #[command(name = "hp-search")]
+    HpSearch(jobs::HpSearchArgs),
     /// Evaluate a model or checkpoint (`model_name_or_path`) on `validation_file`.
     Eval {
         #[arg(long)]
@@ -340,10 +342,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train { config, overrides } => {
             let overrides = runtime::args::training::parse_overrides(&overrides)?;
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
-            match select_backend(&args)? {
-                Selected::Cpu => train_on(runtime::backend::cpu::Cpu, args)?,
-                Selected::Cuda(cuda) => train_on(cuda, args)?,
-            }
+            jobs::train(args)?;
         }
         Command::Example { name, output_dir, n_train, n_eval, digits, seed, overwrite_output_dir } => {
             if name != "addition" {
@@ -352,13 +351,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime::example::addition(&output_dir, n_train, n_eval, digits, seed, overwrite_output_dir)?;
             println!("wrote {}; train with: runtime train --config {}", output_dir.display(), output_dir.join("train.toml").display());
         }
+        Command::HpSearch(a) => jobs::hp_search(&a.options()?)?,
         Command::Eval { config, overrides } => {
             let overrides = runtime::args::training::parse_overrides(&overrides)?;
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
-            match select_backend(&args)? {
-                Selected::Cpu => eval_on(runtime::backend::cpu::Cpu, args)?,
-                Selected::Cuda(cuda) => eval_on(cuda, args)?,
-            }
+            jobs::eval(args)?;
         }
         Command::Predict { model, test_file, overrides } => {
             let mut overrides = runtime::args::training::parse_overrides(&overrides)?;
@@ -366,10 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             overrides.insert(1, ("validation_file".into(), serde_json::json!(test_file)));
             overrides.push(("predict_with_generate".into(), serde_json::json!(true)));
             let args = runtime::args::TrainingArguments::load(None, &overrides)?;
-            match select_backend(&args)? {
-                Selected::Cpu => predict_on(runtime::backend::cpu::Cpu, args)?,
-                Selected::Cuda(cuda) => predict_on(cuda, args)?,
-            }
+            jobs::predict(args)?;
         }
         Command::Generate { model, mut prompt, prompt_file, chat, device, settings } => {
             if let Some(f) = &prompt_file {
@@ -554,58 +548,3 @@ fn main() -> ExitCode {
 /// The exit status of a training run stopped by SIGTERM or SIGINT after writing a checkpoint to
 /// resume from: 75, `EX_TEMPFAIL` ("a temporary failure; retry later").
 const STOPPED_RESUMABLE: u8 = 75;
-
-/// SIGTERM and SIGINT (what Slurm, Kubernetes and Ctrl-C send) set `stop`: the trainer finishes
-/// its optimizer step, writes a checkpoint and returns. A second signal exits at once (status
-/// 143 or 130, as the default action's would be).
-fn stop_on_signals(stop: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    for (signal, status) in [(SIGTERM, 143), (SIGINT, 130)] {
-        // the exit is registered first, armed by the flag the first signal sets
-        signal_hook::flag::register_conditional_shutdown(signal, status, stop.clone())?;
-        signal_hook::flag::register(signal, stop.clone())?;
-    }
-    Ok(())
-}
-
-/// The backend `device` (or `use_cpu`) and `bf16` ask for.
-fn select_backend(args: &runtime::args::TrainingArguments) -> anyhow::Result<Selected> {
-    let device = if args.use_cpu { Device::Cpu } else { parse_device(&args.device)? };
-    let selected = device.select(args.bf16)?;
-    if let Selected::Cuda(cuda) = &selected {
-        cuda.set_deterministic(args.full_determinism);
-    }
-    Ok(selected)
-}
-
-fn train_on<B: Backend + Clone>(backend: B, args: runtime::args::TrainingArguments) -> anyhow::Result<()> {
-    let mut trainer = Trainer::new_on(backend, args, true)?;
-    trainer.add_callback(Box::new(PrinterCallback { out: std::io::stdout() }));
-    stop_on_signals(&trainer.stop)?;
-    tracing::info!(
-        "training {} ({} parameters) on {} examples for {} steps ({})",
-        trainer.step.model.config.architecture_name(),
-        trainer.step.model.num_parameters(),
-        trainer.train_len(),
-        trainer.state.max_steps,
-        trainer.step.model.backend.name()
-    );
-    let metrics = trainer.train()?;
-    println!("{}", serde_json::to_string(&metrics)?);
-    println!("saved to {}", trainer.args.output_dir);
-    Ok(())
-}
-
-fn eval_on<B: Backend + Clone>(backend: B, args: runtime::args::TrainingArguments) -> anyhow::Result<()> {
-    let mut trainer = Trainer::new_on(backend, args, false)?;
-    println!("{}", serde_json::to_string(&trainer.evaluate()?)?);
-    Ok(())
-}
-
-fn predict_on<B: Backend + Clone>(backend: B, args: runtime::args::TrainingArguments) -> anyhow::Result<()> {
-    let mut trainer = Trainer::new_on(backend, args, false)?;
-    let metrics = trainer.predict()?;
-    println!("{}", serde_json::to_string(&metrics)?);
-    println!("wrote {}", std::path::Path::new(&trainer.args.output_dir).join("generated_predictions.jsonl").display());
-    Ok(())
-}

@@ -123,7 +123,11 @@ pub struct TrainingArguments {
     pub remove_unused_columns: bool,
     pub label_names: Option<Vec<String>>,
     pub disable_tqdm: bool,
+    /// Integrations: `tensorboard` (also what `all` means here), or none (`"none"`, `[]`).
     pub report_to: Value,
+    /// Where TensorBoard's event files go (transformers 4's argument; transformers 5 reads
+    /// `$TENSORBOARD_LOGGING_DIR`). Unset: `output_dir/runs/<time>_<host>`.
+    pub logging_dir: Option<String>,
     pub run_name: Option<String>,
     pub use_cpu: bool,
     pub device: String,
@@ -207,6 +211,7 @@ impl Default for TrainingArguments {
             label_names: None,
             disable_tqdm: false,
             report_to: Value::Array(Vec::new()),
+            logging_dir: None,
             run_name: None,
             use_cpu: false,
             device: "auto".into(),
@@ -284,6 +289,30 @@ const HF_UNSUPPORTED: &[&str] = &[
     "generation_config",
 ];
 
+/// `report_to` as a list of integration names: as transformers, `"none"` (or null) is none, a
+/// name is a list of one, and `"all"` is every integration this build has (TensorBoard).
+fn report_to_list(v: &Value) -> Result<Vec<String>> {
+    let names = match v {
+        Value::Null => Vec::new(),
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string).ok_or_else(|| Error::Invalid(format!("report_to: expected integration names, found {x}"))))
+            .collect::<Result<_>>()?,
+        other => return Err(Error::Invalid(format!("report_to: expected a name or a list of names, found {other}"))),
+    };
+    let mut out = Vec::new();
+    for n in names {
+        match n.as_str() {
+            "none" => {}
+            "all" => out.push("tensorboard".to_string()),
+            _ => out.push(n),
+        }
+    }
+    out.dedup();
+    Ok(out)
+}
+
 /// Every key a config may hold.
 pub fn known_keys() -> Vec<String> {
     match serde_json::to_value(TrainingArguments::default()) {
@@ -333,6 +362,16 @@ impl TrainingArguments {
             }
             check_key(key, "command line")?;
             map.insert(key.clone(), value.clone());
+        }
+        Self::from_map(map, file.map(Path::to_path_buf))
+    }
+
+    /// The arguments from a config's map (as [`read_config_file`] gives it, with any edits),
+    /// every key checked, validated; `file` names the source in messages.
+    pub fn from_config_map(map: Map<String, Value>, file: Option<&Path>) -> Result<Self> {
+        let source = file.map_or_else(|| "config".to_string(), |p| p.display().to_string());
+        for key in map.keys() {
+            check_key(key, &source)?;
         }
         Self::from_map(map, file.map(Path::to_path_buf))
     }
@@ -459,10 +498,7 @@ impl TrainingArguments {
                 self.greater_is_better = Some(!m.ends_with("loss"));
             }
         }
-        // as transformers: "none" means no integrations, kept as an empty list
-        if self.report_to == Value::String("none".into()) || self.report_to.is_null() {
-            self.report_to = Value::Array(Vec::new());
-        }
+        self.report_to = Value::Array(report_to_list(&self.report_to)?.into_iter().map(Value::String).collect());
         if let Some(n) = self.generation_num_beams {
             if n == 0 {
                 return bad("generation_num_beams must be at least 1".into());

@@ -11,6 +11,8 @@ pub mod plot;
 pub mod plugin_callbacks;
 pub mod sampler;
 pub mod schedule;
+pub mod search;
 mod setup;
 pub mod state;
+pub mod tensorboard;
 pub mod trainer;

@@ -6,13 +6,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde_json::Value;
+
 use super::batch_size::{fit_batch_size, memory_budget};
-use super::callbacks::TrainerControl;
+use super::callbacks::{TrainerCallback, TrainerControl};
 use super::flow::interval;
 use super::plugin_callbacks::plugin_callbacks;
 use super::sampler::Sampler;
 use super::schedule::{warmup_steps, Schedule, SchedulerType};
 use super::state::TrainerState;
+use super::tensorboard::TensorBoardCallback;
 use super::trainer::Trainer;
 use crate::args::{IntervalStrategy, TrainingArguments};
 use crate::backend::{AttnImpl, Backend};
@@ -29,10 +32,12 @@ use crate::protocol::TokenDecoder;
 fn check_supported(args: &TrainingArguments, backend: &str) -> Result<()> {
     let unsupported = [
         (args.include_for_metrics.iter().any(|x| x != "inputs"), "include_for_metrics other than \"inputs\""),
-        (args.report_to.as_array().is_some_and(|a| !a.is_empty()) || args.report_to.is_string(), "report_to (integrations)"),
     ];
     if let Some((_, name)) = unsupported.iter().find(|(set, _)| *set) {
         return Err(Error::Unsupported(format!("`{name}` is not supported by this build yet")));
+    }
+    if let Some(other) = args.report_to.as_array().into_iter().flatten().filter_map(Value::as_str).find(|n| *n != "tensorboard") {
+        return Err(Error::Unsupported(format!("report_to `{other}` is not supported by this build (supported: tensorboard, none)")));
     }
     if args.device == "cuda" && !args.use_cpu && backend != "cuda" {
         return Err(Error::Invalid(format!("device `cuda` was asked for but the trainer was given the {backend} backend")));
@@ -222,7 +227,13 @@ impl<B: Backend + Clone> Trainer<B> {
             ..TrainerState::default()
         };
         let output_dir = PathBuf::from(&args.output_dir);
-        let callbacks = plugin_callbacks(&plugins);
+        // as transformers: the reporting integrations come before the user's callbacks
+        let mut callbacks: Vec<Box<dyn TrainerCallback>> = Vec::new();
+        if args.report_to.as_array().is_some_and(|a| a.iter().any(|n| n == "tensorboard")) {
+            let config = serde_json::to_string_pretty(&step.model.config.raw).unwrap_or_default();
+            callbacks.push(Box::new(TensorBoardCallback::new(config)));
+        }
+        callbacks.extend(plugin_callbacks(&plugins));
         Ok(Trainer {
             args,
             step,

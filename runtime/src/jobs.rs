@@ -1,0 +1,190 @@
+//! The jobs the command line runs on the backend a run asks for (`device`, `use_cpu`, `bf16`):
+//! training, evaluation, prediction and the trials of a hyperparameter search; and stopping on
+//! SIGTERM/SIGINT with a checkpoint to resume from.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::args::TrainingArguments;
+use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::{Device, Selected};
+use crate::train::callbacks::{PrinterCallback, TrainerCallback};
+use crate::train::search::pruner::MedianPruner;
+use crate::train::search::space::SamplerKind;
+use crate::train::search::{self, SearchOptions};
+use crate::train::trainer::Trainer;
+
+/// SIGTERM and SIGINT (what Slurm, Kubernetes and Ctrl-C send) set `stop`: the trainer finishes
+/// its optimizer step, writes a checkpoint and returns. A second signal exits at once (status
+/// 143 or 130, as the default action's would be).
+pub fn stop_on_signals(stop: &Arc<AtomicBool>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for (signal, status) in [(SIGTERM, 143), (SIGINT, 130)] {
+        // the exit is registered first, armed by the flag the first signal sets
+        signal_hook::flag::register_conditional_shutdown(signal, status, stop.clone())?;
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    Ok(())
+}
+
+/// The backend `device` (or `use_cpu`) and `bf16` ask for.
+pub fn select_backend(args: &TrainingArguments) -> Result<Selected> {
+    let device = if args.use_cpu { Device::Cpu } else { crate::commands::parse_device(&args.device)? };
+    let selected = device.select(args.bf16)?;
+    if let Selected::Cuda(cuda) = &selected {
+        cuda.set_deterministic(args.full_determinism);
+    }
+    Ok(selected)
+}
+
+/// `runtime train`: the log lines on stdout as they are logged, the final metrics, and where
+/// the output went.
+pub fn train(args: TrainingArguments) -> anyhow::Result<()> {
+    match select_backend(&args)? {
+        Selected::Cpu => train_on(Cpu, args),
+        Selected::Cuda(cuda) => train_on(cuda, args),
+    }
+}
+
+fn train_on<B: Backend + Clone>(backend: B, args: TrainingArguments) -> anyhow::Result<()> {
+    let mut trainer = Trainer::new_on(backend, args, true)?;
+    trainer.add_callback(Box::new(PrinterCallback { out: std::io::stdout() }));
+    stop_on_signals(&trainer.stop)?;
+    tracing::info!(
+        "training {} ({} parameters) on {} examples for {} steps ({})",
+        trainer.step.model.config.architecture_name(),
+        trainer.step.model.num_parameters(),
+        trainer.train_len(),
+        trainer.state.max_steps,
+        trainer.step.model.backend.name()
+    );
+    let metrics = trainer.train()?;
+    println!("{}", serde_json::to_string(&metrics)?);
+    println!("saved to {}", trainer.args.output_dir);
+    Ok(())
+}
+
+/// `runtime eval`: the evaluation's metrics.
+pub fn eval(args: TrainingArguments) -> anyhow::Result<()> {
+    let metrics = match select_backend(&args)? {
+        Selected::Cpu => Trainer::new_on(Cpu, args, false)?.evaluate()?,
+        Selected::Cuda(cuda) => Trainer::new_on(cuda, args, false)?.evaluate()?,
+    };
+    println!("{}", serde_json::to_string(&metrics)?);
+    Ok(())
+}
+
+/// `runtime predict`: the metrics, and where the generated predictions went.
+pub fn predict(args: TrainingArguments) -> anyhow::Result<()> {
+    let out = Path::new(&args.output_dir).join("generated_predictions.jsonl");
+    let metrics = match select_backend(&args)? {
+        Selected::Cpu => Trainer::new_on(Cpu, args, false)?.predict()?,
+        Selected::Cuda(cuda) => Trainer::new_on(cuda, args, false)?.predict()?,
+    };
+    println!("{}", serde_json::to_string(&metrics)?);
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// The arguments of `runtime hp-search`.
+#[derive(clap::Args)]
+pub struct HpSearchArgs {
+    /// The run config every trial starts from.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The search space: one table per parameter (`[learning_rate] type = "float", low = 1e-4,
+    /// high = 1e-2, log = true`).
+    #[arg(long)]
+    space: PathBuf,
+    #[arg(long = "n_trials", default_value_t = 10)]
+    n_trials: usize,
+    /// minimize or maximize
+    #[arg(long, default_value = "minimize")]
+    direction: String,
+    /// The evaluation metric each trial reports (`eval_` is added when missing).
+    #[arg(long, default_value = "eval_loss")]
+    metric: String,
+    /// tpe, random or grid
+    #[arg(long, default_value = "tpe")]
+    sampler: String,
+    /// Random trials before TPE takes over (Optuna's n_startup_trials).
+    #[arg(long = "sampler_startup_trials", default_value_t = 10)]
+    sampler_startup_trials: usize,
+    /// median or none
+    #[arg(long, default_value = "median")]
+    pruner: String,
+    /// Complete trials before the median pruner acts (Optuna's n_startup_trials).
+    #[arg(long = "pruner_startup_trials", default_value_t = 5)]
+    pruner_startup_trials: usize,
+    /// Steps before the median pruner acts (Optuna's n_warmup_steps).
+    #[arg(long = "pruner_warmup_steps", default_value_t = 0)]
+    pruner_warmup_steps: u64,
+    /// The study's folder (default: the config's output_dir).
+    #[arg(long = "output_dir")]
+    output_dir: Option<PathBuf>,
+    /// The sampler's seed (default: the config's seed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// `--name value` settings over the config file (the trial's parameters win).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    overrides: Vec<String>,
+}
+
+impl HpSearchArgs {
+    /// The search's options, every flag checked.
+    pub fn options(self) -> Result<SearchOptions> {
+        let maximize = match self.direction.as_str() {
+            "minimize" => false,
+            "maximize" => true,
+            d => return Err(Error::Invalid(format!("--direction `{d}`: expected minimize or maximize"))),
+        };
+        let pruner = match self.pruner.as_str() {
+            "median" => Some(MedianPruner { n_startup_trials: self.pruner_startup_trials, n_warmup_steps: self.pruner_warmup_steps }),
+            "none" => None,
+            p => return Err(Error::Invalid(format!("--pruner `{p}`: expected median or none"))),
+        };
+        Ok(SearchOptions {
+            config: self.config,
+            overrides: crate::args::training::parse_overrides(&self.overrides)?,
+            space: self.space,
+            n_trials: self.n_trials,
+            maximize,
+            metric: self.metric,
+            sampler: SamplerKind::parse(&self.sampler)?,
+            sampler_startup_trials: self.sampler_startup_trials,
+            pruner,
+            output_dir: self.output_dir,
+            seed: self.seed,
+        })
+    }
+}
+
+/// `runtime hp-search`: every trial on the backend its arguments ask for; a signal stops the
+/// running trial with a checkpoint and ends the search (a rerun continues it).
+pub fn hp_search(opts: &SearchOptions) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(&stop)?;
+    let mut run_trial = |args: TrainingArguments, callbacks: Vec<Box<dyn TrainerCallback>>| -> Result<()> {
+        match select_backend(&args)? {
+            Selected::Cpu => trial_on(Cpu, args, callbacks, &stop),
+            Selected::Cuda(cuda) => trial_on(cuda, args, callbacks, &stop),
+        }
+    };
+    let trials = search::run(opts, &mut run_trial)?;
+    let metric = if opts.metric.starts_with("eval_") { opts.metric.clone() } else { format!("eval_{}", opts.metric) };
+    print!("{}", search::summary(&trials, &metric, opts.maximize));
+    Ok(())
+}
+
+fn trial_on<B: Backend + Clone>(backend: B, args: TrainingArguments, callbacks: Vec<Box<dyn TrainerCallback>>, stop: &Arc<AtomicBool>) -> Result<()> {
+    let mut trainer = Trainer::new_on(backend, args, true)?;
+    for cb in callbacks {
+        trainer.add_callback(cb);
+    }
+    trainer.stop = stop.clone();
+    trainer.train()?;
+    Ok(())
+}

@@ -212,7 +212,8 @@ pub fn run(opts: &SearchOptions, run_trial: &mut RunTrial) -> Result<Vec<Trial>>
         let number = trials.len();
         let trial = run_one(opts, &params, &base, seed, number, &dir, &metric, &trials, run_trial)?;
         let objective = trial.objective.map_or("-".to_string(), |o| format!("{o}"));
-        println!("trial {number} {:?}: {metric} {objective} {}", trial.state, Value::Object(trial.params.clone()));
+        let state = format!("{:?}", trial.state).to_lowercase();
+        println!("trial {number} {state}: {metric} {objective} {}", Value::Object(trial.params.clone()));
         trials.push(trial);
         let lines: String = trials.iter().map(|t| serde_json::to_string(t).unwrap_or_default() + "\n").collect();
         replace_file(&trials_path, lines.as_bytes())?;
@@ -256,7 +257,9 @@ fn run_one(
     });
     let report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
     let (state, error) = match outcome {
-        Err(e @ Error::Interrupted(_)) => return Err(e),
+        Err(Error::Interrupted(_)) => {
+            return Err(Error::Interrupted(format!("the search stopped during trial {number}; rerun the same command to continue the study (trial {number} starts again)")));
+        }
         Err(e) => {
             tracing::warn!("hp-search: trial {number} failed: {e}");
             (TrialState::Failed, Some(e.to_string()))

@@ -1,5 +1,5 @@
-// Elementwise kernels: fill, scale, add, f32 -> bf16, GELU (tanh) and SwiGLU.
-// CPU twins: cpu/pointwise.rs (gelu_*, swiglu_*, add), cpu/optim.rs (scale), Backend::fill.
+// Elementwise kernels: fill, scale, add, column-block add/take, f32 -> bf16, GELU (tanh) and SwiGLU.
+// CPU twins: cpu/pointwise.rs (gelu_*, swiglu_*, add, add_cols, take_cols), cpu/optim.rs (scale), Backend::fill.
 // Launch: block 256, grid min(ceil(n / 256), 65535), grid-stride loops.
 //
 // The arithmetic is written in the CPU's order with explicitly rounded operations (__fmul_rn,
@@ -16,6 +16,28 @@ extern "C" __global__ void scale_f32(float* x, float s, long long n) {
 
 extern "C" __global__ void add_f32(float* out, const float* a, const float* b, long long n) {
     for (long long i = grid_start(); i < n; i += grid_stride()) out[i] = __fadd_rn(a[i], b[i]);
+}
+
+// dst is [rows, ld], src [rows, width]: dst[r, off + j] += scale * src[r, j] (a LoRA branch into
+// its part of a fused output; an axpy when width == ld).
+extern "C" __global__ void add_cols_f32(float* dst, const float* src, long long rows, int width, int ld, int off, float scale) {
+    const long long n = rows * (long long)width;
+    for (long long e = grid_start(); e < n; e += grid_stride()) {
+        const long long r = e / width;
+        const long long j = e - r * width;
+        float* d = dst + r * ld + off + j;
+        *d = __fadd_rn(*d, __fmul_rn(scale, src[e]));
+    }
+}
+
+// dst is [rows, width], src [rows, ld]: dst[r, j] = scale * src[r, off + j].
+extern "C" __global__ void take_cols_f32(float* dst, const float* src, long long rows, int width, int ld, int off, float scale) {
+    const long long n = rows * (long long)width;
+    for (long long e = grid_start(); e < n; e += grid_stride()) {
+        const long long r = e / width;
+        const long long j = e - r * width;
+        dst[e] = __fmul_rn(scale, src[r * ld + off + j]);
+    }
 }
 
 extern "C" __global__ void cast_f32_bf16(bf16_t* y, const float* x, long long n) {

@@ -106,6 +106,22 @@ static void test_pointwise() {
     for (int i = 0; i < n; ++i) ok &= s[i] == 2.5f;
     check("add/scale/fill", ok);
 
+    // column blocks: dst [rows, ld] += scale * src [rows, width] at column off, and back
+    {
+        const int rows = 9, ld = 37, width = 11, off = 17;
+        auto dst = rvec(rows * ld), src = rvec(rows * width);
+        auto ref = dst;
+        launch(g1(rows * width), dim3{256}, add_cols_f32, dst.data(), (const float*)src.data(), (long long)rows, width, ld, off, 0.625f);
+        for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < width; ++j) ref[r * ld + off + j] = ref[r * ld + off + j] + 0.625f * src[r * width + j];
+        bool same = dst == ref;
+        vector<float> back(rows * width, 99.0f);
+        launch(g1(rows * width), dim3{256}, take_cols_f32, back.data(), (const float*)dst.data(), (long long)rows, width, ld, off, -2.0f);
+        for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < width; ++j) same &= back[r * width + j] == -2.0f * dst[r * ld + off + j];
+        check("add_cols/take_cols", same);
+    }
+
     // bf16 rounding: ties to even, NaN, inf, overflow to inf
     vector<float> cv = {1.0f, __uint_as_float(0x3f808000u), __uint_as_float(0x3f818000u), __uint_as_float(0x3f808001u), -0.0f,
                         __int_as_float(0x7f800000), __uint_as_float(0x7f800001u), __uint_as_float(0x7f7fffffu), __uint_as_float(0xff810000u)};

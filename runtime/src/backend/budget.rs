@@ -200,6 +200,12 @@ impl<B: Backend> Backend for Budget<B> {
     fn add(&self, out: &mut Buf<B>, a: &Buf<B>, b: &Buf<B>) {
         self.inner.add(&mut out.buf, &a.buf, &b.buf)
     }
+    fn add_cols(&self, dst: &mut Buf<B>, src: &Buf<B>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
+        self.inner.add_cols(&mut dst.buf, &src.buf, rows, width, ld, off, scale)
+    }
+    fn take_cols(&self, dst: &mut Buf<B>, src: &Buf<B>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
+        self.inner.take_cols(&mut dst.buf, &src.buf, rows, width, ld, off, scale)
+    }
     fn cross_entropy(&self, logits: &mut Buf<B>, targets: &Ids<B>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {
         self.inner.cross_entropy(&mut logits.buf, &targets.buf, v, smoothing, grad_scale)
     }

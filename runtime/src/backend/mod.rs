@@ -335,6 +335,14 @@ pub trait Backend: Send + Sync {
     fn swiglu_bwd(&self, dx: &mut Self::Buf, x: &Self::Buf, dout: &Self::Buf, i: usize);
     /// `out = a + b`.
     fn add(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf);
+    /// Accumulates `scale * src` (`[rows, width]`) into columns `off..off + width` of `dst`
+    /// (`[rows, ld]`): `dst[r, off + j] += scale * src[r, j]`. With `width == ld` it is an axpy.
+    #[allow(clippy::too_many_arguments)] // the two operands and the column block's geometry
+    fn add_cols(&self, dst: &mut Self::Buf, src: &Self::Buf, rows: usize, width: usize, ld: usize, off: usize, scale: f32);
+    /// Writes `scale` times columns `off..off + width` of `src` (`[rows, ld]`) to `dst`
+    /// (`[rows, width]`): `dst[r, j] = scale * src[r, off + j]`.
+    #[allow(clippy::too_many_arguments)] // the two operands and the column block's geometry
+    fn take_cols(&self, dst: &mut Self::Buf, src: &Self::Buf, rows: usize, width: usize, ld: usize, off: usize, scale: f32);
 
     /// Fused softmax cross-entropy over rows of width `v` with ignore index -100 and label
     /// smoothing. With `grad_scale = Some(s)` the logits are overwritten by `s * dloss/dlogits`.

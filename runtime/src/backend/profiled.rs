@@ -164,6 +164,12 @@ impl<B: Backend> Backend for Profiled<B> {
     fn add(&self, out: &mut B::Buf, a: &B::Buf, b: &B::Buf) {
         self.time("residual", 0.0, || self.inner.add(out, a, b))
     }
+    fn add_cols(&self, dst: &mut B::Buf, src: &B::Buf, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
+        self.time("adapter", 0.0, || self.inner.add_cols(dst, src, rows, width, ld, off, scale))
+    }
+    fn take_cols(&self, dst: &mut B::Buf, src: &B::Buf, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
+        self.time("adapter", 0.0, || self.inner.take_cols(dst, src, rows, width, ld, off, scale))
+    }
     fn cross_entropy(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {
         self.time("cross_entropy", 0.0, || self.inner.cross_entropy(logits, targets, v, smoothing, grad_scale))
     }

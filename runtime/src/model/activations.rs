@@ -5,7 +5,7 @@
 use super::Model;
 use crate::backend::{AttnImpl, Backend};
 use crate::error::Result;
-use crate::nn::BlockBufs;
+use crate::nn::{BlockBufs, LoraScratch};
 use crate::protocol::IGNORE_INDEX;
 
 /// Parameter gradients, one buffer per [`super::layout::ParamSpec`]; a frozen parameter's is
@@ -97,6 +97,8 @@ pub struct Activations<B: Backend> {
     pub(super) dqkv: B::Buf,
     pub(super) dfc: B::Buf,
     pub(super) dact: B::Buf,
+    /// The LoRA branches' scratch (empty without adapters).
+    pub(super) lora: LoraScratch<B>,
     pub(super) has_grad: bool,
     pub(super) checkpointing: bool,
 }
@@ -155,6 +157,7 @@ impl<B: Backend> Activations<B> {
             dqkv: z(rows * c.qkv_width())?,
             dfc: z(rows * c.fc_width())?,
             dact: z(rows * c.intermediate_size)?,
+            lora: LoraScratch::new(be, rows, model.lora_dims())?,
             has_grad: false,
             checkpointing: model.gradient_checkpointing,
         })
@@ -177,7 +180,9 @@ impl<B: Backend> Activations<B> {
         let head_rows = model.head_chunk_rows(batch * seq) as u128;
         let head = head_rows * v + if head_rows < rows { 2 * head_rows * h } else { 0 } + rows;
         let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + head + 3 * rows * h + rows * (out + qkv + fc + i) + 4 * rows;
-        4 * (kept * per_layer + rest)
+        let (r, cols, inp) = model.lora_dims();
+        let lora = rows * (2 * r + cols + inp) as u128;
+        4 * (kept * per_layer + rest + lora)
     }
 
     /// Bytes held by the activation and scratch buffers (what gradient checkpointing reduces).
@@ -204,7 +209,8 @@ impl<B: Backend> Activations<B> {
             &self.dfc,
             &self.dact,
         ];
-        4 * (self.layers.iter().map(l).sum::<usize>() + self.resid.iter().map(|b| be.len(b)).sum::<usize>() + bufs.iter().map(|b| be.len(b)).sum::<usize>())
+        let layers = self.layers.iter().map(l).sum::<usize>() + self.resid.iter().map(|b| be.len(b)).sum::<usize>();
+        4 * (layers + bufs.iter().map(|b| be.len(b)).sum::<usize>()) + self.lora.bytes(be)
     }
 
     pub fn shape(&self) -> (usize, usize) {

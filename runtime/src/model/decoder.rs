@@ -129,7 +129,7 @@ impl<B: Backend> Model<B> {
         let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
         let (mut bufs, stats) = a.bufs(&mut acts.tmp);
         let call = AttnCall::Sequence { stats, mask: &acts.mask, pos: &acts.pos, batch: acts.batch, seq: acts.seq };
-        self.block(l).fwd(&self.backend, &self.unit_params(), x, y, &mut bufs, call);
+        self.block(l).fwd(&self.backend, &self.unit_params(), x, y, &mut bufs, &mut acts.lora, call);
     }
 
     /// Generation's prefill: the forward pass over a (left-padded) batch of prompts, writing
@@ -229,8 +229,15 @@ impl<B: Backend> Model<B> {
             }
             let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
             let (bufs, stats) = a.bufs(&mut acts.tmp);
-            let mut d =
-                BlockGrads { dres: &mut acts.dres, dln: &mut acts.dln, datt: &mut acts.datt, dqkv: &mut acts.dqkv, dfc: &mut acts.dfc, dact: &mut acts.dact };
+            let mut d = BlockGrads {
+                dres: &mut acts.dres,
+                dln: &mut acts.dln,
+                datt: &mut acts.datt,
+                dqkv: &mut acts.dqkv,
+                dfc: &mut acts.dfc,
+                dact: &mut acts.dact,
+                lora: &mut acts.lora,
+            };
             let attn = (&*stats, &acts.mask, &acts.pos);
             let block = self.block(l);
             block.bwd(be, &p, &mut g, &acts.resid[l], &bufs, attn, (acts.batch, acts.seq), &mut d);

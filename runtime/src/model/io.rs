@@ -54,7 +54,7 @@ impl Dtype {
             Dtype::BF16 => StDtype::BF16,
         }
     }
-    fn from_st(d: StDtype) -> Option<Self> {
+    pub(super) fn from_st(d: StDtype) -> Option<Self> {
         match d {
             StDtype::F32 => Some(Dtype::F32),
             StDtype::F16 => Some(Dtype::F16),
@@ -77,7 +77,7 @@ impl Dtype {
             Dtype::BF16 => x.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
         }
     }
-    fn decode(self, bytes: &[u8], out: &mut Vec<f32>) {
+    pub(super) fn decode(self, bytes: &[u8], out: &mut Vec<f32>) {
         match self {
             Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
             Dtype::F16 => out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
@@ -131,7 +131,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(Error::weights(dir, format!("no {SINGLE_FILE} or {INDEX_FILE} found{hint}")))
 }
 
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+pub(super) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only and private to this process for the duration of the load; a
     // file truncated underneath us by another process is outside what any reader can guard.
@@ -230,7 +230,7 @@ pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
     Ok(LoadedWeights { tensors, dtype: dtype.unwrap_or(Dtype::F32), files })
 }
 
-fn decode_part(spec: &ParamSpec, view: &TensorView, dt: Dtype, out: &mut Vec<f32>) {
+pub(super) fn decode_part(spec: &ParamSpec, view: &TensorView, dt: Dtype, out: &mut Vec<f32>) {
     if !spec.conv1d {
         dt.decode(view.data(), out);
         return;
@@ -251,7 +251,7 @@ fn decode_part(spec: &ParamSpec, view: &TensorView, dt: Dtype, out: &mut Vec<f32
 /// The transformers tensors of a model, in layout order: (name, shape, f32 values).
 pub fn hf_tensors(layout: &Layout, tensors: &[Vec<f32>]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut out = Vec::new();
-    for (spec, data) in layout.specs.iter().zip(tensors) {
+    for (spec, data) in layout.specs.iter().zip(tensors).filter(|(s, _)| !s.adapter) {
         let mut off = 0;
         for part in &spec.parts {
             let n: usize = part.shape.iter().product();

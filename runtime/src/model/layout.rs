@@ -35,6 +35,8 @@ pub struct ParamSpec {
     /// Whether AdamW applies weight decay (not to biases and normalisation weights, as in HF).
     pub decay: bool,
     pub init: Init,
+    /// A LoRA adapter's tensor (`lora.rs`): saved in the adapter's file, never in the model's.
+    pub adapter: bool,
 }
 
 impl ParamSpec {
@@ -108,7 +110,7 @@ pub(super) struct Builder<'a> {
 impl Builder<'_> {
     pub(super) fn push(&mut self, name: String, shape: Vec<usize>, parts: Vec<HfPart>, conv1d: bool, init: Init) -> usize {
         let decay = shape.len() > 1;
-        self.specs.push(ParamSpec { name, shape, parts, conv1d, decay, init });
+        self.specs.push(ParamSpec { name, shape, parts, conv1d, decay, init, adapter: false });
         self.specs.len() - 1
     }
 

@@ -2,6 +2,7 @@
 //! initialiser, and the decoder's forward and backward passes.
 
 pub mod activations;
+pub mod adapter;
 pub mod config;
 pub mod decoder;
 mod gpt2;
@@ -10,6 +11,7 @@ pub mod init;
 pub mod io;
 pub mod layout;
 mod llama;
+pub mod lora;
 pub mod registry;
 mod units;
 
@@ -65,6 +67,9 @@ pub struct Model<B: Backend> {
     /// Rows per chunk of the LM head and loss in training and evaluation (`None`: as many as fit
     /// in [`decoder::LOGITS_CHUNK_FLOATS`]). Read when an [`Activations`] workspace is made.
     pub loss_chunk_rows: Option<usize>,
+    /// The LoRA adapter, when one is attached (`lora.rs`); its tensors follow the base's in
+    /// `params`.
+    pub lora: Option<lora::LoraState>,
 }
 
 /// Files transformers keeps beside the weights that a saved model should carry along.
@@ -121,6 +126,7 @@ impl<B: Backend> Model<B> {
             source: None,
             gradient_checkpointing: false,
             loss_chunk_rows: None,
+            lora: None,
         })
     }
 

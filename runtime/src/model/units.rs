@@ -2,6 +2,7 @@
 //! head, built from the config, the parameter layout and what the family's block is made of
 //! (`registry::Kinds`: which norm, which activation, RoPE or learned positions).
 
+use super::lora::Unit;
 use super::Model;
 use crate::backend::Backend;
 use crate::nn::{Attention, Block, Embedding, Linear, Norm, Params};
@@ -26,17 +27,20 @@ impl<B: Backend> Model<B> {
         let (c, lp) = (&self.config, &self.layout.layers[l]);
         let h = c.hidden_size;
         let kinds = self.kinds();
-        let linear = |w: usize, b: Option<usize>, in_features: usize, out_features: usize| Linear { w, b, in_features, out_features };
+        let linear = |unit: Unit, w: usize, b: Option<usize>, in_features: usize, out_features: usize| Linear {
+            lora: self.lora.as_ref().map_or(Default::default(), |s| s.of(l, unit)),
+            ..Linear::new(w, b, in_features, out_features)
+        };
         let norm = |w: usize, b: Option<usize>| Norm { kind: kinds.norm, w, b, width: h, eps: c.norm_eps };
         Block {
             ln1: norm(lp.ln1_w, lp.ln1_b),
-            qkv: linear(lp.qkv_w, lp.qkv_b, h, c.qkv_width()),
+            qkv: linear(Unit::Qkv, lp.qkv_w, lp.qkv_b, h, c.qkv_width()),
             attn: Attention { n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim, rope_theta: kinds.rope_theta, imp: self.attn_impl },
-            o: linear(lp.o_w, lp.o_b, c.n_head * c.head_dim, h),
+            o: linear(Unit::O, lp.o_w, lp.o_b, c.n_head * c.head_dim, h),
             ln2: norm(lp.ln2_w, lp.ln2_b),
-            fc: linear(lp.fc_w, lp.fc_b, h, c.fc_width()),
+            fc: linear(Unit::Fc, lp.fc_w, lp.fc_b, h, c.fc_width()),
             act: kinds.act,
-            proj: linear(lp.proj_w, lp.proj_b, c.intermediate_size, h),
+            proj: linear(Unit::Proj, lp.proj_w, lp.proj_b, c.intermediate_size, h),
         }
     }
 
@@ -72,6 +76,17 @@ impl<B: Backend> Model<B> {
 
     /// The LM head: the output projection, or the token embedding when they are tied.
     pub fn head(&self) -> Linear {
-        Linear { w: self.layout.head(), b: None, in_features: self.config.hidden_size, out_features: self.config.vocab_size }
+        Linear::new(self.layout.head(), None, self.config.hidden_size, self.config.vocab_size)
+    }
+
+    /// Layer `l`'s linear map `unit`.
+    pub fn block_linear(&self, l: usize, unit: Unit) -> Linear {
+        let b = self.block(l);
+        match unit {
+            Unit::Qkv => b.qkv,
+            Unit::O => b.o,
+            Unit::Fc => b.fc,
+            Unit::Proj => b.proj,
+        }
     }
 }

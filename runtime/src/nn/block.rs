@@ -3,7 +3,7 @@
 //! pass needs) and decoding (one token per row against the KV cache); the backward pass walks
 //! the same units in reverse.
 
-use super::{Activation, Attention, GradsMut, Linear, Norm, Params};
+use super::{Activation, Attention, GradsMut, Linear, LoraScratch, Norm, Params};
 use crate::backend::Backend;
 
 /// A block: its units, in the order the forward pass runs them.
@@ -55,6 +55,7 @@ pub struct BlockGrads<'a, B: Backend> {
     pub dqkv: &'a mut B::Buf,
     pub dfc: &'a mut B::Buf,
     pub dact: &'a mut B::Buf,
+    pub lora: &'a mut LoraScratch<B>,
 }
 
 impl Block {
@@ -68,17 +69,20 @@ impl Block {
             (self.fc.w, self.fc.b),
             (self.proj.w, self.proj.b),
         ];
-        units.into_iter().flat_map(|(w, b)| std::iter::once(w).chain(b)).collect()
+        let adapters = [self.qkv, self.o, self.fc, self.proj].into_iter().flat_map(|l| l.lora.into_iter().flatten().flat_map(|p| [p.a, p.b]));
+        units.into_iter().flat_map(|(w, b)| std::iter::once(w).chain(b)).chain(adapters).collect()
     }
 
-    /// `y = block(x)` over `rows` rows.
-    pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, x: &B::Buf, y: &mut B::Buf, a: &mut BlockBufs<B>, call: AttnCall<B>) {
+    /// `y = block(x)` over `rows` rows (`lora`: the adapters' scratch).
+    #[allow(clippy::too_many_arguments)] // the block's input and output, its state and scratch
+    pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, x: &B::Buf, y: &mut B::Buf, a: &mut BlockBufs<B>, lora: &mut LoraScratch<B>, call: AttnCall<B>) {
         let rows = match &call {
             AttnCall::Sequence { batch, seq, .. } => batch * seq,
             AttnCall::Decode { batch, .. } => *batch,
         };
         self.ln1.fwd(be, p, a.ln1, a.ln1_mean, a.ln1_rstd, x);
         self.qkv.fwd(be, p, a.qkv, a.ln1, rows);
+        self.qkv.lora_fwd(be, p, a.qkv, a.ln1, rows, lora);
         match call {
             AttnCall::Sequence { stats, mask, pos, batch, seq } => {
                 let shape = self.attn.shape(batch, seq);
@@ -97,11 +101,14 @@ impl Block {
             }
         }
         self.o.fwd(be, p, a.tmp, a.att_out, rows);
+        self.o.lora_fwd(be, p, a.tmp, a.att_out, rows, lora);
         be.add(a.res1, x, a.tmp);
         self.ln2.fwd(be, p, a.ln2, a.ln2_mean, a.ln2_rstd, a.res1);
         self.fc.fwd(be, p, a.fc, a.ln2, rows);
+        self.fc.lora_fwd(be, p, a.fc, a.ln2, rows, lora);
         self.act.fwd(be, a.act, a.fc);
         self.proj.fwd(be, p, a.tmp, a.act, rows);
+        self.proj.lora_fwd(be, p, a.tmp, a.act, rows, lora);
         be.add(y, a.res1, a.tmp);
     }
 
@@ -123,16 +130,20 @@ impl Block {
         let rows = batch * seq;
         let shape = self.attn.shape(batch, seq);
         self.proj.bwd(be, p, g, Some(d.dact), d.dres, a.act, rows);
+        self.proj.lora_bwd(be, p, g, Some(d.dact), d.dres, a.act, rows, d.lora);
         self.act.bwd(be, d.dfc, a.fc, d.dact);
         self.fc.bwd(be, p, g, Some(d.dln), d.dfc, a.ln2, rows);
+        self.fc.lora_bwd(be, p, g, Some(d.dln), d.dfc, a.ln2, rows, d.lora);
         self.ln2.bwd(be, p, g, d.dres, d.dln, a.res1, a.ln2_mean, a.ln2_rstd);
         // d.dres now holds d(res1) = d(x + attn(...))
         self.o.bwd(be, p, g, Some(d.datt), d.dres, a.att_out, rows);
+        self.o.lora_bwd(be, p, g, Some(d.datt), d.dres, a.att_out, rows, d.lora);
         be.attention_bwd(d.dqkv, d.datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp);
         if let Some(theta) = self.attn.rope_theta {
             be.rope(d.dqkv, pos, shape, theta, true);
         }
         self.qkv.bwd(be, p, g, Some(d.dln), d.dqkv, a.ln1, rows);
+        self.qkv.lora_bwd(be, p, g, Some(d.dln), d.dqkv, a.ln1, rows, d.lora);
         self.ln1.bwd(be, p, g, d.dres, d.dln, x, a.ln1_mean, a.ln1_rstd);
     }
 }

@@ -52,16 +52,87 @@ pub fn pair<T>(v: &mut [T], a: usize, b: Option<usize>) -> (&mut T, Option<&mut 
     }
 }
 
-/// `y = x W^T + b` with `W` `[out, in]`.
+/// The most LoRA adapters one linear map carries: a fused map holds up to three transformers
+/// modules (`q_proj`, `k_proj`, `v_proj`), each with its own adapter.
+pub const MAX_LORA_PARTS: usize = 3;
+
+/// A LoRA adapter on output columns `off..off + cols` of a linear map (one transformers module of
+/// a fused map, or the whole map): `out[:, off..off + cols] += scale * (x A^T) B^T`, with `A`
+/// `[r, in]` and `B` `[cols, r]` (PEFT's `lora_A` / `lora_B`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraPart {
+    pub a: usize,
+    pub b: usize,
+    pub r: usize,
+    pub off: usize,
+    pub cols: usize,
+    pub scale: f32,
+}
+
+/// Scratch of the LoRA branches, shared by every adapted linear of a pass: `t = x A^T`
+/// (`[rows, r]`), `u` its product with `B` (`[rows, cols]`, the gradient with respect to it in
+/// the backward pass), `dt` (`[rows, r]`) and `dx` (`[rows, in]`). Empty without adapters.
+pub struct LoraScratch<B: Backend> {
+    pub t: B::Buf,
+    pub u: B::Buf,
+    pub dt: B::Buf,
+    pub dx: B::Buf,
+}
+
+impl<B: Backend> LoraScratch<B> {
+    /// Scratch for `rows` rows and the largest rank, part width and input width (all 0: none).
+    pub fn new(be: &B, rows: usize, (r, cols, inp): (usize, usize, usize)) -> crate::error::Result<Self> {
+        Ok(LoraScratch { t: be.zeros(rows * r)?, u: be.zeros(rows * cols)?, dt: be.zeros(rows * r)?, dx: be.zeros(rows * inp)? })
+    }
+
+    pub fn bytes(&self, be: &B) -> usize {
+        4 * [&self.t, &self.u, &self.dt, &self.dx].iter().map(|b| be.len(b)).sum::<usize>()
+    }
+}
+
+/// `y = x W^T + b` with `W` `[out, in]`, plus its LoRA adapters.
 #[derive(Clone, Copy, Debug)]
 pub struct Linear {
     pub w: usize,
     pub b: Option<usize>,
     pub in_features: usize,
     pub out_features: usize,
+    pub lora: [Option<LoraPart>; MAX_LORA_PARTS],
 }
 
 impl Linear {
+    /// A linear map without adapters.
+    pub fn new(w: usize, b: Option<usize>, in_features: usize, out_features: usize) -> Self {
+        Linear { w, b, in_features, out_features, lora: [None; MAX_LORA_PARTS] }
+    }
+
+    /// Adds the LoRA branches to `out` (after [`Linear::fwd`]): as PEFT, `result + lora_B(lora_A(x)) * scaling`.
+    pub fn lora_fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, inp: &B::Buf, rows: usize, s: &mut LoraScratch<B>) {
+        for part in self.lora.iter().flatten() {
+            be.matmul_fwd(&mut s.t, inp, &p.bufs[part.a], None, rows, self.in_features, part.r);
+            be.matmul_fwd(&mut s.u, &s.t, &p.bufs[part.b], None, rows, part.r, part.cols);
+            be.add_cols(out, &s.u, rows, part.cols, self.out_features, part.off, part.scale);
+        }
+    }
+
+    /// The LoRA branches' backward pass (after [`Linear::bwd`], which wrote `dinp`): adds their
+    /// share to `dinp` and accumulates the adapters' gradients. `x A^T` is recomputed, not kept.
+    #[allow(clippy::too_many_arguments)] // as Linear::bwd, and the scratch
+    pub fn lora_bwd<B: Backend>(&self, be: &B, p: &Params<B>, g: &mut GradsMut<B>, mut dinp: Option<&mut B::Buf>, dout: &B::Buf, inp: &B::Buf, rows: usize, s: &mut LoraScratch<B>) {
+        for part in self.lora.iter().flatten() {
+            let (k, r) = (self.in_features, part.r);
+            be.matmul_fwd(&mut s.t, inp, &p.bufs[part.a], None, rows, k, r);
+            be.take_cols(&mut s.u, dout, rows, part.cols, self.out_features, part.off, part.scale);
+            let (da, db) = g.pair(part.a, Some(part.b));
+            be.matmul_bwd(Some(&mut s.dt), db, None, &s.u, &s.t, &p.bufs[part.b], rows, r, part.cols);
+            let dx = if dinp.is_some() { Some(&mut s.dx) } else { None };
+            be.matmul_bwd(dx, da, None, &s.dt, inp, &p.bufs[part.a], rows, k, r);
+            if let Some(d) = dinp.as_deref_mut() {
+                be.add_cols(d, &s.dx, rows, k, k, 0, 1.0);
+            }
+        }
+    }
+
     pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, inp: &B::Buf, rows: usize) {
         be.matmul_fwd(out, inp, &p.bufs[self.w], self.b.map(|b| &p.bufs[b]), rows, self.in_features, self.out_features);
     }

@@ -169,6 +169,12 @@ impl Backend for Cpu {
     fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
         pointwise::add(out, a, b)
     }
+    fn add_cols(&self, dst: &mut Vec<f32>, src: &Vec<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
+        pointwise::add_cols(dst, src, rows, width, ld, off, scale)
+    }
+    fn take_cols(&self, dst: &mut Vec<f32>, src: &Vec<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
+        pointwise::take_cols(dst, src, rows, width, ld, off, scale)
+    }
 
     fn cross_entropy(&self, logits: &mut Vec<f32>, targets: &Vec<i32>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {
         Ok(loss::cross_entropy(logits, targets, v, smoothing, grad_scale))

@@ -94,6 +94,31 @@ pub fn swiglu_bwd(dx: &mut [f32], x: &[f32], dout: &[f32], i: usize) {
     });
 }
 
+/// `dst[r, off + j] += scale * src[r, j]` over `rows` rows of `dst` (`ld` wide) and `src`
+/// (`width` wide); the product is rounded before the sum, as the CUDA kernel does.
+pub fn add_cols(dst: &mut [f32], src: &[f32], rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
+    if rows == 0 || width == 0 {
+        return;
+    }
+    dst[..rows * ld].par_chunks_mut(ld).zip(src[..rows * width].par_chunks(width)).for_each(|(d, s)| {
+        for (d, s) in d[off..off + width].iter_mut().zip(s) {
+            *d += scale * s;
+        }
+    });
+}
+
+/// `dst[r, j] = scale * src[r, off + j]`.
+pub fn take_cols(dst: &mut [f32], src: &[f32], rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
+    if rows == 0 || width == 0 {
+        return;
+    }
+    dst[..rows * width].par_chunks_mut(width).zip(src[..rows * ld].par_chunks(ld)).for_each(|(d, s)| {
+        for (d, s) in d.iter_mut().zip(&s[off..off + width]) {
+            *d = scale * s;
+        }
+    });
+}
+
 pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
     out.par_chunks_mut(4096).zip(a.par_chunks(4096)).zip(b.par_chunks(4096)).for_each(|((o, a), b)| {
         for ((o, a), b) in o.iter_mut().zip(a).zip(b) {

@@ -248,6 +248,8 @@ pub fn required_kernels() -> Vec<String> {
         "fill_f32",
         "scale_f32",
         "add_f32",
+        "add_cols_f32",
+        "take_cols_f32",
         "cast_f32_bf16",
         "gelu_fwd",
         "gelu_bwd",

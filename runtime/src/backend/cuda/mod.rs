@@ -481,6 +481,16 @@ impl Backend for Cuda {
         self.launch_n("add_f32", a.len(), &[self.p(out), self.p(a), self.p(b), A::L(a.len() as i64)]);
     }
 
+    fn add_cols(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
+        self.forget_weight(dst);
+        let args = [self.p(dst), self.p(src), A::L(rows as i64), A::I(width as i32), A::I(ld as i32), A::I(off as i32), A::F(scale)];
+        self.launch_n("add_cols_f32", rows * width, &args);
+    }
+    fn take_cols(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
+        let args = [self.p(dst), self.p(src), A::L(rows as i64), A::I(width as i32), A::I(ld as i32), A::I(off as i32), A::F(scale)];
+        self.launch_n("take_cols_f32", rows * width, &args);
+    }
+
     fn cross_entropy(&self, logits: &mut CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {
         self.cross_entropy_op(logits, targets, v, smoothing, grad_scale)
     }

@@ -1,0 +1,160 @@
+//! The adapter folder as PEFT reads and writes it: `adapter_config.json` and
+//! `adapter_model.safetensors`, holding `base_model.model.<module>.lora_A.weight` / `lora_B.weight`
+//! for every adapted module, the trained biases (`<module>.base_layer.bias` for an adapted module,
+//! `<module>.bias` otherwise) and the `modules_to_save` tensors under `base_model.model.<name>`.
+//! The base model's weights are not in it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::tensor::TensorView;
+use serde_json::{Map, Value};
+
+use super::io::{self, Dtype};
+use super::lora::{module_of, LoraConfig};
+use super::Model;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::files::write_file;
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+const PREFIX: &str = "base_model.model.";
+
+impl<B: Backend> Model<B> {
+    /// The base parameters the adapter file carries (trained biases and `modules_to_save`), each
+    /// with the key of every transformers part.
+    fn adapter_extras(&self) -> Vec<(usize, Vec<String>)> {
+        let Some(state) = &self.lora else { return Vec::new() };
+        let adapted = |m: &str| state.modules.iter().any(|x| x == m);
+        let mut out = Vec::new();
+        for (i, spec) in self.layout.specs.iter().enumerate().filter(|(i, s)| !s.adapter && self.trainable[*i]) {
+            let keys = if state.saved_modules.contains(&i) {
+                spec.parts.iter().map(|p| format!("{PREFIX}{}", p.name)).collect()
+            } else {
+                spec.parts
+                    .iter()
+                    .map(|p| {
+                        let m = module_of(&p.name);
+                        if adapted(m) {
+                            format!("{PREFIX}{m}.base_layer.bias")
+                        } else {
+                            format!("{PREFIX}{}", p.name)
+                        }
+                    })
+                    .collect()
+            };
+            out.push((i, keys));
+        }
+        out
+    }
+
+    /// The adapter's tensors as PEFT saves them (key, shape, values), sorted by key.
+    pub fn adapter_tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        self.adapter_tensors_of(&self.params)
+    }
+
+    /// [`Model::adapter_tensors`] of other buffers laid out as the parameters (their gradients).
+    pub fn adapter_tensors_of(&self, bufs: &[B::Buf]) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        if self.lora.is_none() {
+            return Err(Error::Invalid("the model has no adapter".into()));
+        }
+        let mut out = Vec::new();
+        for (i, keys) in self.adapter_extras() {
+            let sub = super::layout::Layout { specs: vec![self.layout.specs[i].clone()], ..self.layout.clone() };
+            for ((_, shape, values), key) in io::hf_tensors(&sub, &[self.backend.download(&bufs[i])?]).into_iter().zip(keys) {
+                out.push((key, shape, values));
+            }
+        }
+        for (i, spec) in self.layout.specs.iter().enumerate().filter(|(_, s)| s.adapter) {
+            out.push((spec.name.clone(), spec.shape.clone(), self.backend.download(&bufs[i])?));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` (f32) into the existing
+    /// folder `dir`.
+    pub fn write_adapter_into(&self, dir: &Path) -> Result<()> {
+        let Some(state) = &self.lora else { return Err(Error::Invalid("the model has no adapter to save".into())) };
+        let config = state.config.to_json(self.config.arch, self.source.as_deref(), &state.modules);
+        let text = serde_json::to_string_pretty(&config).expect("JSON of JSON");
+        write_file(&dir.join(ADAPTER_CONFIG), format!("{text}\n").as_bytes())?;
+        let tensors = self.adapter_tensors()?;
+        let path = dir.join(ADAPTER_WEIGHTS);
+        let mut encoded = Vec::new();
+        for (key, shape, values) in &tensors {
+            if let Some(x) = values.iter().find(|x| !x.is_finite()) {
+                return Err(Error::tensor(&path, key, format!("holds a non-finite value ({x}); refusing to write it")));
+            }
+            encoded.push((key, shape, values.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()));
+        }
+        let views = encoded
+            .iter()
+            .map(|(k, shape, bytes)| TensorView::new(safetensors::tensor::Dtype::F32, shape.to_vec(), bytes).map(|v| (k.to_string(), v)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::weights(&path, e.to_string()))?;
+        let metadata: Option<HashMap<String, String>> = Some([("format".to_string(), "pt".to_string())].into());
+        let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::weights(&path, e.to_string()))?;
+        write_file(&path, &bytes)
+    }
+
+    /// `PeftModel.from_pretrained(model, dir)`: reads the adapter folder `dir` and attaches it
+    /// (the base freezes). Errors name the folder and what does not fit: an unknown `peft_type`
+    /// or field, a target the base does not have, a tensor of the wrong shape, a tensor that
+    /// belongs to no module.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let cfg_path = dir.join(ADAPTER_CONFIG);
+        if !cfg_path.is_file() {
+            return Err(Error::Invalid(format!("{}: not a PEFT adapter folder (no {ADAPTER_CONFIG})", dir.display())));
+        }
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let map: Map<String, Value> = serde_json::from_str(&text).map_err(|e| Error::config(&cfg_path, format!("not a JSON object: {e}")))?;
+        let config = LoraConfig::from_map(&map, &cfg_path.display().to_string())?;
+        let path = dir.join(ADAPTER_WEIGHTS);
+        if !path.is_file() {
+            let hint = if dir.join("adapter_model.bin").exists() { " (pickled adapter_model.bin is not read; save with safe_serialization=True)" } else { "" };
+            return Err(Error::weights(dir, format!("no {ADAPTER_WEIGHTS}{hint}")));
+        }
+        let map = io::map_file(&path)?;
+        let st = io::deserialize(&path, &map)?;
+        let mut lora = BTreeMap::new();
+        let mut extras = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let dt = Dtype::from_st(view.dtype()).ok_or_else(|| Error::tensor(&path, &name, format!("dtype {:?} is not supported", view.dtype())))?;
+            if name.contains(".lora_A.") || name.contains(".lora_B.") {
+                let mut v = Vec::new();
+                dt.decode(view.data(), &mut v);
+                if let Some(x) = v.iter().find(|x| !x.is_finite()) {
+                    return Err(Error::tensor(&path, &name, format!("holds a non-finite value ({x})")));
+                }
+                lora.insert(name, v);
+            } else {
+                extras.insert(name, (view, dt));
+            }
+        }
+        let arch = self.config.architecture_name();
+        let context = |e: Error| Error::Invalid(format!("{}: adapter for another model? {e} (the base is {arch})", dir.display()));
+        self.add_lora(config, Some(lora), 0).map_err(context)?;
+        for (i, keys) in self.adapter_extras() {
+            let spec = self.layout.specs[i].clone();
+            let mut data = Vec::with_capacity(spec.numel());
+            for (part, key) in spec.parts.iter().zip(&keys) {
+                let Some((view, dt)) = extras.remove(key) else {
+                    return Err(Error::tensor(&path, key, "missing (the configuration trains it)"));
+                };
+                let want = &part.shape;
+                if view.shape() != want.as_slice() {
+                    return Err(Error::tensor(&path, key, format!("shape {:?} does not fit the base model, which needs {want:?}", view.shape())));
+                }
+                let one = super::layout::ParamSpec { parts: vec![part.clone()], ..spec.clone() };
+                io::decode_part(&one, &view, dt, &mut data);
+            }
+            self.params[i] = self.backend.upload(&data)?;
+        }
+        if let Some(key) = extras.keys().next() {
+            return Err(Error::tensor(&path, key, format!("names no tensor of the base model ({arch}) that this configuration trains")));
+        }
+        Ok(())
+    }
+}

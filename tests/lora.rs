@@ -107,3 +107,96 @@ fn bad_adapters_are_one_clear_error() {
     let e = base().load_adapter(&fixtures().join("llama").join("model")).unwrap_err().to_string();
     assert!(e.contains("not a PEFT adapter folder"), "{e}");
 }
+
+fn flag(k: &str, v: &serde_json::Value) -> Vec<String> {
+    let v = match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    vec![format!("--{k}"), v]
+}
+
+fn train(args: &[String]) -> std::process::Output {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_runtime")).arg("train").args(args).output().unwrap();
+    assert!(o.status.success(), "runtime train failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// The arguments of the LoRA trainer fixture (`tests/parity/make_lora_trainer_fixtures.py`).
+fn trainer_fixture_args(out: &std::path::Path) -> (Vec<String>, serde_json::Value) {
+    let dir = fixtures().join("trainer");
+    let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("lora/reference.json")).unwrap()).unwrap();
+    let mut args: Vec<String> = vec!["--disable_tqdm".into(), "true".into(), "--output_dir".into(), out.to_str().unwrap().into()];
+    for (k, v) in refs["args"].as_object().unwrap() {
+        if k != "report_to" {
+            args.extend(flag(k, v));
+        }
+    }
+    for (k, v) in [("model_name_or_path", "init"), ("adapter_name_or_path", "lora/init_adapter"), ("train_file", "data/train.jsonl"), ("validation_file", "data/validation.jsonl")] {
+        args.extend(flag(k, &serde_json::Value::String(dir.join(v).to_str().unwrap().into())));
+    }
+    (args, refs)
+}
+
+/// 10 steps of `runtime train` on a peft adapter against `transformers.Trainer` on a `PeftModel`:
+/// the logged loss, gradient norm and learning rate of every step, the evaluation losses and the
+/// final adapter agree.
+#[test]
+fn lora_training_matches_the_trainer_with_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let (args, refs) = trainer_fixture_args(&out);
+    train(&args);
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+    let ours = state["log_history"].as_array().unwrap();
+    let theirs = refs["log_history"].as_array().unwrap();
+    let pick = |log: &[serde_json::Value], key: &str| -> Vec<(u64, f64)> { log.iter().filter_map(|e| Some((e["step"].as_u64()?, e.get(key)?.as_f64()?))).collect() };
+    let mut compared = 0;
+    for (key, rel) in [("loss", 1e-5), ("grad_norm", 1e-5), ("learning_rate", 1e-9), ("eval_loss", 1e-5)] {
+        let (a, b) = (pick(ours, key), pick(theirs, key));
+        assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), b.iter().map(|x| x.0).collect::<Vec<_>>(), "steps logging `{key}`");
+        for ((step, x), (_, y)) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= rel * y.abs().max(1e-12), "step {step} {key}: runtime {x} vs transformers {y}");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 20, "only {compared} values compared");
+    // the output is the adapter, as peft saves it, with the trained values
+    assert!(!out.join("model.safetensors").exists() && out.join("adapter_config.json").is_file());
+    let final_ref = read_reference(&fixtures().join("trainer/lora/final_adapter.safetensors"));
+    let ours = read_reference(&out.join("adapter_model.safetensors"));
+    assert_eq!(ours.len(), final_ref.len(), "tensor count");
+    for (k, v) in &ours {
+        assert_close(&format!("final {k}"), &v.f32s(), &final_ref[k].f32s(), 1e-5);
+    }
+}
+
+/// A LoRA run resumed from its checkpoint ends byte for byte where the uninterrupted run does,
+/// and a checkpoint holds the adapter and its optimizer state, not the base.
+#[test]
+fn lora_resume_is_exact_and_checkpoints_hold_the_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (mut args, _) = trainer_fixture_args(&a);
+    args.extend(["--save_strategy", "steps", "--save_steps", "4"].map(String::from));
+    train(&args);
+    let ckpt = a.join("checkpoint-4");
+    let names: Vec<String> = std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    assert!(names.contains(&"adapter_model.safetensors".to_string()) && names.contains(&"optimizer.safetensors".to_string()), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("model")), "a LoRA checkpoint holds no base weights: {names:?}");
+    let adapter = std::fs::metadata(ckpt.join("adapter_model.safetensors")).unwrap().len();
+    let base = std::fs::metadata(fixtures().join("trainer/init/model.safetensors")).unwrap().len();
+    assert!(adapter * 2 < base, "adapter {adapter} bytes vs base {base}");
+    // resume from step 4 in another folder
+    std::fs::create_dir_all(&b).unwrap();
+    let copy = b.join("checkpoint-4");
+    std::fs::create_dir_all(&copy).unwrap();
+    for n in &names {
+        std::fs::copy(ckpt.join(n), copy.join(n)).unwrap();
+    }
+    let (mut args_b, _) = trainer_fixture_args(&b);
+    args_b.extend(["--save_strategy", "steps", "--save_steps", "4", "--resume_from_checkpoint", "true"].map(String::from));
+    train(&args_b);
+    let (x, y) = (std::fs::read(a.join("adapter_model.safetensors")).unwrap(), std::fs::read(b.join("adapter_model.safetensors")).unwrap());
+    assert!(x == y, "the resumed run's adapter differs from the uninterrupted run's");
+}

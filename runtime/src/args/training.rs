@@ -59,6 +59,10 @@ pub struct TrainingArguments {
     pub overwrite_cache: bool,
     pub torch_dtype: Option<String>,
     pub attn_implementation: String,
+    /// PEFT's `LoraConfig` (a `[peft]` table under its field names): train a LoRA adapter.
+    pub peft: Option<Map<String, Value>>,
+    /// A PEFT adapter folder to start from (and continue training).
+    pub adapter_name_or_path: Option<String>,
 
     // --- TrainingArguments
     pub output_dir: String,
@@ -154,6 +158,8 @@ impl Default for TrainingArguments {
             overwrite_cache: false,
             torch_dtype: None,
             attn_implementation: "sdpa".into(),
+            peft: None,
+            adapter_name_or_path: None,
             output_dir: "trainer_output".into(),
             overwrite_output_dir: false,
             do_train: false,
@@ -499,6 +505,9 @@ impl TrainingArguments {
             }
         }
         self.report_to = Value::Array(report_to_list(&self.report_to)?.into_iter().map(Value::String).collect());
+        if self.peft.is_some() && self.adapter_name_or_path.is_some() {
+            return bad("set one of peft (a new adapter) and adapter_name_or_path (an existing one)".into());
+        }
         if let Some(n) = self.generation_num_beams {
             if n == 0 {
                 return bad("generation_num_beams must be at least 1".into());

@@ -137,23 +137,49 @@ impl<B: Backend> Model<B> {
         let context = |e: Error| Error::Invalid(format!("{}: adapter for another model? {e} (the base is {arch})", dir.display()));
         self.add_lora(config, Some(lora), 0).map_err(context)?;
         for (i, keys) in self.adapter_extras() {
-            let spec = self.layout.specs[i].clone();
-            let mut data = Vec::with_capacity(spec.numel());
-            for (part, key) in spec.parts.iter().zip(&keys) {
-                let Some((view, dt)) = extras.remove(key) else {
-                    return Err(Error::tensor(&path, key, "missing (the configuration trains it)"));
-                };
-                let want = &part.shape;
-                if view.shape() != want.as_slice() {
-                    return Err(Error::tensor(&path, key, format!("shape {:?} does not fit the base model, which needs {want:?}", view.shape())));
-                }
-                let one = super::layout::ParamSpec { parts: vec![part.clone()], ..spec.clone() };
-                io::decode_part(&one, &view, dt, &mut data);
-            }
+            let data = self.decode_spec(i, &keys, &path, &mut |k| extras.remove(k))?;
             self.params[i] = self.backend.upload(&data)?;
         }
         if let Some(key) = extras.keys().next() {
             return Err(Error::tensor(&path, key, format!("names no tensor of the base model ({arch}) that this configuration trains")));
+        }
+        Ok(())
+    }
+
+    /// Parameter `i` from its transformers parts, stored under `keys`; a missing tensor or a
+    /// wrong shape is an error naming the file and the key.
+    fn decode_spec<'a>(&self, i: usize, keys: &[String], path: &Path, take: &mut dyn FnMut(&str) -> Option<(TensorView<'a>, Dtype)>) -> Result<Vec<f32>> {
+        let spec = &self.layout.specs[i];
+        let mut data = Vec::with_capacity(spec.numel());
+        for (part, key) in spec.parts.iter().zip(keys) {
+            let Some((view, dt)) = take(key) else {
+                return Err(Error::tensor(path, key, "missing (the configuration trains it)"));
+            };
+            let want = &part.shape;
+            if view.shape() != want.as_slice() {
+                return Err(Error::tensor(path, key, format!("shape {:?} does not fit the base model, which needs {want:?}", view.shape())));
+            }
+            let one = super::layout::ParamSpec { parts: vec![part.clone()], ..spec.clone() };
+            let start = data.len();
+            io::decode_part(&one, &view, dt, &mut data);
+            if let Some(x) = data[start..].iter().find(|x| !x.is_finite()) {
+                return Err(Error::tensor(path, key, format!("holds a non-finite value ({x})")));
+            }
+        }
+        Ok(data)
+    }
+
+    /// Reads the values of the attached adapter (its `lora_A` / `lora_B` tensors, trained biases
+    /// and `modules_to_save`) from the adapter folder `dir` (a checkpoint of this run).
+    pub fn reload_adapter(&mut self, dir: &Path) -> Result<()> {
+        let path = dir.join(ADAPTER_WEIGHTS);
+        let map = io::map_file(&path)?;
+        let st = io::deserialize(&path, &map)?;
+        let mut targets = self.adapter_extras();
+        targets.extend(self.layout.specs.iter().enumerate().filter(|(_, s)| s.adapter).map(|(i, s)| (i, vec![s.name.clone()])));
+        for (i, keys) in targets {
+            let data = self.decode_spec(i, &keys, &path, &mut |k| st.tensor(k).ok().and_then(|v| Dtype::from_st(v.dtype()).map(|d| (v, d))))?;
+            self.params[i] = self.backend.upload(&data)?;
         }
         Ok(())
     }

@@ -148,7 +148,13 @@ impl<B: Backend> Model<B> {
 
     /// Writes `config.json`, the weights and the companion files into the existing folder `dir`
     /// (used by [`Model::save`] and by checkpoints, which build their own temporary folder).
+    /// With a LoRA adapter attached, what is written is the adapter folder PEFT writes
+    /// (`adapter_config.json`, `adapter_model.safetensors`) and the companion files, not the base.
     pub fn write_into(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64) -> Result<()> {
+        if self.lora.is_some() {
+            self.write_adapter_into(dir)?;
+            return self.copy_companions(dir);
+        }
         let dtype = dtype.unwrap_or(self.dtype);
         let mut raw = self.config.raw.clone();
         let key = if raw.contains_key("torch_dtype") && !raw.contains_key("dtype") { "torch_dtype" } else { "dtype" };
@@ -159,6 +165,11 @@ impl<B: Backend> Model<B> {
         let text = serde_json::to_string_pretty(&Value::Object(raw)).expect("JSON of JSON");
         write_file(&dir.join("config.json"), format!("{text}\n").as_bytes())?;
         io::write_weights(dir, &self.layout, &self.tensors()?, dtype, max_shard_size)?;
+        self.copy_companions(dir)
+    }
+
+    /// Copies the source folder's tokenizer and generation files into `dir`.
+    fn copy_companions(&self, dir: &Path) -> Result<()> {
         if let Some(src) = &self.source {
             for name in COMPANION_FILES {
                 let from = src.join(name);

@@ -59,8 +59,9 @@ impl<B: Backend + Clone> Trainer<B> {
     /// final model take on disk, roughly (the JSON files are small).
     fn save_bytes(&self) -> u64 {
         let model = &self.step.model;
-        let numel = model.layout.numel() as u64;
         let trainable: u64 = model.layout.specs.iter().zip(&model.trainable).filter(|(_, &t)| t).map(|(s, _)| s.numel() as u64).sum();
+        // with LoRA, checkpoints and the output hold the adapter (and what else trains) only
+        let numel = if model.lora.is_some() { trainable } else { model.layout.numel() as u64 };
         let moments = if self.args.save_only_model { 0 } else { 8 * trainable };
         4 * numel + moments + model.dtype.size() as u64 * numel
     }
@@ -92,15 +93,7 @@ impl<B: Backend + Clone> Trainer<B> {
 
     pub(super) fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let state = TrainerState::read(&dir.join("trainer_state.json"))?;
-        let loaded = Model::load(
-            self.step.model.backend.clone(),
-            dir,
-            LoadOptions { torch_dtype: None, attn_implementation: self.step.model.attn_impl, device: Device::Cpu },
-        )?;
-        if loaded.layout.numel() != self.step.model.layout.numel() {
-            return Err(Error::Invalid(format!("{}: the checkpoint's model differs from the run's", dir.display())));
-        }
-        self.step.model.params = loaded.params;
+        self.load_weights_from(dir)?;
         let path = dir.join("optimizer.safetensors");
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let st = io::deserialize(&path, &bytes)?;
@@ -127,6 +120,22 @@ impl<B: Backend + Clone> Trainer<B> {
         let keep = (self.state.max_steps, self.state.num_train_epochs, self.state.logging_steps, self.state.eval_steps, self.state.save_steps);
         self.state = state;
         (self.state.max_steps, self.state.num_train_epochs, self.state.logging_steps, self.state.eval_steps, self.state.save_steps) = keep;
+        Ok(())
+    }
+
+    /// The weights a checkpoint (or the best one) holds: the model's, or with LoRA the adapter's.
+    pub(super) fn load_weights_from(&mut self, dir: &Path) -> Result<()> {
+        if self.step.model.lora.is_some() {
+            self.step.model.reload_adapter(dir)?;
+        } else {
+            let opts = LoadOptions { torch_dtype: None, attn_implementation: self.step.model.attn_impl, device: Device::Cpu };
+            let loaded = Model::load(self.step.model.backend.clone(), dir, opts)?;
+            if loaded.layout.numel() != self.step.model.layout.numel() {
+                return Err(Error::Invalid(format!("{}: the checkpoint's model differs from the run's", dir.display())));
+            }
+            self.step.model.params = loaded.params;
+        }
+        self.step.state_replaced();
         Ok(())
     }
 

@@ -23,6 +23,7 @@ use crate::data::cache::load_examples_cached;
 use crate::data::{Example, PadOptions, Padding, Tokenizer};
 use crate::engine::{AdamWConfig, Step};
 use crate::error::{Error, Result};
+use crate::model::lora::LoraConfig;
 use crate::model::{init::init_tensors, Device, Dtype, Layout, LoadOptions, Model, ModelConfig};
 use crate::plugin::roles::Plugins;
 use crate::protocol::TokenDecoder;
@@ -77,7 +78,29 @@ fn load_model<B: Backend>(backend: B, args: &TrainingArguments) -> Result<(Model
         (None, None) => return Err(Error::Invalid("set model_name_or_path (a model folder) or config_name (a config.json to train from scratch)".into())),
     };
     model.gradient_checkpointing = args.gradient_checkpointing;
+    attach_adapter(&mut model, args)?;
     Ok((model, dir))
+}
+
+/// A LoRA adapter: a new one from the `peft` table, or an existing PEFT folder
+/// (`adapter_name_or_path`) to continue.
+fn attach_adapter<B: Backend>(model: &mut Model<B>, args: &TrainingArguments) -> Result<()> {
+    if let Some(dir) = &args.adapter_name_or_path {
+        model.load_adapter(Path::new(dir))?;
+    } else if let Some(table) = &args.peft {
+        model.add_lora(LoraConfig::from_map(table, "peft")?, None, args.seed)?;
+    }
+    if let Some(state) = &model.lora {
+        if state.config.lora_dropout > 0.0 {
+            return Err(Error::Unsupported(format!(
+                "lora_dropout {} needs dropout, which this build does not implement yet; set lora_dropout = 0 (evaluation and generation ignore it)",
+                state.config.lora_dropout
+            )));
+        }
+        let trainable: usize = model.layout.specs.iter().zip(&model.trainable).filter(|(_, t)| **t).map(|(s, _)| s.numel()).sum();
+        tracing::info!("LoRA on {} modules: {trainable} trainable parameters of {}", state.modules.len(), model.num_parameters());
+    }
+    Ok(())
 }
 
 /// The tokenizer (`tokenizer_name`, else the model's folder), checked against the vocabulary;

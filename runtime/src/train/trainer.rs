@@ -24,7 +24,7 @@ use crate::backend::Backend;
 use crate::data::{pad_batch, Example, PadOptions, Tokenizer};
 use crate::engine::{MicroLoss, MicroOptions, Step};
 use crate::error::{Error, Result};
-use crate::model::{Batch, Device, LoadOptions, LossOptions, Model, Neftune};
+use crate::model::{Batch, LossOptions, Model, Neftune};
 use crate::plugin::roles::{LossHook, Plugins};
 use crate::protocol::{label_tokens, CustomLoss};
 
@@ -348,9 +348,7 @@ impl<B: Backend + Clone> Trainer<B> {
         let secs = clock.started.elapsed().as_secs_f64();
         if self.args.load_best_model_at_end {
             if let Some(best) = self.state.best_model_checkpoint.clone() {
-                let opts = LoadOptions { torch_dtype: None, attn_implementation: self.step.model.attn_impl, device: Device::Cpu };
-                self.step.model.params = Model::load(self.step.model.backend.clone(), Path::new(&best), opts)?.params;
-                self.step.state_replaced();
+                self.load_weights_from(Path::new(&best))?;
                 tracing::info!("loaded the best model from {best} ({} = {:?})", self.args.best_metric_key().unwrap_or_default(), self.state.best_metric);
             }
         }

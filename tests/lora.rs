@@ -200,3 +200,46 @@ fn lora_resume_is_exact_and_checkpoints_hold_the_adapter() {
     let (x, y) = (std::fs::read(a.join("adapter_model.safetensors")).unwrap(), std::fs::read(b.join("adapter_model.safetensors")).unwrap());
     assert!(x == y, "the resumed run's adapter differs from the uninterrupted run's");
 }
+
+/// `runtime merge` equals peft's `merge_and_unload` (within 1e-6 relative) and writes a plain
+/// transformers model; a bad adapter writes nothing.
+#[test]
+fn merge_equals_peft_merge_and_unload() {
+    for &(case, arch) in CASES {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let (base, adapter) = (fixtures().join(arch).join("model"), fixtures().join("lora").join(case).join("adapter"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
+            .args(["merge", "--model", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--output_dir", out.to_str().unwrap(), "--torch_dtype", "float32"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(out.join("config.json").is_file() && !out.join("adapter_config.json").exists());
+        let theirs = read_reference(&fixtures().join("lora").join(case).join("merged.safetensors"));
+        let ours = read_reference(&out.join("model.safetensors"));
+        for (k, v) in &ours {
+            let t = theirs.get(k).unwrap_or_else(|| panic!("{case}: peft's merged model has no {k}"));
+            assert_eq!(v.shape, t.shape, "{case} {k}");
+            assert_close(&format!("{case} merged {k}"), &v.f32s(), &t.f32s(), 1e-6);
+        }
+        assert!(ours.len() + 1 >= theirs.len(), "{case}: {} tensors vs peft's {}", ours.len(), theirs.len());
+        // the merged model alone gives the adapted model's logits
+        let merged = Model::load(Cpu, &out, LoadOptions::default()).unwrap();
+        let reference = read_reference(&fixtures().join("lora").join(case).join("reference.safetensors"));
+        let batch = common::reference_batch(&reference);
+        let mut acts = Activations::new(&merged, batch.batch, batch.seq).unwrap();
+        merged.forward(&mut acts, &batch, LossOptions::default(), false).unwrap();
+        assert_close(&format!("{case} merged logits"), &acts.logits, &reference["logits"].f32s(), 1e-5);
+    }
+    // an adapter that does not fit its base: one error, no output folder
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let (base, adapter) = (fixtures().join("llama").join("model"), fixtures().join("lora").join("gpt2_rslora").join("adapter"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(["merge", "--model", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--output_dir", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("matches none of the model's linear modules"), "{err}");
+    assert!(!out.exists(), "nothing is written");
+}

@@ -51,6 +51,15 @@ pub fn convert(model: &Path, output_dir: &Path, dtype: Option<Dtype>, max_shard:
     m.save(output_dir, dtype, max_shard, overwrite)
 }
 
+/// `runtime merge`: PEFT's `merge_and_unload`: the base with the adapter folded in, written as a
+/// plain transformers model (nothing is written on any error).
+pub fn merge(base: &Path, adapter: &Path, output_dir: &Path, dtype: Option<Dtype>, max_shard: u64, overwrite: bool) -> Result<()> {
+    let mut m = Model::load(Cpu, base, LoadOptions { torch_dtype: None, ..LoadOptions::default() })?;
+    m.load_adapter(adapter)?;
+    m.merge_adapter()?;
+    m.save(output_dir, dtype, max_shard, overwrite)
+}
+
 /// `runtime inspect`: a readable summary of a model folder, from the headers only.
 pub fn inspect(dir: &Path, device: Device) -> Result<String> {
     let cfg = ModelConfig::from_dir(dir)?;

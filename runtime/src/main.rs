@@ -83,6 +83,22 @@ enum Command {
         #[arg(long = "overwrite_output_dir")]
         overwrite_output_dir: bool,
     },
+    /// Fold a LoRA adapter into its base and write a plain HF model (PEFT's `merge_and_unload`):
+    /// `runtime merge --model BASE --adapter DIR --output_dir OUT`.
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long = "output_dir")]
+        output_dir: PathBuf,
+        #[arg(long = "torch_dtype")]
+        torch_dtype: Option<String>,
+        #[arg(long = "max_shard_size", default_value = "5GB")]
+        max_shard_size: String,
+        #[arg(long = "overwrite_output_dir")]
+        overwrite_output_dir: bool,
+    },
     /// Run one forward pass on a batch stored as safetensors (input_ids, attention_mask, labels)
     /// and write the logits (and loss) as safetensors.
     Forward {
@@ -301,6 +317,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {} ({n} parameters, seed {seed})", output_dir.display());
         }
         Command::Inspect { dir, device } => print!("{}", commands::inspect(&dir, parse_device(&device)?)?),
+        Command::Merge { model, adapter, output_dir, torch_dtype, max_shard_size, overwrite_output_dir } => {
+            let dtype = torch_dtype.as_deref().map(parse_dtype).transpose()?;
+            commands::merge(&model, &adapter, &output_dir, dtype, parse_shard_size(&max_shard_size)?, overwrite_output_dir)?;
+            println!("wrote {}", output_dir.display());
+        }
         Command::Convert { model, output_dir, torch_dtype, max_shard_size, overwrite_output_dir } => {
             let dtype = torch_dtype.as_deref().map(parse_dtype).transpose()?;
             commands::convert(&model, &output_dir, dtype, parse_shard_size(&max_shard_size)?, overwrite_output_dir)?;

@@ -9,6 +9,8 @@ runs the batch of tests/fixtures/<arch>/reference.safetensors. Under tests/fixtu
                             adapter_model.safetensors)
   reference.safetensors     logits, loss, and grad.<key> for every trainable tensor, under the
                             key `adapter_model.safetensors` gives it
+  merged.safetensors        the base with the adapter merged in (`merge_and_unload`), under
+                            transformers' names
 
 Re-run from the repository root with a Python that has torch, transformers and peft:
 
@@ -73,10 +75,14 @@ if __name__ == "__main__":
         cfg_path = d / "adapter" / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = f"tests/fixtures/{arch}/model"
+        if isinstance(cfg["target_modules"], list):
+            cfg["target_modules"] = sorted(cfg["target_modules"])
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         # the saved keys must be the ones the gradients are stored under
         saved = set(load_file(d / "adapter" / "adapter_model.safetensors"))
         grads = {k[len("grad."):] for k in ref if k.startswith("grad.")}
         assert saved == grads, (sorted(saved ^ grads))
         save_file({k: v.contiguous() for k, v in ref.items()}, d / "reference.safetensors")
+        merged = model.merge_and_unload()
+        save_file({k: v.detach().clone().contiguous() for k, v in merged.state_dict().items()}, d / "merged.safetensors")
         print(f"{case}: loss {out.loss.item():.6f}, {trained} trainable values, peft {peft.__version__}, transformers {transformers.__version__}")

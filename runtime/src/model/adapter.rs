@@ -169,6 +169,45 @@ impl<B: Backend> Model<B> {
         Ok(data)
     }
 
+    /// PEFT's `merge_and_unload`: every adapter folded into its base weight (`W[off.., :] +=
+    /// scale * B A`, in the engine's `[out, in]` layout, so GPT-2's `Conv1D` is transposed back on
+    /// save), the adapter tensors dropped, and every parameter trainable again. What the adapter
+    /// trained besides (biases, `modules_to_save`) is already in the base's tensors.
+    pub fn merge_adapter(&mut self) -> Result<()> {
+        let Some(state) = self.lora.take() else { return Err(Error::Invalid("the model has no adapter to merge".into())) };
+        for (l, units) in state.parts.iter().enumerate() {
+            for (u, parts) in units.iter().enumerate() {
+                let unit = [super::lora::Unit::Qkv, super::lora::Unit::O, super::lora::Unit::Fc, super::lora::Unit::Proj][u];
+                let w = self.block_linear(l, unit).w;
+                let inp = self.layout.specs[w].shape[1];
+                let mut weight = self.backend.download(&self.params[w])?;
+                for p in parts.iter().flatten() {
+                    let (a, b) = (self.backend.download(&self.params[p.a])?, self.backend.download(&self.params[p.b])?);
+                    for i in 0..p.cols {
+                        let row = &mut weight[(p.off + i) * inp..(p.off + i + 1) * inp];
+                        // (B A)[i, :] in f32, summed over the rank in order, as torch's product
+                        let mut delta = vec![0.0f32; inp];
+                        for k in 0..p.r {
+                            let bik = b[i * p.r + k];
+                            for (d, x) in delta.iter_mut().zip(&a[k * inp..(k + 1) * inp]) {
+                                *d += bik * x;
+                            }
+                        }
+                        for (x, d) in row.iter_mut().zip(&delta) {
+                            *x += d * p.scale;
+                        }
+                    }
+                }
+                self.params[w] = self.backend.upload(&weight)?;
+            }
+        }
+        let base = self.layout.specs.iter().take_while(|s| !s.adapter).count();
+        self.layout.specs.truncate(base);
+        self.params.truncate(base);
+        self.trainable = vec![true; base];
+        Ok(())
+    }
+
     /// Reads the values of the attached adapter (its `lora_A` / `lora_B` tensors, trained biases
     /// and `modules_to_save`) from the adapter folder `dir` (a checkpoint of this run).
     pub fn reload_adapter(&mut self, dir: &Path) -> Result<()> {

@@ -19,12 +19,16 @@ pub(super) fn memory_budget(be: &impl Backend) -> u128 {
     crate::backend::device::host_memory_budget().unwrap_or(u128::MAX)
 }
 
-/// `auto_find_batch_size`: the largest divisor of the batch size whose step (weights,
-/// gradients, AdamW's two moments and the activations at the longest example) fits in 90% of
+/// `auto_find_batch_size`: the largest divisor of the batch size whose step (weights, the
+/// gradients that exist, AdamW's two moments of the trainable parameters, so a frozen base (LoRA)
+/// costs its weights only, and the activations at the longest example) fits in 90% of
 /// `budget`, with the accumulation raised by the same factor so the examples per step do not
 /// change (transformers only halves the batch). An error when even one example does not fit.
 pub(super) fn fit_batch_size<B: Backend>(model: &Model<B>, batch: usize, accum: usize, seq: usize, budget: u128) -> Result<(usize, usize)> {
-    let fixed = 16 * model.layout.numel() as u128;
+    let sizes = || model.layout.specs.iter().map(|s| s.numel() as u128);
+    let grads: u128 = sizes().zip(model.grad_needed()).filter(|(_, n)| *n).map(|(s, _)| s).sum();
+    let moments: u128 = sizes().zip(&model.trainable).filter(|(_, t)| **t).map(|(s, _)| 2 * s).sum();
+    let fixed = 4 * (model.layout.numel() as u128 + grads + moments);
     let usable = budget / 10 * 9;
     for d in (1..=batch).filter(|&d| batch.is_multiple_of(d)) {
         let b = batch / d;

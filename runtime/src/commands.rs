@@ -187,7 +187,7 @@ fn read_ids(st: &SafeTensors, path: &Path, name: &str) -> Result<Option<(Vec<i32
 
 /// `runtime forward`: logits (and the loss, when `labels` are given) for the batch in a
 /// safetensors file holding `input_ids` and optionally `attention_mask`, `labels`, `position_ids`.
-pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions) -> Result<Option<f32>> {
+pub fn forward(model_dir: &Path, adapter: Option<&Path>, inputs: &Path, output: &Path, opts: LoadOptions) -> Result<Option<f32>> {
     let bytes = std::fs::read(inputs).map_err(|e| Error::io(inputs, e))?;
     let st = io::deserialize(inputs, &bytes)?;
     let (input_ids, b, t) = read_ids(&st, inputs, "input_ids")?.ok_or_else(|| Error::tensor(inputs, "input_ids", "missing"))?;
@@ -208,8 +208,8 @@ pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions
         columns: Vec::new(),
     };
     let (logits, loss) = match opts.device.select(false)? {
-        crate::model::Selected::Cpu => forward_on(Cpu, model_dir, inputs, &batch, opts)?,
-        crate::model::Selected::Cuda(cuda) => forward_on(cuda, model_dir, inputs, &batch, opts)?,
+        crate::model::Selected::Cpu => forward_on(Cpu, model_dir, adapter, inputs, &batch, opts)?,
+        crate::model::Selected::Cuda(cuda) => forward_on(cuda, model_dir, adapter, inputs, &batch, opts)?,
     };
     let mut out_bytes: Vec<u8> = Vec::with_capacity(logits.len() * 4);
     logits.iter().for_each(|v| out_bytes.extend_from_slice(&v.to_le_bytes()));
@@ -224,8 +224,11 @@ pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions
     Ok(loss.map(|l| l.mean))
 }
 
-fn forward_on<B: crate::backend::Backend>(be: B, model_dir: &Path, inputs: &Path, batch: &Batch, opts: LoadOptions) -> Result<(Vec<f32>, Option<LossOutput>)> {
-    let model = Model::load(be, model_dir, opts)?;
+fn forward_on<B: crate::backend::Backend>(be: B, model_dir: &Path, adapter: Option<&Path>, inputs: &Path, batch: &Batch, opts: LoadOptions) -> Result<(Vec<f32>, Option<LossOutput>)> {
+    let mut model = Model::load(be, model_dir, opts)?;
+    if let Some(a) = adapter {
+        model.load_adapter(a)?;
+    }
     model.validate(batch).map_err(|e| Error::weights(inputs, e.to_string()))?;
     let mut acts = Activations::new(&model, batch.batch, batch.seq)?;
     let loss = model.forward(&mut acts, batch, LossOptions::default(), false)?;
@@ -285,6 +288,7 @@ pub fn tokenize(model_dir: &Path, texts: &[String], add_special_tokens: bool, pa
 /// `out` as they come.
 pub fn generate(
     model_dir: &Path,
+    adapter: Option<&Path>,
     prompts: &[String],
     chat: bool,
     overrides: &[(String, serde_json::Value)],
@@ -292,14 +296,15 @@ pub fn generate(
     out: &mut dyn std::io::Write,
 ) -> Result<Vec<String>> {
     match device.select(false)? {
-        crate::model::Selected::Cpu => generate_on(Cpu, model_dir, prompts, chat, overrides, out),
-        crate::model::Selected::Cuda(cuda) => generate_on(cuda, model_dir, prompts, chat, overrides, out),
+        crate::model::Selected::Cpu => generate_on(Cpu, model_dir, adapter, prompts, chat, overrides, out),
+        crate::model::Selected::Cuda(cuda) => generate_on(cuda, model_dir, adapter, prompts, chat, overrides, out),
     }
 }
 
 fn generate_on<B: crate::backend::Backend>(
     be: B,
     model_dir: &Path,
+    adapter: Option<&Path>,
     prompts: &[String],
     chat: bool,
     overrides: &[(String, serde_json::Value)],
@@ -308,7 +313,10 @@ fn generate_on<B: crate::backend::Backend>(
     use crate::data::chat::ChatTemplate;
     use crate::data::Tokenizer;
     use crate::generate::{generate as decode, GenerationConfig};
-    let model = Model::load(be, model_dir, LoadOptions::default())?;
+    let mut model = Model::load(be, model_dir, LoadOptions::default())?;
+    if let Some(a) = adapter {
+        model.load_adapter(a)?;
+    }
     let tok = Tokenizer::from_dir(model_dir)?;
     let mut cfg = GenerationConfig::load(model_dir, overrides)?;
     if cfg.eos_ids().is_empty() {

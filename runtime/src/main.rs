@@ -108,6 +108,9 @@ enum Command {
         inputs: PathBuf,
         #[arg(long)]
         output: PathBuf,
+        /// A PEFT LoRA adapter folder to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         #[arg(long = "attn_implementation", default_value = "sdpa")]
         attn_implementation: String,
         #[arg(long = "torch_dtype")]
@@ -327,13 +330,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::convert(&model, &output_dir, dtype, parse_shard_size(&max_shard_size)?, overwrite_output_dir)?;
             println!("wrote {}", output_dir.display());
         }
-        Command::Forward { model, inputs, output, attn_implementation, torch_dtype, device } => {
+        Command::Forward { model, inputs, output, adapter, attn_implementation, torch_dtype, device } => {
             let opts = LoadOptions {
                 torch_dtype: torch_dtype.as_deref().map(parse_dtype).transpose()?,
                 attn_implementation: parse_attn(&attn_implementation)?,
                 device: parse_device(&device)?,
             };
-            match commands::forward(&model, &inputs, &output, opts)? {
+            match commands::forward(&model, adapter.as_deref(), &inputs, &output, opts)? {
                 Some(loss) => println!("loss {loss:.6}; logits written to {}", output.display()),
                 None => println!("logits written to {}", output.display()),
             }
@@ -374,12 +377,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::HpSearch(a) => jobs::hp_search(&a.options()?)?,
         Command::Eval { config, overrides } => {
-            let overrides = runtime::args::training::parse_overrides(&overrides)?;
+            let overrides = adapter_alias(runtime::args::training::parse_overrides(&overrides)?);
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
             jobs::eval(args)?;
         }
         Command::Predict { model, test_file, overrides } => {
-            let mut overrides = runtime::args::training::parse_overrides(&overrides)?;
+            let mut overrides = adapter_alias(runtime::args::training::parse_overrides(&overrides)?);
             overrides.insert(0, ("model_name_or_path".into(), serde_json::json!(model)));
             overrides.insert(1, ("validation_file".into(), serde_json::json!(test_file)));
             overrides.push(("predict_with_generate".into(), serde_json::json!(true)));
@@ -401,7 +404,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let (_, v) = overrides.remove(i);
                 device = v.as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("--device: expected cpu, cuda or auto"))?;
             }
-            commands::generate(&model, &prompt, chat, &overrides, parse_device(&device)?, &mut std::io::stdout())?;
+            // `--adapter DIR`: a PEFT LoRA adapter on the model
+            let adapter = match overrides.iter().position(|(k, _)| k == "adapter") {
+                Some(i) => Some(PathBuf::from(overrides.remove(i).1.as_str().ok_or_else(|| anyhow::anyhow!("--adapter: expected a folder"))?)),
+                None => None,
+            };
+            commands::generate(&model, adapter.as_deref(), &prompt, chat, &overrides, parse_device(&device)?, &mut std::io::stdout())?;
         }
         Command::Plugin { action } => match action {
             PluginAction::Inspect { file } => print!("{}", runtime::tools::plugin_check::inspect(&runtime::plugin::PluginSpec::new(file))?),
@@ -564,6 +572,11 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// `--adapter DIR` on `eval` and `predict`: the run setting `adapter_name_or_path`.
+fn adapter_alias(overrides: Vec<(String, serde_json::Value)>) -> Vec<(String, serde_json::Value)> {
+    overrides.into_iter().map(|(k, v)| (if k == "adapter" { "adapter_name_or_path".into() } else { k }, v)).collect()
 }
 
 /// The exit status of a training run stopped by SIGTERM or SIGINT after writing a checkpoint to

@@ -43,21 +43,26 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--attn_implementation", default="sdpa")
+    ap.add_argument("--lora_r", type=int, default=0, help="train a peft LoRA adapter of this rank on every linear module (alpha 2r)")
     a = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     model = model_for(a)
     model.set_attn_implementation(a.attn_implementation)
+    if a.lora_r:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, target_modules="all-linear", lora_dropout=0.0))
     model.train()
     ids = torch.randint(0, a.vocab, (a.batch, a.seq))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=3e-4, weight_decay=0.01)
     elapsed = 0.0
     for step in range(a.warmup + a.steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         if step >= a.warmup:
             elapsed += time.perf_counter() - t0

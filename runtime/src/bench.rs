@@ -33,6 +33,8 @@ pub struct BenchConfig {
     pub gradient_checkpointing: bool,
     /// [`Model::loss_chunk_rows`] (`None`: automatic).
     pub loss_chunk_rows: Option<usize>,
+    /// A LoRA adapter of this rank on every linear module (alpha 2r), the base frozen.
+    pub lora_r: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,6 +149,11 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
     let mut model = Model::from_tensors(be, mcfg, tensors, opts)?;
     model.gradient_checkpointing = cfg.gradient_checkpointing;
     model.loss_chunk_rows = cfg.loss_chunk_rows;
+    if let Some(r) = cfg.lora_r {
+        let peft = serde_json::json!({"r": r, "lora_alpha": 2 * r, "target_modules": "all-linear"});
+        let lora = crate::model::lora::LoraConfig::from_map(peft.as_object().expect("an object"), "bench")?;
+        model.add_lora(lora, None, 0)?;
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let rows = cfg.batch * cfg.seq;
     let ids: Vec<i32> = (0..rows).map(|_| rng.random_range(0..cfg.vocab as i32)).collect();

@@ -194,6 +194,9 @@ enum Command {
         model: PathBuf,
         #[arg(long = "test_file")]
         test_file: PathBuf,
+        /// A PEFT LoRA adapter folder on the model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// TrainingArguments (`--output_dir`, `--per_device_eval_batch_size`,
         /// `--generation_max_length`, `--generation_num_beams`, `--plugin F.wasm`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -204,6 +207,9 @@ enum Command {
     Generate {
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter folder on the model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// A prompt (repeatable: a left-padded batch; the first one is streamed).
         #[arg(long)]
         prompt: Vec<String>,
@@ -269,6 +275,9 @@ enum Command {
         /// default: as many rows as keep a chunk's logits within 128 MiB)
         #[arg(long = "loss_chunk_rows")]
         loss_chunk_rows: Option<usize>,
+        /// Train a LoRA adapter of this rank on every linear module (alpha 2r) instead of every weight.
+        #[arg(long = "lora_r")]
+        lora_r: Option<usize>,
         /// print the result as one JSON object
         #[arg(long)]
         json: bool,
@@ -381,15 +390,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
             jobs::eval(args)?;
         }
-        Command::Predict { model, test_file, overrides } => {
+        Command::Predict { model, test_file, adapter, overrides } => {
             let mut overrides = adapter_alias(runtime::args::training::parse_overrides(&overrides)?);
+            if let Some(a) = adapter {
+                overrides.push(("adapter_name_or_path".into(), serde_json::json!(a)));
+            }
             overrides.insert(0, ("model_name_or_path".into(), serde_json::json!(model)));
             overrides.insert(1, ("validation_file".into(), serde_json::json!(test_file)));
             overrides.push(("predict_with_generate".into(), serde_json::json!(true)));
             let args = runtime::args::TrainingArguments::load(None, &overrides)?;
             jobs::predict(args)?;
         }
-        Command::Generate { model, mut prompt, prompt_file, chat, device, settings } => {
+        Command::Generate { model, adapter, mut prompt, prompt_file, chat, device, settings } => {
             if let Some(f) = &prompt_file {
                 let body = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
                 prompt.extend(body.lines().filter(|l| !l.is_empty()).map(str::to_string));
@@ -407,7 +419,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // `--adapter DIR`: a PEFT LoRA adapter on the model
             let adapter = match overrides.iter().position(|(k, _)| k == "adapter") {
                 Some(i) => Some(PathBuf::from(overrides.remove(i).1.as_str().ok_or_else(|| anyhow::anyhow!("--adapter: expected a folder"))?)),
-                None => None,
+                None => adapter,
             };
             commands::generate(&model, adapter.as_deref(), &prompt, chat, &overrides, parse_device(&device)?, &mut std::io::stdout())?;
         }
@@ -439,6 +451,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     attn: runtime::backend::AttnImpl::Flash,
                     gradient_checkpointing: false,
                     loss_chunk_rows: None,
+                    lora_r: None,
                 };
                 print!("{}", runtime::tools::plugin_bench::run(&runtime::tools::plugin_bench::PluginBenchArgs { loss, metrics, callbacks, model })?);
             }
@@ -462,6 +475,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             attn_implementation,
             gradient_checkpointing,
             loss_chunk_rows,
+            lora_r,
             json,
             decode,
             prompt,
@@ -488,6 +502,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 attn: parse_attn(&attn_implementation)?,
                 gradient_checkpointing,
                 loss_chunk_rows: loss_chunk_rows.map(|n| if n == 0 { batch * seq } else { n }),
+                lora_r,
             };
             if let Some(new_tokens) = decode {
                 if new_tokens == 0 || prompt == 0 {

@@ -100,9 +100,12 @@ pub fn add_cols(dst: &mut [f32], src: &[f32], rows: usize, width: usize, ld: usi
     if rows == 0 || width == 0 {
         return;
     }
-    dst[..rows * ld].par_chunks_mut(ld).zip(src[..rows * width].par_chunks(width)).for_each(|(d, s)| {
-        for (d, s) in d[off..off + width].iter_mut().zip(s) {
-            *d += scale * s;
+    let per = rows_per_task(width);
+    dst[..rows * ld].par_chunks_mut(ld * per).zip(src[..rows * width].par_chunks(width * per)).for_each(|(d, s)| {
+        for (d, s) in d.chunks_mut(ld).zip(s.chunks(width)) {
+            for (d, s) in d[off..off + width].iter_mut().zip(s) {
+                *d += scale * s;
+            }
         }
     });
 }
@@ -112,11 +115,19 @@ pub fn take_cols(dst: &mut [f32], src: &[f32], rows: usize, width: usize, ld: us
     if rows == 0 || width == 0 {
         return;
     }
-    dst[..rows * width].par_chunks_mut(width).zip(src[..rows * ld].par_chunks(ld)).for_each(|(d, s)| {
-        for (d, s) in d.iter_mut().zip(&s[off..off + width]) {
-            *d = scale * s;
+    let per = rows_per_task(width);
+    dst[..rows * width].par_chunks_mut(width * per).zip(src[..rows * ld].par_chunks(ld * per)).for_each(|(d, s)| {
+        for (d, s) in d.chunks_mut(width).zip(s.chunks(ld)) {
+            for (d, s) in d.iter_mut().zip(&s[off..off + width]) {
+                *d = scale * s;
+            }
         }
     });
+}
+
+/// Rows per parallel task of the column-block ops: about 16K elements each.
+fn rows_per_task(width: usize) -> usize {
+    (16384 / width.max(1)).max(1)
 }
 
 pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {

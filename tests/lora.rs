@@ -243,3 +243,28 @@ fn merge_equals_peft_merge_and_unload() {
     assert!(!o.status.success() && err.contains("matches none of the model's linear modules"), "{err}");
     assert!(!out.exists(), "nothing is written");
 }
+
+/// A run whose adapter does not fit (another architecture's, or a target the model lacks) stops
+/// with one error before writing anything.
+#[test]
+fn bad_lora_runs_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &str)] = &[
+        ("--adapter_name_or_path", "lora/gpt2_rslora/adapter", "matches none of the model's linear modules"),
+        ("--peft", r#"{"r": 4, "target_modules": ["q_proj", "w_in"]}"#, "`w_in` matches none"),
+        ("--peft", r#"{"r": 4, "lora_dropout": 0.1}"#, "lora_dropout"),
+        ("--peft", r#"{"r": 4, "use_dora": true}"#, "use_dora"),
+    ];
+    for (i, (k, v, want)) in cases.iter().enumerate() {
+        let out = tmp.path().join(format!("out{i}"));
+        let (mut args, _) = trainer_fixture_args(&out);
+        let pos = args.iter().position(|a| a == "--adapter_name_or_path").unwrap();
+        args.drain(pos..pos + 2);
+        let v = if k.starts_with("--adapter") { fixtures().join(v).to_str().unwrap().to_string() } else { v.to_string() };
+        args.extend([k.to_string(), v.clone()]);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_runtime")).arg("train").args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{k} {v}: {err}");
+        assert!(!out.exists(), "{k} {v}: the output folder was created");
+    }
+}

@@ -108,6 +108,14 @@ fn pointwise<B: Backend>(be: &B, x: &[f32], y: &[f32], d: &[f32], dx0: &[f32], i
     res.push(("fill", be.download(&s)?));
     res.push(("sum_squares", vec![be.sum_squares(&xb)? as f32]));
     res.push(("sum_squares_multi", be.sum_squares_multi(&[&xb, &yb, &db])?.into_iter().map(|v| v as f32).collect()));
+    // a column block of a [rows, 2i] buffer, in and out (the LoRA branches' ops)
+    let (rows, w) = (x.len() / (2 * i), i / 2);
+    let mut blk = be.upload(&dx0[..rows * w])?;
+    be.take_cols(&mut blk, &xb, rows, w, 2 * i, 3, -0.75);
+    res.push(("take_cols", be.download(&blk)?));
+    let mut acc = be.upload(y)?;
+    be.add_cols(&mut acc, &blk, rows, w, 2 * i, i + 1, 0.5);
+    res.push(("add_cols", be.download(&acc)?));
     // swiglu on [rows, 2i] input
     let mut o = be.upload(&dx0[..x.len() / 2])?;
     be.swiglu_fwd(&mut o, &xb, i);
@@ -361,8 +369,8 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
     let gpt2 = serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 500, "n_positions": 128});
     let llama = serde_json::json!({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 344, "vocab_size": 500, "max_position_embeddings": 128});
-    // (architecture, config, rows per LM-head chunk)
-    for (arch, raw, chunk) in [("gpt2", &gpt2, None), ("gpt2", &gpt2, Some(50)), ("llama", &llama, None)] {
+    // (architecture, config, rows per LM-head chunk, a LoRA adapter)
+    for (arch, raw, chunk, lora) in [("gpt2", &gpt2, None, false), ("gpt2", &gpt2, Some(50), false), ("llama", &llama, None, false), ("llama", &llama, None, true)] {
         let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
         let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
         let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
@@ -374,10 +382,11 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
         let mut mask = vec![1; b * t];
         mask[t..t + 4].iter_mut().for_each(|m| *m = 0);
         let batch = Batch { batch: b, seq: t, input_ids: ids, labels: Some(labels), attention_mask: Some(mask), ..Batch::default() };
-        let cpu = one_step(Cpu, cfg.clone(), tensors.clone(), &batch, chunk)?;
-        let dev = one_step(gpu.clone(), cfg, tensors, &batch, chunk)?;
+        let cpu = one_step(Cpu, cfg.clone(), tensors.clone(), &batch, chunk, lora)?;
+        let dev = one_step(gpu.clone(), cfg, tensors, &batch, chunk, lora)?;
         let head = chunk.map_or(String::new(), |c| format!(", LM head in chunks of {c} rows"));
-        let case = format!("{arch}, 2 layers, batch {b}x{t}{head}");
+        let adapter = if lora { ", LoRA r 8 on every linear (base frozen)" } else { "" };
+        let case = format!("{arch}, 2 layers, batch {b}x{t}{head}{adapter}");
         for (name, e) in [
             ("loss", rel_err(&[dev.0], &[cpu.0])),
             ("grad_norm", rel_err(&[dev.1], &[cpu.1])),
@@ -390,10 +399,16 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
     Ok(checks)
 }
 
-/// Loss, gradient norm, gradients and parameters after one step.
-fn one_step<B: Backend>(be: B, cfg: ModelConfig, tensors: Vec<Vec<f32>>, batch: &Batch, chunk: Option<usize>) -> Result<(f32, f32, Vec<f32>, Vec<f32>)> {
+/// Loss, gradient norm, gradients and parameters after one step (with `lora`, of an adapter with
+/// random A and B on every linear map).
+fn one_step<B: Backend>(be: B, cfg: ModelConfig, tensors: Vec<Vec<f32>>, batch: &Batch, chunk: Option<usize>, lora: bool) -> Result<(f32, f32, Vec<f32>, Vec<f32>)> {
     let mut model = Model::from_tensors(be, cfg, tensors, LoadOptions::default())?;
     model.loss_chunk_rows = chunk;
+    if lora {
+        let peft = serde_json::json!({"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": false});
+        let config = crate::model::lora::LoraConfig::from_map(peft.as_object().expect("an object"), "cuda-check")?;
+        model.add_lora(config, None, 3)?;
+    }
     let mut step = Step::new(model, AdamWConfig { lr: 1e-3, weight_decay: 0.01, ..AdamWConfig::default() })?;
     step.zero_grad();
     let loss = step.micro_batch(batch, MicroLoss::BuiltIn(LossOptions { label_smoothing: 0.1, num_items_in_batch: None }), MicroOptions::default())?.mean;

@@ -18,6 +18,19 @@ extern "C" __global__ void add_f32(float* out, const float* a, const float* b, l
     for (long long i = grid_start(); i < n; i += grid_stride()) out[i] = __fadd_rn(a[i], b[i]);
 }
 
+// Dropout in place, counter-based (cpu/pointwise.rs `dropout`, backend::dropout_keep): element i
+// is kept when the upper 32 bits of SplitMix64's finalizer of key + (i + 1) * golden are at least
+// the threshold (p * 2^32), and then multiplied by scale = 1 / (1 - p).
+extern "C" __global__ void dropout_f32(float* x, long long key, long long threshold, float scale, long long n) {
+    for (long long i = grid_start(); i < n; i += grid_stride()) {
+        unsigned long long z = (unsigned long long)key + ((unsigned long long)i + 1ull) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        x[i] = (z >> 32) >= (unsigned long long)threshold ? __fmul_rn(x[i], scale) : 0.0f;
+    }
+}
+
 // dst is [rows, ld], src [rows, width]: dst[r, off + j] += scale * src[r, j] (a LoRA branch into
 // its part of a fused output; an axpy when width == ld).
 extern "C" __global__ void add_cols_f32(float* dst, const float* src, long long rows, int width, int ld, int off, float scale) {

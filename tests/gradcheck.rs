@@ -45,30 +45,43 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
 }
 
 fn loss(model: &Model<Cpu>, batch: &Batch, opts: LossOptions) -> f64 {
+    loss_with(model, batch, opts, None)
+}
+
+/// The loss with the dropout masks of `key` (a training pass's).
+fn loss_with(model: &Model<Cpu>, batch: &Batch, opts: LossOptions, key: Option<u64>) -> f64 {
     let mut acts = Activations::new(model, batch.batch, batch.seq).unwrap();
+    acts.set_dropout(key);
     let out = model.forward(&mut acts, batch, opts, false).unwrap().unwrap();
     out.sum / out.n_tokens as f64
 }
 
 fn check(name: &str, cfg: ModelConfig, attn: AttnImpl, smoothing: f32, seed: u64) {
-    let mut model = random_model(cfg, attn, seed);
+    check_model(name, random_model(cfg, attn, seed), smoothing, seed, None);
+}
+
+/// Every trainable tensor's gradient (its largest entry and two random ones) against central
+/// differences of the loss, with the dropout masks of `key` when given.
+fn check_model(name: &str, mut model: Model<Cpu>, smoothing: f32, seed: u64, key: Option<u64>) {
     let batch = random_batch(model.config.vocab_size, 3, 9, seed + 2);
     let opts = LossOptions { label_smoothing: smoothing, num_items_in_batch: None };
     let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
+    acts.set_dropout(key);
     let mut grads = Grads::zeros(&model).unwrap();
     model.forward_backward(&mut acts, &batch, &mut grads, opts).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 3);
     let h = 1e-2f32;
     let mut checked = 0;
-    for i in 0..model.layout.specs.len() {
+    let trained: Vec<usize> = (0..model.layout.specs.len()).filter(|&i| model.trainable[i]).collect();
+    for &i in &trained {
         let g = &grads.tensors[i];
         let biggest = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
         for j in [biggest, rng.random_range(0..g.len()), rng.random_range(0..g.len())] {
             let orig = model.params[i][j];
             model.params[i][j] = orig + h;
-            let up = loss(&model, &batch, opts);
+            let up = loss_with(&model, &batch, opts, key);
             model.params[i][j] = orig - h;
-            let down = loss(&model, &batch, opts);
+            let down = loss_with(&model, &batch, opts, key);
             model.params[i][j] = orig;
             let fd = (up - down) / (2.0 * h as f64);
             let an = g[j] as f64;
@@ -76,7 +89,26 @@ fn check(name: &str, cfg: ModelConfig, attn: AttnImpl, smoothing: f32, seed: u64
             checked += 1;
         }
     }
-    assert!(checked >= 3 * model.layout.specs.len());
+    assert!(checked >= 3 * trained.len());
+}
+
+/// Dropout (embeddings, residual branches, a LoRA adapter's input) is part of the function the
+/// gradients are of: with a training pass's masks fixed, they match finite differences.
+#[test]
+fn gradients_with_dropout_match_finite_differences() {
+    let cfg = json!({"model_type": "gpt2", "vocab_size": 50, "n_positions": 16, "n_embd": 24, "n_layer": 2, "n_head": 3,
+        "initializer_range": 0.3, "embd_pdrop": 0.2, "resid_pdrop": 0.3, "attn_pdrop": 0.0});
+    let model = random_model(config(cfg), AttnImpl::Flash, 41);
+    let batch = random_batch(50, 3, 9, 43);
+    let (with, without) = (loss_with(&model, &batch, LossOptions::default(), Some(7)), loss_with(&model, &batch, LossOptions::default(), None));
+    assert!(with != without, "the masks change the loss");
+    check_model("gpt2 with dropout", model, 0.0, 41, Some(7));
+    let cfg = json!({"model_type": "llama", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.3});
+    let mut model = random_model(config(cfg), AttnImpl::Flash, 42);
+    let peft = json!({"r": 4, "lora_alpha": 8, "lora_dropout": 0.25, "target_modules": "all-linear", "init_lora_weights": false});
+    model.add_lora(runtime::model::lora::LoraConfig::from_map(peft.as_object().unwrap(), "test").unwrap(), None, 3).unwrap();
+    check_model("llama LoRA with lora_dropout", model, 0.0, 42, Some(9));
 }
 
 #[test]

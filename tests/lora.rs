@@ -252,7 +252,6 @@ fn bad_lora_runs_write_nothing() {
     let cases: &[(&str, &str, &str)] = &[
         ("--adapter_name_or_path", "lora/gpt2_rslora/adapter", "matches none of the model's linear modules"),
         ("--peft", r#"{"r": 4, "target_modules": ["q_proj", "w_in"]}"#, "`w_in` matches none"),
-        ("--peft", r#"{"r": 4, "lora_dropout": 0.1}"#, "lora_dropout"),
         ("--peft", r#"{"r": 4, "use_dora": true}"#, "use_dora"),
     ];
     for (i, (k, v, want)) in cases.iter().enumerate() {

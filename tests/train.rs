@@ -512,3 +512,52 @@ fn out_of_memory_is_a_value_and_auto_find_batch_size_retries_the_step_with_a_sma
     let saved = json(&tmp.path().join("auto/training_args.json"));
     assert_eq!((saved["per_device_train_batch_size"].as_u64(), saved["gradient_accumulation_steps"].as_u64()), (Some(4), Some(2)));
 }
+
+/// Dropout (GPT-2's `embd_pdrop` and `resid_pdrop`) changes training, a resumed run draws the
+/// same masks (byte-identical weights), and evaluation does not apply it.
+#[test]
+fn dropout_trains_resumes_exactly_and_is_off_in_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let vocab = json(&ex.join("config.json"))["vocab_size"].clone();
+    let gpt2 = |name: &str, p: f64| {
+        let cfg = serde_json::json!({"model_type": "gpt2", "vocab_size": vocab, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4,
+            "embd_pdrop": p, "resid_pdrop": p, "attn_pdrop": 0.0, "bos_token_id": 1, "eos_token_id": 2});
+        let path = tmp.path().join(name);
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        path
+    };
+    let (with, without) = (gpt2("dropout.json", 0.1), gpt2("plain.json", 0.0));
+    let base = ["--max_steps", "12", "--save_steps", "6", "--eval_strategy", "no", "--load_best_model_at_end", "false", "--save_total_limit", "5"];
+    let run = |name: &str, cfg: &Path, extra: &[&str]| -> Vec<u8> {
+        let out = tmp.path().join(name);
+        let mut args = base.to_vec();
+        args.extend_from_slice(&["--config_name", cfg.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        ok(train(&ex, &out, &args), name);
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    };
+    let dropped = run("dropped", &with, &[]);
+    let plain = run("plain", &without, &[]);
+    assert!(dropped != plain, "dropout had no effect");
+    let cp = tmp.path().join("dropped").join("checkpoint-6");
+    let resumed = run("resumed", &with, &["--resume_from_checkpoint", cp.to_str().unwrap()]);
+    assert!(resumed == dropped, "a resumed run with dropout differs from the straight one");
+    // the trained model evaluated with its dropout config and with dropout set to 0: the same loss
+    let model = tmp.path().join("dropped");
+    let copy = tmp.path().join("dropped-no-dropout");
+    std::fs::create_dir_all(&copy).unwrap();
+    for e in std::fs::read_dir(&model).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_file()) {
+        std::fs::copy(&e, copy.join(e.file_name().unwrap())).unwrap();
+    }
+    let mut cfg = json(&copy.join("config.json"));
+    cfg["embd_pdrop"] = 0.0.into();
+    cfg["resid_pdrop"] = 0.0.into();
+    std::fs::write(copy.join("config.json"), cfg.to_string()).unwrap();
+    let val = ex.join("validation.jsonl");
+    let eval = |m: &Path| -> f64 {
+        let out = ok(runtime(&["eval", "--model_name_or_path", m.to_str().unwrap(), "--validation_file", val.to_str().unwrap(), "--output_dir", tmp.path().join("e").to_str().unwrap()]), "eval");
+        serde_json::from_str::<Value>(out.lines().last().unwrap()).unwrap()["eval_loss"].as_f64().unwrap()
+    };
+    assert_eq!(eval(&model), eval(&copy), "evaluation applied dropout");
+}

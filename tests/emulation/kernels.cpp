@@ -106,6 +106,26 @@ static void test_pointwise() {
     for (int i = 0; i < n; ++i) ok &= s[i] == 2.5f;
     check("add/scale/fill", ok);
 
+    // dropout: the mask the CPU backend computes (the same SplitMix64 hash, written out here)
+    {
+        const long long nd = 10007, key = 0x1234567887654321ll, threshold = 1288490189ll;  // p = 0.3
+        auto xd = rvec(nd), ref = xd;
+        launch(g1(nd), dim3{256}, dropout_f32, xd.data(), key, threshold, 1.0f / 0.7f, nd);
+        long long kept = 0;
+        bool same = true;
+        for (long long i = 0; i < nd; ++i) {
+            unsigned long long z = (unsigned long long)key + ((unsigned long long)i + 1ull) * 0x9E3779B97F4A7C15ull;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+            z ^= z >> 31;
+            const bool keep = (z >> 32) >= (unsigned long long)threshold;
+            kept += keep;
+            same &= xd[i] == (keep ? ref[i] * (1.0f / 0.7f) : 0.0f);
+        }
+        printf("dropout kept %.4f of %lld\n", (double)kept / nd, nd);
+        check("dropout", same && kept > nd * 0.68 && kept < nd * 0.72);
+    }
+
     // column blocks: dst [rows, ld] += scale * src [rows, width] at column off, and back
     {
         const int rows = 9, ld = 37, width = 11, off = 17;

@@ -200,6 +200,9 @@ impl<B: Backend> Backend for Budget<B> {
     fn add(&self, out: &mut Buf<B>, a: &Buf<B>, b: &Buf<B>) {
         self.inner.add(&mut out.buf, &a.buf, &b.buf)
     }
+    fn dropout(&self, x: &mut Buf<B>, mask: crate::backend::DropoutMask) {
+        self.inner.dropout(&mut x.buf, mask)
+    }
     fn add_cols(&self, dst: &mut Buf<B>, src: &Buf<B>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         self.inner.add_cols(&mut dst.buf, &src.buf, rows, width, ld, off, scale)
     }

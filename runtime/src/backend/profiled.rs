@@ -164,6 +164,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn add(&self, out: &mut B::Buf, a: &B::Buf, b: &B::Buf) {
         self.time("residual", 0.0, || self.inner.add(out, a, b))
     }
+    fn dropout(&self, x: &mut B::Buf, mask: crate::backend::DropoutMask) {
+        self.time("dropout", 0.0, || self.inner.dropout(x, mask))
+    }
     fn add_cols(&self, dst: &mut B::Buf, src: &B::Buf, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         self.time("adapter", 0.0, || self.inner.add_cols(dst, src, rows, width, ld, off, scale))
     }

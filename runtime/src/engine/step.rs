@@ -26,6 +26,8 @@ pub struct MicroOptions {
     /// More micro-batches of this window follow: their gradients are not final yet, so the
     /// collective is not told of them (as DDP's `no_sync`).
     pub accumulating: bool,
+    /// The dropout key of this micro-batch (masks are a function of it; `None`: no dropout).
+    pub dropout: Option<u64>,
 }
 
 /// What one whole step ([`Step::run`]) did.
@@ -91,6 +93,7 @@ impl<B: Backend> Step<B> {
                 failed = collective.grads_ready(be, &params, bufs).err();
             }
         };
+        acts.set_dropout(o.dropout);
         let out = match loss {
             MicroLoss::BuiltIn(opts) => model.forward_backward_with(acts, b, grads, opts, o.neftune, &mut ready),
             MicroLoss::Custom(custom, items) => model.forward_backward_custom(acts, b, grads, custom, items, o.neftune, &mut ready),
@@ -202,7 +205,7 @@ impl<B: Backend> Step<B> {
         self.zero_grad();
         let mut sum = 0.0;
         for (i, b) in window.iter().enumerate() {
-            let o = MicroOptions { neftune: None, accumulating: i + 1 < window.len() };
+            let o = MicroOptions { neftune: None, accumulating: i + 1 < window.len(), dropout: None };
             sum += self.micro_batch(b, MicroLoss::BuiltIn(LossOptions { num_items_in_batch: Some(items), ..loss }), o)?.sum;
         }
         let loss = sum / items as f64;

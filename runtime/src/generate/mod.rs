@@ -83,7 +83,7 @@ impl<B: Backend> DecodeState<B> {
             qkv: z(batch * c.qkv_width())?,
             att: z(batch * c.n_head * c.head_dim)?,
             tmp: z(batch * c.hidden_size)?,
-            lora: crate::nn::LoraScratch::new(be, batch, model.lora_dims())?,
+            lora: crate::nn::LoraScratch::new(be, batch, model.lora_dims(), false)?,
             res1: z(batch * c.hidden_size)?,
             fc: z(batch * c.fc_width())?,
             act: z(batch * c.intermediate_size)?,
@@ -217,7 +217,7 @@ pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &
         };
         let call = AttnCall::Decode { k_cache: &mut st.k[l], v_cache: &mut st.v[l], mask: &mask_b, pos: &pos_b, slot: st.slot, max_len: st.max_len, batch: n };
         // the same block forward as training, one token per row
-        model.block(l).fwd(be, &p, &st.x, &mut st.y, &mut bufs, &mut st.lora, call);
+        model.block(l).fwd(be, &p, &st.x, &mut st.y, &mut bufs, &mut st.lora, call, None);
         std::mem::swap(&mut st.x, &mut st.y);
     }
     model.final_norm().fwd(be, &p, &mut st.ln, &mut st.mean, &mut st.rstd, &st.x);

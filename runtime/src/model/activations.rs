@@ -99,6 +99,8 @@ pub struct Activations<B: Backend> {
     pub(super) dact: B::Buf,
     /// The LoRA branches' scratch (empty without adapters).
     pub(super) lora: LoraScratch<B>,
+    /// The dropout key of the training pass under way (`None`: no dropout, as in evaluation).
+    pub(super) dropout: Option<u64>,
     pub(super) has_grad: bool,
     pub(super) checkpointing: bool,
 }
@@ -157,7 +159,8 @@ impl<B: Backend> Activations<B> {
             dqkv: z(rows * c.qkv_width())?,
             dfc: z(rows * c.fc_width())?,
             dact: z(rows * c.intermediate_size)?,
-            lora: LoraScratch::new(be, rows, model.lora_dims())?,
+            lora: LoraScratch::new(be, rows, model.lora_dims(), model.lora.as_ref().is_some_and(|l| l.config.lora_dropout > 0.0))?,
+            dropout: None,
             has_grad: false,
             checkpointing: model.gradient_checkpointing,
         })
@@ -211,6 +214,11 @@ impl<B: Backend> Activations<B> {
         ];
         let layers = self.layers.iter().map(l).sum::<usize>() + self.resid.iter().map(|b| be.len(b)).sum::<usize>();
         4 * (layers + bufs.iter().map(|b| be.len(b)).sum::<usize>()) + self.lora.bytes(be)
+    }
+
+    /// Dropout for the next training passes, with masks from `key` (`None`: off).
+    pub fn set_dropout(&mut self, key: Option<u64>) {
+        self.dropout = key;
     }
 
     pub fn shape(&self) -> (usize, usize) {

@@ -44,6 +44,9 @@ pub struct ModelConfig {
     pub pad_token_id: Option<usize>,
     /// Mistral's sliding window, when enabled.
     pub sliding_window: Option<usize>,
+    /// Dropout probabilities in training (GPT-2: `embd_pdrop`, `resid_pdrop`, `attn_pdrop`,
+    /// 0.1 each by default; the Llama family: `attention_dropout`, 0 by default).
+    pub dropout: Dropout,
     /// The config's `dtype` (transformers 5) or `torch_dtype` (4.x), when present.
     pub dtype: Option<String>,
     /// The JSON as read.
@@ -106,6 +109,28 @@ impl Fields<'_> {
                 None => Err(self.err(format!("field `{key}` must be a token id, found {v}"))),
             },
         }
+    }
+}
+
+/// The dropout probabilities a config sets.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Dropout {
+    /// On the sum of the input embeddings.
+    pub embd: f32,
+    /// On each residual branch's output (attention's output projection, the MLP's).
+    pub resid: f32,
+    /// On the attention probabilities.
+    pub attn: f32,
+}
+
+impl Fields<'_> {
+    /// A dropout probability: a number in [0, 1).
+    pub(super) fn prob(&self, key: &str, default: f32) -> Result<f32> {
+        let p = self.f32_or(key, default)?;
+        if !(0.0..1.0).contains(&p) {
+            return Err(self.err(format!("field `{key}` must lie in [0, 1), found {p}")));
+        }
+        Ok(p)
     }
 }
 

@@ -129,7 +129,8 @@ impl<B: Backend> Model<B> {
         let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
         let (mut bufs, stats) = a.bufs(&mut acts.tmp);
         let call = AttnCall::Sequence { stats, mask: &acts.mask, pos: &acts.pos, batch: acts.batch, seq: acts.seq };
-        self.block(l).fwd(&self.backend, &self.unit_params(), x, y, &mut bufs, &mut acts.lora, call);
+        let drop = acts.dropout.map(|k| crate::nn::site_key(k, 1000 + l as u64));
+        self.block(l).fwd(&self.backend, &self.unit_params(), x, y, &mut bufs, &mut acts.lora, call, drop);
     }
 
     /// Generation's prefill: the forward pass over a (left-padded) batch of prompts, writing
@@ -165,9 +166,11 @@ impl<B: Backend> Model<B> {
     pub(super) fn forward_hidden(&self, acts: &mut Activations<B>, b: &Batch, neftune: Option<Neftune>) -> Result<()> {
         self.validate(b)?;
         if acts.shape() != (b.batch, b.seq) || acts.checkpointing != self.gradient_checkpointing {
-            // the old workspace is freed before the new one is made
+            // the old workspace is freed before the new one is made (the pass's dropout key stays)
+            let key = acts.dropout;
             *acts = Activations::new(self, 0, 0)?;
             *acts = Activations::new(self, b.batch, b.seq)?;
+            acts.dropout = key;
         }
         self.upload_batch(acts, b)?;
         let (be, c) = (&self.backend, &self.config);
@@ -181,6 +184,7 @@ impl<B: Backend> Model<B> {
             be.copy(&mut acts.tmp, &acts.resid[0]);
             be.add(&mut acts.resid[0], &acts.tmp, &be.upload(&noise)?);
         }
+        crate::nn::drop(be, &mut acts.resid[0], c.dropout.embd, acts.dropout, 0);
         for l in 0..c.n_layer {
             self.layer_fwd(acts, l);
         }
@@ -240,10 +244,13 @@ impl<B: Backend> Model<B> {
             };
             let attn = (&*stats, &acts.mask, &acts.pos);
             let block = self.block(l);
-            block.bwd(be, &p, &mut g, &acts.resid[l], &bufs, attn, (acts.batch, acts.seq), &mut d);
+            let drop = acts.dropout.map(|k| crate::nn::site_key(k, 1000 + l as u64));
+            block.bwd(be, &p, &mut g, &acts.resid[l], &bufs, attn, (acts.batch, acts.seq), &mut d, drop);
             ready(&block.params(), g.bufs);
         }
         let emb = self.embedding();
+        // the embedding dropout's backward pass: its mask on the gradient
+        crate::nn::drop(be, &mut acts.dres, self.config.dropout.embd, acts.dropout, 0);
         emb.bwd(be, &mut g, &acts.ids, &acts.pos, &acts.dres);
         ready(&[emb.wte].into_iter().chain(emb.wpe).collect::<Vec<_>>(), g.bufs);
     }

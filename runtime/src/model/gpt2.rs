@@ -2,7 +2,7 @@
 //! under transformers' names (`transformer.h.N.attn.c_attn.weight`, stored as `Conv1D`), and its
 //! block: LayerNorm with biases, GELU (tanh) MLP, learned positions.
 
-use super::config::{Arch, Fields, ModelConfig};
+use super::config::{Arch, Dropout, Fields, ModelConfig};
 use super::layout::{Builder, Init, LayerParams, Layout};
 use super::registry::{Family, Kinds};
 use crate::error::Result;
@@ -50,6 +50,7 @@ fn config(f: &Fields, model_type: String) -> Result<ModelConfig> {
         initializer_range: f.f32_or("initializer_range", 0.02)?,
         pad_token_id: f.token_id("pad_token_id")?,
         sliding_window: None,
+        dropout: Dropout { embd: f.prob("embd_pdrop", 0.1)?, resid: f.prob("resid_pdrop", 0.1)?, attn: f.prob("attn_pdrop", 0.1)? },
         dtype: None,
         raw: Map::new(),
     })

@@ -3,7 +3,7 @@
 //! (`model.layers.N.self_attn.q_proj.weight`, with q/k/v and gate/up fused in the engine), and
 //! their block: RMSNorm, SwiGLU MLP, rotary positions.
 
-use super::config::{Arch, Fields, ModelConfig};
+use super::config::{Arch, Dropout, Fields, ModelConfig};
 use super::layout::{Builder, Init, LayerParams, Layout};
 use super::registry::{Family, Kinds};
 use crate::error::Result;
@@ -78,6 +78,7 @@ fn config(f: &Fields, model_type: String) -> Result<ModelConfig> {
         initializer_range: f.f32_or("initializer_range", 0.02)?,
         pad_token_id: f.token_id("pad_token_id")?,
         sliding_window,
+        dropout: Dropout { attn: f.prob("attention_dropout", 0.0)?, ..Dropout::default() },
         dtype: None,
         raw: Map::new(),
         model_type,

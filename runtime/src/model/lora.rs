@@ -441,7 +441,7 @@ impl<B: Backend> Model<B> {
                 _ => add("lora_B.weight", vec![m.rows, r], &mut |_| 0.0)?,
             };
             let slot = parts[m.layer][m.unit as usize].iter_mut().find(|p| p.is_none()).ok_or_else(|| Error::Invalid(format!("too many adapters on {}", m.name)))?;
-            *slot = Some(LoraPart { a, b, r, off: m.off, cols: m.rows, scale });
+            *slot = Some(LoraPart { a, b, r, off: m.off, cols: m.rows, scale, dropout: config.lora_dropout as f32 });
         }
         // the base freezes; biases and modules_to_save as asked
         let base = self.layout.specs.iter().take_while(|s| !s.adapter).count();

@@ -41,6 +41,7 @@ impl<B: Backend> Model<B> {
             fc: linear(Unit::Fc, lp.fc_w, lp.fc_b, h, c.fc_width()),
             act: kinds.act,
             proj: linear(Unit::Proj, lp.proj_w, lp.proj_b, c.intermediate_size, h),
+            resid_pdrop: c.dropout.resid,
         }
     }
 

@@ -3,7 +3,7 @@
 //! pass needs) and decoding (one token per row against the KV cache); the backward pass walks
 //! the same units in reverse.
 
-use super::{Activation, Attention, GradsMut, Linear, LoraScratch, Norm, Params};
+use super::{drop, site_key, Activation, Attention, GradsMut, Linear, LoraScratch, Norm, Params};
 use crate::backend::Backend;
 
 /// A block: its units, in the order the forward pass runs them.
@@ -17,6 +17,16 @@ pub struct Block {
     pub fc: Linear,
     pub act: Activation,
     pub proj: Linear,
+    /// Dropout on the two residual branches' outputs in training (GPT-2's `resid_pdrop`).
+    pub resid_pdrop: f32,
+}
+
+/// The dropout sites of a block (`site_key` numbers): the two residual branches, then each
+/// map's adapters.
+const SITE_ATTN_OUT: u64 = 1;
+const SITE_MLP_OUT: u64 = 2;
+fn lora_key(drop: Option<u64>, unit: u64) -> Option<u64> {
+    drop.map(|k| site_key(k, 100 + unit))
 }
 
 /// The block's activations: written by the forward pass, read by the backward pass (`tmp` is
@@ -73,16 +83,17 @@ impl Block {
         units.into_iter().flat_map(|(w, b)| std::iter::once(w).chain(b)).chain(adapters).collect()
     }
 
-    /// `y = block(x)` over `rows` rows (`lora`: the adapters' scratch).
+    /// `y = block(x)` over `rows` rows (`lora`: the adapters' scratch; `drop`: a training pass's
+    /// dropout key for this layer).
     #[allow(clippy::too_many_arguments)] // the block's input and output, its state and scratch
-    pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, x: &B::Buf, y: &mut B::Buf, a: &mut BlockBufs<B>, lora: &mut LoraScratch<B>, call: AttnCall<B>) {
+    pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, x: &B::Buf, y: &mut B::Buf, a: &mut BlockBufs<B>, lora: &mut LoraScratch<B>, call: AttnCall<B>, drop_key: Option<u64>) {
         let rows = match &call {
             AttnCall::Sequence { batch, seq, .. } => batch * seq,
             AttnCall::Decode { batch, .. } => *batch,
         };
         self.ln1.fwd(be, p, a.ln1, a.ln1_mean, a.ln1_rstd, x);
         self.qkv.fwd(be, p, a.qkv, a.ln1, rows);
-        self.qkv.lora_fwd(be, p, a.qkv, a.ln1, rows, lora);
+        self.qkv.lora_fwd(be, p, a.qkv, a.ln1, rows, lora, lora_key(drop_key, 0));
         match call {
             AttnCall::Sequence { stats, mask, pos, batch, seq } => {
                 let shape = self.attn.shape(batch, seq);
@@ -101,14 +112,16 @@ impl Block {
             }
         }
         self.o.fwd(be, p, a.tmp, a.att_out, rows);
-        self.o.lora_fwd(be, p, a.tmp, a.att_out, rows, lora);
+        self.o.lora_fwd(be, p, a.tmp, a.att_out, rows, lora, lora_key(drop_key, 1));
+        drop(be, a.tmp, self.resid_pdrop, drop_key, SITE_ATTN_OUT);
         be.add(a.res1, x, a.tmp);
         self.ln2.fwd(be, p, a.ln2, a.ln2_mean, a.ln2_rstd, a.res1);
         self.fc.fwd(be, p, a.fc, a.ln2, rows);
-        self.fc.lora_fwd(be, p, a.fc, a.ln2, rows, lora);
+        self.fc.lora_fwd(be, p, a.fc, a.ln2, rows, lora, lora_key(drop_key, 2));
         self.act.fwd(be, a.act, a.fc);
         self.proj.fwd(be, p, a.tmp, a.act, rows);
-        self.proj.lora_fwd(be, p, a.tmp, a.act, rows, lora);
+        self.proj.lora_fwd(be, p, a.tmp, a.act, rows, lora, lora_key(drop_key, 3));
+        drop(be, a.tmp, self.resid_pdrop, drop_key, SITE_MLP_OUT);
         be.add(y, a.res1, a.tmp);
     }
 
@@ -126,24 +139,38 @@ impl Block {
         (stats, mask, pos): (&B::Buf, &B::Ids, &B::Ids),
         (batch, seq): (usize, usize),
         d: &mut BlockGrads<B>,
+        drop_key: Option<u64>,
     ) {
         let rows = batch * seq;
         let shape = self.attn.shape(batch, seq);
-        self.proj.bwd(be, p, g, Some(d.dact), d.dres, a.act, rows);
-        self.proj.lora_bwd(be, p, g, Some(d.dact), d.dres, a.act, rows, d.lora);
+        let dropping = drop_key.is_some() && self.resid_pdrop > 0.0;
+        // with residual dropout, a branch's gradient is the output's with the branch's mask (in
+        // d.dln, free until the norm's backward pass); the skip connection's stays in d.dres
+        if dropping {
+            be.copy(d.dln, d.dres);
+            drop(be, d.dln, self.resid_pdrop, drop_key, SITE_MLP_OUT);
+        }
+        let dmlp: &B::Buf = if dropping { &*d.dln } else { &*d.dres };
+        self.proj.bwd(be, p, g, Some(d.dact), dmlp, a.act, rows);
+        self.proj.lora_bwd(be, p, g, Some(d.dact), dmlp, a.act, rows, d.lora, lora_key(drop_key, 3));
         self.act.bwd(be, d.dfc, a.fc, d.dact);
         self.fc.bwd(be, p, g, Some(d.dln), d.dfc, a.ln2, rows);
-        self.fc.lora_bwd(be, p, g, Some(d.dln), d.dfc, a.ln2, rows, d.lora);
+        self.fc.lora_bwd(be, p, g, Some(d.dln), d.dfc, a.ln2, rows, d.lora, lora_key(drop_key, 2));
         self.ln2.bwd(be, p, g, d.dres, d.dln, a.res1, a.ln2_mean, a.ln2_rstd);
         // d.dres now holds d(res1) = d(x + attn(...))
-        self.o.bwd(be, p, g, Some(d.datt), d.dres, a.att_out, rows);
-        self.o.lora_bwd(be, p, g, Some(d.datt), d.dres, a.att_out, rows, d.lora);
+        if dropping {
+            be.copy(d.dln, d.dres);
+            drop(be, d.dln, self.resid_pdrop, drop_key, SITE_ATTN_OUT);
+        }
+        let dattn: &B::Buf = if dropping { &*d.dln } else { &*d.dres };
+        self.o.bwd(be, p, g, Some(d.datt), dattn, a.att_out, rows);
+        self.o.lora_bwd(be, p, g, Some(d.datt), dattn, a.att_out, rows, d.lora, lora_key(drop_key, 1));
         be.attention_bwd(d.dqkv, d.datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp);
         if let Some(theta) = self.attn.rope_theta {
             be.rope(d.dqkv, pos, shape, theta, true);
         }
         self.qkv.bwd(be, p, g, Some(d.dln), d.dqkv, a.ln1, rows);
-        self.qkv.lora_bwd(be, p, g, Some(d.dln), d.dqkv, a.ln1, rows, d.lora);
+        self.qkv.lora_bwd(be, p, g, Some(d.dln), d.dqkv, a.ln1, rows, d.lora, lora_key(drop_key, 0));
         self.ln1.bwd(be, p, g, d.dres, d.dln, x, a.ln1_mean, a.ln1_rstd);
     }
 }

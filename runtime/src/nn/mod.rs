@@ -12,7 +12,23 @@ mod block;
 
 pub use block::{AttnCall, Block, BlockBufs, BlockGrads};
 
-use crate::backend::{AttnImpl, AttnShape, Backend};
+use crate::backend::{AttnImpl, AttnShape, Backend, DropoutMask};
+
+/// The dropout stream of one site: `key` (a training pass's, already mixed with the layer) mixed
+/// with the site's number.
+pub fn site_key(key: u64, site: u64) -> u64 {
+    let mut z = key ^ (site.wrapping_add(1)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    z = (z ^ (z >> 32)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    z ^ (z >> 32)
+}
+
+/// Dropout of probability `p` on site `site` of the pass keyed `key`; nothing when `p` is 0 or
+/// the pass is not a training pass (`key` is `None`).
+pub fn drop<B: Backend>(be: &B, x: &mut B::Buf, p: f32, key: Option<u64>, site: u64) {
+    if let Some(k) = key.filter(|_| p > 0.0) {
+        be.dropout(x, DropoutMask::new(p, site_key(k, site)));
+    }
+}
 
 /// The model's parameter buffers and which of them train.
 pub struct Params<'a, B: Backend> {
@@ -67,27 +83,39 @@ pub struct LoraPart {
     pub off: usize,
     pub cols: usize,
     pub scale: f32,
+    /// `lora_dropout`, on the adapter's input.
+    pub dropout: f32,
 }
 
 /// Scratch of the LoRA branches, shared by every adapted linear of a pass: `t = x A^T`
 /// (`[rows, r]`), `u` its product with `B` (`[rows, cols]`, the gradient with respect to it in
-/// the backward pass), `dt` (`[rows, r]`) and `dx` (`[rows, in]`). Empty without adapters.
+/// the backward pass), `dt` (`[rows, r]`), `dx` (`[rows, in]`) and, with `lora_dropout`, the
+/// dropped-out input `xd` (`[rows, in]`). Empty without adapters.
 pub struct LoraScratch<B: Backend> {
     pub t: B::Buf,
     pub u: B::Buf,
     pub dt: B::Buf,
     pub dx: B::Buf,
+    pub xd: B::Buf,
 }
 
 impl<B: Backend> LoraScratch<B> {
-    /// Scratch for `rows` rows and the largest rank, part width and input width (all 0: none).
-    pub fn new(be: &B, rows: usize, (r, cols, inp): (usize, usize, usize)) -> crate::error::Result<Self> {
-        Ok(LoraScratch { t: be.zeros(rows * r)?, u: be.zeros(rows * cols)?, dt: be.zeros(rows * r)?, dx: be.zeros(rows * inp)? })
+    /// Scratch for `rows` rows and the largest rank, part width and input width (all 0: none),
+    /// with room for the dropped-out input when `dropout`.
+    pub fn new(be: &B, rows: usize, (r, cols, inp): (usize, usize, usize), dropout: bool) -> crate::error::Result<Self> {
+        let xd = be.zeros(if dropout { rows * inp } else { 0 })?;
+        Ok(LoraScratch { t: be.zeros(rows * r)?, u: be.zeros(rows * cols)?, dt: be.zeros(rows * r)?, dx: be.zeros(rows * inp)?, xd })
     }
 
     pub fn bytes(&self, be: &B) -> usize {
-        4 * [&self.t, &self.u, &self.dt, &self.dx].iter().map(|b| be.len(b)).sum::<usize>()
+        4 * [&self.t, &self.u, &self.dt, &self.dx, &self.xd].iter().map(|b| be.len(b)).sum::<usize>()
     }
+}
+
+/// Part `i`'s `lora_dropout` mask on `x` (its own stream, as each PEFT module has its own
+/// dropout).
+fn drop_part<B: Backend>(be: &B, x: &mut B::Buf, part: LoraPart, key: Option<u64>, i: usize) {
+    drop(be, x, part.dropout, key, 16 + i as u64);
 }
 
 /// `y = x W^T + b` with `W` `[out, in]`, plus its LoRA adapters.
@@ -106,31 +134,67 @@ impl Linear {
         Linear { w, b, in_features, out_features, lora: [None; MAX_LORA_PARTS] }
     }
 
-    /// Adds the LoRA branches to `out` (after [`Linear::fwd`]): as PEFT, `result + lora_B(lora_A(x)) * scaling`.
-    pub fn lora_fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, inp: &B::Buf, rows: usize, s: &mut LoraScratch<B>) {
-        for part in self.lora.iter().flatten() {
-            be.matmul_fwd(&mut s.t, inp, &p.bufs[part.a], None, rows, self.in_features, part.r);
+    /// Adds the LoRA branches to `out` (after [`Linear::fwd`]): as PEFT, `result +
+    /// lora_B(lora_A(dropout(x))) * scaling`. `drop`: a training pass's dropout key for this map.
+    #[allow(clippy::too_many_arguments)] // as Linear::fwd, the scratch and the dropout key
+    pub fn lora_fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, inp: &B::Buf, rows: usize, s: &mut LoraScratch<B>, drop: Option<u64>) {
+        for (i, part) in self.lora.iter().enumerate().filter_map(|(i, p)| p.map(|p| (i, p))) {
+            let dropped = Self::lora_input(be, inp, s, part, drop, i);
+            let x = dropped.as_ref().unwrap_or(inp);
+            be.matmul_fwd(&mut s.t, x, &p.bufs[part.a], None, rows, self.in_features, part.r);
             be.matmul_fwd(&mut s.u, &s.t, &p.bufs[part.b], None, rows, part.r, part.cols);
             be.add_cols(out, &s.u, rows, part.cols, self.out_features, part.off, part.scale);
+            if let Some(x) = dropped {
+                s.xd = x;
+            }
         }
     }
 
     /// The LoRA branches' backward pass (after [`Linear::bwd`], which wrote `dinp`): adds their
-    /// share to `dinp` and accumulates the adapters' gradients. `x A^T` is recomputed, not kept.
-    #[allow(clippy::too_many_arguments)] // as Linear::bwd, and the scratch
-    pub fn lora_bwd<B: Backend>(&self, be: &B, p: &Params<B>, g: &mut GradsMut<B>, mut dinp: Option<&mut B::Buf>, dout: &B::Buf, inp: &B::Buf, rows: usize, s: &mut LoraScratch<B>) {
-        for part in self.lora.iter().flatten() {
+    /// share to `dinp` and accumulates the adapters' gradients. `x A^T` (and the dropped-out
+    /// input) is recomputed, not kept.
+    #[allow(clippy::too_many_arguments)] // as Linear::bwd, the scratch and the dropout key
+    pub fn lora_bwd<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        g: &mut GradsMut<B>,
+        mut dinp: Option<&mut B::Buf>,
+        dout: &B::Buf,
+        inp: &B::Buf,
+        rows: usize,
+        s: &mut LoraScratch<B>,
+        drop: Option<u64>,
+    ) {
+        for (i, part) in self.lora.iter().enumerate().filter_map(|(i, p)| p.map(|p| (i, p))) {
             let (k, r) = (self.in_features, part.r);
-            be.matmul_fwd(&mut s.t, inp, &p.bufs[part.a], None, rows, k, r);
+            let dropped = Self::lora_input(be, inp, s, part, drop, i);
+            let x = dropped.as_ref().unwrap_or(inp);
+            be.matmul_fwd(&mut s.t, x, &p.bufs[part.a], None, rows, k, r);
             be.take_cols(&mut s.u, dout, rows, part.cols, self.out_features, part.off, part.scale);
             let (da, db) = g.pair(part.a, Some(part.b));
             be.matmul_bwd(Some(&mut s.dt), db, None, &s.u, &s.t, &p.bufs[part.b], rows, r, part.cols);
             let dx = if dinp.is_some() { Some(&mut s.dx) } else { None };
-            be.matmul_bwd(dx, da, None, &s.dt, inp, &p.bufs[part.a], rows, k, r);
+            be.matmul_bwd(dx, da, None, &s.dt, x, &p.bufs[part.a], rows, k, r);
             if let Some(d) = dinp.as_deref_mut() {
+                // the dropout's backward pass: the same mask on the gradient
+                drop_part(be, &mut s.dx, part, drop, i);
                 be.add_cols(d, &s.dx, rows, k, k, 0, 1.0);
             }
+            if let Some(x) = dropped {
+                s.xd = x;
+            }
         }
+    }
+
+    /// The adapter input of part `i`: `inp` dropped out into the scratch (returned, to be put
+    /// back), or `None` when there is no dropout in this pass.
+    fn lora_input<B: Backend>(be: &B, inp: &B::Buf, s: &mut LoraScratch<B>, part: LoraPart, drop: Option<u64>, i: usize) -> Option<B::Buf> {
+        drop.filter(|_| part.dropout > 0.0)?;
+        let mut x = std::mem::replace(&mut s.xd, be.zeros(0).ok()?);
+        be.copy_range(&mut x, 0, inp, 0, be.len(inp));
+        drop_part(be, &mut x, part, drop, i);
+        Some(x)
     }
 
     pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, inp: &B::Buf, rows: usize) {

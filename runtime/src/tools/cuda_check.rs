@@ -108,6 +108,9 @@ fn pointwise<B: Backend>(be: &B, x: &[f32], y: &[f32], d: &[f32], dx0: &[f32], i
     res.push(("fill", be.download(&s)?));
     res.push(("sum_squares", vec![be.sum_squares(&xb)? as f32]));
     res.push(("sum_squares_multi", be.sum_squares_multi(&[&xb, &yb, &db])?.into_iter().map(|v| v as f32).collect()));
+    let mut dr = be.upload(x)?;
+    be.dropout(&mut dr, crate::backend::DropoutMask::new(0.3, 0x5eed));
+    res.push(("dropout", be.download(&dr)?));
     // a column block of a [rows, 2i] buffer, in and out (the LoRA branches' ops)
     let (rows, w) = (x.len() / (2 * i), i / 2);
     let mut blk = be.upload(&dx0[..rows * w])?;

@@ -79,6 +79,16 @@ fn load_model<B: Backend>(backend: B, args: &TrainingArguments) -> Result<(Model
     };
     model.gradient_checkpointing = args.gradient_checkpointing;
     attach_adapter(&mut model, args)?;
+    let d = model.config.dropout;
+    if d.embd > 0.0 || d.resid > 0.0 {
+        tracing::info!("dropout in training: embeddings {}, residual branches {}", d.embd, d.resid);
+    }
+    if d.attn > 0.0 {
+        tracing::warn!(
+            "the config's attention dropout ({}) is not applied: dropout on the attention probabilities is not implemented yet (embedding and residual dropout are)",
+            d.attn
+        );
+    }
     Ok((model, dir))
 }
 
@@ -91,12 +101,6 @@ fn attach_adapter<B: Backend>(model: &mut Model<B>, args: &TrainingArguments) ->
         model.add_lora(LoraConfig::from_map(table, "peft")?, None, args.seed)?;
     }
     if let Some(state) = &model.lora {
-        if state.config.lora_dropout > 0.0 {
-            return Err(Error::Unsupported(format!(
-                "lora_dropout {} needs dropout, which this build does not implement yet; set lora_dropout = 0 (evaluation and generation ignore it)",
-                state.config.lora_dropout
-            )));
-        }
         let trainable: usize = model.layout.specs.iter().zip(&model.trainable).filter(|(_, t)| **t).map(|(s, _)| s.numel()).sum();
         tracing::info!("LoRA on {} modules: {trainable} trainable parameters of {}", state.modules.len(), model.num_parameters());
     }

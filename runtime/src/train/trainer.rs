@@ -289,7 +289,9 @@ impl<B: Backend + Clone> Trainer<B> {
         for (i, mb) in micro.iter().enumerate() {
             // NEFTune noise from (seed, step, micro-batch): the same after a resume
             let neftune = self.args.neftune_noise_alpha.map(|a| Neftune { alpha: a as f32, seed: self.args.seed ^ (self.state.global_step << 20) ^ i as u64 });
-            let o = MicroOptions { neftune, accumulating: i + 1 < micro.len() };
+            // dropout masks from (seed, step, micro-batch): the same after a resume
+            let dropout = Some(crate::nn::site_key(self.args.seed, (self.state.global_step << 16) + i as u64));
+            let o = MicroOptions { neftune, accumulating: i + 1 < micro.len(), dropout };
             sum += match loss_hook.as_mut() {
                 Some(h) => {
                     let continues = h.continues();

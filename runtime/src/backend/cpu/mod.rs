@@ -169,6 +169,9 @@ impl Backend for Cpu {
     fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
         pointwise::add(out, a, b)
     }
+    fn dropout(&self, x: &mut Vec<f32>, mask: super::DropoutMask) {
+        pointwise::dropout(x, mask)
+    }
     fn add_cols(&self, dst: &mut Vec<f32>, src: &Vec<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         pointwise::add_cols(dst, src, rows, width, ld, off, scale)
     }

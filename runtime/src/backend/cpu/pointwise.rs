@@ -94,6 +94,16 @@ pub fn swiglu_bwd(dx: &mut [f32], x: &[f32], dout: &[f32], i: usize) {
     });
 }
 
+/// Dropout in place (see [`crate::backend::dropout_keep`]).
+pub fn dropout(x: &mut [f32], mask: crate::backend::DropoutMask) {
+    x.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
+        for (j, v) in chunk.iter_mut().enumerate() {
+            let i = (c * 4096 + j) as u64;
+            *v = if crate::backend::dropout_keep(mask.key, i, mask.threshold) { *v * mask.scale } else { 0.0 };
+        }
+    });
+}
+
 /// `dst[r, off + j] += scale * src[r, j]` over `rows` rows of `dst` (`ld` wide) and `src`
 /// (`width` wide); the product is rounded before the sum, as the CUDA kernel does.
 pub fn add_cols(dst: &mut [f32], src: &[f32], rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
@@ -136,4 +146,37 @@ pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
             *o = a + b;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::backend::DropoutMask;
+
+    /// Over many elements dropout keeps 1 - p of them and leaves the expectation unchanged; the
+    /// mask is a function of the key (the same with 1 and 2 threads, another for another key).
+    #[test]
+    fn dropout_keeps_the_expected_share_and_the_mean() {
+        let n = 1 << 20;
+        for p in [0.1f32, 0.5, 0.9] {
+            let mut x = vec![1.0f32; n];
+            super::dropout(&mut x, DropoutMask::new(p, 12345));
+            let kept = x.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            assert!((kept - (1.0 - p as f64)).abs() < 0.003, "p {p}: kept {kept}");
+            assert!((mean - 1.0).abs() < 0.01 + 0.01 * p as f64 / (1.0 - p as f64), "p {p}: mean {mean}");
+        }
+        let masked = |threads: usize, key: u64| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut x: Vec<f32> = (0..100_003).map(|i| i as f32).collect();
+                super::dropout(&mut x, DropoutMask::new(0.3, key));
+                x
+            })
+        };
+        assert_eq!(masked(1, 7), masked(2, 7));
+        assert_ne!(masked(2, 7), masked(2, 8));
+        let mut z = vec![1.5f32; 1000];
+        super::dropout(&mut z, DropoutMask::new(0.0, 3));
+        assert!(z.iter().all(|&v| v == 1.5), "p = 0 changes nothing");
+    }
 }

@@ -249,6 +249,7 @@ pub fn required_kernels() -> Vec<String> {
         "scale_f32",
         "add_f32",
         "add_cols_f32",
+        "dropout_f32",
         "take_cols_f32",
         "cast_f32_bf16",
         "gelu_fwd",

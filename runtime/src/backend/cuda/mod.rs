@@ -481,6 +481,11 @@ impl Backend for Cuda {
         self.launch_n("add_f32", a.len(), &[self.p(out), self.p(a), self.p(b), A::L(a.len() as i64)]);
     }
 
+    fn dropout(&self, x: &mut CudaSlice<f32>, mask: crate::backend::DropoutMask) {
+        self.forget_weight(x);
+        let args = [self.p(x), A::L(mask.key as i64), A::L(mask.threshold as i64), A::F(mask.scale), A::L(x.len() as i64)];
+        self.launch_n("dropout_f32", x.len(), &args);
+    }
     fn add_cols(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         self.forget_weight(dst);
         let args = [self.p(dst), self.p(src), A::L(rows as i64), A::I(width as i32), A::I(ld as i32), A::I(off as i32), A::F(scale)];

@@ -44,10 +44,6 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
     Batch { batch, seq, input_ids: ids, attention_mask: Some(mask), labels: Some(labels), ..Batch::default() }
 }
 
-fn loss(model: &Model<Cpu>, batch: &Batch, opts: LossOptions) -> f64 {
-    loss_with(model, batch, opts, None)
-}
-
 /// The loss with the dropout masks of `key` (a training pass's).
 fn loss_with(model: &Model<Cpu>, batch: &Batch, opts: LossOptions, key: Option<u64>) -> f64 {
     let mut acts = Activations::new(model, batch.batch, batch.seq).unwrap();

@@ -90,7 +90,8 @@ fn bad_adapters_are_one_clear_error() {
         std::fs::write(tmp.path().join("adapter_config.json"), cfg.to_string()).unwrap();
         tmp
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("llama_all_linear", Box::new(|c| c["peft_type"] = "PREFIX_TUNING".into()), "peft_type `PREFIX_TUNING`"),
         ("llama_all_linear", Box::new(|c| c["lora_alhpa"] = 3.into()), "unknown LoraConfig field `lora_alhpa`"),
         // an adapter of rank 8 read as rank 4: its tensors do not fit

@@ -319,7 +319,7 @@ fn absurd_sizes_and_values_in_config_json_get_one_clear_error() {
         let out = tmp.path().join(format!("out{i}"));
         refused(limited(&["inspect", d]), &format!("inspect {key}"), &needles);
         refused(limited(&["convert", "--model", d, "--output_dir", out.to_str().unwrap()]), &format!("convert {key}"), &needles);
-        if from == &base {
+        if from == base {
             refused(limited(&["generate", "--model", d, "--prompt", "12+34="]), &format!("generate {key}"), &needles);
             let cfg = ex.join("train.toml");
             let args = ["train", "--config", cfg.to_str().unwrap(), "--model_name_or_path", d, "--output_dir", out.to_str().unwrap(), "--max_steps", "1"];

@@ -48,9 +48,10 @@ const SETTINGS: &[&str] = &[
 ];
 
 type Scalars = BTreeMap<String, Vec<(i64, f32)>>;
+type Texts = BTreeMap<String, Vec<(i64, String)>>;
 
 /// Scalars and texts of an event file, as read by the runtime's reader (every CRC checked).
-fn read_file(path: &Path) -> (Scalars, BTreeMap<String, Vec<(i64, String)>>, usize) {
+fn read_file(path: &Path) -> (Scalars, Texts, usize) {
     let events = read_events(path).unwrap();
     assert_eq!(events[0].what, Some(What::FileVersion("brain.Event:2".into())), "the first record is the file version");
     let (mut scalars, mut texts) = (Scalars::new(), BTreeMap::new());

@@ -21,6 +21,9 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
 
+/// A tensor of the adapter file: key, shape, values.
+pub type AdapterTensor = (String, Vec<usize>, Vec<f32>);
+
 impl<B: Backend> Model<B> {
     /// The base parameters the adapter file carries (trained biases and `modules_to_save`), each
     /// with the key of every transformers part.
@@ -50,12 +53,12 @@ impl<B: Backend> Model<B> {
     }
 
     /// The adapter's tensors as PEFT saves them (key, shape, values), sorted by key.
-    pub fn adapter_tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn adapter_tensors(&self) -> Result<Vec<AdapterTensor>> {
         self.adapter_tensors_of(&self.params)
     }
 
     /// [`Model::adapter_tensors`] of other buffers laid out as the parameters (their gradients).
-    pub fn adapter_tensors_of(&self, bufs: &[B::Buf]) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn adapter_tensors_of(&self, bufs: &[B::Buf]) -> Result<Vec<AdapterTensor>> {
         if self.lora.is_none() {
             return Err(Error::Invalid("the model has no adapter".into()));
         }

@@ -445,7 +445,7 @@ impl<B: Backend> Model<B> {
         }
         // the base freezes; biases and modules_to_save as asked
         let base = self.layout.specs.iter().take_while(|s| !s.adapter).count();
-        let adapted: Vec<usize> = targets.iter().map(|m| self.block_linear(m.layer, m.unit).b).flatten().collect();
+        let adapted: Vec<usize> = targets.iter().filter_map(|m| self.block_linear(m.layer, m.unit).b).collect();
         for i in 0..base {
             let is_bias = self.layout.specs[i].name.ends_with(".bias") || self.layout.specs[i].parts.iter().all(|p| p.name.ends_with(".bias"));
             self.trainable[i] = saved_modules.contains(&i) || (is_bias && (config.bias == "all" || (config.bias == "lora_only" && adapted.contains(&i))));

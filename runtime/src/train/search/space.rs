@@ -106,7 +106,7 @@ fn parse_dist(path: &Path, name: &str, t: &Map<String, Value>) -> Result<Distrib
                 return Err(bad(format!("log = true needs low > 0, found {low}")));
             }
             if let Some(s) = step {
-                if !(s > 0.0) || log {
+                if s.is_nan() || s <= 0.0 || log {
                     return Err(bad("`step` must be > 0, and cannot be combined with log = true".into()));
                 }
             }
@@ -200,7 +200,7 @@ fn set_in(node: &mut Value, parts: &[&str], value: Value, at: String) -> std::re
 impl Param {
     /// The value for a point of the unit interval's transform: TPE and the random sampler work
     /// on `internal` values (the log for log scales, the index for categories).
-    fn from_internal(&self, x: f64) -> Value {
+    fn value_at(&self, x: f64) -> Value {
         match &self.dist {
             Distribution::Float { low, high, log, step } => {
                 let v = if *log { x.exp() } else { x };
@@ -220,7 +220,7 @@ impl Param {
     }
 
     /// The internal value of a recorded value (None when it is not in the space).
-    fn to_internal(&self, v: &Value) -> Option<f64> {
+    fn internal_of(&self, v: &Value) -> Option<f64> {
         match &self.dist {
             Distribution::Float { log, .. } | Distribution::Int { log, .. } => v.as_f64().map(|x| if *log { x.ln() } else { x }),
             Distribution::Categorical { choices } => choices.iter().position(|c| c == v).map(|i| i as f64),
@@ -247,7 +247,7 @@ impl Param {
             _ if hi > lo => rng.random_range(lo..hi),
             _ => lo,
         };
-        self.from_internal(x)
+        self.value_at(x)
     }
 
     /// The grid's values: every category, every integer step, every float step.
@@ -313,7 +313,7 @@ pub fn suggest(params: &[Param], kind: SamplerKind, seed: u64, number: usize, fi
 fn tpe_sample(p: &Param, observed: &[Observation], rng: &mut ChaCha8Rng) -> Result<Value> {
     let (lo, hi) = p.internal_range();
     if hi <= lo {
-        return Ok(p.from_internal(lo));
+        return Ok(p.value_at(lo));
     }
     let err = |e: String| Error::Invalid(format!("TPE for `{}`: {e}", p.name));
     let (range, estimator) = match &p.dist {
@@ -322,14 +322,14 @@ fn tpe_sample(p: &Param, observed: &[Observation], rng: &mut ChaCha8Rng) -> Resu
     };
     let mut opt = tpe::TpeOptimizer::new(estimator, range.map_err(|e| err(e.to_string()))?);
     for o in observed {
-        if let Some(x) = o.params.get(&p.name).and_then(|v| p.to_internal(v)) {
+        if let Some(x) = o.params.get(&p.name).and_then(|v| p.internal_of(v)) {
             if o.value.is_finite() {
                 opt.tell(x.clamp(lo, hi - 1e-12), o.value).map_err(|e| err(e.to_string()))?;
             }
         }
     }
     let x = opt.ask(rng).map_err(|e| err(e.to_string()))?;
-    Ok(p.from_internal(x))
+    Ok(p.value_at(x))
 }
 
 #[cfg(test)]

@@ -230,6 +230,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::manual_rotate)] // the mask as TFRecord's specification writes it
     fn crc32c_and_its_mask_match_the_published_values() {
         // CRC-32C check value (RFC 3720, B.4): "123456789" -> 0xE3069283
         assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);

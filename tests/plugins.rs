@@ -733,3 +733,51 @@ fn a_plugin_file_is_checked_before_it_is_read_and_check_asks_for_a_tokenizer() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("pass --tokenizer"), "{err}");
 }
+
+/// With a LoRA adapter every plugin hook runs: a padding plugin (left padding), a loss plugin
+/// (cross-entropy through the loss-logits hook) and a callbacks plugin reproduce the adapter
+/// run's losses, a metrics plugin
+/// scores the evaluations, and the output is the adapter; gradient checkpointing and NEFTune
+/// run with adapters too.
+#[test]
+fn plugins_work_with_a_lora_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peft = r#"{"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}"#;
+    let (base, out) = train_run(tmp.path(), "lora", &["--peft", peft]);
+    ok(out, "LoRA run");
+    let (left, rows, metrics, ema) = (wasm("left_pad"), wasm("rows_ce"), wasm("token_metrics"), wasm("loss_ema"));
+    let hooked_args = [
+        "--peft",
+        peft,
+        "--plugin",
+        left.to_str().unwrap(),
+        "--plugin",
+        rows.to_str().unwrap(),
+        "--plugin",
+        metrics.to_str().unwrap(),
+        "--plugin",
+        ema.to_str().unwrap(),
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "4",
+    ];
+    let (hooked, out) = train_run(tmp.path(), "lora-hooked", &hooked_args);
+    ok(out, "LoRA run with plugins");
+    let (b, h) = (losses(&base), losses(&hooked));
+    assert_eq!(b.len(), 4);
+    for (x, y) in b.iter().zip(&h) {
+        assert!((x - y).abs() < 1e-4 * x.abs(), "the plugins changed the LoRA run's losses: {b:?} vs {h:?}");
+    }
+    let history = json_file(&hooked.join("trainer_state.json"))["log_history"].as_array().unwrap().clone();
+    assert!(history.iter().any(|e| e["eval_accuracy"].as_f64().is_some()), "no metrics plugin result: {history:?}");
+    assert!(history.iter().filter(|e| e.get("loss").is_some()).all(|e| e["loss_ema"].as_f64().is_some()), "{history:?}");
+    assert!(hooked.join("adapter_model.safetensors").is_file() && !hooked.join("model.safetensors").exists());
+    // gradient checkpointing gives the same losses; NEFTune changes them
+    let (ckpt, out) = train_run(tmp.path(), "lora-ckpt", &["--peft", peft, "--gradient_checkpointing", "true"]);
+    ok(out, "LoRA with gradient checkpointing");
+    assert_eq!(losses(&ckpt), b, "gradient checkpointing changed the LoRA run");
+    let (noisy, out) = train_run(tmp.path(), "lora-neftune", &["--peft", peft, "--neftune_noise_alpha", "5"]);
+    ok(out, "LoRA with NEFTune");
+    assert_ne!(losses(&noisy), b);
+}

@@ -1,5 +1,5 @@
-"""Training with dropout, side by side: a small GPT-2 (embd_pdrop and resid_pdrop 0.1; attn_pdrop
-0, which the runtime does not apply yet) trained by `runtime train` and by `transformers.Trainer`
+"""Training with dropout, side by side: a small GPT-2 (embd_pdrop, resid_pdrop and attn_pdrop 0.1)
+trained by `runtime train` (on the CPU) and by `transformers.Trainer` (eager attention)
 from the same initial weights on the addition example, with and without dropout. The masks
 cannot be the same (different generators), so the runs are compared by their final evaluation
 loss. Prints a markdown table.
@@ -50,7 +50,7 @@ def main():
         tmp = Path(tmp)
         for p in [0.1, 0.0]:
             cfg = {"model_type": "gpt2", "vocab_size": len(tok), "n_positions": 32, "n_embd": 64, "n_layer": 2, "n_head": 4,
-                   "embd_pdrop": p, "resid_pdrop": p, "attn_pdrop": 0.0, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                   "embd_pdrop": p, "resid_pdrop": p, "attn_pdrop": p, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                    "pad_token_id": tok.pad_token_id}
             (tmp / "config.json").write_text(json.dumps(cfg))
             init = tmp / f"init-{p}"
@@ -63,15 +63,15 @@ def main():
                            check=True, capture_output=True)
             ours = json.loads(subprocess.run([a.runtime, "eval", "--model_name_or_path", str(out), "--validation_file", str(EX / "validation.jsonl"),
                                               "--output_dir", str(tmp / "e")], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            model = GPT2LMHeadModel.from_pretrained(init, dtype=torch.float32)
+            model = GPT2LMHeadModel.from_pretrained(init, dtype=torch.float32, attn_implementation="eager")
             trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp / f"hf-{p}"), report_to="none", **args),
                               train_dataset=Examples(EX / "train.jsonl", tok), eval_dataset=Examples(EX / "validation.jsonl", tok),
                               data_collator=DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
             trainer.train()
             theirs = trainer.evaluate()
             rows.append((p, ours["eval_loss"], theirs["eval_loss"]))
-    print(f"GPT-2 2 x 64 on the addition example, {a.steps} steps of 32 examples, lr 3e-3 cosine; attn_pdrop 0\n")
-    print("| embd_pdrop = resid_pdrop | runtime eval_loss | transformers eval_loss |")
+    print(f"GPT-2 2 x 64 on the addition example, {a.steps} steps of 32 examples, lr 3e-3 cosine\n")
+    print("| embd_pdrop = resid_pdrop = attn_pdrop | runtime eval_loss | transformers eval_loss |")
     print("| --- | --- | --- |")
     for p, o, t in rows:
         print(f"| {p} | {o:.4f} | {t:.4f} |")

@@ -99,6 +99,16 @@ fn gradients_with_dropout_match_finite_differences() {
     let (with, without) = (loss_with(&model, &batch, LossOptions::default(), Some(7)), loss_with(&model, &batch, LossOptions::default(), None));
     assert!(with != without, "the masks change the loss");
     check_model("gpt2 with dropout", model, 0.0, 41, Some(7));
+    // dropout on the attention probabilities, in both implementations, which draw the same masks
+    let cfg = json!({"model_type": "gpt2", "vocab_size": 50, "n_positions": 16, "n_embd": 24, "n_layer": 2, "n_head": 3,
+        "initializer_range": 0.3, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "attn_pdrop": 0.25});
+    let (eager, flash) = (random_model(config(cfg.clone()), AttnImpl::Eager, 44), random_model(config(cfg), AttnImpl::Flash, 44));
+    let batch = random_batch(50, 3, 9, 46);
+    let (le, lf) = (loss_with(&eager, &batch, LossOptions::default(), Some(5)), loss_with(&flash, &batch, LossOptions::default(), Some(5)));
+    assert!((le - lf).abs() < 1e-5 * le.abs(), "eager {le} vs flash {lf} with the same attention masks");
+    assert!(le != loss_with(&eager, &batch, LossOptions::default(), None), "attention dropout had no effect");
+    check_model("gpt2 eager with attention dropout", eager, 0.0, 44, Some(5));
+    check_model("gpt2 flash with attention dropout", flash, 0.0, 44, Some(5));
     let cfg = json!({"model_type": "llama", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.3});
     let mut model = random_model(config(cfg), AttnImpl::Flash, 42);

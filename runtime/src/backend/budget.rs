@@ -200,6 +200,26 @@ impl<B: Backend> Backend for Budget<B> {
     fn add(&self, out: &mut Buf<B>, a: &Buf<B>, b: &Buf<B>) {
         self.inner.add(&mut out.buf, &a.buf, &b.buf)
     }
+    fn has_attention_dropout(&self) -> bool {
+        self.inner.has_attention_dropout()
+    }
+    fn attention_fwd_dropout(&self, out: &mut Buf<B>, stats: &mut Buf<B>, qkv: &Buf<B>, key_mask: &Ids<B>, shape: AttnShape, imp: AttnImpl, drop: crate::backend::DropoutMask) {
+        self.inner.attention_fwd_dropout(&mut out.buf, &mut stats.buf, &qkv.buf, &key_mask.buf, shape, imp, drop)
+    }
+    fn attention_bwd_dropout(
+        &self,
+        dqkv: &mut Buf<B>,
+        dout: &Buf<B>,
+        qkv: &Buf<B>,
+        out: &Buf<B>,
+        stats: &Buf<B>,
+        key_mask: &Ids<B>,
+        shape: AttnShape,
+        imp: AttnImpl,
+        drop: crate::backend::DropoutMask,
+    ) {
+        self.inner.attention_bwd_dropout(&mut dqkv.buf, &dout.buf, &qkv.buf, &out.buf, &stats.buf, &key_mask.buf, shape, imp, drop)
+    }
     fn dropout(&self, x: &mut Buf<B>, mask: crate::backend::DropoutMask) {
         self.inner.dropout(&mut x.buf, mask)
     }

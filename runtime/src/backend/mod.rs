@@ -291,6 +291,34 @@ pub trait Backend: Send + Sync {
     /// (`[rows, n_head * head_dim]`) and the statistics its backward pass needs.
     #[allow(clippy::too_many_arguments)] // the op's inputs, outputs and saved statistics
     fn attention_fwd(&self, out: &mut Self::Buf, stats: &mut Self::Buf, qkv: &Self::Buf, key_mask: &Self::Ids, shape: AttnShape, imp: AttnImpl);
+    /// Whether [`Backend::attention_fwd_dropout`] and [`Backend::attention_bwd_dropout`] apply
+    /// dropout to the attention probabilities (the CPU backend's do; the CUDA kernels do not yet,
+    /// and their defaults here are the plain passes). Callers check it first.
+    fn has_attention_dropout(&self) -> bool {
+        false
+    }
+    /// [`Backend::attention_fwd`] with dropout on the probabilities (`stats` keep the undropped
+    /// softmax); the mask's element index is `((b * n_head + h) * seq + i) * seq + j`.
+    #[allow(clippy::too_many_arguments)] // as attention_fwd, and the mask
+    fn attention_fwd_dropout(&self, out: &mut Self::Buf, stats: &mut Self::Buf, qkv: &Self::Buf, key_mask: &Self::Ids, shape: AttnShape, imp: AttnImpl, _drop: DropoutMask) {
+        self.attention_fwd(out, stats, qkv, key_mask, shape, imp)
+    }
+    /// [`Backend::attention_bwd`] of a pass with dropout on the probabilities (the same mask).
+    #[allow(clippy::too_many_arguments)] // as attention_bwd, and the mask
+    fn attention_bwd_dropout(
+        &self,
+        dqkv: &mut Self::Buf,
+        dout: &Self::Buf,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        stats: &Self::Buf,
+        key_mask: &Self::Ids,
+        shape: AttnShape,
+        imp: AttnImpl,
+        _drop: DropoutMask,
+    ) {
+        self.attention_bwd(dqkv, dout, qkv, out, stats, key_mask, shape, imp)
+    }
     /// Writes `dqkv` (overwritten).
     #[allow(clippy::too_many_arguments)] // as above
     fn attention_bwd(

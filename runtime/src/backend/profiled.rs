@@ -164,6 +164,26 @@ impl<B: Backend> Backend for Profiled<B> {
     fn add(&self, out: &mut B::Buf, a: &B::Buf, b: &B::Buf) {
         self.time("residual", 0.0, || self.inner.add(out, a, b))
     }
+    fn has_attention_dropout(&self) -> bool {
+        self.inner.has_attention_dropout()
+    }
+    fn attention_fwd_dropout(&self, out: &mut B::Buf, stats: &mut B::Buf, qkv: &B::Buf, key_mask: &B::Ids, shape: AttnShape, imp: AttnImpl, drop: crate::backend::DropoutMask) {
+        self.time("attention", 0.0, || self.inner.attention_fwd_dropout(out, stats, qkv, key_mask, shape, imp, drop))
+    }
+    fn attention_bwd_dropout(
+        &self,
+        dqkv: &mut B::Buf,
+        dout: &B::Buf,
+        qkv: &B::Buf,
+        out: &B::Buf,
+        stats: &B::Buf,
+        key_mask: &B::Ids,
+        shape: AttnShape,
+        imp: AttnImpl,
+        drop: crate::backend::DropoutMask,
+    ) {
+        self.time("attention", 0.0, || self.inner.attention_bwd_dropout(dqkv, dout, qkv, out, stats, key_mask, shape, imp, drop))
+    }
     fn dropout(&self, x: &mut B::Buf, mask: crate::backend::DropoutMask) {
         self.time("dropout", 0.0, || self.inner.dropout(x, mask))
     }

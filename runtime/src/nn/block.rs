@@ -25,6 +25,7 @@ pub struct Block {
 /// map's adapters.
 const SITE_ATTN_OUT: u64 = 1;
 const SITE_MLP_OUT: u64 = 2;
+const SITE_ATTN_PROBS: u64 = 3;
 fn lora_key(drop: Option<u64>, unit: u64) -> Option<u64> {
     drop.map(|k| site_key(k, 100 + unit))
 }
@@ -83,6 +84,12 @@ impl Block {
         units.into_iter().flat_map(|(w, b)| std::iter::once(w).chain(b)).chain(adapters).collect()
     }
 
+    /// The attention-probability dropout mask of a training pass, where the backend applies it.
+    fn attn_dropout<B: Backend>(&self, be: &B, drop_key: Option<u64>) -> Option<crate::backend::DropoutMask> {
+        let k = drop_key.filter(|_| self.attn.pdrop > 0.0 && be.has_attention_dropout())?;
+        Some(crate::backend::DropoutMask::new(self.attn.pdrop, site_key(k, SITE_ATTN_PROBS)))
+    }
+
     /// `y = block(x)` over `rows` rows (`lora`: the adapters' scratch; `drop`: a training pass's
     /// dropout key for this layer).
     #[allow(clippy::too_many_arguments)] // the block's input and output, its state and scratch
@@ -100,7 +107,10 @@ impl Block {
                 if let Some(theta) = self.attn.rope_theta {
                     be.rope(a.qkv, pos, shape, theta, false);
                 }
-                be.attention_fwd(a.att_out, stats, a.qkv, mask, shape, self.attn.imp);
+                match self.attn_dropout(be, drop_key) {
+                    Some(m) => be.attention_fwd_dropout(a.att_out, stats, a.qkv, mask, shape, self.attn.imp, m),
+                    None => be.attention_fwd(a.att_out, stats, a.qkv, mask, shape, self.attn.imp),
+                }
             }
             AttnCall::Decode { k_cache, v_cache, mask, pos, slot, max_len, batch } => {
                 let shape = self.attn.shape(batch, 1);
@@ -165,7 +175,10 @@ impl Block {
         let dattn: &B::Buf = if dropping { &*d.dln } else { &*d.dres };
         self.o.bwd(be, p, g, Some(d.datt), dattn, a.att_out, rows);
         self.o.lora_bwd(be, p, g, Some(d.datt), dattn, a.att_out, rows, d.lora, lora_key(drop_key, 1));
-        be.attention_bwd(d.dqkv, d.datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp);
+        match self.attn_dropout(be, drop_key) {
+            Some(m) => be.attention_bwd_dropout(d.dqkv, d.datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp, m),
+            None => be.attention_bwd(d.dqkv, d.datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp),
+        }
         if let Some(theta) = self.attn.rope_theta {
             be.rope(d.dqkv, pos, shape, theta, true);
         }

@@ -281,6 +281,9 @@ pub struct Attention {
     pub head_dim: usize,
     pub rope_theta: Option<f32>,
     pub imp: AttnImpl,
+    /// Dropout on the attention probabilities in training (`attn_pdrop`, `attention_dropout`),
+    /// where the backend implements it.
+    pub pdrop: f32,
 }
 
 impl Attention {

@@ -80,13 +80,14 @@ fn load_model<B: Backend>(backend: B, args: &TrainingArguments) -> Result<(Model
     model.gradient_checkpointing = args.gradient_checkpointing;
     attach_adapter(&mut model, args)?;
     let d = model.config.dropout;
-    if d.embd > 0.0 || d.resid > 0.0 {
-        tracing::info!("dropout in training: embeddings {}, residual branches {}", d.embd, d.resid);
+    if d.embd > 0.0 || d.resid > 0.0 || d.attn > 0.0 {
+        tracing::info!("dropout in training: embeddings {}, residual branches {}, attention probabilities {}", d.embd, d.resid, d.attn);
     }
-    if d.attn > 0.0 {
+    if d.attn > 0.0 && !model.backend.has_attention_dropout() {
         tracing::warn!(
-            "the config's attention dropout ({}) is not applied: dropout on the attention probabilities is not implemented yet (embedding and residual dropout are)",
-            d.attn
+            "the config's attention dropout ({}) is not applied: the {} backend's attention kernels do not implement it yet (embedding and residual dropout are applied)",
+            d.attn,
+            model.backend.name()
         );
     }
     Ok((model, dir))

@@ -13,7 +13,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::math::{self, exp, SharedMut};
-use crate::backend::AttnShape;
+use crate::backend::{dropout_keep, AttnShape, DropoutMask};
 
 const Q_BLOCK: usize = 64;
 const K_BLOCK: usize = 128;
@@ -120,6 +120,16 @@ fn scores(l: &Layout, qkv: &[f32], mask: &[i32], s: &mut [f32], ld: usize, b: us
     }
 }
 
+/// Attention dropout on a tile row: probabilities of query `i` against keys `j0..` of head
+/// `(b, h)` are kept with the mask's hash of their index in `[batch, head, seq, seq]` and scaled.
+fn drop_row(row: &mut [f32], d: Option<DropoutMask>, s: &AttnShape, b: usize, h: usize, i: usize, j0: usize) {
+    let Some(d) = d else { return };
+    let base = (((b * s.n_head + h) * s.seq + i) * s.seq + j0) as u64;
+    for (c, x) in row.iter_mut().enumerate() {
+        *x = if dropout_keep(d.key, base + c as u64, d.threshold) { *x * d.scale } else { 0.0 };
+    }
+}
+
 /// `x = exp(x - shift)`, with `-inf` (a masked score) giving exactly 0; returns the sum.
 #[inline(always)]
 fn exp_row(x: &mut [f32], shift: f32) -> f32 {
@@ -141,13 +151,15 @@ fn exp_row(x: &mut [f32], shift: f32) -> f32 {
     tail + acc.iter().sum::<f32>()
 }
 
-pub fn eager_fwd(out: &mut [f32], probs: &mut [f32], qkv: &[f32], mask: &[i32], s: AttnShape) {
+/// `drop`: dropout on the probabilities (training); `probs` keeps them undropped.
+pub fn eager_fwd(out: &mut [f32], probs: &mut [f32], qkv: &[f32], mask: &[i32], s: AttnShape, drop: Option<DropoutMask>) {
     let l = Layout::new(s);
     let (t_len, d) = (s.seq, s.head_dim);
     let out_ptr = SharedMut(out.as_mut_ptr());
     probs.par_chunks_mut(t_len * t_len).enumerate().for_each(|(bh, p)| {
         let (b, h) = (bh / s.n_head, bh % s.n_head);
         let g = h / l.group();
+        let mut dropped = if drop.is_some() { vec![0.0f32; Q_BLOCK * t_len] } else { Vec::new() };
         for i0 in (0..t_len).step_by(Q_BLOCK) {
             let i1 = (i0 + Q_BLOCK).min(t_len);
             let tile = &mut p[i0 * t_len..i1 * t_len];
@@ -164,6 +176,16 @@ pub fn eager_fwd(out: &mut [f32], probs: &mut [f32], qkv: &[f32], mask: &[i32], 
                 let inv = 1.0 / exp_row(row, max);
                 row.iter_mut().for_each(|x| *x *= inv);
             }
+            let pv: &[f32] = if drop.is_some() {
+                let n = (i1 - i0) * t_len;
+                dropped[..n].copy_from_slice(tile);
+                for r in 0..i1 - i0 {
+                    drop_row(&mut dropped[r * t_len..r * t_len + i1], drop, &s, b, h, i0 + r, 0);
+                }
+                &dropped[..n]
+            } else {
+                tile
+            };
             // SAFETY: task (b, h) alone writes head h of batch b's output rows; P and V in bounds.
             unsafe {
                 mm(
@@ -172,7 +194,7 @@ pub fn eager_fwd(out: &mut [f32], probs: &mut [f32], qkv: &[f32], mask: &[i32], 
                     false,
                     1.0,
                     (i1 - i0, d, i1),
-                    M(tile.as_ptr(), t_len, 1),
+                    M(pv.as_ptr(), t_len, 1),
                     M(qkv.as_ptr().add(l.v(b, 0, g)), l.stride, 1),
                 );
             }
@@ -180,7 +202,8 @@ pub fn eager_fwd(out: &mut [f32], probs: &mut [f32], qkv: &[f32], mask: &[i32], 
     });
 }
 
-pub fn flash_fwd(out: &mut [f32], lse: &mut [f32], qkv: &[f32], mask: &[i32], s: AttnShape) {
+/// `drop`: dropout on the probabilities (training); the log-sum-exp is of the undropped ones.
+pub fn flash_fwd(out: &mut [f32], lse: &mut [f32], qkv: &[f32], mask: &[i32], s: AttnShape, drop: Option<DropoutMask>) {
     let l = Layout::new(s);
     let (t_len, d) = (s.seq, s.head_dim);
     let out_ptr = SharedMut(out.as_mut_ptr());
@@ -216,6 +239,7 @@ pub fn flash_fwd(out: &mut [f32], lse: &mut [f32], qkv: &[f32], mask: &[i32], s:
                     }
                     m[r] = new_m;
                     sum[r] += exp_row(row, new_m);
+                    drop_row(row, drop, &s, b, h, i0 + r, j0);
                 }
                 // SAFETY: acc is nq x d; the tile is nq x nk with stride K_BLOCK; V rows in bounds.
                 unsafe {
@@ -256,12 +280,24 @@ unsafe fn tile_bwd(
     h: usize,
     (i0, i1): (usize, usize),
     (j0, j1): (usize, usize),
+    (drop, pd): (Option<DropoutMask>, &mut [f32]),
 ) {
     let (g, d) = (h / l.group(), l.s.head_dim);
     let (nq, nk) = (i1 - i0, j1 - j0);
     let dq_base = dq.0;
+    // with dropout, dV takes the dropped probabilities (in `pd`, row stride K_BLOCK)
+    let (pv, pv_ld) = if drop.is_some() {
+        for r in 0..nq {
+            let row = &mut pd[r * K_BLOCK..r * K_BLOCK + nk];
+            row.copy_from_slice(&p[r * ld..r * ld + nk]);
+            drop_row(row, drop, &l.s, b, h, i0 + r, j0);
+        }
+        (pd.as_ptr(), K_BLOCK)
+    } else {
+        (p.as_ptr(), ld)
+    };
     // dV[j] += P^T @ dO
-    mm(dq_base.add(l.v(b, j0, g)), l.stride, true, 1.0, (nk, d, nq), M(p.as_ptr(), 1, ld), M(dout.as_ptr().add(l.o(b, i0, h)), l.out_stride, 1));
+    mm(dq_base.add(l.v(b, j0, g)), l.stride, true, 1.0, (nk, d, nq), M(pv, 1, pv_ld), M(dout.as_ptr().add(l.o(b, i0, h)), l.out_stride, 1));
     // dP = dO @ V^T
     mm(
         dp.as_mut_ptr(),
@@ -272,6 +308,10 @@ unsafe fn tile_bwd(
         M(dout.as_ptr().add(l.o(b, i0, h)), l.out_stride, 1),
         M(qkv.as_ptr().add(l.v(b, j0, g)), 1, l.stride),
     );
+    // the dropout's backward pass: dP = mask * dP_dropped
+    for r in 0..nq {
+        drop_row(&mut dp[r * K_BLOCK..r * K_BLOCK + nk], drop, &l.s, b, h, i0 + r, j0);
+    }
     // dS = P * (dP - D) * scale, in place in dp
     for r in 0..nq {
         let (prow, drow) = (&p[r * ld..r * ld + nk], &mut dp[r * K_BLOCK..r * K_BLOCK + nk]);
@@ -309,7 +349,7 @@ fn row_dots(l: &Layout, dout: &[f32], out: &[f32], b: usize, h: usize, (i0, i1):
 }
 
 #[allow(clippy::too_many_arguments)] // the op's inputs and saved statistics
-pub fn eager_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], probs: &[f32], s: AttnShape) {
+pub fn eager_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], probs: &[f32], s: AttnShape, drop: Option<DropoutMask>) {
     let l = Layout::new(s);
     let t_len = s.seq;
     let dptr = SharedMut(dqkv.as_mut_ptr());
@@ -317,6 +357,7 @@ pub fn eager_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], probs
         let (b, g) = (bg / s.n_kv_head, bg % s.n_kv_head);
         zero_group(&l, dptr, b, g);
         let mut dp = vec![0.0f32; Q_BLOCK * K_BLOCK];
+        let mut pd = vec![0.0f32; if drop.is_some() { Q_BLOCK * K_BLOCK } else { 0 }];
         let mut di = [0.0f32; Q_BLOCK];
         for h in g * l.group()..(g + 1) * l.group() {
             let p = &probs[(b * s.n_head + h) * t_len * t_len..][..t_len * t_len];
@@ -326,7 +367,7 @@ pub fn eager_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], probs
                 for j0 in (0..i1).step_by(K_BLOCK) {
                     let j1 = (j0 + K_BLOCK).min(i1);
                     // SAFETY: task (b, g) owns the gradient regions tile_bwd writes.
-                    unsafe { tile_bwd(&l, dptr, qkv, dout, &di, &p[i0 * t_len + j0..], t_len, &mut dp, b, h, (i0, i1), (j0, j1)) };
+                    unsafe { tile_bwd(&l, dptr, qkv, dout, &di, &p[i0 * t_len + j0..], t_len, &mut dp, b, h, (i0, i1), (j0, j1), (drop, &mut pd)) };
                 }
             }
         }
@@ -334,7 +375,7 @@ pub fn eager_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], probs
 }
 
 #[allow(clippy::too_many_arguments)] // the op's inputs and saved statistics
-pub fn flash_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], mask: &[i32], s: AttnShape) {
+pub fn flash_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], mask: &[i32], s: AttnShape, drop: Option<DropoutMask>) {
     let l = Layout::new(s);
     let t_len = s.seq;
     let dptr = SharedMut(dqkv.as_mut_ptr());
@@ -343,6 +384,7 @@ pub fn flash_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: 
         zero_group(&l, dptr, b, g);
         let mut p = vec![0.0f32; Q_BLOCK * K_BLOCK];
         let mut dp = vec![0.0f32; Q_BLOCK * K_BLOCK];
+        let mut pd = vec![0.0f32; if drop.is_some() { Q_BLOCK * K_BLOCK } else { 0 }];
         let mut di = [0.0f32; Q_BLOCK];
         for h in g * l.group()..(g + 1) * l.group() {
             let lse = &lse[(b * s.n_head + h) * t_len..][..t_len];
@@ -361,7 +403,7 @@ pub fn flash_bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: 
                         }
                     }
                     // SAFETY: task (b, g) owns the gradient regions tile_bwd writes.
-                    unsafe { tile_bwd(&l, dptr, qkv, dout, &di, &p, K_BLOCK, &mut dp, b, h, (i0, i1), (j0, j1)) };
+                    unsafe { tile_bwd(&l, dptr, qkv, dout, &di, &p, K_BLOCK, &mut dp, b, h, (i0, i1), (j0, j1), (drop, &mut pd)) };
                 }
             }
         }
@@ -501,16 +543,16 @@ mod tests {
             let (mut oe, mut of) = (vec![0.0; want.len()], vec![0.0; want.len()]);
             let mut probs = vec![0.0; s.stats_len(crate::backend::AttnImpl::Eager)];
             let mut lse = vec![0.0; s.stats_len(crate::backend::AttnImpl::Flash)];
-            eager_fwd(&mut oe, &mut probs, &qkv, &mask, s);
-            flash_fwd(&mut of, &mut lse, &qkv, &mask, s);
+            eager_fwd(&mut oe, &mut probs, &qkv, &mask, s, None);
+            flash_fwd(&mut of, &mut lse, &qkv, &mask, s, None);
             for (name, got) in [("eager", &oe), ("flash", &of)] {
                 let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
                 assert!(err < 2e-5, "{name} forward {s:?}: max error {err}");
             }
             let dout = rand(want.len(), 99);
             let (mut de, mut df) = (vec![0.0; qkv.len()], vec![0.0; qkv.len()]);
-            eager_bwd(&mut de, &dout, &qkv, &oe, &probs, s);
-            flash_bwd(&mut df, &dout, &qkv, &of, &lse, &mask, s);
+            eager_bwd(&mut de, &dout, &qkv, &oe, &probs, s, None);
+            flash_bwd(&mut df, &dout, &qkv, &of, &lse, &mask, s, None);
             let err = de.iter().zip(&df).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(err < 2e-5, "backward {s:?}: eager and flash differ by {err}");
             // a direction check of the backward pass: <dout, dOut/dx . v> by finite differences
@@ -522,6 +564,26 @@ mod tests {
             let fd = (f(&plus) - f(&minus)) / (2.0 * h as f64);
             let an: f64 = df.iter().zip(&dir).map(|(a, b)| *a as f64 * *b as f64).sum();
             assert!((fd - an).abs() < 1e-2 * an.abs().max(1.0), "backward {s:?}: directional derivative {an} vs finite difference {fd}");
+
+            // with dropout on the probabilities: both draw the same masks across their different
+            // tilings, forward and backward, and the directional derivative still holds
+            let drop = Some(crate::backend::DropoutMask::new(0.3, 11));
+            eager_fwd(&mut oe, &mut probs, &qkv, &mask, s, drop);
+            flash_fwd(&mut of, &mut lse, &qkv, &mask, s, drop);
+            let err = oe.iter().zip(&of).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 2e-5 && oe != want, "forward with dropout {s:?}: eager and flash differ by {err}");
+            eager_bwd(&mut de, &dout, &qkv, &oe, &probs, s, drop);
+            flash_bwd(&mut df, &dout, &qkv, &of, &lse, &mask, s, drop);
+            let err = de.iter().zip(&df).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 2e-5, "backward with dropout {s:?}: eager and flash differ by {err}");
+            let fwd = |x: &[f32]| {
+                let (mut o, mut st) = (vec![0.0; want.len()], vec![0.0; s.stats_len(crate::backend::AttnImpl::Flash)]);
+                flash_fwd(&mut o, &mut st, x, &mask, s, drop);
+                o.iter().zip(&dout).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+            };
+            let fd = (fwd(&plus) - fwd(&minus)) / (2.0 * h as f64);
+            let an: f64 = df.iter().zip(&dir).map(|(a, b)| *a as f64 * *b as f64).sum();
+            assert!((fd - an).abs() < 1e-2 * an.abs().max(1.0), "backward with dropout {s:?}: directional derivative {an} vs finite difference {fd}");
         }
     }
 }

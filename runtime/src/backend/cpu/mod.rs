@@ -114,8 +114,8 @@ impl Backend for Cpu {
 
     fn attention_fwd(&self, out: &mut Vec<f32>, stats: &mut Vec<f32>, qkv: &Vec<f32>, key_mask: &Vec<i32>, shape: AttnShape, imp: AttnImpl) {
         match imp {
-            AttnImpl::Eager => attention::eager_fwd(out, stats, qkv, key_mask, shape),
-            AttnImpl::Flash => attention::flash_fwd(out, stats, qkv, key_mask, shape),
+            AttnImpl::Eager => attention::eager_fwd(out, stats, qkv, key_mask, shape, None),
+            AttnImpl::Flash => attention::flash_fwd(out, stats, qkv, key_mask, shape, None),
         }
     }
     fn attention_bwd(
@@ -130,8 +130,8 @@ impl Backend for Cpu {
         imp: AttnImpl,
     ) {
         match imp {
-            AttnImpl::Eager => attention::eager_bwd(dqkv, dout, qkv, out, stats, shape),
-            AttnImpl::Flash => attention::flash_bwd(dqkv, dout, qkv, out, stats, key_mask, shape),
+            AttnImpl::Eager => attention::eager_bwd(dqkv, dout, qkv, out, stats, shape, None),
+            AttnImpl::Flash => attention::flash_bwd(dqkv, dout, qkv, out, stats, key_mask, shape, None),
         }
     }
     fn kv_append(&self, k_cache: &mut Vec<f32>, v_cache: &mut Vec<f32>, qkv: &Vec<f32>, slot: usize, shape: AttnShape, max_len: usize) {
@@ -168,6 +168,34 @@ impl Backend for Cpu {
     }
     fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
         pointwise::add(out, a, b)
+    }
+    fn has_attention_dropout(&self) -> bool {
+        true
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd_dropout(&self, out: &mut Vec<f32>, stats: &mut Vec<f32>, qkv: &Vec<f32>, key_mask: &Vec<i32>, shape: AttnShape, imp: AttnImpl, drop: super::DropoutMask) {
+        match imp {
+            AttnImpl::Eager => attention::eager_fwd(out, stats, qkv, key_mask, shape, Some(drop)),
+            AttnImpl::Flash => attention::flash_fwd(out, stats, qkv, key_mask, shape, Some(drop)),
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd_dropout(
+        &self,
+        dqkv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        qkv: &Vec<f32>,
+        out: &Vec<f32>,
+        stats: &Vec<f32>,
+        key_mask: &Vec<i32>,
+        shape: AttnShape,
+        imp: AttnImpl,
+        drop: super::DropoutMask,
+    ) {
+        match imp {
+            AttnImpl::Eager => attention::eager_bwd(dqkv, dout, qkv, out, stats, shape, Some(drop)),
+            AttnImpl::Flash => attention::flash_bwd(dqkv, dout, qkv, out, stats, key_mask, shape, Some(drop)),
+        }
     }
     fn dropout(&self, x: &mut Vec<f32>, mask: super::DropoutMask) {
         pointwise::dropout(x, mask)

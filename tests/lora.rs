@@ -268,3 +268,43 @@ fn bad_lora_runs_write_nothing() {
         assert!(!out.exists(), "{k} {v}: the output folder was created");
     }
 }
+
+/// SIGKILL a LoRA run (with `lora_dropout`) as soon as it has written a checkpoint, resume it from
+/// the newest complete one, and get the straight run's adapter to the byte.
+#[test]
+fn a_killed_lora_run_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args_for = |out: &std::path::Path, resume: bool| {
+        let (mut args, _) = trainer_fixture_args(out);
+        let pos = args.iter().position(|a| a == "--adapter_name_or_path").unwrap();
+        args.drain(pos..pos + 2);
+        let peft = r#"{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.1}"#;
+        args.extend(["--peft", peft, "--max_steps", "1500", "--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "2"].map(String::from));
+        args.extend(["--eval_strategy", "no", "--logging_steps", "50"].map(String::from));
+        if resume {
+            args.extend(["--resume_from_checkpoint", "true"].map(String::from));
+        }
+        args
+    };
+    let straight = tmp.path().join("straight");
+    train(&args_for(&straight, false));
+    let killed = tmp.path().join("killed");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .arg("train")
+        .args(args_for(&killed, false))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !killed.join("checkpoint-8").join("trainer_state.json").exists() {
+        assert!(started.elapsed().as_secs() < 60, "no checkpoint-8 after a minute");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("adapter_model.safetensors").exists(), "the run finished before it was killed; the test needs a longer run");
+    train(&args_for(&killed, true));
+    let (a, b) = (std::fs::read(straight.join("adapter_model.safetensors")).unwrap(), std::fs::read(killed.join("adapter_model.safetensors")).unwrap());
+    assert!(a == b, "the adapter after kill + resume differs from the straight run's");
+}

@@ -114,6 +114,20 @@ __device__ __forceinline__ void stage_rows(float (*dst)[D], const T* src, long l
     }
 }
 
+/// Attention dropout (training): the mask of probability index ((b * n_head + h) * seq + i) * seq
+/// + j, as backend::dropout_keep and cpu/attention.rs draw it; `factor` is 0 or scale.
+struct AttnDrop {
+    unsigned long long key, threshold;
+    float scale;
+    __device__ __forceinline__ float factor(long long idx) const {
+        unsigned long long z = key + ((unsigned long long)idx + 1ull) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        return (z >> 32) >= threshold ? scale : 0.0f;
+    }
+};
+
 /// The block's view of one sequence b and kv head group g, shared by the three kernels.
 template <int D>
 struct AttnBlock {
@@ -151,8 +165,8 @@ __device__ __forceinline__ void stage_kv_tile(float (*ks)[D], float (*vs)[D], in
 
 // ---- forward --------------------------------------------------------------------------------
 
-template <typename T, int D>
-__device__ __forceinline__ void attn_fwd(float* out, float* lse, const T* qkv, const int* key_mask, int seq, int n_head, int n_kv_head, int hd) {
+template <typename T, int D, bool DROP = false>
+__device__ __forceinline__ void attn_fwd(float* out, float* lse, const T* qkv, const int* key_mask, int seq, int n_head, int n_kv_head, int hd, AttnDrop dr = {}) {
     typedef Team<D> TM;
     constexpr int KT = TM::FKT;
     __shared__ __align__(16) float ks[KT][D];
@@ -197,6 +211,12 @@ __device__ __forceinline__ void attn_fwd(float* out, float* lse, const T* qkv, c
             l = l * corr + tsum;
 #pragma unroll
             for (int k = 0; k < TM::DPT; ++k) acc[k] *= corr;
+            if (DROP) {
+                // the sum above is of the undropped probabilities; the values take the dropped ones
+                const long long zrow = (((long long)b * n_head + h) * seq + i) * seq + j0;
+#pragma unroll
+                for (int j = 0; j < KT; ++j) s[j] *= dr.factor(zrow + j);
+            }
 #pragma unroll
             for (int j = 0; j < KT; ++j) axpy_own<D>(acc, s[j], vs[j], a.part);
             m = new_m;
@@ -235,8 +255,8 @@ extern "C" __global__ void __launch_bounds__(32) attention_bwd_delta(float* delt
 // ---- backward: dQ ---------------------------------------------------------------------------
 
 // dq[i] = sum_j dS[i, j] * k[j], dS = P * (dP - delta) * scale, dP = dout . v, P = exp(s - lse).
-template <typename T, int D>
-__device__ __forceinline__ void attn_bwd_dq(float* dqkv, const float* dout, const T* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head, int hd) {
+template <typename T, int D, bool DROP = false>
+__device__ __forceinline__ void attn_bwd_dq(float* dqkv, const float* dout, const T* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head, int hd, AttnDrop dr = {}) {
     typedef Team<D> TM;
     constexpr int KT = TM::KT;
     __shared__ __align__(16) float ks[KT][D];
@@ -266,7 +286,8 @@ __device__ __forceinline__ void attn_bwd_dq(float* dqkv, const float* dout, cons
 #pragma unroll 4
             for (int j = 0; j < KT; ++j) {
                 const float s = team_sum<TM::TPR>(dot_own<D>(q, ks[j], a.part));
-                const float dp = team_sum<TM::TPR>(dot_own<D>(dO, vs[j], a.part));
+                float dp = team_sum<TM::TPR>(dot_own<D>(dO, vs[j], a.part));
+                if (DROP) dp *= dr.factor(si * seq + j0 + j);
                 const bool vis = live && key_ok[j] && j0 + j <= i;
                 const float p = vis ? expf(s * a.scale - li) : 0.0f;
                 const float ds = p * (dp - di) * a.scale;
@@ -281,8 +302,8 @@ __device__ __forceinline__ void attn_bwd_dq(float* dqkv, const float* dout, cons
 
 // Each block owns 64 keys of one kv head and loops over the query heads of its group and the
 // queries at or after its keys: dv[j] += P[i, j] * dout[i], dk[j] += dS[i, j] * q[i]. No atomics.
-template <typename T, int D>
-__device__ __forceinline__ void attn_bwd_dkdv(float* dqkv, const float* dout, const T* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head, int hd) {
+template <typename T, int D, bool DROP = false>
+__device__ __forceinline__ void attn_bwd_dkdv(float* dqkv, const float* dout, const T* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head, int hd, AttnDrop dr = {}) {
     typedef Team<D> TM;
     constexpr int QT = TM::KT;  // queries per staged tile
     __shared__ __align__(16) float qs[QT][D];
@@ -325,12 +346,18 @@ __device__ __forceinline__ void attn_bwd_dkdv(float* dqkv, const float* dout, co
 #pragma unroll 1
                 for (int r = 0; r < nq; ++r) {
                     const float s = team_sum<TM::TPR>(dot_own<D>(k, qs[r], a.part));
-                    const float dp = team_sum<TM::TPR>(dot_own<D>(v, dos[r], a.part));
+                    float dp = team_sum<TM::TPR>(dot_own<D>(v, dos[r], a.part));
                     const float li = lse_s[r];
                     const bool vis = key_live && jk <= i0 + r && li != pos_inf();
                     const float p = vis ? expf(s * a.scale - li) : 0.0f;
+                    float pv = p;  // the dropped probability, for dV
+                    if (DROP) {
+                        const float z = dr.factor((sbase + i0 + r) * seq + jk);
+                        dp *= z;
+                        pv *= z;
+                    }
                     const float ds = p * (dp - del_s[r]) * a.scale;
-                    axpy_own<D>(dv, p, dos[r], a.part);
+                    axpy_own<D>(dv, pv, dos[r], a.part);
                     axpy_own<D>(dk, ds, qs[r], a.part);
                 }
             }
@@ -371,6 +398,38 @@ ATT_EXPORT(f32, float, 128)
 ATT_EXPORT(bf16, bf16_t, 32)
 ATT_EXPORT(bf16, bf16_t, 64)
 ATT_EXPORT(bf16, bf16_t, 128)
+
+// The same three kernels with dropout on the probabilities (training), the mask given by key,
+// threshold (p * 2^32) and scale (1 / (1 - p)) after the usual arguments.
+#define ATT_EXPORT_DROP(NAME, T, D)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_fwd_drop_##NAME##_d##D(                            \
+        float* out, float* lse, const T* qkv, const int* key_mask, int batch, int seq, int n_head, int n_kv_head, int head_dim, \
+        long long key, long long threshold, float scale) {                                                                 \
+        if ((int)blockIdx.z >= batch) return;                                                                              \
+        attn_fwd<T, D, true>(out, lse, qkv, key_mask, seq, n_head, n_kv_head, head_dim,                                    \
+                             AttnDrop{(unsigned long long)key, (unsigned long long)threshold, scale});                     \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dq_drop_##NAME##_d##D(                         \
+        float* dqkv, const float* dout, const T* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
+        int seq, int n_head, int n_kv_head, int head_dim, long long key, long long threshold, float scale) {               \
+        if ((int)blockIdx.z >= batch) return;                                                                              \
+        attn_bwd_dq<T, D, true>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head, head_dim,                   \
+                                AttnDrop{(unsigned long long)key, (unsigned long long)threshold, scale});                  \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1) attention_bwd_dkdv_drop_##NAME##_d##D(                       \
+        float* dqkv, const float* dout, const T* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
+        int seq, int n_head, int n_kv_head, int head_dim, long long key, long long threshold, float scale) {               \
+        if ((int)blockIdx.z >= batch) return;                                                                              \
+        attn_bwd_dkdv<T, D, true>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head, head_dim,                 \
+                                  AttnDrop{(unsigned long long)key, (unsigned long long)threshold, scale});                \
+    }
+
+ATT_EXPORT_DROP(f32, float, 32)
+ATT_EXPORT_DROP(f32, float, 64)
+ATT_EXPORT_DROP(f32, float, 128)
+ATT_EXPORT_DROP(bf16, bf16_t, 32)
+ATT_EXPORT_DROP(bf16, bf16_t, 64)
+ATT_EXPORT_DROP(bf16, bf16_t, 128)
 
 // ---- generation -----------------------------------------------------------------------------
 

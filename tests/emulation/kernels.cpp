@@ -371,6 +371,56 @@ static void run_attention(const char* tname, int D, FwdFn<T> fwd, BwdFn<T> dq, B
     check("attention", lse_ok && nan_free && eo < 2e-6 && lerr < 2e-6 && ed < 2e-5);
 }
 
+// The dropout kernels: the same shapes and inputs, a mask of p = 0.2 from a key, against the f64
+// reference with the same mask (the hash written out here).
+template <typename T>
+using FwdDropFn = void (*)(float*, float*, const T*, const int*, int, int, int, int, int, long long, long long, float);
+template <typename T>
+using BwdDropFn = void (*)(float*, const float*, const T*, const float*, const float*, const int*, int, int, int, int, int, long long, long long, float);
+
+static unsigned long long drop_hash(unsigned long long key, long long i) {
+    unsigned long long z = key + ((unsigned long long)i + 1ull) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (z ^ (z >> 31)) >> 32;
+}
+
+template <typename T>
+static void run_attention_dropout(const char* tname, int D, FwdDropFn<T> fwd, BwdDropFn<T> dq, BwdDropFn<T> dkdv, const Shape& s) {
+    const int W = (s.nh + 2 * s.nkv) * s.hd, OW = s.nh * s.hd;
+    const size_t rows = (size_t)s.batch * s.seq;
+    auto qkv = rvec(rows * W, 2.0f);
+    vector<T> qkv_t(qkv.size());
+    for (size_t i = 0; i < qkv.size(); ++i) {
+        if constexpr (sizeof(T) == 2) {
+            qkv_t[i] = f32_to_bf16(qkv[i]);
+            qkv[i] = bf16_to_f32(qkv_t[i]);
+        } else {
+            qkv_t[i] = qkv[i];
+        }
+    }
+    vector<int> mask(rows, 1);
+    for (int t = 0; t < s.seq / 3; ++t) mask[t] = 0;
+    auto dout = rvec(rows * OW);
+    const long long key = 0x0123456789abcdefll, threshold = 858993459ll;  // p = 0.2
+    const float scale = 1.0f / 0.8f;
+    auto zf = [&](long long idx) { return drop_hash((unsigned long long)key, idx) >= (unsigned long long)threshold ? (double)scale : 0.0; };
+    vector<double> oref, lref, dref;
+    attn_ref(s, qkv, mask, dout, oref, lref, dref, nullptr, nullptr, zf);
+    vector<float> out(rows * OW, NAN), lse(s.batch * s.nh * s.seq, NAN), delta(s.batch * s.nh * s.seq, NAN), dqkv(rows * W, NAN);
+    const unsigned tiles = (s.seq + 63) / 64;
+    launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, fwd, out.data(), lse.data(), (const T*)qkv_t.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd, key, threshold, scale);
+    launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)out.data(), s.batch, s.seq, s.nh, s.hd);
+    launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, dq, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd, key, threshold, scale);
+    launch(dim3{tiles, (unsigned)s.nkv, (unsigned)s.batch}, dim3{128}, dkdv, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd, key, threshold, scale);
+    bool nan_free = true;
+    for (float v : dqkv) nan_free &= !std::isnan(v);
+    for (float v : out) nan_free &= !std::isnan(v);
+    double eo = nerr(out, oref), ed = nerr(dqkv, dref);
+    printf("attention dropout %s d%d %dx%d h%d/%d hd%d: out %.2e dqkv %.2e\n", tname, D, s.batch, s.seq, s.nh, s.nkv, s.hd, eo, ed);
+    check("attention dropout", nan_free && eo < 2e-6 && ed < 2e-5);
+}
+
 static void test_attention() {
     vector<Shape> shapes = {{2, 37, 4, 2, 10}, {1, 200, 3, 1, 16}, {3, 130, 2, 2, 8}, {2, 70, 4, 4, 32}};
     for (auto& s : shapes) {
@@ -384,6 +434,10 @@ static void test_attention() {
     run_attention<unsigned short>("bf16", 32, attention_fwd_bf16_d32, attention_bwd_dq_bf16_d32, attention_bwd_dkdv_bf16_d32, {2, 37, 4, 2, 10});
     run_attention<unsigned short>("bf16", 64, attention_fwd_bf16_d64, attention_bwd_dq_bf16_d64, attention_bwd_dkdv_bf16_d64, {3, 130, 2, 1, 48});
     run_attention<unsigned short>("bf16", 128, attention_fwd_bf16_d128, attention_bwd_dq_bf16_d128, attention_bwd_dkdv_bf16_d128, {2, 90, 2, 2, 128});
+    run_attention_dropout<float>("f32", 32, attention_fwd_drop_f32_d32, attention_bwd_dq_drop_f32_d32, attention_bwd_dkdv_drop_f32_d32, {2, 37, 4, 2, 10});
+    run_attention_dropout<float>("f32", 64, attention_fwd_drop_f32_d64, attention_bwd_dq_drop_f32_d64, attention_bwd_dkdv_drop_f32_d64, {1, 130, 2, 1, 64});
+    run_attention_dropout<float>("f32", 128, attention_fwd_drop_f32_d128, attention_bwd_dq_drop_f32_d128, attention_bwd_dkdv_drop_f32_d128, {2, 70, 2, 2, 100});
+    run_attention_dropout<unsigned short>("bf16", 64, attention_fwd_drop_bf16_d64, attention_bwd_dq_drop_bf16_d64, attention_bwd_dkdv_drop_bf16_d64, {2, 90, 2, 1, 48});
 }
 
 static void test_decode() {

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 static uint64_t rs = 88172645463325252ull;
@@ -21,8 +22,10 @@ struct Shape {
 // Causal grouped-query attention with a key mask, forward and backward in f64 (qkv layout as the
 // kernels'); rows with no visible key get lse = +inf and no gradient. With out_abs / dqkv_abs, also
 // the sums of the absolute values of each output's terms (the scale its rounding error has).
+// With `zf`, dropout on the probabilities: zf(index) is the kept factor (0 or 1 / (1 - p)) of
+// probability index ((b * nh + h) * seq + i) * seq + j.
 static void attn_ref(const Shape& s, const std::vector<float>& qkv, const std::vector<int>& mask, const std::vector<float>& dout, std::vector<double>& out, std::vector<double>& lse, std::vector<double>& dqkv,
-                     std::vector<double>* out_abs = nullptr, std::vector<double>* dqkv_abs = nullptr) {
+                     std::vector<double>* out_abs = nullptr, std::vector<double>* dqkv_abs = nullptr, const std::function<double(long long)>& zf = nullptr) {
     const int W = (s.nh + 2 * s.nkv) * s.hd, OW = s.nh * s.hd, grp = s.nh / s.nkv, hd = s.hd;
     const double scale = 1.0f / std::sqrt((float)hd);
     out.assign((size_t)s.batch * s.seq * OW, 0);
@@ -57,9 +60,13 @@ static void attn_ref(const Shape& s, const std::vector<float>& qkv, const std::v
                 for (size_t k = 0; k < keys.size(); ++k) z += std::exp(sc[k] - mx);
                 lse[li] = mx + std::log(z);
                 for (size_t k = 0; k < keys.size(); ++k) p[k] = std::exp(sc[k] - mx) / z;
+                std::vector<double> pz(p);  // the dropped probabilities
+                const long long zrow = (((long long)b * s.nh + h) * s.seq + i) * s.seq;
+                if (zf)
+                    for (size_t k = 0; k < keys.size(); ++k) pz[k] = p[k] * zf(zrow + keys[k]);
                 double* o = &out[(size_t)(b * s.seq + i) * OW + h * hd];
                 for (size_t k = 0; k < keys.size(); ++k)
-                    for (int d = 0; d < hd; ++d) o[d] += p[k] * V(b, keys[k], g, d);
+                    for (int d = 0; d < hd; ++d) o[d] += pz[k] * V(b, keys[k], g, d);
                 if (out_abs)
                     for (size_t k = 0; k < keys.size(); ++k)
                         for (int d = 0; d < hd; ++d) (*out_abs)[(size_t)(b * s.seq + i) * OW + h * hd + d] += p[k] * std::fabs(V(b, keys[k], g, d));
@@ -70,6 +77,7 @@ static void attn_ref(const Shape& s, const std::vector<float>& qkv, const std::v
                     int j = keys[k];
                     double dp = 0;
                     for (int d = 0; d < hd; ++d) dp += dO[d] * V(b, j, g, d);
+                    if (zf) dp *= zf(zrow + j);
                     double ds = p[k] * (dp - Di) * scale;
                     if (dqkv_abs) {
                         // |terms| of dS: dP and delta are themselves dot products over d
@@ -88,7 +96,7 @@ static void attn_ref(const Shape& s, const std::vector<float>& qkv, const std::v
                     for (int d = 0; d < hd; ++d) {
                         dqkv[(size_t)(b * s.seq + i) * W + h * hd + d] += ds * K(b, j, g, d);
                         dqkv[(size_t)(b * s.seq + j) * W + (s.nh + g) * hd + d] += ds * Q(b, i, h, d);
-                        dqkv[(size_t)(b * s.seq + j) * W + (s.nh + s.nkv + g) * hd + d] += p[k] * dO[d];
+                        dqkv[(size_t)(b * s.seq + j) * W + (s.nh + s.nkv + g) * hd + d] += pz[k] * dO[d];
                     }
                 }
             }

@@ -186,7 +186,14 @@ fn attention<B: Backend>(be: &B, qkv: &[f32], mask: &[i32], d: &[f32], s: AttnSh
     be.attention_fwd(&mut out, &mut stats, &qb, &mb, s, AttnImpl::Flash);
     let mut dqkv = be.upload(&vec![7.0; qkv.len()])?;
     be.attention_bwd(&mut dqkv, &db, &qb, &out, &stats, &mb, s, AttnImpl::Flash);
-    Ok(vec![("out", be.download(&out)?), ("dqkv", be.download(&dqkv)?)])
+    let mut res = vec![("out", be.download(&out)?), ("dqkv", be.download(&dqkv)?)];
+    // with dropout on the probabilities (the same mask on both backends)
+    let drop = crate::backend::DropoutMask::new(0.2, 0xd20b);
+    be.attention_fwd_dropout(&mut out, &mut stats, &qb, &mb, s, AttnImpl::Flash, drop);
+    be.attention_bwd_dropout(&mut dqkv, &db, &qb, &out, &stats, &mb, s, AttnImpl::Flash, drop);
+    res.push(("out with dropout", be.download(&out)?));
+    res.push(("dqkv with dropout", be.download(&dqkv)?));
+    Ok(res)
 }
 
 fn rope<B: Backend>(be: &B, qkv: &[f32], pos: &[i32], s: AttnShape) -> Result<Outs> {

@@ -7,7 +7,7 @@
 use cudarc::driver::CudaSlice;
 
 use super::{device_error, Cuda, Scratch, A};
-use crate::backend::{AttnImpl, AttnShape, Backend};
+use crate::backend::{AttnImpl, AttnShape, Backend, DropoutMask};
 
 /// Query and key rows per attention tile.
 const ATTN_TILE: usize = 64;
@@ -52,6 +52,22 @@ impl Cuda {
         [A::I(s.batch as i32), A::I(s.seq as i32), A::I(s.n_head as i32), A::I(s.n_kv_head as i32), A::I(s.head_dim as i32)]
     }
 
+    /// The kernels and launch shapes of a pass: with dropout on the probabilities, the tiled FMA
+    /// kernels' dropout variants (the tensor-core kernels do not implement it), else
+    /// [`Cuda::attn_kernels`]'s choice.
+    fn attn_kernels_for(&self, ty: &str, head_dim: usize, drop: Option<DropoutMask>) -> (String, [(usize, u32); 3]) {
+        match drop {
+            Some(_) => (format!("drop_{ty}_{}", self.head_dim_suffix(head_dim)), [(ATTN_TILE, 128); 3]),
+            None => self.attn_kernels(ty, head_dim),
+        }
+    }
+
+    /// The dropout mask's launch arguments (key, threshold, scale).
+    fn drop_args(drop: Option<DropoutMask>) -> Vec<A> {
+        drop.map_or(Vec::new(), |d| vec![A::L(d.key as i64), A::L(d.threshold as i64), A::F(d.scale)])
+    }
+
+    #[allow(clippy::too_many_arguments)] // the op's operands and the dropout mask
     pub(super) fn attention_fwd_op(
         &self,
         out: &mut CudaSlice<f32>,
@@ -60,14 +76,16 @@ impl Cuda {
         key_mask: &CudaSlice<i32>,
         shape: AttnShape,
         _imp: AttnImpl,
+        drop: Option<DropoutMask>,
     ) {
         // both implementations run the tiled kernel on the GPU; with `eager` the statistics
         // buffer is larger than needed and only its first `batch * n_head * seq` values are used
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let (q, ty) = self.attn_qkv(&mut scratch, qkv);
-        let (suffix, [(rows, threads), _, _]) = self.attn_kernels(ty, shape.head_dim);
+        let (suffix, [(rows, threads), _, _]) = self.attn_kernels_for(ty, shape.head_dim, drop);
         let mut args = vec![self.p(out), self.p(stats), A::P(q), self.p(key_mask)];
         args.extend(Self::shape_args(shape));
+        args.extend(Self::drop_args(drop));
         let grid = (shape.seq.div_ceil(rows) as u32, shape.n_head as u32, shape.batch as u32);
         self.launch(&format!("attention_fwd_{suffix}"), grid, (threads, 1, 1), &args);
     }
@@ -82,6 +100,7 @@ impl Cuda {
         key_mask: &CudaSlice<i32>,
         shape: AttnShape,
         _imp: AttnImpl,
+        drop: Option<DropoutMask>,
     ) {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let n_delta = shape.batch * shape.n_head * shape.seq;
@@ -100,9 +119,10 @@ impl Cuda {
             &[A::P(delta), self.p(dout), self.p(out), A::I(b), A::I(t), A::I(h), A::I(d)],
         );
         let (q, ty) = self.attn_qkv(&mut scratch, qkv);
-        let (suffix, [_, (dq_rows, dq_threads), (kv_rows, kv_threads)]) = self.attn_kernels(ty, shape.head_dim);
+        let (suffix, [_, (dq_rows, dq_threads), (kv_rows, kv_threads)]) = self.attn_kernels_for(ty, shape.head_dim, drop);
         let mut args = vec![self.p(dqkv), self.p(dout), A::P(q), self.p(stats), A::P(delta), self.p(key_mask)];
         args.extend(Self::shape_args(shape));
+        args.extend(Self::drop_args(drop));
         let (h, kv, b) = (shape.n_head as u32, shape.n_kv_head as u32, shape.batch as u32);
         if suffix.starts_with("tc_") && !self.deterministic() {
             // one kernel: dk, dv written, dq added atomically into zeroed query columns
@@ -110,8 +130,12 @@ impl Cuda {
             self.launch(&format!("attention_bwd_dkdvq_{suffix}"), (shape.seq.div_ceil(kv_rows) as u32, kv, b), (kv_threads, 1, 1), &args);
             return;
         }
-        self.launch(&format!("attention_bwd_dq_{suffix}"), (shape.seq.div_ceil(dq_rows) as u32, h, b), (dq_threads, 1, 1), &args);
-        self.launch(&format!("attention_bwd_dkdv_{suffix}"), (shape.seq.div_ceil(kv_rows) as u32, kv, b), (kv_threads, 1, 1), &args);
+        let (dq_name, kv_name) = match suffix.strip_prefix("drop_") {
+            Some(rest) => (format!("attention_bwd_dq_drop_{rest}"), format!("attention_bwd_dkdv_drop_{rest}")),
+            None => (format!("attention_bwd_dq_{suffix}"), format!("attention_bwd_dkdv_{suffix}")),
+        };
+        self.launch(&dq_name, (shape.seq.div_ceil(dq_rows) as u32, h, b), (dq_threads, 1, 1), &args);
+        self.launch(&kv_name, (shape.seq.div_ceil(kv_rows) as u32, kv, b), (kv_threads, 1, 1), &args);
     }
 
     pub(super) fn kv_append_op(

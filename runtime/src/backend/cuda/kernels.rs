@@ -285,6 +285,10 @@ pub fn required_kernels() -> Vec<String> {
                 if ty != "tc" || d != "d32" {
                     names.push(format!("{k}_{ty}_{d}"));
                 }
+                // the dropout variants (training with attention dropout) are tiled FMA kernels
+                if ty != "tc" {
+                    names.push(format!("{k}_drop_{ty}_{d}"));
+                }
             }
         }
     }

@@ -428,7 +428,36 @@ impl Backend for Cuda {
         shape: AttnShape,
         _imp: AttnImpl,
     ) {
-        self.attention_fwd_op(out, stats, qkv, key_mask, shape, _imp)
+        self.attention_fwd_op(out, stats, qkv, key_mask, shape, _imp, None)
+    }
+    fn has_attention_dropout(&self) -> bool {
+        true
+    }
+    fn attention_fwd_dropout(
+        &self,
+        out: &mut CudaSlice<f32>,
+        stats: &mut CudaSlice<f32>,
+        qkv: &CudaSlice<f32>,
+        key_mask: &CudaSlice<i32>,
+        shape: AttnShape,
+        imp: AttnImpl,
+        drop: crate::backend::DropoutMask,
+    ) {
+        self.attention_fwd_op(out, stats, qkv, key_mask, shape, imp, Some(drop))
+    }
+    fn attention_bwd_dropout(
+        &self,
+        dqkv: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        qkv: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        stats: &CudaSlice<f32>,
+        key_mask: &CudaSlice<i32>,
+        shape: AttnShape,
+        imp: AttnImpl,
+        drop: crate::backend::DropoutMask,
+    ) {
+        self.attention_bwd_op(dqkv, dout, qkv, out, stats, key_mask, shape, imp, Some(drop))
     }
     fn attention_bwd(
         &self,
@@ -441,7 +470,7 @@ impl Backend for Cuda {
         shape: AttnShape,
         _imp: AttnImpl,
     ) {
-        self.attention_bwd_op(dqkv, dout, qkv, out, stats, key_mask, shape, _imp)
+        self.attention_bwd_op(dqkv, dout, qkv, out, stats, key_mask, shape, _imp, None)
     }
     fn kv_append(&self, k_cache: &mut CudaSlice<f32>, v_cache: &mut CudaSlice<f32>, qkv: &CudaSlice<f32>, slot: usize, shape: AttnShape, max_len: usize) {
         self.kv_append_op(k_cache, v_cache, qkv, slot, shape, max_len)

@@ -324,6 +324,7 @@ fn bad_searches_are_one_clear_error() {
         ("[learning_rate]\ntype = \"float\"\nlow = 0.1\nhigh = 0.2\n", &["--direction", "up"], "--direction `up`"),
         ("[learning_rate]\ntype = \"float\"\nlow = 0.1\nhigh = 0.2\n", &["--eval_strategy", "no", "--load_best_model_at_end", "false"], "set eval_strategy"),
         ("[plugins.0.options.gamma]\ntype = \"float\"\nlow = 0.1\nhigh = 0.2\n", &[], "`plugins` is not in the run config"),
+        ("[output_dir]\ntype = \"categorical\"\nchoices = [\"a\", \"b\"]\n", &[], "set by the search"),
     ];
     for (space, extra, want) in cases {
         let mut args = vec!["--output_dir", study.to_str().unwrap()];

@@ -145,6 +145,9 @@ pub fn check_names(params: &[Param], config: &Map<String, Value>) -> Result<()> 
     let keys = known_keys();
     for p in params {
         let first = p.name.split('.').next().unwrap_or_default();
+        if ["output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir"].contains(&first) {
+            return Err(Error::Invalid(format!("search space: `{first}` is set by the search for each trial (run-N) and cannot be searched")));
+        }
         if !keys.iter().any(|k| k == first) {
             let hint = closest_key(first).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
             return Err(Error::Invalid(format!("search space: `{first}` is not a TrainingArguments field{hint}")));

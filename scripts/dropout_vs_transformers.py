@@ -11,6 +11,7 @@ loss. Prints a markdown table.
 import argparse
 import json
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,22 +20,8 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, GPT2LMHeadModel,
 
 ROOT = Path(__file__).resolve().parent.parent
 EX = ROOT / "examples" / "addition"
-
-
-class Examples(torch.utils.data.Dataset):
-    def __init__(self, path, tok, limit=None):
-        self.items = []
-        for line in Path(path).read_text().splitlines()[:limit]:
-            r = json.loads(line)
-            p = tok(r["prompt"])["input_ids"]
-            c = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            self.items.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+sys.path.insert(0, str(ROOT / "tests" / "parity"))
+from make_trainer_fixtures import Examples  # noqa: E402  (prompt/completion records as the Trainer fixtures tokenize them)
 
 
 def main():

@@ -133,7 +133,12 @@ fn trainer_fixture_args(out: &std::path::Path) -> (Vec<String>, serde_json::Valu
             args.extend(flag(k, v));
         }
     }
-    for (k, v) in [("model_name_or_path", "init"), ("adapter_name_or_path", "lora/init_adapter"), ("train_file", "data/train.jsonl"), ("validation_file", "data/validation.jsonl")] {
+    for (k, v) in [
+        ("model_name_or_path", "init"),
+        ("adapter_name_or_path", "lora/init_adapter"),
+        ("train_file", "data/train.jsonl"),
+        ("validation_file", "data/validation.jsonl"),
+    ] {
         args.extend(flag(k, &serde_json::Value::String(dir.join(v).to_str().unwrap().into())));
     }
     (args, refs)
@@ -151,7 +156,8 @@ fn lora_training_matches_the_trainer_with_peft() {
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
     let ours = state["log_history"].as_array().unwrap();
     let theirs = refs["log_history"].as_array().unwrap();
-    let pick = |log: &[serde_json::Value], key: &str| -> Vec<(u64, f64)> { log.iter().filter_map(|e| Some((e["step"].as_u64()?, e.get(key)?.as_f64()?))).collect() };
+    let pick =
+        |log: &[serde_json::Value], key: &str| -> Vec<(u64, f64)> { log.iter().filter_map(|e| Some((e["step"].as_u64()?, e.get(key)?.as_f64()?))).collect() };
     let mut compared = 0;
     for (key, rel) in [("loss", 1e-5), ("grad_norm", 1e-5), ("learning_rate", 1e-9), ("eval_loss", 1e-5)] {
         let (a, b) = (pick(ours, key), pick(theirs, key));
@@ -211,7 +217,17 @@ fn merge_equals_peft_merge_and_unload() {
         let out = tmp.path().join("merged");
         let (base, adapter) = (fixtures().join(arch).join("model"), fixtures().join("lora").join(case).join("adapter"));
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
-            .args(["merge", "--model", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--output_dir", out.to_str().unwrap(), "--torch_dtype", "float32"])
+            .args([
+                "merge",
+                "--model",
+                base.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--output_dir",
+                out.to_str().unwrap(),
+                "--torch_dtype",
+                "float32",
+            ])
             .output()
             .unwrap();
         assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));

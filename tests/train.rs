@@ -556,7 +556,18 @@ fn dropout_trains_resumes_exactly_and_is_off_in_evaluation() {
     std::fs::write(copy.join("config.json"), cfg.to_string()).unwrap();
     let val = ex.join("validation.jsonl");
     let eval = |m: &Path| -> f64 {
-        let out = ok(runtime(&["eval", "--model_name_or_path", m.to_str().unwrap(), "--validation_file", val.to_str().unwrap(), "--output_dir", tmp.path().join("e").to_str().unwrap()]), "eval");
+        let out = ok(
+            runtime(&[
+                "eval",
+                "--model_name_or_path",
+                m.to_str().unwrap(),
+                "--validation_file",
+                val.to_str().unwrap(),
+                "--output_dir",
+                tmp.path().join("e").to_str().unwrap(),
+            ]),
+            "eval",
+        );
         serde_json::from_str::<Value>(out.lines().last().unwrap()).unwrap()["eval_loss"].as_f64().unwrap()
     };
     assert_eq!(eval(&model), eval(&copy), "evaluation applied dropout");

@@ -290,7 +290,8 @@ fn the_same_seed_gives_the_same_study_and_failed_trials_are_recorded() {
     let space = "[learning_rate]\ntype = \"float\"\nlow = 1e-3\nhigh = 1e-2\nlog = true\n[weight_decay]\ntype = \"float\"\nlow = 0.0\nhigh = 0.1\n";
     let run = |name: &str, seed: &str| {
         let dir = tmp.path().join(name);
-        let args = ["--n_trials", "4", "--sampler", "tpe", "--sampler_startup_trials", "2", "--pruner", "none", "--seed", seed, "--output_dir", dir.to_str().unwrap()];
+        let args =
+            ["--n_trials", "4", "--sampler", "tpe", "--sampler_startup_trials", "2", "--pruner", "none", "--seed", seed, "--output_dir", dir.to_str().unwrap()];
         ok(&search(tmp.path(), space, &args));
         trials(&dir).into_iter().map(|t| (t["state"].clone(), t["params"].clone(), t["objective"].clone())).collect::<Vec<_>>()
     };

@@ -224,7 +224,14 @@ pub fn forward(model_dir: &Path, adapter: Option<&Path>, inputs: &Path, output: 
     Ok(loss.map(|l| l.mean))
 }
 
-fn forward_on<B: crate::backend::Backend>(be: B, model_dir: &Path, adapter: Option<&Path>, inputs: &Path, batch: &Batch, opts: LoadOptions) -> Result<(Vec<f32>, Option<LossOutput>)> {
+fn forward_on<B: crate::backend::Backend>(
+    be: B,
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    inputs: &Path,
+    batch: &Batch,
+    opts: LoadOptions,
+) -> Result<(Vec<f32>, Option<LossOutput>)> {
     let mut model = Model::load(be, model_dir, opts)?;
     if let Some(a) = adapter {
         model.load_adapter(a)?;

@@ -203,7 +203,16 @@ impl<B: Backend> Backend for Budget<B> {
     fn has_attention_dropout(&self) -> bool {
         self.inner.has_attention_dropout()
     }
-    fn attention_fwd_dropout(&self, out: &mut Buf<B>, stats: &mut Buf<B>, qkv: &Buf<B>, key_mask: &Ids<B>, shape: AttnShape, imp: AttnImpl, drop: crate::backend::DropoutMask) {
+    fn attention_fwd_dropout(
+        &self,
+        out: &mut Buf<B>,
+        stats: &mut Buf<B>,
+        qkv: &Buf<B>,
+        key_mask: &Ids<B>,
+        shape: AttnShape,
+        imp: AttnImpl,
+        drop: crate::backend::DropoutMask,
+    ) {
         self.inner.attention_fwd_dropout(&mut out.buf, &mut stats.buf, &qkv.buf, &key_mask.buf, shape, imp, drop)
     }
     fn attention_bwd_dropout(

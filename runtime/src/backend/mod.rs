@@ -300,7 +300,16 @@ pub trait Backend: Send + Sync {
     /// [`Backend::attention_fwd`] with dropout on the probabilities (`stats` keep the undropped
     /// softmax); the mask's element index is `((b * n_head + h) * seq + i) * seq + j`.
     #[allow(clippy::too_many_arguments)] // as attention_fwd, and the mask
-    fn attention_fwd_dropout(&self, out: &mut Self::Buf, stats: &mut Self::Buf, qkv: &Self::Buf, key_mask: &Self::Ids, shape: AttnShape, imp: AttnImpl, _drop: DropoutMask) {
+    fn attention_fwd_dropout(
+        &self,
+        out: &mut Self::Buf,
+        stats: &mut Self::Buf,
+        qkv: &Self::Buf,
+        key_mask: &Self::Ids,
+        shape: AttnShape,
+        imp: AttnImpl,
+        _drop: DropoutMask,
+    ) {
         self.attention_fwd(out, stats, qkv, key_mask, shape, imp)
     }
     /// [`Backend::attention_bwd`] of a pass with dropout on the probabilities (the same mask).

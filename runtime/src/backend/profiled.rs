@@ -167,7 +167,16 @@ impl<B: Backend> Backend for Profiled<B> {
     fn has_attention_dropout(&self) -> bool {
         self.inner.has_attention_dropout()
     }
-    fn attention_fwd_dropout(&self, out: &mut B::Buf, stats: &mut B::Buf, qkv: &B::Buf, key_mask: &B::Ids, shape: AttnShape, imp: AttnImpl, drop: crate::backend::DropoutMask) {
+    fn attention_fwd_dropout(
+        &self,
+        out: &mut B::Buf,
+        stats: &mut B::Buf,
+        qkv: &B::Buf,
+        key_mask: &B::Ids,
+        shape: AttnShape,
+        imp: AttnImpl,
+        drop: crate::backend::DropoutMask,
+    ) {
         self.time("attention", 0.0, || self.inner.attention_fwd_dropout(out, stats, qkv, key_mask, shape, imp, drop))
     }
     fn attention_bwd_dropout(

@@ -81,7 +81,18 @@ pub struct LoraConfig {
 
 /// `LoraConfig` fields accepted with any value (bookkeeping), and fields of features this build
 /// does not implement, accepted only at their default (given as the accepted values).
-const BOOKKEEPING: &[&str] = &["task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "runtime_config", "fan_in_fan_out"];
+const BOOKKEEPING: &[&str] = &[
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+    "megatron_core",
+    "qalora_group_size",
+    "runtime_config",
+    "fan_in_fan_out",
+];
 const DEFAULT_ONLY: &[&str] = &[
     "layers_pattern",
     "exclude_modules",
@@ -205,7 +216,12 @@ impl LoraConfig {
         let layers_to_transform = match map.get("layers_to_transform") {
             None | Some(Value::Null) => None,
             Some(v) if v.is_u64() => Some(vec![v.as_u64().unwrap_or_default() as usize]),
-            Some(Value::Array(a)) => Some(a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>().ok_or_else(|| bad("layers_to_transform must list layer indices".into()))?),
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|x| x.as_u64().map(|x| x as usize))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("layers_to_transform must list layer indices".into()))?,
+            ),
             Some(v) => return Err(bad(format!("layers_to_transform must be a layer index or a list of them, found {v}"))),
         };
         let pattern = |k: &str| -> Result<Vec<(String, f64)>> {
@@ -214,7 +230,10 @@ impl LoraConfig {
             o.iter()
                 .map(|(p, x)| {
                     regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$")).map_err(|e| bad(format!("{k}: `{p}` is not a valid regular expression: {e}")))?;
-                    x.as_f64().filter(|x| x.is_finite() && *x > 0.0).map(|x| (p.clone(), x)).ok_or_else(|| bad(format!("{k}: `{p}` = {x} is not a positive number")))
+                    x.as_f64()
+                        .filter(|x| x.is_finite() && *x > 0.0)
+                        .map(|x| (p.clone(), x))
+                        .ok_or_else(|| bad(format!("{k}: `{p}` = {x} is not a positive number")))
                 })
                 .collect()
         };
@@ -241,7 +260,9 @@ impl LoraConfig {
     /// The rank and the scale of the adapter of module `name` (`rank_pattern` / `alpha_pattern`
     /// as PEFT matches them: the first pattern that matches the end of the name at a `.`).
     pub fn rank_and_scale(&self, name: &str) -> (usize, f32) {
-        let find = |pats: &[(String, f64)]| pats.iter().find(|(p, _)| regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$")).is_ok_and(|re| re.is_match(name))).map(|x| x.1);
+        let find = |pats: &[(String, f64)]| {
+            pats.iter().find(|(p, _)| regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$")).is_ok_and(|re| re.is_match(name))).map(|x| x.1)
+        };
         let ranks: Vec<(String, f64)> = self.rank_pattern.iter().map(|(p, r)| (p.clone(), *r as f64)).collect();
         let r = find(&ranks).map_or(self.r, |r| r as usize);
         let alpha = find(&self.alpha_pattern).unwrap_or(self.lora_alpha);
@@ -319,7 +340,12 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let mut out = Vec::new();
         for (l, lp) in self.layout.layers.iter().enumerate() {
-            let units = [(Unit::Qkv, lp.qkv_w, c.hidden_size), (Unit::O, lp.o_w, c.n_head * c.head_dim), (Unit::Fc, lp.fc_w, c.hidden_size), (Unit::Proj, lp.proj_w, c.intermediate_size)];
+            let units = [
+                (Unit::Qkv, lp.qkv_w, c.hidden_size),
+                (Unit::O, lp.o_w, c.n_head * c.head_dim),
+                (Unit::Fc, lp.fc_w, c.hidden_size),
+                (Unit::Proj, lp.proj_w, c.intermediate_size),
+            ];
             for (unit, w, in_features) in units {
                 let spec = &self.layout.specs[w];
                 let mut off = 0;
@@ -420,11 +446,21 @@ impl<B: Backend> Model<B> {
                 let n: usize = shape.iter().product();
                 let values = match tensors.as_mut().map(|t| t.remove(&key)) {
                     Some(Some(v)) if v.len() == n => v,
-                    Some(Some(v)) => return Err(Error::Invalid(format!("adapter tensor `{key}` has {} values; the base model's {} needs {shape:?}", v.len(), m.name))),
+                    Some(Some(v)) => {
+                        return Err(Error::Invalid(format!("adapter tensor `{key}` has {} values; the base model's {} needs {shape:?}", v.len(), m.name)))
+                    }
                     Some(None) => return Err(Error::Invalid(format!("the adapter has no tensor `{key}`"))),
                     None => (0..n).map(|_| init(&mut rng)).collect(),
                 };
-                let spec = ParamSpec { name: key.clone(), shape: shape.clone(), parts: vec![HfPart { name: key, shape }], conv1d: false, decay: true, init: Init::Zeros, adapter: true };
+                let spec = ParamSpec {
+                    name: key.clone(),
+                    shape: shape.clone(),
+                    parts: vec![HfPart { name: key, shape }],
+                    conv1d: false,
+                    decay: true,
+                    init: Init::Zeros,
+                    adapter: true,
+                };
                 self.params.push(self.backend.upload(&values)?);
                 self.layout.specs.push(spec);
                 self.trainable.push(true);
@@ -440,7 +476,8 @@ impl<B: Backend> Model<B> {
                 LoraInit::Random => add("lora_B.weight", vec![m.rows, r], &mut |g| g.random_range(-bound_b..bound_b))?,
                 _ => add("lora_B.weight", vec![m.rows, r], &mut |_| 0.0)?,
             };
-            let slot = parts[m.layer][m.unit as usize].iter_mut().find(|p| p.is_none()).ok_or_else(|| Error::Invalid(format!("too many adapters on {}", m.name)))?;
+            let slot =
+                parts[m.layer][m.unit as usize].iter_mut().find(|p| p.is_none()).ok_or_else(|| Error::Invalid(format!("too many adapters on {}", m.name)))?;
             *slot = Some(LoraPart { a, b, r, off: m.off, cols: m.rows, scale, dropout: config.lora_dropout as f32 });
         }
         // the base freezes; biases and modules_to_save as asked

@@ -35,7 +35,14 @@ impl<B: Backend> Model<B> {
         Block {
             ln1: norm(lp.ln1_w, lp.ln1_b),
             qkv: linear(Unit::Qkv, lp.qkv_w, lp.qkv_b, h, c.qkv_width()),
-            attn: Attention { n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim, rope_theta: kinds.rope_theta, imp: self.attn_impl, pdrop: c.dropout.attn },
+            attn: Attention {
+                n_head: c.n_head,
+                n_kv_head: c.n_kv_head,
+                head_dim: c.head_dim,
+                rope_theta: kinds.rope_theta,
+                imp: self.attn_impl,
+                pdrop: c.dropout.attn,
+            },
             o: linear(Unit::O, lp.o_w, lp.o_b, c.n_head * c.head_dim, h),
             ln2: norm(lp.ln2_w, lp.ln2_b),
             fc: linear(Unit::Fc, lp.fc_w, lp.fc_b, h, c.fc_width()),

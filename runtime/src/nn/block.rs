@@ -93,7 +93,17 @@ impl Block {
     /// `y = block(x)` over `rows` rows (`lora`: the adapters' scratch; `drop`: a training pass's
     /// dropout key for this layer).
     #[allow(clippy::too_many_arguments)] // the block's input and output, its state and scratch
-    pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, x: &B::Buf, y: &mut B::Buf, a: &mut BlockBufs<B>, lora: &mut LoraScratch<B>, call: AttnCall<B>, drop_key: Option<u64>) {
+    pub fn fwd<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        x: &B::Buf,
+        y: &mut B::Buf,
+        a: &mut BlockBufs<B>,
+        lora: &mut LoraScratch<B>,
+        call: AttnCall<B>,
+        drop_key: Option<u64>,
+    ) {
         let rows = match &call {
             AttnCall::Sequence { batch, seq, .. } => batch * seq,
             AttnCall::Decode { batch, .. } => *batch,

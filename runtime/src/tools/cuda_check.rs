@@ -380,7 +380,9 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
     let llama = serde_json::json!({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 344, "vocab_size": 500, "max_position_embeddings": 128});
     // (architecture, config, rows per LM-head chunk, a LoRA adapter)
-    for (arch, raw, chunk, lora) in [("gpt2", &gpt2, None, false), ("gpt2", &gpt2, Some(50), false), ("llama", &llama, None, false), ("llama", &llama, None, true)] {
+    for (arch, raw, chunk, lora) in
+        [("gpt2", &gpt2, None, false), ("gpt2", &gpt2, Some(50), false), ("llama", &llama, None, false), ("llama", &llama, None, true)]
+    {
         let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
         let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
         let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
@@ -411,7 +413,14 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
 
 /// Loss, gradient norm, gradients and parameters after one step (with `lora`, of an adapter with
 /// random A and B on every linear map).
-fn one_step<B: Backend>(be: B, cfg: ModelConfig, tensors: Vec<Vec<f32>>, batch: &Batch, chunk: Option<usize>, lora: bool) -> Result<(f32, f32, Vec<f32>, Vec<f32>)> {
+fn one_step<B: Backend>(
+    be: B,
+    cfg: ModelConfig,
+    tensors: Vec<Vec<f32>>,
+    batch: &Batch,
+    chunk: Option<usize>,
+    lora: bool,
+) -> Result<(f32, f32, Vec<f32>, Vec<f32>)> {
     let mut model = Model::from_tensors(be, cfg, tensors, LoadOptions::default())?;
     model.loss_chunk_rows = chunk;
     if lora {

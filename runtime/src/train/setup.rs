@@ -31,9 +31,7 @@ use crate::protocol::TokenDecoder;
 /// Settings transformers honours that this build does not implement, and backends that cannot
 /// run what was asked: refused, never silently ignored.
 fn check_supported(args: &TrainingArguments, backend: &str) -> Result<()> {
-    let unsupported = [
-        (args.include_for_metrics.iter().any(|x| x != "inputs"), "include_for_metrics other than \"inputs\""),
-    ];
+    let unsupported = [(args.include_for_metrics.iter().any(|x| x != "inputs"), "include_for_metrics other than \"inputs\"")];
     if let Some((_, name)) = unsupported.iter().find(|(set, _)| *set) {
         return Err(Error::Unsupported(format!("`{name}` is not supported by this build yet")));
     }

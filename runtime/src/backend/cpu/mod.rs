@@ -173,7 +173,16 @@ impl Backend for Cpu {
         true
     }
     #[allow(clippy::too_many_arguments)]
-    fn attention_fwd_dropout(&self, out: &mut Vec<f32>, stats: &mut Vec<f32>, qkv: &Vec<f32>, key_mask: &Vec<i32>, shape: AttnShape, imp: AttnImpl, drop: super::DropoutMask) {
+    fn attention_fwd_dropout(
+        &self,
+        out: &mut Vec<f32>,
+        stats: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        key_mask: &Vec<i32>,
+        shape: AttnShape,
+        imp: AttnImpl,
+        drop: super::DropoutMask,
+    ) {
         match imp {
             AttnImpl::Eager => attention::eager_fwd(out, stats, qkv, key_mask, shape, Some(drop)),
             AttnImpl::Flash => attention::flash_fwd(out, stats, qkv, key_mask, shape, Some(drop)),

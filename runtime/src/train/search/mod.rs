@@ -92,7 +92,14 @@ struct Reporter {
 }
 
 impl TrainerCallback for Reporter {
-    fn on_event(&mut self, event: Event, _: &TrainingArguments, state: &TrainerState, control: &mut TrainerControl, logs: Option<&mut Map<String, Value>>) -> Result<()> {
+    fn on_event(
+        &mut self,
+        event: Event,
+        _: &TrainingArguments,
+        state: &TrainerState,
+        control: &mut TrainerControl,
+        logs: Option<&mut Map<String, Value>>,
+    ) -> Result<()> {
         let (Event::Evaluate, Some(metrics)) = (event, logs) else { return Ok(()) };
         let value = match metrics.get(&self.metric) {
             Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
@@ -157,7 +164,10 @@ fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
 /// The best complete trial.
 pub fn best(trials: &[Trial], maximize: bool) -> Option<&Trial> {
     let key = |t: &&Trial| t.objective.filter(|o| !o.is_nan()).map(|o| if maximize { -o } else { o });
-    trials.iter().filter(|t| t.state == TrialState::Complete && key(t).is_some()).min_by(|a, b| key(a).unwrap_or(f64::INFINITY).total_cmp(&key(b).unwrap_or(f64::INFINITY)))
+    trials
+        .iter()
+        .filter(|t| t.state == TrialState::Complete && key(t).is_some())
+        .min_by(|a, b| key(a).unwrap_or(f64::INFINITY).total_cmp(&key(b).unwrap_or(f64::INFINITY)))
 }
 
 /// Runs the study to `n_trials` finished trials; returns every trial.
@@ -258,7 +268,9 @@ fn run_one(
     let report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
     let (state, error) = match outcome {
         Err(Error::Interrupted(_)) => {
-            return Err(Error::Interrupted(format!("the search stopped during trial {number}; rerun the same command to continue the study (trial {number} starts again)")));
+            return Err(Error::Interrupted(format!(
+                "the search stopped during trial {number}; rerun the same command to continue the study (trial {number} starts again)"
+            )));
         }
         Err(e) => {
             tracing::warn!("hp-search: trial {number} failed: {e}");

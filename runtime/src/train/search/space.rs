@@ -62,7 +62,10 @@ pub fn read_space(path: &Path) -> Result<Vec<Param>> {
     let mut params = Vec::new();
     collect(path, "", &map, &mut params)?;
     if params.is_empty() {
-        return Err(Error::config(path, "the search space has no parameters (one table per parameter: [learning_rate] type = \"float\", low = 1e-5, high = 1e-3)"));
+        return Err(Error::config(
+            path,
+            "the search space has no parameters (one table per parameter: [learning_rate] type = \"float\", low = 1e-5, high = 1e-3)",
+        ));
     }
     Ok(params)
 }
@@ -128,7 +131,8 @@ fn parse_dist(path: &Path, name: &str, t: &Map<String, Value>) -> Result<Distrib
             Distribution::Int { low, high, log, step }
         }
         _ => {
-            let choices = t.get("choices").and_then(Value::as_array).filter(|c| !c.is_empty()).ok_or_else(|| bad("`choices` must be a non-empty list".into()))?;
+            let choices =
+                t.get("choices").and_then(Value::as_array).filter(|c| !c.is_empty()).ok_or_else(|| bad("`choices` must be a non-empty list".into()))?;
             if let Some(c) = choices.iter().find(|c| c.is_object() || c.is_array()) {
                 return Err(bad(format!("choice {c} is not a number, string, boolean or null")));
             }
@@ -292,7 +296,15 @@ pub fn grid_size(params: &[Param]) -> Result<usize> {
 /// Trial `number`'s parameters. `finished` are the complete and pruned trials so far;
 /// `observed` the ones TPE learns from. TPE samples at random until `n_startup` trials have
 /// finished, as Optuna's `TPESampler(n_startup_trials=...)`.
-pub fn suggest(params: &[Param], kind: SamplerKind, seed: u64, number: usize, finished: usize, observed: &[Observation], n_startup: usize) -> Result<Map<String, Value>> {
+pub fn suggest(
+    params: &[Param],
+    kind: SamplerKind,
+    seed: u64,
+    number: usize,
+    finished: usize,
+    observed: &[Observation],
+    n_startup: usize,
+) -> Result<Map<String, Value>> {
     let mut out = Map::new();
     if kind == SamplerKind::Grid {
         // the last parameter (in name order) varies fastest

@@ -209,7 +209,8 @@ impl EventWriter {
     /// `SummaryWriter.add_text`: a one-string tensor tagged `<tag>/text_summary` for the text
     /// plugin.
     pub fn add_text(&mut self, tag: &str, text: &str, step: i64) -> Result<()> {
-        let tensor = TensorProto { dtype: DT_STRING, tensor_shape: Some(TensorShape { dim: vec![Dim { size: 1 }] }), string_val: vec![text.as_bytes().to_vec()] };
+        let tensor =
+            TensorProto { dtype: DT_STRING, tensor_shape: Some(TensorShape { dim: vec![Dim { size: 1 }] }), string_val: vec![text.as_bytes().to_vec()] };
         let metadata = SummaryMetadata { plugin_data: Some(PluginData { plugin_name: "text".into(), content: Vec::new() }) };
         let v = SummaryValue { tag: format!("{tag}/text_summary"), metadata: Some(metadata), value: Some(ValueKind::Tensor(tensor)) };
         self.write(&summary_event(v, step))

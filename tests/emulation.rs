@@ -61,7 +61,7 @@ fn kernels_match_the_cpu_backend_when_emulated() {
     let Some(exe) = build("kernels") else { return };
     let out = run(&exe, &[]);
     // every group ran
-    for what in ["attention f32 d32", "attention f32 d128", "attention bf16 d64"] {
+    for what in ["attention f32 d32", "attention f32 d128", "attention bf16 d64", "dora norm"] {
         assert!(out.contains(what), "no `{what}` case in the output:\n{out}");
     }
 }

@@ -58,7 +58,12 @@ fn check(name: &str, cfg: ModelConfig, attn: AttnImpl, smoothing: f32, seed: u64
 
 /// Every trainable tensor's gradient (its largest entry and two random ones) against central
 /// differences of the loss, with the dropout masks of `key` when given.
-fn check_model(name: &str, mut model: Model<Cpu>, smoothing: f32, seed: u64, key: Option<u64>) {
+fn check_model(name: &str, model: Model<Cpu>, smoothing: f32, seed: u64, key: Option<u64>) {
+    check_model_where(name, model, smoothing, seed, key, &|_| true);
+}
+
+/// [`check_model`] over the trainable tensors whose name `which` accepts.
+fn check_model_where(name: &str, mut model: Model<Cpu>, smoothing: f32, seed: u64, key: Option<u64>, which: &dyn Fn(&str) -> bool) {
     let batch = random_batch(model.config.vocab_size, 3, 9, seed + 2);
     let opts = LossOptions { label_smoothing: smoothing, num_items_in_batch: None };
     let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
@@ -68,7 +73,7 @@ fn check_model(name: &str, mut model: Model<Cpu>, smoothing: f32, seed: u64, key
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 3);
     let h = 1e-2f32;
     let mut checked = 0;
-    let trained: Vec<usize> = (0..model.layout.specs.len()).filter(|&i| model.trainable[i]).collect();
+    let trained: Vec<usize> = (0..model.layout.specs.len()).filter(|&i| model.trainable[i] && which(&model.layout.specs[i].name)).collect();
     for &i in &trained {
         let g = &grads.tensors[i];
         let biggest = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
@@ -115,6 +120,28 @@ fn gradients_with_dropout_match_finite_differences() {
     let peft = json!({"r": 4, "lora_alpha": 8, "lora_dropout": 0.25, "target_modules": "all-linear", "init_lora_weights": false});
     model.add_lora(runtime::model::lora::LoraConfig::from_map(peft.as_object().unwrap(), "test").unwrap(), None, 3).unwrap();
     check_model("llama LoRA with lora_dropout", model, 0.0, 42, Some(9));
+    // DoRA on GPT-2's biased Conv1D maps (the fused c_attn one adapter), biases trained, with and
+    // without lora_dropout (PEFT recomputes the base map on the dropped-out input)
+    for p in [0.0, 0.25] {
+        let cfg = json!({"model_type": "gpt2", "vocab_size": 50, "n_positions": 16, "n_embd": 24, "n_layer": 2, "n_head": 3, "initializer_range": 0.3,
+            "embd_pdrop": 0.0, "resid_pdrop": 0.0, "attn_pdrop": 0.0});
+        let mut model = random_model(config(cfg), AttnImpl::Flash, 47);
+        let peft = json!({"r": 4, "lora_alpha": 8, "lora_dropout": p, "target_modules": ["c_attn", "c_fc", "c_proj"], "use_dora": true,
+            "init_lora_weights": false, "bias": "all"});
+        model.add_lora(runtime::model::lora::LoraConfig::from_map(peft.as_object().unwrap(), "test").unwrap(), None, 5).unwrap();
+        // magnitudes away from the norms they start at
+        let mut rng = ChaCha8Rng::seed_from_u64(48);
+        let mags: Vec<usize> = (0..model.layout.specs.len()).filter(|&i| model.layout.specs[i].name.ends_with("lora_magnitude_vector")).collect();
+        assert_eq!(mags.len(), 8);
+        for i in mags {
+            model.params[i].iter_mut().for_each(|m| *m *= 1.0 + rng.random_range(-0.5f32..0.5));
+        }
+        // PEFT holds the weight norm constant in the backward pass (it is detached), so A's and
+        // B's gradients are not the loss's derivative; the magnitudes' and the biases' are, and
+        // the first layer's take in every term of the second layer's input gradient
+        let name = format!("gpt2 DoRA with lora_dropout {p}");
+        check_model_where(&name, model, 0.0, 47, Some(11), &|n| !n.contains(".lora_A.") && !n.contains(".lora_B."));
+    }
 }
 
 #[test]

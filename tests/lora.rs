@@ -10,7 +10,14 @@ use common::{assert_close, fixtures, read_reference};
 use runtime::backend::cpu::Cpu;
 use runtime::model::{Activations, Grads, LoadOptions, LossOptions, Model};
 
-const CASES: &[(&str, &str)] = &[("llama_all_linear", "llama"), ("gpt2_rslora", "gpt2"), ("qwen2_regex", "qwen2")];
+const CASES: &[(&str, &str)] = &[
+    ("llama_all_linear", "llama"),
+    ("gpt2_rslora", "gpt2"),
+    ("qwen2_regex", "qwen2"),
+    ("llama_dora", "llama"),
+    ("gpt2_dora", "gpt2"),
+    ("qwen2_dora_rslora", "qwen2"),
+];
 
 fn with_adapter(case: &str, arch: &str) -> Model<Cpu> {
     let mut model = Model::load(Cpu, &fixtures().join(arch).join("model"), LoadOptions::default()).unwrap();
@@ -269,7 +276,7 @@ fn bad_lora_runs_write_nothing() {
     let cases: &[(&str, &str, &str)] = &[
         ("--adapter_name_or_path", "lora/gpt2_rslora/adapter", "matches none of the model's linear modules"),
         ("--peft", r#"{"r": 4, "target_modules": ["q_proj", "w_in"]}"#, "`w_in` matches none"),
-        ("--peft", r#"{"r": 4, "use_dora": true}"#, "use_dora"),
+        ("--peft", r#"{"r": 4, "use_dora": "yes"}"#, "`use_dora` must be true or false"),
     ];
     for (i, (k, v, want)) in cases.iter().enumerate() {
         let out = tmp.path().join(format!("out{i}"));

@@ -3,7 +3,7 @@
 // compared with a C++ port of its CPU-backend twin (bitwise where the CPU result is fixed by the
 // order of operations: column sums, norm parameter gradients, embedding backward, AdamW, add,
 // scale, fill, bf16 rounding) or with an f64 reference. Argument: one group to run (pointwise,
-// reduce, embedding, norm, rope, loss, adamw, decode, attention); none runs all. Exit status 1
+// reduce, embedding, norm, rope, loss, adamw, decode, attention, dora); none runs all. Exit status 1
 // on any failure. Driven by tests/emulation.rs.
 #include <cstdio>
 #include <cstdlib>
@@ -21,6 +21,7 @@
 #include "attention.cu"
 #include "cross_entropy.cu"
 #include "adamw.cu"
+#include "dora.cu"
 
 using std::vector;
 static int failures = 0;
@@ -618,6 +619,70 @@ static void test_adamw() {
     check("adamw bitwise", ok);
 }
 
+// DoRA (cpu/dora.rs): the weight norm against the CPU's loop (f64 sums in another order, so to
+// 1e-6), the rescaled output, the gradients and the magnitude's reduction bitwise.
+static void test_dora() {
+    const int off = 5, cols = 13, k = 37, r = 3, ld = off + cols + 4;
+    const float scale = 1.75f;
+    auto w = rvec((size_t)ld * k), a = rvec((size_t)r * k, 0.5f), b = rvec((size_t)cols * r, 0.5f);
+    vector<float> n(cols, -1.0f), nref(cols);
+    launch(dim3{unsigned(cols)}, dim3{256}, dora_norm, n.data(), (const float*)w.data(), (const float*)a.data(), (const float*)b.data(), off, k, r, scale);
+    for (int j = 0; j < cols; ++j) {
+        double acc = 0;
+        for (int i = 0; i < k; ++i) {
+            float ba = 0.0f;
+            for (int q = 0; q < r; ++q) ba += b[j * r + q] * a[q * k + i];
+            float v = w[(off + j) * k + i] + scale * ba;
+            acc += (double)v * (double)v;
+        }
+        nref[j] = (float)std::sqrt(acc);
+    }
+    printf("dora norm %.2e\n", nerr(n, nref));
+    check("dora norm", nerr(n, nref) < 1e-6);
+    auto m = rvec(cols, 2.0f), bias = rvec(ld);
+    for (auto& x : m) x = std::fabs(x) + 0.5f;
+    for (int rows : {1, 17, 100}) {
+        auto out = rvec((size_t)rows * ld), base = rvec((size_t)rows * ld), u = rvec((size_t)rows * cols), dout = rvec((size_t)rows * ld);
+        // the forward pass with the base given, and taken from the output less the bias
+        for (int with_base = 0; with_base < 2; ++with_base) {
+            auto o = out, ref = out;
+            launch(g1((long long)rows * cols), dim3{256}, dora_fwd, o.data(), (const float*)(with_base ? base.data() : nullptr), (const float*)(with_base ? nullptr : bias.data()),
+                   (const float*)u.data(), (const float*)m.data(), (const float*)n.data(), (long long)rows, cols, ld, off, scale);
+            for (int i = 0; i < rows; ++i)
+                for (int j = 0; j < cols; ++j) {
+                    float s = m[j] / n[j], y = ref[i * ld + off + j];
+                    float bv = with_base ? base[i * ld + off + j] : y - bias[off + j];
+                    ref[i * ld + off + j] = y + ((s - 1.0f) * bv + s * (scale * u[i * cols + j]));
+                }
+            check(("dora fwd bitwise rows=" + std::to_string(rows) + " base=" + std::to_string(with_base)).c_str(), bitwise(o, ref));
+        }
+        // the gradients into u and into the base output (shift 1 and 0), only in the block
+        for (float shift : {1.0f, 0.0f}) {
+            vector<float> gu((size_t)rows * cols, 9.0f), gb = dout, guref(gu.size()), gbref = dout;
+            launch(g1((long long)rows * cols), dim3{256}, dora_grads, gu.data(), gb.data(), shift, (const float*)dout.data(), (const float*)m.data(), (const float*)n.data(),
+                   (long long)rows, cols, ld, off, scale);
+            for (int i = 0; i < rows; ++i)
+                for (int j = 0; j < cols; ++j) {
+                    float s = m[j] / n[j], g = dout[i * ld + off + j];
+                    guref[i * cols + j] = (scale * s) * g;
+                    gbref[i * ld + off + j] = (s - shift) * g;
+                }
+            check(("dora grads bitwise rows=" + std::to_string(rows)).c_str(), bitwise(gu, guref) && bitwise(gb, gbref));
+        }
+        auto dm = rvec(cols), dmref = dm;
+        launch(dim3{unsigned((cols + 31) / 32)}, dim3{32, 8}, dora_dmag, dm.data(), (const float*)dout.data(), (const float*)base.data(), (const float*)u.data(),
+               (const float*)n.data(), rows, cols, ld, off, scale);
+        reduce_rows_ref(rows, cols, {&dmref}, [&](int r0, int r1, vector<vector<float>>& acc) {
+            for (int i = r0; i < r1; ++i)
+                for (int j = 0; j < cols; ++j) {
+                    float g = dout[i * ld + off + j];
+                    acc[0][j] += g * (base[i * ld + off + j] + scale * u[i * cols + j]) / n[j];
+                }
+        });
+        check(("dora magnitude gradient bitwise rows=" + std::to_string(rows)).c_str(), bitwise(dm, dmref));
+    }
+}
+
 int main(int argc, char** argv) {
     std::string only = argc > 1 ? argv[1] : "";
     auto want = [&](const char* n) { return only.empty() || only == n; };
@@ -630,6 +695,7 @@ int main(int argc, char** argv) {
     if (want("adamw")) test_adamw();
     if (want("decode")) test_decode();
     if (want("attention")) test_attention();
+    if (want("dora")) test_dora();
     printf(failures ? "%d FAILURES\n" : "all passed\n", failures);
     return failures != 0;
 }

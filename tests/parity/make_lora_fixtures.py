@@ -38,13 +38,20 @@ CASES = {
     # Qwen2 (tied, biased q/k/v): a regex target, a per-module rank, every bias trained
     "qwen2_regex": ("qwen2", dict(r=4, lora_alpha=16, target_modules=r".*\.(q_proj|k_proj|down_proj)", bias="all",
                                    rank_pattern={"down_proj": 2}, alpha_pattern={"k_proj": 8})),
+    # DoRA: parts of the engine's fused maps (q and v of q/k/v, gate of gate/up) and a whole one
+    "llama_dora": ("llama", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], use_dora=True)),
+    # DoRA on Conv1D (fan_in_fan_out) with every bias trained
+    "gpt2_dora": ("gpt2", dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc", "c_proj"], use_dora=True, bias="all")),
+    # DoRA with rsLoRA over frozen biased q/k
+    "qwen2_dora_rslora": ("qwen2", dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"], use_dora=True, use_rslora=True)),
 }
 
 
 def saved_key(name):
     # the parameter's name as get_peft_model_state_dict saves it (adapter name stripped)
     name = name.replace(".modules_to_save.default", "").replace(".default", "")
-    return name
+    # DoRA's magnitude is saved without its `.weight`
+    return name.removesuffix(".weight") if name.endswith("lora_magnitude_vector.weight") else name
 
 
 if __name__ == "__main__":
@@ -57,6 +64,9 @@ if __name__ == "__main__":
             for name, p in model.named_parameters():
                 if "lora_A" in name or "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                if "lora_magnitude_vector" in name:
+                    # away from the weight norm it starts at, so that m / ||W + s B A|| is not 1
+                    p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
         ref_in = load_file(FIXTURES / arch / "reference.safetensors")
         ids, mask, labels = ref_in["input_ids"], ref_in["attention_mask"], ref_in["labels"]
         out = model(input_ids=ids, attention_mask=mask, labels=labels)

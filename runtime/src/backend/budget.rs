@@ -238,6 +238,36 @@ impl<B: Backend> Backend for Budget<B> {
     fn take_cols(&self, dst: &mut Buf<B>, src: &Buf<B>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         self.inner.take_cols(&mut dst.buf, &src.buf, rows, width, ld, off, scale)
     }
+    fn dora_norm(&self, n: &mut Buf<B>, w: &Buf<B>, a: &Buf<B>, b: &Buf<B>, off: usize, cols: usize, k: usize, r: usize, scale: f32) {
+        self.inner.dora_norm(&mut n.buf, &w.buf, &a.buf, &b.buf, off, cols, k, r, scale)
+    }
+    fn dora_fwd(
+        &self,
+        out: &mut Buf<B>,
+        base: Option<&Buf<B>>,
+        bias: Option<&Buf<B>>,
+        u: &Buf<B>,
+        m: &Buf<B>,
+        n: &Buf<B>,
+        blk: crate::backend::ColBlock,
+        scale: f32,
+    ) {
+        self.inner.dora_fwd(&mut out.buf, base.map(|b| &b.buf), bias.map(|b| &b.buf), &u.buf, &m.buf, &n.buf, blk, scale)
+    }
+    fn dora_bwd(
+        &self,
+        dm: Option<(&mut Buf<B>, &Buf<B>, &Buf<B>)>,
+        gu: Option<&mut Buf<B>>,
+        gb: Option<(&mut Buf<B>, f32)>,
+        dout: &Buf<B>,
+        m: &Buf<B>,
+        n: &Buf<B>,
+        blk: crate::backend::ColBlock,
+        scale: f32,
+    ) {
+        let dm = dm.map(|(d, b, u)| (&mut d.buf, &b.buf, &u.buf));
+        self.inner.dora_bwd(dm, gu.map(|g| &mut g.buf), gb.map(|(g, s)| (&mut g.buf, s)), &dout.buf, &m.buf, &n.buf, blk, scale)
+    }
     fn cross_entropy(&self, logits: &mut Buf<B>, targets: &Ids<B>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {
         self.inner.cross_entropy(&mut logits.buf, &targets.buf, v, smoothing, grad_scale)
     }

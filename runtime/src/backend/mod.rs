@@ -385,6 +385,45 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)] // the two operands and the column block's geometry
     fn take_cols(&self, dst: &mut Self::Buf, src: &Self::Buf, rows: usize, width: usize, ld: usize, off: usize, scale: f32);
 
+    /// DoRA's weight norm of the adapter on rows `off..off + cols` of `w` (`[_, k]`): `n[j] =
+    /// ||w[off + j, :] + scale * (b a)[j, :]||`, with `a` `[r, k]` and `b` `[cols, r]`; each
+    /// element in f32 (the rank summed in order), the squares summed in f64.
+    #[allow(clippy::too_many_arguments)] // the three matrices and their geometry
+    fn dora_norm(&self, n: &mut Self::Buf, w: &Self::Buf, a: &Self::Buf, b: &Self::Buf, off: usize, cols: usize, k: usize, r: usize, scale: f32);
+    /// DoRA's output on block `blk` of `out` (after the base map and before any other adapter of
+    /// these columns): with `s_j = m[j] / n[j]`, `out[r, off + j] += (s_j - 1) * base[r, off + j]
+    /// + s_j * (scale * u[r, j])`, `u` (`[rows, width]`) the adapter's `x A^T B^T` and `base` the
+    /// base map's output without bias (`[rows, ld]`); `None`: `out` itself less `bias[off + j]`.
+    #[allow(clippy::too_many_arguments)] // the output, the two branches and the magnitudes
+    fn dora_fwd(
+        &self,
+        out: &mut Self::Buf,
+        base: Option<&Self::Buf>,
+        bias: Option<&Self::Buf>,
+        u: &Self::Buf,
+        m: &Self::Buf,
+        n: &Self::Buf,
+        blk: ColBlock,
+        scale: f32,
+    );
+    /// DoRA's backward pass on block `blk`, with `g = dout[r, off + j]` and `s_j = m[j] / n[j]`,
+    /// each output when asked for: `dm[j] += sum_r g * (base[r, off + j] + scale * u[r, j]) /
+    /// n[j]` (`dm`: the magnitude's gradient, `base` and `u` as in [`Backend::dora_fwd`]), `gu[r,
+    /// j] = (scale * s_j) * g` (the gradient into the adapter's `u`), `gb[r, off + j] = (s_j -
+    /// shift) * g` (into the base map's output, `[rows, ld]`).
+    #[allow(clippy::too_many_arguments)] // three optional outputs and the forward's operands
+    fn dora_bwd(
+        &self,
+        dm: Option<(&mut Self::Buf, &Self::Buf, &Self::Buf)>,
+        gu: Option<&mut Self::Buf>,
+        gb: Option<(&mut Self::Buf, f32)>,
+        dout: &Self::Buf,
+        m: &Self::Buf,
+        n: &Self::Buf,
+        blk: ColBlock,
+        scale: f32,
+    );
+
     /// Fused softmax cross-entropy over rows of width `v` with ignore index -100 and label
     /// smoothing. With `grad_scale = Some(s)` the logits are overwritten by `s * dloss/dlogits`.
     fn cross_entropy(&self, logits: &mut Self::Buf, targets: &Self::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows>;
@@ -444,6 +483,16 @@ pub trait Backend: Send + Sync {
     fn free_memory(&self) -> Option<u128> {
         None
     }
+}
+
+/// Columns `off..off + width` of a `[rows, ld]` matrix: one adapter's share of a linear map's
+/// output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColBlock {
+    pub rows: usize,
+    pub width: usize,
+    pub ld: usize,
+    pub off: usize,
 }
 
 /// One dropout mask: the stream `key` (mixed from the run's seed, the step, the micro-batch, the

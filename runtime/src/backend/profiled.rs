@@ -202,6 +202,35 @@ impl<B: Backend> Backend for Profiled<B> {
     fn take_cols(&self, dst: &mut B::Buf, src: &B::Buf, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         self.time("adapter", 0.0, || self.inner.take_cols(dst, src, rows, width, ld, off, scale))
     }
+    fn dora_norm(&self, n: &mut B::Buf, w: &B::Buf, a: &B::Buf, b: &B::Buf, off: usize, cols: usize, k: usize, r: usize, scale: f32) {
+        self.time("adapter", 0.0, || self.inner.dora_norm(n, w, a, b, off, cols, k, r, scale))
+    }
+    fn dora_fwd(
+        &self,
+        out: &mut B::Buf,
+        base: Option<&B::Buf>,
+        bias: Option<&B::Buf>,
+        u: &B::Buf,
+        m: &B::Buf,
+        n: &B::Buf,
+        blk: crate::backend::ColBlock,
+        scale: f32,
+    ) {
+        self.time("adapter", 0.0, || self.inner.dora_fwd(out, base, bias, u, m, n, blk, scale))
+    }
+    fn dora_bwd(
+        &self,
+        dm: Option<(&mut B::Buf, &B::Buf, &B::Buf)>,
+        gu: Option<&mut B::Buf>,
+        gb: Option<(&mut B::Buf, f32)>,
+        dout: &B::Buf,
+        m: &B::Buf,
+        n: &B::Buf,
+        blk: crate::backend::ColBlock,
+        scale: f32,
+    ) {
+        self.time("adapter", 0.0, || self.inner.dora_bwd(dm, gu, gb, dout, m, n, blk, scale))
+    }
     fn cross_entropy(&self, logits: &mut B::Buf, targets: &B::Ids, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {
         self.time("cross_entropy", 0.0, || self.inner.cross_entropy(logits, targets, v, smoothing, grad_scale))
     }

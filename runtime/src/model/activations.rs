@@ -183,8 +183,8 @@ impl<B: Backend> Activations<B> {
         let head_rows = model.head_chunk_rows(batch * seq) as u128;
         let head = head_rows * v + if head_rows < rows { 2 * head_rows * h } else { 0 } + rows;
         let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + head + 3 * rows * h + rows * (out + qkv + fc + i) + 4 * rows;
-        let (r, cols, inp) = model.lora_dims();
-        let lora = rows * (2 * r + cols + inp) as u128;
+        let dropout = model.lora.as_ref().is_some_and(|l| l.config.lora_dropout > 0.0);
+        let lora = model.lora_dims().floats(batch.saturating_mul(seq), dropout) as u128;
         4 * (kept * per_layer + rest + lora)
     }
 

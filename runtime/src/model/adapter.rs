@@ -125,7 +125,7 @@ impl<B: Backend> Model<B> {
         let mut extras = BTreeMap::new();
         for (name, view) in st.tensors() {
             let dt = Dtype::from_st(view.dtype()).ok_or_else(|| Error::tensor(&path, &name, format!("dtype {:?} is not supported", view.dtype())))?;
-            if name.contains(".lora_A.") || name.contains(".lora_B.") {
+            if name.contains(".lora_A.") || name.contains(".lora_B.") || name.ends_with(".lora_magnitude_vector") {
                 let mut v = Vec::new();
                 dt.decode(view.data(), &mut v);
                 if let Some(x) = v.iter().find(|x| !x.is_finite()) {
@@ -173,7 +173,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// PEFT's `merge_and_unload`: every adapter folded into its base weight (`W[off.., :] +=
-    /// scale * B A`, in the engine's `[out, in]` layout, so GPT-2's `Conv1D` is transposed back on
+    /// scale * B A`, then with DoRA each row times `m / ||row||`, in the engine's `[out, in]` layout, so GPT-2's `Conv1D` is transposed back on
     /// save), the adapter tensors dropped, and every parameter trainable again. What the adapter
     /// trained besides (biases, `modules_to_save`) is already in the base's tensors.
     pub fn merge_adapter(&mut self) -> Result<()> {
@@ -186,6 +186,7 @@ impl<B: Backend> Model<B> {
                 let mut weight = self.backend.download(&self.params[w])?;
                 for p in parts.iter().flatten() {
                     let (a, b) = (self.backend.download(&self.params[p.a])?, self.backend.download(&self.params[p.b])?);
+                    let mags = p.mag.map(|m| self.backend.download(&self.params[m])).transpose()?;
                     for i in 0..p.cols {
                         let row = &mut weight[(p.off + i) * inp..(p.off + i + 1) * inp];
                         // (B A)[i, :] in f32, summed over the rank in order, as torch's product
@@ -198,6 +199,12 @@ impl<B: Backend> Model<B> {
                         }
                         for (x, d) in row.iter_mut().zip(&delta) {
                             *x += d * p.scale;
+                        }
+                        // DoRA: the merged row rescaled to its magnitude (`m / ||W + dW||`)
+                        if let Some(m) = &mags {
+                            let norm = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt() as f32;
+                            let factor = m[i] / norm;
+                            row.iter_mut().for_each(|x| *x *= factor);
                         }
                     }
                 }

@@ -16,7 +16,7 @@ use super::layout::{HfPart, Init, ParamSpec};
 use super::Model;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::nn::{LoraPart, MAX_LORA_PARTS};
+use crate::nn::{LoraDims, LoraPart, MAX_LORA_PARTS};
 
 /// The engine's linear maps of a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -432,53 +432,56 @@ impl<B: Backend> Model<B> {
         if self.lora.is_some() {
             return Err(Error::Invalid("the model already has a LoRA adapter".into()));
         }
-        if config.use_dora {
-            return Err(Error::Unsupported("use_dora (DoRA) is not supported by this build yet".into()));
-        }
         let targets = self.lora_targets(&config)?;
         let saved_modules = self.modules_to_save(&config)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut parts = vec![[[None; MAX_LORA_PARTS]; 4]; self.config.n_layer];
         for m in &targets {
             let (r, scale) = config.rank_and_scale(&m.name);
-            let mut add = |suffix: &str, shape: Vec<usize>, init: &mut dyn FnMut(&mut ChaCha8Rng) -> f32| -> Result<usize> {
-                let key = format!("base_model.model.{}.{suffix}", m.name);
+            let key = |suffix: &str| format!("base_model.model.{}.{suffix}", m.name);
+            let given = |tensors: &mut Option<BTreeMap<String, Vec<f32>>>, suffix: &str, shape: &[usize]| -> Result<Option<Vec<f32>>> {
+                let key = key(suffix);
                 let n: usize = shape.iter().product();
-                let values = match tensors.as_mut().map(|t| t.remove(&key)) {
-                    Some(Some(v)) if v.len() == n => v,
-                    Some(Some(v)) => {
-                        return Err(Error::Invalid(format!("adapter tensor `{key}` has {} values; the base model's {} needs {shape:?}", v.len(), m.name)))
-                    }
-                    Some(None) => return Err(Error::Invalid(format!("the adapter has no tensor `{key}`"))),
-                    None => (0..n).map(|_| init(&mut rng)).collect(),
-                };
-                let spec = ParamSpec {
-                    name: key.clone(),
-                    shape: shape.clone(),
-                    parts: vec![HfPart { name: key, shape }],
-                    conv1d: false,
-                    decay: true,
-                    init: Init::Zeros,
-                    adapter: true,
-                };
-                self.params.push(self.backend.upload(&values)?);
-                self.layout.specs.push(spec);
-                self.trainable.push(true);
-                Ok(self.layout.specs.len() - 1)
+                match tensors.as_mut().map(|t| t.remove(&key)) {
+                    Some(Some(v)) if v.len() == n => Ok(Some(v)),
+                    Some(Some(v)) => Err(Error::Invalid(format!("adapter tensor `{key}` has {} values; the base model's {} needs {shape:?}", v.len(), m.name))),
+                    Some(None) => Err(Error::Invalid(format!("the adapter has no tensor `{key}`"))),
+                    None => Ok(None),
+                }
             };
+            let (shape_a, shape_b) = (vec![r, m.in_features], vec![m.rows, r]);
             let (bound_a, bound_b) = (1.0 / (m.in_features as f32).sqrt(), 1.0 / (r as f32).sqrt());
             let gaussian = rand_distr::Normal::new(0.0f32, 1.0 / r as f32).map_err(|e| Error::Invalid(e.to_string()))?;
-            let a = match config.init {
-                LoraInit::Gaussian => add("lora_A.weight", vec![r, m.in_features], &mut |g| rand_distr::Distribution::sample(&gaussian, g))?,
-                _ => add("lora_A.weight", vec![r, m.in_features], &mut |g| g.random_range(-bound_a..bound_a))?,
+            let values_a = match given(&mut tensors, "lora_A.weight", &shape_a)? {
+                Some(v) => v,
+                None if config.init == LoraInit::Gaussian => (0..r * m.in_features).map(|_| rand_distr::Distribution::sample(&gaussian, &mut rng)).collect(),
+                None => (0..r * m.in_features).map(|_| rng.random_range(-bound_a..bound_a)).collect(),
             };
-            let b = match config.init {
-                LoraInit::Random => add("lora_B.weight", vec![m.rows, r], &mut |g| g.random_range(-bound_b..bound_b))?,
-                _ => add("lora_B.weight", vec![m.rows, r], &mut |_| 0.0)?,
+            let a = self.push_adapter_tensor(key("lora_A.weight"), shape_a, &values_a)?;
+            let values_b = match given(&mut tensors, "lora_B.weight", &shape_b)? {
+                Some(v) => v,
+                None if config.init == LoraInit::Random => (0..m.rows * r).map(|_| rng.random_range(-bound_b..bound_b)).collect(),
+                None => vec![0.0; m.rows * r],
+            };
+            let b = self.push_adapter_tensor(key("lora_B.weight"), shape_b, &values_b)?;
+            // DoRA's magnitude starts at the adapted weight's row norms, as PEFT's `dora_init`
+            let mag = if config.use_dora {
+                let values = match given(&mut tensors, "lora_magnitude_vector", &[m.rows])? {
+                    Some(v) => v,
+                    None => {
+                        let w = self.block_linear(m.layer, m.unit).w;
+                        let mut n = self.backend.zeros(m.rows)?;
+                        self.backend.dora_norm(&mut n, &self.params[w], &self.params[a], &self.params[b], m.off, m.rows, m.in_features, r, scale);
+                        self.backend.download(&n)?
+                    }
+                };
+                Some(self.push_adapter_tensor(key("lora_magnitude_vector"), vec![m.rows], &values)?)
+            } else {
+                None
             };
             let slot =
                 parts[m.layer][m.unit as usize].iter_mut().find(|p| p.is_none()).ok_or_else(|| Error::Invalid(format!("too many adapters on {}", m.name)))?;
-            *slot = Some(LoraPart { a, b, r, off: m.off, cols: m.rows, scale, dropout: config.lora_dropout as f32 });
+            *slot = Some(LoraPart { a, b, r, off: m.off, cols: m.rows, scale, dropout: config.lora_dropout as f32, mag });
         }
         // the base freezes; biases and modules_to_save as asked
         let base = self.layout.specs.iter().take_while(|s| !s.adapter).count();
@@ -503,21 +506,38 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// The largest rank, adapted output width and input width (for the scratch), all 0 without
-    /// adapters.
-    pub fn lora_dims(&self) -> (usize, usize, usize) {
-        let Some(state) = &self.lora else { return (0, 0, 0) };
+    /// An adapter tensor (trainable, stored after the base's parameters); its index.
+    fn push_adapter_tensor(&mut self, key: String, shape: Vec<usize>, values: &[f32]) -> Result<usize> {
+        let spec = ParamSpec {
+            name: key.clone(),
+            shape: shape.clone(),
+            parts: vec![HfPart { name: key, shape }],
+            conv1d: false,
+            decay: true,
+            init: Init::Zeros,
+            adapter: true,
+        };
+        self.params.push(self.backend.upload(values)?);
+        self.layout.specs.push(spec);
+        self.trainable.push(true);
+        Ok(self.layout.specs.len() - 1)
+    }
+
+    /// The sizes of the adapters' scratch (all 0 without adapters).
+    pub fn lora_dims(&self) -> LoraDims {
+        let Some(state) = &self.lora else { return LoraDims::default() };
         let c = &self.config;
-        let mut dims = (0, 0, 0);
-        for layer in &state.parts {
+        let mut d = LoraDims { dora: state.config.use_dora, ..LoraDims::default() };
+        for (l, layer) in state.parts.iter().enumerate() {
             for (u, unit) in layer.iter().enumerate() {
                 let inp = [c.hidden_size, c.n_head * c.head_dim, c.hidden_size, c.intermediate_size][u];
                 for p in unit.iter().flatten() {
-                    dims = (dims.0.max(p.r), dims.1.max(p.cols), dims.2.max(inp));
+                    let out = self.block_linear(l, [Unit::Qkv, Unit::O, Unit::Fc, Unit::Proj][u]).out_features;
+                    d = LoraDims { r: d.r.max(p.r), cols: d.cols.max(p.cols), inp: d.inp.max(inp), out: d.out.max(out), dora: d.dora };
                 }
             }
         }
-        dims
+        d
     }
 }
 

@@ -80,7 +80,8 @@ impl Block {
             (self.fc.w, self.fc.b),
             (self.proj.w, self.proj.b),
         ];
-        let adapters = [self.qkv, self.o, self.fc, self.proj].into_iter().flat_map(|l| l.lora.into_iter().flatten().flat_map(|p| [p.a, p.b]));
+        let adapters =
+            [self.qkv, self.o, self.fc, self.proj].into_iter().flat_map(|l| l.lora.into_iter().flatten().flat_map(|p| [p.a, p.b].into_iter().chain(p.mag)));
         units.into_iter().flat_map(|(w, b)| std::iter::once(w).chain(b)).chain(adapters).collect()
     }
 
@@ -171,11 +172,9 @@ impl Block {
             drop(be, d.dln, self.resid_pdrop, drop_key, SITE_MLP_OUT);
         }
         let dmlp: &B::Buf = if dropping { &*d.dln } else { &*d.dres };
-        self.proj.bwd(be, p, g, Some(d.dact), dmlp, a.act, rows);
-        self.proj.lora_bwd(be, p, g, Some(d.dact), dmlp, a.act, rows, d.lora, lora_key(drop_key, 3));
+        self.proj.bwd_all(be, p, g, Some(d.dact), dmlp, a.act, rows, d.lora, lora_key(drop_key, 3));
         self.act.bwd(be, d.dfc, a.fc, d.dact);
-        self.fc.bwd(be, p, g, Some(d.dln), d.dfc, a.ln2, rows);
-        self.fc.lora_bwd(be, p, g, Some(d.dln), d.dfc, a.ln2, rows, d.lora, lora_key(drop_key, 2));
+        self.fc.bwd_all(be, p, g, Some(d.dln), d.dfc, a.ln2, rows, d.lora, lora_key(drop_key, 2));
         self.ln2.bwd(be, p, g, d.dres, d.dln, a.res1, a.ln2_mean, a.ln2_rstd);
         // d.dres now holds d(res1) = d(x + attn(...))
         if dropping {
@@ -183,8 +182,7 @@ impl Block {
             drop(be, d.dln, self.resid_pdrop, drop_key, SITE_ATTN_OUT);
         }
         let dattn: &B::Buf = if dropping { &*d.dln } else { &*d.dres };
-        self.o.bwd(be, p, g, Some(d.datt), dattn, a.att_out, rows);
-        self.o.lora_bwd(be, p, g, Some(d.datt), dattn, a.att_out, rows, d.lora, lora_key(drop_key, 1));
+        self.o.bwd_all(be, p, g, Some(d.datt), dattn, a.att_out, rows, d.lora, lora_key(drop_key, 1));
         match self.attn_dropout(be, drop_key) {
             Some(m) => be.attention_bwd_dropout(d.dqkv, d.datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp, m),
             None => be.attention_bwd(d.dqkv, d.datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp),
@@ -192,8 +190,7 @@ impl Block {
         if let Some(theta) = self.attn.rope_theta {
             be.rope(d.dqkv, pos, shape, theta, true);
         }
-        self.qkv.bwd(be, p, g, Some(d.dln), d.dqkv, a.ln1, rows);
-        self.qkv.lora_bwd(be, p, g, Some(d.dln), d.dqkv, a.ln1, rows, d.lora, lora_key(drop_key, 0));
+        self.qkv.bwd_all(be, p, g, Some(d.dln), d.dqkv, a.ln1, rows, d.lora, lora_key(drop_key, 0));
         self.ln1.bwd(be, p, g, d.dres, d.dln, x, a.ln1_mean, a.ln1_rstd);
     }
 }

@@ -379,10 +379,15 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
     let gpt2 = serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 500, "n_positions": 128});
     let llama = serde_json::json!({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 344, "vocab_size": 500, "max_position_embeddings": 128});
-    // (architecture, config, rows per LM-head chunk, a LoRA adapter)
-    for (arch, raw, chunk, lora) in
-        [("gpt2", &gpt2, None, false), ("gpt2", &gpt2, Some(50), false), ("llama", &llama, None, false), ("llama", &llama, None, true)]
-    {
+    // (architecture, config, rows per LM-head chunk, a LoRA adapter: Some(use_dora))
+    let cases = [
+        ("gpt2", &gpt2, None, None),
+        ("gpt2", &gpt2, Some(50), None),
+        ("llama", &llama, None, None),
+        ("llama", &llama, None, Some(false)),
+        ("gpt2", &gpt2, None, Some(true)),
+    ];
+    for (arch, raw, chunk, lora) in cases {
         let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
         let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
         let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
@@ -397,7 +402,11 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
         let cpu = one_step(Cpu, cfg.clone(), tensors.clone(), &batch, chunk, lora)?;
         let dev = one_step(gpu.clone(), cfg, tensors, &batch, chunk, lora)?;
         let head = chunk.map_or(String::new(), |c| format!(", LM head in chunks of {c} rows"));
-        let adapter = if lora { ", LoRA r 8 on every linear (base frozen)" } else { "" };
+        let adapter = match lora {
+            Some(false) => ", LoRA r 8 on every linear (base frozen)",
+            Some(true) => ", DoRA r 8 on every linear (base frozen)",
+            None => "",
+        };
         let case = format!("{arch}, 2 layers, batch {b}x{t}{head}{adapter}");
         for (name, e) in [
             ("loss", rel_err(&[dev.0], &[cpu.0])),
@@ -411,20 +420,20 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
     Ok(checks)
 }
 
-/// Loss, gradient norm, gradients and parameters after one step (with `lora`, of an adapter with
-/// random A and B on every linear map).
+/// Loss, gradient norm, gradients and parameters after one step (with `lora = Some(use_dora)`, of
+/// an adapter with random A and B on every linear map).
 fn one_step<B: Backend>(
     be: B,
     cfg: ModelConfig,
     tensors: Vec<Vec<f32>>,
     batch: &Batch,
     chunk: Option<usize>,
-    lora: bool,
+    lora: Option<bool>,
 ) -> Result<(f32, f32, Vec<f32>, Vec<f32>)> {
     let mut model = Model::from_tensors(be, cfg, tensors, LoadOptions::default())?;
     model.loss_chunk_rows = chunk;
-    if lora {
-        let peft = serde_json::json!({"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": false});
+    if let Some(use_dora) = lora {
+        let peft = serde_json::json!({"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": false, "use_dora": use_dora});
         let config = crate::model::lora::LoraConfig::from_map(peft.as_object().expect("an object"), "cuda-check")?;
         model.add_lora(config, None, 3)?;
     }

@@ -2,6 +2,7 @@
 //! written so that the inner loops vectorise. Matrix products go through the `gemm` crate.
 
 mod attention;
+mod dora;
 mod loss;
 pub mod math;
 mod matmul;
@@ -11,7 +12,7 @@ mod pointwise;
 
 use crate::error::Result;
 
-use super::{AdamWStep, AttnImpl, AttnShape, Backend, LossRows, StatGrads, StatsWanted, TokenStats};
+use super::{AdamWStep, AttnImpl, AttnShape, Backend, ColBlock, LossRows, StatGrads, StatsWanted, TokenStats};
 
 /// The CPU backend. Buffers are plain `Vec`s.
 #[derive(Clone, Copy, Debug, Default)]
@@ -214,6 +215,36 @@ impl Backend for Cpu {
     }
     fn take_cols(&self, dst: &mut Vec<f32>, src: &Vec<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         pointwise::take_cols(dst, src, rows, width, ld, off, scale)
+    }
+    fn dora_norm(&self, n: &mut Vec<f32>, w: &Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, off: usize, cols: usize, k: usize, r: usize, scale: f32) {
+        dora::norm(n, w, a, b, off, cols, k, r, scale)
+    }
+    fn dora_fwd(
+        &self,
+        out: &mut Vec<f32>,
+        base: Option<&Vec<f32>>,
+        bias: Option<&Vec<f32>>,
+        u: &Vec<f32>,
+        m: &Vec<f32>,
+        n: &Vec<f32>,
+        blk: ColBlock,
+        scale: f32,
+    ) {
+        dora::fwd(out, base.map(|b| b.as_slice()), bias.map(|b| b.as_slice()), u, m, n, blk, scale)
+    }
+    fn dora_bwd(
+        &self,
+        dm: Option<(&mut Vec<f32>, &Vec<f32>, &Vec<f32>)>,
+        gu: Option<&mut Vec<f32>>,
+        gb: Option<(&mut Vec<f32>, f32)>,
+        dout: &Vec<f32>,
+        m: &Vec<f32>,
+        n: &Vec<f32>,
+        blk: ColBlock,
+        scale: f32,
+    ) {
+        let dm = dm.map(|(d, b, u)| (d.as_mut_slice(), b.as_slice(), u.as_slice()));
+        dora::bwd(dm, gu.map(|g| g.as_mut_slice()), gb.map(|(g, s)| (g.as_mut_slice(), s)), dout, m, n, blk, scale)
     }
 
     fn cross_entropy(&self, logits: &mut Vec<f32>, targets: &Vec<i32>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {

@@ -27,6 +27,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention_tc", include_str!("../../../../kernels/attention_tc.cu")),
     ("cross_entropy", include_str!("../../../../kernels/cross_entropy.cu")),
     ("adamw", include_str!("../../../../kernels/adamw.cu")),
+    ("dora", include_str!("../../../../kernels/dora.cu")),
 ];
 
 /// NVRTC options besides the architecture. No fast math: the kernels are compared with the CPU
@@ -274,6 +275,10 @@ pub fn required_kernels() -> Vec<String> {
         "token_stats",
         "token_stats_bwd",
         "adamw_multi",
+        "dora_norm",
+        "dora_fwd",
+        "dora_grads",
+        "dora_dmag",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -17,8 +17,10 @@
 
 mod attention;
 pub mod blas;
+mod dora;
 pub mod kernels;
 mod loss;
+mod memory;
 mod norm;
 mod optim;
 mod probe;
@@ -32,7 +34,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::{AdamWStep, AttnImpl, AttnShape, Backend, LossRows, StatGrads, StatsWanted, TokenStats};
+use super::{AdamWStep, AttnImpl, AttnShape, Backend, ColBlock, LossRows, StatGrads, StatsWanted, TokenStats};
 use crate::error::{Error, Result};
 use blas::Lt;
 use optim::AdamWTables;
@@ -267,35 +269,6 @@ impl Cuda {
         let blocks = n.div_ceil(256).clamp(1, 65535) as u32;
         self.launch(name, (blocks, 1, 1), (256, 1, 1), args)
     }
-
-    fn host<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.status()?;
-        if buf.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.0.stream.clone_dtoh(buf).map_err(|e| device_error("download", e))
-    }
-
-    fn dev<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
-        self.status()?;
-        if data.is_empty() {
-            return self.0.stream.null::<T>().map_err(|e| device_error("upload", e));
-        }
-        self.0.stream.clone_htod(data).map_err(|e| device_error("upload", e))
-    }
-
-    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
-        self.status()?;
-        if n == 0 {
-            return self.0.stream.null::<T>().map_err(|e| device_error("alloc", e));
-        }
-        self.0.stream.alloc_zeros::<T>(n).map_err(|e| {
-            let (free, total) = self.0.ctx.mem_get_info().unwrap_or((0, 0));
-            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-            let bytes = n * std::mem::size_of::<T>();
-            device_error(&format!("allocating {:.2} GiB ({:.2} GiB free of {:.2} GiB)", gib(bytes), gib(free), gib(total)), e)
-        })
-    }
 }
 
 impl Backend for Cuda {
@@ -523,6 +496,46 @@ impl Backend for Cuda {
     fn take_cols(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         let args = [self.p(dst), self.p(src), A::L(rows as i64), A::I(width as i32), A::I(ld as i32), A::I(off as i32), A::F(scale)];
         self.launch_n("take_cols_f32", rows * width, &args);
+    }
+    fn dora_norm(
+        &self,
+        n: &mut CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        off: usize,
+        cols: usize,
+        k: usize,
+        r: usize,
+        scale: f32,
+    ) {
+        self.dora_norm_op(n, w, a, b, off, cols, k, r, scale)
+    }
+    fn dora_fwd(
+        &self,
+        out: &mut CudaSlice<f32>,
+        base: Option<&CudaSlice<f32>>,
+        bias: Option<&CudaSlice<f32>>,
+        u: &CudaSlice<f32>,
+        m: &CudaSlice<f32>,
+        n: &CudaSlice<f32>,
+        blk: ColBlock,
+        scale: f32,
+    ) {
+        self.dora_fwd_op(out, base, bias, u, m, n, blk, scale)
+    }
+    fn dora_bwd(
+        &self,
+        dm: Option<(&mut CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>)>,
+        gu: Option<&mut CudaSlice<f32>>,
+        gb: Option<(&mut CudaSlice<f32>, f32)>,
+        dout: &CudaSlice<f32>,
+        m: &CudaSlice<f32>,
+        n: &CudaSlice<f32>,
+        blk: ColBlock,
+        scale: f32,
+    ) {
+        self.dora_bwd_op(dm, gu, gb, dout, m, n, blk, scale)
     }
 
     fn cross_entropy(&self, logits: &mut CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {

@@ -1,0 +1,37 @@
+//! Copies between the host and the device, and allocation (with the free memory in the error).
+
+use cudarc::driver::CudaSlice;
+
+use super::{device_error, Cuda};
+use crate::error::Result;
+
+impl Cuda {
+    pub(super) fn host<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.status()?;
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.0.stream.clone_dtoh(buf).map_err(|e| device_error("download", e))
+    }
+
+    pub(super) fn dev<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.status()?;
+        if data.is_empty() {
+            return self.0.stream.null::<T>().map_err(|e| device_error("upload", e));
+        }
+        self.0.stream.clone_htod(data).map_err(|e| device_error("upload", e))
+    }
+
+    pub(super) fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.status()?;
+        if n == 0 {
+            return self.0.stream.null::<T>().map_err(|e| device_error("alloc", e));
+        }
+        self.0.stream.alloc_zeros::<T>(n).map_err(|e| {
+            let (free, total) = self.0.ctx.mem_get_info().unwrap_or((0, 0));
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            let bytes = n * std::mem::size_of::<T>();
+            device_error(&format!("allocating {:.2} GiB ({:.2} GiB free of {:.2} GiB)", gib(bytes), gib(free), gib(total)), e)
+        })
+    }
+}

@@ -293,6 +293,10 @@ enum Command {
         /// bf16 mixed precision (CUDA)
         #[arg(long)]
         bf16: bool,
+        /// with --device cuda: account one step of the CUDA backend op by op on this chip (h100,
+        /// h200, a100) instead of running it: bytes, FLOPs, modeled time and MFU; no GPU needed
+        #[arg(long)]
+        roofline: Option<String>,
     },
     /// Compile every CUDA kernel with NVRTC for the given architectures (no GPU needed): the
     /// check the test suite runs.
@@ -481,6 +485,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             prompt,
             device,
             bf16,
+            roofline,
         } => {
             if arch != "gpt2" && arch != "llama" {
                 anyhow::bail!("unknown --arch `{arch}` (expected gpt2 or llama)");
@@ -523,6 +528,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         ops.iter().filter(|o| o.1 >= 0.005).map(|(k, v)| format!("{k} {:.0}%", v * 100.0)).collect::<Vec<_>>().join(", ")
                     );
                 }
+                return Ok(());
+            }
+            if let Some(name) = roofline {
+                let chip =
+                    runtime::backend::roofline::chip(&name).ok_or_else(|| anyhow::anyhow!("unknown --roofline chip `{name}` (expected h100, h200 or a100)"))?;
+                anyhow::ensure!(device == "cuda", "--roofline accounts the CUDA backend: add --device cuda");
+                let r = bench::run_roofline(&cfg, chip, bf16)?;
+                println!("{}", if json { serde_json::to_string(&r)? } else { r.report() });
                 return Ok(());
             }
             let r = match parse_device(&device)?.select(bf16)? {

@@ -24,6 +24,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod profiled;
+pub mod roofline;
 
 /// The target that takes no part in the loss ops (PyTorch's `ignore_index` default).
 pub const IGNORE_INDEX: i32 = -100;

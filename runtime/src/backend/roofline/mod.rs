@@ -1,0 +1,263 @@
+//! A roofline account of the CUDA backend's training step, on any machine. [`Roofline`] is a
+//! backend with no memory and no arithmetic: its buffers are sizes, and each op records the
+//! launches the CUDA backend makes for it (`backend/cuda/*.rs`), with the bytes each one moves
+//! through device memory and its FLOPs (tensor-core and CUDA-core apart), taken from the kernel's
+//! access pattern (`docs/KERNELS.md`): the bf16 casts of product operands, the key and value tiles
+//! each query tile of attention re-reads, the two passes of the fused loss, AdamW's streams. Driving
+//! a model's step through it gives the step's op sequence exactly as the CUDA backend runs it, so
+//! the account needs no GPU; `runtime bench --device cuda --roofline CHIP` prints it.
+//!
+//! The model of one launch: it moves its bytes once through device memory (a tile re-read by
+//! another block is counted again; what one block reads twice is not: rows and tiles fit its
+//! cache), and takes `max(bytes / bandwidth, tensor FLOPs / tensor rate, other FLOPs / FP32
+//! rate) + overhead` seconds. A cuBLASLt product reads each operand once and writes its output
+//! once. Peak rates are the data-sheet ones, so the modeled time is a lower bound that the GPU
+//! check's measured times calibrate.
+
+mod ops;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// A GPU's peak rates.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Chip {
+    pub name: &'static str,
+    /// Device-memory bandwidth, bytes/s.
+    pub bandwidth: f64,
+    /// Dense bf16 tensor-core rate, FLOP/s.
+    pub tensor: f64,
+    /// FP32 rate without tensor cores, FLOP/s.
+    pub fp32: f64,
+    /// Seconds each launch costs besides its work (launch and tail), a modeling assumption.
+    pub launch: f64,
+}
+
+/// The chips `--roofline` knows: H100 SXM and H200 (989 TFLOP/s dense bf16, 67 TFLOP/s FP32;
+/// 3.35 and 4.8 TB/s) and A100 SXM 80 GB (312 and 19.5 TFLOP/s, 2.0 TB/s).
+pub const CHIPS: [Chip; 3] = [
+    Chip { name: "h100", bandwidth: 3.35e12, tensor: 989e12, fp32: 67e12, launch: 2e-6 },
+    Chip { name: "h200", bandwidth: 4.8e12, tensor: 989e12, fp32: 67e12, launch: 2e-6 },
+    Chip { name: "a100", bandwidth: 2.0e12, tensor: 312e12, fp32: 19.5e12, launch: 2e-6 },
+];
+
+/// The chip named `name` (case-insensitive).
+pub fn chip(name: &str) -> Option<Chip> {
+    CHIPS.iter().copied().find(|c| c.name.eq_ignore_ascii_case(name))
+}
+
+/// What one launch moves and computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    pub read: f64,
+    pub written: f64,
+    pub tensor_flops: f64,
+    pub fp32_flops: f64,
+}
+
+impl Cost {
+    pub fn bytes(&self) -> f64 {
+        self.read + self.written
+    }
+
+    /// Modeled seconds on `chip`, the launch overhead included.
+    pub fn seconds(&self, chip: &Chip) -> f64 {
+        (self.bytes() / chip.bandwidth).max(self.tensor_flops / chip.tensor).max(self.fp32_flops / chip.fp32) + chip.launch
+    }
+}
+
+/// The launches of one op family, summed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Family {
+    pub launches: u64,
+    pub read: f64,
+    pub written: f64,
+    pub tensor_flops: f64,
+    pub fp32_flops: f64,
+    /// Modeled seconds (each launch's, summed).
+    pub seconds: f64,
+}
+
+/// The account of the ops recorded so far, by family.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Account {
+    pub families: BTreeMap<String, Family>,
+}
+
+impl Account {
+    pub fn launches(&self) -> u64 {
+        self.families.values().map(|f| f.launches).sum()
+    }
+    pub fn bytes(&self) -> f64 {
+        self.families.values().map(|f| f.read + f.written).sum()
+    }
+    pub fn seconds(&self) -> f64 {
+        self.families.values().map(|f| f.seconds).sum()
+    }
+    pub fn tensor_flops(&self) -> f64 {
+        self.families.values().map(|f| f.tensor_flops).sum()
+    }
+    pub fn fp32_flops(&self) -> f64 {
+        self.families.values().map(|f| f.fp32_flops).sum()
+    }
+
+    /// The per-family table (markdown), with shares of the modeled time.
+    pub fn table(&self) -> String {
+        let total = self.seconds().max(f64::MIN_POSITIVE);
+        let mut rows: Vec<(&String, &Family)> = self.families.iter().collect();
+        rows.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+        let mut s = String::from(
+            "| op | launches | MB read | MB written | tensor GFLOP | other GFLOP | modeled ms | share |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for (name, f) in rows {
+            s += &format!(
+                "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.3} | {:.1}% |\n",
+                f.launches,
+                f.read / 1e6,
+                f.written / 1e6,
+                f.tensor_flops / 1e9,
+                f.fp32_flops / 1e9,
+                f.seconds * 1e3,
+                100.0 * f.seconds / total
+            );
+        }
+        s
+    }
+}
+
+/// Buffer ids, the bf16 working copies the CUDA backend would hold, and the account.
+struct State {
+    next: u64,
+    /// Buffers whose bf16 copy the last fused AdamW step wrote (the CUDA backend's `weights16`).
+    copies: HashSet<u64>,
+    account: Account,
+}
+
+/// The accounting backend (see the module's documentation). `bf16` is the CUDA backend's bf16
+/// mode.
+pub struct Roofline {
+    chip: Chip,
+    bf16: bool,
+    state: Mutex<State>,
+}
+
+/// A buffer: its id and length, no data.
+#[derive(Debug)]
+pub struct VBuf {
+    id: u64,
+    len: usize,
+}
+
+/// An id buffer keeps its values (the loss counts its targets on the host, as the CUDA backend
+/// does).
+#[derive(Debug)]
+pub struct VIds {
+    data: Vec<i32>,
+}
+
+impl Roofline {
+    pub fn new(chip: Chip, bf16: bool) -> Self {
+        Roofline { chip, bf16, state: Mutex::new(State { next: 0, copies: HashSet::new(), account: Account::default() }) }
+    }
+
+    pub fn chip(&self) -> Chip {
+        self.chip
+    }
+
+    /// The account since the last [`Roofline::reset`].
+    pub fn account(&self) -> Account {
+        self.lock().account.clone()
+    }
+
+    /// Clears the account (the buffers and the bf16 copies stay).
+    pub fn reset(&self) {
+        self.lock().account = Account::default();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records one launch of `family`.
+    fn rec(&self, family: &str, c: Cost) {
+        let s = c.seconds(&self.chip);
+        let mut st = self.lock();
+        let f = st.account.families.entry(family.to_string()).or_default();
+        f.launches += 1;
+        f.read += c.read;
+        f.written += c.written;
+        f.tensor_flops += c.tensor_flops;
+        f.fp32_flops += c.fp32_flops;
+        f.seconds += s;
+    }
+
+    fn new_buf(&self, len: usize) -> VBuf {
+        let mut st = self.lock();
+        st.next += 1;
+        if self.bf16 {
+            // as the CUDA backend: a new buffer may take a freed parameter's address
+            st.copies.clear();
+        }
+        VBuf { id: st.next, len }
+    }
+
+    /// A write other than the fused AdamW step drops the buffer's bf16 copy.
+    fn forget(&self, b: &VBuf) {
+        self.lock().copies.remove(&b.id);
+    }
+
+    fn has_copy(&self, b: &VBuf) -> bool {
+        self.lock().copies.contains(&b.id)
+    }
+
+    /// Bytes per element of a product's or attention's operands: bf16 copies in bf16 mode.
+    fn operand_bytes(&self) -> f64 {
+        if self.bf16 {
+            2.0
+        } else {
+            4.0
+        }
+    }
+
+    /// The bf16 casts of a product's operands (none in f32 mode; the weight's own copy when the
+    /// fused AdamW step left one).
+    fn cast_operands(&self, bufs: &[&VBuf], weight: Option<usize>) {
+        if !self.bf16 {
+            return;
+        }
+        for (i, b) in bufs.iter().enumerate() {
+            if weight == Some(i) && self.has_copy(b) {
+                continue;
+            }
+            self.cast(b.len);
+        }
+    }
+
+    fn cast(&self, n: usize) {
+        self.rec("cast to bf16", Cost { read: 4.0 * n as f64, written: 2.0 * n as f64, ..Cost::default() });
+    }
+
+    /// One cuBLASLt product `d[m, n] (+)= a[m, k] b[k, n]`: each operand read once, the output
+    /// written (and read when accumulated).
+    fn gemm(&self, (m, n, k): (usize, usize, usize), accumulate: bool, bias: bool) {
+        let (m, n, k) = (m as f64, n as f64, k as f64);
+        let e = self.operand_bytes();
+        let flops = 2.0 * m * n * k;
+        let (tensor_flops, fp32_flops) = if self.bf16 { (flops, 0.0) } else { (0.0, flops) };
+        let read = e * (m * k + k * n) + if accumulate { 4.0 * m * n } else { 0.0 } + if bias { 4.0 * m } else { 0.0 };
+        self.rec("matmul (cuBLASLt)", Cost { read, written: 4.0 * m * n, tensor_flops, fp32_flops });
+    }
+
+    /// An elementwise launch of `family` reading `read` and writing `written` f32 values.
+    fn elementwise(&self, family: &str, read: usize, written: usize) {
+        self.rec(family, Cost { read: 4.0 * read as f64, written: 4.0 * written as f64, ..Cost::default() });
+    }
+}
+
+/// llm.c's FLOPs per token of a training step: `6 N + 12 L C T` (N parameters, L layers, C the
+/// width, T the sequence length).
+pub fn flops_per_token(params: usize, layers: usize, width: usize, seq: usize) -> f64 {
+    6.0 * params as f64 + 12.0 * (layers * width * seq) as f64
+}

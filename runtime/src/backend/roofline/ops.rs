@@ -1,0 +1,383 @@
+//! The op set on the account: for each op, the launches `backend/cuda/*.rs` makes and what each
+//! moves and computes (see the module above for the model).
+// the ops take the trait's operands one by one
+#![allow(clippy::too_many_arguments)]
+
+use super::{Cost, Roofline, VBuf, VIds};
+use crate::backend::{AdamWStep, AttnImpl, AttnShape, Backend, ColBlock, DropoutMask, LossRows, StatGrads, StatsWanted, TokenStats, IGNORE_INDEX};
+use crate::error::Result;
+
+/// The query tiles of a causal pass over `seq` positions: for each tile of `br` queries, its
+/// rows and the keys its block reads (whole tiles of `bc` up to the diagonal).
+fn query_tiles(seq: usize, br: usize, bc: usize) -> impl Iterator<Item = (f64, f64)> {
+    (0..seq.div_ceil(br)).map(move |i| {
+        let rows = br.min(seq - i * br);
+        let keys = ((i * br + rows).div_ceil(bc) * bc).min(seq);
+        (rows as f64, keys as f64)
+    })
+}
+
+/// The key tiles of a causal backward pass: for each tile of `bk` keys, its rows and the queries
+/// its block reads (whole tiles of `bq` from the one holding its first key to the end).
+fn key_tiles(seq: usize, bk: usize, bq: usize) -> impl Iterator<Item = (f64, f64)> {
+    (0..seq.div_ceil(bk)).map(move |j| {
+        let rows = bk.min(seq - j * bk);
+        let first = (j * bk) / bq * bq;
+        (rows as f64, (seq - first) as f64)
+    })
+}
+
+/// The FMA kernels' instantiation for a head dim (`D` in 32, 64, 128).
+fn fma_dim(d: usize) -> usize {
+    match d {
+        0..=32 => 32,
+        33..=64 => 64,
+        _ => 128,
+    }
+}
+
+impl Roofline {
+    /// Whether attention runs on the tensor-core kernels (bf16, head dim 64 or 128, no dropout).
+    fn tensor_core_attention(&self, s: AttnShape, drop: bool) -> bool {
+        self.bf16 && (s.head_dim == 64 || s.head_dim == 128) && !drop
+    }
+
+    /// Splits `flops` between the tensor cores and the rest.
+    fn flops(tc: bool, flops: f64) -> (f64, f64) {
+        if tc {
+            (flops, 0.0)
+        } else {
+            (0.0, flops)
+        }
+    }
+
+    fn attention_fwd_cost(&self, qkv: &VBuf, s: AttnShape, drop: bool) {
+        if self.bf16 {
+            self.cast(qkv.len);
+        }
+        let tc = self.tensor_core_attention(s, drop);
+        let (br, bc) = if tc { (128, 64) } else { (64, 32) };
+        let (e, d, heads) = (self.operand_bytes(), s.head_dim as f64, (s.batch * s.n_head) as f64);
+        let mut c = Cost::default();
+        for (rq, kr) in query_tiles(s.seq, br, bc) {
+            c.read += heads * (e * d * (rq + 2.0 * kr) + 4.0 * kr);
+            c.written += heads * 4.0 * rq * (d + 1.0);
+            let (t, f) = Self::flops(tc, heads * 2.0 * 2.0 * rq * kr * d);
+            c.tensor_flops += t;
+            c.fp32_flops += f;
+        }
+        self.rec("attention forward", c);
+    }
+
+    fn attention_bwd_cost(&self, dqkv: &VBuf, qkv: &VBuf, s: AttnShape, drop: bool) {
+        let (rows, d) = ((s.batch * s.seq) as f64, s.head_dim as f64);
+        let stats = (s.batch * s.n_head * s.seq) as f64;
+        let out = rows * (s.n_head * s.head_dim) as f64;
+        self.rec("attention backward", Cost { read: 8.0 * out, written: 4.0 * stats, ..Cost::default() });
+        if self.bf16 {
+            self.cast(qkv.len);
+        }
+        let tc = self.tensor_core_attention(s, drop);
+        let e = self.operand_bytes();
+        let (kv_blocks, group) = ((s.batch * s.n_kv_head) as f64, (s.n_head / s.n_kv_head.max(1)) as f64);
+        // per query row read by a key block: the query (operand), dout (f32), lse and delta
+        let q_row = e * d + 4.0 * d + 8.0;
+        if tc {
+            // the default: one kernel writing dk and dv, dq added atomically into zeroed columns
+            self.elementwise("fill", 0, dqkv.len);
+            let bq = if s.head_dim == 64 { 64 } else { 16 };
+            let mut c = Cost::default();
+            for (rk, rq) in key_tiles(s.seq, 64, bq) {
+                c.read += kv_blocks * (2.0 * e * rk * d + 4.0 * rk + group * rq * (q_row + 4.0 * d));
+                c.written += kv_blocks * (2.0 * 4.0 * rk * d + group * rq * 4.0 * d);
+                c.tensor_flops += kv_blocks * group * 5.0 * 2.0 * rq * rk * d;
+            }
+            return self.rec("attention backward", c);
+        }
+        // the FMA kernels: key tiles of 64 for dq and query tiles of 64 for dk/dv (32 at D = 128)
+        let (bc_dq, bq_kv) = if fma_dim(s.head_dim) == 128 { (32, 32) } else { (64, 64) };
+        let q_heads = (s.batch * s.n_head) as f64;
+        let mut dq = Cost::default();
+        for (rq, kr) in query_tiles(s.seq, 64, bc_dq) {
+            dq.read += q_heads * (rq * q_row + 2.0 * e * kr * d + 4.0 * kr);
+            dq.written += q_heads * 4.0 * rq * d;
+            dq.fp32_flops += q_heads * 3.0 * 2.0 * rq * kr * d;
+        }
+        self.rec("attention backward", dq);
+        let mut kv = Cost::default();
+        for (rk, rq) in key_tiles(s.seq, 64, bq_kv) {
+            kv.read += kv_blocks * (2.0 * e * rk * d + 4.0 * rk + group * rq * q_row);
+            kv.written += kv_blocks * 2.0 * 4.0 * rk * d;
+            kv.fp32_flops += kv_blocks * group * 4.0 * 2.0 * rq * rk * d;
+        }
+        self.rec("attention backward", kv);
+    }
+}
+
+impl Backend for Roofline {
+    type Buf = VBuf;
+    type Ids = VIds;
+
+    fn name(&self) -> &'static str {
+        "roofline"
+    }
+    fn zeros(&self, n: usize) -> Result<VBuf> {
+        if n > 0 {
+            self.elementwise("allocation (zeroed)", 0, n);
+        }
+        Ok(self.new_buf(n))
+    }
+    fn upload(&self, data: &[f32]) -> Result<VBuf> {
+        self.rec("host to device", Cost { written: 4.0 * data.len() as f64, ..Cost::default() });
+        Ok(self.new_buf(data.len()))
+    }
+    fn upload_ids(&self, data: &[i32]) -> Result<VIds> {
+        self.rec("host to device", Cost { written: 4.0 * data.len() as f64, ..Cost::default() });
+        Ok(VIds { data: data.to_vec() })
+    }
+    fn download(&self, buf: &VBuf) -> Result<Vec<f32>> {
+        self.rec("device to host", Cost { read: 4.0 * buf.len as f64, ..Cost::default() });
+        Ok(vec![0.0; buf.len])
+    }
+    fn len(&self, buf: &VBuf) -> usize {
+        buf.len
+    }
+    fn fill(&self, buf: &mut VBuf, _value: f32) {
+        self.forget(buf);
+        self.elementwise("fill", 0, buf.len);
+    }
+    fn copy(&self, dst: &mut VBuf, src: &VBuf) {
+        self.forget(dst);
+        self.elementwise("copy", src.len, src.len);
+    }
+    fn copy_range(&self, dst: &mut VBuf, _dst_off: usize, _src: &VBuf, _src_off: usize, n: usize) {
+        self.forget(dst);
+        self.elementwise("copy", n, n);
+    }
+
+    fn embedding_fwd(&self, _out: &mut VBuf, ids: &VIds, _wte: &VBuf, wpe: Option<(&VBuf, &VIds)>, c: usize) {
+        let (r, tables) = (ids.data.len(), 1 + wpe.is_some() as usize);
+        self.elementwise("embedding", tables * r * (1 + c), r * c);
+    }
+    fn embedding_bwd(&self, _dwte: &mut VBuf, dwpe: Option<(&mut VBuf, &VIds)>, ids: &VIds, _dout: &VBuf, c: usize) {
+        // per table: the ids, dout, and the rows it adds into (read and written)
+        let r = ids.data.len();
+        for _ in 0..1 + dwpe.is_some() as usize {
+            self.elementwise("embedding", r + 2 * r * c, r * c);
+        }
+    }
+
+    fn layernorm_fwd(&self, out: &mut VBuf, mean: &mut VBuf, _rstd: &mut VBuf, x: &VBuf, _w: &VBuf, b: Option<&VBuf>, c: usize, _eps: f32) {
+        let rows = mean.len;
+        self.elementwise("norm", x.len + c * (1 + b.is_some() as usize), out.len + 2 * rows);
+    }
+    fn layernorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, db: Option<&mut VBuf>, dout: &VBuf, x: &VBuf, _w: &VBuf, mean: &VBuf, _rstd: &VBuf, c: usize) {
+        let (rows, params) = (mean.len, c * (1 + db.is_some() as usize));
+        // dx (accumulated): dout, x, w, the statistics and dx; the parameters' column sums
+        self.elementwise("norm", dout.len + x.len + c + 2 * rows + dx.len, dx.len);
+        self.elementwise("norm", dout.len + x.len + 2 * rows + params, params);
+    }
+    fn rmsnorm_fwd(&self, out: &mut VBuf, rstd: &mut VBuf, x: &VBuf, _w: &VBuf, c: usize, _eps: f32) {
+        self.elementwise("norm", x.len + c, out.len + rstd.len);
+    }
+    fn rmsnorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, dout: &VBuf, x: &VBuf, _w: &VBuf, rstd: &VBuf, c: usize) {
+        self.elementwise("norm", dout.len + x.len + c + rstd.len + dx.len, dx.len);
+        self.elementwise("norm", dout.len + x.len + rstd.len + c, c);
+    }
+
+    fn matmul_fwd(&self, _out: &mut VBuf, inp: &VBuf, w: &VBuf, bias: Option<&VBuf>, n: usize, k: usize, m: usize) {
+        self.cast_operands(&[w, inp], Some(0));
+        self.gemm((m, n, k), false, bias.is_some());
+    }
+    fn matmul_bwd(
+        &self,
+        dinp: Option<&mut VBuf>,
+        dw: Option<&mut VBuf>,
+        dbias: Option<&mut VBuf>,
+        dout: &VBuf,
+        inp: &VBuf,
+        w: &VBuf,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
+        // the CUDA backend casts all three operands whichever products run
+        self.cast_operands(&[dout, w, inp], Some(1));
+        if dinp.is_some() {
+            self.gemm((k, n, m), false, false);
+        }
+        if dw.is_some() {
+            self.gemm((k, m, n), true, false);
+        }
+        if dbias.is_some() {
+            self.elementwise("bias gradient", n * m + m, m);
+        }
+    }
+
+    fn attention_fwd(&self, _out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
+        self.attention_fwd_cost(qkv, shape, false)
+    }
+    fn has_attention_dropout(&self) -> bool {
+        true
+    }
+    fn attention_fwd_dropout(&self, _out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl, _drop: DropoutMask) {
+        self.attention_fwd_cost(qkv, shape, true)
+    }
+    fn attention_bwd_dropout(
+        &self,
+        dqkv: &mut VBuf,
+        _dout: &VBuf,
+        qkv: &VBuf,
+        _out: &VBuf,
+        _stats: &VBuf,
+        _key_mask: &VIds,
+        shape: AttnShape,
+        _imp: AttnImpl,
+        _drop: DropoutMask,
+    ) {
+        self.attention_bwd_cost(dqkv, qkv, shape, true)
+    }
+    fn attention_bwd(&self, dqkv: &mut VBuf, _dout: &VBuf, qkv: &VBuf, _out: &VBuf, _stats: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
+        self.attention_bwd_cost(dqkv, qkv, shape, false)
+    }
+    fn kv_append(&self, _k: &mut VBuf, _v: &mut VBuf, _qkv: &VBuf, _slot: usize, s: AttnShape, _max_len: usize) {
+        let n = s.rows() * 2 * s.n_kv_head * s.head_dim;
+        self.elementwise("generation", n, n);
+    }
+    fn attention_decode(&self, _out: &mut VBuf, _qkv: &VBuf, _k: &VBuf, _v: &VBuf, _mask: &VIds, slot: usize, s: AttnShape, _max_len: usize) {
+        let keys = (slot + 1) * s.batch * s.n_kv_head * s.head_dim;
+        let q = s.batch * s.n_head * s.head_dim;
+        self.rec(
+            "generation",
+            Cost {
+                read: 4.0 * (2 * keys + q + (slot + 1) * s.batch) as f64,
+                written: 4.0 * q as f64,
+                fp32_flops: 4.0 * ((slot + 1) * q) as f64,
+                ..Cost::default()
+            },
+        );
+    }
+    fn rope(&self, _qkv: &mut VBuf, _positions: &VIds, s: AttnShape, _theta: f32, _inverse: bool) {
+        let n = s.rows() * (s.n_head + s.n_kv_head) * s.head_dim;
+        self.elementwise("rope", n + s.rows(), n);
+    }
+
+    fn gelu_fwd(&self, _out: &mut VBuf, x: &VBuf) {
+        self.elementwise("activation", x.len, x.len);
+    }
+    fn gelu_bwd(&self, _dx: &mut VBuf, x: &VBuf, _dout: &VBuf) {
+        self.elementwise("activation", 2 * x.len, x.len);
+    }
+    fn swiglu_fwd(&self, _out: &mut VBuf, x: &VBuf, _i: usize) {
+        self.elementwise("activation", x.len, x.len / 2);
+    }
+    fn swiglu_bwd(&self, _dx: &mut VBuf, x: &VBuf, _dout: &VBuf, _i: usize) {
+        self.elementwise("activation", x.len + x.len / 2, x.len);
+    }
+    fn add(&self, _out: &mut VBuf, a: &VBuf, _b: &VBuf) {
+        self.elementwise("residual", 2 * a.len, a.len);
+    }
+    fn dropout(&self, x: &mut VBuf, _mask: DropoutMask) {
+        self.forget(x);
+        self.elementwise("dropout", x.len, x.len);
+    }
+    fn add_cols(&self, dst: &mut VBuf, _src: &VBuf, rows: usize, width: usize, _ld: usize, _off: usize, _scale: f32) {
+        self.forget(dst);
+        self.elementwise("adapter", 2 * rows * width, rows * width);
+    }
+    fn take_cols(&self, _dst: &mut VBuf, _src: &VBuf, rows: usize, width: usize, _ld: usize, _off: usize, _scale: f32) {
+        self.elementwise("adapter", rows * width, rows * width);
+    }
+    fn dora_norm(&self, n: &mut VBuf, _w: &VBuf, _a: &VBuf, _b: &VBuf, _off: usize, cols: usize, k: usize, r: usize, _scale: f32) {
+        self.forget(n);
+        let c = Cost {
+            read: 4.0 * (cols * k + r * k + cols * r) as f64,
+            written: 4.0 * cols as f64,
+            fp32_flops: (2 * cols * k * (r + 1)) as f64,
+            ..Cost::default()
+        };
+        self.rec("adapter", c);
+    }
+    fn dora_fwd(&self, out: &mut VBuf, base: Option<&VBuf>, _bias: Option<&VBuf>, _u: &VBuf, _m: &VBuf, _n: &VBuf, blk: ColBlock, _scale: f32) {
+        self.forget(out);
+        let e = blk.rows * blk.width;
+        self.elementwise("adapter", e * (2 + base.is_some() as usize) + 3 * blk.width, e);
+    }
+    fn dora_bwd(
+        &self,
+        dm: Option<(&mut VBuf, &VBuf, &VBuf)>,
+        gu: Option<&mut VBuf>,
+        gb: Option<(&mut VBuf, f32)>,
+        _dout: &VBuf,
+        _m: &VBuf,
+        _n: &VBuf,
+        blk: ColBlock,
+        _scale: f32,
+    ) {
+        let e = blk.rows * blk.width;
+        if dm.is_some() {
+            self.elementwise("adapter", 3 * e + 2 * blk.width, blk.width);
+        }
+        let outs = gu.is_some() as usize + gb.is_some() as usize;
+        if outs > 0 {
+            self.elementwise("adapter", e + 2 * blk.width, outs * e);
+        }
+    }
+
+    fn cross_entropy(&self, logits: &mut VBuf, targets: &VIds, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {
+        let rows = targets.data.len();
+        let mut loss = self.zeros(rows)?;
+        self.cross_entropy_into(logits, targets, v, smoothing, grad_scale, &mut loss, 0);
+        let n_targets = targets.data.iter().filter(|&&t| t != IGNORE_INDEX).count();
+        Ok(LossRows { loss: self.download(&loss)?, n_targets })
+    }
+    fn cross_entropy_into(&self, logits: &mut VBuf, targets: &VIds, v: usize, _smoothing: f32, grad_scale: Option<f32>, _loss: &mut VBuf, _row0: usize) {
+        // one online pass over each row, and with the gradient a second that overwrites it
+        let (rows, grad) = (targets.data.len(), grad_scale.is_some() as usize);
+        self.forget(logits);
+        self.elementwise("cross-entropy", (1 + grad) * rows * v + rows, grad * rows * v + rows);
+    }
+    fn token_stats(&self, _logits: &VBuf, targets: &VIds, v: usize, _want: StatsWanted) -> Result<TokenStats> {
+        let rows = targets.data.len();
+        self.elementwise("cross-entropy", 2 * rows * v + rows, 7 * rows);
+        Ok(TokenStats::default())
+    }
+    fn token_stats_bwd(&self, logits: &mut VBuf, targets: &VIds, v: usize, _stats: &TokenStats, _grads: &StatGrads) {
+        let rows = targets.data.len();
+        self.forget(logits);
+        self.elementwise("cross-entropy", rows * v + 7 * rows, rows * v);
+    }
+
+    fn check_head_dim(&self, head_dim: usize) -> std::result::Result<(), String> {
+        if head_dim > 128 {
+            return Err(format!("head dim {head_dim}: the CUDA attention kernels support head dims up to 128"));
+        }
+        Ok(())
+    }
+    fn sum_squares(&self, buf: &VBuf) -> Result<f64> {
+        self.elementwise("gradient norm", buf.len, 2 * 512);
+        Ok(0.0)
+    }
+    fn scale(&self, buf: &mut VBuf, _s: f32) {
+        self.forget(buf);
+        self.elementwise("scale", buf.len, buf.len);
+    }
+    fn adamw(&self, p: &mut VBuf, g: &VBuf, m: &mut VBuf, v: &mut VBuf, hp: AdamWStep, decay: bool) {
+        self.adamw_multi(&mut [(p, g, m, v, decay)], hp);
+    }
+    fn adamw_multi(&self, tensors: &mut [crate::backend::AdamWArgs<'_, Self>], _hp: AdamWStep) {
+        // one launch over every tensor: p, g, m, v read; p, m, v and the bf16 copy written
+        let n: usize = tensors.iter().map(|t| t.0.len).sum();
+        if n == 0 {
+            return;
+        }
+        let copy = if self.bf16 { 2.0 } else { 0.0 };
+        self.rec("adamw", Cost { read: 16.0 * n as f64, written: (12.0 + copy) * n as f64, fp32_flops: 0.0, tensor_flops: 0.0 });
+        if self.bf16 {
+            let mut st = self.lock();
+            for t in tensors.iter().filter(|t| t.0.len > 0) {
+                st.copies.insert(t.0.id);
+            }
+        }
+    }
+}

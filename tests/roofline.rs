@@ -1,0 +1,186 @@
+//! The roofline account of the CUDA backend (`backend/roofline`): the bytes of each op family
+//! against hand counts from the kernels' access patterns (docs/KERNELS.md), and the launches of a
+//! whole training step against a count from the model's structure.
+
+use runtime::backend::roofline::{chip, Account, Roofline};
+use runtime::backend::{AdamWStep, AttnImpl, AttnShape, Backend};
+use runtime::bench::{run_roofline, BenchConfig};
+
+fn bytes(acc: &Account, family: &str) -> (f64, f64) {
+    acc.families.get(family).map_or((0.0, 0.0), |f| (f.read, f.written))
+}
+
+fn h100(bf16: bool) -> Roofline {
+    Roofline::new(chip("h100").unwrap(), bf16)
+}
+
+#[test]
+fn products_count_their_operands_and_the_bf16_casts() {
+    let be = h100(true);
+    let (n, k, m) = (5, 4, 6);
+    let (mut w, g, mut mo, mut v) = (be.zeros(m * k).unwrap(), be.zeros(m * k).unwrap(), be.zeros(m * k).unwrap(), be.zeros(m * k).unwrap());
+    let (inp, bias, mut out) = (be.zeros(n * k).unwrap(), be.zeros(m).unwrap(), be.zeros(n * m).unwrap());
+    let (dout, mut dinp) = (be.zeros(n * m).unwrap(), be.zeros(n * k).unwrap());
+    // no bf16 copy of the weight yet: both operands are cast (4 bytes read, 2 written each)
+    be.reset();
+    be.matmul_fwd(&mut out, &inp, &w, Some(&bias), n, k, m);
+    let acc = be.account();
+    assert_eq!(bytes(&acc, "cast to bf16"), ((4 * (m * k + n * k)) as f64, (2 * (m * k + n * k)) as f64));
+    // the product: bf16 operands, the bias, the f32 output
+    assert_eq!(bytes(&acc, "matmul (cuBLASLt)"), ((2 * (m * k + n * k) + 4 * m) as f64, (4 * n * m) as f64));
+    assert_eq!(acc.families["matmul (cuBLASLt)"].tensor_flops, (2 * n * m * k) as f64);
+    // after the fused AdamW step (p, g, m, v read; p, m, v and the bf16 copy written) the
+    // weight's copy is used
+    let hp = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 1, grad_scale: 1.0 };
+    be.reset();
+    be.adamw_multi(&mut [(&mut w, &g, &mut mo, &mut v, true)], hp);
+    assert_eq!(bytes(&be.account(), "adamw"), ((16 * m * k) as f64, (14 * m * k) as f64));
+    be.reset();
+    be.matmul_fwd(&mut out, &inp, &w, None, n, k, m);
+    assert_eq!(bytes(&be.account(), "cast to bf16"), ((4 * n * k) as f64, (2 * n * k) as f64));
+    // a frozen weight's backward pass: only dinp, yet dout and the input are both cast (the
+    // weight has its copy)
+    be.reset();
+    be.matmul_bwd(Some(&mut dinp), None, None, &dout, &inp, &w, n, k, m);
+    let acc = be.account();
+    assert_eq!(bytes(&acc, "cast to bf16"), ((4 * (n * m + n * k)) as f64, (2 * (n * m + n * k)) as f64));
+    assert_eq!(bytes(&acc, "matmul (cuBLASLt)"), ((2 * (k * m + m * n)) as f64, (4 * k * n) as f64));
+    // a new buffer may take a freed weight's address: the copies are dropped, as on the device
+    let _ = be.zeros(1).unwrap();
+    be.reset();
+    be.matmul_fwd(&mut out, &inp, &w, None, n, k, m);
+    assert_eq!(be.account().families["cast to bf16"].launches, 2);
+    // f32 mode: no casts, 4-byte operands, CUDA-core FLOPs
+    let be = h100(false);
+    let (w, inp, mut out) = (be.zeros(m * k).unwrap(), be.zeros(n * k).unwrap(), be.zeros(n * m).unwrap());
+    be.reset();
+    be.matmul_fwd(&mut out, &inp, &w, None, n, k, m);
+    let acc = be.account();
+    assert!(!acc.families.contains_key("cast to bf16"));
+    assert_eq!(bytes(&acc, "matmul (cuBLASLt)"), ((4 * (m * k + n * k)) as f64, (4 * n * m) as f64));
+    assert_eq!(acc.families["matmul (cuBLASLt)"].fp32_flops, (2 * n * m * k) as f64);
+}
+
+#[test]
+fn attention_counts_the_tiles_each_block_reads() {
+    // seq 100, 2 query heads on 1 kv head, batch 1
+    let be = h100(true);
+    let ids = be.upload_ids(&[1; 100]).unwrap();
+    // head dim 16: the FMA kernels (64 queries per block, key tiles of 32), bf16 operands
+    let s = AttnShape { batch: 1, seq: 100, n_head: 2, n_kv_head: 1, head_dim: 16 };
+    let (qkv, mut out, mut stats) = (be.zeros(100 * 4 * 16).unwrap(), be.zeros(100 * 32).unwrap(), be.zeros(200).unwrap());
+    be.reset();
+    be.attention_fwd(&mut out, &mut stats, &qkv, &ids, s, AttnImpl::Flash);
+    let acc = be.account();
+    assert_eq!(bytes(&acc, "cast to bf16"), (6400.0 * 4.0, 6400.0 * 2.0));
+    // per head: tile 0 (64 queries) reads keys 0..64, tile 1 (36 queries) keys 0..100; each key
+    // as K and V (2 bytes a value) and its mask entry (4); out and lse written in f32
+    let read_head = 2 * 16 * (64 + 2 * 64) + 4 * 64 + 2 * 16 * (36 + 2 * 100) + 4 * 100;
+    assert_eq!(bytes(&acc, "attention forward"), ((2 * read_head) as f64, (2 * 4 * 100 * 17) as f64));
+    assert_eq!(acc.families["attention forward"].fp32_flops, (2 * (4 * 64 * 64 * 16 + 4 * 36 * 100 * 16)) as f64);
+
+    // head dim 64: tensor cores (128 queries per block, key tiles of 64)
+    let s = AttnShape { head_dim: 64, ..s };
+    let (qkv, mut out, mut dqkv, dout) =
+        (be.zeros(100 * 4 * 64).unwrap(), be.zeros(100 * 128).unwrap(), be.zeros(100 * 4 * 64).unwrap(), be.zeros(100 * 128).unwrap());
+    be.reset();
+    be.attention_fwd(&mut out, &mut stats, &qkv, &ids, s, AttnImpl::Flash);
+    let acc = be.account();
+    assert_eq!(bytes(&acc, "attention forward"), ((2 * (2 * 64 * (100 + 2 * 100) + 4 * 100)) as f64, (2 * 4 * 100 * 65) as f64));
+    assert_eq!(acc.families["attention forward"].tensor_flops, (2 * 4 * 100 * 100 * 64) as f64);
+    // backward (atomic dq): delta (dout and out read, delta written), dqkv zeroed, then one kernel
+    // per 64 keys: K and V once, for both query heads the queries from its tile on (query, f32
+    // dout, lse, delta; dq read and written atomically), dk and dv written
+    be.reset();
+    be.attention_bwd(&mut dqkv, &dout, &qkv, &out, &stats, &ids, s, AttnImpl::Flash);
+    let acc = be.account();
+    let q_row = 2 * 64 + 4 * 64 + 8 + 4 * 64;
+    let kernel_read = (2 * 2 * 64 * 64 + 4 * 64 + 2 * 100 * q_row) + (2 * 2 * 36 * 64 + 4 * 36 + 2 * 36 * q_row);
+    let kernel_written = (8 * 64 * 64 + 2 * 100 * 4 * 64) + (8 * 36 * 64 + 2 * 36 * 4 * 64);
+    let (delta_read, delta_written) = (2 * 4 * 100 * 128, 4 * 200);
+    assert_eq!(bytes(&acc, "attention backward"), ((delta_read + kernel_read) as f64, (delta_written + kernel_written) as f64));
+    assert_eq!(bytes(&acc, "fill"), (0.0, (4 * 100 * 4 * 64) as f64));
+    assert_eq!(acc.families["attention backward"].launches, 2);
+    assert_eq!(acc.families["attention backward"].tensor_flops, (2 * 5 * 2 * 64 * (100 * 64 + 36 * 36)) as f64);
+}
+
+#[test]
+fn the_loss_norms_and_embedding_count_their_passes() {
+    let be = h100(true);
+    let (rows, v, c) = (3, 10, 8);
+    let targets = be.upload_ids(&[1, -100, 4]).unwrap();
+    let (mut logits, mut loss) = (be.zeros(rows * v).unwrap(), be.zeros(rows).unwrap());
+    be.reset();
+    // with the gradient: one online pass, a second that overwrites the row; the targets and losses
+    be.cross_entropy_into(&mut logits, &targets, v, 0.0, Some(1.0), &mut loss, 0);
+    assert_eq!(bytes(&be.account(), "cross-entropy"), ((4 * (2 * rows * v + rows)) as f64, (4 * (rows * v + rows)) as f64));
+    be.reset();
+    be.cross_entropy_into(&mut logits, &targets, v, 0.0, None, &mut loss, 0);
+    assert_eq!(bytes(&be.account(), "cross-entropy"), ((4 * (rows * v + rows)) as f64, (4 * rows) as f64));
+    // LayerNorm: x, w and b read, out, mean and rstd written; its backward: dx accumulated, then
+    // the parameters' column sums
+    let (x, w, b, mut out, mut mean, mut rstd) = (
+        be.zeros(rows * c).unwrap(),
+        be.zeros(c).unwrap(),
+        be.zeros(c).unwrap(),
+        be.zeros(rows * c).unwrap(),
+        be.zeros(rows).unwrap(),
+        be.zeros(rows).unwrap(),
+    );
+    be.reset();
+    be.layernorm_fwd(&mut out, &mut mean, &mut rstd, &x, &w, Some(&b), c, 1e-5);
+    assert_eq!(bytes(&be.account(), "norm"), ((4 * (rows * c + 2 * c)) as f64, (4 * (rows * c + 2 * rows)) as f64));
+    let (mut dx, mut dw, mut db) = (be.zeros(rows * c).unwrap(), be.zeros(c).unwrap(), be.zeros(c).unwrap());
+    be.reset();
+    be.layernorm_bwd(&mut dx, &mut dw, Some(&mut db), &out, &x, &w, &mean, &rstd, c);
+    let dx_pass = (4 * (3 * rows * c + c + 2 * rows), 4 * rows * c);
+    let params_pass = (4 * (2 * rows * c + 2 * rows + 2 * c), 4 * 2 * c);
+    assert_eq!(bytes(&be.account(), "norm"), ((dx_pass.0 + params_pass.0) as f64, (dx_pass.1 + params_pass.1) as f64));
+    // the token and position tables: per row its id and its row of each table read, its sum written
+    let (wte, wpe) = (be.zeros(v * c).unwrap(), be.zeros(16 * c).unwrap());
+    let (ids, pos) = (be.upload_ids(&[1, 2, 3]).unwrap(), be.upload_ids(&[0, 1, 2]).unwrap());
+    be.reset();
+    be.embedding_fwd(&mut out, &ids, &wte, Some((&wpe, &pos)), c);
+    assert_eq!(bytes(&be.account(), "embedding"), ((4 * 2 * rows * (1 + c)) as f64, (4 * rows * c) as f64));
+}
+
+/// A whole step of a 2-layer GPT-2 in bf16 (head dim 16: the FMA attention kernels), after a
+/// warm-up step: the launches per family follow from the model's structure.
+#[test]
+fn a_training_step_launches_what_the_model_structure_says() {
+    let (layers, hidden, heads, vocab, seq, batch) = (2u64, 64, 4, 256, 32, 2);
+    let cfg = BenchConfig {
+        arch: "gpt2".into(),
+        n_layer: layers as usize,
+        hidden,
+        n_head: heads,
+        n_kv_head: heads,
+        vocab,
+        seq,
+        batch,
+        steps: 1,
+        warmup: 1,
+        attn: AttnImpl::Flash,
+        gradient_checkpointing: false,
+        loss_chunk_rows: None,
+        lora_r: None,
+    };
+    let r = run_roofline(&cfg, chip("h100").unwrap(), true).unwrap();
+    let launches = |f: &str| r.ops.get(f).map_or(0, |f| f.launches);
+    // per layer: 4 products forward, 8 backward (input and weight gradients); the head 1 + 2
+    assert_eq!(launches("matmul (cuBLASLt)"), 12 * layers + 3);
+    // casts: forward 4 product inputs and qkv for attention (weights have AdamW's copies), backward
+    // dout and the input of 4 products and qkv again; the head's input, then its dout and input
+    assert_eq!(launches("cast to bf16"), 14 * layers + 3);
+    // attention: 1 forward, 3 backward (delta, dq, dk/dv) per layer
+    assert_eq!(launches("attention forward"), layers);
+    assert_eq!(launches("attention backward"), 3 * layers);
+    // two LayerNorms per layer and the final one: 1 launch forward, 2 backward
+    assert_eq!(launches("norm"), 3 * (2 * layers + 1));
+    assert_eq!(launches("bias gradient"), 4 * layers);
+    assert_eq!(launches("adamw"), 1);
+    // one gradient-norm launch per parameter tensor (12 per layer, wte, wpe, the final norm's 2)
+    assert_eq!(launches("gradient norm"), 12 * layers + 4);
+    assert!(r.modeled_mfu > 0.0 && r.modeled_mfu < 1.0, "{}", r.modeled_mfu);
+    assert_eq!(r.bytes_per_step, r.ops.values().map(|f| f.read + f.written).sum::<f64>());
+}

@@ -15,7 +15,9 @@
 #    `transformers.Trainer` (`scripts/gpu_reference.py`) on the same GPU, one after the other;
 # 4. a short table: tokens/s, MFU (llm.c's 6N + 12*L*C*T FLOPs per token, against the bf16
 #    matmul rate PyTorch reaches on this GPU in the same run), peak memory, attention against
-#    PyTorch's flash SDPA, AdamW against the device copy bandwidth.
+#    PyTorch's flash SDPA, AdamW against the device copy bandwidth;
+# 5. the step's roofline account for this GPU (`runtime bench --roofline`, no GPU needed): modeled
+#    against measured step time, modeled and measured MFU against the data-sheet rate, per-op table.
 #
 # Every part runs even when an earlier one fails; the exit status is non-zero if any did. Each
 # part has its own time limit and together they stay under 8 minutes (typically about 5: the
@@ -73,6 +75,10 @@ run kernels.json timeout 45 "$BIN" cuda-check --bf16 --bench --json
 run ours.json timeout 60 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
     --seq 1024 --batch 8 --steps 10 --warmup 3 --json
 run reference.json timeout 150 $PY scripts/gpu_reference.py
+# the same step as modeled by the roofline account (no GPU involved), for this GPU's peak rates
+CHIP=$(grep -oiE "h200|h100|a100" "$OUT/gpu.txt" | head -1 | tr 'A-Z' 'a-z')
+run roofline.json timeout 30 "$BIN" bench --device cuda --bf16 --roofline "${CHIP:-h100}" --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 \
+    --vocab 50257 --seq 1024 --batch 8 --json
 
 $PY - "$OUT" <<'PY' | tee "$OUT/summary.md"
 import json, os, sys
@@ -83,7 +89,7 @@ def load(name):
             return json.load(f)
     except Exception as e:
         return {"error": f"{name}: {e}"}
-ours, ref, kern = load("ours.json"), load("reference.json"), load("kernels.json")
+ours, ref, kern, roof = load("ours.json"), load("reference.json"), load("kernels.json"), load("roofline.json")
 def losses(name):
     try:
         rows = [json.loads(l) for l in open(os.path.join(out, name)) if l.startswith("{")]
@@ -114,6 +120,17 @@ if ours.get("tokens_per_second") and tr.get("tokens_per_second"):
     print(f"\nthroughput ratio runtime / Trainer: {ours['tokens_per_second'] / tr['tokens_per_second']:.2f}x (target 1.3x); "
           f"MFU denominator: PyTorch bf16 matmul {peak:.0f} TFLOP/s" if peak else "")
 print("(runtime's memory is the device memory in use after the steps; the Trainer's is torch.cuda.max_memory_allocated)\n")
+if roof.get("modeled_step_seconds") and ours.get("step_seconds"):
+    chip = roof["chip"]
+    measured_mfu = roof["model_flops_per_step"] / ours["step_seconds"] / chip["tensor"]
+    print(f"roofline ({chip['name']} data-sheet rates): modeled step {roof['modeled_step_seconds']*1e3:.2f} ms, measured "
+          f"{ours['step_seconds']*1e3:.2f} ms ({ours['step_seconds'] / roof['modeled_step_seconds']:.2f}x the model); MFU against the "
+          f"data-sheet {chip['tensor']/1e12:.0f} TFLOP/s: modeled {roof['modeled_mfu']*100:.1f}%, measured {measured_mfu*100:.1f}%; "
+          f"{roof['launches_per_step']} launches, {roof['bytes_per_step']/1e9:.1f} GB per step\n")
+    print("| op family (modeled) | launches | GB | modeled ms |\n|---|---|---|---|")
+    for name, f in sorted(roof["ops"].items(), key=lambda kv: -kv[1]["seconds"]):
+        print(f"| {name} | {f['launches']} | {(f['read'] + f['written'])/1e9:.2f} | {f['seconds']*1e3:.3f} |")
+    print()
 sdpa = {(c["D"], c["T"]): c for c in (ref.get("sdpa") or {}).get("cases", []) if "fwd_bwd_ms" in c}
 if isinstance(kern, list):
     print("| attention fwd+bwd | backward | runtime ms | SDPA flash ms | ratio (SDPA / runtime) |\n|---|---|---|---|---|")

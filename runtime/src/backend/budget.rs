@@ -238,6 +238,25 @@ impl<B: Backend> Backend for Budget<B> {
     fn take_cols(&self, dst: &mut Buf<B>, src: &Buf<B>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         self.inner.take_cols(&mut dst.buf, &src.buf, rows, width, ld, off, scale)
     }
+    fn lora_up(&self, out: &mut Buf<B>, t: &Buf<B>, b: &Buf<B>, blk: crate::backend::ColBlock, rank: usize, scale: f32) {
+        self.inner.lora_up(&mut out.buf, &t.buf, &b.buf, blk, rank, scale)
+    }
+    fn lora_up_bwd(
+        &self,
+        dt: &mut Buf<B>,
+        db: Option<&mut Buf<B>>,
+        dout: &Buf<B>,
+        t: &Buf<B>,
+        b: &Buf<B>,
+        blk: crate::backend::ColBlock,
+        rank: usize,
+        scale: f32,
+    ) {
+        self.inner.lora_up_bwd(&mut dt.buf, db.map(|d| &mut d.buf), &dout.buf, &t.buf, &b.buf, blk, rank, scale)
+    }
+    fn lora_down_bwd(&self, dx: Option<&mut Buf<B>>, da: Option<&mut Buf<B>>, dt: &Buf<B>, x: &Buf<B>, a: &Buf<B>, rows: usize, k: usize, rank: usize) {
+        self.inner.lora_down_bwd(dx.map(|d| &mut d.buf), da.map(|d| &mut d.buf), &dt.buf, &x.buf, &a.buf, rows, k, rank)
+    }
     fn dora_norm(&self, n: &mut Buf<B>, w: &Buf<B>, a: &Buf<B>, b: &Buf<B>, off: usize, cols: usize, k: usize, r: usize, scale: f32) {
         self.inner.dora_norm(&mut n.buf, &w.buf, &a.buf, &b.buf, off, cols, k, r, scale)
     }

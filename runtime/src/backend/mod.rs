@@ -386,6 +386,38 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)] // the two operands and the column block's geometry
     fn take_cols(&self, dst: &mut Self::Buf, src: &Self::Buf, rows: usize, width: usize, ld: usize, off: usize, scale: f32);
 
+    /// LoRA's up-projection into its columns of a map's output: `out[r, off + j] += scale * (t
+    /// b^T)[r, j]` over block `blk` of `out`, with `t` `[rows, rank]` and `b` `[width, rank]`.
+    fn lora_up(&self, out: &mut Self::Buf, t: &Self::Buf, b: &Self::Buf, blk: ColBlock, rank: usize, scale: f32);
+    /// Its backward pass, with `g = scale * dout[:, off..off + width]`: `dt = g b` (overwritten,
+    /// `[rows, rank]`) and `db += g^T t` (when given).
+    #[allow(clippy::too_many_arguments)] // the two gradients, the forward's operands and the block
+    fn lora_up_bwd(
+        &self,
+        dt: &mut Self::Buf,
+        db: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        t: &Self::Buf,
+        b: &Self::Buf,
+        blk: ColBlock,
+        rank: usize,
+        scale: f32,
+    );
+    /// LoRA's down-projection's backward pass: `dx += dt a` and `da += dt^T x`, each when given,
+    /// with `dt` `[rows, rank]`, `a` `[rank, k]`, `x` and `dx` `[rows, k]` (as
+    /// [`Backend::matmul_bwd`], but the input gradient accumulated).
+    #[allow(clippy::too_many_arguments)] // the two gradients, the operands and the sizes
+    fn lora_down_bwd(
+        &self,
+        dx: Option<&mut Self::Buf>,
+        da: Option<&mut Self::Buf>,
+        dt: &Self::Buf,
+        x: &Self::Buf,
+        a: &Self::Buf,
+        rows: usize,
+        k: usize,
+        rank: usize,
+    );
     /// DoRA's weight norm of the adapter on rows `off..off + cols` of `w` (`[_, k]`): `n[j] =
     /// ||w[off + j, :] + scale * (b a)[j, :]||`, with `a` `[r, k]` and `b` `[cols, r]`; each
     /// element in f32 (the rank summed in order), the squares summed in f64.

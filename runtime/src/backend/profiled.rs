@@ -202,6 +202,28 @@ impl<B: Backend> Backend for Profiled<B> {
     fn take_cols(&self, dst: &mut B::Buf, src: &B::Buf, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         self.time("adapter", 0.0, || self.inner.take_cols(dst, src, rows, width, ld, off, scale))
     }
+    fn lora_up(&self, out: &mut B::Buf, t: &B::Buf, b: &B::Buf, blk: crate::backend::ColBlock, rank: usize, scale: f32) {
+        let flops = 2.0 * (blk.rows * blk.width * rank) as f64;
+        self.time("matmul", flops, || self.inner.lora_up(out, t, b, blk, rank, scale))
+    }
+    fn lora_up_bwd(
+        &self,
+        dt: &mut B::Buf,
+        db: Option<&mut B::Buf>,
+        dout: &B::Buf,
+        t: &B::Buf,
+        b: &B::Buf,
+        blk: crate::backend::ColBlock,
+        rank: usize,
+        scale: f32,
+    ) {
+        let flops = 2.0 * (blk.rows * blk.width * rank) as f64 * (1 + db.is_some() as usize) as f64;
+        self.time("matmul", flops, || self.inner.lora_up_bwd(dt, db, dout, t, b, blk, rank, scale))
+    }
+    fn lora_down_bwd(&self, dx: Option<&mut B::Buf>, da: Option<&mut B::Buf>, dt: &B::Buf, x: &B::Buf, a: &B::Buf, rows: usize, k: usize, rank: usize) {
+        let flops = 2.0 * (rows * k * rank) as f64 * (dx.is_some() as usize + da.is_some() as usize) as f64;
+        self.time("matmul", flops, || self.inner.lora_down_bwd(dx, da, dt, x, a, rows, k, rank))
+    }
     fn dora_norm(&self, n: &mut B::Buf, w: &B::Buf, a: &B::Buf, b: &B::Buf, off: usize, cols: usize, k: usize, r: usize, scale: f32) {
         self.time("adapter", 0.0, || self.inner.dora_norm(n, w, a, b, off, cols, k, r, scale))
     }

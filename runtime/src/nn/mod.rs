@@ -105,15 +105,15 @@ pub struct LoraDims {
 impl LoraDims {
     /// The floats [`LoraScratch::new`] allocates for `rows` rows.
     pub fn floats(&self, rows: usize, dropout: bool) -> usize {
-        let dora = if self.dora { rows * (self.cols + self.out) + MAX_LORA_PARTS * self.cols } else { 0 };
-        rows * (2 * self.r + self.cols + self.inp) + if dropout { rows * self.inp } else { 0 } + dora
+        let dora = if self.dora { rows * (2 * self.cols + self.out) + MAX_LORA_PARTS * self.cols } else { 0 };
+        rows * (2 * self.r + self.inp) + if dropout { rows * self.inp } else { 0 } + dora
     }
 }
 
 /// Scratch of the LoRA branches, shared by every adapted linear of a pass: `t = x A^T`
-/// (`[rows, r]`), `u` its product with `B` (`[rows, cols]`, the gradient with respect to it in
-/// the backward pass), `dt` (`[rows, r]`), `dx` (`[rows, in]`) and, with `lora_dropout`, the
-/// dropped-out input `xd` (`[rows, in]`); with DoRA, the gradient into `u` (`gu`), a map-wide
+/// (`[rows, r]`), `dt` (`[rows, r]`), `dx` (`[rows, in]`) and, with `lora_dropout`, the
+/// dropped-out input `xd` (`[rows, in]`); with DoRA, `u = t B^T` (`[rows, cols]`; plain LoRA adds
+/// it into the output without keeping it), the gradient into `u` (`gu`), a map-wide
 /// `[rows, out]` buffer (the base map's output without bias, or the gradient into it) and each
 /// part's weight norm (`[cols]`). Empty without adapters.
 pub struct LoraScratch<B: Backend> {
@@ -136,7 +136,7 @@ impl<B: Backend> LoraScratch<B> {
         let norms = (0..if d.dora { MAX_LORA_PARTS } else { 0 }).map(|_| be.zeros(d.cols)).collect::<crate::error::Result<Vec<_>>>()?;
         Ok(LoraScratch {
             t: be.zeros(rows * d.r)?,
-            u: be.zeros(rows * d.cols)?,
+            u: dora(rows * d.cols)?,
             dt: be.zeros(rows * d.r)?,
             dx: be.zeros(rows * d.inp)?,
             xd,
@@ -184,13 +184,13 @@ impl Linear {
             let dropped = Self::lora_input(be, inp, s, part, drop, i);
             let x = dropped.as_ref().unwrap_or(inp);
             be.matmul_fwd(&mut s.t, x, &p.bufs[part.a], None, rows, k, part.r);
-            be.matmul_fwd(&mut s.u, &s.t, &p.bufs[part.b], None, rows, part.r, part.cols);
+            let blk = ColBlock { rows, width: part.cols, ld: o, off: part.off };
             match part.mag {
-                None => be.add_cols(out, &s.u, rows, part.cols, o, part.off, part.scale),
+                None => be.lora_up(out, &s.t, &p.bufs[part.b], blk, part.r, part.scale),
                 Some(m) => {
+                    be.matmul_fwd(&mut s.u, &s.t, &p.bufs[part.b], None, rows, part.r, part.cols);
                     let w = &p.bufs[self.w];
                     be.dora_norm(&mut s.norms[0], w, &p.bufs[part.a], &p.bufs[part.b], part.off, part.cols, k, part.r, part.scale);
-                    let blk = ColBlock { rows, width: part.cols, ld: o, off: part.off };
                     if dropped.is_some() {
                         // PEFT recomputes the base map on the dropped-out input for the rescale
                         be.matmul_fwd(&mut s.wide, x, w, None, rows, k, o);
@@ -261,7 +261,10 @@ impl Linear {
             let x = dropped.as_ref().unwrap_or(inp);
             be.matmul_fwd(&mut s.t, x, &p.bufs[part.a], None, rows, k, r);
             match part.mag {
-                None => be.take_cols(&mut s.gu, dout, rows, part.cols, o, part.off, part.scale),
+                None => {
+                    let (_, db) = g.pair(part.a, Some(part.b));
+                    be.lora_up_bwd(&mut s.dt, db, dout, &s.t, &p.bufs[part.b], blk(part), r, part.scale);
+                }
                 Some(m) => {
                     be.matmul_fwd(&mut s.u, &s.t, &p.bufs[part.b], None, rows, r, part.cols);
                     if dropping {
@@ -281,19 +284,43 @@ impl Linear {
                             be.add_cols(d, &s.dx, rows, k, k, 0, 1.0);
                         }
                     }
+                    let (_, db) = g.pair(part.a, Some(part.b));
+                    be.matmul_bwd(Some(&mut s.dt), db, None, &s.gu, &s.t, &p.bufs[part.b], rows, r, part.cols);
                 }
             }
-            let (da, db) = g.pair(part.a, Some(part.b));
-            be.matmul_bwd(Some(&mut s.dt), db, None, &s.gu, &s.t, &p.bufs[part.b], rows, r, part.cols);
-            let dx = if dinp.is_some() { Some(&mut s.dx) } else { None };
-            be.matmul_bwd(dx, da, None, &s.dt, x, &p.bufs[part.a], rows, k, r);
-            if let Some(d) = dinp.as_deref_mut() {
-                drop_part(be, &mut s.dx, part, drop, i);
-                be.add_cols(d, &s.dx, rows, k, k, 0, 1.0);
-            }
+            self.lora_down_bwd(be, p, g, dinp.as_deref_mut(), s, x, part, (i, drop, dropped.is_some()), rows);
             if let Some(x) = dropped {
                 s.xd = x;
             }
+        }
+    }
+
+    /// The down-projection's backward pass of part `i` (after its `dt` is in the scratch): `dA
+    /// += dt^T x`, and `dt A` into `dinp`, through the part's dropout mask when `dropped`.
+    #[allow(clippy::too_many_arguments)] // the pass's state and the part's dropout
+    fn lora_down_bwd<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        g: &mut GradsMut<B>,
+        dinp: Option<&mut B::Buf>,
+        s: &mut LoraScratch<B>,
+        x: &B::Buf,
+        part: LoraPart,
+        (i, drop, dropped): (usize, Option<u64>, bool),
+        rows: usize,
+    ) {
+        let (k, r) = (self.in_features, part.r);
+        let (da, _) = g.pair(part.a, None);
+        if !dropped {
+            return be.lora_down_bwd(dinp, da, &s.dt, x, &p.bufs[part.a], rows, k, r);
+        }
+        let dx = if dinp.is_some() { Some(&mut s.dx) } else { None };
+        be.matmul_bwd(dx, da, None, &s.dt, x, &p.bufs[part.a], rows, k, r);
+        if let Some(d) = dinp {
+            // the dropout's backward pass: the same mask on the gradient
+            drop_part(be, &mut s.dx, part, drop, i);
+            be.add_cols(d, &s.dx, rows, k, k, 0, 1.0);
         }
     }
 
@@ -318,16 +345,10 @@ impl Linear {
             let dropped = Self::lora_input(be, inp, s, part, drop, i);
             let x = dropped.as_ref().unwrap_or(inp);
             be.matmul_fwd(&mut s.t, x, &p.bufs[part.a], None, rows, k, r);
-            be.take_cols(&mut s.u, dout, rows, part.cols, self.out_features, part.off, part.scale);
-            let (da, db) = g.pair(part.a, Some(part.b));
-            be.matmul_bwd(Some(&mut s.dt), db, None, &s.u, &s.t, &p.bufs[part.b], rows, r, part.cols);
-            let dx = if dinp.is_some() { Some(&mut s.dx) } else { None };
-            be.matmul_bwd(dx, da, None, &s.dt, x, &p.bufs[part.a], rows, k, r);
-            if let Some(d) = dinp.as_deref_mut() {
-                // the dropout's backward pass: the same mask on the gradient
-                drop_part(be, &mut s.dx, part, drop, i);
-                be.add_cols(d, &s.dx, rows, k, k, 0, 1.0);
-            }
+            let blk = ColBlock { rows, width: part.cols, ld: self.out_features, off: part.off };
+            let (_, db) = g.pair(part.a, Some(part.b));
+            be.lora_up_bwd(&mut s.dt, db, dout, &s.t, &p.bufs[part.b], blk, r, part.scale);
+            self.lora_down_bwd(be, p, g, dinp.as_deref_mut(), s, x, part, (i, drop, dropped.is_some()), rows);
             if let Some(x) = dropped {
                 s.xd = x;
             }

@@ -7,6 +7,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::math::reduce_rows;
+use crate::backend::ColBlock;
 
 fn parallelism() -> Parallelism {
     match rayon::current_num_threads() {
@@ -20,12 +21,28 @@ fn parallelism() -> Parallelism {
 fn strided(
     dst: &mut [f32],
     accumulate: bool,
+    mnk: (usize, usize, usize),
+    dst_rs: usize,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+) {
+    strided_scaled(dst, accumulate, mnk, dst_rs, lhs, lhs_strides, rhs, rhs_strides, 1.0)
+}
+
+/// [`strided`] with the product scaled: `dst (= or +=) scale * lhs @ rhs`.
+#[allow(clippy::too_many_arguments)] // a strided GEMM's operands
+fn strided_scaled(
+    dst: &mut [f32],
+    accumulate: bool,
     (m, n, k): (usize, usize, usize),
     dst_rs: usize,
     lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
+    scale: f32,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -53,7 +70,7 @@ fn strided(
             rhs_cs as isize,
             rhs_rs as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -220,6 +237,38 @@ pub fn matmul_bwd(
                 }
             }
         });
+    }
+}
+
+/// `out[r, off + j] += scale * (t b^T)[r, j]`: LoRA's up-projection straight into its columns.
+pub fn lora_up(out: &mut [f32], t: &[f32], b: &[f32], blk: ColBlock, rank: usize, scale: f32) {
+    if blk.rows == 0 || blk.width == 0 {
+        return;
+    }
+    strided_scaled(&mut out[blk.off..], true, (blk.rows, blk.width, rank), blk.ld, t, (rank, 1), b, (1, rank), scale);
+}
+
+/// `dt = scale * dout[:, off..] b` and `db += scale * dout[:, off..]^T t`.
+#[allow(clippy::too_many_arguments)] // as Backend::lora_up_bwd
+pub fn lora_up_bwd(dt: &mut [f32], db: Option<&mut [f32]>, dout: &[f32], t: &[f32], b: &[f32], blk: ColBlock, rank: usize, scale: f32) {
+    if blk.rows == 0 || blk.width == 0 {
+        return;
+    }
+    let g = &dout[blk.off..];
+    strided_scaled(dt, false, (blk.rows, rank, blk.width), rank, g, (blk.ld, 1), b, (rank, 1), scale);
+    if let Some(db) = db {
+        strided_scaled(db, true, (blk.width, rank, blk.rows), rank, g, (1, blk.ld), t, (rank, 1), scale);
+    }
+}
+
+/// `dx += dt a` and `da += dt^T x` (each when given).
+#[allow(clippy::too_many_arguments)] // as Backend::lora_down_bwd
+pub fn lora_down_bwd(dx: Option<&mut [f32]>, da: Option<&mut [f32]>, dt: &[f32], x: &[f32], a: &[f32], rows: usize, k: usize, rank: usize) {
+    if let Some(dx) = dx {
+        strided(dx, true, (rows, k, rank), k, dt, (rank, 1), a, (k, 1));
+    }
+    if let Some(da) = da {
+        strided(da, true, (rank, k, rows), k, dt, (1, rank), x, (k, 1));
     }
 }
 

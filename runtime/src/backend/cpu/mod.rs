@@ -216,6 +216,25 @@ impl Backend for Cpu {
     fn take_cols(&self, dst: &mut Vec<f32>, src: &Vec<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         pointwise::take_cols(dst, src, rows, width, ld, off, scale)
     }
+    fn lora_up(&self, out: &mut Vec<f32>, t: &Vec<f32>, b: &Vec<f32>, blk: ColBlock, rank: usize, scale: f32) {
+        matmul::lora_up(out, t, b, blk, rank, scale)
+    }
+    fn lora_up_bwd(&self, dt: &mut Vec<f32>, db: Option<&mut Vec<f32>>, dout: &Vec<f32>, t: &Vec<f32>, b: &Vec<f32>, blk: ColBlock, rank: usize, scale: f32) {
+        matmul::lora_up_bwd(dt, db.map(|d| d.as_mut_slice()), dout, t, b, blk, rank, scale)
+    }
+    fn lora_down_bwd(
+        &self,
+        dx: Option<&mut Vec<f32>>,
+        da: Option<&mut Vec<f32>>,
+        dt: &Vec<f32>,
+        x: &Vec<f32>,
+        a: &Vec<f32>,
+        rows: usize,
+        k: usize,
+        rank: usize,
+    ) {
+        matmul::lora_down_bwd(dx.map(|d| d.as_mut_slice()), da.map(|d| d.as_mut_slice()), dt, x, a, rows, k, rank)
+    }
     fn dora_norm(&self, n: &mut Vec<f32>, w: &Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, off: usize, cols: usize, k: usize, r: usize, scale: f32) {
         dora::norm(n, w, a, b, off, cols, k, r, scale)
     }

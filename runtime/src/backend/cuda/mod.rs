@@ -15,9 +15,9 @@
 //! kernel fault, the device running out of memory) ends the process with a message naming the
 //! op: the trait's ops have no error path, and nothing downstream could use a half-done step.
 
+mod adapter;
 mod attention;
 pub mod blas;
-mod dora;
 pub mod kernels;
 mod loss;
 mod memory;
@@ -56,6 +56,8 @@ struct Scratch {
     delta: CudaSlice<f32>,
     partial: CudaSlice<f64>,
     adamw: Option<AdamWTables>,
+    /// The LoRA up-projection's product or output gradient (taken out while in use).
+    lora: Option<CudaSlice<f32>>,
 }
 
 struct Inner {
@@ -146,6 +148,7 @@ impl Cuda {
             delta: stream.null::<f32>().map_err(dev_err)?,
             partial: stream.alloc_zeros::<f64>(SUMSQ_BLOCKS).map_err(dev_err)?,
             adamw: None,
+            lora: None,
         };
         Ok(Cuda(Arc::new(Inner {
             info,
@@ -496,6 +499,35 @@ impl Backend for Cuda {
     fn take_cols(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         let args = [self.p(dst), self.p(src), A::L(rows as i64), A::I(width as i32), A::I(ld as i32), A::I(off as i32), A::F(scale)];
         self.launch_n("take_cols_f32", rows * width, &args);
+    }
+    fn lora_up(&self, out: &mut CudaSlice<f32>, t: &CudaSlice<f32>, b: &CudaSlice<f32>, blk: ColBlock, rank: usize, scale: f32) {
+        self.lora_up_op(out, t, b, blk, rank, scale)
+    }
+    fn lora_up_bwd(
+        &self,
+        dt: &mut CudaSlice<f32>,
+        db: Option<&mut CudaSlice<f32>>,
+        dout: &CudaSlice<f32>,
+        t: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        blk: ColBlock,
+        rank: usize,
+        scale: f32,
+    ) {
+        self.lora_up_bwd_op(dt, db, dout, t, b, blk, rank, scale)
+    }
+    fn lora_down_bwd(
+        &self,
+        dx: Option<&mut CudaSlice<f32>>,
+        da: Option<&mut CudaSlice<f32>>,
+        dt: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        rows: usize,
+        k: usize,
+        rank: usize,
+    ) {
+        self.products_bwd(dx, 1.0, da, None, dt, x, a, rows, k, rank)
     }
     fn dora_norm(
         &self,

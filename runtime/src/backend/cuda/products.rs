@@ -125,6 +125,23 @@ impl Cuda {
         k: usize,
         m: usize,
     ) {
+        self.products_bwd(dinp, 0.0, dw, dbias, dout, inp, w, n, k, m)
+    }
+
+    /// [`Cuda::matmul_bwd_op`] with `dinp = dout @ w + dinp_beta * dinp` (1: accumulated).
+    pub(super) fn products_bwd(
+        &self,
+        dinp: Option<&mut CudaSlice<f32>>,
+        dinp_beta: f32,
+        dw: Option<&mut CudaSlice<f32>>,
+        dbias: Option<&mut CudaSlice<f32>>,
+        dout: &CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let ([dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1);
         let (m64, n64, k64) = (m as u64, n as u64, k as u64);
@@ -143,7 +160,7 @@ impl Cuda {
                 d,
                 ldd: k as i64,
                 ty,
-                beta: 0.0,
+                beta: dinp_beta,
                 bias: None,
             });
         }

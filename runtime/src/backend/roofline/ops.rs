@@ -288,6 +288,32 @@ impl Backend for Roofline {
     fn take_cols(&self, _dst: &mut VBuf, _src: &VBuf, rows: usize, width: usize, _ld: usize, _off: usize, _scale: f32) {
         self.elementwise("adapter", rows * width, rows * width);
     }
+    fn lora_up(&self, out: &mut VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
+        // as the CUDA backend: the product into its scratch, then the column-block add
+        self.cast_operands(&[b, t], Some(0));
+        self.gemm((blk.width, blk.rows, rank), false, false);
+        self.add_cols(out, t, blk.rows, blk.width, blk.ld, blk.off, 1.0);
+    }
+    fn lora_up_bwd(&self, _dt: &mut VBuf, db: Option<&mut VBuf>, _dout: &VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
+        // the column-block take into its scratch, then the products (all three operands cast)
+        let g = VBuf { id: 0, len: blk.rows * blk.width };
+        self.elementwise("adapter", g.len, g.len);
+        self.cast_operands(&[&g, b, t], Some(1));
+        self.gemm((rank, blk.rows, blk.width), false, false);
+        if db.is_some() {
+            self.gemm((rank, blk.width, blk.rows), true, false);
+        }
+    }
+    fn lora_down_bwd(&self, dx: Option<&mut VBuf>, da: Option<&mut VBuf>, dt: &VBuf, x: &VBuf, a: &VBuf, rows: usize, k: usize, rank: usize) {
+        // as matmul_bwd (all three operands cast), the input gradient accumulated
+        self.cast_operands(&[dt, a, x], Some(1));
+        if dx.is_some() {
+            self.gemm((k, rows, rank), true, false);
+        }
+        if da.is_some() {
+            self.gemm((k, rank, rows), true, false);
+        }
+    }
     fn dora_norm(&self, n: &mut VBuf, _w: &VBuf, _a: &VBuf, _b: &VBuf, _off: usize, cols: usize, k: usize, r: usize, _scale: f32) {
         self.forget(n);
         let c = Cost {

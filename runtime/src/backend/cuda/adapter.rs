@@ -1,14 +1,60 @@
-//! DoRA on the device (`kernels/dora.cu`): the weight norm of `W + scale B A` per output row, the
-//! magnitude-rescaled output, and its backward pass.
+//! Adapters on the device: LoRA's up-projection into its columns of a map's output (a cuBLASLt
+//! product into a scratch buffer, then the column-block add; the backward pass the column-block
+//! take, then the products), and DoRA (`kernels/dora.cu`): the weight norm of `W + scale B A` per
+//! output row, the magnitude-rescaled output, and its backward pass.
 // the launchers take their trait method's operands one by one, as the op set passes them
 #![allow(clippy::too_many_arguments)]
 
 use cudarc::driver::CudaSlice;
 
-use super::{Cuda, A};
+use super::{Backend, Cuda, A};
 use crate::backend::ColBlock;
 
 impl Cuda {
+    /// The LoRA scratch, grown to `n` values and taken out of the shared scratch while in use
+    /// (the products lock it); `None` after a failure.
+    fn lora_scratch(&self, n: usize) -> Option<CudaSlice<f32>> {
+        let taken = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner()).lora.take();
+        match taken {
+            Some(b) if b.len() >= n => Some(b),
+            _ => match self.alloc::<f32>(n) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    self.fail(e);
+                    None
+                }
+            },
+        }
+    }
+
+    fn put_lora_scratch(&self, b: CudaSlice<f32>) {
+        self.0.scratch.lock().unwrap_or_else(|e| e.into_inner()).lora = Some(b);
+    }
+
+    pub(super) fn lora_up_op(&self, out: &mut CudaSlice<f32>, t: &CudaSlice<f32>, b: &CudaSlice<f32>, blk: ColBlock, rank: usize, scale: f32) {
+        let Some(mut u) = self.lora_scratch(blk.rows * blk.width) else { return };
+        self.matmul_fwd_op(&mut u, t, b, None, blk.rows, rank, blk.width);
+        self.add_cols(out, &u, blk.rows, blk.width, blk.ld, blk.off, scale);
+        self.put_lora_scratch(u);
+    }
+
+    pub(super) fn lora_up_bwd_op(
+        &self,
+        dt: &mut CudaSlice<f32>,
+        db: Option<&mut CudaSlice<f32>>,
+        dout: &CudaSlice<f32>,
+        t: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        blk: ColBlock,
+        rank: usize,
+        scale: f32,
+    ) {
+        let Some(mut g) = self.lora_scratch(blk.rows * blk.width) else { return };
+        self.take_cols(&mut g, dout, blk.rows, blk.width, blk.ld, blk.off, scale);
+        self.matmul_bwd_op(Some(dt), db, None, &g, t, b, blk.rows, rank, blk.width);
+        self.put_lora_scratch(g);
+    }
+
     pub(super) fn dora_norm_op(
         &self,
         n: &mut CudaSlice<f32>,

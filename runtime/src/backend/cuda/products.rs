@@ -53,10 +53,11 @@ impl Cuda {
     }
 
     /// The operand pointers for a product: the f32 buffers, or bf16 copies in bf16 mode (the
-    /// weight's working copy when there is one: `weight` is the index of the weight operand).
-    pub(super) fn operands<const N: usize>(&self, scratch: &mut Scratch, bufs: [&CudaSlice<f32>; N], weight: usize) -> ([u64; N], Ty) {
+    /// weight's working copy when there is one: `weight` is the index of the weight operand). An
+    /// operand that `need` says no product reads is not cast (its pointer is 0).
+    pub(super) fn operands<const N: usize>(&self, scratch: &mut Scratch, bufs: [&CudaSlice<f32>; N], weight: usize, need: [bool; N]) -> ([u64; N], Ty) {
         let mut out = [0u64; N];
-        for (i, b) in bufs.iter().enumerate() {
+        for (i, b) in bufs.iter().enumerate().filter(|(i, _)| need[*i]) {
             out[i] = if self.0.bf16 {
                 match (i == weight).then(|| self.weight_copy(b)).flatten() {
                     Some(p) => p,
@@ -91,7 +92,7 @@ impl Cuda {
         m: usize,
     ) {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let ([w_p, inp_p], ty) = self.operands(&mut scratch, [w, inp], 0);
+        let ([w_p, inp_p], ty) = self.operands(&mut scratch, [w, inp], 0, [true, true]);
         let (m64, n64, k64) = (m as u64, n as u64, k as u64);
         let bias = bias.map(|b| self.ptr(b));
         let d = self.ptr(out);
@@ -143,7 +144,9 @@ impl Cuda {
         m: usize,
     ) {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let ([dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1);
+        // a frozen weight's input gradient reads no input, a weight gradient alone no weight
+        let need = [dinp.is_some() || dw.is_some(), dinp.is_some(), dw.is_some()];
+        let ([dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1, need);
         let (m64, n64, k64) = (m as u64, n as u64, k as u64);
         if let Some(dinp) = dinp {
             let d = self.ptr(dinp);

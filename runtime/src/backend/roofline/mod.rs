@@ -221,14 +221,14 @@ impl Roofline {
         }
     }
 
-    /// The bf16 casts of a product's operands (none in f32 mode; the weight's own copy when the
-    /// fused AdamW step left one).
-    fn cast_operands(&self, bufs: &[&VBuf], weight: Option<usize>) {
+    /// The bf16 casts of a product's operands that `need` marks (none in f32 mode; the weight's
+    /// own copy when the fused AdamW step left one).
+    fn cast_operands(&self, bufs: &[&VBuf], weight: Option<usize>, need: &[bool]) {
         if !self.bf16 {
             return;
         }
         for (i, b) in bufs.iter().enumerate() {
-            if weight == Some(i) && self.has_copy(b) {
+            if !need[i] || (weight == Some(i) && self.has_copy(b)) {
                 continue;
             }
             self.cast(b.len);

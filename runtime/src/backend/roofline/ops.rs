@@ -186,7 +186,7 @@ impl Backend for Roofline {
     }
 
     fn matmul_fwd(&self, _out: &mut VBuf, inp: &VBuf, w: &VBuf, bias: Option<&VBuf>, n: usize, k: usize, m: usize) {
-        self.cast_operands(&[w, inp], Some(0));
+        self.cast_operands(&[w, inp], Some(0), &[true, true]);
         self.gemm((m, n, k), false, bias.is_some());
     }
     fn matmul_bwd(
@@ -201,8 +201,8 @@ impl Backend for Roofline {
         k: usize,
         m: usize,
     ) {
-        // the CUDA backend casts all three operands whichever products run
-        self.cast_operands(&[dout, w, inp], Some(1));
+        // the operands the products read: no input for a frozen weight, no weight without dinp
+        self.cast_operands(&[dout, w, inp], Some(1), &[dinp.is_some() || dw.is_some(), dinp.is_some(), dw.is_some()]);
         if dinp.is_some() {
             self.gemm((k, n, m), false, false);
         }
@@ -290,7 +290,7 @@ impl Backend for Roofline {
     }
     fn lora_up(&self, out: &mut VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
         // as the CUDA backend: the product into its scratch, then the column-block add
-        self.cast_operands(&[b, t], Some(0));
+        self.cast_operands(&[b, t], Some(0), &[true, true]);
         self.gemm((blk.width, blk.rows, rank), false, false);
         self.add_cols(out, t, blk.rows, blk.width, blk.ld, blk.off, 1.0);
     }
@@ -298,15 +298,15 @@ impl Backend for Roofline {
         // the column-block take into its scratch, then the products (all three operands cast)
         let g = VBuf { id: 0, len: blk.rows * blk.width };
         self.elementwise("adapter", g.len, g.len);
-        self.cast_operands(&[&g, b, t], Some(1));
+        self.cast_operands(&[&g, b, t], Some(1), &[true, true, db.is_some()]);
         self.gemm((rank, blk.rows, blk.width), false, false);
         if db.is_some() {
             self.gemm((rank, blk.width, blk.rows), true, false);
         }
     }
     fn lora_down_bwd(&self, dx: Option<&mut VBuf>, da: Option<&mut VBuf>, dt: &VBuf, x: &VBuf, a: &VBuf, rows: usize, k: usize, rank: usize) {
-        // as matmul_bwd (all three operands cast), the input gradient accumulated
-        self.cast_operands(&[dt, a, x], Some(1));
+        // as matmul_bwd, the input gradient accumulated
+        self.cast_operands(&[dt, a, x], Some(1), &[dx.is_some() || da.is_some(), dx.is_some(), da.is_some()]);
         if dx.is_some() {
             self.gemm((k, rows, rank), true, false);
         }

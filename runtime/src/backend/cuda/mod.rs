@@ -22,6 +22,7 @@ pub mod kernels;
 mod loss;
 mod memory;
 mod norm;
+mod open;
 mod optim;
 mod probe;
 mod products;
@@ -110,61 +111,6 @@ struct Failure {
 }
 
 impl Cuda {
-    /// Opens device `ordinal`, compiles (or loads from the cache) every kernel for its
-    /// architecture and creates the cuBLASLt handle.
-    pub fn new(ordinal: usize, bf16: bool) -> Result<Self> {
-        let info = probe(ordinal)?;
-        let dev_err = |e| Error::Device(format!("CUDA device {ordinal}: {e:?}"));
-        let ctx = CudaContext::new(ordinal).map_err(dev_err)?;
-        // one stream: stream order is the only synchronisation the ops need
-        // SAFETY: called before any buffer exists.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
-        let arch = kernels::arch_name(info.compute_capability);
-        let mut funcs = HashMap::new();
-        for (stem, src) in kernels::SOURCES {
-            let mut m = kernels::compile_cached(stem, src, &arch, false)?;
-            let load = |m: &kernels::CachedModule| ctx.load_module(cudarc::nvrtc::Ptx::from_binary(m.cubin.clone()));
-            let module = match load(&m) {
-                // an entry the driver refuses is compiled afresh (and the cache entry replaced)
-                Err(e) if m.from_cache => {
-                    tracing::warn!("the cached device code of kernels/{stem}.cu does not load ({e:?}); compiling it again");
-                    m = kernels::compile_cached(stem, src, &arch, true)?;
-                    load(&m)
-                }
-                other => other,
-            }
-            .map_err(|e| Error::Device(format!("loading kernels/{stem}.cu on {}: {e:?}", info.name)))?;
-            let names = m.names;
-            for name in names {
-                let f = module.load_function(&name).map_err(|e| Error::Device(format!("kernel `{name}`: {e:?}")))?;
-                funcs.insert(name, f);
-            }
-        }
-        let lt = Lt::new(&stream, 32 << 20).map_err(Error::Device)?;
-        let null = || stream.null::<u16>().map_err(dev_err);
-        let scratch = Scratch {
-            bf16: [null()?, null()?, null()?],
-            delta: stream.null::<f32>().map_err(dev_err)?,
-            partial: stream.alloc_zeros::<f64>(SUMSQ_BLOCKS).map_err(dev_err)?,
-            adamw: None,
-            lora: None,
-        };
-        Ok(Cuda(Arc::new(Inner {
-            info,
-            ctx,
-            stream,
-            funcs,
-            lt,
-            bf16,
-            deterministic: std::sync::atomic::AtomicBool::new(false),
-            scratch: Mutex::new(scratch),
-            weights16: Mutex::new(HashMap::new()),
-            failure: Mutex::new(None),
-            failed: std::sync::atomic::AtomicBool::new(false),
-        })))
-    }
-
     pub fn info(&self) -> &DeviceInfo {
         &self.0.info
     }

@@ -17,7 +17,8 @@
 #    matmul rate PyTorch reaches on this GPU in the same run), peak memory, attention against
 #    PyTorch's flash SDPA, AdamW against the device copy bandwidth;
 # 5. the step's roofline account for this GPU (`runtime bench --roofline`, no GPU needed): modeled
-#    against measured step time, modeled and measured MFU against the data-sheet rate, per-op table.
+#    against measured step time, modeled and measured MFU against the data-sheet rate, per-op table,
+#    and per op kind the modeled time against `runtime bench --profile` (each op timed on the GPU).
 #
 # Every part runs even when an earlier one fails; the exit status is non-zero if any did. Each
 # part has its own time limit and together they stay under 8 minutes (typically about 5: the
@@ -79,6 +80,9 @@ run reference.json timeout 150 $PY scripts/gpu_reference.py
 CHIP=$(grep -oiE "h200|h100|a100" "$OUT/gpu.txt" | head -1 | tr 'A-Z' 'a-z')
 run roofline.json timeout 30 "$BIN" bench --device cuda --bf16 --roofline "${CHIP:-h100}" --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 \
     --vocab 50257 --seq 1024 --batch 8 --json
+# the same step with every op timed (each waits for the device), for the per-op comparison
+run profile.json timeout 60 "$BIN" bench --device cuda --bf16 --profile --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
+    --seq 1024 --batch 8 --steps 3 --warmup 2 --json
 
 $PY - "$OUT" <<'PY' | tee "$OUT/summary.md"
 import json, os, sys
@@ -89,7 +93,7 @@ def load(name):
             return json.load(f)
     except Exception as e:
         return {"error": f"{name}: {e}"}
-ours, ref, kern, roof = load("ours.json"), load("reference.json"), load("kernels.json"), load("roofline.json")
+ours, ref, kern, roof, prof = load("ours.json"), load("reference.json"), load("kernels.json"), load("roofline.json"), load("profile.json")
 def losses(name):
     try:
         rows = [json.loads(l) for l in open(os.path.join(out, name)) if l.startswith("{")]
@@ -131,6 +135,14 @@ if roof.get("modeled_step_seconds") and ours.get("step_seconds"):
     for name, f in sorted(roof["ops"].items(), key=lambda kv: -kv[1]["seconds"]):
         print(f"| {name} | {f['launches']} | {(f['read'] + f['written'])/1e9:.2f} | {f['seconds']*1e3:.3f} |")
     print()
+    if prof.get("ops") and prof.get("step_seconds"):
+        measured = {k: share * prof["step_seconds"] for k, share in prof["ops"]}
+        print(f"per op kind, measured with every op waiting for the device (step {prof['step_seconds']*1e3:.2f} ms) against modeled:\n")
+        print("| op kind | measured ms | modeled ms | measured / modeled |\n|---|---|---|---|")
+        for k in sorted(set(measured) | set(roof.get("op_kinds", {})), key=lambda k: -measured.get(k, 0.0)):
+            m, r = measured.get(k, 0.0), roof.get("op_kinds", {}).get(k, 0.0)
+            print(f"| {k} | {m*1e3:.3f} | {r*1e3:.3f} | {m / r:.2f}x |" if r else f"| {k} | {m*1e3:.3f} | {r*1e3:.3f} | - |")
+        print()
 sdpa = {(c["D"], c["T"]): c for c in (ref.get("sdpa") or {}).get("cases", []) if "fwd_bwd_ms" in c}
 if isinstance(kern, list):
     print("| attention fwd+bwd | backward | runtime ms | SDPA flash ms | ratio (SDPA / runtime) |\n|---|---|---|---|---|")

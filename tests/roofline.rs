@@ -183,4 +183,15 @@ fn a_training_step_launches_what_the_model_structure_says() {
     assert_eq!(launches("gradient norm"), 12 * layers + 4);
     assert!(r.modeled_mfu > 0.0 && r.modeled_mfu < 1.0, "{}", r.modeled_mfu);
     assert_eq!(r.bytes_per_step, r.ops.values().map(|f| f.read + f.written).sum::<f64>());
+    // the modeled time split by op kind adds up, and the kinds are the profiled backend's names:
+    // every op kind a profiled run of the same step times has a modeled time
+    let by_kind: f64 = r.op_kinds.values().sum();
+    assert!((by_kind - r.modeled_step_seconds).abs() <= 1e-9 * r.modeled_step_seconds, "{by_kind} vs {}", r.modeled_step_seconds);
+    let measured = runtime::bench::run_profiled(&cfg, runtime::backend::profiled::Profiled::new(runtime::backend::cpu::Cpu)).unwrap();
+    for (kind, share) in &measured.ops {
+        assert!(*share == 0.0 || r.op_kinds.contains_key(kind), "the profiled `{kind}` has no modeled time: {:?}", r.op_kinds.keys());
+    }
+    for kind in ["matmul", "attention", "norm", "activation", "residual", "cross_entropy", "optimizer", "embedding"] {
+        assert!(r.op_kinds.get(kind).is_some_and(|&s| s > 0.0), "no modeled time for {kind}");
+    }
 }

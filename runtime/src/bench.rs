@@ -161,6 +161,8 @@ pub struct RooflineResult {
     /// `model_flops_per_step / modeled_step_seconds` over the chip's bf16 tensor rate.
     pub modeled_mfu: f64,
     pub ops: BTreeMap<String, Family>,
+    /// Modeled seconds per op kind, as `--profile` names them on a device.
+    pub op_kinds: BTreeMap<String, f64>,
 }
 
 impl RooflineResult {
@@ -185,7 +187,7 @@ impl RooflineResult {
             self.bytes_per_step / 1e9,
             self.tensor_flops_per_step / 1e12,
             self.other_flops_per_step / 1e12,
-            Account { families: self.ops.clone() }.table()
+            Account { families: self.ops.clone(), kinds: self.op_kinds.clone() }.table()
         )
     }
 }
@@ -214,7 +216,24 @@ pub fn run_roofline(cfg: &BenchConfig, chip: Chip, bf16: bool) -> Result<Rooflin
         modeled_tokens_per_second: r.tokens_per_step as f64 / seconds,
         modeled_mfu: model_flops / seconds / chip.tensor,
         ops: acc.families,
+        op_kinds: acc.kinds,
     })
+}
+
+/// The training benchmark on a CUDA device with each op timed (the profiled backend waits for
+/// the device after every op, so the step is slower than [`run_cuda`]'s): `ops` holds each op
+/// kind's share of the step, for the comparison with the roofline account.
+pub fn run_cuda_profiled(cfg: &BenchConfig, be: crate::backend::cuda::Cuda) -> Result<BenchResult> {
+    run_profiled(cfg, Profiled::new(be))
+}
+
+/// [`run_cuda_profiled`] on any backend (the CPU in the tests).
+pub fn run_profiled<B: Backend>(cfg: &BenchConfig, be: Profiled<B>) -> Result<BenchResult> {
+    let (mut r, model) = train_steps(be, cfg, |b| b.reset())?;
+    let (ops, _) = model.backend.report();
+    let elapsed = r.step_seconds * cfg.steps as f64;
+    r.ops = ops.into_iter().map(|(k, v)| (k.to_string(), v / elapsed)).collect();
+    Ok(r)
 }
 
 /// Warm-up and timed steps (forward, backward, clipping, AdamW) of a freshly initialised model

@@ -297,6 +297,9 @@ enum Command {
         /// h200, a100) instead of running it: bytes, FLOPs, modeled time and MFU; no GPU needed
         #[arg(long)]
         roofline: Option<String>,
+        /// with --device cuda: time each op, waiting for the device after each (per-op shares)
+        #[arg(long)]
+        profile: bool,
     },
     /// Compile every CUDA kernel with NVRTC for the given architectures (no GPU needed): the
     /// check the test suite runs.
@@ -486,6 +489,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             bf16,
             roofline,
+            profile,
         } => {
             if arch != "gpt2" && arch != "llama" {
                 anyhow::bail!("unknown --arch `{arch}` (expected gpt2 or llama)");
@@ -541,6 +545,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r = match parse_device(&device)?.select(bf16)? {
                 Selected::Cpu if bf16 => anyhow::bail!("--bf16 needs --device cuda"),
                 Selected::Cpu => bench::run(&cfg)?,
+                Selected::Cuda(cuda) if profile => bench::run_cuda_profiled(&cfg, cuda)?,
                 Selected::Cuda(cuda) => bench::run_cuda(&cfg, cuda)?,
             };
             if json {

@@ -80,10 +80,13 @@ pub struct Family {
     pub seconds: f64,
 }
 
-/// The account of the ops recorded so far, by family.
+/// The account of the ops recorded so far, by family, and the modeled seconds by op kind as the
+/// profiled backend names them (`matmul`, `attention`, ...: what `runtime bench --profile`
+/// measures on a device).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Account {
     pub families: BTreeMap<String, Family>,
+    pub kinds: BTreeMap<String, f64>,
 }
 
 impl Account {
@@ -130,6 +133,9 @@ impl Account {
 /// Buffer ids, the bf16 working copies the CUDA backend would hold, and the account.
 struct State {
     next: u64,
+    /// The op kind being recorded, and how deep in nested ops (a nested op keeps its caller's).
+    kind: &'static str,
+    depth: usize,
     /// Buffers whose bf16 copy the last fused AdamW step wrote (the CUDA backend's `weights16`).
     copies: HashSet<u64>,
     account: Account,
@@ -141,6 +147,16 @@ pub struct Roofline {
     chip: Chip,
     bf16: bool,
     state: Mutex<State>,
+}
+
+/// Ends an op's attribution (see [`Roofline::op_kind`]).
+struct KindGuard<'a>(&'a Roofline);
+
+impl Drop for KindGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.depth -= 1;
+    }
 }
 
 /// A buffer: its id and length, no data.
@@ -159,7 +175,7 @@ pub struct VIds {
 
 impl Roofline {
     pub fn new(chip: Chip, bf16: bool) -> Self {
-        Roofline { chip, bf16, state: Mutex::new(State { next: 0, copies: HashSet::new(), account: Account::default() }) }
+        Roofline { chip, bf16, state: Mutex::new(State { next: 0, kind: "untimed", depth: 0, copies: HashSet::new(), account: Account::default() }) }
     }
 
     pub fn chip(&self) -> Chip {
@@ -180,10 +196,23 @@ impl Roofline {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Attributes what the op records to `kind` until the guard drops (a nested op keeps its
+    /// caller's kind, as the profiled backend times the outer op whole).
+    fn op_kind(&self, kind: &'static str) -> KindGuard<'_> {
+        let mut st = self.lock();
+        st.depth += 1;
+        if st.depth == 1 {
+            st.kind = kind;
+        }
+        KindGuard(self)
+    }
+
     /// Records one launch of `family`.
     fn rec(&self, family: &str, c: Cost) {
         let s = c.seconds(&self.chip);
         let mut st = self.lock();
+        let kind = st.kind;
+        *st.account.kinds.entry(kind.to_string()).or_default() += s;
         let f = st.account.families.entry(family.to_string()).or_default();
         f.launches += 1;
         f.read += c.read;

@@ -122,20 +122,24 @@ impl Backend for Roofline {
         "roofline"
     }
     fn zeros(&self, n: usize) -> Result<VBuf> {
+        let _op = self.op_kind("untimed");
         if n > 0 {
             self.elementwise("allocation (zeroed)", 0, n);
         }
         Ok(self.new_buf(n))
     }
     fn upload(&self, data: &[f32]) -> Result<VBuf> {
+        let _op = self.op_kind("untimed");
         self.rec("host to device", Cost { written: 4.0 * data.len() as f64, ..Cost::default() });
         Ok(self.new_buf(data.len()))
     }
     fn upload_ids(&self, data: &[i32]) -> Result<VIds> {
+        let _op = self.op_kind("untimed");
         self.rec("host to device", Cost { written: 4.0 * data.len() as f64, ..Cost::default() });
         Ok(VIds { data: data.to_vec() })
     }
     fn download(&self, buf: &VBuf) -> Result<Vec<f32>> {
+        let _op = self.op_kind("untimed");
         self.rec("device to host", Cost { read: 4.0 * buf.len as f64, ..Cost::default() });
         Ok(vec![0.0; buf.len])
     }
@@ -143,23 +147,28 @@ impl Backend for Roofline {
         buf.len
     }
     fn fill(&self, buf: &mut VBuf, _value: f32) {
+        let _op = self.op_kind("fill");
         self.forget(buf);
         self.elementwise("fill", 0, buf.len);
     }
     fn copy(&self, dst: &mut VBuf, src: &VBuf) {
+        let _op = self.op_kind("untimed");
         self.forget(dst);
         self.elementwise("copy", src.len, src.len);
     }
     fn copy_range(&self, dst: &mut VBuf, _dst_off: usize, _src: &VBuf, _src_off: usize, n: usize) {
+        let _op = self.op_kind("copy");
         self.forget(dst);
         self.elementwise("copy", n, n);
     }
 
     fn embedding_fwd(&self, _out: &mut VBuf, ids: &VIds, _wte: &VBuf, wpe: Option<(&VBuf, &VIds)>, c: usize) {
+        let _op = self.op_kind("embedding");
         let (r, tables) = (ids.data.len(), 1 + wpe.is_some() as usize);
         self.elementwise("embedding", tables * r * (1 + c), r * c);
     }
     fn embedding_bwd(&self, _dwte: &mut VBuf, dwpe: Option<(&mut VBuf, &VIds)>, ids: &VIds, _dout: &VBuf, c: usize) {
+        let _op = self.op_kind("embedding");
         // per table: the ids, dout, and the rows it adds into (read and written)
         let r = ids.data.len();
         for _ in 0..1 + dwpe.is_some() as usize {
@@ -168,24 +177,29 @@ impl Backend for Roofline {
     }
 
     fn layernorm_fwd(&self, out: &mut VBuf, mean: &mut VBuf, _rstd: &mut VBuf, x: &VBuf, _w: &VBuf, b: Option<&VBuf>, c: usize, _eps: f32) {
+        let _op = self.op_kind("norm");
         let rows = mean.len;
         self.elementwise("norm", x.len + c * (1 + b.is_some() as usize), out.len + 2 * rows);
     }
     fn layernorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, db: Option<&mut VBuf>, dout: &VBuf, x: &VBuf, _w: &VBuf, mean: &VBuf, _rstd: &VBuf, c: usize) {
+        let _op = self.op_kind("norm");
         let (rows, params) = (mean.len, c * (1 + db.is_some() as usize));
         // dx (accumulated): dout, x, w, the statistics and dx; the parameters' column sums
         self.elementwise("norm", dout.len + x.len + c + 2 * rows + dx.len, dx.len);
         self.elementwise("norm", dout.len + x.len + 2 * rows + params, params);
     }
     fn rmsnorm_fwd(&self, out: &mut VBuf, rstd: &mut VBuf, x: &VBuf, _w: &VBuf, c: usize, _eps: f32) {
+        let _op = self.op_kind("norm");
         self.elementwise("norm", x.len + c, out.len + rstd.len);
     }
     fn rmsnorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, dout: &VBuf, x: &VBuf, _w: &VBuf, rstd: &VBuf, c: usize) {
+        let _op = self.op_kind("norm");
         self.elementwise("norm", dout.len + x.len + c + rstd.len + dx.len, dx.len);
         self.elementwise("norm", dout.len + x.len + rstd.len + c, c);
     }
 
     fn matmul_fwd(&self, _out: &mut VBuf, inp: &VBuf, w: &VBuf, bias: Option<&VBuf>, n: usize, k: usize, m: usize) {
+        let _op = self.op_kind("matmul");
         self.cast_operands(&[w, inp], Some(0), &[true, true]);
         self.gemm((m, n, k), false, bias.is_some());
     }
@@ -201,6 +215,7 @@ impl Backend for Roofline {
         k: usize,
         m: usize,
     ) {
+        let _op = self.op_kind("matmul");
         // the operands the products read: no input for a frozen weight, no weight without dinp
         self.cast_operands(&[dout, w, inp], Some(1), &[dinp.is_some() || dw.is_some(), dinp.is_some(), dw.is_some()]);
         if dinp.is_some() {
@@ -215,12 +230,14 @@ impl Backend for Roofline {
     }
 
     fn attention_fwd(&self, _out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
+        let _op = self.op_kind("attention");
         self.attention_fwd_cost(qkv, shape, false)
     }
     fn has_attention_dropout(&self) -> bool {
         true
     }
     fn attention_fwd_dropout(&self, _out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl, _drop: DropoutMask) {
+        let _op = self.op_kind("attention");
         self.attention_fwd_cost(qkv, shape, true)
     }
     fn attention_bwd_dropout(
@@ -235,16 +252,20 @@ impl Backend for Roofline {
         _imp: AttnImpl,
         _drop: DropoutMask,
     ) {
+        let _op = self.op_kind("attention");
         self.attention_bwd_cost(dqkv, qkv, shape, true)
     }
     fn attention_bwd(&self, dqkv: &mut VBuf, _dout: &VBuf, qkv: &VBuf, _out: &VBuf, _stats: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
+        let _op = self.op_kind("attention");
         self.attention_bwd_cost(dqkv, qkv, shape, false)
     }
     fn kv_append(&self, _k: &mut VBuf, _v: &mut VBuf, _qkv: &VBuf, _slot: usize, s: AttnShape, _max_len: usize) {
+        let _op = self.op_kind("attention");
         let n = s.rows() * 2 * s.n_kv_head * s.head_dim;
         self.elementwise("generation", n, n);
     }
     fn attention_decode(&self, _out: &mut VBuf, _qkv: &VBuf, _k: &VBuf, _v: &VBuf, _mask: &VIds, slot: usize, s: AttnShape, _max_len: usize) {
+        let _op = self.op_kind("attention");
         let keys = (slot + 1) * s.batch * s.n_kv_head * s.head_dim;
         let q = s.batch * s.n_head * s.head_dim;
         self.rec(
@@ -258,43 +279,55 @@ impl Backend for Roofline {
         );
     }
     fn rope(&self, _qkv: &mut VBuf, _positions: &VIds, s: AttnShape, _theta: f32, _inverse: bool) {
+        let _op = self.op_kind("rope");
         let n = s.rows() * (s.n_head + s.n_kv_head) * s.head_dim;
         self.elementwise("rope", n + s.rows(), n);
     }
 
     fn gelu_fwd(&self, _out: &mut VBuf, x: &VBuf) {
+        let _op = self.op_kind("activation");
         self.elementwise("activation", x.len, x.len);
     }
     fn gelu_bwd(&self, _dx: &mut VBuf, x: &VBuf, _dout: &VBuf) {
+        let _op = self.op_kind("activation");
         self.elementwise("activation", 2 * x.len, x.len);
     }
     fn swiglu_fwd(&self, _out: &mut VBuf, x: &VBuf, _i: usize) {
+        let _op = self.op_kind("activation");
         self.elementwise("activation", x.len, x.len / 2);
     }
     fn swiglu_bwd(&self, _dx: &mut VBuf, x: &VBuf, _dout: &VBuf, _i: usize) {
+        let _op = self.op_kind("activation");
         self.elementwise("activation", x.len + x.len / 2, x.len);
     }
     fn add(&self, _out: &mut VBuf, a: &VBuf, _b: &VBuf) {
+        let _op = self.op_kind("residual");
         self.elementwise("residual", 2 * a.len, a.len);
     }
     fn dropout(&self, x: &mut VBuf, _mask: DropoutMask) {
+        let _op = self.op_kind("dropout");
         self.forget(x);
         self.elementwise("dropout", x.len, x.len);
     }
     fn add_cols(&self, dst: &mut VBuf, _src: &VBuf, rows: usize, width: usize, _ld: usize, _off: usize, _scale: f32) {
+        let _op = self.op_kind("adapter");
         self.forget(dst);
         self.elementwise("adapter", 2 * rows * width, rows * width);
     }
     fn take_cols(&self, _dst: &mut VBuf, _src: &VBuf, rows: usize, width: usize, _ld: usize, _off: usize, _scale: f32) {
+        let _op = self.op_kind("adapter");
         self.elementwise("adapter", rows * width, rows * width);
     }
     fn lora_up(&self, out: &mut VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
+        let _op = self.op_kind("matmul");
         // as the CUDA backend: the product into its scratch, then the column-block add
         self.cast_operands(&[b, t], Some(0), &[true, true]);
         self.gemm((blk.width, blk.rows, rank), false, false);
-        self.add_cols(out, t, blk.rows, blk.width, blk.ld, blk.off, 1.0);
+        self.forget(out);
+        self.elementwise("adapter", 2 * blk.rows * blk.width, blk.rows * blk.width);
     }
     fn lora_up_bwd(&self, _dt: &mut VBuf, db: Option<&mut VBuf>, _dout: &VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
+        let _op = self.op_kind("matmul");
         // the column-block take into its scratch, then the products (all three operands cast)
         let g = VBuf { id: 0, len: blk.rows * blk.width };
         self.elementwise("adapter", g.len, g.len);
@@ -305,6 +338,7 @@ impl Backend for Roofline {
         }
     }
     fn lora_down_bwd(&self, dx: Option<&mut VBuf>, da: Option<&mut VBuf>, dt: &VBuf, x: &VBuf, a: &VBuf, rows: usize, k: usize, rank: usize) {
+        let _op = self.op_kind("matmul");
         // as matmul_bwd, the input gradient accumulated
         self.cast_operands(&[dt, a, x], Some(1), &[dx.is_some() || da.is_some(), dx.is_some(), da.is_some()]);
         if dx.is_some() {
@@ -315,6 +349,7 @@ impl Backend for Roofline {
         }
     }
     fn dora_norm(&self, n: &mut VBuf, _w: &VBuf, _a: &VBuf, _b: &VBuf, _off: usize, cols: usize, k: usize, r: usize, _scale: f32) {
+        let _op = self.op_kind("adapter");
         self.forget(n);
         let c = Cost {
             read: 4.0 * (cols * k + r * k + cols * r) as f64,
@@ -325,6 +360,7 @@ impl Backend for Roofline {
         self.rec("adapter", c);
     }
     fn dora_fwd(&self, out: &mut VBuf, base: Option<&VBuf>, _bias: Option<&VBuf>, _u: &VBuf, _m: &VBuf, _n: &VBuf, blk: ColBlock, _scale: f32) {
+        let _op = self.op_kind("adapter");
         self.forget(out);
         let e = blk.rows * blk.width;
         self.elementwise("adapter", e * (2 + base.is_some() as usize) + 3 * blk.width, e);
@@ -340,6 +376,7 @@ impl Backend for Roofline {
         blk: ColBlock,
         _scale: f32,
     ) {
+        let _op = self.op_kind("adapter");
         let e = blk.rows * blk.width;
         if dm.is_some() {
             self.elementwise("adapter", 3 * e + 2 * blk.width, blk.width);
@@ -351,6 +388,7 @@ impl Backend for Roofline {
     }
 
     fn cross_entropy(&self, logits: &mut VBuf, targets: &VIds, v: usize, smoothing: f32, grad_scale: Option<f32>) -> Result<LossRows> {
+        let _op = self.op_kind("cross_entropy");
         let rows = targets.data.len();
         let mut loss = self.zeros(rows)?;
         self.cross_entropy_into(logits, targets, v, smoothing, grad_scale, &mut loss, 0);
@@ -358,17 +396,20 @@ impl Backend for Roofline {
         Ok(LossRows { loss: self.download(&loss)?, n_targets })
     }
     fn cross_entropy_into(&self, logits: &mut VBuf, targets: &VIds, v: usize, _smoothing: f32, grad_scale: Option<f32>, _loss: &mut VBuf, _row0: usize) {
+        let _op = self.op_kind("cross_entropy");
         // one online pass over each row, and with the gradient a second that overwrites it
         let (rows, grad) = (targets.data.len(), grad_scale.is_some() as usize);
         self.forget(logits);
         self.elementwise("cross-entropy", (1 + grad) * rows * v + rows, grad * rows * v + rows);
     }
     fn token_stats(&self, _logits: &VBuf, targets: &VIds, v: usize, _want: StatsWanted) -> Result<TokenStats> {
+        let _op = self.op_kind("cross_entropy");
         let rows = targets.data.len();
         self.elementwise("cross-entropy", 2 * rows * v + rows, 7 * rows);
         Ok(TokenStats::default())
     }
     fn token_stats_bwd(&self, logits: &mut VBuf, targets: &VIds, v: usize, _stats: &TokenStats, _grads: &StatGrads) {
+        let _op = self.op_kind("cross_entropy");
         let rows = targets.data.len();
         self.forget(logits);
         self.elementwise("cross-entropy", rows * v + 7 * rows, rows * v);
@@ -381,17 +422,21 @@ impl Backend for Roofline {
         Ok(())
     }
     fn sum_squares(&self, buf: &VBuf) -> Result<f64> {
+        let _op = self.op_kind("optimizer");
         self.elementwise("gradient norm", buf.len, 2 * 512);
         Ok(0.0)
     }
     fn scale(&self, buf: &mut VBuf, _s: f32) {
+        let _op = self.op_kind("optimizer");
         self.forget(buf);
         self.elementwise("scale", buf.len, buf.len);
     }
     fn adamw(&self, p: &mut VBuf, g: &VBuf, m: &mut VBuf, v: &mut VBuf, hp: AdamWStep, decay: bool) {
+        let _op = self.op_kind("optimizer");
         self.adamw_multi(&mut [(p, g, m, v, decay)], hp);
     }
     fn adamw_multi(&self, tensors: &mut [crate::backend::AdamWArgs<'_, Self>], _hp: AdamWStep) {
+        let _op = self.op_kind("optimizer");
         // one launch over every tensor: p, g, m, v read; p, m, v and the bf16 copy written
         let n: usize = tensors.iter().map(|t| t.0.len).sum();
         if n == 0 {

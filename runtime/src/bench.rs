@@ -58,6 +58,30 @@ pub struct BenchResult {
     pub device: String,
 }
 
+impl BenchResult {
+    /// The human-readable report of a run of `batch` x `seq` tokens per step (no trailing newline).
+    pub fn report(&self, batch: usize, seq: usize) -> String {
+        let mut s = format!("{} ({} parameters), batch {batch} x seq {seq}, {} threads\n", self.arch, self.parameters, self.threads);
+        s += &format!(
+            "  {:.0} tokens/s, {:.3} s/step, peak RSS {:.0} MiB (activations {:.0} MiB), final loss {:.4}\n",
+            self.tokens_per_second, self.step_seconds, self.peak_rss_mib, self.activation_mib, self.final_loss
+        );
+        s += &format!(
+            "  matmul {:.1} GFLOP/s = {:.0}% of this machine's GEMM rate ({:.1} GFLOP/s)\n",
+            self.matmul_gflops,
+            100.0 * self.matmul_gflops / self.machine_gemm_gflops,
+            self.machine_gemm_gflops
+        );
+        s += "  share of step time:";
+        let mut ops = self.ops.clone();
+        ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (op, share) in ops {
+            s += &format!("\n    {op:<14} {:5.1}%", share * 100.0);
+        }
+        s
+    }
+}
+
 impl BenchConfig {
     pub fn model_config(&self) -> Result<ModelConfig> {
         let raw = match self.arch.as_str() {

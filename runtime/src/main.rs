@@ -548,27 +548,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Selected::Cuda(cuda) if profile => bench::run_cuda_profiled(&cfg, cuda)?,
                 Selected::Cuda(cuda) => bench::run_cuda(&cfg, cuda)?,
             };
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!("{} ({} parameters), batch {} x seq {}, {} threads", r.arch, r.parameters, cfg.batch, cfg.seq, r.threads);
-                println!(
-                    "  {:.0} tokens/s, {:.3} s/step, peak RSS {:.0} MiB (activations {:.0} MiB), final loss {:.4}",
-                    r.tokens_per_second, r.step_seconds, r.peak_rss_mib, r.activation_mib, r.final_loss
-                );
-                println!(
-                    "  matmul {:.1} GFLOP/s = {:.0}% of this machine's GEMM rate ({:.1} GFLOP/s)",
-                    r.matmul_gflops,
-                    100.0 * r.matmul_gflops / r.machine_gemm_gflops,
-                    r.machine_gemm_gflops
-                );
-                println!("  share of step time:");
-                let mut ops = r.ops.clone();
-                ops.sort_by(|a, b| b.1.total_cmp(&a.1));
-                for (op, share) in ops {
-                    println!("    {op:<14} {:5.1}%", share * 100.0);
-                }
-            }
+            println!("{}", if json { serde_json::to_string(&r)? } else { r.report(cfg.batch, cfg.seq) });
         }
         Command::Kernels { mut arch, cache, json } => {
             if arch.is_empty() {

@@ -8,8 +8,9 @@
 //   base[r, off + j], or out - bias[off + j] when base is null. Launch: elementwise over rows * width.
 // dora_grads: gu[r, j] = (scale * s) * g and gb[r, off + j] = (s - shift) * g, g = dout[r, off + j],
 //   each when non-null. Launch: elementwise over rows * width.
-// dora_dmag: dm[j] += sum over rows of g * (base[r, off + j] + scale * u[r, j]) / n[j], reduced as
-//   colsum_acc (reduce_rows_cols). Launch: block (32, 8), grid ceil(width / 32).
+// dora_dmag: the row-block partials (common.cuh `reduce_rows_partials`, launched as it says) of
+//   dm[j] += sum over rows of g * (base[r, off + j] + scale * u[r, j]) / n[j]; reduce_partials
+//   (reduce.cu) adds them to dm.
 
 extern "C" __global__ void __launch_bounds__(256) dora_norm(float* n, const float* w, const float* a, const float* b, int off, int k, int r, float scale) {
     __shared__ double scratch[8];
@@ -69,8 +70,7 @@ struct DoraMagTerm {
     }
 };
 
-extern "C" __global__ void __launch_bounds__(256) dora_dmag(float* dm, const float* dout, const float* base, const float* u, const float* n, int rows, int width, int ld,
+extern "C" __global__ void __launch_bounds__(256) dora_dmag(float* part, const float* dout, const float* base, const float* u, const float* n, int rows, int width, int ld,
                                                             int off, float scale) {
-    float* outs[1] = {dm};
-    reduce_rows_cols(outs, rows, width, DoraMagTerm{dout, base, u, n, width, ld, off, scale});
+    reduce_rows_partials(part, rows, width, DoraMagTerm{dout, base, u, n, width, ld, off, scale});
 }

@@ -3,8 +3,8 @@
 // *_fwd, *_bwd_dx: one block of 256 threads per row, grid rows. Row sums are block reductions in a
 //   fixed order; the elementwise arithmetic is in the CPU's order with explicitly rounded operations.
 //   The backward kernels ACCUMULATE into dx (dx += ...), as the CPU does.
-// *_bwd_params: block (32, 8), grid ceil(c / 32); dw (and db) += the CPU's fixed row-block sums
-//   (common.cuh `reduce_rows_cols`), bitwise equal to the CPU.
+// *_bwd_params: the row-block partials of dw (and db) (common.cuh `reduce_rows_partials`, launched
+//   as it says), which reduce_partials (reduce.cu) adds to dw (and db): bitwise equal to the CPU.
 
 #define NORM_THREADS 256
 
@@ -60,7 +60,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_bwd_dx(floa
     }
 }
 
-/// Row r's terms of the norm parameter gradients (`reduce_rows_cols`): dw gets dout * (x - mean) *
+/// Row r's terms of the norm parameter gradients (`reduce_rows_partials`): dw gets dout * (x - mean) *
 /// rstd (CENTER, layernorm) or dout * x * rstd (rmsnorm, `mean` unused); with N = 2, db gets dout.
 template <bool CENTER, int N>
 struct NormParamTerm {
@@ -78,14 +78,12 @@ struct NormParamTerm {
     }
 };
 
-// dw += sum_r dout * (x - mean) * rstd; db += sum_r dout (when db is not null)
-extern "C" __global__ void __launch_bounds__(256) layernorm_bwd_params(float* dw, float* db, const float* dout, const float* x, const float* mean, const float* rstd, int rows, int c) {
-    if (db != nullptr) {
-        float* outs[2] = {dw, db};
-        reduce_rows_cols(outs, rows, c, NormParamTerm<true, 2>{dout, x, mean, rstd, c});
+// the partials of dw (nout 1) or of dw and db (nout 2): dout * (x - mean) * rstd, dout
+extern "C" __global__ void __launch_bounds__(256) layernorm_bwd_params(float* part, int nout, const float* dout, const float* x, const float* mean, const float* rstd, int rows, int c) {
+    if (nout == 2) {
+        reduce_rows_partials(part, rows, c, NormParamTerm<true, 2>{dout, x, mean, rstd, c});
     } else {
-        float* outs[1] = {dw};
-        reduce_rows_cols(outs, rows, c, NormParamTerm<true, 1>{dout, x, mean, rstd, c});
+        reduce_rows_partials(part, rows, c, NormParamTerm<true, 1>{dout, x, mean, rstd, c});
     }
 }
 
@@ -121,8 +119,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_bwd_dx(float*
     }
 }
 
-// dw += sum_r dout * x * rstd
-extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_params(float* dw, const float* dout, const float* x, const float* rstd, int rows, int c) {
-    float* outs[1] = {dw};
-    reduce_rows_cols(outs, rows, c, NormParamTerm<false, 1>{dout, x, nullptr, rstd, c});
+// the partials of dw: dout * x * rstd
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_params(float* part, const float* dout, const float* x, const float* rstd, int rows, int c) {
+    reduce_rows_partials(part, rows, c, NormParamTerm<false, 1>{dout, x, nullptr, rstd, c});
 }

@@ -53,8 +53,31 @@ extern "C" __global__ void take_cols_f32(float* dst, const float* src, long long
     }
 }
 
+// y = bf16(x), four values per thread (one 16-byte load, one 8-byte store; x and y start at
+// allocations, so they are aligned) and the n % 4 tail one by one.
+// Launch: block 256, grid min(ceil(n / 4 / 256), 65535).
 extern "C" __global__ void cast_f32_bf16(bf16_t* y, const float* x, long long n) {
-    for (long long i = grid_start(); i < n; i += grid_stride()) y[i] = f32_to_bf16(x[i]);
+    const long long n4 = n / 4;
+    const float4* x4 = (const float4*)x;
+    uint2* y4 = (uint2*)y;
+    for (long long i = grid_start(); i < n4; i += grid_stride()) {
+        const float4 v = x4[i];
+        uint2 o;
+        o.x = (unsigned)f32_to_bf16(v.x) | ((unsigned)f32_to_bf16(v.y) << 16);
+        o.y = (unsigned)f32_to_bf16(v.z) | ((unsigned)f32_to_bf16(v.w) << 16);
+        y4[i] = o;
+    }
+    for (long long i = n4 * 4 + grid_start(); i < n; i += grid_stride()) y[i] = f32_to_bf16(x[i]);
+}
+
+// y[r * ldy + j] = bf16(x[r * cols + j]) for j < cols: a [rows, cols] matrix cast into rows of
+// stride ldy (a multiple of 8 for the tensor-core products; the pad columns are not written).
+// Launch: block 256, grid (min(ceil(cols / 256), 65535), rows) with rows <= 65535.
+extern "C" __global__ void cast_f32_bf16_rows(bf16_t* y, const float* x, int cols, long long ldy) {
+    const long long r = blockIdx.y;
+    const float* xr = x + r * cols;
+    bf16_t* yr = y + r * ldy;
+    for (long long j = grid_start(); j < cols; j += grid_stride()) yr[j] = f32_to_bf16(xr[j]);
 }
 
 #define GELU_K 0.7978846f  // sqrt(2 / pi), as cpu/pointwise.rs

@@ -55,8 +55,7 @@ static dim3 g1(long long n) { return dim3{unsigned(std::min<long long>((n + 255)
 
 // ---- CPU reference ports (f32, same op order, no contraction) ----
 static void reduce_rows_ref(int rows, int c, vector<vector<float>*> outs, std::function<void(int, int, vector<vector<float>>&)> f) {
-    const int BLOCKS = 16;
-    int per = std::max((rows + BLOCKS - 1) / BLOCKS, 1);
+    const int per = 32;  // crate::backend::REDUCE_BLOCK_ROWS
     int nb = (rows + per - 1) / per;
     for (int b = 0; b < nb; ++b) {
         vector<vector<float>> acc(outs.size(), vector<float>(c, 0.0f));
@@ -64,6 +63,18 @@ static void reduce_rows_ref(int rows, int c, vector<vector<float>*> outs, std::f
         for (size_t o = 0; o < outs.size(); ++o)
             for (int i = 0; i < c; ++i) (*outs[o])[i] += acc[o][i];
     }
+}
+
+// A column reduction as the backend runs it: the partials kernel `part_kernel` (given the partials
+// buffer and `args`), then reduce_partials into out0 (and out1). `gy` caps the grid's y size, so
+// that a small cap makes the kernel's loop over row blocks take more than one turn.
+template <class K, class... Args>
+static void reduce_cols_emu(int rows, int c, int nout, float* out0, float* out1, unsigned gy, K part_kernel, Args... args) {
+    const int nb = (rows + RR_ROWS - 1) / RR_ROWS;
+    if (nb == 0) return;
+    vector<float> part((size_t)nb * nout * c, std::nanf(""));
+    launch(dim3{unsigned((c + 31) / 32), std::min(unsigned((nb + 7) / 8), gy)}, dim3{32, 8}, part_kernel, part.data(), args...);
+    launch(dim3{unsigned((c + 31) / 32)}, dim3{32, 8}, reduce_partials, out0, out1, (const float*)part.data(), nb, nout, c);
 }
 
 static void test_pointwise() {
@@ -153,14 +164,35 @@ static void test_pointwise() {
     if (!ok)
         for (size_t i = 0; i < cb.size(); ++i) printf("  bf16 %08x -> %04x want %04x\n", __float_as_uint(cv[i]), cb[i], want[i]);
     check("cast bf16", ok);
+    // the four-per-thread body and the tail, on a length that is not a multiple of 4 and with more
+    // values than threads (grid-stride), against the scalar rounding
+    for (long long len : {4099LL, 3LL}) {
+        auto xs = rvec(len, 1e3f);
+        vector<unsigned short> ys(len, 0xdead);
+        launch(dim3{2}, dim3{256}, cast_f32_bf16, ys.data(), (const float*)xs.data(), len);
+        bool same = true;
+        for (long long i = 0; i < len; ++i) same &= ys[i] == f32_to_bf16(xs[i]);
+        check(("cast bf16 vectorized n=" + std::to_string(len)).c_str(), same);
+    }
+    // into padded rows: the pad columns stay as they were
+    {
+        const int rows = 5, cols = 301, ldy = 304;
+        auto xs = rvec(rows * cols);
+        vector<unsigned short> ys(rows * ldy, 0xdead);
+        launch(dim3{1, rows}, dim3{256}, cast_f32_bf16_rows, ys.data(), (const float*)xs.data(), cols, (long long)ldy);
+        bool same = true;
+        for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < ldy; ++j) same &= ys[r * ldy + j] == (j < cols ? f32_to_bf16(xs[r * cols + j]) : 0xdead);
+        check("cast bf16 into padded rows", same);
+    }
 }
 
 static void test_reduce() {
-    for (int rows : {0, 1, 5, 17, 100, 333}) {
+    for (int rows : {0, 1, 5, 17, 100, 333, 1000, 2100}) {
         const int c = 70;
         auto src = rvec((size_t)rows * c);
         auto dst = rvec(c), ref = dst;
-        launch(dim3{unsigned((c + 31) / 32)}, dim3{32, 8}, colsum_acc, dst.data(), (const float*)src.data(), rows, c);
+        reduce_cols_emu(rows, c, 1, dst.data(), nullptr, rows == 1000 ? 2u : 65535u, colsum_partials, (const float*)src.data(), rows, c);
         reduce_rows_ref(rows, c, {&ref}, [&](int r0, int r1, vector<vector<float>>& acc) {
             for (int r = r0; r < r1; ++r)
                 for (int j = 0; j < c; ++j) acc[0][j] += src[r * c + j];
@@ -178,8 +210,8 @@ static void test_reduce() {
     check("sum_squares", std::fabs(s - r) / r < 1e-11);
 }
 
-static void test_embedding() {
-    const int rows = 29, c = 300, V = 5, P = 40;
+static void test_embedding_rows(int rows) {
+    const int c = 300, V = 5, P = 40;
     vector<int> ids(rows), pos(rows);
     for (int r = 0; r < rows; ++r) {
         ids[r] = (r * 7) % V;
@@ -188,8 +220,8 @@ static void test_embedding() {
     ids[3] = ids[4] = ids[5] = ids[6] = ids[7] = ids[8] = ids[9] = ids[10] = 2;  // repeats inside a batch of 8
     auto wte = rvec(V * c), wpe = rvec(P * c), dout = rvec(rows * c);
     vector<float> out(rows * c), out2(rows * c);
-    launch(dim3{rows}, dim3{256}, embedding_fwd, out.data(), (const int*)ids.data(), (const float*)wte.data(), (const float*)wpe.data(), (const int*)pos.data(), rows, c);
-    launch(dim3{rows}, dim3{256}, embedding_fwd, out2.data(), (const int*)ids.data(), (const float*)wte.data(), (const float*)nullptr, (const int*)nullptr, rows, c);
+    launch(dim3{unsigned(rows)}, dim3{256}, embedding_fwd, out.data(), (const int*)ids.data(), (const float*)wte.data(), (const float*)wpe.data(), (const int*)pos.data(), rows, c);
+    launch(dim3{unsigned(rows)}, dim3{256}, embedding_fwd, out2.data(), (const int*)ids.data(), (const float*)wte.data(), (const float*)nullptr, (const int*)nullptr, rows, c);
     bool ok = true;
     for (int r = 0; r < rows; ++r)
         for (int j = 0; j < c; ++j) {
@@ -198,10 +230,14 @@ static void test_embedding() {
         }
     check("embedding fwd", ok);
     auto dw = rvec(V * c), ref = dw;
-    launch(dim3{unsigned((c + 255) / 256)}, dim3{256}, embedding_bwd, dw.data(), (const int*)ids.data(), (const float*)dout.data(), rows, c);
+    launch(dim3{unsigned((c + 255) / 256), 3}, dim3{256}, embedding_bwd, dw.data(), (const int*)ids.data(), (const float*)dout.data(), rows, c);
     for (int r = 0; r < rows; ++r)
         for (int j = 0; j < c; ++j) ref[ids[r] * c + j] += dout[r * c + j];
     check("embedding bwd bitwise", bitwise(dw, ref));
+}
+
+static void test_embedding() {
+    for (int rows : {29, 600}) test_embedding_rows(rows);
 }
 
 static void test_norm() {
@@ -244,7 +280,8 @@ static void test_norm() {
     check("layernorm bwd_dx", nerr(dx, dxr) < 2e-6);
     for (int with_b = 0; with_b < 2; ++with_b) {
         auto dw = rvec(c), db = rvec(c), dwr = dw, dbr = db;
-        launch(dim3{unsigned((c + 31) / 32)}, dim3{32, 8}, layernorm_bwd_params, dw.data(), with_b ? db.data() : (float*)nullptr, (const float*)dout.data(), (const float*)x.data(), (const float*)mean.data(), (const float*)rstd.data(), rows, c);
+        reduce_cols_emu(rows, c, 1 + with_b, dw.data(), with_b ? db.data() : (float*)nullptr, 65535u, layernorm_bwd_params, 1 + with_b, (const float*)dout.data(), (const float*)x.data(),
+                        (const float*)mean.data(), (const float*)rstd.data(), rows, c);
         vector<vector<float>*> outs = {&dwr};
         if (with_b) outs.push_back(&dbr);
         reduce_rows_ref(rows, c, outs, [&](int r0, int r1, vector<vector<float>>& acc) {
@@ -279,7 +316,7 @@ static void test_norm() {
     printf("rmsnorm bwd_dx %.2e\n", nerr(dx, dxr));
     check("rmsnorm bwd_dx", nerr(dx, dxr) < 2e-6);
     auto dw = rvec(c), dwr = dw;
-    launch(dim3{unsigned((c + 31) / 32)}, dim3{32, 8}, rmsnorm_bwd_params, dw.data(), (const float*)dout.data(), (const float*)x.data(), (const float*)rr.data(), rows, c);
+    reduce_cols_emu(rows, c, 1, dw.data(), nullptr, 65535u, rmsnorm_bwd_params, (const float*)dout.data(), (const float*)x.data(), (const float*)rr.data(), rows, c);
     reduce_rows_ref(rows, c, {&dwr}, [&](int r0, int r1, vector<vector<float>>& acc) {
         for (int r = r0; r < r1; ++r)
             for (int i = 0; i < c; ++i) acc[0][i] += dout[r * c + i] * x[r * c + i] * rr[r];
@@ -670,8 +707,8 @@ static void test_dora() {
             check(("dora grads bitwise rows=" + std::to_string(rows)).c_str(), bitwise(gu, guref) && bitwise(gb, gbref));
         }
         auto dm = rvec(cols), dmref = dm;
-        launch(dim3{unsigned((cols + 31) / 32)}, dim3{32, 8}, dora_dmag, dm.data(), (const float*)dout.data(), (const float*)base.data(), (const float*)u.data(),
-               (const float*)n.data(), rows, cols, ld, off, scale);
+        reduce_cols_emu(rows, cols, 1, dm.data(), nullptr, 65535u, dora_dmag, (const float*)dout.data(), (const float*)base.data(), (const float*)u.data(), (const float*)n.data(), rows,
+                        cols, ld, off, scale);
         reduce_rows_ref(rows, cols, {&dmref}, [&](int r0, int r1, vector<vector<float>>& acc) {
             for (int i = r0; i < r1; ++i)
                 for (int j = 0; j < cols; ++j) {

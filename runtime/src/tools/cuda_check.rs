@@ -376,6 +376,10 @@ pub fn step_parity(gpu: &Cuda) -> Result<Vec<Check>> {
 pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     let lim = if bf16 { 1e-2 } else { 1e-4 };
+    // gradients by norm in bf16: 2e-2, as docs/KERNELS.md states for bf16 training (adapter
+    // gradients pass through two more bf16-rounded products than the base weights' do: 1.5e-2 on an
+    // H200, where f32 gives 2e-6)
+    let grad_lim = if bf16 { 2e-2 } else { 1e-4 };
     let gpt2 = serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 500, "n_positions": 128});
     let llama = serde_json::json!({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 344, "vocab_size": 500, "max_position_embeddings": 128});
@@ -414,6 +418,7 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
             ("gradients", rel_err(&dev.2, &cpu.2)),
             ("parameters after one step (L2)", rel_err_l2(&dev.3, &cpu.3)),
         ] {
+            let lim = if name == "gradients" { grad_lim } else { lim };
             checks.push(Check { op: "training step".into(), case: case.clone(), output: name.into(), rel_err: e, limit: lim, pass: e <= lim });
         }
     }

@@ -104,19 +104,10 @@ impl Cuda {
         let (rows, width, ld, off) = (blk.rows, blk.width, blk.ld, blk.off);
         if let Some((dm, base, u)) = dm {
             self.forget_weight(dm);
-            let args = [
-                self.p(dm),
-                self.p(dout),
-                self.p(base),
-                self.p(u),
-                self.p(n),
-                A::I(rows as i32),
-                A::I(width as i32),
-                A::I(ld as i32),
-                A::I(off as i32),
-                A::F(scale),
-            ];
-            self.launch("dora_dmag", (width.div_ceil(32) as u32, 1, 1), (32, 8, 1), &args);
+            let args =
+                [self.p(dout), self.p(base), self.p(u), self.p(n), A::I(rows as i32), A::I(width as i32), A::I(ld as i32), A::I(off as i32), A::F(scale)];
+            let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            self.reduce_cols(&mut scratch, "dora_dmag", [self.ptr(dm), 0], 1, rows, width, &args);
         }
         if gu.is_none() && gb.is_none() {
             return;

@@ -26,6 +26,7 @@ mod open;
 mod optim;
 mod probe;
 mod products;
+mod reduce;
 
 pub use kernels::required_kernels;
 pub use probe::{probe, DeviceInfo};
@@ -59,6 +60,10 @@ struct Scratch {
     adamw: Option<AdamWTables>,
     /// The LoRA up-projection's product or output gradient (taken out while in use).
     lora: Option<CudaSlice<f32>>,
+    /// A product's output with padded rows (`crate::backend::aligned_ld`).
+    padded: CudaSlice<f32>,
+    /// The row-block partials of the column sums (`reduce_cols`).
+    colsum: CudaSlice<f32>,
 }
 
 struct Inner {

@@ -40,8 +40,11 @@ impl Cuda {
         let rows = x.len() / c;
         let (r, ci) = (A::I(rows as i32), A::I(c as i32));
         self.launch("layernorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), &[self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(mean), self.p(rstd), r, ci]);
-        let args = [self.p(dw), self.opt(db.map(|d| &*d)), self.p(dout), self.p(x), self.p(mean), self.p(rstd), r, ci];
-        self.launch("layernorm_bwd_params", (c.div_ceil(32) as u32, 1, 1), (32, 8, 1), &args);
+        let nout = 1 + db.is_some() as usize;
+        let outs = [self.ptr(dw), db.map_or(0, |d| self.ptr(d))];
+        let args = [A::I(nout as i32), self.p(dout), self.p(x), self.p(mean), self.p(rstd), r, ci];
+        let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        self.reduce_cols(&mut scratch, "layernorm_bwd_params", outs, nout, rows, c, &args);
     }
 
     pub(super) fn rmsnorm_fwd_op(&self, out: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: &CudaSlice<f32>, c: usize, eps: f32) {
@@ -63,7 +66,8 @@ impl Cuda {
         let rows = x.len() / c;
         let (r, ci) = (A::I(rows as i32), A::I(c as i32));
         self.launch("rmsnorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), &[self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(rstd), r, ci]);
-        self.launch("rmsnorm_bwd_params", (c.div_ceil(32) as u32, 1, 1), (32, 8, 1), &[self.p(dw), self.p(dout), self.p(x), self.p(rstd), r, ci]);
+        let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        self.reduce_cols(&mut scratch, "rmsnorm_bwd_params", [self.ptr(dw), 0], 1, rows, c, &[self.p(dout), self.p(x), self.p(rstd), r, ci]);
     }
 
     pub(super) fn embedding_fwd_op(
@@ -88,7 +92,9 @@ impl Cuda {
         c: usize,
     ) {
         let rows = ids.len();
-        let grid = (c.div_ceil(256) as u32, 1, 1);
+        // the table rows are split into buckets by index (kernels/embedding.cu)
+        const EMBEDDING_BUCKETS: u32 = 128;
+        let grid = (c.div_ceil(256) as u32, EMBEDDING_BUCKETS, 1);
         self.launch("embedding_bwd", grid, (256, 1, 1), &[self.p(dwte), self.p(ids), self.p(dout), A::I(rows as i32), A::I(c as i32)]);
         if let Some((dwpe, pos)) = dwpe {
             self.launch("embedding_bwd", grid, (256, 1, 1), &[self.p(dwpe), self.p(pos), self.p(dout), A::I(rows as i32), A::I(c as i32)]);

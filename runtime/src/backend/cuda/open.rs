@@ -50,6 +50,8 @@ impl Cuda {
             partial: stream.alloc_zeros::<f64>(SUMSQ_BLOCKS).map_err(dev_err)?,
             adamw: None,
             lora: None,
+            padded: stream.null::<f32>().map_err(dev_err)?,
+            colsum: stream.null::<f32>().map_err(dev_err)?,
         };
         Ok(Cuda(Arc::new(Inner {
             info,

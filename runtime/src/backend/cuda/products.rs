@@ -24,8 +24,48 @@ impl Cuda {
             }
         }
         let dst = self.ptr(&scratch.bf16[slot]);
-        self.launch_n("cast_f32_bf16", n, &[A::P(dst), self.p(src), A::L(n as i64)]);
+        // four values per thread
+        self.launch_n("cast_f32_bf16", n.div_ceil(4), &[A::P(dst), self.p(src), A::L(n as i64)]);
         dst
+    }
+
+    /// Rounds the `[rows, cols]` matrix `src` to bf16 into scratch slot `slot` with rows of stride
+    /// `ld` (see [`crate::backend::aligned_ld`]); returns its pointer.
+    fn bf16_copy_rows(&self, scratch: &mut Scratch, slot: usize, src: &CudaSlice<f32>, rows: usize, cols: usize, ld: usize) -> u64 {
+        let n = rows * ld;
+        if scratch.bf16[slot].len() < n {
+            match self.alloc::<u16>(n) {
+                Ok(b) => scratch.bf16[slot] = b,
+                Err(e) => {
+                    self.fail(e);
+                    return 0;
+                }
+            }
+        }
+        let dst = self.ptr(&scratch.bf16[slot]);
+        let src_p = self.ptr(src);
+        // rows go on the grid's y axis (at most 65535): taller matrices go in slices of rows
+        for r0 in (0..rows).step_by(65535) {
+            let r = (rows - r0).min(65535);
+            let args = [A::P(dst + (r0 * ld * 2) as u64), A::P(src_p + (r0 * cols * 4) as u64), A::I(cols as i32), A::L(ld as i64)];
+            self.launch("cast_f32_bf16_rows", (cols.div_ceil(256).min(65535) as u32, r as u32, 1), (256, 1, 1), &args);
+        }
+        dst
+    }
+
+    /// The product output's scratch of at least `n` values (the padded rows of
+    /// [`crate::backend::aligned_ld`]); 0 after a failure.
+    fn padded_out(&self, scratch: &mut Scratch, n: usize) -> u64 {
+        if scratch.padded.len() < n {
+            match self.alloc::<f32>(n) {
+                Ok(b) => scratch.padded = b,
+                Err(e) => {
+                    self.fail(e);
+                    return 0;
+                }
+            }
+        }
+        self.ptr(&scratch.padded)
     }
 
     /// The bf16 working copy of a parameter, when the last write to it was the fused AdamW step.
@@ -93,25 +133,40 @@ impl Cuda {
     ) {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let ([w_p, inp_p], ty) = self.operands(&mut scratch, [w, inp], 0, [true, true]);
-        let (m64, n64, k64) = (m as u64, n as u64, k as u64);
+        let (n64, k64) = (n as u64, k as u64);
         let bias = bias.map(|b| self.ptr(b));
-        let d = self.ptr(out);
-        self.gemm(Gemm {
-            transa: true,
-            transb: false,
-            m: m64,
-            n: n64,
-            k: k64,
-            a: w_p,
-            lda: k as i64,
-            b: inp_p,
-            ldb: k as i64,
-            d,
-            ldd: m as i64,
-            ty,
-            beta: 0.0,
-            bias,
-        });
+        // rows of a misaligned width are written padded, then copied out; the product runs in
+        // two parts, the outputs up to the last multiple of 8 and the few after them, so that
+        // every operand of each part starts 16-byte aligned (see `aligned_split`)
+        let ld = crate::backend::aligned_ld(m);
+        let d = if ld == m { self.ptr(out) } else { self.padded_out(&mut scratch, n * ld) };
+        let esize = if ty == Ty::Bf16 { 2 } else { 4 };
+        let (main, rest) = crate::backend::aligned_split(m);
+        for (at, cols) in [(0, main), (main, rest)] {
+            if cols == 0 {
+                continue;
+            }
+            self.gemm(Gemm {
+                transa: true,
+                transb: false,
+                m: cols as u64,
+                n: n64,
+                k: k64,
+                a: w_p + (at * k * esize) as u64,
+                lda: k as i64,
+                b: inp_p,
+                ldb: k as i64,
+                d: d + (at * 4) as u64,
+                ldd: ld as i64,
+                ty,
+                beta: 0.0,
+                bias: bias.map(|b| b + (at * 4) as u64),
+            });
+        }
+        if ld != m {
+            let args = [self.p(out), A::P(d), A::L(n as i64), A::I(m as i32), A::I(ld as i32), A::I(0), A::F(1.0)];
+            self.launch_n("take_cols_f32", n * m, &args);
+        }
     }
 
     pub(super) fn matmul_bwd_op(
@@ -146,26 +201,39 @@ impl Cuda {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         // a frozen weight's input gradient reads no input, a weight gradient alone no weight
         let need = [dinp.is_some() || dw.is_some(), dinp.is_some(), dw.is_some()];
-        let ([dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1, need);
+        // in bf16 mode, the output gradient of a misaligned width is cast into padded rows (the
+        // cast pass is needed anyway; see `aligned_ld`)
+        let ld = if self.0.bf16 { crate::backend::aligned_ld(m) } else { m };
+        let ([mut dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1, [need[0] && ld == m, need[1], need[2]]);
+        if need[0] && ld != m {
+            dout_p = self.bf16_copy_rows(&mut scratch, 0, dout, n, m, ld);
+        }
         let (m64, n64, k64) = (m as u64, n as u64, k as u64);
         if let Some(dinp) = dinp {
             let d = self.ptr(dinp);
-            self.gemm(Gemm {
-                transa: false,
-                transb: false,
-                m: k64,
-                n: n64,
-                k: m64,
-                a: w_p,
-                lda: k as i64,
-                b: dout_p,
-                ldb: m as i64,
-                d,
-                ldd: k as i64,
-                ty,
-                beta: dinp_beta,
-                bias: None,
-            });
+            // over padded rows, the sum over the outputs in two aligned parts (as the forward)
+            let (main, rest) = if ld == m { (m, 0) } else { crate::backend::aligned_split(m) };
+            for (at, len, beta) in [(0, main, dinp_beta), (main, rest, 1.0)] {
+                if len == 0 {
+                    continue;
+                }
+                self.gemm(Gemm {
+                    transa: false,
+                    transb: false,
+                    m: k64,
+                    n: n64,
+                    k: len as u64,
+                    a: w_p + (at * k * 2) as u64,
+                    lda: k as i64,
+                    b: dout_p + (at * 2) as u64,
+                    ldb: ld as i64,
+                    d,
+                    ldd: k as i64,
+                    ty,
+                    beta,
+                    bias: None,
+                });
+            }
         }
         if let Some(dw) = dw {
             let d = self.ptr(dw);
@@ -178,7 +246,7 @@ impl Cuda {
                 a: inp_p,
                 lda: k as i64,
                 b: dout_p,
-                ldb: m as i64,
+                ldb: ld as i64,
                 d,
                 ldd: k as i64,
                 ty,
@@ -187,7 +255,8 @@ impl Cuda {
             });
         }
         if let Some(db) = dbias {
-            self.launch("colsum_acc", (m.div_ceil(32) as u32, 1, 1), (32, 8, 1), &[self.p(db), self.p(dout), A::I(n as i32), A::I(m as i32)]);
+            let outs = [self.ptr(db), 0];
+            self.reduce_cols(&mut scratch, "colsum_partials", outs, 1, n, m, &[self.p(dout), A::I(n as i32), A::I(m as i32)]);
         }
     }
 }

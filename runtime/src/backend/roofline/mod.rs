@@ -279,6 +279,15 @@ impl Roofline {
         self.rec("matmul (cuBLASLt)", Cost { read, written: 4.0 * m * n, tensor_flops, fp32_flops });
     }
 
+    /// A deterministic column sum of `nout` outputs of `width` over `rows` rows, as the CUDA
+    /// backend runs it: the partials kernel reads `read` values and writes one partial per block of
+    /// rows, then `reduce_partials` reads them and the outputs and writes the outputs.
+    fn column_sums(&self, family: &str, read: usize, rows: usize, width: usize, nout: usize) {
+        let partials = rows.div_ceil(crate::backend::REDUCE_BLOCK_ROWS) * nout * width;
+        self.elementwise(family, read, partials);
+        self.elementwise(family, partials + nout * width, nout * width);
+    }
+
     /// An elementwise launch of `family` reading `read` and writing `written` f32 values.
     fn elementwise(&self, family: &str, read: usize, written: usize) {
         self.rec(family, Cost { read: 4.0 * read as f64, written: 4.0 * written as f64, ..Cost::default() });

@@ -186,7 +186,7 @@ impl Backend for Roofline {
         let (rows, params) = (mean.len, c * (1 + db.is_some() as usize));
         // dx (accumulated): dout, x, w, the statistics and dx; the parameters' column sums
         self.elementwise("norm", dout.len + x.len + c + 2 * rows + dx.len, dx.len);
-        self.elementwise("norm", dout.len + x.len + 2 * rows + params, params);
+        self.column_sums("norm", dout.len + x.len + 2 * rows, rows, c, params / c);
     }
     fn rmsnorm_fwd(&self, out: &mut VBuf, rstd: &mut VBuf, x: &VBuf, _w: &VBuf, c: usize, _eps: f32) {
         let _op = self.op_kind("norm");
@@ -195,13 +195,20 @@ impl Backend for Roofline {
     fn rmsnorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, dout: &VBuf, x: &VBuf, _w: &VBuf, rstd: &VBuf, c: usize) {
         let _op = self.op_kind("norm");
         self.elementwise("norm", dout.len + x.len + c + rstd.len + dx.len, dx.len);
-        self.elementwise("norm", dout.len + x.len + rstd.len + c, c);
+        self.column_sums("norm", dout.len + x.len + rstd.len, rstd.len, c, 1);
     }
 
     fn matmul_fwd(&self, _out: &mut VBuf, inp: &VBuf, w: &VBuf, bias: Option<&VBuf>, n: usize, k: usize, m: usize) {
         let _op = self.op_kind("matmul");
         self.cast_operands(&[w, inp], Some(0), &[true, true]);
-        self.gemm((m, n, k), false, bias.is_some());
+        // as the CUDA backend: a misaligned width in two products, written padded, then copied out
+        let (main, rest) = crate::backend::aligned_split(m);
+        for cols in [main, rest].into_iter().filter(|&c| c > 0) {
+            self.gemm((cols, n, k), false, bias.is_some());
+        }
+        if crate::backend::aligned_ld(m) != m {
+            self.elementwise("copy", n * m, n * m);
+        }
     }
     fn matmul_bwd(
         &self,
@@ -219,13 +226,17 @@ impl Backend for Roofline {
         // the operands the products read: no input for a frozen weight, no weight without dinp
         self.cast_operands(&[dout, w, inp], Some(1), &[dinp.is_some() || dw.is_some(), dinp.is_some(), dw.is_some()]);
         if dinp.is_some() {
-            self.gemm((k, n, m), false, false);
+            // in bf16, the sum over a misaligned width in two products (as the CUDA backend)
+            let (main, rest) = if self.bf16 { crate::backend::aligned_split(m) } else { (m, 0) };
+            for (len, acc) in [(main, false), (rest, true)].into_iter().filter(|p| p.0 > 0) {
+                self.gemm((k, n, len), acc, false);
+            }
         }
         if dw.is_some() {
             self.gemm((k, m, n), true, false);
         }
         if dbias.is_some() {
-            self.elementwise("bias gradient", n * m + m, m);
+            self.column_sums("bias gradient", n * m, n, m, 1);
         }
     }
 
@@ -379,7 +390,7 @@ impl Backend for Roofline {
         let _op = self.op_kind("adapter");
         let e = blk.rows * blk.width;
         if dm.is_some() {
-            self.elementwise("adapter", 3 * e + 2 * blk.width, blk.width);
+            self.column_sums("adapter", 3 * e + blk.width, blk.rows, blk.width, 1);
         }
         let outs = gu.is_some() as usize + gb.is_some() as usize;
         if outs > 0 {

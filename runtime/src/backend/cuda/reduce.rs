@@ -1,0 +1,32 @@
+//! Deterministic column sums over rows (bias, norm and DoRA magnitude gradients): a kernel writes
+//! each block of [`REDUCE_BLOCK_ROWS`] rows' partial sums (kernels/common.cuh
+//! `reduce_rows_partials`), then `reduce_partials` adds them to the outputs in block order, as the
+//! CPU's `math::reduce_rows` does.
+
+use super::{Cuda, Scratch, A};
+use crate::backend::REDUCE_BLOCK_ROWS;
+
+impl Cuda {
+    /// Runs the partials kernel `kernel` (its arguments: the partials buffer, then `args`) over
+    /// `rows` rows of `c` columns with `nout` outputs, then adds the partials to `outs` (0: none).
+    pub(super) fn reduce_cols(&self, scratch: &mut Scratch, kernel: &str, outs: [u64; 2], nout: usize, rows: usize, c: usize, args: &[A]) {
+        let nblocks = rows.div_ceil(REDUCE_BLOCK_ROWS);
+        if nblocks == 0 || c == 0 {
+            return;
+        }
+        let n = nblocks * nout * c;
+        if scratch.colsum.len() < n {
+            match self.alloc::<f32>(n) {
+                Ok(b) => scratch.colsum = b,
+                Err(e) => return self.fail(e),
+            }
+        }
+        let part = self.ptr(&scratch.colsum);
+        let mut a = vec![A::P(part)];
+        a.extend_from_slice(args);
+        let grid = (c.div_ceil(32) as u32, nblocks.div_ceil(8).min(65535) as u32, 1);
+        self.launch(kernel, grid, (32, 8, 1), &a);
+        let sum = [A::P(outs[0]), A::P(outs[1]), A::P(part), A::I(nblocks as i32), A::I(nout as i32), A::I(c as i32)];
+        self.launch("reduce_partials", (c.div_ceil(32) as u32, 1, 1), (32, 8, 1), &sum);
+    }
+}

@@ -88,6 +88,30 @@ __device__ __forceinline__ float block_max(float v, float* scratch) { return blo
 __device__ __forceinline__ long long grid_start() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x * blockDim.x; }
 
+/// An elementwise loop with four independent loads in flight per thread: each thread takes
+/// elements base + u * blockDim.x (u < 4, so a warp's accesses stay contiguous), loads all four
+/// (`load(i)` returns a `T`), then stores them (`store(i, v)`). With one load at a time an H200
+/// moved about 2.1 TB/s through GELU; HBM3e needs more bytes in flight than one float per thread.
+/// Launch: block 256, grid min(ceil(n / 1024), 65535).
+template <class T, class Load, class Store>
+__device__ __forceinline__ void elementwise4(long long n, Load load, Store store) {
+    const long long bd = blockDim.x;
+    const long long step = (long long)gridDim.x * bd * 4;
+    for (long long base = (long long)blockIdx.x * bd * 4 + threadIdx.x; base < n; base += step) {
+        T v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const long long i = base + u * bd;
+            if (i < n) v[u] = load(i);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const long long i = base + u * bd;
+            if (i < n) store(i, v[u]);
+        }
+    }
+}
+
 // ---- deterministic column reductions over rows (the CPU's `math::reduce_rows`) ----------------
 //
 // The CPU splits the rows into blocks of RR_ROWS rows, sums each block sequentially from 0 (one

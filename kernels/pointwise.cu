@@ -1,6 +1,7 @@
 // Elementwise kernels: fill, scale, add, column-block add/take, f32 -> bf16, GELU (tanh) and SwiGLU.
 // CPU twins: cpu/pointwise.rs (gelu_*, swiglu_*, add, add_cols, take_cols), cpu/optim.rs (scale), Backend::fill.
-// Launch: block 256, grid min(ceil(n / 256), 65535), grid-stride loops.
+// Launch: block 256, grid min(ceil(n / 256), 65535), grid-stride loops; the kernels written with
+// `elementwise4` (add, GELU, SwiGLU) take four elements per thread: grid min(ceil(n / 1024), 65535).
 //
 // The arithmetic is written in the CPU's order with explicitly rounded operations (__fmul_rn,
 // __fadd_rn, ...) so that no FMA contraction changes the result; the only differences from the CPU
@@ -14,8 +15,9 @@ extern "C" __global__ void scale_f32(float* x, float s, long long n) {
     for (long long i = grid_start(); i < n; i += grid_stride()) x[i] = __fmul_rn(x[i], s);
 }
 
+// Launch (as the other `elementwise4` kernels below): block 256, grid min(ceil(n / 1024), 65535).
 extern "C" __global__ void add_f32(float* out, const float* a, const float* b, long long n) {
-    for (long long i = grid_start(); i < n; i += grid_stride()) out[i] = __fadd_rn(a[i], b[i]);
+    elementwise4<float2>(n, [&](long long i) { return make_float2(a[i], b[i]); }, [&](long long i, float2 v) { out[i] = __fadd_rn(v.x, v.y); });
 }
 
 // Dropout in place, counter-based (cpu/pointwise.rs `dropout`, backend::dropout_keep): element i
@@ -83,57 +85,63 @@ extern "C" __global__ void cast_f32_bf16_rows(bf16_t* y, const float* x, int col
 #define GELU_K 0.7978846f  // sqrt(2 / pi), as cpu/pointwise.rs
 #define GELU_C 0.044715f
 
+__device__ __forceinline__ float gelu_tanh(float v) {
+    const float cube = __fmul_rn(__fmul_rn(__fmul_rn(GELU_C, v), v), v);
+    return tanhf(__fmul_rn(GELU_K, __fadd_rn(v, cube)));
+}
+
 // out = 0.5 * x * (1 + tanh(K * (x + C * x * x * x)))
 extern "C" __global__ void gelu_fwd(float* out, const float* x, long long n) {
-    for (long long i = grid_start(); i < n; i += grid_stride()) {
-        const float v = x[i];
-        const float cube = __fmul_rn(__fmul_rn(__fmul_rn(GELU_C, v), v), v);
-        const float t = tanhf(__fmul_rn(GELU_K, __fadd_rn(v, cube)));
-        out[i] = __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, t));
-    }
+    elementwise4<float>(n, [&](long long i) { return x[i]; }, [&](long long i, float v) { out[i] = __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, gelu_tanh(v))); });
 }
 
 // dx = (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * K * (1 + 3 * C * x * x)) * dout (overwritten)
 extern "C" __global__ void gelu_bwd(float* dx, const float* x, const float* dout, long long n) {
-    for (long long i = grid_start(); i < n; i += grid_stride()) {
-        const float v = x[i];
-        const float cube = __fmul_rn(__fmul_rn(__fmul_rn(GELU_C, v), v), v);
-        const float t = tanhf(__fmul_rn(GELU_K, __fadd_rn(v, cube)));
+    elementwise4<float2>(n, [&](long long i) { return make_float2(x[i], dout[i]); }, [&](long long i, float2 xd) {
+        const float v = xd.x;
+        const float t = gelu_tanh(v);
         const float sech2 = __fsub_rn(1.0f, __fmul_rn(t, t));
         const float inner = __fadd_rn(1.0f, __fmul_rn(__fmul_rn(__fmul_rn(3.0f, GELU_C), v), v));
         const float right = __fmul_rn(__fmul_rn(__fmul_rn(__fmul_rn(0.5f, v), sech2), GELU_K), inner);
         const float grad = __fadd_rn(__fmul_rn(0.5f, __fadd_rn(1.0f, t)), right);
-        dx[i] = __fmul_rn(grad, dout[i]);
-    }
+        dx[i] = __fmul_rn(grad, xd.y);
+    });
 }
 
 // x is [rows, 2 * i] (gate, then up); out is [rows, i]: out = gate * sigmoid(gate) * up.
 extern "C" __global__ void swiglu_fwd(float* out, const float* x, long long rows, int i) {
     const long long n = rows * (long long)i;
-    for (long long e = grid_start(); e < n; e += grid_stride()) {
-        const long long r = e / i;
-        const long long k = e - r * i;
-        const float g = x[r * 2 * i + k];
-        const float up = x[r * 2 * i + i + k];
-        const float sig = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g)));
-        out[e] = __fmul_rn(__fmul_rn(g, sig), up);
-    }
+    elementwise4<float2>(
+        n,
+        [&](long long e) {
+            const long long r = e / i;
+            const long long at = r * 2 * i + (e - r * i);
+            return make_float2(x[at], x[at + i]);
+        },
+        [&](long long e, float2 gu) {
+            const float sig = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-gu.x)));
+            out[e] = __fmul_rn(__fmul_rn(gu.x, sig), gu.y);
+        });
 }
 
 // dx is [rows, 2 * i] (overwritten): d gate = dout * up * s * (1 + g * (1 - s)), d up = dout * silu(g).
 extern "C" __global__ void swiglu_bwd(float* dx, const float* x, const float* dout, long long rows, int i) {
     const long long n = rows * (long long)i;
-    for (long long e = grid_start(); e < n; e += grid_stride()) {
-        const long long r = e / i;
-        const long long k = e - r * i;
-        const long long gi = r * 2 * i + k;
-        const float g = x[gi];
-        const float up = x[gi + i];
-        const float d = dout[e];
-        const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g)));
-        const float silu = __fmul_rn(g, s);
-        dx[gi + i] = __fmul_rn(d, silu);
-        const float tail = __fadd_rn(1.0f, __fmul_rn(g, __fsub_rn(1.0f, s)));
-        dx[gi] = __fmul_rn(__fmul_rn(__fmul_rn(d, up), s), tail);
-    }
+    elementwise4<float4>(
+        n,
+        [&](long long e) {
+            const long long r = e / i;
+            const long long gi = r * 2 * i + (e - r * i);
+            return make_float4(x[gi], x[gi + i], dout[e], (float)0);
+        },
+        [&](long long e, float4 v) {
+            const long long r = e / i;
+            const long long gi = r * 2 * i + (e - r * i);
+            const float g = v.x, up = v.y, d = v.z;
+            const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g)));
+            const float silu = __fmul_rn(g, s);
+            dx[gi + i] = __fmul_rn(d, silu);
+            const float tail = __fadd_rn(1.0f, __fmul_rn(g, __fsub_rn(1.0f, s)));
+            dx[gi] = __fmul_rn(__fmul_rn(__fmul_rn(d, up), s), tail);
+        });
 }

@@ -33,11 +33,9 @@ pub fn stop_on_signals(stop: &Arc<AtomicBool>) -> std::io::Result<()> {
 /// The backend `device` (or `use_cpu`) and `bf16` ask for.
 pub fn select_backend(args: &TrainingArguments) -> Result<Selected> {
     let device = if args.use_cpu { Device::Cpu } else { crate::commands::parse_device(&args.device)? };
-    let selected = device.select(args.bf16)?;
-    if let Selected::Cuda(cuda) = &selected {
-        cuda.set_deterministic(args.full_determinism);
-    }
-    Ok(selected)
+    // `full_determinism` needs nothing on a GPU: the CUDA backend's ops are deterministic by
+    // default (`Cuda::set_deterministic`)
+    device.select(args.bf16)
 }
 
 /// `runtime train`: the log lines on stdout as they are logged, the final metrics, and where

@@ -78,25 +78,26 @@ static void reduce_cols_emu(int rows, int c, int nout, float* out0, float* out1,
 }
 
 static void test_pointwise() {
-    const long long n = 1000;
+    // the elementwise4 kernels on one block: several turns of the loop and a partial last one
+    const long long n = 3001;
     auto x = rvec(n, 4.0f), d = rvec(n);
     vector<float> out(n), dx(n);
-    launch(g1(n), dim3{256}, gelu_fwd, out.data(), (const float*)x.data(), n);
+    launch(dim3{1}, dim3{256}, gelu_fwd, out.data(), (const float*)x.data(), n);
     vector<double> ref(n), dref(n);
     for (int i = 0; i < n; ++i) {
         double v = x[i], t = std::tanh(0.7978846 * (v + 0.044715 * v * v * v));
         ref[i] = 0.5 * v * (1 + t);
         dref[i] = (0.5 * (1 + t) + 0.5 * v * (1 - t * t) * 0.7978846 * (1 + 3 * 0.044715 * v * v)) * d[i];
     }
-    launch(g1(n), dim3{256}, gelu_bwd, dx.data(), (const float*)x.data(), (const float*)d.data(), n);
+    launch(dim3{1}, dim3{256}, gelu_bwd, dx.data(), (const float*)x.data(), (const float*)d.data(), n);
     printf("gelu fwd %.2e bwd %.2e\n", nerr(out, ref), nerr(dx, dref));
     check("gelu", nerr(out, ref) < 1e-6 && nerr(dx, dref) < 1e-6);
 
-    const int rows = 7, I = 37;
+    const int rows = 70, I = 37;
     auto xs = rvec(rows * 2 * I, 5.0f), ds = rvec(rows * I);
     vector<float> o(rows * I), dxs(rows * 2 * I, 123.0f);
-    launch(g1(rows * I), dim3{256}, swiglu_fwd, o.data(), (const float*)xs.data(), (long long)rows, I);
-    launch(g1(rows * I), dim3{256}, swiglu_bwd, dxs.data(), (const float*)xs.data(), (const float*)ds.data(), (long long)rows, I);
+    launch(dim3{1}, dim3{256}, swiglu_fwd, o.data(), (const float*)xs.data(), (long long)rows, I);
+    launch(dim3{1}, dim3{256}, swiglu_bwd, dxs.data(), (const float*)xs.data(), (const float*)ds.data(), (long long)rows, I);
     vector<double> oref(rows * I), dref2(rows * 2 * I);
     for (int r = 0; r < rows; ++r)
         for (int k = 0; k < I; ++k) {
@@ -109,7 +110,7 @@ static void test_pointwise() {
     check("swiglu", nerr(o, oref) < 1e-6 && nerr(dxs, dref2) < 1e-6);
 
     vector<float> a = rvec(n), b = rvec(n), s(n);
-    launch(g1(n), dim3{256}, add_f32, s.data(), (const float*)a.data(), (const float*)b.data(), n);
+    launch(dim3{1}, dim3{256}, add_f32, s.data(), (const float*)a.data(), (const float*)b.data(), n);
     bool ok = true;
     for (int i = 0; i < n; ++i) ok &= s[i] == a[i] + b[i];
     launch(g1(n), dim3{256}, scale_f32, s.data(), 0.37f, n);

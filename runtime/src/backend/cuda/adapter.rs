@@ -107,7 +107,7 @@ impl Cuda {
             let args =
                 [self.p(dout), self.p(base), self.p(u), self.p(n), A::I(rows as i32), A::I(width as i32), A::I(ld as i32), A::I(off as i32), A::F(scale)];
             let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
-            self.reduce_cols(&mut scratch, "dora_dmag", [self.ptr(dm), 0], 1, rows, width, &args);
+            self.reduce_cols(&mut scratch, "dora_dmag", [self.ptr(dm), 0], (rows, width), &args);
         }
         if gu.is_none() && gb.is_none() {
             return;

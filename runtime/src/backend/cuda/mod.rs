@@ -73,7 +73,7 @@ struct Inner {
     funcs: HashMap<String, CudaFunction>,
     lt: Lt,
     bf16: bool,
-    /// `full_determinism`: the attention backward in bf16 mode uses the two-kernel form (dq and
+    /// On (the default): the attention backward in bf16 mode uses the two-kernel form (dq and
     /// dk/dv apart, no atomics) instead of FlashAttention-2's single kernel with atomic dq.
     deterministic: std::sync::atomic::AtomicBool,
     scratch: Mutex<Scratch>,
@@ -124,11 +124,13 @@ impl Cuda {
         self.0.bf16
     }
 
-    /// `full_determinism` (HF's name; off by default, as in transformers): with it, every op gives
-    /// the same bits run after run. Without it, the tensor-core attention backward (bf16 mode,
-    /// head dims 64 and 128) adds dq with atomics in FlashAttention-2's single backward kernel,
-    /// which does 5 matrix products per tile instead of 7, and the order of the additions varies.
-    /// Every other op is deterministic either way.
+    /// On (the default), every op gives the same bits run after run. Off, the tensor-core
+    /// attention backward (bf16 mode, head dims 64 and 128) adds dq with atomics in
+    /// FlashAttention-2's single backward kernel, which does 5 matrix products per tile instead of
+    /// 7, and the order of the additions varies. On an H200 the deterministic two-kernel form was
+    /// the faster one at every measured shape (docs/BENCHMARKS.md), so training never turns it off
+    /// (`full_determinism` has nothing left to select); `cuda-check` does, to keep checking and
+    /// timing the single-kernel form against it.
     pub fn set_deterministic(&self, on: bool) {
         self.0.deterministic.store(on, std::sync::atomic::Ordering::Relaxed);
     }
@@ -420,21 +422,21 @@ impl Backend for Cuda {
     }
 
     fn gelu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
-        self.launch_n("gelu_fwd", x.len(), &[self.p(out), self.p(x), A::L(x.len() as i64)]);
+        self.launch_n("gelu_fwd", x.len().div_ceil(4), &[self.p(out), self.p(x), A::L(x.len() as i64)]);
     }
     fn gelu_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>) {
-        self.launch_n("gelu_bwd", x.len(), &[self.p(dx), self.p(x), self.p(dout), A::L(x.len() as i64)]);
+        self.launch_n("gelu_bwd", x.len().div_ceil(4), &[self.p(dx), self.p(x), self.p(dout), A::L(x.len() as i64)]);
     }
     fn swiglu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, i: usize) {
         let rows = x.len() / (2 * i);
-        self.launch_n("swiglu_fwd", rows * i, &[self.p(out), self.p(x), A::L(rows as i64), A::I(i as i32)]);
+        self.launch_n("swiglu_fwd", (rows * i).div_ceil(4), &[self.p(out), self.p(x), A::L(rows as i64), A::I(i as i32)]);
     }
     fn swiglu_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>, i: usize) {
         let rows = x.len() / (2 * i);
-        self.launch_n("swiglu_bwd", rows * i, &[self.p(dx), self.p(x), self.p(dout), A::L(rows as i64), A::I(i as i32)]);
+        self.launch_n("swiglu_bwd", (rows * i).div_ceil(4), &[self.p(dx), self.p(x), self.p(dout), A::L(rows as i64), A::I(i as i32)]);
     }
     fn add(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) {
-        self.launch_n("add_f32", a.len(), &[self.p(out), self.p(a), self.p(b), A::L(a.len() as i64)]);
+        self.launch_n("add_f32", a.len().div_ceil(4), &[self.p(out), self.p(a), self.p(b), A::L(a.len() as i64)]);
     }
 
     fn dropout(&self, x: &mut CudaSlice<f32>, mask: crate::backend::DropoutMask) {

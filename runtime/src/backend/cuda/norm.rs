@@ -44,7 +44,7 @@ impl Cuda {
         let outs = [self.ptr(dw), db.map_or(0, |d| self.ptr(d))];
         let args = [A::I(nout as i32), self.p(dout), self.p(x), self.p(mean), self.p(rstd), r, ci];
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        self.reduce_cols(&mut scratch, "layernorm_bwd_params", outs, nout, rows, c, &args);
+        self.reduce_cols(&mut scratch, "layernorm_bwd_params", outs, (rows, c), &args);
     }
 
     pub(super) fn rmsnorm_fwd_op(&self, out: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: &CudaSlice<f32>, c: usize, eps: f32) {
@@ -67,7 +67,7 @@ impl Cuda {
         let (r, ci) = (A::I(rows as i32), A::I(c as i32));
         self.launch("rmsnorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), &[self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(rstd), r, ci]);
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        self.reduce_cols(&mut scratch, "rmsnorm_bwd_params", [self.ptr(dw), 0], 1, rows, c, &[self.p(dout), self.p(x), self.p(rstd), r, ci]);
+        self.reduce_cols(&mut scratch, "rmsnorm_bwd_params", [self.ptr(dw), 0], (rows, c), &[self.p(dout), self.p(x), self.p(rstd), r, ci]);
     }
 
     pub(super) fn embedding_fwd_op(

@@ -60,7 +60,7 @@ impl Cuda {
             funcs,
             lt,
             bf16,
-            deterministic: std::sync::atomic::AtomicBool::new(false),
+            deterministic: std::sync::atomic::AtomicBool::new(true),
             scratch: Mutex::new(scratch),
             weights16: Mutex::new(HashMap::new()),
             failure: Mutex::new(None),

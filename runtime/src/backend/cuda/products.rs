@@ -256,7 +256,7 @@ impl Cuda {
         }
         if let Some(db) = dbias {
             let outs = [self.ptr(db), 0];
-            self.reduce_cols(&mut scratch, "colsum_partials", outs, 1, n, m, &[self.p(dout), A::I(n as i32), A::I(m as i32)]);
+            self.reduce_cols(&mut scratch, "colsum_partials", outs, (n, m), &[self.p(dout), A::I(n as i32), A::I(m as i32)]);
         }
     }
 }

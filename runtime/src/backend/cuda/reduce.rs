@@ -8,8 +8,10 @@ use crate::backend::REDUCE_BLOCK_ROWS;
 
 impl Cuda {
     /// Runs the partials kernel `kernel` (its arguments: the partials buffer, then `args`) over
-    /// `rows` rows of `c` columns with `nout` outputs, then adds the partials to `outs` (0: none).
-    pub(super) fn reduce_cols(&self, scratch: &mut Scratch, kernel: &str, outs: [u64; 2], nout: usize, rows: usize, c: usize, args: &[A]) {
+    /// `rows` rows of `c` columns, then adds the partials to `outs`: one output, or two when the
+    /// second pointer is not 0 (the kernel is told the same count through `args`).
+    pub(super) fn reduce_cols(&self, scratch: &mut Scratch, kernel: &str, outs: [u64; 2], (rows, c): (usize, usize), args: &[A]) {
+        let nout = 1 + usize::from(outs[1] != 0);
         let nblocks = rows.div_ceil(REDUCE_BLOCK_ROWS);
         if nblocks == 0 || c == 0 {
             return;

@@ -1,7 +1,8 @@
 // Elementwise kernels: fill, scale, add, column-block add/take, f32 -> bf16, GELU (tanh) and SwiGLU.
 // CPU twins: cpu/pointwise.rs (gelu_*, swiglu_*, add, add_cols, take_cols), cpu/optim.rs (scale), Backend::fill.
 // Launch: block 256, grid min(ceil(n / 256), 65535), grid-stride loops; the kernels written with
-// `elementwise4` (add, GELU, SwiGLU) take four elements per thread: grid min(ceil(n / 1024), 65535).
+// `elementwise4` (add, take_cols, GELU, SwiGLU) take four elements per thread: grid
+// min(ceil(n / 1024), 65535).
 //
 // The arithmetic is written in the CPU's order with explicitly rounded operations (__fmul_rn,
 // __fadd_rn, ...) so that no FMA contraction changes the result; the only differences from the CPU
@@ -46,13 +47,16 @@ extern "C" __global__ void add_cols_f32(float* dst, const float* src, long long 
 }
 
 // dst is [rows, width], src [rows, ld]: dst[r, j] = scale * src[r, off + j].
+// (elementwise4: four loads in flight per thread)
 extern "C" __global__ void take_cols_f32(float* dst, const float* src, long long rows, int width, int ld, int off, float scale) {
     const long long n = rows * (long long)width;
-    for (long long e = grid_start(); e < n; e += grid_stride()) {
-        const long long r = e / width;
-        const long long j = e - r * width;
-        dst[e] = __fmul_rn(scale, src[r * ld + off + j]);
-    }
+    elementwise4<float>(
+        n,
+        [&](long long e) {
+            const long long r = e / width;
+            return src[r * ld + off + (e - r * width)];
+        },
+        [&](long long e, float x) { dst[e] = __fmul_rn(scale, x); });
 }
 
 // y = bf16(x), four values per thread (one 16-byte load, one 8-byte store; x and y start at
@@ -74,12 +78,13 @@ extern "C" __global__ void cast_f32_bf16(bf16_t* y, const float* x, long long n)
 
 // y[r * ldy + j] = bf16(x[r * cols + j]) for j < cols: a [rows, cols] matrix cast into rows of
 // stride ldy (a multiple of 8 for the tensor-core products; the pad columns are not written).
-// Launch: block 256, grid (min(ceil(cols / 256), 65535), rows) with rows <= 65535.
+// Launch: block 256, grid (min(ceil(cols / 1024), 65535), rows) with rows <= 65535 (elementwise4
+// along the row).
 extern "C" __global__ void cast_f32_bf16_rows(bf16_t* y, const float* x, int cols, long long ldy) {
     const long long r = blockIdx.y;
     const float* xr = x + r * cols;
     bf16_t* yr = y + r * ldy;
-    for (long long j = grid_start(); j < cols; j += grid_stride()) yr[j] = f32_to_bf16(xr[j]);
+    elementwise4<float>(cols, [&](long long j) { return xr[j]; }, [&](long long j, float v) { yr[j] = f32_to_bf16(v); });
 }
 
 #define GELU_K 0.7978846f  // sqrt(2 / pi), as cpu/pointwise.rs

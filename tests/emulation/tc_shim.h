@@ -22,9 +22,6 @@
 struct uint4 {
     unsigned x, y, z, w;
 };
-struct float2 {
-    float x, y;
-};
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 
 inline uint32_t tc_slot[1024][8];

@@ -451,7 +451,7 @@ impl Backend for Cuda {
     }
     fn take_cols(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         let args = [self.p(dst), self.p(src), A::L(rows as i64), A::I(width as i32), A::I(ld as i32), A::I(off as i32), A::F(scale)];
-        self.launch_n("take_cols_f32", rows * width, &args);
+        self.launch_n("take_cols_f32", (rows * width).div_ceil(4), &args);
     }
     fn lora_up(&self, out: &mut CudaSlice<f32>, t: &CudaSlice<f32>, b: &CudaSlice<f32>, blk: ColBlock, rank: usize, scale: f32) {
         self.lora_up_op(out, t, b, blk, rank, scale)

@@ -48,7 +48,7 @@ impl Cuda {
         for r0 in (0..rows).step_by(65535) {
             let r = (rows - r0).min(65535);
             let args = [A::P(dst + (r0 * ld * 2) as u64), A::P(src_p + (r0 * cols * 4) as u64), A::I(cols as i32), A::L(ld as i64)];
-            self.launch("cast_f32_bf16_rows", (cols.div_ceil(256).min(65535) as u32, r as u32, 1), (256, 1, 1), &args);
+            self.launch("cast_f32_bf16_rows", (cols.div_ceil(1024).min(65535) as u32, r as u32, 1), (256, 1, 1), &args);
         }
         dst
     }
@@ -165,7 +165,7 @@ impl Cuda {
         }
         if ld != m {
             let args = [self.p(out), A::P(d), A::L(n as i64), A::I(m as i32), A::I(ld as i32), A::I(0), A::F(1.0)];
-            self.launch_n("take_cols_f32", n * m, &args);
+            self.launch_n("take_cols_f32", (n * m).div_ceil(4), &args);
         }
     }
 

@@ -114,15 +114,16 @@ __device__ __forceinline__ void elementwise4(long long n, Load load, Store store
 
 // ---- deterministic column reductions over rows (the CPU's `math::reduce_rows`) ----------------
 //
-// The CPU splits the rows into blocks of RR_ROWS rows, sums each block sequentially from 0 (one
-// partial per column), then adds the partials to the output in block order. On the GPU a first
+// The rows are split into blocks of RR_ROWS rows; each block is summed sequentially from 0 (one
+// partial per column), then the partials are added to the output in block order. A first
 // kernel writes each block's partials, part[(blk * NOUT + o) * c + j]: thread (tx, ty) of a
 // (32, 8) thread block owns column blockIdx.x * 32 + tx and the row blocks blockIdx.y * 8 + ty,
 // then every gridDim.y * 8 further. `reduce_partials` (reduce.cu) then adds the partials to the
-// outputs in block order. With explicitly rounded operations in `Term`, the result is bitwise the
-// CPU's. (The first form had 16 row blocks, so that one thread block of 32 columns summed all of
-// them: GPT-2's width 768 gave 24 thread blocks, each thread adding 512 rows one after the other,
-// 9 ms per step on an H200 for the bias and norm gradients.)
+// outputs in block order. The order is fixed, so the result is deterministic. The CPU's
+// `math::reduce_rows` uses 16 row blocks (the first GPU form did too, bitwise equal to it, with one
+// thread block of 32 columns summing all of them: GPT-2's width 768 gave 24 thread blocks, each
+// thread adding 512 rows one after the other, 9 ms per step on an H200 for the bias and norm
+// gradients), so the two now agree to rounding.
 //
 // `Term` provides `NOUT` and `__device__ void term(long long r, int j, float* t) const`, writing
 // row r's contribution to column j of each output into t[0..NOUT].

@@ -4,7 +4,8 @@
 //   fixed order; the elementwise arithmetic is in the CPU's order with explicitly rounded operations.
 //   The backward kernels ACCUMULATE into dx (dx += ...), as the CPU does.
 // *_bwd_params: the row-block partials of dw (and db) (common.cuh `reduce_rows_partials`, launched
-//   as it says), which reduce_partials (reduce.cu) adds to dw (and db): bitwise equal to the CPU.
+//   as it says), which reduce_partials (reduce.cu) adds to dw (and db): deterministic, equal to
+//   the CPU's to rounding (its row blocks differ).
 
 #define NORM_THREADS 256
 

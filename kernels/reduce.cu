@@ -2,7 +2,8 @@
 //
 // colsum_partials: the row-block partials (common.cuh `reduce_rows_partials`) of the column sums of
 //   src [rows, c] (a linear layer's bias gradient), then added by reduce_partials. CPU twin: the
-//   `dbias` branch of cpu/matmul.rs `matmul_bwd` (math::reduce_rows); bitwise equal to it.
+//   `dbias` branch of cpu/matmul.rs `matmul_bwd` (math::reduce_rows, 16 row blocks: equal to
+//   rounding).
 // reduce_partials: out0[j] (and out1[j] when nout is 2 and out1 is not null) += the nblocks partials
 //   of part in block order. Launch: block (32, 8), grid ceil(c / 32). (The first form, one thread
 //   per column reading its partials one after the other, took 2.9 ms per GPT-2 124M step on an

@@ -1,8 +1,9 @@
 // Emulated validation of kernels/*.cu (every file but attention_tc.cu) through the same source
 // text NVRTC compiles, run on the CPU by shim.h (one std::thread per CUDA thread). Each kernel is
 // compared with a C++ port of its CPU-backend twin (bitwise where the CPU result is fixed by the
-// order of operations: column sums, norm parameter gradients, embedding backward, AdamW, add,
-// scale, fill, bf16 rounding) or with an f64 reference. Argument: one group to run (pointwise,
+// order of operations: embedding backward, AdamW, add, scale, fill, bf16 rounding; column sums and
+// norm parameter gradients bitwise against a port in the GPU's own fixed order) or with an f64
+// reference. Argument: one group to run (pointwise,
 // reduce, embedding, norm, rope, loss, adamw, decode, attention, dora); none runs all. Exit status 1
 // on any failure. Driven by tests/emulation.rs.
 #include <cstdio>
@@ -54,8 +55,11 @@ static bool bitwise(const vector<float>& a, const vector<float>& b) {
 static dim3 g1(long long n) { return dim3{unsigned(std::min<long long>((n + 255) / 256, 65535)), 1, 1}; }
 
 // ---- CPU reference ports (f32, same op order, no contraction) ----
+// The GPU's column-sum order: blocks of 32 rows (crate::backend::REDUCE_BLOCK_ROWS), each summed
+// from 0, added in block order. (The CPU backend's reduce_rows uses 16 blocks; the two agree to
+// rounding.)
 static void reduce_rows_ref(int rows, int c, vector<vector<float>*> outs, std::function<void(int, int, vector<vector<float>>&)> f) {
-    const int per = 32;  // crate::backend::REDUCE_BLOCK_ROWS
+    const int per = 32;
     int nb = (rows + per - 1) / per;
     for (int b = 0; b < nb; ++b) {
         vector<vector<float>> acc(outs.size(), vector<float>(c, 0.0f));

@@ -518,9 +518,11 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// Rows per block of the deterministic column sums (bias and norm gradients): each block is summed
-/// from zero and the blocks' partials are added in order, on the CPU (`cpu::math::reduce_rows`) and
-/// on the GPU (kernels/common.cuh `reduce_rows_partials`, which must use the same number).
+/// Rows per block of the GPU's deterministic column sums (bias, norm and DoRA magnitude gradients):
+/// each block is summed from zero and the blocks' partials are added in order (kernels/common.cuh
+/// `reduce_rows_partials`). The CPU's `cpu::math::reduce_rows` splits the rows into 16 blocks
+/// instead, so the two agree to rounding, not bit for bit. (Moving the CPU to 32-row blocks as
+/// well changed the addition example's training enough to spoil it: see docs/KERNELS.md.)
 pub const REDUCE_BLOCK_ROWS: usize = 32;
 
 /// The row stride a device gives a matrix product's `[rows, m]` output (and, in bf16, the copy of

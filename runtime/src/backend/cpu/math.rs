@@ -1,8 +1,6 @@
 //! Scalar building blocks written so that LLVM vectorises the loops that call them: a branch-free
 //! `exp` (a polynomial and an exponent-bit shift, about 1 ulp), and dot/axpy with split accumulators.
 
-use crate::backend::REDUCE_BLOCK_ROWS;
-
 /// `e^x` for f32, accurate to about 2 ulp on the whole range; saturates to 0 below -87 and to
 /// about 1.6e38 above 88.
 #[inline(always)]
@@ -171,16 +169,15 @@ impl SharedMut {
     }
 }
 
-/// Sums per-block partial vectors in a fixed order: rows are split into blocks of
-/// [`REDUCE_BLOCK_ROWS`] (independent of the thread count), each summed from zero, and the
-/// partials are added to the outputs in block order, so the result is the same on any machine
-/// and on the GPU (kernels/common.cuh `reduce_rows_partials`).
+/// Sums per-block partial vectors in a fixed order: rows are split into a fixed number of blocks
+/// (independent of the thread count), so the result is the same on any machine.
 pub fn reduce_rows<F>(rows: usize, width: usize, outs: &mut [&mut [f32]], f: F)
 where
     F: Fn(std::ops::Range<usize>, &mut [Vec<f32>]) + Sync,
 {
     use rayon::prelude::*;
-    let per = REDUCE_BLOCK_ROWS;
+    const BLOCKS: usize = 16;
+    let per = rows.div_ceil(BLOCKS).max(1);
     let n_out = outs.len();
     let partials: Vec<Vec<Vec<f32>>> = (0..rows.div_ceil(per))
         .into_par_iter()

@@ -10,20 +10,25 @@ use super::blas::{Gemm, Ty};
 use super::{device_error, Cuda, Scratch, A};
 
 impl Cuda {
-    /// Rounds `src` to bf16 into scratch slot `slot` (grown as needed); returns its pointer.
-    pub(super) fn bf16_copy(&self, scratch: &mut Scratch, slot: usize, src: &CudaSlice<f32>) -> u64 {
-        let n = src.len();
-        if scratch.bf16[slot].len() < n {
-            match self.alloc::<u16>(n) {
-                Ok(b) => scratch.bf16[slot] = b,
-                // nothing runs after a failure, so the pointer is never used
+    /// `buf`, a grow-only scratch buffer, grown to at least `n` values; its pointer, or 0 after a
+    /// failure (nothing runs after a failure, so the pointer is never used).
+    pub(super) fn grown<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, buf: &mut CudaSlice<T>, n: usize) -> u64 {
+        if buf.len() < n {
+            match self.alloc::<T>(n) {
+                Ok(b) => *buf = b,
                 Err(e) => {
                     self.fail(e);
                     return 0;
                 }
             }
         }
-        let dst = self.ptr(&scratch.bf16[slot]);
+        self.ptr(buf)
+    }
+
+    /// Rounds `src` to bf16 into scratch slot `slot` (grown as needed); returns its pointer.
+    pub(super) fn bf16_copy(&self, scratch: &mut Scratch, slot: usize, src: &CudaSlice<f32>) -> u64 {
+        let n = src.len();
+        let dst = self.grown(&mut scratch.bf16[slot], n);
         // four values per thread
         self.launch_n("cast_f32_bf16", n.div_ceil(4), &[A::P(dst), self.p(src), A::L(n as i64)]);
         dst
@@ -32,17 +37,7 @@ impl Cuda {
     /// Rounds the `[rows, cols]` matrix `src` to bf16 into scratch slot `slot` with rows of stride
     /// `ld` (see [`crate::backend::aligned_ld`]); returns its pointer.
     fn bf16_copy_rows(&self, scratch: &mut Scratch, slot: usize, src: &CudaSlice<f32>, rows: usize, cols: usize, ld: usize) -> u64 {
-        let n = rows * ld;
-        if scratch.bf16[slot].len() < n {
-            match self.alloc::<u16>(n) {
-                Ok(b) => scratch.bf16[slot] = b,
-                Err(e) => {
-                    self.fail(e);
-                    return 0;
-                }
-            }
-        }
-        let dst = self.ptr(&scratch.bf16[slot]);
+        let dst = self.grown(&mut scratch.bf16[slot], rows * ld);
         let src_p = self.ptr(src);
         // rows go on the grid's y axis (at most 65535): taller matrices go in slices of rows
         for r0 in (0..rows).step_by(65535) {
@@ -51,21 +46,6 @@ impl Cuda {
             self.launch("cast_f32_bf16_rows", (cols.div_ceil(1024).min(65535) as u32, r as u32, 1), (256, 1, 1), &args);
         }
         dst
-    }
-
-    /// The product output's scratch of at least `n` values (the padded rows of
-    /// [`crate::backend::aligned_ld`]); 0 after a failure.
-    fn padded_out(&self, scratch: &mut Scratch, n: usize) -> u64 {
-        if scratch.padded.len() < n {
-            match self.alloc::<f32>(n) {
-                Ok(b) => scratch.padded = b,
-                Err(e) => {
-                    self.fail(e);
-                    return 0;
-                }
-            }
-        }
-        self.ptr(&scratch.padded)
     }
 
     /// The bf16 working copy of a parameter, when the last write to it was the fused AdamW step.
@@ -139,7 +119,7 @@ impl Cuda {
         // two parts, the outputs up to the last multiple of 8 and the few after them, so that
         // every operand of each part starts 16-byte aligned (see `aligned_split`)
         let ld = crate::backend::aligned_ld(m);
-        let d = if ld == m { self.ptr(out) } else { self.padded_out(&mut scratch, n * ld) };
+        let d = if ld == m { self.ptr(out) } else { self.grown(&mut scratch.padded, n * ld) };
         let esize = if ty == Ty::Bf16 { 2 } else { 4 };
         let (main, rest) = crate::backend::aligned_split(m);
         for (at, cols) in [(0, main), (main, rest)] {

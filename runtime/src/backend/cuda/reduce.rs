@@ -16,14 +16,7 @@ impl Cuda {
         if nblocks == 0 || c == 0 {
             return;
         }
-        let n = nblocks * nout * c;
-        if scratch.colsum.len() < n {
-            match self.alloc::<f32>(n) {
-                Ok(b) => scratch.colsum = b,
-                Err(e) => return self.fail(e),
-            }
-        }
-        let part = self.ptr(&scratch.colsum);
+        let part = self.grown(&mut scratch.colsum, nblocks * nout * c);
         let mut a = vec![A::P(part)];
         a.extend_from_slice(args);
         let grid = (c.div_ceil(32) as u32, nblocks.div_ceil(8).min(65535) as u32, 1);

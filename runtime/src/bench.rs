@@ -275,11 +275,15 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
         let lora = crate::model::lora::LoraConfig::from_map(peft.as_object().expect("an object"), "bench")?;
         model.add_lora(lora, None, 0)?;
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    // in a data parallel run (`mpirun -np N runtime bench`) each process steps its own batch
+    let collective = crate::engine::mpi::start()?;
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let mut rng = ChaCha8Rng::seed_from_u64(7 + rank as u64);
     let rows = cfg.batch * cfg.seq;
     let ids: Vec<i32> = (0..rows).map(|_| rng.random_range(0..cfg.vocab as i32)).collect();
     let batch = Batch { batch: cfg.batch, seq: cfg.seq, input_ids: ids.clone(), labels: Some(ids), ..Batch::default() };
     let mut step = Step::with_workspace(model, AdamWConfig { lr: 3e-4, weight_decay: 0.01, ..AdamWConfig::default() }, cfg.batch, cfg.seq)?;
+    step.collective = collective;
     let window = [batch];
     let mut loss = f32::NAN;
     let mut elapsed = 0.0;
@@ -300,9 +304,9 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
     let r = BenchResult {
         arch: cfg.arch.clone(),
         parameters: model.num_parameters(),
-        tokens_per_step: rows,
+        tokens_per_step: rows * world,
         step_seconds,
-        tokens_per_second: rows as f64 / step_seconds,
+        tokens_per_second: (rows * world) as f64 / step_seconds,
         peak_rss_mib: peak_rss_mib(),
         activation_mib: acts.bytes(&model.backend) as f64 / (1024.0 * 1024.0),
         matmul_share: f64::NAN,

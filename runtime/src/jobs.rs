@@ -49,7 +49,11 @@ pub fn train(args: TrainingArguments) -> anyhow::Result<()> {
 
 fn train_on<B: Backend + Clone>(backend: B, args: TrainingArguments) -> anyhow::Result<()> {
     let mut trainer = Trainer::new_on(backend, args, true)?;
-    trainer.add_callback(Box::new(PrinterCallback { out: std::io::stdout() }));
+    // in a data parallel run, rank 0 prints
+    let main_process = trainer.state.is_world_process_zero;
+    if main_process {
+        trainer.add_callback(Box::new(PrinterCallback { out: std::io::stdout() }));
+    }
     stop_on_signals(&trainer.stop)?;
     tracing::info!(
         "training {} ({} parameters) on {} examples for {} steps ({})",
@@ -60,8 +64,10 @@ fn train_on<B: Backend + Clone>(backend: B, args: TrainingArguments) -> anyhow::
         trainer.step.model.backend.name()
     );
     let metrics = trainer.train()?;
-    println!("{}", serde_json::to_string(&metrics)?);
-    println!("saved to {}", trainer.args.output_dir);
+    if main_process {
+        println!("{}", serde_json::to_string(&metrics)?);
+        println!("saved to {}", trainer.args.output_dir);
+    }
     Ok(())
 }
 

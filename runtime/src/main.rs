@@ -548,7 +548,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Selected::Cuda(cuda) if profile => bench::run_cuda_profiled(&cfg, cuda)?,
                 Selected::Cuda(cuda) => bench::run_cuda(&cfg, cuda)?,
             };
-            println!("{}", if json { serde_json::to_string(&r)? } else { r.report(cfg.batch, cfg.seq) });
+            // across processes (`mpirun -np N runtime bench`: the training step, data parallel), rank 0 reports
+            if runtime::engine::mpi::launcher_rank().unwrap_or(0) == 0 {
+                println!("{}", if json { serde_json::to_string(&r)? } else { r.report(cfg.batch, cfg.seq) });
+            }
         }
         Command::Kernels { mut arch, cache, json } => {
             if arch.is_empty() {
@@ -562,25 +565,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    // logs to stderr; RUST_LOG (e.g. `RUST_LOG=debug`) sets the level, `info` by default
+    // logs to stderr; RUST_LOG (e.g. `RUST_LOG=debug`) sets the level, `info` by default (`warn`
+    // on the processes of a data parallel run other than rank 0)
+    let default_level = if runtime::engine::mpi::launcher_rank().unwrap_or(0) > 0 { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)))
         .init();
     // every failure, a device's (out of memory, above all) included, comes back as a value:
     // one error line and exit status 1
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let several = runtime::engine::mpi::launcher_world_size().unwrap_or(1) > 1;
+    let result = match cli.command {
+        Command::Train { .. } => run(cli),
+        Command::Bench { decode: None, roofline: None, .. } => run(cli),
+        _ if several => Err(anyhow::anyhow!(
+            "only `runtime train` and the training `runtime bench` run across several processes; start this command without the MPI launcher"
+        )),
+        _ => run(cli),
+    };
+    match result {
+        Ok(()) => {
+            runtime::engine::mpi::finish();
+            ExitCode::SUCCESS
+        }
         Err(e) => match e.downcast_ref::<runtime::error::Error>() {
             Some(runtime::error::Error::Interrupted(msg)) => {
+                // every process of a data parallel run stops after the same step
                 eprintln!("stopped: {msg}");
+                runtime::engine::mpi::finish();
                 ExitCode::from(STOPPED_RESUMABLE)
             }
             _ => {
-                eprintln!("error: {e}");
+                // one write, so that the line survives the other processes' abort
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("error: {e}\n").as_bytes());
+                // no process of a data parallel run is left waiting for this one
+                runtime::engine::mpi::abort_all(1);
                 ExitCode::FAILURE
             }
         },

@@ -3,6 +3,7 @@
 //! read from a TOML, JSON or YAML file and `--name value` overrides.
 
 pub mod config_file;
+pub mod distributed;
 pub mod scheduler;
 pub mod training;
 

@@ -135,6 +135,10 @@ pub struct TrainingArguments {
     pub run_name: Option<String>,
     pub use_cpu: bool,
     pub device: String,
+    /// Across processes (docs/DISTRIBUTED.md): `mpi` or `nccl`; unset: the launcher's default.
+    pub ddp_backend: Option<String>,
+    /// `""` (plain data parallel), `"shard_grad_op"` or `"full_shard"`, as transformers.
+    pub fsdp: Value,
 
     // --- Seq2SeqTrainingArguments
     pub predict_with_generate: bool,
@@ -221,6 +225,8 @@ impl Default for TrainingArguments {
             run_name: None,
             use_cpu: false,
             device: "auto".into(),
+            ddp_backend: None,
+            fsdp: Value::String(String::new()),
             predict_with_generate: false,
             generation_max_length: None,
             generation_num_beams: None,
@@ -228,72 +234,6 @@ impl Default for TrainingArguments {
         }
     }
 }
-
-/// transformers `Seq2SeqTrainingArguments` fields that this runtime does not implement: naming
-/// one is an error that says so (rather than "unknown key" or silently ignoring it).
-const HF_UNSUPPORTED: &[&str] = &[
-    "optim_args",
-    "optim_target_modules",
-    "average_tokens_across_devices",
-    "bf16_full_eval",
-    "fp16_full_eval",
-    "tf32",
-    "activation_checkpointing",
-    "activation_checkpointing_kwargs",
-    "gradient_checkpointing_kwargs",
-    "torch_compile",
-    "torch_compile_backend",
-    "torch_compile_mode",
-    "use_liger_kernel",
-    "liger_kernel_config",
-    "use_cache",
-    "torch_empty_cache_steps",
-    "log_on_each_node",
-    "include_num_input_tokens_seen",
-    "log_level",
-    "log_level_replica",
-    "project",
-    "trackio_space_id",
-    "trackio_bucket_id",
-    "trackio_static_space_id",
-    "eval_do_concat_batches",
-    "eval_use_gather_object",
-    "eval_accumulation_steps",
-    "batch_eval_metrics",
-    "save_on_each_node",
-    "enable_jit_checkpoint",
-    "push_to_hub",
-    "hub_token",
-    "hub_private_repo",
-    "hub_model_id",
-    "hub_strategy",
-    "hub_always_push",
-    "hub_revision",
-    "restore_callback_states_from_checkpoint",
-    "accelerator_config",
-    "parallelism_config",
-    "dataloader_num_workers",
-    "dataloader_pin_memory",
-    "dataloader_persistent_workers",
-    "dataloader_prefetch_factor",
-    "dataloader_multiprocessing_context",
-    "dataloader_in_order",
-    "length_column_name",
-    "ddp_find_unused_parameters",
-    "ddp_bucket_cap_mb",
-    "ddp_broadcast_buffers",
-    "ddp_static_graph",
-    "ddp_backend",
-    "ddp_timeout",
-    "fsdp",
-    "fsdp_config",
-    "deepspeed",
-    "debug",
-    "skip_memory_metrics",
-    "local_rank",
-    "sortish_sampler",
-    "generation_config",
-];
 
 /// `report_to` as a list of integration names: as transformers, `"none"` (or null) is none, a
 /// name is a list of one, and `"all"` is every integration this build has (TensorBoard).
@@ -336,7 +276,7 @@ fn check_key(key: &str, source: &str) -> Result<()> {
     if known_keys().iter().any(|k| k == key) {
         return Ok(());
     }
-    if HF_UNSUPPORTED.contains(&key) {
+    if super::distributed::HF_UNSUPPORTED.contains(&key) {
         return Err(Error::Invalid(format!("{source}: `{key}` is a transformers TrainingArguments field that runtime does not support")));
     }
     let hint = closest_key(key).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
@@ -415,6 +355,7 @@ impl TrainingArguments {
             return bad(format!("warmup_steps must be >= 0, found {}", self.warmup_steps));
         }
         SchedulerType::parse(&self.lr_scheduler_type)?;
+        self.check_distributed()?;
         for (name, v) in [
             ("per_device_train_batch_size", self.per_device_train_batch_size),
             ("per_device_eval_batch_size", self.per_device_eval_batch_size),

@@ -225,6 +225,11 @@ pub trait Backend: Send + Sync {
     /// Waits for the queued ops that write `buf` and copies it to the host.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// The buffer's elements, when they live in host memory (the CPU backend's): a collective
+    /// then reduces them in place instead of copying them out and back.
+    fn host_mut<'a>(&self, _buf: &'a mut Self::Buf) -> Option<&'a mut [f32]> {
+        None
+    }
     fn fill(&self, buf: &mut Self::Buf, value: f32);
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
     /// `dst[dst_off..dst_off + n] = src[src_off..src_off + n]`.

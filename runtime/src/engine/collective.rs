@@ -4,6 +4,11 @@
 //! final ([`Collective::grads_ready`], where a reduction can start while the rest of the backward
 //! pass runs), and between that pass and the gradient norm it calls
 //! [`Collective::all_reduce_grads`] (where the reductions are finished).
+//!
+//! The trainer also agrees with the other processes through it on a few numbers per step (the
+//! window's label tokens, the summed loss, whether to stop: [`Collective::sum_f64`]), checks at
+//! start that every process was given the same run ([`Collective::all_gather_u64`]), and waits
+//! for rank 0's writes ([`Collective::barrier`]).
 
 use crate::backend::Backend;
 use crate::error::Result;
@@ -21,8 +26,20 @@ pub trait Collective<B: Backend>: Send {
     }
     /// Replaces each trainable parameter's gradient with its sum over the processes (each has
     /// already divided by the window's label tokens over all processes, so the sum is the mean
-    /// gradient).
+    /// gradient). Every process ends with the same bits.
     fn all_reduce_grads(&mut self, backend: &B, grads: &mut Grads<B>) -> Result<()>;
+    /// Replaces each value with its sum over the processes (the same on every process).
+    fn sum_f64(&mut self, _values: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    /// Every process's `value`, by rank.
+    fn all_gather_u64(&mut self, value: u64) -> Result<Vec<u64>> {
+        Ok(vec![value])
+    }
+    /// Waits until every process has reached this point.
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One process: nothing to combine.

@@ -197,8 +197,13 @@ impl<B: Backend> Step<B> {
     /// A whole step with the built-in loss over the micro-batches of one accumulation window:
     /// the loss is normalised by the window's label tokens (`num_items_in_batch`), and the update
     /// is skipped when the loss or the gradient norm is not finite.
+    ///
+    /// In a data parallel run each process passes its share of the window; the label tokens and
+    /// the loss are summed over the processes.
     pub fn run(&mut self, window: &[Batch], loss: LossOptions, lr: f32, max_grad_norm: f32) -> Result<StepReport> {
-        let items: usize = window.iter().map(label_tokens).sum();
+        let mut items = [window.iter().map(label_tokens).sum::<usize>() as f64];
+        self.collective.sum_f64(&mut items)?;
+        let items = items[0] as usize;
         if items == 0 {
             return Err(Error::Invalid("the batches of this accumulation window have no label tokens".into()));
         }
@@ -208,7 +213,9 @@ impl<B: Backend> Step<B> {
             let o = MicroOptions { neftune: None, accumulating: i + 1 < window.len(), dropout: None };
             sum += self.micro_batch(b, MicroLoss::BuiltIn(LossOptions { num_items_in_batch: Some(items), ..loss }), o)?.sum;
         }
-        let loss = sum / items as f64;
+        let mut sum = [sum];
+        self.collective.sum_f64(&mut sum)?;
+        let loss = sum[0] / items as f64;
         let (grad_norm, clip_coef) = self.grad_norm(max_grad_norm)?;
         let applied = loss.is_finite() && grad_norm.is_finite() && self.apply(lr, clip_coef)?;
         Ok(StepReport { loss, grad_norm, clip_coef, applied })

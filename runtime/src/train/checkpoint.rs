@@ -22,7 +22,26 @@ impl<B: Backend + Clone> Trainer<B> {
     /// overwriting without resuming, the earlier run's checkpoints, which rotation would otherwise
     /// keep as the newest), checks the folder is writable with room for a checkpoint, and loads
     /// the checkpoint to resume from.
+    ///
+    /// In a data parallel run, rank 0 alone checks, locks and cleans the folder; the others wait
+    /// for it, then load the same checkpoint.
     pub(super) fn begin_run(&mut self) -> Result<()> {
+        if self.state.is_world_process_zero {
+            self.prepare_output_dir()?;
+        }
+        self.step.collective.barrier()?;
+        if let Some(dir) = &self.resume_target()? {
+            self.load_checkpoint(dir)?;
+            if self.args.ignore_data_skip {
+                // as transformers: restart the current epoch's data instead of skipping ahead
+                self.state.sampler.batch = 0;
+            }
+            tracing::info!("resuming from {} at step {}", dir.display(), self.state.global_step);
+        }
+        Ok(())
+    }
+
+    fn prepare_output_dir(&mut self) -> Result<()> {
         let resume = self.resume_target()?;
         if output_dir::occupied(&self.output_dir)? && resume.is_none() && !self.args.overwrite_output_dir {
             return Err(Error::Invalid(format!(
@@ -43,16 +62,7 @@ impl<B: Backend + Clone> Trainer<B> {
                 tracing::warn!("overwrite_output_dir: removed the earlier run's {}", names.join(", "));
             }
         }
-        output_dir::preflight(&self.output_dir, self.save_bytes())?;
-        if let Some(dir) = &resume {
-            self.load_checkpoint(dir)?;
-            if self.args.ignore_data_skip {
-                // as transformers: restart the current epoch's data instead of skipping ahead
-                self.state.sampler.batch = 0;
-            }
-            tracing::info!("resuming from {} at step {}", dir.display(), self.state.global_step);
-        }
-        Ok(())
+        output_dir::preflight(&self.output_dir, self.save_bytes())
     }
 
     /// Bytes one checkpoint (f32 weights, and the moments of the trainable parameters) and the
@@ -117,9 +127,12 @@ impl<B: Backend + Clone> Trainer<B> {
         for cb in &mut self.callbacks {
             cb.load_state(&state.stateful_callbacks)?;
         }
-        let keep = (self.state.max_steps, self.state.num_train_epochs, self.state.logging_steps, self.state.eval_steps, self.state.save_steps);
+        // this run's plan, and this process's place in it (a checkpoint is written by rank 0)
+        let s = &self.state;
+        let keep = (s.max_steps, s.num_train_epochs, s.logging_steps, s.eval_steps, s.save_steps, s.is_local_process_zero, s.is_world_process_zero);
         self.state = state;
-        (self.state.max_steps, self.state.num_train_epochs, self.state.logging_steps, self.state.eval_steps, self.state.save_steps) = keep;
+        let s = &mut self.state;
+        (s.max_steps, s.num_train_epochs, s.logging_steps, s.eval_steps, s.save_steps, s.is_local_process_zero, s.is_world_process_zero) = keep;
         Ok(())
     }
 
@@ -150,8 +163,20 @@ impl<B: Backend + Clone> Trainer<B> {
                 self.state.stateful_callbacks.insert(name, value);
             }
         }
+        // in a data parallel run every process holds the same state: rank 0 writes it, and the
+        // others wait until it is in place
+        if self.state.is_world_process_zero {
+            self.write_checkpoint(&dir)?;
+            self.rotate()?;
+        }
+        self.step.collective.barrier()?;
+        self.emit(Event::Save, None)?;
+        Ok(dir)
+    }
+
+    fn write_checkpoint(&self, dir: &Path) -> Result<()> {
         let (model, opt, state, args) = (&self.step.model, &self.step.opt, &self.state, &self.args);
-        write_folder_atomically(&dir, true, |tmp| {
+        write_folder_atomically(dir, true, |tmp| {
             // f32 whatever the model's dtype, so resume is exact
             model.write_into(tmp, Some(Dtype::F32), u64::MAX)?;
             let mut bytes: Vec<(String, Vec<u8>)> = Vec::new();
@@ -180,10 +205,7 @@ impl<B: Backend + Clone> Trainer<B> {
             )?;
             write_file(&tmp.join("training_args.json"), args.to_json().as_bytes())?;
             write_file(&tmp.join("trainer_state.json"), state.to_json().as_bytes())
-        })?;
-        self.rotate()?;
-        self.emit(Event::Save, None)?;
-        Ok(dir)
+        })
     }
 
     /// `save_total_limit`: delete the oldest checkpoints, never the best one. As in
@@ -210,7 +232,15 @@ impl<B: Backend + Clone> Trainer<B> {
 
     /// The final `output_dir`: the model in HF format, `trainer_state.json`,
     /// `training_args.json`, `train_results.json` and `all_results.json`.
-    pub(super) fn save_output(&self, train_metrics: &Map<String, Value>) -> Result<()> {
+    /// In a data parallel run, rank 0 writes it and the others wait.
+    pub(super) fn save_output(&mut self, train_metrics: &Map<String, Value>) -> Result<()> {
+        if self.state.is_world_process_zero {
+            self.write_output(train_metrics)?;
+        }
+        self.step.collective.barrier()
+    }
+
+    fn write_output(&self, train_metrics: &Map<String, Value>) -> Result<()> {
         let out = &self.output_dir;
         let tmp = out.join(format!(".final.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);

@@ -45,6 +45,15 @@ impl Sampler {
     }
 }
 
+/// Process `rank`'s share of a global batch `ix` of `world` processes: a contiguous slice, the
+/// `b` examples from `rank * b` when the batch is full (`world * b` examples), balanced when it is
+/// short (the last of an epoch), and empty when it has fewer examples than processes. One process
+/// with the whole batch and `world` processes with their shares see the same examples.
+pub fn shard(ix: &[usize], rank: usize, world: usize) -> &[usize] {
+    let n = ix.len();
+    &ix[rank * n / world..(rank + 1) * n / world]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +72,19 @@ mod tests {
         assert_eq!(d.epoch_batches(0).len(), 3);
         let q = Sampler { sequential: true, ..s };
         assert_eq!(q.epoch_batches(3), vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![9]]);
+    }
+
+    #[test]
+    fn shards_cover_the_batch_once_in_order() {
+        let ix: Vec<usize> = (10..16).collect();
+        assert_eq!(shard(&ix, 0, 3), &[10, 11]);
+        assert_eq!(shard(&ix, 2, 3), &[14, 15]);
+        for (n, world) in [(6, 3), (5, 3), (2, 3), (7, 2), (0, 2), (9, 4)] {
+            let ix: Vec<usize> = (0..n).collect();
+            let joined: Vec<usize> = (0..world).flat_map(|r| shard(&ix, r, world).to_vec()).collect();
+            assert_eq!(joined, ix, "{n} examples over {world}");
+            let sizes: Vec<usize> = (0..world).map(|r| shard(&ix, r, world).len()).collect();
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
+        }
     }
 }

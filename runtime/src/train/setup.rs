@@ -186,17 +186,19 @@ fn adamw_config(args: &TrainingArguments) -> AdamWConfig {
 
 /// The sampler over the training examples, the accumulation windows per epoch, the number of
 /// optimizer steps and the learning-rate schedule.
-fn plan_steps(args: &TrainingArguments, n_train: usize, training: bool) -> Result<(Sampler, u64, u64, Schedule)> {
+/// With `world` processes a step's batch is `world` times the per-device batch, each process
+/// taking its share ([`super::sampler::shard`]).
+fn plan_steps(args: &TrainingArguments, n_train: usize, training: bool, world: usize) -> Result<(Sampler, u64, u64, Schedule)> {
     let sampler = Sampler {
         seed: args.data_seed.unwrap_or(args.seed),
         n_examples: n_train,
-        batch_size: args.per_device_train_batch_size,
+        batch_size: args.per_device_train_batch_size * world,
         drop_last: args.dataloader_drop_last,
         sequential: args.train_sampling_strategy == "sequential",
     };
     let batches = sampler.batches_per_epoch().max(usize::from(!training));
     if batches == 0 {
-        return Err(Error::Invalid(format!("{n_train} examples make no full batch of {} (dataloader_drop_last)", args.per_device_train_batch_size)));
+        return Err(Error::Invalid(format!("{n_train} examples make no full batch of {} (dataloader_drop_last)", sampler.batch_size)));
     }
     let windows = batches.div_ceil(args.gradient_accumulation_steps) as u64;
     let max_steps = if args.max_steps > 0 { args.max_steps as u64 } else { (args.num_train_epochs * windows as f64).ceil() as u64 };
@@ -231,14 +233,28 @@ impl<B: Backend + Clone> Trainer<B> {
         }
         let longest = train.iter().chain(eval.iter().flatten()).map(|e| e.input_ids.len()).max().unwrap_or(0);
         check_lengths_and_metric(&args, &model.config, &plugins, longest)?;
+        // the other processes of a data parallel run, when a launcher started several
+        let collective = if training { crate::engine::mpi::start()? } else { Box::new(crate::engine::SingleProcess) };
+        let (rank, world) = (collective.rank(), collective.world_size());
+        if world > 1 && args.auto_find_batch_size {
+            return Err(Error::Unsupported("auto_find_batch_size across several processes is not supported yet: set per_device_train_batch_size".into()));
+        }
         let mut args = args;
         if args.auto_find_batch_size && training {
             plan_batch_size(&mut args, &model, longest)?;
         }
         let pad_id = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |t| t.id);
         let pad = PadOptions { padding: Padding::Longest, side: tokenizer.padding_side, pad_id, max_length: None, truncation: false, pad_to_multiple_of: None };
-        let (sampler, windows, max_steps, schedule) = plan_steps(&args, train.len(), training)?;
-        let step = Step::new(model, adamw_config(&args))?;
+        let (sampler, windows, max_steps, schedule) = plan_steps(&args, train.len(), training, world)?;
+        let mut step = Step::new(model, adamw_config(&args))?;
+        step.collective = collective;
+        if world > 1 {
+            same_run_everywhere(&mut step, &args, &train, eval.as_deref())?;
+            // the launcher names a process that dies by its PID
+            let pids = step.collective.all_gather_u64(u64::from(std::process::id()))?;
+            let pids: Vec<String> = pids.iter().enumerate().map(|(r, p)| format!("rank {r}: PID {p}")).collect();
+            tracing::info!("data parallel over {world} processes ({})", pids.join(", "));
+        }
         let (logging_steps, save_steps) = (interval(args.logging_steps, max_steps), interval(args.save_steps, max_steps));
         let eval_steps = interval(args.eval_steps.unwrap_or(args.logging_steps), max_steps);
         let state = TrainerState {
@@ -248,8 +264,8 @@ impl<B: Backend + Clone> Trainer<B> {
             eval_steps,
             save_steps,
             train_batch_size: args.per_device_train_batch_size,
-            is_local_process_zero: true,
-            is_world_process_zero: true,
+            is_local_process_zero: rank == 0,
+            is_world_process_zero: rank == 0,
             ..TrainerState::default()
         };
         let output_dir = PathBuf::from(&args.output_dir);
@@ -284,6 +300,31 @@ impl<B: Backend + Clone> Trainer<B> {
             stop: Default::default(),
         })
     }
+}
+
+/// Refuses to start when the processes of a data parallel run were given different runs: the
+/// arguments, the model's size and every example's tokens, hashed on each process and compared.
+fn same_run_everywhere<B: Backend>(step: &mut Step<B>, args: &TrainingArguments, train: &[Example], eval: Option<&[Example]>) -> Result<()> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(args.to_json().as_bytes());
+    h.update(step.model.layout.numel().to_le_bytes());
+    for e in train.iter().chain(eval.into_iter().flatten()) {
+        h.update(e.input_ids.len().to_le_bytes());
+        e.input_ids.iter().for_each(|t| h.update(t.to_le_bytes()));
+        e.labels.iter().for_each(|t| h.update(t.to_le_bytes()));
+    }
+    let digest = h.finalize();
+    let mine = u64::from_le_bytes(digest[..8].try_into().unwrap_or_default());
+    let all = step.collective.all_gather_u64(mine)?;
+    let differ: Vec<String> = all.iter().enumerate().filter(|(_, &x)| x != all[0]).map(|(r, _)| r.to_string()).collect();
+    if !differ.is_empty() {
+        return Err(Error::Invalid(format!(
+            "the processes of this run were not given the same run: rank(s) {} differ from rank 0 in their arguments, model or data",
+            differ.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// Checks before training that the longest example fits the model's positions, and that

@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use super::batch_size::smaller_batch;
 use super::callbacks::{Event, TrainerCallback, TrainerControl};
 use super::flow::LossLog;
-use super::sampler::{Sampler, SamplerState};
+use super::sampler::{shard, Sampler, SamplerState};
 use super::schedule::Schedule;
 use super::state::TrainerState;
 use crate::args::training::NanInfPolicy;
@@ -77,8 +77,11 @@ struct StepOutcome {
     lr: f64,
     /// Whether the loss and the norm were finite (and so the update applied).
     finite: bool,
-    /// Attended tokens of the micro-batches that ran.
+    /// Attended tokens of the micro-batches that ran (on every process).
     tokens: u64,
+    /// A stop was asked ([`Trainer::stop`]) of this process or, in a data parallel run, of any:
+    /// every process stops after the same step.
+    stop: bool,
 }
 
 /// Where the loop goes after a step.
@@ -159,7 +162,11 @@ impl<B: Backend + Clone> Trainer<B> {
     pub fn train(&mut self) -> Result<Map<String, Value>> {
         self.begin_run()?;
         let mut clock = RunClock { started: Instant::now(), start_step: self.state.global_step, tokens: 0 };
-        let bar = if self.args.disable_tqdm { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(self.state.max_steps) };
+        let bar = if self.args.disable_tqdm || !self.state.is_world_process_zero {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(self.state.max_steps)
+        };
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
@@ -199,7 +206,8 @@ impl<B: Backend + Clone> Trainer<B> {
                     clock.tokens as f64 / clock.started.elapsed().as_secs_f64()
                 ));
                 let flow = self.after_step(epoch, b, batches.len(), &outcome, clock.tokens, &mut logbook)?;
-                if self.stop.load(Ordering::SeqCst) {
+                let one_process = self.step.collective.world_size() == 1;
+                if (one_process && self.stop.load(Ordering::SeqCst)) || outcome.stop {
                     bar.finish_and_clear();
                     return Err(self.stop_with_checkpoint()?);
                 }
@@ -246,14 +254,29 @@ impl<B: Backend + Clone> Trainer<B> {
     /// backward each with the loss divided by the window's label tokens, then the gradient norm,
     /// the NaN policy and the update. An error leaves the weights and the optimizer as they were.
     fn optimizer_step(&mut self, window: &[Vec<usize>], loss_hook: &mut Option<LossHook>) -> Result<StepOutcome> {
-        let micro = window.iter().map(|ix| self.collate(&self.train, &self.train_columns, ix)).collect::<Result<Vec<_>>>()?;
-        let items: usize = micro.iter().map(label_tokens).sum();
+        // this process's share of each micro-batch of the window (all of it in one process)
+        let (rank, world) = (self.step.collective.rank(), self.step.collective.world_size());
+        let micro = window
+            .iter()
+            .map(|ix| shard(ix, rank, world))
+            .filter(|ix| !ix.is_empty())
+            .map(|ix| self.collate(&self.train, &self.train_columns, ix))
+            .collect::<Result<Vec<_>>>()?;
+        // the loss is normalised by the window's label tokens over every process
+        let mut items = [micro.iter().map(label_tokens).sum::<usize>() as f64];
+        self.step.collective.sum_f64(&mut items)?;
+        let items = items[0] as usize;
         if items == 0 {
             return Err(Error::Invalid(format!("step {}: the batches of this accumulation window have no label tokens", self.state.global_step + 1)));
         }
         self.emit(Event::StepBegin, None)?;
         self.step.zero_grad();
         let (loss_sum, tokens, plugin_failed) = self.micro_batches(&micro, items, loss_hook)?;
+        // summed over the processes: the loss, the tokens, a failed plugin, a stop asked
+        let mut agreed = [loss_sum, tokens as f64, f64::from(u8::from(plugin_failed)), f64::from(u8::from(self.stop.load(Ordering::SeqCst)))];
+        self.step.collective.sum_f64(&mut agreed)?;
+        let [loss_sum, tokens, failed, stop] = agreed;
+        let (tokens, plugin_failed, stop) = (tokens as u64, failed > 0.0, stop > 0.0);
         let loss = if plugin_failed { f64::NAN } else { loss_sum / items as f64 };
         let (grad_norm, coef) = self.step.grad_norm(self.args.max_grad_norm as f32)?;
         let lr = self.schedule.lr(self.state.global_step);
@@ -278,7 +301,7 @@ impl<B: Backend + Clone> Trainer<B> {
             }
             tracing::warn!("step {step}: {why}; update skipped");
         }
-        Ok(StepOutcome { loss, grad_norm, lr, finite, tokens })
+        Ok(StepOutcome { loss, grad_norm, lr, finite, tokens, stop })
     }
 
     /// Forward and backward for each micro-batch of a window: the summed loss, the attended
@@ -355,7 +378,7 @@ impl<B: Backend + Clone> Trainer<B> {
             }
         }
         let steps_run = (self.state.global_step - clock.start_step).max(1) as f64;
-        let examples_per_step = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps) as f64;
+        let examples_per_step = (self.sampler.batch_size * self.args.gradient_accumulation_steps) as f64;
         let mut metrics = Map::new();
         metrics.insert("epoch".into(), num(self.state.epoch));
         metrics.insert("total_flos".into(), num(self.state.total_flos));

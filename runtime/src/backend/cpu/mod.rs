@@ -44,6 +44,9 @@ impl Backend for Cpu {
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
     }
+    fn host_mut<'a>(&self, buf: &'a mut Vec<f32>) -> Option<&'a mut [f32]> {
+        Some(buf)
+    }
     fn fill(&self, buf: &mut Vec<f32>, value: f32) {
         buf.fill(value)
     }

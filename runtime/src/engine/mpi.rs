@@ -1,0 +1,232 @@
+//! Data parallel training over MPI (the `mpi` cargo feature): `mpirun -np N runtime train ...`
+//! starts N processes, each of which finds its rank here and sums gradients through
+//! [`MpiCollective`]. Without a launcher, or with a launcher and one process, a run is one
+//! process and never touches MPI; a launcher with several processes and a build without the
+//! feature is an error (N copies of the same run would each train everything and write to the
+//! same folder). docs/DISTRIBUTED.md is the user's side of this.
+
+use crate::backend::Backend;
+use crate::engine::{Collective, SingleProcess};
+use crate::error::{Error, Result};
+
+/// The number of processes a launcher started, read from the environment it gives each one:
+/// MPICH's Hydra (`PMI_SIZE`), Open MPI (`OMPI_COMM_WORLD_SIZE`), Slurm's `srun`
+/// (`SLURM_STEP_NUM_TASKS`). `None` outside a launcher.
+pub fn launcher_world_size() -> Option<usize> {
+    ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"].iter().find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+}
+
+/// This process's rank as the launcher says (`PMI_RANK`, `OMPI_COMM_WORLD_RANK`,
+/// `SLURM_PROCID`), before MPI is started: rank 0 logs at the `info` level, the others at
+/// `warn` (transformers' `log_level_replica`).
+pub fn launcher_rank() -> Option<usize> {
+    ["PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"].iter().find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+}
+
+/// The processes on this node, as the launcher says (Hydra's `MPI_LOCALNRANKS`, Open MPI's
+/// `OMPI_COMM_WORLD_LOCAL_SIZE`, Slurm's `SLURM_STEP_TASKS_PER_NODE` when it is one number).
+fn launcher_local_size() -> Option<usize> {
+    ["MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE"].iter().find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+}
+
+/// The collective for this process: [`SingleProcess`] unless a launcher started several
+/// processes, then (with the `mpi` feature) MPI, initialised here. Under a launcher, each
+/// process also takes its share of the node's cores for its thread pool (unless
+/// `RAYON_NUM_THREADS` says otherwise), so that N processes on one node do not run N times the
+/// cores' threads.
+pub fn start<B: Backend>() -> Result<Box<dyn Collective<B>>> {
+    let n = launcher_world_size().unwrap_or(1);
+    if n <= 1 {
+        return Ok(Box::new(SingleProcess));
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let local = launcher_local_size().unwrap_or(n).max(1);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        // a pool already built (a second trainer in this process) keeps its size
+        let _ = rayon::ThreadPoolBuilder::new().num_threads((cores / local).max(1)).build_global();
+    }
+    start_mpi(n)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn start_mpi<B: Backend>(n: usize) -> Result<Box<dyn Collective<B>>> {
+    Err(Error::Unsupported(format!(
+        "this process is one of {n} started by an MPI launcher, but this build has no MPI support: build with `cargo build --release --features mpi` (docs/DISTRIBUTED.md)"
+    )))
+}
+
+#[cfg(feature = "mpi")]
+fn start_mpi<B: Backend>(n: usize) -> Result<Box<dyn Collective<B>>> {
+    let c = imp::MpiCollective::start()?;
+    if <imp::MpiCollective as Collective<B>>::world_size(&c) != n {
+        return Err(Error::Invalid(format!(
+            "the launcher started {n} processes but MPI's world has {}: is this binary built against the MPI library of the launcher in use?",
+            <imp::MpiCollective as Collective<B>>::world_size(&c)
+        )));
+    }
+    Ok(Box::new(c))
+}
+
+/// Ends MPI after a successful run (every process calls it; nothing when MPI was not started).
+pub fn finish() {
+    #[cfg(feature = "mpi")]
+    imp::finish();
+}
+
+/// Ends every process of the run at once after this one failed (`MPI_Abort`), so that none is
+/// left waiting in a collective for it; nothing when MPI was not started.
+pub fn abort_all(code: i32) {
+    #[cfg(feature = "mpi")]
+    imp::abort_all(code);
+    let _ = code;
+}
+
+#[cfg(feature = "mpi")]
+mod imp {
+    use std::sync::Mutex;
+
+    use mpi::collective::SystemOperation;
+    use mpi::environment::Universe;
+    use mpi::topology::SimpleCommunicator;
+    use mpi::traits::*;
+    use mpi::Threading;
+
+    use crate::backend::Backend;
+    use crate::engine::Collective;
+    use crate::error::{Error, Result};
+    use crate::model::Grads;
+
+    /// MPI's environment, from [`MpiCollective::start`] until [`finish`] (dropping it finalises).
+    static UNIVERSE: Mutex<Option<Universe>> = Mutex::new(None);
+
+    /// Elements per MPI call: MPI counts are C ints.
+    const CHUNK: usize = 1 << 28;
+
+    /// Sums over `MPI_COMM_WORLD`. The gradients are summed as one flat buffer by a
+    /// reduce-scatter (each process sums one part) and an all-gather of the parts, so that every
+    /// process holds the same bits (an all-reduce may round differently on different ranks, and
+    /// ranks whose weights drift apart by a bit would drift further) and each process adds and
+    /// sends only its share. Small sums (the per-step numbers) go to rank 0 and back.
+    pub struct MpiCollective {
+        rank: usize,
+        size: usize,
+        /// Every gradient, back to back (padded to a multiple of the processes), and this
+        /// process's summed part of it.
+        flat: Vec<f32>,
+        part: Vec<f32>,
+    }
+
+    impl MpiCollective {
+        pub fn start() -> Result<Self> {
+            let mut universe = UNIVERSE.lock().map_err(|_| Error::Invalid("MPI's state was poisoned by an earlier failure".into()))?;
+            if universe.is_none() {
+                if mpi::is_initialized() {
+                    return Err(Error::Invalid("MPI was initialised, and finalised, earlier in this process".into()));
+                }
+                // the thread that initialises MPI is the only one that calls it
+                let (u, _) = mpi::initialize_with_threading(Threading::Funneled)
+                    .ok_or_else(|| Error::Invalid("MPI could not be initialised (MPI_Init_thread failed)".into()))?;
+                *universe = Some(u);
+            }
+            let world = SimpleCommunicator::world();
+            Ok(MpiCollective { rank: world.rank() as usize, size: world.size() as usize, flat: Vec::new(), part: Vec::new() })
+        }
+
+        /// Sums `self.flat` (a multiple of the processes long) over the processes, in place.
+        fn sum_flat(&mut self) {
+            let world = SimpleCommunicator::world();
+            // pieces whose per-process share fits MPI's int counts
+            let piece = CHUNK * self.size;
+            for start in (0..self.flat.len()).step_by(piece) {
+                let end = (start + piece).min(self.flat.len());
+                let data = &mut self.flat[start..end];
+                let share = data.len() / self.size;
+                self.part.resize(share, 0.0);
+                world.reduce_scatter_block_into(&*data, &mut self.part[..], SystemOperation::sum());
+                world.all_gather_into(&self.part[..], data);
+            }
+        }
+    }
+
+    impl<B: Backend> Collective<B> for MpiCollective {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.size
+        }
+        fn all_reduce_grads(&mut self, backend: &B, grads: &mut Grads<B>) -> Result<()> {
+            let started = std::time::Instant::now();
+            let total: usize = grads.tensors.iter().map(|t| backend.len(t)).sum();
+            self.flat.clear();
+            self.flat.reserve(total.next_multiple_of(self.size));
+            for t in &mut grads.tensors {
+                if backend.len(t) == 0 {
+                    continue;
+                }
+                match backend.host_mut(t) {
+                    Some(host) => self.flat.extend_from_slice(host),
+                    None => self.flat.extend_from_slice(&backend.download(t)?),
+                }
+            }
+            self.flat.resize(total.next_multiple_of(self.size), 0.0);
+            self.sum_flat();
+            let mut at = 0;
+            for t in &mut grads.tensors {
+                let n = backend.len(t);
+                let summed = &self.flat[at..at + n];
+                at += n;
+                match backend.host_mut(t) {
+                    Some(host) => host.copy_from_slice(summed),
+                    None if n > 0 => {
+                        let up = backend.upload(summed)?;
+                        backend.copy(t, &up);
+                    }
+                    None => {}
+                }
+            }
+            tracing::debug!(
+                "gradients summed over {} processes: {:.1} MiB in {:.1} ms",
+                self.size,
+                total as f64 * 4.0 / 1048576.0,
+                started.elapsed().as_secs_f64() * 1e3
+            );
+            Ok(())
+        }
+        fn sum_f64(&mut self, values: &mut [f64]) -> Result<()> {
+            let world = SimpleCommunicator::world();
+            let root = world.process_at_rank(0);
+            if self.rank == 0 {
+                let mut out = vec![0.0; values.len()];
+                root.reduce_into_root(&*values, &mut out[..], SystemOperation::sum());
+                values.copy_from_slice(&out);
+            } else {
+                root.reduce_into(&*values, SystemOperation::sum());
+            }
+            root.broadcast_into(values);
+            Ok(())
+        }
+        fn all_gather_u64(&mut self, value: u64) -> Result<Vec<u64>> {
+            let mut all = vec![0u64; self.size];
+            SimpleCommunicator::world().all_gather_into(&value, &mut all[..]);
+            Ok(all)
+        }
+        fn barrier(&mut self) -> Result<()> {
+            SimpleCommunicator::world().barrier();
+            Ok(())
+        }
+    }
+
+    pub fn finish() {
+        if let Ok(mut u) = UNIVERSE.lock() {
+            u.take();
+        }
+    }
+
+    pub fn abort_all(code: i32) {
+        let started = UNIVERSE.lock().map(|u| u.is_some()).unwrap_or(true);
+        if started {
+            SimpleCommunicator::world().abort(code);
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Data parallel training across processes (docs/DISTRIBUTED.md). With the `mpi` feature (the
+//! test script builds the suite with it and installs MPICH): `mpirun -np 2` and `-np 3` runs
+//! against one process with the global batch, checkpoints resumed at the same and at other world
+//! sizes, a killed rank, and processes given different runs. Without the feature: a launcher's
+//! processes are refused with the reason.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn runtime(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_runtime")).args(args).output().unwrap()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The addition example with `n_train` training examples in `dir`.
+fn example(dir: &Path, n_train: usize) -> PathBuf {
+    let d = dir.join("addition");
+    let n = n_train.to_string();
+    ok(runtime(&["example", "addition", "--output_dir", d.to_str().unwrap(), "--n_train", &n, "--n_eval", "16", "--digits", "2"]), "example");
+    d
+}
+
+/// The arguments of `runtime train` on the example, writing to `out`, with `extra` after them.
+fn train_args(ex: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> =
+        ["train", "--config", ex.join("train.toml").to_str().unwrap(), "--output_dir", out.to_str().unwrap()].iter().map(|s| s.to_string()).collect();
+    a.extend(
+        [
+            "--disable_tqdm",
+            "--logging_steps",
+            "1",
+            "--eval_strategy",
+            "no",
+            "--load_best_model_at_end",
+            "false",
+            "--save_strategy",
+            "no",
+            "--warmup_steps",
+            "0",
+            // AdamW's first steps move every weight by about the learning rate whatever its
+            // gradient's size, so a gradient near zero whose sign differs by rounding (the sums'
+            // order differs between one process and several, as between one batch and the same
+            // examples in accumulated micro-batches) moves its weight the other way. The weights'
+            // relative difference grows with the learning rate: about 2e-5 at 3e-3 in 4 steps,
+            // 6e-6 at 1e-3, either way as large as one process's with another split.
+            "--learning_rate",
+            "1e-3",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_launchers_processes_are_refused_without_mpi_support() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path(), 16);
+    let args = train_args(&ex, &tmp.path().join("out"), &["--max_steps", "1"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime")).args(&args).env("PMI_SIZE", "2").env("PMI_RANK", "0").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("one of 2 started by an MPI launcher") && err.contains("--features mpi"), "{err}");
+    assert!(!tmp.path().join("out").exists(), "nothing may be written");
+}
+
+#[cfg(feature = "mpi")]
+mod mpi {
+    use std::path::Path;
+    use std::process::{Command, Output, Stdio};
+    use std::time::{Duration, Instant};
+
+    use serde_json::Value;
+
+    use super::*;
+
+    fn mpirun(np: usize, args: &[String]) -> Output {
+        Command::new("mpirun").arg("-np").arg(np.to_string()).arg(env!("CARGO_BIN_EXE_runtime")).args(args).output().expect("mpirun (MPICH) is installed")
+    }
+
+    /// The training loss of every step, from `trainer_state.json`.
+    fn losses(out: &Path) -> Vec<f64> {
+        let s: Value = serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+        s["log_history"].as_array().unwrap().iter().filter_map(|e| e["loss"].as_f64()).collect()
+    }
+
+    /// The saved model's tensors by name.
+    fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut out: Vec<(String, Vec<f32>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| {
+                assert_eq!(v.dtype(), safetensors::Dtype::F32, "{n}");
+                (n, v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn assert_same_training(got: &Path, want: &Path, what: &str) {
+        let (g, w) = (losses(got), losses(want));
+        assert_eq!(g.len(), w.len(), "{what}: steps logged");
+        for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+            assert!(((a - b) / b).abs() <= 1e-6, "{what}: step {} loss {a} against {b}", i + 1);
+        }
+        for ((name, a), (_, b)) in weights(got).iter().zip(&weights(want)) {
+            let err = common::rel_err(a, b);
+            assert!(err <= 1e-5, "{what}: {name} differs by {err:e} (relative)");
+        }
+    }
+
+    /// Plain data parallel over 2 and 3 processes trains as one process with the global batch:
+    /// accumulation 2, clipping, label smoothing; 40 examples in batches of 6 leave a short last
+    /// batch (4 examples: 2 + 2 over 2 processes, 1 + 1 + 2 over 3) in each of the 2 epochs.
+    #[test]
+    fn data_parallel_trains_as_one_process_with_the_global_batch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ex = example(tmp.path(), 40);
+        let common = ["--num_train_epochs", "2", "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5", "--label_smoothing_factor", "0.1"];
+        let one = tmp.path().join("one");
+        ok(
+            runtime(&[&train_args(&ex, &one, &common).iter().map(String::as_str).collect::<Vec<_>>()[..], &["--per_device_train_batch_size", "6"]].concat()),
+            "one process",
+        );
+        assert_eq!(losses(&one).len(), 8, "2 epochs of 4 steps");
+        for (np, b) in [(2, "3"), (3, "2")] {
+            let out = tmp.path().join(format!("np{np}"));
+            let mut args = train_args(&ex, &out, &common);
+            args.extend(["--per_device_train_batch_size".into(), b.into()]);
+            let stdout = ok(mpirun(np, &args), &format!("mpirun -np {np}"));
+            // rank 0 alone prints the logs (8 steps, the final metrics) and writes the output
+            assert_eq!(stdout.matches("\"loss\"").count(), 8, "{stdout}");
+            assert_same_training(&out, &one, &format!("{np} processes"));
+            let state: Value = serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+            let one_state: Value = serde_json::from_str(&std::fs::read_to_string(one.join("trainer_state.json")).unwrap()).unwrap();
+            assert_eq!(state["num_input_tokens_seen"], one_state["num_input_tokens_seen"], "tokens are counted over every process");
+        }
+    }
+
+    /// A loss plugin (z-loss) across 3 processes: its divisor is the window's label tokens over
+    /// every process.
+    #[test]
+    fn a_loss_plugin_trains_across_processes_as_in_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ex = example(tmp.path(), 36);
+        let wasm = common::wasm_plugins().join("z_loss.wasm");
+        let wasm = wasm.to_str().unwrap();
+        let base = ["--max_steps", "4", "--gradient_accumulation_steps", "2"];
+        let one = tmp.path().join("one");
+        let mut a1 = train_args(&ex, &one, &base);
+        a1.extend(["--per_device_train_batch_size".into(), "3".into(), "--plugin".into(), wasm.into()]);
+        ok(Command::new(env!("CARGO_BIN_EXE_runtime")).args(&a1).output().unwrap(), "one process with z-loss");
+        let three = tmp.path().join("three");
+        let mut a3 = train_args(&ex, &three, &base);
+        a3.extend(["--per_device_train_batch_size".into(), "1".into(), "--plugin".into(), wasm.into()]);
+        ok(mpirun(3, &a3), "3 processes with z-loss");
+        assert_same_training(&three, &one, "z-loss over 3 processes");
+    }
+
+    /// Checkpoints of a data parallel run: resumed at the same world size, the run ends with the
+    /// same bytes as one never stopped; resumed at another (2 -> 1, 1 -> 3) it continues with the
+    /// same results up to the order of the sums.
+    #[test]
+    fn checkpoints_resume_at_the_same_and_at_other_world_sizes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ex = example(tmp.path(), 48);
+        let common = ["--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--per_device_train_batch_size"];
+        let with_batch = |out: &Path, b: &str| {
+            let mut a = train_args(&ex, out, &common);
+            a.push(b.into());
+            a
+        };
+        let two = tmp.path().join("two");
+        ok(mpirun(2, &with_batch(&two, "3")), "2 processes");
+        let one = tmp.path().join("one");
+        ok(runtime(&with_batch(&one, "6").iter().map(String::as_str).collect::<Vec<_>>()), "one process");
+        // a folder holding only the first checkpoint of a run, resumed from it
+        let resumed = |from: &Path, name: &str| {
+            let dir = tmp.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let cp = from.join("checkpoint-4");
+            ok(Command::new("cp").arg("-r").arg(&cp).arg(&dir).output().unwrap(), "copy");
+            dir
+        };
+        let r22 = resumed(&two, "r22");
+        let mut a = with_batch(&r22, "3");
+        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+        ok(mpirun(2, &a), "resume 2 -> 2");
+        assert_eq!(std::fs::read(r22.join("model.safetensors")).unwrap(), std::fs::read(two.join("model.safetensors")).unwrap(), "resume 2 -> 2 is exact");
+        let r21 = resumed(&two, "r21");
+        let mut a = with_batch(&r21, "6");
+        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+        ok(runtime(&a.iter().map(String::as_str).collect::<Vec<_>>()), "resume 2 -> 1");
+        assert_same_training(&r21, &two, "resume 2 -> 1");
+        let r13 = resumed(&one, "r13");
+        let mut a = with_batch(&r13, "2");
+        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+        ok(mpirun(3, &a), "resume 1 -> 3");
+        assert_same_training(&r13, &one, "resume 1 -> 3");
+    }
+
+    /// SIGKILL of one process while the run writes checkpoints: the launcher ends the others
+    /// (naming the dead process) in well under a minute, and resuming from the newest complete
+    /// checkpoint ends with the same bytes as a run never stopped.
+    #[test]
+    fn a_killed_process_ends_the_run_and_the_run_resumes_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ex = example(tmp.path(), 64);
+        let common = ["--max_steps", "400", "--save_strategy", "steps", "--save_steps", "5", "--save_total_limit", "3", "--per_device_train_batch_size", "2"];
+        let whole = tmp.path().join("whole");
+        ok(mpirun(2, &train_args(&ex, &whole, &common)), "the whole run");
+        let cut = tmp.path().join("cut");
+        let child = Command::new("mpirun")
+            .args(["-np", "2", env!("CARGO_BIN_EXE_runtime")])
+            .args(train_args(&ex, &cut, &common))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // kill rank 1 once a few checkpoints exist
+        let start = Instant::now();
+        while !cut.join("checkpoint-15").exists() {
+            assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint-15 after 2 minutes");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let rank1 = rank_pid(&child, 1).expect("rank 1's process");
+        let killed = Instant::now();
+        Command::new("kill").args(["-9", &rank1.to_string()]).status().unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success());
+        assert!(killed.elapsed() < Duration::from_secs(60), "the run took {:?} to end", killed.elapsed());
+        // (MPICH's launcher reports it on stdout)
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(said.contains(&format!("PID {rank1}")), "the launcher names the dead process:\n{said}");
+        let mut a = train_args(&ex, &cut, &common);
+        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+        ok(mpirun(2, &a), "resume after the kill");
+        assert_eq!(std::fs::read(cut.join("model.safetensors")).unwrap(), std::fs::read(whole.join("model.safetensors")).unwrap(), "resumed run is exact");
+    }
+
+    /// The PID of the run's process of rank `rank` (a descendant of the launcher `child`, with
+    /// `PMI_RANK` set to it).
+    fn rank_pid(child: &std::process::Child, rank: usize) -> Option<u32> {
+        let want = format!("PMI_RANK={rank}");
+        let bin = std::fs::canonicalize(env!("CARGO_BIN_EXE_runtime")).ok()?;
+        for e in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            if pid == child.id() || std::fs::read_link(e.path().join("exe")).ok().as_ref() != Some(&bin) {
+                continue;
+            }
+            let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            if env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    /// Processes started with different runs (here: different seeds) are refused at start, on
+    /// every process, before any step.
+    #[test]
+    fn processes_given_different_runs_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ex = example(tmp.path(), 16);
+        let out = tmp.path().join("out");
+        let bin = env!("CARGO_BIN_EXE_runtime");
+        let (a, b) = (train_args(&ex, &out, &["--max_steps", "2", "--seed", "1"]), train_args(&ex, &out, &["--max_steps", "2", "--seed", "2"]));
+        let o = Command::new("mpirun").args(["-np", "1", bin]).args(&a).arg(":").args(["-np", "1", bin]).args(&b).output().unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("not given the same run") && err.contains("rank(s) 1"), "{err}");
+        assert!(!out.join("model.safetensors").exists());
+    }
+}

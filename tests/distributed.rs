@@ -120,7 +120,9 @@ mod mpi {
         }
     }
 
-    /// Plain data parallel over 2 and 3 processes trains as one process with the global batch:
+    /// Data parallel over 2 and 3 processes, plain and with the optimizer sharded
+    /// (`shard_grad_op`: the parameters laid end to end and cut into 2 or 3 parts mid-tensor),
+    /// trains as one process with the global batch:
     /// accumulation 2, clipping, label smoothing; 40 examples in batches of 6 leave a short last
     /// batch (4 examples: 2 + 2 over 2 processes, 1 + 1 + 2 over 3) in each of the 2 epochs.
     #[test]
@@ -134,14 +136,14 @@ mod mpi {
             "one process",
         );
         assert_eq!(losses(&one).len(), 8, "2 epochs of 4 steps");
-        for (np, b) in [(2, "3"), (3, "2")] {
-            let out = tmp.path().join(format!("np{np}"));
+        for (np, b, fsdp) in [(2, "3", ""), (3, "2", ""), (2, "3", "shard_grad_op"), (3, "2", "shard_grad_op")] {
+            let out = tmp.path().join(format!("np{np}{fsdp}"));
             let mut args = train_args(&ex, &out, &common);
-            args.extend(["--per_device_train_batch_size".into(), b.into()]);
+            args.extend(["--per_device_train_batch_size".into(), b.into(), "--fsdp".into(), fsdp.into()]);
             let stdout = ok(mpirun(np, &args), &format!("mpirun -np {np}"));
             // rank 0 alone prints the logs (8 steps, the final metrics) and writes the output
             assert_eq!(stdout.matches("\"loss\"").count(), 8, "{stdout}");
-            assert_same_training(&out, &one, &format!("{np} processes"));
+            assert_same_training(&out, &one, &format!("{np} processes, fsdp {fsdp:?}"));
             let state: Value = serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
             let one_state: Value = serde_json::from_str(&std::fs::read_to_string(one.join("trainer_state.json")).unwrap()).unwrap();
             assert_eq!(state["num_input_tokens_seen"], one_state["num_input_tokens_seen"], "tokens are counted over every process");
@@ -161,11 +163,13 @@ mod mpi {
         let mut a1 = train_args(&ex, &one, &base);
         a1.extend(["--per_device_train_batch_size".into(), "3".into(), "--plugin".into(), wasm.into()]);
         ok(Command::new(env!("CARGO_BIN_EXE_runtime")).args(&a1).output().unwrap(), "one process with z-loss");
-        let three = tmp.path().join("three");
-        let mut a3 = train_args(&ex, &three, &base);
-        a3.extend(["--per_device_train_batch_size".into(), "1".into(), "--plugin".into(), wasm.into()]);
-        ok(mpirun(3, &a3), "3 processes with z-loss");
-        assert_same_training(&three, &one, "z-loss over 3 processes");
+        for fsdp in ["", "shard_grad_op"] {
+            let three = tmp.path().join(format!("three{fsdp}"));
+            let mut a3 = train_args(&ex, &three, &base);
+            a3.extend(["--per_device_train_batch_size".into(), "1".into(), "--plugin".into(), wasm.into(), "--fsdp".into(), fsdp.into()]);
+            ok(mpirun(3, &a3), "3 processes with z-loss");
+            assert_same_training(&three, &one, &format!("z-loss over 3 processes, fsdp {fsdp:?}"));
+        }
     }
 
     /// Checkpoints of a data parallel run: resumed at the same world size, the run ends with the
@@ -208,6 +212,35 @@ mod mpi {
         a.extend(["--resume_from_checkpoint".into(), "true".into()]);
         ok(mpirun(3, &a), "resume 1 -> 3");
         assert_same_training(&r13, &one, "resume 1 -> 3");
+        // the optimizer sharded: its checkpoint is the same folder (the moments gathered), so it
+        // resumes sharded over as many processes, or over others, or in one process
+        let sharded = |out: &Path, b: &str| {
+            let mut a = with_batch(out, b);
+            a.extend(["--fsdp".into(), "shard_grad_op".into()]);
+            a
+        };
+        let two_sharded = tmp.path().join("two_sharded");
+        ok(mpirun(2, &sharded(&two_sharded, "3")), "2 processes, shard_grad_op");
+        assert_same_training(&two_sharded, &two, "shard_grad_op against plain");
+        let s22 = resumed(&two_sharded, "s22");
+        let mut a = sharded(&s22, "3");
+        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+        ok(mpirun(2, &a), "resume 2 -> 2, shard_grad_op");
+        assert_eq!(
+            std::fs::read(s22.join("model.safetensors")).unwrap(),
+            std::fs::read(two_sharded.join("model.safetensors")).unwrap(),
+            "sharded resume 2 -> 2 is exact"
+        );
+        let s21 = resumed(&two_sharded, "s21");
+        let mut a = with_batch(&s21, "6");
+        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+        ok(runtime(&a.iter().map(String::as_str).collect::<Vec<_>>()), "resume 2 (sharded) -> 1");
+        assert_same_training(&s21, &two_sharded, "resume 2 (sharded) -> 1");
+        let s13 = resumed(&one, "s13");
+        let mut a = sharded(&s13, "2");
+        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+        ok(mpirun(3, &a), "resume 1 -> 3 (sharded)");
+        assert_same_training(&s13, &one, "resume 1 -> 3 (sharded)");
     }
 
     /// SIGKILL of one process while the run writes checkpoints: the launcher ends the others

@@ -14,9 +14,169 @@ use crate::backend::cpu::Cpu;
 use crate::backend::profiled::Profiled;
 use crate::backend::roofline::{flops_per_token, Account, Chip, Family, Roofline};
 use crate::backend::{AttnImpl, Backend};
+use crate::commands::{parse_attn, parse_device};
 use crate::engine::{AdamWConfig, Step};
 use crate::error::Result;
+use crate::model::Selected;
 use crate::model::{init::init_tensors, Batch, LoadOptions, LossOptions, Model, ModelConfig};
+
+/// `runtime bench`'s arguments.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// gpt2 or llama
+    #[arg(long, default_value = "gpt2")]
+    pub arch: String,
+    #[arg(long = "n_layer", default_value_t = 6)]
+    pub n_layer: usize,
+    #[arg(long, default_value_t = 384)]
+    pub hidden: usize,
+    #[arg(long = "n_head", default_value_t = 6)]
+    pub n_head: usize,
+    /// key/value heads (llama); defaults to n_head
+    #[arg(long = "n_kv_head")]
+    pub n_kv_head: Option<usize>,
+    #[arg(long, default_value_t = 8192)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long = "attn_implementation", default_value = "sdpa")]
+    pub attn_implementation: String,
+    /// keep only layer inputs and recompute each layer in the backward pass
+    #[arg(long = "gradient_checkpointing")]
+    pub gradient_checkpointing: bool,
+    /// rows per chunk of the LM head and loss (0: one chunk, the whole logits at once;
+    /// default: as many rows as keep a chunk's logits within 128 MiB)
+    #[arg(long = "loss_chunk_rows")]
+    pub loss_chunk_rows: Option<usize>,
+    /// Train a LoRA adapter of this rank on every linear module (alpha 2r) instead of every weight.
+    #[arg(long = "lora_r")]
+    pub lora_r: Option<usize>,
+    /// print the result as one JSON object
+    #[arg(long)]
+    pub json: bool,
+    /// benchmark generation instead: greedy decoding of this many new tokens with the KV
+    /// cache (batch `--batch`, random prompts of `--prompt` tokens)
+    #[arg(long)]
+    pub decode: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub prompt: usize,
+    /// cpu (default) or cuda
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// bf16 mixed precision (CUDA)
+    #[arg(long)]
+    pub bf16: bool,
+    /// with --device cuda: account one step of the CUDA backend op by op on this chip (h100,
+    /// h200, a100) instead of running it: bytes, FLOPs, modeled time and MFU; no GPU needed
+    #[arg(long)]
+    pub roofline: Option<String>,
+    /// with --device cuda: time each op, waiting for the device after each (per-op shares)
+    #[arg(long)]
+    pub profile: bool,
+    /// under an MPI launcher: `shard_grad_op` shards the optimizer over the processes (ZeRO-2)
+    #[arg(long, default_value = "")]
+    pub fsdp: String,
+}
+
+impl BenchArgs {
+    /// Runs the benchmark the arguments ask for and prints its report.
+    pub fn run(self) -> anyhow::Result<()> {
+        let BenchArgs {
+            arch,
+            n_layer,
+            hidden,
+            n_head,
+            n_kv_head,
+            vocab,
+            seq,
+            batch,
+            steps,
+            warmup,
+            attn_implementation,
+            gradient_checkpointing,
+            loss_chunk_rows,
+            lora_r,
+            json,
+            decode,
+            prompt,
+            device,
+            bf16,
+            roofline,
+            profile,
+            fsdp,
+        } = self;
+        if arch != "gpt2" && arch != "llama" {
+            anyhow::bail!("unknown --arch `{arch}` (expected gpt2 or llama)");
+        }
+        if steps == 0 || batch == 0 || seq < 2 {
+            anyhow::bail!("--steps and --batch must be at least 1 and --seq at least 2");
+        }
+        let cfg = BenchConfig {
+            arch,
+            n_layer,
+            hidden,
+            n_head,
+            n_kv_head: n_kv_head.unwrap_or(n_head),
+            vocab,
+            seq,
+            batch,
+            steps,
+            warmup,
+            attn: parse_attn(&attn_implementation)?,
+            gradient_checkpointing,
+            loss_chunk_rows: loss_chunk_rows.map(|n| if n == 0 { batch * seq } else { n }),
+            lora_r,
+            shard: match fsdp.as_str() {
+                "" => false,
+                "shard_grad_op" => true,
+                other => anyhow::bail!("--fsdp `{other}`: expected shard_grad_op (or nothing)"),
+            },
+        };
+        if let Some(new_tokens) = decode {
+            if new_tokens == 0 || prompt == 0 {
+                anyhow::bail!("--decode and --prompt must be at least 1");
+            }
+            let r = run_decode(&cfg, prompt, new_tokens)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} ({} parameters), batch {}, prompt {} tokens, {} new tokens, {} threads\n  decode {:.0} tokens/s, end to end {:.0} tokens/s (prefill {:.1} ms)",
+                    r.arch, r.parameters, r.batch, r.prompt_tokens, r.new_tokens, r.threads, r.decode_tokens_per_second, r.end_to_end_tokens_per_second, r.prefill_seconds * 1e3
+                );
+                let mut ops = r.ops.clone();
+                ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+                println!("  op time: {}", ops.iter().filter(|o| o.1 >= 0.005).map(|(k, v)| format!("{k} {:.0}%", v * 100.0)).collect::<Vec<_>>().join(", "));
+            }
+            return Ok(());
+        }
+        if let Some(name) = roofline {
+            let chip =
+                crate::backend::roofline::chip(&name).ok_or_else(|| anyhow::anyhow!("unknown --roofline chip `{name}` (expected h100, h200 or a100)"))?;
+            anyhow::ensure!(device == "cuda", "--roofline accounts the CUDA backend: add --device cuda");
+            let r = run_roofline(&cfg, chip, bf16)?;
+            println!("{}", if json { serde_json::to_string(&r)? } else { r.report() });
+            return Ok(());
+        }
+        let r = match parse_device(&device)?.select(bf16)? {
+            Selected::Cpu if bf16 => anyhow::bail!("--bf16 needs --device cuda"),
+            Selected::Cpu => run(&cfg)?,
+            Selected::Cuda(cuda) if profile => run_cuda_profiled(&cfg, cuda)?,
+            Selected::Cuda(cuda) => run_cuda(&cfg, cuda)?,
+        };
+        // across processes (`mpirun -np N runtime bench`: the training step, data parallel), rank 0 reports
+        if crate::engine::mpi::launcher_rank().unwrap_or(0) == 0 {
+            println!("{}", if json { serde_json::to_string(&r)? } else { r.report(cfg.batch, cfg.seq) });
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
@@ -37,6 +197,8 @@ pub struct BenchConfig {
     pub loss_chunk_rows: Option<usize>,
     /// A LoRA adapter of this rank on every linear module (alpha 2r), the base frozen.
     pub lora_r: Option<usize>,
+    /// The optimizer sharded over the processes of a data parallel run (ZeRO-2).
+    pub shard: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -282,8 +444,14 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
     let rows = cfg.batch * cfg.seq;
     let ids: Vec<i32> = (0..rows).map(|_| rng.random_range(0..cfg.vocab as i32)).collect();
     let batch = Batch { batch: cfg.batch, seq: cfg.seq, input_ids: ids.clone(), labels: Some(ids), ..Batch::default() };
-    let mut step = Step::with_workspace(model, AdamWConfig { lr: 3e-4, weight_decay: 0.01, ..AdamWConfig::default() }, cfg.batch, cfg.seq)?;
-    step.collective = collective;
+    let opt = AdamWConfig { lr: 3e-4, weight_decay: 0.01, ..AdamWConfig::default() };
+    let mut step = if cfg.shard {
+        Step::sharded(model, opt, collective, cfg.batch, cfg.seq)?
+    } else {
+        let mut step = Step::with_workspace(model, opt, cfg.batch, cfg.seq)?;
+        step.collective = collective;
+        step
+    };
     let window = [batch];
     let mut loss = f32::NAN;
     let mut elapsed = 0.0;

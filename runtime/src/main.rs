@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use runtime::bench::{self, BenchConfig};
+use runtime::bench;
 use runtime::commands::{self, parse_attn, parse_device, parse_dtype, parse_shard_size};
 use runtime::jobs;
-use runtime::model::{LoadOptions, Selected};
+use runtime::model::LoadOptions;
 
 #[derive(Parser)]
 #[command(name = "runtime", version, about = "A training runtime for Hugging Face format language models")]
@@ -243,64 +243,7 @@ enum Command {
         overrides: Vec<String>,
     },
     /// Train a few steps on random tokens and report tokens/s, peak memory and where the time goes.
-    Bench {
-        /// gpt2 or llama
-        #[arg(long, default_value = "gpt2")]
-        arch: String,
-        #[arg(long = "n_layer", default_value_t = 6)]
-        n_layer: usize,
-        #[arg(long, default_value_t = 384)]
-        hidden: usize,
-        #[arg(long = "n_head", default_value_t = 6)]
-        n_head: usize,
-        /// key/value heads (llama); defaults to n_head
-        #[arg(long = "n_kv_head")]
-        n_kv_head: Option<usize>,
-        #[arg(long, default_value_t = 8192)]
-        vocab: usize,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-        #[arg(long = "attn_implementation", default_value = "sdpa")]
-        attn_implementation: String,
-        /// keep only layer inputs and recompute each layer in the backward pass
-        #[arg(long = "gradient_checkpointing")]
-        gradient_checkpointing: bool,
-        /// rows per chunk of the LM head and loss (0: one chunk, the whole logits at once;
-        /// default: as many rows as keep a chunk's logits within 128 MiB)
-        #[arg(long = "loss_chunk_rows")]
-        loss_chunk_rows: Option<usize>,
-        /// Train a LoRA adapter of this rank on every linear module (alpha 2r) instead of every weight.
-        #[arg(long = "lora_r")]
-        lora_r: Option<usize>,
-        /// print the result as one JSON object
-        #[arg(long)]
-        json: bool,
-        /// benchmark generation instead: greedy decoding of this many new tokens with the KV
-        /// cache (batch `--batch`, random prompts of `--prompt` tokens)
-        #[arg(long)]
-        decode: Option<usize>,
-        #[arg(long, default_value_t = 32)]
-        prompt: usize,
-        /// cpu (default) or cuda
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// bf16 mixed precision (CUDA)
-        #[arg(long)]
-        bf16: bool,
-        /// with --device cuda: account one step of the CUDA backend op by op on this chip (h100,
-        /// h200, a100) instead of running it: bytes, FLOPs, modeled time and MFU; no GPU needed
-        #[arg(long)]
-        roofline: Option<String>,
-        /// with --device cuda: time each op, waiting for the device after each (per-op shares)
-        #[arg(long)]
-        profile: bool,
-    },
+    Bench(bench::BenchArgs),
     /// Compile every CUDA kernel with NVRTC for the given architectures (no GPU needed): the
     /// check the test suite runs.
     Kernels {
@@ -444,7 +387,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", runtime::tools::plugin_check::check(&spec, tok)?);
             }
             PluginAction::Bench { loss, metrics, callbacks, steps } => {
-                let model = BenchConfig {
+                let model = bench::BenchConfig {
                     arch: "llama".into(),
                     n_layer: 6,
                     hidden: 384,
@@ -459,6 +402,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     gradient_checkpointing: false,
                     loss_chunk_rows: None,
                     lora_r: None,
+                    shard: false,
                 };
                 print!("{}", runtime::tools::plugin_bench::run(&runtime::tools::plugin_bench::PluginBenchArgs { loss, metrics, callbacks, model })?);
             }
@@ -468,91 +412,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = runtime::args::TrainingArguments::load(config.as_deref(), &overrides)?;
             println!("{}", args.to_json());
         }
-        Command::Bench {
-            arch,
-            n_layer,
-            hidden,
-            n_head,
-            n_kv_head,
-            vocab,
-            seq,
-            batch,
-            steps,
-            warmup,
-            attn_implementation,
-            gradient_checkpointing,
-            loss_chunk_rows,
-            lora_r,
-            json,
-            decode,
-            prompt,
-            device,
-            bf16,
-            roofline,
-            profile,
-        } => {
-            if arch != "gpt2" && arch != "llama" {
-                anyhow::bail!("unknown --arch `{arch}` (expected gpt2 or llama)");
-            }
-            if steps == 0 || batch == 0 || seq < 2 {
-                anyhow::bail!("--steps and --batch must be at least 1 and --seq at least 2");
-            }
-            let cfg = BenchConfig {
-                arch,
-                n_layer,
-                hidden,
-                n_head,
-                n_kv_head: n_kv_head.unwrap_or(n_head),
-                vocab,
-                seq,
-                batch,
-                steps,
-                warmup,
-                attn: parse_attn(&attn_implementation)?,
-                gradient_checkpointing,
-                loss_chunk_rows: loss_chunk_rows.map(|n| if n == 0 { batch * seq } else { n }),
-                lora_r,
-            };
-            if let Some(new_tokens) = decode {
-                if new_tokens == 0 || prompt == 0 {
-                    anyhow::bail!("--decode and --prompt must be at least 1");
-                }
-                let r = bench::run_decode(&cfg, prompt, new_tokens)?;
-                if json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    println!(
-                        "{} ({} parameters), batch {}, prompt {} tokens, {} new tokens, {} threads\n  decode {:.0} tokens/s, end to end {:.0} tokens/s (prefill {:.1} ms)",
-                        r.arch, r.parameters, r.batch, r.prompt_tokens, r.new_tokens, r.threads, r.decode_tokens_per_second, r.end_to_end_tokens_per_second, r.prefill_seconds * 1e3
-                    );
-                    let mut ops = r.ops.clone();
-                    ops.sort_by(|a, b| b.1.total_cmp(&a.1));
-                    println!(
-                        "  op time: {}",
-                        ops.iter().filter(|o| o.1 >= 0.005).map(|(k, v)| format!("{k} {:.0}%", v * 100.0)).collect::<Vec<_>>().join(", ")
-                    );
-                }
-                return Ok(());
-            }
-            if let Some(name) = roofline {
-                let chip =
-                    runtime::backend::roofline::chip(&name).ok_or_else(|| anyhow::anyhow!("unknown --roofline chip `{name}` (expected h100, h200 or a100)"))?;
-                anyhow::ensure!(device == "cuda", "--roofline accounts the CUDA backend: add --device cuda");
-                let r = bench::run_roofline(&cfg, chip, bf16)?;
-                println!("{}", if json { serde_json::to_string(&r)? } else { r.report() });
-                return Ok(());
-            }
-            let r = match parse_device(&device)?.select(bf16)? {
-                Selected::Cpu if bf16 => anyhow::bail!("--bf16 needs --device cuda"),
-                Selected::Cpu => bench::run(&cfg)?,
-                Selected::Cuda(cuda) if profile => bench::run_cuda_profiled(&cfg, cuda)?,
-                Selected::Cuda(cuda) => bench::run_cuda(&cfg, cuda)?,
-            };
-            // across processes (`mpirun -np N runtime bench`: the training step, data parallel), rank 0 reports
-            if runtime::engine::mpi::launcher_rank().unwrap_or(0) == 0 {
-                println!("{}", if json { serde_json::to_string(&r)? } else { r.report(cfg.batch, cfg.seq) });
-            }
-        }
+        Command::Bench(a) => a.run()?,
         Command::Kernels { mut arch, cache, json } => {
             if arch.is_empty() {
                 arch = vec!["sm_90".into(), "sm_80".into()];
@@ -580,7 +440,7 @@ fn main() -> ExitCode {
     let several = runtime::engine::mpi::launcher_world_size().unwrap_or(1) > 1;
     let result = match cli.command {
         Command::Train { .. } => run(cli),
-        Command::Bench { decode: None, roofline: None, .. } => run(cli),
+        Command::Bench(ref a) if a.decode.is_none() && a.roofline.is_none() => run(cli),
         _ if several => Err(anyhow::anyhow!(
             "only `runtime train` and the training `runtime bench` run across several processes; start this command without the MPI launcher"
         )),

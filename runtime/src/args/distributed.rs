@@ -56,9 +56,9 @@ impl TrainingArguments {
             }
             Some(other) => return Err(Error::Invalid(format!("ddp_backend `{other}`: expected mpi or nccl"))),
         }
-        if self.sharding()? != Sharding::None {
+        if self.sharding()? == Sharding::FullShard {
             return Err(Error::Unsupported(
-                "fsdp (shard_grad_op, full_shard) is not implemented yet: leave it unset for plain data parallel, where every process holds the whole model (docs/DISTRIBUTED.md)".into(),
+                "fsdp `full_shard` (weights sharded too) is not implemented yet: use `shard_grad_op` (gradients and optimizer state sharded), or leave it unset for plain data parallel (docs/DISTRIBUTED.md)".into(),
             ));
         }
         Ok(())

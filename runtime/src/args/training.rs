@@ -137,7 +137,7 @@ pub struct TrainingArguments {
     pub device: String,
     /// Across processes (docs/DISTRIBUTED.md): `mpi` or `nccl`; unset: the launcher's default.
     pub ddp_backend: Option<String>,
-    /// `""` (plain data parallel), `"shard_grad_op"` or `"full_shard"`, as transformers.
+    /// Unset or `""` (plain data parallel), `"shard_grad_op"` or `"full_shard"`, as transformers.
     pub fsdp: Value,
 
     // --- Seq2SeqTrainingArguments
@@ -226,7 +226,7 @@ impl Default for TrainingArguments {
             use_cpu: false,
             device: "auto".into(),
             ddp_backend: None,
-            fsdp: Value::String(String::new()),
+            fsdp: Value::Null,
             predict_with_generate: false,
             generation_max_length: None,
             generation_num_beams: None,

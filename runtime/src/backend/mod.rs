@@ -498,6 +498,19 @@ pub trait Backend: Send + Sync {
     fn scale(&self, buf: &mut Self::Buf, s: f32);
     /// One AdamW step on one tensor (`decay` selects whether weight decay applies).
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamWStep, decay: bool);
+    /// [`Backend::adamw`] on elements `at..at + len(m)` of `p` and `g`, whose moments `m` and `v`
+    /// hold those elements only: a process's part of an optimizer sharded over processes. The
+    /// default copies the range out and back.
+    #[allow(clippy::too_many_arguments)] // adamw's operands and the range
+    fn adamw_range(&self, p: &mut Self::Buf, g: &Self::Buf, at: usize, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamWStep, decay: bool) -> Result<()> {
+        let n = self.len(m);
+        let (mut ps, mut gs) = (self.zeros(n)?, self.zeros(n)?);
+        self.copy_range(&mut ps, 0, p, at, n);
+        self.copy_range(&mut gs, 0, g, at, n);
+        self.adamw(&mut ps, &gs, m, v, hp, decay);
+        self.copy_range(p, at, &ps, 0, n);
+        Ok(())
+    }
     /// One AdamW step over many tensors (the CUDA backend fuses them into one kernel launch).
     fn adamw_multi(&self, tensors: &mut [AdamWArgs<'_, Self>], hp: AdamWStep)
     where

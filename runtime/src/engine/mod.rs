@@ -6,6 +6,7 @@
 pub mod collective;
 pub mod mpi;
 pub mod optimizer;
+pub mod shard;
 pub mod step;
 
 pub use collective::{Collective, SingleProcess};

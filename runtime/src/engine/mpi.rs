@@ -99,7 +99,7 @@ mod imp {
     /// MPI's environment, from [`MpiCollective::start`] until [`finish`] (dropping it finalises).
     static UNIVERSE: Mutex<Option<Universe>> = Mutex::new(None);
 
-    /// Elements per MPI call: MPI counts are C ints.
+    /// Elements per process per MPI call: MPI counts are C ints.
     const CHUNK: usize = 1 << 28;
 
     /// Sums over `MPI_COMM_WORLD`. The gradients are summed as one flat buffer by a
@@ -110,10 +110,11 @@ mod imp {
     pub struct MpiCollective {
         rank: usize,
         size: usize,
-        /// Every gradient, back to back (padded to a multiple of the processes), and this
-        /// process's summed part of it.
+        /// Every gradient, back to back (padded to a multiple of the processes), this process's
+        /// summed part of it, and the packing buffer of parts larger than one MPI call.
         flat: Vec<f32>,
         part: Vec<f32>,
+        packed: Vec<f32>,
     }
 
     impl MpiCollective {
@@ -129,21 +130,16 @@ mod imp {
                 *universe = Some(u);
             }
             let world = SimpleCommunicator::world();
-            Ok(MpiCollective { rank: world.rank() as usize, size: world.size() as usize, flat: Vec::new(), part: Vec::new() })
+            Ok(MpiCollective { rank: world.rank() as usize, size: world.size() as usize, flat: Vec::new(), part: Vec::new(), packed: Vec::new() })
         }
 
-        /// Sums `self.flat` (a multiple of the processes long) over the processes, in place.
-        fn sum_flat(&mut self) {
-            let world = SimpleCommunicator::world();
-            // pieces whose per-process share fits MPI's int counts
-            let piece = CHUNK * self.size;
-            for start in (0..self.flat.len()).step_by(piece) {
-                let end = (start + piece).min(self.flat.len());
-                let data = &mut self.flat[start..end];
-                let share = data.len() / self.size;
-                self.part.resize(share, 0.0);
-                world.reduce_scatter_block_into(&*data, &mut self.part[..], SystemOperation::sum());
-                world.all_gather_into(&self.part[..], data);
+        /// `call(send, receive)` for each piece of at most [`CHUNK`] elements per process of a
+        /// flat buffer of `size` parts of `part_len`: `pack` lays each part's piece end to end
+        /// (what one MPI call takes) when a part needs more than one call.
+        fn by_pieces(&mut self, flat_len: usize, part_len: usize, mut each: impl FnMut(&mut Vec<f32>, usize, usize, bool)) {
+            debug_assert_eq!(flat_len, part_len * self.size);
+            for at in (0..part_len).step_by(CHUNK) {
+                each(&mut self.packed, at, (part_len - at).min(CHUNK), part_len > CHUNK);
             }
         }
     }
@@ -158,23 +154,27 @@ mod imp {
         fn all_reduce_grads(&mut self, backend: &B, grads: &mut Grads<B>) -> Result<()> {
             let started = std::time::Instant::now();
             let total: usize = grads.tensors.iter().map(|t| backend.len(t)).sum();
-            self.flat.clear();
-            self.flat.reserve(total.next_multiple_of(self.size));
+            let mut flat = std::mem::take(&mut self.flat);
+            flat.clear();
+            flat.reserve(total.next_multiple_of(self.size));
             for t in &mut grads.tensors {
                 if backend.len(t) == 0 {
                     continue;
                 }
                 match backend.host_mut(t) {
-                    Some(host) => self.flat.extend_from_slice(host),
-                    None => self.flat.extend_from_slice(&backend.download(t)?),
+                    Some(host) => flat.extend_from_slice(host),
+                    None => flat.extend_from_slice(&backend.download(t)?),
                 }
             }
-            self.flat.resize(total.next_multiple_of(self.size), 0.0);
-            self.sum_flat();
+            flat.resize(total.next_multiple_of(self.size), 0.0);
+            let mut part = std::mem::take(&mut self.part);
+            part.resize(flat.len() / self.size, 0.0);
+            <Self as Collective<B>>::reduce_scatter(self, &flat, &mut part)?;
+            <Self as Collective<B>>::all_gather(self, &part, &mut flat)?;
             let mut at = 0;
             for t in &mut grads.tensors {
                 let n = backend.len(t);
-                let summed = &self.flat[at..at + n];
+                let summed = &flat[at..at + n];
                 at += n;
                 match backend.host_mut(t) {
                     Some(host) => host.copy_from_slice(summed),
@@ -185,12 +185,63 @@ mod imp {
                     None => {}
                 }
             }
+            (self.flat, self.part) = (flat, part);
             tracing::debug!(
                 "gradients summed over {} processes: {:.1} MiB in {:.1} ms",
                 self.size,
                 total as f64 * 4.0 / 1048576.0,
                 started.elapsed().as_secs_f64() * 1e3
             );
+            Ok(())
+        }
+        fn reduce_scatter(&mut self, flat: &[f32], part: &mut [f32]) -> Result<()> {
+            let (size, n) = (self.size, part.len());
+            self.by_pieces(flat.len(), n, |packed, at, len, pack| {
+                let world = SimpleCommunicator::world();
+                if pack {
+                    packed.clear();
+                    (0..size).for_each(|r| packed.extend_from_slice(&flat[r * n + at..r * n + at + len]));
+                    world.reduce_scatter_block_into(&packed[..], &mut part[at..at + len], SystemOperation::sum());
+                } else {
+                    world.reduce_scatter_block_into(flat, &mut part[..], SystemOperation::sum());
+                }
+            });
+            Ok(())
+        }
+        fn all_gather(&mut self, part: &[f32], flat: &mut [f32]) -> Result<()> {
+            let (size, n) = (self.size, part.len());
+            self.by_pieces(flat.len(), n, |packed, at, len, pack| {
+                let world = SimpleCommunicator::world();
+                if pack {
+                    packed.resize(len * size, 0.0);
+                    world.all_gather_into(&part[at..at + len], &mut packed[..]);
+                    (0..size).for_each(|r| flat[r * n + at..r * n + at + len].copy_from_slice(&packed[r * len..(r + 1) * len]));
+                } else {
+                    world.all_gather_into(part, &mut flat[..]);
+                }
+            });
+            Ok(())
+        }
+        fn reduce_to(&mut self, root: usize, data: &mut [f32]) -> Result<()> {
+            let world = SimpleCommunicator::world();
+            let root_process = world.process_at_rank(root as i32);
+            // pieces of 4 Mi elements: the receive buffer stays small
+            for piece in data.chunks_mut(1 << 22) {
+                if self.rank == root {
+                    self.packed.resize(piece.len(), 0.0);
+                    root_process.reduce_into_root(&*piece, &mut self.packed[..piece.len()], SystemOperation::sum());
+                    piece.copy_from_slice(&self.packed[..piece.len()]);
+                } else {
+                    root_process.reduce_into(&*piece, SystemOperation::sum());
+                }
+            }
+            Ok(())
+        }
+        fn broadcast_from(&mut self, root: usize, data: &mut [f32]) -> Result<()> {
+            let world = SimpleCommunicator::world();
+            for piece in data.chunks_mut(CHUNK) {
+                world.process_at_rank(root as i32).broadcast_into(piece);
+            }
             Ok(())
         }
         fn sum_f64(&mut self, values: &mut [f64]) -> Result<()> {

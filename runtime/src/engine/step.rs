@@ -6,6 +6,7 @@
 
 use super::collective::{Collective, SingleProcess};
 use super::optimizer::{bounds_after_update, clip_coef, trainable_grad_norm, AdamW, AdamWConfig};
+use super::shard::Shard;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::{Activations, Grads, LossOptions, LossOutput, Model, Neftune};
@@ -51,6 +52,9 @@ pub struct Step<B: Backend> {
     pub acts: Activations<B>,
     pub opt: AdamW<B>,
     pub collective: Box<dyn Collective<B>>,
+    /// The optimizer sharded over the processes (`fsdp = "shard_grad_op"`): then `opt` holds no
+    /// moments, and the gradients are reduce-scattered into the shard.
+    pub shard: Option<Shard<B>>,
     /// Bounds on the magnitude of every trainable parameter, first-moment and second-moment
     /// element: measured, or carried forward through each update by [`bounds_after_update`]
     /// (`None`: not known; measured at the next update).
@@ -72,7 +76,34 @@ impl<B: Backend> Step<B> {
         let acts = Activations::new(&model, batch, seq)?;
         let grads = Grads::zeros(&model)?;
         let opt = AdamW::new(&model, opt)?;
-        Ok(Step { model, grads, acts, opt, collective: Box::new(SingleProcess), bounds: None, last_norm: None })
+        Ok(Step { model, grads, acts, opt, collective: Box::new(SingleProcess), shard: None, bounds: None, last_norm: None })
+    }
+
+    /// Shards the optimizer over the collective's processes (ZeRO stage 2, [`Shard`]): each
+    /// keeps the moments of its part of the trainable parameters only. Moments already there
+    /// (loaded from a checkpoint) are taken over.
+    pub fn shard_optimizer(&mut self) -> Result<()> {
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        let mut shard = match self.shard.take() {
+            Some(s) => s,
+            None => Shard::new(&self.model, rank, world)?,
+        };
+        shard.load_moments(&self.model, &self.opt.exp_avg, &self.opt.exp_avg_sq)?;
+        self.opt.exp_avg.iter_mut().chain(self.opt.exp_avg_sq.iter_mut()).for_each(|m| *m = None);
+        self.shard = Some(shard);
+        self.bounds = None;
+        Ok(())
+    }
+
+    /// [`Step::with_workspace`] with the optimizer sharded over `collective`'s processes from
+    /// the start (no process ever holds all the moments).
+    pub fn sharded(model: Model<B>, opt: AdamWConfig, collective: Box<dyn Collective<B>>, batch: usize, seq: usize) -> Result<Self> {
+        let acts = Activations::new(&model, batch, seq)?;
+        let grads = Grads::zeros(&model)?;
+        let shard = Shard::new(&model, collective.rank(), collective.world_size())?;
+        let n = model.params.len();
+        let opt = AdamW { config: opt, exp_avg: (0..n).map(|_| None).collect(), exp_avg_sq: (0..n).map(|_| None).collect(), step: 0 };
+        Ok(Step { model, grads, acts, opt, collective, shard: Some(shard), bounds: None, last_norm: None })
     }
 
     /// Zeroes the gradients: the start of a step.
@@ -104,8 +135,17 @@ impl<B: Backend> Step<B> {
     /// Combines the gradients across processes, then returns the global gradient norm and the
     /// clipping coefficient for `max_grad_norm` (1.0 when it is not positive: no clipping).
     pub fn grad_norm(&mut self, max_grad_norm: f32) -> Result<(f32, f32)> {
-        self.collective.all_reduce_grads(&self.model.backend, &mut self.grads)?;
-        let norm = trainable_grad_norm(&self.model.backend, &self.grads, &self.model.trainable)?;
+        let norm = match &mut self.shard {
+            Some(shard) => {
+                let mut sq = [shard.reduce_grads(&self.model, &mut self.grads, self.collective.as_mut())?];
+                self.collective.sum_f64(&mut sq)?;
+                sq[0].sqrt() as f32
+            }
+            None => {
+                self.collective.all_reduce_grads(&self.model.backend, &mut self.grads)?;
+                trainable_grad_norm(&self.model.backend, &self.grads, &self.model.trainable)?
+            }
+        };
         self.last_norm = Some(norm);
         Ok((norm, if max_grad_norm > 0.0 { clip_coef(norm, max_grad_norm) } else { 1.0 }))
     }
@@ -120,8 +160,13 @@ impl<B: Backend> Step<B> {
     /// state is measured (one pass over the trainable parameters and moments); if the measured
     /// bounds cannot either, the state is copied to the host, the update applied and checked, and
     /// undone when something came out non-finite.
+    ///
+    /// With a sharded optimizer each process updates its part, the bounds and checks are over
+    /// every process's, and the updated parts are sent to every process once the update stands.
     pub fn apply(&mut self, lr: f32, clip_coef: f32) -> Result<bool> {
-        self.opt.allocate(&self.model)?;
+        if self.shard.is_none() {
+            self.opt.allocate(&self.model)?;
+        }
         let g = match self.last_norm {
             Some(n) => n as f64,
             None => trainable_grad_norm(&self.model.backend, &self.grads, &self.model.trainable)? as f64,
@@ -137,24 +182,45 @@ impl<B: Backend> Step<B> {
             next = bounds_after_update(hp, measured, g);
         }
         let backup = if next.is_none() { Some(self.download_state()?) } else { None };
-        self.opt.step(&mut self.model, &self.grads, lr, clip_coef)?;
-        if next.is_some() {
-            self.bounds = next;
-            return Ok(true);
+        match &mut self.shard {
+            Some(shard) => {
+                self.opt.step += 1;
+                shard.update(&mut self.model, &self.grads, hp)?;
+            }
+            None => self.opt.step(&mut self.model, &self.grads, lr, clip_coef)?,
         }
-        let (finite, after) = self.state_bounds()?;
+        let finite = match next {
+            Some(_) => true,
+            None => {
+                let (finite, after) = self.state_bounds()?;
+                next = Some(after);
+                finite
+            }
+        };
         if finite {
-            self.bounds = Some(after);
+            self.bounds = next;
+            if let Some(shard) = &mut self.shard {
+                shard.share_weights(&mut self.model, self.collective.as_mut())?;
+            }
             return Ok(true);
         }
-        for (i, [p, m, v]) in backup.unwrap_or_default() {
+        self.restore_state(backup.unwrap_or_default())?;
+        self.opt.step -= 1;
+        Ok(false)
+    }
+
+    /// Puts back the state [`Step::download_state`] copied.
+    fn restore_state(&mut self, backup: Vec<(usize, [Vec<f32>; 3])>) -> Result<()> {
+        if let Some(shard) = &mut self.shard {
+            return shard.restore(&mut self.model, backup.into_iter().map(|b| b.1).collect());
+        }
+        for (i, [p, m, v]) in backup {
             let be = &self.model.backend;
             self.model.params[i] = be.upload(&p)?;
             self.opt.exp_avg[i] = Some(be.upload(&m)?);
             self.opt.exp_avg_sq[i] = Some(be.upload(&v)?);
         }
-        self.opt.step -= 1;
-        Ok(false)
+        Ok(())
     }
 
     /// Forgets the bounds of the parameters and moments, after something replaced them (a
@@ -164,7 +230,11 @@ impl<B: Backend> Step<B> {
     }
 
     /// The trainable parameters, first and second moments on the host, by parameter index.
-    fn download_state(&self) -> Result<Vec<(usize, [Vec<f32>; 3])>> {
+    /// (With a sharded optimizer: this process's pieces, numbered in order.)
+    fn download_state(&mut self) -> Result<Vec<(usize, [Vec<f32>; 3])>> {
+        if let Some(shard) = &mut self.shard {
+            return Ok(shard.backup(&mut self.model)?.into_iter().enumerate().collect());
+        }
         let (be, opt) = (&self.model.backend, &self.opt);
         let mut out = Vec::new();
         for i in (0..self.model.params.len()).filter(|&i| self.model.trainable[i]) {
@@ -177,7 +247,15 @@ impl<B: Backend> Step<B> {
     /// Whether every trainable parameter and moment is finite, and the largest L2 norm of a
     /// parameter, of a first moment and of a second moment (a sum of squares in f64 is finite
     /// exactly when every f32 element is).
-    fn state_bounds(&self) -> Result<(bool, [f64; 3])> {
+    ///
+    /// With a sharded optimizer: the L2 norms of all the weights, all first and all second
+    /// moments, over every process (bounds too, if looser), and whether every process's are finite.
+    fn state_bounds(&mut self) -> Result<(bool, [f64; 3])> {
+        if let Some(shard) = &mut self.shard {
+            let mut sums = shard.state_sums(&mut self.model)?;
+            self.collective.sum_f64(&mut sums)?;
+            return Ok((sums.iter().all(|s| s.is_finite()), sums.map(f64::sqrt)));
+        }
         let (model, opt) = (&self.model, &self.opt);
         let mut bufs = Vec::new();
         for i in (0..model.params.len()).filter(|&i| model.trainable[i]) {

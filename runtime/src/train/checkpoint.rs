@@ -123,6 +123,10 @@ impl<B: Backend + Clone> Trainer<B> {
             }
         }
         self.step.opt.step = state.optimizer_step;
+        if self.step.shard.is_some() {
+            // this process keeps its part of the loaded moments
+            self.step.shard_optimizer()?;
+        }
         self.step.state_replaced();
         for cb in &mut self.callbacks {
             cb.load_state(&state.stateful_callbacks)?;
@@ -165,8 +169,13 @@ impl<B: Backend + Clone> Trainer<B> {
         }
         // in a data parallel run every process holds the same state: rank 0 writes it, and the
         // others wait until it is in place
+        // a sharded optimizer's moments are gathered on rank 0 first (every process takes part)
+        let gathered = match &mut self.step.shard {
+            Some(shard) => shard.gather_moments(&self.step.model, self.step.collective.as_mut())?,
+            None => None,
+        };
         if self.state.is_world_process_zero {
-            self.write_checkpoint(&dir)?;
+            self.write_checkpoint(&dir, gathered)?;
             self.rotate()?;
         }
         self.step.collective.barrier()?;
@@ -174,16 +183,31 @@ impl<B: Backend + Clone> Trainer<B> {
         Ok(dir)
     }
 
-    fn write_checkpoint(&self, dir: &Path) -> Result<()> {
+    /// `gathered`: the moments of a sharded optimizer, by parameter (else the optimizer's own).
+    #[allow(clippy::type_complexity)] // per parameter: (first, second) moment
+    fn write_checkpoint(&self, dir: &Path, gathered: Option<Vec<Option<(Vec<f32>, Vec<f32>)>>>) -> Result<()> {
         let (model, opt, state, args) = (&self.step.model, &self.step.opt, &self.state, &self.args);
         write_folder_atomically(dir, true, |tmp| {
             // f32 whatever the model's dtype, so resume is exact
             model.write_into(tmp, Some(Dtype::F32), u64::MAX)?;
             let mut bytes: Vec<(String, Vec<u8>)> = Vec::new();
             for (i, spec) in model.layout.specs.iter().enumerate() {
-                for (prefix, t) in [("exp_avg", &opt.exp_avg[i]), ("exp_avg_sq", &opt.exp_avg_sq[i])] {
-                    let Some(t) = t else { continue };
-                    let (name, values) = (format!("{prefix}.{}", spec.name), model.backend.download(t)?);
+                for (k, prefix) in ["exp_avg", "exp_avg_sq"].into_iter().enumerate() {
+                    let values = match (&gathered, if k == 0 { &opt.exp_avg[i] } else { &opt.exp_avg_sq[i] }) {
+                        (Some(g), _) => match &g[i] {
+                            Some((m, v)) => {
+                                if k == 0 {
+                                    m.clone()
+                                } else {
+                                    v.clone()
+                                }
+                            }
+                            None => continue,
+                        },
+                        (None, Some(t)) => model.backend.download(t)?,
+                        (None, None) => continue,
+                    };
+                    let name = format!("{prefix}.{}", spec.name);
                     if let Some(x) = values.iter().find(|x| !x.is_finite()) {
                         return Err(Error::tensor(&tmp.join("optimizer.safetensors"), &name, format!("holds a non-finite value ({x}); refusing to write it")));
                     }

@@ -246,8 +246,13 @@ impl<B: Backend + Clone> Trainer<B> {
         let pad_id = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |t| t.id);
         let pad = PadOptions { padding: Padding::Longest, side: tokenizer.padding_side, pad_id, max_length: None, truncation: false, pad_to_multiple_of: None };
         let (sampler, windows, max_steps, schedule) = plan_steps(&args, train.len(), training, world)?;
-        let mut step = Step::new(model, adamw_config(&args))?;
-        step.collective = collective;
+        let mut step = if args.sharding()? == crate::args::distributed::Sharding::ShardGradOp && training {
+            Step::sharded(model, adamw_config(&args), collective, 1, 2)?
+        } else {
+            let mut step = Step::new(model, adamw_config(&args))?;
+            step.collective = collective;
+            step
+        };
         if world > 1 {
             same_run_everywhere(&mut step, &args, &train, eval.as_deref())?;
             // the launcher names a process that dies by its PID

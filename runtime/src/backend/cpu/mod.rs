@@ -300,6 +300,11 @@ impl Backend for Cpu {
     fn adamw(&self, p: &mut Vec<f32>, g: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, hp: AdamWStep, decay: bool) {
         optim::adamw(p, g, m, v, hp, decay)
     }
+    fn adamw_range(&self, p: &mut Vec<f32>, g: &Vec<f32>, at: usize, m: &mut Vec<f32>, v: &mut Vec<f32>, hp: AdamWStep, decay: bool) -> Result<()> {
+        let n = m.len();
+        optim::adamw(&mut p[at..at + n], &g[at..at + n], m, v, hp, decay);
+        Ok(())
+    }
 }
 
 /// A zeroed vector of `n` elements whose allocation failing is an [`Error::OutOfMemory`], not an

@@ -1,0 +1,201 @@
+//! The optimizer sharded over the processes of a data parallel run (`fsdp = "shard_grad_op"`,
+//! ZeRO stage 2): the trainable parameters are laid end to end in one flat order and cut into as
+//! many equal parts as there are processes (mid-tensor where a boundary falls), and process r owns
+//! part r. The gradients of each piece are summed into its owner only; the owner keeps AdamW's
+//! moments for its part alone, updates its part of the weights in place, and sends each updated
+//! piece to every process. Each piece is computed by one process, so every process ends with the
+//! same bits.
+
+use super::collective::Collective;
+use crate::backend::{AdamWStep, Backend};
+use crate::error::{Error, Result};
+use crate::model::{Grads, Model};
+
+/// A piece of one tensor owned by one process: elements `start..start + len` of parameter `param`.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    param: usize,
+    start: usize,
+    len: usize,
+    owner: usize,
+}
+
+/// This process's view of the sharded optimizer: every piece (in the flat order), and the
+/// moments of its own.
+pub struct Shard<B: Backend> {
+    pieces: Vec<Piece>,
+    rank: usize,
+    /// The first and second moments of this process's pieces, in order.
+    exp_avg: Vec<B::Buf>,
+    exp_avg_sq: Vec<B::Buf>,
+}
+
+/// Runs `f` on elements `start..start + len` of `buf` on the host: in place when the buffer lives
+/// there, else on a copy that is written back when `write` is set.
+fn on_host<B: Backend, T>(be: &B, buf: &mut B::Buf, start: usize, len: usize, write: bool, f: impl FnOnce(&mut [f32]) -> Result<T>) -> Result<T> {
+    if let Some(host) = be.host_mut(buf) {
+        return f(&mut host[start..start + len]);
+    }
+    let mut host = be.download(buf)?;
+    let out = f(&mut host[start..start + len])?;
+    if write {
+        *buf = be.upload(&host)?;
+    }
+    Ok(out)
+}
+
+fn sum_squares(x: &[f32]) -> f64 {
+    x.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
+}
+
+impl<B: Backend> Shard<B> {
+    /// Process `rank`'s view over `world` processes, with zeroed moments.
+    pub fn new(model: &Model<B>, rank: usize, world: usize) -> Result<Self> {
+        let order: Vec<(usize, usize)> = model.layout.specs.iter().enumerate().filter(|(i, _)| model.trainable[*i]).map(|(i, s)| (i, s.numel())).collect();
+        let total: usize = order.iter().map(|o| o.1).sum();
+        let part = total.div_ceil(world.max(1)).max(1);
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for (param, n) in order {
+            let mut start = 0;
+            while start < n {
+                let owner = (at + start) / part;
+                let len = ((owner + 1) * part - (at + start)).min(n - start);
+                pieces.push(Piece { param, start, len, owner });
+                start += len;
+            }
+            at += n;
+        }
+        let mine: Vec<&Piece> = pieces.iter().filter(|p| p.owner == rank).collect();
+        let be = &model.backend;
+        let exp_avg = mine.iter().map(|p| be.zeros(p.len)).collect::<Result<_>>()?;
+        let exp_avg_sq = mine.iter().map(|p| be.zeros(p.len)).collect::<Result<_>>()?;
+        Ok(Shard { pieces, rank, exp_avg, exp_avg_sq })
+    }
+
+    fn mine(&self) -> impl Iterator<Item = &Piece> {
+        self.pieces.iter().filter(move |p| p.owner == self.rank)
+    }
+
+    /// Elements of each moment this process holds.
+    pub fn elements(&self) -> usize {
+        self.mine().map(|p| p.len).sum()
+    }
+
+    /// Sums each piece's gradient over the processes into its owner's gradient buffer; returns
+    /// the sum of squares of this process's pieces (the others' gradients are left partial).
+    pub fn reduce_grads(&mut self, model: &Model<B>, grads: &mut Grads<B>, collective: &mut dyn Collective<B>) -> Result<f64> {
+        let be = &model.backend;
+        let mut sq = 0.0;
+        for p in &self.pieces {
+            let own = p.owner == self.rank;
+            sq += on_host(be, &mut grads.tensors[p.param], p.start, p.len, own, |g| {
+                collective.reduce_to(p.owner, g)?;
+                Ok(if own { sum_squares(g) } else { 0.0 })
+            })?;
+        }
+        Ok(sq)
+    }
+
+    /// One AdamW step (`hp`, the clipping folded in) of this process's pieces, in place.
+    pub fn update(&mut self, model: &mut Model<B>, grads: &Grads<B>, hp: AdamWStep) -> Result<()> {
+        let be = &model.backend;
+        let mine: Vec<Piece> = self.mine().copied().collect();
+        for ((p, m), v) in mine.iter().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq) {
+            let decay = model.layout.specs[p.param].decay;
+            be.adamw_range(&mut model.params[p.param], &grads.tensors[p.param], p.start, m, v, hp, decay)?;
+        }
+        Ok(())
+    }
+
+    /// Sends every piece of the weights from its owner to every process (after an update).
+    pub fn share_weights(&mut self, model: &mut Model<B>, collective: &mut dyn Collective<B>) -> Result<()> {
+        let be = &model.backend;
+        for p in &self.pieces {
+            on_host(be, &mut model.params[p.param], p.start, p.len, true, |w| collective.broadcast_from(p.owner, w))?;
+        }
+        Ok(())
+    }
+
+    /// The sums of squares of this process's pieces of the weights, first and second moments.
+    pub fn state_sums(&mut self, model: &mut Model<B>) -> Result<[f64; 3]> {
+        let be = &model.backend;
+        let mut w = 0.0;
+        for p in self.pieces.iter().filter(|p| p.owner == self.rank) {
+            w += on_host(be, &mut model.params[p.param], p.start, p.len, false, |x| Ok(sum_squares(x)))?;
+        }
+        let sums = |bufs: &[B::Buf]| -> Result<f64> { Ok(be.sum_squares_multi(&bufs.iter().collect::<Vec<_>>())?.iter().sum()) };
+        Ok([w, sums(&self.exp_avg)?, sums(&self.exp_avg_sq)?])
+    }
+
+    /// A copy of this process's pieces of the weights and its moments, and [`Shard::restore`].
+    pub fn backup(&mut self, model: &mut Model<B>) -> Result<Vec<[Vec<f32>; 3]>> {
+        let be = &model.backend;
+        let mine: Vec<Piece> = self.mine().copied().collect();
+        let mut out = Vec::new();
+        for ((p, m), v) in mine.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
+            let w = on_host(be, &mut model.params[p.param], p.start, p.len, false, |x| Ok(x.to_vec()))?;
+            out.push([w, be.download(m)?, be.download(v)?]);
+        }
+        Ok(out)
+    }
+
+    pub fn restore(&mut self, model: &mut Model<B>, backup: Vec<[Vec<f32>; 3]>) -> Result<()> {
+        let be = &model.backend;
+        let mine: Vec<Piece> = self.mine().copied().collect();
+        for (((p, m), v), [w, bm, bv]) in mine.iter().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq).zip(backup) {
+            on_host(be, &mut model.params[p.param], p.start, p.len, true, |x| {
+                x.copy_from_slice(&w);
+                Ok(())
+            })?;
+            *m = be.upload(&bm)?;
+            *v = be.upload(&bv)?;
+        }
+        Ok(())
+    }
+
+    /// Every parameter's moments (`None` for a frozen one), gathered on rank 0, tensor by tensor
+    /// (each piece sent from its owner); `None` on the other processes. Every process calls it.
+    #[allow(clippy::type_complexity)] // per parameter: (first, second) moment
+    pub fn gather_moments(&mut self, model: &Model<B>, collective: &mut dyn Collective<B>) -> Result<Option<Vec<Option<(Vec<f32>, Vec<f32>)>>>> {
+        let be = &model.backend;
+        let mut out: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; model.params.len()];
+        let mut k = 0;
+        for (i, p) in self.pieces.iter().enumerate() {
+            let n = model.layout.specs[p.param].numel();
+            let slot = out[p.param].get_or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
+            let own = p.owner == self.rank;
+            for (full, mine) in [(&mut slot.0, &self.exp_avg), (&mut slot.1, &self.exp_avg_sq)] {
+                let dst = &mut full[p.start..p.start + p.len];
+                if own {
+                    dst.copy_from_slice(&be.download(&mine[k])?);
+                }
+                collective.broadcast_from(p.owner, dst)?;
+            }
+            k += usize::from(own);
+            // the other processes hold one tensor at a time
+            let last_of_tensor = self.pieces.get(i + 1).is_none_or(|q| q.param != p.param);
+            if collective.rank() != 0 && last_of_tensor {
+                out[p.param] = None;
+            }
+        }
+        Ok((collective.rank() == 0).then_some(out))
+    }
+
+    /// Takes this process's pieces of full moments (by parameter, as a checkpoint holds them).
+    pub fn load_moments(&mut self, model: &Model<B>, exp_avg: &[Option<B::Buf>], exp_avg_sq: &[Option<B::Buf>]) -> Result<()> {
+        let be = &model.backend;
+        let mine: Vec<Piece> = self.mine().copied().collect();
+        for ((p, m), v) in mine.iter().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq) {
+            let (fm, fv) = match (&exp_avg[p.param], &exp_avg_sq[p.param]) {
+                (Some(fm), Some(fv)) => (fm, fv),
+                // none yet (a fresh start): the zeroed moments stay
+                (None, None) => continue,
+                _ => return Err(Error::Invalid(format!("one moment only for parameter {}", model.layout.specs[p.param].name))),
+            };
+            be.copy_range(m, 0, fm, p.start, p.len);
+            be.copy_range(v, 0, fv, p.start, p.len);
+        }
+        Ok(())
+    }
+}

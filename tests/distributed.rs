@@ -172,6 +172,73 @@ mod mpi {
         }
     }
 
+    /// Evaluation split over 2 and 3 processes (batches of 5 of 16 examples: 4 batches, the
+    /// last short) reports what one process reports: the loss, the token metrics of the argmax
+    /// (accuracy, perplexity) and, with `predict_with_generate`, the text metrics of generated
+    /// answers, each example seen once by rank 0's plugin. The weights are a briefly trained
+    /// model's, kept fixed (learning rate 0) so that every run evaluates the same weights.
+    #[test]
+    fn evaluation_is_split_over_processes_and_reports_as_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ex = example(tmp.path(), 64);
+        let trained = tmp.path().join("trained");
+        ok(
+            runtime(
+                &train_args(&ex, &trained, &["--max_steps", "60", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3"])
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            ),
+            "training",
+        );
+        let plugins = common::wasm_plugins();
+        let cases = [
+            ("tokens", vec!["--plugin".to_string(), plugins.join("token_metrics.wasm").to_str().unwrap().to_string()], Some("eval_accuracy")),
+            // (so briefly trained a model answers no sum right: the generated answers' metrics
+            // are 0 here; the token metrics above are what shows every example reached rank 0)
+            (
+                "generated",
+                vec!["--plugin".to_string(), plugins.join("text_metrics.wasm").to_str().unwrap().to_string(), "--predict_with_generate".into(), "true".into()],
+                None,
+            ),
+        ];
+        for (name, extra, nonzero) in cases {
+            let run = |np: usize| -> Value {
+                let out = tmp.path().join(format!("{name}{np}"));
+                let mut a = train_args(
+                    &ex,
+                    &out,
+                    &["--max_steps", "1", "--learning_rate", "0", "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", "1"],
+                );
+                a.extend(["--model_name_or_path".into(), trained.to_str().unwrap().into(), "--per_device_eval_batch_size".into(), "5".into()]);
+                a.extend(["--per_device_train_batch_size".into(), "2".into()]);
+                a.extend(extra.iter().cloned());
+                if np == 1 {
+                    ok(runtime(&a.iter().map(String::as_str).collect::<Vec<_>>()), &format!("{name}, one process"));
+                } else {
+                    ok(mpirun(np, &a), &format!("{name}, {np} processes"));
+                }
+                let state: Value = serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+                state["log_history"].as_array().unwrap().iter().find(|e| e.get("eval_loss").is_some()).unwrap().clone()
+            };
+            let one = run(1);
+            if let Some(metric) = nonzero {
+                assert!(one[metric].as_f64().unwrap() > 0.0, "{name}: the model scores something: {one}");
+            }
+            assert!(one.as_object().unwrap().len() > 6, "{name}: the plugin's metrics are logged: {one}");
+            for np in [2, 3] {
+                let got = run(np);
+                let (a, b) = (got["eval_loss"].as_f64().unwrap(), one["eval_loss"].as_f64().unwrap());
+                assert!(((a - b) / b).abs() < 1e-9, "{name}, {np} processes: eval_loss {a} against {b}");
+                for (k, v) in one.as_object().unwrap() {
+                    if k.starts_with("eval_") && !["eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"].contains(&k.as_str()) {
+                        assert_eq!(&got[k], v, "{name}, {np} processes: {k}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Checkpoints of a data parallel run: resumed at the same world size, the run ends with the
     /// same bytes as one never stopped; resumed at another (2 -> 1, 1 -> 3) it continues with the
     /// same results up to the order of the sums.

@@ -48,6 +48,14 @@ pub trait Collective<B: Backend>: Send {
     fn broadcast_from(&mut self, _root: usize, _data: &mut [f32]) -> Result<()> {
         Ok(())
     }
+    /// Every process's `data`, by rank, on rank 0 (`None` on the others).
+    fn gather_bytes(&mut self, data: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+        Ok(Some(vec![data.to_vec()]))
+    }
+    /// Rank 0's `data`, copied into every process's.
+    fn broadcast_bytes(&mut self, _data: &mut Vec<u8>) -> Result<()> {
+        Ok(())
+    }
     /// Replaces each value with its sum over the processes (the same on every process).
     fn sum_f64(&mut self, _values: &mut [f64]) -> Result<()> {
         Ok(())

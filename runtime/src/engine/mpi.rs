@@ -257,6 +257,27 @@ mod imp {
             root.broadcast_into(values);
             Ok(())
         }
+        fn gather_bytes(&mut self, data: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+            let world = SimpleCommunicator::world();
+            if self.rank != 0 {
+                world.process_at_rank(0).send(data);
+                return Ok(None);
+            }
+            let mut all = vec![data.to_vec()];
+            for r in 1..self.size {
+                all.push(world.process_at_rank(r as i32).receive_vec::<u8>().0);
+            }
+            Ok(Some(all))
+        }
+        fn broadcast_bytes(&mut self, data: &mut Vec<u8>) -> Result<()> {
+            let world = SimpleCommunicator::world();
+            let root = world.process_at_rank(0);
+            let mut len = data.len() as u64;
+            root.broadcast_into(&mut len);
+            data.resize(len as usize, 0);
+            root.broadcast_into(&mut data[..]);
+            Ok(())
+        }
         fn all_gather_u64(&mut self, value: u64) -> Result<Vec<u64>> {
             let mut all = vec![0u64; self.size];
             SimpleCommunicator::world().all_gather_into(&value, &mut all[..]);

@@ -55,7 +55,14 @@ impl<B: Backend + Clone> Trainer<B> {
         }
         let mut hook = self.plugins.loss_hook();
         let indices: Vec<usize> = (0..eval.len()).collect();
-        for ix in indices.chunks(self.args.per_device_eval_batch_size) {
+        // in a data parallel run each process takes every N-th batch, and its metrics batches
+        // are kept for rank 0 (shared_eval.rs)
+        let (rank, world) = (self.step.collective.rank(), self.step.collective.world_size());
+        let mut kept = Vec::new();
+        for (k, ix) in indices.chunks(self.args.per_device_eval_batch_size).enumerate() {
+            if k % world != rank {
+                continue;
+            }
             let b = self.collate(eval, &self.eval_columns, ix)?;
             // as transformers: the label smoother (or the custom loss) applies to the evaluation loss too
             let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: None };
@@ -83,29 +90,38 @@ impl<B: Backend + Clone> Trainer<B> {
                     count += ix.len();
                 }
             }
-            if self.args.predict_with_generate {
+            let batch = if self.args.predict_with_generate {
                 let (batch, _) = self.generate_batch(eval, ix)?;
-                if with_metrics {
-                    self.plugins.metrics_update(&batch)?;
-                }
-            } else if let Some(stats) = stats {
-                let include_inputs = self.args.include_for_metrics.iter().any(|x| x == "inputs");
-                let inputs = include_inputs.then(|| b.input_ids.iter().map(|&x| x as u32).collect());
-                let batch = EvalBatch::argmax(b.batch, b.seq, shifted_labels(&b), stats, inputs, Some(self.pad.pad_id));
-                self.plugins.metrics_update(&batch)?;
+                with_metrics.then_some(batch)
+            } else {
+                stats.map(|stats| {
+                    let include_inputs = self.args.include_for_metrics.iter().any(|x| x == "inputs");
+                    let inputs = include_inputs.then(|| b.input_ids.iter().map(|&x| x as u32).collect());
+                    EvalBatch::argmax(b.batch, b.seq, shifted_labels(&b), stats, inputs, Some(self.pad.pad_id))
+                })
+            };
+            match batch {
+                Some(batch) if world > 1 => kept.push((k, batch)),
+                Some(batch) => self.plugins.metrics_update(&batch)?,
+                None => {}
             }
             batches += 1;
             self.emit(Event::PredictionStep, None)?;
         }
+        let mut sums = [total, count as f64, batches as f64];
+        self.step.collective.sum_f64(&mut sums)?;
+        let [total, count, batches] = sums;
         let secs = t.elapsed().as_secs_f64();
         let mut m = Map::new();
-        m.insert("eval_loss".into(), num(total / count.max(1) as f64));
-        if with_metrics {
+        m.insert("eval_loss".into(), num(total / count.max(1.0)));
+        if with_metrics && world > 1 {
+            m.extend(self.shared_metrics(&kept, "eval")?);
+        } else if with_metrics {
             self.plugins.metrics_compute(&mut m, "eval")?;
         }
         m.insert("eval_runtime".into(), num((secs * 1e4).round() / 1e4));
         m.insert("eval_samples_per_second".into(), num((eval.len() as f64 / secs * 1e3).round() / 1e3));
-        m.insert("eval_steps_per_second".into(), num((batches as f64 / secs * 1e3).round() / 1e3));
+        m.insert("eval_steps_per_second".into(), num((batches / secs * 1e3).round() / 1e3));
         Ok(m)
     }
 

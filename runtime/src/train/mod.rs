@@ -13,6 +13,7 @@ pub mod sampler;
 pub mod schedule;
 pub mod search;
 mod setup;
+mod shared_eval;
 pub mod state;
 pub mod tensorboard;
 pub mod trainer;

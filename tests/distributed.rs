@@ -136,14 +136,26 @@ mod mpi {
             "one process",
         );
         assert_eq!(losses(&one).len(), 8, "2 epochs of 4 steps");
-        for (np, b, fsdp) in [(2, "3", ""), (3, "2", ""), (2, "3", "shard_grad_op"), (3, "2", "shard_grad_op")] {
-            let out = tmp.path().join(format!("np{np}{fsdp}"));
+        // (every addition example has as many label tokens, and every share of a batch here as
+        // many examples, so normalising each process's loss by its own tokens and averaging,
+        // `average_tokens_across_devices = false`, trains the same too)
+        for (np, b, fsdp, average) in
+            [(2, "3", "", "true"), (3, "2", "", "true"), (2, "3", "shard_grad_op", "true"), (3, "2", "shard_grad_op", "true"), (2, "3", "", "false")]
+        {
+            let out = tmp.path().join(format!("np{np}{fsdp}{average}"));
             let mut args = train_args(&ex, &out, &common);
-            args.extend(["--per_device_train_batch_size".into(), b.into(), "--fsdp".into(), fsdp.into()]);
+            args.extend([
+                "--per_device_train_batch_size".into(),
+                b.into(),
+                "--fsdp".into(),
+                fsdp.into(),
+                "--average_tokens_across_devices".into(),
+                average.into(),
+            ]);
             let stdout = ok(mpirun(np, &args), &format!("mpirun -np {np}"));
             // rank 0 alone prints the logs (8 steps, the final metrics) and writes the output
             assert_eq!(stdout.matches("\"loss\"").count(), 8, "{stdout}");
-            assert_same_training(&out, &one, &format!("{np} processes, fsdp {fsdp:?}"));
+            assert_same_training(&out, &one, &format!("{np} processes, fsdp {fsdp:?}, average_tokens_across_devices {average}"));
             let state: Value = serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
             let one_state: Value = serde_json::from_str(&std::fs::read_to_string(one.join("trainer_state.json")).unwrap()).unwrap();
             assert_eq!(state["num_input_tokens_seen"], one_state["num_input_tokens_seen"], "tokens are counted over every process");

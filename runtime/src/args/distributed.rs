@@ -70,7 +70,6 @@ impl TrainingArguments {
 pub(super) const HF_UNSUPPORTED: &[&str] = &[
     "optim_args",
     "optim_target_modules",
-    "average_tokens_across_devices",
     "bf16_full_eval",
     "fp16_full_eval",
     "tf32",

@@ -137,6 +137,9 @@ pub struct TrainingArguments {
     pub device: String,
     /// Across processes (docs/DISTRIBUTED.md): `mpi` or `nccl`; unset: the launcher's default.
     pub ddp_backend: Option<String>,
+    /// Normalise the loss by the label tokens of every process (true), or each process's by its
+    /// own and average the gradients (false), as transformers.
+    pub average_tokens_across_devices: bool,
     /// Unset or `""` (plain data parallel), `"shard_grad_op"` or `"full_shard"`, as transformers.
     pub fsdp: Value,
 
@@ -226,6 +229,7 @@ impl Default for TrainingArguments {
             use_cpu: false,
             device: "auto".into(),
             ddp_backend: None,
+            average_tokens_across_devices: true,
             fsdp: Value::Null,
             predict_with_generate: false,
             generation_max_length: None,

@@ -262,22 +262,28 @@ impl<B: Backend + Clone> Trainer<B> {
             .filter(|ix| !ix.is_empty())
             .map(|ix| self.collate(&self.train, &self.train_columns, ix))
             .collect::<Result<Vec<_>>>()?;
-        // the loss is normalised by the window's label tokens over every process
-        let mut items = [micro.iter().map(label_tokens).sum::<usize>() as f64];
+        // the loss is normalised by the window's label tokens over every process; without
+        // `average_tokens_across_devices`, by this process's times the processes (each process's
+        // mean, and the summed gradients their mean, as DDP averages them)
+        let local = micro.iter().map(label_tokens).sum::<usize>();
+        let mut items = [local as f64];
         self.step.collective.sum_f64(&mut items)?;
-        let items = items[0] as usize;
-        if items == 0 {
+        let global = items[0] as usize;
+        let items = if self.args.average_tokens_across_devices { global } else { (local * world).max(1) };
+        if global == 0 {
             return Err(Error::Invalid(format!("step {}: the batches of this accumulation window have no label tokens", self.state.global_step + 1)));
         }
         self.emit(Event::StepBegin, None)?;
         self.step.zero_grad();
         let (loss_sum, tokens, plugin_failed) = self.micro_batches(&micro, items, loss_hook)?;
-        // summed over the processes: the loss, the tokens, a failed plugin, a stop asked
-        let mut agreed = [loss_sum, tokens as f64, f64::from(u8::from(plugin_failed)), f64::from(u8::from(self.stop.load(Ordering::SeqCst)))];
+        // summed over the processes: each one's share of the loss, the tokens, a failed plugin,
+        // a stop asked
+        let share = loss_sum / items as f64;
+        let mut agreed = [share, tokens as f64, f64::from(u8::from(plugin_failed)), f64::from(u8::from(self.stop.load(Ordering::SeqCst)))];
         self.step.collective.sum_f64(&mut agreed)?;
-        let [loss_sum, tokens, failed, stop] = agreed;
+        let [loss, tokens, failed, stop] = agreed;
         let (tokens, plugin_failed, stop) = (tokens as u64, failed > 0.0, stop > 0.0);
-        let loss = if plugin_failed { f64::NAN } else { loss_sum / items as f64 };
+        let loss = if plugin_failed { f64::NAN } else { loss };
         let (grad_norm, coef) = self.step.grad_norm(self.args.max_grad_norm as f32)?;
         let lr = self.schedule.lr(self.state.global_step);
         let finite = loss.is_finite() && grad_norm.is_finite();

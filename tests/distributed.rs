@@ -139,22 +139,30 @@ mod mpi {
         // (every addition example has as many label tokens, and every share of a batch here as
         // many examples, so normalising each process's loss by its own tokens and averaging,
         // `average_tokens_across_devices = false`, trains the same too)
-        for (np, b, fsdp, average) in
-            [(2, "3", "", "true"), (3, "2", "", "true"), (2, "3", "shard_grad_op", "true"), (3, "2", "shard_grad_op", "true"), (2, "3", "", "false")]
-        {
-            let out = tmp.path().join(format!("np{np}{fsdp}{average}"));
+        // (with buckets of 1 MiB the 2.8 MiB of gradients are summed in 3 windows)
+        let cases = [
+            (2, "3", "", "true", "25"),
+            (3, "2", "", "true", "25"),
+            (2, "3", "", "true", "1"),
+            (2, "3", "shard_grad_op", "true", "25"),
+            (3, "2", "shard_grad_op", "true", "25"),
+            (2, "3", "", "false", "25"),
+        ];
+        for (np, b, fsdp, average, bucket) in cases {
+            let out = tmp.path().join(format!("np{np}{fsdp}{average}{bucket}"));
             let mut args = train_args(&ex, &out, &common);
-            args.extend([
-                "--per_device_train_batch_size".into(),
-                b.into(),
-                "--fsdp".into(),
-                fsdp.into(),
-                "--average_tokens_across_devices".into(),
-                average.into(),
-            ]);
+            let flags = ["--per_device_train_batch_size", b, "--fsdp", fsdp, "--average_tokens_across_devices", average, "--ddp_bucket_cap_mb", bucket];
+            args.extend(flags.iter().map(|s| s.to_string()));
             let stdout = ok(mpirun(np, &args), &format!("mpirun -np {np}"));
             // rank 0 alone prints the logs (8 steps, the final metrics) and writes the output
             assert_eq!(stdout.matches("\"loss\"").count(), 8, "{stdout}");
+            if bucket == "1" {
+                // the windows sum what one window sums (two numbers add up the same in either
+                // order, so with 2 processes to the bit)
+                let whole = tmp.path().join(format!("np{np}{fsdp}{average}25"));
+                let same = std::fs::read(out.join("model.safetensors")).unwrap() == std::fs::read(whole.join("model.safetensors")).unwrap();
+                assert!(same, "buckets of 1 MiB and of 25 MiB trained different weights");
+            }
             assert_same_training(&out, &one, &format!("{np} processes, fsdp {fsdp:?}, average_tokens_across_devices {average}"));
             let state: Value = serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
             let one_state: Value = serde_json::from_str(&std::fs::read_to_string(one.join("trainer_state.json")).unwrap()).unwrap();

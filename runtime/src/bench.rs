@@ -438,7 +438,7 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
         model.add_lora(lora, None, 0)?;
     }
     // in a data parallel run (`mpirun -np N runtime bench`) each process steps its own batch
-    let collective = crate::engine::mpi::start()?;
+    let collective = crate::engine::mpi::start(None)?;
     let (rank, world) = (collective.rank(), collective.world_size());
     let mut rng = ChaCha8Rng::seed_from_u64(7 + rank as u64);
     let rows = cfg.batch * cfg.seq;

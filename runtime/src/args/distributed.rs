@@ -56,6 +56,9 @@ impl TrainingArguments {
             }
             Some(other) => return Err(Error::Invalid(format!("ddp_backend `{other}`: expected mpi or nccl"))),
         }
+        if self.ddp_bucket_cap_mb == Some(0) {
+            return Err(Error::Invalid("ddp_bucket_cap_mb must be at least 1".into()));
+        }
         if self.sharding()? == Sharding::FullShard {
             return Err(Error::Unsupported(
                 "fsdp `full_shard` (weights sharded too) is not implemented yet: use `shard_grad_op` (gradients and optimizer state sharded), or leave it unset for plain data parallel (docs/DISTRIBUTED.md)".into(),
@@ -115,7 +118,6 @@ pub(super) const HF_UNSUPPORTED: &[&str] = &[
     "dataloader_in_order",
     "length_column_name",
     "ddp_find_unused_parameters",
-    "ddp_bucket_cap_mb",
     "ddp_broadcast_buffers",
     "ddp_static_graph",
     "ddp_timeout",

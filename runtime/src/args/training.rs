@@ -140,6 +140,8 @@ pub struct TrainingArguments {
     /// Normalise the loss by the label tokens of every process (true), or each process's by its
     /// own and average the gradients (false), as transformers.
     pub average_tokens_across_devices: bool,
+    /// MiB of gradients summed per reduce-scatter and all-gather (unset: 25, torch DDP's bucket).
+    pub ddp_bucket_cap_mb: Option<usize>,
     /// Unset or `""` (plain data parallel), `"shard_grad_op"` or `"full_shard"`, as transformers.
     pub fsdp: Value,
 
@@ -230,6 +232,7 @@ impl Default for TrainingArguments {
             device: "auto".into(),
             ddp_backend: None,
             average_tokens_across_devices: true,
+            ddp_bucket_cap_mb: None,
             fsdp: Value::Null,
             predict_with_generate: false,
             generation_max_length: None,

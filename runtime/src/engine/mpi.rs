@@ -34,7 +34,10 @@ fn launcher_local_size() -> Option<usize> {
 /// process also takes its share of the node's cores for its thread pool (unless
 /// `RAYON_NUM_THREADS` says otherwise), so that N processes on one node do not run N times the
 /// cores' threads.
-pub fn start<B: Backend>() -> Result<Box<dyn Collective<B>>> {
+///
+/// `bucket_mib`: the gradients are summed this many MiB at a time (25 when `None`, as torch's
+/// DDP buckets).
+pub fn start<B: Backend>(bucket_mib: Option<usize>) -> Result<Box<dyn Collective<B>>> {
     let n = launcher_world_size().unwrap_or(1);
     if n <= 1 {
         return Ok(Box::new(SingleProcess));
@@ -45,19 +48,19 @@ pub fn start<B: Backend>() -> Result<Box<dyn Collective<B>>> {
         // a pool already built (a second trainer in this process) keeps its size
         let _ = rayon::ThreadPoolBuilder::new().num_threads((cores / local).max(1)).build_global();
     }
-    start_mpi(n)
+    start_mpi(n, bucket_mib.unwrap_or(25).max(1) << 18)
 }
 
 #[cfg(not(feature = "mpi"))]
-fn start_mpi<B: Backend>(n: usize) -> Result<Box<dyn Collective<B>>> {
+fn start_mpi<B: Backend>(n: usize, _bucket: usize) -> Result<Box<dyn Collective<B>>> {
     Err(Error::Unsupported(format!(
         "this process is one of {n} started by an MPI launcher, but this build has no MPI support: build with `cargo build --release --features mpi` (docs/DISTRIBUTED.md)"
     )))
 }
 
 #[cfg(feature = "mpi")]
-fn start_mpi<B: Backend>(n: usize) -> Result<Box<dyn Collective<B>>> {
-    let c = imp::MpiCollective::start()?;
+fn start_mpi<B: Backend>(n: usize, bucket: usize) -> Result<Box<dyn Collective<B>>> {
+    let c = imp::MpiCollective::start(bucket)?;
     if <imp::MpiCollective as Collective<B>>::world_size(&c) != n {
         return Err(Error::Invalid(format!(
             "the launcher started {n} processes but MPI's world has {}: is this binary built against the MPI library of the launcher in use?",
@@ -110,15 +113,18 @@ mod imp {
     pub struct MpiCollective {
         rank: usize,
         size: usize,
-        /// Every gradient, back to back (padded to a multiple of the processes), this process's
-        /// summed part of it, and the packing buffer of parts larger than one MPI call.
+        bucket: usize,
+        /// A window of the gradients laid end to end (padded to a multiple of the processes), this
+        /// process's summed part of it, and the packing buffer of parts larger than one MPI call.
         flat: Vec<f32>,
         part: Vec<f32>,
         packed: Vec<f32>,
     }
 
     impl MpiCollective {
-        pub fn start() -> Result<Self> {
+        /// `bucket`: gradient elements summed per reduce-scatter and all-gather (what a process
+        /// holds besides its gradients while summing them).
+        pub fn start(bucket: usize) -> Result<Self> {
             let mut universe = UNIVERSE.lock().map_err(|_| Error::Invalid("MPI's state was poisoned by an earlier failure".into()))?;
             if universe.is_none() {
                 if mpi::is_initialized() {
@@ -130,7 +136,7 @@ mod imp {
                 *universe = Some(u);
             }
             let world = SimpleCommunicator::world();
-            Ok(MpiCollective { rank: world.rank() as usize, size: world.size() as usize, flat: Vec::new(), part: Vec::new(), packed: Vec::new() })
+            Ok(MpiCollective { rank: world.rank() as usize, size: world.size() as usize, bucket, flat: Vec::new(), part: Vec::new(), packed: Vec::new() })
         }
 
         /// `call(send, receive)` for each piece of at most [`CHUNK`] elements per process of a
@@ -144,6 +150,14 @@ mod imp {
         }
     }
 
+    /// A gradient's elements on the host: its host copy when it has one, else the buffer itself.
+    fn host_slice<'a, B: Backend>(backend: &B, t: &'a mut B::Buf, copy: &'a mut Option<Vec<f32>>) -> &'a mut [f32] {
+        match copy {
+            Some(c) => c.as_mut_slice(),
+            None => backend.host_mut(t).unwrap_or_default(),
+        }
+    }
+
     impl<B: Backend> Collective<B> for MpiCollective {
         fn rank(&self) -> usize {
             self.rank
@@ -153,36 +167,50 @@ mod imp {
         }
         fn all_reduce_grads(&mut self, backend: &B, grads: &mut Grads<B>) -> Result<()> {
             let started = std::time::Instant::now();
-            let total: usize = grads.tensors.iter().map(|t| backend.len(t)).sum();
-            let mut flat = std::mem::take(&mut self.flat);
-            flat.clear();
-            flat.reserve(total.next_multiple_of(self.size));
+            // host copies of the buffers that do not live on the host
+            let mut copies: Vec<Option<Vec<f32>>> = Vec::with_capacity(grads.tensors.len());
             for t in &mut grads.tensors {
-                if backend.len(t) == 0 {
-                    continue;
+                let needs_copy = backend.len(t) > 0 && backend.host_mut(t).is_none();
+                copies.push(if needs_copy { Some(backend.download(t)?) } else { None });
+            }
+            // the gradients laid end to end, a window at a time: each window is summed by a
+            // reduce-scatter and an all-gather, and copied back
+            let window = (self.bucket / self.size).max(1) * self.size;
+            let (mut flat, mut part) = (std::mem::take(&mut self.flat), std::mem::take(&mut self.part));
+            let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+            let (mut i, mut start, mut total) = (0, 0, 0);
+            loop {
+                flat.clear();
+                while flat.len() < window && i < grads.tensors.len() {
+                    let src = host_slice(backend, &mut grads.tensors[i], &mut copies[i]);
+                    if start >= src.len() {
+                        (i, start) = (i + 1, 0);
+                        continue;
+                    }
+                    let n = (window - flat.len()).min(src.len() - start);
+                    flat.extend_from_slice(&src[start..start + n]);
+                    pieces.push((i, start, n));
+                    start += n;
                 }
-                match backend.host_mut(t) {
-                    Some(host) => flat.extend_from_slice(host),
-                    None => flat.extend_from_slice(&backend.download(t)?),
+                if flat.is_empty() {
+                    break;
+                }
+                total += flat.len();
+                flat.resize(flat.len().next_multiple_of(self.size), 0.0);
+                part.resize(flat.len() / self.size, 0.0);
+                <Self as Collective<B>>::reduce_scatter(self, &flat, &mut part)?;
+                <Self as Collective<B>>::all_gather(self, &part, &mut flat)?;
+                let mut at = 0;
+                for (t, s, n) in pieces.drain(..) {
+                    let dst = host_slice(backend, &mut grads.tensors[t], &mut copies[t]);
+                    dst[s..s + n].copy_from_slice(&flat[at..at + n]);
+                    at += n;
                 }
             }
-            flat.resize(total.next_multiple_of(self.size), 0.0);
-            let mut part = std::mem::take(&mut self.part);
-            part.resize(flat.len() / self.size, 0.0);
-            <Self as Collective<B>>::reduce_scatter(self, &flat, &mut part)?;
-            <Self as Collective<B>>::all_gather(self, &part, &mut flat)?;
-            let mut at = 0;
-            for t in &mut grads.tensors {
-                let n = backend.len(t);
-                let summed = &flat[at..at + n];
-                at += n;
-                match backend.host_mut(t) {
-                    Some(host) => host.copy_from_slice(summed),
-                    None if n > 0 => {
-                        let up = backend.upload(summed)?;
-                        backend.copy(t, &up);
-                    }
-                    None => {}
+            for (t, copy) in grads.tensors.iter_mut().zip(copies) {
+                if let Some(c) = copy {
+                    let up = backend.upload(&c)?;
+                    backend.copy(t, &up);
                 }
             }
             (self.flat, self.part) = (flat, part);

@@ -234,7 +234,7 @@ impl<B: Backend + Clone> Trainer<B> {
         let longest = train.iter().chain(eval.iter().flatten()).map(|e| e.input_ids.len()).max().unwrap_or(0);
         check_lengths_and_metric(&args, &model.config, &plugins, longest)?;
         // the other processes of a data parallel run, when a launcher started several
-        let collective = if training { crate::engine::mpi::start()? } else { Box::new(crate::engine::SingleProcess) };
+        let collective = if training { crate::engine::mpi::start(args.ddp_bucket_cap_mb)? } else { Box::new(crate::engine::SingleProcess) };
         let (rank, world) = (collective.rank(), collective.world_size());
         if world > 1 && args.auto_find_batch_size {
             return Err(Error::Unsupported("auto_find_batch_size across several processes is not supported yet: set per_device_train_batch_size".into()));

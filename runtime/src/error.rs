@@ -29,6 +29,10 @@ pub enum Error {
     /// Training stopped when asked (SIGTERM, SIGINT) after writing a checkpoint to resume from.
     #[error("{0}")]
     Interrupted(String),
+    /// An error every process of a data parallel run reached together (they were given different
+    /// runs): each exits with it, none needs to end the others.
+    #[error("{0}")]
+    Agreed(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -458,6 +458,12 @@ fn main() -> ExitCode {
                 runtime::engine::mpi::finish();
                 ExitCode::from(STOPPED_RESUMABLE)
             }
+            Some(runtime::error::Error::Agreed(msg)) => {
+                // every process of the run failed alike: each ends MPI normally
+                eprintln!("error: {msg}");
+                runtime::engine::mpi::finish();
+                ExitCode::FAILURE
+            }
             _ => {
                 // one write, so that the line survives the other processes' abort
                 let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("error: {e}\n").as_bytes());

@@ -17,11 +17,12 @@ use super::schedule::{warmup_steps, Schedule, SchedulerType};
 use super::state::TrainerState;
 use super::tensorboard::TensorBoardCallback;
 use super::trainer::Trainer;
+use crate::args::distributed::Sharding;
 use crate::args::{IntervalStrategy, TrainingArguments};
 use crate::backend::{AttnImpl, Backend};
 use crate::data::cache::load_examples_cached;
 use crate::data::{Example, PadOptions, Padding, Tokenizer};
-use crate::engine::{AdamWConfig, Step};
+use crate::engine::{AdamWConfig, Collective, Step};
 use crate::error::{Error, Result};
 use crate::model::lora::LoraConfig;
 use crate::model::{init::init_tensors, Device, Dtype, Layout, LoadOptions, Model, ModelConfig};
@@ -246,20 +247,7 @@ impl<B: Backend + Clone> Trainer<B> {
         let pad_id = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |t| t.id);
         let pad = PadOptions { padding: Padding::Longest, side: tokenizer.padding_side, pad_id, max_length: None, truncation: false, pad_to_multiple_of: None };
         let (sampler, windows, max_steps, schedule) = plan_steps(&args, train.len(), training, world)?;
-        let mut step = if args.sharding()? == crate::args::distributed::Sharding::ShardGradOp && training {
-            Step::sharded(model, adamw_config(&args), collective, 1, 2)?
-        } else {
-            let mut step = Step::new(model, adamw_config(&args))?;
-            step.collective = collective;
-            step
-        };
-        if world > 1 {
-            same_run_everywhere(&mut step, &args, &train, eval.as_deref())?;
-            // the launcher names a process that dies by its PID
-            let pids = step.collective.all_gather_u64(u64::from(std::process::id()))?;
-            let pids: Vec<String> = pids.iter().enumerate().map(|(r, p)| format!("rank {r}: PID {p}")).collect();
-            tracing::info!("data parallel over {world} processes ({})", pids.join(", "));
-        }
+        let step = make_step(model, &args, collective, training, &train, eval.as_deref())?;
         let (logging_steps, save_steps) = (interval(args.logging_steps, max_steps), interval(args.save_steps, max_steps));
         let eval_steps = interval(args.eval_steps.unwrap_or(args.logging_steps), max_steps);
         let state = TrainerState {
@@ -307,6 +295,34 @@ impl<B: Backend + Clone> Trainer<B> {
     }
 }
 
+/// The step: with the optimizer sharded over the processes when `fsdp = "shard_grad_op"`; in a
+/// data parallel run, after checking that every process was given the same run.
+fn make_step<B: Backend>(
+    model: Model<B>,
+    args: &TrainingArguments,
+    collective: Box<dyn Collective<B>>,
+    training: bool,
+    train: &[Example],
+    eval: Option<&[Example]>,
+) -> Result<Step<B>> {
+    let world = collective.world_size();
+    let mut step = if args.sharding()? == Sharding::ShardGradOp && training {
+        Step::sharded(model, adamw_config(args), collective, 1, 2)?
+    } else {
+        let mut step = Step::new(model, adamw_config(args))?;
+        step.collective = collective;
+        step
+    };
+    if world > 1 {
+        same_run_everywhere(&mut step, args, train, eval)?;
+        // the launcher names a process that dies by its PID
+        let pids = step.collective.all_gather_u64(u64::from(std::process::id()))?;
+        let pids: Vec<String> = pids.iter().enumerate().map(|(r, p)| format!("rank {r}: PID {p}")).collect();
+        tracing::info!("data parallel over {world} processes ({})", pids.join(", "));
+    }
+    Ok(step)
+}
+
 /// Refuses to start when the processes of a data parallel run were given different runs: the
 /// arguments, the model's size and every example's tokens, hashed on each process and compared.
 fn same_run_everywhere<B: Backend>(step: &mut Step<B>, args: &TrainingArguments, train: &[Example], eval: Option<&[Example]>) -> Result<()> {
@@ -324,7 +340,7 @@ fn same_run_everywhere<B: Backend>(step: &mut Step<B>, args: &TrainingArguments,
     let all = step.collective.all_gather_u64(mine)?;
     let differ: Vec<String> = all.iter().enumerate().filter(|(_, &x)| x != all[0]).map(|(r, _)| r.to_string()).collect();
     if !differ.is_empty() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Agreed(format!(
             "the processes of this run were not given the same run: rank(s) {} differ from rank 0 in their arguments, model or data",
             differ.join(", ")
         )));

@@ -28,17 +28,6 @@ pub trait Collective<B: Backend>: Send {
     /// already divided by the window's label tokens over all processes, so the sum is the mean
     /// gradient). Every process ends with the same bits.
     fn all_reduce_grads(&mut self, backend: &B, grads: &mut Grads<B>) -> Result<()>;
-    /// The reduce-scatter of a flat buffer `world_size` parts long: `part` becomes the sum over
-    /// the processes of this process's part of `flat` (elements `rank * part.len()` on).
-    fn reduce_scatter(&mut self, flat: &[f32], part: &mut [f32]) -> Result<()> {
-        part.copy_from_slice(&flat[..part.len()]);
-        Ok(())
-    }
-    /// The all-gather of every process's `part` into `flat`, by rank.
-    fn all_gather(&mut self, part: &[f32], flat: &mut [f32]) -> Result<()> {
-        flat[..part.len()].copy_from_slice(part);
-        Ok(())
-    }
     /// The sum over the processes of `data`, into process `root`'s `data` (the others' is left
     /// as it was).
     fn reduce_to(&mut self, _root: usize, _data: &mut [f32]) -> Result<()> {

@@ -105,7 +105,7 @@ mod imp {
     /// Elements per process per MPI call: MPI counts are C ints.
     const CHUNK: usize = 1 << 28;
 
-    /// Sums over `MPI_COMM_WORLD`. The gradients are summed as one flat buffer by a
+    /// Sums over `MPI_COMM_WORLD`. The gradients are summed a bucket at a time, laid end to end, by a
     /// reduce-scatter (each process sums one part) and an all-gather of the parts, so that every
     /// process holds the same bits (an all-reduce may round differently on different ranks, and
     /// ranks whose weights drift apart by a bit would drift further) and each process adds and
@@ -115,10 +115,10 @@ mod imp {
         size: usize,
         bucket: usize,
         /// A window of the gradients laid end to end (padded to a multiple of the processes), this
-        /// process's summed part of it, and the packing buffer of parts larger than one MPI call.
+        /// process's summed part of it, and the root's receive buffer of `reduce_to`.
         flat: Vec<f32>,
         part: Vec<f32>,
-        packed: Vec<f32>,
+        received: Vec<f32>,
     }
 
     impl MpiCollective {
@@ -136,17 +136,7 @@ mod imp {
                 *universe = Some(u);
             }
             let world = SimpleCommunicator::world();
-            Ok(MpiCollective { rank: world.rank() as usize, size: world.size() as usize, bucket, flat: Vec::new(), part: Vec::new(), packed: Vec::new() })
-        }
-
-        /// `call(send, receive)` for each piece of at most [`CHUNK`] elements per process of a
-        /// flat buffer of `size` parts of `part_len`: `pack` lays each part's piece end to end
-        /// (what one MPI call takes) when a part needs more than one call.
-        fn by_pieces(&mut self, flat_len: usize, part_len: usize, mut each: impl FnMut(&mut Vec<f32>, usize, usize, bool)) {
-            debug_assert_eq!(flat_len, part_len * self.size);
-            for at in (0..part_len).step_by(CHUNK) {
-                each(&mut self.packed, at, (part_len - at).min(CHUNK), part_len > CHUNK);
-            }
+            Ok(MpiCollective { rank: world.rank() as usize, size: world.size() as usize, bucket, flat: Vec::new(), part: Vec::new(), received: Vec::new() })
         }
     }
 
@@ -175,7 +165,8 @@ mod imp {
             }
             // the gradients laid end to end, a window at a time: each window is summed by a
             // reduce-scatter and an all-gather, and copied back
-            let window = (self.bucket / self.size).max(1) * self.size;
+            // (a process's part of a window stays within one MPI call's count)
+            let window = (self.bucket / self.size).clamp(1, CHUNK) * self.size;
             let (mut flat, mut part) = (std::mem::take(&mut self.flat), std::mem::take(&mut self.part));
             let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
             let (mut i, mut start, mut total) = (0, 0, 0);
@@ -198,8 +189,9 @@ mod imp {
                 total += flat.len();
                 flat.resize(flat.len().next_multiple_of(self.size), 0.0);
                 part.resize(flat.len() / self.size, 0.0);
-                <Self as Collective<B>>::reduce_scatter(self, &flat, &mut part)?;
-                <Self as Collective<B>>::all_gather(self, &part, &mut flat)?;
+                let world = SimpleCommunicator::world();
+                world.reduce_scatter_block_into(&flat[..], &mut part[..], SystemOperation::sum());
+                world.all_gather_into(&part[..], &mut flat[..]);
                 let mut at = 0;
                 for (t, s, n) in pieces.drain(..) {
                     let dst = host_slice(backend, &mut grads.tensors[t], &mut copies[t]);
@@ -222,43 +214,15 @@ mod imp {
             );
             Ok(())
         }
-        fn reduce_scatter(&mut self, flat: &[f32], part: &mut [f32]) -> Result<()> {
-            let (size, n) = (self.size, part.len());
-            self.by_pieces(flat.len(), n, |packed, at, len, pack| {
-                let world = SimpleCommunicator::world();
-                if pack {
-                    packed.clear();
-                    (0..size).for_each(|r| packed.extend_from_slice(&flat[r * n + at..r * n + at + len]));
-                    world.reduce_scatter_block_into(&packed[..], &mut part[at..at + len], SystemOperation::sum());
-                } else {
-                    world.reduce_scatter_block_into(flat, &mut part[..], SystemOperation::sum());
-                }
-            });
-            Ok(())
-        }
-        fn all_gather(&mut self, part: &[f32], flat: &mut [f32]) -> Result<()> {
-            let (size, n) = (self.size, part.len());
-            self.by_pieces(flat.len(), n, |packed, at, len, pack| {
-                let world = SimpleCommunicator::world();
-                if pack {
-                    packed.resize(len * size, 0.0);
-                    world.all_gather_into(&part[at..at + len], &mut packed[..]);
-                    (0..size).for_each(|r| flat[r * n + at..r * n + at + len].copy_from_slice(&packed[r * len..(r + 1) * len]));
-                } else {
-                    world.all_gather_into(part, &mut flat[..]);
-                }
-            });
-            Ok(())
-        }
         fn reduce_to(&mut self, root: usize, data: &mut [f32]) -> Result<()> {
             let world = SimpleCommunicator::world();
             let root_process = world.process_at_rank(root as i32);
             // pieces of 4 Mi elements: the receive buffer stays small
             for piece in data.chunks_mut(1 << 22) {
                 if self.rank == root {
-                    self.packed.resize(piece.len(), 0.0);
-                    root_process.reduce_into_root(&*piece, &mut self.packed[..piece.len()], SystemOperation::sum());
-                    piece.copy_from_slice(&self.packed[..piece.len()]);
+                    self.received.resize(piece.len(), 0.0);
+                    root_process.reduce_into_root(&*piece, &mut self.received[..piece.len()], SystemOperation::sum());
+                    piece.copy_from_slice(&self.received[..piece.len()]);
                 } else {
                     root_process.reduce_into(&*piece, SystemOperation::sum());
                 }

@@ -77,11 +77,6 @@ impl<B: Backend> Shard<B> {
         self.pieces.iter().filter(move |p| p.owner == self.rank)
     }
 
-    /// Elements of each moment this process holds.
-    pub fn elements(&self) -> usize {
-        self.mine().map(|p| p.len).sum()
-    }
-
     /// Sums each piece's gradient over the processes into its owner's gradient buffer; returns
     /// the sum of squares of this process's pieces (the others' gradients are left partial).
     pub fn reduce_grads(&mut self, model: &Model<B>, grads: &mut Grads<B>, collective: &mut dyn Collective<B>) -> Result<f64> {

@@ -120,9 +120,10 @@ mod mpi {
         }
     }
 
-    /// Data parallel over 2 and 3 processes, plain and with the optimizer sharded
-    /// (`shard_grad_op`: the parameters laid end to end and cut into 2 or 3 parts mid-tensor),
-    /// trains as one process with the global batch:
+    /// Data parallel over 2 and 3 processes, plain, with the optimizer sharded
+    /// (`shard_grad_op`: the parameters laid end to end and cut into 2 or 3 parts mid-tensor)
+    /// and with the weights sharded too (`full_shard`), trains as one process with the global
+    /// batch:
     /// accumulation 2, clipping, label smoothing; 40 examples in batches of 6 leave a short last
     /// batch (4 examples: 2 + 2 over 2 processes, 1 + 1 + 2 over 3) in each of the 2 epochs.
     #[test]
@@ -146,6 +147,8 @@ mod mpi {
             (2, "3", "", "true", "1"),
             (2, "3", "shard_grad_op", "true", "25"),
             (3, "2", "shard_grad_op", "true", "25"),
+            (2, "3", "full_shard", "true", "25"),
+            (3, "2", "full_shard", "true", "25"),
             (2, "3", "", "false", "25"),
         ];
         for (np, b, fsdp, average, bucket) in cases {
@@ -183,7 +186,7 @@ mod mpi {
         let mut a1 = train_args(&ex, &one, &base);
         a1.extend(["--per_device_train_batch_size".into(), "3".into(), "--plugin".into(), wasm.into()]);
         ok(Command::new(env!("CARGO_BIN_EXE_runtime")).args(&a1).output().unwrap(), "one process with z-loss");
-        for fsdp in ["", "shard_grad_op"] {
+        for fsdp in ["", "shard_grad_op", "full_shard"] {
             let three = tmp.path().join(format!("three{fsdp}"));
             let mut a3 = train_args(&ex, &three, &base);
             a3.extend(["--per_device_train_batch_size".into(), "1".into(), "--plugin".into(), wasm.into(), "--fsdp".into(), fsdp.into()]);
@@ -214,6 +217,13 @@ mod mpi {
         let plugins = common::wasm_plugins();
         let cases = [
             ("tokens", vec!["--plugin".to_string(), plugins.join("token_metrics.wasm").to_str().unwrap().to_string()], Some("eval_accuracy")),
+            // the weights sharded: a process with one batch fewer (4 batches over 3) takes part
+            // in a pass that is not counted
+            (
+                "tokens_full_shard",
+                vec!["--plugin".to_string(), plugins.join("token_metrics.wasm").to_str().unwrap().to_string(), "--fsdp".into(), "full_shard".into()],
+                Some("eval_accuracy"),
+            ),
             // (so briefly trained a model answers no sum right: the generated answers' metrics
             // are 0 here; the token metrics above are what shows every example reached rank 0)
             (
@@ -328,6 +338,35 @@ mod mpi {
         a.extend(["--resume_from_checkpoint".into(), "true".into()]);
         ok(mpirun(3, &a), "resume 1 -> 3 (sharded)");
         assert_same_training(&s13, &one, "resume 1 -> 3 (sharded)");
+        // the weights sharded too: the checkpoint is again the same folder (weights and moments
+        // gathered a tensor at a time)
+        let full = |out: &Path, b: &str| {
+            let mut a = with_batch(out, b);
+            a.extend(["--fsdp".into(), "full_shard".into()]);
+            a
+        };
+        let two_full = tmp.path().join("two_full");
+        ok(mpirun(2, &full(&two_full, "3")), "2 processes, full_shard");
+        assert_same_training(&two_full, &two, "full_shard against plain");
+        let f22 = resumed(&two_full, "f22");
+        let mut a = full(&f22, "3");
+        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+        ok(mpirun(2, &a), "resume 2 -> 2, full_shard");
+        assert_eq!(
+            std::fs::read(f22.join("model.safetensors")).unwrap(),
+            std::fs::read(two_full.join("model.safetensors")).unwrap(),
+            "full_shard resume 2 -> 2 is exact"
+        );
+        let f21 = resumed(&two_full, "f21");
+        let mut a = with_batch(&f21, "6");
+        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+        ok(runtime(&a.iter().map(String::as_str).collect::<Vec<_>>()), "resume 2 (full_shard) -> 1");
+        assert_same_training(&f21, &two_full, "resume 2 (full_shard) -> 1");
+        let f13 = resumed(&one, "f13");
+        let mut a = full(&f13, "2");
+        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+        ok(mpirun(3, &a), "resume 1 -> 3 (full_shard)");
+        assert_same_training(&f13, &one, "resume 1 -> 3 (full_shard)");
     }
 
     /// SIGKILL of one process while the run writes checkpoints: the launcher ends the others

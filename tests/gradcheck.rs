@@ -285,7 +285,7 @@ fn frozen_weights_get_no_gradient_and_no_update() {
                 let want = if norms.contains(&i) { before[i].len() } else { 0 };
                 assert_eq!(step.grads.tensors[i].len(), want, "frozen tensor {i}'s gradient buffer");
             }
-            step.zero_grad();
+            step.zero_grad().unwrap();
             step.micro_batch(&batch, MicroLoss::BuiltIn(LossOptions::default()), MicroOptions::default()).unwrap();
             let (norm, coef) = step.grad_norm(0.0).unwrap();
             let grads = step.grads.tensors.clone();

@@ -79,7 +79,8 @@ pub struct BenchArgs {
     /// with --device cuda: time each op, waiting for the device after each (per-op shares)
     #[arg(long)]
     pub profile: bool,
-    /// under an MPI launcher: `shard_grad_op` shards the optimizer over the processes (ZeRO-2)
+    /// under an MPI launcher: `shard_grad_op` shards the optimizer over the processes (ZeRO-2),
+    /// `full_shard` the weights too (ZeRO-3)
     #[arg(long, default_value = "")]
     pub fsdp: String,
 }
@@ -133,9 +134,10 @@ impl BenchArgs {
             loss_chunk_rows: loss_chunk_rows.map(|n| if n == 0 { batch * seq } else { n }),
             lora_r,
             shard: match fsdp.as_str() {
-                "" => false,
-                "shard_grad_op" => true,
-                other => anyhow::bail!("--fsdp `{other}`: expected shard_grad_op (or nothing)"),
+                "" => 0,
+                "shard_grad_op" => 2,
+                "full_shard" => 3,
+                other => anyhow::bail!("--fsdp `{other}`: expected shard_grad_op, full_shard (or nothing)"),
             },
         };
         if let Some(new_tokens) = decode {
@@ -197,8 +199,9 @@ pub struct BenchConfig {
     pub loss_chunk_rows: Option<usize>,
     /// A LoRA adapter of this rank on every linear module (alpha 2r), the base frozen.
     pub lora_r: Option<usize>,
-    /// The optimizer sharded over the processes of a data parallel run (ZeRO-2).
-    pub shard: bool,
+    /// The ZeRO stage over the processes of a data parallel run: 0 none, 2 the optimizer and
+    /// gradients sharded, 3 the weights too.
+    pub shard: u8,
 }
 
 #[derive(Debug, Serialize)]
@@ -209,6 +212,12 @@ pub struct BenchResult {
     pub step_seconds: f64,
     pub tokens_per_second: f64,
     pub peak_rss_mib: f64,
+    /// The peak RSS during the timed steps alone (Linux; NaN elsewhere): without the start's
+    /// model building.
+    pub steps_peak_rss_mib: f64,
+    /// Weights, gradients and optimizer moments this process holds after the steps (with
+    /// `fsdp`, its shards of them).
+    pub state_mib: f64,
     /// Activation and scratch buffers of the step (what gradient checkpointing reduces).
     pub activation_mib: f64,
     pub matmul_share: f64,
@@ -225,8 +234,8 @@ impl BenchResult {
     pub fn report(&self, batch: usize, seq: usize) -> String {
         let mut s = format!("{} ({} parameters), batch {batch} x seq {seq}, {} threads\n", self.arch, self.parameters, self.threads);
         s += &format!(
-            "  {:.0} tokens/s, {:.3} s/step, peak RSS {:.0} MiB (activations {:.0} MiB), final loss {:.4}\n",
-            self.tokens_per_second, self.step_seconds, self.peak_rss_mib, self.activation_mib, self.final_loss
+            "  {:.0} tokens/s, {:.3} s/step, peak RSS {:.0} MiB (activations {:.0} MiB; weights, gradients and moments {:.0} MiB), final loss {:.4}\n",
+            self.tokens_per_second, self.step_seconds, self.peak_rss_mib, self.activation_mib, self.state_mib, self.final_loss
         );
         s += &format!(
             "  matmul {:.1} GFLOP/s = {:.0}% of this machine's GEMM rate ({:.1} GFLOP/s)\n",
@@ -445,20 +454,28 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
     let ids: Vec<i32> = (0..rows).map(|_| rng.random_range(0..cfg.vocab as i32)).collect();
     let batch = Batch { batch: cfg.batch, seq: cfg.seq, input_ids: ids.clone(), labels: Some(ids), ..Batch::default() };
     let opt = AdamWConfig { lr: 3e-4, weight_decay: 0.01, ..AdamWConfig::default() };
-    let mut step = if cfg.shard {
-        Step::sharded(model, opt, collective, cfg.batch, cfg.seq)?
-    } else {
-        let mut step = Step::with_workspace(model, opt, cfg.batch, cfg.seq)?;
-        step.collective = collective;
-        step
+    let mut step = match cfg.shard {
+        2 => Step::sharded(model, opt, collective, cfg.batch, cfg.seq)?,
+        3 => Step::fully_sharded(model, opt, collective, cfg.batch, cfg.seq)?,
+        _ => {
+            let mut step = Step::with_workspace(model, opt, cfg.batch, cfg.seq)?;
+            step.collective = collective;
+            step
+        }
     };
     let window = [batch];
     let mut loss = f32::NAN;
     let mut elapsed = 0.0;
+    let mut start_peak = f64::NAN;
     for i in 0..cfg.warmup + cfg.steps {
         if i == cfg.warmup {
             step.model.backend.synchronize()?;
             on_warm(&step.model.backend);
+            // the peak so far, then a fresh peak for the timed steps (Linux: `5` resets VmHWM)
+            start_peak = peak_rss_mib();
+            if std::fs::write("/proc/self/clear_refs", "5").is_err() {
+                start_peak = f64::NAN;
+            }
         }
         let t = Instant::now();
         loss = step.run(&window, LossOptions::default(), 3e-4, 1.0)?.loss as f32;
@@ -467,6 +484,7 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
             elapsed += t.elapsed().as_secs_f64();
         }
     }
+    let state_mib = step.state_bytes()? as f64 / (1024.0 * 1024.0);
     let Step { model, acts, .. } = step;
     let step_seconds = elapsed / cfg.steps as f64;
     let r = BenchResult {
@@ -475,7 +493,9 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
         tokens_per_step: rows * world,
         step_seconds,
         tokens_per_second: (rows * world) as f64 / step_seconds,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: peak_rss_mib().max(start_peak),
+        steps_peak_rss_mib: if start_peak.is_nan() { f64::NAN } else { peak_rss_mib() },
+        state_mib,
         activation_mib: acts.bytes(&model.backend) as f64 / (1024.0 * 1024.0),
         matmul_share: f64::NAN,
         matmul_gflops: f64::NAN,

@@ -21,6 +21,42 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| Error::io(path, e))
 }
 
+/// Writes a file through `fill`, which streams its bytes into the writer it is given (for files
+/// too large to hold in memory at once); synced before returning, as [`write_file`].
+pub fn write_file_streamed(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    let f = File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    if disk_full_injected(path) {
+        // as a full disk does it: part of the file is written, then the write fails
+        let _ = fill(&mut FullAfter { inner: &mut w, left: 4096 });
+        let _ = w.flush();
+        return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::StorageFull)));
+    }
+    fill(&mut w)?;
+    let f = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// A writer that takes `left` bytes, then fails as a full disk (fault injection).
+struct FullAfter<'a> {
+    inner: &'a mut dyn Write,
+    left: usize,
+}
+
+impl Write for FullAfter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        }
+        let n = buf.len().min(self.left);
+        self.left -= n;
+        self.inner.write(&buf[..n])
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The environment variable of the full-disk fault injection (for tests): every [`write_file`]
 /// to a path containing its value fails as a full disk would, after writing half the bytes.
 pub const FAULT_DISK_FULL: &str = "RUNTIME_FAULT_DISK_FULL";

@@ -211,7 +211,7 @@ impl AdamWStep {
     }
 }
 
-pub trait Backend: Send + Sync {
+pub trait Backend: Send + Sync + 'static {
     /// A device buffer of f32.
     type Buf: Send + Sync;
     /// A device buffer of i32 (token ids, positions, targets, masks).

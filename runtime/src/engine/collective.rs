@@ -57,6 +57,15 @@ pub trait Collective<B: Backend>: Send {
     fn barrier(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Another handle on the same processes (its calls interleave with this one's in the same
+    /// order on every process), for a part of the engine that communicates on its own. The
+    /// default serves one process only.
+    fn duplicate(&self) -> Result<Box<dyn Collective<B>>> {
+        if self.world_size() == 1 {
+            return Ok(Box::new(SingleProcess));
+        }
+        Err(crate::error::Error::Unsupported("this collective cannot be duplicated".into()))
+    }
 }
 
 /// One process: nothing to combine.

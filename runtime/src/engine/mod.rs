@@ -4,6 +4,7 @@
 //! [`Step`], so what a step is is written once.
 
 pub mod collective;
+pub mod full_shard;
 pub mod mpi;
 pub mod optimizer;
 pub mod shard;

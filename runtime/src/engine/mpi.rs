@@ -279,6 +279,9 @@ mod imp {
             SimpleCommunicator::world().barrier();
             Ok(())
         }
+        fn duplicate(&self) -> Result<Box<dyn Collective<B>>> {
+            Ok(Box::new(MpiCollective { rank: self.rank, size: self.size, bucket: self.bucket, flat: Vec::new(), part: Vec::new(), received: Vec::new() }))
+        }
     }
 
     pub fn finish() {

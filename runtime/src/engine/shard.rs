@@ -13,11 +13,32 @@ use crate::model::{Grads, Model};
 
 /// A piece of one tensor owned by one process: elements `start..start + len` of parameter `param`.
 #[derive(Clone, Copy, Debug)]
-struct Piece {
-    param: usize,
-    start: usize,
-    len: usize,
-    owner: usize,
+pub(super) struct Piece {
+    pub param: usize,
+    pub start: usize,
+    pub len: usize,
+    pub owner: usize,
+}
+
+/// The trainable parameters of `model` laid end to end and cut into `world` equal parts: every
+/// piece, in the flat order.
+pub(super) fn partition<B: Backend>(model: &Model<B>, world: usize) -> Vec<Piece> {
+    let order: Vec<(usize, usize)> = model.layout.specs.iter().enumerate().filter(|(i, _)| model.trainable[*i]).map(|(i, s)| (i, s.numel())).collect();
+    let total: usize = order.iter().map(|o| o.1).sum();
+    let part = total.div_ceil(world.max(1)).max(1);
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for (param, n) in order {
+        let mut start = 0;
+        while start < n {
+            let owner = (at + start) / part;
+            let len = ((owner + 1) * part - (at + start)).min(n - start);
+            pieces.push(Piece { param, start, len, owner });
+            start += len;
+        }
+        at += n;
+    }
+    pieces
 }
 
 /// This process's view of the sharded optimizer: every piece (in the flat order), and the
@@ -32,7 +53,7 @@ pub struct Shard<B: Backend> {
 
 /// Runs `f` on elements `start..start + len` of `buf` on the host: in place when the buffer lives
 /// there, else on a copy that is written back when `write` is set.
-fn on_host<B: Backend, T>(be: &B, buf: &mut B::Buf, start: usize, len: usize, write: bool, f: impl FnOnce(&mut [f32]) -> Result<T>) -> Result<T> {
+pub(super) fn on_host<B: Backend, T>(be: &B, buf: &mut B::Buf, start: usize, len: usize, write: bool, f: impl FnOnce(&mut [f32]) -> Result<T>) -> Result<T> {
     if let Some(host) = be.host_mut(buf) {
         return f(&mut host[start..start + len]);
     }
@@ -44,33 +65,24 @@ fn on_host<B: Backend, T>(be: &B, buf: &mut B::Buf, start: usize, len: usize, wr
     Ok(out)
 }
 
-fn sum_squares(x: &[f32]) -> f64 {
+pub(super) fn sum_squares(x: &[f32]) -> f64 {
     x.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
 }
 
 impl<B: Backend> Shard<B> {
     /// Process `rank`'s view over `world` processes, with zeroed moments.
     pub fn new(model: &Model<B>, rank: usize, world: usize) -> Result<Self> {
-        let order: Vec<(usize, usize)> = model.layout.specs.iter().enumerate().filter(|(i, _)| model.trainable[*i]).map(|(i, s)| (i, s.numel())).collect();
-        let total: usize = order.iter().map(|o| o.1).sum();
-        let part = total.div_ceil(world.max(1)).max(1);
-        let mut pieces = Vec::new();
-        let mut at = 0;
-        for (param, n) in order {
-            let mut start = 0;
-            while start < n {
-                let owner = (at + start) / part;
-                let len = ((owner + 1) * part - (at + start)).min(n - start);
-                pieces.push(Piece { param, start, len, owner });
-                start += len;
-            }
-            at += n;
-        }
+        let pieces = partition(model, world);
         let mine: Vec<&Piece> = pieces.iter().filter(|p| p.owner == rank).collect();
         let be = &model.backend;
         let exp_avg = mine.iter().map(|p| be.zeros(p.len)).collect::<Result<_>>()?;
         let exp_avg_sq = mine.iter().map(|p| be.zeros(p.len)).collect::<Result<_>>()?;
         Ok(Shard { pieces, rank, exp_avg, exp_avg_sq })
+    }
+
+    /// Bytes of the moments this process holds.
+    pub fn bytes(&self, be: &B) -> usize {
+        4 * self.exp_avg.iter().chain(&self.exp_avg_sq).map(|b| be.len(b)).sum::<usize>()
     }
 
     fn mine(&self) -> impl Iterator<Item = &Piece> {

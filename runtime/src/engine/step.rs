@@ -4,13 +4,20 @@
 //! combine the gradients across processes; take the global gradient norm and the clipping
 //! coefficient; and, if the caller applies it, one fused AdamW update with the clipping folded in.
 
+use std::sync::{Arc, Mutex};
+
 use super::collective::{Collective, SingleProcess};
+use super::full_shard::FullShard;
 use super::optimizer::{bounds_after_update, clip_coef, trainable_grad_norm, AdamW, AdamWConfig};
 use super::shard::Shard;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::{Activations, Grads, LossOptions, LossOutput, Model, Neftune};
 use crate::protocol::{label_tokens, Batch, CustomLoss};
+
+fn poisoned() -> Error {
+    Error::Invalid("the sharded weights were left inconsistent by an earlier failure".into())
+}
 
 /// How a micro-batch's loss is computed: the built-in cross-entropy (with its options), or a
 /// loss from outside the engine (a plugin's) with the divisor `num_items_in_batch`.
@@ -55,6 +62,10 @@ pub struct Step<B: Backend> {
     /// The optimizer sharded over the processes (`fsdp = "shard_grad_op"`): then `opt` holds no
     /// moments, and the gradients are reduce-scattered into the shard.
     pub shard: Option<Shard<B>>,
+    /// The weights sharded too (`fsdp = "full_shard"`): the model fetches its units through it,
+    /// and it holds this process's pieces of the weights, gradients and moments (`opt` holds no
+    /// moments, `grads` only what a pass has fetched).
+    pub full: Option<Arc<Mutex<FullShard<B>>>>,
     /// Bounds on the magnitude of every trainable parameter, first-moment and second-moment
     /// element: measured, or carried forward through each update by [`bounds_after_update`]
     /// (`None`: not known; measured at the next update).
@@ -76,13 +87,19 @@ impl<B: Backend> Step<B> {
         let acts = Activations::new(&model, batch, seq)?;
         let grads = Grads::zeros(&model)?;
         let opt = AdamW::new(&model, opt)?;
-        Ok(Step { model, grads, acts, opt, collective: Box::new(SingleProcess), shard: None, bounds: None, last_norm: None })
+        Ok(Step { model, grads, acts, opt, collective: Box::new(SingleProcess), shard: None, full: None, bounds: None, last_norm: None })
     }
 
     /// Shards the optimizer over the collective's processes (ZeRO stage 2, [`Shard`]): each
     /// keeps the moments of its part of the trainable parameters only. Moments already there
     /// (loaded from a checkpoint) are taken over.
     pub fn shard_optimizer(&mut self) -> Result<()> {
+        if let Some(full) = &self.full {
+            full.lock().map_err(|_| poisoned())?.load_moments(&self.model.backend, &self.opt.exp_avg, &self.opt.exp_avg_sq)?;
+            self.opt.exp_avg.iter_mut().chain(self.opt.exp_avg_sq.iter_mut()).for_each(|m| *m = None);
+            self.bounds = None;
+            return Ok(());
+        }
         let (rank, world) = (self.collective.rank(), self.collective.world_size());
         let mut shard = match self.shard.take() {
             Some(s) => s,
@@ -103,12 +120,47 @@ impl<B: Backend> Step<B> {
         let shard = Shard::new(&model, collective.rank(), collective.world_size())?;
         let n = model.params.len();
         let opt = AdamW { config: opt, exp_avg: (0..n).map(|_| None).collect(), exp_avg_sq: (0..n).map(|_| None).collect(), step: 0 };
-        Ok(Step { model, grads, acts, opt, collective, shard: Some(shard), bounds: None, last_norm: None })
+        Ok(Step { model, grads, acts, opt, collective, shard: Some(shard), full: None, bounds: None, last_norm: None })
+    }
+
+    /// [`Step::with_workspace`] with the weights, gradients and optimizer sharded over
+    /// `collective`'s processes ([`FullShard`]): the model's whole weights are dropped once this
+    /// process has taken its pieces, and no gradient or moment is ever allocated whole.
+    pub fn fully_sharded(mut model: Model<B>, opt: AdamWConfig, collective: Box<dyn Collective<B>>, batch: usize, seq: usize) -> Result<Self> {
+        let acts = Activations::new(&model, batch, seq)?;
+        let n = model.params.len();
+        let mut grads = Grads { tensors: (0..n).map(|_| model.backend.zeros(0)).collect::<Result<_>>()? };
+        let full = FullShard::install(&mut model, &mut grads, collective.as_ref())?;
+        let opt = AdamW { config: opt, exp_avg: (0..n).map(|_| None).collect(), exp_avg_sq: (0..n).map(|_| None).collect(), step: 0 };
+        Ok(Step { model, grads, acts, opt, collective, shard: None, full: Some(full), bounds: None, last_norm: None })
+    }
+
+    /// The fully sharded state, locked (see [`Step::fully_sharded`]).
+    pub fn full_shard(&self) -> Option<Result<std::sync::MutexGuard<'_, FullShard<B>>>> {
+        self.full.as_ref().map(|f| f.lock().map_err(|_| poisoned()))
+    }
+
+    /// Bytes this process holds of weights, gradients and optimizer moments (not activations):
+    /// whole, or its shards of them.
+    pub fn state_bytes(&self) -> Result<usize> {
+        let be = &self.model.backend;
+        let moments = self.opt.exp_avg.iter().chain(&self.opt.exp_avg_sq).flatten();
+        let own: usize = self.model.params.iter().chain(&self.grads.tensors).chain(moments).map(|b| be.len(b)).sum();
+        let shard = self.shard.as_ref().map_or(0, |s| s.bytes(be));
+        let full = match self.full_shard() {
+            Some(f) => f?.bytes(be),
+            None => 0,
+        };
+        Ok(4 * own + shard + full)
     }
 
     /// Zeroes the gradients: the start of a step.
-    pub fn zero_grad(&mut self) {
+    pub fn zero_grad(&mut self) -> Result<()> {
         self.grads.zero(&self.model.backend);
+        if let Some(full) = self.full_shard() {
+            full?.zero_grads(&self.model.backend);
+        }
+        Ok(())
     }
 
     /// Forward and backward for one micro-batch, accumulating into the gradients. Unless more
@@ -135,7 +187,16 @@ impl<B: Backend> Step<B> {
     /// Combines the gradients across processes, then returns the global gradient norm and the
     /// clipping coefficient for `max_grad_norm` (1.0 when it is not positive: no clipping).
     pub fn grad_norm(&mut self, max_grad_norm: f32) -> Result<(f32, f32)> {
+        let full_sq = match self.full_shard() {
+            Some(full) => Some(full?.grad_sq(&self.model.backend)?),
+            None => None,
+        };
         let norm = match &mut self.shard {
+            _ if full_sq.is_some() => {
+                let mut sq = [full_sq.unwrap_or_default()];
+                self.collective.sum_f64(&mut sq)?;
+                sq[0].sqrt() as f32
+            }
             Some(shard) => {
                 let mut sq = [shard.reduce_grads(&self.model, &mut self.grads, self.collective.as_mut())?];
                 self.collective.sum_f64(&mut sq)?;
@@ -164,7 +225,7 @@ impl<B: Backend> Step<B> {
     /// With a sharded optimizer each process updates its part, the bounds and checks are over
     /// every process's, and the updated parts are sent to every process once the update stands.
     pub fn apply(&mut self, lr: f32, clip_coef: f32) -> Result<bool> {
-        if self.shard.is_none() {
+        if self.shard.is_none() && self.full.is_none() {
             self.opt.allocate(&self.model)?;
         }
         let g = match self.last_norm {
@@ -182,12 +243,16 @@ impl<B: Backend> Step<B> {
             next = bounds_after_update(hp, measured, g);
         }
         let backup = if next.is_none() { Some(self.download_state()?) } else { None };
-        match &mut self.shard {
-            Some(shard) => {
+        match (&mut self.shard, self.full.as_ref()) {
+            (_, Some(full)) => {
+                self.opt.step += 1;
+                full.lock().map_err(|_| poisoned())?.update(&self.model.backend, hp)?;
+            }
+            (Some(shard), None) => {
                 self.opt.step += 1;
                 shard.update(&mut self.model, &self.grads, hp)?;
             }
-            None => self.opt.step(&mut self.model, &self.grads, lr, clip_coef)?,
+            (None, None) => self.opt.step(&mut self.model, &self.grads, lr, clip_coef)?,
         }
         let finite = match next {
             Some(_) => true,
@@ -211,6 +276,9 @@ impl<B: Backend> Step<B> {
 
     /// Puts back the state [`Step::download_state`] copied.
     fn restore_state(&mut self, backup: Vec<(usize, [Vec<f32>; 3])>) -> Result<()> {
+        if let Some(full) = self.full_shard() {
+            return full?.restore(&self.model.backend, backup.into_iter().map(|b| b.1).collect());
+        }
         if let Some(shard) = &mut self.shard {
             return shard.restore(&mut self.model, backup.into_iter().map(|b| b.1).collect());
         }
@@ -224,14 +292,25 @@ impl<B: Backend> Step<B> {
     }
 
     /// Forgets the bounds of the parameters and moments, after something replaced them (a
-    /// checkpoint was loaded): the next update measures them again.
-    pub fn state_replaced(&mut self) {
+    /// checkpoint was loaded): the next update measures them again. Whole weights put into the
+    /// model are cut into this process's pieces when the weights are sharded.
+    pub fn state_replaced(&mut self) -> Result<()> {
         self.bounds = None;
+        if let Some(full) = &self.full {
+            let model = &mut self.model;
+            if model.params.iter().zip(&model.layout.specs).all(|(p, s)| model.backend.len(p) == s.numel()) {
+                full.lock().map_err(|_| poisoned())?.take_weights(&model.backend, &mut model.params)?;
+            }
+        }
+        Ok(())
     }
 
     /// The trainable parameters, first and second moments on the host, by parameter index.
     /// (With a sharded optimizer: this process's pieces, numbered in order.)
     fn download_state(&mut self) -> Result<Vec<(usize, [Vec<f32>; 3])>> {
+        if let Some(full) = self.full_shard() {
+            return Ok(full?.backup(&self.model.backend)?.into_iter().enumerate().collect());
+        }
         if let Some(shard) = &mut self.shard {
             return Ok(shard.backup(&mut self.model)?.into_iter().enumerate().collect());
         }
@@ -251,6 +330,14 @@ impl<B: Backend> Step<B> {
     /// With a sharded optimizer: the L2 norms of all the weights, all first and all second
     /// moments, over every process (bounds too, if looser), and whether every process's are finite.
     fn state_bounds(&mut self) -> Result<(bool, [f64; 3])> {
+        let full = match self.full_shard() {
+            Some(full) => Some(full?.state_sums(&self.model.backend)?),
+            None => None,
+        };
+        if let Some(mut sums) = full {
+            self.collective.sum_f64(&mut sums)?;
+            return Ok((sums.iter().all(|s| s.is_finite()), sums.map(f64::sqrt)));
+        }
         if let Some(shard) = &mut self.shard {
             let mut sums = shard.state_sums(&mut self.model)?;
             self.collective.sum_f64(&mut sums)?;
@@ -285,7 +372,7 @@ impl<B: Backend> Step<B> {
         if items == 0 {
             return Err(Error::Invalid("the batches of this accumulation window have no label tokens".into()));
         }
-        self.zero_grad();
+        self.zero_grad()?;
         let mut sum = 0.0;
         for (i, b) in window.iter().enumerate() {
             let o = MicroOptions { neftune: None, accumulating: i + 1 < window.len(), dropout: None };

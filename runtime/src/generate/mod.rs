@@ -47,6 +47,9 @@ impl<B: Backend> DecodeState<B> {
     /// Room for `max_len` tokens (prompt and generated) in each of `batch` rows.
     /// An error before any allocation when the caches would not fit in the memory available.
     pub fn new(model: &Model<B>, batch: usize, max_len: usize) -> Result<Self> {
+        if model.is_sharded() {
+            return Err(Error::Unsupported("generation needs the whole weights in one process; they are sharded over processes (fsdp `full_shard`)".into()));
+        }
         let (be, c) = (&model.backend, &model.config);
         let kvd = c.n_kv_head * c.head_dim;
         // the key and value caches (f32) and the cache mask (i32), in 128-bit arithmetic

@@ -17,7 +17,7 @@ pub use super::head::LossOutput;
 use super::Model;
 use crate::backend::{AttnShape, Backend};
 use crate::error::{Error, Result};
-use crate::nn::{AttnCall, BlockGrads, GradsMut};
+use crate::nn::{AttnCall, BlockGrads, GradsMut, Params};
 use crate::protocol::IGNORE_INDEX;
 pub use crate::protocol::{label_tokens, shifted_labels, Batch, CustomLoss, RowsLoss, StatsLoss};
 
@@ -123,14 +123,19 @@ impl<B: Backend> Model<B> {
 
     /// Layer `l`'s forward pass from `resid[l]` into `resid[l + 1]`, keeping its activations in
     /// its own buffers (or the shared ones under gradient checkpointing).
-    fn layer_fwd(&self, acts: &mut Activations<B>, l: usize) {
+    fn layer_fwd(&self, acts: &mut Activations<B>, l: usize) -> Result<()> {
+        self.with_params(&self.block(l).params(), |p| self.layer_fwd_in(acts, l, p))
+    }
+
+    /// [`Model::layer_fwd`] with the layer's parameters at hand.
+    fn layer_fwd_in(&self, acts: &mut Activations<B>, l: usize, p: &Params<B>) {
         let (done, rest) = acts.resid.split_at_mut(l + 1);
         let (x, y) = (&done[l], &mut rest[0]);
         let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
         let (mut bufs, stats) = a.bufs(&mut acts.tmp);
         let call = AttnCall::Sequence { stats, mask: &acts.mask, pos: &acts.pos, batch: acts.batch, seq: acts.seq };
         let drop = acts.dropout.map(|k| crate::nn::site_key(k, 1000 + l as u64));
-        self.block(l).fwd(&self.backend, &self.unit_params(), x, y, &mut bufs, &mut acts.lora, call, drop);
+        self.block(l).fwd(&self.backend, p, x, y, &mut bufs, &mut acts.lora, call, drop);
     }
 
     /// Generation's prefill: the forward pass over a (left-padded) batch of prompts, writing
@@ -157,7 +162,8 @@ impl<B: Backend> Model<B> {
             be.copy_range(&mut last, r * h, &acts.lnf, ((r + 1) * b.seq - 1) * h, h);
         }
         let mut logits = be.zeros(b.batch * c.vocab_size)?;
-        be.matmul_fwd(&mut logits, &last, &self.params[self.layout.head()], None, b.batch, h, c.vocab_size);
+        let head = self.layout.head();
+        self.with_params(&[head], |p| be.matmul_fwd(&mut logits, &last, &p.bufs[head], None, b.batch, h, c.vocab_size))?;
         Ok(Some(be.download(&logits)?))
     }
 
@@ -175,7 +181,8 @@ impl<B: Backend> Model<B> {
         self.upload_batch(acts, b)?;
         let (be, c) = (&self.backend, &self.config);
         let (rows, h) = (b.batch * b.seq, c.hidden_size);
-        self.embedding().fwd(be, &self.unit_params(), &mut acts.resid[0], &acts.ids, &acts.pos);
+        let emb = self.embedding();
+        self.with_params(&emb.params(), |p| emb.fwd(be, p, &mut acts.resid[0], &acts.ids, &acts.pos))?;
         if let Some(Neftune { alpha, seed }) = neftune {
             use rand::{RngExt, SeedableRng};
             let mag = alpha / ((b.seq * h) as f32).sqrt();
@@ -186,9 +193,10 @@ impl<B: Backend> Model<B> {
         }
         crate::nn::drop(be, &mut acts.resid[0], c.dropout.embd, acts.dropout, 0);
         for l in 0..c.n_layer {
-            self.layer_fwd(acts, l);
+            self.layer_fwd(acts, l)?;
         }
-        self.final_norm().fwd(be, &self.unit_params(), &mut acts.lnf, &mut acts.lnf_mean, &mut acts.lnf_rstd, &acts.resid[c.n_layer]);
+        let lnf = self.final_norm();
+        self.with_params(&lnf.params(), |p| lnf.fwd(be, p, &mut acts.lnf, &mut acts.lnf_mean, &mut acts.lnf_rstd, &acts.resid[c.n_layer]))?;
         acts.has_grad = false;
         Ok(())
     }
@@ -205,10 +213,12 @@ impl<B: Backend> Model<B> {
         }
         acts.has_grad = false;
         let rows = acts.batch * acts.seq;
-        let mut g = GradsMut { bufs: &mut grads.tensors, trainable: &self.trainable };
-        self.head().bwd(&self.backend, &self.unit_params(), &mut g, Some(&mut acts.dln), &acts.logits, &acts.lnf, rows);
-        self.backward_body(acts, grads, ready);
-        Ok(())
+        let head = self.head();
+        self.with_params_grads(&[head.w], &[], &mut grads.tensors, |p, bufs| {
+            let mut g = GradsMut { bufs, trainable: &self.trainable };
+            head.bwd(&self.backend, p, &mut g, Some(&mut acts.dln), &acts.logits, &acts.lnf, rows);
+        })?;
+        self.backward_body(acts, grads, ready)
     }
 
     /// The backward pass from `acts.dln`, the gradient with respect to the final norm's output
@@ -217,42 +227,50 @@ impl<B: Backend> Model<B> {
     /// the final norm, then each layer from the last, then the embeddings (with the head when it
     /// is tied to them). A data-parallel collective can reduce a group while the rest of the
     /// backward pass runs.
-    pub(super) fn backward_body(&self, acts: &mut Activations<B>, grads: &mut Grads<B>, ready: &mut GradsReady<B>) {
-        let (be, n_layer) = (&self.backend, self.config.n_layer);
-        let p = self.unit_params();
-        let mut g = GradsMut { bufs: &mut grads.tensors, trainable: &self.trainable };
+    pub(super) fn backward_body(&self, acts: &mut Activations<B>, grads: &mut Grads<B>, ready: &mut GradsReady<B>) -> Result<()> {
+        let (be, n_layer, tr) = (&self.backend, self.config.n_layer, &self.trainable);
         be.fill(&mut acts.dres, 0.0);
         let lnf = self.final_norm();
-        lnf.bwd(be, &p, &mut g, &mut acts.dres, &acts.dln, &acts.resid[n_layer], &acts.lnf_mean, &acts.lnf_rstd);
-        let head = self.layout.lm_head.into_iter();
-        ready(&head.chain([lnf.w]).chain(lnf.b).collect::<Vec<_>>(), g.bufs);
+        let done: Vec<usize> = self.layout.lm_head.into_iter().chain(lnf.params()).collect();
+        self.with_params_grads(&lnf.params(), &done, &mut grads.tensors, |p, bufs| {
+            let mut g = GradsMut { bufs, trainable: tr };
+            lnf.bwd(be, p, &mut g, &mut acts.dres, &acts.dln, &acts.resid[n_layer], &acts.lnf_mean, &acts.lnf_rstd);
+        })?;
+        ready(&done, &mut grads.tensors);
         for l in (0..n_layer).rev() {
-            if acts.checkpointing {
-                // recompute this layer's activations (its output, resid[l + 1], comes out the same)
-                self.layer_fwd(acts, l);
-            }
-            let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
-            let (bufs, stats) = a.bufs(&mut acts.tmp);
-            let mut d = BlockGrads {
-                dres: &mut acts.dres,
-                dln: &mut acts.dln,
-                datt: &mut acts.datt,
-                dqkv: &mut acts.dqkv,
-                dfc: &mut acts.dfc,
-                dact: &mut acts.dact,
-                lora: &mut acts.lora,
-            };
-            let attn = (&*stats, &acts.mask, &acts.pos);
             let block = self.block(l);
-            let drop = acts.dropout.map(|k| crate::nn::site_key(k, 1000 + l as u64));
-            block.bwd(be, &p, &mut g, &acts.resid[l], &bufs, attn, (acts.batch, acts.seq), &mut d, drop);
-            ready(&block.params(), g.bufs);
+            let params = block.params();
+            self.with_params_grads(&params, &params, &mut grads.tensors, |p, bufs| {
+                if acts.checkpointing {
+                    // recompute this layer's activations (its output, resid[l + 1], comes out the same)
+                    self.layer_fwd_in(acts, l, p);
+                }
+                let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
+                let (lbufs, stats) = a.bufs(&mut acts.tmp);
+                let mut d = BlockGrads {
+                    dres: &mut acts.dres,
+                    dln: &mut acts.dln,
+                    datt: &mut acts.datt,
+                    dqkv: &mut acts.dqkv,
+                    dfc: &mut acts.dfc,
+                    dact: &mut acts.dact,
+                    lora: &mut acts.lora,
+                };
+                let attn = (&*stats, &acts.mask, &acts.pos);
+                let drop = acts.dropout.map(|k| crate::nn::site_key(k, 1000 + l as u64));
+                let mut g = GradsMut { bufs, trainable: tr };
+                block.bwd(be, p, &mut g, &acts.resid[l], &lbufs, attn, (acts.batch, acts.seq), &mut d, drop);
+            })?;
+            ready(&params, &mut grads.tensors);
         }
         let emb = self.embedding();
         // the embedding dropout's backward pass: its mask on the gradient
         crate::nn::drop(be, &mut acts.dres, self.config.dropout.embd, acts.dropout, 0);
-        emb.bwd(be, &mut g, &acts.ids, &acts.pos, &acts.dres);
-        ready(&[emb.wte].into_iter().chain(emb.wpe).collect::<Vec<_>>(), g.bufs);
+        self.with_params_grads(&emb.params(), &emb.params(), &mut grads.tensors, |_, bufs| {
+            emb.bwd(be, &mut GradsMut { bufs, trainable: tr }, &acts.ids, &acts.pos, &acts.dres);
+        })?;
+        ready(&emb.params(), &mut grads.tensors);
+        Ok(())
     }
 
     /// Forward, loss and backward for one micro-batch, with the LM head and loss in chunks (the
@@ -275,7 +293,7 @@ impl<B: Backend> Model<B> {
         self.forward_hidden(acts, b, neftune)?;
         let (n_tokens, _) = self.head_loss(acts, b, loss, Some(grads), None)?;
         let n_tokens = n_tokens.ok_or_else(|| Error::Invalid("training needs labels".into()))?;
-        self.backward_body(acts, grads, ready);
+        self.backward_body(acts, grads, ready)?;
         // read the loss once the backward pass is queued, so a GPU is not left idle meanwhile
         self.loss_output(acts, n_tokens)
     }

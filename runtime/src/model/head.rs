@@ -10,7 +10,7 @@ use super::decoder::{GradsReady, Neftune};
 use super::Model;
 use crate::backend::{Backend, LossRows, StatsWanted, TokenStats};
 use crate::error::{Error, Result};
-use crate::nn::GradsMut;
+use crate::nn::{GradsMut, Params};
 use crate::protocol::{label_tokens, shifted_labels, Batch, CustomLoss, RowsLoss, IGNORE_INDEX};
 
 fn no_label_tokens() -> Error {
@@ -194,17 +194,20 @@ impl<B: Backend> Model<B> {
             CustomLoss::Rows(_) => None,
         };
         let (mut stats, mut hook_stats, mut rows_loss) = (None::<TokenStats>, TokenStats::default(), 0.0f64);
-        for (i, r0, n) in head_chunks(acts) {
-            self.head_chunk_fwd(acts, r0, n)?;
-            let tids = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
-            if let Some(w) = want {
-                stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, tids, v, w)?);
+        self.with_params(&[self.layout.head()], |p| -> Result<()> {
+            for (i, r0, n) in head_chunks(acts) {
+                self.head_chunk_fwd(acts, p, r0, n)?;
+                let tids = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
+                if let Some(w) = want {
+                    stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, tids, v, w)?);
+                }
+                match custom {
+                    CustomLoss::Stats(_) => hook_stats.append(be.token_stats(&acts.logits, tids, v, hook_want.unwrap_or_default())?),
+                    CustomLoss::Rows(hook) => rows_loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits)?, (r0, n, v), n_tokens, None)?,
+                }
             }
-            match custom {
-                CustomLoss::Stats(_) => hook_stats.append(be.token_stats(&acts.logits, tids, v, hook_want.unwrap_or_default())?),
-                CustomLoss::Rows(hook) => rows_loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits)?, (r0, n, v), n_tokens, None)?,
-            }
-        }
+            Ok(())
+        })??;
         let loss = match custom {
             CustomLoss::Stats(hook) => {
                 hook_stats.take_backward_state();
@@ -233,19 +236,19 @@ impl<B: Backend> Model<B> {
         if be.len(&acts.logits) < rows * c.vocab_size {
             acts.logits = be.zeros(rows * c.vocab_size)?;
         }
-        be.matmul_fwd(&mut acts.logits, &acts.lnf, &self.params[self.layout.head()], None, rows, c.hidden_size, c.vocab_size);
-        Ok(())
+        let head = self.layout.head();
+        self.with_params(&[head], |p| be.matmul_fwd(&mut acts.logits, &acts.lnf, &p.bufs[head], None, rows, c.hidden_size, c.vocab_size))
     }
 
     /// One chunk of the LM head after [`Model::forward_hidden`]: the logits of rows `r0..r0 + n`
     /// into `acts.logits` (the whole batch reads `acts.lnf` directly; a chunk is copied out of it).
-    pub(super) fn head_chunk_fwd(&self, acts: &mut Activations<B>, r0: usize, n: usize) -> Result<()> {
+    pub(super) fn head_chunk_fwd(&self, acts: &mut Activations<B>, p: &Params<B>, r0: usize, n: usize) -> Result<()> {
         let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
         let rows = acts.batch * acts.seq;
         if be.len(&acts.logits) < acts.head_rows.min(rows) * v {
             acts.logits = be.zeros(acts.head_rows.min(rows) * v)?;
         }
-        let w = &self.params[self.layout.head()];
+        let w = &p.bufs[self.layout.head()];
         if n == rows {
             be.matmul_fwd(&mut acts.logits, &acts.lnf, w, None, n, h, v);
         } else {
@@ -258,14 +261,14 @@ impl<B: Backend> Model<B> {
     /// The head's backward pass for the chunk of [`Model::head_chunk_fwd`], from the logits'
     /// gradient in `acts.logits`: accumulates the head's weight gradient and writes the chunk's
     /// rows of `acts.dln`.
-    pub(super) fn head_chunk_bwd(&self, acts: &mut Activations<B>, grads: &mut Grads<B>, r0: usize, n: usize) {
+    pub(super) fn head_chunk_bwd(&self, acts: &mut Activations<B>, p: &Params<B>, bufs: &mut [B::Buf], r0: usize, n: usize) {
         let (be, h, rows) = (&self.backend, self.config.hidden_size, acts.batch * acts.seq);
-        let (head, p) = (self.head(), self.unit_params());
-        let mut g = GradsMut { bufs: &mut grads.tensors, trainable: &self.trainable };
+        let head = self.head();
+        let mut g = GradsMut { bufs, trainable: &self.trainable };
         if n == rows {
-            head.bwd(be, &p, &mut g, Some(&mut acts.dln), &acts.logits, &acts.lnf, n);
+            head.bwd(be, p, &mut g, Some(&mut acts.dln), &acts.logits, &acts.lnf, n);
         } else {
-            head.bwd(be, &p, &mut g, Some(&mut acts.head_din), &acts.logits, &acts.head_in, n);
+            head.bwd(be, p, &mut g, Some(&mut acts.head_din), &acts.logits, &acts.head_in, n);
             be.copy_range(&mut acts.dln, r0 * h, &acts.head_din, 0, n * h);
         }
     }
@@ -283,7 +286,7 @@ impl<B: Backend> Model<B> {
         acts: &mut Activations<B>,
         b: &Batch,
         loss: LossOptions,
-        mut grads: Option<&mut Grads<B>>,
+        grads: Option<&mut Grads<B>>,
         want: Option<StatsWanted>,
     ) -> Result<(Option<usize>, Option<TokenStats>)> {
         let (be, v) = (&self.backend, self.config.vocab_size);
@@ -296,18 +299,26 @@ impl<B: Backend> Model<B> {
             return Ok((None, None));
         }
         let grad_scale = grads.is_some().then(|| 1.0 / denom as f32);
-        let mut stats: Option<TokenStats> = None;
-        for (i, r0, n) in head_chunks(acts) {
-            self.head_chunk_fwd(acts, r0, n)?;
-            let targets = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
-            if let Some(w) = want {
-                stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, targets, v, w)?);
+        let mut chunks = |p: &Params<B>, mut bufs: Option<&mut [B::Buf]>| -> Result<Option<TokenStats>> {
+            let mut stats: Option<TokenStats> = None;
+            for (i, r0, n) in head_chunks(acts) {
+                self.head_chunk_fwd(acts, p, r0, n)?;
+                let targets = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
+                if let Some(w) = want {
+                    stats.get_or_insert_with(TokenStats::default).append(be.token_stats(&acts.logits, targets, v, w)?);
+                }
+                be.cross_entropy_into(&mut acts.logits, targets, v, loss.label_smoothing, grad_scale, &mut acts.row_loss, r0);
+                if let Some(g) = bufs.as_deref_mut() {
+                    self.head_chunk_bwd(acts, p, g, r0, n);
+                }
             }
-            be.cross_entropy_into(&mut acts.logits, targets, v, loss.label_smoothing, grad_scale, &mut acts.row_loss, r0);
-            if let Some(g) = grads.as_deref_mut() {
-                self.head_chunk_bwd(acts, g, r0, n);
-            }
-        }
+            Ok(stats)
+        };
+        let head = self.layout.head();
+        let stats = match grads {
+            Some(g) => self.with_params_grads(&[head], &[], &mut g.tensors, |p, bufs| chunks(p, Some(bufs)))??,
+            None => self.with_params(&[head], |p| chunks(p, None))??,
+        };
         Ok((b.labels.is_some().then_some(n_tokens), stats))
     }
 
@@ -362,15 +373,18 @@ impl<B: Backend> Model<B> {
         let (n_tokens, denom, targets) = custom_loss_setup(b, num_items_in_batch)?;
         let (be, v) = (&self.backend, self.config.vocab_size);
         let mut loss = 0.0f64;
-        for (_, r0, n) in head_chunks(acts) {
-            self.head_chunk_fwd(acts, r0, n)?;
-            // the chunk's labelled rows go to the hook; unlabelled rows get no gradient
-            let mut dlogits = vec![0.0f32; n * v];
-            loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits)?, (r0, n, v), denom, Some(&mut dlogits))?;
-            acts.logits = be.upload(&dlogits)?;
-            self.head_chunk_bwd(acts, grads, r0, n);
-        }
-        self.backward_body(acts, grads, ready);
+        self.with_params_grads(&[self.layout.head()], &[], &mut grads.tensors, |p, bufs| -> Result<()> {
+            for (_, r0, n) in head_chunks(acts) {
+                self.head_chunk_fwd(acts, p, r0, n)?;
+                // the chunk's labelled rows go to the hook; unlabelled rows get no gradient
+                let mut dlogits = vec![0.0f32; n * v];
+                loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits)?, (r0, n, v), denom, Some(&mut dlogits))?;
+                acts.logits = be.upload(&dlogits)?;
+                self.head_chunk_bwd(acts, p, bufs, r0, n);
+            }
+            Ok(())
+        })??;
+        self.backward_body(acts, grads, ready)?;
         let sum = loss * denom as f64;
         Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens.max(1) as f64) as f32 })
     }

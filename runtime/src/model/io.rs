@@ -248,31 +248,70 @@ pub(super) fn decode_part(spec: &ParamSpec, view: &TensorView, dt: Dtype, out: &
     }
 }
 
+/// The values of one transformers tensor (`part`, at element `off` of its parameter's `data`):
+/// transposed back for GPT-2's `Conv1D`.
+fn part_values(spec: &ParamSpec, part_shape: &[usize], data: &[f32], off: usize) -> Vec<f32> {
+    let n: usize = part_shape.iter().product();
+    let chunk = &data[off..off + n];
+    if !spec.conv1d {
+        return chunk.to_vec();
+    }
+    let (inp, outd) = (part_shape[0], part_shape[1]);
+    let mut t = vec![0.0; n];
+    for o in 0..outd {
+        for i in 0..inp {
+            t[i * outd + o] = chunk[o * inp + i];
+        }
+    }
+    t
+}
+
 /// The transformers tensors of a model, in layout order: (name, shape, f32 values).
 pub fn hf_tensors(layout: &Layout, tensors: &[Vec<f32>]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut out = Vec::new();
     for (spec, data) in layout.specs.iter().zip(tensors).filter(|(s, _)| !s.adapter) {
         let mut off = 0;
         for part in &spec.parts {
-            let n: usize = part.shape.iter().product();
-            let chunk = &data[off..off + n];
-            off += n;
-            let values = if spec.conv1d {
-                let (inp, outd) = (part.shape[0], part.shape[1]);
-                let mut t = vec![0.0; n];
-                for o in 0..outd {
-                    for i in 0..inp {
-                        t[i * outd + o] = chunk[o * inp + i];
-                    }
-                }
-                t
-            } else {
-                chunk.to_vec()
-            };
-            out.push((part.name.clone(), part.shape.clone(), values));
+            out.push((part.name.clone(), part.shape.clone(), part_values(spec, &part.shape, data, off)));
+            off += part.shape.iter().product::<usize>();
         }
     }
     out
+}
+
+/// One tensor of a safetensors file written by [`write_streamed`]: name, dtype, shape.
+pub type Entry = (String, StDtype, Vec<usize>);
+
+/// Writes a safetensors file a tensor at a time: the header from `entries` (stored in name order,
+/// as the safetensors crate orders tensors of one dtype), then each entry's bytes as `fill(k)`
+/// produces them, so that no more than one tensor is in memory at once.
+pub fn write_streamed(path: &Path, entries: &[Entry], metadata: Option<HashMap<String, String>>, fill: &mut dyn FnMut(usize) -> Result<Vec<u8>>) -> Result<()> {
+    use safetensors::tensor::{Metadata, TensorInfo};
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by(|&a, &b| entries[a].0.cmp(&entries[b].0));
+    let (mut offset, mut infos, mut sizes) = (0, Vec::new(), vec![0; entries.len()]);
+    for &k in &order {
+        let (name, dtype, shape) = &entries[k];
+        sizes[k] = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        infos.push((name.clone(), TensorInfo { dtype: *dtype, shape: shape.clone(), data_offsets: (offset, offset + sizes[k]) }));
+        offset += sizes[k];
+    }
+    let meta = Metadata::new(metadata, infos).map_err(|e| Error::weights(path, e.to_string()))?;
+    let mut header = serde_json::to_string(&meta).map_err(|e| Error::weights(path, e.to_string()))?.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    crate::files::write_file_streamed(path, |w| {
+        let io = |e: std::io::Error| Error::io(path, e);
+        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&header).map_err(io)?;
+        for &k in &order {
+            let bytes = fill(k)?;
+            if bytes.len() != sizes[k] {
+                return Err(Error::tensor(path, &entries[k].0, format!("{} bytes produced, {} expected", bytes.len(), sizes[k])));
+            }
+            w.write_all(&bytes).map_err(io)?;
+        }
+        Ok(())
+    })
 }
 
 /// Parses a transformers `max_shard_size`: an integer number of bytes or a string like `"5GB"`,
@@ -300,44 +339,68 @@ pub fn parse_size(s: &str) -> Option<u64> {
 /// Writes the weights of `layout` into the folder `dir` (which must exist): one file, or shards
 /// no larger than `max_shard_size` bytes plus the index, as `save_pretrained` does.
 pub fn write_weights(dir: &Path, layout: &Layout, tensors: &[Vec<f32>], dtype: Dtype, max_shard_size: u64) -> Result<Vec<PathBuf>> {
-    let mut encoded = Vec::new();
-    for (name, shape, values) in hf_tensors(layout, tensors) {
-        if let Some(x) = values.iter().find(|x| !x.is_finite()) {
-            return Err(Error::tensor(dir, &name, format!("holds a non-finite value ({x}); refusing to write it")));
+    write_weights_from(dir, layout, &mut |i| Ok(tensors[i].clone()), dtype, max_shard_size)
+}
+
+/// [`write_weights`] with each parameter's values (by index in the layout) from `source`, asked
+/// for one at a time as the files are written (a fused parameter may be asked for once per
+/// transformers tensor it holds): at most one parameter is held at once.
+pub fn write_weights_from(
+    dir: &Path,
+    layout: &Layout,
+    source: &mut dyn FnMut(usize) -> Result<Vec<f32>>,
+    dtype: Dtype,
+    max_shard_size: u64,
+) -> Result<Vec<PathBuf>> {
+    // every transformers tensor: (parameter, offset in it, name, shape, bytes on disk)
+    let mut plan = Vec::new();
+    for (i, spec) in layout.specs.iter().enumerate().filter(|(_, s)| !s.adapter) {
+        let mut off = 0;
+        for part in &spec.parts {
+            let n: usize = part.shape.iter().product();
+            plan.push((i, off, part.name.clone(), part.shape.clone(), (n * dtype.size()) as u64));
+            off += n;
         }
-        let mut bytes = Vec::with_capacity(values.len() * dtype.size());
-        dtype.encode(&values, &mut bytes);
-        encoded.push((name, shape, bytes));
     }
     // shard: greedily, in order, starting a new shard when the next tensor would overflow this one
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut size = 0u64;
-    for (i, (_, _, bytes)) in encoded.iter().enumerate() {
-        let n = bytes.len() as u64;
-        if size + n > max_shard_size && !shards.last().is_some_and(Vec::is_empty) {
+    for (k, t) in plan.iter().enumerate() {
+        if size + t.4 > max_shard_size && !shards.last().is_some_and(Vec::is_empty) {
             shards.push(Vec::new());
             size = 0;
         }
-        shards.last_mut().expect("at least one shard").push(i);
-        size += n;
+        shards.last_mut().expect("at least one shard").push(k);
+        size += t.4;
     }
-    let total: u64 = encoded.iter().map(|e| e.2.len() as u64).sum();
+    let total: u64 = plan.iter().map(|t| t.4).sum();
     let n = shards.len();
     let metadata: Option<HashMap<String, String>> = Some([("format".to_string(), "pt".to_string())].into());
     let mut written = Vec::new();
     let mut weight_map = BTreeMap::new();
+    // the parameter asked for last, kept for the next tensor of the same parameter
+    let mut held: Option<(usize, Vec<f32>)> = None;
     for (k, shard) in shards.iter().enumerate() {
         let file_name = if n == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", k + 1, n) };
         let path = dir.join(&file_name);
-        let mut views = Vec::new();
-        for &i in shard {
-            let (name, shape, bytes) = &encoded[i];
-            let view = TensorView::new(dtype.st(), shape.clone(), bytes).map_err(|e| Error::tensor(&path, name, e.to_string()))?;
-            views.push((name.clone(), view));
-            weight_map.insert(name.clone(), Value::String(file_name.clone()));
+        let entries: Vec<Entry> = shard.iter().map(|&t| (plan[t].2.clone(), dtype.st(), plan[t].3.clone())).collect();
+        for e in &entries {
+            weight_map.insert(e.0.clone(), Value::String(file_name.clone()));
         }
-        let bytes = safetensors::serialize(views, metadata.clone()).map_err(|e| Error::weights(&path, e.to_string()))?;
-        write_file(&path, &bytes)?;
+        write_streamed(&path, &entries, metadata.clone(), &mut |e| {
+            let (i, off, name, shape, _) = &plan[shard[e]];
+            if held.as_ref().is_none_or(|h| h.0 != *i) {
+                held = None;
+                held = Some((*i, source(*i)?));
+            }
+            let values = part_values(&layout.specs[*i], shape, &held.as_ref().expect("just fetched").1, *off);
+            if let Some(x) = values.iter().find(|x| !x.is_finite()) {
+                return Err(Error::tensor(dir, name, format!("holds a non-finite value ({x}); refusing to write it")));
+            }
+            let mut bytes = Vec::with_capacity(values.len() * dtype.size());
+            dtype.encode(&values, &mut bytes);
+            Ok(bytes)
+        })?;
         written.push(path);
     }
     if n > 1 {

@@ -13,6 +13,7 @@ pub mod layout;
 mod llama;
 pub mod lora;
 pub mod registry;
+pub mod residency;
 mod units;
 
 use std::path::{Path, PathBuf};
@@ -70,6 +71,9 @@ pub struct Model<B: Backend> {
     /// The LoRA adapter, when one is attached (`lora.rs`); its tensors follow the base's in
     /// `params`.
     pub lora: Option<lora::LoraState>,
+    /// Under `fsdp = "full_shard"`: where the parameters live (then each buffer of `params` is
+    /// empty, and the passes fetch what they need through it; `residency.rs`).
+    pub residency: Option<residency::SharedResidency<B>>,
 }
 
 /// Files transformers keeps beside the weights that a saved model should carry along.
@@ -127,6 +131,7 @@ impl<B: Backend> Model<B> {
             gradient_checkpointing: false,
             loss_chunk_rows: None,
             lora: None,
+            residency: None,
         })
     }
 
@@ -151,6 +156,13 @@ impl<B: Backend> Model<B> {
     /// With a LoRA adapter attached, what is written is the adapter folder PEFT writes
     /// (`adapter_config.json`, `adapter_model.safetensors`) and the companion files, not the base.
     pub fn write_into(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64) -> Result<()> {
+        self.write_into_from(dir, dtype, max_shard_size, &mut |i| self.backend.download(&self.params[i]))
+    }
+
+    /// [`Model::write_into`] with each parameter's values from `source` (by index in the
+    /// layout), asked for as the weight files are written: a model whose weights are sharded
+    /// over processes is saved a gathered tensor at a time.
+    pub fn write_into_from(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64, source: &mut dyn FnMut(usize) -> Result<Vec<f32>>) -> Result<()> {
         if self.lora.is_some() {
             self.write_adapter_into(dir)?;
             return self.copy_companions(dir);
@@ -164,7 +176,7 @@ impl<B: Backend> Model<B> {
         }
         let text = serde_json::to_string_pretty(&Value::Object(raw)).expect("JSON of JSON");
         write_file(&dir.join("config.json"), format!("{text}\n").as_bytes())?;
-        io::write_weights(dir, &self.layout, &self.tensors()?, dtype, max_shard_size)?;
+        io::write_weights_from(dir, &self.layout, source, dtype, max_shard_size)?;
         self.copy_companions(dir)
     }
 

@@ -395,6 +395,11 @@ pub struct Norm {
 }
 
 impl Norm {
+    /// Its parameters' indices.
+    pub fn params(&self) -> Vec<usize> {
+        std::iter::once(self.w).chain(self.b).collect()
+    }
+
     pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, mean: &mut B::Buf, rstd: &mut B::Buf, x: &B::Buf) {
         let (w, c) = (&p.bufs[self.w], self.width);
         match self.kind {
@@ -469,6 +474,11 @@ pub struct Embedding {
 }
 
 impl Embedding {
+    /// Its parameters' indices.
+    pub fn params(&self) -> Vec<usize> {
+        std::iter::once(self.wte).chain(self.wpe).collect()
+    }
+
     pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, ids: &B::Ids, pos: &B::Ids) {
         be.embedding_fwd(out, ids, &p.bufs[self.wte], self.wpe.map(|i| (&p.bufs[i], pos)), self.width);
     }

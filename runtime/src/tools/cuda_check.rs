@@ -444,7 +444,7 @@ fn one_step<B: Backend>(
         model.add_lora(config, None, 3)?;
     }
     let mut step = Step::new(model, AdamWConfig { lr: 1e-3, weight_decay: 0.01, ..AdamWConfig::default() })?;
-    step.zero_grad();
+    step.zero_grad()?;
     let loss = step.micro_batch(batch, MicroLoss::BuiltIn(LossOptions { label_smoothing: 0.1, num_items_in_batch: None }), MicroOptions::default())?.mean;
     let (norm, coef) = step.grad_norm(1.0)?;
     let g = step.grads.tensors.iter().map(|t| step.model.backend.download(t)).collect::<Result<Vec<_>>>()?.concat();

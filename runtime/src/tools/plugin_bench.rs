@@ -92,7 +92,7 @@ pub fn run(a: &PluginBenchArgs) -> Result<String> {
         let (mut builtin, mut plugin, mut ratios) = (f64::MAX, f64::MAX, Vec::new());
         // one training step as the trainer takes it, with the built-in loss or the plugin's
         let one_step = |step: &mut Step<Cpu>, loss: MicroLoss| -> Result<()> {
-            step.zero_grad();
+            step.zero_grad()?;
             step.micro_batch(&batch, loss, MicroOptions::default())?;
             let (_, coef) = step.grad_norm(1.0)?;
             step.apply(1e-5, coef).map(|_| ())

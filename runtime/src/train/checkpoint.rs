@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype as StDtype, TensorView};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use safetensors::tensor::Dtype as StDtype;
 use serde_json::{json, Map, Value};
 
 use super::callbacks::Event;
@@ -12,9 +14,23 @@ use super::output_dir;
 use super::state::TrainerState;
 use super::trainer::Trainer;
 use crate::backend::Backend;
+use crate::engine::full_shard::{FullShard, Part};
 use crate::error::{Error, Result};
 use crate::files::{write_file, write_folder_atomically};
 use crate::model::{io, Device, Dtype, LoadOptions, Model};
+
+/// Where a checkpoint's AdamW moments come from: the optimizer's own, gathered from a sharded
+/// optimizer on rank 0 (`None` on the others), or fetched a tensor at a time from sharded weights.
+#[allow(clippy::type_complexity)] // per parameter: (first, second) moment
+enum Moments<B: Backend> {
+    Own,
+    Gathered(Option<Vec<Option<(Vec<f32>, Vec<f32>)>>>),
+    Full(Arc<Mutex<FullShard<B>>>),
+}
+
+fn lock_full<B: Backend>(full: &Mutex<FullShard<B>>) -> Result<MutexGuard<'_, FullShard<B>>> {
+    full.lock().map_err(|_| Error::Invalid("the sharded weights were left inconsistent by an earlier failure".into()))
+}
 
 impl<B: Backend + Clone> Trainer<B> {
     /// The start of `train()`: refuses a non-empty `output_dir` unless resuming or overwriting,
@@ -123,11 +139,11 @@ impl<B: Backend + Clone> Trainer<B> {
             }
         }
         self.step.opt.step = state.optimizer_step;
-        if self.step.shard.is_some() {
+        if self.step.shard.is_some() || self.step.full.is_some() {
             // this process keeps its part of the loaded moments
             self.step.shard_optimizer()?;
         }
-        self.step.state_replaced();
+        self.step.state_replaced()?;
         for cb in &mut self.callbacks {
             cb.load_state(&state.stateful_callbacks)?;
         }
@@ -152,7 +168,7 @@ impl<B: Backend + Clone> Trainer<B> {
             }
             self.step.model.params = loaded.params;
         }
-        self.step.state_replaced();
+        self.step.state_replaced()?;
         Ok(())
     }
 
@@ -169,59 +185,84 @@ impl<B: Backend + Clone> Trainer<B> {
         }
         // in a data parallel run every process holds the same state: rank 0 writes it, and the
         // others wait until it is in place
-        // a sharded optimizer's moments are gathered on rank 0 first (every process takes part)
-        let gathered = match &mut self.step.shard {
-            Some(shard) => shard.gather_moments(&self.step.model, self.step.collective.as_mut())?,
-            None => None,
+        // a sharded optimizer's moments are gathered on rank 0 first (every process takes part);
+        // sharded weights are gathered a tensor at a time as rank 0 writes them
+        let moments = match (&mut self.step.shard, &self.step.full) {
+            (_, Some(full)) => Moments::Full(full.clone()),
+            (Some(shard), None) => Moments::Gathered(shard.gather_moments(&self.step.model, self.step.collective.as_mut())?),
+            (None, None) => Moments::Own,
         };
-        if self.state.is_world_process_zero {
-            self.write_checkpoint(&dir, gathered)?;
-            self.rotate()?;
-        }
+        let written = self.serving(|t| {
+            if t.state.is_world_process_zero {
+                t.write_checkpoint(&dir, &moments)?;
+                t.rotate()?;
+            }
+            Ok(())
+        });
+        written?;
         self.step.collective.barrier()?;
         self.emit(Event::Save, None)?;
         Ok(dir)
     }
 
-    /// `gathered`: the moments of a sharded optimizer, by parameter (else the optimizer's own).
-    #[allow(clippy::type_complexity)] // per parameter: (first, second) moment
-    fn write_checkpoint(&self, dir: &Path, gathered: Option<Vec<Option<(Vec<f32>, Vec<f32>)>>>) -> Result<()> {
+    /// Runs `write` on every process; with the weights sharded, the processes other than rank 0
+    /// meanwhile serve rank 0's gathers, until it is done.
+    fn serving(&mut self, write: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        let Some(full) = self.step.full.clone() else { return write(self) };
+        let lock = || full.lock().map_err(|_| Error::Invalid("the sharded weights were left inconsistent by an earlier failure".into()));
+        if !self.state.is_world_process_zero {
+            return lock()?.serve(&self.step.model.backend);
+        }
+        let written = write(self);
+        // the others stop serving whether or not the write worked
+        lock()?.end_serving()?;
+        written
+    }
+
+    /// Parameter `i`'s whole weights, for a save on rank 0 ([`Trainer::serving`]).
+    fn whole_weights(&self, i: usize) -> Result<Vec<f32>> {
+        match &self.step.full {
+            Some(full) => lock_full(full)?.whole(&self.step.model.backend, Part::Weight, i),
+            None => self.step.model.backend.download(&self.step.model.params[i]),
+        }
+    }
+
+    fn write_checkpoint(&self, dir: &Path, moments: &Moments<B>) -> Result<()> {
         let (model, opt, state, args) = (&self.step.model, &self.step.opt, &self.state, &self.args);
         write_folder_atomically(dir, true, |tmp| {
             // f32 whatever the model's dtype, so resume is exact
-            model.write_into(tmp, Some(Dtype::F32), u64::MAX)?;
-            let mut bytes: Vec<(String, Vec<u8>)> = Vec::new();
-            for (i, spec) in model.layout.specs.iter().enumerate() {
-                for (k, prefix) in ["exp_avg", "exp_avg_sq"].into_iter().enumerate() {
-                    let values = match (&gathered, if k == 0 { &opt.exp_avg[i] } else { &opt.exp_avg_sq[i] }) {
-                        (Some(g), _) => match &g[i] {
-                            Some((m, v)) => {
-                                if k == 0 {
-                                    m.clone()
-                                } else {
-                                    v.clone()
-                                }
-                            }
-                            None => continue,
-                        },
-                        (None, Some(t)) => model.backend.download(t)?,
-                        (None, None) => continue,
-                    };
-                    let name = format!("{prefix}.{}", spec.name);
-                    if let Some(x) = values.iter().find(|x| !x.is_finite()) {
-                        return Err(Error::tensor(&tmp.join("optimizer.safetensors"), &name, format!("holds a non-finite value ({x}); refusing to write it")));
-                    }
-                    bytes.push((name, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
-                }
-            }
-            let views = bytes
-                .iter()
-                .map(|(n, b)| TensorView::new(StDtype::F32, vec![b.len() / 4], b).map(|v| (n.clone(), v)).map_err(|e| Error::Invalid(e.to_string())))
-                .collect::<Result<Vec<_>>>()?;
+            model.write_into_from(tmp, Some(Dtype::F32), u64::MAX, &mut |i| self.whole_weights(i))?;
             if !args.save_only_model {
+                // the moments of each parameter that has them, a tensor at a time
+                let has = |i: usize| match moments {
+                    Moments::Own => opt.exp_avg[i].is_some(),
+                    Moments::Gathered(g) => g.as_ref().is_some_and(|g| g[i].is_some()),
+                    Moments::Full(_) => model.trainable[i],
+                };
+                let mut entries = Vec::new();
+                let mut which = Vec::new();
+                for (i, spec) in model.layout.specs.iter().enumerate().filter(|(i, _)| has(*i)) {
+                    for (k, prefix) in ["exp_avg", "exp_avg_sq"].into_iter().enumerate() {
+                        entries.push((format!("{prefix}.{}", spec.name), StDtype::F32, vec![spec.numel()]));
+                        which.push((i, k));
+                    }
+                }
                 let path = tmp.join("optimizer.safetensors");
-                let data = safetensors::serialize(views, None).map_err(|e| Error::weights(&path, e.to_string()))?;
-                write_file(&path, &data)?;
+                io::write_streamed(&path, &entries, None, &mut |e| {
+                    let (i, k) = which[e];
+                    let values = match moments {
+                        Moments::Own => model.backend.download(if k == 0 { &opt.exp_avg[i] } else { &opt.exp_avg_sq[i] }.as_ref().expect("listed"))?,
+                        Moments::Gathered(g) => {
+                            let (m, v) = g.as_ref().and_then(|g| g[i].as_ref()).expect("listed");
+                            if k == 0 { m } else { v }.clone()
+                        }
+                        Moments::Full(full) => lock_full(full)?.whole(&model.backend, if k == 0 { Part::ExpAvg } else { Part::ExpAvgSq }, i)?,
+                    };
+                    if let Some(x) = values.iter().find(|x| !x.is_finite()) {
+                        return Err(Error::tensor(&path, &entries[e].0, format!("holds a non-finite value ({x}); refusing to write it")));
+                    }
+                    Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+                })?;
             }
             write_file(
                 &tmp.join("scheduler.json"),
@@ -258,9 +299,7 @@ impl<B: Backend + Clone> Trainer<B> {
     /// `training_args.json`, `train_results.json` and `all_results.json`.
     /// In a data parallel run, rank 0 writes it and the others wait.
     pub(super) fn save_output(&mut self, train_metrics: &Map<String, Value>) -> Result<()> {
-        if self.state.is_world_process_zero {
-            self.write_output(train_metrics)?;
-        }
+        self.serving(|t| if t.state.is_world_process_zero { t.write_output(train_metrics) } else { Ok(()) })?;
         self.step.collective.barrier()
     }
 
@@ -281,7 +320,7 @@ impl<B: Backend + Clone> Trainer<B> {
     /// `output_dir`.
     fn fill_output(&self, tmp: &Path, train_metrics: &Map<String, Value>) -> Result<()> {
         let out = &self.output_dir;
-        self.step.model.write_into(tmp, None, io::parse_size("5GB").unwrap_or(u64::MAX))?;
+        self.step.model.write_into_from(tmp, None, io::parse_size("5GB").unwrap_or(u64::MAX), &mut |i| self.whole_weights(i))?;
         let mut all = train_metrics.clone();
         if let Some(last_eval) = self.state.log_history.iter().rev().find(|e| e.contains_key("eval_loss")) {
             for (k, v) in last_eval {

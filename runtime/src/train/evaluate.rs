@@ -75,7 +75,8 @@ impl<B: Backend + Clone> Trainer<B> {
                     let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
                     match self.step.model.eval_custom(&mut acts, &b, &mut custom, want) {
                         Ok((out, stats)) => (Some(out), stats),
-                        Err(e @ Error::Plugin(_)) if continues => {
+                        // (with the weights sharded a second pass would leave the processes out of step)
+                        Err(e @ Error::Plugin(_)) if continues && self.step.full.is_none() => {
                             tracing::warn!("evaluation: {e}; this batch's loss is the built-in one (on_error = \"continue\")");
                             self.step.model.eval_loss(&mut acts, &b, opts, want)?
                         }
@@ -107,6 +108,13 @@ impl<B: Backend + Clone> Trainer<B> {
             }
             batches += 1;
             self.emit(Event::PredictionStep, None)?;
+        }
+        // with the weights sharded every process takes part in every pass: those with one batch
+        // fewer than the others run one that is not counted
+        let n = indices.len().div_ceil(self.args.per_device_eval_batch_size);
+        if self.step.full.is_some() && !n.is_multiple_of(world) && rank >= n % world && !eval.is_empty() {
+            let b = self.idle_batch(eval, &self.eval_columns, &[0])?;
+            self.step.model.eval_loss(&mut acts, &b, LossOptions::default(), None)?;
         }
         let mut sums = [total, count as f64, batches as f64];
         self.step.collective.sum_f64(&mut sums)?;

@@ -295,7 +295,8 @@ impl<B: Backend + Clone> Trainer<B> {
     }
 }
 
-/// The step: with the optimizer sharded over the processes when `fsdp = "shard_grad_op"`; in a
+/// The step: with the optimizer sharded over the processes when `fsdp = "shard_grad_op"`, the
+/// weights too when `"full_shard"`; in a
 /// data parallel run, after checking that every process was given the same run.
 fn make_step<B: Backend>(
     model: Model<B>,
@@ -306,12 +307,14 @@ fn make_step<B: Backend>(
     eval: Option<&[Example]>,
 ) -> Result<Step<B>> {
     let world = collective.world_size();
-    let mut step = if args.sharding()? == Sharding::ShardGradOp && training {
-        Step::sharded(model, adamw_config(args), collective, 1, 2)?
-    } else {
-        let mut step = Step::new(model, adamw_config(args))?;
-        step.collective = collective;
-        step
+    let mut step = match args.sharding()? {
+        Sharding::ShardGradOp if training => Step::sharded(model, adamw_config(args), collective, 1, 2)?,
+        Sharding::FullShard if training => Step::fully_sharded(model, adamw_config(args), collective, 1, 2)?,
+        _ => {
+            let mut step = Step::new(model, adamw_config(args))?;
+            step.collective = collective;
+            step
+        }
     };
     if world > 1 {
         same_run_everywhere(&mut step, args, train, eval)?;

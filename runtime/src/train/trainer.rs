@@ -144,6 +144,14 @@ impl<B: Backend + Clone> Trainer<B> {
         Ok(b)
     }
 
+    /// A batch of the examples `ix` with every label ignored: a pass over it (with the weights
+    /// sharded, a process without a share of the batch still takes part) adds nothing.
+    pub(super) fn idle_batch(&self, examples: &[Example], columns: &[(String, Vec<f64>)], ix: &[usize]) -> Result<Batch> {
+        let mut b = self.collate(examples, columns, ix)?;
+        b.labels = Some(vec![crate::protocol::IGNORE_INDEX; b.batch * b.seq]);
+        Ok(b)
+    }
+
     /// Number of training examples (blocks, for packed text).
     pub fn train_len(&self) -> usize {
         self.train.len()
@@ -256,12 +264,19 @@ impl<B: Backend + Clone> Trainer<B> {
     fn optimizer_step(&mut self, window: &[Vec<usize>], loss_hook: &mut Option<LossHook>) -> Result<StepOutcome> {
         // this process's share of each micro-batch of the window (all of it in one process)
         let (rank, world) = (self.step.collective.rank(), self.step.collective.world_size());
-        let micro = window
-            .iter()
-            .map(|ix| shard(ix, rank, world))
-            .filter(|ix| !ix.is_empty())
-            .map(|ix| self.collate(&self.train, &self.train_columns, ix))
-            .collect::<Result<Vec<_>>>()?;
+        let (mut micro, mut idle) = (Vec::new(), Vec::new());
+        for ix in window {
+            let mine = shard(ix, rank, world);
+            if !mine.is_empty() {
+                micro.push(self.collate(&self.train, &self.train_columns, mine)?);
+                idle.push(false);
+            } else if self.step.full.is_some() {
+                // with the weights sharded every process takes part in every pass: an empty
+                // share runs one that contributes nothing
+                micro.push(self.idle_batch(&self.train, &self.train_columns, &ix[..1])?);
+                idle.push(true);
+            }
+        }
         // the loss is normalised by the window's label tokens over every process; without
         // `average_tokens_across_devices`, by this process's times the processes (each process's
         // mean, and the summed gradients their mean, as DDP averages them)
@@ -274,8 +289,8 @@ impl<B: Backend + Clone> Trainer<B> {
             return Err(Error::Invalid(format!("step {}: the batches of this accumulation window have no label tokens", self.state.global_step + 1)));
         }
         self.emit(Event::StepBegin, None)?;
-        self.step.zero_grad();
-        let (loss_sum, tokens, plugin_failed) = self.micro_batches(&micro, items, loss_hook)?;
+        self.step.zero_grad()?;
+        let (loss_sum, tokens, plugin_failed) = self.micro_batches(&micro, &idle, items, loss_hook)?;
         // summed over the processes: each one's share of the loss, the tokens, a failed plugin,
         // a stop asked
         let share = loss_sum / items as f64;
@@ -312,7 +327,9 @@ impl<B: Backend + Clone> Trainer<B> {
 
     /// Forward and backward for each micro-batch of a window: the summed loss, the attended
     /// tokens, and whether a plugin loss failed (`on_error = "continue"`: the rest is skipped).
-    fn micro_batches(&mut self, micro: &[Batch], items: usize, loss_hook: &mut Option<LossHook>) -> Result<(f64, u64, bool)> {
+    /// With the weights sharded, a plugin that fails mid-pass would leave this process out of
+    /// step with the others' gathers, so `on_error = "continue"` does not apply: the run stops.
+    fn micro_batches(&mut self, micro: &[Batch], idle: &[bool], items: usize, loss_hook: &mut Option<LossHook>) -> Result<(f64, u64, bool)> {
         let opts = LossOptions { label_smoothing: self.args.label_smoothing_factor as f32, num_items_in_batch: Some(items) };
         let (mut sum, mut tokens) = (0.0, 0u64);
         for (i, mb) in micro.iter().enumerate() {
@@ -322,12 +339,13 @@ impl<B: Backend + Clone> Trainer<B> {
             let dropout = Some(crate::nn::site_key(self.args.seed, (self.state.global_step << 16) + i as u64));
             let o = MicroOptions { neftune, accumulating: i + 1 < micro.len(), dropout };
             sum += match loss_hook.as_mut() {
+                _ if idle[i] => self.step.micro_batch(mb, MicroLoss::BuiltIn(opts), o)?.sum,
                 Some(h) => {
                     let continues = h.continues();
                     let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
                     match self.step.micro_batch(mb, MicroLoss::Custom(&mut custom, Some(items)), o) {
                         Ok(out) => out.sum,
-                        Err(e @ Error::Plugin(_)) if continues => {
+                        Err(e @ Error::Plugin(_)) if continues && self.step.full.is_none() => {
                             tracing::warn!("step {}: {e}; the step is skipped (on_error = \"continue\")", self.state.global_step + 1);
                             return Ok((sum, tokens, true));
                         }
@@ -336,7 +354,9 @@ impl<B: Backend + Clone> Trainer<B> {
                 }
                 None => self.step.micro_batch(mb, MicroLoss::BuiltIn(opts), o)?.sum,
             };
-            tokens += mb.attention_mask.as_ref().map_or(0, |m| m.iter().filter(|&&x| x == 1).count() as u64);
+            if !idle[i] {
+                tokens += mb.attention_mask.as_ref().map_or(0, |m| m.iter().filter(|&&x| x == 1).count() as u64);
+            }
             if i + 1 < micro.len() {
                 self.emit(Event::SubstepEnd, None)?;
             }

@@ -415,7 +415,7 @@ mod mpi {
         let bin = std::fs::canonicalize(env!("CARGO_BIN_EXE_runtime")).ok()?;
         for e in std::fs::read_dir("/proc").ok()?.flatten() {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-            if pid == child.id() || std::fs::read_link(e.path().join("exe")).ok().as_ref() != Some(&bin) {
+            if pid == child.id() || std::fs::read_link(e.path().join("exe")).ok().as_ref() != Some(&bin) || !descends_from(pid, child.id()) {
                 continue;
             }
             let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
@@ -424,6 +424,20 @@ mod mpi {
             }
         }
         None
+    }
+
+    /// Whether process `pid` descends from `ancestor` (other tests' runs may be running too).
+    fn descends_from(mut pid: u32, ancestor: u32) -> bool {
+        while pid > 1 {
+            // the parent is the 4th field of /proc/PID/stat, after the name in parentheses
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+            let Some(parent) = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok()) else { return false };
+            if parent == ancestor {
+                return true;
+            }
+            pid = parent;
+        }
+        false
     }
 
     /// Processes started with different runs (here: different seeds) are refused at start, on

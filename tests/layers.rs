@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// (layer, the top-level modules it consists of, the layers it may import besides itself).
 const LAYERS: &[(&str, &[&str], &[&str])] = &[
-    ("base", &["error", "files"], &[]),
+    ("base", &["error", "files", "mem"], &[]),
     ("backend", &["backend"], &["base"]),
     ("protocol", &["protocol"], &["base", "backend"]),
     ("nn", &["nn"], &["base", "backend", "protocol"]),

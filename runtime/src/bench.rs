@@ -285,12 +285,7 @@ pub fn best_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MiB.
-pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
+pub use crate::mem::peak_rss_mib;
 
 /// The single-precision GEMM rate of this machine through the CPU backend's GEMM, in GFLOP/s
 /// (a square product of side `n`, best of `reps`).
@@ -473,7 +468,7 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
             on_warm(&step.model.backend);
             // the peak so far, then a fresh peak for the timed steps (Linux: `5` resets VmHWM)
             start_peak = peak_rss_mib();
-            if std::fs::write("/proc/self/clear_refs", "5").is_err() {
+            if !crate::mem::reset_peak_rss() {
                 start_peak = f64::NAN;
             }
         }

@@ -283,9 +283,16 @@ pub fn hf_tensors(layout: &Layout, tensors: &[Vec<f32>]) -> Vec<(String, Vec<usi
 pub type Entry = (String, StDtype, Vec<usize>);
 
 /// Writes a safetensors file a tensor at a time: the header from `entries` (stored in name order,
-/// as the safetensors crate orders tensors of one dtype), then each entry's bytes as `fill(k)`
-/// produces them, so that no more than one tensor is in memory at once.
-pub fn write_streamed(path: &Path, entries: &[Entry], metadata: Option<HashMap<String, String>>, fill: &mut dyn FnMut(usize) -> Result<Vec<u8>>) -> Result<()> {
+/// as the safetensors crate orders tensors of one dtype), then each entry's values as `fill(k)`
+/// produces them (f32, encoded in `dtype` a piece at a time as they are written), so that no more
+/// than one tensor is in memory at once.
+pub fn write_streamed(
+    path: &Path,
+    entries: &[Entry],
+    dtype: Dtype,
+    metadata: Option<HashMap<String, String>>,
+    fill: &mut dyn FnMut(usize) -> Result<Vec<f32>>,
+) -> Result<()> {
     use safetensors::tensor::{Metadata, TensorInfo};
     let mut order: Vec<usize> = (0..entries.len()).collect();
     order.sort_by(|&a, &b| entries[a].0.cmp(&entries[b].0));
@@ -303,12 +310,20 @@ pub fn write_streamed(path: &Path, entries: &[Entry], metadata: Option<HashMap<S
         let io = |e: std::io::Error| Error::io(path, e);
         w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
         w.write_all(&header).map_err(io)?;
+        let mut bytes = Vec::new();
         for &k in &order {
-            let bytes = fill(k)?;
-            if bytes.len() != sizes[k] {
-                return Err(Error::tensor(path, &entries[k].0, format!("{} bytes produced, {} expected", bytes.len(), sizes[k])));
+            let values = fill(k)?;
+            if values.len() * dtype.size() != sizes[k] {
+                return Err(Error::tensor(path, &entries[k].0, format!("{} values produced, {} expected", values.len(), sizes[k] / dtype.size())));
             }
-            w.write_all(&bytes).map_err(io)?;
+            if let Some(x) = values.iter().find(|x| !x.is_finite()) {
+                return Err(Error::tensor(path, &entries[k].0, format!("holds a non-finite value ({x}); refusing to write it")));
+            }
+            for piece in values.chunks(1 << 20) {
+                bytes.clear();
+                dtype.encode(piece, &mut bytes);
+                w.write_all(&bytes).map_err(io)?;
+            }
         }
         Ok(())
     })
@@ -387,19 +402,19 @@ pub fn write_weights_from(
         for e in &entries {
             weight_map.insert(e.0.clone(), Value::String(file_name.clone()));
         }
-        write_streamed(&path, &entries, metadata.clone(), &mut |e| {
-            let (i, off, name, shape, _) = &plan[shard[e]];
+        write_streamed(&path, &entries, dtype, metadata.clone(), &mut |e| {
+            let (i, off, _, shape, _) = &plan[shard[e]];
+            let whole = layout.specs[*i].parts.len() == 1 && !layout.specs[*i].conv1d;
+            if whole {
+                // the parameter is this one tensor: handed over as it came
+                held = None;
+                return source(*i);
+            }
             if held.as_ref().is_none_or(|h| h.0 != *i) {
                 held = None;
                 held = Some((*i, source(*i)?));
             }
-            let values = part_values(&layout.specs[*i], shape, &held.as_ref().expect("just fetched").1, *off);
-            if let Some(x) = values.iter().find(|x| !x.is_finite()) {
-                return Err(Error::tensor(dir, name, format!("holds a non-finite value ({x}); refusing to write it")));
-            }
-            let mut bytes = Vec::with_capacity(values.len() * dtype.size());
-            dtype.encode(&values, &mut bytes);
-            Ok(bytes)
+            Ok(part_values(&layout.specs[*i], shape, &held.as_ref().expect("just fetched").1, *off))
         })?;
         written.push(path);
     }

@@ -248,7 +248,7 @@ impl<B: Backend + Clone> Trainer<B> {
                     }
                 }
                 let path = tmp.join("optimizer.safetensors");
-                io::write_streamed(&path, &entries, None, &mut |e| {
+                io::write_streamed(&path, &entries, Dtype::F32, None, &mut |e| {
                     let (i, k) = which[e];
                     let values = match moments {
                         Moments::Own => model.backend.download(if k == 0 { &opt.exp_avg[i] } else { &opt.exp_avg_sq[i] }.as_ref().expect("listed"))?,
@@ -258,10 +258,7 @@ impl<B: Backend + Clone> Trainer<B> {
                         }
                         Moments::Full(full) => lock_full(full)?.whole(&model.backend, if k == 0 { Part::ExpAvg } else { Part::ExpAvgSq }, i)?,
                     };
-                    if let Some(x) = values.iter().find(|x| !x.is_finite()) {
-                        return Err(Error::tensor(&path, &entries[e].0, format!("holds a non-finite value ({x}); refusing to write it")));
-                    }
-                    Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+                    Ok(values)
                 })?;
             }
             write_file(
@@ -299,7 +296,12 @@ impl<B: Backend + Clone> Trainer<B> {
     /// `training_args.json`, `train_results.json` and `all_results.json`.
     /// In a data parallel run, rank 0 writes it and the others wait.
     pub(super) fn save_output(&mut self, train_metrics: &Map<String, Value>) -> Result<()> {
+        // the memory the save takes on top of the run's (RUST_LOG=debug)
+        let (before, fresh) = (crate::mem::rss_mib(), crate::mem::reset_peak_rss());
         self.serving(|t| if t.state.is_world_process_zero { t.write_output(train_metrics) } else { Ok(()) })?;
+        if fresh {
+            tracing::debug!("final save: peak RSS {:.1} MiB, {before:.1} MiB before it", crate::mem::peak_rss_mib());
+        }
         self.step.collective.barrier()
     }
 

@@ -8,13 +8,14 @@ use serde_json::{json, Map, Value};
 
 use super::callbacks::Event;
 use super::trainer::{num, Trainer};
-use crate::backend::{Backend, StatsWanted};
+use crate::backend::{Backend, StatsWanted, TokenStats};
 use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::files::write_file;
 use crate::generate::GenerationConfig;
-use crate::model::decoder::{shifted_labels, CustomLoss};
-use crate::model::{Activations, LossOptions};
+use crate::model::decoder::{shifted_labels, Batch, CustomLoss};
+use crate::model::{Activations, LossOptions, LossOutput};
+use crate::plugin::roles::LossHook;
 use crate::plugin::{EvalBatch, PredictionKind};
 
 /// Generation's view of an example: the prompt is its unlabelled prefix, the reference its
@@ -69,22 +70,7 @@ impl<B: Backend + Clone> Trainer<B> {
             // the argmax-aligned metrics read per-token statistics of the same forward pass
             let want =
                 (with_metrics && !self.args.predict_with_generate).then_some(StatsWanted { label_logprob: true, argmax: true, ..StatsWanted::default() });
-            let (out, stats) = match hook.as_mut() {
-                Some(h) if crate::model::decoder::label_tokens(&b) > 0 => {
-                    let continues = h.continues();
-                    let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
-                    match self.step.model.eval_custom(&mut acts, &b, &mut custom, want) {
-                        Ok((out, stats)) => (Some(out), stats),
-                        // (with the weights sharded a second pass would leave the processes out of step)
-                        Err(e @ Error::Plugin(_)) if continues && self.step.full.is_none() => {
-                            tracing::warn!("evaluation: {e}; this batch's loss is the built-in one (on_error = \"continue\")");
-                            self.step.model.eval_loss(&mut acts, &b, opts, want)?
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                _ => self.step.model.eval_loss(&mut acts, &b, opts, want)?,
-            };
+            let (out, stats) = self.eval_batch_loss(&mut acts, &b, hook.as_mut(), opts, want)?;
             if let Some(out) = out {
                 if out.n_tokens > 0 {
                     total += out.mean as f64 * ix.len() as f64;
@@ -109,13 +95,7 @@ impl<B: Backend + Clone> Trainer<B> {
             batches += 1;
             self.emit(Event::PredictionStep, None)?;
         }
-        // with the weights sharded every process takes part in every pass: those with one batch
-        // fewer than the others run one that is not counted
-        let n = indices.len().div_ceil(self.args.per_device_eval_batch_size);
-        if self.step.full.is_some() && !n.is_multiple_of(world) && rank >= n % world && !eval.is_empty() {
-            let b = self.idle_batch(eval, &self.eval_columns, &[0])?;
-            self.step.model.eval_loss(&mut acts, &b, LossOptions::default(), None)?;
-        }
+        self.idle_eval_pass(&mut acts, eval)?;
         let mut sums = [total, count as f64, batches as f64];
         self.step.collective.sum_f64(&mut sums)?;
         let [total, count, batches] = sums;
@@ -131,6 +111,46 @@ impl<B: Backend + Clone> Trainer<B> {
         m.insert("eval_samples_per_second".into(), num((eval.len() as f64 / secs * 1e3).round() / 1e3));
         m.insert("eval_steps_per_second".into(), num((batches / secs * 1e3).round() / 1e3));
         Ok(m)
+    }
+
+    /// One evaluation batch's loss (the loss plugin's when there is one and the batch has label
+    /// tokens, else the built-in one) and the per-token statistics `want`s.
+    fn eval_batch_loss(
+        &self,
+        acts: &mut Activations<B>,
+        b: &Batch,
+        hook: Option<&mut LossHook>,
+        opts: LossOptions,
+        want: Option<StatsWanted>,
+    ) -> Result<(Option<LossOutput>, Option<TokenStats>)> {
+        match hook {
+            Some(h) if crate::model::decoder::label_tokens(b) > 0 => {
+                let continues = h.continues();
+                let mut custom = if h.uses_rows() { CustomLoss::Rows(h) } else { CustomLoss::Stats(h) };
+                match self.step.model.eval_custom(acts, b, &mut custom, want) {
+                    Ok((out, stats)) => Ok((Some(out), stats)),
+                    // (with the weights sharded a second pass would leave the processes out of step)
+                    Err(e @ Error::Plugin(_)) if continues && self.step.full.is_none() => {
+                        tracing::warn!("evaluation: {e}; this batch's loss is the built-in one (on_error = \"continue\")");
+                        self.step.model.eval_loss(acts, b, opts, want)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ => self.step.model.eval_loss(acts, b, opts, want),
+        }
+    }
+
+    /// With the weights sharded every process takes part in every pass of an evaluation split
+    /// over the processes: those with one batch fewer than the others run one that is not counted.
+    fn idle_eval_pass(&self, acts: &mut Activations<B>, eval: &[Example]) -> Result<()> {
+        let (rank, world) = (self.step.collective.rank(), self.step.collective.world_size());
+        let n = eval.len().div_ceil(self.args.per_device_eval_batch_size);
+        if self.step.full.is_some() && !n.is_multiple_of(world) && rank >= n % world && !eval.is_empty() {
+            let b = self.idle_batch(eval, &self.eval_columns, &[0])?;
+            self.step.model.eval_loss(acts, &b, LossOptions::default(), None)?;
+        }
+        Ok(())
     }
 
     /// `runtime predict`: generates for every example of the evaluation set, writes

@@ -1,0 +1,24 @@
+//! The process's memory as the system counts it (Linux's `/proc/self/status`; NaN elsewhere): the
+//! peak resident set, and resetting that peak so that a phase of a run can be measured alone.
+
+/// The peak resident set size of this process in MiB (`VmHWM`), NaN where unknown.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// The resident set size now, in MiB (`VmRSS`), NaN where unknown.
+pub fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Starts a fresh peak: [`peak_rss_mib`] from now on is the peak since this call (Linux: writing
+/// `5` to `/proc/self/clear_refs`). Returns whether it could.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}

@@ -11,12 +11,13 @@ rounds=${2:-3}
 shift $(( $# > 2 ? 2 : $# )) || true
 bin=target/release/runtime
 batch=8
-tps() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["tokens_per_second"], r["peak_rss_mib"])'; }
+# tokens/s, peak RSS (whole run; timed steps alone), and the weights, gradients and moments held
+tps() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["tokens_per_second"], "%.0f/%.0f" % (r["peak_rss_mib"], r["steps_peak_rss_mib"] or float("nan")), "%.1f" % r["state_mib"])'; }
 best1=0; bestn=0
 for r in $(seq "$rounds"); do
-    read -r one rss1 < <(RAYON_NUM_THREADS=1 "$bin" bench --batch "$batch" --json "$@" 2>/dev/null | tps)
-    read -r many rssn < <(RAYON_NUM_THREADS=1 mpirun -np "$n" "$bin" bench --batch $((batch / n)) --json "$@" 2>/dev/null | tps)
-    echo "round $r: 1 x 1 thread $one tokens/s ($rss1 MiB); $n x 1 thread $many tokens/s (rank 0: $rssn MiB)"
+    read -r one rss1 st1 < <(RAYON_NUM_THREADS=1 "$bin" bench --batch "$batch" --json "$@" 2>/dev/null | tps)
+    read -r many rssn stn < <(RAYON_NUM_THREADS=1 mpirun -np "$n" "$bin" bench --batch $((batch / n)) --json "$@" 2>/dev/null | tps)
+    echo "round $r: 1 x 1 thread $one tokens/s (peak RSS run/steps $rss1 MiB, state $st1 MiB); $n x 1 thread $many tokens/s (rank 0: $rssn MiB, state $stn MiB)"
     best1=$(python3 -c "print(max($best1, $one))"); bestn=$(python3 -c "print(max($bestn, $many))")
 done
 python3 -c "print(f'best: 1 process {$best1:.0f} tokens/s, $n processes {$bestn:.0f} tokens/s, ratio {$bestn / $best1:.2f}x')"

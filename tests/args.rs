@@ -75,6 +75,11 @@ fn args_errors_name_the_file_and_the_key() {
             vec!["load_best_model_at_end", "epoch", "steps"],
         ),
         ("run.ini", "x=1\n", vec!["run.ini", ".toml"]),
+        // what the weights sharded over processes cannot do, said before any work
+        ("full_generate.toml", "fsdp = \"full_shard\"\npredict_with_generate = true\n", vec!["full_shard", "predict_with_generate"]),
+        ("full_peft.toml", "fsdp = \"full_shard\"\n[peft]\nr = 4\n", vec!["full_shard", "LoRA", "shard_grad_op"]),
+        ("full_auto.toml", "fsdp = \"full_shard\"\nauto_find_batch_size = true\n", vec!["full_shard", "auto_find_batch_size"]),
+        ("zero_offload.toml", "fsdp = \"full_shard offload\"\n", vec!["offload", "not supported"]),
     ];
     for (name, text, needles) in cases {
         let path = tmp.path().join(name);

@@ -431,9 +431,17 @@ pub fn run_profiled<B: Backend>(cfg: &BenchConfig, be: Profiled<B>) -> Result<Be
 fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Result<(BenchResult, Model<B>)> {
     let mcfg = cfg.model_config()?;
     let layout = crate::model::Layout::new(&mcfg);
-    let tensors = init_tensors(&mcfg, &layout, 42);
+    // in a data parallel run (`mpirun -np N runtime bench`) each process steps its own batch
+    let collective = crate::engine::mpi::start(None)?;
+    // with the weights sharded each tensor is cut as it is made: no process holds the whole model
+    let mut stash = (cfg.shard == 3).then(|| crate::engine::full_shard::PieceStash::new(&layout, collective.rank(), collective.world_size()));
+    let mut keep = |i: usize, t: Vec<f32>| match &mut stash {
+        Some(s) => s.keep(i, t),
+        None => t,
+    };
     let opts = LoadOptions { attn_implementation: cfg.attn, ..LoadOptions::default() };
-    let mut model = Model::from_tensors(be, mcfg, tensors, opts)?;
+    let init = mcfg.clone();
+    let mut model = Model::from_each(be, mcfg, opts, |put| crate::model::init::init_each(&init, &layout, 42, put), &mut keep)?;
     model.gradient_checkpointing = cfg.gradient_checkpointing;
     model.loss_chunk_rows = cfg.loss_chunk_rows;
     if let Some(r) = cfg.lora_r {
@@ -441,8 +449,6 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
         let lora = crate::model::lora::LoraConfig::from_map(peft.as_object().expect("an object"), "bench")?;
         model.add_lora(lora, None, 0)?;
     }
-    // in a data parallel run (`mpirun -np N runtime bench`) each process steps its own batch
-    let collective = crate::engine::mpi::start(None)?;
     let (rank, world) = (collective.rank(), collective.world_size());
     let mut rng = ChaCha8Rng::seed_from_u64(7 + rank as u64);
     let rows = cfg.batch * cfg.seq;
@@ -451,7 +457,7 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
     let opt = AdamWConfig { lr: 3e-4, weight_decay: 0.01, ..AdamWConfig::default() };
     let mut step = match cfg.shard {
         2 => Step::sharded(model, opt, collective, cfg.batch, cfg.seq)?,
-        3 => Step::fully_sharded(model, opt, collective, cfg.batch, cfg.seq)?,
+        3 => Step::fully_sharded(model, opt, collective, cfg.batch, cfg.seq, stash)?,
         _ => {
             let mut step = Step::with_workspace(model, opt, cfg.batch, cfg.seq)?;
             step.collective = collective;

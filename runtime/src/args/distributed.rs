@@ -59,6 +59,15 @@ impl TrainingArguments {
         if self.ddp_bucket_cap_mb == Some(0) {
             return Err(Error::Invalid("ddp_bucket_cap_mb must be at least 1".into()));
         }
+        if self.sharding()? == Sharding::FullShard && (self.peft.is_some() || self.adapter_name_or_path.is_some()) {
+            return Err(Error::Unsupported(
+                "fsdp `full_shard` with a LoRA adapter (peft, adapter_name_or_path) is not supported: the frozen base is not sharded; use `shard_grad_op`"
+                    .into(),
+            ));
+        }
+        if self.sharding()? == Sharding::FullShard && self.auto_find_batch_size {
+            return Err(Error::Unsupported("fsdp `full_shard` with auto_find_batch_size is not supported: set per_device_train_batch_size".into()));
+        }
         if self.sharding()? == Sharding::FullShard && self.predict_with_generate {
             return Err(Error::Unsupported(
                 "fsdp `full_shard` with predict_with_generate: generation needs the whole weights in one process (use `shard_grad_op`, or evaluate the saved model with `runtime predict`)".into(),

@@ -221,6 +221,10 @@ pub trait Backend: Send + Sync + 'static {
     /// A new buffer of `n` zeros.
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// [`Backend::upload`] of a vector the caller gives up (the CPU backend keeps it, no copy).
+    fn upload_vec(&self, data: Vec<f32>) -> Result<Self::Buf> {
+        self.upload(&data)
+    }
     fn upload_ids(&self, data: &[i32]) -> Result<Self::Ids>;
     /// Waits for the queued ops that write `buf` and copies it to the host.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;

@@ -59,6 +59,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn upload(&self, data: &[f32]) -> Result<B::Buf> {
         self.inner.upload(data)
     }
+    fn upload_vec(&self, data: Vec<f32>) -> Result<B::Buf> {
+        self.inner.upload_vec(data)
+    }
     fn upload_ids(&self, data: &[i32]) -> Result<B::Ids> {
         self.inner.upload_ids(data)
     }

@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use super::collective::Collective;
-use super::shard::{on_host, partition, Piece};
+use super::shard::{on_host, partition, partition_of, Piece};
 use crate::backend::{AdamWStep, Backend};
 use crate::error::{Error, Result};
 use crate::model::residency::Residency;
@@ -31,6 +31,37 @@ pub enum Part {
 
 /// The request that ends [`FullShard::serve`].
 const END: u8 = 255;
+
+/// This process's pieces of the weights, cut from each whole tensor as the model is loaded or
+/// initialised ([`PieceStash::keep`], passed to [`Model::load_keeping`] or
+/// [`Model::from_each`]), so that no process ever holds the whole model; the model keeps empty
+/// buffers, and [`FullShard::install`] takes the pieces.
+pub struct PieceStash {
+    pieces: Vec<Piece>,
+    rank: usize,
+    /// This process's pieces, in order (empty until their tensor has come).
+    kept: Vec<Vec<f32>>,
+}
+
+impl PieceStash {
+    /// The pieces of process `rank` of `world` of every parameter of `layout`.
+    pub fn new(layout: &crate::model::Layout, rank: usize, world: usize) -> Self {
+        let order: Vec<(usize, usize)> = layout.specs.iter().map(|s| s.numel()).enumerate().collect();
+        let pieces = partition_of(&order, world);
+        let kept = vec![Vec::new(); pieces.iter().filter(|p| p.owner == rank).count()];
+        PieceStash { pieces, rank, kept }
+    }
+
+    /// Keeps this process's pieces of parameter `i`'s values `t`; what the model holds of it:
+    /// nothing.
+    pub fn keep(&mut self, i: usize, t: Vec<f32>) -> Vec<f32> {
+        let mine = self.pieces.iter().filter(|p| p.owner == self.rank);
+        for (p, kept) in mine.zip(self.kept.iter_mut()).filter(|(p, _)| p.param == i) {
+            *kept = t[p.start..p.start + p.len].to_vec();
+        }
+        Vec::new()
+    }
+}
 
 /// This process's part of a fully sharded model and its optimizer.
 pub struct FullShard<B: Backend> {
@@ -58,9 +89,10 @@ fn empty<B: Backend>(be: &B) -> Result<B::Buf> {
 
 impl<B: Backend> FullShard<B> {
     /// Shards `model` over `collective`'s processes: this process keeps its pieces of the
-    /// weights (every process holds the same weights when this is called), the model's buffers
-    /// and `grads`' are emptied, and the model fetches through the returned shard from now on.
-    pub fn install(model: &mut Model<B>, grads: &mut Grads<B>, collective: &dyn Collective<B>) -> Result<Arc<Mutex<Self>>> {
+    /// weights (from `stash`, cut as the model was made; else from the model's whole weights,
+    /// the same on every process), the model's buffers and `grads`' are emptied, and the model
+    /// fetches through the returned shard from now on.
+    pub fn install(model: &mut Model<B>, grads: &mut Grads<B>, collective: &dyn Collective<B>, stash: Option<PieceStash>) -> Result<Arc<Mutex<Self>>> {
         if let Some(i) = model.trainable.iter().position(|t| !t) {
             return Err(Error::Unsupported(format!(
                 "fsdp `full_shard` with frozen parameters (here `{}`; an adapter run freezes the base) is not supported: use `shard_grad_op`",
@@ -98,7 +130,20 @@ impl<B: Backend> FullShard<B> {
             rank,
             own,
         };
-        shard.take_weights(be, &mut model.params)?;
+        match stash {
+            Some(stash) => {
+                if stash.pieces.len() != shard.pieces.len() || stash.kept.len() != shard.w.len() {
+                    return Err(Error::Invalid("the weights were cut for another number of processes".into()));
+                }
+                for (w, kept) in shard.w.iter_mut().zip(stash.kept) {
+                    if kept.len() != be.len(w) {
+                        return Err(Error::Invalid("a piece of the weights was not given when the model was made".into()));
+                    }
+                    *w = be.upload_vec(kept)?;
+                }
+            }
+            None => shard.take_weights(be, &mut model.params)?,
+        }
         for t in &mut grads.tensors {
             *t = empty(be)?;
         }
@@ -120,6 +165,24 @@ impl<B: Backend> FullShard<B> {
         }
         for t in params.iter_mut() {
             *t = empty(be)?;
+        }
+        Ok(())
+    }
+
+    /// Takes this process's pieces of parameter `i`'s whole weights or moment `t` (read from a
+    /// checkpoint a tensor at a time).
+    pub fn take_tensor(&mut self, be: &B, part: Part, i: usize, t: &[f32]) -> Result<()> {
+        if t.len() != self.numel[i] {
+            return Err(Error::Invalid(format!("parameter {i}: {} values given, {} expected", t.len(), self.numel[i])));
+        }
+        for k in self.ranges[i].clone() {
+            let (p, Some(o)) = (self.pieces[k], self.own[k]) else { continue };
+            let dst = match part {
+                Part::Weight => &mut self.w[o],
+                Part::ExpAvg => &mut self.m[o],
+                Part::ExpAvgSq => &mut self.v[o],
+            };
+            *dst = be.upload(&t[p.start..p.start + p.len])?;
         }
         Ok(())
     }

@@ -24,11 +24,16 @@ pub(super) struct Piece {
 /// piece, in the flat order.
 pub(super) fn partition<B: Backend>(model: &Model<B>, world: usize) -> Vec<Piece> {
     let order: Vec<(usize, usize)> = model.layout.specs.iter().enumerate().filter(|(i, _)| model.trainable[*i]).map(|(i, s)| (i, s.numel())).collect();
+    partition_of(&order, world)
+}
+
+/// [`partition`] of the parameters `order` (index, elements), in that order.
+pub(super) fn partition_of(order: &[(usize, usize)], world: usize) -> Vec<Piece> {
     let total: usize = order.iter().map(|o| o.1).sum();
     let part = total.div_ceil(world.max(1)).max(1);
     let mut pieces = Vec::new();
     let mut at = 0;
-    for (param, n) in order {
+    for &(param, n) in order {
         let mut start = 0;
         while start < n {
             let owner = (at + start) / part;

@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::collective::{Collective, SingleProcess};
-use super::full_shard::FullShard;
+use super::full_shard::{FullShard, PieceStash};
 use super::optimizer::{bounds_after_update, clip_coef, trainable_grad_norm, AdamW, AdamWConfig};
 use super::shard::Shard;
 use crate::backend::Backend;
@@ -126,11 +126,21 @@ impl<B: Backend> Step<B> {
     /// [`Step::with_workspace`] with the weights, gradients and optimizer sharded over
     /// `collective`'s processes ([`FullShard`]): the model's whole weights are dropped once this
     /// process has taken its pieces, and no gradient or moment is ever allocated whole.
-    pub fn fully_sharded(mut model: Model<B>, opt: AdamWConfig, collective: Box<dyn Collective<B>>, batch: usize, seq: usize) -> Result<Self> {
+    ///
+    /// `stash`: this process's pieces, when they were cut as the model was made (its buffers
+    /// are then empty already).
+    pub fn fully_sharded(
+        mut model: Model<B>,
+        opt: AdamWConfig,
+        collective: Box<dyn Collective<B>>,
+        batch: usize,
+        seq: usize,
+        stash: Option<PieceStash>,
+    ) -> Result<Self> {
         let acts = Activations::new(&model, batch, seq)?;
         let n = model.params.len();
         let mut grads = Grads { tensors: (0..n).map(|_| model.backend.zeros(0)).collect::<Result<_>>()? };
-        let full = FullShard::install(&mut model, &mut grads, collective.as_ref())?;
+        let full = FullShard::install(&mut model, &mut grads, collective.as_ref(), stash)?;
         let opt = AdamW { config: opt, exp_avg: (0..n).map(|_| None).collect(), exp_avg_sq: (0..n).map(|_| None).collect(), step: 0 };
         Ok(Step { model, grads, acts, opt, collective, shard: None, full: Some(full), bounds: None, last_norm: None })
     }

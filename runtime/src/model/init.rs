@@ -9,27 +9,39 @@ use rand_distr::{Distribution, Normal};
 
 use super::config::{Arch, ModelConfig};
 use super::layout::{Init, Layout};
+use crate::error::Result;
 
 /// Deterministic for a given config and seed.
 pub fn init_tensors(cfg: &ModelConfig, layout: &Layout, seed: u64) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(layout.specs.len());
+    init_each(cfg, layout, seed, &mut |_, t| {
+        out.push(t);
+        Ok(())
+    })
+    .expect("collecting cannot fail");
+    out
+}
+
+/// [`init_tensors`] a tensor at a time: `put(i, values)` for each parameter in layout order (the
+/// same values; at most one tensor is made at once).
+pub fn init_each(cfg: &ModelConfig, layout: &Layout, seed: u64, put: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out: Vec<Vec<f32>> = layout
-        .specs
-        .iter()
-        .map(|spec| match spec.init {
+    for (i, spec) in layout.specs.iter().enumerate() {
+        let mut t = match spec.init {
             Init::Zeros => vec![0.0; spec.numel()],
             Init::Ones => vec![1.0; spec.numel()],
             Init::Normal(std) => {
                 let dist = Normal::new(0.0f32, std.max(0.0)).unwrap_or(Normal::new(0.0, 0.0).expect("zero std is valid"));
                 (0..spec.numel()).map(|_| dist.sample(&mut rng)).collect()
             }
-        })
-        .collect();
-    if cfg.arch == Arch::Llama {
-        if let Some(pad) = cfg.pad_token_id.filter(|&p| p < cfg.vocab_size) {
-            let h = cfg.hidden_size;
-            out[layout.wte][pad * h..(pad + 1) * h].fill(0.0);
+        };
+        if cfg.arch == Arch::Llama && i == layout.wte {
+            if let Some(pad) = cfg.pad_token_id.filter(|&p| p < cfg.vocab_size) {
+                let h = cfg.hidden_size;
+                t[pad * h..(pad + 1) * h].fill(0.0);
+            }
         }
+        put(i, t)?;
     }
-    out
+    Ok(())
 }

@@ -131,7 +131,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(Error::weights(dir, format!("no {SINGLE_FILE} or {INDEX_FILE} found{hint}")))
 }
 
-pub(super) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+/// The file at `path`, memory-mapped read-only.
+pub fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only and private to this process for the duration of the load; a
     // file truncated underneath us by another process is outside what any reader can guard.
@@ -173,6 +174,17 @@ fn diagnose(path: &Path, bytes: &[u8]) -> Option<Error> {
 
 /// Reads every tensor of `layout` from the model folder `dir`.
 pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
+    let mut tensors = Vec::with_capacity(layout.specs.len());
+    let (dtype, files) = load_weights_each(dir, layout, &mut |_, t| {
+        tensors.push(t);
+        Ok(())
+    })?;
+    Ok(LoadedWeights { tensors, dtype, files })
+}
+
+/// [`load_weights`] a tensor at a time: `put(i, values)` for each parameter in layout order, as it
+/// is decoded (at most one is held at once). Returns the files' storage type and the files.
+pub fn load_weights_each(dir: &Path, layout: &Layout, put: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>) -> Result<(Dtype, Vec<PathBuf>)> {
     let files = weight_files(dir)?;
     let maps = files.iter().map(|f| map_file(f)).collect::<Result<Vec<_>>>()?;
     let mut tables = Vec::new();
@@ -189,9 +201,8 @@ pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
         }
     }
     let mut used: HashSet<&str> = HashSet::new();
-    let mut tensors = Vec::with_capacity(layout.specs.len());
     let mut dtype = None;
-    for spec in &layout.specs {
+    for (i, spec) in layout.specs.iter().enumerate() {
         let mut data = Vec::with_capacity(spec.numel());
         for part in &spec.parts {
             let Some(&fi) = location.get(&part.name) else {
@@ -216,7 +227,7 @@ pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
             }
             used.insert(part.name.as_str());
         }
-        tensors.push(data);
+        put(i, data)?;
     }
     for (i, st) in tables.iter().enumerate() {
         let mut extra: Vec<&str> = st.names().into_iter().filter(|n| !used.contains(n) && !layout.tolerates_extra(n)).collect();
@@ -227,7 +238,7 @@ pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
             return Err(Error::weights(&files[i], format!("unexpected tensor(s) for this config: {}{more}", shown.join(", "))));
         }
     }
-    Ok(LoadedWeights { tensors, dtype: dtype.unwrap_or(Dtype::F32), files })
+    Ok((dtype.unwrap_or(Dtype::F32), files))
 }
 
 pub(super) fn decode_part(spec: &ParamSpec, view: &TensorView, dt: Dtype, out: &mut Vec<f32>) {

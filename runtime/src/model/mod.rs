@@ -92,33 +92,69 @@ const COMPANION_FILES: &[&str] = &[
 impl<B: Backend> Model<B> {
     /// `from_pretrained`: reads `config.json` and the safetensors weights of a model folder.
     pub fn load(backend: B, dir: &Path, opts: LoadOptions) -> Result<Self> {
+        Self::load_keeping(backend, dir, opts, &mut |_, t| t)
+    }
+
+    /// [`Model::load`] with each tensor passed through `keep` as it is read (see
+    /// [`Model::from_each`]).
+    pub fn load_keeping(backend: B, dir: &Path, opts: LoadOptions, keep: &mut dyn FnMut(usize, Vec<f32>) -> Vec<f32>) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         config.check_against_files(dir)?;
         let layout = Layout::new(&config);
-        let loaded = io::load_weights(dir, &layout)?;
-        let mut tensors = loaded.tensors;
-        if let Some(dt) = opts.torch_dtype {
-            tensors.iter_mut().for_each(|t| dt.round(t));
-        }
-        let mut model = Self::from_tensors(backend, config, tensors, opts)?;
-        model.dtype = opts.torch_dtype.unwrap_or(loaded.dtype);
+        let mut stored = Dtype::F32;
+        let produce = |put: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>| -> Result<()> {
+            stored = io::load_weights_each(dir, &layout, &mut |i, mut t| {
+                if let Some(dt) = opts.torch_dtype {
+                    dt.round(&mut t);
+                }
+                put(i, t)
+            })?
+            .0;
+            Ok(())
+        };
+        let mut model = Self::from_each(backend, config, opts, produce, keep)?;
+        model.dtype = opts.torch_dtype.unwrap_or(stored);
         model.source = Some(dir.to_path_buf());
         Ok(model)
     }
 
     /// A model from given f32 tensors in the engine's layout.
     pub fn from_tensors(backend: B, config: ModelConfig, tensors: Vec<Vec<f32>>, opts: LoadOptions) -> Result<Self> {
+        let n = Layout::new(&config).specs.len();
+        if tensors.len() != n {
+            return Err(Error::Invalid(format!("{} tensors given, the layout has {n}", tensors.len())));
+        }
+        let produce = |put: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>| tensors.into_iter().enumerate().try_for_each(|(i, t)| put(i, t));
+        Self::from_each(backend, config, opts, produce, &mut |_, t| t)
+    }
+
+    /// A model whose tensors come one at a time from `produce` (which calls its argument with
+    /// each parameter's index and values), each checked and passed through `keep` before it is
+    /// uploaded: what `keep` returns is what the model holds (the tensor, or nothing when the
+    /// weights are sharded over processes and the caller keeps this process's pieces).
+    pub fn from_each(
+        backend: B,
+        config: ModelConfig,
+        opts: LoadOptions,
+        produce: impl FnOnce(&mut dyn FnMut(usize, Vec<f32>) -> Result<()>) -> Result<()>,
+        keep: &mut dyn FnMut(usize, Vec<f32>) -> Vec<f32>,
+    ) -> Result<Self> {
         let layout = Layout::new(&config);
         backend.check_head_dim(config.head_dim).map_err(Error::Unsupported)?;
-        for (spec, t) in layout.specs.iter().zip(&tensors) {
+        let mut params: Vec<Option<B::Buf>> = (0..layout.specs.len()).map(|_| None).collect();
+        produce(&mut |i, t| {
+            let spec = layout.specs.get(i).ok_or_else(|| Error::Invalid(format!("tensor {i} given, the layout has {}", layout.specs.len())))?;
             if t.len() != spec.numel() {
                 return Err(Error::Invalid(format!("tensor `{}` has {} values, expected {}", spec.name, t.len(), spec.numel())));
             }
-        }
-        if tensors.len() != layout.specs.len() {
-            return Err(Error::Invalid(format!("{} tensors given, the layout has {}", tensors.len(), layout.specs.len())));
-        }
-        let params = tensors.iter().map(|t| backend.upload(t)).collect::<Result<_>>()?;
+            params[i] = Some(backend.upload_vec(keep(i, t))?);
+            Ok(())
+        })?;
+        let params = params
+            .into_iter()
+            .zip(&layout.specs)
+            .map(|(p, s)| p.ok_or_else(|| Error::Invalid(format!("no values given for tensor `{}`", s.name))))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Model {
             backend,
             config,

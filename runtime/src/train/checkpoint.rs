@@ -121,7 +121,8 @@ impl<B: Backend + Clone> Trainer<B> {
         let state = TrainerState::read(&dir.join("trainer_state.json"))?;
         self.load_weights_from(dir)?;
         let path = dir.join("optimizer.safetensors");
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        // mapped, not read: the moments are taken a tensor at a time
+        let bytes = io::map_file(&path)?;
         let st = io::deserialize(&path, &bytes)?;
         for (i, spec) in self.step.model.layout.specs.iter().enumerate() {
             // a frozen parameter has no optimizer state (and a checkpoint holds none for it)
@@ -135,7 +136,14 @@ impl<B: Backend + Clone> Trainer<B> {
                     return Err(Error::tensor(&path, &name, format!("expected F32 [{}], found {:?} {:?}", spec.numel(), view.dtype(), view.shape())));
                 }
                 let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                *dst = Some(self.step.model.backend.upload(&values)?);
+                match &self.step.full {
+                    // with the weights sharded, this process keeps its pieces only
+                    Some(full) => {
+                        let part = if prefix == "exp_avg" { Part::ExpAvg } else { Part::ExpAvgSq };
+                        lock_full(full)?.take_tensor(&self.step.model.backend, part, i, &values)?;
+                    }
+                    None => *dst = Some(self.step.model.backend.upload(&values)?),
+                }
             }
         }
         self.step.opt.step = state.optimizer_step;
@@ -162,7 +170,24 @@ impl<B: Backend + Clone> Trainer<B> {
             self.step.model.reload_adapter(dir)?;
         } else {
             let opts = LoadOptions { torch_dtype: None, attn_implementation: self.step.model.attn_impl, device: Device::Cpu };
-            let loaded = Model::load(self.step.model.backend.clone(), dir, opts)?;
+            // with the weights sharded, this process keeps its pieces of each tensor as it is read
+            let be = self.step.model.backend.clone();
+            let mut failed = None;
+            let loaded = match &self.step.full {
+                Some(full) => {
+                    let mut full = lock_full(full)?;
+                    Model::load_keeping(be.clone(), dir, opts, &mut |i, t| {
+                        if let Err(e) = full.take_tensor(&be, Part::Weight, i, &t) {
+                            failed.get_or_insert(e);
+                        }
+                        Vec::new()
+                    })?
+                }
+                None => Model::load(be.clone(), dir, opts)?,
+            };
+            if let Some(e) = failed {
+                return Err(e);
+            }
             if loaded.layout.numel() != self.step.model.layout.numel() {
                 return Err(Error::Invalid(format!("{}: the checkpoint's model differs from the run's", dir.display())));
             }

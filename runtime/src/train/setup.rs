@@ -22,10 +22,11 @@ use crate::args::{IntervalStrategy, TrainingArguments};
 use crate::backend::{AttnImpl, Backend};
 use crate::data::cache::load_examples_cached;
 use crate::data::{Example, PadOptions, Padding, Tokenizer};
+use crate::engine::full_shard::PieceStash;
 use crate::engine::{AdamWConfig, Collective, Step};
 use crate::error::{Error, Result};
 use crate::model::lora::LoraConfig;
-use crate::model::{init::init_tensors, Device, Dtype, Layout, LoadOptions, Model, ModelConfig};
+use crate::model::{init::init_each, Device, Dtype, Layout, LoadOptions, Model, ModelConfig};
 use crate::plugin::roles::Plugins;
 use crate::protocol::TokenDecoder;
 
@@ -50,17 +51,30 @@ fn check_supported(args: &TrainingArguments, backend: &str) -> Result<()> {
 
 /// The model from `model_name_or_path`, or initialised from `config_name` with the run's seed;
 /// and the folder it came from.
-fn load_model<B: Backend>(backend: B, args: &TrainingArguments) -> Result<(Model<B>, PathBuf)> {
+///
+/// `pieces`: (rank, processes) when the weights are sharded (`fsdp = "full_shard"`): each tensor
+/// is cut as it is read or made, this process keeps its pieces (returned) and the model none.
+fn load_model<B: Backend>(backend: B, args: &TrainingArguments, pieces: Option<(usize, usize)>) -> Result<(Model<B>, PathBuf, Option<PieceStash>)> {
     let device = Device::parse(&args.device).unwrap_or(Device::Auto);
     let opts = LoadOptions {
         torch_dtype: args.torch_dtype.as_deref().map(|d| Dtype::parse(d).ok_or_else(|| Error::Invalid(format!("unknown torch_dtype `{d}`")))).transpose()?,
         attn_implementation: AttnImpl::parse(&args.attn_implementation).unwrap_or(AttnImpl::Flash),
         device: if args.use_cpu { Device::Cpu } else { device },
     };
+    let config_path = |c: &str| if Path::new(c).is_dir() { Path::new(c).join("config.json") } else { PathBuf::from(c) };
+    let mut stash = match (pieces, &args.model_name_or_path, &args.config_name) {
+        (Some((rank, world)), Some(m), _) => Some(PieceStash::new(&Layout::new(&ModelConfig::from_dir(Path::new(m))?), rank, world)),
+        (Some((rank, world)), None, Some(c)) => Some(PieceStash::new(&Layout::new(&ModelConfig::from_file(&config_path(c))?), rank, world)),
+        _ => None,
+    };
+    let mut keep = |i: usize, t: Vec<f32>| match &mut stash {
+        Some(s) => s.keep(i, t),
+        None => t,
+    };
     let (mut model, dir) = match (&args.model_name_or_path, &args.config_name) {
-        (Some(m), _) => (Model::load(backend, Path::new(m), opts)?, PathBuf::from(m)),
+        (Some(m), _) => (Model::load_keeping(backend, Path::new(m), opts, &mut keep)?, PathBuf::from(m)),
         (None, Some(c)) => {
-            let path = if Path::new(c).is_dir() { Path::new(c).join("config.json") } else { PathBuf::from(c) };
+            let path = config_path(c);
             let cfg = ModelConfig::from_file(&path)?;
             // on the CPU the weights, gradients and both moments live in host memory; on a GPU
             // the host holds the initialised tensors and their upload
@@ -70,9 +84,10 @@ fn load_model<B: Backend>(backend: B, args: &TrainingArguments) -> Result<(Model
                 (8, "initialise the weights on the host")
             };
             cfg.check_memory(&path, bytes, what)?;
-            let tensors = init_tensors(&cfg, &Layout::new(&cfg), args.seed);
+            let layout = Layout::new(&cfg);
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            (Model::from_tensors(backend, cfg, tensors, opts)?, dir)
+            let init = cfg.clone();
+            (Model::from_each(backend, cfg, opts, |put| init_each(&init, &layout, args.seed, put), &mut keep)?, dir)
         }
         (None, None) => return Err(Error::Invalid("set model_name_or_path (a model folder) or config_name (a config.json to train from scratch)".into())),
     };
@@ -89,7 +104,7 @@ fn load_model<B: Backend>(backend: B, args: &TrainingArguments) -> Result<(Model
             model.backend.name()
         );
     }
-    Ok((model, dir))
+    Ok((model, dir, stash))
 }
 
 /// A LoRA adapter: a new one from the `peft` table, or an existing PEFT folder
@@ -218,7 +233,11 @@ impl<B: Backend + Clone> Trainer<B> {
     /// false` loads what evaluation and prediction need only.
     pub fn new_on(backend: B, args: TrainingArguments, training: bool) -> Result<Self> {
         check_supported(&args, backend.name())?;
-        let (mut model, model_dir) = load_model(backend, &args)?;
+        // the other processes of a data parallel run, when a launcher started several
+        let collective = if training { crate::engine::mpi::start(args.ddp_bucket_cap_mb)? } else { Box::new(crate::engine::SingleProcess) };
+        let (rank, world) = (collective.rank(), collective.world_size());
+        let full = training && args.sharding()? == Sharding::FullShard;
+        let (mut model, model_dir, stash) = load_model(backend, &args, full.then_some((rank, world)))?;
         let tokenizer = load_tokenizer(&args, &mut model, &model_dir)?;
         let train_file = match (&args.train_file, training) {
             (Some(f), true) => Some(f.as_str()),
@@ -234,9 +253,6 @@ impl<B: Backend + Clone> Trainer<B> {
         }
         let longest = train.iter().chain(eval.iter().flatten()).map(|e| e.input_ids.len()).max().unwrap_or(0);
         check_lengths_and_metric(&args, &model.config, &plugins, longest)?;
-        // the other processes of a data parallel run, when a launcher started several
-        let collective = if training { crate::engine::mpi::start(args.ddp_bucket_cap_mb)? } else { Box::new(crate::engine::SingleProcess) };
-        let (rank, world) = (collective.rank(), collective.world_size());
         if world > 1 && args.auto_find_batch_size {
             return Err(Error::Unsupported("auto_find_batch_size across several processes is not supported yet: set per_device_train_batch_size".into()));
         }
@@ -247,7 +263,7 @@ impl<B: Backend + Clone> Trainer<B> {
         let pad_id = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |t| t.id);
         let pad = PadOptions { padding: Padding::Longest, side: tokenizer.padding_side, pad_id, max_length: None, truncation: false, pad_to_multiple_of: None };
         let (sampler, windows, max_steps, schedule) = plan_steps(&args, train.len(), training, world)?;
-        let step = make_step(model, &args, collective, training, &train, eval.as_deref())?;
+        let step = make_step(model, &args, collective, training, (&train, eval.as_deref()), stash)?;
         let (logging_steps, save_steps) = (interval(args.logging_steps, max_steps), interval(args.save_steps, max_steps));
         let eval_steps = interval(args.eval_steps.unwrap_or(args.logging_steps), max_steps);
         let state = TrainerState {
@@ -303,13 +319,13 @@ fn make_step<B: Backend>(
     args: &TrainingArguments,
     collective: Box<dyn Collective<B>>,
     training: bool,
-    train: &[Example],
-    eval: Option<&[Example]>,
+    (train, eval): (&[Example], Option<&[Example]>),
+    stash: Option<PieceStash>,
 ) -> Result<Step<B>> {
     let world = collective.world_size();
     let mut step = match args.sharding()? {
         Sharding::ShardGradOp if training => Step::sharded(model, adamw_config(args), collective, 1, 2)?,
-        Sharding::FullShard if training => Step::fully_sharded(model, adamw_config(args), collective, 1, 2)?,
+        Sharding::FullShard if training => Step::fully_sharded(model, adamw_config(args), collective, 1, 2, stash)?,
         _ => {
             let mut step = Step::new(model, adamw_config(args))?;
             step.collective = collective;

@@ -28,6 +28,9 @@ impl Backend for Cpu {
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
         zeroed(n)
     }
+    fn upload_vec(&self, data: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(data)
+    }
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
         let mut v = zeroed(data.len())?;
         v.copy_from_slice(data);

@@ -408,6 +408,41 @@ mod mpi {
         assert_eq!(std::fs::read(cut.join("model.safetensors")).unwrap(), std::fs::read(whole.join("model.safetensors")).unwrap(), "resumed run is exact");
     }
 
+    /// A process that stops answering (SIGSTOP: not dead, so the launcher sees nothing) ends the
+    /// run after `ddp_timeout`: another process, waiting for it in a collective operation, says
+    /// so and exits, and the launcher ends the rest.
+    #[test]
+    fn a_stuck_process_ends_the_run_after_ddp_timeout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ex = example(tmp.path(), 64);
+        let out = tmp.path().join("stuck");
+        let child = Command::new("mpirun")
+            .args(["-np", "2", env!("CARGO_BIN_EXE_runtime")])
+            .args(train_args(&ex, &out, &["--max_steps", "1000000", "--per_device_train_batch_size", "2", "--ddp_timeout", "3"]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let rank1 = loop {
+            if let Some(pid) = rank_pid(&child, 1) {
+                break pid;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "rank 1 did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // training is under way once the first step is logged
+        std::thread::sleep(Duration::from_secs(2));
+        let stopped = Instant::now();
+        Command::new("kill").args(["-STOP", &rank1.to_string()]).status().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let _ = Command::new("kill").args(["-9", &rank1.to_string()]).status();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{said}");
+        assert!(stopped.elapsed() < Duration::from_secs(60), "the run took {:?} to end", stopped.elapsed());
+        assert!(said.contains("rank 0 waited") && said.contains("ddp_timeout = 3 s"), "the waiting process says why:\n{said}");
+    }
+
     /// The PID of the run's process of rank `rank` (a descendant of the launcher `child`, with
     /// `PMI_RANK` set to it).
     fn rank_pid(child: &std::process::Child, rank: usize) -> Option<u32> {

@@ -432,7 +432,7 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
     let mcfg = cfg.model_config()?;
     let layout = crate::model::Layout::new(&mcfg);
     // in a data parallel run (`mpirun -np N runtime bench`) each process steps its own batch
-    let collective = crate::engine::mpi::start(None)?;
+    let collective = crate::engine::mpi::start(None, None)?;
     // with the weights sharded each tensor is cut as it is made: no process holds the whole model
     let mut stash = (cfg.shard == 3).then(|| crate::engine::full_shard::PieceStash::new(&layout, collective.rank(), collective.world_size()));
     let mut keep = |i: usize, t: Vec<f32>| match &mut stash {

@@ -56,6 +56,9 @@ impl TrainingArguments {
             }
             Some(other) => return Err(Error::Invalid(format!("ddp_backend `{other}`: expected mpi or nccl"))),
         }
+        if self.ddp_timeout == 0 {
+            return Err(Error::Invalid("ddp_timeout must be at least 1 second".into()));
+        }
         if self.ddp_bucket_cap_mb == Some(0) {
             return Err(Error::Invalid("ddp_bucket_cap_mb must be at least 1".into()));
         }
@@ -129,7 +132,6 @@ pub(super) const HF_UNSUPPORTED: &[&str] = &[
     "ddp_find_unused_parameters",
     "ddp_broadcast_buffers",
     "ddp_static_graph",
-    "ddp_timeout",
     "fsdp_config",
     "deepspeed",
     "debug",

@@ -142,6 +142,9 @@ pub struct TrainingArguments {
     pub average_tokens_across_devices: bool,
     /// MiB of gradients summed per reduce-scatter and all-gather (unset: 25, torch DDP's bucket).
     pub ddp_bucket_cap_mb: Option<usize>,
+    /// Seconds a process waits in one collective operation before it ends the run (transformers'
+    /// default, 1800).
+    pub ddp_timeout: u64,
     /// Unset or `""` (plain data parallel), `"shard_grad_op"` or `"full_shard"`, as transformers.
     pub fsdp: Value,
 
@@ -233,6 +236,7 @@ impl Default for TrainingArguments {
             ddp_backend: None,
             average_tokens_across_devices: true,
             ddp_bucket_cap_mb: None,
+            ddp_timeout: 1800,
             fsdp: Value::Null,
             predict_with_generate: false,
             generation_max_length: None,

@@ -36,8 +36,9 @@ fn launcher_local_size() -> Option<usize> {
 /// cores' threads.
 ///
 /// `bucket_mib`: the gradients are summed this many MiB at a time (25 when `None`, as torch's
-/// DDP buckets).
-pub fn start<B: Backend>(bucket_mib: Option<usize>) -> Result<Box<dyn Collective<B>>> {
+/// DDP buckets). `timeout`: seconds a process waits in one collective operation before it ends
+/// the run (`ddp_timeout`; `None`: it waits as long as it takes).
+pub fn start<B: Backend>(bucket_mib: Option<usize>, timeout: Option<u64>) -> Result<Box<dyn Collective<B>>> {
     let n = launcher_world_size().unwrap_or(1);
     if n <= 1 {
         return Ok(Box::new(SingleProcess));
@@ -48,7 +49,73 @@ pub fn start<B: Backend>(bucket_mib: Option<usize>) -> Result<Box<dyn Collective
         // a pool already built (a second trainer in this process) keeps its size
         let _ = rayon::ThreadPoolBuilder::new().num_threads((cores / local).max(1)).build_global();
     }
-    start_mpi(n, bucket_mib.unwrap_or(25).max(1) << 18)
+    let c = start_mpi(n, bucket_mib.unwrap_or(25).max(1) << 18)?;
+    #[cfg(feature = "mpi")]
+    if let Some(secs) = timeout {
+        watchdog::start(c.rank(), secs);
+    }
+    let _ = timeout;
+    Ok(c)
+}
+
+/// `ddp_timeout`: a process that has waited longer than that in one collective operation (the
+/// others never came: one is stuck, or gone without the launcher noticing) says so and exits,
+/// and the launcher then ends the others. Each MPI call of [`imp::MpiCollective`] is timed by a
+/// [`watchdog::Waiting`] guard; a thread checks once a second.
+#[cfg(feature = "mpi")]
+mod watchdog {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    /// When the current wait began (milliseconds after [`epoch`], plus 1; 0: not waiting).
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    static WHAT: Mutex<&'static str> = Mutex::new("");
+
+    fn epoch() -> Instant {
+        static E: OnceLock<Instant> = OnceLock::new();
+        *E.get_or_init(Instant::now)
+    }
+
+    /// A collective operation in progress; its wait ends when the guard drops.
+    pub struct Waiting;
+
+    pub fn waiting(what: &'static str) -> Waiting {
+        if let Ok(mut w) = WHAT.lock() {
+            *w = what;
+        }
+        SINCE.store(epoch().elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
+        Waiting
+    }
+
+    impl Drop for Waiting {
+        fn drop(&mut self) {
+            SINCE.store(0, Ordering::SeqCst);
+        }
+    }
+
+    pub fn start(rank: usize, secs: u64) {
+        epoch();
+        let limit = secs.saturating_mul(1000);
+        let _ = std::thread::Builder::new().name("ddp-timeout".into()).spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let since = SINCE.load(Ordering::SeqCst);
+            if since == 0 {
+                continue;
+            }
+            let waited = (epoch().elapsed().as_millis() as u64 + 1).saturating_sub(since);
+            if waited > limit {
+                let what = WHAT.lock().map(|w| *w).unwrap_or("a collective operation");
+                eprintln!(
+                    "error: rank {rank} waited {:.0} s in {what} for the other processes (ddp_timeout = {secs} s): one of them is stuck or gone; ending the run (resume with --resume_from_checkpoint true)",
+                    waited as f64 / 1000.0
+                );
+                // SAFETY: `_exit` ends the process at once, without running handlers that could
+                // wait on the thread stuck in MPI; the launcher then ends the other processes.
+                unsafe { libc::_exit(1) };
+            }
+        });
+    }
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -156,6 +223,7 @@ mod imp {
             self.size
         }
         fn all_reduce_grads(&mut self, backend: &B, grads: &mut Grads<B>) -> Result<()> {
+            let _waiting = super::watchdog::waiting("the gradient sum");
             let started = std::time::Instant::now();
             // host copies of the buffers that do not live on the host
             let mut copies: Vec<Option<Vec<f32>>> = Vec::with_capacity(grads.tensors.len());
@@ -215,6 +283,7 @@ mod imp {
             Ok(())
         }
         fn reduce_to(&mut self, root: usize, data: &mut [f32]) -> Result<()> {
+            let _waiting = super::watchdog::waiting("a reduce");
             let world = SimpleCommunicator::world();
             let root_process = world.process_at_rank(root as i32);
             // pieces of 4 Mi elements: the receive buffer stays small
@@ -230,6 +299,7 @@ mod imp {
             Ok(())
         }
         fn broadcast_from(&mut self, root: usize, data: &mut [f32]) -> Result<()> {
+            let _waiting = super::watchdog::waiting("a broadcast");
             let world = SimpleCommunicator::world();
             for piece in data.chunks_mut(CHUNK) {
                 world.process_at_rank(root as i32).broadcast_into(piece);
@@ -237,6 +307,7 @@ mod imp {
             Ok(())
         }
         fn sum_f64(&mut self, values: &mut [f64]) -> Result<()> {
+            let _waiting = super::watchdog::waiting("the step's sums");
             let world = SimpleCommunicator::world();
             let root = world.process_at_rank(0);
             if self.rank == 0 {
@@ -250,6 +321,7 @@ mod imp {
             Ok(())
         }
         fn gather_bytes(&mut self, data: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+            let _waiting = super::watchdog::waiting("a gather");
             let world = SimpleCommunicator::world();
             if self.rank != 0 {
                 world.process_at_rank(0).send(data);
@@ -262,6 +334,7 @@ mod imp {
             Ok(Some(all))
         }
         fn broadcast_bytes(&mut self, data: &mut Vec<u8>) -> Result<()> {
+            let _waiting = super::watchdog::waiting("a broadcast");
             let world = SimpleCommunicator::world();
             let root = world.process_at_rank(0);
             let mut len = data.len() as u64;
@@ -271,11 +344,13 @@ mod imp {
             Ok(())
         }
         fn all_gather_u64(&mut self, value: u64) -> Result<Vec<u64>> {
+            let _waiting = super::watchdog::waiting("an all-gather");
             let mut all = vec![0u64; self.size];
             SimpleCommunicator::world().all_gather_into(&value, &mut all[..]);
             Ok(all)
         }
         fn barrier(&mut self) -> Result<()> {
+            let _waiting = super::watchdog::waiting("a barrier");
             SimpleCommunicator::world().barrier();
             Ok(())
         }

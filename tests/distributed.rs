@@ -309,64 +309,38 @@ mod mpi {
         a.extend(["--resume_from_checkpoint".into(), "true".into()]);
         ok(mpirun(3, &a), "resume 1 -> 3");
         assert_same_training(&r13, &one, "resume 1 -> 3");
-        // the optimizer sharded: its checkpoint is the same folder (the moments gathered), so it
-        // resumes sharded over as many processes, or over others, or in one process
-        let sharded = |out: &Path, b: &str| {
-            let mut a = with_batch(out, b);
-            a.extend(["--fsdp".into(), "shard_grad_op".into()]);
-            a
-        };
-        let two_sharded = tmp.path().join("two_sharded");
-        ok(mpirun(2, &sharded(&two_sharded, "3")), "2 processes, shard_grad_op");
-        assert_same_training(&two_sharded, &two, "shard_grad_op against plain");
-        let s22 = resumed(&two_sharded, "s22");
-        let mut a = sharded(&s22, "3");
-        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
-        ok(mpirun(2, &a), "resume 2 -> 2, shard_grad_op");
-        assert_eq!(
-            std::fs::read(s22.join("model.safetensors")).unwrap(),
-            std::fs::read(two_sharded.join("model.safetensors")).unwrap(),
-            "sharded resume 2 -> 2 is exact"
-        );
-        let s21 = resumed(&two_sharded, "s21");
-        let mut a = with_batch(&s21, "6");
-        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
-        ok(runtime(&a.iter().map(String::as_str).collect::<Vec<_>>()), "resume 2 (sharded) -> 1");
-        assert_same_training(&s21, &two_sharded, "resume 2 (sharded) -> 1");
-        let s13 = resumed(&one, "s13");
-        let mut a = sharded(&s13, "2");
-        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
-        ok(mpirun(3, &a), "resume 1 -> 3 (sharded)");
-        assert_same_training(&s13, &one, "resume 1 -> 3 (sharded)");
-        // the weights sharded too: the checkpoint is again the same folder (weights and moments
-        // gathered a tensor at a time)
-        let full = |out: &Path, b: &str| {
-            let mut a = with_batch(out, b);
-            a.extend(["--fsdp".into(), "full_shard".into()]);
-            a
-        };
-        let two_full = tmp.path().join("two_full");
-        ok(mpirun(2, &full(&two_full, "3")), "2 processes, full_shard");
-        assert_same_training(&two_full, &two, "full_shard against plain");
-        let f22 = resumed(&two_full, "f22");
-        let mut a = full(&f22, "3");
-        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
-        ok(mpirun(2, &a), "resume 2 -> 2, full_shard");
-        assert_eq!(
-            std::fs::read(f22.join("model.safetensors")).unwrap(),
-            std::fs::read(two_full.join("model.safetensors")).unwrap(),
-            "full_shard resume 2 -> 2 is exact"
-        );
-        let f21 = resumed(&two_full, "f21");
-        let mut a = with_batch(&f21, "6");
-        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
-        ok(runtime(&a.iter().map(String::as_str).collect::<Vec<_>>()), "resume 2 (full_shard) -> 1");
-        assert_same_training(&f21, &two_full, "resume 2 (full_shard) -> 1");
-        let f13 = resumed(&one, "f13");
-        let mut a = full(&f13, "2");
-        a.extend(["--resume_from_checkpoint".into(), "true".into()]);
-        ok(mpirun(3, &a), "resume 1 -> 3 (full_shard)");
-        assert_same_training(&f13, &one, "resume 1 -> 3 (full_shard)");
+        // sharded (the optimizer, `shard_grad_op`; the weights too, `full_shard`): the checkpoint
+        // is the same folder (what is sharded gathered a tensor at a time), so it resumes sharded
+        // over as many processes, or over others, or in one process
+        for fsdp in ["shard_grad_op", "full_shard"] {
+            let sharded = |out: &Path, b: &str| {
+                let mut a = with_batch(out, b);
+                a.extend(["--fsdp".into(), fsdp.into()]);
+                a
+            };
+            let two_sharded = tmp.path().join(format!("two_{fsdp}"));
+            ok(mpirun(2, &sharded(&two_sharded, "3")), &format!("2 processes, {fsdp}"));
+            assert_same_training(&two_sharded, &two, &format!("{fsdp} against plain"));
+            let s22 = resumed(&two_sharded, &format!("{fsdp}22"));
+            let mut a = sharded(&s22, "3");
+            a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+            ok(mpirun(2, &a), &format!("resume 2 -> 2, {fsdp}"));
+            assert_eq!(
+                std::fs::read(s22.join("model.safetensors")).unwrap(),
+                std::fs::read(two_sharded.join("model.safetensors")).unwrap(),
+                "{fsdp} resume 2 -> 2 is exact"
+            );
+            let s21 = resumed(&two_sharded, &format!("{fsdp}21"));
+            let mut a = with_batch(&s21, "6");
+            a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+            ok(runtime(&a.iter().map(String::as_str).collect::<Vec<_>>()), &format!("resume 2 ({fsdp}) -> 1"));
+            assert_same_training(&s21, &two_sharded, &format!("resume 2 ({fsdp}) -> 1"));
+            let s13 = resumed(&one, &format!("{fsdp}13"));
+            let mut a = sharded(&s13, "2");
+            a.extend(["--resume_from_checkpoint".into(), "true".into()]);
+            ok(mpirun(3, &a), &format!("resume 1 -> 3 ({fsdp})"));
+            assert_same_training(&s13, &one, &format!("resume 1 -> 3 ({fsdp})"));
+        }
     }
 
     /// SIGKILL of one process while the run writes checkpoints: the launcher ends the others

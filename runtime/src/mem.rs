@@ -3,17 +3,19 @@
 
 /// The peak resident set size of this process in MiB (`VmHWM`), NaN where unknown.
 pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    status_mib("VmHWM:")
 }
 
 /// The resident set size now, in MiB (`VmRSS`), NaN where unknown.
 pub fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// The value of `/proc/self/status`'s line `key` (in kB there), in MiB.
+fn status_mib(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 

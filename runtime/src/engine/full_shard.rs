@@ -70,7 +70,6 @@ pub struct FullShard<B: Backend> {
     ranges: Vec<Range<usize>>,
     numel: Vec<usize>,
     decay: Vec<bool>,
-    rank: usize,
     /// Per piece: its place among this process's pieces (`None`: another process owns it).
     own: Vec<Option<usize>>,
     /// This process's pieces, in order: weights, accumulated gradients, first and second moments.
@@ -127,7 +126,6 @@ impl<B: Backend> FullShard<B> {
             collective: collective.duplicate()?,
             pieces,
             ranges,
-            rank,
             own,
         };
         match stash {
@@ -183,23 +181,6 @@ impl<B: Backend> FullShard<B> {
                 Part::ExpAvgSq => &mut self.v[o],
             };
             *dst = be.upload(&t[p.start..p.start + p.len])?;
-        }
-        Ok(())
-    }
-
-    /// Takes this process's pieces of whole moments (by parameter, as a checkpoint holds them;
-    /// `None` for both: none yet, the zeroed moments stay).
-    pub fn load_moments(&mut self, be: &B, exp_avg: &[Option<B::Buf>], exp_avg_sq: &[Option<B::Buf>]) -> Result<()> {
-        for (p, own) in self.pieces.iter().zip(&self.own) {
-            let Some(o) = *own else { continue };
-            match (&exp_avg[p.param], &exp_avg_sq[p.param]) {
-                (Some(fm), Some(fv)) => {
-                    be.copy_range(&mut self.m[o], 0, fm, p.start, p.len);
-                    be.copy_range(&mut self.v[o], 0, fv, p.start, p.len);
-                }
-                (None, None) => {}
-                _ => return Err(Error::Invalid(format!("one moment only for parameter {}", p.param))),
-            }
         }
         Ok(())
     }
@@ -292,10 +273,6 @@ impl<B: Backend> FullShard<B> {
             }
             self.gather(be, part, i)?;
         }
-    }
-
-    pub fn rank(&self) -> usize {
-        self.rank
     }
 
     /// Bytes this process holds of weights, gradients and moments (its pieces, and what a pass

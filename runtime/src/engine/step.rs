@@ -94,12 +94,6 @@ impl<B: Backend> Step<B> {
     /// keeps the moments of its part of the trainable parameters only. Moments already there
     /// (loaded from a checkpoint) are taken over.
     pub fn shard_optimizer(&mut self) -> Result<()> {
-        if let Some(full) = &self.full {
-            full.lock().map_err(|_| poisoned())?.load_moments(&self.model.backend, &self.opt.exp_avg, &self.opt.exp_avg_sq)?;
-            self.opt.exp_avg.iter_mut().chain(self.opt.exp_avg_sq.iter_mut()).for_each(|m| *m = None);
-            self.bounds = None;
-            return Ok(());
-        }
         let (rank, world) = (self.collective.rank(), self.collective.world_size());
         let mut shard = match self.shard.take() {
             Some(s) => s,
@@ -302,17 +296,9 @@ impl<B: Backend> Step<B> {
     }
 
     /// Forgets the bounds of the parameters and moments, after something replaced them (a
-    /// checkpoint was loaded): the next update measures them again. Whole weights put into the
-    /// model are cut into this process's pieces when the weights are sharded.
-    pub fn state_replaced(&mut self) -> Result<()> {
+    /// checkpoint was loaded): the next update measures them again.
+    pub fn state_replaced(&mut self) {
         self.bounds = None;
-        if let Some(full) = &self.full {
-            let model = &mut self.model;
-            if model.params.iter().zip(&model.layout.specs).all(|(p, s)| model.backend.len(p) == s.numel()) {
-                full.lock().map_err(|_| poisoned())?.take_weights(&model.backend, &mut model.params)?;
-            }
-        }
-        Ok(())
     }
 
     /// The trainable parameters, first and second moments on the host, by parameter index.

@@ -147,11 +147,11 @@ impl<B: Backend + Clone> Trainer<B> {
             }
         }
         self.step.opt.step = state.optimizer_step;
-        if self.step.shard.is_some() || self.step.full.is_some() {
+        if self.step.shard.is_some() {
             // this process keeps its part of the loaded moments
             self.step.shard_optimizer()?;
         }
-        self.step.state_replaced()?;
+        self.step.state_replaced();
         for cb in &mut self.callbacks {
             cb.load_state(&state.stateful_callbacks)?;
         }
@@ -193,7 +193,7 @@ impl<B: Backend + Clone> Trainer<B> {
             }
             self.step.model.params = loaded.params;
         }
-        self.step.state_replaced()?;
+        self.step.state_replaced();
         Ok(())
     }
 
@@ -234,13 +234,12 @@ impl<B: Backend + Clone> Trainer<B> {
     /// meanwhile serve rank 0's gathers, until it is done.
     fn serving(&mut self, write: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
         let Some(full) = self.step.full.clone() else { return write(self) };
-        let lock = || full.lock().map_err(|_| Error::Invalid("the sharded weights were left inconsistent by an earlier failure".into()));
         if !self.state.is_world_process_zero {
-            return lock()?.serve(&self.step.model.backend);
+            return lock_full(&full)?.serve(&self.step.model.backend);
         }
         let written = write(self);
         // the others stop serving whether or not the write worked
-        lock()?.end_serving()?;
+        lock_full(&full)?.end_serving()?;
         written
     }
 

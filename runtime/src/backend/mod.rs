@@ -25,6 +25,7 @@ pub mod cuda;
 pub mod device;
 pub mod profiled;
 pub mod roofline;
+pub mod seq2seq;
 
 /// The target that takes no part in the loss ops (PyTorch's `ignore_index` default).
 pub const IGNORE_INDEX: i32 = -100;

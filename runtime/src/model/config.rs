@@ -62,6 +62,12 @@ pub(super) struct Fields<'a> {
     map: &'a Map<String, Value>,
 }
 
+impl<'a> Fields<'a> {
+    pub(super) fn new(path: &'a Path, map: &'a Map<String, Value>) -> Self {
+        Fields { path, map }
+    }
+}
+
 impl Fields<'_> {
     pub(super) fn err(&self, msg: String) -> Error {
         Error::config(self.path, msg)

@@ -10,7 +10,7 @@ use safetensors::tensor::{Dtype as StDtype, TensorView};
 use safetensors::SafeTensors;
 use serde_json::{json, Map, Value};
 
-use super::layout::{Layout, ParamSpec};
+use super::layout::{ParamSpec, WeightSet};
 use crate::error::{Error, Result};
 use crate::files::write_file;
 
@@ -173,8 +173,8 @@ fn diagnose(path: &Path, bytes: &[u8]) -> Option<Error> {
 }
 
 /// Reads every tensor of `layout` from the model folder `dir`.
-pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
-    let mut tensors = Vec::with_capacity(layout.specs.len());
+pub fn load_weights(dir: &Path, layout: &dyn WeightSet) -> Result<LoadedWeights> {
+    let mut tensors = Vec::with_capacity(layout.specs().len());
     let (dtype, files) = load_weights_each(dir, layout, &mut |_, t| {
         tensors.push(t);
         Ok(())
@@ -184,7 +184,7 @@ pub fn load_weights(dir: &Path, layout: &Layout) -> Result<LoadedWeights> {
 
 /// [`load_weights`] a tensor at a time: `put(i, values)` for each parameter in layout order, as it
 /// is decoded (at most one is held at once). Returns the files' storage type and the files.
-pub fn load_weights_each(dir: &Path, layout: &Layout, put: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>) -> Result<(Dtype, Vec<PathBuf>)> {
+pub fn load_weights_each(dir: &Path, layout: &dyn WeightSet, put: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>) -> Result<(Dtype, Vec<PathBuf>)> {
     let files = weight_files(dir)?;
     let maps = files.iter().map(|f| map_file(f)).collect::<Result<Vec<_>>>()?;
     let mut tables = Vec::new();
@@ -202,7 +202,7 @@ pub fn load_weights_each(dir: &Path, layout: &Layout, put: &mut dyn FnMut(usize,
     }
     let mut used: HashSet<&str> = HashSet::new();
     let mut dtype = None;
-    for (i, spec) in layout.specs.iter().enumerate() {
+    for (i, spec) in layout.specs().iter().enumerate() {
         let mut data = Vec::with_capacity(spec.numel());
         for part in &spec.parts {
             let Some(&fi) = location.get(&part.name) else {
@@ -278,9 +278,9 @@ fn part_values(spec: &ParamSpec, part_shape: &[usize], data: &[f32], off: usize)
 }
 
 /// The transformers tensors of a model, in layout order: (name, shape, f32 values).
-pub fn hf_tensors(layout: &Layout, tensors: &[Vec<f32>]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn hf_tensors(layout: &dyn WeightSet, tensors: &[Vec<f32>]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut out = Vec::new();
-    for (spec, data) in layout.specs.iter().zip(tensors).filter(|(s, _)| !s.adapter) {
+    for (spec, data) in layout.specs().iter().zip(tensors).filter(|(s, _)| !s.adapter) {
         let mut off = 0;
         for part in &spec.parts {
             out.push((part.name.clone(), part.shape.clone(), part_values(spec, &part.shape, data, off)));
@@ -364,7 +364,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 /// Writes the weights of `layout` into the folder `dir` (which must exist): one file, or shards
 /// no larger than `max_shard_size` bytes plus the index, as `save_pretrained` does.
-pub fn write_weights(dir: &Path, layout: &Layout, tensors: &[Vec<f32>], dtype: Dtype, max_shard_size: u64) -> Result<Vec<PathBuf>> {
+pub fn write_weights(dir: &Path, layout: &dyn WeightSet, tensors: &[Vec<f32>], dtype: Dtype, max_shard_size: u64) -> Result<Vec<PathBuf>> {
     write_weights_from(dir, layout, &mut |i| Ok(tensors[i].clone()), dtype, max_shard_size)
 }
 
@@ -373,14 +373,14 @@ pub fn write_weights(dir: &Path, layout: &Layout, tensors: &[Vec<f32>], dtype: D
 /// transformers tensor it holds): at most one parameter is held at once.
 pub fn write_weights_from(
     dir: &Path,
-    layout: &Layout,
+    layout: &dyn WeightSet,
     source: &mut dyn FnMut(usize) -> Result<Vec<f32>>,
     dtype: Dtype,
     max_shard_size: u64,
 ) -> Result<Vec<PathBuf>> {
     // every transformers tensor: (parameter, offset in it, name, shape, bytes on disk)
     let mut plan = Vec::new();
-    for (i, spec) in layout.specs.iter().enumerate().filter(|(_, s)| !s.adapter) {
+    for (i, spec) in layout.specs().iter().enumerate().filter(|(_, s)| !s.adapter) {
         let mut off = 0;
         for part in &spec.parts {
             let n: usize = part.shape.iter().product();
@@ -415,7 +415,7 @@ pub fn write_weights_from(
         }
         write_streamed(&path, &entries, dtype, metadata.clone(), &mut |e| {
             let (i, off, _, shape, _) = &plan[shard[e]];
-            let whole = layout.specs[*i].parts.len() == 1 && !layout.specs[*i].conv1d;
+            let whole = layout.specs()[*i].parts.len() == 1 && !layout.specs()[*i].conv1d;
             if whole {
                 // the parameter is this one tensor: handed over as it came
                 held = None;
@@ -425,7 +425,7 @@ pub fn write_weights_from(
                 held = None;
                 held = Some((*i, source(*i)?));
             }
-            Ok(part_values(&layout.specs[*i], shape, &held.as_ref().expect("just fetched").1, *off))
+            Ok(part_values(&layout.specs()[*i], shape, &held.as_ref().expect("just fetched").1, *off))
         })?;
         written.push(path);
     }

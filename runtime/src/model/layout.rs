@@ -101,6 +101,23 @@ impl Layout {
     }
 }
 
+/// A model's tensors as the weight files see them: what `io.rs` loads and saves (the decoder
+/// families' [`Layout`], T5's layout).
+pub trait WeightSet {
+    fn specs(&self) -> &[ParamSpec];
+    /// Whether a tensor in a weight file that the set does not use may be ignored.
+    fn tolerates_extra(&self, name: &str) -> bool;
+}
+
+impl WeightSet for Layout {
+    fn specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+    fn tolerates_extra(&self, name: &str) -> bool {
+        Layout::tolerates_extra(self, name)
+    }
+}
+
 /// Builds a family's layout tensor by tensor (`gpt2.rs`, `llama.rs`).
 pub(super) struct Builder<'a> {
     pub specs: Vec<ParamSpec>,

@@ -14,6 +14,9 @@ mod llama;
 pub mod lora;
 pub mod registry;
 pub mod residency;
+pub mod seq2seq;
+mod seq2seq_pass;
+pub mod t5;
 mod units;
 
 use std::path::{Path, PathBuf};

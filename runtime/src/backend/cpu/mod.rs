@@ -9,6 +9,7 @@ mod matmul;
 mod norm;
 mod optim;
 mod pointwise;
+mod seq2seq;
 
 use crate::error::Result;
 

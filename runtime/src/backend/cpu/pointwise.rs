@@ -42,8 +42,8 @@ pub fn embedding_bwd(dwte: &mut [f32], dwpe: Option<(&mut [f32], &[i32])>, ids: 
     }
 }
 
-const GELU_K: f32 = 0.797_884_6; // sqrt(2 / pi)
-const GELU_C: f32 = 0.044_715;
+pub(super) const GELU_K: f32 = 0.797_884_6; // sqrt(2 / pi)
+pub(super) const GELU_C: f32 = 0.044_715;
 
 pub fn gelu_fwd(out: &mut [f32], x: &[f32]) {
     out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| {

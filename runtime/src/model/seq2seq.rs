@@ -1,0 +1,171 @@
+//! Encoder-decoder models (T5): loading and saving in transformers' layout, and the forward and
+//! backward passes of `T5ForConditionalGeneration` over a batch of sources and targets
+//! (`seq2seq_pass.rs`). They run on a backend with the encoder-decoder ops
+//! ([`Seq2SeqOps`]: the CPU backend).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::io::{self, Dtype};
+use super::t5::{T5Config, T5Layout};
+use super::LoadOptions;
+use crate::backend::seq2seq::Seq2SeqOps;
+use crate::error::{Error, Result};
+use crate::files::write_file;
+use crate::nn::{GradsMut, Params};
+
+/// A batch of `batch` sources of `src_len` tokens and targets of `tgt_len` (both right padded), as
+/// `DataCollatorForSeq2Seq` makes it: `labels` padded with -100 and `decoder_input_ids` the labels
+/// shifted right behind `decoder_start_token_id`.
+#[derive(Clone, Debug, Default)]
+pub struct Seq2SeqBatch {
+    pub batch: usize,
+    pub src_len: usize,
+    pub tgt_len: usize,
+    pub input_ids: Vec<i32>,
+    /// `[batch, src_len]`, 1 = a real source token.
+    pub attention_mask: Vec<i32>,
+    pub decoder_input_ids: Vec<i32>,
+    /// `[batch, tgt_len]`, -100 where no loss is taken.
+    pub labels: Vec<i32>,
+}
+
+impl Seq2SeqBatch {
+    /// The model's `_shift_right`: `decoder_input_ids` from `labels`, each row starting with
+    /// `start` and -100 replaced by `pad`.
+    pub fn shift_right(labels: &[i32], tgt_len: usize, start: usize, pad: usize) -> Vec<i32> {
+        let mut out = Vec::with_capacity(labels.len());
+        for row in labels.chunks(tgt_len.max(1)) {
+            out.push(start as i32);
+            out.extend(row[..row.len() - 1].iter().map(|&t| if t == -100 { pad as i32 } else { t }));
+        }
+        out
+    }
+
+    /// Checks the sizes and that every id lies in a vocabulary of `vocab` tokens.
+    pub fn check(&self, vocab: usize) -> Result<()> {
+        let (s, t) = (self.batch * self.src_len, self.batch * self.tgt_len);
+        if self.batch == 0 || self.src_len == 0 || self.tgt_len == 0 {
+            return Err(Error::Invalid(format!("an empty batch ({} sources of {} tokens, targets of {})", self.batch, self.src_len, self.tgt_len)));
+        }
+        for (what, len, want) in [
+            ("input_ids", self.input_ids.len(), s),
+            ("attention_mask", self.attention_mask.len(), s),
+            ("decoder_input_ids", self.decoder_input_ids.len(), t),
+            ("labels", self.labels.len(), t),
+        ] {
+            if len != want {
+                return Err(Error::Invalid(format!("`{what}` has {len} values, expected {want}")));
+            }
+        }
+        let bad = |ids: &[i32], ignore: bool| ids.iter().copied().find(|&i| !(ignore && i == -100) && (i < 0 || i as usize >= vocab));
+        for (what, ids, ignore) in
+            [("input_ids", &self.input_ids, false), ("decoder_input_ids", &self.decoder_input_ids, false), ("labels", &self.labels, true)]
+        {
+            if let Some(id) = bad(ids, ignore) {
+                return Err(Error::Invalid(format!("`{what}` holds token id {id}, outside the vocabulary ({vocab} tokens)")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A T5 model on a backend: config, layout and one buffer per parameter.
+pub struct Seq2SeqModel<B: Seq2SeqOps> {
+    pub backend: B,
+    pub config: T5Config,
+    pub layout: T5Layout,
+    pub params: Vec<B::Buf>,
+    pub trainable: Vec<bool>,
+    /// The dtype the weights were stored in (and are saved in by default).
+    pub dtype: Dtype,
+    pub source: Option<PathBuf>,
+}
+
+impl<B: Seq2SeqOps> Seq2SeqModel<B> {
+    /// `from_pretrained`: `config.json` and the safetensors weights of a model folder.
+    pub fn load(backend: B, dir: &Path, opts: LoadOptions) -> Result<Self> {
+        let mut config = T5Config::from_dir(dir)?;
+        if io::read_headers(dir)?.contains_key("lm_head.weight") {
+            config.tied_head = false;
+        }
+        let layout = T5Layout::new(&config);
+        let mut params: Vec<Option<B::Buf>> = (0..layout.specs.len()).map(|_| None).collect();
+        let (stored, _) = io::load_weights_each(dir, &layout, &mut |i, mut t| {
+            if let Some(dt) = opts.torch_dtype {
+                dt.round(&mut t);
+            }
+            params[i] = Some(backend.upload_vec(t)?);
+            Ok(())
+        })?;
+        let params = params
+            .into_iter()
+            .zip(&layout.specs)
+            .map(|(p, s)| p.ok_or_else(|| Error::Invalid(format!("no values for `{}`", s.name))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Seq2SeqModel {
+            backend,
+            trainable: vec![true; layout.specs.len()],
+            config,
+            layout,
+            params,
+            dtype: opts.torch_dtype.unwrap_or(stored),
+            source: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// The parameters as host f32 vectors, in the layout's order.
+    pub fn tensors(&self) -> Result<Vec<Vec<f32>>> {
+        self.params.iter().map(|p| self.backend.download(p)).collect()
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.layout.specs.iter().map(|s| s.numel()).sum()
+    }
+
+    /// Zeroed gradient buffers, one per parameter.
+    pub fn zero_grads(&self) -> Result<Vec<B::Buf>> {
+        self.layout.specs.iter().map(|s| self.backend.zeros(s.numel())).collect()
+    }
+
+    pub(super) fn unit_params(&self) -> Params<'_, B> {
+        Params { bufs: &self.params, trainable: &self.trainable }
+    }
+
+    pub(super) fn grads_mut<'a>(&'a self, bufs: &'a mut [B::Buf]) -> GradsMut<'a, B> {
+        GradsMut { bufs, trainable: &self.trainable }
+    }
+
+    /// `save_pretrained`: `config.json` and the weights (sharded above `max_shard_size` bytes),
+    /// built under a temporary name and renamed into place.
+    pub fn save(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64, overwrite: bool) -> Result<()> {
+        crate::files::write_folder_atomically(dir, overwrite, |tmp| self.write_into(tmp, dtype, max_shard_size))
+    }
+
+    /// Writes `config.json` and the weights into the existing folder `dir`. An untied head is
+    /// written with `tie_word_embeddings: false` and `scale_decoder_outputs` spelled out, so
+    /// that transformers 4 and 5 both read the model as it is.
+    pub fn write_into(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64) -> Result<()> {
+        let dtype = dtype.unwrap_or(self.dtype);
+        let mut raw = self.config.raw.clone();
+        let key = if raw.contains_key("torch_dtype") && !raw.contains_key("dtype") { "torch_dtype" } else { "dtype" };
+        raw.insert(key.into(), Value::String(dtype.hf_name().into()));
+        raw.insert("tie_word_embeddings".into(), Value::Bool(self.config.tied_head));
+        raw.insert("scale_decoder_outputs".into(), Value::Bool(self.config.scale_decoder_outputs));
+        raw.entry("architectures").or_insert_with(|| Value::Array(vec![Value::String("T5ForConditionalGeneration".into())]));
+        let text = serde_json::to_string_pretty(&Value::Object(raw)).expect("JSON of JSON");
+        write_file(&dir.join("config.json"), format!("{text}\n").as_bytes())?;
+        io::write_weights_from(dir, &self.layout, &mut |i| self.backend.download(&self.params[i]), dtype, max_shard_size)?;
+        if let Some(src) = &self.source {
+            for name in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"] {
+                let from = src.join(name);
+                if from.is_file() {
+                    let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                    write_file(&dir.join(name), &bytes)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

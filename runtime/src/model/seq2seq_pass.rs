@@ -1,0 +1,412 @@
+//! T5's forward and backward passes (transformers' `T5ForConditionalGeneration.forward`): the
+//! encoder (bidirectional self-attention with the relative position bias its first layer
+//! computes and every layer shares, then the feed-forward; each sublayer pre-normed with T5's
+//! RMS norm and added to the residual stream), the decoder (causal self-attention with its own
+//! bias, cross attention to the encoder's output without a bias, the feed-forward), the final
+//! norms, the decoder output's `d_model ** -0.5` scale where the config asks for it, the head and
+//! the token-mean cross-entropy. No attention scaling (T5 folds it into the initialisation).
+//! Dropout is not applied (`dropout_rate` is taken as 0; the trainer refuses other values until
+//! it is).
+
+use super::seq2seq::{Seq2SeqBatch, Seq2SeqModel};
+use super::t5::{bucket_map, FeedForward, T5LayerParams};
+use crate::backend::seq2seq::{BiasedShape, Cols, Seq2SeqOps};
+use crate::error::Result;
+use crate::nn::{Embedding, GradsMut, Linear, Norm, NormKind};
+
+/// What one layer's forward pass keeps for its backward pass.
+struct LayerActs<B: Seq2SeqOps> {
+    n1: B::Buf,
+    rstd1: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    probs: B::Buf,
+    a: B::Buf,
+    /// After the self-attention's residual add.
+    h1: B::Buf,
+    cross: Option<CrossActs<B>>,
+    n2: B::Buf,
+    rstd2: B::Buf,
+    f: B::Buf,
+    g: B::Buf,
+}
+
+struct CrossActs<B: Seq2SeqOps> {
+    n: B::Buf,
+    rstd: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    probs: B::Buf,
+    a: B::Buf,
+    /// After the cross attention's residual add.
+    h: B::Buf,
+}
+
+/// One stack's pass: its layers' inputs (`hs[l]`, and `hs[n]` the last layer's output), what
+/// each layer keeps, the final norm's output and statistics.
+struct StackActs<B: Seq2SeqOps> {
+    hs: Vec<B::Buf>,
+    layers: Vec<LayerActs<B>>,
+    out: B::Buf,
+    rstd: B::Buf,
+    bias: B::Buf,
+    buckets: B::Ids,
+    ids: B::Ids,
+}
+
+/// The shape of a stack's pass: its rows, sequences and (for the decoder) the encoder's.
+#[derive(Clone, Copy)]
+struct Geometry {
+    batch: usize,
+    len: usize,
+    /// The encoder's sequence length (cross attention's keys).
+    src_len: usize,
+    decoder: bool,
+}
+
+impl Geometry {
+    fn rows(&self) -> usize {
+        self.batch * self.len
+    }
+    fn self_shape(&self, c: &super::t5::T5Config) -> BiasedShape {
+        BiasedShape { batch: self.batch, tq: self.len, tk: self.len, n_head: c.num_heads, head_dim: c.d_kv, causal: self.decoder }
+    }
+    fn cross_shape(&self, c: &super::t5::T5Config) -> BiasedShape {
+        BiasedShape { batch: self.batch, tq: self.len, tk: self.src_len, n_head: c.num_heads, head_dim: c.d_kv, causal: false }
+    }
+}
+
+/// The whole pass's state: both stacks, the head's input and the logits.
+pub struct Seq2SeqActs<B: Seq2SeqOps> {
+    enc: StackActs<B>,
+    dec: StackActs<B>,
+    /// The decoder's output after the scale (the head's input).
+    head_in: B::Buf,
+    /// `[batch * tgt_len, vocab]`: the logits, or after a training pass the loss's gradient.
+    pub logits: B::Buf,
+}
+
+/// The loss of a pass: the sum over label tokens and their count.
+#[derive(Clone, Copy, Debug)]
+pub struct Seq2SeqLoss {
+    pub sum: f64,
+    pub n_tokens: usize,
+}
+
+impl Seq2SeqLoss {
+    pub fn mean(&self) -> f32 {
+        (self.sum / self.n_tokens as f64) as f32
+    }
+}
+
+fn linear(w: usize, inp: usize, out: usize) -> Linear {
+    Linear::new(w, None, inp, out)
+}
+
+impl<B: Seq2SeqOps> Seq2SeqModel<B> {
+    fn norm(&self, w: usize) -> Norm {
+        Norm { kind: NormKind::RmsNorm, w, b: None, width: self.config.d_model, eps: self.config.eps }
+    }
+
+    fn stack_acts(&self, geo: Geometry, ids: &[i32]) -> Result<StackActs<B>> {
+        let (be, c) = (&self.backend, &self.config);
+        let (rows, d, inner) = (geo.rows(), c.d_model, c.inner());
+        let n_layers = if geo.decoder { c.num_decoder_layers } else { c.num_layers };
+        let z = |n: usize| be.zeros(n);
+        let mut layers = Vec::with_capacity(n_layers);
+        for _ in 0..n_layers {
+            let cross = if geo.decoder {
+                let (src_rows, cs) = (geo.batch * geo.src_len, geo.cross_shape(c));
+                Some(CrossActs {
+                    n: z(rows * d)?,
+                    rstd: z(rows)?,
+                    q: z(rows * inner)?,
+                    k: z(src_rows * inner)?,
+                    v: z(src_rows * inner)?,
+                    probs: z(cs.probs_len())?,
+                    a: z(rows * inner)?,
+                    h: z(rows * d)?,
+                })
+            } else {
+                None
+            };
+            layers.push(LayerActs {
+                n1: z(rows * d)?,
+                rstd1: z(rows)?,
+                q: z(rows * inner)?,
+                k: z(rows * inner)?,
+                v: z(rows * inner)?,
+                probs: z(geo.self_shape(c).probs_len())?,
+                a: z(rows * inner)?,
+                h1: z(rows * d)?,
+                cross,
+                n2: z(rows * d)?,
+                rstd2: z(rows)?,
+                f: z(rows * c.wi_width())?,
+                g: z(rows * c.d_ff)?,
+            });
+        }
+        let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
+        let buckets = be.upload_ids(&bucket_map(geo.len, geo.len, 0, !geo.decoder, c))?;
+        let mut bias = z(c.num_heads * geo.len * geo.len)?;
+        be.position_bias_fwd(&mut bias, &self.params[stack.rel_bias], &buckets, c.num_heads);
+        let mut hs = (0..=n_layers).map(|_| z(rows * d)).collect::<Result<Vec<_>>>()?;
+        let ids = be.upload_ids(ids)?;
+        Embedding { wte: self.layout.shared, wpe: None, width: d }.fwd(be, &self.unit_params(), &mut hs[0], &ids, &be.upload_ids(&[])?);
+        Ok(StackActs { hs, layers, out: z(rows * d)?, rstd: z(rows)?, bias, buckets, ids })
+    }
+
+    /// One layer: `y = x + attn(norm(x))` (then `+ cross(norm(.))` in the decoder), then `+
+    /// ff(norm(.))`.
+    #[allow(clippy::too_many_arguments)] // the layer's input and output, state and context
+    fn layer_fwd(
+        &self,
+        lp: &T5LayerParams,
+        x: &B::Buf,
+        y: &mut B::Buf,
+        a: &mut LayerActs<B>,
+        geo: Geometry,
+        bias: &B::Buf,
+        (enc, mask): (Option<&B::Buf>, &B::Ids),
+    ) {
+        let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
+        let (rows, d, inner) = (geo.rows(), c.d_model, c.inner());
+        let mut empty = be.zeros(0).expect("an empty buffer");
+        self.norm(lp.ln_attn).fwd(be, p, &mut a.n1, &mut empty, &mut a.rstd1, x);
+        for (w, out) in [(lp.q, &mut a.q), (lp.k, &mut a.k), (lp.v, &mut a.v)] {
+            linear(w, d, inner).fwd(be, p, out, &a.n1, rows);
+        }
+        let col = |b| Cols { buf: b, ld: inner, off: 0 };
+        let self_mask = if geo.decoder { None } else { Some(mask) };
+        be.biased_attention_fwd(&mut a.a, &mut a.probs, col(&a.q), col(&a.k), col(&a.v), Some(bias), self_mask, geo.self_shape(c), 1.0);
+        linear(lp.o, inner, d).fwd(be, p, y, &a.a, rows);
+        be.add(&mut a.h1, x, y);
+        let mut h = &a.h1;
+        if let (Some(cp), Some(ca), Some(enc)) = (lp.cross, a.cross.as_mut(), enc) {
+            let src_rows = geo.batch * geo.src_len;
+            self.norm(cp.ln).fwd(be, p, &mut ca.n, &mut empty, &mut ca.rstd, &a.h1);
+            linear(cp.q, d, inner).fwd(be, p, &mut ca.q, &ca.n, rows);
+            linear(cp.k, d, inner).fwd(be, p, &mut ca.k, enc, src_rows);
+            linear(cp.v, d, inner).fwd(be, p, &mut ca.v, enc, src_rows);
+            be.biased_attention_fwd(&mut ca.a, &mut ca.probs, col(&ca.q), col(&ca.k), col(&ca.v), None, Some(mask), geo.cross_shape(c), 1.0);
+            linear(cp.o, inner, d).fwd(be, p, y, &ca.a, rows);
+            be.add(&mut ca.h, &a.h1, y);
+            h = &ca.h;
+        }
+        self.norm(lp.ln_ff).fwd(be, p, &mut a.n2, &mut empty, &mut a.rstd2, h);
+        linear(lp.wi, d, c.wi_width()).fwd(be, p, &mut a.f, &a.n2, rows);
+        match c.ff {
+            FeedForward::Relu => be.relu_fwd(&mut a.g, &a.f),
+            FeedForward::GatedGelu => be.geglu_fwd(&mut a.g, &a.f, c.d_ff),
+        }
+        linear(lp.wo, c.d_ff, d).fwd(be, p, y, &a.g, rows);
+        be.add_cols(y, h, rows, d, d, 0, 1.0);
+    }
+
+    /// A stack's forward pass over `ids`: the layers, then the final norm into `out`.
+    fn stack_fwd(&self, geo: Geometry, ids: &[i32], enc: Option<&B::Buf>, mask: &B::Ids) -> Result<StackActs<B>> {
+        let mut s = self.stack_acts(geo, ids)?;
+        let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
+        for (l, lp) in stack.layers.iter().enumerate() {
+            let (done, rest) = s.hs.split_at_mut(l + 1);
+            self.layer_fwd(lp, &done[l], &mut rest[0], &mut s.layers[l], geo, &s.bias, (enc, mask));
+        }
+        let be = &self.backend;
+        let mut empty = be.zeros(0)?;
+        let last = s.hs.len() - 1;
+        self.norm(stack.final_norm).fwd(be, &self.unit_params(), &mut s.out, &mut empty, &mut s.rstd, &s.hs[last]);
+        Ok(s)
+    }
+
+    /// The forward pass: the logits in `acts.logits` (`[batch * tgt_len, vocab]`) and the loss.
+    /// With `grad_scale = Some(s)` the logits are replaced by `s` times the loss's gradient,
+    /// ready for [`Seq2SeqModel::backward`] (`s = 1 / label tokens` gives the token mean's).
+    pub fn forward(&self, b: &Seq2SeqBatch, smoothing: f32, grad_scale: Option<f32>) -> Result<(Seq2SeqActs<B>, Seq2SeqLoss)> {
+        let (be, c) = (&self.backend, &self.config);
+        b.check(c.vocab_size)?;
+        let mask = be.upload_ids(&b.attention_mask)?;
+        let enc_geo = Geometry { batch: b.batch, len: b.src_len, src_len: b.src_len, decoder: false };
+        let enc = self.stack_fwd(enc_geo, &b.input_ids, None, &mask)?;
+        let dec_geo = Geometry { batch: b.batch, len: b.tgt_len, src_len: b.src_len, decoder: true };
+        let dec = self.stack_fwd(dec_geo, &b.decoder_input_ids, Some(&enc.out), &mask)?;
+        let rows = dec_geo.rows();
+        let mut head_in = be.zeros(rows * c.d_model)?;
+        be.copy(&mut head_in, &dec.out);
+        if c.scale_decoder_outputs {
+            be.scale(&mut head_in, (c.d_model as f32).powf(-0.5));
+        }
+        let mut logits = be.zeros(rows * c.vocab_size)?;
+        linear(self.layout.head(), c.d_model, c.vocab_size).fwd(be, &self.unit_params(), &mut logits, &head_in, rows);
+        let targets = be.upload_ids(&b.labels)?;
+        let mut acts = Seq2SeqActs { enc, dec, head_in, logits };
+        let loss = match grad_scale {
+            Some(_) => be.cross_entropy(&mut acts.logits, &targets, c.vocab_size, smoothing, grad_scale)?,
+            None => {
+                let mut scratch = be.zeros(rows * c.vocab_size)?;
+                be.copy(&mut scratch, &acts.logits);
+                be.cross_entropy(&mut scratch, &targets, c.vocab_size, smoothing, None)?
+            }
+        };
+        let sum = loss.loss.iter().map(|&l| l as f64).sum();
+        Ok((acts, Seq2SeqLoss { sum, n_tokens: loss.n_targets }))
+    }
+
+    /// The backward pass of a [`Seq2SeqModel::forward`] made with a `grad_scale`: accumulates
+    /// every parameter's gradient into `grads` (one buffer per parameter, in layout order).
+    pub fn backward(&self, acts: &mut Seq2SeqActs<B>, b: &Seq2SeqBatch, grads: &mut [B::Buf]) -> Result<()> {
+        let (be, c) = (&self.backend, &self.config);
+        let rows = b.batch * b.tgt_len;
+        let mut g = self.grads_mut(grads);
+        let mut d_out = be.zeros(rows * c.d_model)?;
+        linear(self.layout.head(), c.d_model, c.vocab_size).bwd(be, &self.unit_params(), &mut g, Some(&mut d_out), &acts.logits, &acts.head_in, rows);
+        if c.scale_decoder_outputs {
+            be.scale(&mut d_out, (c.d_model as f32).powf(-0.5));
+        }
+        let mut denc = be.zeros(b.batch * b.src_len * c.d_model)?;
+        let dec_geo = Geometry { batch: b.batch, len: b.tgt_len, src_len: b.src_len, decoder: true };
+        self.stack_bwd(&acts.dec, dec_geo, &d_out, &mut g, Some((&acts.enc.out, &mut denc)))?;
+        let enc_geo = Geometry { batch: b.batch, len: b.src_len, src_len: b.src_len, decoder: false };
+        self.stack_bwd(&acts.enc, enc_geo, &denc, &mut g, None)
+    }
+
+    /// A stack's backward pass from `d_out` (the gradient of its final norm's output); the
+    /// decoder's also accumulates the gradient of the encoder's output into `enc.1`.
+    fn stack_bwd(&self, s: &StackActs<B>, geo: Geometry, d_out: &B::Buf, g: &mut GradsMut<B>, mut enc: Option<(&B::Buf, &mut B::Buf)>) -> Result<()> {
+        let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
+        let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
+        let mut sc = Scratch::new(be, c, geo)?;
+        let mut dres = be.zeros(geo.rows() * c.d_model)?;
+        let last = s.hs.len() - 1;
+        self.norm(stack.final_norm).bwd(be, p, g, &mut dres, d_out, &s.hs[last], &sc.empty, &s.rstd);
+        for (l, lp) in stack.layers.iter().enumerate().rev() {
+            let enc_l = enc.as_mut().map(|(o, d)| (*o, &mut **d));
+            self.layer_bwd(lp, &s.hs[l], &s.layers[l], geo, g, (&mut sc, &mut dres), enc_l);
+        }
+        Embedding { wte: self.layout.shared, wpe: None, width: c.d_model }.bwd(be, g, &s.ids, &s.ids, &dres);
+        be.position_bias_bwd(&mut g.bufs[stack.rel_bias], &sc.dbias, &s.buckets, c.num_heads);
+        Ok(())
+    }
+
+    /// One layer's backward pass: `dres` holds the gradient of its output on entry and of its
+    /// input `x` on return.
+    #[allow(clippy::too_many_arguments)] // the layer's input, saved state, gradients and scratch
+    fn layer_bwd(
+        &self,
+        lp: &T5LayerParams,
+        x: &B::Buf,
+        a: &LayerActs<B>,
+        geo: Geometry,
+        g: &mut GradsMut<B>,
+        (sc, dres): (&mut Scratch<B>, &mut B::Buf),
+        enc: Option<(&B::Buf, &mut B::Buf)>,
+    ) {
+        let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
+        let (rows, d, inner) = (geo.rows(), c.d_model, c.inner());
+        let col = |b| Cols { buf: b, ld: inner, off: 0 };
+        let ff_in = a.cross.as_ref().map_or(&a.h1, |ca| &ca.h);
+        linear(lp.wo, c.d_ff, d).bwd(be, p, g, Some(&mut sc.dg), dres, &a.g, rows);
+        match c.ff {
+            FeedForward::Relu => be.relu_bwd(&mut sc.df, &a.f, &sc.dg),
+            FeedForward::GatedGelu => be.geglu_bwd(&mut sc.df, &a.f, &sc.dg, c.d_ff),
+        }
+        linear(lp.wi, d, c.wi_width()).bwd(be, p, g, Some(&mut sc.dn), &sc.df, &a.n2, rows);
+        self.norm(lp.ln_ff).bwd(be, p, g, dres, &sc.dn, ff_in, &sc.empty, &a.rstd2);
+        if let (Some(cp), Some(ca), Some((enc_out, denc)), Some(x)) = (lp.cross, a.cross.as_ref(), enc, sc.cross.as_mut()) {
+            let src_rows = geo.batch * geo.src_len;
+            linear(cp.o, inner, d).bwd(be, p, g, Some(&mut sc.da), dres, &ca.a, rows);
+            be.biased_attention_bwd(
+                (&mut x.dq, &mut x.dk, &mut x.dv),
+                None,
+                &mut x.ds,
+                &sc.da,
+                (col(&ca.q), col(&ca.k), col(&ca.v)),
+                &ca.probs,
+                geo.cross_shape(c),
+                1.0,
+            );
+            linear(cp.q, d, inner).bwd(be, p, g, Some(&mut sc.dn), &x.dq, &ca.n, rows);
+            for (w, dy) in [(cp.k, &x.dk), (cp.v, &x.dv)] {
+                linear(w, d, inner).bwd(be, p, g, Some(&mut x.tmp), dy, enc_out, src_rows);
+                be.add_cols(denc, &x.tmp, src_rows, d, d, 0, 1.0);
+            }
+            self.norm(cp.ln).bwd(be, p, g, dres, &sc.dn, &a.h1, &sc.empty, &ca.rstd);
+        }
+        linear(lp.o, inner, d).bwd(be, p, g, Some(&mut sc.da), dres, &a.a, rows);
+        be.biased_attention_bwd(
+            (&mut sc.dq, &mut sc.dk, &mut sc.dv),
+            Some(&mut sc.dbias),
+            &mut sc.ds,
+            &sc.da,
+            (col(&a.q), col(&a.k), col(&a.v)),
+            &a.probs,
+            geo.self_shape(c),
+            1.0,
+        );
+        linear(lp.q, d, inner).bwd(be, p, g, Some(&mut sc.dn), &sc.dq, &a.n1, rows);
+        for (w, dy) in [(lp.k, &sc.dk), (lp.v, &sc.dv)] {
+            linear(w, d, inner).bwd(be, p, g, Some(&mut sc.tmp), dy, &a.n1, rows);
+            be.add_cols(&mut sc.dn, &sc.tmp, rows, d, d, 0, 1.0);
+        }
+        self.norm(lp.ln_attn).bwd(be, p, g, dres, &sc.dn, x, &sc.empty, &a.rstd1);
+    }
+}
+
+/// A stack's backward scratch.
+struct Scratch<B: Seq2SeqOps> {
+    dn: B::Buf,
+    da: B::Buf,
+    dq: B::Buf,
+    dk: B::Buf,
+    dv: B::Buf,
+    ds: B::Buf,
+    dg: B::Buf,
+    df: B::Buf,
+    tmp: B::Buf,
+    /// The self-attention bias's gradient, summed over the layers.
+    dbias: B::Buf,
+    empty: B::Buf,
+    cross: Option<CrossScratch<B>>,
+}
+
+struct CrossScratch<B: Seq2SeqOps> {
+    dq: B::Buf,
+    dk: B::Buf,
+    dv: B::Buf,
+    ds: B::Buf,
+    /// `[src rows, d_model]`.
+    tmp: B::Buf,
+}
+
+impl<B: Seq2SeqOps> Scratch<B> {
+    fn new(be: &B, c: &super::t5::T5Config, geo: Geometry) -> Result<Self> {
+        let (rows, d, inner) = (geo.rows(), c.d_model, c.inner());
+        let src_rows = geo.batch * geo.src_len;
+        let cross = if geo.decoder {
+            Some(CrossScratch {
+                dq: be.zeros(rows * inner)?,
+                dk: be.zeros(src_rows * inner)?,
+                dv: be.zeros(src_rows * inner)?,
+                ds: be.zeros(geo.cross_shape(c).probs_len())?,
+                tmp: be.zeros(src_rows * d)?,
+            })
+        } else {
+            None
+        };
+        Ok(Scratch {
+            dn: be.zeros(rows * d)?,
+            da: be.zeros(rows * inner)?,
+            dq: be.zeros(rows * inner)?,
+            dk: be.zeros(rows * inner)?,
+            dv: be.zeros(rows * inner)?,
+            ds: be.zeros(geo.self_shape(c).probs_len())?,
+            dg: be.zeros(rows * c.d_ff)?,
+            df: be.zeros(rows * c.wi_width())?,
+            tmp: be.zeros(rows * d)?,
+            dbias: be.zeros(c.num_heads * geo.len * geo.len)?,
+            empty: be.zeros(0)?,
+            cross,
+        })
+    }
+}

@@ -47,6 +47,9 @@ pub fn convert(model: &Path, output_dir: &Path, dtype: Option<Dtype>, max_shard:
     if std::fs::canonicalize(output_dir).is_ok_and(|d| d == src) {
         return Err(Error::Invalid(format!("{}: the output folder is the model folder", output_dir.display())));
     }
+    if crate::tools::seq2seq::is_encoder_decoder(model) {
+        return crate::tools::seq2seq::convert(model, output_dir, dtype, max_shard, overwrite);
+    }
     let m = Model::load(Cpu, model, LoadOptions { torch_dtype: dtype, ..LoadOptions::default() })?;
     m.save(output_dir, dtype, max_shard, overwrite)
 }
@@ -62,12 +65,45 @@ pub fn merge(base: &Path, adapter: &Path, output_dir: &Path, dtype: Option<Dtype
 
 /// `runtime inspect`: a readable summary of a model folder, from the headers only.
 pub fn inspect(dir: &Path, device: Device) -> Result<String> {
+    if crate::tools::seq2seq::is_encoder_decoder(dir) {
+        return crate::tools::seq2seq::inspect(dir);
+    }
     let cfg = ModelConfig::from_dir(dir)?;
     cfg.check_against_files(dir)?;
     let layout = Layout::new(&cfg);
     let headers = io::read_headers(dir)?;
-    let mut leaves: Vec<(String, Vec<usize>, String)> = Vec::new();
-    for spec in &layout.specs {
+    let leaves = check_leaves(dir, &layout, &headers)?;
+    let total: usize = layout.numel();
+    let mut dtypes: Vec<&str> = leaves.iter().map(|l| l.2.as_str()).collect();
+    dtypes.sort();
+    dtypes.dedup();
+    let device_name = match device.resolve() {
+        Ok(d) => d,
+        Err(e) => format!("unavailable ({e})"),
+    };
+    let mut out = String::new();
+    let c = &cfg;
+    out += &format!("architecture   {} (model_type `{}`)\n", c.architecture_name(), c.model_type);
+    out += &format!(
+        "shape          {} layers, hidden {}, {} heads ({} key/value), head dim {}, MLP {}, vocab {}, context {}\n",
+        c.n_layer, c.hidden_size, c.n_head, c.n_kv_head, c.head_dim, c.intermediate_size, c.vocab_size, c.max_positions
+    );
+    out += &format!("embeddings     {}\n", if c.tie_word_embeddings { "tied (lm_head shares the input embedding)" } else { "untied" });
+    out += &format!("parameters     {}\n", count(total));
+    out += &format!("dtype          {} on disk; computed in f32\n", dtypes.join(", "));
+    out += &format!("device         {device_name}\n\n");
+    out += &tree(&leaves);
+    Ok(out)
+}
+
+/// A tensor as `inspect` lists it: name, shape, dtype on disk.
+pub(crate) type Leaf = (String, Vec<usize>, String);
+
+/// Every tensor of `layout` as the files hold it, in layout order; an error names a missing,
+/// misshapen, unsupported or unexpected tensor.
+pub(crate) fn check_leaves(dir: &Path, layout: &dyn crate::model::layout::WeightSet, headers: &BTreeMap<String, io::TensorHeader>) -> Result<Vec<Leaf>> {
+    let mut leaves: Vec<Leaf> = Vec::new();
+    for spec in layout.specs() {
         for part in &spec.parts {
             let Some((dt, shape, file)) = headers.get(&part.name) else {
                 let files = io::weight_files(dir)?;
@@ -87,27 +123,12 @@ pub fn inspect(dir: &Path, device: Device) -> Result<String> {
     if let Some((name, (_, _, file))) = headers.iter().find(|(n, _)| !expected.contains(n.as_str()) && !layout.tolerates_extra(n)) {
         return Err(Error::tensor(file, name, "unexpected tensor for this config"));
     }
-    let total: usize = layout.numel();
-    let mut dtypes: Vec<&str> = leaves.iter().map(|l| l.2.as_str()).collect();
-    dtypes.sort();
-    dtypes.dedup();
-    let device_name = match device.resolve() {
-        Ok(d) => d,
-        Err(e) => format!("unavailable ({e})"),
-    };
-    let mut out = String::new();
-    let c = &cfg;
-    out += &format!("architecture   {} (model_type `{}`)\n", c.architecture_name(), c.model_type);
-    out += &format!(
-        "shape          {} layers, hidden {}, {} heads ({} key/value), head dim {}, MLP {}, vocab {}, context {}\n",
-        c.n_layer, c.hidden_size, c.n_head, c.n_kv_head, c.head_dim, c.intermediate_size, c.vocab_size, c.max_positions
-    );
-    out += &format!("embeddings     {}\n", if c.tie_word_embeddings { "tied (lm_head shares the input embedding)" } else { "untied" });
-    out += &format!("parameters     {} ({})\n", group(total), human(total));
-    out += &format!("dtype          {} on disk; computed in f32\n", dtypes.join(", "));
-    out += &format!("device         {device_name}\n\n");
-    out += &tree(&leaves);
-    Ok(out)
+    Ok(leaves)
+}
+
+/// A parameter count grouped by thousands, with its short form: `124,439,808 (124.44M)`.
+pub(crate) fn count(n: usize) -> String {
+    format!("{} ({})", group(n), human(n))
 }
 
 fn human(n: usize) -> String {
@@ -132,7 +153,7 @@ fn group(n: usize) -> String {
 }
 
 /// The module tree: every module with its parameter count, every tensor with shape and dtype.
-fn tree(leaves: &[(String, Vec<usize>, String)]) -> String {
+pub(crate) fn tree(leaves: &[Leaf]) -> String {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for (name, shape, _) in leaves {
         let n: usize = shape.iter().product();
@@ -159,7 +180,7 @@ fn tree(leaves: &[(String, Vec<usize>, String)]) -> String {
     out
 }
 
-fn read_ids(st: &SafeTensors, path: &Path, name: &str) -> Result<Option<(Vec<i32>, usize, usize)>> {
+pub(crate) fn read_ids(st: &SafeTensors, path: &Path, name: &str) -> Result<Option<(Vec<i32>, usize, usize)>> {
     let view = match st.tensor(name) {
         Ok(v) => v,
         Err(_) => return Ok(None),
@@ -188,6 +209,15 @@ fn read_ids(st: &SafeTensors, path: &Path, name: &str) -> Result<Option<(Vec<i32
 /// `runtime forward`: logits (and the loss, when `labels` are given) for the batch in a
 /// safetensors file holding `input_ids` and optionally `attention_mask`, `labels`, `position_ids`.
 pub fn forward(model_dir: &Path, adapter: Option<&Path>, inputs: &Path, output: &Path, opts: LoadOptions) -> Result<Option<f32>> {
+    if crate::tools::seq2seq::is_encoder_decoder(model_dir) {
+        if adapter.is_some() {
+            return Err(Error::Unsupported("adapters on encoder-decoder models are not supported yet".into()));
+        }
+        if opts.device == Device::Cuda {
+            return Err(Error::Unsupported("encoder-decoder models run on the CPU backend only so far (use --device cpu)".into()));
+        }
+        return crate::tools::seq2seq::forward(model_dir, inputs, output, opts);
+    }
     let bytes = std::fs::read(inputs).map_err(|e| Error::io(inputs, e))?;
     let st = io::deserialize(inputs, &bytes)?;
     let (input_ids, b, t) = read_ids(&st, inputs, "input_ids")?.ok_or_else(|| Error::tensor(inputs, "input_ids", "missing"))?;

@@ -3,7 +3,7 @@
 
 use crate::backend::{AdamWStep, Backend};
 use crate::error::Result;
-use crate::model::{Grads, Model};
+use crate::model::{Grads, ParamSet};
 
 /// `torch.optim.AdamW` hyper-parameters, with transformers' `TrainingArguments` defaults.
 #[derive(Clone, Copy, Debug)]
@@ -32,7 +32,7 @@ pub struct AdamW<B: Backend> {
 }
 
 impl<B: Backend> AdamW<B> {
-    pub fn new(model: &Model<B>, config: AdamWConfig) -> Result<Self> {
+    pub fn new(model: &dyn ParamSet<B>, config: AdamWConfig) -> Result<Self> {
         let mut opt = AdamW { config, exp_avg: Vec::new(), exp_avg_sq: Vec::new(), step: 0 };
         opt.allocate(model)?;
         Ok(opt)
@@ -40,14 +40,14 @@ impl<B: Backend> AdamW<B> {
 
     /// Zeroed moments for every trainable parameter that has none (all of them at first; one
     /// made trainable later gets its state here, before its first update, as torch's lazy state).
-    pub(super) fn allocate(&mut self, model: &Model<B>) -> Result<()> {
-        let n = model.layout.specs.len();
+    pub(super) fn allocate(&mut self, model: &dyn ParamSet<B>) -> Result<()> {
+        let n = model.specs().len();
         self.exp_avg.resize_with(n, || None);
         self.exp_avg_sq.resize_with(n, || None);
-        for (i, spec) in model.layout.specs.iter().enumerate() {
-            if model.trainable[i] && self.exp_avg[i].is_none() {
-                self.exp_avg[i] = Some(model.backend.zeros(spec.numel())?);
-                self.exp_avg_sq[i] = Some(model.backend.zeros(spec.numel())?);
+        for (i, spec) in model.specs().iter().enumerate() {
+            if model.trainable()[i] && self.exp_avg[i].is_none() {
+                self.exp_avg[i] = Some(model.backend().zeros(spec.numel())?);
+                self.exp_avg_sq[i] = Some(model.backend().zeros(spec.numel())?);
             }
         }
         Ok(())
@@ -61,20 +61,21 @@ impl<B: Backend> AdamW<B> {
 
     /// One step at learning rate `lr` (the scheduler's value), with the gradients multiplied by
     /// `grad_scale` on the fly (the clipping coefficient from [`clip_coefficient`]; 1.0 for none).
-    pub fn step(&mut self, model: &mut Model<B>, grads: &Grads<B>, lr: f32, grad_scale: f32) -> Result<()> {
+    pub fn step(&mut self, model: &mut dyn ParamSet<B>, grads: &Grads<B>, lr: f32, grad_scale: f32) -> Result<()> {
         self.allocate(model)?;
         self.step += 1;
         let hp = self.hyper(self.step, lr, grad_scale);
-        let mut tensors: Vec<_> = model
+        let m = model.params_mut();
+        let mut tensors: Vec<_> = m
             .params
             .iter_mut()
             .zip(&grads.tensors)
             .zip(self.exp_avg.iter_mut().zip(self.exp_avg_sq.iter_mut()))
-            .zip(model.layout.specs.iter().zip(&model.trainable))
+            .zip(m.specs.iter().zip(m.trainable))
             .filter(|(_, (_, &trainable))| trainable)
             .filter_map(|(((p, g), (m, v)), (spec, _))| Some((p, g, m.as_mut()?, v.as_mut()?, spec.decay)))
             .collect();
-        model.backend.adamw_multi(&mut tensors, hp);
+        m.backend.adamw_multi(&mut tensors, hp);
         Ok(())
     }
 }

@@ -163,6 +163,12 @@ impl ModelConfig {
             Some(v) => return Err(f.err(format!("field `model_type` must be a string, found {v}"))),
             None => return Err(f.err(format!("missing field `model_type` (supported: {})", registry::supported()))),
         };
+        if super::seq2seq::ENCODER_DECODER.contains(&model_type.as_str()) {
+            return Err(f.err(format!(
+                "`{model_type}` is an encoder-decoder model: `inspect`, `convert` and `forward` take it; this command takes the decoder-only types ({})",
+                registry::supported()
+            )));
+        }
         let family = registry::by_model_type(&model_type)
             .ok_or_else(|| f.err(format!("unsupported model_type `{model_type}` (supported: {})", registry::supported())))?;
         let cfg = (family.config)(&f, model_type.clone())?;

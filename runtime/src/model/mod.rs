@@ -51,6 +51,40 @@ impl Default for LoadOptions {
     }
 }
 
+/// A model's parameters as an optimizer sees them: the tensors in layout order, their specs
+/// (names, shapes, weight decay) and which of them train. Both model kinds (decoder-only
+/// [`Model`], encoder-decoder [`seq2seq::Seq2SeqModel`]) are one.
+pub trait ParamSet<B: Backend> {
+    fn backend(&self) -> &B;
+    fn specs(&self) -> &[layout::ParamSpec];
+    fn trainable(&self) -> &[bool];
+    /// The parameters, with what an update reads beside them.
+    fn params_mut(&mut self) -> ParamsMut<'_, B>;
+}
+
+/// The parameters, mutable, and the rest of a [`ParamSet`] borrowed beside them.
+pub struct ParamsMut<'a, B: Backend> {
+    pub backend: &'a B,
+    pub specs: &'a [layout::ParamSpec],
+    pub trainable: &'a [bool],
+    pub params: &'a mut [B::Buf],
+}
+
+impl<B: Backend> ParamSet<B> for Model<B> {
+    fn backend(&self) -> &B {
+        &self.backend
+    }
+    fn specs(&self) -> &[layout::ParamSpec] {
+        &self.layout.specs
+    }
+    fn trainable(&self) -> &[bool] {
+        &self.trainable
+    }
+    fn params_mut(&mut self) -> ParamsMut<'_, B> {
+        ParamsMut { backend: &self.backend, specs: &self.layout.specs, trainable: &self.trainable, params: &mut self.params }
+    }
+}
+
 /// A model on a backend: config, layout, and one buffer per parameter tensor.
 pub struct Model<B: Backend> {
     pub backend: B,

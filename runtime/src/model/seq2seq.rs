@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 use crate::files::write_file;
 use crate::nn::{GradsMut, Params};
 
+/// The encoder-decoder `model_type`s the engine reads.
+pub const ENCODER_DECODER: &[&str] = &["t5"];
+
 /// A batch of `batch` sources of `src_len` tokens and targets of `tgt_len` (both right padded), as
 /// `DataCollatorForSeq2Seq` makes it: `labels` padded with -100 and `decoder_input_ids` the labels
 /// shifted right behind `decoder_start_token_id`.
@@ -68,6 +71,21 @@ impl Seq2SeqBatch {
             }
         }
         Ok(())
+    }
+}
+
+impl<B: Seq2SeqOps> super::ParamSet<B> for Seq2SeqModel<B> {
+    fn backend(&self) -> &B {
+        &self.backend
+    }
+    fn specs(&self) -> &[super::layout::ParamSpec] {
+        &self.layout.specs
+    }
+    fn trainable(&self) -> &[bool] {
+        &self.trainable
+    }
+    fn params_mut(&mut self) -> super::ParamsMut<'_, B> {
+        super::ParamsMut { backend: &self.backend, specs: &self.layout.specs, trainable: &self.trainable, params: &mut self.params }
     }
 }
 

@@ -6,3 +6,4 @@ pub mod cuda_check;
 pub mod gpu;
 pub mod plugin_bench;
 pub mod plugin_check;
+pub mod seq2seq;

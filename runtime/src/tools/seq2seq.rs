@@ -1,0 +1,113 @@
+//! `inspect`, `convert` and `forward` for encoder-decoder model folders (T5): the commands route
+//! here when a folder's `config.json` names an encoder-decoder `model_type`.
+
+use std::path::Path;
+
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+
+use crate::backend::cpu::Cpu;
+use crate::error::{Error, Result};
+use crate::files::write_file;
+use crate::model::io::{self, Dtype};
+use crate::model::seq2seq::{Seq2SeqBatch, Seq2SeqModel, ENCODER_DECODER};
+use crate::model::t5::{FeedForward, T5Config, T5Layout};
+use crate::model::LoadOptions;
+
+/// Whether the folder's `config.json` names an encoder-decoder model (a folder whose config
+/// cannot be read is left to the decoder-only path, which reports why).
+pub fn is_encoder_decoder(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else { return false };
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str(&text) else { return false };
+    map.get("model_type").and_then(|v| v.as_str()).is_some_and(|t| ENCODER_DECODER.contains(&t))
+}
+
+/// `runtime inspect` of a T5 folder: the config's shape and the module tree, from the headers.
+pub fn inspect(dir: &Path) -> Result<String> {
+    let mut c = T5Config::from_dir(dir)?;
+    let headers = io::read_headers(dir)?;
+    if headers.contains_key("lm_head.weight") {
+        c.tied_head = false;
+    }
+    let layout = T5Layout::new(&c);
+    let leaves = crate::commands::check_leaves(dir, &layout, &headers)?;
+    let total: usize = layout.specs.iter().map(|s| s.numel()).sum();
+    let mut dtypes: Vec<&str> = leaves.iter().map(|l| l.2.as_str()).collect();
+    dtypes.sort();
+    dtypes.dedup();
+    let ff = match c.ff {
+        FeedForward::Relu => "ReLU",
+        FeedForward::GatedGelu => "gated GELU",
+    };
+    let mut out = String::new();
+    out += "architecture   T5ForConditionalGeneration (model_type `t5`)\n";
+    out += &format!(
+        "shape          {} encoder and {} decoder layers, d_model {}, {} heads of {}, feed-forward {} ({ff}), vocab {}\n",
+        c.num_layers, c.num_decoder_layers, c.d_model, c.num_heads, c.d_kv, c.d_ff, c.vocab_size
+    );
+    out += &format!("positions      relative, {} buckets up to distance {}\n", c.num_buckets, c.max_distance);
+    let head = if c.tied_head { "tied (lm_head shares the shared embedding)" } else { "untied" };
+    out += &format!("embeddings     {head}; decoder output {}scaled by d_model^-0.5\n", if c.scale_decoder_outputs { "" } else { "not " });
+    out += &format!("parameters     {}\n", crate::commands::count(total));
+    out += &format!("dtype          {} on disk; computed in f32\n", dtypes.join(", "));
+    out += "device         cpu (encoder-decoder models run on the CPU backend)\n\n";
+    out += &crate::commands::tree(&leaves);
+    Ok(out)
+}
+
+/// `runtime convert` of a T5 folder.
+pub fn convert(model: &Path, output_dir: &Path, dtype: Option<Dtype>, max_shard: u64, overwrite: bool) -> Result<()> {
+    let m = Seq2SeqModel::load(Cpu, model, LoadOptions { torch_dtype: dtype, ..LoadOptions::default() })?;
+    m.save(output_dir, dtype, max_shard, overwrite)
+}
+
+/// `runtime forward` of a T5 folder: `input_ids` (with `attention_mask`) are the sources,
+/// `decoder_input_ids` and/or `labels` the targets (`decoder_input_ids` made from the labels
+/// when absent, as the model does). Writes `logits` `[batch, target length, vocab]` and, with
+/// labels, `loss`.
+pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions) -> Result<Option<f32>> {
+    let bytes = std::fs::read(inputs).map_err(|e| Error::io(inputs, e))?;
+    let st = io::deserialize(inputs, &bytes)?;
+    let ids = |name: &str| crate::commands::read_ids(&st, inputs, name);
+    let (input_ids, b, s) = ids("input_ids")?.ok_or_else(|| Error::tensor(inputs, "input_ids", "missing"))?;
+    let attention_mask = match ids("attention_mask")? {
+        Some((m, bb, ss)) if (bb, ss) == (b, s) => m,
+        Some((_, bb, ss)) => return Err(Error::tensor(inputs, "attention_mask", format!("shape [{bb}, {ss}] differs from input_ids' [{b}, {s}]"))),
+        None => vec![1; b * s],
+    };
+    let model = Seq2SeqModel::load(Cpu, model_dir, opts)?;
+    let c = &model.config;
+    let (labels, dec) = (ids("labels")?, ids("decoder_input_ids")?);
+    let (decoder_input_ids, t, labels) = match (dec, labels) {
+        (None, None) => return Err(Error::tensor(inputs, "decoder_input_ids", "missing (an encoder-decoder model needs `decoder_input_ids` or `labels`)")),
+        (Some((d, bb, t)), None) if bb == b => (d, t, None),
+        (None, Some((l, bb, t))) if bb == b => (Seq2SeqBatch::shift_right(&l, t, c.decoder_start_token_id, c.pad_token_id), t, Some(l)),
+        (Some((d, bb, t)), Some((l, lb, lt))) if bb == b && (lb, lt) == (b, t) => (d, t, Some(l)),
+        _ => {
+            return Err(Error::tensor(
+                inputs,
+                "labels",
+                format!("the batch sizes or target lengths of `labels` and `decoder_input_ids` differ from each other or from the {b} sources"),
+            ))
+        }
+    };
+    let has_labels = labels.is_some();
+    let batch =
+        Seq2SeqBatch { batch: b, src_len: s, tgt_len: t, input_ids, attention_mask, decoder_input_ids, labels: labels.unwrap_or_else(|| vec![-100; b * t]) };
+    batch.check(c.vocab_size).map_err(|e| Error::weights(inputs, e.to_string()))?;
+    let (acts, loss) = model.forward(&batch, 0.0, None)?;
+    let logits = acts.logits;
+    let mut out_bytes: Vec<u8> = Vec::with_capacity(logits.len() * 4);
+    logits.iter().for_each(|v| out_bytes.extend_from_slice(&v.to_le_bytes()));
+    let mut tensors = vec![("logits".to_string(), view(vec![b, t, c.vocab_size], &out_bytes)?)];
+    let loss_bytes = loss.mean().to_le_bytes();
+    if has_labels {
+        tensors.push(("loss".to_string(), view(vec![1], &loss_bytes)?));
+    }
+    let data = safetensors::serialize(tensors, None).map_err(|e| Error::weights(output, e.to_string()))?;
+    write_file(output, &data)?;
+    Ok(has_labels.then(|| loss.mean()))
+}
+
+fn view(shape: Vec<usize>, data: &[u8]) -> Result<TensorView<'_>> {
+    TensorView::new(StDtype::F32, shape, data).map_err(|e| Error::Invalid(e.to_string()))
+}

@@ -3,6 +3,7 @@
 //! transformers' position ids for left padding and its handling of finished rows.
 
 pub mod config;
+pub mod seq2seq;
 
 pub use config::GenerationConfig;
 
@@ -10,6 +11,56 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::nn::{AttnCall, BlockBufs};
+
+/// What the decoding strategies drive: a model with its cache, fed one token per row per step
+/// (a decoder-only model over its prompts, or an encoder-decoder model's decoder over the
+/// prefix that starts each row, its sources encoded once).
+pub trait Decoder {
+    fn vocab(&self) -> usize;
+    /// Makes the state for one row per prompt (rows may repeat a prompt, as beams do) with room
+    /// for `max_len` tokens each, feeds the prompts (left-padded with `pad`), and returns each
+    /// row's next-token logits, `[rows, vocab]`.
+    fn start(&mut self, prompts: &[Vec<u32>], pad: u32, max_len: usize) -> Result<Vec<f32>>;
+    /// Feeds one token per row; returns the next-token logits.
+    fn step(&mut self, ids: &[i32]) -> Result<Vec<f32>>;
+    /// Beam search: row `r` takes over the state of row `src[r]`.
+    fn reorder(&mut self, src: &[usize]) -> Result<()>;
+}
+
+/// A decoder-only model as a [`Decoder`].
+pub struct CausalLm<'a, B: Backend> {
+    model: &'a Model<B>,
+    st: Option<DecodeState<B>>,
+}
+
+impl<'a, B: Backend> CausalLm<'a, B> {
+    pub fn new(model: &'a Model<B>) -> Self {
+        CausalLm { model, st: None }
+    }
+    fn state(&mut self) -> Result<&mut DecodeState<B>> {
+        self.st.as_mut().ok_or_else(|| Error::Invalid("decoding has not started".into()))
+    }
+}
+
+impl<B: Backend> Decoder for CausalLm<'_, B> {
+    fn vocab(&self) -> usize {
+        self.model.config.vocab_size
+    }
+    fn start(&mut self, prompts: &[Vec<u32>], pad: u32, max_len: usize) -> Result<Vec<f32>> {
+        let mut st = DecodeState::new(self.model, prompts.len(), max_len)?;
+        let logits = prefill(self.model, &mut st, prompts, pad)?;
+        self.st = Some(st);
+        Ok(logits)
+    }
+    fn step(&mut self, ids: &[i32]) -> Result<Vec<f32>> {
+        let model = self.model;
+        decode_step(model, self.state()?, ids, &vec![1; ids.len()])
+    }
+    fn reorder(&mut self, src: &[usize]) -> Result<()> {
+        let be = &self.model.backend;
+        self.state()?.reorder(be, src)
+    }
+}
 
 /// The KV cache and the one-token activations of a batch being decoded.
 pub struct DecodeState<B: Backend> {
@@ -336,8 +387,8 @@ enum EarlyStopping {
 /// and stops as transformers' early-stopping heuristic says. Returns `num_return_sequences`
 /// rows per prompt (best first), each padded (with the pad id, or EOS when the pad id is 0, as
 /// transformers fills) to the longest returned sequence.
-fn beam_search<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<Vec<Vec<u32>>> {
-    let v = model.config.vocab_size;
+fn beam_search(dec: &mut dyn Decoder, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<Vec<Vec<u32>>> {
+    let v = dec.vocab();
     let nb = cfg.num_beams;
     let n = prompts.len();
     let eos = cfg.eos_ids();
@@ -355,10 +406,9 @@ fn beam_search<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Generat
     let keep = 2.max(1 + eos.len()) * nb;
     // rows of the decode batch: prompt i's beams are rows i * nb .. (i + 1) * nb
     let rows = n.saturating_mul(nb);
-    let mut st = DecodeState::new(model, rows, max_length.max(width + 1))?;
     let padded: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();
     let expanded: Vec<Vec<u32>> = (0..rows).map(|r| prompts[r / nb].clone()).collect();
-    let mut logits = prefill(model, &mut st, &expanded, pad)?;
+    let mut logits = dec.start(&expanded, pad, max_length.max(width + 1))?;
     // running beams: generated tokens and scores; finished: up to nb hypotheses per prompt
     let mut running: Vec<Vec<u32>> = vec![Vec::new(); rows];
     let mut running_scores: Vec<f32> = (0..rows).map(|r| if r % nb == 0 { 0.0 } else { -1.0e9 }).collect();
@@ -447,9 +497,9 @@ fn beam_search<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Generat
         if !(improvement && open && !all_hit) {
             break;
         }
-        st.reorder(&model.backend, &src)?;
+        dec.reorder(&src)?;
         let ids: Vec<i32> = running.iter().map(|r| *r.last().expect("a running beam has a token") as i32).collect();
-        logits = decode_step(model, &mut st, &ids, &vec![1; rows])?;
+        logits = dec.step(&ids)?;
     }
     let ret = cfg.num_return_sequences;
     let out: Vec<Vec<u32>> = finished.iter().flat_map(|f| f.iter().take(ret).map(|h| h.0.clone())).collect();
@@ -466,18 +516,23 @@ fn beam_search<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Generat
 /// Decodes a batch of prompts (left-padded together) under `cfg`. `on_token(row, id)` sees each
 /// generated token as it is produced. Returns the generated tokens per row; a row that emitted
 /// EOS is padded with `pad_token_id` while the others go on, as transformers does.
-pub fn generate<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &GenerationConfig, mut on_token: impl FnMut(usize, u32)) -> Result<Vec<Vec<u32>>> {
+pub fn generate<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &GenerationConfig, on_token: impl FnMut(usize, u32)) -> Result<Vec<Vec<u32>>> {
+    generate_with(&mut CausalLm::new(model), prompts, cfg, on_token)
+}
+
+/// [`generate`] on any [`Decoder`].
+pub fn generate_with(dec: &mut dyn Decoder, prompts: &[Vec<u32>], cfg: &GenerationConfig, mut on_token: impl FnMut(usize, u32)) -> Result<Vec<Vec<u32>>> {
     use rand::SeedableRng;
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(Error::Invalid("every prompt needs at least one token".into()));
     }
-    let v = model.config.vocab_size;
+    let v = dec.vocab();
     cfg.validate(v)?;
     if let Some(id) = prompts.iter().flatten().find(|&&id| id as usize >= v) {
         return Err(Error::Invalid(format!("prompt token {id} is outside the vocabulary (size {v})")));
     }
     if cfg.num_beams > 1 {
-        let out = beam_search(model, prompts, cfg)?;
+        let out = beam_search(dec, prompts, cfg)?;
         for (r, row) in out.iter().enumerate() {
             row.iter().for_each(|&t| on_token(r, t));
         }
@@ -488,11 +543,10 @@ pub fn generate<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Genera
     let n = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let max_new = cfg.new_tokens(width);
-    let mut st = DecodeState::new(model, n, width.saturating_add(max_new.max(1)))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed.unwrap_or(0));
     // each row's sequence so far, left padding included (transformers' processors see it too)
     let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();
-    let mut logits = prefill(model, &mut st, prompts, pad)?;
+    let mut logits = dec.start(prompts, pad, width.saturating_add(max_new.max(1)))?;
     let mut out = vec![Vec::new(); n];
     let mut finished = vec![false; n];
     for step in 0..max_new {
@@ -514,7 +568,7 @@ pub fn generate<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], cfg: &Genera
         if finished.iter().all(|&f| f) || step + 1 == max_new {
             break;
         }
-        logits = decode_step(model, &mut st, &next.iter().map(|&x| x as i32).collect::<Vec<_>>(), &vec![1; n])?;
+        logits = dec.step(&next.iter().map(|&x| x as i32).collect::<Vec<_>>())?;
     }
     Ok(out)
 }

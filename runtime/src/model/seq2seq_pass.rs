@@ -9,13 +9,13 @@
 //! it is).
 
 use super::seq2seq::{Seq2SeqBatch, Seq2SeqModel};
-use super::t5::{bucket_map, FeedForward, T5LayerParams};
+use super::t5::{bucket_map, FeedForward, T5Config, T5LayerParams};
 use crate::backend::seq2seq::{BiasedShape, Cols, Seq2SeqOps};
 use crate::error::Result;
 use crate::nn::{Embedding, GradsMut, Linear, Norm, NormKind};
 
 /// What one layer's forward pass keeps for its backward pass.
-struct LayerActs<B: Seq2SeqOps> {
+pub(super) struct LayerActs<B: Seq2SeqOps> {
     n1: B::Buf,
     rstd1: B::Buf,
     q: B::Buf,
@@ -46,34 +46,92 @@ struct CrossActs<B: Seq2SeqOps> {
 
 /// One stack's pass: its layers' inputs (`hs[l]`, and `hs[n]` the last layer's output), what
 /// each layer keeps, the final norm's output and statistics.
-struct StackActs<B: Seq2SeqOps> {
+pub(super) struct StackActs<B: Seq2SeqOps> {
     hs: Vec<B::Buf>,
     layers: Vec<LayerActs<B>>,
-    out: B::Buf,
+    pub(super) out: B::Buf,
     rstd: B::Buf,
     bias: B::Buf,
     buckets: B::Ids,
     ids: B::Ids,
 }
 
+impl<B: Seq2SeqOps> LayerActs<B> {
+    /// For `rows` rows, `self_probs` self-attention probabilities, and in a decoder layer
+    /// `cross = (source rows, cross-attention probabilities)`.
+    pub(super) fn new(be: &B, c: &T5Config, rows: usize, self_probs: usize, cross: Option<(usize, usize)>) -> Result<Self> {
+        let (d, inner) = (c.d_model, c.inner());
+        let z = |n: usize| be.zeros(n);
+        let cross = match cross {
+            Some((src_rows, probs)) => Some(CrossActs {
+                n: z(rows * d)?,
+                rstd: z(rows)?,
+                q: z(rows * inner)?,
+                k: z(src_rows * inner)?,
+                v: z(src_rows * inner)?,
+                probs: z(probs)?,
+                a: z(rows * inner)?,
+                h: z(rows * d)?,
+            }),
+            None => None,
+        };
+        Ok(LayerActs {
+            n1: z(rows * d)?,
+            rstd1: z(rows)?,
+            q: z(rows * inner)?,
+            k: z(rows * inner)?,
+            v: z(rows * inner)?,
+            probs: z(self_probs)?,
+            a: z(rows * inner)?,
+            h1: z(rows * d)?,
+            cross,
+            n2: z(rows * d)?,
+            rstd2: z(rows)?,
+            f: z(rows * c.wi_width())?,
+            g: z(rows * c.d_ff)?,
+        })
+    }
+}
+
+/// Decoding's key/value cache of one decoder layer's self-attention, `[rows, max_len, inner]`:
+/// the layer writes the new token's key and value at `slot` and attends to the slots whose
+/// `mask[row * max_len + j]` is 1.
+pub(super) struct SelfCache<'a, B: Seq2SeqOps> {
+    pub k: &'a mut B::Buf,
+    pub v: &'a mut B::Buf,
+    pub slot: usize,
+    pub max_len: usize,
+    pub mask: &'a B::Ids,
+}
+
+/// What a layer's pass attends with: the encoder's output (decoder layers), the source mask,
+/// whether the cross attention's keys and values are already in the layer's state (decoding
+/// after its first step), and the self-attention cache when decoding.
+pub(super) struct LayerCtx<'a, B: Seq2SeqOps> {
+    pub enc: Option<&'a B::Buf>,
+    pub mask: &'a B::Ids,
+    pub cross_ready: bool,
+    pub cache: Option<SelfCache<'a, B>>,
+}
+
 /// The shape of a stack's pass: its rows, sequences and (for the decoder) the encoder's.
 #[derive(Clone, Copy)]
-struct Geometry {
-    batch: usize,
-    len: usize,
+pub(super) struct Geometry {
+    pub batch: usize,
+    pub len: usize,
     /// The encoder's sequence length (cross attention's keys).
-    src_len: usize,
-    decoder: bool,
+    pub src_len: usize,
+    pub decoder: bool,
 }
 
 impl Geometry {
     fn rows(&self) -> usize {
         self.batch * self.len
     }
-    fn self_shape(&self, c: &super::t5::T5Config) -> BiasedShape {
+    fn self_shape(&self, c: &T5Config) -> BiasedShape {
         BiasedShape { batch: self.batch, tq: self.len, tk: self.len, n_head: c.num_heads, head_dim: c.d_kv, causal: self.decoder }
     }
-    fn cross_shape(&self, c: &super::t5::T5Config) -> BiasedShape {
+    fn cross_shape(&self, c: &T5Config) -> BiasedShape {
         BiasedShape { batch: self.batch, tq: self.len, tk: self.src_len, n_head: c.num_heads, head_dim: c.d_kv, causal: false }
     }
 }
@@ -101,53 +159,22 @@ impl Seq2SeqLoss {
     }
 }
 
-fn linear(w: usize, inp: usize, out: usize) -> Linear {
+pub(super) fn linear(w: usize, inp: usize, out: usize) -> Linear {
     Linear::new(w, None, inp, out)
 }
 
 impl<B: Seq2SeqOps> Seq2SeqModel<B> {
-    fn norm(&self, w: usize) -> Norm {
+    pub(super) fn norm(&self, w: usize) -> Norm {
         Norm { kind: NormKind::RmsNorm, w, b: None, width: self.config.d_model, eps: self.config.eps }
     }
 
     fn stack_acts(&self, geo: Geometry, ids: &[i32]) -> Result<StackActs<B>> {
         let (be, c) = (&self.backend, &self.config);
-        let (rows, d, inner) = (geo.rows(), c.d_model, c.inner());
+        let (rows, d) = (geo.rows(), c.d_model);
         let n_layers = if geo.decoder { c.num_decoder_layers } else { c.num_layers };
         let z = |n: usize| be.zeros(n);
-        let mut layers = Vec::with_capacity(n_layers);
-        for _ in 0..n_layers {
-            let cross = if geo.decoder {
-                let (src_rows, cs) = (geo.batch * geo.src_len, geo.cross_shape(c));
-                Some(CrossActs {
-                    n: z(rows * d)?,
-                    rstd: z(rows)?,
-                    q: z(rows * inner)?,
-                    k: z(src_rows * inner)?,
-                    v: z(src_rows * inner)?,
-                    probs: z(cs.probs_len())?,
-                    a: z(rows * inner)?,
-                    h: z(rows * d)?,
-                })
-            } else {
-                None
-            };
-            layers.push(LayerActs {
-                n1: z(rows * d)?,
-                rstd1: z(rows)?,
-                q: z(rows * inner)?,
-                k: z(rows * inner)?,
-                v: z(rows * inner)?,
-                probs: z(geo.self_shape(c).probs_len())?,
-                a: z(rows * inner)?,
-                h1: z(rows * d)?,
-                cross,
-                n2: z(rows * d)?,
-                rstd2: z(rows)?,
-                f: z(rows * c.wi_width())?,
-                g: z(rows * c.d_ff)?,
-            });
-        }
+        let cross = geo.decoder.then(|| (geo.batch * geo.src_len, geo.cross_shape(c).probs_len()));
+        let layers = (0..n_layers).map(|_| LayerActs::new(be, c, rows, geo.self_shape(c).probs_len(), cross)).collect::<Result<Vec<_>>>()?;
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
         let buckets = be.upload_ids(&bucket_map(geo.len, geo.len, 0, !geo.decoder, c))?;
         let mut bias = z(c.num_heads * geo.len * geo.len)?;
@@ -161,16 +188,8 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     /// One layer: `y = x + attn(norm(x))` (then `+ cross(norm(.))` in the decoder), then `+
     /// ff(norm(.))`.
     #[allow(clippy::too_many_arguments)] // the layer's input and output, state and context
-    fn layer_fwd(
-        &self,
-        lp: &T5LayerParams,
-        x: &B::Buf,
-        y: &mut B::Buf,
-        a: &mut LayerActs<B>,
-        geo: Geometry,
-        bias: &B::Buf,
-        (enc, mask): (Option<&B::Buf>, &B::Ids),
-    ) {
+    pub(super) fn layer_fwd(&self, lp: &T5LayerParams, x: &B::Buf, y: &mut B::Buf, a: &mut LayerActs<B>, geo: Geometry, bias: &B::Buf, ctx: LayerCtx<B>) {
+        let LayerCtx { enc, mask, cross_ready, cache } = ctx;
         let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
         let (rows, d, inner) = (geo.rows(), c.d_model, c.inner());
         let mut empty = be.zeros(0).expect("an empty buffer");
@@ -179,8 +198,20 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             linear(w, d, inner).fwd(be, p, out, &a.n1, rows);
         }
         let col = |b| Cols { buf: b, ld: inner, off: 0 };
-        let self_mask = if geo.decoder { None } else { Some(mask) };
-        be.biased_attention_fwd(&mut a.a, &mut a.probs, col(&a.q), col(&a.k), col(&a.v), Some(bias), self_mask, geo.self_shape(c), 1.0);
+        match cache {
+            None => {
+                let self_mask = if geo.decoder { None } else { Some(mask) };
+                be.biased_attention_fwd(&mut a.a, &mut a.probs, col(&a.q), col(&a.k), col(&a.v), Some(bias), self_mask, geo.self_shape(c), 1.0);
+            }
+            Some(sc) => {
+                for r in 0..rows {
+                    be.copy_range(sc.k, (r * sc.max_len + sc.slot) * inner, &a.k, r * inner, inner);
+                    be.copy_range(sc.v, (r * sc.max_len + sc.slot) * inner, &a.v, r * inner, inner);
+                }
+                let shape = BiasedShape { batch: rows, tq: 1, tk: sc.max_len, n_head: c.num_heads, head_dim: c.d_kv, causal: false };
+                be.biased_attention_fwd(&mut a.a, &mut a.probs, col(&a.q), col(sc.k), col(sc.v), Some(bias), Some(sc.mask), shape, 1.0);
+            }
+        }
         linear(lp.o, inner, d).fwd(be, p, y, &a.a, rows);
         be.add(&mut a.h1, x, y);
         let mut h = &a.h1;
@@ -188,8 +219,10 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             let src_rows = geo.batch * geo.src_len;
             self.norm(cp.ln).fwd(be, p, &mut ca.n, &mut empty, &mut ca.rstd, &a.h1);
             linear(cp.q, d, inner).fwd(be, p, &mut ca.q, &ca.n, rows);
-            linear(cp.k, d, inner).fwd(be, p, &mut ca.k, enc, src_rows);
-            linear(cp.v, d, inner).fwd(be, p, &mut ca.v, enc, src_rows);
+            if !cross_ready {
+                linear(cp.k, d, inner).fwd(be, p, &mut ca.k, enc, src_rows);
+                linear(cp.v, d, inner).fwd(be, p, &mut ca.v, enc, src_rows);
+            }
             be.biased_attention_fwd(&mut ca.a, &mut ca.probs, col(&ca.q), col(&ca.k), col(&ca.v), None, Some(mask), geo.cross_shape(c), 1.0);
             linear(cp.o, inner, d).fwd(be, p, y, &ca.a, rows);
             be.add(&mut ca.h, &a.h1, y);
@@ -206,12 +239,13 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     }
 
     /// A stack's forward pass over `ids`: the layers, then the final norm into `out`.
-    fn stack_fwd(&self, geo: Geometry, ids: &[i32], enc: Option<&B::Buf>, mask: &B::Ids) -> Result<StackActs<B>> {
+    pub(super) fn stack_fwd(&self, geo: Geometry, ids: &[i32], enc: Option<&B::Buf>, mask: &B::Ids) -> Result<StackActs<B>> {
         let mut s = self.stack_acts(geo, ids)?;
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
         for (l, lp) in stack.layers.iter().enumerate() {
             let (done, rest) = s.hs.split_at_mut(l + 1);
-            self.layer_fwd(lp, &done[l], &mut rest[0], &mut s.layers[l], geo, &s.bias, (enc, mask));
+            let ctx = LayerCtx { enc, mask, cross_ready: false, cache: None };
+            self.layer_fwd(lp, &done[l], &mut rest[0], &mut s.layers[l], geo, &s.bias, ctx);
         }
         let be = &self.backend;
         let mut empty = be.zeros(0)?;
@@ -380,7 +414,7 @@ struct CrossScratch<B: Seq2SeqOps> {
 }
 
 impl<B: Seq2SeqOps> Scratch<B> {
-    fn new(be: &B, c: &super::t5::T5Config, geo: Geometry) -> Result<Self> {
+    fn new(be: &B, c: &T5Config, geo: Geometry) -> Result<Self> {
         let (rows, d, inner) = (geo.rows(), c.d_model, c.inner());
         let src_rows = geo.batch * geo.src_len;
         let cross = if geo.decoder {

@@ -1,0 +1,61 @@
+"""Greedy and beam-search references from `transformers.generate` on the T5 parity models (run
+make_seq2seq_fixtures.py first), for `tests/seq2seq.rs`: sources of different lengths (right
+padded, with an attention mask), `do_sample=False`, the decoder starting from
+`decoder_start_token_id`; with logits processors; beam search with an EOS the model produces,
+under several length penalties, early-stopping modes and `num_return_sequences`. Writes
+tests/fixtures/<case>/generate.json (the generated tokens without the start token). Re-run from
+the repository root:
+
+    python tests/parity/make_seq2seq_generate_fixtures.py
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSeq2SeqLM, DynamicCache, EncoderDecoderCache
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def main():
+    g = torch.Generator().manual_seed(5)
+    for case in ["t5", "t5_v1_0"]:
+        model = AutoModelForSeq2SeqLM.from_pretrained(FIXTURES / case / "model", dtype=torch.float32).eval()
+        vocab, pad = model.config.vocab_size, model.config.pad_token_id
+        lengths = [9, 4, 1]
+        sources = [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+        width = max(lengths)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in sources])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
+
+        def run(**settings):
+            # a cache that grows per layer: transformers 5 sizes its default one by the encoder's
+            # layer count, which breaks on a decoder with more layers than the encoder
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad, past_key_values=cache, **settings)
+            assert (out[:, 0] == model.config.decoder_start_token_id).all()
+            return [row[1:].tolist() for row in out]
+
+        greedy = run(max_new_tokens=10, eos_token_id=1, num_beams=1)
+        processed = []
+        for settings in [{"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "min_new_tokens": 6}]:
+            processed.append({"settings": settings, "generated": run(max_new_tokens=10, eos_token_id=1, num_beams=1, **settings)})
+        beam_eos = greedy[0][2]  # an EOS the model produces, so beams finish early
+        beams = []
+        for settings in [
+            {"num_beams": 3},
+            {"num_beams": 4, "length_penalty": 0.5, "early_stopping": True, "num_return_sequences": 2},
+            {"num_beams": 2, "length_penalty": 2.0, "early_stopping": "never", "no_repeat_ngram_size": 2},
+        ]:
+            beams.append({"settings": settings, "generated": run(max_new_tokens=8, eos_token_id=beam_eos, **settings)})
+        (FIXTURES / case / "generate.json").write_text(json.dumps({
+            "sources": sources, "pad_token_id": pad, "eos_token_id": 1, "max_new_tokens": 10, "generated": greedy,
+            "processed": processed, "beam_eos_token_id": beam_eos, "beam_max_new_tokens": 8, "beams": beams,
+        }) + "\n")
+        print(case, greedy, beams)
+
+
+if __name__ == "__main__":
+    main()

@@ -226,7 +226,8 @@ fn commands_take_t5_folders() {
     assert!(ok && out.contains("BF16 on disk"), "{out}{err}");
 
     // a command that takes decoder-only models says why it refuses this one
-    let (ok, _, err) = cli(&["generate", "--model", model.to_str().unwrap(), "--prompt", "hi"]);
+    let (ok, _, err) =
+        cli(&["merge", "--model", model.to_str().unwrap(), "--adapter", model.to_str().unwrap(), "--output_dir", tmp.path().join("m").to_str().unwrap()]);
     assert!(!ok && err.contains("encoder-decoder model") && err.contains("config.json"), "{err}");
 }
 
@@ -287,5 +288,27 @@ fn cached_decode_steps_match_the_full_forward_pass() {
             let at: Vec<f32> = (0..b.batch).flat_map(|i| want[(i * b.tgt_len + t) * v..(i * b.tgt_len + t + 1) * v].to_vec()).collect();
             assert_close(&format!("{case} step {t}"), &got, &at, 1e-5);
         }
+    }
+}
+
+/// `runtime generate --prompt` with a T5 folder: each prompt is a source (its tokenizer appends
+/// `</s>`), and the texts are transformers'.
+#[test]
+fn generate_command_feeds_the_encoder() {
+    for case in ["t5", "t5_v1_0"] {
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join(case).join("generate.json")).unwrap()).unwrap();
+        let cli_case = &r["cli"];
+        let model = fixtures().join(case).join("model");
+        let mut args = vec!["generate".to_string(), "--model".into(), model.to_str().unwrap().into()];
+        for p in cli_case["prompts"].as_array().unwrap() {
+            args.extend(["--prompt".to_string(), p.as_str().unwrap().to_string()]);
+        }
+        args.extend(["--max_new_tokens".to_string(), cli_case["max_new_tokens"].to_string()]);
+        let (ok, out, err) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "{err}");
+        let texts: Vec<&str> = cli_case["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0].trim(), texts[0], "{case}: {out}");
+        assert_eq!(lines[1].trim(), format!("[1] {}", texts[1]).trim(), "{case}: {out}");
     }
 }

@@ -332,6 +332,12 @@ pub fn generate(
     device: Device,
     out: &mut dyn std::io::Write,
 ) -> Result<Vec<String>> {
+    if crate::tools::seq2seq::is_encoder_decoder(model_dir) {
+        if adapter.is_some() || device == Device::Cuda {
+            return Err(Error::Unsupported("encoder-decoder models generate on the CPU backend, without adapters, so far".into()));
+        }
+        return crate::tools::seq2seq::generate(model_dir, prompts, chat, overrides, out);
+    }
     match device.select(false)? {
         crate::model::Selected::Cpu => generate_on(Cpu, model_dir, adapter, prompts, chat, overrides, out),
         crate::model::Selected::Cuda(cuda) => generate_on(cuda, model_dir, adapter, prompts, chat, overrides, out),
@@ -347,23 +353,43 @@ fn generate_on<B: crate::backend::Backend>(
     overrides: &[(String, serde_json::Value)],
     out: &mut dyn std::io::Write,
 ) -> Result<Vec<String>> {
-    use crate::data::chat::ChatTemplate;
-    use crate::data::Tokenizer;
-    use crate::generate::{generate as decode, GenerationConfig};
     let mut model = Model::load(be, model_dir, LoadOptions::default())?;
     if let Some(a) = adapter {
         model.load_adapter(a)?;
     }
-    let tok = Tokenizer::from_dir(model_dir)?;
-    let mut cfg = GenerationConfig::load(model_dir, overrides)?;
+    let (tok, cfg, encoded) = generation_inputs(model_dir, model.config.vocab_size, &model.config.raw, prompts, chat, overrides)?;
+    let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);
+    let max_new = cfg.new_tokens(longest);
+    // a prompt longer than the context is refused for every model; GPT-2's learned positions also
+    // bound the generated tokens
+    let ctx = model.config.max_positions;
+    if longest > ctx || (model.config.position_limit().is_some() && longest + max_new > ctx) {
+        return Err(Error::Invalid(format!("a prompt of {longest} tokens plus {max_new} new tokens exceeds the model's context ({ctx})")));
+    }
+    stream_generation(&tok, &cfg, prompts.len(), out, |on_token| crate::generate::generate(&model, &encoded, &cfg, on_token))
+}
+
+/// What `runtime generate` decodes with: the model folder's tokenizer, its generation config
+/// (with `overrides`, and the EOS and pad ids filled in from the model's config and the
+/// tokenizer when it has none) and the encoded prompts (through the chat template with `chat`).
+pub(crate) fn generation_inputs(
+    model_dir: &Path,
+    vocab: usize,
+    raw: &serde_json::Map<String, serde_json::Value>,
+    prompts: &[String],
+    chat: bool,
+    overrides: &[(String, serde_json::Value)],
+) -> Result<(crate::data::Tokenizer, crate::generate::GenerationConfig, Vec<Vec<u32>>)> {
+    use crate::data::chat::ChatTemplate;
+    let tok = crate::data::Tokenizer::from_dir(model_dir)?;
+    let mut cfg = crate::generate::GenerationConfig::load(model_dir, overrides)?;
     if cfg.eos_ids().is_empty() {
-        cfg.eos_token_id =
-            model.config.raw.get("eos_token_id").cloned().filter(|v| !v.is_null()).unwrap_or_else(|| serde_json::json!(tok.eos.as_ref().map(|e| e.id)));
+        cfg.eos_token_id = raw.get("eos_token_id").cloned().filter(|v| !v.is_null()).unwrap_or_else(|| serde_json::json!(tok.eos.as_ref().map(|e| e.id)));
     }
     if cfg.pad_token_id.is_none() {
         cfg.pad_token_id = tok.pad.as_ref().map(|t| t.id).or(cfg.eos_ids().first().copied());
     }
-    cfg.validate(model.config.vocab_size)?;
+    cfg.validate(vocab)?;
     let encoded = prompts
         .iter()
         .map(|p| {
@@ -376,23 +402,28 @@ fn generate_on<B: crate::backend::Backend>(
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);
-    let max_new = cfg.new_tokens(longest);
-    // a prompt longer than the context is refused for every model; GPT-2's learned positions also
-    // bound the generated tokens
-    let ctx = model.config.max_positions;
-    if longest > ctx || (model.config.position_limit().is_some() && longest + max_new > ctx) {
-        return Err(Error::Invalid(format!("a prompt of {longest} tokens plus {max_new} new tokens exceeds the model's context ({ctx})")));
-    }
+    Ok((tok, cfg, encoded))
+}
+
+/// Runs `decode` (given the per-token callback), printing the first row's text as it grows and
+/// the other rows' at the end; returns every row's text (EOS and pad tokens left out, as
+/// transformers' `skip_special_tokens` leaves them out).
+pub(crate) fn stream_generation(
+    tok: &crate::data::Tokenizer,
+    cfg: &crate::generate::GenerationConfig,
+    batch: usize,
+    out: &mut dyn std::io::Write,
+    decode: impl FnOnce(&mut dyn FnMut(usize, u32)) -> Result<Vec<Vec<u32>>>,
+) -> Result<Vec<String>> {
     let eos = cfg.eos_ids();
     let pad = cfg.pad_token_id.unwrap_or(0);
     let started = std::time::Instant::now();
     let mut shown = String::new();
     let mut first: Vec<u32> = Vec::new();
     let mut count = 0usize;
-    let generated = decode(&model, &encoded, &cfg, |b, t| {
+    let generated = decode(&mut |b, t| {
         count += 1;
-        if b == 0 && !eos.contains(&t) {
+        if b == 0 && !eos.contains(&t) && t != pad {
             first.push(t);
             // print what the decoded text gained (tokens may not be whole characters alone)
             if let Ok(text) = tok.decode(&first, true) {
@@ -413,6 +444,6 @@ fn generate_on<B: crate::backend::Backend>(
     for (i, t) in texts.iter().enumerate().skip(1) {
         let _ = writeln!(out, "[{i}] {t}");
     }
-    tracing::info!("{count} tokens in {secs:.2} s ({:.0} tokens/s, batch {})", count as f64 / secs, prompts.len());
+    tracing::info!("{count} tokens in {secs:.2} s ({:.0} tokens/s, batch {batch})", count as f64 / secs);
     Ok(texts)
 }

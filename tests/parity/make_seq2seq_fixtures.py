@@ -111,6 +111,18 @@ def buckets():
     return out
 
 
+def tokenizer(d, vocab):
+    """A word-level tokenizer over the tiny vocabulary (`<pad>`, `</s>`, `<unk>`, then `w3`..),
+    appending `</s>` as T5's does, so the command line can generate from text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    words = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}) + "\n")
+
+
 def make(name, model):
     torch.manual_seed(0)
     with torch.no_grad():  # norm weights away from 1 so that they matter
@@ -122,6 +134,7 @@ def make(name, model):
     shutil.rmtree(d / "model", ignore_errors=True)
     (d / "model").mkdir(parents=True, exist_ok=True)
     model.save_pretrained(d / "model")
+    tokenizer(d / "model", model.config.vocab_size)
 
     ids, mask, labels, dec = batch(model)
     ref = {"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_input_ids": dec}

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, DynamicCache, EncoderDecoderCache
+from transformers import AutoModelForSeq2SeqLM, DynamicCache, EncoderDecoderCache, PreTrainedTokenizerFast
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -50,7 +50,15 @@ def main():
             {"num_beams": 2, "length_penalty": 2.0, "early_stopping": "never", "no_repeat_ngram_size": 2},
         ]:
             beams.append({"settings": settings, "generated": run(max_new_tokens=8, eos_token_id=beam_eos, **settings)})
+        # from text, as `runtime generate --prompt` runs: the folder's tokenizer appends </s>
+        tok = PreTrainedTokenizerFast.from_pretrained(FIXTURES / case / "model")
+        texts = ["w5 w9 w17 w30", "w40"]
+        enc = tok(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=6, do_sample=False, past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+        cli = {"prompts": texts, "max_new_tokens": 6, "texts": tok.batch_decode(out, skip_special_tokens=True)}
         (FIXTURES / case / "generate.json").write_text(json.dumps({
+            "cli": cli,
             "sources": sources, "pad_token_id": pad, "eos_token_id": 1, "max_new_tokens": 10, "generated": greedy,
             "processed": processed, "beam_eos_token_id": beam_eos, "beam_max_new_tokens": 8, "beams": beams,
         }) + "\n")

@@ -40,7 +40,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     pub fn decode_start(&self, sources: &[Vec<u32>], rows: usize, max_len: usize) -> Result<Seq2SeqDecode<B>> {
         let (be, c) = (&self.backend, &self.config);
         let n = sources.len();
-        if n == 0 || rows % n != 0 || sources.iter().any(Vec::is_empty) || max_len == 0 {
+        if n == 0 || !rows.is_multiple_of(n) || sources.iter().any(Vec::is_empty) || max_len == 0 {
             return Err(Error::Invalid(format!("decoding {rows} rows of {n} sources: every source needs a token, and each the same number of rows")));
         }
         if let Some(id) = sources.iter().flatten().find(|&&id| id as usize >= c.vocab_size) {

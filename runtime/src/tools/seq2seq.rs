@@ -111,3 +111,18 @@ pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions
 fn view(shape: Vec<usize>, data: &[u8]) -> Result<TensorView<'_>> {
     TensorView::new(StDtype::F32, shape, data).map_err(|e| Error::Invalid(e.to_string()))
 }
+
+/// `runtime generate` with a T5 folder: each prompt is a source for the encoder (tokenized with
+/// the special tokens, so T5's tokenizer appends `</s>`); the decoder generates from
+/// `decoder_start_token_id` under the folder's generation config and the overrides.
+pub fn generate(
+    model_dir: &Path,
+    prompts: &[String],
+    chat: bool,
+    overrides: &[(String, serde_json::Value)],
+    out: &mut dyn std::io::Write,
+) -> Result<Vec<String>> {
+    let model = Seq2SeqModel::load(Cpu, model_dir, LoadOptions::default())?;
+    let (tok, cfg, sources) = crate::commands::generation_inputs(model_dir, model.config.vocab_size, &model.config.raw, prompts, chat, overrides)?;
+    crate::commands::stream_generation(&tok, &cfg, prompts.len(), out, |on_token| crate::generate::seq2seq::generate_seq2seq(&model, &sources, &cfg, on_token))
+}

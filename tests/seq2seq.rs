@@ -312,3 +312,41 @@ fn generate_command_feeds_the_encoder() {
         assert_eq!(lines[1].trim(), format!("[1] {}", texts[1]).trim(), "{case}: {out}");
     }
 }
+
+/// `run_summarization.py`'s preprocessing and `DataCollatorForSeq2Seq` (given the model) on a
+/// small dataset: the same sources, masks, labels and decoder inputs as transformers', with and
+/// without truncation and `pad_to_multiple_of`.
+#[test]
+fn seq2seq_data_matches_transformers_collator() {
+    use runtime::data::dataset::read_records;
+    use runtime::data::seq2seq::{collate_seq2seq, seq2seq_examples, Seq2SeqColumns};
+    use runtime::data::Tokenizer;
+    let path = fixtures().join("data/seq2seq.jsonl");
+    let records = read_records(&path).unwrap();
+    let tok = Tokenizer::from_dir(&fixtures().join("t5/model")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("t5/collate.json")).unwrap()).unwrap();
+    let flat = |v: &serde_json::Value| -> Vec<i32> {
+        v.as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32)).collect()
+    };
+    for run in r["runs"].as_array().unwrap() {
+        let s = &run["settings"];
+        let opt = |k: &str| s[k].as_u64().map(|x| x as usize);
+        let examples = seq2seq_examples(&path, &records, &tok, &Seq2SeqColumns::default(), opt("max_source_length"), opt("max_target_length")).unwrap();
+        let b = collate_seq2seq(&examples, 0, 0, tok.padding_side, opt("pad_to_multiple_of")).unwrap();
+        for (name, ours) in
+            [("input_ids", &b.input_ids), ("attention_mask", &b.attention_mask), ("labels", &b.labels), ("decoder_input_ids", &b.decoder_input_ids)]
+        {
+            assert_eq!(ours, &flat(&run[name]), "{name} with {s}");
+        }
+        assert_eq!(b.batch * b.src_len, b.input_ids.len());
+    }
+    // a record without a target names the file, the line and the fields it has
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"source\": \"w3\", \"target\": \"w4\"}\n{\"source\": \"w5\", \"summary\": \"w6\"}\n").unwrap();
+    let err = seq2seq_examples(&bad, &read_records(&bad).unwrap(), &tok, &Seq2SeqColumns::default(), None, None).unwrap_err().to_string();
+    assert!(err.contains("bad.jsonl:2") && err.contains("no `target` field") && err.contains("summary"), "{err}");
+    let cols = Seq2SeqColumns { source: "source".into(), target: "summary".into() };
+    let err = seq2seq_examples(&bad, &read_records(&bad).unwrap(), &tok, &cols, None, None).unwrap_err().to_string();
+    assert!(err.contains("bad.jsonl:1") && err.contains("no `summary` field"), "{err}");
+}

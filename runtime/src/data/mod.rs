@@ -6,6 +6,7 @@ pub mod cache;
 pub mod chat;
 pub mod collate;
 pub mod dataset;
+pub mod seq2seq;
 pub mod tokenizer;
 
 pub use collate::{pad_batch, PadOptions, Padding};

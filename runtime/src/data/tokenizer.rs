@@ -112,6 +112,25 @@ impl Tokenizer {
         })
     }
 
+    /// The same tokenizer truncating each text to `max_length` tokens with the template's
+    /// special tokens counted in and kept (`tokenizer(text, max_length=..., truncation=True)`).
+    pub fn truncating(&self, max_length: usize) -> Result<Tokenizer> {
+        let mut inner = self.inner.clone();
+        let params = tokenizers::TruncationParams { max_length, ..Default::default() };
+        inner.with_truncation(Some(params)).map_err(|e| Error::Invalid(format!("truncation to {max_length} tokens: {e}")))?;
+        Ok(Tokenizer {
+            inner,
+            bos: self.bos.clone(),
+            eos: self.eos.clone(),
+            pad: self.pad.clone(),
+            unk: self.unk.clone(),
+            padding_side: self.padding_side,
+            model_max_length: self.model_max_length,
+            chat_template: self.chat_template.clone(),
+            dir: self.dir.clone(),
+        })
+    }
+
     /// `tokenizer(text, add_special_tokens=...)`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Encoded> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Invalid(format!("tokenizing {}: {e}", shown(text))))?;

@@ -14,65 +14,10 @@ use crate::backend::seq2seq::Seq2SeqOps;
 use crate::error::{Error, Result};
 use crate::files::write_file;
 use crate::nn::{GradsMut, Params};
+pub use crate::protocol::Seq2SeqBatch;
 
 /// The encoder-decoder `model_type`s the engine reads.
 pub const ENCODER_DECODER: &[&str] = &["t5"];
-
-/// A batch of `batch` sources of `src_len` tokens and targets of `tgt_len` (both right padded), as
-/// `DataCollatorForSeq2Seq` makes it: `labels` padded with -100 and `decoder_input_ids` the labels
-/// shifted right behind `decoder_start_token_id`.
-#[derive(Clone, Debug, Default)]
-pub struct Seq2SeqBatch {
-    pub batch: usize,
-    pub src_len: usize,
-    pub tgt_len: usize,
-    pub input_ids: Vec<i32>,
-    /// `[batch, src_len]`, 1 = a real source token.
-    pub attention_mask: Vec<i32>,
-    pub decoder_input_ids: Vec<i32>,
-    /// `[batch, tgt_len]`, -100 where no loss is taken.
-    pub labels: Vec<i32>,
-}
-
-impl Seq2SeqBatch {
-    /// The model's `_shift_right`: `decoder_input_ids` from `labels`, each row starting with
-    /// `start` and -100 replaced by `pad`.
-    pub fn shift_right(labels: &[i32], tgt_len: usize, start: usize, pad: usize) -> Vec<i32> {
-        let mut out = Vec::with_capacity(labels.len());
-        for row in labels.chunks(tgt_len.max(1)) {
-            out.push(start as i32);
-            out.extend(row[..row.len() - 1].iter().map(|&t| if t == -100 { pad as i32 } else { t }));
-        }
-        out
-    }
-
-    /// Checks the sizes and that every id lies in a vocabulary of `vocab` tokens.
-    pub fn check(&self, vocab: usize) -> Result<()> {
-        let (s, t) = (self.batch * self.src_len, self.batch * self.tgt_len);
-        if self.batch == 0 || self.src_len == 0 || self.tgt_len == 0 {
-            return Err(Error::Invalid(format!("an empty batch ({} sources of {} tokens, targets of {})", self.batch, self.src_len, self.tgt_len)));
-        }
-        for (what, len, want) in [
-            ("input_ids", self.input_ids.len(), s),
-            ("attention_mask", self.attention_mask.len(), s),
-            ("decoder_input_ids", self.decoder_input_ids.len(), t),
-            ("labels", self.labels.len(), t),
-        ] {
-            if len != want {
-                return Err(Error::Invalid(format!("`{what}` has {len} values, expected {want}")));
-            }
-        }
-        let bad = |ids: &[i32], ignore: bool| ids.iter().copied().find(|&i| !(ignore && i == -100) && (i < 0 || i as usize >= vocab));
-        for (what, ids, ignore) in
-            [("input_ids", &self.input_ids, false), ("decoder_input_ids", &self.decoder_input_ids, false), ("labels", &self.labels, true)]
-        {
-            if let Some(id) = bad(ids, ignore) {
-                return Err(Error::Invalid(format!("`{what}` holds token id {id}, outside the vocabulary ({vocab} tokens)")));
-            }
-        }
-        Ok(())
-    }
-}
 
 impl<B: Seq2SeqOps> super::ParamSet<B> for Seq2SeqModel<B> {
     fn backend(&self) -> &B {

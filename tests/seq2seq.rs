@@ -350,3 +350,43 @@ fn seq2seq_data_matches_transformers_collator() {
     let err = seq2seq_examples(&bad, &read_records(&bad).unwrap(), &tok, &cols, None, None).unwrap_err().to_string();
     assert!(err.contains("bad.jsonl:1") && err.contains("no `summary` field"), "{err}");
 }
+
+/// `runtime init` from a T5 config: transformers' `_init_weights` spreads (written out here from
+/// its source), norms at 1, the same folder for the same seed, and a model that loads.
+#[test]
+fn init_follows_transformers_spreads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = fixtures().join("t5/model/config.json");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for dir in [&a, &b] {
+        let (ok, out, err) = cli(&["init", "--config", config.to_str().unwrap(), "--output_dir", dir.to_str().unwrap(), "--seed", "3"]);
+        assert!(ok && out.contains("parameters"), "{out}{err}");
+    }
+    assert_eq!(std::fs::read(a.join("model.safetensors")).unwrap(), std::fs::read(b.join("model.safetensors")).unwrap(), "same seed, same weights");
+    let model = Seq2SeqModel::load(Cpu, &a, LoadOptions::default()).unwrap();
+    let c = &model.config;
+    let (d, dkv, h, ff) = (c.d_model as f32, c.d_kv as f32, c.num_heads as f32, c.d_ff as f32);
+    for ((name, _, t), _) in hf_tensors(&model.layout, &model.tensors().unwrap()).iter().zip(0..) {
+        let want = if name.contains("layer_norm") {
+            assert!(t.iter().all(|&x| x == 1.0), "{name}: ones");
+            continue;
+        } else if name == "shared.weight" || name == "lm_head.weight" {
+            1.0
+        } else if name.ends_with(".q.weight") {
+            (d * dkv).powf(-0.5)
+        } else if name.ends_with(".k.weight") || name.ends_with(".v.weight") || name.contains("wi") || name.contains("relative_attention_bias") {
+            d.powf(-0.5)
+        } else if name.ends_with(".o.weight") {
+            (h * dkv).powf(-0.5)
+        } else if name.ends_with("wo.weight") {
+            ff.powf(-0.5)
+        } else {
+            panic!("{name}: no expected spread");
+        };
+        let n = t.len() as f32;
+        let std = (t.iter().map(|x| x * x).sum::<f32>() / n).sqrt();
+        // a sample's standard deviation is within 5 standard errors of the truth
+        let tol = 5.0 * want / (2.0 * n).sqrt();
+        assert!((std - want).abs() < tol, "{name}: std {std} vs {want} (n {n})");
+    }
+}

@@ -30,6 +30,9 @@ pub fn parse_shard_size(s: &str) -> Result<u64> {
 
 /// `runtime init`: a freshly initialised model folder.
 pub fn init(config: &Path, output_dir: &Path, seed: u64, dtype: Option<Dtype>, max_shard: u64, overwrite: bool) -> Result<usize> {
+    if crate::tools::seq2seq::is_encoder_decoder_config(config) {
+        return crate::tools::seq2seq::init(config, output_dir, seed, dtype, max_shard, overwrite);
+    }
     let cfg = ModelConfig::from_file(config)?;
     // the initialised tensors and the model's copy of them
     cfg.check_memory(config, 8, "initialise")?;

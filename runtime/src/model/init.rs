@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use super::config::{Arch, ModelConfig};
-use super::layout::{Init, Layout};
+use super::layout::{Init, Layout, ParamSpec};
 use crate::error::Result;
 
 /// Deterministic for a given config and seed.
@@ -25,9 +25,23 @@ pub fn init_tensors(cfg: &ModelConfig, layout: &Layout, seed: u64) -> Vec<Vec<f3
 /// [`init_tensors`] a tensor at a time: `put(i, values)` for each parameter in layout order (the
 /// same values; at most one tensor is made at once).
 pub fn init_each(cfg: &ModelConfig, layout: &Layout, seed: u64, put: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>) -> Result<()> {
+    init_specs(&layout.specs, seed, &mut |i, mut t| {
+        if cfg.arch == Arch::Llama && i == layout.wte {
+            if let Some(pad) = cfg.pad_token_id.filter(|&p| p < cfg.vocab_size) {
+                let h = cfg.hidden_size;
+                t[pad * h..(pad + 1) * h].fill(0.0);
+            }
+        }
+        put(i, t)
+    })
+}
+
+/// Each spec's tensor filled as its [`Init`] says, in order, from one seeded stream (what a
+/// family changes afterwards, `put` does).
+pub fn init_specs(specs: &[ParamSpec], seed: u64, put: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    for (i, spec) in layout.specs.iter().enumerate() {
-        let mut t = match spec.init {
+    for (i, spec) in specs.iter().enumerate() {
+        let t = match spec.init {
             Init::Zeros => vec![0.0; spec.numel()],
             Init::Ones => vec![1.0; spec.numel()],
             Init::Normal(std) => {
@@ -35,12 +49,6 @@ pub fn init_each(cfg: &ModelConfig, layout: &Layout, seed: u64, put: &mut dyn Fn
                 (0..spec.numel()).map(|_| dist.sample(&mut rng)).collect()
             }
         };
-        if cfg.arch == Arch::Llama && i == layout.wte {
-            if let Some(pad) = cfg.pad_token_id.filter(|&p| p < cfg.vocab_size) {
-                let h = cfg.hidden_size;
-                t[pad * h..(pad + 1) * h].fill(0.0);
-            }
-        }
         put(i, t)?;
     }
     Ok(())

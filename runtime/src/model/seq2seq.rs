@@ -78,6 +78,18 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         })
     }
 
+    /// A freshly initialised model (transformers' `T5PreTrainedModel._init_weights` spreads,
+    /// scaled by `initializer_factor`), deterministic for a config and seed.
+    pub fn from_config(backend: B, config: T5Config, seed: u64) -> Result<Self> {
+        let layout = T5Layout::new(&config);
+        let mut params = Vec::with_capacity(layout.specs.len());
+        super::init::init_specs(&layout.specs, seed, &mut |_, t| {
+            params.push(backend.upload_vec(t)?);
+            Ok(())
+        })?;
+        Ok(Seq2SeqModel { backend, trainable: vec![true; layout.specs.len()], config, layout, params, dtype: Dtype::F32, source: None })
+    }
+
     /// The parameters as host f32 vectors, in the layout's order.
     pub fn tensors(&self) -> Result<Vec<Vec<f32>>> {
         self.params.iter().map(|p| self.backend.download(p)).collect()

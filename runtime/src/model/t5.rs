@@ -103,12 +103,15 @@ impl T5Config {
 
     /// Reads `DIR/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| Error::config(&path, format!("not valid JSON: {e}")))?;
+        Self::from_file(&dir.join("config.json"))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
         match value {
-            Value::Object(map) => Self::from_json(&path, map),
-            _ => Err(Error::config(&path, "expected a JSON object")),
+            Value::Object(map) => Self::from_json(path, map),
+            _ => Err(Error::config(path, "expected a JSON object")),
         }
     }
 

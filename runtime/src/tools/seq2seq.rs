@@ -16,7 +16,12 @@ use crate::model::LoadOptions;
 /// Whether the folder's `config.json` names an encoder-decoder model (a folder whose config
 /// cannot be read is left to the decoder-only path, which reports why).
 pub fn is_encoder_decoder(dir: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else { return false };
+    is_encoder_decoder_config(&dir.join("config.json"))
+}
+
+/// [`is_encoder_decoder`] of a config file.
+pub fn is_encoder_decoder_config(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else { return false };
     let Ok(serde_json::Value::Object(map)) = serde_json::from_str(&text) else { return false };
     map.get("model_type").and_then(|v| v.as_str()).is_some_and(|t| ENCODER_DECODER.contains(&t))
 }
@@ -52,6 +57,24 @@ pub fn inspect(dir: &Path) -> Result<String> {
     out += "device         cpu (encoder-decoder models run on the CPU backend)\n\n";
     out += &crate::commands::tree(&leaves);
     Ok(out)
+}
+
+/// `runtime init` from a T5 config: returns the parameter count.
+pub fn init(config: &Path, output_dir: &Path, seed: u64, dtype: Option<Dtype>, max_shard: u64, overwrite: bool) -> Result<usize> {
+    let cfg = T5Config::from_file(config)?;
+    let n: u128 = T5Layout::new(&cfg).specs.iter().map(|s| s.shape.iter().map(|&d| d as u128).product::<u128>()).sum();
+    if let Some(available) = crate::backend::device::host_memory_budget().filter(|&a| 8 * n > a) {
+        return Err(Error::config(
+            config,
+            format!("its sizes imply {n} parameters, {} bytes to initialise, but {available} bytes of memory are available", 8 * n),
+        ));
+    }
+    let mut model = Seq2SeqModel::from_config(Cpu, cfg, seed)?;
+    if let Some(dt) = dtype {
+        model.dtype = dt;
+    }
+    model.save(output_dir, dtype, max_shard, overwrite)?;
+    Ok(model.num_parameters())
 }
 
 /// `runtime convert` of a T5 folder.

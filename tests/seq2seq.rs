@@ -311,6 +311,12 @@ fn generate_command_feeds_the_encoder() {
         assert_eq!(lines[0].trim(), texts[0], "{case}: {out}");
         assert_eq!(lines[1].trim(), format!("[1] {}", texts[1]).trim(), "{case}: {out}");
     }
+    // absurd sizes: one clear error before any allocation of them
+    let model = fixtures().join("t5/model");
+    for (k, v) in [("--num_beams", "100000000"), ("--max_new_tokens", "1000000000000")] {
+        let (ok, _, err) = cli(&["generate", "--model", model.to_str().unwrap(), "--prompt", "w5 w6", k, v]);
+        assert!(!ok && err.contains("GiB of memory is available") && !err.contains("panicked"), "{k} {v}: {err}");
+    }
 }
 
 /// `run_summarization.py`'s preprocessing and `DataCollatorForSeq2Seq` (given the model) on a

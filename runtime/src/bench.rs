@@ -23,7 +23,8 @@ use crate::model::{init::init_tensors, Batch, LoadOptions, LossOptions, Model, M
 /// `runtime bench`'s arguments.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// gpt2 or llama
+    /// gpt2, llama or t5 (T5 v1.1: n_layer encoder and n_layer decoder layers, d_ff = 2 x hidden,
+    /// targets of seq / 2 tokens; CPU only)
     #[arg(long, default_value = "gpt2")]
     pub arch: String,
     #[arg(long = "n_layer", default_value_t = 6)]
@@ -112,8 +113,15 @@ impl BenchArgs {
             profile,
             fsdp,
         } = self;
+        if arch == "t5" {
+            anyhow::ensure!(steps > 0 && batch > 0 && seq >= 2 && hidden % n_head == 0, "--steps, --batch >= 1, --seq >= 2, --hidden a multiple of --n_head");
+            let shape = crate::tools::seq2seq::BenchShape { n_layer, d_model: hidden, n_head, vocab, src_len: seq, tgt_len: seq / 2, batch, steps, warmup };
+            let r = crate::tools::seq2seq::bench(&shape)?;
+            println!("{}", if json { serde_json::to_string(&r)? } else { r.report() });
+            return Ok(());
+        }
         if arch != "gpt2" && arch != "llama" {
-            anyhow::bail!("unknown --arch `{arch}` (expected gpt2 or llama)");
+            anyhow::bail!("unknown --arch `{arch}` (expected gpt2, llama or t5)");
         }
         if steps == 0 || batch == 0 || seq < 2 {
             anyhow::bail!("--steps and --batch must be at least 1 and --seq at least 2");

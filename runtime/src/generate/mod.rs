@@ -17,10 +17,11 @@ use crate::nn::{AttnCall, BlockBufs};
 /// prefix that starts each row, its sources encoded once).
 pub trait Decoder {
     fn vocab(&self) -> usize;
-    /// Makes the state for one row per prompt (rows may repeat a prompt, as beams do) with room
-    /// for `max_len` tokens each, feeds the prompts (left-padded with `pad`), and returns each
-    /// row's next-token logits, `[rows, vocab]`.
-    fn start(&mut self, prompts: &[Vec<u32>], pad: u32, max_len: usize) -> Result<Vec<f32>>;
+    /// Makes the state for `per` rows per prompt (beams repeat their prompt; prompt `i`'s rows are
+    /// `i * per .. (i + 1) * per`) with room for `max_len` tokens each (an error before any
+    /// large allocation when that does not fit in memory), feeds the prompts (left-padded with
+    /// `pad`), and returns each row's next-token logits, `[rows, vocab]`.
+    fn start(&mut self, prompts: &[Vec<u32>], per: usize, pad: u32, max_len: usize) -> Result<Vec<f32>>;
     /// Feeds one token per row; returns the next-token logits.
     fn step(&mut self, ids: &[i32]) -> Result<Vec<f32>>;
     /// Beam search: row `r` takes over the state of row `src[r]`.
@@ -46,9 +47,10 @@ impl<B: Backend> Decoder for CausalLm<'_, B> {
     fn vocab(&self) -> usize {
         self.model.config.vocab_size
     }
-    fn start(&mut self, prompts: &[Vec<u32>], pad: u32, max_len: usize) -> Result<Vec<f32>> {
-        let mut st = DecodeState::new(self.model, prompts.len(), max_len)?;
-        let logits = prefill(self.model, &mut st, prompts, pad)?;
+    fn start(&mut self, prompts: &[Vec<u32>], per: usize, pad: u32, max_len: usize) -> Result<Vec<f32>> {
+        let mut st = DecodeState::new(self.model, prompts.len().saturating_mul(per), max_len)?;
+        let expanded: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), per)).collect();
+        let logits = prefill(self.model, &mut st, &expanded, pad)?;
         self.st = Some(st);
         Ok(logits)
     }
@@ -407,8 +409,7 @@ fn beam_search(dec: &mut dyn Decoder, prompts: &[Vec<u32>], cfg: &GenerationConf
     // rows of the decode batch: prompt i's beams are rows i * nb .. (i + 1) * nb
     let rows = n.saturating_mul(nb);
     let padded: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();
-    let expanded: Vec<Vec<u32>> = (0..rows).map(|r| prompts[r / nb].clone()).collect();
-    let mut logits = dec.start(&expanded, pad, max_length.max(width + 1))?;
+    let mut logits = dec.start(prompts, nb, pad, max_length.max(width + 1))?;
     // running beams: generated tokens and scores; finished: up to nb hypotheses per prompt
     let mut running: Vec<Vec<u32>> = vec![Vec::new(); rows];
     let mut running_scores: Vec<f32> = (0..rows).map(|r| if r % nb == 0 { 0.0 } else { -1.0e9 }).collect();
@@ -546,7 +547,7 @@ pub fn generate_with(dec: &mut dyn Decoder, prompts: &[Vec<u32>], cfg: &Generati
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed.unwrap_or(0));
     // each row's sequence so far, left padding included (transformers' processors see it too)
     let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()).collect()).collect();
-    let mut logits = dec.start(prompts, pad, width.saturating_add(max_new.max(1)))?;
+    let mut logits = dec.start(prompts, 1, pad, width.saturating_add(max_new.max(1)))?;
     let mut out = vec![Vec::new(); n];
     let mut finished = vec![false; n];
     for step in 0..max_new {

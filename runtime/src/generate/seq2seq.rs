@@ -20,15 +20,15 @@ impl<B: Seq2SeqOps> Decoder for EncoderDecoder<'_, B> {
     fn vocab(&self) -> usize {
         self.model.config.vocab_size
     }
-    fn start(&mut self, prompts: &[Vec<u32>], _pad: u32, max_len: usize) -> Result<Vec<f32>> {
+    fn start(&mut self, prompts: &[Vec<u32>], per: usize, _pad: u32, max_len: usize) -> Result<Vec<f32>> {
         let width = prompts.first().map_or(0, Vec::len);
         if width == 0 || prompts.iter().any(|p| p.len() != width) {
             return Err(Error::Invalid("the decoder prefixes of an encoder-decoder batch must have one length".into()));
         }
-        let mut st = self.model.decode_start(self.sources, prompts.len(), max_len)?;
+        let mut st = self.model.decode_start(self.sources, prompts.len().saturating_mul(per), max_len)?;
         let mut logits = Vec::new();
         for t in 0..width {
-            let ids: Vec<i32> = prompts.iter().map(|p| p[t] as i32).collect();
+            let ids: Vec<i32> = prompts.iter().flat_map(|p| std::iter::repeat_n(p[t] as i32, per)).collect();
             logits = self.model.decode_step(&mut st, &ids)?;
         }
         self.st = Some(st);

@@ -47,6 +47,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             return Err(Error::Invalid(format!("source token {id} is outside the vocabulary (size {})", c.vocab_size)));
         }
         let s = sources.iter().map(Vec::len).max().unwrap_or(0);
+        self.check_decode_memory(rows, s, max_len)?;
         let mut ids = Vec::with_capacity(n * s);
         let mut mask = Vec::with_capacity(n * s);
         for src in sources {
@@ -87,6 +88,27 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             rstd: z(rows)?,
             logits: z(rows * c.vocab_size)?,
         })
+    }
+
+    /// An error before any allocation when the state of `rows` rows (sources of `s` tokens, up
+    /// to `max_len` decoder tokens) would not fit in the memory available.
+    fn check_decode_memory(&self, rows: usize, s: usize, max_len: usize) -> Result<()> {
+        let c = &self.config;
+        let (l, inner, d) = (c.num_decoder_layers as u128, c.inner() as u128, c.d_model as u128);
+        let (rows, s, t) = (rows as u128, s as u128, max_len as u128);
+        let h = c.num_heads as u128;
+        // self-attention caches, cross keys/values, probabilities, the encoder output, the mask
+        let floats = rows * (2 * l * t * inner + l * (2 * s * inner + h * (t + s)) + s * d + t + c.vocab_size as u128);
+        let needed = 4 * floats;
+        if let Some(available) = crate::backend::device::host_memory_budget().filter(|&a| needed > a) {
+            let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
+            return Err(Error::Invalid(format!(
+                "generation needs {:.2} GiB of decoder state for {rows} rows (sources x num_beams) of {max_len} tokens, but {:.2} GiB of memory is available; lower max_new_tokens or num_beams",
+                gib(needed),
+                gib(available)
+            )));
+        }
+        Ok(())
     }
 
     /// Feeds one decoder token per row and returns the next-token logits, `[rows, vocab]`.

@@ -149,3 +149,104 @@ pub fn generate(
     let (tok, cfg, sources) = crate::commands::generation_inputs(model_dir, model.config.vocab_size, &model.config.raw, prompts, chat, overrides)?;
     crate::commands::stream_generation(&tok, &cfg, prompts.len(), out, |on_token| crate::generate::seq2seq::generate_seq2seq(&model, &sources, &cfg, on_token))
 }
+
+/// The shape `runtime bench --arch t5` trains: a T5 v1.1 (gated GELU, untied head) with
+/// `n_layer` encoder and decoder layers, `d_kv = d_model / n_head`, `d_ff = 2 d_model`.
+pub struct BenchShape {
+    pub n_layer: usize,
+    pub d_model: usize,
+    pub n_head: usize,
+    pub vocab: usize,
+    pub src_len: usize,
+    pub tgt_len: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+}
+
+#[derive(serde::Serialize)]
+pub struct BenchResult {
+    pub arch: &'static str,
+    pub parameters: usize,
+    /// Source and target tokens of one step.
+    pub tokens_per_step: usize,
+    pub step_seconds: f64,
+    pub tokens_per_second: f64,
+    pub peak_rss_mib: f64,
+    pub threads: usize,
+    pub final_loss: f32,
+}
+
+impl BenchResult {
+    pub fn report(&self) -> String {
+        format!(
+            "t5 ({} parameters), {} tokens per step, {} threads: {:.3} s per step, {:.0} tokens/s, peak RSS {:.0} MiB, loss {:.4}",
+            self.parameters, self.tokens_per_step, self.threads, self.step_seconds, self.tokens_per_second, self.peak_rss_mib, self.final_loss
+        )
+    }
+}
+
+/// Trains `steps` AdamW steps (after `warmup` untimed ones) of a fresh T5 on random tokens:
+/// forward, backward, the global norm with clipping at 1, the update. Reports the median step.
+pub fn bench(s: &BenchShape) -> Result<BenchResult> {
+    use crate::engine::optimizer::{clip_coefficient, AdamW, AdamWConfig};
+    use rand::{RngExt, SeedableRng};
+    let mut raw = serde_json::Map::new();
+    for (k, v) in [
+        ("vocab_size", s.vocab),
+        ("d_model", s.d_model),
+        ("d_kv", s.d_model / s.n_head),
+        ("d_ff", 2 * s.d_model),
+        ("num_layers", s.n_layer),
+        ("num_heads", s.n_head),
+    ] {
+        raw.insert(k.into(), v.into());
+    }
+    raw.insert("feed_forward_proj".into(), "gated-gelu".into());
+    raw.insert("tie_word_embeddings".into(), false.into());
+    raw.insert("model_type".into(), "t5".into());
+    let cfg = T5Config::from_json(Path::new("bench"), raw)?;
+    let mut model = Seq2SeqModel::from_config(Cpu, cfg, 0)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mut ids = |n: usize| -> Vec<i32> { (0..n).map(|_| rng.random_range(2..s.vocab as i32)).collect() };
+    let labels = ids(s.batch * s.tgt_len);
+    let c = &model.config;
+    let batch = Seq2SeqBatch {
+        batch: s.batch,
+        src_len: s.src_len,
+        tgt_len: s.tgt_len,
+        input_ids: ids(s.batch * s.src_len),
+        attention_mask: vec![1; s.batch * s.src_len],
+        decoder_input_ids: Seq2SeqBatch::shift_right(&labels, s.tgt_len, c.decoder_start_token_id, c.pad_token_id),
+        labels,
+    };
+    let mut opt = AdamW::new(&model, AdamWConfig { lr: 1e-4, ..AdamWConfig::default() })?;
+    let mut times = Vec::new();
+    let mut loss = f32::NAN;
+    for step in 0..s.warmup + s.steps {
+        let started = std::time::Instant::now();
+        let mut grads = crate::model::Grads { tensors: model.zero_grads()? };
+        let n_tokens = batch.labels.len() as f32;
+        let (mut acts, l) = model.forward(&batch, 0.0, Some(1.0 / n_tokens))?;
+        model.backward(&mut acts, &batch, &mut grads.tensors)?;
+        let (_, coef) = clip_coefficient(&model.backend, &grads, 1.0)?;
+        opt.step(&mut model, &grads, 1e-4, coef)?;
+        loss = l.mean();
+        if step >= s.warmup {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let step_seconds = times[times.len() / 2];
+    let tokens_per_step = s.batch * (s.src_len + s.tgt_len);
+    Ok(BenchResult {
+        arch: "t5",
+        parameters: model.num_parameters(),
+        tokens_per_step,
+        step_seconds,
+        tokens_per_second: tokens_per_step as f64 / step_seconds,
+        peak_rss_mib: crate::mem::peak_rss_mib(),
+        threads: rayon::current_num_threads(),
+        final_loss: loss,
+    })
+}

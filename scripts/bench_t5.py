@@ -1,7 +1,7 @@
 """T5 training step on the CPU, side by side: `runtime bench --arch t5` and the same model,
 batch and update in PyTorch + transformers (`T5ForConditionalGeneration`, AdamW, gradient
 clipping at 1), alternating in one run on the same machine; prints a markdown table with the
-ratio. Shape: T5 v1.1 (gated GELU, untied head), 4 encoder and 4 decoder layers, d_model 256,
+ratio. Shape: T5 v1.1 (gated GELU; the head tied, as transformers 5 builds a T5 from a config), 4 encoder and 4 decoder layers, d_model 256,
 4 heads, d_ff 512, vocab 8192, batch 8, sources of 128 tokens, targets of 64.
 
     cargo build --release

@@ -396,3 +396,33 @@ fn init_follows_transformers_spreads() {
         assert!((std - want).abs() < tol, "{name}: std {std} vs {want} (n {n})");
     }
 }
+
+/// A pass in the buffers of an earlier one (same shape: reused; another shape: made anew) gives
+/// exactly a fresh pass's logits and gradients.
+#[test]
+fn passes_reusing_buffers_equal_fresh_ones() {
+    let (model, _, batch) = load("t5");
+    let pass = |reuse, b: &Seq2SeqBatch| {
+        let (_, loss) = model.forward(b, 0.0, None).unwrap();
+        let (mut acts, _) = model.forward_reusing(reuse, b, 0.1, Some(1.0 / loss.n_tokens as f32)).unwrap();
+        let mut grads = model.zero_grads().unwrap();
+        model.backward(&mut acts, b, &mut grads).unwrap();
+        (acts, grads)
+    };
+    let (acts, fresh) = pass(None, &batch);
+    let (acts, again) = pass(Some(acts), &batch);
+    assert_eq!(again, fresh, "same shape, reused buffers");
+    let (acts, _) = pass(Some(acts), &batch);
+    // the first two rows: other shapes, so new buffers
+    let two = Seq2SeqBatch {
+        batch: 2,
+        input_ids: batch.input_ids[..2 * batch.src_len].to_vec(),
+        attention_mask: batch.attention_mask[..2 * batch.src_len].to_vec(),
+        decoder_input_ids: batch.decoder_input_ids[..2 * batch.tgt_len].to_vec(),
+        labels: batch.labels[..2 * batch.tgt_len].to_vec(),
+        ..batch.clone()
+    };
+    let (_, fresh_two) = pass(None, &two);
+    let (_, reused_two) = pass(Some(acts), &two);
+    assert_eq!(reused_two, fresh_two, "another shape");
+}

@@ -54,6 +54,9 @@ pub(super) struct StackActs<B: Seq2SeqOps> {
     bias: B::Buf,
     buckets: B::Ids,
     ids: B::Ids,
+    geo: Geometry,
+    /// The backward pass's scratch, kept for the next pass of the same shape.
+    scratch: Option<Scratch<B>>,
 }
 
 impl<B: Seq2SeqOps> LayerActs<B> {
@@ -115,7 +118,7 @@ pub(super) struct LayerCtx<'a, B: Seq2SeqOps> {
 }
 
 /// The shape of a stack's pass: its rows, sequences and (for the decoder) the encoder's.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) struct Geometry {
     pub batch: usize,
     pub len: usize,
@@ -168,21 +171,30 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         Norm { kind: NormKind::RmsNorm, w, b: None, width: self.config.d_model, eps: self.config.eps }
     }
 
-    fn stack_acts(&self, geo: Geometry, ids: &[i32]) -> Result<StackActs<B>> {
+    /// A stack's buffers for a pass of shape `geo` over `ids` (the embedding and the position
+    /// bias filled in): `reuse`'s when it was made for the same shape (every buffer of a pass
+    /// is written before it is read), new ones otherwise.
+    fn stack_acts(&self, geo: Geometry, ids: &[i32], reuse: Option<StackActs<B>>) -> Result<StackActs<B>> {
         let (be, c) = (&self.backend, &self.config);
         let (rows, d) = (geo.rows(), c.d_model);
-        let n_layers = if geo.decoder { c.num_decoder_layers } else { c.num_layers };
-        let z = |n: usize| be.zeros(n);
-        let cross = geo.decoder.then(|| (geo.batch * geo.src_len, geo.cross_shape(c).probs_len()));
-        let layers = (0..n_layers).map(|_| LayerActs::new(be, c, rows, geo.self_shape(c).probs_len(), cross)).collect::<Result<Vec<_>>>()?;
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
         let buckets = be.upload_ids(&bucket_map(geo.len, geo.len, 0, !geo.decoder, c))?;
-        let mut bias = z(c.num_heads * geo.len * geo.len)?;
-        be.position_bias_fwd(&mut bias, &self.params[stack.rel_bias], &buckets, c.num_heads);
-        let mut hs = (0..=n_layers).map(|_| z(rows * d)).collect::<Result<Vec<_>>>()?;
         let ids = be.upload_ids(ids)?;
-        Embedding { wte: self.layout.shared, wpe: None, width: d }.fwd(be, &self.unit_params(), &mut hs[0], &ids, &be.upload_ids(&[])?);
-        Ok(StackActs { hs, layers, out: z(rows * d)?, rstd: z(rows)?, bias, buckets, ids })
+        let mut s = match reuse.filter(|r| r.geo == geo) {
+            Some(r) => StackActs { buckets, ids, ..r },
+            None => {
+                let n_layers = stack.layers.len();
+                let z = |n: usize| be.zeros(n);
+                let cross = geo.decoder.then(|| (geo.batch * geo.src_len, geo.cross_shape(c).probs_len()));
+                let layers = (0..n_layers).map(|_| LayerActs::new(be, c, rows, geo.self_shape(c).probs_len(), cross)).collect::<Result<Vec<_>>>()?;
+                let hs = (0..=n_layers).map(|_| z(rows * d)).collect::<Result<Vec<_>>>()?;
+                let bias = z(c.num_heads * geo.len * geo.len)?;
+                StackActs { hs, layers, out: z(rows * d)?, rstd: z(rows)?, bias, buckets, ids, geo, scratch: None }
+            }
+        };
+        be.position_bias_fwd(&mut s.bias, &self.params[stack.rel_bias], &s.buckets, c.num_heads);
+        Embedding { wte: self.layout.shared, wpe: None, width: d }.fwd(be, &self.unit_params(), &mut s.hs[0], &s.ids, &be.upload_ids(&[])?);
+        Ok(s)
     }
 
     /// One layer: `y = x + attn(norm(x))` (then `+ cross(norm(.))` in the decoder), then `+
@@ -239,8 +251,8 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     }
 
     /// A stack's forward pass over `ids`: the layers, then the final norm into `out`.
-    pub(super) fn stack_fwd(&self, geo: Geometry, ids: &[i32], enc: Option<&B::Buf>, mask: &B::Ids) -> Result<StackActs<B>> {
-        let mut s = self.stack_acts(geo, ids)?;
+    pub(super) fn stack_fwd(&self, geo: Geometry, ids: &[i32], enc: Option<&B::Buf>, mask: &B::Ids, reuse: Option<StackActs<B>>) -> Result<StackActs<B>> {
+        let mut s = self.stack_acts(geo, ids, reuse)?;
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
         for (l, lp) in stack.layers.iter().enumerate() {
             let (done, rest) = s.hs.split_at_mut(l + 1);
@@ -258,20 +270,39 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     /// With `grad_scale = Some(s)` the logits are replaced by `s` times the loss's gradient,
     /// ready for [`Seq2SeqModel::backward`] (`s = 1 / label tokens` gives the token mean's).
     pub fn forward(&self, b: &Seq2SeqBatch, smoothing: f32, grad_scale: Option<f32>) -> Result<(Seq2SeqActs<B>, Seq2SeqLoss)> {
+        self.forward_reusing(None, b, smoothing, grad_scale)
+    }
+
+    /// [`Seq2SeqModel::forward`] in the buffers of an earlier pass's activations, where the
+    /// shapes are the same (a training loop over batches of one shape allocates once).
+    pub fn forward_reusing(
+        &self,
+        reuse: Option<Seq2SeqActs<B>>,
+        b: &Seq2SeqBatch,
+        smoothing: f32,
+        grad_scale: Option<f32>,
+    ) -> Result<(Seq2SeqActs<B>, Seq2SeqLoss)> {
         let (be, c) = (&self.backend, &self.config);
         b.check(c.vocab_size)?;
         let mask = be.upload_ids(&b.attention_mask)?;
+        let rows = b.batch * b.tgt_len;
+        let (reuse_enc, reuse_dec, reuse_bufs) = match reuse {
+            Some(r) if be.len(&r.logits) == rows * c.vocab_size => (Some(r.enc), Some(r.dec), Some((r.head_in, r.logits))),
+            Some(r) => (Some(r.enc), Some(r.dec), None),
+            None => (None, None, None),
+        };
         let enc_geo = Geometry { batch: b.batch, len: b.src_len, src_len: b.src_len, decoder: false };
-        let enc = self.stack_fwd(enc_geo, &b.input_ids, None, &mask)?;
+        let enc = self.stack_fwd(enc_geo, &b.input_ids, None, &mask, reuse_enc)?;
         let dec_geo = Geometry { batch: b.batch, len: b.tgt_len, src_len: b.src_len, decoder: true };
-        let dec = self.stack_fwd(dec_geo, &b.decoder_input_ids, Some(&enc.out), &mask)?;
-        let rows = dec_geo.rows();
-        let mut head_in = be.zeros(rows * c.d_model)?;
+        let dec = self.stack_fwd(dec_geo, &b.decoder_input_ids, Some(&enc.out), &mask, reuse_dec)?;
+        let (mut head_in, mut logits) = match reuse_bufs {
+            Some(bufs) => bufs,
+            None => (be.zeros(rows * c.d_model)?, be.zeros(rows * c.vocab_size)?),
+        };
         be.copy(&mut head_in, &dec.out);
         if c.scale_decoder_outputs {
             be.scale(&mut head_in, (c.d_model as f32).powf(-0.5));
         }
-        let mut logits = be.zeros(rows * c.vocab_size)?;
         linear(self.layout.head(), c.d_model, c.vocab_size).fwd(be, &self.unit_params(), &mut logits, &head_in, rows);
         let targets = be.upload_ids(&b.labels)?;
         let mut acts = Seq2SeqActs { enc, dec, head_in, logits };
@@ -300,26 +331,34 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         }
         let mut denc = be.zeros(b.batch * b.src_len * c.d_model)?;
         let dec_geo = Geometry { batch: b.batch, len: b.tgt_len, src_len: b.src_len, decoder: true };
-        self.stack_bwd(&acts.dec, dec_geo, &d_out, &mut g, Some((&acts.enc.out, &mut denc)))?;
+        self.stack_bwd(&mut acts.dec, dec_geo, &d_out, &mut g, Some((&acts.enc.out, &mut denc)))?;
         let enc_geo = Geometry { batch: b.batch, len: b.src_len, src_len: b.src_len, decoder: false };
-        self.stack_bwd(&acts.enc, enc_geo, &denc, &mut g, None)
+        self.stack_bwd(&mut acts.enc, enc_geo, &denc, &mut g, None)
     }
 
     /// A stack's backward pass from `d_out` (the gradient of its final norm's output); the
     /// decoder's also accumulates the gradient of the encoder's output into `enc.1`.
-    fn stack_bwd(&self, s: &StackActs<B>, geo: Geometry, d_out: &B::Buf, g: &mut GradsMut<B>, mut enc: Option<(&B::Buf, &mut B::Buf)>) -> Result<()> {
+    fn stack_bwd(&self, s: &mut StackActs<B>, geo: Geometry, d_out: &B::Buf, g: &mut GradsMut<B>, mut enc: Option<(&B::Buf, &mut B::Buf)>) -> Result<()> {
         let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
-        let mut sc = Scratch::new(be, c, geo)?;
-        let mut dres = be.zeros(geo.rows() * c.d_model)?;
+        let mut sc = match s.scratch.take() {
+            Some(sc) => sc,
+            None => Scratch::new(be, c, geo)?,
+        };
+        // what the pass accumulates into starts at zero; the rest is written before it is read
+        be.fill(&mut sc.dres, 0.0);
+        be.fill(&mut sc.dbias, 0.0);
         let last = s.hs.len() - 1;
-        self.norm(stack.final_norm).bwd(be, p, g, &mut dres, d_out, &s.hs[last], &sc.empty, &s.rstd);
+        self.norm(stack.final_norm).bwd(be, p, g, &mut sc.dres, d_out, &s.hs[last], &sc.empty, &s.rstd);
         for (l, lp) in stack.layers.iter().enumerate().rev() {
             let enc_l = enc.as_mut().map(|(o, d)| (*o, &mut **d));
+            let mut dres = std::mem::replace(&mut sc.dres, be.zeros(0)?);
             self.layer_bwd(lp, &s.hs[l], &s.layers[l], geo, g, (&mut sc, &mut dres), enc_l);
+            sc.dres = dres;
         }
-        Embedding { wte: self.layout.shared, wpe: None, width: c.d_model }.bwd(be, g, &s.ids, &s.ids, &dres);
+        Embedding { wte: self.layout.shared, wpe: None, width: c.d_model }.bwd(be, g, &s.ids, &s.ids, &sc.dres);
         be.position_bias_bwd(&mut g.bufs[stack.rel_bias], &sc.dbias, &s.buckets, c.num_heads);
+        s.scratch = Some(sc);
         Ok(())
     }
 
@@ -388,7 +427,9 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
 }
 
 /// A stack's backward scratch.
-struct Scratch<B: Seq2SeqOps> {
+pub(super) struct Scratch<B: Seq2SeqOps> {
+    /// The gradient of the residual stream.
+    dres: B::Buf,
     dn: B::Buf,
     da: B::Buf,
     dq: B::Buf,
@@ -429,6 +470,7 @@ impl<B: Seq2SeqOps> Scratch<B> {
             None
         };
         Ok(Scratch {
+            dres: be.zeros(rows * d)?,
             dn: be.zeros(rows * d)?,
             da: be.zeros(rows * inner)?,
             dq: be.zeros(rows * inner)?,

@@ -36,6 +36,37 @@ fn strided(
 fn strided_scaled(
     dst: &mut [f32],
     accumulate: bool,
+    mnk: (usize, usize, usize),
+    dst_rs: usize,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    scale: f32,
+) {
+    strided_with(dst, accumulate, mnk, dst_rs, lhs, lhs_strides, rhs, rhs_strides, scale, parallelism())
+}
+
+/// [`strided_scaled`] on the calling thread only: for many small products that the caller
+/// already runs in parallel (attention's per-sequence, per-head products).
+#[allow(clippy::too_many_arguments)] // a strided GEMM's operands
+pub(super) fn serial_scaled(
+    dst: &mut [f32],
+    mnk: (usize, usize, usize),
+    dst_rs: usize,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    scale: f32,
+) {
+    strided_with(dst, false, mnk, dst_rs, lhs, lhs_strides, rhs, rhs_strides, scale, Parallelism::None)
+}
+
+#[allow(clippy::too_many_arguments)] // a strided GEMM's operands and its threading
+fn strided_with(
+    dst: &mut [f32],
+    accumulate: bool,
     (m, n, k): (usize, usize, usize),
     dst_rs: usize,
     lhs: &[f32],
@@ -43,6 +74,7 @@ fn strided_scaled(
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
     scale: f32,
+    par: Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -74,7 +106,7 @@ fn strided_scaled(
             false,
             false,
             false,
-            parallelism(),
+            par,
         );
     }
 }

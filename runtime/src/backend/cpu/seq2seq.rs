@@ -1,11 +1,12 @@
 //! The encoder-decoder ops on the CPU (`backend/seq2seq.rs`): attention with an additive bias
-//! and the probabilities kept (`[batch, tq, n_head, tk]`, so each query row's heads are one
-//! contiguous block and rows are computed in parallel), T5's position bias, gated GELU and ReLU.
-//! Every sum runs in a fixed order, so results do not depend on the thread count.
+//! as per-sequence, per-head matrix products (sequences in parallel, each product on one
+//! thread), the probabilities kept as `[batch, n_head, tq, tk]`; T5's position bias, gated GELU
+//! and ReLU. Every sum runs in a fixed order, so results do not depend on the thread count.
 
 use rayon::prelude::*;
 
 use super::math::{dot, exp, tanh};
+use super::matmul::serial_scaled;
 use super::pointwise::{GELU_C, GELU_K};
 use super::Cpu;
 use crate::backend::seq2seq::{BiasedShape, Cols, QkvCols, Seq2SeqOps};
@@ -19,18 +20,42 @@ fn gelu_grad(x: f32) -> f32 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
 }
 
-/// Head `h`'s slice of row `r` of a column block.
-fn head<'a>(c: &Cols<'a, Vec<f32>>, r: usize, h: usize, d: usize) -> &'a [f32] {
-    let s = r * c.ld + c.off + h * d;
-    &c.buf[s..s + d]
+/// Where head `h` of sequence `b`'s rows starts in a column block whose sequences have `len`
+/// rows.
+fn at(c: &Cols<Vec<f32>>, b: usize, len: usize, h: usize, d: usize) -> usize {
+    b * len * c.ld + c.off + h * d
 }
 
-/// Whether query `i` of sequence `b` sees key `j`.
-fn visible(mask: Option<&Vec<i32>>, s: BiasedShape, b: usize, i: usize, j: usize) -> bool {
-    !(s.causal && j > i) && mask.is_none_or(|m| m[b * s.tk + j] != 0)
+/// Softmax of one row of scores in place, over the keys `visible` keeps (the others get 0; a
+/// row with none attends evenly to all, as transformers' additive mask makes it).
+fn softmax_row(row: &mut [f32], visible: impl Fn(usize) -> bool) {
+    let mut m = f32::NEG_INFINITY;
+    let mut any = false;
+    for (j, x) in row.iter_mut().enumerate() {
+        if visible(j) {
+            any = true;
+            m = m.max(*x);
+        } else {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    if !any {
+        row.fill(1.0 / row.len() as f32);
+        return;
+    }
+    let mut sum = 0.0;
+    for x in row.iter_mut() {
+        *x = exp(*x - m) * (*x > f32::NEG_INFINITY) as u8 as f32;
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
 }
 
 impl Seq2SeqOps for Cpu {
+    /// Per sequence (in parallel) and head: `S = scale Q K^T + bias` and `O = P V` as matrix
+    /// products, the masked softmax between them. The probabilities are kept as `[batch,
+    /// n_head, tq, tk]`.
     fn biased_attention_fwd(
         &self,
         out: &mut Vec<f32>,
@@ -43,43 +68,26 @@ impl Seq2SeqOps for Cpu {
         s: BiasedShape,
         scale: f32,
     ) {
-        let (hd, d, tk) = (s.inner(), s.head_dim, s.tk);
-        out.par_chunks_mut(hd).zip(probs.par_chunks_mut(s.n_head * tk)).enumerate().for_each(|(row, (o, p))| {
-            let (b, i) = (row / s.tq, row % s.tq);
-            o.fill(0.0);
+        let (hd, d, tq, tk) = (s.inner(), s.head_dim, s.tq, s.tk);
+        out.par_chunks_mut(tq * hd).zip(probs.par_chunks_mut(s.n_head * tq * tk)).enumerate().for_each(|(b, (o, p))| {
+            let mask = key_mask.map(|m| &m[b * tk..(b + 1) * tk]);
             for h in 0..s.n_head {
-                let p = &mut p[h * tk..(h + 1) * tk];
-                let qh = head(&q, row, h, d);
-                let any = (0..tk).any(|j| visible(key_mask, s, b, i, j));
-                let mut m = f32::NEG_INFINITY;
-                for (j, pj) in p.iter_mut().enumerate() {
-                    *pj = if !any {
-                        0.0
-                    } else if visible(key_mask, s, b, i, j) {
-                        scale * dot(qh, head(&k, b * tk + j, h, d)) + bias.map_or(0.0, |bb| bb[(h * s.tq + i) * tk + j])
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                    m = m.max(*pj);
-                }
-                let mut sum = 0.0;
-                for pj in p.iter_mut() {
-                    *pj = exp(*pj - m) * (*pj > f32::NEG_INFINITY) as u8 as f32;
-                    sum += *pj;
-                }
-                let oh = &mut o[h * d..(h + 1) * d];
-                for (j, pj) in p.iter_mut().enumerate() {
-                    *pj /= sum;
-                    if *pj != 0.0 {
-                        for (o, x) in oh.iter_mut().zip(head(&v, b * tk + j, h, d)) {
-                            *o += *pj * x;
-                        }
+                let ph = &mut p[h * tq * tk..(h + 1) * tq * tk];
+                serial_scaled(ph, (tq, tk, d), tk, &q.buf[at(&q, b, tq, h, d)..], (q.ld, 1), &k.buf[at(&k, b, tk, h, d)..], (1, k.ld), scale);
+                for (i, row) in ph.chunks_exact_mut(tk).enumerate() {
+                    if let Some(bb) = bias {
+                        row.iter_mut().zip(&bb[(h * tq + i) * tk..(h * tq + i + 1) * tk]).for_each(|(x, b)| *x += b);
                     }
+                    softmax_row(row, |j| !(s.causal && j > i) && mask.is_none_or(|m| m[j] != 0));
                 }
+                serial_scaled(&mut o[h * d..], (tq, d, tk), hd, ph, (tk, 1), &v.buf[at(&v, b, tk, h, d)..], (v.ld, 1), 1.0);
             }
         });
     }
 
+    /// Per sequence (in parallel) and head: `dP = dO V^T`, `dS = P (dP - rowsum(P dP))`,
+    /// `dQ = scale dS K`, `dK = scale dS^T Q`, `dV = P^T dO` as matrix products; then the bias's
+    /// gradient summed over the sequences in order.
     fn biased_attention_bwd(
         &self,
         (dq, dk, dv): (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
@@ -91,63 +99,29 @@ impl Seq2SeqOps for Cpu {
         s: BiasedShape,
         scale: f32,
     ) {
-        let (hd, d, tk, nh) = (s.inner(), s.head_dim, s.tk, s.n_head);
-        // per query row: dS = P * (dP - rowsum(P * dP)) with dP = dout v^T, then dq = scale dS k
-        dq.par_chunks_mut(hd).zip(ds.par_chunks_mut(nh * tk)).enumerate().for_each(|(row, (dqr, dsr))| {
-            let b = row / s.tq;
-            let dor = &dout[row * hd..(row + 1) * hd];
-            dqr.fill(0.0);
+        let (hd, d, tq, tk, nh) = (s.inner(), s.head_dim, s.tq, s.tk, s.n_head);
+        let per = nh * tq * tk;
+        let grads = dq.par_chunks_mut(tq * hd).zip(dk.par_chunks_mut(tk * hd)).zip(dv.par_chunks_mut(tk * hd));
+        grads.zip(ds.par_chunks_mut(per)).enumerate().for_each(|(b, (((dqb, dkb), dvb), dsb))| {
+            let dob = &dout[b * tq * hd..(b + 1) * tq * hd];
             for h in 0..nh {
-                let (p, dsh) = (&probs[(row * nh + h) * tk..(row * nh + h + 1) * tk], &mut dsr[h * tk..(h + 1) * tk]);
-                let doh = &dor[h * d..(h + 1) * d];
-                let mut rowsum = 0.0;
-                for j in 0..tk {
-                    dsh[j] = if p[j] != 0.0 { dot(doh, head(&v, b * tk + j, h, d)) } else { 0.0 };
-                    rowsum += p[j] * dsh[j];
+                let (ph, dsh) = (&probs[b * per + h * tq * tk..b * per + (h + 1) * tq * tk], &mut dsb[h * tq * tk..(h + 1) * tq * tk]);
+                serial_scaled(dsh, (tq, tk, d), tk, &dob[h * d..], (hd, 1), &v.buf[at(&v, b, tk, h, d)..], (1, v.ld), 1.0);
+                for (pr, dr) in ph.chunks_exact(tk).zip(dsh.chunks_exact_mut(tk)) {
+                    let rowsum = dot(pr, dr);
+                    dr.iter_mut().zip(pr).for_each(|(g, p)| *g = p * (*g - rowsum));
                 }
-                let dqh = &mut dqr[h * d..(h + 1) * d];
-                for j in 0..tk {
-                    dsh[j] = p[j] * (dsh[j] - rowsum);
-                    if dsh[j] != 0.0 {
-                        for (o, x) in dqh.iter_mut().zip(head(&k, b * tk + j, h, d)) {
-                            *o += scale * dsh[j] * x;
-                        }
-                    }
-                }
-            }
-        });
-        // per key row: dk = scale dS^T q, dv = P^T dout (queries summed in order)
-        dk.par_chunks_mut(hd).zip(dv.par_chunks_mut(hd)).enumerate().for_each(|(krow, (dkr, dvr))| {
-            let (b, j) = (krow / tk, krow % tk);
-            dkr.fill(0.0);
-            dvr.fill(0.0);
-            for i in 0..s.tq {
-                let row = b * s.tq + i;
-                for h in 0..nh {
-                    let at = (row * nh + h) * tk + j;
-                    let (p, g) = (probs[at], ds[at]);
-                    if p != 0.0 {
-                        for (o, x) in dvr[h * d..(h + 1) * d].iter_mut().zip(&dout[row * hd + h * d..row * hd + (h + 1) * d]) {
-                            *o += p * x;
-                        }
-                    }
-                    if g != 0.0 {
-                        for (o, x) in dkr[h * d..(h + 1) * d].iter_mut().zip(head(&q, row, h, d)) {
-                            *o += scale * g * x;
-                        }
-                    }
-                }
+                serial_scaled(&mut dqb[h * d..], (tq, d, tk), hd, dsh, (tk, 1), &k.buf[at(&k, b, tk, h, d)..], (k.ld, 1), scale);
+                serial_scaled(&mut dkb[h * d..], (tk, d, tq), hd, dsh, (1, tk), &q.buf[at(&q, b, tq, h, d)..], (q.ld, 1), scale);
+                serial_scaled(&mut dvb[h * d..], (tk, d, tq), hd, ph, (1, tk), &dob[h * d..], (hd, 1), 1.0);
             }
         });
         if let Some(db) = dbias {
-            // dbias[h, i, j] += sum_b dS[b, i, h, j]
+            // dbias[h, i, j] += sum_b dS[b, h, i, j]
             db.par_chunks_mut(tk).enumerate().for_each(|(hi, dbr)| {
-                let (h, i) = (hi / s.tq, hi % s.tq);
                 for b in 0..s.batch {
-                    let at = ((b * s.tq + i) * nh + h) * tk;
-                    for (o, g) in dbr.iter_mut().zip(&ds[at..at + tk]) {
-                        *o += g;
-                    }
+                    let at = b * per + hi * tk;
+                    dbr.iter_mut().zip(&ds[at..at + tk]).for_each(|(o, g)| *o += g);
                 }
             });
         }

@@ -16,7 +16,7 @@ fn parallelism() -> Parallelism {
     }
 }
 
-/// `dst[m, n] (= or +=) lhs[m, k] @ rhs[k, n]` with explicit row/column strides.
+/// `dst[m, n] (= or +=) lhs[m, k] @ rhs[k, n]` with explicit row/column strides, on every thread.
 #[allow(clippy::too_many_arguments)] // a strided GEMM's operands
 fn strided(
     dst: &mut [f32],
@@ -28,43 +28,14 @@ fn strided(
     rhs: &[f32],
     rhs_strides: (usize, usize),
 ) {
-    strided_scaled(dst, accumulate, mnk, dst_rs, lhs, lhs_strides, rhs, rhs_strides, 1.0)
+    strided_scaled(dst, accumulate, mnk, dst_rs, lhs, lhs_strides, rhs, rhs_strides, 1.0, parallelism())
 }
 
-/// [`strided`] with the product scaled: `dst (= or +=) scale * lhs @ rhs`.
-#[allow(clippy::too_many_arguments)] // a strided GEMM's operands
-fn strided_scaled(
-    dst: &mut [f32],
-    accumulate: bool,
-    mnk: (usize, usize, usize),
-    dst_rs: usize,
-    lhs: &[f32],
-    lhs_strides: (usize, usize),
-    rhs: &[f32],
-    rhs_strides: (usize, usize),
-    scale: f32,
-) {
-    strided_with(dst, accumulate, mnk, dst_rs, lhs, lhs_strides, rhs, rhs_strides, scale, parallelism())
-}
-
-/// [`strided_scaled`] on the calling thread only: for many small products that the caller
-/// already runs in parallel (attention's per-sequence, per-head products).
-#[allow(clippy::too_many_arguments)] // a strided GEMM's operands
-pub(super) fn serial_scaled(
-    dst: &mut [f32],
-    mnk: (usize, usize, usize),
-    dst_rs: usize,
-    lhs: &[f32],
-    lhs_strides: (usize, usize),
-    rhs: &[f32],
-    rhs_strides: (usize, usize),
-    scale: f32,
-) {
-    strided_with(dst, false, mnk, dst_rs, lhs, lhs_strides, rhs, rhs_strides, scale, Parallelism::None)
-}
-
+/// [`strided`] with the product scaled, `dst (= or +=) scale * lhs @ rhs`, on the threads `par`
+/// gives (`Parallelism::None` for many small products that the caller already runs in
+/// parallel, as attention's per-sequence, per-head products).
 #[allow(clippy::too_many_arguments)] // a strided GEMM's operands and its threading
-fn strided_with(
+pub(super) fn strided_scaled(
     dst: &mut [f32],
     accumulate: bool,
     (m, n, k): (usize, usize, usize),
@@ -277,7 +248,7 @@ pub fn lora_up(out: &mut [f32], t: &[f32], b: &[f32], blk: ColBlock, rank: usize
     if blk.rows == 0 || blk.width == 0 {
         return;
     }
-    strided_scaled(&mut out[blk.off..], true, (blk.rows, blk.width, rank), blk.ld, t, (rank, 1), b, (1, rank), scale);
+    strided_scaled(&mut out[blk.off..], true, (blk.rows, blk.width, rank), blk.ld, t, (rank, 1), b, (1, rank), scale, parallelism());
 }
 
 /// `dt = scale * dout[:, off..] b` and `db += scale * dout[:, off..]^T t`.
@@ -287,9 +258,9 @@ pub fn lora_up_bwd(dt: &mut [f32], db: Option<&mut [f32]>, dout: &[f32], t: &[f3
         return;
     }
     let g = &dout[blk.off..];
-    strided_scaled(dt, false, (blk.rows, rank, blk.width), rank, g, (blk.ld, 1), b, (rank, 1), scale);
+    strided_scaled(dt, false, (blk.rows, rank, blk.width), rank, g, (blk.ld, 1), b, (rank, 1), scale, parallelism());
     if let Some(db) = db {
-        strided_scaled(db, true, (blk.width, rank, blk.rows), rank, g, (1, blk.ld), t, (rank, 1), scale);
+        strided_scaled(db, true, (blk.width, rank, blk.rows), rank, g, (1, blk.ld), t, (rank, 1), scale, parallelism());
     }
 }
 

@@ -6,10 +6,11 @@
 use rayon::prelude::*;
 
 use super::math::{dot, exp, tanh};
-use super::matmul::serial_scaled;
+use super::matmul::strided_scaled;
 use super::pointwise::{GELU_C, GELU_K};
 use super::Cpu;
 use crate::backend::seq2seq::{BiasedShape, Cols, QkvCols, Seq2SeqOps};
+use gemm::Parallelism;
 
 fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + tanh(GELU_K * (x + GELU_C * x * x * x)))
@@ -73,14 +74,25 @@ impl Seq2SeqOps for Cpu {
             let mask = key_mask.map(|m| &m[b * tk..(b + 1) * tk]);
             for h in 0..s.n_head {
                 let ph = &mut p[h * tq * tk..(h + 1) * tq * tk];
-                serial_scaled(ph, (tq, tk, d), tk, &q.buf[at(&q, b, tq, h, d)..], (q.ld, 1), &k.buf[at(&k, b, tk, h, d)..], (1, k.ld), scale);
+                strided_scaled(
+                    ph,
+                    false,
+                    (tq, tk, d),
+                    tk,
+                    &q.buf[at(&q, b, tq, h, d)..],
+                    (q.ld, 1),
+                    &k.buf[at(&k, b, tk, h, d)..],
+                    (1, k.ld),
+                    scale,
+                    Parallelism::None,
+                );
                 for (i, row) in ph.chunks_exact_mut(tk).enumerate() {
                     if let Some(bb) = bias {
                         row.iter_mut().zip(&bb[(h * tq + i) * tk..(h * tq + i + 1) * tk]).for_each(|(x, b)| *x += b);
                     }
                     softmax_row(row, |j| !(s.causal && j > i) && mask.is_none_or(|m| m[j] != 0));
                 }
-                serial_scaled(&mut o[h * d..], (tq, d, tk), hd, ph, (tk, 1), &v.buf[at(&v, b, tk, h, d)..], (v.ld, 1), 1.0);
+                strided_scaled(&mut o[h * d..], false, (tq, d, tk), hd, ph, (tk, 1), &v.buf[at(&v, b, tk, h, d)..], (v.ld, 1), 1.0, Parallelism::None);
             }
         });
     }
@@ -106,14 +118,14 @@ impl Seq2SeqOps for Cpu {
             let dob = &dout[b * tq * hd..(b + 1) * tq * hd];
             for h in 0..nh {
                 let (ph, dsh) = (&probs[b * per + h * tq * tk..b * per + (h + 1) * tq * tk], &mut dsb[h * tq * tk..(h + 1) * tq * tk]);
-                serial_scaled(dsh, (tq, tk, d), tk, &dob[h * d..], (hd, 1), &v.buf[at(&v, b, tk, h, d)..], (1, v.ld), 1.0);
+                strided_scaled(dsh, false, (tq, tk, d), tk, &dob[h * d..], (hd, 1), &v.buf[at(&v, b, tk, h, d)..], (1, v.ld), 1.0, Parallelism::None);
                 for (pr, dr) in ph.chunks_exact(tk).zip(dsh.chunks_exact_mut(tk)) {
                     let rowsum = dot(pr, dr);
                     dr.iter_mut().zip(pr).for_each(|(g, p)| *g = p * (*g - rowsum));
                 }
-                serial_scaled(&mut dqb[h * d..], (tq, d, tk), hd, dsh, (tk, 1), &k.buf[at(&k, b, tk, h, d)..], (k.ld, 1), scale);
-                serial_scaled(&mut dkb[h * d..], (tk, d, tq), hd, dsh, (1, tk), &q.buf[at(&q, b, tq, h, d)..], (q.ld, 1), scale);
-                serial_scaled(&mut dvb[h * d..], (tk, d, tq), hd, ph, (1, tk), &dob[h * d..], (hd, 1), 1.0);
+                strided_scaled(&mut dqb[h * d..], false, (tq, d, tk), hd, dsh, (tk, 1), &k.buf[at(&k, b, tk, h, d)..], (k.ld, 1), scale, Parallelism::None);
+                strided_scaled(&mut dkb[h * d..], false, (tk, d, tq), hd, dsh, (1, tk), &q.buf[at(&q, b, tq, h, d)..], (q.ld, 1), scale, Parallelism::None);
+                strided_scaled(&mut dvb[h * d..], false, (tk, d, tq), hd, ph, (1, tk), &dob[h * d..], (hd, 1), 1.0, Parallelism::None);
             }
         });
         if let Some(db) = dbias {

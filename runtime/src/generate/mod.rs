@@ -156,19 +156,7 @@ impl<B: Backend> DecodeState<B> {
         if src.iter().enumerate().all(|(r, &s)| r == s) {
             return Ok(());
         }
-        // on the device: each row's cache is copied into the spare buffer, which then becomes
-        // the cache (no download, no upload)
-        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let len = be.len(buf);
-            if be.len(&self.spare) != len {
-                self.spare = be.zeros(len)?;
-            }
-            let w = len / self.batch;
-            for (r, &s) in src.iter().enumerate() {
-                be.copy_range(&mut self.spare, r * w, buf, s * w, w);
-            }
-            std::mem::swap(buf, &mut self.spare);
-        }
+        crate::nn::reorder_rows(be, self.k.iter_mut().chain(self.v.iter_mut()), &mut self.spare, self.batch, src)?;
         let w = self.max_len;
         self.mask = src.iter().flat_map(|&s| self.mask[s * w..(s + 1) * w].to_vec()).collect();
         self.next_pos = src.iter().map(|&s| self.next_pos[s]).collect();

@@ -126,7 +126,32 @@ const COMPANION_FILES: &[&str] = &[
     "tokenizer.model",
     "chat_template.jinja",
     "added_tokens.json",
+    "spiece.model",
 ];
+
+/// Writes `config.json` into `dir`: the config as read, its dtype field set to `dtype` (under the
+/// key the file used: `torch_dtype` in transformers 4, `dtype` in 5) and `architectures` added
+/// when absent.
+pub(super) fn write_config_json(dir: &Path, mut raw: serde_json::Map<String, Value>, dtype: Dtype, architecture: &str) -> Result<()> {
+    let key = if raw.contains_key("torch_dtype") && !raw.contains_key("dtype") { "torch_dtype" } else { "dtype" };
+    raw.insert(key.into(), Value::String(dtype.hf_name().into()));
+    raw.entry("architectures").or_insert_with(|| Value::Array(vec![Value::String(architecture.into())]));
+    let text = serde_json::to_string_pretty(&Value::Object(raw)).expect("JSON of JSON");
+    write_file(&dir.join("config.json"), format!("{text}\n").as_bytes())
+}
+
+/// Copies the tokenizer and generation files of the folder a model came from into `dir`.
+pub(super) fn copy_companions(source: Option<&Path>, dir: &Path) -> Result<()> {
+    let Some(src) = source else { return Ok(()) };
+    for name in COMPANION_FILES {
+        let from = src.join(name);
+        if from.is_file() {
+            let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+            write_file(&dir.join(name), &bytes)?;
+        }
+    }
+    Ok(())
+}
 
 impl<B: Backend> Model<B> {
     /// `from_pretrained`: reads `config.json` and the safetensors weights of a model folder.
@@ -243,29 +268,13 @@ impl<B: Backend> Model<B> {
             return self.copy_companions(dir);
         }
         let dtype = dtype.unwrap_or(self.dtype);
-        let mut raw = self.config.raw.clone();
-        let key = if raw.contains_key("torch_dtype") && !raw.contains_key("dtype") { "torch_dtype" } else { "dtype" };
-        raw.insert(key.into(), Value::String(dtype.hf_name().into()));
-        if !raw.contains_key("architectures") {
-            raw.insert("architectures".into(), Value::Array(vec![Value::String(self.config.architecture_name().into())]));
-        }
-        let text = serde_json::to_string_pretty(&Value::Object(raw)).expect("JSON of JSON");
-        write_file(&dir.join("config.json"), format!("{text}\n").as_bytes())?;
+        write_config_json(dir, self.config.raw.clone(), dtype, self.config.architecture_name())?;
         io::write_weights_from(dir, &self.layout, source, dtype, max_shard_size)?;
         self.copy_companions(dir)
     }
 
     /// Copies the source folder's tokenizer and generation files into `dir`.
     fn copy_companions(&self, dir: &Path) -> Result<()> {
-        if let Some(src) = &self.source {
-            for name in COMPANION_FILES {
-                let from = src.join(name);
-                if from.is_file() {
-                    let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
-                    write_file(&dir.join(name), &bytes)?;
-                }
-            }
-        }
-        Ok(())
+        copy_companions(self.source.as_deref(), dir)
     }
 }

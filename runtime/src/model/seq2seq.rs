@@ -12,7 +12,6 @@ use super::t5::{T5Config, T5Layout};
 use super::LoadOptions;
 use crate::backend::seq2seq::Seq2SeqOps;
 use crate::error::{Error, Result};
-use crate::files::write_file;
 use crate::nn::{GradsMut, Params};
 pub use crate::protocol::Seq2SeqBatch;
 
@@ -124,23 +123,10 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     pub fn write_into(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64) -> Result<()> {
         let dtype = dtype.unwrap_or(self.dtype);
         let mut raw = self.config.raw.clone();
-        let key = if raw.contains_key("torch_dtype") && !raw.contains_key("dtype") { "torch_dtype" } else { "dtype" };
-        raw.insert(key.into(), Value::String(dtype.hf_name().into()));
         raw.insert("tie_word_embeddings".into(), Value::Bool(self.config.tied_head));
         raw.insert("scale_decoder_outputs".into(), Value::Bool(self.config.scale_decoder_outputs));
-        raw.entry("architectures").or_insert_with(|| Value::Array(vec![Value::String("T5ForConditionalGeneration".into())]));
-        let text = serde_json::to_string_pretty(&Value::Object(raw)).expect("JSON of JSON");
-        write_file(&dir.join("config.json"), format!("{text}\n").as_bytes())?;
+        super::write_config_json(dir, raw, dtype, "T5ForConditionalGeneration")?;
         io::write_weights_from(dir, &self.layout, &mut |i| self.backend.download(&self.params[i]), dtype, max_shard_size)?;
-        if let Some(src) = &self.source {
-            for name in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"] {
-                let from = src.join(name);
-                if from.is_file() {
-                    let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
-                    write_file(&dir.join(name), &bytes)?;
-                }
-            }
-        }
-        Ok(())
+        super::copy_companions(self.source.as_deref(), dir)
     }
 }

@@ -159,17 +159,7 @@ impl<B: Seq2SeqOps> Seq2SeqDecode<B> {
         if src.iter().enumerate().all(|(r, &s)| r == s) {
             return Ok(());
         }
-        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let len = be.len(buf);
-            if be.len(&self.spare) != len {
-                self.spare = be.zeros(len)?;
-            }
-            let w = len / self.rows;
-            for (r, &s) in src.iter().enumerate() {
-                be.copy_range(&mut self.spare, r * w, buf, s * w, w);
-            }
-            std::mem::swap(buf, &mut self.spare);
-        }
+        crate::nn::reorder_rows(be, self.k.iter_mut().chain(self.v.iter_mut()), &mut self.spare, self.rows, src)?;
         let w = self.max_len;
         self.mask = src.iter().flat_map(|&s| self.mask[s * w..(s + 1) * w].to_vec()).collect();
         Ok(())

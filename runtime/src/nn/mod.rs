@@ -30,6 +30,33 @@ pub fn drop<B: Backend>(be: &B, x: &mut B::Buf, p: f32, key: Option<u64>, site: 
     }
 }
 
+/// Beam search's reordering of per-row caches: in each buffer (`rows` rows of equal width), row
+/// `r` takes row `src[r]`'s values. The rows are copied on the device into `spare`, which then
+/// becomes the buffer (no download, no upload).
+pub fn reorder_rows<'a, B: Backend>(
+    be: &B,
+    bufs: impl Iterator<Item = &'a mut B::Buf>,
+    spare: &mut B::Buf,
+    rows: usize,
+    src: &[usize],
+) -> crate::error::Result<()>
+where
+    B::Buf: 'a,
+{
+    for buf in bufs {
+        let len = be.len(buf);
+        if be.len(spare) != len {
+            *spare = be.zeros(len)?;
+        }
+        let w = len / rows;
+        for (r, &s) in src.iter().enumerate() {
+            be.copy_range(spare, r * w, buf, s * w, w);
+        }
+        std::mem::swap(buf, spare);
+    }
+    Ok(())
+}
+
 /// The model's parameter buffers and which of them train.
 pub struct Params<'a, B: Backend> {
     pub bufs: &'a [B::Buf],

@@ -238,7 +238,7 @@ pub fn forward(model_dir: &Path, adapter: Option<&Path>, inputs: &Path, output: 
         attention_mask: other("attention_mask")?,
         labels: other("labels")?,
         position_ids: other("position_ids")?,
-        columns: Vec::new(),
+        ..Batch::default()
     };
     let (logits, loss) = match opts.device.select(false)? {
         crate::model::Selected::Cpu => forward_on(Cpu, model_dir, adapter, inputs, &batch, opts)?,

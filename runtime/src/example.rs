@@ -1,6 +1,8 @@
-//! `runtime example addition`: a self-contained training example the project generates itself:
-//! multi-digit addition as prompt/completion text, a character-level tokenizer, a small Llama
-//! config and a run config, so the main job needs no download.
+//! `runtime example addition` / `reverse`: self-contained training examples the project
+//! generates itself, so the main jobs need no download. `addition`: multi-digit addition as
+//! prompt/completion text, a character-level tokenizer, a small Llama config and a run config.
+//! `reverse` (`reverse.rs`): digit strings and their reversal as source/target records for a
+//! small T5 trained from scratch, as `Seq2SeqTrainer` with `predict_with_generate`.
 //!
 //! The operands are zero-padded to `digits` and the sum is written least-significant digit
 //! first, zero-padded to `digits + 1` (`"123+456="` -> `"9750"`, i.e. 0579 reversed): the order
@@ -17,18 +19,32 @@ use serde_json::{json, Map, Value};
 use crate::error::{Error, Result};
 use crate::files::write_file;
 
+mod reverse;
+pub use reverse::reverse;
+
 const SPECIAL: [&str; 4] = ["<pad>", "<bos>", "<eos>", "<unk>"];
 const CHARS: &str = "0123456789+=";
 
-fn vocab() -> Vec<String> {
-    SPECIAL.iter().map(|s| s.to_string()).chain(CHARS.chars().map(String::from)).collect()
-}
-
 /// A character-level `tokenizer.json` (WordLevel over single characters, BOS template).
 fn tokenizer_json() -> Value {
-    let v = vocab();
-    let ids: Map<String, Value> = v.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-    let added: Vec<Value> = SPECIAL
+    char_tokenizer_json(
+        &SPECIAL,
+        CHARS,
+        json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<bos>": {"id": "<bos>", "ids": [1], "tokens": ["<bos>"]}}
+        }),
+    )
+}
+
+/// A WordLevel `tokenizer.json` over the `special` tokens (ids 0..) and then each character of
+/// `chars`, splitting text into single characters, with `post_processor` as given.
+pub(crate) fn char_tokenizer_json(special: &[&str], chars: &str, post_processor: Value) -> Value {
+    let vocab: Vec<String> = special.iter().map(|s| s.to_string()).chain(chars.chars().map(String::from)).collect();
+    let ids: Map<String, Value> = vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let added: Vec<Value> = special
         .iter()
         .enumerate()
         .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
@@ -40,19 +56,25 @@ fn tokenizer_json() -> Value {
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": false},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<bos>": {"id": "<bos>", "ids": [1], "tokens": ["<bos>"]}}
-        },
+        "post_processor": post_processor,
         "decoder": {"type": "Fuse"},
         "model": {"type": "WordLevel", "vocab": ids, "unk_token": "<unk>"}
     })
 }
 
-fn pretty(v: &Value) -> String {
+pub(crate) fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).expect("JSON") + "\n"
+}
+
+/// Refuses a non-empty `dir` unless `overwrite`, and creates it.
+pub(crate) fn prepare(dir: &Path, overwrite: bool) -> Result<()> {
+    if crate::files::non_empty_dir(dir)? && !overwrite {
+        return Err(Error::Invalid(format!(
+            "{}: folder exists and is not empty; pass --overwrite_output_dir to write the example's files into it (files of the same names are replaced)",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
 }
 
 /// Writes the addition example into `dir`: `config.json`, tokenizer files, `train.jsonl`,
@@ -61,13 +83,7 @@ pub fn addition(dir: &Path, n_train: usize, n_eval: usize, digits: u32, seed: u6
     if digits == 0 || digits > 9 {
         return Err(Error::Invalid("--digits must be between 1 and 9".into()));
     }
-    if crate::files::non_empty_dir(dir)? && !overwrite {
-        return Err(Error::Invalid(format!(
-            "{}: folder exists and is not empty; pass --overwrite_output_dir to write the example's files into it (files of the same names are replaced)",
-            dir.display()
-        )));
-    }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    prepare(dir, overwrite)?;
     let max = 10u64.pow(digits);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut seen = std::collections::HashSet::new();
@@ -82,7 +98,7 @@ pub fn addition(dir: &Path, n_train: usize, n_eval: usize, digits: u32, seed: u6
     }
     let ctx = 2 * (digits as usize + 1) + 8;
     let config = json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab().len(),
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": SPECIAL.len() + CHARS.len(),
         "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": ctx.next_power_of_two(), "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0, "tie_word_embeddings": true, "initializer_range": 0.02,

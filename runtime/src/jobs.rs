@@ -10,8 +10,10 @@ use crate::args::TrainingArguments;
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::model::seq2seq::Seq2SeqModel;
 use crate::model::{Device, Selected};
 use crate::train::callbacks::{PrinterCallback, TrainerCallback};
+use crate::train::model_kind::TrainerModel;
 use crate::train::search::pruner::MedianPruner;
 use crate::train::search::space::SamplerKind;
 use crate::train::search::{self, SearchOptions};
@@ -38,17 +40,47 @@ pub fn select_backend(args: &TrainingArguments) -> Result<Selected> {
     device.select(args.bf16)
 }
 
-/// `runtime train`: the log lines on stdout as they are logged, the final metrics, and where
-/// the output went.
-pub fn train(args: TrainingArguments) -> anyhow::Result<()> {
-    match select_backend(&args)? {
-        Selected::Cpu => train_on(Cpu, args),
-        Selected::Cuda(cuda) => train_on(cuda, args),
+/// Whether the run's model (`model_name_or_path`, else `config_name`) is an encoder-decoder one.
+fn encoder_decoder(args: &TrainingArguments) -> bool {
+    match (&args.model_name_or_path, &args.config_name) {
+        (Some(m), _) => crate::tools::seq2seq::is_encoder_decoder(Path::new(m)),
+        (None, Some(c)) if Path::new(c).is_dir() => crate::tools::seq2seq::is_encoder_decoder(Path::new(c)),
+        (None, Some(c)) => crate::tools::seq2seq::is_encoder_decoder_config(Path::new(c)),
+        (None, None) => false,
     }
 }
 
-fn train_on<B: Backend + Clone>(backend: B, args: TrainingArguments) -> anyhow::Result<()> {
-    let mut trainer = Trainer::new_on(backend, args, true)?;
+/// The trainer for the run: an encoder-decoder model's, or a decoder-only model's on the
+/// backend asked for. Encoder-decoder models run on the CPU backend only.
+enum AnyTrainer {
+    Cpu(Box<Trainer<Cpu>>),
+    Cuda(Box<Trainer<crate::backend::cuda::Cuda>>),
+    Seq2Seq(Box<Trainer<Cpu, Seq2SeqModel<Cpu>>>),
+}
+
+fn trainer(args: TrainingArguments, training: bool) -> Result<AnyTrainer> {
+    let seq2seq = encoder_decoder(&args);
+    Ok(match select_backend(&args)? {
+        Selected::Cpu if seq2seq => AnyTrainer::Seq2Seq(Box::new(Trainer::new_seq2seq(Cpu, args, training)?)),
+        Selected::Cpu => AnyTrainer::Cpu(Box::new(Trainer::new_on(Cpu, args, training)?)),
+        Selected::Cuda(_) if seq2seq => {
+            return Err(Error::Unsupported("encoder-decoder models (T5) run on the CPU backend only in this build: set device = \"cpu\"".into()))
+        }
+        Selected::Cuda(cuda) => AnyTrainer::Cuda(Box::new(Trainer::new_on(cuda, args, training)?)),
+    })
+}
+
+/// `runtime train`: the log lines on stdout as they are logged, the final metrics, and where
+/// the output went.
+pub fn train(args: TrainingArguments) -> anyhow::Result<()> {
+    match trainer(args, true)? {
+        AnyTrainer::Cpu(t) => train_with(*t),
+        AnyTrainer::Cuda(t) => train_with(*t),
+        AnyTrainer::Seq2Seq(t) => train_with(*t),
+    }
+}
+
+fn train_with<B: Backend + Clone, M: TrainerModel<B>>(mut trainer: Trainer<B, M>) -> anyhow::Result<()> {
     // in a data parallel run, rank 0 prints
     let main_process = trainer.state.is_world_process_zero;
     if main_process {
@@ -57,11 +89,11 @@ fn train_on<B: Backend + Clone>(backend: B, args: TrainingArguments) -> anyhow::
     stop_on_signals(&trainer.stop)?;
     tracing::info!(
         "training {} ({} parameters) on {} examples for {} steps ({})",
-        trainer.step.model.config.architecture_name(),
+        trainer.step.model.architecture_name(),
         trainer.step.model.num_parameters(),
         trainer.train_len(),
         trainer.state.max_steps,
-        trainer.step.model.backend.name()
+        trainer.step.model.backend().name()
     );
     let metrics = trainer.train()?;
     if main_process {
@@ -73,9 +105,10 @@ fn train_on<B: Backend + Clone>(backend: B, args: TrainingArguments) -> anyhow::
 
 /// `runtime eval`: the evaluation's metrics.
 pub fn eval(args: TrainingArguments) -> anyhow::Result<()> {
-    let metrics = match select_backend(&args)? {
-        Selected::Cpu => Trainer::new_on(Cpu, args, false)?.evaluate()?,
-        Selected::Cuda(cuda) => Trainer::new_on(cuda, args, false)?.evaluate()?,
+    let metrics = match trainer(args, false)? {
+        AnyTrainer::Cpu(mut t) => t.evaluate()?,
+        AnyTrainer::Cuda(mut t) => t.evaluate()?,
+        AnyTrainer::Seq2Seq(mut t) => t.evaluate()?,
     };
     println!("{}", serde_json::to_string(&metrics)?);
     Ok(())
@@ -84,9 +117,10 @@ pub fn eval(args: TrainingArguments) -> anyhow::Result<()> {
 /// `runtime predict`: the metrics, and where the generated predictions went.
 pub fn predict(args: TrainingArguments) -> anyhow::Result<()> {
     let out = Path::new(&args.output_dir).join("generated_predictions.jsonl");
-    let metrics = match select_backend(&args)? {
-        Selected::Cpu => Trainer::new_on(Cpu, args, false)?.predict()?,
-        Selected::Cuda(cuda) => Trainer::new_on(cuda, args, false)?.predict()?,
+    let metrics = match trainer(args, false)? {
+        AnyTrainer::Cpu(mut t) => t.predict()?,
+        AnyTrainer::Cuda(mut t) => t.predict()?,
+        AnyTrainer::Seq2Seq(mut t) => t.predict()?,
     };
     println!("{}", serde_json::to_string(&metrics)?);
     println!("wrote {}", out.display());

@@ -157,9 +157,10 @@ enum Command {
         overrides: Vec<String>,
     },
     /// Generate a self-contained example (data, tokenizer, model config, run config):
-    /// `runtime example addition --output_dir DIR`.
+    /// `runtime example addition --output_dir DIR` (a small Llama learns addition) or
+    /// `runtime example reverse --output_dir DIR` (a small T5 learns to reverse digit strings).
     Example {
-        /// The example to write: addition
+        /// The example to write: addition or reverse
         name: String,
         #[arg(long = "output_dir")]
         output_dir: PathBuf,
@@ -167,8 +168,9 @@ enum Command {
         n_train: usize,
         #[arg(long = "n_eval", default_value_t = 500)]
         n_eval: usize,
-        #[arg(long, default_value_t = 3)]
-        digits: u32,
+        /// addition: digits per operand (default 3); reverse: the longest digit string (default 8)
+        #[arg(long)]
+        digits: Option<u32>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Write into a non-empty folder (the example's files replace files of the same names).
@@ -328,10 +330,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             jobs::train(args)?;
         }
         Command::Example { name, output_dir, n_train, n_eval, digits, seed, overwrite_output_dir } => {
-            if name != "addition" {
-                anyhow::bail!("unknown example `{name}` (available: addition)");
+            match name.as_str() {
+                "addition" => runtime::example::addition(&output_dir, n_train, n_eval, digits.unwrap_or(3), seed, overwrite_output_dir)?,
+                "reverse" => runtime::example::reverse(&output_dir, n_train, n_eval, digits.unwrap_or(8), seed, overwrite_output_dir)?,
+                _ => anyhow::bail!("unknown example `{name}` (available: addition, reverse)"),
             }
-            runtime::example::addition(&output_dir, n_train, n_eval, digits, seed, overwrite_output_dir)?;
             println!("wrote {}; train with: runtime train --config {}", output_dir.display(), output_dir.join("train.toml").display());
         }
         Command::HpSearch(a) => jobs::hp_search(&a.options()?)?,

@@ -24,16 +24,29 @@ pub struct Batch {
     pub position_ids: Option<Vec<i32>>,
     /// The dataset's numeric columns for these examples, one value per row (for plugins).
     pub columns: Vec<(String, Vec<f64>)>,
+    /// An encoder-decoder batch's decoder inputs, `[batch, decoder_seq]` (the labels shifted
+    /// right): then `input_ids` and `attention_mask` are the sources, and `labels` are aligned
+    /// with the decoder inputs (`[batch, decoder_seq]`, not shifted again).
+    pub decoder_input_ids: Option<Vec<i32>>,
+    pub decoder_seq: usize,
 }
 
-/// Label tokens of a batch after the causal-LM shift.
+/// Label tokens of a batch: after the causal-LM shift, or all of an encoder-decoder batch's.
 pub fn label_tokens(b: &Batch) -> usize {
-    b.labels.as_ref().map_or(0, |l| (0..b.batch).map(|r| l[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&x| x != IGNORE_INDEX).count()).sum())
+    let Some(l) = &b.labels else { return 0 };
+    if b.decoder_input_ids.is_some() {
+        return l.iter().filter(|&&x| x != IGNORE_INDEX).count();
+    }
+    (0..b.batch).map(|r| l[r * b.seq + 1..(r + 1) * b.seq].iter().filter(|&&x| x != IGNORE_INDEX).count()).sum()
 }
 
-/// The causal-LM shift: position `t` of a row predicts label `t + 1`; the last position and
-/// batches without labels get -100.
+/// The target of each position: after the causal-LM shift (position `t` of a row predicts label
+/// `t + 1`; the last position and batches without labels get -100), or an encoder-decoder
+/// batch's labels as they are (one per decoder position).
 pub fn shifted_labels(b: &Batch) -> Vec<i32> {
+    if b.decoder_input_ids.is_some() {
+        return b.labels.clone().unwrap_or_else(|| vec![IGNORE_INDEX; b.batch * b.decoder_seq]);
+    }
     let mut targets = vec![IGNORE_INDEX; b.batch * b.seq];
     if let Some(labels) = &b.labels {
         for r in 0..b.batch {
@@ -166,6 +179,38 @@ pub struct Seq2SeqBatch {
 }
 
 impl Seq2SeqBatch {
+    /// The batch as the trainer carries it (a [`Batch`] with decoder inputs).
+    pub fn into_batch(self) -> Batch {
+        Batch {
+            batch: self.batch,
+            seq: self.src_len,
+            input_ids: self.input_ids,
+            attention_mask: Some(self.attention_mask),
+            labels: Some(self.labels),
+            position_ids: None,
+            columns: Vec::new(),
+            decoder_input_ids: Some(self.decoder_input_ids),
+            decoder_seq: self.tgt_len,
+        }
+    }
+
+    /// An encoder-decoder [`Batch`] in this form; an error for a batch without decoder inputs
+    /// (a decoder-only batch given to an encoder-decoder model).
+    pub fn from_batch(b: &Batch) -> Result<Self> {
+        let Some(dec) = &b.decoder_input_ids else {
+            return Err(Error::Invalid("an encoder-decoder model was given a batch without decoder inputs (source/target records make them)".into()));
+        };
+        Ok(Seq2SeqBatch {
+            batch: b.batch,
+            src_len: b.seq,
+            tgt_len: b.decoder_seq,
+            input_ids: b.input_ids.clone(),
+            attention_mask: b.attention_mask.clone().unwrap_or_else(|| vec![1; b.batch * b.seq]),
+            decoder_input_ids: dec.clone(),
+            labels: b.labels.clone().unwrap_or_else(|| vec![IGNORE_INDEX; b.batch * b.decoder_seq]),
+        })
+    }
+
     /// The model's `_shift_right`: `decoder_input_ids` from `labels`, each row starting with
     /// `start` and -100 replaced by `pad`.
     pub fn shift_right(labels: &[i32], tgt_len: usize, start: usize, pad: usize) -> Vec<i32> {

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
+pub mod trainer_case;
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }

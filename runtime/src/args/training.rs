@@ -64,6 +64,21 @@ pub struct TrainingArguments {
     /// A PEFT adapter folder to start from (and continue training).
     pub adapter_name_or_path: Option<String>,
 
+    // --- run_summarization.py data arguments (encoder-decoder models)
+    /// The record field holding the source text (`source` when unset).
+    pub text_column: Option<String>,
+    /// The record field holding the target text (`target` when unset).
+    pub summary_column: Option<String>,
+    /// Sources are truncated to this many tokens (the special tokens kept).
+    pub max_source_length: usize,
+    /// Training targets are truncated to this many tokens.
+    pub max_target_length: usize,
+    /// Validation targets are truncated to this many tokens (`max_target_length` when unset);
+    /// also the generation length when `generation_max_length` is unset.
+    pub val_max_target_length: Option<usize>,
+    /// Batches are padded to a multiple of this (`DataCollatorForSeq2Seq`'s argument).
+    pub pad_to_multiple_of: Option<usize>,
+
     // --- TrainingArguments
     pub output_dir: String,
     pub overwrite_output_dir: bool,
@@ -167,6 +182,12 @@ impl Default for TrainingArguments {
             validation_file: None,
             block_size: None,
             max_seq_length: None,
+            text_column: None,
+            summary_column: None,
+            max_source_length: 1024,
+            max_target_length: 128,
+            val_max_target_length: None,
+            pad_to_multiple_of: None,
             overwrite_cache: false,
             torch_dtype: None,
             attn_implementation: "sdpa".into(),
@@ -379,6 +400,16 @@ impl TrainingArguments {
         for (name, v) in [("block_size", self.block_size), ("max_seq_length", self.max_seq_length)] {
             if let Some(v) = v.filter(|&v| v < 2) {
                 return bad(format!("{name} must be at least 2 (a causal LM example needs two tokens to predict one), found {v}"));
+            }
+        }
+        for (name, v) in [
+            ("max_source_length", Some(self.max_source_length)),
+            ("max_target_length", Some(self.max_target_length)),
+            ("val_max_target_length", self.val_max_target_length),
+            ("pad_to_multiple_of", self.pad_to_multiple_of),
+        ] {
+            if v == Some(0) {
+                return bad(format!("{name} must be at least 1"));
             }
         }
         if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {

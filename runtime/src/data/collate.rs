@@ -52,5 +52,5 @@ pub fn pad_batch(examples: &[Example], opts: &PadOptions) -> Result<Batch> {
             labels[off + t] = lab;
         }
     }
-    Ok(Batch { batch: n, seq, input_ids, attention_mask: Some(attention_mask), labels: Some(labels), position_ids: None, columns: Vec::new() })
+    Ok(Batch { batch: n, seq, input_ids, attention_mask: Some(attention_mask), labels: Some(labels), ..Batch::default() })
 }

@@ -9,7 +9,7 @@
 use super::collective::Collective;
 use crate::backend::{AdamWStep, Backend};
 use crate::error::{Error, Result};
-use crate::model::{Grads, Model};
+use crate::model::{Grads, ParamSet};
 
 /// A piece of one tensor owned by one process: elements `start..start + len` of parameter `param`.
 #[derive(Clone, Copy, Debug)]
@@ -22,8 +22,9 @@ pub(super) struct Piece {
 
 /// The trainable parameters of `model` laid end to end and cut into `world` equal parts: every
 /// piece, in the flat order.
-pub(super) fn partition<B: Backend>(model: &Model<B>, world: usize) -> Vec<Piece> {
-    let order: Vec<(usize, usize)> = model.layout.specs.iter().enumerate().filter(|(i, _)| model.trainable[*i]).map(|(i, s)| (i, s.numel())).collect();
+pub(super) fn partition<B: Backend>(model: &dyn ParamSet<B>, world: usize) -> Vec<Piece> {
+    let trainable = model.trainable();
+    let order: Vec<(usize, usize)> = model.specs().iter().enumerate().filter(|(i, _)| trainable[*i]).map(|(i, s)| (i, s.numel())).collect();
     partition_of(&order, world)
 }
 
@@ -76,10 +77,10 @@ pub(super) fn sum_squares(x: &[f32]) -> f64 {
 
 impl<B: Backend> Shard<B> {
     /// Process `rank`'s view over `world` processes, with zeroed moments.
-    pub fn new(model: &Model<B>, rank: usize, world: usize) -> Result<Self> {
+    pub fn new(model: &dyn ParamSet<B>, rank: usize, world: usize) -> Result<Self> {
         let pieces = partition(model, world);
         let mine: Vec<&Piece> = pieces.iter().filter(|p| p.owner == rank).collect();
-        let be = &model.backend;
+        let be = model.backend();
         let exp_avg = mine.iter().map(|p| be.zeros(p.len)).collect::<Result<_>>()?;
         let exp_avg_sq = mine.iter().map(|p| be.zeros(p.len)).collect::<Result<_>>()?;
         Ok(Shard { pieces, rank, exp_avg, exp_avg_sq })
@@ -96,8 +97,8 @@ impl<B: Backend> Shard<B> {
 
     /// Sums each piece's gradient over the processes into its owner's gradient buffer; returns
     /// the sum of squares of this process's pieces (the others' gradients are left partial).
-    pub fn reduce_grads(&mut self, model: &Model<B>, grads: &mut Grads<B>, collective: &mut dyn Collective<B>) -> Result<f64> {
-        let be = &model.backend;
+    pub fn reduce_grads(&mut self, model: &dyn ParamSet<B>, grads: &mut Grads<B>, collective: &mut dyn Collective<B>) -> Result<f64> {
+        let be = model.backend();
         let mut sq = 0.0;
         for p in &self.pieces {
             let own = p.owner == self.rank;
@@ -110,53 +111,58 @@ impl<B: Backend> Shard<B> {
     }
 
     /// One AdamW step (`hp`, the clipping folded in) of this process's pieces, in place.
-    pub fn update(&mut self, model: &mut Model<B>, grads: &Grads<B>, hp: AdamWStep) -> Result<()> {
-        let be = &model.backend;
+    pub fn update(&mut self, model: &mut dyn ParamSet<B>, grads: &Grads<B>, hp: AdamWStep) -> Result<()> {
+        let pm = model.params_mut();
+        let be = pm.backend;
         let mine: Vec<Piece> = self.mine().copied().collect();
         for ((p, m), v) in mine.iter().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq) {
-            let decay = model.layout.specs[p.param].decay;
-            be.adamw_range(&mut model.params[p.param], &grads.tensors[p.param], p.start, m, v, hp, decay)?;
+            let decay = pm.specs[p.param].decay;
+            be.adamw_range(&mut pm.params[p.param], &grads.tensors[p.param], p.start, m, v, hp, decay)?;
         }
         Ok(())
     }
 
     /// Sends every piece of the weights from its owner to every process (after an update).
-    pub fn share_weights(&mut self, model: &mut Model<B>, collective: &mut dyn Collective<B>) -> Result<()> {
-        let be = &model.backend;
+    pub fn share_weights(&mut self, model: &mut dyn ParamSet<B>, collective: &mut dyn Collective<B>) -> Result<()> {
+        let pm = model.params_mut();
+        let be = pm.backend;
         for p in &self.pieces {
-            on_host(be, &mut model.params[p.param], p.start, p.len, true, |w| collective.broadcast_from(p.owner, w))?;
+            on_host(be, &mut pm.params[p.param], p.start, p.len, true, |w| collective.broadcast_from(p.owner, w))?;
         }
         Ok(())
     }
 
     /// The sums of squares of this process's pieces of the weights, first and second moments.
-    pub fn state_sums(&mut self, model: &mut Model<B>) -> Result<[f64; 3]> {
-        let be = &model.backend;
+    pub fn state_sums(&mut self, model: &mut dyn ParamSet<B>) -> Result<[f64; 3]> {
+        let pm = model.params_mut();
+        let be = pm.backend;
         let mut w = 0.0;
         for p in self.pieces.iter().filter(|p| p.owner == self.rank) {
-            w += on_host(be, &mut model.params[p.param], p.start, p.len, false, |x| Ok(sum_squares(x)))?;
+            w += on_host(be, &mut pm.params[p.param], p.start, p.len, false, |x| Ok(sum_squares(x)))?;
         }
         let sums = |bufs: &[B::Buf]| -> Result<f64> { Ok(be.sum_squares_multi(&bufs.iter().collect::<Vec<_>>())?.iter().sum()) };
         Ok([w, sums(&self.exp_avg)?, sums(&self.exp_avg_sq)?])
     }
 
     /// A copy of this process's pieces of the weights and its moments, and [`Shard::restore`].
-    pub fn backup(&mut self, model: &mut Model<B>) -> Result<Vec<[Vec<f32>; 3]>> {
-        let be = &model.backend;
+    pub fn backup(&mut self, model: &mut dyn ParamSet<B>) -> Result<Vec<[Vec<f32>; 3]>> {
+        let pm = model.params_mut();
+        let be = pm.backend;
         let mine: Vec<Piece> = self.mine().copied().collect();
         let mut out = Vec::new();
         for ((p, m), v) in mine.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
-            let w = on_host(be, &mut model.params[p.param], p.start, p.len, false, |x| Ok(x.to_vec()))?;
+            let w = on_host(be, &mut pm.params[p.param], p.start, p.len, false, |x| Ok(x.to_vec()))?;
             out.push([w, be.download(m)?, be.download(v)?]);
         }
         Ok(out)
     }
 
-    pub fn restore(&mut self, model: &mut Model<B>, backup: Vec<[Vec<f32>; 3]>) -> Result<()> {
-        let be = &model.backend;
+    pub fn restore(&mut self, model: &mut dyn ParamSet<B>, backup: Vec<[Vec<f32>; 3]>) -> Result<()> {
+        let pm = model.params_mut();
+        let be = pm.backend;
         let mine: Vec<Piece> = self.mine().copied().collect();
         for (((p, m), v), [w, bm, bv]) in mine.iter().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq).zip(backup) {
-            on_host(be, &mut model.params[p.param], p.start, p.len, true, |x| {
+            on_host(be, &mut pm.params[p.param], p.start, p.len, true, |x| {
                 x.copy_from_slice(&w);
                 Ok(())
             })?;
@@ -169,12 +175,12 @@ impl<B: Backend> Shard<B> {
     /// Every parameter's moments (`None` for a frozen one), gathered on rank 0, tensor by tensor
     /// (each piece sent from its owner); `None` on the other processes. Every process calls it.
     #[allow(clippy::type_complexity)] // per parameter: (first, second) moment
-    pub fn gather_moments(&mut self, model: &Model<B>, collective: &mut dyn Collective<B>) -> Result<Option<Vec<Option<(Vec<f32>, Vec<f32>)>>>> {
-        let be = &model.backend;
-        let mut out: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; model.params.len()];
+    pub fn gather_moments(&mut self, model: &dyn ParamSet<B>, collective: &mut dyn Collective<B>) -> Result<Option<Vec<Option<(Vec<f32>, Vec<f32>)>>>> {
+        let be = model.backend();
+        let mut out: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; model.specs().len()];
         let mut k = 0;
         for (i, p) in self.pieces.iter().enumerate() {
-            let n = model.layout.specs[p.param].numel();
+            let n = model.specs()[p.param].numel();
             let slot = out[p.param].get_or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
             let own = p.owner == self.rank;
             for (full, mine) in [(&mut slot.0, &self.exp_avg), (&mut slot.1, &self.exp_avg_sq)] {
@@ -195,15 +201,15 @@ impl<B: Backend> Shard<B> {
     }
 
     /// Takes this process's pieces of full moments (by parameter, as a checkpoint holds them).
-    pub fn load_moments(&mut self, model: &Model<B>, exp_avg: &[Option<B::Buf>], exp_avg_sq: &[Option<B::Buf>]) -> Result<()> {
-        let be = &model.backend;
+    pub fn load_moments(&mut self, model: &dyn ParamSet<B>, exp_avg: &[Option<B::Buf>], exp_avg_sq: &[Option<B::Buf>]) -> Result<()> {
+        let be = model.backend();
         let mine: Vec<Piece> = self.mine().copied().collect();
         for ((p, m), v) in mine.iter().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq) {
             let (fm, fv) = match (&exp_avg[p.param], &exp_avg_sq[p.param]) {
                 (Some(fm), Some(fv)) => (fm, fv),
                 // none yet (a fresh start): the zeroed moments stay
                 (None, None) => continue,
-                _ => return Err(Error::Invalid(format!("one moment only for parameter {}", model.layout.specs[p.param].name))),
+                _ => return Err(Error::Invalid(format!("one moment only for parameter {}", model.specs()[p.param].name))),
             };
             be.copy_range(m, 0, fm, p.start, p.len);
             be.copy_range(v, 0, fv, p.start, p.len);

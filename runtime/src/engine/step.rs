@@ -12,8 +12,8 @@ use super::optimizer::{bounds_after_update, clip_coef, trainable_grad_norm, Adam
 use super::shard::Shard;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{Activations, Grads, LossOptions, LossOutput, Model, Neftune};
-use crate::protocol::{label_tokens, Batch, CustomLoss};
+use crate::model::{Grads, LossOptions, LossOutput, Model, Neftune, PassLoss, TrainModel};
+use crate::protocol::{label_tokens, Batch};
 
 fn poisoned() -> Error {
     Error::Invalid("the sharded weights were left inconsistent by an earlier failure".into())
@@ -21,10 +21,7 @@ fn poisoned() -> Error {
 
 /// How a micro-batch's loss is computed: the built-in cross-entropy (with its options), or a
 /// loss from outside the engine (a plugin's) with the divisor `num_items_in_batch`.
-pub enum MicroLoss<'a, 'b> {
-    BuiltIn(LossOptions),
-    Custom(&'a mut CustomLoss<'b>, Option<usize>),
-}
+pub type MicroLoss<'a, 'b> = PassLoss<'a, 'b>;
 
 /// Per-micro-batch settings of [`Step::micro_batch`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -51,12 +48,12 @@ pub struct StepReport {
     pub applied: bool,
 }
 
-/// The model, its gradients and activations, the optimizer and the collective: everything one
-/// optimizer step touches.
-pub struct Step<B: Backend> {
-    pub model: Model<B>,
+/// The model (either kind, [`TrainModel`]), its gradients and activations, the optimizer and the
+/// collective: everything one optimizer step touches.
+pub struct Step<B: Backend, M: TrainModel<B> = Model<B>> {
+    pub model: M,
     pub grads: Grads<B>,
-    pub acts: Activations<B>,
+    pub acts: M::Acts,
     pub opt: AdamW<B>,
     pub collective: Box<dyn Collective<B>>,
     /// The optimizer sharded over the processes (`fsdp = "shard_grad_op"`): then `opt` holds no
@@ -74,18 +71,18 @@ pub struct Step<B: Backend> {
     last_norm: Option<f32>,
 }
 
-impl<B: Backend> Step<B> {
+impl<B: Backend, M: TrainModel<B>> Step<B, M> {
     /// A step for `model` in one process, with zeroed gradients and AdamW moments; the
     /// activation workspace is sized by the first micro-batch.
-    pub fn new(model: Model<B>, opt: AdamWConfig) -> Result<Self> {
+    pub fn new(model: M, opt: AdamWConfig) -> Result<Self> {
         Self::with_workspace(model, opt, 1, 2)
     }
 
     /// [`Step::new`] with the activation workspace made for `batch` x `seq` up front (it is
     /// allocated first, then the gradients and the moments).
-    pub fn with_workspace(model: Model<B>, opt: AdamWConfig, batch: usize, seq: usize) -> Result<Self> {
-        let acts = Activations::new(&model, batch, seq)?;
-        let grads = Grads::zeros(&model)?;
+    pub fn with_workspace(model: M, opt: AdamWConfig, batch: usize, seq: usize) -> Result<Self> {
+        let acts = model.workspace(batch, seq)?;
+        let grads = model.zero_grads()?;
         let opt = AdamW::new(&model, opt)?;
         Ok(Step { model, grads, acts, opt, collective: Box::new(SingleProcess), shard: None, full: None, bounds: None, last_norm: None })
     }
@@ -108,35 +105,13 @@ impl<B: Backend> Step<B> {
 
     /// [`Step::with_workspace`] with the optimizer sharded over `collective`'s processes from
     /// the start (no process ever holds all the moments).
-    pub fn sharded(model: Model<B>, opt: AdamWConfig, collective: Box<dyn Collective<B>>, batch: usize, seq: usize) -> Result<Self> {
-        let acts = Activations::new(&model, batch, seq)?;
-        let grads = Grads::zeros(&model)?;
+    pub fn sharded(model: M, opt: AdamWConfig, collective: Box<dyn Collective<B>>, batch: usize, seq: usize) -> Result<Self> {
+        let acts = model.workspace(batch, seq)?;
+        let grads = model.zero_grads()?;
         let shard = Shard::new(&model, collective.rank(), collective.world_size())?;
-        let n = model.params.len();
+        let n = model.specs().len();
         let opt = AdamW { config: opt, exp_avg: (0..n).map(|_| None).collect(), exp_avg_sq: (0..n).map(|_| None).collect(), step: 0 };
         Ok(Step { model, grads, acts, opt, collective, shard: Some(shard), full: None, bounds: None, last_norm: None })
-    }
-
-    /// [`Step::with_workspace`] with the weights, gradients and optimizer sharded over
-    /// `collective`'s processes ([`FullShard`]): the model's whole weights are dropped once this
-    /// process has taken its pieces, and no gradient or moment is ever allocated whole.
-    ///
-    /// `stash`: this process's pieces, when they were cut as the model was made (its buffers
-    /// are then empty already).
-    pub fn fully_sharded(
-        mut model: Model<B>,
-        opt: AdamWConfig,
-        collective: Box<dyn Collective<B>>,
-        batch: usize,
-        seq: usize,
-        stash: Option<PieceStash>,
-    ) -> Result<Self> {
-        let acts = Activations::new(&model, batch, seq)?;
-        let n = model.params.len();
-        let mut grads = Grads { tensors: (0..n).map(|_| model.backend.zeros(0)).collect::<Result<_>>()? };
-        let full = FullShard::install(&mut model, &mut grads, collective.as_ref(), stash)?;
-        let opt = AdamW { config: opt, exp_avg: (0..n).map(|_| None).collect(), exp_avg_sq: (0..n).map(|_| None).collect(), step: 0 };
-        Ok(Step { model, grads, acts, opt, collective, shard: None, full: Some(full), bounds: None, last_norm: None })
     }
 
     /// The fully sharded state, locked (see [`Step::fully_sharded`]).
@@ -147,9 +122,9 @@ impl<B: Backend> Step<B> {
     /// Bytes this process holds of weights, gradients and optimizer moments (not activations):
     /// whole, or its shards of them.
     pub fn state_bytes(&self) -> Result<usize> {
-        let be = &self.model.backend;
+        let be = self.model.backend();
         let moments = self.opt.exp_avg.iter().chain(&self.opt.exp_avg_sq).flatten();
-        let own: usize = self.model.params.iter().chain(&self.grads.tensors).chain(moments).map(|b| be.len(b)).sum();
+        let own: usize = self.model.params().iter().chain(&self.grads.tensors).chain(moments).map(|b| be.len(b)).sum();
         let shard = self.shard.as_ref().map_or(0, |s| s.bytes(be));
         let full = match self.full_shard() {
             Some(f) => f?.bytes(be),
@@ -160,9 +135,9 @@ impl<B: Backend> Step<B> {
 
     /// Zeroes the gradients: the start of a step.
     pub fn zero_grad(&mut self) -> Result<()> {
-        self.grads.zero(&self.model.backend);
+        self.grads.zero(self.model.backend());
         if let Some(full) = self.full_shard() {
-            full?.zero_grads(&self.model.backend);
+            full?.zero_grads(self.model.backend());
         }
         Ok(())
     }
@@ -172,7 +147,7 @@ impl<B: Backend> Step<B> {
     /// the backward pass has finished it.
     pub fn micro_batch(&mut self, b: &Batch, loss: MicroLoss, o: MicroOptions) -> Result<LossOutput> {
         let Step { model, grads, acts, collective, .. } = self;
-        let (be, trainable) = (&model.backend, &model.trainable);
+        let (be, trainable) = (model.backend(), model.trainable());
         let mut failed = None;
         let mut ready = |params: &[usize], bufs: &mut [B::Buf]| {
             let params: Vec<usize> = params.iter().copied().filter(|&i| trainable[i]).collect();
@@ -180,11 +155,8 @@ impl<B: Backend> Step<B> {
                 failed = collective.grads_ready(be, &params, bufs).err();
             }
         };
-        acts.set_dropout(o.dropout);
-        let out = match loss {
-            MicroLoss::BuiltIn(opts) => model.forward_backward_with(acts, b, grads, opts, o.neftune, &mut ready),
-            MicroLoss::Custom(custom, items) => model.forward_backward_custom(acts, b, grads, custom, items, o.neftune, &mut ready),
-        }?;
+        M::set_dropout(acts, o.dropout);
+        let out = model.train_pass(acts, b, grads, loss, o.neftune, &mut ready)?;
         failed.map_or(Ok(out), Err)
     }
 
@@ -192,7 +164,7 @@ impl<B: Backend> Step<B> {
     /// clipping coefficient for `max_grad_norm` (1.0 when it is not positive: no clipping).
     pub fn grad_norm(&mut self, max_grad_norm: f32) -> Result<(f32, f32)> {
         let full_sq = match self.full_shard() {
-            Some(full) => Some(full?.grad_sq(&self.model.backend)?),
+            Some(full) => Some(full?.grad_sq(self.model.backend())?),
             None => None,
         };
         let norm = match &mut self.shard {
@@ -207,8 +179,8 @@ impl<B: Backend> Step<B> {
                 sq[0].sqrt() as f32
             }
             None => {
-                self.collective.all_reduce_grads(&self.model.backend, &mut self.grads)?;
-                trainable_grad_norm(&self.model.backend, &self.grads, &self.model.trainable)?
+                self.collective.all_reduce_grads(self.model.backend(), &mut self.grads)?;
+                trainable_grad_norm(self.model.backend(), &self.grads, self.model.trainable())?
             }
         };
         self.last_norm = Some(norm);
@@ -234,7 +206,7 @@ impl<B: Backend> Step<B> {
         }
         let g = match self.last_norm {
             Some(n) => n as f64,
-            None => trainable_grad_norm(&self.model.backend, &self.grads, &self.model.trainable)? as f64,
+            None => trainable_grad_norm(self.model.backend(), &self.grads, self.model.trainable())? as f64,
         } * clip_coef as f64;
         // the hyper-parameters of the step about to be taken
         let hp = self.opt.hyper(self.opt.step + 1, lr, clip_coef);
@@ -250,7 +222,7 @@ impl<B: Backend> Step<B> {
         match (&mut self.shard, self.full.as_ref()) {
             (_, Some(full)) => {
                 self.opt.step += 1;
-                full.lock().map_err(|_| poisoned())?.update(&self.model.backend, hp)?;
+                full.lock().map_err(|_| poisoned())?.update(self.model.backend(), hp)?;
             }
             (Some(shard), None) => {
                 self.opt.step += 1;
@@ -281,14 +253,15 @@ impl<B: Backend> Step<B> {
     /// Puts back the state [`Step::download_state`] copied.
     fn restore_state(&mut self, backup: Vec<(usize, [Vec<f32>; 3])>) -> Result<()> {
         if let Some(full) = self.full_shard() {
-            return full?.restore(&self.model.backend, backup.into_iter().map(|b| b.1).collect());
+            return full?.restore(self.model.backend(), backup.into_iter().map(|b| b.1).collect());
         }
         if let Some(shard) = &mut self.shard {
             return shard.restore(&mut self.model, backup.into_iter().map(|b| b.1).collect());
         }
         for (i, [p, m, v]) in backup {
-            let be = &self.model.backend;
-            self.model.params[i] = be.upload(&p)?;
+            let pm = self.model.params_mut();
+            let be = pm.backend;
+            pm.params[i] = be.upload(&p)?;
             self.opt.exp_avg[i] = Some(be.upload(&m)?);
             self.opt.exp_avg_sq[i] = Some(be.upload(&v)?);
         }
@@ -305,16 +278,16 @@ impl<B: Backend> Step<B> {
     /// (With a sharded optimizer: this process's pieces, numbered in order.)
     fn download_state(&mut self) -> Result<Vec<(usize, [Vec<f32>; 3])>> {
         if let Some(full) = self.full_shard() {
-            return Ok(full?.backup(&self.model.backend)?.into_iter().enumerate().collect());
+            return Ok(full?.backup(self.model.backend())?.into_iter().enumerate().collect());
         }
         if let Some(shard) = &mut self.shard {
             return Ok(shard.backup(&mut self.model)?.into_iter().enumerate().collect());
         }
-        let (be, opt) = (&self.model.backend, &self.opt);
+        let (be, opt, params) = (self.model.backend(), &self.opt, self.model.params());
         let mut out = Vec::new();
-        for i in (0..self.model.params.len()).filter(|&i| self.model.trainable[i]) {
+        for i in (0..params.len()).filter(|&i| self.model.trainable()[i]) {
             let (Some(m), Some(v)) = (&opt.exp_avg[i], &opt.exp_avg_sq[i]) else { continue };
-            out.push((i, [be.download(&self.model.params[i])?, be.download(m)?, be.download(v)?]));
+            out.push((i, [be.download(&params[i])?, be.download(m)?, be.download(v)?]));
         }
         Ok(out)
     }
@@ -327,7 +300,7 @@ impl<B: Backend> Step<B> {
     /// moments, over every process (bounds too, if looser), and whether every process's are finite.
     fn state_bounds(&mut self) -> Result<(bool, [f64; 3])> {
         let full = match self.full_shard() {
-            Some(full) => Some(full?.state_sums(&self.model.backend)?),
+            Some(full) => Some(full?.state_sums(self.model.backend())?),
             None => None,
         };
         if let Some(mut sums) = full {
@@ -340,13 +313,14 @@ impl<B: Backend> Step<B> {
             return Ok((sums.iter().all(|s| s.is_finite()), sums.map(f64::sqrt)));
         }
         let (model, opt) = (&self.model, &self.opt);
+        let (params, trainable) = (model.params(), model.trainable());
         let mut bufs = Vec::new();
-        for i in (0..model.params.len()).filter(|&i| model.trainable[i]) {
+        for i in (0..params.len()).filter(|&i| trainable[i]) {
             if let (Some(m), Some(v)) = (&opt.exp_avg[i], &opt.exp_avg_sq[i]) {
-                bufs.extend([&model.params[i], m, v]);
+                bufs.extend([&params[i], m, v]);
             }
         }
-        let sums = model.backend.sum_squares_multi(&bufs)?;
+        let sums = model.backend().sum_squares_multi(&bufs)?;
         let finite = sums.iter().all(|s| s.is_finite());
         let mut bounds = [0.0f64; 3];
         for (k, s) in sums.iter().enumerate() {
@@ -380,5 +354,29 @@ impl<B: Backend> Step<B> {
         let (grad_norm, clip_coef) = self.grad_norm(max_grad_norm)?;
         let applied = loss.is_finite() && grad_norm.is_finite() && self.apply(lr, clip_coef)?;
         Ok(StepReport { loss, grad_norm, clip_coef, applied })
+    }
+}
+
+impl<B: Backend> Step<B, Model<B>> {
+    /// [`Step::with_workspace`] with the weights, gradients and optimizer sharded over
+    /// `collective`'s processes ([`FullShard`]): the model's whole weights are dropped once this
+    /// process has taken its pieces, and no gradient or moment is ever allocated whole.
+    ///
+    /// `stash`: this process's pieces, when they were cut as the model was made (its buffers
+    /// are then empty already).
+    pub fn fully_sharded(
+        mut model: Model<B>,
+        opt: AdamWConfig,
+        collective: Box<dyn Collective<B>>,
+        batch: usize,
+        seq: usize,
+        stash: Option<PieceStash>,
+    ) -> Result<Self> {
+        let acts = model.workspace(batch, seq)?;
+        let n = model.params.len();
+        let mut grads = Grads { tensors: (0..n).map(|_| model.backend.zeros(0)).collect::<Result<_>>()? };
+        let full = FullShard::install(&mut model, &mut grads, collective.as_ref(), stash)?;
+        let opt = AdamW { config: opt, exp_avg: (0..n).map(|_| None).collect(), exp_avg_sq: (0..n).map(|_| None).collect(), step: 0 };
+        Ok(Step { model, grads, acts, opt, collective, shard: None, full: Some(full), bounds: None, last_norm: None })
     }
 }

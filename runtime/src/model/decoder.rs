@@ -59,6 +59,9 @@ impl<B: Backend> Model<B> {
         if rows == 0 {
             return Err(Error::Invalid("empty batch".into()));
         }
+        if b.decoder_input_ids.is_some() {
+            return Err(Error::Invalid("a decoder-only model was given an encoder-decoder batch (sources with decoder inputs)".into()));
+        }
         let check_len = |name: &str, len: usize| {
             if len != rows {
                 Err(Error::Invalid(format!("`{name}` has {len} values, expected batch {} x seq {} = {rows}", b.batch, b.seq)))

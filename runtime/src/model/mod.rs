@@ -9,6 +9,7 @@ mod gpt2;
 pub mod head;
 pub mod init;
 pub mod io;
+pub mod kind;
 pub mod layout;
 mod llama;
 pub mod lora;
@@ -30,6 +31,7 @@ pub use config::{Arch, ModelConfig};
 pub use decoder::{Batch, GradsReady, Neftune};
 pub use head::{LossOptions, LossOutput};
 pub use io::Dtype;
+pub use kind::{PassLoss, TrainModel};
 pub use layout::Layout;
 
 pub use crate::backend::device::{Device, Selected};

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::io::{self, Dtype};
+pub use super::seq2seq_pass::{Seq2SeqActs, Seq2SeqLoss};
 use super::t5::{T5Config, T5Layout};
 use super::LoadOptions;
 use crate::backend::seq2seq::Seq2SeqOps;
@@ -121,12 +122,17 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     /// written with `tie_word_embeddings: false` and `scale_decoder_outputs` spelled out, so
     /// that transformers 4 and 5 both read the model as it is.
     pub fn write_into(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64) -> Result<()> {
+        self.write_into_from(dir, dtype, max_shard_size, &mut |i| self.backend.download(&self.params[i]))
+    }
+
+    /// [`Seq2SeqModel::write_into`] with parameter `i`'s values from `source(i)`.
+    pub fn write_into_from(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64, source: &mut dyn FnMut(usize) -> Result<Vec<f32>>) -> Result<()> {
         let dtype = dtype.unwrap_or(self.dtype);
         let mut raw = self.config.raw.clone();
         raw.insert("tie_word_embeddings".into(), Value::Bool(self.config.tied_head));
         raw.insert("scale_decoder_outputs".into(), Value::Bool(self.config.scale_decoder_outputs));
         super::write_config_json(dir, raw, dtype, "T5ForConditionalGeneration")?;
-        io::write_weights_from(dir, &self.layout, &mut |i| self.backend.download(&self.params[i]), dtype, max_shard_size)?;
+        io::write_weights_from(dir, &self.layout, source, dtype, max_shard_size)?;
         super::copy_companions(self.source.as_deref(), dir)
     }
 }

@@ -125,8 +125,13 @@ impl Plugins {
             attention_mask: Some(out.attention_mask.iter().map(|&x| x as i32).collect()),
             labels: Some(out.labels),
             position_ids: out.position_ids.map(|p| p.into_iter().map(|x| x as i32).collect()),
-            columns: Vec::new(),
+            ..Batch::default()
         }))
+    }
+
+    /// Whether a padding plugin is loaded.
+    pub fn has_padding(&self) -> bool {
+        self.padding.is_some()
     }
 
     /// Whether a metrics plugin is loaded.

@@ -10,6 +10,7 @@ use safetensors::tensor::Dtype as StDtype;
 use serde_json::{json, Map, Value};
 
 use super::callbacks::Event;
+use super::model_kind::TrainerModel;
 use super::output_dir;
 use super::state::TrainerState;
 use super::trainer::Trainer;
@@ -17,7 +18,7 @@ use crate::backend::Backend;
 use crate::engine::full_shard::{FullShard, Part};
 use crate::error::{Error, Result};
 use crate::files::{write_file, write_folder_atomically};
-use crate::model::{io, Device, Dtype, LoadOptions, Model};
+use crate::model::{io, Dtype};
 
 /// Where a checkpoint's AdamW moments come from: the optimizer's own, gathered from a sharded
 /// optimizer on rank 0 (`None` on the others), or fetched a tensor at a time from sharded weights.
@@ -32,7 +33,7 @@ fn lock_full<B: Backend>(full: &Mutex<FullShard<B>>) -> Result<MutexGuard<'_, Fu
     full.lock().map_err(|_| Error::Invalid("the sharded weights were left inconsistent by an earlier failure".into()))
 }
 
-impl<B: Backend + Clone> Trainer<B> {
+impl<B: Backend + Clone, M: TrainerModel<B>> Trainer<B, M> {
     /// The start of `train()`: refuses a non-empty `output_dir` unless resuming or overwriting,
     /// takes the folder's lock, removes what an earlier run left half-done (and, when
     /// overwriting without resuming, the earlier run's checkpoints, which rotation would otherwise
@@ -85,11 +86,11 @@ impl<B: Backend + Clone> Trainer<B> {
     /// final model take on disk, roughly (the JSON files are small).
     fn save_bytes(&self) -> u64 {
         let model = &self.step.model;
-        let trainable: u64 = model.layout.specs.iter().zip(&model.trainable).filter(|(_, &t)| t).map(|(s, _)| s.numel() as u64).sum();
+        let trainable: u64 = model.specs().iter().zip(model.trainable()).filter(|(_, &t)| t).map(|(s, _)| s.numel() as u64).sum();
         // with LoRA, checkpoints and the output hold the adapter (and what else trains) only
-        let numel = if model.lora.is_some() { trainable } else { model.layout.numel() as u64 };
+        let numel = model.saved_numel() as u64;
         let moments = if self.args.save_only_model { 0 } else { 8 * trainable };
-        4 * numel + moments + model.dtype.size() as u64 * numel
+        4 * numel + moments + model.dtype().size() as u64 * numel
     }
 
     pub(super) fn checkpoints(&self) -> Vec<(u64, PathBuf)> {
@@ -124,9 +125,9 @@ impl<B: Backend + Clone> Trainer<B> {
         // mapped, not read: the moments are taken a tensor at a time
         let bytes = io::map_file(&path)?;
         let st = io::deserialize(&path, &bytes)?;
-        for (i, spec) in self.step.model.layout.specs.iter().enumerate() {
+        for (i, spec) in self.step.model.specs().iter().enumerate() {
             // a frozen parameter has no optimizer state (and a checkpoint holds none for it)
-            if !self.step.model.trainable[i] {
+            if !self.step.model.trainable()[i] {
                 continue;
             }
             for (prefix, dst) in [("exp_avg", &mut self.step.opt.exp_avg[i]), ("exp_avg_sq", &mut self.step.opt.exp_avg_sq[i])] {
@@ -140,9 +141,9 @@ impl<B: Backend + Clone> Trainer<B> {
                     // with the weights sharded, this process keeps its pieces only
                     Some(full) => {
                         let part = if prefix == "exp_avg" { Part::ExpAvg } else { Part::ExpAvgSq };
-                        lock_full(full)?.take_tensor(&self.step.model.backend, part, i, &values)?;
+                        lock_full(full)?.take_tensor(self.step.model.backend(), part, i, &values)?;
                     }
-                    None => *dst = Some(self.step.model.backend.upload(&values)?),
+                    None => *dst = Some(self.step.model.backend().upload(&values)?),
                 }
             }
         }
@@ -166,32 +167,26 @@ impl<B: Backend + Clone> Trainer<B> {
 
     /// The weights a checkpoint (or the best one) holds: the model's, or with LoRA the adapter's.
     pub(super) fn load_weights_from(&mut self, dir: &Path) -> Result<()> {
-        if self.step.model.lora.is_some() {
-            self.step.model.reload_adapter(dir)?;
-        } else {
-            let opts = LoadOptions { torch_dtype: None, attn_implementation: self.step.model.attn_impl, device: Device::Cpu };
+        match self.step.full.clone() {
             // with the weights sharded, this process keeps its pieces of each tensor as it is read
-            let be = self.step.model.backend.clone();
-            let mut failed = None;
-            let loaded = match &self.step.full {
-                Some(full) => {
-                    let mut full = lock_full(full)?;
-                    Model::load_keeping(be.clone(), dir, opts, &mut |i, t| {
+            Some(full) => {
+                let be = self.step.model.backend().clone();
+                let mut full = lock_full(&full)?;
+                let mut failed = None;
+                self.step.model.reload(
+                    dir,
+                    Some(&mut |i, t| {
                         if let Err(e) = full.take_tensor(&be, Part::Weight, i, &t) {
                             failed.get_or_insert(e);
                         }
                         Vec::new()
-                    })?
+                    }),
+                )?;
+                if let Some(e) = failed {
+                    return Err(e);
                 }
-                None => Model::load(be.clone(), dir, opts)?,
-            };
-            if let Some(e) = failed {
-                return Err(e);
             }
-            if loaded.layout.numel() != self.step.model.layout.numel() {
-                return Err(Error::Invalid(format!("{}: the checkpoint's model differs from the run's", dir.display())));
-            }
-            self.step.model.params = loaded.params;
+            None => self.step.model.reload(dir, None)?,
         }
         self.step.state_replaced();
         Ok(())
@@ -235,7 +230,7 @@ impl<B: Backend + Clone> Trainer<B> {
     fn serving(&mut self, write: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
         let Some(full) = self.step.full.clone() else { return write(self) };
         if !self.state.is_world_process_zero {
-            return lock_full(&full)?.serve(&self.step.model.backend);
+            return lock_full(&full)?.serve(self.step.model.backend());
         }
         let written = write(self);
         // the others stop serving whether or not the write worked
@@ -246,8 +241,8 @@ impl<B: Backend + Clone> Trainer<B> {
     /// Parameter `i`'s whole weights, for a save on rank 0 ([`Trainer::serving`]).
     fn whole_weights(&self, i: usize) -> Result<Vec<f32>> {
         match &self.step.full {
-            Some(full) => lock_full(full)?.whole(&self.step.model.backend, Part::Weight, i),
-            None => self.step.model.backend.download(&self.step.model.params[i]),
+            Some(full) => lock_full(full)?.whole(self.step.model.backend(), Part::Weight, i),
+            None => self.step.model.backend().download(&self.step.model.params()[i]),
         }
     }
 
@@ -261,11 +256,11 @@ impl<B: Backend + Clone> Trainer<B> {
                 let has = |i: usize| match moments {
                     Moments::Own => opt.exp_avg[i].is_some(),
                     Moments::Gathered(g) => g.as_ref().is_some_and(|g| g[i].is_some()),
-                    Moments::Full(_) => model.trainable[i],
+                    Moments::Full(_) => model.trainable()[i],
                 };
                 let mut entries = Vec::new();
                 let mut which = Vec::new();
-                for (i, spec) in model.layout.specs.iter().enumerate().filter(|(i, _)| has(*i)) {
+                for (i, spec) in model.specs().iter().enumerate().filter(|(i, _)| has(*i)) {
                     for (k, prefix) in ["exp_avg", "exp_avg_sq"].into_iter().enumerate() {
                         entries.push((format!("{prefix}.{}", spec.name), StDtype::F32, vec![spec.numel()]));
                         which.push((i, k));
@@ -275,12 +270,12 @@ impl<B: Backend + Clone> Trainer<B> {
                 io::write_streamed(&path, &entries, Dtype::F32, None, &mut |e| {
                     let (i, k) = which[e];
                     let values = match moments {
-                        Moments::Own => model.backend.download(if k == 0 { &opt.exp_avg[i] } else { &opt.exp_avg_sq[i] }.as_ref().expect("listed"))?,
+                        Moments::Own => model.backend().download(if k == 0 { &opt.exp_avg[i] } else { &opt.exp_avg_sq[i] }.as_ref().expect("listed"))?,
                         Moments::Gathered(g) => {
                             let (m, v) = g.as_ref().and_then(|g| g[i].as_ref()).expect("listed");
                             if k == 0 { m } else { v }.clone()
                         }
-                        Moments::Full(full) => lock_full(full)?.whole(&model.backend, if k == 0 { Part::ExpAvg } else { Part::ExpAvgSq }, i)?,
+                        Moments::Full(full) => lock_full(full)?.whole(model.backend(), if k == 0 { Part::ExpAvg } else { Part::ExpAvgSq }, i)?,
                     };
                     Ok(values)
                 })?;
@@ -359,7 +354,7 @@ impl<B: Backend + Clone> Trainer<B> {
         write_file(&tmp.join("training_args.json"), self.args.to_json().as_bytes())?;
         write_file(&tmp.join("train_results.json"), serde_json::to_string_pretty(train_metrics).unwrap_or_default().as_bytes())?;
         write_file(&tmp.join("all_results.json"), serde_json::to_string_pretty(&all).unwrap_or_default().as_bytes())?;
-        let title = format!("{} - {}", self.step.model.config.architecture_name(), self.args.run_name.clone().unwrap_or_else(|| self.args.output_dir.clone()));
+        let title = format!("{} - {}", self.step.model.architecture_name(), self.args.run_name.clone().unwrap_or_else(|| self.args.output_dir.clone()));
         if let Some(svg) = super::plot::svg(&self.state.log_history, &title) {
             write_file(&tmp.join("loss.svg"), svg.as_bytes())?;
         }

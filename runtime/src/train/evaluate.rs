@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde_json::{json, Map, Value};
 
 use super::callbacks::Event;
+use super::model_kind::TrainerModel;
 use super::trainer::{num, Trainer};
 use crate::backend::{Backend, StatsWanted, TokenStats};
 use crate::data::Example;
@@ -14,18 +15,11 @@ use crate::error::{Error, Result};
 use crate::files::write_file;
 use crate::generate::GenerationConfig;
 use crate::model::decoder::{shifted_labels, Batch, CustomLoss};
-use crate::model::{Activations, LossOptions, LossOutput};
+use crate::model::{LossOptions, LossOutput};
 use crate::plugin::roles::LossHook;
 use crate::plugin::{EvalBatch, PredictionKind};
 
-/// Generation's view of an example: the prompt is its unlabelled prefix, the reference its
-/// labelled tokens. `None` when there is no prompt or nothing labelled.
-pub(super) fn prompt_and_reference(e: &Example) -> Option<(&[u32], Vec<u32>)> {
-    let start = e.labels.iter().position(|&l| l != crate::protocol::IGNORE_INDEX).filter(|&s| s > 0)?;
-    Some((&e.input_ids[..start], e.labels[start..].iter().filter(|&&l| l >= 0).map(|&l| l as u32).collect()))
-}
-
-impl<B: Backend + Clone> Trainer<B> {
+impl<B: Backend + Clone, M: TrainerModel<B>> Trainer<B, M> {
     /// Mean loss over the validation set, weighted by batch size as transformers' evaluation
     /// loop weights it, and the metrics plugins' results (`eval_` + name). Logs them and calls
     /// `on_evaluate`; best-model tracking happens after, as in transformers.
@@ -49,7 +43,7 @@ impl<B: Backend + Clone> Trainer<B> {
     pub(super) fn evaluate_on(&mut self, eval: &[Example]) -> Result<Map<String, Value>> {
         let t = Instant::now();
         let (mut total, mut count, mut batches) = (0.0f64, 0usize, 0usize);
-        let mut acts = Activations::new(&self.step.model, 1, 2)?;
+        let mut acts = self.step.model.workspace(1, 2)?;
         let with_metrics = !self.plugins.metrics.is_empty();
         if with_metrics {
             self.plugins.metrics_reset()?;
@@ -84,7 +78,8 @@ impl<B: Backend + Clone> Trainer<B> {
                 stats.map(|stats| {
                     let include_inputs = self.args.include_for_metrics.iter().any(|x| x == "inputs");
                     let inputs = include_inputs.then(|| b.input_ids.iter().map(|&x| x as u32).collect());
-                    EvalBatch::argmax(b.batch, b.seq, shifted_labels(&b), stats, inputs, Some(self.pad.pad_id))
+                    let seq = if b.decoder_input_ids.is_some() { b.decoder_seq } else { b.seq };
+                    EvalBatch::argmax(b.batch, seq, shifted_labels(&b), stats, inputs, Some(self.pad.pad_id))
                 })
             };
             match batch {
@@ -117,7 +112,7 @@ impl<B: Backend + Clone> Trainer<B> {
     /// tokens, else the built-in one) and the per-token statistics `want`s.
     fn eval_batch_loss(
         &self,
-        acts: &mut Activations<B>,
+        acts: &mut M::Acts,
         b: &Batch,
         hook: Option<&mut LossHook>,
         opts: LossOptions,
@@ -143,7 +138,7 @@ impl<B: Backend + Clone> Trainer<B> {
 
     /// With the weights sharded every process takes part in every pass of an evaluation split
     /// over the processes: those with one batch fewer than the others run one that is not counted.
-    fn idle_eval_pass(&self, acts: &mut Activations<B>, eval: &[Example]) -> Result<()> {
+    fn idle_eval_pass(&self, acts: &mut M::Acts, eval: &[Example]) -> Result<()> {
         let (rank, world) = (self.step.collective.rank(), self.step.collective.world_size());
         let n = eval.len().div_ceil(self.args.per_device_eval_batch_size);
         if self.step.full.is_some() && !n.is_multiple_of(world) && rank >= n % world && !eval.is_empty() {
@@ -179,7 +174,7 @@ impl<B: Backend + Clone> Trainer<B> {
                 self.plugins.metrics_update(&batch)?;
             }
             for (&i, gen) in ix.iter().zip(&generated) {
-                let (prompt, reference) = prompt_and_reference(&examples[i]).expect("generate_batch checked every example");
+                let (prompt, reference) = self.step.model.prompt_and_reference(&examples[i]).expect("generate_batch checked every example");
                 // up to and including the first EOS (a finished row is padded after it)
                 let end = gen.iter().position(|t| eos.contains(t)).map_or(gen.len(), |p| p + 1);
                 let line = json!({
@@ -244,20 +239,21 @@ impl<B: Backend + Clone> Trainer<B> {
         let mut prompts = Vec::with_capacity(ix.len());
         let mut refs = Vec::with_capacity(ix.len());
         for &i in ix {
-            match prompt_and_reference(&examples[i]) {
+            match self.step.model.prompt_and_reference(&examples[i]) {
                 Some((prompt, reference)) => {
-                    prompts.push(prompt.to_vec());
+                    prompts.push(prompt);
                     refs.push(reference);
                 }
                 None => {
                     return Err(Error::Invalid(format!(
-                        "predict_with_generate: evaluation example {} has no prompt to generate from (it needs unlabelled prompt tokens followed by labelled ones: prompt/completion or messages records)",
-                        i + 1
+                        "predict_with_generate: evaluation example {} has nothing to generate from or to compare with (it needs {})",
+                        i + 1,
+                        self.step.model.prompt_needed()
                     )))
                 }
             }
         }
-        let generated = crate::generate::generate(&self.step.model, &prompts, &cfg, |_, _| {})?;
+        let generated = self.step.model.generate(&prompts, &cfg)?;
         let pred_len = generated.iter().map(Vec::len).max().unwrap_or(0);
         let label_len = refs.iter().map(Vec::len).max().unwrap_or(0);
         let padded = |rows: &[Vec<u32>], len: usize| -> Vec<u32> {

@@ -4,6 +4,7 @@
 
 use serde_json::Map;
 
+use super::model_kind::TrainerModel;
 use super::trainer::{num, Trainer};
 use crate::args::{IntervalStrategy, SaveStrategy};
 use crate::backend::Backend;
@@ -48,7 +49,7 @@ impl LossLog {
     }
 }
 
-impl<B: Backend + Clone> Trainer<B> {
+impl<B: Backend + Clone, M: TrainerModel<B>> Trainer<B, M> {
     /// transformers' `DefaultFlowCallback.on_step_end`, after step `global_step`.
     pub(super) fn flow_on_step_end(&mut self) {
         let (a, c, step) = (&self.args, &mut self.control, self.state.global_step);

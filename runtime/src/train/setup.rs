@@ -11,6 +11,7 @@ use serde_json::Value;
 use super::batch_size::{fit_batch_size, memory_budget};
 use super::callbacks::{TrainerCallback, TrainerControl};
 use super::flow::interval;
+use super::model_kind::TrainerModel;
 use super::plugin_callbacks::plugin_callbacks;
 use super::sampler::Sampler;
 use super::schedule::{warmup_steps, Schedule, SchedulerType};
@@ -26,13 +27,13 @@ use crate::engine::full_shard::PieceStash;
 use crate::engine::{AdamWConfig, Collective, Step};
 use crate::error::{Error, Result};
 use crate::model::lora::LoraConfig;
-use crate::model::{init::init_each, Device, Dtype, Layout, LoadOptions, Model, ModelConfig};
+use crate::model::{init::init_each, Device, Dtype, Layout, LoadOptions, Model, ModelConfig, TrainModel};
 use crate::plugin::roles::Plugins;
 use crate::protocol::TokenDecoder;
 
 /// Settings transformers honours that this build does not implement, and backends that cannot
 /// run what was asked: refused, never silently ignored.
-fn check_supported(args: &TrainingArguments, backend: &str) -> Result<()> {
+pub(super) fn check_supported(args: &TrainingArguments, backend: &str) -> Result<()> {
     let unsupported = [(args.include_for_metrics.iter().any(|x| x != "inputs"), "include_for_metrics other than \"inputs\"")];
     if let Some((_, name)) = unsupported.iter().find(|(set, _)| *set) {
         return Err(Error::Unsupported(format!("`{name}` is not supported by this build yet")));
@@ -124,18 +125,18 @@ fn attach_adapter<B: Backend>(model: &mut Model<B>, args: &TrainingArguments) ->
 
 /// The tokenizer (`tokenizer_name`, else the model's folder), checked against the vocabulary;
 /// its files travel with the saved model.
-fn load_tokenizer<B: Backend>(args: &TrainingArguments, model: &mut Model<B>, model_dir: &Path) -> Result<Arc<Tokenizer>> {
+/// `source`: where the model's companion files come from (the tokenizer's folder when unset).
+pub(super) fn load_tokenizer(args: &TrainingArguments, source: &mut Option<PathBuf>, vocab_size: usize, model_dir: &Path) -> Result<Arc<Tokenizer>> {
     let tok_dir = args.tokenizer_name.clone().map(PathBuf::from).unwrap_or(model_dir.to_path_buf());
     let tokenizer = Arc::new(Tokenizer::from_dir(&tok_dir)?);
-    if model.source.is_none() {
-        model.source = Some(tok_dir.clone());
+    if source.is_none() {
+        *source = Some(tok_dir.clone());
     }
-    if tokenizer.len() > model.config.vocab_size {
+    if tokenizer.len() > vocab_size {
         return Err(Error::Invalid(format!(
-            "the tokenizer in {} has {} tokens but the model's vocab_size is {}",
+            "the tokenizer in {} has {} tokens but the model's vocab_size is {vocab_size}",
             tok_dir.display(),
-            tokenizer.len(),
-            model.config.vocab_size
+            tokenizer.len()
         )));
     }
     Ok(tokenizer)
@@ -166,7 +167,7 @@ fn load_datasets(args: &TrainingArguments, tokenizer: &Tokenizer, max_positions:
 
 /// A dataset file's numeric columns, when plugins may read them and there is one example per
 /// record (packed blocks have none).
-fn columns_of(file: Option<&str>, n: usize, plugins: &Plugins) -> Result<Vec<(String, Vec<f64>)>> {
+pub(super) fn columns_of(file: Option<&str>, n: usize, plugins: &Plugins) -> Result<Vec<(String, Vec<f64>)>> {
     match file {
         Some(f) if !plugins.is_empty() => {
             let cols = crate::data::dataset::numeric_columns(Path::new(f))?;
@@ -228,6 +229,14 @@ fn plan_steps(args: &TrainingArguments, n_train: usize, training: bool, world: u
     Ok((sampler, windows, max_steps, schedule))
 }
 
+/// The datasets of a run and their numeric columns.
+pub(super) struct Data {
+    pub train: Vec<Example>,
+    pub eval: Option<Vec<Example>>,
+    pub train_columns: Vec<(String, Vec<f64>)>,
+    pub eval_columns: Vec<(String, Vec<f64>)>,
+}
+
 impl<B: Backend + Clone> Trainer<B> {
     /// The trainer on `backend` (see [`crate::backend::device::Device::select`]); `training =
     /// false` loads what evaluation and prediction need only.
@@ -236,24 +245,17 @@ impl<B: Backend + Clone> Trainer<B> {
         // the other processes of a data parallel run, when a launcher started several
         let collective =
             if training { crate::engine::mpi::start(args.ddp_bucket_cap_mb, Some(args.ddp_timeout))? } else { Box::new(crate::engine::SingleProcess) };
-        let (rank, world) = (collective.rank(), collective.world_size());
+        let world = collective.world_size();
         let full = training && args.sharding()? == Sharding::FullShard;
-        let (mut model, model_dir, stash) = load_model(backend, &args, full.then_some((rank, world)))?;
-        let tokenizer = load_tokenizer(&args, &mut model, &model_dir)?;
-        let train_file = match (&args.train_file, training) {
-            (Some(f), true) => Some(f.as_str()),
-            (None, true) => return Err(Error::Invalid("set train_file (a .jsonl or .json dataset)".into())),
-            (_, false) => None,
-        };
+        let (mut model, model_dir, stash) = load_model(backend, &args, full.then_some((collective.rank(), world)))?;
+        let tokenizer = load_tokenizer(&args, &mut model.source, model.config.vocab_size, &model_dir)?;
+        let train_file = train_file(&args, training)?;
         let (train, eval) = load_datasets(&args, &tokenizer, model.config.max_positions, train_file)?;
         let plugins = Plugins::load(&args.plugins, Some(tokenizer.clone() as Arc<dyn TokenDecoder>))?;
         let train_columns = columns_of(train_file, train.len(), &plugins)?;
         let eval_columns = columns_of(args.validation_file.as_deref(), eval.as_ref().map_or(0, Vec::len), &plugins)?;
-        if (args.eval_strategy != IntervalStrategy::No || !training) && eval.is_none() {
-            return Err(Error::Invalid(format!("eval_strategy {:?} needs validation_file", args.eval_strategy).to_lowercase()));
-        }
         let longest = train.iter().chain(eval.iter().flatten()).map(|e| e.input_ids.len()).max().unwrap_or(0);
-        check_lengths_and_metric(&args, &model.config, &plugins, longest)?;
+        check_lengths(&model.config, longest)?;
         if world > 1 && args.auto_find_batch_size {
             return Err(Error::Unsupported("auto_find_batch_size across several processes is not supported yet: set per_device_train_batch_size".into()));
         }
@@ -261,10 +263,43 @@ impl<B: Backend + Clone> Trainer<B> {
         if args.auto_find_batch_size && training {
             plan_batch_size(&mut args, &model, longest)?;
         }
+        let fully = |m, o, c| Step::fully_sharded(m, o, c, 1, 2, stash);
+        let step = make_step(model, &args, collective, training, (&train, eval.as_deref()), fully)?;
         let pad_id = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |t| t.id);
         let pad = PadOptions { padding: Padding::Longest, side: tokenizer.padding_side, pad_id, max_length: None, truncation: false, pad_to_multiple_of: None };
-        let (sampler, windows, max_steps, schedule) = plan_steps(&args, train.len(), training, world)?;
-        let step = make_step(model, &args, collective, training, (&train, eval.as_deref()), stash)?;
+        Self::assemble(args, step, tokenizer, model_dir, Data { train, eval, train_columns, eval_columns }, plugins, pad, training)
+    }
+}
+
+/// `train_file` when training (an error when it is missing).
+pub(super) fn train_file(args: &TrainingArguments, training: bool) -> Result<Option<&str>> {
+    match (&args.train_file, training) {
+        (Some(f), true) => Ok(Some(f.as_str())),
+        (None, true) => Err(Error::Invalid("set train_file (a .jsonl or .json dataset)".into())),
+        (_, false) => Ok(None),
+    }
+}
+
+impl<B: Backend + Clone, M: TrainerModel<B>> Trainer<B, M> {
+    /// The trainer around a step made for either model kind: the checks that need the plugins,
+    /// the plan of steps, the state and the callbacks.
+    #[allow(clippy::too_many_arguments)] // the parts each model kind makes its own way
+    pub(super) fn assemble(
+        args: TrainingArguments,
+        step: Step<B, M>,
+        tokenizer: Arc<Tokenizer>,
+        model_dir: PathBuf,
+        data: Data,
+        plugins: Plugins,
+        pad: PadOptions,
+        training: bool,
+    ) -> Result<Self> {
+        let (rank, world) = (step.collective.rank(), step.collective.world_size());
+        if (args.eval_strategy != IntervalStrategy::No || !training) && data.eval.is_none() {
+            return Err(Error::Invalid(format!("eval_strategy {:?} needs validation_file", args.eval_strategy).to_lowercase()));
+        }
+        check_metric(&args, &plugins)?;
+        let (sampler, windows, max_steps, schedule) = plan_steps(&args, data.train.len(), training, world)?;
         let (logging_steps, save_steps) = (interval(args.logging_steps, max_steps), interval(args.save_steps, max_steps));
         let eval_steps = interval(args.eval_steps.unwrap_or(args.logging_steps), max_steps);
         let state = TrainerState {
@@ -282,10 +317,11 @@ impl<B: Backend + Clone> Trainer<B> {
         // as transformers: the reporting integrations come before the user's callbacks
         let mut callbacks: Vec<Box<dyn TrainerCallback>> = Vec::new();
         if args.report_to.as_array().is_some_and(|a| a.iter().any(|n| n == "tensorboard")) {
-            let config = serde_json::to_string_pretty(&step.model.config.raw).unwrap_or_default();
+            let config = serde_json::to_string_pretty(step.model.raw_config()).unwrap_or_default();
             callbacks.push(Box::new(TensorBoardCallback::new(config)));
         }
         callbacks.extend(plugin_callbacks(&plugins));
+        let Data { train, eval, train_columns, eval_columns } = data;
         Ok(Trainer {
             args,
             step,
@@ -313,20 +349,20 @@ impl<B: Backend + Clone> Trainer<B> {
 }
 
 /// The step: with the optimizer sharded over the processes when `fsdp = "shard_grad_op"`, the
-/// weights too when `"full_shard"`; in a
-/// data parallel run, after checking that every process was given the same run.
-fn make_step<B: Backend>(
-    model: Model<B>,
+/// weights too when `"full_shard"` (`fully` makes that step, or refuses); in a data parallel
+/// run, after checking that every process was given the same run.
+pub(super) fn make_step<B: Backend, M: TrainModel<B>>(
+    model: M,
     args: &TrainingArguments,
     collective: Box<dyn Collective<B>>,
     training: bool,
     (train, eval): (&[Example], Option<&[Example]>),
-    stash: Option<PieceStash>,
-) -> Result<Step<B>> {
+    fully: impl FnOnce(M, AdamWConfig, Box<dyn Collective<B>>) -> Result<Step<B, M>>,
+) -> Result<Step<B, M>> {
     let world = collective.world_size();
     let mut step = match args.sharding()? {
         Sharding::ShardGradOp if training => Step::sharded(model, adamw_config(args), collective, 1, 2)?,
-        Sharding::FullShard if training => Step::fully_sharded(model, adamw_config(args), collective, 1, 2, stash)?,
+        Sharding::FullShard if training => fully(model, adamw_config(args), collective)?,
         _ => {
             let mut step = Step::new(model, adamw_config(args))?;
             step.collective = collective;
@@ -345,11 +381,16 @@ fn make_step<B: Backend>(
 
 /// Refuses to start when the processes of a data parallel run were given different runs: the
 /// arguments, the model's size and every example's tokens, hashed on each process and compared.
-fn same_run_everywhere<B: Backend>(step: &mut Step<B>, args: &TrainingArguments, train: &[Example], eval: Option<&[Example]>) -> Result<()> {
+fn same_run_everywhere<B: Backend, M: TrainModel<B>>(
+    step: &mut Step<B, M>,
+    args: &TrainingArguments,
+    train: &[Example],
+    eval: Option<&[Example]>,
+) -> Result<()> {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(args.to_json().as_bytes());
-    h.update(step.model.layout.numel().to_le_bytes());
+    h.update(step.model.num_parameters().to_le_bytes());
     for e in train.iter().chain(eval.into_iter().flatten()) {
         h.update(e.input_ids.len().to_le_bytes());
         e.input_ids.iter().for_each(|t| h.update(t.to_le_bytes()));
@@ -368,9 +409,8 @@ fn same_run_everywhere<B: Backend>(step: &mut Step<B>, args: &TrainingArguments,
     Ok(())
 }
 
-/// Checks before training that the longest example fits the model's positions, and that
-/// `metric_for_best_model` names a metric the evaluation will report.
-fn check_lengths_and_metric(args: &TrainingArguments, config: &crate::model::ModelConfig, plugins: &Plugins, longest: usize) -> Result<()> {
+/// Checks before training that the longest example fits the model's positions.
+fn check_lengths(config: &crate::model::ModelConfig, longest: usize) -> Result<()> {
     if longest > config.max_positions {
         // GPT-2's position table ends there; the Llama family's rotary positions would run
         // past what the model was trained for (rope scaling is not implemented)
@@ -380,6 +420,11 @@ fn check_lengths_and_metric(args: &TrainingArguments, config: &crate::model::Mod
             config.max_positions
         )));
     }
+    Ok(())
+}
+
+/// Checks that `metric_for_best_model` names a metric the evaluation will report.
+fn check_metric(args: &TrainingArguments, plugins: &Plugins) -> Result<()> {
     if let Some(m) = args.metric_for_best_model.as_deref() {
         let known = ["loss", "runtime", "samples_per_second", "steps_per_second"];
         if !known.contains(&m.strip_prefix("eval_").unwrap_or(m)) && !plugins.has_metrics() {

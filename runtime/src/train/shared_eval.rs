@@ -5,6 +5,7 @@
 
 use serde_json::{Map, Value};
 
+use super::model_kind::TrainerModel;
 use super::trainer::Trainer;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -72,7 +73,7 @@ impl Reader<'_> {
     }
 }
 
-impl<B: Backend + Clone> Trainer<B> {
+impl<B: Backend + Clone, M: TrainerModel<B>> Trainer<B, M> {
     /// The metrics of a split evaluation: every process's batches (`mine`, by batch index) go
     /// to rank 0, whose plugins take them in batch order and compute the metrics (`prefix_`
     /// names); every process returns them.

@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 use super::batch_size::smaller_batch;
 use super::callbacks::{Event, TrainerCallback, TrainerControl};
 use super::flow::LossLog;
+use super::model_kind::TrainerModel;
 use super::sampler::{shard, Sampler, SamplerState};
 use super::schedule::Schedule;
 use super::state::TrainerState;
@@ -21,18 +22,18 @@ use crate::args::training::NanInfPolicy;
 use crate::args::TrainingArguments;
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
-use crate::data::{pad_batch, Example, PadOptions, Tokenizer};
+use crate::data::{Example, PadOptions, Tokenizer};
 use crate::engine::{MicroLoss, MicroOptions, Step};
 use crate::error::{Error, Result};
-use crate::model::{Batch, LossOptions, Model, Neftune};
+use crate::model::{Batch, LossOptions, Model, Neftune, TrainModel};
 use crate::plugin::roles::{LossHook, Plugins};
 use crate::protocol::{label_tokens, CustomLoss};
 
 /// The trainer on a backend: the CPU by default, or the CUDA backend (see [`Trainer::new_on`]).
-pub struct Trainer<B: Backend = Cpu> {
+pub struct Trainer<B: Backend = Cpu, M: TrainModel<B> = Model<B>> {
     pub args: TrainingArguments,
     /// The model, its gradients and activations, and the optimizer.
-    pub step: Step<B>,
+    pub step: Step<B, M>,
     pub tokenizer: Arc<Tokenizer>,
     pub state: TrainerState,
     pub(super) train: Vec<Example>,
@@ -111,9 +112,9 @@ impl Trainer<Cpu> {
     }
 }
 
-impl<B: Backend + Clone> Trainer<B> {
+impl<B: Backend + Clone, M: TrainerModel<B>> Trainer<B, M> {
     /// The model being trained.
-    pub fn model(&self) -> &Model<B> {
+    pub fn model(&self) -> &M {
         &self.step.model
     }
 
@@ -135,11 +136,7 @@ impl<B: Backend + Clone> Trainer<B> {
     /// is one) with their numeric columns.
     pub(super) fn collate(&self, examples: &[Example], columns: &[(String, Vec<f64>)], ix: &[usize]) -> Result<Batch> {
         let chosen: Vec<Example> = ix.iter().map(|&i| examples[i].clone()).collect();
-        let c = &self.step.model.config;
-        let mut b = match self.plugins.pad(&chosen, &self.pad, c.vocab_size, c.max_positions) {
-            Some(b) => b?,
-            None => pad_batch(&chosen, &self.pad)?,
-        };
+        let mut b = self.step.model.collate(&chosen, &self.pad, &self.plugins)?;
         b.columns = column_rows(columns, ix);
         Ok(b)
     }
@@ -148,7 +145,8 @@ impl<B: Backend + Clone> Trainer<B> {
     /// sharded, a process without a share of the batch still takes part) adds nothing.
     pub(super) fn idle_batch(&self, examples: &[Example], columns: &[(String, Vec<f64>)], ix: &[usize]) -> Result<Batch> {
         let mut b = self.collate(examples, columns, ix)?;
-        b.labels = Some(vec![crate::protocol::IGNORE_INDEX; b.batch * b.seq]);
+        let n = b.labels.as_ref().map_or(b.batch * b.seq, Vec::len);
+        b.labels = Some(vec![crate::protocol::IGNORE_INDEX; n]);
         Ok(b)
     }
 

@@ -4,7 +4,7 @@
 //! smoothing, gradient accumulation); the logged loss, gradient norm and learning rate of every
 //! step, the evaluation losses and the final weights must agree, and `runtime predict` on the
 //! trained model must generate what `Seq2SeqTrainer.predict` generated (`predict_with_generate`,
-//! two beams).
+//! two beams). Also: exact resume, the errors for bad input, and the `reverse` example.
 
 mod common;
 
@@ -53,4 +53,122 @@ fn runtime_train_matches_seq2seq_trainer() {
         }
     }
     assert!(generated >= 16, "only {generated} generated rows compared");
+}
+
+fn s(x: &str) -> String {
+    x.to_string()
+}
+
+/// Training arguments for the tiny fixture T5 on the fixture's data, into `out`.
+fn tiny_run(out: &Path, extra: &[&str]) -> Vec<String> {
+    let dir = common::fixtures().join("seq2seq_trainer");
+    let mut args = vec![s("train"), s("--disable_tqdm"), s("true"), s("--output_dir"), out.to_str().unwrap().into()];
+    for (k, v) in [("model_name_or_path", "init"), ("train_file", "data/train.jsonl"), ("validation_file", "data/validation.jsonl")] {
+        args.extend(flag(k, &Value::String(dir.join(v).to_str().unwrap().into())));
+    }
+    args.extend(["--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--max_steps", "6", "--save_steps", "3", "--logging_steps", "1"].map(s));
+    args.extend(extra.iter().map(|x| s(x)));
+    args
+}
+
+/// A run stopped at a checkpoint and resumed ends with the same weights, bit for bit, as the run
+/// that went straight through.
+#[test]
+fn resume_from_checkpoint_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
+    let o = runtime(&tiny_run(&whole, &["--gradient_accumulation_steps", "2"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::create_dir_all(&resumed).unwrap();
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    };
+    copy(&whole.join("checkpoint-3"), &resumed.join("checkpoint-3"));
+    let o = runtime(&tiny_run(&resumed, &["--gradient_accumulation_steps", "2", "--resume_from_checkpoint", "true"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
+    assert!(read(&whole) == read(&resumed), "the resumed run's weights differ");
+    let steps = |p: &Path| -> Vec<u64> {
+        let state: Value = serde_json::from_str(&std::fs::read_to_string(p.join("trainer_state.json")).unwrap()).unwrap();
+        state["log_history"].as_array().unwrap().iter().filter(|e| e.get("loss").is_some()).map(|e| e["step"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(steps(&whole), (1..=6).collect::<Vec<_>>());
+    assert_eq!(steps(&resumed), (1..=6).collect::<Vec<_>>(), "the resumed run keeps the first steps' log");
+}
+
+/// Each bad input gets one clear error that names it, and a non-zero exit.
+#[test]
+fn bad_input_gets_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::fixtures().join("seq2seq_trainer");
+    let no_target = tmp.path().join("no_target.jsonl");
+    std::fs::write(&no_target, "{\"source\": \"123\", \"target\": \"321\"}\n{\"source\": \"45\"}\n").unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"12\", \"completion\": \"21\"}\n").unwrap();
+    let decoder_only = common::fixtures().join("trainer/init");
+    let seq2seq_data = dir.join("data/train.jsonl");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (tiny_run(&tmp.path().join("a"), &["--train_file", no_target.to_str().unwrap()]), "no_target.jsonl:2: no `target` field"),
+        (tiny_run(&tmp.path().join("b"), &["--train_file", prompts.to_str().unwrap()]), "no `source` field"),
+        (
+            tiny_run(
+                &tmp.path().join("c"),
+                &[
+                    "--model_name_or_path",
+                    decoder_only.to_str().unwrap(),
+                    "--tokenizer_name",
+                    decoder_only.to_str().unwrap(),
+                    "--train_file",
+                    seq2seq_data.to_str().unwrap(),
+                ],
+            ),
+            "sequence-to-sequence data",
+        ),
+        (tiny_run(&tmp.path().join("d"), &["--gradient_checkpointing", "true"]), "`gradient_checkpointing` with an encoder-decoder model is not supported yet"),
+        (tiny_run(&tmp.path().join("e"), &["--max_source_length", "0"]), "max_source_length must be at least 1"),
+    ];
+    for (args, expected) in cases {
+        let o = runtime(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "expected a failure for `{expected}`");
+        assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// `runtime example reverse` writes a run that trains a T5 from scratch; evaluation generates
+/// from the sources and the text-metrics plugin scores the outputs.
+#[test]
+fn reverse_example_trains_and_scores_generations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = tmp.path().join("reverse");
+    let o = runtime(&["example", "reverse", "--output_dir", ex.to_str().unwrap(), "--n_train", "64", "--n_eval", "8", "--digits", "4"].map(s));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plugin = common::wasm_plugins().join("text_metrics.wasm");
+    let config = ex.join("train.toml");
+    let args = [
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--max_steps",
+        "4",
+        "--eval_steps",
+        "4",
+        "--disable_tqdm",
+        "true",
+        "--plugin",
+        plugin.to_str().unwrap(),
+    ];
+    let o = runtime(&args.map(s));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(ex.join("output/trainer_state.json")).unwrap()).unwrap();
+    let eval = state["log_history"].as_array().unwrap().iter().find(|e| e.get("eval_loss").is_some()).expect("an evaluation");
+    let exact = eval["eval_exact_match"].as_f64().expect("eval_exact_match from the text-metrics plugin");
+    assert!((0.0..=1.0).contains(&exact));
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(ex.join("output/config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "t5");
 }

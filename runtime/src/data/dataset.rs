@@ -100,6 +100,12 @@ pub fn detect_kind(path: &Path, records: &[Record]) -> Result<RecordKind> {
         Ok(RecordKind::PromptCompletion)
     } else if has("text") {
         Ok(RecordKind::Text)
+    } else if has("source") && has("target") {
+        Err(Error::Invalid(located(
+            path,
+            first.line,
+            "`source`/`target` records are sequence-to-sequence data: they train an encoder-decoder model (T5), and this model is decoder-only (it reads `text`, `prompt`/`completion` or `messages` records)",
+        )))
     } else {
         let keys: Vec<&str> = first.fields.keys().map(String::as_str).collect();
         Err(Error::Invalid(located(path, first.line, &format!("no `text`, `prompt`/`completion` or `messages` field (found: {})", keys.join(", ")))))

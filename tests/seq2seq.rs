@@ -426,3 +426,45 @@ fn passes_reusing_buffers_equal_fresh_ones() {
     let (_, reused_two) = pass(Some(acts), &two);
     assert_eq!(reused_two, fresh_two, "another shape");
 }
+
+/// Dropout is part of the function the gradients are of: with a training pass's masks fixed
+/// (`dropout_rate` 0.2, both model variants), every tensor's largest gradient entry and two random
+/// ones match central differences of the loss; the masks change the loss, the same key gives the
+/// same loss, and evaluation (no key) has no dropout.
+#[test]
+fn gradients_with_dropout_match_finite_differences() {
+    use rand::{RngExt, SeedableRng};
+    for name in ["t5", "t5_v1_0"] {
+        let (mut model, _, batch) = load(name);
+        model.config.dropout_rate = 0.2;
+        let key = Some(17);
+        let loss = |m: &Seq2SeqModel<Cpu>, key: Option<u64>| m.forward_dropping(None, &batch, 0.0, None, key).unwrap().1.mean() as f64;
+        let (with, again, without) = (loss(&model, key), loss(&model, key), loss(&model, None));
+        assert_eq!(with, again, "{name}: the same key draws the same masks");
+        assert!((with - without).abs() > 1e-4, "{name}: dropout had no effect ({with} vs {without})");
+        let n = batch.labels.iter().filter(|&&l| l != -100).count();
+        let (mut acts, _) = model.forward_dropping(None, &batch, 0.0, Some(1.0 / n as f32), key).unwrap();
+        let mut grads = model.zero_grads().unwrap();
+        model.backward(&mut acts, &batch, &mut grads).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let h = 1e-2f32;
+        let mut checked = 0;
+        for (i, g) in grads.iter().enumerate() {
+            let g = g.clone();
+            let biggest = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+            for j in [biggest, rng.random_range(0..g.len()), rng.random_range(0..g.len())] {
+                let orig = model.params[i][j];
+                model.params[i][j] = orig + h;
+                let up = loss(&model, key);
+                model.params[i][j] = orig - h;
+                let down = loss(&model, key);
+                model.params[i][j] = orig;
+                let (fd, an) = ((up - down) / (2.0 * h as f64), g[j] as f64);
+                let spec = &model.layout.specs[i].name;
+                assert!((fd - an).abs() <= 1e-3 + 3e-2 * an.abs(), "{name} {spec}[{j}]: analytic {an:.6e} vs finite difference {fd:.6e}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 3 * grads.len());
+    }
+}

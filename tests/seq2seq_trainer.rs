@@ -71,13 +71,27 @@ fn tiny_run(out: &Path, extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// A run stopped at a checkpoint and resumed ends with the same weights, bit for bit, as the run
-/// that went straight through.
+/// A run with dropout stopped at a checkpoint and resumed ends with the same weights, bit for
+/// bit, as the run that went straight through (the masks are a function of the seed, the step and
+/// the micro-batch); the dropout changes the run.
 #[test]
 fn resume_from_checkpoint_is_exact() {
     let tmp = tempfile::tempdir().unwrap();
-    let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
-    let o = runtime(&tiny_run(&whole, &["--gradient_accumulation_steps", "2"]));
+    let init = common::fixtures().join("seq2seq_trainer/init");
+    let dropping = tmp.path().join("init");
+    std::fs::create_dir_all(&dropping).unwrap();
+    for e in std::fs::read_dir(&init).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dropping.join(e.file_name())).unwrap();
+    }
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(init.join("config.json")).unwrap()).unwrap();
+    config["dropout_rate"] = 0.1.into();
+    std::fs::write(dropping.join("config.json"), config.to_string()).unwrap();
+    let model = ["--model_name_or_path", dropping.to_str().unwrap(), "--gradient_accumulation_steps", "2"];
+    let (whole, resumed, plain) = (tmp.path().join("whole"), tmp.path().join("resumed"), tmp.path().join("plain"));
+    let o = runtime(&tiny_run(&plain, &model[2..]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = runtime(&tiny_run(&whole, &model));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::create_dir_all(&resumed).unwrap();
     let copy = |from: &Path, to: &Path| {
@@ -88,10 +102,11 @@ fn resume_from_checkpoint_is_exact() {
         }
     };
     copy(&whole.join("checkpoint-3"), &resumed.join("checkpoint-3"));
-    let o = runtime(&tiny_run(&resumed, &["--gradient_accumulation_steps", "2", "--resume_from_checkpoint", "true"]));
+    let o = runtime(&tiny_run(&resumed, &[&model[..], &["--resume_from_checkpoint", "true"]].concat()));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let read = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
     assert!(read(&whole) == read(&resumed), "the resumed run's weights differ");
+    assert!(read(&whole) != read(&plain), "dropout had no effect");
     let steps = |p: &Path| -> Vec<u64> {
         let state: Value = serde_json::from_str(&std::fs::read_to_string(p.join("trainer_state.json")).unwrap()).unwrap();
         state["log_history"].as_array().unwrap().iter().filter(|e| e.get("loss").is_some()).map(|e| e["step"].as_u64().unwrap()).collect()

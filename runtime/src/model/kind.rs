@@ -176,12 +176,16 @@ impl<B: Backend> TrainModel<B> for Model<B> {
 /// An encoder-decoder pass's workspace: the previous pass's buffers, reused while the shapes stay.
 pub struct Seq2SeqWork<B: Seq2SeqOps> {
     acts: Option<Seq2SeqActs<B>>,
+    /// The next training pass's dropout key.
+    dropout: Option<u64>,
 }
 
 impl<B: Seq2SeqOps> Seq2SeqModel<B> {
+    /// A forward pass in `work`'s buffers; a training pass (`grad_scale` given) with its dropout.
     fn pass(&self, work: &mut Seq2SeqWork<B>, b: &Batch, smoothing: f32, grad_scale: Option<f32>) -> Result<(Seq2SeqBatch, super::seq2seq::Seq2SeqLoss)> {
         let sb = Seq2SeqBatch::from_batch(b)?;
-        let (acts, loss) = self.forward_reusing(work.acts.take(), &sb, smoothing, grad_scale)?;
+        let key = grad_scale.and(work.dropout);
+        let (acts, loss) = self.forward_dropping(work.acts.take(), &sb, smoothing, grad_scale, key)?;
         work.acts = Some(acts);
         Ok((sb, loss))
     }
@@ -221,9 +225,11 @@ impl<B: Seq2SeqOps> TrainModel<B> for Seq2SeqModel<B> {
         Ok(Grads { tensors: Seq2SeqModel::zero_grads(self)? })
     }
     fn workspace(&self, _batch: usize, _seq: usize) -> Result<Seq2SeqWork<B>> {
-        Ok(Seq2SeqWork { acts: None })
+        Ok(Seq2SeqWork { acts: None, dropout: None })
     }
-    fn set_dropout(_acts: &mut Seq2SeqWork<B>, _key: Option<u64>) {}
+    fn set_dropout(work: &mut Seq2SeqWork<B>, key: Option<u64>) {
+        work.dropout = key;
+    }
     fn train_pass(
         &self,
         work: &mut Seq2SeqWork<B>,

@@ -55,7 +55,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             mask.extend(std::iter::repeat_n(1, src.len()).chain(std::iter::repeat_n(0, s - src.len())));
         }
         let enc_geo = Geometry { batch: n, len: s, src_len: s, decoder: false };
-        let enc = self.stack_fwd(enc_geo, &ids, None, &be.upload_ids(&mask)?, None)?;
+        let enc = self.stack_fwd(enc_geo, &ids, None, &be.upload_ids(&mask)?, None, None)?;
         let per = rows / n;
         let d = c.d_model;
         let mut out = be.zeros(rows * s * d)?;
@@ -137,7 +137,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         let geo = Geometry { batch: rows, len: 1, src_len: st.src_len, decoder: true };
         for (l, lp) in self.layout.decoder.layers.iter().enumerate() {
             let cache = SelfCache { k: &mut st.k[l], v: &mut st.v[l], slot: st.slot, max_len: st.max_len, mask: &mask };
-            let ctx = LayerCtx { enc: Some(&st.enc), mask: &st.enc_mask, cross_ready: st.slot > 0, cache: Some(cache) };
+            let ctx = LayerCtx { enc: Some(&st.enc), mask: &st.enc_mask, cross_ready: st.slot > 0, cache: Some(cache), drop: None };
             self.layer_fwd(lp, &st.x, &mut st.y, &mut st.layers[l], geo, &bias, ctx);
             std::mem::swap(&mut st.x, &mut st.y);
         }

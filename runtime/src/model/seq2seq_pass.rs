@@ -5,14 +5,16 @@
 //! bias, cross attention to the encoder's output without a bias, the feed-forward), the final
 //! norms, the decoder output's `d_model ** -0.5` scale where the config asks for it, the head and
 //! the token-mean cross-entropy. No attention scaling (T5 folds it into the initialisation).
-//! Dropout is not applied (`dropout_rate` is taken as 0; the trainer refuses other values until
-//! it is).
+//! Training passes given a dropout key apply `dropout_rate` where transformers' T5 does (the
+//! embeddings, each sublayer's output before its residual add, the feed-forward's activation,
+//! the final norm's output) except on the attention probabilities; each mask is a function of the
+//! key, the stack, the layer and the site, so the backward pass applies the same one.
 
 use super::seq2seq::{Seq2SeqBatch, Seq2SeqModel};
 use super::t5::{bucket_map, FeedForward, T5Config, T5LayerParams};
 use crate::backend::seq2seq::{BiasedShape, Cols, Seq2SeqOps};
 use crate::error::Result;
-use crate::nn::{Embedding, GradsMut, Linear, Norm, NormKind};
+use crate::nn::{drop, Embedding, GradsMut, Linear, Norm, NormKind};
 
 /// What one layer's forward pass keeps for its backward pass.
 pub(super) struct LayerActs<B: Seq2SeqOps> {
@@ -55,8 +57,40 @@ pub(super) struct StackActs<B: Seq2SeqOps> {
     buckets: B::Ids,
     ids: B::Ids,
     geo: Geometry,
+    /// The dropout key of this stack's pass (`None`: no dropout).
+    drop_key: Option<u64>,
     /// The backward pass's scratch, kept for the next pass of the same shape.
     scratch: Option<Scratch<B>>,
+}
+
+/// The dropout sites of a layer (and, as layer `u32::MAX`, of a stack's embedding and output).
+#[derive(Clone, Copy)]
+enum Site {
+    Embedding = 1,
+    SelfOut,
+    CrossOut,
+    Activation,
+    FfOut,
+    Final,
+}
+
+/// The dropout key of layer `layer` of a stack (`decoder`) in the pass keyed `key`.
+fn layer_key(key: Option<u64>, decoder: bool, layer: usize) -> Option<u64> {
+    key.map(|k| crate::nn::site_key(k, (u64::from(decoder) << 40) | ((layer as u64) << 8)))
+}
+
+/// The whole stack's sites (embedding, final norm).
+const STACK: usize = u32::MAX as usize;
+
+/// The gradient of a sublayer's output that was dropped (`site`) before its residual add: the
+/// residual's gradient `dres` with the same mask, in `tmp`; `dres` itself without dropout.
+fn masked<'a, B: Seq2SeqOps>(be: &B, tmp: &'a mut B::Buf, dres: &'a B::Buf, (p, key, site): (f32, Option<u64>, Site)) -> &'a B::Buf {
+    if key.is_none() || p == 0.0 {
+        return dres;
+    }
+    be.copy(tmp, dres);
+    drop(be, tmp, p, key, site as u64);
+    tmp
 }
 
 impl<B: Seq2SeqOps> LayerActs<B> {
@@ -115,6 +149,8 @@ pub(super) struct LayerCtx<'a, B: Seq2SeqOps> {
     pub mask: &'a B::Ids,
     pub cross_ready: bool,
     pub cache: Option<SelfCache<'a, B>>,
+    /// The layer's dropout key (a training pass's; `None` otherwise).
+    pub drop: Option<u64>,
 }
 
 /// The shape of a stack's pass: its rows, sequences and (for the decoder) the encoder's.
@@ -174,14 +210,14 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     /// A stack's buffers for a pass of shape `geo` over `ids` (the embedding and the position
     /// bias filled in): `reuse`'s when it was made for the same shape (every buffer of a pass
     /// is written before it is read), new ones otherwise.
-    fn stack_acts(&self, geo: Geometry, ids: &[i32], reuse: Option<StackActs<B>>) -> Result<StackActs<B>> {
+    fn stack_acts(&self, geo: Geometry, ids: &[i32], reuse: Option<StackActs<B>>, drop_key: Option<u64>) -> Result<StackActs<B>> {
         let (be, c) = (&self.backend, &self.config);
         let (rows, d) = (geo.rows(), c.d_model);
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
         let buckets = be.upload_ids(&bucket_map(geo.len, geo.len, 0, !geo.decoder, c))?;
         let ids = be.upload_ids(ids)?;
         let mut s = match reuse.filter(|r| r.geo == geo) {
-            Some(r) => StackActs { buckets, ids, ..r },
+            Some(r) => StackActs { buckets, ids, drop_key, ..r },
             None => {
                 let n_layers = stack.layers.len();
                 let z = |n: usize| be.zeros(n);
@@ -189,11 +225,12 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
                 let layers = (0..n_layers).map(|_| LayerActs::new(be, c, rows, geo.self_shape(c).probs_len(), cross)).collect::<Result<Vec<_>>>()?;
                 let hs = (0..=n_layers).map(|_| z(rows * d)).collect::<Result<Vec<_>>>()?;
                 let bias = z(c.num_heads * geo.len * geo.len)?;
-                StackActs { hs, layers, out: z(rows * d)?, rstd: z(rows)?, bias, buckets, ids, geo, scratch: None }
+                StackActs { hs, layers, out: z(rows * d)?, rstd: z(rows)?, bias, buckets, ids, geo, drop_key, scratch: None }
             }
         };
         be.position_bias_fwd(&mut s.bias, &self.params[stack.rel_bias], &s.buckets, c.num_heads);
         Embedding { wte: self.layout.shared, wpe: None, width: d }.fwd(be, &self.unit_params(), &mut s.hs[0], &s.ids, &be.upload_ids(&[])?);
+        drop(be, &mut s.hs[0], c.dropout_rate, layer_key(drop_key, geo.decoder, STACK), Site::Embedding as u64);
         Ok(s)
     }
 
@@ -201,8 +238,9 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     /// ff(norm(.))`.
     #[allow(clippy::too_many_arguments)] // the layer's input and output, state and context
     pub(super) fn layer_fwd(&self, lp: &T5LayerParams, x: &B::Buf, y: &mut B::Buf, a: &mut LayerActs<B>, geo: Geometry, bias: &B::Buf, ctx: LayerCtx<B>) {
-        let LayerCtx { enc, mask, cross_ready, cache } = ctx;
+        let LayerCtx { enc, mask, cross_ready, cache, drop: key } = ctx;
         let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
+        let p_drop = c.dropout_rate;
         let (rows, d, inner) = (geo.rows(), c.d_model, c.inner());
         let mut empty = be.zeros(0).expect("an empty buffer");
         self.norm(lp.ln_attn).fwd(be, p, &mut a.n1, &mut empty, &mut a.rstd1, x);
@@ -225,6 +263,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             }
         }
         linear(lp.o, inner, d).fwd(be, p, y, &a.a, rows);
+        drop(be, y, p_drop, key, Site::SelfOut as u64);
         be.add(&mut a.h1, x, y);
         let mut h = &a.h1;
         if let (Some(cp), Some(ca), Some(enc)) = (lp.cross, a.cross.as_mut(), enc) {
@@ -237,6 +276,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             }
             be.biased_attention_fwd(&mut ca.a, &mut ca.probs, col(&ca.q), col(&ca.k), col(&ca.v), None, Some(mask), geo.cross_shape(c), 1.0);
             linear(cp.o, inner, d).fwd(be, p, y, &ca.a, rows);
+            drop(be, y, p_drop, key, Site::CrossOut as u64);
             be.add(&mut ca.h, &a.h1, y);
             h = &ca.h;
         }
@@ -246,23 +286,35 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             FeedForward::Relu => be.relu_fwd(&mut a.g, &a.f),
             FeedForward::GatedGelu => be.geglu_fwd(&mut a.g, &a.f, c.d_ff),
         }
+        drop(be, &mut a.g, p_drop, key, Site::Activation as u64);
         linear(lp.wo, c.d_ff, d).fwd(be, p, y, &a.g, rows);
+        drop(be, y, p_drop, key, Site::FfOut as u64);
         be.add_cols(y, h, rows, d, d, 0, 1.0);
     }
 
     /// A stack's forward pass over `ids`: the layers, then the final norm into `out`.
-    pub(super) fn stack_fwd(&self, geo: Geometry, ids: &[i32], enc: Option<&B::Buf>, mask: &B::Ids, reuse: Option<StackActs<B>>) -> Result<StackActs<B>> {
-        let mut s = self.stack_acts(geo, ids, reuse)?;
+    #[allow(clippy::too_many_arguments)] // the pass's shape, inputs, buffers and dropout key
+    pub(super) fn stack_fwd(
+        &self,
+        geo: Geometry,
+        ids: &[i32],
+        enc: Option<&B::Buf>,
+        mask: &B::Ids,
+        reuse: Option<StackActs<B>>,
+        drop_key: Option<u64>,
+    ) -> Result<StackActs<B>> {
+        let mut s = self.stack_acts(geo, ids, reuse, drop_key)?;
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
         for (l, lp) in stack.layers.iter().enumerate() {
             let (done, rest) = s.hs.split_at_mut(l + 1);
-            let ctx = LayerCtx { enc, mask, cross_ready: false, cache: None };
+            let ctx = LayerCtx { enc, mask, cross_ready: false, cache: None, drop: layer_key(drop_key, geo.decoder, l) };
             self.layer_fwd(lp, &done[l], &mut rest[0], &mut s.layers[l], geo, &s.bias, ctx);
         }
         let be = &self.backend;
         let mut empty = be.zeros(0)?;
         let last = s.hs.len() - 1;
         self.norm(stack.final_norm).fwd(be, &self.unit_params(), &mut s.out, &mut empty, &mut s.rstd, &s.hs[last]);
+        drop(be, &mut s.out, self.config.dropout_rate, layer_key(drop_key, geo.decoder, STACK), Site::Final as u64);
         Ok(s)
     }
 
@@ -282,6 +334,19 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         smoothing: f32,
         grad_scale: Option<f32>,
     ) -> Result<(Seq2SeqActs<B>, Seq2SeqLoss)> {
+        self.forward_dropping(reuse, b, smoothing, grad_scale, None)
+    }
+
+    /// [`Seq2SeqModel::forward_reusing`] with dropout keyed `drop_key` (`None`: none; the
+    /// backward pass applies the same masks).
+    pub fn forward_dropping(
+        &self,
+        reuse: Option<Seq2SeqActs<B>>,
+        b: &Seq2SeqBatch,
+        smoothing: f32,
+        grad_scale: Option<f32>,
+        drop_key: Option<u64>,
+    ) -> Result<(Seq2SeqActs<B>, Seq2SeqLoss)> {
         let (be, c) = (&self.backend, &self.config);
         b.check(c.vocab_size)?;
         let mask = be.upload_ids(&b.attention_mask)?;
@@ -292,9 +357,9 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             None => (None, None, None),
         };
         let enc_geo = Geometry { batch: b.batch, len: b.src_len, src_len: b.src_len, decoder: false };
-        let enc = self.stack_fwd(enc_geo, &b.input_ids, None, &mask, reuse_enc)?;
+        let enc = self.stack_fwd(enc_geo, &b.input_ids, None, &mask, reuse_enc, drop_key)?;
         let dec_geo = Geometry { batch: b.batch, len: b.tgt_len, src_len: b.src_len, decoder: true };
-        let dec = self.stack_fwd(dec_geo, &b.decoder_input_ids, Some(&enc.out), &mask, reuse_dec)?;
+        let dec = self.stack_fwd(dec_geo, &b.decoder_input_ids, Some(&enc.out), &mask, reuse_dec, drop_key)?;
         let (mut head_in, mut logits) = match reuse_bufs {
             Some(bufs) => bufs,
             None => (be.zeros(rows * c.d_model)?, be.zeros(rows * c.vocab_size)?),
@@ -331,14 +396,15 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         }
         let mut denc = be.zeros(b.batch * b.src_len * c.d_model)?;
         let dec_geo = Geometry { batch: b.batch, len: b.tgt_len, src_len: b.src_len, decoder: true };
-        self.stack_bwd(&mut acts.dec, dec_geo, &d_out, &mut g, Some((&acts.enc.out, &mut denc)))?;
+        self.stack_bwd(&mut acts.dec, dec_geo, &mut d_out, &mut g, Some((&acts.enc.out, &mut denc)))?;
         let enc_geo = Geometry { batch: b.batch, len: b.src_len, src_len: b.src_len, decoder: false };
-        self.stack_bwd(&mut acts.enc, enc_geo, &denc, &mut g, None)
+        self.stack_bwd(&mut acts.enc, enc_geo, &mut denc, &mut g, None)
     }
 
     /// A stack's backward pass from `d_out` (the gradient of its final norm's output); the
     /// decoder's also accumulates the gradient of the encoder's output into `enc.1`.
-    fn stack_bwd(&self, s: &mut StackActs<B>, geo: Geometry, d_out: &B::Buf, g: &mut GradsMut<B>, mut enc: Option<(&B::Buf, &mut B::Buf)>) -> Result<()> {
+    /// `d_out` is changed (the final dropout's mask applied).
+    fn stack_bwd(&self, s: &mut StackActs<B>, geo: Geometry, d_out: &mut B::Buf, g: &mut GradsMut<B>, mut enc: Option<(&B::Buf, &mut B::Buf)>) -> Result<()> {
         let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
         let mut sc = match s.scratch.take() {
@@ -349,13 +415,17 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         be.fill(&mut sc.dres, 0.0);
         be.fill(&mut sc.dbias, 0.0);
         let last = s.hs.len() - 1;
+        let stack_key = layer_key(s.drop_key, geo.decoder, STACK);
+        drop(be, d_out, c.dropout_rate, stack_key, Site::Final as u64);
         self.norm(stack.final_norm).bwd(be, p, g, &mut sc.dres, d_out, &s.hs[last], &sc.empty, &s.rstd);
         for (l, lp) in stack.layers.iter().enumerate().rev() {
             let enc_l = enc.as_mut().map(|(o, d)| (*o, &mut **d));
             let mut dres = std::mem::replace(&mut sc.dres, be.zeros(0)?);
-            self.layer_bwd(lp, &s.hs[l], &s.layers[l], geo, g, (&mut sc, &mut dres), enc_l);
+            let key = layer_key(s.drop_key, geo.decoder, l);
+            self.layer_bwd(lp, &s.hs[l], &s.layers[l], (geo, key), g, (&mut sc, &mut dres), enc_l);
             sc.dres = dres;
         }
+        drop(be, &mut sc.dres, c.dropout_rate, stack_key, Site::Embedding as u64);
         Embedding { wte: self.layout.shared, wpe: None, width: c.d_model }.bwd(be, g, &s.ids, &s.ids, &sc.dres);
         be.position_bias_bwd(&mut g.bufs[stack.rel_bias], &sc.dbias, &s.buckets, c.num_heads);
         s.scratch = Some(sc);
@@ -370,16 +440,19 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         lp: &T5LayerParams,
         x: &B::Buf,
         a: &LayerActs<B>,
-        geo: Geometry,
+        (geo, key): (Geometry, Option<u64>),
         g: &mut GradsMut<B>,
         (sc, dres): (&mut Scratch<B>, &mut B::Buf),
         enc: Option<(&B::Buf, &mut B::Buf)>,
     ) {
         let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
+        let p_drop = c.dropout_rate;
         let (rows, d, inner) = (geo.rows(), c.d_model, c.inner());
         let col = |b| Cols { buf: b, ld: inner, off: 0 };
         let ff_in = a.cross.as_ref().map_or(&a.h1, |ca| &ca.h);
-        linear(lp.wo, c.d_ff, d).bwd(be, p, g, Some(&mut sc.dg), dres, &a.g, rows);
+        let dy = masked(be, &mut sc.tmp, dres, (p_drop, key, Site::FfOut));
+        linear(lp.wo, c.d_ff, d).bwd(be, p, g, Some(&mut sc.dg), dy, &a.g, rows);
+        drop(be, &mut sc.dg, p_drop, key, Site::Activation as u64);
         match c.ff {
             FeedForward::Relu => be.relu_bwd(&mut sc.df, &a.f, &sc.dg),
             FeedForward::GatedGelu => be.geglu_bwd(&mut sc.df, &a.f, &sc.dg, c.d_ff),
@@ -388,7 +461,8 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         self.norm(lp.ln_ff).bwd(be, p, g, dres, &sc.dn, ff_in, &sc.empty, &a.rstd2);
         if let (Some(cp), Some(ca), Some((enc_out, denc)), Some(x)) = (lp.cross, a.cross.as_ref(), enc, sc.cross.as_mut()) {
             let src_rows = geo.batch * geo.src_len;
-            linear(cp.o, inner, d).bwd(be, p, g, Some(&mut sc.da), dres, &ca.a, rows);
+            let dy = masked(be, &mut sc.tmp, dres, (p_drop, key, Site::CrossOut));
+            linear(cp.o, inner, d).bwd(be, p, g, Some(&mut sc.da), dy, &ca.a, rows);
             be.biased_attention_bwd(
                 (&mut x.dq, &mut x.dk, &mut x.dv),
                 None,
@@ -406,7 +480,8 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             }
             self.norm(cp.ln).bwd(be, p, g, dres, &sc.dn, &a.h1, &sc.empty, &ca.rstd);
         }
-        linear(lp.o, inner, d).bwd(be, p, g, Some(&mut sc.da), dres, &a.a, rows);
+        let dy = masked(be, &mut sc.tmp, dres, (p_drop, key, Site::SelfOut));
+        linear(lp.o, inner, d).bwd(be, p, g, Some(&mut sc.da), dy, &a.a, rows);
         be.biased_attention_bwd(
             (&mut sc.dq, &mut sc.dk, &mut sc.dv),
             Some(&mut sc.dbias),

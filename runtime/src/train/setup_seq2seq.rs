@@ -56,9 +56,10 @@ fn load_seq2seq<B: Seq2SeqOps>(backend: B, args: &TrainingArguments) -> Result<(
         }
         (None, None) => return Err(Error::Invalid("set model_name_or_path (a model folder) or config_name (a config.json to train from scratch)".into())),
     };
-    let dropout = model.0.config.raw.get("dropout_rate").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    let dropout = model.0.config.dropout_rate;
     if dropout > 0.0 {
-        tracing::warn!("the config's dropout_rate ({dropout}) is not applied: T5 trains without dropout in this build");
+        tracing::info!("dropout in training: {dropout} on the embeddings, each sublayer's output, the feed-forward's activation and each stack's output");
+        tracing::warn!("the config's dropout_rate is not applied to the attention probabilities: the encoder-decoder attention op does not implement it yet");
     }
     Ok(model)
 }

@@ -25,7 +25,7 @@ SHAPES = {
     "example": {},
     "wider": {"d_model": 256, "d_ff": 512, "d_kv": 64, "num_heads": 4, "num_layers": 4, "num_decoder_layers": 4},
 }
-ARGS = dict(per_device_train_batch_size=32, learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
+ARGS = dict(per_device_train_batch_size=32, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
             max_grad_norm=1.0, seed=42, max_source_length=9, max_target_length=9)
 
 

@@ -4,7 +4,7 @@
 //! smoothing, gradient accumulation); the logged loss, gradient norm and learning rate of every
 //! step, the evaluation losses and the final weights must agree, and `runtime predict` on the
 //! trained model must generate what `Seq2SeqTrainer.predict` generated (`predict_with_generate`,
-//! two beams). Also: exact resume, the errors for bad input, and the `reverse` example.
+//! two beams). Also: exact resume, the errors for bad input, loss plugins, and the `reverse` example.
 
 mod common;
 
@@ -186,4 +186,45 @@ fn reverse_example_trains_and_scores_generations() {
     assert!((0.0..=1.0).contains(&exact));
     let config: Value = serde_json::from_str(&std::fs::read_to_string(ex.join("output/config.json")).unwrap()).unwrap();
     assert_eq!(config["model_type"], "t5");
+}
+
+/// Loss plugins on a T5: cross-entropy through the statistics hook (focal loss with gamma 0) and
+/// through the logits-rows hook (`rows_ce`) trains as the built-in loss does, step by step, and
+/// gives the same evaluation loss.
+#[test]
+fn loss_plugins_train_a_t5_as_the_built_in_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wasm = common::wasm_plugins();
+    let history = |name: &str, plugin: Option<(&str, &str)>| -> Vec<(u64, String, f64)> {
+        let out = tmp.path().join(name);
+        let mut args = tiny_run(&out, &["--eval_strategy", "steps", "--eval_steps", "3", "--gradient_accumulation_steps", "2"]);
+        if let Some((file, options)) = plugin {
+            let config = tmp.path().join(format!("{name}.toml"));
+            let path = wasm.join(format!("{file}.wasm"));
+            std::fs::write(&config, format!("[[plugins]]\npath = \"{}\"\noptions = {options}\n", path.display())).unwrap();
+            // the run config comes before the flags that override it
+            args.splice(1..1, [s("--config"), config.to_str().unwrap().into()]);
+        }
+        let o = runtime(&args);
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        let state: Value = serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+        let mut rows = Vec::new();
+        for e in state["log_history"].as_array().unwrap() {
+            for key in ["loss", "grad_norm", "eval_loss"] {
+                if let Some(v) = e.get(key).and_then(Value::as_f64) {
+                    rows.push((e["step"].as_u64().unwrap(), key.to_string(), v));
+                }
+            }
+        }
+        rows
+    };
+    let built_in = history("built_in", None);
+    assert_eq!(built_in.len(), 6 + 6 + 2, "6 steps of loss and grad_norm, 2 evaluations");
+    for (name, plugin) in [("stats", ("focal_loss", "{ gamma = 0.0 }")), ("rows", ("rows_ce", "{}"))] {
+        let ours = history(name, Some(plugin));
+        assert_eq!(ours.len(), built_in.len(), "{name}");
+        for ((step, key, x), (_, _, y)) in ours.iter().zip(&built_in) {
+            assert!((x - y).abs() <= 1e-5 * y.abs(), "{name} step {step} {key}: {x} vs built-in {y}");
+        }
+    }
 }

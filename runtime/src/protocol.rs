@@ -31,6 +31,17 @@ pub struct Batch {
     pub decoder_seq: usize,
 }
 
+impl Batch {
+    /// The length of the label rows: the decoder's for an encoder-decoder batch, else `seq`.
+    pub fn label_seq(&self) -> usize {
+        if self.decoder_input_ids.is_some() {
+            self.decoder_seq
+        } else {
+            self.seq
+        }
+    }
+}
+
 /// Label tokens of a batch: after the causal-LM shift, or all of an encoder-decoder batch's.
 pub fn label_tokens(b: &Batch) -> usize {
     let Some(l) = &b.labels else { return 0 };

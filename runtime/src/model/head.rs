@@ -19,7 +19,7 @@ fn no_label_tokens() -> Error {
 
 /// What a custom loss needs of a batch: its label-token count, the divisor (`num_items_in_batch`,
 /// or that count) and the shifted labels; an error without labels or label tokens.
-fn custom_loss_setup(b: &Batch, num_items_in_batch: Option<usize>) -> Result<(usize, usize, Vec<i32>)> {
+pub(crate) fn custom_loss_setup(b: &Batch, num_items_in_batch: Option<usize>) -> Result<(usize, usize, Vec<i32>)> {
     if b.labels.is_none() {
         return Err(Error::Invalid("a loss needs labels".into()));
     }
@@ -29,6 +29,43 @@ fn custom_loss_setup(b: &Batch, num_items_in_batch: Option<usize>) -> Result<(us
         return Err(no_label_tokens());
     }
     Ok((n_tokens, denom, shifted_labels(b)))
+}
+
+/// Whole logits `[rows, vocab]` (one row per target) and their targets, on the device and the host.
+pub(crate) struct LogitsOf<'a, B: Backend> {
+    pub logits: &'a mut B::Buf,
+    pub target_ids: &'a B::Ids,
+    pub targets: &'a [i32],
+    pub vocab: usize,
+}
+
+/// A loss from outside the engine (a plugin's) on whole logits, divided by `denom`: returns the
+/// hook's loss; in training the logits are replaced by the loss's gradient.
+pub(crate) fn custom_loss_on_logits<B: Backend>(be: &B, on: LogitsOf<B>, b: &Batch, custom: &mut CustomLoss, denom: usize, train: bool) -> Result<f32> {
+    let LogitsOf { logits, target_ids, targets, vocab: v } = on;
+    Ok(match custom {
+        CustomLoss::Stats(hook) => {
+            let want = hook.wanted()?;
+            let mut stats = be.token_stats(logits, target_ids, v, want)?;
+            let saved = stats.take_backward_state();
+            let (loss, grads) = hook.loss(b, targets, stats, denom)?;
+            grads.check(want, targets.len()).map_err(Error::Plugin)?;
+            if train {
+                be.token_stats_bwd(logits, target_ids, v, &saved, &grads);
+            }
+            loss
+        }
+        CustomLoss::Rows(hook) => {
+            let host = be.download(logits)?;
+            let rows = targets.len();
+            let mut dlogits = if train { vec![0.0f32; rows * v] } else { Vec::new() };
+            let loss = rows_hook(*hook, b, targets, &host, (0, rows, v), denom, train.then_some(&mut dlogits[..]))?;
+            if train {
+                *logits = be.upload(&dlogits)?;
+            }
+            loss as f32
+        }
+    })
 }
 
 /// Hands the labelled rows among `r0..r0 + n` (their logits `[n, v]` in `logits`, on the host)
@@ -145,30 +182,8 @@ impl<B: Backend> Model<B> {
         self.forward_logits(acts, b, train.flatten())?;
         let train = train.is_some();
         let (n_tokens, denom, targets) = custom_loss_setup(b, num_items_in_batch)?;
-        let (be, v) = (&self.backend, self.config.vocab_size);
-        let loss = match custom {
-            CustomLoss::Stats(hook) => {
-                let want = hook.wanted()?;
-                let mut stats = be.token_stats(&acts.logits, &acts.targets, v, want)?;
-                let saved = stats.take_backward_state();
-                let (loss, grads) = hook.loss(b, &targets, stats, denom)?;
-                grads.check(want, targets.len()).map_err(Error::Plugin)?;
-                if train {
-                    be.token_stats_bwd(&mut acts.logits, &acts.targets, v, &saved, &grads);
-                }
-                loss
-            }
-            CustomLoss::Rows(hook) => {
-                let logits = be.download(&acts.logits)?;
-                let rows = targets.len();
-                let mut dlogits = if train { vec![0.0f32; rows * v] } else { Vec::new() };
-                let loss = rows_hook(*hook, b, &targets, &logits, (0, rows, v), denom, train.then_some(&mut dlogits[..]))?;
-                if train {
-                    acts.logits = be.upload(&dlogits)?;
-                }
-                loss as f32
-            }
-        };
+        let on = LogitsOf { logits: &mut acts.logits, target_ids: &acts.targets, targets: &targets, vocab: self.config.vocab_size };
+        let loss = custom_loss_on_logits(&self.backend, on, b, custom, denom, train)?;
         acts.has_grad = train;
         let sum = loss as f64 * denom as f64;
         Ok(LossOutput { sum, n_tokens, mean: (sum / n_tokens.max(1) as f64) as f32 })

@@ -7,8 +7,9 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::decoder::{GradsReady, Neftune};
+use super::head::{custom_loss_on_logits, custom_loss_setup, LogitsOf};
 use super::io::Dtype;
-use super::seq2seq::{Seq2SeqActs, Seq2SeqModel};
+use super::seq2seq::{Seq2SeqActs, Seq2SeqLoss, Seq2SeqModel};
 use super::{Activations, Device, Grads, LoadOptions, LossOptions, LossOutput, Model, ParamSet};
 use crate::backend::seq2seq::Seq2SeqOps;
 use crate::backend::{Backend, StatsWanted, TokenStats};
@@ -181,18 +182,47 @@ pub struct Seq2SeqWork<B: Seq2SeqOps> {
 }
 
 impl<B: Seq2SeqOps> Seq2SeqModel<B> {
-    /// A forward pass in `work`'s buffers; a training pass (`grad_scale` given) with its dropout.
-    fn pass(&self, work: &mut Seq2SeqWork<B>, b: &Batch, smoothing: f32, grad_scale: Option<f32>) -> Result<(Seq2SeqBatch, super::seq2seq::Seq2SeqLoss)> {
+    /// A forward pass in `work`'s buffers (left in `work.acts`); a training pass (`train`) with
+    /// its dropout, and with `grad_scale` the built-in loss's gradient in place of the logits.
+    fn pass(&self, work: &mut Seq2SeqWork<B>, b: &Batch, smoothing: f32, (train, grad_scale): (bool, Option<f32>)) -> Result<(Seq2SeqBatch, Seq2SeqLoss)> {
         let sb = Seq2SeqBatch::from_batch(b)?;
-        let key = grad_scale.and(work.dropout);
+        let key = work.dropout.filter(|_| train);
         let (acts, loss) = self.forward_dropping(work.acts.take(), &sb, smoothing, grad_scale, key)?;
         work.acts = Some(acts);
         Ok((sb, loss))
     }
+
+    /// A plugin's loss on a forward pass's logits (`num_items_in_batch` as in [`LossOptions`]);
+    /// in training the logits are replaced by the loss's gradient, ready for the backward pass.
+    fn custom_pass(
+        &self,
+        work: &mut Seq2SeqWork<B>,
+        b: &Batch,
+        custom: &mut CustomLoss,
+        items: Option<usize>,
+        train: bool,
+    ) -> Result<(Seq2SeqBatch, LossOutput)> {
+        let (n_tokens, denom, targets) = custom_loss_setup(b, items)?;
+        let (sb, _) = self.pass(work, b, 0.0, (train, None))?;
+        let acts = work.acts.as_mut().ok_or_else(no_acts)?;
+        let ids = self.backend.upload_ids(&targets)?;
+        let on = LogitsOf { logits: &mut acts.logits, target_ids: &ids, targets: &targets, vocab: self.config.vocab_size };
+        let loss = custom_loss_on_logits(&self.backend, on, b, custom, denom, train)?;
+        let sum = loss as f64 * denom as f64;
+        Ok((sb, LossOutput { sum, n_tokens, mean: (sum / n_tokens.max(1) as f64) as f32 }))
+    }
+
+    /// The per-token statistics `want`s of the last pass's logits (before a backward pass).
+    fn stats(&self, work: &Seq2SeqWork<B>, labels: &[i32], want: Option<StatsWanted>) -> Result<Option<TokenStats>> {
+        match (want, &work.acts) {
+            (Some(want), Some(acts)) => Ok(Some(self.backend.token_stats(&acts.logits, &self.backend.upload_ids(labels)?, self.config.vocab_size, want)?)),
+            _ => Ok(None),
+        }
+    }
 }
 
-fn no_plugin_loss() -> Error {
-    Error::Unsupported("loss plugins with encoder-decoder models are not supported yet".into())
+fn no_acts() -> Error {
+    Error::Invalid("the pass left no activations".into())
 }
 
 impl<B: Seq2SeqOps> TrainModel<B> for Seq2SeqModel<B> {
@@ -239,22 +269,27 @@ impl<B: Seq2SeqOps> TrainModel<B> for Seq2SeqModel<B> {
         neftune: Option<Neftune>,
         ready: &mut GradsReady<B>,
     ) -> Result<LossOutput> {
-        let PassLoss::BuiltIn(opts) = loss else { return Err(no_plugin_loss()) };
         if neftune.is_some() {
             return Err(Error::Unsupported("neftune_noise_alpha with encoder-decoder models is not supported yet".into()));
         }
-        let n_tokens = label_tokens(b);
-        let denom = opts.num_items_in_batch.unwrap_or(n_tokens);
-        if denom == 0 {
-            return Err(Error::Invalid("this batch has no label tokens (every label is -100)".into()));
-        }
-        let (sb, loss) = self.pass(work, b, opts.label_smoothing, Some(1.0 / denom as f32))?;
-        let acts = work.acts.as_mut().ok_or_else(|| Error::Invalid("the pass left no activations".into()))?;
+        let (sb, out) = match loss {
+            PassLoss::BuiltIn(opts) => {
+                let n_tokens = label_tokens(b);
+                let denom = opts.num_items_in_batch.unwrap_or(n_tokens);
+                if denom == 0 {
+                    return Err(Error::Invalid("this batch has no label tokens (every label is -100)".into()));
+                }
+                let (sb, l) = self.pass(work, b, opts.label_smoothing, (true, Some(1.0 / denom as f32)))?;
+                (sb, LossOutput { sum: l.sum, n_tokens: l.n_tokens, mean: l.mean() })
+            }
+            PassLoss::Custom(custom, items) => self.custom_pass(work, b, custom, items, true)?,
+        };
+        let acts = work.acts.as_mut().ok_or_else(no_acts)?;
         self.backward(acts, &sb, &mut grads.tensors)?;
         // the whole backward pass is one group: every gradient is complete at its end
         let all: Vec<usize> = (0..self.params.len()).collect();
         ready(&all, &mut grads.tensors);
-        Ok(LossOutput { sum: loss.sum, n_tokens: loss.n_tokens, mean: loss.mean() })
+        Ok(out)
     }
     fn eval_loss(
         &self,
@@ -263,19 +298,20 @@ impl<B: Seq2SeqOps> TrainModel<B> for Seq2SeqModel<B> {
         loss: LossOptions,
         want: Option<StatsWanted>,
     ) -> Result<(Option<LossOutput>, Option<TokenStats>)> {
-        let (sb, out) = self.pass(work, b, loss.label_smoothing, None)?;
-        let stats = match (want, &work.acts) {
-            (Some(want), Some(acts)) => {
-                let targets = self.backend.upload_ids(&sb.labels)?;
-                Some(self.backend.token_stats(&acts.logits, &targets, self.config.vocab_size, want)?)
-            }
-            _ => None,
-        };
+        let (sb, out) = self.pass(work, b, loss.label_smoothing, (false, None))?;
+        let stats = self.stats(work, &sb.labels, want)?;
         let out = (b.labels.is_some() && out.n_tokens > 0).then(|| LossOutput { sum: out.sum, n_tokens: out.n_tokens, mean: out.mean() });
         Ok((out, stats))
     }
-    fn eval_custom(&self, _: &mut Seq2SeqWork<B>, _: &Batch, _: &mut CustomLoss, _: Option<StatsWanted>) -> Result<(LossOutput, Option<TokenStats>)> {
-        Err(no_plugin_loss())
+    fn eval_custom(
+        &self,
+        work: &mut Seq2SeqWork<B>,
+        b: &Batch,
+        custom: &mut CustomLoss,
+        want: Option<StatsWanted>,
+    ) -> Result<(LossOutput, Option<TokenStats>)> {
+        let (sb, out) = self.custom_pass(work, b, custom, None, false)?;
+        Ok((out, self.stats(work, &sb.labels, want)?))
     }
     fn write_into_from(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64, source: &mut dyn FnMut(usize) -> Result<Vec<f32>>) -> Result<()> {
         Seq2SeqModel::write_into_from(self, dir, dtype, max_shard_size, source)

@@ -234,7 +234,7 @@ impl StatsLoss for LossHook {
     fn loss(&mut self, b: &Batch, targets: &[i32], stats: TokenStats, num_items: usize) -> Result<(f32, StatGrads)> {
         let batch = TokenBatch {
             batch_size: b.batch as u32,
-            seq_len: b.seq as u32,
+            seq_len: b.label_seq() as u32,
             vocab_size: 0,
             labels: targets.to_vec(),
             label_logprob: stats.label_logprob,
@@ -256,7 +256,7 @@ impl RowsLoss for LossHook {
         let chunk = LogitsChunk {
             vocab_size: v as u32,
             first_row: positions.first().copied().unwrap_or(0),
-            seq_len: b.seq as u32,
+            seq_len: b.label_seq() as u32,
             logits: logits.to_vec(),
             positions: positions.to_vec(),
             labels: labels.to_vec(),

@@ -78,8 +78,7 @@ impl<B: Backend + Clone, M: TrainerModel<B>> Trainer<B, M> {
                 stats.map(|stats| {
                     let include_inputs = self.args.include_for_metrics.iter().any(|x| x == "inputs");
                     let inputs = include_inputs.then(|| b.input_ids.iter().map(|&x| x as u32).collect());
-                    let seq = if b.decoder_input_ids.is_some() { b.decoder_seq } else { b.seq };
-                    EvalBatch::argmax(b.batch, seq, shifted_labels(&b), stats, inputs, Some(self.pad.pad_id))
+                    EvalBatch::argmax(b.batch, b.label_seq(), shifted_labels(&b), stats, inputs, Some(self.pad.pad_id))
                 })
             };
             match batch {

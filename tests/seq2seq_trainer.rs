@@ -143,7 +143,7 @@ fn bad_input_gets_one_clear_error() {
             ),
             "sequence-to-sequence data",
         ),
-        (tiny_run(&tmp.path().join("d"), &["--gradient_checkpointing", "true"]), "`gradient_checkpointing` with an encoder-decoder model is not supported yet"),
+        (tiny_run(&tmp.path().join("d"), &["--neftune_noise_alpha", "5"]), "`neftune_noise_alpha` with an encoder-decoder model is not supported yet"),
         (tiny_run(&tmp.path().join("e"), &["--max_source_length", "0"]), "max_source_length must be at least 1"),
     ];
     for (args, expected) in cases {

@@ -44,6 +44,9 @@ pub struct Seq2SeqModel<B: Seq2SeqOps> {
     /// The dtype the weights were stored in (and are saved in by default).
     pub dtype: Dtype,
     pub source: Option<PathBuf>,
+    /// Keep only each layer's input in a training pass and recompute the layer in the backward
+    /// pass (`gradient_checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 impl<B: Seq2SeqOps> Seq2SeqModel<B> {
@@ -75,6 +78,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             params,
             dtype: opts.torch_dtype.unwrap_or(stored),
             source: Some(dir.to_path_buf()),
+            gradient_checkpointing: false,
         })
     }
 
@@ -87,7 +91,16 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             params.push(backend.upload_vec(t)?);
             Ok(())
         })?;
-        Ok(Seq2SeqModel { backend, trainable: vec![true; layout.specs.len()], config, layout, params, dtype: Dtype::F32, source: None })
+        Ok(Seq2SeqModel {
+            backend,
+            trainable: vec![true; layout.specs.len()],
+            config,
+            layout,
+            params,
+            dtype: Dtype::F32,
+            source: None,
+            gradient_checkpointing: false,
+        })
     }
 
     /// The parameters as host f32 vectors, in the layout's order.

@@ -216,13 +216,16 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
         let buckets = be.upload_ids(&bucket_map(geo.len, geo.len, 0, !geo.decoder, c))?;
         let ids = be.upload_ids(ids)?;
-        let mut s = match reuse.filter(|r| r.geo == geo) {
+        // with gradient checkpointing one layer's state is kept, and each layer is recomputed
+        // into it in the backward pass
+        let n_layers = stack.layers.len();
+        let kept = if self.gradient_checkpointing { 1 } else { n_layers };
+        let mut s = match reuse.filter(|r| r.geo == geo && r.layers.len() == kept) {
             Some(r) => StackActs { buckets, ids, drop_key, ..r },
             None => {
-                let n_layers = stack.layers.len();
                 let z = |n: usize| be.zeros(n);
                 let cross = geo.decoder.then(|| (geo.batch * geo.src_len, geo.cross_shape(c).probs_len()));
-                let layers = (0..n_layers).map(|_| LayerActs::new(be, c, rows, geo.self_shape(c).probs_len(), cross)).collect::<Result<Vec<_>>>()?;
+                let layers = (0..kept).map(|_| LayerActs::new(be, c, rows, geo.self_shape(c).probs_len(), cross)).collect::<Result<Vec<_>>>()?;
                 let hs = (0..=n_layers).map(|_| z(rows * d)).collect::<Result<Vec<_>>>()?;
                 let bias = z(c.num_heads * geo.len * geo.len)?;
                 StackActs { hs, layers, out: z(rows * d)?, rstd: z(rows)?, bias, buckets, ids, geo, drop_key, scratch: None }
@@ -308,7 +311,8 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         for (l, lp) in stack.layers.iter().enumerate() {
             let (done, rest) = s.hs.split_at_mut(l + 1);
             let ctx = LayerCtx { enc, mask, cross_ready: false, cache: None, drop: layer_key(drop_key, geo.decoder, l) };
-            self.layer_fwd(lp, &done[l], &mut rest[0], &mut s.layers[l], geo, &s.bias, ctx);
+            let slot = l.min(s.layers.len() - 1);
+            self.layer_fwd(lp, &done[l], &mut rest[0], &mut s.layers[slot], geo, &s.bias, ctx);
         }
         let be = &self.backend;
         let mut empty = be.zeros(0)?;
@@ -396,15 +400,26 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         }
         let mut denc = be.zeros(b.batch * b.src_len * c.d_model)?;
         let dec_geo = Geometry { batch: b.batch, len: b.tgt_len, src_len: b.src_len, decoder: true };
-        self.stack_bwd(&mut acts.dec, dec_geo, &mut d_out, &mut g, Some((&acts.enc.out, &mut denc)))?;
+        let mask = be.upload_ids(&b.attention_mask)?;
+        self.stack_bwd(&mut acts.dec, dec_geo, &mut d_out, &mut g, Some((&acts.enc.out, &mut denc)), &mask)?;
         let enc_geo = Geometry { batch: b.batch, len: b.src_len, src_len: b.src_len, decoder: false };
-        self.stack_bwd(&mut acts.enc, enc_geo, &mut denc, &mut g, None)
+        self.stack_bwd(&mut acts.enc, enc_geo, &mut denc, &mut g, None, &mask)
     }
 
     /// A stack's backward pass from `d_out` (the gradient of its final norm's output); the
     /// decoder's also accumulates the gradient of the encoder's output into `enc.1`.
-    /// `d_out` is changed (the final dropout's mask applied).
-    fn stack_bwd(&self, s: &mut StackActs<B>, geo: Geometry, d_out: &mut B::Buf, g: &mut GradsMut<B>, mut enc: Option<(&B::Buf, &mut B::Buf)>) -> Result<()> {
+    /// `d_out` is changed (the final dropout's mask applied). `mask`: the source mask (for the
+    /// layers recomputed under gradient checkpointing).
+    #[allow(clippy::too_many_arguments)] // the pass's state, shape, gradients and the encoder's side
+    fn stack_bwd(
+        &self,
+        s: &mut StackActs<B>,
+        geo: Geometry,
+        d_out: &mut B::Buf,
+        g: &mut GradsMut<B>,
+        mut enc: Option<(&B::Buf, &mut B::Buf)>,
+        mask: &B::Ids,
+    ) -> Result<()> {
         let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
         let mut sc = match s.scratch.take() {
@@ -418,11 +433,20 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         let stack_key = layer_key(s.drop_key, geo.decoder, STACK);
         drop(be, d_out, c.dropout_rate, stack_key, Site::Final as u64);
         self.norm(stack.final_norm).bwd(be, p, g, &mut sc.dres, d_out, &s.hs[last], &sc.empty, &s.rstd);
+        let enc_out = enc.as_ref().map(|(o, _)| *o);
         for (l, lp) in stack.layers.iter().enumerate().rev() {
+            let key = layer_key(s.drop_key, geo.decoder, l);
+            let slot = l.min(s.layers.len() - 1);
+            if s.layers.len() < stack.layers.len() && l + 1 < stack.layers.len() {
+                // gradient checkpointing: the layer's state again, from its kept input (the same
+                // dropout masks, from the same key); the last layer's is still there
+                let (done, rest) = s.hs.split_at_mut(l + 1);
+                let ctx = LayerCtx { enc: enc_out, mask, cross_ready: false, cache: None, drop: key };
+                self.layer_fwd(lp, &done[l], &mut rest[0], &mut s.layers[slot], geo, &s.bias, ctx);
+            }
             let enc_l = enc.as_mut().map(|(o, d)| (*o, &mut **d));
             let mut dres = std::mem::replace(&mut sc.dres, be.zeros(0)?);
-            let key = layer_key(s.drop_key, geo.decoder, l);
-            self.layer_bwd(lp, &s.hs[l], &s.layers[l], (geo, key), g, (&mut sc, &mut dres), enc_l);
+            self.layer_bwd(lp, &s.hs[l], &s.layers[slot], (geo, key), g, (&mut sc, &mut dres), enc_l);
             sc.dres = dres;
         }
         drop(be, &mut sc.dres, c.dropout_rate, stack_key, Site::Embedding as u64);

@@ -28,7 +28,6 @@ fn check_seq2seq_supported(args: &TrainingArguments, training: bool) -> Result<(
     let unsupported = [
         (args.peft.is_some() || args.adapter_name_or_path.is_some(), "LoRA adapters (`peft`, `adapter_name_or_path`)"),
         (args.neftune_noise_alpha.is_some(), "`neftune_noise_alpha`"),
-        (args.gradient_checkpointing, "`gradient_checkpointing`"),
         (args.auto_find_batch_size, "`auto_find_batch_size`"),
         (args.block_size.is_some() || args.max_seq_length.is_some(), "`block_size` / `max_seq_length` (use `max_source_length` and `max_target_length`)"),
         (
@@ -85,6 +84,7 @@ impl<B: Seq2SeqOps + Clone> Trainer<B, Seq2SeqModel<B>> {
         let collective =
             if training { crate::engine::mpi::start(args.ddp_bucket_cap_mb, Some(args.ddp_timeout))? } else { Box::new(crate::engine::SingleProcess) };
         let (mut model, model_dir) = load_seq2seq(backend, &args)?;
+        model.gradient_checkpointing = args.gradient_checkpointing;
         let tokenizer = load_tokenizer(&args, &mut model.source, model.config.vocab_size, &model_dir)?;
         let train_file = train_file(&args, training)?;
         let train = train_file.map(|f| examples(f, &tokenizer, &args, args.max_target_length)).transpose()?.unwrap_or_default();

@@ -464,4 +464,35 @@ mod mpi {
         assert!(err.contains("not given the same run") && err.contains("rank(s) 1"), "{err}");
         assert!(!out.join("model.safetensors").exists());
     }
+
+    /// A T5 trains data parallel as one process with the global batch, plain and with the
+    /// optimizer sharded (`shard_grad_op`); `full_shard` is refused with one clear error.
+    #[test]
+    fn a_t5_trains_data_parallel_as_one_process() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fx = common::fixtures().join("seq2seq_trainer");
+        let args = |out: &Path, batch: &str, fsdp: &str| -> Vec<String> {
+            let mut a: Vec<String> =
+                ["train", "--disable_tqdm", "true", "--max_steps", "6", "--logging_steps", "1", "--learning_rate", "5e-3", "--max_grad_norm", "0.5"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+            for (k, v) in [("model_name_or_path", fx.join("init")), ("train_file", fx.join("data/train.jsonl")), ("output_dir", out.to_path_buf())] {
+                a.extend([format!("--{k}"), v.to_str().unwrap().to_string()]);
+            }
+            a.extend(["--per_device_train_batch_size", batch, "--fsdp", fsdp].iter().map(|s| s.to_string()));
+            a
+        };
+        let one = tmp.path().join("one");
+        ok(runtime(&args(&one, "4", "").iter().map(String::as_str).collect::<Vec<_>>()), "one process");
+        assert_eq!(losses(&one).len(), 6);
+        for fsdp in ["", "shard_grad_op"] {
+            let two = tmp.path().join(format!("two{fsdp}"));
+            ok(mpirun(2, &args(&two, "2", fsdp)), &format!("2 processes {fsdp}"));
+            assert_same_training(&two, &one, &format!("T5, 2 processes {fsdp}"));
+        }
+        let o = mpirun(2, &args(&tmp.path().join("full"), "2", "full_shard"));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("fsdp `full_shard` (`shard_grad_op` works) with an encoder-decoder model is not supported yet"), "{err}");
+    }
 }

@@ -177,8 +177,9 @@ impl<B: Backend> TrainModel<B> for Model<B> {
 /// An encoder-decoder pass's workspace: the previous pass's buffers, reused while the shapes stay.
 pub struct Seq2SeqWork<B: Seq2SeqOps> {
     acts: Option<Seq2SeqActs<B>>,
-    /// The next training pass's dropout key.
+    /// The next training pass's dropout key and NEFTune noise.
     dropout: Option<u64>,
+    neftune: Option<Neftune>,
 }
 
 impl<B: Seq2SeqOps> Seq2SeqModel<B> {
@@ -186,8 +187,8 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     /// its dropout, and with `grad_scale` the built-in loss's gradient in place of the logits.
     fn pass(&self, work: &mut Seq2SeqWork<B>, b: &Batch, smoothing: f32, (train, grad_scale): (bool, Option<f32>)) -> Result<(Seq2SeqBatch, Seq2SeqLoss)> {
         let sb = Seq2SeqBatch::from_batch(b)?;
-        let key = work.dropout.filter(|_| train);
-        let (acts, loss) = self.forward_dropping(work.acts.take(), &sb, smoothing, grad_scale, key)?;
+        let noise = if train { (work.dropout, work.neftune) } else { (None, None) };
+        let (acts, loss) = self.forward_noisy(work.acts.take(), &sb, smoothing, grad_scale, noise)?;
         work.acts = Some(acts);
         Ok((sb, loss))
     }
@@ -255,7 +256,7 @@ impl<B: Seq2SeqOps> TrainModel<B> for Seq2SeqModel<B> {
         Ok(Grads { tensors: Seq2SeqModel::zero_grads(self)? })
     }
     fn workspace(&self, _batch: usize, _seq: usize) -> Result<Seq2SeqWork<B>> {
-        Ok(Seq2SeqWork { acts: None, dropout: None })
+        Ok(Seq2SeqWork { acts: None, dropout: None, neftune: None })
     }
     fn set_dropout(work: &mut Seq2SeqWork<B>, key: Option<u64>) {
         work.dropout = key;
@@ -269,9 +270,7 @@ impl<B: Seq2SeqOps> TrainModel<B> for Seq2SeqModel<B> {
         neftune: Option<Neftune>,
         ready: &mut GradsReady<B>,
     ) -> Result<LossOutput> {
-        if neftune.is_some() {
-            return Err(Error::Unsupported("neftune_noise_alpha with encoder-decoder models is not supported yet".into()));
-        }
+        work.neftune = neftune;
         let (sb, out) = match loss {
             PassLoss::BuiltIn(opts) => {
                 let n_tokens = label_tokens(b);

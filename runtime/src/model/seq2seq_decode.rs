@@ -55,7 +55,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             mask.extend(std::iter::repeat_n(1, src.len()).chain(std::iter::repeat_n(0, s - src.len())));
         }
         let enc_geo = Geometry { batch: n, len: s, src_len: s, decoder: false };
-        let enc = self.stack_fwd(enc_geo, &ids, None, &be.upload_ids(&mask)?, None, None)?;
+        let enc = self.stack_fwd(enc_geo, &ids, None, &be.upload_ids(&mask)?, None, (None, None))?;
         let per = rows / n;
         let d = c.d_model;
         let mut out = be.zeros(rows * s * d)?;

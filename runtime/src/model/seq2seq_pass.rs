@@ -10,6 +10,7 @@
 //! the final norm's output) except on the attention probabilities; each mask is a function of the
 //! key, the stack, the layer and the site, so the backward pass applies the same one.
 
+use super::decoder::Neftune;
 use super::seq2seq::{Seq2SeqBatch, Seq2SeqModel};
 use super::t5::{bucket_map, FeedForward, T5Config, T5LayerParams};
 use crate::backend::seq2seq::{BiasedShape, Cols, Seq2SeqOps};
@@ -210,7 +211,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     /// A stack's buffers for a pass of shape `geo` over `ids` (the embedding and the position
     /// bias filled in): `reuse`'s when it was made for the same shape (every buffer of a pass
     /// is written before it is read), new ones otherwise.
-    fn stack_acts(&self, geo: Geometry, ids: &[i32], reuse: Option<StackActs<B>>, drop_key: Option<u64>) -> Result<StackActs<B>> {
+    fn stack_acts(&self, geo: Geometry, ids: &[i32], reuse: Option<StackActs<B>>, (drop_key, neftune): (Option<u64>, Option<Neftune>)) -> Result<StackActs<B>> {
         let (be, c) = (&self.backend, &self.config);
         let (rows, d) = (geo.rows(), c.d_model);
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
@@ -233,6 +234,15 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         };
         be.position_bias_fwd(&mut s.bias, &self.params[stack.rel_bias], &s.buckets, c.num_heads);
         Embedding { wte: self.layout.shared, wpe: None, width: d }.fwd(be, &self.unit_params(), &mut s.hs[0], &s.ids, &be.upload_ids(&[])?);
+        if let Some(Neftune { alpha, seed }) = neftune {
+            // transformers' hook on the shared embedding: both stacks' inputs, each with the
+            // magnitude of its own length
+            use rand::{RngExt, SeedableRng};
+            let mag = alpha / ((geo.len * d) as f32).sqrt();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::nn::site_key(seed, u64::from(geo.decoder)));
+            let noise: Vec<f32> = (0..rows * d).map(|_| rng.random_range(-mag..=mag)).collect();
+            be.add_cols(&mut s.hs[0], &be.upload(&noise)?, rows, d, d, 0, 1.0);
+        }
         drop(be, &mut s.hs[0], c.dropout_rate, layer_key(drop_key, geo.decoder, STACK), Site::Embedding as u64);
         Ok(s)
     }
@@ -304,9 +314,9 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         enc: Option<&B::Buf>,
         mask: &B::Ids,
         reuse: Option<StackActs<B>>,
-        drop_key: Option<u64>,
+        (drop_key, neftune): (Option<u64>, Option<Neftune>),
     ) -> Result<StackActs<B>> {
-        let mut s = self.stack_acts(geo, ids, reuse, drop_key)?;
+        let mut s = self.stack_acts(geo, ids, reuse, (drop_key, neftune))?;
         let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
         for (l, lp) in stack.layers.iter().enumerate() {
             let (done, rest) = s.hs.split_at_mut(l + 1);
@@ -338,7 +348,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         smoothing: f32,
         grad_scale: Option<f32>,
     ) -> Result<(Seq2SeqActs<B>, Seq2SeqLoss)> {
-        self.forward_dropping(reuse, b, smoothing, grad_scale, None)
+        self.forward_noisy(reuse, b, smoothing, grad_scale, (None, None))
     }
 
     /// [`Seq2SeqModel::forward_reusing`] with dropout keyed `drop_key` (`None`: none; the
@@ -351,6 +361,19 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         grad_scale: Option<f32>,
         drop_key: Option<u64>,
     ) -> Result<(Seq2SeqActs<B>, Seq2SeqLoss)> {
+        self.forward_noisy(reuse, b, smoothing, grad_scale, (drop_key, None))
+    }
+
+    /// [`Seq2SeqModel::forward_dropping`] with NEFTune's noise on both stacks' input embeddings
+    /// when given (it changes no gradient's form: the embeddings' is the same).
+    pub fn forward_noisy(
+        &self,
+        reuse: Option<Seq2SeqActs<B>>,
+        b: &Seq2SeqBatch,
+        smoothing: f32,
+        grad_scale: Option<f32>,
+        (drop_key, neftune): (Option<u64>, Option<Neftune>),
+    ) -> Result<(Seq2SeqActs<B>, Seq2SeqLoss)> {
         let (be, c) = (&self.backend, &self.config);
         b.check(c.vocab_size)?;
         let mask = be.upload_ids(&b.attention_mask)?;
@@ -361,9 +384,9 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             None => (None, None, None),
         };
         let enc_geo = Geometry { batch: b.batch, len: b.src_len, src_len: b.src_len, decoder: false };
-        let enc = self.stack_fwd(enc_geo, &b.input_ids, None, &mask, reuse_enc, drop_key)?;
+        let enc = self.stack_fwd(enc_geo, &b.input_ids, None, &mask, reuse_enc, (drop_key, neftune))?;
         let dec_geo = Geometry { batch: b.batch, len: b.tgt_len, src_len: b.src_len, decoder: true };
-        let dec = self.stack_fwd(dec_geo, &b.decoder_input_ids, Some(&enc.out), &mask, reuse_dec, drop_key)?;
+        let dec = self.stack_fwd(dec_geo, &b.decoder_input_ids, Some(&enc.out), &mask, reuse_dec, (drop_key, neftune))?;
         let (mut head_in, mut logits) = match reuse_bufs {
             Some(bufs) => bufs,
             None => (be.zeros(rows * c.d_model)?, be.zeros(rows * c.vocab_size)?),

@@ -27,7 +27,6 @@ use crate::protocol::TokenDecoder;
 fn check_seq2seq_supported(args: &TrainingArguments, training: bool) -> Result<()> {
     let unsupported = [
         (args.peft.is_some() || args.adapter_name_or_path.is_some(), "LoRA adapters (`peft`, `adapter_name_or_path`)"),
-        (args.neftune_noise_alpha.is_some(), "`neftune_noise_alpha`"),
         (args.auto_find_batch_size, "`auto_find_batch_size`"),
         (args.block_size.is_some() || args.max_seq_length.is_some(), "`block_size` / `max_seq_length` (use `max_source_length` and `max_target_length`)"),
         (

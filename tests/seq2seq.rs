@@ -447,7 +447,7 @@ fn gradients_with_dropout_match_finite_differences() {
         let mut grads = model.zero_grads().unwrap();
         model.backward(&mut acts, &batch, &mut grads).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let h = 1e-2f32;
+        let h = 3e-3f32; // small enough not to cross the ReLU variant's kinks
         let mut checked = 0;
         for (i, g) in grads.iter().enumerate() {
             let g = g.clone();

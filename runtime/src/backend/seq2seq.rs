@@ -19,7 +19,7 @@ pub type QkvCols<'a, Buf> = (Cols<'a, Buf>, Cols<'a, Buf>, Cols<'a, Buf>);
 
 /// The geometry of a [`Seq2SeqOps::biased_attention_fwd`]: `batch` sequences of `tq` queries
 /// attending to `tk` keys, `n_head` heads of `head_dim`, no grouping of keys.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BiasedShape {
     pub batch: usize,
     pub tq: usize,
@@ -28,6 +28,10 @@ pub struct BiasedShape {
     pub head_dim: usize,
     /// Query `i` sees keys `0..=i` only (a decoder's self-attention; then `tq == tk`).
     pub causal: bool,
+    /// Dropout on the probabilities before they weigh the values (element `[b, h, i, j]` of the
+    /// probabilities is element `((b * n_head + h) * tq + i) * tk + j` of the mask's stream); the
+    /// saved probabilities are the ones before it.
+    pub dropout: Option<super::DropoutMask>,
 }
 
 impl BiasedShape {

@@ -6,9 +6,9 @@
 //! norms, the decoder output's `d_model ** -0.5` scale where the config asks for it, the head and
 //! the token-mean cross-entropy. No attention scaling (T5 folds it into the initialisation).
 //! Training passes given a dropout key apply `dropout_rate` where transformers' T5 does (the
-//! embeddings, each sublayer's output before its residual add, the feed-forward's activation,
-//! the final norm's output) except on the attention probabilities; each mask is a function of the
-//! key, the stack, the layer and the site, so the backward pass applies the same one.
+//! embeddings, the attention probabilities, each sublayer's output before its residual add, the
+//! feed-forward's activation, the final norm's output); each mask is a function of the key, the
+//! stack, the layer and the site, so the backward pass applies the same one.
 
 use super::decoder::Neftune;
 use super::seq2seq::{Seq2SeqBatch, Seq2SeqModel};
@@ -73,6 +73,13 @@ enum Site {
     Activation,
     FfOut,
     Final,
+    SelfProbs,
+    CrossProbs,
+}
+
+/// The attention-probability dropout of site `site` in a layer keyed `key` (`None` without dropout).
+fn probs_mask(p: f32, key: Option<u64>, site: Site) -> Option<crate::backend::DropoutMask> {
+    key.filter(|_| p > 0.0).map(|k| crate::backend::DropoutMask::new(p, crate::nn::site_key(k, site as u64)))
 }
 
 /// The dropout key of layer `layer` of a stack (`decoder`) in the pass keyed `key`.
@@ -169,10 +176,10 @@ impl Geometry {
         self.batch * self.len
     }
     fn self_shape(&self, c: &T5Config) -> BiasedShape {
-        BiasedShape { batch: self.batch, tq: self.len, tk: self.len, n_head: c.num_heads, head_dim: c.d_kv, causal: self.decoder }
+        BiasedShape { batch: self.batch, tq: self.len, tk: self.len, n_head: c.num_heads, head_dim: c.d_kv, causal: self.decoder, dropout: None }
     }
     fn cross_shape(&self, c: &T5Config) -> BiasedShape {
-        BiasedShape { batch: self.batch, tq: self.len, tk: self.src_len, n_head: c.num_heads, head_dim: c.d_kv, causal: false }
+        BiasedShape { batch: self.batch, tq: self.len, tk: self.src_len, n_head: c.num_heads, head_dim: c.d_kv, causal: false, dropout: None }
     }
 }
 
@@ -264,14 +271,24 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         match cache {
             None => {
                 let self_mask = if geo.decoder { None } else { Some(mask) };
-                be.biased_attention_fwd(&mut a.a, &mut a.probs, col(&a.q), col(&a.k), col(&a.v), Some(bias), self_mask, geo.self_shape(c), 1.0);
+                be.biased_attention_fwd(
+                    &mut a.a,
+                    &mut a.probs,
+                    col(&a.q),
+                    col(&a.k),
+                    col(&a.v),
+                    Some(bias),
+                    self_mask,
+                    BiasedShape { dropout: probs_mask(p_drop, key, Site::SelfProbs), ..geo.self_shape(c) },
+                    1.0,
+                );
             }
             Some(sc) => {
                 for r in 0..rows {
                     be.copy_range(sc.k, (r * sc.max_len + sc.slot) * inner, &a.k, r * inner, inner);
                     be.copy_range(sc.v, (r * sc.max_len + sc.slot) * inner, &a.v, r * inner, inner);
                 }
-                let shape = BiasedShape { batch: rows, tq: 1, tk: sc.max_len, n_head: c.num_heads, head_dim: c.d_kv, causal: false };
+                let shape = BiasedShape { batch: rows, tq: 1, tk: sc.max_len, n_head: c.num_heads, head_dim: c.d_kv, causal: false, dropout: None };
                 be.biased_attention_fwd(&mut a.a, &mut a.probs, col(&a.q), col(sc.k), col(sc.v), Some(bias), Some(sc.mask), shape, 1.0);
             }
         }
@@ -287,7 +304,17 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
                 linear(cp.k, d, inner).fwd(be, p, &mut ca.k, enc, src_rows);
                 linear(cp.v, d, inner).fwd(be, p, &mut ca.v, enc, src_rows);
             }
-            be.biased_attention_fwd(&mut ca.a, &mut ca.probs, col(&ca.q), col(&ca.k), col(&ca.v), None, Some(mask), geo.cross_shape(c), 1.0);
+            be.biased_attention_fwd(
+                &mut ca.a,
+                &mut ca.probs,
+                col(&ca.q),
+                col(&ca.k),
+                col(&ca.v),
+                None,
+                Some(mask),
+                BiasedShape { dropout: probs_mask(p_drop, key, Site::CrossProbs), ..geo.cross_shape(c) },
+                1.0,
+            );
             linear(cp.o, inner, d).fwd(be, p, y, &ca.a, rows);
             drop(be, y, p_drop, key, Site::CrossOut as u64);
             be.add(&mut ca.h, &a.h1, y);
@@ -517,7 +544,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
                 &sc.da,
                 (col(&ca.q), col(&ca.k), col(&ca.v)),
                 &ca.probs,
-                geo.cross_shape(c),
+                BiasedShape { dropout: probs_mask(p_drop, key, Site::CrossProbs), ..geo.cross_shape(c) },
                 1.0,
             );
             linear(cp.q, d, inner).bwd(be, p, g, Some(&mut sc.dn), &x.dq, &ca.n, rows);
@@ -536,7 +563,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             &sc.da,
             (col(&a.q), col(&a.k), col(&a.v)),
             &a.probs,
-            geo.self_shape(c),
+            BiasedShape { dropout: probs_mask(p_drop, key, Site::SelfProbs), ..geo.self_shape(c) },
             1.0,
         );
         linear(lp.q, d, inner).bwd(be, p, g, Some(&mut sc.dn), &sc.dq, &a.n1, rows);

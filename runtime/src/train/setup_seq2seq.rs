@@ -56,8 +56,7 @@ fn load_seq2seq<B: Seq2SeqOps>(backend: B, args: &TrainingArguments) -> Result<(
     };
     let dropout = model.0.config.dropout_rate;
     if dropout > 0.0 {
-        tracing::info!("dropout in training: {dropout} on the embeddings, each sublayer's output, the feed-forward's activation and each stack's output");
-        tracing::warn!("the config's dropout_rate is not applied to the attention probabilities: the encoder-decoder attention op does not implement it yet");
+        tracing::info!("dropout in training: {dropout} on the embeddings, the attention probabilities, each sublayer's output, the feed-forward's activation and each stack's output");
     }
     Ok(model)
 }

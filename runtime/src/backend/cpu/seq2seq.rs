@@ -10,6 +10,7 @@ use super::matmul::strided_scaled;
 use super::pointwise::{GELU_C, GELU_K};
 use super::Cpu;
 use crate::backend::seq2seq::{BiasedShape, Cols, QkvCols, Seq2SeqOps};
+use crate::backend::{dropout_keep, DropoutMask};
 use gemm::Parallelism;
 
 fn gelu(x: f32) -> f32 {
@@ -53,6 +54,11 @@ fn softmax_row(row: &mut [f32], visible: impl Fn(usize) -> bool) {
     row.iter_mut().for_each(|x| *x *= inv);
 }
 
+/// `x` with dropout mask `m` applied, `x[i]` being element `first + i` of the mask's stream.
+fn masked(x: &[f32], m: DropoutMask, first: usize) -> Vec<f32> {
+    x.iter().enumerate().map(|(i, &v)| if dropout_keep(m.key, (first + i) as u64, m.threshold) { v * m.scale } else { 0.0 }).collect()
+}
+
 impl Seq2SeqOps for Cpu {
     /// Per sequence (in parallel) and head: `S = scale Q K^T + bias` and `O = P V` as matrix
     /// products, the masked softmax between them. The probabilities are kept as `[batch,
@@ -92,7 +98,9 @@ impl Seq2SeqOps for Cpu {
                     }
                     softmax_row(row, |j| !(s.causal && j > i) && mask.is_none_or(|m| m[j] != 0));
                 }
-                strided_scaled(&mut o[h * d..], false, (tq, d, tk), hd, ph, (tk, 1), &v.buf[at(&v, b, tk, h, d)..], (v.ld, 1), 1.0, Parallelism::None);
+                let dropped = s.dropout.map(|m| masked(ph, m, (b * s.n_head + h) * tq * tk));
+                let pv = dropped.as_deref().unwrap_or(ph);
+                strided_scaled(&mut o[h * d..], false, (tq, d, tk), hd, pv, (tk, 1), &v.buf[at(&v, b, tk, h, d)..], (v.ld, 1), 1.0, Parallelism::None);
             }
         });
     }
@@ -119,13 +127,22 @@ impl Seq2SeqOps for Cpu {
             for h in 0..nh {
                 let (ph, dsh) = (&probs[b * per + h * tq * tk..b * per + (h + 1) * tq * tk], &mut dsb[h * tq * tk..(h + 1) * tq * tk]);
                 strided_scaled(dsh, false, (tq, tk, d), tk, &dob[h * d..], (hd, 1), &v.buf[at(&v, b, tk, h, d)..], (1, v.ld), 1.0, Parallelism::None);
+                // with dropout: the values were weighed by the dropped probabilities, and the
+                // gradient reaching the softmax is masked the same way
+                let first = (b * nh + h) * tq * tk;
+                let dropped = s.dropout.map(|m| masked(ph, m, first));
+                if let Some(m) = s.dropout {
+                    let kept = masked(&vec![1.0; tq * tk], m, first);
+                    dsh.iter_mut().zip(&kept).for_each(|(g, k)| *g *= k);
+                }
                 for (pr, dr) in ph.chunks_exact(tk).zip(dsh.chunks_exact_mut(tk)) {
                     let rowsum = dot(pr, dr);
                     dr.iter_mut().zip(pr).for_each(|(g, p)| *g = p * (*g - rowsum));
                 }
                 strided_scaled(&mut dqb[h * d..], false, (tq, d, tk), hd, dsh, (tk, 1), &k.buf[at(&k, b, tk, h, d)..], (k.ld, 1), scale, Parallelism::None);
                 strided_scaled(&mut dkb[h * d..], false, (tk, d, tq), hd, dsh, (1, tk), &q.buf[at(&q, b, tq, h, d)..], (q.ld, 1), scale, Parallelism::None);
-                strided_scaled(&mut dvb[h * d..], false, (tk, d, tq), hd, ph, (1, tk), &dob[h * d..], (hd, 1), 1.0, Parallelism::None);
+                let pv = dropped.as_deref().unwrap_or(ph);
+                strided_scaled(&mut dvb[h * d..], false, (tk, d, tq), hd, pv, (1, tk), &dob[h * d..], (hd, 1), 1.0, Parallelism::None);
             }
         });
         if let Some(db) = dbias {

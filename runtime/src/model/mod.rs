@@ -16,6 +16,7 @@ pub mod lora;
 pub mod registry;
 pub mod residency;
 pub mod seq2seq;
+mod seq2seq_backward;
 mod seq2seq_decode;
 mod seq2seq_pass;
 pub use seq2seq_decode::Seq2SeqDecode;

@@ -222,6 +222,12 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     }
 }
 
+impl From<Seq2SeqLoss> for LossOutput {
+    fn from(l: Seq2SeqLoss) -> Self {
+        LossOutput { sum: l.sum, n_tokens: l.n_tokens, mean: l.mean() }
+    }
+}
+
 fn no_acts() -> Error {
     Error::Invalid("the pass left no activations".into())
 }
@@ -279,7 +285,7 @@ impl<B: Seq2SeqOps> TrainModel<B> for Seq2SeqModel<B> {
                     return Err(Error::Invalid("this batch has no label tokens (every label is -100)".into()));
                 }
                 let (sb, l) = self.pass(work, b, opts.label_smoothing, (true, Some(1.0 / denom as f32)))?;
-                (sb, LossOutput { sum: l.sum, n_tokens: l.n_tokens, mean: l.mean() })
+                (sb, l.into())
             }
             PassLoss::Custom(custom, items) => self.custom_pass(work, b, custom, items, true)?,
         };
@@ -299,7 +305,7 @@ impl<B: Seq2SeqOps> TrainModel<B> for Seq2SeqModel<B> {
     ) -> Result<(Option<LossOutput>, Option<TokenStats>)> {
         let (sb, out) = self.pass(work, b, loss.label_smoothing, (false, None))?;
         let stats = self.stats(work, &sb.labels, want)?;
-        let out = (b.labels.is_some() && out.n_tokens > 0).then(|| LossOutput { sum: out.sum, n_tokens: out.n_tokens, mean: out.mean() });
+        let out = (b.labels.is_some() && out.n_tokens > 0).then(|| out.into());
         Ok((out, stats))
     }
     fn eval_custom(

@@ -70,16 +70,13 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             .zip(&layout.specs)
             .map(|(p, s)| p.ok_or_else(|| Error::Invalid(format!("no values for `{}`", s.name))))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Seq2SeqModel {
-            backend,
-            trainable: vec![true; layout.specs.len()],
-            config,
-            layout,
-            params,
-            dtype: opts.torch_dtype.unwrap_or(stored),
-            source: Some(dir.to_path_buf()),
-            gradient_checkpointing: false,
-        })
+        Ok(Self::with_params(backend, config, layout, params, opts.torch_dtype.unwrap_or(stored), Some(dir.to_path_buf())))
+    }
+
+    /// A model of these parts: every parameter trainable, no gradient checkpointing.
+    fn with_params(backend: B, config: T5Config, layout: T5Layout, params: Vec<B::Buf>, dtype: Dtype, source: Option<PathBuf>) -> Self {
+        let trainable = vec![true; layout.specs.len()];
+        Seq2SeqModel { backend, config, layout, params, trainable, dtype, source, gradient_checkpointing: false }
     }
 
     /// A freshly initialised model (transformers' `T5PreTrainedModel._init_weights` spreads,
@@ -91,16 +88,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             params.push(backend.upload_vec(t)?);
             Ok(())
         })?;
-        Ok(Seq2SeqModel {
-            backend,
-            trainable: vec![true; layout.specs.len()],
-            config,
-            layout,
-            params,
-            dtype: Dtype::F32,
-            source: None,
-            gradient_checkpointing: false,
-        })
+        Ok(Self::with_params(backend, config, layout, params, Dtype::F32, None))
     }
 
     /// The parameters as host f32 vectors, in the layout's order.

@@ -54,9 +54,18 @@ fn softmax_row(row: &mut [f32], visible: impl Fn(usize) -> bool) {
     row.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// `x` with dropout mask `m` applied, `x[i]` being element `first + i` of the mask's stream.
+/// Applies dropout mask `m` to `x` in place, `x[i]` being element `first + i` of the mask's stream.
+fn mask_in_place(x: &mut [f32], m: DropoutMask, first: usize) {
+    for (i, v) in x.iter_mut().enumerate() {
+        *v = if dropout_keep(m.key, (first + i) as u64, m.threshold) { *v * m.scale } else { 0.0 };
+    }
+}
+
+/// `x` with dropout mask `m` applied ([`mask_in_place`] on a copy).
 fn masked(x: &[f32], m: DropoutMask, first: usize) -> Vec<f32> {
-    x.iter().enumerate().map(|(i, &v)| if dropout_keep(m.key, (first + i) as u64, m.threshold) { v * m.scale } else { 0.0 }).collect()
+    let mut out = x.to_vec();
+    mask_in_place(&mut out, m, first);
+    out
 }
 
 impl Seq2SeqOps for Cpu {
@@ -132,8 +141,7 @@ impl Seq2SeqOps for Cpu {
                 let first = (b * nh + h) * tq * tk;
                 let dropped = s.dropout.map(|m| masked(ph, m, first));
                 if let Some(m) = s.dropout {
-                    let kept = masked(&vec![1.0; tq * tk], m, first);
-                    dsh.iter_mut().zip(&kept).for_each(|(g, k)| *g *= k);
+                    mask_in_place(dsh, m, first);
                 }
                 for (pr, dr) in ph.chunks_exact(tk).zip(dsh.chunks_exact_mut(tk)) {
                     let rowsum = dot(pr, dr);

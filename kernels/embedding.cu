@@ -3,7 +3,8 @@
 //
 // embedding_fwd: out[r] = wte[ids[r]] (+ wpe[pos[r]] when wpe is not null), width c.
 //   Launch: grid rows, block 256.
-// embedding_bwd: dw[idx[r]] += dout[r] for r in row order, every element summed in the CPU's order
+// embedding_bwd: dw[idx[r]] += dout[r] for r in row order (a negative index adds nothing: a
+//   `padding_idx` row), every element summed in the CPU's order
 //   (bitwise equal). The table rows are split into gridDim.y buckets by index, so that more than
 //   ceil(c / 256) blocks share the work (GPT-2's width 768 gave 3 blocks: 3.7 ms per step on an
 //   H200). Each block lists the rows of its bucket, 256 rows at a time (one thread scanning each
@@ -38,7 +39,7 @@ extern "C" __global__ void __launch_bounds__(256) embedding_bwd(float* dw, const
     const int buckets = gridDim.y, bucket = blockIdx.y;
     for (int base = 0; base < rows; base += 256) {
         const int r = base + t;
-        flag[t] = r < rows && idx[r] % buckets == bucket;
+        flag[t] = r < rows && idx[r] >= 0 && idx[r] % buckets == bucket;
         __syncthreads();
         if (t == 0) {
             int n = 0;

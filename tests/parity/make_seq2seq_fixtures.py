@@ -1,8 +1,9 @@
 """Builds the encoder-decoder parity fixtures that the Rust tests compare against.
 
-For each case it makes a tiny random T5 with transformers + torch, runs a fixed batch (sources of
-different lengths, right padded; labels of different lengths padded with -100;
-`decoder_input_ids` by the model's `_shift_right`), and stores under tests/fixtures/<case>/:
+For each case it makes a tiny random T5 or BART with transformers + torch, runs a fixed batch
+(sources of different lengths, right padded; labels of different lengths padded with -100;
+`decoder_input_ids` by the model's `prepare_decoder_input_ids_from_labels`: T5's `_shift_right`,
+BART's `shift_tokens_right`), and stores under tests/fixtures/<case>/:
 
   model/                  the model as transformers saves it
   reference.safetensors   input_ids, attention_mask, labels, decoder_input_ids, logits, loss,
@@ -18,10 +19,13 @@ Cases:
            3 decoder layers against 2 encoder layers
   t5_v1_0  the original T5: ReLU feed-forward, the head tied to the shared embedding and the
            decoder output scaled by d_model ** -0.5
+  bart     BART: learned positions (offset 2, at most 40), post-layer norms with biases, GELU,
+           `scale_embedding`, `layernorm_embedding`, `final_logits_bias` (set away from 0), the
+           shared embedding's `padding_idx`, `forced_bos_token_id` / `forced_eos_token_id`
 
 Re-run from the repository root with a Python that has torch and transformers:
 
-    python tests/parity/make_seq2seq_fixtures.py
+    python tests/parity/make_seq2seq_fixtures.py [CASE ...]
 """
 
 import json
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
 OUT = Path(__file__).resolve().parent.parent / "fixtures"
@@ -75,6 +79,15 @@ def cases():
     m = T5ForConditionalGeneration(tiny(feed_forward_proj="relu", num_layers=2))
     assert m.lm_head.weight is m.shared.weight and m.config.scale_decoder_outputs
     yield "t5_v1_0", m
+    torch.manual_seed(2)
+    m = BartForConditionalGeneration(BartConfig(
+        vocab_size=64, d_model=32, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+        decoder_ffn_dim=48, encoder_layers=2, decoder_layers=3, max_position_embeddings=40, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True,
+    ))
+    # as bart-large-cnn's generation config (transformers 5 keeps it out of config.json)
+    m.generation_config.forced_bos_token_id = 0
+    yield "bart", m
 
 
 def no_decay(name):
@@ -86,19 +99,22 @@ def no_decay(name):
 
 def batch(model):
     g = torch.Generator().manual_seed(1)
-    vocab = model.config.vocab_size
+    vocab, pad, eos = model.config.vocab_size, model.config.pad_token_id, model.config.eos_token_id
+    low = max(pad, eos) + 1  # no special token inside a sequence
     B, S, T = 3, 12, 7
-    ids = torch.randint(2, vocab, (B, S), generator=g)
+    ids = torch.randint(low, vocab, (B, S), generator=g)
     mask = torch.zeros(B, S, dtype=torch.long)
     for b, n in enumerate([12, 9, 5]):
         mask[b, :n] = 1
-        ids[b, n:] = 0
-        ids[b, n - 1] = 1  # eos
-    labels = torch.randint(2, vocab, (B, T), generator=g)
+        ids[b, n:] = pad
+        ids[b, n - 1] = eos
+    if model.config.model_type == "bart":
+        ids[0, 3] = pad  # a pad token the encoder attends to: its `padding_idx` row gets no gradient
+    labels = torch.randint(low, vocab, (B, T), generator=g)
     for b, n in enumerate([7, 4, 6]):
-        labels[b, n - 1] = 1
+        labels[b, n - 1] = eos
         labels[b, n:] = -100
-    return ids, mask, labels, model._shift_right(labels)
+    return ids, mask, labels, model.prepare_decoder_input_ids_from_labels(labels)
 
 
 def buckets():
@@ -111,30 +127,42 @@ def buckets():
     return out
 
 
-def tokenizer(d, vocab):
-    """A word-level tokenizer over the tiny vocabulary (`<pad>`, `</s>`, `<unk>`, then `w3`..),
-    appending `</s>` as T5's does, so the command line can generate from text."""
+def tokenizer(d, vocab, bart):
+    """A word-level tokenizer over the tiny vocabulary (T5: `<pad>`, `</s>`, `<unk>`, then
+    `w3`..; BART: `<s>`, `<pad>`, `</s>`, `<unk>`, then `w4`..), adding the special tokens as the
+    model's own tokenizer does (T5: `$A </s>`; BART: `<s> $A </s>`), so the command line can
+    generate from text."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    words = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    special = ["<s>", "<pad>", "</s>", "<unk>"] if bart else ["<pad>", "</s>", "<unk>"]
+    words = {**{w: i for i, w in enumerate(special)}, **{f"w{i}": i for i in range(len(special), vocab)}}
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    if bart:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}) + "\n")
+    cfg = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    if bart:
+        cfg["bos_token"] = "<s>"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg) + "\n")
 
 
 def make(name, model):
     torch.manual_seed(0)
-    with torch.no_grad():  # norm weights away from 1 so that they matter
+    bart = name.startswith("bart")
+    with torch.no_grad():  # norm weights away from 1 and biases away from 0 so that they matter
         for pname, p in model.named_parameters():
             if p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                p.copy_((0.0 if pname.endswith(".bias") else 1.0) + 0.1 * torch.randn_like(p))
+        if bart:
+            model.final_logits_bias.copy_(0.5 * torch.randn_like(model.final_logits_bias))
     model.train()
     d = OUT / name
     shutil.rmtree(d / "model", ignore_errors=True)
     (d / "model").mkdir(parents=True, exist_ok=True)
     model.save_pretrained(d / "model")
-    tokenizer(d / "model", model.config.vocab_size)
+    tokenizer(d / "model", model.config.vocab_size, bart)
 
     ids, mask, labels, dec = batch(model)
     ref = {"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_input_ids": dec}
@@ -181,5 +209,7 @@ def make(name, model):
 
 
 if __name__ == "__main__":
-    for name, model in cases():
-        make(name, model)
+    import sys
+    for name, model in cases():  # every case, or those named on the command line
+        if len(sys.argv) == 1 or name in sys.argv[1:]:
+            make(name, model)

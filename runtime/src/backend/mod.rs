@@ -243,6 +243,8 @@ pub trait Backend: Send + Sync + 'static {
     /// `out[r] = wte[ids[r]] (+ wpe[pos[r]])`, width `c`.
     fn embedding_fwd(&self, out: &mut Self::Buf, ids: &Self::Ids, wte: &Self::Buf, wpe: Option<(&Self::Buf, &Self::Ids)>, c: usize);
     /// `dwte[ids[r]] += dout[r]` (and `dwpe[pos[r]] += dout[r]`), in row order (deterministic).
+    /// A row whose id is negative adds nothing (an embedding's `padding_idx`, which gets no
+    /// gradient from a lookup).
     fn embedding_bwd(&self, dwte: &mut Self::Buf, dwpe: Option<(&mut Self::Buf, &Self::Ids)>, ids: &Self::Ids, dout: &Self::Buf, c: usize);
 
     /// LayerNorm over rows of width `c`; keeps `mean` and `rstd` per row.

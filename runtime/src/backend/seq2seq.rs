@@ -1,7 +1,8 @@
 //! The ops encoder-decoder models add to the op set: attention with an additive position bias,
 //! bidirectional or causal, between queries and keys of different lengths (cross attention);
-//! T5's relative position bias gathered from its bucket table; the gated-GELU and ReLU
-//! feed-forward activations. A backend that implements them runs T5 (the CPU backend today).
+//! T5's relative position bias gathered from its bucket table; the gated-GELU, exact-GELU and
+//! ReLU feed-forward activations. A backend that implements them runs T5 and BART (the CPU
+//! backend today).
 
 use super::Backend;
 
@@ -93,6 +94,10 @@ pub trait Seq2SeqOps: Backend {
     fn geglu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf, i: usize);
     /// Its backward pass: writes `dx` (`[rows, 2i]`).
     fn geglu_bwd(&self, dx: &mut Self::Buf, x: &Self::Buf, dout: &Self::Buf, i: usize);
+    /// The exact GELU, `x Φ(x) = 0.5 x (1 + erf(x / sqrt 2))` (transformers' `gelu`, BART's).
+    fn gelu_erf_fwd(&self, out: &mut Self::Buf, x: &Self::Buf);
+    /// Its backward pass: writes `dx = dout * (Φ(x) + x φ(x))`.
+    fn gelu_erf_bwd(&self, dx: &mut Self::Buf, x: &Self::Buf, dout: &Self::Buf);
     /// `out = max(x, 0)`.
     fn relu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf);
     /// Writes `dx = dout * (x > 0)`.

@@ -107,6 +107,11 @@ pub trait WeightSet {
     fn specs(&self) -> &[ParamSpec];
     /// Whether a tensor in a weight file that the set does not use may be ignored.
     fn tolerates_extra(&self, name: &str) -> bool;
+    /// Whether a tensor may be absent from the files (its parameter is then not read: the
+    /// loader keeps its initial value).
+    fn may_be_missing(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 impl WeightSet for Layout {

@@ -3,6 +3,7 @@
 
 pub mod activations;
 pub mod adapter;
+pub mod bart;
 pub mod config;
 pub mod decoder;
 mod gpt2;
@@ -16,7 +17,9 @@ pub mod lora;
 pub mod registry;
 pub mod residency;
 pub mod seq2seq;
+mod seq2seq_acts;
 mod seq2seq_backward;
+pub mod seq2seq_config;
 mod seq2seq_decode;
 mod seq2seq_pass;
 pub use seq2seq_decode::Seq2SeqDecode;

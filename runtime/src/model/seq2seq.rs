@@ -1,23 +1,20 @@
-//! Encoder-decoder models (T5): loading and saving in transformers' layout, and the forward and
-//! backward passes of `T5ForConditionalGeneration` over a batch of sources and targets
-//! (`seq2seq_pass.rs`). They run on a backend with the encoder-decoder ops
-//! ([`Seq2SeqOps`]: the CPU backend).
+//! Encoder-decoder models (T5 and BART): loading and saving in transformers' layout, and the
+//! forward and backward passes of `T5ForConditionalGeneration` / `BartForConditionalGeneration`
+//! over a batch of sources and targets (`seq2seq_pass.rs`). They run on a backend with the
+//! encoder-decoder ops ([`Seq2SeqOps`]: the CPU backend).
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use super::io::{self, Dtype};
+pub use super::seq2seq_config::{Seq2SeqConfig, Seq2SeqLayout, ENCODER_DECODER};
 pub use super::seq2seq_pass::{Seq2SeqActs, Seq2SeqLoss};
-use super::t5::{T5Config, T5Layout};
 use super::LoadOptions;
 use crate::backend::seq2seq::Seq2SeqOps;
 use crate::error::{Error, Result};
 use crate::nn::{GradsMut, Params};
 pub use crate::protocol::Seq2SeqBatch;
-
-/// The encoder-decoder `model_type`s the engine reads.
-pub const ENCODER_DECODER: &[&str] = &["t5"];
 
 impl<B: Seq2SeqOps> super::ParamSet<B> for Seq2SeqModel<B> {
     fn backend(&self) -> &B {
@@ -34,11 +31,11 @@ impl<B: Seq2SeqOps> super::ParamSet<B> for Seq2SeqModel<B> {
     }
 }
 
-/// A T5 model on a backend: config, layout and one buffer per parameter.
+/// An encoder-decoder model on a backend: config, layout and one buffer per parameter.
 pub struct Seq2SeqModel<B: Seq2SeqOps> {
     pub backend: B,
-    pub config: T5Config,
-    pub layout: T5Layout,
+    pub config: Seq2SeqConfig,
+    pub layout: Seq2SeqLayout,
     pub params: Vec<B::Buf>,
     pub trainable: Vec<bool>,
     /// The dtype the weights were stored in (and are saved in by default).
@@ -50,13 +47,15 @@ pub struct Seq2SeqModel<B: Seq2SeqOps> {
 }
 
 impl<B: Seq2SeqOps> Seq2SeqModel<B> {
-    /// `from_pretrained`: `config.json` and the safetensors weights of a model folder.
+    /// `from_pretrained`: `config.json` and the safetensors weights of a model folder. A stored
+    /// `lm_head.weight` makes the head untied whatever the config says (transformers 5 keeps a
+    /// Flan-T5's head that way); a missing `final_logits_bias` (BART) is zeros.
     pub fn load(backend: B, dir: &Path, opts: LoadOptions) -> Result<Self> {
-        let mut config = T5Config::from_dir(dir)?;
+        let mut config = Seq2SeqConfig::from_dir(dir)?;
         if io::read_headers(dir)?.contains_key("lm_head.weight") {
             config.tied_head = false;
         }
-        let layout = T5Layout::new(&config);
+        let layout = Seq2SeqLayout::new(&config);
         let mut params: Vec<Option<B::Buf>> = (0..layout.specs.len()).map(|_| None).collect();
         let (stored, _) = io::load_weights_each(dir, &layout, &mut |i, mut t| {
             if let Some(dt) = opts.torch_dtype {
@@ -68,23 +67,37 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         let params = params
             .into_iter()
             .zip(&layout.specs)
-            .map(|(p, s)| p.ok_or_else(|| Error::Invalid(format!("no values for `{}`", s.name))))
+            .enumerate()
+            .map(|(i, (p, s))| match p {
+                Some(p) => Ok(p),
+                None if layout.logits_bias == Some(i) => backend.zeros(s.numel()),
+                None => Err(Error::Invalid(format!("no values for `{}`", s.name))),
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::with_params(backend, config, layout, params, opts.torch_dtype.unwrap_or(stored), Some(dir.to_path_buf())))
     }
 
-    /// A model of these parts: every parameter trainable, no gradient checkpointing.
-    fn with_params(backend: B, config: T5Config, layout: T5Layout, params: Vec<B::Buf>, dtype: Dtype, source: Option<PathBuf>) -> Self {
-        let trainable = vec![true; layout.specs.len()];
+    /// A model of these parts: every parameter trainable but BART's `final_logits_bias` (a
+    /// buffer in transformers), no gradient checkpointing.
+    fn with_params(backend: B, config: Seq2SeqConfig, layout: Seq2SeqLayout, params: Vec<B::Buf>, dtype: Dtype, source: Option<PathBuf>) -> Self {
+        let mut trainable = vec![true; layout.specs.len()];
+        if let Some(i) = layout.logits_bias {
+            trainable[i] = false;
+        }
         Seq2SeqModel { backend, config, layout, params, trainable, dtype, source, gradient_checkpointing: false }
     }
 
-    /// A freshly initialised model (transformers' `T5PreTrainedModel._init_weights` spreads,
-    /// scaled by `initializer_factor`), deterministic for a config and seed.
-    pub fn from_config(backend: B, config: T5Config, seed: u64) -> Result<Self> {
-        let layout = T5Layout::new(&config);
+    /// A freshly initialised model, deterministic for a config and seed: transformers'
+    /// `_init_weights` spreads (T5's scaled by `initializer_factor`; BART's `init_std`, zero
+    /// biases and the `padding_idx` row of the shared embedding zero).
+    pub fn from_config(backend: B, config: Seq2SeqConfig, seed: u64) -> Result<Self> {
+        let layout = Seq2SeqLayout::new(&config);
         let mut params = Vec::with_capacity(layout.specs.len());
-        super::init::init_specs(&layout.specs, seed, &mut |_, t| {
+        let (pad, d) = (config.padding_idx(), config.d_model);
+        super::init::init_specs(&layout.specs, seed, &mut |i, mut t| {
+            if let Some(p) = pad.filter(|_| i == layout.shared) {
+                t[p * d..(p + 1) * d].fill(0.0);
+            }
             params.push(backend.upload_vec(t)?);
             Ok(())
         })?;
@@ -119,9 +132,9 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         crate::files::write_folder_atomically(dir, overwrite, |tmp| self.write_into(tmp, dtype, max_shard_size))
     }
 
-    /// Writes `config.json` and the weights into the existing folder `dir`. An untied head is
-    /// written with `tie_word_embeddings: false` and `scale_decoder_outputs` spelled out, so
-    /// that transformers 4 and 5 both read the model as it is.
+    /// Writes `config.json` and the weights into the existing folder `dir`. The head's tying is
+    /// spelled out (`tie_word_embeddings`, and a T5's `scale_decoder_outputs`), so that
+    /// transformers 4 and 5 both read the model as it is.
     pub fn write_into(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64) -> Result<()> {
         self.write_into_from(dir, dtype, max_shard_size, &mut |i| self.backend.download(&self.params[i]))
     }
@@ -131,8 +144,10 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         let dtype = dtype.unwrap_or(self.dtype);
         let mut raw = self.config.raw.clone();
         raw.insert("tie_word_embeddings".into(), Value::Bool(self.config.tied_head));
-        raw.insert("scale_decoder_outputs".into(), Value::Bool(self.config.scale_decoder_outputs));
-        super::write_config_json(dir, raw, dtype, "T5ForConditionalGeneration")?;
+        if matches!(self.config.family, super::seq2seq_config::Family::T5(_)) {
+            raw.insert("scale_decoder_outputs".into(), Value::Bool(self.config.scale_decoder_outputs));
+        }
+        super::write_config_json(dir, raw, dtype, self.config.architecture())?;
         io::write_weights_from(dir, &self.layout, source, dtype, max_shard_size)?;
         super::copy_companions(self.source.as_deref(), dir)
     }

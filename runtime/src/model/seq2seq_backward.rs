@@ -1,11 +1,11 @@
-//! T5's backward pass (the forward pass and the state it keeps are `seq2seq_pass.rs`): the head,
-//! then each stack from its final norm down to the embedding, the decoder first (it accumulates
-//! the gradient of the encoder's output), with the forward pass's dropout masks and, under
-//! gradient checkpointing, each layer recomputed from its kept input.
+//! The encoder-decoder backward pass (the forward pass is `seq2seq_pass.rs`): the head, then
+//! each stack from its output down to the embedding, the decoder first (it accumulates the
+//! gradient of the encoder's output), with the forward pass's dropout masks and, under gradient
+//! checkpointing, each layer recomputed from its kept input.
 
 use super::seq2seq::{Seq2SeqBatch, Seq2SeqModel};
-use super::seq2seq_pass::{layer_key, linear, probs_mask, Geometry, LayerActs, LayerCtx, Seq2SeqActs, Site, StackActs, STACK};
-use super::t5::{FeedForward, T5Config, T5LayerParams};
+use super::seq2seq_config::{FeedForward, LayerParams, NormP, Seq2SeqConfig};
+use super::seq2seq_pass::{layer_key, linear, probs_mask, Geometry, LayerActs, LayerCtx, NormActs, Seq2SeqActs, Site, StackActs, STACK};
 use crate::backend::seq2seq::{BiasedShape, Cols, Seq2SeqOps};
 use crate::error::Result;
 use crate::nn::{drop, Embedding, GradsMut};
@@ -29,7 +29,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         let rows = b.batch * b.tgt_len;
         let mut g = self.grads_mut(grads);
         let mut d_out = be.zeros(rows * c.d_model)?;
-        linear(self.layout.head(), c.d_model, c.vocab_size).bwd(be, &self.unit_params(), &mut g, Some(&mut d_out), &acts.logits, &acts.head_in, rows);
+        self.head().bwd(be, &self.unit_params(), &mut g, Some(&mut d_out), &acts.logits, &acts.head_in, rows);
         if c.scale_decoder_outputs {
             be.scale(&mut d_out, (c.d_model as f32).powf(-0.5));
         }
@@ -41,10 +41,10 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         self.stack_bwd(&mut acts.enc, enc_geo, &mut denc, &mut g, None, &mask)
     }
 
-    /// A stack's backward pass from `d_out` (the gradient of its final norm's output); the
-    /// decoder's also accumulates the gradient of the encoder's output into `enc.1`.
-    /// `d_out` is changed (the final dropout's mask applied). `mask`: the source mask (for the
-    /// layers recomputed under gradient checkpointing).
+    /// A stack's backward pass from `d_out` (the gradient of its output); the decoder's also
+    /// accumulates the gradient of the encoder's output into `enc.1`. `d_out` is changed (T5's
+    /// final dropout mask applied). `mask`: the source mask (for the layers recomputed under
+    /// gradient checkpointing).
     #[allow(clippy::too_many_arguments)] // the pass's state, shape, gradients and the encoder's side
     fn stack_bwd(
         &self,
@@ -56,18 +56,23 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         mask: &B::Ids,
     ) -> Result<()> {
         let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
-        let stack = if geo.decoder { &self.layout.decoder } else { &self.layout.encoder };
+        let stack = self.layout.stack(geo.decoder);
         let mut sc = match s.scratch.take() {
             Some(sc) => sc,
-            None => Scratch::new(be, c, geo)?,
+            None => Scratch::new(be, c, geo, stack.rel_bias.is_some())?,
         };
         // what the pass accumulates into starts at zero; the rest is written before it is read
         be.fill(&mut sc.dres, 0.0);
         be.fill(&mut sc.dbias, 0.0);
         let last = s.hs.len() - 1;
         let stack_key = layer_key(s.drop_key, geo.decoder, STACK);
-        drop(be, d_out, c.dropout_rate, stack_key, Site::Final as u64);
-        self.norm(stack.final_norm).bwd(be, p, g, &mut sc.dres, d_out, &s.hs[last], &sc.empty, &s.rstd);
+        match stack.final_norm {
+            Some(n) => {
+                drop(be, d_out, c.dropout_rate, stack_key, Site::Final as u64);
+                self.norm(n).bwd(be, p, g, &mut sc.dres, d_out, &s.hs[last], &sc.empty, &s.rstd);
+            }
+            None => be.copy(&mut sc.dres, d_out),
+        }
         let enc_out = enc.as_ref().map(|(o, _)| *o);
         for (l, lp) in stack.layers.iter().enumerate().rev() {
             let key = layer_key(s.drop_key, geo.decoder, l);
@@ -76,8 +81,9 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
                 // gradient checkpointing: the layer's state again, from its kept input (the same
                 // dropout masks, from the same key); the last layer's is still there
                 let (done, rest) = s.hs.split_at_mut(l + 1);
-                let ctx = LayerCtx { enc: enc_out, mask, cross_ready: false, cache: None, drop: key };
-                self.layer_fwd(lp, &done[l], &mut rest[0], &mut s.layers[slot], geo, &s.bias, ctx);
+                let bias = stack.rel_bias.map(|_| &s.bias);
+                let ctx = LayerCtx { bias, enc: enc_out, mask, cross_ready: false, cache: None, drop: key };
+                self.layer_fwd(lp, &done[l], &mut rest[0], &mut s.layers[slot], geo, ctx);
             }
             let enc_l = enc.as_mut().map(|(o, d)| (*o, &mut **d));
             let mut dres = std::mem::replace(&mut sc.dres, be.zeros(0)?);
@@ -85,10 +91,58 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             sc.dres = dres;
         }
         drop(be, &mut sc.dres, c.dropout_rate, stack_key, Site::Embedding as u64);
-        Embedding { wte: self.layout.shared, wpe: None, width: c.d_model }.bwd(be, g, &s.ids, &s.ids, &sc.dres);
-        be.position_bias_bwd(&mut g.bufs[stack.rel_bias], &sc.dbias, &s.buckets, c.num_heads);
+        self.embed_bwd(s, geo.decoder, &mut sc, g);
+        if let Some(table) = stack.rel_bias {
+            be.position_bias_bwd(&mut g.bufs[table], &sc.dbias, &s.buckets, c.num_heads);
+        }
         s.scratch = Some(sc);
         Ok(())
+    }
+
+    /// The embedding's backward pass from `sc.dres` (the gradient of the stack's input): BART's
+    /// `layernorm_embedding`, positions and scale, then the shared embedding (not its
+    /// `padding_idx` row).
+    fn embed_bwd(&self, s: &StackActs<B>, decoder: bool, sc: &mut Scratch<B>, g: &mut GradsMut<B>) {
+        let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
+        let d = c.d_model;
+        let stack = self.layout.stack(decoder);
+        let tokens = Embedding { wte: self.layout.shared, wpe: None, width: d };
+        match (stack.positions, stack.ln_emb) {
+            (Some(table), Some(ln)) => {
+                be.fill(&mut sc.dsum, 0.0);
+                self.norm(ln).bwd(be, p, g, &mut sc.dsum, &sc.dres, &s.emb.n, &s.emb.mean, &s.emb.rstd);
+                Embedding { wte: table, wpe: None, width: d }.bwd(be, g, &s.pos, &s.pos, &sc.dsum);
+                if c.embed_scale() != 1.0 {
+                    be.scale(&mut sc.dsum, c.embed_scale());
+                }
+                tokens.bwd(be, g, &s.grad_ids, &s.grad_ids, &sc.dsum);
+            }
+            _ => tokens.bwd(be, g, &s.grad_ids, &s.grad_ids, &sc.dres),
+        }
+    }
+
+    /// Post-norm: turns `dres`, the gradient of a sublayer's norm output, into that of the
+    /// norm's input (the residual sum), through `spare`. Pre-norm: nothing.
+    fn residual_bwd(&self, ln: NormP, dres: &mut B::Buf, na: &NormActs<B>, spare: &mut B::Buf, g: &mut GradsMut<B>) {
+        if !self.config.post_norm() {
+            return;
+        }
+        let be = &self.backend;
+        be.fill(spare, 0.0);
+        self.norm(ln).bwd(be, &self.unit_params(), g, spare, dres, &na.n, &na.mean, &na.rstd);
+        std::mem::swap(dres, spare);
+    }
+
+    /// Adds `d_in`, the gradient of a sublayer's input, to `dres`: through the norm that made
+    /// it from `x` (pre-norm), or as it is (post-norm: the input was `x`).
+    #[allow(clippy::too_many_arguments)] // the gradients, the norm's input and state, the geometry
+    fn sub_in_bwd(&self, ln: NormP, dres: &mut B::Buf, d_in: &B::Buf, x: &B::Buf, na: &NormActs<B>, g: &mut GradsMut<B>, rows: usize) {
+        let (be, d) = (&self.backend, self.config.d_model);
+        if self.config.post_norm() {
+            be.add_cols(dres, d_in, rows, d, d, 0, 1.0);
+        } else {
+            self.norm(ln).bwd(be, &self.unit_params(), g, dres, d_in, x, &na.mean, &na.rstd);
+        }
     }
 
     /// One layer's backward pass: `dres` holds the gradient of its output on entry and of its
@@ -96,7 +150,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     #[allow(clippy::too_many_arguments)] // the layer's input, saved state, gradients and scratch
     fn layer_bwd(
         &self,
-        lp: &T5LayerParams,
+        lp: &LayerParams,
         x: &B::Buf,
         a: &LayerActs<B>,
         (geo, key): (Geometry, Option<u64>),
@@ -105,21 +159,26 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         enc: Option<(&B::Buf, &mut B::Buf)>,
     ) {
         let (be, c, p) = (&self.backend, &self.config, &self.unit_params());
-        let p_drop = c.dropout_rate;
+        let (p_drop, p_attn, scale, post) = (c.dropout_rate, c.attn_dropout(), c.attn_scale(), c.post_norm());
         let (rows, d, inner) = (geo.rows(), c.d_model, c.inner());
         let col = |b| Cols { buf: b, ld: inner, off: 0 };
         let ff_in = a.cross.as_ref().map_or(&a.h1, |ca| &ca.h);
+        self.residual_bwd(lp.ln_ff, dres, &a.s2, &mut sc.dsum, g);
         let dy = masked(be, &mut sc.tmp, dres, (p_drop, key, Site::FfOut));
         linear(lp.wo, c.d_ff, d).bwd(be, p, g, Some(&mut sc.dg), dy, &a.g, rows);
-        drop(be, &mut sc.dg, p_drop, key, Site::Activation as u64);
+        drop(be, &mut sc.dg, c.act_dropout(), key, Site::Activation as u64);
         match c.ff {
             FeedForward::Relu => be.relu_bwd(&mut sc.df, &a.f, &sc.dg),
             FeedForward::GatedGelu => be.geglu_bwd(&mut sc.df, &a.f, &sc.dg, c.d_ff),
+            FeedForward::Gelu => be.gelu_erf_bwd(&mut sc.df, &a.f, &sc.dg),
+            FeedForward::GeluNew => be.gelu_bwd(&mut sc.df, &a.f, &sc.dg),
         }
-        linear(lp.wi, d, c.wi_width()).bwd(be, p, g, Some(&mut sc.dn), &sc.df, &a.n2, rows);
-        self.norm(lp.ln_ff).bwd(be, p, g, dres, &sc.dn, ff_in, &sc.empty, &a.rstd2);
+        let inp = if post { ff_in } else { &a.s2.n };
+        linear(lp.wi, d, c.wi_width()).bwd(be, p, g, Some(&mut sc.dn), &sc.df, inp, rows);
+        self.sub_in_bwd(lp.ln_ff, dres, &sc.dn, ff_in, &a.s2, g, rows);
         if let (Some(cp), Some(ca), Some((enc_out, denc)), Some(x)) = (lp.cross, a.cross.as_ref(), enc, sc.cross.as_mut()) {
             let src_rows = geo.batch * geo.src_len;
+            self.residual_bwd(cp.ln, dres, &ca.s, &mut sc.dsum, g);
             let dy = masked(be, &mut sc.tmp, dres, (p_drop, key, Site::CrossOut));
             linear(cp.o, inner, d).bwd(be, p, g, Some(&mut sc.da), dy, &ca.a, rows);
             be.biased_attention_bwd(
@@ -129,34 +188,38 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
                 &sc.da,
                 (col(&ca.q), col(&ca.k), col(&ca.v)),
                 &ca.probs,
-                BiasedShape { dropout: probs_mask(p_drop, key, Site::CrossProbs), ..geo.cross_shape(c) },
-                1.0,
+                BiasedShape { dropout: probs_mask(p_attn, key, Site::CrossProbs), ..geo.cross_shape(c) },
+                scale,
             );
-            linear(cp.q, d, inner).bwd(be, p, g, Some(&mut sc.dn), &x.dq, &ca.n, rows);
+            let inp = if post { &a.h1 } else { &ca.s.n };
+            linear(cp.q, d, inner).bwd(be, p, g, Some(&mut sc.dn), &x.dq, inp, rows);
             for (w, dy) in [(cp.k, &x.dk), (cp.v, &x.dv)] {
                 linear(w, d, inner).bwd(be, p, g, Some(&mut x.tmp), dy, enc_out, src_rows);
                 be.add_cols(denc, &x.tmp, src_rows, d, d, 0, 1.0);
             }
-            self.norm(cp.ln).bwd(be, p, g, dres, &sc.dn, &a.h1, &sc.empty, &ca.rstd);
+            self.sub_in_bwd(cp.ln, dres, &sc.dn, &a.h1, &ca.s, g, rows);
         }
+        self.residual_bwd(lp.ln_attn, dres, &a.s1, &mut sc.dsum, g);
         let dy = masked(be, &mut sc.tmp, dres, (p_drop, key, Site::SelfOut));
         linear(lp.o, inner, d).bwd(be, p, g, Some(&mut sc.da), dy, &a.a, rows);
+        let dbias = if be.len(&sc.dbias) > 0 { Some(&mut sc.dbias) } else { None };
         be.biased_attention_bwd(
             (&mut sc.dq, &mut sc.dk, &mut sc.dv),
-            Some(&mut sc.dbias),
+            dbias,
             &mut sc.ds,
             &sc.da,
             (col(&a.q), col(&a.k), col(&a.v)),
             &a.probs,
-            BiasedShape { dropout: probs_mask(p_drop, key, Site::SelfProbs), ..geo.self_shape(c) },
-            1.0,
+            BiasedShape { dropout: probs_mask(p_attn, key, Site::SelfProbs), ..geo.self_shape(c) },
+            scale,
         );
-        linear(lp.q, d, inner).bwd(be, p, g, Some(&mut sc.dn), &sc.dq, &a.n1, rows);
+        let inp = if post { x } else { &a.s1.n };
+        linear(lp.q, d, inner).bwd(be, p, g, Some(&mut sc.dn), &sc.dq, inp, rows);
         for (w, dy) in [(lp.k, &sc.dk), (lp.v, &sc.dv)] {
-            linear(w, d, inner).bwd(be, p, g, Some(&mut sc.tmp), dy, &a.n1, rows);
+            linear(w, d, inner).bwd(be, p, g, Some(&mut sc.tmp), dy, inp, rows);
             be.add_cols(&mut sc.dn, &sc.tmp, rows, d, d, 0, 1.0);
         }
-        self.norm(lp.ln_attn).bwd(be, p, g, dres, &sc.dn, x, &sc.empty, &a.rstd1);
+        self.sub_in_bwd(lp.ln_attn, dres, &sc.dn, x, &a.s1, g, rows);
     }
 }
 
@@ -173,7 +236,9 @@ pub(super) struct Scratch<B: Seq2SeqOps> {
     dg: B::Buf,
     df: B::Buf,
     tmp: B::Buf,
-    /// The self-attention bias's gradient, summed over the layers.
+    /// The gradient of a post-norm sublayer's residual sum.
+    dsum: B::Buf,
+    /// T5's self-attention bias gradient, summed over the layers (empty for BART).
     dbias: B::Buf,
     empty: B::Buf,
     cross: Option<CrossScratch<B>>,
@@ -189,7 +254,7 @@ struct CrossScratch<B: Seq2SeqOps> {
 }
 
 impl<B: Seq2SeqOps> Scratch<B> {
-    fn new(be: &B, c: &T5Config, geo: Geometry) -> Result<Self> {
+    fn new(be: &B, c: &Seq2SeqConfig, geo: Geometry, position_bias: bool) -> Result<Self> {
         let (rows, d, inner) = (geo.rows(), c.d_model, c.inner());
         let src_rows = geo.batch * geo.src_len;
         let cross = if geo.decoder {
@@ -214,7 +279,8 @@ impl<B: Seq2SeqOps> Scratch<B> {
             dg: be.zeros(rows * c.d_ff)?,
             df: be.zeros(rows * c.wi_width())?,
             tmp: be.zeros(rows * d)?,
-            dbias: be.zeros(c.num_heads * geo.len * geo.len)?,
+            dsum: be.zeros(rows * d)?,
+            dbias: be.zeros(if position_bias { c.num_heads * geo.len * geo.len } else { 0 })?,
             empty: be.zeros(0)?,
             cross,
         })

@@ -1,15 +1,15 @@
-//! Decoding with an encoder-decoder model, as transformers' `generate` runs T5: the encoder runs
+//! Decoding with an encoder-decoder model, as transformers' `generate` runs T5 and BART: the encoder runs
 //! once over the sources; each decoder layer computes the cross attention's keys and values
 //! from its output once, and keeps a key/value cache for its self-attention, so each new token
 //! costs one token's work. Beam search reorders the self-attention caches; the beams of one
 //! source share its encoder output, so the cross attention's state never moves.
 
 use super::seq2seq::Seq2SeqModel;
-use super::seq2seq_pass::{linear, Geometry, LayerActs, LayerCtx, SelfCache};
+use super::seq2seq_config::Family;
+use super::seq2seq_pass::{Geometry, LayerActs, LayerCtx, NormActs, SelfCache};
 use super::t5::bucket_map;
 use crate::backend::seq2seq::Seq2SeqOps;
 use crate::error::{Error, Result};
-use crate::nn::Embedding;
 
 /// The state of `rows` rows being decoded (each source repeated over `rows / sources` rows, in
 /// order: source `i`'s rows are `i * k .. (i + 1) * k`).
@@ -29,6 +29,8 @@ pub struct Seq2SeqDecode<B: Seq2SeqOps> {
     mask: Vec<i32>,
     x: B::Buf,
     y: B::Buf,
+    /// BART's `layernorm_embedding` state.
+    emb: NormActs<B>,
     out: B::Buf,
     rstd: B::Buf,
     logits: B::Buf,
@@ -47,6 +49,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             return Err(Error::Invalid(format!("source token {id} is outside the vocabulary (size {})", c.vocab_size)));
         }
         let s = sources.iter().map(Vec::len).max().unwrap_or(0);
+        c.check_lengths(s, max_len)?;
         self.check_decode_memory(rows, s, max_len)?;
         let mut ids = Vec::with_capacity(n * s);
         let mut mask = Vec::with_capacity(n * s);
@@ -84,6 +87,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             mask: vec![0; rows * max_len],
             x: z(rows * d)?,
             y: z(rows * d)?,
+            emb: NormActs::new(be, c, if self.layout.decoder.ln_emb.is_some() { rows } else { 0 })?,
             out: z(rows * d)?,
             rstd: z(rows)?,
             logits: z(rows * c.vocab_size)?,
@@ -128,25 +132,32 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
             st.mask[r * st.max_len + st.slot] = 1;
         }
         let mask = be.upload_ids(&st.mask)?;
-        // the new query's bias against every slot (those after it are masked)
-        let buckets = be.upload_ids(&bucket_map(1, st.max_len, st.slot, false, c))?;
-        let mut bias = be.zeros(c.num_heads * st.max_len)?;
-        be.position_bias_fwd(&mut bias, &self.params[self.layout.decoder.rel_bias], &buckets, c.num_heads);
-        let p = self.unit_params();
-        Embedding { wte: self.layout.shared, wpe: None, width: c.d_model }.fwd(be, &p, &mut st.x, &be.upload_ids(ids)?, &be.upload_ids(&[])?);
+        let stack = &self.layout.decoder;
+        // T5: the new query's bias against every slot (those after it are masked)
+        let bias = match (c.family, stack.rel_bias) {
+            (Family::T5(t), Some(table)) => {
+                let buckets = be.upload_ids(&bucket_map(1, st.max_len, st.slot, false, &t))?;
+                let mut bias = be.zeros(c.num_heads * st.max_len)?;
+                be.position_bias_fwd(&mut bias, &self.params[table], &buckets, c.num_heads);
+                Some(bias)
+            }
+            _ => None,
+        };
+        // BART: the new token's learned position
+        let pos: Vec<i32> = if stack.positions.is_some() { vec![st.slot as i32 + 2; rows] } else { Vec::new() };
+        self.embed(true, &be.upload_ids(ids)?, &be.upload_ids(&pos)?, &mut st.x, &mut st.emb, None, rows);
         let geo = Geometry { batch: rows, len: 1, src_len: st.src_len, decoder: true };
-        for (l, lp) in self.layout.decoder.layers.iter().enumerate() {
+        for (l, lp) in stack.layers.iter().enumerate() {
             let cache = SelfCache { k: &mut st.k[l], v: &mut st.v[l], slot: st.slot, max_len: st.max_len, mask: &mask };
-            let ctx = LayerCtx { enc: Some(&st.enc), mask: &st.enc_mask, cross_ready: st.slot > 0, cache: Some(cache), drop: None };
-            self.layer_fwd(lp, &st.x, &mut st.y, &mut st.layers[l], geo, &bias, ctx);
+            let ctx = LayerCtx { bias: bias.as_ref(), enc: Some(&st.enc), mask: &st.enc_mask, cross_ready: st.slot > 0, cache: Some(cache), drop: None };
+            self.layer_fwd(lp, &st.x, &mut st.y, &mut st.layers[l], geo, ctx);
             std::mem::swap(&mut st.x, &mut st.y);
         }
-        let mut empty = be.zeros(0)?;
-        self.norm(self.layout.decoder.final_norm).fwd(be, &p, &mut st.out, &mut empty, &mut st.rstd, &st.x);
+        self.stack_out(stack, &st.x, &mut st.out, &mut st.rstd, None)?;
         if c.scale_decoder_outputs {
             be.scale(&mut st.out, (c.d_model as f32).powf(-0.5));
         }
-        linear(self.layout.head(), c.d_model, v).fwd(be, &p, &mut st.logits, &st.out, rows);
+        self.head().fwd(be, &self.unit_params(), &mut st.logits, &st.out, rows);
         st.slot += 1;
         be.download(&st.logits)
     }

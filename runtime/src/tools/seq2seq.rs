@@ -1,4 +1,4 @@
-//! `inspect`, `convert` and `forward` for encoder-decoder model folders (T5): the commands route
+//! `inspect`, `convert` and `forward` for encoder-decoder model folders (T5, BART): the commands route
 //! here when a folder's `config.json` names an encoder-decoder `model_type`.
 
 use std::path::Path;
@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::files::write_file;
 use crate::model::io::{self, Dtype};
 use crate::model::seq2seq::{Seq2SeqBatch, Seq2SeqModel, ENCODER_DECODER};
-use crate::model::t5::{FeedForward, T5Config, T5Layout};
+use crate::model::seq2seq_config::{Family, FeedForward, Seq2SeqConfig, Seq2SeqLayout};
 use crate::model::LoadOptions;
 
 /// Whether the folder's `config.json` names an encoder-decoder model (a folder whose config
@@ -26,14 +26,15 @@ pub fn is_encoder_decoder_config(path: &Path) -> bool {
     map.get("model_type").and_then(|v| v.as_str()).is_some_and(|t| ENCODER_DECODER.contains(&t))
 }
 
-/// `runtime inspect` of a T5 folder: the config's shape and the module tree, from the headers.
+/// `runtime inspect` of an encoder-decoder folder: the config's shape and the module tree, from
+/// the headers.
 pub fn inspect(dir: &Path) -> Result<String> {
-    let mut c = T5Config::from_dir(dir)?;
+    let mut c = Seq2SeqConfig::from_dir(dir)?;
     let headers = io::read_headers(dir)?;
     if headers.contains_key("lm_head.weight") {
         c.tied_head = false;
     }
-    let layout = T5Layout::new(&c);
+    let layout = Seq2SeqLayout::new(&c);
     let leaves = crate::commands::check_leaves(dir, &layout, &headers)?;
     let total: usize = layout.specs.iter().map(|s| s.numel()).sum();
     let mut dtypes: Vec<&str> = leaves.iter().map(|l| l.2.as_str()).collect();
@@ -42,16 +43,29 @@ pub fn inspect(dir: &Path) -> Result<String> {
     let ff = match c.ff {
         FeedForward::Relu => "ReLU",
         FeedForward::GatedGelu => "gated GELU",
+        FeedForward::Gelu => "GELU",
+        FeedForward::GeluNew => "GELU (tanh)",
     };
     let mut out = String::new();
-    out += "architecture   T5ForConditionalGeneration (model_type `t5`)\n";
+    out += &format!("architecture   {} (model_type `{}`)\n", c.architecture(), c.model_type());
     out += &format!(
         "shape          {} encoder and {} decoder layers, d_model {}, {} heads of {}, feed-forward {} ({ff}), vocab {}\n",
         c.num_layers, c.num_decoder_layers, c.d_model, c.num_heads, c.d_kv, c.d_ff, c.vocab_size
     );
-    out += &format!("positions      relative, {} buckets up to distance {}\n", c.num_buckets, c.max_distance);
     let head = if c.tied_head { "tied (lm_head shares the shared embedding)" } else { "untied" };
-    out += &format!("embeddings     {head}; decoder output {}scaled by d_model^-0.5\n", if c.scale_decoder_outputs { "" } else { "not " });
+    match c.family {
+        Family::T5(t) => {
+            out += &format!("positions      relative, {} buckets up to distance {}\n", t.num_buckets, t.max_distance);
+            out += &format!("embeddings     {head}; decoder output {}scaled by d_model^-0.5\n", if c.scale_decoder_outputs { "" } else { "not " });
+        }
+        Family::Bart(b) => {
+            out += &format!("positions      learned, at most {} (offset 2)\n", b.max_positions);
+            out += &format!(
+                "embeddings     {head}; token embedding {}scaled by sqrt(d_model); final_logits_bias added\n",
+                if b.scale_embedding { "" } else { "not " }
+            );
+        }
+    }
     out += &format!("parameters     {}\n", crate::commands::count(total));
     out += &format!("dtype          {} on disk; computed in f32\n", dtypes.join(", "));
     out += "device         cpu (encoder-decoder models run on the CPU backend)\n\n";
@@ -59,10 +73,10 @@ pub fn inspect(dir: &Path) -> Result<String> {
     Ok(out)
 }
 
-/// `runtime init` from a T5 config: returns the parameter count.
+/// `runtime init` from an encoder-decoder config: returns the parameter count.
 pub fn init(config: &Path, output_dir: &Path, seed: u64, dtype: Option<Dtype>, max_shard: u64, overwrite: bool) -> Result<usize> {
-    let cfg = T5Config::from_file(config)?;
-    let n: u128 = T5Layout::new(&cfg).specs.iter().map(|s| s.shape.iter().map(|&d| d as u128).product::<u128>()).sum();
+    let cfg = Seq2SeqConfig::from_file(config)?;
+    let n: u128 = Seq2SeqLayout::new(&cfg).specs.iter().map(|s| s.shape.iter().map(|&d| d as u128).product::<u128>()).sum();
     if let Some(available) = crate::backend::device::host_memory_budget().filter(|&a| 8 * n > a) {
         return Err(Error::config(
             config,
@@ -77,13 +91,13 @@ pub fn init(config: &Path, output_dir: &Path, seed: u64, dtype: Option<Dtype>, m
     Ok(model.num_parameters())
 }
 
-/// `runtime convert` of a T5 folder.
+/// `runtime convert` of an encoder-decoder folder.
 pub fn convert(model: &Path, output_dir: &Path, dtype: Option<Dtype>, max_shard: u64, overwrite: bool) -> Result<()> {
     let m = Seq2SeqModel::load(Cpu, model, LoadOptions { torch_dtype: dtype, ..LoadOptions::default() })?;
     m.save(output_dir, dtype, max_shard, overwrite)
 }
 
-/// `runtime forward` of a T5 folder: `input_ids` (with `attention_mask`) are the sources,
+/// `runtime forward` of an encoder-decoder folder: `input_ids` (with `attention_mask`) are the sources,
 /// `decoder_input_ids` and/or `labels` the targets (`decoder_input_ids` made from the labels
 /// when absent, as the model does). Writes `logits` `[batch, target length, vocab]` and, with
 /// labels, `loss`.
@@ -135,8 +149,8 @@ fn view(shape: Vec<usize>, data: &[u8]) -> Result<TensorView<'_>> {
     TensorView::new(StDtype::F32, shape, data).map_err(|e| Error::Invalid(e.to_string()))
 }
 
-/// `runtime generate` with a T5 folder: each prompt is a source for the encoder (tokenized with
-/// the special tokens, so T5's tokenizer appends `</s>`); the decoder generates from
+/// `runtime generate` with an encoder-decoder folder: each prompt is a source for the encoder
+/// (tokenized with the special tokens, so T5's tokenizer appends `</s>`); the decoder generates from
 /// `decoder_start_token_id` under the folder's generation config and the overrides.
 pub fn generate(
     model_dir: &Path,
@@ -207,7 +221,7 @@ pub fn bench(s: &BenchShape) -> Result<BenchResult> {
     }
     raw.insert("feed_forward_proj".into(), "gated-gelu".into());
     raw.insert("model_type".into(), "t5".into());
-    let cfg = T5Config::from_json(Path::new("bench"), raw)?;
+    let cfg = Seq2SeqConfig::from_json(Path::new("bench"), raw)?;
     let mut model = Seq2SeqModel::from_config(Cpu, cfg, 0)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut ids = |n: usize| -> Vec<i32> { (0..n).map(|_| rng.random_range(2..s.vocab as i32)).collect() };

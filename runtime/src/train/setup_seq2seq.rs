@@ -18,7 +18,7 @@ use crate::data::{Example, PadOptions, Padding, Tokenizer};
 use crate::engine::Step;
 use crate::error::{Error, Result};
 use crate::model::seq2seq::Seq2SeqModel;
-use crate::model::t5::T5Config;
+use crate::model::seq2seq_config::Seq2SeqConfig;
 use crate::model::{Dtype, LoadOptions};
 use crate::plugin::roles::Plugins;
 use crate::protocol::TokenDecoder;
@@ -50,13 +50,19 @@ fn load_seq2seq<B: Seq2SeqOps>(backend: B, args: &TrainingArguments) -> Result<(
         (None, Some(c)) => {
             let path = if Path::new(c).is_dir() { Path::new(c).join("config.json") } else { PathBuf::from(c) };
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            (Seq2SeqModel::from_config(backend, T5Config::from_file(&path)?, args.seed)?, dir)
+            (Seq2SeqModel::from_config(backend, Seq2SeqConfig::from_file(&path)?, args.seed)?, dir)
         }
         (None, None) => return Err(Error::Invalid("set model_name_or_path (a model folder) or config_name (a config.json to train from scratch)".into())),
     };
-    let dropout = model.0.config.dropout_rate;
-    if dropout > 0.0 {
-        tracing::info!("dropout in training: {dropout} on the embeddings, the attention probabilities, each sublayer's output, the feed-forward's activation and each stack's output");
+    let c = &model.0.config;
+    let dropout = (c.dropout_rate, c.attn_dropout(), c.act_dropout());
+    if dropout != (0.0, 0.0, 0.0) {
+        tracing::info!(
+            "dropout in training: {} on the embeddings and each sublayer's output, {} on the attention probabilities, {} after the feed-forward's activation",
+            dropout.0,
+            dropout.1,
+            dropout.2
+        );
     }
     Ok(model)
 }

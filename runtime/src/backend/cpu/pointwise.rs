@@ -19,15 +19,15 @@ pub fn embedding_fwd(out: &mut [f32], ids: &[i32], wte: &[f32], wpe: Option<(&[f
     });
 }
 
-/// Scatter-add in row order. Columns are split between threads, so each output element is
-/// summed in the same order whatever the thread count.
+/// Scatter-add in row order (a negative index adds nothing). Columns are split between threads,
+/// so each output element is summed in the same order whatever the thread count.
 pub fn embedding_bwd(dwte: &mut [f32], dwpe: Option<(&mut [f32], &[i32])>, ids: &[i32], dout: &[f32], c: usize) {
     fn scatter(dst: &mut [f32], idx: &[i32], dout: &[f32], c: usize) {
         const COLS: usize = 64;
         let dst_ptr = super::math::SharedMut(dst.as_mut_ptr());
         (0..c.div_ceil(COLS)).into_par_iter().for_each(|blk| {
             let (c0, c1) = (blk * COLS, ((blk + 1) * COLS).min(c));
-            for (r, &i) in idx.iter().enumerate() {
+            for (r, &i) in idx.iter().enumerate().filter(|(_, &i)| i >= 0) {
                 // SAFETY: task `blk` alone writes columns c0..c1 of every row.
                 let d = unsafe { dst_ptr.slice(i as usize * c + c0, c1 - c0) };
                 for (d, g) in d.iter_mut().zip(&dout[r * c + c0..r * c + c1]) {

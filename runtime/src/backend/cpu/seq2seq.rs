@@ -202,6 +202,25 @@ impl Seq2SeqOps for Cpu {
         });
     }
 
+    fn gelu_erf_fwd(&self, out: &mut Vec<f32>, x: &Vec<f32>) {
+        out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        });
+    }
+
+    fn gelu_erf_bwd(&self, dx: &mut Vec<f32>, x: &Vec<f32>, dout: &Vec<f32>) {
+        // 1 / sqrt(2 pi)
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        dx.par_chunks_mut(4096).zip(x.par_chunks(4096)).zip(dout.par_chunks(4096)).for_each(|((dx, x), d)| {
+            for ((dx, &x), &d) in dx.iter_mut().zip(x).zip(d) {
+                let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+                *dx = d * (cdf + x * INV_SQRT_2PI * (-0.5 * x * x).exp());
+            }
+        });
+    }
+
     fn relu_fwd(&self, out: &mut Vec<f32>, x: &Vec<f32>) {
         out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| {
             for (o, x) in o.iter_mut().zip(x) {

@@ -62,9 +62,15 @@ fn shift_right_matches_transformers() {
     }
 }
 
-/// A reference gradient of rounding noise only (every element below 1e-9).
-fn zero_in_exact_arithmetic(grad: &[f32]) -> bool {
-    grad.iter().all(|g| g.abs() < 1e-9)
+fn norm(x: &[f32]) -> f64 {
+    x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// Rounding noise: a gradient whose norm is below 1e-5 of the largest reference gradient's (BART's
+/// key biases: a shift common to all of a query's scores leaves the softmax unchanged, so their
+/// gradient is zero in exact arithmetic).
+fn noise_level(r: &HashMap<String, RefTensor>) -> f64 {
+    1e-5 * r.iter().filter(|(k, _)| k.starts_with("grad.")).map(|(_, t)| norm(&t.f32s())).fold(0.0, f64::max)
 }
 
 fn check_forward_backward(name: &str) {
@@ -81,13 +87,11 @@ fn check_forward_backward(name: &str) {
     let hf: Vec<_> = hf_tensors(&model.layout, &grads).into_iter().filter(|(n, _, _)| !frozen.contains(n)).collect();
     let n = r.keys().filter(|k| k.starts_with("grad.")).count();
     assert_eq!(hf.len(), n, "{name}: every parameter has a gradient");
+    let noise = noise_level(&r);
     for (hf_name, _, g) in &hf {
         let want = r[&format!("grad.{hf_name}")].f32s();
-        if zero_in_exact_arithmetic(&want) {
-            // BART's key biases: a shift common to all of a query's scores leaves the softmax
-            // unchanged, so both sides hold rounding noise
-            let most = g.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            assert!(most < 1e-7, "{name} grad {hf_name}: {most} where transformers has noise");
+        if norm(&want) < noise {
+            assert!(norm(g) < noise, "{name} grad {hf_name}: norm {} where transformers has rounding noise ({})", norm(g), norm(&want));
             continue;
         }
         assert_close(&format!("{name} grad {hf_name}"), g, &want, 1e-4);
@@ -159,7 +163,7 @@ fn three_adamw_steps_match_torch() {
             }
             let g0 = r[&format!("grad.{hf_name}")].f32s();
             // a tensor whose gradient is noise only (BART's key biases) is all exempt
-            let noise = zero_in_exact_arithmetic(&g0);
+            let noise = norm(&g0) < noise_level(&r);
             let floor = 1e-6 * g0.iter().fold(0.0f32, |m, g| m.max(g.abs()));
             let live: Vec<bool> = g0.iter().map(|g| !noise && (*g == 0.0 || g.abs() >= floor)).collect();
             let want = r[&format!("after3.{hf_name}")].f32s();
@@ -279,43 +283,41 @@ fn generation_matches_transformers() {
     use runtime::generate::seq2seq::generate_seq2seq;
     use runtime::generate::GenerationConfig;
     use serde_json::Value;
-    for case in ["t5", "t5_v1_0"] {
+    for case in CASES {
         let (model, _, _) = load(case);
         let r: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join(case).join("generate.json")).unwrap()).unwrap();
         let ids = |v: &Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
         let rows = |v: &Value| -> Vec<Vec<u32>> { v.as_array().unwrap().iter().map(ids).collect() };
         let sources = rows(&r["sources"]);
-        let pad = r["pad_token_id"].as_u64().unwrap() as u32;
-        let base = GenerationConfig {
-            max_new_tokens: Some(r["max_new_tokens"].as_u64().unwrap() as usize),
-            eos_token_id: r["eos_token_id"].clone(),
-            pad_token_id: Some(pad),
-            ..GenerationConfig::default()
+        let pad = r["pad_token_id"].as_u64().unwrap();
+        // the model folder's generation config (BART's forced BOS and EOS), then the run's settings
+        let config = |settings: &Value, max_new: &Value, eos: &Value| -> GenerationConfig {
+            let mut overrides: Vec<(String, Value)> = settings.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            overrides.extend([("max_new_tokens".into(), max_new.clone()), ("eos_token_id".into(), eos.clone()), ("pad_token_id".into(), pad.into())]);
+            GenerationConfig::load(&fixtures().join(case).join("model"), &overrides).unwrap()
         };
+        let base = config(&serde_json::json!({}), &r["max_new_tokens"], &r["eos_token_id"]);
+        if case == "bart" {
+            assert_eq!((base.forced_bos_token_id, base.forced_eos_ids()), (Some(0), vec![2]), "BART's generation config");
+        }
         let mut streamed = vec![Vec::new(); sources.len()];
         let got = generate_seq2seq(&model, &sources, &base, |b, t| streamed[b].push(t)).unwrap();
         assert_eq!(got, rows(&r["generated"]), "{case}: greedy tokens differ from transformers.generate");
         assert_eq!(streamed, got, "{case}: streamed tokens");
         for run in r["processed"].as_array().unwrap() {
-            let mut cfg: GenerationConfig = serde_json::from_value(run["settings"].clone()).unwrap();
-            (cfg.max_new_tokens, cfg.eos_token_id, cfg.pad_token_id) = (base.max_new_tokens, base.eos_token_id.clone(), base.pad_token_id);
+            let cfg = config(&run["settings"], &r["max_new_tokens"], &r["eos_token_id"]);
             assert_eq!(generate_seq2seq(&model, &sources, &cfg, |_, _| {}).unwrap(), rows(&run["generated"]), "{case} with {}", run["settings"]);
         }
         for run in r["beams"].as_array().unwrap() {
-            let mut cfg: GenerationConfig = serde_json::from_value(run["settings"].clone()).unwrap();
-            cfg.max_new_tokens = Some(r["beam_max_new_tokens"].as_u64().unwrap() as usize);
-            cfg.eos_token_id = r["beam_eos_token_id"].clone();
-            cfg.pad_token_id = Some(pad);
+            let cfg = config(&run["settings"], &r["beam_max_new_tokens"], &r["beam_eos_token_id"]);
             assert_eq!(generate_seq2seq(&model, &sources, &cfg, |_, _| {}).unwrap(), rows(&run["generated"]), "{case} beam search with {}", run["settings"]);
         }
     }
 }
 
-/// The decoder's cached steps (encoder once, cross-attention keys and values once, a growing
-/// self-attention cache) give the full forward pass's logits at every position.
 #[test]
 fn cached_decode_steps_match_the_full_forward_pass() {
-    for case in ["t5", "t5_v1_0"] {
+    for case in CASES {
         let (model, r, b) = load(case);
         let sources: Vec<Vec<u32>> = (0..b.batch)
             .map(|i| (0..b.src_len).filter(|&j| b.attention_mask[i * b.src_len + j] == 1).map(|j| b.input_ids[i * b.src_len + j] as u32).collect())
@@ -336,7 +338,7 @@ fn cached_decode_steps_match_the_full_forward_pass() {
 /// `</s>`), and the texts are transformers'.
 #[test]
 fn generate_command_feeds_the_encoder() {
-    for case in ["t5", "t5_v1_0"] {
+    for case in CASES {
         let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join(case).join("generate.json")).unwrap()).unwrap();
         let cli_case = &r["cli"];
         let model = fixtures().join(case).join("model");

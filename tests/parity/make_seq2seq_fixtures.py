@@ -83,7 +83,7 @@ def cases():
     m = BartForConditionalGeneration(BartConfig(
         vocab_size=64, d_model=32, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
         decoder_ffn_dim=48, encoder_layers=2, decoder_layers=3, max_position_embeddings=40, dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True,
+        attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True, init_std=0.3,
     ))
     # as bart-large-cnn's generation config (transformers 5 keeps it out of config.json)
     m.generation_config.forced_bos_token_id = 0
@@ -138,6 +138,7 @@ def tokenizer(d, vocab, bart):
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if bart:
+        tok.add_special_tokens(special)  # as BART's own tokenizer.json marks them
         tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     else:
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])

@@ -29,6 +29,10 @@ pub struct GenerationConfig {
     pub eos_token_id: Value,
     pub pad_token_id: Option<u32>,
     pub bos_token_id: Option<u32>,
+    /// The first generated token is this one (BART's summarization configs: `<s>`).
+    pub forced_bos_token_id: Option<u32>,
+    /// The last token `max_length` allows is this one (or one of these; BART's configs: `</s>`).
+    pub forced_eos_token_id: Value,
     pub seed: Option<u64>,
 }
 
@@ -51,10 +55,16 @@ impl Default for GenerationConfig {
             eos_token_id: Value::Null,
             pad_token_id: None,
             bos_token_id: None,
+            forced_bos_token_id: None,
+            forced_eos_token_id: Value::Null,
             seed: None,
         }
     }
 }
+
+/// The settings transformers' `GenerationConfig.from_model_config` takes from `config.json` when
+/// a model has no `generation_config.json` and that only encoder-decoder configs carry.
+const FROM_MODEL_CONFIG: &[&str] = &["forced_bos_token_id", "forced_eos_token_id"];
 
 /// Keys of `generation_config.json` that carry no setting.
 const IGNORED: &[&str] = &["transformers_version", "_from_model_config", "use_cache", "decoder_start_token_id"];
@@ -77,6 +87,11 @@ impl GenerationConfig {
             // the file's own values first, so that an error in them names the file
             serde_path_to_error::deserialize::<_, GenerationConfig>(Value::Object(own))
                 .map_err(|e| Error::config(&path, format!("`{}`: {}", e.path(), e.inner())))?;
+        } else if let Ok(text) = std::fs::read_to_string(model_dir.join("config.json")) {
+            // no generation config: what transformers derives from the model's config
+            if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(&text) {
+                map.extend(m.into_iter().filter(|(k, v)| FROM_MODEL_CONFIG.contains(&k.as_str()) && !v.is_null()));
+            }
         }
         for (k, v) in overrides {
             if !Self::known(k) {
@@ -95,11 +110,12 @@ impl GenerationConfig {
 
     /// The EOS ids (one or several).
     pub fn eos_ids(&self) -> Vec<u32> {
-        match &self.eos_token_id {
-            Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Value::Array(a) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
-            _ => Vec::new(),
-        }
+        ids_of(&self.eos_token_id)
+    }
+
+    /// The forced EOS ids (one or several).
+    pub fn forced_eos_ids(&self) -> Vec<u32> {
+        ids_of(&self.forced_eos_token_id)
     }
 
     /// New tokens to generate after a prompt of `prompt_len` (`max_new_tokens`, else
@@ -143,6 +159,18 @@ impl GenerationConfig {
         if let Some(id) = self.eos_ids().into_iter().chain(self.pad_token_id).find(|&id| id as usize >= vocab) {
             return bad(format!("token id {id} (eos/pad) is outside the vocabulary (size {vocab})"));
         }
+        if let Some(id) = self.forced_eos_ids().into_iter().chain(self.forced_bos_token_id).find(|&id| id as usize >= vocab) {
+            return bad(format!("token id {id} (forced_bos_token_id / forced_eos_token_id) is outside the vocabulary (size {vocab})"));
+        }
         Ok(())
+    }
+}
+
+/// One id or a list of ids (`eos_token_id`, `forced_eos_token_id`).
+fn ids_of(v: &Value) -> Vec<u32> {
+    match v {
+        Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Value::Array(a) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        _ => Vec::new(),
     }
 }

@@ -290,8 +290,9 @@ pub fn greedy<B: Backend>(model: &Model<B>, prompts: &[Vec<u32>], opts: &GreedyO
 }
 
 /// transformers' logits processors for one row, in its order: repetition penalty, n-gram ban,
-/// minimum length; then, when sampling, temperature, top-k and top-p.
-fn process(cfg: &GenerationConfig, eos: &[u32], history: &[u32], new_tokens: usize, scores: &mut [f32]) {
+/// minimum length, forced BOS (the first token after a one-token start) and forced EOS (the
+/// last token `max_length` allows); then, when sampling, temperature, top-k and top-p.
+fn process(cfg: &GenerationConfig, eos: &[u32], history: &[u32], new_tokens: usize, max_length: usize, scores: &mut [f32]) {
     if cfg.repetition_penalty != 1.0 {
         let mut seen = history.to_vec();
         seen.sort_unstable();
@@ -312,6 +313,17 @@ fn process(cfg: &GenerationConfig, eos: &[u32], history: &[u32], new_tokens: usi
     }
     if new_tokens < cfg.min_new_tokens {
         eos.iter().for_each(|&e| scores[e as usize] = f32::NEG_INFINITY);
+    }
+    // both apply when the start token is followed by the last one: transformers' forced EOS
+    // runs after the forced BOS and wins
+    let forced: Vec<u32> = match cfg.forced_bos_token_id {
+        _ if history.len() + 1 == max_length && !cfg.forced_eos_ids().is_empty() => cfg.forced_eos_ids(),
+        Some(bos) if history.len() == 1 => vec![bos],
+        _ => Vec::new(),
+    };
+    if !forced.is_empty() {
+        scores.fill(f32::NEG_INFINITY);
+        forced.iter().for_each(|&t| scores[t as usize] = 0.0);
     }
 }
 
@@ -422,7 +434,7 @@ fn beam_search(dec: &mut dyn Decoder, prompts: &[Vec<u32>], cfg: &GenerationConf
                     *o = x - lse;
                 }
                 let history: Vec<u32> = padded[i].iter().chain(&running[r]).copied().collect();
-                process(cfg, &eos, &history, running[r].len(), row);
+                process(cfg, &eos, &history, running[r].len(), max_length, row);
                 row.iter_mut().for_each(|x| *x += running_scores[r]);
             }
             let mut order: Vec<usize> = (0..nb * v).collect();
@@ -545,7 +557,7 @@ pub fn generate_with(dec: &mut dyn Decoder, prompts: &[Vec<u32>], cfg: &Generati
                 continue;
             }
             let scores = &mut logits[b * v..(b + 1) * v];
-            process(cfg, &eos, &history[b], step, scores);
+            process(cfg, &eos, &history[b], step, width + max_new, scores);
             next[b] = pick(cfg, scores, &mut rng);
             on_token(b, next[b]);
             finished[b] = eos.contains(&next[b]);

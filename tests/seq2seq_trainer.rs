@@ -1,7 +1,7 @@
-//! `runtime train` on a T5 against `transformers.Seq2SeqTrainer` (the fixture from
-//! `tests/parity/make_seq2seq_trainer_fixtures.py`): the same initial T5 v1.1, digit-reversal data
-//! and arguments (warmup + cosine, weight decay, clipping, sequential sampling; plain, label
-//! smoothing, gradient accumulation); the logged loss, gradient norm and learning rate of every
+//! `runtime train` on a T5 and a BART against `transformers.Seq2SeqTrainer` (the fixture from
+//! `tests/parity/make_seq2seq_trainer_fixtures.py`): the same initial T5 v1.1 (or BART),
+//! digit-reversal data and arguments (warmup + cosine, weight decay, clipping, sequential
+//! sampling; plain, label smoothing, gradient accumulation; BART plain); the logged loss, gradient norm and learning rate of every
 //! step, the evaluation losses and the final weights must agree, and `runtime predict` on the
 //! trained model must generate what `Seq2SeqTrainer.predict` generated (`predict_with_generate`,
 //! two beams). Also: exact resume, the errors for bad input, loss plugins, and the `reverse` example.
@@ -52,7 +52,8 @@ fn runtime_train_matches_seq2seq_trainer() {
             generated += expected.len();
         }
     }
-    assert!(generated >= 16, "only {generated} generated rows compared");
+    assert!(generated >= 32, "only {generated} generated rows compared");
+    assert!(refs["cases"].get("bart").is_some(), "the BART case is in the fixture");
 }
 
 fn s(x: &str) -> String {
@@ -126,6 +127,11 @@ fn bad_input_gets_one_clear_error() {
     std::fs::write(&prompts, "{\"prompt\": \"12\", \"completion\": \"21\"}\n").unwrap();
     let decoder_only = common::fixtures().join("trainer/init");
     let seq2seq_data = dir.join("data/train.jsonl");
+    // BART's positions end at 32 (`max_position_embeddings`)
+    let long = tmp.path().join("long.jsonl");
+    std::fs::write(&long, format!("{{\"source\": \"12\", \"target\": \"21\"}}\n{{\"source\": \"{}\", \"target\": \"1\"}}\n", "7".repeat(40))).unwrap();
+    let bart = dir.join("init_bart");
+    let bart = bart.to_str().unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (tiny_run(&tmp.path().join("a"), &["--train_file", no_target.to_str().unwrap()]), "no_target.jsonl:2: no `target` field"),
         (tiny_run(&tmp.path().join("b"), &["--train_file", prompts.to_str().unwrap()]), "no `source` field"),
@@ -145,6 +151,14 @@ fn bad_input_gets_one_clear_error() {
         ),
         (tiny_run(&tmp.path().join("d"), &["--auto_find_batch_size", "true"]), "`auto_find_batch_size` with an encoder-decoder model is not supported yet"),
         (tiny_run(&tmp.path().join("e"), &["--max_source_length", "0"]), "max_source_length must be at least 1"),
+        (
+            tiny_run(&tmp.path().join("f"), &["--model_name_or_path", bart, "--train_file", long.to_str().unwrap()]),
+            "long.jsonl:2: the source is 41 tokens, longer than the model's limit (`max_position_embeddings` = 32); set max_source_length to at most 32",
+        ),
+        (
+            tiny_run(&tmp.path().join("g"), &["--model_name_or_path", bart, "--predict_with_generate", "true", "--eval_strategy", "steps"]),
+            "generation_max_length 128 (or val_max_target_length) is longer than the model's limit",
+        ),
     ];
     for (args, expected) in cases {
         let o = runtime(&args);

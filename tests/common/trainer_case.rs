@@ -24,7 +24,8 @@ fn close(what: &str, ours: f64, theirs: f64, rel: f64) {
     assert!((ours - theirs).abs() <= rel * theirs.abs().max(1e-12), "{what}: runtime {ours} vs transformers {theirs}");
 }
 
-/// Trains case `name` of the fixture in `dir` (`init/`, `data/`, `final_<name>.safetensors`) into
+/// Trains case `name` of the fixture in `dir` (`init/` or the case's `init`, `data/`,
+/// `final_<name>.safetensors`) into
 /// `out` and compares; at least `min_compared` logged values must have been compared.
 pub fn train_and_compare(dir: &Path, name: &str, case: &Value, out: &Path, min_compared: usize) {
     let mut args: Vec<String> = vec!["train".into(), "--disable_tqdm".into(), "--output_dir".into(), out.to_str().unwrap().into()];
@@ -33,7 +34,9 @@ pub fn train_and_compare(dir: &Path, name: &str, case: &Value, out: &Path, min_c
             args.extend(flag(k, v));
         }
     }
-    for (k, v) in [("model_name_or_path", "init"), ("train_file", "data/train.jsonl"), ("validation_file", "data/validation.jsonl")] {
+    // the initial model: `init/`, or the folder the case names
+    let init = case.get("init").and_then(Value::as_str).unwrap_or("init");
+    for (k, v) in [("model_name_or_path", init), ("train_file", "data/train.jsonl"), ("validation_file", "data/validation.jsonl")] {
         args.extend(flag(k, &Value::String(dir.join(v).to_str().unwrap().into())));
     }
     let o = runtime(&args);
@@ -56,7 +59,19 @@ pub fn train_and_compare(dir: &Path, name: &str, case: &Value, out: &Path, min_c
     let theirs = super::read_reference(&dir.join(format!("final_{name}.safetensors")));
     let ours = super::read_reference(&out.join("model.safetensors"));
     assert_eq!(ours.len(), theirs.len(), "{name}: tensor count");
+    let steps = case["args"]["max_steps"].as_f64().unwrap_or(0.0);
+    let lr = case["args"]["learning_rate"].as_f64().unwrap_or(0.0);
     for (k, v) in &ours {
+        if k.ends_with("k_proj.bias") {
+            // an attention key bias shifts all of a query's scores alike, so its gradient is
+            // zero in exact arithmetic and Adam turns each side's rounding noise into steps of
+            // up to the learning rate: both runs stay within that of the same start
+            let bound = 2.0 * steps * lr * 1.01;
+            for (a, b) in v.f32s().iter().zip(theirs[k].f32s()) {
+                assert!(((a - b).abs() as f64) <= bound, "{name} final {k}: {a} vs {b}, more apart than Adam's steps allow");
+            }
+            continue;
+        }
         super::assert_close(&format!("{name} final {k}"), &v.f32s(), &theirs[k].f32s(), 1e-5);
     }
 }

@@ -68,14 +68,29 @@ fn load_seq2seq<B: Seq2SeqOps>(backend: B, args: &TrainingArguments) -> Result<(
 }
 
 /// The source/target examples of `file`, targets truncated to `max_target_length`. An example's
-/// `input_ids` are its source, its `labels` its target.
-fn examples(file: &str, tok: &Tokenizer, args: &TrainingArguments, max_target_length: usize) -> Result<Vec<Example>> {
+/// `input_ids` are its source, its `labels` its target. A source or target longer than the
+/// model has positions for (`limit`, BART's `max_position_embeddings`) is an error naming the
+/// record.
+fn examples(file: &str, tok: &Tokenizer, args: &TrainingArguments, max_target_length: usize, limit: Option<usize>) -> Result<Vec<Example>> {
     let cols = Seq2SeqColumns {
         source: args.text_column.clone().unwrap_or_else(|| "source".into()),
         target: args.summary_column.clone().unwrap_or_else(|| "target".into()),
     };
     let path = Path::new(file);
-    let pairs = seq2seq_examples(path, &read_records(path)?, tok, &cols, Some(args.max_source_length), Some(max_target_length))?;
+    let records = read_records(path)?;
+    let pairs = seq2seq_examples(path, &records, tok, &cols, Some(args.max_source_length), Some(max_target_length))?;
+    for (r, p) in records.iter().zip(&pairs).filter(|_| limit.is_some()) {
+        let max = limit.unwrap_or(usize::MAX);
+        for (what, n, fix) in [("source", p.input_ids.len(), "max_source_length"), ("target", p.labels.len(), "max_target_length")] {
+            if n > max {
+                return Err(Error::Invalid(format!(
+                    "{}:{}: the {what} is {n} tokens, longer than the model's limit (`max_position_embeddings` = {max}); set {fix} to at most {max}",
+                    path.display(),
+                    r.line
+                )));
+            }
+        }
+    }
     Ok(pairs.into_iter().map(|p| Example { input_ids: p.input_ids, labels: p.labels.into_iter().map(|t| t as i32).collect() }).collect())
 }
 
@@ -91,9 +106,16 @@ impl<B: Seq2SeqOps + Clone> Trainer<B, Seq2SeqModel<B>> {
         model.gradient_checkpointing = args.gradient_checkpointing;
         let tokenizer = load_tokenizer(&args, &mut model.source, model.config.vocab_size, &model_dir)?;
         let train_file = train_file(&args, training)?;
-        let train = train_file.map(|f| examples(f, &tokenizer, &args, args.max_target_length)).transpose()?.unwrap_or_default();
+        let limit = model.config.max_positions();
+        let train = train_file.map(|f| examples(f, &tokenizer, &args, args.max_target_length, limit)).transpose()?.unwrap_or_default();
         let val_target = args.val_max_target_length.unwrap_or(args.max_target_length);
-        let eval = args.validation_file.as_deref().map(|f| examples(f, &tokenizer, &args, val_target)).transpose()?;
+        let eval = args.validation_file.as_deref().map(|f| examples(f, &tokenizer, &args, val_target, limit)).transpose()?;
+        let generation_max = args.generation_max_length.unwrap_or(val_target);
+        if let Some(max) = limit.filter(|&m| args.predict_with_generate && generation_max > m) {
+            return Err(Error::Invalid(format!(
+                "generation_max_length {generation_max} (or val_max_target_length) is longer than the model's limit (`max_position_embeddings` = {max}); set it to at most {max}"
+            )));
+        }
         let plugins = Plugins::load(&args.plugins, Some(tokenizer.clone() as Arc<dyn TokenDecoder>))?;
         let train_columns = columns_of(train_file, train.len(), &plugins)?;
         let eval_columns = columns_of(args.validation_file.as_deref(), eval.as_ref().map_or(0, Vec::len), &plugins)?;

@@ -540,3 +540,56 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         assert!(plain.1 == checkpointed.1, "{name}: gradients differ with gradient checkpointing");
     }
 }
+
+/// `inspect`, `init` and `forward` take a BART folder; a BART config the runtime cannot run as
+/// transformers does is one error naming the field.
+#[test]
+fn commands_take_bart_folders() {
+    let dir = fixtures().join("bart");
+    let model = dir.join("model");
+    let (ok, out, err) = cli(&["inspect", model.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    // transformers' num_parameters() (final_logits_bias is a buffer)
+    assert!(out.contains("BartForConditionalGeneration") && out.contains("55,248") && out.contains("learned, at most 40"), "{out}");
+    assert!(out.contains("self_attn_layer_norm") && out.contains("final_logits_bias"), "{out}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let fresh = tmp.path().join("fresh");
+    let (ok, _, err) = cli(&["init", "--config", model.join("config.json").to_str().unwrap(), "--output_dir", fresh.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let m = Seq2SeqModel::load(Cpu, &fresh, LoadOptions::default()).unwrap();
+    let t = m.tensors().unwrap();
+    let (pad, d) = (m.config.pad_token_id, m.config.d_model);
+    assert!(t[m.layout.shared][pad * d..(pad + 1) * d].iter().all(|&x| x == 0.0), "the padding_idx row starts at zero");
+    let bias = m.layout.logits_bias.unwrap();
+    assert!(t[bias].iter().all(|&x| x == 0.0) && !m.trainable[bias], "final_logits_bias: zeros, not trained");
+    let std = |v: &[f32]| (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+    let (q, init_std) = (m.layout.encoder.layers[0].q, m.config.raw["init_std"].as_f64().unwrap() as f32);
+    assert!((std(&t[q.w]) / init_std - 1.0).abs() < 0.1 && t[q.b.unwrap()].iter().all(|&x| x == 0.0), "init_std spread, zero biases");
+
+    // a folder without final_logits_bias (transformers ignores its absence): zeros
+    let bare = tmp.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(model.join("config.json"), bare.join("config.json")).unwrap();
+    let weights = std::fs::read(model.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let kept: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != "final_logits_bias").collect();
+    std::fs::write(bare.join("model.safetensors"), safetensors::serialize(kept, None).unwrap()).unwrap();
+    let b = Seq2SeqModel::load(Cpu, &bare, LoadOptions::default()).unwrap();
+    assert!(b.tensors().unwrap()[bias].iter().all(|&x| x == 0.0));
+
+    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    for (field, value, expected) in [
+        ("decoder_ffn_dim", serde_json::json!(64), "`encoder_ffn_dim` = 48 and `decoder_ffn_dim` = 64 differ"),
+        ("encoder_layerdrop", serde_json::json!(0.1), "LayerDrop is not supported"),
+        ("activation_function", serde_json::json!("swish"), "unsupported `activation_function` `swish`"),
+        ("d_model", serde_json::json!(30), "`d_model` = 30 is not a multiple of the 4 attention heads"),
+    ] {
+        let mut bad = raw.clone();
+        bad[field] = value;
+        let path = tmp.path().join(format!("{field}.json"));
+        std::fs::write(&path, bad.to_string()).unwrap();
+        let (ok, _, err) = cli(&["init", "--config", path.to_str().unwrap(), "--output_dir", tmp.path().join(field).to_str().unwrap()]);
+        assert!(!ok && err.contains(expected) && err.contains(&format!("{field}.json")) && !err.contains("panicked"), "{field}: {err}");
+    }
+}

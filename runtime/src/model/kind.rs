@@ -247,7 +247,7 @@ impl<B: Seq2SeqOps> TrainModel<B> for Seq2SeqModel<B> {
         Seq2SeqModel::num_parameters(self)
     }
     fn saved_numel(&self) -> usize {
-        Seq2SeqModel::num_parameters(self)
+        self.layout.specs.iter().map(|s| s.numel()).sum()
     }
     fn dtype(&self) -> Dtype {
         self.dtype

@@ -109,8 +109,9 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         self.params.iter().map(|p| self.backend.download(p)).collect()
     }
 
+    /// transformers' `num_parameters()`: BART's `final_logits_bias` is a buffer, not counted.
     pub fn num_parameters(&self) -> usize {
-        self.layout.specs.iter().map(|s| s.numel()).sum()
+        self.layout.num_parameters()
     }
 
     /// Zeroed gradient buffers, one per parameter.

@@ -293,6 +293,11 @@ impl Seq2SeqLayout {
         }
     }
 
+    /// transformers' `num_parameters()`: every tensor but the buffer `final_logits_bias`.
+    pub fn num_parameters(&self) -> usize {
+        self.specs.iter().enumerate().filter(|(i, _)| Some(*i) != self.logits_bias).map(|(_, s)| s.numel()).sum()
+    }
+
     /// The head's weight: `lm_head.weight`, or the shared embedding.
     pub fn head(&self) -> usize {
         self.lm_head.unwrap_or(self.shared)

@@ -36,7 +36,7 @@ pub fn inspect(dir: &Path) -> Result<String> {
     }
     let layout = Seq2SeqLayout::new(&c);
     let leaves = crate::commands::check_leaves(dir, &layout, &headers)?;
-    let total: usize = layout.specs.iter().map(|s| s.numel()).sum();
+    let total = layout.num_parameters();
     let mut dtypes: Vec<&str> = leaves.iter().map(|l| l.2.as_str()).collect();
     dtypes.sort();
     dtypes.dedup();

@@ -66,6 +66,26 @@ fn kernels_match_the_cpu_backend_when_emulated() {
     }
 }
 
+/// The encoder-decoder kernels (`kernels/seq2seq.cu`): attention with a bias (self and cross,
+/// causal or not, padding, dropout, a sequence with no visible key, more keys and head columns
+/// than a block has threads) forward and backward against f64, T5's position bias bitwise
+/// against the CPU's loops, the gated, exact and ReLU activations.
+#[test]
+fn seq2seq_kernels_match_f64_when_emulated() {
+    let Some(exe) = build("seq2seq") else { return };
+    let out = run(&exe, &[]);
+    for what in [
+        "encoder self (bias, padding): dk",
+        "decoder self (bias, causal, dropout): dv",
+        "a dead row",
+        "head dim 130): dbias",
+        "position bias backward",
+        "exact gelu backward",
+    ] {
+        assert!(out.contains(what), "no `{what}` case in the output:\n{out}");
+    }
+}
+
 /// The tensor-core attention (head dims 64 and 128) against f64 and the FMA kernels, on the
 /// cases that cover padding holes, a fully masked sequence, a sequence shorter than a tile, an
 /// unpadded one that is not a tile multiple, and dout rounded to bf16; shared memory must see no

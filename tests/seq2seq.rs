@@ -593,3 +593,15 @@ fn commands_take_bart_folders() {
         assert!(!ok && err.contains(expected) && err.contains(&format!("{field}.json")) && !err.contains("panicked"), "{field}: {err}");
     }
 }
+
+/// `runtime cuda-check`'s encoder-decoder part runs on any backend: the CPU against itself
+/// (dropout, label smoothing, decoding with reordered beams) agrees exactly, every pass being
+/// deterministic; on a GPU the same harness compares the CUDA kernels.
+#[test]
+fn device_parity_harness_runs_and_the_cpu_is_deterministic() {
+    let checks = runtime::tools::seq2seq::device_parity(&Cpu, 1e-4, 1e-4).unwrap();
+    assert_eq!(checks.len(), 6, "loss, gradients and decoding for T5 and BART");
+    for c in &checks {
+        assert!(c.pass && c.rel_err == 0.0, "{} {} {}: {}", c.op, c.case, c.output, c.rel_err);
+    }
+}

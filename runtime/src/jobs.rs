@@ -64,7 +64,9 @@ fn trainer(args: TrainingArguments, training: bool) -> Result<AnyTrainer> {
         Selected::Cpu if seq2seq => AnyTrainer::Seq2Seq(Box::new(Trainer::new_seq2seq(Cpu, args, training)?)),
         Selected::Cpu => AnyTrainer::Cpu(Box::new(Trainer::new_on(Cpu, args, training)?)),
         Selected::Cuda(_) if seq2seq => {
-            return Err(Error::Unsupported("encoder-decoder models (T5) run on the CPU backend only in this build: set device = \"cpu\"".into()))
+            return Err(Error::Unsupported(
+                "encoder-decoder models (T5, BART) train on the CPU backend only: their CUDA kernels (kernels/seq2seq.cu) pass the kernel emulation but have not been checked on a GPU yet (`runtime cuda-check`); set device = \"cpu\"".into(),
+            ))
         }
         Selected::Cuda(cuda) => AnyTrainer::Cuda(Box::new(Trainer::new_on(cuda, args, training)?)),
     })

@@ -15,6 +15,13 @@ static float frand() {  // [-1, 1)
     return ((rs >> 40) / float(1 << 24)) * 2.0f - 1.0f;
 }
 
+// n values in [-s, s)
+static std::vector<float> rvec(size_t n, float s = 1.0f) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = frand() * s;
+    return v;
+}
+
 struct Shape {
     int batch, seq, nh, nkv, hd;
 };

@@ -59,6 +59,9 @@ pub fn cuda_check(bf16: bool, json: bool, bench: bool) -> Result<()> {
     }
     let mut checks = crate::tools::cuda_check::op_parity(&cuda)?;
     checks.extend(crate::tools::cuda_check::step_parity(&cuda)?);
+    // the encoder-decoder kernels, with the decoder-only step's limits
+    let (lim, grad_lim) = if bf16 { (1e-2, 2e-2) } else { (1e-4, 1e-4) };
+    checks.extend(crate::tools::seq2seq::device_parity(&cuda, lim, grad_lim)?);
     let failed = checks.iter().filter(|c| !c.pass).count();
     if json {
         println!("{}", json_of(&checks)?);

@@ -6,6 +6,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
 use crate::backend::cpu::Cpu;
+use crate::backend::seq2seq::Seq2SeqOps;
 use crate::error::{Error, Result};
 use crate::files::write_file;
 use crate::model::io::{self, Dtype};
@@ -268,4 +269,69 @@ pub fn bench(s: &BenchShape) -> Result<BenchResult> {
         threads: rayon::current_num_threads(),
         final_loss: loss,
     })
+}
+
+/// `runtime cuda-check`'s encoder-decoder part: a training pass (forward with dropout and label
+/// smoothing, backward) of a small T5 v1.1 and a small BART on `gpu` and on the CPU from the same
+/// weights and dropout masks, then cached decoding steps (beam rows of padded sources). The loss,
+/// every gradient and the decoding logits are compared (`lim`, `grad_lim` as the decoder-only
+/// checks).
+pub fn device_parity<G: Seq2SeqOps + Clone>(gpu: &G, lim: f64, grad_lim: f64) -> Result<Vec<crate::tools::cuda_check::Check>> {
+    use crate::tools::cuda_check::{rel_err, Check};
+    let t5 = serde_json::json!({"model_type": "t5", "vocab_size": 300, "d_model": 64, "d_kv": 16, "d_ff": 96, "num_layers": 2,
+        "num_decoder_layers": 3, "num_heads": 4, "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 20, "dropout_rate": 0.1, "tie_word_embeddings": false});
+    let bart = serde_json::json!({"model_type": "bart", "vocab_size": 300, "d_model": 64, "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4, "encoder_ffn_dim": 96, "decoder_ffn_dim": 96, "encoder_layers": 2, "decoder_layers": 3,
+        "max_position_embeddings": 64, "scale_embedding": true, "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1});
+    let mut checks = Vec::new();
+    for (name, raw) in [("t5", t5), ("bart", bart)] {
+        let serde_json::Value::Object(map) = raw else { unreachable!("a JSON object literal") };
+        let cfg = Seq2SeqConfig::from_json(Path::new("<cuda-check>"), map)?;
+        let (b, s, t) = (3, 20, 9);
+        let pad = cfg.pad_token_id as i32;
+        let id = |i: usize| 3 + ((i * 37 + 11) % (cfg.vocab_size - 3)) as i32;
+        let mut input_ids: Vec<i32> = (0..b * s).map(id).collect();
+        let mut attention_mask = vec![1; b * s];
+        for (row, n) in [(1, 13), (2, 4)] {
+            for j in n..s {
+                input_ids[row * s + j] = pad;
+                attention_mask[row * s + j] = 0;
+            }
+        }
+        let mut labels: Vec<i32> = (0..b * t).map(|i| id(i + 500)).collect();
+        labels[t + 5..2 * t].iter_mut().for_each(|l| *l = -100);
+        let decoder_input_ids = Seq2SeqBatch::shift_right(&labels, t, cfg.decoder_start_token_id, cfg.pad_token_id);
+        let batch = Seq2SeqBatch { batch: b, src_len: s, tgt_len: t, input_ids, attention_mask, decoder_input_ids, labels };
+        let sources: Vec<Vec<u32>> = [s, 13, 4].iter().enumerate().map(|(r, &n)| (0..n).map(|j| id(r * s + j) as u32).collect()).collect();
+        fn pass<B: Seq2SeqOps>(m: &Seq2SeqModel<B>, batch: &Seq2SeqBatch, sources: &[Vec<u32>]) -> Result<(f32, Vec<f32>, Vec<f32>)> {
+            let (_, loss) = m.forward(batch, 0.1, None)?;
+            let (mut acts, l) = m.forward_dropping(None, batch, 0.1, Some(1.0 / loss.n_tokens as f32), Some(77))?;
+            let mut grads = m.zero_grads()?;
+            m.backward(&mut acts, batch, &mut grads)?;
+            let g = grads.iter().map(|t| m.backend.download(t)).collect::<Result<Vec<_>>>()?.concat();
+            let mut st = m.decode_start(sources, 2 * sources.len(), 5)?;
+            let mut logits = Vec::new();
+            for step in 0..4 {
+                let ids: Vec<i32> =
+                    (0..2 * sources.len()).map(|r| if step == 0 { m.config.decoder_start_token_id as i32 } else { 5 + (r * 7 + step) as i32 }).collect();
+                logits.extend(m.decode_step(&mut st, &ids)?);
+                if step == 1 {
+                    st.reorder(&m.backend, &[1, 1, 2, 3, 5, 4])?;
+                }
+            }
+            Ok((l.mean(), g, logits))
+        }
+        let cpu = pass(&Seq2SeqModel::from_config(Cpu, cfg.clone(), 5)?, &batch, &sources)?;
+        let dev = pass(&Seq2SeqModel::from_config(gpu.clone(), cfg, 5)?, &batch, &sources)?;
+        let case = format!("{name}, 2 + 3 layers, batch {b}x{s} -> {t}, dropout 0.1");
+        for (output, e, limit) in [
+            ("loss", rel_err(&[dev.0], &[cpu.0]), lim),
+            ("gradients", rel_err(&dev.1, &cpu.1), grad_lim),
+            ("decoding logits (cached, beams reordered)", rel_err(&dev.2, &cpu.2), lim),
+        ] {
+            checks.push(Check { op: "encoder-decoder pass".into(), case: case.clone(), output: output.into(), rel_err: e, limit, pass: e <= limit });
+        }
+    }
+    Ok(checks)
 }

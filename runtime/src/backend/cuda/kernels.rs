@@ -28,6 +28,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("cross_entropy", include_str!("../../../../kernels/cross_entropy.cu")),
     ("adamw", include_str!("../../../../kernels/adamw.cu")),
     ("dora", include_str!("../../../../kernels/dora.cu")),
+    ("seq2seq", include_str!("../../../../kernels/seq2seq.cu")),
 ];
 
 /// NVRTC options besides the architecture. No fast math: the kernels are compared with the CPU

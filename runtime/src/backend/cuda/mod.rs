@@ -27,6 +27,7 @@ mod optim;
 mod probe;
 mod products;
 mod reduce;
+mod seq2seq;
 
 pub use kernels::required_kernels;
 pub use probe::{probe, DeviceInfo};

@@ -275,3 +275,38 @@ fn neftune_noise_is_deterministic_and_changes_training_only() {
     };
     assert_eq!(eval(&[]), eval(&["--neftune_noise_alpha", "5"]));
 }
+
+/// A padding plugin pads the sources, as the tokenizer's `_pad` does under
+/// `DataCollatorForSeq2Seq` (the collator pads the labels itself, on the tokenizer's side): with
+/// a left-padding tokenizer the left-pad plugin trains a T5 bit for bit as the built-in padding
+/// does; with a right-padding one it changes the run (its sources are left-padded, and T5's
+/// relative positions see where the padding is).
+#[test]
+fn a_padding_plugin_pads_the_sources() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wasm = common::wasm_plugins();
+    let init = common::fixtures().join("seq2seq_trainer/init");
+    let left = tmp.path().join("left_init");
+    std::fs::create_dir_all(&left).unwrap();
+    for e in std::fs::read_dir(&init).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), left.join(e.file_name())).unwrap();
+    }
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(left.join("tokenizer_config.json")).unwrap()).unwrap();
+    tok["padding_side"] = "left".into();
+    std::fs::write(left.join("tokenizer_config.json"), tok.to_string()).unwrap();
+    let train = |name: &str, model: &Path, plugin: bool| -> Vec<u8> {
+        let out = tmp.path().join(name);
+        let mut args = tiny_run(&out, &["--model_name_or_path", model.to_str().unwrap(), "--max_steps", "4"]);
+        if plugin {
+            let config = tmp.path().join("plugin.toml");
+            std::fs::write(&config, format!("[[plugins]]\npath = \"{}\"\n", wasm.join("left_pad.wasm").display())).unwrap();
+            args.splice(1..1, [s("--config"), config.to_str().unwrap().into()]);
+        }
+        let o = runtime(&args);
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    };
+    assert!(train("plugin_left", &left, true) == train("tokenizer_left", &left, false), "the plugin's left padding differs from the built-in one");
+    assert!(train("plugin_right", &init, true) != train("right", &init, false), "the plugin had no effect");
+}

@@ -57,14 +57,32 @@ impl<B: Backend> TrainerModel<B> for Model<B> {
 
 impl<B: Seq2SeqOps> TrainerModel<B> for Seq2SeqModel<B> {
     /// `DataCollatorForSeq2Seq`: an example's `input_ids` are its source, its `labels` its
-    /// target; `pad`'s side, pad id and `pad_to_multiple_of` apply.
+    /// target; `pad`'s side, pad id and `pad_to_multiple_of` apply. A padding plugin pads the
+    /// sources (the collator hands the tokenizer's `_pad` the features without their labels);
+    /// the labels and `decoder_input_ids` are padded as the collator pads them.
     fn collate(&self, examples: &[Example], pad: &PadOptions, plugins: &Plugins) -> Result<Batch> {
-        if plugins.has_padding() {
-            return Err(Error::Unsupported("a padding plugin with an encoder-decoder model is not supported yet".into()));
-        }
         let pairs: Vec<Seq2SeqExample> = examples.iter().map(|e| Seq2SeqExample { input_ids: e.input_ids.clone(), labels: labelled(&e.labels) }).collect();
         let start = self.config.decoder_start_token_id as u32;
-        Ok(collate_seq2seq(&pairs, pad.pad_id, start, pad.side, pad.pad_to_multiple_of)?.into_batch())
+        let mut batch = collate_seq2seq(&pairs, pad.pad_id, start, pad.side, pad.pad_to_multiple_of)?;
+        let sources: Vec<Example> =
+            examples.iter().map(|e| Example { input_ids: e.input_ids.clone(), labels: vec![IGNORE_INDEX; e.input_ids.len()] }).collect();
+        let limit = self.config.max_positions().unwrap_or(u32::MAX as usize);
+        if let Some(padded) = plugins.pad(&sources, pad, self.config.vocab_size, limit) {
+            let p = padded?;
+            let mask = p.attention_mask.unwrap_or_else(|| vec![1; p.input_ids.len()]);
+            if p.batch != pairs.len() || p.seq == 0 || p.input_ids.len() != p.batch * p.seq || mask.len() != p.input_ids.len() {
+                return Err(Error::Plugin(format!(
+                    "the padding plugin returned a batch of {} x {} with {} ids and {} mask values for {} sources; it must be one row per source, each as long as the batch's sequence length",
+                    p.batch,
+                    p.seq,
+                    p.input_ids.len(),
+                    mask.len(),
+                    pairs.len()
+                )));
+            }
+            (batch.src_len, batch.input_ids, batch.attention_mask) = (p.seq, p.input_ids, mask);
+        }
+        Ok(batch.into_batch())
     }
     /// The whole source, and the whole target.
     fn prompt_and_reference(&self, e: &Example) -> Option<(Vec<u32>, Vec<u32>)> {

@@ -1,14 +1,16 @@
 """`runtime train` against `transformers.Seq2SeqTrainer` on the CPU, whole training runs side by
 side: the `reverse` example's data (digit strings and their reversal), a T5 v1.1 initialised from
-a config, the same arguments (AdamW, cosine schedule with warmup, weight decay, clipping, no
-evaluation or saving), alternating in one run on the same machine. Prints a markdown table with
-the train_runtime of each and the ratio, per model shape:
+a config (or a BART), the same arguments (AdamW, cosine schedule with warmup, weight decay,
+clipping, no evaluation or saving), alternating in one run on the same machine. Prints a markdown
+table with the train_runtime of each and the ratio, per model shape:
 
   example  the example's config (d_model 64, 2 + 2 layers)
   wider    d_model 256, d_ff 512, 4 heads of 64, 4 + 4 layers
+  bart     a BART of the wider shape (d_model 256, ffn 512, 4 heads, 4 + 4 layers, 64 positions;
+           no dropout, as the example's T5)
 
     cargo build --release
-    python scripts/bench_seq2seq_trainer.py [--steps 200] [--rounds 2]
+    python scripts/bench_seq2seq_trainer.py [--steps 200] [--rounds 2] [--shapes example,wider,bart]
 """
 
 import argparse
@@ -24,15 +26,24 @@ EXAMPLE = ROOT / "examples" / "reverse"
 SHAPES = {
     "example": {},
     "wider": {"d_model": 256, "d_ff": 512, "d_kv": 64, "num_heads": 4, "num_layers": 4, "num_decoder_layers": 4},
+    "bart": {"model_type": "bart", "architectures": ["BartForConditionalGeneration"], "d_model": 256, "encoder_ffn_dim": 512,
+             "decoder_ffn_dim": 512, "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_layers": 4,
+             "decoder_layers": 4, "max_position_embeddings": 64, "dropout": 0.0, "bos_token_id": 1, "decoder_start_token_id": 1,
+             "forced_eos_token_id": 1},
 }
 ARGS = dict(per_device_train_batch_size=32, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
             max_grad_norm=1.0, seed=42, max_source_length=9, max_target_length=9)
 
 
 def config_file(shape, tmp):
+    """The shape's config.json in a folder of its own (the example's T5 config changed, or a BART
+    with the example's vocabulary and special tokens)."""
     cfg = json.loads((EXAMPLE / "config.json").read_text())
+    if SHAPES[shape].get("model_type") == "bart":
+        cfg = {k: cfg[k] for k in ("vocab_size", "pad_token_id", "eos_token_id")}
     cfg.update(SHAPES[shape])
-    path = Path(tmp) / f"{shape}.json"
+    path = Path(tmp) / shape / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg))
     return path
 
@@ -52,12 +63,12 @@ def runtime(shape, steps, tmp):
 
 def seq2seq_trainer(shape, steps, tmp):
     import torch
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config, T5ForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(42)
     tok = AutoTokenizer.from_pretrained(EXAMPLE)
-    model = T5ForConditionalGeneration(T5Config.from_json_file(config_file(shape, tmp)))
+    model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(config_file(shape, tmp).parent))
     rows = [json.loads(l) for l in (EXAMPLE / "train.jsonl").read_text().splitlines()]
     n = steps * ARGS["per_device_train_batch_size"]
     data = [{"input_ids": tok(r["source"], max_length=9, truncation=True)["input_ids"],
@@ -75,13 +86,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     a = p.parse_args()
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
     print(f"CPU: {cpu}, {os.cpu_count()} threads; {a.steps} steps per run, best of {a.rounds} alternating rounds\n")
     print("| shape | runtime train_runtime | Seq2SeqTrainer train_runtime | speed ratio (HF / runtime) | runtime train_loss | HF train_loss |")
     print("| --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
-        for shape in SHAPES:
+        for shape in a.shapes.split(","):
             ours, theirs = [], []
             for _ in range(a.rounds):
                 ours.append(runtime(shape, a.steps, tmp))

@@ -235,7 +235,7 @@ fn no_acts() -> Error {
 impl<B: Seq2SeqOps> TrainModel<B> for Seq2SeqModel<B> {
     type Acts = Seq2SeqWork<B>;
     fn architecture_name(&self) -> String {
-        "T5ForConditionalGeneration".into()
+        self.config.architecture().into()
     }
     fn raw_config(&self) -> &Map<String, Value> {
         &self.config.raw

@@ -115,6 +115,14 @@ mod mpi {
             assert!(((a - b) / b).abs() <= 1e-6, "{what}: step {} loss {a} against {b}", i + 1);
         }
         for ((name, a), (_, b)) in weights(got).iter().zip(&weights(want)) {
+            if name.ends_with("k_proj.bias") {
+                // BART's key biases: a zero gradient in exact arithmetic, so each run's Adam
+                // steps follow its own rounding noise (the sum over processes rounds differently);
+                // 6 steps at 5e-3 move them at most 0.03 from the same start
+                let apart = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(apart <= 2.0 * 6.0 * 5e-3 * 1.01, "{what}: {name} apart by {apart}, more than Adam's steps allow");
+                continue;
+            }
             let err = common::rel_err(a, b);
             assert!(err <= 1e-5, "{what}: {name} differs by {err:e} (relative)");
         }
@@ -471,27 +479,30 @@ mod mpi {
     fn a_t5_trains_data_parallel_as_one_process() {
         let tmp = tempfile::tempdir().unwrap();
         let fx = common::fixtures().join("seq2seq_trainer");
-        let args = |out: &Path, batch: &str, fsdp: &str| -> Vec<String> {
+        let args = |init: &str, out: &Path, batch: &str, fsdp: &str| -> Vec<String> {
             let mut a: Vec<String> =
                 ["train", "--disable_tqdm", "true", "--max_steps", "6", "--logging_steps", "1", "--learning_rate", "5e-3", "--max_grad_norm", "0.5"]
                     .iter()
                     .map(|s| s.to_string())
                     .collect();
-            for (k, v) in [("model_name_or_path", fx.join("init")), ("train_file", fx.join("data/train.jsonl")), ("output_dir", out.to_path_buf())] {
+            for (k, v) in [("model_name_or_path", fx.join(init)), ("train_file", fx.join("data/train.jsonl")), ("output_dir", out.to_path_buf())] {
                 a.extend([format!("--{k}"), v.to_str().unwrap().to_string()]);
             }
             a.extend(["--per_device_train_batch_size", batch, "--fsdp", fsdp].iter().map(|s| s.to_string()));
             a
         };
-        let one = tmp.path().join("one");
-        ok(runtime(&args(&one, "4", "").iter().map(String::as_str).collect::<Vec<_>>()), "one process");
-        assert_eq!(losses(&one).len(), 6);
-        for fsdp in ["", "shard_grad_op"] {
-            let two = tmp.path().join(format!("two{fsdp}"));
-            ok(mpirun(2, &args(&two, "2", fsdp)), &format!("2 processes {fsdp}"));
-            assert_same_training(&two, &one, &format!("T5, 2 processes {fsdp}"));
+        // a T5, and a BART (whose frozen final_logits_bias the sharded optimizer leaves out)
+        for (name, init) in [("T5", "init"), ("BART", "init_bart")] {
+            let one = tmp.path().join(format!("one{name}"));
+            ok(runtime(&args(init, &one, "4", "").iter().map(String::as_str).collect::<Vec<_>>()), "one process");
+            assert_eq!(losses(&one).len(), 6);
+            for fsdp in ["", "shard_grad_op"] {
+                let two = tmp.path().join(format!("two{name}{fsdp}"));
+                ok(mpirun(2, &args(init, &two, "2", fsdp)), &format!("{name}, 2 processes {fsdp}"));
+                assert_same_training(&two, &one, &format!("{name}, 2 processes {fsdp}"));
+            }
         }
-        let o = mpirun(2, &args(&tmp.path().join("full"), "2", "full_shard"));
+        let o = mpirun(2, &args("init", &tmp.path().join("full"), "2", "full_shard"));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains("fsdp `full_shard` (`shard_grad_op` works) with an encoder-decoder model is not supported yet"), "{err}");
     }

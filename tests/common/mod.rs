@@ -70,6 +70,21 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// Whether a final weight is an attention key bias (BART's `k_proj.bias`): a shift common to all
+/// of a query's scores leaves the softmax unchanged, so its gradient is zero in exact arithmetic
+/// and Adam turns each run's rounding noise into steps of up to the learning rate.
+pub fn zero_gradient_weight(name: &str) -> bool {
+    name.ends_with("k_proj.bias")
+}
+
+/// Two runs' values of a [`zero_gradient_weight`] from the same start: no further apart than
+/// `steps` Adam steps of `lr` on each side.
+pub fn assert_within_adam_steps(what: &str, ours: &[f32], theirs: &[f32], steps: f64, lr: f64) {
+    let bound = 2.0 * steps * lr * 1.01;
+    let apart = ours.iter().zip(theirs).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(apart as f64 <= bound, "{what}: apart by {apart}, more than Adam's steps allow");
+}
+
 pub fn assert_close(what: &str, ours: &[f32], reference: &[f32], tol: f64) {
     let e = rel_err(ours, reference);
     assert!(e <= tol, "{what}: relative error {e:.3e} exceeds {tol:.0e}");

@@ -64,6 +64,9 @@ impl<B: Seq2SeqOps> TrainerModel<B> for Seq2SeqModel<B> {
         let pairs: Vec<Seq2SeqExample> = examples.iter().map(|e| Seq2SeqExample { input_ids: e.input_ids.clone(), labels: labelled(&e.labels) }).collect();
         let start = self.config.decoder_start_token_id as u32;
         let mut batch = collate_seq2seq(&pairs, pad.pad_id, start, pad.side, pad.pad_to_multiple_of)?;
+        if !plugins.has_padding() {
+            return Ok(batch.into_batch());
+        }
         let sources: Vec<Example> =
             examples.iter().map(|e| Example { input_ids: e.input_ids.clone(), labels: vec![IGNORE_INDEX; e.input_ids.len()] }).collect();
         let limit = self.config.max_positions().unwrap_or(u32::MAX as usize);

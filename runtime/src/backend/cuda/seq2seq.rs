@@ -29,7 +29,7 @@ impl Cuda {
     }
 
     /// One block per row of `rows` (at most 2^31 - 1, the grid's x limit).
-    fn rows_grid(&self, rows: usize) -> (u32, u32, u32) {
+    fn rows_grid(rows: usize) -> (u32, u32, u32) {
         (rows.min(i32::MAX as usize) as u32, 1, 1)
     }
 }
@@ -54,7 +54,7 @@ impl Seq2SeqOps for Cuda {
         args.extend([self.opt(bias), self.opt(key_mask)]);
         args.extend([A::I(s.tq as i32), A::I(s.tk as i32), A::I(s.n_head as i32), A::I(s.head_dim as i32), A::I(s.causal as i32), A::F(scale)]);
         args.extend(Self::biased_drop_args(&s));
-        self.launch("biased_attention_fwd", self.rows_grid(s.batch * s.n_head * s.tq), (ROW_THREADS, 1, 1), &args);
+        self.launch("biased_attention_fwd", Self::rows_grid(s.batch * s.n_head * s.tq), (ROW_THREADS, 1, 1), &args);
     }
 
     fn biased_attention_bwd(
@@ -74,12 +74,12 @@ impl Seq2SeqOps for Cuda {
         rows.extend(self.cols(v));
         rows.extend(geo);
         rows.extend(Self::biased_drop_args(&s));
-        self.launch("biased_attention_bwd_rows", self.rows_grid(s.batch * s.n_head * s.tq), (ROW_THREADS, 1, 1), &rows);
+        self.launch("biased_attention_bwd_rows", Self::rows_grid(s.batch * s.n_head * s.tq), (ROW_THREADS, 1, 1), &rows);
         let mut keys = vec![self.p(dk), self.p(dv), self.p(ds), self.p(dout), self.p(probs)];
         keys.extend(self.cols(q));
         keys.extend(geo);
         keys.extend(Self::biased_drop_args(&s));
-        self.launch("biased_attention_bwd_keys", self.rows_grid(s.batch * s.n_head * s.tk), (ROW_THREADS, 1, 1), &keys);
+        self.launch("biased_attention_bwd_keys", Self::rows_grid(s.batch * s.n_head * s.tk), (ROW_THREADS, 1, 1), &keys);
         if let Some(db) = dbias {
             let n = s.n_head * s.tq * s.tk;
             self.launch_n("biased_attention_bias_grad", n, &[self.p(db), self.p(ds), A::I(s.batch as i32), A::L(n as i64)]);

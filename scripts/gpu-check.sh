@@ -10,6 +10,7 @@
 #
 # 1. every op of the CUDA backend against the CPU backend on random inputs, then whole training
 #    steps, in f32 and in bf16 (`runtime cuda-check`);
+#    then the addition example (GPT-2) and the reverse example (T5) trained on the GPU and the CPU;
 # 2. the attention kernels and the fused AdamW step timed (`runtime cuda-check --bench`);
 # 3. GPT-2 124M training throughput (sequence 1024, bf16) with `runtime bench` and with
 #    `transformers.Trainer` (`scripts/gpu_reference.py`) on the same GPU, one after the other;
@@ -73,6 +74,11 @@ run train_cuda.jsonl timeout 30 "$BIN" "${TRAIN[@]}" --device cuda --output_dir 
 run train_cpu.jsonl timeout 25 "$BIN" "${TRAIN[@]}" --device cpu --output_dir "$OUT/addition_cpu"
 run resume_on_cpu.jsonl timeout 25 "$BIN" "${TRAIN[@]}" --device cpu --max_steps 250 --output_dir "$OUT/addition_cuda" \
     --overwrite_output_dir false --resume_from_checkpoint "$OUT/addition_cuda/checkpoint-200"
+# an encoder-decoder model (the reverse example's T5) on the GPU and on the CPU, evaluated with
+# predict_with_generate at the end
+S2S=(train --config examples/reverse/train.toml --max_steps 100 --logging_steps 25 --eval_steps 100 --save_steps 100)
+run reverse_cuda.jsonl timeout 40 "$BIN" "${S2S[@]}" --device cuda --output_dir "$OUT/reverse_cuda"
+run reverse_cpu.jsonl timeout 40 "$BIN" "${S2S[@]}" --device cpu --output_dir "$OUT/reverse_cpu"
 # deterministic by design: a bf16 job at head dim 64 (the tensor-core attention) run twice gives the
 # same bits
 cat > "$OUT/det_config.json" <<'JSON'
@@ -122,6 +128,11 @@ lc, lp, lr = losses("train_cuda.jsonl"), losses("train_cpu.jsonl"), losses("resu
 print("| addition example, step | loss on CUDA (f32) | loss on CPU | resumed on CPU from the CUDA checkpoint |\n|---|---|---|---|")
 for step in sorted(set(lc) | set(lp) | set(lr)):
     print(f"| {step} | {lc.get(step, '-')} | {lp.get(step, '-')} | {lr.get(step, '-')} |")
+print()
+sc, sp = losses("reverse_cuda.jsonl"), losses("reverse_cpu.jsonl")
+print("| reverse example (T5), step | loss on CUDA (f32) | loss on CPU |\n|---|---|---|")
+for step in sorted(set(sc) | set(sp)):
+    print(f"| {step} | {sc.get(step, '-')} | {sp.get(step, '-')} |")
 print()
 if os.path.exists(os.path.join(out, "determinism.txt")):
     print(open(os.path.join(out, "determinism.txt")).read())

@@ -310,3 +310,44 @@ fn a_padding_plugin_pads_the_sources() {
     assert!(train("plugin_left", &left, true) == train("tokenizer_left", &left, false), "the plugin's left padding differs from the built-in one");
     assert!(train("plugin_right", &init, true) != train("right", &init, false), "the plugin had no effect");
 }
+
+/// `runtime hp-search` trains an encoder-decoder model in each trial: a grid over two learning
+/// rates on the tiny T5, and each trial's objective is the evaluation loss `runtime train` reaches
+/// with the same settings (training on the CPU is deterministic).
+#[test]
+fn hp_search_trials_train_a_t5() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::fixtures().join("seq2seq_trainer");
+    let path = |p: &str| dir.join(p).to_str().unwrap().replace('\\', "/");
+    let config = tmp.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model_name_or_path = \"{}\"\ntrain_file = \"{}\"\nvalidation_file = \"{}\"\nper_device_train_batch_size = 4\nmax_steps = 6\neval_strategy = \"steps\"\neval_steps = 6\nsave_steps = 6\nlogging_steps = 1\ndisable_tqdm = true\n",
+            path("init"),
+            path("data/train.jsonl"),
+            path("data/validation.jsonl")
+        ),
+    )
+    .unwrap();
+    let space = tmp.path().join("space.toml");
+    std::fs::write(&space, "[learning_rate]\ntype = \"categorical\"\nchoices = [5e-3, 1e-3]\n").unwrap();
+    let study = tmp.path().join("study");
+    let (config, space, study_s) = (config.to_str().unwrap(), space.to_str().unwrap(), study.to_str().unwrap());
+    let args = ["hp-search", "--config", config, "--space", space, "--n_trials", "2", "--sampler", "grid", "--pruner", "none", "--output_dir", study_s];
+    let o = runtime(&args.map(s));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let trials: Vec<Value> = std::fs::read_to_string(study.join("trials.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(trials.len(), 2);
+    for t in &trials {
+        assert_eq!(t["state"], "complete", "{t}");
+        let lr = t["params"]["learning_rate"].as_f64().unwrap();
+        let out = tmp.path().join(format!("train-{lr}"));
+        let o = runtime(&["train", "--config", config, "--learning_rate", &lr.to_string(), "--output_dir", out.to_str().unwrap()].map(s));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let state: Value = serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+        let eval = state["log_history"].as_array().unwrap().iter().rev().find_map(|e| e.get("eval_loss")).expect("an evaluation").as_f64().unwrap();
+        assert_eq!(t["objective"].as_f64().unwrap(), eval, "trial at learning rate {lr}");
+    }
+    assert_ne!(trials[0]["objective"], trials[1]["objective"], "the learning rate changed nothing");
+}

@@ -51,11 +51,12 @@ fn encoder_decoder(args: &TrainingArguments) -> bool {
 }
 
 /// The trainer for the run: an encoder-decoder model's, or a decoder-only model's on the
-/// backend asked for. Encoder-decoder models run on the CPU backend only.
+/// backend asked for.
 enum AnyTrainer {
     Cpu(Box<Trainer<Cpu>>),
     Cuda(Box<Trainer<crate::backend::cuda::Cuda>>),
     Seq2Seq(Box<Trainer<Cpu, Seq2SeqModel<Cpu>>>),
+    CudaSeq2Seq(Box<Trainer<crate::backend::cuda::Cuda, Seq2SeqModel<crate::backend::cuda::Cuda>>>),
 }
 
 fn trainer(args: TrainingArguments, training: bool) -> Result<AnyTrainer> {
@@ -63,11 +64,7 @@ fn trainer(args: TrainingArguments, training: bool) -> Result<AnyTrainer> {
     Ok(match select_backend(&args)? {
         Selected::Cpu if seq2seq => AnyTrainer::Seq2Seq(Box::new(Trainer::new_seq2seq(Cpu, args, training)?)),
         Selected::Cpu => AnyTrainer::Cpu(Box::new(Trainer::new_on(Cpu, args, training)?)),
-        Selected::Cuda(_) if seq2seq => {
-            return Err(Error::Unsupported(
-                "encoder-decoder models (T5, BART) train on the CPU backend only: their CUDA kernels (kernels/seq2seq.cu) pass the kernel emulation but have not been checked on a GPU yet (`runtime cuda-check`); set device = \"cpu\"".into(),
-            ))
-        }
+        Selected::Cuda(cuda) if seq2seq => AnyTrainer::CudaSeq2Seq(Box::new(Trainer::new_seq2seq(cuda, args, training)?)),
         Selected::Cuda(cuda) => AnyTrainer::Cuda(Box::new(Trainer::new_on(cuda, args, training)?)),
     })
 }
@@ -79,6 +76,7 @@ pub fn train(args: TrainingArguments) -> anyhow::Result<()> {
         AnyTrainer::Cpu(t) => train_with(*t),
         AnyTrainer::Cuda(t) => train_with(*t),
         AnyTrainer::Seq2Seq(t) => train_with(*t),
+        AnyTrainer::CudaSeq2Seq(t) => train_with(*t),
     }
 }
 
@@ -111,6 +109,7 @@ pub fn eval(args: TrainingArguments) -> anyhow::Result<()> {
         AnyTrainer::Cpu(mut t) => t.evaluate()?,
         AnyTrainer::Cuda(mut t) => t.evaluate()?,
         AnyTrainer::Seq2Seq(mut t) => t.evaluate()?,
+        AnyTrainer::CudaSeq2Seq(mut t) => t.evaluate()?,
     };
     println!("{}", serde_json::to_string(&metrics)?);
     Ok(())
@@ -123,6 +122,7 @@ pub fn predict(args: TrainingArguments) -> anyhow::Result<()> {
         AnyTrainer::Cpu(mut t) => t.predict()?,
         AnyTrainer::Cuda(mut t) => t.predict()?,
         AnyTrainer::Seq2Seq(mut t) => t.predict()?,
+        AnyTrainer::CudaSeq2Seq(mut t) => t.predict()?,
     };
     println!("{}", serde_json::to_string(&metrics)?);
     println!("wrote {}", out.display());
@@ -208,9 +208,11 @@ pub fn hp_search(opts: &SearchOptions) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(&stop)?;
     let mut run_trial = |args: TrainingArguments, callbacks: Vec<Box<dyn TrainerCallback>>| -> Result<()> {
-        match select_backend(&args)? {
-            Selected::Cpu => trial_on(Cpu, args, callbacks, &stop),
-            Selected::Cuda(cuda) => trial_on(cuda, args, callbacks, &stop),
+        match trainer(args, true)? {
+            AnyTrainer::Cpu(t) => trial_with(*t, callbacks, &stop),
+            AnyTrainer::Cuda(t) => trial_with(*t, callbacks, &stop),
+            AnyTrainer::Seq2Seq(t) => trial_with(*t, callbacks, &stop),
+            AnyTrainer::CudaSeq2Seq(t) => trial_with(*t, callbacks, &stop),
         }
     };
     let trials = search::run(opts, &mut run_trial)?;
@@ -219,8 +221,11 @@ pub fn hp_search(opts: &SearchOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn trial_on<B: Backend + Clone>(backend: B, args: TrainingArguments, callbacks: Vec<Box<dyn TrainerCallback>>, stop: &Arc<AtomicBool>) -> Result<()> {
-    let mut trainer = Trainer::new_on(backend, args, true)?;
+fn trial_with<B: Backend + Clone, M: TrainerModel<B>>(
+    mut trainer: Trainer<B, M>,
+    callbacks: Vec<Box<dyn TrainerCallback>>,
+    stop: &Arc<AtomicBool>,
+) -> Result<()> {
     for cb in callbacks {
         trainer.add_callback(cb);
     }

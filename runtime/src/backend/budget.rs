@@ -200,6 +200,9 @@ impl<B: Backend> Backend for Budget<B> {
     fn add(&self, out: &mut Buf<B>, a: &Buf<B>, b: &Buf<B>) {
         self.inner.add(&mut out.buf, &a.buf, &b.buf)
     }
+    fn logits_chunk_floats(&self) -> usize {
+        self.inner.logits_chunk_floats()
+    }
     fn has_attention_dropout(&self) -> bool {
         self.inner.has_attention_dropout()
     }

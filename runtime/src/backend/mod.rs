@@ -304,6 +304,10 @@ pub trait Backend: Send + Sync + 'static {
     /// (`[rows, n_head * head_dim]`) and the statistics its backward pass needs.
     #[allow(clippy::too_many_arguments)] // the op's inputs, outputs and saved statistics
     fn attention_fwd(&self, out: &mut Self::Buf, stats: &mut Self::Buf, qkv: &Self::Buf, key_mask: &Self::Ids, shape: AttnShape, imp: AttnImpl);
+    /// Logits one chunk of the LM head should hold (`Model::head_chunk_rows`); 128 MiB of f32.
+    fn logits_chunk_floats(&self) -> usize {
+        1 << 25
+    }
     /// Whether [`Backend::attention_fwd_dropout`] and [`Backend::attention_bwd_dropout`] apply
     /// dropout to the attention probabilities (the CPU backend's do; the CUDA kernels do not yet,
     /// and their defaults here are the plain passes). Callers check it first.

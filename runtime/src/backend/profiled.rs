@@ -167,6 +167,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn add(&self, out: &mut B::Buf, a: &B::Buf, b: &B::Buf) {
         self.time("residual", 0.0, || self.inner.add(out, a, b))
     }
+    fn logits_chunk_floats(&self) -> usize {
+        self.inner.logits_chunk_floats()
+    }
     fn has_attention_dropout(&self) -> bool {
         self.inner.has_attention_dropout()
     }

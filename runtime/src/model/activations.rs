@@ -27,36 +27,32 @@ impl<B: Backend> Grads<B> {
 }
 
 pub(super) struct LayerActs<B: Backend> {
-    pub(super) ln1: B::Buf,
     pub(super) ln1_mean: B::Buf,
     pub(super) ln1_rstd: B::Buf,
     pub(super) qkv: B::Buf,
     pub(super) att_stats: B::Buf,
     pub(super) att_out: B::Buf,
     pub(super) res1: B::Buf,
-    pub(super) ln2: B::Buf,
     pub(super) ln2_mean: B::Buf,
     pub(super) ln2_rstd: B::Buf,
     pub(super) fc: B::Buf,
-    pub(super) act: B::Buf,
 }
 
 impl<B: Backend> LayerActs<B> {
-    /// The block's view of these buffers (with the shared scratch `tmp`), and the attention
-    /// statistics.
-    pub(super) fn bufs<'a>(&'a mut self, tmp: &'a mut B::Buf) -> (BlockBufs<'a, B>, &'a mut B::Buf) {
+    /// The block's view of these buffers (with the shared scratch `tmp`, the shared MLP
+    /// activation `act` and norm output `ln`), and the attention statistics.
+    pub(super) fn bufs<'a>(&'a mut self, (tmp, act, ln): (&'a mut B::Buf, &'a mut B::Buf, &'a mut B::Buf)) -> (BlockBufs<'a, B>, &'a mut B::Buf) {
         let bufs = BlockBufs {
-            ln1: &mut self.ln1,
+            ln,
             ln1_mean: &mut self.ln1_mean,
             ln1_rstd: &mut self.ln1_rstd,
             qkv: &mut self.qkv,
             att_out: &mut self.att_out,
             res1: &mut self.res1,
-            ln2: &mut self.ln2,
             ln2_mean: &mut self.ln2_mean,
             ln2_rstd: &mut self.ln2_rstd,
             fc: &mut self.fc,
-            act: &mut self.act,
+            act,
             tmp,
         };
         (bufs, &mut self.att_stats)
@@ -91,6 +87,12 @@ pub struct Activations<B: Backend> {
     /// The loss of each row, `[rows]`, downloaded once per batch.
     pub(super) row_loss: B::Buf,
     pub(super) tmp: B::Buf,
+    /// The MLP's activation (the down projection's input), `[rows, intermediate]`: one buffer
+    /// for every layer, as the backward pass recomputes it from the layer's `fc`.
+    pub(super) act: B::Buf,
+    /// Both norms' output (the attention's and the MLP's input), `[rows, hidden]`: one buffer
+    /// for every layer, recomputed by the backward pass from the norm's input and statistics.
+    pub(super) ln: B::Buf,
     pub(super) dres: B::Buf,
     pub(super) dln: B::Buf,
     pub(super) datt: B::Buf,
@@ -118,18 +120,15 @@ impl<B: Backend> Activations<B> {
         let layers = (0..kept)
             .map(|_| -> Result<LayerActs<B>> {
                 Ok(LayerActs {
-                    ln1: z(rows * h)?,
                     ln1_mean: z(rows)?,
                     ln1_rstd: z(rows)?,
                     qkv: z(rows * c.qkv_width())?,
                     att_stats: z(shape.stats_len(model.attn_impl))?,
                     att_out: z(rows * shape.out_width())?,
                     res1: z(rows * h)?,
-                    ln2: z(rows * h)?,
                     ln2_mean: z(rows)?,
                     ln2_rstd: z(rows)?,
                     fc: z(rows * c.fc_width())?,
-                    act: z(rows * c.intermediate_size)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -153,6 +152,8 @@ impl<B: Backend> Activations<B> {
             chunk_targets: Vec::new(),
             row_loss: z(rows)?,
             tmp: z(rows * h)?,
+            act: z(rows * c.intermediate_size)?,
+            ln: z(rows * h)?,
             dres: z(rows * h)?,
             dln: z(rows * h)?,
             datt: z(rows * shape.out_width())?,
@@ -179,10 +180,10 @@ impl<B: Backend> Activations<B> {
             AttnImpl::Flash => rows * c.n_head as u128,
         };
         let kept = if model.gradient_checkpointing { 1 } else { c.n_layer as u128 };
-        let per_layer = rows * (3 * h + 4 + qkv + out + fc + i) + stats;
+        let per_layer = rows * (h + 4 + qkv + out + fc) + stats;
         let head_rows = model.head_chunk_rows(batch * seq) as u128;
         let head = head_rows * v + if head_rows < rows { 2 * head_rows * h } else { 0 } + rows;
-        let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + head + 3 * rows * h + rows * (out + qkv + fc + i) + 4 * rows;
+        let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + head + 4 * rows * h + rows * (out + qkv + fc + 2 * i) + 4 * rows;
         let dropout = model.lora.as_ref().is_some_and(|l| l.config.lora_dropout > 0.0);
         let lora = model.lora_dims().floats(batch.saturating_mul(seq), dropout) as u128;
         4 * (kept * per_layer + rest + lora)
@@ -191,10 +192,7 @@ impl<B: Backend> Activations<B> {
     /// Bytes held by the activation and scratch buffers (what gradient checkpointing reduces).
     pub fn bytes(&self, be: &B) -> usize {
         let l = |a: &LayerActs<B>| {
-            [&a.ln1, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att_stats, &a.att_out, &a.res1, &a.ln2, &a.ln2_mean, &a.ln2_rstd, &a.fc, &a.act]
-                .iter()
-                .map(|b| be.len(b))
-                .sum::<usize>()
+            [&a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att_stats, &a.att_out, &a.res1, &a.ln2_mean, &a.ln2_rstd, &a.fc].iter().map(|b| be.len(b)).sum::<usize>()
         };
         let bufs = [
             &self.lnf,
@@ -205,6 +203,8 @@ impl<B: Backend> Activations<B> {
             &self.head_din,
             &self.row_loss,
             &self.tmp,
+            &self.act,
+            &self.ln,
             &self.dres,
             &self.dln,
             &self.datt,

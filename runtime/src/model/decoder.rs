@@ -34,15 +34,22 @@ pub struct Neftune {
     pub seed: u64,
 }
 
-/// Logit floats one LM-head chunk may hold (128 MiB in f32); see [`Model::head_chunk_rows`].
+/// Logit floats one LM-head chunk may hold at most (128 MiB in f32); see [`Model::head_chunk_rows`].
 pub const LOGITS_CHUNK_FLOATS: usize = 1 << 25;
+/// Rows a chunk of the LM head keeps at least while [`LOGITS_CHUNK_FLOATS`] allows: each chunk
+/// reads the head's weight again.
+const MIN_HEAD_CHUNK_ROWS: usize = 512;
 
 impl<B: Backend> Model<B> {
     /// Rows per chunk of the LM head and loss for a batch of `rows` rows: `loss_chunk_rows` when
-    /// set, otherwise as many as keep a chunk's logits within [`LOGITS_CHUNK_FLOATS`] (a multiple
-    /// of 64 when that is at least 64); `rows` when one chunk holds them all.
+    /// set, otherwise as many as keep a chunk's logits within the backend's
+    /// [`Backend::logits_chunk_floats`], but at least [`MIN_HEAD_CHUNK_ROWS`] while those stay within
+    /// [`LOGITS_CHUNK_FLOATS`] (a multiple of 64 when that is at least 64); `rows` when one chunk
+    /// holds them all.
     pub fn head_chunk_rows(&self, rows: usize) -> usize {
-        let fit = (LOGITS_CHUNK_FLOATS / self.config.vocab_size.max(1)).max(1);
+        let v = self.config.vocab_size.max(1);
+        let floor = MIN_HEAD_CHUNK_ROWS.min(LOGITS_CHUNK_FLOATS / v);
+        let fit = (self.backend.logits_chunk_floats().min(LOGITS_CHUNK_FLOATS) / v).max(floor).max(1);
         let want = self.loss_chunk_rows.unwrap_or(if fit >= 64 { fit / 64 * 64 } else { fit });
         want.clamp(1, rows.max(1))
     }
@@ -135,7 +142,7 @@ impl<B: Backend> Model<B> {
         let (done, rest) = acts.resid.split_at_mut(l + 1);
         let (x, y) = (&done[l], &mut rest[0]);
         let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
-        let (mut bufs, stats) = a.bufs(&mut acts.tmp);
+        let (mut bufs, stats) = a.bufs((&mut acts.tmp, &mut acts.act, &mut acts.ln));
         let call = AttnCall::Sequence { stats, mask: &acts.mask, pos: &acts.pos, batch: acts.batch, seq: acts.seq };
         let drop = acts.dropout.map(|k| crate::nn::site_key(k, 1000 + l as u64));
         self.block(l).fwd(&self.backend, p, x, y, &mut bufs, &mut acts.lora, call, drop);
@@ -240,6 +247,8 @@ impl<B: Backend> Model<B> {
             lnf.bwd(be, p, &mut g, &mut acts.dres, &acts.dln, &acts.resid[n_layer], &acts.lnf_mean, &acts.lnf_rstd);
         })?;
         ready(&done, &mut grads.tensors);
+        let emb = self.embedding();
+        let emb_trains = emb.params().iter().any(|&i| tr[i]);
         for l in (0..n_layer).rev() {
             let block = self.block(l);
             let params = block.params();
@@ -249,7 +258,7 @@ impl<B: Backend> Model<B> {
                     self.layer_fwd_in(acts, l, p);
                 }
                 let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
-                let (lbufs, stats) = a.bufs(&mut acts.tmp);
+                let (mut lbufs, stats) = a.bufs((&mut acts.tmp, &mut acts.act, &mut acts.ln));
                 let mut d = BlockGrads {
                     dres: &mut acts.dres,
                     dln: &mut acts.dln,
@@ -262,11 +271,10 @@ impl<B: Backend> Model<B> {
                 let attn = (&*stats, &acts.mask, &acts.pos);
                 let drop = acts.dropout.map(|k| crate::nn::site_key(k, 1000 + l as u64));
                 let mut g = GradsMut { bufs, trainable: tr };
-                block.bwd(be, p, &mut g, &acts.resid[l], &lbufs, attn, (acts.batch, acts.seq), &mut d, drop);
+                block.bwd(be, p, &mut g, &acts.resid[l], &mut lbufs, attn, (acts.batch, acts.seq), &mut d, drop, l > 0 || emb_trains);
             })?;
             ready(&params, &mut grads.tensors);
         }
-        let emb = self.embedding();
         // the embedding dropout's backward pass: its mask on the gradient
         crate::nn::drop(be, &mut acts.dres, self.config.dropout.embd, acts.dropout, 0);
         self.with_params_grads(&emb.params(), &emb.params(), &mut grads.tensors, |_, bufs| {

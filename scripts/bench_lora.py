@@ -6,7 +6,7 @@ ratios (best run of each side). Shapes: `runtime bench`'s Llama (6 layers, width
 vocab 8192, sequence 256, batch 8).
 
     cargo build --release
-    python scripts/bench_lora.py [--steps 5] [--rounds 2] [--lora_r 16]
+    python scripts/bench_lora.py [--steps 5] [--rounds 2] [--lora_r 16] [--lora_torch_dtype bfloat16]
 """
 
 import argparse
@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="A B C C B A rounds; the best run of each side is kept")
     ap.add_argument("--lora_r", type=int, default=16)
     ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--lora_torch_dtype", help="the runtime LoRA side's --torch_dtype (bfloat16: the frozen base held in bf16)")
     for k in ["n_layer", "hidden", "n_head", "vocab", "seq", "batch"]:
         ap.add_argument(f"--{k}", type=int, help="a shape other than the default (both sides)")
     a = ap.parse_args()
@@ -31,7 +32,8 @@ def main():
     ckpt = ["--gradient_checkpointing"] if a.gradient_checkpointing else []
     sides = {
         "full": [a.runtime, "bench", "--arch", "llama", "--steps", str(a.steps), "--json", *ckpt, *shape],
-        "lora": [a.runtime, "bench", "--arch", "llama", "--steps", str(a.steps), "--lora_r", str(a.lora_r), "--json", *ckpt, *shape],
+        "lora": [a.runtime, "bench", "--arch", "llama", "--steps", str(a.steps), "--lora_r", str(a.lora_r), "--json", *ckpt, *shape,
+                 *(["--torch_dtype", a.lora_torch_dtype] if a.lora_torch_dtype else [])],
         "peft": [sys.executable, str(ROOT / "scripts" / "pytorch_train.py"), "--arch", "llama", "--steps", str(a.steps), "--lora_r", str(a.lora_r), *shape],
     }
     runs = {k: [] for k in sides}
@@ -43,7 +45,7 @@ def main():
     f, l, p = best["full"], best["lora"], best["peft"]
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; PyTorch {p['torch']}; LoRA r {a.lora_r} on every linear module; {l['parameters'] / 1e6:.1f}M parameters; "
           f"shape {' '.join(shape) or 'default'}; "
-          f"{'gradient checkpointing; ' if ckpt else ''}best of {2 * a.rounds} runs of {a.steps} steps per side, alternating\n")
+          f"{'gradient checkpointing; ' if ckpt else ''}{'runtime LoRA base in ' + a.lora_torch_dtype + '; ' if a.lora_torch_dtype else ''}best of {2 * a.rounds} runs of {a.steps} steps per side, alternating\n")
     print("| run | tokens/s | step time | peak RSS |")
     print("| --- | --- | --- | --- |")
     for name, r in [("runtime, every weight", f), (f"runtime, LoRA r {a.lora_r}", l), (f"PyTorch + peft, LoRA r {a.lora_r}", p)]:

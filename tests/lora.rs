@@ -57,6 +57,55 @@ fn adapters_match_peft_logits_loss_and_gradients() {
     }
 }
 
+/// With `torch_dtype = "bfloat16"` the frozen base is held in bf16 (`Model::hold_frozen_base`):
+/// logits, loss, every trainable gradient and greedy generation are bit for bit those of the same
+/// bf16-rounded weights held in f32, in half the bytes. A base that is not bf16 is refused.
+#[test]
+fn a_bf16_held_base_computes_bit_for_bit_as_the_rounded_f32_base() {
+    use runtime::generate::{greedy, GreedyOptions};
+    use runtime::model::Dtype;
+    for &(case, arch) in CASES {
+        let opts = LoadOptions { torch_dtype: Some(Dtype::BF16), ..LoadOptions::default() };
+        let load = || {
+            let mut m = Model::load(Cpu, &fixtures().join(arch).join("model"), opts).unwrap();
+            m.load_adapter(&fixtures().join("lora").join(case).join("adapter")).unwrap();
+            m
+        };
+        let (plain, mut held) = (load(), load());
+        let saved = held.hold_frozen_base().unwrap();
+        let frozen: usize = plain.layout.specs.iter().zip(&plain.trainable).filter(|(_, t)| !**t).map(|(s, _)| s.numel()).sum();
+        assert_eq!(saved, 2 * frozen, "{case}: two bytes saved per frozen value");
+        assert_eq!(held.frozen.as_ref().unwrap().bytes(), 2 * frozen);
+        let reference = read_reference(&fixtures().join("lora").join(case).join("reference.safetensors"));
+        let batch = common::reference_batch(&reference);
+        let run = |m: &Model<Cpu>| {
+            let mut acts = Activations::new(m, batch.batch, batch.seq).unwrap();
+            let out = m.forward(&mut acts, &batch, LossOptions::default(), false).unwrap().unwrap();
+            let logits = acts.logits.clone();
+            let mut grads = Grads::zeros(m).unwrap();
+            m.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default()).unwrap();
+            (logits, out.mean.to_bits(), m.adapter_tensors_of(&grads.tensors).unwrap())
+        };
+        let (a, b) = (run(&plain), run(&held));
+        assert!(a.0 == b.0, "{case}: logits differ");
+        assert_eq!(a.1, b.1, "{case}: loss differs");
+        assert_eq!(a.2.len(), b.2.len());
+        for ((key, _, x), (_, _, y)) in a.2.iter().zip(&b.2) {
+            assert!(x == y, "{case}: gradient of {key} differs");
+        }
+        let prompts: Vec<Vec<u32>> = (0..2).map(|r| batch.input_ids[r * batch.seq..r * batch.seq + 4].iter().map(|&t| t as u32).collect()).collect();
+        let g = GreedyOptions { max_new_tokens: 6, eos_token_id: vec![], pad_token_id: 0 };
+        assert_eq!(greedy(&plain, &prompts, &g, |_, _| {}).unwrap(), greedy(&held, &prompts, &g, |_, _| {}).unwrap(), "{case}: generation");
+        let w = plain.trainable.iter().position(|t| !t).unwrap();
+        assert!(plain.param_values(w).unwrap() == held.param_values(w).unwrap(), "{case}: a held weight's values");
+    }
+    // weights that bf16 does not hold exactly are not moved
+    let mut f32_base = with_adapter("llama_all_linear", "llama");
+    let err = f32_base.hold_frozen_in_bf16().unwrap_err().to_string();
+    assert!(err.contains("is not a bf16 value") && f32_base.frozen.is_none(), "{err}");
+    assert_eq!(f32_base.hold_frozen_base().unwrap(), 0, "an f32 base stays as it is");
+}
+
 #[test]
 fn saved_adapters_are_what_peft_wrote() {
     for &(case, arch) in CASES {
@@ -186,33 +235,41 @@ fn lora_training_matches_the_trainer_with_peft() {
 }
 
 /// A LoRA run resumed from its checkpoint ends byte for byte where the uninterrupted run does,
-/// and a checkpoint holds the adapter and its optimizer state, not the base.
+/// and a checkpoint holds the adapter and its optimizer state, not the base; also with the
+/// frozen base held in bf16 (`torch_dtype = "bfloat16"`).
 #[test]
 fn lora_resume_is_exact_and_checkpoints_hold_the_adapter() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let (mut args, _) = trainer_fixture_args(&a);
-    args.extend(["--save_strategy", "steps", "--save_steps", "4"].map(String::from));
-    train(&args);
-    let ckpt = a.join("checkpoint-4");
-    let names: Vec<String> = std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
-    assert!(names.contains(&"adapter_model.safetensors".to_string()) && names.contains(&"optimizer.safetensors".to_string()), "{names:?}");
-    assert!(!names.iter().any(|n| n.starts_with("model")), "a LoRA checkpoint holds no base weights: {names:?}");
-    let adapter = std::fs::metadata(ckpt.join("adapter_model.safetensors")).unwrap().len();
-    let base = std::fs::metadata(fixtures().join("trainer/init/model.safetensors")).unwrap().len();
-    assert!(adapter * 2 < base, "adapter {adapter} bytes vs base {base}");
-    // resume from step 4 in another folder
-    std::fs::create_dir_all(&b).unwrap();
-    let copy = b.join("checkpoint-4");
-    std::fs::create_dir_all(&copy).unwrap();
-    for n in &names {
-        std::fs::copy(ckpt.join(n), copy.join(n)).unwrap();
+    for dtype in [None, Some("bfloat16")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let extra: Vec<String> = dtype.map(|d| vec!["--torch_dtype".to_string(), d.to_string()]).unwrap_or_default();
+        let (mut args, _) = trainer_fixture_args(&a);
+        args.extend(["--save_strategy", "steps", "--save_steps", "4"].map(String::from));
+        args.extend(extra.clone());
+        let log = train(&args);
+        let held = String::from_utf8_lossy(&log.stderr).contains("frozen base weights are held in bf16");
+        assert_eq!(held, dtype.is_some(), "{dtype:?}: the log says whether the base is held in bf16");
+        let ckpt = a.join("checkpoint-4");
+        let names: Vec<String> = std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+        assert!(names.contains(&"adapter_model.safetensors".to_string()) && names.contains(&"optimizer.safetensors".to_string()), "{names:?}");
+        assert!(!names.iter().any(|n| n.starts_with("model")), "a LoRA checkpoint holds no base weights: {names:?}");
+        let adapter = std::fs::metadata(ckpt.join("adapter_model.safetensors")).unwrap().len();
+        let base = std::fs::metadata(fixtures().join("trainer/init/model.safetensors")).unwrap().len();
+        assert!(adapter * 2 < base, "adapter {adapter} bytes vs base {base}");
+        // resume from step 4 in another folder
+        std::fs::create_dir_all(&b).unwrap();
+        let copy = b.join("checkpoint-4");
+        std::fs::create_dir_all(&copy).unwrap();
+        for n in &names {
+            std::fs::copy(ckpt.join(n), copy.join(n)).unwrap();
+        }
+        let (mut args_b, _) = trainer_fixture_args(&b);
+        args_b.extend(["--save_strategy", "steps", "--save_steps", "4", "--resume_from_checkpoint", "true"].map(String::from));
+        args_b.extend(extra);
+        train(&args_b);
+        let (x, y) = (std::fs::read(a.join("adapter_model.safetensors")).unwrap(), std::fs::read(b.join("adapter_model.safetensors")).unwrap());
+        assert!(x == y, "{dtype:?}: the resumed run's adapter differs from the uninterrupted run's");
     }
-    let (mut args_b, _) = trainer_fixture_args(&b);
-    args_b.extend(["--save_strategy", "steps", "--save_steps", "4", "--resume_from_checkpoint", "true"].map(String::from));
-    train(&args_b);
-    let (x, y) = (std::fs::read(a.join("adapter_model.safetensors")).unwrap(), std::fs::read(b.join("adapter_model.safetensors")).unwrap());
-    assert!(x == y, "the resumed run's adapter differs from the uninterrupted run's");
 }
 
 /// `runtime merge` equals peft's `merge_and_unload` (within 1e-6 relative) and writes a plain

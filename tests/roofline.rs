@@ -168,6 +168,7 @@ fn a_training_step_launches_what_the_model_structure_says() {
         gradient_checkpointing: false,
         loss_chunk_rows: None,
         lora_r: None,
+        torch_dtype: None,
         shard: 0,
     };
     let r = run_roofline(&cfg, chip("h100").unwrap(), true).unwrap();

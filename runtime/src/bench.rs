@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// Train a LoRA adapter of this rank on every linear module (alpha 2r) instead of every weight.
     #[arg(long = "lora_r")]
     pub lora_r: Option<usize>,
+    /// bfloat16: the weights rounded to bf16 (as `from_pretrained(torch_dtype=torch.bfloat16)`
+    /// holds them); with `--lora_r` on the CPU the frozen base is then held in bf16
+    #[arg(long = "torch_dtype")]
+    pub torch_dtype: Option<String>,
     /// print the result as one JSON object
     #[arg(long)]
     pub json: bool,
@@ -104,6 +108,7 @@ impl BenchArgs {
             gradient_checkpointing,
             loss_chunk_rows,
             lora_r,
+            torch_dtype,
             json,
             decode,
             prompt,
@@ -141,6 +146,10 @@ impl BenchArgs {
             gradient_checkpointing,
             loss_chunk_rows: loss_chunk_rows.map(|n| if n == 0 { batch * seq } else { n }),
             lora_r,
+            torch_dtype: torch_dtype
+                .as_deref()
+                .map(|d| crate::model::Dtype::parse(d).ok_or_else(|| anyhow::anyhow!("--torch_dtype `{d}`: expected float32, float16 or bfloat16")))
+                .transpose()?,
             shard: match fsdp.as_str() {
                 "" => 0,
                 "shard_grad_op" => 2,
@@ -207,6 +216,9 @@ pub struct BenchConfig {
     pub loss_chunk_rows: Option<usize>,
     /// A LoRA adapter of this rank on every linear module (alpha 2r), the base frozen.
     pub lora_r: Option<usize>,
+    /// The weights rounded to this dtype (`from_pretrained(torch_dtype=...)`); bf16 with
+    /// `lora_r` on the CPU holds the frozen base in bf16.
+    pub torch_dtype: Option<crate::model::Dtype>,
     /// The ZeRO stage over the processes of a data parallel run: 0 none, 2 the optimizer and
     /// gradients sharded, 3 the weights too.
     pub shard: u8,
@@ -447,15 +459,24 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
         Some(s) => s.keep(i, t),
         None => t,
     };
-    let opts = LoadOptions { attn_implementation: cfg.attn, ..LoadOptions::default() };
+    let opts = LoadOptions { attn_implementation: cfg.attn, torch_dtype: cfg.torch_dtype, ..LoadOptions::default() };
     let init = mcfg.clone();
-    let mut model = Model::from_each(be, mcfg, opts, |put| crate::model::init::init_each(&init, &layout, 42, put), &mut keep)?;
+    let round = |put: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>| {
+        crate::model::init::init_each(&init, &layout, 42, &mut |i, mut t| {
+            if let Some(dt) = cfg.torch_dtype {
+                dt.round(&mut t);
+            }
+            put(i, t)
+        })
+    };
+    let mut model = Model::from_each(be, mcfg, opts, round, &mut keep)?;
     model.gradient_checkpointing = cfg.gradient_checkpointing;
     model.loss_chunk_rows = cfg.loss_chunk_rows;
     if let Some(r) = cfg.lora_r {
         let peft = serde_json::json!({"r": r, "lora_alpha": 2 * r, "target_modules": "all-linear"});
         let lora = crate::model::lora::LoraConfig::from_map(peft.as_object().expect("an object"), "bench")?;
         model.add_lora(lora, None, 0)?;
+        model.hold_frozen_base()?;
     }
     let (rank, world) = (collective.rank(), collective.world_size());
     let mut rng = ChaCha8Rng::seed_from_u64(7 + rank as u64);

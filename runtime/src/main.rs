@@ -405,6 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     gradient_checkpointing: false,
                     loss_chunk_rows: None,
                     lora_r: None,
+                    torch_dtype: None,
                     shard: 0,
                 };
                 print!("{}", runtime::tools::plugin_bench::run(&runtime::tools::plugin_bench::PluginBenchArgs { loss, metrics, callbacks, model })?);

@@ -130,7 +130,7 @@ impl<B: Backend, M: TrainModel<B>> Step<B, M> {
             Some(f) => f?.bytes(be),
             None => 0,
         };
-        Ok(4 * own + shard + full)
+        Ok(4 * own + self.model.held_bytes() + shard + full)
     }
 
     /// Zeroes the gradients: the start of a step.

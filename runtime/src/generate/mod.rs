@@ -240,29 +240,33 @@ pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &
         }
     }
     let (ids_b, pos_b, mask_b) = (be.upload_ids(ids)?, be.upload_ids(&pos)?, be.upload_ids(&st.mask)?);
-    let p = model.unit_params();
-    model.embedding().fwd(be, &p, &mut st.x, &ids_b, &pos_b);
-    for l in 0..c.n_layer {
-        let mut bufs = BlockBufs {
-            ln: &mut st.ln,
-            ln1_mean: &mut st.mean,
-            ln1_rstd: &mut st.rstd,
-            qkv: &mut st.qkv,
-            att_out: &mut st.att,
-            res1: &mut st.res1,
-            ln2_mean: &mut st.mean2,
-            ln2_rstd: &mut st.rstd2,
-            fc: &mut st.fc,
-            act: &mut st.act,
-            tmp: &mut st.tmp,
-        };
-        let call = AttnCall::Decode { k_cache: &mut st.k[l], v_cache: &mut st.v[l], mask: &mask_b, pos: &pos_b, slot: st.slot, max_len: st.max_len, batch: n };
-        // the same block forward as training, one token per row
-        model.block(l).fwd(be, &p, &st.x, &mut st.y, &mut bufs, &mut st.lora, call, None);
-        std::mem::swap(&mut st.x, &mut st.y);
-    }
-    model.final_norm().fwd(be, &p, &mut st.ln, &mut st.mean, &mut st.rstd, &st.x);
-    model.head().fwd(be, &p, &mut st.logits, &st.ln, n);
+    // every parameter at hand for the step (bf16-held frozen weights are made f32 for it)
+    let all: Vec<usize> = (0..model.params.len()).collect();
+    model.with_params(&all, |p| {
+        model.embedding().fwd(be, p, &mut st.x, &ids_b, &pos_b);
+        for l in 0..c.n_layer {
+            let mut bufs = BlockBufs {
+                ln: &mut st.ln,
+                ln1_mean: &mut st.mean,
+                ln1_rstd: &mut st.rstd,
+                qkv: &mut st.qkv,
+                att_out: &mut st.att,
+                res1: &mut st.res1,
+                ln2_mean: &mut st.mean2,
+                ln2_rstd: &mut st.rstd2,
+                fc: &mut st.fc,
+                act: &mut st.act,
+                tmp: &mut st.tmp,
+            };
+            let call =
+                AttnCall::Decode { k_cache: &mut st.k[l], v_cache: &mut st.v[l], mask: &mask_b, pos: &pos_b, slot: st.slot, max_len: st.max_len, batch: n };
+            // the same block forward as training, one token per row
+            model.block(l).fwd(be, p, &st.x, &mut st.y, &mut bufs, &mut st.lora, call, None);
+            std::mem::swap(&mut st.x, &mut st.y);
+        }
+        model.final_norm().fwd(be, p, &mut st.ln, &mut st.mean, &mut st.rstd, &st.x);
+        model.head().fwd(be, p, &mut st.logits, &st.ln, n);
+    })?;
     st.slot += 1;
     be.download(&st.logits)
 }

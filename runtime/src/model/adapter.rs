@@ -177,6 +177,9 @@ impl<B: Backend> Model<B> {
     /// save), the adapter tensors dropped, and every parameter trainable again. What the adapter
     /// trained besides (biases, `modules_to_save`) is already in the base's tensors.
     pub fn merge_adapter(&mut self) -> Result<()> {
+        if self.frozen.is_some() {
+            return Err(Error::Unsupported("merging an adapter into bf16-held frozen weights (load the base in f32 to merge)".into()));
+        }
         let Some(state) = self.lora.take() else { return Err(Error::Invalid("the model has no adapter to merge".into())) };
         for (l, units) in state.parts.iter().enumerate() {
             for (u, parts) in units.iter().enumerate() {

@@ -37,6 +37,10 @@ pub trait TrainModel<B: Backend>: ParamSet<B> {
     /// The model's `config.json` as read (or made).
     fn raw_config(&self) -> &Map<String, Value>;
     fn params(&self) -> &[B::Buf];
+    /// Bytes of weights held outside [`TrainModel::params`] (frozen weights kept in bf16).
+    fn held_bytes(&self) -> usize {
+        0
+    }
     fn num_parameters(&self) -> usize;
     /// Elements a checkpoint or the output folder holds of the weights (with a LoRA adapter,
     /// the trainable ones only).
@@ -90,6 +94,9 @@ impl<B: Backend> TrainModel<B> for Model<B> {
     }
     fn params(&self) -> &[B::Buf] {
         &self.params
+    }
+    fn held_bytes(&self) -> usize {
+        self.frozen.as_ref().map_or(0, |f| f.bytes())
     }
     fn num_parameters(&self) -> usize {
         Model::num_parameters(self)

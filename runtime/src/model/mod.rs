@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod bart;
 pub mod config;
 pub mod decoder;
+pub mod frozen;
 mod gpt2;
 pub mod head;
 pub mod init;
@@ -119,6 +120,8 @@ pub struct Model<B: Backend> {
     /// Under `fsdp = "full_shard"`: where the parameters live (then each buffer of `params` is
     /// empty, and the passes fetch what they need through it; `residency.rs`).
     pub residency: Option<residency::SharedResidency<B>>,
+    /// Frozen weights held in bf16 (then their buffers in `params` are empty; `frozen.rs`).
+    pub frozen: Option<frozen::FrozenBf16<B>>,
 }
 
 /// Files transformers keeps beside the weights that a saved model should carry along.
@@ -238,12 +241,13 @@ impl<B: Backend> Model<B> {
             loss_chunk_rows: None,
             lora: None,
             residency: None,
+            frozen: None,
         })
     }
 
     /// The parameters as host f32 vectors, in the engine's layout.
     pub fn tensors(&self) -> Result<Vec<Vec<f32>>> {
-        self.params.iter().map(|p| self.backend.download(p)).collect()
+        (0..self.params.len()).map(|i| self.param_values(i)).collect()
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -262,7 +266,7 @@ impl<B: Backend> Model<B> {
     /// With a LoRA adapter attached, what is written is the adapter folder PEFT writes
     /// (`adapter_config.json`, `adapter_model.safetensors`) and the companion files, not the base.
     pub fn write_into(&self, dir: &Path, dtype: Option<Dtype>, max_shard_size: u64) -> Result<()> {
-        self.write_into_from(dir, dtype, max_shard_size, &mut |i| self.backend.download(&self.params[i]))
+        self.write_into_from(dir, dtype, max_shard_size, &mut |i| self.param_values(i))
     }
 
     /// [`Model::write_into`] with each parameter's values from `source` (by index in the

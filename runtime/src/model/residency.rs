@@ -37,12 +37,16 @@ fn poisoned() -> Error {
 }
 
 impl<B: Backend> Model<B> {
-    /// Runs `f` with parameters `idx` whole (fetched and released around it under a residency).
+    /// Runs `f` with parameters `idx` whole (fetched and released around it under a residency;
+    /// made f32 around it when held in bf16).
     pub(crate) fn with_params<T>(&self, idx: &[usize], f: impl FnOnce(&Params<B>) -> T) -> Result<T> {
+        if let Some(frozen) = &self.frozen {
+            return self.with_expanded(frozen, idx, f);
+        }
         let Some(r) = &self.residency else { return Ok(f(&self.unit_params())) };
         let mut r = r.lock().map_err(|_| poisoned())?;
         r.fetch(&self.backend, idx)?;
-        let out = f(&Params { bufs: r.params(), trainable: &self.trainable });
+        let out = f(&Params::new(r.params(), &self.trainable));
         r.release(&self.backend, idx)?;
         Ok(out)
     }
@@ -56,11 +60,14 @@ impl<B: Backend> Model<B> {
         grads: &mut [B::Buf],
         f: impl FnOnce(&Params<B>, &mut [B::Buf]) -> T,
     ) -> Result<T> {
+        if let Some(frozen) = &self.frozen {
+            return self.with_expanded(frozen, idx, |p| f(p, grads));
+        }
         let Some(r) = &self.residency else { return Ok(f(&self.unit_params(), grads)) };
         let mut r = r.lock().map_err(|_| poisoned())?;
         r.fetch(&self.backend, idx)?;
         r.fetch_grads(&self.backend, grads, idx)?;
-        let out = f(&Params { bufs: r.params(), trainable: &self.trainable }, grads);
+        let out = f(&Params::new(r.params(), &self.trainable), grads);
         r.release(&self.backend, idx)?;
         r.grads_done(&self.backend, grads, done)?;
         Ok(out)

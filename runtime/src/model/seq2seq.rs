@@ -120,7 +120,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
     }
 
     pub(super) fn unit_params(&self) -> Params<'_, B> {
-        Params { bufs: &self.params, trainable: &self.trainable }
+        Params::new(&self.params, &self.trainable)
     }
 
     pub(super) fn grads_mut<'a>(&'a self, bufs: &'a mut [B::Buf]) -> GradsMut<'a, B> {

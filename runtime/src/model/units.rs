@@ -10,7 +10,7 @@ use crate::nn::{Attention, Block, Embedding, Linear, Norm, Params};
 impl<B: Backend> Model<B> {
     /// The parameters and the trainable mask, for the units.
     pub fn unit_params(&self) -> Params<'_, B> {
-        Params { bufs: &self.params, trainable: &self.trainable }
+        Params::new(&self.params, &self.trainable)
     }
 
     fn kinds(&self) -> super::registry::Kinds {

@@ -59,8 +59,32 @@ where
 
 /// The model's parameter buffers and which of them train.
 pub struct Params<'a, B: Backend> {
-    pub bufs: &'a [B::Buf],
+    pub bufs: ParamBufs<'a, B>,
     pub trainable: &'a [bool],
+}
+
+impl<'a, B: Backend> Params<'a, B> {
+    pub fn new(bufs: &'a [B::Buf], trainable: &'a [bool]) -> Self {
+        Params { bufs: ParamBufs { own: bufs, expanded: &[] }, trainable }
+    }
+}
+
+/// A unit's parameter buffers, indexed by parameter: the model's own, except where `expanded`
+/// holds one for the unit's run (a frozen weight kept in bf16 and made f32 around the unit,
+/// `model::frozen`).
+pub struct ParamBufs<'a, B: Backend> {
+    pub own: &'a [B::Buf],
+    pub expanded: &'a [Option<B::Buf>],
+}
+
+impl<B: Backend> std::ops::Index<usize> for ParamBufs<'_, B> {
+    type Output = B::Buf;
+    fn index(&self, i: usize) -> &B::Buf {
+        match self.expanded.get(i) {
+            Some(Some(b)) => b,
+            _ => &self.own[i],
+        }
+    }
 }
 
 /// The gradient buffers, one per parameter, accumulated into (`+=`).
@@ -133,13 +157,13 @@ impl LoraDims {
     /// The floats [`LoraScratch::new`] allocates for `rows` rows.
     pub fn floats(&self, rows: usize, dropout: bool) -> usize {
         let dora = if self.dora { rows * (2 * self.cols + self.out) + MAX_LORA_PARTS * self.cols } else { 0 };
-        rows * (2 * self.r + self.inp) + if dropout { rows * self.inp } else { 0 } + dora
+        rows * 2 * self.r + if dropout { 2 * rows * self.inp } else { 0 } + dora
     }
 }
 
 /// Scratch of the LoRA branches, shared by every adapted linear of a pass: `t = x A^T`
-/// (`[rows, r]`), `dt` (`[rows, r]`), `dx` (`[rows, in]`) and, with `lora_dropout`, the
-/// dropped-out input `xd` (`[rows, in]`); with DoRA, `u = t B^T` (`[rows, cols]`; plain LoRA adds
+/// (`[rows, r]`), `dt` (`[rows, r]`) and, with `lora_dropout`, the dropped-out input `xd` and
+/// the input gradient through the mask `dx` (`[rows, in]` each); with DoRA, `u = t B^T` (`[rows, cols]`; plain LoRA adds
 /// it into the output without keeping it), the gradient into `u` (`gu`), a map-wide
 /// `[rows, out]` buffer (the base map's output without bias, or the gradient into it) and each
 /// part's weight norm (`[cols]`). Empty without adapters.
@@ -165,7 +189,7 @@ impl<B: Backend> LoraScratch<B> {
             t: be.zeros(rows * d.r)?,
             u: dora(rows * d.cols)?,
             dt: be.zeros(rows * d.r)?,
-            dx: be.zeros(rows * d.inp)?,
+            dx: be.zeros(if dropout { rows * d.inp } else { 0 })?,
             xd,
             gu: dora(rows * d.cols)?,
             wide: dora(rows * d.out)?,

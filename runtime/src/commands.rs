@@ -216,9 +216,6 @@ pub fn forward(model_dir: &Path, adapter: Option<&Path>, inputs: &Path, output: 
         if adapter.is_some() {
             return Err(Error::Unsupported("adapters on encoder-decoder models are not supported yet".into()));
         }
-        if opts.device == Device::Cuda {
-            return Err(Error::Unsupported("encoder-decoder models run on the CPU backend only so far (use --device cpu)".into()));
-        }
         return crate::tools::seq2seq::forward(model_dir, inputs, output, opts);
     }
     let bytes = std::fs::read(inputs).map_err(|e| Error::io(inputs, e))?;
@@ -336,10 +333,10 @@ pub fn generate(
     out: &mut dyn std::io::Write,
 ) -> Result<Vec<String>> {
     if crate::tools::seq2seq::is_encoder_decoder(model_dir) {
-        if adapter.is_some() || device == Device::Cuda {
-            return Err(Error::Unsupported("encoder-decoder models generate on the CPU backend, without adapters, so far".into()));
+        if adapter.is_some() {
+            return Err(Error::Unsupported("adapters on encoder-decoder models are not supported yet".into()));
         }
-        return crate::tools::seq2seq::generate(model_dir, prompts, chat, overrides, out);
+        return crate::tools::seq2seq::generate(model_dir, prompts, chat, overrides, device, out);
     }
     match device.select(false)? {
         crate::model::Selected::Cpu => generate_on(Cpu, model_dir, adapter, prompts, chat, overrides, out),

@@ -103,6 +103,13 @@ pub fn convert(model: &Path, output_dir: &Path, dtype: Option<Dtype>, max_shard:
 /// when absent, as the model does). Writes `logits` `[batch, target length, vocab]` and, with
 /// labels, `loss`.
 pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions) -> Result<Option<f32>> {
+    match opts.device.select(false)? {
+        crate::model::Selected::Cpu => forward_on(Cpu, model_dir, inputs, output, opts),
+        crate::model::Selected::Cuda(cuda) => forward_on(cuda, model_dir, inputs, output, opts),
+    }
+}
+
+fn forward_on<B: Seq2SeqOps>(be: B, model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions) -> Result<Option<f32>> {
     let bytes = std::fs::read(inputs).map_err(|e| Error::io(inputs, e))?;
     let st = io::deserialize(inputs, &bytes)?;
     let ids = |name: &str| crate::commands::read_ids(&st, inputs, name);
@@ -112,7 +119,7 @@ pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions
         Some((_, bb, ss)) => return Err(Error::tensor(inputs, "attention_mask", format!("shape [{bb}, {ss}] differs from input_ids' [{b}, {s}]"))),
         None => vec![1; b * s],
     };
-    let model = Seq2SeqModel::load(Cpu, model_dir, opts)?;
+    let model = Seq2SeqModel::load(be, model_dir, opts)?;
     let c = &model.config;
     let (labels, dec) = (ids("labels")?, ids("decoder_input_ids")?);
     let (decoder_input_ids, t, labels) = match (dec, labels) {
@@ -133,7 +140,7 @@ pub fn forward(model_dir: &Path, inputs: &Path, output: &Path, opts: LoadOptions
         Seq2SeqBatch { batch: b, src_len: s, tgt_len: t, input_ids, attention_mask, decoder_input_ids, labels: labels.unwrap_or_else(|| vec![-100; b * t]) };
     batch.check(c.vocab_size).map_err(|e| Error::weights(inputs, e.to_string()))?;
     let (acts, loss) = model.forward(&batch, 0.0, None)?;
-    let logits = acts.logits;
+    let logits = model.backend.download(&acts.logits)?;
     let mut out_bytes: Vec<u8> = Vec::with_capacity(logits.len() * 4);
     logits.iter().for_each(|v| out_bytes.extend_from_slice(&v.to_le_bytes()));
     let mut tensors = vec![("logits".to_string(), view(vec![b, t, c.vocab_size], &out_bytes)?)];
@@ -158,9 +165,24 @@ pub fn generate(
     prompts: &[String],
     chat: bool,
     overrides: &[(String, serde_json::Value)],
+    device: crate::model::Device,
     out: &mut dyn std::io::Write,
 ) -> Result<Vec<String>> {
-    let model = Seq2SeqModel::load(Cpu, model_dir, LoadOptions::default())?;
+    match device.select(false)? {
+        crate::model::Selected::Cpu => generate_on(Cpu, model_dir, prompts, chat, overrides, out),
+        crate::model::Selected::Cuda(cuda) => generate_on(cuda, model_dir, prompts, chat, overrides, out),
+    }
+}
+
+fn generate_on<B: Seq2SeqOps>(
+    be: B,
+    model_dir: &Path,
+    prompts: &[String],
+    chat: bool,
+    overrides: &[(String, serde_json::Value)],
+    out: &mut dyn std::io::Write,
+) -> Result<Vec<String>> {
+    let model = Seq2SeqModel::load(be, model_dir, LoadOptions::default())?;
     let (tok, cfg, sources) = crate::commands::generation_inputs(model_dir, model.config.vocab_size, &model.config.raw, prompts, chat, overrides)?;
     crate::commands::stream_generation(&tok, &cfg, prompts.len(), out, |on_token| crate::generate::seq2seq::generate_seq2seq(&model, &sources, &cfg, on_token))
 }

@@ -189,8 +189,10 @@ fn gradients_do_not_depend_on_the_thread_count() {
     assert!(g1 == g2, "gradients differ between 1 and 2 threads");
 }
 
-/// Gradient checkpointing recomputes each layer in backward: the same gradients, bit for bit,
-/// with the per-layer activations held once instead of once per layer.
+/// Gradient checkpointing recomputes each layer in backward, and `recompute_activations` each
+/// layer's norm outputs and MLP activation: the same gradients, bit for bit, in each of the four
+/// combinations, each with less memory than keeping everything; the batch planner's estimate is
+/// what is allocated.
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
     for (cfg, attn) in [
@@ -202,18 +204,28 @@ fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
     ] {
         let batch = random_batch(64, 3, 20, 8);
         let mut results = Vec::new();
-        for ckpt in [false, true] {
+        for (ckpt, recompute) in [(false, false), (true, false), (false, true), (true, true)] {
             let mut model = random_model(config(cfg.clone()), attn, 9);
             model.gradient_checkpointing = ckpt;
+            model.recompute_activations = recompute;
             let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
             let mut grads = Grads::zeros(&model).unwrap();
             let loss = model.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default()).unwrap();
-            results.push((loss.sum, grads.tensors, acts.bytes(&model.backend)));
+            // after the pass, which allocates the logits; the estimate also counts the four id
+            // buffers (ids, positions, mask, targets)
+            let bytes = acts.bytes(&model.backend);
+            let ids = 4 * 4 * batch.batch * batch.seq;
+            assert_eq!(Activations::estimate_bytes(&model, batch.batch, batch.seq), (bytes + ids) as u128, "{cfg}: the estimate");
+            results.push((loss.sum, grads.tensors, bytes));
         }
-        let (full, ckpt) = (&results[0], &results[1]);
-        assert_eq!(full.0.to_bits(), ckpt.0.to_bits(), "{cfg}: loss");
-        assert!(full.1 == ckpt.1, "{cfg}: gradients differ with checkpointing");
-        assert!(ckpt.2 < full.2, "{cfg}: {} bytes with checkpointing vs {} without", ckpt.2, full.2);
+        let full = &results[0];
+        for (i, r) in results.iter().enumerate().skip(1) {
+            assert_eq!(full.0.to_bits(), r.0.to_bits(), "{cfg}: loss in setting {i}");
+            assert!(full.1 == r.1, "{cfg}: gradients differ in setting {i}");
+        }
+        let bytes: Vec<usize> = results.iter().map(|r| r.2).collect();
+        // under checkpointing one layer's buffers are kept either way, so recomputing saves nothing more
+        assert!(bytes[1] < bytes[0] && bytes[2] < bytes[0] && bytes[3] == bytes[1], "{cfg}: bytes {bytes:?}");
     }
 }
 

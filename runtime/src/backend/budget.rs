@@ -203,6 +203,9 @@ impl<B: Backend> Backend for Budget<B> {
     fn logits_chunk_floats(&self) -> usize {
         self.inner.logits_chunk_floats()
     }
+    fn recompute_activations(&self) -> bool {
+        self.inner.recompute_activations()
+    }
     fn has_attention_dropout(&self) -> bool {
         self.inner.has_attention_dropout()
     }

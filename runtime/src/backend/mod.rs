@@ -19,6 +19,7 @@
 use crate::error::Error;
 use crate::error::Result;
 
+mod align;
 pub mod budget;
 pub mod cpu;
 pub mod cuda;
@@ -26,6 +27,8 @@ pub mod device;
 pub mod profiled;
 pub mod roofline;
 pub mod seq2seq;
+
+pub use align::{aligned_ld, aligned_split};
 
 /// The target that takes no part in the loss ops (PyTorch's `ignore_index` default).
 pub const IGNORE_INDEX: i32 = -100;
@@ -308,9 +311,13 @@ pub trait Backend: Send + Sync + 'static {
     fn logits_chunk_floats(&self) -> usize {
         1 << 25
     }
+    /// Whether models on this backend recompute norm outputs and activations in the backward
+    /// pass rather than keep them (`Model::recompute_activations`): less memory, more passes.
+    fn recompute_activations(&self) -> bool {
+        false
+    }
     /// Whether [`Backend::attention_fwd_dropout`] and [`Backend::attention_bwd_dropout`] apply
-    /// dropout to the attention probabilities (the CPU backend's do; the CUDA kernels do not yet,
-    /// and their defaults here are the plain passes). Callers check it first.
+    /// dropout to the attention probabilities (their defaults here are the plain passes).
     fn has_attention_dropout(&self) -> bool {
         false
     }
@@ -553,30 +560,6 @@ pub trait Backend: Send + Sync + 'static {
 /// instead, so the two agree to rounding, not bit for bit. (Moving the CPU to 32-row blocks as
 /// well changed the addition example's training enough to spoil it: see docs/KERNELS.md.)
 pub const REDUCE_BLOCK_ROWS: usize = 32;
-
-/// The row stride a device gives a matrix product's `[rows, m]` output (and, in bf16, the copy of
-/// its output gradient): `m` rounded up to a multiple of 8 elements (16 bytes of bf16). Rows of a
-/// width like GPT-2's vocabulary of 50257 are not 16-byte aligned, which leaves cuBLASLt only its
-/// unaligned kernels: on an H200 the LM head's three products at 8 x 1024 rows took 17.4 ms per
-/// step with rows of 50257 and about 4 ms with the padded stride (the copy included).
-pub fn aligned_ld(m: usize) -> usize {
-    m.next_multiple_of(8)
-}
-
-/// `m` outputs of a product split in two (`main + rest = m`): `main` a multiple of 8 and `rest`
-/// fewer than 8, when `m` is not a multiple of 8 (else `(m, 0)`; `(m, 0)` below 8 too). A product
-/// whose outputs are the weight's rows reads each part's weight rows and output columns from
-/// 16-byte aligned starts. cuBLASLt still chose its unaligned kernels for the LM head at vocab
-/// 50257 with padded rows (one product of 50257 outputs: 7.1 ms per step forward and 5.0 ms for
-/// the input gradient on an H200); the two parts let it use its aligned ones for the first.
-pub fn aligned_split(m: usize) -> (usize, usize) {
-    let rest = m % 8;
-    if rest == 0 || m < 8 {
-        (m, 0)
-    } else {
-        (m - rest, rest)
-    }
-}
 
 /// Columns `off..off + width` of a `[rows, ld]` matrix: one adapter's share of a linear map's
 /// output.

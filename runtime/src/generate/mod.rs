@@ -83,6 +83,7 @@ pub struct DecodeState<B: Backend> {
     ln: B::Buf,
     mean: B::Buf,
     rstd: B::Buf,
+    ln2: B::Buf,
     mean2: B::Buf,
     rstd2: B::Buf,
     qkv: B::Buf,
@@ -132,6 +133,7 @@ impl<B: Backend> DecodeState<B> {
             ln: z(batch * c.hidden_size)?,
             mean: z(batch)?,
             rstd: z(batch)?,
+            ln2: z(batch * c.hidden_size)?,
             mean2: z(batch)?,
             rstd2: z(batch)?,
             qkv: z(batch * c.qkv_width())?,
@@ -246,17 +248,19 @@ pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &
         model.embedding().fwd(be, p, &mut st.x, &ids_b, &pos_b);
         for l in 0..c.n_layer {
             let mut bufs = BlockBufs {
-                ln: &mut st.ln,
+                ln1: &mut st.ln,
                 ln1_mean: &mut st.mean,
                 ln1_rstd: &mut st.rstd,
                 qkv: &mut st.qkv,
                 att_out: &mut st.att,
                 res1: &mut st.res1,
+                ln2: &mut st.ln2,
                 ln2_mean: &mut st.mean2,
                 ln2_rstd: &mut st.rstd2,
                 fc: &mut st.fc,
                 act: &mut st.act,
                 tmp: &mut st.tmp,
+                recompute: false,
             };
             let call =
                 AttnCall::Decode { k_cache: &mut st.k[l], v_cache: &mut st.v[l], mask: &mask_b, pos: &pos_b, slot: st.slot, max_len: st.max_len, batch: n };

@@ -27,6 +27,11 @@ impl<B: Backend> Grads<B> {
 }
 
 pub(super) struct LayerActs<B: Backend> {
+    /// The norms' outputs and the MLP's activation: empty when the layers share
+    /// [`SharedActs`] (`Model::recompute_activations`).
+    pub(super) ln1: B::Buf,
+    pub(super) ln2: B::Buf,
+    pub(super) act: B::Buf,
     pub(super) ln1_mean: B::Buf,
     pub(super) ln1_rstd: B::Buf,
     pub(super) qkv: B::Buf,
@@ -39,11 +44,13 @@ pub(super) struct LayerActs<B: Backend> {
 }
 
 impl<B: Backend> LayerActs<B> {
-    /// The block's view of these buffers (with the shared scratch `tmp`, the shared MLP
-    /// activation `act` and norm output `ln`), and the attention statistics.
-    pub(super) fn bufs<'a>(&'a mut self, (tmp, act, ln): (&'a mut B::Buf, &'a mut B::Buf, &'a mut B::Buf)) -> (BlockBufs<'a, B>, &'a mut B::Buf) {
+    /// The block's view of these buffers (with the shared scratch `tmp`, and the shared norm
+    /// outputs and activation when `recompute`), and the attention statistics.
+    pub(super) fn bufs<'a>(&'a mut self, tmp: &'a mut B::Buf, shared: &'a mut SharedActs<B>, recompute: bool) -> (BlockBufs<'a, B>, &'a mut B::Buf) {
+        let (ln1, ln2, act) = if recompute { (&mut shared.ln1, &mut shared.ln2, &mut shared.act) } else { (&mut self.ln1, &mut self.ln2, &mut self.act) };
         let bufs = BlockBufs {
-            ln,
+            ln1,
+            ln2,
             ln1_mean: &mut self.ln1_mean,
             ln1_rstd: &mut self.ln1_rstd,
             qkv: &mut self.qkv,
@@ -54,9 +61,18 @@ impl<B: Backend> LayerActs<B> {
             fc: &mut self.fc,
             act,
             tmp,
+            recompute,
         };
         (bufs, &mut self.att_stats)
     }
+}
+
+/// The norms' outputs (`[rows, hidden]` each) and the MLP's activation (`[rows, intermediate]`)
+/// that every layer uses in turn when the backward pass recomputes them.
+pub(super) struct SharedActs<B: Backend> {
+    pub(super) ln1: B::Buf,
+    pub(super) ln2: B::Buf,
+    pub(super) act: B::Buf,
 }
 
 /// The forward pass's saved activations and the backward pass's scratch, for one batch shape.
@@ -87,12 +103,12 @@ pub struct Activations<B: Backend> {
     /// The loss of each row, `[rows]`, downloaded once per batch.
     pub(super) row_loss: B::Buf,
     pub(super) tmp: B::Buf,
-    /// The MLP's activation (the down projection's input), `[rows, intermediate]`: one buffer
-    /// for every layer, as the backward pass recomputes it from the layer's `fc`.
-    pub(super) act: B::Buf,
-    /// Both norms' output (the attention's and the MLP's input), `[rows, hidden]`: one buffer
-    /// for every layer, recomputed by the backward pass from the norm's input and statistics.
-    pub(super) ln: B::Buf,
+    /// With `recompute`: the norms' outputs and the MLP's activation, one set for every layer
+    /// (empty otherwise).
+    pub(super) shared: SharedActs<B>,
+    /// Whether the backward pass recomputes the norms' outputs and the MLP's activation
+    /// (`Model::recompute_activations`) rather than keeping them per layer.
+    pub(super) recompute: bool,
     pub(super) dres: B::Buf,
     pub(super) dln: B::Buf,
     pub(super) datt: B::Buf,
@@ -117,9 +133,15 @@ impl<B: Backend> Activations<B> {
         let kept = if model.gradient_checkpointing { 1 } else { c.n_layer };
         let head_rows = model.head_chunk_rows(rows);
         let chunked = head_rows < rows;
+        let recompute = model.recompute_activations;
+        // the norms' outputs and the activation: per layer, or one set the layers share
+        let (own, shared) = if recompute { (0, rows) } else { (rows, 0) };
         let layers = (0..kept)
             .map(|_| -> Result<LayerActs<B>> {
                 Ok(LayerActs {
+                    ln1: z(own * h)?,
+                    ln2: z(own * h)?,
+                    act: z(own * c.intermediate_size)?,
                     ln1_mean: z(rows)?,
                     ln1_rstd: z(rows)?,
                     qkv: z(rows * c.qkv_width())?,
@@ -152,8 +174,8 @@ impl<B: Backend> Activations<B> {
             chunk_targets: Vec::new(),
             row_loss: z(rows)?,
             tmp: z(rows * h)?,
-            act: z(rows * c.intermediate_size)?,
-            ln: z(rows * h)?,
+            shared: SharedActs { ln1: z(shared * h)?, ln2: z(shared * h)?, act: z(shared * c.intermediate_size)? },
+            recompute,
             dres: z(rows * h)?,
             dln: z(rows * h)?,
             datt: z(rows * shape.out_width())?,
@@ -180,10 +202,13 @@ impl<B: Backend> Activations<B> {
             AttnImpl::Flash => rows * c.n_head as u128,
         };
         let kept = if model.gradient_checkpointing { 1 } else { c.n_layer as u128 };
-        let per_layer = rows * (h + 4 + qkv + out + fc) + stats;
+        // the norms' outputs and the activation: per layer, or one set the layers share
+        let acts = rows * (2 * h + i);
+        let (own, shared) = if model.recompute_activations { (0, acts) } else { (acts, 0) };
+        let per_layer = rows * (h + 4 + qkv + out + fc) + own + stats;
         let head_rows = model.head_chunk_rows(batch * seq) as u128;
         let head = head_rows * v + if head_rows < rows { 2 * head_rows * h } else { 0 } + rows;
-        let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + head + 4 * rows * h + rows * (out + qkv + fc + 2 * i) + 4 * rows;
+        let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + head + 3 * rows * h + rows * (out + qkv + fc + i) + shared + 4 * rows;
         let dropout = model.lora.as_ref().is_some_and(|l| l.config.lora_dropout > 0.0);
         let lora = model.lora_dims().floats(batch.saturating_mul(seq), dropout) as u128;
         4 * (kept * per_layer + rest + lora)
@@ -192,7 +217,10 @@ impl<B: Backend> Activations<B> {
     /// Bytes held by the activation and scratch buffers (what gradient checkpointing reduces).
     pub fn bytes(&self, be: &B) -> usize {
         let l = |a: &LayerActs<B>| {
-            [&a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att_stats, &a.att_out, &a.res1, &a.ln2_mean, &a.ln2_rstd, &a.fc].iter().map(|b| be.len(b)).sum::<usize>()
+            [&a.ln1, &a.ln2, &a.act, &a.ln1_mean, &a.ln1_rstd, &a.qkv, &a.att_stats, &a.att_out, &a.res1, &a.ln2_mean, &a.ln2_rstd, &a.fc]
+                .iter()
+                .map(|b| be.len(b))
+                .sum::<usize>()
         };
         let bufs = [
             &self.lnf,
@@ -203,8 +231,9 @@ impl<B: Backend> Activations<B> {
             &self.head_din,
             &self.row_loss,
             &self.tmp,
-            &self.act,
-            &self.ln,
+            &self.shared.ln1,
+            &self.shared.ln2,
+            &self.shared.act,
             &self.dres,
             &self.dln,
             &self.datt,

@@ -142,7 +142,7 @@ impl<B: Backend> Model<B> {
         let (done, rest) = acts.resid.split_at_mut(l + 1);
         let (x, y) = (&done[l], &mut rest[0]);
         let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
-        let (mut bufs, stats) = a.bufs((&mut acts.tmp, &mut acts.act, &mut acts.ln));
+        let (mut bufs, stats) = a.bufs(&mut acts.tmp, &mut acts.shared, acts.recompute);
         let call = AttnCall::Sequence { stats, mask: &acts.mask, pos: &acts.pos, batch: acts.batch, seq: acts.seq };
         let drop = acts.dropout.map(|k| crate::nn::site_key(k, 1000 + l as u64));
         self.block(l).fwd(&self.backend, p, x, y, &mut bufs, &mut acts.lora, call, drop);
@@ -258,7 +258,7 @@ impl<B: Backend> Model<B> {
                     self.layer_fwd_in(acts, l, p);
                 }
                 let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
-                let (mut lbufs, stats) = a.bufs((&mut acts.tmp, &mut acts.act, &mut acts.ln));
+                let (mut lbufs, stats) = a.bufs(&mut acts.tmp, &mut acts.shared, acts.recompute);
                 let mut d = BlockGrads {
                     dres: &mut acts.dres,
                     dln: &mut acts.dln,

@@ -111,6 +111,11 @@ pub struct Model<B: Backend> {
     /// `gradient_checkpointing`: keep only layer inputs and recompute each layer in backward.
     /// Read when an [`Activations`] workspace is made.
     pub gradient_checkpointing: bool,
+    /// Recompute each layer's norm outputs and MLP activation in the backward pass instead of
+    /// keeping them (one set of buffers for all layers; llm.c's `recompute`). Starts as the
+    /// backend prefers (on for the CPU, off for CUDA, where the extra passes cost step time).
+    /// Read when an [`Activations`] workspace is made.
+    pub recompute_activations: bool,
     /// Rows per chunk of the LM head and loss in training and evaluation (`None`: as many as fit
     /// in [`decoder::LOGITS_CHUNK_FLOATS`]). Read when an [`Activations`] workspace is made.
     pub loss_chunk_rows: Option<usize>,
@@ -223,6 +228,7 @@ impl<B: Backend> Model<B> {
             params[i] = Some(backend.upload_vec(keep(i, t))?);
             Ok(())
         })?;
+        let recompute_activations = backend.recompute_activations();
         let params = params
             .into_iter()
             .zip(&layout.specs)
@@ -238,6 +244,7 @@ impl<B: Backend> Model<B> {
             dtype: opts.torch_dtype.unwrap_or(Dtype::F32),
             source: None,
             gradient_checkpointing: false,
+            recompute_activations,
             loss_chunk_rows: None,
             lora: None,
             residency: None,

@@ -31,22 +31,24 @@ fn lora_key(drop: Option<u64>, unit: u64) -> Option<u64> {
 }
 
 /// The block's activations: written by the forward pass, read by the backward pass (`tmp` is
-/// scratch). `ln` (both norms' output, `[rows, hidden]`) and `act` (the MLP's activation,
-/// `[rows, intermediate]`) may be shared by the layers: the backward pass recomputes them from
-/// the norms' inputs and statistics and from `fc`, as llm.c does, which saves three buffers per
-/// layer.
+/// scratch). With `recompute`, `ln1`, `ln2` (the norms' outputs, `[rows, hidden]`) and `act` (the
+/// MLP's activation, `[rows, intermediate]`) are buffers the layers share: the backward pass
+/// recomputes them from the norms' inputs and statistics and from `fc`, as llm.c does, which
+/// saves three buffers per layer.
 pub struct BlockBufs<'a, B: Backend> {
-    pub ln: &'a mut B::Buf,
+    pub ln1: &'a mut B::Buf,
     pub ln1_mean: &'a mut B::Buf,
     pub ln1_rstd: &'a mut B::Buf,
     pub qkv: &'a mut B::Buf,
     pub att_out: &'a mut B::Buf,
     pub res1: &'a mut B::Buf,
+    pub ln2: &'a mut B::Buf,
     pub ln2_mean: &'a mut B::Buf,
     pub ln2_rstd: &'a mut B::Buf,
     pub fc: &'a mut B::Buf,
     pub act: &'a mut B::Buf,
     pub tmp: &'a mut B::Buf,
+    pub recompute: bool,
 }
 
 /// How the block attends.
@@ -111,9 +113,9 @@ impl Block {
             AttnCall::Sequence { batch, seq, .. } => batch * seq,
             AttnCall::Decode { batch, .. } => *batch,
         };
-        self.ln1.fwd(be, p, a.ln, a.ln1_mean, a.ln1_rstd, x);
-        self.qkv.fwd(be, p, a.qkv, a.ln, rows);
-        self.qkv.lora_fwd(be, p, a.qkv, a.ln, rows, lora, lora_key(drop_key, 0));
+        self.ln1.fwd(be, p, a.ln1, a.ln1_mean, a.ln1_rstd, x);
+        self.qkv.fwd(be, p, a.qkv, a.ln1, rows);
+        self.qkv.lora_fwd(be, p, a.qkv, a.ln1, rows, lora, lora_key(drop_key, 0));
         match call {
             AttnCall::Sequence { stats, mask, pos, batch, seq } => {
                 let shape = self.attn.shape(batch, seq);
@@ -138,9 +140,9 @@ impl Block {
         self.o.lora_fwd(be, p, a.tmp, a.att_out, rows, lora, lora_key(drop_key, 1));
         drop(be, a.tmp, self.resid_pdrop, drop_key, SITE_ATTN_OUT);
         be.add(a.res1, x, a.tmp);
-        self.ln2.fwd(be, p, a.ln, a.ln2_mean, a.ln2_rstd, a.res1);
-        self.fc.fwd(be, p, a.fc, a.ln, rows);
-        self.fc.lora_fwd(be, p, a.fc, a.ln, rows, lora, lora_key(drop_key, 2));
+        self.ln2.fwd(be, p, a.ln2, a.ln2_mean, a.ln2_rstd, a.res1);
+        self.fc.fwd(be, p, a.fc, a.ln2, rows);
+        self.fc.lora_fwd(be, p, a.fc, a.ln2, rows, lora, lora_key(drop_key, 2));
         self.act.fwd(be, a.act, a.fc);
         self.proj.fwd(be, p, a.tmp, a.act, rows);
         self.proj.lora_fwd(be, p, a.tmp, a.act, rows, lora, lora_key(drop_key, 3));
@@ -150,8 +152,8 @@ impl Block {
 
     /// The backward pass of a [`AttnCall::Sequence`] forward whose activations are `a` (and
     /// attention statistics `stats`), from `d.dres` = d(output) to `d.dres` = d(`x`),
-    /// accumulating the trainable parameters' gradients. `a.act` and `a.ln` are recomputed
-    /// (bit for bit what the forward pass wrote). Without `need_dx` (the first layer under a
+    /// accumulating the trainable parameters' gradients. With `a.recompute`, `a.act`, `a.ln2`
+    /// and `a.ln1` are recomputed (bit for bit what the forward pass wrote). Without `need_dx` (the first layer under a
     /// frozen embedding) `d.dres` is left as it is, unless the first norm trains, since nothing
     /// reads the gradient with respect to `x`.
     #[allow(clippy::too_many_arguments)] // the block's input, saved state and the attention's inputs
@@ -178,11 +180,15 @@ impl Block {
             drop(be, d.dln, self.resid_pdrop, drop_key, SITE_MLP_OUT);
         }
         let dmlp: &B::Buf = if dropping { &*d.dln } else { &*d.dres };
-        self.act.fwd(be, a.act, a.fc);
+        if a.recompute {
+            self.act.fwd(be, a.act, a.fc);
+        }
         self.proj.bwd_all(be, p, g, Some(d.dact), dmlp, a.act, rows, d.lora, lora_key(drop_key, 3));
         self.act.bwd(be, d.dfc, a.fc, d.dact);
-        self.ln2.fwd(be, p, a.ln, a.ln2_mean, a.ln2_rstd, a.res1);
-        self.fc.bwd_all(be, p, g, Some(d.dln), d.dfc, a.ln, rows, d.lora, lora_key(drop_key, 2));
+        if a.recompute {
+            self.ln2.fwd(be, p, a.ln2, a.ln2_mean, a.ln2_rstd, a.res1);
+        }
+        self.fc.bwd_all(be, p, g, Some(d.dln), d.dfc, a.ln2, rows, d.lora, lora_key(drop_key, 2));
         self.ln2.bwd(be, p, g, d.dres, d.dln, a.res1, a.ln2_mean, a.ln2_rstd);
         // d.dres now holds d(res1) = d(x + attn(...))
         if dropping {
@@ -198,13 +204,15 @@ impl Block {
         if let Some(theta) = self.attn.rope_theta {
             be.rope(d.dqkv, pos, shape, theta, true);
         }
-        self.ln1.fwd(be, p, a.ln, a.ln1_mean, a.ln1_rstd, x);
+        if a.recompute {
+            self.ln1.fwd(be, p, a.ln1, a.ln1_mean, a.ln1_rstd, x);
+        }
         let norm_trains = g.trainable[self.ln1.w] || self.ln1.b.is_some_and(|b| g.trainable[b]);
         if need_dx || norm_trains {
-            self.qkv.bwd_all(be, p, g, Some(d.dln), d.dqkv, a.ln, rows, d.lora, lora_key(drop_key, 0));
+            self.qkv.bwd_all(be, p, g, Some(d.dln), d.dqkv, a.ln1, rows, d.lora, lora_key(drop_key, 0));
             self.ln1.bwd(be, p, g, d.dres, d.dln, x, a.ln1_mean, a.ln1_rstd);
         } else {
-            self.qkv.bwd_all(be, p, g, None, d.dqkv, a.ln, rows, d.lora, lora_key(drop_key, 0));
+            self.qkv.bwd_all(be, p, g, None, d.dqkv, a.ln1, rows, d.lora, lora_key(drop_key, 0));
         }
     }
 }

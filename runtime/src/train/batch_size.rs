@@ -21,14 +21,17 @@ pub(super) fn memory_budget(be: &impl Backend) -> u128 {
 
 /// `auto_find_batch_size`: the largest divisor of the batch size whose step (weights, the
 /// gradients that exist, AdamW's two moments of the trainable parameters, so a frozen base (LoRA)
-/// costs its weights only, and the activations at the longest example) fits in 90% of
+/// costs its weights only, two bytes a value when held in bf16, and the activations at the
+/// longest example) fits in 90% of
 /// `budget`, with the accumulation raised by the same factor so the examples per step do not
 /// change (transformers only halves the batch). An error when even one example does not fit.
 pub(super) fn fit_batch_size<B: Backend>(model: &Model<B>, batch: usize, accum: usize, seq: usize, budget: u128) -> Result<(usize, usize)> {
     let sizes = || model.layout.specs.iter().map(|s| s.numel() as u128);
     let grads: u128 = sizes().zip(model.grad_needed()).filter(|(_, n)| *n).map(|(s, _)| s).sum();
     let moments: u128 = sizes().zip(&model.trainable).filter(|(_, t)| **t).map(|(s, _)| 2 * s).sum();
-    let fixed = 4 * (model.layout.numel() as u128 + grads + moments);
+    // a weight held in bf16 (`model::frozen`) costs two of the four bytes counted for it
+    let held = model.frozen.as_ref().map_or(0, |f| f.bytes()) as u128;
+    let fixed = 4 * (model.layout.numel() as u128 + grads + moments) - held;
     let usable = budget / 10 * 9;
     for d in (1..=batch).filter(|&d| batch.is_multiple_of(d)) {
         let b = batch / d;
@@ -52,7 +55,42 @@ pub(super) fn smaller_batch(batch: usize, accum: usize) -> Option<(usize, usize)
 
 #[cfg(test)]
 mod tests {
-    use super::smaller_batch;
+    use super::{fit_batch_size, smaller_batch};
+    use crate::backend::cpu::Cpu;
+    use crate::model::{Dtype, LoadOptions, Model};
+
+    /// The smallest budget (bytes) in which one example of `seq` tokens fits.
+    fn smallest_budget(m: &Model<Cpu>, seq: usize) -> u128 {
+        let (mut lo, mut hi) = (0u128, 1u128 << 40);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if fit_batch_size(m, 1, 1, seq, mid).is_ok() {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        lo
+    }
+
+    /// A LoRA model whose frozen base is held in bf16 is planned at two bytes per held value.
+    #[test]
+    fn a_bf16_held_base_is_planned_at_its_size() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama/model");
+        let load = || {
+            let mut m = Model::load(Cpu, &dir, LoadOptions { torch_dtype: Some(Dtype::BF16), ..LoadOptions::default() }).unwrap();
+            let peft = serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"});
+            m.add_lora(crate::model::lora::LoraConfig::from_map(peft.as_object().unwrap(), "test").unwrap(), None, 0).unwrap();
+            m
+        };
+        let (plain, mut held) = (load(), load());
+        let saved = held.hold_frozen_base().unwrap() as u128;
+        assert!(saved > 0);
+        let (a, b) = (smallest_budget(&plain, 16), smallest_budget(&held, 16));
+        // 90% of the budget is planned for: the budgets differ by the saved bytes / 0.9
+        let diff = a - b;
+        assert!(diff * 9 / 10 <= saved && saved <= diff * 9 / 10 + 10, "budgets {a} and {b}, {saved} bytes saved");
+    }
 
     #[test]
     fn the_batch_shrinks_by_its_smallest_divisor_and_the_accumulation_grows_by_it() {

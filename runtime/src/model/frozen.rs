@@ -70,15 +70,16 @@ impl<B: Backend> Model<B> {
             }
             half.push(Some(h));
         }
-        let mut saved = 0;
         for (p, h) in self.params.iter_mut().zip(&half) {
             if h.is_some() {
-                saved += 2 * be.len(p);
                 *p = be.zeros(0)?;
             }
         }
         let n = half.len();
-        self.frozen = Some(FrozenBf16 { half, expanded: Mutex::new((0..n).map(|_| None).collect()) });
+        let frozen = FrozenBf16 { half, expanded: Mutex::new((0..n).map(|_| None).collect()) };
+        // two bytes a value instead of four
+        let saved = frozen.bytes();
+        self.frozen = Some(frozen);
         Ok(saved)
     }
 

@@ -153,9 +153,9 @@ impl Block {
     /// The backward pass of a [`AttnCall::Sequence`] forward whose activations are `a` (and
     /// attention statistics `stats`), from `d.dres` = d(output) to `d.dres` = d(`x`),
     /// accumulating the trainable parameters' gradients. With `a.recompute`, `a.act`, `a.ln2`
-    /// and `a.ln1` are recomputed (bit for bit what the forward pass wrote). Without `need_dx` (the first layer under a
-    /// frozen embedding) `d.dres` is left as it is, unless the first norm trains, since nothing
-    /// reads the gradient with respect to `x`.
+    /// and `a.ln1` are recomputed (bit for bit what the forward pass wrote). Without `need_dx`
+    /// (the first layer under a frozen embedding) `d.dres` is left as it is, unless the first
+    /// norm trains, since nothing reads the gradient with respect to `x`.
     #[allow(clippy::too_many_arguments)] // the block's input, saved state and the attention's inputs
     pub fn bwd<B: Backend>(
         &self,
@@ -207,12 +207,10 @@ impl Block {
         if a.recompute {
             self.ln1.fwd(be, p, a.ln1, a.ln1_mean, a.ln1_rstd, x);
         }
-        let norm_trains = g.trainable[self.ln1.w] || self.ln1.b.is_some_and(|b| g.trainable[b]);
-        if need_dx || norm_trains {
-            self.qkv.bwd_all(be, p, g, Some(d.dln), d.dqkv, a.ln1, rows, d.lora, lora_key(drop_key, 0));
+        let need_dln = need_dx || g.trainable[self.ln1.w] || self.ln1.b.is_some_and(|b| g.trainable[b]);
+        self.qkv.bwd_all(be, p, g, need_dln.then_some(&mut *d.dln), d.dqkv, a.ln1, rows, d.lora, lora_key(drop_key, 0));
+        if need_dln {
             self.ln1.bwd(be, p, g, d.dres, d.dln, x, a.ln1_mean, a.ln1_rstd);
-        } else {
-            self.qkv.bwd_all(be, p, g, None, d.dqkv, a.ln1, rows, d.lora, lora_key(drop_key, 0));
         }
     }
 }

@@ -14,10 +14,11 @@
 # 2. the attention kernels and the fused AdamW step timed (`runtime cuda-check --bench`);
 # 3. GPT-2 124M training throughput (sequence 1024, bf16) with `runtime bench` and with
 #    `transformers.Trainer` (`scripts/gpu_reference.py`) on the same GPU, one after the other;
-# 4. a short table: tokens/s, MFU (llm.c's 6N + 12*L*C*T FLOPs per token, against the bf16
+# 4. Llama 8 x 1024 trained whole and with LoRA r 16 (`runtime bench --lora_r 16`);
+# 5. a short table: tokens/s, MFU (llm.c's 6N + 12*L*C*T FLOPs per token, against the bf16
 #    matmul rate PyTorch reaches on this GPU in the same run), peak memory, attention against
 #    PyTorch's flash SDPA, AdamW against the device copy bandwidth;
-# 5. the step's roofline account for this GPU (`runtime bench --roofline`, no GPU needed): modeled
+# 6. the step's roofline account for this GPU (`runtime bench --roofline`, no GPU needed): modeled
 #    against measured step time, modeled and measured MFU against the data-sheet rate, per-op table,
 #    and per op kind the modeled time against `runtime bench --profile` (each op timed on the GPU).
 #
@@ -107,6 +108,11 @@ run roofline.json timeout 30 "$BIN" bench --device cuda --bf16 --roofline "${CHI
 # the same step with every op timed (each waits for the device), for the per-op comparison
 run profile.json timeout 45 "$BIN" bench --device cuda --bf16 --profile --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
     --seq 1024 --batch 8 --steps 3 --warmup 2 --json
+# LoRA against full fine-tuning on the GPU (issue 14): Llama 8 layers x 1024, r 16 on every linear
+LLAMA=(bench --device cuda --bf16 --arch llama --n_layer 8 --hidden 1024 --n_head 16 --n_kv_head 8 --vocab 32000 --seq 1024
+       --batch 8 --steps 10 --warmup 3 --json)
+run llama_full.json timeout 45 "$BIN" "${LLAMA[@]}"
+run llama_lora.json timeout 45 "$BIN" "${LLAMA[@]}" --lora_r 16
 
 $PY - "$OUT" <<'PY' | tee "$OUT/summary.md"
 import json, os, sys
@@ -174,6 +180,12 @@ if roof.get("modeled_step_seconds") and ours.get("step_seconds"):
             m, r = measured.get(k, 0.0), roof.get("op_kinds", {}).get(k, 0.0)
             print(f"| {k} | {m*1e3:.3f} | {r*1e3:.3f} | {m / r:.2f}x |" if r else f"| {k} | {m*1e3:.3f} | {r*1e3:.3f} | - |")
         print()
+lf, ll = load("llama_full.json"), load("llama_lora.json")
+if lf.get("step_seconds") and ll.get("step_seconds"):
+    print("| Llama 8 x 1024, vocab 32000, batch 8 x 1024, bf16 | step ms | tokens/s | memory (GiB) |\n|---|---|---|---|")
+    for name, r in (("full fine-tuning", lf), ("LoRA r 16, every linear", ll)):
+        print(f"| {name} | {r['step_seconds']*1e3:.2f} | {r['tokens_per_second']:,.0f} | {(r.get('peak_rss_mib') or 0)/1024:.2f} |")
+    print(f"\nLoRA step / full step: {ll['step_seconds'] / lf['step_seconds']:.2f}x\n")
 sdpa = {(c["D"], c["T"]): c for c in (ref.get("sdpa") or {}).get("cases", []) if "fwd_bwd_ms" in c}
 if isinstance(kern, list):
     print("| attention fwd+bwd | backward | runtime ms | SDPA flash ms | ratio (SDPA / runtime) |\n|---|---|---|---|---|")

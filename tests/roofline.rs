@@ -206,3 +206,45 @@ fn a_training_step_launches_what_the_model_structure_says() {
         assert!(r.op_kinds.get(kind).is_some_and(|&s| s > 0.0), "no modeled time for {kind}");
     }
 }
+
+/// A LoRA step (every linear map of a 2-layer Llama, bf16, after a warm-up step): the frozen
+/// weights keep their bf16 copies from step to step, a map's input and output gradient are cast
+/// once for the base product and all its adapters, and the up-projections read and write the
+/// adapted column blocks in place (no column-block passes).
+#[test]
+fn a_lora_step_casts_each_shared_operand_once() {
+    let layers = 2u64;
+    let cfg = BenchConfig {
+        arch: "llama".into(),
+        n_layer: layers as usize,
+        // intermediate 96 * 8 / 3 = 256 and every other width a multiple of 8: one product each
+        hidden: 96,
+        n_head: 4,
+        n_kv_head: 2,
+        vocab: 256,
+        seq: 32,
+        batch: 2,
+        steps: 1,
+        warmup: 1,
+        attn: AttnImpl::Flash,
+        gradient_checkpointing: false,
+        loss_chunk_rows: None,
+        lora_r: Some(4),
+        torch_dtype: None,
+        shard: 0,
+    };
+    let r = run_roofline(&cfg, chip("h100").unwrap(), true).unwrap();
+    let launches = |f: &str| r.ops.get(f).map_or(0, |f| f.launches);
+    // maps per layer: qkv (3 adapters), o, gate_up (2), down: 7 adapters. Forward: 4 base
+    // products and 2 per adapter (down, up); backward: per adapter the down product again, the
+    // up-projection's 2, the down-projection's weight gradient and its input gradient, and the
+    // base map's input gradient, except in the first layer's qkv (frozen embeddings and norm:
+    // no input gradient there); the head 1 + 1 (frozen: no weight gradient)
+    assert_eq!(launches("matmul (cuBLASLt)"), (4 + 2 * 7) * layers + (4 * 7 + 7 + 4) * layers - 4 + 2);
+    // casts, forward: the 4 map inputs, each adapter's down-projection output, qkv for attention;
+    // backward: per map its output gradient and input, per adapter its down-projection output and
+    // that output's gradient, qkv again; the head's input, then its output gradient. The weights
+    // (frozen and adapters) have their copies.
+    assert_eq!(launches("cast to bf16"), (4 + 7 + 1) * layers + (2 * 4 + 2 * 7 + 1) * layers + 2);
+    assert!(!r.ops.contains_key("adapter"), "{:?}", r.ops.keys());
+}

@@ -331,6 +331,16 @@ impl<B: Backend> Backend for Budget<B> {
     fn free_memory(&self) -> Option<u128> {
         self.inner.free_memory()
     }
+    fn keep_working_copy(&self, w: &Buf<B>) {
+        self.inner.keep_working_copy(&w.buf)
+    }
+    fn begin_operand_reuse(&self, bufs: &[&Buf<B>]) {
+        let inner: Vec<&B::Buf> = bufs.iter().map(|b| &b.buf).collect();
+        self.inner.begin_operand_reuse(&inner)
+    }
+    fn end_operand_reuse(&self) {
+        self.inner.end_operand_reuse()
+    }
 }
 
 #[cfg(test)]

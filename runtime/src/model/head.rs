@@ -263,6 +263,7 @@ impl<B: Backend> Model<B> {
         if be.len(&acts.logits) < acts.head_rows.min(rows) * v {
             acts.logits = be.zeros(acts.head_rows.min(rows) * v)?;
         }
+        p.keep_if_frozen(be, self.layout.head());
         let w = &p.bufs[self.layout.head()];
         if n == rows {
             be.matmul_fwd(&mut acts.logits, &acts.lnf, w, None, n, h, v);

@@ -114,8 +114,7 @@ impl Block {
             AttnCall::Decode { batch, .. } => *batch,
         };
         self.ln1.fwd(be, p, a.ln1, a.ln1_mean, a.ln1_rstd, x);
-        self.qkv.fwd(be, p, a.qkv, a.ln1, rows);
-        self.qkv.lora_fwd(be, p, a.qkv, a.ln1, rows, lora, lora_key(drop_key, 0));
+        self.qkv.fwd_all(be, p, a.qkv, a.ln1, rows, lora, lora_key(drop_key, 0));
         match call {
             AttnCall::Sequence { stats, mask, pos, batch, seq } => {
                 let shape = self.attn.shape(batch, seq);
@@ -136,16 +135,13 @@ impl Block {
                 be.attention_decode(a.att_out, a.qkv, k_cache, v_cache, mask, slot, shape, max_len);
             }
         }
-        self.o.fwd(be, p, a.tmp, a.att_out, rows);
-        self.o.lora_fwd(be, p, a.tmp, a.att_out, rows, lora, lora_key(drop_key, 1));
+        self.o.fwd_all(be, p, a.tmp, a.att_out, rows, lora, lora_key(drop_key, 1));
         drop(be, a.tmp, self.resid_pdrop, drop_key, SITE_ATTN_OUT);
         be.add(a.res1, x, a.tmp);
         self.ln2.fwd(be, p, a.ln2, a.ln2_mean, a.ln2_rstd, a.res1);
-        self.fc.fwd(be, p, a.fc, a.ln2, rows);
-        self.fc.lora_fwd(be, p, a.fc, a.ln2, rows, lora, lora_key(drop_key, 2));
+        self.fc.fwd_all(be, p, a.fc, a.ln2, rows, lora, lora_key(drop_key, 2));
         self.act.fwd(be, a.act, a.fc);
-        self.proj.fwd(be, p, a.tmp, a.act, rows);
-        self.proj.lora_fwd(be, p, a.tmp, a.act, rows, lora, lora_key(drop_key, 3));
+        self.proj.fwd_all(be, p, a.tmp, a.act, rows, lora, lora_key(drop_key, 3));
         drop(be, a.tmp, self.resid_pdrop, drop_key, SITE_MLP_OUT);
         be.add(y, a.res1, a.tmp);
     }

@@ -67,6 +67,15 @@ impl<'a, B: Backend> Params<'a, B> {
     pub fn new(bufs: &'a [B::Buf], trainable: &'a [bool]) -> Self {
         Params { bufs: ParamBufs { own: bufs, expanded: &[] }, trainable }
     }
+
+    /// Before a product reads weight `i`: when it does not train, tells the backend it keeps its
+    /// value ([`Backend::keep_working_copy`]; the model's own buffers only, not a unit's expanded
+    /// copy).
+    pub fn keep_if_frozen(&self, be: &B, i: usize) {
+        if !self.trainable[i] && matches!(self.bufs.expanded.get(i), None | Some(None)) {
+            be.keep_working_copy(&self.bufs.own[i]);
+        }
+    }
 }
 
 /// A unit's parameter buffers, indexed by parameter: the model's own, except where `expanded`
@@ -225,6 +234,19 @@ impl Linear {
         Linear { w, b, in_features, out_features, lora: [None; MAX_LORA_PARTS] }
     }
 
+    /// [`Linear::fwd`], then [`Linear::lora_fwd`]. With adapters, `inp` is named for operand
+    /// reuse (`Backend::begin_operand_reuse`) while the base product and the adapters read it.
+    #[allow(clippy::too_many_arguments)] // as Linear::lora_fwd
+    pub fn fwd_all<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, inp: &B::Buf, rows: usize, s: &mut LoraScratch<B>, drop: Option<u64>) {
+        if self.lora.iter().all(Option::is_none) {
+            return self.fwd(be, p, out, inp, rows);
+        }
+        be.begin_operand_reuse(&[inp]);
+        self.fwd(be, p, out, inp, rows);
+        self.lora_fwd(be, p, out, inp, rows, s, drop);
+        be.end_operand_reuse();
+    }
+
     /// Adds the LoRA branches to `out` (after [`Linear::fwd`]): as PEFT, `result +
     /// lora_B(lora_A(dropout(x))) * scaling`, or DoRA's rescaled output for a part with a
     /// magnitude. `drop`: a training pass's dropout key for this map.
@@ -261,6 +283,29 @@ impl Linear {
     /// and accumulates the trainable parameters' gradients.
     #[allow(clippy::too_many_arguments)] // as Linear::lora_bwd
     pub fn bwd_all<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        g: &mut GradsMut<B>,
+        dinp: Option<&mut B::Buf>,
+        dout: &B::Buf,
+        inp: &B::Buf,
+        rows: usize,
+        s: &mut LoraScratch<B>,
+        drop: Option<u64>,
+    ) {
+        if self.lora.iter().all(Option::is_none) {
+            return self.bwd(be, p, g, dinp, dout, inp, rows);
+        }
+        // the input and the output gradient are read by the base map's products and each
+        // adapter's, and written by none of them
+        be.begin_operand_reuse(&[inp, dout]);
+        self.bwd_adapted(be, p, g, dinp, dout, inp, rows, s, drop);
+        be.end_operand_reuse();
+    }
+
+    #[allow(clippy::too_many_arguments)] // as Linear::bwd_all
+    fn bwd_adapted<B: Backend>(
         &self,
         be: &B,
         p: &Params<B>,
@@ -417,12 +462,14 @@ impl Linear {
     }
 
     pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, inp: &B::Buf, rows: usize) {
+        p.keep_if_frozen(be, self.w);
         be.matmul_fwd(out, inp, &p.bufs[self.w], self.b.map(|b| &p.bufs[b]), rows, self.in_features, self.out_features);
     }
 
     /// Writes `dinp` (when asked) and accumulates the trainable parameters' gradients.
     #[allow(clippy::too_many_arguments)] // the unit's parameters, gradients, and the pass's tensors
     pub fn bwd<B: Backend>(&self, be: &B, p: &Params<B>, g: &mut GradsMut<B>, dinp: Option<&mut B::Buf>, dout: &B::Buf, inp: &B::Buf, rows: usize) {
+        p.keep_if_frozen(be, self.w);
         let (dw, db) = g.pair(self.w, self.b);
         be.matmul_bwd(dinp, dw, db, dout, inp, &p.bufs[self.w], rows, self.in_features, self.out_features);
     }

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
-use crate::backend::{AdamWStep, AttnImpl, AttnShape, Backend, StatGrads, StatsWanted};
+use crate::backend::{AdamWStep, AttnImpl, AttnShape, Backend, ColBlock, StatGrads, StatsWanted};
 use crate::engine::{AdamWConfig, MicroLoss, MicroOptions, Step};
 use crate::error::{Error, Result};
 use crate::model::{init::init_tensors, Batch, Layout, LoadOptions, LossOptions, Model, ModelConfig};
@@ -180,6 +180,23 @@ fn matmul_after_step<B: Backend>(be: &B, w: &[f32], g: &[f32], inp: &[f32], d: &
     Ok(vec![("out", be.download(&out)?), ("dinp", be.download(&dinp)?)])
 }
 
+/// LoRA's up-projection into a column block of a map's `[rows, ld]` output, and its backward pass
+/// with the output gradient named for operand reuse and read first by the map's own backward
+/// product, as `Linear::bwd_all` runs them (`x` `[rows, k]`, `w` `[ld, k]`, `t` `[rows, r]`, `b`
+/// `[width, r]`).
+#[allow(clippy::too_many_arguments)] // an op's inputs
+fn adapter<B: Backend>(be: &B, out0: &[f32], x: &[f32], w: &[f32], t: &[f32], b: &[f32], dout: &[f32], db0: &[f32], blk: ColBlock, r: usize) -> Result<Outs> {
+    let (k, ld) = (x.len() / blk.rows, blk.ld);
+    let (xb, wb, tb, bb, doutb) = (be.upload(x)?, be.upload(w)?, be.upload(t)?, be.upload(b)?, be.upload(dout)?);
+    let (mut out, mut db, mut dt, mut dinp) = (be.upload(out0)?, be.upload(db0)?, be.zeros(blk.rows * r)?, be.zeros(blk.rows * k)?);
+    be.lora_up(&mut out, &tb, &bb, blk, r, 1.5);
+    be.begin_operand_reuse(&[&xb, &doutb]);
+    be.matmul_bwd(Some(&mut dinp), None, None, &doutb, &xb, &wb, blk.rows, k, ld);
+    be.lora_up_bwd(&mut dt, Some(&mut db), &doutb, &tb, &bb, blk, r, 1.5);
+    be.end_operand_reuse();
+    Ok(vec![("out", be.download(&out)?), ("dinp", be.download(&dinp)?), ("dt", be.download(&dt)?), ("db", be.download(&db)?)])
+}
+
 fn attention<B: Backend>(be: &B, qkv: &[f32], mask: &[i32], d: &[f32], s: AttnShape) -> Result<Outs> {
     let (qb, mb, db) = (be.upload(qkv)?, be.upload_ids(mask)?, be.upload(d)?);
     let (mut out, mut stats) = (be.zeros(s.rows() * s.out_width())?, be.zeros(s.stats_len(AttnImpl::Flash))?);
@@ -323,6 +340,19 @@ pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Result<Vec<Check>> {
         matmul_after_step(&cpu, &w, &g, &inp, &d, (n, k, m), bf16)?,
         lim,
     );
+
+    // a block starting inside a row (its first column 3: operands 12 bytes into it) and one at 64
+    for (rows, k, ld, off, width, rank) in [(45, 48, 100, 3, 37, 8), (64, 96, 192, 64, 64, 16)] {
+        let (out0, x, w, t) = (rng.vec(rows * ld, 1.0), rng.vec(rows * k, 1.0), rng.vec(ld * k, 0.1), rng.vec(rows * rank, 1.0));
+        let (b, dout, db0) = (rng.vec(width * rank, 0.1), rng.vec(rows * ld, 1.0), rng.vec(width * rank, 1.0));
+        let blk = ColBlock { rows, width, ld, off };
+        let case = format!("rows {rows}, columns {off}..{} of {ld}, rank {rank}", off + width);
+        let (gpu_out, cpu_out) = (
+            adapter(gpu, &out0, &x, &w, &t, &b, &dout, &db0, blk, rank)?,
+            adapter(&cpu, &out0, &rounded(&x), &rounded(&w), &rounded(&t), &rounded(&b), &rounded(&dout), &db0, blk, rank)?,
+        );
+        r.compare("lora_up + backward (dout reused)", &case, gpu_out, cpu_out, lim);
+    }
 
     for (batch, seq, n_head, n_kv_head, head_dim) in [(2, 70, 4, 2, 16), (1, 130, 2, 2, 64), (2, 100, 4, 1, 128), (1, 256, 12, 12, 64)] {
         let s = AttnShape { batch, seq, n_head, n_kv_head, head_dim };
@@ -552,6 +582,7 @@ mod tests {
             "norm",
             "matmul",
             "matmul after adamw",
+            "lora_up + backward (dout reused)",
             "attention",
             "rope",
             "kv_append + attention_decode",

@@ -1,43 +1,44 @@
-//! Adapters on the device: LoRA's up-projection into its columns of a map's output (a cuBLASLt
-//! product into a scratch buffer, then the column-block add; the backward pass the column-block
-//! take, then the products), and DoRA (`kernels/dora.cu`): the weight norm of `W + scale B A` per
+//! Adapters on the device: LoRA's up-projection into its columns of a map's output and its
+//! backward pass (cuBLASLt products that read and write the column block in place), and DoRA (`kernels/dora.cu`): the weight norm of `W + scale B A` per
 //! output row, the magnitude-rescaled output, and its backward pass.
 // the launchers take their trait method's operands one by one, as the op set passes them
 #![allow(clippy::too_many_arguments)]
 
 use cudarc::driver::CudaSlice;
 
-use super::{Backend, Cuda, A};
+use super::blas::{Gemm, Ty};
+use super::{Cuda, A};
 use crate::backend::ColBlock;
 
 impl Cuda {
-    /// The LoRA scratch, grown to `n` values and taken out of the shared scratch while in use
-    /// (the products lock it); `None` after a failure.
-    fn lora_scratch(&self, n: usize) -> Option<CudaSlice<f32>> {
-        let taken = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner()).lora.take();
-        match taken {
-            Some(b) if b.len() >= n => Some(b),
-            _ => match self.alloc::<f32>(n) {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    self.fail(e);
-                    None
-                }
-            },
-        }
-    }
-
-    fn put_lora_scratch(&self, b: CudaSlice<f32>) {
-        self.0.scratch.lock().unwrap_or_else(|e| e.into_inner()).lora = Some(b);
-    }
-
+    /// `out[:, off..off + width] += scale * t b^T`: one product written straight into the block's
+    /// columns (`ldd` the map's width, accumulated with `beta = 1`).
     pub(super) fn lora_up_op(&self, out: &mut CudaSlice<f32>, t: &CudaSlice<f32>, b: &CudaSlice<f32>, blk: ColBlock, rank: usize, scale: f32) {
-        let Some(mut u) = self.lora_scratch(blk.rows * blk.width) else { return };
-        self.matmul_fwd_op(&mut u, t, b, None, blk.rows, rank, blk.width);
-        self.add_cols(out, &u, blk.rows, blk.width, blk.ld, blk.off, scale);
-        self.put_lora_scratch(u);
+        self.forget_weight(out);
+        let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let ([b_p, t_p], ty) = self.operands(&mut scratch, [b, t], 0, [true, true]);
+        self.gemm(Gemm {
+            transa: true,
+            transb: false,
+            m: blk.width as u64,
+            n: blk.rows as u64,
+            k: rank as u64,
+            a: b_p,
+            lda: rank as i64,
+            b: t_p,
+            ldb: rank as i64,
+            d: self.ptr(out) + (blk.off * 4) as u64,
+            ldd: blk.ld as i64,
+            ty,
+            alpha: scale,
+            beta: 1.0,
+            bias: None,
+        });
     }
 
+    /// With `g = scale * dout[:, off..off + width]`: `dt = g b` and `db += g^T t`, each product
+    /// reading the block's columns of `dout` in place (its bf16 copy in bf16 mode: the one the
+    /// map's own backward product made when the caller named `dout` for reuse).
     pub(super) fn lora_up_bwd_op(
         &self,
         dt: &mut CudaSlice<f32>,
@@ -49,10 +50,47 @@ impl Cuda {
         rank: usize,
         scale: f32,
     ) {
-        let Some(mut g) = self.lora_scratch(blk.rows * blk.width) else { return };
-        self.take_cols(&mut g, dout, blk.rows, blk.width, blk.ld, blk.off, scale);
-        self.matmul_bwd_op(Some(dt), db, None, &g, t, b, blk.rows, rank, blk.width);
-        self.put_lora_scratch(g);
+        let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let ([dout_p, b_p, t_p], ty) = self.operands(&mut scratch, [dout, b, t], 1, [true, true, db.is_some()]);
+        let esize = if ty == Ty::Bf16 { 2 } else { 4 };
+        let g_p = dout_p + (blk.off * esize) as u64;
+        let (rows, width, r) = (blk.rows as u64, blk.width as u64, rank as u64);
+        self.gemm(Gemm {
+            transa: false,
+            transb: false,
+            m: r,
+            n: rows,
+            k: width,
+            a: b_p,
+            lda: rank as i64,
+            b: g_p,
+            ldb: blk.ld as i64,
+            d: self.ptr(dt),
+            ldd: rank as i64,
+            ty,
+            alpha: scale,
+            beta: 0.0,
+            bias: None,
+        });
+        if let Some(db) = db {
+            self.gemm(Gemm {
+                transa: false,
+                transb: true,
+                m: r,
+                n: width,
+                k: rows,
+                a: t_p,
+                lda: rank as i64,
+                b: g_p,
+                ldb: blk.ld as i64,
+                d: self.ptr(db),
+                ldd: rank as i64,
+                ty,
+                alpha: scale,
+                beta: 1.0,
+                bias: None,
+            });
+        }
     }
 
     pub(super) fn dora_norm_op(

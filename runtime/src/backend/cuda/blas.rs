@@ -28,8 +28,9 @@ impl Ty {
     }
 }
 
-/// `d[m, n] (col-major, ld ldc) = op(a) @ op(b) + beta * d (+ bias[m])` with `op(a)` of shape
-/// `m x k` and `op(b)` of shape `k x n`; `trans*` says whether the stored operand is transposed.
+/// `d[m, n] (col-major, ld ldc) = alpha * op(a) @ op(b) + beta * d (+ bias[m])` with `op(a)` of
+/// shape `m x k` and `op(b)` of shape `k x n`; `trans*` says whether the stored operand is
+/// transposed.
 pub struct Gemm {
     pub transa: bool,
     pub transb: bool,
@@ -43,11 +44,13 @@ pub struct Gemm {
     pub d: u64,
     pub ldd: i64,
     pub ty: Ty,
+    pub alpha: f32,
     pub beta: f32,
     pub bias: Option<u64>,
 }
 
-/// What a product's plan depends on (the pointers and `beta` do not change it).
+/// What a product's plan depends on: the shapes, and the alignment of the `a`, `b` and `d`
+/// pointers (the scalars and the pointers' values do not change it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
     transa: bool,
@@ -60,6 +63,14 @@ struct Key {
     ldd: i64,
     ty: Ty,
     bias: bool,
+    align: [u32; 3],
+}
+
+/// The largest power of two up to 256 that divides the address: the alignment the algorithm
+/// search is told each operand has (it assumes 256 bytes unless told, and an algorithm chosen for
+/// that may fail on an operand that starts inside a row, as an adapter's column block does).
+fn alignment(ptr: u64) -> u32 {
+    1 << ptr.trailing_zeros().min(8)
 }
 
 /// Descriptors and the algorithm chosen for one shape, made once and reused: the heuristic
@@ -118,6 +129,16 @@ impl Lt {
             size_of::<usize>(),
         )
         .map_err(err("workspace"))?;
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let [a_align, b_align, d_align] = key.align;
+        for (attr, bytes) in [
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, a_align),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, b_align),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, d_align),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, d_align),
+        ] {
+            lt::set_matmul_pref_attribute(pref.0, attr, (&bytes) as *const u32 as *const c_void, size_of::<u32>()).map_err(err("alignment"))?;
+        }
         let heuristic = lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, d.0, d.0, pref.0).map_err(err("algorithm search"))?;
         Ok(Plan { a, b, d, desc, algo: heuristic.algo })
     }
@@ -127,7 +148,9 @@ impl Lt {
     /// # Safety
     /// Every pointer must be valid for its operand's shape and leading dimension.
     pub unsafe fn gemm(&self, stream: &CudaStream, g: &Gemm) -> Result<(), String> {
-        let key = Key { transa: g.transa, transb: g.transb, m: g.m, n: g.n, k: g.k, lda: g.lda, ldb: g.ldb, ldd: g.ldd, ty: g.ty, bias: g.bias.is_some() };
+        let align = [alignment(g.a), alignment(g.b), alignment(g.d)];
+        let key =
+            Key { transa: g.transa, transb: g.transb, m: g.m, n: g.n, k: g.k, lda: g.lda, ldb: g.ldb, ldd: g.ldd, ty: g.ty, bias: g.bias.is_some(), align };
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let plan = match plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
@@ -137,11 +160,10 @@ impl Lt {
             plan.desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias).map_err(|e| format!("cuBLASLt bias pointer: {e:?}"))?;
         }
         let (ws, _sync) = self.workspace.device_ptr(stream);
-        let alpha = 1.0f32;
         lt::matmul(
             self.handle,
             plan.desc.0,
-            (&alpha) as *const f32 as *const c_void,
+            (&g.alpha) as *const f32 as *const c_void,
             (&g.beta) as *const f32 as *const c_void,
             g.a as *const c_void,
             plan.a.0,

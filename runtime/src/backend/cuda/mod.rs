@@ -59,8 +59,6 @@ struct Scratch {
     delta: CudaSlice<f32>,
     partial: CudaSlice<f64>,
     adamw: Option<AdamWTables>,
-    /// The LoRA up-projection's product or output gradient (taken out while in use).
-    lora: Option<CudaSlice<f32>>,
     /// A product's output with padded rows (`crate::backend::aligned_ld`).
     padded: CudaSlice<f32>,
     /// The row-block partials of the column sums (`reduce_cols`).
@@ -81,6 +79,8 @@ struct Inner {
     /// bf16 mode: the bf16 working copy of each parameter that the fused AdamW step writes, by
     /// the parameter's device address. See [`Cuda::weight_copy`] for when an entry is trusted.
     weights16: Mutex<HashMap<u64, CudaSlice<u16>>>,
+    /// bf16 mode: the operands named by `begin_operand_reuse` and their copies.
+    reuse: Mutex<Vec<products::Reused>>,
     /// The first device failure of an op that cannot return it; sticky: every later op does
     /// nothing, and every op that returns a `Result` returns it.
     failure: Mutex<Option<Failure>>,
@@ -572,6 +572,15 @@ impl Backend for Cuda {
     }
     fn synchronize(&self) -> Result<()> {
         Cuda::synchronize(self)
+    }
+    fn keep_working_copy(&self, w: &CudaSlice<f32>) {
+        self.keep_working_copy_op(w)
+    }
+    fn begin_operand_reuse(&self, bufs: &[&CudaSlice<f32>]) {
+        self.begin_operand_reuse_op(bufs)
+    }
+    fn end_operand_reuse(&self) {
+        self.begin_operand_reuse_op(&[])
     }
     fn free_memory(&self) -> Option<u128> {
         self.0.ctx.mem_get_info().ok().map(|(free, _)| free as u128)

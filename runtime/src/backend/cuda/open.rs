@@ -49,7 +49,6 @@ impl Cuda {
             delta: stream.null::<f32>().map_err(dev_err)?,
             partial: stream.alloc_zeros::<f64>(SUMSQ_BLOCKS).map_err(dev_err)?,
             adamw: None,
-            lora: None,
             padded: stream.null::<f32>().map_err(dev_err)?,
             colsum: stream.null::<f32>().map_err(dev_err)?,
         };
@@ -63,6 +62,7 @@ impl Cuda {
             deterministic: std::sync::atomic::AtomicBool::new(true),
             scratch: Mutex::new(scratch),
             weights16: Mutex::new(HashMap::new()),
+            reuse: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
             failed: std::sync::atomic::AtomicBool::new(false),
         })))

@@ -9,6 +9,16 @@ use cudarc::driver::CudaSlice;
 use super::blas::{Gemm, Ty};
 use super::{device_error, Cuda, Scratch, A};
 
+/// An operand named by [`crate::backend::Backend::begin_operand_reuse`]: its address and length,
+/// and its bf16 copy, made at the first product that reads it (`ready`). The copy's buffer stays
+/// for the next set.
+pub(super) struct Reused {
+    src: u64,
+    len: usize,
+    ready: bool,
+    copy: CudaSlice<u16>,
+}
+
 impl Cuda {
     /// `buf`, a grow-only scratch buffer, grown to at least `n` values; its pointer, or 0 after a
     /// failure (nothing runs after a failure, so the pointer is never used).
@@ -62,14 +72,67 @@ impl Cuda {
 
     pub(super) fn forget_weight(&self, buf: &CudaSlice<f32>) {
         if self.0.bf16 {
-            self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.ptr(buf));
+            let key = self.ptr(buf);
+            self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().filter(|r| r.src == key).for_each(|r| r.src = 0);
         }
     }
 
     pub(super) fn forget_all_weights(&self) {
         if self.0.bf16 {
             self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().for_each(|r| r.src = 0);
         }
+    }
+
+    /// bf16 mode: makes `w`'s working copy unless it has one (see `Backend::keep_working_copy`);
+    /// the entry lives under the rules of [`Cuda::weight_copy`].
+    pub(super) fn keep_working_copy_op(&self, w: &CudaSlice<f32>) {
+        if !self.0.bf16 || w.is_empty() || self.weight_copy(w).is_some() || self.failed() {
+            return;
+        }
+        let copy = match self.alloc::<u16>(w.len()) {
+            Ok(c) => c,
+            Err(e) => return self.fail(e),
+        };
+        self.launch_n("cast_f32_bf16", w.len().div_ceil(4), &[self.p(&copy), self.p(w), A::L(w.len() as i64)]);
+        self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).insert(self.ptr(w), copy);
+    }
+
+    /// bf16 mode: names the operands whose copies products share until the next call (none: the
+    /// set ends). Their copies are made when a product first reads them.
+    pub(super) fn begin_operand_reuse_op(&self, bufs: &[&CudaSlice<f32>]) {
+        if !self.0.bf16 {
+            return;
+        }
+        let mut reuse = self.0.reuse.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, b) in bufs.iter().enumerate() {
+            if i == reuse.len() {
+                match self.0.stream.null::<u16>() {
+                    Ok(copy) => reuse.push(Reused { src: 0, len: 0, ready: false, copy }),
+                    Err(e) => return self.fail(device_error("operand copies", e)),
+                }
+            }
+            let r = &mut reuse[i];
+            (r.src, r.len, r.ready) = (self.ptr(b), b.len(), false);
+        }
+        for r in reuse.iter_mut().skip(bufs.len()) {
+            r.src = 0;
+        }
+    }
+
+    /// The shared bf16 copy of `src` when it is one of the operands named by
+    /// [`Cuda::begin_operand_reuse_op`] (made now if no product has read it yet).
+    fn reused_copy(&self, src: &CudaSlice<f32>) -> Option<u64> {
+        let key = self.ptr(src);
+        let mut reuse = self.0.reuse.lock().unwrap_or_else(|e| e.into_inner());
+        let r = reuse.iter_mut().find(|r| r.src == key && key != 0 && r.len == src.len())?;
+        let dst = self.grown(&mut r.copy, r.len);
+        if !r.ready {
+            self.launch_n("cast_f32_bf16", r.len.div_ceil(4), &[A::P(dst), A::P(key), A::L(r.len as i64)]);
+            r.ready = true;
+        }
+        Some(dst)
     }
 
     /// The operand pointers for a product: the f32 buffers, or bf16 copies in bf16 mode (the
@@ -79,7 +142,7 @@ impl Cuda {
         let mut out = [0u64; N];
         for (i, b) in bufs.iter().enumerate().filter(|(i, _)| need[*i]) {
             out[i] = if self.0.bf16 {
-                match (i == weight).then(|| self.weight_copy(b)).flatten() {
+                match (i == weight).then(|| self.weight_copy(b)).flatten().or_else(|| self.reused_copy(b)) {
                     Some(p) => p,
                     None => self.bf16_copy(scratch, i, b),
                 }
@@ -139,6 +202,7 @@ impl Cuda {
                 d: d + (at * 4) as u64,
                 ldd: ld as i64,
                 ty,
+                alpha: 1.0,
                 beta: 0.0,
                 bias: bias.map(|b| b + (at * 4) as u64),
             });
@@ -210,6 +274,7 @@ impl Cuda {
                     d,
                     ldd: k as i64,
                     ty,
+                    alpha: 1.0,
                     beta,
                     bias: None,
                 });
@@ -230,6 +295,7 @@ impl Cuda {
                 d,
                 ldd: k as i64,
                 ty,
+                alpha: 1.0,
                 beta: 1.0,
                 bias: None,
             });

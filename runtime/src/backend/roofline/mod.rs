@@ -138,6 +138,8 @@ struct State {
     depth: usize,
     /// Buffers whose bf16 copy the last fused AdamW step wrote (the CUDA backend's `weights16`).
     copies: HashSet<u64>,
+    /// The operands named by `begin_operand_reuse`, and whether their copy was made.
+    reuse: Vec<(u64, bool)>,
     account: Account,
 }
 
@@ -175,7 +177,11 @@ pub struct VIds {
 
 impl Roofline {
     pub fn new(chip: Chip, bf16: bool) -> Self {
-        Roofline { chip, bf16, state: Mutex::new(State { next: 0, kind: "untimed", depth: 0, copies: HashSet::new(), account: Account::default() }) }
+        Roofline {
+            chip,
+            bf16,
+            state: Mutex::new(State { next: 0, kind: "untimed", depth: 0, copies: HashSet::new(), reuse: Vec::new(), account: Account::default() }),
+        }
     }
 
     pub fn chip(&self) -> Chip {
@@ -228,13 +234,42 @@ impl Roofline {
         if self.bf16 {
             // as the CUDA backend: a new buffer may take a freed parameter's address
             st.copies.clear();
+            st.reuse.clear();
         }
         VBuf { id: st.next, len }
     }
 
-    /// A write other than the fused AdamW step drops the buffer's bf16 copy.
+    /// A write other than the fused AdamW step drops the buffer's bf16 copy (and its shared one).
     fn forget(&self, b: &VBuf) {
-        self.lock().copies.remove(&b.id);
+        let mut st = self.lock();
+        st.copies.remove(&b.id);
+        st.reuse.retain(|r| r.0 != b.id);
+    }
+
+    /// As the CUDA backend's `keep_working_copy`: a cast unless the weight has its copy.
+    fn keep_copy(&self, w: &VBuf) {
+        if self.bf16 && w.len > 0 && self.lock().copies.insert(w.id) {
+            self.cast(w.len);
+        }
+    }
+
+    fn name_reused(&self, bufs: &[&VBuf]) {
+        if self.bf16 {
+            self.lock().reuse = bufs.iter().map(|b| (b.id, false)).collect();
+        }
+    }
+
+    /// Whether `b`'s shared copy serves this product (made now, with its cast, at the first).
+    fn reused(&self, b: &VBuf) -> bool {
+        let mut st = self.lock();
+        let Some(r) = st.reuse.iter_mut().find(|r| r.0 == b.id) else { return false };
+        let first = !r.1;
+        r.1 = true;
+        drop(st);
+        if first {
+            self.cast(b.len);
+        }
+        true
     }
 
     fn has_copy(&self, b: &VBuf) -> bool {
@@ -251,13 +286,14 @@ impl Roofline {
     }
 
     /// The bf16 casts of a product's operands that `need` marks (none in f32 mode; the weight's
-    /// own copy when the fused AdamW step left one).
+    /// own copy when the fused AdamW step or `keep_working_copy` left one; the shared copy of an
+    /// operand named for reuse, cast at its first product).
     fn cast_operands(&self, bufs: &[&VBuf], weight: Option<usize>, need: &[bool]) {
         if !self.bf16 {
             return;
         }
         for (i, b) in bufs.iter().enumerate() {
-            if !need[i] || (weight == Some(i) && self.has_copy(b)) {
+            if !need[i] || (weight == Some(i) && self.has_copy(b)) || self.reused(b) {
                 continue;
             }
             self.cast(b.len);

@@ -331,18 +331,15 @@ impl Backend for Roofline {
     }
     fn lora_up(&self, out: &mut VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
         let _op = self.op_kind("matmul");
-        // as the CUDA backend: the product into its scratch, then the column-block add
+        // as the CUDA backend: one product accumulated into the block's columns
         self.cast_operands(&[b, t], Some(0), &[true, true]);
-        self.gemm((blk.width, blk.rows, rank), false, false);
         self.forget(out);
-        self.elementwise("adapter", 2 * blk.rows * blk.width, blk.rows * blk.width);
+        self.gemm((blk.width, blk.rows, rank), true, false);
     }
-    fn lora_up_bwd(&self, _dt: &mut VBuf, db: Option<&mut VBuf>, _dout: &VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
+    fn lora_up_bwd(&self, _dt: &mut VBuf, db: Option<&mut VBuf>, dout: &VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
         let _op = self.op_kind("matmul");
-        // the column-block take into its scratch, then the products (all three operands cast)
-        let g = VBuf { id: 0, len: blk.rows * blk.width };
-        self.elementwise("adapter", g.len, g.len);
-        self.cast_operands(&[&g, b, t], Some(1), &[true, true, db.is_some()]);
+        // the products read the block's columns of the output gradient (or its bf16 copy) in place
+        self.cast_operands(&[dout, b, t], Some(1), &[true, true, db.is_some()]);
         self.gemm((rank, blk.rows, blk.width), false, false);
         if db.is_some() {
             self.gemm((rank, blk.width, blk.rows), true, false);
@@ -461,5 +458,15 @@ impl Backend for Roofline {
                 st.copies.insert(t.0.id);
             }
         }
+    }
+    fn keep_working_copy(&self, w: &VBuf) {
+        let _op = self.op_kind("matmul");
+        self.keep_copy(w);
+    }
+    fn begin_operand_reuse(&self, bufs: &[&VBuf]) {
+        self.name_reused(bufs);
+    }
+    fn end_operand_reuse(&self) {
+        self.name_reused(&[]);
     }
 }

@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// key/value heads (llama); defaults to n_head
     #[arg(long = "n_kv_head")]
     pub n_kv_head: Option<usize>,
+    /// llama's MLP width (`intermediate_size`); defaults to hidden * 8 / 3
+    #[arg(long)]
+    pub intermediate: Option<usize>,
     #[arg(long, default_value_t = 8192)]
     pub vocab: usize,
     #[arg(long, default_value_t = 256)]
@@ -99,6 +102,7 @@ impl BenchArgs {
             hidden,
             n_head,
             n_kv_head,
+            intermediate,
             vocab,
             seq,
             batch,
@@ -137,6 +141,7 @@ impl BenchArgs {
             hidden,
             n_head,
             n_kv_head: n_kv_head.unwrap_or(n_head),
+            intermediate,
             vocab,
             seq,
             batch,
@@ -205,6 +210,8 @@ pub struct BenchConfig {
     pub hidden: usize,
     pub n_head: usize,
     pub n_kv_head: usize,
+    /// Llama's `intermediate_size` (`None`: `hidden * 8 / 3`).
+    pub intermediate: Option<usize>,
     pub vocab: usize,
     pub seq: usize,
     pub batch: usize,
@@ -284,7 +291,7 @@ impl BenchConfig {
                 "model_type": "llama", "num_hidden_layers": self.n_layer, "hidden_size": self.hidden,
                 "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head, "vocab_size": self.vocab,
                 // the same parameter count as GPT-2's 4x MLP: 3 * I * C = 8 * C^2
-                "intermediate_size": self.hidden * 8 / 3, "max_position_embeddings": self.seq.max(1024),
+                "intermediate_size": self.intermediate.unwrap_or(self.hidden * 8 / 3), "max_position_embeddings": self.seq.max(1024),
             }),
         };
         let serde_json::Value::Object(map) = raw else { unreachable!("a JSON object literal") };

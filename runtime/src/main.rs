@@ -396,6 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     hidden: 384,
                     n_head: 6,
                     n_kv_head: 6,
+                    intermediate: None,
                     vocab: 8192,
                     seq: 256,
                     batch: 8,

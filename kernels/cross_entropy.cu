@@ -78,19 +78,28 @@ __device__ __forceinline__ void row_online_stats(const float* z, int v, float& o
     out_sum = sz;
 }
 
+// Row r of the logits is z = logits + r * ld (ld >= v: rows may be padded, see backend::aligned_ld).
 // loss_rows[r] = (1 - smoothing) * (lse - z[y]) + smoothing * (lse - mean(z)), 0 for y = -100.
-// With write_grad != 0 the row is overwritten by grad_scale * dloss/dz:
+// With write_grad != 0 the row's gradient grad_scale * dloss/dz:
 //   grad_scale * softmax(z) - grad_scale * smoothing / v, minus grad_scale * (1 - smoothing) at y;
-// ignored rows get 0.
-extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy(float* logits, float* loss_rows, const int* targets, int rows, int v, float smoothing, float grad_scale, int write_grad) {
+// ignored rows get 0. It overwrites the row, or, with grad16 non-null, goes to grad16 + r * ld
+// rounded to bf16 (the operand of the head's backward products; the logits are left as they are).
+extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy(float* logits, long long ld, bf16_t* grad16, float* loss_rows, const int* targets, int rows, int v, float smoothing, float grad_scale, int write_grad) {
     const long long r = blockIdx.x;
     if (r >= rows) return;
-    float* z = logits + r * v;
+    float* z = logits + r * ld;
+    bf16_t* z16 = grad16 == nullptr ? nullptr : grad16 + r * ld;
     const int y = targets[r];
     if (y == IGNORE_INDEX) {
         if (threadIdx.x == 0) loss_rows[r] = 0.0f;
         if (write_grad) {
-            for (int j = threadIdx.x; j < v; j += CE_THREADS) z[j] = 0.0f;
+            for (int j = threadIdx.x; j < v; j += CE_THREADS) {
+                if (z16 != nullptr) {
+                    z16[j] = 0;
+                } else {
+                    z[j] = 0.0f;
+                }
+            }
         }
         return;
     }
@@ -118,7 +127,11 @@ extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy(float* lo
             const float e = expf(__fsub_rn(xs[u], mx));
             float gj = __fsub_rn(__fmul_rn(e, inv), off);
             if (j == y) gj = __fsub_rn(gj, hit);
-            z[j] = gj;
+            if (z16 != nullptr) {
+                z16[j] = f32_to_bf16(gj);
+            } else {
+                z[j] = gj;
+            }
         }
     }
 }

@@ -540,7 +540,7 @@ static void test_loss() {
     for (float sm : {0.0f, 0.1f}) {
         auto g = z;
         vector<float> loss(rows, NAN);
-        launch(dim3{rows}, dim3{512}, cross_entropy, g.data(), loss.data(), (const int*)t.data(), rows, v, sm, 0.5f, 1);
+        launch(dim3{rows}, dim3{512}, cross_entropy, g.data(), (long long)v, (bf16_t*)nullptr, loss.data(), (const int*)t.data(), rows, v, sm, 0.5f, 1);
         vector<double> lref(rows, 0), gref(rows * v, 0);
         for (int r = 0; r < rows; ++r) {
             if (t[r] == IGNORE_INDEX) continue;
@@ -554,9 +554,24 @@ static void test_loss() {
         }
         auto l2 = loss;
         auto g2 = z;
-        launch(dim3{rows}, dim3{512}, cross_entropy, g2.data(), l2.data(), (const int*)t.data(), rows, v, sm, 0.5f, 0);
+        launch(dim3{rows}, dim3{512}, cross_entropy, g2.data(), (long long)v, (bf16_t*)nullptr, l2.data(), (const int*)t.data(), rows, v, sm, 0.5f, 0);
         printf("cross_entropy sm=%.1f loss %.2e grad %.2e\n", sm, nerr(loss, lref), nerr(g, gref));
         check("cross_entropy", nerr(loss, lref) < 2e-6 && nerr(g, gref) < 2e-6 && bitwise(l2, loss) && bitwise(g2, z));
+        // rows padded to ld = v + 3, the gradient written as bf16 beside the logits: the same
+        // losses, the logits untouched, and each gradient value the bf16 rounding of the f32 one
+        const int ld = v + 3;
+        vector<float> zp(rows * ld, 7.0f), l3(rows, NAN);
+        for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < v; ++j) zp[r * ld + j] = z[r * v + j];
+        auto zp0 = zp;
+        vector<bf16_t> g16(rows * ld, 0x1234);
+        launch(dim3{rows}, dim3{512}, cross_entropy, zp.data(), (long long)ld, g16.data(), l3.data(), (const int*)t.data(), rows, v, sm, 0.5f, 1);
+        bool same = bitwise(l3, loss) && bitwise(zp, zp0);
+        for (int r = 0; r < rows; ++r) {
+            for (int j = 0; j < v; ++j) same = same && g16[r * ld + j] == f32_to_bf16(g[r * v + j]);
+            for (int j = v; j < ld; ++j) same = same && g16[r * ld + j] == 0x1234;
+        }
+        check("cross_entropy with padded rows and a bf16 gradient", same);
     }
     // token_stats, everything requested
     vector<float> lp(rows, NAN), ls(rows, NAN), mlp(rows, NAN), ent(rows, NAN), rl(rows, NAN), rz(rows, NAN);

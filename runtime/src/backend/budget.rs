@@ -331,6 +331,22 @@ impl<B: Backend> Backend for Budget<B> {
     fn free_memory(&self) -> Option<u128> {
         self.inner.free_memory()
     }
+    fn head_loss(
+        &self,
+        logits: &mut Buf<B>,
+        x: &Buf<B>,
+        w: &Buf<B>,
+        targets: &Ids<B>,
+        nkv: (usize, usize, usize),
+        smoothing: f32,
+        grad_scale: Option<f32>,
+        loss: &mut Buf<B>,
+        row0: usize,
+        back: Option<(&mut Buf<B>, Option<&mut Buf<B>>)>,
+    ) {
+        let back = back.map(|(dx, dw)| (&mut dx.buf, dw.map(|d| &mut d.buf)));
+        self.inner.head_loss(&mut logits.buf, &x.buf, &w.buf, &targets.buf, nkv, smoothing, grad_scale, &mut loss.buf, row0, back)
+    }
     fn keep_working_copy(&self, w: &Buf<B>) {
         self.inner.keep_working_copy(&w.buf)
     }

@@ -424,6 +424,34 @@ pub trait Backend: Send + Sync + 'static {
         row0: usize,
     );
 
+    /// One chunk of the LM head and the built-in loss, when nothing else reads the logits:
+    /// `logits = x w^T` (`x` `[n, k]`, `w` `[v, k]`, `targets` `n` rows), then
+    /// [`Backend::cross_entropy_into`] (losses into `loss[row0..row0 + n]`), and with `back` (and
+    /// `grad_scale`) the head's backward pass from the loss gradient: `dx = dlogits w`
+    /// (overwritten) and `dw += dlogits^T x` when given. `logits` is the chunk's scratch (at least
+    /// `[n, v]`); what it holds afterwards is unspecified, so a backend may keep the logits in a
+    /// layout of its own (CUDA: padded rows, the gradient in bf16 for the products).
+    #[allow(clippy::too_many_arguments)] // the product's, the loss's and the backward pass's operands
+    fn head_loss(
+        &self,
+        logits: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        targets: &Self::Ids,
+        (n, k, v): (usize, usize, usize),
+        smoothing: f32,
+        grad_scale: Option<f32>,
+        loss: &mut Self::Buf,
+        row0: usize,
+        back: Option<(&mut Self::Buf, Option<&mut Self::Buf>)>,
+    ) {
+        self.matmul_fwd(logits, x, w, None, n, k, v);
+        self.cross_entropy_into(logits, targets, v, smoothing, grad_scale, loss, row0);
+        if let Some((dx, dw)) = back {
+            self.matmul_bwd(Some(dx), dw, None, logits, x, w, n, k, v);
+        }
+    }
+
     /// Per-token statistics of rows of logits of width `v`, at rows whose target is not -100
     /// (0 elsewhere); only the requested ones are computed (the others come back empty). The
     /// plugin `loss` hook's input.

@@ -298,6 +298,22 @@ impl<B: Backend> Backend for Profiled<B> {
     fn free_memory(&self) -> Option<u128> {
         self.inner.free_memory()
     }
+    fn head_loss(
+        &self,
+        logits: &mut B::Buf,
+        x: &B::Buf,
+        w: &B::Buf,
+        targets: &B::Ids,
+        (n, k, v): (usize, usize, usize),
+        smoothing: f32,
+        grad_scale: Option<f32>,
+        loss: &mut B::Buf,
+        row0: usize,
+        back: Option<(&mut B::Buf, Option<&mut B::Buf>)>,
+    ) {
+        let flops = 2.0 * (n * k * v) as f64 * if back.is_some() { 3.0 } else { 1.0 };
+        self.time("lm_head", flops, || self.inner.head_loss(logits, x, w, targets, (n, k, v), smoothing, grad_scale, loss, row0, back))
+    }
     fn keep_working_copy(&self, w: &B::Buf) {
         // a cast of a product operand, timed as the products' own casts are
         self.time("matmul", 0.0, || self.inner.keep_working_copy(w))

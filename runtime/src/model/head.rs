@@ -274,6 +274,46 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// Chunk `i` (rows `r0..r0 + n`) of the LM head and the built-in loss through the fused
+    /// [`Backend::head_loss`] when no statistics are wanted: the losses into `acts.row_loss`, and
+    /// with `bufs` (training) the head's weight gradient and the chunk's rows of `acts.dln`.
+    fn head_chunk_loss(
+        &self,
+        acts: &mut Activations<B>,
+        p: &Params<B>,
+        bufs: Option<&mut [B::Buf]>,
+        (i, r0, n): (usize, usize, usize),
+        smoothing: f32,
+        grad_scale: Option<f32>,
+    ) -> Result<()> {
+        let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
+        let rows = acts.batch * acts.seq;
+        if be.len(&acts.logits) < acts.head_rows.min(rows) * v {
+            acts.logits = be.zeros(acts.head_rows.min(rows) * v)?;
+        }
+        let head = self.layout.head();
+        p.keep_if_frozen(be, head);
+        if n != rows {
+            be.copy_range(&mut acts.head_in, 0, &acts.lnf, r0 * h, n * h);
+        }
+        let targets = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
+        let (x, w) = (if n == rows { &acts.lnf } else { &acts.head_in }, &p.bufs[head]);
+        let scale = bufs.as_ref().and(grad_scale);
+        let back = match bufs {
+            Some(g) => {
+                let dx = if n == rows { &mut acts.dln } else { &mut acts.head_din };
+                let dw = if self.trainable[head] { Some(&mut g[head]) } else { None };
+                Some((dx, dw))
+            }
+            None => None,
+        };
+        be.head_loss(&mut acts.logits, x, w, targets, (n, h, v), smoothing, scale, &mut acts.row_loss, r0, back);
+        if scale.is_some() && n != rows {
+            be.copy_range(&mut acts.dln, r0 * h, &acts.head_din, 0, n * h);
+        }
+        Ok(())
+    }
+
     /// The head's backward pass for the chunk of [`Model::head_chunk_fwd`], from the logits'
     /// gradient in `acts.logits`: accumulates the head's weight gradient and writes the chunk's
     /// rows of `acts.dln`.
@@ -315,9 +355,15 @@ impl<B: Backend> Model<B> {
             return Ok((None, None));
         }
         let grad_scale = grads.is_some().then(|| 1.0 / denom as f32);
+        // without statistics nothing but the loss reads the logits: the fused head and loss
+        let fused = want.is_none() && self.head().b.is_none() && self.head().lora.iter().all(Option::is_none);
         let mut chunks = |p: &Params<B>, mut bufs: Option<&mut [B::Buf]>| -> Result<Option<TokenStats>> {
             let mut stats: Option<TokenStats> = None;
             for (i, r0, n) in head_chunks(acts) {
+                if fused {
+                    self.head_chunk_loss(acts, p, bufs.as_deref_mut(), (i, r0, n), loss.label_smoothing, grad_scale)?;
+                    continue;
+                }
                 self.head_chunk_fwd(acts, p, r0, n)?;
                 let targets = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
                 if let Some(w) = want {

@@ -56,11 +56,12 @@ pub fn rel_err_l2(a: &[f32], b: &[f32]) -> f64 {
     (d / n.max(1e-300)).sqrt()
 }
 
-struct Rng(ChaCha8Rng);
+/// The checks' random inputs.
+pub(crate) struct Rng(pub(crate) ChaCha8Rng);
 
 impl Rng {
     /// Uniform in `[-s, s]`, never exactly zero.
-    fn vec(&mut self, n: usize, s: f32) -> Vec<f32> {
+    pub(crate) fn vec(&mut self, n: usize, s: f32) -> Vec<f32> {
         (0..n)
             .map(|_| loop {
                 let x = self.0.random_range(-s..s);
@@ -197,6 +198,17 @@ fn adapter<B: Backend>(be: &B, out0: &[f32], x: &[f32], w: &[f32], t: &[f32], b:
     Ok(vec![("out", be.download(&out)?), ("dinp", be.download(&dinp)?), ("dt", be.download(&dt)?), ("db", be.download(&db)?)])
 }
 
+/// The fused LM head and loss (`Backend::head_loss`): the losses without and with the backward
+/// pass, the input gradient and the accumulated weight gradient.
+fn head_loss<B: Backend>(be: &B, x: &[f32], w: &[f32], targets: &[i32], dw0: &[f32], (n, k, v): (usize, usize, usize)) -> Result<Outs> {
+    let (xb, wb, tb) = (be.upload(x)?, be.upload(w)?, be.upload_ids(targets)?);
+    let (mut logits, mut loss, mut dx, mut dw) = (be.zeros(n * v)?, be.zeros(n + 3)?, be.zeros(n * k)?, be.upload(dw0)?);
+    be.head_loss(&mut logits, &xb, &wb, &tb, (n, k, v), 0.1, None, &mut loss, 3, None);
+    let eval = be.download(&loss)?;
+    be.head_loss(&mut logits, &xb, &wb, &tb, (n, k, v), 0.1, Some(0.25), &mut loss, 3, Some((&mut dx, Some(&mut dw))));
+    Ok(vec![("loss (evaluation)", eval), ("loss", be.download(&loss)?), ("dx", be.download(&dx)?), ("dw", be.download(&dw)?)])
+}
+
 fn attention<B: Backend>(be: &B, qkv: &[f32], mask: &[i32], d: &[f32], s: AttnShape) -> Result<Outs> {
     let (qb, mb, db) = (be.upload(qkv)?, be.upload_ids(mask)?, be.upload(d)?);
     let (mut out, mut stats) = (be.zeros(s.rows() * s.out_width())?, be.zeros(s.stats_len(AttnImpl::Flash))?);
@@ -297,7 +309,7 @@ pub fn op_parity(gpu: &Cuda) -> Result<Vec<Check>> {
 }
 
 /// `f` with `gpu`'s deterministic attention backward set to `on`, then restored.
-fn with_determinism<R>(gpu: &Cuda, on: bool, f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_determinism<R>(gpu: &Cuda, on: bool, f: impl FnOnce() -> R) -> R {
     let was = gpu.deterministic();
     gpu.set_deterministic(on);
     let r = f();
@@ -387,6 +399,15 @@ pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Result<Vec<Check>> {
         let targets: Vec<i32> = (0..rows).map(|r| if r % 5 == 3 { -100 } else { rng.0.random_range(0..v as i32) }).collect();
         let g = StatGrads { label_logprob: rng.vec(rows, 1.0), logsumexp: rng.vec(rows, 1.0), mean_logprob: rng.vec(rows, 1.0), entropy: rng.vec(rows, 1.0) };
         r.compare("loss", &format!("rows {rows}, vocab {v}"), losses(gpu, &logits, &targets, v, &g)?, losses(&cpu, &logits, &targets, v, &g)?, 1e-4);
+    }
+
+    for v in [1000, 50257] {
+        let (n, k) = (40, 64);
+        let (x, w, dw0) = (rng.vec(n * k, 1.0), rng.vec(v * k, 0.2), rng.vec(v * k, 1.0));
+        let targets: Vec<i32> = (0..n).map(|r| if r % 7 == 2 { -100 } else { rng.0.random_range(0..v as i32) }).collect();
+        let case = format!("rows {n}, k {k}, vocab {v}");
+        let (gpu_out, cpu_out) = (head_loss(gpu, &x, &w, &targets, &dw0, (n, k, v))?, head_loss(&cpu, &rounded(&x), &rounded(&w), &targets, &dw0, (n, k, v))?);
+        r.compare("lm head + loss (fused)", &case, gpu_out, cpu_out, lim);
     }
 
     let sizes = [1000, 4096 * 3 + 5, 17, 300_000];
@@ -485,87 +506,6 @@ fn one_step<B: Backend>(
     Ok((loss, norm, g, params))
 }
 
-/// One timed kernel case of [`kernel_bench`].
-#[derive(Clone, Debug, Serialize)]
-pub struct Timing {
-    pub kernel: String,
-    pub case: String,
-    pub ms: f64,
-    /// TFLOP/s for attention (causal FLOPs: forward `2*2*B*H*T*T*D/2`, backward 2.5x), GB/s of
-    /// bytes moved for AdamW.
-    pub rate: f64,
-    pub unit: String,
-}
-
-fn best_ms(gpu: &Cuda, reps: usize, mut f: impl FnMut()) -> Result<f64> {
-    f();
-    gpu.synchronize()?;
-    let mut best = f64::MAX;
-    for _ in 0..reps {
-        let t = std::time::Instant::now();
-        f();
-        gpu.synchronize()?;
-        best = best.min(t.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(best)
-}
-
-/// Attention forward+backward at head dims 64 and 128 and sequences 1024 and 4096 (about
-/// 98k query rows per head-batch, as `scripts/gpu_reference.py` times PyTorch's SDPA), and the
-/// fused AdamW step over GPT-2 124M's parameter count.
-pub fn kernel_bench(gpu: &Cuda) -> Result<Vec<Timing>> {
-    let mut out = Vec::new();
-    let mut rng = Rng(ChaCha8Rng::seed_from_u64(1));
-    for (d, t) in [(64, 1024), (128, 1024), (64, 4096), (128, 4096)] {
-        let h = 12;
-        let b = 8 * 1024 / t;
-        let s = AttnShape { batch: b, seq: t, n_head: h, n_kv_head: h, head_dim: d };
-        let qkv = gpu.upload(&rng.vec(s.rows() * s.qkv_width(), 1.0))?;
-        let mask = gpu.upload_ids(&vec![1; s.rows()])?;
-        let dout = gpu.upload(&rng.vec(s.rows() * s.out_width(), 1.0))?;
-        let (mut o, mut st, mut dqkv) = (gpu.zeros(s.rows() * s.out_width())?, gpu.zeros(s.stats_len(AttnImpl::Flash))?, gpu.zeros(s.rows() * s.qkv_width())?);
-        let fwd_flops = 2.0 * 2.0 * (b * h * t * t * d) as f64 / 2.0;
-        let case = format!("B {b}, H {h}, T {t}, D {d}");
-        let ms = best_ms(gpu, 5, || gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash))?;
-        out.push(Timing { kernel: "attention fwd".into(), case: case.clone(), ms, rate: fwd_flops / ms / 1e9, unit: "TFLOP/s".into() });
-        // bf16 mode at these head dims: FlashAttention-2's single backward kernel (atomic dq, for
-        // comparison), then the deterministic two-kernel form that training uses
-        let modes = if gpu.bf16() { vec![false, true] } else { vec![gpu.deterministic()] };
-        for det in modes {
-            let ms = with_determinism(gpu, det, || {
-                best_ms(gpu, 5, || {
-                    gpu.attention_fwd(&mut o, &mut st, &qkv, &mask, s, AttnImpl::Flash);
-                    gpu.attention_bwd(&mut dqkv, &dout, &qkv, &o, &st, &mask, s, AttnImpl::Flash);
-                })
-            })?;
-            let kernel = if gpu.bf16() && !det { "attention fwd+bwd (atomic dq)" } else { "attention fwd+bwd" };
-            out.push(Timing { kernel: kernel.into(), case: case.clone(), ms, rate: 3.5 * fwd_flops / ms / 1e9, unit: "TFLOP/s".into() });
-        }
-    }
-    // AdamW over 124M parameters in GPT-2-like tensors: reads p, g, m, v and writes p, m, v
-    let sizes: Vec<usize> =
-        std::iter::repeat_n([768 * 2304, 768 * 768, 768 * 3072, 3072 * 768, 768, 768], 12).flatten().chain([50257 * 768, 1024 * 768]).collect();
-    let n: usize = sizes.iter().sum();
-    let mk = |rng: &mut Rng| sizes.iter().map(|&k| gpu.upload(&rng.vec(k, 0.1))).collect::<Result<Vec<_>>>();
-    let (mut p, g, mut m, mut v) = (mk(&mut rng)?, mk(&mut rng)?, mk(&mut rng)?, mk(&mut rng)?);
-    let mut step = 0;
-    let ms = best_ms(gpu, 5, || {
-        step += 1;
-        let hp = AdamWStep { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 1.0 };
-        let mut t: Vec<_> = p.iter_mut().zip(&g).zip(m.iter_mut().zip(v.iter_mut())).map(|((p, g), (m, v))| (p, g, m, v, true)).collect();
-        gpu.adamw_multi(&mut t, hp);
-    })?;
-    let bytes = (n * 4 * 7) as f64;
-    out.push(Timing {
-        kernel: "adamw_multi".into(),
-        case: format!("{n} parameters, {} tensors", sizes.len()),
-        ms,
-        rate: bytes / ms / 1e6,
-        unit: "GB/s".into(),
-    });
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,6 +523,7 @@ mod tests {
             "matmul",
             "matmul after adamw",
             "lora_up + backward (dout reused)",
+            "lm head + loss (fused)",
             "attention",
             "rope",
             "kv_append + attention_decode",

@@ -47,7 +47,7 @@ pub fn kernels(arch: &[String], cache: bool, json: bool) -> Result<()> {
 pub fn cuda_check(bf16: bool, json: bool, bench: bool) -> Result<()> {
     let cuda = crate::backend::cuda::Cuda::new(0, bf16)?;
     if bench {
-        let timings = crate::tools::cuda_check::kernel_bench(&cuda)?;
+        let timings = crate::tools::kernel_bench::kernel_bench(&cuda)?;
         if json {
             println!("{}", json_of(&timings)?);
         } else {

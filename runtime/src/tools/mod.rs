@@ -4,6 +4,7 @@
 
 pub mod cuda_check;
 pub mod gpu;
+pub mod kernel_bench;
 pub mod plugin_bench;
 pub mod plugin_check;
 pub mod seq2seq;

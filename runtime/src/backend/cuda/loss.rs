@@ -5,6 +5,7 @@
 
 use cudarc::driver::CudaSlice;
 
+use super::blas::Ty;
 use super::{Cuda, A};
 use crate::backend::{Backend, LossRows, StatGrads, StatsWanted, TokenStats};
 use crate::error::{Error, Result};
@@ -41,6 +42,8 @@ impl Cuda {
         assert!(row0 + rows <= loss.len(), "cross_entropy_into: {rows} losses from row {row0} do not fit in {}", loss.len());
         let args = [
             self.p(logits),
+            A::L(v as i64),
+            A::P(0),
             A::P(self.ptr(loss) + (row0 * std::mem::size_of::<f32>()) as u64),
             self.p(targets),
             A::I(rows as i32),
@@ -50,6 +53,54 @@ impl Cuda {
             A::I(grad_scale.is_some() as i32),
         ];
         self.launch("cross_entropy", (rows as u32, 1, 1), (512, 1, 1), &args);
+    }
+
+    /// The fused head and loss (`Backend::head_loss`): the product writes the logits straight
+    /// into rows padded to `aligned_ld(v)` (no copy out), the loss reads them there, and in bf16
+    /// mode writes the gradient as the bf16 operand of the backward products (no f32 gradient and
+    /// no cast); those products reuse the forward's bf16 input and weight.
+    pub(super) fn head_loss_op(
+        &self,
+        logits: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        targets: &CudaSlice<i32>,
+        (n, k, v): (usize, usize, usize),
+        (smoothing, grad_scale): (f32, Option<f32>),
+        loss: &mut CudaSlice<f32>,
+        row0: usize,
+        back: Option<(&mut CudaSlice<f32>, Option<&mut CudaSlice<f32>>)>,
+    ) {
+        if n == 0 {
+            return;
+        }
+        assert!(row0 + n <= loss.len() && targets.len() == n, "head_loss: {n} rows from row {row0}, {} losses, {} targets", loss.len(), targets.len());
+        self.forget_weight(logits);
+        let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let ([w_p, x_p], ty) = self.operands(&mut scratch, [w, x], 0, [true, true]);
+        let ld = crate::backend::aligned_ld(v);
+        let z = if ld == v && logits.len() >= n * v { self.ptr(logits) } else { self.grown(&mut scratch.padded, n * ld) };
+        self.product_into(z, ld, w_p, x_p, None, (n, k, v), ty);
+        let back = back.filter(|_| grad_scale.is_some());
+        let g16 = if ty == Ty::Bf16 && back.is_some() { self.grown(&mut scratch.bf16[2], n * ld) } else { 0 };
+        let args = [
+            A::P(z),
+            A::L(ld as i64),
+            A::P(g16),
+            A::P(self.ptr(loss) + (row0 * std::mem::size_of::<f32>()) as u64),
+            self.p(targets),
+            A::I(n as i32),
+            A::I(v as i32),
+            A::F(smoothing),
+            A::F(grad_scale.unwrap_or(0.0)),
+            A::I(back.is_some() as i32),
+        ];
+        self.launch("cross_entropy", (n as u32, 1, 1), (512, 1, 1), &args);
+        if let Some((dx, dw)) = back {
+            self.forget_weight(dx);
+            let dout = if ty == Ty::Bf16 { g16 } else { z };
+            self.products_from(Some((self.ptr(dx), 0.0)), dw.map(|d| self.ptr(d)), dout, ld, x_p, w_p, (n, k, v), ty);
+        }
     }
 
     pub(super) fn token_stats_op(&self, logits: &CudaSlice<f32>, targets: &CudaSlice<i32>, v: usize, want: StatsWanted) -> Result<TokenStats> {

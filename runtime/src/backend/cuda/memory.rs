@@ -1,9 +1,24 @@
-//! Copies between the host and the device, and allocation (with the free memory in the error).
+//! Copies between the host and the device, allocation (with the free memory in the error), and
+//! the error of a failed device operation.
 
 use cudarc::driver::CudaSlice;
 
-use super::{device_error, Cuda};
-use crate::error::Result;
+use super::Cuda;
+use crate::error::{Error, Result};
+
+/// The error of a failed device operation: out of memory (with advice on what to lower) or any
+/// other CUDA failure, naming the operation.
+pub(super) fn device_error(what: &str, e: impl std::fmt::Debug) -> Error {
+    let detail = format!("{e:?}");
+    if detail.contains("OUT_OF_MEMORY") {
+        Error::OutOfMemory(format!(
+            "CUDA out of memory in {what} ({detail}): lower per_device_train_batch_size or per_device_eval_batch_size, \
+             turn on gradient_checkpointing, or set auto_find_batch_size"
+        ))
+    } else {
+        Error::Device(format!("CUDA failure in {what}: {detail}"))
+    }
+}
 
 impl Cuda {
     pub(super) fn host<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {

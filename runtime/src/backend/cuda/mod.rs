@@ -21,6 +21,7 @@ pub mod blas;
 pub mod kernels;
 mod loss;
 mod memory;
+use memory::device_error;
 mod norm;
 mod open;
 mod optim;
@@ -94,20 +95,6 @@ pub struct Cuda(Arc<Inner>);
 
 /// `sum_squares_partial`'s grid (fixed, so the sum's order is too).
 const SUMSQ_BLOCKS: usize = 512;
-
-/// The error of a failed device operation: out of memory (with advice on what to lower) or any
-/// other CUDA failure, naming the operation.
-fn device_error(what: &str, e: impl std::fmt::Debug) -> Error {
-    let detail = format!("{e:?}");
-    if detail.contains("OUT_OF_MEMORY") {
-        Error::OutOfMemory(format!(
-            "CUDA out of memory in {what} ({detail}): lower per_device_train_batch_size or per_device_eval_batch_size, \
-             turn on gradient_checkpointing, or set auto_find_batch_size"
-        ))
-    } else {
-        Error::Device(format!("CUDA failure in {what}: {detail}"))
-    }
-}
 
 /// A recorded device failure (the first one): see [`Cuda::fail`].
 #[derive(Clone, Debug)]
@@ -572,6 +559,21 @@ impl Backend for Cuda {
     }
     fn synchronize(&self) -> Result<()> {
         Cuda::synchronize(self)
+    }
+    fn head_loss(
+        &self,
+        logits: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        targets: &CudaSlice<i32>,
+        nkv: (usize, usize, usize),
+        smoothing: f32,
+        grad_scale: Option<f32>,
+        loss: &mut CudaSlice<f32>,
+        row0: usize,
+        back: Option<(&mut CudaSlice<f32>, Option<&mut CudaSlice<f32>>)>,
+    ) {
+        self.head_loss_op(logits, x, w, targets, nkv, (smoothing, grad_scale), loss, row0, back)
     }
     fn keep_working_copy(&self, w: &CudaSlice<f32>) {
         self.keep_working_copy_op(w)

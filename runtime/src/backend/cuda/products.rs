@@ -176,13 +176,20 @@ impl Cuda {
     ) {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let ([w_p, inp_p], ty) = self.operands(&mut scratch, [w, inp], 0, [true, true]);
-        let (n64, k64) = (n as u64, k as u64);
-        let bias = bias.map(|b| self.ptr(b));
-        // rows of a misaligned width are written padded, then copied out; the product runs in
-        // two parts, the outputs up to the last multiple of 8 and the few after them, so that
-        // every operand of each part starts 16-byte aligned (see `aligned_split`)
+        // rows of a misaligned width are written padded, then copied out
         let ld = crate::backend::aligned_ld(m);
         let d = if ld == m { self.ptr(out) } else { self.grown(&mut scratch.padded, n * ld) };
+        self.product_into(d, ld, w_p, inp_p, bias.map(|b| self.ptr(b)), (n, k, m), ty);
+        if ld != m {
+            let args = [self.p(out), A::P(d), A::L(n as i64), A::I(m as i32), A::I(ld as i32), A::I(0), A::F(1.0)];
+            self.launch_n("take_cols_f32", (n * m).div_ceil(4), &args);
+        }
+    }
+
+    /// `d[n, m] (rows of stride ld) = inp w^T (+ bias)` from operand pointers. A misaligned width
+    /// runs in two parts, the outputs up to the last multiple of 8 and the few after them, so that
+    /// every operand of each part starts 16-byte aligned (see `aligned_split`).
+    pub(super) fn product_into(&self, d: u64, ld: usize, w_p: u64, inp_p: u64, bias: Option<u64>, (n, k, m): (usize, usize, usize), ty: Ty) {
         let esize = if ty == Ty::Bf16 { 2 } else { 4 };
         let (main, rest) = crate::backend::aligned_split(m);
         for (at, cols) in [(0, main), (main, rest)] {
@@ -193,8 +200,8 @@ impl Cuda {
                 transa: true,
                 transb: false,
                 m: cols as u64,
-                n: n64,
-                k: k64,
+                n: n as u64,
+                k: k as u64,
                 a: w_p + (at * k * esize) as u64,
                 lda: k as i64,
                 b: inp_p,
@@ -206,10 +213,6 @@ impl Cuda {
                 beta: 0.0,
                 bias: bias.map(|b| b + (at * 4) as u64),
             });
-        }
-        if ld != m {
-            let args = [self.p(out), A::P(d), A::L(n as i64), A::I(m as i32), A::I(ld as i32), A::I(0), A::F(1.0)];
-            self.launch_n("take_cols_f32", (n * m).div_ceil(4), &args);
         }
     }
 
@@ -252,10 +255,30 @@ impl Cuda {
         if need[0] && ld != m {
             dout_p = self.bf16_copy_rows(&mut scratch, 0, dout, n, m, ld);
         }
+        self.products_from(dinp.map(|d| (self.ptr(d), dinp_beta)), dw.map(|d| self.ptr(d)), dout_p, ld, inp_p, w_p, (n, k, m), ty);
+        if let Some(db) = dbias {
+            let outs = [self.ptr(db), 0];
+            self.reduce_cols(&mut scratch, "colsum_partials", outs, (n, m), &[self.p(dout), A::I(n as i32), A::I(m as i32)]);
+        }
+    }
+
+    /// The backward products from operand pointers: `dinp = dout w + beta * dinp` and `dw +=
+    /// dout^T inp`, each when given, with `dout` in rows of stride `ld` (over padded rows, the sum
+    /// over the outputs in two aligned parts, as the forward).
+    pub(super) fn products_from(
+        &self,
+        dinp: Option<(u64, f32)>,
+        dw: Option<u64>,
+        dout_p: u64,
+        ld: usize,
+        inp_p: u64,
+        w_p: u64,
+        (n, k, m): (usize, usize, usize),
+        ty: Ty,
+    ) {
         let (m64, n64, k64) = (m as u64, n as u64, k as u64);
-        if let Some(dinp) = dinp {
-            let d = self.ptr(dinp);
-            // over padded rows, the sum over the outputs in two aligned parts (as the forward)
+        let esize = if ty == Ty::Bf16 { 2 } else { 4 };
+        if let Some((d, dinp_beta)) = dinp {
             let (main, rest) = if ld == m { (m, 0) } else { crate::backend::aligned_split(m) };
             for (at, len, beta) in [(0, main, dinp_beta), (main, rest, 1.0)] {
                 if len == 0 {
@@ -267,9 +290,9 @@ impl Cuda {
                     m: k64,
                     n: n64,
                     k: len as u64,
-                    a: w_p + (at * k * 2) as u64,
+                    a: w_p + (at * k * esize) as u64,
                     lda: k as i64,
-                    b: dout_p + (at * 2) as u64,
+                    b: dout_p + (at * esize) as u64,
                     ldb: ld as i64,
                     d,
                     ldd: k as i64,
@@ -280,8 +303,7 @@ impl Cuda {
                 });
             }
         }
-        if let Some(dw) = dw {
-            let d = self.ptr(dw);
+        if let Some(d) = dw {
             self.gemm(Gemm {
                 transa: false,
                 transb: true,
@@ -299,10 +321,6 @@ impl Cuda {
                 beta: 1.0,
                 bias: None,
             });
-        }
-        if let Some(db) = dbias {
-            let outs = [self.ptr(db), 0];
-            self.reduce_cols(&mut scratch, "colsum_partials", outs, (n, m), &[self.p(dout), A::I(n as i32), A::I(m as i32)]);
         }
     }
 }

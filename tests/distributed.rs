@@ -454,6 +454,37 @@ mod mpi {
         false
     }
 
+    /// Training from a config, the memory check counts every process on the node: where one
+    /// process fits, two plain data-parallel processes (each with the whole state) are refused, and
+    /// two `full_shard` processes (each with half of it) are not.
+    #[test]
+    fn the_memory_check_counts_the_processes_on_the_node() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ex = example(tmp.path(), 16);
+        let params = runtime::model::ModelConfig::from_file(&ex.join("config.json")).unwrap().implied_parameters();
+        // between one process's 16 bytes per parameter and two processes' 32
+        let mib = ((16 * params) >> 20) + 1;
+        assert!((mib << 20) < 32 * params, "{params} parameters");
+        let bin = env!("CARGO_BIN_EXE_runtime");
+        let run = |np: &str, out: &str, extra: &[&str]| {
+            let mut extra = extra.to_vec();
+            extra.extend(["--max_steps", "1"]);
+            let args = train_args(&ex, &tmp.path().join(out), &extra);
+            let mut c = if np == "1" { Command::new(bin) } else { Command::new("mpirun") };
+            if np != "1" {
+                c.args(["-np", np, bin]);
+            }
+            c.args(&args).env("RUNTIME_MEMORY_BUDGET_MB", mib.to_string()).output().unwrap()
+        };
+        ok(run("1", "one", &[]), "one process");
+        let o = run("2", "plain", &[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("to train on this node (2 processes") && err.contains("of memory is available"), "{err}");
+        assert!(!err.contains("panicked") && !tmp.path().join("plain").join("model.safetensors").exists(), "{err}");
+        ok(run("2", "sharded", &["--fsdp", "full_shard"]), "two full_shard processes");
+        assert!(tmp.path().join("sharded").join("model.safetensors").exists());
+    }
+
     /// Processes started with different runs (here: different seeds) are refused at start, on
     /// every process, before any step.
     #[test]

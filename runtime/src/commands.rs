@@ -35,7 +35,7 @@ pub fn init(config: &Path, output_dir: &Path, seed: u64, dtype: Option<Dtype>, m
     }
     let cfg = ModelConfig::from_file(config)?;
     // the initialised tensors and the model's copy of them
-    cfg.check_memory(config, 8, "initialise")?;
+    cfg.check_memory(config, 8.0, "initialise")?;
     let layout = Layout::new(&cfg);
     let tensors = init_tensors(&cfg, &layout, seed);
     let opts = LoadOptions { torch_dtype: dtype, ..LoadOptions::default() };

@@ -23,6 +23,13 @@ pub fn launcher_rank() -> Option<usize> {
     ["PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"].iter().find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
 }
 
+/// The processes of the run and those on this node, as the launcher says: `(1, 1)` without a
+/// launcher; all of them on this node when the launcher does not say.
+pub fn launcher_sizes() -> (usize, usize) {
+    let world = launcher_world_size().unwrap_or(1).max(1);
+    (world, launcher_local_size().unwrap_or(world).clamp(1, world))
+}
+
 /// The processes on this node, as the launcher says (Hydra's `MPI_LOCALNRANKS`, Open MPI's
 /// `OMPI_COMM_WORLD_LOCAL_SIZE`, Slurm's `SLURM_STEP_TASKS_PER_NODE` when it is one number).
 fn launcher_local_size() -> Option<usize> {

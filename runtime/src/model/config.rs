@@ -238,10 +238,10 @@ impl ModelConfig {
 
     /// Checks, before anything is allocated, that `bytes_per_parameter` bytes per implied
     /// parameter (to `what`: initialise, train) fit in the host memory available.
-    pub fn check_memory(&self, path: &Path, bytes_per_parameter: u128, what: &str) -> Result<()> {
+    pub fn check_memory(&self, path: &Path, bytes_per_parameter: f64, what: &str) -> Result<()> {
         let Some(available) = crate::backend::device::host_memory_budget() else { return Ok(()) };
         let implied = self.implied_parameters();
-        let needed = implied.saturating_mul(bytes_per_parameter);
+        let needed = (implied as f64 * bytes_per_parameter) as u128;
         if needed > available {
             let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
             return Err(Error::config(

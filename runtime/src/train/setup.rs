@@ -50,6 +50,23 @@ pub(super) fn check_supported(args: &TrainingArguments, backend: &str) -> Result
     Ok(())
 }
 
+/// Host bytes per parameter that the `local` processes of this node hold together, of a run of
+/// `world` processes. On the CPU each process holds the f32 weights, gradients and both moments
+/// (16 bytes), `shard_grad_op` its 1/world of the moments (8 + 8 / world), `full_shard` its
+/// 1/world of everything; on a GPU the host holds the initialised weights (8 bytes: the tensors
+/// and their upload), a `full_shard` process its pieces.
+fn node_bytes_per_parameter(cpu: bool, sharding: Sharding, world: usize, local: usize) -> f64 {
+    let w = world.max(1) as f64;
+    let per_process = match (cpu, sharding) {
+        (true, Sharding::ShardGradOp) => 8.0 + 8.0 / w,
+        (true, Sharding::FullShard) => 16.0 / w,
+        (true, Sharding::None) => 16.0,
+        (false, Sharding::FullShard) => 8.0 / w,
+        (false, _) => 8.0,
+    };
+    per_process * local.max(1) as f64
+}
+
 /// The model from `model_name_or_path`, or initialised from `config_name` with the run's seed;
 /// and the folder it came from.
 ///
@@ -77,14 +94,15 @@ fn load_model<B: Backend>(backend: B, args: &TrainingArguments, pieces: Option<(
         (None, Some(c)) => {
             let path = config_path(c);
             let cfg = ModelConfig::from_file(&path)?;
-            // on the CPU the weights, gradients and both moments live in host memory; on a GPU
-            // the host holds the initialised tensors and their upload
-            let (bytes, what) = if backend.name() == "cpu" {
-                (16, "train (weights, gradients and AdamW's two moments, in f32)")
-            } else {
-                (8, "initialise the weights on the host")
+            let (world, local) = crate::engine::mpi::launcher_sizes();
+            let bytes = node_bytes_per_parameter(backend.name() == "cpu", args.sharding()?, world, local);
+            let what = match (backend.name() == "cpu", local) {
+                (true, 1) => "train (weights, gradients and AdamW's two moments, in f32)".to_string(),
+                (true, _) => format!("train on this node ({local} processes, each with its share of the weights, gradients and moments)"),
+                (false, 1) => "initialise the weights on the host".to_string(),
+                (false, _) => format!("initialise the weights on this node's host ({local} processes)"),
             };
-            cfg.check_memory(&path, bytes, what)?;
+            cfg.check_memory(&path, bytes, &what)?;
             let layout = Layout::new(&cfg);
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             let init = cfg.clone();
@@ -435,4 +453,22 @@ fn check_metric(args: &TrainingArguments, plugins: &Plugins) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_node_holds_every_local_process_share() {
+        // one process: the whole state on the CPU, the initialised weights on a GPU's host
+        assert_eq!(node_bytes_per_parameter(true, Sharding::None, 1, 1), 16.0);
+        assert_eq!(node_bytes_per_parameter(false, Sharding::None, 1, 1), 8.0);
+        // 4 processes, 2 on this node: plain holds 2 whole states, ZeRO-2 shards the moments,
+        // ZeRO-3 everything
+        assert_eq!(node_bytes_per_parameter(true, Sharding::None, 4, 2), 32.0);
+        assert_eq!(node_bytes_per_parameter(true, Sharding::ShardGradOp, 4, 2), 2.0 * (8.0 + 2.0));
+        assert_eq!(node_bytes_per_parameter(true, Sharding::FullShard, 4, 2), 8.0);
+        assert_eq!(node_bytes_per_parameter(false, Sharding::FullShard, 4, 2), 4.0);
+    }
 }

@@ -4,6 +4,7 @@
 //   src [rows, c] (a linear layer's bias gradient), then added by reduce_partials. CPU twin: the
 //   `dbias` branch of cpu/matmul.rs `matmul_bwd` (math::reduce_rows, 16 row blocks: equal to
 //   rounding).
+// colsum_cast_partials: the same, also writing src rounded to bf16 (see below).
 // reduce_partials: out0[j] (and out1[j] when nout is 2 and out1 is not null) += the nblocks partials
 //   of part in block order. Launch: block (32, 8), grid ceil(c / 32). (The first form, one thread
 //   per column reading its partials one after the other, took 2.9 ms per GPT-2 124M step on an
@@ -21,6 +22,26 @@ struct ColsumTerm {
 
 extern "C" __global__ void __launch_bounds__(256) colsum_partials(float* part, const float* src, int rows, int c) {
     reduce_rows_partials(part, rows, c, ColsumTerm{src, c});
+}
+
+// colsum_cast_partials: colsum_partials (the same partials, bit for bit) that also writes each
+// value of src rounded to bf16 into dst [rows, ld] (ld >= c; pad columns untouched): a product's
+// output gradient read once for its bf16 operand and its bias gradient.
+struct ColsumCastTerm {
+    static constexpr int NOUT = 1;
+    const float* src;
+    bf16_t* dst;
+    int c;
+    long long ld;
+    __device__ __forceinline__ void term(long long r, int j, float* t) const {
+        const float v = src[r * c + j];
+        dst[r * ld + j] = f32_to_bf16(v);
+        t[0] = v;
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(256) colsum_cast_partials(float* part, const float* src, bf16_t* dst, int rows, int c, long long ld) {
+    reduce_rows_partials(part, rows, c, ColsumCastTerm{src, dst, c, ld});
 }
 
 extern "C" __global__ void __launch_bounds__(256) reduce_partials(float* out0, float* out1, const float* part, int nblocks, int nout, int c) {

@@ -20,7 +20,7 @@ fn products_count_their_operands_and_the_bf16_casts() {
     let (n, k, m) = (5, 4, 6);
     let (mut w, g, mut mo, mut v) = (be.zeros(m * k).unwrap(), be.zeros(m * k).unwrap(), be.zeros(m * k).unwrap(), be.zeros(m * k).unwrap());
     let (inp, bias, mut out) = (be.zeros(n * k).unwrap(), be.zeros(m).unwrap(), be.zeros(n * m).unwrap());
-    let (dout, mut dinp) = (be.zeros(n * m).unwrap(), be.zeros(n * k).unwrap());
+    let (dout, mut dinp, mut db) = (be.zeros(n * m).unwrap(), be.zeros(n * k).unwrap(), be.zeros(m).unwrap());
     // no bf16 copy of the weight yet: both operands are cast (4 bytes read, 2 written each)
     be.reset();
     be.matmul_fwd(&mut out, &inp, &w, Some(&bias), n, k, m);
@@ -45,6 +45,14 @@ fn products_count_their_operands_and_the_bf16_casts() {
     let acc = be.account();
     assert_eq!(bytes(&acc, "cast to bf16"), ((4 * n * m) as f64, (2 * n * m) as f64));
     assert_eq!(bytes(&acc, "matmul (cuBLASLt)"), ((2 * (k * m + m * n)) as f64, (4 * k * n) as f64));
+    // with a bias gradient, dout is read once for its bf16 operand and the column sums: no cast
+    // launch; the partials pass reads dout and writes the partials and the bf16 dout, then the
+    // partials and the bias are read and the bias written (the weight has its copy)
+    be.reset();
+    be.matmul_bwd(Some(&mut dinp), None, Some(&mut db), &dout, &inp, &w, n, k, m);
+    let acc = be.account();
+    assert!(!acc.families.contains_key("cast to bf16"), "{:?}", acc.families.keys());
+    assert_eq!(bytes(&acc, "bias gradient"), ((4 * (n * m + m + m)) as f64, (4 * m + 2 * n * m + 4 * m) as f64));
     // a new buffer may take a freed weight's address: the copies are dropped, as on the device
     let _ = be.zeros(1).unwrap();
     be.reset();
@@ -192,9 +200,10 @@ fn a_training_step_launches_what_the_model_structure_says() {
     // per layer: 4 products forward, 8 backward (input and weight gradients); the head 1 + 2
     assert_eq!(launches("matmul (cuBLASLt)"), 12 * layers + 3);
     // casts: forward 4 product inputs and qkv for attention (weights have AdamW's copies), backward
-    // dout and the input of 4 products and qkv again; the head's input (the fused head and loss
-    // writes the logits' gradient in bf16 and its backward products reuse the input's copy)
-    assert_eq!(launches("cast to bf16"), 14 * layers + 1);
+    // the input of 4 products and qkv again (each product's dout is cast by its bias gradient's
+    // column-sum pass); the head's input (the fused head and loss writes the logits' gradient in
+    // bf16 and its backward products reuse the input's copy)
+    assert_eq!(launches("cast to bf16"), 10 * layers + 1);
     // attention: 1 forward, 3 backward (delta, dq, dk/dv) per layer
     assert_eq!(launches("attention forward"), layers);
     assert_eq!(launches("attention backward"), 3 * layers);

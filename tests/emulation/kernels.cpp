@@ -198,6 +198,21 @@ static void test_reduce() {
                 for (int j = 0; j < c; ++j) acc[0][j] += src[r * c + j];
         });
         check(("colsum bitwise rows=" + std::to_string(rows)).c_str(), bitwise(dst, ref));
+        // with the bf16 cast into padded rows on the way: the same sums, every value rounded once
+        const long long ld = c + 2;
+        auto dst2 = rvec(c);
+        vector<float> start = dst2;
+        vector<bf16_t> cast((size_t)rows * ld + 1, 0xdead);
+        reduce_cols_emu(rows, c, 1, dst2.data(), nullptr, rows == 1000 ? 2u : 65535u, colsum_cast_partials, (const float*)src.data(), cast.data(), rows, c, ld);
+        auto ref2 = start;
+        reduce_rows_ref(rows, c, {&ref2}, [&](int r0, int r1, vector<vector<float>>& acc) {
+            for (int r = r0; r < r1; ++r)
+                for (int j = 0; j < c; ++j) acc[0][j] += src[r * c + j];
+        });
+        bool same = bitwise(dst2, ref2);
+        for (int r = 0; r < rows; ++r)
+            for (long long j = 0; j < ld; ++j) same = same && cast[r * ld + j] == (j < c ? f32_to_bf16(src[r * c + j]) : (bf16_t)0xdead);
+        check(("colsum with the bf16 cast rows=" + std::to_string(rows)).c_str(), same);
     }
     const long long n = 300001;
     auto x = rvec(n);

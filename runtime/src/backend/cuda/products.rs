@@ -121,6 +121,12 @@ impl Cuda {
         }
     }
 
+    /// Whether `src` is one of the operands named by [`Cuda::begin_operand_reuse_op`].
+    fn named_for_reuse(&self, src: &CudaSlice<f32>) -> bool {
+        let key = self.ptr(src);
+        self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|r| r.src == key && key != 0)
+    }
+
     /// The shared bf16 copy of `src` when it is one of the operands named by
     /// [`Cuda::begin_operand_reuse_op`] (made now if no product has read it yet).
     fn reused_copy(&self, src: &CudaSlice<f32>) -> Option<u64> {
@@ -251,14 +257,21 @@ impl Cuda {
         // in bf16 mode, the output gradient of a misaligned width is cast into padded rows (the
         // cast pass is needed anyway; see `aligned_ld`)
         let ld = if self.0.bf16 { crate::backend::aligned_ld(m) } else { m };
-        let ([mut dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1, [need[0] && ld == m, need[1], need[2]]);
-        if need[0] && ld != m {
+        // in bf16 mode with a bias, one read of dout gives both its bf16 operand and the bias
+        // gradient's column sums (unless dout has a shared copy already)
+        let fused = self.0.bf16 && need[0] && dbias.is_some() && !self.named_for_reuse(dout);
+        let ([mut dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1, [need[0] && ld == m && !fused, need[1], need[2]]);
+        let colsum_args = [self.p(dout), A::I(n as i32), A::I(m as i32)];
+        if let (true, Some(db)) = (fused, dbias.as_deref()) {
+            dout_p = self.grown(&mut scratch.bf16[0], n * ld);
+            let args = [colsum_args[0], A::P(dout_p), colsum_args[1], colsum_args[2], A::L(ld as i64)];
+            self.reduce_cols(&mut scratch, "colsum_cast_partials", [self.ptr(db), 0], (n, m), &args);
+        } else if need[0] && ld != m {
             dout_p = self.bf16_copy_rows(&mut scratch, 0, dout, n, m, ld);
         }
         self.products_from(dinp.map(|d| (self.ptr(d), dinp_beta)), dw.map(|d| self.ptr(d)), dout_p, ld, inp_p, w_p, (n, k, m), ty);
-        if let Some(db) = dbias {
-            let outs = [self.ptr(db), 0];
-            self.reduce_cols(&mut scratch, "colsum_partials", outs, (n, m), &[self.p(dout), A::I(n as i32), A::I(m as i32)]);
+        if let (false, Some(db)) = (fused, dbias) {
+            self.reduce_cols(&mut scratch, "colsum_partials", [self.ptr(db), 0], (n, m), &colsum_args);
         }
     }
 

@@ -259,6 +259,11 @@ impl Roofline {
         }
     }
 
+    /// Whether `b` is named for reuse (its shared copy made or not).
+    fn named_reused(&self, b: &VBuf) -> bool {
+        self.lock().reuse.iter().any(|r| r.0 == b.id)
+    }
+
     /// Whether `b`'s shared copy serves this product (made now, with its cast, at the first).
     fn reused(&self, b: &VBuf) -> bool {
         let mut st = self.lock();

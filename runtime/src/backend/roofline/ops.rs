@@ -223,8 +223,16 @@ impl Backend for Roofline {
         m: usize,
     ) {
         let _op = self.op_kind("matmul");
-        // the operands the products read: no input for a frozen weight, no weight without dinp
-        self.cast_operands(&[dout, w, inp], Some(1), &[dinp.is_some() || dw.is_some(), dinp.is_some(), dw.is_some()]);
+        // the operands the products read: no input for a frozen weight, no weight without dinp; in
+        // bf16 with a bias, dout's cast comes with the bias gradient's column sums (one read)
+        let need_dout = dinp.is_some() || dw.is_some();
+        let fused = self.bf16 && need_dout && dbias.is_some() && !self.named_reused(dout);
+        self.cast_operands(&[dout, w, inp], Some(1), &[need_dout && !fused, dinp.is_some(), dw.is_some()]);
+        if fused {
+            let partials = n.div_ceil(crate::backend::REDUCE_BLOCK_ROWS) * m;
+            self.rec("bias gradient", Cost { read: 4.0 * (n * m) as f64, written: (4 * partials + 2 * n * m) as f64, ..Cost::default() });
+            self.elementwise("bias gradient", partials + m, m);
+        }
         if dinp.is_some() {
             // in bf16, the sum over a misaligned width in two products (as the CUDA backend)
             let (main, rest) = if self.bf16 { crate::backend::aligned_split(m) } else { (m, 0) };
@@ -235,7 +243,7 @@ impl Backend for Roofline {
         if dw.is_some() {
             self.gemm((k, m, n), true, false);
         }
-        if dbias.is_some() {
+        if dbias.is_some() && !fused {
             self.column_sums("bias gradient", n * m, n, m, 1);
         }
     }

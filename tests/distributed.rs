@@ -479,7 +479,8 @@ mod mpi {
         ok(run("1", "one", &[]), "one process");
         let o = run("2", "plain", &[]);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains("to train on this node (2 processes") && err.contains("of memory is available"), "{err}");
+        let said = format!("{}: {err}{}", o.status, String::from_utf8_lossy(&o.stdout));
+        assert!(!o.status.success() && err.contains("to train on this node (2 processes") && err.contains("of memory is available"), "{said}");
         assert!(!err.contains("panicked") && !tmp.path().join("plain").join("model.safetensors").exists(), "{err}");
         ok(run("2", "sharded", &["--fsdp", "full_shard"]), "two full_shard processes");
         assert!(tmp.path().join("sharded").join("model.safetensors").exists());

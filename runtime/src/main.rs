@@ -472,6 +472,12 @@ fn main() -> ExitCode {
             _ => {
                 // one write, so that the line survives the other processes' abort
                 let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("error: {e}\n").as_bytes());
+                if several {
+                    // the launcher tears the job down at the abort, and the line may still be in
+                    // the pipe it forwards (seen with MPICH's Hydra when every process failed at
+                    // once): give it time to pass the line on
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
                 // no process of a data parallel run is left waiting for this one
                 runtime::engine::mpi::abort_all(1);
                 ExitCode::FAILURE

@@ -40,17 +40,39 @@ impl Cuda {
             return;
         }
         assert!(row0 + rows <= loss.len(), "cross_entropy_into: {rows} losses from row {row0} do not fit in {}", loss.len());
+        let z = (self.ptr(logits), v, 0);
+        self.launch_cross_entropy(
+            z,
+            self.ptr(loss) + (row0 * std::mem::size_of::<f32>()) as u64,
+            targets,
+            (rows, v),
+            (smoothing, grad_scale),
+            grad_scale.is_some(),
+        );
+    }
+
+    /// `cross_entropy` over `rows` rows of `z = (logits, row stride, bf16 gradient or 0)`, the
+    /// losses at `loss`; `write_grad` writes the gradient (see kernels/cross_entropy.cu).
+    fn launch_cross_entropy(
+        &self,
+        (logits, ld, grad16): (u64, usize, u64),
+        loss: u64,
+        targets: &CudaSlice<i32>,
+        (rows, v): (usize, usize),
+        (smoothing, grad_scale): (f32, Option<f32>),
+        write_grad: bool,
+    ) {
         let args = [
-            self.p(logits),
-            A::L(v as i64),
-            A::P(0),
-            A::P(self.ptr(loss) + (row0 * std::mem::size_of::<f32>()) as u64),
+            A::P(logits),
+            A::L(ld as i64),
+            A::P(grad16),
+            A::P(loss),
             self.p(targets),
             A::I(rows as i32),
             A::I(v as i32),
             A::F(smoothing),
             A::F(grad_scale.unwrap_or(0.0)),
-            A::I(grad_scale.is_some() as i32),
+            A::I(write_grad as i32),
         ];
         self.launch("cross_entropy", (rows as u32, 1, 1), (512, 1, 1), &args);
     }
@@ -83,19 +105,8 @@ impl Cuda {
         self.product_into(z, ld, w_p, x_p, None, (n, k, v), ty);
         let back = back.filter(|_| grad_scale.is_some());
         let g16 = if ty == Ty::Bf16 && back.is_some() { self.grown(&mut scratch.bf16[2], n * ld) } else { 0 };
-        let args = [
-            A::P(z),
-            A::L(ld as i64),
-            A::P(g16),
-            A::P(self.ptr(loss) + (row0 * std::mem::size_of::<f32>()) as u64),
-            self.p(targets),
-            A::I(n as i32),
-            A::I(v as i32),
-            A::F(smoothing),
-            A::F(grad_scale.unwrap_or(0.0)),
-            A::I(back.is_some() as i32),
-        ];
-        self.launch("cross_entropy", (n as u32, 1, 1), (512, 1, 1), &args);
+        let loss_p = self.ptr(loss) + (row0 * std::mem::size_of::<f32>()) as u64;
+        self.launch_cross_entropy((z, ld, g16), loss_p, targets, (n, v), (smoothing, grad_scale), back.is_some());
         if let Some((dx, dw)) = back {
             self.forget_weight(dx);
             let dout = if ty == Ty::Bf16 { g16 } else { z };

@@ -97,6 +97,31 @@ if cmp -s "$OUT/det_a/model.safetensors" "$OUT/det_b/model.safetensors"; then
 else
     echo "a bf16 training job on the GPU run twice (60 steps, head dim 64): DIFFERENT model bits" | tee "$OUT/determinism.txt"; status=1
 fi
+# NCCL (`ddp_backend = "nccl"`, issue 15) in one process: one GPU hosts one NCCL rank, so this
+# covers the communicator, the gradient sums (plain), the sharded optimizer's reduce and
+# broadcast (shard_grad_op) and the weights' gathers (full_shard), in f32 and bf16. A sum over
+# one process changes nothing, so each run must give the same model bits as the same run
+# without NCCL. The `nvidia-nccl` wheel ships libnccl.so.2 only: link it as libnccl.so
+NCCL_SO=$(for d in ${NV_LIBS//:/ }; do ls "$d"/libnccl.so.2 2>/dev/null; done | head -1)
+if [ -n "$NCCL_SO" ]; then
+    mkdir -p "$OUT/lib" && ln -sf "$NCCL_SO" "$OUT/lib/libnccl.so" && export LD_LIBRARY_PATH="$(cd "$OUT/lib" && pwd):$LD_LIBRARY_PATH"
+fi
+NC=(train --config examples/addition/train.toml --max_steps 40 --eval_strategy no --save_strategy no --load_best_model_at_end false
+    --logging_steps 20 --device cuda)
+: > "$OUT/nccl.txt"
+for mode in plain shard_grad_op full_shard; do
+    for bf in false true; do
+        F=(--bf16 "$bf"); [ "$mode" != plain ] && F+=(--fsdp "$mode")
+        run "nccl_${mode}_${bf}.jsonl" timeout 30 "$BIN" "${NC[@]}" "${F[@]}" --ddp_backend nccl --output_dir "$OUT/nccl_${mode}_$bf"
+        run "host_${mode}_${bf}.jsonl" timeout 30 "$BIN" "${NC[@]}" "${F[@]}" --output_dir "$OUT/host_${mode}_$bf"
+        if cmp -s "$OUT/nccl_${mode}_$bf/model.safetensors" "$OUT/host_${mode}_$bf/model.safetensors"; then
+            echo "| $mode | bf16 $bf | the same model bits with and without NCCL |" >> "$OUT/nccl.txt"
+        else
+            echo "| $mode | bf16 $bf | DIFFERENT model bits (or a failed run) |" >> "$OUT/nccl.txt"; status=1
+        fi
+    done
+done
+cat "$OUT/nccl.txt"
 run kernels.json timeout 35 "$BIN" cuda-check --bf16 --bench --json
 run ours.json timeout 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
     --seq 1024 --batch 8 --steps 10 --warmup 3 --json
@@ -146,6 +171,9 @@ for step in sorted(set(sc) | set(sp)):
 print()
 if os.path.exists(os.path.join(out, "determinism.txt")):
     print(open(os.path.join(out, "determinism.txt")).read())
+if os.path.exists(os.path.join(out, "nccl.txt")):
+    print("| NCCL in one process, addition example, 40 steps | precision | result |\n|---|---|---|")
+    print(open(os.path.join(out, "nccl.txt")).read())
 gpu = open(os.path.join(out, "gpu.txt")).read().strip() if os.path.exists(os.path.join(out, "gpu.txt")) else "?"
 print(f"GPU: {gpu}\n")
 peak = (ref.get("matmul") or {}).get("bf16_matmul_tflops")

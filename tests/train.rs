@@ -263,6 +263,9 @@ fn bad_runs_are_refused_before_any_work() {
         (vec!["--plugin", "/nonexistent/focal.wasm", "--overwrite_output_dir", "true"], vec!["/nonexistent/focal.wasm"]),
         (vec!["--plugins", "[{\"path\": \"x.wasm\", \"option\": {}}]", "--overwrite_output_dir", "true"], vec!["unknown key `option`", "options"]),
         (vec!["--bf16", "--overwrite_output_dir", "true"], vec!["bf16", "CUDA"]),
+        // the device communicator (NCCL) needs a GPU; an unknown backend is named
+        (vec!["--ddp_backend", "nccl", "--overwrite_output_dir", "true"], vec!["ddp_backend = \"nccl\"", "CUDA device", "cpu"]),
+        (vec!["--ddp_backend", "gloo", "--overwrite_output_dir", "true"], vec!["ddp_backend `gloo`", "mpi or nccl"]),
         (vec!["--max_seq_length", "0", "--overwrite_output_dir", "true"], vec!["max_seq_length must be at least 2", "found 0"]),
         (vec!["--max_seq_length", "1", "--overwrite_output_dir", "true"], vec!["max_seq_length must be at least 2", "found 1"]),
         (vec!["--block_size", "0", "--overwrite_output_dir", "true"], vec!["block_size must be at least 2", "found 0"]),

@@ -55,7 +55,8 @@ pub struct BenchArgs {
     #[arg(long = "gradient_checkpointing")]
     pub gradient_checkpointing: bool,
     /// rows per chunk of the LM head and loss (0: one chunk, the whole logits at once;
-    /// default: as many rows as keep a chunk's logits within 128 MiB)
+    /// default: as many rows as keep a chunk's logits within the backend's budget: 16 MiB on
+    /// the CPU, at least 512 rows while they fit in 128 MiB; 512 MiB on a GPU)
     #[arg(long = "loss_chunk_rows")]
     pub loss_chunk_rows: Option<usize>,
     /// Train a LoRA adapter of this rank on every linear module (alpha 2r) instead of every weight.

@@ -50,10 +50,7 @@ impl TrainingArguments {
     /// Checks `ddp_backend` and `fsdp` (called by [`TrainingArguments::validated`]).
     pub(super) fn check_distributed(&self) -> Result<()> {
         match self.ddp_backend.as_deref() {
-            None | Some("mpi") => {}
-            Some("nccl") => {
-                return Err(Error::Unsupported("ddp_backend `nccl` is not implemented yet: GPU runs train in one process (docs/DISTRIBUTED.md)".into()))
-            }
+            None | Some("mpi") | Some("nccl") => {}
             Some(other) => return Err(Error::Invalid(format!("ddp_backend `{other}`: expected mpi or nccl"))),
         }
         if self.ddp_timeout == 0 {

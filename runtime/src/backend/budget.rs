@@ -357,6 +357,15 @@ impl<B: Backend> Backend for Budget<B> {
     fn end_operand_reuse(&self) {
         self.inner.end_operand_reuse()
     }
+    fn group_id(&self) -> Result<Vec<u8>> {
+        self.inner.group_id()
+    }
+    fn group_join(&self, id: &[u8], rank: usize, world: usize) -> Result<()> {
+        self.inner.group_join(id, rank, world)
+    }
+    fn group_op(&self, buf: &mut Buf<B>, start: usize, len: usize, op: crate::backend::GroupOp) -> Result<()> {
+        self.inner.group_op(&mut buf.buf, start, len, op)
+    }
 }
 
 #[cfg(test)]

@@ -324,4 +324,13 @@ impl<B: Backend> Backend for Profiled<B> {
     fn end_operand_reuse(&self) {
         self.inner.end_operand_reuse()
     }
+    fn group_id(&self) -> Result<Vec<u8>> {
+        self.inner.group_id()
+    }
+    fn group_join(&self, id: &[u8], rank: usize, world: usize) -> Result<()> {
+        self.inner.group_join(id, rank, world)
+    }
+    fn group_op(&self, buf: &mut B::Buf, start: usize, len: usize, op: crate::backend::GroupOp) -> Result<()> {
+        self.time("collective", 0.0, || self.inner.group_op(buf, start, len, op))
+    }
 }

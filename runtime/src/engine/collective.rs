@@ -37,6 +37,16 @@ pub trait Collective<B: Backend>: Send {
     fn broadcast_from(&mut self, _root: usize, _data: &mut [f32]) -> Result<()> {
         Ok(())
     }
+    /// [`Collective::reduce_to`] of elements `start..start + len` of a backend buffer. The
+    /// default goes through the host; a device collective (NCCL) sums on the device.
+    fn reduce_buf_to(&mut self, backend: &B, root: usize, buf: &mut B::Buf, start: usize, len: usize) -> Result<()> {
+        let own = self.rank() == root;
+        super::shard::on_host(backend, buf, start, len, own, |g| self.reduce_to(root, g))
+    }
+    /// [`Collective::broadcast_from`] of elements `start..start + len` of a backend buffer.
+    fn broadcast_buf_from(&mut self, backend: &B, root: usize, buf: &mut B::Buf, start: usize, len: usize) -> Result<()> {
+        super::shard::on_host(backend, buf, start, len, true, |w| self.broadcast_from(root, w))
+    }
     /// Every process's `data`, by rank, on rank 0 (`None` on the others).
     fn gather_bytes(&mut self, data: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
         Ok(Some(vec![data.to_vec()]))

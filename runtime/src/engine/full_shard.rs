@@ -299,7 +299,7 @@ impl<B: Backend> Residency<B> for FullShard<B> {
                 if let Some(o) = own[k] {
                     be.copy_range(&mut buf, p.start, &w[o], 0, p.len);
                 }
-                on_host(be, &mut buf, p.start, p.len, true, |dst| collective.broadcast_from(p.owner, dst))?;
+                collective.broadcast_buf_from(be, p.owner, &mut buf, p.start, p.len)?;
             }
             work[i] = buf;
         }
@@ -330,16 +330,15 @@ impl<B: Backend> Residency<B> for FullShard<B> {
             }
             for k in ranges[i].clone() {
                 let p = pieces[k];
-                on_host(be, &mut grads[i], p.start, p.len, false, |src| {
-                    collective.reduce_to(p.owner, src)?;
-                    match own[k] {
-                        Some(o) => on_host(be, &mut g[o], 0, p.len, true, |acc| {
+                collective.reduce_buf_to(be, p.owner, &mut grads[i], p.start, p.len)?;
+                if let Some(o) = own[k] {
+                    on_host(be, &mut grads[i], p.start, p.len, false, |src| {
+                        on_host(be, &mut g[o], 0, p.len, true, |acc| {
                             acc.iter_mut().zip(src.iter()).for_each(|(a, s)| *a += s);
                             Ok(())
-                        }),
-                        None => Ok(()),
-                    }
-                })?;
+                        })
+                    })?;
+                }
             }
             grads[i] = empty(be)?;
         }

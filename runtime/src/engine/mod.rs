@@ -6,6 +6,7 @@
 pub mod collective;
 pub mod full_shard;
 pub mod mpi;
+pub mod nccl;
 pub mod optimizer;
 pub mod shard;
 pub mod step;

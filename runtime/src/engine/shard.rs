@@ -101,11 +101,10 @@ impl<B: Backend> Shard<B> {
         let be = model.backend();
         let mut sq = 0.0;
         for p in &self.pieces {
-            let own = p.owner == self.rank;
-            sq += on_host(be, &mut grads.tensors[p.param], p.start, p.len, own, |g| {
-                collective.reduce_to(p.owner, g)?;
-                Ok(if own { sum_squares(g) } else { 0.0 })
-            })?;
+            collective.reduce_buf_to(be, p.owner, &mut grads.tensors[p.param], p.start, p.len)?;
+            if p.owner == self.rank {
+                sq += on_host(be, &mut grads.tensors[p.param], p.start, p.len, false, |g| Ok(sum_squares(g)))?;
+            }
         }
         Ok(sq)
     }
@@ -127,7 +126,7 @@ impl<B: Backend> Shard<B> {
         let pm = model.params_mut();
         let be = pm.backend;
         for p in &self.pieces {
-            on_host(be, &mut pm.params[p.param], p.start, p.len, true, |w| collective.broadcast_from(p.owner, w))?;
+            collective.broadcast_buf_from(be, p.owner, &mut pm.params[p.param], p.start, p.len)?;
         }
         Ok(())
     }

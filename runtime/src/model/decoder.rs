@@ -34,7 +34,8 @@ pub struct Neftune {
     pub seed: u64,
 }
 
-/// Logit floats one LM-head chunk may hold at most (128 MiB in f32); see [`Model::head_chunk_rows`].
+/// Logit floats below which an LM-head chunk keeps at least [`MIN_HEAD_CHUNK_ROWS`] rows (128 MiB
+/// in f32); see [`Model::head_chunk_rows`].
 pub const LOGITS_CHUNK_FLOATS: usize = 1 << 25;
 /// Rows a chunk of the LM head keeps at least while [`LOGITS_CHUNK_FLOATS`] allows: each chunk
 /// reads the head's weight again.
@@ -49,7 +50,7 @@ impl<B: Backend> Model<B> {
     pub fn head_chunk_rows(&self, rows: usize) -> usize {
         let v = self.config.vocab_size.max(1);
         let floor = MIN_HEAD_CHUNK_ROWS.min(LOGITS_CHUNK_FLOATS / v);
-        let fit = (self.backend.logits_chunk_floats().min(LOGITS_CHUNK_FLOATS) / v).max(floor).max(1);
+        let fit = (self.backend.logits_chunk_floats() / v).max(floor).max(1);
         let want = self.loss_chunk_rows.unwrap_or(if fit >= 64 { fit / 64 * 64 } else { fit });
         want.clamp(1, rows.max(1))
     }

@@ -117,7 +117,8 @@ pub struct Model<B: Backend> {
     /// Read when an [`Activations`] workspace is made.
     pub recompute_activations: bool,
     /// Rows per chunk of the LM head and loss in training and evaluation (`None`: as many as fit
-    /// in [`decoder::LOGITS_CHUNK_FLOATS`]). Read when an [`Activations`] workspace is made.
+    /// in the backend's `logits_chunk_floats`, see [`Model::head_chunk_rows`]). Read when an
+    /// [`Activations`] workspace is made.
     pub loss_chunk_rows: Option<usize>,
     /// The LoRA adapter, when one is attached (`lora.rs`); its tensors follow the base's in
     /// `params`.

@@ -262,8 +262,11 @@ impl<B: Backend + Clone> Trainer<B> {
     pub fn new_on(backend: B, args: TrainingArguments, training: bool) -> Result<Self> {
         check_supported(&args, backend.name())?;
         // the other processes of a data parallel run, when a launcher started several
-        let collective =
-            if training { crate::engine::mpi::start(args.ddp_bucket_cap_mb, Some(args.ddp_timeout))? } else { Box::new(crate::engine::SingleProcess) };
+        let collective = if training {
+            crate::engine::nccl::start(&backend, args.ddp_backend.as_deref(), args.ddp_bucket_cap_mb, Some(args.ddp_timeout))?
+        } else {
+            Box::new(crate::engine::SingleProcess)
+        };
         let world = collective.world_size();
         let full = training && args.sharding()? == Sharding::FullShard;
         let (mut model, model_dir, stash) = load_model(backend, &args, full.then_some((collective.rank(), world)))?;

@@ -100,8 +100,11 @@ impl<B: Seq2SeqOps + Clone> Trainer<B, Seq2SeqModel<B>> {
     pub fn new_seq2seq(backend: B, args: TrainingArguments, training: bool) -> Result<Self> {
         check_supported(&args, backend.name())?;
         check_seq2seq_supported(&args, training)?;
-        let collective =
-            if training { crate::engine::mpi::start(args.ddp_bucket_cap_mb, Some(args.ddp_timeout))? } else { Box::new(crate::engine::SingleProcess) };
+        let collective = if training {
+            crate::engine::nccl::start(&backend, args.ddp_backend.as_deref(), args.ddp_bucket_cap_mb, Some(args.ddp_timeout))?
+        } else {
+            Box::new(crate::engine::SingleProcess)
+        };
         let (mut model, model_dir) = load_seq2seq(backend, &args)?;
         model.gradient_checkpointing = args.gradient_checkpointing;
         let tokenizer = load_tokenizer(&args, &mut model.source, model.config.vocab_size, &model_dir)?;

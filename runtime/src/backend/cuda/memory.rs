@@ -50,3 +50,21 @@ impl Cuda {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::device_error;
+    use crate::error::Error;
+
+    #[test]
+    fn a_device_failure_is_one_message_with_advice_when_out_of_memory() {
+        let oom = device_error("allocating 3.00 GiB (0.50 GiB free of 80.00 GiB)", "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        assert!(matches!(oom, Error::OutOfMemory(_)), "{oom:?}");
+        let oom = oom.to_string();
+        assert!(oom.starts_with("CUDA out of memory in allocating 3.00 GiB"), "{oom}");
+        assert!(oom.contains("per_device_train_batch_size") && oom.contains("gradient_checkpointing"), "{oom}");
+        let other = device_error("matmul", "CUBLAS_STATUS_EXECUTION_FAILED");
+        assert!(matches!(other, Error::Device(_)), "{other:?}");
+        assert_eq!(other.to_string(), "CUDA failure in matmul: \"CUBLAS_STATUS_EXECUTION_FAILED\"");
+    }
+}

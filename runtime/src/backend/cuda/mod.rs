@@ -18,6 +18,7 @@
 mod adapter;
 mod attention;
 pub mod blas;
+mod group;
 pub mod kernels;
 mod loss;
 mod memory;
@@ -87,6 +88,8 @@ struct Inner {
     failure: Mutex<Option<Failure>>,
     /// Whether `failure` is set: read before every launch, so without a lock.
     failed: std::sync::atomic::AtomicBool,
+    /// The joined device communicator (`Backend::group_join`), if any.
+    group: Mutex<Option<group::Group>>,
 }
 
 /// The CUDA backend; cloning it shares the device, the stream and the compiled kernels.
@@ -587,22 +590,16 @@ impl Backend for Cuda {
     fn free_memory(&self) -> Option<u128> {
         self.0.ctx.mem_get_info().ok().map(|(free, _)| free as u128)
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::device_error;
-    use crate::error::Error;
-
-    #[test]
-    fn a_device_failure_is_one_message_with_advice_when_out_of_memory() {
-        let oom = device_error("allocating 3.00 GiB (0.50 GiB free of 80.00 GiB)", "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
-        assert!(matches!(oom, Error::OutOfMemory(_)), "{oom:?}");
-        let oom = oom.to_string();
-        assert!(oom.starts_with("CUDA out of memory in allocating 3.00 GiB"), "{oom}");
-        assert!(oom.contains("per_device_train_batch_size") && oom.contains("gradient_checkpointing"), "{oom}");
-        let other = device_error("matmul", "CUBLAS_STATUS_EXECUTION_FAILED");
-        assert!(matches!(other, Error::Device(_)), "{other:?}");
-        assert_eq!(other.to_string(), "CUDA failure in matmul: \"CUBLAS_STATUS_EXECUTION_FAILED\"");
+    fn logits_chunk_floats(&self) -> usize {
+        super::DEVICE_LOGITS_CHUNK_FLOATS
+    }
+    fn group_id(&self) -> Result<Vec<u8>> {
+        self.group_id_op()
+    }
+    fn group_join(&self, id: &[u8], rank: usize, world: usize) -> Result<()> {
+        self.group_join_op(id, rank, world)
+    }
+    fn group_op(&self, buf: &mut CudaSlice<f32>, start: usize, len: usize, op: super::GroupOp) -> Result<()> {
+        self.group_op_op(buf, start, len, op)
     }
 }

@@ -65,6 +65,7 @@ impl Cuda {
             reuse: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
             failed: std::sync::atomic::AtomicBool::new(false),
+            group: Mutex::new(None),
         })))
     }
 }

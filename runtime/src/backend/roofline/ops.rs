@@ -121,6 +121,10 @@ impl Backend for Roofline {
     fn name(&self) -> &'static str {
         "roofline"
     }
+    /// As the CUDA backend's.
+    fn logits_chunk_floats(&self) -> usize {
+        crate::backend::DEVICE_LOGITS_CHUNK_FLOATS
+    }
     fn zeros(&self, n: usize) -> Result<VBuf> {
         let _op = self.op_kind("untimed");
         if n > 0 {

@@ -66,7 +66,8 @@ extern "C" __global__ void __launch_bounds__(256) reduce_partials(float* out0, f
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) sum_squares_partial(double* partial, const float* x, long long n) {
+// Block blockIdx.x's partial of sum_squares_partial over x[0..n) into *out.
+__device__ __forceinline__ void sum_squares_block(double* out, const float* x, long long n) {
     __shared__ double scratch[8];
     double acc = 0.0;
     const long long stride = 512LL * 256LL;
@@ -75,5 +76,27 @@ extern "C" __global__ void __launch_bounds__(256) sum_squares_partial(double* pa
         acc = __dadd_rn(acc, __dmul_rn(v, v));
     }
     const double total = block_sum_d<256>(acc, scratch);
-    if (threadIdx.x == 0) partial[blockIdx.x] = total;
+    if (threadIdx.x == 0) *out = total;
+}
+
+extern "C" __global__ void __launch_bounds__(256) sum_squares_partial(double* partial, const float* x, long long n) {
+    sum_squares_block(partial + blockIdx.x, x, n);
+}
+
+// sum_squares_multi_partial: sum_squares_partial of tensor blockIdx.y, whose (address, length)
+// are spans[2y] and spans[2y + 1], into partial[y * 512 + blockIdx.x]: one launch for every
+// tensor (the gradient norm), the same partials bit for bit. Launch: block 256, grid (512, tensors).
+extern "C" __global__ void __launch_bounds__(256) sum_squares_multi_partial(double* partial, const unsigned long long* spans) {
+    const float* x = (const float*)spans[2 * blockIdx.y];
+    const long long n = (long long)spans[2 * blockIdx.y + 1];
+    sum_squares_block(partial + (long long)blockIdx.y * 512 + blockIdx.x, x, n);
+}
+
+// fill_multi_f32: every element of chunk blockIdx.x, whose (address, length) are chunks[2b] and
+// chunks[2b + 1], set to v: one launch for many tensors (the gradients zeroed before a step), cut
+// into chunks of at most FILL_CHUNK elements. Launch: block 256, grid chunks.
+extern "C" __global__ void __launch_bounds__(256) fill_multi_f32(const unsigned long long* chunks, float v) {
+    float* x = (float*)chunks[2 * blockIdx.x];
+    const long long n = (long long)chunks[2 * blockIdx.x + 1];
+    for (long long i = threadIdx.x; i < n; i += 256) x[i] = v;
 }

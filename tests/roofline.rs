@@ -216,8 +216,15 @@ fn a_training_step_launches_what_the_model_structure_says() {
     // 4 biases per layer, each a partial column sum and its reduction
     assert_eq!(launches("bias gradient"), 8 * layers);
     assert_eq!(launches("adamw"), 1);
-    // one gradient-norm launch per parameter tensor (12 per layer, wte, wpe, the final norm's 2)
-    assert_eq!(launches("gradient norm"), 12 * layers + 4);
+    // the gradient norm of every parameter tensor (12 per layer, wte, wpe, the final norm's 2) in
+    // one launch, reading each gradient once and writing 512 f64 partials per tensor
+    assert_eq!(launches("gradient norm"), 1);
+    let tensors = (12 * layers + 4) as f64;
+    let params = r.parameters as f64;
+    assert_eq!((r.ops["gradient norm"].read, r.ops["gradient norm"].written), (4.0 * params, 8.0 * 512.0 * tensors));
+    // zeroing: every gradient in one launch, and the residual stream's gradient
+    assert_eq!(launches("fill"), 2);
+    assert_eq!(r.ops["fill"].written, 4.0 * (params + (batch * seq * hidden) as f64));
     assert!(r.modeled_mfu > 0.0 && r.modeled_mfu < 1.0, "{}", r.modeled_mfu);
     assert_eq!(r.bytes_per_step, r.ops.values().map(|f| f.read + f.written).sum::<f64>());
     // the modeled time split by op kind adds up, and the kinds are the profiled backend's names:

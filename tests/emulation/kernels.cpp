@@ -223,6 +223,24 @@ static void test_reduce() {
     for (float v : x) r += (double)v * v;
     printf("sum_squares rel %.2e\n", std::fabs(s - r) / r);
     check("sum_squares", std::fabs(s - r) / r < 1e-11);
+    // every tensor in one launch (an empty one among them): the same partials bit for bit
+    auto y = rvec(1000);
+    vector<unsigned long long> spans = {(unsigned long long)y.data(), 0ull, (unsigned long long)y.data(), 1000ull};
+    vector<double> multi(2 * 512, -1), one(512, -1);
+    launch(dim3{512, 2}, dim3{256}, sum_squares_multi_partial, multi.data(), (const unsigned long long*)spans.data());
+    launch(dim3{512}, dim3{256}, sum_squares_partial, one.data(), (const float*)y.data(), 1000LL);
+    bool same = true;
+    for (int b = 0; b < 512; ++b) same = same && multi[b] == 0.0 && multi[512 + b] == one[b];
+    check("sum_squares of several tensors in one launch", same);
+    // the gradients zeroed in one launch: chunks of at most 65536 elements, nothing outside
+    auto a = rvec(70001), b = rvec(6);
+    vector<unsigned long long> chunks = {(unsigned long long)a.data(), 65536ull, (unsigned long long)(a.data() + 65536), 70000ull - 65536,
+                                         (unsigned long long)b.data(), 5ull};
+    launch(dim3{3}, dim3{256}, fill_multi_f32, (const unsigned long long*)chunks.data(), 0.0f);
+    bool filled = a[70000] != 0.0f && b[5] != 0.0f;
+    for (int i = 0; i < 70000; ++i) filled = filled && a[i] == 0.0f;
+    for (int i = 0; i < 5; ++i) filled = filled && b[i] == 0.0f;
+    check("fill of several tensors in one launch", filled);
 }
 
 static void test_embedding_rows(int rows) {

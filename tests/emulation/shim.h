@@ -83,6 +83,19 @@ inline T __shfl_xor_sync(unsigned, T v, int o) { return emu_exchange(v, emu_xor,
 template <class T>
 inline T __shfl_sync(unsigned, T v, int s) { return emu_exchange(v, emu_src, s); }
 
+// the lanes' predicates as a mask (lanes missing from a partial warp count as false)
+inline unsigned __ballot_sync(unsigned, int pred) {
+    const int lane = emu_tid & 31, w = emu_tid >> 5;
+    emu_blk->slots[w * 32 + lane] = pred != 0;
+    emu_blk->warps[w]->arrive_and_wait();
+    unsigned m = 0;
+    for (int i = 0; i < 32; ++i)
+        if (emu_blk->slots[w * 32 + i]) m |= 1u << i;
+    emu_blk->warps[w]->arrive_and_wait();
+    return m;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
 template <class F, class... A>
 void launch(dim3 grid, dim3 block, F f, A... args) {
     gridDim = grid;

@@ -108,6 +108,9 @@ impl<B: Backend> Backend for Budget<B> {
     fn fill(&self, buf: &mut Buf<B>, value: f32) {
         self.inner.fill(&mut buf.buf, value)
     }
+    fn fill_multi(&self, bufs: &mut [&mut Buf<B>], value: f32) {
+        self.inner.fill_multi(&mut bufs.iter_mut().map(|b| &mut b.buf).collect::<Vec<_>>(), value)
+    }
     fn copy(&self, dst: &mut Buf<B>, src: &Buf<B>) {
         self.inner.copy(&mut dst.buf, &src.buf)
     }

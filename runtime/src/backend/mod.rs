@@ -465,6 +465,10 @@ pub trait Backend: Send + Sync + 'static {
     fn sum_squares_multi(&self, bufs: &[&Self::Buf]) -> Result<Vec<f64>> {
         bufs.iter().map(|b| self.sum_squares(b)).collect()
     }
+    /// [`Backend::fill`] of every buffer of `bufs` (a device may do it in one launch).
+    fn fill_multi(&self, bufs: &mut [&mut Self::Buf], value: f32) {
+        bufs.iter_mut().for_each(|b| self.fill(b, value))
+    }
     fn scale(&self, buf: &mut Self::Buf, s: f32);
     /// One AdamW step on one tensor (`decay` selects whether weight decay applies).
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamWStep, decay: bool);

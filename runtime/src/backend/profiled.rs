@@ -74,6 +74,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn fill(&self, buf: &mut B::Buf, value: f32) {
         self.time("fill", 0.0, || self.inner.fill(buf, value))
     }
+    fn fill_multi(&self, bufs: &mut [&mut B::Buf], value: f32) {
+        self.time("fill", 0.0, || self.inner.fill_multi(bufs, value))
+    }
     fn copy(&self, dst: &mut B::Buf, src: &B::Buf) {
         self.inner.copy(dst, src)
     }

@@ -22,7 +22,7 @@ impl<B: Backend> Grads<B> {
         Ok(Grads { tensors })
     }
     pub fn zero(&mut self, be: &B) {
-        self.tensors.iter_mut().for_each(|t| be.fill(t, 0.0));
+        be.fill_multi(&mut self.tensors.iter_mut().collect::<Vec<_>>(), 0.0);
     }
 }
 

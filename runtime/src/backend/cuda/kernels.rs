@@ -262,6 +262,8 @@ pub fn required_kernels() -> Vec<String> {
         "colsum_partials",
         "reduce_partials",
         "sum_squares_partial",
+        "sum_squares_multi_partial",
+        "fill_multi_f32",
         "embedding_fwd",
         "embedding_bwd",
         "layernorm_fwd",

@@ -65,6 +65,8 @@ struct Scratch {
     padded: CudaSlice<f32>,
     /// The row-block partials of the column sums (`reduce_cols`).
     colsum: CudaSlice<f32>,
+    /// The (address, length) tables of the multi-tensor fill and sum of squares, as last uploaded.
+    tables: [Option<(Vec<u64>, CudaSlice<u64>)>; 2],
 }
 
 struct Inner {
@@ -542,6 +544,9 @@ impl Backend for Cuda {
     }
     fn sum_squares_multi(&self, bufs: &[&CudaSlice<f32>]) -> Result<Vec<f64>> {
         self.sum_squares_multi_op(bufs)
+    }
+    fn fill_multi(&self, bufs: &mut [&mut CudaSlice<f32>], value: f32) {
+        self.fill_multi_op(bufs, value)
     }
     fn scale(&self, buf: &mut CudaSlice<f32>, s: f32) {
         self.forget_weight(buf);

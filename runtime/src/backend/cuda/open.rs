@@ -51,6 +51,7 @@ impl Cuda {
             adamw: None,
             padded: stream.null::<f32>().map_err(dev_err)?,
             colsum: stream.null::<f32>().map_err(dev_err)?,
+            tables: [None, None],
         };
         Ok(Cuda(Arc::new(Inner {
             info,

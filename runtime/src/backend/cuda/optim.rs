@@ -1,15 +1,20 @@
 //! The optimizer's ops on the device: sums of squares for the gradient norm (a fixed grid, so
-//! the order of the sum is too), and the fused multi-tensor AdamW step with its descriptor
-//! tables (uploaded once while the buffers keep their addresses).
+//! the order of the sum is too), the gradients zeroed in one launch, and the fused multi-tensor
+//! AdamW step with its descriptor tables (uploaded once while the buffers keep their addresses).
 
 use cudarc::driver::CudaSlice;
 
-use super::{device_error, Cuda, A, SUMSQ_BLOCKS};
+use super::{device_error, Cuda, Scratch, A, SUMSQ_BLOCKS};
 use crate::backend::{AdamWArgs, AdamWStep};
 use crate::error::Result;
 
 /// Elements per block of the fused AdamW step (`ADAMW_CHUNK` in `kernels/adamw.cu`).
 const ADAMW_CHUNK: usize = 8192;
+/// Elements per block of `fill_multi_f32`.
+const FILL_CHUNK: usize = 1 << 16;
+/// The slots of [`Scratch::tables`].
+const FILL_TABLE: usize = 0;
+const SUMSQ_TABLE: usize = 1;
 
 /// One tensor of the fused AdamW step, as `kernels/adamw.cu`'s `AdamWTensor`.
 #[repr(C)]
@@ -68,6 +73,9 @@ impl Cuda {
         Ok(self.host(&scratch.partial)?[..SUMSQ_BLOCKS].iter().sum())
     }
 
+    /// Every tensor's sum of squares: one launch (`sum_squares_multi_partial`, the partials of
+    /// `sum_squares_partial` bit for bit) over a table of the tensors, kept while they stay the
+    /// same (the gradients keep their addresses from step to step).
     pub(super) fn sum_squares_multi_op(&self, bufs: &[&CudaSlice<f32>]) -> Result<Vec<f64>> {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let n = bufs.len() * SUMSQ_BLOCKS;
@@ -75,12 +83,58 @@ impl Cuda {
             scratch.partial = self.alloc(n)?;
         }
         let base = self.ptr(&scratch.partial);
-        for (i, b) in bufs.iter().enumerate() {
-            let at = base + (i * SUMSQ_BLOCKS * std::mem::size_of::<f64>()) as u64;
-            self.launch("sum_squares_partial", (SUMSQ_BLOCKS as u32, 1, 1), (256, 1, 1), &[A::P(at), self.p(b), A::L(b.len() as i64)]);
+        if bufs.len() <= 65535 {
+            let words = bufs.iter().flat_map(|b| [self.ptr(b), b.len() as u64]).collect();
+            if let Some(table) = self.table(&mut scratch, SUMSQ_TABLE, words) {
+                self.launch("sum_squares_multi_partial", (SUMSQ_BLOCKS as u32, bufs.len() as u32, 1), (256, 1, 1), &[A::P(base), A::P(table)]);
+            }
+        } else {
+            for (i, b) in bufs.iter().enumerate() {
+                let at = base + (i * SUMSQ_BLOCKS * std::mem::size_of::<f64>()) as u64;
+                self.launch("sum_squares_partial", (SUMSQ_BLOCKS as u32, 1, 1), (256, 1, 1), &[A::P(at), self.p(b), A::L(b.len() as i64)]);
+            }
         }
         let host = self.host(&scratch.partial)?;
         Ok(host[..n].chunks(SUMSQ_BLOCKS).map(|c| c.iter().sum()).collect())
+    }
+
+    /// Every buffer of `bufs` set to `value` in one launch (`fill_multi_f32`), over a table of
+    /// chunks of at most [`FILL_CHUNK`] elements kept while the buffers stay the same.
+    pub(super) fn fill_multi_op(&self, bufs: &mut [&mut CudaSlice<f32>], value: f32) {
+        let mut words = Vec::new();
+        for b in bufs.iter() {
+            self.forget_weight(b);
+            let p = self.ptr(b);
+            for start in (0..b.len()).step_by(FILL_CHUNK) {
+                words.extend([p + (start * std::mem::size_of::<f32>()) as u64, (b.len() - start).min(FILL_CHUNK) as u64]);
+            }
+        }
+        let chunks = words.len() / 2;
+        if chunks == 0 {
+            return;
+        }
+        let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(table) = self.table(&mut scratch, FILL_TABLE, words) {
+            self.launch("fill_multi_f32", (chunks as u32, 1, 1), (256, 1, 1), &[A::P(table), A::F(value)]);
+        }
+    }
+
+    /// The device copy of `words` in table slot `slot` (uploaded unless it holds them already);
+    /// `None` after a failure.
+    fn table(&self, scratch: &mut Scratch, slot: usize, words: Vec<u64>) -> Option<u64> {
+        let cached = &mut scratch.tables[slot];
+        if cached.as_ref().is_none_or(|(w, _)| *w != words) {
+            // the table this replaces may still be read by a queued launch
+            self.synchronize().ok()?;
+            match self.dev(&words) {
+                Ok(d) => *cached = Some((words, d)),
+                Err(e) => {
+                    self.fail(e);
+                    return None;
+                }
+            }
+        }
+        cached.as_ref().map(|(_, d)| self.ptr(d))
     }
 
     pub(super) fn adamw_multi_op(&self, tensors: &mut [AdamWArgs<'_, Self>], hp: AdamWStep) {

@@ -484,6 +484,18 @@ impl Backend for Roofline {
         self.elementwise("gradient norm", buf.len, 2 * 512);
         Ok(0.0)
     }
+    /// As the CUDA backend: one launch, 512 f64 partials per tensor.
+    fn sum_squares_multi(&self, bufs: &[&VBuf]) -> Result<Vec<f64>> {
+        let _op = self.op_kind("optimizer");
+        self.elementwise("gradient norm", bufs.iter().map(|b| b.len).sum(), 2 * 512 * bufs.len());
+        Ok(vec![0.0; bufs.len()])
+    }
+    /// As the CUDA backend: one launch.
+    fn fill_multi(&self, bufs: &mut [&mut VBuf], _value: f32) {
+        let _op = self.op_kind("fill");
+        bufs.iter_mut().for_each(|b| self.forget(b));
+        self.elementwise("fill", 0, bufs.iter().map(|b| b.len).sum());
+    }
     fn scale(&self, buf: &mut VBuf, _s: f32) {
         let _op = self.op_kind("optimizer");
         self.forget(buf);

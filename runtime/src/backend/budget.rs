@@ -360,6 +360,12 @@ impl<B: Backend> Backend for Budget<B> {
     fn end_operand_reuse(&self) {
         self.inner.end_operand_reuse()
     }
+    fn hold_operand(&self, buf: &Buf<B>) {
+        self.inner.hold_operand(&buf.buf)
+    }
+    fn release_operands(&self) {
+        self.inner.release_operands()
+    }
     fn group_id(&self) -> Result<Vec<u8>> {
         self.inner.group_id()
     }

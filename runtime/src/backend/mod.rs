@@ -520,6 +520,13 @@ pub trait Backend: Send + Sync + 'static {
     fn begin_operand_reuse(&self, _bufs: &[&Self::Buf]) {}
     /// Ends [`Backend::begin_operand_reuse`].
     fn end_operand_reuse(&self) {}
+    /// Says that `buf`, a saved activation, is read by products in this forward pass and again
+    /// in the backward pass, and written only before its first product (the op that computes it)
+    /// until [`Backend::release_operands`]: a backend that converts product operands may convert
+    /// it once for all those products.
+    fn hold_operand(&self, _buf: &Self::Buf) {}
+    /// Ends every [`Backend::hold_operand`].
+    fn release_operands(&self) {}
     /// A new device communicator's id (NCCL's unique id): made by rank 0 and handed to the others
     /// over the host collective, then [`Backend::group_join`]. A backend without one says so.
     fn group_id(&self) -> Result<Vec<u8>> {

@@ -327,6 +327,12 @@ impl<B: Backend> Backend for Profiled<B> {
     fn end_operand_reuse(&self) {
         self.inner.end_operand_reuse()
     }
+    fn hold_operand(&self, buf: &B::Buf) {
+        self.inner.hold_operand(buf)
+    }
+    fn release_operands(&self) {
+        self.inner.release_operands()
+    }
     fn group_id(&self) -> Result<Vec<u8>> {
         self.inner.group_id()
     }

@@ -120,6 +120,9 @@ pub struct Activations<B: Backend> {
     /// The dropout key of the training pass under way (`None`: no dropout, as in evaluation).
     pub(super) dropout: Option<u64>,
     pub(super) has_grad: bool,
+    /// A training pass under way: when the layers keep their own buffers, each layer's product
+    /// inputs are held (`Backend::hold_operand`) from its forward to the end of the backward.
+    pub(super) hold: bool,
     pub(super) checkpointing: bool,
 }
 
@@ -185,6 +188,7 @@ impl<B: Backend> Activations<B> {
             lora: LoraScratch::new(be, rows, model.lora_dims(), model.lora.as_ref().is_some_and(|l| l.config.lora_dropout > 0.0))?,
             dropout: None,
             has_grad: false,
+            hold: false,
             checkpointing: model.gradient_checkpointing,
         })
     }

@@ -143,6 +143,11 @@ impl<B: Backend> Model<B> {
         let (done, rest) = acts.resid.split_at_mut(l + 1);
         let (x, y) = (&done[l], &mut rest[0]);
         let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
+        if acts.hold && !acts.checkpointing && !acts.recompute {
+            // the products' inputs, read again by the backward pass's weight-gradient products
+            // (not when a layer's buffers are shared: gradient checkpointing, recomputed norms)
+            [&a.ln1, &a.att_out, &a.ln2, &a.act].into_iter().for_each(|b| self.backend.hold_operand(b));
+        }
         let (mut bufs, stats) = a.bufs(&mut acts.tmp, &mut acts.shared, acts.recompute);
         let call = AttnCall::Sequence { stats, mask: &acts.mask, pos: &acts.pos, batch: acts.batch, seq: acts.seq };
         let drop = acts.dropout.map(|k| crate::nn::site_key(k, 1000 + l as u64));
@@ -184,13 +189,15 @@ impl<B: Backend> Model<B> {
         self.validate(b)?;
         if acts.shape() != (b.batch, b.seq) || acts.checkpointing != self.gradient_checkpointing {
             // the old workspace is freed before the new one is made (the pass's dropout key stays)
-            let key = acts.dropout;
+            let (key, hold) = (acts.dropout, acts.hold);
             *acts = Activations::new(self, 0, 0)?;
             *acts = Activations::new(self, b.batch, b.seq)?;
-            acts.dropout = key;
+            (acts.dropout, acts.hold) = (key, hold);
         }
         self.upload_batch(acts, b)?;
         let (be, c) = (&self.backend, &self.config);
+        // nothing stays held from an earlier pass (one that failed before its backward pass)
+        be.release_operands();
         let (rows, h) = (b.batch * b.seq, c.hidden_size);
         let emb = self.embedding();
         self.with_params(&emb.params(), |p| emb.fwd(be, p, &mut acts.resid[0], &acts.ids, &acts.pos))?;
@@ -282,6 +289,7 @@ impl<B: Backend> Model<B> {
             emb.bwd(be, &mut GradsMut { bufs, trainable: tr }, &acts.ids, &acts.pos, &acts.dres);
         })?;
         ready(&emb.params(), &mut grads.tensors);
+        be.release_operands();
         Ok(())
     }
 
@@ -302,7 +310,11 @@ impl<B: Backend> Model<B> {
         neftune: Option<Neftune>,
         ready: &mut GradsReady<B>,
     ) -> Result<LossOutput> {
-        self.forward_hidden(acts, b, neftune)?;
+        // a training pass: the layers' product inputs are held for the backward pass
+        acts.hold = true;
+        let forward = self.forward_hidden(acts, b, neftune);
+        acts.hold = false;
+        forward?;
         let (n_tokens, _) = self.head_loss(acts, b, loss, Some(grads), None)?;
         let n_tokens = n_tokens.ok_or_else(|| Error::Invalid("training needs labels".into()))?;
         self.backward_body(acts, grads, ready)?;

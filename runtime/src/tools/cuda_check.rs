@@ -421,7 +421,61 @@ pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Result<Vec<Check>> {
 /// One whole step (forward, backward, clipping, AdamW) of a small model on both backends: the
 /// loss, the gradient norm and every updated parameter compared.
 pub fn step_parity(gpu: &Cuda) -> Result<Vec<Check>> {
-    step_parity_on(gpu, gpu.bf16())
+    let mut checks = step_parity_on(gpu, gpu.bf16())?;
+    if gpu.bf16() {
+        checks.extend(held_parity(gpu)?);
+    }
+    Ok(checks)
+}
+
+/// bf16: a training step whose layers' product inputs are held from the forward to the backward
+/// pass (one bf16 copy each) equals, bit for bit, the same step with every product casting its
+/// own operands.
+fn held_parity(gpu: &Cuda) -> Result<Vec<Check>> {
+    let (gpt2, llama) = step_configs();
+    let mut checks = Vec::new();
+    for (arch, raw, lora) in [("gpt2", &gpt2, None), ("llama", &llama, None), ("llama", &llama, Some(false))] {
+        let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
+        let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
+        let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
+        let batch = step_batch(cfg.vocab_size as i32);
+        let held = one_step(gpu.clone(), cfg.clone(), tensors.clone(), &batch, None, lora)?;
+        gpu.set_hold_operands(false);
+        let cast = one_step(gpu.clone(), cfg, tensors, &batch, None, lora);
+        gpu.set_hold_operands(true);
+        let cast = cast?;
+        let case = format!("{arch}, 2 layers{}: held inputs against a cast per product", if lora.is_some() { ", LoRA r 8" } else { "" });
+        for (name, e) in [
+            ("loss", rel_err(&[held.0], &[cast.0])),
+            ("grad_norm", rel_err(&[held.1], &[cast.1])),
+            ("gradients", rel_err(&held.2, &cast.2)),
+            ("parameters after one step", rel_err(&held.3, &cast.3)),
+        ] {
+            checks.push(Check { op: "training step (bitwise)".into(), case: case.clone(), output: name.into(), rel_err: e, limit: 0.0, pass: e == 0.0 });
+        }
+    }
+    Ok(checks)
+}
+
+/// The small GPT-2 and Llama configurations of the training-step checks.
+fn step_configs() -> (serde_json::Value, serde_json::Value) {
+    let gpt2 = serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 500, "n_positions": 128});
+    let llama = serde_json::json!({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 344, "vocab_size": 500, "max_position_embeddings": 128});
+    (gpt2, llama)
+}
+
+/// The training-step checks' batch: 3 x 64 random tokens, the first 7 labels ignored, 4 keys of
+/// the second row masked.
+fn step_batch(vocab: i32) -> Batch {
+    let (b, t) = (3, 64);
+    let mut rng = Rng(ChaCha8Rng::seed_from_u64(9));
+    let ids = rng.ids(b * t, vocab);
+    let mut labels = ids.clone();
+    labels[..7].iter_mut().for_each(|l| *l = -100);
+    let mut mask = vec![1; b * t];
+    mask[t..t + 4].iter_mut().for_each(|m| *m = 0);
+    Batch { batch: b, seq: t, input_ids: ids, labels: Some(labels), attention_mask: Some(mask), ..Batch::default() }
 }
 
 /// [`step_parity`] against any backend.
@@ -432,9 +486,7 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
     // gradients pass through two more bf16-rounded products than the base weights' do: 1.5e-2 on an
     // H200, where f32 gives 2e-6)
     let grad_lim = if bf16 { 2e-2 } else { 1e-4 };
-    let gpt2 = serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 500, "n_positions": 128});
-    let llama = serde_json::json!({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 344, "vocab_size": 500, "max_position_embeddings": 128});
+    let (gpt2, llama) = step_configs();
     // (architecture, config, rows per LM-head chunk, a LoRA adapter: Some(use_dora))
     let cases = [
         ("gpt2", &gpt2, None, None),
@@ -447,14 +499,8 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
         let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
         let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
         let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
-        let (b, t) = (3, 64);
-        let mut rng = Rng(ChaCha8Rng::seed_from_u64(9));
-        let ids = rng.ids(b * t, cfg.vocab_size as i32);
-        let mut labels = ids.clone();
-        labels[..7].iter_mut().for_each(|l| *l = -100);
-        let mut mask = vec![1; b * t];
-        mask[t..t + 4].iter_mut().for_each(|m| *m = 0);
-        let batch = Batch { batch: b, seq: t, input_ids: ids, labels: Some(labels), attention_mask: Some(mask), ..Batch::default() };
+        let batch = step_batch(cfg.vocab_size as i32);
+        let (b, t) = (batch.batch, batch.seq);
         let cpu = one_step(Cpu, cfg.clone(), tensors.clone(), &batch, chunk, lora)?;
         let dev = one_step(gpu.clone(), cfg, tensors, &batch, chunk, lora)?;
         let head = chunk.map_or(String::new(), |c| format!(", LM head in chunks of {c} rows"));

@@ -28,6 +28,7 @@ mod open;
 mod optim;
 mod probe;
 mod products;
+use products::Scratch;
 mod reduce;
 mod seq2seq;
 
@@ -42,7 +43,6 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 use super::{AdamWStep, AttnImpl, AttnShape, Backend, ColBlock, LossRows, StatGrads, StatsWanted, TokenStats};
 use crate::error::{Error, Result};
 use blas::Lt;
-use optim::AdamWTables;
 
 /// A kernel argument.
 #[derive(Clone, Copy)]
@@ -52,21 +52,6 @@ enum A {
     I(i32),
     L(i64),
     F(f32),
-}
-
-/// Scratch buffers reused across ops (grow-only): bf16 copies of matrix-product and attention
-/// operands, the attention backward's row sums, the squared-norm partials.
-struct Scratch {
-    bf16: [CudaSlice<u16>; 3],
-    delta: CudaSlice<f32>,
-    partial: CudaSlice<f64>,
-    adamw: Option<AdamWTables>,
-    /// A product's output with padded rows (`crate::backend::aligned_ld`).
-    padded: CudaSlice<f32>,
-    /// The row-block partials of the column sums (`reduce_cols`).
-    colsum: CudaSlice<f32>,
-    /// The (address, length) tables of the multi-tensor fill and sum of squares, as last uploaded.
-    tables: [Option<(Vec<u64>, CudaSlice<u64>)>; 2],
 }
 
 struct Inner {
@@ -85,6 +70,8 @@ struct Inner {
     weights16: Mutex<HashMap<u64, CudaSlice<u16>>>,
     /// bf16 mode: the operands named by `begin_operand_reuse` and their copies.
     reuse: Mutex<Vec<products::Reused>>,
+    /// bf16 mode: the saved activations named by `hold_operand` and their copies.
+    held: Mutex<products::Held>,
     /// The first device failure of an op that cannot return it; sticky: every later op does
     /// nothing, and every op that returns a `Result` returns it.
     failure: Mutex<Option<Failure>>,
@@ -591,6 +578,12 @@ impl Backend for Cuda {
     }
     fn end_operand_reuse(&self) {
         self.begin_operand_reuse_op(&[])
+    }
+    fn hold_operand(&self, buf: &CudaSlice<f32>) {
+        self.hold_operand_op(buf)
+    }
+    fn release_operands(&self) {
+        self.release_operands_op()
     }
     fn free_memory(&self) -> Option<u128> {
         self.0.ctx.mem_get_info().ok().map(|(free, _)| free as u128)

@@ -64,6 +64,7 @@ impl Cuda {
             scratch: Mutex::new(scratch),
             weights16: Mutex::new(HashMap::new()),
             reuse: Mutex::new(Vec::new()),
+            held: Mutex::new(Default::default()),
             failure: Mutex::new(None),
             failed: std::sync::atomic::AtomicBool::new(false),
             group: Mutex::new(None),

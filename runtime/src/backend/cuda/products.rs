@@ -7,7 +7,46 @@
 use cudarc::driver::CudaSlice;
 
 use super::blas::{Gemm, Ty};
-use super::{device_error, Cuda, Scratch, A};
+use super::optim::AdamWTables;
+use super::{device_error, Cuda, A};
+
+/// Scratch buffers reused across ops (grow-only): bf16 copies of matrix-product and attention
+/// operands, the attention backward's row sums, the squared-norm partials.
+pub(super) struct Scratch {
+    pub(super) bf16: [CudaSlice<u16>; 3],
+    pub(super) delta: CudaSlice<f32>,
+    pub(super) partial: CudaSlice<f64>,
+    pub(super) adamw: Option<AdamWTables>,
+    /// A product's output with padded rows (`crate::backend::aligned_ld`).
+    pub(super) padded: CudaSlice<f32>,
+    /// The row-block partials of the column sums (`reduce_cols`).
+    pub(super) colsum: CudaSlice<f32>,
+    /// The (address, length) tables of the multi-tensor fill and sum of squares, as last uploaded.
+    pub(super) tables: [Option<(Vec<u64>, CudaSlice<u64>)>; 2],
+}
+
+/// The saved activations named by [`crate::backend::Backend::hold_operand`]: by address, the
+/// length, whether the copy is made (at the first product that reads it after the hold), and the
+/// copy; `spare` keeps released copies for the next pass.
+#[derive(Default)]
+pub(super) struct Held {
+    map: std::collections::HashMap<u64, (usize, bool, Option<CudaSlice<u16>>)>,
+    spare: Vec<CudaSlice<u16>>,
+    /// Holds ignored (`Cuda::set_hold_operands`): every product casts its own operands.
+    off: bool,
+}
+
+impl Held {
+    /// Drops the entry of `key` (all when `None`), keeping the copies for reuse.
+    fn drop_entries(&mut self, key: Option<u64>) {
+        let keys: Vec<u64> = self.map.keys().copied().filter(|k| key.is_none_or(|x| x == *k)).collect();
+        for k in keys {
+            if let Some((_, _, Some(c))) = self.map.remove(&k) {
+                self.spare.push(c);
+            }
+        }
+    }
+}
 
 /// An operand named by [`crate::backend::Backend::begin_operand_reuse`]: its address and length,
 /// and its bf16 copy, made at the first product that reads it (`ready`). The copy's buffer stays
@@ -75,6 +114,7 @@ impl Cuda {
             let key = self.ptr(buf);
             self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
             self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().filter(|r| r.src == key).for_each(|r| r.src = 0);
+            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(Some(key));
         }
     }
 
@@ -82,7 +122,63 @@ impl Cuda {
         if self.0.bf16 {
             self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).clear();
             self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().for_each(|r| r.src = 0);
+            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(None);
         }
+    }
+
+    /// bf16 mode: names `buf` as held (see `Backend::hold_operand`); its copy is made at the
+    /// first product that reads it from now on.
+    pub(super) fn hold_operand_op(&self, buf: &CudaSlice<f32>) {
+        if self.0.bf16 && !buf.is_empty() {
+            let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+            if held.off {
+                return;
+            }
+            let key = self.ptr(buf);
+            held.drop_entries(Some(key));
+            held.map.insert(key, (buf.len(), false, None));
+        }
+    }
+
+    /// On (the default): `hold_operand` keeps a saved activation's bf16 copy for the backward
+    /// pass. `cuda-check` turns it off to check that a step comes out the same bits either way.
+    pub fn set_hold_operands(&self, on: bool) {
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.drop_entries(None);
+        held.off = !on;
+    }
+
+    pub(super) fn release_operands_op(&self) {
+        if self.0.bf16 {
+            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(None);
+        }
+    }
+
+    /// The held copy of `src` (made now, from a spare buffer when one fits, if no product has
+    /// read it since its hold).
+    fn held_copy(&self, src: &CudaSlice<f32>) -> Option<u64> {
+        let key = self.ptr(src);
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        let Held { map, spare, .. } = &mut *held;
+        let (len, ready, copy) = map.get_mut(&key).filter(|e| e.0 == src.len())?;
+        if !*ready {
+            if copy.is_none() {
+                *copy = match spare.iter().position(|c| c.len() == *len) {
+                    Some(i) => Some(spare.swap_remove(i)),
+                    None => match self.alloc::<u16>(*len) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            self.fail(e);
+                            return None;
+                        }
+                    },
+                };
+            }
+            let dst = copy.as_ref().map_or(0, |c| self.ptr(c));
+            self.launch_n("cast_f32_bf16", len.div_ceil(4), &[A::P(dst), A::P(key), A::L(*len as i64)]);
+            *ready = true;
+        }
+        copy.as_ref().map(|c| self.ptr(c))
     }
 
     /// bf16 mode: makes `w`'s working copy unless it has one (see `Backend::keep_working_copy`);
@@ -148,7 +244,7 @@ impl Cuda {
         let mut out = [0u64; N];
         for (i, b) in bufs.iter().enumerate().filter(|(i, _)| need[*i]) {
             out[i] = if self.0.bf16 {
-                match (i == weight).then(|| self.weight_copy(b)).flatten().or_else(|| self.reused_copy(b)) {
+                match (i == weight).then(|| self.weight_copy(b)).flatten().or_else(|| self.held_copy(b)).or_else(|| self.reused_copy(b)) {
                     Some(p) => p,
                     None => self.bf16_copy(scratch, i, b),
                 }

@@ -140,6 +140,8 @@ struct State {
     copies: HashSet<u64>,
     /// The operands named by `begin_operand_reuse`, and whether their copy was made.
     reuse: Vec<(u64, bool)>,
+    /// The held operands (`hold_operand`) and whether their copy is made.
+    held: std::collections::HashMap<u64, bool>,
     account: Account,
 }
 
@@ -180,7 +182,15 @@ impl Roofline {
         Roofline {
             chip,
             bf16,
-            state: Mutex::new(State { next: 0, kind: "untimed", depth: 0, copies: HashSet::new(), reuse: Vec::new(), account: Account::default() }),
+            state: Mutex::new(State {
+                next: 0,
+                kind: "untimed",
+                depth: 0,
+                copies: HashSet::new(),
+                reuse: Vec::new(),
+                held: Default::default(),
+                account: Account::default(),
+            }),
         }
     }
 
@@ -244,6 +254,18 @@ impl Roofline {
         let mut st = self.lock();
         st.copies.remove(&b.id);
         st.reuse.retain(|r| r.0 != b.id);
+        st.held.remove(&b.id);
+    }
+
+    /// As the CUDA backend's `hold_operand` and `release_operands`.
+    fn hold(&self, b: Option<&VBuf>) {
+        if self.bf16 {
+            let mut st = self.lock();
+            match b {
+                Some(b) => drop(st.held.insert(b.id, false)),
+                None => st.held.clear(),
+            }
+        }
     }
 
     /// As the CUDA backend's `keep_working_copy`: a cast unless the weight has its copy.
@@ -264,12 +286,14 @@ impl Roofline {
         self.lock().reuse.iter().any(|r| r.0 == b.id)
     }
 
-    /// Whether `b`'s shared copy serves this product (made now, with its cast, at the first).
+    /// Whether `b`'s held or shared copy serves this product (made now, with its cast, at the
+    /// first).
     fn reused(&self, b: &VBuf) -> bool {
         let mut st = self.lock();
-        let Some(r) = st.reuse.iter_mut().find(|r| r.0 == b.id) else { return false };
-        let first = !r.1;
-        r.1 = true;
+        let State { held, reuse, .. } = &mut *st;
+        let Some(made) = held.get_mut(&b.id).or_else(|| reuse.iter_mut().find(|r| r.0 == b.id).map(|r| &mut r.1)) else { return false };
+        let first = !*made;
+        *made = true;
         drop(st);
         if first {
             self.cast(b.len);

@@ -528,6 +528,12 @@ impl Backend for Roofline {
     fn begin_operand_reuse(&self, bufs: &[&VBuf]) {
         self.name_reused(bufs);
     }
+    fn hold_operand(&self, buf: &VBuf) {
+        self.hold(Some(buf));
+    }
+    fn release_operands(&self) {
+        self.hold(None);
+    }
     fn end_operand_reuse(&self) {
         self.name_reused(&[]);
     }

@@ -9,7 +9,9 @@
 
 #define NORM_THREADS 256
 
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_fwd(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b, int rows, int c, float eps) {
+// The forward kernels also write each output rounded to bf16 into out16 (when not null): the
+// operand of the products that read it (see Backend::hold_operand), without a cast pass.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_fwd(float* out, bf16_t* out16, float* mean, float* rstd, const float* x, const float* w, const float* b, int rows, int c, float eps) {
     __shared__ float scratch[NORM_THREADS / 32];
     const long long r = blockIdx.x;
     if (r >= rows) return;
@@ -32,7 +34,9 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_fwd(float* 
     float* o = out + r * c;
     for (int i = threadIdx.x; i < c; i += NORM_THREADS) {
         const float y = __fmul_rn(__fmul_rn(__fsub_rn(xr[i], m), s), w[i]);
-        o[i] = b != nullptr ? __fadd_rn(y, b[i]) : y;
+        const float v = b != nullptr ? __fadd_rn(y, b[i]) : y;
+        o[i] = v;
+        if (out16 != nullptr) out16[r * c + i] = f32_to_bf16(v);
     }
 }
 
@@ -88,7 +92,7 @@ extern "C" __global__ void __launch_bounds__(256) layernorm_bwd_params(float* pa
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_fwd(float* out, float* rstd, const float* x, const float* w, int rows, int c, float eps) {
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_fwd(float* out, bf16_t* out16, float* rstd, const float* x, const float* w, int rows, int c, float eps) {
     __shared__ float scratch[NORM_THREADS / 32];
     const long long r = blockIdx.x;
     if (r >= rows) return;
@@ -99,7 +103,11 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_fwd(float* ou
     const float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
     if (threadIdx.x == 0) rstd[r] = s;
     float* o = out + r * c;
-    for (int i = threadIdx.x; i < c; i += NORM_THREADS) o[i] = __fmul_rn(w[i], __fmul_rn(xr[i], s));
+    for (int i = threadIdx.x; i < c; i += NORM_THREADS) {
+        const float v = __fmul_rn(w[i], __fmul_rn(xr[i], s));
+        o[i] = v;
+        if (out16 != nullptr) out16[r * c + i] = f32_to_bf16(v);
+    }
 }
 
 // dx += rstd * (w * dout - x * rstd * mean(w * dout * x * rstd))

@@ -95,9 +95,14 @@ __device__ __forceinline__ float gelu_tanh(float v) {
     return tanhf(__fmul_rn(GELU_K, __fadd_rn(v, cube)));
 }
 
-// out = 0.5 * x * (1 + tanh(K * (x + C * x * x * x)))
-extern "C" __global__ void gelu_fwd(float* out, const float* x, long long n) {
-    elementwise4<float>(n, [&](long long i) { return x[i]; }, [&](long long i, float v) { out[i] = __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, gelu_tanh(v))); });
+// out = 0.5 * x * (1 + tanh(K * (x + C * x * x * x))); also rounded to bf16 into out16 when not
+// null (the operand of the product that reads it, see Backend::hold_operand)
+extern "C" __global__ void gelu_fwd(float* out, bf16_t* out16, const float* x, long long n) {
+    elementwise4<float>(n, [&](long long i) { return x[i]; }, [&](long long i, float v) {
+        const float y = __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, gelu_tanh(v)));
+        out[i] = y;
+        if (out16 != nullptr) out16[i] = f32_to_bf16(y);
+    });
 }
 
 // dx = (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * K * (1 + 3 * C * x * x)) * dout (overwritten)
@@ -113,8 +118,9 @@ extern "C" __global__ void gelu_bwd(float* dx, const float* x, const float* dout
     });
 }
 
-// x is [rows, 2 * i] (gate, then up); out is [rows, i]: out = gate * sigmoid(gate) * up.
-extern "C" __global__ void swiglu_fwd(float* out, const float* x, long long rows, int i) {
+// x is [rows, 2 * i] (gate, then up); out is [rows, i]: out = gate * sigmoid(gate) * up (and in
+// bf16 into out16 when not null, as gelu_fwd).
+extern "C" __global__ void swiglu_fwd(float* out, bf16_t* out16, const float* x, long long rows, int i) {
     const long long n = rows * (long long)i;
     elementwise4<float2>(
         n,
@@ -125,7 +131,9 @@ extern "C" __global__ void swiglu_fwd(float* out, const float* x, long long rows
         },
         [&](long long e, float2 gu) {
             const float sig = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-gu.x)));
-            out[e] = __fmul_rn(__fmul_rn(gu.x, sig), gu.y);
+            const float y = __fmul_rn(__fmul_rn(gu.x, sig), gu.y);
+            out[e] = y;
+            if (out16 != nullptr) out16[e] = f32_to_bf16(y);
         });
 }
 

@@ -76,12 +76,24 @@ static void reduce_cols_emu(int rows, int c, int nout, float* out0, float* out1,
     launch(dim3{unsigned((c + 31) / 32)}, dim3{32, 8}, reduce_partials, out0, out1, (const float*)part.data(), nb, nout, c);
 }
 
+// whether `h` holds each value of `f` rounded to bf16 (what a forward kernel writes beside its f32
+// output for a held operand, and what the cast kernel would write)
+static bool rounded(const vector<float>& f, const vector<bf16_t>& h) {
+    bool ok = f.size() == h.size();
+    for (size_t i = 0; ok && i < f.size(); ++i) ok = h[i] == f32_to_bf16(f[i]);
+    return ok;
+}
+
 static void test_pointwise() {
     // the elementwise4 kernels on one block: several turns of the loop and a partial last one
     const long long n = 3001;
     auto x = rvec(n, 4.0f), d = rvec(n);
     vector<float> out(n), dx(n);
-    launch(dim3{1}, dim3{256}, gelu_fwd, out.data(), (const float*)x.data(), n);
+    vector<float> out_plain(n);
+    vector<bf16_t> out16(n);
+    launch(dim3{1}, dim3{256}, gelu_fwd, out.data(), out16.data(), (const float*)x.data(), n);
+    launch(dim3{1}, dim3{256}, gelu_fwd, out_plain.data(), (bf16_t*)nullptr, (const float*)x.data(), n);
+    check("gelu fwd with its bf16 copy", rounded(out, out16) && bitwise(out, out_plain));
     vector<double> ref(n), dref(n);
     for (int i = 0; i < n; ++i) {
         double v = x[i], t = std::tanh(0.7978846 * (v + 0.044715 * v * v * v));
@@ -95,7 +107,11 @@ static void test_pointwise() {
     const int rows = 70, I = 37;
     auto xs = rvec(rows * 2 * I, 5.0f), ds = rvec(rows * I);
     vector<float> o(rows * I), dxs(rows * 2 * I, 123.0f);
-    launch(dim3{1}, dim3{256}, swiglu_fwd, o.data(), (const float*)xs.data(), (long long)rows, I);
+    vector<bf16_t> o16(rows * I);
+    vector<float> o_plain(rows * I);
+    launch(dim3{1}, dim3{256}, swiglu_fwd, o.data(), o16.data(), (const float*)xs.data(), (long long)rows, I);
+    launch(dim3{1}, dim3{256}, swiglu_fwd, o_plain.data(), (bf16_t*)nullptr, (const float*)xs.data(), (long long)rows, I);
+    check("swiglu fwd with its bf16 copy", rounded(o, o16) && bitwise(o, o_plain));
     launch(dim3{1}, dim3{256}, swiglu_bwd, dxs.data(), (const float*)xs.data(), (const float*)ds.data(), (long long)rows, I);
     vector<double> oref(rows * I), dref2(rows * 2 * I);
     for (int r = 0; r < rows; ++r)
@@ -282,7 +298,13 @@ static void test_norm() {
     auto x = rvec(rows * c, 3.0f), w = rvec(c), b = rvec(c), dout = rvec(rows * c);
     for (int i = 0; i < c; ++i) x[i] += 5.0f;
     vector<float> out(rows * c), mean(rows), rstd(rows);
-    launch(dim3{rows}, dim3{256}, layernorm_fwd, out.data(), mean.data(), rstd.data(), (const float*)x.data(), (const float*)w.data(), (const float*)b.data(), rows, c, eps);
+    vector<bf16_t> out16(rows * c);
+    launch(dim3{rows}, dim3{256}, layernorm_fwd, out.data(), out16.data(), mean.data(), rstd.data(), (const float*)x.data(), (const float*)w.data(), (const float*)b.data(), rows, c, eps);
+    {
+        vector<float> plain(rows * c), m2(rows), s2(rows);
+        launch(dim3{rows}, dim3{256}, layernorm_fwd, plain.data(), (bf16_t*)nullptr, m2.data(), s2.data(), (const float*)x.data(), (const float*)w.data(), (const float*)b.data(), rows, c, eps);
+        check("layernorm fwd with its bf16 copy", rounded(out, out16) && bitwise(out, plain));
+    }
     vector<double> oref(rows * c);
     for (int r = 0; r < rows; ++r) {
         double m = 0, v = 0;
@@ -331,7 +353,13 @@ static void test_norm() {
     }
     // rmsnorm
     vector<float> ro(rows * c), rr(rows);
-    launch(dim3{rows}, dim3{256}, rmsnorm_fwd, ro.data(), rr.data(), (const float*)x.data(), (const float*)w.data(), rows, c, eps);
+    vector<bf16_t> ro16(rows * c);
+    launch(dim3{rows}, dim3{256}, rmsnorm_fwd, ro.data(), ro16.data(), rr.data(), (const float*)x.data(), (const float*)w.data(), rows, c, eps);
+    {
+        vector<float> plain(rows * c), r2(rows);
+        launch(dim3{rows}, dim3{256}, rmsnorm_fwd, plain.data(), (bf16_t*)nullptr, r2.data(), (const float*)x.data(), (const float*)w.data(), rows, c, eps);
+        check("rmsnorm fwd with its bf16 copy", rounded(ro, ro16) && bitwise(ro, plain));
+    }
     for (int r = 0; r < rows; ++r) {
         double ms = 0;
         for (int i = 0; i < c; ++i) ms += (double)x[r * c + i] * x[r * c + i];

@@ -155,30 +155,43 @@ impl Cuda {
     }
 
     /// The held copy of `src` (made now, from a spare buffer when one fits, if no product has
-    /// read it since its hold).
+    /// read it since its hold and the op that wrote it did not write the copy too).
     fn held_copy(&self, src: &CudaSlice<f32>) -> Option<u64> {
-        let key = self.ptr(src);
+        let (dst, ready) = self.held_entry(src)?;
+        if !ready {
+            self.launch_n("cast_f32_bf16", src.len().div_ceil(4), &[A::P(dst), self.p(src), A::L(src.len() as i64)]);
+        }
+        Some(dst)
+    }
+
+    /// Where an op that writes `out` also writes its bf16 copy: the held copy of `out` (its
+    /// entry then counts as made), or 0 when `out` is not held.
+    pub(super) fn held_target(&self, out: &CudaSlice<f32>) -> u64 {
+        self.held_entry(out).map_or(0, |(dst, _)| dst)
+    }
+
+    /// The held entry of `buf`: its copy's address (allocated now if it has none) and whether the
+    /// copy was made; from now on it counts as made (the caller makes it).
+    fn held_entry(&self, buf: &CudaSlice<f32>) -> Option<(u64, bool)> {
+        let key = self.ptr(buf);
         let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
         let Held { map, spare, .. } = &mut *held;
-        let (len, ready, copy) = map.get_mut(&key).filter(|e| e.0 == src.len())?;
-        if !*ready {
-            if copy.is_none() {
-                *copy = match spare.iter().position(|c| c.len() == *len) {
-                    Some(i) => Some(spare.swap_remove(i)),
-                    None => match self.alloc::<u16>(*len) {
-                        Ok(c) => Some(c),
-                        Err(e) => {
-                            self.fail(e);
-                            return None;
-                        }
-                    },
-                };
-            }
-            let dst = copy.as_ref().map_or(0, |c| self.ptr(c));
-            self.launch_n("cast_f32_bf16", len.div_ceil(4), &[A::P(dst), A::P(key), A::L(*len as i64)]);
-            *ready = true;
+        let (len, ready, copy) = map.get_mut(&key).filter(|e| e.0 == buf.len())?;
+        if copy.is_none() {
+            *copy = match spare.iter().position(|c| c.len() == *len) {
+                Some(i) => Some(spare.swap_remove(i)),
+                None => match self.alloc::<u16>(*len) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        self.fail(e);
+                        return None;
+                    }
+                },
+            };
         }
-        copy.as_ref().map(|c| self.ptr(c))
+        let was = *ready;
+        *ready = true;
+        copy.as_ref().map(|c| (self.ptr(c), was))
     }
 
     /// bf16 mode: makes `w`'s working copy unless it has one (see `Backend::keep_working_copy`);

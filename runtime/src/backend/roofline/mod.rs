@@ -257,6 +257,19 @@ impl Roofline {
         st.held.remove(&b.id);
     }
 
+    /// As the CUDA backend's `held_target`: an op that writes a held `out` also writes its bf16
+    /// copy (returned: the extra values written, counted as f32, half of `out`), which then
+    /// counts as made.
+    fn produced(&self, out: &VBuf) -> usize {
+        match self.lock().held.get_mut(&out.id) {
+            Some(made) if self.bf16 => {
+                *made = true;
+                out.len.div_ceil(2)
+            }
+            _ => 0,
+        }
+    }
+
     /// As the CUDA backend's `hold_operand` and `release_operands`.
     fn hold(&self, b: Option<&VBuf>) {
         if self.bf16 {

@@ -183,7 +183,8 @@ impl Backend for Roofline {
     fn layernorm_fwd(&self, out: &mut VBuf, mean: &mut VBuf, _rstd: &mut VBuf, x: &VBuf, _w: &VBuf, b: Option<&VBuf>, c: usize, _eps: f32) {
         let _op = self.op_kind("norm");
         let rows = mean.len;
-        self.elementwise("norm", x.len + c * (1 + b.is_some() as usize), out.len + 2 * rows);
+        let copy = self.produced(out);
+        self.elementwise("norm", x.len + c * (1 + b.is_some() as usize), out.len + 2 * rows + copy);
     }
     fn layernorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, db: Option<&mut VBuf>, dout: &VBuf, x: &VBuf, _w: &VBuf, mean: &VBuf, _rstd: &VBuf, c: usize) {
         let _op = self.op_kind("norm");
@@ -194,7 +195,8 @@ impl Backend for Roofline {
     }
     fn rmsnorm_fwd(&self, out: &mut VBuf, rstd: &mut VBuf, x: &VBuf, _w: &VBuf, c: usize, _eps: f32) {
         let _op = self.op_kind("norm");
-        self.elementwise("norm", x.len + c, out.len + rstd.len);
+        let copy = self.produced(out);
+        self.elementwise("norm", x.len + c, out.len + rstd.len + copy);
     }
     fn rmsnorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, dout: &VBuf, x: &VBuf, _w: &VBuf, rstd: &VBuf, c: usize) {
         let _op = self.op_kind("norm");
@@ -307,17 +309,19 @@ impl Backend for Roofline {
         self.elementwise("rope", n + s.rows(), n);
     }
 
-    fn gelu_fwd(&self, _out: &mut VBuf, x: &VBuf) {
+    fn gelu_fwd(&self, out: &mut VBuf, x: &VBuf) {
         let _op = self.op_kind("activation");
-        self.elementwise("activation", x.len, x.len);
+        let copy = self.produced(out);
+        self.elementwise("activation", x.len, x.len + copy);
     }
     fn gelu_bwd(&self, _dx: &mut VBuf, x: &VBuf, _dout: &VBuf) {
         let _op = self.op_kind("activation");
         self.elementwise("activation", 2 * x.len, x.len);
     }
-    fn swiglu_fwd(&self, _out: &mut VBuf, x: &VBuf, _i: usize) {
+    fn swiglu_fwd(&self, out: &mut VBuf, x: &VBuf, _i: usize) {
         let _op = self.op_kind("activation");
-        self.elementwise("activation", x.len, x.len / 2);
+        let copy = self.produced(out);
+        self.elementwise("activation", x.len, x.len / 2 + copy);
     }
     fn swiglu_bwd(&self, _dx: &mut VBuf, x: &VBuf, _dout: &VBuf, _i: usize) {
         let _op = self.op_kind("activation");

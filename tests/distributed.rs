@@ -420,6 +420,9 @@ mod mpi {
         assert!(!out.status.success(), "{said}");
         assert!(stopped.elapsed() < Duration::from_secs(60), "the run took {:?} to end", stopped.elapsed());
         assert!(said.contains("rank 0 waited") && said.contains("ddp_timeout = 3 s"), "the waiting process says why:\n{said}");
+        // and names the process it waits for: stopped, its heartbeat is silent (or it never
+        // reached the operation)
+        assert!(said.contains("rank 1 has not"), "the stuck process is named:\n{said}");
     }
 
     /// The PID of the run's process of rank `rank` (a descendant of the launcher `child`, with

@@ -56,10 +56,16 @@ pub fn start<B: Backend>(bucket_mib: Option<usize>, timeout: Option<u64>) -> Res
         // a pool already built (a second trainer in this process) keeps its size
         let _ = rayon::ThreadPoolBuilder::new().num_threads((cores / local).max(1)).build_global();
     }
-    let c = start_mpi(n, bucket_mib.unwrap_or(25).max(1) << 18)?;
+    #[cfg_attr(not(feature = "mpi"), allow(unused_mut))]
+    let mut c = start_mpi(n, bucket_mib.unwrap_or(25).max(1) << 18)?;
     #[cfg(feature = "mpi")]
     if let Some(secs) = timeout {
-        watchdog::start(c.rank(), secs);
+        // the processes' heartbeat folder, named after rank 0's process and start time
+        let mut token =
+            format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())).into_bytes();
+        c.broadcast_bytes(&mut token)?;
+        let dir = std::env::temp_dir().join(format!("runtime-ddp-{}", String::from_utf8_lossy(&token)));
+        watchdog::start(c.rank(), secs, dir);
     }
     let _ = timeout;
     Ok(c)
@@ -68,16 +74,29 @@ pub fn start<B: Backend>(bucket_mib: Option<usize>, timeout: Option<u64>) -> Res
 /// `ddp_timeout`: a process that has waited longer than that in one collective operation (the
 /// others never came: one is stuck, or gone without the launcher noticing) says so and exits,
 /// and the launcher then ends the others. Each MPI call of [`imp::MpiCollective`] is timed by a
-/// [`watchdog::Waiting`] guard; a thread checks once a second.
+/// [`watchdog::Waiting`] guard; a thread checks four times a second.
+///
+/// To name the process the others wait for, each process's thread also writes a heartbeat once
+/// a second into a folder the processes of a node share (the temporary folder, named after rank
+/// 0's process): how many collective operations it has entered. The waiting process names the
+/// ranks whose count is behind its own (they never reached this operation) or whose heartbeat
+/// stopped (a stopped or frozen process); ranks on other nodes are not seen.
 #[cfg(feature = "mpi")]
 mod watchdog {
+    use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Mutex, OnceLock};
-    use std::time::{Duration, Instant};
+    use std::time::{Duration, Instant, SystemTime};
 
     /// When the current wait began (milliseconds after [`epoch`], plus 1; 0: not waiting).
     static SINCE: AtomicU64 = AtomicU64::new(0);
     static WHAT: Mutex<&'static str> = Mutex::new("");
+    /// The collective operations this process has entered.
+    static ENTERED: AtomicU64 = AtomicU64::new(0);
+    /// The heartbeat folder and this process's rank, for [`finish`].
+    static BEAT: Mutex<Option<(PathBuf, usize)>> = Mutex::new(None);
+    /// A heartbeat older than this counts as stopped (a running process writes one every second).
+    const STALE: Duration = Duration::from_millis(2500);
 
     fn epoch() -> Instant {
         static E: OnceLock<Instant> = OnceLock::new();
@@ -91,6 +110,7 @@ mod watchdog {
         if let Ok(mut w) = WHAT.lock() {
             *w = what;
         }
+        ENTERED.fetch_add(1, Ordering::SeqCst);
         SINCE.store(epoch().elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
         Waiting
     }
@@ -101,11 +121,61 @@ mod watchdog {
         }
     }
 
-    pub fn start(rank: usize, secs: u64) {
+    /// This process's heartbeat file in `dir`.
+    fn beat_file(dir: &Path, rank: usize) -> PathBuf {
+        dir.join(format!("rank-{rank}"))
+    }
+
+    /// The ranks of the other processes of this node that the one waiting in operation `entered`
+    /// waits for, each with the reason: behind (never reached it) or silent (stopped).
+    pub(super) fn suspects(dir: &Path, rank: usize, entered: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        let Ok(files) = std::fs::read_dir(dir) else { return out };
+        let mut found: Vec<(usize, u64, Option<Duration>)> = files
+            .flatten()
+            .filter_map(|f| {
+                let r: usize = f.file_name().to_str()?.strip_prefix("rank-")?.parse().ok()?;
+                let n: u64 = std::fs::read_to_string(f.path()).ok()?.trim().parse().ok()?;
+                let age = f.metadata().ok()?.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok());
+                Some((r, n, age))
+            })
+            .filter(|f| f.0 != rank)
+            .collect();
+        found.sort();
+        for (r, n, age) in found {
+            if let Some(age) = age.filter(|a| *a > STALE) {
+                out.push(format!("rank {r} has not answered for {:.0} s (stopped or frozen)", age.as_secs_f64()));
+            } else if n < entered {
+                out.push(format!("rank {r} has not reached it (it is at collective operation {n}, this process at {entered})"));
+            }
+        }
+        out
+    }
+
+    /// Removes this process's heartbeat (and the folder, once empty) after a successful run.
+    pub fn finish() {
+        if let Some((dir, rank)) = BEAT.lock().ok().and_then(|mut b| b.take()) {
+            let _ = std::fs::remove_file(beat_file(&dir, rank));
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+
+    pub fn start(rank: usize, secs: u64, dir: PathBuf) {
         epoch();
         let limit = secs.saturating_mul(1000);
+        let beats = std::fs::create_dir_all(&dir).is_ok();
+        if beats {
+            if let Ok(mut b) = BEAT.lock() {
+                *b = Some((dir.clone(), rank));
+            }
+        }
+        let mut last_beat: Option<Instant> = None;
         let _ = std::thread::Builder::new().name("ddp-timeout".into()).spawn(move || loop {
             std::thread::sleep(Duration::from_millis(250));
+            if beats && last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                let _ = std::fs::write(beat_file(&dir, rank), ENTERED.load(Ordering::SeqCst).to_string());
+                last_beat = Some(Instant::now());
+            }
             let since = SINCE.load(Ordering::SeqCst);
             if since == 0 {
                 continue;
@@ -113,8 +183,11 @@ mod watchdog {
             let waited = (epoch().elapsed().as_millis() as u64 + 1).saturating_sub(since);
             if waited > limit {
                 let what = WHAT.lock().map(|w| *w).unwrap_or("a collective operation");
+                let named = if beats { suspects(&dir, rank, ENTERED.load(Ordering::SeqCst)) } else { Vec::new() };
+                let _ = std::fs::remove_file(beat_file(&dir, rank));
+                let who = if named.is_empty() { "one of them is stuck or gone".to_string() } else { named.join("; ") };
                 eprintln!(
-                    "error: rank {rank} waited {:.0} s in {what} for the other processes (ddp_timeout = {secs} s): one of them is stuck or gone; ending the run (resume with --resume_from_checkpoint true)",
+                    "error: rank {rank} waited {:.0} s in {what} for the other processes (ddp_timeout = {secs} s): {who}; ending the run (resume with --resume_from_checkpoint true)",
                     waited as f64 / 1000.0
                 );
                 // SAFETY: `_exit` ends the process at once, without running handlers that could
@@ -147,7 +220,10 @@ fn start_mpi<B: Backend>(n: usize, bucket: usize) -> Result<Box<dyn Collective<B
 /// Ends MPI after a successful run (every process calls it; nothing when MPI was not started).
 pub fn finish() {
     #[cfg(feature = "mpi")]
-    imp::finish();
+    {
+        watchdog::finish();
+        imp::finish();
+    }
 }
 
 /// Ends every process of the run at once after this one failed (`MPI_Abort`), so that none is
@@ -377,5 +453,28 @@ mod imp {
         if started {
             SimpleCommunicator::world().abort(code);
         }
+    }
+}
+
+#[cfg(all(test, feature = "mpi"))]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    /// The waiting process names the ranks behind it and the silent ones, not itself nor those
+    /// in step with it.
+    #[test]
+    fn the_heartbeats_name_the_ranks_behind_and_the_silent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        for (r, n) in [(0, 42), (1, 41), (2, 42), (3, 42)] {
+            std::fs::write(dir.path().join(format!("rank-{r}")), n.to_string()).unwrap();
+        }
+        let old = std::fs::File::options().write(true).open(dir.path().join("rank-3")).unwrap();
+        old.set_modified(SystemTime::now() - Duration::from_secs(9)).unwrap();
+        std::fs::write(dir.path().join("notes"), "not a heartbeat").unwrap();
+        let named = super::watchdog::suspects(dir.path(), 0, 42);
+        assert_eq!(named.len(), 2, "{named:?}");
+        assert!(named[0].starts_with("rank 1 has not reached it (it is at collective operation 41, this process at 42)"), "{named:?}");
+        assert!(named[1].starts_with("rank 3 has not answered for 9 s"), "{named:?}");
+        assert!(super::watchdog::suspects(&dir.path().join("missing"), 0, 42).is_empty());
     }
 }

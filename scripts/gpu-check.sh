@@ -10,7 +10,9 @@
 #
 # 1. every op of the CUDA backend against the CPU backend on random inputs, then whole training
 #    steps, in f32 and in bf16 (`runtime cuda-check`);
-#    then the addition example (GPT-2) and the reverse example (T5) trained on the GPU and the CPU;
+#    then the addition example (GPT-2) and the reverse example (T5) trained on the GPU and the CPU,
+#    and NCCL in one process (`ddp_backend = "nccl"`, plain and sharded, f32 and bf16) against
+#    the same runs without it (the same model bits);
 # 2. the attention kernels and the fused AdamW step timed (`runtime cuda-check --bench`);
 # 3. GPT-2 124M training throughput (sequence 1024, bf16) with `runtime bench` and with
 #    `transformers.Trainer` (`scripts/gpu_reference.py`) on the same GPU, one after the other;
@@ -24,8 +26,8 @@
 #
 # Every part runs even when an earlier one fails; the exit status is non-zero if any did. Each
 # part has its own time limit and together they stay under 8 minutes. On an H200 the whole script
-# took about 70 s with the kernels compiled ahead (the PyTorch reference about 30 s of it); compiling
-# them at the first start adds about 40 s.
+# took about 85 s with the kernels compiled ahead (the PyTorch reference about 30 s of it, the NCCL
+# runs about 25 s); compiling them at the first start adds about 40 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/gpu/runtime}

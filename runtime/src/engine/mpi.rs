@@ -217,6 +217,17 @@ fn start_mpi<B: Backend>(n: usize, bucket: usize) -> Result<Box<dyn Collective<B
     Ok(Box::new(c))
 }
 
+/// Runs `f`, a wait for the other processes outside MPI (a device collective and the device
+/// sync after it), under the `ddp_timeout` watchdog as MPI's own calls are: a peer stuck there
+/// ends the run with its rank named. Just `f` without the `mpi` feature.
+pub fn watched<T>(what: &'static str, f: impl FnOnce() -> T) -> T {
+    #[cfg(feature = "mpi")]
+    let _waiting = watchdog::waiting(what);
+    #[cfg(not(feature = "mpi"))]
+    let _ = what;
+    f()
+}
+
 /// Ends MPI after a successful run (every process calls it; nothing when MPI was not started).
 pub fn finish() {
     #[cfg(feature = "mpi")]

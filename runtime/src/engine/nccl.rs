@@ -35,13 +35,17 @@ impl<B: Backend + 'static> Collective<B> for NcclCollective<B> {
         self.host.world_size()
     }
     /// Each gradient summed in place on the device. NCCL's algorithms reduce each element once
-    /// and send that one result to every process, so every process holds the same bits.
+    /// and send that one result to every process, so every process holds the same bits. The
+    /// host then waits for the sums under the `ddp_timeout` watchdog (the gradient norm that
+    /// follows would wait for them anyway), so a peer that never joins them is named.
     fn all_reduce_grads(&mut self, backend: &B, grads: &mut Grads<B>) -> Result<()> {
-        for t in &mut grads.tensors {
-            let n = backend.len(t);
-            backend.group_op(t, 0, n, GroupOp::Sum)?;
-        }
-        Ok(())
+        super::mpi::watched("the gradient sum (NCCL)", || {
+            for t in &mut grads.tensors {
+                let n = backend.len(t);
+                backend.group_op(t, 0, n, GroupOp::Sum)?;
+            }
+            backend.synchronize()
+        })
     }
     fn reduce_buf_to(&mut self, backend: &B, root: usize, buf: &mut B::Buf, start: usize, len: usize) -> Result<()> {
         backend.group_op(buf, start, len, GroupOp::SumTo(root))

@@ -39,12 +39,11 @@ pub(super) struct Held {
 impl Held {
     /// Drops the entry of `key` (all when `None`), keeping the copies for reuse.
     fn drop_entries(&mut self, key: Option<u64>) {
-        let keys: Vec<u64> = self.map.keys().copied().filter(|k| key.is_none_or(|x| x == *k)).collect();
-        for k in keys {
-            if let Some((_, _, Some(c))) = self.map.remove(&k) {
-                self.spare.push(c);
-            }
-        }
+        let dropped: Vec<_> = match key {
+            Some(k) => self.map.remove(&k).into_iter().collect(),
+            None => self.map.drain().map(|(_, e)| e).collect(),
+        };
+        self.spare.extend(dropped.into_iter().filter_map(|(_, _, c)| c));
     }
 }
 

@@ -224,8 +224,9 @@ fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
             assert!(full.1 == r.1, "{cfg}: gradients differ in setting {i}");
         }
         let bytes: Vec<usize> = results.iter().map(|r| r.2).collect();
-        // under checkpointing one layer's buffers are kept either way, so recomputing saves nothing more
-        assert!(bytes[1] < bytes[0] && bytes[2] < bytes[0] && bytes[3] == bytes[1], "{cfg}: bytes {bytes:?}");
+        // under checkpointing one layer's buffers are kept either way; recomputing still lets the
+        // backward pass's scratch, the logits and the branch outputs take turns
+        assert!(bytes[1] < bytes[0] && bytes[2] < bytes[0] && bytes[3] < bytes[1], "{cfg}: bytes {bytes:?}");
     }
 }
 

@@ -17,8 +17,7 @@ use crate::backend::{AttnImpl, Backend};
 use crate::commands::{parse_attn, parse_device};
 use crate::engine::{AdamWConfig, Step};
 use crate::error::Result;
-use crate::model::Selected;
-use crate::model::{init::init_tensors, Batch, LoadOptions, LossOptions, Model, ModelConfig};
+use crate::model::{init::init_tensors, Batch, LoadOptions, LossOptions, Model, ModelConfig, Selected};
 
 /// `runtime bench`'s arguments.
 #[derive(clap::Args)]
@@ -486,6 +485,7 @@ fn train_steps<B: Backend>(be: B, cfg: &BenchConfig, on_warm: impl Fn(&B)) -> Re
         model.add_lora(lora, None, 0)?;
         model.hold_frozen_base()?;
     }
+    crate::mem::release_free_memory();
     let (rank, world) = (collective.rank(), collective.world_size());
     let mut rng = ChaCha8Rng::seed_from_u64(7 + rank as u64);
     let rows = cfg.batch * cfg.seq;

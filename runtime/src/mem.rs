@@ -24,3 +24,18 @@ fn status_mib(key: &str) -> f64 {
 pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
+
+/// Gives the memory the allocator holds free back to the system (glibc's `malloc_trim`), so that
+/// what a finished phase (loading a model) freed does not stay in the resident set. Returns
+/// whether anything was given back.
+pub fn release_free_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}

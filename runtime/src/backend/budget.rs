@@ -105,6 +105,9 @@ impl<B: Backend> Backend for Budget<B> {
     fn len(&self, buf: &Buf<B>) -> usize {
         self.inner.len(&buf.buf)
     }
+    fn host_mut<'a>(&self, buf: &'a mut Buf<B>) -> Option<&'a mut [f32]> {
+        self.inner.host_mut(&mut buf.buf)
+    }
     fn fill(&self, buf: &mut Buf<B>, value: f32) {
         self.inner.fill(&mut buf.buf, value)
     }
@@ -202,6 +205,9 @@ impl<B: Backend> Backend for Budget<B> {
     }
     fn add(&self, out: &mut Buf<B>, a: &Buf<B>, b: &Buf<B>) {
         self.inner.add(&mut out.buf, &a.buf, &b.buf)
+    }
+    fn add_assign(&self, dst: &mut Buf<B>, src: &Buf<B>) {
+        self.inner.add_assign(&mut dst.buf, &src.buf)
     }
     fn logits_chunk_floats(&self) -> usize {
         self.inner.logits_chunk_floats()

@@ -320,6 +320,10 @@ pub trait Backend: Send + Sync + 'static {
     fn swiglu_bwd(&self, dx: &mut Self::Buf, x: &Self::Buf, dout: &Self::Buf, i: usize);
     /// `out = a + b`.
     fn add(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf);
+    /// `dst += src` over `src`'s length (the same sums as [`Backend::add`] with the operands swapped).
+    fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf) {
+        self.add_cols(dst, src, 1, self.len(src), self.len(src), 0, 1.0)
+    }
     /// Dropout in place, counter-based: element `i` is kept when [`dropout_keep`]`(key, i,
     /// threshold)` and then multiplied by `scale`, zeroed otherwise (see [`DropoutMask`]). The
     /// same call on a gradient is dropout's backward pass.

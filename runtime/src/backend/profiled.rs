@@ -71,6 +71,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn len(&self, buf: &B::Buf) -> usize {
         self.inner.len(buf)
     }
+    fn host_mut<'a>(&self, buf: &'a mut B::Buf) -> Option<&'a mut [f32]> {
+        self.inner.host_mut(buf)
+    }
     fn fill(&self, buf: &mut B::Buf, value: f32) {
         self.time("fill", 0.0, || self.inner.fill(buf, value))
     }
@@ -169,6 +172,9 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn add(&self, out: &mut B::Buf, a: &B::Buf, b: &B::Buf) {
         self.time("residual", 0.0, || self.inner.add(out, a, b))
+    }
+    fn add_assign(&self, dst: &mut B::Buf, src: &B::Buf) {
+        self.time("residual", 0.0, || self.inner.add_assign(dst, src))
     }
     fn logits_chunk_floats(&self) -> usize {
         self.inner.logits_chunk_floats()

@@ -114,6 +114,8 @@ pub struct Activations<B: Backend> {
     pub(super) datt: B::Buf,
     pub(super) dqkv: B::Buf,
     pub(super) dfc: B::Buf,
+    /// The length `dfc` has whenever the backward pass runs.
+    pub(super) dfc_len: usize,
     pub(super) dact: B::Buf,
     /// The LoRA branches' scratch (empty without adapters).
     pub(super) lora: LoraScratch<B>,
@@ -139,6 +141,9 @@ impl<B: Backend> Activations<B> {
         let recompute = model.recompute_activations;
         // the norms' outputs and the activation: per layer, or one set the layers share
         let (own, shared) = if recompute { (0, rows) } else { (rows, 0) };
+        // with `recompute`, the MLP's input gradient, the attention's and the LM head's chunk of
+        // logits take turns in one buffer (`Activations::logits_room`)
+        let dfc_len = if recompute { (rows * c.fc_width().max(c.qkv_width())).max(head_rows.min(rows) * c.vocab_size) } else { rows * c.fc_width() };
         let layers = (0..kept)
             .map(|_| -> Result<LayerActs<B>> {
                 Ok(LayerActs {
@@ -176,15 +181,19 @@ impl<B: Backend> Activations<B> {
             head_din: z(if chunked { head_rows * h } else { 0 })?,
             chunk_targets: Vec::new(),
             row_loss: z(rows)?,
-            tmp: z(rows * h)?,
+            // with `recompute` the branches' outputs go straight into the residual sums
+            tmp: z(if recompute { 0 } else { rows * h })?,
             shared: SharedActs { ln1: z(shared * h)?, ln2: z(shared * h)?, act: z(shared * c.intermediate_size)? },
             recompute,
             dres: z(rows * h)?,
             dln: z(rows * h)?,
-            datt: z(rows * shape.out_width())?,
-            dqkv: z(rows * c.qkv_width())?,
-            dfc: z(rows * c.fc_width())?,
-            dact: z(rows * c.intermediate_size)?,
+            // with `recompute` the attention's backward scratch is the MLP's (a layer's MLP part
+            // of the backward pass is done before its attention part starts): empty here
+            datt: z(if recompute { 0 } else { rows * shape.out_width() })?,
+            dqkv: z(if recompute { 0 } else { rows * c.qkv_width() })?,
+            dfc: z(dfc_len)?,
+            dfc_len,
+            dact: z(rows * if recompute { c.intermediate_size.max(shape.out_width()) } else { c.intermediate_size })?,
             lora: LoraScratch::new(be, rows, model.lora_dims(), model.lora.as_ref().is_some_and(|l| l.config.lora_dropout > 0.0))?,
             dropout: None,
             has_grad: false,
@@ -211,8 +220,11 @@ impl<B: Backend> Activations<B> {
         let (own, shared) = if model.recompute_activations { (0, acts) } else { (acts, 0) };
         let per_layer = rows * (h + 4 + qkv + out + fc) + own + stats;
         let head_rows = model.head_chunk_rows(batch * seq) as u128;
-        let head = head_rows * v + if head_rows < rows { 2 * head_rows * h } else { 0 } + rows;
-        let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + head + 3 * rows * h + rows * (out + qkv + fc + i) + shared + 4 * rows;
+        let logits = head_rows.min(rows) * v;
+        let head = if model.recompute_activations { 0 } else { logits } + if head_rows < rows { 2 * head_rows * h } else { 0 } + rows;
+        let scratch = if model.recompute_activations { (rows * fc.max(qkv)).max(logits) + rows * i.max(out) } else { rows * (out + qkv + fc + i) };
+        let tmp = if model.recompute_activations { 0 } else { rows * h };
+        let rest = (c.n_layer as u128 + 1) * rows * h + rows * (h + 2) + head + 2 * rows * h + tmp + scratch + shared + 4 * rows;
         let dropout = model.lora.as_ref().is_some_and(|l| l.config.lora_dropout > 0.0);
         let lora = model.lora_dims().floats(batch.saturating_mul(seq), dropout) as u128;
         4 * (kept * per_layer + rest + lora)
@@ -247,6 +259,34 @@ impl<B: Backend> Activations<B> {
         ];
         let layers = self.layers.iter().map(l).sum::<usize>() + self.resid.iter().map(|b| be.len(b)).sum::<usize>();
         4 * (layers + bufs.iter().map(|b| be.len(b)).sum::<usize>()) + self.lora.bytes(be)
+    }
+
+    /// Makes `logits` hold at least `need` values for a chunk of the LM head: with `recompute`,
+    /// by trading buffers with `dfc` (the backward pass's scratch, free until the backward pass,
+    /// which [`Activations::scratch_back`] gives it back to).
+    pub(super) fn logits_room(&mut self, be: &B, need: usize) -> Result<()> {
+        if be.len(&self.logits) >= need {
+            return Ok(());
+        }
+        if self.recompute && be.len(&self.dfc) >= need {
+            std::mem::swap(&mut self.logits, &mut self.dfc);
+        } else {
+            self.logits = be.zeros(need)?;
+        }
+        Ok(())
+    }
+
+    /// Gives `dfc` back its length for the backward pass (from `logits` when they traded).
+    pub(super) fn scratch_back(&mut self, be: &B) -> Result<()> {
+        if be.len(&self.dfc) >= self.dfc_len {
+            return Ok(());
+        }
+        if be.len(&self.logits) >= self.dfc_len {
+            std::mem::swap(&mut self.logits, &mut self.dfc);
+        } else {
+            self.dfc = be.zeros(self.dfc_len)?;
+        }
+        Ok(())
     }
 
     /// Dropout for the next training passes, with masks from `key` (`None`: off).

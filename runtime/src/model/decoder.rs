@@ -200,14 +200,23 @@ impl<B: Backend> Model<B> {
         be.release_operands();
         let (rows, h) = (b.batch * b.seq, c.hidden_size);
         let emb = self.embedding();
-        self.with_params(&emb.params(), |p| emb.fwd(be, p, &mut acts.resid[0], &acts.ids, &acts.pos))?;
+        // a token table held in bf16 is made f32 only in the rows the batch uses, in the backward
+        // pass's scratch
+        if !self.held_embedding_fwd(&mut acts.resid[0], &b.input_ids, &acts.pos, &mut acts.dfc)? {
+            self.with_params(&emb.params(), |p| emb.fwd(be, p, &mut acts.resid[0], &acts.ids, &acts.pos))?;
+        }
         if let Some(Neftune { alpha, seed }) = neftune {
             use rand::{RngExt, SeedableRng};
             let mag = alpha / ((b.seq * h) as f32).sqrt();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             let noise: Vec<f32> = (0..rows * h).map(|_| rng.random_range(-mag..=mag)).collect();
-            be.copy(&mut acts.tmp, &acts.resid[0]);
-            be.add(&mut acts.resid[0], &acts.tmp, &be.upload(&noise)?);
+            let noise = be.upload_vec(noise)?;
+            if be.len(&acts.tmp) > 0 {
+                be.copy(&mut acts.tmp, &acts.resid[0]);
+                be.add(&mut acts.resid[0], &acts.tmp, &noise);
+            } else {
+                be.add_assign(&mut acts.resid[0], &noise);
+            }
         }
         crate::nn::drop(be, &mut acts.resid[0], c.dropout.embd, acts.dropout, 0);
         for l in 0..c.n_layer {
@@ -247,6 +256,7 @@ impl<B: Backend> Model<B> {
     /// backward pass runs.
     pub(super) fn backward_body(&self, acts: &mut Activations<B>, grads: &mut Grads<B>, ready: &mut GradsReady<B>) -> Result<()> {
         let (be, n_layer, tr) = (&self.backend, self.config.n_layer, &self.trainable);
+        acts.scratch_back(be)?;
         be.fill(&mut acts.dres, 0.0);
         let lnf = self.final_norm();
         let done: Vec<usize> = self.layout.lm_head.into_iter().chain(lnf.params()).collect();
@@ -270,8 +280,8 @@ impl<B: Backend> Model<B> {
                 let mut d = BlockGrads {
                     dres: &mut acts.dres,
                     dln: &mut acts.dln,
-                    datt: &mut acts.datt,
-                    dqkv: &mut acts.dqkv,
+                    datt: (!acts.recompute).then_some(&mut acts.datt),
+                    dqkv: (!acts.recompute).then_some(&mut acts.dqkv),
                     dfc: &mut acts.dfc,
                     dact: &mut acts.dact,
                     lora: &mut acts.lora,
@@ -285,7 +295,9 @@ impl<B: Backend> Model<B> {
         }
         // the embedding dropout's backward pass: its mask on the gradient
         crate::nn::drop(be, &mut acts.dres, self.config.dropout.embd, acts.dropout, 0);
-        self.with_params_grads(&emb.params(), &emb.params(), &mut grads.tensors, |_, bufs| {
+        // the embeddings' backward pass reads no weight: one held in bf16 is not made f32
+        let fetch = if self.frozen.is_some() { Vec::new() } else { emb.params() };
+        self.with_params_grads(&fetch, &emb.params(), &mut grads.tensors, |_, bufs| {
             emb.bwd(be, &mut GradsMut { bufs, trainable: tr }, &acts.ids, &acts.pos, &acts.dres);
         })?;
         ready(&emb.params(), &mut grads.tensors);

@@ -7,19 +7,27 @@
 
 use std::sync::Mutex;
 
-use half::bf16;
+use half::{bf16, slice::HalfFloatSliceExt};
 
+use super::activations::Activations;
 use super::io::Dtype;
 use super::Model;
-use crate::backend::Backend;
+use crate::backend::{Backend, ColBlock};
 use crate::error::{Error, Result};
 use crate::nn::{ParamBufs, Params};
+
+/// The f32 values of a held LM head made at a time in training and evaluation (2 MiB): the
+/// head's rows a block at a time, so the whole head never exists in f32.
+const HEAD_BLOCK_FLOATS: usize = 1 << 19;
 
 /// The parameters held in bf16, and the f32 copies of those a unit is running with.
 pub struct FrozenBf16<B: Backend> {
     /// Per parameter: its values, when held here (the model's buffer is then empty).
     half: Vec<Option<Vec<bf16>>>,
     expanded: Mutex<Vec<Option<B::Buf>>>,
+    /// Rows of a held LM head made f32 at a time by the fused head and loss (`None`:
+    /// [`HEAD_BLOCK_FLOATS`] worth; all of them: the head runs as an f32 one would).
+    pub head_block_rows: Option<usize>,
 }
 
 impl<B: Backend> FrozenBf16<B> {
@@ -31,6 +39,26 @@ impl<B: Backend> FrozenBf16<B> {
     fn values(&self, i: usize) -> Option<Vec<f32>> {
         self.half.get(i)?.as_ref().map(|h| h.iter().map(|v| v.to_f32()).collect())
     }
+
+    fn held(&self, i: usize) -> Option<&[bf16]> {
+        self.half.get(i)?.as_deref()
+    }
+}
+
+/// Writes `src` as f32 into the front of `buf`, which holds at least `src.len()` values (in place
+/// on a host backend; through an upload otherwise).
+fn widen_into<B: Backend>(be: &B, buf: &mut B::Buf, src: &[bf16]) -> Result<()> {
+    if be.len(buf) < src.len() {
+        return Err(Error::Invalid(format!("{} values do not fit a buffer of {}", src.len(), be.len(buf))));
+    }
+    if let Some(h) = be.host_mut(buf) {
+        src.convert_to_f32_slice(&mut h[..src.len()]);
+        return Ok(());
+    }
+    let mut v = vec![0.0f32; src.len()];
+    src.convert_to_f32_slice(&mut v);
+    be.copy_range(buf, 0, &be.upload_vec(v)?, 0, src.len());
+    Ok(())
 }
 
 impl<B: Backend> Model<B> {
@@ -76,7 +104,7 @@ impl<B: Backend> Model<B> {
             }
         }
         let n = half.len();
-        let frozen = FrozenBf16 { half, expanded: Mutex::new((0..n).map(|_| None).collect()) };
+        let frozen = FrozenBf16 { half, expanded: Mutex::new((0..n).map(|_| None).collect()), head_block_rows: None };
         // two bytes a value instead of four
         let saved = frozen.bytes();
         self.frozen = Some(frozen);
@@ -108,5 +136,142 @@ impl<B: Backend> Model<B> {
             exp[i] = None;
         }
         Ok(out)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// The embedding's forward pass into `out` when its token table is held in bf16 (returns
+    /// `false`, doing nothing, otherwise): only the table's rows that `ids` use are made f32, in
+    /// `spare` (scratch that is free during the forward pass) when it is long enough, and looked
+    /// up through ids renumbered into them. The same values land in `out` as from the whole table.
+    pub(super) fn held_embedding_fwd(&self, out: &mut B::Buf, ids: &[i32], pos: &B::Ids, spare: &mut B::Buf) -> Result<bool> {
+        let (be, emb) = (&self.backend, self.embedding());
+        let Some(frozen) = &self.frozen else { return Ok(false) };
+        let Some(table) = frozen.held(emb.wte) else { return Ok(false) };
+        let h = emb.width;
+        let mut used = ids.to_vec();
+        used.sort_unstable();
+        used.dedup();
+        let mut renumbered = Vec::with_capacity(ids.len());
+        for &id in ids {
+            renumbered.push(used.binary_search(&id).unwrap_or_default() as i32);
+        }
+        let mut rows = Vec::with_capacity(used.len());
+        for &id in &used {
+            let row = usize::try_from(id).ok().and_then(|r| table.get(r * h..(r + 1) * h));
+            rows.push(row.ok_or_else(|| Error::Invalid(format!("token id {id} is outside the embedding's {} rows", table.len() / h.max(1))))?);
+        }
+        let borrowed = be.len(spare) >= rows.len() * h && be.host_mut(spare).is_some();
+        let mut rows_f32 = if borrowed { std::mem::replace(spare, be.zeros(0)?) } else { be.zeros(rows.len() * h)? };
+        match be.host_mut(&mut rows_f32) {
+            Some(dst) => rows.iter().zip(dst.chunks_exact_mut(h.max(1))).for_each(|(src, d)| src.convert_to_f32_slice(d)),
+            None => rows_f32 = be.upload_vec(rows.iter().flat_map(|r| r.iter().map(|v| v.to_f32())).collect())?,
+        }
+        let mut expanded: Vec<Option<B::Buf>> = (0..self.params.len()).map(|_| None).collect();
+        if let Some(wpe) = emb.wpe {
+            if let Some(v) = frozen.values(wpe) {
+                expanded[wpe] = Some(be.upload_vec(v)?);
+            }
+        }
+        let ids = be.upload_ids(&renumbered)?;
+        expanded[emb.wte] = Some(rows_f32);
+        emb.fwd(be, &Params { bufs: ParamBufs { own: &self.params, expanded: &expanded }, trainable: &self.trainable }, out, &ids, pos);
+        if let (true, Some(b)) = (borrowed, expanded[emb.wte].take()) {
+            *spare = b;
+        }
+        Ok(true)
+    }
+
+    /// Whether the LM head's weight is held in bf16.
+    pub(super) fn head_is_held(&self) -> bool {
+        self.frozen.as_ref().is_some_and(|f| f.held(self.layout.head()).is_some())
+    }
+
+    /// Chunk `i` (rows `r0..r0 + n`) of the LM head and the built-in loss with the head's weight
+    /// held in bf16 (see `Model::head_chunk_loss`): the losses into `acts.row_loss` and, with
+    /// `grad_scale` (training), the chunk's rows of `acts.dln`; the head is frozen, so it has no
+    /// gradient. The head is made f32 `head_block_rows` rows at a time, into `w` (scratch of at
+    /// least that many rows): each block's logits columns, the loss over whole rows, then each
+    /// block's share of the input gradient, summed block by block (in one block it runs exactly
+    /// as an f32 head).
+    pub(super) fn held_head_chunk_loss(
+        &self,
+        acts: &mut Activations<B>,
+        (w, dpart): (&mut B::Buf, &mut B::Buf),
+        (i, r0, n): (usize, usize, usize),
+        smoothing: f32,
+        grad_scale: Option<f32>,
+    ) -> Result<()> {
+        let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
+        let head = self.layout.head();
+        let held = self.frozen.as_ref().and_then(|f| Some((f.held(head)?, f.head_block_rows)));
+        let Some((weight, block_rows)) = held else { return Err(Error::Invalid("the LM head is not held in bf16".into())) };
+        let rows = acts.batch * acts.seq;
+        acts.logits_room(be, acts.head_rows.min(rows) * v)?;
+        if n != rows {
+            be.copy_range(&mut acts.head_in, 0, &acts.lnf, r0 * h, n * h);
+        }
+        let targets = if acts.chunk_targets.is_empty() { &acts.targets } else { &acts.chunk_targets[i] };
+        let x = if n == rows { &acts.lnf } else { &acts.head_in };
+        let dx = if n == rows { &mut acts.dln } else { &mut acts.head_din };
+        let vb = Self::head_block(block_rows, h, v);
+        if vb == v {
+            widen_into(be, w, weight)?;
+            let back = grad_scale.map(|_| (&mut *dx, None));
+            be.head_loss(&mut acts.logits, x, w, targets, (n, h, v), smoothing, grad_scale, &mut acts.row_loss, r0, back);
+        } else {
+            let blocks = || (0..v).step_by(vb).map(move |v0| ColBlock { rows: n, width: vb.min(v - v0), ld: v, off: v0 });
+            be.fill(&mut acts.logits, 0.0);
+            for blk in blocks() {
+                widen_into(be, w, &weight[blk.off * h..(blk.off + blk.width) * h])?;
+                be.lora_up(&mut acts.logits, x, w, blk, h, 1.0);
+            }
+            be.cross_entropy_into(&mut acts.logits, targets, v, smoothing, grad_scale, &mut acts.row_loss, r0);
+            if grad_scale.is_some() {
+                for (j, blk) in blocks().enumerate() {
+                    widen_into(be, w, &weight[blk.off * h..(blk.off + blk.width) * h])?;
+                    if j == 0 {
+                        be.lora_up_bwd(dx, None, &acts.logits, x, w, blk, h, 1.0);
+                    } else {
+                        be.lora_up_bwd(dpart, None, &acts.logits, x, w, blk, h, 1.0);
+                        be.add_cols(dx, dpart, n, h, h, 0, 1.0);
+                    }
+                }
+            }
+        }
+        if grad_scale.is_some() && n != rows {
+            be.copy_range(&mut acts.dln, r0 * h, &acts.head_din, 0, n * h);
+        }
+        Ok(())
+    }
+
+    /// Rows of a held head made f32 at a time, of `v` rows of width `h`.
+    fn head_block(block_rows: Option<usize>, h: usize, v: usize) -> usize {
+        block_rows.unwrap_or(HEAD_BLOCK_FLOATS / h.max(1)).clamp(1, v.max(1))
+    }
+
+    /// The scratch [`Model::held_head_chunk_loss`] needs for chunks of up to `n` rows: a block of
+    /// the head in f32 and a block's share of the input gradient. Each is taken from `spare`
+    /// (the backward pass's scratch, free meanwhile) when that is long enough; give them back
+    /// with [`Model::return_scratch`].
+    pub(super) fn held_head_scratch(&self, n: usize, spare: [&mut B::Buf; 2]) -> Result<[(B::Buf, bool); 2]> {
+        let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
+        let vb = Self::head_block(self.frozen.as_ref().and_then(|f| f.head_block_rows), h, v);
+        let need = [vb * h, if vb == v { 0 } else { n * h }];
+        let mut out = Vec::with_capacity(2);
+        for (s, need) in spare.into_iter().zip(need) {
+            out.push(if be.len(s) >= need { (std::mem::replace(s, be.zeros(0)?), true) } else { (be.zeros(need)?, false) });
+        }
+        let [a, b]: [(B::Buf, bool); 2] = out.try_into().map_err(|_| Error::Invalid("held head scratch".into()))?;
+        Ok([a, b])
+    }
+
+    /// Gives back the buffers [`Model::held_head_scratch`] took.
+    pub(super) fn return_scratch(scratch: [(B::Buf, bool); 2], spare: [&mut B::Buf; 2]) {
+        for ((buf, taken), s) in scratch.into_iter().zip(spare) {
+            if taken {
+                *s = buf;
+            }
+        }
     }
 }

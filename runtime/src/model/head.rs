@@ -248,7 +248,9 @@ impl<B: Backend> Model<B> {
         self.forward_hidden(acts, b, neftune)?;
         let (be, c) = (&self.backend, &self.config);
         let rows = b.batch * b.seq;
-        if be.len(&acts.logits) < rows * c.vocab_size {
+        // the whole logits, exactly `[rows, vocab]` (callers download them)
+        acts.scratch_back(be)?;
+        if be.len(&acts.logits) != rows * c.vocab_size {
             acts.logits = be.zeros(rows * c.vocab_size)?;
         }
         let head = self.layout.head();
@@ -260,9 +262,7 @@ impl<B: Backend> Model<B> {
     pub(super) fn head_chunk_fwd(&self, acts: &mut Activations<B>, p: &Params<B>, r0: usize, n: usize) -> Result<()> {
         let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
         let rows = acts.batch * acts.seq;
-        if be.len(&acts.logits) < acts.head_rows.min(rows) * v {
-            acts.logits = be.zeros(acts.head_rows.min(rows) * v)?;
-        }
+        acts.logits_room(be, acts.head_rows.min(rows) * v)?;
         p.keep_if_frozen(be, self.layout.head());
         let w = &p.bufs[self.layout.head()];
         if n == rows {
@@ -288,9 +288,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
         let rows = acts.batch * acts.seq;
-        if be.len(&acts.logits) < acts.head_rows.min(rows) * v {
-            acts.logits = be.zeros(acts.head_rows.min(rows) * v)?;
-        }
+        acts.logits_room(be, acts.head_rows.min(rows) * v)?;
         let head = self.layout.head();
         p.keep_if_frozen(be, head);
         if n != rows {
@@ -377,6 +375,21 @@ impl<B: Backend> Model<B> {
             Ok(stats)
         };
         let head = self.layout.head();
+        if fused && self.head_is_held() {
+            // a frozen head held in bf16: made f32 a block of rows at a time, never whole
+            let n = acts.head_rows.min(acts.batch * acts.seq);
+            let [mut w, mut dpart] = self.held_head_scratch(n, [&mut acts.dact, &mut acts.dres])?;
+            let mut run = || -> Result<()> {
+                for chunk in head_chunks(acts).collect::<Vec<_>>() {
+                    self.held_head_chunk_loss(acts, (&mut w.0, &mut dpart.0), chunk, loss.label_smoothing, grad_scale)?;
+                }
+                Ok(())
+            };
+            let done = run();
+            Self::return_scratch([w, dpart], [&mut acts.dact, &mut acts.dres]);
+            done?;
+            return Ok((b.labels.is_some().then_some(n_tokens), None));
+        }
         let stats = match grads {
             Some(g) => self.with_params_grads(&[head], &[], &mut g.tensors, |p, bufs| chunks(p, Some(bufs)))??,
             None => self.with_params(&[head], |p| chunks(p, None))??,

@@ -31,7 +31,7 @@ fn lora_key(drop: Option<u64>, unit: u64) -> Option<u64> {
 }
 
 /// The block's activations: written by the forward pass, read by the backward pass (`tmp` is
-/// scratch). With `recompute`, `ln1`, `ln2` (the norms' outputs, `[rows, hidden]`) and `act` (the
+/// scratch for the branches' outputs; empty: they are written into the residual sums). With `recompute`, `ln1`, `ln2` (the norms' outputs, `[rows, hidden]`) and `act` (the
 /// MLP's activation, `[rows, intermediate]`) are buffers the layers share: the backward pass
 /// recomputes them from the norms' inputs and statistics and from `fc`, as llm.c does, which
 /// saves three buffers per layer.
@@ -66,8 +66,10 @@ pub enum AttnCall<'a, B: Backend> {
 pub struct BlockGrads<'a, B: Backend> {
     pub dres: &'a mut B::Buf,
     pub dln: &'a mut B::Buf,
-    pub datt: &'a mut B::Buf,
-    pub dqkv: &'a mut B::Buf,
+    /// The attention's output and input gradients; `None`: `dact` and `dfc` serve (they are
+    /// free once the MLP's backward pass is done, and at least as long).
+    pub datt: Option<&'a mut B::Buf>,
+    pub dqkv: Option<&'a mut B::Buf>,
     pub dfc: &'a mut B::Buf,
     pub dact: &'a mut B::Buf,
     pub lora: &'a mut LoraScratch<B>,
@@ -135,15 +137,29 @@ impl Block {
                 be.attention_decode(a.att_out, a.qkv, k_cache, v_cache, mask, slot, shape, max_len);
             }
         }
-        self.o.fwd_all(be, p, a.tmp, a.att_out, rows, lora, lora_key(drop_key, 1));
-        drop(be, a.tmp, self.resid_pdrop, drop_key, SITE_ATTN_OUT);
-        be.add(a.res1, x, a.tmp);
+        // each branch's output goes to `tmp` and is added to the skip connection, or, when `tmp`
+        // is empty, straight into the sum's buffer with the skip connection added in place (the
+        // same sums: addition commutes)
+        let in_tmp = be.len(a.tmp) > 0;
+        let out = if in_tmp { &mut *a.tmp } else { &mut *a.res1 };
+        self.o.fwd_all(be, p, out, a.att_out, rows, lora, lora_key(drop_key, 1));
+        drop(be, out, self.resid_pdrop, drop_key, SITE_ATTN_OUT);
+        if in_tmp {
+            be.add(a.res1, x, a.tmp);
+        } else {
+            be.add_assign(a.res1, x);
+        }
         self.ln2.fwd(be, p, a.ln2, a.ln2_mean, a.ln2_rstd, a.res1);
         self.fc.fwd_all(be, p, a.fc, a.ln2, rows, lora, lora_key(drop_key, 2));
         self.act.fwd(be, a.act, a.fc);
-        self.proj.fwd_all(be, p, a.tmp, a.act, rows, lora, lora_key(drop_key, 3));
-        drop(be, a.tmp, self.resid_pdrop, drop_key, SITE_MLP_OUT);
-        be.add(y, a.res1, a.tmp);
+        let out = if in_tmp { &mut *a.tmp } else { &mut *y };
+        self.proj.fwd_all(be, p, out, a.act, rows, lora, lora_key(drop_key, 3));
+        drop(be, out, self.resid_pdrop, drop_key, SITE_MLP_OUT);
+        if in_tmp {
+            be.add(y, a.res1, a.tmp);
+        } else {
+            be.add_assign(y, a.res1);
+        }
     }
 
     /// The backward pass of a [`AttnCall::Sequence`] forward whose activations are `a` (and
@@ -192,19 +208,27 @@ impl Block {
             drop(be, d.dln, self.resid_pdrop, drop_key, SITE_ATTN_OUT);
         }
         let dattn: &B::Buf = if dropping { &*d.dln } else { &*d.dres };
-        self.o.bwd_all(be, p, g, Some(d.datt), dattn, a.att_out, rows, d.lora, lora_key(drop_key, 1));
+        let datt: &mut B::Buf = match d.datt.as_deref_mut() {
+            Some(b) => b,
+            None => &mut *d.dact,
+        };
+        let dqkv: &mut B::Buf = match d.dqkv.as_deref_mut() {
+            Some(b) => b,
+            None => &mut *d.dfc,
+        };
+        self.o.bwd_all(be, p, g, Some(&mut *datt), dattn, a.att_out, rows, d.lora, lora_key(drop_key, 1));
         match self.attn_dropout(be, drop_key) {
-            Some(m) => be.attention_bwd_dropout(d.dqkv, d.datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp, m),
-            None => be.attention_bwd(d.dqkv, d.datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp),
+            Some(m) => be.attention_bwd_dropout(dqkv, datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp, m),
+            None => be.attention_bwd(dqkv, datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp),
         }
         if let Some(theta) = self.attn.rope_theta {
-            be.rope(d.dqkv, pos, shape, theta, true);
+            be.rope(dqkv, pos, shape, theta, true);
         }
         if a.recompute {
             self.ln1.fwd(be, p, a.ln1, a.ln1_mean, a.ln1_rstd, x);
         }
         let need_dln = need_dx || g.trainable[self.ln1.w] || self.ln1.b.is_some_and(|b| g.trainable[b]);
-        self.qkv.bwd_all(be, p, g, need_dln.then_some(&mut *d.dln), d.dqkv, a.ln1, rows, d.lora, lora_key(drop_key, 0));
+        self.qkv.bwd_all(be, p, g, need_dln.then_some(&mut *d.dln), dqkv, a.ln1, rows, d.lora, lora_key(drop_key, 0));
         if need_dln {
             self.ln1.bwd(be, p, g, d.dres, d.dln, x, a.ln1_mean, a.ln1_rstd);
         }

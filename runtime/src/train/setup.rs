@@ -113,6 +113,9 @@ fn load_model<B: Backend>(backend: B, args: &TrainingArguments, pieces: Option<(
     model.gradient_checkpointing = args.gradient_checkpointing;
     attach_adapter(&mut model, args)?;
     model.hold_frozen_base()?;
+    // what loading freed (file buffers, f32 copies of weights now held in bf16) goes back to the
+    // system rather than staying in the resident set
+    crate::mem::release_free_memory();
     let d = model.config.dropout;
     if d.embd > 0.0 || d.resid > 0.0 || d.attn > 0.0 {
         tracing::info!("dropout in training: embeddings {}, residual branches {}, attention probabilities {}", d.embd, d.resid, d.attn);

@@ -177,6 +177,9 @@ impl Backend for Cpu {
     fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
         pointwise::add(out, a, b)
     }
+    fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        pointwise::add_assign(dst, src)
+    }
     /// 16 MiB: on the CPU a smaller chunk costs no speed once it has 512 rows (measured at
     /// vocab 8192), and saves the memory of the whole logits.
     fn logits_chunk_floats(&self) -> usize {

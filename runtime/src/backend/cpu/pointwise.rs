@@ -140,6 +140,14 @@ fn rows_per_task(width: usize) -> usize {
     (16384 / width.max(1)).max(1)
 }
 
+pub fn add_assign(dst: &mut [f32], src: &[f32]) {
+    dst[..src.len()].par_chunks_mut(4096).zip(src.par_chunks(4096)).for_each(|(d, s)| {
+        for (d, s) in d.iter_mut().zip(s) {
+            *d += s;
+        }
+    });
+}
+
 pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
     out.par_chunks_mut(4096).zip(a.par_chunks(4096)).zip(b.par_chunks(4096)).for_each(|((o, a), b)| {
         for ((o, a), b) in o.iter_mut().zip(a).zip(b) {

@@ -64,6 +64,9 @@ pub fn start<B: Backend>(bucket_mib: Option<usize>, timeout: Option<u64>) -> Res
         let mut token =
             format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())).into_bytes();
         c.broadcast_bytes(&mut token)?;
+        if c.rank() == 0 {
+            watchdog::sweep(&std::env::temp_dir(), watchdog::LEFT_BEHIND);
+        }
         let dir = std::env::temp_dir().join(format!("runtime-ddp-{}", String::from_utf8_lossy(&token)));
         watchdog::start(c.rank(), secs, dir);
     }
@@ -150,6 +153,28 @@ mod watchdog {
             }
         }
         out
+    }
+
+    /// A heartbeat folder none of whose files changed for this long belongs to a run that ended
+    /// without removing it (killed, or ended by `ddp_timeout`): running processes write every second.
+    pub const LEFT_BEHIND: Duration = Duration::from_secs(600);
+
+    /// Removes the heartbeat folders in `tmp` left behind by runs that ended (nothing in them
+    /// changed for `idle`); any that cannot be read or removed stay.
+    pub fn sweep(tmp: &Path, idle: Duration) {
+        let Ok(entries) = std::fs::read_dir(tmp) else { return };
+        let idle_for = |p: &Path| std::fs::metadata(p).ok()?.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok());
+        for e in entries.flatten() {
+            let dir = e.path();
+            if !e.file_name().to_str().is_some_and(|n| n.starts_with("runtime-ddp-")) || !dir.is_dir() {
+                continue;
+            }
+            let Ok(files) = std::fs::read_dir(&dir) else { continue };
+            let stale = std::iter::once(dir.clone()).chain(files.flatten().map(|f| f.path())).all(|p| idle_for(&p).is_some_and(|a| a > idle));
+            if stale {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
     }
 
     /// Removes this process's heartbeat (and the folder, once empty) after a successful run.
@@ -241,7 +266,11 @@ pub fn finish() {
 /// left waiting in a collective for it; nothing when MPI was not started.
 pub fn abort_all(code: i32) {
     #[cfg(feature = "mpi")]
-    imp::abort_all(code);
+    {
+        // this process's heartbeat goes (the folder too, once the others' have)
+        watchdog::finish();
+        imp::abort_all(code);
+    }
     let _ = code;
 }
 
@@ -470,6 +499,35 @@ mod imp {
 #[cfg(all(test, feature = "mpi"))]
 mod tests {
     use std::time::{Duration, SystemTime};
+
+    /// Rank 0 removes the heartbeat folders of runs that ended without removing theirs, and
+    /// nothing else.
+    #[test]
+    fn heartbeat_folders_left_behind_are_swept_and_live_ones_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        let make = |name: &str, age: Option<SystemTime>| {
+            let dir = tmp.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            let beat = dir.join("rank-0");
+            std::fs::write(&beat, "7").unwrap();
+            if let Some(t) = age {
+                std::fs::File::options().write(true).open(&beat).unwrap().set_modified(t).unwrap();
+                std::fs::File::open(&dir).unwrap().set_modified(t).unwrap();
+            }
+            dir
+        };
+        let dead = make("runtime-ddp-1-2", Some(old));
+        let live = make("runtime-ddp-3-4", None);
+        let other = make("someone-else", Some(old));
+        // a folder whose own time is old but with one fresh heartbeat is still in use
+        let mixed = make("runtime-ddp-5-6", Some(old));
+        std::fs::write(mixed.join("rank-1"), "7").unwrap();
+        std::fs::File::open(&mixed).unwrap().set_modified(old).unwrap();
+        super::watchdog::sweep(tmp.path(), Duration::from_secs(600));
+        assert!(!dead.exists(), "a run's folder left behind an hour ago is removed");
+        assert!(live.exists() && other.exists() && mixed.exists(), "live runs' folders and other folders stay");
+    }
 
     /// The waiting process names the ranks behind it and the silent ones, not itself nor those
     /// in step with it.

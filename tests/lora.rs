@@ -112,9 +112,10 @@ fn a_bf16_held_base_computes_bit_for_bit_as_the_rounded_f32_base() {
 /// loss (training and evaluation), so the whole head never exists in f32. With blocks of 3 rows,
 /// which do not divide any fixture's vocabulary, the loss, the evaluation loss and every adapter
 /// gradient match the same bf16-rounded head held whole in f32 (the input gradient is summed
-/// block by block, so not bit for bit).
+/// block by block, so not bit for bit), and greedy generation gives the same tokens.
 #[test]
 fn a_bf16_held_head_in_blocks_of_rows_matches_the_whole_head() {
+    use runtime::generate::{greedy, GreedyOptions};
     let mut blocked = 0;
     for &(case, arch) in CASES {
         let (plain, mut held) = (bf16_base(case, arch), bf16_base(case, arch));
@@ -141,6 +142,10 @@ fn a_bf16_held_head_in_blocks_of_rows_matches_the_whole_head() {
             assert!(x.iter().any(|v| *v != 0.0), "{case}: {key} has a zero gradient");
             assert_close(&format!("{case}: gradient of {key}"), y, x, 1e-5);
         }
+        // generation's steps (the prompt's and each new token's) run the head in blocks too
+        let prompts: Vec<Vec<u32>> = (0..2).map(|r| batch.input_ids[r * batch.seq..r * batch.seq + 4].iter().map(|&t| t as u32).collect()).collect();
+        let g = GreedyOptions { max_new_tokens: 6, eos_token_id: vec![], pad_token_id: 0 };
+        assert_eq!(greedy(&plain, &prompts, &g, |_, _| {}).unwrap(), greedy(&held, &prompts, &g, |_, _| {}).unwrap(), "{case}: generation");
     }
     assert!(blocked >= 3, "only {blocked} cases hold their head in bf16");
 }

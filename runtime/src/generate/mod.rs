@@ -242,11 +242,15 @@ pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &
         }
     }
     let (ids_b, pos_b, mask_b) = (be.upload_ids(ids)?, be.upload_ids(&pos)?, be.upload_ids(&st.mask)?);
-    // every parameter at hand for the step (bf16-held frozen weights are made f32 for it)
-    let all: Vec<usize> = (0..model.params.len()).collect();
-    model.with_params(&all, |p| {
-        model.embedding().fwd(be, p, &mut st.x, &ids_b, &pos_b);
-        for l in 0..c.n_layer {
+    // each unit's parameters at hand for its part of the step (bf16-held frozen weights are made
+    // f32 a unit at a time; the token table's rows the step uses and the head a block at a time)
+    let emb = model.embedding();
+    if !model.held_embedding_fwd(&mut st.x, ids, &pos_b, &mut be.zeros(0)?)? {
+        model.with_params(&emb.params(), |p| emb.fwd(be, p, &mut st.x, &ids_b, &pos_b))?;
+    }
+    for l in 0..c.n_layer {
+        let block = model.block(l);
+        model.with_params(&block.params(), |p| {
             let mut bufs = BlockBufs {
                 ln1: &mut st.ln,
                 ln1_mean: &mut st.mean,
@@ -265,12 +269,17 @@ pub fn decode_step<B: Backend>(model: &Model<B>, st: &mut DecodeState<B>, ids: &
             let call =
                 AttnCall::Decode { k_cache: &mut st.k[l], v_cache: &mut st.v[l], mask: &mask_b, pos: &pos_b, slot: st.slot, max_len: st.max_len, batch: n };
             // the same block forward as training, one token per row
-            model.block(l).fwd(be, p, &st.x, &mut st.y, &mut bufs, &mut st.lora, call, None);
-            std::mem::swap(&mut st.x, &mut st.y);
-        }
-        model.final_norm().fwd(be, p, &mut st.ln, &mut st.mean, &mut st.rstd, &st.x);
-        model.head().fwd(be, p, &mut st.logits, &st.ln, n);
-    })?;
+            block.fwd(be, p, &st.x, &mut st.y, &mut bufs, &mut st.lora, call, None);
+        })?;
+        std::mem::swap(&mut st.x, &mut st.y);
+    }
+    let lnf = model.final_norm();
+    model.with_params(&lnf.params(), |p| lnf.fwd(be, p, &mut st.ln, &mut st.mean, &mut st.rstd, &st.x))?;
+    if !model.held_head_fwd(&mut st.logits, &st.ln, n)? {
+        let head = model.head();
+        let idx: Vec<usize> = std::iter::once(head.w).chain(head.b).collect();
+        model.with_params(&idx, |p| head.fwd(be, p, &mut st.logits, &st.ln, n))?;
+    }
     st.slot += 1;
     be.download(&st.logits)
 }

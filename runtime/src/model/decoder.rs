@@ -179,7 +179,9 @@ impl<B: Backend> Model<B> {
         }
         let mut logits = be.zeros(b.batch * c.vocab_size)?;
         let head = self.layout.head();
-        self.with_params(&[head], |p| be.matmul_fwd(&mut logits, &last, &p.bufs[head], None, b.batch, h, c.vocab_size))?;
+        if !self.held_head_fwd(&mut logits, &last, b.batch)? {
+            self.with_params(&[head], |p| be.matmul_fwd(&mut logits, &last, &p.bufs[head], None, b.batch, h, c.vocab_size))?;
+        }
         Ok(Some(be.download(&logits)?))
     }
 

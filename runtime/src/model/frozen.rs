@@ -144,7 +144,7 @@ impl<B: Backend> Model<B> {
     /// `false`, doing nothing, otherwise): only the table's rows that `ids` use are made f32, in
     /// `spare` (scratch that is free during the forward pass) when it is long enough, and looked
     /// up through ids renumbered into them. The same values land in `out` as from the whole table.
-    pub(super) fn held_embedding_fwd(&self, out: &mut B::Buf, ids: &[i32], pos: &B::Ids, spare: &mut B::Buf) -> Result<bool> {
+    pub(crate) fn held_embedding_fwd(&self, out: &mut B::Buf, ids: &[i32], pos: &B::Ids, spare: &mut B::Buf) -> Result<bool> {
         let (be, emb) = (&self.backend, self.embedding());
         let Some(frozen) = &self.frozen else { return Ok(false) };
         let Some(table) = frozen.held(emb.wte) else { return Ok(false) };
@@ -185,6 +185,33 @@ impl<B: Backend> Model<B> {
     /// Whether the LM head's weight is held in bf16.
     pub(super) fn head_is_held(&self) -> bool {
         self.frozen.as_ref().is_some_and(|f| f.held(self.layout.head()).is_some())
+    }
+
+    /// The LM head's logits `out = x W^T` (`[n, vocab]`, from `x` `[n, hidden]`) when its weight
+    /// is held in bf16 and it has no bias or adapter (returns `false`, doing nothing, otherwise):
+    /// the head made f32 `head_block_rows` rows at a time, each block's product into its columns
+    /// (in one block, exactly as an f32 head runs). For generation's steps.
+    pub(crate) fn held_head_fwd(&self, out: &mut B::Buf, x: &B::Buf, n: usize) -> Result<bool> {
+        let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
+        let unit = self.head();
+        let Some(frozen) = self.frozen.as_ref().filter(|_| unit.b.is_none() && unit.lora.iter().all(Option::is_none)) else { return Ok(false) };
+        let Some(weight) = frozen.held(unit.w) else { return Ok(false) };
+        let vb = Self::head_block(frozen.head_block_rows, h, v);
+        let mut w = be.zeros(vb * h)?;
+        if vb == v {
+            widen_into(be, &mut w, weight)?;
+            be.matmul_fwd(out, x, &w, None, n, h, v);
+            return Ok(true);
+        }
+        let mut part = be.zeros(n * vb)?;
+        be.fill(out, 0.0);
+        for v0 in (0..v).step_by(vb) {
+            let width = vb.min(v - v0);
+            widen_into(be, &mut w, &weight[v0 * h..(v0 + width) * h])?;
+            be.matmul_fwd(&mut part, x, &w, None, n, h, width);
+            be.add_cols(out, &part, n, width, v, v0, 1.0);
+        }
+        Ok(true)
     }
 
     /// Chunk `i` (rows `r0..r0 + n`) of the LM head and the built-in loss with the head's weight

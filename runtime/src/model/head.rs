@@ -454,7 +454,8 @@ impl<B: Backend> Model<B> {
                 // the chunk's labelled rows go to the hook; unlabelled rows get no gradient
                 let mut dlogits = vec![0.0f32; n * v];
                 loss += rows_hook(*hook, b, &targets, &be.download(&acts.logits)?, (r0, n, v), denom, Some(&mut dlogits))?;
-                acts.logits = be.upload(&dlogits)?;
+                // into the chunk's buffer (which may be the backward pass's scratch, lent)
+                be.copy_range(&mut acts.logits, 0, &be.upload_vec(dlogits)?, 0, n * v);
                 self.head_chunk_bwd(acts, p, bufs, r0, n);
             }
             Ok(())

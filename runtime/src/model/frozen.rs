@@ -25,6 +25,11 @@ pub struct FrozenBf16<B: Backend> {
     /// Per parameter: its values, when held here (the model's buffer is then empty).
     half: Vec<Option<Vec<bf16>>>,
     expanded: Mutex<Vec<Option<B::Buf>>>,
+    /// f32 buffers a unit's weights were made in, kept for the next unit's of the same size
+    /// (every layer has the same shapes, so this holds one layer's worth), so that a step does
+    /// not allocate and fault in fresh memory for each layer (the allocator may give a freed
+    /// layer's memory back to the system at once).
+    spare: Mutex<Vec<B::Buf>>,
     /// Rows of a held LM head made f32 at a time by the fused head and loss (`None`:
     /// [`HEAD_BLOCK_FLOATS`] worth; all of them: the head runs as an f32 one would).
     pub head_block_rows: Option<usize>,
@@ -104,7 +109,7 @@ impl<B: Backend> Model<B> {
             }
         }
         let n = half.len();
-        let frozen = FrozenBf16 { half, expanded: Mutex::new((0..n).map(|_| None).collect()), head_block_rows: None };
+        let frozen = FrozenBf16 { half, expanded: Mutex::new((0..n).map(|_| None).collect()), spare: Mutex::new(Vec::new()), head_block_rows: None };
         // two bytes a value instead of four
         let saved = frozen.bytes();
         self.frozen = Some(frozen);
@@ -121,19 +126,33 @@ impl<B: Backend> Model<B> {
 
     /// Runs `f` on the parameters with those of `idx` that are held in bf16 made f32 for the call.
     pub(super) fn with_expanded<T>(&self, frozen: &FrozenBf16<B>, idx: &[usize], f: impl FnOnce(&Params<B>) -> T) -> Result<T> {
-        let mut exp = frozen.expanded.lock().map_err(|_| Error::Invalid("the bf16-held weights were left inconsistent by an earlier failure".into()))?;
+        let poisoned = || Error::Invalid("the bf16-held weights were left inconsistent by an earlier failure".into());
+        let be = &self.backend;
+        let mut exp = frozen.expanded.lock().map_err(|_| poisoned())?;
+        let mut spare = frozen.spare.lock().map_err(|_| poisoned())?;
+        // the token table and the head are not kept (they are the largest, and the passes that
+        // need them whole are rare)
+        let keep = |i: usize| i != self.layout.wte && i != self.layout.head() && Some(i) != self.layout.wpe;
         let mut made = Vec::new();
         for &i in idx {
             if exp[i].is_none() {
-                if let Some(v) = frozen.values(i) {
-                    exp[i] = Some(self.backend.upload_vec(v)?);
+                if let Some(h) = frozen.held(i) {
+                    let reuse = spare.iter().position(|b| be.len(b) == h.len()).filter(|_| keep(i));
+                    let mut buf = match reuse {
+                        Some(j) => spare.swap_remove(j),
+                        None => be.zeros(h.len())?,
+                    };
+                    widen_into(be, &mut buf, h)?;
+                    exp[i] = Some(buf);
                     made.push(i);
                 }
             }
         }
         let out = f(&Params { bufs: ParamBufs { own: &self.params, expanded: &exp }, trainable: &self.trainable });
         for i in made {
-            exp[i] = None;
+            if let Some(b) = exp[i].take().filter(|_| keep(i)) {
+                spare.push(b);
+            }
         }
         Ok(out)
     }

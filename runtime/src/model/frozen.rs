@@ -50,20 +50,39 @@ impl<B: Backend> FrozenBf16<B> {
     }
 }
 
-/// Writes `src` as f32 into the front of `buf`, which holds at least `src.len()` values (in place
-/// on a host backend; through an upload otherwise).
-fn widen_into<B: Backend>(be: &B, buf: &mut B::Buf, src: &[bf16]) -> Result<()> {
-    if be.len(buf) < src.len() {
-        return Err(Error::Invalid(format!("{} values do not fit a buffer of {}", src.len(), be.len(buf))));
+/// Writes `src` as f32 into `buf` from value `at` on, which must fit (in place on a host
+/// backend; through an upload otherwise).
+fn widen_into<B: Backend>(be: &B, buf: &mut B::Buf, at: usize, src: &[bf16]) -> Result<()> {
+    let end = at + src.len();
+    if be.len(buf) < end {
+        return Err(Error::Invalid(format!("{end} values do not fit a buffer of {}", be.len(buf))));
     }
     if let Some(h) = be.host_mut(buf) {
-        src.convert_to_f32_slice(&mut h[..src.len()]);
+        src.convert_to_f32_slice(&mut h[at..end]);
         return Ok(());
     }
     let mut v = vec![0.0f32; src.len()];
     src.convert_to_f32_slice(&mut v);
-    be.copy_range(buf, 0, &be.upload_vec(v)?, 0, src.len());
+    be.copy_range(buf, at, &be.upload_vec(v)?, 0, src.len());
     Ok(())
+}
+
+/// A buffer of at least `need` values: `spare` itself when it is that long (scratch free
+/// meanwhile, left empty until [`give_back`]), a new one otherwise.
+fn lend<B: Backend>(be: &B, spare: &mut B::Buf, need: usize) -> Result<(B::Buf, bool)> {
+    Ok(if be.len(spare) >= need { (std::mem::replace(spare, be.zeros(0)?), true) } else { (be.zeros(need)?, false) })
+}
+
+/// Returns a buffer [`lend`] took from `spare`.
+fn give_back<T>(spare: &mut T, (buf, lent): (T, bool)) {
+    if lent {
+        *spare = buf;
+    }
+}
+
+/// The column blocks of `[n, v]` logits that a head made f32 `vb` rows at a time fills.
+fn head_blocks(n: usize, v: usize, vb: usize) -> impl Iterator<Item = ColBlock> {
+    (0..v).step_by(vb).map(move |v0| ColBlock { rows: n, width: vb.min(v - v0), ld: v, off: v0 })
 }
 
 impl<B: Backend> Model<B> {
@@ -142,7 +161,7 @@ impl<B: Backend> Model<B> {
                         Some(j) => spare.swap_remove(j),
                         None => be.zeros(h.len())?,
                     };
-                    widen_into(be, &mut buf, h)?;
+                    widen_into(be, &mut buf, 0, h)?;
                     exp[i] = Some(buf);
                     made.push(i);
                 }
@@ -175,16 +194,11 @@ impl<B: Backend> Model<B> {
         for &id in ids {
             renumbered.push(used.binary_search(&id).unwrap_or_default() as i32);
         }
-        let mut rows = Vec::with_capacity(used.len());
-        for &id in &used {
+        let mut rows_f32 = lend(be, spare, used.len() * h)?;
+        for (j, &id) in used.iter().enumerate() {
             let row = usize::try_from(id).ok().and_then(|r| table.get(r * h..(r + 1) * h));
-            rows.push(row.ok_or_else(|| Error::Invalid(format!("token id {id} is outside the embedding's {} rows", table.len() / h.max(1))))?);
-        }
-        let borrowed = be.len(spare) >= rows.len() * h && be.host_mut(spare).is_some();
-        let mut rows_f32 = if borrowed { std::mem::replace(spare, be.zeros(0)?) } else { be.zeros(rows.len() * h)? };
-        match be.host_mut(&mut rows_f32) {
-            Some(dst) => rows.iter().zip(dst.chunks_exact_mut(h.max(1))).for_each(|(src, d)| src.convert_to_f32_slice(d)),
-            None => rows_f32 = be.upload_vec(rows.iter().flat_map(|r| r.iter().map(|v| v.to_f32())).collect())?,
+            let row = row.ok_or_else(|| Error::Invalid(format!("token id {id} is outside the embedding's {} rows", table.len() / h.max(1))))?;
+            widen_into(be, &mut rows_f32.0, j * h, row)?;
         }
         let mut expanded: Vec<Option<B::Buf>> = (0..self.params.len()).map(|_| None).collect();
         if let Some(wpe) = emb.wpe {
@@ -193,10 +207,11 @@ impl<B: Backend> Model<B> {
             }
         }
         let ids = be.upload_ids(&renumbered)?;
-        expanded[emb.wte] = Some(rows_f32);
+        let lent = rows_f32.1;
+        expanded[emb.wte] = Some(rows_f32.0);
         emb.fwd(be, &Params { bufs: ParamBufs { own: &self.params, expanded: &expanded }, trainable: &self.trainable }, out, &ids, pos);
-        if let (true, Some(b)) = (borrowed, expanded[emb.wte].take()) {
-            *spare = b;
+        if let Some(buf) = expanded[emb.wte].take() {
+            give_back(spare, (buf, lent));
         }
         Ok(true)
     }
@@ -218,19 +233,24 @@ impl<B: Backend> Model<B> {
         let vb = Self::head_block(frozen.head_block_rows, h, v);
         let mut w = be.zeros(vb * h)?;
         if vb == v {
-            widen_into(be, &mut w, weight)?;
+            widen_into(be, &mut w, 0, weight)?;
             be.matmul_fwd(out, x, &w, None, n, h, v);
-            return Ok(true);
-        }
-        let mut part = be.zeros(n * vb)?;
-        be.fill(out, 0.0);
-        for v0 in (0..v).step_by(vb) {
-            let width = vb.min(v - v0);
-            widen_into(be, &mut w, &weight[v0 * h..(v0 + width) * h])?;
-            be.matmul_fwd(&mut part, x, &w, None, n, h, width);
-            be.add_cols(out, &part, n, width, v, v0, 1.0);
+        } else {
+            self.held_logits_in_blocks(weight, vb, &mut w, out, x, n)?;
         }
         Ok(true)
+    }
+
+    /// `out = x W^T` (`[n, vocab]`) for a held head of `weight`, made f32 `vb` rows at a time in
+    /// `w`, each block's product into its columns.
+    fn held_logits_in_blocks(&self, weight: &[bf16], vb: usize, w: &mut B::Buf, out: &mut B::Buf, x: &B::Buf, n: usize) -> Result<()> {
+        let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
+        be.fill(out, 0.0);
+        for blk in head_blocks(n, v, vb) {
+            widen_into(be, w, 0, &weight[blk.off * h..(blk.off + blk.width) * h])?;
+            be.lora_up(out, x, w, blk, h, 1.0);
+        }
+        Ok(())
     }
 
     /// Chunk `i` (rows `r0..r0 + n`) of the LM head and the built-in loss with the head's weight
@@ -262,20 +282,15 @@ impl<B: Backend> Model<B> {
         let dx = if n == rows { &mut acts.dln } else { &mut acts.head_din };
         let vb = Self::head_block(block_rows, h, v);
         if vb == v {
-            widen_into(be, w, weight)?;
+            widen_into(be, w, 0, weight)?;
             let back = grad_scale.map(|_| (&mut *dx, None));
             be.head_loss(&mut acts.logits, x, w, targets, (n, h, v), smoothing, grad_scale, &mut acts.row_loss, r0, back);
         } else {
-            let blocks = || (0..v).step_by(vb).map(move |v0| ColBlock { rows: n, width: vb.min(v - v0), ld: v, off: v0 });
-            be.fill(&mut acts.logits, 0.0);
-            for blk in blocks() {
-                widen_into(be, w, &weight[blk.off * h..(blk.off + blk.width) * h])?;
-                be.lora_up(&mut acts.logits, x, w, blk, h, 1.0);
-            }
+            self.held_logits_in_blocks(weight, vb, w, &mut acts.logits, x, n)?;
             be.cross_entropy_into(&mut acts.logits, targets, v, smoothing, grad_scale, &mut acts.row_loss, r0);
             if grad_scale.is_some() {
-                for (j, blk) in blocks().enumerate() {
-                    widen_into(be, w, &weight[blk.off * h..(blk.off + blk.width) * h])?;
+                for (j, blk) in head_blocks(n, v, vb).enumerate() {
+                    widen_into(be, w, 0, &weight[blk.off * h..(blk.off + blk.width) * h])?;
                     if j == 0 {
                         be.lora_up_bwd(dx, None, &acts.logits, x, w, blk, h, 1.0);
                     } else {
@@ -297,27 +312,17 @@ impl<B: Backend> Model<B> {
     }
 
     /// The scratch [`Model::held_head_chunk_loss`] needs for chunks of up to `n` rows: a block of
-    /// the head in f32 and a block's share of the input gradient. Each is taken from `spare`
-    /// (the backward pass's scratch, free meanwhile) when that is long enough; give them back
-    /// with [`Model::return_scratch`].
-    pub(super) fn held_head_scratch(&self, n: usize, spare: [&mut B::Buf; 2]) -> Result<[(B::Buf, bool); 2]> {
+    /// the head in f32, lent by `spare[0]`, and a block's share of the input gradient, lent by
+    /// `spare[1]` ([`lend`]; give them back with [`Model::give_back_held_scratch`]).
+    pub(super) fn held_head_scratch(&self, n: usize, [w, dpart]: [&mut B::Buf; 2]) -> Result<[(B::Buf, bool); 2]> {
         let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
         let vb = Self::head_block(self.frozen.as_ref().and_then(|f| f.head_block_rows), h, v);
-        let need = [vb * h, if vb == v { 0 } else { n * h }];
-        let mut out = Vec::with_capacity(2);
-        for (s, need) in spare.into_iter().zip(need) {
-            out.push(if be.len(s) >= need { (std::mem::replace(s, be.zeros(0)?), true) } else { (be.zeros(need)?, false) });
-        }
-        let [a, b]: [(B::Buf, bool); 2] = out.try_into().map_err(|_| Error::Invalid("held head scratch".into()))?;
-        Ok([a, b])
+        Ok([lend(be, w, vb * h)?, lend(be, dpart, if vb == v { 0 } else { n * h })?])
     }
 
     /// Gives back the buffers [`Model::held_head_scratch`] took.
-    pub(super) fn return_scratch(scratch: [(B::Buf, bool); 2], spare: [&mut B::Buf; 2]) {
-        for ((buf, taken), s) in scratch.into_iter().zip(spare) {
-            if taken {
-                *s = buf;
-            }
-        }
+    pub(super) fn give_back_held_scratch([w, dpart]: [(B::Buf, bool); 2], [sw, sd]: [&mut B::Buf; 2]) {
+        give_back(sw, w);
+        give_back(sd, dpart);
     }
 }

@@ -386,7 +386,7 @@ impl<B: Backend> Model<B> {
                 Ok(())
             };
             let done = run();
-            Self::return_scratch([w, dpart], [&mut acts.dact, &mut acts.dres]);
+            Self::give_back_held_scratch([w, dpart], [&mut acts.dact, &mut acts.dres]);
             done?;
             return Ok((b.labels.is_some().then_some(n_tokens), None));
         }

@@ -178,6 +178,52 @@ mod mpi {
         }
     }
 
+    /// Plain data parallel starts each bucket's sum while the backward pass still runs, and a
+    /// process that runs no backward pass in a step (its share of a short last batch is empty)
+    /// starts the same sums at the end: 20 examples in batches of 6 over 3 processes leave the
+    /// last batch's 2 examples to ranks 1 and 2, and rank 0 idle. The 2.8 MiB of gradients go in
+    /// buckets of 1 MiB. The run trains as one process with the global batch.
+    #[test]
+    fn gradient_sums_start_during_the_backward_pass_and_an_idle_process_joins_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ex = example(tmp.path(), 20);
+        let base = ["--num_train_epochs", "1", "--max_grad_norm", "0.5"];
+        let one = tmp.path().join("one");
+        ok(
+            runtime(&[&train_args(&ex, &one, &base).iter().map(String::as_str).collect::<Vec<_>>()[..], &["--per_device_train_batch_size", "6"]].concat()),
+            "one process",
+        );
+        let three = tmp.path().join("three");
+        let mut args = train_args(&ex, &three, &base);
+        args.extend(["--per_device_train_batch_size", "2", "--ddp_bucket_cap_mb", "1"].iter().map(|s| s.to_string()));
+        // rank 0 logs at debug level, ranks 1 and 2 as usual
+        let bin = env!("CARGO_BIN_EXE_runtime");
+        let mut cmd = Command::new("mpirun");
+        cmd.args(["-np", "1", "-env", "RUST_LOG", "runtime=debug", bin]).args(&args).args([":", "-np", "2", bin]).args(&args);
+        let out = cmd.output().unwrap();
+        let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{log}");
+        assert_same_training(&three, &one, "3 processes, one idle in the last step");
+        // rank 0's debug line per step: the buckets, and how many were started before the end
+        let sums: Vec<(usize, usize)> = log
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split("MiB in ").nth(1)?;
+                let (buckets, rest) = rest.split_once(" buckets, ")?;
+                Some((buckets.parse().ok()?, rest.split_once(" started")?.0.parse().ok()?))
+            })
+            .collect();
+        assert_eq!(sums.len(), 4, "one sum per step: {log}");
+        for (i, &(buckets, early)) in sums.iter().enumerate() {
+            assert!(buckets >= 3, "2.8 MiB in buckets of 1 MiB: {buckets}");
+            if i < 3 {
+                assert_eq!(early, buckets, "step {}: {early} of {buckets} buckets started during the backward pass", i + 1);
+            } else {
+                assert_eq!(early, 0, "rank 0 ran no backward pass in the last step");
+            }
+        }
+    }
+
     /// A loss plugin (z-loss) across 3 processes: its divisor is the window's label tokens over
     /// every process.
     #[test]

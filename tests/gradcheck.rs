@@ -233,8 +233,9 @@ fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
 /// The backward pass says when each group of gradients is complete: every parameter exactly
 /// once, the layers from the last to the first, and at that moment the group's gradients are
 /// already what the whole pass ends with (what a data-parallel collective needs to start
-/// reducing them while the backward pass goes on). Tied and untied heads, with and without
-/// gradient checkpointing.
+/// reducing them while the backward pass goes on), and in the groups and order that
+/// `Model::grad_groups` announces. Tied and untied heads, with and without gradient
+/// checkpointing.
 #[test]
 fn gradients_ready_reports_each_parameter_once_when_its_gradient_is_final() {
     for (cfg, ckpt) in [
@@ -268,6 +269,10 @@ fn gradients_ready_reports_each_parameter_once_when_its_gradient_is_final() {
         let order: Vec<usize> = seen.iter().filter_map(|(g, _)| layer_of(g)).collect();
         assert_eq!(order, vec![2, 1, 0], "{cfg}");
         assert!(seen.first().unwrap().0.contains(&model.layout.lnf_w) && seen.last().unwrap().0.contains(&model.layout.wte), "{cfg}");
+        // the groups the model announces (a collective lays out its buckets by them) are the
+        // ones it reports, in its order
+        let reported: Vec<Vec<usize>> = seen.iter().map(|(g, _)| g.clone()).collect();
+        assert_eq!(model.grad_groups(), reported, "{cfg}");
     }
 }
 

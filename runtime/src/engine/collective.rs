@@ -24,6 +24,13 @@ pub trait Collective<B: Backend>: Send {
     fn grads_ready(&mut self, _backend: &B, _params: &[usize], _grads: &mut [B::Buf]) -> Result<()> {
         Ok(())
     }
+    /// Told, before the first group of a step is ready and before the sum, the groups of
+    /// parameters the backward pass reports to [`Collective::grads_ready`], in its order, and the
+    /// gradient buffers (their sizes and where they live). Every process is told the same groups,
+    /// whether or not it ran a backward pass this step. The default does nothing.
+    fn plan_grads(&mut self, _backend: &B, _groups: &[Vec<usize>], _grads: &mut [B::Buf]) -> Result<()> {
+        Ok(())
+    }
     /// Replaces each trainable parameter's gradient with its sum over the processes (each has
     /// already divided by the window's label tokens over all processes, so the sum is the mean
     /// gradient). Every process ends with the same bits.

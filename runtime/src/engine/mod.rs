@@ -6,6 +6,8 @@
 pub mod collective;
 pub mod full_shard;
 pub mod mpi;
+#[cfg(feature = "mpi")]
+mod mpi_buckets;
 pub mod nccl;
 pub mod optimizer;
 pub mod shard;

@@ -285,6 +285,7 @@ mod imp {
     use mpi::Threading;
 
     use crate::backend::Backend;
+    use crate::engine::mpi_buckets::{Comms, GradBuckets};
     use crate::engine::Collective;
     use crate::error::{Error, Result};
     use crate::model::Grads;
@@ -309,6 +310,11 @@ mod imp {
         flat: Vec<f32>,
         part: Vec<f32>,
         received: Vec<f32>,
+        /// The communicators of the sums that overlap the backward pass (not in a duplicate,
+        /// whose sums are blocking), and their buckets once planned: only when the gradients
+        /// live in host memory.
+        comms: Option<Comms>,
+        buckets: Option<GradBuckets>,
     }
 
     impl MpiCollective {
@@ -326,7 +332,15 @@ mod imp {
                 *universe = Some(u);
             }
             let world = SimpleCommunicator::world();
-            Ok(MpiCollective { rank: world.rank() as usize, size: world.size() as usize, bucket, flat: Vec::new(), part: Vec::new(), received: Vec::new() })
+            let (rank, size) = (world.rank() as usize, world.size() as usize);
+            let comms = Some(Comms::new()?);
+            Ok(MpiCollective { rank, size, bucket, flat: Vec::new(), part: Vec::new(), received: Vec::new(), comms, buckets: None })
+        }
+
+        /// Gradient elements per MPI call of the sums: a multiple of the processes, whose part
+        /// stays within one call's count.
+        fn window(&self) -> usize {
+            (self.bucket / self.size).clamp(1, CHUNK) * self.size
         }
     }
 
@@ -345,9 +359,36 @@ mod imp {
         fn world_size(&self) -> usize {
             self.size
         }
+        fn plan_grads(&mut self, backend: &B, groups: &[Vec<usize>], grads: &mut [B::Buf]) -> Result<()> {
+            let lens: Vec<usize> = grads.iter().map(|t| backend.len(t)).collect();
+            if self.buckets.as_ref().is_some_and(|b| b.fits(&lens)) {
+                return Ok(());
+            }
+            // (the same on every process: the same backend)
+            let host = grads.iter_mut().all(|t| backend.len(t) == 0 || backend.host_mut(t).is_some());
+            let window = self.window();
+            self.buckets = self.comms.filter(|_| host).map(|c| GradBuckets::plan(c, self.size, window, groups, &lens));
+            Ok(())
+        }
+        fn grads_ready(&mut self, backend: &B, params: &[usize], grads: &mut [B::Buf]) -> Result<()> {
+            match &mut self.buckets {
+                Some(b) => b.ready(backend, params, grads),
+                None => Ok(()),
+            }
+        }
         fn all_reduce_grads(&mut self, backend: &B, grads: &mut Grads<B>) -> Result<()> {
             let _waiting = super::watchdog::waiting("the gradient sum");
             let started = std::time::Instant::now();
+            if let Some(b) = &mut self.buckets {
+                let (total, buckets, early) = b.finish(backend, &mut grads.tensors)?;
+                tracing::debug!(
+                    "gradients summed over {} processes: {:.1} MiB in {buckets} buckets, {early} started during the backward pass; {:.1} ms after it",
+                    self.size,
+                    total as f64 * 4.0 / 1048576.0,
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                return Ok(());
+            }
             // host copies of the buffers that do not live on the host
             let mut copies: Vec<Option<Vec<f32>>> = Vec::with_capacity(grads.tensors.len());
             for t in &mut grads.tensors {
@@ -357,7 +398,7 @@ mod imp {
             // the gradients laid end to end, a window at a time: each window is summed by a
             // reduce-scatter and an all-gather, and copied back
             // (a process's part of a window stays within one MPI call's count)
-            let window = (self.bucket / self.size).clamp(1, CHUNK) * self.size;
+            let window = self.window();
             let (mut flat, mut part) = (std::mem::take(&mut self.flat), std::mem::take(&mut self.part));
             let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
             let (mut i, mut start, mut total) = (0, 0, 0);
@@ -478,7 +519,8 @@ mod imp {
             Ok(())
         }
         fn duplicate(&self) -> Result<Box<dyn Collective<B>>> {
-            Ok(Box::new(MpiCollective { rank: self.rank, size: self.size, bucket: self.bucket, flat: Vec::new(), part: Vec::new(), received: Vec::new() }))
+            let (rank, size, bucket) = (self.rank, self.size, self.bucket);
+            Ok(Box::new(MpiCollective { rank, size, bucket, flat: Vec::new(), part: Vec::new(), received: Vec::new(), comms: None, buckets: None }))
         }
     }
 

@@ -146,18 +146,32 @@ impl<B: Backend, M: TrainModel<B>> Step<B, M> {
     /// micro-batches follow, the collective is told each group of trainable gradients as soon as
     /// the backward pass has finished it.
     pub fn micro_batch(&mut self, b: &Batch, loss: MicroLoss, o: MicroOptions) -> Result<LossOutput> {
+        // the sums start during the backward pass in plain data parallel only (sharded, the
+        // gradients are reduce-scattered into the shards after it)
+        let tell = !o.accumulating && self.shard.is_none() && self.full.is_none();
+        if tell {
+            self.plan_grads()?;
+        }
         let Step { model, grads, acts, collective, .. } = self;
         let (be, trainable) = (model.backend(), model.trainable());
         let mut failed = None;
         let mut ready = |params: &[usize], bufs: &mut [B::Buf]| {
             let params: Vec<usize> = params.iter().copied().filter(|&i| trainable[i]).collect();
-            if !o.accumulating && failed.is_none() && !params.is_empty() {
+            if tell && failed.is_none() && !params.is_empty() {
                 failed = collective.grads_ready(be, &params, bufs).err();
             }
         };
         M::set_dropout(acts, o.dropout);
         let out = model.train_pass(acts, b, grads, loss, o.neftune, &mut ready)?;
         failed.map_or(Ok(out), Err)
+    }
+
+    /// Tells the collective the backward pass's groups of gradients (it keeps the first plan).
+    fn plan_grads(&mut self) -> Result<()> {
+        if self.collective.world_size() > 1 {
+            self.collective.plan_grads(self.model.backend(), &self.model.grad_groups(), &mut self.grads.tensors)?;
+        }
+        Ok(())
     }
 
     /// Combines the gradients across processes, then returns the global gradient norm and the
@@ -179,6 +193,7 @@ impl<B: Backend, M: TrainModel<B>> Step<B, M> {
                 sq[0].sqrt() as f32
             }
             None => {
+                self.plan_grads()?;
                 self.collective.all_reduce_grads(self.model.backend(), &mut self.grads)?;
                 trainable_grad_norm(self.model.backend(), &self.grads, self.model.trainable())?
             }

@@ -256,6 +256,15 @@ impl<B: Backend> Model<B> {
     /// the final norm, then each layer from the last, then the embeddings (with the head when it
     /// is tied to them). A data-parallel collective can reduce a group while the rest of the
     /// backward pass runs.
+    /// The groups of parameters [`Model::backward_with`] tells `ready` of, in its order: the
+    /// untied LM head with the final norm, each layer from the last, the embeddings.
+    pub fn grad_groups(&self) -> Vec<Vec<usize>> {
+        let mut groups = vec![self.layout.lm_head.into_iter().chain(self.final_norm().params()).collect()];
+        groups.extend((0..self.config.n_layer).rev().map(|l| self.block(l).params()));
+        groups.push(self.embedding().params());
+        groups
+    }
+
     pub(super) fn backward_body(&self, acts: &mut Activations<B>, grads: &mut Grads<B>, ready: &mut GradsReady<B>) -> Result<()> {
         let (be, n_layer, tr) = (&self.backend, self.config.n_layer, &self.trainable);
         acts.scratch_back(be)?;

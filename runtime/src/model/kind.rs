@@ -56,6 +56,12 @@ pub trait TrainModel<B: Backend>: ParamSet<B> {
     fn workspace(&self, batch: usize, seq: usize) -> Result<Self::Acts>;
     /// The dropout key of the next pass (`None`: no dropout).
     fn set_dropout(acts: &mut Self::Acts, key: Option<u64>);
+    /// The groups of parameters [`TrainModel::train_pass`] tells `ready` of, in the order it
+    /// tells them (a data-parallel collective lays its sums out in this order). The default: one
+    /// group of every parameter, told at the end of the backward pass.
+    fn grad_groups(&self) -> Vec<Vec<usize>> {
+        vec![(0..self.params().len()).collect()]
+    }
     /// Forward, loss and backward for one micro-batch, accumulating into `grads`; `ready` is told
     /// each group of gradients as it is complete.
     fn train_pass(
@@ -118,6 +124,9 @@ impl<B: Backend> TrainModel<B> for Model<B> {
     }
     fn zero_grads(&self) -> Result<Grads<B>> {
         Grads::zeros(self)
+    }
+    fn grad_groups(&self) -> Vec<Vec<usize>> {
+        Model::grad_groups(self)
     }
     fn workspace(&self, batch: usize, seq: usize) -> Result<Activations<B>> {
         Activations::new(self, batch, seq)

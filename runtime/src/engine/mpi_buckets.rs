@@ -99,17 +99,21 @@ fn null_request() -> ffi::MPI_Request {
 
 impl GradBuckets {
     /// Buckets of at most `window` elements (a multiple of `size`) over the gradients of
-    /// `lens`, in the order of `groups` (then any other gradient, by index); empty gradients
-    /// take no place.
+    /// `lens`, in the order of `groups`, then buckets of any other gradient (never reported
+    /// ready: a frozen norm's), by index; empty gradients take no place.
     pub(super) fn plan(comms: Comms, size: usize, window: usize, groups: &[Vec<usize>], lens: &[usize]) -> GradBuckets {
-        let mut order: Vec<usize> = Vec::with_capacity(lens.len());
+        // tensor indices in order, `None` where the unreported ones begin
+        let mut order: Vec<Option<usize>> = Vec::with_capacity(lens.len() + 1);
         let mut seen = vec![false; lens.len()];
-        for &t in groups.iter().flatten().chain(&(0..lens.len()).collect::<Vec<_>>()) {
+        let mut take = |t: usize, order: &mut Vec<Option<usize>>| {
             if t < lens.len() && !seen[t] && lens[t] > 0 {
                 seen[t] = true;
-                order.push(t);
+                order.push(Some(t));
             }
-        }
+        };
+        groups.iter().flatten().for_each(|&t| take(t, &mut order));
+        order.push(None);
+        (0..lens.len()).for_each(|t| take(t, &mut order));
         let mut buckets = Vec::new();
         let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
         let mut filled = 0;
@@ -122,6 +126,10 @@ impl GradBuckets {
             }
         };
         for t in order {
+            let Some(t) = t else {
+                close(&mut pieces, &mut filled);
+                continue;
+            };
             let mut start = 0;
             while start < lens[t] {
                 let n = (window - filled).min(lens[t] - start);

@@ -166,10 +166,13 @@ impl<B: Backend, M: TrainModel<B>> Step<B, M> {
         failed.map_or(Ok(out), Err)
     }
 
-    /// Tells the collective the backward pass's groups of gradients (it keeps the first plan).
+    /// Tells the collective the groups of gradients the backward pass reports, as `grads_ready`
+    /// is told them (trainable ones only; it keeps the first plan).
     fn plan_grads(&mut self) -> Result<()> {
         if self.collective.world_size() > 1 {
-            self.collective.plan_grads(self.model.backend(), &self.model.grad_groups(), &mut self.grads.tensors)?;
+            let trainable = self.model.trainable();
+            let groups: Vec<Vec<usize>> = self.model.grad_groups().into_iter().map(|g| g.into_iter().filter(|&i| trainable[i]).collect()).collect();
+            self.collective.plan_grads(self.model.backend(), &groups, &mut self.grads.tensors)?;
         }
         Ok(())
     }

@@ -30,6 +30,9 @@ __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
 /// Loads one element of an f32 or bf16 buffer as f32.
 __device__ __forceinline__ float load_f32(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float load_f32(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+/// Stores an f32 value into an f32 buffer, or rounded into a bf16 one.
+__device__ __forceinline__ void store_f32(float* p, long long i, float x) { p[i] = x; }
+__device__ __forceinline__ void store_f32(bf16_t* p, long long i, float x) { p[i] = f32_to_bf16(x); }
 
 // ---- reductions -----------------------------------------------------------------------------
 

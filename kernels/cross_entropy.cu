@@ -11,12 +11,13 @@
 #define CE_UNROLL 4
 
 /// A thread's next CE_UNROLL elements of a row, z[j0 + u * CE_THREADS] (0 past the end), loaded
-/// together.
-__device__ __forceinline__ void load_ahead(float* xs, const float* z, int j0, int v) {
+/// together (as f32: the logits are f32 or bf16).
+template <class T>
+__device__ __forceinline__ void load_ahead(float* xs, const T* z, int j0, int v) {
 #pragma unroll
     for (int u = 0; u < CE_UNROLL; ++u) {
         const int j = j0 + u * CE_THREADS;
-        xs[u] = j < v ? z[j] : 0.0f;
+        xs[u] = j < v ? load_f32(z, j) : 0.0f;
     }
 }
 
@@ -32,7 +33,8 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
 
 /// Online max / sum-exp / sum over a row, reduced over the block: every thread gets the row's
 /// max, sum of exp(z - max) and sum of z. Contains __syncthreads.
-__device__ __forceinline__ void row_online_stats(const float* z, int v, float& out_m, float& out_s, float& out_sum) {
+template <class T>
+__device__ __forceinline__ void row_online_stats(const T* z, int v, float& out_m, float& out_s, float& out_sum) {
     __shared__ float sm_m[CE_WARPS], sm_s[CE_WARPS], sm_z[CE_WARPS];
     float m = neg_inf(), s = 0.0f, sz = 0.0f;
     // four elements' loads issued together, then taken in the thread's order j, j + 512, ...
@@ -82,14 +84,11 @@ __device__ __forceinline__ void row_online_stats(const float* z, int v, float& o
 // loss_rows[r] = (1 - smoothing) * (lse - z[y]) + smoothing * (lse - mean(z)), 0 for y = -100.
 // With write_grad != 0 the row's gradient grad_scale * dloss/dz:
 //   grad_scale * softmax(z) - grad_scale * smoothing / v, minus grad_scale * (1 - smoothing) at y;
-// ignored rows get 0. It overwrites the row, or, with grad16 non-null, goes to grad16 + r * ld
-// rounded to bf16 (the operand of the head's backward products; the logits are left as they are).
-extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy(float* logits, long long ld, bf16_t* grad16, float* loss_rows, const int* targets, int rows, int v, float smoothing, float grad_scale, int write_grad) {
-    const long long r = blockIdx.x;
-    if (r >= rows) return;
-    float* z = logits + r * ld;
-    bf16_t* z16 = grad16 == nullptr ? nullptr : grad16 + r * ld;
-    const int y = targets[r];
+// ignored rows get 0. It overwrites the row (rounded to bf16 when the logits are bf16), or, with
+// z16 non-null, goes to z16 rounded to bf16 (the operand of the head's backward products; the
+// logits are left as they are). The logits are f32 or bf16; the math is f32 either way.
+template <class T>
+__device__ __forceinline__ void ce_row(T* z, bf16_t* z16, float* loss_rows, long long r, int y, int v, float smoothing, float grad_scale, int write_grad) {
     if (y == IGNORE_INDEX) {
         if (threadIdx.x == 0) loss_rows[r] = 0.0f;
         if (write_grad) {
@@ -97,7 +96,7 @@ extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy(float* lo
                 if (z16 != nullptr) {
                     z16[j] = 0;
                 } else {
-                    z[j] = 0.0f;
+                    store_f32(z, j, 0.0f);
                 }
             }
         }
@@ -107,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy(float* lo
     row_online_stats(z, v, mx, sum, zsum);
     const bool y_ok = y >= 0 && y < v;  // the CPU would panic on a target out of range: NaN here
     if (threadIdx.x == 0) {
-        const float zy = y_ok ? z[y] : __int_as_float(0x7fc00000);
+        const float zy = y_ok ? load_f32(z, y) : __int_as_float(0x7fc00000);
         const float lse = __fadd_rn(mx, logf(sum));
         const float mean = __fdiv_rn(zsum, (float)v);
         loss_rows[r] = __fadd_rn(__fmul_rn(__fsub_rn(1.0f, smoothing), __fsub_rn(lse, zy)), __fmul_rn(smoothing, __fsub_rn(lse, mean)));
@@ -130,10 +129,25 @@ extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy(float* lo
             if (z16 != nullptr) {
                 z16[j] = f32_to_bf16(gj);
             } else {
-                z[j] = gj;
+                store_f32(z, j, gj);
             }
         }
     }
+}
+
+// f32 logits; the gradient over them, or with grad16 non-null into grad16 + r * ld in bf16.
+extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy(float* logits, long long ld, bf16_t* grad16, float* loss_rows, const int* targets, int rows, int v, float smoothing, float grad_scale, int write_grad) {
+    const long long r = blockIdx.x;
+    if (r >= rows) return;
+    ce_row(logits + r * ld, grad16 == nullptr ? nullptr : grad16 + r * ld, loss_rows, r, targets[r], v, smoothing, grad_scale, write_grad);
+}
+
+// bf16 logits (the LM head's product writes them in bf16 mode: half the bytes written and read
+// twice); the gradient over them, in bf16, the operand of the head's backward products.
+extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy_bf16(bf16_t* logits, long long ld, float* loss_rows, const int* targets, int rows, int v, float smoothing, float grad_scale, int write_grad) {
+    const long long r = blockIdx.x;
+    if (r >= rows) return;
+    ce_row(logits + r * ld, (bf16_t*)nullptr, loss_rows, r, targets[r], v, smoothing, grad_scale, write_grad);
 }
 
 // Per row (target y != -100), for p = softmax(z): label_lp = z[y] - lse, lse, mean_lp = mean(z) - lse,

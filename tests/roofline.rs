@@ -126,17 +126,18 @@ fn the_loss_norms_and_embedding_count_their_passes() {
     be.cross_entropy_into(&mut logits, &targets, v, 0.0, None, &mut loss, 0);
     assert_eq!(bytes(&be.account(), "cross-entropy"), ((4 * (rows * v + rows)) as f64, (4 * rows) as f64));
     {
-        // the fused head and loss (bf16, training; an aligned vocabulary of 16, one product each): the input and weight cast once; the loss reads the
-        // logits twice and writes the gradient once in bf16; the products: the logits (f32), then the
-        // input gradient and the weight gradient from bf16 operands (the weight's accumulated)
+        // the fused head and loss (bf16, training; an aligned vocabulary of 16, one product
+        // each): the input and weight cast once; the product writes bf16 logits, the loss reads
+        // them twice and writes the gradient over them once in bf16; then the input gradient and
+        // the weight gradient from bf16 operands (the weight's accumulated)
         let v = 16;
         let (hx, hw, mut dx, mut dwh) = (be.zeros(rows * c).unwrap(), be.zeros(v * c).unwrap(), be.zeros(rows * c).unwrap(), be.zeros(v * c).unwrap());
         be.reset();
         be.head_loss(&mut logits, &hx, &hw, &targets, (rows, c, v), 0.0, Some(1.0), &mut loss, 0, Some((&mut dx, Some(&mut dwh))));
         let acc = be.account();
         assert_eq!(bytes(&acc, "cast to bf16"), ((4 * (v * c + rows * c)) as f64, (2 * (v * c + rows * c)) as f64));
-        assert_eq!(bytes(&acc, "cross-entropy"), ((4 * (2 * rows * v + rows)) as f64, (2 * rows * v + 4 * rows) as f64));
-        let products = (2 * (v * c + rows * c) + 2 * (v * c + rows * v) + (2 * (rows * c + rows * v) + 4 * v * c), 4 * (rows * v + rows * c + v * c));
+        assert_eq!(bytes(&acc, "cross-entropy"), ((2 * 2 * rows * v + 4 * rows) as f64, (2 * rows * v + 4 * rows) as f64));
+        let products = (2 * (v * c + rows * c) + 2 * (v * c + rows * v) + (2 * (rows * c + rows * v) + 4 * v * c), 2 * rows * v + 4 * (rows * c + v * c));
         assert_eq!(bytes(&acc, "matmul (cuBLASLt)"), (products.0 as f64, products.1 as f64));
         assert_eq!(acc.families["matmul (cuBLASLt)"].launches, 3);
     }

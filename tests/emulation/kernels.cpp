@@ -633,6 +633,28 @@ static void test_loss() {
             for (int j = v; j < ld; ++j) same = same && g16[r * ld + j] == 0x1234;
         }
         check("cross_entropy with padded rows and a bf16 gradient", same);
+        // bf16 logits in padded rows (the LM head's product in bf16 mode), the gradient written
+        // over them: bitwise the f32 kernel's losses on the same values widened, and its gradient
+        // rounded to bf16; the padding untouched
+        vector<bf16_t> zb(rows * ld, 0x1234);
+        vector<float> zw(rows * v), l4(rows, NAN), l5(rows, NAN);
+        for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < v; ++j) zb[r * ld + j] = f32_to_bf16(z[r * v + j]), zw[r * v + j] = bf16_to_f32(zb[r * ld + j]);
+        auto zb0 = zb;
+        launch(dim3{rows}, dim3{512}, cross_entropy, zw.data(), (long long)v, (bf16_t*)nullptr, l4.data(), (const int*)t.data(), rows, v, sm, 0.5f, 1);
+        launch(dim3{rows}, dim3{512}, cross_entropy_bf16, zb.data(), (long long)ld, l5.data(), (const int*)t.data(), rows, v, sm, 0.5f, 1);
+        bool same16 = bitwise(l4, l5) && nerr(l5, lref) < 2e-2;
+        for (int r = 0; r < rows; ++r) {
+            for (int j = 0; j < v; ++j) same16 = same16 && zb[r * ld + j] == f32_to_bf16(zw[r * v + j]);
+            for (int j = v; j < ld; ++j) same16 = same16 && zb[r * ld + j] == 0x1234;
+        }
+        // without the gradient the logits stay
+        auto zb2 = zb0;
+        vector<float> l6(rows, NAN);
+        launch(dim3{rows}, dim3{512}, cross_entropy_bf16, zb2.data(), (long long)ld, l6.data(), (const int*)t.data(), rows, v, sm, 0.5f, 0);
+        same16 = same16 && bitwise(l6, l4) && zb2 == zb0;
+        printf("cross_entropy_bf16 sm=%.1f loss against f64 on the f32 logits %.2e\n", sm, nerr(l5, lref));
+        check("cross_entropy over bf16 logits, the gradient over them", same16);
     }
     // token_stats, everything requested
     vector<float> lp(rows, NAN), ls(rows, NAN), mlp(rows, NAN), ent(rows, NAN), rl(rows, NAN), rz(rows, NAN);

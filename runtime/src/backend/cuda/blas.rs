@@ -1,6 +1,7 @@
 //! Matrix products through cuBLASLt. Row-major operands are handed to the column-major library
-//! as their transposes. Inputs are f32 or bf16, the output and the accumulation are always f32,
-//! and a bias can be added in the epilogue.
+//! as their transposes. Inputs are f32 or bf16, the accumulation is always f32, the output f32
+//! (or bf16 where the product says so: the LM head's logits in bf16 mode), and a bias can be
+//! added in the epilogue.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -44,6 +45,8 @@ pub struct Gemm {
     pub d: u64,
     pub ldd: i64,
     pub ty: Ty,
+    /// The element type of `d` (bf16 only with `beta` 0 and no bias).
+    pub out: Ty,
     pub alpha: f32,
     pub beta: f32,
     pub bias: Option<u64>,
@@ -62,6 +65,7 @@ struct Key {
     ldb: i64,
     ldd: i64,
     ty: Ty,
+    out: Ty,
     bias: bool,
     align: [u32; 3],
 }
@@ -110,7 +114,7 @@ impl Lt {
         let (b_rows, b_cols) = if key.transb { (n, k) } else { (k, n) };
         let a = Layout(lt::create_matrix_layout(key.ty.cuda(), a_rows, a_cols, key.lda).map_err(err("layout"))?);
         let b = Layout(lt::create_matrix_layout(key.ty.cuda(), b_rows, b_cols, key.ldb).map_err(err("layout"))?);
-        let d = Layout(lt::create_matrix_layout(sys::cudaDataType_t::CUDA_R_32F, m, n, key.ldd).map_err(err("layout"))?);
+        let d = Layout(lt::create_matrix_layout(key.out.cuda(), m, n, key.ldd).map_err(err("layout"))?);
         let desc = Desc(lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F).map_err(err("descriptor"))?);
         let (ta, tb) = (key.transa as i32, key.transb as i32);
         desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &ta).map_err(err("transa"))?;
@@ -149,8 +153,20 @@ impl Lt {
     /// Every pointer must be valid for its operand's shape and leading dimension.
     pub unsafe fn gemm(&self, stream: &CudaStream, g: &Gemm) -> Result<(), String> {
         let align = [alignment(g.a), alignment(g.b), alignment(g.d)];
-        let key =
-            Key { transa: g.transa, transb: g.transb, m: g.m, n: g.n, k: g.k, lda: g.lda, ldb: g.ldb, ldd: g.ldd, ty: g.ty, bias: g.bias.is_some(), align };
+        let key = Key {
+            transa: g.transa,
+            transb: g.transb,
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            lda: g.lda,
+            ldb: g.ldb,
+            ldd: g.ldd,
+            ty: g.ty,
+            out: g.out,
+            bias: g.bias.is_some(),
+            align,
+        };
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let plan = match plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),

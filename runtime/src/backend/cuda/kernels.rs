@@ -277,6 +277,7 @@ pub fn required_kernels() -> Vec<String> {
         "kv_append",
         "attention_decode",
         "cross_entropy",
+        "cross_entropy_bf16",
         "token_stats",
         "token_stats_bwd",
         "adamw_multi",

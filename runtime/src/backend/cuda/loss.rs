@@ -78,9 +78,10 @@ impl Cuda {
     }
 
     /// The fused head and loss (`Backend::head_loss`): the product writes the logits straight
-    /// into rows padded to `aligned_ld(v)` (no copy out), the loss reads them there, and in bf16
-    /// mode writes the gradient as the bf16 operand of the backward products (no f32 gradient and
-    /// no cast); those products reuse the forward's bf16 input and weight.
+    /// into rows padded to `aligned_ld(v)` (no copy out) and the loss reads them there. In bf16
+    /// mode the logits are bf16 (f32 accumulation, rounded once, as autocast's head writes them),
+    /// and the loss writes the gradient over them in bf16: the operand of the backward products
+    /// (no f32 gradient and no cast), which reuse the forward's bf16 input and weight.
     pub(super) fn head_loss_op(
         &self,
         logits: &mut CudaSlice<f32>,
@@ -101,16 +102,34 @@ impl Cuda {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let ([w_p, x_p], ty) = self.operands(&mut scratch, [w, x], 0, [true, true]);
         let ld = crate::backend::aligned_ld(v);
-        let z = if ld == v && logits.len() >= n * v { self.ptr(logits) } else { self.grown(&mut scratch.padded, n * ld) };
-        self.product_into(z, ld, w_p, x_p, None, (n, k, v), ty);
         let back = back.filter(|_| grad_scale.is_some());
-        let g16 = if ty == Ty::Bf16 && back.is_some() { self.grown(&mut scratch.bf16[2], n * ld) } else { 0 };
         let loss_p = self.ptr(loss) + (row0 * std::mem::size_of::<f32>()) as u64;
-        self.launch_cross_entropy((z, ld, g16), loss_p, targets, (n, v), (smoothing, grad_scale), back.is_some());
+        let z = if ty == Ty::Bf16 {
+            let z = self.grown(&mut scratch.bf16[2], n * ld);
+            self.product_into_as(z, ld, w_p, x_p, None, (n, k, v), ty, Ty::Bf16);
+            let args = [
+                A::P(z),
+                A::L(ld as i64),
+                A::P(loss_p),
+                self.p(targets),
+                A::I(n as i32),
+                A::I(v as i32),
+                A::F(smoothing),
+                A::F(grad_scale.unwrap_or(0.0)),
+                A::I(back.is_some() as i32),
+            ];
+            self.launch("cross_entropy_bf16", (n as u32, 1, 1), (512, 1, 1), &args);
+            z
+        } else {
+            let z = if ld == v && logits.len() >= n * v { self.ptr(logits) } else { self.grown(&mut scratch.padded, n * ld) };
+            self.product_into(z, ld, w_p, x_p, None, (n, k, v), ty);
+            self.launch_cross_entropy((z, ld, 0), loss_p, targets, (n, v), (smoothing, grad_scale), back.is_some());
+            z
+        };
         if let Some((dx, dw)) = back {
             self.forget_weight(dx);
-            let dout = if ty == Ty::Bf16 { g16 } else { z };
-            self.products_from(Some((self.ptr(dx), 0.0)), dw.map(|d| self.ptr(d)), dout, ld, x_p, w_p, (n, k, v), ty);
+            // the gradient, where the logits were: bf16 in bf16 mode, else f32
+            self.products_from(Some((self.ptr(dx), 0.0)), dw.map(|d| self.ptr(d)), z, ld, x_p, w_p, (n, k, v), ty);
         }
     }
 

@@ -303,8 +303,14 @@ impl Cuda {
     /// `d[n, m] (rows of stride ld) = inp w^T (+ bias)` from operand pointers. A misaligned width
     /// runs in two parts, the outputs up to the last multiple of 8 and the few after them, so that
     /// every operand of each part starts 16-byte aligned (see `aligned_split`).
-    pub(super) fn product_into(&self, d: u64, ld: usize, w_p: u64, inp_p: u64, bias: Option<u64>, (n, k, m): (usize, usize, usize), ty: Ty) {
+    pub(super) fn product_into(&self, d: u64, ld: usize, w_p: u64, inp_p: u64, bias: Option<u64>, dims: (usize, usize, usize), ty: Ty) {
+        self.product_into_as(d, ld, w_p, inp_p, bias, dims, ty, Ty::F32);
+    }
+
+    /// [`Cuda::product_into`] writing `d` as `out` (bf16: the LM head's logits in bf16 mode).
+    pub(super) fn product_into_as(&self, d: u64, ld: usize, w_p: u64, inp_p: u64, bias: Option<u64>, (n, k, m): (usize, usize, usize), ty: Ty, out: Ty) {
         let esize = if ty == Ty::Bf16 { 2 } else { 4 };
+        let dsize = if out == Ty::Bf16 { 2 } else { 4 };
         let (main, rest) = crate::backend::aligned_split(m);
         for (at, cols) in [(0, main), (main, rest)] {
             if cols == 0 {
@@ -320,9 +326,10 @@ impl Cuda {
                 lda: k as i64,
                 b: inp_p,
                 ldb: k as i64,
-                d: d + (at * 4) as u64,
+                d: d + (at * dsize) as u64,
                 ldd: ld as i64,
                 ty,
+                out,
                 alpha: 1.0,
                 beta: 0.0,
                 bias: bias.map(|b| b + (at * 4) as u64),
@@ -418,6 +425,7 @@ impl Cuda {
                     d,
                     ldd: k as i64,
                     ty,
+                    out: Ty::F32,
                     alpha: 1.0,
                     beta,
                     bias: None,
@@ -438,6 +446,7 @@ impl Cuda {
                 d,
                 ldd: k as i64,
                 ty,
+                out: Ty::F32,
                 alpha: 1.0,
                 beta: 1.0,
                 bias: None,

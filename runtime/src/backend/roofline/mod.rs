@@ -348,13 +348,18 @@ impl Roofline {
 
     /// One cuBLASLt product `d[m, n] (+)= a[m, k] b[k, n]`: each operand read once, the output
     /// written (and read when accumulated).
-    fn gemm(&self, (m, n, k): (usize, usize, usize), accumulate: bool, bias: bool) {
+    fn gemm(&self, dims: (usize, usize, usize), accumulate: bool, bias: bool) {
+        self.gemm_out(dims, accumulate, bias, 4.0);
+    }
+
+    /// [`Roofline::gemm`] writing `out_bytes` per output element (2: the bf16 logits).
+    fn gemm_out(&self, (m, n, k): (usize, usize, usize), accumulate: bool, bias: bool, out_bytes: f64) {
         let (m, n, k) = (m as f64, n as f64, k as f64);
         let e = self.operand_bytes();
         let flops = 2.0 * m * n * k;
         let (tensor_flops, fp32_flops) = if self.bf16 { (flops, 0.0) } else { (0.0, flops) };
         let read = e * (m * k + k * n) + if accumulate { 4.0 * m * n } else { 0.0 } + if bias { 4.0 * m } else { 0.0 };
-        self.rec("matmul (cuBLASLt)", Cost { read, written: 4.0 * m * n, tensor_flops, fp32_flops });
+        self.rec("matmul (cuBLASLt)", Cost { read, written: out_bytes * m * n, tensor_flops, fp32_flops });
     }
 
     /// A deterministic column sum of `nout` outputs of `width` over `rows` rows, as the CUDA

@@ -440,20 +440,21 @@ impl Backend for Roofline {
         back: Option<(&mut VBuf, Option<&mut VBuf>)>,
     ) {
         let _op = self.op_kind("lm_head");
-        // as the CUDA backend: the product writes padded rows (no copy out), the loss reads them
-        // twice and writes the gradient once, as the bf16 operand of the backward products in bf16
-        // mode; those reuse the forward's bf16 input and weight
+        // as the CUDA backend: the product writes padded rows (no copy out; bf16 logits in bf16
+        // mode), the loss reads them twice and writes the gradient over them once (bf16 in bf16
+        // mode: the operand of the backward products); those reuse the forward's bf16 input and
+        // weight
         self.cast_operands(&[w, x], Some(0), &[true, true]);
         self.forget(logits);
+        let zbytes = if self.bf16 { 2.0 } else { 4.0 };
         let (main, rest) = crate::backend::aligned_split(v);
         for cols in [main, rest].into_iter().filter(|&c| c > 0) {
-            self.gemm((cols, n, k), false, false);
+            self.gemm_out((cols, n, k), false, false, zbytes);
         }
         let back = back.filter(|_| grad_scale.is_some());
         let (rows, grad) = (targets.data.len() as f64, back.is_some() as usize as f64);
-        let gbytes = if self.bf16 { 2.0 } else { 4.0 };
         let nv = rows * v as f64;
-        self.rec("cross-entropy", Cost { read: 4.0 * (1.0 + grad) * nv + 4.0 * rows, written: gbytes * grad * nv + 4.0 * rows, ..Cost::default() });
+        self.rec("cross-entropy", Cost { read: zbytes * (1.0 + grad) * nv + 4.0 * rows, written: zbytes * grad * nv + 4.0 * rows, ..Cost::default() });
         if let Some((dx, dw)) = back {
             self.forget(dx);
             for (len, acc) in [(main, false), (rest, true)].into_iter().filter(|p| p.0 > 0) {

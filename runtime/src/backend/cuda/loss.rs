@@ -40,7 +40,7 @@ impl Cuda {
             return;
         }
         assert!(row0 + rows <= loss.len(), "cross_entropy_into: {rows} losses from row {row0} do not fit in {}", loss.len());
-        let z = (self.ptr(logits), v, 0);
+        let z = (self.ptr(logits), v, Some(0));
         self.launch_cross_entropy(
             z,
             self.ptr(loss) + (row0 * std::mem::size_of::<f32>()) as u64,
@@ -51,21 +51,21 @@ impl Cuda {
         );
     }
 
-    /// `cross_entropy` over `rows` rows of `z = (logits, row stride, bf16 gradient or 0)`, the
+    /// `cross_entropy` over `rows` rows of `z = (f32 logits, row stride, Some(bf16 gradient or
+    /// 0))`, or `cross_entropy_bf16` over bf16 logits (`None`: the gradient goes over them); the
     /// losses at `loss`; `write_grad` writes the gradient (see kernels/cross_entropy.cu).
     fn launch_cross_entropy(
         &self,
-        (logits, ld, grad16): (u64, usize, u64),
+        (logits, ld, grad16): (u64, usize, Option<u64>),
         loss: u64,
         targets: &CudaSlice<i32>,
         (rows, v): (usize, usize),
         (smoothing, grad_scale): (f32, Option<f32>),
         write_grad: bool,
     ) {
-        let args = [
-            A::P(logits),
-            A::L(ld as i64),
-            A::P(grad16),
+        let mut args = vec![A::P(logits), A::L(ld as i64)];
+        args.extend(grad16.map(A::P));
+        args.extend([
             A::P(loss),
             self.p(targets),
             A::I(rows as i32),
@@ -73,8 +73,9 @@ impl Cuda {
             A::F(smoothing),
             A::F(grad_scale.unwrap_or(0.0)),
             A::I(write_grad as i32),
-        ];
-        self.launch("cross_entropy", (rows as u32, 1, 1), (512, 1, 1), &args);
+        ]);
+        let kernel = if grad16.is_some() { "cross_entropy" } else { "cross_entropy_bf16" };
+        self.launch(kernel, (rows as u32, 1, 1), (512, 1, 1), &args);
     }
 
     /// The fused head and loss (`Backend::head_loss`): the product writes the logits straight
@@ -107,23 +108,12 @@ impl Cuda {
         let z = if ty == Ty::Bf16 {
             let z = self.grown(&mut scratch.bf16[2], n * ld);
             self.product_into_as(z, ld, w_p, x_p, None, (n, k, v), ty, Ty::Bf16);
-            let args = [
-                A::P(z),
-                A::L(ld as i64),
-                A::P(loss_p),
-                self.p(targets),
-                A::I(n as i32),
-                A::I(v as i32),
-                A::F(smoothing),
-                A::F(grad_scale.unwrap_or(0.0)),
-                A::I(back.is_some() as i32),
-            ];
-            self.launch("cross_entropy_bf16", (n as u32, 1, 1), (512, 1, 1), &args);
+            self.launch_cross_entropy((z, ld, None), loss_p, targets, (n, v), (smoothing, grad_scale), back.is_some());
             z
         } else {
             let z = if ld == v && logits.len() >= n * v { self.ptr(logits) } else { self.grown(&mut scratch.padded, n * ld) };
             self.product_into(z, ld, w_p, x_p, None, (n, k, v), ty);
-            self.launch_cross_entropy((z, ld, 0), loss_p, targets, (n, v), (smoothing, grad_scale), back.is_some());
+            self.launch_cross_entropy((z, ld, Some(0)), loss_p, targets, (n, v), (smoothing, grad_scale), back.is_some());
             z
         };
         if let Some((dx, dw)) = back {

@@ -69,7 +69,7 @@ impl Roofline {
         self.rec("attention forward", c);
     }
 
-    fn attention_bwd_cost(&self, dqkv: &VBuf, qkv: &VBuf, s: AttnShape, drop: bool) {
+    fn attention_bwd_cost(&self, qkv: &VBuf, s: AttnShape, drop: bool) {
         let (rows, d) = ((s.batch * s.seq) as f64, s.head_dim as f64);
         let stats = (s.batch * s.n_head * s.seq) as f64;
         let out = rows * (s.n_head * s.head_dim) as f64;
@@ -82,33 +82,27 @@ impl Roofline {
         let (kv_blocks, group) = ((s.batch * s.n_kv_head) as f64, (s.n_head / s.n_kv_head.max(1)) as f64);
         // per query row read by a key block: the query (operand), dout (f32), lse and delta
         let q_row = e * d + 4.0 * d + 8.0;
-        if tc {
-            // the default: one kernel writing dk and dv, dq added atomically into zeroed columns
-            self.elementwise("fill", 0, dqkv.len);
-            let bq = if s.head_dim == 64 { 64 } else { 16 };
-            let mut c = Cost::default();
-            for (rk, rq) in key_tiles(s.seq, 64, bq) {
-                c.read += kv_blocks * (2.0 * e * rk * d + 4.0 * rk + group * rq * (q_row + 4.0 * d));
-                c.written += kv_blocks * (2.0 * 4.0 * rk * d + group * rq * 4.0 * d);
-                c.tensor_flops += kv_blocks * group * 5.0 * 2.0 * rq * rk * d;
-            }
-            return self.rec("attention backward", c);
-        }
-        // the FMA kernels: key tiles of 64 for dq and query tiles of 64 for dk/dv (32 at D = 128)
-        let (bc_dq, bq_kv) = if fma_dim(s.head_dim) == 128 { (32, 32) } else { (64, 64) };
+        // the two kernels training runs (the deterministic form; the single kernel adding dq
+        // atomically is only cuda-check's): dq per block of queries over key tiles, dk and dv
+        // per 64 keys over query tiles. Tensor cores: 128 queries per dq block, key and query
+        // tiles of 64 (32 at D = 128); FMA: 64 queries per dq block, tiles of 64 (32 at D = 128)
+        let narrow = if tc { s.head_dim == 128 } else { fma_dim(s.head_dim) == 128 };
+        let (dq_rows, tile) = (if tc { 128 } else { 64 }, if narrow { 32 } else { 64 });
         let q_heads = (s.batch * s.n_head) as f64;
         let mut dq = Cost::default();
-        for (rq, kr) in query_tiles(s.seq, 64, bc_dq) {
+        for (rq, kr) in query_tiles(s.seq, dq_rows, tile) {
             dq.read += q_heads * (rq * q_row + 2.0 * e * kr * d + 4.0 * kr);
             dq.written += q_heads * 4.0 * rq * d;
-            dq.fp32_flops += q_heads * 3.0 * 2.0 * rq * kr * d;
+            let (t, f) = Self::flops(tc, q_heads * 3.0 * 2.0 * rq * kr * d);
+            (dq.tensor_flops, dq.fp32_flops) = (dq.tensor_flops + t, dq.fp32_flops + f);
         }
         self.rec("attention backward", dq);
         let mut kv = Cost::default();
-        for (rk, rq) in key_tiles(s.seq, 64, bq_kv) {
+        for (rk, rq) in key_tiles(s.seq, 64, tile) {
             kv.read += kv_blocks * (2.0 * e * rk * d + 4.0 * rk + group * rq * q_row);
             kv.written += kv_blocks * 2.0 * 4.0 * rk * d;
-            kv.fp32_flops += kv_blocks * group * 4.0 * 2.0 * rq * rk * d;
+            let (t, f) = Self::flops(tc, kv_blocks * group * 4.0 * 2.0 * rq * rk * d);
+            (kv.tensor_flops, kv.fp32_flops) = (kv.tensor_flops + t, kv.fp32_flops + f);
         }
         self.rec("attention backward", kv);
     }
@@ -267,7 +261,7 @@ impl Backend for Roofline {
     }
     fn attention_bwd_dropout(
         &self,
-        dqkv: &mut VBuf,
+        _dqkv: &mut VBuf,
         _dout: &VBuf,
         qkv: &VBuf,
         _out: &VBuf,
@@ -278,11 +272,11 @@ impl Backend for Roofline {
         _drop: DropoutMask,
     ) {
         let _op = self.op_kind("attention");
-        self.attention_bwd_cost(dqkv, qkv, shape, true)
+        self.attention_bwd_cost(qkv, shape, true)
     }
-    fn attention_bwd(&self, dqkv: &mut VBuf, _dout: &VBuf, qkv: &VBuf, _out: &VBuf, _stats: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
+    fn attention_bwd(&self, _dqkv: &mut VBuf, _dout: &VBuf, qkv: &VBuf, _out: &VBuf, _stats: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
         let _op = self.op_kind("attention");
-        self.attention_bwd_cost(dqkv, qkv, shape, false)
+        self.attention_bwd_cost(qkv, shape, false)
     }
     fn kv_append(&self, _k: &mut VBuf, _v: &mut VBuf, _qkv: &VBuf, _slot: usize, s: AttnShape, _max_len: usize) {
         let _op = self.op_kind("attention");

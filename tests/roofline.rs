@@ -207,11 +207,11 @@ fn a_training_step_launches_what_the_model_structure_says() {
     assert_eq!(launches("matmul (cuBLASLt)"), 12 * layers + 3);
     // casts: forward the attention output (the other 3 product inputs are written in bf16 too by
     // the norm and the GELU that compute them; all 4 are held for the weight gradients' products
-    // of the backward pass) and qkv for attention (weights have AdamW's copies), backward qkv
-    // again (each product's dout is cast by its bias gradient's column-sum pass); the head's
-    // input (the fused head and loss writes the logits' gradient in bf16 and its backward
-    // products reuse the input's copy)
-    assert_eq!(launches("cast to bf16"), 3 * layers + 1);
+    // of the backward pass) and qkv for attention (weights have AdamW's copies; qkv's copy is
+    // held for the attention's backward pass; each product's dout is cast by its bias
+    // gradient's column-sum pass); the head's input (the fused head and loss writes the
+    // logits' gradient in bf16 and its backward products reuse the input's copy)
+    assert_eq!(launches("cast to bf16"), 2 * layers + 1);
     // attention: 1 forward, 3 backward (delta, dq, dk/dv) per layer
     assert_eq!(launches("attention forward"), layers);
     assert_eq!(launches("attention backward"), 3 * layers);

@@ -524,10 +524,10 @@ pub trait Backend: Send + Sync + 'static {
     fn begin_operand_reuse(&self, _bufs: &[&Self::Buf]) {}
     /// Ends [`Backend::begin_operand_reuse`].
     fn end_operand_reuse(&self) {}
-    /// Says that `buf`, a saved activation, is read by products in this forward pass and again
-    /// in the backward pass, and written only before its first product (the op that computes it)
-    /// until [`Backend::release_operands`]: a backend that converts product operands may convert
-    /// it once for all those products.
+    /// Says that `buf`, a saved activation, is read by products (or attention) in this forward
+    /// pass and again in the backward pass, and written only before its first such read (by the
+    /// ops that compute it) until [`Backend::release_operands`]: a backend that converts product
+    /// operands may convert it once for all those reads.
     fn hold_operand(&self, _buf: &Self::Buf) {}
     /// Ends every [`Backend::hold_operand`].
     fn release_operands(&self) {}

@@ -144,9 +144,10 @@ impl<B: Backend> Model<B> {
         let (x, y) = (&done[l], &mut rest[0]);
         let a = &mut acts.layers[if acts.checkpointing { 0 } else { l }];
         if acts.hold && !acts.checkpointing && !acts.recompute {
-            // the products' inputs, read again by the backward pass's weight-gradient products
-            // (not when a layer's buffers are shared: gradient checkpointing, recomputed norms)
-            [&a.ln1, &a.att_out, &a.ln2, &a.act].into_iter().for_each(|b| self.backend.hold_operand(b));
+            // the products' inputs, read again by the backward pass's weight-gradient products,
+            // and the attention's queries, keys and values, read again by its backward pass (not
+            // when a layer's buffers are shared: gradient checkpointing, recomputed norms)
+            [&a.ln1, &a.att_out, &a.ln2, &a.act, &a.qkv].into_iter().for_each(|b| self.backend.hold_operand(b));
         }
         let (mut bufs, stats) = a.bufs(&mut acts.tmp, &mut acts.shared, acts.recompute);
         let call = AttnCall::Sequence { stats, mask: &acts.mask, pos: &acts.pos, batch: acts.batch, seq: acts.seq };

@@ -30,7 +30,8 @@ impl Cuda {
     /// The qkv operand of the attention kernels (f32, or a bf16 copy) and the kernels' type name.
     pub(super) fn attn_qkv(&self, scratch: &mut Scratch, qkv: &CudaSlice<f32>) -> (u64, &'static str) {
         if self.0.bf16 {
-            (self.bf16_copy(scratch, 0, qkv), "bf16")
+            // a held qkv's copy serves the forward and the backward pass (made at the first)
+            (self.held_copy(qkv).unwrap_or_else(|| self.bf16_copy(scratch, 0, qkv)), "bf16")
         } else {
             (self.ptr(qkv), "f32")
         }

@@ -155,7 +155,7 @@ impl Cuda {
 
     /// The held copy of `src` (made now, from a spare buffer when one fits, if no product has
     /// read it since its hold and the op that wrote it did not write the copy too).
-    fn held_copy(&self, src: &CudaSlice<f32>) -> Option<u64> {
+    pub(super) fn held_copy(&self, src: &CudaSlice<f32>) -> Option<u64> {
         let (dst, ready) = self.held_entry(src)?;
         if !ready {
             self.launch_n("cast_f32_bf16", src.len().div_ceil(4), &[A::P(dst), self.p(src), A::L(src.len() as i64)]);

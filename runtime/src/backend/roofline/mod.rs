@@ -281,6 +281,20 @@ impl Roofline {
         }
     }
 
+    /// As the CUDA backend's `held_copy`: whether `b` is held, its copy made now (with its
+    /// cast) if no read made it yet.
+    fn held_read(&self, b: &VBuf) -> bool {
+        let mut st = self.lock();
+        let Some(made) = st.held.get_mut(&b.id) else { return false };
+        let first = !*made;
+        *made = true;
+        drop(st);
+        if first {
+            self.cast(b.len);
+        }
+        true
+    }
+
     /// As the CUDA backend's `keep_working_copy`: a cast unless the weight has its copy.
     fn keep_copy(&self, w: &VBuf) {
         if self.bf16 && w.len > 0 && self.lock().copies.insert(w.id) {

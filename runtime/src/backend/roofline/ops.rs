@@ -52,7 +52,7 @@ impl Roofline {
     }
 
     fn attention_fwd_cost(&self, qkv: &VBuf, s: AttnShape, drop: bool) {
-        if self.bf16 {
+        if self.bf16 && !self.held_read(qkv) {
             self.cast(qkv.len);
         }
         let tc = self.tensor_core_attention(s, drop);
@@ -74,7 +74,7 @@ impl Roofline {
         let stats = (s.batch * s.n_head * s.seq) as f64;
         let out = rows * (s.n_head * s.head_dim) as f64;
         self.rec("attention backward", Cost { read: 8.0 * out, written: 4.0 * stats, ..Cost::default() });
-        if self.bf16 {
+        if self.bf16 && !self.held_read(qkv) {
             self.cast(qkv.len);
         }
         let tc = self.tensor_core_attention(s, drop);

@@ -241,13 +241,18 @@ __device__ __forceinline__ void attn_fwd(float* out, float* lse, const T* qkv, c
 
 // ---- backward: delta = rowsum(dout * out) ---------------------------------------------------
 
-// Launch: grid (seq, n_head, batch), block 32.
-extern "C" __global__ void __launch_bounds__(32) attention_bwd_delta(float* delta, const float* dout, const float* out, int batch, int seq, int n_head, int head_dim) {
+// Launch: grid (seq, n_head, batch), block 32. With dout16 non-null it also writes dout rounded
+// to bf16 there (the tensor-core backward kernels read that copy).
+extern "C" __global__ void __launch_bounds__(32) attention_bwd_delta(float* delta, const float* dout, const float* out, bf16_t* dout16, int batch, int seq, int n_head, int head_dim) {
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     if (t >= seq || b >= batch) return;
     const long long off = ((long long)b * seq + t) * ((long long)n_head * head_dim) + (long long)h * head_dim;
     float acc = 0.0f;
-    for (int d = threadIdx.x; d < head_dim; d += 32) acc += dout[off + d] * out[off + d];
+    for (int d = threadIdx.x; d < head_dim; d += 32) {
+        const float g = dout[off + d];
+        acc += g * out[off + d];
+        if (dout16 != nullptr) dout16[off + d] = f32_to_bf16(g);
+    }
     acc = warp_sum(acc);
     if (threadIdx.x == 0) delta[((long long)b * n_head + h) * seq + t] = acc;
 }

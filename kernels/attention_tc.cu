@@ -5,10 +5,12 @@
 // CPU twins: cpu/attention.rs `flash_fwd`, `flash_bwd`.
 //
 // Layout as attention.cu: qkv [batch * seq, (n_head + 2 n_kv_head) * D] (query heads, key heads,
-// value heads; raw bf16 bits), out / dout [batch * seq, n_head * D] f32, lse / delta
-// [batch, n_head, seq] f32, key_mask [batch * seq] (1 = attend). `delta` comes from
-// `attention_bwd_delta` (attention.cu). qkv must be 16-byte aligned (rows are copied to shared
-// memory with 16-byte cp.async), dout 16-byte aligned (read as float4).
+// value heads; raw bf16 bits), out [batch * seq, n_head * D] f32, dout the same in bf16 (the copy
+// `attention_bwd_delta` writes as it reads the f32 dout: the backward kernels read 2 bytes a value
+// instead of 4, and round nothing), lse / delta [batch, n_head, seq] f32, key_mask [batch * seq]
+// (1 = attend). qkv and dout must be 16-byte aligned (rows are copied to shared memory with
+// 16-byte cp.async). The backward templates also take an f32 dout (rounded as it is staged, the
+// same bf16 values): the emulation checks both give the same bits.
 //
 // Structure (FlashAttention-2): every warp owns 16 rows (query rows in the forward and dq, key rows
 // in dk/dv) and keeps its accumulators in the mma C fragments; tiles of the other operand are
@@ -25,8 +27,8 @@
 //   the query heads of its group and the query tiles at or after its keys; each warp computes the
 //   transposed products for its 16 keys: S^T = K Q^T, dP^T = V dout^T, dv += P^T dout,
 //   dk += dS^T Q. Without atomics every element of dqkv is written once, deterministically (the
-//   dq and dkdv kernels, `full_determinism`); the dkdvq kernel instead adds dq += dS K atomically
-//   from the same pass (FlashAttention-2's single backward kernel, the default).
+//   dq and dkdv kernels, what training runs); the dkdvq kernel instead adds dq += dS K atomically
+//   from the same pass (FlashAttention-2's single backward kernel; `cuda-check` times it).
 
 #define TC_LOG2E 1.4426950408889634f
 #define TC_LN2 0.6931471805599453f
@@ -209,6 +211,17 @@ __device__ __forceinline__ void tc_stage_f32(bf16_t* dst, const float* src, int 
         u.w = tc_pack(x1.z, x1.w);
         *reinterpret_cast<uint4*>(dst + tc_swz<D>(r, c)) = u;
     }
+}
+
+/// dout's rows into a tile as tc_load_rows lays them out: from its bf16 copy (cp.async, not
+/// committed; the copy is what tc_stage_f32 rounds to) or from the f32 values (rounded here).
+template <int D, int NR, int NT>
+__device__ __forceinline__ void tc_stage_dout(bf16_t* dst, const bf16_t* src, int width, int t0, int seq) {
+    tc_load_rows<D, NR, NT>(dst, src, width, t0, seq);
+}
+template <int D, int NR, int NT>
+__device__ __forceinline__ void tc_stage_dout(bf16_t* dst, const float* src, int width, int t0, int seq) {
+    tc_stage_f32<D, NR, NT>(dst, src, width, t0, seq);
 }
 
 /// A fragment (k = 16 kk .. 16 kk + 15) from the C fragments of n-tiles 2 kk and 2 kk + 1.
@@ -433,8 +446,8 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
 // ---- backward: dQ ---------------------------------------------------------------------------
 // NW warps of 16 query rows (BM = 16 NW); key tiles of BN, (K, V) double-buffered.
 
-template <int D, int NW, int BN>
-__device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head) {
+template <int D, int NW, int BN, class TD>
+__device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const TD* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head) {
     constexpr int NT = 32 * NW, BM = 16 * NW, STAGE = 2 * BN * D;
     static_assert(BM * D <= 2 * STAGE, "the Q and dout tiles are staged in the K/V buffers");
     __shared__ __align__(128) bf16_t sm[2 * STAGE];
@@ -445,7 +458,7 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
     const int b = blockIdx.z, h = blockIdx.y;
     const TcBlock<D> blk(qkv, b, h / (n_head / n_kv_head), seq, n_head, n_kv_head);
     const int qcol = h * D;
-    const float* dout_s = dout + blk.row0 * blk.out_width;
+    const TD* dout_s = dout + blk.row0 * blk.out_width;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const TcLane<D> lx = tc_lane_x<D>(lane), ly = tc_lane_y<D>(lane);
     const float scale = TcScale<D>::v;
@@ -459,7 +472,9 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(qf[kk], sm + lx.at(warp * 16, 2 * kk));
     __syncthreads();
-    tc_stage_f32<D, BM, NT>(sm, dout_s + qcol, blk.out_width, q0, seq);
+    tc_stage_dout<D, BM, NT>(sm, dout_s + qcol, blk.out_width, q0, seq);
+    tc_commit();
+    tc_wait<0>();
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) tc_ldsm(df[kk], sm + lx.at(warp * 16, 2 * kk));
@@ -572,8 +587,8 @@ __device__ __forceinline__ void attn_bwd_dq_tc(float* dqkv, const float* dout, c
 // warp writes its dS^T (rounded to bf16, as the dk product uses it) transposed into shared memory;
 // then the 4 warps compute dS K for SQ / 16 m-tiles of 16 queries, splitting D between them.
 
-template <int D, int BQ, int SQ, bool DQ>
-__device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head) {
+template <int D, int BQ, int SQ, bool DQ, class TD>
+__device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const TD* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int seq, int n_head, int n_kv_head) {
     constexpr int NW = 4, NT = 32 * NW, BN = 16 * NW, NQR = BQ >= 32 ? BQ / 32 : 1;
     static_assert((BQ % 32 == 0 || BQ == 16) && BN % BQ == 0 && BQ % SQ == 0 && SQ % 16 == 0, "query tiles align with the key tile");
     // DQ: m-tiles of queries per sub-block, the warps per m-tile, and the columns of D each takes
@@ -590,7 +605,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
     const int b = blockIdx.z, kvh = blockIdx.y;
     const int grp = n_head / n_kv_head;
     const TcBlock<D> blk(qkv, b, kvh, seq, n_head, n_kv_head);
-    const float* dout_s = dout + blk.row0 * blk.out_width;
+    const TD* dout_s = dout + blk.row0 * blk.out_width;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const TcLane<D> lx = tc_lane_x<D>(lane), ly = tc_lane_y<D>(lane);
     const float scale = TcScale<D>::v;
@@ -618,8 +633,8 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
         for (int i0 = k0; i0 < seq; i0 += BQ) {
             __syncthreads();  // the previous query tile is consumed
             tc_load_rows<D, BQ, NT>(qs, blk.qkv_s + qcol, blk.width, i0, seq);
+            tc_stage_dout<D, BQ, NT>(dos, dout_s + qcol, blk.out_width, i0, seq);
             tc_commit();
-            tc_stage_f32<D, BQ, NT>(dos, dout_s + qcol, blk.out_width, i0, seq);
             // lane holds lse (base 2) and delta of queries i0 + 32 r + lane; shuffled out below
             float lr[NQR], dr[NQR];
 #pragma unroll
@@ -762,19 +777,19 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const float* dout,
         attn_fwd_tc<D, FWD_NW, FWD_MT>(out, lse, qkv, key_mask, seq, n_head, n_kv_head);                              \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) attention_bwd_dq_tc_d##D(                                         \
-        float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
+        float* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
         int seq, int n_head, int n_kv_head, int head_dim) {                                                            \
         if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
         attn_bwd_dq_tc<D, 8, DQ_BN>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);                     \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) attention_bwd_dkdv_tc_d##D(                                       \
-        float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
+        float* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
         int seq, int n_head, int n_kv_head, int head_dim) {                                                            \
         if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
         attn_bwd_dkdv_tc<D, DKDV_BQ, DKDV_SQ, false>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);             \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) attention_bwd_dkdvq_tc_d##D(                                      \
-        float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
+        float* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
         int seq, int n_head, int n_kv_head, int head_dim) {                                                            \
         if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
         attn_bwd_dkdv_tc<D, DKDVQ_BQ, DKDVQ_BQ, true>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);          \

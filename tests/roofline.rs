@@ -96,19 +96,20 @@ fn attention_counts_the_tiles_each_block_reads() {
     let acc = be.account();
     assert_eq!(bytes(&acc, "attention forward"), ((2 * (2 * 64 * (100 + 2 * 100) + 4 * 100)) as f64, (2 * 4 * 100 * 65) as f64));
     assert_eq!(acc.families["attention forward"].tensor_flops, (2 * 4 * 100 * 100 * 64) as f64);
-    // backward (the two kernels training runs): delta (dout and out read, delta written); dq
-    // per block of 128 queries, for each query head the 100 queries (query, f32 dout, lse,
-    // delta) and the keys up to them in tiles of 64 (K and V, their mask entries), dq written;
+    // backward (the two kernels training runs): delta (dout and out read, delta and dout's
+    // bf16 copy written); dq per block of 128 queries, for each query head the 100 queries
+    // (query, bf16 dout, lse, delta) and the keys up to them in tiles of 64 (K and V, their
+    // mask entries), dq written;
     // dk and dv per 64 keys: K and V once, for both query heads the queries from its tile on,
     // dk and dv written. Every column of dqkv is written: nothing is zeroed first
     be.reset();
     be.attention_bwd(&mut dqkv, &dout, &qkv, &out, &stats, &ids, s, AttnImpl::Flash);
     let acc = be.account();
-    let q_row = 2 * 64 + 4 * 64 + 8;
+    let q_row = 2 * 64 + 2 * 64 + 8;
     let dq_read = 2 * (100 * q_row + 2 * 2 * 100 * 64 + 4 * 100);
     let kv_read = (2 * 2 * 64 * 64 + 4 * 64 + 2 * 100 * q_row) + (2 * 2 * 36 * 64 + 4 * 36 + 2 * 36 * q_row);
     let written = 2 * 4 * 100 * 64 + 8 * 64 * 64 + 8 * 36 * 64;
-    let (delta_read, delta_written) = (2 * 4 * 100 * 128, 4 * 200);
+    let (delta_read, delta_written) = (2 * 4 * 100 * 128, 4 * 200 + 2 * 100 * 128);
     assert_eq!(bytes(&acc, "attention backward"), ((delta_read + dq_read + kv_read) as f64, (delta_written + written) as f64));
     assert_eq!(bytes(&acc, "fill"), (0.0, 0.0));
     assert_eq!(acc.families["attention backward"].launches, 3);

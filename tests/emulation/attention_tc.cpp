@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <string>
 #include <chrono>
+#include <cstring>
+#include <type_traits>
 #include "tc_shim.h"
 #include "reference.h"
 
@@ -80,10 +82,31 @@ struct Res {
 };
 
 using Fwd = void (*)(float*, float*, const unsigned short*, const int*, int, int, int, int, int);
+// backward kernels reading dout in f32 (the FMA kernels) or as the bf16 copy the delta kernel
+// writes (the tensor-core kernels)
 using Bwd = void (*)(float*, const float*, const unsigned short*, const float*, const float*, const int*, int, int, int, int, int);
+using BwdH = void (*)(float*, const unsigned short*, const unsigned short*, const float*, const float*, const int*, int, int, int, int, int);
 
-static Res run(const Shape& s, Fwd fwd, Bwd dq, Bwd dkdv, unsigned fwd_rows, unsigned fwd_threads, unsigned dq_rows, unsigned dq_threads, unsigned dkdv_keys,
+// The tensor-core backward templates instantiated with an f32 dout (rounded as it is staged): the
+// bf16 copy must give the same bits.
+#define TC_F32_DOUT(D, DQ_BN, DKDV_BQ, DKDV_SQ)                                                                                                  \
+    static void dq_tc_f32dout_d##D(float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
+                                   int seq, int n_head, int n_kv_head, int head_dim) {                                                        \
+        if ((int)blockIdx.z >= batch || head_dim != D) return;                                                                               \
+        attn_bwd_dq_tc<D, 8, DQ_BN>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);                                           \
+    }                                                                                                                                        \
+    static void dkdv_tc_f32dout_d##D(float* dqkv, const float* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
+                                     int seq, int n_head, int n_kv_head, int head_dim) {                                                      \
+        if ((int)blockIdx.z >= batch || head_dim != D) return;                                                                               \
+        attn_bwd_dkdv_tc<D, DKDV_BQ, DKDV_SQ, false>(dqkv, dout, qkv, lse, delta, key_mask, seq, n_head, n_kv_head);                          \
+    }
+TC_F32_DOUT(64, 64, 64, 64)
+TC_F32_DOUT(128, 32, 32, 32)
+
+template <class B>
+static Res run(const Shape& s, Fwd fwd, B dq, B dkdv, unsigned fwd_rows, unsigned fwd_threads, unsigned dq_rows, unsigned dq_threads, unsigned dkdv_keys,
                unsigned dkdv_threads, const vector<unsigned short>& qkv, const vector<int>& mask, const vector<float>& dout) {
+    constexpr bool half = std::is_same<B, BwdH>::value;
     const size_t rows = (size_t)s.batch * s.seq;
     const int W = (s.nh + 2 * s.nkv) * s.hd, OW = s.nh * s.hd;
     Res r;
@@ -95,9 +118,25 @@ static Res run(const Shape& s, Fwd fwd, Bwd dq, Bwd dkdv, unsigned fwd_rows, uns
     vector<float> delta((size_t)s.batch * s.nh * s.seq, NAN);
     auto cdiv = [](int a, unsigned b) { return (unsigned)((a + b - 1) / b); };
     launch_checked(dim3{cdiv(s.seq, fwd_rows), (unsigned)s.nh, (unsigned)s.batch}, dim3{fwd_threads}, fwd, r.out.data(), r.lse.data(), qkv.data(), mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
-    launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)r.out.data(), s.batch, s.seq, s.nh, s.hd);
-    if (dq) launch_checked(dim3{cdiv(s.seq, dq_rows), (unsigned)s.nh, (unsigned)s.batch}, dim3{dq_threads}, dq, r.dqkv.data(), dout.data(), qkv.data(), (const float*)r.lse.data(), (const float*)delta.data(), mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
-    launch_checked(dim3{cdiv(s.seq, dkdv_keys), (unsigned)s.nkv, (unsigned)s.batch}, dim3{dkdv_threads}, dkdv, r.dqkv.data(), dout.data(), qkv.data(), (const float*)r.lse.data(), (const float*)delta.data(), mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
+    // the bf16 copy of dout, written by the delta kernel (every value: checked below)
+    vector<unsigned short> d16(half ? dout.size() : 0, 0x7fc1);
+    launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)r.out.data(),
+           half ? d16.data() : (unsigned short*)nullptr, s.batch, s.seq, s.nh, s.hd);
+    for (size_t i = 0; i < d16.size(); ++i)
+        if (d16[i] != f32_to_bf16(dout[i])) {
+            printf("  the delta kernel's bf16 dout differs at %zu\n", i);
+            ++failures;
+            break;
+        }
+    const auto* dp = [&] {
+        if constexpr (half) {
+            return (const unsigned short*)d16.data();
+        } else {
+            return (const float*)dout.data();
+        }
+    }();
+    if (dq) launch_checked(dim3{cdiv(s.seq, dq_rows), (unsigned)s.nh, (unsigned)s.batch}, dim3{dq_threads}, dq, r.dqkv.data(), dp, qkv.data(), (const float*)r.lse.data(), (const float*)delta.data(), mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
+    launch_checked(dim3{cdiv(s.seq, dkdv_keys), (unsigned)s.nkv, (unsigned)s.batch}, dim3{dkdv_threads}, dkdv, r.dqkv.data(), dp, qkv.data(), (const float*)r.lse.data(), (const float*)delta.data(), mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
     return r;
 }
 
@@ -148,8 +187,11 @@ static void test(const Shape& s, int pad_mode) {
                       : run(s, attention_fwd_tc_d128, attention_bwd_dq_tc_d128, attention_bwd_dkdv_tc_d128, 128, 256, 128, 256, 64, 128, qkv_b, mask, dout);
     auto t1 = std::chrono::steady_clock::now();
     // FlashAttention-2's single backward kernel: dq added atomically by the dk/dv kernel
-    Res tq = hd == 64 ? run(s, attention_fwd_tc_d64, nullptr, attention_bwd_dkdvq_tc_d64, 128, 128, 0, 0, 64, 128, qkv_b, mask, dout)
-                      : run(s, attention_fwd_tc_d128, nullptr, attention_bwd_dkdvq_tc_d128, 128, 256, 0, 0, 64, 128, qkv_b, mask, dout);
+    Res tq = hd == 64 ? run(s, attention_fwd_tc_d64, (BwdH) nullptr, attention_bwd_dkdvq_tc_d64, 128, 128, 0, 0, 64, 128, qkv_b, mask, dout)
+                      : run(s, attention_fwd_tc_d128, (BwdH) nullptr, attention_bwd_dkdvq_tc_d128, 128, 256, 0, 0, 64, 128, qkv_b, mask, dout);
+    // the same tensor-core kernels staging the f32 dout themselves
+    Res t32 = hd == 64 ? run(s, attention_fwd_tc_d64, (Bwd)dq_tc_f32dout_d64, (Bwd)dkdv_tc_f32dout_d64, 128, 128, 128, 256, 64, 128, qkv_b, mask, dout)
+                       : run(s, attention_fwd_tc_d128, (Bwd)dq_tc_f32dout_d128, (Bwd)dkdv_tc_f32dout_d128, 128, 256, 128, 256, 64, 128, qkv_b, mask, dout);
     Res fm = hd == 64 ? run(s, attention_fwd_bf16_d64, attention_bwd_dq_bf16_d64, attention_bwd_dkdv_bf16_d64, 64, 128, 64, 128, 64, 128, qkv_b, mask, dout)
                       : run(s, attention_fwd_bf16_d128, attention_bwd_dq_bf16_d128, attention_bwd_dkdv_bf16_d128, 64, 128, 64, 128, 64, 128, qkv_b, mask, dout);
 
@@ -220,6 +262,11 @@ static void test(const Shape& s, int pad_mode) {
     // dk and dv do not depend on how dq is accumulated
     for (size_t t = 0; t < rows; ++t)
         for (int c = s.nh * hd; c < W; ++c) pass &= tq.dqkv[t * W + c] == tc.dqkv[t * W + c];
+    // dout read from its bf16 copy or staged from f32: the same bits
+    bool same = true;
+    for (size_t i = 0; i < tc.dqkv.size(); ++i) same &= std::memcmp(&tc.dqkv[i], &t32.dqkv[i], 4) == 0;
+    printf("  tc with dout in bf16 vs staged from f32: %s\n", same ? "bitwise equal" : "DIFFER");
+    pass &= same;
     if (!pass) {
         printf("  FAIL\n");
         ++failures;

@@ -455,7 +455,7 @@ static void run_attention(const char* tname, int D, FwdFn<T> fwd, BwdFn<T> dq, B
     vector<float> out(rows * OW, NAN), lse(s.batch * s.nh * s.seq, NAN), delta(s.batch * s.nh * s.seq, NAN), dqkv(rows * W, NAN);
     const unsigned tiles = (s.seq + 63) / 64;
     launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, fwd, out.data(), lse.data(), (const T*)qkv_t.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
-    launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)out.data(), s.batch, s.seq, s.nh, s.hd);
+    launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)out.data(), (bf16_t*)nullptr, s.batch, s.seq, s.nh, s.hd);
     launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, dq, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
     launch(dim3{tiles, (unsigned)s.nkv, (unsigned)s.batch}, dim3{128}, dkdv, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
 
@@ -512,7 +512,7 @@ static void run_attention_dropout(const char* tname, int D, FwdDropFn<T> fwd, Bw
     vector<float> out(rows * OW, NAN), lse(s.batch * s.nh * s.seq, NAN), delta(s.batch * s.nh * s.seq, NAN), dqkv(rows * W, NAN);
     const unsigned tiles = (s.seq + 63) / 64;
     launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, fwd, out.data(), lse.data(), (const T*)qkv_t.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd, key, threshold, scale);
-    launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)out.data(), s.batch, s.seq, s.nh, s.hd);
+    launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)out.data(), (bf16_t*)nullptr, s.batch, s.seq, s.nh, s.hd);
     launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, dq, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd, key, threshold, scale);
     launch(dim3{tiles, (unsigned)s.nkv, (unsigned)s.batch}, dim3{128}, dkdv, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd, key, threshold, scale);
     bool nan_free = true;

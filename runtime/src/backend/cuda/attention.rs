@@ -112,16 +112,19 @@ impl Cuda {
             }
         }
         let delta = self.ptr(&scratch.delta);
+        let (q, ty) = self.attn_qkv(&mut scratch, qkv);
+        let (suffix, [_, (dq_rows, dq_threads), (kv_rows, kv_threads)]) = self.attn_kernels_for(ty, shape.head_dim, drop);
+        // the tensor-core kernels read dout as bf16: the delta kernel writes that copy as it reads dout
+        let dout16 = if suffix.starts_with("tc_") { self.grown(&mut scratch.bf16[1], dout.len()) } else { 0 };
         let (b, t, h, d) = (shape.batch as i32, shape.seq as i32, shape.n_head as i32, shape.head_dim as i32);
         self.launch(
             "attention_bwd_delta",
             (shape.seq as u32, shape.n_head as u32, shape.batch as u32),
             (32, 1, 1),
-            &[A::P(delta), self.p(dout), self.p(out), A::I(b), A::I(t), A::I(h), A::I(d)],
+            &[A::P(delta), self.p(dout), self.p(out), A::P(dout16), A::I(b), A::I(t), A::I(h), A::I(d)],
         );
-        let (q, ty) = self.attn_qkv(&mut scratch, qkv);
-        let (suffix, [_, (dq_rows, dq_threads), (kv_rows, kv_threads)]) = self.attn_kernels_for(ty, shape.head_dim, drop);
-        let mut args = vec![self.p(dqkv), self.p(dout), A::P(q), self.p(stats), A::P(delta), self.p(key_mask)];
+        let dout_p = if dout16 != 0 { A::P(dout16) } else { self.p(dout) };
+        let mut args = vec![self.p(dqkv), dout_p, A::P(q), self.p(stats), A::P(delta), self.p(key_mask)];
         args.extend(Self::shape_args(shape));
         args.extend(Self::drop_args(drop));
         let (h, kv, b) = (shape.n_head as u32, shape.n_kv_head as u32, shape.batch as u32);

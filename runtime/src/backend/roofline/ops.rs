@@ -73,15 +73,18 @@ impl Roofline {
         let (rows, d) = ((s.batch * s.seq) as f64, s.head_dim as f64);
         let stats = (s.batch * s.n_head * s.seq) as f64;
         let out = rows * (s.n_head * s.head_dim) as f64;
-        self.rec("attention backward", Cost { read: 8.0 * out, written: 4.0 * stats, ..Cost::default() });
+        let tc = self.tensor_core_attention(s, drop);
+        // delta from dout and out; for the tensor-core kernels it also writes dout's bf16 copy
+        let dout16 = if tc { 2.0 * out } else { 0.0 };
+        self.rec("attention backward", Cost { read: 8.0 * out, written: 4.0 * stats + dout16, ..Cost::default() });
         if self.bf16 && !self.held_read(qkv) {
             self.cast(qkv.len);
         }
-        let tc = self.tensor_core_attention(s, drop);
         let e = self.operand_bytes();
         let (kv_blocks, group) = ((s.batch * s.n_kv_head) as f64, (s.n_head / s.n_kv_head.max(1)) as f64);
-        // per query row read by a key block: the query (operand), dout (f32), lse and delta
-        let q_row = e * d + 4.0 * d + 8.0;
+        // per query row read by a key block: the query (operand), dout (its bf16 copy for the
+        // tensor-core kernels, else f32), lse and delta
+        let q_row = e * d + if tc { 2.0 } else { 4.0 } * d + 8.0;
         // the two kernels training runs (the deterministic form; the single kernel adding dq
         // atomically is only cuda-check's): dq per block of queries over key tiles, dk and dv
         // per 64 keys over query tiles. Tensor cores: 128 queries per dq block, key and query

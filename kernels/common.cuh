@@ -115,6 +115,27 @@ __device__ __forceinline__ void elementwise4(long long n, Load load, Store store
     }
 }
 
+// ---- GELU (tanh approximation; cpu/pointwise.rs) ----------------------------------------------
+
+#define GELU_K 0.7978846f  // sqrt(2 / pi), as cpu/pointwise.rs
+#define GELU_C 0.044715f
+
+__device__ __forceinline__ float gelu_tanh(float v) {
+    const float cube = __fmul_rn(__fmul_rn(__fmul_rn(GELU_C, v), v), v);
+    return tanhf(__fmul_rn(GELU_K, __fadd_rn(v, cube)));
+}
+
+// The gradient through GELU at x: (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * K * (1 + 3 * C * x * x))
+// * dout, t = tanh(K * (x + C * x^3)). gelu_bwd and gelu_bwd_colsum_cast_partials (reduce.cu).
+__device__ __forceinline__ float gelu_grad(float v, float dout) {
+    const float t = gelu_tanh(v);
+    const float sech2 = __fsub_rn(1.0f, __fmul_rn(t, t));
+    const float inner = __fadd_rn(1.0f, __fmul_rn(__fmul_rn(__fmul_rn(3.0f, GELU_C), v), v));
+    const float right = __fmul_rn(__fmul_rn(__fmul_rn(__fmul_rn(0.5f, v), sech2), GELU_K), inner);
+    const float grad = __fadd_rn(__fmul_rn(0.5f, __fadd_rn(1.0f, t)), right);
+    return __fmul_rn(grad, dout);
+}
+
 // ---- deterministic column reductions over rows (the CPU's `math::reduce_rows`) ----------------
 //
 // The rows are split into blocks of RR_ROWS rows; each block is summed sequentially from 0 (one

@@ -6,6 +6,12 @@
 // *_bwd_params: the row-block partials of dw (and db) (common.cuh `reduce_rows_partials`, launched
 //   as it says), which reduce_partials (reduce.cu) adds to dw (and db): deterministic, equal to
 //   the CPU's to rounding (its row blocks differ).
+// *_bwd_fused: *_bwd_dx and *_bwd_params in one pass over dout and x, for rows of at most
+//   NORM_FUSED_COLS * 256 values (wider rows take the two kernels): block b takes the RR_ROWS rows
+//   of row block b one after the other, each as *_bwd_dx takes its row (the same dx, bit for bit;
+//   dout, x and w stay in registers between the row's two passes), and adds the row's parameter
+//   terms to its columns' partials in row order from 0, as reduce_rows_partials does (the same
+//   partials, bit for bit, for reduce_partials). Launch: grid ceil(rows / RR_ROWS), block 256.
 
 #define NORM_THREADS 256
 
@@ -131,4 +137,86 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_bwd_dx(float*
 // the partials of dw: dout * x * rstd
 extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_params(float* part, const float* dout, const float* x, const float* rstd, int rows, int c) {
     reduce_rows_partials(part, rows, c, NormParamTerm<false, 1>{dout, x, nullptr, rstd, c});
+}
+
+#define NORM_FUSED_COLS 8
+
+// CENTER: LayerNorm (mean used; nout 2 also sums db), else RMSNorm (nout 1).
+template <bool CENTER>
+__device__ __forceinline__ void norm_bwd_fused(float* part, float* dx, int nout, const float* dout, const float* x, const float* w, const float* mean, const float* rstd, int rows, int c) {
+    __shared__ float scratch[NORM_THREADS / 32];
+    constexpr int K = NORM_FUSED_COLS;
+    float wv[K], pw[K], pb[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int i = threadIdx.x + k * NORM_THREADS;
+        wv[k] = i < c ? w[i] : 0.0f;
+        pw[k] = 0.0f;
+        pb[k] = 0.0f;
+    }
+    const int blk = blockIdx.x;
+    const int r1 = min((blk + 1) * RR_ROWS, rows);
+    for (int r = blk * RR_ROWS; r < r1; ++r) {
+        const float m = CENTER ? mean[r] : 0.0f, s = rstd[r];
+        const float* xr = x + (long long)r * c;
+        const float* dr = dout + (long long)r * c;
+        float xv[K], dv[K];
+        float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const int i = threadIdx.x + k * NORM_THREADS;
+            xv[k] = i < c ? xr[i] : 0.0f;
+            dv[k] = i < c ? dr[i] : 0.0f;
+            if (i >= c) continue;
+            if (CENTER) {
+                const float n = __fmul_rn(__fsub_rn(xv[k], m), s);
+                const float dn = __fmul_rn(wv[k], dv[k]);
+                a0 = __fadd_rn(a0, dn);
+                a1 = __fadd_rn(a1, __fmul_rn(dn, n));
+            } else {
+                a0 = __fadd_rn(a0, __fmul_rn(__fmul_rn(__fmul_rn(wv[k], dv[k]), xv[k]), s));
+            }
+            // NormParamTerm's terms
+            const float xc = CENTER ? __fsub_rn(xv[k], m) : xv[k];
+            pw[k] = __fadd_rn(pw[k], __fmul_rn(__fmul_rn(dv[k], xc), s));
+            pb[k] = __fadd_rn(pb[k], dv[k]);
+        }
+        float* dxr = dx + (long long)r * c;
+        if (CENTER) {
+            const float dnorm_mean = __fdiv_rn(block_sum<NORM_THREADS>(a0, scratch), (float)c);
+            const float dnorm_norm_mean = __fdiv_rn(block_sum<NORM_THREADS>(a1, scratch), (float)c);
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                const int i = threadIdx.x + k * NORM_THREADS;
+                if (i >= c) continue;
+                const float n = __fmul_rn(__fsub_rn(xv[k], m), s);
+                const float t = __fsub_rn(__fsub_rn(__fmul_rn(wv[k], dv[k]), dnorm_mean), __fmul_rn(n, dnorm_norm_mean));
+                dxr[i] = __fadd_rn(dxr[i], __fmul_rn(t, s));
+            }
+        } else {
+            const float dn_n = __fdiv_rn(block_sum<NORM_THREADS>(a0, scratch), (float)c);
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                const int i = threadIdx.x + k * NORM_THREADS;
+                if (i >= c) continue;
+                const float t = __fsub_rn(__fmul_rn(wv[k], dv[k]), __fmul_rn(__fmul_rn(xv[k], s), dn_n));
+                dxr[i] = __fadd_rn(dxr[i], __fmul_rn(s, t));
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int i = threadIdx.x + k * NORM_THREADS;
+        if (i >= c) continue;
+        part[(long long)blk * nout * c + i] = pw[k];
+        if (nout == 2) part[((long long)blk * nout + 1) * c + i] = pb[k];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_bwd_fused(float* part, float* dx, int nout, const float* dout, const float* x, const float* w, const float* mean, const float* rstd, int rows, int c) {
+    norm_bwd_fused<true>(part, dx, nout, dout, x, w, mean, rstd, rows, c);
+}
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_bwd_fused(float* part, float* dx, const float* dout, const float* x, const float* w, const float* rstd, int rows, int c) {
+    norm_bwd_fused<false>(part, dx, 1, dout, x, w, nullptr, rstd, rows, c);
 }

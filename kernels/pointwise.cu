@@ -87,14 +87,6 @@ extern "C" __global__ void cast_f32_bf16_rows(bf16_t* y, const float* x, int col
     elementwise4<float>(cols, [&](long long j) { return xr[j]; }, [&](long long j, float v) { yr[j] = f32_to_bf16(v); });
 }
 
-#define GELU_K 0.7978846f  // sqrt(2 / pi), as cpu/pointwise.rs
-#define GELU_C 0.044715f
-
-__device__ __forceinline__ float gelu_tanh(float v) {
-    const float cube = __fmul_rn(__fmul_rn(__fmul_rn(GELU_C, v), v), v);
-    return tanhf(__fmul_rn(GELU_K, __fadd_rn(v, cube)));
-}
-
 // out = 0.5 * x * (1 + tanh(K * (x + C * x * x * x))); also rounded to bf16 into out16 when not
 // null (the operand of the product that reads it, see Backend::hold_operand)
 extern "C" __global__ void gelu_fwd(float* out, bf16_t* out16, const float* x, long long n) {
@@ -105,17 +97,9 @@ extern "C" __global__ void gelu_fwd(float* out, bf16_t* out16, const float* x, l
     });
 }
 
-// dx = (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * K * (1 + 3 * C * x * x)) * dout (overwritten)
+// dx = gelu_grad(x, dout) (common.cuh; overwritten)
 extern "C" __global__ void gelu_bwd(float* dx, const float* x, const float* dout, long long n) {
-    elementwise4<float2>(n, [&](long long i) { return make_float2(x[i], dout[i]); }, [&](long long i, float2 xd) {
-        const float v = xd.x;
-        const float t = gelu_tanh(v);
-        const float sech2 = __fsub_rn(1.0f, __fmul_rn(t, t));
-        const float inner = __fadd_rn(1.0f, __fmul_rn(__fmul_rn(__fmul_rn(3.0f, GELU_C), v), v));
-        const float right = __fmul_rn(__fmul_rn(__fmul_rn(__fmul_rn(0.5f, v), sech2), GELU_K), inner);
-        const float grad = __fadd_rn(__fmul_rn(0.5f, __fadd_rn(1.0f, t)), right);
-        dx[i] = __fmul_rn(grad, xd.y);
-    });
+    elementwise4<float2>(n, [&](long long i) { return make_float2(x[i], dout[i]); }, [&](long long i, float2 xd) { dx[i] = gelu_grad(xd.x, xd.y); });
 }
 
 // x is [rows, 2 * i] (gate, then up); out is [rows, i]: out = gate * sigmoid(gate) * up (and in

@@ -5,6 +5,7 @@
 //   `dbias` branch of cpu/matmul.rs `matmul_bwd` (math::reduce_rows, 16 row blocks: equal to
 //   rounding).
 // colsum_cast_partials: the same, also writing src rounded to bf16 (see below).
+// gelu_bwd_colsum_cast_partials: the same for the gradient through a GELU, computed on the way.
 // reduce_partials: out0[j] (and out1[j] when nout is 2 and out1 is not null) += the nblocks partials
 //   of part in block order. Launch: block (32, 8), grid ceil(c / 32). (The first form, one thread
 //   per column reading its partials one after the other, took 2.9 ms per GPT-2 124M step on an
@@ -42,6 +43,28 @@ struct ColsumCastTerm {
 
 extern "C" __global__ void __launch_bounds__(256) colsum_cast_partials(float* part, const float* src, bf16_t* dst, int rows, int c, long long ld) {
     reduce_rows_partials(part, rows, c, ColsumCastTerm{src, dst, c, ld});
+}
+
+// gelu_bwd_colsum_cast_partials: colsum_cast_partials of dpre = gelu_grad(pre, dact) (gelu_bwd's
+// values, bit for bit) without dpre in memory: the backward pass of a product followed by GELU
+// (Backend::gelu_matmul_bwd) reads the pre-activation and the activation's gradient once and
+// writes only the products' bf16 operand and the bias gradient's partials.
+struct GeluColsumCastTerm {
+    static constexpr int NOUT = 1;
+    const float* pre;
+    const float* dact;
+    bf16_t* dst;
+    int c;
+    long long ld;
+    __device__ __forceinline__ void term(long long r, int j, float* t) const {
+        const float v = gelu_grad(pre[r * c + j], dact[r * c + j]);
+        dst[r * ld + j] = f32_to_bf16(v);
+        t[0] = v;
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(256) gelu_bwd_colsum_cast_partials(float* part, const float* pre, const float* dact, bf16_t* dst, int rows, int c, long long ld) {
+    reduce_rows_partials(part, rows, c, GeluColsumCastTerm{pre, dact, dst, c, ld});
 }
 
 extern "C" __global__ void __launch_bounds__(256) reduce_partials(float* out0, float* out1, const float* part, int nblocks, int nout, int c) {

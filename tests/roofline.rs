@@ -21,6 +21,7 @@ fn products_count_their_operands_and_the_bf16_casts() {
     let (mut w, g, mut mo, mut v) = (be.zeros(m * k).unwrap(), be.zeros(m * k).unwrap(), be.zeros(m * k).unwrap(), be.zeros(m * k).unwrap());
     let (inp, bias, mut out) = (be.zeros(n * k).unwrap(), be.zeros(m).unwrap(), be.zeros(n * m).unwrap());
     let (dout, mut dinp, mut db) = (be.zeros(n * m).unwrap(), be.zeros(n * k).unwrap(), be.zeros(m).unwrap());
+    let (pre, dact, mut dpre) = (be.zeros(n * m).unwrap(), be.zeros(n * m).unwrap(), be.zeros(n * m).unwrap());
     // no bf16 copy of the weight yet: both operands are cast (4 bytes read, 2 written each)
     be.reset();
     be.matmul_fwd(&mut out, &inp, &w, Some(&bias), n, k, m);
@@ -53,6 +54,21 @@ fn products_count_their_operands_and_the_bf16_casts() {
     let acc = be.account();
     assert!(!acc.families.contains_key("cast to bf16"), "{:?}", acc.families.keys());
     assert_eq!(bytes(&acc, "bias gradient"), ((4 * (n * m + m + m)) as f64, (4 * m + 2 * n * m + 4 * m) as f64));
+    // the same through a GELU: the pre-activation and the activation's gradient read in that
+    // pass instead of dout (no gelu_bwd launch, no f32 gradient written); its reduction as above
+    be.reset();
+    be.gelu_matmul_bwd(Some(&mut dinp), None, Some(&mut db), &mut dpre, &dact, &pre, &inp, &w, n, k, m);
+    let acc = be.account();
+    assert!(!acc.families.contains_key("cast to bf16"), "{:?}", acc.families.keys());
+    assert_eq!((acc.families["activation"].launches, acc.families["bias gradient"].launches), (1, 1));
+    assert_eq!(bytes(&acc, "activation"), ((4 * 2 * n * m) as f64, (4 * m + 2 * n * m) as f64));
+    assert_eq!(bytes(&acc, "bias gradient"), ((4 * (m + m)) as f64, (4 * m) as f64));
+    // without a bias gradient, the GELU's backward pass writes dpre in f32 and the product's cast reads it
+    be.reset();
+    be.gelu_matmul_bwd(Some(&mut dinp), None, None, &mut dpre, &dact, &pre, &inp, &w, n, k, m);
+    let acc = be.account();
+    assert_eq!(bytes(&acc, "activation"), ((4 * 2 * n * m) as f64, (4 * n * m) as f64));
+    assert_eq!(bytes(&acc, "cast to bf16"), ((4 * n * m) as f64, (2 * n * m) as f64));
     // a new buffer may take a freed weight's address: the copies are dropped, as on the device
     let _ = be.zeros(1).unwrap();
     be.reset();
@@ -163,13 +179,24 @@ fn the_loss_norms_and_embedding_count_their_passes() {
     let (mut dx, mut dw, mut db) = (be.zeros(rows * c).unwrap(), be.zeros(c).unwrap(), be.zeros(c).unwrap());
     be.reset();
     be.layernorm_bwd(&mut dx, &mut dw, Some(&mut db), &out, &x, &w, &mean, &rstd, c);
-    let dx_pass = (4 * (3 * rows * c + c + 2 * rows), 4 * rows * c);
-    // the parameters' column sums in two launches: dout, x and the statistics read and one partial
-    // per block of 32 rows and output written; then the partials and the outputs read and the
-    // outputs written
+    // one pass reads dout, x, w, the statistics and dx, and writes dx and one partial per block of
+    // 32 rows and parameter; then the partials and the parameters' gradients are read and written
     let blocks = rows.div_ceil(32);
-    let params_pass = (4 * (2 * rows * c + 2 * rows + blocks * 2 * c + 2 * c), 4 * (blocks * 2 * c + 2 * c));
+    let fused = (4 * (3 * rows * c + c + 2 * rows), 4 * (rows * c + blocks * 2 * c));
+    let reduce = (4 * (blocks * 2 * c + 2 * c), 4 * 2 * c);
+    assert_eq!(bytes(&be.account(), "norm"), ((fused.0 + reduce.0) as f64, (fused.1 + reduce.1) as f64));
+    assert_eq!(be.account().families["norm"].launches, 2);
+    // rows wider than the fused kernel takes: dx in a pass of its own, then the parameters' column
+    // sums read dout, x and the statistics again
+    let wide = runtime::backend::NORM_FUSED_WIDTH + 1;
+    let (wx, ww, mut wdx, mut wdw, mut wdb) =
+        (be.zeros(rows * wide).unwrap(), be.zeros(wide).unwrap(), be.zeros(rows * wide).unwrap(), be.zeros(wide).unwrap(), be.zeros(wide).unwrap());
+    be.reset();
+    be.layernorm_bwd(&mut wdx, &mut wdw, Some(&mut wdb), &wx, &wx, &ww, &mean, &rstd, wide);
+    let dx_pass = (4 * (3 * rows * wide + wide + 2 * rows), 4 * rows * wide);
+    let params_pass = (4 * (2 * rows * wide + 2 * rows + blocks * 2 * wide + 2 * wide), 4 * (blocks * 2 * wide + 2 * wide));
     assert_eq!(bytes(&be.account(), "norm"), ((dx_pass.0 + params_pass.0) as f64, (dx_pass.1 + params_pass.1) as f64));
+    assert_eq!(be.account().families["norm"].launches, 3);
     // the token and position tables: per row its id and its row of each table read, its sum written
     let (wte, wpe) = (be.zeros(v * c).unwrap(), be.zeros(16 * c).unwrap());
     let (ids, pos) = (be.upload_ids(&[1, 2, 3]).unwrap(), be.upload_ids(&[0, 1, 2]).unwrap());
@@ -216,14 +243,15 @@ fn a_training_step_launches_what_the_model_structure_says() {
     // attention: 1 forward, 3 backward (delta, dq, dk/dv) per layer
     assert_eq!(launches("attention forward"), layers);
     assert_eq!(launches("attention backward"), 3 * layers);
-    // two LayerNorms per layer and the final one: 1 launch forward, 3 backward (dx, the
+    // two LayerNorms per layer and the final one: 1 launch forward, 2 backward (dx with the
     // parameters' partial column sums, their reduction); the CUDA backend keeps the norm outputs
     // and the activation (`Backend::recompute_activations` is off)
-    assert_eq!(launches("norm"), 4 * (2 * layers + 1));
-    // GELU: forward and backward per layer
+    assert_eq!(launches("norm"), 3 * (2 * layers + 1));
+    // GELU: forward, and backward in the MLP up-projection's partial column sums, per layer
     assert_eq!(launches("activation"), 2 * layers);
-    // 4 biases per layer, each a partial column sum and its reduction
-    assert_eq!(launches("bias gradient"), 8 * layers);
+    // 4 biases per layer, each a partial column sum and its reduction (the up-projection's
+    // partials counted under the GELU's backward pass above)
+    assert_eq!(launches("bias gradient"), 7 * layers);
     assert_eq!(launches("adamw"), 1);
     // the gradient norm of every parameter tensor (12 per layer, wte, wpe, the final norm's 2) in
     // one launch, reading each gradient once and writing 512 f64 partials per tensor

@@ -229,6 +229,15 @@ static void test_reduce() {
         for (int r = 0; r < rows; ++r)
             for (long long j = 0; j < ld; ++j) same = same && cast[r * ld + j] == (j < c ? f32_to_bf16(src[r * c + j]) : (bf16_t)0xdead);
         check(("colsum with the bf16 cast rows=" + std::to_string(rows)).c_str(), same);
+        // through a GELU on the way: the same bits as gelu_bwd's output cast and summed above
+        auto pre = rvec((size_t)rows * c, 4.0f), dact = rvec((size_t)rows * c);
+        vector<float> dpre((size_t)rows * c + 1);
+        if (rows > 0) launch(dim3{4}, dim3{256}, gelu_bwd, dpre.data(), (const float*)pre.data(), (const float*)dact.data(), (long long)rows * c);
+        auto dst3 = start, ref3 = start;
+        vector<bf16_t> cast3((size_t)rows * ld + 1, 0xdead), cast_ref((size_t)rows * ld + 1, 0xdead);
+        reduce_cols_emu(rows, c, 1, ref3.data(), nullptr, 65535u, colsum_cast_partials, (const float*)dpre.data(), cast_ref.data(), rows, c, ld);
+        reduce_cols_emu(rows, c, 1, dst3.data(), nullptr, rows == 1000 ? 2u : 65535u, gelu_bwd_colsum_cast_partials, (const float*)pre.data(), (const float*)dact.data(), cast3.data(), rows, c, ld);
+        check(("gelu backward with the bias gradient and the bf16 cast rows=" + std::to_string(rows)).c_str(), bitwise(dst3, ref3) && cast3 == cast_ref);
     }
     const long long n = 300001;
     auto x = rvec(n);
@@ -386,6 +395,43 @@ static void test_norm() {
             for (int i = 0; i < c; ++i) acc[0][i] += dout[r * c + i] * x[r * c + i] * rr[r];
     });
     check("rmsnorm params bitwise", bitwise(dw, dwr));
+}
+
+// the fused norm backward kernels against *_bwd_dx then *_bwd_params + reduce_partials, bit for
+// bit (dx accumulated from the same start; dw, db from the same start), on rows narrower than a
+// block, wider than one, at the widest the fused kernels take, and a count not a multiple of 32
+static void test_norm_fused() {
+    for (auto [rows, c] : {std::pair{37, 300}, std::pair{70, 2048}, std::pair{33, 5}}) {
+        auto x = rvec(rows * c, 3.0f), w = rvec(c), b = rvec(c), dout = rvec(rows * c), dx0 = rvec(rows * c);
+        vector<float> out(rows * c), mean(rows), rstd(rows), rr(rows);
+        launch(dim3{unsigned(rows)}, dim3{256}, layernorm_fwd, out.data(), (bf16_t*)nullptr, mean.data(), rstd.data(), (const float*)x.data(), (const float*)w.data(), (const float*)b.data(), rows, c, 1e-5f);
+        launch(dim3{unsigned(rows)}, dim3{256}, rmsnorm_fwd, out.data(), (bf16_t*)nullptr, rr.data(), (const float*)x.data(), (const float*)w.data(), rows, c, 1e-5f);
+        const int nb = (rows + RR_ROWS - 1) / RR_ROWS;
+        const std::string shape = " rows=" + std::to_string(rows) + " c=" + std::to_string(c);
+        for (int nout = 1; nout <= 3; ++nout) {
+            const bool rms = nout == 3;  // 3: rmsnorm (one output)
+            const int no = rms ? 1 : nout;
+            auto dx = dx0, dxr = dx0, dw = rvec(c), db = rvec(c);
+            auto dwr = dw, dbr = db;
+            if (rms) {
+                launch(dim3{unsigned(rows)}, dim3{256}, rmsnorm_bwd_dx, dxr.data(), (const float*)dout.data(), (const float*)x.data(), (const float*)w.data(), (const float*)rr.data(), rows, c);
+                reduce_cols_emu(rows, c, 1, dwr.data(), nullptr, 65535u, rmsnorm_bwd_params, (const float*)dout.data(), (const float*)x.data(), (const float*)rr.data(), rows, c);
+            } else {
+                launch(dim3{unsigned(rows)}, dim3{256}, layernorm_bwd_dx, dxr.data(), (const float*)dout.data(), (const float*)x.data(), (const float*)w.data(), (const float*)mean.data(), (const float*)rstd.data(), rows, c);
+                reduce_cols_emu(rows, c, no, dwr.data(), no == 2 ? dbr.data() : (float*)nullptr, 65535u, layernorm_bwd_params, no, (const float*)dout.data(), (const float*)x.data(),
+                                (const float*)mean.data(), (const float*)rstd.data(), rows, c);
+            }
+            vector<float> part((size_t)nb * no * c, std::nanf(""));
+            if (rms)
+                launch(dim3{unsigned(nb)}, dim3{256}, rmsnorm_bwd_fused, part.data(), dx.data(), (const float*)dout.data(), (const float*)x.data(), (const float*)w.data(), (const float*)rr.data(), rows, c);
+            else
+                launch(dim3{unsigned(nb)}, dim3{256}, layernorm_bwd_fused, part.data(), dx.data(), no, (const float*)dout.data(), (const float*)x.data(), (const float*)w.data(), (const float*)mean.data(),
+                       (const float*)rstd.data(), rows, c);
+            launch(dim3{unsigned((c + 31) / 32)}, dim3{32, 8}, reduce_partials, dw.data(), no == 2 ? db.data() : (float*)nullptr, (const float*)part.data(), nb, no, c);
+            const std::string what = std::string(rms ? "rmsnorm" : "layernorm") + " bwd fused, outputs " + std::to_string(no) + shape;
+            check(what.c_str(), bitwise(dx, dxr) && bitwise(dw, dwr) && bitwise(db, dbr));
+        }
+    }
 }
 
 static void test_rope() {
@@ -827,7 +873,10 @@ int main(int argc, char** argv) {
     if (want("pointwise")) test_pointwise();
     if (want("reduce")) test_reduce();
     if (want("embedding")) test_embedding();
-    if (want("norm")) test_norm();
+    if (want("norm")) {
+        test_norm();
+        test_norm_fused();
+    }
     if (want("rope")) test_rope();
     if (want("loss")) test_loss();
     if (want("adamw")) test_adamw();

@@ -166,6 +166,23 @@ impl<B: Backend> Backend for Budget<B> {
     ) {
         self.inner.matmul_bwd(inner_mut(dinp), inner_mut(dw), inner_mut(dbias), &dout.buf, &inp.buf, &w.buf, n, k, m)
     }
+    fn gelu_matmul_bwd(
+        &self,
+        dinp: Option<&mut Buf<B>>,
+        dw: Option<&mut Buf<B>>,
+        dbias: Option<&mut Buf<B>>,
+        dpre: &mut Buf<B>,
+        dact: &Buf<B>,
+        pre: &Buf<B>,
+        inp: &Buf<B>,
+        w: &Buf<B>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
+        let (dinp, dw, dbias) = (inner_mut(dinp), inner_mut(dw), inner_mut(dbias));
+        self.inner.gelu_matmul_bwd(dinp, dw, dbias, &mut dpre.buf, &dact.buf, &pre.buf, &inp.buf, &w.buf, n, k, m)
+    }
     fn attention_fwd(&self, out: &mut Buf<B>, stats: &mut Buf<B>, qkv: &Buf<B>, key_mask: &Ids<B>, shape: AttnShape, imp: AttnImpl) {
         self.inner.attention_fwd(&mut out.buf, &mut stats.buf, &qkv.buf, &key_mask.buf, shape, imp)
     }

@@ -17,6 +17,7 @@
 
 use crate::error::{Error, Result};
 
+mod adamw;
 mod align;
 pub mod budget;
 pub mod cpu;
@@ -27,6 +28,7 @@ pub mod roofline;
 pub mod seq2seq;
 mod stats;
 
+pub use adamw::{AdamWArgs, AdamWScalars, AdamWStep};
 pub use align::{aligned_ld, aligned_split};
 pub use stats::{StatGrads, StatsWanted, TokenStats};
 
@@ -88,55 +90,6 @@ pub struct LossRows {
     pub loss: Vec<f32>,
     /// Number of rows whose target is not the ignore index.
     pub n_targets: usize,
-}
-
-/// AdamW hyper-parameters for one step (PyTorch's `torch.optim.AdamW` semantics).
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// 1-based step number, for bias correction.
-    pub step: u64,
-    /// Multiplies every gradient before use: the clipping coefficient, fused into the step
-    /// (1.0 when no clipping applies).
-    pub grad_scale: f32,
-}
-
-/// One tensor of a multi-tensor AdamW step: parameter, gradient, first and second moments, and
-/// whether weight decay applies.
-pub type AdamWArgs<'a, B> = (&'a mut <B as Backend>::Buf, &'a <B as Backend>::Buf, &'a mut <B as Backend>::Buf, &'a mut <B as Backend>::Buf, bool);
-
-/// The per-step scalars of [`AdamWStep`], computed in double precision as PyTorch does in Python
-/// and rounded once, so every backend applies the same f32 values.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWScalars {
-    /// `lr / (1 - beta1^t)`
-    pub step_size: f32,
-    /// `sqrt(1 - beta2^t)`
-    pub bc2_sqrt: f32,
-    /// `1 - lr * weight_decay`, for tensors that decay
-    pub decay_mul: f32,
-    /// `1 - beta1`
-    pub w1: f32,
-    /// `1 - beta2`
-    pub w2: f32,
-}
-
-impl AdamWStep {
-    pub fn scalars(&self) -> AdamWScalars {
-        let t = self.step as i32;
-        let (lr, b1, b2) = (self.lr as f64, self.beta1 as f64, self.beta2 as f64);
-        AdamWScalars {
-            step_size: (lr / (1.0 - b1.powi(t))) as f32,
-            bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
-            decay_mul: (1.0 - lr * self.weight_decay as f64) as f32,
-            w1: (1.0 - b1) as f32,
-            w2: (1.0 - b2) as f32,
-        }
-    }
 }
 
 pub trait Backend: Send + Sync + 'static {
@@ -226,6 +179,29 @@ pub trait Backend: Send + Sync + 'static {
         k: usize,
         m: usize,
     );
+    /// The backward pass of a product whose output `pre` went through GELU, from the gradient
+    /// `dact` of the activation: `dpre = gelu_bwd(pre, dact)`, then [`Backend::matmul_bwd`] from
+    /// `dpre`. `dpre` is scratch: a backend that fuses the two (the CUDA backend in bf16 mode
+    /// with a bias, where one pass writes the products' bf16 operand and the bias gradient) may
+    /// leave it unwritten.
+    #[allow(clippy::too_many_arguments)] // as matmul_bwd, with the activation's tensors
+    fn gelu_matmul_bwd(
+        &self,
+        dinp: Option<&mut Self::Buf>,
+        dw: Option<&mut Self::Buf>,
+        dbias: Option<&mut Self::Buf>,
+        dpre: &mut Self::Buf,
+        dact: &Self::Buf,
+        pre: &Self::Buf,
+        inp: &Self::Buf,
+        w: &Self::Buf,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
+        self.gelu_bwd(dpre, pre, dact);
+        self.matmul_bwd(dinp, dw, dbias, dpre, inp, w, n, k, m);
+    }
 
     /// Causal (grouped-query) attention with a key padding mask (`1` = attend). Writes `out`
     /// (`[rows, n_head * head_dim]`) and the statistics its backward pass needs.
@@ -569,6 +545,10 @@ pub const DEVICE_LOGITS_CHUNK_FLOATS: usize = 1 << 27;
 /// instead, so the two agree to rounding, not bit for bit. (Moving the CPU to 32-row blocks as
 /// well changed the addition example's training enough to spoil it: see docs/KERNELS.md.)
 pub const REDUCE_BLOCK_ROWS: usize = 32;
+
+/// The widest rows whose norm backward pass the CUDA backend makes in one kernel (dx and the
+/// parameters' partials together; kernels/norm.cu `NORM_FUSED_COLS` x 256 threads).
+pub const NORM_FUSED_WIDTH: usize = 2048;
 
 /// Columns `off..off + width` of a `[rows, ld]` matrix: one adapter's share of a linear map's
 /// output.

@@ -196,11 +196,16 @@ impl Block {
             self.act.fwd(be, a.act, a.fc);
         }
         self.proj.bwd_all(be, p, g, Some(d.dact), dmlp, a.act, rows, d.lora, lora_key(drop_key, 3));
-        self.act.bwd(be, d.dfc, a.fc, d.dact);
         if a.recompute {
             self.ln2.fwd(be, p, a.ln2, a.ln2_mean, a.ln2_rstd, a.res1);
         }
-        self.fc.bwd_all(be, p, g, Some(d.dln), d.dfc, a.ln2, rows, d.lora, lora_key(drop_key, 2));
+        if self.act == Activation::Gelu && !self.fc.adapted() {
+            // the GELU's backward pass goes with the map's (fused on CUDA in bf16)
+            self.fc.bwd_gelu(be, p, g, Some(d.dln), d.dfc, (d.dact, a.fc), a.ln2, rows);
+        } else {
+            self.act.bwd(be, d.dfc, a.fc, d.dact);
+            self.fc.bwd_all(be, p, g, Some(d.dln), d.dfc, a.ln2, rows, d.lora, lora_key(drop_key, 2));
+        }
         self.ln2.bwd(be, p, g, d.dres, d.dln, a.res1, a.ln2_mean, a.ln2_rstd);
         // d.dres now holds d(res1) = d(x + attn(...))
         if dropping {

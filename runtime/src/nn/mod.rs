@@ -238,7 +238,7 @@ impl Linear {
     /// reuse (`Backend::begin_operand_reuse`) while the base product and the adapters read it.
     #[allow(clippy::too_many_arguments)] // as Linear::lora_fwd
     pub fn fwd_all<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, inp: &B::Buf, rows: usize, s: &mut LoraScratch<B>, drop: Option<u64>) {
-        if self.lora.iter().all(Option::is_none) {
+        if !self.adapted() {
             return self.fwd(be, p, out, inp, rows);
         }
         be.begin_operand_reuse(&[inp]);
@@ -294,7 +294,7 @@ impl Linear {
         s: &mut LoraScratch<B>,
         drop: Option<u64>,
     ) {
-        if self.lora.iter().all(Option::is_none) {
+        if !self.adapted() {
             return self.bwd(be, p, g, dinp, dout, inp, rows);
         }
         // the input and the output gradient are read by the base map's products and each
@@ -472,6 +472,32 @@ impl Linear {
         p.keep_if_frozen(be, self.w);
         let (dw, db) = g.pair(self.w, self.b);
         be.matmul_bwd(dinp, dw, db, dout, inp, &p.bufs[self.w], rows, self.in_features, self.out_features);
+    }
+
+    /// Whether the map has LoRA adapters.
+    pub fn adapted(&self) -> bool {
+        self.lora.iter().any(Option::is_some)
+    }
+
+    /// [`Linear::bwd`] for a map whose output `pre` went through GELU, from the activation's
+    /// gradient `dact` (`Backend::gelu_matmul_bwd`: `dpre` is scratch the backend may leave
+    /// unwritten). Not for adapted maps, whose adapters read `dpre`.
+    #[allow(clippy::too_many_arguments)] // as Linear::bwd, with the activation's tensors
+    pub fn bwd_gelu<B: Backend>(
+        &self,
+        be: &B,
+        p: &Params<B>,
+        g: &mut GradsMut<B>,
+        dinp: Option<&mut B::Buf>,
+        dpre: &mut B::Buf,
+        (dact, pre): (&B::Buf, &B::Buf),
+        inp: &B::Buf,
+        rows: usize,
+    ) {
+        debug_assert!(!self.adapted());
+        p.keep_if_frozen(be, self.w);
+        let (dw, db) = g.pair(self.w, self.b);
+        be.gelu_matmul_bwd(dinp, dw, db, dpre, dact, pre, inp, &p.bufs[self.w], rows, self.in_features, self.out_features);
     }
 }
 

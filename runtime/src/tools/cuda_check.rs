@@ -160,6 +160,16 @@ fn matmul<B: Backend>(be: &B, inp: &[f32], w: &[f32], bias: &[f32], d: &[f32], d
     Ok(res)
 }
 
+/// The backward pass of a product whose output went through GELU (on CUDA in bf16 with a bias,
+/// one pass makes the gradient through the GELU, its bf16 operand and the bias gradient).
+#[allow(clippy::too_many_arguments)] // an op's inputs
+fn gelu_matmul<B: Backend>(be: &B, pre: &[f32], dact: &[f32], inp: &[f32], w: &[f32], dw0: &[f32], (n, k, m): (usize, usize, usize)) -> Result<Outs> {
+    let (pb, ab, ib, wb) = (be.upload(pre)?, be.upload(dact)?, be.upload(inp)?, be.upload(w)?);
+    let (mut dinp, mut dw, mut dbias, mut dpre) = (be.zeros(n * k)?, be.upload(dw0)?, be.zeros(m)?, be.zeros(n * m)?);
+    be.gelu_matmul_bwd(Some(&mut dinp), Some(&mut dw), Some(&mut dbias), &mut dpre, &ab, &pb, &ib, &wb, n, k, m);
+    Ok(vec![("dinp", be.download(&dinp)?), ("dw", be.download(&dw)?), ("dbias", be.download(&dbias)?)])
+}
+
 /// A product with a weight the fused AdamW step just updated (on CUDA in bf16, through the
 /// step's bf16 working copy of the weight). Every buffer is made before the step, since making
 /// one drops the working copies.
@@ -329,7 +339,8 @@ pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Result<Vec<Check>> {
     let (x, y, d, dx0) = (rng.vec(rows * 2 * i, 3.0), rng.vec(rows * 2 * i, 1.0), rng.vec(rows * 2 * i, 1.0), rng.vec(rows * 2 * i, 1.0));
     r.compare("pointwise", &format!("{} values", x.len()), pointwise(gpu, &x, &y, &d, &dx0, i)?, pointwise(&cpu, &x, &y, &d, &dx0, i)?, 1e-4);
 
-    for c in [64, 768, 1000] {
+    // 2100: wider than the fused norm backward kernels take (the two-kernel path)
+    for c in [64, 768, 1000, 2100] {
         let rows = 45;
         let (x, w, b, d, dx0, dw0) =
             (rng.vec(rows * c, 2.0), rng.vec(c, 1.0), rng.vec(c, 1.0), rng.vec(rows * c, 1.0), rng.vec(rows * c, 1.0), rng.vec(c, 1.0));
@@ -341,6 +352,14 @@ pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Result<Vec<Check>> {
         let case = format!("n {n}, k {k}, m {m}");
         let (ri, rw, rd) = (rounded(&inp), rounded(&w), rounded(&d));
         r.compare("matmul", &case, matmul(gpu, &inp, &w, &b, &d, &dw0, (n, k, m))?, matmul(&cpu, &ri, &rw, &b, &rd, &dw0, (n, k, m))?, lim);
+        let pre = rng.vec(n * m, 3.0);
+        r.compare(
+            "gelu then matmul backward",
+            &case,
+            gelu_matmul(gpu, &pre, &d, &inp, &w, &dw0, (n, k, m))?,
+            gelu_matmul(&cpu, &pre, &d, &ri, &rw, &dw0, (n, k, m))?,
+            lim,
+        );
     }
 
     let (n, k, m) = (96, 256, 320);
@@ -567,6 +586,7 @@ mod tests {
             "pointwise",
             "norm",
             "matmul",
+            "gelu then matmul backward",
             "matmul after adamw",
             "lora_up + backward (dout reused)",
             "lm head + loss (fused)",

@@ -20,6 +20,7 @@ mod attention;
 pub mod blas;
 mod group;
 pub mod kernels;
+mod launch;
 mod loss;
 mod memory;
 use memory::device_error;
@@ -38,21 +39,12 @@ pub use probe::{probe, DeviceInfo};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 
 use super::{AdamWStep, AttnImpl, AttnShape, Backend, ColBlock, LossRows, StatGrads, StatsWanted, TokenStats};
 use crate::error::{Error, Result};
 use blas::Lt;
-
-/// A kernel argument.
-#[derive(Clone, Copy)]
-enum A {
-    /// A device pointer (0 for "none").
-    P(u64),
-    I(i32),
-    L(i64),
-    F(f32),
-}
+use launch::A;
 
 struct Inner {
     info: DeviceInfo,
@@ -160,50 +152,6 @@ impl Cuda {
             Some(f) if f.out_of_memory => Err(Error::OutOfMemory(f.message.clone())),
             Some(f) => Err(Error::Device(f.message.clone())),
         }
-    }
-
-    /// The device address of a buffer.
-    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        s.device_ptr(&self.0.stream).0
-    }
-
-    /// A buffer as a kernel argument.
-    fn p<T>(&self, s: &CudaSlice<T>) -> A {
-        A::P(self.ptr(s))
-    }
-
-    fn opt<T>(&self, s: Option<&CudaSlice<T>>) -> A {
-        s.map_or(A::P(0), |s| self.p(s))
-    }
-
-    fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[A]) {
-        if self.failed() {
-            return;
-        }
-        let Some(f) = self.0.funcs.get(name) else {
-            return self.fail(device_error(name, "the kernel is missing from the compiled modules"));
-        };
-        let mut b = self.0.stream.launch_builder(f);
-        for a in args {
-            match a {
-                A::P(p) => b.arg(p),
-                A::I(v) => b.arg(v),
-                A::L(v) => b.arg(v),
-                A::F(v) => b.arg(v),
-            };
-        }
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: 0 };
-        // SAFETY: each call site passes the arguments of the kernel's signature in kernels/*.cu,
-        // with buffers of the sizes the op's contract gives.
-        if let Err(e) = unsafe { b.launch(cfg) } {
-            self.fail(device_error(name, e));
-        }
-    }
-
-    /// An elementwise kernel over `n` items: block 256, grid-stride.
-    fn launch_n(&self, name: &str, n: usize, args: &[A]) {
-        let blocks = n.div_ceil(256).clamp(1, 65535) as u32;
-        self.launch(name, (blocks, 1, 1), (256, 1, 1), args)
     }
 }
 
@@ -328,6 +276,22 @@ impl Backend for Cuda {
         self.matmul_bwd_op(dinp, dw, dbias, dout, inp, w, n, k, m)
     }
 
+    fn gelu_matmul_bwd(
+        &self,
+        dinp: Option<&mut CudaSlice<f32>>,
+        dw: Option<&mut CudaSlice<f32>>,
+        dbias: Option<&mut CudaSlice<f32>>,
+        dpre: &mut CudaSlice<f32>,
+        dact: &CudaSlice<f32>,
+        pre: &CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
+        self.gelu_matmul_bwd_op(dinp, dw, dbias, dpre, dact, pre, inp, w, (n, k, m))
+    }
     fn attention_fwd(
         &self,
         out: &mut CudaSlice<f32>,
@@ -462,7 +426,7 @@ impl Backend for Cuda {
         k: usize,
         rank: usize,
     ) {
-        self.products_bwd(dx, 1.0, da, None, dt, x, a, rows, k, rank)
+        self.products_bwd(dx, 1.0, da, None, dt, None, x, a, (rows, k, rank))
     }
     fn dora_norm(
         &self,

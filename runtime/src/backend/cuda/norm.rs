@@ -7,6 +7,7 @@
 use cudarc::driver::CudaSlice;
 
 use super::{Cuda, A};
+use crate::backend::NORM_FUSED_WIDTH;
 
 impl Cuda {
     pub(super) fn layernorm_fwd_op(
@@ -40,11 +41,15 @@ impl Cuda {
     ) {
         let rows = x.len() / c;
         let (r, ci) = (A::I(rows as i32), A::I(c as i32));
-        self.launch("layernorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), &[self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(mean), self.p(rstd), r, ci]);
         let nout = 1 + db.is_some() as usize;
         let outs = [self.ptr(dw), db.map_or(0, |d| self.ptr(d))];
-        let args = [A::I(nout as i32), self.p(dout), self.p(x), self.p(mean), self.p(rstd), r, ci];
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if c <= NORM_FUSED_WIDTH {
+            let args = [self.p(dx), A::I(nout as i32), self.p(dout), self.p(x), self.p(w), self.p(mean), self.p(rstd), r, ci];
+            return self.reduce_cols_per_row_block(&mut scratch, "layernorm_bwd_fused", outs, (rows, c), &args);
+        }
+        self.launch("layernorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), &[self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(mean), self.p(rstd), r, ci]);
+        let args = [A::I(nout as i32), self.p(dout), self.p(x), self.p(mean), self.p(rstd), r, ci];
         self.reduce_cols(&mut scratch, "layernorm_bwd_params", outs, (rows, c), &args);
     }
 
@@ -67,8 +72,12 @@ impl Cuda {
     ) {
         let rows = x.len() / c;
         let (r, ci) = (A::I(rows as i32), A::I(c as i32));
-        self.launch("rmsnorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), &[self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(rstd), r, ci]);
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if c <= NORM_FUSED_WIDTH {
+            let args = [self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(rstd), r, ci];
+            return self.reduce_cols_per_row_block(&mut scratch, "rmsnorm_bwd_fused", [self.ptr(dw), 0], (rows, c), &args);
+        }
+        self.launch("rmsnorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), &[self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(rstd), r, ci]);
         self.reduce_cols(&mut scratch, "rmsnorm_bwd_params", [self.ptr(dw), 0], (rows, c), &[self.p(dout), self.p(x), self.p(rstd), r, ci]);
     }
 

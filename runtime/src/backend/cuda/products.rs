@@ -349,10 +349,44 @@ impl Cuda {
         k: usize,
         m: usize,
     ) {
-        self.products_bwd(dinp, 0.0, dw, dbias, dout, inp, w, n, k, m)
+        self.products_bwd(dinp, 0.0, dw, dbias, dout, None, inp, w, (n, k, m))
     }
 
-    /// [`Cuda::matmul_bwd_op`] with `dinp = dout @ w + dinp_beta * dinp` (1: accumulated).
+    /// `Backend::gelu_matmul_bwd`: where the products' bf16 operand and the bias gradient come
+    /// from one pass over `dout` (the fused case of [`Cuda::products_bwd`]), that pass computes
+    /// `dpre` from the pre-activation and `dact` on the way (`gelu_bwd_colsum_cast_partials`) and
+    /// `dpre` is left unwritten; otherwise `gelu_bwd` writes it first.
+    #[allow(clippy::too_many_arguments)] // as Backend::gelu_matmul_bwd
+    pub(super) fn gelu_matmul_bwd_op(
+        &self,
+        dinp: Option<&mut CudaSlice<f32>>,
+        dw: Option<&mut CudaSlice<f32>>,
+        dbias: Option<&mut CudaSlice<f32>>,
+        dpre: &mut CudaSlice<f32>,
+        dact: &CudaSlice<f32>,
+        pre: &CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        nkm: (usize, usize, usize),
+    ) {
+        if self.bwd_cast_fused(dinp.is_some() || dw.is_some(), dbias.is_some(), dpre) {
+            return self.products_bwd(dinp, 0.0, dw, dbias, dpre, Some((pre, dact)), inp, w, nkm);
+        }
+        self.launch_n("gelu_bwd", pre.len().div_ceil(4), &[self.p(dpre), self.p(pre), self.p(dact), A::L(pre.len() as i64)]);
+        self.products_bwd(dinp, 0.0, dw, dbias, dpre, None, inp, w, nkm)
+    }
+
+    /// Whether a backward pass reads `dout` once for both its bf16 operand and the bias
+    /// gradient's column sums: in bf16 mode, with a product and a bias gradient to compute,
+    /// unless `dout` has a shared copy already.
+    fn bwd_cast_fused(&self, products: bool, bias: bool, dout: &CudaSlice<f32>) -> bool {
+        self.0.bf16 && products && bias && !self.named_for_reuse(dout)
+    }
+
+    /// [`Cuda::matmul_bwd_op`] with `dinp = dout @ w + dinp_beta * dinp` (1: accumulated), and
+    /// with `gelu = Some((pre, dact))` `dout` the gradient through a GELU, computed in the fused
+    /// pass (only when [`Cuda::bwd_cast_fused`]; `dout` is then not read).
+    #[allow(clippy::too_many_arguments)] // a backward pass's operands
     pub(super) fn products_bwd(
         &self,
         dinp: Option<&mut CudaSlice<f32>>,
@@ -360,11 +394,10 @@ impl Cuda {
         dw: Option<&mut CudaSlice<f32>>,
         dbias: Option<&mut CudaSlice<f32>>,
         dout: &CudaSlice<f32>,
+        gelu: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>,
         inp: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
-        n: usize,
-        k: usize,
-        m: usize,
+        (n, k, m): (usize, usize, usize),
     ) {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         // a frozen weight's input gradient reads no input, a weight gradient alone no weight
@@ -374,13 +407,20 @@ impl Cuda {
         let ld = if self.0.bf16 { crate::backend::aligned_ld(m) } else { m };
         // in bf16 mode with a bias, one read of dout gives both its bf16 operand and the bias
         // gradient's column sums (unless dout has a shared copy already)
-        let fused = self.0.bf16 && need[0] && dbias.is_some() && !self.named_for_reuse(dout);
+        let fused = self.bwd_cast_fused(need[0], dbias.is_some(), dout);
+        debug_assert!(fused || gelu.is_none(), "the gradient through the GELU is only computed in the fused pass");
         let ([mut dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1, [need[0] && ld == m && !fused, need[1], need[2]]);
         let colsum_args = [self.p(dout), A::I(n as i32), A::I(m as i32)];
         if let (true, Some(db)) = (fused, dbias.as_deref()) {
             dout_p = self.grown(&mut scratch.bf16[0], n * ld);
-            let args = [colsum_args[0], A::P(dout_p), colsum_args[1], colsum_args[2], A::L(ld as i64)];
-            self.reduce_cols(&mut scratch, "colsum_cast_partials", [self.ptr(db), 0], (n, m), &args);
+            let (rows, cols, ld) = (colsum_args[1], colsum_args[2], A::L(ld as i64));
+            match gelu {
+                None => self.reduce_cols(&mut scratch, "colsum_cast_partials", [self.ptr(db), 0], (n, m), &[colsum_args[0], A::P(dout_p), rows, cols, ld]),
+                Some((pre, dact)) => {
+                    let args = [self.p(pre), self.p(dact), A::P(dout_p), rows, cols, ld];
+                    self.reduce_cols(&mut scratch, "gelu_bwd_colsum_cast_partials", [self.ptr(db), 0], (n, m), &args)
+                }
+            }
         } else if need[0] && ld != m {
             dout_p = self.bf16_copy_rows(&mut scratch, 0, dout, n, m, ld);
         }

@@ -21,6 +21,8 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+use crate::backend::NORM_FUSED_WIDTH;
+
 /// A GPU's peak rates.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Chip {
@@ -379,6 +381,56 @@ impl Roofline {
     /// A deterministic column sum of `nout` outputs of `width` over `rows` rows, as the CUDA
     /// backend runs it: the partials kernel reads `read` values and writes one partial per block of
     /// rows, then `reduce_partials` reads them and the outputs and writes the outputs.
+    /// `matmul_bwd`'s launches (`gelu`: `gelu_matmul_bwd`'s, the gradient through the GELU first,
+    /// in the operand pass when that pass is fused). The operands the products read: no input
+    /// for a frozen weight, no weight without dinp; in bf16 with a bias, dout's cast comes with
+    /// the bias gradient's column sums (one read; two, the pre-activation and the activation's
+    /// gradient, when the GELU's backward pass is in it).
+    #[allow(clippy::too_many_arguments)] // as matmul_bwd
+    pub(super) fn products_bwd_cost(&self, dinp: bool, dw: bool, dbias: bool, dout: &VBuf, inp: &VBuf, w: &VBuf, (n, k, m): (usize, usize, usize), gelu: bool) {
+        let need_dout = dinp || dw;
+        let fused = self.bf16 && need_dout && dbias && !self.named_reused(dout);
+        if gelu && !fused {
+            self.elementwise("activation", 2 * n * m, n * m);
+        }
+        self.cast_operands(&[dout, w, inp], Some(1), &[need_dout && !fused, dinp, dw]);
+        if fused {
+            let partials = n.div_ceil(crate::backend::REDUCE_BLOCK_ROWS) * m;
+            let (family, reads) = if gelu { ("activation", 8.0) } else { ("bias gradient", 4.0) };
+            self.rec(family, Cost { read: reads * (n * m) as f64, written: (4 * partials + 2 * n * m) as f64, ..Cost::default() });
+            self.elementwise("bias gradient", partials + m, m);
+        }
+        if dinp {
+            // in bf16, the sum over a misaligned width in two products (as the CUDA backend)
+            let (main, rest) = if self.bf16 { crate::backend::aligned_split(m) } else { (m, 0) };
+            for (len, acc) in [(main, false), (rest, true)].into_iter().filter(|p| p.0 > 0) {
+                self.gemm((k, n, len), acc, false);
+            }
+        }
+        if dw {
+            self.gemm((k, m, n), true, false);
+        }
+        if dbias && !fused {
+            self.column_sums("bias gradient", n * m, n, m, 1);
+        }
+    }
+
+    /// A norm's backward pass over `rows` of width `c` with `stats` statistics per row: dx
+    /// (accumulated) from dout, x, w, the statistics and dx; and the parameters' column sums
+    /// (`nout` of them), which read dout, x and the statistics again in a kernel of their own,
+    /// or, up to [`NORM_FUSED_WIDTH`], come from the same pass (partials written there; then
+    /// their reduction).
+    pub(super) fn norm_bwd_cost(&self, rows: usize, c: usize, stats: usize, nout: usize) {
+        let (read, written) = (3 * rows * c + c + stats * rows, rows * c);
+        if c > NORM_FUSED_WIDTH {
+            self.elementwise("norm", read, written);
+            return self.column_sums("norm", 2 * rows * c + stats * rows, rows, c, nout);
+        }
+        let partials = rows.div_ceil(crate::backend::REDUCE_BLOCK_ROWS) * nout * c;
+        self.elementwise("norm", read, written + partials);
+        self.elementwise("norm", partials + nout * c, nout * c);
+    }
+
     fn column_sums(&self, family: &str, read: usize, rows: usize, width: usize, nout: usize) {
         let partials = rows.div_ceil(crate::backend::REDUCE_BLOCK_ROWS) * nout * width;
         self.elementwise(family, read, partials);

@@ -183,22 +183,18 @@ impl Backend for Roofline {
         let copy = self.produced(out);
         self.elementwise("norm", x.len + c * (1 + b.is_some() as usize), out.len + 2 * rows + copy);
     }
-    fn layernorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, db: Option<&mut VBuf>, dout: &VBuf, x: &VBuf, _w: &VBuf, mean: &VBuf, _rstd: &VBuf, c: usize) {
+    fn layernorm_bwd(&self, _dx: &mut VBuf, _dw: &mut VBuf, db: Option<&mut VBuf>, _dout: &VBuf, _x: &VBuf, _w: &VBuf, mean: &VBuf, _rstd: &VBuf, c: usize) {
         let _op = self.op_kind("norm");
-        let (rows, params) = (mean.len, c * (1 + db.is_some() as usize));
-        // dx (accumulated): dout, x, w, the statistics and dx; the parameters' column sums
-        self.elementwise("norm", dout.len + x.len + c + 2 * rows + dx.len, dx.len);
-        self.column_sums("norm", dout.len + x.len + 2 * rows, rows, c, params / c);
+        self.norm_bwd_cost(mean.len, c, 2, 1 + db.is_some() as usize);
     }
     fn rmsnorm_fwd(&self, out: &mut VBuf, rstd: &mut VBuf, x: &VBuf, _w: &VBuf, c: usize, _eps: f32) {
         let _op = self.op_kind("norm");
         let copy = self.produced(out);
         self.elementwise("norm", x.len + c, out.len + rstd.len + copy);
     }
-    fn rmsnorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, dout: &VBuf, x: &VBuf, _w: &VBuf, rstd: &VBuf, c: usize) {
+    fn rmsnorm_bwd(&self, _dx: &mut VBuf, _dw: &mut VBuf, _dout: &VBuf, _x: &VBuf, _w: &VBuf, rstd: &VBuf, c: usize) {
         let _op = self.op_kind("norm");
-        self.elementwise("norm", dout.len + x.len + c + rstd.len + dx.len, dx.len);
-        self.column_sums("norm", dout.len + x.len + rstd.len, rstd.len, c, 1);
+        self.norm_bwd_cost(rstd.len, c, 1, 1);
     }
 
     fn matmul_fwd(&self, _out: &mut VBuf, inp: &VBuf, w: &VBuf, bias: Option<&VBuf>, n: usize, k: usize, m: usize) {
@@ -226,29 +222,25 @@ impl Backend for Roofline {
         m: usize,
     ) {
         let _op = self.op_kind("matmul");
-        // the operands the products read: no input for a frozen weight, no weight without dinp; in
-        // bf16 with a bias, dout's cast comes with the bias gradient's column sums (one read)
-        let need_dout = dinp.is_some() || dw.is_some();
-        let fused = self.bf16 && need_dout && dbias.is_some() && !self.named_reused(dout);
-        self.cast_operands(&[dout, w, inp], Some(1), &[need_dout && !fused, dinp.is_some(), dw.is_some()]);
-        if fused {
-            let partials = n.div_ceil(crate::backend::REDUCE_BLOCK_ROWS) * m;
-            self.rec("bias gradient", Cost { read: 4.0 * (n * m) as f64, written: (4 * partials + 2 * n * m) as f64, ..Cost::default() });
-            self.elementwise("bias gradient", partials + m, m);
-        }
-        if dinp.is_some() {
-            // in bf16, the sum over a misaligned width in two products (as the CUDA backend)
-            let (main, rest) = if self.bf16 { crate::backend::aligned_split(m) } else { (m, 0) };
-            for (len, acc) in [(main, false), (rest, true)].into_iter().filter(|p| p.0 > 0) {
-                self.gemm((k, n, len), acc, false);
-            }
-        }
-        if dw.is_some() {
-            self.gemm((k, m, n), true, false);
-        }
-        if dbias.is_some() && !fused {
-            self.column_sums("bias gradient", n * m, n, m, 1);
-        }
+        self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dout, inp, w, (n, k, m), false)
+    }
+
+    fn gelu_matmul_bwd(
+        &self,
+        dinp: Option<&mut VBuf>,
+        dw: Option<&mut VBuf>,
+        dbias: Option<&mut VBuf>,
+        dpre: &mut VBuf,
+        _dact: &VBuf,
+        _pre: &VBuf,
+        inp: &VBuf,
+        w: &VBuf,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
+        let _op = self.op_kind("matmul");
+        self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dpre, inp, w, (n, k, m), true)
     }
 
     fn attention_fwd(&self, _out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {

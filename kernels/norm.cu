@@ -140,12 +140,37 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_params(float* part
 }
 
 #define NORM_FUSED_COLS 8
+#define NORM_FUSED_ROWS 4
 
-// CENTER: LayerNorm (mean used; nout 2 also sums db), else RMSNorm (nout 1).
+// block_sum of each of v[0..N) at once (one pair of barriers for all N): the same tree per value,
+// so each result is block_sum's bit for bit. scratch holds N * NT / 32 values.
+template <int NT, int N>
+__device__ __forceinline__ void block_sum_n(float* v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int j = 0; j < N; ++j) v[j] = warp_sum(v[j]);
+    __syncthreads();  // scratch may still be read by a previous reduction
+    if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) scratch[j * (NT / 32) + warp] = v[j];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        float t = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NT / 32; ++w) t = t + scratch[j * (NT / 32) + w];
+        v[j] = t;
+    }
+}
+
+// CENTER: LayerNorm (mean used; nout 2 also sums db), else RMSNorm (nout 1). The block takes its
+// rows NORM_FUSED_ROWS at a time (their loads in flight together, their row sums in one
+// reduction).
 template <bool CENTER>
 __device__ __forceinline__ void norm_bwd_fused(float* part, float* dx, int nout, const float* dout, const float* x, const float* w, const float* mean, const float* rstd, int rows, int c) {
-    __shared__ float scratch[NORM_THREADS / 32];
-    constexpr int K = NORM_FUSED_COLS;
+    constexpr int K = NORM_FUSED_COLS, G = NORM_FUSED_ROWS, NA = CENTER ? 2 : 1;
+    __shared__ float scratch[G * NA * (NORM_THREADS / 32)];
     float wv[K], pw[K], pb[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -156,51 +181,65 @@ __device__ __forceinline__ void norm_bwd_fused(float* part, float* dx, int nout,
     }
     const int blk = blockIdx.x;
     const int r1 = min((blk + 1) * RR_ROWS, rows);
-    for (int r = blk * RR_ROWS; r < r1; ++r) {
-        const float m = CENTER ? mean[r] : 0.0f, s = rstd[r];
-        const float* xr = x + (long long)r * c;
-        const float* dr = dout + (long long)r * c;
-        float xv[K], dv[K];
-        float a0 = 0.0f, a1 = 0.0f;
+    for (int r0 = blk * RR_ROWS; r0 < r1; r0 += G) {
+        float xv[G][K], dv[G][K], a[G * NA], m[G], s[G];
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-            const int i = threadIdx.x + k * NORM_THREADS;
-            xv[k] = i < c ? xr[i] : 0.0f;
-            dv[k] = i < c ? dr[i] : 0.0f;
-            if (i >= c) continue;
-            if (CENTER) {
-                const float n = __fmul_rn(__fsub_rn(xv[k], m), s);
-                const float dn = __fmul_rn(wv[k], dv[k]);
-                a0 = __fadd_rn(a0, dn);
-                a1 = __fadd_rn(a1, __fmul_rn(dn, n));
-            } else {
-                a0 = __fadd_rn(a0, __fmul_rn(__fmul_rn(__fmul_rn(wv[k], dv[k]), xv[k]), s));
+        for (int u = 0; u < G; ++u) {
+            const int r = r0 + u;
+            const bool row = r < r1;
+            m[u] = CENTER && row ? mean[r] : 0.0f;
+            s[u] = row ? rstd[r] : 0.0f;
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                const int i = threadIdx.x + k * NORM_THREADS;
+                xv[u][k] = row && i < c ? x[(long long)r * c + i] : 0.0f;
+                dv[u][k] = row && i < c ? dout[(long long)r * c + i] : 0.0f;
             }
-            // NormParamTerm's terms
-            const float xc = CENTER ? __fsub_rn(xv[k], m) : xv[k];
-            pw[k] = __fadd_rn(pw[k], __fmul_rn(__fmul_rn(dv[k], xc), s));
-            pb[k] = __fadd_rn(pb[k], dv[k]);
         }
-        float* dxr = dx + (long long)r * c;
-        if (CENTER) {
-            const float dnorm_mean = __fdiv_rn(block_sum<NORM_THREADS>(a0, scratch), (float)c);
-            const float dnorm_norm_mean = __fdiv_rn(block_sum<NORM_THREADS>(a1, scratch), (float)c);
+#pragma unroll
+        for (int u = 0; u < G; ++u) {
+            float a0 = 0.0f, a1 = 0.0f;
 #pragma unroll
             for (int k = 0; k < K; ++k) {
                 const int i = threadIdx.x + k * NORM_THREADS;
-                if (i >= c) continue;
-                const float n = __fmul_rn(__fsub_rn(xv[k], m), s);
-                const float t = __fsub_rn(__fsub_rn(__fmul_rn(wv[k], dv[k]), dnorm_mean), __fmul_rn(n, dnorm_norm_mean));
-                dxr[i] = __fadd_rn(dxr[i], __fmul_rn(t, s));
+                if (r0 + u >= r1 || i >= c) continue;
+                if (CENTER) {
+                    const float n = __fmul_rn(__fsub_rn(xv[u][k], m[u]), s[u]);
+                    const float dn = __fmul_rn(wv[k], dv[u][k]);
+                    a0 = __fadd_rn(a0, dn);
+                    a1 = __fadd_rn(a1, __fmul_rn(dn, n));
+                } else {
+                    a0 = __fadd_rn(a0, __fmul_rn(__fmul_rn(__fmul_rn(wv[k], dv[u][k]), xv[u][k]), s[u]));
+                }
+                // NormParamTerm's terms, added in row order
+                const float xc = CENTER ? __fsub_rn(xv[u][k], m[u]) : xv[u][k];
+                pw[k] = __fadd_rn(pw[k], __fmul_rn(__fmul_rn(dv[u][k], xc), s[u]));
+                pb[k] = __fadd_rn(pb[k], dv[u][k]);
             }
-        } else {
-            const float dn_n = __fdiv_rn(block_sum<NORM_THREADS>(a0, scratch), (float)c);
+            a[u * NA] = a0;
+            if (CENTER) a[u * NA + NA - 1] = a1;
+        }
+        block_sum_n<NORM_THREADS, G * NA>(a, scratch);
+#pragma unroll
+        for (int u = 0; u < G; ++u) {
+            const int r = r0 + u;
+            if (r >= r1) continue;
+            float* dxr = dx + (long long)r * c;
+            const float a0 = __fdiv_rn(a[u * NA], (float)c), a1 = __fdiv_rn(a[u * NA + NA - 1], (float)c);
 #pragma unroll
             for (int k = 0; k < K; ++k) {
                 const int i = threadIdx.x + k * NORM_THREADS;
                 if (i >= c) continue;
-                const float t = __fsub_rn(__fmul_rn(wv[k], dv[k]), __fmul_rn(__fmul_rn(xv[k], s), dn_n));
-                dxr[i] = __fadd_rn(dxr[i], __fmul_rn(s, t));
+                float t;
+                if (CENTER) {
+                    // a0: mean(w dout), a1: mean(w dout n)
+                    const float n = __fmul_rn(__fsub_rn(xv[u][k], m[u]), s[u]);
+                    t = __fmul_rn(__fsub_rn(__fsub_rn(__fmul_rn(wv[k], dv[u][k]), a0), __fmul_rn(n, a1)), s[u]);
+                } else {
+                    // a0: mean(w dout x rstd)
+                    t = __fmul_rn(s[u], __fsub_rn(__fmul_rn(wv[k], dv[u][k]), __fmul_rn(__fmul_rn(xv[u][k], s[u]), a0)));
+                }
+                dxr[i] = __fadd_rn(dxr[i], t);
             }
         }
     }

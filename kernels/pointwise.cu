@@ -122,7 +122,9 @@ extern "C" __global__ void swiglu_fwd(float* out, bf16_t* out16, const float* x,
 }
 
 // dx is [rows, 2 * i] (overwritten): d gate = dout * up * s * (1 + g * (1 - s)), d up = dout * silu(g).
-extern "C" __global__ void swiglu_bwd(float* dx, const float* x, const float* dout, long long rows, int i) {
+// The gradients of swiglu at each element (r, j) of [rows, i], handed to store(r, j, dgate, dup).
+template <class Store>
+__device__ __forceinline__ void swiglu_bwd_body(const float* x, const float* dout, long long rows, int i, Store store) {
     const long long n = rows * (long long)i;
     elementwise4<float4>(
         n,
@@ -133,12 +135,26 @@ extern "C" __global__ void swiglu_bwd(float* dx, const float* x, const float* do
         },
         [&](long long e, float4 v) {
             const long long r = e / i;
-            const long long gi = r * 2 * i + (e - r * i);
             const float g = v.x, up = v.y, d = v.z;
             const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g)));
             const float silu = __fmul_rn(g, s);
-            dx[gi + i] = __fmul_rn(d, silu);
             const float tail = __fadd_rn(1.0f, __fmul_rn(g, __fsub_rn(1.0f, s)));
-            dx[gi] = __fmul_rn(__fmul_rn(__fmul_rn(d, up), s), tail);
+            store(r, e - r * i, __fmul_rn(__fmul_rn(__fmul_rn(d, up), s), tail), __fmul_rn(d, silu));
         });
+}
+
+extern "C" __global__ void swiglu_bwd(float* dx, const float* x, const float* dout, long long rows, int i) {
+    swiglu_bwd_body(x, dout, rows, i, [&](long long r, long long j, float dgate, float dup) {
+        dx[r * 2 * i + j] = dgate;
+        dx[r * 2 * i + i + j] = dup;
+    });
+}
+
+// swiglu_bwd's gradients rounded to bf16 into rows of stride ld (>= 2i; pad columns untouched),
+// without the f32 gradient: the backward products' operand (Backend::act_matmul_bwd).
+extern "C" __global__ void swiglu_bwd_bf16(bf16_t* dx16, long long ld, const float* x, const float* dout, long long rows, int i) {
+    swiglu_bwd_body(x, dout, rows, i, [&](long long r, long long j, float dgate, float dup) {
+        dx16[r * ld + j] = f32_to_bf16(dgate);
+        dx16[r * ld + i + j] = f32_to_bf16(dup);
+    });
 }

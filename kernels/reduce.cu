@@ -47,7 +47,7 @@ extern "C" __global__ void __launch_bounds__(256) colsum_cast_partials(float* pa
 
 // gelu_bwd_colsum_cast_partials: colsum_cast_partials of dpre = gelu_grad(pre, dact) (gelu_bwd's
 // values, bit for bit) without dpre in memory: the backward pass of a product followed by GELU
-// (Backend::gelu_matmul_bwd) reads the pre-activation and the activation's gradient once and
+// (Backend::act_matmul_bwd) reads the pre-activation and the activation's gradient once and
 // writes only the products' bf16 operand and the bias gradient's partials.
 struct GeluColsumCastTerm {
     static constexpr int NOUT = 1;

@@ -3,7 +3,7 @@
 //! whole training step against a count from the model's structure.
 
 use runtime::backend::roofline::{chip, Account, Roofline};
-use runtime::backend::{AdamWStep, AttnImpl, AttnShape, Backend};
+use runtime::backend::{Activation, AdamWStep, AttnImpl, AttnShape, Backend};
 use runtime::bench::{run_roofline, BenchConfig};
 
 fn bytes(acc: &Account, family: &str) -> (f64, f64) {
@@ -57,7 +57,7 @@ fn products_count_their_operands_and_the_bf16_casts() {
     // the same through a GELU: the pre-activation and the activation's gradient read in that
     // pass instead of dout (no gelu_bwd launch, no f32 gradient written); its reduction as above
     be.reset();
-    be.gelu_matmul_bwd(Some(&mut dinp), None, Some(&mut db), &mut dpre, &dact, &pre, &inp, &w, n, k, m);
+    be.act_matmul_bwd(Activation::Gelu, Some(&mut dinp), None, Some(&mut db), &mut dpre, &dact, &pre, &inp, &w, n, k, m);
     let acc = be.account();
     assert!(!acc.families.contains_key("cast to bf16"), "{:?}", acc.families.keys());
     assert_eq!((acc.families["activation"].launches, acc.families["bias gradient"].launches), (1, 1));
@@ -65,10 +65,18 @@ fn products_count_their_operands_and_the_bf16_casts() {
     assert_eq!(bytes(&acc, "bias gradient"), ((4 * (m + m)) as f64, (4 * m) as f64));
     // without a bias gradient, the GELU's backward pass writes dpre in f32 and the product's cast reads it
     be.reset();
-    be.gelu_matmul_bwd(Some(&mut dinp), None, None, &mut dpre, &dact, &pre, &inp, &w, n, k, m);
+    be.act_matmul_bwd(Activation::Gelu, Some(&mut dinp), None, None, &mut dpre, &dact, &pre, &inp, &w, n, k, m);
     let acc = be.account();
     assert_eq!(bytes(&acc, "activation"), ((4 * 2 * n * m) as f64, (4 * n * m) as f64));
     assert_eq!(bytes(&acc, "cast to bf16"), ((4 * n * m) as f64, (2 * n * m) as f64));
+    // SwiGLU (m packed gate and up) without a bias: its backward kernel reads x and dout and
+    // writes the bf16 operand; no cast, no f32 gradient
+    be.reset();
+    be.act_matmul_bwd(Activation::SwiGlu { intermediate: m / 2 }, Some(&mut dinp), None, None, &mut dpre, &dact, &pre, &inp, &w, n, k, m);
+    let acc = be.account();
+    assert!(!acc.families.contains_key("cast to bf16"), "{:?}", acc.families.keys());
+    assert_eq!(acc.families["activation"].launches, 1);
+    assert_eq!(bytes(&acc, "activation"), ((4 * (n * m + n * m / 2)) as f64, (2 * n * m) as f64));
     // a new buffer may take a freed weight's address: the copies are dropped, as on the device
     let _ = be.zeros(1).unwrap();
     be.reset();

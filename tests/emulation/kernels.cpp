@@ -123,6 +123,16 @@ static void test_pointwise() {
         }
     printf("swiglu fwd %.2e bwd %.2e\n", nerr(o, oref), nerr(dxs, dref2));
     check("swiglu", nerr(o, oref) < 1e-6 && nerr(dxs, dref2) < 1e-6);
+    {
+        // the gradient straight into padded bf16 rows: swiglu_bwd's values rounded, pad untouched
+        const long long ld = 2 * I + 6;
+        vector<bf16_t> d16((size_t)rows * ld, 0xdead);
+        launch(dim3{1}, dim3{256}, swiglu_bwd_bf16, d16.data(), ld, (const float*)xs.data(), (const float*)ds.data(), (long long)rows, I);
+        bool same = true;
+        for (int r = 0; r < rows; ++r)
+            for (long long j = 0; j < ld; ++j) same &= d16[r * ld + j] == (j < 2 * I ? f32_to_bf16(dxs[r * 2 * I + j]) : (bf16_t)0xdead);
+        check("swiglu bwd into bf16 rows", same);
+    }
 
     vector<float> a = rvec(n), b = rvec(n), s(n);
     launch(dim3{1}, dim3{256}, add_f32, s.data(), (const float*)a.data(), (const float*)b.data(), n);

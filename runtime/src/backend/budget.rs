@@ -166,8 +166,9 @@ impl<B: Backend> Backend for Budget<B> {
     ) {
         self.inner.matmul_bwd(inner_mut(dinp), inner_mut(dw), inner_mut(dbias), &dout.buf, &inp.buf, &w.buf, n, k, m)
     }
-    fn gelu_matmul_bwd(
+    fn act_matmul_bwd(
         &self,
+        act: crate::backend::Activation,
         dinp: Option<&mut Buf<B>>,
         dw: Option<&mut Buf<B>>,
         dbias: Option<&mut Buf<B>>,
@@ -181,7 +182,7 @@ impl<B: Backend> Backend for Budget<B> {
         m: usize,
     ) {
         let (dinp, dw, dbias) = (inner_mut(dinp), inner_mut(dw), inner_mut(dbias));
-        self.inner.gelu_matmul_bwd(dinp, dw, dbias, &mut dpre.buf, &dact.buf, &pre.buf, &inp.buf, &w.buf, n, k, m)
+        self.inner.act_matmul_bwd(act, dinp, dw, dbias, &mut dpre.buf, &dact.buf, &pre.buf, &inp.buf, &w.buf, n, k, m)
     }
     fn attention_fwd(&self, out: &mut Buf<B>, stats: &mut Buf<B>, qkv: &Buf<B>, key_mask: &Ids<B>, shape: AttnShape, imp: AttnImpl) {
         self.inner.attention_fwd(&mut out.buf, &mut stats.buf, &qkv.buf, &key_mask.buf, shape, imp)

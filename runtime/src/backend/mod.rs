@@ -32,6 +32,14 @@ pub use adamw::{AdamWArgs, AdamWScalars, AdamWStep};
 pub use align::{aligned_ld, aligned_split};
 pub use stats::{StatGrads, StatsWanted, TokenStats};
 
+/// An MLP's activation: GELU (tanh approximation) on `[rows, i]`, or SwiGLU on a packed
+/// `[rows, 2i]` (gate, then up) giving `[rows, i]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Gelu,
+    SwiGlu { intermediate: usize },
+}
+
 /// The target that takes no part in the loss ops (PyTorch's `ignore_index` default).
 pub const IGNORE_INDEX: i32 = -100;
 
@@ -179,14 +187,15 @@ pub trait Backend: Send + Sync + 'static {
         k: usize,
         m: usize,
     );
-    /// The backward pass of a product whose output `pre` went through GELU, from the gradient
-    /// `dact` of the activation: `dpre = gelu_bwd(pre, dact)`, then [`Backend::matmul_bwd`] from
-    /// `dpre`. `dpre` is scratch: a backend that fuses the two (the CUDA backend in bf16 mode
-    /// with a bias, where one pass writes the products' bf16 operand and the bias gradient) may
-    /// leave it unwritten.
+    /// The backward pass of a product whose output `pre` went through the activation `act`, from
+    /// the gradient `dact` of the activation: `dpre` = the activation's backward pass
+    /// ([`Backend::gelu_bwd`], [`Backend::swiglu_bwd`]), then [`Backend::matmul_bwd`] from `dpre`.
+    /// `dpre` is scratch: a backend that fuses the two may leave it unwritten (the CUDA backend in
+    /// bf16 mode writes only the products' bf16 operand, with the bias gradient for GELU).
     #[allow(clippy::too_many_arguments)] // as matmul_bwd, with the activation's tensors
-    fn gelu_matmul_bwd(
+    fn act_matmul_bwd(
         &self,
+        act: Activation,
         dinp: Option<&mut Self::Buf>,
         dw: Option<&mut Self::Buf>,
         dbias: Option<&mut Self::Buf>,
@@ -199,7 +208,10 @@ pub trait Backend: Send + Sync + 'static {
         k: usize,
         m: usize,
     ) {
-        self.gelu_bwd(dpre, pre, dact);
+        match act {
+            Activation::Gelu => self.gelu_bwd(dpre, pre, dact),
+            Activation::SwiGlu { intermediate } => self.swiglu_bwd(dpre, pre, dact, intermediate),
+        }
         self.matmul_bwd(dinp, dw, dbias, dpre, inp, w, n, k, m);
     }
 

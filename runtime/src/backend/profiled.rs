@@ -133,10 +133,11 @@ impl<B: Backend> Backend for Profiled<B> {
         let gemms = (usize::from(dinp.is_some()) + usize::from(dw.is_some())) as f64;
         self.time("matmul", gemms * 2.0 * (n * k * m) as f64, || self.inner.matmul_bwd(dinp, dw, dbias, dout, inp, w, n, k, m))
     }
-    /// Timed whole as "matmul" (the CUDA backend fuses the GELU's backward pass into the
-    /// products' operand pass; on the CPU it is the gelu_bwd of the activation share).
-    fn gelu_matmul_bwd(
+    /// Timed whole as "matmul" (the CUDA backend fuses the activation's backward pass into the
+    /// products' operand pass; on the CPU it is the activation's backward pass).
+    fn act_matmul_bwd(
         &self,
+        act: crate::backend::Activation,
         dinp: Option<&mut B::Buf>,
         dw: Option<&mut B::Buf>,
         dbias: Option<&mut B::Buf>,
@@ -150,7 +151,7 @@ impl<B: Backend> Backend for Profiled<B> {
         m: usize,
     ) {
         let gemms = (usize::from(dinp.is_some()) + usize::from(dw.is_some())) as f64;
-        self.time("matmul", gemms * 2.0 * (n * k * m) as f64, || self.inner.gelu_matmul_bwd(dinp, dw, dbias, dpre, dact, pre, inp, w, n, k, m))
+        self.time("matmul", gemms * 2.0 * (n * k * m) as f64, || self.inner.act_matmul_bwd(act, dinp, dw, dbias, dpre, dact, pre, inp, w, n, k, m))
     }
     fn attention_fwd(&self, out: &mut B::Buf, stats: &mut B::Buf, qkv: &B::Buf, key_mask: &B::Ids, shape: AttnShape, imp: AttnImpl) {
         self.time("attention", 0.0, || self.inner.attention_fwd(out, stats, qkv, key_mask, shape, imp))

@@ -199,9 +199,9 @@ impl Block {
         if a.recompute {
             self.ln2.fwd(be, p, a.ln2, a.ln2_mean, a.ln2_rstd, a.res1);
         }
-        if self.act == Activation::Gelu && !self.fc.adapted() {
-            // the GELU's backward pass goes with the map's (fused on CUDA in bf16)
-            self.fc.bwd_gelu(be, p, g, Some(d.dln), d.dfc, (d.dact, a.fc), a.ln2, rows);
+        if !self.fc.adapted() {
+            // the activation's backward pass goes with the map's (fused on CUDA in bf16)
+            self.fc.bwd_act(be, p, g, Some(d.dln), d.dfc, (self.act, d.dact, a.fc), a.ln2, rows);
         } else {
             self.act.bwd(be, d.dfc, a.fc, d.dact);
             self.fc.bwd_all(be, p, g, Some(d.dln), d.dfc, a.ln2, rows, d.lora, lora_key(drop_key, 2));

@@ -12,6 +12,7 @@ mod block;
 
 pub use block::{AttnCall, Block, BlockBufs, BlockGrads};
 
+pub use crate::backend::Activation;
 use crate::backend::{AttnImpl, AttnShape, Backend, ColBlock, DropoutMask};
 
 /// The dropout stream of one site: `key` (a training pass's, already mixed with the layer) mixed
@@ -479,25 +480,25 @@ impl Linear {
         self.lora.iter().any(Option::is_some)
     }
 
-    /// [`Linear::bwd`] for a map whose output `pre` went through GELU, from the activation's
-    /// gradient `dact` (`Backend::gelu_matmul_bwd`: `dpre` is scratch the backend may leave
-    /// unwritten). Not for adapted maps, whose adapters read `dpre`.
+    /// [`Linear::bwd`] for a map whose output `pre` went through the activation `act`, from the
+    /// activation's gradient `dact` (`Backend::act_matmul_bwd`: `dpre` is scratch the backend may
+    /// leave unwritten). Not for adapted maps, whose adapters read `dpre`.
     #[allow(clippy::too_many_arguments)] // as Linear::bwd, with the activation's tensors
-    pub fn bwd_gelu<B: Backend>(
+    pub fn bwd_act<B: Backend>(
         &self,
         be: &B,
         p: &Params<B>,
         g: &mut GradsMut<B>,
         dinp: Option<&mut B::Buf>,
         dpre: &mut B::Buf,
-        (dact, pre): (&B::Buf, &B::Buf),
+        (act, dact, pre): (Activation, &B::Buf, &B::Buf),
         inp: &B::Buf,
         rows: usize,
     ) {
         debug_assert!(!self.adapted());
         p.keep_if_frozen(be, self.w);
         let (dw, db) = g.pair(self.w, self.b);
-        be.gelu_matmul_bwd(dinp, dw, db, dpre, dact, pre, inp, &p.bufs[self.w], rows, self.in_features, self.out_features);
+        be.act_matmul_bwd(act, dinp, dw, db, dpre, dact, pre, inp, &p.bufs[self.w], rows, self.in_features, self.out_features);
     }
 }
 
@@ -543,14 +544,6 @@ impl Norm {
             NormKind::RmsNorm => be.rmsnorm_bwd(dx, dw, dout, x, w, rstd, c),
         }
     }
-}
-
-/// The MLP's activation: GELU (tanh approximation) on `[rows, i]`, or SwiGLU on a packed
-/// `[rows, 2i]` (gate, then up) giving `[rows, i]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    Gelu,
-    SwiGlu { intermediate: usize },
 }
 
 impl Activation {

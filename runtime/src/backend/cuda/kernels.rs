@@ -259,6 +259,7 @@ pub fn required_kernels() -> Vec<String> {
         "gelu_bwd",
         "swiglu_fwd",
         "swiglu_bwd",
+        "swiglu_bwd_bf16",
         "colsum_partials",
         "colsum_cast_partials",
         "gelu_bwd_colsum_cast_partials",

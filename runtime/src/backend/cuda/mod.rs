@@ -276,8 +276,9 @@ impl Backend for Cuda {
         self.matmul_bwd_op(dinp, dw, dbias, dout, inp, w, n, k, m)
     }
 
-    fn gelu_matmul_bwd(
+    fn act_matmul_bwd(
         &self,
+        act: super::Activation,
         dinp: Option<&mut CudaSlice<f32>>,
         dw: Option<&mut CudaSlice<f32>>,
         dbias: Option<&mut CudaSlice<f32>>,
@@ -290,7 +291,7 @@ impl Backend for Cuda {
         k: usize,
         m: usize,
     ) {
-        self.gelu_matmul_bwd_op(dinp, dw, dbias, dpre, dact, pre, inp, w, (n, k, m))
+        self.act_matmul_bwd_op(act, dinp, dw, dbias, dpre, (dact, pre), inp, w, (n, k, m))
     }
     fn attention_fwd(
         &self,
@@ -378,8 +379,7 @@ impl Backend for Cuda {
         self.launch_n("swiglu_fwd", (rows * i).div_ceil(4), &[self.p(out), out16, self.p(x), A::L(rows as i64), A::I(i as i32)]);
     }
     fn swiglu_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>, i: usize) {
-        let rows = x.len() / (2 * i);
-        self.launch_n("swiglu_bwd", (rows * i).div_ceil(4), &[self.p(dx), self.p(x), self.p(dout), A::L(rows as i64), A::I(i as i32)]);
+        self.swiglu_bwd_op(dx, x, dout, i)
     }
     fn add(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) {
         self.launch_n("add_f32", a.len().div_ceil(4), &[self.p(out), self.p(a), self.p(b), A::L(a.len() as i64)]);

@@ -9,6 +9,7 @@ use cudarc::driver::CudaSlice;
 use super::blas::{Gemm, Ty};
 use super::optim::AdamWTables;
 use super::{device_error, Cuda, A};
+use crate::backend::Activation;
 
 /// Scratch buffers reused across ops (grow-only): bf16 copies of matrix-product and attention
 /// operands, the attention backward's row sums, the squared-norm partials.
@@ -352,28 +353,43 @@ impl Cuda {
         self.products_bwd(dinp, 0.0, dw, dbias, dout, None, inp, w, (n, k, m))
     }
 
-    /// `Backend::gelu_matmul_bwd`: where the products' bf16 operand and the bias gradient come
-    /// from one pass over `dout` (the fused case of [`Cuda::products_bwd`]), that pass computes
-    /// `dpre` from the pre-activation and `dact` on the way (`gelu_bwd_colsum_cast_partials`) and
-    /// `dpre` is left unwritten; otherwise `gelu_bwd` writes it first.
-    #[allow(clippy::too_many_arguments)] // as Backend::gelu_matmul_bwd
-    pub(super) fn gelu_matmul_bwd_op(
+    /// `Backend::act_matmul_bwd`. In bf16 mode the pass that writes the products' bf16 operand
+    /// computes `dpre` on the way, and `dpre` is left unwritten: for GELU with a bias gradient,
+    /// the column-sum pass (`gelu_bwd_colsum_cast_partials`); for SwiGLU without one,
+    /// `swiglu_bwd_bf16` instead of the cast. Otherwise the activation's kernel writes `dpre`
+    /// first.
+    #[allow(clippy::too_many_arguments)] // as Backend::act_matmul_bwd
+    pub(super) fn act_matmul_bwd_op(
         &self,
+        act: Activation,
         dinp: Option<&mut CudaSlice<f32>>,
         dw: Option<&mut CudaSlice<f32>>,
         dbias: Option<&mut CudaSlice<f32>>,
         dpre: &mut CudaSlice<f32>,
-        dact: &CudaSlice<f32>,
-        pre: &CudaSlice<f32>,
+        (dact, pre): (&CudaSlice<f32>, &CudaSlice<f32>),
         inp: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
         nkm: (usize, usize, usize),
     ) {
-        if self.bwd_cast_fused(dinp.is_some() || dw.is_some(), dbias.is_some(), dpre) {
-            return self.products_bwd(dinp, 0.0, dw, dbias, dpre, Some((pre, dact)), inp, w, nkm);
+        let products = dinp.is_some() || dw.is_some();
+        let fused = match act {
+            Activation::Gelu => self.bwd_cast_fused(products, dbias.is_some(), dpre),
+            Activation::SwiGlu { .. } => self.0.bf16 && products && dbias.is_none() && !self.named_for_reuse(dpre),
+        };
+        if fused {
+            return self.products_bwd(dinp, 0.0, dw, dbias, dpre, Some((act, pre, dact)), inp, w, nkm);
         }
-        self.launch_n("gelu_bwd", pre.len().div_ceil(4), &[self.p(dpre), self.p(pre), self.p(dact), A::L(pre.len() as i64)]);
+        match act {
+            Activation::Gelu => self.launch_n("gelu_bwd", pre.len().div_ceil(4), &[self.p(dpre), self.p(pre), self.p(dact), A::L(pre.len() as i64)]),
+            Activation::SwiGlu { intermediate } => self.swiglu_bwd_op(dpre, pre, dact, intermediate),
+        }
         self.products_bwd(dinp, 0.0, dw, dbias, dpre, None, inp, w, nkm)
+    }
+
+    /// SwiGLU's backward pass into an f32 gradient (`swiglu_bwd`).
+    pub(super) fn swiglu_bwd_op(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>, i: usize) {
+        let rows = x.len() / (2 * i);
+        self.launch_n("swiglu_bwd", (rows * i).div_ceil(4), &[self.p(dx), self.p(x), self.p(dout), A::L(rows as i64), A::I(i as i32)]);
     }
 
     /// Whether a backward pass reads `dout` once for both its bf16 operand and the bias
@@ -384,8 +400,9 @@ impl Cuda {
     }
 
     /// [`Cuda::matmul_bwd_op`] with `dinp = dout @ w + dinp_beta * dinp` (1: accumulated), and
-    /// with `gelu = Some((pre, dact))` `dout` the gradient through a GELU, computed in the fused
-    /// pass (only when [`Cuda::bwd_cast_fused`]; `dout` is then not read).
+    /// with `act = Some((act, pre, dact))` `dout` the gradient through that activation, computed
+    /// in the pass that writes the bf16 operand (only when [`Cuda::act_matmul_bwd_op`] says so;
+    /// `dout` is then not read).
     #[allow(clippy::too_many_arguments)] // a backward pass's operands
     pub(super) fn products_bwd(
         &self,
@@ -394,7 +411,7 @@ impl Cuda {
         dw: Option<&mut CudaSlice<f32>>,
         dbias: Option<&mut CudaSlice<f32>>,
         dout: &CudaSlice<f32>,
-        gelu: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>,
+        act: Option<(Activation, &CudaSlice<f32>, &CudaSlice<f32>)>,
         inp: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
         (n, k, m): (usize, usize, usize),
@@ -408,19 +425,25 @@ impl Cuda {
         // in bf16 mode with a bias, one read of dout gives both its bf16 operand and the bias
         // gradient's column sums (unless dout has a shared copy already)
         let fused = self.bwd_cast_fused(need[0], dbias.is_some(), dout);
-        debug_assert!(fused || gelu.is_none(), "the gradient through the GELU is only computed in the fused pass");
-        let ([mut dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1, [need[0] && ld == m && !fused, need[1], need[2]]);
+        // SwiGLU without a bias: its backward kernel writes the bf16 operand instead of the cast
+        let act_cast = matches!(act, Some((Activation::SwiGlu { .. }, _, _)));
+        debug_assert!(act.is_none() || (fused != act_cast && need[0] && self.0.bf16), "an activation's gradient is only computed in the operand pass");
+        let ([mut dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1, [need[0] && ld == m && !fused && !act_cast, need[1], need[2]]);
         let colsum_args = [self.p(dout), A::I(n as i32), A::I(m as i32)];
         if let (true, Some(db)) = (fused, dbias.as_deref()) {
             dout_p = self.grown(&mut scratch.bf16[0], n * ld);
             let (rows, cols, ld) = (colsum_args[1], colsum_args[2], A::L(ld as i64));
-            match gelu {
-                None => self.reduce_cols(&mut scratch, "colsum_cast_partials", [self.ptr(db), 0], (n, m), &[colsum_args[0], A::P(dout_p), rows, cols, ld]),
-                Some((pre, dact)) => {
+            match act {
+                Some((_, pre, dact)) => {
                     let args = [self.p(pre), self.p(dact), A::P(dout_p), rows, cols, ld];
                     self.reduce_cols(&mut scratch, "gelu_bwd_colsum_cast_partials", [self.ptr(db), 0], (n, m), &args)
                 }
+                None => self.reduce_cols(&mut scratch, "colsum_cast_partials", [self.ptr(db), 0], (n, m), &[colsum_args[0], A::P(dout_p), rows, cols, ld]),
             }
+        } else if let Some((Activation::SwiGlu { intermediate }, pre, dact)) = act {
+            dout_p = self.grown(&mut scratch.bf16[0], n * ld);
+            let args = [A::P(dout_p), A::L(ld as i64), self.p(pre), self.p(dact), A::L(n as i64), A::I(intermediate as i32)];
+            self.launch_n("swiglu_bwd_bf16", (n * intermediate).div_ceil(4), &args);
         } else if need[0] && ld != m {
             dout_p = self.bf16_copy_rows(&mut scratch, 0, dout, n, m, ld);
         }

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::backend::NORM_FUSED_WIDTH;
+use crate::backend::{Activation, NORM_FUSED_WIDTH};
 
 /// A GPU's peak rates.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -381,22 +381,42 @@ impl Roofline {
     /// A deterministic column sum of `nout` outputs of `width` over `rows` rows, as the CUDA
     /// backend runs it: the partials kernel reads `read` values and writes one partial per block of
     /// rows, then `reduce_partials` reads them and the outputs and writes the outputs.
-    /// `matmul_bwd`'s launches (`gelu`: `gelu_matmul_bwd`'s, the gradient through the GELU first,
-    /// in the operand pass when that pass is fused). The operands the products read: no input
-    /// for a frozen weight, no weight without dinp; in bf16 with a bias, dout's cast comes with
-    /// the bias gradient's column sums (one read; two, the pre-activation and the activation's
-    /// gradient, when the GELU's backward pass is in it).
+    /// `matmul_bwd`'s launches (`act`: `act_matmul_bwd`'s, the activation's backward pass
+    /// first, or inside the pass that writes the products' bf16 operand as the CUDA backend does
+    /// it). The operands the products read: no input for a frozen weight, no weight without
+    /// dinp; in bf16 with a bias, dout's cast comes with the bias gradient's column sums (one
+    /// read; for GELU the pre-activation and the activation's gradient instead of dout); in bf16
+    /// SwiGLU without a bias writes the bf16 operand in place of the cast.
     #[allow(clippy::too_many_arguments)] // as matmul_bwd
-    pub(super) fn products_bwd_cost(&self, dinp: bool, dw: bool, dbias: bool, dout: &VBuf, inp: &VBuf, w: &VBuf, (n, k, m): (usize, usize, usize), gelu: bool) {
+    pub(super) fn products_bwd_cost(
+        &self,
+        dinp: bool,
+        dw: bool,
+        dbias: bool,
+        dout: &VBuf,
+        inp: &VBuf,
+        w: &VBuf,
+        (n, k, m): (usize, usize, usize),
+        act: Option<Activation>,
+    ) {
         let need_dout = dinp || dw;
-        let fused = self.bf16 && need_dout && dbias && !self.named_reused(dout);
-        if gelu && !fused {
-            self.elementwise("activation", 2 * n * m, n * m);
+        let operand_pass = self.bf16 && need_dout && !self.named_reused(dout);
+        let swiglu = matches!(act, Some(Activation::SwiGlu { .. }));
+        let fused = operand_pass && dbias && !swiglu;
+        let act_cast = operand_pass && !dbias && swiglu;
+        match act {
+            Some(Activation::Gelu) if !fused => self.elementwise("activation", 2 * n * m, n * m),
+            // SwiGLU: x [n, m] and dout [n, m / 2] read, the gradient [n, m] written
+            Some(Activation::SwiGlu { .. }) if act_cast => {
+                self.rec("activation", Cost { read: 4.0 * (n * m + n * m / 2) as f64, written: 2.0 * (n * m) as f64, ..Cost::default() })
+            }
+            Some(Activation::SwiGlu { .. }) => self.elementwise("activation", n * m + n * m / 2, n * m),
+            _ => {}
         }
-        self.cast_operands(&[dout, w, inp], Some(1), &[need_dout && !fused, dinp, dw]);
+        self.cast_operands(&[dout, w, inp], Some(1), &[need_dout && !fused && !act_cast, dinp, dw]);
         if fused {
             let partials = n.div_ceil(crate::backend::REDUCE_BLOCK_ROWS) * m;
-            let (family, reads) = if gelu { ("activation", 8.0) } else { ("bias gradient", 4.0) };
+            let (family, reads) = if act.is_some() { ("activation", 8.0) } else { ("bias gradient", 4.0) };
             self.rec(family, Cost { read: reads * (n * m) as f64, written: (4 * partials + 2 * n * m) as f64, ..Cost::default() });
             self.elementwise("bias gradient", partials + m, m);
         }

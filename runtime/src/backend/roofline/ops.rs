@@ -4,7 +4,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use super::{Cost, Roofline, VBuf, VIds};
-use crate::backend::{AdamWStep, AttnImpl, AttnShape, Backend, ColBlock, DropoutMask, LossRows, StatGrads, StatsWanted, TokenStats, IGNORE_INDEX};
+use crate::backend::{Activation, AdamWStep, AttnImpl, AttnShape, Backend, ColBlock, DropoutMask, LossRows, StatGrads, StatsWanted, TokenStats, IGNORE_INDEX};
 use crate::error::Result;
 
 /// The query tiles of a causal pass over `seq` positions: for each tile of `br` queries, its
@@ -222,11 +222,12 @@ impl Backend for Roofline {
         m: usize,
     ) {
         let _op = self.op_kind("matmul");
-        self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dout, inp, w, (n, k, m), false)
+        self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dout, inp, w, (n, k, m), None)
     }
 
-    fn gelu_matmul_bwd(
+    fn act_matmul_bwd(
         &self,
+        act: Activation,
         dinp: Option<&mut VBuf>,
         dw: Option<&mut VBuf>,
         dbias: Option<&mut VBuf>,
@@ -240,7 +241,7 @@ impl Backend for Roofline {
         m: usize,
     ) {
         let _op = self.op_kind("matmul");
-        self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dpre, inp, w, (n, k, m), true)
+        self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dpre, inp, w, (n, k, m), Some(act))
     }
 
     fn attention_fwd(&self, _out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {

@@ -379,7 +379,8 @@ impl Backend for Cuda {
         self.launch_n("swiglu_fwd", (rows * i).div_ceil(4), &[self.p(out), out16, self.p(x), A::L(rows as i64), A::I(i as i32)]);
     }
     fn swiglu_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>, i: usize) {
-        self.swiglu_bwd_op(dx, x, dout, i)
+        let rows = x.len() / (2 * i);
+        self.launch_n("swiglu_bwd", (rows * i).div_ceil(4), &[self.p(dx), self.p(x), self.p(dout), A::L(rows as i64), A::I(i as i32)]);
     }
     fn add(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) {
         self.launch_n("add_f32", a.len().div_ceil(4), &[self.p(out), self.p(a), self.p(b), A::L(a.len() as i64)]);

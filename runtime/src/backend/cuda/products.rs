@@ -9,7 +9,7 @@ use cudarc::driver::CudaSlice;
 use super::blas::{Gemm, Ty};
 use super::optim::AdamWTables;
 use super::{device_error, Cuda, A};
-use crate::backend::Activation;
+use crate::backend::{Activation, Backend};
 
 /// Scratch buffers reused across ops (grow-only): bf16 copies of matrix-product and attention
 /// operands, the attention backward's row sums, the squared-norm partials.
@@ -371,37 +371,30 @@ impl Cuda {
         w: &CudaSlice<f32>,
         nkm: (usize, usize, usize),
     ) {
-        let products = dinp.is_some() || dw.is_some();
-        let fused = match act {
-            Activation::Gelu => self.bwd_cast_fused(products, dbias.is_some(), dpre),
-            Activation::SwiGlu { .. } => self.0.bf16 && products && dbias.is_none() && !self.named_for_reuse(dpre),
-        };
-        if fused {
+        let (colsum, cast) = self.operand_pass(Some(act), dinp.is_some() || dw.is_some(), dbias.is_some(), dpre);
+        if colsum || cast {
             return self.products_bwd(dinp, 0.0, dw, dbias, dpre, Some((act, pre, dact)), inp, w, nkm);
         }
         match act {
-            Activation::Gelu => self.launch_n("gelu_bwd", pre.len().div_ceil(4), &[self.p(dpre), self.p(pre), self.p(dact), A::L(pre.len() as i64)]),
-            Activation::SwiGlu { intermediate } => self.swiglu_bwd_op(dpre, pre, dact, intermediate),
+            Activation::Gelu => self.gelu_bwd(dpre, pre, dact),
+            Activation::SwiGlu { intermediate } => self.swiglu_bwd(dpre, pre, dact, intermediate),
         }
         self.products_bwd(dinp, 0.0, dw, dbias, dpre, None, inp, w, nkm)
     }
 
-    /// SwiGLU's backward pass into an f32 gradient (`swiglu_bwd`).
-    pub(super) fn swiglu_bwd_op(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>, i: usize) {
-        let rows = x.len() / (2 * i);
-        self.launch_n("swiglu_bwd", (rows * i).div_ceil(4), &[self.p(dx), self.p(x), self.p(dout), A::L(rows as i64), A::I(i as i32)]);
-    }
-
-    /// Whether a backward pass reads `dout` once for both its bf16 operand and the bias
-    /// gradient's column sums: in bf16 mode, with a product and a bias gradient to compute,
-    /// unless `dout` has a shared copy already.
-    fn bwd_cast_fused(&self, products: bool, bias: bool, dout: &CudaSlice<f32>) -> bool {
-        self.0.bf16 && products && bias && !self.named_for_reuse(dout)
+    /// How a backward pass makes the bf16 operand of `dout` (in bf16 mode, with a product to
+    /// compute, unless `dout` has a shared copy already): `colsum`, in one pass with the bias
+    /// gradient's column sums (for GELU computing the gradient through it on the way); `cast`,
+    /// by SwiGLU's backward kernel without a bias (`swiglu_bwd_bf16`). Neither: a cast pass.
+    fn operand_pass(&self, act: Option<Activation>, products: bool, bias: bool, dout: &CudaSlice<f32>) -> (bool, bool) {
+        let pass = self.0.bf16 && products && !self.named_for_reuse(dout);
+        let swiglu = matches!(act, Some(Activation::SwiGlu { .. }));
+        (pass && bias && !swiglu, pass && !bias && swiglu)
     }
 
     /// [`Cuda::matmul_bwd_op`] with `dinp = dout @ w + dinp_beta * dinp` (1: accumulated), and
     /// with `act = Some((act, pre, dact))` `dout` the gradient through that activation, computed
-    /// in the pass that writes the bf16 operand (only when [`Cuda::act_matmul_bwd_op`] says so;
+    /// in the pass that writes the bf16 operand (only when [`Cuda::operand_pass`] says so;
     /// `dout` is then not read).
     #[allow(clippy::too_many_arguments)] // a backward pass's operands
     pub(super) fn products_bwd(
@@ -423,11 +416,9 @@ impl Cuda {
         // cast pass is needed anyway; see `aligned_ld`)
         let ld = if self.0.bf16 { crate::backend::aligned_ld(m) } else { m };
         // in bf16 mode with a bias, one read of dout gives both its bf16 operand and the bias
-        // gradient's column sums (unless dout has a shared copy already)
-        let fused = self.bwd_cast_fused(need[0], dbias.is_some(), dout);
-        // SwiGLU without a bias: its backward kernel writes the bf16 operand instead of the cast
-        let act_cast = matches!(act, Some((Activation::SwiGlu { .. }, _, _)));
-        debug_assert!(act.is_none() || (fused != act_cast && need[0] && self.0.bf16), "an activation's gradient is only computed in the operand pass");
+        // gradient's column sums (unless dout has a shared copy already); see operand_pass
+        let (fused, act_cast) = self.operand_pass(act.map(|a| a.0), need[0], dbias.is_some(), dout);
+        debug_assert!(act.is_none() || fused || act_cast, "an activation's gradient is only computed in the operand pass");
         let ([mut dout_p, w_p, inp_p], ty) = self.operands(&mut scratch, [dout, w, inp], 1, [need[0] && ld == m && !fused && !act_cast, need[1], need[2]]);
         let colsum_args = [self.p(dout), A::I(n as i32), A::I(m as i32)];
         if let (true, Some(db)) = (fused, dbias.as_deref()) {

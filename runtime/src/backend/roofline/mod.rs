@@ -378,9 +378,6 @@ impl Roofline {
         self.rec("matmul (cuBLASLt)", Cost { read, written: out_bytes * m * n, tensor_flops, fp32_flops });
     }
 
-    /// A deterministic column sum of `nout` outputs of `width` over `rows` rows, as the CUDA
-    /// backend runs it: the partials kernel reads `read` values and writes one partial per block of
-    /// rows, then `reduce_partials` reads them and the outputs and writes the outputs.
     /// `matmul_bwd`'s launches (`act`: `act_matmul_bwd`'s, the activation's backward pass
     /// first, or inside the pass that writes the products' bf16 operand as the CUDA backend does
     /// it). The operands the products read: no input for a frozen weight, no weight without
@@ -451,6 +448,9 @@ impl Roofline {
         self.elementwise("norm", partials + nout * c, nout * c);
     }
 
+    /// A deterministic column sum of `nout` outputs of `width` over `rows` rows, as the CUDA
+    /// backend runs it: the partials kernel reads `read` values and writes one partial per block of
+    /// rows, then `reduce_partials` reads them and the outputs and writes the outputs.
     fn column_sums(&self, family: &str, read: usize, rows: usize, width: usize, nout: usize) {
         let partials = rows.div_ceil(crate::backend::REDUCE_BLOCK_ROWS) * nout * width;
         self.elementwise(family, read, partials);

@@ -16,7 +16,8 @@
 #define NORM_THREADS 256
 
 // The forward kernels also write each output rounded to bf16 into out16 (when not null): the
-// operand of the products that read it (see Backend::hold_operand), without a cast pass.
+// operand of the products that read it (see Backend::hold_operand), without a cast pass. With
+// out null they write only out16 (Backend::hold_operand_only: nothing reads the f32 values).
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_fwd(float* out, bf16_t* out16, float* mean, float* rstd, const float* x, const float* w, const float* b, int rows, int c, float eps) {
     __shared__ float scratch[NORM_THREADS / 32];
     const long long r = blockIdx.x;
@@ -37,11 +38,11 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_fwd(float* 
         mean[r] = m;
         rstd[r] = s;
     }
-    float* o = out + r * c;
+    float* o = out != nullptr ? out + r * c : nullptr;
     for (int i = threadIdx.x; i < c; i += NORM_THREADS) {
         const float y = __fmul_rn(__fmul_rn(__fsub_rn(xr[i], m), s), w[i]);
         const float v = b != nullptr ? __fadd_rn(y, b[i]) : y;
-        o[i] = v;
+        if (out != nullptr) o[i] = v;
         if (out16 != nullptr) out16[r * c + i] = f32_to_bf16(v);
     }
 }
@@ -108,10 +109,10 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_fwd(float* ou
     const float ms = __fdiv_rn(block_sum<NORM_THREADS>(acc, scratch), (float)c);
     const float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
     if (threadIdx.x == 0) rstd[r] = s;
-    float* o = out + r * c;
+    float* o = out != nullptr ? out + r * c : nullptr;
     for (int i = threadIdx.x; i < c; i += NORM_THREADS) {
         const float v = __fmul_rn(w[i], __fmul_rn(xr[i], s));
-        o[i] = v;
+        if (out != nullptr) o[i] = v;
         if (out16 != nullptr) out16[r * c + i] = f32_to_bf16(v);
     }
 }

@@ -88,11 +88,12 @@ extern "C" __global__ void cast_f32_bf16_rows(bf16_t* y, const float* x, int col
 }
 
 // out = 0.5 * x * (1 + tanh(K * (x + C * x * x * x))); also rounded to bf16 into out16 when not
-// null (the operand of the product that reads it, see Backend::hold_operand)
+// null (the operand of the product that reads it, see Backend::hold_operand); out may be null
+// (Backend::hold_operand_only: only the bf16 copy is read)
 extern "C" __global__ void gelu_fwd(float* out, bf16_t* out16, const float* x, long long n) {
     elementwise4<float>(n, [&](long long i) { return x[i]; }, [&](long long i, float v) {
         const float y = __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, gelu_tanh(v)));
-        out[i] = y;
+        if (out != nullptr) out[i] = y;
         if (out16 != nullptr) out16[i] = f32_to_bf16(y);
     });
 }
@@ -116,7 +117,7 @@ extern "C" __global__ void swiglu_fwd(float* out, bf16_t* out16, const float* x,
         [&](long long e, float2 gu) {
             const float sig = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-gu.x)));
             const float y = __fmul_rn(__fmul_rn(gu.x, sig), gu.y);
-            out[e] = y;
+            if (out != nullptr) out[e] = y;
             if (out16 != nullptr) out16[e] = f32_to_bf16(y);
         });
 }

@@ -328,3 +328,76 @@ fn a_lora_step_casts_each_shared_operand_once() {
     assert_eq!(launches("cast to bf16"), (1 + 7 + 1) * layers + (4 + 2 * 7 + 1) * layers + 1);
     assert!(!r.ops.contains_key("adapter"), "{:?}", r.ops.keys());
 }
+
+/// `Backend::hold_operand_only`: the op that computes a held buffer writes only its bf16 copy,
+/// and an op that then reads the f32 values is recorded (the CUDA backend would read stale
+/// values there).
+#[test]
+fn a_buffer_held_only_as_an_operand_is_written_in_bf16_and_its_f32_reads_are_caught() {
+    let be = h100(true);
+    let (rows, c) = (4, 8);
+    let (x, w) = (be.zeros(rows * c).unwrap(), be.zeros(c).unwrap());
+    let (mut out, mut rstd, mut other) = (be.zeros(rows * c).unwrap(), be.zeros(rows).unwrap(), be.zeros(rows * c).unwrap());
+    be.hold_operand_only(&out);
+    be.reset();
+    be.rmsnorm_fwd(&mut out, &mut rstd, &x, &w, c, 1e-5);
+    // x and w read; the bf16 copy (2 bytes a value) and the statistics written, no f32 output
+    assert_eq!(bytes(&be.account(), "norm"), ((4 * (rows * c + c)) as f64, (2 * rows * c + 4 * rows) as f64));
+    // a product reads the copy: no cast, nothing stale
+    let mut y = be.zeros(rows * c).unwrap();
+    let wm = be.zeros(c * c).unwrap();
+    be.keep_working_copy(&wm);
+    be.reset();
+    be.matmul_fwd(&mut y, &out, &wm, None, rows, c, c);
+    assert!(!be.account().families.contains_key("cast to bf16"));
+    assert!(be.account().stale_reads.is_empty());
+    // an elementwise op reading the f32 values is caught
+    be.copy(&mut other, &out);
+    assert_eq!(be.account().stale_reads, vec!["untimed".to_string()]);
+    // held without `only`, the f32 values are written too and may be read
+    be.release_operands();
+    be.hold_operand(&out);
+    be.reset();
+    be.rmsnorm_fwd(&mut out, &mut rstd, &x, &w, c, 1e-5);
+    be.copy(&mut other, &out);
+    assert_eq!(bytes(&be.account(), "norm").1, (4 * rows * c + 2 * rows * c + 4 * rows) as f64);
+    assert!(be.account().stale_reads.is_empty());
+}
+
+/// A training step whose maps' inputs are held only as operands where nothing else reads them:
+/// with LoRA dropout on some maps (their adapters copy the f32 input) and not on others, and with
+/// residual and attention dropout, no op reads an input's stale f32 values, and the maps without
+/// dropped-out adapters keep only the bf16 copies.
+#[test]
+fn training_with_adapter_dropout_reads_no_stale_activation() {
+    use runtime::model::{Activations, Batch, Grads, Layout, LoadOptions, LossOptions, Model, ModelConfig};
+    let cfg = serde_json::json!({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "attention_dropout": 0.1});
+    let serde_json::Value::Object(map) = cfg else { unreachable!() };
+    let cfg = ModelConfig::from_json(std::path::Path::new("<test>"), map).unwrap();
+    let tensors = runtime::model::init::init_tensors(&cfg, &Layout::new(&cfg), 1);
+    // targets with dropout: q_proj (ln1 is copied by its adapter) and down_proj (the activation
+    // is), then o_proj only (no map input is copied: att_out is not a norm's or the MLP's output)
+    let mut written = Vec::new();
+    for targets in [serde_json::json!(["q_proj", "down_proj"]), serde_json::json!(["o_proj"])] {
+        let mut model = Model::from_tensors(h100(true), cfg.clone(), tensors.clone(), LoadOptions::default()).unwrap();
+        let peft = serde_json::json!({"r": 4, "lora_alpha": 8, "lora_dropout": 0.25, "target_modules": targets});
+        model.add_lora(runtime::model::lora::LoraConfig::from_map(peft.as_object().unwrap(), "test").unwrap(), None, 3).unwrap();
+        let (batch, seq) = (2, 8);
+        let ids: Vec<i32> = (0..batch * seq).map(|i| (i * 7 % 64) as i32).collect();
+        let b = Batch { batch, seq, input_ids: ids.clone(), labels: Some(ids), ..Batch::default() };
+        let mut acts = Activations::new(&model, batch, seq).unwrap();
+        acts.set_dropout(Some(11));
+        let mut grads = Grads::zeros(&model).unwrap();
+        model.backend.reset();
+        model.forward_backward(&mut acts, &b, &mut grads, LossOptions::default()).unwrap();
+        let acc = model.backend.account();
+        assert!(acc.stale_reads.is_empty(), "{targets}: {:?}", acc.stale_reads);
+        written.push((acc.families["norm"].written, acc.families["activation"].written));
+    }
+    // the first run writes each layer's first norm output and its activation in f32 as well (16
+    // rows, widths 32 and 48, 2 layers); everything else is the same
+    let rows = 16;
+    assert_eq!(written[0].0 - written[1].0, (2 * 4 * rows * 32) as f64);
+    assert_eq!(written[0].1 - written[1].1, (2 * 4 * rows * 48) as f64);
+}

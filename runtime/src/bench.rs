@@ -404,7 +404,7 @@ impl RooflineResult {
             self.bytes_per_step / 1e9,
             self.tensor_flops_per_step / 1e12,
             self.other_flops_per_step / 1e12,
-            Account { families: self.ops.clone(), kinds: self.op_kinds.clone() }.table()
+            Account { families: self.ops.clone(), kinds: self.op_kinds.clone(), ..Account::default() }.table()
         )
     }
 }
@@ -414,7 +414,7 @@ impl RooflineResult {
 pub fn run_roofline(cfg: &BenchConfig, chip: Chip, bf16: bool) -> Result<RooflineResult> {
     let one = BenchConfig { steps: 1, warmup: cfg.warmup.max(1), ..cfg.clone() };
     let (r, model) = train_steps(Roofline::new(chip, bf16), &one, |b| b.reset())?;
-    let acc = model.backend.account();
+    let acc = model.backend.account().checked()?;
     let c = &model.config;
     let model_flops = flops_per_token(r.parameters, c.n_layer, c.hidden_size, cfg.seq) * r.tokens_per_step as f64;
     let seconds = acc.seconds();

@@ -94,6 +94,12 @@ static void test_pointwise() {
     launch(dim3{1}, dim3{256}, gelu_fwd, out.data(), out16.data(), (const float*)x.data(), n);
     launch(dim3{1}, dim3{256}, gelu_fwd, out_plain.data(), (bf16_t*)nullptr, (const float*)x.data(), n);
     check("gelu fwd with its bf16 copy", rounded(out, out16) && bitwise(out, out_plain));
+    {
+        // held with hold_operand_only: no f32 output, the same bf16 copy
+        vector<bf16_t> only16(n, 0xdead);
+        launch(dim3{1}, dim3{256}, gelu_fwd, (float*)nullptr, only16.data(), (const float*)x.data(), n);
+        check("gelu fwd, bf16 copy only", only16 == out16);
+    }
     vector<double> ref(n), dref(n);
     for (int i = 0; i < n; ++i) {
         double v = x[i], t = std::tanh(0.7978846 * (v + 0.044715 * v * v * v));
@@ -112,6 +118,11 @@ static void test_pointwise() {
     launch(dim3{1}, dim3{256}, swiglu_fwd, o.data(), o16.data(), (const float*)xs.data(), (long long)rows, I);
     launch(dim3{1}, dim3{256}, swiglu_fwd, o_plain.data(), (bf16_t*)nullptr, (const float*)xs.data(), (long long)rows, I);
     check("swiglu fwd with its bf16 copy", rounded(o, o16) && bitwise(o, o_plain));
+    {
+        vector<bf16_t> only16(rows * I, 0xdead);
+        launch(dim3{1}, dim3{256}, swiglu_fwd, (float*)nullptr, only16.data(), (const float*)xs.data(), (long long)rows, I);
+        check("swiglu fwd, bf16 copy only", only16 == o16);
+    }
     launch(dim3{1}, dim3{256}, swiglu_bwd, dxs.data(), (const float*)xs.data(), (const float*)ds.data(), (long long)rows, I);
     vector<double> oref(rows * I), dref2(rows * 2 * I);
     for (int r = 0; r < rows; ++r)
@@ -323,6 +334,9 @@ static void test_norm() {
         vector<float> plain(rows * c), m2(rows), s2(rows);
         launch(dim3{rows}, dim3{256}, layernorm_fwd, plain.data(), (bf16_t*)nullptr, m2.data(), s2.data(), (const float*)x.data(), (const float*)w.data(), (const float*)b.data(), rows, c, eps);
         check("layernorm fwd with its bf16 copy", rounded(out, out16) && bitwise(out, plain));
+        vector<bf16_t> only16(rows * c, 0xdead);
+        launch(dim3{rows}, dim3{256}, layernorm_fwd, (float*)nullptr, only16.data(), m2.data(), s2.data(), (const float*)x.data(), (const float*)w.data(), (const float*)b.data(), rows, c, eps);
+        check("layernorm fwd, bf16 copy only", only16 == out16 && bitwise(m2, mean) && bitwise(s2, rstd));
     }
     vector<double> oref(rows * c);
     for (int r = 0; r < rows; ++r) {
@@ -378,6 +392,9 @@ static void test_norm() {
         vector<float> plain(rows * c), r2(rows);
         launch(dim3{rows}, dim3{256}, rmsnorm_fwd, plain.data(), (bf16_t*)nullptr, r2.data(), (const float*)x.data(), (const float*)w.data(), rows, c, eps);
         check("rmsnorm fwd with its bf16 copy", rounded(ro, ro16) && bitwise(ro, plain));
+        vector<bf16_t> only16(rows * c, 0xdead);
+        launch(dim3{rows}, dim3{256}, rmsnorm_fwd, (float*)nullptr, only16.data(), r2.data(), (const float*)x.data(), (const float*)w.data(), rows, c, eps);
+        check("rmsnorm fwd, bf16 copy only", only16 == ro16 && bitwise(r2, rr));
     }
     for (int r = 0; r < rows; ++r) {
         double ms = 0;

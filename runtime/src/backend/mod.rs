@@ -517,6 +517,12 @@ pub trait Backend: Send + Sync + 'static {
     /// ops that compute it) until [`Backend::release_operands`]: a backend that converts product
     /// operands may convert it once for all those reads.
     fn hold_operand(&self, _buf: &Self::Buf) {}
+    /// [`Backend::hold_operand`], and no op reads `buf`'s f32 values until
+    /// [`Backend::release_operands`] (only products and attention read it, through the
+    /// conversion): an op that computes `buf` may then write only its converted copy.
+    fn hold_operand_only(&self, buf: &Self::Buf) {
+        self.hold_operand(buf)
+    }
     /// Ends every [`Backend::hold_operand`].
     fn release_operands(&self) {}
     /// A new device communicator's id (NCCL's unique id): made by rank 0 and handed to the others

@@ -146,8 +146,16 @@ impl<B: Backend> Model<B> {
         if acts.hold && !acts.checkpointing && !acts.recompute {
             // the products' inputs, read again by the backward pass's weight-gradient products,
             // and the attention's queries, keys and values, read again by its backward pass (not
-            // when a layer's buffers are shared: gradient checkpointing, recomputed norms)
-            [&a.ln1, &a.att_out, &a.ln2, &a.act, &a.qkv].into_iter().for_each(|b| self.backend.hold_operand(b));
+            // when a layer's buffers are shared: gradient checkpointing, recomputed norms); the
+            // maps' inputs that nothing else reads, only as operands
+            let only = self.block(l).inputs_only_as_operands(acts.dropout.is_some());
+            for (b, only) in [(&a.ln1, only[0]), (&a.att_out, false), (&a.ln2, only[1]), (&a.act, only[2]), (&a.qkv, false)] {
+                if only {
+                    self.backend.hold_operand_only(b);
+                } else {
+                    self.backend.hold_operand(b);
+                }
+            }
         }
         let (mut bufs, stats) = a.bufs(&mut acts.tmp, &mut acts.shared, acts.recompute);
         let call = AttnCall::Sequence { stats, mask: &acts.mask, pos: &acts.pos, batch: acts.batch, seq: acts.seq };

@@ -91,6 +91,15 @@ impl Block {
         units.into_iter().flat_map(|(w, b)| std::iter::once(w).chain(b)).chain(adapters).collect()
     }
 
+    /// Whether a training pass (`dropping`: with dropout) reads the maps' inputs `ln1`, `ln2` and
+    /// `act` only as product operands, so that a backend may keep only their converted copies
+    /// (`Backend::hold_operand_only`): not where the map's adapters drop out their input (they
+    /// copy the f32 values).
+    pub fn inputs_only_as_operands(&self, dropping: bool) -> [bool; 3] {
+        let only = |l: &Linear| !dropping || l.lora.iter().flatten().all(|p| p.dropout == 0.0);
+        [only(&self.qkv), only(&self.fc), only(&self.proj)]
+    }
+
     /// The attention-probability dropout mask of a training pass, where the backend applies it.
     fn attn_dropout<B: Backend>(&self, be: &B, drop_key: Option<u64>) -> Option<crate::backend::DropoutMask> {
         let k = drop_key.filter(|_| self.attn.pdrop > 0.0 && be.has_attention_dropout())?;

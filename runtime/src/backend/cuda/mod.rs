@@ -367,16 +367,16 @@ impl Backend for Cuda {
     }
 
     fn gelu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
-        let out16 = A::P(self.held_target(out));
-        self.launch_n("gelu_fwd", x.len().div_ceil(4), &[self.p(out), out16, self.p(x), A::L(x.len() as i64)]);
+        let (out32, out16) = self.held_outputs(out);
+        self.launch_n("gelu_fwd", x.len().div_ceil(4), &[out32, out16, self.p(x), A::L(x.len() as i64)]);
     }
     fn gelu_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>) {
         self.launch_n("gelu_bwd", x.len().div_ceil(4), &[self.p(dx), self.p(x), self.p(dout), A::L(x.len() as i64)]);
     }
     fn swiglu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, i: usize) {
         let rows = x.len() / (2 * i);
-        let out16 = A::P(self.held_target(out));
-        self.launch_n("swiglu_fwd", (rows * i).div_ceil(4), &[self.p(out), out16, self.p(x), A::L(rows as i64), A::I(i as i32)]);
+        let (out32, out16) = self.held_outputs(out);
+        self.launch_n("swiglu_fwd", (rows * i).div_ceil(4), &[out32, out16, self.p(x), A::L(rows as i64), A::I(i as i32)]);
     }
     fn swiglu_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>, i: usize) {
         let rows = x.len() / (2 * i);
@@ -547,7 +547,10 @@ impl Backend for Cuda {
         self.begin_operand_reuse_op(&[])
     }
     fn hold_operand(&self, buf: &CudaSlice<f32>) {
-        self.hold_operand_op(buf)
+        self.hold_operand_op(buf, false)
+    }
+    fn hold_operand_only(&self, buf: &CudaSlice<f32>) {
+        self.hold_operand_op(buf, true)
     }
     fn release_operands(&self) {
         self.release_operands_op()

@@ -22,8 +22,8 @@ impl Cuda {
         eps: f32,
     ) {
         let rows = x.len() / c;
-        let out16 = A::P(self.held_target(out));
-        let args = [self.p(out), out16, self.p(mean), self.p(rstd), self.p(x), self.p(w), self.opt(b), A::I(rows as i32), A::I(c as i32), A::F(eps)];
+        let (out32, out16) = self.held_outputs(out);
+        let args = [out32, out16, self.p(mean), self.p(rstd), self.p(x), self.p(w), self.opt(b), A::I(rows as i32), A::I(c as i32), A::F(eps)];
         self.launch("layernorm_fwd", (rows as u32, 1, 1), (256, 1, 1), &args);
     }
 
@@ -55,8 +55,8 @@ impl Cuda {
 
     pub(super) fn rmsnorm_fwd_op(&self, out: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: &CudaSlice<f32>, c: usize, eps: f32) {
         let rows = x.len() / c;
-        let out16 = A::P(self.held_target(out));
-        let args = [self.p(out), out16, self.p(rstd), self.p(x), self.p(w), A::I(rows as i32), A::I(c as i32), A::F(eps)];
+        let (out32, out16) = self.held_outputs(out);
+        let args = [out32, out16, self.p(rstd), self.p(x), self.p(w), A::I(rows as i32), A::I(c as i32), A::F(eps)];
         self.launch("rmsnorm_fwd", (rows as u32, 1, 1), (256, 1, 1), &args);
     }
 

@@ -26,12 +26,23 @@ pub(super) struct Scratch {
     pub(super) tables: [Option<(Vec<u64>, CudaSlice<u64>)>; 2],
 }
 
-/// The saved activations named by [`crate::backend::Backend::hold_operand`]: by address, the
-/// length, whether the copy is made (at the first product that reads it after the hold), and the
-/// copy; `spare` keeps released copies for the next pass.
+/// A held activation (see [`Held`]).
+struct HeldEntry {
+    len: usize,
+    /// Whether the copy is made (at the first product that reads it after the hold, or by the op
+    /// that computes the activation).
+    ready: bool,
+    copy: Option<CudaSlice<u16>>,
+    /// `Backend::hold_operand_only`: nothing reads the f32 values, so the op that computes the
+    /// activation writes only the copy.
+    only: bool,
+}
+
+/// The saved activations named by [`crate::backend::Backend::hold_operand`], by address; `spare`
+/// keeps released copies for the next pass.
 #[derive(Default)]
 pub(super) struct Held {
-    map: std::collections::HashMap<u64, (usize, bool, Option<CudaSlice<u16>>)>,
+    map: std::collections::HashMap<u64, HeldEntry>,
     spare: Vec<CudaSlice<u16>>,
     /// Holds ignored (`Cuda::set_hold_operands`): every product casts its own operands.
     off: bool,
@@ -44,7 +55,7 @@ impl Held {
             Some(k) => self.map.remove(&k).into_iter().collect(),
             None => self.map.drain().map(|(_, e)| e).collect(),
         };
-        self.spare.extend(dropped.into_iter().filter_map(|(_, _, c)| c));
+        self.spare.extend(dropped.into_iter().filter_map(|e| e.copy));
     }
 }
 
@@ -127,8 +138,9 @@ impl Cuda {
     }
 
     /// bf16 mode: names `buf` as held (see `Backend::hold_operand`); its copy is made at the
-    /// first product that reads it from now on.
-    pub(super) fn hold_operand_op(&self, buf: &CudaSlice<f32>) {
+    /// first product that reads it from now on, or by the op that computes it (which with `only`,
+    /// `Backend::hold_operand_only`, writes no f32 values).
+    pub(super) fn hold_operand_op(&self, buf: &CudaSlice<f32>, only: bool) {
         if self.0.bf16 && !buf.is_empty() {
             let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
             if held.off {
@@ -136,7 +148,7 @@ impl Cuda {
             }
             let key = self.ptr(buf);
             held.drop_entries(Some(key));
-            held.map.insert(key, (buf.len(), false, None));
+            held.map.insert(key, HeldEntry { len: buf.len(), ready: false, copy: None, only });
         }
     }
 
@@ -157,26 +169,31 @@ impl Cuda {
     /// The held copy of `src` (made now, from a spare buffer when one fits, if no product has
     /// read it since its hold and the op that wrote it did not write the copy too).
     pub(super) fn held_copy(&self, src: &CudaSlice<f32>) -> Option<u64> {
-        let (dst, ready) = self.held_entry(src)?;
+        let (dst, ready, _) = self.held_entry(src)?;
         if !ready {
             self.launch_n("cast_f32_bf16", src.len().div_ceil(4), &[A::P(dst), self.p(src), A::L(src.len() as i64)]);
         }
         Some(dst)
     }
 
-    /// Where an op that writes `out` also writes its bf16 copy: the held copy of `out` (its
-    /// entry then counts as made), or 0 when `out` is not held.
-    pub(super) fn held_target(&self, out: &CudaSlice<f32>) -> u64 {
-        self.held_entry(out).map_or(0, |(dst, _)| dst)
+    /// Where an op that computes `out` writes it: the f32 values (null when `out` is held with
+    /// `only`), and the held copy of `out` (its entry then counts as made; null when `out` is not
+    /// held).
+    pub(super) fn held_outputs(&self, out: &CudaSlice<f32>) -> (A, A) {
+        match self.held_entry(out) {
+            Some((dst, _, only)) => (if only { A::P(0) } else { self.p(out) }, A::P(dst)),
+            None => (self.p(out), A::P(0)),
+        }
     }
 
-    /// The held entry of `buf`: its copy's address (allocated now if it has none) and whether the
-    /// copy was made; from now on it counts as made (the caller makes it).
-    fn held_entry(&self, buf: &CudaSlice<f32>) -> Option<(u64, bool)> {
+    /// The held entry of `buf`: its copy's address (allocated now if it has none), whether the
+    /// copy was made (from now on it counts as made: the caller makes it) and whether it is held
+    /// `only`.
+    fn held_entry(&self, buf: &CudaSlice<f32>) -> Option<(u64, bool, bool)> {
         let key = self.ptr(buf);
         let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
         let Held { map, spare, .. } = &mut *held;
-        let (len, ready, copy) = map.get_mut(&key).filter(|e| e.0 == buf.len())?;
+        let HeldEntry { len, ready, copy, only } = map.get_mut(&key).filter(|e| e.len == buf.len())?;
         if copy.is_none() {
             *copy = match spare.iter().position(|c| c.len() == *len) {
                 Some(i) => Some(spare.swap_remove(i)),
@@ -191,7 +208,7 @@ impl Cuda {
         }
         let was = *ready;
         *ready = true;
-        copy.as_ref().map(|c| (self.ptr(c), was))
+        copy.as_ref().map(|c| (self.ptr(c), was, *only))
     }
 
     /// bf16 mode: makes `w`'s working copy unless it has one (see `Backend::keep_working_copy`);

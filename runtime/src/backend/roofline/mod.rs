@@ -89,6 +89,10 @@ pub struct Family {
 pub struct Account {
     pub families: BTreeMap<String, Family>,
     pub kinds: BTreeMap<String, f64>,
+    /// Ops that read the f32 values of a buffer held with `Backend::hold_operand_only` after the
+    /// op computing it wrote only its bf16 copy (on the CUDA backend they would read stale
+    /// values): a wrong hint from the model, by op kind.
+    pub stale_reads: Vec<String>,
 }
 
 impl Account {
@@ -106,6 +110,19 @@ impl Account {
     }
     pub fn fp32_flops(&self) -> f64 {
         self.families.values().map(|f| f.fp32_flops).sum()
+    }
+
+    /// The account, or an error when an op read the f32 values of a buffer held with `hold_operand_only` after
+    /// its kernel wrote only the bf16 copy ([`Account::stale_reads`]: the model's hint was wrong,
+    /// and the CUDA backend would have read stale values).
+    pub fn checked(self) -> crate::error::Result<Self> {
+        match self.stale_reads.first() {
+            None => Ok(self),
+            Some(kind) => Err(crate::error::Error::Invalid(format!(
+                "{} op(s) read the f32 values of an activation held with hold_operand_only, the first in `{kind}`",
+                self.stale_reads.len()
+            ))),
+        }
     }
 
     /// The per-family table (markdown), with shares of the modeled time.
@@ -142,8 +159,12 @@ struct State {
     copies: HashSet<u64>,
     /// The operands named by `begin_operand_reuse`, and whether their copy was made.
     reuse: Vec<(u64, bool)>,
-    /// The held operands (`hold_operand`) and whether their copy is made.
-    held: std::collections::HashMap<u64, bool>,
+    /// The held operands (`hold_operand`): whether their copy is made, and whether they are held
+    /// `only` (`hold_operand_only`).
+    held: std::collections::HashMap<u64, (bool, bool)>,
+    /// Buffers held `only` whose f32 values the op that computed them did not write: an op that
+    /// reads them is recorded in `stale_reads`.
+    stale: HashSet<u64>,
     account: Account,
 }
 
@@ -191,6 +212,7 @@ impl Roofline {
                 copies: HashSet::new(),
                 reuse: Vec::new(),
                 held: Default::default(),
+                stale: HashSet::new(),
                 account: Account::default(),
             }),
         }
@@ -257,29 +279,52 @@ impl Roofline {
         st.copies.remove(&b.id);
         st.reuse.retain(|r| r.0 != b.id);
         st.held.remove(&b.id);
+        st.stale.remove(&b.id);
     }
 
-    /// As the CUDA backend's `held_target`: an op that writes a held `out` also writes its bf16
-    /// copy (returned: the extra values written, counted as f32, half of `out`), which then
-    /// counts as made.
+    /// As the CUDA backend's `held_outputs`: the values (counted as f32) an op that computes `out`
+    /// writes: `out`, and its bf16 copy when it is held (half of `out` more; the copy then counts
+    /// as made), or the copy alone when it is held `only`.
     fn produced(&self, out: &VBuf) -> usize {
-        match self.lock().held.get_mut(&out.id) {
-            Some(made) if self.bf16 => {
+        let mut st = self.lock();
+        match st.held.get_mut(&out.id) {
+            Some((made, only)) if self.bf16 => {
                 *made = true;
-                out.len.div_ceil(2)
+                if *only {
+                    st.stale.insert(out.id);
+                    return out.len.div_ceil(2);
+                }
+                out.len + out.len.div_ceil(2)
             }
-            _ => 0,
+            _ => out.len,
         }
     }
 
-    /// As the CUDA backend's `hold_operand` and `release_operands`.
-    fn hold(&self, b: Option<&VBuf>) {
+    /// As the CUDA backend's `hold_operand` (`only`: `hold_operand_only`) and `release_operands`
+    /// (`None`).
+    fn hold(&self, b: Option<&VBuf>, only: bool) {
         if self.bf16 {
             let mut st = self.lock();
             match b {
-                Some(b) => drop(st.held.insert(b.id, false)),
-                None => st.held.clear(),
+                Some(b) => {
+                    st.stale.remove(&b.id);
+                    st.held.insert(b.id, (false, only));
+                }
+                None => {
+                    st.held.clear();
+                    st.stale.clear();
+                }
             }
+        }
+    }
+
+    /// Records the op reading the f32 values of any of `bufs` that are stale (see
+    /// [`Account::stale_reads`]).
+    fn reads(&self, bufs: &[&VBuf]) {
+        let mut st = self.lock();
+        if bufs.iter().any(|b| st.stale.contains(&b.id)) {
+            let what = st.kind.to_string();
+            st.account.stale_reads.push(what);
         }
     }
 
@@ -287,7 +332,7 @@ impl Roofline {
     /// cast) if no read made it yet.
     fn held_read(&self, b: &VBuf) -> bool {
         let mut st = self.lock();
-        let Some(made) = st.held.get_mut(&b.id) else { return false };
+        let Some((made, _)) = st.held.get_mut(&b.id) else { return false };
         let first = !*made;
         *made = true;
         drop(st);
@@ -320,7 +365,7 @@ impl Roofline {
     fn reused(&self, b: &VBuf) -> bool {
         let mut st = self.lock();
         let State { held, reuse, .. } = &mut *st;
-        let Some(made) = held.get_mut(&b.id).or_else(|| reuse.iter_mut().find(|r| r.0 == b.id).map(|r| &mut r.1)) else { return false };
+        let Some(made) = held.get_mut(&b.id).map(|h| &mut h.0).or_else(|| reuse.iter_mut().find(|r| r.0 == b.id).map(|r| &mut r.1)) else { return false };
         let first = !*made;
         *made = true;
         drop(st);
@@ -348,12 +393,13 @@ impl Roofline {
     /// operand named for reuse, cast at its first product).
     fn cast_operands(&self, bufs: &[&VBuf], weight: Option<usize>, need: &[bool]) {
         if !self.bf16 {
-            return;
+            return self.reads(bufs);
         }
         for (i, b) in bufs.iter().enumerate() {
             if !need[i] || (weight == Some(i) && self.has_copy(b)) || self.reused(b) {
                 continue;
             }
+            self.reads(&[b]);
             self.cast(b.len);
         }
     }

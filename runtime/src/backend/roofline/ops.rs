@@ -141,6 +141,7 @@ impl Backend for Roofline {
     }
     fn download(&self, buf: &VBuf) -> Result<Vec<f32>> {
         let _op = self.op_kind("untimed");
+        self.reads(&[buf]);
         self.rec("device to host", Cost { read: 4.0 * buf.len as f64, ..Cost::default() });
         Ok(vec![0.0; buf.len])
     }
@@ -154,11 +155,13 @@ impl Backend for Roofline {
     }
     fn copy(&self, dst: &mut VBuf, src: &VBuf) {
         let _op = self.op_kind("untimed");
+        self.reads(&[src]);
         self.forget(dst);
         self.elementwise("copy", src.len, src.len);
     }
-    fn copy_range(&self, dst: &mut VBuf, _dst_off: usize, _src: &VBuf, _src_off: usize, n: usize) {
+    fn copy_range(&self, dst: &mut VBuf, _dst_off: usize, src: &VBuf, _src_off: usize, n: usize) {
         let _op = self.op_kind("copy");
+        self.reads(&[src]);
         self.forget(dst);
         self.elementwise("copy", n, n);
     }
@@ -168,8 +171,9 @@ impl Backend for Roofline {
         let (r, tables) = (ids.data.len(), 1 + wpe.is_some() as usize);
         self.elementwise("embedding", tables * r * (1 + c), r * c);
     }
-    fn embedding_bwd(&self, _dwte: &mut VBuf, dwpe: Option<(&mut VBuf, &VIds)>, ids: &VIds, _dout: &VBuf, c: usize) {
+    fn embedding_bwd(&self, _dwte: &mut VBuf, dwpe: Option<(&mut VBuf, &VIds)>, ids: &VIds, dout: &VBuf, c: usize) {
         let _op = self.op_kind("embedding");
+        self.reads(&[dout]);
         // per table: the ids, dout, and the rows it adds into (read and written)
         let r = ids.data.len();
         for _ in 0..1 + dwpe.is_some() as usize {
@@ -180,20 +184,24 @@ impl Backend for Roofline {
     fn layernorm_fwd(&self, out: &mut VBuf, mean: &mut VBuf, _rstd: &mut VBuf, x: &VBuf, _w: &VBuf, b: Option<&VBuf>, c: usize, _eps: f32) {
         let _op = self.op_kind("norm");
         let rows = mean.len;
-        let copy = self.produced(out);
-        self.elementwise("norm", x.len + c * (1 + b.is_some() as usize), out.len + 2 * rows + copy);
+        self.reads(&[x]);
+        let written = self.produced(out);
+        self.elementwise("norm", x.len + c * (1 + b.is_some() as usize), written + 2 * rows);
     }
-    fn layernorm_bwd(&self, _dx: &mut VBuf, _dw: &mut VBuf, db: Option<&mut VBuf>, _dout: &VBuf, _x: &VBuf, _w: &VBuf, mean: &VBuf, _rstd: &VBuf, c: usize) {
+    fn layernorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, db: Option<&mut VBuf>, dout: &VBuf, x: &VBuf, _w: &VBuf, mean: &VBuf, _rstd: &VBuf, c: usize) {
         let _op = self.op_kind("norm");
+        self.reads(&[dx, dout, x]);
         self.norm_bwd_cost(mean.len, c, 2, 1 + db.is_some() as usize);
     }
     fn rmsnorm_fwd(&self, out: &mut VBuf, rstd: &mut VBuf, x: &VBuf, _w: &VBuf, c: usize, _eps: f32) {
         let _op = self.op_kind("norm");
-        let copy = self.produced(out);
-        self.elementwise("norm", x.len + c, out.len + rstd.len + copy);
+        self.reads(&[x]);
+        let written = self.produced(out);
+        self.elementwise("norm", x.len + c, written + rstd.len);
     }
-    fn rmsnorm_bwd(&self, _dx: &mut VBuf, _dw: &mut VBuf, _dout: &VBuf, _x: &VBuf, _w: &VBuf, rstd: &VBuf, c: usize) {
+    fn rmsnorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, dout: &VBuf, x: &VBuf, _w: &VBuf, rstd: &VBuf, c: usize) {
         let _op = self.op_kind("norm");
+        self.reads(&[dx, dout, x]);
         self.norm_bwd_cost(rstd.len, c, 1, 1);
     }
 
@@ -222,6 +230,9 @@ impl Backend for Roofline {
         m: usize,
     ) {
         let _op = self.op_kind("matmul");
+        if dbias.is_some() {
+            self.reads(&[dout]);
+        }
         self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dout, inp, w, (n, k, m), None)
     }
 
@@ -232,8 +243,8 @@ impl Backend for Roofline {
         dw: Option<&mut VBuf>,
         dbias: Option<&mut VBuf>,
         dpre: &mut VBuf,
-        _dact: &VBuf,
-        _pre: &VBuf,
+        dact: &VBuf,
+        pre: &VBuf,
         inp: &VBuf,
         w: &VBuf,
         n: usize,
@@ -241,6 +252,7 @@ impl Backend for Roofline {
         m: usize,
     ) {
         let _op = self.op_kind("matmul");
+        self.reads(&[dact, pre]);
         self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dpre, inp, w, (n, k, m), Some(act))
     }
 
@@ -258,9 +270,9 @@ impl Backend for Roofline {
     fn attention_bwd_dropout(
         &self,
         _dqkv: &mut VBuf,
-        _dout: &VBuf,
+        dout: &VBuf,
         qkv: &VBuf,
-        _out: &VBuf,
+        out: &VBuf,
         _stats: &VBuf,
         _key_mask: &VIds,
         shape: AttnShape,
@@ -268,10 +280,12 @@ impl Backend for Roofline {
         _drop: DropoutMask,
     ) {
         let _op = self.op_kind("attention");
+        self.reads(&[dout, out]);
         self.attention_bwd_cost(qkv, shape, true)
     }
-    fn attention_bwd(&self, _dqkv: &mut VBuf, _dout: &VBuf, qkv: &VBuf, _out: &VBuf, _stats: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
+    fn attention_bwd(&self, _dqkv: &mut VBuf, dout: &VBuf, qkv: &VBuf, out: &VBuf, _stats: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
         let _op = self.op_kind("attention");
+        self.reads(&[dout, out]);
         self.attention_bwd_cost(qkv, shape, false)
     }
     fn kv_append(&self, _k: &mut VBuf, _v: &mut VBuf, _qkv: &VBuf, _slot: usize, s: AttnShape, _max_len: usize) {
@@ -293,46 +307,55 @@ impl Backend for Roofline {
             },
         );
     }
-    fn rope(&self, _qkv: &mut VBuf, _positions: &VIds, s: AttnShape, _theta: f32, _inverse: bool) {
+    fn rope(&self, qkv: &mut VBuf, _positions: &VIds, s: AttnShape, _theta: f32, _inverse: bool) {
         let _op = self.op_kind("rope");
+        self.reads(&[qkv]);
         let n = s.rows() * (s.n_head + s.n_kv_head) * s.head_dim;
         self.elementwise("rope", n + s.rows(), n);
     }
 
     fn gelu_fwd(&self, out: &mut VBuf, x: &VBuf) {
         let _op = self.op_kind("activation");
-        let copy = self.produced(out);
-        self.elementwise("activation", x.len, x.len + copy);
+        self.reads(&[x]);
+        let written = self.produced(out);
+        self.elementwise("activation", x.len, written);
     }
-    fn gelu_bwd(&self, _dx: &mut VBuf, x: &VBuf, _dout: &VBuf) {
+    fn gelu_bwd(&self, _dx: &mut VBuf, x: &VBuf, dout: &VBuf) {
         let _op = self.op_kind("activation");
+        self.reads(&[x, dout]);
         self.elementwise("activation", 2 * x.len, x.len);
     }
     fn swiglu_fwd(&self, out: &mut VBuf, x: &VBuf, _i: usize) {
         let _op = self.op_kind("activation");
-        let copy = self.produced(out);
-        self.elementwise("activation", x.len, x.len / 2 + copy);
+        self.reads(&[x]);
+        let written = self.produced(out);
+        self.elementwise("activation", x.len, written);
     }
-    fn swiglu_bwd(&self, _dx: &mut VBuf, x: &VBuf, _dout: &VBuf, _i: usize) {
+    fn swiglu_bwd(&self, _dx: &mut VBuf, x: &VBuf, dout: &VBuf, _i: usize) {
         let _op = self.op_kind("activation");
+        self.reads(&[x, dout]);
         self.elementwise("activation", x.len + x.len / 2, x.len);
     }
-    fn add(&self, _out: &mut VBuf, a: &VBuf, _b: &VBuf) {
+    fn add(&self, _out: &mut VBuf, a: &VBuf, b: &VBuf) {
         let _op = self.op_kind("residual");
+        self.reads(&[a, b]);
         self.elementwise("residual", 2 * a.len, a.len);
     }
     fn dropout(&self, x: &mut VBuf, _mask: DropoutMask) {
         let _op = self.op_kind("dropout");
+        self.reads(&[x]);
         self.forget(x);
         self.elementwise("dropout", x.len, x.len);
     }
-    fn add_cols(&self, dst: &mut VBuf, _src: &VBuf, rows: usize, width: usize, _ld: usize, _off: usize, _scale: f32) {
+    fn add_cols(&self, dst: &mut VBuf, src: &VBuf, rows: usize, width: usize, _ld: usize, _off: usize, _scale: f32) {
         let _op = self.op_kind("adapter");
+        self.reads(&[dst, src]);
         self.forget(dst);
         self.elementwise("adapter", 2 * rows * width, rows * width);
     }
-    fn take_cols(&self, _dst: &mut VBuf, _src: &VBuf, rows: usize, width: usize, _ld: usize, _off: usize, _scale: f32) {
+    fn take_cols(&self, _dst: &mut VBuf, src: &VBuf, rows: usize, width: usize, _ld: usize, _off: usize, _scale: f32) {
         let _op = self.op_kind("adapter");
+        self.reads(&[src]);
         self.elementwise("adapter", rows * width, rows * width);
     }
     fn lora_up(&self, out: &mut VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
@@ -524,10 +547,13 @@ impl Backend for Roofline {
         self.name_reused(bufs);
     }
     fn hold_operand(&self, buf: &VBuf) {
-        self.hold(Some(buf));
+        self.hold(Some(buf), false);
+    }
+    fn hold_operand_only(&self, buf: &VBuf) {
+        self.hold(Some(buf), true);
     }
     fn release_operands(&self) {
-        self.hold(None);
+        self.hold(None, false);
     }
     fn end_operand_reuse(&self) {
         self.name_reused(&[]);

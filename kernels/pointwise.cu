@@ -90,29 +90,40 @@ extern "C" __global__ void cast_f32_bf16_rows(bf16_t* y, const float* x, int col
 // out = 0.5 * x * (1 + tanh(K * (x + C * x * x * x))); also rounded to bf16 into out16 when not
 // null (the operand of the product that reads it, see Backend::hold_operand); out may be null
 // (Backend::hold_operand_only: only the bf16 copy is read)
-extern "C" __global__ void gelu_fwd(float* out, bf16_t* out16, const float* x, long long n) {
-    elementwise4<float>(n, [&](long long i) { return x[i]; }, [&](long long i, float v) {
+template <class X>
+__device__ __forceinline__ void gelu_fwd_body(float* out, bf16_t* out16, const X* x, long long n) {
+    elementwise4<float>(n, [&](long long i) { return load_f32(x, i); }, [&](long long i, float v) {
         const float y = __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, gelu_tanh(v)));
         if (out != nullptr) out[i] = y;
         if (out16 != nullptr) out16[i] = f32_to_bf16(y);
     });
 }
 
+extern "C" __global__ void gelu_fwd(float* out, bf16_t* out16, const float* x, long long n) { gelu_fwd_body(out, out16, x, n); }
+// *_x16: the same kernel reading x as bf16 (a pre-activation that its product wrote as a held
+// copy alone, Backend::hold_operand_only), each value widened to f32 as it is loaded
+extern "C" __global__ void gelu_fwd_x16(float* out, bf16_t* out16, const bf16_t* x, long long n) { gelu_fwd_body(out, out16, x, n); }
+
 // dx = gelu_grad(x, dout) (common.cuh; overwritten)
-extern "C" __global__ void gelu_bwd(float* dx, const float* x, const float* dout, long long n) {
-    elementwise4<float2>(n, [&](long long i) { return make_float2(x[i], dout[i]); }, [&](long long i, float2 xd) { dx[i] = gelu_grad(xd.x, xd.y); });
+template <class X>
+__device__ __forceinline__ void gelu_bwd_body(float* dx, const X* x, const float* dout, long long n) {
+    elementwise4<float2>(n, [&](long long i) { return make_float2(load_f32(x, i), dout[i]); }, [&](long long i, float2 xd) { dx[i] = gelu_grad(xd.x, xd.y); });
 }
+
+extern "C" __global__ void gelu_bwd(float* dx, const float* x, const float* dout, long long n) { gelu_bwd_body(dx, x, dout, n); }
+extern "C" __global__ void gelu_bwd_x16(float* dx, const bf16_t* x, const float* dout, long long n) { gelu_bwd_body(dx, x, dout, n); }
 
 // x is [rows, 2 * i] (gate, then up); out is [rows, i]: out = gate * sigmoid(gate) * up (and in
 // bf16 into out16 when not null, as gelu_fwd).
-extern "C" __global__ void swiglu_fwd(float* out, bf16_t* out16, const float* x, long long rows, int i) {
+template <class X>
+__device__ __forceinline__ void swiglu_fwd_body(float* out, bf16_t* out16, const X* x, long long rows, int i) {
     const long long n = rows * (long long)i;
     elementwise4<float2>(
         n,
         [&](long long e) {
             const long long r = e / i;
             const long long at = r * 2 * i + (e - r * i);
-            return make_float2(x[at], x[at + i]);
+            return make_float2(load_f32(x, at), load_f32(x, at + i));
         },
         [&](long long e, float2 gu) {
             const float sig = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-gu.x)));
@@ -122,17 +133,20 @@ extern "C" __global__ void swiglu_fwd(float* out, bf16_t* out16, const float* x,
         });
 }
 
+extern "C" __global__ void swiglu_fwd(float* out, bf16_t* out16, const float* x, long long rows, int i) { swiglu_fwd_body(out, out16, x, rows, i); }
+extern "C" __global__ void swiglu_fwd_x16(float* out, bf16_t* out16, const bf16_t* x, long long rows, int i) { swiglu_fwd_body(out, out16, x, rows, i); }
+
 // dx is [rows, 2 * i] (overwritten): d gate = dout * up * s * (1 + g * (1 - s)), d up = dout * silu(g).
 // The gradients of swiglu at each element (r, j) of [rows, i], handed to store(r, j, dgate, dup).
-template <class Store>
-__device__ __forceinline__ void swiglu_bwd_body(const float* x, const float* dout, long long rows, int i, Store store) {
+template <class X, class Store>
+__device__ __forceinline__ void swiglu_bwd_body(const X* x, const float* dout, long long rows, int i, Store store) {
     const long long n = rows * (long long)i;
     elementwise4<float4>(
         n,
         [&](long long e) {
             const long long r = e / i;
             const long long gi = r * 2 * i + (e - r * i);
-            return make_float4(x[gi], x[gi + i], dout[e], (float)0);
+            return make_float4(load_f32(x, gi), load_f32(x, gi + i), dout[e], (float)0);
         },
         [&](long long e, float4 v) {
             const long long r = e / i;
@@ -144,18 +158,30 @@ __device__ __forceinline__ void swiglu_bwd_body(const float* x, const float* dou
         });
 }
 
-extern "C" __global__ void swiglu_bwd(float* dx, const float* x, const float* dout, long long rows, int i) {
+template <class X>
+__device__ __forceinline__ void swiglu_bwd_f32(float* dx, const X* x, const float* dout, long long rows, int i) {
     swiglu_bwd_body(x, dout, rows, i, [&](long long r, long long j, float dgate, float dup) {
         dx[r * 2 * i + j] = dgate;
         dx[r * 2 * i + i + j] = dup;
     });
 }
 
+extern "C" __global__ void swiglu_bwd(float* dx, const float* x, const float* dout, long long rows, int i) { swiglu_bwd_f32(dx, x, dout, rows, i); }
+extern "C" __global__ void swiglu_bwd_x16(float* dx, const bf16_t* x, const float* dout, long long rows, int i) { swiglu_bwd_f32(dx, x, dout, rows, i); }
+
 // swiglu_bwd's gradients rounded to bf16 into rows of stride ld (>= 2i; pad columns untouched),
 // without the f32 gradient: the backward products' operand (Backend::act_matmul_bwd).
-extern "C" __global__ void swiglu_bwd_bf16(bf16_t* dx16, long long ld, const float* x, const float* dout, long long rows, int i) {
+template <class X>
+__device__ __forceinline__ void swiglu_bwd_to_bf16(bf16_t* dx16, long long ld, const X* x, const float* dout, long long rows, int i) {
     swiglu_bwd_body(x, dout, rows, i, [&](long long r, long long j, float dgate, float dup) {
         dx16[r * ld + j] = f32_to_bf16(dgate);
         dx16[r * ld + i + j] = f32_to_bf16(dup);
     });
+}
+
+extern "C" __global__ void swiglu_bwd_bf16(bf16_t* dx16, long long ld, const float* x, const float* dout, long long rows, int i) {
+    swiglu_bwd_to_bf16(dx16, ld, x, dout, rows, i);
+}
+extern "C" __global__ void swiglu_bwd_bf16_x16(bf16_t* dx16, long long ld, const bf16_t* x, const float* dout, long long rows, int i) {
+    swiglu_bwd_to_bf16(dx16, ld, x, dout, rows, i);
 }

@@ -242,12 +242,13 @@ fn a_training_step_launches_what_the_model_structure_says() {
     // per layer: 4 products forward, 8 backward (input and weight gradients); the head 1 + 2
     assert_eq!(launches("matmul (cuBLASLt)"), 12 * layers + 3);
     // casts: forward the attention output (the other 3 product inputs are written in bf16 too by
-    // the norm and the GELU that compute them; all 4 are held for the weight gradients' products
-    // of the backward pass) and qkv for attention (weights have AdamW's copies; qkv's copy is
-    // held for the attention's backward pass; each product's dout is cast by its bias
-    // gradient's column-sum pass); the head's input (the fused head and loss writes the
-    // logits' gradient in bf16 and its backward products reuse the input's copy)
-    assert_eq!(launches("cast to bf16"), 2 * layers + 1);
+    // the norm and the GELU that compute them, alone: `hold_operand_only`; all 4 are held for the
+    // weight gradients' products of the backward pass; qkv, held for the attention's forward and
+    // backward passes, is written by its product in bf16 alone; weights have AdamW's copies;
+    // each product's dout is cast by its bias gradient's column-sum pass); the head's input (the
+    // fused head and loss writes the logits' gradient in bf16 and its backward products reuse the
+    // input's copy)
+    assert_eq!(launches("cast to bf16"), layers + 1);
     // attention: 1 forward, 3 backward (delta, dq, dk/dv) per layer
     assert_eq!(launches("attention forward"), layers);
     assert_eq!(launches("attention backward"), 3 * layers);
@@ -280,7 +281,9 @@ fn a_training_step_launches_what_the_model_structure_says() {
     for (kind, share) in &measured.ops {
         assert!(*share == 0.0 || r.op_kinds.contains_key(kind), "the profiled `{kind}` has no modeled time: {:?}", r.op_kinds.keys());
     }
-    for kind in ["matmul", "attention", "norm", "activation", "residual", "lm_head", "optimizer", "embedding"] {
+    // (no residual additions: each branch's product adds its skip connection, `matmul_fwd_add`)
+    assert!(!r.ops.contains_key("residual"), "{:?}", r.ops.keys());
+    for kind in ["matmul", "attention", "norm", "activation", "lm_head", "optimizer", "embedding"] {
         assert!(r.op_kinds.get(kind).is_some_and(|&s| s > 0.0), "no modeled time for {kind}");
     }
 }
@@ -354,6 +357,29 @@ fn a_buffer_held_only_as_an_operand_is_written_in_bf16_and_its_f32_reads_are_cau
     // an elementwise op reading the f32 values is caught
     be.copy(&mut other, &out);
     assert_eq!(be.account().stale_reads, vec!["untimed".to_string()]);
+    // a product into a buffer held `only` writes its bf16 copy alone (the f32 bias added first)
+    let (mut q, bias) = (be.zeros(rows * c).unwrap(), be.zeros(c).unwrap());
+    be.hold_operand_only(&q);
+    be.reset();
+    be.matmul_fwd(&mut q, &out, &wm, Some(&bias), rows, c, c);
+    assert_eq!(bytes(&be.account(), "matmul (cuBLASLt)"), ((2 * (c * c + rows * c) + 4 * c) as f64, (2 * rows * c) as f64));
+    be.rmsnorm_fwd(&mut other, &mut rstd, &q, &w, c, 1e-5);
+    assert_eq!(be.account().stale_reads, vec!["norm".to_string()]);
+    // the activations read such a pre-activation's copy (2 bytes a value), which is no stale read
+    let (mut act, mut dx, dact) = (be.zeros(rows * c).unwrap(), be.zeros(rows * c).unwrap(), be.zeros(rows * c).unwrap());
+    be.reset();
+    be.gelu_fwd(&mut act, &q);
+    be.gelu_bwd(&mut dx, &q, &dact);
+    assert_eq!(bytes(&be.account(), "activation"), ((2 * rows * c + (2 + 4) * rows * c) as f64, (4 * 2 * rows * c) as f64));
+    assert!(be.account().stale_reads.is_empty());
+    // a branch's product adding its skip connection reads it as the product's `C`: no addition pass
+    let (skip, mut sum) = (be.zeros(rows * c).unwrap(), be.zeros(rows * c).unwrap());
+    be.reset();
+    be.matmul_fwd_add(&mut sum, &y, &wm, Some(&bias), &skip, rows, c, c);
+    let acc = be.account();
+    assert_eq!(bytes(&acc, "matmul (cuBLASLt)"), ((2 * (c * c + rows * c) + 4 * (rows * c + c)) as f64, (4 * rows * c) as f64));
+    // (the product's two operands cast: new buffers drop the weight's working copy)
+    assert_eq!((acc.families["matmul (cuBLASLt)"].launches, acc.families["cast to bf16"].launches, acc.families.len()), (1, 2, 2));
     // held without `only`, the f32 values are written too and may be read
     be.release_operands();
     be.hold_operand(&out);

@@ -144,6 +144,31 @@ static void test_pointwise() {
             for (long long j = 0; j < ld; ++j) same &= d16[r * ld + j] == (j < 2 * I ? f32_to_bf16(dxs[r * 2 * I + j]) : (bf16_t)0xdead);
         check("swiglu bwd into bf16 rows", same);
     }
+    {
+        // the _x16 kernels read x as bf16: the same bits as the f32 kernels on its values widened
+        vector<bf16_t> x16(n), xs16(rows * 2 * I);
+        vector<float> xw(n), xsw(rows * 2 * I);
+        for (long long i = 0; i < n; ++i) xw[i] = bf16_to_f32(x16[i] = f32_to_bf16(x[i]));
+        for (int i = 0; i < rows * 2 * I; ++i) xsw[i] = bf16_to_f32(xs16[i] = f32_to_bf16(xs[i]));
+        vector<float> f1(n), f2(n), b1(n), b2(n);
+        vector<bf16_t> h1(n), h2(n);
+        launch(dim3{1}, dim3{256}, gelu_fwd, f1.data(), h1.data(), (const float*)xw.data(), n);
+        launch(dim3{1}, dim3{256}, gelu_fwd_x16, f2.data(), h2.data(), (const bf16_t*)x16.data(), n);
+        launch(dim3{1}, dim3{256}, gelu_bwd, b1.data(), (const float*)xw.data(), (const float*)d.data(), n);
+        launch(dim3{1}, dim3{256}, gelu_bwd_x16, b2.data(), (const bf16_t*)x16.data(), (const float*)d.data(), n);
+        check("gelu fwd and bwd from bf16 x", bitwise(f1, f2) && h1 == h2 && bitwise(b1, b2));
+        vector<float> o1(rows * I), o2(rows * I), g1v(rows * 2 * I), g2v(rows * 2 * I);
+        vector<bf16_t> oh1(rows * I), oh2(rows * I);
+        launch(dim3{1}, dim3{256}, swiglu_fwd, o1.data(), oh1.data(), (const float*)xsw.data(), (long long)rows, I);
+        launch(dim3{1}, dim3{256}, swiglu_fwd_x16, o2.data(), oh2.data(), (const bf16_t*)xs16.data(), (long long)rows, I);
+        launch(dim3{1}, dim3{256}, swiglu_bwd, g1v.data(), (const float*)xsw.data(), (const float*)ds.data(), (long long)rows, I);
+        launch(dim3{1}, dim3{256}, swiglu_bwd_x16, g2v.data(), (const bf16_t*)xs16.data(), (const float*)ds.data(), (long long)rows, I);
+        const long long ld = 2 * I + 6;
+        vector<bf16_t> r1((size_t)rows * ld, 0xdead), r2((size_t)rows * ld, 0xdead);
+        launch(dim3{1}, dim3{256}, swiglu_bwd_bf16, r1.data(), ld, (const float*)xsw.data(), (const float*)ds.data(), (long long)rows, I);
+        launch(dim3{1}, dim3{256}, swiglu_bwd_bf16_x16, r2.data(), ld, (const bf16_t*)xs16.data(), (const float*)ds.data(), (long long)rows, I);
+        check("swiglu fwd and bwd from bf16 x", bitwise(o1, o2) && oh1 == oh2 && bitwise(g1v, g2v) && r1 == r2);
+    }
 
     vector<float> a = rvec(n), b = rvec(n), s(n);
     launch(dim3{1}, dim3{256}, add_f32, s.data(), (const float*)a.data(), (const float*)b.data(), n);
@@ -259,6 +284,17 @@ static void test_reduce() {
         reduce_cols_emu(rows, c, 1, ref3.data(), nullptr, 65535u, colsum_cast_partials, (const float*)dpre.data(), cast_ref.data(), rows, c, ld);
         reduce_cols_emu(rows, c, 1, dst3.data(), nullptr, rows == 1000 ? 2u : 65535u, gelu_bwd_colsum_cast_partials, (const float*)pre.data(), (const float*)dact.data(), cast3.data(), rows, c, ld);
         check(("gelu backward with the bias gradient and the bf16 cast rows=" + std::to_string(rows)).c_str(), bitwise(dst3, ref3) && cast3 == cast_ref);
+        {
+            // the pre-activation in bf16 (_x16): the same bits as the f32 kernel on its values widened
+            vector<bf16_t> pre16((size_t)rows * c + 1);
+            vector<float> prew((size_t)rows * c + 1);
+            for (size_t i = 0; i < (size_t)rows * c; ++i) prew[i] = bf16_to_f32(pre16[i] = f32_to_bf16(pre[i]));
+            auto dst4 = start, dst5 = start;
+            vector<bf16_t> cast4((size_t)rows * ld + 1, 0xdead), cast5((size_t)rows * ld + 1, 0xdead);
+            reduce_cols_emu(rows, c, 1, dst4.data(), nullptr, 65535u, gelu_bwd_colsum_cast_partials, (const float*)prew.data(), (const float*)dact.data(), cast4.data(), rows, c, ld);
+            reduce_cols_emu(rows, c, 1, dst5.data(), nullptr, rows == 1000 ? 2u : 65535u, gelu_bwd_colsum_cast_partials_x16, (const bf16_t*)pre16.data(), (const float*)dact.data(), cast5.data(), rows, c, ld);
+            check(("gelu backward column sums from a bf16 pre-activation rows=" + std::to_string(rows)).c_str(), bitwise(dst4, dst5) && cast4 == cast5);
+        }
     }
     const long long n = 300001;
     auto x = rvec(n);

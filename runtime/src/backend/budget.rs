@@ -152,6 +152,9 @@ impl<B: Backend> Backend for Budget<B> {
     fn matmul_fwd(&self, out: &mut Buf<B>, inp: &Buf<B>, w: &Buf<B>, bias: Option<&Buf<B>>, n: usize, k: usize, m: usize) {
         self.inner.matmul_fwd(&mut out.buf, &inp.buf, &w.buf, bias.map(|b| &b.buf), n, k, m)
     }
+    fn matmul_fwd_add(&self, out: &mut Buf<B>, inp: &Buf<B>, w: &Buf<B>, bias: Option<&Buf<B>>, res: &Buf<B>, n: usize, k: usize, m: usize) {
+        self.inner.matmul_fwd_add(&mut out.buf, &inp.buf, &w.buf, bias.map(|b| &b.buf), &res.buf, n, k, m)
+    }
     fn matmul_bwd(
         &self,
         dinp: Option<&mut Buf<B>>,

@@ -172,6 +172,14 @@ pub trait Backend: Send + Sync + 'static {
     /// `out[n, m] = inp[n, k] @ w[m, k]^T + bias[m]`.
     #[allow(clippy::too_many_arguments)] // a GEMM's operands and sizes
     fn matmul_fwd(&self, out: &mut Self::Buf, inp: &Self::Buf, w: &Self::Buf, bias: Option<&Self::Buf>, n: usize, k: usize, m: usize);
+    /// `out = res + (inp @ w^T + bias)`, a residual branch's product and its skip connection (the
+    /// same value as [`Backend::matmul_fwd`] then [`Backend::add_assign`]; a backend may add `res`
+    /// in the product, in another order).
+    #[allow(clippy::too_many_arguments)] // as matmul_fwd, and the skip connection
+    fn matmul_fwd_add(&self, out: &mut Self::Buf, inp: &Self::Buf, w: &Self::Buf, bias: Option<&Self::Buf>, res: &Self::Buf, n: usize, k: usize, m: usize) {
+        self.matmul_fwd(out, inp, w, bias, n, k, m);
+        self.add_assign(out, res);
+    }
     /// `dinp = dout @ w` (overwritten), `dw += dout^T @ inp`, `dbias += colsum(dout)`; each
     /// only when asked for (a frozen weight has no `dw`, and its product is not computed).
     #[allow(clippy::too_many_arguments)] // as above

@@ -118,6 +118,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn matmul_fwd(&self, out: &mut B::Buf, inp: &B::Buf, w: &B::Buf, bias: Option<&B::Buf>, n: usize, k: usize, m: usize) {
         self.time("matmul", 2.0 * (n * k * m) as f64, || self.inner.matmul_fwd(out, inp, w, bias, n, k, m))
     }
+    fn matmul_fwd_add(&self, out: &mut B::Buf, inp: &B::Buf, w: &B::Buf, bias: Option<&B::Buf>, res: &B::Buf, n: usize, k: usize, m: usize) {
+        self.time("matmul", 2.0 * (n * k * m) as f64, || self.inner.matmul_fwd_add(out, inp, w, bias, res, n, k, m))
+    }
     fn matmul_bwd(
         &self,
         dinp: Option<&mut B::Buf>,

@@ -92,12 +92,15 @@ impl Block {
     }
 
     /// Whether a training pass (`dropping`: with dropout) reads the maps' inputs `ln1`, `ln2` and
-    /// `act` only as product operands, so that a backend may keep only their converted copies
-    /// (`Backend::hold_operand_only`): not where the map's adapters drop out their input (they
-    /// copy the f32 values).
-    pub fn inputs_only_as_operands(&self, dropping: bool) -> [bool; 3] {
+    /// `act`, and the maps' outputs `qkv` and `fc`, only as product, attention or activation
+    /// operands, so that a backend may keep only their converted copies
+    /// (`Backend::hold_operand_only`): not a map's input where its adapters drop it out (they copy
+    /// the f32 values), not a map's output under adapters (which add into it), and not `qkv`
+    /// under RoPE (which rotates the f32 values in place).
+    pub fn inputs_only_as_operands(&self, dropping: bool) -> [bool; 5] {
         let only = |l: &Linear| !dropping || l.lora.iter().flatten().all(|p| p.dropout == 0.0);
-        [only(&self.qkv), only(&self.fc), only(&self.proj)]
+        let qkv = self.attn.rope_theta.is_none() && !self.qkv.adapted();
+        [only(&self.qkv), only(&self.fc), only(&self.proj), qkv, !self.fc.adapted()]
     }
 
     /// The attention-probability dropout mask of a training pass, where the backend applies it.
@@ -148,19 +151,28 @@ impl Block {
         }
         // each branch's output goes to `tmp` and is added to the skip connection, or, when `tmp`
         // is empty, straight into the sum's buffer with the skip connection added in place (the
-        // same sums: addition commutes)
+        // same sums: addition commutes); a map without adapters or dropout after it adds the skip
+        // connection in its product (`Backend::matmul_fwd_add`)
         let in_tmp = be.len(a.tmp) > 0;
-        let out = if in_tmp { &mut *a.tmp } else { &mut *a.res1 };
-        self.o.fwd_all(be, p, out, a.att_out, rows, lora, lora_key(drop_key, 1));
-        drop(be, out, self.resid_pdrop, drop_key, SITE_ATTN_OUT);
-        if in_tmp {
-            be.add(a.res1, x, a.tmp);
+        let fused = |l: &Linear| !l.adapted() && (drop_key.is_none() || self.resid_pdrop == 0.0);
+        if fused(&self.o) {
+            self.o.fwd_add(be, p, a.res1, a.att_out, x, rows);
         } else {
-            be.add_assign(a.res1, x);
+            let out = if in_tmp { &mut *a.tmp } else { &mut *a.res1 };
+            self.o.fwd_all(be, p, out, a.att_out, rows, lora, lora_key(drop_key, 1));
+            drop(be, out, self.resid_pdrop, drop_key, SITE_ATTN_OUT);
+            if in_tmp {
+                be.add(a.res1, x, a.tmp);
+            } else {
+                be.add_assign(a.res1, x);
+            }
         }
         self.ln2.fwd(be, p, a.ln2, a.ln2_mean, a.ln2_rstd, a.res1);
         self.fc.fwd_all(be, p, a.fc, a.ln2, rows, lora, lora_key(drop_key, 2));
         self.act.fwd(be, a.act, a.fc);
+        if fused(&self.proj) {
+            return self.proj.fwd_add(be, p, y, a.act, a.res1, rows);
+        }
         let out = if in_tmp { &mut *a.tmp } else { &mut *y };
         self.proj.fwd_all(be, p, out, a.act, rows, lora, lora_key(drop_key, 3));
         drop(be, out, self.resid_pdrop, drop_key, SITE_MLP_OUT);

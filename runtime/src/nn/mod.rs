@@ -462,6 +462,12 @@ impl Linear {
         Some(x)
     }
 
+    /// `out = res + self(inp)` for a map without adapters ([`Backend::matmul_fwd_add`]).
+    pub fn fwd_add<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, inp: &B::Buf, res: &B::Buf, rows: usize) {
+        p.keep_if_frozen(be, self.w);
+        be.matmul_fwd_add(out, inp, &p.bufs[self.w], self.b.map(|b| &p.bufs[b]), res, rows, self.in_features, self.out_features);
+    }
+
     pub fn fwd<B: Backend>(&self, be: &B, p: &Params<B>, out: &mut B::Buf, inp: &B::Buf, rows: usize) {
         p.keep_if_frozen(be, self.w);
         be.matmul_fwd(out, inp, &p.bufs[self.w], self.b.map(|b| &p.bufs[b]), rows, self.in_features, self.out_features);

@@ -382,7 +382,9 @@ pub fn step_parity(gpu: &Cuda) -> Result<Vec<Check>> {
 
 /// bf16: a training step whose layers' product inputs are held from the forward to the backward
 /// pass (one bf16 copy each) equals, bit for bit, the same step with every product casting its
-/// own operands.
+/// own operands. The products into inputs held only as operands (GPT-2's qkv) write their bf16
+/// copy straight from cuBLASLt, whose algorithm for a bf16 output may sum in another order: that
+/// step is compared with the bf16 limits instead, and the bitwise one runs with them writing f32.
 fn held_parity(gpu: &Cuda) -> Result<Vec<Check>> {
     let (gpt2, llama) = step_configs();
     let mut checks = Vec::new();
@@ -391,7 +393,11 @@ fn held_parity(gpu: &Cuda) -> Result<Vec<Check>> {
         let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
         let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
         let batch = step_batch(cfg.vocab_size as i32);
-        let held = one_step(gpu.clone(), cfg.clone(), tensors.clone(), &batch, None, lora)?;
+        let direct = one_step(gpu.clone(), cfg.clone(), tensors.clone(), &batch, None, lora)?;
+        gpu.set_held_products(false);
+        let held = one_step(gpu.clone(), cfg.clone(), tensors.clone(), &batch, None, lora);
+        gpu.set_held_products(true);
+        let held = held?;
         gpu.set_hold_operands(false);
         let cast = one_step(gpu.clone(), cfg, tensors, &batch, None, lora);
         gpu.set_hold_operands(true);
@@ -404,6 +410,14 @@ fn held_parity(gpu: &Cuda) -> Result<Vec<Check>> {
             ("parameters after one step", rel_err(&held.3, &cast.3)),
         ] {
             checks.push(Check { op: "training step (bitwise)".into(), case: case.clone(), output: name.into(), rel_err: e, limit: 0.0, pass: e == 0.0 });
+        }
+        for (name, e, lim) in [
+            ("loss", rel_err(&[direct.0], &[held.0]), 1e-2),
+            ("gradients", rel_err(&direct.2, &held.2), 2e-2),
+            ("parameters after one step (L2)", rel_err_l2(&direct.3, &held.3), 1e-2),
+        ] {
+            let op = "training step (bf16 product outputs)".into();
+            checks.push(Check { op, case: case.clone(), output: name.into(), rel_err: e, limit: lim, pass: e <= lim });
         }
     }
     Ok(checks)

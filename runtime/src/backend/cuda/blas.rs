@@ -43,13 +43,25 @@ pub struct Gemm {
     pub b: u64,
     pub ldb: i64,
     pub d: u64,
+    /// The `c` of `beta * c` when it is not `d` (0: `d`), with `d`'s type and layout.
+    pub c: u64,
     pub ldd: i64,
     pub ty: Ty,
-    /// The element type of `d` (bf16 only with `beta` 0 and no bias).
+    /// The element type of `d` (bf16 only with `beta` 0; a bias stays f32, added before the
+    /// rounding).
     pub out: Ty,
     pub alpha: f32,
     pub beta: f32,
     pub bias: Option<u64>,
+}
+
+impl Gemm {
+    /// The forward product `d[n, m] = inp[n, k] w[m, k]^T` of row-major operands (the weight
+    /// transposed), in f32, no bias: the base that the forward products adjust.
+    pub fn forward(w: u64, inp: u64, d: u64, (n, k, m): (usize, usize, usize), ty: Ty) -> Gemm {
+        let (n, k, m) = (n as u64, k as u64, m as u64);
+        Gemm { transa: true, transb: false, m, n, k, a: w, lda: k as i64, b: inp, ldb: k as i64, d, c: 0, ldd: m as i64, ty, out: Ty::F32, alpha: 1.0, beta: 0.0, bias: None }
+    }
 }
 
 /// What a product's plan depends on: the shapes, and the alignment of the `a`, `b` and `d`
@@ -152,8 +164,39 @@ impl Lt {
     /// # Safety
     /// Every pointer must be valid for its operand's shape and leading dimension.
     pub unsafe fn gemm(&self, stream: &CudaStream, g: &Gemm) -> Result<(), String> {
-        let align = [alignment(g.a), alignment(g.b), alignment(g.d)];
-        let key = Key {
+        let key = Self::key(g);
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = match plans.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(self.plan(key)?),
+        };
+        self.run(stream, g, plan)
+    }
+
+    /// Whether cuBLASLt has an algorithm for `g`'s product (its plan is made and kept when it
+    /// does): a product form that a library version may not support is asked first.
+    ///
+    /// # Safety
+    /// The handle is live.
+    pub unsafe fn can_plan(&self, g: &Gemm) -> bool {
+        let key = Self::key(g);
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        if let Entry::Vacant(e) = plans.entry(key) {
+            match self.plan(key) {
+                Ok(p) => drop(e.insert(p)),
+                Err(err) => {
+                    tracing::debug!("{err}");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn key(g: &Gemm) -> Key {
+        let c = if g.c == 0 { g.d } else { g.c };
+        let align = [alignment(g.a), alignment(g.b), alignment(g.d).min(alignment(c))];
+        Key {
             transa: g.transa,
             transb: g.transb,
             m: g.m,
@@ -166,12 +209,12 @@ impl Lt {
             out: g.out,
             bias: g.bias.is_some(),
             align,
-        };
-        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        let plan = match plans.entry(key) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(self.plan(key)?),
-        };
+        }
+    }
+
+    /// # Safety
+    /// As [`Lt::gemm`]; `plan` is `g`'s.
+    unsafe fn run(&self, stream: &CudaStream, g: &Gemm, plan: &Plan) -> Result<(), String> {
         if let Some(bias) = &g.bias {
             plan.desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias).map_err(|e| format!("cuBLASLt bias pointer: {e:?}"))?;
         }
@@ -185,7 +228,7 @@ impl Lt {
             plan.a.0,
             g.b as *const c_void,
             plan.b.0,
-            g.d as *const c_void,
+            (if g.c == 0 { g.d } else { g.c }) as *const c_void,
             plan.d.0,
             g.d as *mut c_void,
             plan.d.0,

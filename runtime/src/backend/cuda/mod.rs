@@ -19,6 +19,7 @@ mod adapter;
 mod attention;
 pub mod blas;
 mod group;
+mod held;
 pub mod kernels;
 mod launch;
 mod loss;
@@ -61,9 +62,9 @@ struct Inner {
     /// the parameter's device address. See [`Cuda::weight_copy`] for when an entry is trusted.
     weights16: Mutex<HashMap<u64, CudaSlice<u16>>>,
     /// bf16 mode: the operands named by `begin_operand_reuse` and their copies.
-    reuse: Mutex<Vec<products::Reused>>,
+    reuse: Mutex<Vec<held::Reused>>,
     /// bf16 mode: the saved activations named by `hold_operand` and their copies.
-    held: Mutex<products::Held>,
+    held: Mutex<held::Held>,
     /// The first device failure of an op that cannot return it; sticky: every later op does
     /// nothing, and every op that returns a `Result` returns it.
     failure: Mutex<Option<Failure>>,
@@ -368,19 +369,36 @@ impl Backend for Cuda {
 
     fn gelu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
         let (out32, out16) = self.held_outputs(out);
-        self.launch_n("gelu_fwd", x.len().div_ceil(4), &[out32, out16, self.p(x), A::L(x.len() as i64)]);
+        let (x16, xp) = self.act_input(x);
+        self.launch_n(&format!("gelu_fwd{x16}"), x.len().div_ceil(4), &[out32, out16, xp, A::L(x.len() as i64)]);
     }
     fn gelu_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>) {
-        self.launch_n("gelu_bwd", x.len().div_ceil(4), &[self.p(dx), self.p(x), self.p(dout), A::L(x.len() as i64)]);
+        let (x16, xp) = self.act_input(x);
+        self.launch_n(&format!("gelu_bwd{x16}"), x.len().div_ceil(4), &[self.p(dx), xp, self.p(dout), A::L(x.len() as i64)]);
     }
     fn swiglu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, i: usize) {
         let rows = x.len() / (2 * i);
         let (out32, out16) = self.held_outputs(out);
-        self.launch_n("swiglu_fwd", (rows * i).div_ceil(4), &[out32, out16, self.p(x), A::L(rows as i64), A::I(i as i32)]);
+        let (x16, xp) = self.act_input(x);
+        self.launch_n(&format!("swiglu_fwd{x16}"), (rows * i).div_ceil(4), &[out32, out16, xp, A::L(rows as i64), A::I(i as i32)]);
     }
     fn swiglu_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>, i: usize) {
         let rows = x.len() / (2 * i);
-        self.launch_n("swiglu_bwd", (rows * i).div_ceil(4), &[self.p(dx), self.p(x), self.p(dout), A::L(rows as i64), A::I(i as i32)]);
+        let (x16, xp) = self.act_input(x);
+        self.launch_n(&format!("swiglu_bwd{x16}"), (rows * i).div_ceil(4), &[self.p(dx), xp, self.p(dout), A::L(rows as i64), A::I(i as i32)]);
+    }
+    fn matmul_fwd_add(
+        &self,
+        out: &mut CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        res: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
+        self.matmul_fwd_add_op(out, inp, w, bias, res, (n, k, m))
     }
     fn add(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) {
         self.launch_n("add_f32", a.len().div_ceil(4), &[self.p(out), self.p(a), self.p(b), A::L(a.len() as i64)]);

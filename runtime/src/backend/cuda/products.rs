@@ -26,48 +26,6 @@ pub(super) struct Scratch {
     pub(super) tables: [Option<(Vec<u64>, CudaSlice<u64>)>; 2],
 }
 
-/// A held activation (see [`Held`]).
-struct HeldEntry {
-    len: usize,
-    /// Whether the copy is made (at the first product that reads it after the hold, or by the op
-    /// that computes the activation).
-    ready: bool,
-    copy: Option<CudaSlice<u16>>,
-    /// `Backend::hold_operand_only`: nothing reads the f32 values, so the op that computes the
-    /// activation writes only the copy.
-    only: bool,
-}
-
-/// The saved activations named by [`crate::backend::Backend::hold_operand`], by address; `spare`
-/// keeps released copies for the next pass.
-#[derive(Default)]
-pub(super) struct Held {
-    map: std::collections::HashMap<u64, HeldEntry>,
-    spare: Vec<CudaSlice<u16>>,
-    /// Holds ignored (`Cuda::set_hold_operands`): every product casts its own operands.
-    off: bool,
-}
-
-impl Held {
-    /// Drops the entry of `key` (all when `None`), keeping the copies for reuse.
-    fn drop_entries(&mut self, key: Option<u64>) {
-        let dropped: Vec<_> = match key {
-            Some(k) => self.map.remove(&k).into_iter().collect(),
-            None => self.map.drain().map(|(_, e)| e).collect(),
-        };
-        self.spare.extend(dropped.into_iter().filter_map(|e| e.copy));
-    }
-}
-
-/// An operand named by [`crate::backend::Backend::begin_operand_reuse`]: its address and length,
-/// and its bf16 copy, made at the first product that reads it (`ready`). The copy's buffer stays
-/// for the next set.
-pub(super) struct Reused {
-    src: u64,
-    len: usize,
-    ready: bool,
-    copy: CudaSlice<u16>,
-}
 
 impl Cuda {
     /// `buf`, a grow-only scratch buffer, grown to at least `n` values; its pointer, or 0 after a
@@ -108,164 +66,6 @@ impl Cuda {
         dst
     }
 
-    /// The bf16 working copy of a parameter, when the last write to it was the fused AdamW step.
-    ///
-    /// An entry is written by `adamw_multi` together with its parameter. Any other write drops it:
-    /// `copy`, `fill` and `scale` drop their destination's entry, and `zeros` and `upload` drop
-    /// every entry, because they are how a parameter buffer comes to exist and a new buffer may
-    /// reuse a freed parameter's address. The copy equals what the cast kernel would produce
-    /// (both round to nearest even), so a hit changes the speed, never the numbers.
-    pub(super) fn weight_copy(&self, w: &CudaSlice<f32>) -> Option<u64> {
-        let map = self.0.weights16.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&self.ptr(w)).filter(|c| c.len() == w.len()).map(|c| self.ptr(c))
-    }
-
-    pub(super) fn forget_weight(&self, buf: &CudaSlice<f32>) {
-        if self.0.bf16 {
-            let key = self.ptr(buf);
-            self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-            self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().filter(|r| r.src == key).for_each(|r| r.src = 0);
-            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(Some(key));
-        }
-    }
-
-    pub(super) fn forget_all_weights(&self) {
-        if self.0.bf16 {
-            self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().for_each(|r| r.src = 0);
-            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(None);
-        }
-    }
-
-    /// bf16 mode: names `buf` as held (see `Backend::hold_operand`); its copy is made at the
-    /// first product that reads it from now on, or by the op that computes it (which with `only`,
-    /// `Backend::hold_operand_only`, writes no f32 values).
-    pub(super) fn hold_operand_op(&self, buf: &CudaSlice<f32>, only: bool) {
-        if self.0.bf16 && !buf.is_empty() {
-            let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
-            if held.off {
-                return;
-            }
-            let key = self.ptr(buf);
-            held.drop_entries(Some(key));
-            held.map.insert(key, HeldEntry { len: buf.len(), ready: false, copy: None, only });
-        }
-    }
-
-    /// On (the default): `hold_operand` keeps a saved activation's bf16 copy for the backward
-    /// pass. `cuda-check` turns it off to check that a step comes out the same bits either way.
-    pub fn set_hold_operands(&self, on: bool) {
-        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.drop_entries(None);
-        held.off = !on;
-    }
-
-    pub(super) fn release_operands_op(&self) {
-        if self.0.bf16 {
-            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(None);
-        }
-    }
-
-    /// The held copy of `src` (made now, from a spare buffer when one fits, if no product has
-    /// read it since its hold and the op that wrote it did not write the copy too).
-    pub(super) fn held_copy(&self, src: &CudaSlice<f32>) -> Option<u64> {
-        let (dst, ready, _) = self.held_entry(src)?;
-        if !ready {
-            self.launch_n("cast_f32_bf16", src.len().div_ceil(4), &[A::P(dst), self.p(src), A::L(src.len() as i64)]);
-        }
-        Some(dst)
-    }
-
-    /// Where an op that computes `out` writes it: the f32 values (null when `out` is held with
-    /// `only`), and the held copy of `out` (its entry then counts as made; null when `out` is not
-    /// held).
-    pub(super) fn held_outputs(&self, out: &CudaSlice<f32>) -> (A, A) {
-        match self.held_entry(out) {
-            Some((dst, _, only)) => (if only { A::P(0) } else { self.p(out) }, A::P(dst)),
-            None => (self.p(out), A::P(0)),
-        }
-    }
-
-    /// The held entry of `buf`: its copy's address (allocated now if it has none), whether the
-    /// copy was made (from now on it counts as made: the caller makes it) and whether it is held
-    /// `only`.
-    fn held_entry(&self, buf: &CudaSlice<f32>) -> Option<(u64, bool, bool)> {
-        let key = self.ptr(buf);
-        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
-        let Held { map, spare, .. } = &mut *held;
-        let HeldEntry { len, ready, copy, only } = map.get_mut(&key).filter(|e| e.len == buf.len())?;
-        if copy.is_none() {
-            *copy = match spare.iter().position(|c| c.len() == *len) {
-                Some(i) => Some(spare.swap_remove(i)),
-                None => match self.alloc::<u16>(*len) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        self.fail(e);
-                        return None;
-                    }
-                },
-            };
-        }
-        let was = *ready;
-        *ready = true;
-        copy.as_ref().map(|c| (self.ptr(c), was, *only))
-    }
-
-    /// bf16 mode: makes `w`'s working copy unless it has one (see `Backend::keep_working_copy`);
-    /// the entry lives under the rules of [`Cuda::weight_copy`].
-    pub(super) fn keep_working_copy_op(&self, w: &CudaSlice<f32>) {
-        if !self.0.bf16 || w.is_empty() || self.weight_copy(w).is_some() || self.failed() {
-            return;
-        }
-        let copy = match self.alloc::<u16>(w.len()) {
-            Ok(c) => c,
-            Err(e) => return self.fail(e),
-        };
-        self.launch_n("cast_f32_bf16", w.len().div_ceil(4), &[self.p(&copy), self.p(w), A::L(w.len() as i64)]);
-        self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).insert(self.ptr(w), copy);
-    }
-
-    /// bf16 mode: names the operands whose copies products share until the next call (none: the
-    /// set ends). Their copies are made when a product first reads them.
-    pub(super) fn begin_operand_reuse_op(&self, bufs: &[&CudaSlice<f32>]) {
-        if !self.0.bf16 {
-            return;
-        }
-        let mut reuse = self.0.reuse.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, b) in bufs.iter().enumerate() {
-            if i == reuse.len() {
-                match self.0.stream.null::<u16>() {
-                    Ok(copy) => reuse.push(Reused { src: 0, len: 0, ready: false, copy }),
-                    Err(e) => return self.fail(device_error("operand copies", e)),
-                }
-            }
-            let r = &mut reuse[i];
-            (r.src, r.len, r.ready) = (self.ptr(b), b.len(), false);
-        }
-        for r in reuse.iter_mut().skip(bufs.len()) {
-            r.src = 0;
-        }
-    }
-
-    /// Whether `src` is one of the operands named by [`Cuda::begin_operand_reuse_op`].
-    fn named_for_reuse(&self, src: &CudaSlice<f32>) -> bool {
-        let key = self.ptr(src);
-        self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|r| r.src == key && key != 0)
-    }
-
-    /// The shared bf16 copy of `src` when it is one of the operands named by
-    /// [`Cuda::begin_operand_reuse_op`] (made now if no product has read it yet).
-    fn reused_copy(&self, src: &CudaSlice<f32>) -> Option<u64> {
-        let key = self.ptr(src);
-        let mut reuse = self.0.reuse.lock().unwrap_or_else(|e| e.into_inner());
-        let r = reuse.iter_mut().find(|r| r.src == key && key != 0 && r.len == src.len())?;
-        let dst = self.grown(&mut r.copy, r.len);
-        if !r.ready {
-            self.launch_n("cast_f32_bf16", r.len.div_ceil(4), &[A::P(dst), A::P(key), A::L(r.len as i64)]);
-            r.ready = true;
-        }
-        Some(dst)
-    }
 
     /// The operand pointers for a product: the f32 buffers, or bf16 copies in bf16 mode (the
     /// weight's working copy when there is one: `weight` is the index of the weight operand). An
@@ -308,6 +108,9 @@ impl Cuda {
     ) {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let ([w_p, inp_p], ty) = self.operands(&mut scratch, [w, inp], 0, [true, true]);
+        if self.held_only_product(out, w_p, inp_p, bias, (n, k, m)) {
+            return;
+        }
         // rows of a misaligned width are written padded, then copied out
         let ld = crate::backend::aligned_ld(m);
         let d = if ld == m { self.ptr(out) } else { self.grown(&mut scratch.padded, n * ld) };
@@ -316,6 +119,30 @@ impl Cuda {
             let args = [self.p(out), A::P(d), A::L(n as i64), A::I(m as i32), A::I(ld as i32), A::I(0), A::F(1.0)];
             self.launch_n("take_cols_f32", (n * m).div_ceil(4), &args);
         }
+    }
+
+    /// `Backend::matmul_fwd_add`: for a width that is a multiple of 8, one product whose epilogue
+    /// adds the skip connection (`out = (res + inp w^T) + bias`, `res` as cuBLASLt's `C` with
+    /// beta 1), so no addition pass reads the branch's output again; otherwise the product, then
+    /// the addition.
+    pub(super) fn matmul_fwd_add_op(
+        &self,
+        out: &mut CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        res: &CudaSlice<f32>,
+        (n, k, m): (usize, usize, usize),
+    ) {
+        if crate::backend::aligned_ld(m) != m {
+            self.matmul_fwd_op(out, inp, w, bias, n, k, m);
+            return self.add_assign(out, res);
+        }
+        let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let ([w_p, inp_p], ty) = self.operands(&mut scratch, [w, inp], 0, [true, true]);
+        drop(scratch);
+        let (d, c) = (self.ptr(out), self.ptr(res));
+        self.gemm(Gemm { c, beta: 1.0, bias: bias.map(|b| self.ptr(b)), ..Gemm::forward(w_p, inp_p, d, (n, k, m), ty) });
     }
 
     /// `d[n, m] (rows of stride ld) = inp w^T (+ bias)` from operand pointers. A misaligned width
@@ -345,6 +172,7 @@ impl Cuda {
                 b: inp_p,
                 ldb: k as i64,
                 d: d + (at * dsize) as u64,
+                c: 0,
                 ldd: ld as i64,
                 ty,
                 out,
@@ -443,15 +271,17 @@ impl Cuda {
             let (rows, cols, ld) = (colsum_args[1], colsum_args[2], A::L(ld as i64));
             match act {
                 Some((_, pre, dact)) => {
-                    let args = [self.p(pre), self.p(dact), A::P(dout_p), rows, cols, ld];
-                    self.reduce_cols(&mut scratch, "gelu_bwd_colsum_cast_partials", [self.ptr(db), 0], (n, m), &args)
+                    let (x16, pre) = self.act_input(pre);
+                    let args = [pre, self.p(dact), A::P(dout_p), rows, cols, ld];
+                    self.reduce_cols(&mut scratch, &format!("gelu_bwd_colsum_cast_partials{x16}"), [self.ptr(db), 0], (n, m), &args)
                 }
                 None => self.reduce_cols(&mut scratch, "colsum_cast_partials", [self.ptr(db), 0], (n, m), &[colsum_args[0], A::P(dout_p), rows, cols, ld]),
             }
         } else if let Some((Activation::SwiGlu { intermediate }, pre, dact)) = act {
             dout_p = self.grown(&mut scratch.bf16[0], n * ld);
-            let args = [A::P(dout_p), A::L(ld as i64), self.p(pre), self.p(dact), A::L(n as i64), A::I(intermediate as i32)];
-            self.launch_n("swiglu_bwd_bf16", (n * intermediate).div_ceil(4), &args);
+            let (x16, pre) = self.act_input(pre);
+            let args = [A::P(dout_p), A::L(ld as i64), pre, self.p(dact), A::L(n as i64), A::I(intermediate as i32)];
+            self.launch_n(&format!("swiglu_bwd_bf16{x16}"), (n * intermediate).div_ceil(4), &args);
         } else if need[0] && ld != m {
             dout_p = self.bf16_copy_rows(&mut scratch, 0, dout, n, m, ld);
         }
@@ -494,6 +324,7 @@ impl Cuda {
                     b: dout_p + (at * esize) as u64,
                     ldb: ld as i64,
                     d,
+                    c: 0,
                     ldd: k as i64,
                     ty,
                     out: Ty::F32,
@@ -515,6 +346,7 @@ impl Cuda {
                 b: dout_p,
                 ldb: ld as i64,
                 d,
+                c: 0,
                 ldd: k as i64,
                 ty,
                 out: Ty::F32,

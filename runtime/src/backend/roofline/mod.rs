@@ -300,6 +300,37 @@ impl Roofline {
         }
     }
 
+    /// As the CUDA backend's `act_input`: the values (counted as f32) an activation kernel reads
+    /// of its input `x`: half of `x` when its f32 values are stale (the kernel reads the bf16
+    /// copy), all of `x` otherwise.
+    fn act_input(&self, x: &VBuf) -> usize {
+        if self.lock().stale.contains(&x.id) {
+            x.len.div_ceil(2)
+        } else {
+            x.len
+        }
+    }
+
+    /// Whether the pre-activation `x` is read as bf16 ([`Roofline::act_input`]).
+    fn act_input_bf16(&self, x: &VBuf) -> bool {
+        self.lock().stale.contains(&x.id)
+    }
+
+    /// As the CUDA backend's `held_only_product`: whether a product of width `m` into `out`
+    /// writes only `out`'s bf16 copy (`out` held `only`, `m` aligned; the copy then counts as
+    /// made and the f32 values as stale).
+    fn held_only_product(&self, out: &VBuf, m: usize) -> bool {
+        let mut st = self.lock();
+        match st.held.get_mut(&out.id) {
+            Some((made, true)) if self.bf16 && crate::backend::aligned_ld(m) == m => {
+                *made = true;
+                st.stale.insert(out.id);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// As the CUDA backend's `hold_operand` (`only`: `hold_operand_only`) and `release_operands`
     /// (`None`).
     fn hold(&self, b: Option<&VBuf>, only: bool) {
@@ -440,26 +471,29 @@ impl Roofline {
         inp: &VBuf,
         w: &VBuf,
         (n, k, m): (usize, usize, usize),
-        act: Option<Activation>,
+        act: Option<(Activation, bool)>,
     ) {
+        // the pre-activation read as bf16 (`act_input`): half the bytes
+        let (act, pre16) = (act.map(|a| a.0), act.is_some_and(|a| a.1));
+        let pre = |vals: usize| if pre16 { vals.div_ceil(2) } else { vals };
         let need_dout = dinp || dw;
         let operand_pass = self.bf16 && need_dout && !self.named_reused(dout);
         let swiglu = matches!(act, Some(Activation::SwiGlu { .. }));
         let fused = operand_pass && dbias && !swiglu;
         let act_cast = operand_pass && !dbias && swiglu;
         match act {
-            Some(Activation::Gelu) if !fused => self.elementwise("activation", 2 * n * m, n * m),
+            Some(Activation::Gelu) if !fused => self.elementwise("activation", pre(n * m) + n * m, n * m),
             // SwiGLU: x [n, m] and dout [n, m / 2] read, the gradient [n, m] written
             Some(Activation::SwiGlu { .. }) if act_cast => {
-                self.rec("activation", Cost { read: 4.0 * (n * m + n * m / 2) as f64, written: 2.0 * (n * m) as f64, ..Cost::default() })
+                self.rec("activation", Cost { read: 4.0 * (pre(n * m) + n * m / 2) as f64, written: 2.0 * (n * m) as f64, ..Cost::default() })
             }
-            Some(Activation::SwiGlu { .. }) => self.elementwise("activation", n * m + n * m / 2, n * m),
+            Some(Activation::SwiGlu { .. }) => self.elementwise("activation", pre(n * m) + n * m / 2, n * m),
             _ => {}
         }
         self.cast_operands(&[dout, w, inp], Some(1), &[need_dout && !fused && !act_cast, dinp, dw]);
         if fused {
             let partials = n.div_ceil(crate::backend::REDUCE_BLOCK_ROWS) * m;
-            let (family, reads) = if act.is_some() { ("activation", 8.0) } else { ("bias gradient", 4.0) };
+            let (family, reads) = if act.is_some() { ("activation", 4.0 + 4.0 * pre(n * m) as f64 / (n * m).max(1) as f64) } else { ("bias gradient", 4.0) };
             self.rec(family, Cost { read: reads * (n * m) as f64, written: (4 * partials + 2 * n * m) as f64, ..Cost::default() });
             self.elementwise("bias gradient", partials + m, m);
         }

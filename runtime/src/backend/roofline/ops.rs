@@ -205,9 +205,13 @@ impl Backend for Roofline {
         self.norm_bwd_cost(rstd.len, c, 1, 1);
     }
 
-    fn matmul_fwd(&self, _out: &mut VBuf, inp: &VBuf, w: &VBuf, bias: Option<&VBuf>, n: usize, k: usize, m: usize) {
+    fn matmul_fwd(&self, out: &mut VBuf, inp: &VBuf, w: &VBuf, bias: Option<&VBuf>, n: usize, k: usize, m: usize) {
         let _op = self.op_kind("matmul");
         self.cast_operands(&[w, inp], Some(0), &[true, true]);
+        if self.held_only_product(out, m) {
+            // as the CUDA backend: the product writes the held copy alone, in bf16
+            return self.gemm_out((m, n, k), false, bias.is_some(), 2.0);
+        }
         // as the CUDA backend: a misaligned width in two products, written padded, then copied out
         let (main, rest) = crate::backend::aligned_split(m);
         for cols in [main, rest].into_iter().filter(|&c| c > 0) {
@@ -216,6 +220,17 @@ impl Backend for Roofline {
         if crate::backend::aligned_ld(m) != m {
             self.elementwise("copy", n * m, n * m);
         }
+    }
+    fn matmul_fwd_add(&self, out: &mut VBuf, inp: &VBuf, w: &VBuf, bias: Option<&VBuf>, res: &VBuf, n: usize, k: usize, m: usize) {
+        let _op = self.op_kind("matmul");
+        if crate::backend::aligned_ld(m) != m {
+            self.matmul_fwd(out, inp, w, bias, n, k, m);
+            return self.add_assign(out, res);
+        }
+        // as the CUDA backend: one product reading the skip connection as its `C`
+        self.reads(&[res]);
+        self.cast_operands(&[w, inp], Some(0), &[true, true]);
+        self.gemm((m, n, k), true, bias.is_some());
     }
     fn matmul_bwd(
         &self,
@@ -252,8 +267,9 @@ impl Backend for Roofline {
         m: usize,
     ) {
         let _op = self.op_kind("matmul");
-        self.reads(&[dact, pre]);
-        self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dpre, inp, w, (n, k, m), Some(act))
+        self.reads(&[dact]);
+        let pre16 = self.act_input_bf16(pre);
+        self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dpre, inp, w, (n, k, m), Some((act, pre16)))
     }
 
     fn attention_fwd(&self, _out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
@@ -316,25 +332,25 @@ impl Backend for Roofline {
 
     fn gelu_fwd(&self, out: &mut VBuf, x: &VBuf) {
         let _op = self.op_kind("activation");
-        self.reads(&[x]);
+        let read = self.act_input(x);
         let written = self.produced(out);
-        self.elementwise("activation", x.len, written);
+        self.elementwise("activation", read, written);
     }
     fn gelu_bwd(&self, _dx: &mut VBuf, x: &VBuf, dout: &VBuf) {
         let _op = self.op_kind("activation");
-        self.reads(&[x, dout]);
-        self.elementwise("activation", 2 * x.len, x.len);
+        self.reads(&[dout]);
+        self.elementwise("activation", self.act_input(x) + x.len, x.len);
     }
     fn swiglu_fwd(&self, out: &mut VBuf, x: &VBuf, _i: usize) {
         let _op = self.op_kind("activation");
-        self.reads(&[x]);
+        let read = self.act_input(x);
         let written = self.produced(out);
-        self.elementwise("activation", x.len, written);
+        self.elementwise("activation", read, written);
     }
     fn swiglu_bwd(&self, _dx: &mut VBuf, x: &VBuf, dout: &VBuf, _i: usize) {
         let _op = self.op_kind("activation");
-        self.reads(&[x, dout]);
-        self.elementwise("activation", x.len + x.len / 2, x.len);
+        self.reads(&[dout]);
+        self.elementwise("activation", self.act_input(x) + x.len / 2, x.len);
     }
     fn add(&self, _out: &mut VBuf, a: &VBuf, b: &VBuf) {
         let _op = self.op_kind("residual");

@@ -1,0 +1,264 @@
+//! bf16 mode's operand copies: the fused AdamW step's working copies of the weights, the held
+//! copies of saved activations (`Backend::hold_operand`, `hold_operand_only`) and the shared
+//! copies of a map's input and output gradient (`Backend::begin_operand_reuse`), which the
+//! products (`products.rs`), the attention and the activation kernels read instead of casting.
+
+use cudarc::driver::CudaSlice;
+
+use super::blas::{Gemm, Ty};
+use super::{device_error, Cuda, A};
+
+/// A held activation (see [`Held`]).
+struct HeldEntry {
+    len: usize,
+    /// Whether the copy is made (at the first product that reads it after the hold, or by the op
+    /// that computes the activation).
+    ready: bool,
+    copy: Option<CudaSlice<u16>>,
+    /// `Backend::hold_operand_only`: nothing reads the f32 values, so the op that computes the
+    /// activation writes only the copy.
+    only: bool,
+}
+
+/// The saved activations named by [`crate::backend::Backend::hold_operand`], by address; `spare`
+/// keeps released copies for the next pass.
+#[derive(Default)]
+pub(super) struct Held {
+    map: std::collections::HashMap<u64, HeldEntry>,
+    spare: Vec<CudaSlice<u16>>,
+    /// Holds ignored (`Cuda::set_hold_operands`): every product casts its own operands.
+    off: bool,
+    /// Products write their f32 output even into a buffer held `only` (`Cuda::set_held_products`).
+    products_off: bool,
+}
+
+impl Held {
+    /// Drops the entry of `key` (all when `None`), keeping the copies for reuse.
+    fn drop_entries(&mut self, key: Option<u64>) {
+        let dropped: Vec<_> = match key {
+            Some(k) => self.map.remove(&k).into_iter().collect(),
+            None => self.map.drain().map(|(_, e)| e).collect(),
+        };
+        self.spare.extend(dropped.into_iter().filter_map(|e| e.copy));
+    }
+}
+
+/// An operand named by [`crate::backend::Backend::begin_operand_reuse`]: its address and length,
+/// and its bf16 copy, made at the first product that reads it (`ready`). The copy's buffer stays
+/// for the next set.
+pub(super) struct Reused {
+    src: u64,
+    len: usize,
+    ready: bool,
+    copy: CudaSlice<u16>,
+}
+
+impl Cuda {
+    /// The bf16 working copy of a parameter, when the last write to it was the fused AdamW step.
+    ///
+    /// An entry is written by `adamw_multi` together with its parameter. Any other write drops it:
+    /// `copy`, `fill` and `scale` drop their destination's entry, and `zeros` and `upload` drop
+    /// every entry, because they are how a parameter buffer comes to exist and a new buffer may
+    /// reuse a freed parameter's address. The copy equals what the cast kernel would produce
+    /// (both round to nearest even), so a hit changes the speed, never the numbers.
+    pub(super) fn weight_copy(&self, w: &CudaSlice<f32>) -> Option<u64> {
+        let map = self.0.weights16.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&self.ptr(w)).filter(|c| c.len() == w.len()).map(|c| self.ptr(c))
+    }
+
+    pub(super) fn forget_weight(&self, buf: &CudaSlice<f32>) {
+        if self.0.bf16 {
+            let key = self.ptr(buf);
+            self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().filter(|r| r.src == key).for_each(|r| r.src = 0);
+            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(Some(key));
+        }
+    }
+
+    pub(super) fn forget_all_weights(&self) {
+        if self.0.bf16 {
+            self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().for_each(|r| r.src = 0);
+            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(None);
+        }
+    }
+
+    /// bf16 mode: names `buf` as held (see `Backend::hold_operand`); its copy is made at the
+    /// first product that reads it from now on, or by the op that computes it (which with `only`,
+    /// `Backend::hold_operand_only`, writes no f32 values).
+    pub(super) fn hold_operand_op(&self, buf: &CudaSlice<f32>, only: bool) {
+        if self.0.bf16 && !buf.is_empty() {
+            let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+            if held.off {
+                return;
+            }
+            let key = self.ptr(buf);
+            held.drop_entries(Some(key));
+            held.map.insert(key, HeldEntry { len: buf.len(), ready: false, copy: None, only });
+        }
+    }
+
+    /// On (the default): `hold_operand` keeps a saved activation's bf16 copy for the backward
+    /// pass. `cuda-check` turns it off to check that a step comes out the same bits either way.
+    pub fn set_hold_operands(&self, on: bool) {
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.drop_entries(None);
+        held.off = !on;
+    }
+
+    /// On (the default): a product into a buffer held with `hold_operand_only` writes its bf16
+    /// copy alone (`held_only_product`). `cuda-check` turns it off to compare a step whose held
+    /// copies are all made from f32 values, bit for bit, with one that casts every operand.
+    pub fn set_held_products(&self, on: bool) {
+        self.0.held.lock().unwrap_or_else(|e| e.into_inner()).products_off = !on;
+    }
+
+    pub(super) fn release_operands_op(&self) {
+        if self.0.bf16 {
+            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(None);
+        }
+    }
+
+    /// The held copy of `src` (made now, from a spare buffer when one fits, if no product has
+    /// read it since its hold and the op that wrote it did not write the copy too).
+    pub(super) fn held_copy(&self, src: &CudaSlice<f32>) -> Option<u64> {
+        let (dst, ready, _) = self.held_entry(src)?;
+        if !ready {
+            self.launch_n("cast_f32_bf16", src.len().div_ceil(4), &[A::P(dst), self.p(src), A::L(src.len() as i64)]);
+        }
+        Some(dst)
+    }
+
+    /// Where an op that computes `out` writes it: the f32 values (null when `out` is held with
+    /// `only`), and the held copy of `out` (its entry then counts as made; null when `out` is not
+    /// held).
+    pub(super) fn held_outputs(&self, out: &CudaSlice<f32>) -> (A, A) {
+        match self.held_entry(out) {
+            Some((dst, _, only)) => (if only { A::P(0) } else { self.p(out) }, A::P(dst)),
+            None => (self.p(out), A::P(0)),
+        }
+    }
+
+    /// The held entry of `buf`: its copy's address (allocated now if it has none), whether the
+    /// copy was made (from now on it counts as made: the caller makes it) and whether it is held
+    /// `only`.
+    fn held_entry(&self, buf: &CudaSlice<f32>) -> Option<(u64, bool, bool)> {
+        let key = self.ptr(buf);
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        let Held { map, spare, .. } = &mut *held;
+        let HeldEntry { len, ready, copy, only } = map.get_mut(&key).filter(|e| e.len == buf.len())?;
+        if copy.is_none() {
+            *copy = match spare.iter().position(|c| c.len() == *len) {
+                Some(i) => Some(spare.swap_remove(i)),
+                None => match self.alloc::<u16>(*len) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        self.fail(e);
+                        return None;
+                    }
+                },
+            };
+        }
+        let was = *ready;
+        *ready = true;
+        copy.as_ref().map(|c| (self.ptr(c), was, *only))
+    }
+
+    /// An activation kernel's input `x` (the kernel's name suffix, and its pointer): its held
+    /// copy (`_x16`, bf16) when `x` is held `only` and the copy is made (its f32 values may then
+    /// never have been written: `held_only_product`), else `x` itself.
+    pub(super) fn act_input(&self, x: &CudaSlice<f32>) -> (&'static str, A) {
+        let held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        match held.map.get(&self.ptr(x)).filter(|e| e.only && e.ready && e.len == x.len()).and_then(|e| e.copy.as_ref()) {
+            Some(c) => ("_x16", self.p(c)),
+            None => ("", self.p(x)),
+        }
+    }
+
+    /// bf16 mode: makes `w`'s working copy unless it has one (see `Backend::keep_working_copy`);
+    /// the entry lives under the rules of [`Cuda::weight_copy`].
+    pub(super) fn keep_working_copy_op(&self, w: &CudaSlice<f32>) {
+        if !self.0.bf16 || w.is_empty() || self.weight_copy(w).is_some() || self.failed() {
+            return;
+        }
+        let copy = match self.alloc::<u16>(w.len()) {
+            Ok(c) => c,
+            Err(e) => return self.fail(e),
+        };
+        self.launch_n("cast_f32_bf16", w.len().div_ceil(4), &[self.p(&copy), self.p(w), A::L(w.len() as i64)]);
+        self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).insert(self.ptr(w), copy);
+    }
+
+    /// bf16 mode: names the operands whose copies products share until the next call (none: the
+    /// set ends). Their copies are made when a product first reads them.
+    pub(super) fn begin_operand_reuse_op(&self, bufs: &[&CudaSlice<f32>]) {
+        if !self.0.bf16 {
+            return;
+        }
+        let mut reuse = self.0.reuse.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, b) in bufs.iter().enumerate() {
+            if i == reuse.len() {
+                match self.0.stream.null::<u16>() {
+                    Ok(copy) => reuse.push(Reused { src: 0, len: 0, ready: false, copy }),
+                    Err(e) => return self.fail(device_error("operand copies", e)),
+                }
+            }
+            let r = &mut reuse[i];
+            (r.src, r.len, r.ready) = (self.ptr(b), b.len(), false);
+        }
+        for r in reuse.iter_mut().skip(bufs.len()) {
+            r.src = 0;
+        }
+    }
+
+    /// Whether `src` is one of the operands named by [`Cuda::begin_operand_reuse_op`].
+    pub(super) fn named_for_reuse(&self, src: &CudaSlice<f32>) -> bool {
+        let key = self.ptr(src);
+        self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|r| r.src == key && key != 0)
+    }
+
+    /// The shared bf16 copy of `src` when it is one of the operands named by
+    /// [`Cuda::begin_operand_reuse_op`] (made now if no product has read it yet).
+    pub(super) fn reused_copy(&self, src: &CudaSlice<f32>) -> Option<u64> {
+        let key = self.ptr(src);
+        let mut reuse = self.0.reuse.lock().unwrap_or_else(|e| e.into_inner());
+        let r = reuse.iter_mut().find(|r| r.src == key && key != 0 && r.len == src.len())?;
+        let dst = self.grown(&mut r.copy, r.len);
+        if !r.ready {
+            self.launch_n("cast_f32_bf16", r.len.div_ceil(4), &[A::P(dst), A::P(key), A::L(r.len as i64)]);
+            r.ready = true;
+        }
+        Some(dst)
+    }
+
+    /// bf16 mode, `out` held with `Backend::hold_operand_only` and of an aligned width: writes
+    /// `inp w^T (+ bias)` as its bf16 copy alone (the f32 bias added before the rounding, so the
+    /// same bits as the cast of the f32 output) and returns true. When cuBLASLt has no algorithm
+    /// for that form (or with `set_held_products(false)`), `out` stays held as by `hold_operand`
+    /// (its f32 values written, the copy cast at its first read) and this returns false, as it
+    /// does for any other `out`.
+    pub(super) fn held_only_product(&self, out: &CudaSlice<f32>, w_p: u64, inp_p: u64, bias: Option<&CudaSlice<f32>>, (n, k, m): (usize, usize, usize)) -> bool {
+        let key = self.ptr(out);
+        let only = {
+            let held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+            !held.products_off && held.map.get(&key).is_some_and(|e| e.only && e.len == out.len())
+        };
+        if !only || crate::backend::aligned_ld(m) != m {
+            return false;
+        }
+        // the copy (allocated now if it has none), counted as made from here on
+        let Some((d, _, _)) = self.held_entry(out) else { return false };
+        let g = Gemm { out: Ty::Bf16, bias: bias.map(|b| self.ptr(b)), ..Gemm::forward(w_p, inp_p, d, (n, k, m), Ty::Bf16) };
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(e) = held.map.get_mut(&key) else { return false };
+        // SAFETY: the handle lives as long as the backend
+        if self.failed() || !unsafe { self.0.lt.can_plan(&g) } {
+            (e.ready, e.only) = (false, false);
+            return false;
+        }
+        e.ready = true;
+        drop(held);
+        self.gemm(g);
+        true
+    }
+}

@@ -87,16 +87,16 @@ __device__ __forceinline__ void axpy_own(float* x, float a, const float* srow, i
     }
 }
 
-/// Writes the thread's dimensions (those < head_dim) of one f32 row.
-template <int D>
-__device__ __forceinline__ void store_own(float* row, const float* x, int hd, int part) {
+/// Writes the thread's dimensions (those < head_dim) of one f32 row (or, rounded, of a bf16 one).
+template <int D, class O>
+__device__ __forceinline__ void store_own(O* row, const float* x, int hd, int part) {
     typedef Team<D> TM;
 #pragma unroll
     for (int k = 0; k < TM::NCH; ++k) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int d = 4 * (TM::TPR * k + part) + e;
-            if (d < hd) row[d] = x[4 * k + e];
+            if (d < hd) store_f32(row, d, x[4 * k + e]);
         }
     }
 }
@@ -166,7 +166,7 @@ __device__ __forceinline__ void stage_kv_tile(float (*ks)[D], float (*vs)[D], in
 // ---- forward --------------------------------------------------------------------------------
 
 template <typename T, int D, bool DROP = false>
-__device__ __forceinline__ void attn_fwd(float* out, float* lse, const T* qkv, const int* key_mask, int seq, int n_head, int n_kv_head, int hd, AttnDrop dr = {}) {
+__device__ __forceinline__ void attn_fwd(float* out, bf16_t* out16, float* lse, const T* qkv, const int* key_mask, int seq, int n_head, int n_kv_head, int hd, AttnDrop dr = {}) {
     typedef Team<D> TM;
     constexpr int KT = TM::FKT;
     __shared__ __align__(16) float ks[KT][D];
@@ -235,6 +235,8 @@ __device__ __forceinline__ void attn_fwd(float* out, float* lse, const T* qkv, c
                 if (a.part == 0) lse[((long long)b * n_head + h) * seq + i] = m + logf(l);
             }
             store_own<D>(o, acc, hd, a.part);
+            // the output's bf16 copy for the product that reads it (Backend::hold_operand)
+            if (out16 != nullptr) store_own<D>(out16 + (a.row0 + i) * a.out_width + (long long)h * hd, acc, hd, a.part);
         }
     }
 }
@@ -380,9 +382,10 @@ __device__ __forceinline__ void attn_bwd_dkdv(float* dqkv, const float* dout, co
 
 #define ATT_EXPORT(NAME, T, D)                                                                                             \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_fwd_##NAME##_d##D(                                 \
-        float* out, float* lse, const T* qkv, const int* key_mask, int batch, int seq, int n_head, int n_kv_head, int head_dim) { \
+        float* out, bf16_t* out16, float* lse, const T* qkv, const int* key_mask, int batch, int seq, int n_head, int n_kv_head, \
+        int head_dim) {                                                                                                    \
         if ((int)blockIdx.z >= batch) return;                                                                              \
-        attn_fwd<T, D>(out, lse, qkv, key_mask, seq, n_head, n_kv_head, head_dim);                                         \
+        attn_fwd<T, D>(out, out16, lse, qkv, key_mask, seq, n_head, n_kv_head, head_dim);                                  \
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dq_##NAME##_d##D(                              \
         float* dqkv, const float* dout, const T* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \
@@ -408,10 +411,10 @@ ATT_EXPORT(bf16, bf16_t, 128)
 // threshold (p * 2^32) and scale (1 / (1 - p)) after the usual arguments.
 #define ATT_EXPORT_DROP(NAME, T, D)                                                                                        \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_fwd_drop_##NAME##_d##D(                            \
-        float* out, float* lse, const T* qkv, const int* key_mask, int batch, int seq, int n_head, int n_kv_head, int head_dim, \
-        long long key, long long threshold, float scale) {                                                                 \
+        float* out, bf16_t* out16, float* lse, const T* qkv, const int* key_mask, int batch, int seq, int n_head, int n_kv_head, \
+        int head_dim, long long key, long long threshold, float scale) {                                                   \
         if ((int)blockIdx.z >= batch) return;                                                                              \
-        attn_fwd<T, D, true>(out, lse, qkv, key_mask, seq, n_head, n_kv_head, head_dim,                                    \
+        attn_fwd<T, D, true>(out, out16, lse, qkv, key_mask, seq, n_head, n_kv_head, head_dim,                                    \
                              AttnDrop{(unsigned long long)key, (unsigned long long)threshold, scale});                     \
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bwd_dq_drop_##NAME##_d##D(                         \

@@ -278,7 +278,7 @@ struct TcBlock {
 // key tiles of BN = 64. The K fragments read by ldmatrix serve the MT m-tiles of a warp.
 
 template <int D, int NW, int MT>
-__device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t* qkv, const int* key_mask, int seq, int n_head, int n_kv_head) {
+__device__ __forceinline__ void attn_fwd_tc(float* out, bf16_t* out16, float* lse, const bf16_t* qkv, const int* key_mask, int seq, int n_head, int n_kv_head) {
     constexpr int BN = 64, NT = 32 * NW, WR = 16 * MT, BM = WR * NW;
     static_assert(BM <= 2 * BN, "the Q tile is staged in the K/V buffers");
     __shared__ __align__(128) bf16_t sm[2 * BN * D];
@@ -430,13 +430,18 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, float* lse, const bf16_t
             if (r >= seq) continue;
             const bool none = lt == 0.0f;  // no visible key: zeros, lse = +inf
             const float inv = none ? 0.0f : __fdiv_rn(1.0f, lt);
-            float* orow = out + (blk.row0 + r) * blk.out_width + qcol;
+            const long long at = (blk.row0 + r) * blk.out_width + qcol;
+            float* orow = out + at;
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) {
                 float2 v;
                 v.x = __fmul_rn(o[mt][n][2 * half], inv);
                 v.y = __fmul_rn(o[mt][n][2 * half + 1], inv);
                 *reinterpret_cast<float2*>(orow + 8 * n + 2 * tq) = v;
+                // the output's bf16 copy for the product that reads it (Backend::hold_operand):
+                // the pair as one 4-byte store
+                if (out16 != nullptr)
+                    *reinterpret_cast<unsigned int*>(out16 + at + 8 * n + 2 * tq) = (unsigned int)f32_to_bf16(v.x) | ((unsigned int)f32_to_bf16(v.y) << 16);
             }
             if (tq == 0) lse[((long long)b * n_head + h) * seq + r] = none ? pos_inf() : __fadd_rn(__fmul_rn(m[mt][half], TC_LN2), logf(lt));
         }
@@ -772,9 +777,10 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const TD* dout, co
 
 #define ATT_TC_EXPORT(D, FWD_NW, FWD_MT, DQ_BN, DKDV_BQ, DKDV_SQ, DKDVQ_BQ)                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * FWD_NW) attention_fwd_tc_d##D(                                      \
-        float* out, float* lse, const bf16_t* qkv, const int* key_mask, int batch, int seq, int n_head, int n_kv_head, int head_dim) { \
+        float* out, bf16_t* out16, float* lse, const bf16_t* qkv, const int* key_mask, int batch, int seq, int n_head, int n_kv_head, \
+        int head_dim) {                                                                                                \
         if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
-        attn_fwd_tc<D, FWD_NW, FWD_MT>(out, lse, qkv, key_mask, seq, n_head, n_kv_head);                              \
+        attn_fwd_tc<D, FWD_NW, FWD_MT>(out, out16, lse, qkv, key_mask, seq, n_head, n_kv_head);                       \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) attention_bwd_dq_tc_d##D(                                         \
         float* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \

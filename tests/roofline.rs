@@ -241,14 +241,14 @@ fn a_training_step_launches_what_the_model_structure_says() {
     let launches = |f: &str| r.ops.get(f).map_or(0, |f| f.launches);
     // per layer: 4 products forward, 8 backward (input and weight gradients); the head 1 + 2
     assert_eq!(launches("matmul (cuBLASLt)"), 12 * layers + 3);
-    // casts: forward the attention output (the other 3 product inputs are written in bf16 too by
-    // the norm and the GELU that compute them, alone: `hold_operand_only`; all 4 are held for the
-    // weight gradients' products of the backward pass; qkv, held for the attention's forward and
-    // backward passes, is written by its product in bf16 alone; weights have AdamW's copies;
-    // each product's dout is cast by its bias gradient's column-sum pass); the head's input (the
-    // fused head and loss writes the logits' gradient in bf16 and its backward products reuse the
-    // input's copy)
-    assert_eq!(launches("cast to bf16"), layers + 1);
+    // casts: only the head's input (the fused head and loss writes the logits' gradient in bf16
+    // and its backward products reuse the input's copy). The 4 product inputs of a layer are
+    // written in bf16 by the ops that compute them (the norms and the GELU alone:
+    // `hold_operand_only`; the attention beside its f32 output, which its backward pass reads)
+    // and held for the weight gradients' products; qkv, held for the attention's forward and
+    // backward passes, is written by its product in bf16 alone; weights have AdamW's copies; each
+    // product's dout is cast by its bias gradient's column-sum pass
+    assert_eq!(launches("cast to bf16"), 1);
     // attention: 1 forward, 3 backward (delta, dq, dk/dv) per layer
     assert_eq!(launches("attention forward"), layers);
     assert_eq!(launches("attention backward"), 3 * layers);
@@ -323,12 +323,12 @@ fn a_lora_step_casts_each_shared_operand_once() {
     // base map's input gradient, except in the first layer's qkv (frozen embeddings and norm:
     // no input gradient there); the head 1 + 1 (frozen: no weight gradient)
     assert_eq!(launches("matmul (cuBLASLt)"), (4 + 2 * 7) * layers + (4 * 7 + 7 + 4) * layers - 4 + 2);
-    // casts, forward: the attention output (the norms and SwiGLU write the other 3 map inputs in
-    // bf16 too; all 4 are held for the backward pass), each adapter's down-projection output, qkv
-    // for attention; backward: per map its output gradient, per adapter its down-projection
-    // output and that output's gradient, qkv again; the head's input (once: see the step above).
-    // The weights (frozen and adapters) have their copies.
-    assert_eq!(launches("cast to bf16"), (1 + 7 + 1) * layers + (4 + 2 * 7 + 1) * layers + 1);
+    // casts, forward (the norms, the attention and SwiGLU write the 4 map inputs in bf16 too; all
+    // 4 are held for the backward pass): each adapter's down-projection output, qkv for attention
+    // (the adapters add into it after its product); backward: per map its output gradient, per
+    // adapter its down-projection output and that output's gradient, qkv again; the head's input
+    // (once: see the step above). The weights (frozen and adapters) have their copies.
+    assert_eq!(launches("cast to bf16"), (7 + 1) * layers + (4 + 2 * 7 + 1) * layers + 1);
     assert!(!r.ops.contains_key("adapter"), "{:?}", r.ops.keys());
 }
 

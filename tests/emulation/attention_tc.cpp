@@ -81,7 +81,7 @@ struct Res {
     vector<float> out, lse, dqkv;
 };
 
-using Fwd = void (*)(float*, float*, const unsigned short*, const int*, int, int, int, int, int);
+using Fwd = void (*)(float*, unsigned short*, float*, const unsigned short*, const int*, int, int, int, int, int);
 // backward kernels reading dout in f32 (the FMA kernels) or as the bf16 copy the delta kernel
 // writes (the tensor-core kernels)
 using Bwd = void (*)(float*, const float*, const unsigned short*, const float*, const float*, const int*, int, int, int, int, int);
@@ -117,7 +117,15 @@ static Res run(const Shape& s, Fwd fwd, B dq, B dkdv, unsigned fwd_rows, unsigne
         for (size_t t = 0; t < rows; ++t) std::fill(&r.dqkv[t * W], &r.dqkv[t * W + s.nh * s.hd], 0.0f);
     vector<float> delta((size_t)s.batch * s.nh * s.seq, NAN);
     auto cdiv = [](int a, unsigned b) { return (unsigned)((a + b - 1) / b); };
-    launch_checked(dim3{cdiv(s.seq, fwd_rows), (unsigned)s.nh, (unsigned)s.batch}, dim3{fwd_threads}, fwd, r.out.data(), r.lse.data(), qkv.data(), mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
+    // with the output's bf16 copy: every value the output rounded
+    vector<unsigned short> out16(rows * OW, 0x7fc1);
+    launch_checked(dim3{cdiv(s.seq, fwd_rows), (unsigned)s.nh, (unsigned)s.batch}, dim3{fwd_threads}, fwd, r.out.data(), out16.data(), r.lse.data(), qkv.data(), mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
+    for (size_t i = 0; i < out16.size(); ++i)
+        if (out16[i] != f32_to_bf16(r.out[i])) {
+            printf("  the forward's bf16 copy of its output differs at %zu\n", i);
+            ++failures;
+            break;
+        }
     // the bf16 copy of dout, written by the delta kernel (every value: checked below)
     vector<unsigned short> d16(half ? dout.size() : 0, 0x7fc1);
     launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)r.out.data(),

@@ -532,7 +532,7 @@ static void test_rope() {
 // ---- attention ----
 
 template <typename T>
-using FwdFn = void (*)(float*, float*, const T*, const int*, int, int, int, int, int);
+using FwdFn = void (*)(float*, bf16_t*, float*, const T*, const int*, int, int, int, int, int);
 template <typename T>
 using BwdFn = void (*)(float*, const float*, const T*, const float*, const float*, const int*, int, int, int, int, int);
 
@@ -563,7 +563,10 @@ static void run_attention(const char* tname, int D, FwdFn<T> fwd, BwdFn<T> dq, B
 
     vector<float> out(rows * OW, NAN), lse(s.batch * s.nh * s.seq, NAN), delta(s.batch * s.nh * s.seq, NAN), dqkv(rows * W, NAN);
     const unsigned tiles = (s.seq + 63) / 64;
-    launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, fwd, out.data(), lse.data(), (const T*)qkv_t.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
+    // with the output's bf16 copy (every value written: checked against the output rounded)
+    vector<bf16_t> out16(rows * OW, 0x7fc1);
+    launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, fwd, out.data(), out16.data(), lse.data(), (const T*)qkv_t.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
+    check((std::string("attention fwd's bf16 copy of its output ") + tname).c_str(), rounded(out, out16));
     launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)out.data(), (bf16_t*)nullptr, s.batch, s.seq, s.nh, s.hd);
     launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, dq, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
     launch(dim3{tiles, (unsigned)s.nkv, (unsigned)s.batch}, dim3{128}, dkdv, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
@@ -585,7 +588,7 @@ static void run_attention(const char* tname, int D, FwdFn<T> fwd, BwdFn<T> dq, B
 // The dropout kernels: the same shapes and inputs, a mask of p = 0.2 from a key, against the f64
 // reference with the same mask (the hash written out here).
 template <typename T>
-using FwdDropFn = void (*)(float*, float*, const T*, const int*, int, int, int, int, int, long long, long long, float);
+using FwdDropFn = void (*)(float*, bf16_t*, float*, const T*, const int*, int, int, int, int, int, long long, long long, float);
 template <typename T>
 using BwdDropFn = void (*)(float*, const float*, const T*, const float*, const float*, const int*, int, int, int, int, int, long long, long long, float);
 
@@ -620,7 +623,7 @@ static void run_attention_dropout(const char* tname, int D, FwdDropFn<T> fwd, Bw
     attn_ref(s, qkv, mask, dout, oref, lref, dref, nullptr, nullptr, zf);
     vector<float> out(rows * OW, NAN), lse(s.batch * s.nh * s.seq, NAN), delta(s.batch * s.nh * s.seq, NAN), dqkv(rows * W, NAN);
     const unsigned tiles = (s.seq + 63) / 64;
-    launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, fwd, out.data(), lse.data(), (const T*)qkv_t.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd, key, threshold, scale);
+    launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, fwd, out.data(), (bf16_t*)nullptr, lse.data(), (const T*)qkv_t.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd, key, threshold, scale);
     launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)out.data(), (bf16_t*)nullptr, s.batch, s.seq, s.nh, s.hd);
     launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, dq, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd, key, threshold, scale);
     launch(dim3{tiles, (unsigned)s.nkv, (unsigned)s.batch}, dim3{128}, dkdv, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd, key, threshold, scale);

@@ -84,7 +84,10 @@ impl Cuda {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let (q, ty) = self.attn_qkv(&mut scratch, qkv);
         let (suffix, [(rows, threads), _, _]) = self.attn_kernels_for(ty, shape.head_dim, drop);
-        let mut args = vec![self.p(out), self.p(stats), A::P(q), self.p(key_mask)];
+        // a held output's bf16 copy is written beside it (the f32 values always: the backward
+        // pass's delta reads them)
+        let (_, out16) = self.held_outputs(out);
+        let mut args = vec![self.p(out), out16, self.p(stats), A::P(q), self.p(key_mask)];
         args.extend(Self::shape_args(shape));
         args.extend(Self::drop_args(drop));
         let grid = (shape.seq.div_ceil(rows) as u32, shape.n_head as u32, shape.batch as u32);

@@ -331,6 +331,19 @@ impl Roofline {
         }
     }
 
+    /// The bf16 copy an op that writes `out` in f32 regardless (the attention's forward pass)
+    /// writes beside it when `out` is held: its values, counted as f32 (half of `out`); the copy
+    /// then counts as made.
+    fn copy_beside(&self, out: &VBuf) -> usize {
+        match self.lock().held.get_mut(&out.id) {
+            Some((made, _)) if self.bf16 => {
+                *made = true;
+                out.len.div_ceil(2)
+            }
+            _ => 0,
+        }
+    }
+
     /// As the CUDA backend's `hold_operand` (`only`: `hold_operand_only`) and `release_operands`
     /// (`None`).
     fn hold(&self, b: Option<&VBuf>, only: bool) {

@@ -51,7 +51,7 @@ impl Roofline {
         }
     }
 
-    fn attention_fwd_cost(&self, qkv: &VBuf, s: AttnShape, drop: bool) {
+    fn attention_fwd_cost(&self, out: &VBuf, qkv: &VBuf, s: AttnShape, drop: bool) {
         if self.bf16 && !self.held_read(qkv) {
             self.cast(qkv.len);
         }
@@ -66,6 +66,8 @@ impl Roofline {
             c.tensor_flops += t;
             c.fp32_flops += f;
         }
+        // a held output's bf16 copy beside it (as the CUDA backend)
+        c.written += 4.0 * self.copy_beside(out) as f64;
         self.rec("attention forward", c);
     }
 
@@ -272,16 +274,16 @@ impl Backend for Roofline {
         self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dpre, inp, w, (n, k, m), Some((act, pre16)))
     }
 
-    fn attention_fwd(&self, _out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
+    fn attention_fwd(&self, out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
         let _op = self.op_kind("attention");
-        self.attention_fwd_cost(qkv, shape, false)
+        self.attention_fwd_cost(out, qkv, shape, false)
     }
     fn has_attention_dropout(&self) -> bool {
         true
     }
-    fn attention_fwd_dropout(&self, _out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl, _drop: DropoutMask) {
+    fn attention_fwd_dropout(&self, out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl, _drop: DropoutMask) {
         let _op = self.op_kind("attention");
-        self.attention_fwd_cost(qkv, shape, true)
+        self.attention_fwd_cost(out, qkv, shape, true)
     }
     fn attention_bwd_dropout(
         &self,

@@ -22,7 +22,8 @@
 #    PyTorch's flash SDPA, AdamW against the device copy bandwidth;
 # 6. the step's roofline account for this GPU (`runtime bench --roofline`, no GPU needed): modeled
 #    against measured step time, modeled and measured MFU against the data-sheet rate, per-op table,
-#    and per op kind the modeled time against `runtime bench --profile` (each op timed on the GPU).
+#    and per op kind the modeled time against `runtime bench --profile` (each op timed on the GPU);
+#    the same modeled against measured for the Llama full and LoRA steps of part 4.
 #
 # Every part runs even when an earlier one fails; the exit status is non-zero if any did. Each
 # part has its own time limit and together they stay under 8 minutes. On an H200 the whole script
@@ -140,6 +141,11 @@ LLAMA=(bench --device cuda --bf16 --arch llama --n_layer 8 --hidden 1024 --n_hea
        --batch 8 --steps 10 --warmup 3 --json)
 run llama_full.json timeout 45 "$BIN" "${LLAMA[@]}"
 run llama_lora.json timeout 45 "$BIN" "${LLAMA[@]}" --lora_r 16
+# the same two steps as modeled by the roofline account (no GPU involved), to compare with them
+LLAMA_ROOF=(bench --device cuda --bf16 --roofline "${CHIP:-h100}" --arch llama --n_layer 8 --hidden 1024 --n_head 16 --n_kv_head 8 --vocab 32000
+            --seq 1024 --batch 8 --json)
+run llama_full_roofline.json timeout 30 "$BIN" "${LLAMA_ROOF[@]}"
+run llama_lora_roofline.json timeout 30 "$BIN" "${LLAMA_ROOF[@]}" --lora_r 16
 # the same with the MLP width rounded up to a multiple of 256 (2816, as Llama's own code rounds it;
 # the default 1024 * 8 / 3 = 2730 leaves the MLP's operands 4-byte aligned)
 run llama_full_2816.json timeout 45 "$BIN" "${LLAMA[@]}" --intermediate 2816
@@ -221,6 +227,13 @@ for mlp, suffix in (("MLP 2730", ""), ("MLP 2816", "_2816")):
         for name, r in (("full fine-tuning", lf), ("LoRA r 16, every linear", ll)):
             print(f"| {name} | {r['step_seconds']*1e3:.2f} | {r['tokens_per_second']:,.0f} | {(r.get('peak_rss_mib') or 0)/1024:.2f} |")
         print(f"\nLoRA step / full step: {ll['step_seconds'] / lf['step_seconds']:.2f}x\n")
+        if not suffix:
+            for name, r, m in (("full", lf, load("llama_full_roofline.json")), ("LoRA r 16", ll, load("llama_lora_roofline.json"))):
+                if m.get("modeled_step_seconds"):
+                    print(f"roofline, Llama {name}: modeled {m['modeled_step_seconds']*1e3:.2f} ms ({m['launches_per_step']} launches, "
+                          f"{m['bytes_per_step']/1e9:.1f} GB), measured {r['step_seconds']*1e3:.2f} ms "
+                          f"({r['step_seconds'] / m['modeled_step_seconds']:.2f}x the model)")
+            print()
 sdpa = {(c["D"], c["T"]): c for c in (ref.get("sdpa") or {}).get("cases", []) if "fwd_bwd_ms" in c}
 if isinstance(kern, list):
     print("| attention fwd+bwd | backward | runtime ms | SDPA flash ms | ratio (SDPA / runtime) |\n|---|---|---|---|---|")

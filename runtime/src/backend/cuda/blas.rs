@@ -60,7 +60,25 @@ impl Gemm {
     /// transposed), in f32, no bias: the base that the forward products adjust.
     pub fn forward(w: u64, inp: u64, d: u64, (n, k, m): (usize, usize, usize), ty: Ty) -> Gemm {
         let (n, k, m) = (n as u64, k as u64, m as u64);
-        Gemm { transa: true, transb: false, m, n, k, a: w, lda: k as i64, b: inp, ldb: k as i64, d, c: 0, ldd: m as i64, ty, out: Ty::F32, alpha: 1.0, beta: 0.0, bias: None }
+        Gemm {
+            transa: true,
+            transb: false,
+            m,
+            n,
+            k,
+            a: w,
+            lda: k as i64,
+            b: inp,
+            ldb: k as i64,
+            d,
+            c: 0,
+            ldd: m as i64,
+            ty,
+            out: Ty::F32,
+            alpha: 1.0,
+            beta: 0.0,
+            bias: None,
+        }
     }
 }
 

@@ -237,7 +237,14 @@ impl Cuda {
     /// for that form (or with `set_held_products(false)`), `out` stays held as by `hold_operand`
     /// (its f32 values written, the copy cast at its first read) and this returns false, as it
     /// does for any other `out`.
-    pub(super) fn held_only_product(&self, out: &CudaSlice<f32>, w_p: u64, inp_p: u64, bias: Option<&CudaSlice<f32>>, (n, k, m): (usize, usize, usize)) -> bool {
+    pub(super) fn held_only_product(
+        &self,
+        out: &CudaSlice<f32>,
+        w_p: u64,
+        inp_p: u64,
+        bias: Option<&CudaSlice<f32>>,
+        (n, k, m): (usize, usize, usize),
+    ) -> bool {
         let key = self.ptr(out);
         let only = {
             let held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());

@@ -26,7 +26,6 @@ pub(super) struct Scratch {
     pub(super) tables: [Option<(Vec<u64>, CudaSlice<u64>)>; 2],
 }
 
-
 impl Cuda {
     /// `buf`, a grow-only scratch buffer, grown to at least `n` values; its pointer, or 0 after a
     /// failure (nothing runs after a failure, so the pointer is never used).
@@ -65,7 +64,6 @@ impl Cuda {
         }
         dst
     }
-
 
     /// The operand pointers for a product: the f32 buffers, or bf16 copies in bf16 mode (the
     /// weight's working copy when there is one: `weight` is the index of the weight operand). An

@@ -8,6 +8,14 @@
 
 typedef unsigned short bf16_t;
 
+// `T* name`: the block's dynamic shared memory (the launch's shared-memory bytes), 16-byte aligned.
+// The emulation (tests/emulation/shim.h) defines its own before including this file.
+#ifndef DYNAMIC_SHARED
+#define DYNAMIC_SHARED(T, name)                                  \
+    extern __shared__ __align__(16) unsigned char name##_raw[]; \
+    T* name = reinterpret_cast<T*>(name##_raw)
+#endif
+
 #define IGNORE_INDEX (-100)
 
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }

@@ -1,6 +1,7 @@
 // Softmax cross-entropy and per-token statistics of rows of logits [rows, v], ignore index -100.
 // CPU twins: cpu/loss.rs `cross_entropy`, `token_stats`, `token_stats_bwd`.
-// Launch (all three): one block of 512 threads per row, grid rows. Each row is read at most twice.
+// Launch (all): one block of 512 threads per row, grid rows. Each row is read at most twice (once
+// by cross_entropy_bf16_staged, with v * 2 bytes of dynamic shared memory).
 // Block reductions combine the threads' partial results in a fixed order (deterministic).
 
 #define CE_THREADS 512
@@ -32,9 +33,10 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
 }
 
 /// Online max / sum-exp / sum over a row, reduced over the block: every thread gets the row's
-/// max, sum of exp(z - max) and sum of z. Contains __syncthreads.
+/// max, sum of exp(z - max) and sum of z. With `stage` non-null (bf16 logits) each element read
+/// is also stored there, at its index, by the thread that reads it. Contains __syncthreads.
 template <class T>
-__device__ __forceinline__ void row_online_stats(const T* z, int v, float& out_m, float& out_s, float& out_sum) {
+__device__ __forceinline__ void row_online_stats(const T* z, int v, float& out_m, float& out_s, float& out_sum, bf16_t* stage) {
     __shared__ float sm_m[CE_WARPS], sm_s[CE_WARPS], sm_z[CE_WARPS];
     float m = neg_inf(), s = 0.0f, sz = 0.0f;
     // four elements' loads issued together, then taken in the thread's order j, j + 512, ...
@@ -45,6 +47,8 @@ __device__ __forceinline__ void row_online_stats(const T* z, int v, float& out_m
         for (int u = 0; u < CE_UNROLL; ++u) {
             if (j0 + u * CE_THREADS >= v) break;
             const float x = xs[u];
+            // a widened bf16 value rounds back to itself (a NaN stays a NaN)
+            if (stage != nullptr) stage[j0 + u * CE_THREADS] = f32_to_bf16(x);
             sz += x;
             if (x > m) {
                 s = s * expf(m - x) + 1.0f;  // expf(-inf) = 0 for the first element
@@ -86,9 +90,11 @@ __device__ __forceinline__ void row_online_stats(const T* z, int v, float& out_m
 //   grad_scale * softmax(z) - grad_scale * smoothing / v, minus grad_scale * (1 - smoothing) at y;
 // ignored rows get 0. It overwrites the row (rounded to bf16 when the logits are bf16), or, with
 // z16 non-null, goes to z16 rounded to bf16 (the operand of the head's backward products; the
-// logits are left as they are). The logits are f32 or bf16; the math is f32 either way.
+// logits are left as they are). The logits are f32 or bf16; the math is f32 either way. With
+// `stage` non-null (bf16 logits, shared memory of v values) the gradient pass reads the row from
+// there, where the first pass put it: the row is read from device memory once.
 template <class T>
-__device__ __forceinline__ void ce_row(T* z, bf16_t* z16, float* loss_rows, long long r, int y, int v, float smoothing, float grad_scale, int write_grad) {
+__device__ __forceinline__ void ce_row(T* z, bf16_t* z16, float* loss_rows, long long r, int y, int v, float smoothing, float grad_scale, int write_grad, bf16_t* stage) {
     if (y == IGNORE_INDEX) {
         if (threadIdx.x == 0) loss_rows[r] = 0.0f;
         if (write_grad) {
@@ -103,7 +109,7 @@ __device__ __forceinline__ void ce_row(T* z, bf16_t* z16, float* loss_rows, long
         return;
     }
     float mx, sum, zsum;
-    row_online_stats(z, v, mx, sum, zsum);
+    row_online_stats(z, v, mx, sum, zsum, stage);
     const bool y_ok = y >= 0 && y < v;  // the CPU would panic on a target out of range: NaN here
     if (threadIdx.x == 0) {
         const float zy = y_ok ? load_f32(z, y) : __int_as_float(0x7fc00000);
@@ -118,7 +124,12 @@ __device__ __forceinline__ void ce_row(T* z, bf16_t* z16, float* loss_rows, long
     const float hit = __fmul_rn(grad_scale, __fsub_rn(1.0f, smoothing));
     for (int j0 = threadIdx.x; j0 < v; j0 += CE_UNROLL * CE_THREADS) {
         float xs[CE_UNROLL];
-        load_ahead(xs, z, j0, v);
+        // each thread reads back the elements it staged (the same indices as the first pass)
+        if (stage != nullptr) {
+            load_ahead(xs, stage, j0, v);
+        } else {
+            load_ahead(xs, z, j0, v);
+        }
 #pragma unroll
         for (int u = 0; u < CE_UNROLL; ++u) {
             const int j = j0 + u * CE_THREADS;
@@ -139,7 +150,7 @@ __device__ __forceinline__ void ce_row(T* z, bf16_t* z16, float* loss_rows, long
 extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy(float* logits, long long ld, bf16_t* grad16, float* loss_rows, const int* targets, int rows, int v, float smoothing, float grad_scale, int write_grad) {
     const long long r = blockIdx.x;
     if (r >= rows) return;
-    ce_row(logits + r * ld, grad16 == nullptr ? nullptr : grad16 + r * ld, loss_rows, r, targets[r], v, smoothing, grad_scale, write_grad);
+    ce_row(logits + r * ld, grad16 == nullptr ? nullptr : grad16 + r * ld, loss_rows, r, targets[r], v, smoothing, grad_scale, write_grad, (bf16_t*)nullptr);
 }
 
 // bf16 logits (the LM head's product writes them in bf16 mode: half the bytes written and read
@@ -147,7 +158,17 @@ extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy(float* lo
 extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy_bf16(bf16_t* logits, long long ld, float* loss_rows, const int* targets, int rows, int v, float smoothing, float grad_scale, int write_grad) {
     const long long r = blockIdx.x;
     if (r >= rows) return;
-    ce_row(logits + r * ld, (bf16_t*)nullptr, loss_rows, r, targets[r], v, smoothing, grad_scale, write_grad);
+    ce_row(logits + r * ld, (bf16_t*)nullptr, loss_rows, r, targets[r], v, smoothing, grad_scale, write_grad, (bf16_t*)nullptr);
+}
+
+// cross_entropy_bf16 with the row staged in dynamic shared memory (v bf16 values, launched with
+// v * 2 bytes): the gradient pass reads it there instead of from device memory. The same losses
+// and gradient, bit for bit (the same values in the same order).
+extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy_bf16_staged(bf16_t* logits, long long ld, float* loss_rows, const int* targets, int rows, int v, float smoothing, float grad_scale, int write_grad) {
+    DYNAMIC_SHARED(bf16_t, stage);
+    const long long r = blockIdx.x;
+    if (r >= rows) return;
+    ce_row(logits + r * ld, (bf16_t*)nullptr, loss_rows, r, targets[r], v, smoothing, grad_scale, write_grad, stage);
 }
 
 // Per row (target y != -100), for p = softmax(z): label_lp = z[y] - lse, lse, mean_lp = mean(z) - lse,

@@ -2,8 +2,8 @@
 //! against hand counts from the kernels' access patterns (docs/KERNELS.md), and the launches of a
 //! whole training step against a count from the model's structure.
 
-use runtime::backend::roofline::{chip, Account, Roofline};
-use runtime::backend::{Activation, AdamWStep, AttnImpl, AttnShape, Backend};
+use runtime::backend::roofline::{chip, Account, Chip, Roofline};
+use runtime::backend::{loss_row_staged, Activation, AdamWStep, AttnImpl, AttnShape, Backend, SharedMemory};
 use runtime::bench::{run_roofline, BenchConfig};
 
 fn bytes(acc: &Account, family: &str) -> (f64, f64) {
@@ -155,21 +155,29 @@ fn the_loss_norms_and_embedding_count_their_passes() {
     be.reset();
     be.cross_entropy_into(&mut logits, &targets, v, 0.0, None, &mut loss, 0);
     assert_eq!(bytes(&be.account(), "cross-entropy"), ((4 * (rows * v + rows)) as f64, (4 * rows) as f64));
-    {
-        // the fused head and loss (bf16, training; an aligned vocabulary of 16, one product
-        // each): the input and weight cast once; the product writes bf16 logits, the loss reads
-        // them twice and writes the gradient over them once in bf16; then the input gradient and
-        // the weight gradient from bf16 operands (the weight's accumulated)
+    // the fused head and loss (bf16, training; an aligned vocabulary of 16, one product each):
+    // the input and weight cast once; the product writes bf16 logits, the loss reads them (once,
+    // each row staged in shared memory; twice on a chip whose shared memory does not take a
+    // row) and writes the gradient over them once in bf16; then the input gradient and the
+    // weight gradient from bf16 operands (the weight's accumulated)
+    let no_smem = Roofline::new(Chip { smem: SharedMemory { per_block: 0, per_sm: 0 }, ..chip("h100").unwrap() }, true);
+    for (be, reads) in [(&be, 1), (&no_smem, 2)] {
         let v = 16;
         let (hx, hw, mut dx, mut dwh) = (be.zeros(rows * c).unwrap(), be.zeros(v * c).unwrap(), be.zeros(rows * c).unwrap(), be.zeros(v * c).unwrap());
         be.reset();
         be.head_loss(&mut logits, &hx, &hw, &targets, (rows, c, v), 0.0, Some(1.0), &mut loss, 0, Some((&mut dx, Some(&mut dwh))));
         let acc = be.account();
         assert_eq!(bytes(&acc, "cast to bf16"), ((4 * (v * c + rows * c)) as f64, (2 * (v * c + rows * c)) as f64));
-        assert_eq!(bytes(&acc, "cross-entropy"), ((2 * 2 * rows * v + 4 * rows) as f64, (2 * rows * v + 4 * rows) as f64));
+        assert_eq!(bytes(&acc, "cross-entropy"), ((reads * 2 * rows * v + 4 * rows) as f64, (2 * rows * v + 4 * rows) as f64));
         let products = (2 * (v * c + rows * c) + 2 * (v * c + rows * v) + (2 * (rows * c + rows * v) + 4 * v * c), 2 * rows * v + 4 * (rows * c + v * c));
         assert_eq!(bytes(&acc, "matmul (cuBLASLt)"), (products.0 as f64, products.1 as f64));
         assert_eq!(acc.families["matmul (cuBLASLt)"].launches, 3);
+    }
+    // which rows are staged: GPT-2's vocabulary (98 KiB of bf16) on the H100 and H200 but not on
+    // the A100 (two blocks of it do not fit 164 KiB), and no row of Qwen2's 151936 anywhere
+    for (name, gpt2, qwen2) in [("h100", true, false), ("h200", true, false), ("a100", false, false)] {
+        let smem = chip(name).unwrap().smem;
+        assert_eq!((loss_row_staged(50257, smem), loss_row_staged(151936, smem)), (gpt2, qwen2), "{name}");
     }
     // LayerNorm: x, w and b read, out, mean and rstd written; its backward: dx accumulated, then
     // the parameters' column sums

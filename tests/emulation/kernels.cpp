@@ -765,6 +765,15 @@ static void test_loss() {
         vector<float> l6(rows, NAN);
         launch(dim3{rows}, dim3{512}, cross_entropy_bf16, zb2.data(), (long long)ld, l6.data(), (const int*)t.data(), rows, v, sm, 0.5f, 0);
         same16 = same16 && bitwise(l6, l4) && zb2 == zb0;
+        // the row staged in shared memory: the same losses and gradient, bit for bit (the shared
+        // buffer starts as garbage, and the padding stays)
+        for (int wg : {1, 0}) {
+            auto zs = zb0;
+            vector<float> l7(rows, NAN);
+            std::memset(emu_dynamic_shared, 0xab, sizeof emu_dynamic_shared);
+            launch(dim3{rows}, dim3{512}, cross_entropy_bf16_staged, zs.data(), (long long)ld, l7.data(), (const int*)t.data(), rows, v, sm, 0.5f, wg);
+            same16 = same16 && bitwise(l7, wg ? l5 : l6) && zs == (wg ? zb : zb0);
+        }
         printf("cross_entropy_bf16 sm=%.1f loss against f64 on the f32 logits %.2e\n", sm, nerr(l5, lref));
         check("cross_entropy over bf16 logits, the gradient over them", same16);
     }

@@ -24,6 +24,9 @@ inline thread_local int emu_tid;
 #define __shared__ static
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+// dynamic shared memory: one buffer, as blocks run one at a time (the kernels use at most 256 KiB)
+alignas(16) inline unsigned char emu_dynamic_shared[256 * 1024];
+#define DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(emu_dynamic_shared)
 
 struct float4 {
     float x, y, z, w;

@@ -23,3 +23,21 @@ pub fn aligned_split(m: usize) -> (usize, usize) {
         (m - rest, rest)
     }
 }
+
+/// Shared memory a device gives one block (with the opt-in) and one multiprocessor, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SharedMemory {
+    pub per_block: usize,
+    pub per_sm: usize,
+}
+
+/// Whether the fused loss over bf16 logits stages each row of `v` values in shared memory
+/// (`cross_entropy_bf16_staged`, which reads the row from device memory once instead of twice):
+/// when the row fits a block and two such blocks fit a multiprocessor (with the 1 KiB the driver
+/// keeps per block and the kernel's own reduction arrays), so that each multiprocessor still has
+/// 1024 threads streaming rows. GPT-2's 50257 values (98 KiB) qualify on an H100 (228 KiB per
+/// multiprocessor), not on an A100 (164 KiB).
+pub fn loss_row_staged(v: usize, smem: SharedMemory) -> bool {
+    let bytes = 2 * v;
+    bytes <= smem.per_block && 2 * (bytes + 2048) <= smem.per_sm
+}

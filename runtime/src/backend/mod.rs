@@ -29,7 +29,7 @@ pub mod seq2seq;
 mod stats;
 
 pub use adamw::{AdamWArgs, AdamWScalars, AdamWStep};
-pub use align::{aligned_ld, aligned_split};
+pub use align::{aligned_ld, aligned_split, loss_row_staged, SharedMemory};
 pub use stats::{StatGrads, StatsWanted, TokenStats};
 
 /// An MLP's activation: GELU (tanh approximation) on `[rows, i]`, or SwiGLU on a packed

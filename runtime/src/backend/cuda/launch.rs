@@ -30,6 +30,11 @@ impl Cuda {
     }
 
     pub(super) fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[A]) {
+        self.launch_shared(name, grid, block, 0, args)
+    }
+
+    /// [`Cuda::launch`] with `shared` bytes of dynamic shared memory per block.
+    pub(super) fn launch_shared(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, args: &[A]) {
         if self.failed() {
             return;
         }
@@ -45,7 +50,7 @@ impl Cuda {
                 A::F(v) => b.arg(v),
             };
         }
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: shared };
         // SAFETY: each call site passes the arguments of the kernel's signature in kernels/*.cu,
         // with buffers of the sizes the op's contract gives.
         if let Err(e) = unsafe { b.launch(cfg) } {

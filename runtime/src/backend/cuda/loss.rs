@@ -74,8 +74,14 @@ impl Cuda {
             A::F(grad_scale.unwrap_or(0.0)),
             A::I(write_grad as i32),
         ]);
-        let kernel = if grad16.is_some() { "cross_entropy" } else { "cross_entropy_bf16" };
-        self.launch(kernel, (rows as u32, 1, 1), (512, 1, 1), &args);
+        // bf16 logits with the gradient: the row staged in shared memory when it fits
+        // (`loss_row_staged`), so it is read from device memory once
+        let (kernel, shared) = match grad16 {
+            Some(_) => ("cross_entropy", 0),
+            None if write_grad && crate::backend::loss_row_staged(v, self.0.smem) => ("cross_entropy_bf16_staged", 2 * v as u32),
+            None => ("cross_entropy_bf16", 0),
+        };
+        self.launch_shared(kernel, (rows as u32, 1, 1), (512, 1, 1), shared, &args);
     }
 
     /// The fused head and loss (`Backend::head_loss`): the product writes the logits straight

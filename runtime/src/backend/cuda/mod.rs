@@ -54,6 +54,9 @@ struct Inner {
     funcs: HashMap<String, CudaFunction>,
     lt: Lt,
     bf16: bool,
+    /// The shared memory a block may have (the opt-in granted to `cross_entropy_bf16_staged`) and
+    /// a multiprocessor has; zero when the device did not say.
+    smem: super::SharedMemory,
     /// On (the default): the attention backward in bf16 mode uses the two-kernel form (dq and
     /// dk/dv apart, no atomics) instead of FlashAttention-2's single kernel with atomic dq.
     deterministic: std::sync::atomic::AtomicBool,

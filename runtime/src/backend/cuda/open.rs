@@ -42,6 +42,7 @@ impl Cuda {
                 funcs.insert(name, f);
             }
         }
+        let smem = shared_memory(&ctx, &funcs);
         let lt = Lt::new(&stream, 32 << 20).map_err(Error::Device)?;
         let null = || stream.null::<u16>().map_err(dev_err);
         let scratch = Scratch {
@@ -60,6 +61,7 @@ impl Cuda {
             funcs,
             lt,
             bf16,
+            smem,
             deterministic: std::sync::atomic::AtomicBool::new(true),
             scratch: Mutex::new(scratch),
             weights16: Mutex::new(HashMap::new()),
@@ -70,4 +72,21 @@ impl Cuda {
             group: Mutex::new(None),
         })))
     }
+}
+
+/// The device's shared memory per block (opt-in) and per multiprocessor, with the opt-in granted
+/// to the kernels that ask for more than the default 48 KiB of dynamic shared memory (the staged
+/// loss). Zero when the driver does not say or refuses: those kernels are then not used.
+fn shared_memory(ctx: &CudaContext, funcs: &HashMap<String, cudarc::driver::CudaFunction>) -> crate::backend::SharedMemory {
+    use cudarc::driver::sys::{CUdevice_attribute as D, CUfunction_attribute as F};
+    let none = crate::backend::SharedMemory { per_block: 0, per_sm: 0 };
+    let (Ok(block), Ok(sm)) = (ctx.attribute(D::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN), ctx.attribute(D::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)) else {
+        return none;
+    };
+    // the kernel's static shared memory comes out of the same opt-in
+    let granted = funcs.get("cross_entropy_bf16_staged").is_some_and(|f| f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, block - 1024).is_ok());
+    if !granted {
+        return none;
+    }
+    crate::backend::SharedMemory { per_block: (block - 1024).max(0) as usize, per_sm: sm.max(0) as usize }
 }

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::backend::{Activation, NORM_FUSED_WIDTH};
+use crate::backend::{Activation, SharedMemory, NORM_FUSED_WIDTH};
 
 /// A GPU's peak rates.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -35,15 +35,20 @@ pub struct Chip {
     pub fp32: f64,
     /// Seconds each launch costs besides its work (launch and tail), a modeling assumption.
     pub launch: f64,
+    /// Shared memory per block (the opt-in, less the 1 KiB the CUDA backend leaves for static
+    /// arrays) and per multiprocessor, as the CUDA backend reads them from the device.
+    pub smem: SharedMemory,
 }
 
 /// The chips `--roofline` knows: H100 SXM and H200 (989 TFLOP/s dense bf16, 67 TFLOP/s FP32;
-/// 3.35 and 4.8 TB/s) and A100 SXM 80 GB (312 and 19.5 TFLOP/s, 2.0 TB/s).
+/// 3.35 and 4.8 TB/s; 227 KiB of shared memory per block and 228 per multiprocessor) and A100 SXM
+/// 80 GB (312 and 19.5 TFLOP/s, 2.0 TB/s; 163 and 164 KiB).
 pub const CHIPS: [Chip; 3] = [
-    Chip { name: "h100", bandwidth: 3.35e12, tensor: 989e12, fp32: 67e12, launch: 2e-6 },
-    Chip { name: "h200", bandwidth: 4.8e12, tensor: 989e12, fp32: 67e12, launch: 2e-6 },
-    Chip { name: "a100", bandwidth: 2.0e12, tensor: 312e12, fp32: 19.5e12, launch: 2e-6 },
+    Chip { name: "h100", bandwidth: 3.35e12, tensor: 989e12, fp32: 67e12, launch: 2e-6, smem: HOPPER_SMEM },
+    Chip { name: "h200", bandwidth: 4.8e12, tensor: 989e12, fp32: 67e12, launch: 2e-6, smem: HOPPER_SMEM },
+    Chip { name: "a100", bandwidth: 2.0e12, tensor: 312e12, fp32: 19.5e12, launch: 2e-6, smem: SharedMemory { per_block: 163 * 1024 - 1024, per_sm: 164 * 1024 } },
 ];
+const HOPPER_SMEM: SharedMemory = SharedMemory { per_block: 227 * 1024 - 1024, per_sm: 228 * 1024 };
 
 /// The chip named `name` (case-insensitive).
 pub fn chip(name: &str) -> Option<Chip> {

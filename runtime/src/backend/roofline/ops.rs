@@ -485,7 +485,9 @@ impl Backend for Roofline {
         let back = back.filter(|_| grad_scale.is_some());
         let (rows, grad) = (targets.data.len() as f64, back.is_some() as usize as f64);
         let nv = rows * v as f64;
-        self.rec("cross-entropy", Cost { read: zbytes * (1.0 + grad) * nv + 4.0 * rows, written: zbytes * grad * nv + 4.0 * rows, ..Cost::default() });
+        // bf16 rows staged in shared memory are read once (`cross_entropy_bf16_staged`)
+        let reads = if self.bf16 && back.is_some() && crate::backend::loss_row_staged(v, self.chip.smem) { 1.0 } else { 1.0 + grad };
+        self.rec("cross-entropy", Cost { read: zbytes * reads * nv + 4.0 * rows, written: zbytes * grad * nv + 4.0 * rows, ..Cost::default() });
         if let Some((dx, dw)) = back {
             self.forget(dx);
             for (len, acc) in [(main, false), (rest, true)].into_iter().filter(|p| p.0 > 0) {

@@ -244,19 +244,34 @@ __device__ __forceinline__ void attn_fwd(float* out, bf16_t* out16, float* lse, 
 // ---- backward: delta = rowsum(dout * out) ---------------------------------------------------
 
 // Launch: grid (seq, n_head, batch), block 32. With dout16 non-null it also writes dout rounded
-// to bf16 there (the tensor-core backward kernels read that copy).
-extern "C" __global__ void __launch_bounds__(32) attention_bwd_delta(float* delta, const float* dout, const float* out, bf16_t* dout16, int batch, int seq, int n_head, int head_dim) {
+// to bf16 there (the tensor-core backward kernels read that copy). dout and out are f32 or bf16
+// (held copies: the output projection's input gradient written in bf16 alone, the attention's
+// output copy), widened as they are loaded; the sum is f32 in the same order either way.
+template <class DO, class O>
+__device__ __forceinline__ void attn_bwd_delta(float* delta, const DO* dout, const O* out, bf16_t* dout16, int batch, int seq, int n_head, int head_dim) {
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     if (t >= seq || b >= batch) return;
     const long long off = ((long long)b * seq + t) * ((long long)n_head * head_dim) + (long long)h * head_dim;
     float acc = 0.0f;
     for (int d = threadIdx.x; d < head_dim; d += 32) {
-        const float g = dout[off + d];
-        acc += g * out[off + d];
+        const float g = load_f32(dout, off + d);
+        acc += g * load_f32(out, off + d);
         if (dout16 != nullptr) dout16[off + d] = f32_to_bf16(g);
     }
     acc = warp_sum(acc);
     if (threadIdx.x == 0) delta[((long long)b * n_head + h) * seq + t] = acc;
+}
+
+extern "C" __global__ void __launch_bounds__(32) attention_bwd_delta(float* delta, const float* dout, const float* out, bf16_t* dout16, int batch, int seq, int n_head, int head_dim) {
+    attn_bwd_delta(delta, dout, out, dout16, batch, seq, n_head, head_dim);
+}
+// out read as bf16 (its held copy)
+extern "C" __global__ void __launch_bounds__(32) attention_bwd_delta_o16(float* delta, const float* dout, const bf16_t* out, bf16_t* dout16, int batch, int seq, int n_head, int head_dim) {
+    attn_bwd_delta(delta, dout, out, dout16, batch, seq, n_head, head_dim);
+}
+// dout and out read as bf16 (dout16 unused: dout is the copy the tensor-core kernels read)
+extern "C" __global__ void __launch_bounds__(32) attention_bwd_delta_d16_o16(float* delta, const bf16_t* dout, const bf16_t* out, bf16_t* dout16, int batch, int seq, int n_head, int head_dim) {
+    attn_bwd_delta(delta, dout, out, (bf16_t*)nullptr, batch, seq, n_head, head_dim);
 }
 
 // ---- backward: dQ ---------------------------------------------------------------------------

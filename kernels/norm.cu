@@ -168,8 +168,8 @@ __device__ __forceinline__ void block_sum_n(float* v, float* scratch) {
 // CENTER: LayerNorm (mean used; nout 2 also sums db), else RMSNorm (nout 1). The block takes its
 // rows NORM_FUSED_ROWS at a time (their loads in flight together, their row sums in one
 // reduction).
-template <bool CENTER>
-__device__ __forceinline__ void norm_bwd_fused(float* part, float* dx, int nout, const float* dout, const float* x, const float* w, const float* mean, const float* rstd, int rows, int c) {
+template <bool CENTER, class D>
+__device__ __forceinline__ void norm_bwd_fused(float* part, float* dx, int nout, const D* dout, const float* x, const float* w, const float* mean, const float* rstd, int rows, int c) {
     constexpr int K = NORM_FUSED_COLS, G = NORM_FUSED_ROWS, NA = CENTER ? 2 : 1;
     __shared__ float scratch[G * NA * (NORM_THREADS / 32)];
     float wv[K], pw[K], pb[K];
@@ -194,7 +194,7 @@ __device__ __forceinline__ void norm_bwd_fused(float* part, float* dx, int nout,
             for (int k = 0; k < K; ++k) {
                 const int i = threadIdx.x + k * NORM_THREADS;
                 xv[u][k] = row && i < c ? x[(long long)r * c + i] : 0.0f;
-                dv[u][k] = row && i < c ? dout[(long long)r * c + i] : 0.0f;
+                dv[u][k] = row && i < c ? load_f32(dout, (long long)r * c + i) : 0.0f;
             }
         }
 #pragma unroll
@@ -258,5 +258,15 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_bwd_fused(f
 }
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_bwd_fused(float* part, float* dx, const float* dout, const float* x, const float* w, const float* rstd, int rows, int c) {
+    norm_bwd_fused<false>(part, dx, 1, dout, x, w, nullptr, rstd, rows, c);
+}
+
+// *_d16: the same reading dout as bf16 (an input gradient that its product wrote as a held copy
+// alone, Backend::hold_operand_only), each value widened to f32 as it is loaded
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) layernorm_bwd_fused_d16(float* part, float* dx, int nout, const bf16_t* dout, const float* x, const float* w, const float* mean, const float* rstd, int rows, int c) {
+    norm_bwd_fused<true>(part, dx, nout, dout, x, w, mean, rstd, rows, c);
+}
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_bwd_fused_d16(float* part, float* dx, const bf16_t* dout, const float* x, const float* w, const float* rstd, int rows, int c) {
     norm_bwd_fused<false>(part, dx, 1, dout, x, w, nullptr, rstd, rows, c);
 }

@@ -80,6 +80,12 @@ extern "C" __global__ void cast_f32_bf16(bf16_t* y, const float* x, long long n)
 // stride ldy (a multiple of 8 for the tensor-core products; the pad columns are not written).
 // Launch: block 256, grid (min(ceil(cols / 1024), 65535), rows) with rows <= 65535 (elementwise4
 // along the row).
+// y = x widened to f32 (an input gradient whose product wrote only its bf16 copy, made f32 for an
+// op that reads f32: see Cuda::widen_held). Grid-stride, one value per thread.
+extern "C" __global__ void cast_bf16_f32(float* y, const bf16_t* x, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) y[i] = bf16_to_f32(x[i]);
+}
+
 extern "C" __global__ void cast_f32_bf16_rows(bf16_t* y, const float* x, int cols, long long ldy) {
     const long long r = blockIdx.y;
     const float* xr = x + r * cols;
@@ -138,15 +144,15 @@ extern "C" __global__ void swiglu_fwd_x16(float* out, bf16_t* out16, const bf16_
 
 // dx is [rows, 2 * i] (overwritten): d gate = dout * up * s * (1 + g * (1 - s)), d up = dout * silu(g).
 // The gradients of swiglu at each element (r, j) of [rows, i], handed to store(r, j, dgate, dup).
-template <class X, class Store>
-__device__ __forceinline__ void swiglu_bwd_body(const X* x, const float* dout, long long rows, int i, Store store) {
+template <class X, class D, class Store>
+__device__ __forceinline__ void swiglu_bwd_body(const X* x, const D* dout, long long rows, int i, Store store) {
     const long long n = rows * (long long)i;
     elementwise4<float4>(
         n,
         [&](long long e) {
             const long long r = e / i;
             const long long gi = r * 2 * i + (e - r * i);
-            return make_float4(load_f32(x, gi), load_f32(x, gi + i), dout[e], (float)0);
+            return make_float4(load_f32(x, gi), load_f32(x, gi + i), load_f32(dout, e), (float)0);
         },
         [&](long long e, float4 v) {
             const long long r = e / i;
@@ -171,8 +177,8 @@ extern "C" __global__ void swiglu_bwd_x16(float* dx, const bf16_t* x, const floa
 
 // swiglu_bwd's gradients rounded to bf16 into rows of stride ld (>= 2i; pad columns untouched),
 // without the f32 gradient: the backward products' operand (Backend::act_matmul_bwd).
-template <class X>
-__device__ __forceinline__ void swiglu_bwd_to_bf16(bf16_t* dx16, long long ld, const X* x, const float* dout, long long rows, int i) {
+template <class X, class D>
+__device__ __forceinline__ void swiglu_bwd_to_bf16(bf16_t* dx16, long long ld, const X* x, const D* dout, long long rows, int i) {
     swiglu_bwd_body(x, dout, rows, i, [&](long long r, long long j, float dgate, float dup) {
         dx16[r * ld + j] = f32_to_bf16(dgate);
         dx16[r * ld + i + j] = f32_to_bf16(dup);
@@ -183,5 +189,12 @@ extern "C" __global__ void swiglu_bwd_bf16(bf16_t* dx16, long long ld, const flo
     swiglu_bwd_to_bf16(dx16, ld, x, dout, rows, i);
 }
 extern "C" __global__ void swiglu_bwd_bf16_x16(bf16_t* dx16, long long ld, const bf16_t* x, const float* dout, long long rows, int i) {
+    swiglu_bwd_to_bf16(dx16, ld, x, dout, rows, i);
+}
+// *_d16: dout read as bf16 (a held copy the down-projection's input-gradient product wrote alone)
+extern "C" __global__ void swiglu_bwd_bf16_d16(bf16_t* dx16, long long ld, const float* x, const bf16_t* dout, long long rows, int i) {
+    swiglu_bwd_to_bf16(dx16, ld, x, dout, rows, i);
+}
+extern "C" __global__ void swiglu_bwd_bf16_x16_d16(bf16_t* dx16, long long ld, const bf16_t* x, const bf16_t* dout, long long rows, int i) {
     swiglu_bwd_to_bf16(dx16, ld, x, dout, rows, i);
 }

@@ -49,27 +49,35 @@ extern "C" __global__ void __launch_bounds__(256) colsum_cast_partials(float* pa
 // values, bit for bit) without dpre in memory: the backward pass of a product followed by GELU
 // (Backend::act_matmul_bwd) reads the pre-activation and the activation's gradient once and
 // writes only the products' bf16 operand and the bias gradient's partials.
-template <class X>
+template <class X, class D>
 struct GeluColsumCastTerm {
     static constexpr int NOUT = 1;
     const X* pre;
-    const float* dact;
+    const D* dact;
     bf16_t* dst;
     int c;
     long long ld;
     __device__ __forceinline__ void term(long long r, int j, float* t) const {
-        const float v = gelu_grad(load_f32(pre, r * c + j), dact[r * c + j]);
+        const float v = gelu_grad(load_f32(pre, r * c + j), load_f32(dact, r * c + j));
         dst[r * ld + j] = f32_to_bf16(v);
         t[0] = v;
     }
 };
 
 extern "C" __global__ void __launch_bounds__(256) gelu_bwd_colsum_cast_partials(float* part, const float* pre, const float* dact, bf16_t* dst, int rows, int c, long long ld) {
-    reduce_rows_partials(part, rows, c, GeluColsumCastTerm<float>{pre, dact, dst, c, ld});
+    reduce_rows_partials(part, rows, c, GeluColsumCastTerm<float, float>{pre, dact, dst, c, ld});
 }
 // the same with the pre-activation read as bf16 (a held copy its product wrote alone)
 extern "C" __global__ void __launch_bounds__(256) gelu_bwd_colsum_cast_partials_x16(float* part, const bf16_t* pre, const float* dact, bf16_t* dst, int rows, int c, long long ld) {
-    reduce_rows_partials(part, rows, c, GeluColsumCastTerm<bf16_t>{pre, dact, dst, c, ld});
+    reduce_rows_partials(part, rows, c, GeluColsumCastTerm<bf16_t, float>{pre, dact, dst, c, ld});
+}
+// *_d16: the activation's gradient read as bf16 (a held copy the down-projection's input-gradient
+// product wrote alone), with the pre-activation as f32 or (_x16_d16) bf16
+extern "C" __global__ void __launch_bounds__(256) gelu_bwd_colsum_cast_partials_d16(float* part, const float* pre, const bf16_t* dact, bf16_t* dst, int rows, int c, long long ld) {
+    reduce_rows_partials(part, rows, c, GeluColsumCastTerm<float, bf16_t>{pre, dact, dst, c, ld});
+}
+extern "C" __global__ void __launch_bounds__(256) gelu_bwd_colsum_cast_partials_x16_d16(float* part, const bf16_t* pre, const bf16_t* dact, bf16_t* dst, int rows, int c, long long ld) {
+    reduce_rows_partials(part, rows, c, GeluColsumCastTerm<bf16_t, bf16_t>{pre, dact, dst, c, ld});
 }
 
 extern "C" __global__ void __launch_bounds__(256) reduce_partials(float* out0, float* out1, const float* part, int nblocks, int nout, int c) {

@@ -140,6 +140,43 @@ fn attention_counts_the_tiles_each_block_reads() {
     // dq: 3 products per (query, key) pair of a tile; dk and dv: 4
     let flops = 2 * 3 * 2 * 100 * 100 * 64 + 2 * 4 * 2 * 64 * (100 * 64 + 36 * 36);
     assert_eq!(acc.families["attention backward"].tensor_flops, flops as f64);
+    // with the output held (its copy written beside it by the forward pass) and dout held only
+    // (its product wrote the copy alone): delta reads both as bf16 and writes no copy of dout;
+    // the other two kernels read dout's held copy as they read the scratch copy
+    let (mut out2, mut dout2, w, x) = (be.zeros(100 * 128).unwrap(), be.zeros(100 * 128).unwrap(), be.zeros(128 * 128).unwrap(), be.zeros(100 * 128).unwrap());
+    be.hold_operand(&out2);
+    be.attention_fwd(&mut out2, &mut stats, &qkv, &ids, s, AttnImpl::Flash);
+    be.hold_operand_only(&dout2);
+    be.keep_working_copy(&w);
+    be.hold_operand(&x);
+    be.matmul_bwd(Some(&mut dout2), None, None, &x, &x, &w, 100, 128, 128);
+    be.reset();
+    be.attention_bwd(&mut dqkv, &dout2, &qkv, &out2, &stats, &ids, s, AttnImpl::Flash);
+    let held = be.account();
+    let (r0, w0) = bytes(&acc, "attention backward");
+    assert_eq!(bytes(&held, "attention backward"), (r0 - (4 * 100 * 128) as f64, w0 - (2 * 100 * 128) as f64));
+    assert!(held.stale_reads.is_empty() && !held.families.contains_key("cast to f32"));
+    // head dim 16 (the FMA kernels read dout in f32): the copy is widened first
+    let s16 = AttnShape { head_dim: 16, ..s };
+    let (qkv16, mut out16, mut dqkv16, mut dout16, w16, x16) = (
+        be.zeros(100 * 4 * 16).unwrap(),
+        be.zeros(100 * 32).unwrap(),
+        be.zeros(100 * 4 * 16).unwrap(),
+        be.zeros(100 * 32).unwrap(),
+        be.zeros(32 * 32).unwrap(),
+        be.zeros(100 * 32).unwrap(),
+    );
+    be.hold_operand(&out16);
+    be.attention_fwd(&mut out16, &mut stats, &qkv16, &ids, s16, AttnImpl::Flash);
+    be.hold_operand_only(&dout16);
+    be.keep_working_copy(&w16);
+    be.hold_operand(&x16);
+    be.matmul_bwd(Some(&mut dout16), None, None, &x16, &x16, &w16, 100, 32, 32);
+    be.reset();
+    be.attention_bwd(&mut dqkv16, &dout16, &qkv16, &out16, &stats, &ids, s16, AttnImpl::Flash);
+    let fma = be.account();
+    assert_eq!(bytes(&fma, "cast to f32"), ((2 * 100 * 32) as f64, (4 * 100 * 32) as f64));
+    assert!(fma.stale_reads.is_empty());
 }
 
 #[test]
@@ -396,6 +433,76 @@ fn a_buffer_held_only_as_an_operand_is_written_in_bf16_and_its_f32_reads_are_cau
     be.copy(&mut other, &out);
     assert_eq!(bytes(&be.account(), "norm").1, (4 * rows * c + 2 * rows * c + 4 * rows) as f64);
     assert!(be.account().stale_reads.is_empty());
+}
+
+/// An input gradient held `only`: the product that overwrites it writes its bf16 copy alone, the
+/// norm's fused backward pass and the GELU backward's column-sum pass read that copy (2 bytes a
+/// value), a kernel without a bf16 form widens it first, and after `release_operand` an op that
+/// reads the stale f32 values is caught.
+#[test]
+fn an_input_gradient_held_only_is_written_and_read_in_bf16() {
+    let be = h100(true);
+    let (rows, c, i) = (64, 16, 32);
+    let (dout, inp, w) = (be.zeros(rows * i).unwrap(), be.zeros(rows * c).unwrap(), be.zeros(i * c).unwrap());
+    let (mut dln, mut dw) = (be.zeros(rows * c).unwrap(), be.zeros(i * c).unwrap());
+    for b in [&dout, &inp] {
+        be.hold_operand(b);
+    }
+    be.keep_working_copy(&w);
+    be.hold_operand_only(&dln);
+    be.reset();
+    be.matmul_bwd(Some(&mut dln), Some(&mut dw), None, &dout, &inp, &w, rows, c, i);
+    // dout and the input cast once (held), then the input gradient: dout and the weight read as
+    // bf16, the gradient written as bf16 alone; the weight gradient accumulated in f32
+    let acc = be.account();
+    let products = (2 * (rows * i + i * c) + 2 * (rows * c + rows * i) + 4 * i * c, 2 * rows * c + 4 * i * c);
+    assert_eq!(bytes(&acc, "matmul (cuBLASLt)"), (products.0 as f64, products.1 as f64));
+    // the norm's fused backward pass reads it as bf16: dx (read and written), x, w, the statistics
+    let (x, nw, mean, rstd, mut dx, mut gw, mut gb) = (
+        be.zeros(rows * c).unwrap(),
+        be.zeros(c).unwrap(),
+        be.zeros(rows).unwrap(),
+        be.zeros(rows).unwrap(),
+        be.zeros(rows * c).unwrap(),
+        be.zeros(c).unwrap(),
+        be.zeros(c).unwrap(),
+    );
+    be.reset();
+    be.layernorm_bwd(&mut dx, &mut gw, Some(&mut gb), &dln, &x, &nw, &mean, &rstd, c);
+    let blocks = rows.div_ceil(32);
+    let fused_read = 4 * (2 * rows * c + c + 2 * rows) + 2 * rows * c;
+    assert_eq!(bytes(&be.account(), "norm").0, (fused_read + 4 * (blocks * 2 * c + 2 * c)) as f64);
+    assert!(be.account().stale_reads.is_empty() && !be.account().families.contains_key("cast to f32"));
+    // after its release the f32 values are still stale: an op reading them is caught
+    be.release_operand(&dln);
+    let mut other = be.zeros(rows * c).unwrap();
+    be.reset();
+    be.add(&mut other, &dln, &x);
+    assert_eq!(be.account().stale_reads, vec!["residual".to_string()]);
+    // a product that writes it in f32 (no hold) makes it current again
+    be.matmul_bwd(Some(&mut dln), None, None, &dout, &inp, &w, rows, c, i);
+    be.reset();
+    be.add(&mut other, &dln, &x);
+    assert!(be.account().stale_reads.is_empty());
+    // the activation's gradient: read as bf16 by GELU's column-sum pass (2 bytes a value; the
+    // pre-activation, not held here, 4), widened for GELU's own kernel (no bias: no fused pass)
+    let (pre, mut dact, mut dpre, mut db) = (be.zeros(rows * i).unwrap(), be.zeros(rows * i).unwrap(), be.zeros(rows * i).unwrap(), be.zeros(i).unwrap());
+    let (w2, mut dinp2, mut dw2) = (be.zeros(c * i).unwrap(), be.zeros(rows * i).unwrap(), be.zeros(c * i).unwrap());
+    be.hold_operand_only(&dact);
+    be.matmul_bwd(Some(&mut dact), None, None, &inp, &dout, &w2, rows, i, c);
+    be.reset();
+    be.act_matmul_bwd(Activation::Gelu, Some(&mut dinp2), Some(&mut dw2), Some(&mut db), &mut dpre, &dact, &pre, &inp, &w, rows, c, i);
+    let acc = be.account();
+    let partials = blocks * i;
+    assert_eq!(bytes(&acc, "activation"), ((4 * rows * i + 2 * rows * i) as f64, (4 * partials + 2 * rows * i) as f64));
+    assert!(acc.stale_reads.is_empty() && !acc.families.contains_key("cast to f32"));
+    be.hold_operand_only(&dact);
+    be.matmul_bwd(Some(&mut dact), None, None, &inp, &dout, &w2, rows, i, c);
+    be.reset();
+    be.act_matmul_bwd(Activation::Gelu, Some(&mut dinp2), Some(&mut dw2), None, &mut dpre, &dact, &pre, &inp, &w, rows, c, i);
+    let acc = be.account();
+    assert_eq!(bytes(&acc, "cast to f32"), ((2 * rows * i) as f64, (4 * rows * i) as f64));
+    assert!(acc.stale_reads.is_empty());
 }
 
 /// A training step whose maps' inputs are held only as operands where nothing else reads them:

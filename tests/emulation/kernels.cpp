@@ -168,6 +168,18 @@ static void test_pointwise() {
         launch(dim3{1}, dim3{256}, swiglu_bwd_bf16, r1.data(), ld, (const float*)xsw.data(), (const float*)ds.data(), (long long)rows, I);
         launch(dim3{1}, dim3{256}, swiglu_bwd_bf16_x16, r2.data(), ld, (const bf16_t*)xs16.data(), (const float*)ds.data(), (long long)rows, I);
         check("swiglu fwd and bwd from bf16 x", bitwise(o1, o2) && oh1 == oh2 && bitwise(g1v, g2v) && r1 == r2);
+        // _d16: dout read as bf16, with x as f32 or bf16: the same bits as the f32 kernels on the
+        // widened values; and the widening kernel
+        vector<bf16_t> ds16(rows * I);
+        vector<float> dsw(rows * I), back(rows * I, NAN);
+        for (int i = 0; i < rows * I; ++i) dsw[i] = bf16_to_f32(ds16[i] = f32_to_bf16(ds[i]));
+        launch(dim3{3}, dim3{64}, cast_bf16_f32, back.data(), (const bf16_t*)ds16.data(), (long long)rows * I);
+        vector<bf16_t> r3((size_t)rows * ld, 0xdead), r4((size_t)rows * ld, 0xdead), r5((size_t)rows * ld, 0xdead), r6((size_t)rows * ld, 0xdead);
+        launch(dim3{1}, dim3{256}, swiglu_bwd_bf16, r3.data(), ld, (const float*)xs.data(), (const float*)dsw.data(), (long long)rows, I);
+        launch(dim3{1}, dim3{256}, swiglu_bwd_bf16_d16, r4.data(), ld, (const float*)xs.data(), (const bf16_t*)ds16.data(), (long long)rows, I);
+        launch(dim3{1}, dim3{256}, swiglu_bwd_bf16, r5.data(), ld, (const float*)xsw.data(), (const float*)dsw.data(), (long long)rows, I);
+        launch(dim3{1}, dim3{256}, swiglu_bwd_bf16_x16_d16, r6.data(), ld, (const bf16_t*)xs16.data(), (const bf16_t*)ds16.data(), (long long)rows, I);
+        check("swiglu bwd into bf16 rows from a bf16 dout", r3 == r4 && r5 == r6 && r3 != r5 && bitwise(back, dsw));
     }
 
     vector<float> a = rvec(n), b = rvec(n), s(n);
@@ -294,6 +306,17 @@ static void test_reduce() {
             reduce_cols_emu(rows, c, 1, dst4.data(), nullptr, 65535u, gelu_bwd_colsum_cast_partials, (const float*)prew.data(), (const float*)dact.data(), cast4.data(), rows, c, ld);
             reduce_cols_emu(rows, c, 1, dst5.data(), nullptr, rows == 1000 ? 2u : 65535u, gelu_bwd_colsum_cast_partials_x16, (const bf16_t*)pre16.data(), (const float*)dact.data(), cast5.data(), rows, c, ld);
             check(("gelu backward column sums from a bf16 pre-activation rows=" + std::to_string(rows)).c_str(), bitwise(dst4, dst5) && cast4 == cast5);
+            // the activation's gradient in bf16 too (_d16, _x16_d16)
+            vector<bf16_t> dact16((size_t)rows * c + 1);
+            vector<float> dactw((size_t)rows * c + 1);
+            for (size_t i = 0; i < (size_t)rows * c; ++i) dactw[i] = bf16_to_f32(dact16[i] = f32_to_bf16(dact[i]));
+            auto dst6 = start, dst7 = start, dst8 = start, dst9 = start;
+            vector<bf16_t> c6((size_t)rows * ld + 1, 0xdead), c7 = c6, c8 = c6, c9 = c6;
+            reduce_cols_emu(rows, c, 1, dst6.data(), nullptr, 65535u, gelu_bwd_colsum_cast_partials, (const float*)pre.data(), (const float*)dactw.data(), c6.data(), rows, c, ld);
+            reduce_cols_emu(rows, c, 1, dst7.data(), nullptr, rows == 1000 ? 2u : 65535u, gelu_bwd_colsum_cast_partials_d16, (const float*)pre.data(), (const bf16_t*)dact16.data(), c7.data(), rows, c, ld);
+            reduce_cols_emu(rows, c, 1, dst8.data(), nullptr, 65535u, gelu_bwd_colsum_cast_partials, (const float*)prew.data(), (const float*)dactw.data(), c8.data(), rows, c, ld);
+            reduce_cols_emu(rows, c, 1, dst9.data(), nullptr, rows == 1000 ? 2u : 65535u, gelu_bwd_colsum_cast_partials_x16_d16, (const bf16_t*)pre16.data(), (const bf16_t*)dact16.data(), c9.data(), rows, c, ld);
+            check(("gelu backward column sums from a bf16 gradient rows=" + std::to_string(rows)).c_str(), bitwise(dst6, dst7) && c6 == c7 && bitwise(dst8, dst9) && c8 == c9);
         }
     }
     const long long n = 300001;
@@ -493,6 +516,22 @@ static void test_norm_fused() {
             launch(dim3{unsigned((c + 31) / 32)}, dim3{32, 8}, reduce_partials, dw.data(), no == 2 ? db.data() : (float*)nullptr, (const float*)part.data(), nb, no, c);
             const std::string what = std::string(rms ? "rmsnorm" : "layernorm") + " bwd fused, outputs " + std::to_string(no) + shape;
             check(what.c_str(), bitwise(dx, dxr) && bitwise(dw, dwr) && bitwise(db, dbr));
+            // _d16: dout read as bf16, the same bits as the f32 kernel on its values widened
+            vector<bf16_t> d16(rows * c);
+            vector<float> dw16(rows * c);
+            for (int i = 0; i < rows * c; ++i) dw16[i] = bf16_to_f32(d16[i] = f32_to_bf16(dout[i]));
+            auto ex = dx0, ex16 = dx0;
+            vector<float> pa((size_t)nb * no * c, std::nanf("")), pb = pa;
+            if (rms) {
+                launch(dim3{unsigned(nb)}, dim3{256}, rmsnorm_bwd_fused, pa.data(), ex.data(), (const float*)dw16.data(), (const float*)x.data(), (const float*)w.data(), (const float*)rr.data(), rows, c);
+                launch(dim3{unsigned(nb)}, dim3{256}, rmsnorm_bwd_fused_d16, pb.data(), ex16.data(), (const bf16_t*)d16.data(), (const float*)x.data(), (const float*)w.data(), (const float*)rr.data(), rows, c);
+            } else {
+                launch(dim3{unsigned(nb)}, dim3{256}, layernorm_bwd_fused, pa.data(), ex.data(), no, (const float*)dw16.data(), (const float*)x.data(), (const float*)w.data(), (const float*)mean.data(),
+                       (const float*)rstd.data(), rows, c);
+                launch(dim3{unsigned(nb)}, dim3{256}, layernorm_bwd_fused_d16, pb.data(), ex16.data(), no, (const bf16_t*)d16.data(), (const float*)x.data(), (const float*)w.data(), (const float*)mean.data(),
+                       (const float*)rstd.data(), rows, c);
+            }
+            check((what + " from a bf16 dout").c_str(), bitwise(ex, ex16) && bitwise(pa, pb) && !bitwise(ex, dx));
         }
     }
 }
@@ -568,6 +607,19 @@ static void run_attention(const char* tname, int D, FwdFn<T> fwd, BwdFn<T> dq, B
     launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, fwd, out.data(), out16.data(), lse.data(), (const T*)qkv_t.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
     check((std::string("attention fwd's bf16 copy of its output ") + tname).c_str(), rounded(out, out16));
     launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)out.data(), (bf16_t*)nullptr, s.batch, s.seq, s.nh, s.hd);
+    {
+        // delta from the output's bf16 copy (_o16, writing dout's copy), and from dout's copy too
+        // (_d16_o16): the f32 kernel's bits on the widened values
+        const dim3 g{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch};
+        vector<bf16_t> d16(rows * OW), w16(rows * OW, 0x7fc1);
+        vector<float> outw(rows * OW), doutw(rows * OW), e1(delta.size(), NAN), e2(delta.size(), NAN), e3(delta.size(), NAN), e4(delta.size(), NAN);
+        for (int i = 0; i < rows * OW; ++i) outw[i] = bf16_to_f32(out16[i]), doutw[i] = bf16_to_f32(d16[i] = f32_to_bf16(dout[i]));
+        launch(g, dim3{32}, attention_bwd_delta, e1.data(), (const float*)dout.data(), (const float*)outw.data(), (bf16_t*)nullptr, s.batch, s.seq, s.nh, s.hd);
+        launch(g, dim3{32}, attention_bwd_delta_o16, e2.data(), (const float*)dout.data(), (const bf16_t*)out16.data(), w16.data(), s.batch, s.seq, s.nh, s.hd);
+        launch(g, dim3{32}, attention_bwd_delta, e3.data(), (const float*)doutw.data(), (const float*)outw.data(), (bf16_t*)nullptr, s.batch, s.seq, s.nh, s.hd);
+        launch(g, dim3{32}, attention_bwd_delta_d16_o16, e4.data(), (const bf16_t*)d16.data(), (const bf16_t*)out16.data(), (bf16_t*)nullptr, s.batch, s.seq, s.nh, s.hd);
+        check((std::string("attention delta from bf16 copies ") + tname).c_str(), bitwise(e1, e2) && w16 == d16 && bitwise(e3, e4) && !bitwise(e1, e3));
+    }
     launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, dq, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
     launch(dim3{tiles, (unsigned)s.nkv, (unsigned)s.batch}, dim3{128}, dkdv, dqkv.data(), (const float*)dout.data(), (const T*)qkv_t.data(), (const float*)lse.data(), (const float*)delta.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
 

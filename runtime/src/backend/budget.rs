@@ -393,6 +393,9 @@ impl<B: Backend> Backend for Budget<B> {
     fn hold_operand_only(&self, buf: &Buf<B>) {
         self.inner.hold_operand_only(&buf.buf)
     }
+    fn release_operand(&self, buf: &Buf<B>) {
+        self.inner.release_operand(&buf.buf)
+    }
     fn release_operands(&self) {
         self.inner.release_operands()
     }

@@ -23,6 +23,7 @@ pub mod budget;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+mod dropout;
 pub mod profiled;
 pub mod roofline;
 pub mod seq2seq;
@@ -30,6 +31,7 @@ mod stats;
 
 pub use adamw::{AdamWArgs, AdamWScalars, AdamWStep};
 pub use align::{aligned_ld, aligned_split, loss_row_staged, SharedMemory};
+pub use dropout::{dropout_keep, DropoutMask};
 pub use stats::{StatGrads, StatsWanted, TokenStats};
 
 /// An MLP's activation: GELU (tanh approximation) on `[rows, i]`, or SwiGLU on a packed
@@ -527,10 +529,15 @@ pub trait Backend: Send + Sync + 'static {
     fn hold_operand(&self, _buf: &Self::Buf) {}
     /// [`Backend::hold_operand`], and no op reads `buf`'s f32 values until
     /// [`Backend::release_operands`] (only products and attention read it, through the
-    /// conversion): an op that computes `buf` may then write only its converted copy.
+    /// conversion, or kernels that read converted inputs): an op that computes `buf` may then
+    /// write only its converted copy. Also for an input gradient that one product writes and the
+    /// next kernel reads, until [`Backend::release_operand`].
     fn hold_operand_only(&self, buf: &Self::Buf) {
         self.hold_operand(buf)
     }
+    /// Ends `buf`'s hold: its f32 values are left as they are (stale where only its copy was
+    /// written) until an op overwrites them.
+    fn release_operand(&self, _buf: &Self::Buf) {}
     /// Ends every [`Backend::hold_operand`].
     fn release_operands(&self) {}
     /// A new device communicator's id (NCCL's unique id): made by rank 0 and handed to the others
@@ -584,35 +591,4 @@ pub struct ColBlock {
     pub width: usize,
     pub ld: usize,
     pub off: usize,
-}
-
-/// One dropout mask: the stream `key` (mixed from the run's seed, the step, the micro-batch, the
-/// layer and the site) and the drop probability, as the integers and factor every backend uses.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DropoutMask {
-    pub key: u64,
-    /// Elements whose hash is below this are dropped: `p * 2^32`.
-    pub threshold: u64,
-    /// `1 / (1 - p)`, applied to the kept elements.
-    pub scale: f32,
-}
-
-impl DropoutMask {
-    /// The mask of probability `p` (in `[0, 1)`) on stream `key`.
-    pub fn new(p: f32, key: u64) -> Self {
-        let threshold = ((p as f64) * 4_294_967_296.0).round().clamp(0.0, 4_294_967_295.0) as u64;
-        DropoutMask { key, threshold, scale: 1.0 / (1.0 - p) }
-    }
-}
-
-/// Whether dropout keeps element `i` of stream `key`: the upper 32 bits of SplitMix64's finalizer
-/// of `key + (i + 1) * golden`, compared with the threshold. A pure function of its arguments, so
-/// a mask does not depend on the thread count and is the same after a resume; the CUDA kernel
-/// computes the same integers.
-pub fn dropout_keep(key: u64, i: u64, threshold: u64) -> bool {
-    let mut z = key.wrapping_add((i.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 32) >= threshold
 }

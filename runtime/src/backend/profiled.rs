@@ -362,6 +362,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn hold_operand_only(&self, buf: &B::Buf) {
         self.inner.hold_operand_only(buf)
     }
+    fn release_operand(&self, buf: &B::Buf) {
+        self.inner.release_operand(buf)
+    }
     fn release_operands(&self) {
         self.inner.release_operands()
     }

@@ -103,6 +103,17 @@ impl Block {
         [only(&self.qkv), only(&self.fc), only(&self.proj), qkv, !self.fc.adapted()]
     }
 
+    /// Whether the backward pass's input gradients of `proj` (the activation's gradient), `o`
+    /// (the attention output's), `fc` (the second norm's output's) and `qkv` (the first norm's
+    /// output's) are each written by one product and read only by the next kernel (the
+    /// activation's, the attention's or the norm's backward pass), so that a backend may keep
+    /// only their bf16 copies (`Backend::hold_operand_only`): not where adapters add into them,
+    /// and not the activation's when its backward pass runs apart from `fc`'s products
+    /// (adapters on `fc`: the activation's kernel would read it in f32).
+    pub fn grads_only_as_operands(&self) -> [bool; 4] {
+        [!self.proj.adapted() && !self.fc.adapted(), !self.o.adapted(), !self.fc.adapted(), !self.qkv.adapted()]
+    }
+
     /// The attention-probability dropout mask of a training pass, where the backend applies it.
     fn attn_dropout<B: Backend>(&self, be: &B, drop_key: Option<u64>) -> Option<crate::backend::DropoutMask> {
         let k = drop_key.filter(|_| self.attn.pdrop > 0.0 && be.has_attention_dropout())?;
@@ -216,9 +227,20 @@ impl Block {
         if a.recompute {
             self.act.fwd(be, a.act, a.fc);
         }
+        // the input gradients that one product writes and only the next kernel reads, which
+        // reads them as bf16 where a backend keeps them so (`Backend::hold_operand_only`, each
+        // released after its reader): the activation's, the attention output's and each norm's
+        // output's
+        let [dact_only, datt_only, dln2_only, dln1_only] = self.grads_only_as_operands();
+        if dact_only {
+            be.hold_operand_only(d.dact);
+        }
         self.proj.bwd_all(be, p, g, Some(d.dact), dmlp, a.act, rows, d.lora, lora_key(drop_key, 3));
         if a.recompute {
             self.ln2.fwd(be, p, a.ln2, a.ln2_mean, a.ln2_rstd, a.res1);
+        }
+        if dln2_only {
+            be.hold_operand_only(d.dln);
         }
         if !self.fc.adapted() {
             // the activation's backward pass goes with the map's (fused on CUDA in bf16)
@@ -227,7 +249,13 @@ impl Block {
             self.act.bwd(be, d.dfc, a.fc, d.dact);
             self.fc.bwd_all(be, p, g, Some(d.dln), d.dfc, a.ln2, rows, d.lora, lora_key(drop_key, 2));
         }
+        if dact_only {
+            be.release_operand(d.dact);
+        }
         self.ln2.bwd(be, p, g, d.dres, d.dln, a.res1, a.ln2_mean, a.ln2_rstd);
+        if dln2_only {
+            be.release_operand(d.dln);
+        }
         // d.dres now holds d(res1) = d(x + attn(...))
         if dropping {
             be.copy(d.dln, d.dres);
@@ -242,10 +270,16 @@ impl Block {
             Some(b) => b,
             None => &mut *d.dfc,
         };
+        if datt_only {
+            be.hold_operand_only(datt);
+        }
         self.o.bwd_all(be, p, g, Some(&mut *datt), dattn, a.att_out, rows, d.lora, lora_key(drop_key, 1));
         match self.attn_dropout(be, drop_key) {
             Some(m) => be.attention_bwd_dropout(dqkv, datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp, m),
             None => be.attention_bwd(dqkv, datt, a.qkv, a.att_out, stats, mask, shape, self.attn.imp),
+        }
+        if datt_only {
+            be.release_operand(datt);
         }
         if let Some(theta) = self.attn.rope_theta {
             be.rope(dqkv, pos, shape, theta, true);
@@ -254,9 +288,15 @@ impl Block {
             self.ln1.fwd(be, p, a.ln1, a.ln1_mean, a.ln1_rstd, x);
         }
         let need_dln = need_dx || g.trainable[self.ln1.w] || self.ln1.b.is_some_and(|b| g.trainable[b]);
+        if need_dln && dln1_only {
+            be.hold_operand_only(d.dln);
+        }
         self.qkv.bwd_all(be, p, g, need_dln.then_some(&mut *d.dln), dqkv, a.ln1, rows, d.lora, lora_key(drop_key, 0));
         if need_dln {
             self.ln1.bwd(be, p, g, d.dres, d.dln, x, a.ln1_mean, a.ln1_rstd);
+        }
+        if need_dln && dln1_only {
+            be.release_operand(d.dln);
         }
     }
 }

@@ -117,16 +117,33 @@ impl Cuda {
         let delta = self.ptr(&scratch.delta);
         let (q, ty) = self.attn_qkv(&mut scratch, qkv);
         let (suffix, [_, (dq_rows, dq_threads), (kv_rows, kv_threads)]) = self.attn_kernels_for(ty, shape.head_dim, drop);
-        // the tensor-core kernels read dout as bf16: the delta kernel writes that copy as it reads dout
-        let dout16 = if suffix.starts_with("tc_") { self.grown(&mut scratch.bf16[1], dout.len()) } else { 0 };
+        let tc = suffix.starts_with("tc_");
+        // the output's held copy (written by the forward pass), and dout's when its product
+        // wrote only that (Backend::hold_operand_only): the tensor-core kernels read dout as
+        // bf16 and the delta kernel both; otherwise dout is widened first
+        let out16 = self.held_made(out);
+        let (d16, held_dout) = self.held_input(dout, "_d16");
+        let dout_held = !d16.is_empty() && tc && out16.is_some();
+        if !dout_held {
+            self.widen_held(dout);
+        }
+        // otherwise the tensor-core kernels read the bf16 copy the delta kernel writes as it reads dout
+        let dout16 = if tc && !dout_held { self.grown(&mut scratch.bf16[1], dout.len()) } else { 0 };
         let (b, t, h, d) = (shape.batch as i32, shape.seq as i32, shape.n_head as i32, shape.head_dim as i32);
-        self.launch(
-            "attention_bwd_delta",
-            (shape.seq as u32, shape.n_head as u32, shape.batch as u32),
-            (32, 1, 1),
-            &[A::P(delta), self.p(dout), self.p(out), A::P(dout16), A::I(b), A::I(t), A::I(h), A::I(d)],
-        );
-        let dout_p = if dout16 != 0 { A::P(dout16) } else { self.p(dout) };
+        let (kernel, dout_arg, out_arg) = match out16 {
+            Some(o) if dout_held => ("attention_bwd_delta_d16_o16", held_dout, A::P(o)),
+            Some(o) => ("attention_bwd_delta_o16", self.p(dout), A::P(o)),
+            None => ("attention_bwd_delta", self.p(dout), self.p(out)),
+        };
+        let grid = (shape.seq as u32, shape.n_head as u32, shape.batch as u32);
+        self.launch(kernel, grid, (32, 1, 1), &[A::P(delta), dout_arg, out_arg, A::P(dout16), A::I(b), A::I(t), A::I(h), A::I(d)]);
+        let dout_p = if dout_held {
+            held_dout
+        } else if dout16 != 0 {
+            A::P(dout16)
+        } else {
+            self.p(dout)
+        };
         let mut args = vec![self.p(dqkv), dout_p, A::P(q), self.p(stats), A::P(delta), self.p(key_mask)];
         args.extend(Self::shape_args(shape));
         args.extend(Self::drop_args(drop));

@@ -80,6 +80,12 @@ impl Gemm {
             bias: None,
         }
     }
+
+    /// The input gradient's product `d[n, k] = dout[n, m] w[m, k]` (`dout` in rows of stride
+    /// `ld`), in f32 with `d` and `beta` 0 for the caller to set.
+    pub fn input_grad(w: u64, dout: u64, ld: usize, (n, k, m): (usize, usize, usize), ty: Ty) -> Gemm {
+        Gemm { transa: false, lda: k as i64, ldb: ld as i64, ..Gemm::forward(w, dout, 0, (n, m, k), ty) }
+    }
 }
 
 /// What a product's plan depends on: the shapes, and the alignment of the `a`, `b` and `d`

@@ -113,6 +113,14 @@ impl Cuda {
         self.0.held.lock().unwrap_or_else(|e| e.into_inner()).products_off = !on;
     }
 
+    /// Ends `buf`'s hold (`Backend::release_operand`), keeping its copy for reuse.
+    pub(super) fn release_operand_op(&self, buf: &CudaSlice<f32>) {
+        if self.0.bf16 {
+            let key = self.ptr(buf);
+            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(Some(key));
+        }
+    }
+
     pub(super) fn release_operands_op(&self) {
         if self.0.bf16 {
             self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(None);
@@ -162,17 +170,6 @@ impl Cuda {
         let was = *ready;
         *ready = true;
         copy.as_ref().map(|c| (self.ptr(c), was, *only))
-    }
-
-    /// An activation kernel's input `x` (the kernel's name suffix, and its pointer): its held
-    /// copy (`_x16`, bf16) when `x` is held `only` and the copy is made (its f32 values may then
-    /// never have been written: `held_only_product`), else `x` itself.
-    pub(super) fn act_input(&self, x: &CudaSlice<f32>) -> (&'static str, A) {
-        let held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
-        match held.map.get(&self.ptr(x)).filter(|e| e.only && e.ready && e.len == x.len()).and_then(|e| e.copy.as_ref()) {
-            Some(c) => ("_x16", self.p(c)),
-            None => ("", self.p(x)),
-        }
     }
 
     /// bf16 mode: makes `w`'s working copy unless it has one (see `Backend::keep_working_copy`);
@@ -245,17 +242,29 @@ impl Cuda {
         bias: Option<&CudaSlice<f32>>,
         (n, k, m): (usize, usize, usize),
     ) -> bool {
+        if crate::backend::aligned_ld(m) != m {
+            return false;
+        }
+        let g = Gemm { bias: bias.map(|b| self.ptr(b)), ..Gemm::forward(w_p, inp_p, 0, (n, k, m), Ty::Bf16) };
+        self.held_only_gemm(out, g)
+    }
+
+    /// Runs `g` (a product of bf16 operands overwriting its output, `beta` 0) into `out`'s held
+    /// copy, in bf16 and alone, when `out` is held with `Backend::hold_operand_only` and cuBLASLt
+    /// has an algorithm for that form; returns whether it did. Otherwise `out` stays held as by
+    /// `hold_operand` (the caller writes its f32 values; the copy is cast at its first read).
+    pub(super) fn held_only_gemm(&self, out: &CudaSlice<f32>, g: Gemm) -> bool {
         let key = self.ptr(out);
         let only = {
             let held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
             !held.products_off && held.map.get(&key).is_some_and(|e| e.only && e.len == out.len())
         };
-        if !only || crate::backend::aligned_ld(m) != m {
+        if !only || g.beta != 0.0 || g.c != 0 {
             return false;
         }
         // the copy (allocated now if it has none), counted as made from here on
         let Some((d, _, _)) = self.held_entry(out) else { return false };
-        let g = Gemm { out: Ty::Bf16, bias: bias.map(|b| self.ptr(b)), ..Gemm::forward(w_p, inp_p, d, (n, k, m), Ty::Bf16) };
+        let g = Gemm { d, out: Ty::Bf16, ..g };
         let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
         let Some(e) = held.map.get_mut(&key) else { return false };
         // SAFETY: the handle lives as long as the backend
@@ -267,5 +276,38 @@ impl Cuda {
         drop(held);
         self.gemm(g);
         true
+    }
+
+    /// An input read by a kernel that has a bf16 form (the kernel's name suffix, `_x16` for an
+    /// activation's input, `_d16` for a gradient, and the pointer): `x`'s held copy when `x` is
+    /// held `only` and the copy is made (its f32 values may then never have been written:
+    /// `held_only_gemm`), else `x` itself with no suffix.
+    pub(super) fn held_input(&self, x: &CudaSlice<f32>, suffix: &'static str) -> (&'static str, A) {
+        let held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        match held.map.get(&self.ptr(x)).filter(|e| e.only && e.ready && e.len == x.len()).and_then(|e| e.copy.as_ref()) {
+            Some(c) => (suffix, self.p(c)),
+            None => ("", self.p(x)),
+        }
+    }
+
+    /// `buf`'s held copy when it is made (by the op that computed `buf`, or cast at a product's
+    /// read), whether or not the f32 values were written too.
+    pub(super) fn held_made(&self, buf: &CudaSlice<f32>) -> Option<u64> {
+        let held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.map.get(&self.ptr(buf)).filter(|e| e.ready && e.len == buf.len()).and_then(|e| e.copy.as_ref()).map(|c| self.ptr(c))
+    }
+
+    /// Before a kernel that reads `buf`'s f32 values and has no bf16 form: when only `buf`'s held
+    /// copy was written (`held_only_gemm`), widens it into `buf` and ends the hold (so nothing
+    /// reads the copy after `buf` changes).
+    pub(super) fn widen_held(&self, buf: &CudaSlice<f32>) {
+        let key = self.ptr(buf);
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        let copy = match held.map.get(&key).filter(|e| e.only && e.ready && e.len == buf.len()).and_then(|e| e.copy.as_ref()) {
+            Some(c) => self.ptr(c),
+            None => return,
+        };
+        self.launch_n("cast_bf16_f32", buf.len(), &[A::P(key), A::P(copy), A::L(buf.len() as i64)]);
+        held.drop_entries(Some(key));
     }
 }

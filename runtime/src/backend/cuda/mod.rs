@@ -372,22 +372,24 @@ impl Backend for Cuda {
 
     fn gelu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
         let (out32, out16) = self.held_outputs(out);
-        let (x16, xp) = self.act_input(x);
+        let (x16, xp) = self.held_input(x, "_x16");
         self.launch_n(&format!("gelu_fwd{x16}"), x.len().div_ceil(4), &[out32, out16, xp, A::L(x.len() as i64)]);
     }
     fn gelu_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>) {
-        let (x16, xp) = self.act_input(x);
+        self.widen_held(dout);
+        let (x16, xp) = self.held_input(x, "_x16");
         self.launch_n(&format!("gelu_bwd{x16}"), x.len().div_ceil(4), &[self.p(dx), xp, self.p(dout), A::L(x.len() as i64)]);
     }
     fn swiglu_fwd(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, i: usize) {
         let rows = x.len() / (2 * i);
         let (out32, out16) = self.held_outputs(out);
-        let (x16, xp) = self.act_input(x);
+        let (x16, xp) = self.held_input(x, "_x16");
         self.launch_n(&format!("swiglu_fwd{x16}"), (rows * i).div_ceil(4), &[out32, out16, xp, A::L(rows as i64), A::I(i as i32)]);
     }
     fn swiglu_bwd(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dout: &CudaSlice<f32>, i: usize) {
         let rows = x.len() / (2 * i);
-        let (x16, xp) = self.act_input(x);
+        self.widen_held(dout);
+        let (x16, xp) = self.held_input(x, "_x16");
         self.launch_n(&format!("swiglu_bwd{x16}"), (rows * i).div_ceil(4), &[self.p(dx), xp, self.p(dout), A::L(rows as i64), A::I(i as i32)]);
     }
     fn matmul_fwd_add(
@@ -572,6 +574,9 @@ impl Backend for Cuda {
     }
     fn hold_operand_only(&self, buf: &CudaSlice<f32>) {
         self.hold_operand_op(buf, true)
+    }
+    fn release_operand(&self, buf: &CudaSlice<f32>) {
+        self.release_operand_op(buf)
     }
     fn release_operands(&self) {
         self.release_operands_op()

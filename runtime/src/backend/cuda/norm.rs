@@ -45,9 +45,12 @@ impl Cuda {
         let outs = [self.ptr(dw), db.map_or(0, |d| self.ptr(d))];
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         if c <= NORM_FUSED_WIDTH {
-            let args = [self.p(dx), A::I(nout as i32), self.p(dout), self.p(x), self.p(w), self.p(mean), self.p(rstd), r, ci];
-            return self.reduce_cols_per_row_block(&mut scratch, "layernorm_bwd_fused", outs, (rows, c), &args);
+            // dout read as bf16 when only its held copy was written (Backend::hold_operand_only)
+            let (d16, dout_p) = self.held_input(dout, "_d16");
+            let args = [self.p(dx), A::I(nout as i32), dout_p, self.p(x), self.p(w), self.p(mean), self.p(rstd), r, ci];
+            return self.reduce_cols_per_row_block(&mut scratch, &format!("layernorm_bwd_fused{d16}"), outs, (rows, c), &args);
         }
+        self.widen_held(dout);
         self.launch("layernorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), &[self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(mean), self.p(rstd), r, ci]);
         let args = [A::I(nout as i32), self.p(dout), self.p(x), self.p(mean), self.p(rstd), r, ci];
         self.reduce_cols(&mut scratch, "layernorm_bwd_params", outs, (rows, c), &args);
@@ -74,9 +77,11 @@ impl Cuda {
         let (r, ci) = (A::I(rows as i32), A::I(c as i32));
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         if c <= NORM_FUSED_WIDTH {
-            let args = [self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(rstd), r, ci];
-            return self.reduce_cols_per_row_block(&mut scratch, "rmsnorm_bwd_fused", [self.ptr(dw), 0], (rows, c), &args);
+            let (d16, dout_p) = self.held_input(dout, "_d16");
+            let args = [self.p(dx), dout_p, self.p(x), self.p(w), self.p(rstd), r, ci];
+            return self.reduce_cols_per_row_block(&mut scratch, &format!("rmsnorm_bwd_fused{d16}"), [self.ptr(dw), 0], (rows, c), &args);
         }
+        self.widen_held(dout);
         self.launch("rmsnorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), &[self.p(dx), self.p(dout), self.p(x), self.p(w), self.p(rstd), r, ci]);
         self.reduce_cols(&mut scratch, "rmsnorm_bwd_params", [self.ptr(dw), 0], (rows, c), &[self.p(dout), self.p(x), self.p(rstd), r, ci]);
     }

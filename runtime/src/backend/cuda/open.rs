@@ -80,11 +80,14 @@ impl Cuda {
 fn shared_memory(ctx: &CudaContext, funcs: &HashMap<String, cudarc::driver::CudaFunction>) -> crate::backend::SharedMemory {
     use cudarc::driver::sys::{CUdevice_attribute as D, CUfunction_attribute as F};
     let none = crate::backend::SharedMemory { per_block: 0, per_sm: 0 };
-    let (Ok(block), Ok(sm)) = (ctx.attribute(D::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN), ctx.attribute(D::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)) else {
+    let (Ok(block), Ok(sm)) =
+        (ctx.attribute(D::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN), ctx.attribute(D::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR))
+    else {
         return none;
     };
     // the kernel's static shared memory comes out of the same opt-in
-    let granted = funcs.get("cross_entropy_bf16_staged").is_some_and(|f| f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, block - 1024).is_ok());
+    let granted =
+        funcs.get("cross_entropy_bf16_staged").is_some_and(|f| f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, block - 1024).is_ok());
     if !granted {
         return none;
     }

@@ -269,21 +269,33 @@ impl Cuda {
             let (rows, cols, ld) = (colsum_args[1], colsum_args[2], A::L(ld as i64));
             match act {
                 Some((_, pre, dact)) => {
-                    let (x16, pre) = self.act_input(pre);
-                    let args = [pre, self.p(dact), A::P(dout_p), rows, cols, ld];
-                    self.reduce_cols(&mut scratch, &format!("gelu_bwd_colsum_cast_partials{x16}"), [self.ptr(db), 0], (n, m), &args)
+                    let ((x16, pre), (d16, dact)) = (self.held_input(pre, "_x16"), self.held_input(dact, "_d16"));
+                    let args = [pre, dact, A::P(dout_p), rows, cols, ld];
+                    self.reduce_cols(&mut scratch, &format!("gelu_bwd_colsum_cast_partials{x16}{d16}"), [self.ptr(db), 0], (n, m), &args)
                 }
                 None => self.reduce_cols(&mut scratch, "colsum_cast_partials", [self.ptr(db), 0], (n, m), &[colsum_args[0], A::P(dout_p), rows, cols, ld]),
             }
         } else if let Some((Activation::SwiGlu { intermediate }, pre, dact)) = act {
             dout_p = self.grown(&mut scratch.bf16[0], n * ld);
-            let (x16, pre) = self.act_input(pre);
-            let args = [A::P(dout_p), A::L(ld as i64), pre, self.p(dact), A::L(n as i64), A::I(intermediate as i32)];
-            self.launch_n(&format!("swiglu_bwd_bf16{x16}"), (n * intermediate).div_ceil(4), &args);
+            let ((x16, pre), (d16, dact)) = (self.held_input(pre, "_x16"), self.held_input(dact, "_d16"));
+            let args = [A::P(dout_p), A::L(ld as i64), pre, dact, A::L(n as i64), A::I(intermediate as i32)];
+            self.launch_n(&format!("swiglu_bwd_bf16{x16}{d16}"), (n * intermediate).div_ceil(4), &args);
         } else if need[0] && ld != m {
             dout_p = self.bf16_copy_rows(&mut scratch, 0, dout, n, m, ld);
         }
-        self.products_from(dinp.map(|d| (self.ptr(d), dinp_beta)), dw.map(|d| self.ptr(d)), dout_p, ld, inp_p, w_p, (n, k, m), ty);
+        // an input gradient held `only` (Backend::hold_operand_only) and overwritten by one
+        // product: written as its bf16 copy alone; one accumulated into gets its f32 values first
+        let dinp = match dinp {
+            Some(d) if ty == Ty::Bf16 && dinp_beta == 0.0 && ld == m && self.held_only_gemm(d, Gemm::input_grad(w_p, dout_p, ld, (n, k, m), ty)) => None,
+            Some(d) => {
+                if dinp_beta != 0.0 {
+                    self.widen_held(d);
+                }
+                Some((self.ptr(d), dinp_beta))
+            }
+            None => None,
+        };
+        self.products_from(dinp, dw.map(|d| self.ptr(d)), dout_p, ld, inp_p, w_p, (n, k, m), ty);
         if let (false, Some(db)) = (fused, dbias) {
             self.reduce_cols(&mut scratch, "colsum_partials", [self.ptr(db), 0], (n, m), &colsum_args);
         }
@@ -311,25 +323,8 @@ impl Cuda {
                 if len == 0 {
                     continue;
                 }
-                self.gemm(Gemm {
-                    transa: false,
-                    transb: false,
-                    m: k64,
-                    n: n64,
-                    k: len as u64,
-                    a: w_p + (at * k * esize) as u64,
-                    lda: k as i64,
-                    b: dout_p + (at * esize) as u64,
-                    ldb: ld as i64,
-                    d,
-                    c: 0,
-                    ldd: k as i64,
-                    ty,
-                    out: Ty::F32,
-                    alpha: 1.0,
-                    beta,
-                    bias: None,
-                });
+                let g = Gemm::input_grad(w_p + (at * k * esize) as u64, dout_p + (at * esize) as u64, ld, (n, k, len), ty);
+                self.gemm(Gemm { d, beta, ..g });
             }
         }
         if let Some(d) = dw {

@@ -14,6 +14,7 @@
 //! once. Peak rates are the data-sheet ones, so the modeled time is a lower bound that the GPU
 //! check's measured times calibrate.
 
+mod costs;
 mod ops;
 
 use std::collections::{BTreeMap, HashSet};
@@ -21,7 +22,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::backend::{Activation, SharedMemory, NORM_FUSED_WIDTH};
+use crate::backend::{SharedMemory, NORM_FUSED_WIDTH};
 
 /// A GPU's peak rates.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -46,7 +47,14 @@ pub struct Chip {
 pub const CHIPS: [Chip; 3] = [
     Chip { name: "h100", bandwidth: 3.35e12, tensor: 989e12, fp32: 67e12, launch: 2e-6, smem: HOPPER_SMEM },
     Chip { name: "h200", bandwidth: 4.8e12, tensor: 989e12, fp32: 67e12, launch: 2e-6, smem: HOPPER_SMEM },
-    Chip { name: "a100", bandwidth: 2.0e12, tensor: 312e12, fp32: 19.5e12, launch: 2e-6, smem: SharedMemory { per_block: 163 * 1024 - 1024, per_sm: 164 * 1024 } },
+    Chip {
+        name: "a100",
+        bandwidth: 2.0e12,
+        tensor: 312e12,
+        fp32: 19.5e12,
+        launch: 2e-6,
+        smem: SharedMemory { per_block: 163 * 1024 - 1024, per_sm: 164 * 1024 },
+    },
 ];
 const HOPPER_SMEM: SharedMemory = SharedMemory { per_block: 227 * 1024 - 1024, per_sm: 228 * 1024 };
 
@@ -305,7 +313,7 @@ impl Roofline {
         }
     }
 
-    /// As the CUDA backend's `act_input`: the values (counted as f32) an activation kernel reads
+    /// As the CUDA backend's `held_input`: the values (counted as f32) an activation kernel reads
     /// of its input `x`: half of `x` when its f32 values are stale (the kernel reads the bf16
     /// copy), all of `x` otherwise.
     fn act_input(&self, x: &VBuf) -> usize {
@@ -316,9 +324,14 @@ impl Roofline {
         }
     }
 
-    /// Whether the pre-activation `x` is read as bf16 ([`Roofline::act_input`]).
+    /// Whether `x` (a pre-activation or an input gradient) is read as bf16 ([`Roofline::act_input`]).
     fn act_input_bf16(&self, x: &VBuf) -> bool {
         self.lock().stale.contains(&x.id)
+    }
+
+    /// As the CUDA backend's `held_made`: whether `b`'s held copy is made.
+    fn held_made(&self, b: &VBuf) -> bool {
+        self.bf16 && self.lock().held.get(&b.id).is_some_and(|h| h.0)
     }
 
     /// As the CUDA backend's `held_only_product`: whether a product of width `m` into `out`
@@ -471,79 +484,6 @@ impl Roofline {
         let (tensor_flops, fp32_flops) = if self.bf16 { (flops, 0.0) } else { (0.0, flops) };
         let read = e * (m * k + k * n) + if accumulate { 4.0 * m * n } else { 0.0 } + if bias { 4.0 * m } else { 0.0 };
         self.rec("matmul (cuBLASLt)", Cost { read, written: out_bytes * m * n, tensor_flops, fp32_flops });
-    }
-
-    /// `matmul_bwd`'s launches (`act`: `act_matmul_bwd`'s, the activation's backward pass
-    /// first, or inside the pass that writes the products' bf16 operand as the CUDA backend does
-    /// it). The operands the products read: no input for a frozen weight, no weight without
-    /// dinp; in bf16 with a bias, dout's cast comes with the bias gradient's column sums (one
-    /// read; for GELU the pre-activation and the activation's gradient instead of dout); in bf16
-    /// SwiGLU without a bias writes the bf16 operand in place of the cast.
-    #[allow(clippy::too_many_arguments)] // as matmul_bwd
-    pub(super) fn products_bwd_cost(
-        &self,
-        dinp: bool,
-        dw: bool,
-        dbias: bool,
-        dout: &VBuf,
-        inp: &VBuf,
-        w: &VBuf,
-        (n, k, m): (usize, usize, usize),
-        act: Option<(Activation, bool)>,
-    ) {
-        // the pre-activation read as bf16 (`act_input`): half the bytes
-        let (act, pre16) = (act.map(|a| a.0), act.is_some_and(|a| a.1));
-        let pre = |vals: usize| if pre16 { vals.div_ceil(2) } else { vals };
-        let need_dout = dinp || dw;
-        let operand_pass = self.bf16 && need_dout && !self.named_reused(dout);
-        let swiglu = matches!(act, Some(Activation::SwiGlu { .. }));
-        let fused = operand_pass && dbias && !swiglu;
-        let act_cast = operand_pass && !dbias && swiglu;
-        match act {
-            Some(Activation::Gelu) if !fused => self.elementwise("activation", pre(n * m) + n * m, n * m),
-            // SwiGLU: x [n, m] and dout [n, m / 2] read, the gradient [n, m] written
-            Some(Activation::SwiGlu { .. }) if act_cast => {
-                self.rec("activation", Cost { read: 4.0 * (pre(n * m) + n * m / 2) as f64, written: 2.0 * (n * m) as f64, ..Cost::default() })
-            }
-            Some(Activation::SwiGlu { .. }) => self.elementwise("activation", pre(n * m) + n * m / 2, n * m),
-            _ => {}
-        }
-        self.cast_operands(&[dout, w, inp], Some(1), &[need_dout && !fused && !act_cast, dinp, dw]);
-        if fused {
-            let partials = n.div_ceil(crate::backend::REDUCE_BLOCK_ROWS) * m;
-            let (family, reads) = if act.is_some() { ("activation", 4.0 + 4.0 * pre(n * m) as f64 / (n * m).max(1) as f64) } else { ("bias gradient", 4.0) };
-            self.rec(family, Cost { read: reads * (n * m) as f64, written: (4 * partials + 2 * n * m) as f64, ..Cost::default() });
-            self.elementwise("bias gradient", partials + m, m);
-        }
-        if dinp {
-            // in bf16, the sum over a misaligned width in two products (as the CUDA backend)
-            let (main, rest) = if self.bf16 { crate::backend::aligned_split(m) } else { (m, 0) };
-            for (len, acc) in [(main, false), (rest, true)].into_iter().filter(|p| p.0 > 0) {
-                self.gemm((k, n, len), acc, false);
-            }
-        }
-        if dw {
-            self.gemm((k, m, n), true, false);
-        }
-        if dbias && !fused {
-            self.column_sums("bias gradient", n * m, n, m, 1);
-        }
-    }
-
-    /// A norm's backward pass over `rows` of width `c` with `stats` statistics per row: dx
-    /// (accumulated) from dout, x, w, the statistics and dx; and the parameters' column sums
-    /// (`nout` of them), which read dout, x and the statistics again in a kernel of their own,
-    /// or, up to [`NORM_FUSED_WIDTH`], come from the same pass (partials written there; then
-    /// their reduction).
-    pub(super) fn norm_bwd_cost(&self, rows: usize, c: usize, stats: usize, nout: usize) {
-        let (read, written) = (3 * rows * c + c + stats * rows, rows * c);
-        if c > NORM_FUSED_WIDTH {
-            self.elementwise("norm", read, written);
-            return self.column_sums("norm", 2 * rows * c + stats * rows, rows, c, nout);
-        }
-        let partials = rows.div_ceil(crate::backend::REDUCE_BLOCK_ROWS) * nout * c;
-        self.elementwise("norm", read, written + partials);
-        self.elementwise("norm", partials + nout * c, nout * c);
     }
 
     /// A deterministic column sum of `nout` outputs of `width` over `rows` rows, as the CUDA

@@ -71,14 +71,28 @@ impl Roofline {
         self.rec("attention forward", c);
     }
 
-    fn attention_bwd_cost(&self, qkv: &VBuf, s: AttnShape, drop: bool) {
+    fn attention_bwd_cost(&self, (dout_buf, out_buf): (&VBuf, &VBuf), qkv: &VBuf, s: AttnShape, drop: bool) {
         let (rows, d) = ((s.batch * s.seq) as f64, s.head_dim as f64);
         let stats = (s.batch * s.n_head * s.seq) as f64;
         let out = rows * (s.n_head * s.head_dim) as f64;
         let tc = self.tensor_core_attention(s, drop);
+        // as the CUDA backend: the output read from its held copy when made; dout from its copy
+        // when its product wrote only that, for the tensor-core kernels with the output's copy at
+        // hand (else widened first)
+        let out16 = self.held_made(out_buf);
+        let dout_held = tc && out16 && self.act_input_bf16(dout_buf);
+        if !dout_held {
+            self.widen(dout_buf);
+            self.reads(&[dout_buf]);
+        }
+        if !out16 {
+            self.reads(&[out_buf]);
+        }
         // delta from dout and out; for the tensor-core kernels it also writes dout's bf16 copy
-        let dout16 = if tc { 2.0 * out } else { 0.0 };
-        self.rec("attention backward", Cost { read: 8.0 * out, written: 4.0 * stats + dout16, ..Cost::default() });
+        // unless that is dout's held copy
+        let read = (if dout_held { 2.0 } else { 4.0 } + if out16 { 2.0 } else { 4.0 }) * out;
+        let dout16 = if tc && !dout_held { 2.0 * out } else { 0.0 };
+        self.rec("attention backward", Cost { read, written: 4.0 * stats + dout16, ..Cost::default() });
         if self.bf16 && !self.held_read(qkv) {
             self.cast(qkv.len);
         }
@@ -192,8 +206,8 @@ impl Backend for Roofline {
     }
     fn layernorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, db: Option<&mut VBuf>, dout: &VBuf, x: &VBuf, _w: &VBuf, mean: &VBuf, _rstd: &VBuf, c: usize) {
         let _op = self.op_kind("norm");
-        self.reads(&[dx, dout, x]);
-        self.norm_bwd_cost(mean.len, c, 2, 1 + db.is_some() as usize);
+        self.reads(&[dx, x]);
+        self.norm_bwd_cost(dout, mean.len, c, 2, 1 + db.is_some() as usize);
     }
     fn rmsnorm_fwd(&self, out: &mut VBuf, rstd: &mut VBuf, x: &VBuf, _w: &VBuf, c: usize, _eps: f32) {
         let _op = self.op_kind("norm");
@@ -203,8 +217,8 @@ impl Backend for Roofline {
     }
     fn rmsnorm_bwd(&self, dx: &mut VBuf, _dw: &mut VBuf, dout: &VBuf, x: &VBuf, _w: &VBuf, rstd: &VBuf, c: usize) {
         let _op = self.op_kind("norm");
-        self.reads(&[dx, dout, x]);
-        self.norm_bwd_cost(rstd.len, c, 1, 1);
+        self.reads(&[dx, x]);
+        self.norm_bwd_cost(dout, rstd.len, c, 1, 1);
     }
 
     fn matmul_fwd(&self, out: &mut VBuf, inp: &VBuf, w: &VBuf, bias: Option<&VBuf>, n: usize, k: usize, m: usize) {
@@ -250,7 +264,7 @@ impl Backend for Roofline {
         if dbias.is_some() {
             self.reads(&[dout]);
         }
-        self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dout, inp, w, (n, k, m), None)
+        self.products_bwd_cost(dinp.as_deref(), dw.is_some(), dbias.is_some(), dout, inp, w, (n, k, m), None)
     }
 
     fn act_matmul_bwd(
@@ -269,9 +283,8 @@ impl Backend for Roofline {
         m: usize,
     ) {
         let _op = self.op_kind("matmul");
-        self.reads(&[dact]);
         let pre16 = self.act_input_bf16(pre);
-        self.products_bwd_cost(dinp.is_some(), dw.is_some(), dbias.is_some(), dpre, inp, w, (n, k, m), Some((act, pre16)))
+        self.products_bwd_cost(dinp.as_deref(), dw.is_some(), dbias.is_some(), dpre, inp, w, (n, k, m), Some((act, pre16, dact)))
     }
 
     fn attention_fwd(&self, out: &mut VBuf, _stats: &mut VBuf, qkv: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
@@ -298,13 +311,11 @@ impl Backend for Roofline {
         _drop: DropoutMask,
     ) {
         let _op = self.op_kind("attention");
-        self.reads(&[dout, out]);
-        self.attention_bwd_cost(qkv, shape, true)
+        self.attention_bwd_cost((dout, out), qkv, shape, true)
     }
     fn attention_bwd(&self, _dqkv: &mut VBuf, dout: &VBuf, qkv: &VBuf, out: &VBuf, _stats: &VBuf, _key_mask: &VIds, shape: AttnShape, _imp: AttnImpl) {
         let _op = self.op_kind("attention");
-        self.reads(&[dout, out]);
-        self.attention_bwd_cost(qkv, shape, false)
+        self.attention_bwd_cost((dout, out), qkv, shape, false)
     }
     fn kv_append(&self, _k: &mut VBuf, _v: &mut VBuf, _qkv: &VBuf, _slot: usize, s: AttnShape, _max_len: usize) {
         let _op = self.op_kind("attention");
@@ -340,6 +351,7 @@ impl Backend for Roofline {
     }
     fn gelu_bwd(&self, _dx: &mut VBuf, x: &VBuf, dout: &VBuf) {
         let _op = self.op_kind("activation");
+        self.widen(dout);
         self.reads(&[dout]);
         self.elementwise("activation", self.act_input(x) + x.len, x.len);
     }
@@ -351,6 +363,7 @@ impl Backend for Roofline {
     }
     fn swiglu_bwd(&self, _dx: &mut VBuf, x: &VBuf, dout: &VBuf, _i: usize) {
         let _op = self.op_kind("activation");
+        self.widen(dout);
         self.reads(&[dout]);
         self.elementwise("activation", self.act_input(x) + x.len / 2, x.len);
     }
@@ -394,7 +407,10 @@ impl Backend for Roofline {
     }
     fn lora_down_bwd(&self, dx: Option<&mut VBuf>, da: Option<&mut VBuf>, dt: &VBuf, x: &VBuf, a: &VBuf, rows: usize, k: usize, rank: usize) {
         let _op = self.op_kind("matmul");
-        // as matmul_bwd, the input gradient accumulated
+        // as matmul_bwd, the input gradient accumulated (made f32 first if only its copy was written)
+        if let Some(dx) = dx.as_deref() {
+            self.widen(dx);
+        }
         self.cast_operands(&[dt, a, x], Some(1), &[dx.is_some() || da.is_some(), dx.is_some(), da.is_some()]);
         if dx.is_some() {
             self.gemm((k, rows, rank), true, false);
@@ -571,6 +587,10 @@ impl Backend for Roofline {
     }
     fn hold_operand_only(&self, buf: &VBuf) {
         self.hold(Some(buf), true);
+    }
+    /// As the CUDA backend: the hold ends; f32 values left stale stay so until overwritten.
+    fn release_operand(&self, buf: &VBuf) {
+        self.lock().held.remove(&buf.id);
     }
     fn release_operands(&self) {
         self.hold(None, false);

@@ -277,12 +277,14 @@ struct TcBlock {
 // NW warps, each owning MT m-tiles of 16 consecutive query rows (BM = 16 NW MT rows per block);
 // key tiles of BN = 64. The K fragments read by ldmatrix serve the MT m-tiles of a warp.
 
-template <int D, int NW, int MT>
-__device__ __forceinline__ void attn_fwd_tc(float* out, bf16_t* out16, float* lse, const bf16_t* qkv, const int* key_mask, int seq, int n_head, int n_kv_head) {
+// F32: the output is written in f32 (else only its bf16 copy; the kernel picks the form once, so
+// that neither carries the other's stores: with a per-store test the d64 form spilled).
+// The kernel passes its shared memory, `sm` (2 * 64 * D values, 128-byte aligned) and `kok` (64),
+// so that both forms use the same arrays.
+template <int D, int NW, int MT, bool F32>
+__device__ __forceinline__ void attn_fwd_tc(bf16_t* sm, int* kok, float* out, bf16_t* out16, float* lse, const bf16_t* qkv, const int* key_mask, int seq, int n_head, int n_kv_head) {
     constexpr int BN = 64, NT = 32 * NW, WR = 16 * MT, BM = WR * NW;
     static_assert(BM <= 2 * BN, "the Q tile is staged in the K/V buffers");
-    __shared__ __align__(128) bf16_t sm[2 * BN * D];
-    __shared__ int kok[BN];
     bf16_t* ks = sm;
     bf16_t* vs = sm + BN * D;
 
@@ -431,13 +433,13 @@ __device__ __forceinline__ void attn_fwd_tc(float* out, bf16_t* out16, float* ls
             const bool none = lt == 0.0f;  // no visible key: zeros, lse = +inf
             const float inv = none ? 0.0f : __fdiv_rn(1.0f, lt);
             const long long at = (blk.row0 + r) * blk.out_width + qcol;
-            float* orow = out + at;
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) {
                 float2 v;
                 v.x = __fmul_rn(o[mt][n][2 * half], inv);
                 v.y = __fmul_rn(o[mt][n][2 * half + 1], inv);
-                *reinterpret_cast<float2*>(orow + 8 * n + 2 * tq) = v;
+                // without F32 only the bf16 copy (Backend::hold_operand_only)
+                if (F32) *reinterpret_cast<float2*>(out + at + 8 * n + 2 * tq) = v;
                 // the output's bf16 copy for the product that reads it (Backend::hold_operand):
                 // the pair as one 4-byte store
                 if (out16 != nullptr)
@@ -780,7 +782,12 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(float* dqkv, const TD* dout, co
         float* out, bf16_t* out16, float* lse, const bf16_t* qkv, const int* key_mask, int batch, int seq, int n_head, int n_kv_head, \
         int head_dim) {                                                                                                \
         if ((int)blockIdx.z >= batch || head_dim != D) return;                                                         \
-        attn_fwd_tc<D, FWD_NW, FWD_MT>(out, out16, lse, qkv, key_mask, seq, n_head, n_kv_head);                       \
+        __shared__ __align__(128) bf16_t sm[2 * 64 * D];                                                               \
+        __shared__ int kok[64];                                                                                        \
+        if (out != nullptr)                                                                                            \
+            attn_fwd_tc<D, FWD_NW, FWD_MT, true>(sm, kok, out, out16, lse, qkv, key_mask, seq, n_head, n_kv_head);     \
+        else                                                                                                           \
+            attn_fwd_tc<D, FWD_NW, FWD_MT, false>(sm, kok, out, out16, lse, qkv, key_mask, seq, n_head, n_kv_head);    \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) attention_bwd_dq_tc_d##D(                                         \
         float* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse, const float* delta, const int* key_mask, int batch, \

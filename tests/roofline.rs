@@ -156,6 +156,19 @@ fn attention_counts_the_tiles_each_block_reads() {
     let (r0, w0) = bytes(&acc, "attention backward");
     assert_eq!(bytes(&held, "attention backward"), (r0 - (4 * 100 * 128) as f64, w0 - (2 * 100 * 128) as f64));
     assert!(held.stale_reads.is_empty() && !held.families.contains_key("cast to f32"));
+    // an output held `only`: the forward pass writes the lse and the bf16 copy, no f32 values;
+    // the backward pass reads the copy as above, no stale read
+    let mut out3 = be.zeros(100 * 128).unwrap();
+    be.hold_operand_only(&out3);
+    be.reset();
+    be.attention_fwd(&mut out3, &mut stats, &qkv, &ids, s, AttnImpl::Flash);
+    assert_eq!(bytes(&be.account(), "attention forward").1, (2 * 4 * 100 + 2 * 100 * 128) as f64);
+    be.hold_operand_only(&dout2);
+    be.matmul_bwd(Some(&mut dout2), None, None, &x, &x, &w, 100, 128, 128);
+    be.reset();
+    be.attention_bwd(&mut dqkv, &dout2, &qkv, &out3, &stats, &ids, s, AttnImpl::Flash);
+    assert_eq!(bytes(&be.account(), "attention backward"), bytes(&held, "attention backward"));
+    assert!(be.account().stale_reads.is_empty());
     // head dim 16 (the FMA kernels read dout in f32): the copy is widened first
     let s16 = AttnShape { head_dim: 16, ..s };
     let (qkv16, mut out16, mut dqkv16, mut dout16, w16, x16) = (

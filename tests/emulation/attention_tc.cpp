@@ -126,6 +126,16 @@ static Res run(const Shape& s, Fwd fwd, B dq, B dkdv, unsigned fwd_rows, unsigne
             ++failures;
             break;
         }
+    {
+        // the copy alone (a null output: Backend::hold_operand_only): the same copy, and the lse
+        vector<unsigned short> only16(rows * OW, 0x7fc1);
+        vector<float> lse2(r.lse.size(), NAN);
+        launch_checked(dim3{cdiv(s.seq, fwd_rows), (unsigned)s.nh, (unsigned)s.batch}, dim3{fwd_threads}, fwd, (float*)nullptr, only16.data(), lse2.data(), qkv.data(), mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
+        if (only16 != out16 || std::memcmp(lse2.data(), r.lse.data(), lse2.size() * sizeof(float)) != 0) {
+            printf("  the forward with a null output wrote another copy or lse\n");
+            ++failures;
+        }
+    }
     // the bf16 copy of dout, written by the delta kernel (every value: checked below)
     vector<unsigned short> d16(half ? dout.size() : 0, 0x7fc1);
     launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)r.out.data(),

@@ -606,6 +606,13 @@ static void run_attention(const char* tname, int D, FwdFn<T> fwd, BwdFn<T> dq, B
     vector<bf16_t> out16(rows * OW, 0x7fc1);
     launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, fwd, out.data(), out16.data(), lse.data(), (const T*)qkv_t.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
     check((std::string("attention fwd's bf16 copy of its output ") + tname).c_str(), rounded(out, out16));
+    {
+        // the copy alone (a null output: Backend::hold_operand_only): the same copy and lse
+        vector<bf16_t> only16(rows * OW, 0x7fc1);
+        vector<float> lse2(lse.size(), NAN);
+        launch(dim3{tiles, (unsigned)s.nh, (unsigned)s.batch}, dim3{128}, fwd, (float*)nullptr, only16.data(), lse2.data(), (const T*)qkv_t.data(), (const int*)mask.data(), s.batch, s.seq, s.nh, s.nkv, s.hd);
+        check((std::string("attention fwd writing its bf16 copy alone ") + tname).c_str(), only16 == out16 && bitwise(lse2, lse));
+    }
     launch(dim3{(unsigned)s.seq, (unsigned)s.nh, (unsigned)s.batch}, dim3{32}, attention_bwd_delta, delta.data(), (const float*)dout.data(), (const float*)out.data(), (bf16_t*)nullptr, s.batch, s.seq, s.nh, s.hd);
     {
         // delta from the output's bf16 copy (_o16, writing dout's copy), and from dout's copy too

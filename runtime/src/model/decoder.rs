@@ -149,7 +149,7 @@ impl<B: Backend> Model<B> {
             // when a layer's buffers are shared: gradient checkpointing, recomputed norms); the
             // maps' inputs that nothing else reads, only as operands
             let only = self.block(l).inputs_only_as_operands(acts.dropout.is_some());
-            for (b, only) in [(&a.ln1, only[0]), (&a.att_out, false), (&a.ln2, only[1]), (&a.act, only[2]), (&a.qkv, only[3]), (&a.fc, only[4])] {
+            for (b, only) in [(&a.ln1, only[0]), (&a.att_out, only[1]), (&a.ln2, only[2]), (&a.act, only[3]), (&a.qkv, only[4]), (&a.fc, only[5])] {
                 if only {
                     self.backend.hold_operand_only(b);
                 } else {

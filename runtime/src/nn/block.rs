@@ -91,16 +91,17 @@ impl Block {
         units.into_iter().flat_map(|(w, b)| std::iter::once(w).chain(b)).chain(adapters).collect()
     }
 
-    /// Whether a training pass (`dropping`: with dropout) reads the maps' inputs `ln1`, `ln2` and
-    /// `act`, and the maps' outputs `qkv` and `fc`, only as product, attention or activation
-    /// operands, so that a backend may keep only their converted copies
+    /// Whether a training pass (`dropping`: with dropout) reads the maps' inputs `ln1`,
+    /// `att_out`, `ln2` and `act`, and the maps' outputs `qkv` and `fc`, only as product,
+    /// attention or activation operands (the attention's backward pass reads `att_out` through
+    /// its copy too), so that a backend may keep only their converted copies
     /// (`Backend::hold_operand_only`): not a map's input where its adapters drop it out (they copy
     /// the f32 values), not a map's output under adapters (which add into it), and not `qkv`
     /// under RoPE (which rotates the f32 values in place).
-    pub fn inputs_only_as_operands(&self, dropping: bool) -> [bool; 5] {
+    pub fn inputs_only_as_operands(&self, dropping: bool) -> [bool; 6] {
         let only = |l: &Linear| !dropping || l.lora.iter().flatten().all(|p| p.dropout == 0.0);
         let qkv = self.attn.rope_theta.is_none() && !self.qkv.adapted();
-        [only(&self.qkv), only(&self.fc), only(&self.proj), qkv, !self.fc.adapted()]
+        [only(&self.qkv), only(&self.o), only(&self.fc), only(&self.proj), qkv, !self.fc.adapted()]
     }
 
     /// Whether the backward pass's input gradients of `proj` (the activation's gradient), `o`

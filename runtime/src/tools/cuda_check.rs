@@ -382,9 +382,11 @@ pub fn step_parity(gpu: &Cuda) -> Result<Vec<Check>> {
 
 /// bf16: a training step whose layers' product inputs are held from the forward to the backward
 /// pass (one bf16 copy each) equals, bit for bit, the same step with every product casting its
-/// own operands. The products into inputs held only as operands (GPT-2's qkv) write their bf16
-/// copy straight from cuBLASLt, whose algorithm for a bf16 output may sum in another order: that
-/// step is compared with the bf16 limits instead, and the bitwise one runs with them writing f32.
+/// own operands. The buffers held only as operands (GPT-2's qkv, the pre-activation, the input
+/// gradients the next kernel reads, the attention's output) are written as bf16 copies alone,
+/// by cuBLASLt products whose algorithm for a bf16 output may sum in another order, and read in
+/// bf16 (the attention's delta): that step is compared with the bf16 limits instead, and the
+/// bitwise one runs with the held products off (`Cuda::set_held_products`).
 fn held_parity(gpu: &Cuda) -> Result<Vec<Check>> {
     let (gpt2, llama) = step_configs();
     let mut checks = Vec::new();

@@ -84,10 +84,10 @@ impl Cuda {
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let (q, ty) = self.attn_qkv(&mut scratch, qkv);
         let (suffix, [(rows, threads), _, _]) = self.attn_kernels_for(ty, shape.head_dim, drop);
-        // a held output's bf16 copy is written beside it (the f32 values always: the backward
-        // pass's delta reads them)
-        let (_, out16) = self.held_outputs(out);
-        let mut args = vec![self.p(out), out16, self.p(stats), A::P(q), self.p(key_mask)];
+        // a held output's bf16 copy is written beside it (alone when held `only`: the output
+        // projection and the backward pass's delta read the copy)
+        let (out32, out16) = self.held_outputs(out);
+        let mut args = vec![out32, out16, self.p(stats), A::P(q), self.p(key_mask)];
         args.extend(Self::shape_args(shape));
         args.extend(Self::drop_args(drop));
         let grid = (shape.seq.div_ceil(rows) as u32, shape.n_head as u32, shape.batch as u32);

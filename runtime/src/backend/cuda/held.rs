@@ -28,7 +28,8 @@ pub(super) struct Held {
     spare: Vec<CudaSlice<u16>>,
     /// Holds ignored (`Cuda::set_hold_operands`): every product casts its own operands.
     off: bool,
-    /// Products write their f32 output even into a buffer held `only` (`Cuda::set_held_products`).
+    /// Nothing is held `only` and no op reads a held copy in place of f32 values that it would
+    /// read without holds (`Cuda::set_held_products`).
     products_off: bool,
 }
 
@@ -94,6 +95,8 @@ impl Cuda {
             }
             let key = self.ptr(buf);
             held.drop_entries(Some(key));
+            // with the held products off, nothing is held `only` (see `set_held_products`)
+            let only = only && !held.products_off;
             held.map.insert(key, HeldEntry { len: buf.len(), ready: false, copy: None, only });
         }
     }
@@ -106,9 +109,12 @@ impl Cuda {
         held.off = !on;
     }
 
-    /// On (the default): a product into a buffer held with `hold_operand_only` writes its bf16
-    /// copy alone (`held_only_product`). `cuda-check` turns it off to compare a step whose held
-    /// copies are all made from f32 values, bit for bit, with one that casts every operand.
+    /// On (the default): a buffer held with `hold_operand_only` has its bf16 copy written alone
+    /// (by its product, `held_only_gemm`, or its kernel) and read in place of its f32 values, and
+    /// the attention's backward pass reads its output's held copy. Off: every held buffer's f32
+    /// values are written and read as without holds, the copies only sharing the casts.
+    /// `cuda-check` turns it off to compare a step with holds, bit for bit, with one that casts
+    /// every operand.
     pub fn set_held_products(&self, on: bool) {
         self.0.held.lock().unwrap_or_else(|e| e.into_inner()).products_off = !on;
     }
@@ -291,9 +297,13 @@ impl Cuda {
     }
 
     /// `buf`'s held copy when it is made (by the op that computed `buf`, or cast at a product's
-    /// read), whether or not the f32 values were written too.
+    /// read), whether or not the f32 values were written too; none with the held products off
+    /// (`set_held_products`).
     pub(super) fn held_made(&self, buf: &CudaSlice<f32>) -> Option<u64> {
         let held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.products_off {
+            return None;
+        }
         held.map.get(&self.ptr(buf)).filter(|e| e.ready && e.len == buf.len()).and_then(|e| e.copy.as_ref()).map(|c| self.ptr(c))
     }
 

@@ -349,8 +349,20 @@ impl Roofline {
         }
     }
 
-    /// The bf16 copy an op that writes `out` in f32 regardless (the attention's forward pass)
-    /// writes beside it when `out` is held: its values, counted as f32 (half of `out`); the copy
+    /// As the CUDA backend's `held_outputs` for an op that writes a held output's copy beside it
+    /// ([`Roofline::copy_beside`]): whether `out` is held `only`, so that its f32 values are not
+    /// written (they count as stale from here on).
+    fn copy_alone(&self, out: &VBuf) -> bool {
+        let mut st = self.lock();
+        let only = self.bf16 && st.held.get(&out.id).is_some_and(|h| h.1);
+        if only {
+            st.stale.insert(out.id);
+        }
+        only
+    }
+
+    /// The bf16 copy an op that writes `out` (the attention's forward pass; in f32 too unless
+    /// [`Roofline::copy_alone`]) writes beside it when `out` is held: its values, counted as f32 (half of `out`); the copy
     /// then counts as made.
     fn copy_beside(&self, out: &VBuf) -> usize {
         match self.lock().held.get_mut(&out.id) {

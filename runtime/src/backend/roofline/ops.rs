@@ -58,10 +58,12 @@ impl Roofline {
         let tc = self.tensor_core_attention(s, drop);
         let (br, bc) = if tc { (128, 64) } else { (64, 32) };
         let (e, d, heads) = (self.operand_bytes(), s.head_dim as f64, (s.batch * s.n_head) as f64);
+        // an output held `only`: its f32 values are not written (they go stale)
+        let out_d = if self.copy_alone(out) { 0.0 } else { d };
         let mut c = Cost::default();
         for (rq, kr) in query_tiles(s.seq, br, bc) {
             c.read += heads * (e * d * (rq + 2.0 * kr) + 4.0 * kr);
-            c.written += heads * 4.0 * rq * (d + 1.0);
+            c.written += heads * 4.0 * rq * (out_d + 1.0);
             let (t, f) = Self::flops(tc, heads * 2.0 * 2.0 * rq * kr * d);
             c.tensor_flops += t;
             c.fp32_flops += f;

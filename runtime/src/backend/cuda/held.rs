@@ -290,10 +290,16 @@ impl Cuda {
     /// `held_only_gemm`), else `x` itself with no suffix.
     pub(super) fn held_input(&self, x: &CudaSlice<f32>, suffix: &'static str) -> (&'static str, A) {
         let held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
-        match held.map.get(&self.ptr(x)).filter(|e| e.only && e.ready && e.len == x.len()).and_then(|e| e.copy.as_ref()) {
-            Some(c) => (suffix, self.p(c)),
+        match self.made_copy(&held, x, true) {
+            Some(c) => (suffix, A::P(c)),
             None => ("", self.p(x)),
         }
+    }
+
+    /// The address of `buf`'s held copy if it is made (and, with `only`, if `buf` is held `only`).
+    fn made_copy(&self, held: &Held, buf: &CudaSlice<f32>, only: bool) -> Option<u64> {
+        let e = held.map.get(&self.ptr(buf)).filter(|e| e.ready && e.len == buf.len() && (e.only || !only))?;
+        e.copy.as_ref().map(|c| self.ptr(c))
     }
 
     /// `buf`'s held copy when it is made (by the op that computed `buf`, or cast at a product's
@@ -304,7 +310,7 @@ impl Cuda {
         if held.products_off {
             return None;
         }
-        held.map.get(&self.ptr(buf)).filter(|e| e.ready && e.len == buf.len()).and_then(|e| e.copy.as_ref()).map(|c| self.ptr(c))
+        self.made_copy(&held, buf, false)
     }
 
     /// Before a kernel that reads `buf`'s f32 values and has no bf16 form: when only `buf`'s held
@@ -313,10 +319,7 @@ impl Cuda {
     pub(super) fn widen_held(&self, buf: &CudaSlice<f32>) {
         let key = self.ptr(buf);
         let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
-        let copy = match held.map.get(&key).filter(|e| e.only && e.ready && e.len == buf.len()).and_then(|e| e.copy.as_ref()) {
-            Some(c) => self.ptr(c),
-            None => return,
-        };
+        let Some(copy) = self.made_copy(&held, buf, true) else { return };
         self.launch_n("cast_bf16_f32", buf.len(), &[A::P(key), A::P(copy), A::L(buf.len() as i64)]);
         held.drop_entries(Some(key));
     }

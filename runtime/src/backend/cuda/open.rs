@@ -86,10 +86,11 @@ fn shared_memory(ctx: &CudaContext, funcs: &HashMap<String, cudarc::driver::Cuda
         return none;
     };
     // the kernel's static shared memory comes out of the same opt-in
-    let granted =
-        funcs.get("cross_entropy_bf16_staged").is_some_and(|f| f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, block - 1024).is_ok());
+    let dynamic = block - 1024;
+    let granted = dynamic > 0
+        && funcs.get("cross_entropy_bf16_staged").is_some_and(|f| f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic).is_ok());
     if !granted {
         return none;
     }
-    crate::backend::SharedMemory { per_block: (block - 1024).max(0) as usize, per_sm: sm.max(0) as usize }
+    crate::backend::SharedMemory { per_block: dynamic as usize, per_sm: sm.max(0) as usize }
 }

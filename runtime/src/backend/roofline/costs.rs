@@ -40,7 +40,7 @@ impl Roofline {
             self.widen(dact);
         }
         // the activation's gradient read as bf16 (`held_input`), else checked for a stale read
-        let d16 = dact.is_some_and(|d| self.act_input_bf16(d));
+        let d16 = dact.is_some_and(|d| self.read_as_bf16(d));
         if let (Some(dact), false) = (dact, d16) {
             self.reads(&[dact]);
         }
@@ -108,7 +108,7 @@ impl Roofline {
         if c > NORM_FUSED_WIDTH {
             self.widen(dout);
         }
-        let d16 = self.act_input_bf16(dout);
+        let d16 = self.read_as_bf16(dout);
         if !d16 {
             self.reads(&[dout]);
         }

@@ -324,8 +324,8 @@ impl Roofline {
         }
     }
 
-    /// Whether `x` (a pre-activation or an input gradient) is read as bf16 ([`Roofline::act_input`]).
-    fn act_input_bf16(&self, x: &VBuf) -> bool {
+    /// Whether `x` (a pre-activation or an input gradient whose f32 values are stale) is read as bf16 ([`Roofline::act_input`]).
+    fn read_as_bf16(&self, x: &VBuf) -> bool {
         self.lock().stale.contains(&x.id)
     }
 

@@ -82,7 +82,7 @@ impl Roofline {
         // when its product wrote only that, for the tensor-core kernels with the output's copy at
         // hand (else widened first)
         let out16 = self.held_made(out_buf);
-        let dout_held = tc && out16 && self.act_input_bf16(dout_buf);
+        let dout_held = tc && out16 && self.read_as_bf16(dout_buf);
         if !dout_held {
             self.widen(dout_buf);
             self.reads(&[dout_buf]);
@@ -285,7 +285,7 @@ impl Backend for Roofline {
         m: usize,
     ) {
         let _op = self.op_kind("matmul");
-        let pre16 = self.act_input_bf16(pre);
+        let pre16 = self.read_as_bf16(pre);
         self.products_bwd_cost(dinp.as_deref(), dw.is_some(), dbias.is_some(), dpre, inp, w, (n, k, m), Some((act, pre16, dact)))
     }
 

@@ -57,6 +57,42 @@ fn adapters_match_peft_logits_loss_and_gradients() {
     }
 }
 
+/// The CPU runs a plain LoRA map over many rows as one product with its merged weight
+/// (docs/TRAINING.md). The fixtures' batch is too short for that, so here it is repeated until
+/// every adapted map merges: each copy's logits, the mean loss and every gradient are still
+/// peft's.
+#[test]
+fn merged_adapters_over_a_long_batch_match_peft() {
+    for &(case, arch) in CASES.iter().filter(|(c, _)| !c.contains("dora")) {
+        let model = with_adapter(case, arch);
+        let reference = read_reference(&fixtures().join("lora").join(case).join("reference.safetensors"));
+        let one = common::reference_batch(&reference);
+        // rows >= 2 max(in, out) merges a map (`nn::merge_pays`: rows (in + out) >= 2 in out)
+        let d = model.lora_dims();
+        let copies = (2 * d.inp.max(d.out)).div_ceil(one.batch * one.seq);
+        assert!(copies > 1, "{case}: the fixture alone is long enough to merge");
+        let rep = |v: &Option<Vec<i32>>| v.as_ref().map(|v| v.repeat(copies));
+        let batch = runtime::model::Batch {
+            batch: one.batch * copies,
+            seq: one.seq,
+            input_ids: one.input_ids.repeat(copies),
+            attention_mask: rep(&one.attention_mask),
+            labels: rep(&one.labels),
+            ..Default::default()
+        };
+        let mut acts = Activations::new(&model, batch.batch, batch.seq).unwrap();
+        let out = model.forward(&mut acts, &batch, LossOptions::default(), false).unwrap().unwrap();
+        assert_close(&format!("{case} logits"), &acts.logits, &reference["logits"].f32s().repeat(copies), 1e-5);
+        let want = reference["loss"].values[0];
+        assert!(((out.mean as f64 - want) / want).abs() < 1e-5, "{case} loss {} vs {want}", out.mean);
+        let mut grads = Grads::zeros(&model).unwrap();
+        model.forward_backward(&mut acts, &batch, &mut grads, LossOptions::default()).unwrap();
+        for (key, _, g) in &model.adapter_tensors_of(&grads.tensors).unwrap() {
+            assert_close(&format!("{case} grad {key}"), g, &reference[&format!("grad.{key}")].f32s(), 1e-4);
+        }
+    }
+}
+
 /// The base of `case` loaded with `torch_dtype = "bfloat16"` (its weights rounded to bf16, held
 /// in f32) and the case's adapter on it.
 fn bf16_base(case: &str, arch: &str) -> Model<Cpu> {

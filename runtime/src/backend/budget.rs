@@ -293,6 +293,13 @@ impl<B: Backend> Backend for Budget<B> {
     fn lora_down_bwd(&self, dx: Option<&mut Buf<B>>, da: Option<&mut Buf<B>>, dt: &Buf<B>, x: &Buf<B>, a: &Buf<B>, rows: usize, k: usize, rank: usize) {
         self.inner.lora_down_bwd(dx.map(|d| &mut d.buf), da.map(|d| &mut d.buf), &dt.buf, &x.buf, &a.buf, rows, k, rank)
     }
+    fn merges_adapters(&self) -> bool {
+        self.inner.merges_adapters()
+    }
+    fn lora_merge(&self, dst: &mut Buf<B>, w: &Buf<B>, parts: &[super::MergedPart<'_, Buf<B>>], out: usize, k: usize) -> bool {
+        let inner: Vec<_> = parts.iter().map(|p| super::MergedPart { a: &p.a.buf, b: &p.b.buf, off: p.off, cols: p.cols, r: p.r, scale: p.scale }).collect();
+        self.inner.lora_merge(&mut dst.buf, &w.buf, &inner, out, k)
+    }
     fn dora_norm(&self, n: &mut Buf<B>, w: &Buf<B>, a: &Buf<B>, b: &Buf<B>, off: usize, cols: usize, k: usize, r: usize, scale: f32) {
         self.inner.dora_norm(&mut n.buf, &w.buf, &a.buf, &b.buf, off, cols, k, r, scale)
     }

@@ -367,6 +367,18 @@ pub trait Backend: Send + Sync + 'static {
         k: usize,
         rank: usize,
     );
+    /// Whether this backend runs plain LoRA adapters over many rows as one product with the
+    /// merged weight ([`Backend::lora_merge`]). Only one whose products are f32 may: a bf16
+    /// product would round the adapters' small share of `W + scale B A` away. Default: no.
+    fn merges_adapters(&self) -> bool {
+        false
+    }
+    /// LoRA's merged weight `[out, k]`: `dst = w`, plus `scale * b a` on each part's rows `off..off
+    /// + cols` (`b` `[cols, r]`, `a` `[r, k]`). Returns false, writing nothing, on a backend that
+    /// does not merge ([`Backend::merges_adapters`]).
+    fn lora_merge(&self, _dst: &mut Self::Buf, _w: &Self::Buf, _parts: &[MergedPart<'_, Self::Buf>], _out: usize, _k: usize) -> bool {
+        false
+    }
     /// DoRA's weight norm of the adapter on rows `off..off + cols` of `w` (`[_, k]`): `n[j] =
     /// ||w[off + j, :] + scale * (b a)[j, :]||`, with `a` `[r, k]` and `b` `[cols, r]`; each
     /// element in f32 (the rank summed in order), the squares summed in f64.
@@ -582,6 +594,17 @@ pub const REDUCE_BLOCK_ROWS: usize = 32;
 /// The widest rows whose norm backward pass the CUDA backend makes in one kernel (dx and the
 /// parameters' partials together; kernels/norm.cu `NORM_FUSED_COLS` x 256 threads).
 pub const NORM_FUSED_WIDTH: usize = 2048;
+
+/// One LoRA adapter of a merged weight ([`Backend::lora_merge`]): rows `off..off + cols` gain
+/// `scale * b a`.
+pub struct MergedPart<'a, T> {
+    pub a: &'a T,
+    pub b: &'a T,
+    pub off: usize,
+    pub cols: usize,
+    pub r: usize,
+    pub scale: f32,
+}
 
 /// Columns `off..off + width` of a `[rows, ld]` matrix: one adapter's share of a linear map's
 /// output.

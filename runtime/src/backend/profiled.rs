@@ -265,6 +265,13 @@ impl<B: Backend> Backend for Profiled<B> {
         let flops = 2.0 * (rows * k * rank) as f64 * (dx.is_some() as usize + da.is_some() as usize) as f64;
         self.time("matmul", flops, || self.inner.lora_down_bwd(dx, da, dt, x, a, rows, k, rank))
     }
+    fn merges_adapters(&self) -> bool {
+        self.inner.merges_adapters()
+    }
+    fn lora_merge(&self, dst: &mut B::Buf, w: &B::Buf, parts: &[super::MergedPart<'_, B::Buf>], out: usize, k: usize) -> bool {
+        let flops = parts.iter().map(|p| 2.0 * (p.cols * k * p.r) as f64).sum();
+        self.time("matmul", flops, || self.inner.lora_merge(dst, w, parts, out, k))
+    }
     fn dora_norm(&self, n: &mut B::Buf, w: &B::Buf, a: &B::Buf, b: &B::Buf, off: usize, cols: usize, k: usize, r: usize, scale: f32) {
         self.time("adapter", 0.0, || self.inner.dora_norm(n, w, a, b, off, cols, k, r, scale))
     }

@@ -531,9 +531,12 @@ impl<B: Backend> Model<B> {
         for (l, layer) in state.parts.iter().enumerate() {
             for (u, unit) in layer.iter().enumerate() {
                 let inp = [c.hidden_size, c.n_head * c.head_dim, c.hidden_size, c.intermediate_size][u];
+                let out = self.block_linear(l, [Unit::Qkv, Unit::O, Unit::Fc, Unit::Proj][u]).out_features;
                 for p in unit.iter().flatten() {
-                    let out = self.block_linear(l, [Unit::Qkv, Unit::O, Unit::Fc, Unit::Proj][u]).out_features;
-                    d = LoraDims { r: d.r.max(p.r), cols: d.cols.max(p.cols), inp: d.inp.max(inp), out: d.out.max(out), dora: d.dora };
+                    d = LoraDims { r: d.r.max(p.r), cols: d.cols.max(p.cols), inp: d.inp.max(inp), out: d.out.max(out), ..d };
+                }
+                if unit.iter().any(Option::is_some) {
+                    d = d.merging(inp, out);
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! and the adapters' forward and backward passes (PEFT's `LoraLayer` / `DoraLinearLayer`).
 
 use super::{drop, GradsMut, Linear, Params};
-use crate::backend::{Backend, ColBlock};
+use crate::backend::{Backend, ColBlock, MergedPart};
 
 /// The most LoRA adapters one linear map carries: a fused map holds up to three transformers
 /// modules (`q_proj`, `k_proj`, `v_proj`), each with its own adapter.
@@ -28,7 +28,8 @@ pub struct LoraPart {
 }
 
 /// The sizes the adapters' scratch is made for: the largest rank, adapted width, input width and
-/// (with DoRA) output width of an adapted map; all 0 without adapters.
+/// (with DoRA) output width of an adapted map; the largest adapted weight (`out x in`) and the
+/// fewest rows at which some adapted map runs merged ([`merge_pays`]); all 0 without adapters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LoraDims {
     pub r: usize,
@@ -36,14 +37,43 @@ pub struct LoraDims {
     pub inp: usize,
     pub out: usize,
     pub dora: bool,
+    pub weight: usize,
+    pub merge_rows: usize,
 }
 
 impl LoraDims {
-    /// The floats [`LoraScratch::new`] allocates for `rows` rows.
+    /// The floats [`LoraScratch::new`] allocates for `rows` rows (on a backend that merges).
     pub fn floats(&self, rows: usize, dropout: bool) -> usize {
         let dora = if self.dora { rows * (2 * self.cols + self.out) + MAX_LORA_PARTS * self.cols } else { 0 };
-        rows * 2 * self.r + if dropout { 2 * rows * self.inp } else { 0 } + dora
+        rows * 2 * self.r + if dropout { 2 * rows * self.inp } else { 0 } + dora + self.merged(rows)
     }
+
+    /// The merged weight's floats for `rows` rows: plain LoRA only, and only where some map
+    /// merges at that many rows.
+    fn merged(&self, rows: usize) -> usize {
+        if !self.dora && rows >= self.merge_rows {
+            self.weight
+        } else {
+            0
+        }
+    }
+
+    /// Takes in an adapted map of input width `inp` and output width `out`.
+    pub fn merging(self, inp: usize, out: usize) -> Self {
+        let rows = (2 * inp * out).div_ceil((inp + out).max(1));
+        let merge_rows = if self.weight == 0 { rows } else { self.merge_rows.min(rows) };
+        LoraDims { weight: self.weight.max(inp * out), merge_rows, ..self }
+    }
+}
+
+/// Whether a plain LoRA map (input width `k`, output width `o`) over `rows` rows runs as one
+/// product with its merged weight `W + scale B A` rather than with the adapters' own products.
+/// Making the merged weight is a pass over `o x k` values and `2 o k r` FLOPs per part, twice a
+/// step (forward and backward); it saves the forward's `x A^T` and `t B^T` and the backward's
+/// `dt A`, which pass over `rows x (k + o)` values and cost `2 rows r (2 k + cols)` FLOPs. Merged
+/// when the rows' side is at least twice the weight's.
+pub fn merge_pays(rows: usize, k: usize, o: usize) -> bool {
+    rows * (k + o) >= 2 * k * o
 }
 
 /// Scratch of the LoRA branches, shared by every adapted linear of a pass: `t = x A^T`
@@ -51,7 +81,8 @@ impl LoraDims {
 /// the input gradient through the mask `dx` (`[rows, in]` each); with DoRA, `u = t B^T` (`[rows, cols]`; plain LoRA adds
 /// it into the output without keeping it), the gradient into `u` (`gu`), a map-wide
 /// `[rows, out]` buffer (the base map's output without bias, or the gradient into it) and each
-/// part's weight norm (`[cols]`). Empty without adapters.
+/// part's weight norm (`[cols]`); on a backend that merges adapters, a map's merged weight
+/// (`[out, in]`, [`Linear::merged`]). Empty without adapters.
 pub struct LoraScratch<B: Backend> {
     pub t: B::Buf,
     pub u: B::Buf,
@@ -61,6 +92,7 @@ pub struct LoraScratch<B: Backend> {
     pub gu: B::Buf,
     pub wide: B::Buf,
     pub norms: Vec<B::Buf>,
+    pub merged: B::Buf,
 }
 
 impl<B: Backend> LoraScratch<B> {
@@ -79,12 +111,13 @@ impl<B: Backend> LoraScratch<B> {
             gu: dora(rows * d.cols)?,
             wide: dora(rows * d.out)?,
             norms,
+            merged: be.zeros(if be.merges_adapters() { d.merged(rows) } else { 0 })?,
         })
     }
 
     pub fn bytes(&self, be: &B) -> usize {
         let norms: usize = self.norms.iter().map(|b| be.len(b)).sum();
-        4 * ([&self.t, &self.u, &self.dt, &self.dx, &self.xd, &self.gu, &self.wide].iter().map(|b| be.len(b)).sum::<usize>() + norms)
+        4 * ([&self.t, &self.u, &self.dt, &self.dx, &self.xd, &self.gu, &self.wide, &self.merged].iter().map(|b| be.len(b)).sum::<usize>() + norms)
     }
 }
 
@@ -95,6 +128,21 @@ fn drop_part<B: Backend>(be: &B, x: &mut B::Buf, part: LoraPart, key: Option<u64
 }
 
 impl Linear {
+    /// Writes the map's merged weight `W + scale B A` into the scratch and returns true when the
+    /// map runs merged in this pass: plain LoRA parts, none dropping out (`drop`: a training pass's
+    /// key), a backend that merges ([`Backend::lora_merge`]) and enough rows ([`merge_pays`]).
+    /// The product with it is the base's and the adapters' together, the same sums in another
+    /// order (the adapters' share `scale * B A` is f32 like every product's operands here).
+    pub(super) fn merged<B: Backend>(&self, be: &B, p: &Params<B>, s: &mut LoraScratch<B>, rows: usize, drop: Option<u64>) -> bool {
+        let (k, o) = (self.in_features, self.out_features);
+        let parts = self.lora.iter().flatten();
+        if !merge_pays(rows, k, o) || be.len(&s.merged) < o * k || parts.clone().any(|q| q.mag.is_some() || (drop.is_some() && q.dropout > 0.0)) {
+            return false;
+        }
+        let parts: Vec<_> = parts.map(|q| MergedPart { a: &p.bufs[q.a], b: &p.bufs[q.b], off: q.off, cols: q.cols, r: q.r, scale: q.scale }).collect();
+        be.lora_merge(&mut s.merged, &p.bufs[self.w], &parts, o, k)
+    }
+
     /// Adds the LoRA branches to `out` (after [`Linear::fwd`]): as PEFT, `result +
     /// lora_B(lora_A(dropout(x))) * scaling`, or DoRA's rescaled output for a part with a
     /// magnitude. `drop`: a training pass's dropout key for this map.
@@ -140,6 +188,13 @@ impl Linear {
         s: &mut LoraScratch<B>,
         drop: Option<u64>,
     ) {
+        if self.merged(be, p, s, rows, drop) {
+            // the input gradient through the merged weight carries the adapters' share: they
+            // add only their own gradients
+            let (dw, db) = g.pair(self.w, self.b);
+            be.matmul_bwd(dinp, dw, db, dout, inp, &s.merged, rows, self.in_features, self.out_features);
+            return self.lora_bwd(be, p, g, None, dout, inp, rows, s, drop);
+        }
         if self.lora.iter().flatten().all(|p| p.mag.is_none()) {
             self.bwd(be, p, g, dinp.as_deref_mut(), dout, inp, rows);
             self.lora_bwd(be, p, g, dinp, dout, inp, rows, s, drop);
@@ -282,5 +337,87 @@ impl Linear {
         be.copy_range(&mut x, 0, inp, 0, be.len(inp));
         drop_part(be, &mut x, part, drop, i);
         Some(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect()
+    }
+
+    fn close(what: &str, got: &[f32], want: &[f32]) {
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let worst = got.iter().zip(want).fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        assert!(worst <= 1e-5 * scale, "{what}: off by {worst} (largest value {scale})");
+    }
+
+    /// A fused map of width 24 -> 3 x 40 with a bias, adapters on its first and last parts (ranks 4
+    /// and 3, the middle one plain), whose parts' rows cross the merge's 32-row blocks.
+    fn setup(rows: usize) -> (Linear, Vec<Vec<f32>>, Vec<bool>) {
+        let (k, o) = (24, 120);
+        let mut bufs = vec![values(o * k, 1), values(o, 2)];
+        let mut lin = Linear::new(0, Some(1), k, o);
+        for (i, (off, r, scale)) in [(0, 4, 2.0f32), (80, 3, 0.5)].into_iter().enumerate() {
+            bufs.push(values(r * k, 10 + i as u64));
+            bufs.push(values(40 * r, 20 + i as u64));
+            let (a, b) = (bufs.len() - 2, bufs.len() - 1);
+            lin.lora[2 * i] = Some(LoraPart { a, b, r, off, cols: 40, scale, dropout: 0.1, mag: None });
+        }
+        bufs.push(values(rows * k, 3));
+        bufs.push(values(rows * o, 4));
+        // the base weight frozen, its bias and the adapters trained
+        let trainable = vec![false, true, true, true, true, true];
+        (lin, bufs, trainable)
+    }
+
+    #[test]
+    fn a_merged_map_equals_its_adapters_products() {
+        let be = Cpu;
+        let rows = 64;
+        let (lin, mut all, trainable) = setup(rows);
+        let (x, dout) = (all[6].clone(), all[7].clone());
+        all.truncate(6);
+        let (k, o) = (24, 120);
+        assert!(merge_pays(rows, k, o) && !merge_pays(rows / 2, k, o));
+        let dims = LoraDims { r: 4, cols: 40, inp: k, out: o, ..LoraDims::default() }.merging(k, o);
+        assert_eq!((dims.weight, dims.merge_rows), (o * k, 40));
+        let mut s = LoraScratch::new(&be, rows, dims, true).unwrap();
+        let p = Params::new(&all, &trainable);
+        // merged: the whole pass through `fwd_all` / `bwd_all`, without dropout
+        assert!(lin.merged(&be, &p, &mut s, rows, None));
+        assert!(!lin.merged(&be, &p, &mut s, rows, Some(7)), "a part that drops out is not merged");
+        assert!(!lin.merged(&be, &p, &mut s, rows / 2, None), "too few rows");
+        let mut out = vec![0.0; rows * o];
+        lin.fwd_all(&be, &p, &mut out, &x, rows, &mut s, None);
+        let mut grads: Vec<Vec<f32>> = all.iter().map(|b| vec![0.0; b.len()]).collect();
+        let mut dinp = vec![0.0; rows * k];
+        lin.bwd_all(&be, &p, &mut GradsMut { bufs: &mut grads, trainable: &trainable }, Some(&mut dinp), &dout, &x, rows, &mut s, None);
+        // the adapters' own products
+        let mut want = vec![0.0; rows * o];
+        lin.fwd(&be, &p, &mut want, &x, rows);
+        lin.lora_fwd(&be, &p, &mut want, &x, rows, &mut s, None);
+        close("output", &out, &want);
+        let mut want_grads: Vec<Vec<f32>> = all.iter().map(|b| vec![0.0; b.len()]).collect();
+        let mut want_dinp = vec![0.0; rows * k];
+        let mut g = GradsMut { bufs: &mut want_grads, trainable: &trainable };
+        lin.bwd(&be, &p, &mut g, Some(&mut want_dinp), &dout, &x, rows);
+        lin.lora_bwd(&be, &p, &mut g, Some(&mut want_dinp), &dout, &x, rows, &mut s, None);
+        close("input gradient", &dinp, &want_dinp);
+        assert!(grads[0].iter().all(|&v| v == 0.0), "the frozen weight has no gradient");
+        for i in 1..6 {
+            assert!(want_grads[i].iter().any(|&v| v != 0.0));
+            close(&format!("gradient {i}"), &grads[i], &want_grads[i]);
+        }
+        // the adapters' share is in the output: without them it differs
+        let mut base = vec![0.0; rows * o];
+        lin.fwd(&be, &p, &mut base, &x, rows);
+        assert!(base.iter().zip(&out).any(|(b, m)| (b - m).abs() > 1e-3));
     }
 }

@@ -154,6 +154,9 @@ impl Linear {
         if !self.adapted() {
             return self.fwd(be, p, out, inp, rows);
         }
+        if self.merged(be, p, s, rows, drop) {
+            return be.matmul_fwd(out, inp, &s.merged, self.b.map(|b| &p.bufs[b]), rows, self.in_features, self.out_features);
+        }
         be.begin_operand_reuse(&[inp]);
         self.fwd(be, p, out, inp, rows);
         self.lora_fwd(be, p, out, inp, rows, s, drop);

@@ -7,7 +7,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::math::reduce_rows;
-use crate::backend::ColBlock;
+use crate::backend::{ColBlock, MergedPart};
 
 fn parallelism() -> Parallelism {
     match rayon::current_num_threads() {
@@ -273,6 +273,28 @@ pub fn lora_down_bwd(dx: Option<&mut [f32]>, da: Option<&mut [f32]>, dt: &[f32],
     if let Some(da) = da {
         strided(da, true, (rank, k, rows), k, dt, (1, rank), x, (k, 1));
     }
+}
+
+/// `dst = w` (`[out, k]`), plus `scale * b a` on each part's rows: LoRA's merged weight, in one
+/// pass over it (blocks of rows copied and then added to while they are in cache, each block's
+/// products on one thread).
+pub fn lora_merge(dst: &mut [f32], w: &[f32], parts: &[MergedPart<'_, Vec<f32>>], out: usize, k: usize) {
+    const BLOCK: usize = 32;
+    if k == 0 {
+        return;
+    }
+    let blocks = dst[..out * k].par_chunks_mut(BLOCK * k).zip(w[..out * k].par_chunks(BLOCK * k));
+    blocks.enumerate().for_each(|(i, (d, w))| {
+        d.copy_from_slice(w);
+        let (j0, j1) = (i * BLOCK, i * BLOCK + d.len() / k);
+        for p in parts {
+            let (lo, hi) = (p.off.max(j0), (p.off + p.cols).min(j1));
+            if lo < hi {
+                let b = &p.b[(lo - p.off) * p.r..];
+                strided_scaled(&mut d[(lo - j0) * k..], true, (hi - lo, k, p.r), k, b, (p.r, 1), p.a, (k, 1), p.scale, Parallelism::None);
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -255,6 +255,13 @@ impl Backend for Cpu {
     ) {
         matmul::lora_down_bwd(dx.map(|d| d.as_mut_slice()), da.map(|d| d.as_mut_slice()), dt, x, a, rows, k, rank)
     }
+    fn merges_adapters(&self) -> bool {
+        true
+    }
+    fn lora_merge(&self, dst: &mut Vec<f32>, w: &Vec<f32>, parts: &[super::MergedPart<'_, Vec<f32>>], out: usize, k: usize) -> bool {
+        matmul::lora_merge(dst, w, parts, out, k);
+        true
+    }
     fn dora_norm(&self, n: &mut Vec<f32>, w: &Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, off: usize, cols: usize, k: usize, r: usize, scale: f32) {
         dora::norm(n, w, a, b, off, cols, k, r, scale)
     }

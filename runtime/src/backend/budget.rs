@@ -274,12 +274,12 @@ impl<B: Backend> Backend for Budget<B> {
     fn take_cols(&self, dst: &mut Buf<B>, src: &Buf<B>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         self.inner.take_cols(&mut dst.buf, &src.buf, rows, width, ld, off, scale)
     }
-    fn lora_up(&self, out: &mut Buf<B>, t: &Buf<B>, b: &Buf<B>, blk: crate::backend::ColBlock, rank: usize, scale: f32) {
-        self.inner.lora_up(&mut out.buf, &t.buf, &b.buf, blk, rank, scale)
+    fn lora_up(&self, out: &mut Buf<B>, t: &Buf<B>, b: &Buf<B>, blk: crate::backend::ColBlock, rank: usize, scale: f32, add: bool) {
+        self.inner.lora_up(&mut out.buf, &t.buf, &b.buf, blk, rank, scale, add)
     }
     fn lora_up_bwd(
         &self,
-        dt: &mut Buf<B>,
+        dt: (&mut Buf<B>, bool),
         db: Option<&mut Buf<B>>,
         dout: &Buf<B>,
         t: &Buf<B>,
@@ -288,7 +288,7 @@ impl<B: Backend> Backend for Budget<B> {
         rank: usize,
         scale: f32,
     ) {
-        self.inner.lora_up_bwd(&mut dt.buf, db.map(|d| &mut d.buf), &dout.buf, &t.buf, &b.buf, blk, rank, scale)
+        self.inner.lora_up_bwd((&mut dt.0.buf, dt.1), db.map(|d| &mut d.buf), &dout.buf, &t.buf, &b.buf, blk, rank, scale)
     }
     fn lora_down_bwd(&self, dx: Option<&mut Buf<B>>, da: Option<&mut Buf<B>>, dt: &Buf<B>, x: &Buf<B>, a: &Buf<B>, rows: usize, k: usize, rank: usize) {
         self.inner.lora_down_bwd(dx.map(|d| &mut d.buf), da.map(|d| &mut d.buf), &dt.buf, &x.buf, &a.buf, rows, k, rank)

@@ -336,14 +336,16 @@ pub trait Backend: Send + Sync + 'static {
     fn take_cols(&self, dst: &mut Self::Buf, src: &Self::Buf, rows: usize, width: usize, ld: usize, off: usize, scale: f32);
 
     /// LoRA's up-projection into its columns of a map's output: `out[r, off + j] += scale * (t
-    /// b^T)[r, j]` over block `blk` of `out`, with `t` `[rows, rank]` and `b` `[width, rank]`.
-    fn lora_up(&self, out: &mut Self::Buf, t: &Self::Buf, b: &Self::Buf, blk: ColBlock, rank: usize, scale: f32);
-    /// Its backward pass, with `g = scale * dout[:, off..off + width]`: `dt = g b` (overwritten,
-    /// `[rows, rank]`) and `db += g^T t` (when given).
+    /// b^T)[r, j]` over block `blk` of `out`, with `t` `[rows, rank]` and `b` `[width, rank]`
+    /// (`=` instead of `+=` unless `add`: a held LM head's blocks of logits).
+    #[allow(clippy::too_many_arguments)] // the product's operands, its block and its mode
+    fn lora_up(&self, out: &mut Self::Buf, t: &Self::Buf, b: &Self::Buf, blk: ColBlock, rank: usize, scale: f32, add: bool);
+    /// Its backward pass, with `g = scale * dout[:, off..off + width]`: `dt = g b` (`[rows,
+    /// rank]`; added to when `dt.1`, overwritten otherwise) and `db += g^T t` (when given).
     #[allow(clippy::too_many_arguments)] // the two gradients, the forward's operands and the block
     fn lora_up_bwd(
         &self,
-        dt: &mut Self::Buf,
+        dt: (&mut Self::Buf, bool),
         db: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         t: &Self::Buf,

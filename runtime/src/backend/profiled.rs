@@ -243,13 +243,13 @@ impl<B: Backend> Backend for Profiled<B> {
     fn take_cols(&self, dst: &mut B::Buf, src: &B::Buf, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         self.time("adapter", 0.0, || self.inner.take_cols(dst, src, rows, width, ld, off, scale))
     }
-    fn lora_up(&self, out: &mut B::Buf, t: &B::Buf, b: &B::Buf, blk: crate::backend::ColBlock, rank: usize, scale: f32) {
+    fn lora_up(&self, out: &mut B::Buf, t: &B::Buf, b: &B::Buf, blk: crate::backend::ColBlock, rank: usize, scale: f32, add: bool) {
         let flops = 2.0 * (blk.rows * blk.width * rank) as f64;
-        self.time("matmul", flops, || self.inner.lora_up(out, t, b, blk, rank, scale))
+        self.time("matmul", flops, || self.inner.lora_up(out, t, b, blk, rank, scale, add))
     }
     fn lora_up_bwd(
         &self,
-        dt: &mut B::Buf,
+        dt: (&mut B::Buf, bool),
         db: Option<&mut B::Buf>,
         dout: &B::Buf,
         t: &B::Buf,

@@ -245,10 +245,9 @@ impl<B: Backend> Model<B> {
     /// `w`, each block's product into its columns.
     fn held_logits_in_blocks(&self, weight: &[bf16], vb: usize, w: &mut B::Buf, out: &mut B::Buf, x: &B::Buf, n: usize) -> Result<()> {
         let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
-        be.fill(out, 0.0);
         for blk in head_blocks(n, v, vb) {
             widen_into(be, w, 0, &weight[blk.off * h..(blk.off + blk.width) * h])?;
-            be.lora_up(out, x, w, blk, h, 1.0);
+            be.lora_up(out, x, w, blk, h, 1.0, false);
         }
         Ok(())
     }
@@ -258,12 +257,12 @@ impl<B: Backend> Model<B> {
     /// `grad_scale` (training), the chunk's rows of `acts.dln`; the head is frozen, so it has no
     /// gradient. The head is made f32 `head_block_rows` rows at a time, into `w` (scratch of at
     /// least that many rows): each block's logits columns, the loss over whole rows, then each
-    /// block's share of the input gradient, summed block by block (in one block it runs exactly
+    /// block's share of the input gradient, added block by block (in one block it runs exactly
     /// as an f32 head).
     pub(super) fn held_head_chunk_loss(
         &self,
         acts: &mut Activations<B>,
-        (w, dpart): (&mut B::Buf, &mut B::Buf),
+        w: &mut B::Buf,
         (i, r0, n): (usize, usize, usize),
         smoothing: f32,
         grad_scale: Option<f32>,
@@ -291,12 +290,7 @@ impl<B: Backend> Model<B> {
             if grad_scale.is_some() {
                 for (j, blk) in head_blocks(n, v, vb).enumerate() {
                     widen_into(be, w, 0, &weight[blk.off * h..(blk.off + blk.width) * h])?;
-                    if j == 0 {
-                        be.lora_up_bwd(dx, None, &acts.logits, x, w, blk, h, 1.0);
-                    } else {
-                        be.lora_up_bwd(dpart, None, &acts.logits, x, w, blk, h, 1.0);
-                        be.add_cols(dx, dpart, n, h, h, 0, 1.0);
-                    }
+                    be.lora_up_bwd((&mut *dx, j > 0), None, &acts.logits, x, w, blk, h, 1.0);
                 }
             }
         }
@@ -311,18 +305,16 @@ impl<B: Backend> Model<B> {
         block_rows.unwrap_or(HEAD_BLOCK_FLOATS / h.max(1)).clamp(1, v.max(1))
     }
 
-    /// The scratch [`Model::held_head_chunk_loss`] needs for chunks of up to `n` rows: a block of
-    /// the head in f32, lent by `spare[0]`, and a block's share of the input gradient, lent by
-    /// `spare[1]` ([`lend`]; give them back with [`Model::give_back_held_scratch`]).
-    pub(super) fn held_head_scratch(&self, n: usize, [w, dpart]: [&mut B::Buf; 2]) -> Result<[(B::Buf, bool); 2]> {
-        let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
+    /// The scratch [`Model::held_head_chunk_loss`] needs: a block of the head in f32, lent by
+    /// `spare` ([`lend`]; give it back with [`Model::give_back_held_scratch`]).
+    pub(super) fn held_head_scratch(&self, spare: &mut B::Buf) -> Result<(B::Buf, bool)> {
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
         let vb = Self::head_block(self.frozen.as_ref().and_then(|f| f.head_block_rows), h, v);
-        Ok([lend(be, w, vb * h)?, lend(be, dpart, if vb == v { 0 } else { n * h })?])
+        lend(&self.backend, spare, vb * h)
     }
 
-    /// Gives back the buffers [`Model::held_head_scratch`] took.
-    pub(super) fn give_back_held_scratch([w, dpart]: [(B::Buf, bool); 2], [sw, sd]: [&mut B::Buf; 2]) {
-        give_back(sw, w);
-        give_back(sd, dpart);
+    /// Gives back the buffer [`Model::held_head_scratch`] took.
+    pub(super) fn give_back_held_scratch(w: (B::Buf, bool), spare: &mut B::Buf) {
+        give_back(spare, w);
     }
 }

@@ -377,16 +377,15 @@ impl<B: Backend> Model<B> {
         let head = self.layout.head();
         if fused && self.head_is_held() {
             // a frozen head held in bf16: made f32 a block of rows at a time, never whole
-            let n = acts.head_rows.min(acts.batch * acts.seq);
-            let [mut w, mut dpart] = self.held_head_scratch(n, [&mut acts.dact, &mut acts.dres])?;
+            let mut w = self.held_head_scratch(&mut acts.dact)?;
             let mut run = || -> Result<()> {
                 for chunk in head_chunks(acts).collect::<Vec<_>>() {
-                    self.held_head_chunk_loss(acts, (&mut w.0, &mut dpart.0), chunk, loss.label_smoothing, grad_scale)?;
+                    self.held_head_chunk_loss(acts, &mut w.0, chunk, loss.label_smoothing, grad_scale)?;
                 }
                 Ok(())
             };
             let done = run();
-            Self::give_back_held_scratch([w, dpart], [&mut acts.dact, &mut acts.dres]);
+            Self::give_back_held_scratch(w, &mut acts.dact);
             done?;
             return Ok((b.labels.is_some().then_some(n_tokens), None));
         }

@@ -155,7 +155,7 @@ impl Linear {
             be.matmul_fwd(&mut s.t, x, &p.bufs[part.a], None, rows, k, part.r);
             let blk = ColBlock { rows, width: part.cols, ld: o, off: part.off };
             match part.mag {
-                None => be.lora_up(out, &s.t, &p.bufs[part.b], blk, part.r, part.scale),
+                None => be.lora_up(out, &s.t, &p.bufs[part.b], blk, part.r, part.scale, true),
                 Some(m) => {
                     be.matmul_fwd(&mut s.u, &s.t, &p.bufs[part.b], None, rows, part.r, part.cols);
                     let w = &p.bufs[self.w];
@@ -237,7 +237,7 @@ impl Linear {
             match part.mag {
                 None => {
                     let (_, db) = g.pair(part.a, Some(part.b));
-                    be.lora_up_bwd(&mut s.dt, db, dout, &s.t, &p.bufs[part.b], blk(part), r, part.scale);
+                    be.lora_up_bwd((&mut s.dt, false), db, dout, &s.t, &p.bufs[part.b], blk(part), r, part.scale);
                 }
                 Some(m) => {
                     be.matmul_fwd(&mut s.u, &s.t, &p.bufs[part.b], None, rows, r, part.cols);
@@ -321,7 +321,7 @@ impl Linear {
             be.matmul_fwd(&mut s.t, x, &p.bufs[part.a], None, rows, k, r);
             let blk = ColBlock { rows, width: part.cols, ld: self.out_features, off: part.off };
             let (_, db) = g.pair(part.a, Some(part.b));
-            be.lora_up_bwd(&mut s.dt, db, dout, &s.t, &p.bufs[part.b], blk, r, part.scale);
+            be.lora_up_bwd((&mut s.dt, false), db, dout, &s.t, &p.bufs[part.b], blk, r, part.scale);
             self.lora_down_bwd(be, p, g, dinp.as_deref_mut(), s, x, part, (i, drop, dropped.is_some()), rows);
             if let Some(x) = dropped {
                 s.xd = x;

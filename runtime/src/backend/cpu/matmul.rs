@@ -243,22 +243,24 @@ pub fn matmul_bwd(
     }
 }
 
-/// `out[r, off + j] += scale * (t b^T)[r, j]`: LoRA's up-projection straight into its columns.
-pub fn lora_up(out: &mut [f32], t: &[f32], b: &[f32], blk: ColBlock, rank: usize, scale: f32) {
+/// `out[r, off + j] (+)= scale * (t b^T)[r, j]`: LoRA's up-projection straight into its columns
+/// (added when `add`).
+#[allow(clippy::too_many_arguments)] // as Backend::lora_up
+pub fn lora_up(out: &mut [f32], t: &[f32], b: &[f32], blk: ColBlock, rank: usize, scale: f32, add: bool) {
     if blk.rows == 0 || blk.width == 0 {
         return;
     }
-    strided_scaled(&mut out[blk.off..], true, (blk.rows, blk.width, rank), blk.ld, t, (rank, 1), b, (1, rank), scale, parallelism());
+    strided_scaled(&mut out[blk.off..], add, (blk.rows, blk.width, rank), blk.ld, t, (rank, 1), b, (1, rank), scale, parallelism());
 }
 
-/// `dt = scale * dout[:, off..] b` and `db += scale * dout[:, off..]^T t`.
+/// `dt (+)= scale * dout[:, off..] b` (added when `add`) and `db += scale * dout[:, off..]^T t`.
 #[allow(clippy::too_many_arguments)] // as Backend::lora_up_bwd
-pub fn lora_up_bwd(dt: &mut [f32], db: Option<&mut [f32]>, dout: &[f32], t: &[f32], b: &[f32], blk: ColBlock, rank: usize, scale: f32) {
+pub fn lora_up_bwd((dt, add): (&mut [f32], bool), db: Option<&mut [f32]>, dout: &[f32], t: &[f32], b: &[f32], blk: ColBlock, rank: usize, scale: f32) {
     if blk.rows == 0 || blk.width == 0 {
         return;
     }
     let g = &dout[blk.off..];
-    strided_scaled(dt, false, (blk.rows, rank, blk.width), rank, g, (blk.ld, 1), b, (rank, 1), scale, parallelism());
+    strided_scaled(dt, add, (blk.rows, rank, blk.width), rank, g, (blk.ld, 1), b, (rank, 1), scale, parallelism());
     if let Some(db) = db {
         strided_scaled(db, true, (blk.width, rank, blk.rows), rank, g, (1, blk.ld), t, (rank, 1), scale, parallelism());
     }

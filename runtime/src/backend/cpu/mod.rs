@@ -236,11 +236,21 @@ impl Backend for Cpu {
     fn take_cols(&self, dst: &mut Vec<f32>, src: &Vec<f32>, rows: usize, width: usize, ld: usize, off: usize, scale: f32) {
         pointwise::take_cols(dst, src, rows, width, ld, off, scale)
     }
-    fn lora_up(&self, out: &mut Vec<f32>, t: &Vec<f32>, b: &Vec<f32>, blk: ColBlock, rank: usize, scale: f32) {
-        matmul::lora_up(out, t, b, blk, rank, scale)
+    fn lora_up(&self, out: &mut Vec<f32>, t: &Vec<f32>, b: &Vec<f32>, blk: ColBlock, rank: usize, scale: f32, add: bool) {
+        matmul::lora_up(out, t, b, blk, rank, scale, add)
     }
-    fn lora_up_bwd(&self, dt: &mut Vec<f32>, db: Option<&mut Vec<f32>>, dout: &Vec<f32>, t: &Vec<f32>, b: &Vec<f32>, blk: ColBlock, rank: usize, scale: f32) {
-        matmul::lora_up_bwd(dt, db.map(|d| d.as_mut_slice()), dout, t, b, blk, rank, scale)
+    fn lora_up_bwd(
+        &self,
+        (dt, add): (&mut Vec<f32>, bool),
+        db: Option<&mut Vec<f32>>,
+        dout: &Vec<f32>,
+        t: &Vec<f32>,
+        b: &Vec<f32>,
+        blk: ColBlock,
+        rank: usize,
+        scale: f32,
+    ) {
+        matmul::lora_up_bwd((dt, add), db.map(|d| d.as_mut_slice()), dout, t, b, blk, rank, scale)
     }
     fn lora_down_bwd(
         &self,

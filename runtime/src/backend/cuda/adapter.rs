@@ -11,9 +11,9 @@ use super::{Cuda, A};
 use crate::backend::ColBlock;
 
 impl Cuda {
-    /// `out[:, off..off + width] += scale * t b^T`: one product written straight into the block's
-    /// columns (`ldd` the map's width, accumulated with `beta = 1`).
-    pub(super) fn lora_up_op(&self, out: &mut CudaSlice<f32>, t: &CudaSlice<f32>, b: &CudaSlice<f32>, blk: ColBlock, rank: usize, scale: f32) {
+    /// `out[:, off..off + width] (+)= scale * t b^T`: one product written straight into the block's
+    /// columns (`ldd` the map's width, accumulated with `beta = 1` when `add`).
+    pub(super) fn lora_up_op(&self, out: &mut CudaSlice<f32>, t: &CudaSlice<f32>, b: &CudaSlice<f32>, blk: ColBlock, rank: usize, scale: f32, add: bool) {
         self.forget_weight(out);
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let ([b_p, t_p], ty) = self.operands(&mut scratch, [b, t], 0, [true, true]);
@@ -33,17 +33,17 @@ impl Cuda {
             ty,
             out: Ty::F32,
             alpha: scale,
-            beta: 1.0,
+            beta: if add { 1.0 } else { 0.0 },
             bias: None,
         });
     }
 
-    /// With `g = scale * dout[:, off..off + width]`: `dt = g b` and `db += g^T t`, each product
+    /// With `g = scale * dout[:, off..off + width]`: `dt (+)= g b` and `db += g^T t`, each product
     /// reading the block's columns of `dout` in place (its bf16 copy in bf16 mode: the one the
     /// map's own backward product made when the caller named `dout` for reuse).
     pub(super) fn lora_up_bwd_op(
         &self,
-        dt: &mut CudaSlice<f32>,
+        (dt, add): (&mut CudaSlice<f32>, bool),
         db: Option<&mut CudaSlice<f32>>,
         dout: &CudaSlice<f32>,
         t: &CudaSlice<f32>,
@@ -73,7 +73,7 @@ impl Cuda {
             ty,
             out: Ty::F32,
             alpha: scale,
-            beta: 0.0,
+            beta: if add { 1.0 } else { 0.0 },
             bias: None,
         });
         if let Some(db) = db {

@@ -423,12 +423,12 @@ impl Backend for Cuda {
         let args = [self.p(dst), self.p(src), A::L(rows as i64), A::I(width as i32), A::I(ld as i32), A::I(off as i32), A::F(scale)];
         self.launch_n("take_cols_f32", (rows * width).div_ceil(4), &args);
     }
-    fn lora_up(&self, out: &mut CudaSlice<f32>, t: &CudaSlice<f32>, b: &CudaSlice<f32>, blk: ColBlock, rank: usize, scale: f32) {
-        self.lora_up_op(out, t, b, blk, rank, scale)
+    fn lora_up(&self, out: &mut CudaSlice<f32>, t: &CudaSlice<f32>, b: &CudaSlice<f32>, blk: ColBlock, rank: usize, scale: f32, add: bool) {
+        self.lora_up_op(out, t, b, blk, rank, scale, add)
     }
     fn lora_up_bwd(
         &self,
-        dt: &mut CudaSlice<f32>,
+        dt: (&mut CudaSlice<f32>, bool),
         db: Option<&mut CudaSlice<f32>>,
         dout: &CudaSlice<f32>,
         t: &CudaSlice<f32>,

@@ -391,18 +391,18 @@ impl Backend for Roofline {
         self.reads(&[src]);
         self.elementwise("adapter", rows * width, rows * width);
     }
-    fn lora_up(&self, out: &mut VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
+    fn lora_up(&self, out: &mut VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32, add: bool) {
         let _op = self.op_kind("matmul");
         // as the CUDA backend: one product accumulated into the block's columns
         self.cast_operands(&[b, t], Some(0), &[true, true]);
         self.forget(out);
-        self.gemm((blk.width, blk.rows, rank), true, false);
+        self.gemm((blk.width, blk.rows, rank), add, false);
     }
-    fn lora_up_bwd(&self, _dt: &mut VBuf, db: Option<&mut VBuf>, dout: &VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
+    fn lora_up_bwd(&self, (_, add): (&mut VBuf, bool), db: Option<&mut VBuf>, dout: &VBuf, t: &VBuf, b: &VBuf, blk: ColBlock, rank: usize, _scale: f32) {
         let _op = self.op_kind("matmul");
         // the products read the block's columns of the output gradient (or its bf16 copy) in place
         self.cast_operands(&[dout, b, t], Some(1), &[true, true, db.is_some()]);
-        self.gemm((rank, blk.rows, blk.width), false, false);
+        self.gemm((rank, blk.rows, blk.width), add, false);
         if db.is_some() {
             self.gemm((rank, blk.width, blk.rows), true, false);
         }

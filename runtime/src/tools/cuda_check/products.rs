@@ -90,10 +90,10 @@ pub(super) fn adapter<B: Backend>(
     let (k, ld) = (x.len() / blk.rows, blk.ld);
     let (xb, wb, tb, bb, doutb) = (be.upload(x)?, be.upload(w)?, be.upload(t)?, be.upload(b)?, be.upload(dout)?);
     let (mut out, mut db, mut dt, mut dinp) = (be.upload(out0)?, be.upload(db0)?, be.zeros(blk.rows * r)?, be.zeros(blk.rows * k)?);
-    be.lora_up(&mut out, &tb, &bb, blk, r, 1.5);
+    be.lora_up(&mut out, &tb, &bb, blk, r, 1.5, true);
     be.begin_operand_reuse(&[&xb, &doutb]);
     be.matmul_bwd(Some(&mut dinp), None, None, &doutb, &xb, &wb, blk.rows, k, ld);
-    be.lora_up_bwd(&mut dt, Some(&mut db), &doutb, &tb, &bb, blk, r, 1.5);
+    be.lora_up_bwd((&mut dt, false), Some(&mut db), &doutb, &tb, &bb, blk, r, 1.5);
     be.end_operand_reuse();
     Ok(vec![("out", be.download(&out)?), ("dinp", be.download(&dinp)?), ("dt", be.download(&dt)?), ("db", be.download(&db)?)])
 }

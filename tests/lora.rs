@@ -280,7 +280,7 @@ fn trainer_fixture_args(out: &std::path::Path) -> (Vec<String>, serde_json::Valu
     (args, refs)
 }
 
-/// 10 steps of `runtime train` on a peft adapter against `transformers.Trainer` on a `PeftModel`:
+/// 12 steps of `runtime train` on a peft adapter against `transformers.Trainer` on a `PeftModel`:
 /// the logged loss, gradient norm and learning rate of every step, the evaluation losses and the
 /// final adapter agree.
 #[test]

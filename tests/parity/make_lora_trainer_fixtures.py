@@ -4,7 +4,7 @@ runs `runtime train` with the same adapter and arguments and compares the run st
 Starts from the Llama and the addition data of tests/fixtures/trainer/ (made by
 make_trainer_fixtures.py): LoRA r 4, lora_alpha 8 on every linear module, the adapter as peft
 initialises it (kaiming-uniform A, zero B; saved, since the runtime draws its own random numbers),
-then 10 steps with accumulation, warm-up + cosine, weight decay and clipping. Writes
+then 12 steps with accumulation, warm-up + cosine, weight decay and clipping. Writes
 tests/fixtures/trainer/lora/: init_adapter/, final_adapter.safetensors, reference.json.
 
     python tests/parity/make_lora_trainer_fixtures.py
@@ -26,7 +26,7 @@ from make_trainer_fixtures import COMMON, Examples
 ROOT = Path(__file__).resolve().parent.parent.parent
 BASE = ROOT / "tests" / "fixtures" / "trainer"
 OUT = BASE / "lora"
-ARGS = dict(COMMON, gradient_accumulation_steps=2, max_steps=10)
+ARGS = dict(COMMON, gradient_accumulation_steps=2, max_steps=12)
 PEFT = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 
 

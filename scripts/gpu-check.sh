@@ -9,13 +9,15 @@
 # `RUNTIME_KERNEL_CACHE_DIR=target/gpu/kernel-cache target/release/runtime kernels --cache --arch sm_90`.
 #
 # 1. every op of the CUDA backend against the CPU backend on random inputs, then whole training
-#    steps, in f32 and in bf16 (`runtime cuda-check`);
+#    steps, in f32 and in bf16 (`runtime cuda-check`), and where a bf16 row fails, the bf16 checks
+#    again with `RUNTIME_CUDA_HOLDS=copies` and `off` (docs/CUDA.md: is a held copy the cause?);
 #    then the addition example (GPT-2) and the reverse example (T5) trained on the GPU and the CPU,
 #    and NCCL in one process (`ddp_backend = "nccl"`, plain and sharded, f32 and bf16) against
 #    the same runs without it (the same model bits);
 # 2. the attention kernels and the fused AdamW step timed (`runtime cuda-check --bench`);
 # 3. GPT-2 124M training throughput (sequence 1024, bf16) with `runtime bench` and with
-#    `transformers.Trainer` (`scripts/gpu_reference.py`) on the same GPU, one after the other;
+#    `transformers.Trainer` (`scripts/gpu_reference.py`) on the same GPU, one after the other, and
+#    our step again with `RUNTIME_CUDA_HOLDS=copies` (the held products off);
 # 4. Llama 8 x 1024 trained whole and with LoRA r 16 (`runtime bench --lora_r 16`);
 # 5. a short table: tokens/s, MFU (llm.c's 6N + 12*L*C*T FLOPs per token, against the bf16
 #    matmul rate PyTorch reaches on this GPU in the same run), peak memory, attention against
@@ -71,6 +73,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 run parity_f32.md timeout 40 "$BIN" cuda-check
 run parity_bf16.md timeout 40 "$BIN" cuda-check --bf16
 cat "$OUT/parity_f32.md" "$OUT/parity_bf16.md" | grep -E "FAIL|^[A-Z]" || true
+# a failing bf16 row: the same checks with the held products off (`RUNTIME_CUDA_HOLDS=copies`: no
+# op reads a held copy in place of f32 values) and with no holds at all, which says whether the
+# held copies are the cause (docs/CUDA.md)
+if grep -q "| FAIL |" "$OUT/parity_bf16.md" || [ ! -s "$OUT/parity_bf16.md" ]; then
+    for h in copies off; do
+        run "parity_bf16_holds_$h.md" env RUNTIME_CUDA_HOLDS=$h timeout 40 "$BIN" cuda-check --bf16
+        grep -E "FAIL|^[A-Z]" "$OUT/parity_bf16_holds_$h.md" || true
+    done
+fi
 # the trainer end to end on the GPU and on the CPU (same data, seed and steps): the logged losses
 # side by side, then the GPU's checkpoint resumed on the CPU
 TRAIN=(train --config examples/addition/train.toml --max_steps 200 --logging_steps 50 --eval_steps 100 --save_steps 100 --num_train_epochs 1)
@@ -128,6 +139,10 @@ cat "$OUT/nccl.txt"
 run kernels.json timeout 35 "$BIN" cuda-check --bf16 --bench --json
 run ours.json timeout 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
     --seq 1024 --batch 8 --steps 10 --warmup 3 --json
+# the same step with the held products off (each held buffer's f32 values written and read):
+# what writing and reading the bf16 copies alone is worth, measured
+run ours_holds_copies.json env RUNTIME_CUDA_HOLDS=copies timeout 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 \
+    --n_head 12 --vocab 50257 --seq 1024 --batch 8 --steps 10 --warmup 3 --json
 run reference.json timeout 100 $PY scripts/gpu_reference.py
 # the same step as modeled by the roofline account (no GPU involved), for this GPU's peak rates
 CHIP=$(grep -oiE "h200|h100|a100" "$OUT/gpu.txt" | head -1 | tr 'A-Z' 'a-z')
@@ -161,6 +176,7 @@ def load(name):
     except Exception as e:
         return {"error": f"{name}: {e}"}
 ours, ref, kern, roof, prof = load("ours.json"), load("reference.json"), load("kernels.json"), load("roofline.json"), load("profile.json")
+copies = load("ours_holds_copies.json")
 def losses(name):
     try:
         rows = [json.loads(l) for l in open(os.path.join(out, name)) if l.startswith("{")]
@@ -201,6 +217,10 @@ if ours.get("tokens_per_second") and tr.get("tokens_per_second"):
     print(f"\nthroughput ratio runtime / Trainer: {ours['tokens_per_second'] / tr['tokens_per_second']:.2f}x (target 1.3x); "
           f"MFU denominator: PyTorch bf16 matmul {peak:.0f} TFLOP/s" if peak else "")
 print("(runtime's memory is the device memory in use after the steps; the Trainer's is torch.cuda.max_memory_allocated)\n")
+if ours.get("step_seconds") and copies.get("step_seconds"):
+    print(f"with the held products off (RUNTIME_CUDA_HOLDS=copies): {copies['step_seconds']*1e3:.2f} ms per step against "
+          f"{ours['step_seconds']*1e3:.2f} ms ({copies['step_seconds'] / ours['step_seconds']:.3f}x), memory "
+          f"{(copies.get('peak_rss_mib') or 0)/1024:.2f} GiB against {(ours.get('peak_rss_mib') or 0)/1024:.2f}\n")
 if roof.get("modeled_step_seconds") and ours.get("step_seconds"):
     chip = roof["chip"]
     measured_mfu = roof["model_flops_per_step"] / ours["step_seconds"] / chip["tensor"]

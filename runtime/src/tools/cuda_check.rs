@@ -396,13 +396,13 @@ fn held_parity(gpu: &Cuda) -> Result<Vec<Check>> {
         let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
         let batch = step_batch(cfg.vocab_size as i32);
         let direct = one_step(gpu.clone(), cfg.clone(), tensors.clone(), &batch, None, lora)?;
-        gpu.set_held_products(false);
+        let was = gpu.set_held_products(false);
         let held = one_step(gpu.clone(), cfg.clone(), tensors.clone(), &batch, None, lora);
-        gpu.set_held_products(true);
+        gpu.set_held_products(was);
         let held = held?;
-        gpu.set_hold_operands(false);
+        let was = gpu.set_hold_operands(false);
         let cast = one_step(gpu.clone(), cfg, tensors, &batch, None, lora);
-        gpu.set_hold_operands(true);
+        gpu.set_hold_operands(was);
         let cast = cast?;
         let case = format!("{arch}, 2 layers{}: held inputs against a cast per product", if lora.is_some() { ", LoRA r 8" } else { "" });
         for (name, e) in [

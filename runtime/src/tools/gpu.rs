@@ -67,7 +67,8 @@ pub fn cuda_check(bf16: bool, json: bool, bench: bool) -> Result<()> {
         println!("{}", json_of(&checks)?);
     } else {
         let info = cuda.info();
-        println!("{} (compute capability {}.{}), {}", info.name, info.compute_capability.0, info.compute_capability.1, if bf16 { "bf16" } else { "f32" });
+        let mode = if bf16 { format!("bf16, holds {}", cuda.holds()) } else { "f32".into() };
+        println!("{} (compute capability {}.{}), {mode}", info.name, info.compute_capability.0, info.compute_capability.1);
         println!("| op | case | output | rel. error | limit | |\n|---|---|---|---|---|---|");
         for c in &checks {
             println!("| {} | {} | {} | {:.2e} | {:.0e} | {} |", c.op, c.case, c.output, c.rel_err, c.limit, if c.pass { "ok" } else { "FAIL" });

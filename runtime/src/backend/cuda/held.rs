@@ -33,7 +33,29 @@ pub(super) struct Held {
     products_off: bool,
 }
 
+/// The environment variable that sets the holds at start-up: `on` (the default), `copies` (the
+/// held products off, `Cuda::set_held_products(false)`) or `off` (no holds,
+/// `Cuda::set_hold_operands(false)`). A switch to isolate the held copies on a GPU: a step
+/// should give the same loss with each, and the same bits with `on` and `copies`.
+pub(crate) const HOLDS_ENV: &str = "RUNTIME_CUDA_HOLDS";
+
 impl Held {
+    /// The holds as `RUNTIME_CUDA_HOLDS` (its value `value`) sets them; any other value is an
+    /// error that names the variable and the values it takes.
+    pub(super) fn from_setting(value: Option<&str>) -> crate::error::Result<Self> {
+        let (off, products_off) = match value.map(str::trim) {
+            None | Some("") | Some("on") => (false, false),
+            Some("copies") => (false, true),
+            Some("off") => (true, true),
+            Some(v) => {
+                return Err(crate::error::Error::Invalid(format!(
+                    "{HOLDS_ENV}={v:?}: expected `on` (the default), `copies` (no op reads a held copy in place of f32 values) or `off` (no holds)"
+                )))
+            }
+        };
+        Ok(Held { off, products_off, ..Default::default() })
+    }
+
     /// Drops the entry of `key` (all when `None`), keeping the copies for reuse.
     fn drop_entries(&mut self, key: Option<u64>) {
         let dropped: Vec<_> = match key {
@@ -103,10 +125,21 @@ impl Cuda {
 
     /// On (the default): `hold_operand` keeps a saved activation's bf16 copy for the backward
     /// pass. `cuda-check` turns it off to check that a step comes out the same bits either way.
-    pub fn set_hold_operands(&self, on: bool) {
+    /// Returns whether they were on.
+    pub fn set_hold_operands(&self, on: bool) -> bool {
         let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
         held.drop_entries(None);
-        held.off = !on;
+        !std::mem::replace(&mut held.off, !on)
+    }
+
+    /// The holds as set now, in `RUNTIME_CUDA_HOLDS`'s words: `on`, `copies` or `off`.
+    pub fn holds(&self) -> &'static str {
+        let held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        match (held.off, held.products_off) {
+            (true, _) => "off",
+            (false, true) => "copies",
+            (false, false) => "on",
+        }
     }
 
     /// On (the default): a buffer held with `hold_operand_only` has its bf16 copy written alone
@@ -115,8 +148,10 @@ impl Cuda {
     /// values are written and read as without holds, the copies only sharing the casts.
     /// `cuda-check` turns it off to compare a step with holds, bit for bit, with one that casts
     /// every operand.
-    pub fn set_held_products(&self, on: bool) {
-        self.0.held.lock().unwrap_or_else(|e| e.into_inner()).products_off = !on;
+    /// Returns whether they were on.
+    pub fn set_held_products(&self, on: bool) -> bool {
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        !std::mem::replace(&mut held.products_off, !on)
     }
 
     /// Ends `buf`'s hold (`Backend::release_operand`), keeping its copy for reuse.
@@ -322,5 +357,24 @@ impl Cuda {
         let Some(copy) = self.made_copy(&held, buf, true) else { return };
         self.launch_n("cast_bf16_f32", buf.len(), &[A::P(key), A::P(copy), A::L(buf.len() as i64)]);
         held.drop_entries(Some(key));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Held, HOLDS_ENV};
+
+    #[test]
+    fn the_holds_setting_takes_three_values_and_names_itself_otherwise() {
+        for (value, off, products_off) in
+            [(None, false, false), (Some(""), false, false), (Some("on"), false, false), (Some("copies"), false, true), (Some(" off\n"), true, true)]
+        {
+            let h = Held::from_setting(value).unwrap();
+            assert_eq!((h.off, h.products_off), (off, products_off), "{value:?}");
+        }
+        for bad in ["yes", "ON", "0"] {
+            let e = Held::from_setting(Some(bad)).err().expect(bad).to_string();
+            assert!(e.contains(HOLDS_ENV) && e.contains(&format!("{bad:?}")) && e.contains("copies"), "{e}");
+        }
     }
 }

@@ -15,6 +15,7 @@ impl Cuda {
     /// architecture and creates the cuBLASLt handle.
     pub fn new(ordinal: usize, bf16: bool) -> Result<Self> {
         let info = probe(ordinal)?;
+        let held = super::held::Held::from_setting(std::env::var_os(super::held::HOLDS_ENV).map(|v| v.to_string_lossy().into_owned()).as_deref())?;
         let dev_err = |e| Error::Device(format!("CUDA device {ordinal}: {e:?}"));
         let ctx = CudaContext::new(ordinal).map_err(dev_err)?;
         // one stream: stream order is the only synchronisation the ops need
@@ -66,7 +67,7 @@ impl Cuda {
             scratch: Mutex::new(scratch),
             weights16: Mutex::new(HashMap::new()),
             reuse: Mutex::new(Vec::new()),
-            held: Mutex::new(Default::default()),
+            held: Mutex::new(held),
             failure: Mutex::new(None),
             failed: std::sync::atomic::AtomicBool::new(false),
             group: Mutex::new(None),

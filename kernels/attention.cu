@@ -223,7 +223,6 @@ __device__ __forceinline__ void attn_fwd(float* out, bf16_t* out16, float* lse, 
         }
 
         if (i < seq) {
-            float* o = out + (a.row0 + i) * a.out_width + (long long)h * hd;
             if (l == 0.0f) {
 #pragma unroll
                 for (int k = 0; k < TM::DPT; ++k) acc[k] = 0.0f;
@@ -235,7 +234,7 @@ __device__ __forceinline__ void attn_fwd(float* out, bf16_t* out16, float* lse, 
                 if (a.part == 0) lse[((long long)b * n_head + h) * seq + i] = m + logf(l);
             }
             // out null: only the bf16 copy (Backend::hold_operand_only)
-            if (out != nullptr) store_own<D>(o, acc, hd, a.part);
+            if (out != nullptr) store_own<D>(out + (a.row0 + i) * a.out_width + (long long)h * hd, acc, hd, a.part);
             // the output's bf16 copy for the product that reads it (Backend::hold_operand)
             if (out16 != nullptr) store_own<D>(out16 + (a.row0 + i) * a.out_width + (long long)h * hd, acc, hd, a.part);
         }

@@ -57,10 +57,32 @@ fn every_kernel_compiles_with_nvrtc_for_sm90_and_sm80() {
         }
         let compiled: Vec<&str> =
             reports.iter().filter(|r| r["arch"] == arch).flat_map(|r| r["kernels"].as_array().unwrap()).map(|k| k.as_str().unwrap()).collect();
-        for k in runtime::backend::cuda::required_kernels() {
+        let required = runtime::backend::cuda::required_kernels();
+        for k in &required {
             assert!(compiled.contains(&k.as_str()), "the backend launches `{k}` but no kernel file exports it for {arch}");
         }
+        // and the list is whole: every kernel name the backend's code spells out is on it
+        for k in named_in_backend_sources(&compiled) {
+            assert!(required.contains(&k), "the backend's code names kernel `{k}`, which `required_kernels` does not list");
+        }
     }
+}
+
+/// The exported kernel names (of `compiled`) that appear as string literals in the CUDA
+/// backend's sources: the kernels it launches by a name written out whole.
+fn named_in_backend_sources(compiled: &[&str]) -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/backend/cuda");
+    let mut named = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let src = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for lit in src.split('"').skip(1).step_by(2) {
+            if compiled.contains(&lit) {
+                named.insert(lit.to_string());
+            }
+        }
+    }
+    assert!(named.len() > 40, "only {} kernel names found in {}", named.len(), dir.display());
+    named.into_iter().collect()
 }
 
 /// `runtime kernels --cache` fills the kernel cache the CUDA backend starts from; a second run

@@ -25,7 +25,10 @@ struct HeldEntry {
 #[derive(Default)]
 pub(super) struct Held {
     map: std::collections::HashMap<u64, HeldEntry>,
-    spare: Vec<CudaSlice<u16>>,
+    /// Released copies, each with the pass (`passes`) it was released in.
+    spare: Vec<(CudaSlice<u16>, u64)>,
+    /// Calls of `release_operands` so far: a pass's start and its backward pass's end.
+    passes: u64,
     /// Holds ignored (`Cuda::set_hold_operands`): every product casts its own operands.
     off: bool,
     /// Nothing is held `only` and no op reads a held copy in place of f32 values that it would
@@ -62,7 +65,8 @@ impl Held {
             Some(k) => self.map.remove(&k).into_iter().collect(),
             None => self.map.drain().map(|(_, e)| e).collect(),
         };
-        self.spare.extend(dropped.into_iter().filter_map(|e| e.copy));
+        let pass = self.passes;
+        self.spare.extend(dropped.into_iter().filter_map(|e| e.copy).map(|c| (c, pass)));
     }
 }
 
@@ -80,10 +84,11 @@ impl Cuda {
     /// The bf16 working copy of a parameter, when the last write to it was the fused AdamW step.
     ///
     /// An entry is written by `adamw_multi` together with its parameter. Any other write drops it:
-    /// `copy`, `fill` and `scale` drop their destination's entry, and `zeros` and `upload` drop
-    /// every entry, because they are how a parameter buffer comes to exist and a new buffer may
-    /// reuse a freed parameter's address. The copy equals what the cast kernel would produce
-    /// (both round to nearest even), so a hit changes the speed, never the numbers.
+    /// `copy`, `fill` and `scale` drop their destination's entry, and `zeros` and `upload` of a
+    /// non-empty buffer drop every entry, because they are how a parameter buffer comes to exist
+    /// and a new buffer may reuse a freed parameter's address (see [`Cuda::forget_for_new`]). The
+    /// copy equals what the cast kernel would produce (both round to nearest even), so a hit
+    /// changes the speed, never the numbers.
     pub(super) fn weight_copy(&self, w: &CudaSlice<f32>) -> Option<u64> {
         let map = self.0.weights16.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&self.ptr(w)).filter(|c| c.len() == w.len()).map(|c| self.ptr(c))
@@ -98,11 +103,20 @@ impl Cuda {
         }
     }
 
-    pub(super) fn forget_all_weights(&self) {
-        if self.0.bf16 {
+    /// What a new buffer `buf` (from `zeros` or `upload`) makes stale: every weight's working
+    /// copy and every shared operand copy (a dead buffer's entry would otherwise be trusted, or
+    /// kept, forever; dropping one costs a cast, never a number), and the hold of a freed buffer
+    /// whose address `buf` took. An empty buffer takes no address and drops nothing. The other
+    /// holds stay: a buffer held `only` has no f32 values, its copy is all there is, so dropping
+    /// its hold between the op that wrote it and the op that reads it would have the reader read
+    /// unwritten f32 values (a LoRA map's `zeros(0)` under dropout, or the loss's logits made
+    /// after the forward pass, fall in that span).
+    pub(super) fn forget_for_new(&self, buf: &CudaSlice<f32>) {
+        if self.0.bf16 && !buf.is_empty() {
             self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).clear();
             self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().for_each(|r| r.src = 0);
-            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(None);
+            let key = self.ptr(buf);
+            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(Some(key));
         }
     }
 
@@ -151,6 +165,7 @@ impl Cuda {
     /// Returns whether they were on.
     pub fn set_held_products(&self, on: bool) -> bool {
         let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.drop_entries(None);
         !std::mem::replace(&mut held.products_off, !on)
     }
 
@@ -162,9 +177,16 @@ impl Cuda {
         }
     }
 
+    /// Ends every hold. Spares released three or more calls ago are freed: a steady run takes
+    /// every spare again within its pass, so these are of shapes no longer in use (a batch of
+    /// another length, an evaluation's), which would otherwise pile up, one set per shape.
     pub(super) fn release_operands_op(&self) {
         if self.0.bf16 {
-            self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(None);
+            let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+            held.drop_entries(None);
+            let pass = held.passes;
+            held.spare.retain(|(_, released)| released + 2 >= pass);
+            held.passes += 1;
         }
     }
 
@@ -197,8 +219,8 @@ impl Cuda {
         let Held { map, spare, .. } = &mut *held;
         let HeldEntry { len, ready, copy, only } = map.get_mut(&key).filter(|e| e.len == buf.len())?;
         if copy.is_none() {
-            *copy = match spare.iter().position(|c| c.len() == *len) {
-                Some(i) => Some(spare.swap_remove(i)),
+            *copy = match spare.iter().position(|(c, _)| c.len() == *len) {
+                Some(i) => Some(spare.swap_remove(i).0),
                 None => match self.alloc::<u16>(*len) {
                     Ok(c) => Some(c),
                     Err(e) => {

@@ -167,12 +167,14 @@ impl Backend for Cuda {
         "cuda"
     }
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.forget_all_weights();
-        self.alloc(n)
+        let buf = self.alloc(n)?;
+        self.forget_for_new(&buf);
+        Ok(buf)
     }
     fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
-        self.forget_all_weights();
-        self.dev(data)
+        let buf = self.dev(data)?;
+        self.forget_for_new(&buf);
+        Ok(buf)
     }
     fn upload_ids(&self, data: &[i32]) -> Result<CudaSlice<i32>> {
         self.dev(data)

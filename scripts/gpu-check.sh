@@ -28,7 +28,11 @@
 #    the same modeled against measured for the Llama full and LoRA steps of part 4.
 #
 # Every part runs even when an earlier one fails; the exit status is non-zero if any did. Each
-# part has its own time limit and together they stay under 8 minutes. On an H200 the whole script
+# part has its own time limit (`timeout -k 10`: a training run takes the first TERM as a request to
+# stop), and parts that would start after DEADLINE seconds (360) are skipped and reported, so the
+# whole stays under 8 minutes and the summary is always written. A binary that needs a library
+# this machine lacks (MPICH, from `--features mpi`) is refused at the start, and the kernels are
+# compiled into the cache (`runtime kernels --cache`) before any timed part. On an H200 the whole script
 # took about 85 s with the kernels compiled ahead (the PyTorch reference about 30 s of it, the NCCL
 # runs about 25 s); compiling them at the first start adds about 40 s.
 set -uo pipefail
@@ -37,6 +41,11 @@ BIN=${1:-target/gpu/runtime}
 OUT=${2:-gpu-check-out}
 mkdir -p "$OUT"
 [ -x "$BIN" ] || { echo "no runtime binary at $BIN" >&2; exit 2; }
+# a binary built with `--features mpi` needs MPICH's library, which this machine may not have
+if ldd "$BIN" 2>/dev/null | grep -q "not found"; then
+    echo "$BIN needs libraries this machine lacks (build it with plain \`cargo build --release\`, no mpi feature):" >&2
+    ldd "$BIN" | grep "not found" >&2; exit 2
+fi
 PY=${PYTHON:-python3}
 
 # cudarc loads libcuda, libnvrtc and libcublasLt at run time: add the CUDA libraries that the
@@ -59,9 +68,15 @@ if [ -d "$(dirname "$BIN")/kernel-cache" ]; then
     mkdir -p "$RUNTIME_KERNEL_CACHE_DIR" && cp -r "$(dirname "$BIN")/kernel-cache/." "$RUNTIME_KERNEL_CACHE_DIR/"
 fi
 status=0
+# every part ends within its own limit and the whole within 8 minutes: past DEADLINE seconds the
+# parts left are skipped (and reported), so the summary is still written
+DEADLINE=${DEADLINE:-360}
 run() { # name, command...: runs, keeps stdout in $OUT/name, reports failure
     local name=$1; shift
     local t0=$SECONDS
+    if [ "$SECONDS" -ge "$DEADLINE" ]; then
+        echo "== $name: SKIPPED (past ${DEADLINE} s)"; status=1; return
+    fi
     if "$@" >"$OUT/$name" 2>"$OUT/$name.err"; then
         echo "== $name: ok ($((SECONDS - t0)) s)"
     else
@@ -70,30 +85,34 @@ run() { # name, command...: runs, keeps stdout in $OUT/name, reports failure
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
-run parity_f32.md timeout 40 "$BIN" cuda-check
-run parity_bf16.md timeout 40 "$BIN" cuda-check --bf16
+# the kernels compiled (or found in the cache) for this GPU before anything times a start-up:
+# compiling them all takes about a minute, and a cache made by another NVRTC version is not used
+CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+run kernel_cache.txt timeout -k 10 150 "$BIN" kernels --cache --arch "sm_${CC:-90}"
+run parity_f32.md timeout -k 10 40 "$BIN" cuda-check
+run parity_bf16.md timeout -k 10 40 "$BIN" cuda-check --bf16
 cat "$OUT/parity_f32.md" "$OUT/parity_bf16.md" | grep -E "FAIL|^[A-Z]" || true
 # a failing bf16 row: the same checks with the held products off (`RUNTIME_CUDA_HOLDS=copies`: no
 # op reads a held copy in place of f32 values) and with no holds at all, which says whether the
 # held copies are the cause (docs/CUDA.md)
 if grep -q "| FAIL |" "$OUT/parity_bf16.md" || [ ! -s "$OUT/parity_bf16.md" ]; then
     for h in copies off; do
-        run "parity_bf16_holds_$h.md" env RUNTIME_CUDA_HOLDS=$h timeout 40 "$BIN" cuda-check --bf16
+        run "parity_bf16_holds_$h.md" env RUNTIME_CUDA_HOLDS=$h timeout -k 10 40 "$BIN" cuda-check --bf16
         grep -E "FAIL|^[A-Z]" "$OUT/parity_bf16_holds_$h.md" || true
     done
 fi
 # the trainer end to end on the GPU and on the CPU (same data, seed and steps): the logged losses
 # side by side, then the GPU's checkpoint resumed on the CPU
 TRAIN=(train --config examples/addition/train.toml --max_steps 200 --logging_steps 50 --eval_steps 100 --save_steps 100 --num_train_epochs 1)
-run train_cuda.jsonl timeout 30 "$BIN" "${TRAIN[@]}" --device cuda --output_dir "$OUT/addition_cuda"
-run train_cpu.jsonl timeout 25 "$BIN" "${TRAIN[@]}" --device cpu --output_dir "$OUT/addition_cpu"
-run resume_on_cpu.jsonl timeout 25 "$BIN" "${TRAIN[@]}" --device cpu --max_steps 250 --output_dir "$OUT/addition_cuda" \
+run train_cuda.jsonl timeout -k 10 30 "$BIN" "${TRAIN[@]}" --device cuda --output_dir "$OUT/addition_cuda"
+run train_cpu.jsonl timeout -k 10 25 "$BIN" "${TRAIN[@]}" --device cpu --output_dir "$OUT/addition_cpu"
+run resume_on_cpu.jsonl timeout -k 10 25 "$BIN" "${TRAIN[@]}" --device cpu --max_steps 250 --output_dir "$OUT/addition_cuda" \
     --overwrite_output_dir false --resume_from_checkpoint "$OUT/addition_cuda/checkpoint-200"
 # an encoder-decoder model (the reverse example's T5) on the GPU and on the CPU, evaluated with
 # predict_with_generate at the end
 S2S=(train --config examples/reverse/train.toml --max_steps 100 --logging_steps 25 --eval_steps 100 --save_steps 100)
-run reverse_cuda.jsonl timeout 40 "$BIN" "${S2S[@]}" --device cuda --output_dir "$OUT/reverse_cuda"
-run reverse_cpu.jsonl timeout 40 "$BIN" "${S2S[@]}" --device cpu --output_dir "$OUT/reverse_cpu"
+run reverse_cuda.jsonl timeout -k 10 40 "$BIN" "${S2S[@]}" --device cuda --output_dir "$OUT/reverse_cuda"
+run reverse_cpu.jsonl timeout -k 10 40 "$BIN" "${S2S[@]}" --device cpu --output_dir "$OUT/reverse_cpu"
 # deterministic by design: a bf16 job at head dim 64 (the tensor-core attention) run twice gives the
 # same bits
 cat > "$OUT/det_config.json" <<'JSON'
@@ -104,9 +123,11 @@ cat > "$OUT/det_config.json" <<'JSON'
 JSON
 DET=(train --config examples/addition/train.toml --config_name "$OUT/det_config.json" --bf16 true --max_steps 60 --eval_strategy no
      --save_strategy no --load_best_model_at_end false --logging_steps 20 --device cuda)
-run det_a.jsonl timeout 30 "$BIN" "${DET[@]}" --output_dir "$OUT/det_a"
-run det_b.jsonl timeout 30 "$BIN" "${DET[@]}" --output_dir "$OUT/det_b"
-if cmp -s "$OUT/det_a/model.safetensors" "$OUT/det_b/model.safetensors"; then
+run det_a.jsonl timeout -k 10 30 "$BIN" "${DET[@]}" --output_dir "$OUT/det_a"
+run det_b.jsonl timeout -k 10 30 "$BIN" "${DET[@]}" --output_dir "$OUT/det_b"
+if [ ! -s "$OUT/det_a/model.safetensors" ] || [ ! -s "$OUT/det_b/model.safetensors" ]; then
+    echo "a bf16 training job on the GPU run twice (60 steps, head dim 64): a run FAILED (no model to compare)" | tee "$OUT/determinism.txt"; status=1
+elif cmp -s "$OUT/det_a/model.safetensors" "$OUT/det_b/model.safetensors"; then
     echo "a bf16 training job on the GPU run twice (60 steps, head dim 64): the same model bits" | tee "$OUT/determinism.txt"
 else
     echo "a bf16 training job on the GPU run twice (60 steps, head dim 64): DIFFERENT model bits" | tee "$OUT/determinism.txt"; status=1
@@ -126,8 +147,8 @@ NC=(train --config examples/addition/train.toml --max_steps 40 --eval_strategy n
 for mode in plain shard_grad_op full_shard; do
     for bf in false true; do
         F=(--bf16 "$bf"); [ "$mode" != plain ] && F+=(--fsdp "$mode")
-        run "nccl_${mode}_${bf}.jsonl" timeout 30 "$BIN" "${NC[@]}" "${F[@]}" --ddp_backend nccl --output_dir "$OUT/nccl_${mode}_$bf"
-        run "host_${mode}_${bf}.jsonl" timeout 30 "$BIN" "${NC[@]}" "${F[@]}" --output_dir "$OUT/host_${mode}_$bf"
+        run "nccl_${mode}_${bf}.jsonl" timeout -k 10 30 "$BIN" "${NC[@]}" "${F[@]}" --ddp_backend nccl --output_dir "$OUT/nccl_${mode}_$bf"
+        run "host_${mode}_${bf}.jsonl" timeout -k 10 30 "$BIN" "${NC[@]}" "${F[@]}" --output_dir "$OUT/host_${mode}_$bf"
         if cmp -s "$OUT/nccl_${mode}_$bf/model.safetensors" "$OUT/host_${mode}_$bf/model.safetensors"; then
             echo "| $mode | bf16 $bf | the same model bits with and without NCCL |" >> "$OUT/nccl.txt"
         else
@@ -136,35 +157,35 @@ for mode in plain shard_grad_op full_shard; do
     done
 done
 cat "$OUT/nccl.txt"
-run kernels.json timeout 35 "$BIN" cuda-check --bf16 --bench --json
-run ours.json timeout 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
+run kernels.json timeout -k 10 35 "$BIN" cuda-check --bf16 --bench --json
+run ours.json timeout -k 10 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
     --seq 1024 --batch 8 --steps 10 --warmup 3 --json
 # the same step with the held products off (each held buffer's f32 values written and read):
 # what writing and reading the bf16 copies alone is worth, measured
-run ours_holds_copies.json env RUNTIME_CUDA_HOLDS=copies timeout 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 \
+run ours_holds_copies.json env RUNTIME_CUDA_HOLDS=copies timeout -k 10 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 \
     --n_head 12 --vocab 50257 --seq 1024 --batch 8 --steps 10 --warmup 3 --json
-run reference.json timeout 100 $PY scripts/gpu_reference.py
+run reference.json timeout -k 10 100 $PY scripts/gpu_reference.py
 # the same step as modeled by the roofline account (no GPU involved), for this GPU's peak rates
 CHIP=$(grep -oiE "h200|h100|a100" "$OUT/gpu.txt" | head -1 | tr 'A-Z' 'a-z')
-run roofline.json timeout 30 "$BIN" bench --device cuda --bf16 --roofline "${CHIP:-h100}" --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 \
+run roofline.json timeout -k 10 30 "$BIN" bench --device cuda --bf16 --roofline "${CHIP:-h100}" --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 \
     --vocab 50257 --seq 1024 --batch 8 --json
 # the same step with every op timed (each waits for the device), for the per-op comparison
-run profile.json timeout 45 "$BIN" bench --device cuda --bf16 --profile --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
+run profile.json timeout -k 10 45 "$BIN" bench --device cuda --bf16 --profile --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
     --seq 1024 --batch 8 --steps 3 --warmup 2 --json
 # LoRA against full fine-tuning on the GPU (issue 14): Llama 8 layers x 1024, r 16 on every linear
 LLAMA=(bench --device cuda --bf16 --arch llama --n_layer 8 --hidden 1024 --n_head 16 --n_kv_head 8 --vocab 32000 --seq 1024
        --batch 8 --steps 10 --warmup 3 --json)
-run llama_full.json timeout 45 "$BIN" "${LLAMA[@]}"
-run llama_lora.json timeout 45 "$BIN" "${LLAMA[@]}" --lora_r 16
+run llama_full.json timeout -k 10 45 "$BIN" "${LLAMA[@]}"
+run llama_lora.json timeout -k 10 45 "$BIN" "${LLAMA[@]}" --lora_r 16
 # the same two steps as modeled by the roofline account (no GPU involved), to compare with them
 LLAMA_ROOF=(bench --device cuda --bf16 --roofline "${CHIP:-h100}" --arch llama --n_layer 8 --hidden 1024 --n_head 16 --n_kv_head 8 --vocab 32000
             --seq 1024 --batch 8 --json)
-run llama_full_roofline.json timeout 30 "$BIN" "${LLAMA_ROOF[@]}"
-run llama_lora_roofline.json timeout 30 "$BIN" "${LLAMA_ROOF[@]}" --lora_r 16
+run llama_full_roofline.json timeout -k 10 30 "$BIN" "${LLAMA_ROOF[@]}"
+run llama_lora_roofline.json timeout -k 10 30 "$BIN" "${LLAMA_ROOF[@]}" --lora_r 16
 # the same with the MLP width rounded up to a multiple of 256 (2816, as Llama's own code rounds it;
 # the default 1024 * 8 / 3 = 2730 leaves the MLP's operands 4-byte aligned)
-run llama_full_2816.json timeout 45 "$BIN" "${LLAMA[@]}" --intermediate 2816
-run llama_lora_2816.json timeout 45 "$BIN" "${LLAMA[@]}" --intermediate 2816 --lora_r 16
+run llama_full_2816.json timeout -k 10 45 "$BIN" "${LLAMA[@]}" --intermediate 2816
+run llama_lora_2816.json timeout -k 10 45 "$BIN" "${LLAMA[@]}" --intermediate 2816 --lora_r 16
 
 $PY - "$OUT" <<'PY' | tee "$OUT/summary.md"
 import json, os, sys
@@ -214,20 +235,24 @@ for name, tps, n, mem in rows:
     m = mfu(tps, n)
     print(f"| {name} | {tps:,.0f} | {m*100:.1f}% | {mem/2**30:.2f} |" if tps and m is not None and mem else f"| {name} | {tps} | - | {mem} |")
 if ours.get("tokens_per_second") and tr.get("tokens_per_second"):
-    print(f"\nthroughput ratio runtime / Trainer: {ours['tokens_per_second'] / tr['tokens_per_second']:.2f}x (target 1.3x); "
-          f"MFU denominator: PyTorch bf16 matmul {peak:.0f} TFLOP/s" if peak else "")
+    print(f"\nthroughput ratio runtime / Trainer: {ours['tokens_per_second'] / tr['tokens_per_second']:.2f}x (target 1.3x)"
+          + (f"; MFU denominator: PyTorch bf16 matmul {peak:.0f} TFLOP/s" if peak else ""))
 print("(runtime's memory is the device memory in use after the steps; the Trainer's is torch.cuda.max_memory_allocated)\n")
 if ours.get("step_seconds") and copies.get("step_seconds"):
     print(f"with the held products off (RUNTIME_CUDA_HOLDS=copies): {copies['step_seconds']*1e3:.2f} ms per step against "
           f"{ours['step_seconds']*1e3:.2f} ms ({copies['step_seconds'] / ours['step_seconds']:.3f}x), memory "
           f"{(copies.get('peak_rss_mib') or 0)/1024:.2f} GiB against {(ours.get('peak_rss_mib') or 0)/1024:.2f}\n")
-if roof.get("modeled_step_seconds") and ours.get("step_seconds"):
+if roof.get("modeled_step_seconds"):
     chip = roof["chip"]
-    measured_mfu = roof["model_flops_per_step"] / ours["step_seconds"] / chip["tensor"]
-    print(f"roofline ({chip['name']} data-sheet rates): modeled step {roof['modeled_step_seconds']*1e3:.2f} ms, measured "
-          f"{ours['step_seconds']*1e3:.2f} ms ({ours['step_seconds'] / roof['modeled_step_seconds']:.2f}x the model); MFU against the "
-          f"data-sheet {chip['tensor']/1e12:.0f} TFLOP/s: modeled {roof['modeled_mfu']*100:.1f}%, measured {measured_mfu*100:.1f}%; "
-          f"{roof['launches_per_step']} launches, {roof['bytes_per_step']/1e9:.1f} GB per step\n")
+    if ours.get("step_seconds"):
+        measured_mfu = roof["model_flops_per_step"] / ours["step_seconds"] / chip["tensor"]
+        print(f"roofline ({chip['name']} data-sheet rates): modeled step {roof['modeled_step_seconds']*1e3:.2f} ms, measured "
+              f"{ours['step_seconds']*1e3:.2f} ms ({ours['step_seconds'] / roof['modeled_step_seconds']:.2f}x the model); MFU against the "
+              f"data-sheet {chip['tensor']/1e12:.0f} TFLOP/s: modeled {roof['modeled_mfu']*100:.1f}%, measured {measured_mfu*100:.1f}%; "
+              f"{roof['launches_per_step']} launches, {roof['bytes_per_step']/1e9:.1f} GB per step\n")
+    else:
+        print(f"roofline ({chip['name']} data-sheet rates): modeled step {roof['modeled_step_seconds']*1e3:.2f} ms, MFU "
+              f"{roof['modeled_mfu']*100:.1f}% (no measured step: {ours.get('error', 'the bench failed')})\n")
     print("| op family (modeled) | launches | GB | modeled ms |\n|---|---|---|---|")
     for name, f in sorted(roof["ops"].items(), key=lambda kv: -kv[1]["seconds"]):
         print(f"| {name} | {f['launches']} | {(f['read'] + f['written'])/1e9:.2f} | {f['seconds']*1e3:.3f} |")

@@ -368,6 +368,9 @@ impl<B: Backend> Backend for Budget<B> {
     fn free_memory(&self) -> Option<u128> {
         self.inner.free_memory()
     }
+    fn recover_out_of_memory(&self) -> Result<()> {
+        self.inner.recover_out_of_memory()
+    }
     fn head_loss(
         &self,
         logits: &mut Buf<B>,

@@ -337,6 +337,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn free_memory(&self) -> Option<u128> {
         self.inner.free_memory()
     }
+    fn recover_out_of_memory(&self) -> Result<()> {
+        self.inner.recover_out_of_memory()
+    }
     fn head_loss(
         &self,
         logits: &mut B::Buf,

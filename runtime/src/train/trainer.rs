@@ -194,7 +194,9 @@ impl<B: Backend + Clone, M: TrainerModel<B>> Trainer<B, M> {
                 let end = (b + self.args.gradient_accumulation_steps).min(batches.len());
                 let outcome = match self.optimizer_step(&batches[b..end], &mut loss_hook) {
                     Err(Error::OutOfMemory(why)) if self.args.auto_find_batch_size => {
-                        // the same examples again, in smaller micro-batches
+                        // the same examples again, in smaller micro-batches, on a device that
+                        // forgot the failure (recorded by an op that could not return it)
+                        self.step.model.backend().recover_out_of_memory()?;
                         b *= self.shrink_batch(&why)?;
                         batches = self.sampler.epoch_batches(epoch);
                         continue;

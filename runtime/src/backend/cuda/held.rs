@@ -169,6 +169,29 @@ impl Cuda {
         !std::mem::replace(&mut held.products_off, !on)
     }
 
+    /// `Backend::recover_out_of_memory`: waits for the queued ops, forgets a recorded
+    /// out-of-memory failure (another stays and is returned), and frees the held and spare
+    /// copies and the shared operand copies' entries, so the retry starts with that memory free.
+    pub(super) fn recover_out_of_memory_op(&self) -> crate::error::Result<()> {
+        // a failure in the wait itself is recorded by synchronize and judged below
+        let _ = self.synchronize();
+        {
+            let mut failure = self.0.failure.lock().unwrap_or_else(|e| e.into_inner());
+            if failure.as_ref().is_some_and(|f| !f.out_of_memory) {
+                drop(failure);
+                return self.status();
+            }
+            *failure = None;
+            self.0.failed.store(false, std::sync::atomic::Ordering::Release);
+        }
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.drop_entries(None);
+        held.spare.clear();
+        drop(held);
+        self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().for_each(|r| r.src = 0);
+        Ok(())
+    }
+
     /// Ends `buf`'s hold (`Backend::release_operand`), keeping its copy for reuse.
     pub(super) fn release_operand_op(&self, buf: &CudaSlice<f32>) {
         if self.0.bf16 {
@@ -216,18 +239,23 @@ impl Cuda {
     fn held_entry(&self, buf: &CudaSlice<f32>) -> Option<(u64, bool, bool)> {
         let key = self.ptr(buf);
         let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
-        let Held { map, spare, .. } = &mut *held;
+        let Held { map, spare, passes, .. } = &mut *held;
         let HeldEntry { len, ready, copy, only } = map.get_mut(&key).filter(|e| e.len == buf.len())?;
         if copy.is_none() {
             *copy = match spare.iter().position(|(c, _)| c.len() == *len) {
                 Some(i) => Some(spare.swap_remove(i).0),
-                None => match self.alloc::<u16>(*len) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        self.fail(e);
-                        return None;
+                // none fits, so this pass is of a new shape: the spares of an earlier pass are
+                // of the old one, freed before this shape's copies are made (not both at once)
+                None => {
+                    spare.retain(|(_, released)| released == passes);
+                    match self.alloc::<u16>(*len) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            self.fail(e);
+                            return None;
+                        }
                     }
-                },
+                }
             };
         }
         let was = *ready;

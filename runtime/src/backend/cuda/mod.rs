@@ -544,6 +544,9 @@ impl Backend for Cuda {
         }
         Ok(())
     }
+    fn recover_out_of_memory(&self) -> Result<()> {
+        self.recover_out_of_memory_op()
+    }
     fn synchronize(&self) -> Result<()> {
         Cuda::synchronize(self)
     }

@@ -230,6 +230,25 @@ impl<B: Backend> Activations<B> {
         4 * (kept * per_layer + rest + lora)
     }
 
+    /// What a GPU's bf16 mode adds for `batch` x `seq`, in bytes, besides the f32 buffers of
+    /// [`Activations::estimate_bytes`] (planning only): the bf16 copies held of each kept layer's
+    /// saved activations (the norms' outputs, qkv, the attention's output, the MLP's
+    /// pre-activation and activation: docs/CUDA.md), one layer's input-gradient copies, and
+    /// the LM head's bf16 logits.
+    pub fn estimate_copy_bytes(model: &Model<B>, batch: usize, seq: usize) -> u128 {
+        let c = &model.config;
+        let rows = batch as u128 * seq as u128;
+        let out = model.attn_shape(batch, seq).out_width() as u128;
+        let (h, qkv, fc, i, v) = (c.hidden_size as u128, c.qkv_width() as u128, c.fc_width() as u128, c.intermediate_size as u128, c.vocab_size as u128);
+        // gradient checkpointing holds nothing in the forward pass, one layer's copies again in
+        // the backward pass's recomputation
+        let kept = if model.gradient_checkpointing { 1 } else { c.n_layer as u128 };
+        let held = rows * (2 * h + qkv + out + fc + i);
+        let grads = rows * (i + out + h);
+        let logits = (model.head_chunk_rows(batch * seq) as u128).min(rows) * v;
+        2 * (kept * held + grads + logits)
+    }
+
     /// Bytes held by the activation and scratch buffers (what gradient checkpointing reduces).
     pub fn bytes(&self, be: &B) -> usize {
         let l = |a: &LayerActs<B>| {

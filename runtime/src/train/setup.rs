@@ -201,7 +201,8 @@ pub(super) fn columns_of(file: Option<&str>, n: usize, plugins: &Plugins) -> Res
 
 /// `auto_find_batch_size`'s plan before training: the batch and accumulation that fit.
 fn plan_batch_size<B: Backend>(args: &mut TrainingArguments, model: &Model<B>, longest: usize) -> Result<()> {
-    let (b, acc) = fit_batch_size(model, args.per_device_train_batch_size, args.gradient_accumulation_steps, longest.max(1), memory_budget(&model.backend))?;
+    let budget = memory_budget(&model.backend);
+    let (b, acc) = fit_batch_size(model, args.per_device_train_batch_size, args.gradient_accumulation_steps, longest.max(1), budget, args.bf16)?;
     if b != args.per_device_train_batch_size {
         tracing::warn!(
             "auto_find_batch_size: per_device_train_batch_size {} does not fit in memory; training with {b} and gradient_accumulation_steps {acc} (the same {} examples per step)",

@@ -440,13 +440,20 @@ pub trait Backend: Send + Sync + 'static {
         row0: usize,
     );
 
+    /// Whether [`Backend::head_loss`] at vocabulary `v` writes its `logits` scratch (false: it
+    /// keeps the logits in memory of its own, as CUDA's bf16 mode and padded rows do, and
+    /// `logits` may be left empty).
+    fn head_loss_uses_scratch(&self, _v: usize) -> bool {
+        true
+    }
     /// One chunk of the LM head and the built-in loss, when nothing else reads the logits:
     /// `logits = x w^T` (`x` `[n, k]`, `w` `[v, k]`, `targets` `n` rows), then
     /// [`Backend::cross_entropy_into`] (losses into `loss[row0..row0 + n]`), and with `back` (and
     /// `grad_scale`) the head's backward pass from the loss gradient: `dx = dlogits w`
     /// (overwritten) and `dw += dlogits^T x` when given. `logits` is the chunk's scratch (at least
-    /// `[n, v]`); what it holds afterwards is unspecified, so a backend may keep the logits in a
-    /// layout of its own (CUDA: padded rows, the gradient in bf16 for the products).
+    /// `[n, v]`, or empty where [`Backend::head_loss_uses_scratch`] says so); what it holds
+    /// afterwards is unspecified, so a backend may keep the logits in a layout of its own (CUDA:
+    /// padded rows, the gradient in bf16 for the products).
     #[allow(clippy::too_many_arguments)] // the product's, the loss's and the backward pass's operands
     fn head_loss(
         &self,

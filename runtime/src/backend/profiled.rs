@@ -340,6 +340,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn recover_out_of_memory(&self) -> Result<()> {
         self.inner.recover_out_of_memory()
     }
+    fn head_loss_uses_scratch(&self, v: usize) -> bool {
+        self.inner.head_loss_uses_scratch(v)
+    }
     fn head_loss(
         &self,
         logits: &mut B::Buf,

@@ -288,7 +288,9 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         let (be, h, v) = (&self.backend, self.config.hidden_size, self.config.vocab_size);
         let rows = acts.batch * acts.seq;
-        acts.logits_room(be, acts.head_rows.min(rows) * v)?;
+        if be.head_loss_uses_scratch(v) {
+            acts.logits_room(be, acts.head_rows.min(rows) * v)?;
+        }
         let head = self.layout.head();
         p.keep_if_frozen(be, head);
         if n != rows {

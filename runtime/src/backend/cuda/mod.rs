@@ -547,6 +547,10 @@ impl Backend for Cuda {
     fn recover_out_of_memory(&self) -> Result<()> {
         self.recover_out_of_memory_op()
     }
+    fn head_loss_uses_scratch(&self, v: usize) -> bool {
+        // bf16 logits live in a scratch of their own, and so do padded rows (head_loss_op)
+        !self.0.bf16 && crate::backend::aligned_ld(v) == v
+    }
     fn synchronize(&self) -> Result<()> {
         Cuda::synchronize(self)
     }

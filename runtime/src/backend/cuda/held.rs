@@ -173,8 +173,10 @@ impl Cuda {
     /// out-of-memory failure (another stays and is returned), and frees the held and spare
     /// copies and the shared operand copies' entries, so the retry starts with that memory free.
     pub(super) fn recover_out_of_memory_op(&self) -> crate::error::Result<()> {
-        // a failure in the wait itself is recorded by synchronize and judged below
-        let _ = self.synchronize();
+        // the ops queued before the failure ran; one of them failing is not recoverable
+        if let Err(e) = self.0.stream.synchronize() {
+            return Err(device_error("synchronize", e));
+        }
         {
             let mut failure = self.0.failure.lock().unwrap_or_else(|e| e.into_inner());
             if failure.as_ref().is_some_and(|f| !f.out_of_memory) {

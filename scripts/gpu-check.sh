@@ -4,9 +4,11 @@
 #
 #     scripts/gpu-check.sh [BINARY] [OUT_DIR]      (defaults: target/gpu/runtime, gpu-check-out)
 #
-# Build the binary with `cargo build --release && strip -o target/gpu/runtime target/release/runtime`,
-# and optionally compile the kernels ahead, so the first start loads them instead of compiling:
-# `RUNTIME_KERNEL_CACHE_DIR=target/gpu/kernel-cache target/release/runtime kernels --cache --arch sm_90`.
+# `scripts/gpu-prepare.sh` makes both beforehand, on a machine with Rust: the stripped binary
+# (target/gpu/runtime, without the mpi feature) and the kernels compiled ahead with the GPU
+# machine's NVRTC version (target/gpu/kernel-cache), so the first start loads them instead of
+# compiling. With GPU_CHECK_PACK=DIR the summary, the status log and a tarball of the outputs
+# also go to DIR (three files).
 #
 # 1. every op of the CUDA backend against the CPU backend on random inputs, then whole training
 #    steps, in f32 and in bf16 (`runtime cuda-check`), and where a bf16 row fails, the bf16 checks
@@ -39,7 +41,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/gpu/runtime}
 OUT=${2:-gpu-check-out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && : > "$OUT/status.txt"
 [ -x "$BIN" ] || { echo "no runtime binary at $BIN" >&2; exit 2; }
 # a binary built with `--features mpi` needs MPICH's library, which this machine may not have
 if ldd "$BIN" 2>/dev/null | grep -q "not found"; then
@@ -75,12 +77,12 @@ run() { # name, command...: runs, keeps stdout in $OUT/name, reports failure
     local name=$1; shift
     local t0=$SECONDS
     if [ "$SECONDS" -ge "$DEADLINE" ]; then
-        echo "== $name: SKIPPED (past ${DEADLINE} s)"; status=1; return
+        echo "== $name: SKIPPED (past ${DEADLINE} s)" | tee -a "$OUT/status.txt"; status=1; return
     fi
     if "$@" >"$OUT/$name" 2>"$OUT/$name.err"; then
-        echo "== $name: ok ($((SECONDS - t0)) s)"
+        echo "== $name: ok ($((SECONDS - t0)) s)" | tee -a "$OUT/status.txt"
     else
-        echo "== $name: FAILED ($((SECONDS - t0)) s)"; tail -n 20 "$OUT/$name.err"; status=1
+        echo "== $name: FAILED ($((SECONDS - t0)) s)" | tee -a "$OUT/status.txt"; tail -n 20 "$OUT/$name.err"; status=1
     fi
 }
 
@@ -298,4 +300,11 @@ if isinstance(kern, list):
 else:
     print(f"kernel timings missing: {kern}")
 PY
+# GPU_CHECK_PACK=DIR: the summary, the status log and a tarball of the outputs (no model files,
+# no kernel cache) into DIR, a few files in all (scripts/gpu-prepare.sh)
+if [ -n "${GPU_CHECK_PACK:-}" ]; then
+    mkdir -p "$GPU_CHECK_PACK"
+    cp "$OUT/summary.md" "$OUT/status.txt" "$GPU_CHECK_PACK/" 2>/dev/null
+    tar czf "$GPU_CHECK_PACK/gpu-check-out.tgz" --exclude='*.safetensors' --exclude=kernel-cache -C "$(dirname "$OUT")" "$(basename "$OUT")"
+fi
 exit $status

@@ -1,7 +1,7 @@
 //! Small types and constants the backend's ops share: collectives, the LoRA merge's parts,
 //! an adapter's column block, and the sizes the device kernels are built around.
 
-/// A collective over a device communicator ([`Backend::group_op`]).
+/// A collective over a device communicator ([`Backend::group_op`](crate::backend::Backend::group_op)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GroupOp {
     /// Every process's elements replaced by their sum over the processes (the same bits on each).
@@ -28,7 +28,7 @@ pub const REDUCE_BLOCK_ROWS: usize = 32;
 /// parameters' partials together; kernels/norm.cu `NORM_FUSED_COLS` x 256 threads).
 pub const NORM_FUSED_WIDTH: usize = 2048;
 
-/// One LoRA adapter of a merged weight ([`Backend::lora_merge`]): rows `off..off + cols` gain
+/// One LoRA adapter of a merged weight ([`Backend::lora_merge`](crate::backend::Backend::lora_merge)): rows `off..off + cols` gain
 /// `scale * b a`.
 pub struct MergedPart<'a, T> {
     pub a: &'a T,

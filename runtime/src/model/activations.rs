@@ -230,23 +230,25 @@ impl<B: Backend> Activations<B> {
         4 * (kept * per_layer + rest + lora)
     }
 
-    /// What a GPU's bf16 mode adds for `batch` x `seq`, in bytes, besides the f32 buffers of
-    /// [`Activations::estimate_bytes`] (planning only): the bf16 copies held of each kept layer's
+    /// What a GPU's bf16 mode adds for `batch` x `seq`, in bytes, to the f32 buffers of
+    /// [`Activations::estimate_bytes`] (planning only): the bf16 copies held of each layer's
     /// saved activations (the norms' outputs, qkv, the attention's output, the MLP's
-    /// pre-activation and activation: docs/CUDA.md), one layer's input-gradient copies, and
-    /// the LM head's bf16 logits.
+    /// pre-activation and activation: docs/CUDA.md; none with gradient checkpointing or
+    /// `recompute_activations`, which hold nothing in the forward pass), one layer's
+    /// input-gradient copies, and the LM head's bf16 logits, less the f32 chunk of logits that
+    /// bf16 does not allocate (`Backend::head_loss_uses_scratch`; 0 if that is more).
     pub fn estimate_copy_bytes(model: &Model<B>, batch: usize, seq: usize) -> u128 {
         let c = &model.config;
         let rows = batch as u128 * seq as u128;
         let out = model.attn_shape(batch, seq).out_width() as u128;
         let (h, qkv, fc, i, v) = (c.hidden_size as u128, c.qkv_width() as u128, c.fc_width() as u128, c.intermediate_size as u128, c.vocab_size as u128);
-        // gradient checkpointing holds nothing in the forward pass, one layer's copies again in
-        // the backward pass's recomputation
-        let kept = if model.gradient_checkpointing { 1 } else { c.n_layer as u128 };
+        let kept = if model.gradient_checkpointing || model.recompute_activations { 0 } else { c.n_layer as u128 };
         let held = rows * (2 * h + qkv + out + fc + i);
         let grads = rows * (i + out + h);
         let logits = (model.head_chunk_rows(batch * seq) as u128).min(rows) * v;
-        2 * (kept * held + grads + logits)
+        // estimate_bytes counts the f32 chunk except where it trades places with a scratch buffer
+        let f32_logits = if model.recompute_activations { 0 } else { 4 * logits };
+        (2 * (kept * held + grads + logits)).saturating_sub(f32_logits)
     }
 
     /// Bytes held by the activation and scratch buffers (what gradient checkpointing reduces).

@@ -102,17 +102,26 @@ mod tests {
     #[test]
     fn bf16_copies_are_planned_for() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama/model");
-        let m = Model::load(Cpu, &dir, LoadOptions::default()).unwrap();
+        let mut m = Model::load(Cpu, &dir, LoadOptions::default()).unwrap();
         assert_eq!(m.layout.numel(), 21664);
+        // as on a GPU: each layer keeps its own activations (the CPU recomputes the norms')
+        m.recompute_activations = false;
         let rows = 16;
         // per layer: the two norms' outputs (32 each), qkv (64), the attention's output (32),
-        // gate and up (96), the activation (48); one layer's input gradients (48 + 32 + 32); logits
+        // gate and up (96), the activation (48); one layer's input gradients (48 + 32 + 32); the
+        // logits in bf16, in place of the f32 chunk
         let floats = 2 * rows * (32 + 32 + 64 + 32 + 96 + 48) + rows * (48 + 32 + 32) + rows * 96;
-        let extra = 2 * (21664 + floats);
+        let extra = 2 * (21664 + floats) - 4 * rows * 96;
         let (f32_budget, bf16_budget) = (smallest_budget(&m, 16, false), smallest_budget(&m, 16, true));
         // 90% of the budget is planned for
         let diff = bf16_budget - f32_budget;
         assert!((diff * 9 / 10).abs_diff(extra) <= 10, "budgets {f32_budget} and {bf16_budget}, {extra} bytes expected");
+        // with the activations recomputed nothing is held in the forward pass, and the logits
+        // chunk trades places with a scratch buffer (no f32 chunk to take back)
+        m.recompute_activations = true;
+        let diff = smallest_budget(&m, 16, true) - smallest_budget(&m, 16, false);
+        let extra = 2 * (21664 + rows * (48 + 32 + 32) + rows * 96);
+        assert!((diff * 9 / 10).abs_diff(extra) <= 10, "recomputed: {diff}, {extra} bytes expected");
     }
 
     #[test]

@@ -39,7 +39,8 @@ pub(super) struct Held {
 /// The environment variable that sets the holds at start-up: `on` (the default), `copies` (the
 /// held products off, `Cuda::set_held_products(false)`) or `off` (no holds,
 /// `Cuda::set_hold_operands(false)`). A switch to isolate the held copies on a GPU: a step
-/// should give the same loss with each, and the same bits with `on` and `copies`.
+/// should give the same loss with each (to the bf16 limits), and the same bits with `copies`
+/// and `off`.
 pub(crate) const HOLDS_ENV: &str = "RUNTIME_CUDA_HOLDS";
 
 impl Held {
@@ -170,8 +171,9 @@ impl Cuda {
     }
 
     /// `Backend::recover_out_of_memory`: waits for the queued ops, forgets a recorded
-    /// out-of-memory failure (another stays and is returned), and frees the held and spare
-    /// copies and the shared operand copies' entries, so the retry starts with that memory free.
+    /// out-of-memory failure (another, or one in an optimizer update, stays and is returned),
+    /// and frees the held and spare copies, the weights' working copies and the grow-only
+    /// scratch, so the retry starts with that memory free.
     pub(super) fn recover_out_of_memory_op(&self) -> crate::error::Result<()> {
         // the ops queued before the failure ran; one of them failing is not recoverable
         if let Err(e) = self.0.stream.synchronize() {
@@ -179,7 +181,7 @@ impl Cuda {
         }
         {
             let mut failure = self.0.failure.lock().unwrap_or_else(|e| e.into_inner());
-            if failure.as_ref().is_some_and(|f| !f.out_of_memory) {
+            if failure.as_ref().is_some_and(|f| !(f.out_of_memory && f.recoverable)) {
                 drop(failure);
                 return self.status();
             }
@@ -191,6 +193,15 @@ impl Cuda {
         held.spare.clear();
         drop(held);
         self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().for_each(|r| r.src = 0);
+        self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // the grow-only scratch, sized for the batch that failed
+        let mut guard = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let scratch = &mut *guard;
+        let null16 = || self.0.stream.null::<u16>().map_err(|e| device_error("scratch", e));
+        scratch.bf16 = [null16()?, null16()?, null16()?];
+        for s in [&mut scratch.delta, &mut scratch.padded, &mut scratch.colsum] {
+            *s = self.0.stream.null::<f32>().map_err(|e| device_error("scratch", e))?;
+        }
         Ok(())
     }
 

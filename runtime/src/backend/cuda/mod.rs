@@ -88,6 +88,9 @@ const SUMSQ_BLOCKS: usize = 512;
 #[derive(Clone, Debug)]
 struct Failure {
     out_of_memory: bool,
+    /// False for a failure in the optimizer's update, which the step would not otherwise report
+    /// (`Backend::recover_out_of_memory` leaves it: the update did not happen).
+    recoverable: bool,
     message: String,
 }
 
@@ -135,9 +138,18 @@ impl Cuda {
     /// Records a failure of an op that cannot return it (the first one is kept: later ones are
     /// usually its consequences). Every later op does nothing until the backend is dropped.
     fn fail(&self, e: Error) {
+        self.record_failure(e, true)
+    }
+
+    /// [`Cuda::fail`] for a failure `recover_out_of_memory` must not forget (in an update).
+    fn fail_for_good(&self, e: Error) {
+        self.record_failure(e, false)
+    }
+
+    fn record_failure(&self, e: Error, recoverable: bool) {
         let mut f = self.0.failure.lock().unwrap_or_else(|e| e.into_inner());
         if f.is_none() {
-            *f = Some(Failure { out_of_memory: matches!(e, Error::OutOfMemory(_)), message: e.to_string() });
+            *f = Some(Failure { out_of_memory: matches!(e, Error::OutOfMemory(_)), recoverable, message: e.to_string() });
             self.0.failed.store(true, std::sync::atomic::Ordering::Release);
         }
     }

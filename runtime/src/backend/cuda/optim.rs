@@ -150,7 +150,7 @@ impl Cuda {
                     Ok(c) => copies.insert(key, c),
                     // nothing runs after a failure, so the pointer is never used
                     Err(e) => {
-                        self.fail(e);
+                        self.fail_for_good(e);
                         return 0;
                     }
                 };
@@ -184,11 +184,11 @@ impl Cuda {
             }
             match (self.dev(&descs), self.dev(&chunks)) {
                 (Ok(dev_tensors), Ok(dev_chunks)) => scratch.adamw = Some(AdamWTables { dev_tensors, dev_chunks, n_chunks: chunks.len(), tensors: descs }),
-                (Err(e), _) | (_, Err(e)) => return self.fail(e),
+                (Err(e), _) | (_, Err(e)) => return self.fail_for_good(e),
             }
         }
         let Some(tables) = scratch.adamw.as_ref() else {
-            return self.fail(device_error("adamw_multi", "the descriptor tables are missing"));
+            return self.fail_for_good(device_error("adamw_multi", "the descriptor tables are missing"));
         };
         let sc = hp.scalars();
         let args = [

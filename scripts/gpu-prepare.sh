@@ -29,3 +29,4 @@ if [ -z "$LIB" ] || [ ! -f "$LIB/libnvrtc.so.13" ]; then
 fi
 RUNTIME_KERNEL_CACHE_DIR=target/gpu/kernel-cache LD_LIBRARY_PATH="$LIB" target/gpu/runtime kernels --cache --arch "$ARCH"
 du -sh target/gpu/runtime target/gpu/kernel-cache
+echo "on the GPU machine (carry target/gpu): GPU_CHECK_PACK=\$OUT scripts/gpu-check.sh target/gpu/runtime /tmp/gpu-check-out"

@@ -170,39 +170,15 @@ impl Cuda {
         !std::mem::replace(&mut held.products_off, !on)
     }
 
-    /// `Backend::recover_out_of_memory`: waits for the queued ops, forgets a recorded
-    /// out-of-memory failure (another, or one in an optimizer update, stays and is returned),
-    /// and frees the held and spare copies, the weights' working copies and the grow-only
-    /// scratch, so the retry starts with that memory free.
-    pub(super) fn recover_out_of_memory_op(&self) -> crate::error::Result<()> {
-        // the ops queued before the failure ran; one of them failing is not recoverable
-        if let Err(e) = self.0.stream.synchronize() {
-            return Err(device_error("synchronize", e));
-        }
-        {
-            let mut failure = self.0.failure.lock().unwrap_or_else(|e| e.into_inner());
-            if failure.as_ref().is_some_and(|f| !(f.out_of_memory && f.recoverable)) {
-                drop(failure);
-                return self.status();
-            }
-            *failure = None;
-            self.0.failed.store(false, std::sync::atomic::Ordering::Release);
-        }
+    /// Frees every bf16 copy kept here (held, spare and the weights' working copies) and forgets
+    /// the shared operand copies' sources: the recovery after running out of memory.
+    pub(super) fn free_copies(&self) {
         let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
         held.drop_entries(None);
         held.spare.clear();
         drop(held);
         self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().for_each(|r| r.src = 0);
         self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        // the grow-only scratch, sized for the batch that failed
-        let mut guard = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let scratch = &mut *guard;
-        let null16 = || self.0.stream.null::<u16>().map_err(|e| device_error("scratch", e));
-        scratch.bf16 = [null16()?, null16()?, null16()?];
-        for s in [&mut scratch.delta, &mut scratch.padded, &mut scratch.colsum] {
-            *s = self.0.stream.null::<f32>().map_err(|e| device_error("scratch", e))?;
-        }
-        Ok(())
     }
 
     /// Ends `buf`'s hold (`Backend::release_operand`), keeping its copy for reuse.

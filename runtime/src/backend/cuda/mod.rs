@@ -18,7 +18,9 @@
 mod adapter;
 mod attention;
 pub mod blas;
+mod failure;
 mod group;
+use failure::Failure;
 mod held;
 pub mod kernels;
 mod launch;
@@ -43,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 
 use super::{AdamWStep, AttnImpl, AttnShape, Backend, ColBlock, LossRows, StatGrads, StatsWanted, TokenStats};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use blas::Lt;
 use launch::A;
 
@@ -84,16 +86,6 @@ pub struct Cuda(Arc<Inner>);
 /// `sum_squares_partial`'s grid (fixed, so the sum's order is too).
 const SUMSQ_BLOCKS: usize = 512;
 
-/// A recorded device failure (the first one): see [`Cuda::fail`].
-#[derive(Clone, Debug)]
-struct Failure {
-    out_of_memory: bool,
-    /// False for a failure in the optimizer's update, which the step would not otherwise report
-    /// (`Backend::recover_out_of_memory` leaves it: the update did not happen).
-    recoverable: bool,
-    message: String,
-}
-
 impl Cuda {
     pub fn info(&self) -> &DeviceInfo {
         &self.0.info
@@ -122,52 +114,6 @@ impl Cuda {
     pub fn memory_used(&self) -> (usize, usize) {
         let (free, total) = self.0.ctx.mem_get_info().unwrap_or((0, 0));
         (total - free, total)
-    }
-
-    /// Waits for every queued op; the first failure of any of them, or of an op before.
-    pub fn synchronize(&self) -> Result<()> {
-        self.status()?;
-        let waited = self.0.stream.synchronize().map_err(|e| ("synchronize", e));
-        // failures of asynchronous frees are recorded in the context rather than returned
-        if let Err((what, e)) = waited.and_then(|()| self.0.ctx.check_err().map_err(|e| ("a queued operation", e))) {
-            self.fail(device_error(what, e));
-        }
-        self.status()
-    }
-
-    /// Records a failure of an op that cannot return it (the first one is kept: later ones are
-    /// usually its consequences). Every later op does nothing until the backend is dropped.
-    fn fail(&self, e: Error) {
-        self.record_failure(e, true)
-    }
-
-    /// [`Cuda::fail`] for a failure `recover_out_of_memory` must not forget (in an update).
-    fn fail_for_good(&self, e: Error) {
-        self.record_failure(e, false)
-    }
-
-    fn record_failure(&self, e: Error, recoverable: bool) {
-        let mut f = self.0.failure.lock().unwrap_or_else(|e| e.into_inner());
-        if f.is_none() {
-            *f = Some(Failure { out_of_memory: matches!(e, Error::OutOfMemory(_)), recoverable, message: e.to_string() });
-            self.0.failed.store(true, std::sync::atomic::Ordering::Release);
-        }
-    }
-
-    fn failed(&self) -> bool {
-        self.0.failed.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// The recorded failure, if any, as an error.
-    fn status(&self) -> Result<()> {
-        if !self.failed() {
-            return Ok(());
-        }
-        match self.0.failure.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            None => Ok(()),
-            Some(f) if f.out_of_memory => Err(Error::OutOfMemory(f.message.clone())),
-            Some(f) => Err(Error::Device(f.message.clone())),
-        }
     }
 }
 

@@ -28,7 +28,8 @@ impl Cuda {
     }
 
     /// Records a failure of an op that cannot return it (the first one is kept: later ones are
-    /// usually its consequences). Every later op does nothing until the backend is dropped.
+    /// usually its consequences). Every later op does nothing until the backend is dropped, or
+    /// until [`Cuda::recover_out_of_memory_op`] forgets an out-of-memory failure.
     pub(super) fn fail(&self, e: Error) {
         self.record_failure(e, true)
     }

@@ -128,11 +128,11 @@ DET=(train --config examples/addition/train.toml --config_name "$OUT/det_config.
 run det_a.jsonl timeout -k 10 30 "$BIN" "${DET[@]}" --output_dir "$OUT/det_a"
 run det_b.jsonl timeout -k 10 30 "$BIN" "${DET[@]}" --output_dir "$OUT/det_b"
 if [ ! -s "$OUT/det_a/model.safetensors" ] || [ ! -s "$OUT/det_b/model.safetensors" ]; then
-    echo "a bf16 training job on the GPU run twice (60 steps, head dim 64): a run FAILED (no model to compare)" | tee "$OUT/determinism.txt"; status=1
+    echo "a bf16 training job on the GPU run twice (60 steps, head dim 64): a run FAILED (no model to compare)" | tee "$OUT/determinism.txt" | tee -a "$OUT/status.txt"; status=1
 elif cmp -s "$OUT/det_a/model.safetensors" "$OUT/det_b/model.safetensors"; then
-    echo "a bf16 training job on the GPU run twice (60 steps, head dim 64): the same model bits" | tee "$OUT/determinism.txt"
+    echo "a bf16 training job on the GPU run twice (60 steps, head dim 64): the same model bits" | tee "$OUT/determinism.txt" | tee -a "$OUT/status.txt"
 else
-    echo "a bf16 training job on the GPU run twice (60 steps, head dim 64): DIFFERENT model bits" | tee "$OUT/determinism.txt"; status=1
+    echo "a bf16 training job on the GPU run twice (60 steps, head dim 64): DIFFERENT model bits" | tee "$OUT/determinism.txt" | tee -a "$OUT/status.txt"; status=1
 fi
 # NCCL (`ddp_backend = "nccl"`, issue 15) in one process: one GPU hosts one NCCL rank, so this
 # covers the communicator, the gradient sums (plain), the sharded optimizer's reduce and
@@ -158,7 +158,7 @@ for mode in plain shard_grad_op full_shard; do
         fi
     done
 done
-cat "$OUT/nccl.txt"
+cat "$OUT/nccl.txt" | tee -a "$OUT/status.txt"
 run kernels.json timeout -k 10 35 "$BIN" cuda-check --bf16 --bench --json
 run ours.json timeout -k 10 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
     --seq 1024 --batch 8 --steps 10 --warmup 3 --json

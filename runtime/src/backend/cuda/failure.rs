@@ -51,14 +51,20 @@ impl Cuda {
         self.0.failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// The recorded failure, if any, as an error.
+    /// The recorded failure, if any, as an error: [`Error::OutOfMemory`] only for one the
+    /// recovery forgets (an update's is an [`Error::Device`] that says so).
     pub(super) fn status(&self) -> Result<()> {
         if !self.failed() {
             return Ok(());
         }
         match self.0.failure.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             None => Ok(()),
-            Some(f) if f.out_of_memory => Err(Error::OutOfMemory(f.message.clone())),
+            Some(f) if f.out_of_memory && f.recoverable => Err(Error::OutOfMemory(f.message.clone())),
+            // not an `OutOfMemory`: `auto_find_batch_size` would retry a step whose update failed
+            Some(f) if f.out_of_memory => Err(Error::Device(format!(
+                "{} (in the optimizer's update, which does not run again with a smaller batch: the last checkpoint is as it was)",
+                f.message
+            ))),
             Some(f) => Err(Error::Device(f.message.clone())),
         }
     }

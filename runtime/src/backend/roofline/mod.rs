@@ -278,8 +278,9 @@ impl Roofline {
     fn new_buf(&self, len: usize) -> VBuf {
         let mut st = self.lock();
         st.next += 1;
-        if self.bf16 {
-            // as the CUDA backend: a new buffer may take a freed parameter's address
+        if self.bf16 && len > 0 {
+            // as the CUDA backend: a new buffer may take a freed parameter's address (an empty
+            // one takes none)
             st.copies.clear();
             st.reuse.clear();
         }

@@ -1,5 +1,6 @@
 //! The CUDA backend. On every machine: each kernel file compiles with NVRTC for sm_90 and sm_80
-//! and exports every kernel the backend launches, and asking for `cuda` where there is no GPU is
+//! and exports every kernel the backend launches, the launches' block sizes and the shared
+//! constants agree with the kernel sources, and asking for `cuda` where there is no GPU is
 //! one clear error. On a machine with a GPU: every op against the CPU backend and whole training
 //! steps (skipped, saying so, without one).
 
@@ -200,4 +201,92 @@ fn cuda_ops_and_training_steps_match_the_cpu_backend() {
         let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
         assert!(failed.is_empty(), "bf16 {bf16}: {failed:#?}");
     }
+}
+
+/// Every kernel the backend launches by a name written out whole, with a block of constant size,
+/// runs with the threads its `__launch_bounds__` names (more fails to launch; fewer breaks the
+/// block reductions sized by that number), and the constants the backend shares with the kernels
+/// agree: a name both define (`const ADAMW_CHUNK` and `#define ADAMW_CHUNK`) has one value, the
+/// fused norm backward's width and the column sums' rows per block are the kernels'. Read from
+/// the sources: no GPU and no NVRTC needed.
+#[test]
+fn launch_blocks_and_shared_constants_agree_with_the_kernels() {
+    use runtime::backend::cuda::kernels::{COMMON, SOURCES};
+    use std::collections::HashMap;
+    let cu: Vec<&str> = std::iter::once(COMMON).chain(SOURCES.iter().map(|s| s.1)).collect();
+    // `#define NAME 123` (a trailing comment allowed) of the kernels
+    let mut defines = HashMap::new();
+    for line in cu.iter().flat_map(|s| s.lines()) {
+        let mut w = line.split("//").next().unwrap().split_whitespace();
+        if let (Some("#define"), Some(name), Some(v), None) = (w.next(), w.next(), w.next(), w.next()) {
+            if let Ok(v) = v.parse::<u64>() {
+                defines.insert(name.to_string(), v);
+            }
+        }
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/backend/cuda");
+    let rust: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect();
+    // `const NAME: T = 123;` of the backend
+    let mut consts = HashMap::new();
+    for line in rust.iter().flat_map(|s| s.lines()) {
+        let Some((_, rest)) = line.split_once("const ") else { continue };
+        let Some((name, rest)) = rest.split_once(':') else { continue };
+        let Some(v) = rest.split_once('=').and_then(|(_, v)| v.trim().strip_suffix(';')) else { continue };
+        if let Ok(v) = v.trim().parse::<u64>() {
+            consts.insert(name.trim().to_string(), v);
+        }
+    }
+    for (name, v) in &consts {
+        if let Some(k) = defines.get(name) {
+            assert_eq!(v, k, "`{name}` is {v} in the CUDA backend and {k} in the kernels");
+        }
+    }
+    let value = |t: &str, table: &HashMap<String, u64>| t.trim().parse::<u64>().ok().or_else(|| table.get(t.trim()).copied());
+    assert_eq!(runtime::backend::NORM_FUSED_WIDTH as u64, defines["NORM_FUSED_COLS"] * defines["NORM_THREADS"], "NORM_FUSED_WIDTH");
+    assert_eq!(runtime::backend::REDUCE_BLOCK_ROWS as u64, defines["RR_ROWS"], "REDUCE_BLOCK_ROWS");
+
+    // `__launch_bounds__(N) name(` of the kernels (names built by a macro are left out)
+    let mut bounds = HashMap::new();
+    for src in &cu {
+        for piece in src.split("__launch_bounds__(").skip(1) {
+            let (arg, rest) = piece.split_once(')').unwrap();
+            let name: String = rest.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '#').collect();
+            if let (Some(n), false) = (value(arg.split(',').next().unwrap(), &defines), name.contains('#')) {
+                bounds.insert(name, n);
+            }
+        }
+    }
+    // `launch("name", grid, (x, y, z), ..`, `launch_shared(..)` and `launch_n("name", ..)` (block
+    // 256) of the backend: the threads of each block of constant size
+    let mut checked = 0;
+    for src in &rust {
+        for (call, piece) in ["launch(\"", "launch_shared(\"", "launch_n(\""].iter().flat_map(|c| src.split(c).skip(1).map(move |p| (*c, p))) {
+            let (name, rest) = piece.split_once('"').unwrap();
+            let threads = if call == "launch_n(\"" {
+                Some(256)
+            } else {
+                // skip the grid (the argument up to the first comma outside parentheses)
+                let (mut depth, mut at) = (0i32, None);
+                for (i, ch) in rest.char_indices().skip(1) {
+                    match ch {
+                        '(' => depth += 1,
+                        ')' => depth -= 1,
+                        ',' if depth == 0 => {
+                            at = Some(i);
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                let block = rest[at.unwrap() + 1..].trim_start();
+                let dims = block.strip_prefix('(').and_then(|b| b.split_once(')')).map(|(d, _)| d);
+                dims.and_then(|d| d.split(',').map(|t| value(t, &consts)).product::<Option<u64>>())
+            };
+            if let (Some(t), Some(b)) = (threads, bounds.get(name)) {
+                assert_eq!(t, *b, "the backend launches `{name}` with {t} threads per block; its __launch_bounds__ is {b}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} launches were checked against their kernels' bounds");
 }

@@ -14,6 +14,10 @@ impl Cuda {
     /// `out[:, off..off + width] (+)= scale * t b^T`: one product written straight into the block's
     /// columns (`ldd` the map's width, accumulated with `beta = 1` when `add`).
     pub(super) fn lora_up_op(&self, out: &mut CudaSlice<f32>, t: &CudaSlice<f32>, b: &CudaSlice<f32>, blk: ColBlock, rank: usize, scale: f32, add: bool) {
+        // nothing to do, as on the CPU (and no zero-size layout for cuBLASLt to refuse)
+        if blk.rows == 0 || blk.width == 0 {
+            return;
+        }
         self.forget_weight(out);
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let ([b_p, t_p], ty) = self.operands(&mut scratch, [b, t], 0, [true, true]);
@@ -52,6 +56,9 @@ impl Cuda {
         rank: usize,
         scale: f32,
     ) {
+        if blk.rows == 0 || blk.width == 0 {
+            return;
+        }
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let ([dout_p, b_p, t_p], ty) = self.operands(&mut scratch, [dout, b, t], 1, [true, true, db.is_some()]);
         let esize = if ty == Ty::Bf16 { 2 } else { 4 };

@@ -4,7 +4,7 @@
 //! added in the epilogue.
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::mem::size_of;
 use std::sync::Mutex;
@@ -127,6 +127,8 @@ pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     plans: Mutex<HashMap<Key, Plan>>,
+    /// The forms [`Lt::can_plan`] found no algorithm for, not asked again.
+    refused: Mutex<HashSet<Key>>,
 }
 
 // SAFETY: the handle and the plans are used from one stream; the plans sit behind a lock.
@@ -138,7 +140,7 @@ impl Lt {
         let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
         // SAFETY: the workspace is only ever handed to cuBLASLt, which needs no initial contents.
         let workspace = unsafe { stream.alloc::<u8>(workspace_bytes) }.map_err(|e| format!("allocating the cuBLASLt workspace: {e:?}"))?;
-        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()) })
+        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()), refused: Mutex::new(HashSet::new()) })
     }
 
     /// # Safety
@@ -198,18 +200,24 @@ impl Lt {
     }
 
     /// Whether cuBLASLt has an algorithm for `g`'s product (its plan is made and kept when it
-    /// does): a product form that a library version may not support is asked first.
+    /// does, and a refusal is remembered): a product form that a library version may not support
+    /// is asked first, once.
     ///
     /// # Safety
     /// The handle is live.
     pub unsafe fn can_plan(&self, g: &Gemm) -> bool {
         let key = Self::key(g);
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        if refused.contains(&key) {
+            return false;
+        }
         if let Entry::Vacant(e) = plans.entry(key) {
             match self.plan(key) {
                 Ok(p) => drop(e.insert(p)),
                 Err(err) => {
                     tracing::debug!("{err}");
+                    refused.insert(key);
                     return false;
                 }
             }

@@ -86,8 +86,9 @@ impl Cuda {
     ///
     /// An entry is written by `adamw_multi` together with its parameter. Any other write drops it:
     /// `copy`, `fill` and `scale` drop their destination's entry, and `zeros` and `upload` of a
-    /// non-empty buffer drop every entry, because they are how a parameter buffer comes to exist
-    /// and a new buffer may reuse a freed parameter's address (see [`Cuda::forget_for_new`]). The
+    /// non-empty buffer drop the entries of the freed memory they take, because they are how a
+    /// buffer comes to exist and a new one may reuse a freed parameter's address (see
+    /// [`Cuda::forget_for_new`]). The
     /// copy equals what the cast kernel would produce (both round to nearest even), so a hit
     /// changes the speed, never the numbers.
     pub(super) fn weight_copy(&self, w: &CudaSlice<f32>) -> Option<u64> {
@@ -95,8 +96,15 @@ impl Cuda {
         map.get(&self.ptr(w)).filter(|c| c.len() == w.len()).map(|c| self.ptr(c))
     }
 
+    /// Before an op writes `buf` (every caller calls it before its launch): drops `buf`'s working
+    /// copy, its shared operand copy and its hold. A buffer held `only` whose copy was made has
+    /// no f32 values, so its copy is widened into it first: an op that reads what it writes (a
+    /// sum into it, a scale, dropout, a partial copy) then reads the values. No model op writes
+    /// such a buffer today (`Block` keeps them out of those ops), so this is a guard that costs
+    /// nothing when it does not apply.
     pub(super) fn forget_weight(&self, buf: &CudaSlice<f32>) {
         if self.0.bf16 {
+            self.widen_held(buf);
             let key = self.ptr(buf);
             self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
             self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().filter(|r| r.src == key).for_each(|r| r.src = 0);
@@ -104,19 +112,25 @@ impl Cuda {
         }
     }
 
-    /// What a new buffer `buf` (from `zeros` or `upload`) makes stale: every weight's working
-    /// copy and every shared operand copy (a dead buffer's entry would otherwise be trusted, or
-    /// kept, forever; dropping one costs a cast, never a number), and the hold of a freed buffer
-    /// whose address `buf` took. An empty buffer takes no address and drops nothing. The other
-    /// holds stay: a buffer held `only` has no f32 values, its copy is all there is, so dropping
-    /// its hold between the op that wrote it and the op that reads it would have the reader read
-    /// unwritten f32 values (a LoRA map's `zeros(0)` under dropout, or the loss's logits made
-    /// after the forward pass, fall in that span).
+    /// What a new buffer `buf` (from `zeros` or `upload`) makes stale: the working copies and
+    /// shared operand copies of freed buffers whose memory `buf` now takes (any overlap), and the
+    /// hold of a freed buffer whose address `buf` took. Every f32 buffer the models pass to the
+    /// backend comes from `zeros` or `upload`, so an entry found by a live buffer's address is
+    /// that buffer's own. An empty buffer takes no memory and drops nothing. The other entries
+    /// stay (before, every weight's copy went with any new buffer: with NEFTune's noise, a
+    /// rows-loss plugin's gradient, an evaluation's activations or a full-shard gather, every step
+    /// cast each weight again and the AdamW step remade every copy and its descriptor table).
+    /// The other holds must stay: a buffer held `only` has no f32 values, its copy is all there
+    /// is, so dropping its hold between the op that wrote it and the op that reads it would have
+    /// the reader read unwritten f32 values (a LoRA map's `zeros(0)` under dropout, or the loss's
+    /// logits made after the forward pass, fall in that span).
     pub(super) fn forget_for_new(&self, buf: &CudaSlice<f32>) {
         if self.0.bf16 && !buf.is_empty() {
-            self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().for_each(|r| r.src = 0);
             let key = self.ptr(buf);
+            let end = key + 4 * buf.len() as u64;
+            let overlaps = |at: u64, len: usize| at < end && key < at + 4 * len as u64;
+            self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).retain(|&at, c| !overlaps(at, c.len()));
+            self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().filter(|r| r.src != 0 && overlaps(r.src, r.len)).for_each(|r| r.src = 0);
             self.0.held.lock().unwrap_or_else(|e| e.into_inner()).drop_entries(Some(key));
         }
     }
@@ -170,14 +184,15 @@ impl Cuda {
         !std::mem::replace(&mut held.products_off, !on)
     }
 
-    /// Frees every bf16 copy kept here (held, spare and the weights' working copies) and forgets
-    /// the shared operand copies' sources: the recovery after running out of memory.
+    /// Frees every bf16 copy kept here (held, spare, shared operand copies and the weights'
+    /// working copies): the recovery after running out of memory.
     pub(super) fn free_copies(&self) {
         let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
         held.drop_entries(None);
         held.spare.clear();
         drop(held);
-        self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).iter_mut().for_each(|r| r.src = 0);
+        // (sized for the batch that failed; `begin_operand_reuse` makes them again)
+        self.0.reuse.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 

@@ -39,7 +39,10 @@ impl Cuda {
         if rows == 0 {
             return;
         }
-        assert!(row0 + rows <= loss.len(), "cross_entropy_into: {rows} losses from row {row0} do not fit in {}", loss.len());
+        if row0 + rows > loss.len() {
+            // a caller's broken contract: recorded, as a kernel failure is, rather than a panic
+            return self.fail(Error::Invalid(format!("cross_entropy_into: {rows} losses from row {row0} do not fit in {}", loss.len())));
+        }
         let z = (self.ptr(logits), v, Some(0));
         self.launch_cross_entropy(
             z,
@@ -104,7 +107,9 @@ impl Cuda {
         if n == 0 {
             return;
         }
-        assert!(row0 + n <= loss.len() && targets.len() == n, "head_loss: {n} rows from row {row0}, {} losses, {} targets", loss.len(), targets.len());
+        if row0 + n > loss.len() || targets.len() != n {
+            return self.fail(Error::Invalid(format!("head_loss: {n} rows from row {row0}, {} losses, {} targets", loss.len(), targets.len())));
+        }
         self.forget_weight(logits);
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let ([w_p, x_p], ty) = self.operands(&mut scratch, [w, x], 0, [true, true]);

@@ -15,7 +15,8 @@
 #    again with `RUNTIME_CUDA_HOLDS=copies` and `off` (docs/CUDA.md: is a held copy the cause?);
 #    then the addition example (GPT-2) and the reverse example (T5) trained on the GPU and the CPU,
 #    and NCCL in one process (`ddp_backend = "nccl"`, plain and sharded, f32 and bf16) against
-#    the same runs without it (the same model bits);
+#    the same runs without it (the same model bits) (these run after parts 2, 3 and 6's
+#    measurements, so that a run that hangs cannot leave the call without them);
 # 2. the attention kernels and the fused AdamW step timed (`runtime cuda-check --bench`);
 # 3. GPT-2 124M training throughput (sequence 1024, bf16) with `runtime bench` and with
 #    `transformers.Trainer` (`scripts/gpu_reference.py`) on the same GPU, one after the other, and
@@ -26,7 +27,8 @@
 #    PyTorch's flash SDPA, AdamW against the device copy bandwidth;
 # 6. the step's roofline account for this GPU (`runtime bench --roofline`, no GPU needed): modeled
 #    against measured step time, modeled and measured MFU against the data-sheet rate, per-op table,
-#    and per op kind the modeled time against `runtime bench --profile` (each op timed on the GPU);
+#    and per op kind the modeled time against `runtime bench --profile` (each op timed on the GPU,
+#    less one idle wait's round trip per timed call);
 #    the same modeled against measured for the Llama full and LoRA steps of part 4.
 #
 # Every part runs even when an earlier one fails; the exit status is non-zero if any did. Each
@@ -84,8 +86,15 @@ run() { # name, command...: runs, keeps stdout in $OUT/name, reports failure
     else
         echo "== $name: FAILED ($((SECONDS - t0)) s)" | tee -a "$OUT/status.txt"; tail -n 20 "$OUT/$name.err"; status=1
     fi
+    # the status log so far, and the part's output, in the pack at once: a call cut short still
+    # brings back what ran
+    if [ -n "${GPU_CHECK_PACK:-}" ]; then
+        mkdir -p "$GPU_CHECK_PACK" && cp "$OUT/status.txt" "$GPU_CHECK_PACK/" 2>/dev/null
+    fi
 }
 
+echo "binary: $BIN, built from $(cat "$(dirname "$BIN")/COMMIT" 2>/dev/null || echo 'an unknown commit (no COMMIT beside it: scripts/gpu-prepare.sh writes one)')" \
+    | tee -a "$OUT/status.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 # the kernels compiled (or found in the cache) for this GPU before anything times a start-up:
 # compiling them all takes about a minute, and a cache made by another NVRTC version is not used
@@ -103,6 +112,22 @@ if grep -q "| FAIL |" "$OUT/parity_bf16.md" || [ ! -s "$OUT/parity_bf16.md" ]; t
         grep -E "FAIL|^[A-Z]" "$OUT/parity_bf16_holds_$h.md" || true
     done
 fi
+# the headline measurements before the longer correctness runs: if something hangs, these have run
+run kernels.json timeout -k 10 35 "$BIN" cuda-check --bf16 --bench --json
+run ours.json timeout -k 10 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
+    --seq 1024 --batch 8 --steps 10 --warmup 3 --json
+# the same step with the held products off (each held buffer's f32 values written and read):
+# what writing and reading the bf16 copies alone is worth, measured
+run ours_holds_copies.json env RUNTIME_CUDA_HOLDS=copies timeout -k 10 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 \
+    --n_head 12 --vocab 50257 --seq 1024 --batch 8 --steps 10 --warmup 3 --json
+run reference.json timeout -k 10 100 $PY scripts/gpu_reference.py
+# the same step as modeled by the roofline account (no GPU involved), for this GPU's peak rates
+CHIP=$(grep -oiE "h200|h100|a100" "$OUT/gpu.txt" | head -1 | tr 'A-Z' 'a-z')
+run roofline.json timeout -k 10 30 "$BIN" bench --device cuda --bf16 --roofline "${CHIP:-h100}" --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 \
+    --vocab 50257 --seq 1024 --batch 8 --json
+# the same step with every op timed (each waits for the device), for the per-op comparison
+run profile.json timeout -k 10 45 "$BIN" bench --device cuda --bf16 --profile --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
+    --seq 1024 --batch 8 --steps 3 --warmup 2 --json
 # the trainer end to end on the GPU and on the CPU (same data, seed and steps): the logged losses
 # side by side, then the GPU's checkpoint resumed on the CPU
 TRAIN=(train --config examples/addition/train.toml --max_steps 200 --logging_steps 50 --eval_steps 100 --save_steps 100 --num_train_epochs 1)
@@ -159,21 +184,6 @@ for mode in plain shard_grad_op full_shard; do
     done
 done
 cat "$OUT/nccl.txt" | tee -a "$OUT/status.txt"
-run kernels.json timeout -k 10 35 "$BIN" cuda-check --bf16 --bench --json
-run ours.json timeout -k 10 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
-    --seq 1024 --batch 8 --steps 10 --warmup 3 --json
-# the same step with the held products off (each held buffer's f32 values written and read):
-# what writing and reading the bf16 copies alone is worth, measured
-run ours_holds_copies.json env RUNTIME_CUDA_HOLDS=copies timeout -k 10 45 "$BIN" bench --device cuda --bf16 --arch gpt2 --n_layer 12 --hidden 768 \
-    --n_head 12 --vocab 50257 --seq 1024 --batch 8 --steps 10 --warmup 3 --json
-run reference.json timeout -k 10 100 $PY scripts/gpu_reference.py
-# the same step as modeled by the roofline account (no GPU involved), for this GPU's peak rates
-CHIP=$(grep -oiE "h200|h100|a100" "$OUT/gpu.txt" | head -1 | tr 'A-Z' 'a-z')
-run roofline.json timeout -k 10 30 "$BIN" bench --device cuda --bf16 --roofline "${CHIP:-h100}" --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 \
-    --vocab 50257 --seq 1024 --batch 8 --json
-# the same step with every op timed (each waits for the device), for the per-op comparison
-run profile.json timeout -k 10 45 "$BIN" bench --device cuda --bf16 --profile --arch gpt2 --n_layer 12 --hidden 768 --n_head 12 --vocab 50257 \
-    --seq 1024 --batch 8 --steps 3 --warmup 2 --json
 # LoRA against full fine-tuning on the GPU (issue 14): Llama 8 layers x 1024, r 16 on every linear
 LLAMA=(bench --device cuda --bf16 --arch llama --n_layer 8 --hidden 1024 --n_head 16 --n_kv_head 8 --vocab 32000 --seq 1024
        --batch 8 --steps 10 --warmup 3 --json)
@@ -260,13 +270,24 @@ if roof.get("modeled_step_seconds"):
         print(f"| {name} | {f['launches']} | {(f['read'] + f['written'])/1e9:.2f} | {f['seconds']*1e3:.3f} |")
     print()
     if prof.get("ops") and prof.get("step_seconds"):
-        measured = {k: share * prof["step_seconds"] for k, share in prof["ops"]}
-        print(f"per op kind, measured with every op waiting for the device (step {prof['step_seconds']*1e3:.2f} ms) against modeled:\n")
-        print("| op kind | measured ms | modeled ms | measured / modeled |\n|---|---|---|---|")
-        for k in sorted(set(measured) | set(roof.get("op_kinds", {})), key=lambda k: -measured.get(k, 0.0)):
+        # each timed call also waited for the device once: its idle round trip comes off
+        sync = prof.get("sync_seconds") or 0.0
+        calls = dict(prof.get("op_calls_per_step") or [])
+        raw = {k: share * prof["step_seconds"] for k, share in prof["ops"]}
+        measured = {k: max(t - calls.get(k, 0.0) * sync, 0.0) for k, t in raw.items()}
+        print(f"per op kind, measured with every op waiting for the device (step {prof['step_seconds']*1e3:.2f} ms; "
+              f"one idle wait {sync*1e6:.1f} us, taken off each timed call) against modeled:\n")
+        print("| op kind | calls per step | measured ms (raw) | measured ms | modeled ms | measured / modeled |\n|---|---|---|---|---|---|")
+        kinds = set(measured) | {k for k in roof.get("op_kinds", {}) if k != "untimed"}
+        for k in sorted(kinds, key=lambda k: -measured.get(k, 0.0)):
             m, r = measured.get(k, 0.0), roof.get("op_kinds", {}).get(k, 0.0)
-            print(f"| {k} | {m*1e3:.3f} | {r*1e3:.3f} | {m / r:.2f}x |" if r else f"| {k} | {m*1e3:.3f} | {r*1e3:.3f} | - |")
+            row = f"| {k} | {calls.get(k, 0.0):.0f} | {raw.get(k, 0.0)*1e3:.3f} | {m*1e3:.3f} | {r*1e3:.3f} |"
+            print(row + (f" {m / r:.2f}x |" if r else " - |"))
         print()
+if not roof.get("modeled_step_seconds") and ours.get("tokens_per_second") and ours.get("parameters"):
+    # no roofline: the measured MFU against the H100/H200 data-sheet bf16 rate all the same
+    print(f"measured MFU against the data-sheet 989 TFLOP/s (H100/H200 SXM; no roofline.json): "
+          f"{(6 * ours['parameters'] + 12 * L * C * T) * ours['tokens_per_second'] / 989e12 * 100:.1f}%\n")
 for mlp, suffix in (("MLP 2730", ""), ("MLP 2816", "_2816")):
     lf, ll = load(f"llama_full{suffix}.json"), load(f"llama_lora{suffix}.json")
     if lf.get("step_seconds") and ll.get("step_seconds"):

@@ -341,6 +341,15 @@ fn a_training_step_launches_what_the_model_structure_says() {
     for (kind, share) in &measured.ops {
         assert!(*share == 0.0 || r.op_kinds.contains_key(kind), "the profiled `{kind}` has no modeled time: {:?}", r.op_kinds.keys());
     }
+    // with the timed calls per step of each kind (whole numbers: every step makes the same
+    // calls; two optimizer calls a step, the gradient norm and the fused AdamW step, and one
+    // fused head), and the idle wait's round trip
+    let kinds = |v: &[(String, f64)]| v.iter().map(|o| o.0.clone()).collect::<Vec<_>>();
+    assert_eq!(kinds(&measured.op_calls_per_step), kinds(&measured.ops));
+    assert!(measured.op_calls_per_step.iter().all(|(_, n)| *n >= 1.0 && n.fract() == 0.0), "{:?}", measured.op_calls_per_step);
+    let calls = |k: &str| measured.op_calls_per_step.iter().find(|o| o.0 == k).map(|o| o.1);
+    assert_eq!((calls("optimizer"), calls("lm_head")), (Some(2.0), Some(1.0)), "{:?}", measured.op_calls_per_step);
+    assert!(measured.sync_seconds >= 0.0 && measured.sync_seconds < 1e-3, "{}", measured.sync_seconds);
     // (no residual additions: each branch's product adds its skip connection, `matmul_fwd_add`)
     assert!(!r.ops.contains_key("residual"), "{:?}", r.ops.keys());
     for kind in ["matmul", "attention", "norm", "activation", "lm_head", "optimizer", "embedding"] {

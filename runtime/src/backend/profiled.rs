@@ -1,6 +1,9 @@
 //! A backend decorator that times every op and counts matrix-product FLOPs, for the benchmark's
 //! "where does the time go" table. It wraps any backend; the CPU ops are synchronous, so wall time
-//! per call is the op's time; on a GPU each op is waited for.
+//! per call is the op's time; on a GPU each op is waited for, after waiting for what was queued
+//! before it (the untimed ops: allocations, uploads), so an op's time is its own launches plus
+//! one wait's round trip, which [`Profiled::idle_sync_seconds`] measures for the reader to take
+//! off (times the calls, [`Profiled::calls`]).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -13,6 +16,7 @@ use super::{AdamWStep, AttnImpl, AttnShape, Backend, LossRows, StatGrads, StatsW
 #[derive(Default)]
 struct Totals {
     secs: BTreeMap<&'static str, f64>,
+    calls: BTreeMap<&'static str, u64>,
     matmul_flops: f64,
 }
 
@@ -26,6 +30,8 @@ impl<B: Backend> Profiled<B> {
         Profiled { inner, totals: Mutex::new(Totals::default()) }
     }
     fn time<R>(&self, op: &'static str, flops: f64, f: impl FnOnce() -> R) -> R {
+        // what was queued before (untimed ops) is not this op's
+        let _ = self.inner.synchronize();
         let t = Instant::now();
         let r = f();
         // GPU ops are queued: wait for this one so its time is its own (a failure is sticky: the
@@ -34,6 +40,7 @@ impl<B: Backend> Profiled<B> {
         let dt = t.elapsed().as_secs_f64();
         let mut tot = self.totals.lock().unwrap_or_else(|e| e.into_inner());
         *tot.secs.entry(op).or_default() += dt;
+        *tot.calls.entry(op).or_default() += 1;
         tot.matmul_flops += flops;
         r
     }
@@ -41,6 +48,26 @@ impl<B: Backend> Profiled<B> {
     pub fn report(&self) -> (Vec<(&'static str, f64)>, f64) {
         let tot = self.totals.lock().unwrap_or_else(|e| e.into_inner());
         (tot.secs.iter().map(|(k, v)| (*k, *v)).collect(), tot.matmul_flops)
+    }
+    /// Timed calls per op name since the last reset.
+    pub fn calls(&self) -> Vec<(&'static str, u64)> {
+        let tot = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        tot.calls.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+    /// The median wall time of a wait for the device with nothing queued (over 101 waits): the
+    /// part of every timed call that is the wait's round trip (0 on the CPU, whose wait returns
+    /// at once).
+    pub fn idle_sync_seconds(&self) -> f64 {
+        let _ = self.inner.synchronize();
+        let mut t: Vec<f64> = (0..101)
+            .map(|_| {
+                let t0 = Instant::now();
+                let _ = self.inner.synchronize();
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
     }
     pub fn reset(&self) {
         *self.totals.lock().unwrap_or_else(|e| e.into_inner()) = Totals::default();

@@ -75,22 +75,25 @@ status=0
 # every part ends within its own limit and the whole within 8 minutes: past DEADLINE seconds the
 # parts left are skipped (and reported), so the summary is still written
 DEADLINE=${DEADLINE:-360}
+# the status log so far into the pack (GPU_CHECK_PACK) after every part: a call cut short still
+# brings it back
+pack_status() {
+    if [ -n "${GPU_CHECK_PACK:-}" ]; then
+        mkdir -p "$GPU_CHECK_PACK" && cp "$OUT/status.txt" "$GPU_CHECK_PACK/" 2>/dev/null
+    fi
+}
 run() { # name, command...: runs, keeps stdout in $OUT/name, reports failure
     local name=$1; shift
     local t0=$SECONDS
     if [ "$SECONDS" -ge "$DEADLINE" ]; then
-        echo "== $name: SKIPPED (past ${DEADLINE} s)" | tee -a "$OUT/status.txt"; status=1; return
+        echo "== $name: SKIPPED (past ${DEADLINE} s)" | tee -a "$OUT/status.txt"; status=1; pack_status; return
     fi
     if "$@" >"$OUT/$name" 2>"$OUT/$name.err"; then
         echo "== $name: ok ($((SECONDS - t0)) s)" | tee -a "$OUT/status.txt"
     else
         echo "== $name: FAILED ($((SECONDS - t0)) s)" | tee -a "$OUT/status.txt"; tail -n 20 "$OUT/$name.err"; status=1
     fi
-    # the status log so far, and the part's output, in the pack at once: a call cut short still
-    # brings back what ran
-    if [ -n "${GPU_CHECK_PACK:-}" ]; then
-        mkdir -p "$GPU_CHECK_PACK" && cp "$OUT/status.txt" "$GPU_CHECK_PACK/" 2>/dev/null
-    fi
+    pack_status
 }
 
 echo "binary: $BIN, built from $(cat "$(dirname "$BIN")/COMMIT" 2>/dev/null || echo 'an unknown commit (no COMMIT beside it: scripts/gpu-prepare.sh writes one)')" \

@@ -29,7 +29,8 @@ if [ -z "$LIB" ] || [ ! -f "$LIB/libnvrtc.so.13" ]; then
 fi
 RUNTIME_KERNEL_CACHE_DIR=target/gpu/kernel-cache LD_LIBRARY_PATH="$LIB" target/gpu/runtime kernels --cache --arch "$ARCH"
 # which code the GPU run measures (gpu-check.sh copies it into its status log)
-echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- runtime kernels Cargo.lock || echo ' with uncommitted changes')" > target/gpu/COMMIT
+DIRTY=$(git status --porcelain -- runtime kernels Cargo.toml Cargo.lock .cargo)
+echo "$(git rev-parse HEAD)${DIRTY:+ with uncommitted changes}" > target/gpu/COMMIT
 du -sh target/gpu/runtime target/gpu/kernel-cache
 cat target/gpu/COMMIT
 echo "on the GPU machine (carry target/gpu): GPU_CHECK_PACK=\$OUT scripts/gpu-check.sh target/gpu/runtime /tmp/gpu-check-out"

@@ -516,6 +516,48 @@ fn out_of_memory_is_a_value_and_auto_find_batch_size_retries_the_step_with_a_sma
     assert_eq!((saved["per_device_train_batch_size"].as_u64(), saved["gradient_accumulation_steps"].as_u64()), (Some(4), Some(2)));
 }
 
+/// Out of memory inside the optimizer's update (a sharded update's two temporaries per piece,
+/// which the budget counts as the CUDA backend allocates them) ends the run with one error that
+/// says so: `auto_find_batch_size` does not retry the step, which would apply the pieces already
+/// updated a second time.
+#[test]
+fn out_of_memory_inside_the_update_is_not_retried_with_a_smaller_batch() {
+    use runtime::args::TrainingArguments;
+    use runtime::backend::budget::Budget;
+    use runtime::backend::cpu::Cpu;
+    use runtime::train::trainer::Trainer;
+    use runtime::Error;
+    use serde_json::json;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = example(tmp.path());
+    let args = |out: &str| {
+        let set = [
+            ("output_dir", json!(tmp.path().join(out))),
+            ("per_device_train_batch_size", json!(2)),
+            ("auto_find_batch_size", json!(true)),
+            ("fsdp", json!("shard_grad_op")),
+            ("max_steps", json!(1)),
+            ("eval_strategy", json!("no")),
+            ("save_strategy", json!("no")),
+            ("disable_tqdm", json!(true)),
+        ];
+        let set: Vec<(String, Value)> = set.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        TrainingArguments::load(Some(&ex.join("train.toml")), &set).unwrap()
+    };
+    // at two examples a step the update's temporaries (the largest piece's, twice) are the
+    // peak: one byte less fails there
+    let be = Budget::new(Cpu, usize::MAX);
+    let mut t = Trainer::new_on(be.clone(), args("roomy"), true).unwrap();
+    t.train().unwrap();
+    let mut t = Trainer::new_on(Budget::new(Cpu, be.peak() - 1), args("tight"), true).unwrap();
+    match t.train() {
+        Err(Error::Device(msg)) => assert!(msg.contains("budget") && msg.contains("in the optimizer's update"), "{msg}"),
+        other => panic!("expected the update's out-of-memory error as a device error, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!((t.args.per_device_train_batch_size, t.state.global_step), (2, 0), "the step was retried");
+}
+
 /// Dropout (GPT-2's `embd_pdrop` and `resid_pdrop`) changes training, a resumed run draws the
 /// same masks (byte-identical weights), and evaluation does not apply it.
 #[test]

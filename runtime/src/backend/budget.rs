@@ -355,6 +355,8 @@ impl<B: Backend> Backend for Budget<B> {
     fn adamw(&self, p: &mut Buf<B>, g: &Buf<B>, m: &mut Buf<B>, v: &mut Buf<B>, hp: AdamWStep, decay: bool) {
         self.inner.adamw(&mut p.buf, &g.buf, &mut m.buf, &mut v.buf, hp, decay)
     }
+    // (`adamw_range` is the default's: its two temporaries count against the budget, as the
+    // CUDA backend's range update allocates them)
     fn adamw_multi(&self, tensors: &mut [AdamWArgs<'_, Self>], hp: AdamWStep) {
         let mut inner: Vec<AdamWArgs<'_, B>> = tensors.iter_mut().map(|(p, g, m, v, decay)| (&mut p.buf, &g.buf, &mut m.buf, &mut v.buf, *decay)).collect();
         self.inner.adamw_multi(&mut inner, hp)

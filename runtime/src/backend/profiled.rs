@@ -355,6 +355,10 @@ impl<B: Backend> Backend for Profiled<B> {
     fn adamw_multi(&self, tensors: &mut [super::AdamWArgs<'_, Self>], hp: AdamWStep) {
         self.time("optimizer", 0.0, || self.inner.adamw_multi(tensors, hp))
     }
+    #[allow(clippy::too_many_arguments)] // as Backend::adamw_range
+    fn adamw_range(&self, p: &mut B::Buf, g: &B::Buf, at: usize, m: &mut B::Buf, v: &mut B::Buf, hp: AdamWStep, decay: bool) -> Result<()> {
+        self.time("optimizer", 0.0, || self.inner.adamw_range(p, g, at, m, v, hp, decay))
+    }
     fn check_head_dim(&self, head_dim: usize) -> Result<(), String> {
         self.inner.check_head_dim(head_dim)
     }

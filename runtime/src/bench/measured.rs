@@ -92,7 +92,7 @@ pub fn run_roofline(cfg: &BenchConfig, chip: Chip, bf16: bool) -> Result<Rooflin
 }
 
 /// The training benchmark on a CUDA device with each op timed (the profiled backend waits for
-/// the device after every op, so the step is slower than [`run_cuda`]'s): `ops` holds each op
+/// the device after every op, so the step is slower than [`run_cuda`](super::run_cuda)'s): `ops` holds each op
 /// kind's share of the step, for the comparison with the roofline account.
 pub fn run_cuda_profiled(cfg: &BenchConfig, be: crate::backend::cuda::Cuda) -> Result<BenchResult> {
     run_profiled(cfg, Profiled::new(be))

@@ -237,21 +237,30 @@ impl<B: Backend, M: TrainModel<B>> Step<B, M> {
             next = bounds_after_update(hp, measured, g);
         }
         let backup = if next.is_none() { Some(self.download_state()?) } else { None };
+        // from here part of the update may stand when an error comes: running out of memory is
+        // then no reason to retry the step with a smaller batch (`auto_find_batch_size` retries
+        // `Error::OutOfMemory` only), which would apply the update again
+        let in_update = |e: Error| match e {
+            Error::OutOfMemory(why) => {
+                Error::Device(format!("{why} (in the optimizer's update, which does not run again with a smaller batch: the last checkpoint is as it was)"))
+            }
+            e => e,
+        };
         match (&mut self.shard, self.full.as_ref()) {
             (_, Some(full)) => {
                 self.opt.step += 1;
-                full.lock().map_err(|_| poisoned())?.update(self.model.backend(), hp)?;
+                full.lock().map_err(|_| poisoned())?.update(self.model.backend(), hp).map_err(in_update)?;
             }
             (Some(shard), None) => {
                 self.opt.step += 1;
-                shard.update(&mut self.model, &self.grads, hp)?;
+                shard.update(&mut self.model, &self.grads, hp).map_err(in_update)?;
             }
-            (None, None) => self.opt.step(&mut self.model, &self.grads, lr, clip_coef)?,
+            (None, None) => self.opt.step(&mut self.model, &self.grads, lr, clip_coef).map_err(in_update)?,
         }
         let finite = match next {
             Some(_) => true,
             None => {
-                let (finite, after) = self.state_bounds()?;
+                let (finite, after) = self.state_bounds().map_err(in_update)?;
                 next = Some(after);
                 finite
             }
@@ -259,11 +268,11 @@ impl<B: Backend, M: TrainModel<B>> Step<B, M> {
         if finite {
             self.bounds = next;
             if let Some(shard) = &mut self.shard {
-                shard.share_weights(&mut self.model, self.collective.as_mut())?;
+                shard.share_weights(&mut self.model, self.collective.as_mut()).map_err(in_update)?;
             }
             return Ok(true);
         }
-        self.restore_state(backup.unwrap_or_default())?;
+        self.restore_state(backup.unwrap_or_default()).map_err(in_update)?;
         self.opt.step -= 1;
         Ok(false)
     }

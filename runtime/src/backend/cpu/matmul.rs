@@ -257,6 +257,10 @@ pub fn lora_up(out: &mut [f32], t: &[f32], b: &[f32], blk: ColBlock, rank: usize
 #[allow(clippy::too_many_arguments)] // as Backend::lora_up_bwd
 pub fn lora_up_bwd((dt, add): (&mut [f32], bool), db: Option<&mut [f32]>, dout: &[f32], t: &[f32], b: &[f32], blk: ColBlock, rank: usize, scale: f32) {
     if blk.rows == 0 || blk.width == 0 {
+        // an empty sum: dt written as zeros (it has `rows` rows even when the block is empty)
+        if !add {
+            dt.fill(0.0);
+        }
         return;
     }
     let g = &dout[blk.off..];
@@ -302,6 +306,17 @@ pub fn lora_merge(dst: &mut [f32], w: &[f32], parts: &[MergedPart<'_, Vec<f32>>]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_lora_block_writes_zeros_or_adds_nothing() {
+        let blk = ColBlock { rows: 3, width: 0, ld: 4, off: 4 };
+        let (dout, t, b) = (vec![1.0; 12], vec![1.0; 6], vec![0.0; 0]);
+        let mut dt = vec![7.0; 6];
+        lora_up_bwd((&mut dt, true), None, &dout, &t, &b, blk, 2, 1.0);
+        assert_eq!(dt, vec![7.0; 6]);
+        lora_up_bwd((&mut dt, false), None, &dout, &t, &b, blk, 2, 1.0);
+        assert_eq!(dt, vec![0.0; 6]);
+    }
 
     fn naive(a: &[f32], b: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
         // a[n,k] @ b[m,k]^T

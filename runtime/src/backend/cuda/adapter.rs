@@ -8,7 +8,7 @@ use cudarc::driver::CudaSlice;
 
 use super::blas::{Gemm, Ty};
 use super::{Cuda, A};
-use crate::backend::ColBlock;
+use crate::backend::{Backend, ColBlock};
 
 impl Cuda {
     /// `out[:, off..off + width] (+)= scale * t b^T`: one product written straight into the block's
@@ -57,6 +57,10 @@ impl Cuda {
         scale: f32,
     ) {
         if blk.rows == 0 || blk.width == 0 {
+            // as on the CPU: an empty sum, dt written as zeros
+            if !add {
+                Backend::fill(self, dt, 0.0);
+            }
             return;
         }
         let mut scratch = self.0.scratch.lock().unwrap_or_else(|e| e.into_inner());

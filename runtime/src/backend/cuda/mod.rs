@@ -493,7 +493,19 @@ impl Backend for Cuda {
         self.adamw_multi(&mut [(p, g, m, v, decay)], hp);
     }
     fn adamw_multi(&self, tensors: &mut [super::AdamWArgs<'_, Self>], hp: AdamWStep) {
-        self.adamw_multi_op(tensors, hp)
+        self.adamw_multi_op(tensors, hp, true)
+    }
+    fn adamw_range(
+        &self,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        at: usize,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        hp: AdamWStep,
+        decay: bool,
+    ) -> Result<()> {
+        self.adamw_range_op(p, g, at, m, v, hp, decay)
     }
 
     fn check_head_dim(&self, head_dim: usize) -> std::result::Result<(), String> {

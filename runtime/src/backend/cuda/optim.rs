@@ -5,7 +5,7 @@
 use cudarc::driver::CudaSlice;
 
 use super::{device_error, Cuda, Scratch, A, SUMSQ_BLOCKS};
-use crate::backend::{AdamWArgs, AdamWStep};
+use crate::backend::{AdamWArgs, AdamWStep, Backend};
 use crate::error::Result;
 
 /// Elements per block of the fused AdamW step (`ADAMW_CHUNK` in `kernels/adamw.cu`).
@@ -119,6 +119,29 @@ impl Cuda {
         }
     }
 
+    /// `Backend::adamw_range`: as the default (the range copied out, stepped and copied back: the
+    /// kernel's 16-byte loads need aligned starts), with no working copy for the temporary, and
+    /// the parameter's copy dropped (`copy_range` writes it).
+    #[allow(clippy::too_many_arguments)] // adamw's operands and the range
+    pub(super) fn adamw_range_op(
+        &self,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        at: usize,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        hp: AdamWStep,
+        decay: bool,
+    ) -> Result<()> {
+        let n = m.len();
+        let (mut ps, mut gs) = (self.zeros(n)?, self.zeros(n)?);
+        self.copy_range(&mut ps, 0, p, at, n);
+        self.copy_range(&mut gs, 0, g, at, n);
+        self.adamw_multi_op(&mut [(&mut ps, &gs, m, v, decay)], hp, false);
+        self.copy_range(p, at, &ps, 0, n);
+        self.status()
+    }
+
     /// The device copy of `words` in table slot `slot` (uploaded unless it holds them already);
     /// `None` after a failure.
     fn table(&self, scratch: &mut Scratch, slot: usize, words: Vec<u64>) -> Option<u64> {
@@ -137,11 +160,13 @@ impl Cuda {
         cached.as_ref().map(|(_, d)| self.ptr(d))
     }
 
-    pub(super) fn adamw_multi_op(&self, tensors: &mut [AdamWArgs<'_, Self>], hp: AdamWStep) {
-        // bf16 mode: the step also writes each parameter's bf16 working copy
+    /// The fused AdamW step over `tensors`; `working_copies` (bf16 mode): it also writes each
+    /// parameter's bf16 working copy (not for the temporary copy of a range, `adamw_range_op`,
+    /// whose copy would outlive it).
+    pub(super) fn adamw_multi_op(&self, tensors: &mut [AdamWArgs<'_, Self>], hp: AdamWStep, working_copies: bool) {
         let mut copies = self.0.weights16.lock().unwrap_or_else(|e| e.into_inner());
         let mut copy_of = |p: &CudaSlice<f32>| -> u64 {
-            if !self.0.bf16 {
+            if !self.0.bf16 || !working_copies {
                 return 0;
             }
             let key = self.ptr(p);

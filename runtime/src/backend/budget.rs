@@ -395,6 +395,9 @@ impl<B: Backend> Backend for Budget<B> {
     fn keep_working_copy(&self, w: &Buf<B>) {
         self.inner.keep_working_copy(&w.buf)
     }
+    fn drop_working_copy(&self, w: &Buf<B>) {
+        self.inner.drop_working_copy(&w.buf)
+    }
     fn begin_operand_reuse(&self, bufs: &[&Buf<B>]) {
         let inner: Vec<&B::Buf> = bufs.iter().map(|b| &b.buf).collect();
         self.inner.begin_operand_reuse(&inner)

@@ -545,8 +545,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Says that `w`, a weight no optimizer step writes (a frozen parameter), is read by products
     /// from here on: a backend that converts product operands (CUDA's bf16 mode) may keep the
     /// converted copy, as the fused AdamW step keeps those of the weights it writes. A write to
-    /// `w` through the backend, or a new buffer, drops the copy; asking again keeps a new one.
+    /// `w` through the backend, a new buffer in its memory or [`Backend::drop_working_copy`] drops
+    /// the copy; asking again keeps a new one.
     fn keep_working_copy(&self, _w: &Self::Buf) {}
+    /// Frees `w`'s working copy (before `w` itself is freed: a weight gathered for one layer,
+    /// whose copy would otherwise stay until a new buffer takes its memory).
+    fn drop_working_copy(&self, _w: &Self::Buf) {}
     /// Says that `bufs` are read, unchanged, by the products that follow until
     /// [`Backend::end_operand_reuse`] (a map's input and output gradient, read by the base product
     /// and its adapters' products): a backend that converts product operands may convert each once.

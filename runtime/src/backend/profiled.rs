@@ -394,6 +394,9 @@ impl<B: Backend> Backend for Profiled<B> {
         // a cast of a product operand, timed as the products' own casts are
         self.time("matmul", 0.0, || self.inner.keep_working_copy(w))
     }
+    fn drop_working_copy(&self, w: &B::Buf) {
+        self.inner.drop_working_copy(w)
+    }
     fn begin_operand_reuse(&self, bufs: &[&B::Buf]) {
         self.inner.begin_operand_reuse(bufs)
     }

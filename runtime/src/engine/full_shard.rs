@@ -308,6 +308,9 @@ impl<B: Backend> Residency<B> for FullShard<B> {
 
     fn release(&mut self, be: &B, idx: &[usize]) -> Result<()> {
         for &i in idx {
+            // (a frozen weight's working copy goes with it: the next layer's gather may not take
+            // this memory, which is what would drop the copy otherwise)
+            be.drop_working_copy(&self.work[i]);
             self.work[i] = empty(be)?;
         }
         Ok(())

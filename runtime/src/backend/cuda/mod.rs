@@ -542,6 +542,10 @@ impl Backend for Cuda {
     fn keep_working_copy(&self, w: &CudaSlice<f32>) {
         self.keep_working_copy_op(w)
     }
+    fn drop_working_copy(&self, w: &CudaSlice<f32>) {
+        let key = self.ptr(w);
+        self.0.weights16.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+    }
     fn begin_operand_reuse(&self, bufs: &[&CudaSlice<f32>]) {
         self.begin_operand_reuse_op(bufs)
     }

@@ -581,6 +581,9 @@ impl Backend for Roofline {
         let _op = self.op_kind("matmul");
         self.keep_copy(w);
     }
+    fn drop_working_copy(&self, w: &VBuf) {
+        self.lock().copies.remove(&w.id);
+    }
     fn begin_operand_reuse(&self, bufs: &[&VBuf]) {
         self.name_reused(bufs);
     }

@@ -458,6 +458,13 @@ fn auto_find_batch_size_fits_the_batch_to_the_memory_budget() {
     assert!(err.contains("auto_find_batch_size: even one example"), "{err}");
 }
 
+/// The example's arguments with `set` over them, without evaluation, checkpoints or progress bar.
+fn quiet_args(ex: &Path, set: &[(&str, Value)]) -> runtime::args::TrainingArguments {
+    let quiet = [("eval_strategy", Value::from("no")), ("save_strategy", Value::from("no")), ("disable_tqdm", Value::Bool(true))];
+    let set: Vec<(String, Value)> = set.iter().cloned().chain(quiet).map(|(k, v)| (k.to_string(), v)).collect();
+    runtime::args::TrainingArguments::load(Some(&ex.join("train.toml")), &set).unwrap()
+}
+
 /// Out of memory is an error value (the CPU with a memory budget stands in for a device that
 /// runs out): without `auto_find_batch_size` the run ends with it; with it, the step is retried
 /// with the batch halved and the accumulation doubled, and the run trains exactly as one planned
@@ -465,7 +472,6 @@ fn auto_find_batch_size_fits_the_batch_to_the_memory_budget() {
 /// `find_executable_batch_size` retries after CUDA's out-of-memory error.
 #[test]
 fn out_of_memory_is_a_value_and_auto_find_batch_size_retries_the_step_with_a_smaller_batch() {
-    use runtime::args::TrainingArguments;
     use runtime::backend::budget::Budget;
     use runtime::backend::cpu::Cpu;
     use runtime::train::trainer::Trainer;
@@ -475,18 +481,16 @@ fn out_of_memory_is_a_value_and_auto_find_batch_size_retries_the_step_with_a_sma
     let tmp = tempfile::tempdir().unwrap();
     let ex = example(tmp.path());
     let args = |out: &str, batch: usize, accum: usize, auto: bool| {
-        let set = [
-            ("output_dir", json!(tmp.path().join(out))),
-            ("per_device_train_batch_size", json!(batch)),
-            ("gradient_accumulation_steps", json!(accum)),
-            ("auto_find_batch_size", json!(auto)),
-            ("max_steps", json!(3)),
-            ("eval_strategy", json!("no")),
-            ("save_strategy", json!("no")),
-            ("disable_tqdm", json!(true)),
-        ];
-        let set: Vec<(String, Value)> = set.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        TrainingArguments::load(Some(&ex.join("train.toml")), &set).unwrap()
+        quiet_args(
+            &ex,
+            &[
+                ("output_dir", json!(tmp.path().join(out))),
+                ("per_device_train_batch_size", json!(batch)),
+                ("gradient_accumulation_steps", json!(accum)),
+                ("auto_find_batch_size", json!(auto)),
+                ("max_steps", json!(3)),
+            ],
+        )
     };
     let weights = |t: &Trainer<Budget<Cpu>>| t.model().tensors().unwrap().concat().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     // the memory a run needs at batch 8 and at batch 4 x 2, measured with no limit
@@ -522,7 +526,6 @@ fn out_of_memory_is_a_value_and_auto_find_batch_size_retries_the_step_with_a_sma
 /// updated a second time.
 #[test]
 fn out_of_memory_inside_the_update_is_not_retried_with_a_smaller_batch() {
-    use runtime::args::TrainingArguments;
     use runtime::backend::budget::Budget;
     use runtime::backend::cpu::Cpu;
     use runtime::train::trainer::Trainer;
@@ -532,18 +535,16 @@ fn out_of_memory_inside_the_update_is_not_retried_with_a_smaller_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let ex = example(tmp.path());
     let args = |out: &str| {
-        let set = [
-            ("output_dir", json!(tmp.path().join(out))),
-            ("per_device_train_batch_size", json!(2)),
-            ("auto_find_batch_size", json!(true)),
-            ("fsdp", json!("shard_grad_op")),
-            ("max_steps", json!(1)),
-            ("eval_strategy", json!("no")),
-            ("save_strategy", json!("no")),
-            ("disable_tqdm", json!(true)),
-        ];
-        let set: Vec<(String, Value)> = set.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        TrainingArguments::load(Some(&ex.join("train.toml")), &set).unwrap()
+        quiet_args(
+            &ex,
+            &[
+                ("output_dir", json!(tmp.path().join(out))),
+                ("per_device_train_batch_size", json!(2)),
+                ("auto_find_batch_size", json!(true)),
+                ("fsdp", json!("shard_grad_op")),
+                ("max_steps", json!(1)),
+            ],
+        )
     };
     // at two examples a step the update's temporaries (the largest piece's, twice) are the
     // peak: one byte less fails there

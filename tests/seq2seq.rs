@@ -603,7 +603,7 @@ fn commands_take_bart_folders() {
 /// deterministic; on a GPU the same harness compares the CUDA kernels.
 #[test]
 fn device_parity_harness_runs_and_the_cpu_is_deterministic() {
-    let checks = runtime::tools::seq2seq::device_parity(&Cpu, 1e-4, 1e-4).unwrap();
+    let checks = runtime::tools::seq2seq::device_parity(&Cpu, false).unwrap();
     assert_eq!(checks.len(), 6, "loss, gradients and decoding for T5 and BART");
     for c in &checks {
         assert!(c.pass && c.rel_err == 0.0, "{} {} {}: {}", c.op, c.case, c.output, c.rel_err);

@@ -270,6 +270,10 @@ enum Command {
         /// also time the attention kernels and the fused AdamW step
         #[arg(long)]
         bench: bool,
+        /// no GPU: run the bf16 checks on the CPU model of the bf16 mode (its rounding on the CPU
+        /// backend), with the holds `RUNTIME_CUDA_HOLDS` sets
+        #[arg(long, conflicts_with = "bench")]
+        model: bool,
     },
 }
 
@@ -424,7 +428,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             runtime::tools::gpu::kernels(&arch, cache, json)?;
         }
-        Command::CudaCheck { bf16, json, bench } => runtime::tools::gpu::cuda_check(bf16, json, bench)?,
+        Command::CudaCheck { model: true, json, .. } => runtime::tools::gpu::model_check(json)?,
+        Command::CudaCheck { bf16, json, bench, model: false } => runtime::tools::gpu::cuda_check(bf16, json, bench)?,
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 
 mod adamw;
 mod align;
+pub mod bf16_model;
 pub mod budget;
 pub mod cpu;
 pub mod cuda;

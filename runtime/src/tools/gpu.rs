@@ -3,6 +3,7 @@
 //! kernels' timings), printing tables or JSON.
 
 use crate::error::{Error, Result};
+use crate::tools::cuda_check::Check;
 
 fn json_of<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::Invalid(e.to_string()))
@@ -43,6 +44,55 @@ pub fn kernels(arch: &[String], cache: bool, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The holds `RUNTIME_CUDA_HOLDS` sets (`on`, `copies` or `off`), for the CPU model of the bf16
+/// mode; an unknown value is the CUDA backend's error.
+fn holds_set() -> Result<&'static str> {
+    let value = std::env::var(crate::backend::cuda::HOLDS_ENV).ok();
+    crate::backend::cuda::holds_setting(value.as_deref())
+}
+
+/// Prints the checks as a table (with the CPU model's error of the same check beside each, where
+/// `model` has it) or as JSON; an error when any fails.
+fn report(title: &str, checks: &[Check], model: Option<&[Check]>, json: bool) -> Result<()> {
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    if json {
+        println!("{}", json_of(&checks)?);
+    } else {
+        println!("{title}");
+        let predicted = |c: &Check| {
+            let m = model?.iter().find(|m| m.op == c.op && m.case == c.case && m.output == c.output)?;
+            Some(format!("{:.2e}", m.rel_err))
+        };
+        match model {
+            Some(_) => println!("| op | case | output | rel. error | CPU model | limit | |\n|---|---|---|---|---|---|---|"),
+            None => println!("| op | case | output | rel. error | limit | |\n|---|---|---|---|---|---|"),
+        }
+        for c in checks {
+            let verdict = if c.pass { "ok" } else { "FAIL" };
+            match model {
+                Some(_) => {
+                    let m = predicted(c).unwrap_or_default();
+                    println!("| {} | {} | {} | {:.2e} | {m} | {:.0e} | {verdict} |", c.op, c.case, c.output, c.rel_err, c.limit)
+                }
+                None => println!("| {} | {} | {} | {:.2e} | {:.0e} | {verdict} |", c.op, c.case, c.output, c.rel_err, c.limit),
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(Error::Device(format!("{failed} of {} checks failed", checks.len())));
+    }
+    Ok(())
+}
+
+/// `runtime cuda-check --model [--json]`: the bf16 checks on the CPU model of the bf16 mode
+/// (`backend::bf16_model`), on any machine; an error when any check fails.
+pub fn model_check(json: bool) -> Result<()> {
+    let holds = holds_set()?;
+    let checks = crate::tools::cuda_check::model_parity(holds == "on")?;
+    let title = format!("the CPU model of CUDA's bf16 mode, holds {holds}");
+    report(&title, &checks, None, json)
+}
+
 /// `runtime cuda-check [--bf16] [--json] [--bench]`: an error when any check fails.
 pub fn cuda_check(bf16: bool, json: bool, bench: bool) -> Result<()> {
     let cuda = crate::backend::cuda::Cuda::new(0, bf16)?;
@@ -59,9 +109,9 @@ pub fn cuda_check(bf16: bool, json: bool, bench: bool) -> Result<()> {
     }
     // a part that stops with an error is one failed row, and the rows before it are still printed
     let mut checks = Vec::new();
-    let mut part = |name: &str, rows: Result<Vec<crate::tools::cuda_check::Check>>| match rows {
+    let mut part = |name: &str, rows: Result<Vec<Check>>| match rows {
         Ok(rows) => checks.extend(rows),
-        Err(e) => checks.push(crate::tools::cuda_check::Check {
+        Err(e) => checks.push(Check {
             op: name.into(),
             case: "stopped by an error".into(),
             output: e.to_string().replace('|', "/").replace('\n', " "),
@@ -73,22 +123,12 @@ pub fn cuda_check(bf16: bool, json: bool, bench: bool) -> Result<()> {
     part("every op", crate::tools::cuda_check::op_parity(&cuda));
     part("training steps", crate::tools::cuda_check::step_parity(&cuda));
     // the encoder-decoder kernels, with the decoder-only step's limits
-    let (lim, grad_lim) = if bf16 { (1e-2, 2e-2) } else { (1e-4, 1e-4) };
-    part("encoder-decoder", crate::tools::seq2seq::device_parity(&cuda, lim, grad_lim));
-    let failed = checks.iter().filter(|c| !c.pass).count();
-    if json {
-        println!("{}", json_of(&checks)?);
-    } else {
-        let info = cuda.info();
-        let mode = if bf16 { format!("bf16, holds {}", cuda.holds()) } else { "f32".into() };
-        println!("{} (compute capability {}.{}), {mode}", info.name, info.compute_capability.0, info.compute_capability.1);
-        println!("| op | case | output | rel. error | limit | |\n|---|---|---|---|---|---|");
-        for c in &checks {
-            println!("| {} | {} | {} | {:.2e} | {:.0e} | {} |", c.op, c.case, c.output, c.rel_err, c.limit, if c.pass { "ok" } else { "FAIL" });
-        }
-    }
-    if failed > 0 {
-        return Err(Error::Device(format!("{failed} of {} CUDA checks failed", checks.len())));
-    }
-    Ok(())
+    part("encoder-decoder", crate::tools::seq2seq::device_parity(&cuda, bf16));
+    let info = cuda.info();
+    let mode = if bf16 { format!("bf16, holds {}", cuda.holds()) } else { "f32".into() };
+    let title = format!("{} (compute capability {}.{}), {mode}", info.name, info.compute_capability.0, info.compute_capability.1);
+    // in bf16, the same checks on the CPU model of the mode: a row far above the model's error is
+    // the kernels', not the rounding's
+    let model = if bf16 && !json { crate::tools::cuda_check::model_parity(cuda.holds() == "on").ok() } else { None };
+    report(&title, &checks, model.as_deref(), json)
 }

@@ -43,6 +43,12 @@ pub(super) struct Held {
 /// and `off`.
 pub(crate) const HOLDS_ENV: &str = "RUNTIME_CUDA_HOLDS";
 
+/// `RUNTIME_CUDA_HOLDS`'s value `value` in its words (`on`, `copies` or `off`; unset: `on`), or
+/// the error that names the values it takes.
+pub(crate) fn holds_setting(value: Option<&str>) -> crate::error::Result<&'static str> {
+    Held::from_setting(value).map(|h| h.words())
+}
+
 impl Held {
     /// The holds as `RUNTIME_CUDA_HOLDS` (its value `value`) sets them; any other value is an
     /// error that names the variable and the values it takes.
@@ -58,6 +64,15 @@ impl Held {
             }
         };
         Ok(Held { off, products_off, ..Default::default() })
+    }
+
+    /// The holds in `RUNTIME_CUDA_HOLDS`'s words: `on`, `copies` or `off`.
+    fn words(&self) -> &'static str {
+        match (self.off, self.products_off) {
+            (true, _) => "off",
+            (false, true) => "copies",
+            (false, false) => "on",
+        }
     }
 
     /// Drops the entry of `key` (all when `None`), keeping the copies for reuse.
@@ -163,12 +178,7 @@ impl Cuda {
 
     /// The holds as set now, in `RUNTIME_CUDA_HOLDS`'s words: `on`, `copies` or `off`.
     pub fn holds(&self) -> &'static str {
-        let held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
-        match (held.off, held.products_off) {
-            (true, _) => "off",
-            (false, true) => "copies",
-            (false, false) => "on",
-        }
+        self.0.held.lock().unwrap_or_else(|e| e.into_inner()).words()
     }
 
     /// On (the default): a buffer held with `hold_operand_only` has its bf16 copy written alone

@@ -36,6 +36,7 @@ use products::Scratch;
 mod reduce;
 mod seq2seq;
 
+pub(crate) use held::{holds_setting, HOLDS_ENV};
 pub use kernels::required_kernels;
 pub use probe::{probe, DeviceInfo};
 

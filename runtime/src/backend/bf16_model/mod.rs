@@ -10,15 +10,17 @@
 //!   outputs and accumulations in f32, the bias added in f32, a bias gradient summed from the f32
 //!   output gradient;
 //! - a buffer held with [`Backend::hold_operand_only`] is written as bf16 alone by the op that
-//!   computes it (a norm, an activation, the attention, a product overwriting an output of a
-//!   width that is a multiple of 8), so every later reader sees it rounded;
+//!   computes it (a norm, an activation, the attention, a product overwriting its output when the
+//!   product's output width, that of the output gradient for an input gradient, is a multiple of
+//!   8), so every later reader sees it rounded;
 //! - the attention reads its queries, keys and values in bf16 and, at head dims 64 and 128
 //!   without dropout, rounds inside as the tensor-core kernels do ([`attention`]); its backward
 //!   pass reads a held output in bf16 for `delta`;
 //! - the fused LM head keeps its logits and their gradient in bf16.
 //!
-//! Left out: the order of the sums inside a product (cuBLASLt's, not the CPU's), and the
-//! fallbacks in which cuBLASLt has no plan for a bf16 output (that output is then f32).
+//! Left out: the order of the sums inside a product (cuBLASLt's, not the CPU's), the fallbacks in
+//! which cuBLASLt has no plan for a bf16 output (that output is then f32), and speed: the
+//! tensor-core attention's model is a plain loop, for the checks' shapes.
 
 mod attention;
 
@@ -93,8 +95,9 @@ impl Bf16Model {
             round_in_place(out);
         }
     }
-    /// A product overwriting `out`, `width` wide: rounded when held `only` and the width is a
-    /// multiple of 8 (the bf16-output form; otherwise CUDA writes f32 and reads that).
+    /// A product overwriting `out`: rounded when held `only` and `width` (the product's output
+    /// width; for an input gradient, the output gradient's) is a multiple of 8 (the bf16-output
+    /// form; otherwise CUDA writes f32 and reads that).
     fn product_out(&self, out: &mut [f32], width: usize) {
         if super::aligned_ld(width) == width {
             self.computed(out);
@@ -397,7 +400,8 @@ impl Backend for Bf16Model {
         Cpu.matmul_fwd(&mut logits, &x, &w, None, n, k, v);
         round_in_place(&mut logits);
         Cpu.cross_entropy_into(&mut logits, targets, v, smoothing, grad_scale, loss, row0);
-        if let Some((dx, dw)) = back {
+        // as CUDA: no backward pass without the loss gradient's scale
+        if let (Some((dx, dw)), Some(_)) = (back, grad_scale) {
             round_in_place(&mut logits);
             self.written(dx);
             Cpu.matmul_bwd(Some(dx), dw, None, &logits, &x, &w, n, k, v);
@@ -431,12 +435,19 @@ impl Backend for Bf16Model {
     fn adamw_range(&self, p: &mut Buf, g: &Buf, at: usize, m: &mut Buf, v: &mut Buf, hp: AdamWStep, decay: bool) -> Result<()> {
         Cpu.adamw_range(p, g, at, m, v, hp, decay)
     }
+    /// CUDA's limit (its attention kernels take head dims up to 128).
     fn check_head_dim(&self, head_dim: usize) -> Result<(), String> {
+        if head_dim > 128 {
+            return Err(format!("head dim {head_dim}: the CUDA attention kernels (and this model of them) support head dims up to 128"));
+        }
         Cpu.check_head_dim(head_dim)
     }
+    /// (A buffer held `only` before is held plainly from here on, as on CUDA.)
     fn hold_operand(&self, buf: &Buf) {
         if let Some(k) = key(buf).filter(|_| self.holds_on) {
-            self.holds().held.insert(k);
+            let mut h = self.holds();
+            h.held.insert(k);
+            h.only.remove(&k);
         }
     }
     fn hold_operand_only(&self, buf: &Buf) {
@@ -550,6 +561,10 @@ mod tests {
                 m.hold_operand_only(&out);
                 m.matmul_fwd(&mut out, &x, &w, None, n, k, width);
                 assert_eq!(out, if holds && width % 8 == 0 { rounded(&want) } else { want.clone() }, "held only, width {width}");
+                m.hold_operand(&out);
+                m.matmul_fwd(&mut out, &x, &w, None, n, k, width);
+                assert_eq!(out, want, "held again, plainly");
+                m.hold_operand_only(&out);
                 m.release_operand(&out);
                 m.matmul_fwd(&mut out, &x, &w, None, n, k, width);
                 assert_eq!(out, want, "released");

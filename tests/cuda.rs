@@ -188,6 +188,28 @@ fn asking_for_cuda_without_a_gpu_is_one_clear_error() {
     assert_eq!(r["device"], "cpu");
 }
 
+/// `runtime cuda-check --model` runs the bf16 checks on the CPU model of the bf16 mode on any
+/// machine, with the holds `RUNTIME_CUDA_HOLDS` sets (an unknown value is one error line).
+#[test]
+fn the_bf16_checks_run_on_the_cpu_model_without_a_gpu() {
+    let run =
+        |holds: &str| Command::new(env!("CARGO_BIN_EXE_runtime")).args(["cuda-check", "--model", "--json"]).env("RUNTIME_CUDA_HOLDS", holds).output().unwrap();
+    for holds in ["on", "copies"] {
+        let out = run(holds);
+        assert!(out.status.success(), "{holds}: {}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        for op in ["training step", "training curve", "training step (bf16 product outputs)", "encoder-decoder pass"] {
+            assert!(rows.iter().any(|r| r["op"] == op), "{holds}: no {op} row");
+        }
+        assert!(rows.iter().all(|r| r["pass"] == true), "{holds}");
+        assert!(rows.iter().any(|r| r["output"] == "gradients (L2)" && r["rel_err"].as_f64().unwrap() > 0.0), "{holds}: the gradients by norm, rounded");
+    }
+    let out = run("sometimes");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("RUNTIME_CUDA_HOLDS") && !stderr.contains("panicked") && stderr.trim().lines().count() == 1, "{stderr}");
+}
+
 #[test]
 fn cuda_ops_and_training_steps_match_the_cpu_backend() {
     if let Err(why) = runtime::backend::cuda::probe(0) {

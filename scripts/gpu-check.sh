@@ -11,8 +11,10 @@
 # also go to DIR (three files).
 #
 # 1. every op of the CUDA backend against the CPU backend on random inputs, then whole training
-#    steps, in f32 and in bf16 (`runtime cuda-check`), and where a bf16 row fails, the bf16 checks
-#    again with `RUNTIME_CUDA_HOLDS=copies` and `off` (docs/CUDA.md: is a held copy the cause?);
+#    steps, in f32 and in bf16 (`runtime cuda-check`; each bf16 row beside the CPU model's error
+#    for the same check: a row far above it is a kernel's, not bf16's), and where a bf16 row fails,
+#    the bf16 checks again with `RUNTIME_CUDA_HOLDS=copies` and `off` (docs/CUDA.md: is a held
+#    copy the cause?);
 #    then the addition example (GPT-2) and the reverse example (T5) trained on the GPU and the CPU,
 #    and NCCL in one process (`ddp_backend = "nccl"`, plain and sharded, f32 and bf16) against
 #    the same runs without it (the same model bits) (these run after parts 2, 3 and 6's

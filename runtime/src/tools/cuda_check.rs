@@ -13,6 +13,7 @@ use serde::Serialize;
 mod products;
 mod steps;
 
+use crate::backend::bf16_model::rounded;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
 use crate::backend::{Activation, AdamWStep, AttnImpl, AttnShape, Backend, ColBlock, StatGrads, StatsWanted};
@@ -39,11 +40,6 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0f64, |m, &x| m.max((x as f64).abs())).max(1e-30);
     let diff = a.iter().zip(b).fold(0f64, |m, (&x, &y)| if x.is_nan() || y.is_nan() { f64::INFINITY } else { m.max((x as f64 - y as f64).abs()) });
     diff / scale
-}
-
-/// `x` rounded to bf16 and back (round to nearest even, as the cast kernel does).
-fn bf16_round(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()
 }
 
 /// The relative L2 error `||a - b|| / ||b||`, for whole parameter vectors after an AdamW step:
@@ -262,7 +258,7 @@ pub(crate) fn with_determinism<R>(gpu: &Cuda, on: bool, f: impl FnOnce() -> R) -
 /// [`op_parity`] against any backend (`bf16`: whether it rounds product and attention operands).
 pub fn op_parity_on<G: Backend>(gpu: &G, bf16: bool) -> Result<Vec<Check>> {
     let cpu = Cpu;
-    let rounded = |x: &[f32]| if bf16 { bf16_round(x) } else { x.to_vec() };
+    let rounded = |x: &[f32]| if bf16 { rounded(x) } else { x.to_vec() };
     let mut r = Report { checks: Vec::new() };
     let mut rng = Rng(ChaCha8Rng::seed_from_u64(2024));
     let lim = if bf16 { 1e-2 } else { 1e-4 };

@@ -38,7 +38,8 @@ pub(crate) fn round(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
-fn rounded(x: &[f32]) -> Vec<f32> {
+/// `x` with every value [`round`]ed.
+pub(crate) fn rounded(x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| round(v)).collect()
 }
 

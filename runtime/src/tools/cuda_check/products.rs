@@ -1,7 +1,8 @@
 //! The product ops of the parity check: products with and without an activation's backward pass,
 //! a product after the fused AdamW step, LoRA's up-projection, the fused LM head and loss.
 
-use super::{bf16_round, Outs};
+use super::Outs;
+use crate::backend::bf16_model::rounded;
 use crate::backend::{Activation, AdamWStep, Backend, ColBlock};
 use crate::error::Result;
 
@@ -57,13 +58,13 @@ pub(super) fn matmul_after_step<B: Backend>(
     (n, k, m): (usize, usize, usize),
     round: bool,
 ) -> Result<Outs> {
-    let r = |x: &[f32]| if round { bf16_round(x) } else { x.to_vec() };
+    let r = |x: &[f32]| if round { rounded(x) } else { x.to_vec() };
     let (mut wb, gb, mut mb, mut vb) = (be.upload(w)?, be.upload(g)?, be.zeros(w.len())?, be.zeros(w.len())?);
     let (ib, db, mut out, mut dinp, mut dw) = (be.upload(&r(inp))?, be.upload(&r(d))?, be.zeros(n * m)?, be.zeros(n * k)?, be.zeros(m * k)?);
     let hp = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 1, grad_scale: 1.0 };
     be.adamw_multi(&mut [(&mut wb, &gb, &mut mb, &mut vb, true)], hp);
     if round {
-        wb = be.upload(&bf16_round(&be.download(&wb)?))?;
+        wb = be.upload(&rounded(&be.download(&wb)?))?;
     }
     be.matmul_fwd(&mut out, &ib, &wb, None, n, k, m);
     be.matmul_bwd(Some(&mut dinp), Some(&mut dw), None, &db, &ib, &wb, n, k, m);

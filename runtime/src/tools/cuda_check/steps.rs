@@ -33,13 +33,8 @@ pub fn step_parity(gpu: &Cuda) -> Result<Vec<Check>> {
 /// bf16 (the attention's delta): that step is compared with the bf16 limits instead, and the
 /// bitwise one runs with the held products off (`Cuda::set_held_products`).
 fn held_parity(gpu: &Cuda) -> Result<Vec<Check>> {
-    let (gpt2, llama) = step_configs();
     let mut checks = Vec::new();
-    for (arch, raw, lora) in [("gpt2", &gpt2, None), ("llama", &llama, None), ("llama", &llama, Some(false))] {
-        let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
-        let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
-        let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
-        let batch = step_batch(cfg.vocab_size as i32);
+    for (case, cfg, tensors, batch, lora) in held_cases()? {
         let direct = one_step(gpu.clone(), cfg.clone(), tensors.clone(), &batch, None, lora)?;
         let was = gpu.set_held_products(false);
         let held = one_step(gpu.clone(), cfg.clone(), tensors.clone(), &batch, None, lora);
@@ -49,7 +44,6 @@ fn held_parity(gpu: &Cuda) -> Result<Vec<Check>> {
         let cast = one_step(gpu.clone(), cfg, tensors, &batch, None, lora);
         gpu.set_hold_operands(was);
         let cast = cast?;
-        let case = format!("{arch}, 2 layers{}: held inputs against a cast per product", if lora.is_some() { ", LoRA r 8" } else { "" });
         for (name, e) in [
             ("loss", rel_err(&[held.0], &[cast.0])),
             ("grad_norm", rel_err(&[held.1], &[cast.1])),
@@ -61,6 +55,23 @@ fn held_parity(gpu: &Cuda) -> Result<Vec<Check>> {
         checks.extend(held_only_rows(&case, &direct, &held));
     }
     Ok(checks)
+}
+
+/// The held-input rows' cases: GPT-2, Llama and Llama with LoRA r 8, each with its name, config,
+/// initial weights, batch and adapter (`Some(use_dora)`).
+#[allow(clippy::type_complexity)] // one case's five parts, as the loops take them apart
+fn held_cases() -> Result<Vec<(String, ModelConfig, Vec<Vec<f32>>, Batch, Option<bool>)>> {
+    let (gpt2, llama) = step_configs();
+    [("gpt2", &gpt2, None), ("llama", &llama, None), ("llama", &llama, Some(false))]
+        .into_iter()
+        .map(|(arch, raw, lora)| {
+            let cfg = step_config(raw)?;
+            let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
+            let batch = step_batch(cfg.vocab_size as i32);
+            let case = format!("{arch}, 2 layers{}: held inputs against a cast per product", if lora.is_some() { ", LoRA r 8" } else { "" });
+            Ok((case, cfg, tensors, batch, lora))
+        })
+        .collect()
 }
 
 /// One training step's outputs: loss, gradient norm, gradients, parameters after the step.
@@ -94,15 +105,9 @@ pub fn model_parity(holds: bool) -> Result<Vec<Check>> {
     let model = if holds { Bf16Model::new() } else { Bf16Model::without_holds() };
     let mut checks = op_parity_on(&model, true)?;
     checks.extend(step_parity_on(&model, true)?);
-    let (gpt2, llama) = step_configs();
-    for (arch, raw, lora) in [("gpt2", &gpt2, None), ("llama", &llama, None), ("llama", &llama, Some(false))] {
-        let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
-        let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
-        let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
-        let batch = step_batch(cfg.vocab_size as i32);
+    for (case, cfg, tensors, batch, lora) in held_cases()? {
         let direct = one_step(Bf16Model::new(), cfg.clone(), tensors.clone(), &batch, None, lora)?;
         let held = one_step(Bf16Model::without_holds(), cfg, tensors, &batch, None, lora)?;
-        let case = format!("{arch}, 2 layers{}: held inputs against a cast per product", if lora.is_some() { ", LoRA r 8" } else { "" });
         checks.extend(held_only_rows(&case, &direct, &held));
     }
     // the encoder-decoder part, with the decoder-only step's limits (as `runtime cuda-check --bf16`)
@@ -115,6 +120,12 @@ fn cfg_head_dim(raw: &serde_json::Value) -> u64 {
     let width = raw.get("n_embd").or(raw.get("hidden_size")).and_then(|v| v.as_u64()).unwrap_or(0);
     let heads = raw.get("n_head").or(raw.get("num_attention_heads")).and_then(|v| v.as_u64()).unwrap_or(1);
     width / heads.max(1)
+}
+
+/// One of [`step_configs`], read as a `config.json` is.
+fn step_config(raw: &serde_json::Value) -> Result<ModelConfig> {
+    let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
+    ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)
 }
 
 /// The small GPT-2 and Llama configurations of the training-step checks.
@@ -161,8 +172,7 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
         ("gpt2", &gpt2, None, Some(true)),
     ];
     for (arch, raw, chunk, lora) in cases {
-        let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
-        let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
+        let cfg = step_config(raw)?;
         let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
         let batch = step_batch(cfg.vocab_size as i32);
         let (b, t) = (batch.batch, batch.seq);
@@ -190,8 +200,7 @@ pub fn step_parity_on<G: Backend + Clone>(gpu: &G, bf16: bool) -> Result<Vec<Che
     // apart in bf16 (issue 18's bar), 1e-4 in f32; the worst step is reported
     let curve_lim = if bf16 { 2e-2 } else { 1e-4 };
     for (arch, raw) in [("gpt2", &gpt2), ("llama", &llama)] {
-        let serde_json::Value::Object(map) = raw.clone() else { unreachable!("a JSON object literal") };
-        let cfg = ModelConfig::from_json(std::path::Path::new("<cuda-check>"), map)?;
+        let cfg = step_config(raw)?;
         let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
         let batch = step_batch(cfg.vocab_size as i32);
         let cpu = loss_curve(Cpu, cfg.clone(), tensors.clone(), &batch, 20)?;
@@ -269,8 +278,7 @@ mod tests {
     #[test]
     fn the_training_curve_learns() {
         let (gpt2, _) = step_configs();
-        let serde_json::Value::Object(map) = gpt2 else { unreachable!() };
-        let cfg = ModelConfig::from_json(std::path::Path::new("<test>"), map).unwrap();
+        let cfg = step_config(&gpt2).unwrap();
         let tensors = init_tensors(&cfg, &Layout::new(&cfg), 5);
         let losses = loss_curve(Cpu, cfg.clone(), tensors, &step_batch(cfg.vocab_size as i32), 20).unwrap();
         assert_eq!(losses.len(), 20);

@@ -12,7 +12,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::seq2seq::Seq2SeqModel;
 use crate::model::{Device, Selected};
-use crate::train::callbacks::{PrinterCallback, TrainerCallback};
+use crate::train::callbacks::{print_line, PrinterCallback, TrainerCallback};
 use crate::train::model_kind::TrainerModel;
 use crate::train::search::pruner::MedianPruner;
 use crate::train::search::space::SamplerKind;
@@ -97,8 +97,8 @@ fn train_with<B: Backend + Clone, M: TrainerModel<B>>(mut trainer: Trainer<B, M>
     );
     let metrics = trainer.train()?;
     if main_process {
-        println!("{}", serde_json::to_string(&metrics)?);
-        println!("saved to {}", trainer.args.output_dir);
+        print_line(&serde_json::to_string(&metrics)?);
+        print_line(&format!("saved to {}", trainer.args.output_dir));
     }
     Ok(())
 }
@@ -217,7 +217,7 @@ pub fn hp_search(opts: &SearchOptions) -> anyhow::Result<()> {
     };
     let trials = search::run(opts, &mut run_trial)?;
     let metric = if opts.metric.starts_with("eval_") { opts.metric.clone() } else { format!("eval_{}", opts.metric) };
-    print!("{}", search::summary(&trials, &metric, opts.maximize));
+    print_line(search::summary(&trials, &metric, opts.maximize).trim_end_matches('\n'));
     Ok(())
 }
 

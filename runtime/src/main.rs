@@ -434,6 +434,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A command that prints (`inspect`, `generate`, `bench`, `cuda-check`, ...) ends as `cat` does
+/// when the reader of its output leaves (`runtime inspect DIR | head`): at once and silently, by
+/// SIGPIPE, instead of Rust's panic at the next print. The training jobs (`train`, `hp-search`)
+/// keep the signal ignored: their product is files, and their prints drop what a closed stdout
+/// cannot take; so do the processes of a data parallel run, whose links to each other are sockets.
+fn end_quietly_when_stdout_closes() {
+    #[cfg(unix)]
+    // SAFETY: called once at start, before any thread exists; SIG_DFL is a valid disposition
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     // logs to stderr; RUST_LOG (e.g. `RUST_LOG=debug`) sets the level, `info` by default (`warn`
     // on the processes of a data parallel run other than rank 0)
@@ -448,6 +461,9 @@ fn main() -> ExitCode {
     // one error line and exit status 1
     let cli = Cli::parse();
     let several = runtime::engine::mpi::launcher_world_size().unwrap_or(1) > 1;
+    if !several && !matches!(cli.command, Command::Train { .. } | Command::HpSearch(_)) {
+        end_quietly_when_stdout_closes();
+    }
     let result = match cli.command {
         Command::Train { .. } => run(cli),
         Command::Bench(ref a) if a.decode.is_none() && a.roofline.is_none() => run(cli),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
+pub mod cli;
 pub mod trainer_case;
 
 pub fn fixtures() -> PathBuf {

@@ -111,3 +111,12 @@ impl<W: std::io::Write + Send> TrainerCallback for PrinterCallback<W> {
         Ok(())
     }
 }
+
+/// Prints one line on stdout for a training job (`train`, `hp-search`), whose product is its
+/// files: a closed stdout (a pipe whose reader left) is not the job's failure, so the line is
+/// dropped rather than ending the job.
+pub fn print_line(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+}

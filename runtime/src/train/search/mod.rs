@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::Digest;
 
-use super::callbacks::{Event, TrainerCallback, TrainerControl};
+use super::callbacks::{print_line, Event, TrainerCallback, TrainerControl};
 use super::output_dir;
 use super::state::TrainerState;
 use crate::args::training::read_config_file;
@@ -223,7 +223,7 @@ pub fn run(opts: &SearchOptions, run_trial: &mut RunTrial) -> Result<Vec<Trial>>
         let trial = run_one(opts, &params, &base, seed, number, &dir, &metric, &trials, run_trial)?;
         let objective = trial.objective.map_or("-".to_string(), |o| format!("{o}"));
         let state = format!("{:?}", trial.state).to_lowercase();
-        println!("trial {number} {state}: {metric} {objective} {}", Value::Object(trial.params.clone()));
+        print_line(&format!("trial {number} {state}: {metric} {objective} {}", Value::Object(trial.params.clone())));
         trials.push(trial);
         let lines: String = trials.iter().map(|t| serde_json::to_string(t).unwrap_or_default() + "\n").collect();
         replace_file(&trials_path, lines.as_bytes())?;

@@ -80,6 +80,13 @@ fn args_errors_name_the_file_and_the_key() {
         ("full_peft.toml", "fsdp = \"full_shard\"\n[peft]\nr = 4\n", vec!["full_shard", "LoRA", "shard_grad_op"]),
         ("full_auto.toml", "fsdp = \"full_shard\"\nauto_find_batch_size = true\n", vec!["full_shard", "auto_find_batch_size"]),
         ("zero_offload.toml", "fsdp = \"full_shard offload\"\n", vec!["offload", "not supported"]),
+        // what torch.optim.AdamW and TrainingArguments.__post_init__ refuse
+        ("eps.toml", "adam_epsilon = -1.0\n", vec!["adam_epsilon", ">= 0"]),
+        ("decay.toml", "weight_decay = -0.1\n", vec!["weight_decay", ">= 0"]),
+        ("logging.toml", "logging_steps = 2.5\n", vec!["logging_steps", "integer if bigger than 1"]),
+        ("eval.toml", "eval_strategy = \"steps\"\neval_steps = -1\n", vec!["eval_steps", ">= 0"]),
+        // the parser's error, in one line with where
+        ("twice.toml", "learning_rate = 1\nlearning_rate = 2\n", vec!["twice.toml", "line 2, column 1", "duplicate key"]),
     ];
     for (name, text, needles) in cases {
         let path = tmp.path().join(name);
@@ -91,7 +98,25 @@ fn args_errors_name_the_file_and_the_key() {
         for n in needles {
             assert!(err.contains(n), "{name}: `{n}` not in {err}");
         }
+        assert_eq!(err.trim_end().lines().count(), 1, "{name}: not one line: {err}");
     }
     let out = runtime(&["args", "--learning_rte", "1"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("learning_rate"));
+}
+
+#[test]
+fn command_line_values_are_typed_by_the_setting_they_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("run.toml");
+    std::fs::write(&path, "learning_rate = 3e-4\n").unwrap();
+    // a folder named 2024: the setting wants text, so the number is the text typed
+    let out = runtime(&["args", "--config", path.to_str().unwrap(), "--output_dir", "2024", "--run_name", "true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["output_dir"], "2024");
+    assert_eq!(v["run_name"], "true");
+    // a value of the wrong type set on the command line is named as the flag, not as the file
+    let out = runtime(&["args", "--config", path.to_str().unwrap(), "--max_steps", "abc"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.starts_with("error: --max_steps:") && !err.contains("run.toml"), "{err}");
 }

@@ -241,6 +241,25 @@ fn bad_adapters_are_one_clear_error() {
         let e = base().load_adapter(dir.path()).unwrap_err().to_string();
         assert!(e.contains(want), "{case}: {e}");
     }
+    // a lora_A stored transposed ([in, r] for [r, in]): the same count of values, refused by
+    // its shape (PEFT's size mismatch), not merged wrong
+    let dir = copy("llama_all_linear", &|_| {});
+    let file = dir.path().join("adapter_model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let shape = if name == key { v.shape().iter().rev().copied().collect() } else { v.shape().to_vec() };
+            (name, safetensors::tensor::TensorView::new(v.dtype(), shape, v.data()).unwrap())
+        })
+        .collect();
+    assert_ne!(st.tensor(key).unwrap().shape()[0], st.tensor(key).unwrap().shape()[1], "the case needs a non-square lora_A");
+    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    let e = base().load_adapter(dir.path()).unwrap_err().to_string();
+    assert!(e.contains(key) && e.contains("shape"), "{e}");
     let e = base().load_adapter(&fixtures().join("llama").join("model")).unwrap_err().to_string();
     assert!(e.contains("not a PEFT adapter folder"), "{e}");
 }

@@ -87,9 +87,8 @@ fn losses(out_dir: &Path) -> Vec<f64> {
     json_file(&out_dir.join("trainer_state.json"))["log_history"].as_array().unwrap().iter().filter_map(|e| e.get("loss").and_then(Value::as_f64)).collect()
 }
 
-/// Left padding with position ids through the padding plugin computes the same losses as the
-/// built-in right padding; a weighted loss with all weights 1, z-loss with alpha 0, and
-/// cross-entropy through the full-logits hook (`loss-logits`) equal the built-in loss.
+/// `runtime plugin check` passes on every shipped plugin (a loss's gradient is checked against
+/// finite differences there), and `inspect` reports the interface and hooks.
 #[test]
 fn every_shipped_plugin_passes_check() {
     let tok = fixtures().join("tokenizer");
@@ -114,6 +113,9 @@ fn every_shipped_plugin_passes_check() {
     }
 }
 
+/// Left padding with position ids through the padding plugin computes the same losses as the
+/// built-in right padding; a weighted loss with all weights 1, z-loss with alpha 0, and
+/// cross-entropy through the full-logits hook (`loss-logits`) equal the built-in loss.
 #[test]
 fn padding_and_weighted_loss_plugins_reproduce_the_builtin_run() {
     let tmp = tempfile::tempdir().unwrap();

@@ -114,8 +114,6 @@ fn evaluation_with_a_custom_loss_in_lm_head_chunks_matches_the_whole_logits() {
     }
 }
 
-/// `runtime plugin check` passes on every shipped plugin (a loss's gradient is checked against
-/// finite differences there), and `inspect` reports the interface and hooks.
 // ---------------------------------------------------------------- the sandbox
 
 fn hostile(mode: &str, limits: Limits) -> Plugin {

@@ -17,6 +17,7 @@ use crate::engine::{AdamWConfig, Step};
 use crate::error::Result;
 use crate::model::{init::init_tensors, Batch, LoadOptions, LossOptions, Model, ModelConfig, Selected};
 
+mod limits;
 mod measured;
 pub use measured::{run_cuda_profiled, run_profiled, run_roofline, RooflineResult};
 
@@ -123,8 +124,35 @@ impl BenchArgs {
             profile,
             fsdp,
         } = self;
+        anyhow::ensure!(steps.checked_add(warmup).is_some(), "--steps plus --warmup is beyond any count of steps");
         if arch == "t5" {
-            anyhow::ensure!(steps > 0 && batch > 0 && seq >= 2 && hidden % n_head == 0, "--steps, --batch >= 1, --seq >= 2, --hidden a multiple of --n_head");
+            limits::refuse_unused(
+                "the T5 benchmark (training on the CPU)",
+                &[
+                    ("--device", device != "cpu"),
+                    ("--roofline", roofline.is_some()),
+                    ("--decode", decode.is_some()),
+                    ("--bf16", bf16),
+                    ("--profile", profile),
+                    ("--fsdp", !fsdp.is_empty()),
+                    ("--lora_r", lora_r.is_some()),
+                    ("--torch_dtype", torch_dtype.is_some()),
+                    ("--n_kv_head", n_kv_head.is_some()),
+                    ("--intermediate", intermediate.is_some()),
+                    ("--attn_implementation", attn_implementation != "sdpa"),
+                    ("--gradient_checkpointing", gradient_checkpointing),
+                    ("--loss_chunk_rows", loss_chunk_rows.is_some()),
+                ],
+            )?;
+            anyhow::ensure!(
+                steps > 0 && batch > 0 && seq >= 2 && n_head > 0 && hidden % n_head == 0 && vocab >= 3,
+                "--steps, --batch, --n_head >= 1, --seq >= 2, --vocab >= 3, --hidden a multiple of --n_head"
+            );
+            let tokens = limits::tokens(batch, Some(seq), "--batch x --seq")?;
+            // the embedding and, per layer pair, at least 8 hidden x hidden products; AdamW's 16
+            // bytes a parameter; at least 4 values a token per layer and hidden unit
+            let params = (vocab as u128 + 8 * n_layer as u128 * hidden as u128) * hidden as u128;
+            limits::memory(16 * params + 16 * tokens * hidden as u128 * 2 * n_layer as u128, "the T5 benchmark")?;
             let shape = crate::tools::seq2seq::BenchShape { n_layer, d_model: hidden, n_head, vocab, src_len: seq, tgt_len: seq / 2, batch, steps, warmup };
             let r = crate::tools::seq2seq::bench(&shape)?;
             println!("{}", if json { serde_json::to_string(&r)? } else { r.report() });
@@ -167,6 +195,25 @@ impl BenchArgs {
             if new_tokens == 0 || prompt == 0 {
                 anyhow::bail!("--decode and --prompt must be at least 1");
             }
+            limits::refuse_unused(
+                "--decode (greedy decoding on the CPU)",
+                &[
+                    ("--device", device != "cpu"),
+                    ("--roofline", roofline.is_some()),
+                    ("--bf16", bf16),
+                    ("--profile", profile),
+                    ("--fsdp", !fsdp.is_empty()),
+                    ("--lora_r", lora_r.is_some()),
+                    ("--torch_dtype", cfg.torch_dtype.is_some()),
+                    ("--gradient_checkpointing", gradient_checkpointing),
+                    ("--loss_chunk_rows", loss_chunk_rows.is_some()),
+                ],
+            )?;
+            let tokens = limits::tokens(batch, prompt.checked_add(new_tokens), "--batch x (--prompt + --decode)")?;
+            let mcfg = cfg.model_config()?;
+            // the f32 weights and at least the key/value cache
+            let cache = tokens * 2 * (mcfg.n_kv_head * mcfg.head_dim) as u128 * mcfg.n_layer as u128;
+            limits::memory(4 * (mcfg.implied_parameters() + cache), "the decoding benchmark")?;
             let r = run_decode(&cfg, prompt, new_tokens)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -181,17 +228,35 @@ impl BenchArgs {
             }
             return Ok(());
         }
+        let tokens = limits::tokens(batch, Some(seq), "--batch x --seq")?;
+        let mcfg = cfg.model_config()?;
         if let Some(name) = roofline {
             let chip =
                 crate::backend::roofline::chip(&name).ok_or_else(|| anyhow::anyhow!("unknown --roofline chip `{name}` (expected h100, h200 or a100)"))?;
             anyhow::ensure!(device == "cuda", "--roofline accounts the CUDA backend: add --device cuda");
+            anyhow::ensure!(n_layer <= limits::MAX_ROOFLINE_LAYERS, "--roofline accounts at most {} layers", limits::MAX_ROOFLINE_LAYERS);
+            // the account holds the batch's token ids, labels and mask
+            limits::memory(16 * tokens, "the roofline account")?;
             let r = run_roofline(&cfg, chip, bf16)?;
             println!("{}", if json { serde_json::to_string(&r)? } else { r.report() });
             return Ok(());
         }
         let r = match parse_device(&device)?.select(bf16)? {
             Selected::Cpu if bf16 => anyhow::bail!("--bf16 needs --device cuda"),
-            Selected::Cpu => run(&cfg)?,
+            Selected::Cpu => {
+                // weights, gradients and AdamW's moments (16 bytes a parameter; with a LoRA
+                // adapter at least the weights), and at least 4 values a token per layer and
+                // hidden unit (a GPU run's out of memory is an error of its own)
+                let activations = 16 * tokens * mcfg.hidden_size as u128 * mcfg.n_layer as u128;
+                let state = match lora_r {
+                    // the frozen base, and the adapter's A and B on at least q and v: 2 r x hidden
+                    // each a layer, trained
+                    Some(r) => 4 * mcfg.implied_parameters() + 16 * 4 * r as u128 * mcfg.hidden_size as u128 * mcfg.n_layer as u128,
+                    None => 16 * mcfg.implied_parameters(),
+                };
+                limits::memory(state + activations, "the training benchmark")?;
+                run(&cfg)?
+            }
             Selected::Cuda(cuda) if profile => run_cuda_profiled(&cfg, cuda)?,
             Selected::Cuda(cuda) => run_cuda(&cfg, cuda)?,
         };

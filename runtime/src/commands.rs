@@ -46,10 +46,7 @@ pub fn init(config: &Path, output_dir: &Path, seed: u64, dtype: Option<Dtype>, m
 
 /// `runtime convert`: load a model folder and save it again (dtype change, resharding).
 pub fn convert(model: &Path, output_dir: &Path, dtype: Option<Dtype>, max_shard: u64, overwrite: bool) -> Result<()> {
-    let src = std::fs::canonicalize(model).map_err(|e| Error::io(model, e))?;
-    if std::fs::canonicalize(output_dir).is_ok_and(|d| d == src) {
-        return Err(Error::Invalid(format!("{}: the output folder is the model folder", output_dir.display())));
-    }
+    crate::files::refuse_output_over_inputs(output_dir, &[("model", model)])?;
     if crate::tools::seq2seq::is_encoder_decoder(model) {
         return crate::tools::seq2seq::convert(model, output_dir, dtype, max_shard, overwrite);
     }
@@ -60,6 +57,7 @@ pub fn convert(model: &Path, output_dir: &Path, dtype: Option<Dtype>, max_shard:
 /// `runtime merge`: PEFT's `merge_and_unload`: the base with the adapter folded in, written as a
 /// plain transformers model (nothing is written on any error).
 pub fn merge(base: &Path, adapter: &Path, output_dir: &Path, dtype: Option<Dtype>, max_shard: u64, overwrite: bool) -> Result<()> {
+    crate::files::refuse_output_over_inputs(output_dir, &[("model", base), ("adapter", adapter)])?;
     let mut m = Model::load(Cpu, base, LoadOptions { torch_dtype: None, ..LoadOptions::default() })?;
     m.load_adapter(adapter)?;
     m.merge_adapter()?;

@@ -66,6 +66,19 @@ pub(crate) fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).expect("JSON") + "\n"
 }
 
+/// The most examples (training and evaluation together) an example's files hold: they are built
+/// in memory before they are written.
+const MAX_EXAMPLES: usize = 100_000_000;
+
+/// `n_train + n_eval`, each at least 1 (`train` refuses an empty dataset) and together at most
+/// [`MAX_EXAMPLES`]; checked before anything is written.
+pub(crate) fn total_examples(n_train: usize, n_eval: usize) -> Result<usize> {
+    if n_train == 0 || n_eval == 0 {
+        return Err(Error::Invalid("--n_train and --n_eval must be at least 1".into()));
+    }
+    n_train.checked_add(n_eval).filter(|&n| n <= MAX_EXAMPLES).ok_or_else(|| Error::Invalid(format!("--n_train plus --n_eval must be at most {MAX_EXAMPLES}")))
+}
+
 /// Refuses a non-empty `dir` unless `overwrite`, and creates it.
 pub(crate) fn prepare(dir: &Path, overwrite: bool) -> Result<()> {
     if crate::files::non_empty_dir(dir)? && !overwrite {
@@ -83,12 +96,13 @@ pub fn addition(dir: &Path, n_train: usize, n_eval: usize, digits: u32, seed: u6
     if digits == 0 || digits > 9 {
         return Err(Error::Invalid("--digits must be between 1 and 9".into()));
     }
+    let total = total_examples(n_train, n_eval)?;
     prepare(dir, overwrite)?;
     let max = 10u64.pow(digits);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut seen = std::collections::HashSet::new();
     let mut lines = Vec::new();
-    while lines.len() < n_train + n_eval {
+    while lines.len() < total {
         let (a, b) = (rng.random_range(0..max), rng.random_range(0..max));
         if seen.insert((a, b)) || seen.len() as u64 >= max * max {
             let w = digits as usize;

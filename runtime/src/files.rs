@@ -9,6 +9,22 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// Reads a whole input file (a config, a dataset, a prompt list), refusing what is not a regular
+/// file first: a FIFO would block the read forever and a device (`/dev/zero`) never end it.
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() { "a folder" } else { "not a regular file" };
+        return Err(Error::Invalid(format!("{}: {what}; expected a file to read", path.display())));
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// [`read_bytes`] as UTF-8 text.
+pub fn read_text(path: &Path) -> Result<String> {
+    String::from_utf8(read_bytes(path)?).map_err(|e| Error::io(path, std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error())))
+}
+
 /// Writes `bytes` to `path` and flushes them to disk.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
@@ -74,6 +90,27 @@ pub fn runtime_cache_dir() -> Option<PathBuf> {
 /// Whether `dir` is a folder holding anything.
 pub fn non_empty_dir(dir: &Path) -> Result<bool> {
     Ok(dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some())
+}
+
+/// Refuses an output folder that is, or holds, one of the folders a command reads (`inputs`:
+/// what each is, and its path): replacing it would delete the input, with `--overwrite_output_dir`
+/// as without. An output folder inside an input folder is fine (the input's files stay).
+pub fn refuse_output_over_inputs(output_dir: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    let Ok(out) = std::fs::canonicalize(output_dir) else { return Ok(()) };
+    for (what, input) in inputs {
+        let src = std::fs::canonicalize(input).map_err(|e| Error::io(input, e))?;
+        if src == out {
+            return Err(Error::Invalid(format!("{}: the output folder is the {what} folder", output_dir.display())));
+        }
+        if src.starts_with(&out) {
+            return Err(Error::Invalid(format!(
+                "{}: the output folder holds the {what} folder {} (writing it would delete the {what}); choose another output folder",
+                output_dir.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Builds a folder under a temporary sibling name with `fill`, then renames it to `dir`. On any

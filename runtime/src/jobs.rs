@@ -218,6 +218,10 @@ pub fn hp_search(opts: &SearchOptions) -> anyhow::Result<()> {
     let trials = search::run(opts, &mut run_trial)?;
     let metric = if opts.metric.starts_with("eval_") { opts.metric.clone() } else { format!("eval_{}", opts.metric) };
     print_line(search::summary(&trials, &metric, opts.maximize).trim_end_matches('\n'));
+    // as Optuna's `study.best_trial` raises when no trial completed: a script sees the failure
+    if !trials.is_empty() && search::best(&trials, opts.maximize).is_none() {
+        anyhow::bail!("hp-search: none of the {} trials completed (each trial's error is in trials.jsonl)", trials.len());
+    }
     Ok(())
 }
 

@@ -308,7 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Tokenize { model, mut text, file, no_special_tokens, padding, max_length, truncation, pad_to_multiple_of, padding_side } => {
             if let Some(f) = &file {
-                let body = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                let body = runtime::files::read_text(f)?;
                 text.extend(body.lines().map(str::to_string));
             }
             if text.is_empty() {
@@ -360,7 +360,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate { model, adapter, mut prompt, prompt_file, chat, device, settings } => {
             if let Some(f) = &prompt_file {
-                let body = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                let body = runtime::files::read_text(f)?;
                 prompt.extend(body.lines().filter(|l| !l.is_empty()).map(str::to_string));
             }
             if prompt.is_empty() {
@@ -394,6 +394,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", runtime::tools::plugin_check::check(&spec, tok)?);
             }
             PluginAction::Bench { loss, metrics, callbacks, steps } => {
+                anyhow::ensure!(
+                    loss.is_some() || metrics.is_some() || callbacks.is_some(),
+                    "give a plugin to measure: --loss, --metrics or --callbacks FILE.wasm"
+                );
+                // one warm-up step comes before them
+                anyhow::ensure!((1..usize::MAX).contains(&steps), "--steps must be at least 1 (and below {})", usize::MAX);
                 let model = bench::BenchConfig {
                     arch: "llama".into(),
                     n_layer: 6,
@@ -404,7 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     vocab: 8192,
                     seq: 256,
                     batch: 8,
-                    steps: steps.max(1),
+                    steps,
                     warmup: 1,
                     attn: runtime::backend::AttnImpl::Flash,
                     gradient_checkpointing: false,
@@ -492,7 +498,10 @@ fn main() -> ExitCode {
             }
             _ => {
                 // one write, so that the line survives the other processes' abort
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("error: {e}\n").as_bytes());
+                // one line, whatever a library's message looks like
+                let msg = e.to_string();
+                let line = msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("error: {line}\n").as_bytes());
                 if several {
                     // the launcher tears the job down at the abort, and the line may still be in
                     // the pipe it forwards (seen with MPICH's Hydra when every process failed at

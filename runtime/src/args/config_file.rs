@@ -8,13 +8,23 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+/// A TOML error in one line: where (line and column, from its span) and what (the parser's
+/// own message is several lines, with the source line drawn under a caret).
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else { return e.message().trim().to_string() };
+    let before = &text.as_bytes()[..span.start.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.len() - before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {column}: {}", e.message().trim())
+}
+
 /// Reads a TOML, JSON or YAML file (by extension) into a JSON object.
 pub fn read_config_file(path: &Path) -> Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path)?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let value: Value = match ext.as_str() {
         "toml" => {
-            let table: toml::Table = toml::from_str(&text).map_err(|e| Error::config(path, format!("not valid TOML: {e}")))?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| Error::config(path, format!("not valid TOML: {}", toml_error(&text, &e))))?;
             if let Some((key, x)) = non_finite(&table) {
                 return Err(Error::config(path, format!("`{key}` = {x}: settings take finite numbers only")));
             }

@@ -2,6 +2,7 @@
 //! `Seq2SeqTrainingArguments`' generation fields and `run_clm.py`'s model and data arguments),
 //! read from a TOML, JSON or YAML file and `--name value` overrides.
 
+mod checks;
 pub mod config_file;
 pub mod distributed;
 pub mod scheduler;

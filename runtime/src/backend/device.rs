@@ -76,28 +76,7 @@ pub enum Selected {
     Cuda(super::cuda::Cuda),
 }
 
-/// The host memory a run may use, in bytes: `RUNTIME_MEMORY_BUDGET_MB` when set (tests use it to
-/// stand in for a small machine), else the system's available memory (`MemAvailable`), else
-/// `None` (unknown).
-pub fn host_memory_budget() -> Option<u128> {
-    if let Some(mb) = std::env::var("RUNTIME_MEMORY_BUDGET_MB").ok().and_then(|v| v.trim().parse::<u128>().ok()) {
-        return Some(mb << 20);
-    }
-    let field = |file: &str, key: &str| {
-        std::fs::read_to_string(file).ok().and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u128>().ok()))
-    };
-    let available = field("/proc/meminfo", "MemAvailable:").map(|kb| kb << 10);
-    // an address-space limit (`ulimit -v`) leaves less than that: its headroom above what this
-    // process has mapped already
-    let limits = std::fs::read_to_string("/proc/self/limits").ok();
-    let cap =
-        limits.as_deref().and_then(|s| s.lines().find(|l| l.starts_with("Max address space"))).and_then(|l| l.split_whitespace().nth(3)?.parse::<u128>().ok());
-    let headroom = cap.map(|cap| cap.saturating_sub(field("/proc/self/status", "VmSize:").unwrap_or(0) << 10));
-    match (available, headroom) {
-        (Some(a), Some(h)) => Some(a.min(h)),
-        (a, h) => a.or(h),
-    }
-}
+pub use crate::mem::host_memory_budget;
 
 #[cfg(test)]
 mod tests {

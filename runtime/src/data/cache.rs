@@ -27,7 +27,7 @@ fn key(path: &Path, tok: &Tokenizer, block_size: Option<usize>, max_seq_length: 
     let mut h = Sha256::new();
     h.update(b"runtime tokenized examples v1\0");
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    h.update(std::fs::read(path).map_err(|e| Error::io(path, e))?);
+    h.update(crate::files::read_bytes(path)?);
     for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
         h.update(f.as_bytes());
         h.update(std::fs::read(tok.dir.join(f)).unwrap_or_default());

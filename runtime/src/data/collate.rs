@@ -34,12 +34,23 @@ pub fn pad_batch(examples: &[Example], opts: &PadOptions) -> Result<Batch> {
             longest
         }
     };
+    let n = exs.len();
     if opts.padding != Padding::DoNotPad {
         if let Some(m) = opts.pad_to_multiple_of {
-            seq = seq.div_ceil(m) * m;
+            let overflow = || Error::Invalid(format!("pad_to_multiple_of {m}: the length {seq} rounded up to a multiple of it is beyond any batch"));
+            seq = seq.div_ceil(m).checked_mul(m).ok_or_else(overflow)?;
         }
     }
-    let n = exs.len();
+    // three i32 arrays of n x seq: refused, not allocated, when they cannot fit in memory (the
+    // budget is read only for a batch far above any training batch's size)
+    let bytes = (n as u128) * (seq as u128) * 12;
+    if let Some(available) = (bytes > 1 << 26).then(crate::mem::host_memory_budget).flatten().filter(|&a| bytes > a) {
+        return Err(Error::Invalid(format!(
+            "the padded batch, {n} x {seq} tokens, needs {:.2} GiB; {:.2} GiB of memory is available (see max_length and pad_to_multiple_of)",
+            bytes as f64 / (1u64 << 30) as f64,
+            available as f64 / (1u64 << 30) as f64,
+        )));
+    }
     let mut input_ids = vec![opts.pad_id as i32; n * seq];
     let mut attention_mask = vec![0i32; n * seq];
     let mut labels = vec![-100i32; n * seq];

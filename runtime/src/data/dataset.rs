@@ -34,7 +34,7 @@ fn located(path: &Path, line: usize, what: &str) -> String {
 
 /// Reads a `.jsonl` or `.json` dataset file.
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::files::read_bytes(path)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;

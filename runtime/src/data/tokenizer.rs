@@ -55,10 +55,31 @@ fn read_json_object(path: &Path) -> Result<Option<Map<String, Value>>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    crate::files::check_unique_keys(&text, "json").map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(m)) => Ok(Some(m)),
         Ok(_) => Err(Error::config(path, "expected a JSON object")),
         Err(e) => Err(Error::config(path, format!("not valid JSON: {e}"))),
+    }
+}
+
+/// A template post-processor (`TemplateProcessing`, alone or in a `Sequence`) may only insert
+/// special tokens its `special_tokens` defines: the tokenizers crate would panic at the first
+/// encoding otherwise.
+fn check_template(post: &Value) -> std::result::Result<(), String> {
+    match post.get("type").and_then(Value::as_str) {
+        Some("Sequence") => post.get("processors").and_then(Value::as_array).into_iter().flatten().try_for_each(check_template),
+        Some("TemplateProcessing") => {
+            let defined = post.get("special_tokens").and_then(Value::as_object);
+            for piece in ["single", "pair"].iter().filter_map(|k| post.get(*k)).filter_map(Value::as_array).flatten() {
+                let Some(id) = piece.get("SpecialToken").and_then(|t| t.get("id")).and_then(Value::as_str) else { continue };
+                if !defined.is_some_and(|d| d.contains_key(id)) {
+                    return Err(format!("the template inserts the special token {id:?}, which its `special_tokens` does not define"));
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -74,6 +95,9 @@ impl Tokenizer {
             )));
         }
         let mut inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::config(&path, format!("not a valid tokenizer file: {e}")))?;
+        if let Some(post) = read_json_object(&path)?.and_then(|mut m| m.remove("post_processor")) {
+            check_template(&post).map_err(|e| Error::config(&path, format!("`post_processor`: {e}")))?;
+        }
         // padding and truncation are the runtime's (collate.rs), not the file's
         inner.with_padding(None);
         inner.with_truncation(None).map_err(|e| Error::config(&path, e.to_string()))?;

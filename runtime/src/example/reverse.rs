@@ -37,18 +37,16 @@ pub fn reverse(dir: &Path, n_train: usize, n_eval: usize, max_len: u32, seed: u6
     if !(2..=32).contains(&max_len) {
         return Err(Error::Invalid("--digits (the longest digit string) must be between 2 and 32".into()));
     }
+    let total = super::total_examples(n_train, n_eval)?;
     let possible: f64 = (1..=max_len).map(|l| 10f64.powi(l as i32)).sum();
-    if (n_train + n_eval) as f64 > possible / 2.0 {
-        return Err(Error::Invalid(format!(
-            "{} examples of at most {max_len} digits would repeat: lower --n_train/--n_eval or raise --digits",
-            n_train + n_eval
-        )));
+    if total as f64 > possible / 2.0 {
+        return Err(Error::Invalid(format!("{total} examples of at most {max_len} digits would repeat: lower --n_train/--n_eval or raise --digits")));
     }
     prepare(dir, overwrite)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut seen = std::collections::HashSet::new();
     let mut lines = Vec::new();
-    while lines.len() < n_train + n_eval {
+    while lines.len() < total {
         let len = rng.random_range(1..=max_len);
         let source: String = (0..len).map(|_| char::from(b'0' + rng.random_range(0..10u8))).collect();
         if seen.insert(source.clone()) {

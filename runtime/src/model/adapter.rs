@@ -112,6 +112,7 @@ impl<B: Backend> Model<B> {
             return Err(Error::Invalid(format!("{}: not a PEFT adapter folder (no {ADAPTER_CONFIG})", dir.display())));
         }
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        crate::files::check_unique_keys(&text, "json").map_err(|e| Error::config(&cfg_path, format!("not valid JSON: {e}")))?;
         let map: Map<String, Value> = serde_json::from_str(&text).map_err(|e| Error::config(&cfg_path, format!("not a JSON object: {e}")))?;
         let config = LoraConfig::from_map(&map, &cfg_path.display().to_string())?;
         let path = dir.join(ADAPTER_WEIGHTS);
@@ -131,7 +132,7 @@ impl<B: Backend> Model<B> {
                 if let Some(x) = v.iter().find(|x| !x.is_finite()) {
                     return Err(Error::tensor(&path, &name, format!("holds a non-finite value ({x})")));
                 }
-                lora.insert(name, v);
+                lora.insert(name, (view.shape().to_vec(), v));
             } else {
                 extras.insert(name, (view, dt));
             }

@@ -91,7 +91,12 @@ impl Fields<'_> {
     pub(super) fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
         match self.present(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().filter(|x| x.is_finite()).map(|x| x as f32).ok_or_else(|| self.err(format!("field `{key}` must be a number, found {v}"))),
+            // a number beyond f32's range would become infinite as the model reads it
+            Some(v) => match v.as_f64().filter(|x| x.is_finite()) {
+                Some(x) if (x as f32).is_finite() => Ok(x as f32),
+                Some(_) => Err(self.err(format!("field `{key}` = {v} is beyond the range of a 32-bit float"))),
+                None => Err(self.err(format!("field `{key}` must be a number, found {v}"))),
+            },
         }
     }
     pub(super) fn bool_or(&self, key: &str, default: bool) -> Result<bool> {

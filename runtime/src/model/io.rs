@@ -70,6 +70,16 @@ impl Dtype {
             Dtype::BF16 => x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
         }
     }
+    /// [`Dtype::round`], refusing a value the dtype cannot hold (float16 ends at 65504): the
+    /// model would compute with an infinity. `name` is the tensor's, for the error.
+    pub fn round_finite(self, x: &mut [f32], name: &str) -> Result<()> {
+        let big = x.iter().copied().filter(|v| v.is_finite()).fold(0.0f32, |m, v| m.max(v.abs()));
+        self.round(x);
+        if x.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Invalid(format!("`{name}` holds {big:e}, beyond the range of {} (torch_dtype)", self.hf_name())));
+        }
+        Ok(())
+    }
     fn encode(self, x: &[f32], out: &mut Vec<u8>) {
         match self {
             Dtype::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
@@ -96,12 +106,17 @@ pub struct LoadedWeights {
     pub files: Vec<PathBuf>,
 }
 
-/// The weight files of a model folder, in order.
+/// The weight files of a model folder, in order: `model.safetensors` when it is there (as
+/// transformers prefers it to an index), else the shards the index names.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join(SINGLE_FILE);
     let index = dir.join(INDEX_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        crate::files::check_unique_keys(&text, "json").map_err(|e| Error::weights(&index, format!("not valid JSON: {e}")))?;
         let value: Value = serde_json::from_str(&text).map_err(|e| Error::weights(&index, format!("not valid JSON: {e}")))?;
         let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::weights(&index, "missing object `weight_map`"))?;
         let mut files: Vec<String> = Vec::new();
@@ -116,9 +131,6 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
         files.sort();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
-    }
-    if single.is_file() {
-        return Ok(vec![single]);
     }
     if !dir.is_dir() {
         return Err(Error::Invalid(format!("{}: no such model folder", dir.display())));
@@ -208,7 +220,9 @@ pub fn load_weights_each(dir: &Path, layout: &dyn WeightSet, put: &mut dyn FnMut
                 continue;
             }
         }
-        let mut data = Vec::with_capacity(spec.numel());
+        // allocated part by part once each part's stored shape matches: a config whose sizes
+        // its files do not hold is an error, not an allocation of what it claims
+        let mut data = Vec::new();
         for part in &spec.parts {
             let Some(&fi) = location.get(&part.name) else {
                 let where_ = if files.len() == 1 { files[0].clone() } else { dir.join(INDEX_FILE) };
@@ -226,6 +240,7 @@ pub fn load_weights_each(dir: &Path, layout: &dyn WeightSet, put: &mut dyn FnMut
             }
             dtype.get_or_insert(dt);
             let start = data.len();
+            data.reserve_exact(part.shape.iter().product());
             decode_part(spec, &view, dt, &mut data);
             if let Some(x) = data[start..].iter().find(|x| !x.is_finite()) {
                 return Err(Error::tensor(&files[fi], &part.name, format!("holds a non-finite value ({x}); a model's weights must be finite")));

@@ -50,7 +50,15 @@ fn config(f: &Fields, model_type: String) -> Result<ModelConfig> {
             if let Some(t) = obj.get("rope_theta").and_then(Value::as_f64) {
                 rope_theta = t as f32;
             }
+            if let Some(p) = obj.get("partial_rotary_factor").filter(|p| p.as_f64() != Some(1.0)) {
+                return Err(f.err(format!("`{key}.partial_rotary_factor` {p} is not supported (rotary embeddings over the whole head only)")));
+            }
         }
+    }
+    // transformers rotates only this share of each head's dimensions: computing the whole head
+    // would be a different model
+    if let Some(p) = f.present("partial_rotary_factor").filter(|p| p.as_f64() != Some(1.0)) {
+        return Err(f.err(format!("`partial_rotary_factor` {p} is not supported (rotary embeddings over the whole head only)")));
     }
     let attention_bias = f.bool_or("attention_bias", false)?;
     let qwen2 = model_type == "qwen2";

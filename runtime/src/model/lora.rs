@@ -61,6 +61,9 @@ pub enum Targets {
     AllLinear,
 }
 
+/// An adapter's tensors as read from its file: PEFT key -> (shape, values).
+pub type AdapterTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// `LoraConfig`, the fields this build implements.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraConfig {
@@ -192,7 +195,8 @@ impl LoraConfig {
             None | Some(Value::Null) => Targets::List(Vec::new()),
             Some(Value::String(s)) if s == "all-linear" => Targets::AllLinear,
             Some(Value::String(s)) => {
-                regex::Regex::new(&format!("^(?:{s})$")).map_err(|e| bad(format!("target_modules `{s}` is not a valid regular expression: {e}")))?;
+                regex::Regex::new(&format!("^(?:{s})$"))
+                    .map_err(|e| bad(format!("target_modules `{s}` is not a valid regular expression: {}", regex_error(&e))))?;
                 Targets::Regex(s.clone())
             }
             Some(Value::Array(a)) => Targets::List(names(a).ok_or_else(|| bad("target_modules must be a list of names or a string".into()))?),
@@ -229,7 +233,8 @@ impl LoraConfig {
             let o = v.as_object().ok_or_else(|| bad(format!("`{k}` must be a table of pattern = value")))?;
             o.iter()
                 .map(|(p, x)| {
-                    regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$")).map_err(|e| bad(format!("{k}: `{p}` is not a valid regular expression: {e}")))?;
+                    regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$"))
+                        .map_err(|e| bad(format!("{k}: `{p}` is not a valid regular expression: {}", regex_error(&e))))?;
                     x.as_f64()
                         .filter(|x| x.is_finite() && *x > 0.0)
                         .map(|x| (p.clone(), x))
@@ -369,7 +374,7 @@ impl<B: Backend> Model<B> {
         let chosen: Vec<LinearModule> = match &config.targets {
             Targets::AllLinear => all.iter().filter(|m| layer_ok(m)).cloned().collect(),
             Targets::Regex(s) => {
-                let re = regex::Regex::new(&format!("^(?:{s})$")).map_err(|e| Error::Invalid(format!("target_modules: {e}")))?;
+                let re = regex::Regex::new(&format!("^(?:{s})$")).map_err(|e| Error::Invalid(format!("target_modules: {}", regex_error(&e))))?;
                 if re.is_match("lm_head") {
                     return Err(Error::Unsupported("LoRA on lm_head is not supported; train it fully with modules_to_save = [\"lm_head\"]".into()));
                 }
@@ -428,7 +433,7 @@ impl<B: Backend> Model<B> {
     /// Adds LoRA adapters as `config` asks: the adapter tensors (`tensors`, by PEFT key, or
     /// initialised with `seed`), every base parameter frozen but the biases `bias` names and
     /// `modules_to_save`. A model holds one adapter.
-    pub fn add_lora(&mut self, config: LoraConfig, mut tensors: Option<BTreeMap<String, Vec<f32>>>, seed: u64) -> Result<()> {
+    pub fn add_lora(&mut self, config: LoraConfig, mut tensors: Option<AdapterTensors>, seed: u64) -> Result<()> {
         if self.lora.is_some() {
             return Err(Error::Invalid("the model already has a LoRA adapter".into()));
         }
@@ -438,13 +443,16 @@ impl<B: Backend> Model<B> {
         let mut parts = vec![[[None; MAX_LORA_PARTS]; 4]; self.config.n_layer];
         for m in &targets {
             let (r, scale) = config.rank_and_scale(&m.name);
+            if !scale.is_finite() {
+                return Err(Error::Invalid(format!("{}: lora_alpha over r (rank {r}) is beyond the range of a 32-bit float", m.name)));
+            }
             let key = |suffix: &str| format!("base_model.model.{}.{suffix}", m.name);
-            let given = |tensors: &mut Option<BTreeMap<String, Vec<f32>>>, suffix: &str, shape: &[usize]| -> Result<Option<Vec<f32>>> {
+            // the shape itself, not only the count: a transposed lora_A would merge silently wrong
+            let given = |tensors: &mut Option<AdapterTensors>, suffix: &str, shape: &[usize]| -> Result<Option<Vec<f32>>> {
                 let key = key(suffix);
-                let n: usize = shape.iter().product();
                 match tensors.as_mut().map(|t| t.remove(&key)) {
-                    Some(Some(v)) if v.len() == n => Ok(Some(v)),
-                    Some(Some(v)) => Err(Error::Invalid(format!("adapter tensor `{key}` has {} values; the base model's {} needs {shape:?}", v.len(), m.name))),
+                    Some(Some((s, v))) if s == shape => Ok(Some(v)),
+                    Some(Some((s, _))) => Err(Error::Invalid(format!("adapter tensor `{key}` has shape {s:?}; the base model's {} needs {shape:?}", m.name))),
                     Some(None) => Err(Error::Invalid(format!("the adapter has no tensor `{key}`"))),
                     None => Ok(None),
                 }
@@ -547,6 +555,13 @@ impl<B: Backend> Model<B> {
 /// A tensor name's module: the name without its last component (`.weight`, `.bias`).
 pub(super) fn module_of(name: &str) -> &str {
     name.rsplit_once('.').map_or(name, |(m, _)| m)
+}
+
+/// A regular expression's error in one line (its own message draws the pattern under a caret):
+/// the last line, which says what is wrong.
+fn regex_error(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("invalid").trim_start_matches("error: ").to_string()
 }
 
 #[cfg(test)]

@@ -184,7 +184,7 @@ impl<B: Backend> Model<B> {
         let produce = |put: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>| -> Result<()> {
             stored = io::load_weights_each(dir, &layout, &mut |i, mut t| {
                 if let Some(dt) = opts.torch_dtype {
-                    dt.round(&mut t);
+                    dt.round_finite(&mut t, &layout.specs[i].name)?;
                 }
                 put(i, t)
             })?

@@ -59,7 +59,7 @@ impl<B: Seq2SeqOps> Seq2SeqModel<B> {
         let mut params: Vec<Option<B::Buf>> = (0..layout.specs.len()).map(|_| None).collect();
         let (stored, _) = io::load_weights_each(dir, &layout, &mut |i, mut t| {
             if let Some(dt) = opts.torch_dtype {
-                dt.round(&mut t);
+                dt.round_finite(&mut t, &layout.specs[i].name)?;
             }
             params[i] = Some(backend.upload_vec(t)?);
             Ok(())

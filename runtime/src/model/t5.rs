@@ -35,6 +35,18 @@ pub(super) fn config(f: &Fields, raw: &Map<String, Value>) -> Result<Seq2SeqConf
     if parts.num_buckets < 4 {
         return Err(f.err(format!("field `relative_attention_num_buckets` must be at least 4, found {}", parts.num_buckets)));
     }
+    // the logarithmic buckets span the distances from half the decoder's buckets up to
+    // `max_distance`: at or below that start the bucket formula divides by ln(1) or goes negative
+    if parts.max_distance <= parts.num_buckets / 2 {
+        return Err(f.err(format!(
+            "field `relative_attention_max_distance` must exceed half of `relative_attention_num_buckets` ({}), found {}",
+            parts.num_buckets / 2,
+            parts.max_distance
+        )));
+    }
+    if parts.initializer_factor.is_nan() || parts.initializer_factor < 0.0 {
+        return Err(f.err(format!("field `initializer_factor` must be >= 0, found {}", parts.initializer_factor)));
+    }
     Ok(Seq2SeqConfig {
         family: Family::T5(parts),
         vocab_size: f.usize("vocab_size")?,

@@ -103,7 +103,18 @@ impl<B: Backend + Clone, M: TrainerModel<B>> Trainer<B, M> {
             None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
             Some(Value::String(s)) if s == "true" || s == "True" => self.newest_checkpoint().map(Some),
             Some(Value::Bool(true)) => self.newest_checkpoint().map(Some),
-            Some(Value::String(s)) => Ok(Some(PathBuf::from(s))),
+            Some(Value::String(s)) => {
+                // checked here, before the start cleans the output folder: a named folder without
+                // its state is refused as it is, never cleaned away as a half-deleted checkpoint
+                let dir = PathBuf::from(s);
+                if dir.is_dir() && !dir.join("trainer_state.json").is_file() {
+                    return Err(Error::Invalid(format!(
+                        "{}: resume_from_checkpoint names a folder without trainer_state.json (not a complete checkpoint)",
+                        dir.display()
+                    )));
+                }
+                Ok(Some(dir))
+            }
             Some(v) => Err(Error::Invalid(format!("resume_from_checkpoint must be a checkpoint folder or true, found {v}"))),
         }
     }
@@ -295,6 +306,10 @@ impl<B: Backend + Clone, M: TrainerModel<B>> Trainer<B, M> {
         let Some(limit) = self.args.save_total_limit.filter(|&l| l > 0) else { return Ok(()) };
         let mut cps = self.checkpoints();
         let best = self.state.best_model_checkpoint.as_ref().map(PathBuf::from);
+        // as transformers: a limit of 1 keeps the newest checkpoint too when it is not the best,
+        // so that the run can still be resumed
+        let newest_is_best = cps.last().map(|c| &c.1) == best.as_ref();
+        let limit = if limit == 1 && best.is_some() && !newest_is_best { 2 } else { limit };
         // as transformers: the best checkpoint counts as the most recent
         if let Some(b) = &best {
             if let Some(pos) = cps.iter().position(|c| &c.1 == b) {
@@ -302,8 +317,6 @@ impl<B: Backend + Clone, M: TrainerModel<B>> Trainer<B, M> {
                 cps.push(item);
             }
         }
-        let limit =
-            if self.args.load_best_model_at_end && limit == 1 && best.is_some() && cps.last().map(|c| &c.1) != best.as_ref() { 2 } else { limit.max(1) };
         let excess = cps.len().saturating_sub(limit);
         for (_, dir) in cps.into_iter().take(excess) {
             output_dir::remove(&dir)?;

@@ -178,7 +178,7 @@ pub fn run(opts: &SearchOptions, run_trial: &mut RunTrial) -> Result<Vec<Trial>>
         None => Map::new(),
     };
     space::check_names(&params, &base)?;
-    let config_text = opts.config.as_ref().map(|c| std::fs::read_to_string(c).map_err(|e| Error::io(c, e))).transpose()?.unwrap_or_default();
+    let config_text = opts.config.as_deref().map(crate::files::read_text).transpose()?.unwrap_or_default();
     // the arguments without a trial's parameters, checked once before any trial
     let plain = TrainingArguments::load(opts.config.as_deref(), &opts.overrides)?;
     if plain.eval_strategy == crate::args::IntervalStrategy::No {

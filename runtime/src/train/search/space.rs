@@ -257,12 +257,26 @@ impl Param {
         self.value_at(x)
     }
 
-    /// The grid's values: every category, every integer step, every float step.
+    /// The grid's values: every category, every integer step, every float step (at most
+    /// [`MAX_GRID_POINTS`], counted before they are built).
     fn grid_values(&self) -> Result<Vec<Value>> {
+        let too_many = |n: f64| Error::Invalid(format!("--sampler grid: `{}` has {n:.3e} values; a grid holds at most {MAX_GRID_POINTS} points", self.name));
         Ok(match &self.dist {
             Distribution::Categorical { choices } => choices.clone(),
-            Distribution::Int { low, high, step, .. } => (0..=((high - low) / step)).map(|k| Value::from(low + k * step)).collect(),
-            Distribution::Float { low, high, step: Some(s), .. } => (0..=(((high - low) / s) + 1e-9).floor() as i64).map(|k| num(low + k as f64 * s)).collect(),
+            Distribution::Int { low, high, step, .. } => {
+                let n = (*high as i128 - *low as i128) / *step as i128 + 1;
+                if n > MAX_GRID_POINTS as i128 {
+                    return Err(too_many(n as f64));
+                }
+                (0..n).map(|k| Value::from((*low as i128 + k * *step as i128) as i64)).collect()
+            }
+            Distribution::Float { low, high, step: Some(s), .. } => {
+                let n = (((high - low) / s) + 1e-9).floor() + 1.0;
+                if n.is_nan() || n > MAX_GRID_POINTS as f64 {
+                    return Err(too_many(n));
+                }
+                (0..n as i64).map(|k| num(low + k as f64 * s)).collect()
+            }
             Distribution::Float { .. } => {
                 return Err(Error::Invalid(format!("--sampler grid: `{}` is a continuous float; give it a step or choices", self.name)));
             }
@@ -288,9 +302,16 @@ fn rng_for(seed: u64, number: usize, index: usize) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ mix)
 }
 
-/// The grid's size (the product of every parameter's values).
+/// The most points a grid search may have (Optuna's `GridSampler` lists them all, as here).
+const MAX_GRID_POINTS: usize = 1_000_000;
+
+/// The grid's size (the product of every parameter's values), at most [`MAX_GRID_POINTS`].
 pub fn grid_size(params: &[Param]) -> Result<usize> {
-    params.iter().try_fold(1usize, |n, p| Ok(n.saturating_mul(p.grid_values()?.len())))
+    params.iter().try_fold(1usize, |n, p| {
+        n.checked_mul(p.grid_values()?.len())
+            .filter(|&n| n <= MAX_GRID_POINTS)
+            .ok_or_else(|| Error::Invalid(format!("--sampler grid: the grid has more than {MAX_GRID_POINTS} points")))
+    })
 }
 
 /// Trial `number`'s parameters. `finished` are the complete and pruned trials so far;

@@ -221,3 +221,28 @@ fn a_search_whose_trials_all_fail_fails_and_a_huge_grid_is_refused() {
     let args: Vec<&str> = base.iter().copied().chain(["--output_dir", s(&out), "--sampler", "grid"]).chain(tail).collect();
     last_error_line(runtime(&args), "a grid of 1e300 points", &["learning_rate", "at most 1000000 points"]);
 }
+
+#[test]
+fn a_qwen2_whose_layers_all_attend_fully_runs_past_its_window() {
+    let tmp = TempDir::new().unwrap();
+    let model = fixture_copy(&tmp, "qwen2");
+    let inputs = tmp.path().join("inputs.safetensors");
+    write_inputs(&inputs, &[("input_ids", vec![1, 8], (1..=8).collect())]);
+    let plain = forward_logits(&model, &inputs, &tmp.path().join("plain.safetensors"));
+    // transformers: with use_sliding_window, only the layers from max_window_layers (28) on, or
+    // those layer_types marks, slide; these two layers attend to the whole 8 tokens
+    let mut cfg = read_json(&model.join("config.json"));
+    cfg["use_sliding_window"] = json!(true);
+    cfg["sliding_window"] = json!(4);
+    cfg.as_object_mut().unwrap().remove("layer_types");
+    write_json(&model.join("config.json"), &cfg);
+    assert_eq!(forward_logits(&model, &inputs, &tmp.path().join("full.safetensors")), plain);
+    // every layer from 0 on slides: refused past the window, not computed as full attention
+    cfg["max_window_layers"] = json!(0);
+    write_json(&model.join("config.json"), &cfg);
+    let out = tmp.path().join("sliding.safetensors");
+    error_line(runtime(["forward", "--model", s(&model), "--inputs", s(&inputs), "--output", s(&out)]), "sliding layers", &["sliding_window (4)"]);
+    cfg["layer_types"] = json!(["full_attention", "banana"]);
+    write_json(&model.join("config.json"), &cfg);
+    error_line(runtime(["inspect", s(&model)]), "a bad layer type", &["layer_types", "banana"]);
+}

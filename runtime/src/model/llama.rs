@@ -64,7 +64,7 @@ fn config(f: &Fields, model_type: String) -> Result<ModelConfig> {
     let qwen2 = model_type == "qwen2";
     let sliding_window = match model_type.as_str() {
         "mistral" => f.opt_usize("sliding_window")?,
-        "qwen2" if f.bool_or("use_sliding_window", false)? => f.opt_usize("sliding_window")?,
+        "qwen2" if f.bool_or("use_sliding_window", false)? && qwen2_slides(f)? => f.opt_usize("sliding_window")?,
         _ => None,
     };
     Ok(ModelConfig {
@@ -123,4 +123,32 @@ fn layout(mut b: Builder) -> Layout {
     let lnf_w = b.single("model.norm.weight".into(), vec![h], Init::Ones);
     let lm_head = (!c.tie_word_embeddings).then(|| b.single("lm_head.weight".into(), vec![c.vocab_size, h], Init::Normal(std)));
     Layout { specs: b.specs, wte, wpe: None, layers, lnf_w, lnf_b: None, lm_head }
+}
+
+/// Whether any layer of a Qwen2 with `use_sliding_window` attends through the window: the layers
+/// `layer_types` marks `sliding_attention` or, without it, those from `max_window_layers` on (28
+/// by default), as transformers decides. With none, every layer attends to the whole sequence.
+fn qwen2_slides(f: &Fields) -> Result<bool> {
+    let n_layer = f.usize("num_hidden_layers")?;
+    match f.present("layer_types") {
+        Some(Value::Array(types)) => {
+            if types.len() != n_layer {
+                return Err(f.err(format!("`layer_types` has {} entries for {n_layer} layers", types.len())));
+            }
+            let mut sliding = false;
+            for t in types {
+                match t.as_str() {
+                    Some("full_attention") => {}
+                    Some("sliding_attention") => sliding = true,
+                    _ => return Err(f.err(format!("`layer_types` entry {t}: expected \"full_attention\" or \"sliding_attention\""))),
+                }
+            }
+            Ok(sliding)
+        }
+        Some(v) => Err(f.err(format!("field `layer_types` must be a list, found {v}"))),
+        None => match f.present("max_window_layers") {
+            None => Ok(n_layer > 28),
+            Some(v) => v.as_u64().map(|m| (n_layer as u64) > m).ok_or_else(|| f.err(format!("field `max_window_layers` must be a count of layers, found {v}"))),
+        },
+    }
 }

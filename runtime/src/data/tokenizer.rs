@@ -95,8 +95,14 @@ impl Tokenizer {
             )));
         }
         let mut inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::config(&path, format!("not a valid tokenizer file: {e}")))?;
-        if let Some(post) = read_json_object(&path)?.and_then(|mut m| m.remove("post_processor")) {
-            check_template(&post).map_err(|e| Error::config(&path, format!("`post_processor`: {e}")))?;
+        // (the file as the tokenizers crate read it: no check of repeated keys here, and parsed
+        // again only when it holds a template)
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        if text.contains("TemplateProcessing") {
+            let post = serde_json::from_str::<Value>(&text).ok().and_then(|mut v| v.get_mut("post_processor").map(Value::take));
+            if let Some(post) = post {
+                check_template(&post).map_err(|e| Error::config(&path, format!("`post_processor`: {e}")))?;
+            }
         }
         // padding and truncation are the runtime's (collate.rs), not the file's
         inner.with_padding(None);

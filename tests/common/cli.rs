@@ -50,6 +50,20 @@ pub fn error_line(out: Output, what: &str, needles: &[&str]) -> String {
     line.to_string()
 }
 
+/// As [`error_line`] for a command that logs before it fails: the log lines may come first, the
+/// error is the last line and the only one that starts with `error:`.
+pub fn last_error_line(out: Output, what: &str, needles: &[&str]) -> String {
+    assert!(out.code.is_some_and(|c| c != 0), "{what}: expected a non-zero exit, got {:?}\nstderr: {}", out.code, out.stderr);
+    assert!(!out.stderr.contains("panicked"), "{what}: the binary panicked:\n{}", out.stderr);
+    let errors: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{what}: expected one error line:\n{}", out.stderr);
+    assert_eq!(out.stderr.trim_end().lines().last(), Some(errors[0]), "{what}: the error is not the last line:\n{}", out.stderr);
+    for needle in needles {
+        assert!(errors[0].contains(needle), "{what}: error line does not mention `{needle}`: {}", errors[0]);
+    }
+    errors[0].to_string()
+}
+
 /// Asserts that neither `parent/name` nor a leftover `.name.partial-*` / `.name.old-*` exists.
 pub fn assert_nothing_written(parent: &Path, name: &str, what: &str) {
     assert!(!parent.join(name).exists(), "{what}: output folder {} was left behind", parent.join(name).display());

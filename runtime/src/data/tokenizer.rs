@@ -94,10 +94,10 @@ impl Tokenizer {
                 dir.display()
             )));
         }
-        let mut inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::config(&path, format!("not a valid tokenizer file: {e}")))?;
-        // (the file as the tokenizers crate read it: no check of repeated keys here, and parsed
-        // again only when it holds a template)
+        // read once, for the tokenizers crate and for the template check (which parses it again
+        // only when it holds a template; no check of repeated keys here, as the crate makes none)
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let mut inner: tokenizers::Tokenizer = text.parse().map_err(|e| Error::config(&path, format!("not a valid tokenizer file: {e}")))?;
         if text.contains("TemplateProcessing") {
             let post = serde_json::from_str::<Value>(&text).ok().and_then(|mut v| v.get_mut("post_processor").map(Value::take));
             if let Some(post) = post {

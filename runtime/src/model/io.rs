@@ -62,21 +62,29 @@ impl Dtype {
             _ => None,
         }
     }
+    /// One f32 value rounded to this type's precision (round to nearest even).
+    fn round_one(self, v: f32) -> f32 {
+        match self {
+            Dtype::F32 => v,
+            Dtype::F16 => half::f16::from_f32(v).to_f32(),
+            Dtype::BF16 => half::bf16::from_f32(v).to_f32(),
+        }
+    }
     /// Rounds f32 values to this type's precision (round to nearest even), in place.
     pub fn round(self, x: &mut [f32]) {
-        match self {
-            Dtype::F32 => {}
-            Dtype::F16 => x.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
-            Dtype::BF16 => x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        if self != Dtype::F32 {
+            x.iter_mut().for_each(|v| *v = self.round_one(*v));
         }
     }
     /// [`Dtype::round`], refusing a value the dtype cannot hold (float16 ends at 65504): the
     /// model would compute with an infinity. `name` is the tensor's, for the error.
     pub fn round_finite(self, x: &mut [f32], name: &str) -> Result<()> {
-        let big = x.iter().copied().filter(|v| v.is_finite()).fold(0.0f32, |m, v| m.max(v.abs()));
-        self.round(x);
-        if x.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Invalid(format!("`{name}` holds {big:e}, beyond the range of {} (torch_dtype)", self.hf_name())));
+        for v in x.iter_mut() {
+            let r = self.round_one(*v);
+            if !r.is_finite() && v.is_finite() {
+                return Err(Error::Invalid(format!("`{name}` holds {:e}, beyond the range of {} (torch_dtype)", *v, self.hf_name())));
+            }
+            *v = r;
         }
         Ok(())
     }
